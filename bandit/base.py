@@ -1,0 +1,777 @@
+"""Shared types and the abstract policy.
+
+Units used everywhere in the router:
+
+* ``quality`` is a score in [0, 1] (thumbs, an eval score, a task metric);
+* ``cost`` is the real cost of the request in USD;
+* ``latency`` is wall-clock latency in milliseconds at the API, seconds inside the
+  reward (so a latency weight of 0.1 means "one second is worth 0.1 quality points").
+
+The reward a tenant maximizes is
+
+    reward = quality_weight * quality - cost_weight * cost_usd - latency_weight * latency_s
+"""
+
+from __future__ import annotations
+
+import abc
+import io
+import json
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import ClassVar, NamedTuple
+
+import numpy as np
+
+from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
+from bandit.stats import ArmStatistics, prior_sigma
+
+__all__ = [
+    "OBJECTIVES",
+    "Preferences",
+    "ArmPrior",
+    "Prediction",
+    "Decision",
+    "BatchDecision",
+    "parse_outcome",
+    "check_finite_number",
+    "PolicyConfig",
+    "Policy",
+]
+
+#: The objective heads every arm learns, in the order used by every array.
+OBJECTIVES: tuple[str, ...] = ("quality", "cost", "latency")
+
+# Outcome keys accepted by ``update`` and the head they feed. ``cost_usd`` and
+# ``latency_ms`` are the names used on the wire (API, Kafka, replay logs).
+_OUTCOME_KEYS = {
+    "quality": 0,
+    "cost": 1,
+    "cost_usd": 1,
+    "latency": 2,
+    "latency_ms": 2,
+}
+
+
+def check_finite_number(name: str, value: object, *, low: float | None = None,
+                        high: float | None = None) -> float:
+    """Return ``value`` as a float, or raise :class:`InvalidInputError` naming ``name``.
+
+    >>> check_finite_number("cost", 0.5, low=0.0)
+    0.5
+    >>> check_finite_number("cost", -1, low=0.0)
+    Traceback (most recent call last):
+    ...
+    bandit.errors.InvalidInputError: cost: must be a finite number >= 0.0 (got -1)
+    """
+    bounds = []
+    if low is not None:
+        bounds.append(f">= {low}")
+    if high is not None:
+        bounds.append(f"<= {high}")
+    allowed = "must be a finite number" + (" " + " and ".join(bounds) if bounds else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InvalidInputError(name, allowed, value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise InvalidInputError(name, allowed, value)
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise InvalidInputError(name, allowed, value)
+    return number
+
+
+class Preferences(NamedTuple):
+    """A tenant's trade-off between quality, cost and latency.
+
+    Parameters
+    ----------
+    quality
+        Weight of the quality score (0..1). Usually 1.
+    cost
+        Quality points a tenant gives up to save one USD on a request.
+    latency
+        Quality points a tenant gives up to save one second of latency.
+
+    Changing the preferences changes the very next decision: every arm learns one
+    head per objective, and the preferences only combine the heads.
+
+    Examples
+    --------
+    >>> p = Preferences(quality=1.0, cost=50.0)
+    >>> p.reward(quality=0.8, cost_usd=0.002, latency_ms=900.0)
+    0.7
+    >>> Preferences(cost=-1.0).validated()
+    Traceback (most recent call last):
+    ...
+    bandit.errors.InvalidInputError: preferences.cost: must be a finite number >= 0.0 (got -1.0)
+    """
+
+    quality: float = 1.0
+    cost: float = 0.0
+    latency: float = 0.0
+
+    def validated(self) -> Preferences:
+        """Return self after checking every weight is finite and non-negative."""
+        for name, value in zip(self._fields, self, strict=True):
+            check_finite_number(f"preferences.{name}", value, low=0.0)
+        if not any(self):
+            raise InvalidInputError("preferences", "at least one weight must be > 0",
+                                    tuple(self))
+        return self
+
+    def head_weights(self) -> np.ndarray:
+        """Weights that turn the heads (quality, cost USD, latency s) into a reward."""
+        return np.array([self.quality, -self.cost, -self.latency], dtype=np.float64)
+
+    def reward(self, quality: float = 0.0, cost_usd: float = 0.0,
+               latency_ms: float = 0.0) -> float:
+        """The reward of one outcome, in quality points."""
+        value = self.quality * quality - self.cost * cost_usd - self.latency * latency_ms / 1e3
+        return round(value, 12)
+
+    @classmethod
+    def parse(cls, text: str) -> Preferences:
+        """Parse ``"quality=1,cost=50,latency=0.1"`` (the command-line form).
+
+        >>> Preferences.parse("quality=1,cost=20")
+        Preferences(quality=1.0, cost=20.0, latency=0.0)
+        """
+        values: dict[str, float] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, raw = part.partition("=")
+            key = key.strip()
+            if not sep or key not in cls._fields:
+                raise InvalidInputError("preferences", "comma-separated key=value with keys "
+                                        + ", ".join(cls._fields), part)
+            try:
+                values[key] = float(raw)
+            except ValueError:
+                raise InvalidInputError(f"preferences.{key}", "must be a number", raw) from None
+        return cls(**values).validated()
+
+
+class ArmPrior(NamedTuple):
+    """What is known about an arm before it has any feedback.
+
+    Parameters
+    ----------
+    quality
+        Expected quality in [0, 1], if known (for example from a public benchmark).
+    cost_usd
+        Expected cost of one request in USD, usually from the declared price.
+    latency_ms
+        Expected latency in milliseconds.
+    strength
+        How many observations the prior is worth (ridge strength of the known heads).
+    """
+
+    quality: float | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+    strength: float = 1.0
+
+    def validated(self) -> ArmPrior:
+        if self.quality is not None:
+            check_finite_number("prior.quality", self.quality, low=0.0, high=1.0)
+        if self.cost_usd is not None:
+            check_finite_number("prior.cost_usd", self.cost_usd, low=0.0)
+        if self.latency_ms is not None:
+            check_finite_number("prior.latency_ms", self.latency_ms, low=0.0)
+        check_finite_number("prior.strength", self.strength, low=1e-6)
+        return self
+
+    def head_means(self) -> tuple[np.ndarray, np.ndarray]:
+        """Prior mean per head in internal units, and a mask of the heads declared."""
+        values = (self.quality, self.cost_usd,
+                  None if self.latency_ms is None else self.latency_ms / 1e3)
+        known = np.array([v is not None for v in values])
+        means = np.array([0.5 if values[0] is None else values[0],
+                          0.0 if values[1] is None else values[1],
+                          0.0 if values[2] is None else values[2]], dtype=np.float64)
+        return means, known
+
+
+def parse_outcome(outcome: Mapping[str, object]) -> np.ndarray:
+    """Turn an outcome mapping into a head vector (quality, cost USD, latency s).
+
+    Missing objectives are NaN: the heads they feed are not updated.
+
+    >>> parse_outcome({"quality": 1.0, "latency_ms": 250})
+    array([1.  ,  nan, 0.25])
+    """
+    if not isinstance(outcome, Mapping):
+        raise InvalidInputError("outcome", "must be a mapping of objective to value", outcome)
+    values = np.full(len(OBJECTIVES), np.nan)
+    for key, raw in outcome.items():
+        if raw is None:
+            continue
+        head = _OUTCOME_KEYS.get(key)
+        if head is None:
+            raise InvalidInputError(f"outcome.{key}", "unknown objective; allowed: "
+                                    + ", ".join(_OUTCOME_KEYS), raw)
+        if head == 0:
+            values[0] = check_finite_number(key, raw, low=0.0, high=1.0)
+        elif head == 1:
+            values[1] = check_finite_number(key, raw, low=0.0)
+        else:
+            # Latency arrives in milliseconds under both names; the head learns seconds.
+            values[2] = check_finite_number(key, raw, low=0.0) / 1e3
+    if np.isnan(values).all():
+        raise InvalidInputError("outcome", "needs at least one of quality, cost_usd, "
+                                "latency_ms", dict(outcome))
+    return values
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """A policy's predicted outcome of one arm for one context (means, in API units)."""
+
+    quality: float
+    cost_usd: float
+    latency_ms: float
+    utility: float
+    uncertainty: float
+    score: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {"quality": self.quality, "cost_usd": self.cost_usd,
+                "latency_ms": self.latency_ms, "utility": self.utility,
+                "uncertainty": self.uncertainty, "score": self.score}
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of :meth:`Policy.decide` for one context.
+
+    ``propensity`` is the probability that the policy, in the state it was in and with
+    the randomness it uses, would choose ``arm`` for this context: what off-policy
+    evaluation needs.
+    """
+
+    arm: str
+    propensity: float
+    predictions: dict[str, Prediction]
+    explored: bool = False
+    policy: str = ""
+
+    @property
+    def scores(self) -> dict[str, float]:
+        return {name: p.score for name, p in self.predictions.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDecision:
+    """Decisions for many contexts at once (arrays, row per context).
+
+    Attributes
+    ----------
+    arms
+        The candidate arm names; columns of every (n, K) array.
+    choices
+        Index into ``arms`` of the chosen arm, shape (n,).
+    propensities
+        Probability of each choice, shape (n,).
+    means
+        Predicted head values (quality, cost USD, latency s), shape (n, K, 3).
+    utility
+        Predicted reward under the preferences, shape (n, K).
+    uncertainty
+        Standard deviation of the predicted reward, shape (n, K).
+    scores
+        The scores the choice maximized, shape (n, K).
+    """
+
+    arms: list[str]
+    choices: np.ndarray
+    propensities: np.ndarray
+    means: np.ndarray
+    utility: np.ndarray
+    uncertainty: np.ndarray
+    scores: np.ndarray
+    explored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def __len__(self) -> int:
+        return int(self.choices.shape[0])
+
+    def chosen(self) -> list[str]:
+        return [self.arms[i] for i in self.choices]
+
+    def decision(self, row: int, policy: str = "") -> Decision:
+        """One row as a :class:`Decision`."""
+        predictions = {
+            name: Prediction(quality=float(self.means[row, j, 0]),
+                             cost_usd=float(self.means[row, j, 1]),
+                             latency_ms=float(self.means[row, j, 2] * 1e3),
+                             utility=float(self.utility[row, j]),
+                             uncertainty=float(self.uncertainty[row, j]),
+                             score=float(self.scores[row, j]))
+            for j, name in enumerate(self.arms)
+        }
+        explored = bool(self.explored[row]) if self.explored.size else False
+        return Decision(arm=self.arms[int(self.choices[row])],
+                        propensity=float(self.propensities[row]),
+                        predictions=predictions, explored=explored, policy=policy)
+
+
+def as_context_matrix(x: object, dim: int, field_name: str = "x") -> np.ndarray:
+    """Validate one context (d,) or a batch (n, d) and return a float64 (n, d) array."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidInputError(field_name, f"must be numbers, a vector of length {dim}",
+                                type(x).__name__) from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise DimensionError(field_name, f"must have dimension {dim}",
+                             f"shape {tuple(np.shape(x))}")
+    if arr.shape[0] == 0:
+        raise InvalidInputError(field_name, "must hold at least one context", "empty")
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(field_name, "must be finite (no NaN or infinity)",
+                                "non-finite value")
+    return arr
+
+
+def check_names(names: Sequence[str] | None, known: Sequence[str],
+                field_name: str = "candidates") -> list[str]:
+    """Validate a list of arm names against the known arms (None means all)."""
+    if names is None:
+        if not known:
+            raise InvalidInputError("arms", "the policy has no arms; add one with add_arm()")
+        return list(known)
+    if isinstance(names, str):
+        names = [names]
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise InvalidInputError(field_name, "must name at least one arm; allowed: "
+                                + ", ".join(known), [])
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UnknownArmError(field_name, "unknown arm; allowed: " + ", ".join(known),
+                              unknown[0])
+    return names
+
+
+# ---------------------------------------------------------------------------- policy
+_MAGIC = b"BRPOL\x01"
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Settings shared by every linear policy (immutable, validated once).
+
+    Parameters
+    ----------
+    dim
+        Dimension of the context vectors (a bias feature is added internally).
+    ridge
+        Ridge strength lambda: A starts at lambda * I. Worth ``ridge`` observations.
+    epsilon
+        Share of decisions made uniformly at random among the candidates. Keeps every
+        propensity above ``epsilon / K`` so that logged traffic can evaluate any policy.
+    half_life_hours
+        Exponential forgetting: an observation's weight halves every this many hours
+        (gamma per hour = 0.5 ** (1 / half_life_hours)). None keeps everything.
+    decay_interval_s
+        Forgetting is applied in steps at most this often (each step is O(K d^3)).
+    drift_delta
+        Confidence of river's ADWIN watching each arm's quality residuals; None turns
+        drift detection off. On a detected change the arm keeps ``drift_keep`` of its
+        data, so its uncertainty, hence its exploration, rises at once.
+    cold_start_pulls
+        An arm is cold until it has this many quality observations.
+    cold_start_share
+        While some candidates are warm, cold arms are explored in at most this share of
+        decisions (uniformly among them); otherwise they are scored on their prior mean.
+    refresh_every
+        Recompute an arm's inverse exactly from its sums after this many rank-one updates.
+    seed
+        Seed of the policy's private random generator.
+    """
+
+    dim: int
+    ridge: float = 1.0
+    epsilon: float = 0.0
+    half_life_hours: float | None = None
+    decay_interval_s: float = 60.0
+    drift_delta: float | None = 0.002
+    drift_keep: float = 0.1
+    cold_start_pulls: int = 20
+    cold_start_share: float = 0.1
+    refresh_every: int = 1000
+    seed: int | None = None
+
+    def validated(self) -> PolicyConfig:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise InvalidInputError("dim", "must be an integer >= 1", self.dim)
+        check_finite_number("ridge", self.ridge, low=1e-9)
+        check_finite_number("epsilon", self.epsilon, low=0.0, high=1.0)
+        if self.half_life_hours is not None:
+            check_finite_number("half_life_hours", self.half_life_hours, low=1e-6)
+        check_finite_number("decay_interval_s", self.decay_interval_s, low=0.0)
+        if self.drift_delta is not None:
+            check_finite_number("drift_delta", self.drift_delta, low=1e-12, high=1.0)
+        check_finite_number("drift_keep", self.drift_keep, low=0.0, high=1.0)
+        if not isinstance(self.cold_start_pulls, int) or self.cold_start_pulls < 0:
+            raise InvalidInputError("cold_start_pulls", "must be an integer >= 0",
+                                    self.cold_start_pulls)
+        check_finite_number("cold_start_share", self.cold_start_share, low=0.0, high=1.0)
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise InvalidInputError("refresh_every", "must be an integer >= 1",
+                                    self.refresh_every)
+        if self.seed is not None and (isinstance(self.seed, bool)
+                                      or not isinstance(self.seed, int)):
+            raise InvalidInputError("seed", "must be an integer or None", self.seed)
+        return self
+
+
+class Policy(abc.ABC):
+    """A contextual bandit over named arms with one linear head per objective.
+
+    Subclasses set ``name`` and ``Config`` and implement :meth:`_score` (the scores the
+    main branch maximizes) and :meth:`_main_propensity` (the probability that branch
+    picks a given arm). Everything else, validation, exploration mixing, learning,
+    forgetting, drift, merge and serialization, lives here.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[PolicyConfig]] = PolicyConfig
+    _registry: ClassVar[dict[str, type[Policy]]] = {}
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            Policy._registry[cls.name] = cls
+
+    def __init__(self, dim: int, **params: object) -> None:
+        self.config = self.Config(dim=dim, **params).validated()  # type: ignore[arg-type]
+        self._stats = ArmStatistics(dim, self.config.refresh_every)
+        self._names: list[str] = []
+        self._index: dict[str, int] = {}
+        self._priors: dict[str, ArmPrior] = {}
+        self._rng = np.random.default_rng(self.config.seed)
+        self._t_ref: float | None = None
+        self._detectors: dict[str, object] = {}
+        self.drift_events: dict[str, int] = {}
+        #: Bumped by every change of the statistics or the arms.
+        self.version = 0
+
+    # ------------------------------------------------------------------ arms
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def arms(self) -> list[str]:
+        return list(self._names)
+
+    def add_arm(self, name: str, prior: ArmPrior | None = None) -> None:
+        """Add an arm, optionally with a prior; it is explored from the next decision."""
+        if not isinstance(name, str) or not name:
+            raise InvalidInputError("arm", "must be a non-empty string", name)
+        if name in self._index:
+            raise InvalidInputError("arm", "already exists; names must be unique", name)
+        prior = (prior or ArmPrior()).validated()
+        mu0, known = prior.head_means()
+        lam = self.config.ridge * np.where(known, prior.strength, 1.0)
+        self._stats.append(lam, mu0, prior_sigma(mu0, known))
+        self._index[name] = len(self._names)
+        self._names.append(name)
+        self._priors[name] = prior
+        self.drift_events.setdefault(name, 0)
+        self.version += 1
+
+    def remove_arm(self, name: str) -> None:
+        """Remove an arm and its statistics; the other arms keep theirs untouched."""
+        k = self._arm_index(name)
+        self._stats.delete(k)
+        del self._names[k]
+        del self._priors[name]
+        self._detectors.pop(name, None)
+        self.drift_events.pop(name, None)
+        self._index = {n: i for i, n in enumerate(self._names)}
+        self.version += 1
+
+    def _arm_index(self, name: str, field_name: str = "arm") -> int:
+        try:
+            return self._index[name]
+        except (KeyError, TypeError):
+            raise UnknownArmError(field_name, "unknown arm; allowed: "
+                                  + ", ".join(self._names), name) from None
+
+    def observations(self, name: str) -> dict[str, int]:
+        """How many observations of each objective an arm has had (never decayed)."""
+        k = self._arm_index(name)
+        return dict(zip(OBJECTIVES, (int(c) for c in self._stats.count[k]), strict=True))
+
+    # -------------------------------------------------------------- deciding
+    def decide(self, x: object, preferences: Preferences | None = None,
+               candidates: Sequence[str] | None = None, *, explore: bool = True) -> Decision:
+        """Choose an arm for one context.
+
+        Parameters
+        ----------
+        x
+            Context vector of length ``dim``.
+        preferences
+            The tenant's weights; default ``Preferences()`` (quality only).
+        candidates
+            Arm names allowed for this request; default all arms.
+        explore
+            False gives the greedy choice on predicted utility (propensity 1).
+        """
+        batch = self.decide_batch(x, preferences, candidates, explore=explore)
+        if len(batch) != 1:
+            raise InvalidInputError("x", "decide() takes one context; use decide_batch()",
+                                    f"{len(batch)} rows")
+        return batch.decision(0, policy=self.name)
+
+    def decide_batch(self, x: object, preferences: Preferences | None = None,
+                     candidates: Sequence[str] | None = None, *, explore: bool = True,
+                     propensities: bool = True) -> BatchDecision:
+        """Choose an arm for each row of ``x`` (n, dim), independently.
+
+        ``propensities=False`` skips computing them (NaN) where that costs extra work
+        (Thompson sampling), for replays that do not need them.
+        """
+        xb = self._features(x)
+        prefs = (preferences or Preferences()).validated()
+        w = prefs.head_weights()
+        names = check_names(candidates, self._names)
+        idx = np.fromiter((self._index[n] for n in names), dtype=np.intp, count=len(names))
+        c = (w * w) * self._stats.sigma2[idx] if explore else None
+        means, utility, std = self._stats.predict(xb, idx, c, w)
+        n, k = utility.shape
+        if not explore:
+            choices = np.argmax(utility, axis=1)
+            return BatchDecision(names, choices, np.ones(n), means, utility, std, utility,
+                                 np.zeros(n, dtype=bool))
+
+        cold = self._stats.count[idx, 0] < self.config.cold_start_pulls
+        n_cold = int(cold.sum())
+        cold_share = self.config.cold_start_share if 0 < n_cold < k else 0.0
+        # While warm arms exist, cold ones get no bonus in the main branch: their
+        # exploration is the bounded cold-start share, not an unbounded optimism bonus.
+        std_main = np.where(cold, 0.0, std) if cold_share > 0 else std
+        scores = self._score(utility, std_main)
+        choices = np.argmax(scores, axis=1)
+
+        eps = self.config.epsilon
+        if eps > 0 or cold_share > 0:
+            u = self._rng.random(n)
+            uniform = u < eps
+            to_cold = ~uniform & (u < eps + (1 - eps) * cold_share)
+            if uniform.any():
+                choices[uniform] = self._rng.integers(0, k, int(uniform.sum()))
+            if to_cold.any():
+                cold_idx = np.flatnonzero(cold)
+                choices[to_cold] = cold_idx[self._rng.integers(0, n_cold, int(to_cold.sum()))]
+
+        if propensities:
+            p_main = self._main_propensity(utility, std_main, choices, scores)
+            p_cold = np.where(cold[choices], cold_share / max(n_cold, 1), 0.0)
+            prop = eps / k + (1 - eps) * (p_cold + (1 - cold_share) * p_main)
+        else:
+            prop = np.full(n, np.nan)
+        explored = choices != np.argmax(utility, axis=1)
+        return BatchDecision(names, choices, prop, means, utility, std, scores, explored)
+
+    def predict(self, x: object, preferences: Preferences | None = None,
+                candidates: Sequence[str] | None = None) -> dict[str, Prediction]:
+        """Predicted outcome of every candidate for one context, without choosing."""
+        batch = self.decide_batch(x, preferences, candidates, explore=False)
+        return batch.decision(0).predictions
+
+    def _features(self, x: object) -> np.ndarray:
+        arr = as_context_matrix(x, self.config.dim)
+        return np.concatenate([arr, np.ones((arr.shape[0], 1))], axis=1)
+
+    @abc.abstractmethod
+    def _score(self, utility: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """Scores (n,K) the main branch maximizes, from predicted utility and its std."""
+
+    @abc.abstractmethod
+    def _main_propensity(self, utility: np.ndarray, std: np.ndarray, choices: np.ndarray,
+                         scores: np.ndarray) -> np.ndarray:
+        """Probability (n,) that the main branch picks ``choices``."""
+
+    # -------------------------------------------------------------- learning
+    def update(self, arm: str, x: object, outcome: Mapping[str, object], *,
+               now: float | None = None) -> None:
+        """Learn from the outcome of ``arm`` on context ``x``.
+
+        ``outcome`` maps objectives to values: ``quality`` in [0, 1], ``cost`` /
+        ``cost_usd`` in USD, ``latency`` / ``latency_ms`` in ms; any subset.
+        ``now`` (seconds, any fixed origin) drives forgetting; default the wall clock.
+        """
+        k = self._arm_index(arm)
+        xb = self._features(x)
+        if xb.shape[0] != 1:
+            raise InvalidInputError("x", "update() takes one context; use update_batch()",
+                                    f"{xb.shape[0]} rows")
+        y = parse_outcome(outcome)
+        self._maybe_decay(now)
+        k = self._index[arm]  # a decay step never reorders arms; re-read for clarity
+        residual = self._stats.update(k, xb[0], y)
+        if residual is not None:
+            self._watch_drift(arm, [residual])
+        self.version += 1
+
+    def update_batch(self, arms: Sequence[str], x: object,
+                     outcomes: Sequence[Mapping[str, object]], *,
+                     now: float | None = None) -> None:
+        """Learn from many outcomes at once (one exact refresh per arm touched)."""
+        xb = self._features(x)
+        if len(arms) != xb.shape[0] or len(outcomes) != xb.shape[0]:
+            raise InvalidInputError("arms", "arms, x and outcomes must have the same length",
+                                    f"{len(arms)}, {xb.shape[0]}, {len(outcomes)}")
+        ks = np.array([self._arm_index(a) for a in arms], dtype=np.intp)
+        y = np.stack([parse_outcome(o) for o in outcomes])
+        self._maybe_decay(now)
+        for k in np.unique(ks):
+            rows = ks == k
+            name = self._names[k]
+            q = ~np.isnan(y[rows, 0])
+            residuals = (y[rows, 0] - xb[rows] @ self._stats.theta[k, 0])[q]
+            self._stats.update_many(int(k), xb[rows], y[rows])
+            self._watch_drift(name, residuals.tolist())
+        self.version += 1
+
+    def _watch_drift(self, arm: str, residuals: Sequence[float]) -> None:
+        if self.config.drift_delta is None:
+            return
+        detector = self._detectors.get(arm)
+        if detector is None:
+            from river.drift import ADWIN  # imported lazily: river is slow to import
+
+            detector = self._detectors[arm] = ADWIN(delta=self.config.drift_delta)
+        drifted = False
+        for r in residuals:
+            detector.update(r)
+            drifted = drifted or detector.drift_detected
+        if drifted:
+            self._stats.scale(self.config.drift_keep, [self._index[arm]])
+            self.drift_events[arm] = self.drift_events.get(arm, 0) + 1
+
+    def _maybe_decay(self, now: float | None) -> None:
+        half_life = self.config.half_life_hours
+        if half_life is None:
+            return
+        now = time.time() if now is None else float(now)
+        if self._t_ref is None:
+            self._t_ref = now
+            return
+        elapsed = now - self._t_ref
+        # Out-of-order timestamps (late feedback) never un-decay the statistics.
+        if elapsed >= max(self.config.decay_interval_s, 1e-12):
+            self._stats.scale(0.5 ** (elapsed / 3600.0 / half_life))
+            self._t_ref = now
+
+    # ------------------------------------------------------------- replicas
+    def merge(self, other: Policy) -> Policy:
+        """Add ``other``'s statistics to this policy's (in place) and return self.
+
+        Both must be the same policy class with the same dimension. Arms only ``other``
+        knows are copied with their prior. With forgetting, the older statistics are
+        decayed to the newer reference time first, so the sums stay comparable.
+        """
+        if type(other) is not type(self):
+            raise InvalidInputError("other", f"must be a {type(self).__name__}",
+                                    type(other).__name__)
+        if other.dim != self.dim:
+            raise InvalidInputError("other.dim", f"must be {self.dim}", other.dim)
+        hl = self.config.half_life_hours
+        theirs = other._stats
+        factor_other = 1.0
+        if hl is not None and self._t_ref is not None and other._t_ref is not None:
+            t = max(self._t_ref, other._t_ref)
+            if t > self._t_ref:
+                self._stats.scale(0.5 ** ((t - self._t_ref) / 3600.0 / hl))
+            factor_other = 0.5 ** ((t - other._t_ref) / 3600.0 / hl)
+            self._t_ref = t
+        elif self._t_ref is None:
+            self._t_ref = other._t_ref
+        for j, name in enumerate(other._names):
+            if name not in self._index:
+                row = theirs.take(j)
+                for key in ("a_data", "b_data", "srr", "weight"):
+                    row[key] = row[key] * factor_other
+                self._stats.put(row)
+                self._index[name] = len(self._names)
+                self._names.append(name)
+                self._priors[name] = other._priors[name]
+                self.drift_events.setdefault(name, 0)
+            else:
+                k = self._index[name]
+                if factor_other == 1.0:
+                    self._stats.add(k, theirs, j)
+                else:
+                    scaled = ArmStatistics(self.dim)
+                    scaled.put(theirs.take(j))
+                    for key in ("a_data", "b_data", "srr", "weight"):
+                        getattr(scaled, key)[0] *= factor_other
+                    self._stats.add(k, scaled, 0)
+        self._stats.refresh()
+        self.version += 1
+        return self
+
+    def clone(self) -> Policy:
+        """A fresh policy with the same configuration and arms (priors), and no data."""
+        fresh = type(self)(**{k: v for k, v in asdict(self.config).items()})
+        for name in self._names:
+            fresh.add_arm(name, self._priors[name])
+        return fresh
+
+    # --------------------------------------------------------- serialization
+    def to_bytes(self) -> bytes:
+        """Serialize configuration, arms, statistics and RNG state (no pickle).
+
+        Drift detectors are not serialized: after a restore they start watching afresh.
+        """
+        header = {
+            "format": 1,
+            "policy": self.name,
+            "config": asdict(self.config),
+            "arms": self._names,
+            "priors": [list(self._priors[n]) for n in self._names],
+            "t_ref": self._t_ref,
+            "rng": self._rng.bit_generator.state,
+            "version": self.version,
+            "drift_events": self.drift_events,
+        }
+        raw_header = json.dumps(header).encode()
+        buffer = io.BytesIO()
+        np.savez(buffer, **{name: getattr(self._stats, name) for name in ArmStatistics.ARRAYS})
+        return _MAGIC + len(raw_header).to_bytes(4, "big") + raw_header + buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Policy:
+        """Restore a policy serialized by :meth:`to_bytes` (any registered class)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:6]) != _MAGIC:
+            raise InvalidInputError("data", "is not a serialized policy (bad magic)")
+        data = bytes(data)
+        size = int.from_bytes(data[6:10], "big")
+        header = json.loads(data[10:10 + size])
+        policy_cls = Policy._registry.get(header["policy"])
+        if policy_cls is None or (cls is not Policy and policy_cls is not cls):
+            raise InvalidInputError("data", "holds policy " + repr(header["policy"])
+                                    + "; allowed: " + ", ".join(Policy._registry))
+        policy = policy_cls(**header["config"])
+        arrays = np.load(io.BytesIO(data[10 + size:]), allow_pickle=False)
+        for name in ArmStatistics.ARRAYS:
+            setattr(policy._stats, name, arrays[name].copy())
+        policy._names = list(header["arms"])
+        policy._index = {n: i for i, n in enumerate(policy._names)}
+        policy._priors = {n: ArmPrior(*p) for n, p in zip(policy._names, header["priors"],
+                                                            strict=True)}
+        policy._t_ref = header["t_ref"]
+        policy._rng.bit_generator.state = header["rng"]
+        policy.version = header["version"]
+        policy.drift_events = dict(header["drift_events"])
+        return policy
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim}, arms={self._names})"

@@ -1,0 +1,102 @@
+"""Linear Thompson sampling with one head per objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import ndtr, ndtri
+
+from bandit.base import Policy, PolicyConfig, check_finite_number
+
+__all__ = ["LinearThompson", "LinearThompsonConfig"]
+
+
+@dataclass(frozen=True)
+class LinearThompsonConfig(PolicyConfig):
+    """:class:`~bandit.base.PolicyConfig` plus
+
+    ``scale``: v, the posterior is N(theta_k, v^2 sigma_k^2 A_k^-1) for each head;
+    ``propensity_nodes``: quadrature nodes of the propensity integral (error about
+    1 / nodes in the worst case, a step-shaped integrand; far less typically);
+    ``propensity_samples``: when > 0, use a Monte Carlo estimate with this many samples
+    instead of quadrature (kept to cross-check the quadrature).
+    """
+
+    scale: float = 1.0
+    propensity_nodes: int = 128
+    propensity_samples: int = 0
+
+    def validated(self) -> LinearThompsonConfig:
+        super().validated()
+        check_finite_number("scale", self.scale, low=0.0)
+        if not isinstance(self.propensity_nodes, int) or self.propensity_nodes < 8:
+            from bandit.errors import InvalidInputError
+
+            raise InvalidInputError("propensity_nodes", "must be an integer >= 8",
+                                    self.propensity_nodes)
+        if not isinstance(self.propensity_samples, int) or self.propensity_samples < 0:
+            from bandit.errors import InvalidInputError
+
+            raise InvalidInputError("propensity_samples", "must be an integer >= 0",
+                                    self.propensity_samples)
+        return self
+
+
+class LinearThompson(Policy):
+    """Thompson sampling on the tenant's utility.
+
+    For one context the sampled utility of an arm, sum_k w_k theta~_k . x with
+    theta~_k ~ N(theta_k, v^2 sigma_k^2 A_k^-1) drawn independently per head, is exactly
+    N(u(x), v^2 s(x)^2). Sampling that scalar is the same draw as sampling theta and
+    taking the dot product, at O(d^2) per arm with no Cholesky factor to maintain.
+
+    Propensity: P(arm j has the largest sample) = E_{u ~ N(u_j, s_j)} prod_{i != j}
+    Phi((u - u_i) / s_i), a one-dimensional integral evaluated by the midpoint rule on
+    ``propensity_nodes`` quantiles of N(u_j, s_j) (deterministic, unlike Monte Carlo).
+
+    Examples
+    --------
+    >>> from bandit import LinearThompson
+    >>> policy = LinearThompson(dim=2, seed=1)
+    >>> policy.add_arm("a"); policy.add_arm("b")
+    >>> decision = policy.decide([0.0, 1.0])
+    >>> 0.0 < decision.propensity <= 1.0
+    True
+    """
+
+    name = "thompson"
+    Config = LinearThompsonConfig
+
+    def __init__(self, dim: int, scale: float = 1.0, **params: object) -> None:
+        super().__init__(dim, scale=scale, **params)
+        nodes = self.config.propensity_nodes
+        self._quantiles = ndtri((np.arange(nodes) + 0.5) / nodes)
+
+    def _score(self, utility: np.ndarray, std: np.ndarray) -> np.ndarray:
+        noise = self._rng.standard_normal(utility.shape)
+        return utility + self.config.scale * std * noise
+
+    def _main_propensity(self, utility: np.ndarray, std: np.ndarray, choices: np.ndarray,
+                         scores: np.ndarray) -> np.ndarray:
+        s = self.config.scale * std
+        n, k = utility.shape
+        rows = np.arange(n)
+        if self.config.propensity_samples > 0:
+            m = self.config.propensity_samples
+            # A separate generator: estimating a propensity must not shift the policy's
+            # own random stream (same seed -> same decisions with either method).
+            rng = np.random.default_rng(self._rng.integers(2**63))
+            draws = utility[:, None, :] + s[:, None, :] * rng.standard_normal((n, m, k))
+            return (np.argmax(draws, axis=2) == choices[:, None]).mean(axis=1)
+        # u: (n, nodes) points of the chosen arm's sampled utility.
+        mu_j = utility[rows, choices]
+        s_j = s[rows, choices]
+        u = mu_j[:, None] + s_j[:, None] * self._quantiles[None, :]
+        diff = u[:, :, None] - utility[:, None, :]  # (n, nodes, K)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = diff / s[:, None, :]
+        # Arms with no spread (cold arms scored on their prior) are a step function.
+        cdf = np.where(s[:, None, :] > 0, ndtr(z), (diff > 0) + 0.5 * (diff == 0))
+        cdf[rows, :, choices] = 1.0
+        return np.prod(cdf, axis=2).mean(axis=1)
