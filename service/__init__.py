@@ -1,0 +1,1 @@
+"""service: the FastAPI routing service and the ``bandit-router`` command line."""

@@ -1,0 +1,20 @@
+"""The ``bandit-router`` command line (typer). Each sub-command lives in
+``service/commands/<name>.py`` and is registered here."""
+
+from __future__ import annotations
+
+import typer
+
+from service.commands.replay import replay
+
+app = typer.Typer(help="Online contextual-bandit router for LLM requests.",
+                  no_args_is_help=True, add_completion=False)
+app.command(help="Replay a log of queries with every model's outcome (bandit feedback).")(replay)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per ``bandit-router`` sub-command, registered in :mod:`service.cli`."""
