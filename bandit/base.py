@@ -553,10 +553,17 @@ class Policy(abc.ABC):
         cold = self._stats.count[idx, 0] < self.config.cold_start_pulls
         n_cold = int(cold.sum())
         cold_share = self.config.cold_start_share if 0 < n_cold < k else 0.0
-        # While warm arms exist, cold ones get no bonus in the main branch: their
-        # exploration is the bounded cold-start share, not an unbounded optimism bonus.
-        std_main = np.where(cold, 0.0, std) if cold_share > 0 else std
-        scores = self._score(utility, std_main)
+        utility_main, std_main = utility, std
+        if cold_share > 0:
+            # While warm arms exist, cold ones get no bonus in the main branch: their
+            # exploration is the bounded cold-start share, not an unbounded optimism
+            # bonus. A cold arm with a declared quality prior competes on its prior
+            # mean; one without (quality unknown) is only reached by the cold share.
+            std_main = np.where(cold, 0.0, std)
+            declared = np.fromiter((self._priors[n].quality is not None for n in names),
+                                   dtype=bool, count=k)
+            utility_main = np.where(cold & ~declared, -np.inf, utility)
+        scores = self._score(utility_main, std_main)
         choices = np.argmax(scores, axis=1)
 
         eps = self.config.epsilon
@@ -571,7 +578,7 @@ class Policy(abc.ABC):
                 choices[to_cold] = cold_idx[self._rng.integers(0, n_cold, int(to_cold.sum()))]
 
         if propensities:
-            p_main = self._main_propensity(utility, std_main, choices, scores)
+            p_main = self._main_propensity(utility_main, std_main, choices, scores)
             p_cold = np.where(cold[choices], cold_share / max(n_cold, 1), 0.0)
             prop = eps / k + (1 - eps) * (p_cold + (1 - cold_share) * p_main)
         else:
@@ -653,7 +660,12 @@ class Policy(abc.ABC):
             detector.update(r)
             drifted = drifted or detector.drift_detected
         if drifted:
-            self._stats.scale(self.config.drift_keep, [self._index[arm]])
+            # Keep at most as much old evidence as ADWIN's post-change window holds (and
+            # never more than drift_keep of it): the old level must not outvote the new.
+            k = self._index[arm]
+            weight = max(float(self._stats.weight[k, 0]), 1.0)
+            factor = min(self.config.drift_keep, float(detector.width) / weight)
+            self._stats.scale(factor, [k])
             self.drift_events[arm] = self.drift_events.get(arm, 0) + 1
 
     def _maybe_decay(self, now: float | None) -> None:

@@ -72,6 +72,10 @@ class LinearThompson(Policy):
         super().__init__(dim, scale=scale, **params)
         nodes = self.config.propensity_nodes
         self._quantiles = ndtri((np.arange(nodes) + 0.5) / nodes)
+        # Monte Carlo propensities draw from their own stream: estimating a propensity
+        # must not shift the policy's choices (same seed -> same decisions either way).
+        seed = self.config.seed
+        self._mc_rng = np.random.default_rng(None if seed is None else [seed, 1])
 
     def _score(self, utility: np.ndarray, std: np.ndarray) -> np.ndarray:
         noise = self._rng.standard_normal(utility.shape)
@@ -84,13 +88,14 @@ class LinearThompson(Policy):
         rows = np.arange(n)
         if self.config.propensity_samples > 0:
             m = self.config.propensity_samples
-            # A separate generator: estimating a propensity must not shift the policy's
-            # own random stream (same seed -> same decisions with either method).
-            rng = np.random.default_rng(self._rng.integers(2**63))
-            draws = utility[:, None, :] + s[:, None, :] * rng.standard_normal((n, m, k))
+            noise = self._mc_rng.standard_normal((n, m, k))
+            draws = utility[:, None, :] + s[:, None, :] * noise
             return (np.argmax(draws, axis=2) == choices[:, None]).mean(axis=1)
-        # u: (n, nodes) points of the chosen arm's sampled utility.
+        # u: (n, nodes) points of the chosen arm's sampled utility. An arm out of the
+        # main branch (utility -inf: cold, quality unknown) has main propensity 0.
         mu_j = utility[rows, choices]
+        reachable = np.isfinite(mu_j)
+        mu_j = np.where(reachable, mu_j, 0.0)
         s_j = s[rows, choices]
         u = mu_j[:, None] + s_j[:, None] * self._quantiles[None, :]
         diff = u[:, :, None] - utility[:, None, :]  # (n, nodes, K)
@@ -99,4 +104,4 @@ class LinearThompson(Policy):
         # Arms with no spread (cold arms scored on their prior) are a step function.
         cdf = np.where(s[:, None, :] > 0, ndtr(z), (diff > 0) + 0.5 * (diff == 0))
         cdf[rows, :, choices] = 1.0
-        return np.prod(cdf, axis=2).mean(axis=1)
+        return np.where(reachable, np.prod(cdf, axis=2).mean(axis=1), 0.0)
