@@ -177,7 +177,7 @@ def test_decide_preference_change_flips_cheap_and_expensive(cls):
     policy.add_arm("small")
     policy.add_arm("large")
     x = unit_rows(rng, 400, 4)
-    noise = 0.05 * rng.standard_normal((400, 2))
+    noise = np.clip(0.05 * rng.standard_normal((400, 2)), -0.09, 0.09)
     for t in range(400):
         policy.update("small", x[t], {"quality": 0.6 + noise[t, 0], "cost_usd": 0.001})
         policy.update("large", x[t], {"quality": 0.9 + noise[t, 1], "cost_usd": 0.05})
