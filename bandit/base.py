@@ -399,7 +399,7 @@ class PolicyConfig:
     decay_interval_s: float = 60.0
     drift_delta: float | None = 0.002
     drift_keep: float = 0.1
-    cold_start_pulls: int = 20
+    cold_start_pulls: int = 10
     cold_start_share: float = 0.1
     refresh_every: int = 1000
     seed: int | None = None

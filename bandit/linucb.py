@@ -14,9 +14,13 @@ __all__ = ["LinUCB", "LinUCBConfig"]
 @dataclass(frozen=True)
 class LinUCBConfig(PolicyConfig):
     """:class:`~bandit.base.PolicyConfig` plus ``alpha``, the width of the bonus in
-    standard deviations of the predicted utility."""
+    standard deviations of the predicted utility.
 
-    alpha: float = 1.0
+    The default 0.3 comes from a sweep on the llmrouter replay (0.1 to 1.0 were within
+    seed noise of each other below 0.5; 1.0 explored visibly too much).
+    """
+
+    alpha: float = 0.3
     epsilon: float = 0.01
 
     def validated(self) -> LinUCBConfig:
@@ -54,7 +58,7 @@ class LinUCB(Policy):
     name = "linucb"
     Config = LinUCBConfig
 
-    def __init__(self, dim: int, alpha: float = 1.0, **params: object) -> None:
+    def __init__(self, dim: int, alpha: float = 0.3, **params: object) -> None:
         super().__init__(dim, alpha=alpha, **params)
 
     def _score(self, utility: np.ndarray, std: np.ndarray) -> np.ndarray:

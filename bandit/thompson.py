@@ -16,14 +16,15 @@ __all__ = ["LinearThompson", "LinearThompsonConfig"]
 class LinearThompsonConfig(PolicyConfig):
     """:class:`~bandit.base.PolicyConfig` plus
 
-    ``scale``: v, the posterior is N(theta_k, v^2 sigma_k^2 A_k^-1) for each head;
+    ``scale``: v, the posterior is N(theta_k, v^2 sigma_k^2 A_k^-1) for each head
+    (default 0.5: the exact posterior, v = 1, over-explored on the llmrouter replay);
     ``propensity_nodes``: quadrature nodes of the propensity integral (error about
     1 / nodes in the worst case, a step-shaped integrand; far less typically);
     ``propensity_samples``: when > 0, use a Monte Carlo estimate with this many samples
     instead of quadrature (kept to cross-check the quadrature).
     """
 
-    scale: float = 1.0
+    scale: float = 0.5
     propensity_nodes: int = 128
     propensity_samples: int = 0
 
@@ -68,7 +69,7 @@ class LinearThompson(Policy):
     name = "thompson"
     Config = LinearThompsonConfig
 
-    def __init__(self, dim: int, scale: float = 1.0, **params: object) -> None:
+    def __init__(self, dim: int, scale: float = 0.5, **params: object) -> None:
         super().__init__(dim, scale=scale, **params)
         nodes = self.config.propensity_nodes
         self._quantiles = ndtri((np.arange(nodes) + 0.5) / nodes)

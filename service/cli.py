@@ -9,6 +9,13 @@ from service.commands.replay import replay
 
 app = typer.Typer(help="Online contextual-bandit router for LLM requests.",
                   no_args_is_help=True, add_completion=False)
+
+
+@app.callback()
+def _group() -> None:
+    """Keeps ``bandit-router <command>`` a group even while one command is registered."""
+
+
 app.command(help="Replay a log of queries with every model's outcome (bandit feedback).")(replay)
 
 

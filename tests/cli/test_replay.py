@@ -1,0 +1,90 @@
+"""``bandit-router replay`` end to end on a generated log."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def log_file(tmp_path):
+    rng = np.random.default_rng(0)
+    topics = {"math": "solve the integral of x squared", "poem": "write a poem about autumn"}
+    lines = []
+    for i in range(400):
+        topic = "math" if rng.random() < 0.5 else "poem"
+        good = "solver" if topic == "math" else "writer"
+        outcomes = {m: {"quality": 0.9 if m == good else 0.2, "cost_usd": 0.001,
+                        "latency_ms": 500.0} for m in ("solver", "writer")}
+        lines.append(json.dumps({"id": f"q{i}", "prompt": f"{topics[topic]} #{i}",
+                                 "outcomes": outcomes}))
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("policy", ["linucb", "thompson"])
+def test_replay_prompts_writes_json(log_file, tmp_path, policy):
+    out = tmp_path / "out.json"
+    result = runner.invoke(app, ["replay", str(log_file), "--policy", policy,
+                                 "--preferences", "quality=1,cost=10", "--seed", "3",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["rows"] == 400 and data["policy"] == policy
+    for key in ("all", "last_20pct"):
+        window = data[key]
+        assert set(window) >= {"policy", "oracle", "models", "random", "share"}
+        assert window["oracle"]["quality"] == pytest.approx(0.9)
+    # Two topics, each with its own best model: the router must beat both single models.
+    assert data["last_20pct"]["policy"]["quality"] > 0.8
+    assert "oracle" in result.output
+
+
+def test_replay_embeddings_file_used(log_file, tmp_path):
+    emb = tmp_path / "x.npy"
+    np.save(emb, np.random.default_rng(1).standard_normal((400, 8)))
+    out = tmp_path / "out.json"
+    result = runner.invoke(app, ["replay", str(log_file), "--embeddings", str(emb),
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["dim"] == 8 and data["featurizer"] == "embeddings"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--policy", "greedy"], "--policy"),
+        (["--preferences", "quality=1,price=3"], "preferences"),
+        (["--preferences", "cost=-1"], "preferences.cost"),
+    ],
+)
+def test_replay_bad_option_exit_2_names_field(log_file, args, message):
+    result = runner.invoke(app, ["replay", str(log_file), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_replay_malformed_line_exit_2(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1, "prompt": "x", "outcomes": {"a": {"quality": 1, "cost_usd": 0}}}\n'
+                    "not json\n")
+    result = runner.invoke(app, ["replay", str(path)])
+    assert result.exit_code == 2
+    assert "line 2" in result.output
+
+
+def test_replay_embeddings_wrong_rows_exit_2(log_file, tmp_path):
+    emb = tmp_path / "x.npy"
+    np.save(emb, np.zeros((3, 8)))
+    result = runner.invoke(app, ["replay", str(log_file), "--embeddings", str(emb)])
+    assert result.exit_code == 2
+    assert "--embeddings" in result.output
