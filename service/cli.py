@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import typer
 
+from service.commands.migrate import migrate
 from service.commands.replay import replay
+from service.commands.serve import serve
 
 app = typer.Typer(help="Online contextual-bandit router for LLM requests.",
                   no_args_is_help=True, add_completion=False)
@@ -17,6 +19,8 @@ def _group() -> None:
 
 
 app.command(help="Replay a log of queries with every model's outcome (bandit feedback).")(replay)
+app.command(help="Serve the HTTP API (uvicorn).")(serve)
+app.command(help="Apply database migrations.")(migrate)
 
 
 def main() -> None:

@@ -1,0 +1,78 @@
+"""The FastAPI application factory.
+
+``create_app(settings)`` builds one independent app: its own engine, metrics registry,
+policies and writer thread, all created in the lifespan, none at import time.
+
+Start-up (lifespan): apply migrations (``alembic upgrade head``, same scripts for SQLite
+and PostgreSQL), create the admin key on first start (printed once), load the newest
+policy checkpoint and replay the feedback written after it, start the decision writer
+and the periodic checkpoint task. Shutdown: drain the writer, write a final checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from service.config import Settings
+from service.db.engine import make_engine, upgrade
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.routes import admin, decide, feedback, health, tenants
+from service.routing import RoutingService
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("service.app")
+
+
+async def _checkpoint_loop(service: RoutingService, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(service.checkpoint)
+        except Exception:
+            # A failed checkpoint only widens the replay window; keep serving.
+            log.exception("periodic checkpoint failed")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        url = settings.resolved_database_url()
+        if settings.run_migrations:
+            await asyncio.to_thread(upgrade, url)
+        engine = make_engine(url)
+        service = RoutingService(settings, engine, app.state.metrics)
+        generated = await asyncio.to_thread(service.start)
+        if generated is not None:
+            # Shown once: only its SHA-256 digest is stored.
+            print(f"\n  bandit-router admin key (shown once, store it now): {generated}\n",
+                  file=sys.stderr, flush=True)
+        app.state.routing = service
+        app.state.generated_admin_key = generated
+        task = asyncio.create_task(_checkpoint_loop(service, settings.checkpoint_interval_s))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await asyncio.to_thread(service.stop)
+            engine.dispose()
+
+    app = FastAPI(title="bandit-router", version="0.1.0", lifespan=lifespan,
+                  description="Online contextual-bandit router for LLM requests.")
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install_error_handlers(app)
+    for module in (decide, feedback, tenants, admin, health):
+        app.include_router(module.router)
+    return app

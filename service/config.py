@@ -1,0 +1,69 @@
+"""Service settings (pydantic-settings), read from ``BANDIT_ROUTER_*`` environment variables.
+
+Nothing here is created at import time: :func:`service.app.create_app` takes a
+:class:`Settings` instance, and the command line builds one per invocation.
+
+Examples
+--------
+>>> s = Settings(data_dir="/tmp/router")
+>>> s.resolved_database_url()
+'sqlite:////tmp/router/router.db'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with (immutable once built).
+
+    Every field can be set by an environment variable of the same name in upper case with
+    the prefix ``BANDIT_ROUTER_`` (``BANDIT_ROUTER_DATABASE_URL``, ``BANDIT_ROUTER_DIM``...).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BANDIT_ROUTER_", frozen=True,
+                                      extra="ignore")
+
+    data_dir: Path = Field(Path("./data"), description="Directory of the embedded SQLite "
+                           "database (created if missing).")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default a SQLite "
+                                     "file in data_dir. PostgreSQL: postgresql+psycopg://...")
+    dim: int = Field(64, ge=1, le=4096, description="Context dimension (embedding length).")
+    featurizer: Literal["hashing", "minilm"] = "hashing"
+    featurizer_seed: int = 0
+    default_policy: Literal["linucb", "thompson"] = "linucb"
+    policy_seed: int | None = Field(None, description="Seed of the policies' random "
+                                    "generators; None draws one from the OS.")
+    epsilon: float = Field(0.01, ge=0.0, le=1.0)
+    checkpoint_interval_s: float = Field(60.0, gt=0.0)
+    checkpoints_kept: int = Field(3, ge=1)
+    decision_queue_size: int = Field(10_000, ge=1)
+    decision_batch_size: int = Field(500, ge=1)
+    decision_flush_interval_s: float = Field(0.05, gt=0.0)
+    # How long a decide waits for room in a full decision queue before answering 503.
+    decision_enqueue_timeout_s: float = Field(0.1, ge=0.0)
+    admin_key: SecretStr | None = Field(None, description="Admin key; when unset one is "
+                                        "generated on first start, stored hashed and printed "
+                                        "once.")
+    # Tokens a request is assumed to use when turning a model's price into a cost prior.
+    prior_input_tokens: int = Field(500, ge=0)
+    prior_output_tokens: int = Field(300, ge=0)
+    run_migrations: bool = Field(True, description="Apply migrations on start.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _empty_is_default(cls, value: str | None) -> str | None:
+        return value or None
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to ``<data_dir>/router.db`` (SQLite)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir.expanduser().absolute() / 'router.db'}"

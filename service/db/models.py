@@ -1,0 +1,152 @@
+"""SQLAlchemy 2 models: one schema for SQLite and PostgreSQL (see ``migrations/``)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = ["Base", "AdminKey", "Tenant", "Model", "Decision", "Feedback",
+           "PolicyCheckpoint", "PolicySnapshot", "utcnow", "as_utc"]
+
+# Named constraints so that alembic's batch mode (SQLite) can alter them.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments an INTEGER PRIMARY KEY, not a BIGINT one.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class AdminKey(Base):
+    __tablename__ = "admin_keys"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    weight_quality: Mapped[float] = mapped_column(Float, default=1.0)
+    weight_cost: Mapped[float] = mapped_column(Float, default=0.0)
+    weight_latency: Mapped[float] = mapped_column(Float, default=0.0)
+    policy: Mapped[str] = mapped_column(String(20))
+    scope: Mapped[str] = mapped_column(String(20), default="shared")
+    budget_usd_per_day: Mapped[float | None] = mapped_column(Float, nullable=True)
+    budget_usd_per_month: Mapped[float | None] = mapped_column(Float, nullable=True)
+    on_budget_exhausted: Mapped[str] = mapped_column(String(20), default="cheapest")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Model(Base):
+    """A model (arm). Deleting one sets ``deleted_at``: its decisions keep their history."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    input_price_per_mtok: Mapped[float] = mapped_column(Float)
+    output_price_per_mtok: Mapped[float] = mapped_column(Float)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    prior_quality: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                        nullable=True)
+
+
+class Decision(Base):
+    __tablename__ = "decisions"
+    __table_args__ = (Index("ix_decisions_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    policy: Mapped[str] = mapped_column(String(20))
+    policy_version: Mapped[int] = mapped_column(BigInteger)
+    scope: Mapped[str] = mapped_column(String(20))
+    propensity: Mapped[float] = mapped_column(Float)
+    # float64 little-endian bytes of the context (exactly what the policy saw).
+    context: Mapped[bytes] = mapped_column(LargeBinary)
+    predictions: Mapped[dict] = mapped_column(JSON)
+    predicted_cost_usd: Mapped[float] = mapped_column(Float)
+    # What the decision counts against the budget: predicted cost until feedback
+    # reports the real one.
+    charged_usd: Mapped[float] = mapped_column(Float)
+    over_budget: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Feedback(Base):
+    """One feedback event. UNIQUE (decision_id, event_id) makes it apply exactly once."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (UniqueConstraint("decision_id", "event_id",
+                                       name="uq_feedback_decision_event"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    decision_id: Mapped[str] = mapped_column(ForeignKey("decisions.id"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    # "" when the caller sent none: one anonymous feedback per decision.
+    event_id: Mapped[str] = mapped_column(String(200), default="")
+    quality: Mapped[float | None] = mapped_column(Float, nullable=True)
+    cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PolicyCheckpoint(Base):
+    """A consistent snapshot of every in-process policy and the last feedback it includes."""
+
+    __tablename__ = "policy_checkpoints"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_feedback_id: Mapped[int] = mapped_column(BigInteger)
+
+
+class PolicySnapshot(Base):
+    __tablename__ = "policy_snapshots"
+
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("policy_checkpoints.id", ondelete="CASCADE"), primary_key=True)
+    # "shared:linucb", "tenant:<tenant id>:thompson"...
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

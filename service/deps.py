@@ -1,0 +1,68 @@
+"""``Annotated`` dependencies: the routing state, the settings and the two kinds of caller."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.config import Settings
+from service.errors import Problem
+from service.metrics import Metrics
+from service.routing import RoutingService, TenantState
+
+__all__ = ["ServiceDep", "SettingsDep", "MetricsDep", "TenantDep", "AdminDep"]
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def get_service(request: Request) -> RoutingService:
+    return request.app.state.routing
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+ServiceDep = Annotated[RoutingService, Depends(get_service)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def bearer_key(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise Problem(401, "missing Authorization header; send 'Authorization: Bearer <key>'",
+                      headers=_CHALLENGE)
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Problem(401, "the Authorization header must be 'Bearer <key>'",
+                      headers=_CHALLENGE)
+    return key.strip()
+
+
+def require_tenant(request: Request, service: ServiceDep) -> TenantState:
+    key = bearer_key(request)
+    tenant = service.tenant_for_key(key)
+    if tenant is not None:
+        return tenant
+    if service.is_admin_key(key):
+        raise Problem(403, "this endpoint takes a tenant API key, not the admin key")
+    raise Problem(401, "unknown API key", headers=_CHALLENGE)
+
+
+def require_admin(request: Request, service: ServiceDep) -> None:
+    key = bearer_key(request)
+    if service.is_admin_key(key):
+        return
+    if service.tenant_for_key(key) is not None:
+        raise Problem(403, "this endpoint needs the admin key")
+    raise Problem(401, "unknown API key", headers=_CHALLENGE)
+
+
+TenantDep = Annotated[TenantState, Depends(require_tenant)]
+AdminDep = Annotated[None, Depends(require_admin)]

@@ -1,0 +1,131 @@
+"""RFC 9457 problem details: the one place where errors become HTTP responses.
+
+Every error the API returns is ``application/problem+json`` with ``type``, ``title``,
+``status``, ``detail`` and, for bad input, ``errors: [{field, message, allowed}]``.
+Sources mapped here:
+
+* :class:`bandit.InvalidInputError` (raised by the learning core or by the service's own
+  checks) -> 422 naming the field and the allowed values;
+* FastAPI's :class:`~fastapi.exceptions.RequestValidationError` -> 422 (400 when the body
+  is not JSON at all);
+* :class:`Problem` -> its status (401, 403, 404, 409, 429, 503...);
+* anything else -> 500 with no internals leaked; the process keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bandit import InvalidInputError
+
+__all__ = ["Problem", "problem_response", "install_error_handlers", "PROBLEM_JSON"]
+
+PROBLEM_JSON = "application/problem+json"
+_TYPE_BASE = "https://bandit-router.dev/problems/"
+_TITLES = {
+    400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
+    405: "Method not allowed", 409: "Conflict", 422: "Invalid input",
+    429: "Too many requests", 500: "Internal server error", 503: "Service unavailable",
+}
+_SLUGS = {
+    400: "bad-request", 401: "unauthorized", 403: "forbidden", 404: "not-found",
+    405: "method-not-allowed", 409: "conflict", 422: "invalid-input",
+    429: "too-many-requests", 500: "internal-error", 503: "unavailable",
+}
+log = logging.getLogger("service.errors")
+
+
+class Problem(Exception):
+    """An error with an HTTP status, raised anywhere in the service."""
+
+    def __init__(self, status: int, detail: str, *, slug: str | None = None,
+                 title: str | None = None, errors: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.slug = slug or _SLUGS.get(status, "error")
+        self.title = title or _TITLES.get(status, "Error")
+        self.errors = errors
+        self.headers = headers or {}
+
+
+def problem_response(problem: Problem) -> JSONResponse:
+    body: dict[str, Any] = {"type": _TYPE_BASE + problem.slug, "title": problem.title,
+                            "status": problem.status, "detail": problem.detail}
+    if problem.errors is not None:
+        body["errors"] = problem.errors
+    return JSONResponse(body, status_code=problem.status, headers=problem.headers,
+                        media_type=PROBLEM_JSON)
+
+
+def invalid_input(err: InvalidInputError) -> Problem:
+    return Problem(422, str(err), errors=[{"field": err.field, "message": str(err),
+                                           "allowed": err.allowed}])
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        parts = parts[1:]
+    return ".".join(parts) or "body"
+
+
+def _allowed(error: dict[str, Any]) -> str | None:
+    ctx = error.get("ctx") or {}
+    if "expected" in ctx:
+        return f"one of {ctx['expected']}"
+    for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if key in ctx:
+            return f"a number {word} {ctx[key]}"
+    if "min_length" in ctx:
+        return f"at least {ctx['min_length']} item(s)"
+    if "max_length" in ctx:
+        return f"at most {ctx['max_length']} item(s)"
+    if error.get("type") == "missing":
+        return "required"
+    if error.get("type") == "extra_forbidden":
+        return "no such field"
+    return None
+
+
+def validation_problem(exc: RequestValidationError) -> Problem:
+    raw = list(exc.errors())
+    if any(e.get("type") == "json_invalid" for e in raw):
+        return Problem(400, "the request body is not valid JSON",
+                       errors=[{"field": "body", "message": "invalid JSON",
+                                "allowed": "a JSON object"}])
+    errors = [{"field": _field(tuple(e.get("loc", ()))), "message": str(e.get("msg", "")),
+               "allowed": _allowed(e)} for e in raw]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    return Problem(422, detail, errors=errors)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def _problem(_request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(exc)
+
+    @app.exception_handler(InvalidInputError)
+    async def _invalid(_request: Request, exc: InvalidInputError) -> JSONResponse:
+        return problem_response(invalid_input(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return problem_response(validation_problem(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem_response(Problem(exc.status_code, str(exc.detail),
+                                        headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(Problem(500, "unexpected error; see the server log"))

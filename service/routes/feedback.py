@@ -1,0 +1,31 @@
+"""``POST /v1/feedback``: the outcome of a decision, applied exactly once."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, status
+from fastapi.responses import JSONResponse
+
+from service.deps import MetricsDep, ServiceDep, TenantDep
+from service.schemas import FeedbackRequest, FeedbackResponse
+
+router = APIRouter(prefix="/v1", tags=["routing"])
+
+
+# A sync route (thread pool): it writes to the database before answering.
+@router.post("/feedback", status_code=status.HTTP_202_ACCEPTED,
+             response_model=FeedbackResponse)
+def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
+             metrics: MetricsDep) -> JSONResponse:
+    """Store the feedback (durably) and learn from it; a repeat of the same
+    (decision_id, event_id) answers ``duplicate`` and changes nothing."""
+    started = time.perf_counter()
+    result = service.feedback(tenant, str(body.decision_id),
+                              {"quality": body.quality, "cost_usd": body.cost_usd,
+                               "latency_ms": body.latency_ms}, body.event_id)
+    metrics.feedback_latency.observe(time.perf_counter() - started)
+    return JSONResponse(FeedbackResponse(status=result.status,  # type: ignore[arg-type]
+                                         decision_id=str(body.decision_id),
+                                         event_id=body.event_id).model_dump(),
+                        status_code=status.HTTP_202_ACCEPTED)

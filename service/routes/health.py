@@ -1,0 +1,39 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from service.db.engine import is_at_head
+from service.deps import MetricsDep, ServiceDep
+from service.errors import Problem
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(service: ServiceDep) -> dict[str, str]:
+    try:
+        with service.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        at_head = is_at_head(service.engine)
+    except Exception as exc:
+        raise Problem(503, f"database unreachable: {type(exc).__name__}",
+                      slug="not-ready") from None
+    if not at_head:
+        raise Problem(503, "database migrations are not at head; run 'bandit-router migrate'",
+                      slug="not-ready")
+    return {"status": "ready"}
+
+
+@router.get("/metrics")
+def metrics(service: ServiceDep, m: MetricsDep) -> Response:
+    m.queue_depth.set(service.writer.depth())
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

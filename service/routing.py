@@ -1,0 +1,630 @@
+"""The in-process routing state: policies, the model registry, tenants and budgets.
+
+One :class:`RoutingService` per app. It owns
+
+* one shared policy per kind (``linucb``, ``thompson``), learning from every tenant's
+  feedback, and a pair of policies per ``isolated`` tenant, learning from its own;
+  feedback updates both kinds so that switching kind is instant;
+* caches of the model registry and of the tenants (keyed by API-key digest), so that a
+  decision never touches the database;
+* each tenant's spend :class:`~service.budget.Ledger`.
+
+Locks: ``_lock`` guards policies, models and tenants and is held only for in-memory work
+(microseconds), never across I/O. ``_feedback_lock`` serializes feedback (write, then
+apply) and checkpoints, so that the ``last_feedback_id`` stored with a checkpoint is
+exactly the set of feedback rows its statistics include.
+
+Recovery: a checkpoint stores every policy and the id of the last feedback row applied.
+On start the newest checkpoint is loaded and the feedback rows after it are replayed
+(with the time they were received, so forgetting replays identically). Acknowledged
+feedback is never lost, even after ``kill -9``; what a crash loses is the random-stream
+position of decisions since the checkpoint and decisions still in the writer's queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
+from bandit.base import check_finite_number
+from service.budget import Ledger
+from service.config import Settings
+from service.db import models as m
+from service.errors import Problem
+from service.metrics import Metrics
+from service.security import hash_key, new_key
+from service.writer import DecisionWriter
+
+__all__ = ["RoutingService", "TenantState", "ModelState", "PendingDecision", "POLICY_KINDS"]
+
+log = logging.getLogger("service.routing")
+POLICY_KINDS = ("linucb", "thompson")
+_POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
+
+
+@dataclass
+class ModelState:
+    name: str
+    input_price_per_mtok: float
+    output_price_per_mtok: float
+    enabled: bool
+    prior_quality: float | None
+    prior_cost_usd: float
+
+
+@dataclass
+class TenantState:
+    id: str
+    name: str
+    key_hash: str
+    preferences: Preferences
+    policy: str
+    scope: str
+    on_budget_exhausted: str
+    ledger: Ledger = field(repr=False)
+
+    @property
+    def budget_usd_per_day(self) -> float | None:
+        return self.ledger.budget_day
+
+    @property
+    def budget_usd_per_month(self) -> float | None:
+        return self.ledger.budget_month
+
+
+@dataclass(frozen=True)
+class PendingDecision:
+    """A decision made and paid for (reserved), not yet queued for the writer."""
+
+    response: dict[str, Any]
+    row: dict[str, Any]
+    tenant: TenantState
+    explored: bool
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    status: str
+    feedback_id: int | None
+
+
+def _ts(value: datetime) -> float:
+    return m.as_utc(value).timestamp()
+
+
+class RoutingService:
+    def __init__(self, settings: Settings, engine: Engine, metrics: Metrics) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.metrics = metrics
+        self._lock = threading.RLock()
+        self._feedback_lock = threading.Lock()
+        self.shared: dict[str, Policy] = {}
+        self.isolated: dict[str, dict[str, Policy]] = {}
+        self.models: dict[str, ModelState] = {}
+        self.tenants: dict[str, TenantState] = {}
+        self._by_key: dict[str, TenantState] = {}
+        self.admin_key_hashes: set[str] = set()
+        self.last_feedback_id = 0
+        self._checkpointed_versions: tuple[int, ...] | None = None
+        self.writer = DecisionWriter(engine, queue_size=settings.decision_queue_size,
+                                     batch_size=settings.decision_batch_size)
+        self._featurizer: Any = None
+
+    # ================================================================= start / stop
+    def start(self) -> str | None:
+        """Load everything from the database; returns a newly generated admin key, if any."""
+        admin_key = self._ensure_admin_key()
+        self._load_models()
+        self._load_tenants()
+        self._load_policies()
+        self._replay_feedback()
+        self._load_spend()
+        self.writer.start()
+        return admin_key
+
+    def stop(self) -> None:
+        self.writer.stop()
+        self.checkpoint(force=True)
+
+    def featurize(self, text: str) -> np.ndarray:
+        if self._featurizer is None:
+            from bandit.featurize import make_featurizer
+
+            self._featurizer = make_featurizer(self.settings.featurizer, self.settings.dim,
+                                               seed=self.settings.featurizer_seed)
+        return np.asarray(self._featurizer.transform_one(text), dtype=np.float64)
+
+    # ------------------------------------------------------------------ admin key
+    def _ensure_admin_key(self) -> str | None:
+        configured = self.settings.admin_key
+        with Session(self.engine) as session:
+            hashes = set(session.scalars(select(m.AdminKey.key_hash)))
+            generated = None
+            if configured is not None:
+                hashes.add(hash_key(configured.get_secret_value()))
+            elif not hashes:
+                generated = new_key("admin")
+                session.add(m.AdminKey(key_hash=hash_key(generated)))
+                session.commit()
+                hashes.add(hash_key(generated))
+        self.admin_key_hashes = hashes
+        return generated
+
+    # ------------------------------------------------------------------ policies
+    def _new_policy(self, kind: str) -> Policy:
+        policy = _POLICY_CLASSES[kind](self.settings.dim, seed=self.settings.policy_seed,
+                                       epsilon=self.settings.epsilon)
+        for model in self.models.values():
+            policy.add_arm(model.name, self._prior(model))
+        return policy
+
+    def _prior(self, model: ModelState) -> ArmPrior:
+        return ArmPrior(quality=model.prior_quality, cost_usd=model.prior_cost_usd)
+
+    def prior_cost(self, input_price: float, output_price: float) -> float:
+        s = self.settings
+        return (input_price * s.prior_input_tokens + output_price * s.prior_output_tokens) / 1e6
+
+    def _all_policies(self) -> dict[str, Policy]:
+        out = {f"shared:{k}": p for k, p in self.shared.items()}
+        for tenant_id, pair in self.isolated.items():
+            out.update({f"tenant:{tenant_id}:{k}": p for k, p in pair.items()})
+        return out
+
+    def _sync_arms(self, policy: Policy) -> None:
+        """Make a restored policy's arms match the registry (added / deleted models)."""
+        for name in policy.arms:
+            if name not in self.models:
+                policy.remove_arm(name)
+        for model in self.models.values():
+            if model.name not in policy.arms:
+                policy.add_arm(model.name, self._prior(model))
+
+    def _load_policies(self) -> None:
+        with Session(self.engine) as session:
+            checkpoint = session.scalars(select(m.PolicyCheckpoint)
+                                         .order_by(m.PolicyCheckpoint.id.desc())
+                                         .limit(1)).first()
+            snapshots: dict[str, bytes] = {}
+            if checkpoint is not None:
+                snapshots = {s.key: s.data for s in session.scalars(
+                    select(m.PolicySnapshot)
+                    .where(m.PolicySnapshot.checkpoint_id == checkpoint.id))}
+                self.last_feedback_id = int(checkpoint.last_feedback_id)
+
+        def restore(key: str, kind: str) -> Policy:
+            data = snapshots.get(key)
+            if data is None:
+                return self._new_policy(kind)
+            policy = Policy.from_bytes(data)
+            if policy.dim != self.settings.dim:
+                raise RuntimeError(f"checkpoint {key} has dimension {policy.dim}, the "
+                                   f"settings say {self.settings.dim}")
+            self._sync_arms(policy)
+            return policy
+
+        self.shared = {kind: restore(f"shared:{kind}", kind) for kind in POLICY_KINDS}
+        self.isolated = {
+            t.id: {kind: restore(f"tenant:{t.id}:{kind}", kind) for kind in POLICY_KINDS}
+            for t in self.tenants.values() if t.scope == "isolated"}
+        self._checkpointed_versions = self._versions()
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(p.version for _, p in sorted(self._all_policies().items()))
+
+    def _replay_feedback(self, batch: int = 1000) -> None:
+        """Apply the feedback rows written after the checkpoint, in id order."""
+        replayed = 0
+        while True:
+            with Session(self.engine) as session:
+                rows = session.execute(
+                    select(m.Feedback, m.Decision.model, m.Decision.context)
+                    .join(m.Decision, m.Decision.id == m.Feedback.decision_id)
+                    .where(m.Feedback.id > self.last_feedback_id)
+                    .order_by(m.Feedback.id).limit(batch)).all()
+            if not rows:
+                break
+            for fb, model, context in rows:
+                self._apply(fb.tenant_id, model, np.frombuffer(context, dtype=np.float64),
+                            {"quality": fb.quality, "cost_usd": fb.cost_usd,
+                             "latency_ms": fb.latency_ms}, _ts(fb.created_at))
+                self.last_feedback_id = int(fb.id)
+                replayed += 1
+        if replayed:
+            log.info("replayed %d feedback events written after the last checkpoint",
+                     replayed)
+
+    def checkpoint(self, *, force: bool = False) -> bool:
+        """Write every policy and the last applied feedback id (one transaction)."""
+        with self._feedback_lock, self._lock:
+            versions = self._versions()
+            if not force and versions == self._checkpointed_versions:
+                return False
+            blobs = {key: p.to_bytes() for key, p in self._all_policies().items()}
+            last = self.last_feedback_id
+        with Session(self.engine) as session, session.begin():
+            cp = m.PolicyCheckpoint(created_at=m.utcnow(), last_feedback_id=last)
+            session.add(cp)
+            session.flush()
+            session.add_all([m.PolicySnapshot(checkpoint_id=cp.id, key=k, data=v)
+                             for k, v in blobs.items()])
+            keep = [i for (i,) in session.execute(
+                select(m.PolicyCheckpoint.id).order_by(m.PolicyCheckpoint.id.desc())
+                .limit(self.settings.checkpoints_kept))]
+            old = select(m.PolicyCheckpoint.id).where(m.PolicyCheckpoint.id.not_in(keep))
+            session.execute(delete(m.PolicySnapshot)
+                            .where(m.PolicySnapshot.checkpoint_id.in_(old)))
+            session.execute(delete(m.PolicyCheckpoint)
+                            .where(m.PolicyCheckpoint.id.not_in(keep)))
+        self._checkpointed_versions = versions
+        self.metrics.checkpoints.inc()
+        return True
+
+    # ------------------------------------------------------------------ models
+    def _model_state(self, row: m.Model) -> ModelState:
+        return ModelState(row.name, row.input_price_per_mtok, row.output_price_per_mtok,
+                          row.enabled, row.prior_quality,
+                          self.prior_cost(row.input_price_per_mtok, row.output_price_per_mtok))
+
+    def _load_models(self) -> None:
+        with Session(self.engine) as session:
+            rows = session.scalars(select(m.Model).where(m.Model.deleted_at.is_(None))
+                                   .order_by(m.Model.id))
+            self.models = {r.name: self._model_state(r) for r in rows}
+
+    def list_models(self, include_deleted: bool = False) -> list[tuple[ModelState, bool]]:
+        with Session(self.engine) as session:
+            q = select(m.Model).order_by(m.Model.id)
+            if not include_deleted:
+                q = q.where(m.Model.deleted_at.is_(None))
+            return [(self._model_state(r), r.deleted_at is not None) for r in session.scalars(q)]
+
+    def get_model(self, name: str) -> ModelState:
+        with self._lock:
+            model = self.models.get(name)
+        if model is None:
+            raise Problem(404, f"model {name!r} does not exist")
+        return model
+
+    def create_model(self, name: str, input_price: float, output_price: float,
+                     enabled: bool, prior_quality: float | None) -> ModelState:
+        now = m.utcnow()
+        row = m.Model(name=name, input_price_per_mtok=input_price,
+                      output_price_per_mtok=output_price, enabled=enabled,
+                      prior_quality=prior_quality, created_at=now, updated_at=now)
+        try:
+            with Session(self.engine) as session, session.begin():
+                session.add(row)
+                session.flush()
+                state = self._model_state(row)
+        except IntegrityError:
+            raise Problem(409, f"a model named {name!r} exists (or existed: a deleted "
+                          "model's name stays reserved for its history)",
+                          errors=[{"field": "name", "message": "already used",
+                                   "allowed": "a name never used before"}]) from None
+        with self._lock:
+            self.models[name] = state
+            for policy in self._all_policies().values():
+                policy.add_arm(name, self._prior(state))
+        return state
+
+    def update_model(self, name: str, changes: dict[str, Any]) -> ModelState:
+        self.get_model(name)
+        with Session(self.engine) as session, session.begin():
+            row = session.scalars(select(m.Model).where(m.Model.name == name,
+                                                        m.Model.deleted_at.is_(None))).one()
+            for key, value in changes.items():
+                setattr(row, key, value)
+            row.updated_at = m.utcnow()
+            session.flush()
+            state = self._model_state(row)
+        with self._lock:
+            # Learned statistics stay: a new price or prior only seeds arms added later
+            # (for example a tenant switching to an isolated policy).
+            self.models[name] = state
+        return state
+
+    def delete_model(self, name: str) -> None:
+        self.get_model(name)
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(m.Model).where(m.Model.name == name)
+                            .values(deleted_at=m.utcnow(), enabled=False))
+        with self._lock:
+            del self.models[name]
+            for policy in self._all_policies().values():
+                if name in policy.arms:
+                    policy.remove_arm(name)
+
+    # ------------------------------------------------------------------ tenants
+    def _tenant_state(self, row: m.Tenant) -> TenantState:
+        return TenantState(
+            id=row.id, name=row.name, key_hash=row.key_hash,
+            preferences=Preferences(row.weight_quality, row.weight_cost, row.weight_latency),
+            policy=row.policy, scope=row.scope, on_budget_exhausted=row.on_budget_exhausted,
+            ledger=Ledger(row.budget_usd_per_day, row.budget_usd_per_month))
+
+    def _load_tenants(self) -> None:
+        with Session(self.engine) as session:
+            states = [self._tenant_state(r) for r in session.scalars(select(m.Tenant))]
+        self.tenants = {t.id: t for t in states}
+        self._by_key = {t.key_hash: t for t in states}
+
+    def _load_spend(self) -> None:
+        now = datetime.now(UTC)
+        day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month0 = day0.replace(day=1)
+        with Session(self.engine) as session:
+            def sums(since: datetime) -> dict[str, float]:
+                return dict(session.execute(
+                    select(m.Decision.tenant_id, func.sum(m.Decision.charged_usd))
+                    .where(m.Decision.created_at >= since)
+                    .group_by(m.Decision.tenant_id)).all())
+            day, month = sums(day0), sums(month0)
+        for tenant in self.tenants.values():
+            tenant.ledger.load(float(day.get(tenant.id) or 0.0),
+                               float(month.get(tenant.id) or 0.0))
+
+    def tenant_for_key(self, key: str) -> TenantState | None:
+        return self._by_key.get(hash_key(key))
+
+    def is_admin_key(self, key: str) -> bool:
+        return hash_key(key) in self.admin_key_hashes
+
+    def create_tenant(self, name: str) -> tuple[TenantState, str]:
+        key = new_key("tenant")
+        now = m.utcnow()
+        row = m.Tenant(id=str(uuid.uuid4()), name=name, key_hash=hash_key(key),
+                       weight_quality=1.0, weight_cost=0.0, weight_latency=0.0,
+                       policy=self.settings.default_policy, scope="shared",
+                       on_budget_exhausted="cheapest", created_at=now, updated_at=now)
+        with Session(self.engine) as session, session.begin():
+            session.add(row)
+            session.flush()
+            state = self._tenant_state(row)
+        with self._lock:
+            self.tenants[state.id] = state
+            self._by_key[state.key_hash] = state
+        return state, key
+
+    def update_preferences(self, tenant: TenantState, changes: dict[str, Any]) -> TenantState:
+        """Persist then apply preference changes; the next decision uses them."""
+        weights = changes.get("weights")
+        prefs = tenant.preferences
+        if weights is not None:
+            prefs = Preferences(weights["quality"], weights["cost"],
+                                weights["latency"]).validated()
+        values: dict[str, Any] = {"weight_quality": prefs.quality, "weight_cost": prefs.cost,
+                                  "weight_latency": prefs.latency, "updated_at": m.utcnow()}
+        for key in ("policy", "scope", "budget_usd_per_day", "budget_usd_per_month",
+                    "on_budget_exhausted"):
+            if key in changes:
+                values[key] = changes[key]
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(m.Tenant).where(m.Tenant.id == tenant.id).values(**values))
+        with self._lock:
+            tenant.preferences = prefs
+            tenant.policy = values.get("policy", tenant.policy)
+            tenant.scope = values.get("scope", tenant.scope)
+            tenant.on_budget_exhausted = values.get("on_budget_exhausted",
+                                                    tenant.on_budget_exhausted)
+            tenant.ledger.set_budgets(values.get("budget_usd_per_day", tenant.budget_usd_per_day),
+                                      values.get("budget_usd_per_month",
+                                                 tenant.budget_usd_per_month))
+            if tenant.scope == "isolated" and tenant.id not in self.isolated:
+                # A tenant turning isolated starts from the priors and learns from its
+                # own feedback from now on.
+                self.isolated[tenant.id] = {k: self._new_policy(k) for k in POLICY_KINDS}
+            elif tenant.scope == "shared":
+                self.isolated.pop(tenant.id, None)
+        return tenant
+
+    # ================================================================== decide
+    def context_from(self, text: str | None, embedding: list[float] | None) -> np.ndarray:
+        if embedding is not None:
+            x = np.asarray(embedding, dtype=np.float64)
+            if x.shape != (self.settings.dim,):
+                raise InvalidInputError("query.embedding",
+                                        f"must be a list of {self.settings.dim} numbers",
+                                        f"{x.size} numbers")
+            if not np.isfinite(x).all():
+                raise InvalidInputError("query.embedding", "must be finite numbers "
+                                        "(no NaN or infinity)", "non-finite value")
+            return x
+        assert text is not None
+        return self.featurize(text)
+
+    def _candidates(self, requested: list[str] | None) -> list[str]:
+        enabled = [n for n, s in self.models.items() if s.enabled]
+        if requested is None:
+            if not enabled:
+                raise Problem(503, "no enabled model to route to; an admin registers one "
+                              "with POST /v1/admin/models", slug="no-models")
+            return enabled
+        names = list(dict.fromkeys(requested))
+        allowed = ", ".join(enabled) or "(none enabled)"
+        for name in names:
+            if name not in self.models:
+                raise InvalidInputError("candidates", f"unknown model; allowed: {allowed}",
+                                        name)
+        names = [n for n in names if self.models[n].enabled]
+        if not names:
+            raise InvalidInputError("candidates", "every listed model is disabled; "
+                                    f"allowed: {allowed}", requested)
+        return names
+
+    def _policy_for(self, tenant: TenantState) -> Policy:
+        if tenant.scope == "isolated":
+            return self.isolated[tenant.id][tenant.policy]
+        return self.shared[tenant.policy]
+
+    def decide(self, tenant: TenantState, x: np.ndarray, candidates: list[str] | None,
+               override: Preferences | None) -> PendingDecision:
+        """Choose a model and reserve its predicted cost; :meth:`enqueue` queues the row.
+
+        Raises :class:`Problem` 429 when the budget is spent and the tenant asked for
+        ``reject``.
+        """
+        now = time.time()
+        base = (override or tenant.preferences).validated()
+        paced = base._replace(cost=tenant.ledger.paced_cost_weight(base.quality, base.cost,
+                                                                   now=now))
+        with self._lock:
+            names = self._candidates(candidates)
+            policy = self._policy_for(tenant)
+            decision = policy.decide(x, paced, names)
+            version = policy.version
+            kind, scope = tenant.policy, tenant.scope
+        predictions = decision.predictions
+        model, propensity = decision.arm, decision.propensity
+        cost = max(predictions[model].cost_usd, 0.0)
+        budget_limited = over_budget = False
+        if not tenant.ledger.try_reserve(cost, now=now):
+            # The chosen model does not fit: fall back to the cheapest candidate, chosen
+            # deterministically (propensity 1 given the budget state).
+            cheapest = min(names, key=lambda n: (max(predictions[n].cost_usd, 0.0), n))
+            cheap_cost = max(predictions[cheapest].cost_usd, 0.0)
+            budget_limited = True
+            if not tenant.ledger.try_reserve(cheap_cost, now=now):
+                if tenant.on_budget_exhausted == "reject":
+                    self.metrics.rejected.labels("budget").inc()
+                    raise Problem(429, "the tenant's budget is spent "
+                                  f"(day {tenant.budget_usd_per_day}, month "
+                                  f"{tenant.budget_usd_per_month} USD) and "
+                                  "on_budget_exhausted is 'reject'", slug="budget-exhausted",
+                                  headers={"Retry-After": "3600"})
+                tenant.ledger.try_reserve(cheap_cost, now=now, force=True)
+                over_budget = True
+            model, propensity, cost = cheapest, 1.0, cheap_cost
+        decision_id = str(uuid.uuid4())
+        row = {
+            "id": decision_id, "tenant_id": tenant.id, "model": model, "policy": kind,
+            "policy_version": int(version), "scope": scope, "propensity": float(propensity),
+            "context": np.ascontiguousarray(x, dtype="<f8").tobytes(),
+            "predictions": {n: p.as_dict() for n, p in predictions.items()},
+            "predicted_cost_usd": cost, "charged_usd": cost, "over_budget": over_budget,
+            "created_at": datetime.fromtimestamp(now, UTC),
+        }
+        explored = bool(decision.explored and not budget_limited)
+        response = {"decision_id": decision_id, "model": model,
+                    "propensity": float(propensity), "explored": explored,
+                    "predictions": row["predictions"], "policy": kind,
+                    "policy_version": int(version), "scope": scope,
+                    "budget_limited": budget_limited}
+        return PendingDecision(response, row, tenant, explored)
+
+    def enqueue(self, pending: PendingDecision) -> bool:
+        """Queue the decision row for the writer; False when the queue is full."""
+        if not self.writer.submit(pending.row):
+            return False
+        self._count_decision(pending.tenant, pending.row["model"], pending.explored)
+        return True
+
+    def abandon(self, pending: PendingDecision) -> None:
+        """Give back the reservation of a decision that could not be queued."""
+        row = pending.row
+        pending.tenant.ledger.adjust(-row["charged_usd"], row["created_at"].timestamp())
+        self.metrics.rejected.labels("backpressure").inc()
+
+    def _count_decision(self, tenant: TenantState, model: str, explored: bool) -> None:
+        self.metrics.decisions.labels(model, tenant.id).inc()
+        if explored:
+            self.metrics.explored.labels(tenant.id).inc()
+        day, month = tenant.ledger.snapshot()
+        self.metrics.spend.labels(tenant.id, "day").set(day)
+        self.metrics.spend.labels(tenant.id, "month").set(month)
+
+    # ================================================================= feedback
+    def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
+                 event_id: str | None) -> FeedbackResult:
+        """Record feedback (exactly once per decision and event id), then learn from it."""
+        for key in ("cost_usd", "latency_ms"):
+            if outcome.get(key) is not None:
+                check_finite_number(key, outcome[key], low=0.0)
+        if self.writer.is_pending(decision_id) and not self.writer.wait_for(decision_id):
+            raise Problem(503, "the decision is not written yet; retry",
+                          headers={"Retry-After": "1"})
+        not_found = Problem(404, f"decision {decision_id} does not exist",
+                            slug="decision-not-found")
+        event = event_id or ""
+        with self._feedback_lock:
+            received = m.utcnow()
+            with Session(self.engine) as session:
+                decision = session.get(m.Decision, decision_id)
+                if decision is None or decision.tenant_id != tenant.id:
+                    raise not_found
+                exists = session.scalar(select(m.Feedback.id).where(
+                    m.Feedback.decision_id == decision_id, m.Feedback.event_id == event))
+                if exists is not None:
+                    self.metrics.feedback.labels("duplicate").inc()
+                    return FeedbackResult("duplicate", int(exists))
+                fb = m.Feedback(decision_id=decision_id, tenant_id=tenant.id, event_id=event,
+                                quality=outcome.get("quality"),
+                                cost_usd=outcome.get("cost_usd"),
+                                latency_ms=outcome.get("latency_ms"), created_at=received)
+                session.add(fb)
+                delta = 0.0
+                if outcome.get("cost_usd") is not None:
+                    delta = float(outcome["cost_usd"]) - decision.charged_usd
+                    decision.charged_usd = float(outcome["cost_usd"])
+                try:
+                    session.commit()
+                except IntegrityError:
+                    # Another process stored the same (decision_id, event_id) first.
+                    session.rollback()
+                    self.metrics.feedback.labels("duplicate").inc()
+                    return FeedbackResult("duplicate", None)
+                feedback_id = int(fb.id)
+                model, context = decision.model, decision.context
+                decided_at = _ts(decision.created_at)
+            self._apply(tenant.id, model, np.frombuffer(context, dtype=np.float64), outcome,
+                        received.timestamp())
+            self.last_feedback_id = max(self.last_feedback_id, feedback_id)
+        if delta:
+            tenant.ledger.adjust(delta, decided_at)
+        self.metrics.feedback.labels("applied").inc()
+        self.metrics.reward.labels(tenant.id).inc(tenant.preferences.reward(
+            **{k: v for k, v in outcome.items() if v is not None}))
+        return FeedbackResult("applied", feedback_id)
+
+    def _apply(self, tenant_id: str, model: str, x: np.ndarray,
+               outcome: dict[str, float | None], now: float) -> None:
+        with self._lock:
+            targets = list(self.shared.values()) + list(self.isolated.get(tenant_id,
+                                                                          {}).values())
+            for policy in targets:
+                if model in policy.arms:  # a deleted model learns nothing more
+                    policy.update(model, x, outcome, now=now)
+
+    # ==================================================================== usage
+    def usage(self, tenant: TenantState) -> dict[str, Any]:
+        self.writer.flush(timeout=5.0)
+        now = datetime.now(UTC)
+        day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month0 = day0.replace(day=1)
+        with Session(self.engine) as session:
+            per_model = dict(session.execute(
+                select(m.Decision.model, func.count())
+                .where(m.Decision.tenant_id == tenant.id, m.Decision.created_at >= month0)
+                .group_by(m.Decision.model)).all())
+            today = session.scalar(select(func.count()).select_from(m.Decision).where(
+                m.Decision.tenant_id == tenant.id, m.Decision.created_at >= day0)) or 0
+        total = sum(per_model.values())
+        day, month = tenant.ledger.snapshot()
+        return {"tenant_id": tenant.id, "spend_usd_today": day, "spend_usd_month": month,
+                "budget_usd_per_day": tenant.budget_usd_per_day,
+                "budget_usd_per_month": tenant.budget_usd_per_month,
+                "decisions_today": int(today), "decisions_month": int(total),
+                "model_share_month": {k: v / total for k, v in sorted(per_model.items())}}
+

@@ -1,0 +1,162 @@
+"""Request and response bodies of the HTTP API (pydantic v2)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "Query", "PreferenceWeights", "DecideRequest", "PredictionOut", "DecideResponse",
+    "FeedbackRequest", "FeedbackResponse", "TenantPreferences", "TenantPreferencesUpdate",
+    "ModelCreate", "ModelUpdate", "ModelOut", "TenantCreate", "TenantCreated", "UsageOut",
+]
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+ModelName = Annotated[str, Field(min_length=1, max_length=200,
+                                 pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")]
+PolicyKind = Literal["linucb", "thompson"]
+Scope = Literal["shared", "isolated"]
+OnExhausted = Literal["cheapest", "reject"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Query(_Body):
+    """The query: its text (featurized by the service) or an embedding of length ``dim``."""
+
+    text: str | None = Field(None, min_length=1, max_length=100_000)
+    embedding: list[Finite] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Query:
+        if (self.text is None) == (self.embedding is None):
+            raise ValueError("give exactly one of query.text or query.embedding")
+        return self
+
+
+class PreferenceWeights(_Body):
+    """Weights as in :class:`bandit.Preferences`: quality points per unit of quality,
+    per USD of cost and per second of latency."""
+
+    quality: NonNegative = 1.0
+    cost: NonNegative = 0.0
+    latency: NonNegative = 0.0
+
+
+class DecideRequest(_Body):
+    query: Query
+    candidates: list[ModelName] | None = Field(None, min_length=1, max_length=1000)
+    preferences: PreferenceWeights | None = None
+
+
+class PredictionOut(BaseModel):
+    quality: float
+    cost_usd: float
+    latency_ms: float
+    utility: float
+    uncertainty: float
+    score: float
+
+
+class DecideResponse(BaseModel):
+    decision_id: str
+    model: str
+    propensity: float
+    explored: bool
+    predictions: dict[str, PredictionOut]
+    policy: str
+    policy_version: int
+    scope: Scope
+    # True when the budget changed the choice (cheapest model, propensity 1).
+    budget_limited: bool = False
+
+
+class FeedbackRequest(_Body):
+    decision_id: UUID
+    quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    cost_usd: NonNegative | None = None
+    latency_ms: NonNegative | None = None
+    event_id: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _some_outcome(self) -> FeedbackRequest:
+        if self.quality is None and self.cost_usd is None and self.latency_ms is None:
+            raise ValueError("give at least one of quality, cost_usd, latency_ms")
+        return self
+
+
+class FeedbackResponse(BaseModel):
+    status: Literal["applied", "duplicate"]
+    decision_id: str
+    event_id: str | None
+
+
+class TenantPreferences(BaseModel):
+    weights: PreferenceWeights
+    policy: PolicyKind
+    scope: Scope
+    budget_usd_per_day: float | None
+    budget_usd_per_month: float | None
+    on_budget_exhausted: OnExhausted
+
+
+class TenantPreferencesUpdate(_Body):
+    """Fields left out keep their current value; ``null`` clears a budget."""
+
+    weights: PreferenceWeights | None = None
+    policy: PolicyKind | None = None
+    scope: Scope | None = None
+    budget_usd_per_day: NonNegative | None = None
+    budget_usd_per_month: NonNegative | None = None
+    on_budget_exhausted: OnExhausted | None = None
+
+
+class ModelCreate(_Body):
+    name: ModelName
+    input_price_per_mtok: NonNegative
+    output_price_per_mtok: NonNegative
+    enabled: bool = True
+    prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+
+class ModelUpdate(_Body):
+    input_price_per_mtok: NonNegative | None = None
+    output_price_per_mtok: NonNegative | None = None
+    enabled: bool | None = None
+    prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    input_price_per_mtok: float
+    output_price_per_mtok: float
+    enabled: bool
+    prior_quality: float | None
+    prior_cost_usd: float
+    deleted: bool
+
+
+class TenantCreate(_Body):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class TenantCreated(BaseModel):
+    id: str
+    name: str
+    api_key: str
+
+
+class UsageOut(BaseModel):
+    tenant_id: str
+    spend_usd_today: float
+    spend_usd_month: float
+    budget_usd_per_day: float | None
+    budget_usd_per_month: float | None
+    decisions_today: int
+    decisions_month: int
+    model_share_month: dict[str, float]

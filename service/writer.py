@@ -1,0 +1,128 @@
+"""The batched decision writer: decisions are persisted off the request path.
+
+``submit`` puts a row on a bounded queue and returns at once; one thread drains the
+queue in batches (one multi-row INSERT per batch). When the queue is full the caller
+gets :class:`QueueFull` (the API answers 503 with Retry-After): a decision is never
+dropped silently. A failed INSERT is retried (with backoff) and keeps its rows, so a
+database outage turns into backpressure, not loss. Rows still queued when the process is
+killed (``kill -9``) are lost: at most ``queue_size`` decisions, usually a few ms' worth.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, insert
+
+from service.db.models import Decision
+
+__all__ = ["DecisionWriter", "QueueFull"]
+
+log = logging.getLogger("service.writer")
+_STOP = object()
+
+
+class QueueFull(Exception):
+    """The decision queue stayed full for the whole wait."""
+
+
+class DecisionWriter:
+    def __init__(self, engine: Engine, *, queue_size: int, batch_size: int,
+                 on_flush: Callable[[int], None] | None = None) -> None:
+        self._engine = engine
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._batch_size = batch_size
+        self._on_flush = on_flush
+        self._pending: set[str] = set()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.flushed = 0
+
+    # ------------------------------------------------------------ producer
+    def submit(self, row: dict[str, Any]) -> bool:
+        """Queue one decision row; False (nothing queued) when the queue is full."""
+        with self._cond:
+            self._pending.add(row["id"])
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            with self._cond:
+                self._pending.discard(row["id"])
+            return False
+        return True
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def is_pending(self, decision_id: str) -> bool:
+        with self._cond:
+            return decision_id in self._pending
+
+    def wait_for(self, decision_id: str, timeout: float = 10.0) -> bool:
+        """Block until ``decision_id`` is written (True) or ``timeout`` passes (False)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: decision_id not in self._pending, timeout)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything queued so far is written."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending, timeout)
+
+    # ------------------------------------------------------------ consumer
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="decision-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Write what is queued, then stop the thread."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        self._thread = None
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            while len(batch) < self._batch_size:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list[dict[str, Any]]) -> None:
+        delay = 0.05
+        while True:
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(insert(Decision), batch)
+                break
+            except Exception:
+                # Keep the rows and retry: the queue fills up meanwhile and the API turns
+                # that into 503s (backpressure) instead of losing decisions.
+                log.exception("writing %d decisions failed; retrying in %.2fs",
+                              len(batch), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        with self._cond:
+            for row in batch:
+                self._pending.discard(row["id"])
+            self._cond.notify_all()
+        self.flushed += len(batch)
+        if self._on_flush is not None:
+            self._on_flush(len(batch))
