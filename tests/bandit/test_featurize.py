@@ -375,6 +375,7 @@ def test_transform_texts_minilm_lru_evicts_oldest(
 @pytest.mark.embed
 @pytest.mark.parametrize(("field", "value"), [
     ("dim", 385), ("dim", 0), ("batch_size", 0), ("cache_size", -1), ("device", "nowhere"),
+    ("num_threads", 0),
 ])
 def test_init_minilm_bad_parameter_raises_invalid_input(field: str, value: object) -> None:
     _require_embed()
@@ -389,3 +390,17 @@ def test_transform_one_minilm_non_str_raises_invalid_input(
     with pytest.raises(InvalidInputError) as info:
         minilm.transform_one(None)  # type: ignore[arg-type]
     assert info.value.field == "text"
+
+
+@pytest.mark.embed
+def test_init_minilm_num_threads_sets_torch_threads() -> None:
+    _require_embed()
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        featurizer = SentenceEmbeddingFeaturizer(num_threads=1)
+        assert torch.get_num_threads() == 1
+        assert featurizer.transform_one("hello").shape == (384,)
+    finally:
+        torch.set_num_threads(before)
