@@ -22,6 +22,12 @@ from bandit.base import (
     Preferences,
 )
 from bandit.errors import DimensionError, InvalidInputError, RoutingError, UnknownArmError
+from bandit.featurize import (
+    Featurizer,
+    HashingFeaturizer,
+    SentenceEmbeddingFeaturizer,
+    make_featurizer,
+)
 from bandit.linucb import LinUCB, LinUCBConfig
 from bandit.thompson import LinearThompson, LinearThompsonConfig
 
@@ -31,6 +37,8 @@ __all__ = [
     "BatchDecision",
     "Decision",
     "DimensionError",
+    "Featurizer",
+    "HashingFeaturizer",
     "InvalidInputError",
     "LinUCB",
     "LinUCBConfig",
@@ -41,5 +49,7 @@ __all__ = [
     "Prediction",
     "Preferences",
     "RoutingError",
+    "SentenceEmbeddingFeaturizer",
     "UnknownArmError",
+    "make_featurizer",
 ]
