@@ -300,13 +300,15 @@ class BatchDecision:
 
     def decision(self, row: int, policy: str = "") -> Decision:
         """One row as a :class:`Decision`."""
+        # tolist() converts a row in one C call; per-element float() was half the cost
+        # of a single decision.
+        means = self.means[row].tolist()
+        utility = self.utility[row].tolist()
+        std = self.uncertainty[row].tolist()
+        scores = self.scores[row].tolist()
         predictions = {
-            name: Prediction(quality=float(self.means[row, j, 0]),
-                             cost_usd=float(self.means[row, j, 1]),
-                             latency_ms=float(self.means[row, j, 2] * 1e3),
-                             utility=float(self.utility[row, j]),
-                             uncertainty=float(self.uncertainty[row, j]),
-                             score=float(self.scores[row, j]))
+            name: Prediction(means[j][0], means[j][1], means[j][2] * 1e3, utility[j],
+                             std[j], scores[j])
             for j, name in enumerate(self.arms)
         }
         explored = bool(self.explored[row]) if self.explored.size else False
@@ -542,8 +544,9 @@ class Policy(abc.ABC):
         w = prefs.head_weights()
         names = check_names(candidates, self._names)
         idx = np.fromiter((self._index[n] for n in names), dtype=np.intp, count=len(names))
-        c = (w * w) * self._stats.sigma2[idx] if explore else None
-        means, utility, std = self._stats.predict(xb, idx, c, w)
+        c = (w * w) * self._stats.sigma2 if explore else None
+        every_arm = len(names) == len(self._names) and names == self._names
+        means, utility, std = self._stats.predict(xb, None if every_arm else idx, c, w)
         n, k = utility.shape
         if not explore:
             choices = np.argmax(utility, axis=1)

@@ -25,6 +25,9 @@ __all__ = ["ArmStatistics"]
 
 _H = 3  # heads: quality, cost (USD), latency (s)
 
+#: Batches of at least this many contexts compute the exploration width in float32.
+FLOAT32_WIDTH_BATCH = 128
+
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
 # prior declares one (see ``_prior_sigma``).
@@ -196,32 +199,44 @@ class ArmStatistics:
         self.count[k] += other.count[j]
 
     # ------------------------------------------------------------ prediction
-    def predict(self, xb: np.ndarray, arms: np.ndarray, c: np.ndarray | None,
+    def predict(self, xb: np.ndarray, arms: np.ndarray | None, c: np.ndarray | None,
                 w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Head means (n,K,H), utility (n,K) and utility std (n,K) for contexts xb (n,D).
 
-        ``c`` (K,H) are the per-head variance weights (w_h^2 * sigma_h^2); when None the
-        std is not computed (zeros).
+        ``arms`` selects the candidate arms (None: all, in order); ``c`` (all arms, H)
+        are the per-head variance weights w_h^2 * sigma_h^2; when None the std is not
+        computed (zeros). Everything is computed on the full stacked arrays and the
+        candidates' columns are selected at the end: indexing ``a_inv`` first would copy
+        K*H*D^2 floats per call, more than the arithmetic it saves.
         """
-        theta = self.theta[arms]  # (K,H,D)
-        k, h, d = theta.shape
-        means = (xb @ theta.reshape(k * h, d).T).reshape(-1, k, h)
+        k, h, d = self.theta.shape
+        n = xb.shape[0]
+        means = (xb @ self.theta.reshape(k * h, d).T).reshape(n, k, h)
+        if arms is not None:
+            means = means[:, arms]
         utility = means @ w
         if c is None:
             return means, utility, np.zeros_like(utility)
-        active = np.flatnonzero(np.abs(w) > 0)
-        a_inv = self.a_inv[arms][:, active]  # (K,h',D,D)
-        c = c[:, active]
-        n = xb.shape[0]
-        if n <= 2:
-            # Per-head quadratic forms: K*h'*D^2 work and no (K,D,D) temporary.
-            q = np.einsum("khij,nj,ni->nkh", a_inv, xb, xb, optimize=True)
-            var = np.einsum("nkh,kh->nk", q, c)
+        if n == 1:
+            # One context: per-head quadratic forms, batched matrix-vector products.
+            x = xb[0]
+            q = (self.a_inv @ x) @ x  # (K,H)
+            var = (q * c).sum(axis=1)[None, :]
         else:
-            # One combined matrix per arm, then one quadratic form per context and arm.
-            m = np.einsum("kh,khij->kij", c, a_inv)
-            t = (xb @ m.transpose(1, 0, 2).reshape(d, k * d)).reshape(n, k, d)
-            var = np.einsum("nkd,nd->nk", t, xb)
+            # Many contexts: one combined matrix per arm, then one quadratic form per
+            # context and arm, as a single (n, D) x (D, K*D) product.
+            m = (c[:, None, :] @ self.a_inv.reshape(k, h, d * d)).reshape(k, d, d)
+            m = m.transpose(1, 0, 2).reshape(d, k * d)
+            xq = xb
+            if n >= FLOAT32_WIDTH_BATCH:
+                # The exploration width of a large batch in float32: ~6x faster, and a
+                # relative error of ~1e-6 on a standard deviation is far below anything
+                # exploration can notice. Statistics, inverses and means stay float64.
+                m, xq = m.astype(np.float32), xb.astype(np.float32)
+            t = (xq @ m).reshape(n, k, d)
+            var = np.einsum("nkd,nd->nk", t, xq).astype(np.float64)
+        if arms is not None:
+            var = var[:, arms]
         return means, utility, np.sqrt(np.maximum(var, 0.0))
 
     def prior_sigma(self) -> np.ndarray:
