@@ -99,6 +99,12 @@ class FeedbackResult:
     feedback_id: int | None
 
 
+def _json_safe(values: dict[str, float]) -> dict[str, float | None]:
+    # A score is -inf for an arm the main branch may not pick (a cold arm with no
+    # declared quality): JSON (and PostgreSQL's json type) has no infinity, so it is null.
+    return {k: (v if np.isfinite(v) else None) for k, v in values.items()}
+
+
 def _ts(value: datetime) -> float:
     return m.as_utc(value).timestamp()
 
@@ -512,7 +518,7 @@ class RoutingService:
             "id": decision_id, "tenant_id": tenant.id, "model": model, "policy": kind,
             "policy_version": int(version), "scope": scope, "propensity": float(propensity),
             "context": np.ascontiguousarray(x, dtype="<f8").tobytes(),
-            "predictions": {n: p.as_dict() for n, p in predictions.items()},
+            "predictions": {n: _json_safe(p.as_dict()) for n, p in predictions.items()},
             "predicted_cost_usd": cost, "charged_usd": cost, "over_budget": over_budget,
             "created_at": datetime.fromtimestamp(now, UTC),
         }

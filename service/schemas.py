@@ -60,7 +60,9 @@ class PredictionOut(BaseModel):
     latency_ms: float
     utility: float
     uncertainty: float
-    score: float
+    # null when the arm could not be chosen by the policy's main branch (a cold arm with
+    # no declared quality, reachable only through the bounded cold-start share).
+    score: float | None
 
 
 class DecideResponse(BaseModel):

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Engine, insert
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.db.models import Decision
 
@@ -42,6 +43,7 @@ class DecisionWriter:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.flushed = 0
+        self.failed = 0  # rows the database refused (logged one by one)
 
     # ------------------------------------------------------------ producer
     def submit(self, row: dict[str, Any]) -> bool:
@@ -112,13 +114,18 @@ class DecisionWriter:
                 with self._engine.begin() as conn:
                     conn.execute(insert(Decision), batch)
                 break
-            except Exception:
-                # Keep the rows and retry: the queue fills up meanwhile and the API turns
-                # that into 503s (backpressure) instead of losing decisions.
+            except (OperationalError, InterfaceError):
+                # The database is away: keep the rows and retry. The queue fills up
+                # meanwhile and the API turns that into 503s (backpressure), not loss.
                 log.exception("writing %d decisions failed; retrying in %.2fs",
                               len(batch), delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            except DBAPIError:
+                # A row the database refuses (a bug, not an outage) must not block the
+                # rows behind it: write one by one and report each refused row.
+                self._write_one_by_one(batch)
+                break
         with self._cond:
             for row in batch:
                 self._pending.discard(row["id"])
@@ -126,3 +133,13 @@ class DecisionWriter:
         self.flushed += len(batch)
         if self._on_flush is not None:
             self._on_flush(len(batch))
+
+    def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        for row in batch:
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(insert(Decision), [row])
+            except DBAPIError:
+                self.failed += 1
+                log.exception("decision %s refused by the database; it is not stored",
+                              row["id"])
