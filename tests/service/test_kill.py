@@ -1,0 +1,85 @@
+"""``kill -9`` of a real ``bandit-router serve`` process: acknowledged feedback survives."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import ADMIN, ADMIN_KEY, DIM, embedding
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(url: str, port: int) -> subprocess.Popen:
+    env = {**os.environ, "BANDIT_ROUTER_DATABASE_URL": url, "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY,
+           "BANDIT_ROUTER_DIM": str(DIM), "BANDIT_ROUTER_POLICY_SEED": "3",
+           "BANDIT_ROUTER_CHECKPOINT_INTERVAL_S": "3600"}
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    pytest.fail("serve did not become ready in 30 s")
+
+
+def test_serve_kill_9_keeps_acknowledged_feedback(new_database_url):
+    url, port = new_database_url(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start(url, port)
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            for name, price in (("small", 0.2), ("large", 5.0)):
+                r = http.post("/v1/admin/models", headers=ADMIN, json={
+                    "name": name, "input_price_per_mtok": price,
+                    "output_price_per_mtok": 4 * price})
+                assert r.status_code == 201
+            key = http.post("/v1/admin/tenants", headers=ADMIN,
+                            json={"name": "t"}).json()["api_key"]
+            tenant = {"Authorization": f"Bearer {key}"}
+            for i in range(20):
+                d = http.post("/v1/decide", headers=tenant,
+                              json={"query": {"embedding": embedding(i)}}).json()
+                r = http.post("/v1/feedback", headers=tenant, json={
+                    "decision_id": d["decision_id"], "quality": 0.9 if d["model"] == "large"
+                    else 0.3, "cost_usd": 0.001, "latency_ms": 300})
+                assert r.status_code == 202
+            probe = {"query": {"embedding": embedding(1000)}, "candidates": ["small", "large"]}
+            before = http.post("/v1/decide", headers=tenant, json=probe).json()["predictions"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc = start(url, port)
+    try:
+        with httpx.Client(base_url=base, timeout=10) as http:
+            after = http.post("/v1/decide", headers=tenant, json=probe).json()["predictions"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    for model in ("small", "large"):
+        for key_ in ("quality", "cost_usd", "latency_ms", "utility", "uncertainty"):
+            assert after[model][key_] == pytest.approx(before[model][key_], abs=1e-9), \
+                (model, key_)
+    # The 20 updates moved the predictions away from the priors.
+    assert before["large"]["quality"] > before["small"]["quality"] + 0.2
