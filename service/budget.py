@@ -54,6 +54,7 @@ class Ledger:
         self.budget_day = budget_day
         self.budget_month = budget_month
         self._day, self._month = period_keys(time.time())
+        self._day_start = self._day_end = 0.0
         self.spent_day = 0.0
         self.spent_month = 0.0
 
@@ -64,10 +65,19 @@ class Ledger:
     def load(self, spent_day: float, spent_month: float, now: float | None = None) -> None:
         with self._lock:
             self._day, self._month = period_keys(time.time() if now is None else now)
+            self._day_start = self._day_end = 0.0
             self.spent_day, self.spent_month = spent_day, spent_month
 
     def _roll(self, now: float) -> None:
+        # Called on every decision: compare with the next UTC midnight first and format
+        # the period keys only when a day has passed.
+        if self._day_start <= now < self._day_end:
+            return
         day, month = period_keys(now)
+        start = datetime.fromtimestamp(now, UTC).replace(hour=0, minute=0, second=0,
+                                                         microsecond=0)
+        self._day_start = start.timestamp()
+        self._day_end = self._day_start + 86_400.0
         if day != self._day:
             self._day, self.spent_day = day, 0.0
         if month != self._month:

@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     checkpoints_kept: int = Field(3, ge=1)
     decision_queue_size: int = Field(10_000, ge=1)
     decision_batch_size: int = Field(500, ge=1)
-    decision_flush_interval_s: float = Field(0.05, gt=0.0)
+    # The writer gathers rows this long before a transaction (unless feedback waits).
+    decision_flush_interval_s: float = Field(0.02, ge=0.0)
     # How long a decide waits for room in a full decision queue before answering 503.
     decision_enqueue_timeout_s: float = Field(0.1, ge=0.0)
     admin_key: SecretStr | None = Field(None, description="Admin key; when unset one is "

@@ -24,6 +24,7 @@ position of decisions since the checkpoint and decisions still in the writer's q
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -102,7 +103,7 @@ class FeedbackResult:
 def _json_safe(values: dict[str, float]) -> dict[str, float | None]:
     # A score is -inf for an arm the main branch may not pick (a cold arm with no
     # declared quality): JSON (and PostgreSQL's json type) has no infinity, so it is null.
-    return {k: (v if np.isfinite(v) else None) for k, v in values.items()}
+    return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
 def _ts(value: datetime) -> float:
@@ -125,7 +126,8 @@ class RoutingService:
         self.last_feedback_id = 0
         self._checkpointed_versions: tuple[int, ...] | None = None
         self.writer = DecisionWriter(engine, queue_size=settings.decision_queue_size,
-                                     batch_size=settings.decision_batch_size)
+                                     batch_size=settings.decision_batch_size,
+                                     flush_interval_s=settings.decision_flush_interval_s)
         self._featurizer: Any = None
 
     # ================================================================= start / stop

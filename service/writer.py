@@ -10,6 +10,7 @@ killed (``kill -9``) are lost: at most ``queue_size`` decisions, usually a few m
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -26,6 +27,7 @@ __all__ = ["DecisionWriter", "QueueFull"]
 
 log = logging.getLogger("service.writer")
 _STOP = object()
+_FLUSH = object()  # "someone waits for a row: write what you have now"
 
 
 class QueueFull(Exception):
@@ -34,10 +36,12 @@ class QueueFull(Exception):
 
 class DecisionWriter:
     def __init__(self, engine: Engine, *, queue_size: int, batch_size: int,
+                 flush_interval_s: float = 0.02,
                  on_flush: Callable[[int], None] | None = None) -> None:
         self._engine = engine
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._batch_size = batch_size
+        self._flush_interval = flush_interval_s
         self._on_flush = on_flush
         self._pending: set[str] = set()
         self._cond = threading.Condition()
@@ -67,13 +71,20 @@ class DecisionWriter:
 
     def wait_for(self, decision_id: str, timeout: float = 10.0) -> bool:
         """Block until ``decision_id`` is written (True) or ``timeout`` passes (False)."""
+        self._hurry()
         with self._cond:
             return self._cond.wait_for(lambda: decision_id not in self._pending, timeout)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything queued so far is written."""
+        self._hurry()
         with self._cond:
             return self._cond.wait_for(lambda: not self._pending, timeout)
+
+    def _hurry(self) -> None:
+        # A full queue needs no marker: the writer is already writing full batches.
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_FLUSH)
 
     # ------------------------------------------------------------ consumer
     def start(self) -> None:
@@ -95,12 +106,22 @@ class DecisionWriter:
             first = self._queue.get()
             if first is _STOP:
                 break
+            if first is _FLUSH:
+                continue
             batch = [first]
+            # Gather rows for up to flush_interval: one transaction per batch instead of
+            # one per decision (at low load a transaction costs more than its rows).
+            deadline = time.monotonic() + self._flush_interval
             while len(batch) < self._batch_size:
+                remaining = deadline - time.monotonic()
                 try:
-                    item = self._queue.get_nowait()
+                    item = (self._queue.get(timeout=remaining) if remaining > 0
+                            else self._queue.get_nowait())
                 except queue.Empty:
                     break
+                if item is _FLUSH:
+                    deadline = 0.0  # take what is queued, then write at once
+                    continue
                 if item is _STOP:
                     stopping = True
                     break

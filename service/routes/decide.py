@@ -6,6 +6,7 @@ import asyncio
 import time
 
 from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 
 from bandit import Preferences
 from service.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
@@ -19,7 +20,7 @@ router = APIRouter(prefix="/v1", tags=["routing"])
 # the event loop than a trip through the thread pool.
 @router.post("/decide", response_model=DecideResponse)
 async def decide(body: DecideRequest, tenant: TenantDep, service: ServiceDep,
-                 settings: SettingsDep, metrics: MetricsDep) -> dict:
+                 settings: SettingsDep, metrics: MetricsDep) -> JSONResponse:
     started = time.perf_counter()
     x = service.context_from(body.query.text, body.query.embedding)
     override = None if body.preferences is None else Preferences(
@@ -36,4 +37,7 @@ async def decide(body: DecideRequest, tenant: TenantDep, service: ServiceDep,
                               slug="backpressure", headers={"Retry-After": "1"})
             await asyncio.sleep(0.005)
     metrics.decide_latency.observe(time.perf_counter() - started)
-    return pending.response
+    # The body is built from floats and strings we control: skip FastAPI's re-validation
+    # through the response model (kept above for the OpenAPI schema), a third of the time
+    # of a decision.
+    return JSONResponse(pending.response)

@@ -1,0 +1,272 @@
+"""HTTP decide throughput and latency through uvicorn on loopback.
+
+Two servers, each ``uvicorn`` with one worker in its own process, measured in the same
+run with the same load generator:
+
+* ``router``: ``service.app.create_app`` (embedded mode: SQLite in a temporary
+  directory, batched decision writer running), d=64, 16 models, one tenant;
+  ``POST /v1/decide`` with a client-supplied embedding;
+* ``bare``: a FastAPI app whose one async endpoint returns a constant JSON body.
+
+The load generator is one process speaking raw HTTP/1.1 over keep-alive connections
+(asyncio streams, pre-encoded requests) so that the client costs as little as possible.
+
+1. Maximum throughput: closed loop, ``--connections`` connections each sending its next
+   request as soon as the previous answer arrives, for ``--seconds``.
+2. Latency at half of the router's maximum throughput: open loop, requests scheduled at
+   a fixed rate; latency counted from the scheduled send time (no coordinated omission).
+
+Goals (issue 4): router >= 70% of the bare endpoint's throughput; p99 <= 5 ms at half of
+the router's maximum throughput; no errors.
+
+Run::
+
+    python -m benchmarks.http_decide            # writes benchmarks/results/http_decide.json
+    python -m benchmarks.http_decide --quick    # short smoke run, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from benchmarks.common import REPO_ROOT, print_table, write_results
+
+DIM = 64
+N_MODELS = 16
+ADMIN_KEY = "bra_benchmark-admin-key-not-secret-0123456789"
+
+BARE_APP = textwrap.dedent('''
+    from fastapi import FastAPI
+    app = FastAPI()
+    BODY = {"decision_id": "00000000-0000-0000-0000-000000000000", "model": "m-0",
+            "propensity": 1.0}
+
+    @app.post("/v1/decide")
+    async def decide() -> dict:
+        return BODY
+''')
+
+ROUTER_APP = textwrap.dedent('''
+    from service.app import create_app
+    from service.config import Settings
+    app = create_app(Settings())
+''')
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(module_dir: Path, module: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning", "--no-access-log"]
+    proc = subprocess.Popen(cmd, cwd=module_dir,
+                            env={**os.environ, **env,
+                                 "PYTHONPATH": f"{module_dir}{os.pathsep}{REPO_ROOT}"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode()[-2000:])
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"{module} did not start")
+
+
+def setup_router(port: int) -> str:
+    """Register 16 models and one tenant; returns the tenant's API key."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        for _ in range(300):
+            try:
+                if http.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        for i in range(N_MODELS):
+            r = http.post("/v1/admin/models", headers=admin, json={
+                "name": f"model-{i:02d}", "input_price_per_mtok": 0.1 * (i + 1),
+                "output_price_per_mtok": 0.4 * (i + 1), "prior_quality": 0.5 + 0.02 * i})
+            r.raise_for_status()
+        r = http.post("/v1/admin/tenants", headers=admin, json={"name": "bench"})
+        r.raise_for_status()
+        return r.json()["api_key"]
+
+
+def build_requests(key: str | None, n: int = 256) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(n):
+        x = rng.standard_normal(DIM)
+        body = json.dumps({"query": {"embedding": (x / np.linalg.norm(x)).round(6).tolist()}})
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
+        out.append((f"POST /v1/decide HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+                    "Content-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
+    return out
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head[9:12])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def closed_loop(port: int, requests: list[bytes], connections: int,
+                      seconds: float) -> dict[str, float]:
+    stop = time.perf_counter() + seconds
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker(w: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        i = w
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            writer.write(requests[i % len(requests)])
+            status = await _read_response(reader)
+            latencies.append(time.perf_counter() - t0)
+            errors += status != 200
+            i += connections
+        writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(connections)))
+    elapsed = time.perf_counter() - t0
+    lat = np.array(latencies) * 1e3
+    return {"requests": len(latencies), "errors": errors, "seconds": elapsed,
+            "throughput_rps": len(latencies) / elapsed,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+
+
+async def open_loop(port: int, requests: list[bytes], rate: float, seconds: float,
+                    connections: int) -> dict[str, float]:
+    """Send at ``rate`` requests/s; latency from each request's scheduled time."""
+    n = int(rate * seconds)
+    start = time.perf_counter() + 0.2
+    latencies: list[float] = []
+    errors = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for j in range(n):
+        queue.put_nowait(j)
+
+    async def worker() -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while True:
+            try:
+                j = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            scheduled = start + j / rate
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            writer.write(requests[j % len(requests)])
+            status = await _read_response(reader)
+            latencies.append(time.perf_counter() - scheduled)
+            errors += status != 200
+        writer.close()
+
+    await asyncio.gather(*(worker() for _ in range(connections)))
+    lat = np.array(latencies) * 1e3
+    return {"rate_rps": rate, "requests": len(latencies), "errors": errors,
+            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="2 s phases, no results file")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    seconds = 2.0 if args.quick else args.seconds
+
+    results: dict[str, object] = {"settings": {"dim": DIM, "models": N_MODELS,
+                                               "connections": args.connections,
+                                               "seconds_per_phase": seconds}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        (tmpdir / "bare_app.py").write_text(BARE_APP)
+        (tmpdir / "router_app.py").write_text(ROUTER_APP)
+        router_env = {"BANDIT_ROUTER_DATA_DIR": str(tmpdir / "data"),
+                      "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
+                      "BANDIT_ROUTER_DATABASE_URL": ""}
+        servers = {}
+        try:
+            for name, module, env in (("bare", "bare_app", {}),
+                                      ("router", "router_app", router_env)):
+                port = free_port()
+                servers[name] = (start_server(tmpdir, module, port, env), port)
+            key = setup_router(servers["router"][1])
+            reqs = {"bare": build_requests(None), "router": build_requests(key)}
+            for name in ("bare", "router"):  # warm-up
+                asyncio.run(closed_loop(servers[name][1], reqs[name], 4, 1.0))
+            for name in ("bare", "router"):
+                results[f"{name}_max"] = asyncio.run(closed_loop(
+                    servers[name][1], reqs[name], args.connections, seconds))
+            half = results["router_max"]["throughput_rps"] / 2  # type: ignore[index]
+            results["router_half_load"] = asyncio.run(open_loop(
+                servers["router"][1], reqs["router"], half, seconds, args.connections))
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+
+    bare, ours, half_load = (results["bare_max"], results["router_max"],
+                             results["router_half_load"])
+    ratio = ours["throughput_rps"] / bare["throughput_rps"]  # type: ignore[index]
+    results["ratio_to_bare"] = ratio
+    results["goals"] = {
+        "throughput_ratio_ge_0.7": ratio >= 0.7,
+        "p99_at_half_load_le_5ms": half_load["p99_ms"] <= 5.0,  # type: ignore[index]
+        "no_errors": (bare["errors"] + ours["errors"] + half_load["errors"]) == 0,  # type: ignore[index]
+    }
+    print_table("HTTP decide (uvicorn, loopback, d=64, 16 models)",
+                ["phase", "req/s", "p50 ms", "p99 ms", "errors"],
+                [["bare endpoint, max", f"{bare['throughput_rps']:.0f}",
+                  f"{bare['p50_ms']:.2f}", f"{bare['p99_ms']:.2f}", bare["errors"]],
+                 ["router decide, max", f"{ours['throughput_rps']:.0f}",
+                  f"{ours['p50_ms']:.2f}", f"{ours['p99_ms']:.2f}", ours["errors"]],
+                 [f"router at {half_load['rate_rps']:.0f} req/s (half)", "",
+                  f"{half_load['p50_ms']:.2f}", f"{half_load['p99_ms']:.2f}",
+                  half_load["errors"]]],
+                caption=f"router / bare throughput = {ratio:.2f}; goals: {results['goals']}")
+    if not (args.quick or args.no_write):
+        path = write_results("http_decide", results,
+                             packages=("fastapi", "uvicorn", "starlette", "pydantic",
+                                       "numpy", "sqlalchemy"))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
