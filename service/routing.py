@@ -144,7 +144,12 @@ class RoutingService:
 
     def stop(self) -> None:
         self.writer.stop()
-        self.checkpoint(force=True)
+        try:
+            self.checkpoint(force=True)
+        except Exception:
+            # Nothing is lost: the next start replays the feedback since the last
+            # checkpoint that did succeed.
+            log.exception("final checkpoint failed")
 
     def featurize(self, text: str) -> np.ndarray:
         if self._featurizer is None:
