@@ -10,7 +10,6 @@ killed (``kill -9``) are lost: at most ``queue_size`` decisions, usually a few m
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -27,7 +26,6 @@ __all__ = ["DecisionWriter", "QueueFull"]
 
 log = logging.getLogger("service.writer")
 _STOP = object()
-_FLUSH = object()  # "someone waits for a row: write what you have now"
 
 
 class QueueFull(Exception):
@@ -42,6 +40,7 @@ class DecisionWriter:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._batch_size = batch_size
         self._flush_interval = flush_interval_s
+        self._urgent = threading.Event()  # someone waits for a row: write now
         self._on_flush = on_flush
         self._pending: set[str] = set()
         self._cond = threading.Condition()
@@ -82,9 +81,7 @@ class DecisionWriter:
             return self._cond.wait_for(lambda: not self._pending, timeout)
 
     def _hurry(self) -> None:
-        # A full queue needs no marker: the writer is already writing full batches.
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_FLUSH)
+        self._urgent.set()
 
     # ------------------------------------------------------------ consumer
     def start(self) -> None:
@@ -97,6 +94,7 @@ class DecisionWriter:
         if self._thread is None:
             return
         self._queue.put(_STOP)
+        self._urgent.set()
         self._thread.join(timeout)
         self._thread = None
 
@@ -106,22 +104,18 @@ class DecisionWriter:
             first = self._queue.get()
             if first is _STOP:
                 break
-            if first is _FLUSH:
-                continue
+            # Let rows gather for flush_interval (unless someone waits for one), then take
+            # them all: one transaction per batch, and one wake-up of this thread per
+            # batch rather than per decision. Waking per decision cost the event loop
+            # a GIL hand-off on every request.
+            if self._urgent.wait(self._flush_interval):
+                self._urgent.clear()
             batch = [first]
-            # Gather rows for up to flush_interval: one transaction per batch instead of
-            # one per decision (at low load a transaction costs more than its rows).
-            deadline = time.monotonic() + self._flush_interval
             while len(batch) < self._batch_size:
-                remaining = deadline - time.monotonic()
                 try:
-                    item = (self._queue.get(timeout=remaining) if remaining > 0
-                            else self._queue.get_nowait())
+                    item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is _FLUSH:
-                    deadline = 0.0  # take what is queued, then write at once
-                    continue
                 if item is _STOP:
                     stopping = True
                     break

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+import orjson
+from fastapi import APIRouter, Response
 
 from bandit import Preferences
 from service.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
@@ -20,7 +20,7 @@ router = APIRouter(prefix="/v1", tags=["routing"])
 # the event loop than a trip through the thread pool.
 @router.post("/decide", response_model=DecideResponse)
 async def decide(body: DecideRequest, tenant: TenantDep, service: ServiceDep,
-                 settings: SettingsDep, metrics: MetricsDep) -> JSONResponse:
+                 settings: SettingsDep, metrics: MetricsDep) -> Response:
     started = time.perf_counter()
     x = service.context_from(body.query.text, body.query.embedding)
     override = None if body.preferences is None else Preferences(
@@ -38,6 +38,6 @@ async def decide(body: DecideRequest, tenant: TenantDep, service: ServiceDep,
             await asyncio.sleep(0.005)
     metrics.decide_latency.observe(time.perf_counter() - started)
     # The body is built from floats and strings we control: skip FastAPI's re-validation
-    # through the response model (kept above for the OpenAPI schema), a third of the time
-    # of a decision.
-    return JSONResponse(pending.response)
+    # through the response model (kept above for the OpenAPI schema) and encode with
+    # orjson; together they were a third of the time of a decision.
+    return Response(orjson.dumps(pending.response), media_type="application/json")
