@@ -1,0 +1,130 @@
+"""Helpers shared by the benchmarks: where the data is, where results go, tables.
+
+The development data (``../shared/data`` next to the repository, see
+``benchmarks/README.md``) is never part of the repository; ``BANDIT_ROUTER_DATA``
+points the benchmarks at another copy.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "DATA_ENV_VAR",
+    "REPO_ROOT",
+    "RESULTS_DIR",
+    "CACHE_DIR",
+    "data_root",
+    "code_version",
+    "machine_info",
+    "write_results",
+    "print_table",
+]
+
+#: Environment variable naming the data root (the directory that holds ``llmrouter/``).
+DATA_ENV_VAR = "BANDIT_ROUTER_DATA"
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+#: Derived files (converted logs); gitignored.
+CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
+
+
+def data_root() -> Path:
+    """The data root: ``$BANDIT_ROUTER_DATA`` if set, else ``<repo>/../shared/data``."""
+    override = os.environ.get(DATA_ENV_VAR)
+    if override:
+        return Path(override).expanduser().resolve()
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info(packages: Sequence[str] = ()) -> dict[str, object]:
+    """What the numbers depend on: interpreter, numpy and its BLAS, CPUs, load, time."""
+    import numpy as np
+
+    info: dict[str, object] = {
+        "timestamp": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "numpy": np.__version__,
+    }
+    try:
+        info["cpus_usable"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        info["cpus_usable"] = None
+    try:
+        # Load average at the time of writing: numbers taken on a busy machine are noisy.
+        info["loadavg_1_5_15"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        info["loadavg_1_5_15"] = None
+    try:
+        from threadpoolctl import threadpool_info
+
+        # The pools' default sizes; a benchmark that limits them says so in its settings.
+        info["blas_pools_default"] = [{k: pool.get(k) for k in ("internal_api", "version",
+                                                  "num_threads", "architecture")}
+                        for pool in threadpool_info()]
+    except ImportError:
+        info["blas_pools_default"] = None
+    info["packages"] = {name: _version(name) for name in packages}
+    return info
+
+
+def code_version() -> dict[str, object]:
+    """The commit measured, and whether the learning core differed from it."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True,
+                                  text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain", "--", "bandit")
+    return {"commit": git("rev-parse", "HEAD"),
+            "bandit_modified": None if status is None else bool(status)}
+
+
+def write_results(name: str, payload: Mapping[str, object],
+                  packages: Sequence[str] = (), results_dir: Path | None = None) -> Path:
+    """Write ``<results_dir>/<name>.json`` with the payload and :func:`machine_info`."""
+    out_dir = RESULTS_DIR if results_dir is None else results_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    document = {"benchmark": name, "code": code_version(), "machine": machine_info(packages),
+                **payload}
+    path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
+                caption: str | None = None) -> None:
+    """Print a table (rich); numbers are right-aligned, everything is shown as given."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption, caption_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*("" if cell is None else str(cell) for cell in row))
+    Console(width=max(120, len(columns) * 14)).print(table)
