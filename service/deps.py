@@ -11,7 +11,8 @@ from service.errors import Problem
 from service.metrics import Metrics
 from service.routing import RoutingService, TenantState
 
-__all__ = ["ServiceDep", "SettingsDep", "MetricsDep", "TenantDep", "AdminDep"]
+__all__ = ["ServiceDep", "SettingsDep", "MetricsDep", "TenantDep", "AdminDep",
+           "authenticate_tenant"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -49,6 +50,11 @@ def bearer_key(request: Request) -> str:
 
 
 async def require_tenant(request: Request, service: ServiceDep) -> TenantState:
+    return authenticate_tenant(request, service)
+
+
+def authenticate_tenant(request: Request, service: RoutingService) -> TenantState:
+    """The tenant calling, from its bearer key (401 / 403 otherwise)."""
     key = bearer_key(request)
     tenant = service.tenant_for_key(key)
     if tenant is not None:

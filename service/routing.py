@@ -24,7 +24,6 @@ position of decisions since the checkpoint and decisions still in the writer's q
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
@@ -98,12 +97,6 @@ class PendingDecision:
 class FeedbackResult:
     status: str
     feedback_id: int | None
-
-
-def _json_safe(values: dict[str, float]) -> dict[str, float | None]:
-    # A score is -inf for an arm the main branch may not pick (a cold arm with no
-    # declared quality): JSON (and PostgreSQL's json type) has no infinity, so it is null.
-    return {k: (v if math.isfinite(v) else None) for k, v in values.items()}
 
 
 def _ts(value: datetime) -> float:
@@ -525,7 +518,10 @@ class RoutingService:
             "id": decision_id, "tenant_id": tenant.id, "model": model, "policy": kind,
             "policy_version": int(version), "scope": scope, "propensity": float(propensity),
             "context": np.ascontiguousarray(x, dtype="<f8").tobytes(),
-            "predictions": {n: _json_safe(p.as_dict()) for n, p in predictions.items()},
+            # A score is -inf for an arm the main branch may not pick (a cold arm with no
+            # declared quality). JSON has no infinity: orjson, which encodes both the
+            # response and the stored row, writes it as null.
+            "predictions": {n: p.as_dict() for n, p in predictions.items()},
             "predicted_cost_usd": cost, "charged_usd": cost, "over_budget": over_budget,
             "created_at": datetime.fromtimestamp(now, UTC),
         }

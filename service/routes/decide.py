@@ -6,11 +6,16 @@ import asyncio
 import time
 
 import orjson
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from bandit import Preferences
-from service.deps import MetricsDep, ServiceDep, SettingsDep, TenantDep
+from service.config import Settings
+from service.deps import authenticate_tenant
 from service.errors import Problem
+from service.metrics import Metrics
+from service.routing import RoutingService
 from service.schemas import DecideRequest, DecideResponse
 
 router = APIRouter(prefix="/v1", tags=["routing"])
@@ -18,10 +23,27 @@ router = APIRouter(prefix="/v1", tags=["routing"])
 
 # An async route: the work is in-memory numpy (a fraction of a millisecond), cheaper on
 # the event loop than a trip through the thread pool.
-@router.post("/decide", response_model=DecideResponse)
-async def decide(body: DecideRequest, tenant: TenantDep, service: ServiceDep,
-                 settings: SettingsDep, metrics: MetricsDep) -> Response:
+#
+# No dependency injection on this route: FastAPI resolving five dependencies took a third
+# of a decision's time. It calls the same function as ``TenantDep`` (so a caller without
+# a valid key gets 401 before its body is looked at), then validates the body with
+# pydantic-core's JSON parser in one step.
+@router.post("/decide", response_model=DecideResponse,
+             responses={401: {}, 403: {}, 422: {}, 429: {}, 503: {}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": DecideRequest.model_json_schema()}}}})
+async def decide(request: Request) -> Response:
     started = time.perf_counter()
+    service: RoutingService = request.app.state.routing
+    settings: Settings = request.app.state.settings
+    metrics: Metrics = request.app.state.metrics
+    tenant = authenticate_tenant(request, service)
+    try:
+        body = DecideRequest.model_validate_json(await request.body())
+    except ValidationError as exc:
+        # Same locations as FastAPI's own body validation: ("body", field, ...).
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
+                                      for e in exc.errors(include_url=False)]) from None
     x = service.context_from(body.query.text, body.query.embedding)
     override = None if body.preferences is None else Preferences(
         body.preferences.quality, body.preferences.cost, body.preferences.latency)

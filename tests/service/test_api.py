@@ -375,3 +375,14 @@ def test_get_metrics_counts_decisions(client, models):
             ' 1.0') in text
     assert "bandit_router_decide_latency_seconds_bucket" in text
     assert "bandit_router_spend_usd" in text
+
+
+def test_decide_bad_body_without_key_401(client):
+    r = client.post("/v1/decide", content="{nope", headers={"content-type": "application/json"})
+    assert_problem(r, 401)
+
+
+def test_get_openapi_documents_decide_body(client):
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/v1/decide"]["post"]["requestBody"]
+    assert "query" in body["content"]["application/json"]["schema"]["properties"]
