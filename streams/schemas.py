@@ -1,0 +1,280 @@
+"""Versioned JSON event schemas of the Kafka topics (``schema_version`` 1).
+
+Three event types, one per topic; every event is a JSON object with
+``"schema_version": 1``. Parsing is strict: an unknown or missing field, a wrong type or
+a value out of range raises :class:`InvalidEventError`, which names the field (as every
+:class:`bandit.InvalidInputError` does) and carries the dead-letter ``reason``.
+
+Feedback (topic ``feedback_topic``, key = ``decision_id``)::
+
+    {"schema_version": 1, "event_id": "f-123", "decision_id": "<uuid>",
+     "tenant_id": "<tenant uuid>", "quality": 0.8, "cost_usd": 0.0021,
+     "latency_ms": 850.0, "sent_at": "2026-11-23T16:00:00.000000+00:00"}
+
+``quality`` (0..1), ``cost_usd`` (>= 0) and ``latency_ms`` (>= 0) are optional (null or
+absent) but at least one is required. ``event_id`` (1..200 characters) makes a repeat
+of the same event a no-op; ``""`` is the anonymous event (one per decision).
+
+Decision (topic ``decisions_topic``, key = ``decision_id``): ``decision_id``,
+``tenant_id``, ``model``, ``propensity``, ``context`` (the float vector the policy saw),
+``predictions`` (per model: quality, cost_usd, latency_ms, utility, uncertainty, score),
+``policy``, ``policy_version``, ``scope``, ``created_at``.
+
+Dead letter (topic ``dead_letter_topic``, key = the original key): ``reason`` (one of
+:data:`DEAD_LETTER_REASONS`), ``detail`` (a sentence naming the field), ``topic``,
+``partition``, ``offset`` of the original record, ``key`` and ``original`` (base64 of
+the original bytes) and ``dead_lettered_at``.
+
+Examples
+--------
+>>> raw = encode_feedback(FeedbackEvent("e1", "d1", "t1", quality=1.0, sent_at=0.0))
+>>> decode_feedback(raw).quality
+1.0
+>>> decode_feedback(b'{"schema_version": 1, "event_id": "e1", "decision_id": "d1",'
+...                 b' "tenant_id": "t1", "quality": 2}')
+Traceback (most recent call last):
+...
+streams.schemas.InvalidEventError: quality: must be a finite number >= 0 and <= 1 (got 2)
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from bandit.errors import InvalidInputError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "DEAD_LETTER_REASONS",
+    "InvalidEventError",
+    "FeedbackEvent",
+    "DecisionEvent",
+    "DeadLetter",
+    "encode_feedback",
+    "decode_feedback",
+    "encode_decision",
+    "decode_decision",
+    "encode_dead_letter",
+    "decode_dead_letter",
+]
+
+SCHEMA_VERSION = 1
+
+#: Why a feedback record was dead-lettered.
+DEAD_LETTER_REASONS = (
+    "malformed-json",  # not a JSON object
+    "invalid-event",  # a field missing, unknown, of the wrong type or schema version
+    "out-of-range",  # quality outside [0, 1], a negative cost or latency, NaN
+    "unknown-decision",  # no such decision after the pending timeout
+    "tenant-mismatch",  # the decision belongs to another tenant
+    "decision-expired",  # the decision is older than the retention window
+)
+
+_FEEDBACK_FIELDS = frozenset({"schema_version", "event_id", "decision_id", "tenant_id",
+                              "quality", "cost_usd", "latency_ms", "sent_at"})
+_ID_MAX = 200
+
+
+class InvalidEventError(InvalidInputError):
+    """An event that does not follow its schema; ``reason`` is the dead-letter reason."""
+
+    def __init__(self, field: str, allowed: str, value: object = None, *,
+                 reason: str = "invalid-event") -> None:
+        super().__init__(field, allowed, value)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackEvent:
+    """The outcome of one decision, as product telemetry (or the API) reports it."""
+
+    event_id: str
+    decision_id: str
+    tenant_id: str
+    quality: float | None = None
+    cost_usd: float | None = None
+    latency_ms: float | None = None
+    #: Seconds since the epoch when the event was produced (None: unknown).
+    sent_at: float | None = None
+
+    def outcome(self) -> dict[str, float | None]:
+        return {"quality": self.quality, "cost_usd": self.cost_usd,
+                "latency_ms": self.latency_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionEvent:
+    decision_id: str
+    tenant_id: str
+    model: str
+    propensity: float
+    context: list[float]
+    predictions: dict[str, Any]
+    policy: str
+    policy_version: int
+    scope: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    reason: str
+    detail: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    original: bytes
+    dead_lettered_at: float
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def _parse_time(name: str, value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value):
+            return float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            pass
+        else:
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=UTC)
+            return parsed.timestamp()
+    raise InvalidEventError(name, "must be an ISO-8601 time or seconds since the epoch",
+                            value)
+
+
+def _parse_id(data: dict, name: str, *, empty: bool = False) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or len(value) > _ID_MAX or (not value and not empty):
+        low = 0 if empty else 1
+        raise InvalidEventError(name, f"must be a string of {low}..{_ID_MAX} characters",
+                                value)
+    return value
+
+
+def _parse_measure(data: dict, name: str, high: float | None) -> float | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidEventError(name, "must be a number or null", value)
+    if not math.isfinite(value) or value < 0 or (high is not None and value > high):
+        bound = f" and <= {high:g}" if high is not None else ""
+        raise InvalidEventError(name, f"must be a finite number >= 0{bound}", value,
+                                reason="out-of-range")
+    return float(value)
+
+
+def _load_object(raw: bytes | bytearray | memoryview | None) -> dict:
+    if raw is None:
+        raise InvalidEventError("value", "must be a JSON object", None,
+                                reason="malformed-json")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEventError("value", "must be a JSON object", str(exc),
+                                reason="malformed-json") from None
+    if not isinstance(data, dict):
+        raise InvalidEventError("value", "must be a JSON object", type(data).__name__,
+                                reason="malformed-json")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise InvalidEventError("schema_version", f"must be {SCHEMA_VERSION}", version)
+    return data
+
+
+def encode_feedback(event: FeedbackEvent) -> bytes:
+    """JSON bytes of a feedback event (schema version 1)."""
+    return orjson.dumps({
+        "schema_version": SCHEMA_VERSION, "event_id": event.event_id,
+        "decision_id": event.decision_id, "tenant_id": event.tenant_id,
+        "quality": event.quality, "cost_usd": event.cost_usd,
+        "latency_ms": event.latency_ms, "sent_at": _iso(event.sent_at)})
+
+
+def decode_feedback(raw: bytes | bytearray | memoryview | None) -> FeedbackEvent:
+    """Parse and validate one feedback record; raises :class:`InvalidEventError`."""
+    data = _load_object(raw)
+    unknown = data.keys() - _FEEDBACK_FIELDS
+    if unknown:
+        raise InvalidEventError(sorted(unknown)[0], "unknown field; allowed: "
+                                + ", ".join(sorted(_FEEDBACK_FIELDS)))
+    event = FeedbackEvent(
+        event_id=_parse_id(data, "event_id", empty=True),
+        decision_id=_parse_id(data, "decision_id"),
+        tenant_id=_parse_id(data, "tenant_id"),
+        quality=_parse_measure(data, "quality", 1.0),
+        cost_usd=_parse_measure(data, "cost_usd", None),
+        latency_ms=_parse_measure(data, "latency_ms", None),
+        sent_at=_parse_time("sent_at", data.get("sent_at")),
+    )
+    if event.quality is None and event.cost_usd is None and event.latency_ms is None:
+        raise InvalidEventError("quality", "at least one of quality, cost_usd, latency_ms "
+                                "is required")
+    return event
+
+
+def encode_decision(event: DecisionEvent) -> bytes:
+    """JSON bytes of a decision event (schema version 1)."""
+    return orjson.dumps({
+        "schema_version": SCHEMA_VERSION, "decision_id": event.decision_id,
+        "tenant_id": event.tenant_id, "model": event.model,
+        "propensity": event.propensity, "context": event.context,
+        "predictions": event.predictions, "policy": event.policy,
+        "policy_version": event.policy_version, "scope": event.scope,
+        "created_at": _iso(event.created_at)}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_decision(raw: bytes) -> DecisionEvent:
+    """Parse a decision event (for consumers of the decisions topic)."""
+    data = _load_object(raw)
+    try:
+        return DecisionEvent(
+            decision_id=_parse_id(data, "decision_id"), tenant_id=_parse_id(data, "tenant_id"),
+            model=_parse_id(data, "model"), propensity=float(data["propensity"]),
+            context=[float(v) for v in data["context"]], predictions=dict(data["predictions"]),
+            policy=str(data["policy"]), policy_version=int(data["policy_version"]),
+            scope=str(data["scope"]),
+            created_at=_parse_time("created_at", data["created_at"]) or 0.0)
+    except KeyError as exc:
+        raise InvalidEventError(str(exc.args[0]), "is required") from None
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, InvalidEventError):
+            raise
+        raise InvalidEventError("value", "a field has the wrong type", str(exc)) from None
+
+
+def encode_dead_letter(letter: DeadLetter) -> bytes:
+    def b64(value: bytes | None) -> str | None:
+        return None if value is None else base64.b64encode(value).decode("ascii")
+
+    return orjson.dumps({
+        "schema_version": SCHEMA_VERSION, "reason": letter.reason, "detail": letter.detail,
+        "topic": letter.topic, "partition": letter.partition, "offset": letter.offset,
+        "key": b64(letter.key), "original": b64(letter.original),
+        "dead_lettered_at": _iso(letter.dead_lettered_at)})
+
+
+def decode_dead_letter(raw: bytes) -> DeadLetter:
+    data = _load_object(raw)
+    key = data.get("key")
+    return DeadLetter(
+        reason=str(data["reason"]), detail=str(data["detail"]), topic=str(data["topic"]),
+        partition=int(data["partition"]), offset=int(data["offset"]),
+        key=None if key is None else base64.b64decode(key),
+        original=base64.b64decode(data["original"] or ""),
+        dead_lettered_at=_parse_time("dead_lettered_at", data["dead_lettered_at"]) or 0.0)
