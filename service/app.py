@@ -41,6 +41,15 @@ async def _checkpoint_loop(service: RoutingService, interval: float) -> None:
             log.exception("periodic checkpoint failed")
 
 
+async def _refresh_loop(service: RoutingService, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await asyncio.to_thread(service.refresh_registry)
+        except Exception:
+            log.exception("refreshing models and tenants failed")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings if settings is not None else Settings()
 
@@ -58,13 +67,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   file=sys.stderr, flush=True)
         app.state.routing = service
         app.state.generated_admin_key = generated
-        task = asyncio.create_task(_checkpoint_loop(service, settings.checkpoint_interval_s))
+        tasks = [asyncio.create_task(_checkpoint_loop(service, settings.checkpoint_interval_s)),
+                 asyncio.create_task(_refresh_loop(service, settings.registry_refresh_s))]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await asyncio.to_thread(service.stop)
             engine.dispose()
 

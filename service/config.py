@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     epsilon: float = Field(0.01, ge=0.0, le=1.0)
     checkpoint_interval_s: float = Field(60.0, gt=0.0)
     checkpoints_kept: int = Field(3, ge=1)
+    # How often models and tenants changed through another replica are picked up.
+    registry_refresh_s: float = Field(5.0, gt=0.0)
     decision_queue_size: int = Field(10_000, ge=1)
     decision_batch_size: int = Field(500, ge=1)
     # The writer gathers rows this long before a transaction (unless feedback waits).

@@ -428,13 +428,56 @@ class RoutingService:
             tenant.ledger.set_budgets(values.get("budget_usd_per_day", tenant.budget_usd_per_day),
                                       values.get("budget_usd_per_month",
                                                  tenant.budget_usd_per_month))
-            if tenant.scope == "isolated" and tenant.id not in self.isolated:
-                # A tenant turning isolated starts from the priors and learns from its
-                # own feedback from now on.
-                self.isolated[tenant.id] = {k: self._new_policy(k) for k in POLICY_KINDS}
-            elif tenant.scope == "shared":
-                self.isolated.pop(tenant.id, None)
+            self._sync_isolation(tenant)
         return tenant
+
+    # ========================================================== other replicas
+    def refresh_registry(self) -> None:
+        """Pick up models and tenants changed through another replica (same database).
+
+        Run periodically by the app (``registry_refresh_s``). Each replica keeps its own
+        spend ledger: with several replicas a budget holds per replica, not in total.
+        """
+        with Session(self.engine) as session:
+            model_rows = list(session.scalars(select(m.Model)
+                                              .where(m.Model.deleted_at.is_(None))
+                                              .order_by(m.Model.id)))
+            tenant_rows = list(session.scalars(select(m.Tenant)))
+        with self._lock:
+            fresh = {r.name: self._model_state(r) for r in model_rows}
+            for name in [n for n in self.models if n not in fresh]:
+                del self.models[name]
+                for policy in self._all_policies().values():
+                    if name in policy.arms:
+                        policy.remove_arm(name)
+            for name, state in fresh.items():
+                if name not in self.models:
+                    for policy in self._all_policies().values():
+                        if name not in policy.arms:
+                            policy.add_arm(name, self._prior(state))
+                self.models[name] = state
+            for row in tenant_rows:
+                tenant = self.tenants.get(row.id)
+                if tenant is None:
+                    tenant = self._tenant_state(row)
+                    self.tenants[tenant.id] = tenant
+                    self._by_key[tenant.key_hash] = tenant
+                else:
+                    tenant.preferences = Preferences(row.weight_quality, row.weight_cost,
+                                                     row.weight_latency)
+                    tenant.policy, tenant.scope = row.policy, row.scope
+                    tenant.on_budget_exhausted = row.on_budget_exhausted
+                    tenant.ledger.set_budgets(row.budget_usd_per_day,
+                                              row.budget_usd_per_month)
+                self._sync_isolation(tenant)
+
+    def _sync_isolation(self, tenant: TenantState) -> None:
+        if tenant.scope == "isolated" and tenant.id not in self.isolated:
+            # A tenant turning isolated starts from the priors and learns from its own
+            # feedback from now on.
+            self.isolated[tenant.id] = {k: self._new_policy(k) for k in POLICY_KINDS}
+        elif tenant.scope == "shared":
+            self.isolated.pop(tenant.id, None)
 
     # ================================================================== decide
     def context_from(self, text: str | None, embedding: list[float] | None) -> np.ndarray:

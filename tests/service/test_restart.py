@@ -105,3 +105,24 @@ def test_restart_keeps_model_registry_changes(new_database_url):
                 assert sorted(policy.arms) == sorted([keep, late])
                 assert policy.observations(keep)["quality"] > 0
             assert decide(c2, tenant).json()["model"] in (keep, late)
+
+
+def test_refresh_registry_sees_other_replica_changes(new_database_url):
+    """Two replicas on one database: models and tenants created on one reach the other."""
+    url = new_database_url()
+    with TestClient(create_app(make_settings(url))) as a, \
+            TestClient(create_app(make_settings(url))) as b:
+        first = add_model(a, "first")
+        tenant = create_tenant(a)
+        assert decide(b, tenant).status_code == 401
+        b.app.state.routing.refresh_registry()
+        assert decide(b, tenant).json()["model"] == first
+        second = add_model(a, "second")
+        assert a.delete("/v1/admin/models/first", headers=ADMIN).status_code == 204
+        r = a.put("/v1/tenants/me/preferences", json={"policy": "thompson"}, headers=tenant)
+        assert r.status_code == 200
+        b.app.state.routing.refresh_registry()
+        body = decide(b, tenant).json()
+        assert body["model"] == second and body["policy"] == "thompson"
+        for policy in b.app.state.routing.shared.values():
+            assert policy.arms == [second]
