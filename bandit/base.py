@@ -712,7 +712,7 @@ class Policy(abc.ABC):
         for j, name in enumerate(other._names):
             if name not in self._index:
                 row = theirs.take(j)
-                for key in ("a_data", "b_data", "srr", "weight"):
+                for key in ArmStatistics.DATA:
                     row[key] = row[key] * factor_other
                 self._stats.put(row)
                 self._index[name] = len(self._names)
@@ -720,15 +720,7 @@ class Policy(abc.ABC):
                 self._priors[name] = other._priors[name]
                 self.drift_events.setdefault(name, 0)
             else:
-                k = self._index[name]
-                if factor_other == 1.0:
-                    self._stats.add(k, theirs, j)
-                else:
-                    scaled = ArmStatistics(self.dim)
-                    scaled.put(theirs.take(j))
-                    for key in ("a_data", "b_data", "srr", "weight"):
-                        getattr(scaled, key)[0] *= factor_other
-                    self._stats.add(k, scaled, 0)
+                self._stats.add(self._index[name], theirs, j, factor_other)
         self._stats.refresh()
         self.version += 1
         return self

@@ -4,8 +4,15 @@ Every arm learns one linear head per objective (quality, cost, latency). Each he
 its own design matrix ``A = lambda*I + sum x x^T`` over the observations that reported
 that objective: feedback often arrives in pieces (cost and latency when the response
 ends, a thumbs-up minutes later), and a head must not count a context it never saw.
-When every event reports every objective the three matrices are equal, as in the design
-brief's single shared matrix.
+
+Shared group: heads with the same history (same ridge strength, reported by exactly the
+same events) have equal matrices. Each arm keeps one such *group* of heads whose matrices
+are stored once, in ``s_data`` / ``s_inv``; only heads outside the group keep their own
+in ``a_data`` / ``a_inv``. An event that reports a subset of the group splits the other
+heads off (they keep the state they had, e.g. lambda*I for a head never reported); an
+event that reports a head outside the group dissolves the group. With complete feedback,
+or one objective never reported, every update and every width costs one matrix instead
+of three. The results are the same either way (tested).
 
 Everything a replica accumulates is a sum (``A_data``, ``b_data``, ``sum r^2``, counts),
 so two replicas' statistics add up to those of one replica that saw both streams: the
@@ -21,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ArmStatistics"]
+__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "prior_sigma"]
 
 _H = 3  # heads: quality, cost (USD), latency (s)
 
@@ -30,7 +37,7 @@ FLOAT32_WIDTH_BATCH = 128
 
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
-# prior declares one (see ``_prior_sigma``).
+# prior declares one (see ``prior_sigma``).
 _NU0 = 2.0
 _QUALITY_SIGMA0 = 0.5
 _COST_SIGMA0 = 1e-3
@@ -42,22 +49,28 @@ class ArmStatistics:
 
     Arrays (K arms, H=3 heads, D features):
 
-    ``a_data`` (K,H,D,D), ``b_data`` (K,H,D), ``srr`` (K,H) sum of squared targets,
-    ``weight`` (K,H) decayed observation count, ``count`` (K,H) raw count (int),
-    ``lam`` (K,H) ridge strength, ``mu0`` (K,H) prior mean (on the bias coefficient),
-    ``sigma0`` (K,H) prior noise scale, and the derived ``a_inv`` (K,H,D,D),
-    ``theta`` (K,H,D), ``sigma2`` (K,H).
+    ``group`` (K,H) heads sharing ``s_data`` / ``s_inv`` (K,D,D); the other heads' own
+    ``a_data`` / ``a_inv`` (K,H,D,D) (stale for heads in the group: read every head's
+    through :meth:`matrices`); ``b_data`` (K,H,D); ``srr`` (K,H) sum of squared targets;
+    ``weight`` (K,H) decayed observation count; ``count`` (K,H) raw count (int);
+    ``lam`` (K,H) ridge strength; ``mu0`` (K,H) prior mean (on the bias coefficient);
+    ``sigma0`` (K,H) prior noise scale; derived ``theta`` (K,H,D) and ``sigma2`` (K,H).
     """
 
-    ARRAYS = ("a_data", "b_data", "srr", "weight", "count", "lam", "mu0", "sigma0",
-              "updates", "a_inv", "theta", "sigma2")
+    ARRAYS = ("group", "s_data", "s_inv", "a_data", "a_inv", "b_data", "srr", "weight",
+              "count", "lam", "mu0", "sigma0", "updates", "theta", "sigma2")
+    DATA = ("s_data", "a_data", "b_data", "srr", "weight")  # what forgetting discounts
 
     def __init__(self, dim: int, refresh_every: int = 1000) -> None:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
         d = self.n_features
+        self.group = np.zeros((0, _H), dtype=bool)
+        self.s_data = np.zeros((0, d, d))
+        self.s_inv = np.zeros((0, d, d))
         self.a_data = np.zeros((0, _H, d, d))
+        self.a_inv = np.zeros((0, _H, d, d))
         self.b_data = np.zeros((0, _H, d))
         self.srr = np.zeros((0, _H))
         self.weight = np.zeros((0, _H))
@@ -66,7 +79,6 @@ class ArmStatistics:
         self.mu0 = np.zeros((0, _H))
         self.sigma0 = np.zeros((0, _H))
         self.updates = np.zeros(0, dtype=np.int64)  # updates since the last exact refresh
-        self.a_inv = np.zeros((0, _H, d, d))
         self.theta = np.zeros((0, _H, d))
         self.sigma2 = np.zeros((0, _H))
 
@@ -77,16 +89,19 @@ class ArmStatistics:
     def append(self, lam: np.ndarray, mu0: np.ndarray, sigma0: np.ndarray) -> None:
         """Add one arm with per-head ridge strength, prior mean and prior noise."""
         d = self.n_features
+        lam = np.asarray(lam, dtype=float)
+        # Heads start in one group when their priors make their matrices equal.
+        group = lam == lam[np.argmax(np.bincount(np.unique(lam, return_inverse=True)[1]))]
         row = {
-            "a_data": np.zeros((1, _H, d, d)), "b_data": np.zeros((1, _H, d)),
-            "srr": np.zeros((1, _H)), "weight": np.zeros((1, _H)),
-            "count": np.zeros((1, _H), dtype=np.int64), "lam": lam[None, :].astype(float),
-            "mu0": mu0[None, :].astype(float), "sigma0": sigma0[None, :].astype(float),
-            "updates": np.zeros(1, dtype=np.int64), "a_inv": np.zeros((1, _H, d, d)),
-            "theta": np.zeros((1, _H, d)), "sigma2": np.zeros((1, _H)),
+            "group": group if group.sum() > 1 else np.zeros(_H, dtype=bool),
+            "s_data": np.zeros((d, d)), "s_inv": np.zeros((d, d)),
+            "a_data": np.zeros((_H, d, d)), "a_inv": np.zeros((_H, d, d)),
+            "b_data": np.zeros((_H, d)), "srr": np.zeros(_H), "weight": np.zeros(_H),
+            "count": np.zeros(_H, dtype=np.int64), "lam": lam,
+            "mu0": np.asarray(mu0, dtype=float), "sigma0": np.asarray(sigma0, dtype=float),
+            "updates": np.int64(0), "theta": np.zeros((_H, d)), "sigma2": np.zeros(_H),
         }
-        for name in self.ARRAYS:
-            setattr(self, name, np.concatenate([getattr(self, name), row[name]]))
+        self.put(row)
         self.refresh([len(self) - 1])
 
     def delete(self, index: int) -> None:
@@ -99,21 +114,47 @@ class ArmStatistics:
 
     def put(self, row: dict[str, np.ndarray]) -> None:
         for name in self.ARRAYS:
-            setattr(self, name, np.concatenate([getattr(self, name), row[name][None]]))
+            value = np.asarray(row[name])[None]
+            setattr(self, name, np.concatenate([getattr(self, name), value]))
+
+    # ---------------------------------------------------------------- group
+    def _split(self, k: int, heads: np.ndarray) -> None:
+        """Move ``heads`` (a mask) out of arm k's group; they keep the shared state."""
+        leaving = self.group[k] & heads
+        if leaving.any():
+            self.a_data[k, leaving] = self.s_data[k]
+            self.a_inv[k, leaving] = self.s_inv[k]
+            self.group[k, leaving] = False
+        if self.group[k].sum() == 1:  # a group of one is just a head
+            self._split(k, self.group[k].copy())
+
+    def matrices(self, name: str) -> np.ndarray:
+        """``a_data`` or ``a_inv`` with every head's own matrix (a copy)."""
+        out = getattr(self, name).copy()
+        shared = self.s_data if name == "a_data" else self.s_inv
+        k, h = np.nonzero(self.group)
+        out[k, h] = shared[k]
+        return out
 
     # ------------------------------------------------------------- derived
     def refresh(self, arms: list[int] | None = None) -> None:
-        """Recompute A^-1, theta and sigma^2 exactly from the sums (O(d^3) per head)."""
+        """Recompute A^-1, theta and sigma^2 exactly from the sums (O(d^3) per matrix)."""
         idx = range(len(self)) if arms is None else arms
         eye = np.eye(self.n_features)
         for k in idx:
-            a = self.a_data[k] + self.lam[k][:, None, None] * eye  # (H,D,D)
+            group = self.group[k]
+            own = np.flatnonzero(~group)
+            if group.any():
+                lam = self.lam[k, np.argmax(group)]
+                self.s_inv[k] = _spd_inverse(self.s_data[k] + lam * eye)
+            if own.size:
+                a = self.a_data[k, own] + self.lam[k, own, None, None] * eye
+                self.a_inv[k, own] = _spd_inverse(a)
             b = self._b_total(k)
-            # Cholesky: A is symmetric positive definite by construction (lambda > 0).
-            chol = np.linalg.cholesky(a)
-            inv_l = np.linalg.inv(chol)  # triangular, D^3/3: off the hot path
-            self.a_inv[k] = np.swapaxes(inv_l, -1, -2) @ inv_l
-            self.theta[k] = np.einsum("hij,hj->hi", self.a_inv[k], b)
+            if group.any():
+                self.theta[k, group] = b[group] @ self.s_inv[k]  # A^-1 is symmetric
+            if own.size:
+                self.theta[k, own] = np.einsum("hij,hj->hi", self.a_inv[k, own], b[own])
             self.updates[k] = 0
             self._update_sigma2(k)
 
@@ -126,8 +167,7 @@ class ArmStatistics:
         # Penalized residual sum of squares of the ridge fit, from sums only:
         #   J = sum r^2 + lam*mu0^2 - b.theta   (prior mean sits on the bias coefficient)
         b = self._b_total(k)
-        rss = self.srr[k] + self.lam[k] * self.mu0[k] ** 2 - np.einsum("hi,hi->h", b,
-                                                                          self.theta[k])
+        rss = self.srr[k] + self.lam[k] * self.mu0[k] ** 2 - (b * self.theta[k]).sum(axis=1)
         rss = np.maximum(rss, 0.0)
         self.sigma2[k] = (_NU0 * self.sigma0[k] ** 2 + rss) / (_NU0 + self.weight[k])
 
@@ -138,65 +178,98 @@ class ArmStatistics:
         Returns the quality residual before the update (None if quality was missing),
         which the drift detector watches.
         """
-        heads = np.flatnonzero(~np.isnan(y))
-        residual_quality = None
-        if heads.size == 0:
+        observed = ~np.isnan(y)
+        obs = observed.tolist()  # control flow on Python bools: numpy's any() is slower
+        if not any(obs):
             return None
-        yh = y[heads]
-        p = self.a_inv[k, heads]  # (h,D,D) copy by fancy indexing
-        px = p @ x  # (h,D)
-        denom = 1.0 + px @ x  # (h,)
-        theta = self.theta[k, heads]
-        err = yh - theta @ x  # (h,)
-        if heads[0] == 0:
-            residual_quality = float(err[0])
-        gain = px / denom[:, None]
-        self.a_inv[k, heads] = p - gain[:, :, None] * px[:, None, :]
-        self.theta[k, heads] = theta + gain * err[:, None]
-        self.a_data[k, heads] += np.outer(x, x)
-        self.b_data[k, heads] += yh[:, None] * x
-        self.srr[k, heads] += yh * yh
-        self.weight[k, heads] += 1.0
-        self.count[k, heads] += 1
+        grp = self.group[k].tolist()
+        if any(grp):
+            if any(o and not g for o, g in zip(obs, grp, strict=True)):
+                self._split(k, self.group[k].copy())  # a head outside the group: dissolve
+            elif not all(o or not g for o, g in zip(obs, grp, strict=True)):
+                self._split(k, ~observed)  # the group's unreported heads split off
+            grp = self.group[k].tolist()
+        err = y - self.theta[k] @ x  # (H,) NaN where not observed
+        xx = x[:, None] * x
+        if any(grp):
+            group = self.group[k]
+            # One gain serves every head of the group: they share A^-1.
+            p = self.s_inv[k]
+            px = p @ x
+            gain = px / (1.0 + px @ x)
+            p -= gain[:, None] * px
+            self.s_data[k] += xx
+            self.theta[k, group] += err[group, None] * gain
+        own = [h for h in range(_H) if obs[h] and not grp[h]]
+        if own:
+            p = self.a_inv[k, own]  # (h,D,D), a copy (fancy indexing)
+            px = p @ x
+            gain = px / (1.0 + px @ x)[:, None]
+            self.a_inv[k, own] = p - gain[:, :, None] * px[:, None, :]
+            self.a_data[k, own] += xx
+            self.theta[k, own] += err[own, None] * gain
+        yo = np.where(observed, y, 0.0)
+        self.b_data[k] += yo[:, None] * x
+        self.srr[k] += yo * yo
+        self.weight[k] += observed
+        self.count[k] += observed
         self.updates[k] += 1
         if self.updates[k] >= self.refresh_every:
             self.refresh([k])
         else:
             self._update_sigma2(k)
-        return residual_quality
+        return float(err[0]) if obs[0] else None
 
     def update_many(self, k: int, x: np.ndarray, y: np.ndarray) -> None:
         """Add a batch of observations (n,D) / (n,H) to arm k, then refresh it exactly."""
         observed = ~np.isnan(y)
-        for h in range(_H):
+        group = self.group[k]
+        if group.any():
+            patterns = np.unique(observed, axis=0)
+            if len(patterns) == 1 and not (patterns[0] & ~group).any():
+                self._split(k, ~patterns[0])  # the batch keeps (part of) the group
+            else:
+                self._split(k, group.copy())
+        group = self.group[k]
+        if group.any():
+            self.s_data[k] += x.T @ x
+        for h in np.flatnonzero(~group):
             rows = observed[:, h]
-            if not rows.any():
-                continue
-            xh = x[rows]
-            yh = y[rows, h]
-            self.a_data[k, h] += xh.T @ xh
-            self.b_data[k, h] += yh @ xh
-            self.srr[k, h] += yh @ yh
-            self.weight[k, h] += rows.sum()
-            self.count[k, h] += int(rows.sum())
+            if rows.any():
+                self.a_data[k, h] += x[rows].T @ x[rows]
+        yo = np.where(observed, y, 0.0)
+        self.b_data[k] += yo.T @ x
+        self.srr[k] += (yo * yo).sum(axis=0)
+        self.weight[k] += observed.sum(axis=0)
+        self.count[k] += observed.sum(axis=0)
         self.refresh([k])
 
-    def scale(self, factor: float | np.ndarray, arms: list[int] | None = None) -> None:
+    def scale(self, factor: float, arms: list[int] | None = None) -> None:
         """Discount the data of some arms (forgetting); the prior is never discounted."""
         idx = slice(None) if arms is None else arms
-        self.a_data[idx] *= factor
-        self.b_data[idx] *= factor
-        self.srr[idx] *= factor
-        self.weight[idx] *= factor
+        for name in self.DATA:
+            getattr(self, name)[idx] *= factor
         self.refresh(None if arms is None else list(arms))
 
-    def add(self, k: int, other: ArmStatistics, j: int) -> None:
-        """Add the data sums of arm j of ``other`` to arm k of self (merge)."""
-        self.a_data[k] += other.a_data[j]
-        self.b_data[k] += other.b_data[j]
-        self.srr[k] += other.srr[j]
-        self.weight[k] += other.weight[j]
+    def add(self, k: int, other: ArmStatistics, j: int, factor: float = 1.0) -> None:
+        """Add ``factor`` times the data sums of arm j of ``other`` to arm k (merge)."""
+        if self.group[k].any() and np.array_equal(self.group[k], other.group[j]):
+            self.s_data[k] += factor * other.s_data[j]
+            own = ~self.group[k]
+            self.a_data[k, own] += factor * other.a_data[j, own]
+        else:
+            self._split(k, self.group[k].copy())
+            self.a_data[k] += factor * other.matrices_of(j, "a_data")
+        self.b_data[k] += factor * other.b_data[j]
+        self.srr[k] += factor * other.srr[j]
+        self.weight[k] += factor * other.weight[j]
         self.count[k] += other.count[j]
+
+    def matrices_of(self, k: int, name: str) -> np.ndarray:
+        """One arm's (H,D,D) ``a_data`` or ``a_inv`` with every head's own matrix."""
+        out = getattr(self, name)[k].copy()
+        out[self.group[k]] = (self.s_data if name == "a_data" else self.s_inv)[k]
+        return out
 
     # ------------------------------------------------------------ prediction
     def predict(self, xb: np.ndarray, arms: np.ndarray | None, c: np.ndarray | None,
@@ -206,8 +279,8 @@ class ArmStatistics:
         ``arms`` selects the candidate arms (None: all, in order); ``c`` (all arms, H)
         are the per-head variance weights w_h^2 * sigma_h^2; when None the std is not
         computed (zeros). Everything is computed on the full stacked arrays and the
-        candidates' columns are selected at the end: indexing ``a_inv`` first would copy
-        K*H*D^2 floats per call, more than the arithmetic it saves.
+        candidates' columns are selected at the end: indexing the matrices first would
+        copy them, more work than the arithmetic it saves.
         """
         k, h, d = self.theta.shape
         n = xb.shape[0]
@@ -217,15 +290,22 @@ class ArmStatistics:
         utility = means @ w
         if c is None:
             return means, utility, np.zeros_like(utility)
+        c_group = (c * self.group).sum(axis=1)  # (K,)
+        # (arm, head) pairs outside the groups that the preferences weigh.
+        own_k, own_h = np.nonzero(~self.group & (c > 0))
         if n == 1:
-            # One context: per-head quadratic forms, batched matrix-vector products.
             x = xb[0]
-            q = (self.a_inv @ x) @ x  # (K,H)
-            var = (q * c).sum(axis=1)[None, :]
+            var = ((self.s_inv @ x) @ x) * c_group
+            if own_k.size:
+                q = np.einsum("pij,j,i->p", self.a_inv[own_k, own_h], x, x)
+                np.add.at(var, own_k, q * c[own_k, own_h])
+            var = var[None, :]
         else:
-            # Many contexts: one combined matrix per arm, then one quadratic form per
+            # One combined matrix sum_h c_h A_h^-1 per arm, then one quadratic form per
             # context and arm, as a single (n, D) x (D, K*D) product.
-            m = (c[:, None, :] @ self.a_inv.reshape(k, h, d * d)).reshape(k, d, d)
+            m = c_group[:, None, None] * self.s_inv
+            if own_k.size:
+                np.add.at(m, own_k, c[own_k, own_h, None, None] * self.a_inv[own_k, own_h])
             m = m.transpose(1, 0, 2).reshape(d, k * d)
             xq = xb
             if n >= FLOAT32_WIDTH_BATCH:
@@ -239,8 +319,11 @@ class ArmStatistics:
             var = var[:, arms]
         return means, utility, np.sqrt(np.maximum(var, 0.0))
 
-    def prior_sigma(self) -> np.ndarray:
-        return np.sqrt(self.sigma2)
+
+def _spd_inverse(a: np.ndarray) -> np.ndarray:
+    """Inverse of symmetric positive definite matrices (..., D, D) through Cholesky."""
+    inv_l = np.linalg.inv(np.linalg.cholesky(a))  # triangular: off the hot path
+    return np.swapaxes(inv_l, -1, -2) @ inv_l
 
 
 def prior_sigma(mu0: np.ndarray, known: np.ndarray) -> np.ndarray:

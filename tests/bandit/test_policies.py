@@ -111,7 +111,8 @@ def test_merge_two_halves_equals_one_replica(cls, half_life):
     merged = left.merge(right)
     for name in ARMS:
         assert merged.observations(name) == full.observations(name)
-    np.testing.assert_allclose(merged._stats.a_data, full._stats.a_data, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(merged._stats.matrices("a_data"), full._stats.matrices("a_data"),
+                               rtol=0, atol=1e-9)
     np.testing.assert_allclose(merged._stats.b_data, full._stats.b_data, rtol=0, atol=1e-9)
     # Same seed for the comparison so both draw the same random numbers.
     merged._rng = np.random.default_rng(99)
@@ -154,7 +155,37 @@ def test_update_batch_matches_sequential_updates(cls):
         seq.update(arms[t], x[t], outcomes[t])
     bat.update_batch(arms, x, outcomes)
     np.testing.assert_allclose(bat._stats.theta, seq._stats.theta, atol=1e-9)
-    np.testing.assert_allclose(bat._stats.a_inv, seq._stats.a_inv, atol=1e-9)
+    np.testing.assert_allclose(bat._stats.matrices("a_inv"), seq._stats.matrices("a_inv"),
+                               atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", POLICIES)
+def test_update_tied_heads_equal_untied_heads(cls):
+    """Sharing one matrix while every event is complete is an optimization only."""
+    x, _, noisy, costs = make_problem(11, 6, 120)
+    tied, untied = build(cls, drift_delta=None), build(cls, drift_delta=None)
+    for k in range(len(ARMS)):
+        untied._stats._split(k, untied._stats.group[k].copy())
+    feed(tied, x, noisy, costs, range(60))
+    feed(untied, x, noisy, costs, range(60))
+    assert tied._stats.group.all() and not untied._stats.group.any()
+    tied.update("mid", x[60], {"quality": 0.5})  # a partial outcome splits "mid" only
+    untied.update("mid", x[60], {"quality": 0.5})
+    assert tied._stats.group.all(axis=1).tolist() == [True, False, True]
+    assert not tied._stats.group[1].any()  # quality alone: a group of one is no group
+    feed(tied, x, noisy, costs, range(61, 120))
+    feed(untied, x, noisy, costs, range(61, 120))
+    for name in ("a_data", "a_inv"):
+        np.testing.assert_allclose(tied._stats.matrices(name), untied._stats.matrices(name),
+                                   atol=1e-9)
+    np.testing.assert_allclose(tied._stats.theta, untied._stats.theta, atol=1e-9)
+    prefs = Preferences(quality=1.0, cost=5.0, latency=0.1)
+    ctx = unit_rows(np.random.default_rng(0), 200, 6)
+    for rows in (ctx[:1], ctx):  # the one-context and the batched paths
+        a = tied.decide_batch(rows, prefs, explore=True, propensities=False)
+        b = untied.decide_batch(rows, prefs, explore=True, propensities=False)
+        np.testing.assert_allclose(a.uncertainty, b.uncertainty, rtol=1e-5)
+        np.testing.assert_allclose(a.utility, b.utility, atol=1e-9)
 
 
 @pytest.mark.parametrize("cls", POLICIES)
