@@ -1,0 +1,50 @@
+"""learner partition offsets and statistics (distributed mode, streams/)
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-23 17:00:00
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    # One row per (consumer group, topic, partition): the next offset the partition's
+    # statistics include and a version bumped by every write (the deciders' refresh
+    # signal). Written in the same transaction as the statistics.
+    op.create_table(
+        "learner_partitions",
+        sa.Column("group_id", sa.String(length=200), nullable=False),
+        sa.Column("topic", sa.String(length=200), nullable=False),
+        sa.Column("partition", sa.Integer(), nullable=False),
+        sa.Column("next_offset", sa.BigInteger(), nullable=False),
+        sa.Column("version", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint("group_id", "topic", "partition",
+                                name=op.f("pk_learner_partitions")),
+    )
+    # The statistics (a serialized policy holding only data sums, no prior) of one
+    # partition and one scope key: "shared" or "tenant:<id>" for isolated tenants.
+    op.create_table(
+        "partition_statistics",
+        sa.Column("group_id", sa.String(length=200), nullable=False),
+        sa.Column("topic", sa.String(length=200), nullable=False),
+        sa.Column("partition", sa.Integer(), nullable=False),
+        sa.Column("key", sa.String(length=100), nullable=False),
+        sa.Column("data", sa.LargeBinary(), nullable=False),
+        sa.PrimaryKeyConstraint("group_id", "topic", "partition", "key",
+                                name=op.f("pk_partition_statistics")),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("partition_statistics")
+    op.drop_table("learner_partitions")
