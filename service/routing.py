@@ -99,6 +99,10 @@ class FeedbackResult:
     feedback_id: int | None
 
 
+def _outcome(fb: m.Feedback) -> dict[str, float | None]:
+    return {"quality": fb.quality, "cost_usd": fb.cost_usd, "latency_ms": fb.latency_ms}
+
+
 def _ts(value: datetime) -> float:
     return m.as_utc(value).timestamp()
 
@@ -222,9 +226,17 @@ class RoutingService:
             return policy
 
         self.shared = {kind: restore(f"shared:{kind}", kind) for kind in POLICY_KINDS}
-        self.isolated = {
-            t.id: {kind: restore(f"tenant:{t.id}:{kind}", kind) for kind in POLICY_KINDS}
-            for t in self.tenants.values() if t.scope == "isolated"}
+        self.isolated = {}
+        for t in self.tenants.values():
+            if t.scope != "isolated":
+                continue
+            if all(f"tenant:{t.id}:{kind}" in snapshots for kind in POLICY_KINDS):
+                self.isolated[t.id] = {kind: restore(f"tenant:{t.id}:{kind}", kind)
+                                       for kind in POLICY_KINDS}
+            else:
+                # Turned isolated after the checkpoint: rebuild up to the checkpoint; the
+                # replay that follows adds the rest.
+                self.isolated[t.id] = self._rebuild_isolated(t.id, self.last_feedback_id)
         self._checkpointed_versions = self._versions()
 
     def _versions(self) -> tuple[int, ...]:
@@ -234,18 +246,12 @@ class RoutingService:
         """Apply the feedback rows written after the checkpoint, in id order."""
         replayed = 0
         while True:
-            with Session(self.engine) as session:
-                rows = session.execute(
-                    select(m.Feedback, m.Decision.model, m.Decision.context)
-                    .join(m.Decision, m.Decision.id == m.Feedback.decision_id)
-                    .where(m.Feedback.id > self.last_feedback_id)
-                    .order_by(m.Feedback.id).limit(batch)).all()
+            rows = self._feedback_rows(self.last_feedback_id, batch)
             if not rows:
                 break
             for fb, model, context in rows:
                 self._apply(fb.tenant_id, model, np.frombuffer(context, dtype=np.float64),
-                            {"quality": fb.quality, "cost_usd": fb.cost_usd,
-                             "latency_ms": fb.latency_ms}, _ts(fb.created_at))
+                            _outcome(fb), _ts(fb.created_at))
                 self.last_feedback_id = int(fb.id)
                 replayed += 1
         if replayed:
@@ -428,7 +434,7 @@ class RoutingService:
             tenant.ledger.set_budgets(values.get("budget_usd_per_day", tenant.budget_usd_per_day),
                                       values.get("budget_usd_per_month",
                                                  tenant.budget_usd_per_month))
-            self._sync_isolation(tenant)
+        self._sync_isolation(tenant)
         return tenant
 
     # ========================================================== other replicas
@@ -469,15 +475,53 @@ class RoutingService:
                     tenant.on_budget_exhausted = row.on_budget_exhausted
                     tenant.ledger.set_budgets(row.budget_usd_per_day,
                                               row.budget_usd_per_month)
-                self._sync_isolation(tenant)
+            tenants = [self.tenants[row.id] for row in tenant_rows]
+        for tenant in tenants:
+            self._sync_isolation(tenant)
 
     def _sync_isolation(self, tenant: TenantState) -> None:
+        """Create or drop a tenant's isolated policies to match its scope.
+
+        Called without ``_lock`` held (it takes ``_feedback_lock`` first, the lock order
+        everywhere). A tenant turning isolated gets policies rebuilt from its own feedback
+        history, so "isolated" means "learned from the tenant's own feedback" whenever
+        the switch happened, and a restart rebuilds the same state.
+        """
         if tenant.scope == "isolated" and tenant.id not in self.isolated:
-            # A tenant turning isolated starts from the priors and learns from its own
-            # feedback from now on.
-            self.isolated[tenant.id] = {k: self._new_policy(k) for k in POLICY_KINDS}
-        elif tenant.scope == "shared":
-            self.isolated.pop(tenant.id, None)
+            with self._feedback_lock:
+                pair = self._rebuild_isolated(tenant.id, self.last_feedback_id)
+                with self._lock:
+                    self.isolated.setdefault(tenant.id, pair)
+        elif tenant.scope == "shared" and tenant.id in self.isolated:
+            with self._lock:
+                self.isolated.pop(tenant.id, None)
+
+    def _rebuild_isolated(self, tenant_id: str, upto: int,
+                          batch: int = 1000) -> dict[str, Policy]:
+        pair = {kind: self._new_policy(kind) for kind in POLICY_KINDS}
+        after = 0
+        while True:
+            rows = self._feedback_rows(after, batch, tenant_id=tenant_id, upto=upto)
+            if not rows:
+                return pair
+            for fb, model, context in rows:
+                x = np.frombuffer(context, dtype=np.float64)
+                for policy in pair.values():
+                    if model in policy.arms:
+                        policy.update(model, x, _outcome(fb), now=_ts(fb.created_at))
+                after = int(fb.id)
+
+    def _feedback_rows(self, after: int, limit: int, *, tenant_id: str | None = None,
+                       upto: int | None = None) -> list[Any]:
+        q = (select(m.Feedback, m.Decision.model, m.Decision.context)
+             .join(m.Decision, m.Decision.id == m.Feedback.decision_id)
+             .where(m.Feedback.id > after).order_by(m.Feedback.id).limit(limit))
+        if tenant_id is not None:
+            q = q.where(m.Feedback.tenant_id == tenant_id)
+        if upto is not None:
+            q = q.where(m.Feedback.id <= upto)
+        with Session(self.engine) as session:
+            return list(session.execute(q).all())
 
     # ================================================================== decide
     def context_from(self, text: str | None, embedding: list[float] | None) -> np.ndarray:

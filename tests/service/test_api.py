@@ -386,3 +386,22 @@ def test_get_openapi_documents_decide_body(client):
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/decide"]["post"]["requestBody"]
     assert "query" in body["content"]["application/json"]["schema"]["properties"]
+
+
+def test_put_preferences_isolated_rebuilds_own_history(client, models):
+    """Switching to isolated keeps what the tenant's own feedback taught, and nothing
+    from other tenants' feedback."""
+    own, other = create_tenant(client, "own"), create_tenant(client, "noise")
+    m = models[1]
+    for i in range(4):
+        d = decide(client, own, [m], seed=40 + i).json()["decision_id"]
+        client.post("/v1/feedback", json={"decision_id": d, "quality": 0.0}, headers=own)
+        d = decide(client, other, [m], seed=40 + i).json()["decision_id"]
+        client.post("/v1/feedback", json={"decision_id": d, "quality": 1.0}, headers=other)
+    client.put("/v1/tenants/me/preferences", json={"scope": "isolated"}, headers=own)
+    service = client.app.state.routing
+    pair = service.isolated[own["X-Tenant"]]
+    for policy in pair.values():
+        assert policy.observations(m)["quality"] == 4
+    probe = decide(client, own, [m], seed=40).json()["predictions"][m]["quality"]
+    assert probe < 0.3
