@@ -59,9 +59,12 @@ BARE_APP = textwrap.dedent('''
         return BODY
 ''')
 
+# What `bandit-router serve` does, minus the command line.
 ROUTER_APP = textwrap.dedent('''
     from service.app import create_app
+    from service.commands.serve import tune_gc
     from service.config import Settings
+    tune_gc()
     app = create_app(Settings())
 ''')
 

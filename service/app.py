@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -67,6 +68,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   file=sys.stderr, flush=True)
         app.state.routing = service
         app.state.generated_admin_key = generated
+        # What exists now (modules, policies, caches) lives as long as the process: keep
+        # it out of the garbage collector's full collections, the source of the latency
+        # tail (see service.commands.serve.tune_gc).
+        gc.collect()
+        gc.freeze()
         tasks = [asyncio.create_task(_checkpoint_loop(service, settings.checkpoint_interval_s)),
                  asyncio.create_task(_refresh_loop(service, settings.registry_refresh_s))]
         try:
