@@ -65,7 +65,7 @@ ROUTER_APP = textwrap.dedent('''
     from service.commands.serve import tune_gc
     from service.config import Settings
     tune_gc()
-    app = create_app(Settings())
+    app = create_app(Settings(), freeze_gc=True)
 ''')
 
 

@@ -51,7 +51,9 @@ async def _refresh_loop(service: RoutingService, interval: float) -> None:
             log.exception("refreshing models and tenants failed")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> FastAPI:
+    """Build an app. ``freeze_gc`` (set by ``bandit-router serve``, a process-wide
+    effect) moves everything alive after start-up out of the garbage collector's reach."""
     settings = settings if settings is not None else Settings()
 
     @contextlib.asynccontextmanager
@@ -68,11 +70,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   file=sys.stderr, flush=True)
         app.state.routing = service
         app.state.generated_admin_key = generated
-        # What exists now (modules, policies, caches) lives as long as the process: keep
-        # it out of the garbage collector's full collections, the source of the latency
-        # tail (see service.commands.serve.tune_gc).
-        gc.collect()
-        gc.freeze()
+        if freeze_gc:
+            # What exists now (modules, policies, caches) lives as long as the process:
+            # keep it out of the garbage collector's full collections, the source of the
+            # latency tail (see service.commands.serve.tune_gc).
+            gc.collect()
+            gc.freeze()
         tasks = [asyncio.create_task(_checkpoint_loop(service, settings.checkpoint_interval_s)),
                  asyncio.create_task(_refresh_loop(service, settings.registry_refresh_s))]
         try:

@@ -27,5 +27,5 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind."),
 
     tune_gc()
     # One worker: the embedded learner lives in this process (see service/README.md).
-    uvicorn.run(create_app(Settings()), host=host, port=port, log_level=log_level,
+    uvicorn.run(create_app(Settings(), freeze_gc=True), host=host, port=port, log_level=log_level,
                 workers=1)
