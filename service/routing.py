@@ -689,6 +689,9 @@ class RoutingService:
             self.last_feedback_id = max(self.last_feedback_id, feedback_id)
         if delta:
             tenant.ledger.adjust(delta, decided_at)
+            day, month = tenant.ledger.snapshot()
+            self.metrics.spend.labels(tenant.id, "day").set(day)
+            self.metrics.spend.labels(tenant.id, "month").set(month)
         self.metrics.feedback.labels("applied").inc()
         self.metrics.reward.labels(tenant.id).inc(tenant.preferences.reward(
             **{k: v for k, v in outcome.items() if v is not None}))
@@ -702,6 +705,33 @@ class RoutingService:
             for policy in targets:
                 if model in policy.arms:  # a deleted model learns nothing more
                     policy.update(model, x, outcome, now=now)
+
+    # ================================================================ decisions
+    def get_decision(self, tenant: TenantState, decision_id: str) -> dict[str, Any]:
+        """One of the tenant's decisions with its feedback; another tenant's is a 404
+        exactly like a decision that does not exist."""
+        if self.writer.is_pending(decision_id):
+            self.writer.wait_for(decision_id)
+        with Session(self.engine) as session:
+            decision = session.get(m.Decision, decision_id)
+            if decision is None or decision.tenant_id != tenant.id:
+                raise Problem(404, f"decision {decision_id} does not exist",
+                              slug="decision-not-found")
+            feedback = session.scalars(select(m.Feedback)
+                                       .where(m.Feedback.decision_id == decision_id)
+                                       .order_by(m.Feedback.id)).all()
+            return {
+                "decision_id": decision.id, "model": decision.model,
+                "propensity": decision.propensity, "policy": decision.policy,
+                "policy_version": int(decision.policy_version), "scope": decision.scope,
+                "predictions": decision.predictions,
+                "predicted_cost_usd": decision.predicted_cost_usd,
+                "charged_usd": decision.charged_usd, "over_budget": decision.over_budget,
+                "created_at": m.as_utc(decision.created_at),
+                "feedback": [{"event_id": f.event_id or None, "quality": f.quality,
+                              "cost_usd": f.cost_usd, "latency_ms": f.latency_ms,
+                              "received_at": m.as_utc(f.created_at)} for f in feedback],
+            }
 
     # ==================================================================== usage
     def usage(self, tenant: TenantState) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
@@ -11,6 +12,7 @@ __all__ = [
     "Query", "PreferenceWeights", "DecideRequest", "PredictionOut", "DecideResponse",
     "FeedbackRequest", "FeedbackResponse", "TenantPreferences", "TenantPreferencesUpdate",
     "ModelCreate", "ModelUpdate", "ModelOut", "TenantCreate", "TenantCreated", "UsageOut",
+    "DecisionOut", "FeedbackOut",
 ]
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -151,6 +153,29 @@ class TenantCreated(BaseModel):
     id: str
     name: str
     api_key: str
+
+
+class FeedbackOut(BaseModel):
+    event_id: str | None
+    quality: float | None
+    cost_usd: float | None
+    latency_ms: float | None
+    received_at: datetime
+
+
+class DecisionOut(BaseModel):
+    decision_id: str
+    model: str
+    propensity: float
+    policy: str
+    policy_version: int
+    scope: str
+    predictions: dict[str, dict[str, float | None]]
+    predicted_cost_usd: float
+    charged_usd: float
+    over_budget: bool
+    created_at: datetime
+    feedback: list[FeedbackOut]
 
 
 class UsageOut(BaseModel):

@@ -405,3 +405,23 @@ def test_put_preferences_isolated_rebuilds_own_history(client, models):
         assert policy.observations(m)["quality"] == 4
     probe = decide(client, own, [m], seed=40).json()["predictions"][m]["quality"]
     assert probe < 0.3
+
+
+def test_get_decision_own_with_feedback_other_404(client, models):
+    owner, other = create_tenant(client, "owner"), create_tenant(client, "reader")
+    d = decide(client, owner, models).json()
+    client.post("/v1/feedback", json={"decision_id": d["decision_id"], "quality": 0.6,
+                                      "event_id": "thumbs"}, headers=owner)
+    r = client.get(f"/v1/decisions/{d['decision_id']}", headers=owner)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == d["model"] and body["propensity"] == d["propensity"]
+    assert set(body["predictions"]) == set(models)
+    assert [f["event_id"] for f in body["feedback"]] == ["thumbs"]
+    assert body["feedback"][0]["quality"] == 0.6
+    foreign = client.get(f"/v1/decisions/{d['decision_id']}", headers=other)
+    unknown_id = str(uuid.uuid4())
+    unknown = client.get(f"/v1/decisions/{unknown_id}", headers=other)
+    a, b = assert_problem(foreign, 404), assert_problem(unknown, 404)
+    assert a["detail"].replace(d["decision_id"], "ID") == b["detail"].replace(unknown_id, "ID")
+    assert a["type"] == b["type"] and a["title"] == b["title"]
