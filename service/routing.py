@@ -637,9 +637,14 @@ class RoutingService:
         self.metrics.decisions.labels(model, tenant.id).inc()
         if explored:
             self.metrics.explored.labels(tenant.id).inc()
-        day, month = tenant.ledger.snapshot()
-        self.metrics.spend.labels(tenant.id, "day").set(day)
-        self.metrics.spend.labels(tenant.id, "month").set(month)
+
+    def export_gauges(self) -> None:
+        """Set the gauges read at scrape time (spend per tenant, writer queue depth)."""
+        self.metrics.queue_depth.set(self.writer.depth())
+        for tenant in list(self.tenants.values()):
+            day, month = tenant.ledger.snapshot()
+            self.metrics.spend.labels(tenant.id, "day").set(day)
+            self.metrics.spend.labels(tenant.id, "month").set(month)
 
     # ================================================================= feedback
     def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
@@ -689,9 +694,6 @@ class RoutingService:
             self.last_feedback_id = max(self.last_feedback_id, feedback_id)
         if delta:
             tenant.ledger.adjust(delta, decided_at)
-            day, month = tenant.ledger.snapshot()
-            self.metrics.spend.labels(tenant.id, "day").set(day)
-            self.metrics.spend.labels(tenant.id, "month").set(month)
         self.metrics.feedback.labels("applied").inc()
         self.metrics.reward.labels(tenant.id).inc(tenant.preferences.reward(
             **{k: v for k, v in outcome.items() if v is not None}))

@@ -35,5 +35,5 @@ def readyz(service: ServiceDep) -> dict[str, str]:
 
 @router.get("/metrics")
 def metrics(service: ServiceDep, m: MetricsDep) -> Response:
-    m.queue_depth.set(service.writer.depth())
+    service.export_gauges()
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
