@@ -1,0 +1,189 @@
+"""Shared helpers of the streams tests: a world of tenants and decisions, event
+production, waiting for the learners, and the clean single-process replay."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import psycopg
+from kafka import KafkaProducer
+
+from bandit import Policy
+from streams.learner import libpq_url
+from streams.schemas import FeedbackEvent, encode_feedback
+from streams.stats import SHARED_KEY, new_statistics, sum_statistics
+
+DIM = 8
+MODELS = [f"model-{i}" for i in range(4)]
+
+
+@dataclass
+class World:
+    """Tenants and decisions stored in a test database."""
+
+    url: str
+    dim: int = DIM
+    seed: int = 0
+    tenants: list[str] = field(default_factory=list)
+    decisions: dict[str, tuple[str, str, str, np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def conn(self) -> psycopg.Connection:
+        return psycopg.connect(libpq_url(self.url), autocommit=True)
+
+    def add_tenants(self, n: int) -> list[str]:
+        new = [str(uuid.uuid4()) for _ in range(n)]
+        with self.conn() as conn:
+            conn.cursor().executemany(
+                "INSERT INTO tenants (id, name, key_hash, weight_quality, weight_cost,"
+                " weight_latency, policy, scope, on_budget_exhausted, created_at, updated_at)"
+                " VALUES (%s, %s, %s, 1, 0, 0, 'linucb', 'shared', 'cheapest', now(), now())",
+                [(t, f"tenant-{t[:8]}", uuid.uuid4().hex + uuid.uuid4().hex) for t in new])
+        self.tenants.extend(new)
+        return new
+
+    def add_decisions(self, n: int, *, scope: str = "shared", age: timedelta | None = None,
+                      store: bool = True) -> list[str]:
+        created = datetime.now(UTC) - (age or timedelta(0))
+        rows = []
+        for _ in range(n):
+            decision_id = str(uuid.uuid4())
+            tenant = self.tenants[int(self.rng.integers(len(self.tenants)))]
+            model = MODELS[int(self.rng.integers(len(MODELS)))]
+            x = self.rng.normal(size=self.dim)
+            self.decisions[decision_id] = (tenant, model, scope, x)
+            rows.append((decision_id, tenant, model, scope, x))
+        if store:
+            self.store(rows, created)
+        return [r[0] for r in rows]
+
+    def store(self, rows: list[tuple], created: datetime | None = None) -> None:
+        created = created or datetime.now(UTC)
+        with self.conn() as conn:
+            conn.cursor().executemany(
+                "INSERT INTO decisions (id, tenant_id, model, policy, policy_version, scope,"
+                " propensity, context, predictions, predicted_cost_usd, charged_usd,"
+                " over_budget, created_at) VALUES (%s, %s, %s, 'linucb', 0, %s, 1.0, %s,"
+                " '{}', 0, 0, false, %s)",
+                [(d, t, m, s, np.ascontiguousarray(x, dtype="<f8").tobytes(), created)
+                 for d, t, m, s, x in rows])
+
+    def store_later(self, decision_id: str) -> None:
+        tenant, model, scope, x = self.decisions[decision_id]
+        self.store([(decision_id, tenant, model, scope, x)])
+
+    def feedback(self, decision_id: str, event_id: str | None = None,
+                 tenant: str | None = None) -> FeedbackEvent:
+        owner = self.decisions[decision_id][0]
+        q = float(self.rng.uniform())
+        return FeedbackEvent(event_id or uuid.uuid4().hex, decision_id, tenant or owner,
+                             quality=q, cost_usd=float(self.rng.uniform(0, 0.01)),
+                             latency_ms=float(self.rng.uniform(50, 2000)),
+                             sent_at=time.time())
+
+
+def producer(bootstrap: str) -> KafkaProducer:
+    return KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+
+
+class Ends(dict):
+    """End offset (last offset + 1) of each partition, from the producer's own receipts.
+
+    The test broker (Tansu, in-memory) answers ListOffsets with the base offset of the
+    last batch + 1, not the end: ``KafkaConsumer.end_offsets`` cannot be used here.
+    """
+
+    def track(self, futures: list) -> None:
+        for future in futures:
+            meta = future.get(timeout=30)
+            self[meta.partition] = max(self.get(meta.partition, 0), meta.offset + 1)
+
+
+def send_events(prod: KafkaProducer, topic: str, events: list[FeedbackEvent],
+                ends: Ends) -> None:
+    futures = [prod.send(topic, key=e.decision_id.encode(), value=encode_feedback(e))
+               for e in events]
+    prod.flush()
+    ends.track(futures)
+
+
+def send_raw(prod: KafkaProducer, topic: str, key: bytes, value: bytes, ends: Ends) -> None:
+    future = prod.send(topic, key=key, value=value)
+    prod.flush()
+    ends.track([future])
+
+
+def stored_offsets(url: str, group: str, topic: str) -> dict[int, int]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        rows = conn.execute("SELECT partition, next_offset FROM learner_partitions"
+                            " WHERE group_id = %s AND topic = %s", (group, topic)).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+def wait_caught_up(url: str, group: str, topic: str, ends: Ends,
+                   timeout_s: float = 60.0) -> None:
+    """Wait until every partition's stored offset reached the end of the partition."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stored = stored_offsets(url, group, topic)
+        behind = {p: (stored.get(p, -1), end) for p, end in ends.items()
+                  if end > 0 and stored.get(p, -1) < end}
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"learners did not catch up in {timeout_s}s: "
+                                 f"(stored, end) per partition {behind}")
+        time.sleep(0.2)
+
+
+def load_statistics(url: str, group: str, topic: str, key: str = SHARED_KEY) -> Policy:
+    with psycopg.connect(libpq_url(url)) as conn:
+        blobs = conn.execute("SELECT data FROM partition_statistics WHERE group_id = %s"
+                             " AND topic = %s AND key = %s", (group, topic, key)).fetchall()
+    parts = [Policy.from_bytes(bytes(b)) for (b,) in blobs]
+    return sum_statistics(parts, DIM)
+
+
+def replay(world: World, events: list[FeedbackEvent], key: str = SHARED_KEY) -> Policy:
+    """The clean single-process replay: every distinct (decision_id, event_id) once."""
+    seen: set[tuple[str, str]] = set()
+    policy = new_statistics(world.dim)
+    arms, xs, outcomes = [], [], []
+    for event in events:
+        ident = (event.decision_id, event.event_id)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        tenant, model, scope, x = world.decisions[event.decision_id]
+        if key != SHARED_KEY and (scope != "isolated" or key != f"tenant:{tenant}"):
+            continue
+        if model not in policy.arms:
+            policy.add_arm(model)
+        arms.append(model)
+        xs.append(x)
+        outcomes.append(event.outcome())
+    if arms:
+        policy.update_batch(arms, np.array(xs), outcomes)
+    return policy
+
+
+def assert_same_statistics(actual: Policy, expected: Policy, tol: float = 1e-9) -> None:
+    """Data sums equal arm by arm (to ``tol``, relative to the scale of each array)."""
+    assert sorted(actual.arms) == sorted(expected.arms)
+    for name in expected.arms:
+        assert actual.observations(name) == expected.observations(name), name
+        # Private arrays, read-only: the sums are the property under test and the
+        # public API only exposes them through predictions.
+        a, e = actual._stats, expected._stats  # noqa: SLF001
+        i, j = actual._index[name], expected._index[name]  # noqa: SLF001
+        for array in ("a_data", "b_data", "srr", "weight"):
+            got, want = getattr(a, array)[i], getattr(e, array)[j]
+            scale = max(1.0, float(np.abs(want).max()))
+            np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale,
+                                       err_msg=f"{array} of {name}")

@@ -1,0 +1,166 @@
+"""Learners against the real broker and PostgreSQL: sharing, duplicates, poison, rebalance."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from kafka import KafkaConsumer
+
+from service.db.engine import upgrade
+from streams.config import StreamsConfig
+from streams.learner import Learner
+from streams.schemas import decode_dead_letter
+from tests.streams.helpers import (
+    DIM,
+    Ends,
+    World,
+    assert_same_statistics,
+    load_statistics,
+    producer,
+    replay,
+    send_events,
+    send_raw,
+    wait_caught_up,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def db(fresh_database_url: str) -> str:
+    upgrade(fresh_database_url)
+    return fresh_database_url
+
+
+@pytest.fixture
+def world(db: str) -> World:
+    w = World(db, seed=int(time.time()))
+    w.add_tenants(3)
+    return w
+
+
+class Running:
+    """A learner looping in a thread (the real loop, stopped through its run flag)."""
+
+    def __init__(self, learner: Learner) -> None:
+        self.learner = learner
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.learner.run()
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def stop(self) -> None:
+        self.learner.stop()
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "learner did not stop within 30 s"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def start_learner(db: str, kafka_bootstrap: str) -> Iterator[Callable[..., Running]]:
+    running: list[Running] = []
+
+    def _start(topic: str, group: str, dead_topic: str = "unused-dead", **kw: object) -> Running:
+        config = StreamsConfig(bootstrap=kafka_bootstrap, feedback_topic=topic,
+                               dead_letter_topic=dead_topic, group_id=group, dim=DIM, **kw)
+        learner = Learner(config, db, client_id=f"test-{len(running)}")
+        learner.start(create_topics=False)
+        r = Running(learner)
+        running.append(r)
+        return r
+
+    yield _start
+    for r in running:
+        if r.thread.is_alive():
+            r.learner.stop()
+            r.thread.join(30)
+
+
+def test_apply_feedback_two_learners_equal_replay(world: World, kafka_bootstrap: str,
+                                                  make_topic: Callable[..., str],
+                                                  unique_group_id: str,
+                                                  start_learner: Callable[..., Running]) -> None:
+    topic = make_topic(partitions=4)
+    ids = world.add_decisions(600)
+    events = [world.feedback(d) for d in ids for _ in range(2)]
+    events += events[:150]  # exact repeats: counted once
+    a = start_learner(topic, unique_group_id, max_poll_records=200)
+    b = start_learner(topic, unique_group_id, max_poll_records=200)
+    prod, ends = producer(kafka_bootstrap), Ends()
+    send_events(prod, topic, events, ends)
+    wait_caught_up(world.url, unique_group_id, topic, ends)
+    a.stop()
+    b.stop()
+    owned = a.learner.metrics.events.labels("applied")._value.get() + \
+        b.learner.metrics.events.labels("applied")._value.get()
+    assert owned == 1200
+    assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
+                           replay(world, events))
+
+
+def test_apply_feedback_poison_and_duplicates_dead_lettered(
+        world: World, kafka_bootstrap: str, make_topic: Callable[..., str],
+        unique_group_id: str, start_learner: Callable[..., Running]) -> None:
+    from datetime import timedelta
+
+    topic, dead_topic = make_topic(partitions=2), make_topic(partitions=1)
+    good = world.add_decisions(50)
+    old = world.add_decisions(1, age=timedelta(days=60))[0]
+    late = world.add_decisions(1, store=False)[0]
+    never = world.add_decisions(1, store=False)[0]
+    other = world.add_tenants(1)[0]
+    events = [world.feedback(d) for d in good]
+    prod, ends = producer(kafka_bootstrap), Ends()
+    send_events(prod, topic, events[:25], ends)
+    poison = {
+        b"not json at all": "malformed-json",
+        b'{"schema_version": 1, "event_id": "x", "decision_id": "' + good[0].encode()
+        + b'", "tenant_id": "t", "quality": 7}': "out-of-range",
+        b'{"schema_version": 9}': "invalid-event",
+    }
+    for raw in poison:
+        send_raw(prod, topic, good[0].encode(), raw, ends)
+    from streams.schemas import encode_feedback
+
+    specials = {
+        "decision-expired": world.feedback(old),
+        "tenant-mismatch": world.feedback(good[1], tenant=other),
+        "unknown-decision": world.feedback(never),
+    }
+    late_event = world.feedback(late)
+    send_events(prod, topic, [*specials.values(), late_event, *events[25:], *events[:10]],
+                ends)  # the last 10 are repeats
+    learner = start_learner(topic, unique_group_id, dead_topic=dead_topic,
+                            pending_timeout_s=4.0, max_poll_records=50)
+    time.sleep(1.5)
+    world.store_later(late)  # its feedback waited in the pending buffer
+    wait_caught_up(world.url, unique_group_id, topic, ends, timeout_s=30)
+    learner.stop()
+    expected = events + [late_event]
+    assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
+                           replay(world, expected))
+
+    consumer = KafkaConsumer(dead_topic, bootstrap_servers=kafka_bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    letters = [decode_dead_letter(r.value) for r in consumer]
+    consumer.close()
+    by_reason: dict[str, list] = {}
+    for letter in letters:
+        by_reason.setdefault(letter.reason, []).append(letter)
+    assert sorted(by_reason) == sorted({*poison.values(), *specials})
+    for raw, reason in poison.items():
+        assert [letter.original for letter in by_reason[reason]] == [raw]
+    malformed = by_reason["out-of-range"][0]
+    assert malformed.detail.startswith("quality: ")
+    assert malformed.topic == topic and malformed.offset >= 0
+    assert by_reason["unknown-decision"][0].original == encode_feedback(
+        specials["unknown-decision"])
