@@ -136,6 +136,9 @@ class RoutingService:
         self._load_policies()
         self._replay_feedback()
         self._load_spend()
+        # Load the featurizer now (a sentence-embedding model takes seconds), not on the
+        # first text query.
+        self.featurize("warm up")
         self.writer.start()
         return admin_key
 

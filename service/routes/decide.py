@@ -44,7 +44,11 @@ async def decide(request: Request) -> Response:
         # Same locations as FastAPI's own body validation: ("body", field, ...).
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
                                       for e in exc.errors(include_url=False)]) from None
-    x = service.context_from(body.query.text, body.query.embedding)
+    if body.query.text is not None and settings.featurizer != "hashing":
+        # A sentence-embedding model takes milliseconds: off the event loop.
+        x = await asyncio.to_thread(service.context_from, body.query.text, None)
+    else:
+        x = service.context_from(body.query.text, body.query.embedding)
     override = None if body.preferences is None else Preferences(
         body.preferences.quality, body.preferences.cost, body.preferences.latency)
     pending = service.decide(tenant, x, body.candidates, override)
