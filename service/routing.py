@@ -23,6 +23,7 @@ position of decisions since the checkpoint and decisions still in the writer's q
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -267,8 +268,11 @@ class RoutingService:
             versions = self._versions()
             if not force and versions == self._checkpointed_versions:
                 return False
-            blobs = {key: p.to_bytes() for key, p in self._all_policies().items()}
+            # Copy under the locks (about 1 ms per policy), serialize outside them (about
+            # 5x longer): decisions wait only for the copy.
+            copies = {key: copy.deepcopy(p) for key, p in self._all_policies().items()}
             last = self.last_feedback_id
+        blobs = {key: p.to_bytes() for key, p in copies.items()}
         with Session(self.engine) as session, session.begin():
             cp = m.PolicyCheckpoint(created_at=m.utcnow(), last_feedback_id=last)
             session.add(cp)
