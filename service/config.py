@@ -59,8 +59,25 @@ class Settings(BaseSettings):
     prior_input_tokens: int = Field(500, ge=0)
     prior_output_tokens: int = Field(300, ge=0)
     run_migrations: bool = Field(True, description="Apply migrations on start.")
+    # Distributed mode (docs/streams.md): set kafka_bootstrap and a PostgreSQL
+    # database_url; feedback then goes through Kafka to the learners (bandit-router learn).
+    kafka_bootstrap: str | None = Field(None, description="Kafka bootstrap servers "
+                                        "host:port[,host:port]; unset = embedded mode.")
+    feedback_topic: str = "bandit.feedback"
+    decisions_topic: str = "bandit.decisions"
+    dead_letter_topic: str = "bandit.feedback.dead"
+    topic_partitions: int = Field(6, ge=1, description="Partitions of topics created by "
+                                  "the learner.")
+    learner_group: str = "bandit-learners"
+    learner_metrics_port: int = Field(9464, ge=0, le=65535)
+    learner_max_poll_records: int = Field(5000, ge=1)
+    # Feedback that arrives before its decision is written is retried this long.
+    feedback_pending_timeout_s: float = Field(30.0, ge=0.0)
+    feedback_retention_hours: float = Field(24.0 * 30, gt=0.0)
+    # Deciders re-check the learners' version this often even without a NOTIFY.
+    snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "kafka_bootstrap")
     @classmethod
     def _empty_is_default(cls, value: str | None) -> str | None:
         return value or None

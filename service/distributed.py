@@ -1,0 +1,285 @@
+"""Distributed mode: Kafka feedback, learners' statistics, read-only deciders.
+
+Chosen by :func:`service.app.create_app` when ``kafka_bootstrap`` is set (and the
+database is PostgreSQL). :class:`DistributedRoutingService` is the embedded
+:class:`~service.routing.RoutingService` with three changes:
+
+* ``POST /v1/feedback`` produces a feedback event to the feedback topic (``acks=all``,
+  key = ``decision_id``) and answers 202 ``queued`` once the broker has it; the learners
+  (``bandit-router learn``) apply it. A repeat is detected by the learner (the
+  ``feedback`` table's unique key), not by the API, so the API cannot say
+  ``duplicate``. HTTP and telemetry feedback take the same path.
+* every decision is also published to the decisions topic (analytics, off-policy
+  evaluation) by a background thread; a full publish queue drops the event (counted),
+  never the decision: PostgreSQL (the batched decision writer) stays the record.
+* the policies are a read-only snapshot: the priors of the registry merged with the sum
+  of every partition's statistics, refreshed by :class:`StatisticsFollower` when the
+  learners bump a version (LISTEN/NOTIFY, and a version poll as a fallback). A decision
+  reads the in-memory snapshot only; it never waits on Kafka or the database.
+
+Checkpoints and the start-up feedback replay are off: the learners' partition
+statistics in PostgreSQL are the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import psycopg
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from bandit import LinearThompson, LinUCB, Policy
+from bandit.base import check_finite_number
+from service.config import Settings
+from service.errors import Problem
+from service.routing import POLICY_KINDS, FeedbackResult, PendingDecision, RoutingService
+from streams.config import StreamsConfig
+from streams.learner import NOTIFY_CHANNEL, libpq_url
+from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
+from streams.stats import SHARED_KEY, recast, sum_statistics
+
+__all__ = ["DistributedRoutingService", "StatisticsFollower", "streams_config"]
+
+log = logging.getLogger("service.distributed")
+_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
+
+
+def streams_config(settings: Settings) -> StreamsConfig:
+    """The pipeline configuration carried by the service settings."""
+    if not settings.kafka_bootstrap:
+        raise ValueError("kafka_bootstrap is not set: distributed mode is off")
+    return StreamsConfig(
+        bootstrap=settings.kafka_bootstrap, feedback_topic=settings.feedback_topic,
+        decisions_topic=settings.decisions_topic,
+        dead_letter_topic=settings.dead_letter_topic, partitions=settings.topic_partitions,
+        group_id=settings.learner_group, dim=settings.dim,
+        pending_timeout_s=settings.feedback_pending_timeout_s,
+        retention_hours=settings.feedback_retention_hours,
+        max_poll_records=settings.learner_max_poll_records,
+        metrics_port=settings.learner_metrics_port).validated()
+
+
+class StatisticsFollower:
+    """Loads the partitions' statistics when their version changes; calls ``on_change``.
+
+    One thread, one PostgreSQL connection in autocommit mode: ``LISTEN`` on the
+    learners' channel, and every ``poll_interval_s`` (or on a notification) one cheap
+    query of the partitions' versions. Only partitions whose version moved are read
+    again. Refreshes are at most every ``min_interval_s``: under load the learners write
+    several times a second and a rebuild costs tens of milliseconds of CPU.
+    """
+
+    def __init__(self, database_url: str, config: StreamsConfig,
+                 on_change: Callable[[dict[str, Policy], dict[int, int]], None], *,
+                 poll_interval_s: float = 1.0, min_interval_s: float = 0.2) -> None:
+        self.url = libpq_url(database_url)
+        self.config = config
+        self.on_change = on_change
+        self.poll_interval_s = poll_interval_s
+        self.min_interval_s = min_interval_s
+        self.versions: dict[int, int] = {}
+        self.offsets: dict[int, int] = {}
+        self._parts: dict[int, dict[str, Policy]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.refreshes = 0
+
+    def refresh(self, conn: psycopg.Connection | None = None) -> bool:
+        """Read the changed partitions and publish a new sum; True if anything changed."""
+        own = conn is None
+        conn = conn or psycopg.connect(self.url, autocommit=True)
+        try:
+            rows = conn.execute(
+                "SELECT partition, version, next_offset FROM learner_partitions"
+                " WHERE group_id = %s AND topic = %s",
+                (self.config.group_id, self.config.feedback_topic)).fetchall()
+            changed = [int(p) for p, v, _ in rows if self.versions.get(int(p)) != int(v)]
+            if not changed:
+                return False
+            # Statistics and version read in one statement: a consistent pair.
+            blobs = conn.execute(
+                "SELECT p.partition, p.version, p.next_offset, s.key, s.data"
+                " FROM learner_partitions p LEFT JOIN partition_statistics s"
+                " ON s.group_id = p.group_id AND s.topic = p.topic"
+                " AND s.partition = p.partition"
+                " WHERE p.group_id = %s AND p.topic = %s AND p.partition = ANY(%s)",
+                (self.config.group_id, self.config.feedback_topic, changed)).fetchall()
+        finally:
+            if own:
+                conn.close()
+        fresh: dict[int, dict[str, Policy]] = {}
+        for partition, version, offset, key, data in blobs:
+            fresh.setdefault(partition, {})
+            self.versions[partition] = int(version)
+            self.offsets[partition] = int(offset)
+            if key is not None:
+                fresh[partition][key] = Policy.from_bytes(bytes(data))
+        self._parts.update(fresh)
+        keys = {k for part in self._parts.values() for k in part}
+        totals = {key: sum_statistics((p[key] for p in self._parts.values() if key in p),
+                                      self.config.dim) for key in keys}
+        self.on_change(totals, dict(self.offsets))
+        self.refreshes += 1
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="statistics-follower",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    while not self._stop.is_set():
+                        started = time.monotonic()
+                        self.refresh(conn)
+                        # Wait for a notification (or the poll interval), then drain the
+                        # rest: one refresh covers every write so far.
+                        for _ in conn.notifies(timeout=self.poll_interval_s, stop_after=1):
+                            pass
+                        rest = self.min_interval_s - (time.monotonic() - started)
+                        if rest > 0:
+                            self._stop.wait(rest)
+                        for _ in conn.notifies(timeout=0.0):
+                            pass
+            except Exception:
+                # The snapshot in memory keeps serving; try the database again soon.
+                log.exception("statistics refresh failed; retrying in 2 s")
+                self._stop.wait(2.0)
+
+
+class DistributedRoutingService(RoutingService):
+    """A decider: learns nothing itself, follows the learners' statistics."""
+
+    def __init__(self, settings: Settings, engine: Any, metrics: Any) -> None:
+        super().__init__(settings, engine, metrics)
+        if engine.dialect.name != "postgresql":
+            raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
+                             "database_url; got " + engine.dialect.name)
+        self.streams = streams_config(settings)
+        self.producer: KafkaProducer | None = None
+        self.follower = StatisticsFollower(
+            settings.resolved_database_url(), self.streams, self._install,
+            poll_interval_s=settings.snapshot_poll_interval_s)
+        self._decisions: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=10_000)
+        self._publisher: threading.Thread | None = None
+        self.dropped_decision_events = 0
+        #: Per partition, the stored offset the current snapshot includes.
+        self.snapshot_offsets: dict[int, int] = {}
+
+    # ------------------------------------------------------------ life cycle
+    def start(self) -> str | None:
+        admin_key = super().start()
+        self.producer = KafkaProducer(bootstrap_servers=self.streams.bootstrap, acks="all",
+                                      linger_ms=2, client_id="bandit-router-api")
+        self._publisher = threading.Thread(target=self._publish_loop,
+                                           name="decision-publisher", daemon=True)
+        self._publisher.start()
+        try:
+            self.follower.refresh()  # the first decision already sees what was learned
+        except psycopg.Error:
+            log.exception("initial statistics load failed; serving the priors for now")
+        self.follower.start()
+        return admin_key
+
+    def stop(self) -> None:
+        self.follower.stop()
+        self._decisions.put(None)
+        if self._publisher is not None:
+            self._publisher.join(10)
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+        super().stop()
+
+    def _replay_feedback(self, batch: int = 1000) -> None:
+        """Nothing to replay: the learners' statistics are loaded by the follower."""
+
+    def checkpoint(self, *, force: bool = False) -> bool:
+        """No checkpoints: the partition statistics in PostgreSQL are the state."""
+        return False
+
+    # ------------------------------------------------------------ snapshot
+    def _install(self, totals: dict[str, Policy], offsets: dict[int, int]) -> None:
+        """Build base (priors) + sums for every policy, then swap them in at once."""
+        shared = totals.get(SHARED_KEY)
+        new_shared = {kind: self._snapshot(kind, shared) for kind in POLICY_KINDS}
+        with self._lock:
+            isolated_ids = list(self.isolated)
+        new_isolated = {t: {kind: self._snapshot(kind, totals.get(f"tenant:{t}"))
+                            for kind in POLICY_KINDS} for t in isolated_ids}
+        with self._lock:
+            self.shared = new_shared
+            for tenant_id, pair in new_isolated.items():
+                if tenant_id in self.isolated:  # still isolated
+                    self.isolated[tenant_id] = pair
+            self.snapshot_offsets = offsets
+
+    def _snapshot(self, kind: str, total: Policy | None) -> Policy:
+        with self._lock:
+            policy = self._new_policy(kind)
+        if total is not None and total.arms:
+            policy.merge(recast(total, _CLASSES[kind]))
+            with self._lock:
+                self._sync_arms(policy)  # arms the registry deleted (or never had) go
+        return policy
+
+    # ------------------------------------------------------------ feedback
+    def feedback(self, tenant: Any, decision_id: str, outcome: dict[str, float | None],
+                 event_id: str | None) -> FeedbackResult:
+        for key in ("cost_usd", "latency_ms"):
+            if outcome.get(key) is not None:
+                check_finite_number(key, outcome[key], low=0.0)
+        event = FeedbackEvent(event_id or "", decision_id, tenant.id,
+                              quality=outcome.get("quality"), cost_usd=outcome.get("cost_usd"),
+                              latency_ms=outcome.get("latency_ms"), sent_at=time.time())
+        assert self.producer is not None
+        try:
+            self.producer.send(self.streams.feedback_topic, key=decision_id.encode(),
+                               value=encode_feedback(event)).get(timeout=10)
+        except KafkaError as exc:
+            raise Problem(503, f"the feedback topic is unavailable ({type(exc).__name__}); "
+                          "retry", headers={"Retry-After": "1"}) from None
+        self.metrics.feedback.labels("queued").inc()
+        return FeedbackResult("queued", None)
+
+    # ------------------------------------------------------------ decisions topic
+    def enqueue(self, pending: PendingDecision) -> bool:
+        if not super().enqueue(pending):
+            return False
+        try:
+            self._decisions.put_nowait(pending.row)
+        except queue.Full:
+            self.dropped_decision_events += 1
+        return True
+
+    def _publish_loop(self) -> None:
+        while True:
+            row = self._decisions.get()
+            if row is None or self.producer is None:
+                return
+            try:
+                event = DecisionEvent(
+                    decision_id=row["id"], tenant_id=row["tenant_id"], model=row["model"],
+                    propensity=row["propensity"],
+                    context=np.frombuffer(row["context"], dtype="<f8").tolist(),
+                    predictions=row["predictions"], policy=row["policy"],
+                    policy_version=row["policy_version"], scope=row["scope"],
+                    created_at=row["created_at"].timestamp())
+                self.producer.send(self.streams.decisions_topic, key=row["id"].encode(),
+                                   value=encode_decision(event))
+            except Exception:
+                log.exception("publishing decision %s failed", row.get("id"))
