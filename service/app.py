@@ -62,7 +62,15 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         if settings.run_migrations:
             await asyncio.to_thread(upgrade, url)
         engine = make_engine(url)
-        service = RoutingService(settings, engine, app.state.metrics)
+        if settings.kafka_bootstrap:
+            # Distributed mode (docs/streams.md): imported here so that the embedded
+            # default never loads the Kafka client.
+            from service.distributed import DistributedRoutingService
+
+            service: RoutingService = DistributedRoutingService(settings, engine,
+                                                                app.state.metrics)
+        else:
+            service = RoutingService(settings, engine, app.state.metrics)
         generated = await asyncio.to_thread(service.start)
         if generated is not None:
             # Shown once: only its SHA-256 digest is stored.

@@ -25,6 +25,12 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
                               {"quality": body.quality, "cost_usd": body.cost_usd,
                                "latency_ms": body.latency_ms}, body.event_id)
     metrics.feedback_latency.observe(time.perf_counter() - started)
+    if result.status == "queued":
+        # Distributed mode: on the feedback topic (acks=all); the learner applies it and
+        # detects a repeat (docs/streams.md).
+        return JSONResponse({"status": "queued", "decision_id": str(body.decision_id),
+                             "event_id": body.event_id},
+                            status_code=status.HTTP_202_ACCEPTED)
     return JSONResponse(FeedbackResponse(status=result.status,  # type: ignore[arg-type]
                                          decision_id=str(body.decision_id),
                                          event_id=body.event_id).model_dump(),
