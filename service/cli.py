@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from service.commands.learn import learn
 from service.commands.migrate import migrate
 from service.commands.replay import replay
 from service.commands.serve import serve
@@ -21,6 +22,7 @@ def _group() -> None:
 app.command(help="Replay a log of queries with every model's outcome (bandit feedback).")(replay)
 app.command(help="Serve the HTTP API (uvicorn).")(serve)
 app.command(help="Apply database migrations.")(migrate)
+app.command(help="Run a learner of the distributed mode (Kafka, PostgreSQL).")(learn)
 
 
 def main() -> None:
