@@ -1,0 +1,85 @@
+"""Distributed mode end to end: two API replicas, Kafka feedback, one learner."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+from kafka import KafkaConsumer
+
+from service.app import create_app
+from streams.config import StreamsConfig
+from streams.learner import Learner
+from streams.schemas import decode_decision
+from tests.service.conftest import ADMIN_KEY, add_model, create_tenant, decide
+from tests.streams.helpers import DIM
+from tests.streams.test_learner import Running
+
+pytestmark = pytest.mark.integration
+
+
+def test_route_feedback_through_kafka_visible_to_both_replicas(
+        fresh_database_url: str, kafka_bootstrap: str, make_topic: Callable[..., str],
+        unique_group_id: str) -> None:
+    feedback_topic, decisions_topic = make_topic(partitions=3), make_topic(partitions=2)
+    dead_topic = make_topic(partitions=1)
+    settings = {"database_url": fresh_database_url, "admin_key": ADMIN_KEY, "dim": DIM,
+                "policy_seed": 3, "kafka_bootstrap": kafka_bootstrap,
+                "feedback_topic": feedback_topic, "decisions_topic": decisions_topic,
+                "dead_letter_topic": dead_topic, "learner_group": unique_group_id,
+                "snapshot_poll_interval_s": 0.5}
+    from service.config import Settings
+
+    with TestClient(create_app(Settings(**settings))) as a:
+        models = [add_model(a, f"dist-{i}") for i in range(3)]
+        tenant = create_tenant(a)
+        with TestClient(create_app(Settings(**settings))) as b:
+            decided = []
+            for seed in range(30):
+                r = decide(a, tenant, seed=seed)
+                assert r.status_code == 200, r.text
+                decided.append(r.json())
+            for i, d in enumerate(decided):
+                body = {"decision_id": d["decision_id"], "quality": 0.9, "latency_ms": 300,
+                        "event_id": f"e{i}"}
+                r = b.post("/v1/feedback", json=body, headers=tenant)
+                assert r.status_code == 202, r.text
+                assert r.json() == {"status": "queued", "decision_id": d["decision_id"],
+                                    "event_id": f"e{i}"}
+            # A repeat is accepted by the API and skipped by the learner.
+            r = b.post("/v1/feedback", json=body, headers=tenant)
+            assert r.status_code == 202 and r.json()["status"] == "queued"
+
+            config = StreamsConfig(bootstrap=kafka_bootstrap, feedback_topic=feedback_topic,
+                                   dead_letter_topic=dead_topic, group_id=unique_group_id,
+                                   dim=DIM)
+            learner = Learner(config, fresh_database_url)
+            learner.start(create_topics=False)
+            running = Running(learner)
+            try:
+                expected = Counter(d["model"] for d in decided)
+                deadline = time.monotonic() + 45
+                while True:
+                    seen = [{m: app.app.state.routing.shared[kind].observations(m)["quality"]
+                             for m in models}
+                            for app in (a, b) for kind in ("linucb", "thompson")]
+                    if all(s == {m: expected.get(m, 0) for m in models} for s in seen):
+                        break
+                    assert time.monotonic() < deadline, (seen, dict(expected))
+                    time.sleep(0.2)
+            finally:
+                running.stop()
+            assert learner.metrics.events.labels("duplicate")._value.get() == 1
+
+    consumer = KafkaConsumer(decisions_topic, bootstrap_servers=kafka_bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    published = {decode_decision(r.value).decision_id: decode_decision(r.value)
+                 for r in consumer}
+    consumer.close()
+    assert set(published) == {d["decision_id"] for d in decided}
+    one = published[decided[0]["decision_id"]]
+    assert len(one.context) == DIM and one.model == decided[0]["model"]
+    assert one.propensity == pytest.approx(decided[0]["propensity"])
