@@ -486,6 +486,20 @@ class Policy(abc.ABC):
         self.drift_events.setdefault(name, 0)
         self.version += 1
 
+    def set_prior(self, name: str, prior: ArmPrior) -> None:
+        """Replace an arm's prior (a new price, a new quality estimate) and keep its data.
+
+        The learned sums stay; the ridge strength, prior mean and prior noise of each head
+        change, so the next decision already uses the new price where data is thin.
+        """
+        k = self._arm_index(name)
+        prior = prior.validated()
+        mu0, known = prior.head_means()
+        lam = self.config.ridge * np.where(known, prior.strength, 1.0)
+        self._stats.set_prior(k, lam, mu0, prior_sigma(mu0, known))
+        self._priors[name] = prior
+        self.version += 1
+
     def remove_arm(self, name: str) -> None:
         """Remove an arm and its statistics; the other arms keep theirs untouched."""
         k = self._arm_index(name)

@@ -104,6 +104,15 @@ class ArmStatistics:
         self.put(row)
         self.refresh([len(self) - 1])
 
+    def set_prior(self, k: int, lam: np.ndarray, mu0: np.ndarray, sigma0: np.ndarray) -> None:
+        """New prior for arm k; its data sums stay. Heads whose ridge strengths now differ
+        leave the shared group (their matrices are no longer equal)."""
+        group = self.group[k]
+        if group.any() and len(set(lam[group].tolist())) > 1:
+            self._split(k, group.copy())
+        self.lam[k], self.mu0[k], self.sigma0[k] = lam, mu0, sigma0
+        self.refresh([k])
+
     def delete(self, index: int) -> None:
         for name in self.ARRAYS:
             setattr(self, name, np.delete(getattr(self, name), index, axis=0))

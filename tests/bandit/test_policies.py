@@ -298,6 +298,31 @@ def test_add_arm_cold_start_share_bounded(cls):
 
 
 @pytest.mark.parametrize("cls", POLICIES)
+def test_set_prior_new_price_keeps_data(cls):
+    policy = cls(3, seed=0, drift_delta=None)
+    policy.add_arm("m", ArmPrior(cost_usd=0.001, strength=50.0))
+    x = np.array([0.6, 0.8, 0.0])
+    for _ in range(5):
+        policy.update("m", x, {"quality": 0.7})
+    assert policy.predict(x)["m"].cost_usd == pytest.approx(0.001, rel=0.05)
+    policy.set_prior("m", ArmPrior(cost_usd=0.004, strength=50.0))
+    pred = policy.predict(x)["m"]
+    assert pred.cost_usd == pytest.approx(0.004, rel=0.05)
+    assert pred.quality == pytest.approx(0.7, abs=0.1)  # the learned quality stayed
+    assert policy.observations("m")["quality"] == 5
+    policy.set_prior("m", ArmPrior(quality=0.9, cost_usd=0.004, strength=3.0))
+    fresh = cls(3, seed=0, drift_delta=None)
+    fresh.add_arm("m", ArmPrior(quality=0.9, cost_usd=0.004, strength=3.0))
+    for _ in range(5):
+        fresh.update("m", x, {"quality": 0.7})
+    got, want = policy.predict(x)["m"], fresh.predict(x)["m"]
+    for field in ("quality", "cost_usd", "latency_ms", "utility"):
+        assert getattr(got, field) == pytest.approx(getattr(want, field), abs=1e-9)
+    with pytest.raises(UnknownArmError):
+        policy.set_prior("nope", ArmPrior())
+
+
+@pytest.mark.parametrize("cls", POLICIES)
 def test_remove_arm_keeps_other_arms(cls):
     x, _, noisy, costs = make_problem(8, 6, 100)
     policy = build(cls)
