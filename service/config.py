@@ -70,7 +70,7 @@ class Settings(BaseSettings):
                                   "the learner.")
     learner_group: str = "bandit-learners"
     learner_metrics_port: int = Field(9464, ge=0, le=65535)
-    learner_max_poll_records: int = Field(5000, ge=1)
+    learner_max_poll_records: int = Field(20000, ge=1)
     # Feedback that arrives before its decision is written is retried this long.
     feedback_pending_timeout_s: float = Field(30.0, ge=0.0)
     feedback_retention_hours: float = Field(24.0 * 30, gt=0.0)

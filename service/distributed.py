@@ -7,8 +7,9 @@ database is PostgreSQL). :class:`DistributedRoutingService` is the embedded
 * ``POST /v1/feedback`` produces a feedback event to the feedback topic (``acks=all``,
   key = ``decision_id``) and answers 202 ``queued`` once the broker has it; the learners
   (``bandit-router learn``) apply it. A repeat is detected by the learner (the
-  ``feedback`` table's unique key), not by the API, so the API cannot say
-  ``duplicate``. HTTP and telemetry feedback take the same path.
+  ``learner_applied`` key), not by the API, so the API cannot say ``duplicate``; the
+  ``feedback`` table (the embedded mode's history) is not filled in this mode. HTTP
+  and telemetry feedback take the same path.
 * every decision is also published to the decisions topic (analytics, off-policy
   evaluation) by a background thread; a full publish queue drops the event (counted),
   never the decision: PostgreSQL (the batched decision writer) stays the record.
