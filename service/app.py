@@ -24,6 +24,7 @@ from service.config import Settings
 from service.db.engine import make_engine, upgrade
 from service.errors import install_error_handlers
 from service.metrics import Metrics
+from service.observability import RequestIdMiddleware
 from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
 from service.routing import RoutingService
 
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
     for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health):
         app.include_router(module.router)
     return app

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from types import SimpleNamespace
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
 __all__ = ["Metrics"]
+
+
+class _RewardSummary:
+    """A Summary (``_sum`` and ``_count`` per tenant: mean reward = rate(sum) / rate(count))
+    behind the ``labels(...).inc(value)`` calls of the routing code. Not a Counter: a
+    reward is negative whenever cost or latency outweigh quality, and a Counter refuses
+    negative increments (the feedback answered 500 after being stored)."""
+
+    def __init__(self, summary: Summary) -> None:
+        self._summary = summary
+
+    def labels(self, *values: str) -> SimpleNamespace:
+        return SimpleNamespace(inc=self._summary.labels(*values).observe)
 
 
 class Metrics:
@@ -17,9 +32,10 @@ class Metrics:
                                 registry=self.registry)
         self.feedback = Counter("bandit_router_feedback_total", "Feedback events",
                                 ["status"], registry=self.registry)
-        self.reward = Counter("bandit_router_reward_sum",
-                              "Sum of rewards (tenant preferences) reported by feedback",
-                              ["tenant"], registry=self.registry)
+        self.reward = _RewardSummary(Summary(
+            "bandit_router_reward", "Reward of each applied feedback under its tenant's "
+            "preferences (quality points; negative when cost/latency outweigh quality)",
+            ["tenant"], registry=self.registry))
         self.decide_latency = Histogram(
             "bandit_router_decide_latency_seconds", "Time to answer POST /v1/decide",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
@@ -27,8 +43,17 @@ class Metrics:
         self.feedback_latency = Histogram(
             "bandit_router_feedback_latency_seconds", "Time to answer POST /v1/feedback",
             registry=self.registry)
-        self.spend = Gauge("bandit_router_spend_usd", "Spend in the current period",
+        # A gauge (it restarts at each day / month), so not named *_total; the counter of
+        # money spent is bandit_router_spend_usd_total below.
+        self.spend = Gauge("bandit_router_period_spend_usd",
+                           "Spend (reserved, reconciled by feedback) in the current period",
                            ["tenant", "period"], registry=self.registry)
+        self.budget = Gauge("bandit_router_budget_usd", "Budget of the current period "
+                            "(absent: no budget)", ["tenant", "period"], registry=self.registry)
+        self.spend_reported = Counter("bandit_router_spend_usd",
+                                      "Cost reported by applied feedback (exposed as "
+                                      "bandit_router_spend_usd_total)", ["tenant"],
+                                      registry=self.registry)
         self.rejected = Counter("bandit_router_rejected_total",
                                 "Decides refused (budget or backpressure)", ["reason"],
                                 registry=self.registry)

@@ -25,6 +25,8 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
                               {"quality": body.quality, "cost_usd": body.cost_usd,
                                "latency_ms": body.latency_ms}, body.event_id)
     metrics.feedback_latency.observe(time.perf_counter() - started)
+    if result.status == "applied" and body.cost_usd:
+        metrics.spend_reported.labels(tenant.id).inc(body.cost_usd)
     if result.status == "queued":
         # Distributed mode: on the feedback topic (acks=all); the learner applies it and
         # detects a repeat (docs/streams.md).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
@@ -36,4 +38,13 @@ def readyz(service: ServiceDep) -> dict[str, str]:
 @router.get("/metrics")
 def metrics(service: ServiceDep, m: MetricsDep) -> Response:
     service.export_gauges()
+    for tenant in list(service.tenants.values()):
+        for period, budget in (("day", tenant.budget_usd_per_day),
+                               ("month", tenant.budget_usd_per_month)):
+            if budget is None:
+                # No budget: no series (a dashboard then draws spend alone).
+                with contextlib.suppress(KeyError):
+                    m.budget.remove(tenant.id, period)
+            else:
+                m.budget.labels(tenant.id, period).set(budget)
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
