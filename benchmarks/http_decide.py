@@ -1,7 +1,8 @@
 """HTTP decide throughput and latency through uvicorn on loopback.
 
-Two servers, each ``uvicorn`` with one worker in its own process, measured in the same
-run with the same load generator:
+Two servers, each ``uvicorn`` with one worker in its own process and the same settings
+(uvloop, httptools, no access log: what ``bandit-router serve`` ships with), measured in
+the same run with the same load generator:
 
 * ``router``: ``service.app.create_app`` (embedded mode: SQLite in a temporary
   directory, batched decision writer running), d=64, 16 models, one tenant;
@@ -62,9 +63,9 @@ BARE_APP = textwrap.dedent('''
 # What `bandit-router serve` does, minus the command line.
 ROUTER_APP = textwrap.dedent('''
     from service.app import create_app
-    from service.commands.serve import tune_gc
+    from service.commands.serve import tune_process
     from service.config import Settings
-    tune_gc()
+    tune_process()
     app = create_app(Settings(), freeze_gc=True)
 ''')
 
@@ -75,9 +76,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The same server settings for both apps: those `bandit-router serve` ships with.
+UVICORN_ARGS = ["--loop", "uvloop", "--http", "httptools", "--log-level", "warning",
+                "--no-access-log"]
+
+
 def start_server(module_dir: Path, module: str, port: int, env: dict[str, str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning", "--no-access-log"]
+           "--port", str(port), *UVICORN_ARGS]
     proc = subprocess.Popen(cmd, cwd=module_dir,
                             env={**os.environ, **env,
                                  "PYTHONPATH": f"{module_dir}{os.pathsep}{REPO_ROOT}"},
@@ -216,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
 
     results: dict[str, object] = {"settings": {"dim": DIM, "models": N_MODELS,
                                                "connections": args.connections,
-                                               "seconds_per_phase": seconds}}
+                                               "seconds_per_phase": seconds,
+                                               "uvicorn": " ".join(UVICORN_ARGS)}}
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         (tmpdir / "bare_app.py").write_text(BARE_APP)
@@ -266,8 +273,9 @@ def main(argv: list[str] | None = None) -> None:
                 caption=f"router / bare throughput = {ratio:.2f}; goals: {results['goals']}")
     if not (args.quick or args.no_write):
         path = write_results("http_decide", results,
-                             packages=("fastapi", "uvicorn", "starlette", "pydantic",
-                                       "numpy", "sqlalchemy"))
+                             packages=("fastapi", "uvicorn", "uvloop", "httptools",
+                                       "starlette", "pydantic", "numpy", "sqlalchemy",
+                                       "orjson"))
         print(f"wrote {path}")
 
 
