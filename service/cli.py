@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import typer
 
+from service.commands.admin import models_app, preferences_app, tenants_app, usage
 from service.commands.learn import learn
 from service.commands.migrate import migrate
 from service.commands.replay import replay
@@ -23,6 +24,10 @@ app.command(help="Replay a log of queries with every model's outcome (bandit fee
 app.command(help="Serve the HTTP API (uvicorn).")(serve)
 app.command(help="Apply database migrations.")(migrate)
 app.command(help="Run a learner of the distributed mode (Kafka, PostgreSQL).")(learn)
+app.add_typer(tenants_app, name="tenants")
+app.add_typer(models_app, name="models")
+app.add_typer(preferences_app, name="preferences")
+app.command(help="A tenant's decisions, spend against budget and model shares.")(usage)
 
 
 def main() -> None:

@@ -1,0 +1,324 @@
+"""``bandit-router tenants | models | preferences | usage``: administer a running service.
+
+Every command talks HTTP to the service through :mod:`service.client`; the URL and the
+key come from ``--url`` / ``--key`` or ``BANDIT_ROUTER_URL`` / ``BANDIT_ROUTER_KEY``.
+Output is a rich table for people, or JSON (``--json``) for scripts. An error answered by
+the service prints its problem details (status, detail, the fields at fault) on stderr
+and exits with code 1.
+
+::
+
+    export BANDIT_ROUTER_URL=http://127.0.0.1:8000 BANDIT_ROUTER_KEY=bra_...
+    bandit-router models add small --input-price 0.15 --output-price 0.6
+    bandit-router tenants create acme              # prints the tenant's key, once
+    bandit-router preferences set --tenant <id> --cost 200 --budget-day 5
+    bandit-router usage --tenant <id> --json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.client import RouterClient, RouterError
+
+__all__ = ["tenants_app", "models_app", "preferences_app", "usage"]
+
+T = TypeVar("T")
+
+Url = Annotated[str, typer.Option("--url", envvar="BANDIT_ROUTER_URL",
+                                  help="Base URL of the service.")]
+Key = Annotated[str, typer.Option("--key", envvar="BANDIT_ROUTER_KEY",
+                                  help="Admin key (or a tenant key for its own "
+                                  "preferences and usage).", show_default=False)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TenantId = Annotated[str | None, typer.Option("--tenant", help="Tenant id (with the admin "
+                                              "key); omit to use the key's own tenant.")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+tenants_app = typer.Typer(help="Create, list tenants and rotate their keys.",
+                          no_args_is_help=True)
+models_app = typer.Typer(help="The model registry: add, list, prices, enable/disable.",
+                         no_args_is_help=True)
+preferences_app = typer.Typer(help="A tenant's weights, policy, scope and budgets.",
+                              no_args_is_help=True)
+
+
+def _out() -> Console:
+    # Built per call: CliRunner swaps sys.stdout, a console made at import would miss it.
+    return Console(soft_wrap=True)
+
+
+@contextmanager
+def _client(url: str, key: str) -> Iterator[RouterClient]:
+    if not key:
+        _fail("no key: pass --key or set BANDIT_ROUTER_KEY")
+    with RouterClient(url, key) as client:
+        try:
+            yield client
+        except RouterError as err:
+            _fail(_describe(err))
+
+
+def _describe(err: RouterError) -> str:
+    if err.status == 0:
+        return f"cannot reach the service: {err.detail}"
+    lines = [f"error {err.status} {err.title}: {err.detail}"]
+    lines += [f"  {e.get('field')}: {e.get('message')} (allowed: {e.get('allowed')})"
+              for e in err.errors]
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[red]{message}[/red]", highlight=False)
+    raise typer.Exit(1)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _emit(value: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
+    if as_json:
+        typer.echo(json.dumps(_plain(value), indent=2, sort_keys=True))
+    else:
+        _out().print(table(value))
+
+
+def _money(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.4f}"
+
+
+def _spend(spend: float, budget: float | None) -> str:
+    if budget is None:
+        return _money(spend)
+    share = spend / budget if budget > 0 else float("inf")
+    color = "red" if share >= 1.0 else "yellow" if share >= 0.5 else "green"
+    return f"{_money(spend)} / {_money(budget)} [{color}]({share:.0%})[/{color}]"
+
+
+# ===================================================================== tenants
+def _tenant_table(tenants: list[Any]) -> Table:
+    table = Table(title="tenants")
+    for column in ("id", "name", "policy", "scope", "weights (q, cost, lat)", "today",
+                   "this month", "when spent"):
+        table.add_column(column)
+    for t in tenants:
+        w = t.weights
+        table.add_row(t.id, t.name, t.policy, t.scope, f"{w.quality:g}, {w.cost:g}, {w.latency:g}",
+                      _spend(t.spend_usd_today, t.budget_usd_per_day),
+                      _spend(t.spend_usd_month, t.budget_usd_per_month), t.on_budget_exhausted)
+    return table
+
+
+def _key_table(created: Any) -> Table:
+    table = Table(title="tenant key (shown once: store it now)")
+    for column in ("id", "name", "api_key"):
+        table.add_column(column)
+    table.add_row(created.id, created.name, created.api_key)
+    return table
+
+
+@tenants_app.command("create")
+def tenants_create(name: Annotated[str, typer.Argument(help="Tenant name.")],
+                   url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Create a tenant and print its API key (shown once)."""
+    with _client(url, key) as client:
+        _emit(client.create_tenant(name), as_json, _key_table)
+
+
+@tenants_app.command("list")
+def tenants_list(url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Every tenant with its settings and spend against its budgets."""
+    with _client(url, key) as client:
+        _emit(client.list_tenants(), as_json, _tenant_table)
+
+
+@tenants_app.command("rotate-key")
+def tenants_rotate_key(tenant_id: Annotated[str, typer.Argument(help="Tenant id.")],
+                       url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Replace a tenant's API key; the old one stops working."""
+    with _client(url, key) as client:
+        _emit(client.rotate_tenant_key(tenant_id), as_json, _key_table)
+
+
+# ====================================================================== models
+def _model_table(models: Any) -> Table:
+    models = models if isinstance(models, list) else [models]
+    table = Table(title="models")
+    for column in ("name", "input $/Mtok", "output $/Mtok", "prior cost/request",
+                   "prior quality", "state"):
+        table.add_column(column)
+    for m in models:
+        state = "deleted" if m.deleted else "enabled" if m.enabled else "disabled"
+        color = {"enabled": "green", "disabled": "yellow", "deleted": "red"}[state]
+        table.add_row(m.name, f"{m.input_price_per_mtok:g}", f"{m.output_price_per_mtok:g}",
+                      _money(m.prior_cost_usd),
+                      "-" if m.prior_quality is None else f"{m.prior_quality:g}",
+                      f"[{color}]{state}[/{color}]")
+    return table
+
+
+InputPrice = Annotated[float, typer.Option("--input-price", min=0.0,
+                                           help="USD per million input tokens.")]
+OutputPrice = Annotated[float, typer.Option("--output-price", min=0.0,
+                                            help="USD per million output tokens.")]
+
+
+@models_app.command("add")
+def models_add(name: Annotated[str, typer.Argument(help="Model name, as your gateway calls it.")],
+               input_price: InputPrice, output_price: OutputPrice,
+               prior_quality: Annotated[float | None, typer.Option(
+                   min=0.0, max=1.0, help="Expected quality 0..1 (lets a new model compete "
+                   "in the greedy branch at once).")] = None,
+               disabled: Annotated[bool, typer.Option(help="Register it disabled.")] = False,
+               url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Register a model; it is a candidate from the next decision."""
+    with _client(url, key) as client:
+        _emit(client.add_model(name, input_price, output_price, enabled=not disabled,
+                               prior_quality=prior_quality), as_json, _model_table)
+
+
+@models_app.command("list")
+def models_list(include_deleted: Annotated[bool, typer.Option(
+                    "--all", help="Include deleted models.")] = False,
+                url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """The model registry."""
+    with _client(url, key) as client:
+        _emit(client.list_models(include_deleted), as_json, _model_table)
+
+
+@models_app.command("price")
+def models_price(name: Annotated[str, typer.Argument(help="Model name.")],
+                 input_price: Annotated[float | None, typer.Option(
+                     "--input-price", min=0.0, help="USD per million input tokens.")] = None,
+                 output_price: Annotated[float | None, typer.Option(
+                     "--output-price", min=0.0, help="USD per million output tokens.")] = None,
+                 url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Change a model's prices (learned statistics are kept)."""
+    changes = {k: v for k, v in (("input_price_per_mtok", input_price),
+                                 ("output_price_per_mtok", output_price)) if v is not None}
+    if not changes:
+        _fail("give --input-price and/or --output-price")
+    with _client(url, key) as client:
+        _emit(client.update_model(name, **changes), as_json, _model_table)
+
+
+def _set_enabled(name: str, enabled: bool, url: str, key: str, as_json: bool) -> None:
+    with _client(url, key) as client:
+        _emit(client.update_model(name, enabled=enabled), as_json, _model_table)
+
+
+@models_app.command("enable")
+def models_enable(name: Annotated[str, typer.Argument(help="Model name.")],
+                  url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Make a model a candidate again."""
+    _set_enabled(name, True, url, key, as_json)
+
+
+@models_app.command("disable")
+def models_disable(name: Annotated[str, typer.Argument(help="Model name.")],
+                   url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Stop routing to a model (its statistics are kept)."""
+    _set_enabled(name, False, url, key, as_json)
+
+
+# ================================================================= preferences
+def _prefs_table(p: Any) -> Table:
+    table = Table(title="preferences", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    rows = [("quality weight", f"{p.weights.quality:g}"),
+            ("cost weight (per USD)", f"{p.weights.cost:g}"),
+            ("latency weight (per s)", f"{p.weights.latency:g}"),
+            ("policy", p.policy), ("scope", p.scope),
+            ("budget per day", _money(p.budget_usd_per_day)),
+            ("budget per month", _money(p.budget_usd_per_month)),
+            ("when the budget is spent", p.on_budget_exhausted)]
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@preferences_app.command("get")
+def preferences_get(tenant: TenantId = None, url: Url = DEFAULT_URL, key: Key = "",
+                    as_json: AsJson = False) -> None:
+    """Show a tenant's preferences."""
+    with _client(url, key) as client:
+        _emit(client.get_preferences(tenant), as_json, _prefs_table)
+
+
+@preferences_app.command("set")
+def preferences_set(
+        tenant: TenantId = None,
+        quality: Annotated[float | None, typer.Option(min=0.0, help="Quality weight.")] = None,
+        cost: Annotated[float | None, typer.Option(
+            min=0.0, help="Quality points per USD (200: a 0.01 USD saving is worth 2 "
+            "quality points).")] = None,
+        latency: Annotated[float | None, typer.Option(
+            min=0.0, help="Quality points per second.")] = None,
+        policy: Annotated[str | None, typer.Option(help="linucb or thompson.")] = None,
+        scope: Annotated[str | None, typer.Option(help="shared or isolated.")] = None,
+        budget_day: Annotated[float | None, typer.Option(min=0.0, help="USD per day.")] = None,
+        budget_month: Annotated[float | None, typer.Option(
+            min=0.0, help="USD per month.")] = None,
+        no_budget_day: Annotated[bool, typer.Option(help="Remove the daily budget.")] = False,
+        no_budget_month: Annotated[bool, typer.Option(
+            help="Remove the monthly budget.")] = False,
+        on_exhausted: Annotated[str | None, typer.Option(
+            help="cheapest or reject.")] = None,
+        url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Change only the given fields; the next decision uses them."""
+    changes: dict[str, Any] = {k: v for k, v in (
+        ("policy", policy), ("scope", scope), ("budget_usd_per_day", budget_day),
+        ("budget_usd_per_month", budget_month), ("on_budget_exhausted", on_exhausted))
+        if v is not None}
+    if no_budget_day:
+        changes["budget_usd_per_day"] = None
+    if no_budget_month:
+        changes["budget_usd_per_month"] = None
+    weights_given = any(v is not None for v in (quality, cost, latency))
+    if not changes and not weights_given:
+        _fail("nothing to change: give at least one option (see --help)")
+    with _client(url, key) as client:
+        weights = None
+        if weights_given:
+            # The API takes the three weights together: keep the ones not given.
+            current = client.get_preferences(tenant).weights
+            weights = {"quality": current.quality if quality is None else quality,
+                       "cost": current.cost if cost is None else cost,
+                       "latency": current.latency if latency is None else latency}
+        _emit(client.put_preferences(tenant, weights=weights, **changes), as_json,
+              _prefs_table)
+
+
+# ======================================================================= usage
+def _usage_table(u: Any) -> Table:
+    table = Table(title=f"usage of tenant {u.tenant_id}")
+    for column in ("period", "decisions", "spend / budget"):
+        table.add_column(column)
+    table.add_row("today (UTC)", str(u.decisions_today),
+                  _spend(u.spend_usd_today, u.budget_usd_per_day))
+    table.add_row("this month", str(u.decisions_month),
+                  _spend(u.spend_usd_month, u.budget_usd_per_month))
+    for model, share in sorted(u.model_share_month.items(), key=lambda kv: -kv[1]):
+        table.add_row(f"  {model}", f"{share:.1%} of the month", "")
+    return table
+
+
+def usage(tenant: TenantId = None, url: Url = DEFAULT_URL, key: Key = "",
+          as_json: AsJson = False) -> None:
+    """A tenant's decisions, spend against budget and model shares."""
+    with _client(url, key) as client:
+        _emit(client.usage(tenant), as_json, _usage_table)

@@ -1,0 +1,147 @@
+"""``bandit-router tenants | models | preferences | usage`` against a real service on a
+loopback socket (uvicorn in a thread), through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.client import RouterClient
+from tests.service.conftest import ADMIN_KEY, make_settings
+from tests.service.live import live_server
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('cli-admin') / 'router.db'}"
+    with live_server(make_settings(url)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def env(base_url):
+    """The service's URL and the admin key, as an operator would export them."""
+    return {"BANDIT_ROUTER_URL": base_url, "BANDIT_ROUTER_KEY": ADMIN_KEY, "COLUMNS": "200"}
+
+
+def run(env: dict[str, str], *args: str, code: int = 0):
+    result = runner.invoke(app, list(args), env=env)
+    assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+def run_json(env: dict[str, str], *args: str):
+    return json.loads(run(env, *args, "--json").stdout)
+
+
+@pytest.fixture
+def tenant(env):
+    return run_json(env, "tenants", "create", f"acme-{uuid.uuid4().hex[:6]}")
+
+
+def test_create_tenant_cli_prints_key_once_in_table(env):
+    out = run(env, "tenants", "create", "table-co").stdout
+    assert "shown once" in out and "brt_" in out and "table-co" in out
+
+
+def test_list_tenants_cli_json_and_table(env, tenant):
+    listed = {t["id"]: t for t in run_json(env, "tenants", "list")}
+    assert listed[tenant["id"]]["name"] == tenant["name"]
+    assert listed[tenant["id"]]["spend_usd_today"] == 0.0
+    table = run(env, "tenants", "list").stdout
+    assert tenant["id"] in table and tenant["name"] in table
+
+
+def test_rotate_key_cli_old_key_stops_working(env, base_url, tenant):
+    rotated = run_json(env, "tenants", "rotate-key", tenant["id"])
+    assert rotated["id"] == tenant["id"] and rotated["api_key"] != tenant["api_key"]
+    old = run({**env, "BANDIT_ROUTER_KEY": tenant["api_key"]}, "usage", code=1)
+    assert "error 401" in old.stderr and "unknown API key" in old.stderr
+    own = json.loads(run({**env, "BANDIT_ROUTER_KEY": rotated["api_key"]},
+                         "usage", "--json").stdout)
+    assert own["tenant_id"] == tenant["id"]
+
+
+def test_add_model_cli_then_price_disable_enable(env):
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    added = run_json(env, "models", "add", name, "--input-price", "0.15",
+                     "--output-price", "0.6", "--prior-quality", "0.7")
+    assert added["enabled"] is True and added["prior_quality"] == pytest.approx(0.7)
+    # 500 input + 300 output tokens at these prices.
+    assert added["prior_cost_usd"] == pytest.approx((500 * 0.15 + 300 * 0.6) / 1e6)
+    priced = run_json(env, "models", "price", name, "--output-price", "1.2")
+    assert priced["output_price_per_mtok"] == pytest.approx(1.2)
+    assert priced["input_price_per_mtok"] == pytest.approx(0.15)
+    assert run_json(env, "models", "disable", name)["enabled"] is False
+    table = run(env, "models", "list").stdout
+    assert name in table and "disabled" in table
+    assert run_json(env, "models", "enable", name)["enabled"] is True
+
+
+def test_add_model_cli_duplicate_shows_problem_fields(env):
+    name = f"dup-{uuid.uuid4().hex[:6]}"
+    run(env, "models", "add", name, "--input-price", "1", "--output-price", "1")
+    result = run(env, "models", "add", name, "--input-price", "1", "--output-price", "1",
+                 code=1)
+    assert "error 409" in result.stderr and "name: already used" in result.stderr
+
+
+def test_price_model_cli_without_prices_fails(env):
+    result = run(env, "models", "price", "whatever", code=1)
+    assert "--input-price" in result.stderr
+
+
+def test_set_preferences_cli_keeps_weights_not_given(env, tenant):
+    tid = tenant["id"]
+    run(env, "preferences", "set", "--tenant", tid, "--cost", "200", "--latency", "0.5")
+    after = run_json(env, "preferences", "set", "--tenant", tid, "--quality", "2",
+                     "--budget-day", "5", "--on-exhausted", "reject")
+    assert after["weights"] == {"quality": 2.0, "cost": 200.0, "latency": 0.5}
+    assert after["budget_usd_per_day"] == 5.0 and after["on_budget_exhausted"] == "reject"
+    cleared = run_json(env, "preferences", "set", "--tenant", tid, "--no-budget-day")
+    assert cleared["budget_usd_per_day"] is None
+    table = run(env, "preferences", "get", "--tenant", tid).stdout
+    assert "cost weight (per USD)" in table and "200" in table and "reject" in table
+
+
+def test_set_preferences_cli_bad_policy_422(env, tenant):
+    result = run(env, "preferences", "set", "--tenant", tenant["id"], "--policy", "greedy",
+                 code=1)
+    assert "error 422" in result.stderr and "policy" in result.stderr
+
+
+def test_set_preferences_cli_nothing_to_change_fails(env, tenant):
+    result = run(env, "preferences", "set", "--tenant", tenant["id"], code=1)
+    assert "nothing to change" in result.stderr
+
+
+def test_get_usage_cli_counts_decisions_and_spend(env, base_url, tenant):
+    names = [run_json(env, "models", "add", f"u-{uuid.uuid4().hex[:6]}", "--input-price",
+                      "1", "--output-price", "2")["name"] for _ in range(2)]
+    with RouterClient(base_url, tenant["api_key"]) as client:
+        for i in range(4):
+            decision = client.decide(f"query {i}", candidates=names)
+            client.feedback(decision.decision_id, cost_usd=0.01)
+    usage = run_json(env, "usage", "--tenant", tenant["id"])
+    assert usage["decisions_today"] == 4
+    assert usage["spend_usd_today"] == pytest.approx(0.04)
+    assert sum(usage["model_share_month"].values()) == pytest.approx(1.0)
+    table = run(env, "usage", "--tenant", tenant["id"]).stdout
+    assert "today (UTC)" in table and "$0.0400" in table
+
+
+def test_list_tenants_cli_unreachable_service_fails_cleanly(env):
+    result = run({**env, "BANDIT_ROUTER_URL": "http://127.0.0.1:9"}, "tenants", "list",
+                 code=1)
+    assert "cannot reach the service" in result.stderr
+
+
+def test_list_tenants_cli_without_key_fails(env):
+    result = run({**env, "BANDIT_ROUTER_KEY": ""}, "tenants", "list", code=1)
+    assert "no key" in result.stderr
