@@ -1,0 +1,328 @@
+"""Learner throughput and feedback-to-decision visibility (issue 5).
+
+Against the real PostgreSQL and Kafka-protocol broker that ``ops/`` starts (the URLs
+come from ``BANDIT_TEST_DATABASE_URL`` / ``BANDIT_TEST_KAFKA_BOOTSTRAP`` or the options):
+
+1. Throughput. ``--events`` feedback events for stored decisions (d=64, 16 models,
+   4 tenants) are produced ahead of time to a topic with ``--partitions`` partitions.
+   Then 1 (and, on a second topic, 2) learner processes (``python -m streams.learner``)
+   consume them. The clock starts once every learner of the run holds its partitions
+   (parsed from their logs: no rebalance inside the measured window) and stops when
+   every partition's stored offset reached the end; events/s = events applied in that
+   window (from the stored offsets) / its length.
+2. Visibility. One learner, caught up; probes are produced at ``--rate`` events/s for
+   ``--seconds``; a :class:`service.distributed.StatisticsFollower` (what every API
+   replica runs) rebuilds the decision snapshot (priors + recast + merge, both policy
+   kinds) on each NOTIFY. A probe is visible when the snapshot includes its partition
+   offset; latency = visible time - send time. p50 / p99 reported.
+
+Goals: >= 20,000 events/s per learner, visibility p99 < 2 s.
+
+Run::
+
+    bash ops/postgres.sh start && bash ops/kafka.sh start
+    python -m benchmarks.learner_throughput            # writes the JSON result
+    python -m benchmarks.learner_throughput --quick    # small smoke run, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import psycopg
+from kafka import KafkaAdminClient, KafkaProducer
+
+from bandit import ArmPrior, LinearThompson, LinUCB
+from service.db.engine import upgrade
+from streams.config import StreamsConfig
+from streams.learner import libpq_url
+from streams.schemas import FeedbackEvent, encode_feedback
+from streams.stats import recast
+from streams.topics import create_topic
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULT = ROOT / "benchmarks" / "results" / "learner_throughput.json"
+DIM, MODELS, TENANTS = 64, 16, 4
+
+
+def make_database(admin_url: str) -> str:
+    name = f"bench_learner_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = admin_url.rpartition("/")
+    url = f"{base}/{name}"
+    upgrade(url)
+    return url
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    name = url.rpartition("/")[2]
+    with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def store_decisions(url: str, n: int, rng: np.random.Generator) -> tuple[list, list]:
+    tenants = [str(uuid.uuid4()) for _ in range(TENANTS)]
+    models = [f"model-{i:02d}" for i in range(MODELS)]
+    ids = [str(uuid.uuid4()) for _ in range(n)]
+    owner = rng.integers(TENANTS, size=n)
+    chosen = rng.integers(MODELS, size=n)
+    x = rng.normal(size=(n, DIM)).astype("<f8")
+    now = datetime.now(UTC)
+    with psycopg.connect(libpq_url(url)) as conn:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO tenants (id, name, key_hash, weight_quality, weight_cost,"
+                " weight_latency, policy, scope, on_budget_exhausted, created_at,"
+                " updated_at) VALUES (%s, %s, %s, 1, 0, 0, 'linucb', 'shared', 'cheapest',"
+                " %s, %s)", [(t, t[:8], uuid.uuid4().hex * 2, now, now) for t in tenants])
+            with cur.copy("COPY decisions (id, tenant_id, model, policy, policy_version,"
+                          " scope, propensity, context, predictions, predicted_cost_usd,"
+                          " charged_usd, over_budget, created_at) FROM STDIN") as copy:
+                for i in range(n):
+                    copy.write_row((ids[i], tenants[owner[i]], models[chosen[i]], "linucb",
+                                    0, "shared", 1.0, x[i].tobytes(), "{}", 0.0, 0.0, False,
+                                    now))
+        conn.commit()
+    return ids, [tenants[o] for o in owner]
+
+
+def produce(bootstrap: str, topic: str, ids: list[str], owners: list[str],
+            rng: np.random.Generator) -> dict[int, int]:
+    prod = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20,
+                         batch_size=256 * 1024, max_in_flight_requests_per_connection=5)
+    q = rng.uniform(size=len(ids))
+    futures = []
+    for i, (d, t) in enumerate(zip(ids, owners, strict=True)):
+        event = FeedbackEvent(f"e{i}", d, t, quality=float(q[i]), cost_usd=0.001,
+                              latency_ms=500.0)
+        futures.append(prod.send(topic, key=d.encode(), value=encode_feedback(event)))
+    prod.flush()
+    ends: dict[int, int] = {}
+    for f in futures:
+        m = f.get(timeout=60)
+        ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+    prod.close()
+    return ends
+
+
+def stored(url: str, group: str, topic: str) -> dict[int, int]:
+    with psycopg.connect(libpq_url(url)) as conn:
+        rows = conn.execute("SELECT partition, next_offset FROM learner_partitions"
+                            " WHERE group_id = %s AND topic = %s", (group, topic)).fetchall()
+    return {int(p): int(o) for p, o in rows}
+
+
+class LearnerProcess:
+    def __init__(self, name: str, url: str, bootstrap: str, topic: str, group: str,
+                 max_poll_records: int, log_dir: Path) -> None:
+        self.log = log_dir / f"{name}.log"
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "streams.learner", "--bootstrap", bootstrap,
+             "--database-url", url, "--feedback-topic", topic, "--group-id", group,
+             "--dim", str(DIM), "--max-poll-records", str(max_poll_records),
+             "--no-create-topics", "--client-id", name],
+            env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def assignments(self) -> list[str]:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return re.findall(r"(assigned|revoked) \[([0-9, ]*)\]", text)
+
+    def holds_partitions(self) -> bool:
+        events = self.assignments()
+        return bool(events) and events[-1][0] == "assigned" and events[-1][1] != ""
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: int,
+               events: int, partitions: int, max_poll_records: int, rng: np.random.Generator,
+               log_dir: Path) -> dict:
+    topic = f"bench-feedback-{uuid.uuid4().hex[:8]}"
+    group = f"bench-{uuid.uuid4().hex[:8]}"
+    create_topic(admin, topic, partitions)
+    ids, owners = store_decisions(url, events, rng)
+    t = time.perf_counter()
+    ends = produce(bootstrap, topic, ids, owners, rng)
+    produce_s = time.perf_counter() - t
+    learners = [LearnerProcess(f"learner-{i}", url, bootstrap, topic, group,
+                               max_poll_records, log_dir) for i in range(n_learners)]
+    try:
+        deadline = time.monotonic() + 120
+        while not all(lp.holds_partitions() for lp in learners):
+            if time.monotonic() > deadline:
+                raise RuntimeError("learners did not all get partitions")
+            time.sleep(0.02)
+        # Partitions held by everyone: the group is stable from here on.
+        start_offsets = stored(url, group, topic)
+        t0 = time.perf_counter()
+        while True:
+            now = stored(url, group, topic)
+            if all(now.get(p, -1) >= end for p, end in ends.items()):
+                break
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+    finally:
+        for lp in learners:
+            lp.stop()
+    applied = sum(end - max(start_offsets.get(p, 0), 0) for p, end in ends.items())
+    with psycopg.connect(libpq_url(url)) as conn:
+        feedback_rows = conn.execute("SELECT count(*) FROM feedback").fetchone()[0]
+    return {"learners": n_learners, "events_produced": events, "partitions": partitions,
+            "events_measured": applied, "seconds": round(elapsed, 3),
+            "events_per_s": round(applied / elapsed, 1),
+            "events_per_s_per_learner": round(applied / elapsed / n_learners, 1),
+            "produce_events_per_s": round(events / produce_s, 1),
+            "feedback_rows_total": int(feedback_rows)}
+
+
+def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
+               seconds: float, partitions: int, rng: np.random.Generator,
+               log_dir: Path) -> dict:
+    from service.distributed import StatisticsFollower
+
+    topic = f"bench-visibility-{uuid.uuid4().hex[:8]}"
+    group = f"bench-vis-{uuid.uuid4().hex[:8]}"
+    create_topic(admin, topic, partitions)
+    n = int(rate * seconds)
+    ids, owners = store_decisions(url, n, rng)
+    config = StreamsConfig(bootstrap=bootstrap, feedback_topic=topic, group_id=group,
+                           dim=DIM).validated()
+    models = [f"model-{i:02d}" for i in range(MODELS)]
+    bases = {}
+    for cls in (LinUCB, LinearThompson):
+        base = cls(DIM, seed=0)
+        for m in models:
+            base.add_arm(m, ArmPrior(quality=0.5, cost_usd=0.001))
+        bases[cls] = base
+    seen: list[tuple[float, dict[int, int]]] = []
+    rebuild_s: list[float] = []
+
+    def on_change(totals: dict, offsets: dict[int, int]) -> None:
+        # The decider's rebuild: priors + the recast sum, for both policy kinds.
+        t = time.perf_counter()
+        total = totals.get("shared")
+        if total is not None:
+            for cls, base in bases.items():
+                base.clone().merge(recast(total, cls))
+        rebuild_s.append(time.perf_counter() - t)
+        seen.append((time.time(), dict(offsets)))
+
+    follower = StatisticsFollower(url, config, on_change, poll_interval_s=1.0)
+    follower.start()
+    learner = LearnerProcess("vis-learner", url, bootstrap, topic, group, 5000, log_dir)
+    prod = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=1)
+    sends: list[tuple[float, object]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not learner.holds_partitions():
+            if time.monotonic() > deadline:
+                raise RuntimeError("learner did not get partitions")
+            time.sleep(0.05)
+        t_start = time.perf_counter()
+        for i in range(n):
+            target = t_start + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            event = FeedbackEvent(f"v{i}", ids[i], owners[i], quality=0.7, latency_ms=400.0)
+            sends.append((time.time(), prod.send(topic, key=ids[i].encode(),
+                                                 value=encode_feedback(event))))
+        prod.flush()
+        metas = [(t, f.get(timeout=30)) for t, f in sends]
+        ends: dict[int, int] = {}
+        for _, m in metas:
+            ends[m.partition] = max(ends.get(m.partition, 0), m.offset + 1)
+        deadline = time.monotonic() + 60
+        while not seen or any(seen[-1][1].get(p, -1) < e for p, e in ends.items()):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the snapshot never caught up")
+            time.sleep(0.05)
+    finally:
+        learner.stop()
+        follower.stop()
+        prod.close()
+    latencies = []
+    for sent, m in metas:
+        for t_seen, offsets in seen:
+            if offsets.get(m.partition, -1) > m.offset:
+                latencies.append(t_seen - sent)
+                break
+    lat = np.array(latencies)
+    return {"rate_per_s": rate, "seconds": seconds, "probes": len(latencies),
+            "p50_s": round(float(np.percentile(lat, 50)), 4),
+            "p99_s": round(float(np.percentile(lat, 99)), 4),
+            "max_s": round(float(lat.max()), 4), "snapshot_refreshes": len(seen),
+            "rebuild_ms_median": round(1e3 * float(np.median(rebuild_s)), 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--database-url", default=os.environ.get("BANDIT_TEST_DATABASE_URL"))
+    parser.add_argument("--bootstrap", default=os.environ.get("BANDIT_TEST_KAFKA_BOOTSTRAP"))
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--max-poll-records", type=int, default=20000)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--quick", action="store_true", help="small run, no JSON written")
+    args = parser.parse_args(argv)
+    if not args.database_url or not args.bootstrap:
+        parser.error("set BANDIT_TEST_DATABASE_URL and BANDIT_TEST_KAFKA_BOOTSTRAP (see "
+                     "ops/) or pass --database-url and --bootstrap")
+    if args.quick:
+        args.events, args.seconds = 20_000, 5.0
+    rng = np.random.default_rng(0)
+    admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
+    log_dir = Path(tempfile.mkdtemp(prefix="learner-bench-"))
+    results: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                     "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
+                              "python": platform.python_version()},
+                     "dim": DIM, "models": MODELS, "throughput": [], "visibility": None}
+    for n_learners in (1, 2):
+        url = make_database(args.database_url)
+        try:
+            row = throughput(url, args.bootstrap, admin, n_learners, args.events,
+                             args.partitions, args.max_poll_records, rng, log_dir)
+        finally:
+            drop_database(args.database_url, url)
+        results["throughput"].append(row)
+        print(f"{n_learners} learner(s): {row['events_per_s']:>10,.0f} events/s "
+              f"({row['events_per_s_per_learner']:,.0f} per learner; "
+              f"{row['events_measured']:,} events in {row['seconds']} s)", flush=True)
+    url = make_database(args.database_url)
+    try:
+        vis = visibility(url, args.bootstrap, admin, args.rate, args.seconds,
+                         args.partitions, rng, log_dir)
+    finally:
+        drop_database(args.database_url, url)
+    results["visibility"] = vis
+    print(f"visibility at {vis['rate_per_s']:.0f} events/s: p50 {vis['p50_s']} s, "
+          f"p99 {vis['p99_s']} s, max {vis['max_s']} s "
+          f"({vis['snapshot_refreshes']} refreshes, rebuild {vis['rebuild_ms_median']} ms)")
+    admin.close()
+    if not args.quick:
+        RESULT.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {RESULT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
