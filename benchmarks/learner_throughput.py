@@ -185,13 +185,14 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
             lp.stop()
     applied = sum(end - max(start_offsets.get(p, 0), 0) for p, end in ends.items())
     with psycopg.connect(libpq_url(url)) as conn:
-        feedback_rows = conn.execute("SELECT count(*) FROM feedback").fetchone()[0]
+        applied_keys = conn.execute("SELECT count(*) FROM learner_applied WHERE group_id = %s",
+                                    (group,)).fetchone()[0]
     return {"learners": n_learners, "events_produced": events, "partitions": partitions,
             "events_measured": applied, "seconds": round(elapsed, 3),
             "events_per_s": round(applied / elapsed, 1),
             "events_per_s_per_learner": round(applied / elapsed / n_learners, 1),
             "produce_events_per_s": round(events / produce_s, 1),
-            "feedback_rows_total": int(feedback_rows)}
+            "applied_keys_total": int(applied_keys)}
 
 
 def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
