@@ -54,6 +54,18 @@ else
     log ".venv is up to date with pyproject.toml"
 fi
 
+# The status-page test (tests/service/test_status_page.py, marker `browser`) drives
+# Debian's chromium. Installing it from the Debian mirror takes ~40 s, once; without root
+# or apt-get the test skips and says why.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &&
+    [[ "$(id -u)" == 0 ]]; then
+    log "installing Debian's chromium for the browser test (apt-get install chromium)"
+    if ! { apt-get install -y -q chromium >/dev/null 2>&1 ||
+        { apt-get update -qq && apt-get install -y -q chromium >/dev/null 2>&1; }; }; then
+        log "WARNING: could not install chromium; the browser test will skip"
+    fi
+fi
+
 # ---------------------------------------------------------------- 2. the servers
 mkdir -p "$SESSIONS"
 exec 9>"$RUN_DIR/test.lock"

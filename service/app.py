@@ -26,6 +26,7 @@ from service.errors import install_error_handlers
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware
 from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
+from service.routes import status as status_page
 from service.routing import RoutingService
 
 __all__ = ["create_app"]
@@ -103,6 +104,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.state.metrics = Metrics()
     install_error_handlers(app)
     app.add_middleware(RequestIdMiddleware)
-    for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health):
+    for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health,
+                   status_page):
         app.include_router(module.router)
     return app
