@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from kafka import KafkaConsumer
 
@@ -40,6 +42,12 @@ def world(db: str) -> World:
     w = World(db, seed=int(time.time()))
     w.add_tenants(3)
     return w
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class Running:
@@ -139,12 +147,19 @@ def test_apply_feedback_poison_and_duplicates_dead_lettered(
     late_event = world.feedback(late)
     send_events(prod, topic, [*specials.values(), late_event, *events[25:], *events[:10]],
                 ends)  # the last 10 are repeats
+    port = _free_port()
     learner = start_learner(topic, unique_group_id, dead_topic=dead_topic,
-                            pending_timeout_s=4.0, max_poll_records=50)
+                            pending_timeout_s=4.0, max_poll_records=50, metrics_port=port)
     time.sleep(1.5)
     world.store_later(late)  # its feedback waited in the pending buffer
     wait_caught_up(world.url, unique_group_id, topic, ends, timeout_s=30)
+    time.sleep(0.6)  # one more (empty) poll: the lag gauges see the last write
+    metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     learner.stop()
+    assert 'bandit_learner_dead_letters_total{reason="unknown-decision"} 1.0' in metrics
+    assert 'bandit_learner_events_total{outcome="applied"} 51.0' in metrics
+    assert 'bandit_learner_events_total{outcome="duplicate"} 10.0' in metrics
+    assert 'bandit_learner_lag{partition="0"} 0.0' in metrics
     expected = events + [late_event]
     assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
                            replay(world, expected))
