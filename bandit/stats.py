@@ -6,13 +6,14 @@ that objective: feedback often arrives in pieces (cost and latency when the resp
 ends, a thumbs-up minutes later), and a head must not count a context it never saw.
 
 Shared group: heads with the same history (same ridge strength, reported by exactly the
-same events) have equal matrices. Each arm keeps one such *group* of heads whose matrices
-are stored once, in ``s_data`` / ``s_inv``; only heads outside the group keep their own
-in ``a_data`` / ``a_inv``. An event that reports a subset of the group splits the other
-heads off (they keep the state they had, e.g. lambda*I for a head never reported); an
-event that reports a head outside the group dissolves the group. With complete feedback,
-or one objective never reported, every update and every width costs one matrix instead
-of three. The results are the same either way (tested).
+same events) have equal matrices. Each arm keeps one such *group* of heads (at first
+every head whose ridge equals the quality head's) whose matrices are stored once, in
+``s_data`` / ``s_inv``; heads outside the group keep their own in ``a_data`` /
+``a_inv``. An event that reports part of the group splits the unreported heads off
+(they keep the state they had, e.g. lambda*I for a head never reported); heads outside
+the group are updated on their own. With complete feedback, or objectives that are never
+or always reported apart, every update and width of the group costs one matrix instead of
+one per head. The results are the same either way (tested).
 
 Everything a replica accumulates is a sum (``A_data``, ``b_data``, ``sum r^2``, counts),
 so two replicas' statistics add up to those of one replica that saw both streams: the
@@ -90,10 +91,10 @@ class ArmStatistics:
         """Add one arm with per-head ridge strength, prior mean and prior noise."""
         d = self.n_features
         lam = np.asarray(lam, dtype=float)
-        # Heads start in one group when their priors make their matrices equal.
-        group = lam == lam[np.argmax(np.bincount(np.unique(lam, return_inverse=True)[1]))]
+        # Heads start in one group when their priors make their matrices equal; the group
+        # holds at least the quality head, the one reported most.
         row = {
-            "group": group if group.sum() > 1 else np.zeros(_H, dtype=bool),
+            "group": lam == lam[0],
             "s_data": np.zeros((d, d)), "s_inv": np.zeros((d, d)),
             "a_data": np.zeros((_H, d, d)), "a_inv": np.zeros((_H, d, d)),
             "b_data": np.zeros((_H, d)), "srr": np.zeros(_H), "weight": np.zeros(_H),
@@ -134,8 +135,6 @@ class ArmStatistics:
             self.a_data[k, leaving] = self.s_data[k]
             self.a_inv[k, leaving] = self.s_inv[k]
             self.group[k, leaving] = False
-        if self.group[k].sum() == 1:  # a group of one is just a head
-            self._split(k, self.group[k].copy())
 
     def matrices(self, name: str) -> np.ndarray:
         """``a_data`` or ``a_inv`` with every head's own matrix (a copy)."""
@@ -192,15 +191,13 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
-        if any(grp):
-            if any(o and not g for o, g in zip(obs, grp, strict=True)):
-                self._split(k, self.group[k].copy())  # a head outside the group: dissolve
-            elif not all(o or not g for o, g in zip(obs, grp, strict=True)):
-                self._split(k, ~observed)  # the group's unreported heads split off
+        touched = any(o and g for o, g in zip(obs, grp, strict=True))
+        if touched and not all(o or not g for o, g in zip(obs, grp, strict=True)):
+            self._split(k, ~observed)  # the group's unreported heads split off
             grp = self.group[k].tolist()
         err = y - self.theta[k] @ x  # (H,) NaN where not observed
         xx = x[:, None] * x
-        if any(grp):
+        if touched:
             group = self.group[k]
             # One gain serves every head of the group: they share A^-1.
             p = self.s_inv[k]
@@ -232,16 +229,12 @@ class ArmStatistics:
     def update_many(self, k: int, x: np.ndarray, y: np.ndarray) -> None:
         """Add a batch of observations (n,D) / (n,H) to arm k, then refresh it exactly."""
         observed = ~np.isnan(y)
+        touched = (observed & self.group[k]).any(axis=1)  # rows reporting a group head
+        if touched.any():
+            # The group keeps the heads every such row reports; the others split off.
+            self._split(k, ~np.logical_and.reduce(observed[touched], axis=0))
+            self.s_data[k] += x[touched].T @ x[touched]
         group = self.group[k]
-        if group.any():
-            patterns = np.unique(observed, axis=0)
-            if len(patterns) == 1 and not (patterns[0] & ~group).any():
-                self._split(k, ~patterns[0])  # the batch keeps (part of) the group
-            else:
-                self._split(k, group.copy())
-        group = self.group[k]
-        if group.any():
-            self.s_data[k] += x.T @ x
         for h in np.flatnonzero(~group):
             rows = observed[:, h]
             if rows.any():
@@ -306,7 +299,7 @@ class ArmStatistics:
             x = xb[0]
             var = ((self.s_inv @ x) @ x) * c_group
             if own_k.size:
-                q = np.einsum("pij,j,i->p", self.a_inv[own_k, own_h], x, x)
+                q = (self.a_inv[own_k, own_h] @ x) @ x
                 np.add.at(var, own_k, q * c[own_k, own_h])
             var = var[None, :]
         else:

@@ -172,9 +172,14 @@ def test_update_tied_heads_equal_untied_heads(cls):
     tied.update("mid", x[60], {"quality": 0.5})  # a partial outcome splits "mid" only
     untied.update("mid", x[60], {"quality": 0.5})
     assert tied._stats.group.all(axis=1).tolist() == [True, False, True]
-    assert not tied._stats.group[1].any()  # quality alone: a group of one is no group
-    feed(tied, x, noisy, costs, range(61, 120))
-    feed(untied, x, noisy, costs, range(61, 120))
+    assert tied._stats.group[1].tolist() == [True, False, False]
+    feed(tied, x, noisy, costs, range(61, 100))
+    feed(untied, x, noisy, costs, range(61, 100))
+    for t in range(100, 120):  # objectives reported apart: cost alone, then quality alone
+        for p in (tied, untied):
+            p.update("cheap", x[t], {"cost_usd": costs[0]})
+            p.update("cheap", x[t], {"quality": noisy[t, 0]})
+    assert tied._stats.group[0].tolist() == [False, True, False]  # cost came alone first
     for name in ("a_data", "a_inv"):
         np.testing.assert_allclose(tied._stats.matrices(name), untied._stats.matrices(name),
                                    atol=1e-9)
