@@ -530,7 +530,12 @@ class Learner:
                 paused = set(self.consumer.assignment())
                 self.consumer.pause(*paused)
                 try:
-                    self.consumer.poll(timeout_ms=200)
+                    stray = self.consumer.poll(timeout_ms=200)
+                    # Partitions assigned by this very poll are not paused and may hand
+                    # out records: put them back, or the next batch would skip them.
+                    for tp, batch in stray.items():
+                        if batch:
+                            self.consumer.seek(tp, batch[0].offset)
                 finally:
                     still = paused & set(self.consumer.assignment())
                     if still:
