@@ -36,7 +36,11 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind."),
           port: int = typer.Option(8000, help="Port to bind."),
           log_level: str = typer.Option("info", help="uvicorn log level."),
           access_log: bool = typer.Option(False, help="Log every request (costs about "
-                                          "as much as the request itself).")) -> None:
+                                          "as much as the request itself)."),
+          log_json: bool = typer.Option(True, "--log-json/--no-log-json",
+                                        help="JSON log lines with the request id and, for "
+                                        "access lines, the decision id; or uvicorn's "
+                                        "text logs.")) -> None:
     """Serve the API. Settings come from BANDIT_ROUTER_* environment variables; with none,
     data lives in ./data (SQLite) and an admin key is created and printed on first start."""
     import uvicorn
@@ -48,5 +52,16 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind."),
     # One worker: the embedded learner lives in this process (see service/README.md).
     # loop/http "auto" pick uvloop and httptools (dependencies of the package; uvloop is
     # not available on Windows): twice the requests per second of asyncio + h11.
+    logging_args: dict[str, object] = {"access_log": access_log}
+    if log_json:
+        import logging
+
+        from service.observability import configure_logging
+
+        configure_logging(log_level)
+        # The request-id middleware writes the access line (request and decision ids);
+        # uvicorn's own would duplicate it.
+        logging.getLogger("service.access").setLevel("INFO" if access_log else "WARNING")
+        logging_args = {"access_log": False, "log_config": None}
     uvicorn.run(create_app(Settings(), freeze_gc=True), host=host, port=port, log_level=log_level,
-                workers=1, loop="auto", http="auto", access_log=access_log)
+                workers=1, loop="auto", http="auto", **logging_args)
