@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from bandit import Preferences
+from service.batching import DecideBatcher
 from service.config import Settings
 from service.deps import authenticate_tenant
 from service.errors import Problem
@@ -51,7 +52,12 @@ async def decide(request: Request) -> Response:
         x = service.context_from(body.query.text, body.query.embedding)
     override = None if body.preferences is None else Preferences(
         body.preferences.quality, body.preferences.cost, body.preferences.latency)
-    pending = service.decide(tenant, x, body.candidates, override)
+    # Decided together with the other decides of this event-loop iteration (one policy
+    # call for the batch; see service.batching).
+    batcher: DecideBatcher | None = getattr(request.app.state, "decide_batcher", None)
+    if batcher is None:
+        batcher = request.app.state.decide_batcher = DecideBatcher(service)
+    pending = await batcher.decide(tenant, x, body.candidates, override)
     if not service.enqueue(pending):
         # Backpressure: the writer is behind. Wait a little for room, then refuse
         # loudly; a decision is never answered without being queued for storage.
