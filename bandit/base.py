@@ -361,6 +361,19 @@ def check_names(names: Sequence[str] | None, known: Sequence[str],
 _MAGIC = b"BRPOL\x01"
 
 
+class _Assessment(NamedTuple):
+    """Predictions for a batch of contexts and the state of the exploration mixture."""
+
+    names: list[str]
+    means: np.ndarray
+    utility: np.ndarray
+    std: np.ndarray
+    utility_main: np.ndarray  # -inf for arms outside the main branch
+    std_main: np.ndarray  # 0 for cold arms while warm ones exist
+    cold: np.ndarray
+    cold_share: float
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Settings shared by every linear policy (immutable, validated once).
@@ -553,6 +566,47 @@ class Policy(abc.ABC):
         ``propensities=False`` skips computing them (NaN) where that costs extra work
         (Thompson sampling), for replays that do not need them.
         """
+        a = self._assess(x, preferences, candidates, explore)
+        n, k = a.utility.shape
+        if not explore:
+            choices = np.argmax(a.utility, axis=1)
+            return BatchDecision(a.names, choices, np.ones(n), a.means, a.utility, a.std,
+                                 a.utility, np.zeros(n, dtype=bool))
+        scores = self._score(a.utility_main, a.std_main)
+        choices = np.argmax(scores, axis=1)
+        eps, cold_share = self.config.epsilon, a.cold_share
+        if eps > 0 or cold_share > 0:
+            u = self._rng.random(n)
+            uniform = u < eps
+            to_cold = ~uniform & (u < eps + (1 - eps) * cold_share)
+            if uniform.any():
+                choices[uniform] = self._rng.integers(0, k, int(uniform.sum()))
+            if to_cold.any():
+                cold_idx = np.flatnonzero(a.cold)
+                choices[to_cold] = cold_idx[self._rng.integers(0, cold_idx.size,
+                                                               int(to_cold.sum()))]
+        prop = self._propensity(a, choices) if propensities else np.full(n, np.nan)
+        explored = choices != np.argmax(a.utility, axis=1)
+        return BatchDecision(a.names, choices, prop, a.means, a.utility, a.std, scores,
+                             explored)
+
+    def probabilities(self, x: object, preferences: Preferences | None = None,
+                      candidates: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+        """The probability of every candidate for each context, (names, (n, K) array).
+
+        The full distribution :meth:`decide_batch` draws from, in the policy's current
+        state: what off-policy evaluation of this policy needs.
+        """
+        a = self._assess(x, preferences, candidates, explore=True)
+        n, k = a.utility.shape
+        probs = np.empty((n, k))
+        for j in range(k):
+            probs[:, j] = self._propensity(a, np.full(n, j, dtype=np.intp))
+        return a.names, probs
+
+    def _assess(self, x: object, preferences: Preferences | None,
+                candidates: Sequence[str] | None, explore: bool) -> _Assessment:
+        """Validate the inputs and predict; what every way of deciding starts from."""
         xb = self._features(x)
         prefs = (preferences or Preferences()).validated()
         w = prefs.head_weights()
@@ -561,15 +615,10 @@ class Policy(abc.ABC):
         c = (w * w) * self._stats.sigma2 if explore else None
         every_arm = len(names) == len(self._names) and names == self._names
         means, utility, std = self._stats.predict(xb, None if every_arm else idx, c, w)
-        n, k = utility.shape
-        if not explore:
-            choices = np.argmax(utility, axis=1)
-            return BatchDecision(names, choices, np.ones(n), means, utility, std, utility,
-                                 np.zeros(n, dtype=bool))
-
+        k = utility.shape[1]
         cold = self._stats.count[idx, 0] < self.config.cold_start_pulls
         n_cold = int(cold.sum())
-        cold_share = self.config.cold_start_share if 0 < n_cold < k else 0.0
+        cold_share = self.config.cold_start_share if explore and 0 < n_cold < k else 0.0
         utility_main, std_main = utility, std
         if cold_share > 0:
             # While warm arms exist, cold ones get no bonus in the main branch: their
@@ -580,28 +629,17 @@ class Policy(abc.ABC):
             declared = np.fromiter((self._priors[n].quality is not None for n in names),
                                    dtype=bool, count=k)
             utility_main = np.where(cold & ~declared, -np.inf, utility)
-        scores = self._score(utility_main, std_main)
-        choices = np.argmax(scores, axis=1)
+        return _Assessment(names, means, utility, std, utility_main, std_main, cold,
+                           cold_share)
 
+    def _propensity(self, a: _Assessment, choices: np.ndarray) -> np.ndarray:
+        """Probability of ``choices`` (n,) under the epsilon / cold-start / main mixture."""
+        k = a.utility.shape[1]
         eps = self.config.epsilon
-        if eps > 0 or cold_share > 0:
-            u = self._rng.random(n)
-            uniform = u < eps
-            to_cold = ~uniform & (u < eps + (1 - eps) * cold_share)
-            if uniform.any():
-                choices[uniform] = self._rng.integers(0, k, int(uniform.sum()))
-            if to_cold.any():
-                cold_idx = np.flatnonzero(cold)
-                choices[to_cold] = cold_idx[self._rng.integers(0, n_cold, int(to_cold.sum()))]
-
-        if propensities:
-            p_main = self._main_propensity(utility_main, std_main, choices, scores)
-            p_cold = np.where(cold[choices], cold_share / max(n_cold, 1), 0.0)
-            prop = eps / k + (1 - eps) * (p_cold + (1 - cold_share) * p_main)
-        else:
-            prop = np.full(n, np.nan)
-        explored = choices != np.argmax(utility, axis=1)
-        return BatchDecision(names, choices, prop, means, utility, std, scores, explored)
+        p_main = self._main_propensity(a.utility_main, a.std_main, choices)
+        n_cold = max(int(a.cold.sum()), 1)
+        p_cold = np.where(a.cold[choices], a.cold_share / n_cold, 0.0)
+        return eps / k + (1 - eps) * (p_cold + (1 - a.cold_share) * p_main)
 
     def predict(self, x: object, preferences: Preferences | None = None,
                 candidates: Sequence[str] | None = None) -> dict[str, Prediction]:
@@ -618,8 +656,8 @@ class Policy(abc.ABC):
         """Scores (n,K) the main branch maximizes, from predicted utility and its std."""
 
     @abc.abstractmethod
-    def _main_propensity(self, utility: np.ndarray, std: np.ndarray, choices: np.ndarray,
-                         scores: np.ndarray) -> np.ndarray:
+    def _main_propensity(self, utility: np.ndarray, std: np.ndarray,
+                         choices: np.ndarray) -> np.ndarray:
         """Probability (n,) that the main branch picks ``choices``."""
 
     # -------------------------------------------------------------- learning

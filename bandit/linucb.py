@@ -64,6 +64,6 @@ class LinUCB(Policy):
     def _score(self, utility: np.ndarray, std: np.ndarray) -> np.ndarray:
         return utility + self.config.alpha * std
 
-    def _main_propensity(self, utility: np.ndarray, std: np.ndarray, choices: np.ndarray,
-                         scores: np.ndarray) -> np.ndarray:
-        return (np.argmax(scores, axis=1) == choices).astype(np.float64)
+    def _main_propensity(self, utility: np.ndarray, std: np.ndarray,
+                         choices: np.ndarray) -> np.ndarray:
+        return (np.argmax(self._score(utility, std), axis=1) == choices).astype(np.float64)

@@ -82,8 +82,8 @@ class LinearThompson(Policy):
         noise = self._rng.standard_normal(utility.shape)
         return utility + self.config.scale * std * noise
 
-    def _main_propensity(self, utility: np.ndarray, std: np.ndarray, choices: np.ndarray,
-                         scores: np.ndarray) -> np.ndarray:
+    def _main_propensity(self, utility: np.ndarray, std: np.ndarray,
+                         choices: np.ndarray) -> np.ndarray:
         s = self.config.scale * std
         n, k = utility.shape
         rows = np.arange(n)

@@ -354,6 +354,23 @@ def test_propensity_matches_choice_frequency(cls):
             assert chosen.mean() == pytest.approx(expected, abs=0.015)
 
 
+@pytest.mark.parametrize("cls", POLICIES)
+def test_probabilities_rows_sum_to_one_match_propensity(cls):
+    x, _, noisy, costs = make_problem(12, 6, 40)
+    policy = build(cls, epsilon=0.1, cold_start_pulls=5)
+    feed(policy, x, noisy, costs, range(40))
+    policy.add_arm("new")  # cold: reached through the cold-start share only
+    prefs = Preferences(quality=1.0, cost=3.0)
+    names, probs = policy.probabilities(x[:10], prefs)
+    assert names == ARMS + ["new"]
+    # LinUCB's distribution is exact; Thompson's main branch is a quadrature (policies.md).
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-9 if cls is LinUCB else 1e-3)
+    batch = policy.decide_batch(x[:10], prefs)
+    np.testing.assert_allclose(probs[np.arange(10), batch.choices], batch.propensities,
+                               rtol=1e-12)
+    assert np.all(probs[:, -1] == pytest.approx(0.1 / 4 + 0.9 * 0.1))
+
+
 def test_thompson_quadrature_matches_monte_carlo():
     x, _, noisy, costs = make_problem(10, 6, 12)
     quad = build(LinearThompson, seed=3, cold_start_pulls=0)
