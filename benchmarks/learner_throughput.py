@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--quick", action="store_true", help="small run, no JSON written")
+    parser.add_argument("--visibility-only", action="store_true",
+                        help="measure visibility only; keep the stored throughput rows")
     args = parser.parse_args(argv)
     if not args.database_url or not args.bootstrap:
         parser.error("set BANDIT_TEST_DATABASE_URL and BANDIT_TEST_KAFKA_BOOTSTRAP (see "
@@ -298,7 +300,9 @@ def main(argv: list[str] | None = None) -> None:
                      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                               "python": platform.python_version()},
                      "dim": DIM, "models": MODELS, "throughput": [], "visibility": None}
-    for n_learners in (1, 2):
+    if args.visibility_only and RESULT.exists():
+        results["throughput"] = json.loads(RESULT.read_text())["throughput"]
+    for n_learners in () if args.visibility_only else (1, 2):
         url = make_database(args.database_url)
         try:
             row = throughput(url, args.bootstrap, admin, n_learners, args.events,

@@ -361,13 +361,19 @@ class Learner:
                 apply.setdefault(state.tp, []).append((item, row))
 
         self._send_dead_letters(dead, now)
+        writes = []
         for tp in sorted(touched, key=lambda t: t.partition):
             state = self.partitions.get(tp)
             if state is None:
                 continue
             items = apply.get(tp, [])
             if items or state.offset_to_store() != state.stored_offset:
-                self._write_partition(state, items)
+                writes.append((state, items))
+        for i, (state, items) in enumerate(writes):
+            # One NOTIFY per batch, with its last transaction: the deciders then reload
+            # every partition of the batch at once instead of chasing them one by one
+            # (their version poll covers a batch that fails half-way).
+            self._write_partition(state, items, notify=i == len(writes) - 1)
         self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
         self._commit_kafka()
         self.batches += 1
@@ -403,7 +409,8 @@ class Learner:
         log.warning("dead-lettered %d records (%s)", len(dead),
                     ", ".join(sorted({reason for _, reason, _ in dead})))
 
-    def _write_partition(self, state: _Partition, items: list[tuple[_Pending, tuple]]) -> None:
+    def _write_partition(self, state: _Partition, items: list[tuple[_Pending, tuple]], *,
+                         notify: bool = True) -> None:
         """One transaction: fence, dedupe, apply, store statistics + offset, notify."""
         conn = self._db()
         ident = (self.config.group_id, state.tp.topic, state.tp.partition)
@@ -433,8 +440,9 @@ class Learner:
                     "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
                     " updated_at = now() WHERE group_id = %s AND topic = %s"
                     " AND partition = %s", (offset, *ident))
-                conn.execute("SELECT pg_notify(%s, %s)",
-                             (NOTIFY_CHANNEL, f"{state.tp.partition}:{state.version + 1}"))
+                if notify:
+                    conn.execute("SELECT pg_notify(%s, %s)",
+                                 (NOTIFY_CHANNEL, f"{state.tp.partition}:{state.version + 1}"))
         except _LostOwnership:
             log.warning("partition %d was written by another learner: reloading it",
                         state.tp.partition)
