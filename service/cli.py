@@ -6,6 +6,7 @@ from __future__ import annotations
 import typer
 
 from service.commands.admin import models_app, preferences_app, tenants_app, usage
+from service.commands.evaluate import evaluate
 from service.commands.learn import learn
 from service.commands.migrate import migrate
 from service.commands.replay import replay
@@ -21,6 +22,7 @@ def _group() -> None:
 
 
 app.command(help="Replay a log of queries with every model's outcome (bandit feedback).")(replay)
+app.command(help="Estimate a candidate policy from logged decisions (IPS, SNIPS, DR).")(evaluate)
 app.command(help="Serve the HTTP API (uvicorn).")(serve)
 app.command(help="Apply database migrations.")(migrate)
 app.command(help="Run a learner of the distributed mode (Kafka, PostgreSQL).")(learn)
