@@ -23,7 +23,7 @@ unbiased for the average value of the candidate's successive states.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,7 +172,9 @@ class LoggedDecisions:
 
 def evaluate_log(candidate: Policy, log: LoggedDecisions, preferences: Preferences, *,
                  learn: bool = True, batch_size: int = 1, clip: float | None = None,
-                 seconds_per_row: float = 1.0) -> dict[str, object]:
+                 seconds_per_row: float = 1.0,
+                 on_row: Callable[[int, list[str], np.ndarray], object] | None = None,
+                 ) -> dict[str, object]:
     """Estimate the mean reward ``candidate`` would have got on the logged traffic.
 
     Parameters
@@ -187,6 +189,9 @@ def evaluate_log(candidate: Policy, log: LoggedDecisions, preferences: Preferenc
         sequential evaluation).
     clip
         Cap on the importance weights (None: no cap).
+    on_row
+        Called with (row index, candidate names, the candidate's distribution) for each
+        scored row: where the truth is known (a replay log), it gives the exact value.
 
     Returns
     -------
@@ -217,6 +222,8 @@ def evaluate_log(candidate: Policy, log: LoggedDecisions, preferences: Preferenc
             q = candidate.decide_batch(x[idx], preferences, cands, explore=False).utility
             col = {name: j for j, name in enumerate(names)}
             for row, i in enumerate(idx):
+                if on_row is not None:
+                    on_row(i, names, probs[row])
                 j = col.get(log.arms[i])
                 prob = 0.0 if j is None else float(probs[row, j])
                 q_chosen = 0.0 if j is None else float(q[row, j])
