@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
+import orjson
 from sqlalchemy import Engine, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -695,6 +696,9 @@ class RoutingService:
             # declared quality). JSON has no infinity: orjson, which encodes both the
             # response and the stored row, writes it as null.
             "predictions": predictions,
+            # Encoded once, here, for both the response body and the stored row (the
+            # writer thread then does not encode them again holding the GIL).
+            "predictions_json": orjson.dumps(predictions),
             "predicted_cost_usd": cost, "charged_usd": cost, "over_budget": over_budget,
             "created_at": datetime.fromtimestamp(now, UTC),
         }
