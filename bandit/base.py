@@ -684,8 +684,15 @@ class Policy(abc.ABC):
 
     def update_batch(self, arms: Sequence[str], x: object,
                      outcomes: Sequence[Mapping[str, object]], *,
-                     now: float | None = None) -> None:
-        """Learn from many outcomes at once (one exact refresh per arm touched)."""
+                     now: float | None = None, weight: float = 1.0) -> None:
+        """Learn from many outcomes at once (one exact refresh per arm touched).
+
+        ``weight`` in (0, 1] makes each outcome count as that many observations
+        (discounted prior data, e.g. a warm start from a benchmark).
+        """
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+                0 < weight <= 1):
+            raise InvalidInputError("weight", "must be a number in (0, 1]", weight)
         xb = self._features(x)
         if len(arms) != xb.shape[0] or len(outcomes) != xb.shape[0]:
             raise InvalidInputError("arms", "arms, x and outcomes must have the same length",
@@ -698,7 +705,7 @@ class Policy(abc.ABC):
             name = self._names[k]
             q = ~np.isnan(y[rows, 0])
             residuals = (y[rows, 0] - xb[rows] @ self._stats.theta[k, 0])[q]
-            self._stats.update_many(int(k), xb[rows], y[rows])
+            self._stats.update_many(int(k), xb[rows], y[rows], float(weight))
             self._watch_drift(name, residuals.tolist())
         self.version += 1
 

@@ -16,7 +16,8 @@ import numpy as np
 from bandit.base import ArmPrior, Policy, Preferences
 from bandit.errors import InvalidInputError
 
-__all__ = ["ReplayLog", "ReplayRun", "replay", "summarize", "cumulative_regret"]
+__all__ = ["ReplayLog", "ReplayRun", "replay", "summarize", "cumulative_regret",
+           "warm_start"]
 
 
 @dataclass(frozen=True)
@@ -170,3 +171,29 @@ def cumulative_regret(log: ReplayLog, preferences: Preferences,
     r = log.rewards(preferences)
     ch = np.asarray(choices)
     return np.cumsum(r.max(axis=1) - r[np.arange(len(ch)), ch])
+
+
+def warm_start(policy: Policy, x: np.ndarray, log: ReplayLog, *, weight: float = 1.0,
+               prior_cost_from_log: bool = True) -> Policy:
+    """Fit every arm's heads on a labelled log with every model's outcome (full
+    information), so that a deployment starts from this prior instead of from zero.
+
+    ``weight`` (0, 1] discounts the labelled data: a benchmark's prompts are not your
+    traffic, and a weight below 1 lets production feedback take over sooner (0.2 makes
+    five labelled rows count as one live observation). Arms missing from the policy are
+    added (with the log's mean cost as their prior when ``prior_cost_from_log``).
+    """
+    n = log.outcomes.shape[0]
+    if x.shape[0] != n:
+        raise InvalidInputError("x", f"must have one row per log row ({n})", x.shape)
+    for j, name in enumerate(log.arms):
+        if name not in policy.arms:
+            prior = ArmPrior(cost_usd=float(log.outcomes[:, j, 1].mean())
+                             if prior_cost_from_log else None)
+            policy.add_arm(name, prior)
+    for j, name in enumerate(log.arms):
+        outcomes = [{"quality": float(q), "cost_usd": float(c),
+                     **({} if np.isnan(lat) else {"latency_ms": float(lat)})}
+                    for q, c, lat in log.outcomes[:, j]]
+        policy.update_batch([name] * n, x, outcomes, now=0.0, weight=weight)
+    return policy

@@ -226,23 +226,24 @@ class ArmStatistics:
             self._update_sigma2(k)
         return float(err[0]) if obs[0] else None
 
-    def update_many(self, k: int, x: np.ndarray, y: np.ndarray) -> None:
-        """Add a batch of observations (n,D) / (n,H) to arm k, then refresh it exactly."""
+    def update_many(self, k: int, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
+        """Add a batch of observations (n,D) / (n,H) to arm k, each counting as ``weight``
+        observations, then refresh the arm exactly."""
         observed = ~np.isnan(y)
         touched = (observed & self.group[k]).any(axis=1)  # rows reporting a group head
         if touched.any():
             # The group keeps the heads every such row reports; the others split off.
             self._split(k, ~np.logical_and.reduce(observed[touched], axis=0))
-            self.s_data[k] += x[touched].T @ x[touched]
+            self.s_data[k] += weight * (x[touched].T @ x[touched])
         group = self.group[k]
         for h in np.flatnonzero(~group):
             rows = observed[:, h]
             if rows.any():
-                self.a_data[k, h] += x[rows].T @ x[rows]
+                self.a_data[k, h] += weight * (x[rows].T @ x[rows])
         yo = np.where(observed, y, 0.0)
-        self.b_data[k] += yo.T @ x
-        self.srr[k] += (yo * yo).sum(axis=0)
-        self.weight[k] += observed.sum(axis=0)
+        self.b_data[k] += weight * (yo.T @ x)
+        self.srr[k] += weight * (yo * yo).sum(axis=0)
+        self.weight[k] += weight * observed.sum(axis=0)
         self.count[k] += observed.sum(axis=0)
         self.refresh([k])
 

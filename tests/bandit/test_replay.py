@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bandit import InvalidInputError, LinUCB, Preferences
-from bandit.replay import ReplayLog, cumulative_regret, replay, summarize
+from bandit.replay import ReplayLog, cumulative_regret, replay, summarize, warm_start
 
 
 def synthetic_log(seed: int, n: int, d: int = 5):
@@ -80,3 +80,34 @@ def test_replay_wrong_row_count_raises():
     with pytest.raises(InvalidInputError) as err:
         replay(LinUCB(5), x[:5], log, Preferences())
     assert err.value.field == "x"
+
+
+def test_warm_start_fits_full_information_and_lowers_early_regret():
+    x, log = synthetic_log(6, 1400)
+    prefs = Preferences()
+    warm = warm_start(LinUCB(5, seed=0), x[:400], ReplayLog(log.arms, log.outcomes[:400]))
+    assert warm.observations("a")["quality"] == 400  # every arm saw every row
+    cold_run = replay(LinUCB(5, seed=0), x[400:], ReplayLog(log.arms, log.outcomes[400:]),
+                      prefs)
+    warm_run = replay(warm, x[400:], ReplayLog(log.arms, log.outcomes[400:]), prefs)
+    early = slice(0, 300)
+    cold_regret = cumulative_regret(log, prefs, np.r_[np.zeros(400, int), cold_run.choices])
+    warm_regret = cumulative_regret(log, prefs, np.r_[np.zeros(400, int), warm_run.choices])
+    gain_cold = cold_regret[400 + early.stop] - cold_regret[400]
+    gain_warm = warm_regret[400 + early.stop] - warm_regret[400]
+    assert gain_warm < 0.5 * gain_cold
+
+
+def test_warm_start_weight_discounts_observations():
+    x, log = synthetic_log(7, 100)
+    full = warm_start(LinUCB(5, seed=0, drift_delta=None), x, log)
+    light = warm_start(LinUCB(5, seed=0, drift_delta=None), x, log, weight=0.25)
+    np.testing.assert_allclose(light._stats.weight, 0.25 * full._stats.weight)
+    # (w X'X + lam I)^-1 (w X'y + lam mu0) = (X'X + lam/w I)^-1 (X'y + lam/w mu0): a
+    # weight w is a ridge lam / w on undiscounted data.
+    stiff = warm_start(LinUCB(5, seed=0, drift_delta=None, ridge=4.0), x, log)
+    np.testing.assert_allclose(light._stats.theta, stiff._stats.theta, atol=1e-9)
+    assert not np.allclose(light._stats.theta, full._stats.theta, atol=1e-3)
+    with pytest.raises(InvalidInputError) as err:
+        warm_start(LinUCB(5), x, log, weight=0.0)
+    assert err.value.field == "weight"
