@@ -11,6 +11,7 @@ from service.commands.learn import learn
 from service.commands.migrate import migrate
 from service.commands.replay import replay
 from service.commands.serve import serve
+from service.commands.warmstart import warmstart
 
 app = typer.Typer(help="Online contextual-bandit router for LLM requests.",
                   no_args_is_help=True, add_completion=False)
@@ -23,6 +24,8 @@ def _group() -> None:
 
 app.command(help="Replay a log of queries with every model's outcome (bandit feedback).")(replay)
 app.command(help="Estimate a candidate policy from logged decisions (IPS, SNIPS, DR).")(evaluate)
+app.command(help="Fit a policy on a labelled log so a deployment starts from a prior.")(
+    warmstart)
 app.command(help="Serve the HTTP API (uvicorn).")(serve)
 app.command(help="Apply database migrations.")(migrate)
 app.command(help="Run a learner of the distributed mode (Kafka, PostgreSQL).")(learn)

@@ -88,3 +88,21 @@ def test_replay_embeddings_wrong_rows_exit_2(log_file, tmp_path):
     result = runner.invoke(app, ["replay", str(log_file), "--embeddings", str(emb)])
     assert result.exit_code == 2
     assert "--embeddings" in result.output
+
+
+def test_warmstart_writes_policy_that_knows_the_models(log_file, tmp_path):
+    from bandit import Policy
+
+    out = tmp_path / "warm.bin"
+    result = runner.invoke(app, ["warmstart", str(log_file), "--out", str(out),
+                                 "--weight", "0.5"])
+    assert result.exit_code == 0, result.output
+    policy = Policy.from_bytes(out.read_bytes())
+    assert policy.arms == ["solver", "writer"]
+    assert policy.observations("solver")["quality"] == 400
+    from bandit.featurize import make_featurizer
+
+    x = make_featurizer("hashing", 64).transform_one("solve the integral of x squared #9")
+    assert policy.decide(x, explore=False).arm == "solver"
+    bad = runner.invoke(app, ["warmstart", str(log_file), "--out", str(out), "--weight", "2"])
+    assert bad.exit_code == 2 and "weight" in bad.output

@@ -1,0 +1,60 @@
+"""``bandit-router warmstart``: fit a policy on a labelled log (every model's outcome per
+query, the replay format) and write it, so a new deployment starts from that prior."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import Progress
+
+from bandit import InvalidInputError
+from bandit.replay import ReplayLog, warm_start
+from service.commands.replay import POLICIES, read_log
+
+
+def warmstart(
+    data: Annotated[Path, typer.Argument(help="Labelled log (replay format, JSON lines)",
+                                         exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option(help="Where to write the fitted policy (bytes)")],
+    policy: Annotated[str, typer.Option(help="linucb or thompson")] = "linucb",
+    weight: Annotated[float, typer.Option(
+        help="How much one labelled row counts, in (0, 1]: below 1 lets live feedback "
+             "take over sooner")] = 0.25,
+    embeddings: Annotated[Path | None, typer.Option(
+        help=".npy with one context row per log line", exists=True, dir_okay=False)] = None,
+    featurizer: Annotated[str, typer.Option(help="hashing (default) or minilm")] = "hashing",
+    dim: Annotated[int, typer.Option(help="Context dimension for the featurizer")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the policy")] = 0,
+) -> None:
+    console = Console()
+    try:
+        if policy not in POLICIES:
+            raise InvalidInputError("--policy", "allowed: " + ", ".join(POLICIES), policy)
+        _, prompts, log = read_log(data)
+        if embeddings is not None:
+            x = np.load(embeddings, allow_pickle=False).astype(np.float64)
+            if x.ndim != 2 or x.shape[0] != len(prompts):
+                raise InvalidInputError("--embeddings", "must be a 2-D array with one row "
+                                        f"per log line ({len(prompts)})", x.shape)
+        else:
+            from bandit.featurize import make_featurizer
+
+            x = make_featurizer(featurizer, dim, seed=0).transform(prompts)
+        fitted = POLICIES[policy](x.shape[1], seed=seed)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"fitting {len(log.arms)} models", total=len(log.arms))
+            for j, arm in enumerate(log.arms):  # one arm at a time, for the progress bar
+                warm_start(fitted, x, ReplayLog([arm], log.outcomes[:, j:j + 1]),
+                           weight=weight)
+                bar.update(task, completed=j + 1)
+    except InvalidInputError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(fitted.to_bytes())
+    console.print(f"{policy} fitted on {len(prompts)} rows x {len(log.arms)} models "
+                  f"(weight {weight}) written to {out}")
