@@ -34,11 +34,12 @@ import logging
 import re
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+
+from service.ids import random_hex
 
 __all__ = ["RequestIdMiddleware", "JsonFormatter", "configure_logging", "current_request_id"]
 
@@ -93,7 +94,7 @@ class RequestIdMiddleware:
         if rid is None:
             parent = headers.get(b"traceparent")
             rid = _from_traceparent(parent.decode("latin-1") if parent else None)
-        rid = rid or uuid.uuid4().hex
+        rid = rid or random_hex()  # no system call per request (service.ids)
         token = _request_id.set(rid)
         logging_on = access_log.isEnabledFor(logging.INFO)
         capture = logging_on and scope.get("path") in _DECISION_PATHS
