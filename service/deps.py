@@ -12,7 +12,7 @@ from service.metrics import Metrics
 from service.routing import RoutingService, TenantState
 
 __all__ = ["ServiceDep", "SettingsDep", "MetricsDep", "TenantDep", "AdminDep",
-           "authenticate_tenant"]
+           "authenticate_tenant", "tenant_for_authorization"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -38,7 +38,10 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
 def bearer_key(request: Request) -> str:
-    header = request.headers.get("authorization")
+    return _bearer(request.headers.get("authorization"))
+
+
+def _bearer(header: str | None) -> str:
     if not header:
         raise Problem(401, "missing Authorization header; send 'Authorization: Bearer <key>'",
                       headers=_CHALLENGE)
@@ -55,7 +58,12 @@ async def require_tenant(request: Request, service: ServiceDep) -> TenantState:
 
 def authenticate_tenant(request: Request, service: RoutingService) -> TenantState:
     """The tenant calling, from its bearer key (401 / 403 otherwise)."""
-    key = bearer_key(request)
+    return tenant_for_authorization(request.headers.get("authorization"), service)
+
+
+def tenant_for_authorization(header: str | None, service: RoutingService) -> TenantState:
+    """The tenant of an ``Authorization`` header's value (401 / 403 otherwise)."""
+    key = _bearer(header)
     tenant = service.tenant_for_key(key)
     if tenant is not None:
         return tenant

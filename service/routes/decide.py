@@ -1,46 +1,58 @@
-"""``POST /v1/decide``: choose a model for one query. Never waits on the database."""
+"""``POST /v1/decide``: choose a model for one query. Never waits on the database.
+
+Served by :class:`DecideShortcut`, a pure ASGI middleware placed innermost (inside
+every other middleware: request ids, access log, server errors), in front of FastAPI's
+routing: for this one endpoint FastAPI's route matching, exception middleware, exit
+stack, request wrapper and dependency solving cost about as much as the decision itself.
+The FastAPI route below documents the endpoint in the OpenAPI schema and runs the same
+code (:func:`decide_body`); errors go through the app's own exception handlers either
+way, so the answers are the same problem details.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
+from typing import Any
 
 import orjson
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from bandit import Preferences
 from service.batching import DecideBatcher
 from service.config import Settings
-from service.deps import authenticate_tenant
+from service.deps import tenant_for_authorization
 from service.errors import Problem
 from service.metrics import Metrics
 from service.routing import RoutingService
 from service.schemas import DecideRequest, DecideResponse
 
+__all__ = ["router", "decide_body", "DecideShortcut"]
+
 router = APIRouter(prefix="/v1", tags=["routing"])
+PATH = "/v1/decide"
+_JSON_HEADERS = (b"content-type", b"application/json")
 
 
-# An async route: the work is in-memory numpy (a fraction of a millisecond), cheaper on
-# the event loop than a trip through the thread pool.
-#
-# No dependency injection on this route: FastAPI resolving five dependencies took a third
-# of a decision's time. It calls the same function as ``TenantDep`` (so a caller without
-# a valid key gets 401 before its body is looked at), then validates the body with
-# pydantic-core's JSON parser in one step.
-@router.post("/decide", response_model=DecideResponse,
-             responses={401: {}, 403: {}, 422: {}, 429: {}, 503: {}},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": DecideRequest.model_json_schema()}}}})
-async def decide(request: Request) -> Response:
+async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> bytes:
+    """The JSON answer to one decide request (raises what the API turns into errors).
+
+    An async function: the work is in-memory numpy (a fraction of a millisecond),
+    cheaper on the event loop than a trip through the thread pool. The caller's key is
+    checked first (401 before the body is looked at); the body is validated with
+    pydantic-core's JSON parser in one step.
+    """
     started = time.perf_counter()
-    service: RoutingService = request.app.state.routing
-    settings: Settings = request.app.state.settings
-    metrics: Metrics = request.app.state.metrics
-    tenant = authenticate_tenant(request, service)
+    state = app.state
+    service: RoutingService = state.routing
+    settings: Settings = state.settings
+    metrics: Metrics = state.metrics
+    tenant = tenant_for_authorization(authorization, service)
     try:
-        body = DecideRequest.model_validate_json(await request.body())
+        body = DecideRequest.model_validate_json(raw)
     except ValidationError as exc:
         # Same locations as FastAPI's own body validation: ("body", field, ...).
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
@@ -54,9 +66,9 @@ async def decide(request: Request) -> Response:
         body.preferences.quality, body.preferences.cost, body.preferences.latency)
     # Decided together with the other decides of this event-loop iteration (one policy
     # call for the batch; see service.batching).
-    batcher: DecideBatcher | None = getattr(request.app.state, "decide_batcher", None)
+    batcher: DecideBatcher | None = getattr(state, "decide_batcher", None)
     if batcher is None:
-        batcher = request.app.state.decide_batcher = DecideBatcher(service)
+        batcher = state.decide_batcher = DecideBatcher(service)
     pending = await batcher.decide(tenant, x, body.candidates, override)
     if not service.enqueue(pending):
         # Backpressure: the writer is behind. Wait a little for room, then refuse
@@ -69,10 +81,79 @@ async def decide(request: Request) -> Response:
                               slug="backpressure", headers={"Retry-After": "1"})
             await asyncio.sleep(0.005)
     metrics.decide_latency.observe(time.perf_counter() - started)
-    # The body is built from floats and strings we control: skip FastAPI's re-validation
-    # through the response model (kept above for the OpenAPI schema) and encode with
-    # orjson; together they were a third of the time of a decision.
-    # The predictions were encoded once for the stored row: reused as they are.
+    # The body is built from floats and strings we control: no re-validation through the
+    # response model (kept below for the OpenAPI schema); orjson, and the predictions
+    # encoded once for the stored row are reused as they are.
     answer = {**pending.response,
               "predictions": orjson.Fragment(pending.row["predictions_json"])}
-    return Response(orjson.dumps(answer), media_type="application/json")
+    return orjson.dumps(answer)
+
+
+@router.post("/decide", response_model=DecideResponse,
+             responses={401: {}, 403: {}, 422: {}, 429: {}, 503: {}},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": DecideRequest.model_json_schema()}}}})
+async def decide(request: Request) -> Response:
+    """Choose a model for one query (served by :class:`DecideShortcut` in the app)."""
+    content = await decide_body(request.app, request.headers.get("authorization"),
+                                await request.body())
+    return Response(content, media_type="application/json")
+
+
+class DecideShortcut:
+    """Pure ASGI middleware answering ``POST /v1/decide`` with :func:`decide_body`;
+    everything else goes on to the app. An exception the app has a handler for is
+    answered by that handler (problem details); any other propagates to the server-error
+    middleware (500), as from a route."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST"
+                or scope.get("root_path")):
+            await self.app(scope, receive, send)
+            return
+        fastapi_app: FastAPI = scope["app"]
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        try:
+            content = await decide_body(fastapi_app, authorization, b"".join(chunks))
+        except Exception as exc:
+            handler = _exception_handler(fastapi_app, exc)
+            if handler is None:
+                raise
+            request = Request(scope, receive)
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(request, exc)
+            else:
+                response = handler(request, exc)
+            await response(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [_JSON_HEADERS,
+                                (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
+
+
+def _exception_handler(app: FastAPI, exc: Exception) -> Any:
+    """The handler Starlette's exception middleware would pick (by exception class;
+    500/``Exception`` belong to the server-error middleware)."""
+    handlers = app.exception_handlers
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None
+        if cls in handlers:
+            return handlers[cls]
+    return None
