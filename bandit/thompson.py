@@ -9,6 +9,10 @@ from scipy.special import ndtr, ndtri
 
 from bandit.base import Policy, PolicyConfig, check_finite_number
 
+# An arm this many standard deviations below the chosen arm's lowest quadrature node
+# cannot win (Phi(-7) = 1.3e-12): it is left out of the propensity integral.
+_PRUNE_SIGMAS = 7.0
+
 __all__ = ["LinearThompson", "LinearThompsonConfig"]
 
 
@@ -18,14 +22,15 @@ class LinearThompsonConfig(PolicyConfig):
 
     ``scale``: v, the posterior is N(theta_k, v^2 sigma_k^2 A_k^-1) for each head
     (default 0.5: the exact posterior, v = 1, over-explored on the llmrouter replay);
-    ``propensity_nodes``: quadrature nodes of the propensity integral (error about
-    1 / nodes in the worst case, a step-shaped integrand; far less typically);
+    ``propensity_nodes``: quadrature nodes of the propensity integral (default 64:
+    largest error 0.001, mean 0.0002 against 512 nodes on a trained 16-arm policy; about
+    1 / nodes in the worst case, a step-shaped integrand);
     ``propensity_samples``: when > 0, use a Monte Carlo estimate with this many samples
     instead of quadrature (kept to cross-check the quadrature).
     """
 
     scale: float = 0.5
-    propensity_nodes: int = 128
+    propensity_nodes: int = 64
     propensity_samples: int = 0
 
     def validated(self) -> LinearThompsonConfig:
@@ -99,10 +104,29 @@ class LinearThompson(Policy):
         mu_j = np.where(reachable, mu_j, 0.0)
         s_j = s[rows, choices]
         u = mu_j[:, None] + s_j[:, None] * self._quantiles[None, :]
-        diff = u[:, :, None] - utility[:, None, :]  # (n, nodes, K)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = diff / s[:, None, :]
-        # Arms with no spread (cold arms scored on their prior) are a step function.
-        cdf = np.where(s[:, None, :] > 0, ndtr(z), (diff > 0) + 0.5 * (diff == 0))
-        cdf[rows, :, choices] = 1.0
+        # Only competitive arms matter: one whose sample stays 7 standard deviations
+        # below the chosen arm's lowest node has Phi = 1 - 1e-12 at every node. Keep,
+        # per row, the m arms with the highest such ceiling (m = the batch's largest
+        # count of competitors), so the (n, nodes, m) work shrinks with the field.
+        ceiling = utility + _PRUNE_SIGMAS * s
+        ceiling[rows, choices] = -np.inf  # the chosen arm's own factor is 1
+        competes = ceiling >= u[:, :1]
+        m = int(competes.sum(axis=1).max()) if n else 0
+        if m == 0:
+            return np.where(reachable, 1.0, 0.0)
+        cols = np.argpartition(-ceiling, m - 1, axis=1)[:, :m] if m < k else \
+            np.broadcast_to(np.arange(k), (n, k))
+        mu_c = np.take_along_axis(utility, cols, axis=1)  # (n, m)
+        s_c = np.take_along_axis(s, cols, axis=1)
+        own = cols == choices[:, None]
+        diff = u[:, :, None] - mu_c[:, None, :]  # (n, nodes, m)
+        if np.all(s_c > 0):
+            diff /= s_c[:, None, :]
+            cdf = ndtr(diff, out=diff)
+        else:
+            # Arms with no spread (cold arms scored on their prior) are a step function.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z = diff / s_c[:, None, :]
+            cdf = np.where(s_c[:, None, :] > 0, ndtr(z), (diff > 0) + 0.5 * (diff == 0))
+        cdf[np.broadcast_to(own[:, None, :], cdf.shape)] = 1.0
         return np.where(reachable, np.prod(cdf, axis=2).mean(axis=1), 0.0)
