@@ -8,7 +8,9 @@ import orjson
 import pytest
 
 import streams.config
+import streams.learner
 import streams.schemas
+import streams.stats
 from streams.schemas import (
     DeadLetter,
     DecisionEvent,
@@ -32,7 +34,7 @@ def _feedback(**changes: object) -> bytes:
 
 
 def test_run_doctests_streams_modules() -> None:
-    for module in (streams.schemas, streams.config):
+    for module in (streams.schemas, streams.config, streams.stats, streams.learner):
         result = doctest.testmod(module)
         assert result.failed == 0 and result.attempted > 0
 
