@@ -24,6 +24,7 @@ from starlette.middleware import Middleware
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
 from service.errors import install_error_handlers
+from service.limits import LimitsMiddleware
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware
 from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
@@ -104,6 +105,9 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
+    # Limits (body size, rate, concurrency: service/limits.py) inside the request ids, so
+    # a refusal carries one too.
+    app.add_middleware(LimitsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     # POST /v1/decide skips FastAPI's routing machinery (service.routes.decide). Appended,
     # not added: innermost whatever the order of the add_middleware calls (each of

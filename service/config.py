@@ -52,6 +52,18 @@ class Settings(BaseSettings):
     decision_flush_interval_s: float = Field(0.02, ge=0.0)
     # How long a decide waits for room in a full decision queue before answering 503.
     decision_enqueue_timeout_s: float = Field(0.1, ge=0.0)
+    # Request limits (service/limits.py). The schema caps text and candidates at 100,000
+    # characters and 1,000 items; these can lower the caps, not raise them.
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body "
+                                "(413 beyond).")
+    max_text_chars: int = Field(100_000, ge=1, le=100_000)
+    max_candidates: int = Field(1000, ge=1, le=1000)
+    rate_limit_per_s: float = Field(0.0, ge=0.0, description="Requests per second per "
+                                    "tenant (token bucket per replica); 0 = no limit.")
+    rate_limit_burst: int = Field(0, ge=0, description="Bucket size; 0 = one second's "
+                                  "worth of rate_limit_per_s.")
+    max_concurrent_requests: int = Field(0, ge=0, description="Requests in flight per "
+                                         "process before 503; 0 = no limit.")
     admin_key: SecretStr | None = Field(None, description="Admin key; when unset one is "
                                         "generated on first start, stored hashed and printed "
                                         "once.")
