@@ -357,6 +357,10 @@ class Learner:
             elif len(context) != 8 * self.config.dim:
                 dead.append((origin, "invalid-event", "context: the decision's context has "
                              f"{len(context) // 8} dimensions, the learner {self.config.dim}"))
+            elif not _context_ok(context):
+                # A huge (finite) embedding would overflow the shared sums to inf/NaN.
+                dead.append((origin, "invalid-event", "context: the decision's context has "
+                             f"values outside +-{MAX_CONTEXT_ABS:g} or not finite"))
             else:
                 apply.setdefault(state.tp, []).append((item, row))
 
@@ -572,6 +576,15 @@ class Learner:
             log.info("partitions %s, lag %d, pending %d, batches %d",
                      sorted(tp.partition for tp in self.partitions), total,
                      sum(len(s.pending) for s in self.partitions.values()), self.batches)
+
+
+#: Largest absolute context value the learner applies (embeddings are O(1)).
+MAX_CONTEXT_ABS = 1e6
+
+
+def _context_ok(context: bytes) -> bool:
+    x = np.frombuffer(context, dtype="<f8")
+    return bool(np.isfinite(x).all() and (np.abs(x) <= MAX_CONTEXT_ABS).all())
 
 
 @dataclass(frozen=True, slots=True)

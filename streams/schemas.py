@@ -11,8 +11,8 @@ Feedback (topic ``feedback_topic``, key = ``decision_id``)::
      "tenant_id": "<tenant uuid>", "quality": 0.8, "cost_usd": 0.0021,
      "latency_ms": 850.0, "sent_at": "2026-11-23T16:00:00.000000+00:00"}
 
-``quality`` (0..1), ``cost_usd`` (>= 0) and ``latency_ms`` (>= 0) are optional (null or
-absent) but at least one is required. ``event_id`` (1..200 characters) makes a repeat
+``quality`` (0..1), ``cost_usd`` (0..10,000) and ``latency_ms`` (0..1e8) are optional
+(null or absent) but at least one is required. ``event_id`` (1..200 characters) makes a repeat
 of the same event a no-op; ``""`` is the anonymous event (one per decision).
 
 Decision (topic ``decisions_topic``, key = ``decision_id``): ``decision_id``,
@@ -79,6 +79,11 @@ DEAD_LETTER_REASONS = (
 _FEEDBACK_FIELDS = frozenset({"schema_version", "event_id", "decision_id", "tenant_id",
                               "quality", "cost_usd", "latency_ms", "sent_at"})
 _ID_MAX = 200
+#: Upper bounds of the outcome values. Finite but absurd values (a cost of 1e300) would
+#: overflow the shared statistics to inf/NaN for every tenant; no real request costs
+#: 10,000 USD or takes 10^8 ms (28 hours).
+MAX_COST_USD = 1e4
+MAX_LATENCY_MS = 1e8
 
 
 class InvalidEventError(InvalidInputError):
@@ -218,8 +223,8 @@ def decode_feedback(raw: bytes | bytearray | memoryview | None) -> FeedbackEvent
         decision_id=_parse_id(data, "decision_id"),
         tenant_id=_parse_id(data, "tenant_id"),
         quality=_parse_measure(data, "quality", 1.0),
-        cost_usd=_parse_measure(data, "cost_usd", None),
-        latency_ms=_parse_measure(data, "latency_ms", None),
+        cost_usd=_parse_measure(data, "cost_usd", MAX_COST_USD),
+        latency_ms=_parse_measure(data, "latency_ms", MAX_LATENCY_MS),
         sent_at=_parse_time("sent_at", data.get("sent_at")),
     )
     if event.quality is None and event.cost_usd is None and event.latency_ms is None:

@@ -56,6 +56,8 @@ def test_roundtrip_feedback_event_exact() -> None:
     (_feedback(quality=1.5), "quality", "out-of-range"),
     (_feedback(cost_usd=-0.1), "cost_usd", "out-of-range"),
     (_feedback(latency_ms=-1), "latency_ms", "out-of-range"),
+    (_feedback(cost_usd=1e300), "cost_usd", "out-of-range"),
+    (_feedback(latency_ms=1e12), "latency_ms", "out-of-range"),
     (_feedback(quality="good"), "quality", "invalid-event"),
     (_feedback(quality=None, cost_usd=None, latency_ms=None), "quality", "invalid-event"),
     (_feedback(sent_at="yesterday"), "sent_at", "invalid-event"),
