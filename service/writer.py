@@ -33,8 +33,8 @@ class QueueFull(Exception):
 
 
 class _RowInserter:
-    """One multi-row ``INSERT INTO decisions (...) VALUES (...), (...)`` per batch,
-    through ``exec_driver_sql`` with the values converted by the columns' own bind
+    """One multi-row ``INSERT INTO decisions (...) VALUES (...), (...)`` per batch
+    (SQLite), through ``exec_driver_sql`` with the values converted by the columns' own bind
     processors (exactly what ``insert(Decision)`` would store).
 
     ``conn.execute(insert(Decision), rows)`` spent more time in SQLAlchemy's per-row
@@ -45,6 +45,8 @@ class _RowInserter:
     """
 
     def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._conn: Connection | None = None
         dialect = engine.dialect
         self._placeholder = {"qmark": "?", "format": "%s",
                              "pyformat": "%s"}.get(dialect.paramstyle)
@@ -63,26 +65,55 @@ class _RowInserter:
         self._max_rows = max(1, 30_000 // len(self._columns))
         self._sql: dict[int, str] = {}
 
-    def __call__(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        """Insert ``rows`` (all or none); raises SQLAlchemy's exceptions."""
         if not self.fast:
-            conn.execute(insert(Decision), [{k: v for k, v in row.items()
-                                             if k != "predictions_json"} for row in rows])
+            with self._engine.begin() as conn:
+                conn.execute(insert(Decision), [{k: v for k, v in row.items()
+                                                 if k != "predictions_json"} for row in rows])
             return
-        for start in range(0, len(rows), self._max_rows):
-            chunk = rows[start:start + self._max_rows]
-            params: list[Any] = []
-            append = params.append
-            for row in chunk:
-                for name, process in self._columns:
-                    if name == "predictions" and "predictions_json" in row:
-                        append(row["predictions_json"].decode())
-                        continue
-                    value = row[name]
-                    append(value if process is None or value is None else process(value))
-            sql = self._sql.get(len(chunk))
-            if sql is None:
-                sql = self._sql[len(chunk)] = self._head + ", ".join([self._values] * len(chunk))
-            conn.exec_driver_sql(sql, tuple(params))
+        # SQLite: a connection of the writer's own in autocommit mode. One multi-row
+        # INSERT is atomic by itself, so a batch is one statement: no BEGIN and COMMIT,
+        # each of which releases the GIL and then waits up to the switch interval (5 ms)
+        # to take it back from a busy event loop.
+        if self._conn is None:
+            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        conn = self._conn
+        try:
+            chunks = range(0, len(rows), self._max_rows)
+            if len(chunks) > 1:
+                conn.exec_driver_sql("BEGIN")
+            for start in chunks:
+                conn.exec_driver_sql(*self._statement(rows[start:start + self._max_rows]))
+            if len(chunks) > 1:
+                conn.exec_driver_sql("COMMIT")
+            conn.commit()  # ends SQLAlchemy's own bookkeeping; nothing is sent
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                conn.close()
+            except Exception:  # already broken: the pool discards it
+                log.debug("closing the writer's connection failed", exc_info=True)
+
+    def _statement(self, chunk: list[dict[str, Any]]) -> tuple[str, tuple[Any, ...]]:
+        params: list[Any] = []
+        append = params.append
+        for row in chunk:
+            for name, process in self._columns:
+                if name == "predictions" and "predictions_json" in row:
+                    append(row["predictions_json"].decode())
+                    continue
+                value = row[name]
+                append(value if process is None or value is None else process(value))
+        sql = self._sql.get(len(chunk))
+        if sql is None:
+            sql = self._sql[len(chunk)] = self._head + ", ".join([self._values] * len(chunk))
+        return sql, tuple(params)
 
 
 class DecisionWriter:
@@ -151,6 +182,7 @@ class DecisionWriter:
         self._urgent.set()
         self._thread.join(timeout)
         self._thread = None
+        self._insert.close()
 
     def _run(self) -> None:
         stopping = False
@@ -180,8 +212,7 @@ class DecisionWriter:
         delay = 0.05
         while True:
             try:
-                with self._engine.begin() as conn:
-                    self._insert(conn, batch)
+                self._insert.write(batch)
                 break
             except (OperationalError, InterfaceError):
                 # The database is away: keep the rows and retry. The queue fills up
@@ -206,8 +237,7 @@ class DecisionWriter:
     def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
         for row in batch:
             try:
-                with self._engine.begin() as conn:
-                    self._insert(conn, [row])
+                self._insert.write([row])
             except DBAPIError:
                 self.failed += 1
                 log.exception("decision %s refused by the database; it is not stored",
