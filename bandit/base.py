@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from typing import ClassVar, NamedTuple
 
 import numpy as np
@@ -792,10 +793,13 @@ class Policy(abc.ABC):
         return fresh
 
     # --------------------------------------------------------- serialization
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, *, derived: bool = True) -> bytes:
         """Serialize configuration, arms, statistics and RNG state (no pickle).
 
-        Drift detectors are not serialized: after a restore they start watching afresh.
+        ``derived=False`` leaves out what :meth:`from_bytes` can recompute exactly from
+        the sums (inverses, coefficients, noise): about half the size, for statistics
+        written often (the distributed learners). Drift detectors are not serialized:
+        after a restore they start watching afresh.
         """
         header = {
             "format": 1,
@@ -807,34 +811,57 @@ class Policy(abc.ABC):
             "rng": self._rng.bit_generator.state,
             "version": self.version,
             "drift_events": self.drift_events,
+            "derived": derived,
         }
         raw_header = json.dumps(header).encode()
+        names = ArmStatistics.ARRAYS if derived else ArmStatistics.SUMS
         buffer = io.BytesIO()
-        np.savez(buffer, **{name: getattr(self._stats, name) for name in ArmStatistics.ARRAYS})
+        np.savez(buffer, **{name: getattr(self._stats, name) for name in names})
         return _MAGIC + len(raw_header).to_bytes(4, "big") + raw_header + buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> Policy:
-        """Restore a policy serialized by :meth:`to_bytes` (any registered class)."""
+    def from_bytes(cls, data: bytes, *, as_class: type[Policy] | None = None,
+                   **config: object) -> Policy:
+        """Restore a policy serialized by :meth:`to_bytes` (any registered class).
+
+        ``as_class`` restores the statistics into another policy class (LinUCB sums as a
+        LinearThompson: they are the same sums); ``config`` overrides settings of the
+        restored policy (``epsilon=0.05``); ``dim`` cannot change.
+        """
         if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:6]) != _MAGIC:
             raise InvalidInputError("data", "is not a serialized policy (bad magic)")
         data = bytes(data)
         size = int.from_bytes(data[6:10], "big")
         header = json.loads(data[10:10 + size])
         policy_cls = Policy._registry.get(header["policy"])
-        if policy_cls is None or (cls is not Policy and policy_cls is not cls):
+        if policy_cls is None or (as_class is None and cls is not Policy
+                                  and policy_cls is not cls):
             raise InvalidInputError("data", "holds policy " + repr(header["policy"])
                                     + "; allowed: " + ", ".join(Policy._registry))
-        policy = policy_cls(**header["config"])
+        target = as_class or policy_cls
+        if config.get("dim", header["config"]["dim"]) != header["config"]["dim"]:
+            raise InvalidInputError("dim", f"must stay {header['config']['dim']}",
+                                    config["dim"])
+        fields = {f.name for f in dataclass_fields(target.Config)}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise InvalidInputError(unknown[0], "is not a setting of " + target.__name__
+                                    + "; allowed: " + ", ".join(sorted(fields)))
+        settings = {k: v for k, v in header["config"].items() if k in fields}
+        settings.update(config)
+        policy = target(**settings)
         arrays = np.load(io.BytesIO(data[10 + size:]), allow_pickle=False)
-        for name in ArmStatistics.ARRAYS:
+        for name in arrays.files:
             setattr(policy._stats, name, arrays[name].copy())
         policy._names = list(header["arms"])
         policy._index = {n: i for i, n in enumerate(policy._names)}
         policy._priors = {n: ArmPrior(*p) for n, p in zip(policy._names, header["priors"],
                                                             strict=True)}
+        if not header.get("derived", True):
+            policy._stats.fill_derived()
         policy._t_ref = header["t_ref"]
-        policy._rng.bit_generator.state = header["rng"]
+        if target is policy_cls and "seed" not in config:
+            policy._rng.bit_generator.state = header["rng"]
         policy.version = header["version"]
         policy.drift_events = dict(header["drift_events"])
         return policy

@@ -61,6 +61,9 @@ class ArmStatistics:
     ARRAYS = ("group", "s_data", "s_inv", "a_data", "a_inv", "b_data", "srr", "weight",
               "count", "lam", "mu0", "sigma0", "updates", "theta", "sigma2")
     DATA = ("s_data", "a_data", "b_data", "srr", "weight")  # what forgetting discounts
+    # What defines the statistics; the rest (inverses, theta, sigma^2) is recomputed.
+    SUMS = ("group", "s_data", "a_data", "b_data", "srr", "weight", "count", "lam", "mu0",
+            "sigma0", "updates")
 
     def __init__(self, dim: int, refresh_every: int = 1000) -> None:
         self.dim = dim
@@ -113,6 +116,15 @@ class ArmStatistics:
             self._split(k, group.copy())
         self.lam[k], self.mu0[k], self.sigma0[k] = lam, mu0, sigma0
         self.refresh([k])
+
+    def fill_derived(self) -> None:
+        """Allocate and recompute the derived arrays after a sums-only restore."""
+        k, d = len(self), self.n_features
+        self.s_inv = np.zeros((k, d, d))
+        self.a_inv = np.zeros((k, _H, d, d))
+        self.theta = np.zeros((k, _H, d))
+        self.sigma2 = np.zeros((k, _H))
+        self.refresh()
 
     def delete(self, index: int) -> None:
         for name in self.ARRAYS:

@@ -438,7 +438,9 @@ class Learner:
                         "INSERT INTO partition_statistics (group_id, topic, partition, key,"
                         " data) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic,"
                         " partition, key) DO UPDATE SET data = EXCLUDED.data",
-                        [(*ident, key, state.stats[key].to_bytes()) for key in changed])
+                        # Sums only: the readers recompute inverses exactly, half the bytes.
+                        [(*ident, key, state.stats[key].to_bytes(derived=False))
+                         for key in changed])
                 offset = state.offset_to_store()
                 conn.execute(
                     "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"

@@ -17,16 +17,13 @@ kind: :func:`recast` turns the LinUCB carrier into any registered policy class.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from dataclasses import asdict
 
 from bandit import LinUCB, Policy
 
 __all__ = ["SHARED_KEY", "new_statistics", "recast", "sum_statistics", "scope_key"]
 
 SHARED_KEY = "shared"
-_MAGIC_LEN = 6  # b"BANDIT"-style magic of Policy.to_bytes, then a 4-byte header length
 
 
 def scope_key(scope: str, tenant_id: str) -> str | None:
@@ -46,8 +43,8 @@ def new_statistics(dim: int) -> Policy:
 def recast(stats: Policy, cls: type[Policy], **config: object) -> Policy:
     """The same data sums and arms as ``stats``, as a ``cls`` policy with ``config``.
 
-    Goes through the public serialization: the header names the class and its config,
-    the arrays (the sums) are class-independent.
+    Goes through the public serialization (``Policy.from_bytes(..., as_class=cls)``):
+    the sums are class-independent.
 
     >>> import numpy as np
     >>> from bandit import LinearThompson
@@ -56,14 +53,7 @@ def recast(stats: Policy, cls: type[Policy], **config: object) -> Policy:
     >>> type(t).__name__, t.observations("a")["quality"]
     ('LinearThompson', 1)
     """
-    data = stats.to_bytes()
-    size = int.from_bytes(data[_MAGIC_LEN:_MAGIC_LEN + 4], "big")
-    header = json.loads(data[_MAGIC_LEN + 4:_MAGIC_LEN + 4 + size])
-    header["policy"] = cls.name
-    header["config"] = asdict(cls.Config(**{"dim": stats.dim, **config}).validated())
-    raw = json.dumps(header).encode()
-    return Policy.from_bytes(data[:_MAGIC_LEN] + len(raw).to_bytes(4, "big") + raw
-                             + data[_MAGIC_LEN + 4 + size:])
+    return Policy.from_bytes(stats.to_bytes(derived=False), as_class=cls, **config)
 
 
 def sum_statistics(parts: Iterable[Policy], dim: int) -> Policy:

@@ -428,3 +428,38 @@ def test_construct_bad_config_raises(cls):
     with pytest.raises(InvalidInputError) as err:
         cls(4, epsilon=1.5)
     assert err.value.field == "epsilon"
+
+
+@pytest.mark.parametrize("cls", POLICIES)
+def test_restore_sums_only_equals_full_restore(cls):
+    x, _, noisy, costs = make_problem(13, 6, 80)
+    policy = build(cls)
+    feed(policy, x, noisy, costs, range(80))
+    policy.update("mid", x[0], {"quality": 0.4})  # a split group too
+    full, lean = policy.to_bytes(), policy.to_bytes(derived=False)
+    assert len(lean) < 0.7 * len(full)
+    a, b = Policy.from_bytes(full), Policy.from_bytes(lean)
+    for attr in ("theta", "sigma2"):
+        np.testing.assert_allclose(getattr(b._stats, attr), getattr(a._stats, attr),
+                                   atol=1e-9)
+    np.testing.assert_allclose(b._stats.matrices("a_inv"), a._stats.matrices("a_inv"),
+                               atol=1e-9)
+    assert b.decide(x[1]).arm == a.decide(x[1]).arm
+
+
+def test_restore_as_other_class_with_overrides():
+    x, _, noisy, costs = make_problem(14, 6, 40)
+    policy = build(LinUCB, epsilon=0.0)
+    feed(policy, x, noisy, costs, range(40))
+    ts = Policy.from_bytes(policy.to_bytes(), as_class=LinearThompson, scale=0.2, seed=3)
+    assert isinstance(ts, LinearThompson) and ts.config.scale == 0.2
+    assert ts.config.epsilon == 0.0  # settings both classes have are kept
+    np.testing.assert_allclose(ts._stats.theta, policy._stats.theta, atol=0)
+    more = Policy.from_bytes(policy.to_bytes(), epsilon=0.2)
+    assert more.config.epsilon == 0.2 and more.config.alpha == policy.config.alpha
+    with pytest.raises(InvalidInputError) as err:
+        Policy.from_bytes(policy.to_bytes(), dim=7)
+    assert err.value.field == "dim"
+    with pytest.raises(InvalidInputError) as err:
+        Policy.from_bytes(policy.to_bytes(), as_class=LinearThompson, alpha=1.0)
+    assert err.value.field == "alpha"
