@@ -136,6 +136,7 @@ class RoutingService:
                                      flush_interval_s=settings.decision_flush_interval_s)
         self._featurizer: Any = None
         self._decision_counters: dict[tuple[str, str], Any] = {}
+        self._valid_preferences: set[Preferences] = set()
 
     # ================================================================= start / stop
     def start(self) -> str | None:
@@ -604,9 +605,15 @@ class RoutingService:
         now = time.time()
         out: list[PendingDecision | Exception | None] = [None] * len(requests)
         paced: list[tuple[int, Preferences]] = []
+        valid = self._valid_preferences
         for i, (tenant, _x, _candidates, override) in enumerate(requests):
+            base = override or tenant.preferences
             try:
-                base = (override or tenant.preferences).validated()
+                if base not in valid:  # checked once per distinct weights, not per decide
+                    base.validated()
+                    if len(valid) >= 4096:
+                        valid.clear()
+                    valid.add(base)
                 paced.append((i, base._replace(cost=tenant.ledger.paced_cost_weight(
                     base.quality, base.cost, now=now))))
             except Exception as exc:  # invalid weights: this request only
