@@ -387,23 +387,33 @@ def nondecreasing_hull(points: np.ndarray) -> np.ndarray:
     return h[:best + 1]
 
 
-def aiq(points: np.ndarray, c_min: float, c_max: float) -> float:
+def aiq(points: np.ndarray, c_min: float, c_max: float,
+        anchor: tuple[float, float] | None = None) -> float:
     """RouterBench's AIQ of one router from its (cost, quality) points across the sweep.
 
     The points' non-decreasing convex hull, linearly interpolated, integrated over
     [c_min, c_max] (the cheapest and the most expensive single model's mean cost) and
     divided by c_max - c_min: the router's mean best reachable quality over that budget
-    range. Below the router's cheapest point the curve is 0 (it cannot route that
-    cheaply); beyond its best-quality point it stays at that quality.
+    range. Beyond its best-quality point the curve stays at that quality. ``anchor``, the
+    cheapest single model's (cost, quality), joins the points: any router can send a
+    share of its traffic to that model, and the convex hull is exactly the set of such
+    mixtures (RouterBench's argument for the hull), so no router is scored 0 just because
+    the sweep did not push it that cheap. Without an anchor the curve is 0 below the
+    router's cheapest point.
 
     >>> aiq(np.array([[1.0, 0.5]]), 0.0, 2.0)   # one point: flat from cost 1 to 2
     0.25
     >>> round(aiq(np.array([[0.0, 0.2], [2.0, 0.6], [1.0, 0.3]]), 0.0, 2.0), 6)
     0.4
+    >>> round(aiq(np.array([[1.0, 0.5]]), 0.0, 2.0, anchor=(0.0, 0.1)), 6)
+    0.4
     """
     if not c_max > c_min:
         raise ValueError("c_max must exceed c_min")
-    h = nondecreasing_hull(points)
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if anchor is not None:
+        pts = np.vstack([pts, np.asarray(anchor, dtype=np.float64)[None, :]])
+    h = nondecreasing_hull(pts)
     xs = np.concatenate([h[:, 0], [max(c_max, h[-1, 0])]])
     ys = np.concatenate([h[:, 1], [h[-1, 1]]])
     grid_lo, grid_hi = max(c_min, xs[0]), c_max
@@ -532,6 +542,8 @@ def add_aiq(results: list[Result], ds: Dataset) -> dict[str, dict[str, float]]:
     for window, rows in (("test", slice(ds.test_start, ds.n)), ("all", slice(0, ds.n))):
         single_cost = ds.cost[rows].mean(axis=0)
         c_min, c_max = float(single_cost.min()), float(single_cost.max())
+        cheapest = int(np.argmin(single_cost))
+        anchor = (c_min, float(ds.quality[rows][:, cheapest].mean()))
         by: dict[str, list[tuple[float, float]]] = {}
         for res in results:
             stats = getattr(res, window)
@@ -539,7 +551,8 @@ def add_aiq(results: list[Result], ds: Dataset) -> dict[str, dict[str, float]]:
                 continue
             by.setdefault(label(res), []).append((stats["cost_usd"], stats["quality"]))
         for name, pts in by.items():
-            out.setdefault(name, {})[window] = round(aiq(np.array(pts), c_min, c_max), 5)
+            out.setdefault(name, {})[window] = round(aiq(np.array(pts), c_min, c_max,
+                                                         anchor), 5)
     return out
 
 
@@ -631,7 +644,8 @@ def markdown(document: dict, results: list[Result], aiqs: dict[str, dict],
              "reward = quality - w x cost_usd; regret = sum over the window of the per-query "
              "oracle's reward minus the router's; AIQ = RouterBench's area under the "
              "non-decreasing convex hull of the router's (cost, quality) points over the "
-             "sweep, normalised over [cheapest, most expensive single model]. "
+             "sweep plus the cheapest single model's point (mixing with it is always "
+             "possible), normalised over [cheapest, most expensive single model]. "
              "kNN is offline, full information, scored on test only.", ""]
 
     def table(rows: list[list[str]]) -> list[str]:
@@ -687,6 +701,17 @@ def markdown(document: dict, results: list[Result], aiqs: dict[str, dict],
     return "\n".join(lines)
 
 
+def _plain(obj: object) -> object:
+    """numpy scalars (np.bool_ from comparisons, np.float64) as plain JSON values."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_routers",
                                      description=__doc__.split("\n\n")[0])
@@ -694,7 +719,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory holding llmrouter/ and routellm/")
     parser.add_argument("--datasets", default="llmrouter,mmlu")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--cost-weights", default="0,100,300,1000",
+    parser.add_argument("--cost-weights", default="0,100,300,1000,3000",
                         help="llmrouter sweep, quality points per USD")
     parser.add_argument("--mmlu-cost-weights", default="0,10,30,100",
                         help="mmlu sweep (GPT-4 costs ~$0.008 per query, 30x Mixtral)")
@@ -787,6 +812,7 @@ def main(argv: list[str] | None = None) -> int:
                "results": [r.as_dict() for r in all_results]}
     if args.quick and args.out_dir is None:
         return 0
+    payload = _plain(payload)
     path = write_results("compare_routers", payload, packages=PACKAGES,
                          results_dir=args.out_dir)
     import json

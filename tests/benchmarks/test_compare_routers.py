@@ -99,3 +99,13 @@ def test_run_online_eps_greedy_finds_the_better_model() -> None:
     router = cr.EpsGreedy(2, seed=0)
     choices = cr.run_online(router, quality, cost, np.zeros(n))
     assert (choices[200:] == 0).mean() >= 0.9
+
+
+def test_aiq_anchor_lets_a_router_mix_with_the_cheapest_model() -> None:
+    # A router seen only at cost 1 (quality 0.5) can mix with the cheapest model
+    # (cost 0, quality 0.1): the line from 0.1 to 0.5 over [0, 1], then 0.5 up to 2.
+    pts = np.array([[1.0, 0.5]])
+    assert cr.aiq(pts, 0.0, 2.0) == pytest.approx(0.25, abs=1e-12)
+    assert cr.aiq(pts, 0.0, 2.0, anchor=(0.0, 0.1)) == pytest.approx(0.4, abs=1e-12)
+    # An anchor above the router's curve dominates it where it is better.
+    assert cr.aiq(pts, 0.0, 2.0, anchor=(0.0, 0.6)) == pytest.approx(0.6, abs=1e-12)
