@@ -37,6 +37,7 @@ __all__ = [
     "Decision",
     "BatchDecision",
     "parse_outcome",
+    "parse_outcome_array",
     "check_finite_number",
     "PolicyConfig",
     "Policy",
@@ -223,6 +224,32 @@ def parse_outcome(outcome: Mapping[str, object]) -> np.ndarray:
         raise InvalidInputError("outcome", "needs at least one of quality, cost_usd, "
                                 "latency_ms", dict(outcome))
     return values
+
+
+def parse_outcome_array(outcomes: np.ndarray) -> np.ndarray:
+    """Validate an (n, 3) array of (quality, cost_usd, latency_ms), NaN = missing, and
+    return head values (latency in seconds): :func:`parse_outcome` for many rows at once.
+
+    >>> parse_outcome_array(np.array([[1.0, 0.002, np.nan]]))
+    array([[1.   , 0.002,   nan]])
+    """
+    y = np.array(outcomes, dtype=np.float64)
+    if y.ndim != 2 or y.shape[1] != len(OBJECTIVES):
+        raise InvalidInputError("outcomes", "must be an (n, 3) array of quality, cost_usd, "
+                                "latency_ms", np.shape(outcomes))
+    bad = np.isinf(y) | (y < 0)  # NaN compares False: missing is not bad
+    bad[:, 0] |= y[:, 0] > 1
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        name = ("quality", "cost_usd", "latency_ms")[col]
+        allowed = "must be within [0, 1]" if col == 0 else "must be a finite number >= 0"
+        raise InvalidInputError(f"outcomes[{row}].{name}", allowed, float(y[row, col]))
+    empty = np.isnan(y).all(axis=1)
+    if empty.any():
+        raise InvalidInputError(f"outcomes[{int(np.argmax(empty))}]", "needs at least one "
+                                "of quality, cost_usd, latency_ms")
+    y[:, 2] /= 1e3
+    return y
 
 
 @dataclass(frozen=True, slots=True)
@@ -684,9 +711,12 @@ class Policy(abc.ABC):
         self.version += 1
 
     def update_batch(self, arms: Sequence[str], x: object,
-                     outcomes: Sequence[Mapping[str, object]], *,
+                     outcomes: Sequence[Mapping[str, object]] | np.ndarray, *,
                      now: float | None = None, weight: float = 1.0) -> None:
         """Learn from many outcomes at once (one exact refresh per arm touched).
+
+        ``outcomes`` is a list of mappings as for :meth:`update`, or an (n, 3) array of
+        (quality, cost_usd, latency_ms) with NaN for missing values (faster).
 
         ``weight`` in (0, 1] makes each outcome count as that many observations
         (discounted prior data, e.g. a warm start from a benchmark).
@@ -699,7 +729,8 @@ class Policy(abc.ABC):
             raise InvalidInputError("arms", "arms, x and outcomes must have the same length",
                                     f"{len(arms)}, {xb.shape[0]}, {len(outcomes)}")
         ks = np.array([self._arm_index(a) for a in arms], dtype=np.intp)
-        y = np.stack([parse_outcome(o) for o in outcomes])
+        y = (parse_outcome_array(outcomes) if isinstance(outcomes, np.ndarray)
+             else np.stack([parse_outcome(o) for o in outcomes]))
         self._maybe_decay(now)
         for k in np.unique(ks):
             rows = ks == k

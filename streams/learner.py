@@ -521,9 +521,12 @@ class Learner:
                     policy.add_arm(row[1])
                     known.add(row[1])
             x = np.frombuffer(b"".join(row[3] for _, row in rows), dtype="<f8")
+            # An (n, 3) array: bandit validates it in one vectorized pass.
+            y = np.array([[np.nan if v is None else v for v in (
+                item.event.quality, item.event.cost_usd, item.event.latency_ms)]
+                for item, _ in rows], dtype=np.float64)
             policy.update_batch([row[1] for _, row in rows],
-                                x.reshape(len(rows), self.config.dim),
-                                [item.event.outcome() for item, _ in rows])
+                                x.reshape(len(rows), self.config.dim), y)
         return list(groups)
 
     # ------------------------------------------------------------ kafka offsets

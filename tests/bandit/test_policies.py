@@ -463,3 +463,26 @@ def test_restore_as_other_class_with_overrides():
     with pytest.raises(InvalidInputError) as err:
         Policy.from_bytes(policy.to_bytes(), as_class=LinearThompson, alpha=1.0)
     assert err.value.field == "alpha"
+
+
+@pytest.mark.parametrize("cls", POLICIES)
+def test_update_batch_array_outcomes_match_mappings(cls):
+    x, _, noisy, costs = make_problem(15, 6, 60)
+    arms = [ARMS[t % 3] for t in range(60)]
+    rows = [[noisy[t, t % 3], costs[t % 3], np.nan if t % 2 else 250.0] for t in range(60)]
+    maps = [{k: v for k, v in zip(("quality", "cost_usd", "latency_ms"), r, strict=True)
+             if not np.isnan(v)} for r in rows]
+    a, b = build(cls, drift_delta=None), build(cls, drift_delta=None)
+    a.update_batch(arms, x, maps)
+    b.update_batch(arms, x, np.array(rows))
+    np.testing.assert_array_equal(a._stats.theta, b._stats.theta)
+    bad = np.array(rows)
+    bad[7, 0] = 1.5
+    with pytest.raises(InvalidInputError) as err:
+        b.update_batch(arms, x, bad)
+    assert err.value.field == "outcomes[7].quality"
+    bad = np.array(rows)
+    bad[3] = np.nan
+    with pytest.raises(InvalidInputError) as err:
+        b.update_batch(arms, x, bad)
+    assert err.value.field == "outcomes[3]"
