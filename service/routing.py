@@ -45,7 +45,7 @@ from service.budget import Ledger
 from service.config import Settings
 from service.db import models as m
 from service.errors import Problem
-from service.ids import uuid4_str
+from service.ids import uuid7_str
 from service.metrics import Metrics
 from service.security import hash_key, new_key
 from service.writer import DecisionWriter
@@ -695,7 +695,7 @@ class RoutingService:
                 tenant.ledger.try_reserve(cheap_cost, now=now, force=True)
                 over_budget = True
             model, propensity, cost = cheapest, 1.0, cheap_cost
-        decision_id = uuid4_str()
+        decision_id = uuid7_str(int(now * 1000))  # time-ordered primary key (service.ids)
         row = {
             "id": decision_id, "tenant_id": tenant.id, "model": model, "policy": kind,
             "policy_version": version, "scope": scope, "propensity": float(propensity),
