@@ -1,0 +1,251 @@
+"""PostgreSQL stopped under load (issue 7): the service on a private cluster, decides and
+feedback from two client threads, the cluster stopped for ``BANDIT_FAULT_OUTAGE_S``
+seconds (default 30) and started again.
+
+The scenario runs once per module (``outage`` fixture); each test checks one promise on
+what it recorded:
+
+* decisions keep being served from memory while the database is away (the decision
+  writer keeps its rows and retries; a full queue would be a 503, never a silent drop);
+* every decision answered 200 and every feedback answered 202, before, during or after
+  the outage, is in the database once it is back;
+* ``/readyz`` says *degraded* (not plain "not ready") while decisions are still served;
+* feedback during the outage is buffered and retried (or at least refused with 503 and
+  ``Retry-After`` so the caller retries), never a 500.
+
+The last two are not what the service does yet: strict xfails, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy.engine import make_url
+
+from tests.faults.conftest import PrivatePostgres, serve
+from tests.service.conftest import ADMIN, ADMIN_KEY, DIM, embedding, make_settings
+
+OUTAGE_S = float(os.environ.get("BANDIT_FAULT_OUTAGE_S", "30"))
+WARMUP_S = 3.0
+AFTER_S = 3.0
+RATE_PER_THREAD = 40.0  # decides per second per client thread (80/s in all)
+FEEDBACK_DELAY_S = 0.5
+
+
+@dataclass
+class Observed:
+    phase: str = "warmup"
+    decisions_ok: set[str] = field(default_factory=set)
+    feedback_ok: set[tuple[str, str]] = field(default_factory=set)
+    statuses: Counter = field(default_factory=Counter)  # (phase, endpoint, status)
+    feedback_bodies: dict[int, Any] = field(default_factory=dict)
+    feedback_headers: dict[int, dict[str, str]] = field(default_factory=dict)
+    readyz: list[tuple[str, int, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    recovered_after_s: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _decide_loop(base: str, tenant: dict[str, str], seed: int, obs: Observed,
+                 todo: queue.Queue, stop: threading.Event) -> None:
+    """Decides at RATE_PER_THREAD per second; every other one is queued for feedback."""
+    i = 0
+    with httpx.Client(base_url=base, timeout=15.0) as http:
+        while not stop.is_set():
+            started = time.monotonic()
+            phase = obs.phase
+            try:
+                r = http.post("/v1/decide", headers=tenant,
+                              json={"query": {"embedding": embedding(seed * 100_000 + i)}})
+            except httpx.HTTPError as exc:
+                with obs.lock:
+                    obs.errors.append(f"decide: {exc!r}")
+                continue
+            with obs.lock:
+                obs.statuses[(phase, "decide", r.status_code)] += 1
+            if r.status_code == 200:
+                decision = r.json()["decision_id"]
+                with obs.lock:
+                    obs.decisions_ok.add(decision)
+                if i % 2 == 0:
+                    todo.put((time.monotonic(), decision, f"e{seed}-{i}"))
+            i += 1
+            time.sleep(max(0.0, 1.0 / RATE_PER_THREAD - (time.monotonic() - started)))
+
+
+def _feedback_loop(base: str, tenant: dict[str, str], obs: Observed, todo: queue.Queue,
+                   stop: threading.Event) -> None:
+    """Feedback for queued decisions once they are FEEDBACK_DELAY_S old (as a caller
+    reporting after its LLM call), one attempt each: what is refused is not retried."""
+    with httpx.Client(base_url=base, timeout=30.0) as http:
+        while not (stop.is_set() and todo.empty()):
+            try:
+                made, decision, event = todo.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            time.sleep(max(0.0, made + FEEDBACK_DELAY_S - time.monotonic()))
+            phase = obs.phase
+            try:
+                f = http.post("/v1/feedback", headers=tenant, json={
+                    "decision_id": decision, "event_id": event,
+                    "quality": 0.7, "cost_usd": 0.001, "latency_ms": 200})
+            except httpx.HTTPError as exc:
+                with obs.lock:
+                    obs.statuses[(phase, "feedback", type(exc).__name__)] += 1
+                continue
+            with obs.lock:
+                obs.statuses[(phase, "feedback", f.status_code)] += 1
+                if f.status_code == 202:
+                    obs.feedback_ok.add((decision, event))
+                else:
+                    obs.feedback_bodies.setdefault(f.status_code, f.text[:300])
+                    obs.feedback_headers.setdefault(f.status_code, dict(f.headers))
+
+
+def _readyz(http: httpx.Client) -> tuple[int, Any]:
+    r = http.get("/readyz")
+    try:
+        return r.status_code, r.json()
+    except ValueError:
+        return r.status_code, r.text
+
+
+@pytest.fixture(scope="module")
+def outage(private_postgres: PrivatePostgres) -> dict[str, Any]:
+    pg = private_postgres
+    settings = make_settings(pg.url, registry_refresh_s=3600.0)
+    obs = Observed()
+    stop = threading.Event()
+    with serve(settings) as (base, app), httpx.Client(base_url=base, timeout=15.0) as http:
+        for name, price in (("fault-small", 0.2), ("fault-large", 5.0)):
+            assert http.post("/v1/admin/models", headers=ADMIN, json={
+                "name": name, "input_price_per_mtok": price,
+                "output_price_per_mtok": 4 * price}).status_code == 201
+        key = http.post("/v1/admin/tenants", headers=ADMIN, json={"name": "f"}).json()["api_key"]
+        tenant = {"Authorization": f"Bearer {key}"}
+        todo: queue.Queue = queue.Queue()
+        threads = [threading.Thread(target=_decide_loop,
+                                    args=(base, tenant, s, obs, todo, stop), daemon=True)
+                   for s in range(2)]
+        threads.append(threading.Thread(target=_feedback_loop,
+                                        args=(base, tenant, obs, todo, stop), daemon=True))
+        for t in threads:
+            t.start()
+        time.sleep(WARMUP_S)
+        obs.readyz.append(("warmup", *_readyz(http)))
+        pg.stop()
+        obs.phase = "outage"
+        outage_end = time.monotonic() + OUTAGE_S
+        while time.monotonic() < outage_end:
+            obs.readyz.append(("outage", *_readyz(http)))
+            time.sleep(1.0)
+        pg.start()
+        obs.phase = "recovery"
+        restarted = time.monotonic()
+        while time.monotonic() < restarted + 60:
+            status, body = _readyz(http)
+            if status == 200:
+                obs.recovered_after_s = time.monotonic() - restarted
+                break
+            time.sleep(0.2)
+        obs.phase = "after"
+        time.sleep(AFTER_S)
+        stop.set()
+        for t in threads:
+            t.join(120)
+        obs.readyz.append(("after", *_readyz(http)))
+        queued_at_end = app.state.routing.writer.depth()
+        flushed = app.state.routing.writer.flush(timeout=60)
+    # Read what is stored, with the service stopped (its shutdown drained the writer).
+    conninfo = make_url(pg.url).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+    with psycopg.connect(conninfo) as conn:
+        stored_decisions = {r[0] for r in conn.execute("SELECT id FROM decisions")}
+        stored_feedback = {(r[0], r[1]) for r in conn.execute(
+            "SELECT decision_id, event_id FROM feedback")}
+    summary = {
+        "outage_s": OUTAGE_S, "statuses": {"/".join(map(str, k)): v
+                                           for k, v in sorted(obs.statuses.items(), key=str)},
+        "decisions_ok": len(obs.decisions_ok), "feedback_ok": len(obs.feedback_ok),
+        "stored_decisions": len(stored_decisions), "stored_feedback": len(stored_feedback),
+        "recovered_after_s": obs.recovered_after_s, "queued_at_end": queued_at_end,
+        "errors": obs.errors[:5],
+    }
+    print("\npostgres outage:", summary)
+    return {"obs": obs, "stored_decisions": stored_decisions,
+            "stored_feedback": stored_feedback, "flushed": flushed, "summary": summary}
+
+
+def test_postgres_outage_decisions_served_from_memory(outage):
+    obs: Observed = outage["obs"]
+    during = {s: n for (phase, ep, s), n in obs.statuses.items()
+              if phase == "outage" and ep == "decide"}
+    assert obs.errors == []
+    # At 80 decides/s the writer's queue (10,000 rows) outlasts a 30 s outage: every
+    # decide is answered from memory.
+    assert during.get(200, 0) >= 0.8 * 2 * RATE_PER_THREAD * OUTAGE_S * 0.5, during
+    assert set(during) <= {200, 503}, during
+    assert during.get(503, 0) == 0, during
+
+
+def test_postgres_outage_every_accepted_decision_and_feedback_stored(outage):
+    obs: Observed = outage["obs"]
+    assert outage["flushed"]
+    assert obs.recovered_after_s is not None, "readyz never came back after the restart"
+    missing_decisions = obs.decisions_ok - outage["stored_decisions"]
+    missing_feedback = obs.feedback_ok - outage["stored_feedback"]
+    assert not missing_decisions, f"{len(missing_decisions)} accepted decisions lost"
+    assert not missing_feedback, f"{len(missing_feedback)} accepted feedback events lost"
+    assert len(obs.decisions_ok) > 100 and len(obs.feedback_ok) > 20
+
+
+def test_postgres_outage_service_ready_again(outage):
+    obs: Observed = outage["obs"]
+    assert obs.readyz[0][1] == 200
+    assert obs.readyz[-1][1] == 200
+    after = {s: n for (phase, ep, s), n in obs.statuses.items() if phase == "after"}
+    assert set(after) <= {200, 202} and after.get(200), after
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "not built: /readyz (service/routes/health.py) answers 503 'database unreachable' "
+    "while decisions are still served from memory; it has no 'degraded' state (200 with "
+    "status degraded, or a distinct body) that a load balancer could tell from 'down'."))
+def test_postgres_outage_readyz_says_degraded(outage):
+    during = [(status, body) for phase, status, body in outage["obs"].readyz
+              if phase == "outage"]
+    assert during
+    assert all("degraded" in str(body) for _, body in during), during[:3]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "not built: feedback during a database outage is neither buffered nor refused "
+    "cleanly. service/routing.py feedback() opens a Session, the OperationalError "
+    "reaches the generic handler: 500 without Retry-After (a decision still in the "
+    "writer's queue waits 10 s then gets 503). Wanted: a bounded, retried feedback "
+    "buffer (202), or at least 503 + Retry-After so callers retry."))
+def test_postgres_outage_feedback_buffered_or_503(outage):
+    obs: Observed = outage["obs"]
+    during = {s: n for (phase, ep, s), n in obs.statuses.items()
+              if phase == "outage" and ep == "feedback"}
+    assert during, "no feedback was attempted during the outage"
+    assert set(during) <= {202, 503}, (during, obs.feedback_bodies)
+    if 503 in during:
+        assert "retry-after" in obs.feedback_headers[503]
+
+
+def test_postgres_outage_identifiers_are_unique(outage):
+    # Sanity of the bookkeeping above: ids are UUIDs, events unique per decision.
+    obs: Observed = outage["obs"]
+    assert all(uuid.UUID(d) for d in list(obs.decisions_ok)[:10])
+    assert ADMIN_KEY and DIM
