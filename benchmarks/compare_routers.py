@@ -713,6 +713,7 @@ def _plain(obj: object) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ALPHA  # noqa: PLW0603 - read by the peer adapters; one value per run
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_routers",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=None,
@@ -733,10 +734,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers-minilm", action="store_true",
                         help="also run the peers on MiniLM (slow: mabwiser ~1 min/pass)")
     parser.add_argument("--knn-k", type=int, default=KNN_K)
+    parser.add_argument("--peer-alpha", type=float, default=ALPHA,
+                        help="alpha of river's and mabwiser's LinUCB (a sensitivity check)")
     parser.add_argument("--quick", action="store_true",
                         help="1 seed, 2 weights, hashing, 1,500 mmlu rows; writes nothing")
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    ALPHA = args.peer_alpha
     if args.quick:
         args.seeds, args.cost_weights, args.mmlu_cost_weights = 1, "0,100", "0,30"
         args.no_minilm = True
