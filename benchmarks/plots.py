@@ -63,54 +63,74 @@ PRETTY = {
 
 def _pretty(router: str, feat: str | None) -> str:
     base = PRETTY.get(router, "kNN full-info" if router.startswith("knn") else router)
-    return base + (f" [{feat}]" if feat and feat != "hashing" else "")
+    return base + (f" [{feat}]" if feat else "")
+
+
+MINILM_COLORS = {"ours-linucb": "#7a0000", "ours-thompson": "#a05a00", "knn": "#0b5563"}
 
 
 def _style(router: str, feat: str | None) -> tuple[str, str, str]:
-    color, ls, marker = STYLE["knn" if router.startswith("knn") else router]
+    key = "knn" if router.startswith("knn") else router
+    color, ls, marker = STYLE[key]
     if feat == "minilm":
-        ls = (0, (1, 1)) if router.startswith("knn") else "-."
+        color = MINILM_COLORS.get(key, color)
+        ls = (0, (1, 1)) if key == "knn" else "-."
     return color, ls, marker
 
 
+def _draw_frontier(ax: plt.Axes, res: list[dict], annotate: bool) -> None:
+    groups: dict[tuple[str, str | None], list[dict]] = {}
+    for r in res:
+        groups.setdefault((r["router"], r["featurizer"]), []).append(r)
+    singles_done = False
+    for (router, feat), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["cost_weight"])
+        cost = [1000 * r["test"]["cost_usd"] for r in rs]
+        qual = [r["test"]["quality"] for r in rs]
+        if router.startswith("single:"):
+            ax.scatter(cost[:1], qual[:1], marker="o", s=36, facecolors="none",
+                       edgecolors="#444444", zorder=3,
+                       label=None if singles_done else "single models")
+            ax.annotate(router.split(":", 1)[1], (cost[0], qual[0]), fontsize=7,
+                        xytext=(4, -3), textcoords="offset points", color="#444444")
+            singles_done = True
+            continue
+        color, ls, marker = _style(router, feat)
+        ax.plot(cost, qual, color=color, linestyle=ls, marker=marker, markersize=6,
+                linewidth=1.6, label=_pretty(router, feat))
+        if annotate and (router, feat) in (("ours-linucb", "minilm"), ("ours-linucb", "hashing")):
+            for r, c, q in ((rs[0], cost[0], qual[0]), (rs[-1], cost[-1], qual[-1])):
+                ax.annotate(f"w={r['cost_weight']:g}", (c, q), fontsize=7,
+                            xytext=(4, 4), textcoords="offset points", color=color)
+    ax.set_xscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def plot_frontier(doc: dict, out: Path) -> None:
+    """Top row: everything; bottom row: zoomed on the learned routers."""
     names = [n for n in ("llmrouter", "mmlu") if n in doc["datasets"]]
-    fig, axes = plt.subplots(1, len(names), figsize=(7.5 * len(names), 6.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    fig, axes = plt.subplots(2, len(names), figsize=(7.5 * len(names), 11), squeeze=False,
+                             gridspec_kw={"height_ratios": [2, 3]})
+    for col, name in enumerate(names):
         res = [r for r in doc["results"] if r["dataset"] == name]
-        groups: dict[tuple[str, str | None], list[dict]] = {}
-        for r in res:
-            groups.setdefault((r["router"], r["featurizer"]), []).append(r)
-        singles_done = False
-        for (router, feat), rs in groups.items():
-            rs = sorted(rs, key=lambda r: r["cost_weight"])
-            cost = [1000 * r["test"]["cost_usd"] for r in rs]
-            qual = [r["test"]["quality"] for r in rs]
-            if router.startswith("single:"):
-                ax.scatter(cost[:1], qual[:1], marker="o", s=36, facecolors="none",
-                           edgecolors="#444444", zorder=3,
-                           label=None if singles_done else "single models")
-                ax.annotate(router.split(":", 1)[1], (cost[0], qual[0]), fontsize=7,
-                            xytext=(4, -3), textcoords="offset points", color="#444444")
-                singles_done = True
-                continue
-            color, ls, marker = _style(router, feat)
-            ax.plot(cost, qual, color=color, linestyle=ls, marker=marker, markersize=6,
-                    linewidth=1.6, label=_pretty(router, feat))
-            for r, c, q in zip(rs, cost, qual, strict=True):
-                if router in ("ours-linucb", "oracle"):
-                    ax.annotate(f"w={r['cost_weight']:g}", (c, q), fontsize=6,
-                                xytext=(3, 3), textcoords="offset points", color=color)
-        ax.set_xscale("log")
-        ax.set_xlabel("mean cost per 1,000 queries (USD, log scale)")
-        ax.set_ylabel("mean quality (test split)")
-        ax.set_title(f"{name}: quality vs cost over the cost-weight sweep (test split)",
-                     fontsize=10)
-        ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
-    fig.savefig(out, dpi=130)
+        full, zoom = axes[0][col], axes[1][col]
+        _draw_frontier(full, res, annotate=False)
+        _draw_frontier(zoom, res, annotate=True)
+        learned = [r["test"]["quality"] for r in res
+                   if not r["router"].startswith(("single:", "oracle", "random"))]
+        pad = 0.1 * (max(learned) - min(learned))
+        zoom.set_ylim(min(learned) - pad, max(learned) + pad)
+        full.set_title(f"{name}: quality vs cost over the cost-weight sweep (test split)",
+                       fontsize=10)
+        zoom.set_title(f"{name}: zoom on the learned routers (w = cost weight; "
+                       "cost falls as w rises)", fontsize=10)
+        for ax in (full, zoom):
+            ax.set_ylabel("mean quality (test split)")
+        zoom.set_xlabel("mean cost per 1,000 queries (USD, log scale)")
+    handles, labels = axes[1][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(out, dpi=120)
     plt.close(fig)
 
 
@@ -132,7 +152,7 @@ def plot_regret(doc: dict, out: Path) -> None:
             rows = every * np.arange(1, len(curve) + 1)
             if r is best:
                 ax.plot(rows, curve, color="#444444", linestyle=(0, (5, 2)), linewidth=1.4,
-                        label=f"best single ({router.split(':', 1)[1]})")
+                        label="best single model (named in the title)")
                 continue
             color, ls, _ = _style(router, feat)
             ax.plot(rows, curve, color=color, linestyle=ls, linewidth=1.6,
@@ -142,8 +162,8 @@ def plot_regret(doc: dict, out: Path) -> None:
                 va="top", color="#666666")
         ax.set_xlabel("queries")
         ax.set_ylabel("cumulative regret against the per-query oracle")
-        ax.set_title(f"{name}: cumulative regret, cost weight {w:g} (mean over seeds)",
-                     fontsize=10)
+        ax.set_title(f"{name}: cumulative regret, cost weight {w:g} (mean over seeds)\n"
+                     f"best single model: {best['router'].split(':', 1)[1]}", fontsize=10)
         ax.grid(True, alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
