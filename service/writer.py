@@ -10,8 +10,8 @@ killed (``kill -9``) are lost: at most ``queue_size`` decisions, usually a few m
 
 from __future__ import annotations
 
+import collections
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -25,7 +25,6 @@ from service.db.models import Decision
 __all__ = ["DecisionWriter", "QueueFull"]
 
 log = logging.getLogger("service.writer")
-_STOP = object()
 
 
 class QueueFull(Exception):
@@ -121,13 +120,21 @@ class DecisionWriter:
                  flush_interval_s: float = 0.02,
                  on_flush: Callable[[int], None] | None = None) -> None:
         self._engine = engine
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        # A deque under one lock rather than a queue.Queue: submit and the writer's
+        # draining take one lock per row and per batch instead of a Queue's lock and
+        # condition per row, on the event loop's path.
+        self._lock = threading.Lock()
+        self._rows: collections.deque[dict[str, Any]] = collections.deque()
+        self._queue_size = queue_size
+        self._has_rows = threading.Condition(self._lock)  # the writer waits here when idle
+        self._idle = False
+        self._stopping = False
         self._batch_size = batch_size
         self._flush_interval = flush_interval_s
         self._urgent = threading.Event()  # someone waits for a row: write now
         self._on_flush = on_flush
         self._pending: set[str] = set()
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(self._lock)  # rows written (wait_for, flush)
         self._thread: threading.Thread | None = None
         self._insert = _RowInserter(engine)
         self.flushed = 0
@@ -136,18 +143,17 @@ class DecisionWriter:
     # ------------------------------------------------------------ producer
     def submit(self, row: dict[str, Any]) -> bool:
         """Queue one decision row; False (nothing queued) when the queue is full."""
-        with self._cond:
+        with self._lock:
+            if len(self._rows) >= self._queue_size:
+                return False
+            self._rows.append(row)
             self._pending.add(row["id"])
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
-            with self._cond:
-                self._pending.discard(row["id"])
-            return False
+            if self._idle:
+                self._has_rows.notify()
         return True
 
     def depth(self) -> int:
-        return self._queue.qsize()
+        return len(self._rows)
 
     def is_pending(self, decision_id: str) -> bool:
         with self._cond:
@@ -170,6 +176,7 @@ class DecisionWriter:
 
     # ------------------------------------------------------------ consumer
     def start(self) -> None:
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="decision-writer",
                                         daemon=True)
         self._thread.start()
@@ -178,34 +185,33 @@ class DecisionWriter:
         """Write what is queued, then stop the thread."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        with self._lock:
+            self._stopping = True
+            self._has_rows.notify()
         self._urgent.set()
         self._thread.join(timeout)
         self._thread = None
         self._insert.close()
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                break
-            # Let rows gather for flush_interval (unless someone waits for one), then take
-            # them all: one transaction per batch, and one wake-up of this thread per
-            # batch rather than per decision. Waking per decision cost the event loop
-            # a GIL hand-off on every request.
-            if self._urgent.wait(self._flush_interval):
+        while True:
+            with self._lock:
+                while not self._rows and not self._stopping:
+                    self._idle = True
+                    self._has_rows.wait()
+                    self._idle = False
+                if not self._rows:
+                    return  # stopping, everything written
+                stopping = self._stopping
+            # Let rows gather for flush_interval (unless someone waits for one, or the
+            # writer is stopping), then take them all: one transaction per batch, and one
+            # wake-up of this thread per batch rather than per decision. Waking per
+            # decision cost the event loop a GIL hand-off on every request.
+            if not stopping and self._urgent.wait(self._flush_interval):
                 self._urgent.clear()
-            batch = [first]
-            while len(batch) < self._batch_size:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
+            with self._lock:
+                rows = self._rows
+                batch = [rows.popleft() for _ in range(min(len(rows), self._batch_size))]
             self._write(batch)
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
