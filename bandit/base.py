@@ -31,6 +31,9 @@ from bandit.stats import ArmStatistics, prior_sigma
 
 __all__ = [
     "OBJECTIVES",
+    "MAX_ABS_CONTEXT",
+    "MAX_COST_USD",
+    "MAX_LATENCY_MS",
     "Preferences",
     "ArmPrior",
     "Prediction",
@@ -45,6 +48,18 @@ __all__ = [
 
 #: The objective heads every arm learns, in the order used by every array.
 OBJECTIVES: tuple[str, ...] = ("quality", "cost", "latency")
+
+# Bounds on what the statistics accept. Sums of squares of larger values overflow
+# float64 (a context coordinate of 1e200, a cost of 1e300) and one such event would turn
+# an arm's statistics into NaN for good; contexts near 1e6 already make A so ill-
+# conditioned that A A^-1 = I holds only to 1e-4. Real traffic is far inside: embeddings
+# are usually unit-norm, a request does not cost 10,000 USD nor last 28 hours.
+#: Largest absolute value of a context coordinate.
+MAX_ABS_CONTEXT = 1e3
+#: Largest cost of one request, USD.
+MAX_COST_USD = 1e4
+#: Largest latency of one request, milliseconds.
+MAX_LATENCY_MS = 1e8
 
 # Outcome keys accepted by ``update`` and the head they feed. ``cost_usd`` and
 # ``latency_ms`` are the names used on the wire (API, Kafka, replay logs).
@@ -216,10 +231,10 @@ def parse_outcome(outcome: Mapping[str, object]) -> np.ndarray:
         if head == 0:
             values[0] = check_finite_number(key, raw, low=0.0, high=1.0)
         elif head == 1:
-            values[1] = check_finite_number(key, raw, low=0.0)
+            values[1] = check_finite_number(key, raw, low=0.0, high=MAX_COST_USD)
         else:
             # Latency arrives in milliseconds under both names; the head learns seconds.
-            values[2] = check_finite_number(key, raw, low=0.0) / 1e3
+            values[2] = check_finite_number(key, raw, low=0.0, high=MAX_LATENCY_MS) / 1e3
     if np.isnan(values).all():
         raise InvalidInputError("outcome", "needs at least one of quality, cost_usd, "
                                 "latency_ms", dict(outcome))
@@ -237,12 +252,12 @@ def parse_outcome_array(outcomes: np.ndarray) -> np.ndarray:
     if y.ndim != 2 or y.shape[1] != len(OBJECTIVES):
         raise InvalidInputError("outcomes", "must be an (n, 3) array of quality, cost_usd, "
                                 "latency_ms", np.shape(outcomes))
-    bad = np.isinf(y) | (y < 0)  # NaN compares False: missing is not bad
-    bad[:, 0] |= y[:, 0] > 1
+    high = np.array([1.0, MAX_COST_USD, MAX_LATENCY_MS])
+    bad = np.isinf(y) | (y < 0) | (y > high)  # NaN compares False: missing is not bad
     if bad.any():
         row, col = np.argwhere(bad)[0]
         name = ("quality", "cost_usd", "latency_ms")[col]
-        allowed = "must be within [0, 1]" if col == 0 else "must be a finite number >= 0"
+        allowed = f"must be a finite number >= 0.0 and <= {high[col]}"
         raise InvalidInputError(f"outcomes[{row}].{name}", allowed, float(y[row, col]))
     empty = np.isnan(y).all(axis=1)
     if empty.any():
@@ -362,6 +377,10 @@ def as_context_matrix(x: object, dim: int, field_name: str = "x") -> np.ndarray:
     if not np.isfinite(arr).all():
         raise InvalidInputError(field_name, "must be finite (no NaN or infinity)",
                                 "non-finite value")
+    if np.abs(arr).max() > MAX_ABS_CONTEXT:
+        raise InvalidInputError(field_name, f"every value must be within +-{MAX_ABS_CONTEXT:g}"
+                                " (embeddings are usually unit-norm)",
+                                float(np.abs(arr).max()))
     return arr
 
 

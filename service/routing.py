@@ -40,7 +40,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
-from bandit.base import BatchDecision, check_finite_number
+from bandit.base import MAX_ABS_CONTEXT, BatchDecision, check_finite_number
 from service.budget import Ledger
 from service.config import Settings
 from service.db import models as m
@@ -551,6 +551,9 @@ class RoutingService:
             if not np.isfinite(x).all():
                 raise InvalidInputError("query.embedding", "must be finite numbers "
                                         "(no NaN or infinity)", "non-finite value")
+            if np.abs(x).max() > MAX_ABS_CONTEXT:
+                raise InvalidInputError("query.embedding", "every value must be within "
+                                        f"+-{MAX_ABS_CONTEXT:g}", float(np.abs(x).max()))
             return x
         assert text is not None
         return self.featurize(text)

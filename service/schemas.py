@@ -8,6 +8,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from bandit.base import MAX_COST_USD, MAX_LATENCY_MS
+
 __all__ = [
     "Query", "PreferenceWeights", "DecideRequest", "PredictionOut", "DecideResponse",
     "FeedbackRequest", "FeedbackResponse", "TenantPreferences", "TenantPreferencesUpdate",
@@ -83,8 +85,12 @@ class DecideResponse(BaseModel):
 class FeedbackRequest(_Body):
     decision_id: UUID
     quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    cost_usd: NonNegative | None = None
-    latency_ms: NonNegative | None = None
+    # Bounded like bandit's statistics (bandit.base.MAX_COST_USD / MAX_LATENCY_MS):
+    # feedback is stored before it is applied, so what bandit would refuse must be
+    # refused here, not stored and then failing at every replay.
+    cost_usd: Annotated[float, Field(ge=0.0, le=MAX_COST_USD, allow_inf_nan=False)] | None = None
+    latency_ms: Annotated[float, Field(ge=0.0, le=MAX_LATENCY_MS,
+                                       allow_inf_nan=False)] | None = None
     event_id: str | None = Field(None, min_length=1, max_length=200)
 
     @model_validator(mode="after")

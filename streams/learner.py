@@ -43,6 +43,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from bandit import Policy
+from bandit.base import MAX_ABS_CONTEXT
 from streams.config import StreamsConfig
 from streams.schemas import (
     DeadLetter,
@@ -583,8 +584,8 @@ class Learner:
                      sum(len(s.pending) for s in self.partitions.values()), self.batches)
 
 
-#: Largest absolute context value the learner applies (embeddings are O(1)).
-MAX_CONTEXT_ABS = 1e6
+#: Largest absolute context value the learner applies: bandit's own bound.
+MAX_CONTEXT_ABS = MAX_ABS_CONTEXT
 
 
 def _context_ok(context: bytes) -> bool:

@@ -47,6 +47,7 @@ from typing import Any
 
 import orjson
 
+import bandit.base as _bandit_base
 from bandit.errors import InvalidInputError
 
 __all__ = [
@@ -79,11 +80,11 @@ DEAD_LETTER_REASONS = (
 _FEEDBACK_FIELDS = frozenset({"schema_version", "event_id", "decision_id", "tenant_id",
                               "quality", "cost_usd", "latency_ms", "sent_at"})
 _ID_MAX = 200
-#: Upper bounds of the outcome values. Finite but absurd values (a cost of 1e300) would
-#: overflow the shared statistics to inf/NaN for every tenant; no real request costs
-#: 10,000 USD or takes 10^8 ms (28 hours).
-MAX_COST_USD = 1e4
-MAX_LATENCY_MS = 1e8
+#: Upper bounds of the outcome values, those of bandit's statistics: finite but absurd
+#: values (a cost of 1e300) would overflow the shared statistics to inf/NaN for every
+#: tenant; no real request costs 10,000 USD or takes 10^8 ms (28 hours).
+MAX_COST_USD = _bandit_base.MAX_COST_USD
+MAX_LATENCY_MS = _bandit_base.MAX_LATENCY_MS
 
 
 class InvalidEventError(InvalidInputError):

@@ -136,18 +136,25 @@ def test_update_batch_equals_sequential_updates(cls, events):
 
 @pytest.mark.parametrize("cls", POLICIES)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "bandit bug: as_context_matrix / parse_outcome accept any finite float, so a context "
-    "like 1e200 or a cost of 1e300 overflows x x^T and b to inf; sigma^2 turns NaN and "
-    "every later decision of that arm has a NaN uncertainty. Fix: bound |x_i| and the "
-    "outcomes (InvalidInputError naming the field), or scale in float-safe steps."))
 def test_update_huge_context_rejected_or_finite(cls):
     policy = build(cls)
     try:
         policy.update("a", [1e200, 1.0, 0.0], {"quality": 0.5, "cost_usd": 1e300})
     except InvalidInputError:
-        return
+        pass
     assert_heads_spd(policy)
+    # Values at the documented bounds are accepted and keep the statistics finite.
+    from bandit.base import MAX_ABS_CONTEXT, MAX_COST_USD, MAX_LATENCY_MS
+
+    policy.update("a", [MAX_ABS_CONTEXT, -MAX_ABS_CONTEXT, 0.0],
+                  {"quality": 1.0, "cost_usd": MAX_COST_USD, "latency_ms": MAX_LATENCY_MS})
+    assert_heads_spd(policy)
+    with pytest.raises(InvalidInputError) as err:
+        policy.update("a", [1e200, 1.0, 0.0], {"quality": 0.5})
+    assert err.value.field == "x"
+    with pytest.raises(InvalidInputError) as err:
+        policy.update("a", [1.0, 1.0, 0.0], {"cost_usd": 1e300})
+    assert err.value.field == "cost_usd"
 
 
 # ------------------------------------------------------------------------ merge

@@ -113,3 +113,25 @@ def test_evaluate_malformed_log_line_exit_2(tmp_path):
     result = runner.invoke(cli, ["evaluate", "--log", str(log)])
     assert result.exit_code == 2
     assert "line 2" in result.output
+
+
+def test_feedback_and_embedding_beyond_bounds_refused_not_stored(client):
+    """What bandit's statistics would refuse is refused before anything is stored."""
+    from tests.service.conftest import assert_problem
+
+    tenant = create_tenant(client, "bounds")
+    model = add_model(client)
+    huge = [0.0] * DIM
+    huge[0] = 1e200
+    r = client.post("/v1/decide", headers=tenant,
+                    json={"query": {"embedding": huge}, "candidates": [model]})
+    assert_problem(r, 422, field="query.embedding")
+    d = client.post("/v1/decide", headers=tenant,
+                    json={"query": {"embedding": [0.1] * DIM}, "candidates": [model]})
+    did = d.json()["decision_id"]
+    r = client.post("/v1/feedback", headers=tenant,
+                    json={"decision_id": did, "cost_usd": 1e300})
+    assert_problem(r, 422, field="cost_usd")
+    ok = client.post("/v1/feedback", headers=tenant,
+                     json={"decision_id": did, "cost_usd": 0.01, "quality": 1.0})
+    assert ok.status_code == 202 and ok.json()["status"] == "applied"

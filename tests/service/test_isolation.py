@@ -236,12 +236,6 @@ def test_usage_counts_only_the_callers_decisions(client, world):
 
 # -------------------------------------------------------------- known weak spots
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in bandit/ (validation) and service/routing.py: an embedding of huge finite "
-    "values (1e200) and a cost of 1e300 are accepted; the feedback overflows the SHARED "
-    "policy's statistics to inf/NaN, so every other tenant's decisions get NaN "
-    "uncertainty/score (null in the answer) for that model. One tenant can corrupt "
-    "routing for all. Fix: bound embedding values and outcomes (422 naming the field)."))
 def test_hostile_tenant_cannot_poison_shared_statistics(new_database_url):
     with TestClient(create_app(make_settings(new_database_url()))) as client:
         _poison_then_decide(client)
@@ -254,10 +248,14 @@ def _poison_then_decide(client: TestClient) -> None:
     attacker = create_tenant(client, "iso-attacker")
     r = client.post("/v1/decide", json={"query": {"embedding": [1e200] * 8}},
                     headers=attacker)
-    if r.status_code == 200:
-        client.post("/v1/feedback", json={"decision_id": r.json()["decision_id"],
+    assert r.status_code == 422, r.text  # refused, naming query.embedding
+    r = client.post("/v1/decide", json={"query": {"embedding": [0.5] * 8}},
+                    headers=attacker)
+    assert r.status_code == 200, r.text
+    f = client.post("/v1/feedback", json={"decision_id": r.json()["decision_id"],
                                           "quality": 1.0, "cost_usd": 1e300},
                     headers=attacker)
+    assert f.status_code == 422, f.text  # refused before it is stored
     victim = decide(client, victim_key, seed=5)
     assert victim.status_code == 200
     for p in victim.json()["predictions"].values():
