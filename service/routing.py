@@ -486,6 +486,13 @@ class RoutingService:
                     self.tenants[tenant.id] = tenant
                     self._by_key[tenant.key_hash] = tenant
                 else:
+                    if tenant.key_hash != row.key_hash:
+                        # The key was rotated through another replica: the old one must
+                        # stop working here too, within one refresh interval.
+                        if self._by_key.get(tenant.key_hash) is tenant:
+                            del self._by_key[tenant.key_hash]
+                        tenant.key_hash = row.key_hash
+                        self._by_key[row.key_hash] = tenant
                     tenant.preferences = Preferences(row.weight_quality, row.weight_cost,
                                                      row.weight_latency)
                     tenant.policy, tenant.scope = row.policy, row.scope

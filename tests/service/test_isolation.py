@@ -265,11 +265,6 @@ def _poison_then_decide(client: TestClient) -> None:
         assert np.isfinite(policy._stats.sigma2).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "service/routing.py refresh_registry never re-keys existing tenants: a key rotated "
-    "through one replica stays valid on every other replica on the same database until "
-    "it restarts (documented in service/README.md 'Limits', but a revoked key must stop "
-    "working everywhere within registry_refresh_s)."))
 def test_rotated_key_refused_by_other_replica_after_refresh(new_database_url):
     url = new_database_url()
     settings = make_settings(url, registry_refresh_s=0.2)
@@ -284,3 +279,5 @@ def test_rotated_key_refused_by_other_replica_after_refresh(new_database_url):
         assert r.status_code == 200
         two.app.state.routing.refresh_registry()
         assert_problem(decide(two, old), 401)
+        new = {"Authorization": f"Bearer {r.json()['api_key']}"}
+        assert decide(two, new).status_code == 200
