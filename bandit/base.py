@@ -131,11 +131,18 @@ class Preferences(NamedTuple):
 
     def validated(self) -> Preferences:
         """Return self after checking every weight is finite and non-negative."""
+        # A tenant's weights are checked once, not per call. True == 1.0 and hashes alike,
+        # so bools never take the shortcut (check_finite_number refuses them).
+        if self in _VALID_PREFERENCES and not any(isinstance(v, bool) for v in self):
+            return self
         for name, value in zip(self._fields, self, strict=True):
             check_finite_number(f"preferences.{name}", value, low=0.0)
         if not any(self):
             raise InvalidInputError("preferences", "at least one weight must be > 0",
                                     tuple(self))
+        if len(_VALID_PREFERENCES) >= 4096:
+            _VALID_PREFERENCES.clear()
+        _VALID_PREFERENCES.add(self)
         return self
 
     def head_weights(self) -> np.ndarray:
@@ -167,6 +174,10 @@ class Preferences(NamedTuple):
             except ValueError:
                 raise InvalidInputError(f"preferences.{key}", "must be a number", raw) from None
         return cls(**values).validated()
+
+
+# Preferences already validated (NamedTuples hash by value; bounded, cleared when full).
+_VALID_PREFERENCES: set[Preferences] = set()
 
 
 class ArmPrior(NamedTuple):
@@ -385,8 +396,12 @@ def as_context_matrix(x: object, dim: int, field_name: str = "x") -> np.ndarray:
 
 
 def check_names(names: Sequence[str] | None, known: Sequence[str],
-                field_name: str = "candidates") -> list[str]:
-    """Validate a list of arm names against the known arms (None means all)."""
+                field_name: str = "candidates",
+                index: Mapping[str, int] | None = None) -> list[str]:
+    """Validate a list of arm names against the known arms (None means all).
+
+    ``index`` (name -> position) makes the membership test O(1) per name.
+    """
     if names is None:
         if not known:
             raise InvalidInputError("arms", "the policy has no arms; add one with add_arm()")
@@ -397,7 +412,8 @@ def check_names(names: Sequence[str] | None, known: Sequence[str],
     if not names:
         raise InvalidInputError(field_name, "must name at least one arm; allowed: "
                                 + ", ".join(known), [])
-    unknown = [n for n in names if n not in known]
+    lookup = known if index is None else index
+    unknown = [n for n in names if n not in lookup]
     if unknown:
         raise UnknownArmError(field_name, "unknown arm; allowed: " + ", ".join(known),
                               unknown[0])
@@ -657,7 +673,7 @@ class Policy(abc.ABC):
         xb = self._features(x)
         prefs = (preferences or Preferences()).validated()
         w = prefs.head_weights()
-        names = check_names(candidates, self._names)
+        names = check_names(candidates, self._names, index=self._index)
         idx = np.fromiter((self._index[n] for n in names), dtype=np.intp, count=len(names))
         c = (w * w) * self._stats.sigma2 if explore else None
         every_arm = len(names) == len(self._names) and names == self._names

@@ -486,3 +486,13 @@ def test_update_batch_array_outcomes_match_mappings(cls):
     with pytest.raises(InvalidInputError) as err:
         b.update_batch(arms, x, bad)
     assert err.value.field == "outcomes[3]"
+
+
+def test_preferences_validated_cache_keeps_rejecting_bad_values():
+    Preferences(quality=1.0, cost=2.0).validated()
+    Preferences(quality=1.0, cost=2.0).validated()  # served from the cache
+    with pytest.raises(InvalidInputError) as err:
+        Preferences(quality=True, cost=2.0).validated()  # True == 1.0, still refused
+    assert err.value.field == "preferences.quality"
+    with pytest.raises(InvalidInputError):
+        Preferences(quality=float("nan")).validated()
