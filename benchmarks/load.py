@@ -149,6 +149,12 @@ async def open_loop(port: int, key: str, requests: list[bytes], rate: float, sec
     done.set()
     await sampling
     lat = latencies[~np.isnan(latencies)] * 1e3
+    # Stalls: the seconds (of the schedule) whose slowest decide took over 100 ms.
+    second = (np.arange(n) / rate).astype(int)
+    slow: dict[int, float] = {}
+    for s_idx, value in zip(second, latencies * 1e3, strict=True):
+        if value > 100.0 and value > slow.get(int(s_idx), 0.0):
+            slow[int(s_idx)] = float(value)
     ok = statuses.get("decide:200", 0)
     errors = sum(v for k, v in statuses.items()
                  if k not in ("decide:200", "feedback:202"))
@@ -162,6 +168,7 @@ async def open_loop(port: int, key: str, requests: list[bytes], rate: float, sec
         "feedback_p50_ms": float(np.percentile(feedback_ms, 50)) if feedback_ms else None,
         "feedback_p99_ms": float(np.percentile(feedback_ms, 99)) if feedback_ms else None,
         "rss_mb": [(round(t, 1), round(m, 2)) for t, m in rss],
+        "slow_seconds": [(k, round(v, 1)) for k, v in sorted(slow.items())],
     }
     return out
 
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{p['p50_ms']:.2f}", f"{p['p99_ms']:.2f}", f"{p['max_ms']:.1f}",
                      st.get("decide:429", 0), st.get("decide:503", 0), p["errors"]])
     for name, p in phases.items():
-        print(name, p["statuses"])
+        print(name, p["statuses"], "seconds with a decide over 100 ms:", p["slow_seconds"])
     print_table(f"Load (capacity {c:.0f} decides/s; d={DIM}, {N_MODELS} models, "
                 f"1 feedback per {args.feedback_every} decides)",
                 ["phase", "offered/s", "200/s", "p50 ms", "p99 ms", "max ms", "429", "503",
