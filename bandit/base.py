@@ -34,6 +34,7 @@ __all__ = [
     "MAX_ABS_CONTEXT",
     "MAX_COST_USD",
     "MAX_LATENCY_MS",
+    "MAX_WEIGHT",
     "Preferences",
     "ArmPrior",
     "Prediction",
@@ -60,6 +61,8 @@ MAX_ABS_CONTEXT = 1e3
 MAX_COST_USD = 1e4
 #: Largest latency of one request, milliseconds.
 MAX_LATENCY_MS = 1e8
+#: Largest preference weight (its square scales a variance: 1e200 would overflow).
+MAX_WEIGHT = 1e6
 
 # Outcome keys accepted by ``update`` and the head they feed. ``cost_usd`` and
 # ``latency_ms`` are the names used on the wire (API, Kafka, replay logs).
@@ -119,10 +122,10 @@ class Preferences(NamedTuple):
     >>> p = Preferences(quality=1.0, cost=50.0)
     >>> p.reward(quality=0.8, cost_usd=0.002, latency_ms=900.0)
     0.7
-    >>> Preferences(cost=-1.0).validated()
+    >>> Preferences(cost=-1.0).validated()  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    bandit.errors.InvalidInputError: preferences.cost: must be a finite number >= 0.0 (got -1.0)
+    bandit.errors.InvalidInputError: preferences.cost: must be a finite number >= 0.0 ...
     """
 
     quality: float = 1.0
@@ -136,7 +139,7 @@ class Preferences(NamedTuple):
         if self in _VALID_PREFERENCES and not any(isinstance(v, bool) for v in self):
             return self
         for name, value in zip(self._fields, self, strict=True):
-            check_finite_number(f"preferences.{name}", value, low=0.0)
+            check_finite_number(f"preferences.{name}", value, low=0.0, high=MAX_WEIGHT)
         if not any(self):
             raise InvalidInputError("preferences", "at least one weight must be > 0",
                                     tuple(self))

@@ -116,4 +116,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health,
                    status_page):
         app.include_router(module.router)
+    build_openapi = app.openapi
+
+    def openapi() -> dict:
+        # FastAPI caches the document in app.openapi_schema: this runs once.
+        if app.openapi_schema is None:
+            decide.add_openapi_components(build_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -37,6 +37,8 @@ import threading
 import time
 from datetime import UTC, datetime
 
+from bandit.base import MAX_WEIGHT
+
 __all__ = ["Ledger", "period_keys"]
 
 
@@ -138,4 +140,7 @@ class Ledger:
         if f <= 0.5:
             return cost
         p = min((f - 0.5) / 0.5, 1.0) ** 2
-        return cost * (1.0 + 9.0 * p) + p * quality / max(min(remaining), 1e-6)
+        paced = cost * (1.0 + 9.0 * p) + p * quality / max(min(remaining), 1e-6)
+        # bandit refuses weights above MAX_WEIGHT (their square scales a variance); at
+        # 1e6 quality points per USD the cheapest candidate wins anyway.
+        return min(paced, MAX_WEIGHT)

@@ -329,6 +329,10 @@ class RoutingService:
 
     def create_model(self, name: str, input_price: float, output_price: float,
                      enabled: bool, prior_quality: float | None) -> ModelState:
+        # The arm's prior is checked before anything is written: a model the policies
+        # would refuse must not reach the registry (it would break every decision).
+        self._prior(ModelState(name, input_price, output_price, enabled, prior_quality,
+                               self.prior_cost(input_price, output_price))).validated()
         now = m.utcnow()
         row = m.Model(name=name, input_price_per_mtok=input_price,
                       output_price_per_mtok=output_price, enabled=enabled,

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bandit.base import MAX_COST_USD, MAX_LATENCY_MS
 
@@ -106,6 +106,20 @@ class FeedbackResponse(BaseModel):
     event_id: str | None
 
 
+# Prices in USD per million tokens. The bound is far above any real price (a few hundred
+# USD) and keeps the derived prior cost inside what bandit's statistics accept.
+Price = Annotated[float, Field(ge=0.0, le=1e5, allow_inf_nan=False)]
+
+
+def _refuse_null(value: object) -> object:
+    """Left out means "unchanged"; an explicit null for a column that cannot be empty
+    would reach the database as a NOT NULL violation (a 500): refuse it, naming the
+    field."""
+    if value is None:
+        raise ValueError("may be left out, but not null")
+    return value
+
+
 class TenantPreferences(BaseModel):
     weights: PreferenceWeights
     policy: PolicyKind
@@ -125,20 +139,28 @@ class TenantPreferencesUpdate(_Body):
     budget_usd_per_month: NonNegative | None = None
     on_budget_exhausted: OnExhausted | None = None
 
+    refuse_null = field_validator("weights", "policy", "scope", "on_budget_exhausted",
+                                  mode="before")(_refuse_null)
+
 
 class ModelCreate(_Body):
     name: ModelName
-    input_price_per_mtok: NonNegative
-    output_price_per_mtok: NonNegative
+    input_price_per_mtok: Price
+    output_price_per_mtok: Price
     enabled: bool = True
     prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
 
 
 class ModelUpdate(_Body):
-    input_price_per_mtok: NonNegative | None = None
-    output_price_per_mtok: NonNegative | None = None
+    """Fields left out keep their value; ``prior_quality: null`` clears the prior."""
+
+    input_price_per_mtok: Price | None = None
+    output_price_per_mtok: Price | None = None
     enabled: bool | None = None
     prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+
+    refuse_null = field_validator("input_price_per_mtok", "output_price_per_mtok", "enabled",
+                                  mode="before")(_refuse_null)
 
 
 class ModelOut(BaseModel):

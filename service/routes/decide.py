@@ -89,10 +89,27 @@ async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> by
     return orjson.dumps(answer)
 
 
+# The body is validated by hand (one pydantic-core call, see decide_body), so FastAPI
+# does not know its model: the schema goes into components here, with references that
+# resolve from the document root (client generators and schemathesis follow them).
+_BODY_SCHEMA = DecideRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+_BODY_DEFS = _BODY_SCHEMA.pop("$defs", {})
+
+
+def add_openapi_components(document: dict) -> dict:
+    """Register DecideRequest and the models it references in ``components.schemas``."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.setdefault("DecideRequest", _BODY_SCHEMA)
+    for name, schema in _BODY_DEFS.items():
+        schemas.setdefault(name, schema)
+    return document
+
+
 @router.post("/decide", response_model=DecideResponse,
              responses={401: {}, 403: {}, 422: {}, 429: {}, 503: {}},
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": DecideRequest.model_json_schema()}}}})
+                 "application/json": {"schema": {
+                     "$ref": "#/components/schemas/DecideRequest"}}}}})
 async def decide(request: Request) -> Response:
     """Choose a model for one query (served by :class:`DecideShortcut` in the app)."""
     content = await decide_body(request.app, request.headers.get("authorization"),

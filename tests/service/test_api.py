@@ -385,7 +385,13 @@ def test_decide_bad_body_without_key_401(client):
 def test_get_openapi_documents_decide_body(client):
     schema = client.get("/openapi.json").json()
     body = schema["paths"]["/v1/decide"]["post"]["requestBody"]
-    assert "query" in body["content"]["application/json"]["schema"]["properties"]
+    ref = body["content"]["application/json"]["schema"]["$ref"]
+    assert ref == "#/components/schemas/DecideRequest"
+    decide_request = schema["components"]["schemas"]["DecideRequest"]
+    assert "query" in decide_request["properties"]
+    # Its own references resolve from the document root (client generators follow them).
+    query_ref = decide_request["properties"]["query"]["$ref"]
+    assert query_ref.split("/")[-1] in schema["components"]["schemas"]
 
 
 def test_put_preferences_isolated_rebuilds_own_history(client, models):

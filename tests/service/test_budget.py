@@ -135,13 +135,14 @@ def test_decide_pacing_raises_cost_weight(client):
 
 
 def test_ledger_paced_weight_rule():
+    from bandit.base import MAX_WEIGHT
     from service.budget import Ledger
 
     ledger = Ledger(budget_day=1.0, budget_month=None)
     assert ledger.paced_cost_weight(1.0, 2.0, now=0.0) == 2.0
     ledger.try_reserve(1.0, now=0.0)
-    # Exhausted: p = 1, cost' = 2 * 10 + 1 / 1e-6.
-    assert ledger.paced_cost_weight(1.0, 2.0, now=0.0) == pytest.approx(20.0 + 1e6)
+    # Exhausted: p = 1, cost' = 2 * 10 + 1 / 1e-6, capped at bandit's largest weight.
+    assert ledger.paced_cost_weight(1.0, 2.0, now=0.0) == MAX_WEIGHT
     assert Preferences(1.0, ledger.paced_cost_weight(1.0, 2.0, now=0.0)).validated()
     # A new UTC day starts from zero.
     assert ledger.try_reserve(0.5, now=86_400.0)

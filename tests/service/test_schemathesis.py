@@ -10,7 +10,6 @@ minute. SQLite only: what is fuzzed here is validation and error mapping, not st
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -58,69 +57,13 @@ def _resolves(doc: dict[str, Any], ref: str) -> bool:
     return True
 
 
-def hoist_defs(doc: dict[str, Any]) -> dict[str, Any]:
-    """Move inline ``$defs`` into ``components.schemas`` and point their refs there
-    (a work-around for the decide request body, see the xfail test below)."""
-    doc = copy.deepcopy(doc)
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, dict):
-            for name, sub in node.pop("$defs", {}).items():
-                schemas.setdefault(name, walk(sub))
-            return {k: (v.replace("#/$defs/", "#/components/schemas/")
-                        if k == "$ref" and isinstance(v, str) else walk(v))
-                    for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(item) for item in node]
-        return node
-
-    doc["paths"] = walk(doc["paths"])
-    return doc
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in service/routes/decide.py: the OpenAPI requestBody of POST /v1/decide inlines "
-    "DecideRequest.model_json_schema(), whose '$ref: #/$defs/Query' and "
-    "'#/$defs/PreferenceWeights' do not resolve from the document root; client "
-    "generators and schemathesis cannot read the body schema. Fix: reference "
-    "#/components/schemas/DecideRequest (ref_template) and register it."))
 def test_openapi_every_ref_resolves(fuzz_client):
     doc = fuzz_client.get("/openapi.json").json()
     dangling = sorted({r for r in _refs(doc) if not _resolves(doc, r)})
     assert dangling == []
 
 
-# Explicit nulls for fields that are optional but not nullable in the database: the
-# routes pass them through and the UPDATE violates NOT NULL (500). See the xfail tests.
-_NOT_NULLABLE = {
-    ("PUT", "preferences"): ("policy", "scope", "on_budget_exhausted"),
-    ("PATCH", "models"): ("input_price_per_mtok", "output_price_per_mtok", "enabled"),
-}
-
-
-def known_null_bug(case: Any) -> bool:
-    path = case.operation.path
-    key = (case.method.upper(), "preferences" if path.endswith("/preferences")
-           else "models" if path.startswith("/v1/admin/models/") else "")
-    fields = _NOT_NULLABLE.get(key, ())
-    body = case.body if isinstance(case.body, dict) else {}
-    if (case.method.upper(), path) == ("POST", "/v1/admin/models"):
-        prices = [body.get(k) for k in ("input_price_per_mtok", "output_price_per_mtok")]
-        if any(isinstance(v, (int, float)) and abs(v) > 1e300 for v in prices):
-            return True  # see test_create_model_overflowing_price_keeps_routing
-    return any(f in body and body[f] is None for f in fields)
-
-
-_NULL_BUG = ("bug in service/schemas.py + service/routing.py: an explicit null for an "
-             "optional but non-nullable field ({fields}) passes validation (the schema "
-             "says 'X | None = None') and reaches an UPDATE that violates NOT NULL: 500 "
-             "instead of 422 naming the field (found by schemathesis).")
-
-
 @pytest.mark.parametrize("field", ["policy", "scope", "on_budget_exhausted"])
-@pytest.mark.xfail(strict=True, reason=_NULL_BUG.format(
-    fields="PUT preferences: policy, scope, on_budget_exhausted"))
 def test_put_preferences_explicit_null_is_422(fuzz_client, field):
     tenant = {"Authorization": create_tenant(fuzz_client, f"null-{field}")["Authorization"]}
     r = fuzz_client.put("/v1/tenants/me/preferences", json={field: None}, headers=tenant)
@@ -129,21 +72,12 @@ def test_put_preferences_explicit_null_is_422(fuzz_client, field):
 
 @pytest.mark.parametrize("field", ["input_price_per_mtok", "output_price_per_mtok",
                                    "enabled"])
-@pytest.mark.xfail(strict=True, reason=_NULL_BUG.format(
-    fields="PATCH /v1/admin/models/{name}: prices, enabled"))
 def test_patch_model_explicit_null_is_422(fuzz_client, field):
     name = add_model(fuzz_client)
     r = fuzz_client.patch(f"/v1/admin/models/{name}", json={field: None}, headers=ADMIN)
     assert r.status_code == 422, r.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in service/routing.py create_model: a price near 1e308 passes the schema; the "
-    "row is committed and put in the registry, then Policy.add_arm refuses the infinite "
-    "prior cost (422). The registry now lists a model the policies lack: every decide "
-    "without candidates, for every tenant, answers 422 'unknown arm' until a restart, "
-    "and the name stays reserved (409). Fix: bound prices (and the prior cost) in the "
-    "schema, and add the arms before committing (or roll back)."))
 def test_create_model_overflowing_price_keeps_routing(tmp_path):
     url = f"sqlite:///{tmp_path / 'overflow.db'}"
     with TestClient(create_app(make_settings(url))) as client:
@@ -196,8 +130,6 @@ def fuzz_one(client: TestClient, strategy: Any, where: str, headers: dict[str, s
     @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     def run(case: Any) -> None:
-        if known_null_bug(case):
-            return  # reproduced by the xfail tests below
         problem = check_answer(send(client, case, headers), where)
         if problem is not None and len(failures) < 50:
             failures.append(problem)
@@ -210,7 +142,7 @@ def test_fuzz_every_operation_no_5xx_and_problem_details(fuzz_client):
     for i in range(3):
         add_model(client, f"fz-{i}")
     tenant = {"Authorization": create_tenant(client, "fuzz")["Authorization"]}
-    doc = hoist_defs(client.get("/openapi.json").json())
+    doc = client.get("/openapi.json").json()
     schema = schemathesis.openapi.from_dict(doc)
     failures: list[str] = []
     operations = 0
