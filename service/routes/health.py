@@ -22,13 +22,19 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(service: ServiceDep) -> dict[str, str]:
+    """``ready``; ``degraded`` (200) while the database is unreachable: decisions are
+    still served from memory and written when it is back, feedback and admin calls
+    answer 503 with Retry-After; 503 when the migrations are not at head."""
     try:
         with service.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         at_head = is_at_head(service.engine)
-    except Exception as exc:
-        raise Problem(503, f"database unreachable: {type(exc).__name__}",
-                      slug="not-ready") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the database
+        # Still in rotation: a load balancer that took every replica out during a
+        # database blip would turn a feedback outage into a routing outage.
+        return {"status": "degraded",
+                "database": f"unreachable: {type(exc).__name__}",
+                "serving": "decisions from memory; feedback refused with 503 + Retry-After"}
     if not at_head:
         raise Problem(503, "database migrations are not at head; run 'bandit-router migrate'",
                       slug="not-ready")

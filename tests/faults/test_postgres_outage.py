@@ -217,10 +217,6 @@ def test_postgres_outage_service_ready_again(outage):
     assert set(after) <= {200, 202} and after.get(200), after
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not built: /readyz (service/routes/health.py) answers 503 'database unreachable' "
-    "while decisions are still served from memory; it has no 'degraded' state (200 with "
-    "status degraded, or a distinct body) that a load balancer could tell from 'down'."))
 def test_postgres_outage_readyz_says_degraded(outage):
     during = [(status, body) for phase, status, body in outage["obs"].readyz
               if phase == "outage"]
@@ -228,12 +224,6 @@ def test_postgres_outage_readyz_says_degraded(outage):
     assert all("degraded" in str(body) for _, body in during), during[:3]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "not built: feedback during a database outage is neither buffered nor refused "
-    "cleanly. service/routing.py feedback() opens a Session, the OperationalError "
-    "reaches the generic handler: 500 without Retry-After (a decision still in the "
-    "writer's queue waits 10 s then gets 503). Wanted: a bounded, retried feedback "
-    "buffer (202), or at least 503 + Retry-After so callers retry."))
 def test_postgres_outage_feedback_buffered_or_503(outage):
     obs: Observed = outage["obs"]
     during = {s: n for (phase, ep, s), n in obs.statuses.items()
