@@ -173,6 +173,9 @@ class DistributedRoutingService(RoutingService):
                              "database_url; got " + engine.dialect.name)
         self.streams = streams_config(settings)
         self.producer: KafkaProducer | None = None
+        self._producer_lock = threading.Lock()
+        self._producer_resetting = False
+        self._stop_producer = threading.Event()
         self.follower = StatisticsFollower(
             settings.resolved_database_url(), self.streams, self._install,
             poll_interval_s=settings.snapshot_poll_interval_s)
@@ -185,8 +188,7 @@ class DistributedRoutingService(RoutingService):
     # ------------------------------------------------------------ life cycle
     def start(self) -> str | None:
         admin_key = super().start()
-        self.producer = KafkaProducer(bootstrap_servers=self.streams.bootstrap, acks="all",
-                                      linger_ms=2, client_id="bandit-router-api")
+        self.producer = self._new_producer()
         self._publisher = threading.Thread(target=self._publish_loop,
                                            name="decision-publisher", daemon=True)
         self._publisher.start()
@@ -197,7 +199,47 @@ class DistributedRoutingService(RoutingService):
         self.follower.start()
         return admin_key
 
+    def _new_producer(self) -> KafkaProducer:
+        return KafkaProducer(bootstrap_servers=self.streams.bootstrap, acks="all",
+                             linger_ms=2, client_id="bandit-router-api")
+
+    def _reset_producer(self) -> None:
+        """Replace the producer after a send failed, in the background.
+
+        A broker restart that forgets producer ids leaves kafka-python's idempotent
+        producer in a fatal state in which every later send fails; a new producer starts
+        a new session. Building one blocks while the broker is down, so a thread retries
+        it until the broker answers, and requests meanwhile get 503 + Retry-After.
+        """
+        with self._producer_lock:
+            if self._producer_resetting:
+                return
+            self._producer_resetting = True
+        threading.Thread(target=self._replace_producer, daemon=True,
+                         name="producer-reset").start()
+
+    def _replace_producer(self) -> None:
+        try:
+            while not self._stop_producer.is_set():
+                try:
+                    fresh = self._new_producer()
+                    break
+                except KafkaError as exc:
+                    log.warning("feedback producer not replaced yet (%s); retrying",
+                                type(exc).__name__)
+                    self._stop_producer.wait(1.0)
+            else:
+                return
+            old, self.producer = self.producer, fresh
+            log.warning("feedback producer replaced after a send failure")
+            if old is not None:
+                old.close(timeout=1)
+        finally:
+            with self._producer_lock:
+                self._producer_resetting = False
+
     def stop(self) -> None:
+        self._stop_producer.set()
         self.follower.stop()
         self._decisions.put(None)
         if self._publisher is not None:
@@ -247,11 +289,14 @@ class DistributedRoutingService(RoutingService):
         event = FeedbackEvent(event_id or "", decision_id, tenant.id,
                               quality=outcome.get("quality"), cost_usd=outcome.get("cost_usd"),
                               latency_ms=outcome.get("latency_ms"), sent_at=time.time())
-        assert self.producer is not None
+        producer = self.producer
         try:
-            self.producer.send(self.streams.feedback_topic, key=decision_id.encode(),
-                               value=encode_feedback(event)).get(timeout=10)
+            if producer is None:
+                raise KafkaError("no producer")
+            producer.send(self.streams.feedback_topic, key=decision_id.encode(),
+                          value=encode_feedback(event)).get(timeout=10)
         except KafkaError as exc:
+            self._reset_producer()
             raise Problem(503, f"the feedback topic is unavailable ({type(exc).__name__}); "
                           "retry", headers={"Retry-After": "1"}) from None
         self.metrics.feedback.labels("queued").inc()

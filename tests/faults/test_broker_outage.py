@@ -159,13 +159,6 @@ def test_broker_down_feedback_refused_with_503_decides_served(broker_outage):
     assert broker_outage["decide_after"].status_code == 200
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in service/distributed.py: the API's idempotent KafkaProducer does not survive "
-    "a broker restart that forgets producer ids (UnknownProducerIdError, then "
-    "InitProducerId fails: 'Aborting producer batches due to fatal error'); the producer "
-    "stays in its fatal state and every later feedback is a 503 until the API process "
-    "restarts (its shutdown then fails flushing). /readyz does not show it. Fix: on a "
-    "fatal producer error, close and recreate the producer; report it in readiness."))
 def test_broker_restart_retried_feedback_accepted(broker_outage):
     statuses = [r.status_code for r in broker_outage["retries"]]
     assert set(statuses) <= {202, 503}, statuses
