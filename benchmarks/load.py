@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--capacity-seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--feedback-every", type=int, default=10)
+    parser.add_argument("--database-url", default="",
+                        help="database of the sustained/spike server (default: embedded "
+                        "SQLite; an empty PostgreSQL database). The capacity is still "
+                        "measured on SQLite, so 50%% may saturate a slower database.")
     parser.add_argument("--quick", action="store_true", help="5 s phases, no results file")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -239,15 +243,16 @@ def main(argv: list[str] | None = None) -> None:
         "dim": DIM, "models": N_MODELS, "connections": args.connections,
         "feedback_every": args.feedback_every, "sustained_s": args.seconds,
         "warmup_s": args.warmup, "spike_s": args.spike_seconds,
+        "database": "postgresql" if args.database_url else "sqlite (embedded)",
         "uvicorn": " ".join(UVICORN_ARGS)}}
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         (tmpdir / "router_app.py").write_text(ROUTER_APP)
 
-        def env(name: str, **extra: str) -> dict[str, str]:
+        def env(name: str, url: str = "", **extra: str) -> dict[str, str]:
             return {"BANDIT_ROUTER_DATA_DIR": str(tmpdir / name),
                     "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
-                    "BANDIT_ROUTER_DATABASE_URL": "", **extra}
+                    "BANDIT_ROUTER_DATABASE_URL": url, **extra}
 
         # 1. capacity, on a server without limits.
         port = free_port()
@@ -279,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
                   "BANDIT_ROUTER_MAX_CONCURRENT_REQUESTS": str(2 * args.connections)}
         results["settings"]["server_limits"] = limits  # type: ignore[index]
         port = free_port()
-        proc = start_server(tmpdir, "router_app", port, env("load", **limits))
+        proc = start_server(tmpdir, "router_app", port,
+                            env("load", args.database_url, **limits))
         try:
             key = setup_router(port)
             requests = build_requests(key)
