@@ -663,12 +663,20 @@ class Policy(abc.ABC):
         The full distribution :meth:`decide_batch` draws from, in the policy's current
         state: what off-policy evaluation of this policy needs.
         """
+        names, probs, _ = self._distribution(x, preferences, candidates)
+        return names, probs
+
+    def _distribution(self, x: object, preferences: Preferences | None,
+                      candidates: Sequence[str] | None,
+                      ) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Names, the (n, K) choice distribution and the predicted utility, from one
+        prediction (off-policy evaluation needs both)."""
         a = self._assess(x, preferences, candidates, explore=True)
         n, k = a.utility.shape
         probs = np.empty((n, k))
         for j in range(k):
             probs[:, j] = self._propensity(a, np.full(n, j, dtype=np.intp))
-        return a.names, probs
+        return a.names, probs, a.utility
 
     def _assess(self, x: object, preferences: Preferences | None,
                 candidates: Sequence[str] | None, explore: bool) -> _Assessment:
@@ -742,7 +750,6 @@ class Policy(abc.ABC):
                                     f"{xb.shape[0]} rows")
         y = parse_outcome(outcome)
         self._maybe_decay(now)
-        k = self._index[arm]  # a decay step never reorders arms; re-read for clarity
         residual = self._stats.update(k, xb[0], y)
         if residual is not None:
             self._watch_drift(arm, [residual])

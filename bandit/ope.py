@@ -218,8 +218,7 @@ def evaluate_log(candidate: Policy, log: LoggedDecisions, preferences: Preferenc
                 c for c in log.candidates[i] if c in known)
             groups.setdefault(cands, []).append(i)
         for cands, idx in groups.items():
-            names, probs = candidate.probabilities(x[idx], preferences, cands)
-            q = candidate.decide_batch(x[idx], preferences, cands, explore=False).utility
+            names, probs, q = candidate._distribution(x[idx], preferences, cands)
             col = {name: j for j, name in enumerate(names)}
             for row, i in enumerate(idx):
                 if on_row is not None:

@@ -8,6 +8,7 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from bandit.base import Policy, PolicyConfig, check_finite_number
+from bandit.errors import InvalidInputError
 
 # An arm this many standard deviations below the chosen arm's lowest quadrature node
 # cannot win (Phi(-7) = 1.3e-12): it is left out of the propensity integral.
@@ -37,13 +38,9 @@ class LinearThompsonConfig(PolicyConfig):
         super().validated()
         check_finite_number("scale", self.scale, low=0.0)
         if not isinstance(self.propensity_nodes, int) or self.propensity_nodes < 8:
-            from bandit.errors import InvalidInputError
-
             raise InvalidInputError("propensity_nodes", "must be an integer >= 8",
                                     self.propensity_nodes)
         if not isinstance(self.propensity_samples, int) or self.propensity_samples < 0:
-            from bandit.errors import InvalidInputError
-
             raise InvalidInputError("propensity_samples", "must be an integer >= 0",
                                     self.propensity_samples)
         return self

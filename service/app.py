@@ -16,7 +16,7 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
@@ -36,23 +36,16 @@ __all__ = ["create_app"]
 log = logging.getLogger("service.app")
 
 
-async def _checkpoint_loop(service: RoutingService, interval: float) -> None:
+async def _every(interval: float, job: Callable[[], object], what: str) -> None:
+    """Run ``job`` in a thread every ``interval`` seconds; a failure is logged and the
+    loop goes on (a failed checkpoint only widens the replay window, a failed registry
+    refresh is retried at the next tick)."""
     while True:
         await asyncio.sleep(interval)
         try:
-            await asyncio.to_thread(service.checkpoint)
+            await asyncio.to_thread(job)
         except Exception:
-            # A failed checkpoint only widens the replay window; keep serving.
-            log.exception("periodic checkpoint failed")
-
-
-async def _refresh_loop(service: RoutingService, interval: float) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            await asyncio.to_thread(service.refresh_registry)
-        except Exception:
-            log.exception("refreshing models and tenants failed")
+            log.exception("%s failed", what)
 
 
 def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> FastAPI:
@@ -88,8 +81,11 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             # latency tail (see service.commands.serve.tune_gc).
             gc.collect()
             gc.freeze()
-        tasks = [asyncio.create_task(_checkpoint_loop(service, settings.checkpoint_interval_s)),
-                 asyncio.create_task(_refresh_loop(service, settings.registry_refresh_s))]
+        tasks = [asyncio.create_task(_every(settings.checkpoint_interval_s,
+                                            service.checkpoint, "periodic checkpoint")),
+                 asyncio.create_task(_every(settings.registry_refresh_s,
+                                            service.refresh_registry,
+                                            "refreshing models and tenants"))]
         try:
             yield
         finally:
