@@ -67,6 +67,13 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(None, description="Admin key; when unset one is "
                                         "generated on first start, stored hashed and printed "
                                         "once.")
+    # /metrics labels spend and reward by tenant: not public unless asked for.
+    metrics_token: SecretStr | None = Field(None, description="Bearer token that may read "
+                                            "/metrics (besides the admin key); for the "
+                                            "Prometheus scraper.")
+    metrics_public: bool = Field(False, description="Serve /metrics without a key (only "
+                                 "on a network where every client may see every tenant's "
+                                 "spend).")
     # Tokens a request is assumed to use when turning a model's price into a cost prior.
     prior_input_tokens: int = Field(500, ge=0)
     prior_output_tokens: int = Field(300, ge=0)

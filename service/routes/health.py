@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import hmac
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from service.config import Settings
 from service.db.engine import is_at_head
-from service.deps import MetricsDep, ServiceDep
+from service.deps import MetricsDep, ServiceDep, SettingsDep, bearer_key
 from service.errors import Problem
+from service.routing import RoutingService
 
 router = APIRouter(tags=["health"])
 
@@ -41,8 +44,35 @@ def readyz(service: ServiceDep) -> dict[str, str]:
     return {"status": "ready"}
 
 
+def _may_read_metrics(request: Request, settings: Settings, service: RoutingService) -> None:
+    """``/metrics`` names tenants and their spend: the admin key or the metrics token
+    (``BANDIT_ROUTER_METRICS_TOKEN``, for a scraper) unless ``METRICS_PUBLIC`` is set."""
+    if settings.metrics_public:
+        return
+    refused = Problem(401, "missing or unknown key: /metrics needs 'Authorization: Bearer "
+                      "<admin key or metrics token>'; set BANDIT_ROUTER_METRICS_PUBLIC=true "
+                      "to serve it without one", headers={"WWW-Authenticate": "Bearer"})
+    try:
+        key = bearer_key(request)
+    except Problem:
+        raise refused from None
+    token = settings.metrics_token
+    if token is not None and hmac.compare_digest(key.encode(),
+                                                 token.get_secret_value().encode()):
+        return
+    if service.is_admin_key(key):
+        return
+    if service.tenant_for_key(key) is not None:
+        raise Problem(403, "/metrics needs the admin key or the metrics token "
+                      "(BANDIT_ROUTER_METRICS_TOKEN), not a tenant key")
+    raise refused
+
+
 @router.get("/metrics")
-def metrics(service: ServiceDep, m: MetricsDep) -> Response:
+def metrics(request: Request, service: ServiceDep, settings: SettingsDep,
+            m: MetricsDep) -> Response:
+    """Prometheus metrics; needs the admin key or the metrics token (see settings)."""
+    _may_read_metrics(request, settings, service)
     service.export_gauges()
     for tenant in list(service.tenants.values()):
         for period, budget in (("day", tenant.budget_usd_per_day),

@@ -55,3 +55,16 @@ def test_compose_router_services_distributed_settings():
         env = services[name]["environment"]
         assert env["BANDIT_ROUTER_DATABASE_URL"].startswith("postgresql+psycopg://"), name
         assert env["BANDIT_ROUTER_KAFKA_BOOTSTRAP"], name
+
+
+def test_compose_prometheus_scrapes_api_with_its_metrics_token():
+    """/metrics is not public (it names tenants and their spend): the scrape job of the
+    API replicas must send the token the replicas are configured with."""
+    services = load_compose()["services"]
+    tokens = {services[name]["environment"]["BANDIT_ROUTER_METRICS_TOKEN"]
+              for name in ("api-1", "api-2")}
+    assert len(tokens) == 1 and tokens != {""}
+    jobs = {job["job_name"]: job for job in
+            yaml.safe_load((ROOT / "ops/prometheus.yml").read_text())["scrape_configs"]}
+    auth = jobs["bandit-router-api"]["authorization"]
+    assert auth == {"type": "Bearer", "credentials": tokens.pop()}

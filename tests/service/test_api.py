@@ -370,7 +370,7 @@ def test_get_healthz_and_readyz_ok(client):
 def test_get_metrics_counts_decisions(client, models):
     tenant = create_tenant(client)
     model = decide(client, tenant, models).json()["model"]
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN).text
     assert (f'bandit_router_decisions_total{{model="{model}",tenant="{tenant["X-Tenant"]}"}}'
             ' 1.0') in text
     assert "bandit_router_decide_latency_seconds_bucket" in text

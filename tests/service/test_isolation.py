@@ -73,6 +73,7 @@ def admin_endpoints(w: dict[str, Any]) -> list[tuple[str, str, dict | None]]:
         ("GET", f"/v1/admin/tenants/{a_id}/preferences", None),
         ("PUT", f"/v1/admin/tenants/{a_id}/preferences", {"policy": "thompson"}),
         ("GET", f"/v1/admin/tenants/{a_id}/usage", None),
+        ("GET", "/metrics", None),  # names every tenant and its spend
     ]
 
 

@@ -86,7 +86,7 @@ def test_refusals_counted_in_metrics(make_client):
     client = make_client(max_body_bytes=1024)
     assert_problem(client.post("/v1/admin/tenants", json={"name": "z" * 2000},
                                headers=ADMIN), 413)
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN).text
     assert 'bandit_router_limited_requests_total{reason="body"} 1.0' in text
 
 

@@ -45,7 +45,7 @@ def test_post_feedback_negative_reward_accepted(client, models):
                     headers=tenant)
     assert r.status_code == 202, r.text
     assert r.json()["status"] == "applied"
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN).text
     assert sample(text, "bandit_router_reward_sum", tenant=tenant["X-Tenant"]) == \
         pytest.approx(-1.0)
     assert sample(text, "bandit_router_reward_count", tenant=tenant["X-Tenant"]) == 1.0
@@ -64,7 +64,7 @@ def test_get_metrics_spend_counter_and_budget_gauge(client, models):
     # A repeat changes nothing, the counter included.
     client.post("/v1/feedback", json={"decision_id": decision_id, "cost_usd": 0.5},
                 headers=tenant)
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN).text
     assert sample(text, "bandit_router_spend_usd_total", tenant=tid) == pytest.approx(0.75)
     assert sample(text, "bandit_router_period_spend_usd", tenant=tid, period="day") == \
         pytest.approx(0.75)
@@ -77,7 +77,7 @@ def test_get_metrics_spend_counter_and_budget_gauge(client, models):
 
 
 def test_get_metrics_names_follow_prometheus_conventions(client, models):
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ADMIN).text
     types = dict(re.findall(r"^# TYPE (\S+) (\S+)$", text, flags=re.MULTILINE))
     for name, kind in types.items():
         assert name.startswith("bandit_router_"), name
@@ -132,3 +132,33 @@ def test_log_access_off_by_default_logs_nothing(client, caplog):
     with caplog.at_level("WARNING", logger="service.access"):
         client.get("/healthz")
     assert [r for r in caplog.records if r.name == "service.access"] == []
+
+
+# -------------------------------------------------------------- who may read /metrics
+def test_get_metrics_needs_admin_key_or_metrics_token(tmp_path):
+    token = "metrics-scraper-token-0123456789"  # noqa: S105 - a test token
+    url = f"sqlite:///{tmp_path / 'router.db'}"
+    with TestClient(create_app(make_settings(url, metrics_token=token))) as c:
+        tenant = create_tenant(c, "curious")
+        r = c.get("/metrics")
+        assert r.status_code == 401, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "BANDIT_ROUTER_METRICS_PUBLIC" in r.json()["detail"]
+        assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/metrics", headers={"Authorization": "Bearer wrong-token"}
+                     ).status_code == 401
+        r = c.get("/metrics", headers={"Authorization": tenant["Authorization"]})
+        assert r.status_code == 403, r.text
+        assert tenant["X-Tenant"] not in r.text
+        for headers in ({"Authorization": f"Bearer {token}"}, ADMIN):
+            r = c.get("/metrics", headers=headers)
+            assert r.status_code == 200, r.text
+            assert "bandit_router_decide_latency_seconds" in r.text
+
+
+def test_get_metrics_public_when_configured(tmp_path):
+    url = f"sqlite:///{tmp_path / 'router.db'}"
+    with TestClient(create_app(make_settings(url, metrics_public=True))) as c:
+        r = c.get("/metrics")
+        assert r.status_code == 200, r.text
+        assert "bandit_router_decide_latency_seconds" in r.text
