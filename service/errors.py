@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bandit import InvalidInputError
 
@@ -108,7 +109,43 @@ def validation_problem(exc: RequestValidationError) -> Problem:
     return Problem(422, detail, errors=errors)
 
 
+class _KeepConnectionAfterError:
+    """Outermost ASGI layer: Starlette's ``ServerErrorMiddleware`` answers an unhandled
+    exception with our 500 problem body and then re-raises it, and uvicorn closes the
+    connection of any request whose app raised after answering. A gateway's pooled
+    keep-alive connection would be lost on every 500; here the error, already logged
+    and answered, stops."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        answered = False
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal answered
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered = True
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            if not answered:
+                raise
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    build_stack = app.build_middleware_stack
+
+    def build_stack_keeping_connections() -> ASGIApp:
+        return _KeepConnectionAfterError(build_stack())
+
+    app.build_middleware_stack = build_stack_keeping_connections  # type: ignore[method-assign]
+
     @app.exception_handler(Problem)
     async def _problem(_request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc)

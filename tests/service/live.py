@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import uvicorn
+from fastapi import FastAPI
 
 from service.app import create_app
 from service.config import Settings
 
 
 @contextmanager
-def live_server(settings: Settings, timeout_s: float = 30.0) -> Iterator[str]:
-    """Start the app built from ``settings``; yields its base URL; stops it on exit."""
+def live_server(settings: Settings, timeout_s: float = 30.0,
+                prepare: Callable[[FastAPI], None] | None = None) -> Iterator[str]:
+    """Start the app built from ``settings`` (``prepare`` may add to it first); yields
+    its base URL; stops it on exit."""
     app = create_app(settings)
+    if prepare is not None:
+        prepare(app)
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
                             lifespan="on")
     server = uvicorn.Server(config)
