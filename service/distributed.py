@@ -280,6 +280,12 @@ class DistributedRoutingService(RoutingService):
                 self._sync_arms(policy)  # arms the registry deleted (or never had) go
         return policy
 
+    def degraded(self) -> dict[str, str]:
+        if self._producer_resetting:
+            return {"broker": "unreachable; feedback refused with 503 + Retry-After until "
+                              "the producer reconnects"}
+        return {}
+
     # ------------------------------------------------------------ feedback
     def feedback(self, tenant: Any, decision_id: str, outcome: dict[str, float | None],
                  event_id: str | None) -> FeedbackResult:
@@ -290,6 +296,11 @@ class DistributedRoutingService(RoutingService):
                               quality=outcome.get("quality"), cost_usd=outcome.get("cost_usd"),
                               latency_ms=outcome.get("latency_ms"), sent_at=time.time())
         producer = self.producer
+        if self._producer_resetting:
+            # A send already failed and the producer is being rebuilt: answer at once
+            # rather than after another 10 s send timeout.
+            raise Problem(503, "the feedback topic is unavailable (broker unreachable); "
+                          "retry", headers={"Retry-After": "1"})
         try:
             if producer is None:
                 raise KafkaError("no producer")

@@ -759,6 +759,11 @@ class RoutingService:
         if explored:
             self.metrics.explored.labels(tenant.id).inc()
 
+    def degraded(self) -> dict[str, str]:
+        """Parts other than the database that are away, for ``/readyz``: part -> what
+        callers get meanwhile (none in embedded mode)."""
+        return {}
+
     def export_gauges(self) -> None:
         """Set the gauges read at scrape time (spend per tenant, writer queue depth)."""
         self.metrics.queue_depth.set(self.writer.depth())

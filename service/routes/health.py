@@ -27,7 +27,9 @@ async def healthz() -> dict[str, str]:
 def readyz(service: ServiceDep) -> dict[str, str]:
     """``ready``; ``degraded`` (200) while the database is unreachable: decisions are
     still served from memory and written when it is back, feedback and admin calls
-    answer 503 with Retry-After; 503 when the migrations are not at head."""
+    answer 503 with Retry-After; also ``degraded`` while another part is away
+    (``RoutingService.degraded``: the broker in distributed mode); 503 when the
+    migrations are not at head."""
     try:
         with service.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -41,6 +43,9 @@ def readyz(service: ServiceDep) -> dict[str, str]:
     if not at_head:
         raise Problem(503, "database migrations are not at head; run 'bandit-router migrate'",
                       slug="not-ready")
+    away = service.degraded()  # e.g. the broker, in distributed mode
+    if away:
+        return {"status": "degraded", **away}
     return {"status": "ready"}
 
 

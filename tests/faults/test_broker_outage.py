@@ -114,6 +114,10 @@ def broker_outage(private_postgres: PrivatePostgres) -> dict[str, Any]:
             started = time.monotonic()
             seen["during"] = _feedback(http, tenant, during, "during")
             seen["refused_after_s"] = time.monotonic() - started
+            # The producer is being rebuilt: /readyz says so, and a retry is refused at
+            # once (no second send timeout) until the broker is back.
+            seen["readyz_during"] = http.get("/readyz")
+            seen["again_during"] = _feedback(http, tenant, during, "during")
             broker.start()  # a new, empty broker on the same port: topics again
             ensure_topics(config)
             # The caller retries the refused event, as Retry-After says, until accepted.
@@ -157,6 +161,16 @@ def test_broker_down_feedback_refused_with_503_decides_served(broker_outage):
     assert int(r.headers["retry-after"]) >= 1
     assert "feedback topic is unavailable" in r.json()["detail"]
     assert broker_outage["decide_after"].status_code == 200
+
+
+def test_broker_down_readyz_degraded_and_retry_refused(broker_outage):
+    r = broker_outage["readyz_during"]
+    assert r.status_code == 200, r.text  # still in rotation: decides are served
+    assert r.json()["status"] == "degraded"
+    assert "unreachable" in r.json()["broker"]
+    again = broker_outage["again_during"]
+    assert again.status_code == 503 and int(again.headers["retry-after"]) >= 1
+    assert "broker unreachable" in again.json()["detail"]
 
 
 def test_broker_restart_retried_feedback_accepted(broker_outage):
