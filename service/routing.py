@@ -232,7 +232,10 @@ class RoutingService:
             data = snapshots.get(key)
             if data is None:
                 return self._new_policy(kind)
-            policy = Policy.from_bytes(data)
+            # Statistics from the checkpoint, settings from this process: a restart with
+            # another BANDIT_ROUTER_EPSILON explores with the new one.
+            policy = Policy.from_bytes(data, as_class=_POLICY_CLASSES[kind],
+                                       epsilon=self.settings.epsilon)
             if policy.dim != self.settings.dim:
                 raise RuntimeError(f"checkpoint {key} has dimension {policy.dim}, the "
                                    f"settings say {self.settings.dim}")

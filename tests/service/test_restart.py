@@ -153,3 +153,18 @@ def test_restart_after_crash_isolated_tenant_identical(new_database_url):
                     b = recovered[kind].predict(x, PREFS, models)
                     for name in models:
                         assert b[name].utility == pytest.approx(a[name].utility, abs=1e-9)
+
+
+def test_restart_with_new_epsilon_keeps_statistics_uses_new_setting(new_database_url):
+    url = new_database_url()
+    with TestClient(create_app(make_settings(url, epsilon=0.01))) as c1:
+        models = [add_model(c1, f"model-{i}", 0.5 * (i + 1), 2.0 * (i + 1)) for i in range(3)]
+        train(c1, create_tenant(c1), models, 20)
+        before = predictions(c1, models)
+    with TestClient(create_app(make_settings(url, epsilon=0.2))) as c2:
+        for kind, policy in c2.app.state.routing.shared.items():
+            assert policy.config.epsilon == 0.2, kind
+            assert type(policy) is type(c2.app.state.routing._new_policy(kind)), kind
+        after = predictions(c2, models)
+        for kind in before:
+            np.testing.assert_allclose(after[kind], before[kind], rtol=0, atol=1e-12)
