@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     learner_max_poll_records: int = Field(20000, ge=1)
     # Feedback that arrives before its decision is written is retried this long.
     feedback_pending_timeout_s: float = Field(30.0, ge=0.0)
+    # Feedback accepted while the database is unreachable (docs/reliability.md).
+    feedback_buffer_size: int = Field(10_000, ge=0, description="Feedback events kept "
+                                      "(on disk, in feedback_buffer_dir) while the database "
+                                      "is unreachable, answered 202 'buffered' and stored "
+                                      "when it is back; beyond that 503 + Retry-After. 0 = "
+                                      "no buffer (503 at once).")
+    feedback_buffer_dir: Path | None = Field(None, description="Directory of the feedback "
+                                             "buffer's file; default data_dir.")
     feedback_retention_hours: float = Field(24.0 * 30, gt=0.0)
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)

@@ -59,5 +59,13 @@ class Metrics:
                                 registry=self.registry)
         self.queue_depth = Gauge("bandit_router_decision_queue_depth",
                                  "Decisions waiting for the writer", registry=self.registry)
+        self.feedback_buffer_depth = Gauge(
+            "bandit_router_feedback_buffer_depth", "Feedback accepted while the database "
+            "was unreachable, not stored yet", registry=self.registry)
+        self.feedback_buffer = Counter(
+            "bandit_router_feedback_buffer_total", "Feedback through the outage buffer by "
+            "result: buffered (accepted), full (refused, 503), and at drain stored "
+            "(drained), duplicate, dropped (unknown decision, another tenant's, invalid)",
+            ["result"], registry=self.registry)
         self.checkpoints = Counter("bandit_router_checkpoints_total",
                                    "Policy checkpoints written", registry=self.registry)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 from sqlalchemy import Engine, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
@@ -48,12 +48,19 @@ from service.errors import Problem
 from service.ids import uuid7_str
 from service.metrics import Metrics
 from service.security import hash_key, new_key
+from service.spool import FeedbackSpool, SpooledFeedback, spool_path
 from service.writer import DecisionWriter
 
 __all__ = ["RoutingService", "TenantState", "ModelState", "PendingDecision", "DecideArgs",
            "POLICY_KINDS"]
 
 log = logging.getLogger("service.routing")
+#: With a feedback buffer, feedback whose decision is still in the writer's queue waits
+#: this long for it (the writer hurries when asked), then is buffered: the writer holds
+#: the decision, typically because the database is away.
+_PENDING_WAIT_S = 1.0
+#: The drain retries an unreachable database with backoff up to this (seconds).
+_DRAIN_MAX_DELAY_S = 5.0
 POLICY_KINDS = ("linucb", "thompson")
 _POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
 
@@ -134,6 +141,10 @@ class RoutingService:
         self.writer = DecisionWriter(engine, queue_size=settings.decision_queue_size,
                                      batch_size=settings.decision_batch_size,
                                      flush_interval_s=settings.decision_flush_interval_s)
+        self.spool: FeedbackSpool | None = None
+        self._drain_thread: threading.Thread | None = None
+        self._drain_stop = threading.Event()
+        self._drain_wake = threading.Event()
         self._featurizer: Any = None
         self._decision_counters: dict[tuple[str, str], Any] = {}
         self._valid_preferences: set[Preferences] = set()
@@ -151,10 +162,13 @@ class RoutingService:
         # first text query.
         self.featurize("warm up")
         self.writer.start()
+        self._start_feedback_buffer()
         return admin_key
 
     def stop(self) -> None:
+        self._stop_feedback_buffer()
         self.writer.stop()
+        self._close_feedback_buffer()
         try:
             self.checkpoint(force=True)
         except Exception:
@@ -762,14 +776,27 @@ class RoutingService:
         if explored:
             self.metrics.explored.labels(tenant.id).inc()
 
+    def outage_serving(self) -> str:
+        """What callers get while the database is unreachable (for ``/readyz``)."""
+        if self.spool is None:
+            return "decisions from memory; feedback refused with 503 + Retry-After"
+        return (f"decisions from memory; feedback buffered ({self.spool.depth()} of "
+                f"{self.spool.capacity}; 503 + Retry-After when full)")
+
     def degraded(self) -> dict[str, str]:
         """Parts other than the database that are away, for ``/readyz``: part -> what
-        callers get meanwhile (none in embedded mode)."""
+        callers get meanwhile. Embedded mode: feedback still in the outage buffer."""
+        buffered = self.feedback_buffered()
+        if buffered:
+            return {"feedback_buffer": f"{buffered} feedback events accepted while the "
+                                       "database was unreachable, being stored"}
         return {}
 
     def export_gauges(self) -> None:
-        """Set the gauges read at scrape time (spend per tenant, writer queue depth)."""
+        """Set the gauges read at scrape time (spend per tenant, writer queue depth,
+        feedback buffer depth)."""
         self.metrics.queue_depth.set(self.writer.depth())
+        self.metrics.feedback_buffer_depth.set(self.feedback_buffered())
         for tenant in list(self.tenants.values()):
             day, month = tenant.ledger.snapshot()
             self.metrics.spend.labels(tenant.id, "day").set(day)
@@ -778,18 +805,45 @@ class RoutingService:
     # ================================================================= feedback
     def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
                  event_id: str | None) -> FeedbackResult:
-        """Record feedback (exactly once per decision and event id), then learn from it."""
+        """Record feedback (exactly once per decision and event id), then learn from it.
+
+        While the database is unreachable the feedback is kept in the buffer
+        (``service.spool``) and answered ``buffered``; the drain stores and applies it,
+        through :meth:`_store`, when the database is back."""
         for key in ("cost_usd", "latency_ms"):
             if outcome.get(key) is not None:
                 check_finite_number(key, outcome[key], low=0.0)
-        if self.writer.is_pending(decision_id) and not self.writer.wait_for(decision_id):
+        event = event_id or ""
+        spool = self.spool
+        if spool is not None and spool.depth():
+            # Feedback already waits in the buffer: queue behind it, so that feedback is
+            # stored and applied in the order it was accepted.
+            return self._buffer(tenant, decision_id, event, outcome)
+        if self.writer.is_pending(decision_id) and not self.writer.wait_for(
+                decision_id, timeout=10.0 if spool is None else _PENDING_WAIT_S):
+            if spool is not None:
+                # The writer holds the decision (the database is away or far behind);
+                # the drain waits for it to be written.
+                return self._buffer(tenant, decision_id, event, outcome)
             raise Problem(503, "the decision is not written yet; retry",
                           headers={"Retry-After": "1"})
+        try:
+            return self._store(tenant, decision_id, event, outcome, m.utcnow())
+        except (OperationalError, InterfaceError) as exc:
+            if spool is None:
+                raise  # 503 + Retry-After (service.errors)
+            log.warning("storing feedback for decision %s failed (%s: the database is "
+                        "unreachable); buffering it", decision_id, type(exc).__name__)
+            return self._buffer(tenant, decision_id, event, outcome)
+
+    def _store(self, tenant: TenantState, decision_id: str, event: str,
+               outcome: dict[str, float | None], received: datetime) -> FeedbackResult:
+        """Store the feedback row (and the decision's reconciled charge), then apply it:
+        the one path of direct and buffered feedback. Raises 404 for an unknown decision
+        or another tenant's, and the database's errors."""
         not_found = Problem(404, f"decision {decision_id} does not exist",
                             slug="decision-not-found")
-        event = event_id or ""
         with self._feedback_lock:
-            received = m.utcnow()
             with Session(self.engine) as session:
                 decision = session.get(m.Decision, decision_id)
                 if decision is None or decision.tenant_id != tenant.id:
@@ -824,9 +878,150 @@ class RoutingService:
         if delta:
             tenant.ledger.adjust(delta, decided_at)
         self.metrics.feedback.labels("applied").inc()
+        if outcome.get("cost_usd"):
+            self.metrics.spend_reported.labels(tenant.id).inc(float(outcome["cost_usd"]))
         self.metrics.reward.labels(tenant.id).inc(tenant.preferences.reward(
             **{k: v for k, v in outcome.items() if v is not None}))
         return FeedbackResult("applied", feedback_id)
+
+    # ---------------------------------------------------------- feedback buffer
+    def _buffer(self, tenant: TenantState, decision_id: str, event: str,
+                outcome: dict[str, float | None]) -> FeedbackResult:
+        """Keep the feedback in the buffer (committed to disk before the answer)."""
+        assert self.spool is not None
+        result = self.spool.add(tenant.id, decision_id, event, outcome,
+                                m.utcnow().isoformat())
+        self.metrics.feedback_buffer_depth.set(self.spool.depth())
+        self.metrics.feedback_buffer.labels(result).inc()
+        if result == "full":
+            raise Problem(503, f"the database is unavailable and the feedback buffer is "
+                          f"full ({self.spool.capacity} events); nothing was stored, retry "
+                          "later", slug="unavailable", headers={"Retry-After": "5"})
+        self.metrics.feedback.labels(result).inc()
+        self._drain_wake.set()
+        return FeedbackResult(result, None)
+
+    def feedback_buffered(self) -> int:
+        """Feedback events accepted and not yet stored in the database."""
+        return self.spool.depth() if self.spool is not None else 0
+
+    def _start_feedback_buffer(self) -> None:
+        s = self.settings
+        if s.feedback_buffer_size <= 0 or s.kafka_bootstrap:
+            return  # no buffer, or distributed mode (feedback goes to Kafka)
+        directory = s.feedback_buffer_dir if s.feedback_buffer_dir is not None else s.data_dir
+        self.spool = FeedbackSpool(spool_path(directory, s.resolved_database_url()),
+                                   s.feedback_buffer_size)
+        if self.spool.depth():
+            log.warning("%d feedback events buffered by a previous run; storing them",
+                        self.spool.depth())
+        self.metrics.feedback_buffer_depth.set(self.spool.depth())
+        self._drain_stop.clear()
+        self._drain_thread = threading.Thread(target=self._drain_loop,
+                                              name="feedback-drain", daemon=True)
+        self._drain_thread.start()
+
+    def _stop_feedback_buffer(self) -> None:
+        if self._drain_thread is not None:
+            self._drain_stop.set()
+            self._drain_wake.set()
+            self._drain_thread.join(30)
+            self._drain_thread = None
+
+    def _close_feedback_buffer(self) -> None:
+        """After the writer stopped: a last drain (the database may be back), then close
+        the file (removed when empty; otherwise the next start drains it)."""
+        if self.spool is None:
+            return
+        if self.spool.depth():
+            try:
+                self.drain_feedback(deadline=time.monotonic() + 10.0)
+            except Exception as exc:  # noqa: BLE001 - the rows stay on disk
+                log.warning("final feedback drain failed (%s); %d events stay buffered",
+                            type(exc).__name__, self.spool.depth())
+        self.spool.close()
+
+    def _drain_loop(self) -> None:
+        delay = 0.25
+        while not self._drain_stop.is_set():
+            try:
+                empty = self.drain_feedback()
+                delay = 0.25
+            except (OperationalError, InterfaceError) as exc:
+                log.warning("feedback buffer: %d events wait, the database is still "
+                            "unreachable (%s); retrying in %.2fs", self.feedback_buffered(),
+                            type(exc).__name__, delay)
+                self._drain_stop.wait(delay)
+                delay = min(delay * 2, _DRAIN_MAX_DELAY_S)
+                continue
+            except Exception:
+                log.exception("draining the feedback buffer failed; retrying")
+                self._drain_stop.wait(delay)
+                delay = min(delay * 2, _DRAIN_MAX_DELAY_S)
+                continue
+            if empty:
+                self._drain_wake.wait(1.0)
+                self._drain_wake.clear()
+            else:  # waiting for a decision the writer still holds
+                self._drain_stop.wait(0.1)
+
+    def drain_feedback(self, deadline: float | None = None) -> bool:
+        """Store and apply buffered feedback, oldest first; True once the buffer is empty.
+
+        Stops (False) at feedback whose decision the writer still holds (it waits for
+        it), at the deadline or when the drain is stopping; raises the database's
+        connection errors (the row stays buffered)."""
+        spool = self.spool
+        if spool is None:
+            return True
+        while spool.depth():
+            items = spool.head(100)
+            done: int | None = None
+            try:
+                for item in items:
+                    if (self._drain_stop.is_set() and deadline is None) or (
+                            deadline is not None and time.monotonic() > deadline):
+                        return False
+                    if self.writer.is_pending(item.decision_id) and not self.writer.wait_for(
+                            item.decision_id, timeout=_PENDING_WAIT_S):
+                        return False
+                    self._drain_one(item)
+                    done = item.seq
+            finally:
+                if done is not None:
+                    spool.remove_through(done)
+                    self.metrics.feedback_buffer_depth.set(spool.depth())
+        return True
+
+    def _drain_one(self, item: SpooledFeedback) -> None:
+        def drop(reason: str) -> None:
+            self.metrics.feedback_buffer.labels("dropped").inc()
+            log.warning("buffered feedback dropped: %s (decision %s, event %r, tenant %s)",
+                        reason, item.decision_id, item.event_id, item.tenant_id)
+
+        tenant = self.tenants.get(item.tenant_id)
+        if tenant is None:
+            drop("the tenant does not exist")
+            return
+        try:
+            result = self._store(tenant, item.decision_id, item.event_id, item.outcome,
+                                 datetime.fromisoformat(item.received_at))
+        except (OperationalError, InterfaceError):
+            raise
+        except Problem as exc:
+            # Unknown decision, or another tenant's: never applied.
+            drop(exc.detail if exc.status != 404 else
+                 "the decision does not exist or is another tenant's")
+            return
+        except Exception:
+            # Refused by the database or the policies: logged, not retried forever
+            # (it would block every event behind it).
+            log.exception("buffered feedback for decision %s could not be stored",
+                          item.decision_id)
+            self.metrics.feedback_buffer.labels("dropped").inc()
+            return
+        self.metrics.feedback_buffer.labels(
+            "drained" if result.status == "applied" else "duplicate").inc()
 
     def _apply(self, tenant_id: str, model: str, x: np.ndarray,
                outcome: dict[str, float | None], now: float) -> None:

@@ -101,7 +101,12 @@ class FeedbackRequest(_Body):
 
 
 class FeedbackResponse(BaseModel):
-    status: Literal["applied", "duplicate"]
+    status: Literal["applied", "duplicate", "buffered"] = Field(description=(
+        "applied: stored and learned from. duplicate: this (decision_id, event_id) was "
+        "received before; nothing changed. buffered: the database is unreachable; the "
+        "feedback is kept in the service's bounded on-disk buffer and stored and applied "
+        "when the database is back (then exactly as if it had been sent then: a repeat "
+        "is a duplicate, an unknown decision or another tenant's is dropped)."))
     decision_id: str
     event_id: str | None
 

@@ -19,14 +19,17 @@ router = APIRouter(prefix="/v1", tags=["routing"])
 def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
              metrics: MetricsDep) -> JSONResponse:
     """Store the feedback (durably) and learn from it; a repeat of the same
-    (decision_id, event_id) answers ``duplicate`` and changes nothing."""
+    (decision_id, event_id) answers ``duplicate`` and changes nothing.
+
+    While the database is unreachable the feedback is kept in a bounded buffer on the
+    service's disk and answered ``buffered`` (stored and applied once the database is
+    back; an unknown decision or another tenant's is then dropped, never applied). A full
+    buffer is a 503 with ``Retry-After``."""
     started = time.perf_counter()
     result = service.feedback(tenant, str(body.decision_id),
                               {"quality": body.quality, "cost_usd": body.cost_usd,
                                "latency_ms": body.latency_ms}, body.event_id)
     metrics.feedback_latency.observe(time.perf_counter() - started)
-    if result.status == "applied" and body.cost_usd:
-        metrics.spend_reported.labels(tenant.id).inc(body.cost_usd)
     if result.status == "queued":
         # Distributed mode: on the feedback topic (acks=all); the learner applies it and
         # detects a repeat (docs/streams.md).

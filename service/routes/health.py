@@ -26,10 +26,11 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(service: ServiceDep) -> dict[str, str]:
     """``ready``; ``degraded`` (200) while the database is unreachable: decisions are
-    still served from memory and written when it is back, feedback and admin calls
-    answer 503 with Retry-After; also ``degraded`` while another part is away
-    (``RoutingService.degraded``: the broker in distributed mode); 503 when the
-    migrations are not at head."""
+    still served from memory and written when it is back, feedback is kept in a bounded
+    buffer (503 with Retry-After when full), admin calls answer 503 with Retry-After;
+    also ``degraded`` while another part is away (``RoutingService.degraded``: buffered
+    feedback not stored yet, the broker in distributed mode); 503 when the migrations
+    are not at head."""
     try:
         with service.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
@@ -39,7 +40,7 @@ def readyz(service: ServiceDep) -> dict[str, str]:
         # database blip would turn a feedback outage into a routing outage.
         return {"status": "degraded",
                 "database": f"unreachable: {type(exc).__name__}",
-                "serving": "decisions from memory; feedback refused with 503 + Retry-After"}
+                "serving": service.outage_serving()}
     if not at_head:
         raise Problem(503, "database migrations are not at head; run 'bandit-router migrate'",
                       slug="not-ready")
