@@ -17,6 +17,16 @@ the second gives a price to money even for a tenant whose cost weight is 0: with
 pressure, spending the whole remaining budget on one request costs one full quality
 point. The rule is a smooth stand-in for the dual variable of the budget constraint.
 
+Several replicas
+----------------
+Each API replica reserves from its own ledger (a decision never waits on the database)
+and, every ``registry_refresh_s``, :meth:`Ledger.sync` resets it to the spend every
+replica has written (``charged_usd`` of the tenant's decisions this UTC day and month)
+plus what this replica has reserved and not yet written, plus what moved locally while
+the sum was read. So a budget holds across replicas up to what the other replicas
+reserve between two syncs; a row written while the sum is read may count twice until
+the next sync (the error is on the safe side).
+
 Overspend bound
 ---------------
 :meth:`Ledger.try_reserve` checks and reserves under one lock: the reserved spend never
@@ -59,6 +69,9 @@ class Ledger:
         self._day_start = self._day_end = 0.0
         self.spent_day = 0.0
         self.spent_month = 0.0
+        # Everything this replica added to spent_day / spent_month, ever (sync's marks).
+        self._moved_day = 0.0
+        self._moved_month = 0.0
 
     def set_budgets(self, budget_day: float | None, budget_month: float | None) -> None:
         with self._lock:
@@ -99,6 +112,8 @@ class Ledger:
                 return False
             self.spent_day += amount
             self.spent_month += amount
+            self._moved_day += amount
+            self._moved_month += amount
             return True
 
     def fits(self, amount: float, *, now: float | None = None) -> bool:
@@ -114,8 +129,29 @@ class Ledger:
             day, month = period_keys(decided_at)
             if day == self._day:
                 self.spent_day = max(self.spent_day + delta, 0.0)
+                self._moved_day += delta
             if month == self._month:
                 self.spent_month = max(self.spent_month + delta, 0.0)
+                self._moved_month += delta
+
+    def mark(self, *, now: float | None = None) -> tuple[str, float, float]:
+        """Where this ledger stands before a sync reads the database (see :meth:`sync`)."""
+        with self._lock:
+            self._roll(time.time() if now is None else now)
+            return self._day, self._moved_day, self._moved_month
+
+    def sync(self, spent_day: float, spent_month: float, mark: tuple[str, float, float],
+             *, now: float | None = None) -> bool:
+        """Take the spend of every replica (read after :meth:`mark`), plus what this
+        ledger moved since the mark. False (nothing changed) when a day passed since."""
+        with self._lock:
+            self._roll(time.time() if now is None else now)
+            day, moved_day, moved_month = mark
+            if day != self._day:
+                return False
+            self.spent_day = max(spent_day + self._moved_day - moved_day, 0.0)
+            self.spent_month = max(spent_month + self._moved_month - moved_month, 0.0)
+            return True
 
     def snapshot(self, now: float | None = None) -> tuple[float, float]:
         with self._lock:

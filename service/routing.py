@@ -137,6 +137,8 @@ class RoutingService:
         self._by_key: dict[str, TenantState] = {}
         self.admin_key_hashes: set[str] = set()
         self.last_feedback_id = 0
+        # (tenant, month start, day start) -> spend of the month's earlier days (sync_spend)
+        self._spend_before_today: dict[tuple[str, datetime, datetime], float] = {}
         self._checkpointed_versions: tuple[int, ...] | None = None
         self.writer = DecisionWriter(engine, queue_size=settings.decision_queue_size,
                                      batch_size=settings.decision_batch_size,
@@ -426,6 +428,41 @@ class RoutingService:
             tenant.ledger.load(float(day.get(tenant.id) or 0.0),
                                float(month.get(tenant.id) or 0.0))
 
+    def sync_spend(self) -> None:
+        """Budgets hold across replicas: reset each budgeted tenant's ledger to the spend
+        every replica wrote, plus this replica's unwritten reservations
+        (service/budget.py, "Several replicas"). One indexed sum per budgeted tenant."""
+        budgeted = [t for t in list(self.tenants.values())
+                    if t.budget_usd_per_day is not None or t.budget_usd_per_month is not None]
+        if not budgeted:
+            return
+        now = datetime.now(UTC)
+        day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        month0 = day0.replace(day=1)
+        marks = {t.id: t.ledger.mark(now=now.timestamp()) for t in budgeted}
+        unwritten = self.writer.pending_charges()  # before the sums: never missed
+        spend = m.Decision.charged_usd
+        totals: dict[str, tuple[float, float]] = {}
+        with Session(self.engine) as session:
+            for t in budgeted:
+                today = session.scalar(select(func.coalesce(func.sum(spend), 0.0)).where(
+                    m.Decision.tenant_id == t.id, m.Decision.created_at >= day0))
+                key = (t.id, month0, day0)
+                before = self._spend_before_today.get(key)
+                if before is None:  # once a day per tenant: the month's earlier days
+                    before = float(session.scalar(
+                        select(func.coalesce(func.sum(spend), 0.0)).where(
+                            m.Decision.tenant_id == t.id, m.Decision.created_at >= month0,
+                            m.Decision.created_at < day0)))
+                    self._spend_before_today = {k: v for k, v in
+                                                self._spend_before_today.items()
+                                                if k[2] == day0}
+                    self._spend_before_today[key] = before
+                extra = unwritten.get(t.id, 0.0)
+                totals[t.id] = (float(today) + extra, before + float(today) + extra)
+        for t in budgeted:
+            t.ledger.sync(*totals[t.id], marks[t.id], now=now.timestamp())
+
     def tenant_for_key(self, key: str) -> TenantState | None:
         return self._by_key.get(hash_key(key))
 
@@ -479,8 +516,8 @@ class RoutingService:
     def refresh_registry(self) -> None:
         """Pick up models and tenants changed through another replica (same database).
 
-        Run periodically by the app (``registry_refresh_s``). Each replica keeps its own
-        spend ledger: with several replicas a budget holds per replica, not in total.
+        Run periodically by the app (``registry_refresh_s``), which also brings the
+        budgeted tenants' spend up to date with every replica's (:meth:`sync_spend`).
         """
         with Session(self.engine) as session:
             model_rows = list(session.scalars(select(m.Model)
@@ -523,6 +560,7 @@ class RoutingService:
             tenants = [self.tenants[row.id] for row in tenant_rows]
         for tenant in tenants:
             self._sync_isolation(tenant)
+        self.sync_spend()
 
     def _sync_isolation(self, tenant: TenantState) -> None:
         """Create or drop a tenant's isolated policies to match its scope.

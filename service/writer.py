@@ -134,6 +134,7 @@ class DecisionWriter:
         self._urgent = threading.Event()  # someone waits for a row: write now
         self._on_flush = on_flush
         self._pending: set[str] = set()
+        self._in_flight: list[dict[str, Any]] = []  # taken from the queue, not committed
         self._cond = threading.Condition(self._lock)  # rows written (wait_for, flush)
         self._thread: threading.Thread | None = None
         self._insert = _RowInserter(engine)
@@ -154,6 +155,17 @@ class DecisionWriter:
 
     def depth(self) -> int:
         return len(self._rows)
+
+    def pending_charges(self) -> dict[str, float]:
+        """``charged_usd`` per tenant of the rows not committed yet (queued or being
+        written): the spend the database does not show yet (service.budget)."""
+        out: dict[str, float] = {}
+        with self._lock:
+            for rows in (self._rows, self._in_flight):
+                for row in rows:
+                    tenant = row["tenant_id"]
+                    out[tenant] = out.get(tenant, 0.0) + row["charged_usd"]
+        return out
 
     def is_pending(self, decision_id: str) -> bool:
         with self._cond:
@@ -212,6 +224,7 @@ class DecisionWriter:
             with self._lock:
                 rows = self._rows
                 batch = [rows.popleft() for _ in range(min(len(rows), self._batch_size))]
+                self._in_flight = batch
             self._write(batch)
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
@@ -235,6 +248,7 @@ class DecisionWriter:
         with self._cond:
             for row in batch:
                 self._pending.discard(row["id"])
+            self._in_flight = []
             self._cond.notify_all()
         self.flushed += len(batch)
         if self._on_flush is not None:
