@@ -40,7 +40,8 @@ class TenantOut(BaseModel):
     budget_usd_per_day: float | None
     budget_usd_per_month: float | None
     on_budget_exhausted: str
-    # This replica's ledger (each replica keeps its own, see service/README.md).
+    # This replica's ledger: every replica's written spend as of the last registry
+    # refresh, plus this replica's since (service/budget.py, "Several replicas").
     spend_usd_today: float
     spend_usd_month: float
     created_at: str
