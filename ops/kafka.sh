@@ -113,6 +113,16 @@ pid_alive() {
     [[ -r "/proc/$pid/cmdline" ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "tansu"
 }
 
+# The process we just started is still there (not a zombie). Unlike pid_alive this does
+# not look at the command line: right after `nohup ... &` the child may not have exec'd
+# the binary yet (its command line is still this script's), which on a busy machine made
+# a starting broker look dead.
+started_alive() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null &&
+        [[ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]]
+}
+
 port_in_use() {
     (exec 3<>"/dev/tcp/$HOST/${1:-$PORT}") 2>/dev/null
 }
@@ -193,7 +203,7 @@ start_s3() {
     fi
     deadline=$((SECONDS + TIMEOUT))
     until s3_ready_with_bucket; do
-        if ! s3_pid_alive; then
+        if ! started_alive "$(cat "$S3_PIDFILE")"; then
             tail -n 20 "$S3_LOG" >&2 || true
             die "the S3 server exited; see $S3_LOG"
         fi
@@ -235,7 +245,7 @@ PY
 wait_ready() {
     local deadline=$((SECONDS + TIMEOUT))
     until port_in_use && broker_ready; do
-        if ! pid_alive; then
+        if ! started_alive "$(cat "$PIDFILE")"; then
             tail -n 20 "$LOG" >&2 || true
             die "the Tansu broker exited; see $LOG"
         fi
