@@ -225,7 +225,31 @@ class DecisionWriter:
                 rows = self._rows
                 batch = [rows.popleft() for _ in range(min(len(rows), self._batch_size))]
                 self._in_flight = batch
+            self._write_batch(batch)
+
+    def _write_batch(self, batch: list[dict[str, Any]]) -> None:
+        """Write ``batch`` as statements of bounded shapes (SQLite): all of it when it
+        holds ``batch_size`` rows, else in parts of 2**k rows, largest first (a batch of
+        24 is one INSERT of 16 rows and one of 8).
+
+        Every row count is a distinct SQL text, and Python's sqlite3 keeps the last 128
+        prepared statements of each connection (``cached_statements``). A prepared k-row
+        INSERT into ``decisions`` holds about 2.8 KB per row (13 columns, two indexes, a
+        foreign key), so batches of every size up to 500 filled that cache with up to
+        ~180 MB that was never freed: the resident memory grew in steps under load, each
+        stall (a checkpoint, a busy machine) leaving larger batches, new shapes, behind
+        (docs/reliability.md, load). Powers of two bound the shapes to
+        log2(batch_size) + 2, about 3 MB of prepared statements. Each part is its own
+        autocommit statement (atomic, retried alone): nothing changes for a row.
+        """
+        if not self._insert.fast or len(batch) >= self._batch_size:
             self._write(batch)
+            return
+        start = 0
+        while start < len(batch):
+            size = 1 << ((len(batch) - start).bit_length() - 1)
+            self._write(batch[start:start + size])
+            start += size
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         delay = 0.05
@@ -248,7 +272,7 @@ class DecisionWriter:
         with self._cond:
             for row in batch:
                 self._pending.discard(row["id"])
-            self._in_flight = []
+            self._in_flight = self._in_flight[len(batch):]  # the parts still to write
             self._cond.notify_all()
         self.flushed += len(batch)
         if self._on_flush is not None:
