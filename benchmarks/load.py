@@ -30,6 +30,11 @@ Run::
     python -m benchmarks.load                 # writes benchmarks/results/load.json
     python -m benchmarks.load --seconds 600   # the 10-minute run of issue 7
     python -m benchmarks.load --quick         # 5 s phases, writes nothing
+
+Diagnosis (memory): ``--capacity 2400`` skips phase 1, ``--sustained-only`` skips the
+spike and recovery, ``--probe FILE`` samples the server's memory from inside
+(``benchmarks/memory_probe.py``), ``--server-env NAME=VALUE`` sets the server's
+environment (e.g. ``MALLOC_ARENA_MAX=2``, ``BANDIT_PROBE_TRACEMALLOC=1``).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from benchmarks.http_decide import (
     setup_router,
     start_server,
 )
+from benchmarks.memory_probe import PROBE_APP
 
 
 def rss_mb(pid: int) -> float:
@@ -234,6 +240,17 @@ def main(argv: list[str] | None = None) -> None:
                         "measured on SQLite, so 50%% may saturate a slower database.")
     parser.add_argument("--quick", action="store_true", help="5 s phases, no results file")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--capacity", type=float, default=0.0,
+                        help="decides/s of the mix: skip the capacity phase (diagnosis)")
+    parser.add_argument("--sustained-only", action="store_true",
+                        help="no spike nor recovery (diagnosis)")
+    parser.add_argument("--probe", default="",
+                        help="append the server's memory samples (benchmarks/memory_probe.py) "
+                        "to this file")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment of the sustained/spike server")
+    parser.add_argument("--results-name", default="load",
+                        help="benchmarks/results/<name>.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = args.spike_seconds = args.recover_seconds = 5.0
@@ -244,10 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         "feedback_every": args.feedback_every, "sustained_s": args.seconds,
         "warmup_s": args.warmup, "spike_s": args.spike_seconds,
         "database": "postgresql" if args.database_url else "sqlite (embedded)",
-        "uvicorn": " ".join(UVICORN_ARGS)}}
+        "uvicorn": " ".join(UVICORN_ARGS), "server_env": args.server_env}}
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         (tmpdir / "router_app.py").write_text(ROUTER_APP)
+        (tmpdir / "probe_app.py").write_text(PROBE_APP)
 
         def env(name: str, url: str = "", **extra: str) -> dict[str, str]:
             return {"BANDIT_ROUTER_DATA_DIR": str(tmpdir / name),
@@ -255,25 +273,30 @@ def main(argv: list[str] | None = None) -> None:
                     "BANDIT_ROUTER_DATABASE_URL": url, **extra}
 
         # 1. capacity, on a server without limits.
-        port = free_port()
-        proc = start_server(tmpdir, "router_app", port, env("capacity"))
-        try:
-            key = setup_router(port)
-            requests = build_requests(key)
-            asyncio.run(closed_loop(port, requests, 4, 1.0))  # warm-up
-            decide_only = asyncio.run(closed_loop(port, requests, 16, args.capacity_seconds))
-            capacity = asyncio.run(closed_loop_mixed(port, key, requests, 16,
-                                                     args.capacity_seconds,
-                                                     args.feedback_every))
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        c = float(capacity["decides_per_s"])
-        results["capacity_decide_only"] = decide_only
-        results["capacity"] = capacity
-        print(f"capacity: {c:.0f} decides/s with feedback mix "
-              f"({decide_only['throughput_rps']:.0f} decide only), closed loop, "
-              "16 connections", flush=True)
+        if args.capacity:
+            c = args.capacity
+            results["capacity"] = {"decides_per_s": c, "given": True}
+        else:
+            port = free_port()
+            proc = start_server(tmpdir, "router_app", port, env("capacity"))
+            try:
+                key = setup_router(port)
+                requests = build_requests(key)
+                asyncio.run(closed_loop(port, requests, 4, 1.0))  # warm-up
+                decide_only = asyncio.run(closed_loop(port, requests, 16,
+                                                      args.capacity_seconds))
+                capacity = asyncio.run(closed_loop_mixed(port, key, requests, 16,
+                                                         args.capacity_seconds,
+                                                         args.feedback_every))
+            finally:
+                proc.terminate()
+                proc.wait(30)
+            c = float(capacity["decides_per_s"])
+            results["capacity_decide_only"] = decide_only
+            results["capacity"] = capacity
+            print(f"capacity: {c:.0f} decides/s with feedback mix "
+                  f"({decide_only['throughput_rps']:.0f} decide only), closed loop, "
+                  "16 connections", flush=True)
 
         # 2-3. sustained and spike, on a server with the limits configured from C.
         # The tenant's rate limit sits between the sustained load (50%) and the spike
@@ -283,18 +306,21 @@ def main(argv: list[str] | None = None) -> None:
                   "BANDIT_ROUTER_RATE_LIMIT_BURST": str(max(1, int(c / 2))),
                   "BANDIT_ROUTER_MAX_CONCURRENT_REQUESTS": str(2 * args.connections)}
         results["settings"]["server_limits"] = limits  # type: ignore[index]
+        extra = dict(item.split("=", 1) for item in args.server_env)
+        if args.probe:
+            extra["BANDIT_PROBE_FILE"] = str(Path(args.probe).resolve())
         port = free_port()
-        proc = start_server(tmpdir, "router_app", port,
-                            env("load", args.database_url, **limits))
+        proc = start_server(tmpdir, "probe_app" if args.probe else "router_app", port,
+                            env("load", args.database_url, **limits, **extra))
         try:
             key = setup_router(port)
             requests = build_requests(key)
             asyncio.run(closed_loop_mixed(port, key, requests, 4, 3.0,
                                           args.feedback_every))  # warm-up
             phases = {}
-            for name, share, seconds in (("sustained", 0.5, args.seconds),
-                                         ("spike", 1.5, args.spike_seconds),
-                                         ("recovery", 0.5, args.recover_seconds)):
+            plan = [("sustained", 0.5, args.seconds), ("spike", 1.5, args.spike_seconds),
+                    ("recovery", 0.5, args.recover_seconds)]
+            for name, share, seconds in plan[:1] if args.sustained_only else plan:
                 print(f"{name}: {share * c:.0f} decides/s for {seconds:.0f} s", flush=True)
                 connections = args.connections * (3 if share > 1 else 1)
                 phases[name] = asyncio.run(open_loop(
@@ -305,9 +331,16 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             proc.terminate()
             proc.wait(30)
-    sustained, spike, recovery = phases["sustained"], phases["spike"], phases["recovery"]
+    sustained = phases["sustained"]
     memory = rss_growth(sustained["rss_mb"], args.warmup)  # type: ignore[arg-type]
     sustained["memory"] = memory
+    if args.sustained_only:
+        print(f"sustained: {sustained['statuses']}, p50 {sustained['p50_ms']:.2f} ms, "
+              f"p99 {sustained['p99_ms']:.2f} ms; RSS after warm-up "
+              f"{memory['rss_after_warmup_mb']:.1f} MB -> end {memory['rss_end_mb']:.1f} MB "
+              f"({memory['growth']:+.2%})")
+        return
+    spike, recovery = phases["spike"], phases["recovery"]
     spike_statuses: dict[str, int] = spike["statuses"]  # type: ignore[assignment]
     refused = sum(v for k, v in spike_statuses.items() if k.endswith((":429", ":503")))
     other = sum(v for k, v in spike_statuses.items()
@@ -337,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"{memory['rss_end_mb']:.1f} MB ({memory['growth']:+.2%}); "
                          f"goals: {results['goals']}"))
     if not (args.quick or args.no_write):
-        path = write_results("load", results, packages=("uvicorn", "fastapi", "numpy"))
+        path = write_results(args.results_name, results, packages=("uvicorn", "fastapi", "numpy"))
         print(f"wrote {path}")
 
 
