@@ -127,14 +127,15 @@ def stored(url: str, group: str, topic: str) -> dict[int, int]:
 
 class LearnerProcess:
     def __init__(self, name: str, url: str, bootstrap: str, topic: str, group: str,
-                 max_poll_records: int, log_dir: Path) -> None:
+                 max_poll_records: int, log_dir: Path, *, reconcile_spend: bool = True) -> None:
         self.log = log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "streams.learner", "--bootstrap", bootstrap,
              "--database-url", url, "--feedback-topic", topic, "--group-id", group,
              "--dim", str(DIM), "--max-poll-records", str(max_poll_records),
-             "--no-create-topics", "--client-id", name],
+             "--no-create-topics", "--client-id", name,
+             *([] if reconcile_spend else ["--no-reconcile-spend"])],
             env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
 
     def assignments(self) -> list[str]:
@@ -155,7 +156,7 @@ class LearnerProcess:
 
 def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: int,
                events: int, partitions: int, max_poll_records: int, rng: np.random.Generator,
-               log_dir: Path) -> dict:
+               log_dir: Path, *, reconcile_spend: bool = True) -> dict:
     topic = f"bench-feedback-{uuid.uuid4().hex[:8]}"
     group = f"bench-{uuid.uuid4().hex[:8]}"
     create_topic(admin, topic, partitions)
@@ -164,7 +165,8 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
     ends = produce(bootstrap, topic, ids, owners, rng)
     produce_s = time.perf_counter() - t
     learners = [LearnerProcess(f"learner-{i}", url, bootstrap, topic, group,
-                               max_poll_records, log_dir) for i in range(n_learners)]
+                               max_poll_records, log_dir, reconcile_spend=reconcile_spend)
+                for i in range(n_learners)]
     try:
         deadline = time.monotonic() + 120
         while not all(lp.holds_partitions() for lp in learners):
@@ -187,7 +189,8 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
     with psycopg.connect(libpq_url(url)) as conn:
         applied_keys = conn.execute("SELECT count(*) FROM learner_applied WHERE group_id = %s",
                                     (group,)).fetchone()[0]
-    return {"learners": n_learners, "events_produced": events, "partitions": partitions,
+    return {"learners": n_learners, "reconcile_spend": reconcile_spend,
+            "events_produced": events, "partitions": partitions,
             "events_measured": applied, "seconds": round(elapsed, 3),
             "events_per_s": round(applied / elapsed, 1),
             "events_per_s_per_learner": round(applied / elapsed / n_learners, 1),
@@ -275,6 +278,38 @@ def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
             "rebuild_ms_median": round(1e3 * float(np.median(rebuild_s)), 2)}
 
 
+def reconcile_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
+                    rng: np.random.Generator, log_dir: Path) -> None:
+    """One learner with and without the charged_usd update, alternating on the same
+    machine: the cost of reconciling spend, as a ratio (the machine's load cancels)."""
+    rows = []
+    for _ in range(args.reconcile_ratio):
+        for reconcile in (False, True):
+            url = make_database(args.database_url)
+            try:
+                row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
+                                 args.max_poll_records, rng, log_dir,
+                                 reconcile_spend=reconcile)
+            finally:
+                drop_database(args.database_url, url)
+            rows.append(row)
+            print(f"reconcile_spend={reconcile!s:5}: {row['events_per_s']:>10,.0f} events/s",
+                  flush=True)
+    rate = {flag: float(np.median([r["events_per_s"] for r in rows
+                                   if r["reconcile_spend"] is flag])) for flag in (False, True)}
+    ratio = rate[True] / rate[False]
+    print(f"median events/s: without {rate[False]:,.0f}, with {rate[True]:,.0f}: "
+          f"ratio {ratio:.2f}")
+    if not args.quick:
+        out = RESULT.with_name("learner_reconcile.json")
+        out.write_text(json.dumps({
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average": os.getloadavg(), "events": args.events, "runs": rows,
+            "median_events_per_s": {"without": rate[False], "with": rate[True]},
+            "ratio_with_to_without": round(ratio, 3)}, indent=2) + "\n")
+        print(f"wrote {out.relative_to(ROOT)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("BANDIT_TEST_DATABASE_URL"))
@@ -287,6 +322,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small run, no JSON written")
     parser.add_argument("--visibility-only", action="store_true",
                         help="measure visibility only; keep the stored throughput rows")
+    parser.add_argument("--reconcile-ratio", type=int, default=0, metavar="ROUNDS",
+                        help="only compare one learner with and without writing real costs "
+                        "into decisions.charged_usd, ROUNDS alternating pairs; writes "
+                        "learner_reconcile.json")
     args = parser.parse_args(argv)
     if not args.database_url or not args.bootstrap:
         parser.error("set BANDIT_TEST_DATABASE_URL and BANDIT_TEST_KAFKA_BOOTSTRAP (see "
@@ -300,6 +339,10 @@ def main(argv: list[str] | None = None) -> None:
                      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                               "python": platform.python_version()},
                      "dim": DIM, "models": MODELS, "throughput": [], "visibility": None}
+    if args.reconcile_ratio:
+        reconcile_ratio(args, admin, rng, log_dir)
+        admin.close()
+        return
     if args.visibility_only and RESULT.exists():
         results["throughput"] = json.loads(RESULT.read_text())["throughput"]
     for n_learners in () if args.visibility_only else (1, 2):

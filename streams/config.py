@@ -44,6 +44,10 @@ class StreamsConfig:
         so larger polls amortize the writes.
     metrics_port
         Port of the learner's ``/metrics`` (0: no HTTP server).
+    reconcile_spend
+        Write a feedback's real cost into its decision's ``charged_usd`` (one UPDATE per
+        partition batch), which the API replicas' budgets read; off saves that write
+        when no tenant has a budget.
 
     Examples
     --------
@@ -66,6 +70,7 @@ class StreamsConfig:
     retention_hours: float = 24.0 * 30
     max_poll_records: int = 20000
     metrics_port: int = 0
+    reconcile_spend: bool = True
 
     def validated(self) -> StreamsConfig:
         if not isinstance(self.bootstrap, str) or not self.bootstrap.strip():

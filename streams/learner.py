@@ -433,6 +433,8 @@ class Learner:
                     raise _LostOwnership(state.tp)
                 fresh = self._insert_applied(conn, list(unique.values()))
                 applied = [unique[k] for k in fresh]
+                if self.config.reconcile_spend:
+                    self._reconcile_spend(conn, applied)
                 changed = self._apply(state, applied)
                 if changed:
                     conn.cursor().executemany(
@@ -491,6 +493,24 @@ class Learner:
             (self.config.group_id, [e.decision_id for e in events],
              [e.event_id for e in events])).fetchall()
         return [(r[0], r[1]) for r in rows]
+
+    @staticmethod
+    def _reconcile_spend(conn: psycopg.Connection,
+                         applied: list[tuple[_Pending, tuple]]) -> None:
+        """The real cost a feedback reports replaces the decision's predicted one in
+        ``decisions.charged_usd``, in the partition's transaction (so exactly once), as
+        the embedded mode does: the API replicas' budgets and ``/usage`` read it
+        (service/budget.py, "Several replicas"). The last cost of a batch wins, in the
+        partition's order (a decision's events share a partition)."""
+        costs: dict[str, float] = {}
+        for item, _ in applied:
+            if item.event.cost_usd is not None:
+                costs[item.event.decision_id] = item.event.cost_usd
+        if costs:
+            conn.execute(
+                "UPDATE decisions AS d SET charged_usd = u.c"
+                " FROM unnest(%s::varchar[], %s::float8[]) AS u(id, c) WHERE d.id = u.id",
+                (list(costs), list(costs.values())))
 
     def prune_applied(self) -> int:
         """Forget idempotency keys older than the retention window (safe: see the table)."""
@@ -627,6 +647,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--client-id", default=None)
     parser.add_argument("--no-create-topics", action="store_true")
+    parser.add_argument("--no-reconcile-spend", action="store_true",
+                        help="do not write real costs into decisions.charged_usd")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -635,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
         decisions_topic=args.decisions_topic, dead_letter_topic=args.dead_letter_topic,
         group_id=args.group_id, dim=args.dim, partitions=args.partitions,
         pending_timeout_s=args.pending_timeout_s, max_poll_records=args.max_poll_records,
-        metrics_port=args.metrics_port)
+        metrics_port=args.metrics_port, reconcile_spend=not args.no_reconcile_spend)
     learner = Learner(config, args.database_url, client_id=args.client_id)
     run_until_signalled(learner, create_topics=not args.no_create_topics)
 

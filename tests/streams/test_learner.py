@@ -113,6 +113,13 @@ def test_apply_feedback_two_learners_equal_replay(world: World, kafka_bootstrap:
     assert owned == 1200
     assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
                            replay(world, events))
+    # Each decision is charged the real cost of its last applied feedback (the second
+    # event; the repeats of first events changed nothing), as in embedded mode.
+    with world.conn() as conn:
+        charged = dict(conn.execute("SELECT id, charged_usd FROM decisions"
+                                    " WHERE id = ANY(%s)", (ids,)).fetchall())
+    assert charged == {d: pytest.approx(events[2 * i + 1].cost_usd, abs=1e-15)
+                       for i, d in enumerate(ids)}
 
 
 def test_apply_feedback_poison_and_duplicates_dead_lettered(
