@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 from sqlalchemy import Engine, delete, func, select, update
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
@@ -61,6 +61,8 @@ log = logging.getLogger("service.routing")
 _PENDING_WAIT_S = 1.0
 #: The drain retries an unreachable database with backoff up to this (seconds).
 _DRAIN_MAX_DELAY_S = 5.0
+#: Buffered feedback stored per transaction by the drain.
+_DRAIN_BATCH = 200
 POLICY_KINDS = ("linucb", "thompson")
 _POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
 
@@ -115,6 +117,17 @@ class FeedbackResult:
     feedback_id: int | None
 
 
+@dataclass(frozen=True)
+class _Incoming:
+    """One feedback on its way to the database (direct, or from the buffer)."""
+
+    tenant: TenantState
+    decision_id: str
+    event: str
+    outcome: dict[str, float | None]
+    received: datetime
+
+
 def _outcome(fb: m.Feedback) -> dict[str, float | None]:
     return {"quality": fb.quality, "cost_usd": fb.cost_usd, "latency_ms": fb.latency_ms}
 
@@ -147,6 +160,9 @@ class RoutingService:
         self._drain_thread: threading.Thread | None = None
         self._drain_stop = threading.Event()
         self._drain_wake = threading.Event()
+        # (tenant, decision, event) -> (cost delta, decided at) of feedback whose commit
+        # failed with a connection error: maybe stored, certainly not applied.
+        self._uncertain: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._featurizer: Any = None
         self._decision_counters: dict[tuple[str, str], Any] = {}
         self._valid_preferences: set[Preferences] = set()
@@ -865,70 +881,149 @@ class RoutingService:
                 return self._buffer(tenant, decision_id, event, outcome)
             raise Problem(503, "the decision is not written yet; retry",
                           headers={"Retry-After": "1"})
+        received = m.utcnow()
         try:
-            return self._store(tenant, decision_id, event, outcome, m.utcnow())
+            return self._store(tenant, decision_id, event, outcome, received)
         except (OperationalError, InterfaceError) as exc:
             if spool is None:
                 raise  # 503 + Retry-After (service.errors)
             log.warning("storing feedback for decision %s failed (%s: the database is "
                         "unreachable); buffering it", decision_id, type(exc).__name__)
-            return self._buffer(tenant, decision_id, event, outcome)
+            # Same received time: if the commit did land, the drain recognizes the row.
+            return self._buffer(tenant, decision_id, event, outcome, received)
 
     def _store(self, tenant: TenantState, decision_id: str, event: str,
                outcome: dict[str, float | None], received: datetime) -> FeedbackResult:
-        """Store the feedback row (and the decision's reconciled charge), then apply it:
-        the one path of direct and buffered feedback. Raises 404 for an unknown decision
-        or another tenant's, and the database's errors."""
-        not_found = Problem(404, f"decision {decision_id} does not exist",
-                            slug="decision-not-found")
+        """Store one feedback and apply it (:meth:`_store_many`); raises 404 for an
+        unknown decision or another tenant's, and the database's errors."""
+        result = self._store_many([_Incoming(tenant, decision_id, event, outcome,
+                                             received)])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _store_many(self, items: Sequence[_Incoming]
+                    ) -> list[FeedbackResult | Problem | Exception]:
+        """Store feedback rows (and their decisions' reconciled charges) in one
+        transaction, then apply them in order: the one path of direct feedback (one
+        item) and of the buffer's drain (a batch). Per item: ``applied``, ``duplicate``
+        (that (decision_id, event_id) is stored already), a 404 Problem (unknown decision
+        or another tenant's: nothing stored, nothing applied), or the exception that
+        applying it raised. Raises the database's errors (then nothing of the batch is
+        known to be stored)."""
+        results: list[FeedbackResult | Problem | Exception | None] = [None] * len(items)
+        # (index, feedback id, model, context, cost delta, decided at)
+        rows: list[tuple[int, int, str, bytes, float, float]] = []
+        one_by_one = False
         with self._feedback_lock:
             with Session(self.engine) as session:
-                decision = session.get(m.Decision, decision_id)
-                if decision is None or decision.tenant_id != tenant.id:
-                    raise not_found
-                exists = session.scalar(select(m.Feedback.id).where(
-                    m.Feedback.decision_id == decision_id, m.Feedback.event_id == event))
-                if exists is not None:
-                    self.metrics.feedback.labels("duplicate").inc()
-                    return FeedbackResult("duplicate", int(exists))
-                fb = m.Feedback(decision_id=decision_id, tenant_id=tenant.id, event_id=event,
-                                quality=outcome.get("quality"),
-                                cost_usd=outcome.get("cost_usd"),
-                                latency_ms=outcome.get("latency_ms"), created_at=received)
-                session.add(fb)
-                delta = 0.0
-                if outcome.get("cost_usd") is not None:
-                    delta = float(outcome["cost_usd"]) - decision.charged_usd
-                    decision.charged_usd = float(outcome["cost_usd"])
-                try:
-                    session.commit()
-                except IntegrityError:
-                    # Another process stored the same (decision_id, event_id) first.
-                    session.rollback()
-                    self.metrics.feedback.labels("duplicate").inc()
-                    return FeedbackResult("duplicate", None)
-                feedback_id = int(fb.id)
-                model, context = decision.model, decision.context
-                decided_at = _ts(decision.created_at)
-            self._apply(tenant.id, model, np.frombuffer(context, dtype=np.float64), outcome,
-                        received.timestamp())
-            self.last_feedback_id = max(self.last_feedback_id, feedback_id)
-        if delta:
-            tenant.ledger.adjust(delta, decided_at)
-        self.metrics.feedback.labels("applied").inc()
-        if outcome.get("cost_usd"):
-            self.metrics.spend_reported.labels(tenant.id).inc(float(outcome["cost_usd"]))
-        self.metrics.reward.labels(tenant.id).inc(tenant.preferences.reward(
-            **{k: v for k, v in outcome.items() if v is not None}))
-        return FeedbackResult("applied", feedback_id)
+                ids = sorted({it.decision_id for it in items})
+                decisions = {d.id: d for d in session.scalars(
+                    select(m.Decision).where(m.Decision.id.in_(ids)))}
+                stored = {(d, e): (int(i), m.as_utc(at)) for d, e, i, at in session.execute(
+                    select(m.Feedback.decision_id, m.Feedback.event_id, m.Feedback.id,
+                           m.Feedback.created_at).where(m.Feedback.decision_id.in_(ids)))}
+                new: list[tuple[int, m.Feedback, m.Decision, float]] = []
+                for i, it in enumerate(items):
+                    decision = decisions.get(it.decision_id)
+                    if decision is None or decision.tenant_id != it.tenant.id:
+                        results[i] = Problem(404, f"decision {it.decision_id} does not "
+                                             "exist", slug="decision-not-found")
+                        continue
+                    key = (it.decision_id, it.event)
+                    uncertain = self._uncertain.pop((it.tenant.id, *key), None)
+                    if key in stored:
+                        fid, at = stored[key]
+                        if uncertain is not None and at == it.received:
+                            # Ours: its commit was sent but its outcome never came back
+                            # (the connection died), so it was stored and not applied.
+                            rows.append((i, fid, decision.model, decision.context,
+                                         uncertain[0], uncertain[1]))
+                        else:
+                            results[i] = FeedbackResult("duplicate", fid)
+                        continue
+                    stored[key] = (0, it.received)  # a repeat later in this batch
+                    fb = m.Feedback(decision_id=it.decision_id, tenant_id=it.tenant.id,
+                                    event_id=it.event, quality=it.outcome.get("quality"),
+                                    cost_usd=it.outcome.get("cost_usd"),
+                                    latency_ms=it.outcome.get("latency_ms"),
+                                    created_at=it.received)
+                    session.add(fb)
+                    delta = 0.0
+                    if it.outcome.get("cost_usd") is not None:
+                        delta = float(it.outcome["cost_usd"]) - decision.charged_usd
+                        decision.charged_usd = float(it.outcome["cost_usd"])
+                    new.append((i, fb, decision, delta))
+                if new:
+                    try:
+                        session.flush()
+                        batch = [(i, int(fb.id), d.model, d.context, delta,
+                                  _ts(d.created_at)) for i, fb, d, delta in new]
+                    except IntegrityError:
+                        session.rollback()
+                        one_by_one = True
+                    else:
+                        try:
+                            session.commit()
+                        except IntegrityError:
+                            # Another process stored one of them first.
+                            session.rollback()
+                            one_by_one = True
+                        except (OperationalError, InterfaceError):
+                            # Maybe committed, maybe not: remember what applying them
+                            # would take; the retry recognizes them by their time.
+                            for i, _fid, _model, _ctx, delta, decided_at in batch:
+                                it = items[i]
+                                self._uncertain[(it.tenant.id, it.decision_id,
+                                                 it.event)] = (delta, decided_at)
+                            raise
+                        else:
+                            rows.extend(batch)
+            if not one_by_one:
+                rows.sort()  # item order (a recovered row may come first)
+                for i, fid, model, context, _delta, _at in rows:
+                    it = items[i]
+                    try:
+                        self._apply(it.tenant.id, model,
+                                    np.frombuffer(context, dtype=np.float64), it.outcome,
+                                    it.received.timestamp())
+                    except Exception as exc:  # noqa: BLE001 - reported per item
+                        results[i] = exc
+                    else:
+                        results[i] = FeedbackResult("applied", fid)
+                    self.last_feedback_id = max(self.last_feedback_id, fid)
+        if one_by_one:
+            return [self._store_many([it])[0] for it in items] if len(items) > 1 else [
+                self._count_duplicate(FeedbackResult("duplicate", None))]
+        for i, _fid, _model, _context, delta, decided_at in rows:
+            it = items[i]
+            if delta:
+                it.tenant.ledger.adjust(delta, decided_at)
+            if not isinstance(results[i], FeedbackResult):
+                continue
+            self.metrics.feedback.labels("applied").inc()
+            if it.outcome.get("cost_usd"):
+                self.metrics.spend_reported.labels(it.tenant.id).inc(
+                    float(it.outcome["cost_usd"]))
+            self.metrics.reward.labels(it.tenant.id).inc(it.tenant.preferences.reward(
+                **{k: v for k, v in it.outcome.items() if v is not None}))
+        for result in results:
+            if isinstance(result, FeedbackResult) and result.status == "duplicate":
+                self._count_duplicate(result)
+        return results  # type: ignore[return-value]
+
+    def _count_duplicate(self, result: FeedbackResult) -> FeedbackResult:
+        self.metrics.feedback.labels("duplicate").inc()
+        return result
 
     # ---------------------------------------------------------- feedback buffer
     def _buffer(self, tenant: TenantState, decision_id: str, event: str,
-                outcome: dict[str, float | None]) -> FeedbackResult:
+                outcome: dict[str, float | None],
+                received: datetime | None = None) -> FeedbackResult:
         """Keep the feedback in the buffer (committed to disk before the answer)."""
         assert self.spool is not None
         result = self.spool.add(tenant.id, decision_id, event, outcome,
-                                m.utcnow().isoformat())
+                                (received or m.utcnow()).isoformat())
         self.metrics.feedback_buffer_depth.set(self.spool.depth())
         self.metrics.feedback_buffer.labels(result).inc()
         if result == "full":
@@ -1004,62 +1099,78 @@ class RoutingService:
                 self._drain_stop.wait(0.1)
 
     def drain_feedback(self, deadline: float | None = None) -> bool:
-        """Store and apply buffered feedback, oldest first; True once the buffer is empty.
+        """Store and apply buffered feedback, oldest first, a batch per transaction;
+        True once the buffer is empty.
 
         Stops (False) at feedback whose decision the writer still holds (it waits for
         it), at the deadline or when the drain is stopping; raises the database's
-        connection errors (the row stays buffered)."""
+        connection errors (the batch stays buffered)."""
         spool = self.spool
         if spool is None:
             return True
         while spool.depth():
-            items = spool.head(100)
-            done: int | None = None
-            try:
-                for item in items:
-                    if (self._drain_stop.is_set() and deadline is None) or (
-                            deadline is not None and time.monotonic() > deadline):
-                        return False
-                    if self.writer.is_pending(item.decision_id) and not self.writer.wait_for(
-                            item.decision_id, timeout=_PENDING_WAIT_S):
-                        return False
-                    self._drain_one(item)
-                    done = item.seq
-            finally:
-                if done is not None:
-                    spool.remove_through(done)
-                    self.metrics.feedback_buffer_depth.set(spool.depth())
+            if (self._drain_stop.is_set() and deadline is None) or (
+                    deadline is not None and time.monotonic() > deadline):
+                return False
+            batch: list[SpooledFeedback] = []
+            blocked = False
+            for item in spool.head(_DRAIN_BATCH):
+                if self.writer.is_pending(item.decision_id) and not self.writer.wait_for(
+                        item.decision_id, timeout=_PENDING_WAIT_S):
+                    blocked = True  # its decision first; the ones before it now
+                    break
+                batch.append(item)
+            if batch:
+                self._drain_batch(batch)
+                spool.remove_through(batch[-1].seq)
+                self.metrics.feedback_buffer_depth.set(spool.depth())
+            if blocked:
+                return False
         return True
 
-    def _drain_one(self, item: SpooledFeedback) -> None:
-        def drop(reason: str) -> None:
+    def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
+        def drop(item: SpooledFeedback, reason: str) -> None:
             self.metrics.feedback_buffer.labels("dropped").inc()
             log.warning("buffered feedback dropped: %s (decision %s, event %r, tenant %s)",
                         reason, item.decision_id, item.event_id, item.tenant_id)
 
-        tenant = self.tenants.get(item.tenant_id)
-        if tenant is None:
-            drop("the tenant does not exist")
+        known: list[tuple[SpooledFeedback, _Incoming]] = []
+        for item in batch:
+            tenant = self.tenants.get(item.tenant_id)
+            if tenant is None:
+                drop(item, "the tenant does not exist")
+                continue
+            known.append((item, _Incoming(tenant, item.decision_id, item.event_id,
+                                          item.outcome,
+                                          datetime.fromisoformat(item.received_at))))
+        if not known:
             return
         try:
-            result = self._store(tenant, item.decision_id, item.event_id, item.outcome,
-                                 datetime.fromisoformat(item.received_at))
+            results = self._store_many([incoming for _, incoming in known])
         except (OperationalError, InterfaceError):
-            raise
-        except Problem as exc:
-            # Unknown decision, or another tenant's: never applied.
-            drop(exc.detail if exc.status != 404 else
-                 "the decision does not exist or is another tenant's")
+            raise  # the database is away: the batch stays buffered
+        except DBAPIError:
+            if len(known) == 1:
+                # Refused by the database (not an outage): logged, not retried forever
+                # (it would block every event behind it).
+                log.exception("buffered feedback for decision %s refused by the database",
+                              known[0][0].decision_id)
+                self.metrics.feedback_buffer.labels("dropped").inc()
+                return
+            for item, _ in known:  # find the one refused
+                self._drain_batch([item])
             return
-        except Exception:
-            # Refused by the database or the policies: logged, not retried forever
-            # (it would block every event behind it).
-            log.exception("buffered feedback for decision %s could not be stored",
-                          item.decision_id)
-            self.metrics.feedback_buffer.labels("dropped").inc()
-            return
-        self.metrics.feedback_buffer.labels(
-            "drained" if result.status == "applied" else "duplicate").inc()
+        for (item, _), result in zip(known, results, strict=True):
+            if isinstance(result, Problem):
+                # Unknown decision, or another tenant's: nothing stored or applied.
+                drop(item, "the decision does not exist or is another tenant's")
+            elif isinstance(result, Exception):
+                self.metrics.feedback_buffer.labels("dropped").inc()
+                log.error("buffered feedback for decision %s stored but not applied",
+                          item.decision_id, exc_info=result)
+            else:
+                self.metrics.feedback_buffer.labels(
+                    "drained" if result.status == "applied" else "duplicate").inc()
 
     def _apply(self, tenant_id: str, model: str, x: np.ndarray,
                outcome: dict[str, float | None], now: float) -> None:

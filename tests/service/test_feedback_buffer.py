@@ -318,6 +318,40 @@ def test_readyz_degraded_while_the_buffer_holds_feedback(new_database_url, tmp_p
         assert [r["event_id"] for r in feedback_rows(client, d2["decision_id"])] == ["r"]
 
 
+def test_commit_whose_outcome_was_lost_is_applied_once(new_database_url, tmp_path,
+                                                       monkeypatch):
+    """The commit reaches the database but the connection dies before its answer: the
+    row is stored, the caller got ``buffered``; the drain must apply it (once), not take
+    it for a duplicate."""
+    with app_client(new_database_url(), tmp_path) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        service = routing(client)
+        d = written_decision(client, tenant, seed=0)
+        before = quality_count(client)
+        ledger = service.tenants[tenant["X-Tenant"]].ledger
+        spend_before = ledger.snapshot()[0]
+        real_commit = Session.commit
+        lost: list[bool] = []
+
+        def commit_then_lose_the_answer(self: Session) -> None:
+            real_commit(self)
+            if not lost and any(isinstance(o, m.Feedback) for o in self.identity_map.values()):
+                lost.append(True)
+                raise OperationalError("COMMIT", {}, ConnectionResetError("connection lost"))
+
+        monkeypatch.setattr(Session, "commit", commit_then_lose_the_answer)
+        r = send(client, tenant, d["decision_id"], "lost", quality=0.5, cost_usd=0.25)
+        monkeypatch.undo()
+        assert lost and r.status_code == 202 and r.json()["status"] == "buffered", r.text
+        wait_drained(client)
+        assert [f["event_id"] for f in feedback_rows(client, d["decision_id"])] == ["lost"]
+        assert quality_count(client) == before + 1
+        assert buffer_counter(client, "drained") == 1
+        predicted = d["predictions"][d["model"]]["cost_usd"]
+        assert ledger.snapshot()[0] - spend_before == pytest.approx(0.25 - predicted)
+
+
 def test_without_a_buffer_feedback_is_refused_with_503(new_database_url, tmp_path):
     with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
         add_model(client, "small", 0.2, 0.8)
