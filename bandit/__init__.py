@@ -25,6 +25,8 @@ from bandit.errors import DimensionError, InvalidInputError, RoutingError, Unkno
 from bandit.featurize import (
     Featurizer,
     HashingFeaturizer,
+    PrototypeFeaturizer,
+    PrototypeMap,
     SentenceEmbeddingFeaturizer,
     make_featurizer,
 )
@@ -48,6 +50,8 @@ __all__ = [
     "PolicyConfig",
     "Prediction",
     "Preferences",
+    "PrototypeFeaturizer",
+    "PrototypeMap",
     "RoutingError",
     "SentenceEmbeddingFeaturizer",
     "UnknownArmError",

@@ -44,6 +44,9 @@ __all__ = [
     "HashingFeaturizer",
     "SentenceEmbeddingFeaturizer",
     "CacheInfo",
+    "PrototypeMap",
+    "PrototypeFeaturizer",
+    "spherical_kmeans",
     "FEATURIZERS",
     "make_featurizer",
 ]
@@ -548,6 +551,209 @@ def _max_seq_length(path: object) -> int:
             return int(json.load(fh)["max_seq_length"])
     except (OSError, ValueError, KeyError, TypeError):
         return 256
+
+
+# ------------------------------------------------------------------ prototypes
+def spherical_kmeans(X: np.ndarray, k: int, *, seed: int = 0, iters: int = 50) -> np.ndarray:
+    """Unit-norm centroids of ``k`` clusters of the rows of ``X`` by cosine similarity.
+
+    k-means++ seeding (seeded, so the result is a function of ``(X, k, seed, iters)``)
+    then at most ``iters`` Lloyd steps on the unit sphere: each row goes to the centroid
+    of highest cosine, each centroid becomes its members' normalized mean. Rows of zero
+    norm are ignored; an empty cluster keeps its centroid. Needs no outcomes: fit it on
+    prompts alone (a deployment's unlabelled traffic).
+
+    >>> X = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    >>> C = spherical_kmeans(X, 2, seed=0)
+    >>> sorted(np.round(C[:, 0], 2).tolist())
+    [0.06, 1.0]
+    """
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2:
+        raise InvalidInputError("X", "must be a 2-D array of contexts", X.shape)
+    U = _l2_normalize_rows(X)
+    U = U[np.linalg.norm(U, axis=1) > 0]
+    k = _check_int("k", k, 1, max(1, U.shape[0]))
+    rng = np.random.default_rng(seed)
+    centroids = np.empty((k, U.shape[1]))
+    centroids[0] = U[rng.integers(U.shape[0])]
+    closest = 1.0 - U @ centroids[0]  # cosine distance to the nearest chosen centroid
+    for j in range(1, k):
+        weights = np.maximum(closest, 0.0)
+        total = weights.sum()
+        i = rng.choice(U.shape[0], p=weights / total) if total > 0 else rng.integers(U.shape[0])
+        centroids[j] = U[i]
+        closest = np.minimum(closest, 1.0 - U @ centroids[j])
+    labels = None
+    for _ in range(iters):
+        new = np.argmax(U @ centroids.T, axis=1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        sums = np.zeros_like(centroids)
+        np.add.at(sums, labels, U)
+        keep = np.linalg.norm(sums, axis=1) > 0
+        centroids[keep] = _l2_normalize_rows(sums[keep])
+    return centroids
+
+
+class PrototypeMap:
+    """A nonlinear feature map: soft assignment of a context to K prototypes.
+
+    For a context ``x`` (any featurizer's vector) and unit prototypes ``c_1..c_K``:
+    ``p_j = softmax_j(cos(x, c_j) / temperature)``, L2-normalized. A linear head on ``p``
+    predicts a smoothed per-prototype mean, so a linear bandit acts like a kernel
+    (nearest-prototype) router: what one region of prompt space needs is learned apart
+    from the rest, which a linear head on the raw embedding cannot express. With
+    ``include_base`` the output is ``[sqrt(1 - m) x/|x|, sqrt(m) p/|p|]`` (``m =
+    mix``), so the raw direction is kept next to the prototypes. Rows are unit norm; a
+    zero context (empty text) maps to zeros.
+
+    Prototypes are fitted on prompts only (:meth:`fit`, spherical k-means), never on
+    outcomes. The map is a pure function of its parameters: :meth:`to_dict` /
+    :meth:`from_dict` round-trip it exactly, and :attr:`spec` names the vectors it makes
+    (store it next to a policy's statistics, as with the featurizers).
+
+    >>> C = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> m = PrototypeMap(C, temperature=0.1)
+    >>> np.round(m.transform(np.array([[1.0, 0.0], [0.0, 0.0]])), 4).tolist()
+    [[1.0, 0.0], [0.0, 0.0]]
+    >>> PrototypeMap.from_dict(m.to_dict()).spec == m.spec
+    True
+    """
+
+    version = 1
+
+    def __init__(self, prototypes: np.ndarray, *, temperature: float = 0.05,
+                 include_base: bool = False, mix: float = 0.5) -> None:
+        protos = np.array(prototypes, dtype=np.float64)
+        if protos.ndim != 2 or protos.shape[0] < 1 or not np.isfinite(protos).all():
+            raise InvalidInputError("prototypes", "must be a finite (K, d) array with K >= 1",
+                                    np.shape(prototypes))
+        if not (np.linalg.norm(protos, axis=1) > 0).all():
+            raise InvalidInputError("prototypes", "every prototype must be non-zero", "zero row")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 1e-4 <= float(temperature) <= 1e3:
+            raise InvalidInputError("temperature", "must be a number in [1e-4, 1e3]",
+                                    temperature)
+        if not isinstance(include_base, bool):
+            raise InvalidInputError("include_base", "must be True or False", include_base)
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0 < mix < 1:
+            raise InvalidInputError("mix", "must be a number in (0, 1)", mix)
+        self.prototypes = _l2_normalize_rows(protos)
+        self.prototypes.flags.writeable = False
+        self.temperature = float(temperature)
+        self.include_base = include_base
+        self.mix = float(mix)
+        self.base_dim = protos.shape[1]
+        self.k = protos.shape[0]
+        self.dim = self.k + (self.base_dim if include_base else 0)
+
+    @classmethod
+    def fit(cls, X: np.ndarray, k: int, *, temperature: float = 0.05,
+            include_base: bool = False, mix: float = 0.5, seed: int = 0,
+            iters: int = 50) -> PrototypeMap:
+        """Prototypes = :func:`spherical_kmeans` centroids of the rows of ``X`` (prompts'
+        vectors, no outcomes)."""
+        return cls(spherical_kmeans(X, k, seed=seed, iters=iters), temperature=temperature,
+                   include_base=include_base, mix=mix)
+
+    @property
+    def spec(self) -> str:
+        """Identifies the map: parameters plus a digest of the prototypes' bytes."""
+        digest = crc32(np.ascontiguousarray(self.prototypes).tobytes())
+        return (f"prototypes-v{self.version}:k={self.k},d={self.base_dim},"
+                f"t={self.temperature:g},base={int(self.include_base)},mix={self.mix:g},"
+                f"crc={digest:08x}")
+
+    def __repr__(self) -> str:
+        return (f"PrototypeMap(k={self.k}, base_dim={self.base_dim}, "
+                f"temperature={self.temperature:g}, include_base={self.include_base}, "
+                f"mix={self.mix:g})")
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        """Map contexts ``(n, base_dim)`` (or one ``(base_dim,)``) to ``(n, dim)``."""
+        X = np.asarray(X, dtype=np.float64)
+        single = X.ndim == 1
+        X = np.atleast_2d(X)
+        if X.ndim != 2 or X.shape[1] != self.base_dim:
+            raise InvalidInputError("X", f"must have {self.base_dim} columns", np.shape(X))
+        U = _l2_normalize_rows(X)
+        live = np.linalg.norm(U, axis=1) > 0
+        logits = (U @ self.prototypes.T) / self.temperature
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p = _l2_normalize_rows(p) * live[:, None]
+        out = (np.hstack([np.sqrt(1.0 - self.mix) * U, np.sqrt(self.mix) * p])
+               if self.include_base else p)
+        return out[0] if single else out
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready parameters (the prototypes as nested lists of floats)."""
+        return {"type": "prototypes", "version": self.version,
+                "temperature": self.temperature, "include_base": self.include_base,
+                "mix": self.mix, "prototypes": self.prototypes.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, object]) -> PrototypeMap:
+        if not isinstance(data, dict) or data.get("type") != "prototypes":
+            raise InvalidInputError("prototype map", "must be a dict from to_dict()",
+                                    type(data).__name__)
+        if data.get("version") != cls.version:
+            raise InvalidInputError("prototype map version", f"must be {cls.version}",
+                                    data.get("version"))
+        return cls(np.asarray(data["prototypes"], dtype=np.float64),
+                   temperature=data["temperature"],  # type: ignore[arg-type]
+                   include_base=data["include_base"],  # type: ignore[arg-type]
+                   mix=data["mix"])  # type: ignore[arg-type]
+
+    def save(self, path: str) -> None:
+        """Write :meth:`to_dict` as JSON (floats round-trip exactly)."""
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh)
+
+    @classmethod
+    def load(cls, path: str) -> PrototypeMap:
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(json.load(fh))
+
+
+class PrototypeFeaturizer:
+    """Any featurizer followed by a :class:`PrototypeMap`: the same protocol, unit rows.
+
+    >>> base = HashingFeaturizer(dim=16)
+    >>> texts = ["sort a list in python", "reverse a list in python",
+    ...          "translate to german", "translate to french"]
+    >>> f = PrototypeFeaturizer(base, PrototypeMap.fit(base.transform(texts), 2))
+    >>> f.transform(texts).shape, f.dim
+    ((4, 2), 2)
+    >>> bool(np.allclose(f.transform_one(texts[0]), f.transform(texts)[0]))
+    True
+    """
+
+    name = "prototypes"
+
+    def __init__(self, base: Featurizer, prototype_map: PrototypeMap) -> None:
+        if prototype_map.base_dim != base.dim:
+            raise InvalidInputError("prototype_map", f"was fitted on {prototype_map.base_dim}"
+                                    f"-dim vectors, the featurizer makes {base.dim}",
+                                    prototype_map.base_dim)
+        self.base = base
+        self.map = prototype_map
+        self.dim = prototype_map.dim
+
+    @property
+    def spec(self) -> str:
+        return f"{getattr(self.base, 'spec', type(self.base).__name__)}|{self.map.spec}"
+
+    def __repr__(self) -> str:
+        return f"PrototypeFeaturizer({self.base!r}, {self.map!r})"
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        return self.map.transform(self.base.transform(texts))
+
+    def transform_one(self, text: str) -> np.ndarray:
+        return self.map.transform(self.base.transform_one(text))
 
 
 # --------------------------------------------------------------------- factory
