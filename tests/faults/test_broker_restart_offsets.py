@@ -17,9 +17,10 @@ the private PostgreSQL cluster of ``conftest``. The scenario, once per module:
    learners must catch up.
 
 The learners run under a minimal supervisor that starts a learner again when it exits
-on its own, as a deployment does: a learner may exit when the broker goes away
-(kafka-python 3.0.12's ``poll`` can raise ``KafkaConnectionError`` while looking for the
-group coordinator; docs/reliability.md). Such exits are printed with the numbers.
+on its own, as a deployment does (docker-compose.yml: ``restart: unless-stopped``): a
+learner may exit when the broker goes away (kafka-python 3.0.12's ``poll`` can raise
+``KafkaConnectionError`` while looking for the group coordinator; docs/reliability.md).
+Such exits are printed with the numbers.
 
 Checked: nothing skipped (every partition's stored offset reaches the end; every
 distinct event has its ``learner_applied`` row), and nothing applied twice or skipped
