@@ -60,7 +60,7 @@ log = logging.getLogger("service.routing")
 #: the decision, typically because the database is away.
 _PENDING_WAIT_S = 1.0
 #: The drain retries an unreachable database with backoff up to this (seconds).
-_DRAIN_MAX_DELAY_S = 5.0
+_DRAIN_MAX_DELAY_S = 1.0
 #: Buffered feedback stored per transaction by the drain.
 _DRAIN_BATCH = 200
 POLICY_KINDS = ("linucb", "thompson")
