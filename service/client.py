@@ -198,8 +198,10 @@ class Decision:
 
 @dataclass(frozen=True)
 class FeedbackResult:
-    """``applied`` (learned now), ``duplicate`` (seen before) or ``queued`` (distributed
-    mode: on the Kafka topic, the learners apply it)."""
+    """``applied`` (learned now), ``duplicate`` (seen before), ``buffered`` (the
+    service's database is unreachable: kept on the service's disk and applied when it is
+    back; do not resend) or ``queued`` (distributed mode: on the Kafka topic, the
+    learners apply it)."""
 
     status: str
     decision_id: str
