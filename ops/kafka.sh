@@ -2,7 +2,7 @@
 # A throwaway Kafka-protocol broker for the tests: Tansu (a single-binary, Kafka-compatible
 # broker) listening on 127.0.0.1 only; in-memory storage by default, or (opt-in) on a local
 # S3-protocol server so that the broker can be stopped and started again without losing
-# its topics, records and group offsets.
+# its topics and records.
 #
 #   bash ops/kafka.sh start|stop|stop-broker|status|bootstrap|install-s3
 #
