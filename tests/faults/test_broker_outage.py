@@ -5,12 +5,11 @@ on a free port, the service on the private PostgreSQL cluster of ``conftest``.
 Documented behaviour checked: while the broker is away, ``POST /v1/feedback`` is refused
 with 503 and ``Retry-After`` (never a 202 for an event the broker did not acknowledge,
 never a 500), decides keep being served; after the restart the caller's retry of the
-same event is acknowledged (202) and the event is on the feedback topic (strict xfail:
-the producer does not recover, see the test).
+same event is acknowledged (202) and the event is on the feedback topic; while the
+producer reconnects ``/readyz`` says ``degraded`` and retries are refused at once.
 
-Not covered: learners resuming at their stored offsets across a broker restart. The
-test broker keeps topics in memory (they vanish when it stops), so a restart is a new,
-empty cluster; see docs/reliability.md.
+Learners resuming at their stored offsets across a broker restart need a broker that
+keeps its log: ``tests/faults/test_broker_restart_offsets.py`` (S3 storage).
 """
 
 from __future__ import annotations
