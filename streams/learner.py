@@ -106,6 +106,9 @@ class LearnerMetrics:
         self.batch_seconds = Histogram("bandit_learner_batch_seconds",
                                        "Time to process one poll batch",
                                        registry=self.registry)
+        self.poll_errors = Counter("bandit_learner_poll_errors",
+                                   "Polls that failed (broker unreachable); retried",
+                                   registry=self.registry)
 
 
 @dataclass
@@ -240,7 +243,16 @@ class Learner:
     def step(self, timeout_ms: int = 500) -> int:
         """Poll once and process the batch; returns the number of records taken."""
         assert self.consumer is not None
-        records = self.consumer.poll(timeout_ms=timeout_ms)
+        try:
+            records = self.consumer.poll(timeout_ms=timeout_ms)
+        except KafkaError as exc:
+            # The broker is away (a restart, the network). kafka-python lets a failed
+            # coordinator lookup out of poll(); the client reconnects by itself, and the
+            # offsets in PostgreSQL are the truth, so wait and poll again, not exit.
+            self.metrics.poll_errors.inc()
+            log.warning("poll failed (%r); polling again in 1 s", exc)
+            time.sleep(1.0)
+            return 0
         started = time.perf_counter()
         taken = self._process(records)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
