@@ -25,6 +25,7 @@ from service.config import Settings
 from service.db.engine import make_engine, upgrade
 from service.errors import install_error_handlers
 from service.limits import LimitsMiddleware
+from service.memory import then_release_free_memory
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware
 from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
@@ -82,7 +83,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             gc.collect()
             gc.freeze()
         tasks = [asyncio.create_task(_every(settings.checkpoint_interval_s,
-                                            service.checkpoint, "periodic checkpoint")),
+                                            then_release_free_memory(service.checkpoint),
+                                            "periodic checkpoint")),
                  asyncio.create_task(_every(settings.registry_refresh_s,
                                             service.refresh_registry,
                                             "refreshing models and tenants"))]

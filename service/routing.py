@@ -318,7 +318,14 @@ class RoutingService:
             copies = {key: copy.deepcopy(p) for key, p in self._all_policies().items()}
             last = self.last_feedback_id
         blobs = {key: p.to_bytes() for key, p in copies.items()}
-        with Session(self.engine) as session, session.begin():
+        with self.engine.connect() as conn, Session(bind=conn) as session, session.begin():
+            if conn.dialect.name == "sqlite" and conn.engine.url.database not in (
+                    None, "", ":memory:"):
+                # sqlite3 caches the INSERT with the last blobs still bound (~4 MB per
+                # policy) until its connection closes: one pooled connection after
+                # another held them (docs/reliability.md, load). Close this one after
+                # the commit instead of returning it to the pool.
+                conn.detach()
             cp = m.PolicyCheckpoint(created_at=m.utcnow(), last_feedback_id=last)
             session.add(cp)
             session.flush()
