@@ -97,6 +97,34 @@ def mallinfo(libc: ctypes.CDLL | None) -> dict[str, int] | None:
             "free": info.fordblks, "top_pad": info.keepcost}
 
 
+def malloc_heaps(libc: ctypes.CDLL | None) -> list[list[int]] | None:
+    """glibc's ``malloc_info()``, per heap (arena): [system bytes, free bytes in bins]
+    (the main heap first, then one per thread arena)."""
+    import re
+    import tempfile
+
+    if libc is None or not hasattr(libc, "malloc_info"):
+        return None
+    libc.fopen.restype = ctypes.c_void_p
+    libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    with tempfile.NamedTemporaryFile(suffix=".xml") as tmp:
+        fp = libc.fopen(tmp.name.encode(), b"w")
+        if not fp:
+            return None
+        libc.malloc_info(0, fp)
+        libc.fclose(fp)
+        text = Path(tmp.name).read_text()
+    heaps = []
+    for block in re.findall(r'<heap nr="\d+">(.*?)</heap>', text, re.S):
+        system = re.search(r'<system type="current" size="(\d+)"', block)
+        free = sum(int(v) for v in re.findall(
+            r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"', block))
+        heaps.append([int(system.group(1)) if system else 0, free])
+    return heaps
+
+
 def pymalloc_stats() -> dict[str, int]:
     """Python's small-object allocator (its arenas are mapped directly, outside malloc):
     the numbers ``sys._debugmallocstats()`` prints to the C stderr, captured."""
@@ -181,6 +209,7 @@ def start_probe(app: object = None) -> threading.Thread | None:
                 sample: dict[str, object] = {"t": round(t, 1), **smaps_rollup()}
                 sample["malloc"] = mallinfo(libc)
                 sample["pymalloc"] = pymalloc_stats()
+                sample["heaps"] = malloc_heaps(libc)
                 if sqlite is not None:
                     sample["sqlite"] = {"used": sqlite.sqlite3_memory_used(),
                                         "highwater": sqlite.sqlite3_memory_highwater(0),
@@ -246,7 +275,10 @@ def summarize(path: str) -> None:
               f"{s.get('service', {}).get('insert_shapes', '')}"
               + (f" trim {s['trim']['before_kb'] / 1024:.1f}->"
                  f"{s['trim']['after_kb'] / 1024:.1f}" if "trim" in s else "")
-              + (f" objects {s['objects']}" if "objects" in s else ""))
+              + (f" objects {s['objects']}" if "objects" in s else "")
+              + (f" heaps {len(s['heaps'])}: "
+                 + " ".join(f"{a / 2**20:.0f}/{f / 2**20:.0f}" for a, f in s["heaps"])
+                 if s.get("heaps") else ""))
     last = samples[-1]
     for key in ("types", "tracemalloc"):
         if key in last:
