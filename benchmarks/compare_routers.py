@@ -73,6 +73,11 @@ __all__ = ["Dataset", "aiq", "knn_choices", "knn_scores", "run_online", "make_ro
 ALPHA = 0.3
 EPS_GREEDY = 0.05
 KNN_K = 25
+# bandit.featurize.PrototypeMap on MiniLM: K spherical k-means prototypes of the train
+# prompts' embeddings (prompts only, no outcomes), softmax temperature, raw vector kept.
+PROTO_K = 64
+PROTO_TEMPERATURE = 0.05
+PROTO_INCLUDE_BASE = False
 PACKAGES = ("numpy", "river", "mabwiser", "vowpalwabbit", "matplotlib")
 # USD per million tokens (data/README.md): (input, output).
 MMLU_PRICES = {"gpt4": (10.0, 30.0), "mixtral": (0.6, 0.6)}
@@ -127,10 +132,24 @@ def load_llmrouter(data_dir: Path | None, minilm: bool = True) -> Dataset:
     if minilm:
         if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == ds.n:
             ds.features["minilm"] = np.asarray(np.load(cache), dtype=np.float64)
+            ds.features["minilm-proto"] = prototype_features(ds.features["minilm"],
+                                                             test_start)
         else:
             print(f"no MiniLM cache at {cache} (python -m benchmarks.replay_llmrouter "
                   "--featurizers minilm writes it): hashing only", file=sys.stderr)
     return ds
+
+
+def prototype_features(x: np.ndarray, fit_rows: int, k: int = PROTO_K,
+                       temperature: float = PROTO_TEMPERATURE,
+                       include_base: bool = PROTO_INCLUDE_BASE) -> np.ndarray:
+    """``x`` through a :class:`bandit.featurize.PrototypeMap` fitted on its first
+    ``fit_rows`` rows (the train prompts; the map never sees an outcome)."""
+    from bandit.featurize import PrototypeMap
+
+    pmap = PrototypeMap.fit(x[:fit_rows], k, temperature=temperature,
+                            include_base=include_base, seed=0)
+    return pmap.transform(x)
 
 
 def load_mmlu(path: Path, output_tokens: int = 256, test_share: float = 0.2) -> Dataset:

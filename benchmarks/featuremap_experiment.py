@@ -75,6 +75,15 @@ def make_map(spec: str, fit_rows: np.ndarray):
     """``raw``, ``protoK[tT][+raw]`` (K prototypes, temperature T, default 0.05)."""
     if spec == "raw":
         return lambda x: x
+    if spec.startswith("pca"):  # pcaK: top-K principal directions, rows re-normalized
+        k = int(spec[3:])
+        mean = fit_rows.mean(axis=0)
+        _, _, vt = np.linalg.svd(fit_rows - mean, full_matrices=False)
+
+        def pca(x: np.ndarray) -> np.ndarray:
+            z = (x - mean) @ vt[:k].T
+            return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+        return pca
     assert spec.startswith("proto"), spec
     body = spec[5:]
     concat = body.endswith("+raw")
@@ -95,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--ridge", type=float, default=None)
     parser.add_argument("--full-info", action="store_true")
+    parser.add_argument("--param", action="append", default=[],
+                        help="policy parameter key=value (e.g. drift_delta=none)")
     parser.add_argument("--shared", action="store_true", help="idea (b): SharedResidual")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -127,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         params["alpha" if args.policy == "linucb" else "scale"] = args.alpha
     if args.ridge is not None:
         params["ridge"] = args.ridge
+    for item in args.param:
+        key, _, value = item.partition("=")
+        params[key] = None if value.lower() == "none" else (
+            int(value) if value.isdigit() else float(value))
     rows = []
     for spec in args.maps.split(","):
         fmap = make_map(spec, x_all[fit])
@@ -177,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
                       f"reward {row['reward']:.4f} ± {row['sd']:.4f} "
                       f"({row.get('s_per_pass', 0):.0f}s/pass)", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"argv": argv or sys.argv[1:], "rows": rows}, indent=1))
+        from benchmarks.common import code_version
+        doc = {"argv": " ".join(argv if argv is not None else sys.argv[1:]),
+               "code": code_version(), "split": args.split,
+               "window": [window.start, window.stop],
+               "best_single": {"model": ds.arms[best], "quality": float(qs[best]),
+                               "cost_usd": float(cs[best])},
+               "policy": args.policy, "params": params, "shared": args.shared,
+               "rows": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
 

@@ -67,6 +67,8 @@ def _pretty(router: str, feat: str | None) -> str:
 
 
 MINILM_COLORS = {"ours-linucb": "#7a0000", "ours-thompson": "#a05a00", "knn": "#0b5563"}
+# MiniLM through the prototype map (bandit.featurize.PrototypeMap)
+PROTO_COLORS = {"ours-linucb": "#e377c2", "ours-thompson": "#bcbd22", "knn": "#393b79"}
 
 
 def _style(router: str, feat: str | None) -> tuple[str, str, str]:
@@ -75,6 +77,9 @@ def _style(router: str, feat: str | None) -> tuple[str, str, str]:
     if feat == "minilm":
         color = MINILM_COLORS.get(key, color)
         ls = (0, (1, 1)) if key == "knn" else "-."
+    elif feat is not None and feat.startswith("minilm-proto"):
+        color = PROTO_COLORS.get(key, color)
+        ls = (0, (3, 1, 1, 1)) if key == "knn" else "-"
     return color, ls, marker
 
 
@@ -98,7 +103,8 @@ def _draw_frontier(ax: plt.Axes, res: list[dict], annotate: bool) -> None:
         color, ls, marker = _style(router, feat)
         ax.plot(cost, qual, color=color, linestyle=ls, marker=marker, markersize=6,
                 linewidth=1.6, label=_pretty(router, feat))
-        if annotate and (router, feat) in (("ours-linucb", "minilm"), ("ours-linucb", "hashing")):
+        if annotate and router == "ours-linucb" and feat in ("minilm", "hashing",
+                                                              "minilm-proto"):
             for r, c, q in ((rs[0], cost[0], qual[0]), (rs[-1], cost[-1], qual[-1])):
                 ax.annotate(f"w={r['cost_weight']:g}", (c, q), fontsize=7,
                             xytext=(4, 4), textcoords="offset points", color=color)
