@@ -21,7 +21,10 @@ w x cost_usd, the same for everyone) and every seed:
 * ours: ``LinUCB`` (alpha 0.3, epsilon 0.01) and ``LinearThompson`` (scale 0.5), their
   defaults, on the hashing featurizer (64 dims) and, for llmrouter, on the cached
   all-MiniLM-L6-v2 embeddings (384 dims; ``benchmarks/.cache/llmrouter-minilm.npy``,
-  written by ``benchmarks.replay_llmrouter``). They learn quality and cost heads from
+  written by ``benchmarks.replay_llmrouter``) and on those embeddings through a
+  :class:`bandit.featurize.PrototypeMap` (``minilm-proto``: soft assignment to 64
+  spherical k-means prototypes of the train prompts, fitted without outcomes; 64 dims).
+  They learn quality and cost heads from
   ``{"quality", "cost_usd"}`` and know each model's mean price as a prior (a router
   knows the price list);
 * peers on the same contexts, learning the scalar reward (cost = -reward for VW):
