@@ -215,8 +215,13 @@ def rss_growth(samples: list[tuple[float, float]], warmup_s: float) -> dict[str,
         after = [m for _, m in samples]
     k = max(1, len(after) // 10)
     first, last = float(np.mean(after[:k])), float(np.mean(after[-k:]))
+    minutes: dict[int, list[float]] = {}
+    for t, m in samples:
+        minutes.setdefault(max(0, int(t // 60)), []).append(m)
     return {"rss_after_warmup_mb": first, "rss_end_mb": last,
-            "rss_max_mb": float(max(after)), "growth": (last - first) / first}
+            "rss_max_mb": float(max(after)), "growth": (last - first) / first,
+            "rss_mean_per_minute_mb": [round(float(np.mean(v)), 1)
+                                       for _, v in sorted(minutes.items())]}
 
 
 def readyz(port: int) -> int:
@@ -331,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             proc.terminate()
             proc.wait(30)
+    results.update(phases)
     sustained = phases["sustained"]
     memory = rss_growth(sustained["rss_mb"], args.warmup)  # type: ignore[arg-type]
     sustained["memory"] = memory
@@ -339,13 +345,15 @@ def main(argv: list[str] | None = None) -> None:
               f"p99 {sustained['p99_ms']:.2f} ms; RSS after warm-up "
               f"{memory['rss_after_warmup_mb']:.1f} MB -> end {memory['rss_end_mb']:.1f} MB "
               f"({memory['growth']:+.2%})")
+        if not (args.quick or args.no_write):
+            path = write_results(args.results_name, results, packages=("uvicorn",))
+            print(f"wrote {path}")
         return
     spike, recovery = phases["spike"], phases["recovery"]
     spike_statuses: dict[str, int] = spike["statuses"]  # type: ignore[assignment]
     refused = sum(v for k, v in spike_statuses.items() if k.endswith((":429", ":503")))
     other = sum(v for k, v in spike_statuses.items()
                 if k not in ("decide:200", "feedback:202") and not k.endswith((":429", ":503")))
-    results.update(phases)
     results["goals"] = {
         "sustained_zero_errors": sustained["errors"] == 0,
         "sustained_rss_growth_lt_5pct": memory["growth"] < 0.05,
