@@ -606,6 +606,19 @@ def goal_check(results: list[Result], ds: Dataset, goal_weight: float) -> dict:
         "half_cost_met": best_ours.test["cost_usd"] <= 0.5 * c_single[best],
         "reward_within_10pct_of_knn": best_ours.test["reward"] >= 0.9 * knn.test["reward"],
     }
+    # Which weight the goal means: the oracle's test cost over the best single model's
+    # at every weight of the sweep (ties to the cheaper model), and at w=0 with ties
+    # broken at random (a quality-only oracle indifferent to cost).
+    ratios = {}
+    for w in sorted({r.weight for r in results}):
+        oc = next(r for r in results if r.weight == w and r.router == "oracle")
+        ratios[f"{w:g}"] = round(oc.test["cost_usd"] / float(c_single[best]), 4)
+    q_test, cost_test = ds.quality[test], ds.cost[test]
+    tied = np.isclose(q_test, q_test.max(axis=1, keepdims=True), rtol=0.0, atol=1e-12)
+    ratios["0 (random ties)"] = round(float(((tied * cost_test).sum(axis=1)
+                                             / tied.sum(axis=1)).mean())
+                                      / float(c_single[best]), 4)
+    goal1["oracle_cost_over_best_single_by_weight"] = ratios
     # Any of our runs, at any weight, meeting the quality-at-half-cost part?
     goal1["any_weight_quality_at_half_cost"] = [
         {"router": label(r), "cost_weight": r.weight, "quality": r.test["quality"],
@@ -706,7 +719,11 @@ def markdown(document: dict, results: list[Result], aiqs: dict[str, dict],
                   f"Goal weight w={g1['cost_weight']:g}: oracle cost = "
                   f"{g1['oracle_cost_over_best_single']:.2f} x the best single model's "
                   f"({g1['best_single_model']}, quality {g1['best_single_quality']:.4f}, "
-                  f"${1000 * g1['best_single_cost_usd']:.4f}/1k).", "",
+                  f"${1000 * g1['best_single_cost_usd']:.4f}/1k). Oracle cost over the "
+                  "best single model's by weight: "
+                  + ", ".join(f"w={k}: {v:.2f}" for k, v in
+                              g1.get("oracle_cost_over_best_single_by_weight", {}).items())
+                  + ".", "",
                   f"- best of ours: {g1['best_ours']}: quality {g1['best_ours_quality']:.4f} "
                   f"(>= best single: {g1['quality_met']}), cost "
                   f"${1000 * g1['best_ours_cost_usd']:.4f}/1k (<= half: {g1['half_cost_met']}),"
