@@ -10,11 +10,9 @@ what SQLAlchemy raises for a refused connection. ``kill -9`` during an outage ru
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -39,8 +37,6 @@ from service.db import models as m
 from service.routing import RoutingService
 from tests.service.conftest import (
     ADMIN,
-    ADMIN_KEY,
-    DIM,
     _postgres_factory,
     add_model,
     assert_problem,
@@ -49,6 +45,7 @@ from tests.service.conftest import (
     embedding,
     make_settings,
 )
+from tests.service.test_kill import free_port, start
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -428,32 +425,11 @@ class CutProxy:
         self.listener.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(url: str, port: int, buffer_dir: Path) -> subprocess.Popen:
-    env = {**os.environ, "BANDIT_ROUTER_DATABASE_URL": url,
-           "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
-           "BANDIT_ROUTER_POLICY_SEED": "3", "BANDIT_ROUTER_CHECKPOINT_INTERVAL_S": "3600",
-           "BANDIT_ROUTER_DATA_DIR": str(buffer_dir),
-           "BANDIT_ROUTER_FEEDBACK_BUFFER_DIR": str(buffer_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
-                             "--log-level", "warning"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    pytest.fail("serve did not start in 30 s")
+    # /healthz, not /readyz: the database may be unreachable on purpose.
+    return start(url, port, {"BANDIT_ROUTER_DATA_DIR": str(buffer_dir),
+                             "BANDIT_ROUTER_FEEDBACK_BUFFER_DIR": str(buffer_dir)},
+                 ready_path="/healthz")
 
 
 @pytest.fixture
@@ -467,7 +443,7 @@ def test_kill_9_during_outage_then_restart_applies_buffered_feedback(postgres_da
     target = make_url(postgres_database)
     proxy = CutProxy((target.host or "127.0.0.1", target.port or 5432))
     url = target.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     n = 12
     proc = _serve(url, port, tmp_path)

@@ -24,10 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(url: str, port: int) -> subprocess.Popen:
+def start(url: str, port: int, extra_env: dict[str, str] | None = None,
+          ready_path: str = "/readyz") -> subprocess.Popen:
+    """``bandit-router serve`` in a subprocess on ``port``, once ``ready_path`` answers."""
     env = {**os.environ, "BANDIT_ROUTER_DATABASE_URL": url, "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY,
            "BANDIT_ROUTER_DIM": str(DIM), "BANDIT_ROUTER_POLICY_SEED": "3",
-           "BANDIT_ROUTER_CHECKPOINT_INTERVAL_S": "3600"}
+           "BANDIT_ROUTER_CHECKPOINT_INTERVAL_S": "3600", **(extra_env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -36,12 +38,13 @@ def start(url: str, port: int) -> subprocess.Popen:
         if proc.poll() is not None:
             pytest.fail(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{ready_path}",
+                         timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    pytest.fail("serve did not become ready in 30 s")
+    pytest.fail(f"serve did not answer {ready_path} in 30 s")
 
 
 def test_serve_kill_9_keeps_acknowledged_feedback(new_database_url):
