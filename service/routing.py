@@ -132,6 +132,13 @@ def _outcome(fb: m.Feedback) -> dict[str, float | None]:
     return {"quality": fb.quality, "cost_usd": fb.cost_usd, "latency_ms": fb.latency_ms}
 
 
+def _periods() -> tuple[datetime, datetime, datetime]:
+    """Now, and the starts of the current UTC day and month (budgets' periods)."""
+    now = datetime.now(UTC)
+    day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return now, day0, day0.replace(day=1)
+
+
 def _ts(value: datetime) -> float:
     return m.as_utc(value).timestamp()
 
@@ -437,9 +444,7 @@ class RoutingService:
         self._by_key = {t.key_hash: t for t in states}
 
     def _load_spend(self) -> None:
-        now = datetime.now(UTC)
-        day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        month0 = day0.replace(day=1)
+        _now, day0, month0 = _periods()
         with Session(self.engine) as session:
             def sums(since: datetime) -> dict[str, float]:
                 return dict(session.execute(
@@ -459,9 +464,7 @@ class RoutingService:
                     if t.budget_usd_per_day is not None or t.budget_usd_per_month is not None]
         if not budgeted:
             return
-        now = datetime.now(UTC)
-        day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        month0 = day0.replace(day=1)
+        now, day0, month0 = _periods()
         marks = {t.id: t.ledger.mark(now=now.timestamp()) for t in budgeted}
         unwritten = self.writer.pending_charges()  # before the sums: never missed
         spend = m.Decision.charged_usd
@@ -1218,9 +1221,7 @@ class RoutingService:
     # ==================================================================== usage
     def usage(self, tenant: TenantState) -> dict[str, Any]:
         self.writer.flush(timeout=5.0)
-        now = datetime.now(UTC)
-        day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        month0 = day0.replace(day=1)
+        _now, day0, month0 = _periods()
         with Session(self.engine) as session:
             per_model = dict(session.execute(
                 select(m.Decision.model, func.count())

@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 
 from bandit import Policy
-from tests.service.conftest import ADMIN, embedding
-from tests.service.test_kill import free_port, start
+from tests.service.conftest import embedding
+from tests.service.test_kill import free_port, small_and_large, start
 
 LOAD_S = 3.0  # at least this long under load before the kill
 MIN_ACKED = 200  # and until this many feedback events were acknowledged (up to 60 s)
@@ -44,7 +44,7 @@ def _load(base: str, tenant: dict[str, str], seed: int, acked_decisions: set[str
                 event = f"k{seed}-{i}"
                 f = http.post("/v1/feedback", headers=tenant, json={
                     "decision_id": decision, "event_id": event,
-                    "quality": 0.9 if r.json()["model"] == "kill-large" else 0.2,
+                    "quality": 0.9 if r.json()["model"] == "large" else 0.2,
                     "cost_usd": 0.001})
                 if f.status_code == 202:
                     with lock:
@@ -65,13 +65,7 @@ def test_kill_9_under_load_keeps_every_acknowledged_feedback(tmp_path):
     lock, stop = threading.Lock(), threading.Event()
     try:
         with httpx.Client(base_url=base, timeout=10) as http:
-            for name, price in (("kill-small", 0.2), ("kill-large", 5.0)):
-                assert http.post("/v1/admin/models", headers=ADMIN, json={
-                    "name": name, "input_price_per_mtok": price,
-                    "output_price_per_mtok": 4 * price}).status_code == 201
-            key = http.post("/v1/admin/tenants", headers=ADMIN,
-                            json={"name": "k"}).json()["api_key"]
-        tenant = {"Authorization": f"Bearer {key}"}
+            tenant = small_and_large(http, "k")
         threads = [threading.Thread(target=_load, args=(base, tenant, s, acked_decisions,
                                                         acked_feedback, lock, stop),
                                     daemon=True) for s in range(THREADS)]

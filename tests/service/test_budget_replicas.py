@@ -4,12 +4,24 @@ replica spends counts against the budget on the other after a registry refresh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from tests.service.conftest import add_model, assert_problem, create_tenant, decide, make_settings
 from tests.service.test_budget import PRICEY, set_prefs
+
+
+@contextmanager
+def two_replicas(url: str) -> Iterator[tuple[TestClient, TestClient]]:
+    """Two apps on one database; registry_refresh_s is long: the tests drive the
+    refresh themselves."""
+    with TestClient(create_app(make_settings(url, registry_refresh_s=3600.0))) as a, \
+            TestClient(create_app(make_settings(url, registry_refresh_s=3600.0))) as b:
+        yield a, b
 
 
 def refresh(client: TestClient) -> None:
@@ -19,10 +31,7 @@ def refresh(client: TestClient) -> None:
 
 
 def test_budget_holds_across_two_replicas(new_database_url):
-    url = new_database_url()
-    # registry_refresh_s is long: the test drives the refresh itself.
-    with TestClient(create_app(make_settings(url, registry_refresh_s=3600.0))) as a, \
-            TestClient(create_app(make_settings(url, registry_refresh_s=3600.0))) as b:
+    with two_replicas(new_database_url()) as (a, b):
         model = add_model(a, None, *PRICEY[:2])
         tenant = create_tenant(a)
         refresh(b)  # b learns the model and the tenant
@@ -47,9 +56,7 @@ def test_budget_holds_across_two_replicas(new_database_url):
 
 
 def test_feedback_cost_on_one_replica_frees_budget_on_other(new_database_url):
-    url = new_database_url()
-    with TestClient(create_app(make_settings(url, registry_refresh_s=3600.0))) as a, \
-            TestClient(create_app(make_settings(url, registry_refresh_s=3600.0))) as b:
+    with two_replicas(new_database_url()) as (a, b):
         model = add_model(a, None, *PRICEY[:2])
         tenant = create_tenant(a)
         set_prefs(a, tenant, budget_usd_per_day=0.05, on_budget_exhausted="reject")

@@ -45,7 +45,7 @@ from tests.service.conftest import (
     embedding,
     make_settings,
 )
-from tests.service.test_kill import free_port, start
+from tests.service.test_kill import free_port, small_and_large, start
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -449,13 +449,7 @@ def test_kill_9_during_outage_then_restart_applies_buffered_feedback(postgres_da
     proc = _serve(url, port, tmp_path)
     try:
         with httpx.Client(base_url=base, timeout=20) as http:
-            for name, price in (("small", 0.2), ("large", 5.0)):
-                assert http.post("/v1/admin/models", headers=ADMIN, json={
-                    "name": name, "input_price_per_mtok": price,
-                    "output_price_per_mtok": 4 * price}).status_code == 201
-            key = http.post("/v1/admin/tenants", headers=ADMIN,
-                            json={"name": "k"}).json()["api_key"]
-            tenant = {"Authorization": f"Bearer {key}"}
+            tenant = small_and_large(http, "k")
             decisions = []
             for i in range(n):
                 r = http.post("/v1/decide", headers=tenant,

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import ADMIN, ADMIN_KEY, DIM, embedding
+from tests.service.conftest import ADMIN_KEY, DIM, add_model, create_tenant, embedding
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,6 +22,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def small_and_large(http: httpx.Client, tenant_name: str = "t") -> dict[str, str]:
+    """On a live server: models ``small`` (0.2 / 0.8 USD per Mtok) and ``large`` (5 / 20)
+    and a tenant; returns the tenant's Authorization header."""
+    add_model(http, "small", 0.2, 0.8)
+    add_model(http, "large", 5.0, 20.0)
+    return {"Authorization": create_tenant(http, tenant_name)["Authorization"]}
 
 
 def start(url: str, port: int, extra_env: dict[str, str] | None = None,
@@ -53,14 +61,7 @@ def test_serve_kill_9_keeps_acknowledged_feedback(new_database_url):
     proc = start(url, port)
     try:
         with httpx.Client(base_url=base, timeout=10) as http:
-            for name, price in (("small", 0.2), ("large", 5.0)):
-                r = http.post("/v1/admin/models", headers=ADMIN, json={
-                    "name": name, "input_price_per_mtok": price,
-                    "output_price_per_mtok": 4 * price})
-                assert r.status_code == 201
-            key = http.post("/v1/admin/tenants", headers=ADMIN,
-                            json={"name": "t"}).json()["api_key"]
-            tenant = {"Authorization": f"Bearer {key}"}
+            tenant = small_and_large(http)
             for i in range(20):
                 d = http.post("/v1/decide", headers=tenant,
                               json={"query": {"embedding": embedding(i)}}).json()
