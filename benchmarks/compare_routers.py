@@ -71,7 +71,7 @@ from bandit.base import ArmPrior
 from benchmarks.common import CACHE_DIR, RESULTS_DIR, data_root, print_table, write_results
 
 __all__ = ["Dataset", "aiq", "knn_choices", "knn_scores", "run_online", "make_router",
-           "load_llmrouter", "load_mmlu", "main"]
+           "load_llmrouter", "load_mmlu", "main", "quality_at_cost"]
 
 ALPHA = 0.3
 EPS_GREEDY = 0.05
@@ -447,6 +447,31 @@ def aiq(points: np.ndarray, c_min: float, c_max: float,
     vals = np.interp(knots, xs, ys)
     area = float(np.sum((knots[1:] - knots[:-1]) * (vals[1:] + vals[:-1]) / 2))
     return area / (c_max - c_min)
+
+
+def quality_at_cost(points: np.ndarray, budget: float,
+                    anchor: tuple[float, float] | None = None) -> float:
+    """The best mean quality a router reaches at mean cost <= ``budget``.
+
+    A router run at two cost weights can be mixed (a share of traffic at each), so
+    every point of its (cost, quality) points' non-decreasing convex hull is reachable,
+    as in :func:`aiq`; ``anchor`` (the cheapest single model) joins them. NaN when even
+    the cheapest point costs more than ``budget``.
+
+    >>> quality_at_cost(np.array([[1.0, 0.5], [3.0, 0.7]]), 2.0)
+    0.6
+    >>> quality_at_cost(np.array([[1.0, 0.5], [3.0, 0.7]]), 5.0)
+    0.7
+    >>> quality_at_cost(np.array([[1.0, 0.5]]), 0.5)
+    nan
+    """
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if anchor is not None:
+        pts = np.vstack([pts, np.asarray(anchor, dtype=np.float64)[None, :]])
+    h = nondecreasing_hull(pts)
+    if budget < h[0, 0]:
+        return float("nan")
+    return round(float(np.interp(budget, h[:, 0], h[:, 1])), 12)
 
 
 # ---------------------------------------------------------------------------- metrics
