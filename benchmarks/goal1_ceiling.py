@@ -10,10 +10,11 @@ reward = quality - w x cost, at every cost weight w of a sweep:
 * ``full-info``: each model's head is fitted on every train row's outcome of that model
   (9 x 5,608 outcomes). The ceiling of a linear policy on these features; no bandit
   sees this much.
-* ``ideal-K``: the best a bandit could collect without adapting to the context. Each
-  train row's model is drawn uniformly from the K models of best train quality, chosen
-  with hindsight; each head is fitted on the ~5,608 / K outcomes of its model; the test
-  rows are then routed greedily. ``ideal-9`` is uniform exploration over every model.
+* ``ideal-K``: an idealized explorer that does not adapt to the context but knows which
+  models are worth trying. Each train row's model is drawn uniformly from the K models
+  of best train quality, chosen with hindsight; each head is fitted on the ~5,608 / K
+  outcomes of its model; the test rows are then routed greedily. ``ideal-9`` is uniform
+  exploration over every model.
 * ``ours-online``: our ``LinUCB`` (defaults) learning online over train then test, one
   pass, bandit feedback, as in ``benchmarks.compare_routers`` (``--online-seeds``).
 
@@ -27,7 +28,7 @@ resample) gives a 90% interval for the gap and the share of resamples in which t
 would be met.
 
     python -m benchmarks.goal1_ceiling                 # about 5 min on 2 cores
-    python -m benchmarks.goal1_ceiling --online-seeds 0 --maps raw,proto16   # < 1 min
+    python -m benchmarks.goal1_ceiling --online-seeds 0 --maps raw --no-write   # 10 s
 
 Writes ``benchmarks/results/goal1_ceiling.json``. Without ``../shared/data`` or the
 MiniLM cache it exits with the command that makes them (see benchmarks/README.md).
