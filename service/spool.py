@@ -15,7 +15,7 @@ service pointed at another database never drains feedback meant for the first on
 Bounded: at most ``capacity`` rows; beyond that :meth:`FeedbackSpool.add` answers
 ``"full"`` and the API answers 503 + ``Retry-After`` (nothing accepted, the caller
 retries). ``(tenant_id, decision_id, event_id)`` is unique in the buffer: a repeat while
-buffered answers ``"duplicate"``. The tenant is part of the key so that feedback forged
+buffered answers ``"duplicate"``, full or not. The tenant is part of the key so that feedback forged
 by another tenant for the same decision cannot shadow the owner's (the drain drops the
 forged one).
 """
@@ -107,9 +107,14 @@ class FeedbackSpool:
             outcome: dict[str, float | None], received_at: str) -> str:
         """``"buffered"`` (committed to disk), ``"duplicate"`` or ``"full"``."""
         with self._lock:
-            if self._depth >= self.capacity:
-                return "full"
             conn = self._open()
+            if self._depth >= self.capacity:
+                # A repeat of what the buffer holds is answered as one, full or not: the
+                # caller's retry loop must not be told to come back for feedback kept.
+                held = conn.execute(
+                    "SELECT 1 FROM feedback_buffer WHERE tenant_id = ? AND decision_id = ?"
+                    " AND event_id = ?", (tenant_id, decision_id, event_id)).fetchone()
+                return "full" if held is None else "duplicate"
             try:
                 conn.execute(
                     "INSERT INTO feedback_buffer (tenant_id, decision_id, event_id, quality,"

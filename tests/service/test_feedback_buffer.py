@@ -204,6 +204,10 @@ def test_buffer_full_is_503_with_retry_after(new_database_url, tmp_path):
             assert "buffer is full" in body["detail"]
             assert service.feedback_buffered() == 2
             assert buffer_counter(client, "full") == 1
+            # A repeat of buffered feedback is still a duplicate while the buffer is full.
+            again = send(client, tenant, decisions[0], "a")
+            assert again.status_code == 202 and again.json()["status"] == "duplicate"
+            assert buffer_counter(client, "full") == 1
         wait_drained(client)
         assert quality_count(client) == before + 2
         assert feedback_rows(client, decisions[2]) == []  # refused: not stored
