@@ -757,7 +757,8 @@ class Policy(abc.ABC):
 
     def update_batch(self, arms: Sequence[str], x: object,
                      outcomes: Sequence[Mapping[str, object]] | np.ndarray, *,
-                     now: float | None = None, weight: float = 1.0) -> None:
+                     now: float | None = None, weight: float = 1.0,
+                     watch_drift: bool = True) -> None:
         """Learn from many outcomes at once (one exact refresh per arm touched).
 
         ``outcomes`` is a list of mappings as for :meth:`update`, or an (n, 3) array of
@@ -765,6 +766,11 @@ class Policy(abc.ABC):
 
         ``weight`` in (0, 1] makes each outcome count as that many observations
         (discounted prior data, e.g. a warm start from a benchmark).
+
+        ``watch_drift=False`` keeps the batch away from the drift detector: prior data
+        (a warm start) is not a stream in time. Its residuals, all against the heads
+        before the batch, would shift wherever the log's mix of tasks does, and a
+        detection would discard most of the data just learned.
         """
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
                 0 < weight <= 1):
@@ -783,7 +789,8 @@ class Policy(abc.ABC):
             q = ~np.isnan(y[rows, 0])
             residuals = (y[rows, 0] - xb[rows] @ self._stats.theta[k, 0])[q]
             self._stats.update_many(int(k), xb[rows], y[rows], float(weight))
-            self._watch_drift(name, residuals.tolist())
+            if watch_drift:
+                self._watch_drift(name, residuals.tolist())
         self.version += 1
 
     def _watch_drift(self, arm: str, residuals: Sequence[float]) -> None:

@@ -195,5 +195,8 @@ def warm_start(policy: Policy, x: np.ndarray, log: ReplayLog, *, weight: float =
         outcomes = [{"quality": float(q), "cost_usd": float(c),
                      **({} if np.isnan(lat) else {"latency_ms": float(lat)})}
                     for q, c, lat in log.outcomes[:, j]]
-        policy.update_batch([name] * n, x, outcomes, now=0.0, weight=weight)
+        # A labelled log is not a stream in time: it never feeds the drift detector
+        # (a detection would throw most of it away; see Policy.update_batch).
+        policy.update_batch([name] * n, x, outcomes, now=0.0, weight=weight,
+                            watch_drift=False)
     return policy
