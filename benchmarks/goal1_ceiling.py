@@ -17,6 +17,10 @@ reward = quality - w x cost, at every cost weight w of a sweep:
   exploration over every model.
 * ``ours-online``: our ``LinUCB`` (defaults) learning online over train then test, one
   pass, bandit feedback, as in ``benchmarks.compare_routers`` (``--online-seeds``).
+* ``warm-N+online`` (outside the goal's protocol: what a deployment with an evaluation
+  run can do): the same LinUCB warm-started with ``bandit.replay.warm_start`` (what
+  ``bandit-router warmstart`` runs) on N random train rows with every model's outcome,
+  then online over the other train rows and the test rows (``--warm``, ``--warm-maps``).
 
 A router's operating points over the sweep can be mixed (a share of traffic at each
 weight), so its reachable quality at the budget is its (cost, quality) hull's value
@@ -39,12 +43,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from bandit import LinUCB
+from bandit.replay import ReplayLog, warm_start
 from benchmarks.common import print_table, write_results
 from benchmarks.compare_routers import (
     Dataset,
@@ -160,7 +165,8 @@ def _run(kind: str, x: np.ndarray, ds: Dataset, weights: list[float], seeds: int
 
 
 def families(ds: Dataset, x: np.ndarray, feature_map: str, weights: list[float],
-             ks: list[int], seeds: int, online_seeds: int) -> list[Family]:
+             ks: list[int], seeds: int, online_seeds: int,
+             warm: Sequence[int] = ()) -> list[Family]:
     n0 = ds.test_start
     x_tr, x_te = x[:n0], x[n0:]
     x1_te = np.hstack([x_te, np.ones((x_te.shape[0], 1))])
@@ -188,7 +194,29 @@ def families(ds: Dataset, x: np.ndarray, feature_map: str, weights: list[float],
             return run_online(router, ds.quality, ds.cost, np.full(ds.n, w))[n0:]
 
         out.append(_run("ours-online", x, ds, weights, online_seeds, online, feature_map))
+        for n_labelled in warm:
+            def warm_online(w: float, seed: int, n_labelled: int = n_labelled) -> np.ndarray:
+                return warm_then_online(ds, x, w, n_labelled, seed)
+
+            out.append(_run(f"warm-{n_labelled}+online", x, ds, weights, online_seeds,
+                            warm_online, feature_map))
     return out
+
+
+def warm_then_online(ds: Dataset, x: np.ndarray, w: float, n_labelled: int,
+                     seed: int) -> np.ndarray:
+    """Test choices of our LinUCB warm-started (``bandit.replay.warm_start``, what
+    ``bandit-router warmstart`` runs) on ``n_labelled`` random train rows with every
+    model's outcome, then online under bandit feedback over the other train rows, in
+    order, and the test rows."""
+    n0 = ds.test_start
+    labelled = np.sort(np.random.default_rng([seed, n_labelled]).permutation(n0)[:n_labelled])
+    order = np.concatenate([np.setdiff1d(np.arange(n0), labelled), np.arange(n0, ds.n)])
+    router = Ours(LinUCB, x[order], ds.arms, ds.cost[:n0].mean(axis=0), seed)
+    outcomes = np.stack([ds.quality, ds.cost, np.full_like(ds.cost, np.nan)], axis=2)
+    warm_start(router.policy, x[labelled], ReplayLog(ds.arms, outcomes[labelled]))
+    return run_online(router, ds.quality[order], ds.cost[order],
+                      np.full(len(order), w))[-(ds.n - n0):]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8, help="seeds of the ideal-K draws")
     parser.add_argument("--online-seeds", type=int, default=3,
                         help="seeds of our online LinUCB (0 skips it)")
+    parser.add_argument("--warm", default="250,1000",
+                        help="labelled train rows of the warm-N+online runs ('' skips)")
+    parser.add_argument("--warm-maps", default="raw", help="maps the warm runs use")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -227,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     results, started = [], time.perf_counter()
     for spec in args.maps.split(","):
         x = make_map(spec, raw[:ds.test_start])(raw)
-        for fam in families(ds, x, spec, weights, ks, args.seeds, args.online_seeds):
+        warm = ([int(v) for v in args.warm.split(",") if v]
+                if spec in args.warm_maps.split(",") else [])
+        for fam in families(ds, x, spec, weights, ks, args.seeds, args.online_seeds, warm):
             results.append(evaluate(fam, quality, cost, best, cheapest, args.bootstrap))
             row = results[-1]
             print(f"{spec:12s} {fam.kind:12s} gap {row['gap']:+.4f} "
@@ -254,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         path = write_results("goal1_ceiling", {
             "settings": {"maps": args.maps, "weights": weights, "ideal_k": ks,
                          "seeds": args.seeds, "online_seeds": args.online_seeds,
+                         "warm": args.warm, "warm_maps": args.warm_maps,
                          "bootstrap": args.bootstrap, "ridge": RIDGE,
                          "elapsed_s": round(time.perf_counter() - started, 1)},
             "target": target, "results": results}, packages=("numpy",))
