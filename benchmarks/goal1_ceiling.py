@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8, help="seeds of the ideal-K draws")
     parser.add_argument("--online-seeds", type=int, default=3,
                         help="seeds of our online LinUCB (0 skips it)")
-    parser.add_argument("--warm", default="250,1000",
+    parser.add_argument("--warm", default="1000,5000",
                         help="labelled train rows of the warm-N+online runs ('' skips)")
     parser.add_argument("--warm-maps", default="raw", help="maps the warm runs use")
     parser.add_argument("--bootstrap", type=int, default=2000)
