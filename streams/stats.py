@@ -58,10 +58,11 @@ def new_statistics(dim: int, half_life_hours: float | None = None) -> Policy:
 def check_half_life(stats: Policy, half_life_hours: float | None, where: str) -> Policy:
     """Refuse statistics learned with another half-life (sums cannot be converted).
 
-    >>> check_half_life(new_statistics(2, 24.0), 168.0, "partition 0")
-    Traceback (most recent call last):
-    ...
-    streams.stats.HalfLifeMismatchError: half_life_hours: ...
+    >>> try:
+    ...     check_half_life(new_statistics(2, 24.0), 168.0, "partition 0")
+    ... except HalfLifeMismatchError as exc:
+    ...     print(exc.field, "/", str(exc).split(": ", 1)[1][:40])
+    half_life_hours / is 168.0 here, but the stored statistics
     """
     stored = stats.config.half_life_hours
     if stored != half_life_hours:
