@@ -11,6 +11,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from kafka import TopicPartition
 
 from bandit import LinUCB, Policy
 from service.app import create_app
@@ -97,6 +98,26 @@ def test_route_forgetting_distributed_snapshot_equals_embedded_policy(
                       for r in running)
         assert applied == len(events)
         stored = stored_offsets(fresh_database_url, unique_group_id, topic)
+        # A learner without forgetting that started before anything was stored (its
+        # start-up check is skipped here: the race it cannot see) and is then assigned a
+        # partition refuses its statistics and stops with the error, because kafka-python
+        # only logs a rebalance listener's exception. The listener's method is called
+        # directly: with the test broker (Tansu), a member that joined after every other
+        # member had left was not assigned anything within 60 s (its JoinGroup waited).
+        late = Learner(replace(config, half_life_hours=None), fresh_database_url,
+                       client_id="forget-late")
+        with pytest.raises(HalfLifeMismatchError):
+            late._check_stored_half_life()  # noqa: SLF001
+        late._check_stored_half_life = lambda: None  # type: ignore[method-assign]
+        late.start(create_topics=False)
+        try:
+            late._assign([TopicPartition(topic, p) for p in sorted(stored)])  # noqa: SLF001
+            assert not late.running and late.partitions == {}
+            with pytest.raises(HalfLifeMismatchError, match="BANDIT_ROUTER_HALF_LIFE_HOURS"):
+                late.step(timeout_ms=100)
+        finally:
+            late.close()
+        assert stored_offsets(fresh_database_url, unique_group_id, topic) == stored
         deadline = time.monotonic() + 30
         while routing.snapshot_offsets != stored:
             assert time.monotonic() < deadline, (routing.snapshot_offsets, stored)
