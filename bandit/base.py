@@ -758,7 +758,7 @@ class Policy(abc.ABC):
     def update_batch(self, arms: Sequence[str], x: object,
                      outcomes: Sequence[Mapping[str, object]] | np.ndarray, *,
                      now: float | None = None, weight: float = 1.0,
-                     watch_drift: bool = True) -> None:
+                     watch_drift: bool = True, times: object = None) -> None:
         """Learn from many outcomes at once (one exact refresh per arm touched).
 
         ``outcomes`` is a list of mappings as for :meth:`update`, or an (n, 3) array of
@@ -771,6 +771,22 @@ class Policy(abc.ABC):
         (a warm start) is not a stream in time. Its residuals, all against the heads
         before the batch, would shift wherever the log's mix of tasks does, and a
         detection would discard most of the data just learned.
+
+        ``times`` (seconds, one per outcome; with forgetting only, instead of ``now``)
+        are the outcomes' event times: the statistics move to the latest of them (as
+        :meth:`update` does with ``now``) and each outcome is weighted by
+        ``0.5 ** ((t_ref - t) / half_life)``, its own age at the reference time. The sums
+        are then the exponentially weighted sums of the events whatever order and
+        batches they come in, so sums kept apart (partitions) add up exactly
+        (:meth:`merge`, :meth:`decay`).
+
+        >>> from bandit import LinUCB
+        >>> p = LinUCB(1, half_life_hours=1.0, decay_interval_s=0.0, drift_delta=None)
+        >>> p.add_arm("a")
+        >>> p.update_batch(["a"], [[1.0]], [{"quality": 1.0}], times=[7200.0])
+        >>> p.update_batch(["a"], [[1.0]], [{"quality": 1.0}], times=[0.0])  # late
+        >>> float(p._stats.weight[0, 0])  # 1 + 0.5 ** 2
+        1.25
         """
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
                 0 < weight <= 1):
@@ -782,13 +798,31 @@ class Policy(abc.ABC):
         ks = np.array([self._arm_index(a) for a in arms], dtype=np.intp)
         y = (parse_outcome_array(outcomes) if isinstance(outcomes, np.ndarray)
              else np.stack([parse_outcome(o) for o in outcomes]))
-        self._maybe_decay(now)
+        weights: float | np.ndarray = float(weight)
+        if times is not None:
+            if now is not None:
+                raise InvalidInputError("now", "must be None when times are given")
+            t = np.asarray(times, dtype=np.float64).reshape(-1)
+            if t.shape != (xb.shape[0],) or not np.isfinite(t).all():
+                raise InvalidInputError("times", "must be one finite time (seconds) per "
+                                        "outcome", f"shape {t.shape}")
+            hl = self.config.half_life_hours
+            if hl is not None and len(t):
+                self._maybe_decay(float(t.max()))
+                assert self._t_ref is not None
+                # Relative to the reference time, not to the previous event: exact and
+                # order-free. Rows newer than the reference (within decay_interval_s)
+                # weigh slightly more than 1; rows far older underflow to 0.
+                weights = float(weight) * 0.5 ** ((self._t_ref - t) / 3600.0 / hl)
+        else:
+            self._maybe_decay(now)
         for k in np.unique(ks):
             rows = ks == k
             name = self._names[k]
             q = ~np.isnan(y[rows, 0])
             residuals = (y[rows, 0] - xb[rows] @ self._stats.theta[k, 0])[q]
-            self._stats.update_many(int(k), xb[rows], y[rows], float(weight))
+            self._stats.update_many(int(k), xb[rows], y[rows],
+                                    weights if np.ndim(weights) == 0 else weights[rows])
             if watch_drift:
                 self._watch_drift(name, residuals.tolist())
         self.version += 1
@@ -827,6 +861,34 @@ class Policy(abc.ABC):
         if elapsed >= max(self.config.decay_interval_s, 1e-12):
             self._stats.scale(0.5 ** (elapsed / 3600.0 / half_life))
             self._t_ref = now
+
+    def decay(self, now: float) -> None:
+        """Discount the data sums (never the prior) to reference time ``now`` exactly.
+
+        For statistics that receive no updates but must keep forgetting (the deciders'
+        snapshot of the learners' sums). Without forgetting, with no reference time yet,
+        or with ``now`` not after it (never un-decay), nothing changes.
+
+        >>> from bandit import LinUCB
+        >>> p = LinUCB(1, half_life_hours=1.0, drift_delta=None)
+        >>> p.add_arm("a")
+        >>> p.update_batch(["a"], [[1.0]], [{"quality": 1.0}], times=[0.0])
+        >>> p.decay(7200.0)
+        >>> float(p._stats.weight[0, 0]), p.reference_time
+        (0.25, 7200.0)
+        """
+        check_finite_number("now", now)
+        hl = self.config.half_life_hours
+        if hl is None or self._t_ref is None or now <= self._t_ref:
+            return
+        self._stats.scale(0.5 ** ((now - self._t_ref) / 3600.0 / hl))
+        self._t_ref = float(now)
+        self.version += 1
+
+    @property
+    def reference_time(self) -> float | None:
+        """The time the data sums are discounted to (None: no forgetting or no data)."""
+        return self._t_ref
 
     # ------------------------------------------------------------- replicas
     def merge(self, other: Policy) -> Policy:

@@ -238,24 +238,31 @@ class ArmStatistics:
             self._update_sigma2(k)
         return float(err[0]) if obs[0] else None
 
-    def update_many(self, k: int, x: np.ndarray, y: np.ndarray, weight: float = 1.0) -> None:
+    def update_many(self, k: int, x: np.ndarray, y: np.ndarray,
+                    weight: float | np.ndarray = 1.0) -> None:
         """Add a batch of observations (n,D) / (n,H) to arm k, each counting as ``weight``
-        observations, then refresh the arm exactly."""
+        observations (one number, or one per row), then refresh the arm exactly."""
         observed = ~np.isnan(y)
+        if np.ndim(weight):
+            w = np.asarray(weight, dtype=np.float64).reshape(-1, 1)
+            xw = x * w  # row-weighted: sum_i w_i x_i x_i^T = (w x)^T x
+            wsum: np.ndarray | float = 1.0
+        else:
+            w, xw, wsum = np.ones((len(x), 1)), x, float(weight)
         touched = (observed & self.group[k]).any(axis=1)  # rows reporting a group head
         if touched.any():
             # The group keeps the heads every such row reports; the others split off.
             self._split(k, ~np.logical_and.reduce(observed[touched], axis=0))
-            self.s_data[k] += weight * (x[touched].T @ x[touched])
+            self.s_data[k] += wsum * (xw[touched].T @ x[touched])
         group = self.group[k]
         for h in np.flatnonzero(~group):
             rows = observed[:, h]
             if rows.any():
-                self.a_data[k, h] += weight * (x[rows].T @ x[rows])
+                self.a_data[k, h] += wsum * (xw[rows].T @ x[rows])
         yo = np.where(observed, y, 0.0)
-        self.b_data[k] += weight * (yo.T @ x)
-        self.srr[k] += weight * (yo * yo).sum(axis=0)
-        self.weight[k] += weight * observed.sum(axis=0)
+        self.b_data[k] += wsum * ((yo * w).T @ x)
+        self.srr[k] += wsum * (w * yo * yo).sum(axis=0)
+        self.weight[k] += wsum * (w * observed).sum(axis=0)
         self.count[k] += observed.sum(axis=0)
         self.refresh([k])
 

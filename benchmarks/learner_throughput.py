@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,8 @@ def drop_database(admin_url: str, url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def store_decisions(url: str, n: int, rng: np.random.Generator) -> tuple[list, list]:
+def store_decisions(url: str, n: int, rng: np.random.Generator,
+                    spread_h: float = 0.0) -> tuple[list, list]:
     tenants = [str(uuid.uuid4()) for _ in range(TENANTS)]
     models = [f"model-{i:02d}" for i in range(MODELS)]
     ids = [str(uuid.uuid4()) for _ in range(n)]
@@ -81,6 +82,9 @@ def store_decisions(url: str, n: int, rng: np.random.Generator) -> tuple[list, l
     chosen = rng.integers(MODELS, size=n)
     x = rng.normal(size=(n, DIM)).astype("<f8")
     now = datetime.now(UTC)
+    # Decision times spread over the last spread_h hours in random order: the event
+    # times forgetting runs on (every batch then moves its partition's reference time).
+    created = [now - timedelta(hours=float(h)) for h in rng.uniform(0, spread_h, size=n)]
     with psycopg.connect(libpq_url(url)) as conn:
         with conn.cursor() as cur:
             cur.executemany(
@@ -94,7 +98,7 @@ def store_decisions(url: str, n: int, rng: np.random.Generator) -> tuple[list, l
                 for i in range(n):
                     copy.write_row((ids[i], tenants[owner[i]], models[chosen[i]], "linucb",
                                     0, "shared", 1.0, x[i].tobytes(), "{}", 0.0, 0.0, False,
-                                    now))
+                                    created[i]))
         conn.commit()
     return ids, [tenants[o] for o in owner]
 
@@ -127,7 +131,8 @@ def stored(url: str, group: str, topic: str) -> dict[int, int]:
 
 class LearnerProcess:
     def __init__(self, name: str, url: str, bootstrap: str, topic: str, group: str,
-                 max_poll_records: int, log_dir: Path, *, reconcile_spend: bool = True) -> None:
+                 max_poll_records: int, log_dir: Path, *, reconcile_spend: bool = True,
+                 half_life_hours: float | None = None) -> None:
         self.log = log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
@@ -135,7 +140,8 @@ class LearnerProcess:
              "--database-url", url, "--feedback-topic", topic, "--group-id", group,
              "--dim", str(DIM), "--max-poll-records", str(max_poll_records),
              "--no-create-topics", "--client-id", name,
-             *([] if reconcile_spend else ["--no-reconcile-spend"])],
+             *([] if reconcile_spend else ["--no-reconcile-spend"]),
+             *([] if half_life_hours is None else ["--half-life-hours", str(half_life_hours)])],
             env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
 
     def assignments(self) -> list[str]:
@@ -156,16 +162,18 @@ class LearnerProcess:
 
 def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: int,
                events: int, partitions: int, max_poll_records: int, rng: np.random.Generator,
-               log_dir: Path, *, reconcile_spend: bool = True) -> dict:
+               log_dir: Path, *, reconcile_spend: bool = True,
+               half_life_hours: float | None = None, spread_h: float = 0.0) -> dict:
     topic = f"bench-feedback-{uuid.uuid4().hex[:8]}"
     group = f"bench-{uuid.uuid4().hex[:8]}"
     create_topic(admin, topic, partitions)
-    ids, owners = store_decisions(url, events, rng)
+    ids, owners = store_decisions(url, events, rng, spread_h)
     t = time.perf_counter()
     ends = produce(bootstrap, topic, ids, owners, rng)
     produce_s = time.perf_counter() - t
     learners = [LearnerProcess(f"learner-{i}", url, bootstrap, topic, group,
-                               max_poll_records, log_dir, reconcile_spend=reconcile_spend)
+                               max_poll_records, log_dir, reconcile_spend=reconcile_spend,
+                               half_life_hours=half_life_hours)
                 for i in range(n_learners)]
     try:
         deadline = time.monotonic() + 120
@@ -190,6 +198,7 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
         applied_keys = conn.execute("SELECT count(*) FROM learner_applied WHERE group_id = %s",
                                     (group,)).fetchone()[0]
     return {"learners": n_learners, "reconcile_spend": reconcile_spend,
+            "half_life_hours": half_life_hours, "decision_spread_h": spread_h,
             "events_produced": events, "partitions": partitions,
             "events_measured": applied, "seconds": round(elapsed, 3),
             "events_per_s": round(applied / elapsed, 1),
@@ -310,6 +319,38 @@ def reconcile_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
         print(f"wrote {out.relative_to(ROOT)}")
 
 
+def forgetting_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
+                     rng: np.random.Generator, log_dir: Path) -> None:
+    """One learner with and without forgetting (--half-life-hours 168), alternating, on
+    decisions spread over a week: the cost of event-time forgetting, as a ratio."""
+    rows = []
+    for _ in range(args.forgetting_ratio):
+        for half_life in (None, 168.0):
+            url = make_database(args.database_url)
+            try:
+                row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
+                                 args.max_poll_records, rng, log_dir,
+                                 half_life_hours=half_life, spread_h=168.0)
+            finally:
+                drop_database(args.database_url, url)
+            rows.append(row)
+            print(f"half_life_hours={half_life!s:5}: {row['events_per_s']:>10,.0f} events/s",
+                  flush=True)
+    rate = {flag: float(np.median([r["events_per_s"] for r in rows
+                                   if r["half_life_hours"] == flag])) for flag in (None, 168.0)}
+    ratio = rate[168.0] / rate[None]
+    print(f"median events/s: without {rate[None]:,.0f}, with {rate[168.0]:,.0f}: "
+          f"ratio {ratio:.2f}")
+    if not args.quick:
+        out = RESULT.with_name("learner_forgetting.json")
+        out.write_text(json.dumps({
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "load_average": os.getloadavg(), "events": args.events, "runs": rows,
+            "median_events_per_s": {"without": rate[None], "with": rate[168.0]},
+            "ratio_with_to_without": round(ratio, 3)}, indent=2) + "\n")
+        print(f"wrote {out.relative_to(ROOT)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--database-url", default=os.environ.get("BANDIT_TEST_DATABASE_URL"))
@@ -326,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only compare one learner with and without writing real costs "
                         "into decisions.charged_usd, ROUNDS alternating pairs; writes "
                         "learner_reconcile.json")
+    parser.add_argument("--forgetting-ratio", type=int, default=0, metavar="ROUNDS",
+                        help="only compare one learner with and without forgetting "
+                        "(--half-life-hours 168, decisions spread over a week), ROUNDS "
+                        "alternating pairs; writes learner_forgetting.json")
     args = parser.parse_args(argv)
     if not args.database_url or not args.bootstrap:
         parser.error("set BANDIT_TEST_DATABASE_URL and BANDIT_TEST_KAFKA_BOOTSTRAP (see "
@@ -341,6 +386,10 @@ def main(argv: list[str] | None = None) -> None:
                      "dim": DIM, "models": MODELS, "throughput": [], "visibility": None}
     if args.reconcile_ratio:
         reconcile_ratio(args, admin, rng, log_dir)
+        admin.close()
+        return
+    if args.forgetting_ratio:
+        forgetting_ratio(args, admin, rng, log_dir)
         admin.close()
         return
     if args.visibility_only and RESULT.exists():

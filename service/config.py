@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     policy_seed: int | None = Field(None, description="Seed of the policies' random "
                                     "generators; None draws one from the OS.")
     epsilon: float = Field(0.01, ge=0.0, le=1.0)
+    half_life_hours: float | None = Field(None, gt=0.0, description="Forgetting: an "
+                                          "observation's weight halves every this many "
+                                          "hours (docs/policies.md); unset keeps "
+                                          "everything. Distributed mode: the same value on "
+                                          "every API replica and learner.")
     checkpoint_interval_s: float = Field(60.0, gt=0.0)
     checkpoints_kept: int = Field(3, ge=1)
     # How often models and tenants changed through another replica are picked up.

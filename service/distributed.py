@@ -44,7 +44,7 @@ from service.routing import POLICY_KINDS, FeedbackResult, PendingDecision, Routi
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
-from streams.stats import SHARED_KEY, recast, sum_statistics
+from streams.stats import SHARED_KEY, check_half_life, recast, sum_statistics
 
 __all__ = ["DistributedRoutingService", "StatisticsFollower", "streams_config"]
 
@@ -64,7 +64,8 @@ def streams_config(settings: Settings) -> StreamsConfig:
         pending_timeout_s=settings.feedback_pending_timeout_s,
         retention_hours=settings.feedback_retention_hours,
         max_poll_records=settings.learner_max_poll_records,
-        metrics_port=settings.learner_metrics_port).validated()
+        metrics_port=settings.learner_metrics_port,
+        half_life_hours=settings.half_life_hours).validated()
 
 
 class StatisticsFollower:
@@ -75,11 +76,19 @@ class StatisticsFollower:
     query of the partitions' versions. Only partitions whose version moved are read
     again. Refreshes are at most every ``min_interval_s``: under load the learners write
     several times a second and a rebuild costs tens of milliseconds of CPU.
+
+    With forgetting (``config.half_life_hours``) the published sums are decayed to
+    ``clock()`` (the prior is not part of them), and they are published again every
+    ``decay_interval_s`` even when no partition changed: an idle stream keeps forgetting.
+    Statistics stored with another half-life are refused (:attr:`error`, and the
+    refresh raises).
     """
 
     def __init__(self, database_url: str, config: StreamsConfig,
                  on_change: Callable[[dict[str, Policy], dict[int, int]], None], *,
-                 poll_interval_s: float = 1.0, min_interval_s: float = 0.2) -> None:
+                 poll_interval_s: float = 1.0, min_interval_s: float = 0.2,
+                 decay_interval_s: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.url = libpq_url(database_url)
         self.config = config
         self.on_change = on_change
@@ -90,6 +99,11 @@ class StatisticsFollower:
         self._parts: dict[int, dict[str, Policy]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.decay_interval_s = decay_interval_s
+        self.clock = clock
+        self._published_at: float | None = None
+        #: Why the statistics cannot be followed (a half-life mismatch), else None.
+        self.error: str | None = None
         self.refreshes = 0
 
     def refresh(self, conn: psycopg.Connection | None = None) -> bool:
@@ -103,7 +117,7 @@ class StatisticsFollower:
                 (self.config.group_id, self.config.feedback_topic)).fetchall()
             changed = [int(p) for p, v, _ in rows if self.versions.get(int(p)) != int(v)]
             if not changed:
-                return False
+                return self._redecay()
             # Statistics and version read in one statement: a consistent pair.
             blobs = conn.execute(
                 "SELECT p.partition, p.version, p.next_offset, s.key, s.data"
@@ -116,19 +130,44 @@ class StatisticsFollower:
             if own:
                 conn.close()
         fresh: dict[int, dict[str, Policy]] = {}
+        versions, offsets = {}, {}
         for partition, version, offset, key, data in blobs:
             fresh.setdefault(partition, {})
-            self.versions[partition] = int(version)
-            self.offsets[partition] = int(offset)
+            versions[partition] = int(version)
+            offsets[partition] = int(offset)
             if key is not None:
-                fresh[partition][key] = Policy.from_bytes(bytes(data))
+                try:
+                    fresh[partition][key] = check_half_life(
+                        Policy.from_bytes(bytes(data)), self.config.half_life_hours,
+                        f"partition {partition} ({key})")
+                except ValueError as exc:
+                    # Versions not recorded: every refresh tries (and reports) again.
+                    self.error = str(exc)
+                    raise
+        self.error = None
+        self.versions.update(versions)
+        self.offsets.update(offsets)
         self._parts.update(fresh)
+        self._publish()
+        return True
+
+    def _redecay(self) -> bool:
+        """Publish the same sums decayed to now, once per ``decay_interval_s``."""
+        if (self.config.half_life_hours is None or self._published_at is None
+                or self.clock() - self._published_at < self.decay_interval_s):
+            return False
+        self._publish()
+        return True
+
+    def _publish(self) -> None:
+        now = self.clock()
         keys = {k for part in self._parts.values() for k in part}
         totals = {key: sum_statistics((p[key] for p in self._parts.values() if key in p),
-                                      self.config.dim) for key in keys}
+                                      self.config.dim, self.config.half_life_hours, now)
+                  for key in keys}
         self.on_change(totals, dict(self.offsets))
+        self._published_at = now
         self.refreshes += 1
-        return True
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="statistics-follower",
@@ -281,10 +320,13 @@ class DistributedRoutingService(RoutingService):
         return policy
 
     def degraded(self) -> dict[str, str]:
+        out = {}
         if self._producer_resetting:
-            return {"broker": "unreachable; feedback refused with 503 + Retry-After until "
-                              "the producer reconnects"}
-        return {}
+            out["broker"] = ("unreachable; feedback refused with 503 + Retry-After until "
+                             "the producer reconnects")
+        if self.follower.error is not None:
+            out["statistics"] = "not followed: " + self.follower.error
+        return out
 
     # ------------------------------------------------------------ feedback
     def feedback(self, tenant: Any, decision_id: str, outcome: dict[str, float | None],

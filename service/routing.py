@@ -228,7 +228,8 @@ class RoutingService:
     # ------------------------------------------------------------------ policies
     def _new_policy(self, kind: str) -> Policy:
         policy = _POLICY_CLASSES[kind](self.settings.dim, seed=self.settings.policy_seed,
-                                       epsilon=self.settings.epsilon)
+                                       epsilon=self.settings.epsilon,
+                                       half_life_hours=self.settings.half_life_hours)
         for model in self.models.values():
             policy.add_arm(model.name, self._prior(model))
         return policy
@@ -272,9 +273,11 @@ class RoutingService:
             if data is None:
                 return self._new_policy(kind)
             # Statistics from the checkpoint, settings from this process: a restart with
-            # another BANDIT_ROUTER_EPSILON explores with the new one.
+            # another BANDIT_ROUTER_EPSILON explores with the new one (and one with
+            # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
             policy = Policy.from_bytes(data, as_class=_POLICY_CLASSES[kind],
-                                       epsilon=self.settings.epsilon)
+                                       epsilon=self.settings.epsilon,
+                                       half_life_hours=self.settings.half_life_hours)
             if policy.dim != self.settings.dim:
                 raise RuntimeError(f"checkpoint {key} has dimension {policy.dim}, the "
                                    f"settings say {self.settings.dim}")

@@ -44,6 +44,11 @@ class StreamsConfig:
         so larger polls amortize the writes.
     metrics_port
         Port of the learner's ``/metrics`` (0: no HTTP server).
+    half_life_hours
+        Forgetting of the statistics by event time (the decision's ``created_at``): an
+        observation's weight halves every this many hours. None keeps everything. Must
+        equal the API replicas' ``BANDIT_ROUTER_HALF_LIFE_HOURS``: the stored
+        statistics record it and a process with another value refuses them.
     reconcile_spend
         Write a feedback's real cost into its decision's ``charged_usd`` (one UPDATE per
         partition batch), which the API replicas' budgets read; off saves that write
@@ -71,6 +76,7 @@ class StreamsConfig:
     max_poll_records: int = 20000
     metrics_port: int = 0
     reconcile_spend: bool = True
+    half_life_hours: float | None = None
 
     def validated(self) -> StreamsConfig:
         if not isinstance(self.bootstrap, str) or not self.bootstrap.strip():
@@ -88,4 +94,6 @@ class StreamsConfig:
                 raise InvalidInputError(name, f"must be an integer >= {low}", value)
         check_finite_number("pending_timeout_s", self.pending_timeout_s, low=0.0)
         check_finite_number("retention_hours", self.retention_hours, low=1e-6)
+        if self.half_life_hours is not None:
+            check_finite_number("half_life_hours", self.half_life_hours, low=1e-6)
         return self

@@ -52,7 +52,13 @@ from streams.schemas import (
     decode_feedback,
     encode_dead_letter,
 )
-from streams.stats import SHARED_KEY, new_statistics, scope_key
+from streams.stats import (
+    SHARED_KEY,
+    HalfLifeMismatchError,
+    check_half_life,
+    new_statistics,
+    scope_key,
+)
 from streams.topics import ensure_topics
 
 __all__ = ["Learner", "LearnerMetrics", "libpq_url", "NOTIFY_CHANNEL", "main"]
@@ -182,6 +188,7 @@ class Learner:
         self.producer: KafkaProducer | None = None
         self._last_lag_log = 0.0
         self._last_prune = time.monotonic()
+        self._fatal: Exception | None = None
         self.batches = 0
 
     # ------------------------------------------------------------ life cycle
@@ -189,6 +196,7 @@ class Learner:
         if create_topics:
             ensure_topics(self.config)
         self._conn = psycopg.connect(self.database_url, autocommit=False)
+        self._check_stored_half_life()
         self.producer = KafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
                                       linger_ms=5, client_id=f"{self.client_id}-dlq")
         self.consumer = KafkaConsumer(
@@ -200,6 +208,20 @@ class Learner:
         if self.config.metrics_port:
             start_http_server(self.config.metrics_port, registry=self.metrics.registry)
         self._running.set()
+
+    def _check_stored_half_life(self) -> None:
+        """Refuse to start on statistics learned with another half-life (before joining
+        the group: a refusal inside the rebalance callback would only be logged)."""
+        conn = self._db()
+        with conn.transaction():
+            row = conn.execute(
+                "SELECT partition, key, data FROM partition_statistics"
+                " WHERE group_id = %s AND topic = %s LIMIT 1",
+                (self.config.group_id, self.config.feedback_topic)).fetchone()
+        if row is not None:
+            check_half_life(Policy.from_bytes(bytes(row[2])), self.config.half_life_hours,
+                            f"partition {row[0]} ({row[1]}) of group "
+                            f"{self.config.group_id!r}")
 
     def stop(self) -> None:
         """Ask the loop to stop after the current batch (safe from a signal handler)."""
@@ -253,6 +275,8 @@ class Learner:
             log.warning("poll failed (%r); polling again in 1 s", exc)
             time.sleep(1.0)
             return 0
+        if self._fatal is not None:
+            raise self._fatal
         started = time.perf_counter()
         taken = self._process(records)
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -265,7 +289,14 @@ class Learner:
     # ------------------------------------------------------------ assignment
     def _assign(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
-            state = self._load(tp)
+            try:
+                state = self._load(tp)
+            except HalfLifeMismatchError as exc:
+                # kafka-python only logs a listener's exception: stop, and let step()
+                # raise it, rather than own a partition without its statistics.
+                self._fatal = exc
+                self.stop()
+                return
             self.partitions[tp] = state
             self._seek(state)
         self.metrics.partitions.set(len(self.partitions))
@@ -302,7 +333,10 @@ class Learner:
             blobs = conn.execute(
                 "SELECT key, data FROM partition_statistics"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
-        stats = {key: Policy.from_bytes(bytes(data)) for key, data in blobs}
+        stats = {key: check_half_life(Policy.from_bytes(bytes(data)),
+                                      self.config.half_life_hours,
+                                      f"partition {tp.partition} ({key})")
+                 for key, data in blobs}
         return _Partition(tp, int(version), int(offset), stats)
 
     def _db(self) -> psycopg.Connection:
@@ -545,7 +579,8 @@ class Learner:
         for key, rows in groups.items():
             policy = state.stats.get(key)
             if policy is None:
-                policy = state.stats[key] = new_statistics(self.config.dim)
+                policy = state.stats[key] = new_statistics(self.config.dim,
+                                                           self.config.half_life_hours)
             known = set(policy.arms)
             for _, row in rows:
                 if row[1] not in known:
@@ -558,8 +593,13 @@ class Learner:
             y = np.array([[np.nan if v is None else v for v in (
                 item.event.quality, item.event.cost_usd, item.event.latency_ms)]
                 for item, _ in rows], dtype=np.float64)
+            # Forgetting runs on event time, the decision's created_at (stored by the API,
+            # the same on every re-read), never on the wall clock at apply time: a replay
+            # after a crash or on another learner must produce the same sums.
+            times = (None if self.config.half_life_hours is None
+                     else [row[4].timestamp() for _, row in rows])
             policy.update_batch([row[1] for _, row in rows],
-                                x.reshape(len(rows), self.config.dim), y)
+                                x.reshape(len(rows), self.config.dim), y, times=times)
         return list(groups)
 
     # ------------------------------------------------------------ kafka offsets
@@ -659,6 +699,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=0)
     parser.add_argument("--client-id", default=None)
     parser.add_argument("--no-create-topics", action="store_true")
+    parser.add_argument("--half-life-hours", type=float, default=None,
+                        help="forgetting by event time (same as the API replicas' "
+                             "BANDIT_ROUTER_HALF_LIFE_HOURS); default none")
     parser.add_argument("--no-reconcile-spend", action="store_true",
                         help="do not write real costs into decisions.charged_usd")
     args = parser.parse_args(argv)
@@ -669,7 +712,8 @@ def main(argv: list[str] | None = None) -> None:
         decisions_topic=args.decisions_topic, dead_letter_topic=args.dead_letter_topic,
         group_id=args.group_id, dim=args.dim, partitions=args.partitions,
         pending_timeout_s=args.pending_timeout_s, max_poll_records=args.max_poll_records,
-        metrics_port=args.metrics_port, reconcile_spend=not args.no_reconcile_spend)
+        metrics_port=args.metrics_port, reconcile_spend=not args.no_reconcile_spend,
+        half_life_hours=args.half_life_hours)
     learner = Learner(config, args.database_url, client_id=args.client_id)
     run_until_signalled(learner, create_topics=not args.no_create_topics)
 

@@ -7,9 +7,13 @@ A learner keeps, per partition it owns and per scope key (``"shared"``, or
 statistics of all partitions add up (:meth:`bandit.Policy.merge`) to those of one
 process that saw every event, whichever learner applied which partition.
 
-Drift detection and forgetting are off in the partition statistics: ADWIN's rescaling
-depends on the order events are seen in, which a partitioned stream does not preserve
-(see docs/streams.md).
+Drift detection is off in the partition statistics: ADWIN's rescaling depends on the
+order events are seen in, which a partitioned stream does not preserve. Forgetting
+(``half_life_hours``) is on when configured, by EVENT time (the decision's
+``created_at``): each partition's sums are weighted to its own reference time, the
+latest event time it has seen, and :func:`sum_statistics` decays every partition to a
+common reference time before adding them, so the sum does not depend on which learner
+applied which partition in which order (see docs/streams.md).
 
 The scoring rule is not part of the sums, so one set of statistics serves every policy
 kind: :func:`recast` turns the LinUCB carrier into any registered policy class.
@@ -20,10 +24,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from bandit import LinUCB, Policy
+from bandit.errors import InvalidInputError
 
-__all__ = ["SHARED_KEY", "new_statistics", "recast", "sum_statistics", "scope_key"]
+__all__ = ["SHARED_KEY", "HalfLifeMismatchError", "check_half_life", "new_statistics",
+           "recast", "sum_statistics", "scope_key"]
 
 SHARED_KEY = "shared"
+
+
+class HalfLifeMismatchError(InvalidInputError):
+    """Stored statistics were learned with another half-life than this process's."""
 
 
 def scope_key(scope: str, tenant_id: str) -> str | None:
@@ -31,13 +41,39 @@ def scope_key(scope: str, tenant_id: str) -> str | None:
     return f"tenant:{tenant_id}" if scope == "isolated" else None
 
 
-def new_statistics(dim: int) -> Policy:
-    """An empty statistics carrier: no arms yet, no drift detector, no forgetting.
+def new_statistics(dim: int, half_life_hours: float | None = None) -> Policy:
+    """An empty statistics carrier: no arms yet, no drift detector.
+
+    With ``half_life_hours`` the sums forget by event time (``update_batch(...,
+    times=...)``); ``decay_interval_s=0`` keeps the reference time at the latest event,
+    so every stored weight is at most 1.
 
     >>> new_statistics(4).arms
     []
     """
-    return LinUCB(dim, drift_delta=None, half_life_hours=None, seed=0)
+    return LinUCB(dim, drift_delta=None, half_life_hours=half_life_hours,
+                  decay_interval_s=0.0, seed=0)
+
+
+def check_half_life(stats: Policy, half_life_hours: float | None, where: str) -> Policy:
+    """Refuse statistics learned with another half-life (sums cannot be converted).
+
+    >>> try:
+    ...     check_half_life(new_statistics(2, 24.0), 168.0, "partition 0")
+    ... except HalfLifeMismatchError as exc:
+    ...     print(exc.field, "/", str(exc).split(": ", 1)[1][:40])
+    half_life_hours / is 168.0 here, but the stored statistics
+    """
+    stored = stats.config.half_life_hours
+    if stored != half_life_hours:
+        raise HalfLifeMismatchError(
+            "half_life_hours",
+            f"is {half_life_hours} here, but the stored statistics of {where} were "
+            f"learned with {stored}: set BANDIT_ROUTER_HALF_LIFE_HOURS (learner: "
+            "--half-life-hours) to the same value on every learner and API replica, or "
+            "start a fresh consumer group (BANDIT_ROUTER_LEARNER_GROUP) to learn with "
+            "the new one")
+    return stats
 
 
 def recast(stats: Policy, cls: type[Policy], **config: object) -> Policy:
@@ -56,9 +92,18 @@ def recast(stats: Policy, cls: type[Policy], **config: object) -> Policy:
     return Policy.from_bytes(stats.to_bytes(derived=False), as_class=cls, **config)
 
 
-def sum_statistics(parts: Iterable[Policy], dim: int) -> Policy:
-    """The sum of several partitions' statistics (one carrier)."""
-    total = new_statistics(dim)
+def sum_statistics(parts: Iterable[Policy], dim: int, half_life_hours: float | None = None,
+                   now: float | None = None) -> Policy:
+    """The sum of several partitions' statistics (one carrier).
+
+    With forgetting, every partition is decayed to the latest reference time among them
+    (:meth:`bandit.Policy.merge`), then the sum to ``now`` if that is later: a stream
+    that went idle keeps forgetting. The result's reference time is
+    ``max(now, latest partition reference)``, the same whichever order ``parts`` come in.
+    """
+    total = new_statistics(dim, half_life_hours)
     for part in parts:
         total.merge(part)
+    if now is not None:
+        total.decay(now)
     return total

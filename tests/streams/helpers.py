@@ -30,6 +30,8 @@ class World:
     seed: int = 0
     tenants: list[str] = field(default_factory=list)
     decisions: dict[str, tuple[str, str, str, np.ndarray]] = field(default_factory=dict)
+    #: created_at of each stored decision (seconds): the event time of its feedback.
+    created: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -73,6 +75,8 @@ class World:
                 " '{}', 0, 0, false, %s)",
                 [(d, t, m, s, np.ascontiguousarray(x, dtype="<f8").tobytes(), created)
                  for d, t, m, s, x in rows])
+        # PostgreSQL keeps microseconds, as datetime does: the learner reads this back.
+        self.created.update({r[0]: created.timestamp() for r in rows})
 
     def store_later(self, decision_id: str) -> None:
         tenant, model, scope, x = self.decisions[decision_id]
@@ -142,19 +146,25 @@ def wait_caught_up(url: str, group: str, topic: str, ends: Ends,
         time.sleep(0.2)
 
 
-def load_statistics(url: str, group: str, topic: str, key: str = SHARED_KEY) -> Policy:
+def load_statistics(url: str, group: str, topic: str, key: str = SHARED_KEY,
+                    half_life_hours: float | None = None) -> Policy:
+    """The sum of the stored partitions (with forgetting: at the latest event time)."""
     with psycopg.connect(libpq_url(url)) as conn:
         blobs = conn.execute("SELECT data FROM partition_statistics WHERE group_id = %s"
                              " AND topic = %s AND key = %s", (group, topic, key)).fetchall()
     parts = [Policy.from_bytes(bytes(b)) for (b,) in blobs]
-    return sum_statistics(parts, DIM)
+    return sum_statistics(parts, DIM, half_life_hours)
 
 
-def replay(world: World, events: list[FeedbackEvent], key: str = SHARED_KEY) -> Policy:
-    """The clean single-process replay: every distinct (decision_id, event_id) once."""
+def replay(world: World, events: list[FeedbackEvent], key: str = SHARED_KEY,
+           half_life_hours: float | None = None) -> Policy:
+    """The clean single-process replay: every distinct (decision_id, event_id) once.
+
+    With ``half_life_hours``: one event at a time in event-time order (the decisions'
+    ``created_at``), forgetting between them, as one embedded process would."""
     seen: set[tuple[str, str]] = set()
     policy = new_statistics(world.dim)
-    arms, xs, outcomes = [], [], []
+    arms, xs, outcomes, decided = [], [], [], []
     for event in events:
         ident = (event.decision_id, event.event_id)
         if ident in seen:
@@ -166,8 +176,17 @@ def replay(world: World, events: list[FeedbackEvent], key: str = SHARED_KEY) -> 
         if model not in policy.arms:
             policy.add_arm(model)
         arms.append(model)
+        decided.append(event.decision_id)
         xs.append(x)
         outcomes.append(event.outcome())
+    if half_life_hours is not None:
+        timed = new_statistics(world.dim, half_life_hours)
+        for arm in policy.arms:
+            timed.add_arm(arm)
+        times = [world.created[d] for d in decided]
+        for i in sorted(range(len(arms)), key=times.__getitem__):
+            timed.update(arms[i], xs[i], outcomes[i], now=times[i])
+        return timed
     if arms:
         policy.update_batch(arms, np.array(xs), outcomes)
     return policy

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,12 @@ def db(fresh_database_url: str) -> str:
 class Load:
     """Produces feedback (with repeats) in the background until stopped."""
 
-    def __init__(self, world: World, bootstrap: str, topic: str, per_tick: int = 40) -> None:
+    def __init__(self, world: World, bootstrap: str, topic: str, per_tick: int = 40,
+                 max_age_h: float = 0.0) -> None:
         self.world, self.topic, self.per_tick = world, topic, per_tick
+        # Decisions of a tick are that many hours old (at random): events out of time order.
+        self.max_age_h = max_age_h
+        self.rng = np.random.default_rng(world.seed)
         self.prod = producer(bootstrap)
         self.ends = Ends()
         self.events: list = []
@@ -53,7 +58,8 @@ class Load:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def tick(self) -> None:
-        ids = self.world.add_decisions(self.per_tick)
+        age = timedelta(hours=float(self.rng.uniform(0.0, self.max_age_h)))
+        ids = self.world.add_decisions(self.per_tick, age=age)
         batch = [self.world.feedback(d) for d in ids]
         batch += batch[: self.per_tick // 8]  # repeats
         send_events(self.prod, self.topic, batch, self.ends)
@@ -73,12 +79,14 @@ class Load:
         self.thread.join(30)
 
 
-def _spawn(db: str, bootstrap: str, topic: str, group: str, log: Path) -> subprocess.Popen:
+def _spawn(db: str, bootstrap: str, topic: str, group: str, log: Path,
+           half_life_hours: float | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    forgetting = [] if half_life_hours is None else ["--half-life-hours", str(half_life_hours)]
     return subprocess.Popen(  # noqa: S603 - our own interpreter and module
         [sys.executable, "-m", "streams.learner", "--bootstrap", bootstrap,
          "--database-url", db, "--feedback-topic", topic, "--group-id", group,
-         "--dim", str(DIM), "--max-poll-records", "60", "--no-create-topics"],
+         "--dim", str(DIM), "--max-poll-records", "60", "--no-create-topics", *forgetting],
         env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -93,19 +101,24 @@ def _wait_progress(db: str, group: str, topic: str, since: dict[int, int],
     raise AssertionError(f"no learner progress in {timeout_s}s")
 
 
+# With forgetting, a re-read after a kill must weigh an event exactly as the first read
+# did: event time is the decision's created_at (here up to ten days old, out of order).
+@pytest.mark.parametrize(("half_life", "max_age_h"), [(None, 0.0), (24.0, 240.0)])
 def test_kill_learner_repeatedly_equal_replay(db: str, kafka_bootstrap: str,
                                               make_topic: Callable[..., str],
-                                              unique_group_id: str, tmp_path: Path) -> None:
+                                              unique_group_id: str, tmp_path: Path,
+                                              half_life: float | None,
+                                              max_age_h: float) -> None:
     world = World(db, seed=11)
     world.add_tenants(3)
     topic = make_topic(partitions=3)
     rng = np.random.default_rng(5)
     log = tmp_path / "learner.log"
     kills = 0
-    with Load(world, kafka_bootstrap, topic) as load:
+    with Load(world, kafka_bootstrap, topic, max_age_h=max_age_h) as load:
         for _ in range(4):
             before = stored_offsets(db, unique_group_id, topic)
-            proc = _spawn(db, kafka_bootstrap, topic, unique_group_id, log)
+            proc = _spawn(db, kafka_bootstrap, topic, unique_group_id, log, half_life)
             try:
                 _wait_progress(db, unique_group_id, topic, before)
                 # Mid-batch: batches of 60 records take milliseconds, so any instant
@@ -116,7 +129,7 @@ def test_kill_learner_repeatedly_equal_replay(db: str, kafka_bootstrap: str,
                 proc.wait(10)
             kills += 1
     assert kills == 4
-    proc = _spawn(db, kafka_bootstrap, topic, unique_group_id, log)
+    proc = _spawn(db, kafka_bootstrap, topic, unique_group_id, log, half_life)
     try:
         wait_caught_up(db, unique_group_id, topic, load.ends, timeout_s=90)
         proc.send_signal(signal.SIGTERM)
@@ -125,8 +138,9 @@ def test_kill_learner_repeatedly_equal_replay(db: str, kafka_bootstrap: str,
         if proc.poll() is None:
             proc.kill()
     assert b"learner stopped after" in log.read_bytes()
-    assert_same_statistics(load_statistics(db, unique_group_id, topic),
-                           replay(world, load.events))
+    assert_same_statistics(load_statistics(db, unique_group_id, topic,
+                                           half_life_hours=half_life),
+                           replay(world, load.events, half_life_hours=half_life))
 
 
 def test_rebalance_under_load_equal_replay(db: str, kafka_bootstrap: str,
