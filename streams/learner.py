@@ -560,9 +560,9 @@ class Learner:
         new to this group); ``ON CONFLICT DO NOTHING`` keeps the first row when another
         consumer group (started afresh, it re-reads the topic) applies an event again.
 
-        Arrays go in binary (``%b``): the text form of 7 arrays cost more to format and
-        parse than the insert itself. A missing value travels as NaN (which no applied
-        event has: the schema refuses NaN) and becomes NULL."""
+        Arrays go in binary (``%b``): in text form, formatting and parsing the 7 arrays
+        took about as long as the insert itself. A missing value travels as NaN (which no
+        applied event has: the schema refuses NaN) and becomes NULL."""
         if not applied:
             return
         nan = float("nan")
