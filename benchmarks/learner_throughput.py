@@ -23,6 +23,9 @@ Run::
     bash ops/postgres.sh start && bash ops/kafka.sh start
     python -m benchmarks.learner_throughput            # writes the JSON result
     python -m benchmarks.learner_throughput --quick    # small smoke run, writes nothing
+    # the cost of one of the learner's writes, one learner alternating without / with it:
+    python -m benchmarks.learner_throughput --feedback-rows-ratio 4 --events 100000
+    python -m benchmarks.learner_throughput --reconcile-ratio 2 --events 100000
 """
 
 from __future__ import annotations
