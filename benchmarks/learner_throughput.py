@@ -23,6 +23,9 @@ Run::
     bash ops/postgres.sh start && bash ops/kafka.sh start
     python -m benchmarks.learner_throughput            # writes the JSON result
     python -m benchmarks.learner_throughput --quick    # small smoke run, writes nothing
+    # the cost of one of the learner's writes, one learner alternating without / with it:
+    python -m benchmarks.learner_throughput --feedback-rows-ratio 4 --events 100000
+    python -m benchmarks.learner_throughput --reconcile-ratio 2 --events 100000
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ def stored(url: str, group: str, topic: str) -> dict[int, int]:
 class LearnerProcess:
     def __init__(self, name: str, url: str, bootstrap: str, topic: str, group: str,
                  max_poll_records: int, log_dir: Path, *, reconcile_spend: bool = True,
-                 half_life_hours: float | None = None) -> None:
+                 half_life_hours: float | None = None, feedback_rows: bool = True) -> None:
         self.log = log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
@@ -141,7 +144,8 @@ class LearnerProcess:
              "--dim", str(DIM), "--max-poll-records", str(max_poll_records),
              "--no-create-topics", "--client-id", name,
              *([] if reconcile_spend else ["--no-reconcile-spend"]),
-             *([] if half_life_hours is None else ["--half-life-hours", str(half_life_hours)])],
+             *([] if half_life_hours is None else ["--half-life-hours", str(half_life_hours)]),
+             *([] if feedback_rows else ["--no-feedback-rows"])],
             env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
 
     def assignments(self) -> list[str]:
@@ -163,7 +167,8 @@ class LearnerProcess:
 def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: int,
                events: int, partitions: int, max_poll_records: int, rng: np.random.Generator,
                log_dir: Path, *, reconcile_spend: bool = True,
-               half_life_hours: float | None = None, spread_h: float = 0.0) -> dict:
+               half_life_hours: float | None = None, spread_h: float = 0.0,
+               feedback_rows: bool = True) -> dict:
     topic = f"bench-feedback-{uuid.uuid4().hex[:8]}"
     group = f"bench-{uuid.uuid4().hex[:8]}"
     create_topic(admin, topic, partitions)
@@ -173,7 +178,7 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
     produce_s = time.perf_counter() - t
     learners = [LearnerProcess(f"learner-{i}", url, bootstrap, topic, group,
                                max_poll_records, log_dir, reconcile_spend=reconcile_spend,
-                               half_life_hours=half_life_hours)
+                               half_life_hours=half_life_hours, feedback_rows=feedback_rows)
                 for i in range(n_learners)]
     try:
         deadline = time.monotonic() + 120
@@ -197,14 +202,16 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
     with psycopg.connect(libpq_url(url)) as conn:
         applied_keys = conn.execute("SELECT count(*) FROM learner_applied WHERE group_id = %s",
                                     (group,)).fetchone()[0]
+        feedback = conn.execute("SELECT count(*) FROM feedback").fetchone()[0]
     return {"learners": n_learners, "reconcile_spend": reconcile_spend,
+            "feedback_rows": feedback_rows,
             "half_life_hours": half_life_hours, "decision_spread_h": spread_h,
             "events_produced": events, "partitions": partitions,
             "events_measured": applied, "seconds": round(elapsed, 3),
             "events_per_s": round(applied / elapsed, 1),
             "events_per_s_per_learner": round(applied / elapsed / n_learners, 1),
             "produce_events_per_s": round(events / produce_s, 1),
-            "applied_keys_total": int(applied_keys)}
+            "applied_keys_total": int(applied_keys), "feedback_rows_total": int(feedback)}
 
 
 def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
@@ -287,35 +294,39 @@ def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
             "rebuild_ms_median": round(1e3 * float(np.median(rebuild_s)), 2)}
 
 
-def reconcile_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
-                    rng: np.random.Generator, log_dir: Path) -> None:
-    """One learner with and without the charged_usd update, alternating on the same
-    machine: the cost of reconciling spend, as a ratio (the machine's load cancels)."""
+def flag_ratio(args: argparse.Namespace, admin: KafkaAdminClient, rng: np.random.Generator,
+               log_dir: Path, flag: str, rounds: int, result: str) -> None:
+    """One learner with and without one of its writes (``flag``: ``reconcile_spend`` or
+    ``feedback_rows``), alternating on the same machine: the cost of that write, as a
+    ratio of the medians (the machine's load, which swings absolute rates, cancels)."""
     rows = []
-    for _ in range(args.reconcile_ratio):
-        for reconcile in (False, True):
+    for _ in range(rounds):
+        for on in (False, True):
             url = make_database(args.database_url)
             try:
                 row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
-                                 args.max_poll_records, rng, log_dir,
-                                 reconcile_spend=reconcile)
+                                 args.max_poll_records, rng, log_dir, **{flag: on})
             finally:
                 drop_database(args.database_url, url)
             rows.append(row)
-            print(f"reconcile_spend={reconcile!s:5}: {row['events_per_s']:>10,.0f} events/s",
-                  flush=True)
-    rate = {flag: float(np.median([r["events_per_s"] for r in rows
-                                   if r["reconcile_spend"] is flag])) for flag in (False, True)}
+            print(f"{flag}={on!s:5}: {row['events_per_s']:>10,.0f} events/s "
+                  f"(feedback rows {row['feedback_rows_total']:,})", flush=True)
+    rate = {on: float(np.median([r["events_per_s"] for r in rows if r[flag] is on]))
+            for on in (False, True)}
     ratio = rate[True] / rate[False]
+    pairs = [b["events_per_s"] / a["events_per_s"] for a, b in zip(rows[::2], rows[1::2],
+                                                                 strict=True)]
     print(f"median events/s: without {rate[False]:,.0f}, with {rate[True]:,.0f}: "
-          f"ratio {ratio:.2f}")
+          f"ratio {ratio:.2f} (per pair {', '.join(f'{r:.2f}' for r in pairs)}; "
+          f"load average {os.getloadavg()[0]:.1f})")
     if not args.quick:
-        out = RESULT.with_name("learner_reconcile.json")
+        out = RESULT.with_name(result)
         out.write_text(json.dumps({
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "flag": flag,
             "load_average": os.getloadavg(), "events": args.events, "runs": rows,
             "median_events_per_s": {"without": rate[False], "with": rate[True]},
-            "ratio_with_to_without": round(ratio, 3)}, indent=2) + "\n")
+            "ratio_with_to_without": round(ratio, 3),
+            "pair_ratios": [round(r, 3) for r in pairs]}, indent=2) + "\n")
         print(f"wrote {out.relative_to(ROOT)}")
 
 
@@ -367,6 +378,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only compare one learner with and without writing real costs "
                         "into decisions.charged_usd, ROUNDS alternating pairs; writes "
                         "learner_reconcile.json")
+    parser.add_argument("--feedback-rows-ratio", type=int, default=0, metavar="ROUNDS",
+                        help="only compare one learner with and without writing applied "
+                        "events into the feedback table, ROUNDS alternating pairs; writes "
+                        "learner_feedback_rows.json")
     parser.add_argument("--forgetting-ratio", type=int, default=0, metavar="ROUNDS",
                         help="only compare one learner with and without forgetting "
                         "(--half-life-hours 168, decisions spread over a week), ROUNDS "
@@ -384,10 +399,13 @@ def main(argv: list[str] | None = None) -> None:
                      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                               "python": platform.python_version()},
                      "dim": DIM, "models": MODELS, "throughput": [], "visibility": None}
-    if args.reconcile_ratio:
-        reconcile_ratio(args, admin, rng, log_dir)
-        admin.close()
-        return
+    for flag, rounds, result in (
+            ("reconcile_spend", args.reconcile_ratio, "learner_reconcile.json"),
+            ("feedback_rows", args.feedback_rows_ratio, "learner_feedback_rows.json")):
+        if rounds:
+            flag_ratio(args, admin, rng, log_dir, flag, rounds, result)
+            admin.close()
+            return
     if args.forgetting_ratio:
         forgetting_ratio(args, admin, rng, log_dir)
         admin.close()

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     learner_group: str = "bandit-learners"
     learner_metrics_port: int = Field(9464, ge=0, le=65535)
     learner_max_poll_records: int = Field(20000, ge=1)
+    learner_feedback_rows: bool = Field(True, description="The learners write every "
+                                        "applied event into the feedback table (shown by "
+                                        "GET /v1/decisions/{id}, as in embedded mode).")
     # Feedback that arrives before its decision is written is retried this long.
     feedback_pending_timeout_s: float = Field(30.0, ge=0.0)
     # Feedback accepted while the database is unreachable (docs/reliability.md).

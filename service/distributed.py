@@ -7,9 +7,10 @@ database is PostgreSQL). :class:`DistributedRoutingService` is the embedded
 * ``POST /v1/feedback`` produces a feedback event to the feedback topic (``acks=all``,
   key = ``decision_id``) and answers 202 ``queued`` once the broker has it; the learners
   (``bandit-router learn``) apply it. A repeat is detected by the learner (the
-  ``learner_applied`` key), not by the API, so the API cannot say ``duplicate``; the
-  ``feedback`` table (the embedded mode's history) is not filled in this mode. HTTP
-  and telemetry feedback take the same path.
+  ``learner_applied`` key), not by the API, so the API cannot say ``duplicate``. The
+  learner writes each applied event into the ``feedback`` table (the embedded mode's
+  history, read by ``GET /v1/decisions/{id}``) in the partition's transaction. HTTP and
+  telemetry feedback take the same path.
 * every decision is also published to the decisions topic (analytics, off-policy
   evaluation) by a background thread; a full publish queue drops the event (counted),
   never the decision: PostgreSQL (the batched decision writer) stays the record.
@@ -65,7 +66,8 @@ def streams_config(settings: Settings) -> StreamsConfig:
         retention_hours=settings.feedback_retention_hours,
         max_poll_records=settings.learner_max_poll_records,
         metrics_port=settings.learner_metrics_port,
-        half_life_hours=settings.half_life_hours).validated()
+        half_life_hours=settings.half_life_hours,
+        feedback_rows=settings.learner_feedback_rows).validated()
 
 
 class StatisticsFollower:

@@ -53,6 +53,11 @@ class StreamsConfig:
         Write a feedback's real cost into its decision's ``charged_usd`` (one UPDATE per
         partition batch), which the API replicas' budgets read; off saves that write
         when no tenant has a budget.
+    feedback_rows
+        Write every applied event into the ``feedback`` table (values, ``event_id``, the
+        time it entered the topic), in the partition's transaction, so that
+        ``GET /v1/decisions/{id}`` shows it as in embedded mode (one multi-row INSERT
+        per partition batch); off saves that write when nobody reads the history.
 
     Examples
     --------
@@ -77,6 +82,7 @@ class StreamsConfig:
     metrics_port: int = 0
     reconcile_spend: bool = True
     half_life_hours: float | None = None
+    feedback_rows: bool = True
 
     def validated(self) -> StreamsConfig:
         if not isinstance(self.bootstrap, str) or not self.bootstrap.strip():

@@ -11,7 +11,8 @@ Per poll batch:
 5. for each partition, ONE PostgreSQL transaction: lock the partition's row and check
    its version (fencing a zombie owner), insert the events' keys into
    ``learner_applied`` with ``ON CONFLICT DO NOTHING RETURNING`` (a repeat is skipped),
-   apply the new ones to the partition's statistics (``update_batch``), upsert the
+   write the new ones into ``feedback`` (the history ``GET /v1/decisions/{id}`` shows)
+   and apply them to the partition's statistics (``update_batch``), upsert the
    statistics, store the next offset, bump the version and ``NOTIFY``;
 6. commit the Kafka offsets (for lag monitoring only: the database offset is the truth).
 
@@ -124,6 +125,9 @@ class _Pending:
     value: bytes
     event: FeedbackEvent
     deadline: float
+    #: When the event entered the topic (the record's timestamp, at most the learner's
+    #: clock), seconds since the epoch: the ``received_at`` of its feedback row.
+    received_at: float
 
 
 @dataclass
@@ -369,9 +373,10 @@ class Learner:
                     continue
                 sent = record.timestamp / 1e3 if record.timestamp and record.timestamp > 0 \
                     else now
-                deadline = min(sent, now) + self.config.pending_timeout_s
+                received = min(sent, now)
                 candidates.append((state, _Pending(record.offset, record.key, record.value,
-                                                   event, deadline)))
+                                                   event, received + self.config.pending_timeout_s,
+                                                   received)))
         for state in self.partitions.values():
             if state.pending:
                 touched.add(state.tp)
@@ -465,6 +470,10 @@ class Learner:
         """One transaction: fence, dedupe, apply, store statistics + offset, notify."""
         conn = self._db()
         ident = (self.config.group_id, state.tp.topic, state.tp.partition)
+        # Partition order: pending events come after the new records of the poll, but
+        # the first of two repeats must win (its values are the feedback row's), the last
+        # cost is the charge, and the feedback rows' ids follow the partition.
+        items = sorted(items, key=lambda it: it[0].offset)
         # A repeat inside the batch is skipped here; one across batches by the insert.
         unique: dict[tuple[str, str], tuple[_Pending, tuple]] = {}
         for item, row in items:
@@ -478,7 +487,9 @@ class Learner:
                 if found is None or int(found[0]) != state.version:
                     raise _LostOwnership(state.tp)
                 fresh = self._insert_applied(conn, list(unique.values()))
-                applied = [unique[k] for k in fresh]
+                applied = sorted((unique[k] for k in fresh), key=lambda it: it[0].offset)
+                if self.config.feedback_rows:
+                    self._insert_feedback(conn, applied)
                 if self.config.reconcile_spend:
                     self._reconcile_spend(conn, applied)
                 changed = self._apply(state, applied)
@@ -539,6 +550,38 @@ class Learner:
             (self.config.group_id, [e.decision_id for e in events],
              [e.event_id for e in events])).fetchall()
         return [(r[0], r[1]) for r in rows]
+
+    @staticmethod
+    def _insert_feedback(conn: psycopg.Connection,
+                         applied: list[tuple[_Pending, tuple]]) -> None:
+        """The applied events as ``feedback`` rows, as the embedded mode stores them: in the
+        partition's transaction (so exactly once, with the statistics), one INSERT for
+        the batch. Only events applied now come here (``learner_applied`` said they are
+        new to this group); ``ON CONFLICT DO NOTHING`` keeps the first row when another
+        consumer group (started afresh, it re-reads the topic) applies an event again.
+
+        Arrays go in binary (``%b``): in text form, formatting and parsing the 7 arrays
+        took about as long as the insert itself. A missing value travels as NaN (which no
+        applied event has: the schema refuses NaN) and becomes NULL."""
+        if not applied:
+            return
+        nan = float("nan")
+        events = [item.event for item, _ in applied]
+        conn.execute(
+            "INSERT INTO feedback (decision_id, tenant_id, event_id, quality, cost_usd,"
+            " latency_ms, created_at)"
+            " SELECT d, t, e, nullif(q, 'NaN'), nullif(c, 'NaN'), nullif(l, 'NaN'),"
+            " to_timestamp(r) FROM unnest(%b::varchar[], %b::varchar[], %b::varchar[],"
+            " %b::float8[], %b::float8[], %b::float8[], %b::float8[])"
+            " WITH ORDINALITY AS u(d, t, e, q, c, l, r, n)"
+            # ids in partition order, like the embedded mode's ids in arrival order
+            " ORDER BY n ON CONFLICT (decision_id, event_id) DO NOTHING",
+            ([e.decision_id for e in events], [e.tenant_id for e in events],
+             [e.event_id for e in events],
+             [nan if e.quality is None else e.quality for e in events],
+             [nan if e.cost_usd is None else e.cost_usd for e in events],
+             [nan if e.latency_ms is None else e.latency_ms for e in events],
+             [item.received_at for item, _ in applied]))
 
     @staticmethod
     def _reconcile_spend(conn: psycopg.Connection,
@@ -704,6 +747,8 @@ def main(argv: list[str] | None = None) -> None:
                              "BANDIT_ROUTER_HALF_LIFE_HOURS); default none")
     parser.add_argument("--no-reconcile-spend", action="store_true",
                         help="do not write real costs into decisions.charged_usd")
+    parser.add_argument("--no-feedback-rows", action="store_true",
+                        help="do not write applied events into the feedback table")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -713,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
         group_id=args.group_id, dim=args.dim, partitions=args.partitions,
         pending_timeout_s=args.pending_timeout_s, max_poll_records=args.max_poll_records,
         metrics_port=args.metrics_port, reconcile_spend=not args.no_reconcile_spend,
-        half_life_hours=args.half_life_hours)
+        half_life_hours=args.half_life_hours, feedback_rows=not args.no_feedback_rows)
     learner = Learner(config, args.database_url, client_id=args.client_id)
     run_until_signalled(learner, create_topics=not args.no_create_topics)
 

@@ -115,15 +115,18 @@ class Decision(Base):
 
 
 class Feedback(Base):
-    """One feedback event. UNIQUE (decision_id, event_id) makes it apply exactly once."""
+    """One feedback event. UNIQUE (decision_id, event_id) makes it apply exactly once.
+
+    No foreign keys (migration 0003): the writers check the decision and its tenant
+    themselves, and the per-row checks were most of the learners' cost of this table."""
 
     __tablename__ = "feedback"
     __table_args__ = (UniqueConstraint("decision_id", "event_id",
                                        name="uq_feedback_decision_event"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    decision_id: Mapped[str] = mapped_column(ForeignKey("decisions.id"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    decision_id: Mapped[str] = mapped_column(String(36))
+    tenant_id: Mapped[str] = mapped_column(String(36), index=True)
     # "" when the caller sent none: one anonymous feedback per decision.
     event_id: Mapped[str] = mapped_column(String(200), default="")
     quality: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -39,3 +39,31 @@ def test_downgrade_base_then_upgrade_again(new_database_url):
         assert is_at_head(engine)
     finally:
         engine.dispose()
+
+
+def test_upgrade_feedback_without_foreign_keys_downgrade_restores_them(new_database_url):
+    # 0003: the learners insert feedback rows; the per-row key checks were most of it.
+    url = new_database_url()
+    upgrade(url)
+
+    def referred() -> list[str]:
+        engine = make_engine(url)
+        try:
+            return sorted(fk["referred_table"] for fk in inspect(engine).get_foreign_keys(
+                "feedback"))
+        finally:
+            engine.dispose()
+
+    assert referred() == []
+    downgrade(url, "0002")
+    assert referred() == ["decisions", "tenants"]
+    upgrade(url)
+    assert referred() == []
+    engine = make_engine(url)
+    try:
+        uniques = inspect(engine).get_unique_constraints("feedback")
+        assert any(sorted(u["column_names"]) == ["decision_id", "event_id"] for u in uniques)
+        assert ["tenant_id"] in [ix["column_names"]
+                                 for ix in inspect(engine).get_indexes("feedback")]
+    finally:
+        engine.dispose()

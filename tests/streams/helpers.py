@@ -209,3 +209,18 @@ def assert_same_statistics(actual: Policy, expected: Policy, tol: float = 1e-9) 
             scale = max(1.0, float(np.abs(want).max()))
             np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale,
                                        err_msg=f"{array} of {name}")
+
+
+def assert_feedback_rows(url: str, events: list[FeedbackEvent]) -> None:
+    """The ``feedback`` table holds every distinct (decision_id, event_id) of ``events``
+    exactly once, with the values of its first occurrence (as embedded mode keeps them)."""
+    expected: dict[tuple[str, str], tuple] = {}
+    for e in events:
+        expected.setdefault((e.decision_id, e.event_id), (e.quality, e.cost_usd, e.latency_ms))
+    with psycopg.connect(libpq_url(url)) as conn:
+        rows = conn.execute("SELECT decision_id, event_id, quality, cost_usd, latency_ms"
+                            " FROM feedback WHERE decision_id = ANY(%s)",
+                            (sorted({d for d, _ in expected}),)).fetchall()
+    keys = [(d, e) for d, e, *_ in rows]
+    assert len(keys) == len(set(keys)), f"{len(keys) - len(set(keys))} duplicated rows"
+    assert {(d, e): tuple(v) for d, e, *v in rows} == expected

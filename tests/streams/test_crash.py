@@ -22,6 +22,7 @@ from tests.streams.helpers import (
     DIM,
     Ends,
     World,
+    assert_feedback_rows,
     assert_same_statistics,
     load_statistics,
     producer,
@@ -141,6 +142,7 @@ def test_kill_learner_repeatedly_equal_replay(db: str, kafka_bootstrap: str,
     assert_same_statistics(load_statistics(db, unique_group_id, topic,
                                            half_life_hours=half_life),
                            replay(world, load.events, half_life_hours=half_life))
+    assert_feedback_rows(db, load.events)
 
 
 def test_rebalance_under_load_equal_replay(db: str, kafka_bootstrap: str,
@@ -174,3 +176,4 @@ def test_rebalance_under_load_equal_replay(db: str, kafka_bootstrap: str,
         b.stop()
     assert_same_statistics(load_statistics(db, unique_group_id, topic),
                            replay(world, load.events))
+    assert_feedback_rows(db, load.events)

@@ -19,6 +19,7 @@ from tests.streams.helpers import (
     DIM,
     Ends,
     World,
+    assert_feedback_rows,
     assert_same_statistics,
     load_statistics,
     producer,
@@ -113,6 +114,7 @@ def test_apply_feedback_two_learners_equal_replay(world: World, kafka_bootstrap:
     assert owned == 1200
     assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
                            replay(world, events))
+    assert_feedback_rows(world.url, events)
     # Each decision is charged the real cost of its last applied feedback (the second
     # event; the repeats of first events changed nothing), as in embedded mode.
     with world.conn() as conn:
@@ -170,6 +172,8 @@ def test_apply_feedback_poison_and_duplicates_dead_lettered(
     expected = events + [late_event]
     assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
                            replay(world, expected))
+    # Only applied events are feedback: not the other tenant's on good[1], nor poison.
+    assert_feedback_rows(world.url, expected)
 
     consumer = KafkaConsumer(dead_topic, bootstrap_servers=kafka_bootstrap,
                              auto_offset_reset="earliest", consumer_timeout_ms=3000)
