@@ -298,6 +298,8 @@ class RoutingService:
             # Statistics from the checkpoint, settings from this process: a restart with
             # another BANDIT_ROUTER_EPSILON explores with the new one (and one with
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
+            # The reference time comes with the statistics (the newest decision time
+            # applied, see _learn): the replay continues from it, as the live process did.
             policy = Policy.from_bytes(data, as_class=_POLICY_CLASSES[kind],
                                        epsilon=self.settings.epsilon,
                                        half_life_hours=self.settings.half_life_hours)
