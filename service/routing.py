@@ -16,7 +16,9 @@ exactly the set of feedback rows its statistics include.
 
 Recovery: a checkpoint stores every policy and the id of the last feedback row applied.
 On start the newest checkpoint is loaded and the feedback rows after it are replayed
-(with the time they were received, so forgetting replays identically). Acknowledged
+in the order they were applied, each weighted (with forgetting) by its decision's
+``created_at``, as when it was applied live: the replay reproduces the live statistics
+(:func:`_learn`). Acknowledged
 feedback is never lost, even after ``kill -9``; what a crash loses is the random-stream
 position of decisions since the checkpoint and decisions still in the writer's queue.
 """
@@ -141,6 +143,27 @@ def _periods() -> tuple[datetime, datetime, datetime]:
 
 def _ts(value: datetime) -> float:
     return m.as_utc(value).timestamp()
+
+
+def _learn(policy: Policy, model: str, x: np.ndarray, outcome: dict[str, float | None],
+           decided_at: float) -> None:
+    """Learn one feedback: the one rule of live application, replay and rebuild.
+
+    With forgetting, the feedback weighs ``0.5 ** ((t_ref - decided_at) / half-life)``:
+    its age is its decision's (``decisions.created_at``, ``decided_at`` in seconds), not
+    its arrival's, as in distributed mode's learners (docs/streams.md, "Forgetting
+    (half-life) by event time"). ``update_batch(times=...)`` weights each event by its own
+    age at the reference time, so late feedback about an old decision counts as old and
+    the sums do not depend on the order feedback arrives in; a replay that applies the
+    same rows in the same order after a checkpoint (which keeps the reference time)
+    repeats the same operations. Without forgetting the time plays no part: the cheaper
+    rank-one :meth:`~bandit.Policy.update` (O(d^2); ``update_batch`` refreshes the arm's
+    inverse exactly, O(d^3)).
+    """
+    if policy.config.half_life_hours is None:
+        policy.update(model, x, outcome)
+    else:
+        policy.update_batch([model], x, [outcome], times=[decided_at])
 
 
 class RoutingService:
@@ -275,6 +298,8 @@ class RoutingService:
             # Statistics from the checkpoint, settings from this process: a restart with
             # another BANDIT_ROUTER_EPSILON explores with the new one (and one with
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
+            # The reference time comes with the statistics (the newest decision time
+            # applied, see _learn): the replay continues from it, as the live process did.
             policy = Policy.from_bytes(data, as_class=_POLICY_CLASSES[kind],
                                        epsilon=self.settings.epsilon,
                                        half_life_hours=self.settings.half_life_hours)
@@ -308,9 +333,9 @@ class RoutingService:
             rows = self._feedback_rows(self.last_feedback_id, batch)
             if not rows:
                 break
-            for fb, model, context in rows:
+            for fb, model, context, decided_at in rows:
                 self._apply(fb.tenant_id, model, np.frombuffer(context, dtype=np.float64),
-                            _outcome(fb), _ts(fb.created_at))
+                            _outcome(fb), _ts(decided_at))
                 self.last_feedback_id = int(fb.id)
                 replayed += 1
         if replayed:
@@ -616,16 +641,18 @@ class RoutingService:
             rows = self._feedback_rows(after, batch, tenant_id=tenant_id, upto=upto)
             if not rows:
                 return pair
-            for fb, model, context in rows:
+            for fb, model, context, decided_at in rows:
                 x = np.frombuffer(context, dtype=np.float64)
                 for policy in pair.values():
                     if model in policy.arms:
-                        policy.update(model, x, _outcome(fb), now=_ts(fb.created_at))
+                        _learn(policy, model, x, _outcome(fb), _ts(decided_at))
                 after = int(fb.id)
 
     def _feedback_rows(self, after: int, limit: int, *, tenant_id: str | None = None,
                        upto: int | None = None) -> list[Any]:
-        q = (select(m.Feedback, m.Decision.model, m.Decision.context)
+        """Feedback rows after ``after`` in id order (the order they were applied), each
+        with its decision's model, context and ``created_at``."""
+        q = (select(m.Feedback, m.Decision.model, m.Decision.context, m.Decision.created_at)
              .join(m.Decision, m.Decision.id == m.Feedback.decision_id)
              .where(m.Feedback.id > after).order_by(m.Feedback.id).limit(limit))
         if tenant_id is not None:
@@ -994,12 +1021,12 @@ class RoutingService:
                             rows.extend(batch)
             if not one_by_one:
                 rows.sort()  # item order (a recovered row may come first)
-                for i, fid, model, context, _delta, _at in rows:
+                for i, fid, model, context, _delta, decided_at in rows:
                     it = items[i]
                     try:
                         self._apply(it.tenant.id, model,
                                     np.frombuffer(context, dtype=np.float64), it.outcome,
-                                    it.received.timestamp())
+                                    decided_at)
                     except Exception as exc:  # noqa: BLE001 - reported per item
                         results[i] = exc
                     else:
@@ -1186,13 +1213,15 @@ class RoutingService:
                     "drained" if result.status == "applied" else "duplicate").inc()
 
     def _apply(self, tenant_id: str, model: str, x: np.ndarray,
-               outcome: dict[str, float | None], now: float) -> None:
+               outcome: dict[str, float | None], decided_at: float) -> None:
+        """Learn one feedback in the shared policies and the tenant's isolated ones;
+        ``decided_at`` is its decision's ``created_at`` (seconds), see :func:`_learn`."""
         with self._lock:
             targets = list(self.shared.values()) + list(self.isolated.get(tenant_id,
                                                                           {}).values())
             for policy in targets:
                 if model in policy.arms:  # a deleted model learns nothing more
-                    policy.update(model, x, outcome, now=now)
+                    _learn(policy, model, x, outcome, decided_at)
 
     # ================================================================ decisions
     def get_decision(self, tenant: TenantState, decision_id: str) -> dict[str, Any]:
