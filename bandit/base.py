@@ -736,12 +736,27 @@ class Policy(abc.ABC):
 
     # -------------------------------------------------------------- learning
     def update(self, arm: str, x: object, outcome: Mapping[str, object], *,
-               now: float | None = None) -> None:
+               now: float | None = None, time: float | None = None) -> None:
         """Learn from the outcome of ``arm`` on context ``x``.
 
         ``outcome`` maps objectives to values: ``quality`` in [0, 1], ``cost`` /
         ``cost_usd`` in USD, ``latency`` / ``latency_ms`` in ms; any subset.
         ``now`` (seconds, any fixed origin) drives forgetting; default the wall clock.
+
+        ``time`` (seconds; instead of ``now``) is the outcome's event time, as one row
+        of :meth:`update_batch`'s ``times``: with forgetting, the outcome weighs
+        ``0.5 ** ((t_ref - time) / half_life)``, its own age at the reference time, so
+        late outcomes count as old and the sums do not depend on arrival order. Same
+        statistics as ``update_batch([arm], [x], [outcome], times=[time])`` (to
+        rounding), at the cost of a rank-one update instead of an exact refresh.
+
+        >>> from bandit import LinUCB
+        >>> p = LinUCB(1, half_life_hours=1.0, decay_interval_s=0.0, drift_delta=None)
+        >>> p.add_arm("a")
+        >>> p.update("a", [1.0], {"quality": 1.0}, time=7200.0)
+        >>> p.update("a", [1.0], {"quality": 1.0}, time=0.0)  # late: two half-lives old
+        >>> float(p._stats.weight[0, 0])
+        1.25
         """
         k = self._arm_index(arm)
         xb = self._features(x)
@@ -749,8 +764,19 @@ class Policy(abc.ABC):
             raise InvalidInputError("x", "update() takes one context; use update_batch()",
                                     f"{xb.shape[0]} rows")
         y = parse_outcome(outcome)
-        self._maybe_decay(now)
-        residual = self._stats.update(k, xb[0], y)
+        weight = 1.0
+        if time is not None:
+            if now is not None:
+                raise InvalidInputError("now", "must be None when time is given")
+            check_finite_number("time", time)
+            hl = self.config.half_life_hours
+            if hl is not None:
+                self._maybe_decay(float(time))
+                assert self._t_ref is not None
+                weight = 0.5 ** ((self._t_ref - float(time)) / 3600.0 / hl)
+        else:
+            self._maybe_decay(now)
+        residual = self._stats.update(k, xb[0], y, weight)
         if residual is not None:
             self._watch_drift(arm, [residual])
         self.version += 1

@@ -192,8 +192,10 @@ class ArmStatistics:
         self.sigma2[k] = (_NU0 * self.sigma0[k] ** 2 + rss) / (_NU0 + self.weight[k])
 
     # -------------------------------------------------------------- learning
-    def update(self, k: int, x: np.ndarray, y: np.ndarray) -> float | None:
-        """Rank-one update of arm k with features x (D,) and targets y (H,), NaN = missing.
+    def update(self, k: int, x: np.ndarray, y: np.ndarray,
+               weight: float = 1.0) -> float | None:
+        """Rank-one update of arm k with features x (D,) and targets y (H,), NaN = missing,
+        the observation counting as ``weight`` (> 0) observations.
 
         Returns the quality residual before the update (None if quality was missing),
         which the drift detector watches.
@@ -208,13 +210,15 @@ class ArmStatistics:
             self._split(k, ~observed)  # the group's unreported heads split off
             grp = self.group[k].tolist()
         err = y - self.theta[k] @ x  # (H,) NaN where not observed
-        xx = x[:, None] * x
+        # Weighted Sherman-Morrison: A + w x x^T, gain = w A^-1 x / (1 + w x^T A^-1 x).
+        xw = x if weight == 1.0 else weight * x
+        xx = xw[:, None] * x
         if touched:
             group = self.group[k]
             # One gain serves every head of the group: they share A^-1.
             p = self.s_inv[k]
             px = p @ x
-            gain = px / (1.0 + px @ x)
+            gain = weight * px / (1.0 + weight * (px @ x))
             p -= gain[:, None] * px
             self.s_data[k] += xx
             self.theta[k, group] += err[group, None] * gain
@@ -222,14 +226,14 @@ class ArmStatistics:
         if own:
             p = self.a_inv[k, own]  # (h,D,D), a copy (fancy indexing)
             px = p @ x
-            gain = px / (1.0 + px @ x)[:, None]
+            gain = weight * px / (1.0 + weight * (px @ x))[:, None]
             self.a_inv[k, own] = p - gain[:, :, None] * px[:, None, :]
             self.a_data[k, own] += xx
             self.theta[k, own] += err[own, None] * gain
         yo = np.where(observed, y, 0.0)
-        self.b_data[k] += yo[:, None] * x
-        self.srr[k] += yo * yo
-        self.weight[k] += observed
+        self.b_data[k] += yo[:, None] * xw
+        self.srr[k] += weight * (yo * yo)
+        self.weight[k] += weight * observed
         self.count[k] += observed
         self.updates[k] += 1
         if self.updates[k] >= self.refresh_every:
