@@ -87,7 +87,7 @@ def check_dim(stats: Policy, dim: int, where: str) -> Policy:
     >>> try:
     ...     check_dim(new_statistics(2), 3, "partition 0")
     ... except DimensionMismatchError as exc:
-    ...     print(exc.field, "/", str(exc).split(": ", 1)[1][:55])
+    ...     print(exc.field, "/", str(exc).split(": ", 1)[1][:51])
     dim / is 3 here, but the stored statistics of partition 0
     """
     if stats.dim != dim:
