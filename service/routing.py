@@ -216,6 +216,10 @@ class RoutingService:
         # Load the featurizer now (a sentence-embedding model takes seconds), not on the
         # first text query.
         self.featurize("warm up")
+        # Replicas (and learners) must agree on this; the spec names the featurizer and
+        # the map's digest, so a log search shows a replica with another file.
+        log.info("contexts: %s, %d dimensions", getattr(self._featurizer, "spec", "?"),
+                 self.context_dim)
         self.writer.start()
         self._start_feedback_buffer()
         return admin_key
@@ -338,7 +342,7 @@ class RoutingService:
 
     def _dim_source(self) -> str:
         if self.prototype_map is None:
-            return "BANDIT_ROUTER_DIM"
+            return "BANDIT_ROUTER_DIM; BANDIT_ROUTER_PROTOTYPE_MAP is unset"
         return (f"the k={self.prototype_map.k} prototypes of BANDIT_ROUTER_PROTOTYPE_MAP="
                 f"{str(self.settings.prototype_map)!r}"
                 + (" plus BANDIT_ROUTER_DIM" if self.prototype_map.include_base else ""))

@@ -173,3 +173,14 @@ def test_start_refuses_checkpoint_of_other_dim(new_database_url, map_path):
                        match=f"dimension {DIM}, the settings say {K}.*PROTOTYPE_MAP"):
         with TestClient(app):
             pass
+
+
+def test_start_without_map_refuses_checkpoint_learned_with_it(new_database_url, map_path):
+    url = new_database_url()
+    with TestClient(create_app(make_settings(url, prototype_map=map_path))) as c1:
+        models = [add_model(c1, f"model-{i}") for i in range(2)]
+        train(c1, create_tenant(c1), models, 3)
+    with pytest.raises(ContextSettingsError,
+                       match=f"dimension {K}, the settings say {DIM}.*PROTOTYPE_MAP is unset"):
+        with TestClient(create_app(make_settings(url))):
+            pass
