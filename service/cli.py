@@ -9,6 +9,7 @@ from service.commands.admin import models_app, preferences_app, tenants_app, usa
 from service.commands.evaluate import evaluate
 from service.commands.learn import learn
 from service.commands.migrate import migrate
+from service.commands.prototypes import fit_prototypes
 from service.commands.replay import replay
 from service.commands.serve import serve
 from service.commands.warmstart import warmstart
@@ -26,6 +27,8 @@ app.command(help="Replay a log of queries with every model's outcome (bandit fee
 app.command(help="Estimate a candidate policy from logged decisions (IPS, SNIPS, DR).")(evaluate)
 app.command(help="Fit a policy on a labelled log so a deployment starts from a prior.")(
     warmstart)
+app.command(name="fit-prototypes", help="Fit a prototype map on unlabelled prompts "
+            "(for BANDIT_ROUTER_PROTOTYPE_MAP).")(fit_prototypes)
 app.command(help="Serve the HTTP API (uvicorn).")(serve)
 app.command(help="Apply database migrations.")(migrate)
 app.command(help="Run a learner of the distributed mode (Kafka, PostgreSQL).")(learn)

@@ -35,9 +35,17 @@ class Settings(BaseSettings):
                            "database (created if missing).")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default a SQLite "
                                      "file in data_dir. PostgreSQL: postgresql+psycopg://...")
-    dim: int = Field(64, ge=1, le=4096, description="Context dimension (embedding length).")
+    dim: int = Field(64, ge=1, le=4096, description="Featurizer output dimension = "
+                     "length of query.embedding; also the policies' context dimension "
+                     "unless prototype_map is set (then the map's dim).")
     featurizer: Literal["hashing", "minilm"] = "hashing"
     featurizer_seed: int = 0
+    prototype_map: Path | None = Field(None, description="Prototype map file (bandit-router "
+                                       "fit-prototypes): contexts become the soft "
+                                       "assignment of the featurizer's vector (or the "
+                                       "query's embedding, dim long) to its prototypes, "
+                                       "and the policies' dimension the map's. Same file "
+                                       "on every API replica and learner.")
     default_policy: Literal["linucb", "thompson"] = "linucb"
     policy_seed: int | None = Field(None, description="Seed of the policies' random "
                                     "generators; None draws one from the OS.")
@@ -112,9 +120,9 @@ class Settings(BaseSettings):
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
 
-    @field_validator("database_url", "kafka_bootstrap")
+    @field_validator("database_url", "kafka_bootstrap", "prototype_map", mode="before")
     @classmethod
-    def _empty_is_default(cls, value: str | None) -> str | None:
+    def _empty_is_default(cls, value: object) -> object:
         return value or None
 
     def resolved_database_url(self) -> str:

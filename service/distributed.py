@@ -41,11 +41,12 @@ from bandit import LinearThompson, LinUCB, Policy
 from bandit.base import check_finite_number
 from service.config import Settings
 from service.errors import Problem
+from service.features import context_dim
 from service.routing import POLICY_KINDS, FeedbackResult, PendingDecision, RoutingService
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
-from streams.stats import SHARED_KEY, check_half_life, recast, sum_statistics
+from streams.stats import SHARED_KEY, check_dim, check_half_life, recast, sum_statistics
 
 __all__ = ["DistributedRoutingService", "StatisticsFollower", "streams_config"]
 
@@ -53,15 +54,23 @@ log = logging.getLogger("service.distributed")
 _CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
 
 
-def streams_config(settings: Settings) -> StreamsConfig:
-    """The pipeline configuration carried by the service settings."""
+def streams_config(settings: Settings, *, dim: int | None = None) -> StreamsConfig:
+    """The pipeline configuration carried by the service settings.
+
+    The statistics' dimension is the policies' context dimension: the prototype map's
+    ``dim`` when ``BANDIT_ROUTER_PROTOTYPE_MAP`` is set (loaded here unless ``dim`` is
+    given), else ``BANDIT_ROUTER_DIM``. A learner therefore needs the same map file as
+    the API replicas.
+    """
     if not settings.kafka_bootstrap:
         raise ValueError("kafka_bootstrap is not set: distributed mode is off")
+    if dim is None:
+        dim = context_dim(settings)
     return StreamsConfig(
         bootstrap=settings.kafka_bootstrap, feedback_topic=settings.feedback_topic,
         decisions_topic=settings.decisions_topic,
         dead_letter_topic=settings.dead_letter_topic, partitions=settings.topic_partitions,
-        group_id=settings.learner_group, dim=settings.dim,
+        group_id=settings.learner_group, dim=dim,
         pending_timeout_s=settings.feedback_pending_timeout_s,
         retention_hours=settings.feedback_retention_hours,
         max_poll_records=settings.learner_max_poll_records,
@@ -139,9 +148,10 @@ class StatisticsFollower:
             offsets[partition] = int(offset)
             if key is not None:
                 try:
-                    fresh[partition][key] = check_half_life(
-                        Policy.from_bytes(bytes(data)), self.config.half_life_hours,
-                        f"partition {partition} ({key})")
+                    where = f"partition {partition} ({key})"
+                    fresh[partition][key] = check_dim(check_half_life(
+                        Policy.from_bytes(bytes(data)), self.config.half_life_hours, where),
+                        self.config.dim, where)
                 except ValueError as exc:
                     # Versions not recorded: every refresh tries (and reports) again.
                     self.error = str(exc)
@@ -212,7 +222,7 @@ class DistributedRoutingService(RoutingService):
         if engine.dialect.name != "postgresql":
             raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
                              "database_url; got " + engine.dialect.name)
-        self.streams = streams_config(settings)
+        self.streams = streams_config(settings, dim=self.context_dim)
         self.producer: KafkaProducer | None = None
         self._producer_lock = threading.Lock()
         self._producer_resetting = False

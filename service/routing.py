@@ -47,6 +47,7 @@ from service.budget import Ledger
 from service.config import Settings
 from service.db import models as m
 from service.errors import Problem
+from service.features import ContextSettingsError, context_dim, load_prototype_map
 from service.ids import uuid7_str
 from service.metrics import Metrics
 from service.security import hash_key, new_key
@@ -195,6 +196,11 @@ class RoutingService:
         # failed with a connection error: maybe stored, certainly not applied.
         self._uncertain: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._featurizer: Any = None
+        # Loaded (and checked against BANDIT_ROUTER_DIM) here, so that a bad map refuses
+        # the start before anything else is done.
+        self.prototype_map = load_prototype_map(settings)
+        #: The policies' context dimension (the map's dim, else BANDIT_ROUTER_DIM).
+        self.context_dim = context_dim(settings, self.prototype_map)
         self._decision_counters: dict[tuple[str, str], Any] = {}
         self._valid_preferences: set[Preferences] = set()
 
@@ -210,6 +216,10 @@ class RoutingService:
         # Load the featurizer now (a sentence-embedding model takes seconds), not on the
         # first text query.
         self.featurize("warm up")
+        # Replicas (and learners) must agree on this; the spec names the featurizer and
+        # the map's digest, so a log search shows a replica with another file.
+        log.info("contexts: %s, %d dimensions", getattr(self._featurizer, "spec", "?"),
+                 self.context_dim)
         self.writer.start()
         self._start_feedback_buffer()
         return admin_key
@@ -226,11 +236,15 @@ class RoutingService:
             log.exception("final checkpoint failed")
 
     def featurize(self, text: str) -> np.ndarray:
+        """The context of a text: featurizer, then the prototype map if configured."""
         if self._featurizer is None:
-            from bandit.featurize import make_featurizer
+            from bandit.featurize import PrototypeFeaturizer, make_featurizer
 
-            self._featurizer = make_featurizer(self.settings.featurizer, self.settings.dim,
-                                               seed=self.settings.featurizer_seed)
+            featurizer = make_featurizer(self.settings.featurizer, self.settings.dim,
+                                         seed=self.settings.featurizer_seed)
+            if self.prototype_map is not None:
+                featurizer = PrototypeFeaturizer(featurizer, self.prototype_map)
+            self._featurizer = featurizer
         return np.asarray(self._featurizer.transform_one(text), dtype=np.float64)
 
     # ------------------------------------------------------------------ admin key
@@ -251,7 +265,7 @@ class RoutingService:
 
     # ------------------------------------------------------------------ policies
     def _new_policy(self, kind: str) -> Policy:
-        policy = _POLICY_CLASSES[kind](self.settings.dim, seed=self.settings.policy_seed,
+        policy = _POLICY_CLASSES[kind](self.context_dim, seed=self.settings.policy_seed,
                                        epsilon=self.settings.epsilon,
                                        half_life_hours=self.settings.half_life_hours)
         for model in self.models.values():
@@ -304,9 +318,11 @@ class RoutingService:
             policy = Policy.from_bytes(data, as_class=_POLICY_CLASSES[kind],
                                        epsilon=self.settings.epsilon,
                                        half_life_hours=self.settings.half_life_hours)
-            if policy.dim != self.settings.dim:
-                raise RuntimeError(f"checkpoint {key} has dimension {policy.dim}, the "
-                                   f"settings say {self.settings.dim}")
+            if policy.dim != self.context_dim:
+                raise ContextSettingsError(
+                    f"checkpoint {key} has dimension {policy.dim}, the settings say "
+                    f"{self.context_dim} ({self._dim_source()}): restore the settings it "
+                    "was learned with, or start on a fresh database")
             self._sync_arms(policy)
             return policy
 
@@ -324,6 +340,23 @@ class RoutingService:
                 self.isolated[t.id] = self._rebuild_isolated(t.id, self.last_feedback_id)
         self._checkpointed_versions = self._versions()
 
+    def _dim_source(self) -> str:
+        if self.prototype_map is None:
+            return "BANDIT_ROUTER_DIM; BANDIT_ROUTER_PROTOTYPE_MAP is unset"
+        return (f"the k={self.prototype_map.k} prototypes of BANDIT_ROUTER_PROTOTYPE_MAP="
+                f"{str(self.settings.prototype_map)!r}"
+                + (" plus BANDIT_ROUTER_DIM" if self.prototype_map.include_base else ""))
+
+    def _stored_context(self, context: bytes, fb: Any) -> np.ndarray:
+        """A stored decision's context, refused (at start-up) if another setting made it."""
+        x = np.frombuffer(context, dtype=np.float64)
+        if x.size != self.context_dim:
+            raise ContextSettingsError(
+                f"the decision of feedback {fb.id} has a {x.size}-dimensional context, the "
+                f"settings say {self.context_dim} ({self._dim_source()}): restore the "
+                "settings it was decided with, or start on a fresh database")
+        return x
+
     def _versions(self) -> tuple[int, ...]:
         return tuple(p.version for _, p in sorted(self._all_policies().items()))
 
@@ -335,7 +368,7 @@ class RoutingService:
             if not rows:
                 break
             for fb, model, context, decided_at in rows:
-                self._apply(fb.tenant_id, model, np.frombuffer(context, dtype=np.float64),
+                self._apply(fb.tenant_id, model, self._stored_context(context, fb),
                             _outcome(fb), _ts(decided_at))
                 self.last_feedback_id = int(fb.id)
                 replayed += 1
@@ -643,7 +676,7 @@ class RoutingService:
             if not rows:
                 return pair
             for fb, model, context, decided_at in rows:
-                x = np.frombuffer(context, dtype=np.float64)
+                x = self._stored_context(context, fb)
                 for policy in pair.values():
                     if model in policy.arms:
                         _learn(policy, model, x, _outcome(fb), _ts(decided_at))
@@ -677,6 +710,10 @@ class RoutingService:
             if np.abs(x).max() > MAX_ABS_CONTEXT:
                 raise InvalidInputError("query.embedding", "every value must be within "
                                         f"+-{MAX_ABS_CONTEXT:g}", float(np.abs(x).max()))
+            if self.prototype_map is not None:
+                # The same map as for text: a caller who embeds with the configured
+                # featurizer gets the features a text would have given.
+                x = self.prototype_map.transform(x)
             return x
         assert text is not None
         return self.featurize(text)

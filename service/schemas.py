@@ -31,7 +31,8 @@ class _Body(BaseModel):
 
 
 class Query(_Body):
-    """The query: its text (featurized by the service) or an embedding of length ``dim``."""
+    """The query: its text (featurized by the service) or an embedding of length ``dim``
+    (both go through the prototype map when one is configured)."""
 
     text: str | None = Field(None, min_length=1, max_length=100_000)
     embedding: list[Finite] | None = None

@@ -55,7 +55,9 @@ from streams.schemas import (
 )
 from streams.stats import (
     SHARED_KEY,
+    DimensionMismatchError,
     HalfLifeMismatchError,
+    check_dim,
     check_half_life,
     new_statistics,
     scope_key,
@@ -214,8 +216,8 @@ class Learner:
         self._running.set()
 
     def _check_stored_half_life(self) -> None:
-        """Refuse to start on statistics learned with another half-life (before joining
-        the group: a refusal inside the rebalance callback would only be logged)."""
+        """Refuse to start on statistics learned with another half-life or dimension (before
+        joining the group: a refusal inside the rebalance callback would only be logged)."""
         conn = self._db()
         with conn.transaction():
             row = conn.execute(
@@ -223,9 +225,10 @@ class Learner:
                 " WHERE group_id = %s AND topic = %s LIMIT 1",
                 (self.config.group_id, self.config.feedback_topic)).fetchone()
         if row is not None:
-            check_half_life(Policy.from_bytes(bytes(row[2])), self.config.half_life_hours,
-                            f"partition {row[0]} ({row[1]}) of group "
-                            f"{self.config.group_id!r}")
+            where = f"partition {row[0]} ({row[1]}) of group {self.config.group_id!r}"
+            stored = Policy.from_bytes(bytes(row[2]))
+            check_half_life(stored, self.config.half_life_hours, where)
+            check_dim(stored, self.config.dim, where)
 
     def stop(self) -> None:
         """Ask the loop to stop after the current batch (safe from a signal handler)."""
@@ -295,7 +298,7 @@ class Learner:
         for tp in assigned:
             try:
                 state = self._load(tp)
-            except HalfLifeMismatchError as exc:
+            except (HalfLifeMismatchError, DimensionMismatchError) as exc:
                 # kafka-python only logs a listener's exception: stop, and let step()
                 # raise it, rather than own a partition without its statistics.
                 self._fatal = exc
@@ -337,9 +340,10 @@ class Learner:
             blobs = conn.execute(
                 "SELECT key, data FROM partition_statistics"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
-        stats = {key: check_half_life(Policy.from_bytes(bytes(data)),
-                                      self.config.half_life_hours,
-                                      f"partition {tp.partition} ({key})")
+        stats = {key: check_dim(check_half_life(Policy.from_bytes(bytes(data)),
+                                                self.config.half_life_hours,
+                                                f"partition {tp.partition} ({key})"),
+                                self.config.dim, f"partition {tp.partition} ({key})")
                  for key, data in blobs}
         return _Partition(tp, int(version), int(offset), stats)
 

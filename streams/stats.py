@@ -26,7 +26,8 @@ from collections.abc import Iterable
 from bandit import LinUCB, Policy
 from bandit.errors import InvalidInputError
 
-__all__ = ["SHARED_KEY", "HalfLifeMismatchError", "check_half_life", "new_statistics",
+__all__ = ["SHARED_KEY", "HalfLifeMismatchError", "DimensionMismatchError", "check_dim",
+           "check_half_life", "new_statistics",
            "recast", "sum_statistics", "scope_key"]
 
 SHARED_KEY = "shared"
@@ -73,6 +74,29 @@ def check_half_life(stats: Policy, half_life_hours: float | None, where: str) ->
             "--half-life-hours) to the same value on every learner and API replica, or "
             "start a fresh consumer group (BANDIT_ROUTER_LEARNER_GROUP) to learn with "
             "the new one")
+    return stats
+
+
+class DimensionMismatchError(InvalidInputError):
+    """Stored statistics have another context dimension than this process's."""
+
+
+def check_dim(stats: Policy, dim: int, where: str) -> Policy:
+    """Refuse statistics of another context dimension (another featurizer setting).
+
+    >>> try:
+    ...     check_dim(new_statistics(2), 3, "partition 0")
+    ... except DimensionMismatchError as exc:
+    ...     print(exc.field, "/", str(exc).split(": ", 1)[1][:51])
+    dim / is 3 here, but the stored statistics of partition 0
+    """
+    if stats.dim != dim:
+        raise DimensionMismatchError(
+            "dim", f"is {dim} here, but the stored statistics of {where} have "
+            f"{stats.dim} dimensions: set BANDIT_ROUTER_DIM and BANDIT_ROUTER_PROTOTYPE_MAP "
+            "(the policies' dimension is the map's dim when it is set) to the same values "
+            "on every learner and API replica, or start a fresh consumer group "
+            "(BANDIT_ROUTER_LEARNER_GROUP) to learn with the new ones")
     return stats
 
 
