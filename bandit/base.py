@@ -768,12 +768,8 @@ class Policy(abc.ABC):
         if time is not None:
             if now is not None:
                 raise InvalidInputError("now", "must be None when time is given")
-            check_finite_number("time", time)
-            hl = self.config.half_life_hours
-            if hl is not None:
-                self._maybe_decay(float(time))
-                assert self._t_ref is not None
-                weight = 0.5 ** ((self._t_ref - float(time)) / 3600.0 / hl)
+            t = check_finite_number("time", time)
+            weight = float(self._age_weights(t, t))
         else:
             self._maybe_decay(now)
         residual = self._stats.update(k, xb[0], y, weight)
@@ -832,14 +828,8 @@ class Policy(abc.ABC):
             if t.shape != (xb.shape[0],) or not np.isfinite(t).all():
                 raise InvalidInputError("times", "must be one finite time (seconds) per "
                                         "outcome", f"shape {t.shape}")
-            hl = self.config.half_life_hours
-            if hl is not None and len(t):
-                self._maybe_decay(float(t.max()))
-                assert self._t_ref is not None
-                # Relative to the reference time, not to the previous event: exact and
-                # order-free. Rows newer than the reference (within decay_interval_s)
-                # weigh slightly more than 1; rows far older underflow to 0.
-                weights = float(weight) * 0.5 ** ((self._t_ref - t) / 3600.0 / hl)
+            if len(t):
+                weights = float(weight) * self._age_weights(float(t.max()), t)
         else:
             self._maybe_decay(now)
         for k in np.unique(ks):
@@ -887,6 +877,20 @@ class Policy(abc.ABC):
         if elapsed >= max(self.config.decay_interval_s, 1e-12):
             self._stats.scale(0.5 ** (elapsed / 3600.0 / half_life))
             self._t_ref = now
+
+    def _age_weights(self, latest: float, times: float | np.ndarray) -> float | np.ndarray:
+        """Move the reference time to the ``latest`` event time (as :meth:`update` does
+        with ``now``) and return each event's weight, ``0.5 ** ((t_ref - t) / half_life)``:
+        its own age at the reference time, not the gap to the previous event, so exact
+        and order-free. Events newer than the reference (within ``decay_interval_s``)
+        weigh slightly more than 1; events far older underflow to 0. Without forgetting
+        every event weighs 1."""
+        hl = self.config.half_life_hours
+        if hl is None:
+            return 1.0
+        self._maybe_decay(latest)
+        assert self._t_ref is not None
+        return 0.5 ** ((self._t_ref - times) / 3600.0 / hl)
 
     def decay(self, now: float) -> None:
         """Discount the data sums (never the prior) to reference time ``now`` exactly.

@@ -247,12 +247,11 @@ class ArmStatistics:
         """Add a batch of observations (n,D) / (n,H) to arm k, each counting as ``weight``
         observations (one number, or one per row), then refresh the arm exactly."""
         observed = ~np.isnan(y)
-        if np.ndim(weight):
-            w = np.asarray(weight, dtype=np.float64).reshape(-1, 1)
-            xw = x * w  # row-weighted: sum_i w_i x_i x_i^T = (w x)^T x
-            wsum: np.ndarray | float = 1.0
+        if np.ndim(weight):  # one weight per row: sum_i w_i x_i x_i^T = (w x)^T x
+            w: np.ndarray | float = np.asarray(weight, dtype=np.float64).reshape(-1, 1)
+            xw, wsum = x * w, 1.0
         else:
-            w, xw, wsum = np.ones((len(x), 1)), x, float(weight)
+            w, xw, wsum = 1.0, x, float(weight)
         touched = (observed & self.group[k]).any(axis=1)  # rows reporting a group head
         if touched.any():
             # The group keeps the heads every such row reports; the others split off.

@@ -294,71 +294,41 @@ def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
             "rebuild_ms_median": round(1e3 * float(np.median(rebuild_s)), 2)}
 
 
-def flag_ratio(args: argparse.Namespace, admin: KafkaAdminClient, rng: np.random.Generator,
-               log_dir: Path, flag: str, rounds: int, result: str) -> None:
-    """One learner with and without one of its writes (``flag``: ``reconcile_spend`` or
-    ``feedback_rows``), alternating on the same machine: the cost of that write, as a
-    ratio of the medians (the machine's load, which swings absolute rates, cancels)."""
+def paired_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
+                 rng: np.random.Generator, log_dir: Path, label: str, rounds: int,
+                 result: str, without: dict, with_: dict) -> None:
+    """One learner run with ``without`` then with ``with_`` (keyword arguments of
+    :func:`throughput`: one of the learner's writes, or forgetting), alternating on the
+    same machine: the cost, as a ratio of the medians (the machine's load, which swings
+    absolute rates, cancels)."""
     rows = []
     for _ in range(rounds):
-        for on in (False, True):
+        for name, settings in (("without", without), ("with", with_)):
             url = make_database(args.database_url)
             try:
                 row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
-                                 args.max_poll_records, rng, log_dir, **{flag: on})
+                                 args.max_poll_records, rng, log_dir, **settings)
             finally:
                 drop_database(args.database_url, url)
             rows.append(row)
-            print(f"{flag}={on!s:5}: {row['events_per_s']:>10,.0f} events/s "
+            print(f"{label} {name:7}: {row['events_per_s']:>10,.0f} events/s "
                   f"(feedback rows {row['feedback_rows_total']:,})", flush=True)
-    rate = {on: float(np.median([r["events_per_s"] for r in rows if r[flag] is on]))
-            for on in (False, True)}
-    ratio = rate[True] / rate[False]
+    # rows alternate: without, with, without, with, ...
+    rate = {name: float(np.median([r["events_per_s"] for r in rows[i::2]]))
+            for i, name in enumerate(("without", "with"))}
+    ratio = rate["with"] / rate["without"]
     pairs = [b["events_per_s"] / a["events_per_s"] for a, b in zip(rows[::2], rows[1::2],
                                                                  strict=True)]
-    print(f"median events/s: without {rate[False]:,.0f}, with {rate[True]:,.0f}: "
+    print(f"median events/s: without {rate['without']:,.0f}, with {rate['with']:,.0f}: "
           f"ratio {ratio:.2f} (per pair {', '.join(f'{r:.2f}' for r in pairs)}; "
           f"load average {os.getloadavg()[0]:.1f})")
     if not args.quick:
         out = RESULT.with_name(result)
         out.write_text(json.dumps({
-            "date": datetime.now(UTC).isoformat(timespec="seconds"), "flag": flag,
+            "date": datetime.now(UTC).isoformat(timespec="seconds"), "flag": label,
             "load_average": os.getloadavg(), "events": args.events, "runs": rows,
-            "median_events_per_s": {"without": rate[False], "with": rate[True]},
-            "ratio_with_to_without": round(ratio, 3),
+            "median_events_per_s": rate, "ratio_with_to_without": round(ratio, 3),
             "pair_ratios": [round(r, 3) for r in pairs]}, indent=2) + "\n")
-        print(f"wrote {out.relative_to(ROOT)}")
-
-
-def forgetting_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
-                     rng: np.random.Generator, log_dir: Path) -> None:
-    """One learner with and without forgetting (--half-life-hours 168), alternating, on
-    decisions spread over a week: the cost of event-time forgetting, as a ratio."""
-    rows = []
-    for _ in range(args.forgetting_ratio):
-        for half_life in (None, 168.0):
-            url = make_database(args.database_url)
-            try:
-                row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
-                                 args.max_poll_records, rng, log_dir,
-                                 half_life_hours=half_life, spread_h=168.0)
-            finally:
-                drop_database(args.database_url, url)
-            rows.append(row)
-            print(f"half_life_hours={half_life!s:5}: {row['events_per_s']:>10,.0f} events/s",
-                  flush=True)
-    rate = {flag: float(np.median([r["events_per_s"] for r in rows
-                                   if r["half_life_hours"] == flag])) for flag in (None, 168.0)}
-    ratio = rate[168.0] / rate[None]
-    print(f"median events/s: without {rate[None]:,.0f}, with {rate[168.0]:,.0f}: "
-          f"ratio {ratio:.2f}")
-    if not args.quick:
-        out = RESULT.with_name("learner_forgetting.json")
-        out.write_text(json.dumps({
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "load_average": os.getloadavg(), "events": args.events, "runs": rows,
-            "median_events_per_s": {"without": rate[None], "with": rate[168.0]},
-            "ratio_with_to_without": round(ratio, 3)}, indent=2) + "\n")
         print(f"wrote {out.relative_to(ROOT)}")
 
 
@@ -399,17 +369,19 @@ def main(argv: list[str] | None = None) -> None:
                      "host": {"cpus": os.cpu_count(), "machine": platform.machine(),
                               "python": platform.python_version()},
                      "dim": DIM, "models": MODELS, "throughput": [], "visibility": None}
-    for flag, rounds, result in (
-            ("reconcile_spend", args.reconcile_ratio, "learner_reconcile.json"),
-            ("feedback_rows", args.feedback_rows_ratio, "learner_feedback_rows.json")):
+    # Decisions spread over a week, so that forgetting (half-life 168 h) has ages to weigh.
+    week = {"spread_h": 168.0}
+    for label, rounds, result, without, with_ in (
+            ("reconcile_spend", args.reconcile_ratio, "learner_reconcile.json",
+             {"reconcile_spend": False}, {"reconcile_spend": True}),
+            ("feedback_rows", args.feedback_rows_ratio, "learner_feedback_rows.json",
+             {"feedback_rows": False}, {"feedback_rows": True}),
+            ("half_life_hours=168", args.forgetting_ratio, "learner_forgetting.json",
+             week, {**week, "half_life_hours": 168.0})):
         if rounds:
-            flag_ratio(args, admin, rng, log_dir, flag, rounds, result)
+            paired_ratio(args, admin, rng, log_dir, label, rounds, result, without, with_)
             admin.close()
             return
-    if args.forgetting_ratio:
-        forgetting_ratio(args, admin, rng, log_dir)
-        admin.close()
-        return
     if args.visibility_only and RESULT.exists():
         results["throughput"] = json.loads(RESULT.read_text())["throughput"]
     for n_learners in () if args.visibility_only else (1, 2):

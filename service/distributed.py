@@ -46,7 +46,7 @@ from service.routing import POLICY_KINDS, FeedbackResult, PendingDecision, Routi
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
-from streams.stats import SHARED_KEY, check_dim, check_half_life, recast, sum_statistics
+from streams.stats import SHARED_KEY, check_stored, recast, sum_statistics
 
 __all__ = ["DistributedRoutingService", "StatisticsFollower", "streams_config"]
 
@@ -148,10 +148,9 @@ class StatisticsFollower:
             offsets[partition] = int(offset)
             if key is not None:
                 try:
-                    where = f"partition {partition} ({key})"
-                    fresh[partition][key] = check_dim(check_half_life(
-                        Policy.from_bytes(bytes(data)), self.config.half_life_hours, where),
-                        self.config.dim, where)
+                    fresh[partition][key] = check_stored(
+                        Policy.from_bytes(bytes(data)), self.config.dim,
+                        self.config.half_life_hours, f"partition {partition} ({key})")
                 except ValueError as exc:
                     # Versions not recorded: every refresh tries (and reports) again.
                     self.error = str(exc)

@@ -18,7 +18,7 @@ Recovery: a checkpoint stores every policy and the id of the last feedback row a
 On start the newest checkpoint is loaded and the feedback rows after it are replayed
 in the order they were applied, each weighted (with forgetting) by its decision's
 ``created_at``, as when it was applied live: the replay reproduces the live statistics
-(:func:`_learn`). Acknowledged
+(:meth:`RoutingService._apply`). Acknowledged
 feedback is never lost, even after ``kill -9``; what a crash loses is the random-stream
 position of decisions since the checkpoint and decisions still in the writer's queue.
 """
@@ -144,28 +144,6 @@ def _periods() -> tuple[datetime, datetime, datetime]:
 
 def _ts(value: datetime) -> float:
     return m.as_utc(value).timestamp()
-
-
-def _learn(policy: Policy, model: str, x: np.ndarray, outcome: dict[str, float | None],
-           decided_at: float) -> None:
-    """Learn one feedback: the one rule of live application, replay and rebuild.
-
-    With forgetting, the feedback weighs ``0.5 ** ((t_ref - decided_at) / half-life)``:
-    its age is its decision's (``decisions.created_at``, ``decided_at`` in seconds), not
-    its arrival's, as in distributed mode's learners (docs/streams.md, "Forgetting
-    (half-life) by event time"). Each event weighs by its own age at the reference time
-    (the rule of ``update_batch(times=...)``), so late feedback about an old decision
-    counts as old and the sums do not depend on the order feedback arrives in; a replay
-    that applies the same rows in the same order after a checkpoint (which keeps the
-    reference time) repeats the same operations. :meth:`~bandit.Policy.update` with
-    ``time=`` applies that weight as a rank-one update (O(d^2); ``update_batch`` would
-    refresh the arm's inverse exactly, O(d^3), about 3x the time per feedback at d=64).
-    Without forgetting the time plays no part.
-    """
-    if policy.config.half_life_hours is None:
-        policy.update(model, x, outcome)
-    else:
-        policy.update(model, x, outcome, time=decided_at)
 
 
 class RoutingService:
@@ -314,7 +292,7 @@ class RoutingService:
             # another BANDIT_ROUTER_EPSILON explores with the new one (and one with
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
             # The reference time comes with the statistics (the newest decision time
-            # applied, see _learn): the replay continues from it, as the live process did.
+            # applied, see _apply): the replay continues from it, as the live process did.
             policy = Policy.from_bytes(data, as_class=_POLICY_CLASSES[kind],
                                        epsilon=self.settings.epsilon,
                                        half_life_hours=self.settings.half_life_hours)
@@ -679,7 +657,7 @@ class RoutingService:
                 x = self._stored_context(context, fb)
                 for policy in pair.values():
                     if model in policy.arms:
-                        _learn(policy, model, x, _outcome(fb), _ts(decided_at))
+                        policy.update(model, x, _outcome(fb), time=_ts(decided_at))
                 after = int(fb.id)
 
     def _feedback_rows(self, after: int, limit: int, *, tenant_id: str | None = None,
@@ -1252,14 +1230,26 @@ class RoutingService:
 
     def _apply(self, tenant_id: str, model: str, x: np.ndarray,
                outcome: dict[str, float | None], decided_at: float) -> None:
-        """Learn one feedback in the shared policies and the tenant's isolated ones;
-        ``decided_at`` is its decision's ``created_at`` (seconds), see :func:`_learn`."""
+        """Learn one feedback in the shared policies and the tenant's isolated ones: the
+        one rule of live application, replay and rebuild.
+
+        ``decided_at`` is its decision's ``created_at`` (seconds). With forgetting the
+        feedback weighs ``0.5 ** ((t_ref - decided_at) / half-life)``: its decision's age,
+        not its arrival's, as in distributed mode's learners (docs/streams.md,
+        "Forgetting (half-life) by event time"). Each event weighs by its own age at the
+        reference time, so late feedback about an old decision counts as old and the sums
+        do not depend on arrival order; a replay that applies the same rows in the same
+        order after a checkpoint (which keeps the reference time) repeats the same
+        operations. ``update(..., time=)`` applies that weight as a rank-one update
+        (``update_batch(times=)`` would refresh the arm's inverse exactly, about 6x the
+        time: benchmarks/feedback_forgetting.py); without forgetting it is a plain update.
+        """
         with self._lock:
             targets = list(self.shared.values()) + list(self.isolated.get(tenant_id,
                                                                           {}).values())
             for policy in targets:
                 if model in policy.arms:  # a deleted model learns nothing more
-                    _learn(policy, model, x, outcome, decided_at)
+                    policy.update(model, x, outcome, time=decided_at)
 
     # ================================================================ decisions
     def get_decision(self, tenant: TenantState, decision_id: str) -> dict[str, Any]:

@@ -55,10 +55,8 @@ from streams.schemas import (
 )
 from streams.stats import (
     SHARED_KEY,
-    DimensionMismatchError,
-    HalfLifeMismatchError,
-    check_dim,
-    check_half_life,
+    StatisticsMismatchError,
+    check_stored,
     new_statistics,
     scope_key,
 )
@@ -202,7 +200,7 @@ class Learner:
         if create_topics:
             ensure_topics(self.config)
         self._conn = psycopg.connect(self.database_url, autocommit=False)
-        self._check_stored_half_life()
+        self._check_stored_statistics()
         self.producer = KafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
                                       linger_ms=5, client_id=f"{self.client_id}-dlq")
         self.consumer = KafkaConsumer(
@@ -215,7 +213,7 @@ class Learner:
             start_http_server(self.config.metrics_port, registry=self.metrics.registry)
         self._running.set()
 
-    def _check_stored_half_life(self) -> None:
+    def _check_stored_statistics(self) -> None:
         """Refuse to start on statistics learned with another half-life or dimension (before
         joining the group: a refusal inside the rebalance callback would only be logged)."""
         conn = self._db()
@@ -226,9 +224,8 @@ class Learner:
                 (self.config.group_id, self.config.feedback_topic)).fetchone()
         if row is not None:
             where = f"partition {row[0]} ({row[1]}) of group {self.config.group_id!r}"
-            stored = Policy.from_bytes(bytes(row[2]))
-            check_half_life(stored, self.config.half_life_hours, where)
-            check_dim(stored, self.config.dim, where)
+            check_stored(Policy.from_bytes(bytes(row[2])), self.config.dim,
+                         self.config.half_life_hours, where)
 
     def stop(self) -> None:
         """Ask the loop to stop after the current batch (safe from a signal handler)."""
@@ -298,7 +295,7 @@ class Learner:
         for tp in assigned:
             try:
                 state = self._load(tp)
-            except (HalfLifeMismatchError, DimensionMismatchError) as exc:
+            except StatisticsMismatchError as exc:
                 # kafka-python only logs a listener's exception: stop, and let step()
                 # raise it, rather than own a partition without its statistics.
                 self._fatal = exc
@@ -340,10 +337,9 @@ class Learner:
             blobs = conn.execute(
                 "SELECT key, data FROM partition_statistics"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
-        stats = {key: check_dim(check_half_life(Policy.from_bytes(bytes(data)),
-                                                self.config.half_life_hours,
-                                                f"partition {tp.partition} ({key})"),
-                                self.config.dim, f"partition {tp.partition} ({key})")
+        stats = {key: check_stored(Policy.from_bytes(bytes(data)), self.config.dim,
+                                   self.config.half_life_hours,
+                                   f"partition {tp.partition} ({key})")
                  for key, data in blobs}
         return _Partition(tp, int(version), int(offset), stats)
 
@@ -490,8 +486,8 @@ class Learner:
                     " AND topic = %s AND partition = %s FOR UPDATE", ident).fetchone()
                 if found is None or int(found[0]) != state.version:
                     raise _LostOwnership(state.tp)
-                fresh = self._insert_applied(conn, list(unique.values()))
-                applied = sorted((unique[k] for k in fresh), key=lambda it: it[0].offset)
+                fresh = set(self._insert_applied(conn, list(unique.values())))
+                applied = [item for k, item in unique.items() if k in fresh]  # in order
                 if self.config.feedback_rows:
                     self._insert_feedback(conn, applied)
                 if self.config.reconcile_spend:

@@ -26,14 +26,18 @@ from collections.abc import Iterable
 from bandit import LinUCB, Policy
 from bandit.errors import InvalidInputError
 
-__all__ = ["SHARED_KEY", "HalfLifeMismatchError", "DimensionMismatchError", "check_dim",
-           "check_half_life", "new_statistics",
-           "recast", "sum_statistics", "scope_key"]
+__all__ = ["SHARED_KEY", "StatisticsMismatchError", "HalfLifeMismatchError",
+           "DimensionMismatchError", "check_dim", "check_half_life", "check_stored",
+           "new_statistics", "recast", "sum_statistics", "scope_key"]
 
 SHARED_KEY = "shared"
 
 
-class HalfLifeMismatchError(InvalidInputError):
+class StatisticsMismatchError(InvalidInputError):
+    """Stored statistics do not fit this process's settings (they cannot be converted)."""
+
+
+class HalfLifeMismatchError(StatisticsMismatchError):
     """Stored statistics were learned with another half-life than this process's."""
 
 
@@ -77,7 +81,7 @@ def check_half_life(stats: Policy, half_life_hours: float | None, where: str) ->
     return stats
 
 
-class DimensionMismatchError(InvalidInputError):
+class DimensionMismatchError(StatisticsMismatchError):
     """Stored statistics have another context dimension than this process's."""
 
 
@@ -98,6 +102,13 @@ def check_dim(stats: Policy, dim: int, where: str) -> Policy:
             "on every learner and API replica, or start a fresh consumer group "
             "(BANDIT_ROUTER_LEARNER_GROUP) to learn with the new ones")
     return stats
+
+
+def check_stored(stats: Policy, dim: int, half_life_hours: float | None,
+                 where: str) -> Policy:
+    """Both checks a process makes on statistics it loads (:func:`check_half_life`,
+    :func:`check_dim`); raises a :class:`StatisticsMismatchError`."""
+    return check_dim(check_half_life(stats, half_life_hours, where), dim, where)
 
 
 def recast(stats: Policy, cls: type[Policy], **config: object) -> Policy:

@@ -107,8 +107,8 @@ def test_route_forgetting_distributed_snapshot_equals_embedded_policy(
         late = Learner(replace(config, half_life_hours=None), fresh_database_url,
                        client_id="forget-late")
         with pytest.raises(HalfLifeMismatchError):
-            late._check_stored_half_life()  # noqa: SLF001
-        late._check_stored_half_life = lambda: None  # type: ignore[method-assign]
+            late._check_stored_statistics()  # noqa: SLF001
+        late._check_stored_statistics = lambda: None  # type: ignore[method-assign]
         late.start(create_topics=False)
         try:
             late._assign([TopicPartition(topic, p) for p in sorted(stored)])  # noqa: SLF001

@@ -97,8 +97,8 @@ def test_map_dim_through_kafka_learner_and_refused_without_map(
     # assigned a partition (the listener is called directly, as in test_forgetting).
     late = Learner(streams_config(without_map), fresh_database_url, client_id="proto-late")
     with pytest.raises(DimensionMismatchError, match="BANDIT_ROUTER_PROTOTYPE_MAP"):
-        late._check_stored_half_life()  # noqa: SLF001
-    late._check_stored_half_life = lambda: None  # type: ignore[method-assign]
+        late._check_stored_statistics()  # noqa: SLF001
+    late._check_stored_statistics = lambda: None  # type: ignore[method-assign]
     late.start(create_topics=False)
     try:
         late._assign([TopicPartition(feedback_topic, p) for p in range(2)])  # noqa: SLF001
