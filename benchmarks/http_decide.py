@@ -85,12 +85,15 @@ UVICORN_ARGS = ["--loop", "uvloop", "--http", "httptools", "--log-level", "warni
                 "--no-access-log"]
 
 
-def start_server(module_dir: Path, module: str, port: int, env: dict[str, str]) -> subprocess.Popen:
+def start_server(module_dir: Path, module: str, port: int, env: dict[str, str],
+                 source: Path = REPO_ROOT) -> subprocess.Popen:
+    """Start ``module:app`` under uvicorn, importing the router's packages from
+    ``source`` (another checkout for a before/after comparison)."""
     cmd = [sys.executable, "-m", "uvicorn", f"{module}:app", "--host", "127.0.0.1",
            "--port", str(port), *UVICORN_ARGS]
     proc = subprocess.Popen(cmd, cwd=module_dir,
                             env={**os.environ, **env,
-                                 "PYTHONPATH": f"{module_dir}{os.pathsep}{REPO_ROOT}"},
+                                 "PYTHONPATH": f"{module_dir}{os.pathsep}{source}"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -229,6 +232,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="2 s phases, 1 round, no results file")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another source tree (a checkout of the router's packages) "
+                             "served as a third server, alternating with the two others: "
+                             "a before/after comparison in one run")
     args = parser.parse_args(argv)
     seconds = 2.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
@@ -238,30 +245,40 @@ def main(argv: list[str] | None = None) -> None:
                                                "seconds_per_phase": seconds,
                                                "rounds": rounds,
                                                "uvicorn": " ".join(UVICORN_ARGS)}}
-    runs: dict[str, list[dict[str, float]]] = {"bare_max": [], "router_max": [],
-                                               "router_half_load": []}
+    names = ["bare", "router"] + (["baseline"] if args.baseline is not None else [])
+    runs: dict[str, list[dict[str, float]]] = {f"{n}_max": [] for n in names}
+    runs["router_half_load"] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         (tmpdir / "bare_app.py").write_text(BARE_APP)
         (tmpdir / "router_app.py").write_text(ROUTER_APP)
-        router_env = {"BANDIT_ROUTER_DATA_DIR": str(tmpdir / "data"),
-                      "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
-                      "BANDIT_ROUTER_DATABASE_URL": ""}
+        def router_env(name: str) -> dict[str, str]:
+            return {"BANDIT_ROUTER_DATA_DIR": str(tmpdir / f"data-{name}"),
+                    "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
+                    "BANDIT_ROUTER_DATABASE_URL": ""}
+
         servers = {}
         try:
-            for name, module, env in (("bare", "bare_app", {}),
-                                      ("router", "router_app", router_env)):
+            for name in names:
                 port = free_port()
-                servers[name] = (start_server(tmpdir, module, port, env), port)
-            key = setup_router(servers["router"][1])
-            reqs = {"bare": build_requests(None), "router": build_requests(key)}
-            for name in ("bare", "router"):  # warm-up
+                if name == "bare":
+                    servers[name] = (start_server(tmpdir, "bare_app", port, {}), port)
+                else:
+                    source = args.baseline if name == "baseline" else REPO_ROOT
+                    servers[name] = (start_server(tmpdir, "router_app", port,
+                                                  router_env(name), source=source), port)
+            reqs = {"bare": build_requests(None)}
+            for name in names[1:]:
+                reqs[name] = build_requests(setup_router(servers[name][1]))
+            for name in names:  # warm-up
                 asyncio.run(closed_loop(servers[name][1], reqs[name], 4, 1.0))
-            # Maximum throughput: the two servers alternate, in a different order each
-            # round, so that a burst of load from elsewhere on the machine is less likely
-            # to land on one of them only; each is reported by its median round.
+            # Maximum throughput: the servers alternate, in a different order each round,
+            # so that a burst of load from elsewhere on the machine is less likely to land
+            # on one of them only; each is reported by its median round.
             for r in range(rounds):
-                for name in (("bare", "router") if r % 2 == 0 else ("router", "bare")):
+                shift = r % len(names)
+                order = names[shift:] + names[:shift]
+                for name in (order if r % 2 == 0 else order[::-1]):
                     runs[f"{name}_max"].append(asyncio.run(closed_loop(
                         servers[name][1], reqs[name], args.connections, seconds)))
             half = _median_run(runs["router_max"], "throughput_rps")["throughput_rps"] / 2
@@ -283,6 +300,16 @@ def main(argv: list[str] | None = None) -> None:
         o["throughput_rps"] / b["throughput_rps"]
         for o, b in zip(runs["router_max"], runs["bare_max"], strict=True)]
     errors = sum(run["errors"] for phase in runs.values() for run in phase)
+    if args.baseline is not None:
+        base = results["baseline_max"] = _median_run(runs["baseline_max"], "throughput_rps")
+        results["baseline_ratio_to_bare"] = base["throughput_rps"] / bare["throughput_rps"]
+        results["baseline_ratio_to_bare_per_round"] = [
+            o["throughput_rps"] / b["throughput_rps"]
+            for o, b in zip(runs["baseline_max"], runs["bare_max"], strict=True)]
+        print(f"baseline ({args.baseline}) / bare throughput = "
+              f"{results['baseline_ratio_to_bare']:.2f} (per round: "
+              + ", ".join(f"{x:.2f}" for x in results["baseline_ratio_to_bare_per_round"])
+              + f"); router - baseline = {ratio - results['baseline_ratio_to_bare']:+.3f}")
     results["goals"] = {
         "throughput_ratio_ge_0.7": ratio >= 0.7,
         "p99_at_half_load_le_5ms": half_load["p99_ms"] <= 5.0,

@@ -19,7 +19,6 @@ import sys
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
-from starlette.middleware import Middleware
 
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
@@ -107,10 +106,6 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # a refusal carries one too.
     app.add_middleware(LimitsMiddleware)
     app.add_middleware(RequestIdMiddleware)
-    # POST /v1/decide skips FastAPI's routing machinery (service.routes.decide). Appended,
-    # not added: innermost whatever the order of the add_middleware calls (each of
-    # which puts its middleware outermost), so every other middleware sees decides too.
-    app.user_middleware.append(Middleware(decide.DecideShortcut))
     for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health,
                    status_page):
         app.include_router(module.router)

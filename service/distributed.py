@@ -40,7 +40,7 @@ from kafka.errors import KafkaError
 from bandit import LinearThompson, LinUCB, Policy
 from bandit.base import check_finite_number
 from service.config import Settings
-from service.errors import Problem
+from service.exceptions import UnavailableError
 from service.features import context_dim
 from service.routing import POLICY_KINDS, FeedbackResult, PendingDecision, RoutingService
 from streams.config import StreamsConfig
@@ -352,8 +352,8 @@ class DistributedRoutingService(RoutingService):
         if self._producer_resetting:
             # A send already failed and the producer is being rebuilt: answer at once
             # rather than after another 10 s send timeout.
-            raise Problem(503, "the feedback topic is unavailable (broker unreachable); "
-                          "retry", headers={"Retry-After": "1"})
+            raise UnavailableError("the feedback topic is unavailable (broker "
+                                   "unreachable); retry", retry_after_s=1)
         try:
             if producer is None:
                 raise KafkaError("no producer")
@@ -361,8 +361,9 @@ class DistributedRoutingService(RoutingService):
                           value=encode_feedback(event)).get(timeout=10)
         except KafkaError as exc:
             self._reset_producer()
-            raise Problem(503, f"the feedback topic is unavailable ({type(exc).__name__}); "
-                          "retry", headers={"Retry-After": "1"}) from None
+            raise UnavailableError(f"the feedback topic is unavailable "
+                                   f"({type(exc).__name__}); retry",
+                                   retry_after_s=1) from None
         self.metrics.feedback.labels("queued").inc()
         return FeedbackResult("queued", None)
 

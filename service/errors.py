@@ -4,11 +4,14 @@ Every error the API returns is ``application/problem+json`` with ``type``, ``tit
 ``status``, ``detail`` and, for bad input, ``errors: [{field, message, allowed}]``.
 Sources mapped here:
 
-* :class:`bandit.InvalidInputError` (raised by the learning core or by the service's own
-  checks) -> 422 naming the field and the allowed values;
+* the domain family, :class:`bandit.RoutingError` (:func:`domain_problem`, the one
+  table): :class:`bandit.InvalidInputError` (raised by the learning core or by the
+  service's own checks) -> 422 naming the field and the allowed values, and the
+  service's refusals (:mod:`service.exceptions`) -> 404, 409, 429, 503;
 * FastAPI's :class:`~fastapi.exceptions.RequestValidationError` -> 422 (400 when the body
   is not JSON at all);
-* :class:`Problem` -> its status (401, 403, 404, 409, 429, 503...);
+* :class:`Problem`, raised by the HTTP layer only (authentication, limits, routes) ->
+  its status (401, 403, 413...);
 * anything else -> 500 with no internals leaked; the process keeps serving.
 """
 
@@ -24,9 +27,17 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bandit import InvalidInputError
+from bandit import InvalidInputError, RoutingError
+from service.exceptions import (
+    BudgetExhaustedError,
+    ConflictError,
+    NotFoundError,
+    ServiceError,
+    UnavailableError,
+)
 
-__all__ = ["Problem", "problem_response", "install_error_handlers", "PROBLEM_JSON"]
+__all__ = ["Problem", "problem_response", "domain_problem", "install_error_handlers",
+           "PROBLEM_JSON"]
 
 PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://bandit-router.dev/problems/"
@@ -70,6 +81,29 @@ def problem_response(problem: Problem) -> JSONResponse:
 def invalid_input(err: InvalidInputError) -> Problem:
     return Problem(422, str(err), errors=[{"field": err.field, "message": str(err),
                                            "allowed": err.allowed}])
+
+
+#: The service's refusals by class: status (the most specific class listed first).
+_DOMAIN_STATUS: tuple[tuple[type[ServiceError], int], ...] = (
+    (NotFoundError, 404), (ConflictError, 409), (BudgetExhaustedError, 429),
+    (UnavailableError, 503))
+
+
+def domain_problem(err: RoutingError) -> Problem:
+    """The problem details of a domain error: the one mapping of the family to HTTP."""
+    if isinstance(err, InvalidInputError):
+        return invalid_input(err)
+    status = next((s for cls, s in _DOMAIN_STATUS if isinstance(err, cls)), None)
+    if status is None or not isinstance(err, ServiceError):
+        # The bare base class: a bug, not the caller's doing.
+        log.error("unmapped domain error", exc_info=err)
+        return Problem(500, "unexpected error; see the server log")
+    errors = None
+    if isinstance(err, ConflictError):
+        errors = [{"field": err.field, "message": err.reason, "allowed": err.allowed}]
+    retry = getattr(err, "retry_after_s", None)
+    return Problem(status, err.detail, slug=err.slug, errors=errors,
+                   headers=None if retry is None else {"Retry-After": str(retry)})
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -150,9 +184,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _problem(_request: Request, exc: Problem) -> JSONResponse:
         return problem_response(exc)
 
-    @app.exception_handler(InvalidInputError)
-    async def _invalid(_request: Request, exc: InvalidInputError) -> JSONResponse:
-        return problem_response(invalid_input(exc))
+    @app.exception_handler(RoutingError)
+    async def _domain(_request: Request, exc: RoutingError) -> JSONResponse:
+        return problem_response(domain_problem(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

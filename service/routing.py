@@ -46,7 +46,12 @@ from bandit.base import MAX_ABS_CONTEXT, BatchDecision, check_finite_number
 from service.budget import Ledger
 from service.config import Settings
 from service.db import models as m
-from service.errors import Problem
+from service.exceptions import (
+    BudgetExhaustedError,
+    ConflictError,
+    NotFoundError,
+    UnavailableError,
+)
 from service.features import ContextSettingsError, context_dim, load_prototype_map
 from service.ids import uuid7_str
 from service.metrics import Metrics
@@ -413,7 +418,7 @@ class RoutingService:
         with self._lock:
             model = self.models.get(name)
         if model is None:
-            raise Problem(404, f"model {name!r} does not exist")
+            raise NotFoundError(f"model {name!r} does not exist")
         return model
 
     def create_model(self, name: str, input_price: float, output_price: float,
@@ -432,10 +437,10 @@ class RoutingService:
                 session.flush()
                 state = self._model_state(row)
         except IntegrityError:
-            raise Problem(409, f"a model named {name!r} exists (or existed: a deleted "
-                          "model's name stays reserved for its history)",
-                          errors=[{"field": "name", "message": "already used",
-                                   "allowed": "a name never used before"}]) from None
+            raise ConflictError(f"a model named {name!r} exists (or existed: a deleted "
+                                "model's name stays reserved for its history)",
+                                field="name", reason="already used",
+                                allowed="a name never used before") from None
         with self._lock:
             self.models[name] = state
             for policy in self._all_policies().values():
@@ -700,8 +705,9 @@ class RoutingService:
         enabled = [n for n, s in self.models.items() if s.enabled]
         if requested is None:
             if not enabled:
-                raise Problem(503, "no enabled model to route to; an admin registers one "
-                              "with POST /v1/admin/models", slug="no-models")
+                raise UnavailableError("no enabled model to route to; an admin registers "
+                                       "one with POST /v1/admin/models", slug="no-models",
+                                       retry_after_s=None)
             return enabled
         names = list(dict.fromkeys(requested))
         allowed = ", ".join(enabled) or "(none enabled)"
@@ -724,8 +730,8 @@ class RoutingService:
                override: Preferences | None) -> PendingDecision:
         """Choose a model and reserve its predicted cost; :meth:`enqueue` queues the row.
 
-        Raises :class:`Problem` 429 when the budget is spent and the tenant asked for
-        ``reject``.
+        Raises :class:`~service.exceptions.BudgetExhaustedError` when the budget is spent
+        and the tenant asked for ``reject``.
         """
         result = self.decide_many([(tenant, x, candidates, override)])[0]
         if isinstance(result, Exception):
@@ -828,11 +834,10 @@ class RoutingService:
             if not tenant.ledger.try_reserve(cheap_cost, now=now):
                 if tenant.on_budget_exhausted == "reject":
                     self.metrics.rejected.labels("budget").inc()
-                    raise Problem(429, "the tenant's budget is spent "
-                                  f"(day {tenant.budget_usd_per_day}, month "
-                                  f"{tenant.budget_usd_per_month} USD) and "
-                                  "on_budget_exhausted is 'reject'", slug="budget-exhausted",
-                                  headers={"Retry-After": "3600"})
+                    raise BudgetExhaustedError(
+                        f"the tenant's budget is spent (day {tenant.budget_usd_per_day}, "
+                        f"month {tenant.budget_usd_per_month} USD) and "
+                        "on_budget_exhausted is 'reject'")
                 tenant.ledger.try_reserve(cheap_cost, now=now, force=True)
                 over_budget = True
             model, propensity, cost = cheapest, 1.0, cheap_cost
@@ -935,8 +940,8 @@ class RoutingService:
                 # The writer holds the decision (the database is away or far behind);
                 # the drain waits for it to be written.
                 return self._buffer(tenant, decision_id, event, outcome)
-            raise Problem(503, "the decision is not written yet; retry",
-                          headers={"Retry-After": "1"})
+            raise UnavailableError("the decision is not written yet; retry",
+                                   retry_after_s=1)
         received = m.utcnow()
         try:
             return self._store(tenant, decision_id, event, outcome, received)
@@ -959,15 +964,15 @@ class RoutingService:
         return result
 
     def _store_many(self, items: Sequence[_Incoming]
-                    ) -> list[FeedbackResult | Problem | Exception]:
+                    ) -> list[FeedbackResult | NotFoundError | Exception]:
         """Store feedback rows (and their decisions' reconciled charges) in one
         transaction, then apply them in order: the one path of direct feedback (one
         item) and of the buffer's drain (a batch). Per item: ``applied``, ``duplicate``
-        (that (decision_id, event_id) is stored already), a 404 Problem (unknown decision
+        (that (decision_id, event_id) is stored already), a NotFoundError (unknown decision
         or another tenant's: nothing stored, nothing applied), or the exception that
         applying it raised. Raises the database's errors (then nothing of the batch is
         known to be stored)."""
-        results: list[FeedbackResult | Problem | Exception | None] = [None] * len(items)
+        results: list[FeedbackResult | NotFoundError | Exception | None] = [None] * len(items)
         # (index, feedback id, model, context, cost delta, decided at)
         rows: list[tuple[int, int, str, bytes, float, float]] = []
         one_by_one = False
@@ -983,8 +988,8 @@ class RoutingService:
                 for i, it in enumerate(items):
                     decision = decisions.get(it.decision_id)
                     if decision is None or decision.tenant_id != it.tenant.id:
-                        results[i] = Problem(404, f"decision {it.decision_id} does not "
-                                             "exist", slug="decision-not-found")
+                        results[i] = NotFoundError(f"decision {it.decision_id} does not "
+                                                   "exist", slug="decision-not-found")
                         continue
                     key = (it.decision_id, it.event)
                     uncertain = self._uncertain.pop((it.tenant.id, *key), None)
@@ -1083,9 +1088,9 @@ class RoutingService:
         self.metrics.feedback_buffer_depth.set(self.spool.depth())
         self.metrics.feedback_buffer.labels(result).inc()
         if result == "full":
-            raise Problem(503, f"the database is unavailable and the feedback buffer is "
-                          f"full ({self.spool.capacity} events); nothing was stored, retry "
-                          "later", slug="unavailable", headers={"Retry-After": "5"})
+            raise UnavailableError(f"the database is unavailable and the feedback buffer "
+                                   f"is full ({self.spool.capacity} events); nothing was "
+                                   "stored, retry later", retry_after_s=5)
         self.metrics.feedback.labels(result).inc()
         self._drain_wake.set()
         return FeedbackResult(result, None)
@@ -1217,7 +1222,7 @@ class RoutingService:
                 self._drain_batch([item])
             return
         for (item, _), result in zip(known, results, strict=True):
-            if isinstance(result, Problem):
+            if isinstance(result, NotFoundError):
                 # Unknown decision, or another tenant's: nothing stored or applied.
                 drop(item, "the decision does not exist or is another tenant's")
             elif isinstance(result, Exception):
@@ -1260,8 +1265,8 @@ class RoutingService:
         with Session(self.engine) as session:
             decision = session.get(m.Decision, decision_id)
             if decision is None or decision.tenant_id != tenant.id:
-                raise Problem(404, f"decision {decision_id} does not exist",
-                              slug="decision-not-found")
+                raise NotFoundError(f"decision {decision_id} does not exist",
+                                    slug="decision-not-found")
             feedback = session.scalars(select(m.Feedback)
                                        .where(m.Feedback.decision_id == decision_id)
                                        .order_by(m.Feedback.id)).all()

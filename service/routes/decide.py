@@ -1,23 +1,24 @@
 """``POST /v1/decide``: choose a model for one query. Never waits on the database.
 
-Served by :class:`DecideShortcut`, a pure ASGI middleware placed innermost (inside
-every other middleware: request ids, access log, server errors), in front of FastAPI's
-routing: for this one endpoint FastAPI's route matching, exception middleware, exit
-stack, request wrapper and dependency solving cost about as much as the decision itself.
-The FastAPI route below documents the endpoint in the OpenAPI schema and runs the same
-code (:func:`decide_body`); errors go through the app's own exception handlers either
-way, so the answers are the same problem details.
+One FastAPI route, one code path. What made FastAPI's route cost about as much as the
+decision was not its routing but what it does with a declared body and response model:
+``json.loads`` then a second validation pass over the Python objects, then the
+answer validated again through the response model and encoded by the standard ``json``
+module. Here the route takes the raw body, validates it once with pydantic-core's JSON
+parser, and returns the orjson bytes as a plain :class:`~fastapi.Response` (FastAPI
+returns a ``Response`` as it is, skipping the response model, which stays for the
+OpenAPI document). Errors are exceptions mapped to problem details by the app's handlers
+(:mod:`service.errors`), like every other route's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import time
 from typing import Any
 
 import orjson
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
@@ -30,14 +31,12 @@ from service.metrics import Metrics
 from service.routing import RoutingService
 from service.schemas import DecideRequest, DecideResponse
 
-__all__ = ["router", "decide_body", "DecideShortcut"]
+__all__ = ["router", "decide_body", "add_openapi_components"]
 
 router = APIRouter(prefix="/v1", tags=["routing"])
-PATH = "/v1/decide"
-_JSON_HEADERS = (b"content-type", b"application/json")
 
 
-async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> bytes:
+async def decide_body(state: Any, authorization: str | None, raw: bytes) -> bytes:
     """The JSON answer to one decide request (raises what the API turns into errors).
 
     An async function: the work is in-memory numpy (a fraction of a millisecond),
@@ -46,7 +45,6 @@ async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> by
     pydantic-core's JSON parser in one step.
     """
     started = time.perf_counter()
-    state = app.state
     service: RoutingService = state.routing
     settings: Settings = state.settings
     metrics: Metrics = state.metrics
@@ -111,66 +109,7 @@ def add_openapi_components(document: dict) -> dict:
                  "application/json": {"schema": {
                      "$ref": "#/components/schemas/DecideRequest"}}}}})
 async def decide(request: Request) -> Response:
-    """Choose a model for one query (served by :class:`DecideShortcut` in the app)."""
-    content = await decide_body(request.app, request.headers.get("authorization"),
+    """Choose a model for one query."""
+    content = await decide_body(request.app.state, request.headers.get("authorization"),
                                 await request.body())
     return Response(content, media_type="application/json")
-
-
-class DecideShortcut:
-    """Pure ASGI middleware answering ``POST /v1/decide`` with :func:`decide_body`;
-    everything else goes on to the app. An exception the app has a handler for is
-    answered by that handler (problem details); any other propagates to the server-error
-    middleware (500), as from a route."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if (scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST"
-                or scope.get("root_path")):
-            await self.app(scope, receive, send)
-            return
-        fastapi_app: FastAPI = scope["app"]
-        authorization = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value.decode("latin-1")
-                break
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        try:
-            content = await decide_body(fastapi_app, authorization, b"".join(chunks))
-        except Exception as exc:
-            handler = _exception_handler(fastapi_app, exc)
-            if handler is None:
-                raise
-            request = Request(scope, receive)
-            if inspect.iscoroutinefunction(handler):
-                response = await handler(request, exc)
-            else:
-                response = handler(request, exc)
-            await response(scope, receive, send)
-            return
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [_JSON_HEADERS,
-                                (b"content-length", str(len(content)).encode())]})
-        await send({"type": "http.response.body", "body": content})
-
-
-def _exception_handler(app: FastAPI, exc: Exception) -> Any:
-    """The handler Starlette's exception middleware would pick (by exception class;
-    500/``Exception`` belong to the server-error middleware)."""
-    handlers = app.exception_handlers
-    for cls in type(exc).__mro__:
-        if cls is Exception:
-            return None
-        if cls in handlers:
-            return handlers[cls]
-    return None

@@ -1,17 +1,18 @@
-"""The decide fast path (DecideShortcut) answers like the FastAPI route would."""
+"""POST /v1/decide has one code path, the FastAPI route, answering problem details."""
 
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.routes.decide import DecideShortcut
 from tests.service.conftest import add_model, assert_problem, create_tenant, decide, make_settings
 
 
-def test_decide_shortcut_innermost_documented_and_errors_are_problems(new_database_url):
+def test_decide_one_route_documented_and_errors_are_problems(new_database_url):
     app = create_app(make_settings(new_database_url()))
-    assert app.user_middleware[-1].cls is DecideShortcut  # inside every other middleware
+    # One path: the FastAPI route, and no middleware of ours in front of the routing.
+    assert {m.cls.__module__ for m in app.user_middleware} == {"service.limits",
+                                                                "service.observability"}
     with TestClient(app, raise_server_exceptions=False) as client:
         model = add_model(client)
         tenant = create_tenant(client)
