@@ -106,8 +106,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # a refusal carries one too.
     app.add_middleware(LimitsMiddleware)
     app.add_middleware(RequestIdMiddleware)
-    for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health,
-                   status_page):
+    decide.install(app)
+    for module in (feedback, decisions, tenants, admin, admin_tenants, health, status_page):
         app.include_router(module.router)
     build_openapi = app.openapi
 

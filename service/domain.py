@@ -1,0 +1,101 @@
+"""The value types the service's modules pass each other (no logic, no I/O).
+
+Every module of the routing core imports these and nothing of each other's state:
+:class:`ModelState` and :class:`TenantState` are owned by :mod:`service.registry`,
+:class:`PendingDecision` is made by :mod:`service.decider`, :class:`FeedbackResult` is
+answered by a feedback sink (:mod:`service.ingest` embedded, :mod:`service.distributed`
+with Kafka).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bandit import LinearThompson, LinUCB, Policy, Preferences
+from service.budget import Ledger
+from service.db import models as m
+
+__all__ = ["POLICY_KINDS", "POLICY_CLASSES", "ModelState", "TenantState", "PendingDecision",
+           "DecideArgs", "FeedbackResult", "periods", "timestamp", "stored_outcome"]
+
+POLICY_KINDS = ("linucb", "thompson")
+POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
+
+
+@dataclass
+class ModelState:
+    name: str
+    input_price_per_mtok: float
+    output_price_per_mtok: float
+    enabled: bool
+    prior_quality: float | None
+    prior_cost_usd: float
+
+
+@dataclass
+class TenantState:
+    id: str
+    name: str
+    key_hash: str
+    preferences: Preferences
+    policy: str
+    scope: str
+    on_budget_exhausted: str
+    ledger: Ledger = field(repr=False)
+
+    @property
+    def budget_usd_per_day(self) -> float | None:
+        return self.ledger.budget_day
+
+    @property
+    def budget_usd_per_month(self) -> float | None:
+        return self.ledger.budget_month
+
+
+@dataclass(frozen=True)
+class PendingDecision:
+    """A decision made and paid for (reserved), not yet queued for the writer."""
+
+    response: dict[str, Any]
+    row: dict[str, Any]
+    tenant: TenantState
+    explored: bool
+
+
+class DecideArgs(NamedTuple):
+    """What one decide request asks."""
+
+    tenant: TenantState
+    context: np.ndarray
+    candidates: list[str] | None
+    preferences: Preferences | None
+
+
+@dataclass(frozen=True)
+class FeedbackResult:
+    """What a feedback sink did with one feedback: ``applied``, ``duplicate``,
+    ``buffered`` (embedded, database away) or ``queued`` (distributed)."""
+
+    status: str
+    feedback_id: int | None
+
+
+def periods() -> tuple[datetime, datetime, datetime]:
+    """Now, and the starts of the current UTC day and month (budgets' periods)."""
+    now = datetime.now(UTC)
+    day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return now, day0, day0.replace(day=1)
+
+
+def timestamp(value: datetime) -> float:
+    """A stored time (naive UTC on SQLite) in seconds since the epoch."""
+    return m.as_utc(value).timestamp()
+
+
+def stored_outcome(fb: m.Feedback) -> dict[str, float | None]:
+    """The outcome a stored feedback row reports."""
+    return {"quality": fb.quality, "cost_usd": fb.cost_usd, "latency_ms": fb.latency_ms}
