@@ -29,7 +29,7 @@ from service.metrics import Metrics
 from service.observability import RequestIdMiddleware
 from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
 from service.routes import status as status_page
-from service.routing import RoutingService
+from service.routing import build_routing
 
 __all__ = ["create_app"]
 
@@ -59,15 +59,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         if settings.run_migrations:
             await asyncio.to_thread(upgrade, url)
         engine = make_engine(url)
-        if settings.kafka_bootstrap:
-            # Distributed mode (docs/streams.md): imported here so that the embedded
-            # default never loads the Kafka client.
-            from service.distributed import DistributedRoutingService
-
-            service: RoutingService = DistributedRoutingService(settings, engine,
-                                                                app.state.metrics)
-        else:
-            service = RoutingService(settings, engine, app.state.metrics)
+        # Embedded, or distributed when kafka_bootstrap is set (docs/streams.md).
+        service = build_routing(settings, engine, app.state.metrics)
         generated = await asyncio.to_thread(service.start)
         if generated is not None:
             # Shown once: only its SHA-256 digest is stored.

@@ -39,7 +39,7 @@ class DecideBatcher:
         future: asyncio.Future[PendingDecision] = loop.create_future()
         if not self._args:
             loop.call_soon(self._run)
-        self._args.append((tenant, x, candidates, override))
+        self._args.append(DecideArgs(tenant, x, candidates, override))
         self._futures.append(future)
         return future
 

@@ -1,7 +1,7 @@
-"""Reading the feedback history back (tables ``feedback`` joined with ``decisions``), for
-the start-up replay (:mod:`service.checkpoints`) and for rebuilding a tenant's isolated
-policies (:mod:`service.policies`). Read-only; no state but the settings it checks the
-stored contexts against.
+"""Reading the decision log back (tables ``feedback`` joined with ``decisions``): for
+the start-up replay (:mod:`service.checkpoints`), for rebuilding a tenant's isolated
+policies (:mod:`service.policies`) and for ``GET /v1/decisions/{id}``. Read-only; no
+state but the settings it checks the stored contexts against.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import numpy as np
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from bandit.featurize import PrototypeMap
 from service.config import Settings
 from service.db import models as m
-from bandit.featurize import PrototypeMap
+from service.exceptions import NotFoundError
 from service.features import ContextSettingsError
 
 __all__ = ["FeedbackHistory"]
@@ -59,3 +60,27 @@ class FeedbackHistory:
         return (f"the k={self.prototype_map.k} prototypes of BANDIT_ROUTER_PROTOTYPE_MAP="
                 f"{str(self.settings.prototype_map)!r}"
                 + (" plus BANDIT_ROUTER_DIM" if self.prototype_map.include_base else ""))
+
+    def decision(self, tenant_id: str, decision_id: str) -> dict[str, Any]:
+        """One of the tenant's decisions with its feedback; another tenant's is not found
+        exactly like a decision that does not exist."""
+        with Session(self.engine) as session:
+            decision = session.get(m.Decision, decision_id)
+            if decision is None or decision.tenant_id != tenant_id:
+                raise NotFoundError(f"decision {decision_id} does not exist",
+                                    slug="decision-not-found")
+            feedback = session.scalars(select(m.Feedback)
+                                       .where(m.Feedback.decision_id == decision_id)
+                                       .order_by(m.Feedback.id)).all()
+            return {
+                "decision_id": decision.id, "model": decision.model,
+                "propensity": decision.propensity, "policy": decision.policy,
+                "policy_version": int(decision.policy_version), "scope": decision.scope,
+                "predictions": decision.predictions,
+                "predicted_cost_usd": decision.predicted_cost_usd,
+                "charged_usd": decision.charged_usd, "over_budget": decision.over_budget,
+                "created_at": m.as_utc(decision.created_at),
+                "feedback": [{"event_id": f.event_id or None, "quality": f.quality,
+                              "cost_usd": f.cost_usd, "latency_ms": f.latency_ms,
+                              "received_at": m.as_utc(f.created_at)} for f in feedback],
+            }

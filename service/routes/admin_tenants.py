@@ -11,7 +11,7 @@ from datetime import datetime
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db import models as m
@@ -26,7 +26,6 @@ from service.schemas import (
     TenantPreferencesUpdate,
     UsageOut,
 )
-from service.security import hash_key, new_key
 
 router = APIRouter(prefix="/v1/admin/tenants", tags=["admin"])
 
@@ -84,17 +83,7 @@ def rotate_key(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> TenantC
     on this replica at once; other replicas on the same database keep accepting it until
     they restart (their periodic refresh does not re-key tenants: service/README.md)."""
     tenant = _tenant(service, tenant_id)
-    key = new_key("tenant")
-    digest = hash_key(key)
-    with Session(service.engine) as session, session.begin():
-        session.execute(update(m.Tenant).where(m.Tenant.id == tenant.id)
-                        .values(key_hash=digest, updated_at=m.utcnow()))
-    # RoutingService has no re-keying method (service/routing.py is another change's);
-    # the swap is done under its lock, exactly as create_tenant fills these maps.
-    with service._lock:
-        service._by_key.pop(tenant.key_hash, None)
-        tenant.key_hash = digest
-        service._by_key[digest] = tenant
+    key = service.registry.rotate_key(tenant)
     return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
 
 

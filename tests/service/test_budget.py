@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bandit import Preferences
+from service.errors import domain_problem
 from tests.service.conftest import add_model, assert_problem, create_tenant, decide
 
 # 500 input + 300 output tokens: 3 and 15 USD per Mtok -> 0.006 USD predicted per request.
@@ -66,7 +67,7 @@ def test_decide_budget_concurrent_threads_reserve_atomically(client):
             try:
                 pending = service.decide(state, x, [model], None)
             except Exception as exc:
-                assert getattr(exc, "status", None) == 429
+                assert domain_problem(exc).status == 429
                 ok = False
             else:
                 assert service.enqueue(pending)
