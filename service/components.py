@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from bandit.featurize import PrototypeMap
 from service.checkpoints import Checkpoints
 from service.config import Settings
-from service.domain import FeedbackResult, TenantState
+from service.domain import FeedbackReceipt, TenantState
 from service.features import context_dim, load_prototype_map
 from service.history import FeedbackHistory
 from service.ingest import FeedbackIngest
@@ -37,7 +37,7 @@ class FeedbackSink(Protocol):
     """Where ``POST /v1/feedback`` goes."""
 
     def submit(self, tenant: TenantState, decision_id: str,
-               outcome: dict[str, float | None], event_id: str | None) -> FeedbackResult: ...
+               outcome: dict[str, float | None], event_id: str | None) -> FeedbackReceipt: ...
     def start(self) -> None: ...  # after the decision writer started
     def stop(self) -> None: ...  # before the decision writer stops
     def close(self) -> None: ...  # after the decision writer stopped

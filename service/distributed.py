@@ -42,7 +42,7 @@ from kafka.errors import KafkaError
 from bandit import Policy
 from service.components import Components, Core
 from service.config import Settings
-from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackResult, TenantState
+from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, TenantState
 from service.exceptions import UnavailableError
 from service.features import context_dim
 from service.policies import PolicyStore
@@ -373,7 +373,7 @@ class KafkaFeedback:
 
     # ------------------------------------------------------------ feedback
     def submit(self, tenant: TenantState, decision_id: str,
-               outcome: dict[str, float | None], event_id: str | None) -> FeedbackResult:
+               outcome: dict[str, float | None], event_id: str | None) -> FeedbackReceipt:
         event = FeedbackEvent(event_id or "", decision_id, tenant.id,
                               quality=outcome.get("quality"), cost_usd=outcome.get("cost_usd"),
                               latency_ms=outcome.get("latency_ms"), sent_at=time.time())
@@ -394,7 +394,7 @@ class KafkaFeedback:
                                    f"({type(exc).__name__}); retry",
                                    retry_after_s=1) from None
         self.metrics.feedback.labels("queued").inc()
-        return FeedbackResult("queued", None)
+        return FeedbackReceipt("queued", None)
 
     # ------------------------------------------------------------ decisions topic
     def publish(self, row: dict[str, Any]) -> None:

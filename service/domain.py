@@ -2,7 +2,7 @@
 
 Every module of the routing core imports these and nothing of each other's state:
 :class:`ModelState` and :class:`TenantState` are owned by :mod:`service.registry`,
-:class:`PendingDecision` is made by :mod:`service.decider`, :class:`FeedbackResult` is
+:class:`PendingDecision` is made by :mod:`service.decider`, :class:`FeedbackReceipt` is
 answered by a feedback sink (:mod:`service.ingest` embedded, :mod:`service.distributed`
 with Kafka).
 """
@@ -20,7 +20,7 @@ from service.budget import Ledger
 from service.db import models as m
 
 __all__ = ["POLICY_KINDS", "POLICY_CLASSES", "ModelState", "TenantState", "PendingDecision",
-           "DecideArgs", "FeedbackResult", "periods", "timestamp", "stored_outcome"]
+           "DecideArgs", "FeedbackReceipt", "periods", "timestamp", "stored_outcome"]
 
 POLICY_KINDS = ("linucb", "thompson")
 POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
@@ -76,7 +76,7 @@ class DecideArgs(NamedTuple):
 
 
 @dataclass(frozen=True)
-class FeedbackResult:
+class FeedbackReceipt:
     """What a feedback sink did with one feedback: ``applied``, ``duplicate``,
     ``buffered`` (embedded, database away) or ``queued`` (distributed)."""
 

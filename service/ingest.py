@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import models as m
-from service.domain import FeedbackResult, TenantState, timestamp
+from service.domain import FeedbackReceipt, TenantState, timestamp
 from service.exceptions import NotFoundError, UnavailableError
 from service.metrics import Metrics
 from service.policies import PolicyStore
@@ -101,7 +101,7 @@ class FeedbackIngest:
 
     # ================================================================= one feedback
     def submit(self, tenant: TenantState, decision_id: str,
-               outcome: dict[str, float | None], event_id: str | None) -> FeedbackResult:
+               outcome: dict[str, float | None], event_id: str | None) -> FeedbackReceipt:
         """Record feedback (exactly once per decision and event id), then learn from it."""
         event = event_id or ""
         spool = self.spool
@@ -132,7 +132,7 @@ class FeedbackIngest:
             raise result
         return result
 
-    def _store_many(self, items: Sequence[_Incoming]) -> list[FeedbackResult | Exception]:
+    def _store_many(self, items: Sequence[_Incoming]) -> list[FeedbackReceipt | Exception]:
         """Store feedback rows (and their decisions' reconciled charges) in one
         transaction, then apply them in order: the one path of direct feedback (one
         item) and of the buffer's drain (a batch). Per item: ``applied``, ``duplicate``
@@ -140,7 +140,7 @@ class FeedbackIngest:
         (unknown decision or another tenant's: nothing stored, nothing applied), or the
         exception that applying it raised. Raises the database's errors (then nothing of
         the batch is known to be stored)."""
-        results: list[FeedbackResult | Exception | None] = [None] * len(items)
+        results: list[FeedbackReceipt | Exception | None] = [None] * len(items)
         with self.policies.apply_lock:
             try:
                 stored = self._write(items, results)
@@ -150,12 +150,12 @@ class FeedbackIngest:
                 self._apply_stored(items, stored, results)
         if stored is None:
             if len(items) == 1:
-                return [self._count_duplicate(FeedbackResult("duplicate", None))]
+                return [self._count_duplicate(FeedbackReceipt("duplicate", None))]
             return [self._store_many([it])[0] for it in items]
         return self._account(items, stored, results)
 
     def _write(self, items: Sequence[_Incoming],
-               results: list[FeedbackResult | Exception | None]) -> list[_Stored]:
+               results: list[FeedbackReceipt | Exception | None]) -> list[_Stored]:
         """The transaction: new rows added, repeats and unknown decisions noted in
         ``results``; returns the rows to apply."""
         out: list[_Stored] = []
@@ -183,7 +183,7 @@ class FeedbackIngest:
                         out.append(_Stored(i, fid, decision.model, decision.context,
                                            *uncertain))
                     else:
-                        results[i] = FeedbackResult("duplicate", fid)
+                        results[i] = FeedbackReceipt("duplicate", fid)
                     continue
                 stored[key] = (0, it.received)  # a repeat later in this batch
                 new.append((i, *self._add_row(session, it, decision)))
@@ -230,7 +230,7 @@ class FeedbackIngest:
         return batch
 
     def _apply_stored(self, items: Sequence[_Incoming], stored: list[_Stored],
-                      results: list[FeedbackResult | Exception | None]) -> None:
+                      results: list[FeedbackReceipt | Exception | None]) -> None:
         stored.sort()  # item order (a recovered row may come first)
         for row in stored:
             it = items[row.index]
@@ -241,19 +241,19 @@ class FeedbackIngest:
             except Exception as exc:  # noqa: BLE001 - reported per item
                 results[row.index] = exc
             else:
-                results[row.index] = FeedbackResult("applied", row.feedback_id)
+                results[row.index] = FeedbackReceipt("applied", row.feedback_id)
             self.policies.last_feedback_id = max(self.policies.last_feedback_id,
                                                  row.feedback_id)
 
     def _account(self, items: Sequence[_Incoming], stored: list[_Stored],
-                 results: list[FeedbackResult | Exception | None]
-                 ) -> list[FeedbackResult | Exception]:
+                 results: list[FeedbackReceipt | Exception | None]
+                 ) -> list[FeedbackReceipt | Exception]:
         """Ledgers and metrics of the applied rows (after the lock)."""
         for row in stored:
             it = items[row.index]
             if row.cost_delta:
                 it.tenant.ledger.adjust(row.cost_delta, row.decided_at)
-            if not isinstance(results[row.index], FeedbackResult):
+            if not isinstance(results[row.index], FeedbackReceipt):
                 continue
             self.metrics.feedback.labels("applied").inc()
             if it.outcome.get("cost_usd"):
@@ -262,18 +262,18 @@ class FeedbackIngest:
             self.metrics.reward.labels(it.tenant.id).inc(it.tenant.preferences.reward(
                 **{k: v for k, v in it.outcome.items() if v is not None}))
         for result in results:
-            if isinstance(result, FeedbackResult) and result.status == "duplicate":
+            if isinstance(result, FeedbackReceipt) and result.status == "duplicate":
                 self._count_duplicate(result)
         return results  # type: ignore[return-value]
 
-    def _count_duplicate(self, result: FeedbackResult) -> FeedbackResult:
+    def _count_duplicate(self, result: FeedbackReceipt) -> FeedbackReceipt:
         self.metrics.feedback.labels("duplicate").inc()
         return result
 
     # ---------------------------------------------------------- feedback buffer
     def _buffer(self, tenant: TenantState, decision_id: str, event: str,
                 outcome: dict[str, float | None],
-                received: datetime | None = None) -> FeedbackResult:
+                received: datetime | None = None) -> FeedbackReceipt:
         """Keep the feedback in the buffer (committed to disk before the answer)."""
         assert self.spool is not None
         result = self.spool.add(tenant.id, decision_id, event, outcome,
@@ -286,7 +286,7 @@ class FeedbackIngest:
                                    "stored, retry later", retry_after_s=5)
         self.metrics.feedback.labels(result).inc()
         self._drain_wake.set()
-        return FeedbackResult(result, None)
+        return FeedbackReceipt(result, None)
 
     def buffered(self) -> int:
         """Feedback events accepted and not yet stored in the database."""

@@ -39,7 +39,7 @@ from service.decider import Decider
 from service.domain import (
     POLICY_KINDS,
     DecideArgs,
-    FeedbackResult,
+    FeedbackReceipt,
     ModelState,
     PendingDecision,
     TenantState,
@@ -50,7 +50,7 @@ from service.spend import Spending
 from service.spool import FeedbackSpool
 
 __all__ = ["RoutingService", "build_routing", "TenantState", "ModelState", "PendingDecision",
-           "DecideArgs", "FeedbackResult", "POLICY_KINDS"]
+           "DecideArgs", "FeedbackReceipt", "POLICY_KINDS"]
 
 log = logging.getLogger("service.routing")
 
@@ -212,7 +212,7 @@ class RoutingService:
 
     # ================================================================= feedback
     def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
-                 event_id: str | None) -> FeedbackResult:
+                 event_id: str | None) -> FeedbackReceipt:
         """Hand one feedback to the sink, after the checks both modes share."""
         for key in ("cost_usd", "latency_ms"):
             if outcome.get(key) is not None:
