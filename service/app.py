@@ -105,9 +105,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     build_openapi = app.openapi
 
     def openapi() -> dict:
-        # FastAPI caches the document in app.openapi_schema: this runs once.
+        # FastAPI's documented way to extend the schema ("Extending OpenAPI"); the
+        # document is cached in app.openapi_schema, so this runs once.
         if app.openapi_schema is None:
-            decide.add_openapi_components(build_openapi())
+            decide.add_openapi(build_openapi())
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -1,26 +1,31 @@
 """``POST /v1/decide``: choose a model for one query. Never waits on the database.
 
-One FastAPI route, one code path. What made FastAPI's route cost about as much as the
-decision was not its routing but what it does with a declared body and response model:
-``json.loads`` then a second validation pass over the Python objects, then the
-answer validated again through the response model and encoded by the standard ``json``
-module. Here the route takes the raw body, validates it once with pydantic-core's JSON
-parser, and returns the orjson bytes as a plain :class:`~fastapi.Response` (FastAPI
-returns a ``Response`` as it is, skipping the response model, which stays for the
-OpenAPI document). Errors are exceptions mapped to problem details by the app's handlers
-(:mod:`service.errors`), like every other route's.
+One route, one code path, inside the whole app: every middleware, FastAPI's exception
+middleware and the app's exception handlers (:mod:`service.errors`) see it as any other
+route. The route is Starlette's, with an ASGI endpoint (:class:`DecideEndpoint`), the
+lighter of the framework's two kinds: profiled, FastAPI's ``APIRoute`` spent on this
+endpoint about as much CPU as the decision itself outside the policy call (its request
+handler's telemetry hooks, dependency solving and exit stacks, a ``Request`` and a
+``Response`` object, a second exception wrapper, and the included-router layers of the
+match), for a body it does not parse (pydantic-core validates the raw bytes once, see
+:func:`decide_body`) and an answer it does not serialize (orjson, with the predictions
+encoded once for the stored row). What FastAPI's route would have given, the OpenAPI
+operation, is added to the document by :func:`add_openapi` (FastAPI's documented way to
+extend the schema).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from http import HTTPStatus
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
 
 from bandit import Preferences
 from service.batching import DecideBatcher
@@ -31,7 +36,10 @@ from service.metrics import Metrics
 from service.routing import RoutingService
 from service.schemas import DecideRequest, DecideResponse
 
-__all__ = ["install", "decide_body", "add_openapi_components"]
+__all__ = ["install", "add_openapi", "decide_body", "DecideEndpoint"]
+
+PATH = "/v1/decide"
+_JSON = (b"content-type", b"application/json")
 
 
 async def decide_body(state: Any, authorization: str | None, raw: bytes) -> bytes:
@@ -78,44 +86,73 @@ async def decide_body(state: Any, authorization: str | None, raw: bytes) -> byte
             await asyncio.sleep(0.005)
     metrics.decide_latency.observe(time.perf_counter() - started)
     # The body is built from floats and strings we control: no re-validation through the
-    # response model (kept below for the OpenAPI schema); orjson, and the predictions
-    # encoded once for the stored row are reused as they are.
+    # response model (DecideResponse documents it); orjson, and the predictions encoded
+    # once for the stored row are reused as they are.
     answer = {**pending.response,
               "predictions": orjson.Fragment(pending.row["predictions_json"])}
     return orjson.dumps(answer)
 
 
-# The body is validated by hand (one pydantic-core call, see decide_body), so FastAPI
-# does not know its model: the schema goes into components here, with references that
-# resolve from the document root (client generators and schemathesis follow them).
-_BODY_SCHEMA = DecideRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-_BODY_DEFS = _BODY_SCHEMA.pop("$defs", {})
+class DecideEndpoint:
+    """The route's ASGI app: the raw body and the ``Authorization`` header in,
+    :func:`decide_body`'s bytes out; an exception goes up to the app's handlers."""
 
-
-def add_openapi_components(document: dict) -> dict:
-    """Register DecideRequest and the models it references in ``components.schemas``."""
-    schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    schemas.setdefault("DecideRequest", _BODY_SCHEMA)
-    for name, schema in _BODY_DEFS.items():
-        schemas.setdefault(name, schema)
-    return document
-
-
-async def decide(request: Request) -> Response:
-    """Choose a model for one query."""
-    content = await decide_body(request.app.state, request.headers.get("authorization"),
-                                await request.body())
-    return Response(content, media_type="application/json")
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+                break
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the caller is gone: nothing decided, nothing reserved
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        content = await decide_body(scope["app"].state, authorization, b"".join(chunks))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [_JSON, (b"content-length", str(len(content)).encode())]})
+        await send({"type": "http.response.body", "body": content})
 
 
 def install(app: FastAPI) -> None:
-    """Add the route to the app's own router, ahead of the included routers: an
-    ``APIRouter`` included in the app is matched through FastAPI's included-router
-    layers (a scope key set and restored per candidate, a second match inside the
-    router), which cost about a quarter of a decide's time (profiled); a route of the
-    app itself is one match."""
-    app.add_api_route(
-        "/v1/decide", decide, methods=["POST"], tags=["routing"],
-        response_model=DecideResponse, responses={401: {}, 403: {}, 422: {}, 429: {}, 503: {}},
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/DecideRequest"}}}}})
+    """Route ``POST /v1/decide`` to :class:`DecideEndpoint` (ahead of the included
+    routers: one match)."""
+    app.add_route(PATH, DecideEndpoint(), methods=["POST"], include_in_schema=False)
+
+
+def _schema(model: type[BaseModel], mode: str) -> tuple[dict, dict]:
+    """A model's JSON schema with references that resolve from the document root (client
+    generators and schemathesis follow them), and the models it references."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}",
+                                     mode=mode)  # type: ignore[arg-type]
+    return schema, schema.pop("$defs", {})
+
+
+_REQUEST = _schema(DecideRequest, "validation")
+_RESPONSE = _schema(DecideResponse, "serialization")
+_OPERATION = {
+    "tags": ["routing"], "summary": "Decide", "description": "Choose a model for one query.",
+    "operationId": "decide_v1_decide_post",
+    "requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/DecideRequest"}}}},
+    "responses": {
+        "200": {"description": "Successful Response", "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/DecideResponse"}}}},
+        **{str(status): {"description": HTTPStatus(status).phrase}
+           for status in (401, 403, 422, 429, 503)}},
+}
+
+
+def add_openapi(document: dict) -> dict:
+    """Document the route: its operation, and the request and response models (and the
+    models they reference) in ``components.schemas``."""
+    document["paths"] = {PATH: {"post": _OPERATION}, **document.get("paths", {})}
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    for name, (schema, defs) in (("DecideRequest", _REQUEST), ("DecideResponse", _RESPONSE)):
+        schemas.setdefault(name, schema)
+        for ref, sub in defs.items():
+            schemas.setdefault(ref, sub)
+    return document
