@@ -18,6 +18,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from streams.config import StreamsConfig
+
+#: The pipeline's defaults are StreamsConfig's, written once there.
+_STREAMS = StreamsConfig(bootstrap="")
+
 __all__ = ["Settings"]
 
 
@@ -95,19 +100,20 @@ class Settings(BaseSettings):
     # database_url; feedback then goes through Kafka to the learners (bandit-router learn).
     kafka_bootstrap: str | None = Field(None, description="Kafka bootstrap servers "
                                         "host:port[,host:port]; unset = embedded mode.")
-    feedback_topic: str = "bandit.feedback"
-    decisions_topic: str = "bandit.decisions"
-    dead_letter_topic: str = "bandit.feedback.dead"
-    topic_partitions: int = Field(6, ge=1, description="Partitions of topics created by "
-                                  "the learner.")
-    learner_group: str = "bandit-learners"
+    feedback_topic: str = _STREAMS.feedback_topic
+    decisions_topic: str = _STREAMS.decisions_topic
+    dead_letter_topic: str = _STREAMS.dead_letter_topic
+    topic_partitions: int = Field(_STREAMS.partitions, ge=1, description="Partitions of "
+                                  "topics created by the learner.")
+    learner_group: str = _STREAMS.group_id
     learner_metrics_port: int = Field(9464, ge=0, le=65535)
-    learner_max_poll_records: int = Field(20000, ge=1)
-    learner_feedback_rows: bool = Field(True, description="The learners write every "
-                                        "applied event into the feedback table (shown by "
-                                        "GET /v1/decisions/{id}, as in embedded mode).")
+    learner_max_poll_records: int = Field(_STREAMS.max_poll_records, ge=1)
+    learner_feedback_rows: bool = Field(_STREAMS.feedback_rows, description="The learners "
+                                        "write every applied event into the feedback table "
+                                        "(shown by GET /v1/decisions/{id}, as in embedded "
+                                        "mode).")
     # Feedback that arrives before its decision is written is retried this long.
-    feedback_pending_timeout_s: float = Field(30.0, ge=0.0)
+    feedback_pending_timeout_s: float = Field(_STREAMS.pending_timeout_s, ge=0.0)
     # Feedback accepted while the database is unreachable (docs/reliability.md).
     feedback_buffer_size: int = Field(10_000, ge=0, description="Feedback events kept "
                                       "(on disk, in feedback_buffer_dir) while the database "
@@ -116,7 +122,7 @@ class Settings(BaseSettings):
                                       "no buffer (503 at once).")
     feedback_buffer_dir: Path | None = Field(None, description="Directory of the feedback "
                                              "buffer's file; default data_dir.")
-    feedback_retention_hours: float = Field(24.0 * 30, gt=0.0)
+    feedback_retention_hours: float = Field(_STREAMS.retention_hours, gt=0.0)
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
 

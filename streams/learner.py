@@ -729,20 +729,21 @@ def _limit_blas_threads() -> None:
 def main(argv: list[str] | None = None) -> None:
     """``python -m streams.learner``: a learner from command-line options (tests, ops)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    d = StreamsConfig(bootstrap="")  # the defaults, written once (StreamsConfig)
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--database-url", required=True)
-    parser.add_argument("--feedback-topic", default="bandit.feedback")
-    parser.add_argument("--dead-letter-topic", default="bandit.feedback.dead")
-    parser.add_argument("--decisions-topic", default="bandit.decisions")
-    parser.add_argument("--group-id", default="bandit-learners")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--partitions", type=int, default=6)
-    parser.add_argument("--pending-timeout-s", type=float, default=30.0)
-    parser.add_argument("--max-poll-records", type=int, default=20000)
-    parser.add_argument("--metrics-port", type=int, default=0)
+    parser.add_argument("--feedback-topic", default=d.feedback_topic)
+    parser.add_argument("--dead-letter-topic", default=d.dead_letter_topic)
+    parser.add_argument("--decisions-topic", default=d.decisions_topic)
+    parser.add_argument("--group-id", default=d.group_id)
+    parser.add_argument("--dim", type=int, default=d.dim)
+    parser.add_argument("--partitions", type=int, default=d.partitions)
+    parser.add_argument("--pending-timeout-s", type=float, default=d.pending_timeout_s)
+    parser.add_argument("--max-poll-records", type=int, default=d.max_poll_records)
+    parser.add_argument("--metrics-port", type=int, default=d.metrics_port)
     parser.add_argument("--client-id", default=None)
     parser.add_argument("--no-create-topics", action="store_true")
-    parser.add_argument("--half-life-hours", type=float, default=None,
+    parser.add_argument("--half-life-hours", type=float, default=d.half_life_hours,
                         help="forgetting by event time (same as the API replicas' "
                              "BANDIT_ROUTER_HALF_LIFE_HOURS); default none")
     parser.add_argument("--no-reconcile-spend", action="store_true",

@@ -1,7 +1,8 @@
 """``bandit-router tenants | models | preferences | usage``: administer a running service.
 
 Every command talks HTTP to the service through the client distribution
-(:mod:`bandit_router_client`, ``client/``); the URL and the key come from ``--url`` / ``--key`` or ``BANDIT_ROUTER_URL`` / ``BANDIT_ROUTER_KEY``.
+(:mod:`bandit_router_client`, ``client/``); the URL and the key come from ``--url`` /
+``--key`` or ``BANDIT_ROUTER_URL`` / ``BANDIT_ROUTER_KEY``.
 Output is a rich table for people, or JSON (``--json``) for scripts. An error answered by
 the service prints its problem details (status, detail, the fields at fault) on stderr
 and exits with code 1.
