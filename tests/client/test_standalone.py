@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,10 +22,13 @@ def test_client_pyproject_depends_on_httpx_only():
 
 
 def test_install_client_alone_imports_without_server_packages(tmp_path):
-    target = tmp_path / "site"
+    target, source = tmp_path / "site", tmp_path / "client"
+    # From a copy: pip builds in the source tree (build/, *.egg-info).
+    shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("build", "*.egg-info",
+                                                                  "__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
                     "--disable-pip-version-check",
-                    "--target", str(target), str(CLIENT)], check=True)
+                    "--target", str(target), str(source)], check=True)
     assert (target / "bandit_router_client" / "__init__.py").is_file()
     assert not (target / "service").exists() and not (target / "bandit").exists()
     # A fresh interpreter (-I: no PYTHONPATH, no current directory) that sees the
