@@ -143,12 +143,13 @@ def validation_problem(exc: RequestValidationError) -> Problem:
     return Problem(422, detail, errors=errors)
 
 
-class _KeepConnectionAfterError:
-    """Outermost ASGI layer: Starlette's ``ServerErrorMiddleware`` answers an unhandled
-    exception with our 500 problem body and then re-raises it, and uvicorn closes the
-    connection of any request whose app raised after answering. A gateway's pooled
-    keep-alive connection would be lost on every 500; here the error, already logged
-    and answered, stops."""
+class _AnswerUnexpectedErrors:
+    """Answers an unhandled exception with the 500 problem itself, before it reaches
+    Starlette's ``ServerErrorMiddleware``: that one answers and then re-raises, and
+    uvicorn closes the connection of any request whose app raised, so a gateway's pooled
+    keep-alive connection would be lost on every 500. A user middleware (added first, so
+    inside the request-id and limits middleware: the 500 carries an ``X-Request-ID``);
+    an error in those outer layers still gets the server-error middleware's 500."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -157,28 +158,29 @@ class _KeepConnectionAfterError:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        answered = False
+        started = False
 
         async def send_and_note(message: Message) -> None:
-            nonlocal answered
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body"):
-                answered = True
 
         try:
             await self.app(scope, receive, send_and_note)
         except Exception:
-            if not answered:
-                raise
+            if started:
+                raise  # half an answer is out: only closing the connection is left
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            await _unexpected_response()(scope, receive, send)
+
+
+def _unexpected_response() -> JSONResponse:
+    return problem_response(Problem(500, "unexpected error; see the server log"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    build_stack = app.build_middleware_stack
-
-    def build_stack_keeping_connections() -> ASGIApp:
-        return _KeepConnectionAfterError(build_stack())
-
-    app.build_middleware_stack = build_stack_keeping_connections  # type: ignore[method-assign]
+    """Register the handlers (call before adding other middleware)."""
+    app.add_middleware(_AnswerUnexpectedErrors)
 
     @app.exception_handler(Problem)
     async def _problem(_request: Request, exc: Problem) -> JSONResponse:
@@ -212,4 +214,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(Problem(500, "unexpected error; see the server log"))
+        return _unexpected_response()
