@@ -4,8 +4,8 @@ plugs in (:class:`Components`: a feedback sink and a statistics source).
 :func:`embedded` plugs in feedback stored then applied in-process
 (:class:`~service.ingest.FeedbackIngest`) and checkpoints in the database
 (:class:`~service.checkpoints.Checkpoints`); :func:`service.distributed.distributed`
-plugs in a Kafka producer and the learners' statistics. :class:`service.routing.
-RoutingService` runs whichever it is given, knowing neither.
+plugs in a Kafka producer and the learners' statistics.
+:class:`service.routing.RoutingService` runs whichever it is given, knowing neither.
 """
 
 from __future__ import annotations

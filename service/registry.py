@@ -7,7 +7,7 @@ adds and removes arms, and creates or drops a tenant's isolated policies). It im
 nothing of the listeners: the dependency points from the policy store to the registry.
 
 Lock: the caches are guarded by the state lock handed in by the composition
-(:mod:`service.routing`), the same lock as the policies': a decision that sees a model in
+(:mod:`service.components`), the same lock as the policies': a decision that sees a model in
 the registry finds its arm in every policy. Model changes are published with it held;
 tenant changes after it is released (isolating a tenant reads its feedback history).
 """

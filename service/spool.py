@@ -1,7 +1,7 @@
 """The feedback buffer: feedback accepted while the database is unreachable.
 
 When storing a feedback fails because the database cannot be reached (an outage, a
-failover), :class:`~service.routing.RoutingService` puts it here and answers 202
+failover), :class:`~service.ingest.FeedbackIngest` puts it here and answers 202
 ``buffered``; a background thread drains the buffer, oldest first, through the same
 store-then-apply path as direct feedback once the database is back.
 
