@@ -3,13 +3,14 @@
 One route, one code path, inside the whole app: every middleware, FastAPI's exception
 middleware and the app's exception handlers (:mod:`service.errors`) see it as any other
 route. The route is Starlette's, with an ASGI endpoint (:class:`DecideEndpoint`), the
-lighter of the framework's two kinds: profiled, FastAPI's ``APIRoute`` spent on this
-endpoint about as much CPU as the decision itself outside the policy call (its request
-handler's telemetry hooks, dependency solving and exit stacks, a ``Request`` and a
-``Response`` object, a second exception wrapper, and the included-router layers of the
-match), for a body it does not parse (pydantic-core validates the raw bytes once, see
+lighter of the framework's two kinds. Profiled in-process (cProfile over ASGI calls),
+FastAPI's ``APIRoute`` added about a fifth to a decide's CPU time: its request handler's
+telemetry hooks, dependency solving and exit stacks, a ``Request`` and a ``Response``
+object, a second exception wrapper, and the included-router layers of the match; all
+for a body it does not parse (pydantic-core validates the raw bytes once, see
 :func:`decide_body`) and an answer it does not serialize (orjson, with the predictions
-encoded once for the stored row). What FastAPI's route would have given, the OpenAPI
+encoded once for the stored row). What remains, the app's middleware, FastAPI's
+exception middleware and the router's match, is the price of being a route. What FastAPI's route would have given, the OpenAPI
 operation, is added to the document by :func:`add_openapi` (FastAPI's documented way to
 extend the schema).
 """
