@@ -10,9 +10,9 @@ object, a second exception wrapper, and the included-router layers of the match;
 for a body it does not parse (pydantic-core validates the raw bytes once, see
 :func:`decide_body`) and an answer it does not serialize (orjson, with the predictions
 encoded once for the stored row). What remains, the app's middleware, FastAPI's
-exception middleware and the router's match, is the price of being a route. What FastAPI's route would have given, the OpenAPI
-operation, is added to the document by :func:`add_openapi` (FastAPI's documented way to
-extend the schema).
+exception middleware and the router's match, is the price of being a route. What
+FastAPI's route would have given, the OpenAPI operation, is added to the document by
+:func:`add_openapi` (FastAPI's documented way to extend the schema).
 """
 
 from __future__ import annotations
