@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import sys
@@ -57,10 +58,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = settings.resolved_database_url()
-        if settings.run_migrations:
-            await asyncio.to_thread(upgrade, url)
         engine = make_engine(url)
         if settings.kafka_bootstrap:
+            if settings.run_migrations:
+                await asyncio.to_thread(upgrade, url)
             # Distributed mode (docs/streams.md): imported here so that the embedded
             # default never loads the Kafka client.
             from service.distributed import DistributedRoutingService
@@ -69,6 +70,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                                                                 app.state.metrics)
         else:
             service = RoutingService(settings, engine, app.state.metrics)
+            if settings.run_migrations:
+                # Run by start(); with the database unreachable, retried by the reload
+                # after a degraded start from the local state.
+                service.migrate = functools.partial(upgrade, url)
         generated = await asyncio.to_thread(service.start)
         if generated is not None:
             # Shown once: only its SHA-256 digest is stored.

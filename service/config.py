@@ -63,6 +63,18 @@ class Settings(BaseSettings):
     decision_batch_size: int = Field(500, ge=1)
     # The writer gathers rows this long before a transaction (unless feedback waits).
     decision_flush_interval_s: float = Field(0.02, ge=0.0)
+    # Decisions kept on local disk while the database is unreachable (docs/reliability.md).
+    decision_buffer_size: int = Field(100_000, ge=0, description="Decisions kept (on "
+                                      "disk, in feedback_buffer_dir) while the database "
+                                      "is unreachable; a decide is answered once its row "
+                                      "is there, and the rows are written when the "
+                                      "database is back. 0 = none (kept in memory only).")
+    decision_durability: Literal["batched", "write-through"] = Field(
+        "batched", description="batched: a decide is answered once its row is queued "
+        "for the writer (a kill -9 loses at most the rows queued, normally the last "
+        "flush interval's; during an outage rows are spooled before the answer). "
+        "write-through: answered only after the row is committed to the database or "
+        "the spool.")
     # How long a decide waits for room in a full decision queue before answering 503.
     decision_enqueue_timeout_s: float = Field(0.1, ge=0.0)
     # Request limits (service/limits.py). The schema caps text and candidates at 100,000

@@ -51,7 +51,13 @@ from service.features import ContextSettingsError, context_dim, load_prototype_m
 from service.ids import uuid7_str
 from service.metrics import Metrics
 from service.security import hash_key, new_key
-from service.spool import FeedbackSpool, SpooledFeedback, spool_path
+from service.spool import (
+    DecisionSpool,
+    FeedbackSpool,
+    LocalState,
+    SpooledFeedback,
+    spool_path,
+)
 from service.writer import DecisionWriter
 
 __all__ = ["RoutingService", "TenantState", "ModelState", "PendingDecision", "DecideArgs",
@@ -62,8 +68,10 @@ log = logging.getLogger("service.routing")
 #: this long for it (the writer hurries when asked), then is buffered: the writer holds
 #: the decision, typically because the database is away.
 _PENDING_WAIT_S = 1.0
-#: The drain retries an unreachable database with backoff up to this (seconds).
-_DRAIN_MAX_DELAY_S = 1.0
+#: The drain (and the degraded start's reload) retries an unreachable database with
+#: backoff up to this (seconds): with the decision writer's 0.5 s, /readyz says ready
+#: within about a second of the database's return (docs/reliability.md).
+_DRAIN_MAX_DELAY_S = 0.5
 #: Buffered feedback stored per transaction by the drain.
 _DRAIN_BATCH = 200
 POLICY_KINDS = ("linucb", "thompson")
@@ -163,9 +171,27 @@ class RoutingService:
         # (tenant, month start, day start) -> spend of the month's earlier days (sync_spend)
         self._spend_before_today: dict[tuple[str, datetime, datetime], float] = {}
         self._checkpointed_versions: tuple[int, ...] | None = None
-        self.writer = DecisionWriter(engine, queue_size=settings.decision_queue_size,
-                                     batch_size=settings.decision_batch_size,
-                                     flush_interval_s=settings.decision_flush_interval_s)
+        buffers = (settings.feedback_buffer_dir if settings.feedback_buffer_dir is not None
+                   else settings.data_dir)
+        url = settings.resolved_database_url()
+        self.writer = DecisionWriter(
+            engine, queue_size=settings.decision_queue_size,
+            batch_size=settings.decision_batch_size,
+            flush_interval_s=settings.decision_flush_interval_s,
+            spool=DecisionSpool(spool_path(buffers, url, "decision-spool"),
+                                settings.decision_buffer_size)
+            if settings.decision_buffer_size > 0 else None,
+            write_through=settings.decision_durability == "write-through")
+        # What a restart during an outage serves from (embedded mode): see _start_local.
+        self.local_state = LocalState(spool_path(buffers, url, "local-state"), 0)
+        self._local_registry: bytes | None = None
+        #: Set by the app: applies the migrations (retried by the reload after a
+        #: degraded start).
+        self.migrate: Any = None
+        #: Started from the local state while the database was unreachable; cleared by
+        #: the reload from the database (_reload_loop).
+        self.degraded_since: str | None = None
+        self._reload_thread: threading.Thread | None = None
         self.spool: FeedbackSpool | None = None
         self._drain_thread: threading.Thread | None = None
         self._drain_stop = threading.Event()
@@ -184,13 +210,21 @@ class RoutingService:
 
     # ================================================================= start / stop
     def start(self) -> str | None:
-        """Load everything from the database; returns a newly generated admin key, if any."""
-        admin_key = self._ensure_admin_key()
-        self._load_models()
-        self._load_tenants()
-        self._load_policies()
-        self._replay_feedback()
-        self._load_spend()
+        """Load everything from the database; returns a newly generated admin key, if any.
+
+        Embedded mode, database unreachable: start from the local state (the newest
+        checkpoint this replica saw, its registry), degraded, and reload from the
+        database once it answers (issue 14)."""
+        try:
+            if self.migrate is not None:
+                self.migrate()
+            admin_key = self._load_from_database()
+        except (OperationalError, InterfaceError) as exc:
+            if self.settings.kafka_bootstrap or not self._start_local(exc):
+                raise
+            admin_key = None
+        else:
+            self._save_local_state(self._policy_blobs())
         # Load the featurizer now (a sentence-embedding model takes seconds), not on the
         # first text query.
         self.featurize("warm up")
@@ -200,18 +234,138 @@ class RoutingService:
                  self.context_dim)
         self.writer.start()
         self._start_feedback_buffer()
+        if self.degraded_since is not None:
+            self._reload_thread = threading.Thread(target=self._reload_loop,
+                                                   name="reload", daemon=True)
+            self._reload_thread.start()
+        return admin_key
+
+    def _load_from_database(self) -> str | None:
+        admin_key = self._ensure_admin_key()
+        self._load_models()
+        self._load_tenants()
+        self._load_policies()
+        self._replay_feedback()
+        self._load_spend()
         return admin_key
 
     def stop(self) -> None:
+        self._drain_stop.set()  # also ends the reload loop
+        if self._reload_thread is not None:
+            self._reload_thread.join(30)
         self._stop_feedback_buffer()
         self.writer.stop()
         self._close_feedback_buffer()
+        if self.writer.spool is not None:
+            self.writer.spool.close()
         try:
             self.checkpoint(force=True)
         except Exception:
             # Nothing is lost: the next start replays the feedback since the last
             # checkpoint that did succeed.
             log.exception("final checkpoint failed")
+        self.local_state.close()
+
+    # ------------------------------------------------- local state (degraded start)
+    def _policy_blobs(self) -> dict[str, bytes]:
+        with self._lock:
+            return {key: p.to_bytes() for key, p in self._all_policies().items()}
+
+    def _save_local_state(self, blobs: dict[str, bytes] | None = None) -> None:
+        """Keep the registry (when it changed) and, with ``blobs``, the policies of a
+        checkpoint on local disk: what a restart during an outage serves from."""
+        with self._lock:
+            registry = orjson.dumps({
+                "admin_key_hashes": sorted(self.admin_key_hashes),
+                "models": [vars(model) for model in self.models.values()],
+                "tenants": [{"id": t.id, "name": t.name, "key_hash": t.key_hash,
+                             "weights": list(t.preferences), "policy": t.policy,
+                             "scope": t.scope, "on_budget_exhausted": t.on_budget_exhausted,
+                             "budget_day": t.budget_usd_per_day,
+                             "budget_month": t.budget_usd_per_month}
+                            for t in self.tenants.values()]})
+            last = self.last_feedback_id
+        items: dict[str, bytes] = {}
+        if registry != self._local_registry:
+            items["registry"] = registry
+        if blobs is not None:
+            items.update({f"policy:{key}": blob for key, blob in blobs.items()})
+            now = m.utcnow()
+            items["checkpoint"] = orjson.dumps({
+                "last_feedback_id": last, "at": now.isoformat(),
+                "spend": {t.id: t.ledger.snapshot() for t in list(self.tenants.values())}})
+        if not items:
+            return
+        try:
+            self.local_state.put(items, drop_prefix="policy:" if blobs is not None else None)
+        except Exception:  # noqa: BLE001 - the database stays the record
+            log.exception("writing the local state to %s failed", self.local_state.path)
+            return
+        self._local_registry = registry
+
+    def _start_local(self, exc: Exception) -> bool:
+        """Load models, tenants and policies from the local state; False without one."""
+        state = self.local_state.get_all()
+        if "registry" not in state or "checkpoint" not in state:
+            log.error("the database is unreachable (%s) and %s holds no local state: "
+                      "cannot start", type(exc).__name__, self.local_state.path)
+            return False
+        registry = orjson.loads(state["registry"])
+        checkpoint = orjson.loads(state["checkpoint"])
+        self.admin_key_hashes = set(registry["admin_key_hashes"])
+        if self.settings.admin_key is not None:
+            self.admin_key_hashes.add(hash_key(self.settings.admin_key.get_secret_value()))
+        self.models = {row["name"]: ModelState(**row) for row in registry["models"]}
+        tenants = [TenantState(id=t["id"], name=t["name"], key_hash=t["key_hash"],
+                               preferences=Preferences(*t["weights"]), policy=t["policy"],
+                               scope=t["scope"], on_budget_exhausted=t["on_budget_exhausted"],
+                               ledger=Ledger(t["budget_day"], t["budget_month"]))
+                   for t in registry["tenants"]]
+        self.tenants = {t.id: t for t in tenants}
+        self._by_key = {t.key_hash: t for t in tenants}
+        if checkpoint["at"][:10] == m.utcnow().isoformat()[:10]:  # same UTC day
+            for tenant_id, (day, month) in checkpoint.get("spend", {}).items():
+                if tenant_id in self.tenants:
+                    self.tenants[tenant_id].ledger.load(day, month)
+        self.last_feedback_id = int(checkpoint["last_feedback_id"])
+        self._install_policies({key.removeprefix("policy:"): blob
+                                for key, blob in state.items() if key.startswith("policy:")},
+                               rebuild=False)
+        self._local_registry = state["registry"]
+        self.degraded_since = checkpoint["at"]
+        log.warning("the database is unreachable (%s): serving DEGRADED from the local "
+                    "state in %s (checkpoint of %s, %d models, %d tenants); feedback is "
+                    "buffered, decisions spooled, and everything reloads from the database "
+                    "when it answers", type(exc).__name__, self.local_state.path,
+                    checkpoint["at"], len(self.models), len(self.tenants))
+        return True
+
+    def _reload_loop(self) -> None:
+        """After a degraded start: once the database answers and the spooled decisions
+        are in it, load everything from it (the truth: the feedback stored after the
+        local checkpoint is replayed) and leave degraded mode."""
+        delay = 0.1
+        while not self._drain_stop.is_set():
+            if not self.writer.spooling():
+                try:
+                    if self.migrate is not None:
+                        self.migrate()
+                    with self._feedback_lock:
+                        self._load_from_database()
+                        self._checkpointed_versions = None  # checkpoint it
+                        self.degraded_since = None
+                    log.warning("the database answers: reloaded from it; degraded mode "
+                                "ends")
+                    self._save_local_state(self._policy_blobs())
+                    self._drain_wake.set()
+                    return
+                except (OperationalError, InterfaceError) as exc:
+                    log.info("reload: the database is still unreachable (%s)",
+                             type(exc).__name__)
+                except Exception:
+                    log.exception("reload from the database failed; retrying")
+            self._drain_stop.wait(delay)
+            delay = min(delay * 2, _DRAIN_MAX_DELAY_S)
 
     def featurize(self, text: str) -> np.ndarray:
         """The context of a text: featurizer, then the prototype map if configured."""
@@ -278,11 +432,18 @@ class RoutingService:
                                          .order_by(m.PolicyCheckpoint.id.desc())
                                          .limit(1)).first()
             snapshots: dict[str, bytes] = {}
+            self.last_feedback_id = 0
             if checkpoint is not None:
                 snapshots = {s.key: s.data for s in session.scalars(
                     select(m.PolicySnapshot)
                     .where(m.PolicySnapshot.checkpoint_id == checkpoint.id))}
                 self.last_feedback_id = int(checkpoint.last_feedback_id)
+        self._install_policies(snapshots, rebuild=True)
+
+    def _install_policies(self, snapshots: dict[str, bytes], *, rebuild: bool) -> None:
+        """Policies from a checkpoint's snapshots; an isolated tenant without one is
+        rebuilt from its feedback up to the checkpoint (``rebuild``, needs the database)
+        or starts from the priors."""
 
         def restore(key: str, kind: str) -> Policy:
             data = snapshots.get(key)
@@ -309,7 +470,8 @@ class RoutingService:
         for t in self.tenants.values():
             if t.scope != "isolated":
                 continue
-            if all(f"tenant:{t.id}:{kind}" in snapshots for kind in POLICY_KINDS):
+            if not rebuild or all(f"tenant:{t.id}:{kind}" in snapshots
+                                  for kind in POLICY_KINDS):
                 self.isolated[t.id] = {kind: restore(f"tenant:{t.id}:{kind}", kind)
                                        for kind in POLICY_KINDS}
             else:
@@ -355,7 +517,11 @@ class RoutingService:
                      replayed)
 
     def checkpoint(self, *, force: bool = False) -> bool:
-        """Write every policy and the last applied feedback id (one transaction)."""
+        """Write every policy and the last applied feedback id (one transaction), and keep
+        them in the local state. Not while degraded: those policies lack what the
+        database holds."""
+        if self.degraded_since is not None:
+            return False
         with self._feedback_lock, self._lock:
             versions = self._versions()
             if not force and versions == self._checkpointed_versions:
@@ -388,6 +554,7 @@ class RoutingService:
                             .where(m.PolicyCheckpoint.id.not_in(keep)))
         self._checkpointed_versions = versions
         self.metrics.checkpoints.inc()
+        self._save_local_state(blobs)
         return True
 
     # ------------------------------------------------------------------ models
@@ -583,8 +750,11 @@ class RoutingService:
         """Pick up models and tenants changed through another replica (same database).
 
         Run periodically by the app (``registry_refresh_s``), which also brings the
-        budgeted tenants' spend up to date with every replica's (:meth:`sync_spend`).
+        budgeted tenants' spend up to date with every replica's (:meth:`sync_spend`),
+        and keeps the registry in the local state (a degraded start's).
         """
+        if self.degraded_since is not None:
+            return  # the reload (_reload_loop) brings everything
         with Session(self.engine) as session:
             model_rows = list(session.scalars(select(m.Model)
                                               .where(m.Model.deleted_at.is_(None))
@@ -627,6 +797,7 @@ class RoutingService:
         for tenant in tenants:
             self._sync_isolation(tenant)
         self.sync_spend()
+        self._save_local_state()
 
     def _sync_isolation(self, tenant: TenantState) -> None:
         """Create or drop a tenant's isolated policies to match its scope.
@@ -888,19 +1059,29 @@ class RoutingService:
 
     def outage_serving(self) -> str:
         """What callers get while the database is unreachable (for ``/readyz``)."""
+        decisions = ("decisions from memory, spooled to disk before the answer"
+                     if self.writer.spool is not None else "decisions from memory")
         if self.spool is None:
-            return "decisions from memory; feedback refused with 503 + Retry-After"
-        return (f"decisions from memory; feedback buffered ({self.spool.depth()} of "
+            return f"{decisions}; feedback refused with 503 + Retry-After"
+        return (f"{decisions}; feedback buffered ({self.spool.depth()} of "
                 f"{self.spool.capacity}; 503 + Retry-After when full)")
 
     def degraded(self) -> dict[str, str]:
         """Parts other than the database that are away, for ``/readyz``: part -> what
         callers get meanwhile. Embedded mode: feedback still in the outage buffer."""
+        out: dict[str, str] = {}
+        if self.degraded_since is not None:
+            out["start"] = ("started while the database was unreachable: serving from the "
+                            f"local checkpoint of {self.degraded_since}, reloading")
+        spooled = self.writer.spool.depth() if self.writer.spool is not None else 0
+        if spooled:
+            out["decision_spool"] = (f"{spooled} decisions spooled while the database was "
+                                     "unreachable, being written")
         buffered = self.feedback_buffered()
         if buffered:
-            return {"feedback_buffer": f"{buffered} feedback events accepted while the "
-                                       "database was unreachable, being stored"}
-        return {}
+            out["feedback_buffer"] = (f"{buffered} feedback events accepted while the "
+                                      "database was unreachable, being stored")
+        return out
 
     def export_gauges(self) -> None:
         """Set the gauges read at scrape time (spend per tenant, writer queue depth,
@@ -925,15 +1106,23 @@ class RoutingService:
                 check_finite_number(key, outcome[key], low=0.0)
         event = event_id or ""
         spool = self.spool
-        if spool is not None and spool.depth():
+        if spool is not None and (spool.depth() or self.degraded_since is not None):
             # Feedback already waits in the buffer: queue behind it, so that feedback is
-            # stored and applied in the order it was accepted.
+            # stored and applied in the order it was accepted. Degraded (started from
+            # the local state): the policies are not the database's yet; the drain
+            # applies it after the reload.
             return self._buffer(tenant, decision_id, event, outcome)
-        if self.writer.is_pending(decision_id) and not self.writer.wait_for(
-                decision_id, timeout=10.0 if spool is None else _PENDING_WAIT_S):
+        if self.degraded_since is not None:
+            raise Problem(503, "the service started while the database was unreachable "
+                          "and has no feedback buffer; retry later", slug="unavailable",
+                          headers={"Retry-After": "5"})
+        if self.writer.is_pending(decision_id) and (
+                (spool is not None and self.writer.spooling())
+                or not self.writer.wait_for(
+                    decision_id, timeout=10.0 if spool is None else _PENDING_WAIT_S)):
             if spool is not None:
-                # The writer holds the decision (the database is away or far behind);
-                # the drain waits for it to be written.
+                # The writer holds (or spooled) the decision: the database is away or far
+                # behind; the drain waits for it to be written.
                 return self._buffer(tenant, decision_id, event, outcome)
             raise Problem(503, "the decision is not written yet; retry",
                           headers={"Retry-After": "1"})
@@ -1164,6 +1353,8 @@ class RoutingService:
         spool = self.spool
         if spool is None:
             return True
+        if self.degraded_since is not None:
+            return False  # after the reload from the database (_reload_loop)
         while spool.depth():
             if (self._drain_stop.is_set() and deadline is None) or (
                     deadline is not None and time.monotonic() > deadline):

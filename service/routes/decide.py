@@ -35,6 +35,9 @@ __all__ = ["router", "decide_body", "DecideShortcut"]
 router = APIRouter(prefix="/v1", tags=["routing"])
 PATH = "/v1/decide"
 _JSON_HEADERS = (b"content-type", b"application/json")
+#: How long a decide waits for its row to be committed or spooled when it must
+#: (write-through, or an outage) before a 503.
+_CONFIRM_S = 10.0
 
 
 async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> bytes:
@@ -80,6 +83,16 @@ async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> by
                 raise Problem(503, "the decision log is behind; retry shortly",
                               slug="backpressure", headers={"Retry-After": "1"})
             await asyncio.sleep(0.005)
+    writer = service.writer
+    if writer.must_confirm():
+        # Write-through, or an outage (the writer is spooling): answered only once the
+        # row is committed to the database or to the local spool (service/writer.py).
+        decision_id = pending.row["id"]
+        if not await asyncio.to_thread(writer.wait_durable, decision_id, _CONFIRM_S):
+            if writer.withdraw(decision_id):
+                service.abandon(pending)
+            raise Problem(503, "the decision could not be stored or spooled in time; "
+                          "retry shortly", slug="backpressure", headers={"Retry-After": "1"})
     metrics.decide_latency.observe(time.perf_counter() - started)
     # The body is built from floats and strings we control: no re-validation through the
     # response model (kept below for the OpenAPI schema); orjson, and the predictions
