@@ -24,6 +24,7 @@ from starlette.middleware import Middleware
 
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
+from service.deps import AuthenticateFirst
 from service.errors import install_error_handlers
 from service.limits import LimitsMiddleware
 from service.memory import then_release_free_memory
@@ -110,6 +111,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     install_error_handlers(app)
     # Limits (body size, rate, concurrency: service/limits.py) inside the request ids, so
     # a refusal carries one too.
+    # The key before the body (service.deps.AuthenticateFirst), inside the limits.
+    app.add_middleware(AuthenticateFirst)
     app.add_middleware(LimitsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     # POST /v1/decide skips FastAPI's routing machinery (service.routes.decide). Appended,

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bandit import InvalidInputError
+from service.schemas import NO_CONTROL
 
 __all__ = ["Problem", "problem_response", "install_error_handlers", "PROBLEM_JSON"]
 
@@ -40,6 +41,11 @@ _SLUGS = {
     405: "method-not-allowed", 409: "conflict", 422: "invalid-input",
     429: "too-many-requests", 500: "internal-error", 503: "unavailable",
 }
+#: What a strict type accepts (service.schemas: numbers and booleans are exact).
+_TYPES = {"float_type": "a JSON number (not a boolean, not a string)",
+          "int_type": "a JSON integer (not a boolean, not a string)",
+          "bool_type": "true or false (not 0/1, not a string)",
+          "string_type": "a JSON string"}
 log = logging.getLogger("service.errors")
 
 
@@ -90,6 +96,13 @@ def _allowed(error: dict[str, Any]) -> str | None:
         return f"at least {ctx['min_length']} item(s)"
     if "max_length" in ctx:
         return f"at most {ctx['max_length']} item(s)"
+    if "pattern" in ctx:
+        if ctx["pattern"] == NO_CONTROL:
+            return "a string without control characters (U+0000-U+001F, U+007F-U+009F)"
+        return f"a string matching {ctx['pattern']}"
+    kind = error.get("type")
+    if kind in _TYPES:
+        return _TYPES[kind]
     if error.get("type") == "missing":
         return "required"
     if error.get("type") == "extra_forbidden":

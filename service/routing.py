@@ -26,6 +26,7 @@ position of decisions since the checkpoint and decisions still in the writer's q
 from __future__ import annotations
 
 import copy
+import importlib
 import logging
 import threading
 import time
@@ -46,6 +47,7 @@ from bandit.base import MAX_ABS_CONTEXT, BatchDecision, check_finite_number
 from service.budget import Ledger
 from service.config import Settings
 from service.db import models as m
+from service.db.engine import is_at_head
 from service.errors import Problem
 from service.features import ContextSettingsError, context_dim, load_prototype_map
 from service.ids import uuid7_str
@@ -228,6 +230,11 @@ class RoutingService:
         # Load the featurizer now (a sentence-embedding model takes seconds), not on the
         # first text query.
         self.featurize("warm up")
+        # The policies' first update imports river's drift detector (about 3 s here),
+        # holding the policies' lock: in the background now, not in the first feedback
+        # (or the reload after a degraded start, which it delayed by that much).
+        threading.Thread(target=importlib.import_module, args=("river.drift",),
+                         name="warm-up", daemon=True).start()
         # Replicas (and learners) must agree on this; the spec names the featurizer and
         # the map's digest, so a log search shows a replica with another file.
         log.info("contexts: %s, %d dimensions", getattr(self._featurizer, "spec", "?"),
@@ -346,24 +353,30 @@ class RoutingService:
         local checkpoint is replayed) and leave degraded mode."""
         delay = 0.1
         while not self._drain_stop.is_set():
-            if not self.writer.spooling():
-                try:
-                    if self.migrate is not None:
-                        self.migrate()
-                    with self._feedback_lock:
-                        self._load_from_database()
-                        self._checkpointed_versions = None  # checkpoint it
-                        self.degraded_since = None
-                    log.warning("the database answers: reloaded from it; degraded mode "
-                                "ends")
-                    self._save_local_state(self._policy_blobs())
-                    self._drain_wake.set()
-                    return
-                except (OperationalError, InterfaceError) as exc:
-                    log.info("reload: the database is still unreachable (%s)",
-                             type(exc).__name__)
-                except Exception:
-                    log.exception("reload from the database failed; retrying")
+            if self.writer.spooling():
+                self._drain_stop.wait(0.1)  # the writer retries the database meanwhile
+                continue
+            try:
+                started = time.perf_counter()
+                # alembic's upgrade costs about a second even at head: check first.
+                if self.migrate is not None and not is_at_head(self.engine):
+                    self.migrate()
+                t1 = time.perf_counter()
+                with self._feedback_lock:
+                    self._load_from_database()
+                    self._checkpointed_versions = None  # checkpoint it
+                    self.degraded_since = None
+                log.warning("the database answers: reloaded from it in %.2f s (%.2f s "
+                            "migrations check); degraded mode ends",
+                            time.perf_counter() - started, t1 - started)
+                self._save_local_state(self._policy_blobs())
+                self._drain_wake.set()
+                return
+            except (OperationalError, InterfaceError) as exc:
+                log.info("reload: the database is still unreachable (%s)",
+                         type(exc).__name__)
+            except Exception:
+                log.exception("reload from the database failed; retrying")
             self._drain_stop.wait(delay)
             delay = min(delay * 2, _DRAIN_MAX_DELAY_S)
 

@@ -6,7 +6,8 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from bandit.base import MAX_COST_USD, MAX_LATENCY_MS
 
@@ -17,10 +18,17 @@ __all__ = [
     "DecisionOut", "FeedbackOut",
 ]
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+# Numbers are strict (issue 14): JSON true/false is not 1/0, "1" is not 1; an integer is
+# a number. Booleans are StrictBool: 0/1 are not booleans.
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(strict=True, ge=0.0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
 ModelName = Annotated[str, Field(min_length=1, max_length=200,
                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")]
+#: Ids and names that are stored: no control character (C0, DEL, C1). PostgreSQL's text
+#: cannot hold NUL (it answered 500), and the others make logs and lookups ambiguous.
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL)]
 PolicyKind = Literal["linucb", "thompson"]
 Scope = Literal["shared", "isolated"]
 OnExhausted = Literal["cheapest", "reject"]
@@ -30,9 +38,24 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _one_of(*fields: tuple[str, dict]) -> dict:
+    """JSON Schema: exactly one of ``fields`` present with a non-null value."""
+    return {"oneOf": [{"required": [name], "properties": {name: schema}}
+                      for name, schema in fields]}
+
+
+def _any_of(*fields: tuple[str, dict]) -> dict:
+    """JSON Schema: at least one of ``fields`` present with a non-null value."""
+    return {"anyOf": [{"required": [name], "properties": {name: schema}}
+                      for name, schema in fields]}
+
+
 class Query(_Body):
     """The query: its text (featurized by the service) or an embedding of length ``dim``
     (both go through the prototype map when one is configured)."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of(("text", {"type": "string"}),
+                                                        ("embedding", {"type": "array"})))
 
     text: str | None = Field(None, min_length=1, max_length=100_000)
     embedding: list[Finite] | None = None
@@ -84,15 +107,20 @@ class DecideResponse(BaseModel):
 
 
 class FeedbackRequest(_Body):
+    model_config = ConfigDict(json_schema_extra=_any_of(
+        ("quality", {"type": "number"}), ("cost_usd", {"type": "number"}),
+        ("latency_ms", {"type": "number"})))
+
     decision_id: UUID
-    quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    quality: Fraction | None = None
     # Bounded like bandit's statistics (bandit.base.MAX_COST_USD / MAX_LATENCY_MS):
     # feedback is stored before it is applied, so what bandit would refuse must be
     # refused here, not stored and then failing at every replay.
-    cost_usd: Annotated[float, Field(ge=0.0, le=MAX_COST_USD, allow_inf_nan=False)] | None = None
-    latency_ms: Annotated[float, Field(ge=0.0, le=MAX_LATENCY_MS,
+    cost_usd: Annotated[float, Field(strict=True, ge=0.0, le=MAX_COST_USD,
+                                     allow_inf_nan=False)] | None = None
+    latency_ms: Annotated[float, Field(strict=True, ge=0.0, le=MAX_LATENCY_MS,
                                        allow_inf_nan=False)] | None = None
-    event_id: str | None = Field(None, min_length=1, max_length=200)
+    event_id: Name | None = None
 
     @model_validator(mode="after")
     def _some_outcome(self) -> FeedbackRequest:
@@ -114,7 +142,7 @@ class FeedbackResponse(BaseModel):
 
 # Prices in USD per million tokens. The bound is far above any real price (a few hundred
 # USD) and keeps the derived prior cost inside what bandit's statistics accept.
-Price = Annotated[float, Field(ge=0.0, le=1e5, allow_inf_nan=False)]
+Price = Annotated[float, Field(strict=True, ge=0.0, le=1e5, allow_inf_nan=False)]
 
 
 def _refuse_null(value: object) -> object:
@@ -138,12 +166,13 @@ class TenantPreferences(BaseModel):
 class TenantPreferencesUpdate(_Body):
     """Fields left out keep their current value; ``null`` clears a budget."""
 
-    weights: PreferenceWeights | None = None
-    policy: PolicyKind | None = None
-    scope: Scope | None = None
+    # SkipJsonSchema: null is refused (_refuse_null), so the schema does not offer it.
+    weights: PreferenceWeights | SkipJsonSchema[None] = None
+    policy: PolicyKind | SkipJsonSchema[None] = None
+    scope: Scope | SkipJsonSchema[None] = None
     budget_usd_per_day: NonNegative | None = None
     budget_usd_per_month: NonNegative | None = None
-    on_budget_exhausted: OnExhausted | None = None
+    on_budget_exhausted: OnExhausted | SkipJsonSchema[None] = None
 
     refuse_null = field_validator("weights", "policy", "scope", "on_budget_exhausted",
                                   mode="before")(_refuse_null)
@@ -153,17 +182,17 @@ class ModelCreate(_Body):
     name: ModelName
     input_price_per_mtok: Price
     output_price_per_mtok: Price
-    enabled: bool = True
-    prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    enabled: StrictBool = True
+    prior_quality: Fraction | None = None
 
 
 class ModelUpdate(_Body):
     """Fields left out keep their value; ``prior_quality: null`` clears the prior."""
 
-    input_price_per_mtok: Price | None = None
-    output_price_per_mtok: Price | None = None
-    enabled: bool | None = None
-    prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    input_price_per_mtok: Price | SkipJsonSchema[None] = None
+    output_price_per_mtok: Price | SkipJsonSchema[None] = None
+    enabled: StrictBool | SkipJsonSchema[None] = None
+    prior_quality: Fraction | None = None
 
     refuse_null = field_validator("input_price_per_mtok", "output_price_per_mtok", "enabled",
                                   mode="before")(_refuse_null)
@@ -180,7 +209,7 @@ class ModelOut(BaseModel):
 
 
 class TenantCreate(_Body):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
 
 
 class TenantCreated(BaseModel):

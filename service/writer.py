@@ -346,6 +346,7 @@ class DecisionWriter:
         """Write the spool into the database, oldest first; True once it is empty, False
         when the database is still unreachable."""
         assert self.spool is not None
+        replayed = 0
         while self.spool.depth():
             self._spool_queued()  # decides waiting meanwhile are not held up
             head = self.spool.head(self._batch_size)
@@ -369,6 +370,9 @@ class DecisionWriter:
                 self._write_one_by_one(fresh)
             self.spool.remove_through(head[-1][0])
             self._written(rows)
+            replayed += len(rows)
+        if replayed:
+            log.warning("the database answers: %d spooled decisions written", replayed)
         return True
 
     def _written(self, rows: list[dict[str, Any]]) -> None:
