@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
-from pydantic.json_schema import SkipJsonSchema
 
 from bandit.base import MAX_COST_USD, MAX_LATENCY_MS
 
@@ -145,6 +144,19 @@ class FeedbackResponse(BaseModel):
 Price = Annotated[float, Field(strict=True, ge=0.0, le=1e5, allow_inf_nan=False)]
 
 
+def _drop_null(schema: dict) -> None:
+    """JSON Schema of a field that may be left out but not null (see _refuse_null)."""
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update(branches[0])
+    elif branches:
+        schema["anyOf"] = branches
+
+
+#: A field that may be left out ("unchanged") but not sent as null.
+NOT_NULL = Field(None, json_schema_extra=_drop_null)
+
+
 def _refuse_null(value: object) -> object:
     """Left out means "unchanged"; an explicit null for a column that cannot be empty
     would reach the database as a NOT NULL violation (a 500): refuse it, naming the
@@ -166,13 +178,13 @@ class TenantPreferences(BaseModel):
 class TenantPreferencesUpdate(_Body):
     """Fields left out keep their current value; ``null`` clears a budget."""
 
-    # SkipJsonSchema: null is refused (_refuse_null), so the schema does not offer it.
-    weights: PreferenceWeights | SkipJsonSchema[None] = None
-    policy: PolicyKind | SkipJsonSchema[None] = None
-    scope: Scope | SkipJsonSchema[None] = None
+    # NOT_NULL: null is refused (_refuse_null), so the schema does not offer it.
+    weights: PreferenceWeights | None = NOT_NULL
+    policy: PolicyKind | None = NOT_NULL
+    scope: Scope | None = NOT_NULL
     budget_usd_per_day: NonNegative | None = None
     budget_usd_per_month: NonNegative | None = None
-    on_budget_exhausted: OnExhausted | SkipJsonSchema[None] = None
+    on_budget_exhausted: OnExhausted | None = NOT_NULL
 
     refuse_null = field_validator("weights", "policy", "scope", "on_budget_exhausted",
                                   mode="before")(_refuse_null)
@@ -189,9 +201,9 @@ class ModelCreate(_Body):
 class ModelUpdate(_Body):
     """Fields left out keep their value; ``prior_quality: null`` clears the prior."""
 
-    input_price_per_mtok: Price | SkipJsonSchema[None] = None
-    output_price_per_mtok: Price | SkipJsonSchema[None] = None
-    enabled: StrictBool | SkipJsonSchema[None] = None
+    input_price_per_mtok: Price | None = NOT_NULL
+    output_price_per_mtok: Price | None = NOT_NULL
+    enabled: StrictBool | None = NOT_NULL
     prior_quality: Fraction | None = None
 
     refuse_null = field_validator("input_price_per_mtok", "output_price_per_mtok", "enabled",
