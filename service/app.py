@@ -25,7 +25,7 @@ from starlette.middleware import Middleware
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
 from service.deps import AuthenticateFirst
-from service.errors import install_error_handlers
+from service.errors import document_problems, install_error_handlers
 from service.limits import LimitsMiddleware
 from service.memory import then_release_free_memory
 from service.metrics import Metrics
@@ -127,7 +127,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     def openapi() -> dict:
         # FastAPI caches the document in app.openapi_schema: this runs once.
         if app.openapi_schema is None:
-            decide.add_openapi_components(build_openapi())
+            document_problems(decide.add_openapi_components(build_openapi(), settings))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -8,7 +8,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from bandit.base import MAX_COST_USD, MAX_LATENCY_MS
+from bandit.base import MAX_COST_USD, MAX_LATENCY_MS, MAX_WEIGHT
 
 __all__ = [
     "Query", "PreferenceWeights", "DecideRequest", "PredictionOut", "DecideResponse",
@@ -66,13 +66,21 @@ class Query(_Body):
         return self
 
 
+Weight = Annotated[float, Field(strict=True, ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
 class PreferenceWeights(_Body):
     """Weights as in :class:`bandit.Preferences`: quality points per unit of quality,
-    per USD of cost and per second of latency."""
+    per USD of cost and per second of latency; at least one above 0."""
 
-    quality: NonNegative = 1.0
-    cost: NonNegative = 0.0
-    latency: NonNegative = 0.0
+    # JSON Schema of "not all zero" (quality defaults to 1, the others to 0).
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["quality"], "properties": {
+            name: {"maximum": 0} for name in ("quality", "cost", "latency")}}})
+
+    quality: Weight = 1.0
+    cost: Weight = 0.0
+    latency: Weight = 0.0
 
 
 class DecideRequest(_Body):

@@ -12,6 +12,7 @@ way, so the answers are the same problem details.
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import time
 from typing import Any
@@ -22,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from bandit import Preferences
+from bandit.base import MAX_ABS_CONTEXT
 from service.batching import DecideBatcher
 from service.config import Settings
 from service.deps import tenant_for_authorization
@@ -109,12 +111,25 @@ _BODY_SCHEMA = DecideRequest.model_json_schema(ref_template="#/components/schema
 _BODY_DEFS = _BODY_SCHEMA.pop("$defs", {})
 
 
-def add_openapi_components(document: dict) -> dict:
-    """Register DecideRequest and the models it references in ``components.schemas``."""
+def add_openapi_components(document: dict, settings: Settings) -> dict:
+    """Register DecideRequest and the models it references in ``components.schemas``,
+    with this service's limits (``DIM``, ``MAX_TEXT_CHARS``, ``MAX_CANDIDATES``): the
+    document says what the service accepts."""
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    schemas.setdefault("DecideRequest", _BODY_SCHEMA)
+    schemas.setdefault("DecideRequest", copy.deepcopy(_BODY_SCHEMA))
     for name, schema in _BODY_DEFS.items():
-        schemas.setdefault(name, schema)
+        schemas.setdefault(name, copy.deepcopy(schema))
+    query = schemas["Query"]["properties"]
+    for branch in query["embedding"]["anyOf"]:
+        if branch.get("type") == "array":
+            branch.update(minItems=settings.dim, maxItems=settings.dim)
+            branch["items"].update(minimum=-MAX_ABS_CONTEXT, maximum=MAX_ABS_CONTEXT)
+    for branch in query["text"]["anyOf"]:
+        if branch.get("type") == "string":
+            branch["maxLength"] = settings.max_text_chars
+    for branch in schemas["DecideRequest"]["properties"]["candidates"]["anyOf"]:
+        if branch.get("type") == "array":
+            branch["maxItems"] = settings.max_candidates
     return document
 
 
