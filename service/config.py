@@ -69,6 +69,13 @@ class Settings(BaseSettings):
                                       "is unreachable; a decide is answered once its row "
                                       "is there, and the rows are written when the "
                                       "database is back. 0 = none (kept in memory only).")
+    outage_retry_s: float = Field(0.5, gt=0.0, le=60.0, description="While the "
+                                  "database is unreachable it is retried (backoff) at "
+                                  "least this often by the decision spool, the feedback "
+                                  "buffer and the reload after a degraded start; /readyz "
+                                  "also triggers a retry when it reaches the database. "
+                                  "/readyz says ready about this long after the database "
+                                  "is back, plus the time to write what was kept.")
     decision_durability: Literal["batched", "write-through"] = Field(
         "batched", description="batched: a decide is answered once its row is queued "
         "for the writer (a kill -9 loses at most the rows queued, normally the last "

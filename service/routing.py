@@ -70,10 +70,6 @@ log = logging.getLogger("service.routing")
 #: this long for it (the writer hurries when asked), then is buffered: the writer holds
 #: the decision, typically because the database is away.
 _PENDING_WAIT_S = 1.0
-#: The drain (and the degraded start's reload) retries an unreachable database with
-#: backoff up to this (seconds): with the decision writer's 0.5 s, /readyz says ready
-#: within about a second of the database's return (docs/reliability.md).
-_DRAIN_MAX_DELAY_S = 0.5
 #: Buffered feedback stored per transaction by the drain.
 _DRAIN_BATCH = 200
 POLICY_KINDS = ("linucb", "thompson")
@@ -183,7 +179,8 @@ class RoutingService:
             spool=DecisionSpool(spool_path(buffers, url, "decision-spool"),
                                 settings.decision_buffer_size)
             if settings.decision_buffer_size > 0 else None,
-            write_through=settings.decision_durability == "write-through")
+            write_through=settings.decision_durability == "write-through",
+            retry_max_s=settings.outage_retry_s)
         # What a restart during an outage serves from (embedded mode): see _start_local.
         self.local_state = LocalState(spool_path(buffers, url, "local-state"), 0)
         self._local_registry: bytes | None = None
@@ -198,6 +195,7 @@ class RoutingService:
         self._drain_thread: threading.Thread | None = None
         self._drain_stop = threading.Event()
         self._drain_wake = threading.Event()
+        self._database_back = threading.Event()  # database_answers(): retry now
         # (tenant, decision, event) -> (cost delta, decided at) of feedback whose commit
         # failed with a connection error: maybe stored, certainly not applied.
         self._uncertain: dict[tuple[str, str, str], tuple[float, float]] = {}
@@ -258,6 +256,7 @@ class RoutingService:
 
     def stop(self) -> None:
         self._drain_stop.set()  # also ends the reload loop
+        self._database_back.set()  # ... now, not at the end of its backoff
         if self._reload_thread is not None:
             self._reload_thread.join(30)
         self._stop_feedback_buffer()
@@ -377,8 +376,21 @@ class RoutingService:
                          type(exc).__name__)
             except Exception:
                 log.exception("reload from the database failed; retrying")
-            self._drain_stop.wait(delay)
-            delay = min(delay * 2, _DRAIN_MAX_DELAY_S)
+            self._wait_for_database(delay)
+            delay = min(delay * 2, self.settings.outage_retry_s)
+
+    def _wait_for_database(self, delay: float) -> None:
+        """Sleep ``delay`` before retrying the database, or less if /readyz found it
+        answering (:meth:`database_answers`) or the service stops."""
+        if self._database_back.wait(delay):
+            self._database_back.clear()
+
+    def database_answers(self) -> None:
+        """Called by ``/readyz`` when it reached the database while something waits for
+        it: the spool, the feedback buffer and the reload retry at once instead of at the
+        end of their backoff."""
+        self.writer.retry_now()
+        self._database_back.set()
 
     def featurize(self, text: str) -> np.ndarray:
         """The context of a text: featurizer, then the prototype map if configured."""
@@ -1342,13 +1354,13 @@ class RoutingService:
                 log.warning("feedback buffer: %d events wait, the database is still "
                             "unreachable (%s); retrying in %.2fs", self.feedback_buffered(),
                             type(exc).__name__, delay)
-                self._drain_stop.wait(delay)
-                delay = min(delay * 2, _DRAIN_MAX_DELAY_S)
+                self._wait_for_database(delay)
+                delay = min(delay * 2, self.settings.outage_retry_s)
                 continue
             except Exception:
                 log.exception("draining the feedback buffer failed; retrying")
                 self._drain_stop.wait(delay)
-                delay = min(delay * 2, _DRAIN_MAX_DELAY_S)
+                delay = min(delay * 2, self.settings.outage_retry_s)
                 continue
             if empty:
                 self._drain_wake.wait(1.0)

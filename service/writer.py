@@ -44,9 +44,6 @@ from service.spool import DecisionSpool
 __all__ = ["DecisionWriter", "QueueFull"]
 
 log = logging.getLogger("service.writer")
-#: While spooling, the database is retried with backoff up to this (seconds): the
-#: spool is replayed, and /readyz says ready, within about this of its return.
-_RETRY_MAX_S = 0.5
 
 
 class QueueFull(Exception):
@@ -141,7 +138,8 @@ class DecisionWriter:
     def __init__(self, engine: Engine, *, queue_size: int, batch_size: int,
                  flush_interval_s: float = 0.02,
                  on_flush: Callable[[int], None] | None = None,
-                 spool: DecisionSpool | None = None, write_through: bool = False) -> None:
+                 spool: DecisionSpool | None = None, write_through: bool = False,
+                 retry_max_s: float = 0.5) -> None:
         self._engine = engine
         # A deque under one lock rather than a queue.Queue: submit and the writer's
         # draining take one lock per row and per batch instead of a Queue's lock and
@@ -165,6 +163,9 @@ class DecisionWriter:
         self.failed = 0  # rows the database refused (logged one by one)
         self.spool = spool
         self.write_through = write_through
+        # While spooling, the database is retried with backoff up to this (seconds).
+        self._retry_max_s = retry_max_s
+        self._retry_now = False  # retry_now(): the database answered someone else
         # Pending rows that are on disk (in the spool): durable, not in the database.
         self._spooled: set[str] = set()
         self.spooled_total = 0  # rows moved to the spool, ever
@@ -223,6 +224,12 @@ class DecisionWriter:
         with self._cond:
             return self._cond.wait_for(lambda: decision_id not in self._pending
                                        or decision_id in self._spooled, timeout)
+
+    def retry_now(self) -> None:
+        """The database answered (``/readyz``): retry the spool's replay at once."""
+        if self.spooling():
+            self._retry_now = True
+            self._hurry()
 
     def withdraw(self, decision_id: str) -> bool:
         """Take a row that is still queued (not being written) back out of the queue."""
@@ -289,11 +296,12 @@ class DecisionWriter:
                 # the database is retried with backoff, woken early by new rows.
                 self._spool_queued()
                 now = time.monotonic()
-                if now >= retry_at:
+                if now >= retry_at or self._retry_now:
+                    self._retry_now = False
                     if self._replay():
                         retry_at, delay = 0.0, 0.05
                         continue
-                    retry_at, delay = now + delay, min(delay * 2, _RETRY_MAX_S)
+                    retry_at, delay = now + delay, min(delay * 2, self._retry_max_s)
                 if stopping:
                     self._spool_queued()
                     return  # the spool keeps the rest; the next start replays it
