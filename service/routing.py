@@ -1380,6 +1380,7 @@ class RoutingService:
             return True
         if self.degraded_since is not None:
             return False  # after the reload from the database (_reload_loop)
+        started, drained = time.perf_counter(), 0
         while spool.depth():
             if (self._drain_stop.is_set() and deadline is None) or (
                     deadline is not None and time.monotonic() > deadline):
@@ -1396,8 +1397,12 @@ class RoutingService:
                 self._drain_batch(batch)
                 spool.remove_through(batch[-1].seq)
                 self.metrics.feedback_buffer_depth.set(spool.depth())
+                drained += len(batch)
             if blocked:
                 return False
+        if drained:
+            log.warning("feedback buffer empty: %d events stored in %.2f s", drained,
+                        time.perf_counter() - started)
         return True
 
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
