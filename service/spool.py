@@ -315,18 +315,25 @@ class LocalState(_SqliteFile):
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
-            self._count()
+            finally:
+                # Closed after each write (a checkpoint's, once a minute): an open
+                # connection would keep the policies' blobs in its page cache and its
+                # cached statement (docs/reliability.md, load: "checkpoint blobs").
+                self._conn = None
+                conn.close()
 
     def get_all(self) -> dict[str, bytes]:
         with self._lock:
-            if self._conn is None:
+            if not self.path.exists():
                 return {}
-            return {k: bytes(v) for k, v in self._conn.execute(
-                "SELECT key, data FROM local_state")}
+            conn = self._open()
+            try:
+                return {k: bytes(v) for k, v in conn.execute(
+                    "SELECT key, data FROM local_state")}
+            finally:
+                self._conn = None
+                conn.close()
 
     def close(self) -> None:
-        """Close the file (kept: it is the next start's fallback)."""
-        with self._lock:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                conn.close()
+        """Nothing to do: the file is closed after each use and kept (it is the next
+        start's fallback)."""
