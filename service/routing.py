@@ -228,11 +228,12 @@ class RoutingService:
         # Load the featurizer now (a sentence-embedding model takes seconds), not on the
         # first text query.
         self.featurize("warm up")
-        # The policies' first update imports river's drift detector (about 3 s here),
-        # holding the policies' lock: in the background now, not in the first feedback
-        # (or the reload after a degraded start, which it delayed by that much).
-        threading.Thread(target=importlib.import_module, args=("river.drift",),
-                         name="warm-up", daemon=True).start()
+        # The policies' first update imports river's drift detector (about 3 s here,
+        # much more on a busy machine), holding the policies' lock: now, not in the
+        # first feedback or in the drain after an outage (it held /readyz's "ready"
+        # back by that much). A background import was no better: the drain waited
+        # for it, slowed down by the requests being served meanwhile.
+        importlib.import_module("river.drift")
         # Replicas (and learners) must agree on this; the spec names the featurizer and
         # the map's digest, so a log search shows a replica with another file.
         log.info("contexts: %s, %d dimensions", getattr(self._featurizer, "spec", "?"),
