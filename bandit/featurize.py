@@ -353,28 +353,29 @@ class HashingFeaturizer:
     # (tests, to 1e-12 on many texts) and benchmarks/featurize_speed.py times it as the
     # baseline. It is the implementation that the stored statistics were learned with
     # up to this version; it is not on the request path.
-    def _reference_transform(self, texts: Sequence[str]) -> np.ndarray:
+    def _reference_transform(self, texts: Sequence[str],
+                             tokens: np.ndarray = _NO_TOKENS) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         for i, text in enumerate(texts):
-            buckets, weights = self._hashed(text)
+            buckets, weights = self._hashed(text, tokens)
             if buckets.size:
                 # Gathering only the touched rows of the projection is the sparse
                 # matrix product, without building the n_buckets-long vector.
                 out[i] = weights @ self._projection[buckets]
         return _l2_normalize_rows(out)
 
-    def _hashed(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Bucket indices and signed sublinear weights of one text's distinct n-grams."""
+    def _hashed(self, text: str,
+                tokens: np.ndarray = _NO_TOKENS) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket indices and signed sublinear weights of one text's distinct n-grams
+        (and of the distinct token hashes, a family of their own)."""
         if self.lowercase:
             text = text.lower()
         # Collapsing whitespace makes "a  b\n" and "a b" the same text.
         text = " ".join(text.split())
-        if not text:
-            return np.empty(0, dtype=np.intp), np.empty(0)
-        families = []
-        if self.ngram_range_chars is not None:
+        families = [tokens]
+        if text and self.ngram_range_chars is not None:
             families.append(self._char_hashes(text))
-        if self.word_ngrams is not None:
+        if text and self.word_ngrams is not None:
             families.append(self._word_hashes(text))
         buckets, weights = [], []
         for hashes in families:
