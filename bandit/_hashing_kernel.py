@@ -92,20 +92,20 @@ def _crc32_utf8(codes, start, end, table):
 @njit(cache=True, nogil=True)
 def _ngram_hashes(units, count, low, high, salts):
     """mix64(polynomial hash of every n-gram of ``units[:count]`` ^ salt of n), n in
-    low..high: bandit.featurize's ``_char_hashes`` / ``_word_hashes`` loop."""
-    total = 0
+    low..high: bandit.featurize's ``_char_hashes`` / ``_word_hashes`` (in another order,
+    which only changes the order of the sums)."""
+    offsets = np.zeros(high + 2, dtype=np.int64)  # where the n-grams of each n start
     for n in range(low, high + 1):
-        total += max(count - n + 1, 0)
-    out = np.empty(total, dtype=np.uint64)
-    t = 0
-    for n in range(low, high + 1):
-        salt = salts[n - low]
-        for i in range(count - n + 1):
-            h = units[i]
-            for k in range(1, n):
-                h = h * _U64(0x9E3779B97F4A7C15) + units[i + k]
-            out[t] = _mix64(h ^ salt)
-            t += 1
+        offsets[n + 1] = offsets[n] + max(count - n + 1, 0)
+    out = np.empty(offsets[high + 1], dtype=np.uint64)
+    for i in range(count):
+        # The (n+1)-gram at i extends the n-gram at i by one multiply-add.
+        h = units[i]
+        for n in range(1, min(high, count - i) + 1):
+            if n > 1:
+                h = h * _U64(0x9E3779B97F4A7C15) + units[i + n - 1]
+            if n >= low:
+                out[offsets[n] + i] = _mix64(h ^ salts[n - low])
     return out
 
 
@@ -148,12 +148,21 @@ def _add_family(hashes, n_buckets, projection, log1p, out):
         total += w * w
     scale = 1.0 / np.sqrt(total)
     dim = out.size
+    # A power of two (the default) takes the remainder with a mask: the same bucket,
+    # without a 64-bit division per n-gram.
+    bucket_mask = _U64(n_buckets - 1) if n_buckets & (n_buckets - 1) == 0 else _U64(0)
+    # Four partial sums: four independent chains of additions per coordinate.
+    partial = np.zeros((4, dim))
     for i in range(m):
         h = keys[i]
         w = -weights[i] * scale if h & _U64(1) else weights[i] * scale
-        row = projection[np.int64((h >> _U64(32)) % _U64(n_buckets))]
+        high = h >> _U64(32)
+        row = projection[np.int64(high & bucket_mask if bucket_mask else high % _U64(n_buckets))]
+        acc = partial[i & 3]
         for k in range(dim):
-            out[k] += w * row[k]
+            acc[k] += w * row[k]
+    for k in range(dim):
+        out[k] += (partial[0, k] + partial[1, k]) + (partial[2, k] + partial[3, k])
 
 
 @njit(cache=True, nogil=True)
