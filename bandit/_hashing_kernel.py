@@ -150,7 +150,7 @@ def _add_family(hashes, n_buckets, projection, log1p, out):
     dim = out.size
     # A power of two (the default) takes the remainder with a mask: the same bucket,
     # without a 64-bit division per n-gram.
-    bucket_mask = _U64(n_buckets - 1) if n_buckets & (n_buckets - 1) == 0 else _U64(0)
+    bucket_mask = _U64(n_buckets - 1) if (n_buckets & (n_buckets - 1)) == 0 else _U64(0)
     # Four partial sums: four independent chains of additions per coordinate.
     partial = np.zeros((4, dim))
     for i in range(m):

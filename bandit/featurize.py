@@ -215,7 +215,7 @@ class HashingFeaturizer:
     The work per text is one call of a numba kernel; the numpy implementation it
     replaced stays as the specification (``_reference_transform``): the kernel's vectors
     equal it to 1e-12 (tests), so statistics learned before the kernel stay valid.
-    Per text on one core (``benchmarks/featurize_speed.py``): ~10 µs for 64 characters,
+    Per text on one quiet core (``benchmarks/featurize_speed.py``): ~10 µs for 64 characters,
     ~30 µs for 500, ~35 µs per 1,000 characters beyond; most of that is reading one
     512-byte row of the projection per distinct n-gram. The first instance in a process
     imports numba and loads the compiled kernel from numba's cache (about a second; the
@@ -343,10 +343,12 @@ class HashingFeaturizer:
             text = text.lower()
         # Collapsing whitespace makes "a  b\n" and "a b" the same text.
         text = " ".join(text.split())
+        if not text:
+            return np.empty(0, dtype=np.intp), np.empty(0)
         families = []
-        if text and self.ngram_range_chars is not None:
+        if self.ngram_range_chars is not None:
             families.append(self._char_hashes(text))
-        if text and self.word_ngrams is not None:
+        if self.word_ngrams is not None:
             families.append(self._word_hashes(text))
         buckets, weights = [], []
         for hashes in families:
