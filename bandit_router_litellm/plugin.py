@@ -15,7 +15,9 @@ One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
    :meth:`BanditRouter.async_log_failure_event` post the outcome (``POST /v1/feedback``)
    with that decision id: LiteLLM's ``response_cost``, the call's latency, and a quality
    (``success_quality``, ``failure_quality`` for an error). The feedback's ``event_id``
-   is LiteLLM's call id, so a repeated callback is applied once.
+   is LiteLLM's call id, so a repeated callback is applied once. The same callback adds
+   the headers ``x-bandit-router-decision-id`` and ``x-bandit-router-model`` to the
+   proxy's answer, so a client can report the quality later (``POST /v1/feedback``).
 
 Failing open: the router is an optimisation in front of traffic that must flow. When it
 cannot decide (unreachable, slower than ``timeout_s``, an error such as a deployment not
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -39,11 +42,13 @@ from litellm.types.router import RoutingContext
 from bandit_router_litellm._client import AsyncRouterClient, RetryPolicy, RouterError
 from bandit_router_litellm.settings import PluginSettings
 
-__all__ = ["BanditRouter", "SIGNAL", "last_user_text"]
+__all__ = ["BanditRouter", "SIGNAL", "DECISION_HEADER", "MODEL_HEADER", "last_user_text"]
 
 log = logging.getLogger("bandit_router_litellm")
 
 SIGNAL = "bandit_router"  # key of the decision in routing_plugin_signals
+DECISION_HEADER = "x-bandit-router-decision-id"
+MODEL_HEADER = "x-bandit-router-model"
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str | None:
@@ -106,7 +111,8 @@ class BanditRouter(CustomLogger):
     def __init__(self, settings: PluginSettings | None = None) -> None:
         super().__init__()
         self._settings = settings
-        self._clients: dict[int, AsyncRouterClient] = {}
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                  AsyncRouterClient] = weakref.WeakKeyDictionary()
 
     @property
     def settings(self) -> PluginSettings:
@@ -117,7 +123,7 @@ class BanditRouter(CustomLogger):
     def _client(self) -> AsyncRouterClient:
         # An httpx.AsyncClient belongs to the event loop it first ran on; LiteLLM may run
         # callbacks on another loop than requests, so keep one client per loop.
-        loop = id(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
             s = self.settings
@@ -127,6 +133,13 @@ class BanditRouter(CustomLogger):
                                        retry=RetryPolicy(max_attempts=1))
             self._clients[loop] = client
         return client
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (LiteLLM never calls this; a
+        test or an embedding application may)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
 
     # ------------------------------------------------------------ the decision
     async def run(self, context: RoutingContext) -> RoutingContext:
@@ -156,6 +169,17 @@ class BanditRouter(CustomLogger):
                                    "propensity": decision.propensity,
                                    "explored": decision.explored}
         return context
+
+    async def async_post_call_response_headers_hook(
+            self, data: dict[str, Any], user_api_key_dict: Any, response: Any,
+            request_headers: dict[str, str] | None = None,
+            litellm_call_info: dict[str, object] | None = None) -> dict[str, str] | None:
+        """Name the decision in the proxy's answer (success or error)."""
+        decision = _decision_of(data)
+        if decision is None:
+            return None
+        return {DECISION_HEADER: str(decision["decision_id"]),
+                MODEL_HEADER: str(decision["model"])}
 
     # ------------------------------------------------------------ the feedback
     async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any,
