@@ -184,19 +184,16 @@ class BanditRouter(CustomLogger):
     # ------------------------------------------------------------ the feedback
     async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any,
                                       start_time: Any, end_time: Any) -> None:
-        cost = kwargs.get("response_cost")
-        await self._feedback(kwargs, start_time, end_time, quality=self.settings.success_quality,
-                             cost_usd=float(cost) if isinstance(cost, int | float) else None)
+        await self._feedback(kwargs, start_time, end_time, failed=False)
 
     async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any,
                                       start_time: Any, end_time: Any) -> None:
-        await self._feedback(kwargs, start_time, end_time,
-                             quality=self.settings.failure_quality, cost_usd=None)
+        await self._feedback(kwargs, start_time, end_time, failed=True)
 
     async def _feedback(self, kwargs: dict[str, Any], start_time: Any, end_time: Any, *,
-                        quality: float | None, cost_usd: float | None) -> None:
+                        failed: bool) -> None:
         decision = _decision_of(kwargs)
-        if decision is None:
+        if decision is None:  # not routed by us: nothing to report, no settings needed
             return
         called = (kwargs.get("litellm_params") or {}).get("model") or kwargs.get("model")
         if called is not None and called != decision["model"] and not str(
@@ -205,6 +202,10 @@ class BanditRouter(CustomLogger):
             log.info("bandit-router: %s was served by %s; no feedback", decision["model"],
                      called)
             return
+        cost = kwargs.get("response_cost")
+        # A failed call's cost is unknown to LiteLLM (its response_cost is None or 0).
+        cost_usd = float(cost) if not failed and isinstance(cost, int | float) else None
+        quality = self.settings.failure_quality if failed else self.settings.success_quality
         latency_ms = _latency_ms(start_time, end_time)
         if quality is None and cost_usd is None and latency_ms is None:
             return

@@ -189,3 +189,12 @@ def test_settings_success_quality_none_and_key_hidden():
                                  "BANDIT_ROUTER_LITELLM_GROUPS": "a, b"})
     assert (s.url, s.groups, s.success_quality) == ("http://r", ("a", "b"), None)
     assert "brt_secret" not in repr(s)
+
+
+def test_run_with_unset_environment_raises_naming_the_variables(router, monkeypatch):
+    """A misconfigured plug-in is loud (LiteLLM ends the routed request with the error)
+    rather than silently leaving every request to LiteLLM."""
+    for name in (ENV_URL, ENV_API_KEY):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=f"{ENV_URL}, {ENV_API_KEY}: not set"):
+        _run(BanditRouter(), _context(router[2]))
