@@ -9,8 +9,8 @@ deployment whose upstream keeps failing stops being chosen; an upstream error re
 client as LiteLLM's error and the learner as a failure; the router's tenant key appears
 in none of LiteLLM's logs, answers or upstream requests.
 
-Skips (saying why) without the ``[litellm]`` extra (``ops/test.sh`` installs it). One proxy per module: it takes
-~30 s to start on an idle 2-core machine.
+Skips (saying why) without the ``[litellm]`` extra (``ops/test.sh`` installs it). One
+proxy per module: it takes ~30 s to start on an idle 2-core machine.
 """
 
 from __future__ import annotations
