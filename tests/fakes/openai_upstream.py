@@ -61,7 +61,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-__all__ = ["FakeModel", "RecordedRequest", "FakeUpstream", "running_upstream",
+__all__ = ["FakeModel", "RecordedRequest", "FakeUpstream", "running_upstream", "free_port",
            "refused_base_url"]
 
 # OpenAI's error "type" per status (what the SDK and LiteLLM map to exception classes).
@@ -281,3 +281,29 @@ def free_port() -> int:
 def refused_base_url() -> str:
     """A loopback base URL that refuses connections (nothing listens on the port)."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the fake in the foreground (benchmarks run it in its own process, so that
+    it does not share a GIL with the load generator)::
+
+        python -m tests.fakes.openai_upstream --port 9000 --model fake="Hello there."
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a fake OpenAI-compatible upstream")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=ANSWER",
+                        help="a model and its canned answer (repeatable)")
+    parser.add_argument("--latency-s", type=float, default=0.0,
+                        help="every model's latency before the answer / first token")
+    args = parser.parse_args(argv)
+    upstream = FakeUpstream(models={
+        name: FakeModel(answer, latency_s=args.latency_s)
+        for name, _, answer in (m.partition("=") for m in args.model)})
+    uvicorn.run(upstream.app(), host="127.0.0.1", port=args.port, log_level="warning",
+                access_log=False, lifespan="off")
+
+
+if __name__ == "__main__":
+    main()
