@@ -61,6 +61,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.loopback import serve_asgi
+
 __all__ = ["FakeModel", "RecordedRequest", "FakeUpstream", "running_upstream", "free_port",
            "refused_base_url"]
 
@@ -249,26 +251,14 @@ def running_upstream(models: Mapping[str, FakeModel] | None = None,
     """Serve a :class:`FakeUpstream` on 127.0.0.1 (a free port) in a thread; yields it
     with ``base_url`` set (``http://127.0.0.1:<port>``; the API is under ``/v1``)."""
     upstream = FakeUpstream(models=dict(models or {}))
-    config = uvicorn.Config(upstream.app(), host="127.0.0.1", port=0, log_level="warning",
-                            lifespan="off", timeout_graceful_shutdown=1)
-    server = uvicorn.Server(config)
-    # The test's thread owns signals; a server in another thread must not install handlers.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=server.run, name="fake-upstream", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("the fake upstream did not start; see the log above")
-        time.sleep(0.01)
-    upstream.base_url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    try:
-        yield upstream
-    finally:
-        upstream._stopping.set()
-        server.should_exit = True
-        thread.join(timeout_s)
+    # A short graceful shutdown: hung requests end once _stopping is set.
+    with serve_asgi(upstream.app(), "fake-upstream", timeout_s, lifespan="off",
+                    timeout_graceful_shutdown=1) as base_url:
+        upstream.base_url = base_url
+        try:
+            yield upstream
+        finally:
+            upstream._stopping.set()  # release hung requests before the server stops
 
 
 def free_port() -> int:
