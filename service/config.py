@@ -18,6 +18,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bandit.pricing import DEFAULT_OUTPUT_TOKENS
+
 __all__ = ["Settings"]
 
 
@@ -106,9 +108,15 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(False, description="Serve /metrics without a key (only "
                                  "on a network where every client may see every tenant's "
                                  "spend).")
-    # Tokens a request is assumed to use when turning a model's price into a cost prior.
-    prior_input_tokens: int = Field(500, ge=0)
-    prior_output_tokens: int = Field(300, ge=0)
+    # Tokens a request is assumed to use when turning a model's price into a cost: the
+    # arm's prior, and each decide's per-request price estimate (input: the prompt's
+    # ceil(len(text)/4) when the query has text, else prior_input_tokens; output: always
+    # prior_output_tokens, corrected by what feedback reports).
+    prior_input_tokens: int = Field(500, ge=0, description="Prompt tokens assumed when a "
+                                    "decide sends an embedding, not text.")
+    prior_output_tokens: int = Field(DEFAULT_OUTPUT_TOKENS, ge=0, description="Output "
+                                     "tokens expected per request when pricing it before "
+                                     "the call.")
     run_migrations: bool = Field(True, description="Apply migrations on start.")
     # Distributed mode (docs/streams.md): set kafka_bootstrap and a PostgreSQL
     # database_url; feedback then goes through Kafka to the learners (bandit-router learn).

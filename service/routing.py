@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
 from bandit.base import MAX_ABS_CONTEXT, BatchDecision, check_finite_number
+from bandit.pricing import request_cost
 from service.budget import Ledger
 from service.config import Settings
 from service.db import models as m
@@ -116,8 +117,16 @@ class PendingDecision:
     explored: bool
 
 
-#: What one decide request asks: tenant, context vector, candidates, preferences override.
-DecideArgs = tuple["TenantState", np.ndarray, "list[str] | None", "Preferences | None"]
+class DecideArgs(NamedTuple):
+    """What one decide request asks."""
+
+    tenant: TenantState
+    x: np.ndarray
+    candidates: list[str] | None
+    override: Preferences | None
+    #: The prompt's length in tokens when known (from the text); None: the
+    #: ``prior_input_tokens`` setting.
+    input_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,14 @@ class _Incoming:
 
 def _outcome(fb: m.Feedback) -> dict[str, float | None]:
     return {"quality": fb.quality, "cost_usd": fb.cost_usd, "latency_ms": fb.latency_ms}
+
+
+def _price_estimate(decision: m.Decision) -> float | None:
+    """The price estimate the decision used for its model (None for decisions made
+    before estimates were recorded)."""
+    prediction = (decision.predictions or {}).get(decision.model) or {}
+    value = prediction.get("price_usd")
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def _periods() -> tuple[datetime, datetime, datetime]:
@@ -435,7 +452,23 @@ class RoutingService:
 
     def prior_cost(self, input_price: float, output_price: float) -> float:
         s = self.settings
-        return (input_price * s.prior_input_tokens + output_price * s.prior_output_tokens) / 1e6
+        return request_cost(input_price, output_price, s.prior_input_tokens,
+                            s.prior_output_tokens)
+
+    def price_estimates(self, names: list[str], input_tokens: Sequence[int | None]
+                        ) -> np.ndarray:
+        """(n, K) expected USD cost of each request on each model before the call: the
+        registry's prices x (the prompt's tokens, else ``prior_input_tokens``) and
+        ``prior_output_tokens`` expected output tokens. The policy predicts cost as this
+        times a correction learned from feedback, so it spends no exploration on prices.
+        """
+        s = self.settings
+        models = [self.models[n] for n in names]
+        p_in = np.array([mo.input_price_per_mtok for mo in models])
+        p_out = np.array([mo.output_price_per_mtok for mo in models])
+        t_in = np.array([s.prior_input_tokens if t is None else t for t in input_tokens],
+                        dtype=np.float64)
+        return (t_in[:, None] * p_in + s.prior_output_tokens * p_out) / 1e6
 
     def _all_policies(self) -> dict[str, Policy]:
         out = {f"shared:{k}": p for k, p in self.shared.items()}
@@ -924,7 +957,7 @@ class RoutingService:
         Raises :class:`Problem` 429 when the budget is spent and the tenant asked for
         ``reject``.
         """
-        result = self.decide_many([(tenant, x, candidates, override)])[0]
+        result = self.decide_many([DecideArgs(tenant, x, candidates, override)])[0]
         if isinstance(result, Exception):
             raise result
         return result
@@ -944,8 +977,9 @@ class RoutingService:
         out: list[PendingDecision | Exception | None] = [None] * len(requests)
         paced: list[tuple[int, Preferences]] = []
         valid = self._valid_preferences
-        for i, (tenant, _x, _candidates, override) in enumerate(requests):
-            base = override or tenant.preferences
+        for i, request in enumerate(requests):
+            tenant = request.tenant
+            base = request.override or tenant.preferences
             try:
                 if base not in valid:  # checked once per distinct weights, not per decide
                     base.validated()
@@ -960,11 +994,12 @@ class RoutingService:
         groups: dict[tuple[Any, ...], tuple[Policy, Preferences, list[str], str, str,
                                            list[int]]] = {}
         batches: list[tuple[BatchDecision, int, str, str, list[int]]] = []
+        estimates: dict[int, np.ndarray] = {}  # id(batch) -> its price estimates
         with self._lock:
             for i, prefs in paced:
-                tenant, _x, candidates, _override = requests[i]
+                tenant = requests[i].tenant
                 try:
-                    names = self._candidates(candidates)
+                    names = self._candidates(requests[i].candidates)
                 except Exception as exc:
                     out[i] = exc
                     continue
@@ -976,19 +1011,22 @@ class RoutingService:
                                            [])
                 group[5].append(i)
             for policy, prefs, names, kind, scope, rows in groups.values():
-                xs = np.stack([requests[i][1] for i in rows])
+                xs = np.stack([requests[i].x for i in rows])
+                est = self.price_estimates(names, [requests[i].input_tokens for i in rows])
                 try:
-                    batch = policy.decide_batch(xs, prefs, names)
+                    batch = policy.decide_batch(xs, prefs, names, cost_estimate=est)
                 except Exception as exc:
                     for i in rows:
                         out[i] = exc
                     continue
                 batches.append((batch, int(policy.version), kind, scope, rows))
+                estimates[id(batch)] = est
         for batch, version, kind, scope, rows in batches:
             arms = batch.arms
             # One tolist() per array and batch (per-element float() costs more than the
             # policy): the same values as BatchDecision.decision() and Prediction.as_dict().
             means, utility = batch.means.tolist(), batch.utility.tolist()
+            prices = estimates[id(batch)].tolist()
             std, scores = batch.uncertainty.tolist(), batch.scores.tolist()
             choices, props = batch.choices.tolist(), batch.propensities.tolist()
             explored = batch.explored.tolist() if batch.explored.size else [False] * len(rows)
@@ -997,9 +1035,9 @@ class RoutingService:
                 predictions = {
                     name: {"quality": m[j][0], "cost_usd": m[j][1],
                            "latency_ms": m[j][2] * 1e3, "utility": u[j],
-                           "uncertainty": s[j], "score": sc[j]}
+                           "uncertainty": s[j], "score": sc[j], "price_usd": prices[r][j]}
                     for j, name in enumerate(arms)}
-                tenant, x = requests[i][0], requests[i][1]
+                tenant, x = requests[i].tenant, requests[i].x
                 try:
                     out[i] = self._reserve(tenant, x, arms, predictions, arms[choices[r]],
                                            props[r], bool(explored[r]), kind, scope,
@@ -1185,6 +1223,7 @@ class RoutingService:
         results: list[FeedbackResult | Problem | Exception | None] = [None] * len(items)
         # (index, feedback id, model, context, cost delta, decided at)
         rows: list[tuple[int, int, str, bytes, float, float]] = []
+        prices: dict[int, float | None] = {}  # item -> its decision's price estimate
         one_by_one = False
         with self._feedback_lock:
             with Session(self.engine) as session:
@@ -1202,6 +1241,7 @@ class RoutingService:
                                              "exist", slug="decision-not-found")
                         continue
                     key = (it.decision_id, it.event)
+                    prices[i] = _price_estimate(decision)
                     uncertain = self._uncertain.pop((it.tenant.id, *key), None)
                     if key in stored:
                         fid, at = stored[key]
@@ -1213,6 +1253,7 @@ class RoutingService:
                         else:
                             results[i] = FeedbackResult("duplicate", fid)
                         continue
+                    prices[i] = _price_estimate(decision)
                     stored[key] = (0, it.received)  # a repeat later in this batch
                     fb = m.Feedback(decision_id=it.decision_id, tenant_id=it.tenant.id,
                                     event_id=it.event, quality=it.outcome.get("quality"),
@@ -1257,7 +1298,7 @@ class RoutingService:
                     try:
                         self._apply(it.tenant.id, model,
                                     np.frombuffer(context, dtype=np.float64), it.outcome,
-                                    decided_at)
+                                    decided_at, prices.get(i))
                     except Exception as exc:  # noqa: BLE001 - reported per item
                         results[i] = exc
                     else:
@@ -1451,7 +1492,8 @@ class RoutingService:
                     "drained" if result.status == "applied" else "duplicate").inc()
 
     def _apply(self, tenant_id: str, model: str, x: np.ndarray,
-               outcome: dict[str, float | None], decided_at: float) -> None:
+               outcome: dict[str, float | None], decided_at: float,
+               cost_estimate: float | None = None) -> None:
         """Learn one feedback in the shared policies and the tenant's isolated ones: the
         one rule of live application, replay and rebuild.
 
@@ -1465,13 +1507,18 @@ class RoutingService:
         operations. ``update(..., time=)`` applies that weight as a rank-one update
         (``update_batch(times=)`` would refresh the arm's inverse exactly, about 6x the
         time: benchmarks/feedback_forgetting.py); without forgetting it is a plain update.
+
+        ``cost_estimate`` is the price estimate the decision used for this model: with a
+        reported cost it teaches the model's price correction (live feedback only; a
+        rebuild from the database learns the other heads, not the correction).
         """
         with self._lock:
             targets = list(self.shared.values()) + list(self.isolated.get(tenant_id,
                                                                           {}).values())
             for policy in targets:
                 if model in policy.arms:  # a deleted model learns nothing more
-                    policy.update(model, x, outcome, time=decided_at)
+                    policy.update(model, x, outcome, time=decided_at,
+                                  cost_estimate=cost_estimate)
 
     # ================================================================ decisions
     def get_decision(self, tenant: TenantState, decision_id: str) -> dict[str, Any]:
@@ -1499,6 +1546,28 @@ class RoutingService:
                               "cost_usd": f.cost_usd, "latency_ms": f.latency_ms,
                               "received_at": m.as_utc(f.created_at)} for f in feedback],
             }
+
+    def price_tokens(self, tenant: TenantState, decision_id: str, input_tokens: int,
+                     output_tokens: int) -> float:
+        """USD cost of a decision's call from its token counts and the registry's prices
+        of the model it chose (feedback that reports tokens instead of ``cost_usd``).
+        404 for an unknown decision or another tenant's; a model since removed from the
+        registry cannot be priced (422: send ``cost_usd``)."""
+        if self.writer.is_pending(decision_id):
+            self.writer.wait_for(decision_id)
+        with Session(self.engine) as session:
+            decision = session.get(m.Decision, decision_id)
+            if decision is None or decision.tenant_id != tenant.id:
+                raise Problem(404, f"decision {decision_id} does not exist",
+                              slug="decision-not-found")
+            name = decision.model
+        model = self.models.get(name)
+        if model is None:
+            raise InvalidInputError("cost_usd", "is needed: the decision's model is no "
+                                    "longer registered, so its tokens cannot be priced",
+                                    name)
+        return request_cost(model.input_price_per_mtok, model.output_price_per_mtok,
+                            input_tokens, output_tokens)
 
     # ==================================================================== usage
     def usage(self, tenant: TenantState) -> dict[str, Any]:

@@ -10,6 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 
 from bandit.base import MAX_COST_USD, MAX_LATENCY_MS, MAX_WEIGHT
 
+#: Largest token count of one call that feedback accepts (far above any context window).
+MAX_TOKENS = 100_000_000
+
 __all__ = [
     "Query", "PreferenceWeights", "DecideRequest", "PredictionOut", "DecideResponse",
     "FeedbackRequest", "FeedbackResponse", "TenantPreferences", "TenantPreferencesUpdate",
@@ -98,6 +101,9 @@ class PredictionOut(BaseModel):
     # null when the arm could not be chosen by the policy's main branch (a cold arm with
     # no declared quality, reachable only through the bounded cold-start share).
     score: float | None
+    # The request's cost from the registry's prices before the call (prompt tokens and
+    # prior_output_tokens); cost_usd is this times the correction learned from feedback.
+    price_usd: float | None = None
 
 
 class DecideResponse(BaseModel):
@@ -114,9 +120,13 @@ class DecideResponse(BaseModel):
 
 
 class FeedbackRequest(_Body):
-    model_config = ConfigDict(json_schema_extra=_any_of(
-        ("quality", {"type": "number"}), ("cost_usd", {"type": "number"}),
-        ("latency_ms", {"type": "number"})))
+    model_config = ConfigDict(json_schema_extra={
+        "anyOf": [*_any_of(("quality", {"type": "number"}), ("cost_usd", {"type": "number"}),
+                           ("latency_ms", {"type": "number"}))["anyOf"],
+                  {"required": ["input_tokens", "output_tokens"]}],
+        # The service prices a call from both counts: one alone is refused.
+        "dependentRequired": {"input_tokens": ["output_tokens"],
+                              "output_tokens": ["input_tokens"]}})
 
     decision_id: UUID
     quality: Fraction | None = None
@@ -128,11 +138,23 @@ class FeedbackRequest(_Body):
     latency_ms: Annotated[float, Field(strict=True, ge=0.0, le=MAX_LATENCY_MS,
                                        allow_inf_nan=False)] | None = None
     event_id: Name | None = None
+    # Token counts of the call: without cost_usd, the service prices them with the
+    # registry's prices of the decision's model (both are then needed).
+    input_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)] | None = None
+    output_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)] | None = None
 
     @model_validator(mode="after")
     def _some_outcome(self) -> FeedbackRequest:
-        if self.quality is None and self.cost_usd is None and self.latency_ms is None:
-            raise ValueError("give at least one of quality, cost_usd, latency_ms")
+        tokens = self.input_tokens is not None or self.output_tokens is not None
+        if (self.quality is None and self.cost_usd is None and self.latency_ms is None
+                and not tokens):
+            raise ValueError("give at least one of quality, cost_usd, latency_ms, or "
+                             "input_tokens and output_tokens")
+        if tokens:
+            for name in ("input_tokens", "output_tokens"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is needed with the other token count "
+                                     "(the service prices both)")
         return self
 
 

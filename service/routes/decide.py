@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from bandit import Preferences
 from bandit.base import MAX_ABS_CONTEXT
+from bandit.pricing import prompt_tokens
 from service.batching import DecideBatcher
 from service.config import Settings
 from service.deps import tenant_for_authorization
@@ -74,7 +75,9 @@ async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> by
     batcher: DecideBatcher | None = getattr(state, "decide_batcher", None)
     if batcher is None:
         batcher = state.decide_batcher = DecideBatcher(service)
-    pending = await batcher.decide(tenant, x, body.candidates, override)
+    # The prompt's length prices the request on every candidate before the call.
+    tokens = None if body.query.text is None else prompt_tokens(body.query.text)
+    pending = await batcher.decide(tenant, x, body.candidates, override, tokens)
     if not service.enqueue(pending):
         # Backpressure: the writer is behind. Wait a little for room, then refuse
         # loudly; a decision is never answered without being queued for storage.
