@@ -48,7 +48,7 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
@@ -238,15 +238,20 @@ class ConservativeGuard:
     # -------------------------------------------------------------- deciding
     def choose(self, state: GuardState, arm: str, propensity: float,
                utility: Mapping[str, float], std: Mapping[str, float],
-               probabilities: Mapping[str, float] | None = None) -> GuardedChoice:
+               probabilities: Mapping[str, float] | Callable[[], Mapping[str, float]]
+               | None = None, *, count: bool = True) -> GuardedChoice:
         """Guard one decision the policy made and count it in ``state``.
 
         ``utility`` and ``std`` hold the policy's predicted utility and its std of every
         candidate (the baseline must be one). ``probabilities`` (every candidate's
         probability under the policy) is needed only to log the exact propensity of an
         overridden choice: the baseline is then played whenever the policy picks the
-        baseline or an arm the guard refuses. Without it the propensity logged for an
-        override is 1 (what it is when the policy is deterministic).
+        baseline or an arm the guard refuses. It may be a function returning them, called
+        only for an override. Without it the propensity logged for an override is 1
+        (what it is when the policy is deterministic).
+
+        ``count=False`` leaves ``state`` alone: the caller counts the record with
+        :meth:`count` once the decision stands (a budget may still change it).
         """
         b = self.config.baseline
         if b not in utility or b not in std:
@@ -261,6 +266,8 @@ class ConservativeGuard:
         else:
             overridden = arm != b
             if overridden:
+                if callable(probabilities):
+                    probabilities = probabilities()
                 if probabilities is None:
                     propensity = 1.0
                 else:
@@ -269,7 +276,8 @@ class ConservativeGuard:
                         self.allows(state, float(utility[a]), float(std[a]), ub, sb))
             arm = b
             record = GuardRecord(b, True, ub, sb, ub, ub, float(propensity))
-        self.count(state, record)
+        if count:
+            self.count(state, record)
         return GuardedChoice(arm, float(propensity), overridden, record)
 
     def decide(self, policy: Policy, x: object, state: GuardState,
@@ -290,14 +298,15 @@ class ConservativeGuard:
 
     # -------------------------------------------------------------- counting
     @staticmethod
-    def count(state: GuardState, record: GuardRecord) -> None:
-        """Add a decision (no outcome yet) to ``state``."""
-        state.rounds += 1
-        state.baseline_total += record.baseline_utility
+    def count(state: GuardState, record: GuardRecord, sign: int = 1) -> None:
+        """Add a decision (no outcome yet) to ``state``; ``sign=-1`` takes it back (a
+        decision that was never answered)."""
+        state.rounds += sign
+        state.baseline_total += sign * record.baseline_utility
         if not record.played_baseline:
-            state.plays += 1
-            state.margin += record.lower - record.baseline_utility
-            state.uncertainty += record.baseline_std
+            state.plays += sign
+            state.margin += sign * (record.lower - record.baseline_utility)
+            state.uncertainty += sign * record.baseline_std
 
     @staticmethod
     def contribution(record: GuardRecord, reward: float | None) -> tuple[float, float,
