@@ -92,29 +92,31 @@ def test_guard_applies_to_next_decision_and_plays_baseline_until_it_earns_room(
 
 def test_guard_value_on_metrics_and_status_page(client, models):
     tenant = create_tenant(client, "guard-metrics")
+    tid = tenant["X-Tenant"]
     client.put("/v1/tenants/me/preferences", json={"baseline_model": "guard-a"},
                headers=tenant)
+    expected = 0.0
     for i in range(5):
         d = decide(client, tenant, seed=i).json()
+        assert d["model"] == "guard-a"
         r = client.post("/v1/feedback", json={"decision_id": d["decision_id"],
                                               "quality": 0.9}, headers=tenant)
         assert r.status_code == 202, r.text
-    text = client.get("/metrics", headers=ADMIN).text
-    values = _guard_values(text, tenant["X-Tenant"])
-    # Baseline played surely (propensity 1 after an override, or chosen with p=1): the
-    # doubly robust value against it is exactly 0.
-    state = client.app.state.routing.tenants[tenant["X-Tenant"]].guard_state
-    assert state.value_rounds == 5
-    assert values[f'bandit_router_value_vs_baseline' + f'tenant="{tenant["X-Tenant"]}"'] \
-        == pytest.approx(state.value)
-    allowed = values['bandit_router_guard_gap' + f'kind="allowed",tenant="{tenant["X-Tenant"]}"']
+        # Doubly robust: r - (u_b + (r - u_b) / p) where the baseline was played.
+        u_b, p = d["predictions"]["guard-a"]["utility"], d["propensity"]
+        expected += 0.9 - (u_b + (0.9 - u_b) / p)
+    values = _guard_values(client.get("/metrics", headers=ADMIN).text, tid)
+    assert values[f'bandit_router_value_vs_baselinetenant="{tid}"'] == pytest.approx(
+        expected, abs=1e-9)
     # Realized baseline reward 0.9 x 5 decisions, 2% of it.
-    assert allowed == pytest.approx(-0.02 * 0.9 * 5, rel=1e-6)
+    assert values[f'bandit_router_guard_gapkind="allowed",tenant="{tid}"'] == pytest.approx(
+        -0.02 * 0.9 * 5, rel=1e-6)
+    assert values[f'bandit_router_guard_gapkind="lower_bound",tenant="{tid}"'] <= 0.0
     page = client.get("/", headers=ADMIN).text
-    row = re.search(rf"<tr data-guard='{tenant['X-Tenant']}'>(.*?)</tr>", page)
+    row = re.search(rf"<tr data-guard='{tid}'>(.*?)</tr>", page)
     assert row, "guarded tenant missing from the status page"
     assert "guard-metrics" in row.group(1) and "guard-a" in row.group(1)
-    assert "2.0%" in row.group(1)
+    assert "2.0%" in row.group(1) and f"{expected:+.3f}" in row.group(1)
 
 
 def test_guard_changing_settings_keeps_learned_statistics(client, models):

@@ -75,7 +75,7 @@ def test_decide_tags_stored_and_hashed_into_context(client, models):
 def test_decide_routes_by_tags_once_they_carry_the_signal(client, models):
     tenant = create_tenant(client, "tags-learned")
     best = {"search": "tag-a", "support": "tag-b"}
-    for i in range(30):
+    for _ in range(30):
         for app, good in best.items():
             for model in models:
                 d = _decide(client, tenant, {"app": app}, seed=0, candidates=[model]).json()
