@@ -7,9 +7,10 @@ model's mean price as its cost prior, as in ``benchmarks/compare_routers.py``), 
 the best single model of the stream in hindsight at that cost weight (what a careful
 team calls today). Along the stream it records the realized cumulative reward of the
 router minus the baseline's on the same rows, against ``-max_loss x`` the baseline's
-cumulative reward (the bound; 0 while that is negative), in file order and over shuffles; the worst excess
-below the bound (``min_slack``, < 0 = violated) is the number that matters. Also the
-routing value, (R_router - R_fixed) / (R_oracle - R_fixed), guarded and unguarded.
+cumulative reward (the bound; 0 while that is negative), in file order and over
+shuffles; the worst excess below the bound (``min_slack``, < 0 = violated) is the
+number that matters. Also the routing value, (R_router - R_fixed) / (R_oracle -
+R_fixed), guarded and unguarded.
 
     python -m benchmarks.guarded_exploration                  # 5 weights x (file + 5 shuffles)
     python -m benchmarks.guarded_exploration --quick          # 1 weight, 1 shuffle, no files
@@ -125,31 +126,35 @@ def plot(curves: dict[float, list[dict]], max_loss: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     weights = sorted(curves)
-    fig, axes = plt.subplots(1, len(weights), figsize=(4.2 * len(weights), 3.6), squeeze=False)
-    for ax, w in zip(axes[0], weights, strict=True):
+    cols = min(3, len(weights))
+    rows = -(-len(weights) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.8 * rows), squeeze=False)
+    for ax, w in zip(axes.flat, weights, strict=False):
         for o, out in enumerate(curves[w]):
-            style = {"color": "#1f5fbf", "lw": 1.4 if o == 0 else 0.7,
-                     "alpha": 1.0 if o == 0 else 0.45}
-            ax.plot(out["guarded"]["gap_curve"], label="guarded" if o == 0 else None, **style)
-            ax.plot(out["unguarded"]["gap_curve"], color="#d9534f",
-                    lw=1.0 if o == 0 else 0.5, alpha=0.8 if o == 0 else 0.3,
-                    label="unguarded" if o == 0 else None)
+            first = o == 0
+            ax.plot(out["unguarded"]["gap_curve"], color="#d9534f", lw=1.0 if first else 0.5,
+                    alpha=0.8 if first else 0.3, label="unguarded" if first else None)
             ax.plot(out["guarded"]["bound_curve"], color="k", ls="--", lw=0.8,
-                    label=f"-{max_loss:g} x baseline" if o == 0 else None)
+                    alpha=1.0 if first else 0.35,
+                    label=f"bound: -{max_loss:g} x baseline's reward" if first else None)
+            ax.plot(out["guarded"]["gap_curve"], color="#1f5fbf", lw=1.6 if first else 0.7,
+                    alpha=1.0 if first else 0.5, label="guarded" if first else None)
         ax.axhline(0, color="#999", lw=0.5)
         ax.set_title(f"cost weight {w:g}", fontsize=10)
         ax.set_xlabel("row of the stream")
-        lows = [min(o["guarded"]["gap_curve"].min(), o["guarded"]["bound_curve"].min())
-                for o in curves[w]]
-        highs = [o["guarded"]["gap_curve"].max() for o in curves[w]]
-        ax.set_ylim(min(lows) * 1.6 - 1, max(max(highs) * 1.2, 5))
-    axes[0][0].set_ylabel("cumulative reward, router - baseline")
-    axes[0][0].legend(fontsize=8, loc="upper left")
-    fig.suptitle("LLMRouter, one online pass: guarded (blue) and unguarded (red) router "
-                 "minus the best single model; file order (thick) and shuffles (thin)",
-                 fontsize=10)
+        ax.set_ylabel("cum. reward, router - baseline")
+        low = min(min(o["guarded"]["gap_curve"].min(), o["guarded"]["bound_curve"].min())
+                  for o in curves[w])
+        high = max(o["guarded"]["gap_curve"].max() for o in curves[w])
+        ax.set_ylim(1.5 * low - 2, max(1.3 * high, 5))
+    for ax in list(axes.flat)[len(weights):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("LLMRouter, one online pass, baseline = best single model: router minus "
+                 "baseline (thick: file order, thin: 5 shuffles); unguarded runs go far "
+                 "below the axis", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
