@@ -283,6 +283,8 @@ class Tenant:
     spend_usd_today: float
     spend_usd_month: float
     created_at: str
+    baseline_model: str | None = None
+    max_exploration_loss: float = 0.02
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Tenant:

@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session
 from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
 from bandit.base import MAX_ABS_CONTEXT, BatchDecision, check_finite_number
 from bandit.conservative import ConservativeGuard, GuardConfig, GuardRecord, GuardState
-from bandit.featurize import with_tags
+from bandit.featurize import TAGS_SPEC, with_tags
 from service.budget import Ledger
 from service.config import Settings
 from service.db import models as m
@@ -209,8 +209,8 @@ class RoutingService:
         self.featurize("warm up")
         # Replicas (and learners) must agree on this; the spec names the featurizer and
         # the map's digest, so a log search shows a replica with another file.
-        log.info("contexts: %s, %d dimensions", getattr(self._featurizer, "spec", "?"),
-                 self.context_dim)
+        log.info("contexts: %s, %d dimensions; request tags: %s",
+                 getattr(self._featurizer, "spec", "?"), self.context_dim, TAGS_SPEC)
         self.writer.start()
         self._start_feedback_buffer()
         return admin_key
