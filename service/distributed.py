@@ -388,7 +388,7 @@ class DistributedRoutingService(RoutingService):
                     context=np.frombuffer(row["context"], dtype="<f8").tolist(),
                     predictions=row["predictions"], policy=row["policy"],
                     policy_version=row["policy_version"], scope=row["scope"],
-                    created_at=row["created_at"].timestamp())
+                    created_at=row["created_at"].timestamp(), tags=row.get("tags"))
                 self.producer.send(self.streams.decisions_topic, key=row["id"].encode(),
                                    value=encode_decision(event))
             except Exception:

@@ -90,6 +90,8 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 def _allowed(error: dict[str, Any]) -> str | None:
     ctx = error.get("ctx") or {}
+    if "allowed" in ctx:  # our own checks (e.g. tags) say it in their words
+        return str(ctx["allowed"])
     if "expected" in ctx:
         return f"one of {ctx['expected']}"
     for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):

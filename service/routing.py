@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -44,6 +45,8 @@ from sqlalchemy.orm import Session
 
 from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
 from bandit.base import MAX_ABS_CONTEXT, BatchDecision, check_finite_number
+from bandit.conservative import ConservativeGuard, GuardConfig, GuardRecord, GuardState
+from bandit.featurize import TAGS_SPEC, with_tags
 from bandit.pricing import request_cost
 from service.budget import Ledger
 from service.config import Settings
@@ -97,6 +100,14 @@ class TenantState:
     scope: str
     on_budget_exhausted: str
     ledger: Ledger = field(repr=False)
+    #: Guarded exploration: the tenant's baseline model (None: off), the bound, since
+    #: when the guard counts, and its state (the sum over the tenant's guarded decisions
+    #: since then: rebuilt from the decision log at start, kept current by decides and
+    #: feedback).
+    baseline_model: str | None = None
+    max_exploration_loss: float = 0.02
+    guard_since: datetime | None = None
+    guard_state: GuardState = field(default_factory=GuardState, repr=False)
 
     @property
     def budget_usd_per_day(self) -> float | None:
@@ -224,6 +235,7 @@ class RoutingService:
         self.context_dim = context_dim(settings, self.prototype_map)
         self._decision_counters: dict[tuple[str, str], Any] = {}
         self._valid_preferences: set[Preferences] = set()
+        self._guards: dict[tuple[str, float], ConservativeGuard] = {}
 
     # ================================================================= start / stop
     def start(self) -> str | None:
@@ -253,8 +265,8 @@ class RoutingService:
         importlib.import_module("river.drift")
         # Replicas (and learners) must agree on this; the spec names the featurizer and
         # the map's digest, so a log search shows a replica with another file.
-        log.info("contexts: %s, %d dimensions", getattr(self._featurizer, "spec", "?"),
-                 self.context_dim)
+        log.info("contexts: %s, %d dimensions; request tags: %s",
+                 getattr(self._featurizer, "spec", "?"), self.context_dim, TAGS_SPEC)
         self.writer.start()
         self._start_feedback_buffer()
         if self.degraded_since is not None:
@@ -267,6 +279,7 @@ class RoutingService:
         admin_key = self._ensure_admin_key()
         self._load_models()
         self._load_tenants()
+        self._load_guards()
         self._load_policies()
         self._replay_feedback()
         self._load_spend()
@@ -701,7 +714,11 @@ class RoutingService:
             id=row.id, name=row.name, key_hash=row.key_hash,
             preferences=Preferences(row.weight_quality, row.weight_cost, row.weight_latency),
             policy=row.policy, scope=row.scope, on_budget_exhausted=row.on_budget_exhausted,
-            ledger=Ledger(row.budget_usd_per_day, row.budget_usd_per_month))
+            ledger=Ledger(row.budget_usd_per_day, row.budget_usd_per_month),
+            baseline_model=row.baseline_model,
+            max_exploration_loss=float(row.max_exploration_loss
+                                       if row.max_exploration_loss is not None else 0.02),
+            guard_since=None if row.guard_since is None else m.as_utc(row.guard_since))
 
     def _load_tenants(self) -> None:
         with Session(self.engine) as session:
@@ -787,12 +804,29 @@ class RoutingService:
         values: dict[str, Any] = {"weight_quality": prefs.quality, "weight_cost": prefs.cost,
                                   "weight_latency": prefs.latency, "updated_at": m.utcnow()}
         for key in ("policy", "scope", "budget_usd_per_day", "budget_usd_per_month",
-                    "on_budget_exhausted"):
+                    "on_budget_exhausted", "max_exploration_loss"):
             if key in changes:
                 values[key] = changes[key]
+        new_baseline = "baseline_model" in changes and \
+            changes["baseline_model"] != tenant.baseline_model
+        if "baseline_model" in changes:
+            self._check_baseline(changes["baseline_model"])
+            values["baseline_model"] = changes["baseline_model"]
+        if new_baseline:
+            # A new baseline starts a new account: the old one's sums say nothing about
+            # it. The policies' statistics are untouched (nothing learned is lost).
+            values["guard_since"] = m.utcnow()
+        GuardConfig("-", values.get("max_exploration_loss",
+                                    tenant.max_exploration_loss)).validated()
         with Session(self.engine) as session, session.begin():
             session.execute(update(m.Tenant).where(m.Tenant.id == tenant.id).values(**values))
         with self._lock:
+            if new_baseline:
+                tenant.baseline_model = values["baseline_model"]
+                tenant.guard_since = values["guard_since"]
+                tenant.guard_state = GuardState()
+            tenant.max_exploration_loss = values.get("max_exploration_loss",
+                                                     tenant.max_exploration_loss)
             tenant.preferences = prefs
             tenant.policy = values.get("policy", tenant.policy)
             tenant.scope = values.get("scope", tenant.scope)
@@ -819,6 +853,7 @@ class RoutingService:
                                               .where(m.Model.deleted_at.is_(None))
                                               .order_by(m.Model.id)))
             tenant_rows = list(session.scalars(select(m.Tenant)))
+        changed_guards: list[TenantState] = []
         with self._lock:
             fresh = {r.name: self._model_state(r) for r in model_rows}
             for name in [n for n in self.models if n not in fresh]:
@@ -852,9 +887,18 @@ class RoutingService:
                     tenant.on_budget_exhausted = row.on_budget_exhausted
                     tenant.ledger.set_budgets(row.budget_usd_per_day,
                                               row.budget_usd_per_month)
+                    fresh_tenant = self._tenant_state(row)
+                    tenant.max_exploration_loss = fresh_tenant.max_exploration_loss
+                    if (fresh_tenant.baseline_model, fresh_tenant.guard_since) != (
+                            tenant.baseline_model, tenant.guard_since):
+                        tenant.baseline_model = fresh_tenant.baseline_model
+                        tenant.guard_since = fresh_tenant.guard_since
+                        changed_guards.append(tenant)
             tenants = [self.tenants[row.id] for row in tenant_rows]
         for tenant in tenants:
             self._sync_isolation(tenant)
+        for tenant in changed_guards:  # baseline changed through another replica
+            self._rebuild_guard(tenant)
         self.sync_spend()
         self._save_local_state()
 
@@ -905,7 +949,14 @@ class RoutingService:
             return list(session.execute(q).all())
 
     # ================================================================== decide
-    def context_from(self, text: str | None, embedding: list[float] | None) -> np.ndarray:
+    def context_from(self, text: str | None, embedding: list[float] | None,
+                     tags: dict[str, str] | None = None) -> np.ndarray:
+        """The context of a query: its text's features or its embedding (through the
+        prototype map when one is configured), with the request's tags hashed into the
+        same coordinates (:func:`bandit.featurize.with_tags`; untagged: unchanged)."""
+        return with_tags(self._query_context(text, embedding), tags)
+
+    def _query_context(self, text: str | None, embedding: list[float] | None) -> np.ndarray:
         if embedding is not None:
             x = np.asarray(embedding, dtype=np.float64)
             if x.shape != (self.settings.dim,):
@@ -995,6 +1046,7 @@ class RoutingService:
                                            list[int]]] = {}
         batches: list[tuple[BatchDecision, int, str, str, list[int]]] = []
         estimates: dict[int, np.ndarray] = {}  # id(batch) -> its price estimates
+        guarded: dict[int, tuple[ConservativeGuard, GuardRecord]] = {}
         with self._lock:
             for i, prefs in paced:
                 tenant = requests[i].tenant
@@ -1019,6 +1071,8 @@ class RoutingService:
                     for i in rows:
                         out[i] = exc
                     continue
+                self._guard_batch(policy, prefs, batch, xs, [requests[i].tenant for i in rows],
+                                  rows, guarded)
                 batches.append((batch, int(policy.version), kind, scope, rows))
                 estimates[id(batch)] = est
         for batch, version, kind, scope, rows in batches:
@@ -1039,12 +1093,144 @@ class RoutingService:
                     for j, name in enumerate(arms)}
                 tenant, x = requests[i].tenant, requests[i].x
                 try:
-                    out[i] = self._reserve(tenant, x, arms, predictions, arms[choices[r]],
-                                           props[r], bool(explored[r]), kind, scope,
-                                           version, now)
+                    pending = out[i] = self._reserve(tenant, x, arms, predictions,
+                                                     arms[choices[r]], props[r],
+                                                     bool(explored[r]), kind, scope,
+                                                     version, now)
                 except Exception as exc:  # 429: budget spent and "reject"
                     out[i] = exc
+                    continue
+                if i in guarded and not pending.response["budget_limited"]:
+                    # Counted once the decision stands (a budget fallback is not the
+                    # guard's choice, and is not counted).
+                    guard, record = guarded[i]
+                    with self._lock:
+                        guard.count(tenant.guard_state, record)
+                    pending.row["guard"] = {"record": record.to_list(), "outcome": None,
+                                            "reward": None}
         return out  # type: ignore[return-value]
+
+    # ---------------------------------------------------------- guarded exploration
+    def _guard_for(self, tenant: TenantState) -> ConservativeGuard | None:
+        """The tenant's guard, or None: no baseline, or the baseline is not a model."""
+        baseline = tenant.baseline_model
+        if baseline is None or baseline not in self.models:
+            return None
+        key = (baseline, tenant.max_exploration_loss)
+        guard = self._guards.get(key)
+        if guard is None:
+            if len(self._guards) >= 4096:
+                self._guards.clear()
+            guard = self._guards[key] = ConservativeGuard(
+                GuardConfig(baseline, tenant.max_exploration_loss))
+        return guard
+
+    def _guard_batch(self, policy: Policy, prefs: Preferences, batch: BatchDecision,
+                     xs: np.ndarray, tenants: list[TenantState], rows: list[int],
+                     guarded: dict[int, tuple[ConservativeGuard, GuardRecord]]) -> None:
+        """Apply each guarded tenant's guard to its rows of ``batch`` (in place: the
+        choice, its propensity, explored); the records are counted once the decisions
+        stand (:meth:`decide_many`). Runs under ``_lock``."""
+        arms = batch.arms
+        for r, (tenant, i) in enumerate(zip(tenants, rows, strict=True)):
+            guard = self._guard_for(tenant)
+            if guard is None or guard.config.baseline not in arms:
+                continue  # no guard, or the request left the baseline out
+            utility = dict(zip(arms, batch.utility[r].tolist(), strict=True))
+            std = dict(zip(arms, batch.uncertainty[r].tolist(), strict=True))
+            chosen = arms[int(batch.choices[r])]
+
+            def probabilities(r: int = r) -> dict[str, float]:
+                names, probs = policy.probabilities(xs[r], prefs, arms)
+                return dict(zip(names, probs[0].tolist(), strict=True))
+
+            choice = guard.choose(tenant.guard_state, chosen,
+                                  float(batch.propensities[r]), utility, std,
+                                  probabilities, count=False)
+            if choice.overridden:
+                batch.choices[r] = arms.index(choice.arm)
+                batch.propensities[r] = choice.propensity
+                if batch.explored.size:
+                    batch.explored[r] = False
+                self.metrics.guard_overrides.labels(tenant.id).inc()
+            guarded[i] = (guard, choice.record)
+
+    def _check_baseline(self, name: str | None) -> None:
+        if name is not None and name not in self.models:
+            raise InvalidInputError("baseline_model", "unknown model; allowed: "
+                                    + (", ".join(self.models) or "(no model registered)")
+                                    + ", or null to turn the guard off", name)
+
+    def _load_guards(self) -> None:
+        for tenant in self.tenants.values():
+            self._rebuild_guard(tenant)
+
+    def _rebuild_guard(self, tenant: TenantState, batch: int = 5000) -> None:
+        """The tenant's guard state from its guarded decisions since ``guard_since``
+        against its current baseline: the decision log is the guard's record, so a
+        restart (or a crash) loses nothing that was stored."""
+        state = GuardState()
+        if tenant.baseline_model is not None:
+            guard = ConservativeGuard(GuardConfig(tenant.baseline_model,
+                                                  tenant.max_exploration_loss))
+            q = (select(m.Decision.guard)
+                 .where(m.Decision.tenant_id == tenant.id, m.Decision.guard.is_not(None))
+                 .execution_options(yield_per=batch))
+            if tenant.guard_since is not None:
+                q = q.where(m.Decision.created_at >= tenant.guard_since)
+            with Session(self.engine) as session:
+                for (stored,) in session.execute(q):
+                    record = GuardRecord.from_list(stored["record"])
+                    if record.baseline != tenant.baseline_model:
+                        continue
+                    guard.count(state, record)
+                    if stored.get("reward") is not None:
+                        guard.observe(state, record, float(stored["reward"]))
+        with self._lock:
+            tenant.guard_state = state
+
+    def _guard_outcome(self, tenant: TenantState, decision: m.Decision,
+                       outcome: dict[str, float | None]
+                       ) -> tuple[ConservativeGuard, GuardRecord, float, float | None] | None:
+        """For feedback on a guarded decision of the tenant's current account: update
+        the decision's stored guard part (merged outcome, its reward) and return what
+        the in-memory state must learn once the feedback is committed."""
+        stored = decision.guard
+        if not stored or tenant.baseline_model is None:
+            return None
+        record = GuardRecord.from_list(stored["record"])
+        guard = self._guard_for(tenant)
+        if guard is None or record.baseline != tenant.baseline_model or (
+                tenant.guard_since is not None
+                and m.as_utc(decision.created_at) < tenant.guard_since):
+            return None
+        merged = {**(stored.get("outcome") or {}),
+                  **{k: v for k, v in outcome.items() if v is not None}}
+        # Objectives the feedback has not reported are taken as predicted.
+        predicted = (decision.predictions or {}).get(decision.model) or {}
+        values = {key: merged.get(key, predicted.get(key)) or 0.0
+                  for key in ("quality", "cost_usd", "latency_ms")}
+        reward = tenant.preferences.reward(**values)
+        previous = stored.get("reward")
+        decision.guard = {"record": stored["record"], "outcome": merged, "reward": reward}
+        return guard, record, reward, previous
+
+    def guard_report(self, tenant: TenantState) -> dict[str, Any] | None:
+        """The guard's view of a tenant (for /metrics and the status page), or None."""
+        guard = self._guard_for(tenant)
+        if guard is None:
+            return None
+        with self._lock:
+            state = GuardState.from_dict(tenant.guard_state.to_dict())
+        return {"baseline_model": tenant.baseline_model,
+                "max_exploration_loss": tenant.max_exploration_loss,
+                "rounds": state.rounds, "non_baseline_plays": state.plays,
+                "baseline_reward": state.baseline_total,
+                "lower_bound_gap": guard.lower_gap(state, 0.0, 0.0, 0.0, 0.0)
+                + guard.config.z * guard.noise_std(state) * (
+                    math.sqrt(state.plays + 1) - math.sqrt(state.plays)),
+                "allowance": guard.allowance(state, 0.0),
+                "value_vs_baseline": state.value, "value_rounds": state.value_rounds}
 
     def _reserve(self, tenant: TenantState, x: np.ndarray, names: list[str],
                  predictions: dict[str, dict[str, float]], model: str, propensity: float,
@@ -1085,6 +1271,8 @@ class RoutingService:
             "predictions_json": orjson.dumps(predictions),
             "predicted_cost_usd": cost, "charged_usd": cost, "over_budget": over_budget,
             "created_at": datetime.fromtimestamp(now, UTC),
+            # Set by the caller (decide_body) and decide_many (guarded decisions).
+            "tags": None, "guard": None,
         }
         explored = explored and not budget_limited
         response = {"decision_id": decision_id, "model": model,
@@ -1107,9 +1295,14 @@ class RoutingService:
         self.metrics.rejected.labels("backpressure").inc()
 
     def release(self, pending: PendingDecision) -> None:
-        """Give back the reservation of a decision that is never answered."""
+        """Give back the reservation of a decision that is never answered (and its part
+        of the tenant's guard state)."""
         row = pending.row
         pending.tenant.ledger.adjust(-row["charged_usd"], row["created_at"].timestamp())
+        if row.get("guard"):
+            with self._lock:
+                ConservativeGuard.count(pending.tenant.guard_state,
+                                        GuardRecord.from_list(row["guard"]["record"]), -1)
 
     def _count_decision(self, tenant: TenantState, model: str, explored: bool) -> None:
         # Children cached: labels() validates and locks on every call (a few us).
@@ -1156,6 +1349,13 @@ class RoutingService:
             day, month = tenant.ledger.snapshot()
             self.metrics.spend.labels(tenant.id, "day").set(day)
             self.metrics.spend.labels(tenant.id, "month").set(month)
+            report = self.guard_report(tenant)
+            if report is not None:
+                self.metrics.value_vs_baseline.labels(tenant.id).set(
+                    report["value_vs_baseline"])
+                self.metrics.guard_gap.labels(tenant.id, "lower_bound").set(
+                    report["lower_bound_gap"])
+                self.metrics.guard_gap.labels(tenant.id, "allowed").set(-report["allowance"])
 
     # ================================================================= feedback
     def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
@@ -1224,6 +1424,8 @@ class RoutingService:
         # (index, feedback id, model, context, cost delta, decided at)
         rows: list[tuple[int, int, str, bytes, float, float]] = []
         prices: dict[int, float | None] = {}  # item -> its decision's price estimate
+        # index -> what the tenant's guard learns once the feedback is committed
+        guard_learn: dict[int, tuple[ConservativeGuard, GuardRecord, float, float | None]] = {}
         one_by_one = False
         with self._feedback_lock:
             with Session(self.engine) as session:
@@ -1266,6 +1468,9 @@ class RoutingService:
                         delta = float(it.outcome["cost_usd"]) - decision.charged_usd
                         decision.charged_usd = float(it.outcome["cost_usd"])
                     new.append((i, fb, decision, delta))
+                    learned = self._guard_outcome(it.tenant, decision, it.outcome)
+                    if learned is not None:
+                        guard_learn[i] = learned
                 if new:
                     try:
                         session.flush()
@@ -1303,6 +1508,11 @@ class RoutingService:
                         results[i] = exc
                     else:
                         results[i] = FeedbackResult("applied", fid)
+                    learned = guard_learn.get(i)
+                    if learned is not None:
+                        guard, record, reward, previous = learned
+                        with self._lock:
+                            guard.observe(it.tenant.guard_state, record, reward, previous)
                     self.last_feedback_id = max(self.last_feedback_id, fid)
         if one_by_one:
             return [self._store_many([it])[0] for it in items] if len(items) > 1 else [
@@ -1541,6 +1751,7 @@ class RoutingService:
                 "predictions": decision.predictions,
                 "predicted_cost_usd": decision.predicted_cost_usd,
                 "charged_usd": decision.charged_usd, "over_budget": decision.over_budget,
+                "tags": decision.tags,
                 "created_at": m.as_utc(decision.created_at),
                 "feedback": [{"event_id": f.event_id or None, "quality": f.quality,
                               "cost_usd": f.cost_usd, "latency_ms": f.latency_ms,

@@ -7,8 +7,12 @@ from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from bandit.base import MAX_COST_USD, MAX_LATENCY_MS, MAX_WEIGHT
+from bandit.conservative import MAX_LOSS_RANGE
+from bandit.errors import InvalidInputError
+from bandit.featurize import check_tags
 
 #: Largest token count of one call that feedback accepts (far above any context window).
 MAX_TOKENS = 100_000_000
@@ -86,10 +90,28 @@ class PreferenceWeights(_Body):
     latency: Weight = 0.0
 
 
+def _check_tags(value: object) -> dict[str, str] | None:
+    """bandit.featurize.check_tags as a pydantic error (422 naming ``tags``, the key and
+    what is allowed)."""
+    if value is None:
+        return None
+    try:
+        return check_tags(value)
+    except InvalidInputError as err:
+        raise PydanticCustomError("invalid_tags", "{message}",
+                                  {"message": str(err), "allowed": err.allowed}) from None
+
+
 class DecideRequest(_Body):
     query: Query
     candidates: list[ModelName] | None = Field(None, min_length=1, max_length=1000)
     preferences: PreferenceWeights | None = None
+    tags: dict[str, str] | None = Field(None, description=(
+        "Where the request comes from, e.g. {\"app\": \"support-bot\", \"task\": "
+        "\"code\"}: at most 16 tags, keys 1-64 characters (letters, digits, ._-:/), "
+        "values 1-128 characters. Hashed into the context beside the text features."))
+
+    check_tags = field_validator("tags", mode="before")(_check_tags)
 
 
 class PredictionOut(BaseModel):
@@ -196,6 +218,10 @@ def _refuse_null(value: object) -> object:
     return value
 
 
+ExplorationLoss = Annotated[float, Field(ge=MAX_LOSS_RANGE[0], le=MAX_LOSS_RANGE[1],
+                                         allow_inf_nan=False)]
+
+
 class TenantPreferences(BaseModel):
     weights: PreferenceWeights
     policy: PolicyKind
@@ -203,6 +229,11 @@ class TenantPreferences(BaseModel):
     budget_usd_per_day: float | None
     budget_usd_per_month: float | None
     on_budget_exhausted: OnExhausted
+    baseline_model: str | None = Field(description=(
+        "The model the tenant would call without the router; null: no guard."))
+    max_exploration_loss: float = Field(description=(
+        "With a baseline: how far the router's cumulative reward may fall below the "
+        "baseline's, as a fraction of the baseline's cumulative reward, in [0, 1]."))
 
 
 class TenantPreferencesUpdate(_Body):
@@ -215,9 +246,12 @@ class TenantPreferencesUpdate(_Body):
     budget_usd_per_day: NonNegative | None = None
     budget_usd_per_month: NonNegative | None = None
     on_budget_exhausted: OnExhausted | None = NOT_NULL
+    # null turns guarded exploration off; a name must be a registered model.
+    baseline_model: ModelName | None = None
+    max_exploration_loss: ExplorationLoss | None = None
 
     refuse_null = field_validator("weights", "policy", "scope", "on_budget_exhausted",
-                                  mode="before")(_refuse_null)
+                                  "max_exploration_loss", mode="before")(_refuse_null)
 
 
 class ModelCreate(_Body):
@@ -281,6 +315,7 @@ class DecisionOut(BaseModel):
     over_budget: bool
     created_at: datetime
     feedback: list[FeedbackOut]
+    tags: dict[str, str] | None = None
 
 
 class UsageOut(BaseModel):

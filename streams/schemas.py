@@ -49,6 +49,7 @@ import orjson
 
 import bandit.base as _bandit_base
 from bandit.errors import InvalidInputError
+from bandit.featurize import check_tags
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -126,6 +127,8 @@ class DecisionEvent:
     policy_version: int
     scope: str
     created_at: float
+    #: The request's tags (already hashed into ``context``); None when it had none.
+    tags: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,7 +245,18 @@ def encode_decision(event: DecisionEvent) -> bytes:
         "propensity": event.propensity, "context": event.context,
         "predictions": event.predictions, "policy": event.policy,
         "policy_version": event.policy_version, "scope": event.scope,
-        "created_at": _iso(event.created_at)}, option=orjson.OPT_SERIALIZE_NUMPY)
+        "created_at": _iso(event.created_at), "tags": event.tags},
+        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _parse_tags(value: object) -> dict[str, str] | None:
+    """Optional ``tags`` (events of schema 1 written before tags existed have none)."""
+    if value is None:
+        return None
+    try:
+        return check_tags(value) or None
+    except InvalidInputError as err:
+        raise InvalidEventError(err.field, err.allowed, err.value) from None
 
 
 def decode_decision(raw: bytes) -> DecisionEvent:
@@ -255,7 +269,8 @@ def decode_decision(raw: bytes) -> DecisionEvent:
             context=[float(v) for v in data["context"]], predictions=dict(data["predictions"]),
             policy=str(data["policy"]), policy_version=int(data["policy_version"]),
             scope=str(data["scope"]),
-            created_at=_parse_time("created_at", data["created_at"]) or 0.0)
+            created_at=_parse_time("created_at", data["created_at"]) or 0.0,
+            tags=_parse_tags(data.get("tags")))
     except KeyError as exc:
         raise InvalidEventError(str(exc.args[0]), "is required") from None
     except (TypeError, ValueError) as exc:

@@ -245,7 +245,9 @@ def _prefs_table(p: Any) -> Table:
             ("policy", p.policy), ("scope", p.scope),
             ("budget per day", _money(p.budget_usd_per_day)),
             ("budget per month", _money(p.budget_usd_per_month)),
-            ("when the budget is spent", p.on_budget_exhausted)]
+            ("when the budget is spent", p.on_budget_exhausted),
+            ("baseline model (guard)", p.baseline_model or "- (guard off)"),
+            ("max exploration loss", f"{p.max_exploration_loss:g}")]
     for row in rows:
         table.add_row(*row)
     return table
@@ -278,12 +280,24 @@ def preferences_set(
             help="Remove the monthly budget.")] = False,
         on_exhausted: Annotated[str | None, typer.Option(
             help="cheapest or reject.")] = None,
+        baseline_model: Annotated[str | None, typer.Option(
+            help="The model the tenant would call without the router: guarded "
+            "exploration never lets the cumulative reward fall further below it than "
+            "--max-exploration-loss.")] = None,
+        no_baseline_model: Annotated[bool, typer.Option(
+            help="Turn guarded exploration off.")] = False,
+        max_exploration_loss: Annotated[float | None, typer.Option(
+            help="Fraction of the baseline's cumulative reward exploration may cost, "
+            "0..1 (default 0.02).")] = None,
         url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
     """Change only the given fields; the next decision uses them."""
     changes: dict[str, Any] = {k: v for k, v in (
         ("policy", policy), ("scope", scope), ("budget_usd_per_day", budget_day),
-        ("budget_usd_per_month", budget_month), ("on_budget_exhausted", on_exhausted))
+        ("budget_usd_per_month", budget_month), ("on_budget_exhausted", on_exhausted),
+        ("baseline_model", baseline_model), ("max_exploration_loss", max_exploration_loss))
         if v is not None}
+    if no_baseline_model:
+        changes["baseline_model"] = None
     if no_budget_day:
         changes["budget_usd_per_day"] = None
     if no_budget_month:

@@ -21,6 +21,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences
+from bandit.featurize import check_tags, with_tags
 from bandit.pricing import DEFAULT_OUTPUT_TOKENS, prompt_tokens, request_cost
 from bandit.replay import ReplayLog
 from bandit.replay import replay as run_replay
@@ -181,6 +182,7 @@ def replay(
             from bandit.featurize import make_featurizer
 
             x = make_featurizer(featurizer, dim, seed=0).transform(prompts)
+        x = with_log_tags(x, read_tags(data))
         params: dict[str, Any] = {"seed": seed}
         if policy == "linucb" and alpha is not None:
             params["alpha"] = alpha
@@ -242,3 +244,23 @@ def render_table(title: str, window: dict) -> Table:
     for name, s in sorted(window["models"].items(), key=lambda kv: -kv[1]["reward"]):
         row(name, s, f"{window['share'][name]:.1%}")
     return table
+
+
+def read_tags(path: Path) -> list[dict[str, str]]:
+    """Each row's optional ``tags`` (``{"app": "support-bot"}``), as the decide API takes
+    them; rows without tags get ``{}``. Bad tags name the line and the key."""
+    tags: list[dict[str, str]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                raw = json.loads(line).get("tags")
+                tags.append(check_tags(raw, field_name=f"line {number}.tags"))
+    return tags
+
+
+def with_log_tags(x: np.ndarray, tags: list[dict[str, str]]) -> np.ndarray:
+    """The contexts with each row's tags hashed in, as the service does at decide
+    (untagged rows unchanged)."""
+    if not any(tags):
+        return x
+    return np.stack([with_tags(row, t) for row, t in zip(x, tags, strict=True)])

@@ -40,6 +40,8 @@ class TenantOut(BaseModel):
     budget_usd_per_day: float | None
     budget_usd_per_month: float | None
     on_budget_exhausted: str
+    baseline_model: str | None
+    max_exploration_loss: float
     # This replica's ledger: every replica's written spend as of the last registry
     # refresh, plus this replica's since (service/budget.py, "Several replicas").
     spend_usd_today: float
@@ -72,7 +74,9 @@ def list_tenants(_admin: AdminDep, service: ServiceDep) -> list[TenantOut]:
             weights=PreferenceWeights(quality=p.quality, cost=p.cost, latency=p.latency),
             budget_usd_per_day=tenant.budget_usd_per_day,
             budget_usd_per_month=tenant.budget_usd_per_month,
-            on_budget_exhausted=tenant.on_budget_exhausted, spend_usd_today=day,
+            on_budget_exhausted=tenant.on_budget_exhausted,
+            baseline_model=tenant.baseline_model,
+            max_exploration_loss=tenant.max_exploration_loss, spend_usd_today=day,
             spend_usd_month=month, created_at=m.as_utc(at).isoformat()
             if isinstance(at, datetime) else str(at)))
     return out

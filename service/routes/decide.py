@@ -65,9 +65,9 @@ async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> by
                                       for e in exc.errors(include_url=False)]) from None
     if body.query.text is not None and settings.featurizer != "hashing":
         # A sentence-embedding model takes milliseconds: off the event loop.
-        x = await asyncio.to_thread(service.context_from, body.query.text, None)
+        x = await asyncio.to_thread(service.context_from, body.query.text, None, body.tags)
     else:
-        x = service.context_from(body.query.text, body.query.embedding)
+        x = service.context_from(body.query.text, body.query.embedding, body.tags)
     override = None if body.preferences is None else Preferences(
         body.preferences.quality, body.preferences.cost, body.preferences.latency)
     # Decided together with the other decides of this event-loop iteration (one policy
@@ -78,6 +78,9 @@ async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> by
     # The prompt's length prices the request on every candidate before the call.
     tokens = None if body.query.text is None else prompt_tokens(body.query.text)
     pending = await batcher.decide(tenant, x, body.candidates, override, tokens)
+    # Stored with the decision: its context already holds them (feedback and replays
+    # learn from the stored context); kept to show and to audit.
+    pending.row["tags"] = body.tags or None
     if not service.enqueue(pending):
         # Backpressure: the writer is behind. Wait a little for room, then refuse
         # loudly; a decision is never answered without being queued for storage.

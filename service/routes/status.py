@@ -185,6 +185,33 @@ def _tenants_table(tenants: list[Any]) -> str:
     return f"<table id=tenants>{head}{body}</table>"
 
 
+def _guard_table(service: RoutingService, tenants: list[Any]) -> str:
+    """Guarded tenants: the estimated value against the baseline and the guard's room."""
+    rows = []
+    for t in sorted(tenants, key=lambda t: t.name):
+        report = service.guard_report(t)
+        if report is None:
+            continue
+        per_round = (report["value_vs_baseline"] / report["value_rounds"]
+                     if report["value_rounds"] else None)
+        rows.append(
+            f"<tr data-guard='{html.escape(t.id)}'><td>{html.escape(t.name)}</td>"
+            f"<td>{html.escape(str(report['baseline_model']))}</td>"
+            f"<td>{report['max_exploration_loss']:.1%}</td>"
+            f"<td>{report['rounds']}</td><td>{report['non_baseline_plays']}</td>"
+            f"<td class=value>{_num(report['value_vs_baseline'], '{:+.3f}')}</td>"
+            f"<td>{_num(per_round, '{:+.4f}')}</td>"
+            f"<td>{_num(report['lower_bound_gap'], '{:+.3f}')} / "
+            f"{_num(-report['allowance'], '{:+.3f}')}</td></tr>")
+    if not rows:
+        return ("<p class=muted id=guards>No tenant has a baseline model (guarded "
+                "exploration is off).</p>")
+    head = ("<tr><th>tenant</th><th>baseline</th><th>max loss</th><th>guarded decisions</th>"
+            "<th>non-baseline plays</th><th>value vs baseline</th><th>per decision</th>"
+            "<th>lower bound / allowed</th></tr>")
+    return f"<table id=guards>{head}{''.join(rows)}</table>"
+
+
 def render(service: RoutingService) -> str:
     data = _gather(service)
     all_rewards = [r for values in data["rewards"].values() for r in values]
@@ -202,7 +229,13 @@ def render(service: RoutingService) -> str:
             f"{RECENT} decisions and feedback events. Reward in quality points, under "
             f"each tenant's current weights.</p><div class=cards>{cards}</div>"
             f"<h2>Models</h2>{_models_table(service, data)}"
-            f"<h2>Tenants: spend against budget</h2>{_tenants_table(data['tenants'])}")
+            f"<h2>Tenants: spend against budget</h2>{_tenants_table(data['tenants'])}"
+            "<h2>Guarded exploration: value against the baseline</h2><p class=muted>Value "
+            "= doubly robust estimate of the cumulative reward of the router minus the "
+            "baseline model's, over the decisions with feedback (reward units). The guard "
+            "plays the baseline whenever exploring could take its lower bound below the "
+            "allowed loss.</p>"
+            f"{_guard_table(service, data['tenants'])}")
     return _page("bandit-router status", body)
 
 

@@ -116,6 +116,25 @@ def test_set_preferences_cli_bad_policy_422(env, tenant):
     assert "error 422" in result.stderr and "policy" in result.stderr
 
 
+def test_set_preferences_cli_baseline_model_and_bound(env, tenant):
+    tid = tenant["id"]
+    name = f"base-{uuid.uuid4().hex[:6]}"
+    run(env, "models", "add", name, "--input-price", "1", "--output-price", "1")
+    after = run_json(env, "preferences", "set", "--tenant", tid, "--baseline-model", name,
+                     "--max-exploration-loss", "0.05")
+    assert after["baseline_model"] == name and after["max_exploration_loss"] == 0.05
+    table = run(env, "preferences", "get", "--tenant", tid).stdout
+    assert "baseline model (guard)" in table and name in table
+    bad = run(env, "preferences", "set", "--tenant", tid, "--baseline-model", "nope",
+              code=1)
+    assert "error 422" in bad.stderr and "baseline_model" in bad.stderr
+    bad = run(env, "preferences", "set", "--tenant", tid, "--max-exploration-loss", "2",
+              code=1)
+    assert "error 422" in bad.stderr and "max_exploration_loss" in bad.stderr
+    off = run_json(env, "preferences", "set", "--tenant", tid, "--no-baseline-model")
+    assert off["baseline_model"] is None and off["max_exploration_loss"] == 0.05
+
+
 def test_set_preferences_cli_nothing_to_change_fails(env, tenant):
     result = run(env, "preferences", "set", "--tenant", tenant["id"], code=1)
     assert "nothing to change" in result.stderr
