@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -447,7 +448,7 @@ class _Api:
         # A tenant reads its own (tenant key); the admin names the tenant (admin key).
         if tenant_id is None:
             return f"/v1/tenants/me/{leaf}", None
-        return f"/v1/admin/tenants/{tenant_id}/{leaf}", self._admin()
+        return f"/v1/admin/tenants/{quote(tenant_id, safe='')}/{leaf}", self._admin()
 
     # ---------------------------------------------------------- admin endpoints
     def create_tenant(self, name: str) -> _Call[TenantCreated]:
@@ -460,7 +461,7 @@ class _Api:
                      idempotent=True)
 
     def rotate_tenant_key(self, tenant_id: str) -> _Call[TenantCreated]:
-        return _Call("POST", f"/v1/admin/tenants/{tenant_id}/rotate-key",
+        return _Call("POST", f"/v1/admin/tenants/{quote(tenant_id, safe='')}/rotate-key",
                      lambda r: TenantCreated(**r.json()), key=self._admin())
 
     def add_model(self, name: str, input_price_per_mtok: float, output_price_per_mtok: float,

@@ -11,8 +11,8 @@ and exits with code 1.
     export BANDIT_ROUTER_URL=http://127.0.0.1:8000 BANDIT_ROUTER_KEY=bra_...
     bandit-router models add small --input-price 0.15 --output-price 0.6
     bandit-router tenants create acme              # prints the tenant's key, once
-    bandit-router preferences set --tenant <id> --cost 200 --budget-day 5
-    bandit-router usage --tenant <id> --json
+    bandit-router preferences set --tenant acme --cost 200 --budget-day 5
+    bandit-router usage --tenant acme --json   # a tenant's id or its name
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ Key = Annotated[str, typer.Option("--key", envvar="BANDIT_ROUTER_KEY",
                                   help="Admin key (or a tenant key for its own "
                                   "preferences and usage).", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-TenantId = Annotated[str | None, typer.Option("--tenant", help="Tenant id (with the admin "
-                                              "key); omit to use the key's own tenant.")]
+TenantId = Annotated[str | None, typer.Option("--tenant", help="Tenant id or name (with "
+                                              "the admin key); omit to use the key's own "
+                                              "tenant.")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 tenants_app = typer.Typer(help="Create, list tenants and rotate their keys.",
@@ -89,9 +90,13 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(_plain(value), indent=2, sort_keys=True))
+
+
 def _emit(value: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
     if as_json:
-        typer.echo(json.dumps(_plain(value), indent=2, sort_keys=True))
+        _echo_json(value)
     else:
         _out().print(table(value))
 
@@ -122,12 +127,15 @@ def _tenant_table(tenants: list[Any]) -> Table:
     return table
 
 
-def _key_table(created: Any) -> Table:
-    table = Table(title="tenant key (shown once: store it now)")
-    for column in ("id", "name", "api_key"):
-        table.add_column(column)
-    table.add_row(created.id, created.name, created.api_key)
-    return table
+def _print_key(created: Any, as_json: bool) -> None:
+    """A key shown once, printed whole on a line of its own: never in a table, which cuts
+    cells to the terminal's width (and to 80 columns when piped)."""
+    if as_json:
+        _echo_json(created)
+        return
+    typer.echo(f"tenant {created.name}, id {created.id}")
+    typer.echo("API key (shown once, store it now):")
+    typer.echo(created.api_key)
 
 
 @tenants_app.command("create")
@@ -135,7 +143,7 @@ def tenants_create(name: Annotated[str, typer.Argument(help="Tenant name.")],
                    url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
     """Create a tenant and print its API key (shown once)."""
     with _client(url, key) as client:
-        _emit(client.create_tenant(name), as_json, _key_table)
+        _print_key(client.create_tenant(name), as_json)
 
 
 @tenants_app.command("list")
@@ -146,11 +154,11 @@ def tenants_list(url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False)
 
 
 @tenants_app.command("rotate-key")
-def tenants_rotate_key(tenant_id: Annotated[str, typer.Argument(help="Tenant id.")],
+def tenants_rotate_key(tenant_id: Annotated[str, typer.Argument(help="Tenant id or name.")],
                        url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
     """Replace a tenant's API key; the old one stops working."""
     with _client(url, key) as client:
-        _emit(client.rotate_tenant_key(tenant_id), as_json, _key_table)
+        _print_key(client.rotate_tenant_key(tenant_id), as_json)
 
 
 # ====================================================================== models

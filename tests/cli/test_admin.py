@@ -50,6 +50,45 @@ def test_create_tenant_cli_prints_key_once_in_table(env):
     assert "shown once" in out and "brt_" in out and "table-co" in out
 
 
+@pytest.mark.parametrize("columns", ["30", "80"])
+def test_create_tenant_cli_prints_whole_key_on_own_line_narrow_terminal(env, base_url,
+                                                                        columns):
+    """CliRunner's output is a pipe, as `| tee` would be; the key must survive it whole."""
+    narrow = {**env, "COLUMNS": columns}
+    lines = run(narrow, "tenants", "create", f"narrow-{columns}").stdout.splitlines()
+    keys = [line for line in lines if line.startswith("brt_")]
+    assert len(keys) == 1 and len(keys[0]) == len("brt_") + 43, lines  # 32 bytes, base64
+    with RouterClient(base_url, keys[0]) as client:  # the printed key is the real one
+        assert client.usage().decisions_today == 0
+    created = json.loads(run(narrow, "tenants", "create", "narrow-json", "--json").stdout)
+    with RouterClient(base_url, created["api_key"]) as client:
+        assert client.usage().tenant_id == created["id"]
+    rotated = run(narrow, "tenants", "rotate-key", created["id"]).stdout.splitlines()
+    assert [line for line in rotated if line.startswith("brt_")][0] != created["api_key"]
+
+
+def test_tenant_cli_commands_accept_name_or_id(env, tenant):
+    name = tenant["name"]
+    rotated = run_json(env, "tenants", "rotate-key", name)
+    assert rotated["id"] == tenant["id"]
+    prefs = run_json(env, "preferences", "set", "--tenant", name, "--cost", "50")
+    assert prefs["weights"]["cost"] == 50.0
+    assert run_json(env, "preferences", "get", "--tenant", name)["weights"]["cost"] == 50.0
+    assert run_json(env, "usage", "--tenant", name)["tenant_id"] == tenant["id"]
+    assert run_json(env, "usage", "--tenant", tenant["id"])["tenant_id"] == tenant["id"]
+
+
+def test_tenant_cli_unknown_or_shared_name_fails_naming_ids(env):
+    missing = run(env, "usage", "--tenant", "no-such-tenant", code=1)
+    assert "error 404" in missing.stderr and "'no-such-tenant'" in missing.stderr
+    twins = [run_json(env, "tenants", "create", "twin/co") for _ in range(2)]
+    shared = run(env, "usage", "--tenant", "twin/co", code=1)
+    assert "error 409" in shared.stderr
+    assert all(t["id"] in shared.stderr for t in twins)
+    # An id is never ambiguous.
+    assert run_json(env, "usage", "--tenant", twins[1]["id"])["tenant_id"] == twins[1]["id"]
+
+
 def test_list_tenants_cli_json_and_table(env, tenant):
     listed = {t["id"]: t for t in run_json(env, "tenants", "list")}
     assert listed[tenant["id"]]["name"] == tenant["name"]
