@@ -27,6 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from service.budget import format_usd
 from service.client import RouterClient, RouterError
 
 __all__ = ["tenants_app", "models_app", "preferences_app", "usage"]
@@ -72,8 +73,10 @@ def _describe(err: RouterError) -> str:
     if err.status == 0:
         return f"cannot reach the service: {err.detail}"
     lines = [f"error {err.status} {err.title}: {err.detail}"]
-    lines += [f"  {e.get('field')}: {e.get('message')} (allowed: {e.get('allowed')})"
-              for e in err.errors]
+    for e in err.errors:
+        allowed, message = e.get("allowed"), str(e.get("message"))
+        shown = f" (allowed: {allowed})" if allowed and str(allowed) not in message else ""
+        lines.append(f"  {e.get('field')}: {message}{shown}")
     return "\n".join(lines)
 
 
@@ -102,7 +105,7 @@ def _emit(value: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
 
 
 def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:,.4f}"
+    return "-" if value is None else format_usd(value)
 
 
 def _spend(spend: float, budget: float | None) -> str:
@@ -110,15 +113,22 @@ def _spend(spend: float, budget: float | None) -> str:
         return _money(spend)
     share = spend / budget if budget > 0 else float("inf")
     color = "red" if share >= 1.0 else "yellow" if share >= 0.5 else "green"
-    return f"{_money(spend)} / {_money(budget)} [{color}]({share:.0%})[/{color}]"
+    return f"{_money(spend)} / {_money(budget)} [{color}]({share:,.0%})[/{color}]"
+
+
+def _table(title: str, columns: tuple[str, ...], **options: Any) -> Table:
+    """A table whose cells fold onto more lines in a narrow terminal instead of being cut
+    with an ellipsis (ids, names and headers stay whole)."""
+    table = Table(title=title, **options)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
 
 
 # ===================================================================== tenants
 def _tenant_table(tenants: list[Any]) -> Table:
-    table = Table(title="tenants")
-    for column in ("id", "name", "policy", "scope", "weights (q, cost, lat)", "today",
-                   "this month", "when spent"):
-        table.add_column(column)
+    table = _table("tenants", ("id", "name", "policy", "scope", "weights (q, cost, lat)",
+                               "today", "this month", "when spent"))
     for t in tenants:
         w = t.weights
         table.add_row(t.id, t.name, t.policy, t.scope, f"{w.quality:g}, {w.cost:g}, {w.latency:g}",
@@ -164,10 +174,8 @@ def tenants_rotate_key(tenant_id: Annotated[str, typer.Argument(help="Tenant id 
 # ====================================================================== models
 def _model_table(models: Any) -> Table:
     models = models if isinstance(models, list) else [models]
-    table = Table(title="models")
-    for column in ("name", "input $/Mtok", "output $/Mtok", "prior cost/request",
-                   "prior quality", "state"):
-        table.add_column(column)
+    table = _table("models", ("name", "input $ per Mtok", "output $ per Mtok",
+                              "prior cost per request", "prior quality", "state"))
     for m in models:
         state = "deleted" if m.deleted else "enabled" if m.enabled else "disabled"
         color = {"enabled": "green", "disabled": "yellow", "deleted": "red"}[state]
@@ -244,9 +252,7 @@ def models_disable(name: Annotated[str, typer.Argument(help="Model name.")],
 
 # ================================================================= preferences
 def _prefs_table(p: Any) -> Table:
-    table = Table(title="preferences", show_header=False)
-    table.add_column("field")
-    table.add_column("value")
+    table = _table("preferences", ("field", "value"), show_header=False)
     rows = [("quality weight", f"{p.weights.quality:g}"),
             ("cost weight (per USD)", f"{p.weights.cost:g}"),
             ("latency weight (per s)", f"{p.weights.latency:g}"),
@@ -281,9 +287,11 @@ def preferences_set(
         budget_day: Annotated[float | None, typer.Option(min=0.0, help="USD per day.")] = None,
         budget_month: Annotated[float | None, typer.Option(
             min=0.0, help="USD per month.")] = None,
-        no_budget_day: Annotated[bool, typer.Option(help="Remove the daily budget.")] = False,
+        # One flag each (typer would otherwise add a --no-no-... negation).
+        no_budget_day: Annotated[bool, typer.Option(
+            "--no-budget-day", help="Remove the daily budget.")] = False,
         no_budget_month: Annotated[bool, typer.Option(
-            help="Remove the monthly budget.")] = False,
+            "--no-budget-month", help="Remove the monthly budget.")] = False,
         on_exhausted: Annotated[str | None, typer.Option(
             help="cheapest or reject.")] = None,
         url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
@@ -313,9 +321,8 @@ def preferences_set(
 
 # ======================================================================= usage
 def _usage_table(u: Any) -> Table:
-    table = Table(title=f"usage of tenant {u.tenant_id}")
-    for column in ("period", "decisions", "spend / budget"):
-        table.add_column(column)
+    table = _table(f"usage of tenant {u.tenant_id}", ("period", "decisions",
+                                                      "spend / budget"))
     table.add_row("today (UTC)", str(u.decisions_today),
                   _spend(u.spend_usd_today, u.budget_usd_per_day))
     table.add_row("this month", str(u.decisions_month),

@@ -62,7 +62,8 @@ def _tenant(service: RoutingService, tenant_id: str) -> TenantState:
         raise Problem(409, f"{len(named)} tenants are named {tenant_id!r} (ids "
                       f"{', '.join(t.id for t in named)}): name one by its id",
                       slug="tenant-ambiguous")
-    raise Problem(404, f"no tenant has the id or the name {tenant_id!r}",
+    raise Problem(404, f"tenant {tenant_id!r} does not exist (no tenant has this id or "
+                  "name)",
                   slug="tenant-not-found")
 
 

@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.budget import format_usd
 from service.db import models as m
 from service.routing import RoutingService
 
@@ -84,7 +85,7 @@ def _num(value: float | None, fmt: str = "{:.3f}") -> str:
 
 
 def _usd(value: float | None) -> str:
-    return "–" if value is None else f"${value:,.4f}"
+    return "–" if value is None else format_usd(value)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -167,7 +168,7 @@ def _meter(spend: float, budget: float | None) -> str:
         return f"{_usd(spend)} <span class=muted>(no budget)</span>"
     share = spend / budget if budget > 0 else (1.0 if spend > 0 else 0.0)
     level = "over" if share >= 1.0 else "warn" if share >= 0.5 else "ok"
-    return (f"{_usd(spend)} of {_usd(budget)} ({share:.0%})<span class=meter>"
+    return (f"{_usd(spend)} of {_usd(budget)} ({share:,.0%})<span class=meter>"
             f"<span class={level} style='width:{min(share, 1.0) * 100:.0f}%'></span></span>")
 
 

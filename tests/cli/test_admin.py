@@ -184,3 +184,32 @@ def test_list_tenants_cli_unreachable_service_fails_cleanly(env):
 def test_list_tenants_cli_without_key_fails(env):
     result = run({**env, "BANDIT_ROUTER_KEY": ""}, "tenants", "list", code=1)
     assert "no key" in result.stderr
+
+
+def test_set_preferences_cli_help_no_double_negation(env):
+    out = run(env, "preferences", "set", "--help").stdout
+    assert "--no-budget-day" in out and "--no-budget-month" in out
+    assert "--no-no-" not in out
+
+
+def test_list_models_cli_80_columns_nothing_cut(env):
+    name = f"a-rather-long-model-name-{uuid.uuid4().hex}"
+    run(env, "models", "add", name, "--input-price", "0.15", "--output-price", "0.6")
+    out = run({**env, "COLUMNS": "80"}, "models", "list").stdout
+    assert "\u2026" not in out and max(map(len, out.splitlines())) <= 80
+    words = " ".join(line.strip(" \u2502\u2503\u2577\u2575") for line in out.splitlines())
+    for header in ("input", "output", "per Mtok", "prior", "cost", "per", "request",
+                   "quality", "state"):
+        assert header in words
+    # Folded, not cut: the first column's pieces, read top to bottom, hold the whole name.
+    first_column = "".join(line.split("\u2502")[1].strip() for line in out.splitlines()
+                           if line.startswith("\u2502"))
+    assert name in first_column
+
+
+def test_set_preferences_cli_out_of_range_names_field_once(env, tenant):
+    err = run(env, "preferences", "set", "--tenant", tenant["id"], "--cost", "2e6",
+              code=1).stderr
+    assert "error 422" in err and "1000000" in err
+    field_lines = [line for line in err.splitlines() if line.startswith("  ")]
+    assert field_lines and all(line.count("preferences.cost") == 1 for line in field_lines)

@@ -92,6 +92,19 @@ def test_get_status_share_and_budget_numbers(client):
     assert "$0.6000 of $1.0000 (60%)" in row and "class=warn" in row
 
 
+def test_get_status_tiny_budget_shows_its_digits(client):
+    name = add_model(client, "st-tiny", 1.0, 2.0)
+    tenant = create_tenant(client, "tiny-budget")
+    client.put("/v1/tenants/me/preferences", json={"budget_usd_per_day": 1e-5},
+               headers=tenant)
+    body = decide(client, tenant, [name]).json()
+    client.post("/v1/feedback", json={"decision_id": body["decision_id"], "cost_usd": 0.0204},
+                headers=tenant)
+    page = client.get("/", headers=basic(ADMIN_KEY)).text
+    row = page.split(f"data-tenant='{tenant['X-Tenant']}'")[1].split("</tr>")[0]
+    assert "$0.0204 of $0.00001 (204,000%)" in row and "class=over" in row
+
+
 # ------------------------------------------------------------------ real browser
 def _playwright():
     try:
