@@ -28,7 +28,16 @@ from service.limits import LimitsMiddleware
 from service.memory import then_release_free_memory
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware
-from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
+from service.routes import (
+    admin,
+    admin_keys,
+    admin_tenants,
+    decide,
+    decisions,
+    feedback,
+    health,
+    tenants,
+)
 from service.routes import status as status_page
 from service.routing import RoutingService
 
@@ -111,8 +120,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # not added: innermost whatever the order of the add_middleware calls (each of
     # which puts its middleware outermost), so every other middleware sees decides too.
     app.user_middleware.append(Middleware(decide.DecideShortcut))
-    for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health,
-                   status_page):
+    for module in (decide, feedback, decisions, tenants, admin, admin_tenants, admin_keys,
+                   health, status_page):
         app.include_router(module.router)
     build_openapi = app.openapi
 

@@ -611,6 +611,15 @@ class RouterClient(_Base):
         """One of the tenant's decisions with its feedback (raw JSON)."""
         return self._send(self._api.decision(decision_id))
 
+    def admin_request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, Any] | None = None) -> Any:
+        """An operator endpoint that has no method here (admin keys, reservations, learned
+        state: docs/api.md), with the admin key: its JSON answer (None when empty).
+        GET and DELETE are retried as idempotent."""
+        return self._send(_Call(method, path, lambda r: r.json() if r.content else None,
+                                json=json, params=params, key=self._api._admin(),
+                                idempotent=method in ("GET", "DELETE")))
+
     def route(self, query: str | None, call_llm: Callable[[str], Any], *,
               embedding: list[float] | None = None, candidates: list[str] | None = None,
               preferences: Weights | Mapping[str, float] | None = None,

@@ -77,8 +77,10 @@ class Settings(BaseSettings):
                                   "worth of rate_limit_per_s.")
     max_concurrent_requests: int = Field(0, ge=0, description="Requests in flight per "
                                          "process before 503; 0 = no limit.")
-    admin_key: SecretStr | None = Field(None, description="Admin key; when unset one is "
-                                        "generated on first start, stored hashed and printed "
+    admin_key: SecretStr | None = Field(None, description="Admin key; while set, the only "
+                                        "one (stored admin keys are refused). When unset, "
+                                        "the stored keys are the admin keys, and a first "
+                                        "start generates one, stored hashed and printed "
                                         "once.")
     # /metrics labels spend and reward by tenant: not public unless asked for.
     metrics_token: SecretStr | None = Field(None, description="Bearer token that may read "

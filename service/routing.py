@@ -227,19 +227,37 @@ class RoutingService:
 
     # ------------------------------------------------------------------ admin key
     def _ensure_admin_key(self) -> str | None:
+        """The rule (service/README.md, "Admin keys"): a configured BANDIT_ROUTER_ADMIN_KEY
+        is the only admin key while it is set; the stored keys (generated at a first start
+        or created through the API) are refused, and said so at start. Unset, the stored
+        keys are the admin keys, and the first start generates one."""
         configured = self.settings.admin_key
+        generated = None
         with Session(self.engine) as session:
-            hashes = set(session.scalars(select(m.AdminKey.key_hash)))
-            generated = None
-            if configured is not None:
-                hashes.add(hash_key(configured.get_secret_value()))
-            elif not hashes:
+            stored = list(session.execute(select(m.AdminKey.id, m.AdminKey.key_hash)))
+            if configured is None and not stored:
                 generated = new_key("admin")
                 session.add(m.AdminKey(key_hash=hash_key(generated)))
                 session.commit()
-                hashes.add(hash_key(generated))
-        self.admin_key_hashes = hashes
+        if configured is not None and stored:
+            log.warning("BANDIT_ROUTER_ADMIN_KEY is set, so it is the only admin key: the "
+                        "%d stored admin key(s) (ids %s) are refused while it is set; "
+                        "revoke them (bandit-router admin-keys revoke ID) before unsetting "
+                        "it, or they answer again", len(stored),
+                        ", ".join(str(row.id) for row in stored))
+        self.reload_admin_keys()
         return generated
+
+    def reload_admin_keys(self) -> None:
+        """The accepted admin keys' digests, from the setting or else the database (also
+        run by :meth:`refresh_registry`: a key revoked on one replica stops working on the
+        others within ``registry_refresh_s``)."""
+        configured = self.settings.admin_key
+        if configured is not None:
+            self.admin_key_hashes = {hash_key(configured.get_secret_value())}
+            return
+        with Session(self.engine) as session:
+            self.admin_key_hashes = set(session.scalars(select(m.AdminKey.key_hash)))
 
     # ------------------------------------------------------------------ policies
     def _new_policy(self, kind: str) -> Policy:
@@ -590,6 +608,7 @@ class RoutingService:
                                               .where(m.Model.deleted_at.is_(None))
                                               .order_by(m.Model.id)))
             tenant_rows = list(session.scalars(select(m.Tenant)))
+        self.reload_admin_keys()
         with self._lock:
             fresh = {r.name: self._model_state(r) for r in model_rows}
             for name in [n for n in self.models if n not in fresh]:

@@ -30,7 +30,7 @@ from rich.table import Table
 from service.budget import format_usd
 from service.client import RouterClient, RouterError
 
-__all__ = ["tenants_app", "models_app", "preferences_app", "usage"]
+__all__ = ["tenants_app", "models_app", "preferences_app", "admin_keys_app", "usage"]
 
 T = TypeVar("T")
 
@@ -51,6 +51,8 @@ models_app = typer.Typer(help="The model registry: add, list, prices, enable/dis
                          no_args_is_help=True)
 preferences_app = typer.Typer(help="A tenant's weights, policy, scope and budgets.",
                               no_args_is_help=True)
+admin_keys_app = typer.Typer(help="Admin keys: create, list, revoke (rotation: "
+                             "service/README.md, \"Admin keys\").", no_args_is_help=True)
 
 
 def _out() -> Console:
@@ -337,3 +339,45 @@ def usage(tenant: TenantId = None, url: Url = DEFAULT_URL, key: Key = "",
     """A tenant's decisions, spend against budget and model shares."""
     with _client(url, key) as client:
         _emit(client.usage(tenant), as_json, _usage_table)
+
+
+# ================================================================== admin keys
+def _admin_keys_table(keys: list[dict[str, Any]]) -> Table:
+    table = _table("admin keys", ("id", "source", "fingerprint", "created", "accepted",
+                                  "yours"))
+    for k in keys:
+        table.add_row("-" if k["id"] is None else str(k["id"]), k["source"], k["fingerprint"],
+                      k["created_at"] or "-", "yes" if k["accepted"] else "[red]no[/red]",
+                      "yes" if k["current"] else "")
+    return table
+
+
+@admin_keys_app.command("create")
+def admin_keys_create(url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Create an admin key and print it (shown once)."""
+    with _client(url, key) as client:
+        created = client.admin_request("POST", "/v1/admin/keys")
+    if as_json:
+        _echo_json(created)
+        return
+    typer.echo(f"admin key id {created['id']}, fingerprint {created['fingerprint']}")
+    typer.echo("admin key (shown once, store it now):")
+    typer.echo(created["api_key"])
+
+
+@admin_keys_app.command("list")
+def admin_keys_list(url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Every admin key (never the keys themselves): id, fingerprint, whether accepted."""
+    with _client(url, key) as client:
+        _emit(client.admin_request("GET", "/v1/admin/keys"), as_json, _admin_keys_table)
+
+
+@admin_keys_app.command("revoke")
+def admin_keys_revoke(key_id: Annotated[int, typer.Argument(help="Admin key id (from "
+                                                            "admin-keys list).")],
+                      url: Url = DEFAULT_URL, key: Key = "") -> None:
+    """Revoke a stored admin key; it is refused from now on (the last one cannot be)."""
+    with _client(url, key) as client:
+        client.admin_request("DELETE", f"/v1/admin/keys/{key_id}")
+    typer.echo(f"admin key {key_id} revoked")
+
