@@ -19,6 +19,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.middleware import Middleware
 
 from service.config import Settings
@@ -107,8 +108,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             await asyncio.to_thread(service.stop)
             engine.dispose()
 
-    app = FastAPI(title="bandit-router", version="0.1.0", lifespan=lifespan,
-                  description="Online contextual-bandit router for LLM requests.")
+    # FastAPIOffline: a FastAPI app whose /docs and /redoc load Swagger UI and ReDoc from
+    # the installed package (under /static-offline-docs), not from a CDN.
+    app = FastAPIOffline(title="bandit-router", version="0.1.0", lifespan=lifespan,
+                         description="Online contextual-bandit router for LLM requests.")
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
