@@ -65,11 +65,18 @@ class Settings(BaseSettings):
     decision_flush_interval_s: float = Field(0.02, ge=0.0)
     # How long a decide waits for room in a full decision queue before answering 503.
     decision_enqueue_timeout_s: float = Field(0.1, ge=0.0)
-    # Request limits (service/limits.py). The schema caps text and candidates at 100,000
-    # characters and 1,000 items; these can lower the caps, not raise them.
+    # Request limits (service/limits.py). The schema caps candidates at 1,000 items (this
+    # can lower the cap); query.text has no cap but max_text_chars (and the body size).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body "
                                 "(413 beyond).")
-    max_text_chars: int = Field(100_000, ge=1, le=100_000)
+    max_text_chars: int = Field(1_000_000, ge=1, description="Longest query.text accepted "
+                                "(422 beyond); raise max_body_bytes too for texts near "
+                                "or above its size.")
+    featurize_chars: int = Field(8192, ge=2, description="A longer query.text is "
+                                 "featurized from its first and last featurize_chars / "
+                                 "2 characters (head and tail, joined by a newline): the "
+                                 "work per decide stays bounded, and the start and the "
+                                 "end of a long prompt usually say what it asks.")
     max_candidates: int = Field(1000, ge=1, le=1000)
     rate_limit_per_s: float = Field(0.0, ge=0.0, description="Requests per second per "
                                     "tenant (token bucket per replica); 0 = no limit.")

@@ -34,7 +34,8 @@ class Query(_Body):
     """The query: its text (featurized by the service) or an embedding of length ``dim``
     (both go through the prototype map when one is configured)."""
 
-    text: str | None = Field(None, min_length=1, max_length=100_000)
+    # No schema cap: BANDIT_ROUTER_MAX_TEXT_CHARS (service/limits.py) sets it, both ways.
+    text: str | None = Field(None, min_length=1)
     embedding: list[Finite] | None = None
 
     @model_validator(mode="after")

@@ -17,6 +17,8 @@ from rich.table import Table
 from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences
 from bandit.replay import ReplayLog
 from bandit.replay import replay as run_replay
+from service.config import Settings
+from service.features import head_and_tail
 
 POLICIES = {"linucb": LinUCB, "thompson": LinearThompson}
 
@@ -95,9 +97,7 @@ def replay(
                 raise InvalidInputError("--embeddings", f"must be a 2-D array with one row "
                                         f"per log line ({len(prompts)})", x.shape)
         else:
-            from bandit.featurize import make_featurizer
-
-            x = make_featurizer(featurizer, dim, seed=0).transform(prompts)
+            x = featurize_prompts(prompts, featurizer, dim)
         params: dict[str, Any] = {"seed": seed}
         if policy == "linucb":
             params["alpha"] = alpha
@@ -119,6 +119,17 @@ def replay(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"results written to {json_out}")
+
+
+def featurize_prompts(prompts: list[str], featurizer: str, dim: int) -> np.ndarray:
+    """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
+    0 = ``FEATURIZER_SEED``'s default; a long prompt from its head and tail,
+    ``FEATURIZE_CHARS``'s default), so that what is fitted here fits the service."""
+    from bandit.featurize import make_featurizer
+
+    keep = Settings.model_fields["featurize_chars"].default
+    return make_featurizer(featurizer, dim, seed=0).transform(
+        [head_and_tail(p, keep) for p in prompts])
 
 
 def render_table(title: str, window: dict) -> Table:

@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from bandit import InvalidInputError
 from bandit.replay import ReplayLog, warm_start
-from service.commands.replay import POLICIES, read_log
+from service.commands.replay import POLICIES, featurize_prompts, read_log
 
 
 def warmstart(
@@ -41,9 +41,7 @@ def warmstart(
                 raise InvalidInputError("--embeddings", "must be a 2-D array with one row "
                                         f"per log line ({len(prompts)})", x.shape)
         else:
-            from bandit.featurize import make_featurizer
-
-            x = make_featurizer(featurizer, dim, seed=0).transform(prompts)
+            x = featurize_prompts(prompts, featurizer, dim)
         fitted = POLICIES[policy](x.shape[1], seed=seed)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"fitting {len(log.arms)} models", total=len(log.arms))
