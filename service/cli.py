@@ -9,6 +9,7 @@ from service.commands.admin import (
     admin_keys_app,
     models_app,
     preferences_app,
+    reservations_app,
     tenants_app,
     usage,
 )
@@ -42,6 +43,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(models_app, name="models")
 app.add_typer(preferences_app, name="preferences")
 app.add_typer(admin_keys_app, name="admin-keys")
+app.add_typer(reservations_app, name="reservations")
 app.command(help="A tenant's decisions, spend against budget and model shares.")(usage)
 
 

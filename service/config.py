@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     feedback_buffer_dir: Path | None = Field(None, description="Directory of the feedback "
                                              "buffer's file; default data_dir.")
     feedback_retention_hours: float = Field(24.0 * 30, gt=0.0)
+    # A decide reserves its predicted cost against the tenant's budget until feedback
+    # reports the real one (service/README.md, "Reservations").
+    reservation_stale_hours: float = Field(24.0, gt=0.0, description="A reservation (a "
+                                           "decision whose feedback never reported a "
+                                           "cost) older than this is listed by GET "
+                                           "/v1/admin/reservations and released by POST "
+                                           "/v1/admin/reservations/release.")
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
 

@@ -30,7 +30,8 @@ from rich.table import Table
 from service.budget import format_usd
 from service.client import RouterClient, RouterError
 
-__all__ = ["tenants_app", "models_app", "preferences_app", "admin_keys_app", "usage"]
+__all__ = ["tenants_app", "models_app", "preferences_app", "admin_keys_app",
+           "reservations_app", "usage"]
 
 T = TypeVar("T")
 
@@ -51,6 +52,9 @@ models_app = typer.Typer(help="The model registry: add, list, prices, enable/dis
                          no_args_is_help=True)
 preferences_app = typer.Typer(help="A tenant's weights, policy, scope and budgets.",
                               no_args_is_help=True)
+reservations_app = typer.Typer(help="Decisions still charged at their predicted cost "
+                               "(no feedback reported one): list, release.",
+                               no_args_is_help=True)
 admin_keys_app = typer.Typer(help="Admin keys: create, list, revoke (rotation: "
                              "service/README.md, \"Admin keys\").", no_args_is_help=True)
 
@@ -380,4 +384,51 @@ def admin_keys_revoke(key_id: Annotated[int, typer.Argument(help="Admin key id (
     with _client(url, key) as client:
         client.admin_request("DELETE", f"/v1/admin/keys/{key_id}")
     typer.echo(f"admin key {key_id} revoked")
+
+
+# ================================================================ reservations
+OlderThan = Annotated[float | None, typer.Option(
+    "--older-than-hours",
+    help="Age limit in hours (> 0; the service checks it); default its "
+    "RESERVATION_STALE_HOURS.")]
+ReservationTenant = Annotated[str | None, typer.Option(
+    "--tenant", help="A tenant's id or name; default every tenant.")]
+
+
+def _reservations_table(r: dict[str, Any]) -> Table:
+    table = _table(f"reservations older than {r['older_than_hours']:g} h (before "
+                   f"{r['cutoff'][:19]} UTC)", ("tenant", "name", "decisions", "reserved",
+                                                "oldest"))
+    for t in r["tenants"]:
+        table.add_row(t["tenant_id"], t["name"], str(t["decisions"]),
+                      _money(t["reserved_usd"]), t["oldest"][:19])
+    table.add_row("total", "", str(r["decisions"]), _money(r["reserved_usd"]), "")
+    return table
+
+
+@reservations_app.command("list")
+def reservations_list(older_than_hours: OlderThan = None, tenant: ReservationTenant = None,
+                      url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Per tenant, the decisions older than the limit still charged at their prediction."""
+    params = {k: v for k, v in (("older_than_hours", older_than_hours),
+                                ("tenant", tenant)) if v is not None}
+    with _client(url, key) as client:
+        _emit(client.admin_request("GET", "/v1/admin/reservations", params=params), as_json,
+              _reservations_table)
+
+
+@reservations_app.command("release")
+def reservations_release(older_than_hours: OlderThan = None,
+                         tenant: ReservationTenant = None, url: Url = DEFAULT_URL,
+                         key: Key = "", as_json: AsJson = False) -> None:
+    """Charge 0 instead of the prediction for those decisions: the budgets get it back."""
+    body = {k: v for k, v in (("older_than_hours", older_than_hours), ("tenant", tenant))
+            if v is not None}
+    with _client(url, key) as client:
+        released = client.admin_request("POST", "/v1/admin/reservations/release", json=body)
+    if as_json:
+        _echo_json(released)
+    else:
+        typer.echo(f"released {released['decisions']} reservation(s) older than "
+                   f"{released['older_than_hours']:g} h: {_money(released['released_usd'])}")
 

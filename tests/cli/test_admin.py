@@ -4,6 +4,7 @@ loopback socket (uvicorn in a thread), through typer's CliRunner."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -213,3 +214,21 @@ def test_set_preferences_cli_out_of_range_names_field_once(env, tenant):
     assert "error 422" in err and "1000000" in err
     field_lines = [line for line in err.splitlines() if line.startswith("  ")]
     assert field_lines and all(line.count("preferences.cost") == 1 for line in field_lines)
+
+
+def test_reservations_cli_list_and_release_by_tenant_name(env, base_url, tenant):
+    name = run_json(env, "models", "add", f"r-{uuid.uuid4().hex[:6]}", "--input-price", "1",
+                    "--output-price", "2")["name"]
+    with RouterClient(base_url, tenant["api_key"]) as client:
+        for i in range(2):
+            client.decide(f"never answered {i}", candidates=[name])
+    time.sleep(0.5)
+    age = ["--older-than-hours", "0.0001", "--tenant", tenant["name"]]
+    listed = run_json(env, "reservations", "list", *age)
+    assert listed["decisions"] == 2 and listed["tenants"][0]["name"] == tenant["name"]
+    table = run({**env, "COLUMNS": "80"}, "reservations", "list", *age).stdout
+    assert "total" in table and tenant["name"] in table.replace("\u2502", "").replace(" ", "")
+    out = run(env, "reservations", "release", *age).stdout
+    assert out.startswith("released 2 reservation(s)")
+    assert run_json(env, "reservations", "list", *age)["decisions"] == 0
+    assert run_json(env, "usage", "--tenant", tenant["id"])["spend_usd_today"] == 0.0
