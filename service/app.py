@@ -33,6 +33,7 @@ from service.routes import (
     admin,
     admin_keys,
     admin_reservations,
+    admin_state,
     admin_tenants,
     decide,
     decisions,
@@ -125,7 +126,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # which puts its middleware outermost), so every other middleware sees decides too.
     app.user_middleware.append(Middleware(decide.DecideShortcut))
     for module in (decide, feedback, decisions, tenants, admin, admin_tenants, admin_keys,
-                   admin_reservations, health, status_page):
+                   admin_reservations, admin_state, health, status_page):
         app.include_router(module.router)
     build_openapi = app.openapi
 

@@ -10,6 +10,7 @@ from service.commands.admin import (
     models_app,
     preferences_app,
     reservations_app,
+    state_app,
     tenants_app,
     usage,
 )
@@ -44,6 +45,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(preferences_app, name="preferences")
 app.add_typer(admin_keys_app, name="admin-keys")
 app.add_typer(reservations_app, name="reservations")
+app.add_typer(state_app, name="state")
 app.command(help="A tenant's decisions, spend against budget and model shares.")(usage)
 
 

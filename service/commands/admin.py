@@ -21,6 +21,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -31,7 +32,7 @@ from service.budget import format_usd
 from service.client import RouterClient, RouterError
 
 __all__ = ["tenants_app", "models_app", "preferences_app", "admin_keys_app",
-           "reservations_app", "usage"]
+           "reservations_app", "state_app", "usage"]
 
 T = TypeVar("T")
 
@@ -55,6 +56,8 @@ preferences_app = typer.Typer(help="A tenant's weights, policy, scope and budget
 reservations_app = typer.Typer(help="Decisions still charged at their predicted cost "
                                "(no feedback reported one): list, release.",
                                no_args_is_help=True)
+state_app = typer.Typer(help="A deployment's learned state: export it, import it or a "
+                        "warm start (bandit-router warmstart).", no_args_is_help=True)
 admin_keys_app = typer.Typer(help="Admin keys: create, list, revoke (rotation: "
                              "service/README.md, \"Admin keys\").", no_args_is_help=True)
 
@@ -431,4 +434,40 @@ def reservations_release(older_than_hours: OlderThan = None,
     else:
         typer.echo(f"released {released['decisions']} reservation(s) older than "
                    f"{released['older_than_hours']:g} h: {_money(released['released_usd'])}")
+
+
+# ======================================================================= state
+StatePath = Annotated[Path, typer.Argument(help="State file (JSON).", dir_okay=False)]
+
+
+@state_app.command("export")
+def state_export(path: StatePath, url: Url = DEFAULT_URL, key: Key = "") -> None:
+    """Write every policy's statistics, with their featurizer and dimension, to PATH."""
+    with _client(url, key) as client:
+        state = client.admin_request("GET", "/v1/admin/state")
+    path.write_text(json.dumps(state, indent=1))
+    typer.echo(f"{len(state['policies'])} policies ({state['featurizer']}, "
+               f"{state['context_dim']} dimensions) written to {path}")
+
+
+@state_app.command("import")
+def state_import(path: Annotated[Path, typer.Argument(
+                     help="State file (bandit-router warmstart or state export).",
+                     exists=True, dir_okay=False)],
+                 url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Load a warm start or an exported state into the service (replaces what it learned
+    for those policies; checked first: featurizer, dimension, models)."""
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        _fail(f"{path} is not a state file (JSON): {err}")
+    with _client(url, key) as client:
+        imported = client.admin_request("PUT", "/v1/admin/state", json=state)
+    if as_json:
+        _echo_json(imported)
+        return
+    typer.echo(f"loaded {', '.join(imported['loaded'])} ({imported['featurizer']}, "
+               f"{imported['context_dim']} dimensions)")
+    for skipped, why in imported["skipped"].items():
+        typer.echo(f"skipped {skipped}: {why}")
 

@@ -97,7 +97,7 @@ def replay(
                 raise InvalidInputError("--embeddings", f"must be a 2-D array with one row "
                                         f"per log line ({len(prompts)})", x.shape)
         else:
-            x = featurize_prompts(prompts, featurizer, dim)
+            x, _spec = featurize_prompts(prompts, featurizer, dim)
         params: dict[str, Any] = {"seed": seed}
         if policy == "linucb":
             params["alpha"] = alpha
@@ -121,15 +121,17 @@ def replay(
         console.print(f"results written to {json_out}")
 
 
-def featurize_prompts(prompts: list[str], featurizer: str, dim: int) -> np.ndarray:
+def featurize_prompts(prompts: list[str], featurizer: str,
+                      dim: int) -> tuple[np.ndarray, str]:
     """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
     0 = ``FEATURIZER_SEED``'s default; a long prompt from its head and tail,
-    ``FEATURIZE_CHARS``'s default), so that what is fitted here fits the service."""
+    ``FEATURIZE_CHARS``'s default), so that what is fitted here fits the service; and the
+    featurizer's spec."""
     from bandit.featurize import make_featurizer
 
     keep = Settings.model_fields["featurize_chars"].default
-    return make_featurizer(featurizer, dim, seed=0).transform(
-        [head_and_tail(p, keep) for p in prompts])
+    built = make_featurizer(featurizer, dim, seed=0)
+    return built.transform([head_and_tail(p, keep) for p in prompts]), built.spec
 
 
 def render_table(title: str, window: dict) -> Table:
