@@ -105,7 +105,7 @@ def test_get_status_tiny_budget_shows_its_digits(client):
     assert "$0.0204 of $0.00001 (204,000%)" in row and "class=over" in row
 
 
-def test_get_status_trends_last_24h_svg(tmp_path):
+def test_get_status_trends_last_24h_svg(new_database_url):
     from datetime import UTC, datetime, timedelta
 
     from sqlalchemy import update
@@ -113,8 +113,7 @@ def test_get_status_trends_last_24h_svg(tmp_path):
 
     from service.db import models as dbm
 
-    url = f"sqlite:///{tmp_path / 'trends.db'}"
-    with TestClient(create_app(make_settings(url, epsilon=0.0))) as c:
+    with TestClient(create_app(make_settings(new_database_url(), epsilon=0.0))) as c:
         names = [add_model(c, "tr-a", 1.0, 2.0), add_model(c, "tr-b", 1.0, 2.0)]
         tenant = create_tenant(c, "trendy")
         c.put("/v1/tenants/me/preferences", json={"budget_usd_per_day": 0.5}, headers=tenant)
