@@ -13,12 +13,27 @@ Examples
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "default_dim", "MINILM_DIM"]
+
+
+#: all-MiniLM-L6-v2's embedding size (bandit.featurize.MINILM_DIM; not imported from
+#: there, so that reading the settings never imports the featurizers' module).
+MINILM_DIM = 384
+_DEFAULT_DIM = {"hashing": 64, "minilm": MINILM_DIM}
+
+
+def default_dim(featurizer: str) -> int:
+    """The default context dimension of a featurizer: 64 for hashing, 384 for minilm.
+
+    >>> default_dim("hashing"), default_dim("minilm")
+    (64, 384)
+    """
+    return _DEFAULT_DIM.get(featurizer, 64)
 
 
 class Settings(BaseSettings):
@@ -37,9 +52,16 @@ class Settings(BaseSettings):
                                      "file in data_dir. PostgreSQL: postgresql+psycopg://...")
     dim: int = Field(64, ge=1, le=4096, description="Featurizer output dimension = "
                      "length of query.embedding; also the policies' context dimension "
-                     "unless prototype_map is set (then the map's dim).")
+                     "unless prototype_map is set (then the map's dim). Default: 64 with "
+                     "hashing, 384 with minilm (its embedding, not projected; at most "
+                     "384).")
     featurizer: Literal["hashing", "minilm"] = "hashing"
     featurizer_seed: int = 0
+    featurizer_change: Literal["refuse", "start-fresh"] = Field(
+        "refuse", description="When the stored statistics were learned with another "
+        "featurizer (FEATURIZER, DIM, FEATURIZER_SEED or PROTOTYPE_MAP changed): refuse "
+        "to start, naming the settings, or start from the models' priors (the stored "
+        "statistics and feedback stay in the database, unused).")
     prototype_map: Path | None = Field(None, description="Prototype map file (bandit-router "
                                        "fit-prototypes): contexts become the soft "
                                        "assignment of the featurizer's vector (or the "
@@ -135,6 +157,22 @@ class Settings(BaseSettings):
                                            "/v1/admin/reservations/release.")
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dim_of_featurizer(cls, data: Any) -> Any:
+        # One default per featurizer (default_dim), for the service and the commands.
+        if isinstance(data, dict) and data.get("dim") in (None, ""):
+            return {**data, "dim": default_dim(str(data.get("featurizer") or "hashing"))}
+        return data
+
+    @model_validator(mode="after")
+    def _minilm_dim(self) -> Settings:
+        if self.featurizer == "minilm" and self.dim > MINILM_DIM:
+            raise ValueError(f"BANDIT_ROUTER_DIM must be <= {MINILM_DIM} with "
+                             f"BANDIT_ROUTER_FEATURIZER=minilm (its embedding has {MINILM_DIM} "
+                             f"dimensions; a smaller DIM projects it), got {self.dim}")
+        return self
 
     @field_validator("database_url", "kafka_bootstrap", "prototype_map", mode="before")
     @classmethod

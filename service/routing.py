@@ -67,6 +67,8 @@ _DRAIN_MAX_DELAY_S = 1.0
 #: Buffered feedback stored per transaction by the drain.
 _DRAIN_BATCH = 200
 POLICY_KINDS = ("linucb", "thompson")
+# The checkpoint's snapshot that holds the featurizer spec (not a policy).
+_FEATURIZER_KEY = "context:featurizer"
 _POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
 
 
@@ -186,14 +188,17 @@ class RoutingService:
     def start(self) -> str | None:
         """Load everything from the database; returns a newly generated admin key, if any."""
         admin_key = self._ensure_admin_key()
+        # Load the featurizer now (a sentence-embedding model takes seconds), not on the
+        # first text query; and before the checkpoint, which is checked against its spec.
+        self.featurize("warm up")
         self._load_models()
         self._load_tenants()
-        self._load_policies()
+        started_fresh = self._load_policies()
         self._replay_feedback()
         self._load_spend()
-        # Load the featurizer now (a sentence-embedding model takes seconds), not on the
-        # first text query.
-        self.featurize("warm up")
+        if started_fresh:
+            # Record the new featurizer at once: a restart must not meet the old one.
+            self.checkpoint(force=True)
         # Replicas (and learners) must agree on this; the spec names the featurizer and
         # the map's digest, so a log search shows a replica with another file.
         log.info("contexts: %s, %d dimensions", getattr(self._featurizer, "spec", "?"),
@@ -290,7 +295,13 @@ class RoutingService:
             if model.name not in policy.arms:
                 policy.add_arm(model.name, self._prior(model))
 
-    def _load_policies(self) -> None:
+    def _featurizer_spec(self) -> str:
+        return str(getattr(self._featurizer, "spec", type(self._featurizer).__name__))
+
+    def _load_policies(self) -> bool:
+        """Restore the newest checkpoint; True when the stored statistics were set aside
+        because another featurizer learned them (``FEATURIZER_CHANGE=start-fresh``)."""
+        fresh = False
         with Session(self.engine) as session:
             checkpoint = session.scalars(select(m.PolicyCheckpoint)
                                          .order_by(m.PolicyCheckpoint.id.desc())
@@ -301,6 +312,18 @@ class RoutingService:
                     select(m.PolicySnapshot)
                     .where(m.PolicySnapshot.checkpoint_id == checkpoint.id))}
                 self.last_feedback_id = int(checkpoint.last_feedback_id)
+            # Checkpoints written before the spec was recorded have none: not checked.
+            stored = snapshots.pop(_FEATURIZER_KEY, b"").decode() or None
+            changed = stored is not None and stored != self._featurizer_spec()
+            if changed and self.settings.featurizer_change == "start-fresh":
+                log.warning("BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh: the stored "
+                            "statistics were learned with %r, the settings give %r; "
+                            "starting from the models' priors, feedback before this start "
+                            "is not replayed", stored, self._featurizer_spec())
+                snapshots, fresh = {}, True
+                # The old decisions' contexts are in the old feature space: never replay.
+                self.last_feedback_id = int(session.scalar(
+                    select(func.coalesce(func.max(m.Feedback.id), 0))))
 
         def restore(key: str, kind: str) -> Policy:
             data = snapshots.get(key)
@@ -323,11 +346,20 @@ class RoutingService:
             return policy
 
         self.shared = {kind: restore(f"shared:{kind}", kind) for kind in POLICY_KINDS}
+        if changed and not fresh:
+            # After the restore: a changed dimension has said so first, more precisely.
+            raise ContextSettingsError(
+                f"the stored statistics were learned with the featurizer {stored!r}; the "
+                f"settings give {self._featurizer_spec()!r} (BANDIT_ROUTER_FEATURIZER, "
+                "BANDIT_ROUTER_DIM, BANDIT_ROUTER_FEATURIZER_SEED, "
+                "BANDIT_ROUTER_PROTOTYPE_MAP): restore the settings they were learned "
+                "with, or set BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh to start from "
+                "the models' priors (what was learned stays in the database, unused)")
         self.isolated = {}
         for t in self.tenants.values():
             if t.scope != "isolated":
                 continue
-            if all(f"tenant:{t.id}:{kind}" in snapshots for kind in POLICY_KINDS):
+            if all(f"tenant:{t.id}:{kind}" in snapshots for kind in POLICY_KINDS) or fresh:
                 self.isolated[t.id] = {kind: restore(f"tenant:{t.id}:{kind}", kind)
                                        for kind in POLICY_KINDS}
             else:
@@ -335,6 +367,7 @@ class RoutingService:
                 # replay that follows adds the rest.
                 self.isolated[t.id] = self._rebuild_isolated(t.id, self.last_feedback_id)
         self._checkpointed_versions = self._versions()
+        return fresh
 
     def _dim_source(self) -> str:
         if self.prototype_map is None:
@@ -383,6 +416,8 @@ class RoutingService:
             copies = {key: copy.deepcopy(p) for key, p in self._all_policies().items()}
             last = self.last_feedback_id
         blobs = {key: p.to_bytes() for key, p in copies.items()}
+        # What the statistics were learned with, checked by the next start.
+        blobs[_FEATURIZER_KEY] = self._featurizer_spec().encode()
         with self.engine.connect() as conn, Session(bind=conn) as session, session.begin():
             if conn.dialect.name == "sqlite" and conn.engine.url.database not in (
                     None, "", ":memory:"):

@@ -17,7 +17,7 @@ from rich.table import Table
 from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences
 from bandit.replay import ReplayLog
 from bandit.replay import replay as run_replay
-from service.config import Settings
+from service.config import Settings, default_dim
 from service.features import head_and_tail
 
 POLICIES = {"linucb": LinUCB, "thompson": LinearThompson}
@@ -80,7 +80,9 @@ def replay(
         help=".npy file with one context row per log line, instead of featurizing prompts",
         exists=True, dir_okay=False)] = None,
     featurizer: Annotated[str, typer.Option(help="hashing (default) or minilm")] = "hashing",
-    dim: Annotated[int, typer.Option(help="Context dimension for the featurizer")] = 64,
+    dim: Annotated[int | None, typer.Option(
+        help="Context dimension for the featurizer; default the service's for it (64 "
+             "hashing, 384 minilm: BANDIT_ROUTER_DIM's default)")] = None,
     alpha: Annotated[float, typer.Option(help="LinUCB bonus width")] = 0.3,
     batch_size: Annotated[int, typer.Option(help="Decisions per feedback round")] = 1,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here")] = None,
@@ -122,15 +124,16 @@ def replay(
 
 
 def featurize_prompts(prompts: list[str], featurizer: str,
-                      dim: int) -> tuple[np.ndarray, str]:
+                      dim: int | None) -> tuple[np.ndarray, str]:
     """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
     0 = ``FEATURIZER_SEED``'s default; a long prompt from its head and tail,
-    ``FEATURIZE_CHARS``'s default), so that what is fitted here fits the service; and the
-    featurizer's spec."""
+    ``FEATURIZE_CHARS``'s default; ``dim`` None = ``DIM``'s default for the featurizer),
+    so that what is fitted here fits the service; and the featurizer's spec."""
     from bandit.featurize import make_featurizer
 
     keep = Settings.model_fields["featurize_chars"].default
-    built = make_featurizer(featurizer, dim, seed=0)
+    built = make_featurizer(featurizer, default_dim(featurizer) if dim is None else dim,
+                            seed=0)
     return built.transform([head_and_tail(p, keep) for p in prompts]), built.spec
 
 

@@ -31,7 +31,9 @@ def warmstart(
     embeddings: Annotated[Path | None, typer.Option(
         help=".npy with one context row per log line", exists=True, dir_okay=False)] = None,
     featurizer: Annotated[str, typer.Option(help="hashing (default) or minilm")] = "hashing",
-    dim: Annotated[int, typer.Option(help="Context dimension for the featurizer")] = 64,
+    dim: Annotated[int | None, typer.Option(
+        help="Context dimension for the featurizer; default the service's for it (64 "
+             "hashing, 384 minilm: BANDIT_ROUTER_DIM's default)")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the policy")] = 0,
 ) -> None:
     console = Console()
