@@ -13,7 +13,7 @@ import pytest
 
 from tests.service.conftest import make_settings
 from tests.service.live import live_server
-from tests.service.test_status_page import CHROMIUM, _playwright, png_size
+from tests.service.test_status_page import _playwright, launch_chromium, png_size
 
 
 def test_get_docs_html_points_at_local_assets(tmp_path):
@@ -39,10 +39,7 @@ def test_render_docs_page_air_gapped_in_chromium_screenshot(tmp_path):
         here = urlsplit(base).netloc
         shot = tmp_path / "docs.png"
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--no-first-run", "--disable-component-update", "--disable-sync"])
+            browser = launch_chromium(p)
             try:
                 context = browser.new_context(viewport={"width": 1280, "height": 900})
 

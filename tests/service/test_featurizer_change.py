@@ -11,9 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -21,7 +19,7 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.config import Settings
 from service.features import ContextSettingsError
-from tests.cli.test_serve_logs import free_port
+from tests.cli.test_serve_logs import free_port, wait_ready
 from tests.service.conftest import add_model, create_tenant, make_settings
 
 
@@ -133,16 +131,7 @@ def test_serve_minilm_log_json_has_only_json_lines(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
                             env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "serve exited before it was ready"
-            assert time.monotonic() < deadline, "serve not ready within 180 s"
-            time.sleep(0.5)
+        wait_ready(proc, port, timeout_s=180)  # the model loads in seconds to a minute
     finally:
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)

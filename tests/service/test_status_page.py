@@ -167,6 +167,14 @@ def _playwright():
     return sync_playwright
 
 
+def launch_chromium(playwright):
+    """Debian's chromium, headless, quiet (no background traffic of its own)."""
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--no-first-run", "--disable-component-update", "--disable-sync"])
+
+
 def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     width, height = struct.unpack(">II", data[16:24])
@@ -192,12 +200,9 @@ def test_render_status_page_in_chromium_screenshot(tmp_path):
                 chosen.append(router.route(
                     f"question {i}", lambda model: {"output": "ok", "cost_usd": 0.05},
                     candidates=models, quality=lambda _r: 0.75).model)
-        shot = tmp_path / "status.png"  # looked at by a person: see docs/operations.md
+        shot = tmp_path / "status.png"
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--no-first-run", "--disable-component-update", "--disable-sync"])
+            browser = launch_chromium(p)
             try:
                 # No credentials: chromium gets the Basic challenge and, headless with
                 # nobody to type a key, abandons the navigation.
