@@ -20,6 +20,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.middleware import Middleware
 
 from service.config import Settings
@@ -30,7 +31,18 @@ from service.limits import LimitsMiddleware
 from service.memory import then_release_free_memory
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware
-from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
+from service.routes import (
+    admin,
+    admin_keys,
+    admin_reservations,
+    admin_state,
+    admin_tenants,
+    decide,
+    decisions,
+    feedback,
+    health,
+    tenants,
+)
 from service.routes import status as status_page
 from service.routing import RoutingService
 
@@ -104,8 +116,10 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             await asyncio.to_thread(service.stop)
             engine.dispose()
 
-    app = FastAPI(title="bandit-router", version="0.1.0", lifespan=lifespan,
-                  description="Online contextual-bandit router for LLM requests.")
+    # FastAPIOffline: a FastAPI app whose /docs and /redoc load Swagger UI and ReDoc from
+    # the installed package (under /static-offline-docs), not from a CDN.
+    app = FastAPIOffline(title="bandit-router", version="0.1.0", lifespan=lifespan,
+                         description="Online contextual-bandit router for LLM requests.")
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
@@ -119,8 +133,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # not added: innermost whatever the order of the add_middleware calls (each of
     # which puts its middleware outermost), so every other middleware sees decides too.
     app.user_middleware.append(Middleware(decide.DecideShortcut))
-    for module in (decide, feedback, decisions, tenants, admin, admin_tenants, health,
-                   status_page):
+    for module in (decide, feedback, decisions, tenants, admin, admin_tenants, admin_keys,
+                   admin_reservations, admin_state, health, status_page):
         app.include_router(module.router)
     build_openapi = app.openapi
 

@@ -47,9 +47,11 @@ import threading
 import time
 from datetime import UTC, datetime
 
+import numpy as np
+
 from bandit.base import MAX_WEIGHT
 
-__all__ = ["Ledger", "period_keys"]
+__all__ = ["Ledger", "period_keys", "format_usd"]
 
 
 def period_keys(ts: float) -> tuple[str, str]:
@@ -180,3 +182,17 @@ class Ledger:
         # bandit refuses weights above MAX_WEIGHT (their square scales a variance); at
         # 1e6 quality points per USD the cheapest candidate wins anyway.
         return min(paced, MAX_WEIGHT)
+
+
+def format_usd(value: float) -> str:
+    """An amount for people: four decimals, or three significant digits below a cent,
+    so that a small budget never shows as $0.0000.
+
+    >>> format_usd(1234.5), format_usd(0.0204), format_usd(1e-5), format_usd(0.0)
+    ('$1,234.5000', '$0.0204', '$0.00001', '$0.0000')
+    >>> format_usd(0.000012345)
+    '$0.0000123'
+    """
+    if value == 0 or abs(value) >= 0.01:
+        return f"${value:,.4f}"
+    return "$" + np.format_float_positional(value, precision=3, fractional=False, trim="-")

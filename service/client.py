@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -456,7 +457,7 @@ class _Api:
         # A tenant reads its own (tenant key); the admin names the tenant (admin key).
         if tenant_id is None:
             return f"/v1/tenants/me/{leaf}", None
-        return f"/v1/admin/tenants/{tenant_id}/{leaf}", self._admin()
+        return f"/v1/admin/tenants/{quote(tenant_id, safe='')}/{leaf}", self._admin()
 
     # ---------------------------------------------------------- admin endpoints
     def create_tenant(self, name: str) -> _Call[TenantCreated]:
@@ -469,7 +470,7 @@ class _Api:
                      idempotent=True)
 
     def rotate_tenant_key(self, tenant_id: str) -> _Call[TenantCreated]:
-        return _Call("POST", f"/v1/admin/tenants/{tenant_id}/rotate-key",
+        return _Call("POST", f"/v1/admin/tenants/{quote(tenant_id, safe='')}/rotate-key",
                      lambda r: TenantCreated(**r.json()), key=self._admin())
 
     def add_model(self, name: str, input_price_per_mtok: float, output_price_per_mtok: float,
@@ -620,6 +621,15 @@ class RouterClient(_Base):
     def decision(self, decision_id: str) -> dict[str, Any]:
         """One of the tenant's decisions with its feedback (raw JSON)."""
         return self._send(self._api.decision(decision_id))
+
+    def admin_request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, Any] | None = None) -> Any:
+        """An operator endpoint that has no method here (admin keys, reservations, learned
+        state: docs/api.md), with the admin key: its JSON answer (None when empty).
+        GET and DELETE are retried as idempotent."""
+        return self._send(_Call(method, path, lambda r: r.json() if r.content else None,
+                                json=json, params=params, key=self._api._admin(),
+                                idempotent=method in ("GET", "DELETE")))
 
     def route(self, query: str | None, call_llm: Callable[[str], Any], *,
               embedding: list[float] | None = None, candidates: list[str] | None = None,

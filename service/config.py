@@ -13,14 +13,29 @@ Examples
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bandit.pricing import DEFAULT_OUTPUT_TOKENS
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "default_dim", "MINILM_DIM"]
+
+
+#: all-MiniLM-L6-v2's embedding size (bandit.featurize.MINILM_DIM; not imported from
+#: there, so that reading the settings never imports the featurizers' module).
+MINILM_DIM = 384
+_DEFAULT_DIM = {"hashing": 64, "minilm": MINILM_DIM}
+
+
+def default_dim(featurizer: str) -> int:
+    """The default context dimension of a featurizer: 64 for hashing, 384 for minilm.
+
+    >>> default_dim("hashing"), default_dim("minilm")
+    (64, 384)
+    """
+    return _DEFAULT_DIM.get(featurizer, 64)
 
 
 class Settings(BaseSettings):
@@ -39,9 +54,16 @@ class Settings(BaseSettings):
                                      "file in data_dir. PostgreSQL: postgresql+psycopg://...")
     dim: int = Field(64, ge=1, le=4096, description="Featurizer output dimension = "
                      "length of query.embedding; also the policies' context dimension "
-                     "unless prototype_map is set (then the map's dim).")
+                     "unless prototype_map is set (then the map's dim). Default: 64 with "
+                     "hashing, 384 with minilm (its embedding, not projected; at most "
+                     "384).")
     featurizer: Literal["hashing", "minilm"] = "hashing"
     featurizer_seed: int = 0
+    featurizer_change: Literal["refuse", "start-fresh"] = Field(
+        "refuse", description="When the stored statistics were learned with another "
+        "featurizer (FEATURIZER, DIM, FEATURIZER_SEED or PROTOTYPE_MAP changed): refuse "
+        "to start, naming the settings, or start from the models' priors (the stored "
+        "statistics and feedback stay in the database, unused).")
     prototype_map: Path | None = Field(None, description="Prototype map file (bandit-router "
                                        "fit-prototypes): contexts become the soft "
                                        "assignment of the featurizer's vector (or the "
@@ -86,11 +108,18 @@ class Settings(BaseSettings):
         "the spool.")
     # How long a decide waits for room in a full decision queue before answering 503.
     decision_enqueue_timeout_s: float = Field(0.1, ge=0.0)
-    # Request limits (service/limits.py). The schema caps text and candidates at 100,000
-    # characters and 1,000 items; these can lower the caps, not raise them.
+    # Request limits (service/limits.py). The schema caps candidates at 1,000 items (this
+    # can lower the cap); query.text has no cap but max_text_chars (and the body size).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body "
                                 "(413 beyond).")
-    max_text_chars: int = Field(100_000, ge=1, le=100_000)
+    max_text_chars: int = Field(1_000_000, ge=1, description="Longest query.text accepted "
+                                "(422 beyond); raise max_body_bytes too for texts near "
+                                "or above its size.")
+    featurize_chars: int = Field(8192, ge=2, description="A longer query.text is "
+                                 "featurized from its first and last featurize_chars / "
+                                 "2 characters (head and tail, joined by a newline): the "
+                                 "work per decide stays bounded, and the start and the "
+                                 "end of a long prompt usually say what it asks.")
     max_candidates: int = Field(1000, ge=1, le=1000)
     rate_limit_per_s: float = Field(0.0, ge=0.0, description="Requests per second per "
                                     "tenant (token bucket per replica); 0 = no limit.")
@@ -98,8 +127,10 @@ class Settings(BaseSettings):
                                   "worth of rate_limit_per_s.")
     max_concurrent_requests: int = Field(0, ge=0, description="Requests in flight per "
                                          "process before 503; 0 = no limit.")
-    admin_key: SecretStr | None = Field(None, description="Admin key; when unset one is "
-                                        "generated on first start, stored hashed and printed "
+    admin_key: SecretStr | None = Field(None, description="Admin key; while set, the only "
+                                        "one (stored admin keys are refused). When unset, "
+                                        "the stored keys are the admin keys, and a first "
+                                        "start generates one, stored hashed and printed "
                                         "once.")
     # /metrics labels spend and reward by tenant: not public unless asked for.
     metrics_token: SecretStr | None = Field(None, description="Bearer token that may read "
@@ -144,8 +175,31 @@ class Settings(BaseSettings):
     feedback_buffer_dir: Path | None = Field(None, description="Directory of the feedback "
                                              "buffer's file; default data_dir.")
     feedback_retention_hours: float = Field(24.0 * 30, gt=0.0)
+    # A decide reserves its predicted cost against the tenant's budget until feedback
+    # reports the real one (service/README.md, "Reservations").
+    reservation_stale_hours: float = Field(24.0, gt=0.0, description="A reservation (a "
+                                           "decision whose feedback never reported a "
+                                           "cost) older than this is listed by GET "
+                                           "/v1/admin/reservations and released by POST "
+                                           "/v1/admin/reservations/release.")
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dim_of_featurizer(cls, data: Any) -> Any:
+        # One default per featurizer (default_dim), for the service and the commands.
+        if isinstance(data, dict) and data.get("dim") in (None, ""):
+            return {**data, "dim": default_dim(str(data.get("featurizer") or "hashing"))}
+        return data
+
+    @model_validator(mode="after")
+    def _minilm_dim(self) -> Settings:
+        if self.featurizer == "minilm" and self.dim > MINILM_DIM:
+            raise ValueError(f"BANDIT_ROUTER_DIM must be <= {MINILM_DIM} with "
+                             f"BANDIT_ROUTER_FEATURIZER=minilm (its embedding has {MINILM_DIM} "
+                             f"dimensions; a smaller DIM projects it), got {self.dim}")
+        return self
 
     @field_validator("database_url", "kafka_bootstrap", "prototype_map", mode="before")
     @classmethod

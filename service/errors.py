@@ -77,7 +77,9 @@ def problem_response(problem: Problem) -> JSONResponse:
 
 
 def invalid_input(err: InvalidInputError) -> Problem:
-    return Problem(422, str(err), errors=[{"field": err.field, "message": str(err),
+    # The detail names the field; the entry has it apart, so its message does not repeat it.
+    message = str(err).removeprefix(f"{err.field}: ")
+    return Problem(422, str(err), errors=[{"field": err.field, "message": message,
                                            "allowed": err.allowed}])
 
 
@@ -97,10 +99,11 @@ def _allowed(error: dict[str, Any]) -> str | None:
     for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if key in ctx:
             return f"a number {word} {ctx[key]}"
+    unit = "character(s)" if str(error.get("type", "")).startswith("string_") else "item(s)"
     if "min_length" in ctx:
-        return f"at least {ctx['min_length']} item(s)"
+        return f"at least {ctx['min_length']} {unit}"
     if "max_length" in ctx:
-        return f"at most {ctx['max_length']} item(s)"
+        return f"at most {ctx['max_length']} {unit}"
     if "pattern" in ctx:
         if ctx["pattern"] == NO_CONTROL:
             return "a string without control characters (U+0000-U+001F, U+007F-U+009F)"

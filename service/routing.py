@@ -77,6 +77,8 @@ _PENDING_WAIT_S = 1.0
 #: Buffered feedback stored per transaction by the drain.
 _DRAIN_BATCH = 200
 POLICY_KINDS = ("linucb", "thompson")
+# The checkpoint's snapshot that holds the featurizer spec (not a policy).
+_FEATURIZER_KEY = "context:featurizer"
 _POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
 
 
@@ -244,6 +246,9 @@ class RoutingService:
         Embedded mode, database unreachable: start from the local state (the newest
         checkpoint this replica saw, its registry), degraded, and reload from the
         database once it answers (issue 14)."""
+        # Load the featurizer now (a sentence-embedding model takes seconds), not on the
+        # first text query; and before the checkpoint, which is checked against its spec.
+        self.featurize("warm up")
         try:
             if self.migrate is not None:
                 self.migrate()
@@ -254,9 +259,6 @@ class RoutingService:
             admin_key = None
         else:
             self._save_local_state(self._policy_blobs())
-        # Load the featurizer now (a sentence-embedding model takes seconds), not on the
-        # first text query.
-        self.featurize("warm up")
         # The policies' first update imports river's drift detector (about 3 s here,
         # much more on a busy machine), holding the policies' lock: now, not in the
         # first feedback or in the drain after an outage (it held /readyz's "ready"
@@ -280,9 +282,12 @@ class RoutingService:
         self._load_models()
         self._load_tenants()
         self._load_guards()
-        self._load_policies()
+        started_fresh = self._load_policies()
         self._replay_feedback()
         self._load_spend()
+        if started_fresh:
+            # Record the new featurizer at once: a restart must not meet the old one.
+            self.checkpoint(force=True)
         return admin_key
 
     def stop(self) -> None:
@@ -437,19 +442,37 @@ class RoutingService:
 
     # ------------------------------------------------------------------ admin key
     def _ensure_admin_key(self) -> str | None:
+        """The rule (service/README.md, "Admin keys"): a configured BANDIT_ROUTER_ADMIN_KEY
+        is the only admin key while it is set; the stored keys (generated at a first start
+        or created through the API) are refused, and said so at start. Unset, the stored
+        keys are the admin keys, and the first start generates one."""
         configured = self.settings.admin_key
+        generated = None
         with Session(self.engine) as session:
-            hashes = set(session.scalars(select(m.AdminKey.key_hash)))
-            generated = None
-            if configured is not None:
-                hashes.add(hash_key(configured.get_secret_value()))
-            elif not hashes:
+            stored = list(session.execute(select(m.AdminKey.id, m.AdminKey.key_hash)))
+            if configured is None and not stored:
                 generated = new_key("admin")
                 session.add(m.AdminKey(key_hash=hash_key(generated)))
                 session.commit()
-                hashes.add(hash_key(generated))
-        self.admin_key_hashes = hashes
+        if configured is not None and stored:
+            log.warning("BANDIT_ROUTER_ADMIN_KEY is set, so it is the only admin key: the "
+                        "%d stored admin key(s) (ids %s) are refused while it is set; "
+                        "revoke them (bandit-router admin-keys revoke ID) before unsetting "
+                        "it, or they answer again", len(stored),
+                        ", ".join(str(row.id) for row in stored))
+        self.reload_admin_keys()
         return generated
+
+    def reload_admin_keys(self) -> None:
+        """The accepted admin keys' digests, from the setting or else the database (also
+        run by :meth:`refresh_registry`: a key revoked on one replica stops working on the
+        others within ``registry_refresh_s``)."""
+        configured = self.settings.admin_key
+        if configured is not None:
+            self.admin_key_hashes = {hash_key(configured.get_secret_value())}
+            return
+        with Session(self.engine) as session:
+            self.admin_key_hashes = set(session.scalars(select(m.AdminKey.key_hash)))
 
     # ------------------------------------------------------------------ policies
     def _new_policy(self, kind: str) -> Policy:
@@ -498,7 +521,13 @@ class RoutingService:
             if model.name not in policy.arms:
                 policy.add_arm(model.name, self._prior(model))
 
-    def _load_policies(self) -> None:
+    def _featurizer_spec(self) -> str:
+        return str(getattr(self._featurizer, "spec", type(self._featurizer).__name__))
+
+    def _load_policies(self) -> bool:
+        """Restore the newest checkpoint; True when the stored statistics were set aside
+        because another featurizer learned them (``FEATURIZER_CHANGE=start-fresh``)."""
+        fresh = False
         with Session(self.engine) as session:
             checkpoint = session.scalars(select(m.PolicyCheckpoint)
                                          .order_by(m.PolicyCheckpoint.id.desc())
@@ -510,12 +539,35 @@ class RoutingService:
                     select(m.PolicySnapshot)
                     .where(m.PolicySnapshot.checkpoint_id == checkpoint.id))}
                 self.last_feedback_id = int(checkpoint.last_feedback_id)
-        self._install_policies(snapshots, rebuild=True)
+            # Checkpoints written before the spec was recorded have none: not checked.
+            stored = snapshots.pop(_FEATURIZER_KEY, b"").decode() or None
+            changed = stored is not None and stored != self._featurizer_spec()
+            if changed and self.settings.featurizer_change == "start-fresh":
+                log.warning("BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh: the stored "
+                            "statistics were learned with %r, the settings give %r; "
+                            "starting from the models' priors, feedback before this start "
+                            "is not replayed", stored, self._featurizer_spec())
+                snapshots, fresh = {}, True
+                # The old decisions' contexts are in the old feature space: never replay.
+                self.last_feedback_id = int(session.scalar(
+                    select(func.coalesce(func.max(m.Feedback.id), 0))))
+        self._install_policies(snapshots, rebuild=True, fresh=fresh)
+        if changed and not fresh:
+            # After the restore: a changed dimension has said so first, more precisely.
+            raise ContextSettingsError(
+                f"the stored statistics were learned with the featurizer {stored!r}; the "
+                f"settings give {self._featurizer_spec()!r} (BANDIT_ROUTER_FEATURIZER, "
+                "BANDIT_ROUTER_DIM, BANDIT_ROUTER_FEATURIZER_SEED, "
+                "BANDIT_ROUTER_PROTOTYPE_MAP): restore the settings they were learned "
+                "with, or set BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh to start from "
+                "the models' priors (what was learned stays in the database, unused)")
+        return fresh
 
-    def _install_policies(self, snapshots: dict[str, bytes], *, rebuild: bool) -> None:
+    def _install_policies(self, snapshots: dict[str, bytes], *, rebuild: bool,
+                          fresh: bool = False) -> None:
         """Policies from a checkpoint's snapshots; an isolated tenant without one is
         rebuilt from its feedback up to the checkpoint (``rebuild``, needs the database)
-        or starts from the priors."""
+        or starts from the priors (also when ``fresh``: the statistics were set aside)."""
 
         def restore(key: str, kind: str) -> Policy:
             data = snapshots.get(key)
@@ -542,8 +594,8 @@ class RoutingService:
         for t in self.tenants.values():
             if t.scope != "isolated":
                 continue
-            if not rebuild or all(f"tenant:{t.id}:{kind}" in snapshots
-                                  for kind in POLICY_KINDS):
+            if not rebuild or fresh or all(f"tenant:{t.id}:{kind}" in snapshots
+                                           for kind in POLICY_KINDS):
                 self.isolated[t.id] = {kind: restore(f"tenant:{t.id}:{kind}", kind)
                                        for kind in POLICY_KINDS}
             else:
@@ -603,6 +655,8 @@ class RoutingService:
             copies = {key: copy.deepcopy(p) for key, p in self._all_policies().items()}
             last = self.last_feedback_id
         blobs = {key: p.to_bytes() for key, p in copies.items()}
+        # What the statistics were learned with, checked by the next start.
+        blobs[_FEATURIZER_KEY] = self._featurizer_spec().encode()
         with self.engine.connect() as conn, Session(bind=conn) as session, session.begin():
             if conn.dialect.name == "sqlite" and conn.engine.url.database not in (
                     None, "", ":memory:"):
@@ -853,6 +907,7 @@ class RoutingService:
                                               .where(m.Model.deleted_at.is_(None))
                                               .order_by(m.Model.id)))
             tenant_rows = list(session.scalars(select(m.Tenant)))
+        self.reload_admin_keys()
         changed_guards: list[TenantState] = []
         with self._lock:
             fresh = {r.name: self._model_state(r) for r in model_rows}

@@ -63,7 +63,8 @@ class Query(_Body):
     model_config = ConfigDict(json_schema_extra=_one_of(("text", {"type": "string"}),
                                                         ("embedding", {"type": "array"})))
 
-    text: str | None = Field(None, min_length=1, max_length=100_000)
+    # No schema cap: BANDIT_ROUTER_MAX_TEXT_CHARS (service/limits.py) sets it, both ways.
+    text: str | None = Field(None, min_length=1)
     embedding: list[Finite] | None = None
 
     @model_validator(mode="after")

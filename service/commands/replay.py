@@ -25,6 +25,8 @@ from bandit.featurize import check_tags, with_tags
 from bandit.pricing import DEFAULT_OUTPUT_TOKENS, prompt_tokens, request_cost
 from bandit.replay import ReplayLog
 from bandit.replay import replay as run_replay
+from service.config import Settings, default_dim
+from service.features import head_and_tail
 
 POLICIES = {"linucb": LinUCB, "thompson": LinearThompson}
 
@@ -151,7 +153,9 @@ def replay(
         help=".npy file with one context row per log line, instead of featurizing prompts",
         exists=True, dir_okay=False)] = None,
     featurizer: Annotated[str, typer.Option(help="hashing (default) or minilm")] = "hashing",
-    dim: Annotated[int, typer.Option(help="Context dimension for the featurizer")] = 64,
+    dim: Annotated[int | None, typer.Option(
+        help="Context dimension for the featurizer; default the service's for it (64 "
+             "hashing, 384 minilm: BANDIT_ROUTER_DIM's default)")] = None,
     alpha: Annotated[float | None, typer.Option(
         help="LinUCB bonus width (default: the policy's)")] = None,
     batch_size: Annotated[int, typer.Option(help="Decisions per feedback round")] = 1,
@@ -179,9 +183,7 @@ def replay(
                 raise InvalidInputError("--embeddings", f"must be a 2-D array with one row "
                                         f"per log line ({len(prompts)})", x.shape)
         else:
-            from bandit.featurize import make_featurizer
-
-            x = make_featurizer(featurizer, dim, seed=0).transform(prompts)
+            x, _spec = featurize_prompts(prompts, featurizer, dim)
         x = with_log_tags(x, read_tags(data))
         params: dict[str, Any] = {"seed": seed}
         if policy == "linucb" and alpha is not None:
@@ -228,6 +230,20 @@ def render_value(summary: dict) -> Table:
         table.add_row(name, *(f"{w['value'][key]:+.4f}" for w in windows.values()))
     table.add_row("best single model", *(w["value"]["best_model"] for w in windows.values()))
     return table
+
+
+def featurize_prompts(prompts: list[str], featurizer: str,
+                      dim: int | None) -> tuple[np.ndarray, str]:
+    """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
+    0 = ``FEATURIZER_SEED``'s default; a long prompt from its head and tail,
+    ``FEATURIZE_CHARS``'s default; ``dim`` None = ``DIM``'s default for the featurizer),
+    so that what is fitted here fits the service; and the featurizer's spec."""
+    from bandit.featurize import make_featurizer
+
+    keep = Settings.model_fields["featurize_chars"].default
+    built = make_featurizer(featurizer, default_dim(featurizer) if dim is None else dim,
+                            seed=0)
+    return built.transform([head_and_tail(p, keep) for p in prompts]), built.spec
 
 
 def render_table(title: str, window: dict) -> Table:

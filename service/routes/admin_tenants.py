@@ -1,5 +1,6 @@
 """Admin endpoints on existing tenants: list, rotate a key, read and change a tenant's
-preferences, read its usage (admin key only).
+preferences, read its usage (admin key only). ``{tenant_id}`` is a tenant's id or its
+name (a name two tenants share is refused with 409, naming their ids).
 
 ``POST /v1/admin/tenants`` (create) lives in :mod:`service.routes.admin`; these are what
 the ``bandit-router tenants / preferences / usage`` commands need beyond it.
@@ -50,10 +51,22 @@ class TenantOut(BaseModel):
 
 
 def _tenant(service: RoutingService, tenant_id: str) -> TenantState:
+    """The tenant whose id, or else whose name, is ``tenant_id`` (404 if none, 409 if the
+    name is shared: names are not unique, ids are)."""
     tenant = service.tenants.get(tenant_id)
-    if tenant is None:
-        raise Problem(404, f"tenant {tenant_id} does not exist", slug="tenant-not-found")
-    return tenant
+    if tenant is not None:
+        return tenant
+    named = sorted((t for t in list(service.tenants.values()) if t.name == tenant_id),
+                   key=lambda t: t.id)
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise Problem(409, f"{len(named)} tenants are named {tenant_id!r} (ids "
+                      f"{', '.join(t.id for t in named)}): name one by its id",
+                      slug="tenant-ambiguous")
+    raise Problem(404, f"tenant {tenant_id!r} does not exist (no tenant has this id or "
+                  "name)",
+                  slug="tenant-not-found")
 
 
 @router.get("", response_model=list[TenantOut])
@@ -82,7 +95,7 @@ def list_tenants(_admin: AdminDep, service: ServiceDep) -> list[TenantOut]:
     return out
 
 
-@router.post("/{tenant_id}/rotate-key", response_model=TenantCreated)
+@router.post("/{tenant_id:path}/rotate-key", response_model=TenantCreated)
 def rotate_key(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> TenantCreated:
     """A new API key for the tenant, shown in this answer only. The old key stops working
     on this replica at once; other replicas on the same database keep accepting it until
@@ -102,12 +115,12 @@ def rotate_key(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> TenantC
     return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
 
 
-@router.get("/{tenant_id}/preferences", response_model=TenantPreferences)
+@router.get("/{tenant_id:path}/preferences", response_model=TenantPreferences)
 def get_preferences(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> TenantPreferences:
     return _prefs(_tenant(service, tenant_id))
 
 
-@router.put("/{tenant_id}/preferences", response_model=TenantPreferences)
+@router.put("/{tenant_id:path}/preferences", response_model=TenantPreferences)
 def put_preferences(tenant_id: str, body: TenantPreferencesUpdate, _admin: AdminDep,
                     service: ServiceDep) -> TenantPreferences:
     """As ``PUT /v1/tenants/me/preferences``, for the tenant named in the path."""
@@ -118,6 +131,6 @@ def put_preferences(tenant_id: str, body: TenantPreferencesUpdate, _admin: Admin
     return _prefs(service.update_preferences(tenant, changes))
 
 
-@router.get("/{tenant_id}/usage", response_model=UsageOut)
+@router.get("/{tenant_id:path}/usage", response_model=UsageOut)
 def get_usage(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> UsageOut:
     return UsageOut(**service.usage(_tenant(service, tenant_id)))

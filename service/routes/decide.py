@@ -29,6 +29,7 @@ from service.batching import DecideBatcher
 from service.config import Settings
 from service.deps import tenant_for_authorization
 from service.errors import Problem
+from service.features import head_and_tail
 from service.metrics import Metrics
 from service.routing import RoutingService
 from service.schemas import DecideRequest, DecideResponse
@@ -63,11 +64,14 @@ async def decide_body(app: FastAPI, authorization: str | None, raw: bytes) -> by
         # Same locations as FastAPI's own body validation: ("body", field, ...).
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
                                       for e in exc.errors(include_url=False)]) from None
-    if body.query.text is not None and settings.featurizer != "hashing":
+    text = body.query.text
+    if text is not None and len(text) > settings.featurize_chars:
+        text = head_and_tail(text, settings.featurize_chars)
+    if text is not None and settings.featurizer != "hashing":
         # A sentence-embedding model takes milliseconds: off the event loop.
-        x = await asyncio.to_thread(service.context_from, body.query.text, None, body.tags)
+        x = await asyncio.to_thread(service.context_from, text, None, body.tags)
     else:
-        x = service.context_from(body.query.text, body.query.embedding, body.tags)
+        x = service.context_from(text, body.query.embedding, body.tags)
     override = None if body.preferences is None else Preferences(
         body.preferences.quality, body.preferences.cost, body.preferences.latency)
     # Decided together with the other decides of this event-loop iteration (one policy

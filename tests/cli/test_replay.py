@@ -97,7 +97,12 @@ def test_warmstart_writes_policy_that_knows_the_models(log_file, tmp_path):
     result = runner.invoke(app, ["warmstart", str(log_file), "--out", str(out),
                                  "--weight", "0.5"])
     assert result.exit_code == 0, result.output
-    policy = Policy.from_bytes(out.read_bytes())
+    from service.state_file import StateFile
+
+    state = StateFile.from_json(json.loads(out.read_text()))
+    assert (state.source, state.context_dim) == ("warmstart", 64)
+    assert state.featurizer.startswith("hashing") and list(state.policies) == ["shared:linucb"]
+    policy = Policy.from_bytes(state.policies["shared:linucb"])
     assert policy.arms == ["solver", "writer"]
     assert policy.observations("solver")["quality"] == 400
     from bandit.featurize import make_featurizer
