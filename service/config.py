@@ -117,6 +117,13 @@ class Settings(BaseSettings):
     feedback_buffer_dir: Path | None = Field(None, description="Directory of the feedback "
                                              "buffer's file; default data_dir.")
     feedback_retention_hours: float = Field(24.0 * 30, gt=0.0)
+    budget_leases: bool | None = Field(None, description="Budgets hold across replicas "
+                                       "by leasing slices of each tenant's remaining "
+                                       "budget from PostgreSQL (service/budget_lease.py). "
+                                       "Unset = on in distributed mode, off in embedded "
+                                       "mode; needs PostgreSQL.")
+    budget_lease_horizon_s: float = Field(3.0, gt=0.0, description="A leased slice is "
+                                          "about this many seconds of the replica's spend.")
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
 

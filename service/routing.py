@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
 from bandit.base import MAX_ABS_CONTEXT, BatchDecision, check_finite_number
 from service.budget import Ledger
+from service.budget_lease import budget_leases
 from service.config import Settings
 from service.db import models as m
 from service.errors import Problem
@@ -181,6 +182,8 @@ class RoutingService:
         self.context_dim = context_dim(settings, self.prototype_map)
         self._decision_counters: dict[tuple[str, str], Any] = {}
         self._valid_preferences: set[Preferences] = set()
+        #: Budgets leased from PostgreSQL (service/budget_lease.py), or None.
+        self.leases = budget_leases(settings, engine.dialect.name)
 
     # ================================================================= start / stop
     def start(self) -> str | None:
@@ -191,6 +194,8 @@ class RoutingService:
         self._load_policies()
         self._replay_feedback()
         self._load_spend()
+        if self.leases is not None:
+            self.leases.start(self._budgeted_ledgers)
         # Load the featurizer now (a sentence-embedding model takes seconds), not on the
         # first text query.
         self.featurize("warm up")
@@ -203,6 +208,8 @@ class RoutingService:
         return admin_key
 
     def stop(self) -> None:
+        if self.leases is not None:
+            self.leases.stop()  # returns the unused slices first
         self._stop_feedback_buffer()
         self.writer.stop()
         self._close_feedback_buffer()
@@ -475,7 +482,17 @@ class RoutingService:
             id=row.id, name=row.name, key_hash=row.key_hash,
             preferences=Preferences(row.weight_quality, row.weight_cost, row.weight_latency),
             policy=row.policy, scope=row.scope, on_budget_exhausted=row.on_budget_exhausted,
-            ledger=Ledger(row.budget_usd_per_day, row.budget_usd_per_month))
+            ledger=self._new_ledger(row.budget_usd_per_day, row.budget_usd_per_month))
+
+    def _new_ledger(self, budget_day: float | None, budget_month: float | None) -> Ledger:
+        ledger = Ledger(budget_day, budget_month, leased=self.leases is not None)
+        if self.leases is not None:
+            ledger.wake = self.leases.wake
+        return ledger
+
+    def _budgeted_ledgers(self) -> list[tuple[str, Ledger]]:
+        return [(t.id, t.ledger) for t in list(self.tenants.values())
+                if t.budget_usd_per_day is not None or t.budget_usd_per_month is not None]
 
     def _load_tenants(self) -> None:
         with Session(self.engine) as session:
@@ -874,7 +891,8 @@ class RoutingService:
     def release(self, pending: PendingDecision) -> None:
         """Give back the reservation of a decision that is never answered."""
         row = pending.row
-        pending.tenant.ledger.adjust(-row["charged_usd"], row["created_at"].timestamp())
+        pending.tenant.ledger.unreserve(row["charged_usd"], row["created_at"].timestamp(),
+                                        from_slice=not row["over_budget"])
 
     def _count_decision(self, tenant: TenantState, model: str, explored: bool) -> None:
         # Children cached: labels() validates and locks on every call (a few us).
