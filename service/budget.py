@@ -238,6 +238,12 @@ class Ledger:
             self._held[period] = (key, held - taken)
             return taken
 
+    def pool(self, period: str, key: str) -> float:
+        """Every replica's leases of ``period`` (of ``key``) as of our last lease."""
+        with self._lock:
+            pool_key, pool = self._pool.get(period, ("", 0.0))
+            return pool if pool_key == key else 0.0
+
     def held(self, period: str = "day") -> float:
         """USD of the current ``period``'s budget this replica holds (may reserve)."""
         with self._lock:

@@ -23,8 +23,9 @@ exponential average over ``horizon_s``), at least the standby slice below. The l
 asks for more (without I/O: it sets an event) when its slice falls under half of that
 or under two reservations, or when a reservation did not fit;
 the lease thread also looks every ``interval_s``, and returns the part of a slice above
-twice the target (an idle replica keeps only the small standby slice: four of its largest
-reservation, a tenth of the budget before it has made one).
+twice the target (an idle replica keeps only the standby slice: four of its largest
+reservation, a tenth of the budget before it has made one, and at least 1% of what is
+left of the budget, so that a burst after a quiet spell does not find it empty).
 
 Bound
 -----
@@ -238,7 +239,10 @@ class BudgetLeases:
         usd_per_s = rate.update(ledger.reserved_total, now, self.horizon_s)
         for period, key, budget, held in ledger.lease_state(now=now):
             floor = max(ledger.largest, ledger.short)
-            standby = 4.0 * floor if floor > 0 else budget / 10.0
+            # A burst after a quiet spell must not find the slice empty while the budget
+            # is far from spent: the standby slice is also 1% of what is left.
+            left = budget - ledger.pool(period, key)
+            standby = max(4.0 * floor if floor > 0 else budget / 10.0, 0.01 * left)
             target = max(usd_per_s * self.horizon_s, standby)
             if (held < 0.5 * target or ledger.short > held) and \
                     now >= self._dry.get((tenant_id, key), 0.0):

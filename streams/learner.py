@@ -16,6 +16,14 @@ Per poll batch:
    statistics, store the next offset, bump the version and ``NOTIFY``;
 6. commit the Kafka offsets (for lag monitoring only: the database offset is the truth).
 
+Pipelining: step 5 of a batch runs in a writer thread, on its own connection, while the
+loop polls and prepares (steps 1-4) the next batch: the database's work and the
+learner's overlap. The loop waits for it before it hands over the next batch, so the
+partitions' transactions stay in order; the offset each one stores is fixed when its
+batch is prepared; a partition is never revoked while its write is in flight; a
+partition the writer could not write is reloaded by the loop (a fresh state object: the
+prepared next batch's part of it is dropped and re-read).
+
 The stored offset never passes a pending event: it is the smallest pending offset, so
 a crash re-reads from there, and the events after it that were applied are skipped by
 the ``learner_applied`` key. See docs/streams.md for the whole argument.
@@ -33,6 +41,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
@@ -178,6 +187,22 @@ class _Apply(NamedTuple):
     decision: DecisionRow
 
 
+class _Write(NamedTuple):
+    """One partition's part of step 5."""
+
+    state: _Partition
+    items: list[_Apply]
+    offset: int  # the offset to store, fixed when the batch was prepared
+
+
+@dataclass
+class _Written:
+    """What the writer thread hands back: partitions to reload, the error to raise."""
+
+    reload: list[TopicPartition] = field(default_factory=list)
+    error: Exception | None = None
+
+
 @dataclass
 class _Batch:
     """Step 1's result: the events to classify (new records and pending events)."""
@@ -251,6 +276,11 @@ class Learner:
         self._last_prune = time.monotonic()
         self._fatal: Exception | None = None
         self.batches = 0
+        # Step 5 runs in a writer thread on its own connection while the loop polls and
+        # prepares the next batch (module docstring, "Pipelining").
+        self._wconn: psycopg.Connection | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: Future[_Written] | None = None
 
     # ------------------------------------------------------------ life cycle
     def start(self, *, create_topics: bool = True) -> None:
@@ -266,6 +296,7 @@ class Learner:
             auto_offset_reset="earliest", max_poll_records=self.config.max_poll_records,
             **self.consumer_settings)
         self.consumer.subscribe([self.config.feedback_topic], listener=_Listener(self))
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="learner-writer")
         if self.config.metrics_port:
             start_http_server(self.config.metrics_port, registry=self.metrics.registry)
         self._running.set()
@@ -293,8 +324,17 @@ class Learner:
         return self._running.is_set()
 
     def close(self) -> None:
-        # Leave the group at once (the partitions move without waiting for the session
-        # timeout); nothing is committed here: every batch was written already.
+        # The batch being written is finished first (its transactions commit or fail
+        # whole); then leave the group at once (the partitions move without waiting for
+        # the session timeout). The Kafka offsets only feed lag tools.
+        if self._inflight is not None:
+            try:
+                self._finish_writes(closing=True)
+            except Exception:  # noqa: BLE001 - closing must not hide the real error
+                log.exception("finishing the last batch failed")
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self.consumer is not None:
             try:
                 self.consumer.close(autocommit=False)
@@ -307,9 +347,10 @@ class Learner:
             except Exception:  # noqa: BLE001
                 log.exception("closing the producer failed")
             self.producer = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._wconn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._wconn = None
 
     def run(self, *, max_seconds: float | None = None) -> None:
         """Start, loop until :meth:`stop` (or ``max_seconds``), close in ``finally``."""
@@ -364,6 +405,10 @@ class Learner:
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
 
     def _drop(self, revoked: list[TopicPartition]) -> None:
+        if self._inflight is not None:
+            # Everything applied is written before a partition moves (the writer catches
+            # its errors; step() handles them).
+            wait([self._inflight])
         for tp in revoked:
             self.partitions.pop(tp, None)
             try:
@@ -405,22 +450,53 @@ class Learner:
             self._conn = psycopg.connect(self.database_url, autocommit=False)
         return self._conn
 
+    def _wdb(self) -> psycopg.Connection:
+        """The writer thread's connection (a psycopg connection serves one thread)."""
+        if self._wconn is None or self._wconn.closed:
+            self._wconn = psycopg.connect(self.database_url, autocommit=False)
+        return self._wconn
+
     # ------------------------------------------------------------ processing
     def _process(self, records: dict[TopicPartition, list[Any]]) -> int:
-        """The numbered steps of the module docstring, for one poll batch."""
+        """The numbered steps of the module docstring, for one poll batch; step 5 of this
+        batch runs in the writer thread while the next batch is polled and prepared."""
         now = self.clock()
         batch = self._take(records, now)                                   # 1
-        if not batch.touched:
-            return 0
-        decisions = self._fetch_decisions(                                 # 2
-            {p.event.decision_id for _, p in batch.candidates})
-        apply = self._classify(batch, decisions, now)                      # 3
-        self._send_dead_letters(batch.dead, now)                           # 4
-        self._write_partitions(batch.touched, apply)                       # 5
-        self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
-        self._commit_kafka()                                               # 6
-        self.batches += 1
+        writes: list[_Write] = []
+        if batch.touched:
+            decisions = self._fetch_decisions(                             # 2
+                {p.event.decision_id for _, p in batch.candidates})
+            apply = self._classify(batch, decisions, now)                  # 3
+            self._send_dead_letters(batch.dead, now)                       # 4
+            for tp in sorted(batch.touched, key=lambda t: t.partition):
+                state = self.partitions.get(tp)
+                if state is not None:
+                    # The offset to store is fixed now: the next batch moves the state.
+                    writes.append(_Write(state, apply.get(tp, []), state.offset_to_store()))
+            self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
+        self._finish_writes()  # the previous batch's step 5, then its step 6
+        writes = [w for w in writes if self.partitions.get(w.state.tp) is w.state
+                  and (w.items or w.offset != w.state.stored_offset)]
+        if writes:
+            assert self._writer is not None
+            self._inflight = self._writer.submit(self._write_partitions, writes)  # 5
+            self.batches += 1
         return batch.taken
+
+    def _finish_writes(self, *, closing: bool = False) -> None:
+        """Wait for the batch in the writer thread; reload the partitions it could not
+        write (another learner wrote them, or the database failed), raise its error, or
+        commit the Kafka offsets (step 6)."""
+        future, self._inflight = self._inflight, None
+        if future is None:
+            return
+        done = future.result()
+        if not closing:
+            for tp in done.reload:
+                self._reload(tp)
+        if done.error is not None:
+            raise done.error
+        self._commit_kafka()
 
     def _take(self, records: dict[TopicPartition, list[Any]], now: float) -> _Batch:
         """Step 1: decode the new records; the pending events join them as candidates."""
@@ -535,28 +611,32 @@ class Learner:
         log.warning("dead-lettered %d records (%s)", len(dead),
                     ", ".join(sorted({d.reason for d in dead})))
 
-    def _write_partitions(self, touched: set[TopicPartition],
-                          apply: dict[TopicPartition, list[_Apply]]) -> None:
-        """Step 5: one transaction per partition with events to apply or an offset to
-        move."""
-        writes = []
-        for tp in sorted(touched, key=lambda t: t.partition):
-            state = self.partitions.get(tp)
-            if state is None:
-                continue
-            items = apply.get(tp, [])
-            if items or state.offset_to_store() != state.stored_offset:
-                writes.append((state, items))
-        for i, (state, items) in enumerate(writes):
-            # One NOTIFY per batch, with its last transaction: the deciders then reload
-            # every partition of the batch at once instead of chasing them one by one
-            # (their version poll covers a batch that fails half-way).
-            self._write_partition(state, items, notify=i == len(writes) - 1)
+    def _write_partitions(self, writes: list[_Write]) -> _Written:
+        """Step 5 (in the writer thread): one transaction per partition. Errors are
+        returned, not raised: the loop's thread reloads and raises them."""
+        done = _Written()
+        for i, w in enumerate(writes):
+            try:
+                # One NOTIFY per batch, with its last transaction: the deciders then
+                # reload every partition of the batch at once instead of chasing them
+                # one by one (their version poll covers a batch that fails half-way).
+                self._write_partition(w.state, w.items, w.offset, notify=i == len(writes) - 1)
+            except _LostOwnership:
+                log.warning("partition %d was written by another learner: reloading it",
+                            w.state.tp.partition)
+                done.reload.append(w.state.tp)
+            except Exception as exc:  # noqa: BLE001 - handed to the loop's thread
+                # The in-memory statistics may hold the batch the database refused:
+                # reload them and re-read from the stored offset, then raise.
+                done.reload.append(w.state.tp)
+                done.error = exc
+                break
+        return done
 
-    def _write_partition(self, state: _Partition, items: list[_Apply], *,
+    def _write_partition(self, state: _Partition, items: list[_Apply], offset: int, *,
                          notify: bool = True) -> None:
-        """One transaction: fence, dedupe, apply, store statistics + offset, notify."""
-        conn = self._db()
+        """One transaction: fence, dedupe, apply, store statistics + ``offset``, notify."""
+        conn = self._wdb()
         ident = (self.config.group_id, state.tp.topic, state.tp.partition)
         # Partition order: pending events come after the new records of the poll, but
         # the first of two repeats must win (its values are the feedback row's), the last
@@ -567,41 +647,29 @@ class Learner:
         for it in items:
             unique.setdefault((it.item.event.decision_id, it.item.event.event_id), it)
         candidates = list(unique.values())
-        try:
-            with conn.transaction():
-                found = conn.execute(
-                    "SELECT version FROM learner_partitions WHERE group_id = %s"
-                    " AND topic = %s AND partition = %s FOR UPDATE", ident).fetchone()
-                if found is None or int(found[0]) != state.version:
-                    raise _LostOwnership(state.tp)
-                applied = self._record_applied(conn, candidates)
-                changed = self._apply(state, applied)
-                if changed:
-                    conn.cursor().executemany(
-                        "INSERT INTO partition_statistics (group_id, topic, partition, key,"
-                        " data) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic,"
-                        " partition, key) DO UPDATE SET data = EXCLUDED.data",
-                        # Sums only: the readers recompute inverses exactly, half the bytes.
-                        [(*ident, key, state.stats[key].to_bytes(derived=False))
-                         for key in changed])
-                offset = state.offset_to_store()
-                conn.execute(
-                    "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
-                    " updated_at = now() WHERE group_id = %s AND topic = %s"
-                    " AND partition = %s", (offset, *ident))
-                if notify:
-                    conn.execute("SELECT pg_notify(%s, %s)",
-                                 (NOTIFY_CHANNEL, f"{state.tp.partition}:{state.version + 1}"))
-        except _LostOwnership:
-            log.warning("partition %d was written by another learner: reloading it",
-                        state.tp.partition)
-            self._reload(state.tp)
-            return
-        except Exception:
-            # The in-memory statistics may hold the batch the database refused: reload
-            # them and re-read from the stored offset, then let the caller see the error.
-            self._reload(state.tp)
-            raise
+        with conn.transaction():
+            found = conn.execute(
+                "SELECT version FROM learner_partitions WHERE group_id = %s"
+                " AND topic = %s AND partition = %s FOR UPDATE", ident).fetchone()
+            if found is None or int(found[0]) != state.version:
+                raise _LostOwnership(state.tp)
+            applied = self._record_applied(conn, candidates)
+            changed = self._apply(state, applied)
+            if changed:
+                conn.cursor().executemany(
+                    "INSERT INTO partition_statistics (group_id, topic, partition, key,"
+                    " data) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic,"
+                    " partition, key) DO UPDATE SET data = EXCLUDED.data",
+                    # Sums only: the readers recompute inverses exactly, half the bytes.
+                    [(*ident, key, state.stats[key].to_bytes(derived=False))
+                     for key in changed])
+            conn.execute(
+                "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
+                " updated_at = now() WHERE group_id = %s AND topic = %s"
+                " AND partition = %s", (offset, *ident))
+            if notify:
+                conn.execute("SELECT pg_notify(%s, %s)",
+                             (NOTIFY_CHANNEL, f"{state.tp.partition}:{state.version + 1}"))
         state.version += 1
         state.stored_offset = offset
         self.metrics.events.labels("applied").inc(len(applied))
