@@ -182,6 +182,13 @@ class Settings(BaseSettings):
                                            "cost) older than this is listed by GET "
                                            "/v1/admin/reservations and released by POST "
                                            "/v1/admin/reservations/release.")
+    budget_leases: bool | None = Field(None, description="Budgets hold across replicas "
+                                       "by leasing slices of each tenant's remaining "
+                                       "budget from PostgreSQL (service/budget_lease.py). "
+                                       "Unset = on in distributed mode, off in embedded "
+                                       "mode; needs PostgreSQL.")
+    budget_lease_horizon_s: float = Field(3.0, gt=0.0, description="A leased slice is "
+                                          "about this many seconds of the replica's spend.")
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
 

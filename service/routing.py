@@ -49,6 +49,7 @@ from bandit.conservative import ConservativeGuard, GuardConfig, GuardRecord, Gua
 from bandit.featurize import TAGS_SPEC, with_tags
 from bandit.pricing import request_cost
 from service.budget import Ledger
+from service.budget_lease import budget_leases
 from service.config import Settings
 from service.db import models as m
 from service.db.engine import is_at_head
@@ -238,6 +239,8 @@ class RoutingService:
         self._decision_counters: dict[tuple[str, str], Any] = {}
         self._valid_preferences: set[Preferences] = set()
         self._guards: dict[tuple[str, float], ConservativeGuard] = {}
+        #: Budgets leased from PostgreSQL (service/budget_lease.py), or None.
+        self.leases = budget_leases(settings, engine.dialect.name)
 
     # ================================================================= start / stop
     def start(self) -> str | None:
@@ -265,6 +268,8 @@ class RoutingService:
         # back by that much). A background import was no better: the drain waited
         # for it, slowed down by the requests being served meanwhile.
         importlib.import_module("river.drift")
+        if self.leases is not None:
+            self.leases.start(self._budgeted_ledgers)
         # Replicas (and learners) must agree on this; the spec names the featurizer and
         # the map's digest, so a log search shows a replica with another file.
         log.info("contexts: %s, %d dimensions; request tags: %s",
@@ -291,6 +296,8 @@ class RoutingService:
         return admin_key
 
     def stop(self) -> None:
+        if self.leases is not None:
+            self.leases.stop()  # returns the unused slices first
         self._drain_stop.set()  # also ends the reload loop
         self._database_back.set()  # ... now, not at the end of its backoff
         if self._reload_thread is not None:
@@ -768,11 +775,21 @@ class RoutingService:
             id=row.id, name=row.name, key_hash=row.key_hash,
             preferences=Preferences(row.weight_quality, row.weight_cost, row.weight_latency),
             policy=row.policy, scope=row.scope, on_budget_exhausted=row.on_budget_exhausted,
-            ledger=Ledger(row.budget_usd_per_day, row.budget_usd_per_month),
+            ledger=self._new_ledger(row.budget_usd_per_day, row.budget_usd_per_month),
             baseline_model=row.baseline_model,
             max_exploration_loss=float(row.max_exploration_loss
                                        if row.max_exploration_loss is not None else 0.02),
             guard_since=None if row.guard_since is None else m.as_utc(row.guard_since))
+
+    def _new_ledger(self, budget_day: float | None, budget_month: float | None) -> Ledger:
+        ledger = Ledger(budget_day, budget_month, leased=self.leases is not None)
+        if self.leases is not None:
+            ledger.wake = self.leases.wake
+        return ledger
+
+    def _budgeted_ledgers(self) -> list[tuple[str, Ledger]]:
+        return [(t.id, t.ledger) for t in list(self.tenants.values())
+                if t.budget_usd_per_day is not None or t.budget_usd_per_month is not None]
 
     def _load_tenants(self) -> None:
         with Session(self.engine) as session:
@@ -1353,7 +1370,8 @@ class RoutingService:
         """Give back the reservation of a decision that is never answered (and its part
         of the tenant's guard state)."""
         row = pending.row
-        pending.tenant.ledger.adjust(-row["charged_usd"], row["created_at"].timestamp())
+        pending.tenant.ledger.unreserve(row["charged_usd"], row["created_at"].timestamp(),
+                                        from_slice=not row["over_budget"])
         if row.get("guard"):
             with self._lock:
                 ConservativeGuard.count(pending.tenant.guard_state,

@@ -33,7 +33,7 @@ def small_and_large(http: httpx.Client, tenant_name: str = "t") -> dict[str, str
 
 
 def start(url: str, port: int, extra_env: dict[str, str] | None = None,
-          ready_path: str = "/readyz") -> subprocess.Popen:
+          ready_path: str = "/readyz", timeout_s: float = 30.0) -> subprocess.Popen:
     """``bandit-router serve`` in a subprocess on ``port``, once ``ready_path`` answers."""
     env = {**os.environ, "BANDIT_ROUTER_DATABASE_URL": url, "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY,
            "BANDIT_ROUTER_DIM": str(DIM), "BANDIT_ROUTER_POLICY_SEED": "3",
@@ -41,7 +41,7 @@ def start(url: str, port: int, extra_env: dict[str, str] | None = None,
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                              "--log-level", "warning"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
@@ -52,7 +52,7 @@ def start(url: str, port: int, extra_env: dict[str, str] | None = None,
         except httpx.HTTPError:
             time.sleep(0.1)
     proc.kill()
-    pytest.fail(f"serve did not answer {ready_path} in 30 s")
+    pytest.fail(f"serve did not answer {ready_path} in {timeout_s:g} s")
 
 
 def test_serve_kill_9_keeps_acknowledged_feedback(new_database_url):
