@@ -27,7 +27,9 @@ def _stream(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _run(guarded: bool, seed: int, n: int = 1500, max_loss: float = 0.02,
          epsilon: float = 0.01) -> dict[str, np.ndarray | GuardState]:
     x, quality = _stream(n, seed)
-    policy = LinUCB(2, seed=seed, epsilon=epsilon)
+    # An explicit bonus: the premise (exploring without the guard breaks the bound)
+    # must not hang on the default policy settings.
+    policy = LinUCB(2, seed=seed, epsilon=epsilon, alpha=1.0)
     for arm in ARMS:
         policy.add_arm(arm)
     guard = ConservativeGuard(GuardConfig(baseline="base", max_loss=max_loss))
