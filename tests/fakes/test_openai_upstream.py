@@ -8,15 +8,14 @@ import time
 import openai
 import pytest
 
-from tests.fakes.openai_upstream import FakeModel, refused_base_url, running_upstream
+from tests.fakes.openai_upstream import FakeModel, refused_base_url
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
-@pytest.fixture(scope="module")
-def upstream():
-    with running_upstream() as up:
-        yield up
+@pytest.fixture
+def upstream(fake_upstream):  # the suite-wide fixture of tests/conftest.py
+    return fake_upstream
 
 
 @pytest.fixture
