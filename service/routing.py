@@ -331,7 +331,12 @@ class RoutingService:
                              "weights": list(t.preferences), "policy": t.policy,
                              "scope": t.scope, "on_budget_exhausted": t.on_budget_exhausted,
                              "budget_day": t.budget_usd_per_day,
-                             "budget_month": t.budget_usd_per_month}
+                             "budget_month": t.budget_usd_per_month,
+                             "baseline_model": t.baseline_model,
+                             "max_exploration_loss": t.max_exploration_loss,
+                             "guard_since": (None if t.guard_since is None
+                                             else t.guard_since.isoformat()),
+                             "guard_state": t.guard_state.to_dict()}
                             for t in self.tenants.values()]})
             last = self.last_feedback_id
         items: dict[str, bytes] = {}
@@ -368,7 +373,14 @@ class RoutingService:
         tenants = [TenantState(id=t["id"], name=t["name"], key_hash=t["key_hash"],
                                preferences=Preferences(*t["weights"]), policy=t["policy"],
                                scope=t["scope"], on_budget_exhausted=t["on_budget_exhausted"],
-                               ledger=Ledger(t["budget_day"], t["budget_month"]))
+                               ledger=Ledger(t["budget_day"], t["budget_month"]),
+                               baseline_model=t.get("baseline_model"),
+                               max_exploration_loss=t.get("max_exploration_loss", 0.02),
+                               guard_since=(None if t.get("guard_since") is None
+                                            else datetime.fromisoformat(t["guard_since"])),
+                               # The guard's sums as of the last registry save: a degraded
+                               # start keeps guarding from there, not from zero.
+                               guard_state=GuardState.from_dict(t.get("guard_state") or {}))
                    for t in registry["tenants"]]
         self.tenants = {t.id: t for t in tenants}
         self._by_key = {t.key_hash: t for t in tenants}
