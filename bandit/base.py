@@ -423,8 +423,50 @@ def check_names(names: Sequence[str] | None, known: Sequence[str],
     return names
 
 
+def _cost_estimates(value: object, names: list[str], n: int) -> np.ndarray:
+    """Validate a per-request price estimate and return it as an (n, K) array, USD."""
+    if isinstance(value, Mapping):
+        missing = [a for a in names if a not in value]
+        if missing:
+            raise InvalidInputError(f"cost_estimate.{missing[0]}", "needs a value for "
+                                    "every candidate", None)
+        value = [value[a] for a in names]
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InvalidInputError("cost_estimate", "must be numbers (USD), one per "
+                                "candidate", type(value).__name__) from None
+    if arr.ndim == 1:
+        arr = np.broadcast_to(arr, (n, arr.shape[0]))
+    if arr.shape != (n, len(names)):
+        raise InvalidInputError("cost_estimate", f"must have one value per candidate "
+                                f"({len(names)}) per context ({n})", arr.shape)
+    bad = ~np.isfinite(arr) | (arr < 0) | (arr > MAX_COST_USD)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise InvalidInputError(f"cost_estimate.{names[col]}", "must be a finite number "
+                                f">= 0.0 and <= {MAX_COST_USD}", float(arr[row, col]))
+    return arr
+
+
+def _price_ratios(estimates: object, costs: np.ndarray) -> np.ndarray:
+    """Observed cost over the price estimate per row, NaN where either is missing or the
+    estimate is 0 (a free model has no ratio to learn)."""
+    est = np.asarray(estimates, dtype=np.float64).reshape(-1)
+    if est.shape != costs.shape:
+        raise InvalidInputError("cost_estimate", "must be one number (USD) per outcome",
+                                f"shape {est.shape}")
+    if not (np.isnan(est) | ((est >= 0) & (est <= MAX_COST_USD))).all():
+        raise InvalidInputError("cost_estimate", "must be finite numbers >= 0.0 and <= "
+                                f"{MAX_COST_USD} (NaN = unknown)", "out of range")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(est > 0, costs / est, np.nan)
+
+
 # ---------------------------------------------------------------------------- policy
 _MAGIC = b"BRPOL\x01"
+#: Serialization format: 2 added the price-ratio sums (format 1 files load with none).
+_FORMAT = 2
 
 
 class _Assessment(NamedTuple):
@@ -436,8 +478,9 @@ class _Assessment(NamedTuple):
     std: np.ndarray
     utility_main: np.ndarray  # -inf for arms outside the main branch
     std_main: np.ndarray  # 0 for cold arms while warm ones exist
-    cold: np.ndarray
-    cold_share: float
+    cold: np.ndarray  # (n, K) cold arms the cold-start share may explore in each row
+    cold_share: np.ndarray  # (n,) share of that row's decisions given to them
+    ceiling: np.ndarray  # utility with perfect quality: what no optimism may exceed
 
 
 @dataclass(frozen=True)
@@ -469,6 +512,27 @@ class PolicyConfig:
         decisions (uniformly among them); otherwise they are scored on their prior mean.
     refresh_every
         Recompute an arm's inverse exactly from its sums after this many rank-one updates.
+    context_ridge
+        Ridge of the context coefficients relative to the intercept's (``ridge``). Above 1
+        an arm with little data is predicted by its mean, not by a noisy fit of its few
+        contexts, so early play is close to the best-mean arm's.
+    price_strength
+        How many observations the declared price is worth against observed costs: the
+        cost predicted from a per-request price estimate (``cost_estimate``) is the
+        estimate times the arm's mean observed / estimated ratio, shrunk toward 1 by
+        this many pseudo-observations.
+    bounded_optimism
+        No arm is scored above its utility with perfect quality (1.0) at its predicted
+        cost, and a cold arm that could not beat the best warm arm's predicted utility
+        even with perfect quality is not explored: at a tenant's cost weight an
+        expensive model that cannot pay for itself costs no exploration.
+    shared_ridge
+        Learn a quality component shared by every arm (hybrid linear model, Li et al.
+        2010; ridge strength of the shared coefficients): what one model's feedback
+        teaches about a query (its difficulty, its domain) moves every model's
+        prediction, and a model added mid-stream starts from the shared estimate.
+        Each arm's own coefficients are its deviation, pulled toward 0 by ``ridge`` x
+        ``context_ridge``. None: every arm learns alone.
     seed
         Seed of the policy's private random generator.
     """
@@ -483,6 +547,12 @@ class PolicyConfig:
     cold_start_pulls: int = 10
     cold_start_share: float = 0.1
     refresh_every: int = 1000
+    # Defaults from the issue-13 sweep on the llmrouter replay (benchmarks/results/
+    # value_sweep.json): a context ridge of 100 with a shared component (ridge 1) won.
+    context_ridge: float = 100.0
+    price_strength: float = 10.0
+    bounded_optimism: bool = True
+    shared_ridge: float | None = 1.0
     seed: int | None = None
 
     def validated(self) -> PolicyConfig:
@@ -503,6 +573,13 @@ class PolicyConfig:
         if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise InvalidInputError("refresh_every", "must be an integer >= 1",
                                     self.refresh_every)
+        check_finite_number("context_ridge", self.context_ridge, low=1e-6, high=1e6)
+        check_finite_number("price_strength", self.price_strength, low=1e-6)
+        if self.shared_ridge is not None:
+            check_finite_number("shared_ridge", self.shared_ridge, low=1e-6, high=1e6)
+        if not isinstance(self.bounded_optimism, bool):
+            raise InvalidInputError("bounded_optimism", "must be true or false",
+                                    self.bounded_optimism)
         if self.seed is not None and (isinstance(self.seed, bool)
                                       or not isinstance(self.seed, int)):
             raise InvalidInputError("seed", "must be an integer or None", self.seed)
@@ -529,7 +606,8 @@ class Policy(abc.ABC):
 
     def __init__(self, dim: int, **params: object) -> None:
         self.config = self.Config(dim=dim, **params).validated()  # type: ignore[arg-type]
-        self._stats = ArmStatistics(dim, self.config.refresh_every)
+        self._stats = ArmStatistics(dim, self.config.refresh_every,
+                                    self.config.context_ridge)
         self._names: list[str] = []
         self._index: dict[str, int] = {}
         self._priors: dict[str, ArmPrior] = {}
@@ -539,6 +617,8 @@ class Policy(abc.ABC):
         self.drift_events: dict[str, int] = {}
         #: Bumped by every change of the statistics or the arms.
         self.version = 0
+        # (version, (K, D) shared quality offsets): recomputed once per change, lazily.
+        self._shared: tuple[int, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ arms
     @property
@@ -604,7 +684,9 @@ class Policy(abc.ABC):
 
     # -------------------------------------------------------------- deciding
     def decide(self, x: object, preferences: Preferences | None = None,
-               candidates: Sequence[str] | None = None, *, explore: bool = True) -> Decision:
+               candidates: Sequence[str] | None = None, *, explore: bool = True,
+               cost_estimate: Mapping[str, float] | Sequence[float] | None = None,
+               ) -> Decision:
         """Choose an arm for one context.
 
         Parameters
@@ -617,8 +699,16 @@ class Policy(abc.ABC):
             Arm names allowed for this request; default all arms.
         explore
             False gives the greedy choice on predicted utility (propensity 1).
+        cost_estimate
+            The expected cost of this request on each candidate, USD, from the declared
+            prices (input price x prompt tokens + output price x expected output
+            tokens): a mapping arm -> USD covering the candidates, or one number per
+            candidate in order. The predicted cost is then this estimate times the
+            arm's learned correction (see ``price_strength``) and carries no
+            uncertainty: no exploration is spent learning prices.
         """
-        batch = self.decide_batch(x, preferences, candidates, explore=explore)
+        batch = self.decide_batch(x, preferences, candidates, explore=explore,
+                                  cost_estimate=cost_estimate)
         if len(batch) != 1:
             raise InvalidInputError("x", "decide() takes one context; use decide_batch()",
                                     f"{len(batch)} rows")
@@ -626,52 +716,57 @@ class Policy(abc.ABC):
 
     def decide_batch(self, x: object, preferences: Preferences | None = None,
                      candidates: Sequence[str] | None = None, *, explore: bool = True,
-                     propensities: bool = True) -> BatchDecision:
+                     propensities: bool = True,
+                     cost_estimate: object = None) -> BatchDecision:
         """Choose an arm for each row of ``x`` (n, dim), independently.
 
         ``propensities=False`` skips computing them (NaN) where that costs extra work
-        (Thompson sampling), for replays that do not need them.
+        (Thompson sampling), for replays that do not need them. ``cost_estimate`` as
+        for :meth:`decide`, or an (n, K) array (row per context, column per candidate).
         """
-        a = self._assess(x, preferences, candidates, explore)
+        a = self._assess(x, preferences, candidates, explore, cost_estimate)
         n, k = a.utility.shape
         if not explore:
             choices = np.argmax(a.utility, axis=1)
             return BatchDecision(a.names, choices, np.ones(n), a.means, a.utility, a.std,
                                  a.utility, np.zeros(n, dtype=bool))
-        scores = self._score(a.utility_main, a.std_main)
+        scores = self._score(a.utility_main, a.std_main, a.ceiling)
         choices = np.argmax(scores, axis=1)
         eps, cold_share = self.config.epsilon, a.cold_share
-        if eps > 0 or cold_share > 0:
+        if eps > 0 or cold_share.any():
             u = self._rng.random(n)
             uniform = u < eps
             to_cold = ~uniform & (u < eps + (1 - eps) * cold_share)
             if uniform.any():
                 choices[uniform] = self._rng.integers(0, k, int(uniform.sum()))
-            if to_cold.any():
-                cold_idx = np.flatnonzero(a.cold)
-                choices[to_cold] = cold_idx[self._rng.integers(0, cold_idx.size,
-                                                               int(to_cold.sum()))]
+            for row in np.flatnonzero(to_cold):
+                cold_idx = np.flatnonzero(a.cold[row])
+                choices[row] = cold_idx[self._rng.integers(0, cold_idx.size)]
         prop = self._propensity(a, choices) if propensities else np.full(n, np.nan)
         explored = choices != np.argmax(a.utility, axis=1)
+        # Arms outside the main branch (cold, quality unknown) scored -inf there; report
+        # their predicted utility instead, so every reported number is finite (JSON).
+        scores = np.where(np.isfinite(scores), scores, a.utility)
         return BatchDecision(a.names, choices, prop, a.means, a.utility, a.std, scores,
                              explored)
 
     def probabilities(self, x: object, preferences: Preferences | None = None,
-                      candidates: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+                      candidates: Sequence[str] | None = None, *,
+                      cost_estimate: object = None) -> tuple[list[str], np.ndarray]:
         """The probability of every candidate for each context, (names, (n, K) array).
 
         The full distribution :meth:`decide_batch` draws from, in the policy's current
         state: what off-policy evaluation of this policy needs.
         """
-        names, probs, _ = self._distribution(x, preferences, candidates)
+        names, probs, _ = self._distribution(x, preferences, candidates, cost_estimate)
         return names, probs
 
     def _distribution(self, x: object, preferences: Preferences | None,
-                      candidates: Sequence[str] | None,
+                      candidates: Sequence[str] | None, cost_estimate: object = None,
                       ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Names, the (n, K) choice distribution and the predicted utility, from one
         prediction (off-policy evaluation needs both)."""
-        a = self._assess(x, preferences, candidates, explore=True)
+        a = self._assess(x, preferences, candidates, True, cost_estimate)
         n, k = a.utility.shape
         probs = np.empty((n, k))
         for j in range(k):
@@ -679,40 +774,75 @@ class Policy(abc.ABC):
         return a.names, probs, a.utility
 
     def _assess(self, x: object, preferences: Preferences | None,
-                candidates: Sequence[str] | None, explore: bool) -> _Assessment:
+                candidates: Sequence[str] | None, explore: bool,
+                cost_estimate: object = None) -> _Assessment:
         """Validate the inputs and predict; what every way of deciding starts from."""
         xb = self._features(x)
         prefs = (preferences or Preferences()).validated()
         w = prefs.head_weights()
         names = check_names(candidates, self._names, index=self._index)
         idx = np.fromiter((self._index[n] for n in names), dtype=np.intp, count=len(names))
+        estimate = (None if cost_estimate is None
+                    else _cost_estimates(cost_estimate, names, xb.shape[0]))
         c = (w * w) * self._stats.sigma2 if explore else None
+        if c is not None and estimate is not None:
+            c[:, 1] = 0.0  # the price is known: its correction earns no exploration
         every_arm = len(names) == len(self._names) and names == self._names
         means, utility, std = self._stats.predict(xb, None if every_arm else idx, c, w)
-        k = utility.shape[1]
-        cold = self._stats.count[idx, 0] < self.config.cold_start_pulls
-        n_cold = int(cold.sum())
-        cold_share = self.config.cold_start_share if explore and 0 < n_cold < k else 0.0
+        if self.config.shared_ridge is not None:
+            if self._shared is None or self._shared[0] != self.version:
+                self._shared = (self.version,
+                                self._stats.shared_offsets(self.config.shared_ridge))
+            means[:, :, 0] += xb @ self._shared[1][idx].T
+            if estimate is None:
+                utility = means @ w
+        if estimate is not None:
+            factor = self._stats.cost_factor(self.config.price_strength)[idx]
+            means[:, :, 1] = estimate * factor
+            utility = means @ w
+        n, k = utility.shape
+        # Perfect quality at the predicted cost and latency: the most an arm can earn.
+        ceiling = utility + w[0] * np.maximum(1.0 - means[:, :, 0], 0.0)
+        cold_arm = self._stats.count[idx, 0] < self.config.cold_start_pulls
+        n_cold = int(cold_arm.sum())
+        cold = np.zeros((n, k), dtype=bool)
+        cold_share = np.zeros(n)
         utility_main, std_main = utility, std
-        if cold_share > 0:
-            # While warm arms exist, cold ones get no bonus in the main branch: their
-            # exploration is the bounded cold-start share, not an unbounded optimism
-            # bonus. A cold arm with a declared quality prior competes on its prior
-            # mean; one without (quality unknown) is only reached by the cold share.
-            std_main = np.where(cold, 0.0, std)
-            declared = np.fromiter((self._priors[n].quality is not None for n in names),
-                                   dtype=bool, count=k)
-            utility_main = np.where(cold & ~declared, -np.inf, utility)
+        if explore and 0 < n_cold < k:
+            cold[:] = cold_arm
+            if self.config.bounded_optimism:
+                best_warm = np.where(cold_arm, -np.inf, utility).max(axis=1)
+                cold &= ceiling >= best_warm[:, None]
+            cold_share = np.where(cold.any(axis=1), self.config.cold_start_share, 0.0)
+            if self.config.shared_ridge is None:
+                # While warm arms exist, cold ones get no bonus in the main branch: their
+                # exploration is the bounded cold-start share, not an unbounded optimism
+                # bonus. A cold arm with a declared quality prior competes on its prior
+                # mean; one without (quality unknown) is only reached by the cold share.
+                std_main = np.where(cold_arm, 0.0, std)
+                declared = np.fromiter((self._priors[n].quality is not None
+                                        for n in names), dtype=bool, count=k)
+                utility_main = np.where(cold_arm & ~declared, -np.inf, utility)
+            # With a shared component a cold arm is predicted by it (a mean and its
+            # uncertainty, like any arm) and competes in the main branch, its optimism
+            # capped by the quality ceiling; the cold share comes on top. (Shutting
+            # cold arms out hands the main branch to the first arm that warms up, good
+            # or bad, for the ~cold_start_pulls x K / cold_start_share decisions the
+            # others need to warm up: on the llmrouter replay, a 0.2-quality model
+            # took 40% of the first 1,000 rows.)
+        if not self.config.bounded_optimism:
+            ceiling = np.full_like(utility, np.inf)
         return _Assessment(names, means, utility, std, utility_main, std_main, cold,
-                           cold_share)
+                           cold_share, ceiling)
 
     def _propensity(self, a: _Assessment, choices: np.ndarray) -> np.ndarray:
         """Probability of ``choices`` (n,) under the epsilon / cold-start / main mixture."""
         k = a.utility.shape[1]
         eps = self.config.epsilon
-        p_main = self._main_propensity(a.utility_main, a.std_main, choices)
-        n_cold = max(int(a.cold.sum()), 1)
-        p_cold = np.where(a.cold[choices], a.cold_share / n_cold, 0.0)
+        p_main = self._main_propensity(a.utility_main, a.std_main, choices, a.ceiling)
+        rows = np.arange(len(choices))
+        n_cold = np.maximum(a.cold.sum(axis=1), 1)
+        p_cold = np.where(a.cold[rows, choices], a.cold_share / n_cold, 0.0)
         return eps / k + (1 - eps) * (p_cold + (1 - a.cold_share) * p_main)
 
     def predict(self, x: object, preferences: Preferences | None = None,
@@ -726,22 +856,28 @@ class Policy(abc.ABC):
         return np.concatenate([arr, np.ones((arr.shape[0], 1))], axis=1)
 
     @abc.abstractmethod
-    def _score(self, utility: np.ndarray, std: np.ndarray) -> np.ndarray:
-        """Scores (n,K) the main branch maximizes, from predicted utility and its std."""
+    def _score(self, utility: np.ndarray, std: np.ndarray,
+               ceiling: np.ndarray) -> np.ndarray:
+        """Scores (n,K) the main branch maximizes, from predicted utility, its std and
+        the ceiling no optimism may exceed (+inf without ``bounded_optimism``)."""
 
     @abc.abstractmethod
     def _main_propensity(self, utility: np.ndarray, std: np.ndarray,
-                         choices: np.ndarray) -> np.ndarray:
+                         choices: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
         """Probability (n,) that the main branch picks ``choices``."""
 
     # -------------------------------------------------------------- learning
     def update(self, arm: str, x: object, outcome: Mapping[str, object], *,
-               now: float | None = None, time: float | None = None) -> None:
+               now: float | None = None, time: float | None = None,
+               cost_estimate: float | None = None) -> None:
         """Learn from the outcome of ``arm`` on context ``x``.
 
         ``outcome`` maps objectives to values: ``quality`` in [0, 1], ``cost`` /
         ``cost_usd`` in USD, ``latency`` / ``latency_ms`` in ms; any subset.
         ``now`` (seconds, any fixed origin) drives forgetting; default the wall clock.
+
+        ``cost_estimate`` (USD) is the price estimate the decision used for this arm;
+        with a ``cost_usd`` outcome it teaches the arm's price correction.
 
         ``time`` (seconds; instead of ``now``) is the outcome's event time, as one row
         of :meth:`update_batch`'s ``times``: with forgetting, the outcome weighs
@@ -773,6 +909,10 @@ class Policy(abc.ABC):
         else:
             self._maybe_decay(now)
         residual = self._stats.update(k, xb[0], y, weight)
+        if cost_estimate is not None:
+            ratio = _price_ratios([cost_estimate], y[1:2])
+            if not np.isnan(ratio[0]):
+                self._stats.add_price_ratios(k, ratio, weight)
         if residual is not None:
             self._watch_drift(arm, [residual])
         self.version += 1
@@ -780,7 +920,8 @@ class Policy(abc.ABC):
     def update_batch(self, arms: Sequence[str], x: object,
                      outcomes: Sequence[Mapping[str, object]] | np.ndarray, *,
                      now: float | None = None, weight: float = 1.0,
-                     watch_drift: bool = True, times: object = None) -> None:
+                     watch_drift: bool = True, times: object = None,
+                     cost_estimates: object = None) -> None:
         """Learn from many outcomes at once (one exact refresh per arm touched).
 
         ``outcomes`` is a list of mappings as for :meth:`update`, or an (n, 3) array of
@@ -801,6 +942,9 @@ class Policy(abc.ABC):
         are then the exponentially weighted sums of the events whatever order and
         batches they come in, so sums kept apart (partitions) add up exactly
         (:meth:`merge`, :meth:`decay`).
+
+        ``cost_estimates`` (USD, one per outcome, NaN = none): the price estimates the
+        decisions used, as ``cost_estimate`` of :meth:`update`.
 
         >>> from bandit import LinUCB
         >>> p = LinUCB(1, half_life_hours=1.0, decay_interval_s=0.0, drift_delta=None)
@@ -832,13 +976,20 @@ class Policy(abc.ABC):
                 weights = float(weight) * self._age_weights(float(t.max()), t)
         else:
             self._maybe_decay(now)
+        ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         for k in np.unique(ks):
             rows = ks == k
             name = self._names[k]
             q = ~np.isnan(y[rows, 0])
             residuals = (y[rows, 0] - xb[rows] @ self._stats.theta[k, 0])[q]
-            self._stats.update_many(int(k), xb[rows], y[rows],
-                                    weights if np.ndim(weights) == 0 else weights[rows])
+            w_rows = weights if np.ndim(weights) == 0 else weights[rows]
+            self._stats.update_many(int(k), xb[rows], y[rows], w_rows)
+            if ratios is not None:
+                known = ~np.isnan(ratios[rows])
+                if known.any():
+                    self._stats.add_price_ratios(
+                        int(k), ratios[rows][known],
+                        w_rows if np.ndim(w_rows) == 0 else w_rows[known])
             if watch_drift:
                 self._watch_drift(name, residuals.tolist())
         self.version += 1
@@ -977,7 +1128,7 @@ class Policy(abc.ABC):
         after a restore they start watching afresh.
         """
         header = {
-            "format": 1,
+            "format": _FORMAT,
             "policy": self.name,
             "config": asdict(self.config),
             "arms": self._names,
@@ -1008,6 +1159,9 @@ class Policy(abc.ABC):
         data = bytes(data)
         size = int.from_bytes(data[6:10], "big")
         header = json.loads(data[10:10 + size])
+        if header.get("format") not in (1, _FORMAT):
+            raise InvalidInputError("data", f"has format {header.get('format')!r}; this "
+                                    f"version reads formats 1 and {_FORMAT}")
         policy_cls = Policy._registry.get(header["policy"])
         if policy_cls is None or (as_class is None and cls is not Policy
                                   and policy_cls is not cls):
@@ -1028,12 +1182,19 @@ class Policy(abc.ABC):
         arrays = np.load(io.BytesIO(data[10 + size:]), allow_pickle=False)
         for name in arrays.files:
             setattr(policy._stats, name, arrays[name].copy())
+        if "price_ratio" not in arrays.files:
+            # Format 1 predates price corrections: no ratio was ever observed.
+            policy._stats.price_ratio = np.zeros((len(header["arms"]), 2))
         policy._names = list(header["arms"])
         policy._index = {n: i for i, n in enumerate(policy._names)}
         policy._priors = {n: ArmPrior(*p) for n, p in zip(policy._names, header["priors"],
                                                             strict=True)}
         if not header.get("derived", True):
             policy._stats.fill_derived()
+        elif header["format"] == 1:
+            # Format 1's stored inverses used one ridge for every coefficient; this
+            # version's context_ridge may differ: recompute them from the sums.
+            policy._stats.refresh()
         policy._t_ref = header["t_ref"]
         if target is policy_cls and "seed" not in config:
             policy._rng.bit_generator.state = header["rng"]

@@ -59,17 +59,23 @@ class ArmStatistics:
     """
 
     ARRAYS = ("group", "s_data", "s_inv", "a_data", "a_inv", "b_data", "srr", "weight",
-              "count", "lam", "mu0", "sigma0", "updates", "theta", "sigma2")
-    DATA = ("s_data", "a_data", "b_data", "srr", "weight")  # what forgetting discounts
+              "count", "lam", "mu0", "sigma0", "updates", "theta", "sigma2", "price_ratio")
+    # what forgetting discounts
+    DATA = ("s_data", "a_data", "b_data", "srr", "weight", "price_ratio")
     # What defines the statistics; the rest (inverses, theta, sigma^2) is recomputed.
     SUMS = ("group", "s_data", "a_data", "b_data", "srr", "weight", "count", "lam", "mu0",
-            "sigma0", "updates")
+            "sigma0", "updates", "price_ratio")
 
-    def __init__(self, dim: int, refresh_every: int = 1000) -> None:
+    def __init__(self, dim: int, refresh_every: int = 1000,
+                 context_ridge: float = 1.0) -> None:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
         d = self.n_features
+        # Ridge of the context coefficients relative to the intercept's: above 1 shrinks
+        # an arm's context weights toward its mean, so that with little data an arm is
+        # predicted by its mean (the best-mean arm wins early) instead of by a noisy fit.
+        self.ridge_diag = np.r_[np.full(dim, float(context_ridge)), 1.0]
         self.group = np.zeros((0, _H), dtype=bool)
         self.s_data = np.zeros((0, d, d))
         self.s_inv = np.zeros((0, d, d))
@@ -85,6 +91,9 @@ class ArmStatistics:
         self.updates = np.zeros(0, dtype=np.int64)  # updates since the last exact refresh
         self.theta = np.zeros((0, _H, d))
         self.sigma2 = np.zeros((0, _H))
+        # Observed cost over the per-request price estimate: (sum of weighted ratios,
+        # sum of weights) per arm; the cost correction learned on top of declared prices.
+        self.price_ratio = np.zeros((0, 2))
 
     # ----------------------------------------------------------------- arms
     def __len__(self) -> int:
@@ -104,6 +113,7 @@ class ArmStatistics:
             "count": np.zeros(_H, dtype=np.int64), "lam": lam,
             "mu0": np.asarray(mu0, dtype=float), "sigma0": np.asarray(sigma0, dtype=float),
             "updates": np.int64(0), "theta": np.zeros((_H, d)), "sigma2": np.zeros(_H),
+            "price_ratio": np.zeros(2),
         }
         self.put(row)
         self.refresh([len(self) - 1])
@@ -160,7 +170,7 @@ class ArmStatistics:
     def refresh(self, arms: list[int] | None = None) -> None:
         """Recompute A^-1, theta and sigma^2 exactly from the sums (O(d^3) per matrix)."""
         idx = range(len(self)) if arms is None else arms
-        eye = np.eye(self.n_features)
+        eye = np.diag(self.ridge_diag)
         for k in idx:
             group = self.group[k]
             own = np.flatnonzero(~group)
@@ -289,6 +299,51 @@ class ArmStatistics:
         self.srr[k] += factor * other.srr[j]
         self.weight[k] += factor * other.weight[j]
         self.count[k] += other.count[j]
+        self.price_ratio[k] += factor * other.price_ratio[j]
+
+    def add_price_ratios(self, k: int, ratios: np.ndarray,
+                         weights: float | np.ndarray = 1.0) -> None:
+        """Record observed cost / price estimate of arm k (one ratio or many)."""
+        r = np.asarray(ratios, dtype=np.float64).reshape(-1)
+        w = np.broadcast_to(np.asarray(weights, dtype=np.float64), r.shape)
+        self.price_ratio[k, 0] += float(w @ r)
+        self.price_ratio[k, 1] += float(w.sum())
+
+    def cost_factor(self, strength: float) -> np.ndarray:
+        """Per-arm multiplicative correction of the price estimate: the mean observed
+        ratio, shrunk toward 1 (the declared price) by ``strength`` pseudo-observations."""
+        return (strength + self.price_ratio[:, 0]) / (strength + self.price_ratio[:, 1])
+
+    def shared_offsets(self, shared_ridge: float) -> np.ndarray:
+        """Quality-head coefficients (K, D) that add a shared component to every arm:
+        the hybrid model of Li et al. (2010), quality = x.(beta + theta_k), with beta
+        shared by all arms (ridge ``shared_ridge``) and theta_k each arm's deviation,
+        pulled toward its prior by the arm's ridge Lambda_k.
+
+        Everything comes from the per-arm sums, so replicas still merge exactly. With
+        A_k = D_k + Lambda_k and theta_k the arm's own ridge fit, profiling out the
+        deviations gives
+
+            (lambda_s I + sum_k (Lambda_k - Lambda_k A_k^-1 Lambda_k)) beta
+                = sum_k Lambda_k (theta_k - m_k)
+
+        and the joint fit of arm k is theta_k + A_k^-1 Lambda_k beta: an arm with
+        little data (a model added mid-stream) is predicted by the shared component,
+        one with much data by its own. Returns the added term A_k^-1 Lambda_k beta.
+        """
+        k, _, d = self.theta.shape
+        if k == 0:
+            return np.zeros((0, d))
+        inv = np.where(self.group[:, 0, None, None], self.s_inv, self.a_inv[:, 0])
+        lam = self.lam[:, 0, None] * self.ridge_diag[None, :]  # (K, D) diagonal of Lambda
+        m = np.zeros((k, d))
+        m[:, -1] = self.mu0[:, 0]
+        # sum_k Lambda_k - Lambda_k A_k^-1 Lambda_k, Lambda diagonal: an elementwise scale
+        m0 = np.diag(shared_ridge + lam.sum(axis=0)) - np.einsum(
+            "ki,kij,kj->ij", lam, inv, lam)
+        r0 = (lam * (self.theta[:, 0] - m)).sum(axis=0)
+        beta = np.linalg.solve(m0, r0)
+        return np.einsum("kij,kj->ki", inv, lam * beta)
 
     def matrices_of(self, k: int, name: str) -> np.ndarray:
         """One arm's (H,D,D) ``a_data`` or ``a_inv`` with every head's own matrix."""

@@ -80,12 +80,15 @@ class LinearThompson(Policy):
         seed = self.config.seed
         self._mc_rng = np.random.default_rng(None if seed is None else [seed, 1])
 
-    def _score(self, utility: np.ndarray, std: np.ndarray) -> np.ndarray:
+    def _score(self, utility: np.ndarray, std: np.ndarray,
+               ceiling: np.ndarray) -> np.ndarray:
+        # The ceiling is not applied to samples: a clipped normal has an atom at the
+        # ceiling, and the propensity integral below assumes continuous draws.
         noise = self._rng.standard_normal(utility.shape)
         return utility + self.config.scale * std * noise
 
     def _main_propensity(self, utility: np.ndarray, std: np.ndarray,
-                         choices: np.ndarray) -> np.ndarray:
+                         choices: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
         s = self.config.scale * std
         n, k = utility.shape
         rows = np.arange(n)

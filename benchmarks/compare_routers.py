@@ -68,6 +68,7 @@ import numpy as np
 
 from bandit import LinearThompson, LinUCB, Preferences
 from bandit.base import ArmPrior
+from bandit.replay import routing_value
 from benchmarks.common import CACHE_DIR, RESULTS_DIR, data_root, print_table, write_results
 
 __all__ = ["Dataset", "aiq", "knn_choices", "knn_scores", "run_online", "make_router",
@@ -84,10 +85,15 @@ PROTO_INCLUDE_BASE = False
 PACKAGES = ("numpy", "river", "mabwiser", "vowpalwabbit", "matplotlib")
 # USD per million tokens (data/README.md): (input, output).
 MMLU_PRICES = {"gpt4": (10.0, 30.0), "mixtral": (0.6, 0.6)}
-ONLINE = ("ours-linucb", "ours-thompson", "river-linucb", "mabwiser-linucb", "vw-cb-adf",
-          "eps-greedy")
+ONLINE = ("ours-linucb", "ours-linucb-v1", "ours-thompson", "river-linucb",
+          "mabwiser-linucb", "vw-cb-adf", "eps-greedy")
 OURS = ("ours-linucb", "ours-thompson")
 PEERS = ("river-linucb", "mabwiser-linucb", "vw-cb-adf")
+#: The policy settings before issue 13 (the ``ours-linucb-v1`` router).
+OLD_DEFAULTS = {"alpha": 0.3, "bounded_optimism": False, "context_ridge": 1.0,
+                "shared_ridge": None}
+#: Share of the stream, at its end, of the "last 20%" value window.
+TAIL = 0.2
 
 
 # ----------------------------------------------------------------------------- data
@@ -102,10 +108,30 @@ class Dataset:
     test_start: int
     features: dict[str, np.ndarray] = field(default_factory=dict)
     notes: dict[str, object] = field(default_factory=dict)
+    # (n, K) USD a router can know before the call: declared price x (prompt tokens +
+    # expected output tokens). None: the realized cost is exactly that estimate.
+    estimate: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return self.quality.shape[0]
+
+    @property
+    def cost_estimate(self) -> np.ndarray:
+        return self.cost if self.estimate is None else self.estimate
+
+    def permuted(self, perm: np.ndarray) -> Dataset:
+        """The same rows in another order (the test split is then only a window)."""
+        return Dataset(self.name, self.arms, self.quality[perm], self.cost[perm],
+                       self.test_start, {k: v[perm] for k, v in self.features.items()},
+                       self.notes, None if self.estimate is None else self.estimate[perm])
+
+    def head(self, rows: int) -> Dataset:
+        """The first ``rows`` rows, the last 20% of them as the test split."""
+        return Dataset(self.name, self.arms, self.quality[:rows], self.cost[:rows],
+                       int(round(rows * 0.8)), {k: v[:rows] for k, v in self.features.items()},
+                       {**self.notes, "rows_used": f"first {rows} rows"},
+                       None if self.estimate is None else self.estimate[:rows])
 
     def rewards(self, weight: float | np.ndarray) -> np.ndarray:
         w = np.asarray(weight, dtype=np.float64)
@@ -175,6 +201,33 @@ def load_mmlu(path: Path, output_tokens: int = 256, test_share: float = 0.2) -> 
     return ds
 
 
+def load_gsm8k(path: Path, output_tokens: int = 256, test_share: float = 0.2) -> Dataset:
+    """RouteLLM's GSM8K: both models' correctness and their actual responses, in file
+    order. The realized cost prices each model's own response (ceil(len/4) tokens); the
+    router's estimate assumes ``output_tokens``, so its price correction has work to do."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    arms = ["gpt4", "mixtral"]
+    cols = {"gpt4": "gpt-4-1106-preview", "mixtral": "mistralai/Mixtral-8x7B-Instruct-v0.1"}
+    quality = np.array([[float(r[cols[a]] == "True") for a in arms] for r in rows])
+    tokens = np.array([math.ceil(len(r["prompt"]) / 4) for r in rows], dtype=np.float64)
+    out = np.array([[math.ceil(len(r[cols[a] + "_response"]) / 4) for a in arms]
+                    for r in rows], dtype=np.float64)
+    price_in = np.array([MMLU_PRICES[a][0] for a in arms])
+    price_out = np.array([MMLU_PRICES[a][1] for a in arms])
+    cost = (price_in * tokens[:, None] + price_out * out) / 1e6
+    estimate = (price_in * tokens[:, None] + price_out * output_tokens) / 1e6
+    ds = Dataset("gsm8k", arms, quality, cost, int(round(len(rows) * (1 - test_share))),
+                 notes={"cost_assumption": "in-price x ceil(len(prompt)/4) + out-price x "
+                                           "ceil(len(response)/4) of each model's own "
+                                           "response; the routers' estimate assumes "
+                                           f"{output_tokens} output tokens",
+                        "order": "file order; last 20% = test"},
+                 estimate=estimate)
+    ds.features["hashing"] = _hashing([r["prompt"] for r in rows])
+    return ds
+
+
 # -------------------------------------------------------------------------- routers
 class Router:
     """One online router: ``decide(t, prefs) -> model index``, then ``learn``."""
@@ -187,20 +240,26 @@ class Router:
 
 
 class Ours(Router):
+    """Our policy with its defaults; it knows each request's price estimate (declared
+    price x tokens), as the service passes it on every decide."""
+
     def __init__(self, cls: type, x: np.ndarray, arms: list[str], mean_cost: np.ndarray,
-                 seed: int) -> None:
-        self.x, self.arms = x, arms
-        self.policy = cls(x.shape[1], seed=seed)
+                 seed: int, estimate: np.ndarray | None = None, **config: object) -> None:
+        self.x, self.arms, self.estimate = x, arms, estimate
+        self.policy = cls(x.shape[1], seed=seed, **config)
         for name, c in zip(arms, mean_cost, strict=True):
             self.policy.add_arm(name, ArmPrior(cost_usd=float(c)))
-        self.index = {name: j for j, name in enumerate(arms)}
 
     def decide(self, t: int, prefs: Preferences) -> int:
-        return self.index[self.policy.decide(self.x[t], prefs).arm]
+        est = None if self.estimate is None else self.estimate[t]
+        batch = self.policy.decide_batch(self.x[t], prefs, cost_estimate=est,
+                                         propensities=False)
+        return int(batch.choices[0])
 
     def learn(self, t: int, arm: int, quality: float, cost: float, reward: float) -> None:
+        est = None if self.estimate is None else float(self.estimate[t, arm])
         self.policy.update(self.arms[arm], self.x[t], {"quality": quality, "cost_usd": cost},
-                           now=float(t))
+                           now=float(t), cost_estimate=est)
 
 
 class River(Router):
@@ -316,9 +375,14 @@ def make_router(name: str, inputs: Inputs, ds: Dataset, seed: int) -> Router:
     k = len(ds.arms)
     mean_cost = ds.cost.mean(axis=0)
     if name == "ours-linucb":
-        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed)
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate)
     if name == "ours-thompson":
-        return Ours(LinearThompson, inputs.x, ds.arms, mean_cost, seed)
+        return Ours(LinearThompson, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate)
+    if name == "ours-linucb-v1":
+        # The defaults before issue 13: no price estimate, unbounded optimism, every
+        # arm alone, context coefficients as free as the intercept.
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, None,
+                    **OLD_DEFAULTS)
     if name == "river-linucb":
         return River(inputs.river_contexts(), k, seed)
     if name == "mabwiser-linucb":
@@ -506,12 +570,13 @@ class Result:
     seeds: int
     seconds: float
     curve: list[float] | None = None
+    value: dict | None = None
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "router": self.router, "featurizer": self.featurizer,
                 "cost_weight": self.weight, "seeds": self.seeds,
-                "seconds_per_pass": round(self.seconds, 3), "test": self.test,
-                "all": self.all, "regret_curve": self.curve}
+                "seconds_per_pass": round(self.seconds, 3), "value": self.value,
+                "test": self.test, "all": self.all, "regret_curve": self.curve}
 
 
 def label(res: Result | dict) -> str:
@@ -523,9 +588,32 @@ def label(res: Result | dict) -> str:
 CURVE_POINTS = 120
 
 
+def stream_value(rewards: np.ndarray, choices: np.ndarray) -> tuple[float, float]:
+    """Routing value (:func:`bandit.replay.routing_value`) over the whole stream and
+    over its last ``TAIL`` share."""
+    tail = int(round(len(choices) * (1 - TAIL)))
+    return (routing_value(rewards, choices)["value"],
+            routing_value(rewards[tail:], choices[tail:])["value"])
+
+
+def value_summary(file_runs: list[tuple[float, float]],
+                  shuffled_runs: list[tuple[float, float]]) -> dict:
+    """Mean (and spread over shuffles) of the routing value, whole stream and tail."""
+    def stats(runs: list[tuple[float, float]]) -> dict | None:
+        if not runs:
+            return None
+        a = np.array(runs, dtype=np.float64)
+        return {"all": round(float(a[:, 0].mean()), 4), "all_sd": round(float(a[:, 0].std()), 4),
+                "last_20pct": round(float(a[:, 1].mean()), 4),
+                "last_20pct_sd": round(float(a[:, 1].std()), 4), "runs": len(runs)}
+
+    return {"file_order": stats(file_runs), "shuffled": stats(shuffled_runs)}
+
+
 def evaluate(ds: Dataset, weights: Sequence[float], seeds: int, online: Sequence[str],
              featurizers: Sequence[str], peer_featurizers: Sequence[str], knn_k: int,
-             log: Callable[[str], None], curve_weight: float | None = None) -> list[Result]:
+             log: Callable[[str], None], curve_weight: float | None = None,
+             shuffles: int = 0) -> list[Result]:
     out: list[Result] = []
     test = slice(ds.test_start, ds.n)
     whole = slice(0, ds.n)
@@ -546,12 +634,14 @@ def evaluate(ds: Dataset, weights: Sequence[float], seeds: int, online: Sequence
         fixed["oracle"] = np.argmax(r - 1e-9 * ds.cost, axis=1)
         for name, ch in fixed.items():
             out.append(Result(ds.name, name, None, weight, window_stats(ds, weight, ch, test),
-                              window_stats(ds, weight, ch, whole), 1, 0.0, curve(weight, [ch])))
+                              window_stats(ds, weight, ch, whole), 1, 0.0, curve(weight, [ch]),
+                              value_summary([stream_value(r, ch)], [])))
         rand = [np.random.default_rng(s).integers(0, len(ds.arms), ds.n) for s in range(seeds)]
         out.append(Result(ds.name, "random", None, weight,
                           _mean_stats([window_stats(ds, weight, c, test) for c in rand]),
                           _mean_stats([window_stats(ds, weight, c, whole) for c in rand]),
-                          seeds, 0.0, curve(weight, rand)))
+                          seeds, 0.0, curve(weight, rand),
+                          value_summary([stream_value(r, c) for c in rand], [])))
         for feat in featurizers:
             x = ds.features[feat]
             t0 = time.perf_counter()
@@ -573,13 +663,26 @@ def evaluate(ds: Dataset, weights: Sequence[float], seeds: int, online: Sequence
                     runs.append(run_online(router, ds.quality, ds.cost,
                                            np.full(ds.n, weight)))
                 secs = (time.perf_counter() - t0) / seeds
+                shuffled = []
+                for s in range(shuffles):
+                    # Shuffle s: permutation seed s + 1, router seed s (the file order
+                    # is the unshuffled stream, reported apart).
+                    perm = np.random.default_rng(s + 1).permutation(ds.n)
+                    dsp = ds.permuted(perm)
+                    router = make_router(name, Inputs(dsp.features[feat]), dsp, s)
+                    ch = run_online(router, dsp.quality, dsp.cost, np.full(ds.n, weight))
+                    shuffled.append(stream_value(r[perm], ch))
                 res = Result(ds.name, name, None if name == "eps-greedy" else feat, weight,
                              _mean_stats([window_stats(ds, weight, c, test) for c in runs]),
                              _mean_stats([window_stats(ds, weight, c, whole) for c in runs]),
-                             seeds, secs, curve(weight, runs))
+                             seeds, secs, curve(weight, runs),
+                             value_summary([stream_value(r, c) for c in runs], shuffled))
                 out.append(res)
-                log(f"  {ds.name} w={weight:g} {label(res):32s} test reward "
-                    f"{res.test['reward']:.4f}  ({secs:.1f}s/pass)")
+                v = res.value or {}
+                sh = v.get("shuffled") or {}
+                log(f"  {ds.name} w={weight:g} {label(res):32s} value file "
+                    f"{v['file_order']['all']:+.3f} shuffled {sh.get('all', float('nan')):+.3f}"
+                    f"  test reward {res.test['reward']:.4f}  ({secs:.1f}s/pass)")
     return out
 
 
@@ -690,6 +793,45 @@ def _fmt_rows(results: list[Result], aiqs: dict, window: str) -> list[list[str]]
     return rows
 
 
+VALUE_COLUMNS = ["data set", "router", "w", "file: all", "file: last 20%",
+                 "shuffled: all (± sd)", "shuffled: last 20% (± sd)"]
+
+
+def _online(results: list[Result]) -> list[Result]:
+    return [r for r in results if r.value is not None and r.router in ONLINE]
+
+
+def value_rows(results: list[Result]) -> list[list[str]]:
+    """One row per data set, online router and weight: the routing value table."""
+    def cell(v: dict | None, key: str) -> str:
+        if not v:
+            return ""
+        sd = v.get(key + "_sd") if v.get("runs", 1) > 1 else None
+        return f"{v[key]:+.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
+
+    rows = []
+    for r in _online(results):
+        f, sh = r.value["file_order"], r.value["shuffled"]
+        rows.append([r.dataset, label(r), f"{r.weight:g}", cell(f, "all"),
+                     cell(f, "last_20pct"), cell(sh, "all"), cell(sh, "last_20pct")])
+    return rows
+
+
+def value_table(results: list[Result]) -> dict:
+    """{data set: {router: {weight: value summary}}} plus each router's sweep means."""
+    out: dict[str, dict] = {}
+    for r in _online(results):
+        out.setdefault(r.dataset, {}).setdefault(label(r), {})[f"{r.weight:g}"] = r.value
+    for routers in out.values():
+        for by_weight in routers.values():
+            sweep = [v for k, v in by_weight.items() if not k.startswith("mean")]
+            for order in ("file_order", "shuffled"):
+                vals = [v[order]["all"] for v in sweep if v.get(order)]
+                if vals:
+                    by_weight[f"mean_{order}"] = round(float(np.mean(vals)), 4)
+    return out
+
+
 COLUMNS = ["router", "quality", "cost $/1k q", "reward (± sd over seeds)", "regret",
            "AIQ"]
 
@@ -707,7 +849,15 @@ def markdown(document: dict, results: list[Result], aiqs: dict[str, dict],
              "non-decreasing convex hull of the router's (cost, quality) points over the "
              "sweep plus the cheapest single model's point (mixing with it is always "
              "possible), normalised over [cheapest, most expensive single model]. "
-             "kNN is offline, full information, scored on test only.", ""]
+             "kNN is offline, full information, scored on test only.", "",
+             "## Routing value", "",
+             "(R_router - R_best single model in hindsight) / (R_oracle - R_best single), "
+             "same rows, same weight: 0 = no better than the best fixed model, 1 = the "
+             "per-query oracle. File order: mean over seeds; shuffled: mean ± sd over "
+             f"{document['settings'].get('shuffles', 0)} shuffles.", "",
+             "| " + " | ".join(VALUE_COLUMNS) + " |", "|" + "---|" * len(VALUE_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in value_rows(results)]
+    lines.append("")
 
     def table(rows: list[list[str]]) -> list[str]:
         out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -783,14 +933,19 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=None,
                         help="directory holding llmrouter/ and routellm/")
-    parser.add_argument("--datasets", default="llmrouter,mmlu")
+    parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--shuffles", type=int, default=5,
+                        help="online passes over shuffled rows per router and weight, "
+                             "beside the file-order passes (routing value only)")
     parser.add_argument("--cost-weights", default="0,100,300,1000,3000",
                         help="llmrouter sweep, quality points per USD")
     parser.add_argument("--mmlu-cost-weights", default="0,10,30,100",
                         help="mmlu sweep (GPT-4 costs ~$0.008 per query, 30x Mixtral)")
     parser.add_argument("--goal-weight", type=float, default=100.0)
     parser.add_argument("--mmlu-goal-weight", type=float, default=30.0)
+    parser.add_argument("--gsm8k-cost-weights", default="0,10,30,100",
+                        help="gsm8k sweep (same two models and prices as mmlu)")
     parser.add_argument("--mmlu-output-tokens", type=int, default=256)
     parser.add_argument("--mmlu-rows", type=int, default=6000,
                         help="first rows of the shuffled file (0 = all 14,042)")
@@ -810,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     ALPHA = args.peer_alpha
     if args.quick:
         args.seeds, args.cost_weights, args.mmlu_cost_weights = 1, "0,100", "0,30"
+        args.gsm8k_cost_weights, args.shuffles = "0,30", 1
         args.no_minilm = True
 
     def log(msg: str) -> None:
@@ -839,11 +995,16 @@ def main(argv: list[str] | None = None) -> int:
             ds = load_mmlu(path, args.mmlu_output_tokens)
             rows = 1500 if args.quick else args.mmlu_rows
             if 0 < rows < ds.n:
-                ds = Dataset(ds.name, ds.arms, ds.quality[:rows], ds.cost[:rows],
-                             int(round(rows * 0.8)),
-                             {k: v[:rows] for k, v in ds.features.items()},
-                             {**ds.notes, "rows_used": f"first {rows} shuffled rows"})
+                ds = ds.head(rows)
             weights = [float(w) for w in args.mmlu_cost_weights.split(",")]
+            goal_w = args.mmlu_goal_weight if args.mmlu_goal_weight in weights else weights[-1]
+        elif name == "gsm8k":
+            path = root / "routellm" / "gsm8k_responses.csv"
+            if not path.exists():
+                log(f"no {path}: skipped")
+                continue
+            ds = load_gsm8k(path, args.mmlu_output_tokens)
+            weights = [float(w) for w in args.gsm8k_cost_weights.split(",")]
             goal_w = args.mmlu_goal_weight if args.mmlu_goal_weight in weights else weights[-1]
         else:
             parser.error(f"unknown dataset {name!r}")
@@ -856,7 +1017,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{ds.name}: {ds.n} rows, {len(ds.arms)} models, test from row {ds.test_start}, "
             f"features {feats}")
         res = evaluate(ds, weights, args.seeds, online, feats, peer_feats, args.knn_k, log,
-                       curve_weight=goal_w)
+                       curve_weight=goal_w, shuffles=args.shuffles)
         all_results += res
         aiqs[ds.name] = add_aiq(res, ds)
         goal_weights[ds.name] = goal_w
@@ -876,14 +1037,19 @@ def main(argv: list[str] | None = None) -> int:
     if not all_results:
         log("no data found; see benchmarks/README.md")
         return 2
+    print_table("routing value (0 = best single model in hindsight, 1 = per-query oracle)",
+                VALUE_COLUMNS, value_rows(all_results))
     elapsed = time.perf_counter() - started
     log(f"done in {elapsed:.0f}s")
     settings = {"argv": " ".join(argv if argv is not None else sys.argv[1:]),
                 "seeds": args.seeds, "alpha_linucb_peers": ALPHA,
                 "eps_greedy_epsilon": EPS_GREEDY, "knn_k": args.knn_k,
-                "ours": "defaults: LinUCB alpha 0.3 eps 0.01, LinearThompson scale 0.5",
+                "ours": "defaults of bandit.LinUCB / LinearThompson, with the price "
+                        "estimate; ours-linucb-v1: " + repr(OLD_DEFAULTS),
+                "shuffles": args.shuffles,
                 "elapsed_s": round(elapsed, 1)}
-    payload = {"settings": settings, "datasets": datasets, "goals": goals, "aiq": aiqs,
+    payload = {"settings": settings, "datasets": datasets,
+               "value": value_table(all_results), "goals": goals, "aiq": aiqs,
                "results": [r.as_dict() for r in all_results]}
     if args.quick and args.out_dir is None:
         return 0

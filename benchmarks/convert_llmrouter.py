@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from bandit.pricing import CHARS_PER_TOKEN, prompt_tokens, request_cost
 from benchmarks.common import CACHE_DIR, DATA_ENV_VAR, data_root
 
 __all__ = [
@@ -66,8 +67,6 @@ __all__ = [
     "main",
 ]
 
-#: Characters per token used to estimate prompt length.
-CHARS_PER_TOKEN = 4
 #: Assumed length of every answer, in tokens (``--output-tokens``).
 DEFAULT_OUTPUT_TOKENS = 256
 #: Splits in output order.
@@ -121,12 +120,13 @@ def load_prices(path: Path) -> dict[str, Price]:
 
 
 def estimate_prompt_tokens(prompt: str) -> int:
-    """``ceil(len(prompt) / 4)``: the usual ~4 characters per token.
+    """``ceil(len(prompt) / 4)``: the usual ~4 characters per token
+    (:func:`bandit.pricing.prompt_tokens`).
 
     >>> estimate_prompt_tokens("What is 2 + 2?")
     4
     """
-    return math.ceil(len(prompt) / CHARS_PER_TOKEN)
+    return prompt_tokens(prompt)
 
 
 def query_cost_usd(price: Price, prompt_tokens: int, output_tokens: int) -> float:
@@ -135,7 +135,8 @@ def query_cost_usd(price: Price, prompt_tokens: int, output_tokens: int) -> floa
     >>> query_cost_usd(Price(0.2, 0.2), prompt_tokens=4, output_tokens=256)
     5.2e-05
     """
-    return (price.input_per_mtok * prompt_tokens + price.output_per_mtok * output_tokens) / 1e6
+    return request_cost(price.input_per_mtok, price.output_per_mtok, prompt_tokens,
+                        output_tokens)
 
 
 def _score(scores: Mapping[str, object], model: str) -> float | None:
@@ -197,13 +198,20 @@ def convert_rows(lines: Iterable[str], split: str, prices: Mapping[str, Price], 
                 f"{where}: scores.{missing[0]}: must be a number in [0, 1] (got "
                 f"{scores.get(missing[0], 'nothing')!r}); use --skip-incomplete to leave "
                 "such rows out")
-        prompt_tokens = estimate_prompt_tokens(prompt)
+        tokens = estimate_prompt_tokens(prompt)
         outcomes = {m: {"quality": qualities[m],
-                        "cost_usd": query_cost_usd(prices[m], prompt_tokens, output_tokens)}
+                        "cost_usd": query_cost_usd(prices[m], tokens, output_tokens),
+                        "input_tokens": tokens, "output_tokens": output_tokens}
                     for m in models}
         stats.rows[split] += 1
-        yield {"id": f"llmrouter-{split}-{line_no - 1:06d}", "prompt": prompt,
-               "outcomes": outcomes, "split": split}
+        record = {"id": f"llmrouter-{split}-{line_no - 1:06d}", "prompt": prompt,
+                  "outcomes": outcomes, "split": split,
+                  "prices": {m: {"input_price_per_mtok": prices[m].input_per_mtok,
+                                 "output_price_per_mtok": prices[m].output_per_mtok}
+                             for m in models}}
+        if row.get("cluster_id") is not None:
+            record["task"] = str(row["cluster_id"])
+        yield record
 
 
 def convert_dir(data_dir: Path, *, output_tokens: int = DEFAULT_OUTPUT_TOKENS,

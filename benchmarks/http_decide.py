@@ -28,6 +28,9 @@ Run::
 
     python -m benchmarks.http_decide            # writes benchmarks/results/http_decide.json
     python -m benchmarks.http_decide --quick    # short smoke run, writes nothing
+    # decide with a budgeted tenant on PostgreSQL, budget leases off / on (issue 17),
+    # alternating; writes benchmarks/results/http_decide_leases.json:
+    python -m benchmarks.http_decide --leases --database-url "$(bash ops/postgres.sh url)"
 """
 
 from __future__ import annotations
@@ -223,6 +226,80 @@ def _median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
     return sorted(runs, key=lambda r: r[key])[(len(runs) - 1) // 2]
 
 
+def leases_comparison(args: argparse.Namespace, seconds: float, rounds: int) -> None:
+    """The decide path with a budgeted tenant (a budget it never exhausts, so every
+    decision reserves) on PostgreSQL, budget leases off and on: two routers, each on
+    a fresh database, measured alternating (max throughput, then p99 at half of the
+    slower one's maximum)."""
+    import psycopg
+
+    admin = args.database_url.replace("postgresql+psycopg://", "postgresql://")
+    names = {v: f"bench_leases_{v}_{os.getpid()}" for v in ("off", "on")}
+    runs: dict[str, list[dict[str, float]]] = {f"{v}_{phase}": [] for v in names
+                                               for phase in ("max", "half_load")}
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in names.values():
+            conn.execute(f'CREATE DATABASE "{name}"')
+    base = args.database_url.rpartition("/")[0]
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmpdir = Path(tmp)
+            (tmpdir / "router_app.py").write_text(ROUTER_APP)
+            reqs = {}
+            for variant, name in names.items():
+                env = {"BANDIT_ROUTER_DATA_DIR": str(tmpdir / variant),
+                       "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
+                       "BANDIT_ROUTER_DATABASE_URL": f"{base}/{name}",
+                       "BANDIT_ROUTER_BUDGET_LEASES": "true" if variant == "on" else "false"}
+                port = free_port()
+                servers[variant] = (start_server(tmpdir, "router_app", port, env), port)
+                key = setup_router(port)
+                with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+                    http.put("/v1/tenants/me/preferences", json={
+                        "budget_usd_per_day": 1e6, "on_budget_exhausted": "reject"},
+                        headers={"Authorization": f"Bearer {key}"}).raise_for_status()
+                reqs[variant] = build_requests(key)
+                asyncio.run(closed_loop(port, reqs[variant], 4, 1.0))  # warm-up
+            for r in range(rounds):
+                for v in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    runs[f"{v}_max"].append(asyncio.run(closed_loop(
+                        servers[v][1], reqs[v], args.connections, seconds)))
+            half = min(_median_run(runs[f"{v}_max"], "throughput_rps")["throughput_rps"]
+                       for v in names) / 2
+            for r in range(rounds):
+                for v in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                    runs[f"{v}_half_load"].append(asyncio.run(open_loop(
+                        servers[v][1], reqs[v], half, seconds, args.connections)))
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in names.values():
+                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    medians = {k: _median_run(v, "p99_ms" if k.endswith("half_load") else "throughput_rps")
+               for k, v in runs.items()}
+    print_table(f"decide with a budgeted tenant, PostgreSQL, leases off / on (medians of "
+                f"{rounds} round(s), alternating)",
+                ["leases", "max req/s", f"p50 ms at {half:.0f} req/s", "p99 ms", "errors"],
+                [[v, f"{medians[f'{v}_max']['throughput_rps']:.0f}",
+                  f"{medians[f'{v}_half_load']['p50_ms']:.2f}",
+                  f"{medians[f'{v}_half_load']['p99_ms']:.2f}",
+                  sum(r["errors"] for k, rs in runs.items() if k.startswith(v) for r in rs)]
+                 for v in names],
+                caption="half-load p99 per round, off: "
+                + ", ".join(f"{r['p99_ms']:.1f}" for r in runs["off_half_load"])
+                + "; on: " + ", ".join(f"{r['p99_ms']:.1f}" for r in runs["on_half_load"]))
+    if not (args.quick or args.no_write):
+        path = write_results("http_decide_leases", {
+            "settings": {"dim": DIM, "models": N_MODELS, "connections": args.connections,
+                         "seconds_per_phase": seconds, "rounds": rounds,
+                         "half_load_rps": half},
+            "medians": medians, "rounds": runs}, packages=("fastapi", "uvicorn", "psycopg"))
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -236,9 +313,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="another source tree (a checkout of the router's packages) "
                              "served as a third server, alternating with the two others: "
                              "a before/after comparison in one run")
+    parser.add_argument("--leases", action="store_true",
+                        help="only compare a budgeted tenant's decide with budget leases "
+                        "off and on (PostgreSQL: --database-url)")
+    parser.add_argument("--database-url", default=os.environ.get("BANDIT_TEST_DATABASE_URL"))
     args = parser.parse_args(argv)
     seconds = 2.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
+    if args.leases:
+        if not args.database_url:
+            parser.error("--leases needs --database-url (PostgreSQL; ops/postgres.sh url)")
+        leases_comparison(args, seconds, rounds)
+        return
 
     results: dict[str, object] = {"settings": {"dim": DIM, "models": N_MODELS,
                                                "connections": args.connections,

@@ -45,12 +45,12 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
-from kafka import KafkaAdminClient, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 
 from bandit import ArmPrior, LinearThompson, LinUCB
 from service.db.engine import upgrade
 from streams.config import StreamsConfig
-from streams.learner import libpq_url
+from streams.learner import DEFAULT_CONSUMER_SETTINGS, libpq_url
 from streams.schemas import FeedbackEvent, encode_feedback
 from streams.stats import recast
 from streams.topics import create_topic
@@ -132,6 +132,43 @@ def stored(url: str, group: str, topic: str) -> dict[int, int]:
     return {int(p): int(o) for p, o in rows}
 
 
+def bare_consumer(bootstrap: str, topic: str, ends: dict[int, int],
+                  max_poll_records: int) -> dict:
+    """The baseline: a bare kafka-python consumer with the learner's poll settings that
+    only ``json.loads`` each value, timed from its assignment to the end of every
+    partition (what a learner could do at most with the same client)."""
+    assigned: list[float] = []
+
+    class Listener(ConsumerRebalanceListener):
+        def on_partitions_revoked(self, revoked: list) -> None:
+            pass
+
+        def on_partitions_assigned(self, tps: list) -> None:
+            if tps and not assigned:
+                assigned.append(time.perf_counter())
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=f"bench-bare-{uuid.uuid4().hex[:8]}",
+        enable_auto_commit=False, auto_offset_reset="earliest",
+        max_poll_records=max_poll_records, **DEFAULT_CONSUMER_SETTINGS)
+    consumer.subscribe([topic], listener=Listener())
+    total, taken, checksum = sum(ends.values()), 0, 0.0
+    try:
+        deadline = time.monotonic() + 300
+        while taken < total:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the bare consumer took {taken} of {total} records")
+            for batch in consumer.poll(timeout_ms=500).values():
+                for record in batch:
+                    checksum += json.loads(record.value)["quality"]
+                taken += len(batch)
+        elapsed = time.perf_counter() - assigned[0]
+    finally:
+        consumer.close(autocommit=False)
+    return {"events": taken, "seconds": round(elapsed, 3),
+            "events_per_s": round(taken / elapsed, 1), "quality_sum": round(checksum, 3)}
+
+
 class LearnerProcess:
     def __init__(self, name: str, url: str, bootstrap: str, topic: str, group: str,
                  max_poll_records: int, log_dir: Path, *, reconcile_spend: bool = True,
@@ -168,7 +205,7 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
                events: int, partitions: int, max_poll_records: int, rng: np.random.Generator,
                log_dir: Path, *, reconcile_spend: bool = True,
                half_life_hours: float | None = None, spread_h: float = 0.0,
-               feedback_rows: bool = True) -> dict:
+               feedback_rows: bool = True, bare: bool = False) -> dict:
     topic = f"bench-feedback-{uuid.uuid4().hex[:8]}"
     group = f"bench-{uuid.uuid4().hex[:8]}"
     create_topic(admin, topic, partitions)
@@ -176,6 +213,8 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
     t = time.perf_counter()
     ends = produce(bootstrap, topic, ids, owners, rng)
     produce_s = time.perf_counter() - t
+    # The baseline reads the very same records just before the learners do.
+    baseline = bare_consumer(bootstrap, topic, ends, max_poll_records) if bare else None
     learners = [LearnerProcess(f"learner-{i}", url, bootstrap, topic, group,
                                max_poll_records, log_dir, reconcile_spend=reconcile_spend,
                                half_life_hours=half_life_hours, feedback_rows=feedback_rows)
@@ -211,7 +250,8 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
             "events_per_s": round(applied / elapsed, 1),
             "events_per_s_per_learner": round(applied / elapsed / n_learners, 1),
             "produce_events_per_s": round(events / produce_s, 1),
-            "applied_keys_total": int(applied_keys), "feedback_rows_total": int(feedback)}
+            "applied_keys_total": int(applied_keys), "feedback_rows_total": int(feedback),
+            "bare_consumer": baseline}
 
 
 def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
@@ -341,6 +381,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-poll-records", type=int, default=20000)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of (bare consumer + 1 learner, bare consumer + 2 "
+                        "learners); medians are reported")
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="measure throughput only; keep the stored visibility row")
     parser.add_argument("--quick", action="store_true", help="small run, no JSON written")
     parser.add_argument("--visibility-only", action="store_true",
                         help="measure visibility only; keep the stored throughput rows")
@@ -361,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("set BANDIT_TEST_DATABASE_URL and BANDIT_TEST_KAFKA_BOOTSTRAP (see "
                      "ops/) or pass --database-url and --bootstrap")
     if args.quick:
-        args.events, args.seconds = 20_000, 5.0
+        args.events, args.seconds, args.rounds = 20_000, 5.0, 1
     rng = np.random.default_rng(0)
     admin = KafkaAdminClient(bootstrap_servers=args.bootstrap)
     log_dir = Path(tempfile.mkdtemp(prefix="learner-bench-"))
@@ -384,17 +429,30 @@ def main(argv: list[str] | None = None) -> None:
             return
     if args.visibility_only and RESULT.exists():
         results["throughput"] = json.loads(RESULT.read_text())["throughput"]
-    for n_learners in () if args.visibility_only else (1, 2):
-        url = make_database(args.database_url)
-        try:
-            row = throughput(url, args.bootstrap, admin, n_learners, args.events,
-                             args.partitions, args.max_poll_records, rng, log_dir)
-        finally:
-            drop_database(args.database_url, url)
-        results["throughput"].append(row)
-        print(f"{n_learners} learner(s): {row['events_per_s']:>10,.0f} events/s "
-              f"({row['events_per_s_per_learner']:,.0f} per learner; "
-              f"{row['events_measured']:,} events in {row['seconds']} s)", flush=True)
+    for _ in range(0 if args.visibility_only else args.rounds):
+        for n_learners in (1, 2):
+            url = make_database(args.database_url)
+            try:
+                row = throughput(url, args.bootstrap, admin, n_learners, args.events,
+                                 args.partitions, args.max_poll_records, rng, log_dir,
+                                 bare=True)
+            finally:
+                drop_database(args.database_url, url)
+            results["throughput"].append(row)
+            print(f"{n_learners} learner(s): {row['events_per_s']:>10,.0f} events/s "
+                  f"({row['events_per_s_per_learner']:,.0f} per learner; "
+                  f"{row['events_measured']:,} events in {row['seconds']} s); bare consumer "
+                  f"{row['bare_consumer']['events_per_s']:,.0f} events/s", flush=True)
+    if not args.visibility_only:
+        results["summary"] = summarize(results["throughput"])
+        print("median: " + ", ".join(f"{k} {v:,}" for k, v in results["summary"].items()
+                                     if not isinstance(v, list)))
+    if args.throughput_only:
+        vis_stored = json.loads(RESULT.read_text()).get("visibility") if RESULT.exists() \
+            else None
+        results["visibility"] = vis_stored
+        finish(args, admin, results)
+        return
     url = make_database(args.database_url)
     try:
         vis = visibility(url, args.bootstrap, admin, args.rate, args.seconds,
@@ -405,6 +463,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"visibility at {vis['rate_per_s']:.0f} events/s: p50 {vis['p50_s']} s, "
           f"p99 {vis['p99_s']} s, max {vis['max_s']} s "
           f"({vis['snapshot_refreshes']} refreshes, rebuild {vis['rebuild_ms_median']} ms)")
+    finish(args, admin, results)
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Medians over the rounds; each learner run is paired with the bare consumer that
+    read the same records just before it, and each 2-learner run with the 1-learner
+    run of its round (the machine's load, which swings absolute rates, cancels)."""
+    one = [r for r in rows if r["learners"] == 1]
+    two = [r for r in rows if r["learners"] == 2]
+    to_bare = [r["events_per_s"] / r["bare_consumer"]["events_per_s"] for r in one]
+    scale = [b["events_per_s"] / a["events_per_s"] for a, b in zip(one, two, strict=True)]
+    return {
+        "bare_events_per_s": round(float(np.median(
+            [r["bare_consumer"]["events_per_s"] for r in rows])), 1),
+        "one_learner_events_per_s": round(float(np.median([r["events_per_s"] for r in one])), 1),
+        "two_learners_events_per_s": round(float(np.median([r["events_per_s"] for r in two])),
+                                           1),
+        "one_learner_to_bare": round(float(np.median(to_bare)), 3),
+        "two_to_one_learner": round(float(np.median(scale)), 3),
+        "one_learner_to_bare_per_round": [round(v, 3) for v in to_bare],
+        "two_to_one_per_round": [round(v, 3) for v in scale],
+        "load_average": [round(v, 2) for v in os.getloadavg()]}
+
+
+def finish(args: argparse.Namespace, admin: KafkaAdminClient, results: dict) -> None:
     admin.close()
     if not args.quick:
         RESULT.write_text(json.dumps(results, indent=2) + "\n")

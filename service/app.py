@@ -13,23 +13,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
-from service.errors import install_error_handlers
+from service.deps import AuthenticateFirst
+from service.errors import document_problems, install_error_handlers
 from service.limits import LimitsMiddleware
 from service.memory import then_release_free_memory
 from service.metrics import Metrics
 from service.observability import RequestIdMiddleware
-from service.routes import admin, admin_tenants, decide, decisions, feedback, health, tenants
+from service.routes import (
+    admin,
+    admin_keys,
+    admin_reservations,
+    admin_state,
+    admin_tenants,
+    decide,
+    decisions,
+    feedback,
+    health,
+    tenants,
+)
 from service.routes import status as status_page
-from service.routing import build_routing
+from service.routing import RoutingService
 
 __all__ = ["create_app"]
 
@@ -56,11 +70,22 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = settings.resolved_database_url()
-        if settings.run_migrations:
-            await asyncio.to_thread(upgrade, url)
         engine = make_engine(url)
-        # Embedded, or distributed when kafka_bootstrap is set (docs/streams.md).
-        service = build_routing(settings, engine, app.state.metrics)
+        if settings.kafka_bootstrap:
+            if settings.run_migrations:
+                await asyncio.to_thread(upgrade, url)
+            # Distributed mode (docs/streams.md): imported here so that the embedded
+            # default never loads the Kafka client.
+            from service.distributed import DistributedRoutingService
+
+            service: RoutingService = DistributedRoutingService(settings, engine,
+                                                                app.state.metrics)
+        else:
+            service = RoutingService(settings, engine, app.state.metrics)
+            if settings.run_migrations:
+                # Run by start(); with the database unreachable, retried by the reload
+                # after a degraded start from the local state.
+                service.migrate = functools.partial(upgrade, url)
         generated = await asyncio.to_thread(service.start)
         if generated is not None:
             # Shown once: only its SHA-256 digest is stored.
@@ -90,17 +115,22 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
             await asyncio.to_thread(service.stop)
             engine.dispose()
 
-    app = FastAPI(title="bandit-router", version="0.1.0", lifespan=lifespan,
-                  description="Online contextual-bandit router for LLM requests.")
+    # FastAPIOffline: a FastAPI app whose /docs and /redoc load Swagger UI and ReDoc from
+    # the installed package (under /static-offline-docs), not from a CDN.
+    app = FastAPIOffline(title="bandit-router", version="0.1.0", lifespan=lifespan,
+                         description="Online contextual-bandit router for LLM requests.")
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
     # Limits (body size, rate, concurrency: service/limits.py) inside the request ids, so
     # a refusal carries one too.
+    # The key before the body (service.deps.AuthenticateFirst), inside the limits.
+    app.add_middleware(AuthenticateFirst)
     app.add_middleware(LimitsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     decide.install(app)
-    for module in (feedback, decisions, tenants, admin, admin_tenants, health, status_page):
+    for module in (feedback, decisions, tenants, admin, admin_tenants, admin_keys,
+                   admin_reservations, admin_state, health, status_page):
         app.include_router(module.router)
     build_openapi = app.openapi
 
@@ -108,7 +138,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         # FastAPI's documented way to extend the schema ("Extending OpenAPI"); the
         # document is cached in app.openapi_schema, so this runs once.
         if app.openapi_schema is None:
-            decide.add_openapi(build_openapi())
+            document_problems(decide.add_openapi(build_openapi(), settings))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

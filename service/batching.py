@@ -33,13 +33,14 @@ class DecideBatcher:
         self._futures: list[asyncio.Future[PendingDecision]] = []
 
     def decide(self, tenant: TenantState, x: np.ndarray, candidates: list[str] | None,
-               override: Preferences | None) -> asyncio.Future[PendingDecision]:
+               override: Preferences | None, input_tokens: int | None = None,
+               ) -> asyncio.Future[PendingDecision]:
         """A future of the decision (or of the exception ``decide`` would raise)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[PendingDecision] = loop.create_future()
         if not self._args:
             loop.call_soon(self._run)
-        self._args.append(DecideArgs(tenant, x, candidates, override))
+        self._args.append(DecideArgs(tenant, x, candidates, override, input_tokens))
         self._futures.append(future)
         return future
 

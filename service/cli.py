@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import typer
 
-from service.commands.admin import models_app, preferences_app, tenants_app, usage
+from service.commands.admin import (
+    admin_keys_app,
+    models_app,
+    preferences_app,
+    reservations_app,
+    state_app,
+    tenants_app,
+    usage,
+)
 from service.commands.evaluate import evaluate
 from service.commands.learn import learn
 from service.commands.migrate import migrate
@@ -35,6 +43,9 @@ app.command(help="Run a learner of the distributed mode (Kafka, PostgreSQL).")(l
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(models_app, name="models")
 app.add_typer(preferences_app, name="preferences")
+app.add_typer(admin_keys_app, name="admin-keys")
+app.add_typer(reservations_app, name="reservations")
+app.add_typer(state_app, name="state")
 app.command(help="A tenant's decisions, spend against budget and model shares.")(usage)
 
 

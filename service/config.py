@@ -13,17 +13,33 @@ Examples
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bandit.pricing import DEFAULT_OUTPUT_TOKENS
 from streams.config import StreamsConfig
+
+__all__ = ["Settings", "default_dim", "MINILM_DIM"]
 
 #: The pipeline's defaults are StreamsConfig's, written once there.
 _STREAMS = StreamsConfig(bootstrap="")
 
-__all__ = ["Settings"]
+
+#: all-MiniLM-L6-v2's embedding size (bandit.featurize.MINILM_DIM; not imported from
+#: there, so that reading the settings never imports the featurizers' module).
+MINILM_DIM = 384
+_DEFAULT_DIM = {"hashing": 64, "minilm": MINILM_DIM}
+
+
+def default_dim(featurizer: str) -> int:
+    """The default context dimension of a featurizer: 64 for hashing, 384 for minilm.
+
+    >>> default_dim("hashing"), default_dim("minilm")
+    (64, 384)
+    """
+    return _DEFAULT_DIM.get(featurizer, 64)
 
 
 class Settings(BaseSettings):
@@ -42,9 +58,16 @@ class Settings(BaseSettings):
                                      "file in data_dir. PostgreSQL: postgresql+psycopg://...")
     dim: int = Field(64, ge=1, le=4096, description="Featurizer output dimension = "
                      "length of query.embedding; also the policies' context dimension "
-                     "unless prototype_map is set (then the map's dim).")
+                     "unless prototype_map is set (then the map's dim). Default: 64 with "
+                     "hashing, 384 with minilm (its embedding, not projected; at most "
+                     "384).")
     featurizer: Literal["hashing", "minilm"] = "hashing"
     featurizer_seed: int = 0
+    featurizer_change: Literal["refuse", "start-fresh"] = Field(
+        "refuse", description="When the stored statistics were learned with another "
+        "featurizer (FEATURIZER, DIM, FEATURIZER_SEED or PROTOTYPE_MAP changed): refuse "
+        "to start, naming the settings, or start from the models' priors (the stored "
+        "statistics and feedback stay in the database, unused).")
     prototype_map: Path | None = Field(None, description="Prototype map file (bandit-router "
                                        "fit-prototypes): contexts become the soft "
                                        "assignment of the featurizer's vector (or the "
@@ -68,13 +91,39 @@ class Settings(BaseSettings):
     decision_batch_size: int = Field(500, ge=1)
     # The writer gathers rows this long before a transaction (unless feedback waits).
     decision_flush_interval_s: float = Field(0.02, ge=0.0)
+    # Decisions kept on local disk while the database is unreachable (docs/reliability.md).
+    decision_buffer_size: int = Field(100_000, ge=0, description="Decisions kept (on "
+                                      "disk, in feedback_buffer_dir) while the database "
+                                      "is unreachable; a decide is answered once its row "
+                                      "is there, and the rows are written when the "
+                                      "database is back. 0 = none (kept in memory only).")
+    outage_retry_s: float = Field(0.5, gt=0.0, le=60.0, description="While the "
+                                  "database is unreachable it is retried (backoff) at "
+                                  "least this often by the decision spool, the feedback "
+                                  "buffer and the reload after a degraded start; /readyz "
+                                  "also triggers a retry when it reaches the database. "
+                                  "/readyz says ready about this long after the database "
+                                  "is back, plus the time to write what was kept.")
+    decision_durability: Literal["batched", "write-through"] = Field(
+        "batched", description="batched: a decide is answered once its row is queued "
+        "for the writer (a kill -9 loses at most the rows queued, normally the last "
+        "flush interval's; during an outage rows are spooled before the answer). "
+        "write-through: answered only after the row is committed to the database or "
+        "the spool.")
     # How long a decide waits for room in a full decision queue before answering 503.
     decision_enqueue_timeout_s: float = Field(0.1, ge=0.0)
-    # Request limits (service/limits.py). The schema caps text and candidates at 100,000
-    # characters and 1,000 items; these can lower the caps, not raise them.
+    # Request limits (service/limits.py). The schema caps candidates at 1,000 items (this
+    # can lower the cap); query.text has no cap but max_text_chars (and the body size).
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body "
                                 "(413 beyond).")
-    max_text_chars: int = Field(100_000, ge=1, le=100_000)
+    max_text_chars: int = Field(1_000_000, ge=1, description="Longest query.text accepted "
+                                "(422 beyond); raise max_body_bytes too for texts near "
+                                "or above its size.")
+    featurize_chars: int = Field(8192, ge=2, description="A longer query.text is "
+                                 "featurized from its first and last featurize_chars / "
+                                 "2 characters (head and tail, joined by a newline): the "
+                                 "work per decide stays bounded, and the start and the "
+                                 "end of a long prompt usually say what it asks.")
     max_candidates: int = Field(1000, ge=1, le=1000)
     rate_limit_per_s: float = Field(0.0, ge=0.0, description="Requests per second per "
                                     "tenant (token bucket per replica); 0 = no limit.")
@@ -82,8 +131,10 @@ class Settings(BaseSettings):
                                   "worth of rate_limit_per_s.")
     max_concurrent_requests: int = Field(0, ge=0, description="Requests in flight per "
                                          "process before 503; 0 = no limit.")
-    admin_key: SecretStr | None = Field(None, description="Admin key; when unset one is "
-                                        "generated on first start, stored hashed and printed "
+    admin_key: SecretStr | None = Field(None, description="Admin key; while set, the only "
+                                        "one (stored admin keys are refused). When unset, "
+                                        "the stored keys are the admin keys, and a first "
+                                        "start generates one, stored hashed and printed "
                                         "once.")
     # /metrics labels spend and reward by tenant: not public unless asked for.
     metrics_token: SecretStr | None = Field(None, description="Bearer token that may read "
@@ -92,9 +143,15 @@ class Settings(BaseSettings):
     metrics_public: bool = Field(False, description="Serve /metrics without a key (only "
                                  "on a network where every client may see every tenant's "
                                  "spend).")
-    # Tokens a request is assumed to use when turning a model's price into a cost prior.
-    prior_input_tokens: int = Field(500, ge=0)
-    prior_output_tokens: int = Field(300, ge=0)
+    # Tokens a request is assumed to use when turning a model's price into a cost: the
+    # arm's prior, and each decide's per-request price estimate (input: the prompt's
+    # ceil(len(text)/4) when the query has text, else prior_input_tokens; output: always
+    # prior_output_tokens, corrected by what feedback reports).
+    prior_input_tokens: int = Field(500, ge=0, description="Prompt tokens assumed when a "
+                                    "decide sends an embedding, not text.")
+    prior_output_tokens: int = Field(DEFAULT_OUTPUT_TOKENS, ge=0, description="Output "
+                                     "tokens expected per request when pricing it before "
+                                     "the call.")
     run_migrations: bool = Field(True, description="Apply migrations on start.")
     # Distributed mode (docs/streams.md): set kafka_bootstrap and a PostgreSQL
     # database_url; feedback then goes through Kafka to the learners (bandit-router learn).
@@ -123,8 +180,38 @@ class Settings(BaseSettings):
     feedback_buffer_dir: Path | None = Field(None, description="Directory of the feedback "
                                              "buffer's file; default data_dir.")
     feedback_retention_hours: float = Field(_STREAMS.retention_hours, gt=0.0)
+    # A decide reserves its predicted cost against the tenant's budget until feedback
+    # reports the real one (service/README.md, "Reservations").
+    reservation_stale_hours: float = Field(24.0, gt=0.0, description="A reservation (a "
+                                           "decision whose feedback never reported a "
+                                           "cost) older than this is listed by GET "
+                                           "/v1/admin/reservations and released by POST "
+                                           "/v1/admin/reservations/release.")
+    budget_leases: bool | None = Field(None, description="Budgets hold across replicas "
+                                       "by leasing slices of each tenant's remaining "
+                                       "budget from PostgreSQL (service/budget_lease.py). "
+                                       "Unset = on in distributed mode, off in embedded "
+                                       "mode; needs PostgreSQL.")
+    budget_lease_horizon_s: float = Field(3.0, gt=0.0, description="A leased slice is "
+                                          "about this many seconds of the replica's spend.")
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dim_of_featurizer(cls, data: Any) -> Any:
+        # One default per featurizer (default_dim), for the service and the commands.
+        if isinstance(data, dict) and data.get("dim") in (None, ""):
+            return {**data, "dim": default_dim(str(data.get("featurizer") or "hashing"))}
+        return data
+
+    @model_validator(mode="after")
+    def _minilm_dim(self) -> Settings:
+        if self.featurizer == "minilm" and self.dim > MINILM_DIM:
+            raise ValueError(f"BANDIT_ROUTER_DIM must be <= {MINILM_DIM} with "
+                             f"BANDIT_ROUTER_FEATURIZER=minilm (its embedding has {MINILM_DIM} "
+                             f"dimensions; a smaller DIM projects it), got {self.dim}")
+        return self
 
     @field_validator("database_url", "kafka_bootstrap", "prototype_map", mode="before")
     @classmethod

@@ -1,9 +1,8 @@
 """Distributed mode: Kafka feedback, learners' statistics, read-only deciders.
 
-Chosen by :func:`service.routing.build_routing` when ``kafka_bootstrap`` is set (and the
-database is PostgreSQL): the same :class:`~service.routing.RoutingService` as embedded
-mode with two other components plugged in (:func:`distributed`), which make three
-changes:
+Chosen by :func:`service.app.create_app` when ``kafka_bootstrap`` is set (and the
+database is PostgreSQL). :class:`DistributedRoutingService` is the embedded
+:class:`~service.routing.RoutingService` with three changes:
 
 * ``POST /v1/feedback`` produces a feedback event to the feedback topic (``acks=all``,
   key = ``decision_id``) and answers 202 ``queued`` once the broker has it; the learners
@@ -20,9 +19,8 @@ changes:
   learners bump a version (LISTEN/NOTIFY, and a version poll as a fallback). A decision
   reads the in-memory snapshot only; it never waits on Kafka or the database.
 
-The feedback sink is :class:`KafkaFeedback` (which also publishes the decisions); the
-statistics source is :class:`FollowedStatistics`. There are no checkpoints and no
-start-up feedback replay: the learners' partition statistics in PostgreSQL are the state.
+Checkpoints and the start-up feedback replay are off: the learners' partition
+statistics in PostgreSQL are the state.
 """
 
 from __future__ import annotations
@@ -39,22 +37,21 @@ import psycopg
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from bandit import Policy
-from service.components import Components, Core
+from bandit import LinearThompson, LinUCB, Policy
+from bandit.base import check_finite_number
 from service.config import Settings
-from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, TenantState
 from service.exceptions import UnavailableError
 from service.features import context_dim
-from service.policies import PolicyStore
+from service.routing import POLICY_KINDS, FeedbackResult, PendingDecision, RoutingService
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
 from streams.stats import SHARED_KEY, check_stored, recast, sum_statistics
 
-__all__ = ["distributed", "KafkaFeedback", "FollowedStatistics", "StatisticsFollower",
-           "streams_config"]
+__all__ = ["DistributedRoutingService", "StatisticsFollower", "streams_config"]
 
 log = logging.getLogger("service.distributed")
+_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
 
 
 def streams_config(settings: Settings, *, dim: int | None = None) -> StreamsConfig:
@@ -216,121 +213,41 @@ class StatisticsFollower:
                 self._stop.wait(2.0)
 
 
-def distributed(core: Core) -> Components:
-    """Feedback produced to Kafka and learned by the learners; the learners' statistics
-    followed from PostgreSQL."""
-    if core.engine.dialect.name != "postgresql":
-        raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
-                         "database_url; got " + core.engine.dialect.name)
-    streams = streams_config(core.settings, dim=core.context_dim)
-    sink = KafkaFeedback(streams, core.metrics)
-    return Components(sink=sink, statistics=FollowedStatistics(core.settings, streams,
-                                                               core.policies),
-                      on_queued=sink.publish)
+class DistributedRoutingService(RoutingService):
+    """A decider: learns nothing itself, follows the learners' statistics."""
 
-
-class FollowedStatistics:
-    """The statistics source of a decider: learns nothing itself, installs the priors
-    plus the learners' sums in the policy store whenever they change."""
-
-    def __init__(self, settings: Settings, streams: StreamsConfig,
-                 policies: PolicyStore) -> None:
-        self.policies = policies
-        self.follower = StatisticsFollower(
-            settings.resolved_database_url(), streams, self._install,
-            poll_interval_s=settings.snapshot_poll_interval_s)
-        #: Per partition, the stored offset the current snapshot includes.
-        self.snapshot_offsets: dict[int, int] = {}
-
-    def load(self) -> None:
-        self.policies.fresh()
-        try:
-            self.follower.refresh()  # the first decision already sees what was learned
-        except psycopg.Error:
-            log.exception("initial statistics load failed; serving the priors for now")
-
-    def start(self) -> None:
-        self.follower.start()
-
-    def stop(self) -> None:
-        self.follower.stop()
-
-    def checkpoint(self, *, force: bool = False) -> bool:
-        """No checkpoints: the partition statistics in PostgreSQL are the state."""
-        return False
-
-    def degraded(self) -> dict[str, str]:
-        if self.follower.error is not None:
-            return {"statistics": "not followed: " + self.follower.error}
-        return {}
-
-    def _install(self, totals: dict[str, Policy], offsets: dict[int, int]) -> None:
-        """Build base (priors) + sums for every policy, then swap them in at once."""
-        shared = totals.get(SHARED_KEY)
-        new_shared = {kind: self.snapshot(kind, shared) for kind in POLICY_KINDS}
-        with self.policies.lock:
-            isolated_ids = list(self.policies.isolated)
-        new_isolated = {t: {kind: self.snapshot(kind, totals.get(f"tenant:{t}"))
-                            for kind in POLICY_KINDS} for t in isolated_ids}
-        with self.policies.lock:
-            self.policies.install(new_shared, new_isolated)
-            self.snapshot_offsets = offsets
-
-    def snapshot(self, kind: str, total: Policy | None) -> Policy:
-        """The registry's priors of ``kind`` plus the summed statistics ``total``."""
-        with self.policies.lock:
-            policy = self.policies.new_policy(kind)
-        if total is not None and total.arms:
-            policy.merge(recast(total, POLICY_CLASSES[kind]))
-            with self.policies.lock:
-                self.policies.sync_arms(policy)  # arms the registry deleted (or never had)
-        return policy
-
-
-class KafkaFeedback:
-    """The feedback sink of a decider: each feedback produced to the feedback topic; each
-    decision published to the decisions topic by a background thread."""
-
-    def __init__(self, streams: StreamsConfig, metrics: Any) -> None:
-        self.streams = streams
-        self.metrics = metrics
+    def __init__(self, settings: Settings, engine: Any, metrics: Any) -> None:
+        super().__init__(settings, engine, metrics)
+        if engine.dialect.name != "postgresql":
+            raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
+                             "database_url; got " + engine.dialect.name)
+        self.streams = streams_config(settings, dim=self.context_dim)
         self.producer: KafkaProducer | None = None
         self._producer_lock = threading.Lock()
         self._producer_resetting = False
         self._stop_producer = threading.Event()
+        self.follower = StatisticsFollower(
+            settings.resolved_database_url(), self.streams, self._install,
+            poll_interval_s=settings.snapshot_poll_interval_s)
         self._decisions: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=10_000)
         self._publisher: threading.Thread | None = None
         self.dropped_decision_events = 0
+        #: Per partition, the stored offset the current snapshot includes.
+        self.snapshot_offsets: dict[int, int] = {}
 
     # ------------------------------------------------------------ life cycle
-    def start(self) -> None:
+    def start(self) -> str | None:
+        admin_key = super().start()
         self.producer = self._new_producer()
         self._publisher = threading.Thread(target=self._publish_loop,
                                            name="decision-publisher", daemon=True)
         self._publisher.start()
-
-    def stop(self) -> None:
-        self._stop_producer.set()
-        self._decisions.put(None)
-        if self._publisher is not None:
-            self._publisher.join(10)
-        if self.producer is not None:
-            self.producer.close(timeout=10)
-
-    def close(self) -> None:
-        """Nothing is buffered here: the broker has every accepted feedback."""
-
-    def buffered(self) -> int:
-        return 0
-
-    def outage_serving(self) -> str:
-        return "decisions from memory; feedback refused with 503 + Retry-After"
-
-    def degraded(self) -> dict[str, str]:
-        if self._producer_resetting:
-            return {"broker": "unreachable; feedback refused with 503 + Retry-After until "
-                              "the producer reconnects"}
-        return {}
+        try:
+            self.follower.refresh()  # the first decision already sees what was learned
+        except psycopg.Error:
+            log.exception("initial statistics load failed; serving the priors for now")
+        self.follower.start()
+        return admin_key
 
     def _new_producer(self) -> KafkaProducer:
         return KafkaProducer(bootstrap_servers=self.streams.bootstrap, acks="all",
@@ -371,9 +288,63 @@ class KafkaFeedback:
             with self._producer_lock:
                 self._producer_resetting = False
 
+    def stop(self) -> None:
+        self._stop_producer.set()
+        self.follower.stop()
+        self._decisions.put(None)
+        if self._publisher is not None:
+            self._publisher.join(10)
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+        super().stop()
+
+    def _replay_feedback(self, batch: int = 1000) -> None:
+        """Nothing to replay: the learners' statistics are loaded by the follower."""
+
+    def checkpoint(self, *, force: bool = False) -> bool:
+        """No checkpoints: the partition statistics in PostgreSQL are the state."""
+        return False
+
+    # ------------------------------------------------------------ snapshot
+    def _install(self, totals: dict[str, Policy], offsets: dict[int, int]) -> None:
+        """Build base (priors) + sums for every policy, then swap them in at once."""
+        shared = totals.get(SHARED_KEY)
+        new_shared = {kind: self._snapshot(kind, shared) for kind in POLICY_KINDS}
+        with self._lock:
+            isolated_ids = list(self.isolated)
+        new_isolated = {t: {kind: self._snapshot(kind, totals.get(f"tenant:{t}"))
+                            for kind in POLICY_KINDS} for t in isolated_ids}
+        with self._lock:
+            self.shared = new_shared
+            for tenant_id, pair in new_isolated.items():
+                if tenant_id in self.isolated:  # still isolated
+                    self.isolated[tenant_id] = pair
+            self.snapshot_offsets = offsets
+
+    def _snapshot(self, kind: str, total: Policy | None) -> Policy:
+        with self._lock:
+            policy = self._new_policy(kind)
+        if total is not None and total.arms:
+            policy.merge(recast(total, _CLASSES[kind]))
+            with self._lock:
+                self._sync_arms(policy)  # arms the registry deleted (or never had) go
+        return policy
+
+    def degraded(self) -> dict[str, str]:
+        out = {}
+        if self._producer_resetting:
+            out["broker"] = ("unreachable; feedback refused with 503 + Retry-After until "
+                             "the producer reconnects")
+        if self.follower.error is not None:
+            out["statistics"] = "not followed: " + self.follower.error
+        return out
+
     # ------------------------------------------------------------ feedback
-    def submit(self, tenant: TenantState, decision_id: str,
-               outcome: dict[str, float | None], event_id: str | None) -> FeedbackReceipt:
+    def feedback(self, tenant: Any, decision_id: str, outcome: dict[str, float | None],
+                 event_id: str | None) -> FeedbackResult:
+        for key in ("cost_usd", "latency_ms"):
+            if outcome.get(key) is not None:
+                check_finite_number(key, outcome[key], low=0.0)
         event = FeedbackEvent(event_id or "", decision_id, tenant.id,
                               quality=outcome.get("quality"), cost_usd=outcome.get("cost_usd"),
                               latency_ms=outcome.get("latency_ms"), sent_at=time.time())
@@ -394,16 +365,17 @@ class KafkaFeedback:
                                    f"({type(exc).__name__}); retry",
                                    retry_after_s=1) from None
         self.metrics.feedback.labels("queued").inc()
-        return FeedbackReceipt("queued", None)
+        return FeedbackResult("queued", None)
 
     # ------------------------------------------------------------ decisions topic
-    def publish(self, row: dict[str, Any]) -> None:
-        """Queue a decision row for the decisions topic; a full queue drops the event
-        (counted), never the decision."""
+    def enqueue(self, pending: PendingDecision) -> bool:
+        if not super().enqueue(pending):
+            return False
         try:
-            self._decisions.put_nowait(row)
+            self._decisions.put_nowait(pending.row)
         except queue.Full:
             self.dropped_decision_events += 1
+        return True
 
     def _publish_loop(self) -> None:
         while True:
@@ -417,7 +389,7 @@ class KafkaFeedback:
                     context=np.frombuffer(row["context"], dtype="<f8").tolist(),
                     predictions=row["predictions"], policy=row["policy"],
                     policy_version=row["policy_version"], scope=row["scope"],
-                    created_at=row["created_at"].timestamp())
+                    created_at=row["created_at"].timestamp(), tags=row.get("tags"))
                 self.producer.send(self.streams.decisions_topic, key=row["id"].encode(),
                                    value=encode_decision(event))
             except Exception:

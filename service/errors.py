@@ -25,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bandit import InvalidInputError, RoutingError
@@ -35,15 +36,17 @@ from service.exceptions import (
     ServiceError,
     UnavailableError,
 )
+from service.schemas import NO_CONTROL
 
 __all__ = ["Problem", "problem_response", "domain_problem", "install_error_handlers",
-           "PROBLEM_JSON"]
+           "PROBLEM_JSON", "document_problems"]
 
 PROBLEM_JSON = "application/problem+json"
 _TYPE_BASE = "https://bandit-router.dev/problems/"
 _TITLES = {
     400: "Bad request", 401: "Unauthorized", 403: "Forbidden", 404: "Not found",
-    405: "Method not allowed", 409: "Conflict", 422: "Invalid input",
+    405: "Method not allowed", 409: "Conflict", 413: "Payload too large",
+    422: "Invalid input",
     429: "Too many requests", 500: "Internal server error", 503: "Service unavailable",
 }
 _SLUGS = {
@@ -51,6 +54,11 @@ _SLUGS = {
     405: "method-not-allowed", 409: "conflict", 422: "invalid-input",
     429: "too-many-requests", 500: "internal-error", 503: "unavailable",
 }
+#: What a strict type accepts (service.schemas: numbers and booleans are exact).
+_TYPES = {"float_type": "a JSON number (not a boolean, not a string)",
+          "int_type": "a JSON integer (not a boolean, not a string)",
+          "bool_type": "true or false (not 0/1, not a string)",
+          "string_type": "a JSON string"}
 log = logging.getLogger("service.errors")
 
 
@@ -79,7 +87,9 @@ def problem_response(problem: Problem) -> JSONResponse:
 
 
 def invalid_input(err: InvalidInputError) -> Problem:
-    return Problem(422, str(err), errors=[{"field": err.field, "message": str(err),
+    # The detail names the field; the entry has it apart, so its message does not repeat it.
+    message = str(err).removeprefix(f"{err.field}: ")
+    return Problem(422, str(err), errors=[{"field": err.field, "message": message,
                                            "allowed": err.allowed}])
 
 
@@ -115,15 +125,25 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 def _allowed(error: dict[str, Any]) -> str | None:
     ctx = error.get("ctx") or {}
+    if "allowed" in ctx:  # our own checks (e.g. tags) say it in their words
+        return str(ctx["allowed"])
     if "expected" in ctx:
         return f"one of {ctx['expected']}"
     for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
         if key in ctx:
             return f"a number {word} {ctx[key]}"
+    unit = "character(s)" if str(error.get("type", "")).startswith("string_") else "item(s)"
     if "min_length" in ctx:
-        return f"at least {ctx['min_length']} item(s)"
+        return f"at least {ctx['min_length']} {unit}"
     if "max_length" in ctx:
-        return f"at most {ctx['max_length']} item(s)"
+        return f"at most {ctx['max_length']} {unit}"
+    if "pattern" in ctx:
+        if ctx["pattern"] == NO_CONTROL:
+            return "a string without control characters (U+0000-U+001F, U+007F-U+009F)"
+        return f"a string matching {ctx['pattern']}"
+    kind = error.get("type")
+    if kind in _TYPES:
+        return _TYPES[kind]
     if error.get("type") == "missing":
         return "required"
     if error.get("type") == "extra_forbidden":
@@ -195,9 +215,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(validation_problem(exc))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem_response(Problem(exc.status_code, str(exc.detail),
-                                        headers=dict(exc.headers or {})))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of the first route on the path only
+            # (GET /v1/admin/models answered "Allow: POST"): name every route's.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return problem_response(Problem(exc.status_code, str(exc.detail), headers=headers))
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)
@@ -215,3 +239,58 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _unexpected_response()
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app accepts on the request's path."""
+    # By asking the router about each method: included routers are not flattened into
+    # plain routes, but each answers whether it fully matches a scope.
+    routes = request.app.router.routes
+    return [method for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL
+                   for route in routes)]
+
+
+#: Error statuses an operation may answer, documented in the OpenAPI document with the
+#: problem-details body (:func:`document_problems`).
+_PROBLEM_SCHEMA = {
+    "type": "object", "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"},
+        "status": {"type": "integer"}, "detail": {"type": "string"},
+        "errors": {"type": "array", "items": {
+            "type": "object", "required": ["field", "message"],
+            "properties": {"field": {"type": "string"}, "message": {"type": "string"},
+                           "allowed": {}}}}}}
+
+
+def _statuses(path: str, method: str, operation: dict[str, Any]) -> set[int]:
+    # 503: MAX_CONCURRENT_REQUESTS and an unreachable database, anywhere but /healthz.
+    if not path.startswith("/v1/"):
+        return {"/readyz": {503}, "/metrics": {401, 403}}.get(path, set())
+    codes = {401, 403, 422, 429, 503}  # key, kind of key, input, rate limit / budget
+    if "requestBody" in operation:
+        codes |= {400, 413}  # not JSON, too large
+    if "{" in path or path == "/v1/feedback":
+        codes.add(404)  # the named model, tenant or decision does not exist
+    if (method, path) == ("post", "/v1/admin/models"):
+        codes.add(409)  # the name is (or was) used
+    return codes
+
+
+def document_problems(document: dict[str, Any]) -> dict[str, Any]:
+    """Document every error status an operation answers with its
+    ``application/problem+json`` body, in place of FastAPI's generic 422."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Problem"] = _PROBLEM_SCHEMA
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for path, operations in document.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for code in sorted(_statuses(path, method, operation)):
+                responses[str(code)] = {"description": _TITLES[code],
+                                        "content": {PROBLEM_JSON: {"schema": ref}}}
+    return document

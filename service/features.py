@@ -17,7 +17,20 @@ from bandit import InvalidInputError
 from bandit.featurize import PrototypeMap
 from service.config import Settings
 
-__all__ = ["ContextSettingsError", "load_prototype_map", "context_dim"]
+__all__ = ["ContextSettingsError", "load_prototype_map", "context_dim", "head_and_tail"]
+
+
+def head_and_tail(text: str, max_chars: int) -> str:
+    """``text`` if at most ``max_chars`` long, else its first and last ``max_chars // 2``
+    characters joined by a newline (what a long query is featurized from).
+
+    >>> head_and_tail("abcdefghij", 4), head_and_tail("abc", 4)
+    ('ab\\nij', 'abc')
+    """
+    if len(text) <= max_chars:
+        return text
+    half = max_chars // 2
+    return text[:half] + "\n" + text[-half:]
 
 
 class ContextSettingsError(RuntimeError):

@@ -16,10 +16,12 @@ In the order they are checked:
   before the body is read; a chunked body is counted as it arrives and refused as soon
   as it passes the limit (never buffered beyond it).
 * **decide's text and candidates** (``MAX_TEXT_CHARS``, ``MAX_CANDIDATES``): 422 naming
-  the field and the limit. The request schema caps them at 100,000 characters and 1,000
-  candidates; the settings can only lower those caps. The body is parsed here only when
-  it is long enough to break a limit (a body of n bytes holds at most n characters of
-  text and n / 4 candidates), so ordinary decides are not parsed twice.
+  the field and the limit. ``MAX_TEXT_CHARS`` (default 1,000,000) can be lowered or
+  raised (with ``MAX_BODY_BYTES``); whatever its length, a text is featurized from a
+  bounded head and tail (``FEATURIZE_CHARS``, service/routes/decide.py). The request
+  schema caps candidates at 1,000; the setting can only lower that. The body is parsed
+  here only when it is long enough to break a limit (a body of n bytes holds at most n
+  characters of text and n / 4 candidates), so ordinary decides are not parsed twice.
 
 Embedding length is checked by the endpoint against ``DIM`` (422 on ``query.embedding``).
 Every refusal is a problem-details body (:mod:`service.errors`) and is counted in

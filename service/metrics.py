@@ -67,5 +67,21 @@ class Metrics:
             "result: buffered (accepted), full (refused, 503), and at drain stored "
             "(drained), duplicate, dropped (unknown decision, another tenant's, invalid)",
             ["result"], registry=self.registry)
+        self.value_vs_baseline = Gauge(
+            "bandit_router_value_vs_baseline",
+            "Guarded tenants: doubly robust estimate of the cumulative reward of the router "
+            "minus the baseline model's, over the decisions with feedback (reward units; "
+            "from the logged propensities and the predictions)", ["tenant"],
+            registry=self.registry)
+        self.guard_gap = Gauge(
+            "bandit_router_guard_gap",
+            "Guarded tenants: the guard's lower bound of the cumulative reward of the "
+            "router minus the baseline's (kind=lower_bound), and how low it may go "
+            "(kind=allowed, -max_exploration_loss x the baseline's cumulative reward)",
+            ["tenant", "kind"], registry=self.registry)
+        self.guard_overrides = Counter(
+            "bandit_router_guard_overrides_total",
+            "Decisions where the guard played the baseline instead of the policy's choice",
+            ["tenant"], registry=self.registry)
         self.checkpoints = Counter("bandit_router_checkpoints_total",
                                    "Policy checkpoints written", registry=self.registry)

@@ -6,9 +6,16 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from bandit.base import MAX_COST_USD, MAX_LATENCY_MS
+from bandit.base import MAX_COST_USD, MAX_LATENCY_MS, MAX_WEIGHT
+from bandit.conservative import MAX_LOSS_RANGE
+from bandit.errors import InvalidInputError
+from bandit.featurize import check_tags
+
+#: Largest token count of one call that feedback accepts (far above any context window).
+MAX_TOKENS = 100_000_000
 
 __all__ = [
     "Query", "PreferenceWeights", "DecideRequest", "PredictionOut", "DecideResponse",
@@ -17,10 +24,17 @@ __all__ = [
     "DecisionOut", "FeedbackOut",
 ]
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-NonNegative = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+# Numbers are strict (issue 14): JSON true/false is not 1/0, "1" is not 1; an integer is
+# a number. Booleans are StrictBool: 0/1 are not booleans.
+Finite = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(strict=True, ge=0.0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)]
 ModelName = Annotated[str, Field(min_length=1, max_length=200,
                                  pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$")]
+#: Ids and names that are stored: no control character (C0, DEL, C1). PostgreSQL's text
+#: cannot hold NUL (it answered 500), and the others make logs and lookups ambiguous.
+NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL)]
 PolicyKind = Literal["linucb", "thompson"]
 Scope = Literal["shared", "isolated"]
 OnExhausted = Literal["cheapest", "reject"]
@@ -30,11 +44,27 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _one_of(*fields: tuple[str, dict]) -> dict:
+    """JSON Schema: exactly one of ``fields`` present with a non-null value."""
+    return {"oneOf": [{"required": [name], "properties": {name: schema}}
+                      for name, schema in fields]}
+
+
+def _any_of(*fields: tuple[str, dict]) -> dict:
+    """JSON Schema: at least one of ``fields`` present with a non-null value."""
+    return {"anyOf": [{"required": [name], "properties": {name: schema}}
+                      for name, schema in fields]}
+
+
 class Query(_Body):
     """The query: its text (featurized by the service) or an embedding of length ``dim``
     (both go through the prototype map when one is configured)."""
 
-    text: str | None = Field(None, min_length=1, max_length=100_000)
+    model_config = ConfigDict(json_schema_extra=_one_of(("text", {"type": "string"}),
+                                                        ("embedding", {"type": "array"})))
+
+    # No schema cap: BANDIT_ROUTER_MAX_TEXT_CHARS (service/limits.py) sets it, both ways.
+    text: str | None = Field(None, min_length=1)
     embedding: list[Finite] | None = None
 
     @model_validator(mode="after")
@@ -44,19 +74,45 @@ class Query(_Body):
         return self
 
 
+Weight = Annotated[float, Field(strict=True, ge=0.0, le=MAX_WEIGHT, allow_inf_nan=False)]
+
+
 class PreferenceWeights(_Body):
     """Weights as in :class:`bandit.Preferences`: quality points per unit of quality,
-    per USD of cost and per second of latency."""
+    per USD of cost and per second of latency; at least one above 0."""
 
-    quality: NonNegative = 1.0
-    cost: NonNegative = 0.0
-    latency: NonNegative = 0.0
+    # JSON Schema of "not all zero" (quality defaults to 1, the others to 0).
+    model_config = ConfigDict(json_schema_extra={"not": {
+        "required": ["quality"], "properties": {
+            name: {"maximum": 0} for name in ("quality", "cost", "latency")}}})
+
+    quality: Weight = 1.0
+    cost: Weight = 0.0
+    latency: Weight = 0.0
+
+
+def _check_tags(value: object) -> dict[str, str] | None:
+    """bandit.featurize.check_tags as a pydantic error (422 naming ``tags``, the key and
+    what is allowed)."""
+    if value is None:
+        return None
+    try:
+        return check_tags(value)
+    except InvalidInputError as err:
+        raise PydanticCustomError("invalid_tags", "{message}",
+                                  {"message": str(err), "allowed": err.allowed}) from None
 
 
 class DecideRequest(_Body):
     query: Query
     candidates: list[ModelName] | None = Field(None, min_length=1, max_length=1000)
     preferences: PreferenceWeights | None = None
+    tags: dict[str, str] | None = Field(None, description=(
+        "Where the request comes from, e.g. {\"app\": \"support-bot\", \"task\": "
+        "\"code\"}: at most 16 tags, keys 1-64 characters (letters, digits, ._-:/), "
+        "values 1-128 characters. Hashed into the context beside the text features."))
+
+    check_tags = field_validator("tags", mode="before")(_check_tags)
 
 
 class PredictionOut(BaseModel):
@@ -68,6 +124,9 @@ class PredictionOut(BaseModel):
     # null when the arm could not be chosen by the policy's main branch (a cold arm with
     # no declared quality, reachable only through the bounded cold-start share).
     score: float | None
+    # The request's cost from the registry's prices before the call (prompt tokens and
+    # prior_output_tokens); cost_usd is this times the correction learned from feedback.
+    price_usd: float | None = None
 
 
 class DecideResponse(BaseModel):
@@ -84,20 +143,41 @@ class DecideResponse(BaseModel):
 
 
 class FeedbackRequest(_Body):
+    model_config = ConfigDict(json_schema_extra={
+        "anyOf": [*_any_of(("quality", {"type": "number"}), ("cost_usd", {"type": "number"}),
+                           ("latency_ms", {"type": "number"}))["anyOf"],
+                  {"required": ["input_tokens", "output_tokens"]}],
+        # The service prices a call from both counts: one alone is refused.
+        "dependentRequired": {"input_tokens": ["output_tokens"],
+                              "output_tokens": ["input_tokens"]}})
+
     decision_id: UUID
-    quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    quality: Fraction | None = None
     # Bounded like bandit's statistics (bandit.base.MAX_COST_USD / MAX_LATENCY_MS):
     # feedback is stored before it is applied, so what bandit would refuse must be
     # refused here, not stored and then failing at every replay.
-    cost_usd: Annotated[float, Field(ge=0.0, le=MAX_COST_USD, allow_inf_nan=False)] | None = None
-    latency_ms: Annotated[float, Field(ge=0.0, le=MAX_LATENCY_MS,
+    cost_usd: Annotated[float, Field(strict=True, ge=0.0, le=MAX_COST_USD,
+                                     allow_inf_nan=False)] | None = None
+    latency_ms: Annotated[float, Field(strict=True, ge=0.0, le=MAX_LATENCY_MS,
                                        allow_inf_nan=False)] | None = None
-    event_id: str | None = Field(None, min_length=1, max_length=200)
+    event_id: Name | None = None
+    # Token counts of the call: without cost_usd, the service prices them with the
+    # registry's prices of the decision's model (both are then needed).
+    input_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)] | None = None
+    output_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)] | None = None
 
     @model_validator(mode="after")
     def _some_outcome(self) -> FeedbackRequest:
-        if self.quality is None and self.cost_usd is None and self.latency_ms is None:
-            raise ValueError("give at least one of quality, cost_usd, latency_ms")
+        tokens = self.input_tokens is not None or self.output_tokens is not None
+        if (self.quality is None and self.cost_usd is None and self.latency_ms is None
+                and not tokens):
+            raise ValueError("give at least one of quality, cost_usd, latency_ms, or "
+                             "input_tokens and output_tokens")
+        if tokens:
+            for name in ("input_tokens", "output_tokens"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name} is needed with the other token count "
+                                     "(the service prices both)")
         return self
 
 
@@ -114,7 +194,20 @@ class FeedbackResponse(BaseModel):
 
 # Prices in USD per million tokens. The bound is far above any real price (a few hundred
 # USD) and keeps the derived prior cost inside what bandit's statistics accept.
-Price = Annotated[float, Field(ge=0.0, le=1e5, allow_inf_nan=False)]
+Price = Annotated[float, Field(strict=True, ge=0.0, le=1e5, allow_inf_nan=False)]
+
+
+def _drop_null(schema: dict) -> None:
+    """JSON Schema of a field that may be left out but not null (see _refuse_null)."""
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update(branches[0])
+    elif branches:
+        schema["anyOf"] = branches
+
+
+#: A field that may be left out ("unchanged") but not sent as null.
+NOT_NULL = Field(None, json_schema_extra=_drop_null)
 
 
 def _refuse_null(value: object) -> object:
@@ -126,6 +219,10 @@ def _refuse_null(value: object) -> object:
     return value
 
 
+ExplorationLoss = Annotated[float, Field(ge=MAX_LOSS_RANGE[0], le=MAX_LOSS_RANGE[1],
+                                         allow_inf_nan=False)]
+
+
 class TenantPreferences(BaseModel):
     weights: PreferenceWeights
     policy: PolicyKind
@@ -133,37 +230,46 @@ class TenantPreferences(BaseModel):
     budget_usd_per_day: float | None
     budget_usd_per_month: float | None
     on_budget_exhausted: OnExhausted
+    baseline_model: str | None = Field(description=(
+        "The model the tenant would call without the router; null: no guard."))
+    max_exploration_loss: float = Field(description=(
+        "With a baseline: how far the router's cumulative reward may fall below the "
+        "baseline's, as a fraction of the baseline's cumulative reward, in [0, 1]."))
 
 
 class TenantPreferencesUpdate(_Body):
     """Fields left out keep their current value; ``null`` clears a budget."""
 
-    weights: PreferenceWeights | None = None
-    policy: PolicyKind | None = None
-    scope: Scope | None = None
+    # NOT_NULL: null is refused (_refuse_null), so the schema does not offer it.
+    weights: PreferenceWeights | None = NOT_NULL
+    policy: PolicyKind | None = NOT_NULL
+    scope: Scope | None = NOT_NULL
     budget_usd_per_day: NonNegative | None = None
     budget_usd_per_month: NonNegative | None = None
-    on_budget_exhausted: OnExhausted | None = None
+    on_budget_exhausted: OnExhausted | None = NOT_NULL
+    # null turns guarded exploration off; a name must be a registered model.
+    baseline_model: ModelName | None = None
+    max_exploration_loss: ExplorationLoss | None = None
 
     refuse_null = field_validator("weights", "policy", "scope", "on_budget_exhausted",
-                                  mode="before")(_refuse_null)
+                                  "max_exploration_loss", mode="before")(_refuse_null)
 
 
 class ModelCreate(_Body):
     name: ModelName
     input_price_per_mtok: Price
     output_price_per_mtok: Price
-    enabled: bool = True
-    prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    enabled: StrictBool = True
+    prior_quality: Fraction | None = None
 
 
 class ModelUpdate(_Body):
     """Fields left out keep their value; ``prior_quality: null`` clears the prior."""
 
-    input_price_per_mtok: Price | None = None
-    output_price_per_mtok: Price | None = None
-    enabled: bool | None = None
-    prior_quality: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
+    input_price_per_mtok: Price | None = NOT_NULL
+    output_price_per_mtok: Price | None = NOT_NULL
+    enabled: StrictBool | None = NOT_NULL
+    prior_quality: Fraction | None = None
 
     refuse_null = field_validator("input_price_per_mtok", "output_price_per_mtok", "enabled",
                                   mode="before")(_refuse_null)
@@ -180,7 +286,7 @@ class ModelOut(BaseModel):
 
 
 class TenantCreate(_Body):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
 
 
 class TenantCreated(BaseModel):
@@ -210,6 +316,7 @@ class DecisionOut(BaseModel):
     over_budget: bool
     created_at: datetime
     feedback: list[FeedbackOut]
+    tags: dict[str, str] | None = None
 
 
 class UsageOut(BaseModel):

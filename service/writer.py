@@ -3,24 +3,43 @@
 ``submit`` puts a row on a bounded queue and returns at once; one thread drains the
 queue in batches (one multi-row INSERT per batch). When the queue is full the caller
 gets :class:`QueueFull` (the API answers 503 with Retry-After): a decision is never
-dropped silently. A failed INSERT is retried (with backoff) and keeps its rows, so a
-database outage turns into backpressure, not loss. Rows still queued when the process is
-killed (``kill -9``) are lost: at most ``queue_size`` decisions, usually a few ms' worth.
+dropped silently.
+
+Database outages (issue 14). With a :class:`~service.spool.DecisionSpool` (the default,
+``BANDIT_ROUTER_DECISION_BUFFER_SIZE``), an INSERT that fails because the database cannot
+be reached moves the batch, and from then on every queued row, into that file on local
+disk (one fsync'd transaction per batch); while it holds rows the API answers a decide
+only once its row is on disk (:meth:`DecisionWriter.must_confirm`,
+:meth:`DecisionWriter.wait_durable`), so ``kill -9`` during an outage loses no answered
+decision. The writer retries the database with backoff (at most 2 s) and, once it
+answers, replays the file oldest first (rows already stored are skipped), new rows
+queuing behind it. Without a spool (size 0) a failed INSERT is retried in memory and the
+full queue turns into 503s.
+
+The bound outside an outage: rows answered and still in memory (queued, or being
+written) when the process is killed are lost, at most ``queue_size`` decisions, usually
+one flush interval's worth (20 ms); also those answered between the moment the database
+went away and the first failed INSERT. ``write_through``
+(``BANDIT_ROUTER_DECISION_DURABILITY=write-through``) closes that window: every decide
+is answered only after its row is committed or spooled (one group commit per batch: the
+latency of an INSERT, not of a flush interval).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert
+from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.db.models import Decision
+from service.spool import DecisionSpool
 
 __all__ = ["DecisionWriter", "QueueFull"]
 
@@ -118,7 +137,9 @@ class _RowInserter:
 class DecisionWriter:
     def __init__(self, engine: Engine, *, queue_size: int, batch_size: int,
                  flush_interval_s: float = 0.02,
-                 on_flush: Callable[[int], None] | None = None) -> None:
+                 on_flush: Callable[[int], None] | None = None,
+                 spool: DecisionSpool | None = None, write_through: bool = False,
+                 retry_max_s: float = 0.5) -> None:
         self._engine = engine
         # A deque under one lock rather than a queue.Queue: submit and the writer's
         # draining take one lock per row and per batch instead of a Queue's lock and
@@ -140,6 +161,22 @@ class DecisionWriter:
         self._insert = _RowInserter(engine)
         self.flushed = 0
         self.failed = 0  # rows the database refused (logged one by one)
+        self.spool = spool
+        self.write_through = write_through
+        # While spooling, the database is retried with backoff up to this (seconds).
+        self._retry_max_s = retry_max_s
+        self._retry_now = False  # retry_now(): the database answered someone else
+        # Pending rows that are on disk (in the spool): durable, not in the database.
+        self._spooled: set[str] = set()
+        self.spooled_total = 0  # rows moved to the spool, ever
+        if spool is not None and spool.depth():
+            # Left by a previous run (an outage, a kill): pending until replayed, so that
+            # feedback about them waits for them instead of finding no decision.
+            ids = spool.ids()
+            self._pending.update(ids)
+            self._spooled.update(ids)
+            log.warning("%d decisions spooled by a previous run; writing them when the "
+                        "database answers", len(ids))
 
     # ------------------------------------------------------------ producer
     def submit(self, row: dict[str, Any]) -> bool:
@@ -165,7 +202,45 @@ class DecisionWriter:
                 for row in rows:
                     tenant = row["tenant_id"]
                     out[tenant] = out.get(tenant, 0.0) + row["charged_usd"]
+        if self.spool is not None:
+            for tenant, charged in self.spool.charges().items():
+                out[tenant] = out.get(tenant, 0.0) + charged
         return out
+
+    def spooling(self) -> bool:
+        """True while decisions are being kept on disk (the database was unreachable and
+        the spool is not replayed yet)."""
+        return self.spool is not None and self.spool.depth() > 0
+
+    def must_confirm(self) -> bool:
+        """Whether a decide must wait for :meth:`wait_durable` before it is answered:
+        always in write-through mode, and while spooling (an outage)."""
+        return self.write_through or self.spooling()
+
+    def wait_durable(self, decision_id: str, timeout: float) -> bool:
+        """Block until the row is committed to the database or to the spool (True), or
+        ``timeout`` passes (False)."""
+        self._hurry()
+        with self._cond:
+            return self._cond.wait_for(lambda: decision_id not in self._pending
+                                       or decision_id in self._spooled, timeout)
+
+    def retry_now(self) -> None:
+        """The database answered (``/readyz``): retry the spool's replay at once."""
+        if self.spooling():
+            self._retry_now = True
+            self._hurry()
+
+    def withdraw(self, decision_id: str) -> bool:
+        """Take a row that is still queued (not being written) back out of the queue."""
+        with self._cond:
+            for row in self._rows:
+                if row["id"] == decision_id:
+                    self._rows.remove(row)
+                    self._pending.discard(decision_id)
+                    self._cond.notify_all()
+                    return True
+        return False
 
     def is_pending(self, decision_id: str) -> bool:
         with self._cond:
@@ -206,15 +281,33 @@ class DecisionWriter:
         self._insert.close()
 
     def _run(self) -> None:
+        retry_at, delay = 0.0, 0.05
         while True:
             with self._lock:
-                while not self._rows and not self._stopping:
+                while not self._rows and not self._stopping and not self.spooling():
                     self._idle = True
                     self._has_rows.wait()
                     self._idle = False
-                if not self._rows:
-                    return  # stopping, everything written
                 stopping = self._stopping
+                if stopping and not self._rows and not self.spooling():
+                    return  # stopping, everything written
+            if self.spooling():
+                # An outage: what is queued goes to disk now (the decides wait for it),
+                # the database is retried with backoff, woken early by new rows.
+                self._spool_queued()
+                now = time.monotonic()
+                if now >= retry_at or self._retry_now:
+                    self._retry_now = False
+                    if self._replay():
+                        retry_at, delay = 0.0, 0.05
+                        continue
+                    retry_at, delay = now + delay, min(delay * 2, self._retry_max_s)
+                if stopping:
+                    self._spool_queued()
+                    return  # the spool keeps the rest; the next start replays it
+                if self._urgent.wait(max(retry_at - time.monotonic(), 0.0)):
+                    self._urgent.clear()
+                continue
             # Let rows gather for flush_interval (unless someone waits for one, or the
             # writer is stopping), then take them all: one transaction per batch, and one
             # wake-up of this thread per batch rather than per decision. Waking per
@@ -226,6 +319,80 @@ class DecisionWriter:
                 batch = [rows.popleft() for _ in range(min(len(rows), self._batch_size))]
                 self._in_flight = batch
             self._write_batch(batch)
+
+    # ------------------------------------------------------------ the spool
+    def _to_spool(self, rows: list[dict[str, Any]]) -> int:
+        """Commit ``rows`` to the spool, as many as fit; returns how many."""
+        assert self.spool is not None
+        try:
+            done = self.spool.add_many(rows)
+        except sqlite3.Error:
+            log.exception("spooling %d decisions to %s failed; they stay in memory",
+                          len(rows), self.spool.path)
+            return 0
+        if done < len(rows):
+            log.error("the decision spool is full (%d rows): %d decisions stay in memory",
+                      self.spool.capacity, len(rows) - done)
+        with self._cond:
+            self._spooled.update(row["id"] for row in rows[:done])
+            self._cond.notify_all()
+        self.spooled_total += done
+        return done
+
+    def _spool_queued(self) -> None:
+        """Move every queued row to the spool (in order); what does not fit stays queued."""
+        with self._lock:
+            rows = list(self._rows)
+            self._rows.clear()
+            self._in_flight = rows
+        done = self._to_spool(rows) if rows else 0
+        with self._lock:
+            self._rows.extendleft(reversed(rows[done:]))
+            self._in_flight = []
+
+    def _replay(self) -> bool:
+        """Write the spool into the database, oldest first; True once it is empty, False
+        when the database is still unreachable."""
+        assert self.spool is not None
+        replayed = 0
+        while self.spool.depth():
+            self._spool_queued()  # decides waiting meanwhile are not held up
+            head = self.spool.head(self._batch_size)
+            if not head:
+                break
+            rows = [row for _, row in head]
+            try:
+                with self._engine.connect() as conn:
+                    stored = set(conn.scalars(select(Decision.id).where(
+                        Decision.id.in_([row["id"] for row in rows]))))
+                # Stored already: written before a crash that left them in the spool.
+                fresh = [row for row in rows if row["id"] not in stored]
+                if fresh:
+                    self._insert.write(fresh)
+            except (OperationalError, InterfaceError) as exc:
+                self._insert.close()
+                log.warning("%d decisions spooled; the database is still unreachable (%s)",
+                            self.spool.depth(), type(exc).__name__)
+                return False
+            except DBAPIError:
+                self._write_one_by_one(fresh)
+            self.spool.remove_through(head[-1][0])
+            self._written(rows)
+            replayed += len(rows)
+        if replayed:
+            log.warning("the database answers: %d spooled decisions written", replayed)
+        return True
+
+    def _written(self, rows: list[dict[str, Any]]) -> None:
+        """``rows`` are in the database: wake whoever waits for them."""
+        with self._cond:
+            for row in rows:
+                self._pending.discard(row["id"])
+                self._spooled.discard(row["id"])
+            self._cond.notify_all()
+        self.flushed += len(rows)
+        if self._on_flush is not None:
+            self._on_flush(len(rows))
 
     def _write_batch(self, batch: list[dict[str, Any]]) -> None:
         """Write ``batch`` as statements of bounded shapes (SQLite): all of it when it
@@ -243,23 +410,52 @@ class DecisionWriter:
         autocommit statement (atomic, retried alone): nothing changes for a row.
         """
         if not self._insert.fast or len(batch) >= self._batch_size:
-            self._write(batch)
-            return
-        start = 0
-        while start < len(batch):
-            size = 1 << ((len(batch) - start).bit_length() - 1)
-            self._write(batch[start:start + size])
-            start += size
+            parts = [batch]
+        else:
+            parts, start = [], 0
+            while start < len(batch):
+                size = 1 << ((len(batch) - start).bit_length() - 1)
+                parts.append(batch[start:start + size])
+                start += size
+        for i, part in enumerate(parts):
+            if not self._write(part):
+                # The database is away: this part and the ones after it go to the spool
+                # (the queue follows them there: the loop is now spooling).
+                rest = [row for later in parts[i:] for row in later]
+                done = self._to_spool(rest)
+                with self._lock:
+                    self._in_flight = []
+                if done < len(rest):
+                    self._write_retrying(rest[done:])
+                return
 
-    def _write(self, batch: list[dict[str, Any]]) -> None:
+    def _write(self, batch: list[dict[str, Any]]) -> bool:
+        """Write ``batch``; False (nothing written) when the database cannot be reached
+        and a spool can take the rows."""
+        if self.spool is None:
+            self._write_retrying(batch)
+            return True
+        try:
+            self._insert.write(batch)
+        except (OperationalError, InterfaceError):
+            log.warning("writing %d decisions failed: the database is unreachable; "
+                        "spooling them to %s", len(batch), self.spool.path, exc_info=True)
+            return False
+        except DBAPIError:
+            self._write_one_by_one(batch)
+        self._done_in_flight(batch)
+        return True
+
+    def _write_retrying(self, batch: list[dict[str, Any]]) -> None:
         delay = 0.05
         while True:
             try:
                 self._insert.write(batch)
                 break
             except (OperationalError, InterfaceError):
-                # The database is away: keep the rows and retry. The queue fills up
-                # meanwhile and the API turns that into 503s (backpressure), not loss.
+                # The database is away and no spool takes the rows: keep them and retry.
+                # The queue fills up meanwhile and the API turns that into 503s
+                # (backpressure), not loss.
                 log.exception("writing %d decisions failed; retrying in %.2fs",
                               len(batch), delay)
                 time.sleep(delay)
@@ -269,14 +465,12 @@ class DecisionWriter:
                 # rows behind it: write one by one and report each refused row.
                 self._write_one_by_one(batch)
                 break
-        with self._cond:
-            for row in batch:
-                self._pending.discard(row["id"])
+        self._done_in_flight(batch)
+
+    def _done_in_flight(self, batch: list[dict[str, Any]]) -> None:
+        with self._lock:
             self._in_flight = self._in_flight[len(batch):]  # the parts still to write
-            self._cond.notify_all()
-        self.flushed += len(batch)
-        if self._on_flush is not None:
-            self._on_flush(len(batch))
+        self._written(batch)
 
     def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
         for row in batch:

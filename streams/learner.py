@@ -16,6 +16,14 @@ Per poll batch:
    statistics, store the next offset, bump the version and ``NOTIFY``;
 6. commit the Kafka offsets (for lag monitoring only: the database offset is the truth).
 
+Pipelining: step 5 of a batch runs in a writer thread, on its own connection, while the
+loop polls and prepares (steps 1-4) the next batch: the database's work and the
+learner's overlap. The loop waits for it before it hands over the next batch, so the
+partitions' transactions stay in order; the offset each one stores is fixed when its
+batch is prepared; a partition is never revoked while its write is in flight; a
+partition the writer could not write is reloaded by the loop (a fresh state object: the
+prepared next batch's part of it is dropped and re-read).
+
 The stored offset never passes a pending event: it is the smallest pending offset, so
 a crash re-reads from there, and the events after it that were applied are skipped by
 the ``learner_applied`` key. See docs/streams.md for the whole argument.
@@ -33,8 +41,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
 
 import numpy as np
 import psycopg
@@ -145,6 +154,79 @@ class _Partition:
         return self.next_offset if self.next_offset >= 0 else self.stored_offset
 
 
+class DecisionRow(NamedTuple):
+    """What the learner reads of a decision (``decisions`` table)."""
+
+    tenant_id: str
+    model: str
+    scope: str
+    context: bytes  # dim little-endian float64
+    created_at: float  # seconds since the epoch: the event time forgetting runs on
+
+
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a record came from (what a dead letter names)."""
+
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+class _Dead(NamedTuple):
+    origin: _Origin
+    reason: str  # one of streams.schemas.DEAD_LETTER_REASONS
+    detail: str
+
+
+class _Apply(NamedTuple):
+    """An event to apply, with its decision."""
+
+    item: _Pending
+    decision: DecisionRow
+
+
+class _Write(NamedTuple):
+    """One partition's part of step 5."""
+
+    state: _Partition
+    items: list[_Apply]
+    offset: int  # the offset to store, fixed when the batch was prepared
+
+
+@dataclass
+class _Written:
+    """What the writer thread hands back: partitions to reload, the error to raise."""
+
+    reload: list[TopicPartition] = field(default_factory=list)
+    error: Exception | None = None
+
+
+@dataclass
+class _Batch:
+    """Step 1's result: the events to classify (new records and pending events)."""
+
+    taken: int = 0
+    touched: set[TopicPartition] = field(default_factory=set)
+    candidates: list[tuple[_Partition, _Pending]] = field(default_factory=list)
+    dead: list[_Dead] = field(default_factory=list)
+
+
+#: Largest absolute context value the learner applies: bandit's own bound.
+MAX_CONTEXT_ABS = MAX_ABS_CONTEXT
+
+
+def _contexts_ok(contexts: list[bytes], dim: int) -> np.ndarray:
+    """Per context (each ``dim`` float64): finite and within ``MAX_CONTEXT_ABS``, checked
+    for the whole batch in one array operation."""
+    if not contexts:
+        return np.zeros(0, dtype=bool)
+    x = np.frombuffer(b"".join(contexts), dtype="<f8").reshape(len(contexts), dim)
+    with np.errstate(invalid="ignore"):
+        return (np.abs(x) <= MAX_CONTEXT_ABS).all(axis=1)  # False for NaN and inf
+
+
 class _LostOwnership(Exception):
     """Another learner wrote this partition since we loaded it."""
 
@@ -194,6 +276,11 @@ class Learner:
         self._last_prune = time.monotonic()
         self._fatal: Exception | None = None
         self.batches = 0
+        # Step 5 runs in a writer thread on its own connection while the loop polls and
+        # prepares the next batch (module docstring, "Pipelining").
+        self._wconn: psycopg.Connection | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: Future[_Written] | None = None
 
     # ------------------------------------------------------------ life cycle
     def start(self, *, create_topics: bool = True) -> None:
@@ -209,6 +296,7 @@ class Learner:
             auto_offset_reset="earliest", max_poll_records=self.config.max_poll_records,
             **self.consumer_settings)
         self.consumer.subscribe([self.config.feedback_topic], listener=_Listener(self))
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="learner-writer")
         if self.config.metrics_port:
             start_http_server(self.config.metrics_port, registry=self.metrics.registry)
         self._running.set()
@@ -236,8 +324,17 @@ class Learner:
         return self._running.is_set()
 
     def close(self) -> None:
-        # Leave the group at once (the partitions move without waiting for the session
-        # timeout); nothing is committed here: every batch was written already.
+        # The batch being written is finished first (its transactions commit or fail
+        # whole); then leave the group at once (the partitions move without waiting for
+        # the session timeout). The Kafka offsets only feed lag tools.
+        if self._inflight is not None:
+            try:
+                self._finish_writes(closing=True)
+            except Exception:  # noqa: BLE001 - closing must not hide the real error
+                log.exception("finishing the last batch failed")
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self.consumer is not None:
             try:
                 self.consumer.close(autocommit=False)
@@ -250,9 +347,10 @@ class Learner:
             except Exception:  # noqa: BLE001
                 log.exception("closing the producer failed")
             self.producer = None
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        for conn in (self._conn, self._wconn):
+            if conn is not None:
+                conn.close()
+        self._conn = self._wconn = None
 
     def run(self, *, max_seconds: float | None = None) -> None:
         """Start, loop until :meth:`stop` (or ``max_seconds``), close in ``finally``."""
@@ -307,6 +405,10 @@ class Learner:
         log.info("assigned %s", sorted(tp.partition for tp in assigned))
 
     def _drop(self, revoked: list[TopicPartition]) -> None:
+        if self._inflight is not None:
+            # Everything applied is written before a partition moves (the writer catches
+            # its errors; step() handles them).
+            wait([self._inflight])
         for tp in revoked:
             self.partitions.pop(tp, None)
             try:
@@ -348,104 +450,148 @@ class Learner:
             self._conn = psycopg.connect(self.database_url, autocommit=False)
         return self._conn
 
+    def _wdb(self) -> psycopg.Connection:
+        """The writer thread's connection (a psycopg connection serves one thread)."""
+        if self._wconn is None or self._wconn.closed:
+            self._wconn = psycopg.connect(self.database_url, autocommit=False)
+        return self._wconn
+
     # ------------------------------------------------------------ processing
     def _process(self, records: dict[TopicPartition, list[Any]]) -> int:
+        """The numbered steps of the module docstring, for one poll batch; step 5 of this
+        batch runs in the writer thread while the next batch is polled and prepared."""
         now = self.clock()
-        touched: set[TopicPartition] = set()
-        dead: list[tuple[Any, str, str]] = []  # (record-like, reason, detail)
-        candidates: list[tuple[_Partition, _Pending]] = []
-        taken = 0
-        for tp, batch in records.items():
+        batch = self._take(records, now)                                   # 1
+        writes: list[_Write] = []
+        if batch.touched:
+            decisions = self._fetch_decisions(                             # 2
+                {p.event.decision_id for _, p in batch.candidates})
+            apply = self._classify(batch, decisions, now)                  # 3
+            self._send_dead_letters(batch.dead, now)                       # 4
+            for tp in sorted(batch.touched, key=lambda t: t.partition):
+                state = self.partitions.get(tp)
+                if state is not None:
+                    # The offset to store is fixed now: the next batch moves the state.
+                    writes.append(_Write(state, apply.get(tp, []), state.offset_to_store()))
+            self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
+        self._finish_writes()  # the previous batch's step 5, then its step 6
+        writes = [w for w in writes if self.partitions.get(w.state.tp) is w.state
+                  and (w.items or w.offset != w.state.stored_offset)]
+        if writes:
+            assert self._writer is not None
+            self._inflight = self._writer.submit(self._write_partitions, writes)  # 5
+            self.batches += 1
+        return batch.taken
+
+    def _finish_writes(self, *, closing: bool = False) -> None:
+        """Wait for the batch in the writer thread; reload the partitions it could not
+        write (another learner wrote them, or the database failed), raise its error, or
+        commit the Kafka offsets (step 6)."""
+        future, self._inflight = self._inflight, None
+        if future is None:
+            return
+        done = future.result()
+        if not closing:
+            for tp in done.reload:
+                self._reload(tp)
+        if done.error is not None:
+            raise done.error
+        self._commit_kafka()
+
+    def _take(self, records: dict[TopicPartition, list[Any]], now: float) -> _Batch:
+        """Step 1: decode the new records; the pending events join them as candidates."""
+        batch = _Batch()
+        timeout = self.config.pending_timeout_s
+        for tp, polled in records.items():
             state = self.partitions.get(tp)
             if state is None:
                 continue  # revoked while the batch was in flight
-            for record in batch:
+            for record in polled:
                 if record.offset < state.next_offset or record.offset < state.stored_offset:
                     continue  # delivered again after a seek
                 state.next_offset = record.offset + 1
-                taken += 1
-                touched.add(tp)
+                batch.taken += 1
+                batch.touched.add(tp)
                 try:
                     event = decode_feedback(record.value)
                 except InvalidEventError as exc:
-                    dead.append((_Origin(tp, record.offset, record.key, record.value),
-                                 exc.reason, str(exc)))
+                    batch.dead.append(_Dead(_Origin(tp, record.offset, record.key,
+                                                    record.value), exc.reason, str(exc)))
                     continue
                 sent = record.timestamp / 1e3 if record.timestamp and record.timestamp > 0 \
                     else now
                 received = min(sent, now)
-                candidates.append((state, _Pending(record.offset, record.key, record.value,
-                                                   event, received + self.config.pending_timeout_s,
-                                                   received)))
+                batch.candidates.append((state, _Pending(
+                    record.offset, record.key, record.value, event, received + timeout,
+                    received)))
         for state in self.partitions.values():
             if state.pending:
-                touched.add(state.tp)
-                candidates.extend((state, p) for p in state.pending)
+                batch.touched.add(state.tp)
+                batch.candidates.extend((state, p) for p in state.pending)
                 state.pending = []
-        if not touched:
-            return 0
+        return batch
 
-        decisions = self._fetch_decisions({p.event.decision_id for _, p in candidates})
-        apply: dict[TopicPartition, list[tuple[_Pending, tuple]]] = {}
-        horizon = now - self.config.retention_hours * 3600.0
-        for state, item in candidates:
-            row = decisions.get(item.event.decision_id)
-            origin = _Origin(state.tp, item.offset, item.key, item.value)
-            if row is None:
-                if now < item.deadline:
-                    state.pending.append(item)
-                else:
-                    dead.append((origin, "unknown-decision",
-                                 f"decision_id: no decision {item.event.decision_id!r} after "
-                                 f"{self.config.pending_timeout_s:g} s"))
-                continue
-            tenant_id, _model, _scope, context, created_at = row
-            if tenant_id != item.event.tenant_id:
-                dead.append((origin, "tenant-mismatch", "tenant_id: the decision belongs to "
-                             "another tenant"))
-            elif created_at.timestamp() < horizon:
-                dead.append((origin, "decision-expired", "decision_id: the decision is older "
-                             f"than the retention window ({self.config.retention_hours:g} h)"))
-            elif len(context) != 8 * self.config.dim:
-                dead.append((origin, "invalid-event", "context: the decision's context has "
-                             f"{len(context) // 8} dimensions, the learner {self.config.dim}"))
-            elif not _context_ok(context):
-                # A huge (finite) embedding would overflow the shared sums to inf/NaN.
-                dead.append((origin, "invalid-event", "context: the decision's context has "
-                             f"values outside +-{MAX_CONTEXT_ABS:g} or not finite"))
-            else:
-                apply.setdefault(state.tp, []).append((item, row))
-
-        self._send_dead_letters(dead, now)
-        writes = []
-        for tp in sorted(touched, key=lambda t: t.partition):
-            state = self.partitions.get(tp)
-            if state is None:
-                continue
-            items = apply.get(tp, [])
-            if items or state.offset_to_store() != state.stored_offset:
-                writes.append((state, items))
-        for i, (state, items) in enumerate(writes):
-            # One NOTIFY per batch, with its last transaction: the deciders then reload
-            # every partition of the batch at once instead of chasing them one by one
-            # (their version poll covers a batch that fails half-way).
-            self._write_partition(state, items, notify=i == len(writes) - 1)
-        self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
-        self._commit_kafka()
-        self.batches += 1
-        return taken
-
-    def _fetch_decisions(self, ids: set[str]) -> dict[str, tuple]:
+    def _fetch_decisions(self, ids: set[str]) -> dict[str, DecisionRow]:
+        """Step 2: the batch's decisions, ONE query. Binary results: the contexts arrive
+        as raw bytes (text would hex-encode them, doubling the bytes and the work on
+        both sides) and ``created_at`` as seconds."""
         if not ids:
             return {}
         conn = self._db()
-        with conn.transaction():
-            rows = conn.execute(
-                "SELECT id, tenant_id, model, scope, context, created_at FROM decisions"
-                " WHERE id = ANY(%s)", (list(ids),)).fetchall()
-        return {r[0]: r[1:] for r in rows}
+        with conn.transaction(), conn.cursor(binary=True) as cur:
+            rows = cur.execute(
+                "SELECT id, tenant_id, model, scope, context,"
+                " extract(epoch FROM created_at)::float8 FROM decisions"
+                " WHERE id = ANY(%b::varchar[])", (list(ids),)).fetchall()
+        return {r[0]: DecisionRow(r[1], r[2], r[3], r[4], r[5]) for r in rows}
 
-    def _send_dead_letters(self, dead: list[tuple[Any, str, str]], now: float) -> None:
+    def _classify(self, batch: _Batch, decisions: dict[str, DecisionRow],
+                  now: float) -> dict[TopicPartition, list[_Apply]]:
+        """Step 3: apply, dead-letter (into ``batch.dead``) or keep pending."""
+        horizon = now - self.config.retention_hours * 3600.0
+        width = 8 * self.config.dim
+        checked: list[tuple[_Partition, _Apply]] = []
+        for state, item in batch.candidates:
+            row = decisions.get(item.event.decision_id)
+            reason = detail = None
+            if row is None:
+                if now < item.deadline:
+                    state.pending.append(item)
+                    continue
+                reason, detail = "unknown-decision", (
+                    f"decision_id: no decision {item.event.decision_id!r} after "
+                    f"{self.config.pending_timeout_s:g} s")
+            elif row.tenant_id != item.event.tenant_id:
+                reason, detail = ("tenant-mismatch",
+                                  "tenant_id: the decision belongs to another tenant")
+            elif row.created_at < horizon:
+                reason, detail = "decision-expired", (
+                    "decision_id: the decision is older than the retention window "
+                    f"({self.config.retention_hours:g} h)")
+            elif len(row.context) != width:
+                reason, detail = "invalid-event", (
+                    f"context: the decision's context has {len(row.context) // 8} "
+                    f"dimensions, the learner {self.config.dim}")
+            if reason is None:
+                checked.append((state, _Apply(item, row)))
+            else:
+                batch.dead.append(_Dead(_Origin(state.tp, item.offset, item.key, item.value),
+                                        reason, detail))
+        apply: dict[TopicPartition, list[_Apply]] = {}
+        for (state, it), ok in zip(checked, _contexts_ok(
+                [it.decision.context for _, it in checked], self.config.dim), strict=True):
+            if ok:
+                apply.setdefault(state.tp, []).append(it)
+            else:
+                # A huge (finite) embedding would overflow the shared sums to inf/NaN.
+                batch.dead.append(_Dead(
+                    _Origin(state.tp, it.item.offset, it.item.key, it.item.value),
+                    "invalid-event", "context: the decision's context has values outside "
+                    f"+-{MAX_CONTEXT_ABS:g} or not finite"))
+        return apply
+
+    def _send_dead_letters(self, dead: list[_Dead], now: float) -> None:
+        """Step 4: produce the dead letters and wait for their acknowledgement."""
         if not dead:
             return
         assert self.producer is not None
@@ -463,66 +609,71 @@ class Learner:
         for future in futures:
             future.get(timeout=30)
         log.warning("dead-lettered %d records (%s)", len(dead),
-                    ", ".join(sorted({reason for _, reason, _ in dead})))
+                    ", ".join(sorted({d.reason for d in dead})))
 
-    def _write_partition(self, state: _Partition, items: list[tuple[_Pending, tuple]], *,
+    def _write_partitions(self, writes: list[_Write]) -> _Written:
+        """Step 5 (in the writer thread): one transaction per partition. Errors are
+        returned, not raised: the loop's thread reloads and raises them."""
+        done = _Written()
+        for i, w in enumerate(writes):
+            try:
+                # One NOTIFY per batch, with its last transaction: the deciders then
+                # reload every partition of the batch at once instead of chasing them
+                # one by one (their version poll covers a batch that fails half-way).
+                self._write_partition(w.state, w.items, w.offset, notify=i == len(writes) - 1)
+            except _LostOwnership:
+                log.warning("partition %d was written by another learner: reloading it",
+                            w.state.tp.partition)
+                done.reload.append(w.state.tp)
+            except Exception as exc:  # noqa: BLE001 - handed to the loop's thread
+                # The in-memory statistics may hold the batch the database refused:
+                # reload them and re-read from the stored offset, then raise.
+                done.reload.append(w.state.tp)
+                done.error = exc
+                break
+        return done
+
+    def _write_partition(self, state: _Partition, items: list[_Apply], offset: int, *,
                          notify: bool = True) -> None:
-        """One transaction: fence, dedupe, apply, store statistics + offset, notify."""
-        conn = self._db()
+        """One transaction: fence, dedupe, apply, store statistics + ``offset``, notify."""
+        conn = self._wdb()
         ident = (self.config.group_id, state.tp.topic, state.tp.partition)
         # Partition order: pending events come after the new records of the poll, but
         # the first of two repeats must win (its values are the feedback row's), the last
         # cost is the charge, and the feedback rows' ids follow the partition.
-        items = sorted(items, key=lambda it: it[0].offset)
+        items = sorted(items, key=lambda it: it.item.offset)
         # A repeat inside the batch is skipped here; one across batches by the insert.
-        unique: dict[tuple[str, str], tuple[_Pending, tuple]] = {}
-        for item, row in items:
-            unique.setdefault((item.event.decision_id, item.event.event_id), (item, row))
-        duplicates_in_batch = len(items) - len(unique)
-        try:
-            with conn.transaction():
-                found = conn.execute(
-                    "SELECT version FROM learner_partitions WHERE group_id = %s"
-                    " AND topic = %s AND partition = %s FOR UPDATE", ident).fetchone()
-                if found is None or int(found[0]) != state.version:
-                    raise _LostOwnership(state.tp)
-                fresh = set(self._insert_applied(conn, list(unique.values())))
-                applied = [item for k, item in unique.items() if k in fresh]  # in order
-                if self.config.feedback_rows:
-                    self._insert_feedback(conn, applied)
-                if self.config.reconcile_spend:
-                    self._reconcile_spend(conn, applied)
-                changed = self._apply(state, applied)
-                if changed:
-                    conn.cursor().executemany(
-                        "INSERT INTO partition_statistics (group_id, topic, partition, key,"
-                        " data) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic,"
-                        " partition, key) DO UPDATE SET data = EXCLUDED.data",
-                        # Sums only: the readers recompute inverses exactly, half the bytes.
-                        [(*ident, key, state.stats[key].to_bytes(derived=False))
-                         for key in changed])
-                offset = state.offset_to_store()
-                conn.execute(
-                    "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
-                    " updated_at = now() WHERE group_id = %s AND topic = %s"
-                    " AND partition = %s", (offset, *ident))
-                if notify:
-                    conn.execute("SELECT pg_notify(%s, %s)",
-                                 (NOTIFY_CHANNEL, f"{state.tp.partition}:{state.version + 1}"))
-        except _LostOwnership:
-            log.warning("partition %d was written by another learner: reloading it",
-                        state.tp.partition)
-            self._reload(state.tp)
-            return
-        except Exception:
-            # The in-memory statistics may hold the batch the database refused: reload
-            # them and re-read from the stored offset, then let the caller see the error.
-            self._reload(state.tp)
-            raise
+        unique: dict[tuple[str, str], _Apply] = {}
+        for it in items:
+            unique.setdefault((it.item.event.decision_id, it.item.event.event_id), it)
+        candidates = list(unique.values())
+        with conn.transaction():
+            found = conn.execute(
+                "SELECT version FROM learner_partitions WHERE group_id = %s"
+                " AND topic = %s AND partition = %s FOR UPDATE", ident).fetchone()
+            if found is None or int(found[0]) != state.version:
+                raise _LostOwnership(state.tp)
+            applied = self._record_applied(conn, candidates)
+            changed = self._apply(state, applied)
+            if changed:
+                conn.cursor().executemany(
+                    "INSERT INTO partition_statistics (group_id, topic, partition, key,"
+                    " data) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic,"
+                    " partition, key) DO UPDATE SET data = EXCLUDED.data",
+                    # Sums only: the readers recompute inverses exactly, half the bytes.
+                    [(*ident, key, state.stats[key].to_bytes(derived=False))
+                     for key in changed])
+            conn.execute(
+                "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
+                " updated_at = now() WHERE group_id = %s AND topic = %s"
+                " AND partition = %s", (offset, *ident))
+            if notify:
+                conn.execute("SELECT pg_notify(%s, %s)",
+                             (NOTIFY_CHANNEL, f"{state.tp.partition}:{state.version + 1}"))
         state.version += 1
         state.stored_offset = offset
-        n_dup = len(unique) - len(applied) + duplicates_in_batch
         self.metrics.events.labels("applied").inc(len(applied))
+        n_dup = len(items) - len(applied)
         if n_dup:
             self.metrics.events.labels("duplicate").inc(n_dup)
 
@@ -536,70 +687,60 @@ class Learner:
             self.partitions[tp] = fresh
             self._seek(fresh)
 
-    def _insert_applied(self, conn: psycopg.Connection,
-                        items: list[tuple[_Pending, tuple]]) -> list[tuple[str, str]]:
-        """Record the events as applied; returns the ones not recorded before."""
-        if not items:
+    def _record_applied(self, conn: psycopg.Connection,
+                        candidates: list[_Apply]) -> list[_Apply]:
+        """Record the candidates as applied; returns the ones not recorded before, in
+        order. ONE statement, its arrays sent once, in binary (``%b``: in text form,
+        formatting and parsing them took as long as the writes):
+
+        - ``learner_applied``: the events' keys, ``ON CONFLICT DO NOTHING RETURNING``
+          (a repeat across batches is skipped: the key says it was applied);
+        - ``feedback`` (``feedback_rows``): the fresh events as the embedded mode stores
+          them, in the partition's transaction (so exactly once, with the statistics),
+          ids in partition order; ``ON CONFLICT DO NOTHING`` keeps the first row when
+          another consumer group (started afresh, it re-reads the topic) applies an
+          event again. A missing value travels as NaN (which no applied event has: the
+          schema refuses NaN) and becomes NULL;
+        - ``decisions.charged_usd`` (``reconcile_spend``): the real cost a fresh feedback
+          reports replaces the decision's predicted one, as the embedded mode does (the
+          API replicas' budgets and ``/usage`` read it, service/budget.py); the last
+          cost of a batch wins, in the partition's order (a decision's events share a
+          partition).
+        """
+        if not candidates:
             return []
-        events = [item.event for item, _ in items]
-        rows = conn.execute(
-            "INSERT INTO learner_applied (group_id, decision_id, event_id)"
-            " SELECT %s, d, e FROM unnest(%s::varchar[], %s::varchar[]) AS u(d, e)"
-            " ON CONFLICT (group_id, decision_id, event_id) DO NOTHING"
-            " RETURNING decision_id, event_id",
-            (self.config.group_id, [e.decision_id for e in events],
-             [e.event_id for e in events])).fetchall()
-        return [(r[0], r[1]) for r in rows]
-
-    @staticmethod
-    def _insert_feedback(conn: psycopg.Connection,
-                         applied: list[tuple[_Pending, tuple]]) -> None:
-        """The applied events as ``feedback`` rows, as the embedded mode stores them: in the
-        partition's transaction (so exactly once, with the statistics), one INSERT for
-        the batch. Only events applied now come here (``learner_applied`` said they are
-        new to this group); ``ON CONFLICT DO NOTHING`` keeps the first row when another
-        consumer group (started afresh, it re-reads the topic) applies an event again.
-
-        Arrays go in binary (``%b``): in text form, formatting and parsing the 7 arrays
-        took about as long as the insert itself. A missing value travels as NaN (which no
-        applied event has: the schema refuses NaN) and becomes NULL."""
-        if not applied:
-            return
         nan = float("nan")
-        events = [item.event for item, _ in applied]
-        conn.execute(
-            "INSERT INTO feedback (decision_id, tenant_id, event_id, quality, cost_usd,"
-            " latency_ms, created_at)"
-            " SELECT d, t, e, nullif(q, 'NaN'), nullif(c, 'NaN'), nullif(l, 'NaN'),"
-            " to_timestamp(r) FROM unnest(%b::varchar[], %b::varchar[], %b::varchar[],"
-            " %b::float8[], %b::float8[], %b::float8[], %b::float8[])"
-            " WITH ORDINALITY AS u(d, t, e, q, c, l, r, n)"
-            # ids in partition order, like the embedded mode's ids in arrival order
-            " ORDER BY n ON CONFLICT (decision_id, event_id) DO NOTHING",
-            ([e.decision_id for e in events], [e.tenant_id for e in events],
-             [e.event_id for e in events],
-             [nan if e.quality is None else e.quality for e in events],
-             [nan if e.cost_usd is None else e.cost_usd for e in events],
-             [nan if e.latency_ms is None else e.latency_ms for e in events],
-             [item.received_at for item, _ in applied]))
-
-    @staticmethod
-    def _reconcile_spend(conn: psycopg.Connection,
-                         applied: list[tuple[_Pending, tuple]]) -> None:
-        """The real cost a feedback reports replaces the decision's predicted one in
-        ``decisions.charged_usd``, in the partition's transaction (so exactly once), as
-        the embedded mode does: the API replicas' budgets and ``/usage`` read it
-        (service/budget.py, "Several replicas"). The last cost of a batch wins, in the
-        partition's order (a decision's events share a partition)."""
-        costs: dict[str, float] = {}
-        for item, _ in applied:
-            if item.event.cost_usd is not None:
-                costs[item.event.decision_id] = item.event.cost_usd
-        if costs:
-            conn.execute(
-                "UPDATE decisions AS d SET charged_usd = u.c"
-                " FROM unnest(%s::varchar[], %s::float8[]) AS u(id, c) WHERE d.id = u.id",
-                (list(costs), list(costs.values())))
+        events = [c.item.event for c in candidates]
+        ctes = [
+            "b AS (SELECT * FROM unnest(%(d)b::varchar[], %(t)b::varchar[],"
+            " %(e)b::varchar[], %(q)b::float8[], %(c)b::float8[], %(l)b::float8[],"
+            " %(r)b::float8[]) WITH ORDINALITY AS u(d, t, e, q, c, l, r, n))",
+            "fresh AS (INSERT INTO learner_applied (group_id, decision_id, event_id)"
+            " SELECT %(g)s, d, e FROM b ON CONFLICT (group_id, decision_id, event_id)"
+            " DO NOTHING RETURNING decision_id, event_id)",
+            "new AS (SELECT b.* FROM b JOIN fresh ON fresh.decision_id = b.d"
+            " AND fresh.event_id = b.e)"]
+        if self.config.feedback_rows:
+            ctes.append(
+                "rows AS (INSERT INTO feedback (decision_id, tenant_id, event_id, quality,"
+                " cost_usd, latency_ms, created_at) SELECT d, t, e, nullif(q, 'NaN'),"
+                " nullif(c, 'NaN'), nullif(l, 'NaN'), to_timestamp(r) FROM new ORDER BY n"
+                " ON CONFLICT (decision_id, event_id) DO NOTHING)")
+        if self.config.reconcile_spend:
+            ctes.append(
+                "spend AS (UPDATE decisions AS x SET charged_usd = s.c FROM (SELECT"
+                " DISTINCT ON (d) d, c FROM new WHERE c <> 'NaN' ORDER BY d, n DESC) AS s"
+                " WHERE x.id = s.d)")
+        # Constant fragments chosen by the configuration; every value is a parameter.
+        query = "WITH " + ", ".join(ctes) + " SELECT n FROM new"  # noqa: S608
+        rows = conn.execute(query, {
+            "g": self.config.group_id, "d": [e.decision_id for e in events],
+            "t": [e.tenant_id for e in events], "e": [e.event_id for e in events],
+            "q": [nan if e.quality is None else e.quality for e in events],
+            "c": [nan if e.cost_usd is None else e.cost_usd for e in events],
+            "l": [nan if e.latency_ms is None else e.latency_ms for e in events],
+            "r": [c.item.received_at for c in candidates]}).fetchall()
+        return [candidates[n - 1] for n in sorted(int(r[0]) for r in rows)]
 
     def prune_applied(self) -> int:
         """Forget idempotency keys older than the retention window (safe: see the table)."""
@@ -611,38 +752,47 @@ class Learner:
                 (self.config.group_id, self.config.retention_hours * 3600.0))
         return cur.rowcount
 
-    def _apply(self, state: _Partition, applied: list[tuple[_Pending, tuple]]) -> list[str]:
-        """Add the events to the partition's statistics; returns the keys changed."""
-        groups: dict[str, list[tuple[_Pending, tuple]]] = {}
-        for item, row in applied:
-            groups.setdefault(SHARED_KEY, []).append((item, row))
-            extra = scope_key(row[2], row[0])
+    def _apply(self, state: _Partition, applied: list[_Apply]) -> list[str]:
+        """Add the events to the partition's statistics, one ``update_batch`` (one array
+        operation per arm) per statistics key; returns the keys changed."""
+        if not applied:
+            return []
+        dim = self.config.dim
+        x = np.frombuffer(b"".join(it.decision.context for it in applied),
+                          dtype="<f8").reshape(len(applied), dim)
+        # An (n, 3) array: bandit validates it in one vectorized pass.
+        nan = np.nan
+        y = np.array([(nan if e.quality is None else e.quality,
+                       nan if e.cost_usd is None else e.cost_usd,
+                       nan if e.latency_ms is None else e.latency_ms)
+                      for e in (it.item.event for it in applied)], dtype=np.float64)
+        arms = [it.decision.model for it in applied]
+        # Forgetting runs on event time, the decision's created_at (stored by the API,
+        # the same on every re-read), never on the wall clock at apply time: a replay
+        # after a crash or on another learner must produce the same sums.
+        times = (None if self.config.half_life_hours is None
+                 else np.array([it.decision.created_at for it in applied]))
+        groups: dict[str, list[int] | None] = {SHARED_KEY: None}  # None: every event
+        for i, it in enumerate(applied):
+            extra = scope_key(it.decision.scope, it.decision.tenant_id)
             if extra is not None:
-                groups.setdefault(extra, []).append((item, row))
+                groups.setdefault(extra, []).append(i)  # type: ignore[union-attr]
         for key, rows in groups.items():
             policy = state.stats.get(key)
             if policy is None:
-                policy = state.stats[key] = new_statistics(self.config.dim,
-                                                           self.config.half_life_hours)
+                policy = state.stats[key] = new_statistics(dim, self.config.half_life_hours)
+            sub = arms if rows is None else [arms[i] for i in rows]
             known = set(policy.arms)
-            for _, row in rows:
-                if row[1] not in known:
+            for arm in dict.fromkeys(sub):  # first-seen order
+                if arm not in known:
                     # An arm is known to the statistics from its first feedback on; its
                     # prior lives with the deciders (it is counted once, there).
-                    policy.add_arm(row[1])
-                    known.add(row[1])
-            x = np.frombuffer(b"".join(row[3] for _, row in rows), dtype="<f8")
-            # An (n, 3) array: bandit validates it in one vectorized pass.
-            y = np.array([[np.nan if v is None else v for v in (
-                item.event.quality, item.event.cost_usd, item.event.latency_ms)]
-                for item, _ in rows], dtype=np.float64)
-            # Forgetting runs on event time, the decision's created_at (stored by the API,
-            # the same on every re-read), never on the wall clock at apply time: a replay
-            # after a crash or on another learner must produce the same sums.
-            times = (None if self.config.half_life_hours is None
-                     else [row[4].timestamp() for _, row in rows])
-            policy.update_batch([row[1] for _, row in rows],
-                                x.reshape(len(rows), self.config.dim), y, times=times)
+                    policy.add_arm(arm)
+            if rows is None:
+                policy.update_batch(sub, x, y, times=times)
+            else:
+                policy.update_batch(sub, x[rows], y[rows],
+                                    times=None if times is None else times[rows])
         return list(groups)
 
     # ------------------------------------------------------------ kafka offsets
@@ -699,23 +849,6 @@ class Learner:
                      sum(len(s.pending) for s in self.partitions.values()), self.batches)
 
 
-#: Largest absolute context value the learner applies: bandit's own bound.
-MAX_CONTEXT_ABS = MAX_ABS_CONTEXT
-
-
-def _context_ok(context: bytes) -> bool:
-    x = np.frombuffer(context, dtype="<f8")
-    return bool(np.isfinite(x).all() and (np.abs(x) <= MAX_CONTEXT_ABS).all())
-
-
-@dataclass(frozen=True, slots=True)
-class _Origin:
-    tp: TopicPartition
-    offset: int
-    key: bytes | None
-    value: bytes | None
-
-
 def _limit_blas_threads() -> None:
     # update_batch multiplies small (n, 65) matrices: OpenBLAS threads only contend
     # (measured 15 ms instead of 40 us per product on two busy cores).
@@ -727,41 +860,41 @@ def _limit_blas_threads() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m streams.learner``: a learner from command-line options (tests, ops)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    d = StreamsConfig(bootstrap="")  # the defaults, written once (StreamsConfig)
+    """``python -m streams.learner``: a learner from command-line options (tests, ops).
+
+    Every option left out keeps :class:`~streams.config.StreamsConfig`'s default (the one
+    place the defaults are written; ``--help`` shows them from there)."""
+    defaults = {f.name: f.default for f in fields(StreamsConfig)}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     argument_default=argparse.SUPPRESS)
+
+    def option(name: str, kind: type, help_: str = "") -> None:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind,
+                            help=f"{help_} (default: {defaults[name]})".lstrip())
+
     parser.add_argument("--bootstrap", required=True)
     parser.add_argument("--database-url", required=True)
-    parser.add_argument("--feedback-topic", default=d.feedback_topic)
-    parser.add_argument("--dead-letter-topic", default=d.dead_letter_topic)
-    parser.add_argument("--decisions-topic", default=d.decisions_topic)
-    parser.add_argument("--group-id", default=d.group_id)
-    parser.add_argument("--dim", type=int, default=d.dim)
-    parser.add_argument("--partitions", type=int, default=d.partitions)
-    parser.add_argument("--pending-timeout-s", type=float, default=d.pending_timeout_s)
-    parser.add_argument("--max-poll-records", type=int, default=d.max_poll_records)
-    parser.add_argument("--metrics-port", type=int, default=d.metrics_port)
+    for name in ("feedback_topic", "dead_letter_topic", "decisions_topic", "group_id"):
+        option(name, str)
+    for name in ("dim", "partitions", "max_poll_records", "metrics_port"):
+        option(name, int)
+    option("pending_timeout_s", float)
+    option("half_life_hours", float, "forgetting by event time (same as the API "
+           "replicas' BANDIT_ROUTER_HALF_LIFE_HOURS)")
     parser.add_argument("--client-id", default=None)
-    parser.add_argument("--no-create-topics", action="store_true")
-    parser.add_argument("--half-life-hours", type=float, default=d.half_life_hours,
-                        help="forgetting by event time (same as the API replicas' "
-                             "BANDIT_ROUTER_HALF_LIFE_HOURS); default none")
-    parser.add_argument("--no-reconcile-spend", action="store_true",
+    parser.add_argument("--no-create-topics", action="store_true", default=False)
+    parser.add_argument("--no-reconcile-spend", dest="reconcile_spend",
+                        action="store_false",
                         help="do not write real costs into decisions.charged_usd")
-    parser.add_argument("--no-feedback-rows", action="store_true",
+    parser.add_argument("--no-feedback-rows", dest="feedback_rows", action="store_false",
                         help="do not write applied events into the feedback table")
-    args = parser.parse_args(argv)
+    args = vars(parser.parse_args(argv))
+    database_url, client_id = args.pop("database_url"), args.pop("client_id")
+    create_topics = not args.pop("no_create_topics")
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    config = StreamsConfig(
-        bootstrap=args.bootstrap, feedback_topic=args.feedback_topic,
-        decisions_topic=args.decisions_topic, dead_letter_topic=args.dead_letter_topic,
-        group_id=args.group_id, dim=args.dim, partitions=args.partitions,
-        pending_timeout_s=args.pending_timeout_s, max_poll_records=args.max_poll_records,
-        metrics_port=args.metrics_port, reconcile_spend=not args.no_reconcile_spend,
-        half_life_hours=args.half_life_hours, feedback_rows=not args.no_feedback_rows)
-    learner = Learner(config, args.database_url, client_id=args.client_id)
-    run_until_signalled(learner, create_topics=not args.no_create_topics)
+    learner = Learner(StreamsConfig(**args), database_url, client_id=client_id)
+    run_until_signalled(learner, create_topics=create_topics)
 
 
 def run_until_signalled(learner: Learner, *, create_topics: bool = True) -> None:

@@ -49,6 +49,7 @@ import orjson
 
 import bandit.base as _bandit_base
 from bandit.errors import InvalidInputError
+from bandit.featurize import check_tags
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -126,6 +127,8 @@ class DecisionEvent:
     policy_version: int
     scope: str
     created_at: float
+    #: The request's tags (already hashed into ``context``); None when it had none.
+    tags: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,9 +215,36 @@ def encode_feedback(event: FeedbackEvent) -> bytes:
         "latency_ms": event.latency_ms, "sent_at": _iso(event.sent_at)})
 
 
+def _well_formed_feedback(data: dict) -> FeedbackEvent | None:
+    """The event when every field is of the usual type and in range (a few type tests,
+    a third of the field-by-field validation's time), else None: the caller then
+    validates field by field, which names what is wrong."""
+    if not data.keys() <= _FEEDBACK_FIELDS:
+        return None
+    event_id, decision_id = data.get("event_id"), data.get("decision_id")
+    tenant_id = data.get("tenant_id")
+    if not (type(event_id) is str and type(decision_id) is str and type(tenant_id) is str
+            and decision_id and tenant_id and len(event_id) <= _ID_MAX
+            and len(decision_id) <= _ID_MAX and len(tenant_id) <= _ID_MAX):
+        return None
+    quality, cost, latency = data.get("quality"), data.get("cost_usd"), data.get("latency_ms")
+    if quality is None and cost is None and latency is None:
+        return None
+    # Floats only (ints and bools take the long way); NaN fails every comparison.
+    for value, high in ((quality, 1.0), (cost, MAX_COST_USD), (latency, MAX_LATENCY_MS)):
+        if value is not None and not (type(value) is float and 0.0 <= value <= high):
+            return None
+    sent_at = data.get("sent_at")
+    return FeedbackEvent(event_id, decision_id, tenant_id, quality, cost, latency,
+                         None if sent_at is None else _parse_time("sent_at", sent_at))
+
+
 def decode_feedback(raw: bytes | bytearray | memoryview | None) -> FeedbackEvent:
     """Parse and validate one feedback record; raises :class:`InvalidEventError`."""
     data = _load_object(raw)
+    event = _well_formed_feedback(data)
+    if event is not None:
+        return event
     unknown = data.keys() - _FEEDBACK_FIELDS
     if unknown:
         raise InvalidEventError(sorted(unknown)[0], "unknown field; allowed: "
@@ -242,7 +272,18 @@ def encode_decision(event: DecisionEvent) -> bytes:
         "propensity": event.propensity, "context": event.context,
         "predictions": event.predictions, "policy": event.policy,
         "policy_version": event.policy_version, "scope": event.scope,
-        "created_at": _iso(event.created_at)}, option=orjson.OPT_SERIALIZE_NUMPY)
+        "created_at": _iso(event.created_at), "tags": event.tags},
+        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _parse_tags(value: object) -> dict[str, str] | None:
+    """Optional ``tags`` (events of schema 1 written before tags existed have none)."""
+    if value is None:
+        return None
+    try:
+        return check_tags(value) or None
+    except InvalidInputError as err:
+        raise InvalidEventError(err.field, err.allowed, err.value) from None
 
 
 def decode_decision(raw: bytes) -> DecisionEvent:
@@ -255,7 +296,8 @@ def decode_decision(raw: bytes) -> DecisionEvent:
             context=[float(v) for v in data["context"]], predictions=dict(data["predictions"]),
             policy=str(data["policy"]), policy_version=int(data["policy_version"]),
             scope=str(data["scope"]),
-            created_at=_parse_time("created_at", data["created_at"]) or 0.0)
+            created_at=_parse_time("created_at", data["created_at"]) or 0.0,
+            tags=_parse_tags(data.get("tags")))
     except KeyError as exc:
         raise InvalidEventError(str(exc.args[0]), "is required") from None
     except (TypeError, ValueError) as exc:

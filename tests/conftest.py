@@ -26,3 +26,13 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"integration: {name}={os.environ.get(name) or '(unset)'}"
         for name in ("BANDIT_TEST_DATABASE_URL", "BANDIT_TEST_KAFKA_BOOTSTRAP")
     ]
+
+
+@pytest.fixture(scope="module")
+def fake_upstream():
+    """A fake OpenAI-compatible upstream on loopback, one per test module; configure its
+    models with ``fake_upstream.set(name, ...)`` (tests/fakes/openai_upstream.py)."""
+    from tests.fakes.openai_upstream import running_upstream
+
+    with running_upstream() as upstream:
+        yield upstream

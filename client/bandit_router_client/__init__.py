@@ -53,6 +53,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 
@@ -171,6 +172,9 @@ class Prediction:
     utility: float
     uncertainty: float
     score: float | None
+    #: The request's cost from the registry's prices before the call; ``cost_usd`` is
+    #: this times the correction learned from feedback. None from an older service.
+    price_usd: float | None = None
 
 
 @dataclass(frozen=True)
@@ -223,13 +227,17 @@ class TenantPreferences:
     budget_usd_per_day: float | None
     budget_usd_per_month: float | None
     on_budget_exhausted: str
+    baseline_model: str | None = None
+    max_exploration_loss: float = 0.02
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> TenantPreferences:
         return cls(weights=Weights(**body["weights"]), policy=body["policy"],
                    scope=body["scope"], budget_usd_per_day=body["budget_usd_per_day"],
                    budget_usd_per_month=body["budget_usd_per_month"],
-                   on_budget_exhausted=body["on_budget_exhausted"])
+                   on_budget_exhausted=body["on_budget_exhausted"],
+                   baseline_model=body.get("baseline_model"),
+                   max_exploration_loss=body.get("max_exploration_loss", 0.02))
 
 
 @dataclass(frozen=True)
@@ -279,6 +287,8 @@ class Tenant:
     spend_usd_today: float
     spend_usd_month: float
     created_at: str
+    baseline_model: str | None = None
+    max_exploration_loss: float = 0.02
 
     @classmethod
     def from_json(cls, body: Mapping[str, Any]) -> Tenant:
@@ -394,12 +404,14 @@ class _Api:
     # --------------------------------------------------------- tenant endpoints
     def decide(self, query: str | None = None, *, embedding: list[float] | None = None,
                candidates: list[str] | None = None,
-               preferences: Weights | Mapping[str, float] | None = None) -> _Call[Decision]:
+               preferences: Weights | Mapping[str, float] | None = None,
+               tags: Mapping[str, str] | None = None) -> _Call[Decision]:
         if (query is None) == (embedding is None):
             raise ValueError("give exactly one of query (text) or embedding")
         q = {"text": query} if query is not None else {"embedding": list(embedding or [])}
         body = _drop_none({"query": q, "candidates": candidates,
-                           "preferences": _weights(preferences)})
+                           "preferences": _weights(preferences),
+                           "tags": None if tags is None else dict(tags)})
         return _Call("POST", "/v1/decide", lambda r: Decision.from_json(r.json()), json=body)
 
     def feedback(self, decision_id: str, *, quality: float | None = None,
@@ -425,9 +437,10 @@ class _Api:
                         weights: Weights | Mapping[str, float] | None = None,
                         **changes: Any) -> _Call[TenantPreferences]:
         """``changes``: policy, scope, budget_usd_per_day, budget_usd_per_month,
-        on_budget_exhausted; an explicit None budget clears it."""
+        on_budget_exhausted, baseline_model, max_exploration_loss; an explicit None
+        budget clears it, an explicit None baseline_model turns the guard off."""
         allowed = {"policy", "scope", "budget_usd_per_day", "budget_usd_per_month",
-                   "on_budget_exhausted"}
+                   "on_budget_exhausted", "baseline_model", "max_exploration_loss"}
         unknown = set(changes) - allowed
         if unknown:
             raise ValueError(f"unknown preference field(s) {sorted(unknown)}; "
@@ -447,7 +460,7 @@ class _Api:
         # A tenant reads its own (tenant key); the admin names the tenant (admin key).
         if tenant_id is None:
             return f"/v1/tenants/me/{leaf}", None
-        return f"/v1/admin/tenants/{tenant_id}/{leaf}", self._admin()
+        return f"/v1/admin/tenants/{quote(tenant_id, safe='')}/{leaf}", self._admin()
 
     # ---------------------------------------------------------- admin endpoints
     def create_tenant(self, name: str) -> _Call[TenantCreated]:
@@ -460,7 +473,7 @@ class _Api:
                      idempotent=True)
 
     def rotate_tenant_key(self, tenant_id: str) -> _Call[TenantCreated]:
-        return _Call("POST", f"/v1/admin/tenants/{tenant_id}/rotate-key",
+        return _Call("POST", f"/v1/admin/tenants/{quote(tenant_id, safe='')}/rotate-key",
                      lambda r: TenantCreated(**r.json()), key=self._admin())
 
     def add_model(self, name: str, input_price_per_mtok: float, output_price_per_mtok: float,
@@ -591,12 +604,14 @@ class RouterClient(_Base):
     def decide(self, query: str | None = None, *, embedding: list[float] | None = None,
                candidates: list[str] | None = None,
                preferences: Weights | Mapping[str, float] | None = None,
-               request_id: str | None = None) -> Decision:
+               request_id: str | None = None,
+               tags: Mapping[str, str] | None = None) -> Decision:
         """Which model to call for this query (text, or an embedding of the service's
         ``dim``); ``candidates`` restricts the choice, ``preferences`` overrides the
-        tenant's weights for this decision."""
+        tenant's weights for this decision, ``tags`` (e.g. ``{"app": "support-bot"}``)
+        say where the request comes from and join the context."""
         return self._send(self._api.decide(query, embedding=embedding, candidates=candidates,
-                                           preferences=preferences), request_id)
+                                           preferences=preferences, tags=tags), request_id)
 
     def feedback(self, decision_id: str, *, quality: float | None = None,
                  cost_usd: float | None = None, latency_ms: float | None = None,
@@ -609,6 +624,15 @@ class RouterClient(_Base):
     def decision(self, decision_id: str) -> dict[str, Any]:
         """One of the tenant's decisions with its feedback (raw JSON)."""
         return self._send(self._api.decision(decision_id))
+
+    def admin_request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, Any] | None = None) -> Any:
+        """An operator endpoint that has no method here (admin keys, reservations, learned
+        state: docs/api.md), with the admin key: its JSON answer (None when empty).
+        GET and DELETE are retried as idempotent."""
+        return self._send(_Call(method, path, lambda r: r.json() if r.content else None,
+                                json=json, params=params, key=self._api._admin(),
+                                idempotent=method in ("GET", "DELETE")))
 
     def route(self, query: str | None, call_llm: Callable[[str], Any], *,
               embedding: list[float] | None = None, candidates: list[str] | None = None,
@@ -723,10 +747,12 @@ class AsyncRouterClient(_Base):
     async def decide(self, query: str | None = None, *, embedding: list[float] | None = None,
                      candidates: list[str] | None = None,
                      preferences: Weights | Mapping[str, float] | None = None,
-                     request_id: str | None = None) -> Decision:
+                     request_id: str | None = None,
+                     tags: Mapping[str, str] | None = None) -> Decision:
         return await self._send(self._api.decide(query, embedding=embedding,
                                                  candidates=candidates,
-                                                 preferences=preferences), request_id)
+                                                 preferences=preferences, tags=tags),
+                                request_id)
 
     async def feedback(self, decision_id: str, *, quality: float | None = None,
                        cost_usd: float | None = None, latency_ms: float | None = None,

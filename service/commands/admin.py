@@ -12,8 +12,8 @@ and exits with code 1.
     export BANDIT_ROUTER_URL=http://127.0.0.1:8000 BANDIT_ROUTER_KEY=bra_...
     bandit-router models add small --input-price 0.15 --output-price 0.6
     bandit-router tenants create acme              # prints the tenant's key, once
-    bandit-router preferences set --tenant <id> --cost 200 --budget-day 5
-    bandit-router usage --tenant <id> --json
+    bandit-router preferences set --tenant acme --cost 200 --budget-day 5
+    bandit-router usage --tenant acme --json   # a tenant's id or its name
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -29,7 +30,10 @@ from bandit_router_client import RouterClient, RouterError
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["tenants_app", "models_app", "preferences_app", "usage"]
+from service.budget import format_usd
+
+__all__ = ["tenants_app", "models_app", "preferences_app", "admin_keys_app",
+           "reservations_app", "state_app", "usage"]
 
 T = TypeVar("T")
 
@@ -39,8 +43,9 @@ Key = Annotated[str, typer.Option("--key", envvar="BANDIT_ROUTER_KEY",
                                   help="Admin key (or a tenant key for its own "
                                   "preferences and usage).", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-TenantId = Annotated[str | None, typer.Option("--tenant", help="Tenant id (with the admin "
-                                              "key); omit to use the key's own tenant.")]
+TenantId = Annotated[str | None, typer.Option("--tenant", help="Tenant id or name (with "
+                                              "the admin key); omit to use the key's own "
+                                              "tenant.")]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 tenants_app = typer.Typer(help="Create, list tenants and rotate their keys.",
@@ -49,6 +54,13 @@ models_app = typer.Typer(help="The model registry: add, list, prices, enable/dis
                          no_args_is_help=True)
 preferences_app = typer.Typer(help="A tenant's weights, policy, scope and budgets.",
                               no_args_is_help=True)
+reservations_app = typer.Typer(help="Decisions still charged at their predicted cost "
+                               "(no feedback reported one): list, release.",
+                               no_args_is_help=True)
+state_app = typer.Typer(help="A deployment's learned state: export it, import it or a "
+                        "warm start (bandit-router warmstart).", no_args_is_help=True)
+admin_keys_app = typer.Typer(help="Admin keys: create, list, revoke (rotation: "
+                             "service/README.md, \"Admin keys\").", no_args_is_help=True)
 
 
 def _out() -> Console:
@@ -71,8 +83,10 @@ def _describe(err: RouterError) -> str:
     if err.status == 0:
         return f"cannot reach the service: {err.detail}"
     lines = [f"error {err.status} {err.title}: {err.detail}"]
-    lines += [f"  {e.get('field')}: {e.get('message')} (allowed: {e.get('allowed')})"
-              for e in err.errors]
+    for e in err.errors:
+        allowed, message = e.get("allowed"), str(e.get("message"))
+        shown = f" (allowed: {allowed})" if allowed and str(allowed) not in message else ""
+        lines.append(f"  {e.get('field')}: {message}{shown}")
     return "\n".join(lines)
 
 
@@ -89,15 +103,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _echo_json(value: Any) -> None:
+    typer.echo(json.dumps(_plain(value), indent=2, sort_keys=True))
+
+
 def _emit(value: Any, as_json: bool, table: Callable[[Any], Table]) -> None:
     if as_json:
-        typer.echo(json.dumps(_plain(value), indent=2, sort_keys=True))
+        _echo_json(value)
     else:
         _out().print(table(value))
 
 
 def _money(value: float | None) -> str:
-    return "-" if value is None else f"${value:,.4f}"
+    return "-" if value is None else format_usd(value)
 
 
 def _spend(spend: float, budget: float | None) -> str:
@@ -105,15 +123,22 @@ def _spend(spend: float, budget: float | None) -> str:
         return _money(spend)
     share = spend / budget if budget > 0 else float("inf")
     color = "red" if share >= 1.0 else "yellow" if share >= 0.5 else "green"
-    return f"{_money(spend)} / {_money(budget)} [{color}]({share:.0%})[/{color}]"
+    return f"{_money(spend)} / {_money(budget)} [{color}]({share:,.0%})[/{color}]"
+
+
+def _table(title: str, columns: tuple[str, ...], **options: Any) -> Table:
+    """A table whose cells fold onto more lines in a narrow terminal instead of being cut
+    with an ellipsis (ids, names and headers stay whole)."""
+    table = Table(title=title, **options)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    return table
 
 
 # ===================================================================== tenants
 def _tenant_table(tenants: list[Any]) -> Table:
-    table = Table(title="tenants")
-    for column in ("id", "name", "policy", "scope", "weights (q, cost, lat)", "today",
-                   "this month", "when spent"):
-        table.add_column(column)
+    table = _table("tenants", ("id", "name", "policy", "scope", "weights (q, cost, lat)",
+                               "today", "this month", "when spent"))
     for t in tenants:
         w = t.weights
         table.add_row(t.id, t.name, t.policy, t.scope, f"{w.quality:g}, {w.cost:g}, {w.latency:g}",
@@ -122,12 +147,15 @@ def _tenant_table(tenants: list[Any]) -> Table:
     return table
 
 
-def _key_table(created: Any) -> Table:
-    table = Table(title="tenant key (shown once: store it now)")
-    for column in ("id", "name", "api_key"):
-        table.add_column(column)
-    table.add_row(created.id, created.name, created.api_key)
-    return table
+def _print_key(created: Any, as_json: bool) -> None:
+    """A key shown once, printed whole on a line of its own: never in a table, which cuts
+    cells to the terminal's width (and to 80 columns when piped)."""
+    if as_json:
+        _echo_json(created)
+        return
+    typer.echo(f"tenant {created.name}, id {created.id}")
+    typer.echo("API key (shown once, store it now):")
+    typer.echo(created.api_key)
 
 
 @tenants_app.command("create")
@@ -135,7 +163,7 @@ def tenants_create(name: Annotated[str, typer.Argument(help="Tenant name.")],
                    url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
     """Create a tenant and print its API key (shown once)."""
     with _client(url, key) as client:
-        _emit(client.create_tenant(name), as_json, _key_table)
+        _print_key(client.create_tenant(name), as_json)
 
 
 @tenants_app.command("list")
@@ -146,20 +174,18 @@ def tenants_list(url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False)
 
 
 @tenants_app.command("rotate-key")
-def tenants_rotate_key(tenant_id: Annotated[str, typer.Argument(help="Tenant id.")],
+def tenants_rotate_key(tenant_id: Annotated[str, typer.Argument(help="Tenant id or name.")],
                        url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
     """Replace a tenant's API key; the old one stops working."""
     with _client(url, key) as client:
-        _emit(client.rotate_tenant_key(tenant_id), as_json, _key_table)
+        _print_key(client.rotate_tenant_key(tenant_id), as_json)
 
 
 # ====================================================================== models
 def _model_table(models: Any) -> Table:
     models = models if isinstance(models, list) else [models]
-    table = Table(title="models")
-    for column in ("name", "input $/Mtok", "output $/Mtok", "prior cost/request",
-                   "prior quality", "state"):
-        table.add_column(column)
+    table = _table("models", ("name", "input $ per Mtok", "output $ per Mtok",
+                              "prior cost per request", "prior quality", "state"))
     for m in models:
         state = "deleted" if m.deleted else "enabled" if m.enabled else "disabled"
         color = {"enabled": "green", "disabled": "yellow", "deleted": "red"}[state]
@@ -236,16 +262,16 @@ def models_disable(name: Annotated[str, typer.Argument(help="Model name.")],
 
 # ================================================================= preferences
 def _prefs_table(p: Any) -> Table:
-    table = Table(title="preferences", show_header=False)
-    table.add_column("field")
-    table.add_column("value")
+    table = _table("preferences", ("field", "value"), show_header=False)
     rows = [("quality weight", f"{p.weights.quality:g}"),
             ("cost weight (per USD)", f"{p.weights.cost:g}"),
             ("latency weight (per s)", f"{p.weights.latency:g}"),
             ("policy", p.policy), ("scope", p.scope),
             ("budget per day", _money(p.budget_usd_per_day)),
             ("budget per month", _money(p.budget_usd_per_month)),
-            ("when the budget is spent", p.on_budget_exhausted)]
+            ("when the budget is spent", p.on_budget_exhausted),
+            ("baseline model (guard)", p.baseline_model or "- (guard off)"),
+            ("max exploration loss", f"{p.max_exploration_loss:g}")]
     for row in rows:
         table.add_row(*row)
     return table
@@ -273,17 +299,31 @@ def preferences_set(
         budget_day: Annotated[float | None, typer.Option(min=0.0, help="USD per day.")] = None,
         budget_month: Annotated[float | None, typer.Option(
             min=0.0, help="USD per month.")] = None,
-        no_budget_day: Annotated[bool, typer.Option(help="Remove the daily budget.")] = False,
+        # One flag each (typer would otherwise add a --no-no-... negation).
+        no_budget_day: Annotated[bool, typer.Option(
+            "--no-budget-day", help="Remove the daily budget.")] = False,
         no_budget_month: Annotated[bool, typer.Option(
-            help="Remove the monthly budget.")] = False,
+            "--no-budget-month", help="Remove the monthly budget.")] = False,
         on_exhausted: Annotated[str | None, typer.Option(
             help="cheapest or reject.")] = None,
+        baseline_model: Annotated[str | None, typer.Option(
+            help="The model the tenant would call without the router: guarded "
+            "exploration never lets the cumulative reward fall further below it than "
+            "--max-exploration-loss.")] = None,
+        no_baseline_model: Annotated[bool, typer.Option(
+            "--no-baseline-model", help="Turn guarded exploration off.")] = False,
+        max_exploration_loss: Annotated[float | None, typer.Option(
+            help="Fraction of the baseline's cumulative reward exploration may cost, "
+            "0..1 (default 0.02).")] = None,
         url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
     """Change only the given fields; the next decision uses them."""
     changes: dict[str, Any] = {k: v for k, v in (
         ("policy", policy), ("scope", scope), ("budget_usd_per_day", budget_day),
-        ("budget_usd_per_month", budget_month), ("on_budget_exhausted", on_exhausted))
+        ("budget_usd_per_month", budget_month), ("on_budget_exhausted", on_exhausted),
+        ("baseline_model", baseline_model), ("max_exploration_loss", max_exploration_loss))
         if v is not None}
+    if no_baseline_model:
+        changes["baseline_model"] = None
     if no_budget_day:
         changes["budget_usd_per_day"] = None
     if no_budget_month:
@@ -305,9 +345,8 @@ def preferences_set(
 
 # ======================================================================= usage
 def _usage_table(u: Any) -> Table:
-    table = Table(title=f"usage of tenant {u.tenant_id}")
-    for column in ("period", "decisions", "spend / budget"):
-        table.add_column(column)
+    table = _table(f"usage of tenant {u.tenant_id}", ("period", "decisions",
+                                                      "spend / budget"))
     table.add_row("today (UTC)", str(u.decisions_today),
                   _spend(u.spend_usd_today, u.budget_usd_per_day))
     table.add_row("this month", str(u.decisions_month),
@@ -322,3 +361,128 @@ def usage(tenant: TenantId = None, url: Url = DEFAULT_URL, key: Key = "",
     """A tenant's decisions, spend against budget and model shares."""
     with _client(url, key) as client:
         _emit(client.usage(tenant), as_json, _usage_table)
+
+
+# ================================================================== admin keys
+def _admin_keys_table(keys: list[dict[str, Any]]) -> Table:
+    table = _table("admin keys", ("id", "source", "fingerprint", "created", "accepted",
+                                  "yours"))
+    for k in keys:
+        table.add_row("-" if k["id"] is None else str(k["id"]), k["source"], k["fingerprint"],
+                      k["created_at"] or "-", "yes" if k["accepted"] else "[red]no[/red]",
+                      "yes" if k["current"] else "")
+    return table
+
+
+@admin_keys_app.command("create")
+def admin_keys_create(url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Create an admin key and print it (shown once)."""
+    with _client(url, key) as client:
+        created = client.admin_request("POST", "/v1/admin/keys")
+    if as_json:
+        _echo_json(created)
+        return
+    typer.echo(f"admin key id {created['id']}, fingerprint {created['fingerprint']}")
+    typer.echo("admin key (shown once, store it now):")
+    typer.echo(created["api_key"])
+
+
+@admin_keys_app.command("list")
+def admin_keys_list(url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Every admin key (never the keys themselves): id, fingerprint, whether accepted."""
+    with _client(url, key) as client:
+        _emit(client.admin_request("GET", "/v1/admin/keys"), as_json, _admin_keys_table)
+
+
+@admin_keys_app.command("revoke")
+def admin_keys_revoke(key_id: Annotated[int, typer.Argument(help="Admin key id (from "
+                                                            "admin-keys list).")],
+                      url: Url = DEFAULT_URL, key: Key = "") -> None:
+    """Revoke a stored admin key; it is refused from now on (the last one cannot be)."""
+    with _client(url, key) as client:
+        client.admin_request("DELETE", f"/v1/admin/keys/{key_id}")
+    typer.echo(f"admin key {key_id} revoked")
+
+
+# ================================================================ reservations
+OlderThan = Annotated[float | None, typer.Option(
+    "--older-than-hours",
+    help="Age limit in hours (> 0; the service checks it); default its "
+    "RESERVATION_STALE_HOURS.")]
+ReservationTenant = Annotated[str | None, typer.Option(
+    "--tenant", help="A tenant's id or name; default every tenant.")]
+
+
+def _reservations_table(r: dict[str, Any]) -> Table:
+    table = _table(f"reservations older than {r['older_than_hours']:g} h (before "
+                   f"{r['cutoff'][:19]} UTC)", ("tenant", "name", "decisions", "reserved",
+                                                "oldest"))
+    for t in r["tenants"]:
+        table.add_row(t["tenant_id"], t["name"], str(t["decisions"]),
+                      _money(t["reserved_usd"]), t["oldest"][:19])
+    table.add_row("total", "", str(r["decisions"]), _money(r["reserved_usd"]), "")
+    return table
+
+
+@reservations_app.command("list")
+def reservations_list(older_than_hours: OlderThan = None, tenant: ReservationTenant = None,
+                      url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Per tenant, the decisions older than the limit still charged at their prediction."""
+    params = {k: v for k, v in (("older_than_hours", older_than_hours),
+                                ("tenant", tenant)) if v is not None}
+    with _client(url, key) as client:
+        _emit(client.admin_request("GET", "/v1/admin/reservations", params=params), as_json,
+              _reservations_table)
+
+
+@reservations_app.command("release")
+def reservations_release(older_than_hours: OlderThan = None,
+                         tenant: ReservationTenant = None, url: Url = DEFAULT_URL,
+                         key: Key = "", as_json: AsJson = False) -> None:
+    """Charge 0 instead of the prediction for those decisions: the budgets get it back."""
+    body = {k: v for k, v in (("older_than_hours", older_than_hours), ("tenant", tenant))
+            if v is not None}
+    with _client(url, key) as client:
+        released = client.admin_request("POST", "/v1/admin/reservations/release", json=body)
+    if as_json:
+        _echo_json(released)
+    else:
+        typer.echo(f"released {released['decisions']} reservation(s) older than "
+                   f"{released['older_than_hours']:g} h: {_money(released['released_usd'])}")
+
+
+# ======================================================================= state
+StatePath = Annotated[Path, typer.Argument(help="State file (JSON).", dir_okay=False)]
+
+
+@state_app.command("export")
+def state_export(path: StatePath, url: Url = DEFAULT_URL, key: Key = "") -> None:
+    """Write every policy's statistics, with their featurizer and dimension, to PATH."""
+    with _client(url, key) as client:
+        state = client.admin_request("GET", "/v1/admin/state")
+    path.write_text(json.dumps(state, indent=1))
+    typer.echo(f"{len(state['policies'])} policies ({state['featurizer']}, "
+               f"{state['context_dim']} dimensions) written to {path}")
+
+
+@state_app.command("import")
+def state_import(path: Annotated[Path, typer.Argument(
+                     help="State file (bandit-router warmstart or state export).",
+                     exists=True, dir_okay=False)],
+                 url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
+    """Load a warm start or an exported state into the service (replaces what it learned
+    for those policies; checked first: featurizer, dimension, models)."""
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        _fail(f"{path} is not a state file (JSON): {err}")
+    with _client(url, key) as client:
+        imported = client.admin_request("PUT", "/v1/admin/state", json=state)
+    if as_json:
+        _echo_json(imported)
+        return
+    typer.echo(f"loaded {', '.join(imported['loaded'])} ({imported['featurizer']}, "
+               f"{imported['context_dim']} dimensions)")
+    for skipped, why in imported["skipped"].items():
+        typer.echo(f"skipped {skipped}: {why}")
+

@@ -1,5 +1,11 @@
 """``bandit-router replay``: one online pass of a policy over a log with every model's
-outcome, the policy seeing only the outcome of the model it chose."""
+outcome, the policy seeing only the outcome of the model it chose.
+
+Reports the routing value (:func:`bandit.replay.routing_value`) over the whole stream
+and its last 20%: against the best single model in hindsight, against ``--baseline``
+(the model called today) and, when rows carry a ``task`` (or ``cluster_id``), the value
+of the task-level oracle as a reference.
+"""
 
 from __future__ import annotations
 
@@ -15,19 +21,64 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences
+from bandit.featurize import check_tags, with_tags
+from bandit.pricing import DEFAULT_OUTPUT_TOKENS, prompt_tokens, request_cost
 from bandit.replay import ReplayLog
 from bandit.replay import replay as run_replay
+from service.config import Settings, default_dim
+from service.features import head_and_tail
 
 POLICIES = {"linucb": LinUCB, "thompson": LinearThompson}
 
 
-def read_log(path: Path) -> tuple[list[str], list[str], ReplayLog]:
+_PRICE_KEYS = ("input_price_per_mtok", "output_price_per_mtok")
+
+
+class LogExtras:
+    """What a log may carry beside the outcomes: prices, token counts, task labels."""
+
+    def __init__(self) -> None:
+        self.prices: list[dict[str, tuple[float, float]] | None] = []
+        self.input_tokens: list[dict[str, float]] = []
+        self.tasks: list[object] = []
+
+    def cost_estimates(self, arms: list[str], prompts: list[str],
+                       output_tokens: int) -> np.ndarray | None:
+        """(n, K) expected cost of each model's request before the call: declared prices
+        x (the row's input tokens, else ceil(len(prompt)/4)) + ``output_tokens``; None
+        unless every row carries every model's price."""
+        if not self.prices or any(p is None or set(p) != set(arms) for p in self.prices):
+            return None
+        out = np.empty((len(prompts), len(arms)))
+        for i, (prices, prompt) in enumerate(zip(self.prices, prompts, strict=True)):
+            assert prices is not None
+            for j, arm in enumerate(arms):
+                tokens = self.input_tokens[i].get(arm, prompt_tokens(prompt))
+                out[i, j] = request_cost(*prices[arm], tokens, output_tokens)
+        return out
+
+    def groups(self) -> list[object] | None:
+        """Task labels, when every row has one."""
+        if not self.tasks or any(t is None for t in self.tasks):
+            return None
+        return [str(t) for t in self.tasks]
+
+
+def read_log(path: Path, extras: LogExtras | None = None
+             ) -> tuple[list[str], list[str], ReplayLog]:
     """Read the replay format: one JSON object a line,
-    ``{"id", "prompt", "outcomes": {model: {"quality", "cost_usd", "latency_ms"?}}}``."""
+    ``{"id", "prompt", "outcomes": {model: {"quality", "cost_usd", "latency_ms"?,
+    "input_tokens"?, "output_tokens"?}}, "prices"?: {model: {"input_price_per_mtok",
+    "output_price_per_mtok"}}, "task"? (or "cluster_id")}``.
+
+    With prices, an outcome may give ``input_tokens`` / ``output_tokens`` instead of
+    ``cost_usd``: the cost is priced from them. ``extras`` collects prices, token counts
+    and task labels."""
     ids: list[str] = []
     prompts: list[str] = []
     rows: list[np.ndarray] = []
     arms: list[str] | None = None
+    extras = LogExtras() if extras is None else extras
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -42,13 +93,26 @@ def read_log(path: Path) -> tuple[list[str], list[str], ReplayLog]:
                                         str(exc)) from None
             if arms is None:
                 arms = list(outcomes)
-            if set(outcomes) != set(arms):
+            if not isinstance(outcomes, dict) or set(outcomes) != set(arms):
                 raise InvalidInputError(f"line {number}.outcomes",
                                         "must name the same models as line 1: "
                                         + ", ".join(arms), sorted(outcomes))
-            rows.append(np.array([[_number(outcomes[a], key, number, a)
-                                   for key in ("quality", "cost_usd", "latency_ms")]
-                                  for a in arms]))
+            prices = _prices(record.get("prices"), number)
+            row = np.array([[_number(outcomes[a], key, number, a)
+                             for key in ("quality", "cost_usd", "latency_ms")] for a in arms])
+            tokens: dict[str, float] = {}
+            for j, a in enumerate(arms):
+                t_in = _number(outcomes[a], "input_tokens", number, a)
+                t_out = _number(outcomes[a], "output_tokens", number, a)
+                if not math.isnan(t_in):
+                    tokens[a] = t_in
+                if math.isnan(row[j, 1]) and prices is not None and a in prices and not (
+                        math.isnan(t_in) or math.isnan(t_out)):
+                    row[j, 1] = request_cost(*prices[a], t_in, t_out)
+            rows.append(row)
+            extras.prices.append(prices)
+            extras.input_tokens.append(tokens)
+            extras.tasks.append(record.get("task", record.get("cluster_id")))
             ids.append(str(record.get("id", number)))
             prompts.append(prompt if isinstance(prompt, str) else "")
     if not rows or arms is None:
@@ -60,10 +124,21 @@ def _number(outcome: Any, key: str, line: int, arm: str) -> float:
     value = outcome.get(key) if isinstance(outcome, dict) else None
     if value is None:
         return math.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidInputError(f"line {line}.outcomes.{arm}.{key}", "must be a number",
-                                value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value >= 0):
+        raise InvalidInputError(f"line {line}.outcomes.{arm}.{key}",
+                                "must be a finite number >= 0", value)
     return float(value)
+
+
+def _prices(raw: Any, line: int) -> dict[str, tuple[float, float]] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise InvalidInputError(f"line {line}.prices", "must map models to "
+                                + " and ".join(_PRICE_KEYS), raw)
+    return {arm: (_number(p, _PRICE_KEYS[0], line, arm), _number(p, _PRICE_KEYS[1], line, arm))
+            for arm, p in raw.items()}
 
 
 def replay(
@@ -78,9 +153,17 @@ def replay(
         help=".npy file with one context row per log line, instead of featurizing prompts",
         exists=True, dir_okay=False)] = None,
     featurizer: Annotated[str, typer.Option(help="hashing (default) or minilm")] = "hashing",
-    dim: Annotated[int, typer.Option(help="Context dimension for the featurizer")] = 64,
-    alpha: Annotated[float, typer.Option(help="LinUCB bonus width")] = 0.3,
+    dim: Annotated[int | None, typer.Option(
+        help="Context dimension for the featurizer; default the service's for it (64 "
+             "hashing, 384 minilm: BANDIT_ROUTER_DIM's default)")] = None,
+    alpha: Annotated[float | None, typer.Option(
+        help="LinUCB bonus width (default: the policy's)")] = None,
     batch_size: Annotated[int, typer.Option(help="Decisions per feedback round")] = 1,
+    baseline: Annotated[str | None, typer.Option(
+        help="The model called today: also report the value against it")] = None,
+    output_tokens: Annotated[int, typer.Option(
+        help="Output tokens assumed when pricing a request before the call (logs with "
+             "prices)", min=0)] = DEFAULT_OUTPUT_TOKENS,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here")] = None,
 ) -> None:
     console = Console()
@@ -88,37 +171,79 @@ def replay(
         if policy not in POLICIES:
             raise InvalidInputError("--policy", "allowed: " + ", ".join(POLICIES), policy)
         prefs = Preferences.parse(preferences)
-        _, prompts, log = read_log(data)
+        extras = LogExtras()
+        _, prompts, log = read_log(data, extras)
+        if baseline is not None and baseline not in log.arms:
+            raise InvalidInputError("--baseline", "unknown model; allowed: "
+                                    + ", ".join(log.arms), baseline)
+        estimates = extras.cost_estimates(log.arms, prompts, output_tokens)
         if embeddings is not None:
             x = np.load(embeddings, allow_pickle=False).astype(np.float64)
             if x.ndim != 2 or x.shape[0] != len(prompts):
                 raise InvalidInputError("--embeddings", f"must be a 2-D array with one row "
                                         f"per log line ({len(prompts)})", x.shape)
         else:
-            from bandit.featurize import make_featurizer
-
-            x = make_featurizer(featurizer, dim, seed=0).transform(prompts)
+            x, _spec = featurize_prompts(prompts, featurizer, dim)
+        x = with_log_tags(x, read_tags(data))
         params: dict[str, Any] = {"seed": seed}
-        if policy == "linucb":
+        if policy == "linucb" and alpha is not None:
             params["alpha"] = alpha
         learner = POLICIES[policy](x.shape[1], **params)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"replaying {len(prompts)} rows", total=len(prompts))
             run = run_replay(learner, x, log, prefs, batch_size=batch_size,
-                             progress=lambda done: bar.update(task, completed=done))
+                             progress=lambda done: bar.update(task, completed=done),
+                             cost_estimates=estimates, baseline=baseline,
+                             groups=extras.groups())
     except InvalidInputError as err:
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     result = {"data": str(data), "policy": policy, "seed": seed,
               "featurizer": "embeddings" if embeddings else featurizer, "dim": int(x.shape[1]),
+              "price_estimates": estimates is not None,
+              "output_tokens_assumed": output_tokens if estimates is not None else None,
               **run.summary}
     for key, window in run.summary.items():
         if isinstance(window, dict) and "policy" in window:
             console.print(render_table(f"{policy} — {key} ({window['rows']} rows)", window))
+    console.print(render_value(run.summary))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=2))
         console.print(f"results written to {json_out}")
+
+
+def render_value(summary: dict) -> Table:
+    """Routing value per window: 0 = the best single model in hindsight, 1 = the oracle."""
+    windows = {k: w for k, w in summary.items() if isinstance(w, dict) and "value" in w}
+    table = Table(title="routing value (0 = best single model in hindsight, 1 = oracle)")
+    table.add_column("measure")
+    for key in windows:
+        table.add_column(key, justify="right")
+    first = next(iter(windows.values()))["value"]
+    rows = [("value vs the best single model", "value")]
+    if "baseline_value" in first:
+        rows.append(("value vs --baseline", "baseline_value"))
+    if "task_oracle_value" in first:
+        rows.append(("task-level oracle's value (reference)", "task_oracle_value"))
+    for name, key in rows:
+        table.add_row(name, *(f"{w['value'][key]:+.4f}" for w in windows.values()))
+    table.add_row("best single model", *(w["value"]["best_model"] for w in windows.values()))
+    return table
+
+
+def featurize_prompts(prompts: list[str], featurizer: str,
+                      dim: int | None) -> tuple[np.ndarray, str]:
+    """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
+    0 = ``FEATURIZER_SEED``'s default; a long prompt from its head and tail,
+    ``FEATURIZE_CHARS``'s default; ``dim`` None = ``DIM``'s default for the featurizer),
+    so that what is fitted here fits the service; and the featurizer's spec."""
+    from bandit.featurize import make_featurizer
+
+    keep = Settings.model_fields["featurize_chars"].default
+    built = make_featurizer(featurizer, default_dim(featurizer) if dim is None else dim,
+                            seed=0)
+    return built.transform([head_and_tail(p, keep) for p in prompts]), built.spec
 
 
 def render_table(title: str, window: dict) -> Table:
@@ -135,3 +260,23 @@ def render_table(title: str, window: dict) -> Table:
     for name, s in sorted(window["models"].items(), key=lambda kv: -kv[1]["reward"]):
         row(name, s, f"{window['share'][name]:.1%}")
     return table
+
+
+def read_tags(path: Path) -> list[dict[str, str]]:
+    """Each row's optional ``tags`` (``{"app": "support-bot"}``), as the decide API takes
+    them; rows without tags get ``{}``. Bad tags name the line and the key."""
+    tags: list[dict[str, str]] = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                raw = json.loads(line).get("tags")
+                tags.append(check_tags(raw, field_name=f"line {number}.tags"))
+    return tags
+
+
+def with_log_tags(x: np.ndarray, tags: list[dict[str, str]]) -> np.ndarray:
+    """The contexts with each row's tags hashed in, as the service does at decide
+    (untagged rows unchanged)."""
+    if not any(tags):
+        return x
+    return np.stack([with_tags(row, t) for row, t in zip(x, tags, strict=True)])

@@ -44,10 +44,19 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind."),
     """Serve the API. Settings come from BANDIT_ROUTER_* environment variables; with none,
     data lives in ./data (SQLite) and an admin key is created and printed on first start."""
     import uvicorn
+    from pydantic import ValidationError
 
     from service.app import create_app
     from service.config import Settings
 
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        # A setting out of range: say which, without a traceback.
+        for e in err.errors():
+            typer.echo(f"error: BANDIT_ROUTER_{'_'.join(map(str, e['loc'])).upper()}: "
+                       f"{e['msg']}" if e["loc"] else f"error: {e['msg']}", err=True)
+        raise typer.Exit(2) from None
     tune_process()
     # One worker: the embedded learner lives in this process (see service/README.md).
     # loop/http "auto" pick uvloop and httptools (dependencies of the package; uvloop is
@@ -55,6 +64,12 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind."),
     logging_args: dict[str, object] = {"access_log": access_log}
     if log_json:
         import logging
+        import os
+
+        # Loading the minilm model draws tqdm progress bars on stderr: plain text in a
+        # JSON log. Both switches, before transformers or huggingface_hub is imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
         from service.observability import configure_logging
 
@@ -63,5 +78,5 @@ def serve(host: str = typer.Option("127.0.0.1", help="Address to bind."),
         # uvicorn's own would duplicate it.
         logging.getLogger("service.access").setLevel("INFO" if access_log else "WARNING")
         logging_args = {"access_log": False, "log_config": None}
-    uvicorn.run(create_app(Settings(), freeze_gc=True), host=host, port=port, log_level=log_level,
+    uvicorn.run(create_app(settings, freeze_gc=True), host=host, port=port, log_level=log_level,
                 workers=1, loop="auto", http="auto", **logging_args)

@@ -1,5 +1,7 @@
 """``bandit-router warmstart``: fit a policy on a labelled log (every model's outcome per
-query, the replay format) and write it, so a new deployment starts from that prior."""
+query, the replay format) and write it as a state file (:mod:`service.state_file`, with
+the featurizer and dimension it was fitted in), which ``bandit-router state import``
+loads into a running service, so that a deployment starts from that prior."""
 
 from __future__ import annotations
 
@@ -13,13 +15,15 @@ from rich.progress import Progress
 
 from bandit import InvalidInputError
 from bandit.replay import ReplayLog, warm_start
-from service.commands.replay import POLICIES, read_log
+from service.commands.replay import POLICIES, featurize_prompts, read_log
+from service.state_file import StateFile
 
 
 def warmstart(
     data: Annotated[Path, typer.Argument(help="Labelled log (replay format, JSON lines)",
                                          exists=True, dir_okay=False)],
-    out: Annotated[Path, typer.Option(help="Where to write the fitted policy (bytes)")],
+    out: Annotated[Path, typer.Option(help="Where to write the state file (JSON; "
+                                      "bandit-router state import loads it)")],
     policy: Annotated[str, typer.Option(help="linucb or thompson")] = "linucb",
     weight: Annotated[float, typer.Option(
         help="How much one labelled row counts, in (0, 1]: below 1 lets live feedback "
@@ -27,7 +31,9 @@ def warmstart(
     embeddings: Annotated[Path | None, typer.Option(
         help=".npy with one context row per log line", exists=True, dir_okay=False)] = None,
     featurizer: Annotated[str, typer.Option(help="hashing (default) or minilm")] = "hashing",
-    dim: Annotated[int, typer.Option(help="Context dimension for the featurizer")] = 64,
+    dim: Annotated[int | None, typer.Option(
+        help="Context dimension for the featurizer; default the service's for it (64 "
+             "hashing, 384 minilm: BANDIT_ROUTER_DIM's default)")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the policy")] = 0,
 ) -> None:
     console = Console()
@@ -35,15 +41,14 @@ def warmstart(
         if policy not in POLICIES:
             raise InvalidInputError("--policy", "allowed: " + ", ".join(POLICIES), policy)
         _, prompts, log = read_log(data)
+        spec = f"embeddings:{embeddings.name}" if embeddings is not None else ""
         if embeddings is not None:
             x = np.load(embeddings, allow_pickle=False).astype(np.float64)
             if x.ndim != 2 or x.shape[0] != len(prompts):
                 raise InvalidInputError("--embeddings", "must be a 2-D array with one row "
                                         f"per log line ({len(prompts)})", x.shape)
         else:
-            from bandit.featurize import make_featurizer
-
-            x = make_featurizer(featurizer, dim, seed=0).transform(prompts)
+            x, spec = featurize_prompts(prompts, featurizer, dim)
         fitted = POLICIES[policy](x.shape[1], seed=seed)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"fitting {len(log.arms)} models", total=len(log.arms))
@@ -55,6 +60,8 @@ def warmstart(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(fitted.to_bytes())
+    policies = {f"shared:{policy}": fitted.to_bytes(derived=False)}
+    out.write_text(StateFile(spec, int(x.shape[1]), policies, source="warmstart").dumps())
     console.print(f"{policy} fitted on {len(prompts)} rows x {len(log.arms)} models "
-                  f"(weight {weight}) written to {out}")
+                  f"(weight {weight}) written to {out}; load it with: bandit-router state "
+                  f"import {out}")

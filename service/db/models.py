@@ -71,6 +71,13 @@ class Tenant(Base):
     budget_usd_per_day: Mapped[float | None] = mapped_column(Float, nullable=True)
     budget_usd_per_month: Mapped[float | None] = mapped_column(Float, nullable=True)
     on_budget_exhausted: Mapped[str] = mapped_column(String(20), default="cheapest")
+    # Guarded exploration (bandit.conservative): the model the tenant would call without
+    # a router (None: no guard), how much of its cumulative reward exploration may cost,
+    # and since when the guard counts (set when the baseline changes).
+    baseline_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    max_exploration_loss: Mapped[float] = mapped_column(Float, default=0.02)
+    guard_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                         nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
@@ -112,6 +119,12 @@ class Decision(Base):
     charged_usd: Mapped[float] = mapped_column(Float)
     over_budget: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The request's tags (already hashed into ``context``; kept to show and to audit).
+    tags: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # Guarded decisions only: {"record": GuardRecord as a list, "outcome": the outcome
+    # merged over its feedback so far, "reward": its reward}; the tenant's guard state
+    # is the sum over these rows (rebuilt at start, service/routing.py).
+    guard: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
 
 class Feedback(Base):

@@ -1,5 +1,6 @@
 """Admin endpoints on existing tenants: list, rotate a key, read and change a tenant's
-preferences, read its usage (admin key only).
+preferences, read its usage (admin key only). ``{tenant_id}`` is a tenant's id or its
+name (a name two tenants share is refused with 409, naming their ids).
 
 ``POST /v1/admin/tenants`` (create) lives in :mod:`service.routes.admin`; these are what
 the ``bandit-router tenants / preferences / usage`` commands need beyond it.
@@ -11,7 +12,7 @@ from datetime import datetime
 
 from fastapi import APIRouter
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.db import models as m
@@ -26,6 +27,7 @@ from service.schemas import (
     TenantPreferencesUpdate,
     UsageOut,
 )
+from service.security import hash_key, new_key
 
 router = APIRouter(prefix="/v1/admin/tenants", tags=["admin"])
 
@@ -39,6 +41,8 @@ class TenantOut(BaseModel):
     budget_usd_per_day: float | None
     budget_usd_per_month: float | None
     on_budget_exhausted: str
+    baseline_model: str | None
+    max_exploration_loss: float
     # This replica's ledger: every replica's written spend as of the last registry
     # refresh, plus this replica's since (service/budget.py, "Several replicas").
     spend_usd_today: float
@@ -47,10 +51,22 @@ class TenantOut(BaseModel):
 
 
 def _tenant(service: RoutingService, tenant_id: str) -> TenantState:
+    """The tenant whose id, or else whose name, is ``tenant_id`` (404 if none, 409 if the
+    name is shared: names are not unique, ids are)."""
     tenant = service.tenants.get(tenant_id)
-    if tenant is None:
-        raise Problem(404, f"tenant {tenant_id} does not exist", slug="tenant-not-found")
-    return tenant
+    if tenant is not None:
+        return tenant
+    named = sorted((t for t in list(service.tenants.values()) if t.name == tenant_id),
+                   key=lambda t: t.id)
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise Problem(409, f"{len(named)} tenants are named {tenant_id!r} (ids "
+                      f"{', '.join(t.id for t in named)}): name one by its id",
+                      slug="tenant-ambiguous")
+    raise Problem(404, f"tenant {tenant_id!r} does not exist (no tenant has this id or "
+                  "name)",
+                  slug="tenant-not-found")
 
 
 @router.get("", response_model=list[TenantOut])
@@ -71,28 +87,42 @@ def list_tenants(_admin: AdminDep, service: ServiceDep) -> list[TenantOut]:
             weights=PreferenceWeights(quality=p.quality, cost=p.cost, latency=p.latency),
             budget_usd_per_day=tenant.budget_usd_per_day,
             budget_usd_per_month=tenant.budget_usd_per_month,
-            on_budget_exhausted=tenant.on_budget_exhausted, spend_usd_today=day,
+            on_budget_exhausted=tenant.on_budget_exhausted,
+            baseline_model=tenant.baseline_model,
+            max_exploration_loss=tenant.max_exploration_loss, spend_usd_today=day,
             spend_usd_month=month, created_at=m.as_utc(at).isoformat()
             if isinstance(at, datetime) else str(at)))
     return out
 
 
-@router.post("/{tenant_id}/rotate-key", response_model=TenantCreated)
+@router.post("/{tenant_id:path}/rotate-key", response_model=TenantCreated)
 def rotate_key(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> TenantCreated:
     """A new API key for the tenant, shown in this answer only. The old key stops working
-    on this replica at once; other replicas on the same database keep accepting it until
-    they restart (their periodic refresh does not re-key tenants: service/README.md)."""
+    on this replica at once, and on the other replicas on the same database at their next
+    registry refresh (``RoutingService.refresh_registry`` re-keys a tenant whose stored
+    key digest changed), i.e. within ``BANDIT_ROUTER_REGISTRY_REFRESH_S`` (5 s by
+    default; measured 4.6 s in issue 17)."""
     tenant = _tenant(service, tenant_id)
-    key = service.registry.rotate_key(tenant)
+    key = new_key("tenant")
+    digest = hash_key(key)
+    with Session(service.engine) as session, session.begin():
+        session.execute(update(m.Tenant).where(m.Tenant.id == tenant.id)
+                        .values(key_hash=digest, updated_at=m.utcnow()))
+    # RoutingService has no re-keying method (service/routing.py is another change's);
+    # the swap is done under its lock, exactly as create_tenant fills these maps.
+    with service._lock:
+        service._by_key.pop(tenant.key_hash, None)
+        tenant.key_hash = digest
+        service._by_key[digest] = tenant
     return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
 
 
-@router.get("/{tenant_id}/preferences", response_model=TenantPreferences)
+@router.get("/{tenant_id:path}/preferences", response_model=TenantPreferences)
 def get_preferences(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> TenantPreferences:
     return _prefs(_tenant(service, tenant_id))
 
 
-@router.put("/{tenant_id}/preferences", response_model=TenantPreferences)
+@router.put("/{tenant_id:path}/preferences", response_model=TenantPreferences)
 def put_preferences(tenant_id: str, body: TenantPreferencesUpdate, _admin: AdminDep,
                     service: ServiceDep) -> TenantPreferences:
     """As ``PUT /v1/tenants/me/preferences``, for the tenant named in the path."""
@@ -103,6 +133,6 @@ def put_preferences(tenant_id: str, body: TenantPreferencesUpdate, _admin: Admin
     return _prefs(service.update_preferences(tenant, changes))
 
 
-@router.get("/{tenant_id}/usage", response_model=UsageOut)
+@router.get("/{tenant_id:path}/usage", response_model=UsageOut)
 def get_usage(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> UsageOut:
     return UsageOut(**service.usage(_tenant(service, tenant_id)))

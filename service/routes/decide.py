@@ -18,6 +18,7 @@ FastAPI's route would have given, the OpenAPI operation, is added to the documen
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from http import HTTPStatus
 from typing import Any
@@ -30,10 +31,13 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from bandit import Preferences
+from bandit.base import MAX_ABS_CONTEXT
+from bandit.pricing import prompt_tokens
 from service.batching import DecideBatcher
 from service.config import Settings
 from service.deps import tenant_for_authorization
 from service.errors import Problem
+from service.features import head_and_tail
 from service.metrics import Metrics
 from service.routing import RoutingService
 from service.schemas import DecideRequest, DecideResponse
@@ -42,6 +46,9 @@ __all__ = ["install", "add_openapi", "decide_body", "DecideEndpoint"]
 
 PATH = "/v1/decide"
 _JSON = (b"content-type", b"application/json")
+#: How long a decide waits for its row to be committed or spooled when it must
+#: (write-through, or an outage) before a 503.
+_CONFIRM_S = 10.0
 
 
 async def decide_body(state: Any, authorization: str | None, raw: bytes) -> bytes:
@@ -63,11 +70,14 @@ async def decide_body(state: Any, authorization: str | None, raw: bytes) -> byte
         # Same locations as FastAPI's own body validation: ("body", field, ...).
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
                                       for e in exc.errors(include_url=False)]) from None
-    if body.query.text is not None and settings.featurizer != "hashing":
+    text = body.query.text
+    if text is not None and len(text) > settings.featurize_chars:
+        text = head_and_tail(text, settings.featurize_chars)
+    if text is not None and settings.featurizer != "hashing":
         # A sentence-embedding model takes milliseconds: off the event loop.
-        x = await asyncio.to_thread(service.context_from, body.query.text, None)
+        x = await asyncio.to_thread(service.context_from, text, None, body.tags)
     else:
-        x = service.context_from(body.query.text, body.query.embedding)
+        x = service.context_from(text, body.query.embedding, body.tags)
     override = None if body.preferences is None else Preferences(
         body.preferences.quality, body.preferences.cost, body.preferences.latency)
     # Decided together with the other decides of this event-loop iteration (one policy
@@ -75,7 +85,12 @@ async def decide_body(state: Any, authorization: str | None, raw: bytes) -> byte
     batcher: DecideBatcher | None = getattr(state, "decide_batcher", None)
     if batcher is None:
         batcher = state.decide_batcher = DecideBatcher(service)
-    pending = await batcher.decide(tenant, x, body.candidates, override)
+    # The prompt's length prices the request on every candidate before the call.
+    tokens = None if body.query.text is None else prompt_tokens(body.query.text)
+    pending = await batcher.decide(tenant, x, body.candidates, override, tokens)
+    # Stored with the decision: its context already holds them (feedback and replays
+    # learn from the stored context); kept to show and to audit.
+    pending.row["tags"] = body.tags or None
     if not service.enqueue(pending):
         # Backpressure: the writer is behind. Wait a little for room, then refuse
         # loudly; a decision is never answered without being queued for storage.
@@ -86,6 +101,16 @@ async def decide_body(state: Any, authorization: str | None, raw: bytes) -> byte
                 raise Problem(503, "the decision log is behind; retry shortly",
                               slug="backpressure", headers={"Retry-After": "1"})
             await asyncio.sleep(0.005)
+    writer = service.writer
+    if writer.must_confirm():
+        # Write-through, or an outage (the writer is spooling): answered only once the
+        # row is committed to the database or to the local spool (service/writer.py).
+        decision_id = pending.row["id"]
+        if not await asyncio.to_thread(writer.wait_durable, decision_id, _CONFIRM_S):
+            if writer.withdraw(decision_id):
+                service.abandon(pending)
+            raise Problem(503, "the decision could not be stored or spooled in time; "
+                          "retry shortly", slug="backpressure", headers={"Retry-After": "1"})
     metrics.decide_latency.observe(time.perf_counter() - started)
     # The body is built from floats and strings we control: no re-validation through the
     # response model (DecideResponse documents it); orjson, and the predictions encoded
@@ -150,13 +175,27 @@ _OPERATION = {
 }
 
 
-def add_openapi(document: dict) -> dict:
+def add_openapi(document: dict, settings: Settings) -> dict:
     """Document the route: its operation, and the request and response models (and the
-    models they reference) in ``components.schemas``."""
-    document["paths"] = {PATH: {"post": _OPERATION}, **document.get("paths", {})}
+    models they reference) in ``components.schemas``, with this service's limits
+    (``DIM``, ``MAX_TEXT_CHARS``, ``MAX_CANDIDATES``): the document says what the
+    service accepts."""
+    document["paths"] = {PATH: {"post": copy.deepcopy(_OPERATION)},
+                         **document.get("paths", {})}
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for name, (schema, defs) in (("DecideRequest", _REQUEST), ("DecideResponse", _RESPONSE)):
-        schemas.setdefault(name, schema)
+        schemas.setdefault(name, copy.deepcopy(schema))
         for ref, sub in defs.items():
-            schemas.setdefault(ref, sub)
+            schemas.setdefault(ref, copy.deepcopy(sub))
+    query = schemas["Query"]["properties"]
+    for branch in query["embedding"]["anyOf"]:
+        if branch.get("type") == "array":
+            branch.update(minItems=settings.dim, maxItems=settings.dim)
+            branch["items"].update(minimum=-MAX_ABS_CONTEXT, maximum=MAX_ABS_CONTEXT)
+    for branch in query["text"]["anyOf"]:
+        if branch.get("type") == "string":
+            branch["maxLength"] = settings.max_text_chars
+    for branch in schemas["DecideRequest"]["properties"]["candidates"]["anyOf"]:
+        if branch.get("type") == "array":
+            branch["maxItems"] = settings.max_candidates
     return document

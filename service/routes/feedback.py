@@ -7,6 +7,8 @@ import time
 from fastapi import APIRouter, status
 from fastapi.responses import JSONResponse
 
+from bandit import InvalidInputError
+from bandit.base import MAX_COST_USD
 from service.deps import MetricsDep, ServiceDep, TenantDep
 from service.schemas import FeedbackRequest, FeedbackResponse
 
@@ -26,8 +28,16 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
     back; an unknown decision or another tenant's is then dropped, never applied). A full
     buffer is a 503 with ``Retry-After``."""
     started = time.perf_counter()
+    cost = body.cost_usd
+    if cost is None and body.input_tokens is not None and body.output_tokens is not None:
+        # Priced here, once: what is stored (and replayed) is the cost in USD.
+        cost = service.price_tokens(tenant, str(body.decision_id), body.input_tokens,
+                                    body.output_tokens)
+        if cost > MAX_COST_USD:
+            raise InvalidInputError("input_tokens", "with output_tokens, prices to more "
+                                    f"than {MAX_COST_USD:g} USD; check the counts", cost)
     result = service.feedback(tenant, str(body.decision_id),
-                              {"quality": body.quality, "cost_usd": body.cost_usd,
+                              {"quality": body.quality, "cost_usd": cost,
                                "latency_ms": body.latency_ms}, body.event_id)
     metrics.feedback_latency.observe(time.perf_counter() - started)
     if result.status == "queued":

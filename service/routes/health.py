@@ -6,6 +6,7 @@ import contextlib
 import hmac
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
@@ -46,6 +47,9 @@ def readyz(service: ServiceDep) -> dict[str, str]:
                       slug="not-ready")
     away = service.degraded()  # e.g. the broker, in distributed mode
     if away:
+        # The database answers us: whatever waits for it retries now, not at the end of
+        # its backoff (ready sooner after an outage).
+        service.database_answers()
         return {"status": "degraded", **away}
     return {"status": "ready"}
 
@@ -74,7 +78,7 @@ def _may_read_metrics(request: Request, settings: Settings, service: RoutingServ
     raise refused
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(request: Request, service: ServiceDep, settings: SettingsDep,
             m: MetricsDep) -> Response:
     """Prometheus metrics; needs the admin key or the metrics token (see settings)."""

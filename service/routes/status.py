@@ -1,12 +1,16 @@
 """``GET /``: the status page, plain server-rendered HTML (no script, no external asset).
 
 It shows every model with its share of recent decisions and the quality and cost the
-policies predicted for it, every tenant's spend against its budgets, and the reward of
-recent feedback. Tenant names and spend are not public: the page needs the **admin
-key**, sent as ``Authorization: Bearer <key>`` or as the password of HTTP Basic
-authentication (any user name). Without it the answer is a 401 with a Basic challenge,
-so a browser asks for the key in its own login dialog; the key never appears in a URL
-(where it would land in proxy logs and browser history).
+policies predicted for it, every tenant's spend against its budgets, the reward of
+recent feedback, and the last 24 hours as inline SVG charts
+(service/routes/status_trends.py): each model's share of decisions and mean reward per
+hour, each tenant's spend through the day against its daily budget.
+
+Tenant names and spend are not public: the page needs the **admin key**, sent as
+``Authorization: Bearer <key>`` or as the password of HTTP Basic authentication (any
+user name). Without it the answer is a 401 with a Basic challenge, so a browser asks
+for the key in its own login dialog; the key never appears in a URL (where it would
+land in proxy logs and browser history).
 
 "Recent" is the last :data:`RECENT` decisions (newest per tenant through the
 ``(tenant_id, created_at)`` index, then merged) and the last :data:`RECENT` feedback
@@ -27,7 +31,9 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.budget import format_usd
 from service.db import models as m
+from service.routes.status_trends import gather_trends, render_trends
 from service.routing import RoutingService
 
 router = APIRouter(tags=["status"])
@@ -44,6 +50,11 @@ th:first-child,td:first-child{text-align:left} th{background:#eef1f6;font-weight
 .meter{display:inline-block;width:8rem;height:.7rem;background:#e3e6ec;margin-left:.4rem;
 vertical-align:middle}.meter span{display:block;height:100%}
 .ok{background:#3ba55c}.warn{background:#e0a800}.over{background:#d9534f}
+.charts{display:flex;gap:1rem;flex-wrap:wrap} figure{margin:0;background:#fff;
+padding:.5rem;border:1px solid #e3e6ec} figcaption{font-weight:600;margin-bottom:.3rem}
+.legend span{margin-right:1rem} .legend i{display:inline-block;width:.8rem;height:.8rem;
+margin-right:.3rem;vertical-align:middle} h3{font-size:1rem;margin:1.2rem 0 .4rem}
+#spend-trends td{text-align:left}
 .cards{display:flex;gap:1rem;flex-wrap:wrap}.card{background:#fff;padding:.7rem 1rem;
 border:1px solid #e3e6ec;min-width:9rem}.card b{display:block;font-size:1.3rem}
 """
@@ -84,7 +95,7 @@ def _num(value: float | None, fmt: str = "{:.3f}") -> str:
 
 
 def _usd(value: float | None) -> str:
-    return "–" if value is None else f"${value:,.4f}"
+    return "–" if value is None else format_usd(value)
 
 
 def _mean(values: list[float]) -> float | None:
@@ -107,6 +118,7 @@ def _gather(service: RoutingService) -> dict[str, Any]:
     tenants = list(service.tenants.values())
     service.writer.flush(timeout=2.0)
     with Session(service.engine) as session:
+        trends = gather_trends(service, session, datetime.now(UTC))
         decisions = _recent_decisions(session, [t.id for t in tenants])
         feedback = session.execute(
             select(m.Feedback.tenant_id, m.Decision.model, m.Feedback.quality,
@@ -135,7 +147,7 @@ def _gather(service: RoutingService) -> dict[str, Any]:
                 observed[model][key].append(float(value))
     return {"tenants": tenants, "decisions": len(decisions), "feedback": len(feedback),
             "chosen": chosen, "predicted": predicted, "rewards": rewards,
-            "observed": observed}
+            "observed": observed, "trends": trends}
 
 
 def _models_table(service: RoutingService, data: dict[str, Any]) -> str:
@@ -167,7 +179,7 @@ def _meter(spend: float, budget: float | None) -> str:
         return f"{_usd(spend)} <span class=muted>(no budget)</span>"
     share = spend / budget if budget > 0 else (1.0 if spend > 0 else 0.0)
     level = "over" if share >= 1.0 else "warn" if share >= 0.5 else "ok"
-    return (f"{_usd(spend)} of {_usd(budget)} ({share:.0%})<span class=meter>"
+    return (f"{_usd(spend)} of {_usd(budget)} ({share:,.0%})<span class=meter>"
             f"<span class={level} style='width:{min(share, 1.0) * 100:.0f}%'></span></span>")
 
 
@@ -183,6 +195,33 @@ def _tenants_table(tenants: list[Any]) -> str:
             "<th>spend this month</th></tr>")
     body = "".join(rows) or "<tr><td colspan=4>no tenants yet</td></tr>"
     return f"<table id=tenants>{head}{body}</table>"
+
+
+def _guard_table(service: RoutingService, tenants: list[Any]) -> str:
+    """Guarded tenants: the estimated value against the baseline and the guard's room."""
+    rows = []
+    for t in sorted(tenants, key=lambda t: t.name):
+        report = service.guard_report(t)
+        if report is None:
+            continue
+        per_round = (report["value_vs_baseline"] / report["value_rounds"]
+                     if report["value_rounds"] else None)
+        rows.append(
+            f"<tr data-guard='{html.escape(t.id)}'><td>{html.escape(t.name)}</td>"
+            f"<td>{html.escape(str(report['baseline_model']))}</td>"
+            f"<td>{report['max_exploration_loss']:.1%}</td>"
+            f"<td>{report['rounds']}</td><td>{report['non_baseline_plays']}</td>"
+            f"<td class=value>{_num(report['value_vs_baseline'], '{:+.3f}')}</td>"
+            f"<td>{_num(per_round, '{:+.4f}')}</td>"
+            f"<td>{_num(report['lower_bound_gap'], '{:+.3f}')} / "
+            f"{_num(-report['allowance'], '{:+.3f}')}</td></tr>")
+    if not rows:
+        return ("<p class=muted id=guards>No tenant has a baseline model (guarded "
+                "exploration is off).</p>")
+    head = ("<tr><th>tenant</th><th>baseline</th><th>max loss</th><th>guarded decisions</th>"
+            "<th>non-baseline plays</th><th>value vs baseline</th><th>per decision</th>"
+            "<th>lower bound / allowed</th></tr>")
+    return f"<table id=guards>{head}{''.join(rows)}</table>"
 
 
 def render(service: RoutingService) -> str:
@@ -202,7 +241,14 @@ def render(service: RoutingService) -> str:
             f"{RECENT} decisions and feedback events. Reward in quality points, under "
             f"each tenant's current weights.</p><div class=cards>{cards}</div>"
             f"<h2>Models</h2>{_models_table(service, data)}"
-            f"<h2>Tenants: spend against budget</h2>{_tenants_table(data['tenants'])}")
+            f"<h2>Tenants: spend against budget</h2>{_tenants_table(data['tenants'])}"
+            "<h2>Guarded exploration: value against the baseline</h2><p class=muted>Value "
+            "= doubly robust estimate of the cumulative reward of the router minus the "
+            "baseline model's, over the decisions with feedback (reward units). The guard "
+            "plays the baseline whenever exploring could take its lower bound below the "
+            "allowed loss.</p>"
+            f"{_guard_table(service, data['tenants'])}"
+            f"{render_trends(data['trends'], data['tenants'])}")
     return _page("bandit-router status", body)
 
 

@@ -18,7 +18,9 @@ def _prefs(tenant: TenantState) -> TenantPreferences:
         policy=tenant.policy, scope=tenant.scope,  # type: ignore[arg-type]
         budget_usd_per_day=tenant.budget_usd_per_day,
         budget_usd_per_month=tenant.budget_usd_per_month,
-        on_budget_exhausted=tenant.on_budget_exhausted)  # type: ignore[arg-type]
+        on_budget_exhausted=tenant.on_budget_exhausted,  # type: ignore[arg-type]
+        baseline_model=tenant.baseline_model,
+        max_exploration_loss=tenant.max_exploration_loss)
 
 
 @router.get("/preferences", response_model=TenantPreferences)

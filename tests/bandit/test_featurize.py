@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bandit.errors import InvalidInputError
 from bandit.featurize import (
@@ -155,6 +159,102 @@ def test_transform_texts_concurrent_threads_match_serial(hashing: HashingFeaturi
     with ThreadPoolExecutor(max_workers=4) as pool:
         rows = list(pool.map(hashing.transform_one, texts))
     np.testing.assert_array_equal(np.stack(rows), serial)
+
+
+# ------------------------------------------- hashing: compiled kernel = reference
+# The kernel (bandit/_hashing_kernel.py) must give the vectors of the numpy reference
+# (HashingFeaturizer._reference_transform) for every text: statistics stored before the
+# kernel was written were learned on the reference's vectors.
+KERNEL_CONFIGS = [
+    {},
+    {"dim": 8, "seed": 3},
+    {"dim": 128, "n_buckets": 1000, "ngram_range_chars": (1, 7), "word_ngrams": (2, 3)},
+    {"ngram_range_chars": None},
+    {"word_ngrams": None, "lowercase": False},
+]
+
+# Characters that exercise the tricky parts: Unicode whitespace (str.split's set),
+# word characters of other scripts and digits (regex \w), 1- to 4-byte UTF-8 (the
+# kernel's CRC-32), combining marks, case mappings that change length ("İ".lower()).
+SPECIALS = (" \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85\xa0\u1680\u2000\u200a\u2028\u2029\u202f"
+            "\u205f\u3000" "_-.,;:!?'\"()[]{}<>/\\|@#$%^&*+=~`" "0123456789١٢٣߀"
+            "éÉßǅİıΣσςЖж中文数据库日本語한국어עבריתالعربية" "\u0301\u200b\u200d\ufeff"
+            "😀🚀𝔘𐍈\U0010fffd")
+VOCABULARY = ("the a of to and in is for that how what why write summarize translate "
+              "explain code python function list sql query customer orders contract "
+              "report model route cheapest answer German French poem rain haiku").split()
+
+
+def _random_texts(seed: int, count: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(count):
+        length = int(rng.choice([1, 2, 3, 5, 10, 64, 500, 2000]))
+        kind = rng.integers(3)
+        if kind == 0:  # any code point but unpaired surrogates (the reference rejects them)
+            codes = rng.integers(0, 0x10F800, size=length)
+            codes[codes >= 0xD800] += 0x800
+            texts.append("".join(map(chr, codes)))
+        elif kind == 1:  # mostly the special characters
+            texts.append("".join(rng.choice(list(SPECIALS + "abcXYZ"), size=length)))
+        else:  # prompt-like: words, punctuation, newlines, repeated phrases
+            words = rng.choice(VOCABULARY + list(SPECIALS), size=max(1, length // 5))
+            texts.append(" ".join(words)[:length])
+    return texts
+
+
+@pytest.mark.parametrize("config", KERNEL_CONFIGS, ids=lambda c: ",".join(map(str, c)) or "default")
+def test_transform_texts_kernel_equals_reference(config: dict) -> None:
+    texts = PROMPTS + [a for pair in PAIRS for a in pair] + _random_texts(0, 300) + [
+        "", " ", "\u3000", "İstanbul", "a" * 10_000, "ab " * 3_000,
+        " ".join(VOCABULARY) * 20]
+    f = HashingFeaturizer(**config)
+    np.testing.assert_allclose(f.transform(texts), f._reference_transform(texts),
+                               rtol=0, atol=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_transform_one_kernel_equals_reference_any_text(hashing: HashingFeaturizer,
+                                                        text: str) -> None:
+    np.testing.assert_allclose(hashing.transform_one(text),
+                               hashing._reference_transform([text])[0], rtol=0, atol=1e-12)
+
+
+def test_char_classes_match_python_definitions() -> None:
+    # The kernel splits on str.isspace (as str.split) and finds words as the regex \w.
+    from bandit._hashing_kernel import char_classes
+
+    chars = "".join(map(chr, range(0x110000)))
+    word = np.frombuffer(re.sub(r"\W", "\0", chars).encode("utf-32-le", "surrogatepass"),
+                         dtype=np.uint32) != 0
+    space = np.frombuffer(re.sub(r"\S", "\0", chars).encode("utf-32-le", "surrogatepass"),
+                          dtype=np.uint32) != 0
+    table = char_classes()
+    np.testing.assert_array_equal((table & 2) > 0, word)
+    np.testing.assert_array_equal((table & 1) > 0, space)
+    assert space.sum() == sum(c.isspace() for c in map(chr, range(0x3001)))
+
+
+@pytest.mark.parametrize("word", ["a", "hello", "é", "ß_1", "数据库", "😀", "𐍈x\U0010fffd"])
+def test_kernel_crc32_equals_zlib(word: str) -> None:
+    from bandit._hashing_kernel import _crc32_utf8, crc32_table
+
+    codes = np.frombuffer(word.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    assert int(_crc32_utf8(codes, 0, codes.size, crc32_table())) == zlib.crc32(
+        word.encode("utf-8"))
+
+
+def test_transform_one_unpaired_surrogate_gives_unit_vector(hashing: HashingFeaturizer) -> None:
+    # JSON can carry "\ud800"; the reference raised UnicodeEncodeError (an HTTP 500).
+    x = hashing.transform_one("fix this \ud800 bug")
+    assert abs(np.linalg.norm(x) - 1.0) < 1e-12
+    assert x @ hashing.transform_one("fix this bug") > 0.5
+    # Words never contain a surrogate: the words-only vector is the reference's.
+    words = HashingFeaturizer(ngram_range_chars=None)
+    np.testing.assert_allclose(words.transform_one("fix \ud800 bug"),
+                               words._reference_transform(["fix \ud800 bug"])[0],
+                               rtol=0, atol=1e-12)
 
 
 # ------------------------------------------------------------ hashing: semantics

@@ -291,7 +291,9 @@ def test_update_forgetting_weights_recent_data():
 @pytest.mark.parametrize("cls", POLICIES)
 def test_add_arm_cold_start_share_bounded(cls):
     x, _, noisy, costs = make_problem(7, 6, 300)
-    policy = build(cls, epsilon=0.0, cold_start_share=0.1)
+    # Without a shared component a cold arm of unknown quality has no estimate: only
+    # the cold-start share reaches it (with one, see test_add_arm_shared_...).
+    policy = build(cls, epsilon=0.0, cold_start_share=0.1, shared_ridge=None)
     feed(policy, x, noisy, costs, range(300))
     policy.add_arm("new", ArmPrior(cost_usd=0.002))
     ctx = unit_rows(np.random.default_rng(1), 4000, 6)
@@ -330,7 +332,9 @@ def test_set_prior_new_price_keeps_data(cls):
 @pytest.mark.parametrize("cls", POLICIES)
 def test_remove_arm_keeps_other_arms(cls):
     x, _, noisy, costs = make_problem(8, 6, 100)
-    policy = build(cls)
+    # Arms learning alone: with a shared component, the removed arm's data leaves the
+    # shared estimate too (test_remove_arm_shared_keeps_other_arms_statistics).
+    policy = build(cls, shared_ridge=None)
     feed(policy, x, noisy, costs, range(100))
     before = policy.predict(x[0], candidates=["cheap", "strong"])
     policy.remove_arm("mid")
@@ -357,9 +361,9 @@ def test_propensity_matches_choice_frequency(cls):
 @pytest.mark.parametrize("cls", POLICIES)
 def test_probabilities_rows_sum_to_one_match_propensity(cls):
     x, _, noisy, costs = make_problem(12, 6, 40)
-    policy = build(cls, epsilon=0.1, cold_start_pulls=5)
+    policy = build(cls, epsilon=0.1, cold_start_pulls=5, shared_ridge=None)
     feed(policy, x, noisy, costs, range(40))
-    policy.add_arm("new")  # cold: reached through the cold-start share only
+    policy.add_arm("new")  # cold, no shared estimate: reached through the cold share only
     prefs = Preferences(quality=1.0, cost=3.0)
     names, probs = policy.probabilities(x[:10], prefs)
     assert names == ARMS + ["new"]

@@ -63,18 +63,21 @@ def assert_heads_spd(policy: Policy) -> None:
     a_data = stats.matrices("a_data")
     a_inv = stats.matrices("a_inv")
     eye = np.eye(stats.n_features)
+    # The ridge penalty: lam on the intercept, lam * context_ridge on the context.
+    penalty = np.diag(stats.ridge_diag)
     for name in ("b_data", "srr", "weight", "theta", "sigma2"):
         assert np.isfinite(getattr(stats, name)).all(), name
     assert np.isfinite(a_data).all() and np.isfinite(a_inv).all()
     for k in range(len(stats)):
         for h in range(a_data.shape[1]):
-            a = a_data[k, h] + stats.lam[k, h] * eye
+            a = a_data[k, h] + stats.lam[k, h] * penalty
             inv = a_inv[k, h]
             scale = np.abs(a).max()
             np.testing.assert_allclose(a, a.T, rtol=0, atol=1e-12 * scale)
             # Cholesky succeeds only for a symmetric positive definite matrix.
             np.linalg.cholesky(a)
-            assert np.linalg.eigvalsh(a).min() >= stats.lam[k, h] * (1 - 1e-9)
+            assert np.linalg.eigvalsh(a).min() >= (stats.lam[k, h] * stats.ridge_diag.min()
+                                                   * (1 - 1e-9))
             np.testing.assert_allclose(inv, inv.T, rtol=0, atol=1e-9 * np.abs(inv).max())
             sym = (inv + inv.T) / 2
             assert np.linalg.eigvalsh(sym).min() > 0, (k, h)

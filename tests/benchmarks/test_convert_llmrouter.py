@@ -61,12 +61,21 @@ def test_convert_dir_records_in_replay_format(tmp_path):
     assert len({r["id"] for r in records}) == 3
     assert [r["prompt"] for r in records] == ["0123456789", "abcd", ""]
     for record in records:
-        assert set(record) == {"id", "prompt", "outcomes", "split"}
+        assert set(record) == {"id", "prompt", "outcomes", "split", "prices", "task"}
         # Only the models the rows score, not every model with a price.
         assert sorted(record["outcomes"]) == ["large", "small"]
-        assert all(set(o) == {"quality", "cost_usd"} for o in record["outcomes"].values())
+        assert sorted(record["prices"]) == ["large", "small"]
+        assert all(set(o) == {"quality", "cost_usd", "input_tokens", "output_tokens"}
+                   for o in record["outcomes"].values())
     assert records[1]["outcomes"]["large"]["quality"] == 0.0
     assert records[2]["outcomes"]["large"]["quality"] == 0.75
+    # The replay log carries what the router can know before the call: prices, the
+    # prompt's token estimate, the assumed answer length, and the task cluster.
+    assert records[0]["prices"]["large"] == {"input_price_per_mtok": 0.9,
+                                             "output_price_per_mtok": 1.5}
+    assert records[0]["outcomes"]["small"]["input_tokens"] == 3
+    assert records[0]["outcomes"]["small"]["output_tokens"] == 256
+    assert [r["task"] for r in records] == ["0", "3", "1"]
 
 
 def test_convert_dir_default_output_tokens_is_256(tmp_path):

@@ -4,6 +4,7 @@ loopback socket (uvicorn in a thread), through typer's CliRunner."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pytest
@@ -48,6 +49,45 @@ def tenant(env):
 def test_create_tenant_cli_prints_key_once_in_table(env):
     out = run(env, "tenants", "create", "table-co").stdout
     assert "shown once" in out and "brt_" in out and "table-co" in out
+
+
+@pytest.mark.parametrize("columns", ["30", "80"])
+def test_create_tenant_cli_prints_whole_key_on_own_line_narrow_terminal(env, base_url,
+                                                                        columns):
+    """CliRunner's output is a pipe, as `| tee` would be; the key must survive it whole."""
+    narrow = {**env, "COLUMNS": columns}
+    lines = run(narrow, "tenants", "create", f"narrow-{columns}").stdout.splitlines()
+    keys = [line for line in lines if line.startswith("brt_")]
+    assert len(keys) == 1 and len(keys[0]) == len("brt_") + 43, lines  # 32 bytes, base64
+    with RouterClient(base_url, keys[0]) as client:  # the printed key is the real one
+        assert client.usage().decisions_today == 0
+    created = json.loads(run(narrow, "tenants", "create", "narrow-json", "--json").stdout)
+    with RouterClient(base_url, created["api_key"]) as client:
+        assert client.usage().tenant_id == created["id"]
+    rotated = run(narrow, "tenants", "rotate-key", created["id"]).stdout.splitlines()
+    assert [line for line in rotated if line.startswith("brt_")][0] != created["api_key"]
+
+
+def test_tenant_cli_commands_accept_name_or_id(env, tenant):
+    name = tenant["name"]
+    rotated = run_json(env, "tenants", "rotate-key", name)
+    assert rotated["id"] == tenant["id"]
+    prefs = run_json(env, "preferences", "set", "--tenant", name, "--cost", "50")
+    assert prefs["weights"]["cost"] == 50.0
+    assert run_json(env, "preferences", "get", "--tenant", name)["weights"]["cost"] == 50.0
+    assert run_json(env, "usage", "--tenant", name)["tenant_id"] == tenant["id"]
+    assert run_json(env, "usage", "--tenant", tenant["id"])["tenant_id"] == tenant["id"]
+
+
+def test_tenant_cli_unknown_or_shared_name_fails_naming_ids(env):
+    missing = run(env, "usage", "--tenant", "no-such-tenant", code=1)
+    assert "error 404" in missing.stderr and "'no-such-tenant'" in missing.stderr
+    twins = [run_json(env, "tenants", "create", "twin/co") for _ in range(2)]
+    shared = run(env, "usage", "--tenant", "twin/co", code=1)
+    assert "error 409" in shared.stderr
+    assert all(t["id"] in shared.stderr for t in twins)
+    # An id is never ambiguous.
+    assert run_json(env, "usage", "--tenant", twins[1]["id"])["tenant_id"] == twins[1]["id"]
 
 
 def test_list_tenants_cli_json_and_table(env, tenant):
@@ -116,6 +156,25 @@ def test_set_preferences_cli_bad_policy_422(env, tenant):
     assert "error 422" in result.stderr and "policy" in result.stderr
 
 
+def test_set_preferences_cli_baseline_model_and_bound(env, tenant):
+    tid = tenant["id"]
+    name = f"base-{uuid.uuid4().hex[:6]}"
+    run(env, "models", "add", name, "--input-price", "1", "--output-price", "1")
+    after = run_json(env, "preferences", "set", "--tenant", tid, "--baseline-model", name,
+                     "--max-exploration-loss", "0.05")
+    assert after["baseline_model"] == name and after["max_exploration_loss"] == 0.05
+    table = run(env, "preferences", "get", "--tenant", tid).stdout
+    assert "baseline model (guard)" in table and name in table
+    bad = run(env, "preferences", "set", "--tenant", tid, "--baseline-model", "nope",
+              code=1)
+    assert "error 422" in bad.stderr and "baseline_model" in bad.stderr
+    bad = run(env, "preferences", "set", "--tenant", tid, "--max-exploration-loss", "2",
+              code=1)
+    assert "error 422" in bad.stderr and "max_exploration_loss" in bad.stderr
+    off = run_json(env, "preferences", "set", "--tenant", tid, "--no-baseline-model")
+    assert off["baseline_model"] is None and off["max_exploration_loss"] == 0.05
+
+
 def test_set_preferences_cli_nothing_to_change_fails(env, tenant):
     result = run(env, "preferences", "set", "--tenant", tenant["id"], code=1)
     assert "nothing to change" in result.stderr
@@ -145,3 +204,50 @@ def test_list_tenants_cli_unreachable_service_fails_cleanly(env):
 def test_list_tenants_cli_without_key_fails(env):
     result = run({**env, "BANDIT_ROUTER_KEY": ""}, "tenants", "list", code=1)
     assert "no key" in result.stderr
+
+
+def test_set_preferences_cli_help_no_double_negation(env):
+    out = run(env, "preferences", "set", "--help").stdout
+    assert "--no-budget-day" in out and "--no-budget-month" in out
+    assert "--no-no-" not in out
+
+
+def test_list_models_cli_80_columns_nothing_cut(env):
+    name = f"a-rather-long-model-name-{uuid.uuid4().hex}"
+    run(env, "models", "add", name, "--input-price", "0.15", "--output-price", "0.6")
+    out = run({**env, "COLUMNS": "80"}, "models", "list").stdout
+    assert "\u2026" not in out and max(map(len, out.splitlines())) <= 80
+    words = " ".join(line.strip(" \u2502\u2503\u2577\u2575") for line in out.splitlines())
+    for header in ("input", "output", "per Mtok", "prior", "cost", "per", "request",
+                   "quality", "state"):
+        assert header in words
+    # Folded, not cut: the first column's pieces, read top to bottom, hold the whole name.
+    first_column = "".join(line.split("\u2502")[1].strip() for line in out.splitlines()
+                           if line.startswith("\u2502"))
+    assert name in first_column
+
+
+def test_set_preferences_cli_out_of_range_names_field_once(env, tenant):
+    err = run(env, "preferences", "set", "--tenant", tenant["id"], "--cost", "2e6",
+              code=1).stderr
+    assert "error 422" in err and "1000000" in err
+    field_lines = [line for line in err.splitlines() if line.startswith("  ")]
+    assert field_lines and all(line.count("preferences.cost") == 1 for line in field_lines)
+
+
+def test_reservations_cli_list_and_release_by_tenant_name(env, base_url, tenant):
+    name = run_json(env, "models", "add", f"r-{uuid.uuid4().hex[:6]}", "--input-price", "1",
+                    "--output-price", "2")["name"]
+    with RouterClient(base_url, tenant["api_key"]) as client:
+        for i in range(2):
+            client.decide(f"never answered {i}", candidates=[name])
+    time.sleep(0.5)
+    age = ["--older-than-hours", "0.0001", "--tenant", tenant["name"]]
+    listed = run_json(env, "reservations", "list", *age)
+    assert listed["decisions"] == 2 and listed["tenants"][0]["name"] == tenant["name"]
+    table = run({**env, "COLUMNS": "80"}, "reservations", "list", *age).stdout
+    assert "total" in table and tenant["name"] in table.replace("\u2502", "").replace(" ", "")
+    out = run(env, "reservations", "release", *age).stdout
+    assert out.startswith("released 2 reservation(s)")
+    assert run_json(env, "reservations", "list", *age)["decisions"] == 0
+    assert run_json(env, "usage", "--tenant", tenant["id"])["spend_usd_today"] == 0.0

@@ -97,7 +97,12 @@ def test_warmstart_writes_policy_that_knows_the_models(log_file, tmp_path):
     result = runner.invoke(app, ["warmstart", str(log_file), "--out", str(out),
                                  "--weight", "0.5"])
     assert result.exit_code == 0, result.output
-    policy = Policy.from_bytes(out.read_bytes())
+    from service.state_file import StateFile
+
+    state = StateFile.from_json(json.loads(out.read_text()))
+    assert (state.source, state.context_dim) == ("warmstart", 64)
+    assert state.featurizer.startswith("hashing") and list(state.policies) == ["shared:linucb"]
+    policy = Policy.from_bytes(state.policies["shared:linucb"])
     assert policy.arms == ["solver", "writer"]
     assert policy.observations("solver")["quality"] == 400
     from bandit.featurize import make_featurizer
@@ -106,3 +111,35 @@ def test_warmstart_writes_policy_that_knows_the_models(log_file, tmp_path):
     assert policy.decide(x, explore=False).arm == "solver"
     bad = runner.invoke(app, ["warmstart", str(log_file), "--out", str(out), "--weight", "2"])
     assert bad.exit_code == 2 and "weight" in bad.output
+
+
+def test_replay_tags_carry_the_signal_the_prompt_lacks(tmp_path):
+    # One prompt for every row; only the tag says which model is good.
+    rng = np.random.default_rng(1)
+    lines = []
+    for i in range(400):
+        app_name = "search" if rng.random() < 0.5 else "support"
+        good = "solver" if app_name == "search" else "writer"
+        outcomes = {m: {"quality": 0.9 if m == good else 0.2, "cost_usd": 0.001}
+                    for m in ("solver", "writer")}
+        lines.append({"id": f"q{i}", "prompt": "help me", "tags": {"app": app_name},
+                      "outcomes": outcomes})
+    quality = {}
+    for name, rows in (("tagged", lines),
+                       ("untagged", [{k: v for k, v in r.items() if k != "tags"}
+                                     for r in lines])):
+        path, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.json"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        result = runner.invoke(app, ["replay", str(path), "--seed", "3", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        quality[name] = json.loads(out.read_text())["last_20pct"]["policy"]["quality"]
+    assert quality["tagged"] > 0.85 and quality["untagged"] < 0.7, quality
+
+
+def test_replay_bad_tags_exit_2_names_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "tags": {"app": 3}, "outcomes": {
+        "m": {"quality": 1.0, "cost_usd": 0.1}}}) + "\n")
+    result = runner.invoke(app, ["replay", str(path)])
+    assert result.exit_code == 2
+    assert "line 1.tags.app" in result.output

@@ -19,6 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = 60.0) -> None:
+    """Until the served process answers /readyz with 200 (fails if it exits first)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, "serve exited before it was ready"
+        assert time.monotonic() < deadline, f"serve not ready within {timeout_s:g} s"
+        time.sleep(0.2)
+
+
 def test_serve_json_logs_carry_request_id(tmp_path):
     port = free_port()
     env = {**os.environ, "BANDIT_ROUTER_DATA_DIR": str(tmp_path),
@@ -26,16 +40,7 @@ def test_serve_json_logs_carry_request_id(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port),
                              "--access-log"], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, "serve exited before it was ready"
-            assert time.monotonic() < deadline, "serve not ready within 60 s"
-            time.sleep(0.2)
+        wait_ready(proc, port)
         r = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"X-Request-ID": "trace-me"})
         assert r.headers["x-request-id"] == "trace-me"
     finally:

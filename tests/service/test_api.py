@@ -175,6 +175,15 @@ def test_decide_unknown_model_lists_allowed(client, models):
     tenant = create_tenant(client)
     body = assert_problem(decide(client, tenant, ["no-such-model"]), 422, field="candidates")
     assert models[0] in body["errors"][0]["allowed"]
+    # The field is named once: in "field", and at the head of the detail.
+    assert body["errors"][0]["message"].startswith("unknown model")
+    assert body["detail"].startswith("candidates: unknown model")
+
+
+def test_create_tenant_empty_name_allowed_in_characters(client):
+    body = assert_problem(client.post("/v1/admin/tenants", json={"name": ""}, headers=ADMIN),
+                          422, field="name")
+    assert body["errors"][0]["allowed"] == "at least 1 character(s)"
 
 
 def test_decide_keeps_serving_after_errors(client, models):

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from bandit import InvalidInputError, Policy, Preferences
 from service.app import create_app
-from service.domain import DecideArgs
 from tests.service.conftest import (
     ADMIN,
     DIM,
@@ -34,18 +33,18 @@ def test_decide_many_equals_policy_decide_batch_row_by_row(new_database_url):
         twin = Policy.from_bytes(service.shared["linucb"].to_bytes())
         xs = [np.asarray(embedding(seed)) for seed in range(6)]
         override = Preferences(1.0, 10.0, 0.0)
-        requests = [DecideArgs(a, xs[0], None, None), DecideArgs(b, xs[1], None, None),
-                    DecideArgs(a, xs[2], models[:2], None),
-                    DecideArgs(a, xs[3], ["nope"], None),  # unknown model: this one fails
-                    DecideArgs(b, xs[4], None, override),
-                    DecideArgs(a, xs[5], None, Preferences(0.0, 0.0, 0.0))]  # invalid weights
+        requests = [(a, xs[0], None, None), (b, xs[1], None, None),
+                    (a, xs[2], models[:2], None),
+                    (a, xs[3], ["nope"], None),            # unknown model: this one fails
+                    (b, xs[4], None, override),
+                    (a, xs[5], None, Preferences(0.0, 0.0, 0.0))]  # invalid weights
         results = service.decide_many(requests)
 
         assert isinstance(results[3], InvalidInputError)
         assert results[3].field == "candidates"
         assert isinstance(results[5], InvalidInputError)
         # The groups, in order of first arrival: (default prefs, all), (subset), (override).
-        everything = service.decider.candidates(None)
+        everything = service._candidates(None)
         expected = {}
         for rows, prefs, names in (([0, 1], Preferences(), everything),
                                    ([2], Preferences(), models[:2]),

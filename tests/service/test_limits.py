@@ -102,12 +102,50 @@ def test_decide_text_over_limit_is_422_naming_field_and_limit(make_client):
     assert ok.status_code == 200, ok.text
 
 
-def test_decide_text_over_schema_cap_is_422(make_client):
+def test_decide_text_past_old_cap_accepted_by_default(make_client):
+    """The schema no longer caps query.text at 100,000 characters: MAX_TEXT_CHARS does."""
     client = make_client()
     add_model(client, "t-m2")
     h = tenant_header(client)
-    r = client.post("/v1/decide", json={"query": {"text": "a" * 100_001}}, headers=h)
-    assert_problem(r, 422, field="query.text")
+    r = client.post("/v1/decide", json={"query": {"text": "a" * 300_000}}, headers=h)
+    assert r.status_code == 200, r.text
+
+
+def test_decide_text_limit_raised_past_body_default(make_client):
+    client = make_client(max_text_chars=3_000_000, max_body_bytes=4_000_000)
+    add_model(client, "t-m3")
+    h = tenant_header(client)
+    r = client.post("/v1/decide", json={"query": {"text": "b" * 2_000_000}}, headers=h)
+    assert r.status_code == 200, r.text
+    over = client.post("/v1/decide", json={"query": {"text": "b" * 3_000_001}}, headers=h)
+    assert_problem(over, 422, field="query.text", detail_contains="limit is 3000000")
+
+
+def test_decide_long_text_featurized_from_head_and_tail(make_client):
+    client = make_client(featurize_chars=1000)
+    names = [add_model(client, "ht-a"), add_model(client, "ht-b", 3.0, 15.0)]
+    h = tenant_header(client)
+    head, tail = "why is the sky blue " * 30, " answer in one line" * 30
+
+    def predictions(text: str) -> dict:
+        r = client.post("/v1/decide", json={"query": {"text": text}, "candidates": names},
+                        headers=h)
+        assert r.status_code == 200, r.text
+        return r.json()["predictions"]
+
+    def score_of(text: str) -> list[float]:
+        return [predictions(text)[n]["uncertainty"] for n in names]
+
+    # Learn something first so that contexts give different predictions.
+    decision = client.post("/v1/decide", json={"query": {"text": head}}, headers=h).json()
+    client.post("/v1/feedback", json={"decision_id": decision["decision_id"],
+                                      "quality": 1.0}, headers=h)
+    a = head + "x" * 50_000 + tail
+    b = head + "y z " * 20_000 + tail  # another middle: same head and tail
+    c = head + "x" * 50_000 + " and now something else entirely" * 20  # another tail
+    assert score_of(a) == score_of(b)
+    assert score_of(a) != score_of(c)
+    assert score_of(a) == score_of(head[:500] + "\n" + tail[-500:])
 
 
 def test_decide_candidates_over_limit_is_422_naming_field_and_limit(make_client):
@@ -137,11 +175,13 @@ def test_decide_embedding_wrong_dimension_is_422(make_client, length):
     assert_problem(r, 422, field="query.embedding")
 
 
-def test_limit_settings_cannot_raise_schema_caps():
+def test_limit_settings_candidates_cap_text_both_ways():
     with pytest.raises(ValidationError, match="max_candidates"):
         Settings(max_candidates=1001)
+    # Issue 18: the text limit is a setting both ways (it was capped at 100,000).
+    assert Settings(max_text_chars=5_000_000).max_text_chars == 5_000_000
     with pytest.raises(ValidationError, match="max_text_chars"):
-        Settings(max_text_chars=100_001)
+        Settings(max_text_chars=0)
 
 
 def test_limit_settings_from_environment(monkeypatch):

@@ -51,7 +51,8 @@ def _row(tenant_id: str) -> dict[str, object]:
             "policy": "linucb", "policy_version": 1, "scope": "shared", "propensity": 0.5,
             "context": bytes(64 * 8), "predictions": {"model-a": {"quality": 0.5}},
             "predictions_json": b'{"model-a":{"quality":0.5}}', "predicted_cost_usd": 0.001,
-            "charged_usd": 0.001, "over_budget": False, "created_at": now}
+            "charged_usd": 0.001, "over_budget": False, "created_at": now,
+            "tags": None, "guard": None}
 
 
 def test_writer_statement_memory_bounded_for_every_batch_size(tmp_path):

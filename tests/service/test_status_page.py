@@ -92,6 +92,68 @@ def test_get_status_share_and_budget_numbers(client):
     assert "$0.6000 of $1.0000 (60%)" in row and "class=warn" in row
 
 
+def test_get_status_tiny_budget_shows_its_digits(client):
+    name = add_model(client, "st-tiny", 1.0, 2.0)
+    tenant = create_tenant(client, "tiny-budget")
+    client.put("/v1/tenants/me/preferences", json={"budget_usd_per_day": 1e-5},
+               headers=tenant)
+    body = decide(client, tenant, [name]).json()
+    client.post("/v1/feedback", json={"decision_id": body["decision_id"], "cost_usd": 0.0204},
+                headers=tenant)
+    page = client.get("/", headers=basic(ADMIN_KEY)).text
+    row = page.split(f"data-tenant='{tenant['X-Tenant']}'")[1].split("</tr>")[0]
+    assert "$0.0204 of $0.00001 (204,000%)" in row and "class=over" in row
+
+
+def test_get_status_trends_last_24h_svg(new_database_url):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from service.db import models as dbm
+
+    with TestClient(create_app(make_settings(new_database_url(), epsilon=0.0))) as c:
+        names = [add_model(c, "tr-a", 1.0, 2.0), add_model(c, "tr-b", 1.0, 2.0)]
+        tenant = create_tenant(c, "trendy")
+        c.put("/v1/tenants/me/preferences", json={"budget_usd_per_day": 0.5}, headers=tenant)
+        now = datetime.now(UTC)
+        made = []  # (decision id, model)
+        for i, name in enumerate([names[0]] * 3 + [names[1]] + [names[0]] * 2):
+            body = decide(c, tenant, [name], seed=i).json()
+            made.append((body["decision_id"], body["model"]))
+        for (decision_id, _), quality in zip(made[:4], (0.5, 1.0, 0.75, 0.25), strict=True):
+            c.post("/v1/feedback", json={"decision_id": decision_id, "quality": quality,
+                                         "cost_usd": 0.01}, headers=tenant)
+        service = c.app.state.routing
+        service.writer.flush()
+        # The last two decisions were made five hours ago.
+        with Session(service.engine) as session, session.begin():
+            session.execute(update(dbm.Decision)
+                            .where(dbm.Decision.id.in_([d for d, _ in made[4:]]))
+                            .values(created_at=now - timedelta(hours=5)))
+        page = c.get("/", headers=basic(ADMIN_KEY)).text
+    share = page.split("<svg id=trend-share")[1].split("</svg>")[0]
+    assert "data-decisions='6'" in share
+    # This hour: 3 of tr-a, 1 of tr-b; five hours ago (hour 18 of 0..23): 2 of tr-a.
+    assert "data-model='tr-a' data-hour=23 data-share='0.7500'" in share
+    assert "data-model='tr-b' data-hour=23 data-share='0.2500'" in share
+    assert "data-model='tr-a' data-hour=18 data-share='1.0000'" in share
+    reward = page.split("<svg id=trend-reward")[1].split("</svg>")[0]
+    # Default weights (quality 1, cost 0): the reward is the quality; tr-a got 0.5, 1, 0.75.
+    assert "data-model='tr-a' data-rewards='23:0.7500'" in reward
+    assert "data-model='tr-b' data-rewards='23:0.2500'" in reward
+    spend = page.split(f"<svg id=trend-spend-{tenant['X-Tenant']}")[1].split("</svg>")[0]
+    hourly = [float(v) for v in spend.split("data-hourly='")[1].split("'")[0].split(",")]
+    assert len(hourly) == now.hour + 1 and hourly == sorted(hourly)  # cumulative, by hour
+    # This hour: the 4 decisions with feedback, 0.01 USD reported each (the two older
+    # ones are charged to their own hour, or to yesterday).
+    this_hour = hourly[-1] - (hourly[-2] if len(hourly) > 1 else 0.0)
+    assert this_hour == pytest.approx(0.04, abs=1e-9)
+    assert "data-budget='0.5'" in spend
+    assert "<script" not in page
+
+
 # ------------------------------------------------------------------ real browser
 def _playwright():
     try:
@@ -103,6 +165,14 @@ def _playwright():
         pytest.skip("chromium is not installed: apt-get install chromium "
                     "(ops/test.sh does it when it runs as root)")
     return sync_playwright
+
+
+def launch_chromium(playwright):
+    """Debian's chromium, headless, quiet (no background traffic of its own)."""
+    return playwright.chromium.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+              "--no-first-run", "--disable-component-update", "--disable-sync"])
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -132,10 +202,7 @@ def test_render_status_page_in_chromium_screenshot(tmp_path):
                     candidates=models, quality=lambda _r: 0.75).model)
         shot = tmp_path / "status.png"
         with sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=CHROMIUM, headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--no-first-run", "--disable-component-update", "--disable-sync"])
+            browser = launch_chromium(p)
             try:
                 # No credentials: chromium gets the Basic challenge and, headless with
                 # nobody to type a key, abandons the navigation.
@@ -158,6 +225,12 @@ def test_render_status_page_in_chromium_screenshot(tmp_path):
                 tenants_text = page.inner_text("#tenants")
                 reward = page.inner_text("#mean-reward")
                 decisions = page.inner_text("#n-decisions")
+                # The 24-hour charts are drawn (inline SVG, laid out with a size).
+                charts = {ident: page.locator(f"svg#{ident}").bounding_box()
+                          for ident in ("trend-share", "trend-reward",
+                                        f"trend-spend-{acme.id}")}
+                bars = page.locator("svg#trend-share rect").count()
+                reward_points = page.locator("svg#trend-reward circle").count()
             finally:
                 browser.close()
     assert "bandit-router status" in text
@@ -169,6 +242,10 @@ def test_render_status_page_in_chromium_screenshot(tmp_path):
     assert "$0.4000 of $2.0000 (20%)" in tenants_text
     assert "$0.4000 of $40.0000 (1%)" in tenants_text
     assert decisions == "8"
+    assert all(box is not None and box["width"] >= 400 and box["height"] >= 100
+               for box in charts.values()), charts
+    # One bar per model chosen this hour, one reward point per model with feedback.
+    assert bars == len(set(chosen)) and reward_points == len(set(chosen))
     # Default weights (quality 1, cost 0): the reward is the quality.
     assert float(reward) == pytest.approx(0.75, abs=1e-3)
     data = shot.read_bytes()

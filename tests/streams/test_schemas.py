@@ -84,3 +84,19 @@ def test_roundtrip_dead_letter_keeps_original_bytes() -> None:
     letter = DeadLetter("malformed-json", "value: must be a JSON object", "fb", 2, 41,
                         b"k", b"\x00\xffraw", 1_700_000_000.0)
     assert decode_dead_letter(encode_dead_letter(letter)) == letter
+
+
+def test_roundtrip_decision_event_with_tags_exact() -> None:
+    event = DecisionEvent("d1", "t1", "m1", 0.9, [0.1, -0.2], {"m1": {"quality": 0.5}},
+                          "linucb", 3, "shared", 1_700_000_000.25,
+                          tags={"app": "support-bot", "task": "code"})
+    assert decode_decision(encode_decision(event)) == event
+
+
+def test_decode_decision_bad_tags_names_field() -> None:
+    event = DecisionEvent("d1", "t1", "m1", 0.9, [0.1], {}, "linucb", 3, "shared", 1.0,
+                          tags={"app": "x"})
+    raw = encode_decision(event).replace(b'"app":"x"', b'"app":7')
+    with pytest.raises(InvalidEventError) as info:
+        decode_decision(raw)
+    assert info.value.field == "tags.app"

@@ -1,0 +1,219 @@
+"""The LiteLLM Proxy plug-in: the router decides which deployment of a model group
+serves a request, and learns from what LiteLLM observed of the call.
+
+One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
+
+1. ``router_settings.plugins`` (LiteLLM's routing-plugin pipeline, documented for the
+   proxy since v1.94): before LiteLLM picks a deployment, :meth:`BanditRouter.run` asks
+   the router (``POST /v1/decide``) with the last user message as the query and the
+   group's deployments (their ``litellm_params.model``) as the candidates, then narrows
+   LiteLLM's ``candidate_models`` to the chosen one. The decision rides along in the
+   request's metadata (``routing_plugin_signals["bandit_router"]``, LiteLLM's documented
+   channel for plug-in signals).
+2. ``litellm_settings.callbacks`` (a ``CustomLogger``): when the call ends,
+   :meth:`BanditRouter.async_log_success_event` /
+   :meth:`BanditRouter.async_log_failure_event` post the outcome (``POST /v1/feedback``)
+   with that decision id: LiteLLM's ``response_cost``, the call's latency, and a quality
+   (``success_quality``, ``failure_quality`` for an error). The feedback's ``event_id``
+   is LiteLLM's call id, so a repeated callback is applied once. The same callback adds
+   the headers ``x-bandit-router-decision-id`` and ``x-bandit-router-model`` to the
+   proxy's answer, so a client can report the quality later (``POST /v1/feedback``).
+
+Failing open: the router is an optimisation in front of traffic that must flow. When it
+cannot decide (unreachable, slower than ``timeout_s``, an error such as a deployment not
+registered as a model in the router), the plug-in logs why and leaves LiteLLM's choice
+alone; no feedback is posted for that request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import weakref
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+from litellm.integrations.custom_logger import CustomLogger
+from litellm.types.router import RoutingContext
+
+from bandit_router_litellm._client import AsyncRouterClient, RetryPolicy, RouterError
+from bandit_router_litellm.settings import PluginSettings
+
+__all__ = ["BanditRouter", "SIGNAL", "DECISION_HEADER", "MODEL_HEADER", "last_user_text"]
+
+log = logging.getLogger("bandit_router_litellm")
+
+SIGNAL = "bandit_router"  # key of the decision in routing_plugin_signals
+DECISION_HEADER = "x-bandit-router-decision-id"
+MODEL_HEADER = "x-bandit-router-model"
+
+
+def last_user_text(messages: list[dict[str, Any]]) -> str | None:
+    """The text of the last user message (text parts joined), or None.
+
+    >>> last_user_text([{"role": "user", "content": "first"},
+    ...                 {"role": "assistant", "content": "ok"},
+    ...                 {"role": "user", "content": [{"type": "text", "text": "second"},
+    ...                                              {"type": "image_url", "image_url": {}},
+    ...                                              {"type": "text", "text": "part"}]}])
+    'second\\npart'
+    >>> last_user_text([{"role": "system", "content": "be brief"}]) is None
+    True
+    """
+    for message in reversed(messages):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            text = content
+        elif isinstance(content, list):
+            text = "\n".join(p["text"] for p in content
+                             if isinstance(p, dict) and isinstance(p.get("text"), str))
+        else:
+            text = ""
+        return text.strip() or None
+    return None
+
+
+def _decision_of(kwargs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The decision :meth:`BanditRouter.run` attached to this call, if any."""
+    litellm_params = kwargs.get("litellm_params") or {}
+    for key in ("metadata", "litellm_metadata"):
+        metadata = litellm_params.get(key) or kwargs.get(key) or {}
+        signal = (metadata.get("routing_plugin_signals") or {}).get(SIGNAL)
+        if isinstance(signal, dict) and signal.get("decision_id"):
+            return signal
+    return None
+
+
+def _latency_ms(start: Any, end: Any) -> float | None:
+    if isinstance(start, datetime) and isinstance(end, datetime):
+        return max((end - start).total_seconds() * 1000.0, 0.0)
+    if isinstance(start, int | float) and isinstance(end, int | float):
+        return max((end - start) * 1000.0, 0.0)
+    return None
+
+
+class BanditRouter(CustomLogger):
+    """A LiteLLM routing plug-in and callback backed by a bandit-router service.
+
+    Parameters
+    ----------
+    settings : PluginSettings, optional
+        Read from the environment (:meth:`PluginSettings.from_env`) on first use when
+        not given, so that importing this module (LiteLLM does it while loading its
+        config) needs neither the variables nor a network.
+    """
+
+    def __init__(self, settings: PluginSettings | None = None) -> None:
+        super().__init__()
+        self._settings = settings
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                                  AsyncRouterClient] = weakref.WeakKeyDictionary()
+
+    @property
+    def settings(self) -> PluginSettings:
+        if self._settings is None:
+            self._settings = PluginSettings.from_env(os.environ)
+        return self._settings
+
+    def _client(self) -> AsyncRouterClient:
+        # An httpx.AsyncClient belongs to the event loop it first ran on; LiteLLM may run
+        # callbacks on another loop than requests, so keep one client per loop.
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            s = self.settings
+            # One attempt, bounded by timeout_s: a decision that waits for a retry is a
+            # request that waits; failing open is the better answer.
+            client = AsyncRouterClient(s.url, s.api_key, timeout=s.timeout_s,
+                                       retry=RetryPolicy(max_attempts=1))
+            self._clients[loop] = client
+        return client
+
+    async def aclose(self) -> None:
+        """Close the HTTP client of the running event loop (LiteLLM never calls this; a
+        test or an embedding application may)."""
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()
+
+    # ------------------------------------------------------------ the decision
+    async def run(self, context: RoutingContext) -> RoutingContext:
+        """LiteLLM's ``RoutingPlugin`` interface: narrow the candidates to the router's
+        choice (only for the configured model groups)."""
+        group = context.metadata.get("model_group")
+        if group not in self.settings.groups or not context.candidate_models:
+            return context
+        query = last_user_text(context.structured_messages or context.raw_messages)
+        if query is None:
+            log.info("bandit-router: no user text in the request to %s; LiteLLM picks", group)
+            return context
+        candidates = list(dict.fromkeys(context.candidate_models))
+        try:
+            decision = await self._client().decide(query, candidates=candidates)
+        except RouterError as exc:
+            # str(exc) is the router's problem detail; it never contains the key.
+            log.warning("bandit-router: no decision for %s (%s); LiteLLM picks", group, exc)
+            return context
+        if decision.model not in candidates:  # cannot happen with candidates given
+            log.warning("bandit-router chose %r outside %s; LiteLLM picks", decision.model,
+                        candidates)
+            return context
+        context.candidate_models = [decision.model]
+        context.signals[SIGNAL] = {"decision_id": decision.decision_id,
+                                   "model": decision.model,
+                                   "propensity": decision.propensity,
+                                   "explored": decision.explored}
+        return context
+
+    async def async_post_call_response_headers_hook(
+            self, data: dict[str, Any], user_api_key_dict: Any, response: Any,
+            request_headers: dict[str, str] | None = None,
+            litellm_call_info: dict[str, object] | None = None) -> dict[str, str] | None:
+        """Name the decision in the proxy's answer (success or error)."""
+        decision = _decision_of(data)
+        if decision is None:
+            return None
+        return {DECISION_HEADER: str(decision["decision_id"]),
+                MODEL_HEADER: str(decision["model"])}
+
+    # ------------------------------------------------------------ the feedback
+    async def async_log_success_event(self, kwargs: dict[str, Any], response_obj: Any,
+                                      start_time: Any, end_time: Any) -> None:
+        await self._feedback(kwargs, start_time, end_time, failed=False)
+
+    async def async_log_failure_event(self, kwargs: dict[str, Any], response_obj: Any,
+                                      start_time: Any, end_time: Any) -> None:
+        await self._feedback(kwargs, start_time, end_time, failed=True)
+
+    async def _feedback(self, kwargs: dict[str, Any], start_time: Any, end_time: Any, *,
+                        failed: bool) -> None:
+        decision = _decision_of(kwargs)
+        if decision is None:  # not routed by us: nothing to report, no settings needed
+            return
+        called = (kwargs.get("litellm_params") or {}).get("model") or kwargs.get("model")
+        if called is not None and called != decision["model"] and not str(
+                decision["model"]).endswith(f"/{called}"):
+            # A fallback to another group served it: the outcome is not the chosen arm's.
+            log.info("bandit-router: %s was served by %s; no feedback", decision["model"],
+                     called)
+            return
+        cost = kwargs.get("response_cost")
+        # A failed call's cost is unknown to LiteLLM (its response_cost is None or 0).
+        cost_usd = float(cost) if not failed and isinstance(cost, int | float) else None
+        quality = self.settings.failure_quality if failed else self.settings.success_quality
+        latency_ms = _latency_ms(start_time, end_time)
+        if quality is None and cost_usd is None and latency_ms is None:
+            return
+        call_id = kwargs.get("litellm_call_id")
+        try:
+            await self._client().feedback(
+                decision["decision_id"], quality=quality, cost_usd=cost_usd,
+                latency_ms=latency_ms, event_id=f"litellm-{call_id}" if call_id else None)
+        except (RouterError, httpx.HTTPError) as exc:
+            log.warning("bandit-router: feedback for decision %s not posted (%s)",
+                        decision["decision_id"], exc)

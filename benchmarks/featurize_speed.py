@@ -1,0 +1,199 @@
+"""Text featurizing time per call: the compiled kernel against the numpy reference.
+
+The hashing featurizer (:class:`bandit.featurize.HashingFeaturizer`, dim 64, defaults)
+featurizes one text per call, as the service does per request, at 64, 500, 2,000 and
+10,000 characters. Three implementations, measured in the same run:
+
+* ``kernel``: ``transform_one`` (the numba kernel, ``bandit/_hashing_kernel.py``);
+* ``reference``: ``_reference_transform([text])``, the numpy implementation that was
+  ``transform_one`` before the kernel (the same vectors to 1e-12; the baseline);
+* ``sklearn``: scikit-learn's ``HashingVectorizer`` (character 3-5-grams in word
+  boundaries, 2^14 features) on the same text, ``transform([text])`` only: no word
+  n-grams and no projection to 64 dimensions, so it does less than the others. Skipped
+  when scikit-learn is not installed (it comes with the ``bench`` extra's mabwiser).
+
+Texts are real prompts (``llmrouter/test.jsonl`` of the development data, joined and cut
+into pieces of each length; 64 distinct pieces per length, cycled, so the projection
+rows a text touches are not all hot in the cache) or, without the data, generated
+prompt-like texts. Each round times every implementation on every length (the order
+alternating between rounds) over ``--target-seconds`` of this thread's CPU time (or of
+the wall clock with ``--clock wall``); the table shows the median round.
+
+Also measured, each in a fresh process (median of 3): the start-up cost of the kernel:
+``import bandit``, the first ``HashingFeaturizer()`` (imports numba, builds the tables)
+and its first call (loads the compiled kernel from numba's cache, or compiles it).
+
+Run::
+
+    python -m benchmarks.featurize_speed           # writes results/featurize_speed.json
+    python -m benchmarks.featurize_speed --quick   # smoke run, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from bandit.featurize import HashingFeaturizer
+from benchmarks.common import REPO_ROOT, data_root, print_table, write_results
+
+LENGTHS = (64, 500, 2_000, 10_000)
+POOL = 64
+GOAL_US_PER_1000_CHARS = 20.0
+
+STARTUP = """
+import json, time
+t0 = time.perf_counter()
+import bandit.featurize
+t1 = time.perf_counter()
+f = bandit.featurize.HashingFeaturizer()
+t2 = time.perf_counter()
+f.transform_one("warm up")
+t3 = time.perf_counter()
+print(json.dumps({"import_bandit_s": t1 - t0, "construct_s": t2 - t1, "first_call_s": t3 - t2}))
+"""
+
+
+def corpus() -> tuple[str, str]:
+    """A long real text (the development data's prompts joined), or a generated one."""
+    path = data_root() / "llmrouter" / "test.jsonl"
+    if path.is_file():
+        with path.open(encoding="utf-8") as fh:
+            return "\n\n".join(json.loads(line)["question"] for line in fh), str(path)
+    rng = np.random.default_rng(0)
+    words = ("how do i reverse a list in python summarize the attached report translate "
+             "this paragraph into german write sql query counting orders per customer "
+             "écris un poème sur la pluie 数据库索引是如何工作的 emoji 😀").split()
+    return " ".join(rng.choice(words, size=400_000)), "generated"
+
+
+def pools(text: str) -> dict[int, list[str]]:
+    """POOL distinct pieces of ``text`` of each length, from spread-out offsets."""
+    out = {}
+    for length in LENGTHS:
+        starts = np.linspace(0, len(text) - length - 1, POOL).astype(int)
+        out[length] = [text[s:s + length] for s in starts]
+    return out
+
+
+def implementations() -> dict[str, Callable[[str], object]]:
+    f = HashingFeaturizer()
+    impls: dict[str, Callable[[str], object]] = {
+        "kernel": f.transform_one,
+        "reference": lambda text: f._reference_transform([text])[0],
+    }
+    try:
+        from sklearn.feature_extraction.text import HashingVectorizer
+    except ImportError:
+        print("scikit-learn not installed: no sklearn row", file=sys.stderr)
+    else:
+        vectorizer = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5),
+                                       n_features=2**14, alternate_sign=True)
+        impls["sklearn"] = lambda text: vectorizer.transform([text])
+    return impls
+
+
+def time_per_call(fn: Callable[[str], object], texts: list[str], seconds: float,
+                  clock: Callable[[], float]) -> float:
+    """Mean seconds per call over at least ``seconds`` (whole passes over ``texts``)."""
+    for text in texts[:4]:
+        fn(text)
+    calls = 0
+    start = clock()
+    while True:
+        for text in texts:
+            fn(text)
+        calls += len(texts)
+        elapsed = clock() - start
+        if elapsed >= seconds:
+            return elapsed / calls
+
+
+def startup(runs: int) -> dict[str, float]:
+    """Median over fresh processes of the kernel's start-up steps, in seconds."""
+    samples = []
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-c", STARTUP], capture_output=True,
+                              text=True, cwd=REPO_ROOT, timeout=300, check=True)
+        samples.append(json.loads(done.stdout))
+    return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--target-seconds", type=float, default=0.3,
+                        help="time per (implementation, length) in each round")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: this thread's CPU time (time.thread_time), which a "
+                             "machine shared with other work inflates far less than the "
+                             "wall clock; wall: time.perf_counter")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 round of 0.05 s, 1 start-up run, no results file")
+    args = parser.parse_args(argv)
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    rounds, seconds = (1, 0.05) if args.quick else (args.rounds, args.target_seconds)
+
+    text, source = corpus()
+    texts = pools(text)
+    impls = implementations()
+    per_round: dict[str, dict[int, list[float]]] = {
+        name: {n: [] for n in LENGTHS} for name in impls}
+    for r in range(rounds):
+        names = list(impls) if r % 2 == 0 else list(reversed(impls))
+        for length in LENGTHS:
+            for name in names:
+                per_round[name][length].append(
+                    time_per_call(impls[name], texts[length], seconds, clock) * 1e6)
+    median = {name: {n: statistics.median(v) for n, v in by_len.items()}
+              for name, by_len in per_round.items()}
+    start = startup(1 if args.quick else 3)
+
+    rows = []
+    for length in LENGTHS:
+        kernel, reference = median["kernel"][length], median["reference"][length]
+        sk = median.get("sklearn", {}).get(length)
+        rows.append([f"{length:,}", f"{reference:.1f}", f"{kernel:.1f}",
+                     f"{reference / kernel:.1f}x", f"{kernel / length * 1000:.1f}",
+                     "" if sk is None else f"{sk:.1f}"])
+    long_rate = median["kernel"][2_000] / 2
+    print_table(f"HashingFeaturizer (dim 64) per text, µs ({args.clock} time) per call "
+                f"(median of {rounds} "
+                f"round(s); texts: {source})",
+                ["characters", "reference µs", "kernel µs", "speed-up", "kernel µs/1k chars",
+                 "sklearn µs"], rows,
+                caption=f"goal <= {GOAL_US_PER_1000_CHARS:g} µs per 1,000 characters: "
+                        f"{long_rate:.1f} at 2,000 characters. Start-up (fresh process, "
+                        f"median): import bandit {start['import_bandit_s']:.2f} s, first "
+                        f"HashingFeaturizer() {start['construct_s']:.2f} s (numba import, "
+                        f"tables), first call {start['first_call_s']:.2f} s")
+    if not args.quick:
+        path = write_results("featurize_speed", {
+            "settings": {"dim": 64, "lengths": LENGTHS, "texts_per_length": POOL,
+                         "rounds": rounds, "seconds_per_measurement": seconds,
+                         "clock": args.clock,
+                         "texts": source},
+            "us_per_call": {name: {str(n): v for n, v in by_len.items()}
+                            for name, by_len in median.items()},
+            "us_per_call_per_round": {name: {str(n): v for n, v in by_len.items()}
+                                      for name, by_len in per_round.items()},
+            "speedup_reference_over_kernel": {
+                str(n): median["reference"][n] / median["kernel"][n] for n in LENGTHS},
+            "kernel_us_per_1000_chars": {
+                str(n): median["kernel"][n] / n * 1000 for n in LENGTHS},
+            "startup_s": start,
+            "goals": {"kernel_le_20us_per_1000_chars_at_2000":
+                      long_rate <= GOAL_US_PER_1000_CHARS},
+        }, packages=("numpy", "numba", "llvmlite", "scikit-learn"))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

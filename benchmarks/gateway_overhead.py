@@ -1,0 +1,219 @@
+"""Latency a gateway adds in front of an OpenAI-compatible upstream (issue 16, goal 4).
+
+The upstream is the fake of ``tests/fakes/openai_upstream.py`` in its own process
+(answers at once: whatever latency is measured is the path's, not a model's). Targets,
+measured in the same run with the same load generator:
+
+* ``direct``: the fake itself, ``POST /v1/chat/completions``;
+* ``litellm``: a real LiteLLM Proxy process (``tests/bandit_router_litellm/proxy.py``:
+  offline, no database, one worker) with one deployment pointing at the fake; no
+  plug-in (LiteLLM's own overhead);
+* (to add) ``router``: our ``POST /v1/chat/completions`` once it exists: one more entry
+  in ``targets`` in :func:`main`, same requests.
+
+For each target and mode (``plain``, ``stream`` with ``include_usage``): an open loop at
+``--rate`` requests/s for ``--seconds``, latency counted from each request's scheduled
+send time (no coordinated omission); for a stream, also the time to the first content
+chunk. ``--rounds`` rounds, targets alternating (in a different order each round);
+each figure is the median over rounds, and "added" is the median over rounds of the
+round's (gateway - direct) difference.
+
+Goal (issue 16, for our endpoint): p50 <= 1 ms and p99 <= 5 ms added at 1,000 req/s.
+LiteLLM publishes p50 2 ms / p99 13 ms added at ~1,170 req/s on 4 instances x 4 CPUs.
+On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rounds).
+
+Run::
+
+    python -m benchmarks.gateway_overhead             # writes results/gateway_overhead.json
+    python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from benchmarks.common import REPO_ROOT, print_table, write_results
+
+MODEL = "fake"
+ANSWER = "The fake upstream answers in eight short words here."
+MESSAGES = [{"role": "user", "content": "How much latency does a gateway add?"}]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str  # .../v1/chat/completions
+    headers: dict[str, str]
+
+
+@contextmanager
+def fake_upstream_process() -> Iterator[str]:
+    from tests.fakes.openai_upstream import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: S603 - this interpreter, fixed arguments
+        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port),
+         "--model", f"{MODEL}={ANSWER}"], cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read().decode()[-2000:])
+            try:
+                if httpx.get(f"{base}/v1/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@contextmanager
+def litellm_proxy(upstream: str, folder: Path) -> Iterator[Target]:
+    from tests.bandit_router_litellm.proxy import MASTER_KEY, running_proxy
+
+    config = {"model_list": [{"model_name": MODEL, "litellm_params": {
+                  "model": f"openai/{MODEL}", "api_base": f"{upstream}/v1",
+                  "api_key": "sk-fake-upstream"}}],
+              "router_settings": {"num_retries": 0},
+              "general_settings": {"master_key": MASTER_KEY}}
+    with running_proxy(config, folder, {"LITELLM_LOG": "ERROR"}) as (base, _log):
+        yield Target("litellm", f"{base}/v1/chat/completions",
+                     {"Authorization": f"Bearer {MASTER_KEY}"})
+
+
+async def open_loop(target: Target, stream: bool, rate: float, seconds: float
+                    ) -> dict[str, float]:
+    """``rate`` requests/s for ``seconds``; latency (and time to first token) from each
+    request's scheduled time."""
+    n = int(rate * seconds)
+    body = {"model": MODEL, "messages": MESSAGES}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    payload = json.dumps(body).encode()
+    headers = {**target.headers, "content-type": "application/json"}
+    latencies, ttfts = np.full(n, np.nan), np.full(n, np.nan)
+    errors = 0
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+        start = time.perf_counter() + 0.2
+
+        async def one(j: int) -> None:
+            nonlocal errors
+            scheduled = start + j / rate
+            await asyncio.sleep(max(scheduled - time.perf_counter(), 0.0))
+            try:
+                async with client.stream("POST", target.url, content=payload,
+                                         headers=headers) as response:
+                    first = None
+                    async for line in response.aiter_lines():
+                        if first is None and '"content"' in line:
+                            first = time.perf_counter()
+                    if response.status_code != 200:
+                        errors += 1
+                        return
+                latencies[j] = time.perf_counter() - scheduled
+                if stream and first is not None:
+                    ttfts[j] = first - scheduled
+            except httpx.HTTPError:
+                errors += 1
+
+        await asyncio.gather(*(one(j) for j in range(n)))
+    ms = latencies[~np.isnan(latencies)] * 1e3
+    out = {"requests": n, "errors": errors,
+           "p50_ms": float(np.percentile(ms, 50)) if ms.size else float("nan"),
+           "p99_ms": float(np.percentile(ms, 99)) if ms.size else float("nan")}
+    if stream:
+        t = ttfts[~np.isnan(ttfts)] * 1e3
+        out |= {"ttft_p50_ms": float(np.percentile(t, 50)) if t.size else float("nan"),
+                "ttft_p99_ms": float(np.percentile(t, 99)) if t.size else float("nan")}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true",
+                        help="3 s phases, 1 round, no results file")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    seconds = 3.0 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
+    modes = {"plain": False, "stream": True}
+
+    runs: dict[str, list[dict[str, float]]] = {}
+    with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
+            litellm_proxy(upstream, Path(tmp)) as litellm:
+        targets = [Target("direct", f"{upstream}/v1/chat/completions", {}), litellm]
+        for target in targets:  # warm-up: connections, imports, caches
+            for stream in modes.values():
+                asyncio.run(open_loop(target, stream, args.rate, 1.0))
+        for r in range(rounds):
+            for target in (targets if r % 2 == 0 else targets[::-1]):
+                for mode, stream in modes.items():
+                    runs.setdefault(f"{target.name}/{mode}", []).append(
+                        asyncio.run(open_loop(target, stream, args.rate, seconds)))
+
+    def median(key: str, field: str) -> float:
+        return float(np.median([run[field] for run in runs[key]]))
+
+    def added(gateway: str, mode: str, field: str) -> float:
+        return float(np.median([g[field] - d[field] for g, d in zip(
+            runs[f"{gateway}/{mode}"], runs[f"direct/{mode}"], strict=True)]))
+
+    summary: dict[str, dict[str, float]] = {}
+    rows = []
+    for key in runs:
+        target, mode = key.split("/")
+        fields = ["p50_ms", "p99_ms"] + (["ttft_p50_ms", "ttft_p99_ms"] if modes[mode] else [])
+        summary[key] = {f: median(key, f) for f in fields}
+        summary[key]["errors"] = sum(run["errors"] for run in runs[key])
+        if target != "direct":
+            summary[key] |= {f"added_{f}": added(target, mode, f) for f in fields}
+        s = summary[key]
+        rows.append([key, f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}",
+                     f"{s['ttft_p50_ms']:.2f}" if "ttft_p50_ms" in s else "",
+                     f"{s['added_p50_ms']:.2f}" if "added_p50_ms" in s else "",
+                     f"{s['added_p99_ms']:.2f}" if "added_p99_ms" in s else "",
+                     f"{s['added_ttft_p50_ms']:.2f}" if "added_ttft_p50_ms" in s else "",
+                     s["errors"]])
+    print_table(f"Gateway overhead at {args.rate:.0f} req/s (loopback, fake upstream; "
+                f"medians of {rounds} round(s) of {seconds:.0f} s)",
+                ["target/mode", "p50 ms", "p99 ms", "TTFT p50", "added p50", "added p99",
+                 "added TTFT p50", "errors"], rows,
+                caption="added = gateway - direct, median over rounds of the paired "
+                        "difference. LiteLLM publishes p50 2 ms / p99 13 ms added at "
+                        "~1,170 req/s on 4 instances x 4 CPUs.")
+    if not (args.quick or args.no_write):
+        path = write_results("gateway_overhead", {
+            "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
+                         "rounds": rounds, "litellm_workers": 1},
+            "summary": summary, "rounds": runs}, packages=("litellm", "httpx", "uvicorn"))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""HTTP decide with query texts: the featurizer's compiled kernel against its numpy
+reference, next to a bare FastAPI endpoint, with two load generators.
+
+The set-up of :mod:`benchmarks.http_decide` (uvicorn, one worker per server, the same
+settings; embedded router, d=64, 16 models), but every request carries a query text:
+``--text-chars`` characters of real prompts from the development data (256 different
+ones, cycled; generated prompt-like text without the data), featurized by the service's
+hashing featurizer, the default way users call us. Three servers, in the same run:
+
+* ``bare``: a FastAPI endpoint returning a constant body;
+* ``router``: the router as it is (the featurizer's compiled kernel);
+* ``router_reference``: the same router whose featurizer runs the numpy reference
+  (``HashingFeaturizer._reference_transform``, the implementation before the kernel,
+  same vectors), patched in for this benchmark only: the "before".
+
+1. Maximum throughput, ``--rounds`` rounds, the servers taking turns in a different
+   order each round, each reported by its median round: with the asyncio load generator
+   of :mod:`benchmarks.http_decide` (closed loop, ``--connections``), and with ``wrk``
+   (the external load generator, Debian package ``wrk``; one thread, the same number of
+   connections, a Lua script cycling through 32 of the request bodies) when installed.
+2. Latency of ``router`` at half of its median maximum throughput (open loop).
+
+``--profile FILE`` instead samples the ``router`` server with py-spy (``pip install
+py-spy``) under the closed-loop load for ``--seconds``, writes the raw stacks to FILE and
+prints where the event-loop thread spends its time (inclusive share per frame): what is
+left per request once the text is cheap.
+
+Goals (issue 19): router >= 60% of the bare endpoint's throughput with a 500-character
+text; p99 <= 5 ms at half load; no errors.
+
+Run::
+
+    python -m benchmarks.http_decide_text          # writes results/http_decide_text.json
+    python -m benchmarks.http_decide_text --quick  # short smoke run, writes nothing
+    python -m benchmarks.http_decide_text --profile /tmp/router.txt --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import data_root, print_table, write_results
+from benchmarks.http_decide import (
+    ADMIN_KEY,
+    BARE_APP,
+    DIM,
+    N_MODELS,
+    ROUTER_APP,
+    UVICORN_ARGS,
+    _median_run,
+    closed_loop,
+    free_port,
+    open_loop,
+    setup_router,
+    start_server,
+)
+
+NAMES = ("bare", "router", "router_reference")
+
+# The featurizer as it was before its compiled kernel: the numpy reference.
+ROUTER_REFERENCE_APP = textwrap.dedent('''
+    from bandit.featurize import HashingFeaturizer
+
+    def _reference_vector(self, text, out):
+        out[:] = self._reference_transform([text])[0]
+        return out
+
+    HashingFeaturizer._vector = _reference_vector
+''') + ROUTER_APP
+
+# wrk's request() callback cycles through pre-formatted requests.
+WRK_SCRIPT = """
+local bodies = {bodies}
+local requests = {{}}
+for i, body in ipairs(bodies) do
+  requests[i] = wrk.format("POST", "/v1/decide", {{["Content-Type"] = "application/json",
+    ["Authorization"] = "{auth}"}}, body)
+end
+local n = 0
+request = function()
+  n = n % #requests + 1
+  return requests[n]
+end
+"""
+
+
+def query_texts(chars: int, n: int) -> list[str]:
+    """``n`` different texts of ``chars`` characters: pieces of the development data's
+    prompts (joined), or of generated prompt-like text without the data."""
+    path = data_root() / "llmrouter" / "test.jsonl"
+    if path.is_file():
+        with path.open(encoding="utf-8") as fh:
+            corpus = "\n\n".join(json.loads(line)["question"] for line in fh)
+    else:
+        words = ("how do i reverse a list in python summarize the attached report "
+                 "translate this paragraph into german write a sql query").split()
+        corpus = " ".join(np.random.default_rng(0).choice(words, size=50 * chars))
+    starts = np.linspace(0, len(corpus) - chars - 1, n).astype(int)
+    return [corpus[s:s + chars] for s in starts]
+
+
+def raw_request(body: str, key: str | None) -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    data = body.encode()
+    return (f"POST /v1/decide HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+            ).encode() + data
+
+
+def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict[str, float]:
+    """One closed-loop run of ``wrk`` (one thread): req/s, p50, p99, errors."""
+    done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
+                           "-s", str(script), f"http://127.0.0.1:{port}/v1/decide"],
+                          capture_output=True, text=True, timeout=seconds + 60, check=True)
+    out = {"errors": 0.0}
+    for line in done.stdout.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            out["throughput_rps"] = float(words[1])
+        elif words[:1] in (["50%"], ["99%"]):
+            out[f"p{words[0][:2]}_ms"] = _ms(words[1])
+        elif line.strip().startswith("Non-2xx or 3xx responses:"):
+            out["errors"] += float(words[-1])
+        elif line.strip().startswith("Socket errors:"):
+            out["errors"] += sum(float(w.rstrip(",")) for w in words[3::2])
+    return out
+
+
+def _ms(value: str) -> float:
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1e3)):
+        if value.endswith(unit):
+            return float(value[:-len(unit)]) * scale
+    raise ValueError(value)
+
+
+def profile(port: int, pid: int, requests: list[bytes], connections: int, seconds: float,
+            out: Path) -> None:
+    """py-spy the server ``pid`` under closed-loop load; print its main thread's frames
+    by inclusive share of the samples (idle excluded)."""
+    # py-spy is a binary that pip puts next to the interpreter.
+    exe = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    if exe is None:
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    spy = subprocess.Popen([exe, "record", "--pid", str(pid),
+                            "--duration", f"{seconds:g}", "--rate", "250", "--format", "raw",
+                            "--output", str(out), "--nonblocking", "--threads"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    load = asyncio.run(closed_loop(port, requests, connections, seconds + 1.0))
+    if spy.wait(60) != 0:
+        raise RuntimeError(spy.stderr.read().decode()[-2000:])
+    threads: collections.Counter[str] = collections.Counter()
+    frames: collections.Counter[tuple[str, str]] = collections.Counter()
+    with out.open(encoding="utf-8") as fh:
+        for line in fh:
+            stack, count = line.rsplit(" ", 1)
+            thread, *calls = stack.split(";")
+            threads[thread] += int(count)
+            # "function (file.py:line)" -> "function (file.py)", counted once per stack.
+            for call in {re.sub(r":\d+\)$", ")", c) for c in calls}:
+                frames[(thread, call)] += int(count)
+    main_thread, total = next((t, n) for t, n in threads.most_common() if "MainThread" in t)
+    rows = [[call, f"{100 * n / total:.1f}"] for (t, call), n in frames.most_common()
+            if t == main_thread and n >= 0.02 * total and "(asyncio/" not in call
+            and "(click/" not in call and "runpy>" not in call and "uvicorn/main" not in call]
+    print_table(f"router under load ({load['throughput_rps']:.0f} req/s while sampled): "
+                f"event-loop thread, share of its {total} samples", ["frame", "%"], rows,
+                caption="other threads' samples: " + ", ".join(
+                    f"{t.split(': ')[-1]} {n}" for t, n in threads.most_common()
+                    if t != main_thread) + f"; stacks in {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--text-chars", type=int, default=500)
+    parser.add_argument("--quick", action="store_true",
+                        help="2 s phases, 1 round, no results file")
+    parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
+                        help="only py-spy the router under load (see the module doc)")
+    args = parser.parse_args(argv)
+    seconds, rounds = (2.0, 1) if args.quick else (args.seconds, args.rounds)
+    generators = ["asyncio"] + (["wrk"] if shutil.which("wrk") else [])
+    if "wrk" not in generators:
+        print("wrk not installed (apt-get install wrk): asyncio load generator only")
+
+    runs: dict[str, list[dict[str, float]]] = {
+        f"{name}_{gen}": [] for gen in generators for name in NAMES}
+    runs["router_half_load"] = []
+    texts = query_texts(args.text_chars, 256)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpdir = Path(tmp)
+        for name, source in zip(NAMES, (BARE_APP, ROUTER_APP, ROUTER_REFERENCE_APP),
+                                strict=True):
+            (tmpdir / f"{name}_app.py").write_text(source)
+        servers = {}
+        try:
+            for name in NAMES:
+                env = {} if name == "bare" else {
+                    "BANDIT_ROUTER_DATA_DIR": str(tmpdir / f"data_{name}"),
+                    "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
+                    "BANDIT_ROUTER_DATABASE_URL": ""}
+                port = free_port()
+                servers[name] = (start_server(tmpdir, f"{name}_app", port, env), port)
+            keys = {name: None if name == "bare" else setup_router(servers[name][1])
+                    for name in NAMES}
+            bodies = [json.dumps({"query": {"text": t}}) for t in texts]
+            reqs = {name: [raw_request(b, keys[name]) for b in bodies] for name in NAMES}
+            scripts = {}
+            for name in NAMES:
+                scripts[name] = tmpdir / f"{name}.lua"
+                scripts[name].write_text(WRK_SCRIPT.format(
+                    bodies="{" + ", ".join(json.dumps(b) for b in bodies[:32]) + "}",
+                    auth=f"Bearer {keys[name]}" if keys[name] else ""))
+            for name in NAMES:  # warm-up
+                asyncio.run(closed_loop(servers[name][1], reqs[name], 4, 1.0))
+            if args.profile is not None:
+                proc, port = servers["router"]
+                profile(port, proc.pid, reqs["router"], args.connections, seconds,
+                        args.profile)
+                return
+            for r in range(rounds):
+                for name in NAMES[r % 3:] + NAMES[:r % 3]:
+                    port = servers[name][1]
+                    runs[f"{name}_asyncio"].append(asyncio.run(closed_loop(
+                        port, reqs[name], args.connections, seconds)))
+                    if "wrk" in generators:
+                        runs[f"{name}_wrk"].append(wrk_round(
+                            port, scripts[name], args.connections, seconds))
+            half = _median_run(runs["router_asyncio"], "throughput_rps")["throughput_rps"] / 2
+            for _ in range(rounds):
+                runs["router_half_load"].append(asyncio.run(open_loop(
+                    servers["router"][1], reqs["router"], half, seconds, args.connections)))
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+
+    medians = {phase: _median_run(phase_runs, "p99_ms" if phase == "router_half_load"
+                                  else "throughput_rps")
+               for phase, phase_runs in runs.items()}
+    ratios, per_round, rows = {}, {}, []
+    for gen in generators:
+        bare = runs[f"bare_{gen}"]
+        for name in NAMES:
+            phase = f"{name}_{gen}"
+            run = medians[phase]
+            if name != "bare":
+                ratios[phase] = run["throughput_rps"] / medians[f"bare_{gen}"]["throughput_rps"]
+                per_round[phase] = [o["throughput_rps"] / b["throughput_rps"]
+                                    for o, b in zip(runs[phase], bare, strict=True)]
+            rows.append([f"{name} ({gen})", f"{run['throughput_rps']:.0f}",
+                         f"{ratios[phase]:.2f}" if phase in ratios else "",
+                         f"{run['p50_ms']:.2f}", f"{run['p99_ms']:.2f}",
+                         f"{run['errors']:.0f}"])
+    half_load = medians["router_half_load"]
+    rows.append([f"router at {half_load['rate_rps']:.0f} req/s (half)", "", "",
+                 f"{half_load['p50_ms']:.2f}", f"{half_load['p99_ms']:.2f}",
+                 f"{half_load['errors']:.0f}"])
+    errors = sum(run["errors"] for phase in runs.values() for run in phase)
+    goals = {"throughput_ratio_ge_0.6": ratios["router_asyncio"] >= 0.6,
+             "p99_at_half_load_le_5ms": half_load["p99_ms"] <= 5.0, "no_errors": errors == 0}
+    print_table(f"HTTP decide with {args.text_chars}-character query texts (uvicorn, "
+                f"loopback, d={DIM}, {N_MODELS} models; medians of {rounds} round(s))",
+                ["server (load generator)", "req/s", "/ bare", "p50 ms", "p99 ms", "errors"],
+                rows, caption="ratio to bare per round: " + "; ".join(
+                    f"{phase} " + ", ".join(f"{x:.2f}" for x in values)
+                    for phase, values in per_round.items())
+                + f"; errors (all rounds): {errors:.0f}; goals: {goals}")
+    if not args.quick:
+        path = write_results("http_decide_text", {
+            "settings": {"dim": DIM, "models": N_MODELS, "connections": args.connections,
+                         "seconds_per_phase": seconds, "rounds": rounds,
+                         "text_chars": args.text_chars, "generators": generators,
+                         "uvicorn": " ".join(UVICORN_ARGS)},
+            **medians, "ratio_to_bare": ratios, "ratio_to_bare_per_round": per_round,
+            "rounds": runs, "goals": goals,
+        }, packages=("fastapi", "uvicorn", "uvloop", "httptools", "starlette", "pydantic",
+                     "numpy", "numba", "orjson"))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""How fast a model added mid-stream wins the traffic it is best for.
+
+Construction (synthetic, on the real LLMRouter rows; stated plainly because the data has
+no model that appears mid-stream): the 9 models are replayed in a shuffled order
+(bandit feedback, price estimates as in ``compare_routers``). At row ``--add-at``
+(default 3,000) a tenth model, ``specialist``, is registered. On one task cluster
+(``--cluster``, default 1 of the train split's ``cluster_id``) it scores, per query, the
+better of the two strongest models (llama-3.1-nemotron-51b and
+llama-3.3-nemotron-super-49b): a fine-tune that is at least as good as the best model on
+its task and never worse. On every other query it scores what the weakest model
+(llama3-chatqa-1.5-8b) scores: useless outside its task. It is priced like the small
+models ($0.2 / $0.2 per Mtok), so it is the best choice on its cluster at every cost
+weight, and one of the worst elsewhere.
+
+Reported per cost weight and order seed: the specialist's share of its cluster's
+queries in windows of that cluster's queries after it was added (0-100, 100-200,
+200-300, 300-600), its share of the other clusters' queries, and the routing value
+(:func:`bandit.replay.routing_value`) of the whole run against the 10-model oracle.
+The goal (issue 13): >= 50% of the cluster's traffic within 300 of its queries, i.e. in
+the 200-300 window.
+
+    python -m benchmarks.new_model [--seeds 3] [--cost-weights 0,300]
+
+Writes ``benchmarks/results/new_model.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from bandit import LinUCB, Preferences
+from bandit.base import ArmPrior
+from bandit.replay import routing_value
+from benchmarks.common import data_root, print_table, write_results
+from benchmarks.compare_routers import load_llmrouter
+
+STRONG = ("llama-3.1-nemotron-51b-instruct", "llama-3.3-nemotron-super-49b-v1")
+WEAK = "llama3-chatqa-1.5-8b"
+SMALL_PRICE_OF = "llama-3.1-8b-instruct"  # $0.2 / $0.2 per Mtok
+WINDOWS = ((0, 100), (100, 200), (200, 300), (300, 600))
+
+
+def clusters(root) -> np.ndarray:
+    """The train split's cluster_id per row of the llmrouter replay (-1 for test rows)."""
+    out = []
+    for split in ("train", "test"):
+        with (root / "llmrouter" / f"{split}.jsonl").open(encoding="utf-8") as fh:
+            out += [-1 if json.loads(line).get("cluster_id") is None
+                    else int(json.loads(line)["cluster_id"]) for line in fh if line.strip()]
+    return np.array(out)
+
+
+def run(quality: np.ndarray, cost: np.ndarray, x: np.ndarray, arms: list[str], add_at: int,
+        weight: float, seed: int) -> np.ndarray:
+    """One pass; the last arm exists from row ``add_at`` on. Returns the choices."""
+    policy = LinUCB(x.shape[1], seed=seed)
+    k = len(arms)
+    for j in range(k - 1):
+        policy.add_arm(arms[j], ArmPrior(cost_usd=float(cost[:, j].mean())))
+    prefs = Preferences(quality=1.0, cost=weight)
+    choices = np.empty(len(quality), dtype=np.intp)
+    live = k - 1
+    for t in range(len(quality)):
+        if t == add_at:
+            policy.add_arm(arms[-1], ArmPrior(cost_usd=float(cost[:, -1].mean())))
+            live = k
+        batch = policy.decide_batch(x[t], prefs, arms[:live], cost_estimate=cost[t, :live],
+                                    propensities=False)
+        j = int(batch.choices[0])
+        choices[t] = j
+        policy.update(arms[j], x[t], {"quality": float(quality[t, j]),
+                                      "cost_usd": float(cost[t, j])},
+                      now=float(t), cost_estimate=float(cost[t, j]))
+    return choices
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.new_model",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--cost-weights", default="0,300")
+    parser.add_argument("--add-at", type=int, default=3000)
+    parser.add_argument("--cluster", type=int, default=1)
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    root = data_root()
+    ds = load_llmrouter(root / "llmrouter", minilm=False)
+    cl = clusters(root)
+    idx = {a: j for j, a in enumerate(ds.arms)}
+    target = cl == args.cluster
+    spec_q = np.where(target, ds.quality[:, [idx[s] for s in STRONG]].max(axis=1),
+                      ds.quality[:, idx[WEAK]])
+    quality = np.column_stack([ds.quality, spec_q])
+    cost = np.column_stack([ds.cost, ds.cost[:, idx[SMALL_PRICE_OF]]])
+    arms = [*ds.arms, "specialist"]
+    x = ds.features["hashing"]
+    rows, results = [], []
+    started = time.perf_counter()
+    for w in [float(v) for v in args.cost_weights.split(",")]:
+        for seed in range(args.seeds):
+            perm = np.random.default_rng(seed).permutation(ds.n)
+            ch = run(quality[perm], cost[perm], x[perm], arms, args.add_at, w, seed)
+            after = np.arange(ds.n) >= args.add_at
+            mine = ch[after & target[perm]] == len(arms) - 1
+            shares = {f"{a}-{b}": round(float(mine[a:b].mean()), 3) if len(mine) > a
+                      else None for a, b in WINDOWS}
+            others = float((ch[after & ~target[perm]] == len(arms) - 1).mean())
+            r = (quality - w * cost)[perm]
+            value = routing_value(r[args.add_at:], ch[args.add_at:])["value"]
+            results.append({"cost_weight": w, "seed": seed, "cluster_share": shares,
+                            "other_share": round(others, 4),
+                            "cluster_queries_after_add": int(len(mine)),
+                            "value_after_add": value})
+            rows.append([f"{w:g}", str(seed), *(f"{v:.0%}" if v is not None else "-"
+                                                for v in shares.values()),
+                         f"{others:.1%}", f"{value:+.3f}"])
+            print(f"w={w:g} seed={seed}: {shares} other {others:.1%} value {value:+.3f}",
+                  file=sys.stderr, flush=True)
+    print_table(f"specialist added at row {args.add_at}: its share of cluster "
+                f"{args.cluster}'s queries after it was added",
+                ["w", "seed", *(f"{a}-{b}" for a, b in WINDOWS), "other clusters",
+                 "value after add"], rows)
+    met = [r["cluster_share"]["200-300"] is not None and r["cluster_share"]["200-300"] >= 0.5
+           for r in results]
+    payload = {"settings": {"add_at": args.add_at, "cluster": args.cluster,
+                            "seeds": args.seeds, "policy": "LinUCB defaults",
+                            "construction": __doc__.split("\n\n")[1].replace("\n", " "),
+                            "elapsed_s": round(time.perf_counter() - started, 1)},
+               "goal_met_runs": f"{sum(met)} of {len(met)}", "results": results}
+    from pathlib import Path
+
+    write_results("new_model", payload,
+                  results_dir=None if args.out_dir is None else Path(args.out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

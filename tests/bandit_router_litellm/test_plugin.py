@@ -1,0 +1,200 @@
+"""BanditRouter in-process against the real service on a loopback socket: the decision
+half (LiteLLM's RoutingContext in, narrowed candidates out), the feedback half (LiteLLM's
+callback kwargs in, feedback in the service out), failing open, and the settings.
+
+The LiteLLM process itself is exercised in test_proxy.py; these cover the branches a
+proxy run does not reach (an unreachable router, an unregistered deployment, a repeat).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+
+pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
+                                      "(pip install -e '.[litellm]')")
+
+from litellm.types.router import RoutingContext  # noqa: E402
+
+from bandit_router_litellm import BanditRouter, PluginSettings  # noqa: E402
+from bandit_router_litellm.plugin import SIGNAL  # noqa: E402
+from bandit_router_litellm.settings import ENV_API_KEY, ENV_URL  # noqa: E402
+from service.client import RouterClient  # noqa: E402
+from tests.fakes.openai_upstream import refused_base_url  # noqa: E402
+from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
+from tests.service.live import live_server  # noqa: E402
+
+GROUP = "bandit-router/auto"
+MESSAGES = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is two plus two?"}]
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    url = f"sqlite:///{tmp_path_factory.mktemp('plugin') / 'router.db'}"
+    with live_server(make_settings(url, featurizer="hashing")) as base:
+        with RouterClient(base, ADMIN_KEY) as admin:
+            key = admin.create_tenant(f"p-{uuid.uuid4().hex[:6]}").api_key
+            models = [admin.add_model(f"openai/m{i}-{uuid.uuid4().hex[:4]}", 1.0, 2.0).name
+                      for i in range(2)]
+        yield base, key, models
+
+
+@pytest.fixture
+def tenant(router):
+    with RouterClient(router[0], router[1]) as c:
+        yield c
+
+
+def _plugin(base: str, key: str) -> BanditRouter:
+    return BanditRouter(PluginSettings(url=base, api_key=key, timeout_s=20.0))
+
+
+def _context(candidates, group=GROUP, messages=MESSAGES) -> RoutingContext:
+    return RoutingContext(raw_messages=messages, structured_messages=messages,
+                          candidate_models=list(candidates),
+                          metadata={"model_group": group})
+
+
+def _run(plugin: BanditRouter, context: RoutingContext) -> RoutingContext:
+    async def go() -> RoutingContext:
+        try:
+            return await plugin.run(context)
+        finally:
+            await plugin.aclose()
+    return asyncio.run(go())
+
+
+def _callback(plugin: BanditRouter, method: str, kwargs: dict, seconds: float) -> None:
+    start = datetime(2026, 1, 1, 12, 0, 0)
+
+    async def go() -> None:
+        try:
+            await getattr(plugin, method)(kwargs, None, start, start + timedelta(seconds=seconds))
+        finally:
+            await plugin.aclose()
+    asyncio.run(go())
+
+
+def test_run_narrows_candidates_to_the_decision(router, tenant):
+    base, key, models = router
+    context = _run(_plugin(base, key), _context(models))
+    [chosen] = context.candidate_models
+    signal = context.signals[SIGNAL]
+    assert signal["model"] == chosen and chosen in models
+    assert 0.0 < signal["propensity"] <= 1.0
+    assert tenant.decision(signal["decision_id"])["model"] == chosen
+
+
+def test_run_leaves_other_groups_alone(router):
+    base, key, models = router
+    # A refused URL: had the plug-in called the router for this group, it would warn.
+    context = _run(_plugin(refused_base_url(), key), _context(models, group="other"))
+    assert context.candidate_models == models and SIGNAL not in context.signals
+
+
+@pytest.mark.parametrize("messages", [[{"role": "system", "content": "only a system"}],
+                                      [{"role": "user", "content": "   "}]])
+def test_run_without_user_text_leaves_choice_to_litellm(router, messages):
+    base, key, models = router
+    context = _run(_plugin(base, key), _context(models, messages=messages))
+    assert context.candidate_models == models and SIGNAL not in context.signals
+
+
+def test_run_fails_open_when_router_unreachable(router, caplog):
+    _, key, models = router
+    with caplog.at_level(logging.WARNING, logger="bandit_router_litellm"):
+        context = _run(_plugin(refused_base_url(), key), _context(models))
+    assert context.candidate_models == models and SIGNAL not in context.signals
+    assert "no decision for bandit-router/auto" in caplog.text
+    assert key not in caplog.text
+
+
+def test_run_fails_open_on_unregistered_deployment(router, caplog):
+    base, key, models = router
+    candidates = [*models, "openai/not-registered"]
+    with caplog.at_level(logging.WARNING, logger="bandit_router_litellm"):
+        context = _run(_plugin(base, key), _context(candidates))
+    assert context.candidate_models == candidates and SIGNAL not in context.signals
+    assert "openai/not-registered" in caplog.text  # the router's detail names it
+    assert key not in caplog.text
+
+
+def _kwargs(decision: dict, model: str, call_id: str, cost: float | None = 0.0125) -> dict:
+    return {"litellm_call_id": call_id, "response_cost": cost, "model": model,
+            "litellm_params": {"model": model, "metadata": {
+                "routing_plugin_signals": {SIGNAL: decision}}}}
+
+
+def test_success_callback_posts_cost_latency_quality_once(router, tenant):
+    base, key, models = router
+    plugin = _plugin(base, key)
+    decision = _run(plugin, _context(models)).signals[SIGNAL]
+    kwargs = _kwargs(decision, decision["model"].removeprefix("openai/"), "call-1")
+    _callback(plugin, "async_log_success_event", kwargs, 0.25)
+    _callback(plugin, "async_log_success_event", kwargs, 0.25)  # LiteLLM repeating itself
+    [fb] = tenant.decision(decision["decision_id"])["feedback"]
+    assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (1.0, 0.0125, 250.0)
+    assert fb["event_id"] == "litellm-call-1"
+
+
+def test_failure_callback_posts_failure_quality(router, tenant):
+    base, key, models = router
+    plugin = _plugin(base, key)
+    decision = _run(plugin, _context(models)).signals[SIGNAL]
+    _callback(plugin, "async_log_failure_event",
+              _kwargs(decision, decision["model"], "call-2", cost=None), 1.5)
+    [fb] = tenant.decision(decision["decision_id"])["feedback"]
+    assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (0.0, None, 1500.0)
+
+
+def test_callback_for_a_fallback_model_posts_nothing(router, tenant):
+    base, key, models = router
+    plugin = _plugin(base, key)
+    decision = _run(plugin, _context(models)).signals[SIGNAL]
+    _callback(plugin, "async_log_success_event",
+              _kwargs(decision, "some-other-model", "call-3"), 0.1)
+    assert tenant.decision(decision["decision_id"])["feedback"] == []
+
+
+def test_callback_without_decision_posts_nothing(router):
+    # A refused URL: a post would log a warning; there is nothing to post.
+    plugin = _plugin(refused_base_url(), router[1])
+    _callback(plugin, "async_log_success_event", {"litellm_params": {"metadata": {}}}, 0.1)
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({}, f"{ENV_URL}, {ENV_API_KEY}: not set"),
+    ({ENV_URL: "router:8000", ENV_API_KEY: "k"}, f"{ENV_URL}: must be an http(s) URL"),
+    ({ENV_URL: "http://r", ENV_API_KEY: "k", "BANDIT_ROUTER_LITELLM_GROUPS": ""},
+     "BANDIT_ROUTER_LITELLM_GROUPS: must name at least one"),
+    ({ENV_URL: "http://r", ENV_API_KEY: "k", "BANDIT_ROUTER_LITELLM_SUCCESS_QUALITY": "2"},
+     "BANDIT_ROUTER_LITELLM_SUCCESS_QUALITY: must be a quality in [0, 1]"),
+    ({ENV_URL: "http://r", ENV_API_KEY: "k", "BANDIT_ROUTER_LITELLM_FAILURE_QUALITY": "x"},
+     "BANDIT_ROUTER_LITELLM_FAILURE_QUALITY: must be a quality in [0, 1] (got 'x')"),
+])
+def test_settings_from_env_rejects_bad_values_naming_the_variable(env, message):
+    with pytest.raises(ValueError) as caught:
+        PluginSettings.from_env(env)
+    assert message in str(caught.value)
+
+
+def test_settings_success_quality_none_and_key_hidden():
+    s = PluginSettings.from_env({ENV_URL: "http://r/", ENV_API_KEY: "brt_secret",
+                                 "BANDIT_ROUTER_LITELLM_SUCCESS_QUALITY": "none",
+                                 "BANDIT_ROUTER_LITELLM_GROUPS": "a, b"})
+    assert (s.url, s.groups, s.success_quality) == ("http://r", ("a", "b"), None)
+    assert "brt_secret" not in repr(s)
+
+
+def test_run_with_unset_environment_raises_naming_the_variables(router, monkeypatch):
+    """A misconfigured plug-in is loud (LiteLLM ends the routed request with the error)
+    rather than silently leaving every request to LiteLLM."""
+    for name in (ENV_URL, ENV_API_KEY):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=f"{ENV_URL}, {ENV_API_KEY}: not set"):
+        _run(BanditRouter(), _context(router[2]))
