@@ -36,29 +36,28 @@ def test_decide_embedding_prices_with_prior_input_tokens(client):
         _price(2.0, 4.0, 500, 300), rel=1e-9)
 
 
-def test_feedback_tokens_priced_from_registry_and_stored(client):
-    headers = create_tenant(client, "pricing-feedback")
+def _feedback_then_stored(client, tenant: str, **feedback: object) -> dict:
+    """Decide on a $3 / $15 model, send ``feedback``, return the stored decision."""
+    headers = create_tenant(client, tenant)
     model = add_model(client, input_price=3.0, output_price=15.0)
     decision = decide(client, headers, candidates=[model]).json()
     r = client.post("/v1/feedback", json={"decision_id": decision["decision_id"],
-                                          "quality": 1.0, "input_tokens": 1000,
-                                          "output_tokens": 2000}, headers=headers)
+                                          **feedback}, headers=headers)
     assert r.status_code == 202, r.text
-    stored = client.get(f"/v1/decisions/{decision['decision_id']}", headers=headers).json()
+    return client.get(f"/v1/decisions/{decision['decision_id']}", headers=headers).json()
+
+
+def test_feedback_tokens_priced_from_registry_and_stored(client):
+    stored = _feedback_then_stored(client, "pricing-feedback", quality=1.0,
+                                   input_tokens=1000, output_tokens=2000)
     assert stored["feedback"][0]["cost_usd"] == pytest.approx(_price(3.0, 15.0, 1000, 2000),
                                                               rel=1e-9)
     assert stored["charged_usd"] == pytest.approx(_price(3.0, 15.0, 1000, 2000), rel=1e-9)
 
 
 def test_feedback_cost_usd_wins_over_tokens(client):
-    headers = create_tenant(client, "pricing-both")
-    model = add_model(client, input_price=3.0, output_price=15.0)
-    decision = decide(client, headers, candidates=[model]).json()
-    r = client.post("/v1/feedback", json={"decision_id": decision["decision_id"],
-                                          "cost_usd": 0.5, "input_tokens": 1,
-                                          "output_tokens": 1}, headers=headers)
-    assert r.status_code == 202, r.text
-    stored = client.get(f"/v1/decisions/{decision['decision_id']}", headers=headers).json()
+    stored = _feedback_then_stored(client, "pricing-both", cost_usd=0.5, input_tokens=1,
+                                   output_tokens=1)
     assert stored["feedback"][0]["cost_usd"] == 0.5
 
 
