@@ -172,6 +172,9 @@ class Prediction:
     utility: float
     uncertainty: float
     score: float | None
+    # The request's cost from the registry's prices before the call (None: an older
+    # service that did not send it).
+    price_usd: float | None = None
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,8 @@ def test_decide_shortcut_innermost_documented_and_errors_are_problems(new_databa
         assert ok.headers["x-request-id"]  # the request-id middleware still wraps it
         assert int(ok.headers["content-length"]) == len(ok.content)
         assert set(ok.json()["predictions"][model]) == {
-            "quality", "cost_usd", "latency_ms", "utility", "uncertainty", "score"}
+            "quality", "cost_usd", "latency_ms", "utility", "uncertainty", "score",
+            "price_usd"}
         assert "/v1/decide" in client.get("/openapi.json").json()["paths"]
         # Not POST: FastAPI's routing answers (405 as a problem).
         assert_problem(client.get("/v1/decide", headers=tenant), 405)
