@@ -310,7 +310,7 @@ def preferences_set(
             "exploration never lets the cumulative reward fall further below it than "
             "--max-exploration-loss.")] = None,
         no_baseline_model: Annotated[bool, typer.Option(
-            help="Turn guarded exploration off.")] = False,
+            "--no-baseline-model", help="Turn guarded exploration off.")] = False,
         max_exploration_loss: Annotated[float | None, typer.Option(
             help="Fraction of the baseline's cumulative reward exploration may cost, "
             "0..1 (default 0.02).")] = None,
