@@ -334,16 +334,23 @@ class ArmStatistics:
         k, _, d = self.theta.shape
         if k == 0:
             return np.zeros((0, d))
-        inv = np.where(self.group[:, 0, None, None], self.s_inv, self.a_inv[:, 0])
-        lam = self.lam[:, 0, None] * self.ridge_diag[None, :]  # (K, D) diagonal of Lambda
-        m = np.zeros((k, d))
-        m[:, -1] = self.mu0[:, 0]
-        # sum_k Lambda_k - Lambda_k A_k^-1 Lambda_k, Lambda diagonal: an elementwise scale
-        m0 = np.diag(shared_ridge + lam.sum(axis=0)) - np.einsum(
-            "ki,kij,kj->ij", lam, inv, lam)
-        r0 = (lam * (self.theta[:, 0] - m)).sum(axis=0)
-        beta = np.linalg.solve(m0, r0)
-        return np.einsum("kij,kj->ki", inv, lam * beta)
+        in_group = self.group[:, 0]
+        if in_group.all():  # the usual case: no copy of the inverses
+            inv = self.s_inv
+        elif not in_group.any():
+            inv = self.a_inv[:, 0]
+        else:
+            inv = np.where(in_group[:, None, None], self.s_inv, self.a_inv[:, 0])
+        # Lambda_k = lam_k R with R = diag(ridge_diag) shared by every arm, so
+        # sum_k Lambda_k A_k^-1 Lambda_k = R (sum_k lam_k^2 A_k^-1) R: one weighted sum
+        # over the arms (O(K D^2)), then one D x D solve; no per-arm inverse.
+        lam0, rd = self.lam[:, 0], self.ridge_diag
+        dev = self.theta[:, 0].copy()
+        dev[:, -1] -= self.mu0[:, 0]  # theta_k - m_k (the prior mean sits on the bias)
+        m0 = np.diag(shared_ridge + lam0.sum() * rd) - np.tensordot(
+            lam0 * lam0, inv, axes=1) * np.outer(rd, rd)
+        beta = np.linalg.solve(m0, rd * (lam0 @ dev))
+        return lam0[:, None] * (inv @ (rd * beta))
 
     def matrices_of(self, k: int, name: str) -> np.ndarray:
         """One arm's (H,D,D) ``a_data`` or ``a_inv`` with every head's own matrix."""

@@ -85,13 +85,16 @@ PROTO_INCLUDE_BASE = False
 PACKAGES = ("numpy", "river", "mabwiser", "vowpalwabbit", "matplotlib")
 # USD per million tokens (data/README.md): (input, output).
 MMLU_PRICES = {"gpt4": (10.0, 30.0), "mixtral": (0.6, 0.6)}
-ONLINE = ("ours-linucb", "ours-linucb-v1", "ours-thompson", "river-linucb",
+ONLINE = ("ours-linucb", "ours-linucb-shared", "ours-linucb-v1", "ours-thompson",
+          "river-linucb",
           "mabwiser-linucb", "vw-cb-adf", "eps-greedy")
 OURS = ("ours-linucb", "ours-thompson")
 PEERS = ("river-linucb", "mabwiser-linucb", "vw-cb-adf")
 #: The policy settings before issue 13 (the ``ours-linucb-v1`` router).
 OLD_DEFAULTS = {"alpha": 0.3, "bounded_optimism": False, "context_ridge": 1.0,
                 "shared_ridge": None}
+#: The opt-in shared configuration (``ours-linucb-shared``): best in the issue-13 sweep.
+SHARED = {"shared_ridge": 1.0, "alpha": 0.0}
 #: Share of the stream, at its end, of the "last 20%" value window.
 TAIL = 0.2
 
@@ -378,6 +381,9 @@ def make_router(name: str, inputs: Inputs, ds: Dataset, seed: int) -> Router:
         return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate)
     if name == "ours-thompson":
         return Ours(LinearThompson, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate)
+    if name == "ours-linucb-shared":
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate,
+                    **SHARED)
     if name == "ours-linucb-v1":
         # The defaults before issue 13: no price estimate, unbounded optimism, every
         # arm alone, context coefficients as free as the intercept.

@@ -5,23 +5,31 @@ come from ``BANDIT_TEST_DATABASE_URL`` / ``BANDIT_TEST_KAFKA_BOOTSTRAP`` or the 
 
 1. Throughput. ``--events`` feedback events for stored decisions (d=64, 16 models,
    4 tenants) are produced ahead of time to a topic with ``--partitions`` partitions.
-   Then 1 (and, on a second topic, 2) learner processes (``python -m streams.learner``)
-   consume them. The clock starts once every learner of the run holds its partitions
-   (parsed from their logs: no rebalance inside the measured window) and stops when
-   every partition's stored offset reached the end; events/s = events applied in that
-   window (from the stored offsets) / its length.
+   First a bare kafka-python consumer (the learner's poll settings, ``json.loads`` of
+   each value, nothing else) reads them, timed from its assignment to the end: the
+   baseline. Then 1 (and, on a second topic, 2) learner processes
+   (``python -m streams.learner``) consume the same records. The clock starts once
+   every learner of the run holds its partitions (parsed from their logs: no rebalance
+   inside the measured window) and stops when every partition's stored offset reached
+   the end; events/s = events applied in that window (from the stored offsets) / its
+   length. ``--rounds`` rounds of (1 learner, 2 learners); reported: medians, the
+   1-learner rate over its own run's bare consumer, and the 2-learner rate over the
+   1-learner rate of its round (the machine's load, which swings absolute rates,
+   cancels in the ratios).
 2. Visibility. One learner, caught up; probes are produced at ``--rate`` events/s for
    ``--seconds``; a :class:`service.distributed.StatisticsFollower` (what every API
    replica runs) rebuilds the decision snapshot (priors + recast + merge, both policy
    kinds) on each NOTIFY. A probe is visible when the snapshot includes its partition
    offset; latency = visible time - send time. p50 / p99 reported.
 
-Goals: >= 20,000 events/s per learner, visibility p99 < 2 s.
+Goals (issue 17): one learner >= 0.5 of the bare consumer's rate, two learners >= 1.7x
+one; visibility p99 < 2 s.
 
 Run::
 
     bash ops/postgres.sh start && bash ops/kafka.sh start
     python -m benchmarks.learner_throughput            # writes the JSON result
+    python -m benchmarks.learner_throughput --events 100000 --rounds 3 --throughput-only
     python -m benchmarks.learner_throughput --quick    # small smoke run, writes nothing
     # the cost of one of the learner's writes, one learner alternating without / with it:
     python -m benchmarks.learner_throughput --feedback-rows-ratio 4 --events 100000

@@ -182,7 +182,8 @@ class Settings(BaseSettings):
     feedback_retention_hours: float = Field(_STREAMS.retention_hours, gt=0.0)
     # A decide reserves its predicted cost against the tenant's budget until feedback
     # reports the real one (service/README.md, "Reservations").
-    reservation_stale_hours: float = Field(24.0, gt=0.0, description="A reservation (a "
+    reservation_stale_hours: float = Field(24.0, gt=0.0, le=24.0 * 365 * 100,
+                                           description="A reservation (a "
                                            "decision whose feedback never reported a "
                                            "cost) older than this is listed by GET "
                                            "/v1/admin/reservations and released by POST "

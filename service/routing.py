@@ -169,10 +169,10 @@ def _outcome(fb: m.Feedback) -> dict[str, float | None]:
     return {"quality": fb.quality, "cost_usd": fb.cost_usd, "latency_ms": fb.latency_ms}
 
 
-def _price_estimate(decision: m.Decision) -> float | None:
-    """The price estimate the decision used for its model (None for decisions made
+def _price_estimate(model: str, predictions: dict[str, Any] | None) -> float | None:
+    """The price estimate a decision used for its model (None for decisions made
     before estimates were recorded)."""
-    prediction = (decision.predictions or {}).get(decision.model) or {}
+    prediction = (predictions or {}).get(model) or {}
     value = prediction.get("price_usd")
     return float(value) if isinstance(value, (int, float)) else None
 
@@ -655,9 +655,10 @@ class RoutingService:
             rows = self._feedback_rows(self.last_feedback_id, batch)
             if not rows:
                 break
-            for fb, model, context, decided_at in rows:
+            for fb, model, context, decided_at, predictions in rows:
                 self._apply(fb.tenant_id, model, self._stored_context(context, fb),
-                            _outcome(fb), _ts(decided_at))
+                            _outcome(fb), _ts(decided_at),
+                            _price_estimate(model, predictions))
                 self.last_feedback_id = int(fb.id)
                 replayed += 1
         if replayed:
@@ -1016,18 +1017,22 @@ class RoutingService:
             rows = self._feedback_rows(after, batch, tenant_id=tenant_id, upto=upto)
             if not rows:
                 return pair
-            for fb, model, context, decided_at in rows:
+            for fb, model, context, decided_at, predictions in rows:
                 x = self._stored_context(context, fb)
+                estimate = _price_estimate(model, predictions)
                 for policy in pair.values():
                     if model in policy.arms:
-                        policy.update(model, x, _outcome(fb), time=_ts(decided_at))
+                        policy.update(model, x, _outcome(fb), time=_ts(decided_at),
+                                      cost_estimate=estimate)
                 after = int(fb.id)
 
     def _feedback_rows(self, after: int, limit: int, *, tenant_id: str | None = None,
                        upto: int | None = None) -> list[Any]:
         """Feedback rows after ``after`` in id order (the order they were applied), each
-        with its decision's model, context and ``created_at``."""
-        q = (select(m.Feedback, m.Decision.model, m.Decision.context, m.Decision.created_at)
+        with its decision's model, context, ``created_at`` and predictions (the price
+        estimate the decision used teaches the model's price correction)."""
+        q = (select(m.Feedback, m.Decision.model, m.Decision.context, m.Decision.created_at,
+                    m.Decision.predictions)
              .join(m.Decision, m.Decision.id == m.Feedback.decision_id)
              .where(m.Feedback.id > after).order_by(m.Feedback.id).limit(limit))
         if tenant_id is not None:
@@ -1533,7 +1538,7 @@ class RoutingService:
                                                    "exist", slug="decision-not-found")
                         continue
                     key = (it.decision_id, it.event)
-                    prices[i] = _price_estimate(decision)
+                    prices[i] = _price_estimate(decision.model, decision.predictions)
                     uncertain = self._uncertain.pop((it.tenant.id, *key), None)
                     if key in stored:
                         fid, at = stored[key]
@@ -1545,7 +1550,7 @@ class RoutingService:
                         else:
                             results[i] = FeedbackResult("duplicate", fid)
                         continue
-                    prices[i] = _price_estimate(decision)
+                    prices[i] = _price_estimate(decision.model, decision.predictions)
                     stored[key] = (0, it.received)  # a repeat later in this batch
                     fb = m.Feedback(decision_id=it.decision_id, tenant_id=it.tenant.id,
                                     event_id=it.event, quality=it.outcome.get("quality"),
@@ -1808,9 +1813,9 @@ class RoutingService:
         (``update_batch(times=)`` would refresh the arm's inverse exactly, about 6x the
         time: benchmarks/feedback_forgetting.py); without forgetting it is a plain update.
 
-        ``cost_estimate`` is the price estimate the decision used for this model: with a
-        reported cost it teaches the model's price correction (live feedback only; a
-        rebuild from the database learns the other heads, not the correction).
+        ``cost_estimate`` is the price estimate the decision used for this model (stored
+        in its predictions): with a reported cost it teaches the model's price
+        correction, live, in a replay after a restart and in a rebuild alike.
         """
         with self._lock:
             targets = list(self.shared.values()) + list(self.isolated.get(tenant_id,

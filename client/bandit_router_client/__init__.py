@@ -172,8 +172,8 @@ class Prediction:
     utility: float
     uncertainty: float
     score: float | None
-    #: The request's cost from the registry's prices before the call; ``cost_usd`` is
-    #: this times the correction learned from feedback. None from an older service.
+    # The request's cost from the registry's prices before the call (None: an older
+    # service that did not send it).
     price_usd: float | None = None
 
 

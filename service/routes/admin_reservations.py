@@ -27,6 +27,8 @@ from service.routes.admin_tenants import _tenant
 from service.routing import RoutingService
 
 router = APIRouter(prefix="/v1/admin/reservations", tags=["admin"])
+# Ages up to a century: beyond, the cutoff would leave the calendar (an overflow).
+MAX_HOURS = 24.0 * 365 * 100
 
 
 class TenantReservations(BaseModel):
@@ -46,8 +48,8 @@ class Reservations(BaseModel):
 
 
 class ReleaseRequest(BaseModel):
-    older_than_hours: float | None = Field(None, gt=0.0, description="Default "
-                                           "RESERVATION_STALE_HOURS.")
+    older_than_hours: float | None = Field(None, gt=0.0, le=MAX_HOURS, allow_inf_nan=False,
+                                           description="Default RESERVATION_STALE_HOURS.")
     tenant: str | None = Field(None, min_length=1, description="A tenant's id or name; "
                                "default every tenant.")
 
@@ -73,7 +75,8 @@ def _stale(service: RoutingService, hours: float | None,
 
 @router.get("", response_model=Reservations)
 def list_reservations(_admin: AdminDep, service: ServiceDep,
-                      older_than_hours: Annotated[float | None, Query(gt=0.0)] = None,
+                      older_than_hours: Annotated[float | None, Query(
+                          gt=0.0, le=MAX_HOURS, allow_inf_nan=False)] = None,
                       tenant: Annotated[str | None, Query(min_length=1)] = None
                       ) -> Reservations:
     """Per tenant, the decisions older than ``older_than_hours`` (default

@@ -43,19 +43,12 @@ class Imported(BaseModel):
     context_dim: int
 
 
-def featurizer_spec(service: RoutingService) -> str:
-    # Built at start-up (RoutingService.start featurizes once); the spec names the
-    # featurizer, its dimension and seed, and the prototype map's digest.
-    service.featurize("spec")
-    return str(getattr(service._featurizer, "spec", type(service._featurizer).__name__))
-
-
 @router.get("")
 def export_state(_admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
     """Every policy's statistics, with the featurizer and dimension they were learned in."""
     with service._feedback_lock, service._lock:
         copies = {key: copy.deepcopy(p) for key, p in service._all_policies().items()}
-    return StateFile(featurizer_spec(service), service.context_dim,
+    return StateFile(service._featurizer_spec(), service.context_dim,
                      {key: p.to_bytes(derived=False) for key, p in copies.items()}).to_json()
 
 
@@ -95,7 +88,7 @@ def import_state(_admin: AdminDep, service: ServiceDep,
         raise Problem(409, "distributed mode: the learners own the statistics; import a "
                       "state into an embedded deployment", slug="distributed-mode")
     state = StateFile.from_json(body)
-    spec = featurizer_spec(service)
+    spec = service._featurizer_spec()
     if state.featurizer != spec:
         raise InvalidInputError("featurizer", f"must be this service's {spec!r} (set by "
                                 "BANDIT_ROUTER_FEATURIZER, DIM, FEATURIZER_SEED and "

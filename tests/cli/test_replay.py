@@ -143,3 +143,54 @@ def test_replay_bad_tags_exit_2_names_line(tmp_path):
     result = runner.invoke(app, ["replay", str(path)])
     assert result.exit_code == 2
     assert "line 1.tags.app" in result.output
+
+
+@pytest.fixture
+def priced_log(tmp_path):
+    """Prices and token counts instead of costs, and a task label per row."""
+    rng = np.random.default_rng(1)
+    prices = {"solver": {"input_price_per_mtok": 1.0, "output_price_per_mtok": 2.0},
+              "writer": {"input_price_per_mtok": 0.1, "output_price_per_mtok": 0.2}}
+    lines = []
+    for i in range(300):
+        topic = "math" if rng.random() < 0.5 else "poem"
+        good = "solver" if topic == "math" else "writer"
+        outcomes = {m: {"quality": 0.9 if m == good else 0.2, "input_tokens": 40,
+                        "output_tokens": 400} for m in prices}
+        lines.append(json.dumps({"prompt": f"{topic} question number {i}", "task": topic,
+                                 "prices": prices, "outcomes": outcomes}))
+    path = tmp_path / "priced.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_replay_value_baseline_and_task_oracle_written(priced_log, tmp_path):
+    out = tmp_path / "out.json"
+    result = runner.invoke(app, ["replay", str(priced_log), "--baseline", "writer",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["price_estimates"] is True and data["output_tokens_assumed"] == 300
+    for key in ("all", "last_20pct"):
+        value = data[key]["value"]
+        # Costs priced from tokens: solver 40 x 1 + 400 x 2 USD per Mtok.
+        assert data[key]["models"]["solver"]["cost_usd"] == pytest.approx(840e-6)
+        # The per-task oracle is the per-query oracle here: its value is exactly 1.
+        assert value["task_oracle_value"] == pytest.approx(1.0)
+        # The value is the share of the room above the best model that the run earned.
+        window = data[key]
+        fixed = window["models"][window["value"]["best_model"]]["reward"]
+        room = window["oracle"]["reward"] - fixed
+        assert value["value"] == pytest.approx((window["policy"]["reward"] - fixed) / room,
+                                               abs=1e-4)
+        base = window["models"]["writer"]["reward"]
+        assert value["baseline_value"] == pytest.approx(
+            (window["policy"]["reward"] - base) / (window["oracle"]["reward"] - base),
+            abs=1e-4)
+    assert "routing value" in result.output and "--baseline" in result.output
+
+
+def test_replay_unknown_baseline_exit_2_names_option(priced_log):
+    result = runner.invoke(app, ["replay", str(priced_log), "--baseline", "nobody"])
+    assert result.exit_code == 2
+    assert "--baseline" in result.output and "solver" in result.output

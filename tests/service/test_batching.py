@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from bandit import InvalidInputError, Policy, Preferences
 from service.app import create_app
+from service.routing import DecideArgs
 from tests.service.conftest import (
     ADMIN,
     DIM,
@@ -33,11 +34,11 @@ def test_decide_many_equals_policy_decide_batch_row_by_row(new_database_url):
         twin = Policy.from_bytes(service.shared["linucb"].to_bytes())
         xs = [np.asarray(embedding(seed)) for seed in range(6)]
         override = Preferences(1.0, 10.0, 0.0)
-        requests = [(a, xs[0], None, None), (b, xs[1], None, None),
-                    (a, xs[2], models[:2], None),
-                    (a, xs[3], ["nope"], None),            # unknown model: this one fails
-                    (b, xs[4], None, override),
-                    (a, xs[5], None, Preferences(0.0, 0.0, 0.0))]  # invalid weights
+        requests = [DecideArgs(a, xs[0], None, None), DecideArgs(b, xs[1], None, None),
+                    DecideArgs(a, xs[2], models[:2], None, 120),  # a prompt of 120 tokens
+                    DecideArgs(a, xs[3], ["nope"], None),  # unknown model: this one fails
+                    DecideArgs(b, xs[4], None, override),
+                    DecideArgs(a, xs[5], None, Preferences(0.0, 0.0, 0.0))]  # bad weights
         results = service.decide_many(requests)
 
         assert isinstance(results[3], InvalidInputError)
@@ -49,15 +50,20 @@ def test_decide_many_equals_policy_decide_batch_row_by_row(new_database_url):
         for rows, prefs, names in (([0, 1], Preferences(), everything),
                                    ([2], Preferences(), models[:2]),
                                    ([4], override, everything)):
-            batch = twin.decide_batch(np.stack([xs[i] for i in rows]), prefs, names)
+            # Every decide is priced from the registry: prompt tokens (or the
+            # prior_input_tokens setting) and prior_output_tokens.
+            est = service.price_estimates(names, [requests[i].input_tokens for i in rows])
+            batch = twin.decide_batch(np.stack([xs[i] for i in rows]), prefs, names,
+                                      cost_estimate=est)
             for r, i in enumerate(rows):
-                expected[i] = batch.decision(r)
-        for i, decision in expected.items():
+                expected[i] = (batch.decision(r), dict(zip(names, est[r].tolist(),
+                                                           strict=True)))
+        for i, (decision, prices) in expected.items():
             response = results[i].response
             assert response["model"] == decision.arm
             assert response["propensity"] == decision.propensity
             assert response["explored"] == decision.explored
-            assert response["predictions"] == {n: p.as_dict()
+            assert response["predictions"] == {n: {**p.as_dict(), "price_usd": prices[n]}
                                                for n, p in decision.predictions.items()}
             assert results[i].row["predictions"] is response["predictions"]
             assert results[i].row["context"] == xs[i].astype("<f8").tobytes()

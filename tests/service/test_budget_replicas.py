@@ -293,7 +293,12 @@ def test_budget_pool_concurrent_leases_never_exceed_budget(pg_url):
     components = [BudgetLeases(url, interval_s=3600.0) for _ in range(2)]
     day = period_keys(time.time())[0]
 
+    # Both start together: on a busy machine one thread could otherwise lease the whole
+    # budget before the other ran at all, and nothing would be concurrent.
+    start = threading.Barrier(2)
+
     def lease_many(i: int) -> None:
+        start.wait(30)
         for _ in range(30):
             components[i]._lease(tenant, ledgers[i], "day", day, 1.0, 0.05, 0.01, 0.05)
 

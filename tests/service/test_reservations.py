@@ -82,6 +82,12 @@ def test_reservations_bad_input(client):
     assert_problem(client.post("/v1/admin/reservations/release",
                                json={"older_than_hours": 0}, headers=ADMIN),
                    422, field="older_than_hours")
+    # Found by the fuzzer: an age past the calendar was a 500 (timedelta overflow).
+    assert_problem(client.get("/v1/admin/reservations", params={"older_than_hours": 1e300},
+                              headers=ADMIN), 422, field="older_than_hours")
+    assert_problem(client.post("/v1/admin/reservations/release",
+                               json={"older_than_hours": 1e12}, headers=ADMIN),
+                   422, field="older_than_hours")
     assert_problem(client.post("/v1/admin/reservations/release",
                                json={"tenant": "nobody-here"}, headers=ADMIN),
                    404, detail_contains="nobody-here")

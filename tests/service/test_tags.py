@@ -11,6 +11,7 @@ from bandit.featurize import tag_vector
 from service.client import RouterClient
 from service.db import models as m
 from tests.service.conftest import DIM, add_model, assert_problem, create_tenant, embedding
+from tests.service.live import live_server
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,9 @@ def test_decide_tags_stored_and_hashed_into_context(client, models):
 def test_decide_routes_by_tags_once_they_carry_the_signal(client, models):
     tenant = create_tenant(client, "tags-learned")
     best = {"search": "tag-a", "support": "tag-b"}
-    for _ in range(30):
+    # 100 rounds: the default context ridge (100) shrinks what the context coordinates
+    # (tags included) explain until they have about as many observations.
+    for _ in range(100):
         for app, good in best.items():
             for model in models:
                 d = _decide(client, tenant, {"app": app}, seed=0, candidates=[model]).json()
@@ -94,9 +97,11 @@ def test_decide_routes_by_tags_once_they_carry_the_signal(client, models):
 
 def test_client_decide_sends_tags(client, models):
     tenant = create_tenant(client, "tags-client")
-    # The typed client over the app's own transport (no socket).
-    with RouterClient(str(client.base_url),
-                      tenant["Authorization"].removeprefix("Bearer "),
-                      transport=client._transport) as router:  # noqa: SLF001
+    # The typed client (httpx) over a real socket: the app served by uvicorn on loopback,
+    # on the same database (TestClient's transport may belong to another httpx, httpx2,
+    # which the openai SDK brings in).
+    with live_server(client.app.state.settings) as base, RouterClient(
+            base, tenant["Authorization"].removeprefix("Bearer ")) as router:
         decision = router.decide(embedding=embedding(1), tags={"app": "bot"})
-    assert _stored(client, decision.decision_id).tags == {"app": "bot"}
+        stored = router.decision(decision.decision_id)
+    assert stored["tags"] == {"app": "bot"}

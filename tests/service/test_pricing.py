@@ -1,0 +1,89 @@
+"""Per-request price estimates on decide, and feedback that reports token counts
+(issue 13), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.service.conftest import add_model, assert_problem, create_tenant, decide
+
+
+def _price(p_in: float, p_out: float, t_in: int, t_out: int) -> float:
+    return (p_in * t_in + p_out * t_out) / 1e6
+
+
+def test_decide_text_prices_each_candidate_from_registry(client):
+    headers = create_tenant(client, "pricing-text")
+    cheap = add_model(client, input_price=0.5, output_price=1.5)
+    dear = add_model(client, input_price=10.0, output_price=30.0)
+    r = client.post("/v1/decide", json={"query": {"text": "x" * 400},
+                                        "candidates": [cheap, dear]}, headers=headers)
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    # 400 characters -> 100 prompt tokens; prior_output_tokens (300) expected out.
+    assert preds[cheap]["price_usd"] == pytest.approx(_price(0.5, 1.5, 100, 300), rel=1e-9)
+    assert preds[dear]["price_usd"] == pytest.approx(_price(10.0, 30.0, 100, 300), rel=1e-9)
+    # No cost feedback yet: the predicted cost is the declared price.
+    assert preds[dear]["cost_usd"] == pytest.approx(preds[dear]["price_usd"], rel=1e-9)
+
+
+def test_decide_embedding_prices_with_prior_input_tokens(client):
+    headers = create_tenant(client, "pricing-embedding")
+    model = add_model(client, input_price=2.0, output_price=4.0)
+    r = decide(client, headers, candidates=[model])
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][model]["price_usd"] == pytest.approx(
+        _price(2.0, 4.0, 500, 300), rel=1e-9)
+
+
+def _feedback_then_stored(client, tenant: str, **feedback: object) -> dict:
+    """Decide on a $3 / $15 model, send ``feedback``, return the stored decision."""
+    headers = create_tenant(client, tenant)
+    model = add_model(client, input_price=3.0, output_price=15.0)
+    decision = decide(client, headers, candidates=[model]).json()
+    r = client.post("/v1/feedback", json={"decision_id": decision["decision_id"],
+                                          **feedback}, headers=headers)
+    assert r.status_code == 202, r.text
+    return client.get(f"/v1/decisions/{decision['decision_id']}", headers=headers).json()
+
+
+def test_feedback_tokens_priced_from_registry_and_stored(client):
+    stored = _feedback_then_stored(client, "pricing-feedback", quality=1.0,
+                                   input_tokens=1000, output_tokens=2000)
+    assert stored["feedback"][0]["cost_usd"] == pytest.approx(_price(3.0, 15.0, 1000, 2000),
+                                                              rel=1e-9)
+    assert stored["charged_usd"] == pytest.approx(_price(3.0, 15.0, 1000, 2000), rel=1e-9)
+
+
+def test_feedback_cost_usd_wins_over_tokens(client):
+    stored = _feedback_then_stored(client, "pricing-both", cost_usd=0.5, input_tokens=1,
+                                   output_tokens=1)
+    assert stored["feedback"][0]["cost_usd"] == 0.5
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"input_tokens": -1, "output_tokens": 10}, "input_tokens"),
+    ({"input_tokens": 10, "output_tokens": 1.5}, "output_tokens"),
+    ({"input_tokens": 10, "output_tokens": 10**9}, "output_tokens"),
+])
+def test_feedback_bad_tokens_refused_naming_field(client, extra, field):
+    headers = create_tenant(client, f"pricing-bad-{field}-{len(str(extra))}")
+    model = add_model(client)
+    decision = decide(client, headers, candidates=[model]).json()
+    r = client.post("/v1/feedback", json={"decision_id": decision["decision_id"],
+                                          "quality": 1.0, **extra}, headers=headers)
+    assert_problem(r, 422, field=field)
+    stored = client.get(f"/v1/decisions/{decision['decision_id']}", headers=headers).json()
+    assert stored["feedback"] == []
+
+
+def test_feedback_one_token_count_without_cost_refused(client):
+    headers = create_tenant(client, "pricing-half")
+    model = add_model(client)
+    decision = decide(client, headers, candidates=[model]).json()
+    r = client.post("/v1/feedback", json={"decision_id": decision["decision_id"],
+                                          "input_tokens": 10}, headers=headers)
+    body = assert_problem(r, 422)
+    assert "output_tokens" in str(body)
+    stored = client.get(f"/v1/decisions/{decision['decision_id']}", headers=headers).json()
+    assert stored["feedback"] == []
