@@ -38,8 +38,8 @@ def test_domain_problem_conflict_and_invalid_input_name_the_field():
                                 "allowed": "a new name"}]
     invalid = domain_problem(InvalidInputError("quality", "must be within [0, 1]", 2))
     assert invalid.status == 422
-    assert invalid.errors == [{"field": "quality", "message": "quality: must be within "
-                               "[0, 1] (got 2)", "allowed": "must be within [0, 1]"}]
+    assert invalid.errors == [{"field": "quality", "message": "must be within [0, 1] "
+                               "(got 2)", "allowed": "must be within [0, 1]"}]
 
 
 def test_domain_problem_bare_base_class_is_500():
