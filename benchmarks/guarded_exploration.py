@@ -44,9 +44,11 @@ def routing_value(reward: np.ndarray, rewards: np.ndarray) -> float:
 
 
 def run(x: np.ndarray, quality: np.ndarray, cost: np.ndarray, arms: list[str], w: float,
-        baseline: int, max_loss: float | None, seed: int) -> dict[str, np.ndarray]:
-    """One pass; ``max_loss`` None runs the policy unguarded."""
-    policy = LinUCB(x.shape[1], seed=seed)
+        baseline: int, max_loss: float | None, seed: int,
+        **policy_params: float) -> dict[str, np.ndarray]:
+    """One pass; ``max_loss`` None runs the policy unguarded; ``policy_params`` go to
+    :class:`LinUCB` (default: its defaults)."""
+    policy = LinUCB(x.shape[1], seed=seed, **policy_params)
     for name, c in zip(arms, cost.mean(axis=0), strict=True):
         policy.add_arm(name, ArmPrior(cost_usd=float(c)))
     prefs = Preferences(quality=1.0, cost=w)

@@ -275,6 +275,14 @@ def _statuses(path: str, method: str, operation: dict[str, Any]) -> set[int]:
         codes.add(404)  # the named model, tenant or decision does not exist
     if (method, path) == ("post", "/v1/admin/models"):
         codes.add(409)  # the name is (or was) used
+    if path.startswith("/v1/admin/tenants/{"):
+        codes.add(409)  # a tenant named by a name that two tenants share
+    if path.startswith("/v1/admin/reservations"):
+        codes |= {404, 409}  # ?tenant= names no tenant, or a name two tenants share
+    if path.startswith("/v1/admin/keys") and method in ("post", "delete"):
+        codes.add(409)  # ADMIN_KEY is configured; the last stored key
+    if (method, path) == ("put", "/v1/admin/state"):
+        codes.add(409)  # distributed mode: the learners own the statistics
     return codes
 
 

@@ -6,7 +6,15 @@ from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from bandit.base import MAX_COST_USD, MAX_LATENCY_MS, MAX_WEIGHT
@@ -142,6 +150,47 @@ class DecideResponse(BaseModel):
     budget_limited: bool = False
 
 
+def _drop_null(schema: dict) -> None:
+    """JSON Schema of a field that may be left out but not null (see _refuse_null)."""
+    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
+    if len(branches) == 1:
+        schema.update(branches[0])
+    elif branches:
+        schema["anyOf"] = branches
+
+
+#: A field that may be left out ("unchanged") but not sent as null.
+NOT_NULL = Field(None, json_schema_extra=_drop_null)
+
+
+def _refuse_null(value: object) -> object:
+    """Left out means "unchanged"; an explicit null for a column that cannot be empty
+    would reach the database as a NOT NULL violation (a 500): refuse it, naming the
+    field."""
+    if value is None:
+        raise ValueError("may be left out, but not null")
+    return value
+
+
+def _whole_number(value: object) -> object:
+    """A JSON integer, or a number with no fractional part (JSON Schema's "integer" admits
+    5.0); never a boolean or a string."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("int_type", "Input should be a valid integer")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise PydanticCustomError("int_from_float", "Input should be a valid integer, "
+                                      "got a number with a fractional part")
+        return int(value)
+    return value
+
+
+#: A token count of one call (feedback): a whole number in [0, MAX_TOKENS].
+TokenCount = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS),
+                       # Outermost, so it runs first (and the schema keeps the bounds).
+                       BeforeValidator(_whole_number)]
+
+
 class FeedbackRequest(_Body):
     model_config = ConfigDict(json_schema_extra={
         "anyOf": [*_any_of(("quality", {"type": "number"}), ("cost_usd", {"type": "number"}),
@@ -163,8 +212,11 @@ class FeedbackRequest(_Body):
     event_id: Name | None = None
     # Token counts of the call: without cost_usd, the service prices them with the
     # registry's prices of the decision's model (both are then needed).
-    input_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)] | None = None
-    output_tokens: Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS)] | None = None
+    input_tokens: TokenCount | None = NOT_NULL
+    output_tokens: TokenCount | None = NOT_NULL
+
+    refuse_null = field_validator("input_tokens", "output_tokens",
+                                  mode="before")(_refuse_null)
 
     @model_validator(mode="after")
     def _some_outcome(self) -> FeedbackRequest:
@@ -197,29 +249,7 @@ class FeedbackResponse(BaseModel):
 Price = Annotated[float, Field(strict=True, ge=0.0, le=1e5, allow_inf_nan=False)]
 
 
-def _drop_null(schema: dict) -> None:
-    """JSON Schema of a field that may be left out but not null (see _refuse_null)."""
-    branches = [b for b in schema.pop("anyOf", []) if b != {"type": "null"}]
-    if len(branches) == 1:
-        schema.update(branches[0])
-    elif branches:
-        schema["anyOf"] = branches
-
-
-#: A field that may be left out ("unchanged") but not sent as null.
-NOT_NULL = Field(None, json_schema_extra=_drop_null)
-
-
-def _refuse_null(value: object) -> object:
-    """Left out means "unchanged"; an explicit null for a column that cannot be empty
-    would reach the database as a NOT NULL violation (a 500): refuse it, naming the
-    field."""
-    if value is None:
-        raise ValueError("may be left out, but not null")
-    return value
-
-
-ExplorationLoss = Annotated[float, Field(ge=MAX_LOSS_RANGE[0], le=MAX_LOSS_RANGE[1],
+ExplorationLoss = Annotated[float, Field(strict=True, ge=MAX_LOSS_RANGE[0], le=MAX_LOSS_RANGE[1],
                                          allow_inf_nan=False)]
 
 
@@ -249,7 +279,7 @@ class TenantPreferencesUpdate(_Body):
     on_budget_exhausted: OnExhausted | None = NOT_NULL
     # null turns guarded exploration off; a name must be a registered model.
     baseline_model: ModelName | None = None
-    max_exploration_loss: ExplorationLoss | None = None
+    max_exploration_loss: ExplorationLoss | None = NOT_NULL
 
     refuse_null = field_validator("weights", "policy", "scope", "on_budget_exhausted",
                                   "max_exploration_loss", mode="before")(_refuse_null)

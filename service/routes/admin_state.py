@@ -31,7 +31,7 @@ from bandit import InvalidInputError, Policy
 from service.deps import AdminDep, ServiceDep
 from service.errors import Problem
 from service.routing import _POLICY_CLASSES, POLICY_KINDS, RoutingService
-from service.state_file import StateFile
+from service.state_file import FORMAT, VERSION, StateFile
 
 router = APIRouter(prefix="/v1/admin/state", tags=["admin"])
 
@@ -80,7 +80,22 @@ def _targets(service: RoutingService, keys: list[str]) -> tuple[dict[str, tuple[
     return load, skipped
 
 
-@router.put("", response_model=Imported)
+#: The envelope StateFile.from_json checks (service/state_file.py), as the document's
+#: request body: what the schema can say; the featurizer and dimension must also be this
+#: service's, and each policy a statistics file (checked on import, 422 naming the field).
+_STATE_BODY = {"type": "object",
+               "required": ["format", "version", "featurizer", "context_dim", "policies"],
+               "properties": {
+                   "format": {"const": FORMAT}, "version": {"const": VERSION},
+                   "source": {"type": "string"},
+                   "featurizer": {"type": "string", "minLength": 1},
+                   "context_dim": {"type": "integer", "minimum": 1},
+                   "policies": {"type": "object", "minProperties": 1,
+                                "additionalProperties": {"type": "string"}}}}
+
+
+@router.put("", response_model=Imported, openapi_extra={"requestBody": {
+    "required": True, "content": {"application/json": {"schema": _STATE_BODY}}}})
 def import_state(_admin: AdminDep, service: ServiceDep,
                  body: Annotated[dict[str, Any], Body()]) -> Imported:
     """Load a warm start or an exported state (checks first; see the module docstring)."""

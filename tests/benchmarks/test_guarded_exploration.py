@@ -28,7 +28,9 @@ def test_run_guarded_stays_within_bound_unguarded_does_not() -> None:
     rows = np.arange(n)
     slack = {}
     for name, bound in (("guarded", 0.02), ("unguarded", None)):
-        out = run(x, quality, cost, arms, 0.0, 0, bound, seed=3)
+        # An explicit bonus, so that the premise (unguarded exploration breaks the bound)
+        # does not hang on the default policy settings.
+        out = run(x, quality, cost, arms, 0.0, 0, bound, seed=3, alpha=1.0)
         gap = np.cumsum(quality[rows, out["choices"]] - quality[:, 0])
         slack[name] = float((gap + 0.02 * np.cumsum(quality[:, 0])).min())
     assert slack["guarded"] >= 0.0

@@ -159,11 +159,18 @@ def fuzz_one(client: TestClient, strategy: Any, where: str, headers: dict[str, s
 MODELS = [f"fz-{i}" for i in range(3)]
 
 
-def _known_candidates(case: Any) -> Any:
+def _known_models(case: Any) -> Any:
     body = case.body
     if isinstance(body, dict) and isinstance(body.get("candidates"), list):
         body["candidates"] = [MODELS[len(name) % len(MODELS)] if isinstance(name, str)
                               else name for name in body["candidates"]]
+    if isinstance(body, dict) and isinstance(body.get("baseline_model"), str):
+        body["baseline_model"] = MODELS[len(body["baseline_model"]) % len(MODELS)]
+    return case
+
+
+def _with_body(case: Any, body: Any) -> Any:
+    case.body = body
     return case
 
 
@@ -184,10 +191,17 @@ def test_fuzz_every_operation_no_5xx_and_problem_details(fuzz_client):
             where = f"{operation.method.upper()} {operation.path} [{mode.value}]"
 
             strategy = operation.as_strategy(generation_mode=mode)
-            if mode == GenerationMode.POSITIVE and operation.path == "/v1/decide":
-                # Candidates must be registered models, which the document cannot list
-                # (they change at run time): an unknown one is a 422 naming the field.
-                strategy = strategy.map(_known_candidates)
+            if mode == GenerationMode.POSITIVE and operation.path == "/v1/admin/state" \
+                    and operation.method.upper() == "PUT":
+                # A state to import must hold statistics files of this service's
+                # featurizer, which no schema can say: the service's own export.
+                exported = client.get("/v1/admin/state", headers=ADMIN).json()
+                strategy = strategy.map(lambda case, body=exported: _with_body(case, body))
+            if mode == GenerationMode.POSITIVE:
+                # Candidates and a tenant's baseline_model must be registered models, which
+                # the document cannot list (they change at run time): an unknown one is a
+                # 422 naming the field.
+                strategy = strategy.map(_known_models)
             run = fuzz_one(client, strategy, where, headers, failures)
             try:
                 run()
@@ -196,7 +210,12 @@ def test_fuzz_every_operation_no_5xx_and_problem_details(fuzz_client):
                     raise
     assert operations >= 15, operations
     assert failures == [], "\n".join(failures)
-    # The tenant key still works: nothing the fuzzer sent broke the service.
+    # The tenant key still works: nothing the fuzzer sent broke the service. (The fuzzer
+    # may have set a zero budget with "reject", or a baseline: valid settings, put back.)
+    r = client.put("/v1/tenants/me/preferences", headers=tenant, json={
+        "budget_usd_per_day": None, "budget_usd_per_month": None, "baseline_model": None,
+        "weights": {"quality": 1.0, "cost": 0.0, "latency": 0.0}})
+    assert r.status_code == 200, r.text
     r = client.post("/v1/decide", json={"query": {"text": "still alive"}}, headers=tenant)
     assert r.status_code == 200, r.text
 
