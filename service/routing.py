@@ -1826,16 +1826,23 @@ class RoutingService:
                                   cost_estimate=cost_estimate)
 
     # ================================================================ decisions
+    def _tenant_decision(self, session: Session, tenant: TenantState,
+                         decision_id: str) -> m.Decision:
+        """The tenant's decision (waiting for it if the writer still holds it); another
+        tenant's is a 404 exactly like a decision that does not exist."""
+        if self.writer.is_pending(decision_id):
+            self.writer.wait_for(decision_id)
+        decision = session.get(m.Decision, decision_id)
+        if decision is None or decision.tenant_id != tenant.id:
+            raise NotFoundError(f"decision {decision_id} does not exist",
+                                slug="decision-not-found")
+        return decision
+
     def get_decision(self, tenant: TenantState, decision_id: str) -> dict[str, Any]:
         """One of the tenant's decisions with its feedback; another tenant's is a 404
         exactly like a decision that does not exist."""
-        if self.writer.is_pending(decision_id):
-            self.writer.wait_for(decision_id)
         with Session(self.engine) as session:
-            decision = session.get(m.Decision, decision_id)
-            if decision is None or decision.tenant_id != tenant.id:
-                raise NotFoundError(f"decision {decision_id} does not exist",
-                                    slug="decision-not-found")
+            decision = self._tenant_decision(session, tenant, decision_id)
             feedback = session.scalars(select(m.Feedback)
                                        .where(m.Feedback.decision_id == decision_id)
                                        .order_by(m.Feedback.id)).all()
@@ -1859,14 +1866,8 @@ class RoutingService:
         of the model it chose (feedback that reports tokens instead of ``cost_usd``).
         404 for an unknown decision or another tenant's; a model since removed from the
         registry cannot be priced (422: send ``cost_usd``)."""
-        if self.writer.is_pending(decision_id):
-            self.writer.wait_for(decision_id)
         with Session(self.engine) as session:
-            decision = session.get(m.Decision, decision_id)
-            if decision is None or decision.tenant_id != tenant.id:
-                raise NotFoundError(f"decision {decision_id} does not exist",
-                                    slug="decision-not-found")
-            name = decision.model
+            name = self._tenant_decision(session, tenant, decision_id).model
         model = self.models.get(name)
         if model is None:
             raise InvalidInputError("cost_usd", "is needed: the decision's model is no "
