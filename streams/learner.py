@@ -227,6 +227,60 @@ def _contexts_ok(contexts: list[bytes], dim: int) -> np.ndarray:
         return (np.abs(x) <= MAX_CONTEXT_ABS).all(axis=1)  # False for NaN and inf
 
 
+# The events of one partition batch as arrays, ``n`` their 1-based ordinal.
+_EVENTS = ("b AS (SELECT * FROM unnest(%(d)b::varchar[], %(t)b::varchar[],"
+           " %(e)b::varchar[], %(q)b::float8[], %(c)b::float8[], %(l)b::float8[],"
+           " %(r)b::float8[], %(n)b::int8[]) AS u(d, t, e, q, c, l, r, n))")
+# feedback_rows: the row is the key. An event is fresh when this group holds no
+# learner_applied key for it (written while feedback_rows was off, or for a row of
+# another group) and no row exists; ids follow the partition's order.
+_FRESH_ROWS = (  # constant fragments (every value is a parameter)
+    _EVENTS + ", rows AS (INSERT INTO feedback (decision_id, tenant_id, event_id,"  # noqa: S608
+    " quality, cost_usd, latency_ms, created_at, learner_group) SELECT d, t, e,"
+    " nullif(q, 'NaN'), nullif(c, 'NaN'), nullif(l, 'NaN'), to_timestamp(r), %(g)s::varchar"
+    " FROM b WHERE NOT EXISTS (SELECT 1 FROM learner_applied a WHERE a.group_id = %(g)s::varchar"
+    " AND a.decision_id = b.d AND a.event_id = b.e) ORDER BY n"
+    " ON CONFLICT (decision_id, event_id) DO NOTHING RETURNING decision_id, event_id),"
+    " new AS (SELECT b.* FROM b JOIN rows ON rows.decision_id = b.d"
+    " AND rows.event_id = b.e)", "SELECT n FROM new")
+# The keys: an event is fresh when no feedback row of this group covers it and its key
+# is new. Its statement runs after the feedback insert, so it sees the rows that insert
+# found (a concurrent writer's included: the insert waited for it to commit).
+_FRESH_KEYS = (
+    _EVENTS + ", keys AS (INSERT INTO learner_applied"  # noqa: S608
+    " (group_id, decision_id, event_id) SELECT %(g)s::varchar, d, e FROM b"
+    " WHERE NOT EXISTS (SELECT 1 FROM feedback f"
+    " WHERE f.decision_id = b.d AND f.event_id = b.e AND f.learner_group = %(g)s::varchar)"
+    " ON CONFLICT (group_id, decision_id, event_id) DO NOTHING"
+    " RETURNING decision_id, event_id),"
+    " new AS (SELECT b.* FROM b JOIN keys ON keys.decision_id = b.d"
+    " AND keys.event_id = b.e)", "SELECT n FROM new")
+# reconcile_spend: the last reported cost of the fresh events of each decision.
+_SPEND = ("spend AS (UPDATE decisions AS x SET charged_usd = s.c FROM (SELECT"
+          " DISTINCT ON (d) d, c FROM new WHERE c <> 'NaN' ORDER BY d, n DESC) AS s"
+          " WHERE x.id = s.d)")
+_SPEND_ONLY = (_EVENTS + ", new AS (SELECT * FROM b)", "SELECT n FROM new")  # noqa: S608
+
+
+def _event_arrays(group_id: str, candidates: list[_Apply]) -> dict[str, Any]:
+    """The statements' parameters: one array per column, ``n`` the 1-based ordinal."""
+    nan = float("nan")
+    events = [c.item.event for c in candidates]
+    return {
+        "g": group_id, "d": [e.decision_id for e in events],
+        "t": [e.tenant_id for e in events], "e": [e.event_id for e in events],
+        "q": [nan if e.quality is None else e.quality for e in events],
+        "c": [nan if e.cost_usd is None else e.cost_usd for e in events],
+        "l": [nan if e.latency_ms is None else e.latency_ms for e in events],
+        "r": [c.item.received_at for c in candidates],
+        "n": list(range(1, len(candidates) + 1))}
+
+
+def _subset(params: dict[str, Any], ordinals: list[int]) -> dict[str, Any]:
+    """``params`` restricted to the events ``ordinals`` (which keep their ordinals)."""
+    return {k: v if k == "g" else [v[n - 1] for n in ordinals] for k, v in params.items()}
+
+
 class _LostOwnership(Exception):
     """Another learner wrote this partition since we loaded it."""
 
@@ -689,58 +743,65 @@ class Learner:
 
     def _record_applied(self, conn: psycopg.Connection,
                         candidates: list[_Apply]) -> list[_Apply]:
-        """Record the candidates as applied; returns the ones not recorded before, in
-        order. ONE statement, its arrays sent once, in binary (``%b``: in text form,
-        formatting and parsing them took as long as the writes):
+        """Record the candidates as applied by this group; returns the ones it had not
+        applied before, in order.
 
-        - ``learner_applied``: the events' keys, ``ON CONFLICT DO NOTHING RETURNING``
-          (a repeat across batches is skipped: the key says it was applied);
-        - ``feedback`` (``feedback_rows``): the fresh events as the embedded mode stores
-          them, in the partition's transaction (so exactly once, with the statistics),
-          ids in partition order; ``ON CONFLICT DO NOTHING`` keeps the first row when
-          another consumer group (started afresh, it re-reads the topic) applies an
-          event again. A missing value travels as NaN (which no applied event has: the
-          schema refuses NaN) and becomes NULL;
-        - ``decisions.charged_usd`` (``reconcile_spend``): the real cost a fresh feedback
-          reports replaces the decision's predicted one, as the embedded mode does (the
-          API replicas' budgets and ``/usage`` read it, service/budget.py); the last
-          cost of a batch wins, in the partition's order (a decision's events share a
-          partition).
+        The group applied an event iff its ``feedback`` row names the group
+        (``learner_group``) or ``learner_applied`` holds the key; each write below checks
+        both, so switching ``feedback_rows`` on or off keeps every event once.
+
+        - ``feedback_rows`` on (one statement in the usual case): the fresh events'
+          ``feedback`` rows, ``ON CONFLICT DO NOTHING RETURNING``; the row is the key
+          (UNIQUE (decision_id, event_id)), no ``learner_applied`` row is written. Only
+          the events whose row was already there go on to :meth:`_record_keys`: a row of
+          this group is a repeat, another group's (a fresh group re-reads the topic; the
+          history keeps the first row) or the embedded mode's needs the key.
+        - ``feedback_rows`` off: the keys only (:meth:`_record_keys`).
+        - ``reconcile_spend``: the real cost of a fresh event replaces its decision's
+          predicted one (``decisions.charged_usd``, which the API replicas' budgets read,
+          service/budget.py), the last of the batch in partition order (a decision's
+          events share a partition), in the same statement.
+
+        Arrays go once, in binary (``%b``: in text form, formatting and parsing them took
+        as long as the writes). A missing value travels as NaN (which no applied event
+        has: the schema refuses NaN) and becomes NULL.
         """
         if not candidates:
             return []
-        nan = float("nan")
-        events = [c.item.event for c in candidates]
-        ctes = [
-            "b AS (SELECT * FROM unnest(%(d)b::varchar[], %(t)b::varchar[],"
-            " %(e)b::varchar[], %(q)b::float8[], %(c)b::float8[], %(l)b::float8[],"
-            " %(r)b::float8[]) WITH ORDINALITY AS u(d, t, e, q, c, l, r, n))",
-            "fresh AS (INSERT INTO learner_applied (group_id, decision_id, event_id)"
-            " SELECT %(g)s, d, e FROM b ON CONFLICT (group_id, decision_id, event_id)"
-            " DO NOTHING RETURNING decision_id, event_id)",
-            "new AS (SELECT b.* FROM b JOIN fresh ON fresh.decision_id = b.d"
-            " AND fresh.event_id = b.e)"]
+        params = _event_arrays(self.config.group_id, candidates)
         if self.config.feedback_rows:
-            ctes.append(
-                "rows AS (INSERT INTO feedback (decision_id, tenant_id, event_id, quality,"
-                " cost_usd, latency_ms, created_at) SELECT d, t, e, nullif(q, 'NaN'),"
-                " nullif(c, 'NaN'), nullif(l, 'NaN'), to_timestamp(r) FROM new ORDER BY n"
-                " ON CONFLICT (decision_id, event_id) DO NOTHING)")
-        if self.config.reconcile_spend:
-            ctes.append(
-                "spend AS (UPDATE decisions AS x SET charged_usd = s.c FROM (SELECT"
-                " DISTINCT ON (d) d, c FROM new WHERE c <> 'NaN' ORDER BY d, n DESC) AS s"
-                " WHERE x.id = s.d)")
+            fresh = self._run(conn, _FRESH_ROWS, params)
+            if len(fresh) < len(candidates):
+                taken = set(fresh)
+                rest = [n for n in range(1, len(candidates) + 1) if n not in taken]
+                more = self._record_keys(conn, params, rest, spend=False)
+                if more:
+                    fresh = sorted(fresh + more)
+                    if self.config.reconcile_spend:
+                        # Again over all the fresh events: the last cost must win.
+                        self._run(conn, _SPEND_ONLY, _subset(params, fresh))
+        else:
+            fresh = self._record_keys(conn, params, None, spend=True)
+        return [candidates[n - 1] for n in fresh]
+
+    def _record_keys(self, conn: psycopg.Connection, params: dict[str, Any],
+                     only: list[int] | None, *, spend: bool) -> list[int]:
+        """``learner_applied`` keys for the events (all, or the ordinals ``only``) that
+        no ``feedback`` row of this group covers; returns the fresh ones' ordinals."""
+        return self._run(conn, _FRESH_KEYS,
+                         params if only is None else _subset(params, only), spend=spend)
+
+    def _run(self, conn: psycopg.Connection, parts: tuple[str, str],
+             params: dict[str, Any], *, spend: bool = True) -> list[int]:
+        """One of the statements above: ``parts`` = (the CTEs that define ``new``, the
+        fresh events, the final SELECT); the reconciliation CTE goes in between when
+        configured. Returns the fresh events' ordinals, sorted."""
+        ctes, select = parts
+        if spend and self.config.reconcile_spend:
+            ctes += ", " + _SPEND
         # Constant fragments chosen by the configuration; every value is a parameter.
-        query = "WITH " + ", ".join(ctes) + " SELECT n FROM new"  # noqa: S608
-        rows = conn.execute(query, {
-            "g": self.config.group_id, "d": [e.decision_id for e in events],
-            "t": [e.tenant_id for e in events], "e": [e.event_id for e in events],
-            "q": [nan if e.quality is None else e.quality for e in events],
-            "c": [nan if e.cost_usd is None else e.cost_usd for e in events],
-            "l": [nan if e.latency_ms is None else e.latency_ms for e in events],
-            "r": [c.item.received_at for c in candidates]}).fetchall()
-        return [candidates[n - 1] for n in sorted(int(r[0]) for r in rows)]
+        rows = conn.execute(f"WITH {ctes} {select}", params).fetchall()  # noqa: S608
+        return sorted(int(r[0]) for r in rows)
 
     def prune_applied(self) -> int:
         """Forget idempotency keys older than the retention window (safe: see the table)."""

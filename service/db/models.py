@@ -146,6 +146,9 @@ class Feedback(Base):
     cost_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The learners' consumer group that wrote the row (NULL: embedded mode): for that
+    # group the row is the idempotency key (migration 0007, docs/streams.md).
+    learner_group: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class PolicyCheckpoint(Base):
