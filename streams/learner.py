@@ -9,11 +9,12 @@ Per poll batch:
    record's timestamp);
 4. produce the dead letters and wait for their acknowledgement;
 5. for each partition, ONE PostgreSQL transaction: lock the partition's row and check
-   its version (fencing a zombie owner), insert the events' keys into
-   ``learner_applied`` with ``ON CONFLICT DO NOTHING RETURNING`` (a repeat is skipped),
-   write the new ones into ``feedback`` (the history ``GET /v1/decisions/{id}`` shows)
-   and apply them to the partition's statistics (``update_batch``), upsert the
-   statistics, store the next offset, bump the version and ``NOTIFY``;
+   its version (fencing a zombie owner), record the events as applied by the group
+   with ``ON CONFLICT DO NOTHING RETURNING`` (a repeat is skipped): their ``feedback``
+   rows (the history ``GET /v1/decisions/{id}`` shows), which name the group and are
+   its key, or ``learner_applied`` keys when rows are off or another group wrote the row
+   first; apply the new ones to the partition's statistics (``update_batch``), upsert
+   the statistics, store the next offset, bump the version and ``NOTIFY``;
 6. commit the Kafka offsets (for lag monitoring only: the database offset is the truth).
 
 Pipelining: step 5 of a batch runs in a writer thread, on its own connection, while the
@@ -180,11 +181,26 @@ class _Dead(NamedTuple):
     detail: str
 
 
+class _Candidate(NamedTuple):
+    """An event of step 1 (new or pending) to classify, with its partition."""
+
+    state: _Partition
+    item: _Pending
+
+
 class _Apply(NamedTuple):
     """An event to apply, with its decision."""
 
     item: _Pending
     decision: DecisionRow
+
+
+class _Checked(NamedTuple):
+    """An event whose decision passed step 3's row checks (its context is checked next,
+    for the whole batch at once)."""
+
+    state: _Partition
+    apply: _Apply
 
 
 class _Write(NamedTuple):
@@ -209,7 +225,7 @@ class _Batch:
 
     taken: int = 0
     touched: set[TopicPartition] = field(default_factory=set)
-    candidates: list[tuple[_Partition, _Pending]] = field(default_factory=list)
+    candidates: list[_Candidate] = field(default_factory=list)
     dead: list[_Dead] = field(default_factory=list)
 
 
@@ -274,6 +290,19 @@ def _event_arrays(group_id: str, candidates: list[_Apply]) -> dict[str, Any]:
         "l": [nan if e.latency_ms is None else e.latency_ms for e in events],
         "r": [c.item.received_at for c in candidates],
         "n": list(range(1, len(candidates) + 1))}
+
+
+def _first_of_repeats(items: list[_Apply]) -> list[_Apply]:
+    """The batch's events in partition order, each (decision_id, event_id) once.
+
+    Partition order: pending events come after the new records of the poll, but the
+    first of two repeats must win (its values are the feedback row's), the last cost is
+    the charge, and the feedback rows' ids follow the partition. A repeat inside the
+    batch is dropped here; one across batches by the statements' keys."""
+    unique: dict[tuple[str, str], _Apply] = {}
+    for it in sorted(items, key=lambda it: it.item.offset):
+        unique.setdefault((it.item.event.decision_id, it.item.event.event_id), it)
+    return list(unique.values())
 
 
 def _subset(params: dict[str, Any], ordinals: list[int]) -> dict[str, Any]:
@@ -515,27 +544,34 @@ class Learner:
         """The numbered steps of the module docstring, for one poll batch; step 5 of this
         batch runs in the writer thread while the next batch is polled and prepared."""
         now = self.clock()
-        batch = self._take(records, now)                                   # 1
-        writes: list[_Write] = []
-        if batch.touched:
-            decisions = self._fetch_decisions(                             # 2
-                {p.event.decision_id for _, p in batch.candidates})
-            apply = self._classify(batch, decisions, now)                  # 3
-            self._send_dead_letters(batch.dead, now)                       # 4
-            for tp in sorted(batch.touched, key=lambda t: t.partition):
-                state = self.partitions.get(tp)
-                if state is not None:
-                    # The offset to store is fixed now: the next batch moves the state.
-                    writes.append(_Write(state, apply.get(tp, []), state.offset_to_store()))
-            self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
-        self._finish_writes()  # the previous batch's step 5, then its step 6
+        batch = self._take(records, now)                          # 1: decode, pending
+        writes = self._prepare(batch, now) if batch.touched else []  # 2-4
+        self._finish_writes()                 # the previous batch's step 5, then its 6
+        self._submit(writes)                                      # 5
+        return batch.taken
+
+    def _prepare(self, batch: _Batch, now: float) -> list[_Write]:
+        """Steps 2-4: join the decisions, classify, dead-letter; returns each touched
+        partition's write, its offset fixed now (the next batch moves the state)."""
+        decisions = self._fetch_decisions(                        # 2
+            {c.item.event.decision_id for c in batch.candidates})
+        apply = self._classify(batch, decisions, now)             # 3
+        self._send_dead_letters(batch.dead, now)                  # 4
+        self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
+        return [_Write(state, apply.get(tp, []), state.offset_to_store())
+                for tp in sorted(batch.touched, key=lambda t: t.partition)
+                if (state := self.partitions.get(tp)) is not None]
+
+    def _submit(self, writes: list[_Write]) -> None:
+        """Step 5: hand the writes that still matter to the writer thread (a partition
+        reloaded meanwhile drops its write; one with no event and no new offset has
+        nothing to write)."""
         writes = [w for w in writes if self.partitions.get(w.state.tp) is w.state
                   and (w.items or w.offset != w.state.stored_offset)]
         if writes:
             assert self._writer is not None
-            self._inflight = self._writer.submit(self._write_partitions, writes)  # 5
+            self._inflight = self._writer.submit(self._write_partitions, writes)
             self.batches += 1
-        return batch.taken
 
     def _finish_writes(self, *, closing: bool = False) -> None:
         """Wait for the batch in the writer thread; reload the partitions it could not
@@ -575,13 +611,13 @@ class Learner:
                 sent = record.timestamp / 1e3 if record.timestamp and record.timestamp > 0 \
                     else now
                 received = min(sent, now)
-                batch.candidates.append((state, _Pending(
+                batch.candidates.append(_Candidate(state, _Pending(
                     record.offset, record.key, record.value, event, received + timeout,
                     received)))
         for state in self.partitions.values():
             if state.pending:
                 batch.touched.add(state.tp)
-                batch.candidates.extend((state, p) for p in state.pending)
+                batch.candidates.extend(_Candidate(state, p) for p in state.pending)
                 state.pending = []
         return batch
 
@@ -597,14 +633,14 @@ class Learner:
                 "SELECT id, tenant_id, model, scope, context,"
                 " extract(epoch FROM created_at)::float8 FROM decisions"
                 " WHERE id = ANY(%b::varchar[])", (list(ids),)).fetchall()
-        return {r[0]: DecisionRow(r[1], r[2], r[3], r[4], r[5]) for r in rows}
+        return {decision_id: DecisionRow(*columns) for decision_id, *columns in rows}
 
     def _classify(self, batch: _Batch, decisions: dict[str, DecisionRow],
                   now: float) -> dict[TopicPartition, list[_Apply]]:
         """Step 3: apply, dead-letter (into ``batch.dead``) or keep pending."""
         horizon = now - self.config.retention_hours * 3600.0
         width = 8 * self.config.dim
-        checked: list[tuple[_Partition, _Apply]] = []
+        checked: list[_Checked] = []
         for state, item in batch.candidates:
             row = decisions.get(item.event.decision_id)
             reason = detail = None
@@ -627,13 +663,13 @@ class Learner:
                     f"context: the decision's context has {len(row.context) // 8} "
                     f"dimensions, the learner {self.config.dim}")
             if reason is None:
-                checked.append((state, _Apply(item, row)))
+                checked.append(_Checked(state, _Apply(item, row)))
             else:
                 batch.dead.append(_Dead(_Origin(state.tp, item.offset, item.key, item.value),
                                         reason, detail))
         apply: dict[TopicPartition, list[_Apply]] = {}
         for (state, it), ok in zip(checked, _contexts_ok(
-                [it.decision.context for _, it in checked], self.config.dim), strict=True):
+                [c.apply.decision.context for c in checked], self.config.dim), strict=True):
             if ok:
                 apply.setdefault(state.tp, []).append(it)
             else:
@@ -692,15 +728,7 @@ class Learner:
         """One transaction: fence, dedupe, apply, store statistics + ``offset``, notify."""
         conn = self._wdb()
         ident = (self.config.group_id, state.tp.topic, state.tp.partition)
-        # Partition order: pending events come after the new records of the poll, but
-        # the first of two repeats must win (its values are the feedback row's), the last
-        # cost is the charge, and the feedback rows' ids follow the partition.
-        items = sorted(items, key=lambda it: it.item.offset)
-        # A repeat inside the batch is skipped here; one across batches by the insert.
-        unique: dict[tuple[str, str], _Apply] = {}
-        for it in items:
-            unique.setdefault((it.item.event.decision_id, it.item.event.event_id), it)
-        candidates = list(unique.values())
+        candidates = _first_of_repeats(items)
         with conn.transaction():
             found = conn.execute(
                 "SELECT version FROM learner_partitions WHERE group_id = %s"

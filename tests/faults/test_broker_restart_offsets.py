@@ -327,9 +327,12 @@ def restart(private_postgres: PrivatePostgres, persistent_broker: PersistentBrok
         seen["events_before"], seen["events_after"] = before.events, after.events
         seen["exit_codes"] = learners.stop()
         with world.conn() as conn:
+            # The group's applied keys: its feedback rows, and learner_applied keys for
+            # events whose row another writer had (migration 0007).
             seen["applied_rows"] = conn.execute(
-                "SELECT count(*) FROM learner_applied WHERE group_id = %s",
-                (GROUP,)).fetchone()[0]
+                "SELECT (SELECT count(*) FROM learner_applied WHERE group_id = %(g)s)"
+                " + (SELECT count(*) FROM feedback WHERE learner_group = %(g)s)",
+                {"g": GROUP}).fetchone()[0]
     except BaseException:
         print(learners.logs())
         raise

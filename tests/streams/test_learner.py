@@ -190,3 +190,40 @@ def test_apply_feedback_poison_and_duplicates_dead_lettered(
     assert malformed.topic == topic and malformed.offset >= 0
     assert by_reason["unknown-decision"][0].original == encode_feedback(
         specials["unknown-decision"])
+
+
+def test_apply_feedback_rows_toggled_each_event_once(
+        world: World, kafka_bootstrap: str, make_topic: Callable[..., str],
+        unique_group_id: str, start_learner: Callable[..., Running]) -> None:
+    """The group's key of an event is its feedback row (feedback_rows on) or its
+    learner_applied row (off): a learner restarted with the other setting still skips
+    the events applied under the first, and writes each key in one place only."""
+    topic = make_topic(partitions=2)
+    first, second, third = (world.add_decisions(40) for _ in range(3))
+    phases = [(False, [world.feedback(d) for d in first]),
+              (True, [world.feedback(d) for d in second]),
+              (False, [world.feedback(d) for d in third])]
+    prod, ends = producer(kafka_bootstrap), Ends()
+    sent: list = []
+    counts = []
+    for feedback_rows, fresh in phases:
+        # Every earlier event again (repeats across the switch), then the new ones.
+        send_events(prod, topic, [*sent, *fresh], ends)
+        sent += fresh
+        learner = start_learner(topic, unique_group_id, feedback_rows=feedback_rows,
+                                max_poll_records=30)
+        wait_caught_up(world.url, unique_group_id, topic, ends)
+        learner.stop()
+        m = learner.learner.metrics.events
+        counts.append((m.labels("applied")._value.get(), m.labels("duplicate")._value.get()))
+    assert counts == [(40, 0), (40, 40), (40, 80)]
+    assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
+                           replay(world, sent))
+    with world.conn() as conn:
+        keys = conn.execute("SELECT decision_id FROM learner_applied WHERE group_id = %s",
+                            (unique_group_id,)).fetchall()
+        rows = conn.execute("SELECT decision_id FROM feedback WHERE learner_group = %s",
+                            (unique_group_id,)).fetchall()
+    # Rows off: a key per event; rows on: the row is the key, no learner_applied row.
+    assert sorted(d for (d,) in keys) == sorted([*first, *third])
+    assert sorted(d for (d,) in rows) == sorted(second)
