@@ -67,3 +67,39 @@ def test_upgrade_feedback_without_foreign_keys_downgrade_restores_them(new_datab
                                  for ix in inspect(engine).get_indexes("feedback")]
     finally:
         engine.dispose()
+
+
+def test_downgrade_feedback_learner_group_keeps_keys_in_learner_applied(new_database_url):
+    # 0007: a feedback row naming a learners' group is that group's idempotency key;
+    # going down, the keys move to learner_applied, or the old learner would apply
+    # those events again.
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    url = new_database_url()
+    upgrade(url)
+    now = datetime.now(UTC)
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO feedback (decision_id, tenant_id, event_id, quality,"
+                " created_at, learner_group) VALUES (:d, 't', :e, 0.5, :now, :g)"),
+                [{"d": "d1", "e": "e1", "now": now, "g": "group-a"},
+                 {"d": "d2", "e": "", "now": now, "g": None}])
+    finally:
+        engine.dispose()
+    downgrade(url, "0005")
+    engine = make_engine(url)
+    try:
+        assert "learner_group" not in {c["name"] for c in inspect(engine).get_columns(
+            "feedback")}
+        with engine.connect() as conn:
+            keys = conn.execute(text("SELECT group_id, decision_id, event_id"
+                                     " FROM learner_applied")).all()
+        assert [tuple(k) for k in keys] == [("group-a", "d1", "e1")]
+        upgrade(url)
+        assert is_at_head(engine)
+    finally:
+        engine.dispose()
