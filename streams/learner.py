@@ -247,35 +247,54 @@ def _contexts_ok(contexts: list[bytes], dim: int) -> np.ndarray:
 _EVENTS = ("b AS (SELECT * FROM unnest(%(d)b::varchar[], %(t)b::varchar[],"
            " %(e)b::varchar[], %(q)b::float8[], %(c)b::float8[], %(l)b::float8[],"
            " %(r)b::float8[], %(n)b::int8[]) AS u(d, t, e, q, c, l, r, n))")
+
+
+class _Statement(NamedTuple):
+    """One of the statements that record events as applied: ``ctes`` define the fresh
+    events, ``spend`` reconciles their costs (added when ``reconcile_spend``), ``select``
+    returns their (decision_id, event_id). Constant fragments: every value is a
+    parameter."""
+
+    ctes: str
+    spend: str
+    select: str
+
+
+# The last reported cost of the fresh events of each decision, from ``new`` (d, c, n).
+_SPEND_NEW = ("spend AS (UPDATE decisions AS x SET charged_usd = s.c FROM (SELECT"
+              " DISTINCT ON (d) d, c FROM new WHERE c <> 'NaN' ORDER BY d, n DESC) AS s"
+              " WHERE x.id = s.d)")
 # feedback_rows: the row is the key. An event is fresh when this group holds no
 # learner_applied key for it (written while feedback_rows was off, or for a row of
-# another group) and no row exists; ids follow the partition's order.
-_FRESH_ROWS = (  # constant fragments (every value is a parameter)
+# another group) and no row exists. The rows' ids follow the partition's order, so the
+# costs come from the returned rows themselves (no join back to the arrays).
+_FRESH_ROWS = _Statement(
     _EVENTS + ", rows AS (INSERT INTO feedback (decision_id, tenant_id, event_id,"  # noqa: S608
     " quality, cost_usd, latency_ms, created_at, learner_group) SELECT d, t, e,"
-    " nullif(q, 'NaN'), nullif(c, 'NaN'), nullif(l, 'NaN'), to_timestamp(r), %(g)s::varchar"
-    " FROM b WHERE NOT EXISTS (SELECT 1 FROM learner_applied a WHERE a.group_id = %(g)s::varchar"
-    " AND a.decision_id = b.d AND a.event_id = b.e) ORDER BY n"
-    " ON CONFLICT (decision_id, event_id) DO NOTHING RETURNING decision_id, event_id),"
-    " new AS (SELECT b.* FROM b JOIN rows ON rows.decision_id = b.d"
-    " AND rows.event_id = b.e)", "SELECT n FROM new")
+    " nullif(q, 'NaN'), nullif(c, 'NaN'), nullif(l, 'NaN'), to_timestamp(r),"
+    " %(g)s::varchar FROM b WHERE NOT EXISTS (SELECT 1 FROM learner_applied a"
+    " WHERE a.group_id = %(g)s::varchar AND a.decision_id = b.d AND a.event_id = b.e)"
+    " ORDER BY n ON CONFLICT (decision_id, event_id) DO NOTHING"
+    " RETURNING id, decision_id, event_id, cost_usd)",
+    "spend AS (UPDATE decisions AS x SET charged_usd = s.c FROM (SELECT DISTINCT ON"
+    " (decision_id) decision_id AS d, cost_usd AS c FROM rows WHERE cost_usd IS NOT NULL"
+    " ORDER BY decision_id, id DESC) AS s WHERE x.id = s.d)",
+    "SELECT decision_id, event_id FROM rows")
 # The keys: an event is fresh when no feedback row of this group covers it and its key
 # is new. Its statement runs after the feedback insert, so it sees the rows that insert
 # found (a concurrent writer's included: the insert waited for it to commit).
-_FRESH_KEYS = (
+_FRESH_KEYS = _Statement(
     _EVENTS + ", keys AS (INSERT INTO learner_applied"  # noqa: S608
     " (group_id, decision_id, event_id) SELECT %(g)s::varchar, d, e FROM b"
-    " WHERE NOT EXISTS (SELECT 1 FROM feedback f"
-    " WHERE f.decision_id = b.d AND f.event_id = b.e AND f.learner_group = %(g)s::varchar)"
+    " WHERE NOT EXISTS (SELECT 1 FROM feedback f WHERE f.decision_id = b.d"
+    " AND f.event_id = b.e AND f.learner_group = %(g)s::varchar)"
     " ON CONFLICT (group_id, decision_id, event_id) DO NOTHING"
     " RETURNING decision_id, event_id),"
     " new AS (SELECT b.* FROM b JOIN keys ON keys.decision_id = b.d"
-    " AND keys.event_id = b.e)", "SELECT n FROM new")
-# reconcile_spend: the last reported cost of the fresh events of each decision.
-_SPEND = ("spend AS (UPDATE decisions AS x SET charged_usd = s.c FROM (SELECT"
-          " DISTINCT ON (d) d, c FROM new WHERE c <> 'NaN' ORDER BY d, n DESC) AS s"
-          " WHERE x.id = s.d)")
-_SPEND_ONLY = (_EVENTS + ", new AS (SELECT * FROM b)", "SELECT n FROM new")  # noqa: S608
+    " AND keys.event_id = b.e)", _SPEND_NEW, "SELECT d, e FROM new")
+# The costs of given events only (after the two statements above both found some).
+_SPEND_ONLY = _Statement(_EVENTS + ", new AS (SELECT * FROM b)",  # noqa: S608
+                         _SPEND_NEW, "SELECT d, e FROM new")
 
 
 def _event_arrays(group_id: str, candidates: list[_Apply]) -> dict[str, Any]:
@@ -819,17 +838,19 @@ class Learner:
         return self._run(conn, _FRESH_KEYS,
                          params if only is None else _subset(params, only), spend=spend)
 
-    def _run(self, conn: psycopg.Connection, parts: tuple[str, str],
+    def _run(self, conn: psycopg.Connection, statement: _Statement,
              params: dict[str, Any], *, spend: bool = True) -> list[int]:
-        """One of the statements above: ``parts`` = (the CTEs that define ``new``, the
-        fresh events, the final SELECT); the reconciliation CTE goes in between when
-        configured. Returns the fresh events' ordinals, sorted."""
-        ctes, select = parts
+        """One of the statements above (with its reconciliation CTE when configured and
+        ``spend``); returns the fresh events' ordinals (``params["n"]``), sorted."""
+        ctes = statement.ctes
         if spend and self.config.reconcile_spend:
-            ctes += ", " + _SPEND
+            ctes += ", " + statement.spend
         # Constant fragments chosen by the configuration; every value is a parameter.
-        rows = conn.execute(f"WITH {ctes} {select}", params).fetchall()  # noqa: S608
-        return sorted(int(r[0]) for r in rows)
+        rows = conn.execute(f"WITH {ctes} {statement.select}",  # noqa: S608
+                            params).fetchall()
+        ordinal = dict(zip(zip(params["d"], params["e"], strict=True), params["n"],
+                           strict=True))
+        return sorted(ordinal[(d, e)] for d, e in rows)
 
     def prune_applied(self) -> int:
         """Forget idempotency keys older than the retention window (safe: see the table)."""
