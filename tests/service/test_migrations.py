@@ -69,7 +69,7 @@ def test_upgrade_feedback_without_foreign_keys_downgrade_restores_them(new_datab
         engine.dispose()
 
 
-def test_downgrade_feedback_learner_group_keeps_keys_in_learner_applied(new_database_url):
+def test_downgrade_learner_writes_keeps_keys_in_learner_applied(new_database_url):
     # 0007: a feedback row naming a learners' group is that group's idempotency key;
     # going down, the keys move to learner_applied, or the old learner would apply
     # those events again.
@@ -81,7 +81,17 @@ def test_downgrade_feedback_learner_group_keeps_keys_in_learner_applied(new_data
     upgrade(url)
     now = datetime.now(UTC)
     engine = make_engine(url)
+
+    def fillfactor() -> list[str]:
+        with engine.connect() as conn:
+            options = conn.execute(text("SELECT reloptions FROM pg_class"
+                                        " WHERE relname = 'decisions'")).scalar()
+        return [o for o in options or [] if o.startswith("fillfactor")]
+
+    postgres = engine.dialect.name == "postgresql"
     try:
+        if postgres:  # the reconciled cost's UPDATE stays on the page (HOT)
+            assert fillfactor() == ["fillfactor=75"]
         with engine.begin() as conn:
             conn.execute(text(
                 "INSERT INTO feedback (decision_id, tenant_id, event_id, quality,"
@@ -99,6 +109,8 @@ def test_downgrade_feedback_learner_group_keeps_keys_in_learner_applied(new_data
             keys = conn.execute(text("SELECT group_id, decision_id, event_id"
                                      " FROM learner_applied")).all()
         assert [tuple(k) for k in keys] == [("group-a", "d1", "e1")]
+        if postgres:
+            assert fillfactor() == []
         upgrade(url)
         assert is_at_head(engine)
     finally:
