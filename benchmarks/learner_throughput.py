@@ -140,6 +140,25 @@ def stored(url: str, group: str, topic: str) -> dict[int, int]:
     return {int(p): int(o) for p, o in rows}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux ``/proc``; 0 when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_pids(url: str) -> list[int]:
+    """The PostgreSQL server processes of the benchmark's database (the learners'
+    connections; the caller's own short-lived ones come and go)."""
+    name = url.rpartition("/")[2]
+    with psycopg.connect(libpq_url(url)) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s"
+                            " AND pid <> pg_backend_pid()", (name,)).fetchall()
+    return [int(r[0]) for r in rows]
+
+
 def bare_consumer(bootstrap: str, topic: str, ends: dict[int, int],
                   max_poll_records: int) -> dict:
     """The baseline: a bare kafka-python consumer with the learner's poll settings that
@@ -161,6 +180,7 @@ def bare_consumer(bootstrap: str, topic: str, ends: dict[int, int],
         max_poll_records=max_poll_records, **DEFAULT_CONSUMER_SETTINGS)
     consumer.subscribe([topic], listener=Listener())
     total, taken, checksum = sum(ends.values()), 0, 0.0
+    cpu0 = time.process_time()
     try:
         deadline = time.monotonic() + 300
         while taken < total:
@@ -171,10 +191,12 @@ def bare_consumer(bootstrap: str, topic: str, ends: dict[int, int],
                     checksum += json.loads(record.value)["quality"]
                 taken += len(batch)
         elapsed = time.perf_counter() - assigned[0]
+        cpu = time.process_time() - cpu0  # this process, all its threads
     finally:
         consumer.close(autocommit=False)
     return {"events": taken, "seconds": round(elapsed, 3),
-            "events_per_s": round(taken / elapsed, 1), "quality_sum": round(checksum, 3)}
+            "events_per_s": round(taken / elapsed, 1), "quality_sum": round(checksum, 3),
+            "cpu_us_per_event": round(1e6 * cpu / taken, 1)}
 
 
 class LearnerProcess:
@@ -235,6 +257,10 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
             time.sleep(0.02)
         # Partitions held by everyone: the group is stable from here on.
         start_offsets = stored(url, group, topic)
+        # CPU: the learner processes and their PostgreSQL connections (the writer's is
+        # opened at the first write: it starts from zero).
+        cpu0 = {lp.proc.pid: cpu_seconds(lp.proc.pid) for lp in learners}
+        pg0 = {pid: cpu_seconds(pid) for pid in backend_pids(url)}
         t0 = time.perf_counter()
         while True:
             now = stored(url, group, topic)
@@ -242,6 +268,9 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
                 break
             time.sleep(0.02)
         elapsed = time.perf_counter() - t0
+        learner_cpu = sum(cpu_seconds(pid) - c for pid, c in cpu0.items())
+        pg_cpu = sum(cpu_seconds(pid) - pg0.get(pid, 0.0)
+                     for pid in set(pg0) | set(backend_pids(url)))
     finally:
         for lp in learners:
             lp.stop()
@@ -259,6 +288,8 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
             "events_per_s_per_learner": round(applied / elapsed / n_learners, 1),
             "produce_events_per_s": round(events / produce_s, 1),
             "applied_keys_total": int(applied_keys), "feedback_rows_total": int(feedback),
+            "cpu_us_per_event": {"learners": round(1e6 * learner_cpu / applied, 1),
+                                 "postgres": round(1e6 * pg_cpu / applied, 1)},
             "bare_consumer": baseline}
 
 
@@ -450,11 +481,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{n_learners} learner(s): {row['events_per_s']:>10,.0f} events/s "
                   f"({row['events_per_s_per_learner']:,.0f} per learner; "
                   f"{row['events_measured']:,} events in {row['seconds']} s); bare consumer "
-                  f"{row['bare_consumer']['events_per_s']:,.0f} events/s", flush=True)
+                  f"{row['bare_consumer']['events_per_s']:,.0f} events/s; CPU us/event: "
+                  f"learner(s) {row['cpu_us_per_event']['learners']}, their PostgreSQL "
+                  f"{row['cpu_us_per_event']['postgres']}, bare consumer "
+                  f"{row['bare_consumer']['cpu_us_per_event']}", flush=True)
     if not args.visibility_only:
         results["summary"] = summarize(results["throughput"])
         print("median: " + ", ".join(f"{k} {v:,}" for k, v in results["summary"].items()
-                                     if not isinstance(v, list)))
+                                     if not isinstance(v, (list, dict))))
     if args.throughput_only:
         vis_stored = json.loads(RESULT.read_text()).get("visibility") if RESULT.exists() \
             else None
@@ -481,6 +515,13 @@ def summarize(rows: list[dict]) -> dict:
     one = [r for r in rows if r["learners"] == 1]
     two = [r for r in rows if r["learners"] == 2]
     to_bare = [r["events_per_s"] / r["bare_consumer"]["events_per_s"] for r in one]
+    # CPU per event (the learner process and its PostgreSQL connections, against the
+    # bare consumer's process; the broker's share is left out of both): what the rate
+    # ratio would be with the CPU to itself, as on a quiet host. Less swung by the load
+    # of the moment than rates, not free of it (cache and scheduling).
+    cpu_to_bare = [r["bare_consumer"]["cpu_us_per_event"]
+                   / (r["cpu_us_per_event"]["learners"] + r["cpu_us_per_event"]["postgres"])
+                   for r in one]
     scale = [b["events_per_s"] / a["events_per_s"] for a, b in zip(one, two, strict=True)]
     return {
         "bare_events_per_s": round(float(np.median(
@@ -491,6 +532,12 @@ def summarize(rows: list[dict]) -> dict:
         "one_learner_to_bare": round(float(np.median(to_bare)), 3),
         "two_to_one_learner": round(float(np.median(scale)), 3),
         "one_learner_to_bare_per_round": [round(v, 3) for v in to_bare],
+        "one_learner_cpu_to_bare": round(float(np.median(cpu_to_bare)), 3),
+        "one_learner_cpu_us_per_event": {
+            k: round(float(np.median([r["cpu_us_per_event"][k] for r in one])), 1)
+            for k in ("learners", "postgres")},
+        "bare_cpu_us_per_event": round(float(np.median(
+            [r["bare_consumer"]["cpu_us_per_event"] for r in rows])), 1),
         "two_to_one_per_round": [round(v, 3) for v in scale],
         "load_average": [round(v, 2) for v in os.getloadavg()]}
 
