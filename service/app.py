@@ -24,12 +24,10 @@ from fastapi_offline import FastAPIOffline
 
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
-from service.deps import AuthenticateFirst
 from service.errors import document_problems, install_error_handlers
-from service.limits import LimitsMiddleware
 from service.memory import then_release_free_memory
 from service.metrics import Metrics
-from service.observability import RequestIdMiddleware
+from service.middleware import ServiceMiddleware
 from service.routes import (
     admin,
     admin_keys,
@@ -122,12 +120,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    # Limits (body size, rate, concurrency: service/limits.py) inside the request ids, so
-    # a refusal carries one too.
-    # The key before the body (service.deps.AuthenticateFirst), inside the limits.
-    app.add_middleware(AuthenticateFirst)
-    app.add_middleware(LimitsMiddleware)
-    app.add_middleware(RequestIdMiddleware)
+    # Request id, limits, the key before the body, the 500 answered: one middleware.
+    app.add_middleware(ServiceMiddleware)
     decide.install(app)
     for module in (feedback, decisions, tenants, admin, admin_tenants, admin_keys,
                    admin_reservations, admin_state, health, status_page):

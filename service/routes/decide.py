@@ -27,7 +27,6 @@ import orjson
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from bandit import Preferences
@@ -145,11 +144,10 @@ class DecideEndpoint:
 
 
 def install(app: FastAPI) -> None:
-    """Route ``POST /v1/decide`` to :class:`DecideEndpoint`, first in the app's routes:
-    the busiest path is matched first, before the documentation pages' routes and the
-    included routers."""
-    app.router.routes.insert(0, Route(PATH, DecideEndpoint(), methods=["POST"],
-                                      include_in_schema=False))
+    """Route ``POST /v1/decide`` to :class:`DecideEndpoint` with Starlette's public
+    ``add_route``, before the included routers: only the documentation pages' few routes
+    are tried before it (about a microsecond each)."""
+    app.add_route(PATH, DecideEndpoint(), methods=["POST"], include_in_schema=False)
 
 
 def _schema(model: type[BaseModel], mode: str) -> tuple[dict, dict]:
