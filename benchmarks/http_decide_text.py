@@ -1,5 +1,5 @@
-"""HTTP decide with query texts: the featurizer's compiled kernel against its numpy
-reference, next to a bare FastAPI endpoint, with two load generators.
+"""HTTP decide with query texts: the router (hashing featurizer version 2, and version 1)
+next to a bare FastAPI endpoint, with two load generators.
 
 The set-up of :mod:`benchmarks.http_decide` (uvicorn, one worker per server, the same
 settings; embedded router, d=64, 16 models), but every request carries a query text:
@@ -8,10 +8,12 @@ ones, cycled; generated prompt-like text without the data), featurized by the se
 hashing featurizer, the default way users call us. Three servers, in the same run:
 
 * ``bare``: a FastAPI endpoint returning a constant body;
-* ``router``: the router as it is (the featurizer's compiled kernel);
-* ``router_reference``: the same router whose featurizer runs the numpy reference
-  (``HashingFeaturizer._reference_transform``, the implementation before the kernel,
-  same vectors), patched in for this benchmark only: the "before".
+* ``router``: the router as it is (hashing featurizer version 2, the default of a new
+  deployment);
+* ``router_v1``: the same router with ``HASHING_VERSION=1`` (a deployment that learned
+  with version 1 before version 2 existed keeps it);
+* ``baseline`` (with ``--baseline DIR``): the router from another source tree (e.g.
+  ``git archive main | tar -x -C DIR``): a before/after comparison in one run.
 
 1. Maximum throughput, ``--rounds`` rounds, the servers taking turns in a different
    order each round, each reported by its median round: with the asyncio load generator
@@ -47,12 +49,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import REPO_ROOT, data_root, print_table, write_results
 from benchmarks.http_decide import (
     ADMIN_KEY,
     BARE_APP,
@@ -68,18 +69,10 @@ from benchmarks.http_decide import (
     start_server,
 )
 
-NAMES = ("bare", "router", "router_reference")
-
-# The featurizer as it was before its compiled kernel: the numpy reference.
-ROUTER_REFERENCE_APP = textwrap.dedent('''
-    from bandit.featurize import HashingFeaturizer
-
-    def _reference_vector(self, text, out):
-        out[:] = self._reference_transform([text])[0]
-        return out
-
-    HashingFeaturizer._vector = _reference_vector
-''') + ROUTER_APP
+NAMES = ("bare", "router", "router_v1")
+#: Per server, the router's settings beyond the common ones.
+EXTRA_ENV = {"router": {}, "router_v1": {"BANDIT_ROUTER_HASHING_VERSION": "1"},
+             "baseline": {}}
 
 # wrk's request() callback cycles through pre-formatted requests.
 WRK_SCRIPT = """
@@ -190,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-chars", type=int, default=500)
     parser.add_argument("--quick", action="store_true",
                         help="2 s phases, 1 round, no results file")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another source tree served as a fourth server (see above)")
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
                         help="only py-spy the router under load (see the module doc)")
     args = parser.parse_args(argv)
@@ -198,35 +193,38 @@ def main(argv: list[str] | None = None) -> None:
     if "wrk" not in generators:
         print("wrk not installed (apt-get install wrk): asyncio load generator only")
 
+    names = NAMES + (("baseline",) if args.baseline is not None else ())
     runs: dict[str, list[dict[str, float]]] = {
-        f"{name}_{gen}": [] for gen in generators for name in NAMES}
+        f"{name}_{gen}": [] for gen in generators for name in names}
     runs["router_half_load"] = []
     texts = query_texts(args.text_chars, 256)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        for name, source in zip(NAMES, (BARE_APP, ROUTER_APP, ROUTER_REFERENCE_APP),
-                                strict=True):
-            (tmpdir / f"{name}_app.py").write_text(source)
+        (tmpdir / "bare_app.py").write_text(BARE_APP)
+        (tmpdir / "router_app.py").write_text(ROUTER_APP)
         servers = {}
         try:
-            for name in NAMES:
+            for name in names:
                 env = {} if name == "bare" else {
                     "BANDIT_ROUTER_DATA_DIR": str(tmpdir / f"data_{name}"),
                     "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
-                    "BANDIT_ROUTER_DATABASE_URL": ""}
+                    "BANDIT_ROUTER_DATABASE_URL": "", **EXTRA_ENV[name]}
                 port = free_port()
-                servers[name] = (start_server(tmpdir, f"{name}_app", port, env), port)
+                source = args.baseline if name == "baseline" else REPO_ROOT
+                servers[name] = (start_server(tmpdir, "bare_app" if name == "bare"
+                                              else "router_app", port, env, source=source),
+                                 port)
             keys = {name: None if name == "bare" else setup_router(servers[name][1])
-                    for name in NAMES}
+                    for name in names}
             bodies = [json.dumps({"query": {"text": t}}) for t in texts]
-            reqs = {name: [raw_request(b, keys[name]) for b in bodies] for name in NAMES}
+            reqs = {name: [raw_request(b, keys[name]) for b in bodies] for name in names}
             scripts = {}
-            for name in NAMES:
+            for name in names:
                 scripts[name] = tmpdir / f"{name}.lua"
                 scripts[name].write_text(WRK_SCRIPT.format(
                     bodies="{" + ", ".join(json.dumps(b) for b in bodies[:32]) + "}",
                     auth=f"Bearer {keys[name]}" if keys[name] else ""))
-            for name in NAMES:  # warm-up
+            for name in names:  # warm-up
                 asyncio.run(closed_loop(servers[name][1], reqs[name], 4, 1.0))
             if args.profile is not None:
                 proc, port = servers["router"]
@@ -234,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
                         args.profile)
                 return
             for r in range(rounds):
-                for name in NAMES[r % 3:] + NAMES[:r % 3]:
+                for name in names[r % len(names):] + names[:r % len(names)]:
                     port = servers[name][1]
                     runs[f"{name}_asyncio"].append(asyncio.run(closed_loop(
                         port, reqs[name], args.connections, seconds)))
@@ -256,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios, per_round, rows = {}, {}, []
     for gen in generators:
         bare = runs[f"bare_{gen}"]
-        for name in NAMES:
+        for name in names:
             phase = f"{name}_{gen}"
             run = medians[phase]
             if name != "bare":
@@ -284,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.quick:
         path = write_results("http_decide_text", {
             "settings": {"dim": DIM, "models": N_MODELS, "connections": args.connections,
+                         "baseline": None if args.baseline is None else str(args.baseline),
                          "seconds_per_phase": seconds, "rounds": rounds,
                          "text_chars": args.text_chars, "generators": generators,
                          "uvicorn": " ".join(UVICORN_ARGS)},

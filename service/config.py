@@ -63,8 +63,8 @@ class Settings(BaseSettings):
                      "384).")
     featurizer: Literal["hashing", "minilm"] = "hashing"
     featurizer_seed: int = 0
-    hashing_version: Literal[1, 2] | None = Field(
-        None, description="Version of the hashing featurizer's vectors (bandit.featurize."
+    hashing_version: int | None = Field(
+        None, ge=1, le=2, description="Version of the hashing featurizer's vectors (bandit.featurize."
         "HashingFeaturizer): 2 is ~2x faster than 1, with other vectors. Unset: the "
         "version the newest checkpoint was learned with (an existing deployment keeps "
         "1), 2 for a first start; in distributed mode (KAFKA_BOOTSTRAP) 1, since the "
