@@ -116,13 +116,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # FastAPIOffline: a FastAPI app whose /docs and /redoc load Swagger UI and ReDoc from
     # the installed package (under /static-offline-docs), not from a CDN.
     app = FastAPIOffline(title="bandit-router", version="0.1.0", lifespan=lifespan,
-                         description="Online contextual-bandit router for LLM requests.")
+                         description="Online contextual-bandit router for LLM requests.",
+                         routes=[decide.route()])
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
     # Request id, limits, the key before the body, the 500 answered: one middleware.
     app.add_middleware(ServiceMiddleware)
-    decide.install(app)
     for module in (feedback, decisions, tenants, admin, admin_tenants, admin_keys,
                    admin_reservations, admin_state, health, status_page):
         app.include_router(module.router)
