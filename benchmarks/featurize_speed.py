@@ -1,12 +1,15 @@
-"""Text featurizing time per call: the compiled kernel against the numpy reference.
+"""Text featurizing time per call: the compiled kernel (versions 2 and 1) against the
+numpy reference.
 
 The hashing featurizer (:class:`bandit.featurize.HashingFeaturizer`, dim 64, defaults)
 featurizes one text per call, as the service does per request, at 64, 500, 2,000 and
-10,000 characters. Three implementations, measured in the same run:
+10,000 characters. Four implementations, measured in the same run:
 
-* ``kernel``: ``transform_one`` (the numba kernel, ``bandit/_hashing_kernel.py``);
-* ``reference``: ``_reference_transform([text])``, the numpy implementation that was
-  ``transform_one`` before the kernel (the same vectors to 1e-12; the baseline);
+* ``kernel``: ``transform_one`` of version 2 (the default: a sparse projection);
+* ``kernel_v1``: ``transform_one`` of version 1 (the 8 MiB Gaussian projection), the
+  vectors of deployments that learned before version 2;
+* ``reference``: version 1's ``_reference_transform([text])``, the numpy implementation
+  that was ``transform_one`` before the kernel (the same vectors to 1e-12);
 * ``sklearn``: scikit-learn's ``HashingVectorizer`` (character 3-5-grams in word
   boundaries, 2^14 features) on the same text, ``transform([text])`` only: no word
   n-grams and no projection to 64 dimensions, so it does less than the others. Skipped
@@ -84,10 +87,11 @@ def pools(text: str) -> dict[int, list[str]]:
 
 
 def implementations() -> dict[str, Callable[[str], object]]:
-    f = HashingFeaturizer()
+    v1 = HashingFeaturizer(version=1)
     impls: dict[str, Callable[[str], object]] = {
-        "kernel": f.transform_one,
-        "reference": lambda text: f._reference_transform([text])[0],
+        "kernel": HashingFeaturizer().transform_one,
+        "kernel_v1": v1.transform_one,
+        "reference": lambda text: v1._reference_transform([text])[0],
     }
     try:
         from sklearn.feature_extraction.text import HashingVectorizer
@@ -158,17 +162,18 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for length in LENGTHS:
-        kernel, reference = median["kernel"][length], median["reference"][length]
+        kernel, v1 = median["kernel"][length], median["kernel_v1"][length]
+        reference = median["reference"][length]
         sk = median.get("sklearn", {}).get(length)
-        rows.append([f"{length:,}", f"{reference:.1f}", f"{kernel:.1f}",
-                     f"{reference / kernel:.1f}x", f"{kernel / length * 1000:.1f}",
+        rows.append([f"{length:,}", f"{reference:.1f}", f"{v1:.1f}", f"{kernel:.1f}",
+                     f"{v1 / kernel:.1f}x", f"{kernel / length * 1000:.1f}",
                      "" if sk is None else f"{sk:.1f}"])
     long_rate = median["kernel"][2_000] / 2
     print_table(f"HashingFeaturizer (dim 64) per text, µs ({args.clock} time) per call "
                 f"(median of {rounds} "
                 f"round(s); texts: {source})",
-                ["characters", "reference µs", "kernel µs", "speed-up", "kernel µs/1k chars",
-                 "sklearn µs"], rows,
+                ["characters", "v1 reference µs", "v1 kernel µs", "v2 kernel µs",
+                 "v2 speed-up over v1", "v2 µs/1k chars", "sklearn µs"], rows,
                 caption=f"goal <= {GOAL_US_PER_1000_CHARS:g} µs per 1,000 characters: "
                         f"{long_rate:.1f} at 2,000 characters. Start-up (fresh process, "
                         f"median): import bandit {start['import_bandit_s']:.2f} s, first "
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                                       for name, by_len in per_round.items()},
             "speedup_reference_over_kernel": {
                 str(n): median["reference"][n] / median["kernel"][n] for n in LENGTHS},
+            "speedup_v1_over_v2": {
+                str(n): median["kernel_v1"][n] / median["kernel"][n] for n in LENGTHS},
             "kernel_us_per_1000_chars": {
                 str(n): median["kernel"][n] / n * 1000 for n in LENGTHS},
             "startup_s": start,

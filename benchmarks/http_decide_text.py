@@ -140,27 +140,32 @@ def _ms(value: str) -> float:
 
 
 def profile(port: int, pid: int, requests: list[bytes], connections: int, seconds: float,
-            out: Path) -> None:
+            out: Path, gil: bool = False) -> None:
     """py-spy the server ``pid`` under closed-loop load; print its main thread's frames
-    by inclusive share of the samples (idle excluded)."""
+    by inclusive share of the samples (idle excluded), then every thread's functions by
+    their own (self) share. ``gil``: only samples of the thread holding the GIL (where
+    the CPU goes, without the time spent waiting for the GIL)."""
     # py-spy is a binary that pip puts next to the interpreter.
     exe = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if exe is None:
         raise SystemExit("--profile needs py-spy: pip install py-spy")
     spy = subprocess.Popen([exe, "record", "--pid", str(pid),
                             "--duration", f"{seconds:g}", "--rate", "250", "--format", "raw",
-                            "--output", str(out), "--nonblocking", "--threads"],
+                            "--output", str(out), "--nonblocking", "--threads",
+                            *(["--gil"] if gil else [])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     load = asyncio.run(closed_loop(port, requests, connections, seconds + 1.0))
     if spy.wait(60) != 0:
         raise RuntimeError(spy.stderr.read().decode()[-2000:])
     threads: collections.Counter[str] = collections.Counter()
     frames: collections.Counter[tuple[str, str]] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
     with out.open(encoding="utf-8") as fh:
         for line in fh:
             stack, count = line.rsplit(" ", 1)
             thread, *calls = stack.split(";")
             threads[thread] += int(count)
+            leaves[re.sub(r":\d+\)$", ")", calls[-1]) if calls else thread] += int(count)
             # "function (file.py:line)" -> "function (file.py)", counted once per stack.
             for call in {re.sub(r":\d+\)$", ")", c) for c in calls}:
                 frames[(thread, call)] += int(count)
@@ -173,6 +178,10 @@ def profile(port: int, pid: int, requests: list[bytes], connections: int, second
                 caption="other threads' samples: " + ", ".join(
                     f"{t.split(': ')[-1]} {n}" for t, n in threads.most_common()
                     if t != main_thread) + f"; stacks in {out}")
+    everything = sum(leaves.values())
+    print_table(f"self time, every thread ({everything} samples"
+                + (", GIL holder only)" if gil else ")"), ["function", "%"],
+                [[call, f"{100 * n / everything:.1f}"] for call, n in leaves.most_common(30)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="another source tree served as a fourth server (see above)")
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
                         help="only py-spy the router under load (see the module doc)")
+    parser.add_argument("--gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL")
     args = parser.parse_args(argv)
     seconds, rounds = (2.0, 1) if args.quick else (args.seconds, args.rounds)
     generators = ["asyncio"] + (["wrk"] if shutil.which("wrk") else [])
@@ -229,13 +240,14 @@ def main(argv: list[str] | None = None) -> None:
             if args.profile is not None:
                 proc, port = servers["router"]
                 profile(port, proc.pid, reqs["router"], args.connections, seconds,
-                        args.profile)
+                        args.profile, gil=args.gil)
                 return
             for r in range(rounds):
                 for name in names[r % len(names):] + names[:r % len(names)]:
                     port = servers[name][1]
                     runs[f"{name}_asyncio"].append(asyncio.run(closed_loop(
-                        port, reqs[name], args.connections, seconds)))
+                        port, reqs[name], args.connections, seconds,
+                        pid=servers[name][0].pid)))
                     if "wrk" in generators:
                         runs[f"{name}_wrk"].append(wrk_round(
                             port, scripts[name], args.connections, seconds))
@@ -265,6 +277,11 @@ def main(argv: list[str] | None = None) -> None:
                          f"{ratios[phase]:.2f}" if phase in ratios else "",
                          f"{run['p50_ms']:.2f}", f"{run['p99_ms']:.2f}",
                          f"{run['errors']:.0f}"])
+    # Server CPU per request (asyncio rounds, medians): bare / router is the throughput
+    # ratio a CPU-bound one-worker server would reach on an otherwise idle machine.
+    cpu = {name: float(np.median([r["server_cpu_us_per_request"]
+                                  for r in runs[f"{name}_asyncio"]])) for name in names}
+    cpu_ratios = {name: cpu["bare"] / cpu[name] for name in names if name != "bare"}
     half_load = medians["router_half_load"]
     rows.append([f"router at {half_load['rate_rps']:.0f} req/s (half)", "", "",
                  f"{half_load['p50_ms']:.2f}", f"{half_load['p99_ms']:.2f}",
@@ -278,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
                 rows, caption="ratio to bare per round: " + "; ".join(
                     f"{phase} " + ", ".join(f"{x:.2f}" for x in values)
                     for phase, values in per_round.items())
-                + f"; errors (all rounds): {errors:.0f}; goals: {goals}")
+                + f"; errors (all rounds): {errors:.0f}; goals: {goals}; server CPU µs per "
+                "request (asyncio, median): " + ", ".join(f"{n} {v:.0f}" for n, v in cpu.items())
+                + "; CPU ratio bare / router: " + ", ".join(
+                    f"{n} {v:.2f}" for n, v in cpu_ratios.items()))
     if not args.quick:
         path = write_results("http_decide_text", {
             "settings": {"dim": DIM, "models": N_MODELS, "connections": args.connections,
@@ -287,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
                          "text_chars": args.text_chars, "generators": generators,
                          "uvicorn": " ".join(UVICORN_ARGS)},
             **medians, "ratio_to_bare": ratios, "ratio_to_bare_per_round": per_round,
+            "server_cpu_us_per_request": cpu, "cpu_ratio_to_bare": cpu_ratios,
             "rounds": runs, "goals": goals,
         }, packages=("fastapi", "uvicorn", "uvloop", "httptools", "starlette", "pydantic",
                      "numpy", "numba", "orjson"))
