@@ -203,3 +203,21 @@ def test_replay_minilm_default_dim_is_the_services(tmp_path):
                                           "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["dim"] == Settings(featurizer="minilm").dim == 384
+
+
+@pytest.mark.parametrize(("overrides", "stored", "expected"), [
+    ({}, None, 2),  # a first start
+    ({}, "hashing-v1:dim=64,n_buckets=16384,seed=0,chars=3-5,words=1-2,lowercase=1", 1),
+    ({}, "hashing-v2:dim=64,nnz=4,seed=0,chars=3-5,words=1-2,lowercase=1", 2),
+    ({"hashing_version": 1}, None, 1),
+    # Distributed: the learners' statistics do not record the version; never guess 2.
+    ({"kafka_bootstrap": "127.0.0.1:9092"}, None, 1),
+    ({"kafka_bootstrap": "127.0.0.1:9092", "hashing_version": 2}, None, 2),
+])
+def test_hashing_version_resolution(overrides, stored, expected):
+    from types import SimpleNamespace
+
+    from service.routing import RoutingService
+
+    state = SimpleNamespace(settings=Settings(**overrides), _stored_spec=stored)
+    assert RoutingService._hashing_version(state) == expected
