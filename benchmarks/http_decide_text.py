@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -113,12 +114,12 @@ def raw_request(body: str, key: str | None) -> bytes:
             ).encode() + data
 
 
-def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict[str, float]:
+def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict[str, Any]:
     """One closed-loop run of ``wrk`` (one thread): req/s, p50, p99, errors."""
     done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
                            "-s", str(script), f"http://127.0.0.1:{port}/v1/decide"],
                           capture_output=True, text=True, timeout=seconds + 60, check=True)
-    out = {"errors": 0.0}
+    out: dict[str, Any] = {"errors": 0.0}
     for line in done.stdout.splitlines():
         words = line.split()
         if line.startswith("Requests/sec:"):
@@ -127,8 +128,11 @@ def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict
             out[f"p{words[0][:2]}_ms"] = _ms(words[1])
         elif line.strip().startswith("Non-2xx or 3xx responses:"):
             out["errors"] += float(words[-1])
+            out["error_lines"] = [*out.get("error_lines", []), line.strip()]
         elif line.strip().startswith("Socket errors:"):
             out["errors"] += sum(float(w.rstrip(",")) for w in words[3::2])
+            # connect / read / write / timeout: a timeout (2 s) is a stall, not an answer.
+            out["error_lines"] = [*out.get("error_lines", []), line.strip()]
     return out
 
 
