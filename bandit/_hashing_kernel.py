@@ -7,9 +7,11 @@ point sums differs, so the vectors agree to ~1e-15 (the tests hold it to 1e-12 o
 random and real texts, unicode included). What it saves is the reference's ~40 numpy
 calls and temporary arrays per text: one call, no Python per n-gram or per word.
 
-What is left is memory: every distinct n-gram adds one 512-byte row of the 8 MiB
+Version 1's cost is memory: every distinct n-gram adds one 512-byte row of the 8 MiB
 projection matrix (``n_buckets`` x ``dim`` float64), about 20 ns per row from the L3
-cache here, so long texts cost ~35 µs per 1,000 characters whatever the hashing costs.
+cache here, ~35 µs per 1,000 characters whatever the hashing costs. Version 2 adds to
+4 coordinates per n-gram instead (no matrix), which leaves the hashing and the counting
+of distinct n-grams: those count raw polynomial hashes and mix only the distinct ones.
 
 Python's own definitions are kept where the reference uses them: whitespace is
 ``str.isspace`` (what ``str.split()`` splits on) and a word character is what the
@@ -91,9 +93,10 @@ def _crc32_utf8(codes, start, end, table):
 
 @njit(cache=True, nogil=True)
 def _ngram_hashes(units, count, low, high, salts):
-    """mix64(polynomial hash of every n-gram of ``units[:count]`` ^ salt of n), n in
-    low..high: bandit.featurize's ``_char_hashes`` / ``_word_hashes`` (in another order,
-    which only changes the order of the sums)."""
+    """The polynomial hash of every n-gram of ``units[:count]`` ^ the salt of n, n in
+    low..high: bandit.featurize's ``_char_hashes`` / ``_word_hashes`` before their
+    ``mix64`` (a bijection, so :func:`_distinct` counts these and mixes only the distinct
+    ones), in another order, which only changes the order of the sums."""
     offsets = np.zeros(high + 2, dtype=np.int64)  # where the n-grams of each n start
     for n in range(low, high + 1):
         offsets[n + 1] = offsets[n] + max(count - n + 1, 0)
@@ -105,57 +108,75 @@ def _ngram_hashes(units, count, low, high, salts):
             if n > 1:
                 h = h * _U64(0x9E3779B97F4A7C15) + units[i + n - 1]
             if n >= low:
-                out[offsets[n] + i] = _mix64(h ^ salts[n - low])
+                out[offsets[n] + i] = h ^ salts[n - low]
     return out
 
 
 @njit(cache=True, nogil=True)
-def _add_family(hashes, n_buckets, projection, log1p, out):
-    """out += sum over distinct hashes of sign * log1p(count) / norm * projection[bucket],
-    the reference's ``np.unique`` + weights + ``weights @ projection[buckets]``."""
+def _distinct(hashes, log1p):
+    """``mix64`` of the distinct unmixed hashes (in order of first occurrence) and their
+    sublinear weights ``log1p(count)``, scaled to unit norm: the reference's
+    ``np.unique`` of the mixed hashes + weights (``mix64`` is a bijection: the same
+    classes, ~2.5x fewer mixes)."""
     n = hashes.size
-    if n == 0:
-        return
     size = 2
+    bits = 1
     while size < 2 * n:
         size *= 2
-    mask = _U64(size - 1)
-    slots = np.full(size, -1, dtype=np.int64)  # open addressing: index into keys
-    keys = np.empty(n, dtype=np.uint64)
-    counts = np.empty(n, dtype=np.int64)
+        bits += 1
+    # Open addressing with the keys in the table itself (one memory access per probe);
+    # a count of 0 marks an empty slot, so every 64-bit key is allowed.
+    table = np.empty(size, dtype=np.uint64)
+    counts = np.zeros(size, dtype=np.int32)
+    first = np.empty(n, dtype=np.int64)  # slot of each distinct hash, in first-seen order
     m = 0
     for i in range(n):
         h = hashes[i]
-        s = (h >> _U64(8)) & mask  # bits 32+ make the bucket and bit 0 the sign
+        # Fibonacci hashing: the top bits of h * 2^64/phi spread the raw polynomial hashes.
+        s = (h * _U64(0x9E3779B97F4A7C15)) >> _U64(64 - bits)
         while True:
-            j = slots[s]
-            if j < 0:
-                slots[s] = m
-                keys[m] = h
-                counts[m] = 1
+            if counts[s] == 0:
+                table[s] = h
+                counts[s] = 1
+                first[m] = s
                 m += 1
                 break
-            if keys[j] == h:
-                counts[j] += 1
+            if table[s] == h:
+                counts[s] += 1
                 break
-            s = (s + _U64(1)) & mask
+            s = (s + _U64(1)) & _U64(size - 1)
+    keys = np.empty(m, dtype=np.uint64)
     weights = np.empty(m)
     total = 0.0
     for i in range(m):
-        c = counts[i]
+        slot = first[i]
+        keys[i] = _mix64(table[slot])
+        c = counts[slot]
         w = log1p[c] if c < log1p.size else np.log1p(c)
         weights[i] = w
         total += w * w
     scale = 1.0 / np.sqrt(total)
+    for i in range(m):
+        weights[i] *= scale
+    return keys, weights
+
+
+@njit(cache=True, nogil=True)
+def _add_family(hashes, n_buckets, projection, log1p, out):
+    """Version 1: out += sum over distinct hashes of sign * weight * projection[bucket],
+    the reference's ``weights @ projection[buckets]``."""
+    if hashes.size == 0:
+        return
+    keys, weights = _distinct(hashes, log1p)
     dim = out.size
     # A power of two (the default) takes the remainder with a mask: the same bucket,
     # without a 64-bit division per n-gram.
     bucket_mask = _U64(n_buckets - 1) if (n_buckets & (n_buckets - 1)) == 0 else _U64(0)
     # Four partial sums: four independent chains of additions per coordinate.
     partial = np.zeros((4, dim))
-    for i in range(m):
+    for i in range(keys.size):
         h = keys[i]
-        w = -weights[i] * scale if h & _U64(1) else weights[i] * scale
+        w = -weights[i] if h & _U64(1) else weights[i]
         high = h >> _U64(32)
         row = projection[np.int64(high & bucket_mask if bucket_mask else high % _U64(n_buckets))]
         acc = partial[i & 3]
@@ -166,14 +187,51 @@ def _add_family(hashes, n_buckets, projection, log1p, out):
 
 
 @njit(cache=True, nogil=True)
-def featurize_one(raw, classes, projection, n_buckets, chars, char_salts, words,
+def _add_family_sparse(hashes, nnz, log1p, out):
+    """Version 2: each distinct hash adds ``sign * weight / sqrt(nnz)`` to ``nnz``
+    coordinates of ``out`` (a sparse random projection: no matrix, no memory traffic).
+
+    Entry j reads 32 bits: of ``h`` itself for j = 0, 1 (``h`` is a splitmix64 output
+    already), of ``mix64(h + (j // 2) * 2^64/phi)`` for the next pairs; bit 0 is the
+    sign and the multiply-shift ``(bits >> 1) * dim >> 31`` the coordinate."""
+    if hashes.size == 0:
+        return
+    keys, weights = _distinct(hashes, log1p)
+    dim = _U64(out.size)
+    scale = 1.0 / np.sqrt(nnz)
+    for i in range(keys.size):
+        h = keys[i]
+        w = weights[i] * scale
+        word = h
+        for j in range(nnz):
+            if j > 1 and j % 2 == 0:
+                word = _mix64(h + _U64(j // 2) * _U64(0x9E3779B97F4A7C15))
+            bits = (word >> _U64(32 * (j % 2))) & _U64(0xFFFFFFFF)
+            k = np.int64(((bits >> _U64(1)) * dim) >> _U64(31))
+            if bits & _U64(1):
+                out[k] -= w
+            else:
+                out[k] += w
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add(hashes, n_buckets, projection, nnz, out):
+    if nnz:
+        _add_family_sparse(hashes, nnz, _LOG1P, out)
+    else:
+        _add_family(hashes, n_buckets, projection, _LOG1P, out)
+
+
+@njit(cache=True, nogil=True)
+def featurize_one(raw, classes, projection, n_buckets, nnz, chars, char_salts, words,
                   word_salts, crc_table, out):
     """Write the unit vector of one (already lowercased) text into ``out``.
 
     ``raw``: the text's code points (uint32); ``chars`` / ``words``: (low, high) n-gram
-    ranges, (0, 0) for none. Whitespace runs collapse to one space and the text is padded
-    with a space on each side, as the reference's ``" ".join(text.split())`` and
-    ``" " + text + " "``.
+    ranges, (0, 0) for none; ``nnz`` 0: version 1 (``projection``, ``n_buckets``), else
+    version 2 with ``nnz`` entries per n-gram (``projection`` unused). Whitespace runs
+    collapse to one space and the text is padded with a space on each side, as the
+    reference's ``" ".join(text.split())`` and ``" " + text + " "``.
     """
     out[:] = 0.0
     codes = np.empty(raw.size + 2, dtype=np.uint64)
@@ -195,8 +253,8 @@ def featurize_one(raw, classes, projection, n_buckets, chars, char_salts, words,
         codes[n] = 32
         n += 1
         if chars[1] > 0:
-            _add_family(_ngram_hashes(codes, n, chars[0], chars[1], char_salts),
-                        n_buckets, projection, _LOG1P, out)
+            _add(_ngram_hashes(codes, n, chars[0], chars[1], char_salts),
+                 n_buckets, projection, nnz, out)
         if words[1] > 0:
             word_crcs = np.empty(n, dtype=np.uint64)
             nw = 0
@@ -211,8 +269,8 @@ def featurize_one(raw, classes, projection, n_buckets, chars, char_salts, words,
                     i = j
                 else:
                     i += 1
-            _add_family(_ngram_hashes(word_crcs, nw, words[0], words[1], word_salts),
-                        n_buckets, projection, _LOG1P, out)
+            _add(_ngram_hashes(word_crcs, nw, words[0], words[1], word_salts),
+                 n_buckets, projection, nnz, out)
     total = 0.0
     for k in range(out.size):
         total += out[k] * out[k]

@@ -44,6 +44,8 @@ from bandit.errors import InvalidInputError
 __all__ = [
     "Featurizer",
     "HashingFeaturizer",
+    "HASHING_VERSIONS",
+    "HASHING_V2_NNZ",
     "SentenceEmbeddingFeaturizer",
     "CacheInfo",
     "PrototypeMap",
@@ -182,15 +184,31 @@ def _namespace(seed: int, family: int, n: int) -> np.uint64:
     return _mix64(np.array([(seed << 8) + (family << 4) + n], dtype=np.uint64))[0]
 
 
+#: Versions of :class:`HashingFeaturizer`'s vectors (its ``version`` parameter).
+HASHING_VERSIONS: tuple[int, ...] = (1, 2)
+#: Coordinates each n-gram adds to in version 2 (a sparse random projection).
+HASHING_V2_NNZ = 4
+
+
 class HashingFeaturizer:
     """Signed feature hashing of word and character n-grams, projected to ``dim``.
 
     For each text: lowercase (optional) and collapse whitespace; hash every word
     n-gram and character n-gram with a stable 64-bit hash; weight each distinct n-gram
     by ``log1p(count)`` (sublinear term frequency), giving words and characters equal
-    total weight; hash each n-gram to one of ``n_buckets`` buckets with a sign; project
-    the bucket vector with a fixed seeded Gaussian matrix (``n_buckets`` x ``dim``,
-    N(0, 1/dim), built once) and L2-normalize.
+    total weight; project to ``dim`` and L2-normalize. The projection is the version's:
+
+    * version 2 (the default): each distinct n-gram adds its signed weight to
+      ``HASHING_V2_NNZ`` (4) coordinates picked by its hash, scaled by 1/2 (a sparse
+      random projection; Kane and Nelson's sparse Johnson-Lindenstrauss transform).
+      No matrix: ~10 ns per n-gram, where version 1 reads a 512-byte matrix row.
+    * version 1: hash each n-gram to one of ``n_buckets`` buckets with a sign; project
+      the bucket vector with a fixed seeded Gaussian matrix (``n_buckets`` x ``dim``,
+      N(0, 1/dim), built once). Kept, vector for vector, for statistics learned on it.
+
+    Both preserve inner products in expectation with about the same variance; the
+    vectors differ, so ``spec`` names the version and statistics learned with one are
+    never used with the other (the service refuses a mismatched checkpoint).
 
     The character n-grams make it robust to typos and inflections; the word n-grams
     carry the vocabulary. Texts sharing many n-grams get a high cosine similarity
@@ -202,8 +220,9 @@ class HashingFeaturizer:
     dim
         Length of the output vectors (the policy's context dimension).
     n_buckets
-        Size of the hashed feature space before the projection. Larger means fewer
-        collisions and a larger matrix (``n_buckets * dim`` float64, 8 MiB by default).
+        Version 1 only: size of the hashed feature space before the projection (default
+        2^14). Larger means fewer collisions and a larger matrix (``n_buckets * dim``
+        float64, 8 MiB by default). Version 2 has no buckets and refuses the parameter.
     seed
         Seeds the hash salts and the projection. Deliberately an int with a fixed
         default, not None: replicas must featurize identically for their statistics to
@@ -214,18 +233,20 @@ class HashingFeaturizer:
         ``(min_n, max_n)`` of word n-grams (words are ``\\w+`` runs), or None for none.
     lowercase
         Lowercase the text first.
+    version
+        1 or 2 (:data:`HASHING_VERSIONS`): which projection (above).
 
     Notes
     -----
     Immutable after construction, so one instance can serve many threads (the kernel
     releases the GIL).
 
-    The work per text is one call of a numba kernel; the numpy implementation it
-    replaced stays as the specification (``_reference_transform``): the kernel's vectors
-    equal it to 1e-12 (tests), so statistics learned before the kernel stay valid.
-    Per text on one quiet core (``benchmarks/featurize_speed.py``): ~10 µs for 64 characters,
-    ~30 µs for 500, ~35 µs per 1,000 characters beyond; most of that is reading one
-    512-byte row of the projection per distinct n-gram. The first instance in a process
+    The work per text is one call of a numba kernel; the numpy implementation stays as
+    the specification (``_reference_transform``): the kernel's vectors equal it to 1e-12
+    for both versions (tests), so statistics learned before the kernel stay valid.
+    Version 1 costs ~35 µs per 1,000 characters on one core, most of it reading one
+    512-byte row of the projection per distinct n-gram; version 2 is bounded by the
+    hashing (``benchmarks/featurize_speed.py`` has both). The first instance in a process
     imports numba and loads the compiled kernel from numba's cache (about a second; the
     first run on a machine compiles it, a few seconds more).
 
@@ -246,15 +267,26 @@ class HashingFeaturizer:
     """
 
     name = "hashing"
-    # Bump when the featurization changes in a way that changes vectors.
-    version = 1
 
-    def __init__(self, dim: int = 64, *, n_buckets: int = 2**14, seed: int = 0,
+    def __init__(self, dim: int = 64, *, n_buckets: int | None = None, seed: int = 0,
                  ngram_range_chars: tuple[int, int] | None = (3, 5),
                  word_ngrams: tuple[int, int] | None = (1, 2),
-                 lowercase: bool = True) -> None:
+                 lowercase: bool = True, version: int = 2) -> None:
         self.dim = _check_int("dim", dim, 1)
-        self.n_buckets = _check_int("n_buckets", n_buckets, 1, 2**31)
+        # Every change that changes vectors is a new version, never an edit of one.
+        if isinstance(version, bool) or version not in HASHING_VERSIONS:
+            raise InvalidInputError("version", "must be one of "
+                                    + ", ".join(map(str, HASHING_VERSIONS)), version)
+        self.version = int(version)
+        if self.version == 1:
+            self.n_buckets = _check_int("n_buckets", 2**14 if n_buckets is None else n_buckets,
+                                        1, 2**31)
+        elif n_buckets is not None:
+            raise InvalidInputError("n_buckets", "must be None with version 2 (it hashes "
+                                    "straight to dim coordinates; buckets are version 1's)",
+                                    n_buckets)
+        else:
+            self.n_buckets = 0
         self.seed = _check_int("seed", seed, 0, 2**48)
         self.ngram_range_chars = _check_ngram_range("ngram_range_chars", ngram_range_chars)
         self.word_ngrams = _check_ngram_range("word_ngrams", word_ngrams)
@@ -264,7 +296,10 @@ class HashingFeaturizer:
         if not isinstance(lowercase, bool):
             raise InvalidInputError("lowercase", "must be True or False", lowercase)
         self.lowercase = lowercase
-        self._projection = _gaussian_projection(self.seed, self.n_buckets, self.dim)
+        # Version 2 has no matrix; the kernel takes an empty one.
+        self._projection = (_gaussian_projection(self.seed, self.n_buckets, self.dim)
+                            if self.version == 1 else np.empty((0, self.dim)))
+        self._nnz = 0 if self.version == 1 else HASHING_V2_NNZ
         self._char_salts = {} if self.ngram_range_chars is None else {
             n: _namespace(self.seed, 1, n)
             for n in range(self.ngram_range_chars[0], self.ngram_range_chars[1] + 1)}
@@ -293,14 +328,18 @@ class HashingFeaturizer:
         """
         chars = self.ngram_range_chars or (0, 0)
         words = self.word_ngrams or (0, 0)
-        return (f"hashing-v{self.version}:dim={self.dim},n_buckets={self.n_buckets},"
+        projection = (f"n_buckets={self.n_buckets}" if self.version == 1
+                      else f"nnz={self._nnz}")
+        return (f"hashing-v{self.version}:dim={self.dim},{projection},"
                 f"seed={self.seed},chars={chars[0]}-{chars[1]},"
                 f"words={words[0]}-{words[1]},lowercase={int(self.lowercase)}")
 
     def __repr__(self) -> str:
-        return (f"HashingFeaturizer(dim={self.dim}, n_buckets={self.n_buckets}, "
+        buckets = f"n_buckets={self.n_buckets}, " if self.version == 1 else ""
+        return (f"HashingFeaturizer(dim={self.dim}, {buckets}"
                 f"seed={self.seed}, ngram_range_chars={self.ngram_range_chars}, "
-                f"word_ngrams={self.word_ngrams}, lowercase={self.lowercase})")
+                f"word_ngrams={self.word_ngrams}, lowercase={self.lowercase}, "
+                f"version={self.version})")
 
     def transform(self, texts: Sequence[str]) -> np.ndarray:
         """Featurize many texts: a float64 array ``(len(texts), dim)`` of unit rows.
@@ -325,7 +364,7 @@ class HashingFeaturizer:
         # "surrogatepass": an unpaired surrogate (valid in JSON's "\ud800") is one more
         # code point, neither space nor word character, instead of an encoding error.
         raw = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        self._kernel(raw, self._classes, self._projection, self.n_buckets,
+        self._kernel(raw, self._classes, self._projection, self.n_buckets, self._nnz,
                       self._chars, self._char_salt_array, self._words,
                       self._word_salt_array, self._crc32, out)
         return out
@@ -338,41 +377,53 @@ class HashingFeaturizer:
     def _reference_transform(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         for i, text in enumerate(texts):
-            buckets, weights = self._hashed(text)
-            if buckets.size:
+            unique, weights = self._hashed(text)
+            if not unique.size:
+                continue
+            if self.version == 1:
+                sign = 1.0 - 2.0 * (unique & _U64(1)).astype(np.float64)
+                buckets = ((unique >> _U64(32)) % _U64(self.n_buckets)).astype(np.intp)
                 # Gathering only the touched rows of the projection is the sparse
                 # matrix product, without building the n_buckets-long vector.
-                out[i] = weights @ self._projection[buckets]
+                out[i] = (weights * sign) @ self._projection[buckets]
+                continue
+            word = unique
+            for j in range(self._nnz):
+                if j > 1 and j % 2 == 0:
+                    word = _mix64(unique + _U64((j // 2) * int(_POLY) % 2**64))
+                bits = (word >> _U64(32 * (j % 2))) & _U64(0xFFFFFFFF)
+                coords = ((bits >> _U64(1)) * _U64(self.dim)) >> _U64(31)
+                sign = 1.0 - 2.0 * (bits & _U64(1)).astype(np.float64)
+                np.add.at(out[i], coords.astype(np.intp), sign * weights / np.sqrt(self._nnz))
         return _l2_normalize_rows(out)
 
     def _hashed(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """Bucket indices and signed sublinear weights of one text's distinct n-grams."""
+        """One text's distinct n-gram hashes and their sublinear weights."""
         if self.lowercase:
             text = text.lower()
         # Collapsing whitespace makes "a  b\n" and "a b" the same text.
         text = " ".join(text.split())
         if not text:
-            return np.empty(0, dtype=np.intp), np.empty(0)
+            return np.empty(0, dtype=np.uint64), np.empty(0)
         families = []
         if self.ngram_range_chars is not None:
             families.append(self._char_hashes(text))
         if self.word_ngrams is not None:
             families.append(self._word_hashes(text))
-        buckets, weights = [], []
-        for hashes in families:
-            if hashes.size == 0:
+        hashes, weights = [], []
+        for family in families:
+            if family.size == 0:
                 continue
-            unique, counts = np.unique(hashes, return_counts=True)
+            unique, counts = np.unique(family, return_counts=True)
             w = np.log1p(counts)
             # Each family gets unit weight: a 2,000-character prompt has ~6,000 character
             # n-grams but only ~700 word n-grams, which would otherwise be drowned out.
             w /= np.sqrt(w @ w)
-            sign = 1.0 - 2.0 * (unique & _U64(1)).astype(np.float64)
-            buckets.append(((unique >> _U64(32)) % _U64(self.n_buckets)).astype(np.intp))
-            weights.append(w * sign)
-        if not buckets:
-            return np.empty(0, dtype=np.intp), np.empty(0)
-        return np.concatenate(buckets), np.concatenate(weights)
+            hashes.append(unique)
+            weights.append(w)
+        if not hashes:
+            return np.empty(0, dtype=np.uint64), np.empty(0)
+        return np.concatenate(hashes), np.concatenate(weights)
 
     def _char_hashes(self, text: str) -> np.ndarray:
         # UTF-32 gives one integer per code point, so n-grams are n characters (not
@@ -810,19 +861,26 @@ class PrototypeFeaturizer:
 
 
 # --------------------------------------------------------------------- factory
-def make_featurizer(name: str, dim: int, seed: int = 0) -> Featurizer:
-    """Build a featurizer by name: ``"hashing"`` (default, numpy) or ``"minilm"``.
+def make_featurizer(name: str, dim: int, seed: int = 0, *,
+                    hashing_version: int | None = None) -> Featurizer:
+    """Build a featurizer by name: ``"hashing"`` (default) or ``"minilm"``.
+
+    ``hashing_version``: the hashing featurizer's ``version`` (None: the newest).
 
     >>> make_featurizer("hashing", dim=8)
-    HashingFeaturizer(dim=8, n_buckets=16384, seed=0, ngram_range_chars=(3, 5), \
-word_ngrams=(1, 2), lowercase=True)
+    HashingFeaturizer(dim=8, seed=0, ngram_range_chars=(3, 5), word_ngrams=(1, 2), \
+lowercase=True, version=2)
+    >>> make_featurizer("hashing", dim=8, hashing_version=1).spec
+    'hashing-v1:dim=8,n_buckets=16384,seed=0,chars=3-5,words=1-2,lowercase=1'
     >>> make_featurizer("bert", dim=8)
     Traceback (most recent call last):
     ...
     bandit.errors.InvalidInputError: featurizer: must be one of hashing, minilm (got 'bert')
     """
     if name == "hashing":
-        return HashingFeaturizer(dim, seed=seed)
+        return HashingFeaturizer(dim, seed=seed, version=(HASHING_VERSIONS[-1]
+                                                          if hashing_version is None
+                                                          else hashing_version))
     if name == "minilm":
         return SentenceEmbeddingFeaturizer(dim, seed=seed)
     raise InvalidInputError("featurizer", "must be one of " + ", ".join(FEATURIZERS), name)

@@ -1,12 +1,15 @@
-"""Text featurizing time per call: the compiled kernel against the numpy reference.
+"""Text featurizing time per call: the compiled kernel (versions 2 and 1) against the
+numpy reference.
 
 The hashing featurizer (:class:`bandit.featurize.HashingFeaturizer`, dim 64, defaults)
 featurizes one text per call, as the service does per request, at 64, 500, 2,000 and
-10,000 characters. Three implementations, measured in the same run:
+10,000 characters. Four implementations, measured in the same run:
 
-* ``kernel``: ``transform_one`` (the numba kernel, ``bandit/_hashing_kernel.py``);
-* ``reference``: ``_reference_transform([text])``, the numpy implementation that was
-  ``transform_one`` before the kernel (the same vectors to 1e-12; the baseline);
+* ``kernel``: ``transform_one`` of version 2 (the default: a sparse projection);
+* ``kernel_v1``: ``transform_one`` of version 1 (the 8 MiB Gaussian projection), the
+  vectors of deployments that learned before version 2;
+* ``reference``: version 1's ``_reference_transform([text])``, the numpy implementation
+  that was ``transform_one`` before the kernel (the same vectors to 1e-12);
 * ``sklearn``: scikit-learn's ``HashingVectorizer`` (character 3-5-grams in word
   boundaries, 2^14 features) on the same text, ``transform([text])`` only: no word
   n-grams and no projection to 64 dimensions, so it does less than the others. Skipped
@@ -18,6 +21,11 @@ rows a text touches are not all hot in the cache) or, without the data, generate
 prompt-like texts. Each round times every implementation on every length (the order
 alternating between rounds) over ``--target-seconds`` of this thread's CPU time (or of
 the wall clock with ``--clock wall``); the table shows the median round.
+
+Fidelity of the two versions (they are different random projections of the same hashed
+features): over 3,000 random pairs of 600 prompts, the correlation and RMS difference of
+each version's cosine with the exact cosine of the unprojected hashed vectors (what a
+projection should preserve).
 
 Also measured, each in a fresh process (median of 3): the start-up cost of the kernel:
 ``import bandit``, the first ``HashingFeaturizer()`` (imports numba, builds the tables)
@@ -84,10 +92,11 @@ def pools(text: str) -> dict[int, list[str]]:
 
 
 def implementations() -> dict[str, Callable[[str], object]]:
-    f = HashingFeaturizer()
+    v1 = HashingFeaturizer(version=1)
     impls: dict[str, Callable[[str], object]] = {
-        "kernel": f.transform_one,
-        "reference": lambda text: f._reference_transform([text])[0],
+        "kernel": HashingFeaturizer().transform_one,
+        "kernel_v1": v1.transform_one,
+        "reference": lambda text: v1._reference_transform([text])[0],
     }
     try:
         from sklearn.feature_extraction.text import HashingVectorizer
@@ -114,6 +123,26 @@ def time_per_call(fn: Callable[[str], object], texts: list[str], seconds: float,
         elapsed = clock() - start
         if elapsed >= seconds:
             return elapsed / calls
+
+
+def fidelity(text: str, n_texts: int = 600, n_pairs: int = 3000) -> dict[str, dict]:
+    """Per version: how well its cosines follow the exact hashed-space cosine."""
+    texts = [piece for piece in text.split("\n\n") if piece.strip()][:n_texts]
+    v1, v2 = HashingFeaturizer(version=1), HashingFeaturizer()
+    hashed = []
+    for t in texts:  # the distinct n-grams' hashes and weights, shared by both versions
+        h, w = v1._hashed(t)
+        hashed.append(dict(zip(h.tolist(), (w / np.linalg.norm(w)).tolist(), strict=True)))
+    pairs = np.random.default_rng(0).integers(0, len(texts), size=(n_pairs, 2))
+    exact = np.array([sum(v * hashed[j].get(k, 0.0) for k, v in hashed[i].items())
+                      for i, j in pairs])
+    out = {}
+    for name, f in (("v1", v1), ("v2", v2)):
+        x = f.transform(texts)
+        cos = np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]])
+        out[name] = {"corr_with_exact_cosine": float(np.corrcoef(exact, cos)[0, 1]),
+                     "rms_difference": float(np.sqrt(np.mean((cos - exact) ** 2)))}
+    return out
 
 
 def startup(runs: int) -> dict[str, float]:
@@ -155,25 +184,30 @@ def main(argv: list[str] | None = None) -> None:
     median = {name: {n: statistics.median(v) for n, v in by_len.items()}
               for name, by_len in per_round.items()}
     start = startup(1 if args.quick else 3)
+    fid = fidelity(text)
 
     rows = []
     for length in LENGTHS:
-        kernel, reference = median["kernel"][length], median["reference"][length]
+        kernel, v1 = median["kernel"][length], median["kernel_v1"][length]
+        reference = median["reference"][length]
         sk = median.get("sklearn", {}).get(length)
-        rows.append([f"{length:,}", f"{reference:.1f}", f"{kernel:.1f}",
-                     f"{reference / kernel:.1f}x", f"{kernel / length * 1000:.1f}",
+        rows.append([f"{length:,}", f"{reference:.1f}", f"{v1:.1f}", f"{kernel:.1f}",
+                     f"{v1 / kernel:.1f}x", f"{kernel / length * 1000:.1f}",
                      "" if sk is None else f"{sk:.1f}"])
     long_rate = median["kernel"][2_000] / 2
     print_table(f"HashingFeaturizer (dim 64) per text, µs ({args.clock} time) per call "
                 f"(median of {rounds} "
                 f"round(s); texts: {source})",
-                ["characters", "reference µs", "kernel µs", "speed-up", "kernel µs/1k chars",
-                 "sklearn µs"], rows,
+                ["characters", "v1 reference µs", "v1 kernel µs", "v2 kernel µs",
+                 "v2 speed-up over v1", "v2 µs/1k chars", "sklearn µs"], rows,
                 caption=f"goal <= {GOAL_US_PER_1000_CHARS:g} µs per 1,000 characters: "
                         f"{long_rate:.1f} at 2,000 characters. Start-up (fresh process, "
                         f"median): import bandit {start['import_bandit_s']:.2f} s, first "
                         f"HashingFeaturizer() {start['construct_s']:.2f} s (numba import, "
-                        f"tables), first call {start['first_call_s']:.2f} s")
+                        f"tables), first call {start['first_call_s']:.2f} s. Fidelity "
+                        "(correlation with the exact hashed cosine, RMS difference): "
+                        + "; ".join(f"{v} {d['corr_with_exact_cosine']:.3f}, "
+                                    f"{d['rms_difference']:.3f}" for v, d in fid.items()))
     if not args.quick:
         path = write_results("featurize_speed", {
             "settings": {"dim": 64, "lengths": LENGTHS, "texts_per_length": POOL,
@@ -186,9 +220,12 @@ def main(argv: list[str] | None = None) -> None:
                                       for name, by_len in per_round.items()},
             "speedup_reference_over_kernel": {
                 str(n): median["reference"][n] / median["kernel"][n] for n in LENGTHS},
+            "speedup_v1_over_v2": {
+                str(n): median["kernel_v1"][n] / median["kernel"][n] for n in LENGTHS},
             "kernel_us_per_1000_chars": {
                 str(n): median["kernel"][n] / n * 1000 for n in LENGTHS},
             "startup_s": start,
+            "fidelity": fid,
             "goals": {"kernel_le_20us_per_1000_chars_at_2000":
                       long_rate <= GOAL_US_PER_1000_CHARS},
         }, packages=("numpy", "numba", "llvmlite", "scikit-learn"))

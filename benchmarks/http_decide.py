@@ -157,8 +157,18 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
+def server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def closed_loop(port: int, requests: list[bytes], connections: int,
-                      seconds: float) -> dict[str, float]:
+                      seconds: float, pid: int | None = None) -> dict[str, float]:
+    """Closed-loop load; with the server's ``pid`` also its CPU time per request, the
+    measure that other work on a shared machine inflates least (a one-worker server
+    bound by its CPU serves 1 / that many requests per second)."""
+    cpu0 = server_cpu_s(pid) if pid is not None else 0.0
     stop = time.perf_counter() + seconds
     latencies: list[float] = []
     errors = 0
@@ -180,9 +190,12 @@ async def closed_loop(port: int, requests: list[bytes], connections: int,
     await asyncio.gather(*(worker(w) for w in range(connections)))
     elapsed = time.perf_counter() - t0
     lat = np.array(latencies) * 1e3
-    return {"requests": len(latencies), "errors": errors, "seconds": elapsed,
-            "throughput_rps": len(latencies) / elapsed,
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+    out = {"requests": len(latencies), "errors": errors, "seconds": elapsed,
+           "throughput_rps": len(latencies) / elapsed,
+           "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}
+    if pid is not None:
+        out["server_cpu_us_per_request"] = (server_cpu_s(pid) - cpu0) / len(latencies) * 1e6
+    return out
 
 
 async def open_loop(port: int, requests: list[bytes], rate: float, seconds: float,
@@ -366,7 +379,8 @@ def main(argv: list[str] | None = None) -> None:
                 order = names[shift:] + names[:shift]
                 for name in (order if r % 2 == 0 else order[::-1]):
                     runs[f"{name}_max"].append(asyncio.run(closed_loop(
-                        servers[name][1], reqs[name], args.connections, seconds)))
+                        servers[name][1], reqs[name], args.connections, seconds,
+                        pid=servers[name][0].pid)))
             half = _median_run(runs["router_max"], "throughput_rps")["throughput_rps"] / 2
             for _ in range(rounds):
                 runs["router_half_load"].append(asyncio.run(open_loop(
@@ -386,6 +400,15 @@ def main(argv: list[str] | None = None) -> None:
         o["throughput_rps"] / b["throughput_rps"]
         for o, b in zip(runs["router_max"], runs["bare_max"], strict=True)]
     errors = sum(run["errors"] for phase in runs.values() for run in phase)
+    # Server CPU per request, medians over the rounds; bare / router is the throughput
+    # ratio a CPU-bound one-worker server would reach on an otherwise idle machine.
+    cpu = results["server_cpu_us_per_request"] = {
+        name: float(np.median([r["server_cpu_us_per_request"] for r in runs[f"{name}_max"]]))
+        for name in names}
+    results["cpu_ratio_to_bare"] = {name: cpu["bare"] / cpu[name] for name in names[1:]}
+    print("server CPU per request (median of the rounds), µs: " + ", ".join(
+        f"{name} {cpu[name]:.0f}" for name in names) + "; bare / router = " + ", ".join(
+        f"{name} {v:.2f}" for name, v in results["cpu_ratio_to_bare"].items()))
     if args.baseline is not None:
         base = results["baseline_max"] = _median_run(runs["baseline_max"], "throughput_rps")
         results["baseline_ratio_to_bare"] = base["throughput_rps"] / bare["throughput_rps"]

@@ -1,5 +1,5 @@
-"""HTTP decide with query texts: the featurizer's compiled kernel against its numpy
-reference, next to a bare FastAPI endpoint, with two load generators.
+"""HTTP decide with query texts: the router (hashing featurizer version 2, and version 1)
+next to a bare FastAPI endpoint, with two load generators.
 
 The set-up of :mod:`benchmarks.http_decide` (uvicorn, one worker per server, the same
 settings; embedded router, d=64, 16 models), but every request carries a query text:
@@ -8,10 +8,12 @@ ones, cycled; generated prompt-like text without the data), featurized by the se
 hashing featurizer, the default way users call us. Three servers, in the same run:
 
 * ``bare``: a FastAPI endpoint returning a constant body;
-* ``router``: the router as it is (the featurizer's compiled kernel);
-* ``router_reference``: the same router whose featurizer runs the numpy reference
-  (``HashingFeaturizer._reference_transform``, the implementation before the kernel,
-  same vectors), patched in for this benchmark only: the "before".
+* ``router``: the router as it is (hashing featurizer version 2, the default of a new
+  deployment);
+* ``router_v1``: the same router with ``HASHING_VERSION=1`` (a deployment that learned
+  with version 1 before version 2 existed keeps it);
+* ``baseline`` (with ``--baseline DIR``): the router from another source tree (e.g.
+  ``git archive main | tar -x -C DIR``): a before/after comparison in one run.
 
 1. Maximum throughput, ``--rounds`` rounds, the servers taking turns in a different
    order each round, each reported by its median round: with the asyncio load generator
@@ -47,12 +49,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import REPO_ROOT, data_root, print_table, write_results
 from benchmarks.http_decide import (
     ADMIN_KEY,
     BARE_APP,
@@ -68,18 +70,10 @@ from benchmarks.http_decide import (
     start_server,
 )
 
-NAMES = ("bare", "router", "router_reference")
-
-# The featurizer as it was before its compiled kernel: the numpy reference.
-ROUTER_REFERENCE_APP = textwrap.dedent('''
-    from bandit.featurize import HashingFeaturizer
-
-    def _reference_vector(self, text, out):
-        out[:] = self._reference_transform([text])[0]
-        return out
-
-    HashingFeaturizer._vector = _reference_vector
-''') + ROUTER_APP
+NAMES = ("bare", "router", "router_v1")
+#: Per server, the router's settings beyond the common ones.
+EXTRA_ENV = {"router": {}, "router_v1": {"BANDIT_ROUTER_HASHING_VERSION": "1"},
+             "baseline": {}}
 
 # wrk's request() callback cycles through pre-formatted requests.
 WRK_SCRIPT = """
@@ -120,12 +114,12 @@ def raw_request(body: str, key: str | None) -> bytes:
             ).encode() + data
 
 
-def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict[str, float]:
+def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict[str, Any]:
     """One closed-loop run of ``wrk`` (one thread): req/s, p50, p99, errors."""
     done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
                            "-s", str(script), f"http://127.0.0.1:{port}/v1/decide"],
                           capture_output=True, text=True, timeout=seconds + 60, check=True)
-    out = {"errors": 0.0}
+    out: dict[str, Any] = {"errors": 0.0}
     for line in done.stdout.splitlines():
         words = line.split()
         if line.startswith("Requests/sec:"):
@@ -134,8 +128,11 @@ def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict
             out[f"p{words[0][:2]}_ms"] = _ms(words[1])
         elif line.strip().startswith("Non-2xx or 3xx responses:"):
             out["errors"] += float(words[-1])
+            out["error_lines"] = [*out.get("error_lines", []), line.strip()]
         elif line.strip().startswith("Socket errors:"):
             out["errors"] += sum(float(w.rstrip(",")) for w in words[3::2])
+            # connect / read / write / timeout: a timeout (2 s) is a stall, not an answer.
+            out["error_lines"] = [*out.get("error_lines", []), line.strip()]
     return out
 
 
@@ -147,27 +144,32 @@ def _ms(value: str) -> float:
 
 
 def profile(port: int, pid: int, requests: list[bytes], connections: int, seconds: float,
-            out: Path) -> None:
+            out: Path, gil: bool = False) -> None:
     """py-spy the server ``pid`` under closed-loop load; print its main thread's frames
-    by inclusive share of the samples (idle excluded)."""
+    by inclusive share of the samples (idle excluded), then every thread's functions by
+    their own (self) share. ``gil``: only samples of the thread holding the GIL (where
+    the CPU goes, without the time spent waiting for the GIL)."""
     # py-spy is a binary that pip puts next to the interpreter.
     exe = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     if exe is None:
         raise SystemExit("--profile needs py-spy: pip install py-spy")
     spy = subprocess.Popen([exe, "record", "--pid", str(pid),
                             "--duration", f"{seconds:g}", "--rate", "250", "--format", "raw",
-                            "--output", str(out), "--nonblocking", "--threads"],
+                            "--output", str(out), "--nonblocking", "--threads",
+                            *(["--gil"] if gil else [])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     load = asyncio.run(closed_loop(port, requests, connections, seconds + 1.0))
     if spy.wait(60) != 0:
         raise RuntimeError(spy.stderr.read().decode()[-2000:])
     threads: collections.Counter[str] = collections.Counter()
     frames: collections.Counter[tuple[str, str]] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
     with out.open(encoding="utf-8") as fh:
         for line in fh:
             stack, count = line.rsplit(" ", 1)
             thread, *calls = stack.split(";")
             threads[thread] += int(count)
+            leaves[re.sub(r":\d+\)$", ")", calls[-1]) if calls else thread] += int(count)
             # "function (file.py:line)" -> "function (file.py)", counted once per stack.
             for call in {re.sub(r":\d+\)$", ")", c) for c in calls}:
                 frames[(thread, call)] += int(count)
@@ -180,6 +182,10 @@ def profile(port: int, pid: int, requests: list[bytes], connections: int, second
                 caption="other threads' samples: " + ", ".join(
                     f"{t.split(': ')[-1]} {n}" for t, n in threads.most_common()
                     if t != main_thread) + f"; stacks in {out}")
+    everything = sum(leaves.values())
+    print_table(f"self time, every thread ({everything} samples"
+                + (", GIL holder only)" if gil else ")"), ["function", "%"],
+                [[call, f"{100 * n / everything:.1f}"] for call, n in leaves.most_common(30)])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,54 +196,62 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-chars", type=int, default=500)
     parser.add_argument("--quick", action="store_true",
                         help="2 s phases, 1 round, no results file")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another source tree served as a fourth server (see above)")
     parser.add_argument("--profile", type=Path, default=None, metavar="FILE",
                         help="only py-spy the router under load (see the module doc)")
+    parser.add_argument("--gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL")
     args = parser.parse_args(argv)
     seconds, rounds = (2.0, 1) if args.quick else (args.seconds, args.rounds)
     generators = ["asyncio"] + (["wrk"] if shutil.which("wrk") else [])
     if "wrk" not in generators:
         print("wrk not installed (apt-get install wrk): asyncio load generator only")
 
+    names = NAMES + (("baseline",) if args.baseline is not None else ())
     runs: dict[str, list[dict[str, float]]] = {
-        f"{name}_{gen}": [] for gen in generators for name in NAMES}
+        f"{name}_{gen}": [] for gen in generators for name in names}
     runs["router_half_load"] = []
     texts = query_texts(args.text_chars, 256)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        for name, source in zip(NAMES, (BARE_APP, ROUTER_APP, ROUTER_REFERENCE_APP),
-                                strict=True):
-            (tmpdir / f"{name}_app.py").write_text(source)
+        (tmpdir / "bare_app.py").write_text(BARE_APP)
+        (tmpdir / "router_app.py").write_text(ROUTER_APP)
         servers = {}
         try:
-            for name in NAMES:
+            for name in names:
                 env = {} if name == "bare" else {
                     "BANDIT_ROUTER_DATA_DIR": str(tmpdir / f"data_{name}"),
                     "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
-                    "BANDIT_ROUTER_DATABASE_URL": ""}
+                    "BANDIT_ROUTER_DATABASE_URL": "", **EXTRA_ENV[name]}
                 port = free_port()
-                servers[name] = (start_server(tmpdir, f"{name}_app", port, env), port)
+                source = args.baseline if name == "baseline" else REPO_ROOT
+                servers[name] = (start_server(tmpdir, "bare_app" if name == "bare"
+                                              else "router_app", port, env, source=source),
+                                 port)
             keys = {name: None if name == "bare" else setup_router(servers[name][1])
-                    for name in NAMES}
+                    for name in names}
             bodies = [json.dumps({"query": {"text": t}}) for t in texts]
-            reqs = {name: [raw_request(b, keys[name]) for b in bodies] for name in NAMES}
+            reqs = {name: [raw_request(b, keys[name]) for b in bodies] for name in names}
             scripts = {}
-            for name in NAMES:
+            for name in names:
                 scripts[name] = tmpdir / f"{name}.lua"
                 scripts[name].write_text(WRK_SCRIPT.format(
                     bodies="{" + ", ".join(json.dumps(b) for b in bodies[:32]) + "}",
                     auth=f"Bearer {keys[name]}" if keys[name] else ""))
-            for name in NAMES:  # warm-up
+            for name in names:  # warm-up
                 asyncio.run(closed_loop(servers[name][1], reqs[name], 4, 1.0))
             if args.profile is not None:
                 proc, port = servers["router"]
                 profile(port, proc.pid, reqs["router"], args.connections, seconds,
-                        args.profile)
+                        args.profile, gil=args.gil)
                 return
             for r in range(rounds):
-                for name in NAMES[r % 3:] + NAMES[:r % 3]:
+                for name in names[r % len(names):] + names[:r % len(names)]:
                     port = servers[name][1]
                     runs[f"{name}_asyncio"].append(asyncio.run(closed_loop(
-                        port, reqs[name], args.connections, seconds)))
+                        port, reqs[name], args.connections, seconds,
+                        pid=servers[name][0].pid)))
                     if "wrk" in generators:
                         runs[f"{name}_wrk"].append(wrk_round(
                             port, scripts[name], args.connections, seconds))
@@ -256,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     ratios, per_round, rows = {}, {}, []
     for gen in generators:
         bare = runs[f"bare_{gen}"]
-        for name in NAMES:
+        for name in names:
             phase = f"{name}_{gen}"
             run = medians[phase]
             if name != "bare":
@@ -267,6 +281,11 @@ def main(argv: list[str] | None = None) -> None:
                          f"{ratios[phase]:.2f}" if phase in ratios else "",
                          f"{run['p50_ms']:.2f}", f"{run['p99_ms']:.2f}",
                          f"{run['errors']:.0f}"])
+    # Server CPU per request (asyncio rounds, medians): bare / router is the throughput
+    # ratio a CPU-bound one-worker server would reach on an otherwise idle machine.
+    cpu = {name: float(np.median([r["server_cpu_us_per_request"]
+                                  for r in runs[f"{name}_asyncio"]])) for name in names}
+    cpu_ratios = {name: cpu["bare"] / cpu[name] for name in names if name != "bare"}
     half_load = medians["router_half_load"]
     rows.append([f"router at {half_load['rate_rps']:.0f} req/s (half)", "", "",
                  f"{half_load['p50_ms']:.2f}", f"{half_load['p99_ms']:.2f}",
@@ -280,14 +299,19 @@ def main(argv: list[str] | None = None) -> None:
                 rows, caption="ratio to bare per round: " + "; ".join(
                     f"{phase} " + ", ".join(f"{x:.2f}" for x in values)
                     for phase, values in per_round.items())
-                + f"; errors (all rounds): {errors:.0f}; goals: {goals}")
+                + f"; errors (all rounds): {errors:.0f}; goals: {goals}; server CPU µs per "
+                "request (asyncio, median): " + ", ".join(f"{n} {v:.0f}" for n, v in cpu.items())
+                + "; CPU ratio bare / router: " + ", ".join(
+                    f"{n} {v:.2f}" for n, v in cpu_ratios.items()))
     if not args.quick:
         path = write_results("http_decide_text", {
             "settings": {"dim": DIM, "models": N_MODELS, "connections": args.connections,
+                         "baseline": None if args.baseline is None else str(args.baseline),
                          "seconds_per_phase": seconds, "rounds": rounds,
                          "text_chars": args.text_chars, "generators": generators,
                          "uvicorn": " ".join(UVICORN_ARGS)},
             **medians, "ratio_to_bare": ratios, "ratio_to_bare_per_round": per_round,
+            "server_cpu_us_per_request": cpu, "cpu_ratio_to_bare": cpu_ratios,
             "rounds": runs, "goals": goals,
         }, packages=("fastapi", "uvicorn", "uvloop", "httptools", "starlette", "pydantic",
                      "numpy", "numba", "orjson"))

@@ -32,7 +32,7 @@ from benchmarks.common import CACHE_DIR, data_root, print_table, write_results
 from benchmarks.convert_llmrouter import convert_dir, missing_data_message
 
 POLICIES = {"linucb": LinUCB, "thompson": LinearThompson}
-DIMS = {"hashing": 64, "minilm": 384}
+DIMS = {"hashing": 64, "hashing-v1": 64, "minilm": 384}
 
 
 def load_records(args: argparse.Namespace) -> list[dict]:
@@ -64,7 +64,9 @@ def featurize(name: str, prompts: list[str], cache_key: str) -> np.ndarray | Non
         if x.shape[0] == len(prompts):
             return x
     try:
-        featurizer = make_featurizer(name, DIMS[name], seed=0)
+        # "hashing-v1": the hashing featurizer's version 1 vectors (the default is 2).
+        featurizer = (make_featurizer("hashing", DIMS[name], seed=0, hashing_version=1)
+                      if name == "hashing-v1" else make_featurizer(name, DIMS[name], seed=0))
         started = time.perf_counter()
         x = featurizer.transform(prompts)
     except ImportError as err:
@@ -72,7 +74,7 @@ def featurize(name: str, prompts: list[str], cache_key: str) -> np.ndarray | Non
         return None
     print(f"featurized {len(prompts)} prompts with {name} in "
           f"{time.perf_counter() - started:.1f}s", file=sys.stderr)
-    if name != "hashing":
+    if not name.startswith("hashing"):
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, x)
     return x
@@ -87,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cost-weights", default="0,100,300,1000,3000",
                         help="quality points per USD, comma-separated")
-    parser.add_argument("--featurizers", default="hashing,minilm")
+    parser.add_argument("--featurizers", default="hashing,minilm",
+                        help="of hashing (version 2), hashing-v1, minilm")
+    parser.add_argument("--results-name", default="replay_llmrouter",
+                        help="results/<name>.json")
     parser.add_argument("--policies", default="linucb,thompson")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 weights, hashing")
     args = parser.parse_args(argv)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 columns, rows,
                 caption="cost $/1k q = mean cost per 1,000 queries; regret = cumulative, "
                         "against the per-query oracle of the same reward")
-    path = write_results("replay_llmrouter", {
+    path = write_results(args.results_name, {
         "rows": len(records), "arms": log.arms,
         "cost_assumption": "price x (ceil(len(prompt)/4) + 256 output tokens)",
         "results": runs,

@@ -24,12 +24,10 @@ from fastapi_offline import FastAPIOffline
 
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
-from service.deps import AuthenticateFirst
 from service.errors import document_problems, install_error_handlers
-from service.limits import LimitsMiddleware
 from service.memory import then_release_free_memory
 from service.metrics import Metrics
-from service.observability import RequestIdMiddleware
+from service.middleware import ServiceMiddleware
 from service.routes import (
     admin,
     admin_keys,
@@ -118,17 +116,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # FastAPIOffline: a FastAPI app whose /docs and /redoc load Swagger UI and ReDoc from
     # the installed package (under /static-offline-docs), not from a CDN.
     app = FastAPIOffline(title="bandit-router", version="0.1.0", lifespan=lifespan,
-                         description="Online contextual-bandit router for LLM requests.")
+                         description="Online contextual-bandit router for LLM requests.",
+                         routes=[decide.route()])
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
-    # Limits (body size, rate, concurrency: service/limits.py) inside the request ids, so
-    # a refusal carries one too.
-    # The key before the body (service.deps.AuthenticateFirst), inside the limits.
-    app.add_middleware(AuthenticateFirst)
-    app.add_middleware(LimitsMiddleware)
-    app.add_middleware(RequestIdMiddleware)
-    decide.install(app)
+    # Request id, limits, the key before the body, the 500 answered: one middleware.
+    app.add_middleware(ServiceMiddleware)
     for module in (feedback, decisions, tenants, admin, admin_tenants, admin_keys,
                    admin_reservations, admin_state, health, status_page):
         app.include_router(module.router)

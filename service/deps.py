@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Scope
 
 from service.config import Settings
-from service.errors import Problem, problem_response
+from service.errors import Problem
 from service.metrics import Metrics
 from service.routing import RoutingService, TenantState
 
 __all__ = ["ServiceDep", "SettingsDep", "MetricsDep", "TenantDep", "AdminDep",
            "authenticate_tenant", "tenant_for_authorization", "admin_for_authorization",
-           "AuthenticateFirst"]
+           "authentication_problem"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -88,33 +88,28 @@ def admin_for_authorization(header: str | None, service: RoutingService) -> None
     raise Problem(401, "unknown API key", headers=_CHALLENGE)
 
 
-class AuthenticateFirst:
-    """Pure ASGI middleware: a ``/v1/`` request is authenticated from its header before
-    its body is read (issue 14): without a valid key of the right kind the answer is
-    401 / 403, never a 400 about a body nobody may send. ``/v1/admin/...`` takes the admin
-    key, the rest of ``/v1/`` a tenant key; the route's dependency checks again (about a
-    microsecond). ``POST /v1/decide`` authenticates first itself
-    (service.routes.decide); ``OPTIONS`` is answered without a key (405, Allow)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if (scope["type"] == "http" and path.startswith("/v1/") and path != "/v1/decide"
-                and scope["method"] != "OPTIONS"):
-            header = next((v.decode("latin-1") for k, v in scope["headers"]
-                           if k == b"authorization"), None)
-            service: RoutingService = scope["app"].state.routing
-            try:
-                if path.startswith("/v1/admin/"):
-                    admin_for_authorization(header, service)
-                else:
-                    tenant_for_authorization(header, service)
-            except Problem as problem:
-                await problem_response(problem)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def authentication_problem(scope: Scope) -> Problem | None:
+    """The key before the body (issue 14), run by the app's middleware
+    (:mod:`service.middleware`) before the route reads the body: a ``/v1/`` request
+    without a valid key of the right kind gets 401 / 403 (this problem), never a 400
+    about a body nobody may send. ``/v1/admin/...`` takes the admin key, the rest of
+    ``/v1/`` a tenant key; the route's dependency checks again (about a microsecond).
+    ``POST /v1/decide`` authenticates first itself (service.routes.decide); ``OPTIONS``
+    is answered without a key (405, Allow)."""
+    path = scope["path"]
+    if not path.startswith("/v1/") or path == "/v1/decide" or scope["method"] == "OPTIONS":
+        return None
+    header = next((v.decode("latin-1") for k, v in scope["headers"]
+                   if k == b"authorization"), None)
+    service: RoutingService = scope["app"].state.routing
+    try:
+        if path.startswith("/v1/admin/"):
+            admin_for_authorization(header, service)
+        else:
+            tenant_for_authorization(header, service)
+    except Problem as problem:
+        return problem
+    return None
 
 
 TenantDep = Annotated[TenantState, Depends(require_tenant)]

@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bandit import InvalidInputError, RoutingError
 from service.exceptions import (
@@ -163,44 +162,14 @@ def validation_problem(exc: RequestValidationError) -> Problem:
     return Problem(422, detail, errors=errors)
 
 
-class _AnswerUnexpectedErrors:
-    """Answers an unhandled exception with the 500 problem itself, before it reaches
-    Starlette's ``ServerErrorMiddleware``: that one answers and then re-raises, and
-    uvicorn closes the connection of any request whose app raised, so a gateway's pooled
-    keep-alive connection would be lost on every 500. A user middleware (added first, so
-    inside the request-id and limits middleware: the 500 carries an ``X-Request-ID``);
-    an error in those outer layers still gets the server-error middleware's 500."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_note)
-        except Exception:
-            if started:
-                raise  # half an answer is out: only closing the connection is left
-            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
-            await _unexpected_response()(scope, receive, send)
-
-
 def _unexpected_response() -> JSONResponse:
     return problem_response(Problem(500, "unexpected error; see the server log"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers (call before adding other middleware)."""
-    app.add_middleware(_AnswerUnexpectedErrors)
+    """Register the handlers. An exception no handler takes is answered by the app's
+    middleware (:mod:`service.middleware`), keeping the connection; the ``Exception``
+    handler below answers what escapes it (Starlette's server-error middleware)."""
 
     @app.exception_handler(Problem)
     async def _problem(_request: Request, exc: Problem) -> JSONResponse:

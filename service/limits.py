@@ -1,5 +1,6 @@
 """Request limits: body size, decide's text length and candidates, per-tenant rate,
-concurrent requests. One pure ASGI middleware, configured by :class:`~service.config.Settings`.
+concurrent requests, configured by :class:`~service.config.Settings` and checked by the
+app's one middleware (:mod:`service.middleware`).
 
 In the order they are checked:
 
@@ -37,12 +38,14 @@ from typing import Any
 import orjson
 from prometheus_client import Counter
 
-from service.errors import Problem, problem_response
+from service.errors import Problem
 
-__all__ = ["LimitsMiddleware", "TokenBuckets"]
+__all__ = ["Limits", "TokenBuckets", "EXEMPT", "BODY_METHODS"]
 
-_EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: Paths no limit applies to (health and metrics).
+EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Methods whose body is read (and counted) before the route.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _DECIDE = "/v1/decide"
 
 
@@ -75,17 +78,20 @@ class TokenBuckets:
         return (1.0 - tokens) / self.rate
 
 
-class _Limits:
-    """The per-app state, built from the settings at the first request."""
+class Limits:
+    """The per-app state and checks, built from the settings at the first request; run
+    by :class:`service.middleware.ServiceMiddleware` (see the module docstring)."""
 
     def __init__(self, app: Any) -> None:
         settings = app.state.settings
+        self.app = app
         self.max_body = settings.max_body_bytes
         self.max_text = settings.max_text_chars
         self.max_candidates = settings.max_candidates
         # A body shorter than this cannot break the text or candidates limit.
         self.parse_above = min(self.max_text, 4 * self.max_candidates + 3)
         self.max_concurrent = settings.max_concurrent_requests
+        #: Requests admitted and not answered yet (the middleware counts them).
         self.in_flight = 0
         rate = settings.rate_limit_per_s
         burst = settings.rate_limit_burst or max(1, math.ceil(rate))
@@ -95,86 +101,50 @@ class _Limits:
                                "bandit_router_limited_requests_total)", ["reason"],
                                registry=app.state.metrics.registry)
 
-
-class LimitsMiddleware:
-    """Pure ASGI middleware enforcing :mod:`service.limits` (see the module docstring)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in _EXEMPT:
-            await self.app(scope, receive, send)
-            return
-        fastapi_app = scope["app"]
-        limits: _Limits | None = getattr(fastapi_app.state, "limits", None)
-        if limits is None:
-            limits = fastapi_app.state.limits = _Limits(fastapi_app)
-        if limits.max_concurrent and limits.in_flight >= limits.max_concurrent:
-            await self._refuse(limits, "concurrency", Problem(
-                503, f"more than {limits.max_concurrent} requests in flight; retry shortly",
-                slug="overloaded", headers={"Retry-After": "1"}), scope, receive, send)
-            return
-        limits.in_flight += 1
-        try:
-            await self._limited(limits, scope, receive, send)
-        finally:
-            limits.in_flight -= 1
-
-    async def _limited(self, limits: _Limits, scope: dict[str, Any], receive: Any,
-                       send: Any) -> None:
-        headers = scope["headers"]
-        if limits.buckets is not None:
-            wait = self._rate(limits, scope["app"], headers)
+    def admit(self, scope: dict[str, Any]) -> Problem | None:
+        """The concurrency and rate limits, checked before the body is read."""
+        if self.max_concurrent and self.in_flight >= self.max_concurrent:
+            return self._refuse("concurrency", Problem(
+                503, f"more than {self.max_concurrent} requests in flight; retry shortly",
+                slug="overloaded", headers={"Retry-After": "1"}))
+        if self.buckets is not None:
+            wait = self._rate(scope["headers"])
             if wait:
                 retry = max(1, math.ceil(wait))
-                await self._refuse(limits, "rate", Problem(
-                    429, f"rate limit of {limits.buckets.rate:g} requests/s for this "
+                return self._refuse("rate", Problem(
+                    429, f"rate limit of {self.buckets.rate:g} requests/s for this "
                     f"tenant exceeded; retry after {retry} s", slug="rate-limited",
-                    headers={"Retry-After": str(retry)}), scope, receive, send)
-                return
-        if scope["method"] not in _BODY_METHODS:
-            await self.app(scope, receive, send)
-            return
-        length = _content_length(headers)
-        if length is not None and length > limits.max_body:
-            await self._refuse(limits, "body", _too_large(limits.max_body),
-                               scope, receive, send)
-            return
+                    headers={"Retry-After": str(retry)}))
+        return None
+
+    async def read_body(self, scope: dict[str, Any],
+                        receive: Any) -> tuple[Problem | None, bytes | None]:
+        """Read the body within ``MAX_BODY_BYTES`` and check decide's limits: (a refusal
+        or None, the body; None when the caller disconnected)."""
+        length = _content_length(scope["headers"])
+        if length is not None and length > self.max_body:
+            return self._refuse("body", _too_large(self.max_body)), b""
         chunks: list[bytes] = []
         size = 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None, None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > limits.max_body:
-                await self._refuse(limits, "body", _too_large(limits.max_body),
-                                   scope, receive, send)
-                return
+            if size > self.max_body:
+                return self._refuse("body", _too_large(self.max_body)), b""
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if scope["path"] == _DECIDE and len(body) > limits.parse_above:
-            problem = _decide_problem(limits, body)
+        if scope["path"] == _DECIDE and len(body) > self.parse_above:
+            problem = _decide_problem(self, body)
             if problem is not None:
-                await self._refuse(limits, "input", problem, scope, receive, send)
-                return
-        replayed = False
+                return self._refuse("input", problem), body
+        return None, body
 
-        async def replay() -> dict[str, Any]:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    def _rate(limits: _Limits, app: Any, headers: list[tuple[bytes, bytes]]) -> float:
+    def _rate(self, headers: list[tuple[bytes, bytes]]) -> float:
         authorization = None
         for name, value in headers:
             if name == b"authorization":
@@ -185,18 +155,16 @@ class LimitsMiddleware:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             return 0.0
-        service = getattr(app.state, "routing", None)
+        service = getattr(self.app.state, "routing", None)
         tenant = None if service is None else service.tenant_for_key(key.strip())
         if tenant is None:
             return 0.0
-        assert limits.buckets is not None
-        return limits.buckets.take(tenant.id)
+        assert self.buckets is not None
+        return self.buckets.take(tenant.id)
 
-    @staticmethod
-    async def _refuse(limits: _Limits, reason: str, problem: Problem,
-                      scope: dict[str, Any], receive: Any, send: Any) -> None:
-        limits.refused.labels(reason).inc()
-        await problem_response(problem)(scope, receive, send)
+    def _refuse(self, reason: str, problem: Problem) -> Problem:
+        self.refused.labels(reason).inc()
+        return problem
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
@@ -216,7 +184,7 @@ def _too_large(limit: int) -> Problem:
                             "allowed": f"at most {limit} bytes"}])
 
 
-def _decide_problem(limits: _Limits, body: bytes) -> Problem | None:
+def _decide_problem(limits: Limits, body: bytes) -> Problem | None:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -1,6 +1,7 @@
 """Request ids and structured (JSON) logs.
 
-:class:`RequestIdMiddleware` gives every HTTP request an id: the caller's
+The app's middleware (:mod:`service.middleware`) gives every HTTP request an id
+(:func:`request_id_of`): the caller's
 ``X-Request-ID`` when it is a sane token, else the trace id of a W3C ``traceparent``
 header, else a new random one. The id is 32 lowercase hex digits when generated, the
 format of an OpenTelemetry trace id, so a gateway can use one for the other. It is
@@ -16,9 +17,7 @@ duration and, for decide and feedback, the ``decision_id``::
      "method": "POST", "path": "/v1/decide", "status": 200, "duration_ms": 0.41,
      "decision_id": "0d5c...", "client": "10.0.0.7"}
 
-A pure ASGI middleware (not Starlette's ``BaseHTTPMiddleware``, which costs a task and
-a stream per request on the decide path); when access logs are off it only reads one
-header and adds one.
+When access logs are off the middleware only reads the headers and adds one.
 
 >>> _sane("gw-123"), _sane("bad id"), _sane("x" * 200)
 ('gw-123', None, None)
@@ -41,15 +40,18 @@ import orjson
 
 from service.ids import random_hex
 
-__all__ = ["RequestIdMiddleware", "JsonFormatter", "configure_logging", "current_request_id"]
+__all__ = ["JsonFormatter", "configure_logging", "current_request_id", "request_id_of",
+           "set_request_id", "reset_request_id", "log_request", "access_log",
+           "DECISION_PATHS", "MAX_CAPTURE"]
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "bandit_router_request_id", default=None)
 _TOKEN = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
-_DECISION_PATHS = frozenset({"/v1/decide", "/v1/feedback"})
-# Bodies of decide/feedback are a few KB; never buffer more than this for a log line.
-_MAX_CAPTURE = 64 * 1024
+#: Paths whose access log line names the decision (read from the bodies).
+DECISION_PATHS = frozenset({"/v1/decide", "/v1/feedback"})
+#: Bodies of decide/feedback are a few KB; never buffer more than this for a log line.
+MAX_CAPTURE = 64 * 1024
 access_log = logging.getLogger("service.access")
 
 
@@ -78,66 +80,44 @@ def _decision_id(body: bytes) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class RequestIdMiddleware:
-    """ASGI middleware: request id in, out, in the context and in the access log."""
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
+    """A request's id from its headers (the module docstring's rule)."""
+    raw = parent = None
+    for name, value in headers:
+        if name == b"x-request-id":
+            raw = value
+        elif name == b"traceparent":
+            parent = value
+    rid = _sane(raw.decode("latin-1") if raw else None)
+    if rid is None:
+        rid = _from_traceparent(parent.decode("latin-1") if parent else None)
+    return rid or random_hex()  # no system call per request (service.ids)
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or ())
-        raw = headers.get(b"x-request-id")
-        rid = _sane(raw.decode("latin-1") if raw else None)
-        if rid is None:
-            parent = headers.get(b"traceparent")
-            rid = _from_traceparent(parent.decode("latin-1") if parent else None)
-        rid = rid or random_hex()  # no system call per request (service.ids)
-        token = _request_id.set(rid)
-        logging_on = access_log.isEnabledFor(logging.INFO)
-        capture = logging_on and scope.get("path") in _DECISION_PATHS
-        started = time.perf_counter()
-        state: dict[str, Any] = {"status": 500}
-        request_body = bytearray()
-        response_body = bytearray()
-        rid_header = (b"x-request-id", rid.encode("latin-1"))
+def set_request_id(rid: str) -> contextvars.Token[str | None]:
+    """Make ``rid`` the current request's id (:func:`current_request_id`, log lines)."""
+    return _request_id.set(rid)
 
-        async def receive_wrapper() -> dict[str, Any]:
-            message = await receive()
-            if message["type"] == "http.request" and len(request_body) < _MAX_CAPTURE:
-                request_body.extend(message.get("body", b""))
-            return message
 
-        async def send_wrapper(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                state["status"] = message["status"]
-                message["headers"] = [*message.get("headers", ()), rid_header]
-            elif (capture and message["type"] == "http.response.body"
-                  and len(response_body) < _MAX_CAPTURE):
-                response_body.extend(message.get("body", b""))
-            await send(message)
+def reset_request_id(token: contextvars.Token[str | None]) -> None:
+    _request_id.reset(token)
 
-        try:
-            await self.app(scope, receive_wrapper if capture else receive, send_wrapper)
-        finally:
-            if logging_on:
-                fields: dict[str, Any] = {
-                    "method": scope.get("method"), "path": scope.get("path"),
-                    "status": state["status"],
-                    "duration_ms": round((time.perf_counter() - started) * 1000.0, 3)}
-                if capture:
-                    decision = (_decision_id(bytes(response_body))
-                                if scope.get("path") == "/v1/decide"
-                                else _decision_id(bytes(request_body)))
-                    if decision:
-                        fields["decision_id"] = decision
-                client = scope.get("client")
-                if client:
-                    fields["client"] = client[0]
-                access_log.info("request", extra={"fields": fields})
-            _request_id.reset(token)
+
+def log_request(scope: dict[str, Any], status: int, started: float, request_body: bytes,
+                response_body: bytes) -> None:
+    """The access log line of one answered request (``service.access``, INFO)."""
+    fields: dict[str, Any] = {
+        "method": scope.get("method"), "path": scope.get("path"), "status": status,
+        "duration_ms": round((time.perf_counter() - started) * 1000.0, 3)}
+    path = scope.get("path")
+    if path in DECISION_PATHS:
+        decision = _decision_id(response_body if path == "/v1/decide" else request_body)
+        if decision:
+            fields["decision_id"] = decision
+    client = scope.get("client")
+    if client:
+        fields["client"] = client[0]
+    access_log.info("request", extra={"fields": fields})
 
 
 class JsonFormatter(logging.Formatter):

@@ -236,6 +236,8 @@ class RoutingService:
         # failed with a connection error: maybe stored, certainly not applied.
         self._uncertain: dict[tuple[str, str, str], tuple[float, float]] = {}
         self._featurizer: Any = None
+        #: The newest checkpoint's featurizer spec (read by _load_policies).
+        self._stored_spec: str | None = None
         # Loaded (and checked against BANDIT_ROUTER_DIM) here, so that a bad map refuses
         # the start before anything else is done.
         self.prototype_map = load_prototype_map(settings)
@@ -458,7 +460,8 @@ class RoutingService:
             from bandit.featurize import PrototypeFeaturizer, make_featurizer
 
             featurizer = make_featurizer(self.settings.featurizer, self.settings.dim,
-                                         seed=self.settings.featurizer_seed)
+                                         seed=self.settings.featurizer_seed,
+                                         hashing_version=self._hashing_version())
             if self.prototype_map is not None:
                 featurizer = PrototypeFeaturizer(featurizer, self.prototype_map)
             self._featurizer = featurizer
@@ -545,6 +548,16 @@ class RoutingService:
             if model.name not in policy.arms:
                 policy.add_arm(model.name, self._prior(model))
 
+    def _hashing_version(self) -> int:
+        """HASHING_VERSION, else the version the newest checkpoint's featurizer spec
+        names, else the newest, except in distributed mode, whose learners' statistics
+        do not record it (service/config.py)."""
+        if self.settings.hashing_version is not None:
+            return self.settings.hashing_version
+        if self._stored_spec is not None and self._stored_spec.startswith("hashing-v1:"):
+            return 1
+        return 1 if self.settings.kafka_bootstrap else 2
+
     def _featurizer_spec(self) -> str:
         return str(getattr(self._featurizer, "spec", type(self._featurizer).__name__))
 
@@ -565,6 +578,11 @@ class RoutingService:
                 self.last_feedback_id = int(checkpoint.last_feedback_id)
             # Checkpoints written before the spec was recorded have none: not checked.
             stored = snapshots.pop(_FEATURIZER_KEY, b"").decode() or None
+            before, self._stored_spec = self._hashing_version(), stored
+            if self._hashing_version() != before:
+                # HASHING_VERSION unset, the statistics learned with version 1: keep it.
+                self._featurizer = None
+                self.featurize("warm up")
             changed = stored is not None and stored != self._featurizer_spec()
             if changed and self.settings.featurizer_change == "start-fresh":
                 log.warning("BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh: the stored "
@@ -582,6 +600,7 @@ class RoutingService:
                 f"the stored statistics were learned with the featurizer {stored!r}; the "
                 f"settings give {self._featurizer_spec()!r} (BANDIT_ROUTER_FEATURIZER, "
                 "BANDIT_ROUTER_DIM, BANDIT_ROUTER_FEATURIZER_SEED, "
+                "BANDIT_ROUTER_HASHING_VERSION, "
                 "BANDIT_ROUTER_PROTOTYPE_MAP): restore the settings they were learned "
                 "with, or set BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh to start from "
                 "the models' priors (what was learned stays in the database, unused)")

@@ -76,10 +76,13 @@ def fit_prototypes(
     featurizer_seed: Annotated[int, typer.Option(
         help="The service's BANDIT_ROUTER_FEATURIZER_SEED")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the k-means++ initialization")] = 0,
+    hashing_version: Annotated[int, typer.Option(
+        help="Hashing featurizer version: the service's (BANDIT_ROUTER_HASHING_VERSION; "
+             "1 for a deployment that learned with version 1)")] = 2,
     fmt: Annotated[str, typer.Option("--format", help="auto, jsonl or text")] = "auto",
 ) -> None:
     """Fit the prototypes (spherical k-means, no outcomes needed) and write the map."""
-    from bandit.featurize import FEATURIZERS, PrototypeMap, make_featurizer
+    from bandit.featurize import FEATURIZERS, HASHING_VERSIONS, PrototypeMap, make_featurizer
 
     console = Console()
     try:
@@ -88,6 +91,9 @@ def fit_prototypes(
         if featurizer not in FEATURIZERS:
             raise InvalidInputError("--featurizer", "allowed: " + ", ".join(FEATURIZERS),
                                     featurizer)
+        if hashing_version not in HASHING_VERSIONS:
+            raise InvalidInputError("--hashing-version", "allowed: "
+                                    + ", ".join(map(str, HASHING_VERSIONS)), hashing_version)
         if not 1 <= dim <= 4096:  # BANDIT_ROUTER_DIM's range
             raise InvalidInputError("--dim", "must be an integer in [1, 4096]", dim)
         if not 1e-4 <= temperature <= 1e3:
@@ -99,7 +105,8 @@ def fit_prototypes(
             raise InvalidInputError("--k", "must be an integer >= 1", k)
         prompts = read_prompts(prompts_file, fmt)
         try:
-            base = make_featurizer(featurizer, dim, seed=featurizer_seed)
+            base = make_featurizer(featurizer, dim, seed=featurizer_seed,
+                                   hashing_version=hashing_version)
         except ImportError as exc:  # minilm without the [embed] extra
             raise InvalidInputError("--featurizer", "minilm needs the [embed] extra "
                                     "(torch); hashing needs nothing", str(exc)) from None

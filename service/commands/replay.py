@@ -232,8 +232,8 @@ def render_value(summary: dict) -> Table:
     return table
 
 
-def featurize_prompts(prompts: list[str], featurizer: str,
-                      dim: int | None) -> tuple[np.ndarray, str]:
+def featurize_prompts(prompts: list[str], featurizer: str, dim: int | None,
+                      hashing_version: int | None = None) -> tuple[np.ndarray, str]:
     """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
     0 = ``FEATURIZER_SEED``'s default; a long prompt from its head and tail,
     ``FEATURIZE_CHARS``'s default; ``dim`` None = ``DIM``'s default for the featurizer),
@@ -242,7 +242,7 @@ def featurize_prompts(prompts: list[str], featurizer: str,
 
     keep = Settings.model_fields["featurize_chars"].default
     built = make_featurizer(featurizer, default_dim(featurizer) if dim is None else dim,
-                            seed=0)
+                            seed=0, hashing_version=hashing_version)
     return built.transform([head_and_tail(p, keep) for p in prompts]), built.spec
 
 

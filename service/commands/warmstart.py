@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from bandit import InvalidInputError
+from bandit.featurize import HASHING_VERSIONS
 from bandit.replay import ReplayLog, warm_start
 from service.commands.replay import POLICIES, featurize_prompts, read_log
 from service.state_file import StateFile
@@ -35,11 +36,17 @@ def warmstart(
         help="Context dimension for the featurizer; default the service's for it (64 "
              "hashing, 384 minilm: BANDIT_ROUTER_DIM's default)")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the policy")] = 0,
+    hashing_version: Annotated[int, typer.Option(
+        help="Hashing featurizer version: the service's (BANDIT_ROUTER_HASHING_VERSION; "
+             "1 for a deployment that learned with version 1)")] = 2,
 ) -> None:
     console = Console()
     try:
         if policy not in POLICIES:
             raise InvalidInputError("--policy", "allowed: " + ", ".join(POLICIES), policy)
+        if hashing_version not in HASHING_VERSIONS:
+            raise InvalidInputError("--hashing-version", "allowed: "
+                                    + ", ".join(map(str, HASHING_VERSIONS)), hashing_version)
         _, prompts, log = read_log(data)
         spec = f"embeddings:{embeddings.name}" if embeddings is not None else ""
         if embeddings is not None:
@@ -48,7 +55,7 @@ def warmstart(
                 raise InvalidInputError("--embeddings", "must be a 2-D array with one row "
                                         f"per log line ({len(prompts)})", x.shape)
         else:
-            x, spec = featurize_prompts(prompts, featurizer, dim)
+            x, spec = featurize_prompts(prompts, featurizer, dim, hashing_version)
         fitted = POLICIES[policy](x.shape[1], seed=seed)
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"fitting {len(log.arms)} models", total=len(log.arms))

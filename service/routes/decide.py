@@ -24,7 +24,6 @@ from http import HTTPStatus
 from typing import Any
 
 import orjson
-from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.routing import Route
@@ -42,7 +41,7 @@ from service.metrics import Metrics
 from service.routing import RoutingService
 from service.schemas import DecideRequest, DecideResponse
 
-__all__ = ["install", "add_openapi", "decide_body", "DecideEndpoint"]
+__all__ = ["route", "add_openapi", "decide_body", "DecideEndpoint"]
 
 PATH = "/v1/decide"
 _JSON = (b"content-type", b"application/json")
@@ -144,12 +143,11 @@ class DecideEndpoint:
         await send({"type": "http.response.body", "body": content})
 
 
-def install(app: FastAPI) -> None:
-    """Route ``POST /v1/decide`` to :class:`DecideEndpoint`, first in the app's routes:
-    the busiest path is matched first, before the documentation pages' routes and the
-    included routers."""
-    app.router.routes.insert(0, Route(PATH, DecideEndpoint(), methods=["POST"],
-                                      include_in_schema=False))
+def route() -> Route:
+    """``POST /v1/decide`` served by :class:`DecideEndpoint`; the app factory passes it in
+    FastAPI's ``routes`` argument, so it is the first route the router tries (the
+    busiest path, matched before the documentation pages and the included routers)."""
+    return Route(PATH, DecideEndpoint(), methods=["POST"], include_in_schema=False)
 
 
 def _schema(model: type[BaseModel], mode: str) -> tuple[dict, dict]:

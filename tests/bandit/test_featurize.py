@@ -112,21 +112,45 @@ def test_transform_one_short_text_gives_unit_vector(hashing: HashingFeaturizer) 
 # ----------------------------------------------------------- hashing: determinism
 def test_transform_texts_pinned_values() -> None:
     # Statistics learned on these vectors are only valid while the vectors stay the
-    # same: a change here must be deliberate (and bump HashingFeaturizer.version).
-    x = HashingFeaturizer(dim=8).transform_one(PROMPTS[0])
+    # same: a change here must be deliberate (and a new HashingFeaturizer version).
+    x = HashingFeaturizer(dim=8, version=1).transform_one(PROMPTS[0])
     expected = [-0.37653495, -0.23725809, -0.39766073, 0.24107146,
                 -0.45732018, -0.02976102, 0.34318464, -0.50781627]
     np.testing.assert_allclose(x, expected, atol=1e-8)
 
 
-@pytest.mark.parametrize("hash_seed", ["0", "1", "4242"])
-def test_transform_texts_same_across_processes(hashing: HashingFeaturizer,
-                                               hash_seed: str) -> None:
+def test_transform_texts_v2_pinned_values() -> None:
+    x = HashingFeaturizer(dim=8, version=2).transform_one(PROMPTS[0])
+    expected = [-0.114585, -0.58962581, -0.11388664, 0.16221456,
+                -0.31111474, 0.114585, -0.61695293, 0.33071881]
+    np.testing.assert_allclose(x, expected, atol=1e-8)
+
+
+def test_transform_texts_versions_differ_and_specs_name_them() -> None:
+    v1 = HashingFeaturizer(dim=32, version=1)
+    v2 = HashingFeaturizer(dim=32)
+    assert v2.version == 2  # the default: new deployments get the fast projection
+    assert v1.spec.startswith("hashing-v1:") and "n_buckets=16384" in v1.spec
+    assert v2.spec.startswith("hashing-v2:") and "nnz=4" in v2.spec
+    # Different vectors: statistics learned with one are meaningless for the other.
+    assert np.abs((v1.transform(PROMPTS) * v2.transform(PROMPTS)).sum(axis=1)).mean() < 0.6
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_transform_texts_similar_closer_than_unrelated_each_version(version: int) -> None:
+    _check_similar_closer(_similarities(HashingFeaturizer(dim=64, version=version)), 0.3)
+
+
+@pytest.mark.parametrize(("hash_seed", "version"), [("0", 2), ("1", 2), ("4242", 2),
+                                                    ("1", 1)])
+def test_transform_texts_same_across_processes(hash_seed: str, version: int) -> None:
+    hashing = HashingFeaturizer(dim=64, seed=0, version=version)
     code = (
         "import json, sys\n"
         "from bandit.featurize import HashingFeaturizer\n"
         "texts = json.loads(sys.stdin.read())\n"
-        "print(HashingFeaturizer(dim=64, seed=0).transform(texts).tobytes().hex())\n"
+        f"print(HashingFeaturizer(dim=64, seed=0, version={version})"
+        ".transform(texts).tobytes().hex())\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": hash_seed,
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -166,9 +190,15 @@ def test_transform_texts_concurrent_threads_match_serial(hashing: HashingFeaturi
 # (HashingFeaturizer._reference_transform) for every text: statistics stored before the
 # kernel was written were learned on the reference's vectors.
 KERNEL_CONFIGS = [
+    {"version": 1},
+    {"dim": 8, "seed": 3, "version": 1},
+    {"dim": 128, "n_buckets": 1000, "ngram_range_chars": (1, 7), "word_ngrams": (2, 3),
+     "version": 1},
+    {"ngram_range_chars": None, "version": 1},
+    {"word_ngrams": None, "lowercase": False, "version": 1},
     {},
-    {"dim": 8, "seed": 3},
-    {"dim": 128, "n_buckets": 1000, "ngram_range_chars": (1, 7), "word_ngrams": (2, 3)},
+    {"dim": 7, "seed": 3},
+    {"dim": 384, "ngram_range_chars": (1, 7), "word_ngrams": (2, 3)},
     {"ngram_range_chars": None},
     {"word_ngrams": None, "lowercase": False},
 ]
@@ -219,6 +249,16 @@ def test_transform_one_kernel_equals_reference_any_text(hashing: HashingFeaturiz
                                                         text: str) -> None:
     np.testing.assert_allclose(hashing.transform_one(text),
                                hashing._reference_transform([text])[0], rtol=0, atol=1e-12)
+
+
+V1 = HashingFeaturizer(dim=64, seed=0, version=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_transform_one_v1_kernel_equals_reference_any_text(text: str) -> None:
+    np.testing.assert_allclose(V1.transform_one(text), V1._reference_transform([text])[0],
+                               rtol=0, atol=1e-12)
 
 
 def test_char_classes_match_python_definitions() -> None:
@@ -325,11 +365,22 @@ def test_init_bad_dim_raises_invalid_input(dim: object) -> None:
     ("ngram_range_chars", 3),
     ("word_ngrams", (1, 2.0)),
     ("lowercase", "yes"),
+    ("version", 3),
+    ("version", True),
+    ("version", "2"),
+    ("n_buckets", 1024),  # version 2 (the default) has no buckets
 ])
 def test_init_bad_parameter_raises_invalid_input(field: str, value: object) -> None:
     with pytest.raises(InvalidInputError) as info:
         HashingFeaturizer(dim=8, **{field: value})
     assert info.value.field == field
+
+
+def test_init_v1_bad_n_buckets_raises_invalid_input() -> None:
+    with pytest.raises(InvalidInputError) as info:
+        HashingFeaturizer(dim=8, n_buckets=0, version=1)
+    assert info.value.field == "n_buckets"
+    assert "integer >= 1" in info.value.allowed
 
 
 def test_init_no_ngrams_raises_invalid_input() -> None:

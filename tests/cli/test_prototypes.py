@@ -63,6 +63,18 @@ def test_fit_prototypes_text_lines_include_base(tmp_path):
     assert loaded.spec == PrototypeMap.fit(x, 3, include_base=True).spec
 
 
+def test_fit_prototypes_hashing_version_1_fits_v1_vectors(jsonl_file, tmp_path):
+    # A deployment that learned with version 1 fits its map on version 1's vectors.
+    out = tmp_path / "map.json"
+    result = runner.invoke(app, ["fit-prototypes", str(jsonl_file), "--out", str(out),
+                                 "--k", "4", "--dim", "16", "--hashing-version", "1"])
+    assert result.exit_code == 0, result.output
+    x = HashingFeaturizer(16, seed=0, version=1).transform(prompts())
+    assert PrototypeMap.load(str(out)).spec == PrototypeMap.fit(x, 4).spec
+    assert PrototypeMap.fit(x, 4).spec != PrototypeMap.fit(
+        HashingFeaturizer(16, seed=0).transform(prompts()), 4).spec
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -73,6 +85,7 @@ def test_fit_prototypes_text_lines_include_base(tmp_path):
         (["--dim", "0"], "--dim"),
         (["--mix", "1.5"], "--mix"),
         (["--format", "csv"], "--format"),
+        (["--hashing-version", "3"], "--hashing-version"),
     ],
 )
 def test_fit_prototypes_bad_option_exit_2_names_it(jsonl_file, tmp_path, args, message):

@@ -36,3 +36,37 @@ def test_decide_one_route_documented_and_errors_are_problems(new_database_url):
         assert_problem(decide(client, tenant, [model]), 500)
         del client.app.state.routing.decide_many
         assert decide(client, tenant, [model]).status_code == 200
+
+
+def test_app_one_middleware_and_decide_route_first(new_database_url):
+    from service.middleware import ServiceMiddleware
+
+    app = create_app(make_settings(new_database_url()))
+    # Request id, limits, the key before the body and the 500 answer: one layer, added
+    # with the documented add_middleware (no middleware stack of our own).
+    assert [m.cls for m in app.user_middleware] == [ServiceMiddleware]
+    # The busiest route is the first one the router tries.
+    assert app.router.routes[0].path == "/v1/decide"
+
+
+def test_decide_row_written_by_idle_writer_without_waiting_caller(new_database_url):
+    # The writer is not woken per decision (the decide path only queues the row); an
+    # idle writer must still find the row on its own, within a few flush intervals.
+    import time
+
+    from sqlalchemy import text
+
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        model = add_model(client)
+        tenant = create_tenant(client)
+        service = client.app.state.routing
+        time.sleep(0.2)  # the writer has gone idle: nothing queued
+        decision_id = decide(client, tenant, [model]).json()["decision_id"]
+        deadline = time.monotonic() + 5.0
+        found = 0
+        while time.monotonic() < deadline and not found:
+            with service.engine.connect() as conn:
+                found = conn.execute(text("SELECT count(*) FROM decisions WHERE id = :i"),
+                                     {"i": decision_id}).scalar_one()
+            time.sleep(0.01)
+        assert found == 1

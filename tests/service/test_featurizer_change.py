@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -68,6 +69,51 @@ def test_restart_other_featurizer_start_fresh(new_database_url):
     with pytest.raises(ContextSettingsError, match="seed=1"):
         with TestClient(create_app(make_settings(url, dim=64))):
             pass
+
+
+def _spec(c: TestClient) -> str:
+    return c.app.state.routing._featurizer_spec()
+
+
+def test_first_start_hashing_v2_restart_keeps_it(new_database_url):
+    url = new_database_url()
+    _learn(make_settings(url, dim=64))
+    with TestClient(create_app(make_settings(url, dim=64))) as c:
+        assert _spec(c).startswith("hashing-v2:")
+        assert c.app.state.routing.shared["linucb"].observations("fc-m")["quality"] == 5
+
+
+def test_restart_v1_deployment_keeps_hashing_v1(new_database_url):
+    # A deployment that learned with version 1 (before version 2 existed) and upgrades
+    # without setting HASHING_VERSION keeps version 1: its statistics stay valid.
+    url = new_database_url()
+    _learn(make_settings(url, dim=64, hashing_version=1))
+    with TestClient(create_app(make_settings(url, dim=64))) as c:
+        assert _spec(c).startswith("hashing-v1:")
+        assert c.app.state.routing.shared["linucb"].observations("fc-m")["quality"] == 5
+        # The contexts of new decisions are version 1's.
+        tenant = create_tenant(c, "v1-after")
+        assert c.post("/v1/decide", json={"query": {"text": "more"}},
+                      headers=tenant).status_code == 200
+        from bandit.featurize import HashingFeaturizer
+
+        np.testing.assert_allclose(c.app.state.routing.featurize("more"),
+                                   HashingFeaturizer(64, version=1).transform_one("more"),
+                                   rtol=0, atol=1e-12)
+
+
+def test_restart_v1_deployment_explicit_v2_refused_naming_setting(new_database_url):
+    url = new_database_url()
+    _learn(make_settings(url, dim=64, hashing_version=1))
+    with pytest.raises(ContextSettingsError, match="BANDIT_ROUTER_HASHING_VERSION") as refused:
+        with TestClient(create_app(make_settings(url, dim=64, hashing_version=2))):
+            pass
+    assert "hashing-v1:" in str(refused.value) and "hashing-v2:" in str(refused.value)
+
+
+def test_settings_hashing_version_bad_value_refused():
+    with pytest.raises(ValidationError, match="hashing_version"):
+        Settings(hashing_version=3)
 
 
 def test_settings_minilm_dim_default_and_cap():
@@ -157,3 +203,21 @@ def test_replay_minilm_default_dim_is_the_services(tmp_path):
                                           "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text())["dim"] == Settings(featurizer="minilm").dim == 384
+
+
+@pytest.mark.parametrize(("overrides", "stored", "expected"), [
+    ({}, None, 2),  # a first start
+    ({}, "hashing-v1:dim=64,n_buckets=16384,seed=0,chars=3-5,words=1-2,lowercase=1", 1),
+    ({}, "hashing-v2:dim=64,nnz=4,seed=0,chars=3-5,words=1-2,lowercase=1", 2),
+    ({"hashing_version": 1}, None, 1),
+    # Distributed: the learners' statistics do not record the version; never guess 2.
+    ({"kafka_bootstrap": "127.0.0.1:9092"}, None, 1),
+    ({"kafka_bootstrap": "127.0.0.1:9092", "hashing_version": 2}, None, 2),
+])
+def test_hashing_version_resolution(overrides, stored, expected):
+    from types import SimpleNamespace
+
+    from service.routing import RoutingService
+
+    state = SimpleNamespace(settings=Settings(**overrides), _stored_spec=stored)
+    assert RoutingService._hashing_version(state) == expected

@@ -36,8 +36,10 @@ def test_map_dim_through_kafka_learner_and_refused_without_map(
         unique_group_id: str, tmp_path) -> None:
     prompts = [f"{TOPICS[i % K]} #{i}" for i in range(60)]
     map_path = tmp_path / "map.json"
-    prototype_map = PrototypeMap.fit(HashingFeaturizer(DIM, seed=0).transform(prompts), K,
-                                     temperature=0.1)
+    # Distributed mode featurizes with the hashing featurizer's version 1 unless
+    # HASHING_VERSION is set (the learners' statistics do not record the version).
+    prototype_map = PrototypeMap.fit(HashingFeaturizer(DIM, seed=0, version=1)
+                                     .transform(prompts), K, temperature=0.1)
     prototype_map.save(str(map_path))
     feedback_topic, decisions_topic = make_topic(partitions=2), make_topic(partitions=1)
     values = {"database_url": fresh_database_url, "admin_key": ADMIN_KEY, "dim": DIM,
@@ -88,7 +90,7 @@ def test_map_dim_through_kafka_learner_and_refused_without_map(
     consumer.close()
     first = published[decided[0]["decision_id"]]
     np.testing.assert_allclose(
-        first.context, prototype_map.transform(HashingFeaturizer(DIM, seed=0)
+        first.context, prototype_map.transform(HashingFeaturizer(DIM, seed=0, version=1)
                                                .transform_one(prompts[0])),
         rtol=0, atol=1e-12)
 
