@@ -18,10 +18,10 @@ Issue 13 asks a one-pass bandit for a routing value >= 0 at every cost weight an
 * **Task oracle** (LLMRouter only: rows carry a task cluster): the best model per task
   in hindsight, from :func:`bandit.replay.routing_value`.
 
-Run ``python -m benchmarks.value_ceiling`` (about a minute; reads ``../shared/data``, or
+Run ``python -m benchmarks.value_bounds`` (about a minute; reads ``../shared/data``, or
 ``$BANDIT_ROUTER_DATA``: point it at a directory holding ``llmrouter/`` and ``routellm/``
 in the layout of ``../shared/data/README.md`` to measure on your own logs). Writes
-``benchmarks/results/value_ceiling.json``.
+``benchmarks/results/value_bounds.json``.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def exploration_floor(ds: Dataset) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.value_ceiling",
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.value_bounds",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
     parser.add_argument("--dims", default="64,256,1024",
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 [[name, ref, *(f"{v:+.3f}" for v in vals), *[""] * (width - len(vals)),
                   f"{np.mean(vals):+.3f}"] for name, ref, vals in rows],
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100")
-    path = write_results("value_ceiling", {
+    path = write_results("value_bounds", {
         "what": "full-information ceiling per featurizer (5-fold cross-fitted ridge, best "
                 "of ridges 1/10/100), context-free Thompson one-pass floor (mean of 5 "
                 "shuffles), task oracle",
