@@ -526,6 +526,14 @@ class PolicyConfig:
         cost, and a cold arm that could not beat the best warm arm's predicted utility
         even with perfect quality is not explored: at a tenant's cost weight an
         expensive model that cannot pay for itself costs no exploration.
+    context_ridges
+        Candidate context ridges of the quality head (model selection; same units as
+        ``context_ridge``). Each arm keeps the same sums under every candidate and
+        predicts quality with the one of lowest prequential (predict-then-update)
+        squared error so far; ties (no data yet) go to the first. A candidate of 1e6 is
+        the arm's mean alone (a plain multi-armed bandit): context is then used only for
+        the arms where it has shown it predicts. None: ``context_ridge`` alone. The
+        cost and latency heads always use ``context_ridge``.
     shared_ridge
         Learn a quality component shared by every arm (hybrid linear model, Li et al.
         2010; ridge strength of the shared coefficients): what one model's feedback
@@ -554,8 +562,14 @@ class PolicyConfig:
     context_ridge: float = 100.0
     price_strength: float = 10.0
     bounded_optimism: bool = True
+    context_ridges: tuple[float, ...] | None = None
     shared_ridge: float | None = None
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # A restored configuration (JSON) holds a list: store the immutable tuple.
+        if isinstance(self.context_ridges, list):
+            object.__setattr__(self, "context_ridges", tuple(self.context_ridges))
 
     def validated(self) -> PolicyConfig:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
@@ -577,6 +591,14 @@ class PolicyConfig:
                                     self.refresh_every)
         check_finite_number("context_ridge", self.context_ridge, low=1e-6, high=1e6)
         check_finite_number("price_strength", self.price_strength, low=1e-6)
+        if self.context_ridges is not None:
+            if (not isinstance(self.context_ridges, tuple)
+                    or not 1 <= len(self.context_ridges) <= 8):
+                raise InvalidInputError("context_ridges", "must be a list of 1 to 8 "
+                                        "numbers in [1e-06, 1e6], or None",
+                                        self.context_ridges)
+            for i, value in enumerate(self.context_ridges):
+                check_finite_number(f"context_ridges[{i}]", value, low=1e-6, high=1e6)
         if self.shared_ridge is not None:
             check_finite_number("shared_ridge", self.shared_ridge, low=1e-6, high=1e6)
         if not isinstance(self.bounded_optimism, bool):
@@ -609,7 +631,7 @@ class Policy(abc.ABC):
     def __init__(self, dim: int, **params: object) -> None:
         self.config = self.Config(dim=dim, **params).validated()  # type: ignore[arg-type]
         self._stats = ArmStatistics(dim, self.config.refresh_every,
-                                    self.config.context_ridge)
+                                    self.config.context_ridge, self.config.context_ridges)
         self._names: list[str] = []
         self._index: dict[str, int] = {}
         self._priors: dict[str, ArmPrior] = {}
@@ -1191,7 +1213,18 @@ class Policy(abc.ABC):
         policy._index = {n: i for i, n in enumerate(policy._names)}
         policy._priors = {n: ArmPrior(*p) for n, p in zip(policy._names, header["priors"],
                                                             strict=True)}
-        if not header.get("derived", True):
+        stats = policy._stats
+        before = header["config"].get("context_ridges")
+        other_candidates = "context_ridges" in config and (
+            tuple(config["context_ridges"] or ()) != tuple(before or ()))
+        if other_candidates or stats.sel_err.shape != (len(policy._names),
+                                                       stats.sel_diag.shape[0]):
+            # Written without model selection, or with other candidates: the errors
+            # start afresh (the sums, all that was learned, stay) and the candidates'
+            # inverses are computed from the sums.
+            stats.sel_err = np.zeros((len(policy._names), stats.sel_diag.shape[0]))
+            stats.fill_derived()
+        elif not header.get("derived", True):
             policy._stats.fill_derived()
         elif header["format"] == 1:
             # Format 1's stored inverses used one ridge for every coefficient; this
