@@ -541,6 +541,18 @@ class PolicyConfig:
         prediction, and a model added mid-stream starts from the shared estimate.
         Each arm's own coefficients are its deviation, pulled toward 0 by ``ridge`` x
         ``context_ridge``. None: every arm learns alone.
+    exploration
+        What the exploration width (LinUCB's bonus, Thompson's posterior) measures:
+        ``"mean"``, the uncertainty of each arm's mean utility alone,
+        sqrt(sum_h w_h^2 sigma_h^2 / (n_h + lambda_h)), the same for every context;
+        ``"context"`` (LinUCB's default), the predictive uncertainty of the linear fit
+        at this context, sqrt(sum_h w_h^2 sigma_h^2 x^T A_h^-1 x). Exploring on the
+        means finds the best model fast and then stops; the context then moves a
+        choice only through the predicted means. With hashed text features the
+        context's own width stays wide for thousands of observations (each of 64
+        directions must be learned) and buys exploration that the context does not
+        repay: on the llmrouter replay even a full-information linear router on these
+        features is within +-0.05 of the best single model (docs/results.md).
     seed
         Seed of the policy's private random generator.
     """
@@ -556,14 +568,16 @@ class PolicyConfig:
     cold_start_share: float = 0.1
     refresh_every: int = 1000
     # From the issue-13 sweep on the llmrouter replay (benchmarks/results/
-    # value_sweep.json): a context ridge of 100 beat 1 at every weight tried. The shared
-    # component (shared_ridge=1, with LinUCB alpha 0) scored best but stays opt-in: see
-    # bandit/linucb.py and docs/results.md.
+    # value_sweep.json): a context ridge of 100 beat 1 at every weight tried; 1,000
+    # and 10,000 (with the shared component, alpha 0) lost 0.05-0.06 more at w=0.
     context_ridge: float = 100.0
     price_strength: float = 10.0
     bounded_optimism: bool = True
     context_ridges: tuple[float, ...] | None = None
+    # LinearThompson's defaults differ (shared component, exploration on the means):
+    # see bandit/thompson.py for why LinUCB keeps these.
     shared_ridge: float | None = None
+    exploration: str = "context"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -591,6 +605,9 @@ class PolicyConfig:
                                     self.refresh_every)
         check_finite_number("context_ridge", self.context_ridge, low=1e-6, high=1e6)
         check_finite_number("price_strength", self.price_strength, low=1e-6)
+        if self.exploration not in ("context", "mean"):
+            raise InvalidInputError("exploration", "allowed: context, mean",
+                                    self.exploration)
         if self.context_ridges is not None:
             if (not isinstance(self.context_ridges, tuple)
                     or not 1 <= len(self.context_ridges) <= 8):
@@ -812,7 +829,15 @@ class Policy(abc.ABC):
         if c is not None and estimate is not None:
             c[:, 1] = 0.0  # the price is known: its correction earns no exploration
         every_arm = len(names) == len(self._names) and names == self._names
-        means, utility, std = self._stats.predict(xb, None if every_arm else idx, c, w)
+        mean_only = c is not None and self.config.exploration == "mean"
+        means, utility, std = self._stats.predict(xb, None if every_arm else idx,
+                                                  None if mean_only else c, w)
+        if mean_only:
+            assert c is not None
+            # The uncertainty of each arm's mean utility alone, sigma_h^2 / (n_h +
+            # lambda_h) per head: exploration finds the best model, whatever the context.
+            var = (c / (self._stats.weight + self._stats.lam)).sum(axis=1)[idx]
+            std = np.broadcast_to(np.sqrt(var), utility.shape).copy()
         if self.config.shared_ridge is not None:
             if self._shared is None or self._shared[0] != self.version:
                 self._shared = (self.version,

@@ -31,6 +31,16 @@ class LinearThompsonConfig(PolicyConfig):
     """
 
     scale: float = 0.5
+    # Issue 13, second round (docs/results.md, benchmarks/results/routing_value.json):
+    # sampling around each arm's *mean* (exploration="mean") with the shared quality
+    # component finds the best model within ~2,000 rows of the llmrouter replay and then
+    # stays on it; sampling on the context's predictive width kept exploring 64 hashed
+    # directions that even full information cannot turn into value. Scale 0.25 locked
+    # onto a wrong model in some shuffles, 1.0 explored too long. Epsilon 0.01 (as the
+    # service's setting) keeps every propensity >= epsilon / K for off-policy evaluation.
+    epsilon: float = 0.01
+    shared_ridge: float | None = 1.0
+    exploration: str = "mean"
     propensity_nodes: int = 64
     propensity_samples: int = 0
 
