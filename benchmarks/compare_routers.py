@@ -174,14 +174,15 @@ def load_llmrouter(data_dir: Path | None, minilm: bool = True) -> Dataset:
                         "order": "file order: train rows, then test rows"})
     ds.features["hashing"] = _hashing(prompts)
     tasks = [r.get("task") for r in records]
-    if all(tasks):
+    if any(tasks):
         # The "with tags" scenario: each row's task cluster passed as a request tag
-        # (``tags={"task": cluster_id}``), hashed into the context as the service does.
+        # (``tags={"task": cluster_id}``), hashed into the context as the service does;
+        # rows without one (the test split has no cluster_id) stay untagged.
         from bandit.featurize import with_tags
 
         ds.features["hashing+tags"] = np.stack([
-            with_tags(row, {"task": str(t)}) for row, t in zip(ds.features["hashing"], tasks,
-                                                              strict=True)])
+            with_tags(row, {"task": str(t)} if t else None)
+            for row, t in zip(ds.features["hashing"], tasks, strict=True)])
     cache = CACHE_DIR / "llmrouter-minilm.npy"
     if minilm:
         if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == ds.n:
