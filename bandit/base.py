@@ -545,7 +545,7 @@ class PolicyConfig:
         What the exploration width (LinUCB's bonus, Thompson's posterior) measures:
         ``"mean"``, the uncertainty of each arm's mean utility alone,
         sqrt(sum_h w_h^2 sigma_h^2 / (n_h + lambda_h)), the same for every context;
-        ``"context"`` (LinUCB's default), the predictive uncertainty of the linear fit
+        ``"context"`` (the default), the predictive uncertainty of the linear fit
         at this context, sqrt(sum_h w_h^2 sigma_h^2 x^T A_h^-1 x). Exploring on the
         means finds the best model fast and then stops; the context then moves a
         choice only through the predicted means. With hashed text features the
@@ -574,8 +574,7 @@ class PolicyConfig:
     price_strength: float = 10.0
     bounded_optimism: bool = True
     context_ridges: tuple[float, ...] | None = None
-    # LinearThompson's defaults differ (shared component, exploration on the means):
-    # see bandit/thompson.py for why LinUCB keeps these.
+    # Opt-in, measured in issue 13's second round: see docs/results.md.
     shared_ridge: float | None = None
     exploration: str = "context"
     seed: int | None = None

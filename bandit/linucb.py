@@ -24,8 +24,9 @@ class LinUCBConfig(PolicyConfig):
     its argmax then settles on one model, and a logger that picks one model with
     probability 1 - epsilon leaves off-policy evaluation of other policies a few
     importance weights of K / epsilon (tests/service/test_evaluate.py: IPS 1.35 for a
-    policy whose value is in [0, 1]). LinearThompson has those defaults and stays
-    random where models cannot be told apart.
+    policy whose value is in [0, 1]). LinearThompson with them stays random where
+    models cannot be told apart, but it lost its topic routing on a two-topic replay
+    (docs/policies.md).
     """
 
     alpha: float = 0.3

@@ -45,13 +45,14 @@ def test_mean_exploration_width_is_the_arms_mean_uncertainty(cls):
 
 
 @pytest.mark.parametrize(("cls", "spread"), [(LinearThompson, True), (LinUCB, False)])
-def test_default_logger_spreads_equal_arms(cls, spread):
+def test_thompson_on_means_spreads_equal_arms(cls, spread):
     """Three models of equal quality cannot be told apart: Thompson sampling on the
-    means (the service's default) keeps choosing among all three with real
-    probabilities, what off-policy evaluation of another policy needs; a deterministic
-    LinUCB gives the others only the epsilon floor (0.01 / 3)."""
+    means keeps choosing among all three with real probabilities, what off-policy
+    evaluation of another policy needs; LinUCB's argmax gives the others only the
+    epsilon floor (0.01 / 3)."""
     rng = np.random.default_rng(3)
-    policy = cls(8, seed=7, drift_delta=None)
+    params = {"exploration": "mean", "epsilon": 0.01} if spread else {}
+    policy = cls(8, seed=7, drift_delta=None, **params)
     for name in "abc":
         policy.add_arm(name)
     for _ in range(120):
