@@ -141,22 +141,17 @@ def test_selection_shared_component_equals_joint_ridge_solution():
         policy.update("ab"[a], xi, {"quality": float(q)}, now=0.0)
     chosen = policy._stats.selected()
     assert chosen.tolist() == [1, 0]  # a uses its context, b only its mean
-    n_feat = d + 1
+    # One ridge regression over [beta, theta_a, theta_b]: columns [x, x if a, x if b].
     xb = np.c_[x, np.ones(80)]
-    design = np.zeros((80, n_feat * (k + 1)))
-    design[:, :n_feat] = xb
-    for i, a in enumerate(arms):
-        design[i, n_feat * (a + 1): n_feat * (a + 2)] = xb[i]
-    diag = [np.full(n_feat, 2.0)]
-    for j in range(k):
-        diag.append(np.r_[np.full(d, grid[chosen[j]]), 1.0])
-    penalty = np.diag(np.concatenate(diag))
-    prior = np.zeros(n_feat * (k + 1))
-    prior[n_feat * 2 - 1::n_feat] = 0.5
+    design = np.hstack([xb] + [xb * (arms == j)[:, None] for j in range(k)])
+    penalty = np.diag(np.concatenate(
+        [np.full(d + 1, 2.0)] + [np.r_[np.full(d, grid[g]), 1.0] for g in chosen]))
+    prior = np.r_[np.zeros(d + 1), np.tile(np.r_[np.zeros(d), 0.5], k)]
     sol = np.linalg.solve(design.T @ design + penalty, design.T @ y + penalty @ prior)
+    coef = sol.reshape(k + 1, d + 1)
     preds = policy.predict(x[0])
     for j, name in enumerate("ab"):
-        joint = xb[0] @ (sol[:n_feat] + sol[n_feat * (j + 1): n_feat * (j + 2)])
+        joint = xb[0] @ (coef[0] + coef[j + 1])
         assert preds[name].quality == pytest.approx(joint, abs=1e-8)
 
 
