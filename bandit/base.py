@@ -526,6 +526,14 @@ class PolicyConfig:
         cost, and a cold arm that could not beat the best warm arm's predicted utility
         even with perfect quality is not explored: at a tenant's cost weight an
         expensive model that cannot pay for itself costs no exploration.
+    context_ridges
+        Candidate context ridges of the quality head (model selection; same units as
+        ``context_ridge``). Each arm keeps the same sums under every candidate and
+        predicts quality with the one of lowest prequential (predict-then-update)
+        squared error so far; ties (no data yet) go to the first. A candidate of 1e6 is
+        the arm's mean alone (a plain multi-armed bandit): context is then used only for
+        the arms where it has shown it predicts. None: ``context_ridge`` alone. The
+        cost and latency heads always use ``context_ridge``.
     shared_ridge
         Learn a quality component shared by every arm (hybrid linear model, Li et al.
         2010; ridge strength of the shared coefficients): what one model's feedback
@@ -533,6 +541,18 @@ class PolicyConfig:
         prediction, and a model added mid-stream starts from the shared estimate.
         Each arm's own coefficients are its deviation, pulled toward 0 by ``ridge`` x
         ``context_ridge``. None: every arm learns alone.
+    exploration
+        What the exploration width (LinUCB's bonus, Thompson's posterior) measures:
+        ``"mean"``, the uncertainty of each arm's mean utility alone,
+        sqrt(sum_h w_h^2 sigma_h^2 / (n_h + lambda_h)), the same for every context;
+        ``"context"`` (the default), the predictive uncertainty of the linear fit
+        at this context, sqrt(sum_h w_h^2 sigma_h^2 x^T A_h^-1 x). Exploring on the
+        means finds the best model fast and then stops; the context then moves a
+        choice only through the predicted means. With hashed text features the
+        context's own width stays wide for thousands of observations (each of 64
+        directions must be learned) and buys exploration that the context does not
+        repay: on the llmrouter replay even a full-information linear router on these
+        features is within +-0.05 of the best single model (docs/results.md).
     seed
         Seed of the policy's private random generator.
     """
@@ -548,14 +568,21 @@ class PolicyConfig:
     cold_start_share: float = 0.1
     refresh_every: int = 1000
     # From the issue-13 sweep on the llmrouter replay (benchmarks/results/
-    # value_sweep.json): a context ridge of 100 beat 1 at every weight tried. The shared
-    # component (shared_ridge=1, with LinUCB alpha 0) scored best but stays opt-in: see
-    # bandit/linucb.py and docs/results.md.
+    # value_sweep.json): a context ridge of 100 beat 1 at every weight tried; 1,000
+    # and 10,000 (with the shared component, alpha 0) lost 0.05-0.06 more at w=0.
     context_ridge: float = 100.0
     price_strength: float = 10.0
     bounded_optimism: bool = True
+    context_ridges: tuple[float, ...] | None = None
+    # Opt-in, measured in issue 13's second round: see docs/results.md.
     shared_ridge: float | None = None
+    exploration: str = "context"
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # A restored configuration (JSON) holds a list: store the immutable tuple.
+        if isinstance(self.context_ridges, list):
+            object.__setattr__(self, "context_ridges", tuple(self.context_ridges))
 
     def validated(self) -> PolicyConfig:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
@@ -577,6 +604,17 @@ class PolicyConfig:
                                     self.refresh_every)
         check_finite_number("context_ridge", self.context_ridge, low=1e-6, high=1e6)
         check_finite_number("price_strength", self.price_strength, low=1e-6)
+        if self.exploration not in ("context", "mean"):
+            raise InvalidInputError("exploration", "allowed: context, mean",
+                                    self.exploration)
+        if self.context_ridges is not None:
+            if (not isinstance(self.context_ridges, tuple)
+                    or not 1 <= len(self.context_ridges) <= 8):
+                raise InvalidInputError("context_ridges", "must be a list of 1 to 8 "
+                                        "numbers in [1e-06, 1e6], or None",
+                                        self.context_ridges)
+            for i, value in enumerate(self.context_ridges):
+                check_finite_number(f"context_ridges[{i}]", value, low=1e-6, high=1e6)
         if self.shared_ridge is not None:
             check_finite_number("shared_ridge", self.shared_ridge, low=1e-6, high=1e6)
         if not isinstance(self.bounded_optimism, bool):
@@ -609,7 +647,7 @@ class Policy(abc.ABC):
     def __init__(self, dim: int, **params: object) -> None:
         self.config = self.Config(dim=dim, **params).validated()  # type: ignore[arg-type]
         self._stats = ArmStatistics(dim, self.config.refresh_every,
-                                    self.config.context_ridge)
+                                    self.config.context_ridge, self.config.context_ridges)
         self._names: list[str] = []
         self._index: dict[str, int] = {}
         self._priors: dict[str, ArmPrior] = {}
@@ -790,7 +828,15 @@ class Policy(abc.ABC):
         if c is not None and estimate is not None:
             c[:, 1] = 0.0  # the price is known: its correction earns no exploration
         every_arm = len(names) == len(self._names) and names == self._names
-        means, utility, std = self._stats.predict(xb, None if every_arm else idx, c, w)
+        mean_only = c is not None and self.config.exploration == "mean"
+        means, utility, std = self._stats.predict(xb, None if every_arm else idx,
+                                                  None if mean_only else c, w)
+        if mean_only:
+            assert c is not None
+            # The uncertainty of each arm's mean utility alone, sigma_h^2 / (n_h +
+            # lambda_h) per head: exploration finds the best model, whatever the context.
+            var = (c / (self._stats.weight + self._stats.lam)).sum(axis=1)[idx]
+            std = np.broadcast_to(np.sqrt(var), utility.shape).copy()
         if self.config.shared_ridge is not None:
             if self._shared is None or self._shared[0] != self.version:
                 self._shared = (self.version,
@@ -1191,7 +1237,18 @@ class Policy(abc.ABC):
         policy._index = {n: i for i, n in enumerate(policy._names)}
         policy._priors = {n: ArmPrior(*p) for n, p in zip(policy._names, header["priors"],
                                                             strict=True)}
-        if not header.get("derived", True):
+        stats = policy._stats
+        before = header["config"].get("context_ridges")
+        other_candidates = "context_ridges" in config and (
+            tuple(config["context_ridges"] or ()) != tuple(before or ()))
+        if other_candidates or stats.sel_err.shape != (len(policy._names),
+                                                       stats.sel_diag.shape[0]):
+            # Written without model selection, or with other candidates: the errors
+            # start afresh (the sums, all that was learned, stay) and the candidates'
+            # inverses are computed from the sums.
+            stats.sel_err = np.zeros((len(policy._names), stats.sel_diag.shape[0]))
+            stats.fill_derived()
+        elif not header.get("derived", True):
             policy._stats.fill_derived()
         elif header["format"] == 1:
             # Format 1's stored inverses used one ridge for every coefficient; this

@@ -18,10 +18,15 @@ class LinUCBConfig(PolicyConfig):
 
     The default 0.3 comes from a sweep on the llmrouter replay (0.1 to 1.0 were within
     seed noise of each other below 0.5; 1.0 explored visibly too much). With the shared
-    component (``shared_ridge=1``), alpha 0 scored best in the issue-13 sweep (mean
-    routing value about -0.07 against -0.2 at 0.3, docs/results.md), but it is not the
-    default: a near-deterministic logger leaves off-policy evaluation of other policies
-    with too few explored choices (tests/service/test_evaluate.py fails with it).
+    component (``shared_ridge=1``) and the bonus on the arms' mean uncertainty
+    (``exploration="mean"``), LinUCB earned more on llmrouter (routing value -0.03
+    against -0.26 at w=0, 5 shuffles, docs/results.md), but those are not its defaults:
+    its argmax then settles on one model, and a logger that picks one model with
+    probability 1 - epsilon leaves off-policy evaluation of other policies a few
+    importance weights of K / epsilon (tests/service/test_evaluate.py: IPS 1.35 for a
+    policy whose value is in [0, 1]). LinearThompson with them stays random where
+    models cannot be told apart, but it lost its topic routing on a two-topic replay
+    (docs/policies.md).
     """
 
     alpha: float = 0.3

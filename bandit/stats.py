@@ -23,6 +23,15 @@ Numerics: all state is float64. ``A^-1`` and ``theta`` are kept current by the
 recursive-least-squares form of Sherman-Morrison (O(d^2) per update, never an inverse on
 the hot path) and recomputed exactly from the sums every ``refresh_every`` updates of an
 arm, after a merge, a decay step or a restore, so rounding error cannot accumulate.
+
+Model selection of the quality head (``context_ridges``): beside its own inverse, each
+arm keeps, for a few candidate context ridges (a strong one = "intercept only", a plain
+multi-armed bandit), the inverse and coefficients of the same data sums under that ridge,
+and the prequential (predict-then-update) squared error of each candidate. The quality
+head is, for each arm, the candidate with the lowest error so far: context is used only
+where it has shown it predicts that arm's quality better than the arm's mean. The
+candidates are updated together (one batched Sherman-Morrison step over the grid), and
+their errors are sums like the others (replicas merge, forgetting discounts them).
 """
 
 from __future__ import annotations
@@ -59,15 +68,17 @@ class ArmStatistics:
     """
 
     ARRAYS = ("group", "s_data", "s_inv", "a_data", "a_inv", "b_data", "srr", "weight",
-              "count", "lam", "mu0", "sigma0", "updates", "theta", "sigma2", "price_ratio")
+              "count", "lam", "mu0", "sigma0", "updates", "theta", "sigma2", "price_ratio",
+              "sel_err", "sel_inv", "sel_theta", "q_inv")
     # what forgetting discounts
-    DATA = ("s_data", "a_data", "b_data", "srr", "weight", "price_ratio")
+    DATA = ("s_data", "a_data", "b_data", "srr", "weight", "price_ratio", "sel_err")
     # What defines the statistics; the rest (inverses, theta, sigma^2) is recomputed.
     SUMS = ("group", "s_data", "a_data", "b_data", "srr", "weight", "count", "lam", "mu0",
-            "sigma0", "updates", "price_ratio")
+            "sigma0", "updates", "price_ratio", "sel_err")
 
     def __init__(self, dim: int, refresh_every: int = 1000,
-                 context_ridge: float = 1.0) -> None:
+                 context_ridge: float = 1.0,
+                 context_ridges: tuple[float, ...] | None = None) -> None:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
@@ -76,6 +87,11 @@ class ArmStatistics:
         # an arm's context weights toward its mean, so that with little data an arm is
         # predicted by its mean (the best-mean arm wins early) instead of by a noisy fit.
         self.ridge_diag = np.r_[np.full(dim, float(context_ridge)), 1.0]
+        # Quality-head model selection: one ridge diagonal per candidate (G, D).
+        grid = np.asarray(context_ridges or (), dtype=np.float64).reshape(-1)
+        self.sel_diag = np.concatenate([np.repeat(grid[:, None], dim, axis=1),
+                                        np.ones((grid.size, 1))], axis=1)
+        g = grid.size
         self.group = np.zeros((0, _H), dtype=bool)
         self.s_data = np.zeros((0, d, d))
         self.s_inv = np.zeros((0, d, d))
@@ -94,6 +110,22 @@ class ArmStatistics:
         # Observed cost over the per-request price estimate: (sum of weighted ratios,
         # sum of weights) per arm; the cost correction learned on top of declared prices.
         self.price_ratio = np.zeros((0, 2))
+        # Per candidate ridge: prequential squared error of the quality head (a sum),
+        # inverse and coefficients; q_inv is the selected candidate's inverse (derived).
+        self.sel_err = np.zeros((0, g))
+        self.sel_inv = np.zeros((0, g, d, d))
+        self.sel_theta = np.zeros((0, g, d))
+        self.q_inv = np.zeros((0, d, d))
+
+    @property
+    def selecting(self) -> bool:
+        """Whether the quality head is chosen among candidate context ridges."""
+        return self.sel_diag.shape[0] > 0
+
+    def selected(self) -> np.ndarray:
+        """Index (K,) of each arm's candidate ridge: the lowest prequential error so far
+        (ties, e.g. before any data, go to the first candidate)."""
+        return np.argmin(self.sel_err, axis=1)
 
     # ----------------------------------------------------------------- arms
     def __len__(self) -> int:
@@ -114,6 +146,9 @@ class ArmStatistics:
             "mu0": np.asarray(mu0, dtype=float), "sigma0": np.asarray(sigma0, dtype=float),
             "updates": np.int64(0), "theta": np.zeros((_H, d)), "sigma2": np.zeros(_H),
             "price_ratio": np.zeros(2),
+            "sel_err": np.zeros(self.sel_diag.shape[0]),
+            "sel_inv": np.zeros((self.sel_diag.shape[0], d, d)),
+            "sel_theta": np.zeros((self.sel_diag.shape[0], d)), "q_inv": np.zeros((d, d)),
         }
         self.put(row)
         self.refresh([len(self) - 1])
@@ -134,6 +169,9 @@ class ArmStatistics:
         self.a_inv = np.zeros((k, _H, d, d))
         self.theta = np.zeros((k, _H, d))
         self.sigma2 = np.zeros((k, _H))
+        self.sel_inv = np.zeros((k, self.sel_diag.shape[0], d, d))
+        self.sel_theta = np.zeros((k, self.sel_diag.shape[0], d))
+        self.q_inv = np.zeros((k, d, d))
         self.refresh()
 
     def delete(self, index: int) -> None:
@@ -186,7 +224,20 @@ class ArmStatistics:
             if own.size:
                 self.theta[k, own] = np.einsum("hij,hj->hi", self.a_inv[k, own], b[own])
             self.updates[k] = 0
+            if self.selecting:
+                a0 = self.s_data[k] if group[0] else self.a_data[k, 0]
+                lam0 = self.lam[k, 0]
+                self.sel_inv[k] = _spd_inverse(
+                    a0 + lam0 * self.sel_diag[:, :, None] * np.eye(self.n_features))
+                self.sel_theta[k] = self.sel_inv[k] @ b[0]
+                self._select(k)
             self._update_sigma2(k)
+
+    def _select(self, k: int) -> None:
+        """Make arm k's quality head its candidate with the lowest prequential error."""
+        g = int(np.argmin(self.sel_err[k]))
+        self.theta[k, 0] = self.sel_theta[k, g]
+        self.q_inv[k] = self.sel_inv[k, g]
 
     def _b_total(self, k: int) -> np.ndarray:
         b = self.b_data[k].copy()
@@ -240,6 +291,17 @@ class ArmStatistics:
             self.a_inv[k, own] = p - gain[:, :, None] * px[:, None, :]
             self.a_data[k, own] += xx
             self.theta[k, own] += err[own, None] * gain
+        if obs[0] and self.selecting:
+            # Predict, score, then learn: every candidate's error on this observation
+            # before it has seen it (prequential), then one rank-one step for all.
+            e = y[0] - self.sel_theta[k] @ x  # (G,)
+            self.sel_err[k] += weight * e * e
+            p = self.sel_inv[k]
+            px = p @ x
+            gain = weight * px / (1.0 + weight * (px @ x))[:, None]
+            p -= gain[:, :, None] * px[:, None, :]
+            self.sel_theta[k] += e[:, None] * gain
+            self._select(k)
         yo = np.where(observed, y, 0.0)
         self.b_data[k] += yo[:, None] * xw
         self.srr[k] += weight * (yo * yo)
@@ -257,6 +319,12 @@ class ArmStatistics:
         """Add a batch of observations (n,D) / (n,H) to arm k, each counting as ``weight``
         observations (one number, or one per row), then refresh the arm exactly."""
         observed = ~np.isnan(y)
+        if self.selecting and observed[:, 0].any():
+            # Every candidate's error on the batch, predicted before the batch is learned.
+            q = observed[:, 0]
+            e = y[q, 0, None] - x[q] @ self.sel_theta[k].T  # (n, G)
+            wq = weight[q] if np.ndim(weight) else weight
+            self.sel_err[k] += (np.reshape(wq, (-1, 1)) * e * e).sum(axis=0)
         if np.ndim(weight):  # one weight per row: sum_i w_i x_i x_i^T = (w x)^T x
             w: np.ndarray | float = np.asarray(weight, dtype=np.float64).reshape(-1, 1)
             xw, wsum = x * w, 1.0
@@ -300,6 +368,7 @@ class ArmStatistics:
         self.weight[k] += factor * other.weight[j]
         self.count[k] += other.count[j]
         self.price_ratio[k] += factor * other.price_ratio[j]
+        self.sel_err[k] += factor * other.sel_err[j]
 
     def add_price_ratios(self, k: int, ratios: np.ndarray,
                          weights: float | np.ndarray = 1.0) -> None:
@@ -334,6 +403,18 @@ class ArmStatistics:
         k, _, d = self.theta.shape
         if k == 0:
             return np.zeros((0, d))
+        lam0 = self.lam[:, 0]
+        dev = self.theta[:, 0].copy()
+        dev[:, -1] -= self.mu0[:, 0]  # theta_k - m_k (the prior mean sits on the bias)
+        if self.selecting:
+            # Each arm's own ridge diagonal is its selected candidate's: Lambda_k =
+            # lam_k R_k, and the quality inverse is that candidate's.
+            inv, rd = self.q_inv, self.sel_diag[self.selected()]  # (K,D,D), (K,D)
+            lr = lam0[:, None] * rd
+            m0 = np.diag(shared_ridge + lr.sum(axis=0)) - np.einsum(
+                "kij,ki,kj->ij", inv, lr, lr)
+            beta = np.linalg.solve(m0, (lr * dev).sum(axis=0))
+            return lam0[:, None] * np.einsum("kij,kj->ki", inv, rd * beta)
         in_group = self.group[:, 0]
         if in_group.all():  # the usual case: no copy of the inverses
             inv = self.s_inv
@@ -344,9 +425,7 @@ class ArmStatistics:
         # Lambda_k = lam_k R with R = diag(ridge_diag) shared by every arm, so
         # sum_k Lambda_k A_k^-1 Lambda_k = R (sum_k lam_k^2 A_k^-1) R: one weighted sum
         # over the arms (O(K D^2)), then one D x D solve; no per-arm inverse.
-        lam0, rd = self.lam[:, 0], self.ridge_diag
-        dev = self.theta[:, 0].copy()
-        dev[:, -1] -= self.mu0[:, 0]  # theta_k - m_k (the prior mean sits on the bias)
+        rd = self.ridge_diag
         m0 = np.diag(shared_ridge + lam0.sum() * rd) - np.tensordot(
             lam0 * lam0, inv, axes=1) * np.outer(rd, rd)
         beta = np.linalg.solve(m0, rd * (lam0 @ dev))
@@ -377,12 +456,22 @@ class ArmStatistics:
         utility = means @ w
         if c is None:
             return means, utility, np.zeros_like(utility)
+        c_sel = None
+        if self.selecting:
+            # The quality head's inverse is its selected candidate's (q_inv), not the
+            # group's or its own.
+            c_sel, c = c[:, 0], c.copy()
+            c[:, 0] = 0.0
         c_group = (c * self.group).sum(axis=1)  # (K,)
         # (arm, head) pairs outside the groups that the preferences weigh.
         own_k, own_h = np.nonzero(~self.group & (c > 0))
         if n == 1:
             x = xb[0]
-            var = ((self.s_inv @ x) @ x) * c_group
+            var = np.zeros(k)
+            if c_sel is not None:
+                var += ((self.q_inv @ x) @ x) * c_sel
+            if c_group.any():
+                var += ((self.s_inv @ x) @ x) * c_group
             if own_k.size:
                 q = (self.a_inv[own_k, own_h] @ x) @ x
                 np.add.at(var, own_k, q * c[own_k, own_h])
@@ -391,6 +480,8 @@ class ArmStatistics:
             # One combined matrix sum_h c_h A_h^-1 per arm, then one quadratic form per
             # context and arm, as a single (n, D) x (D, K*D) product.
             m = c_group[:, None, None] * self.s_inv
+            if c_sel is not None:
+                m += c_sel[:, None, None] * self.q_inv
             if own_k.size:
                 np.add.at(m, own_k, c[own_k, own_h, None, None] * self.a_inv[own_k, own_h])
             m = m.transpose(1, 0, 2).reshape(d, k * d)

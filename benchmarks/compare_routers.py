@@ -23,7 +23,10 @@ w x cost_usd, the same for everyone) and every seed:
   all-MiniLM-L6-v2 embeddings (384 dims; ``benchmarks/.cache/llmrouter-minilm.npy``,
   written by ``benchmarks.replay_llmrouter``) and on those embeddings through a
   :class:`bandit.featurize.PrototypeMap` (``minilm-proto``: soft assignment to 64
-  spherical k-means prototypes of the train prompts, fitted without outcomes; 64 dims).
+  spherical k-means prototypes of the train prompts, fitted without outcomes; 64 dims),
+  and, with ``--featurizers hashing+tags``, on the hashing features with each row's
+  ``cluster_id`` passed as a request tag (``{"task": cluster_id}``, hashed into the
+  context by :func:`bandit.featurize.with_tags`, as the service does with ``tags``).
   They learn quality and cost heads from
   ``{"quality", "cost_usd"}`` and know each model's mean price as a prior (a router
   knows the price list);
@@ -85,16 +88,26 @@ PROTO_INCLUDE_BASE = False
 PACKAGES = ("numpy", "river", "mabwiser", "vowpalwabbit", "matplotlib")
 # USD per million tokens (data/README.md): (input, output).
 MMLU_PRICES = {"gpt4": (10.0, 30.0), "mixtral": (0.6, 0.6)}
-ONLINE = ("ours-linucb", "ours-linucb-shared", "ours-linucb-v1", "ours-thompson",
+ONLINE = ("ours-linucb", "ours-linucb-shared", "ours-linucb-main", "ours-linucb-mean",
+          "ours-linucb-v1",
+          "ours-thompson",
           "river-linucb",
           "mabwiser-linucb", "vw-cb-adf", "eps-greedy")
 OURS = ("ours-linucb", "ours-thompson")
 PEERS = ("river-linucb", "mabwiser-linucb", "vw-cb-adf")
 #: The policy settings before issue 13 (the ``ours-linucb-v1`` router).
 OLD_DEFAULTS = {"alpha": 0.3, "bounded_optimism": False, "context_ridge": 1.0,
-                "shared_ridge": None}
-#: The opt-in shared configuration (``ours-linucb-shared``): best in the issue-13 sweep.
-SHARED = {"shared_ridge": 1.0, "alpha": 0.0}
+                "shared_ridge": None, "exploration": "context"}
+#: The opt-in shared configuration of the first issue-13 sweep (``ours-linucb-shared``).
+SHARED = {"shared_ridge": 1.0, "alpha": 0.0, "exploration": "context"}
+#: LinUCB's defaults on main before the second issue-13 round (``ours-linucb-main``):
+#: price estimate, bounded optimism, context ridge 100, every arm alone, alpha 0.3 on
+#: the context's predictive uncertainty.
+MAIN_DEFAULTS = {"alpha": 0.3, "shared_ridge": None, "exploration": "context"}
+#: LinUCB (alpha 0.3) with the shared component and its bonus on the arms' mean
+#: uncertainty (``ours-linucb-mean``): opt-in, a deterministic logger (see
+#: bandit/linucb.py).
+LINUCB_MEAN = {"shared_ridge": 1.0, "exploration": "mean"}
 #: Share of the stream, at its end, of the "last 20%" value window.
 TAIL = 0.2
 
@@ -160,6 +173,16 @@ def load_llmrouter(data_dir: Path | None, minilm: bool = True) -> Dataset:
                                            "tokens), benchmarks/convert_llmrouter.py",
                         "order": "file order: train rows, then test rows"})
     ds.features["hashing"] = _hashing(prompts)
+    tasks = [r.get("task") for r in records]
+    if any(tasks):
+        # The "with tags" scenario: each row's task cluster passed as a request tag
+        # (``tags={"task": cluster_id}``), hashed into the context as the service does;
+        # rows without one (the test split has no cluster_id) stay untagged.
+        from bandit.featurize import with_tags
+
+        ds.features["hashing+tags"] = np.stack([
+            with_tags(row, {"task": str(t)} if t else None)
+            for row, t in zip(ds.features["hashing"], tasks, strict=True)])
     cache = CACHE_DIR / "llmrouter-minilm.npy"
     if minilm:
         if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == ds.n:
@@ -384,6 +407,12 @@ def make_router(name: str, inputs: Inputs, ds: Dataset, seed: int) -> Router:
     if name == "ours-linucb-shared":
         return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate,
                     **SHARED)
+    if name == "ours-linucb-main":
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate,
+                    **MAIN_DEFAULTS)
+    if name == "ours-linucb-mean":
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate,
+                    **LINUCB_MEAN)
     if name == "ours-linucb-v1":
         # The defaults before issue 13: no price estimate, unbounded optimism, every
         # arm alone, context coefficients as free as the intercept.
@@ -958,7 +987,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routers", default=",".join(ONLINE))
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--featurizers", default=None,
-                        help="comma-separated subset of hashing,minilm (default: all there)")
+                        help="comma-separated subset of hashing,minilm,hashing+tags "
+                             "(default: all there but hashing+tags, the llmrouter "
+                             "scenario with each row's cluster_id as a request tag)")
     parser.add_argument("--peers-minilm", action="store_true",
                         help="also run the peers on MiniLM (slow: mabwiser ~1 min/pass)")
     parser.add_argument("--knn-k", type=int, default=KNN_K)
@@ -1015,7 +1046,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unknown dataset {name!r}")
         feats = [f for f in ds.features
-                 if args.featurizers is None or f in args.featurizers.split(",")]
+                 if (f in args.featurizers.split(",") if args.featurizers is not None
+                     else not f.endswith("+tags"))]
         if not feats:
             log(f"{ds.name}: none of the featurizers {args.featurizers}: skipped")
             continue
