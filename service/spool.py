@@ -1,7 +1,7 @@
 """The feedback buffer: feedback accepted while the database is unreachable.
 
 When storing a feedback fails because the database cannot be reached (an outage, a
-failover), :class:`~service.routing.RoutingService` puts it here and answers 202
+failover), :class:`~service.ingest.FeedbackIngest` puts it here and answers 202
 ``buffered``; a background thread drains the buffer, oldest first, through the same
 store-then-apply path as direct feedback once the database is back.
 
@@ -293,7 +293,7 @@ CREATE TABLE IF NOT EXISTS local_state (key TEXT PRIMARY KEY, data BLOB NOT NULL
 class LocalState(_SqliteFile):
     """What a start needs, kept on local disk so that a restart while the database is
     unreachable can serve (degraded): key -> bytes, written by
-    :class:`~service.routing.RoutingService` at start and at each checkpoint (policies)
+    :class:`~service.local.LocalCopy` at start and at each checkpoint (policies)
     and when the registry changes (models, tenants, admin key digests)."""
 
     _schema = _STATE_SCHEMA
