@@ -155,3 +155,22 @@ def test_store_many_applies_once_reports_each_item(service):
     again = ingest.store_many([items[0]._replace(received=now + timedelta(seconds=1))])
     assert (again[0].status, again[0].feedback_id) == ("duplicate", results[0].feedback_id)
     assert service.shared["linucb"].version == version + 1
+
+
+def test_prediction_dicts_equal_the_library_predictions_plus_price():
+    from bandit import ArmPrior, LinUCB, Preferences
+    from service.decider import prediction_dicts
+
+    policy = LinUCB(8, seed=3)
+    for name in ("a", "b", "c"):
+        policy.add_arm(name, ArmPrior(quality=None if name == "c" else 0.5, cost_usd=0.01))
+    xs = np.random.default_rng(1).normal(size=(4, 8))
+    prices = np.arange(12, dtype=np.float64).reshape(4, 3) / 100
+    decided = policy.decide_batch(xs, Preferences(1.0, 2.0, 0.1), ["a", "b", "c"],
+                                  cost_estimate=prices)
+    rows = prediction_dicts(decided, prices)
+    assert len(rows) == 4
+    for r, row in enumerate(rows):
+        expected = {name: {**p.as_dict(), "price_usd": prices[r][j]}
+                    for j, (name, p) in enumerate(decided.decision(r).predictions.items())}
+        assert row == expected

@@ -250,7 +250,7 @@ def test_rebuild_isolated_tenant_equals_live_by_decision_time(new_database_url):
         with routing.policies.lock:  # noqa: SLF001
             live = {kind: copy.deepcopy(p) for kind, p in routing.isolated[tenant_id].items()}
         assert_no_drift(live)
-        with routing.policies.apply_lock:  # noqa: SLF001 - as _sync_isolation calls it
+        with routing.policies.apply_lock:  # noqa: SLF001 - as tenant_changed calls it
             rebuilt = routing.policies.rebuild_isolated(  # noqa: SLF001
                 tenant_id, routing.last_feedback_id)
         for kind, policy in live.items():
