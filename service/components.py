@@ -1,7 +1,7 @@
 """The parts of the routing core both modes share (:class:`Core`), and the two a mode
 plugs in (:class:`Components`: a feedback sink and a statistics source).
 
-:func:`embedded` plugs in feedback stored then applied in-process
+:func:`service.embedded.embedded` plugs in feedback stored then applied in-process
 (:class:`~service.ingest.FeedbackIngest`) and checkpoints in the database
 (:class:`~service.checkpoints.Checkpoints`), with the local copy a start during an
 outage serves from; :func:`service.distributed.distributed` plugs in a Kafka producer
@@ -19,24 +19,21 @@ from typing import Any, Protocol
 from sqlalchemy import Engine
 
 from service.budget_lease import BudgetLeases, budget_leases
-from service.checkpoints import Checkpoints
 from service.config import Settings
 from service.decider import Decider
 from service.domain import FeedbackReceipt, TenantState
 from service.features import Contexts
 from service.guards import Guards
 from service.history import DecisionLog
-from service.ingest import FeedbackIngest
-from service.local import LocalCopy, buffer_dir
 from service.metrics import Metrics
 from service.policies import PolicyStore
 from service.registry import Registry
 from service.spend import Spending
-from service.spool import DecisionSpool, spool_path
+from service.spool import DecisionSpool, buffer_dir, spool_path
 from service.writer import DecisionWriter
 
-__all__ = ["FeedbackSink", "StatisticsSource", "Core", "Components", "build_core",
-           "embedded"]
+__all__ = ["FeedbackSink", "StatisticsSource", "LocalStore", "Core", "Components",
+           "build_core"]
 
 
 class FeedbackSink(Protocol):
@@ -62,6 +59,17 @@ class StatisticsSource(Protocol):
     def reloaded(self) -> None: ...  # after a reload from the database
     def checkpoint(self, *, force: bool = False) -> bool: ...
     def degraded(self) -> dict[str, str]: ...
+
+
+class LocalStore(Protocol):
+    """What a start during an outage serves from (embedded: :mod:`service.local`)."""
+
+    degraded_since: str | None  # started from it while the database was away (when)
+    database_back: threading.Event  # /readyz reached the database: retry now
+    def start_from(self, exc: Exception) -> bool: ...  # False: nothing to start from
+    def save(self, blobs: dict[str, bytes] | None = None) -> None: ...
+    def wait_for_database(self, delay: float) -> None: ...
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -90,7 +98,7 @@ class Components:
     sink: FeedbackSink
     statistics: StatisticsSource
     #: Embedded mode's local copy (a start during an outage), else None.
-    local: LocalCopy | None = None
+    local: LocalStore | None = None
     #: Called with each decision row queued for the writer (the decisions topic).
     on_queued: Callable[[dict[str, Any]], None] | None = None
 
@@ -117,15 +125,3 @@ def build_core(settings: Settings, engine: Engine, metrics: Metrics) -> Core:
     return Core(settings, engine, metrics, contexts, registry, history, policies, guards,
                 writer, Spending(engine, registry, writer),
                 Decider(settings, registry, policies, guards, writer, metrics), leases)
-
-
-def embedded(core: Core) -> Components:
-    """Feedback stored then applied in-process; checkpoints in the database; the local
-    copy a start during an outage serves from."""
-    local = LocalCopy(core.settings, core.registry, core.policies)
-    return Components(
-        sink=FeedbackIngest(core.settings, core.engine, core.registry, core.policies,
-                            core.guards, core.writer, core.metrics, local),
-        statistics=Checkpoints(core.settings, core.engine, core.policies, core.metrics,
-                               local),
-        local=local)

@@ -46,8 +46,8 @@ from service.config import Settings
 from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, TenantState
 from service.exceptions import UnavailableError
 from service.features import context_dim
-from service.ingest import outage_serving
 from service.policies import PolicyStore
+from service.spool import outage_serving
 from service.writer import DecisionWriter
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
@@ -273,7 +273,7 @@ class KafkaFeedback:
         return 0
 
     def outage_serving(self) -> str:
-        return outage_serving(self.writer, None)
+        return outage_serving(self.writer.spool, None)
 
     def degraded(self) -> dict[str, str]:
         if not self._producer_resetting:

@@ -30,14 +30,20 @@ from service.db import models as m
 from service.domain import FeedbackReceipt, TenantState, price_estimate, timestamp
 from service.exceptions import NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
-from service.local import LocalCopy, buffer_dir
+from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
 from service.registry import Registry
-from service.spool import FeedbackSpool, SpooledFeedback, spool_path
+from service.spool import (
+    FeedbackSpool,
+    SpooledFeedback,
+    buffer_dir,
+    outage_serving,
+    spool_path,
+)
 from service.writer import DecisionWriter
 
-__all__ = ["FeedbackIngest", "Incoming", "Stored", "outage_serving"]
+__all__ = ["FeedbackIngest", "Incoming", "Stored"]
 
 log = logging.getLogger("service.ingest")
 #: With a feedback buffer, feedback whose decision is still in the writer's queue waits
@@ -48,16 +54,6 @@ _PENDING_WAIT_S = 1.0
 _DRAIN_BATCH = 200
 #: Transactions tried when another process stores one of a batch's rows first.
 _ATTEMPTS = 3
-
-
-def outage_serving(writer: DecisionWriter, spool: FeedbackSpool | None) -> str:
-    """What callers get while the database is unreachable (for ``/readyz``)."""
-    decisions = ("decisions from memory, spooled to disk before the answer"
-                 if writer.spool is not None else "decisions from memory")
-    if spool is None:
-        return f"{decisions}; feedback refused with 503 + Retry-After"
-    return (f"{decisions}; feedback buffered ({spool.depth()} of "
-            f"{spool.capacity}; 503 + Retry-After when full)")
 
 
 class Incoming(NamedTuple):
@@ -312,7 +308,7 @@ class FeedbackIngest:
         return self.spool.depth() if self.spool is not None else 0
 
     def outage_serving(self) -> str:
-        return outage_serving(self.writer, self.spool)
+        return outage_serving(self.writer.spool, self.spool)
 
     def degraded(self) -> dict[str, str]:
         """The outage files still being written to the database (for ``/readyz``)."""

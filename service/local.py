@@ -19,17 +19,11 @@ from service.config import Settings
 from service.db import models as m
 from service.policies import PolicyStore
 from service.registry import Registry
-from service.spool import LocalState, spool_path
+from service.spool import LocalState, buffer_dir, spool_path
 
-__all__ = ["LocalCopy", "buffer_dir"]
+__all__ = ["LocalCopy"]
 
 log = logging.getLogger("service.local")
-
-
-def buffer_dir(settings: Settings):  # noqa: ANN201 - a Path
-    """Where the outage files (spools, local copy) live."""
-    return (settings.feedback_buffer_dir if settings.feedback_buffer_dir is not None
-            else settings.data_dir)
 
 
 class LocalCopy:

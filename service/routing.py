@@ -39,7 +39,7 @@ from bandit import Policy, Preferences
 from bandit.base import check_finite_number
 from bandit.featurize import TAGS_SPEC
 from service.budget import Ledger
-from service.components import Components, build_core, embedded
+from service.components import Components, build_core
 from service.config import Settings
 from service.db.engine import is_at_head
 from service.domain import (
@@ -50,6 +50,7 @@ from service.domain import (
     PendingDecision,
     TenantState,
 )
+from service.embedded import embedded
 from service.metrics import Metrics
 from service.spool import FeedbackSpool
 

@@ -102,6 +102,9 @@ def test_service_core_points_one_way():
         {"service.ingest", "service.checkpoints", "service.distributed", "service.decider"})
     assert reaches("service.decider").isdisjoint(
         {"service.ingest", "service.checkpoints", "service.distributed", "service.local"})
+    # A mode's components know nothing of the other mode's.
+    assert reaches("service.distributed").isdisjoint(
+        {"service.ingest", "service.checkpoints", "service.local"})
 
 
 def test_service_modules_are_small():
