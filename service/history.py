@@ -6,6 +6,7 @@ feedback's tokens. Read-only; a decision the writer still holds is waited for.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -22,11 +23,11 @@ from service.writer import DecisionWriter
 __all__ = ["DecisionLog"]
 
 
+@dataclass(frozen=True)
 class DecisionLog:
-    def __init__(self, engine: Engine, writer: DecisionWriter, registry: Registry) -> None:
-        self.engine = engine
-        self.writer = writer
-        self.registry = registry
+    engine: Engine
+    writer: DecisionWriter  # a decision it still holds is waited for
+    registry: Registry  # prices tokens
 
     def feedback_rows(self, after: int, limit: int, *, tenant_id: str | None = None,
                       upto: int | None = None) -> list[Any]:
