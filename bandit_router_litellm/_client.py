@@ -5,6 +5,6 @@ only this import changes then. It is the HTTP client only (httpx): nothing here 
 the server.
 """
 
-from service.client import AsyncRouterClient, Decision, RetryPolicy, RouterError
+from service.client import AsyncRouterClient, DecideResult, RetryPolicy, RouterError
 
-__all__ = ["AsyncRouterClient", "Decision", "RetryPolicy", "RouterError"]
+__all__ = ["AsyncRouterClient", "DecideResult", "RetryPolicy", "RouterError"]

@@ -69,17 +69,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         url = settings.resolved_database_url()
         engine = make_engine(url)
+        # Distributed mode (docs/streams.md) when kafka_bootstrap is set: the service
+        # plugs in its components.
+        service = RoutingService(settings, engine, app.state.metrics)
         if settings.kafka_bootstrap:
             if settings.run_migrations:
                 await asyncio.to_thread(upgrade, url)
-            # Distributed mode (docs/streams.md): imported here so that the embedded
-            # default never loads the Kafka client.
-            from service.distributed import DistributedRoutingService
-
-            service: RoutingService = DistributedRoutingService(settings, engine,
-                                                                app.state.metrics)
         else:
-            service = RoutingService(settings, engine, app.state.metrics)
             if settings.run_migrations:
                 # Run by start(); with the database unreachable, retried by the reload
                 # after a degraded start from the local state.

@@ -1,7 +1,7 @@
 """Micro-batching of decides on the event loop.
 
 Every decide request that reaches the policy in the same event-loop iteration joins one
-batch; the batch is decided by one :meth:`RoutingService.decide_many` call, scheduled
+batch; the batch is decided by one :meth:`~service.decider.Decider.decide_many` call, scheduled
 with ``call_soon`` when the first request of the batch arrives. Nothing waits for a batch
 to fill: alone, a request is decided one loop iteration later (microseconds); under load,
 the requests that arrived while the previous batch was being decided form the next one,

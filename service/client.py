@@ -6,4 +6,7 @@ the server. Import it as ``bandit_router_client``; this module re-exports it.
 """
 
 from bandit_router_client import *  # noqa: F403
-from bandit_router_client import __all__  # noqa: F401
+from bandit_router_client import (
+    __all__,  # noqa: F401
+    __getattr__,  # noqa: F401, E402 - the deprecated names
+)

@@ -1,8 +1,8 @@
 """Distributed mode: Kafka feedback, learners' statistics, read-only deciders.
 
-Chosen by :func:`service.app.create_app` when ``kafka_bootstrap`` is set (and the
-database is PostgreSQL). :class:`DistributedRoutingService` is the embedded
-:class:`~service.routing.RoutingService` with three changes:
+Chosen by :class:`service.routing.RoutingService` when ``kafka_bootstrap`` is set (and
+the database is PostgreSQL): :func:`distributed` plugs in, instead of the embedded mode's
+components (:func:`service.components.embedded`),
 
 * ``POST /v1/feedback`` produces a feedback event to the feedback topic (``acks=all``,
   key = ``decision_id``) and answers 202 ``queued`` once the broker has it; the learners
@@ -11,15 +11,18 @@ database is PostgreSQL). :class:`DistributedRoutingService` is the embedded
   learner writes each applied event into the ``feedback`` table (the embedded mode's
   history, read by ``GET /v1/decisions/{id}``) in the partition's transaction. HTTP and
   telemetry feedback take the same path.
+  (:class:`KafkaFeedback`, the feedback sink);
 * every decision is also published to the decisions topic (analytics, off-policy
   evaluation) by a background thread; a full publish queue drops the event (counted),
-  never the decision: PostgreSQL (the batched decision writer) stays the record.
+  never the decision: PostgreSQL (the batched decision writer) stays the record
+  (:meth:`KafkaFeedback.publish`, called for each queued decision);
 * the policies are a read-only snapshot: the priors of the registry merged with the sum
   of every partition's statistics, refreshed by :class:`StatisticsFollower` when the
   learners bump a version (LISTEN/NOTIFY, and a version poll as a fallback). A decision
-  reads the in-memory snapshot only; it never waits on Kafka or the database.
+  reads the in-memory snapshot only; it never waits on Kafka or the database
+  (:class:`FollowedStatistics`, the statistics source).
 
-Checkpoints and the start-up feedback replay are off: the learners' partition
+No checkpoints, no start-up feedback replay, no local copy: the learners' partition
 statistics in PostgreSQL are the state.
 """
 
@@ -37,21 +40,24 @@ import psycopg
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from bandit import LinearThompson, LinUCB, Policy
-from bandit.base import check_finite_number
+from bandit import Policy
+from service.components import Components, Core
 from service.config import Settings
+from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, TenantState
 from service.exceptions import UnavailableError
 from service.features import context_dim
-from service.routing import POLICY_KINDS, FeedbackResult, PendingDecision, RoutingService
+from service.policies import PolicyStore
+from service.spool import outage_serving
+from service.writer import DecisionWriter
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
 from streams.stats import SHARED_KEY, check_stored, recast, sum_statistics
 
-__all__ = ["DistributedRoutingService", "StatisticsFollower", "streams_config"]
+__all__ = ["distributed", "KafkaFeedback", "FollowedStatistics", "StatisticsFollower",
+           "streams_config"]
 
 log = logging.getLogger("service.distributed")
-_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
 
 
 def streams_config(settings: Settings, *, dim: int | None = None) -> StreamsConfig:
@@ -213,41 +219,67 @@ class StatisticsFollower:
                 self._stop.wait(2.0)
 
 
-class DistributedRoutingService(RoutingService):
-    """A decider: learns nothing itself, follows the learners' statistics."""
+def distributed(core: Core) -> Components:
+    """Feedback to the feedback topic, decisions also to the decisions topic, policies
+    from the learners' statistics."""
+    if core.engine.dialect.name != "postgresql":
+        raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
+                         "database_url; got " + core.engine.dialect.name)
+    config = streams_config(core.settings, dim=core.contexts.dim)
+    sink = KafkaFeedback(config, core.writer, core.metrics)
+    return Components(sink=sink,
+                      statistics=FollowedStatistics(core.settings, config, core.policies),
+                      on_queued=sink.publish)
 
-    def __init__(self, settings: Settings, engine: Any, metrics: Any) -> None:
-        super().__init__(settings, engine, metrics)
-        if engine.dialect.name != "postgresql":
-            raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
-                             "database_url; got " + engine.dialect.name)
-        self.streams = streams_config(settings, dim=self.context_dim)
+
+class KafkaFeedback:
+    """The feedback sink: ``POST /v1/feedback`` produced to the feedback topic (a learner
+    applies it); and the publisher of the decisions topic."""
+
+    def __init__(self, config: StreamsConfig, writer: DecisionWriter, metrics: Any) -> None:
+        self.streams = config
+        self.writer = writer
+        self.metrics = metrics
         self.producer: KafkaProducer | None = None
         self._producer_lock = threading.Lock()
         self._producer_resetting = False
         self._stop_producer = threading.Event()
-        self.follower = StatisticsFollower(
-            settings.resolved_database_url(), self.streams, self._install,
-            poll_interval_s=settings.snapshot_poll_interval_s)
         self._decisions: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=10_000)
         self._publisher: threading.Thread | None = None
         self.dropped_decision_events = 0
-        #: Per partition, the stored offset the current snapshot includes.
-        self.snapshot_offsets: dict[int, int] = {}
 
     # ------------------------------------------------------------ life cycle
-    def start(self) -> str | None:
-        admin_key = super().start()
+    def start(self) -> None:
         self.producer = self._new_producer()
         self._publisher = threading.Thread(target=self._publish_loop,
                                            name="decision-publisher", daemon=True)
         self._publisher.start()
-        try:
-            self.follower.refresh()  # the first decision already sees what was learned
-        except psycopg.Error:
-            log.exception("initial statistics load failed; serving the priors for now")
-        self.follower.start()
-        return admin_key
+
+    def stop(self) -> None:
+        self._stop_producer.set()
+        self._decisions.put(None)
+        if self._publisher is not None:
+            self._publisher.join(10)
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+
+    def close(self) -> None:
+        """Nothing buffered on disk."""
+
+    def wake(self) -> None:
+        """Nothing waits for the database."""
+
+    def buffered(self) -> int:
+        return 0
+
+    def outage_serving(self) -> str:
+        return outage_serving(self.writer.spool, None)
+
+    def degraded(self) -> dict[str, str]:
+        if not self._producer_resetting:
+            return {}
+        return {"broker": "unreachable; feedback refused with 503 + Retry-After until "
+                          "the producer reconnects"}
 
     def _new_producer(self) -> KafkaProducer:
         return KafkaProducer(bootstrap_servers=self.streams.bootstrap, acks="all",
@@ -288,63 +320,9 @@ class DistributedRoutingService(RoutingService):
             with self._producer_lock:
                 self._producer_resetting = False
 
-    def stop(self) -> None:
-        self._stop_producer.set()
-        self.follower.stop()
-        self._decisions.put(None)
-        if self._publisher is not None:
-            self._publisher.join(10)
-        if self.producer is not None:
-            self.producer.close(timeout=10)
-        super().stop()
-
-    def _replay_feedback(self, batch: int = 1000) -> None:
-        """Nothing to replay: the learners' statistics are loaded by the follower."""
-
-    def checkpoint(self, *, force: bool = False) -> bool:
-        """No checkpoints: the partition statistics in PostgreSQL are the state."""
-        return False
-
-    # ------------------------------------------------------------ snapshot
-    def _install(self, totals: dict[str, Policy], offsets: dict[int, int]) -> None:
-        """Build base (priors) + sums for every policy, then swap them in at once."""
-        shared = totals.get(SHARED_KEY)
-        new_shared = {kind: self._snapshot(kind, shared) for kind in POLICY_KINDS}
-        with self._lock:
-            isolated_ids = list(self.isolated)
-        new_isolated = {t: {kind: self._snapshot(kind, totals.get(f"tenant:{t}"))
-                            for kind in POLICY_KINDS} for t in isolated_ids}
-        with self._lock:
-            self.shared = new_shared
-            for tenant_id, pair in new_isolated.items():
-                if tenant_id in self.isolated:  # still isolated
-                    self.isolated[tenant_id] = pair
-            self.snapshot_offsets = offsets
-
-    def _snapshot(self, kind: str, total: Policy | None) -> Policy:
-        with self._lock:
-            policy = self._new_policy(kind)
-        if total is not None and total.arms:
-            policy.merge(recast(total, _CLASSES[kind]))
-            with self._lock:
-                self._sync_arms(policy)  # arms the registry deleted (or never had) go
-        return policy
-
-    def degraded(self) -> dict[str, str]:
-        out = {}
-        if self._producer_resetting:
-            out["broker"] = ("unreachable; feedback refused with 503 + Retry-After until "
-                             "the producer reconnects")
-        if self.follower.error is not None:
-            out["statistics"] = "not followed: " + self.follower.error
-        return out
-
     # ------------------------------------------------------------ feedback
-    def feedback(self, tenant: Any, decision_id: str, outcome: dict[str, float | None],
-                 event_id: str | None) -> FeedbackResult:
-        for key in ("cost_usd", "latency_ms"):
-            if outcome.get(key) is not None:
-                check_finite_number(key, outcome[key], low=0.0)
+    def submit(self, tenant: TenantState, decision_id: str,
+               outcome: dict[str, float | None], event_id: str | None) -> FeedbackReceipt:
         event = FeedbackEvent(event_id or "", decision_id, tenant.id,
                               quality=outcome.get("quality"), cost_usd=outcome.get("cost_usd"),
                               latency_ms=outcome.get("latency_ms"), sent_at=time.time())
@@ -365,17 +343,16 @@ class DistributedRoutingService(RoutingService):
                                    f"({type(exc).__name__}); retry",
                                    retry_after_s=1) from None
         self.metrics.feedback.labels("queued").inc()
-        return FeedbackResult("queued", None)
+        return FeedbackReceipt("queued", None)
 
     # ------------------------------------------------------------ decisions topic
-    def enqueue(self, pending: PendingDecision) -> bool:
-        if not super().enqueue(pending):
-            return False
+    def publish(self, row: dict[str, Any]) -> None:
+        """Queue a decision (queued for the writer) for the decisions topic; a full
+        queue drops the event (counted), never the decision."""
         try:
-            self._decisions.put_nowait(pending.row)
+            self._decisions.put_nowait(row)
         except queue.Full:
             self.dropped_decision_events += 1
-        return True
 
     def _publish_loop(self) -> None:
         while True:
@@ -394,3 +371,67 @@ class DistributedRoutingService(RoutingService):
                                    value=encode_decision(event))
             except Exception:
                 log.exception("publishing decision %s failed", row.get("id"))
+
+
+class FollowedStatistics:
+    """The statistics source: the policy store is the registry's priors plus the sum of
+    the learners' partition statistics, swapped in whenever they change."""
+
+    def __init__(self, settings: Settings, config: StreamsConfig,
+                 policies: PolicyStore) -> None:
+        self.policies = policies
+        self.follower = StatisticsFollower(
+            settings.resolved_database_url(), config, self._install,
+            poll_interval_s=settings.snapshot_poll_interval_s)
+        #: Per partition, the stored offset the current snapshot includes.
+        self.snapshot_offsets: dict[int, int] = {}
+
+    def load(self) -> bool:
+        """The registry's priors, until the first refresh (:meth:`start`)."""
+        self.policies.restore({}, rebuild=False)
+        return False
+
+    def start(self) -> None:
+        try:
+            self.follower.refresh()  # the first decision already sees what was learned
+        except psycopg.Error:
+            log.exception("initial statistics load failed; serving the priors for now")
+        self.follower.start()
+
+    def stop(self) -> None:
+        self.follower.stop()
+
+    def reloaded(self) -> None:
+        """Never degraded: distributed mode does not start without the database."""
+
+    def checkpoint(self, *, force: bool = False) -> bool:
+        """No checkpoints: the partition statistics in PostgreSQL are the state."""
+        return False
+
+    def degraded(self) -> dict[str, str]:
+        if self.follower.error is None:
+            return {}
+        return {"statistics": "not followed: " + self.follower.error}
+
+    def _install(self, totals: dict[str, Policy], offsets: dict[int, int]) -> None:
+        """Build base (priors) + sums for every policy, then swap them in at once."""
+        store = self.policies
+        shared = totals.get(SHARED_KEY)
+        new_shared = {kind: self.snapshot(kind, shared) for kind in POLICY_KINDS}
+        with store.lock:
+            isolated_ids = list(store.isolated)
+        new_isolated = {t: {kind: self.snapshot(kind, totals.get(f"tenant:{t}"))
+                            for kind in POLICY_KINDS} for t in isolated_ids}
+        store.install(new_shared, new_isolated)
+        self.snapshot_offsets = offsets
+
+    def snapshot(self, kind: str, total: Policy | None) -> Policy:
+        """The registry's priors of ``kind`` plus the learners' sums ``total``."""
+        store = self.policies
+        with store.lock:
+            policy = store.new_policy(kind)
+        if total is not None and total.arms:
+            policy.merge(recast(total, POLICY_CLASSES[kind]))
+            with store.lock:
+                store.sync_arms(policy)  # arms the registry deleted (or never had) go
+        return policy

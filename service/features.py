@@ -12,12 +12,17 @@ refuses the start: mixing two kinds of context in one policy would corrupt it si
 from __future__ import annotations
 
 import json
+from typing import Any
+
+import numpy as np
 
 from bandit import InvalidInputError
-from bandit.featurize import PrototypeMap
+from bandit.base import MAX_ABS_CONTEXT
+from bandit.featurize import PrototypeMap, with_tags
 from service.config import Settings
 
-__all__ = ["ContextSettingsError", "load_prototype_map", "context_dim", "head_and_tail"]
+__all__ = ["ContextSettingsError", "load_prototype_map", "context_dim", "head_and_tail",
+           "Contexts"]
 
 
 def head_and_tail(text: str, max_chars: int) -> str:
@@ -78,3 +83,105 @@ def context_dim(settings: Settings, prototype_map: PrototypeMap | None = None) -
     if prototype_map is None:
         prototype_map = load_prototype_map(settings)
     return settings.dim if prototype_map is None else prototype_map.dim
+
+
+class Contexts:
+    """The context of a request: the featurizer (built on first use), the prototype map,
+    the request's tags; and the words that say which settings made the dimension.
+
+    Loads the map (and checks it against ``BANDIT_ROUTER_DIM``) when built, so that a
+    bad map refuses the start before anything else is done.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prototype_map = load_prototype_map(settings)
+        #: The policies' context dimension (the map's dim, else BANDIT_ROUTER_DIM).
+        self.dim = context_dim(settings, self.prototype_map)
+        self.featurizer: Any = None
+        #: The newest checkpoint's featurizer spec (set by the checkpoints' restore).
+        self.stored_spec: str | None = None
+
+    def hashing_version(self) -> int:
+        """HASHING_VERSION, else the version the newest checkpoint's featurizer spec
+        names, else the newest, except in distributed mode, whose learners' statistics
+        do not record it (service/config.py)."""
+        if self.settings.hashing_version is not None:
+            return self.settings.hashing_version
+        if self.stored_spec is not None and self.stored_spec.startswith("hashing-v1:"):
+            return 1
+        return 1 if self.settings.kafka_bootstrap else 2
+
+    def adopt_stored_spec(self, stored: str | None) -> bool:
+        """Record the newest checkpoint's spec; True when that changed the hashing
+        version (HASHING_VERSION unset, the statistics learned with version 1: keep it),
+        the featurizer then rebuilt."""
+        before, self.stored_spec = self.hashing_version(), stored
+        if self.hashing_version() == before:
+            return False
+        self.featurizer = None
+        self.featurize("warm up")
+        return True
+
+    def featurize(self, text: str) -> np.ndarray:
+        """The context of a text: featurizer, then the prototype map if configured."""
+        if self.featurizer is None:
+            from bandit.featurize import PrototypeFeaturizer, make_featurizer
+
+            featurizer = make_featurizer(self.settings.featurizer, self.settings.dim,
+                                         seed=self.settings.featurizer_seed,
+                                         hashing_version=self.hashing_version())
+            if self.prototype_map is not None:
+                featurizer = PrototypeFeaturizer(featurizer, self.prototype_map)
+            self.featurizer = featurizer
+        return np.asarray(self.featurizer.transform_one(text), dtype=np.float64)
+
+    def spec(self) -> str:
+        """What names the featurizer (stored with a checkpoint, checked at start)."""
+        return str(getattr(self.featurizer, "spec", type(self.featurizer).__name__))
+
+    def dim_source(self) -> str:
+        """Which settings make the context dimension (for the refusals' messages)."""
+        if self.prototype_map is None:
+            return "BANDIT_ROUTER_DIM; BANDIT_ROUTER_PROTOTYPE_MAP is unset"
+        return (f"the k={self.prototype_map.k} prototypes of BANDIT_ROUTER_PROTOTYPE_MAP="
+                f"{str(self.settings.prototype_map)!r}"
+                + (" plus BANDIT_ROUTER_DIM" if self.prototype_map.include_base else ""))
+
+    def stored(self, context: bytes, feedback_id: int) -> np.ndarray:
+        """A stored decision's context, refused (at start-up) if another setting made it."""
+        x = np.frombuffer(context, dtype=np.float64)
+        if x.size != self.dim:
+            raise ContextSettingsError(
+                f"the decision of feedback {feedback_id} has a {x.size}-dimensional "
+                f"context, the settings say {self.dim} ({self.dim_source()}): restore the "
+                "settings it was decided with, or start on a fresh database")
+        return x
+
+    def context_from(self, text: str | None, embedding: list[float] | None,
+                     tags: dict[str, str] | None = None) -> np.ndarray:
+        """The context of a query: its text's features or its embedding (through the
+        prototype map when one is configured), with the request's tags hashed into the
+        same coordinates (:func:`bandit.featurize.with_tags`; untagged: unchanged)."""
+        return with_tags(self._query_context(text, embedding), tags)
+
+    def _query_context(self, text: str | None, embedding: list[float] | None) -> np.ndarray:
+        if embedding is not None:
+            x = np.asarray(embedding, dtype=np.float64)
+            if x.shape != (self.settings.dim,):
+                raise InvalidInputError("query.embedding",
+                                        f"must be a list of {self.settings.dim} numbers",
+                                        f"{x.size} numbers")
+            if not np.isfinite(x).all():
+                raise InvalidInputError("query.embedding", "must be finite numbers "
+                                        "(no NaN or infinity)", "non-finite value")
+            if np.abs(x).max() > MAX_ABS_CONTEXT:
+                raise InvalidInputError("query.embedding", "every value must be within "
+                                        f"+-{MAX_ABS_CONTEXT:g}", float(np.abs(x).max()))
+            if self.prototype_map is not None:
+                # The same map as for text: a caller who embeds with the configured
+                # featurizer gets the features a text would have given.
+                x = self.prototype_map.transform(x)
+            return x
+        assert text is not None
+        return self.featurize(text)

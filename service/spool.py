@@ -1,7 +1,7 @@
 """The feedback buffer: feedback accepted while the database is unreachable.
 
 When storing a feedback fails because the database cannot be reached (an outage, a
-failover), :class:`~service.routing.RoutingService` puts it here and answers 202
+failover), :class:`~service.ingest.FeedbackIngest` puts it here and answers 202
 ``buffered``; a background thread drains the buffer, oldest first, through the same
 store-then-apply path as direct feedback once the database is back.
 
@@ -43,7 +43,8 @@ from typing import Any
 import orjson
 from sqlalchemy.engine import make_url
 
-__all__ = ["FeedbackSpool", "SpooledFeedback", "DecisionSpool", "LocalState", "spool_path"]
+__all__ = ["FeedbackSpool", "SpooledFeedback", "DecisionSpool", "LocalState", "spool_path",
+           "outage_serving", "buffer_dir"]
 
 log = logging.getLogger("service.spool")
 
@@ -70,6 +71,13 @@ class SpooledFeedback:
     event_id: str
     outcome: dict[str, float | None]
     received_at: str  # ISO 8601 with the UTC offset, as the API received it
+
+
+def buffer_dir(settings: Any) -> Path:
+    """Where the outage files (buffers, spools, local copy) live: ``feedback_buffer_dir``,
+    else ``data_dir`` (service settings)."""
+    return (settings.feedback_buffer_dir if settings.feedback_buffer_dir is not None
+            else settings.data_dir)
 
 
 def spool_path(directory: Path, database_url: str, kind: str = "feedback-buffer") -> Path:
@@ -293,7 +301,7 @@ CREATE TABLE IF NOT EXISTS local_state (key TEXT PRIMARY KEY, data BLOB NOT NULL
 class LocalState(_SqliteFile):
     """What a start needs, kept on local disk so that a restart while the database is
     unreachable can serve (degraded): key -> bytes, written by
-    :class:`~service.routing.RoutingService` at start and at each checkpoint (policies)
+    :class:`~service.local.LocalCopy` at start and at each checkpoint (policies)
     and when the registry changes (models, tenants, admin key digests)."""
 
     _schema = _STATE_SCHEMA
@@ -337,3 +345,14 @@ class LocalState(_SqliteFile):
     def close(self) -> None:
         """Nothing to do: the file is closed after each use and kept (it is the next
         start's fallback)."""
+
+
+def outage_serving(decisions: DecisionSpool | None, feedback: FeedbackSpool | None) -> str:
+    """What callers get while the database is unreachable (for ``/readyz``), given the
+    decision writer's spool and the feedback buffer (None: none)."""
+    served = ("decisions from memory, spooled to disk before the answer"
+              if decisions is not None else "decisions from memory")
+    if feedback is None:
+        return f"{served}; feedback refused with 503 + Retry-After"
+    return (f"{served}; feedback buffered ({feedback.depth()} of "
+            f"{feedback.capacity}; 503 + Retry-After when full)")

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from service.db.models import Decision
+from service.db.models import DecisionRow
 from service.spool import DecisionSpool
 
 __all__ = ["DecisionWriter", "QueueFull"]
@@ -53,9 +53,9 @@ class QueueFull(Exception):
 class _RowInserter:
     """One multi-row ``INSERT INTO decisions (...) VALUES (...), (...)`` per batch
     (SQLite), through ``exec_driver_sql`` with the values converted by the columns' own bind
-    processors (exactly what ``insert(Decision)`` would store).
+    processors (exactly what ``insert(DecisionRow)`` would store).
 
-    ``conn.execute(insert(Decision), rows)`` spent more time in SQLAlchemy's per-row
+    ``conn.execute(insert(DecisionRow), rows)`` spent more time in SQLAlchemy's per-row
     parameter processing than SQLite spent inserting, all of it holding the GIL that the
     event loop needs; and SQLite's executemany releases and re-takes the GIL around every
     row. A row may carry ``predictions_json`` (the predictions already encoded, as the
@@ -71,7 +71,7 @@ class _RowInserter:
         # SQLite only: PostgreSQL needs casts (JSON) that only the compiler renders, and
         # does the inserting in its own process anyway.
         self.fast = dialect.name == "sqlite" and self._placeholder is not None
-        table = Decision.__table__
+        table = DecisionRow.__table__
         quote = dialect.identifier_preparer.quote
         self._columns = [(c.name, c.type.dialect_impl(dialect).bind_processor(dialect))
                          for c in table.columns]
@@ -87,7 +87,7 @@ class _RowInserter:
         """Insert ``rows`` (all or none); raises SQLAlchemy's exceptions."""
         if not self.fast:
             with self._engine.begin() as conn:
-                conn.execute(insert(Decision), [{k: v for k, v in row.items()
+                conn.execute(insert(DecisionRow), [{k: v for k, v in row.items()
                                                  if k != "predictions_json"} for row in rows])
             return
         # SQLite: a connection of the writer's own in autocommit mode. One multi-row
@@ -369,8 +369,8 @@ class DecisionWriter:
             rows = [row for _, row in head]
             try:
                 with self._engine.connect() as conn:
-                    stored = set(conn.scalars(select(Decision.id).where(
-                        Decision.id.in_([row["id"] for row in rows]))))
+                    stored = set(conn.scalars(select(DecisionRow.id).where(
+                        DecisionRow.id.in_([row["id"] for row in rows]))))
                 # Stored already: written before a crash that left them in the spool.
                 fresh = [row for row in rows if row["id"] not in stored]
                 if fresh:

@@ -49,6 +49,7 @@ import math
 import random
 import time
 import uuid
+import warnings
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,7 +59,7 @@ from urllib.parse import quote
 import httpx
 
 __all__ = [
-    "RouterError", "RetryPolicy", "Prediction", "Decision", "FeedbackResult", "Weights",
+    "RouterError", "RetryPolicy", "Prediction", "DecideResult", "FeedbackResult", "Weights",
     "TenantPreferences", "Usage", "Model", "Tenant", "TenantCreated", "RouteResult",
     "AsyncRouteResult", "RouterClient", "AsyncRouterClient", "DEFAULT_TIMEOUT_S",
 ]
@@ -178,8 +179,11 @@ class Prediction:
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The answer of ``POST /v1/decide``: call ``model``, then report with ``decision_id``."""
+class DecideResult:
+    """The answer of ``POST /v1/decide``: call ``model``, then report with ``decision_id``.
+
+    Named ``Decision`` before 0.1.1 (that name still works, with a DeprecationWarning).
+    """
 
     decision_id: str
     model: str
@@ -192,7 +196,7 @@ class Decision:
     budget_limited: bool = False
 
     @classmethod
-    def from_json(cls, body: Mapping[str, Any]) -> Decision:
+    def from_json(cls, body: Mapping[str, Any]) -> DecideResult:
         return cls(decision_id=body["decision_id"], model=body["model"],
                    propensity=float(body["propensity"]), explored=bool(body["explored"]),
                    predictions={k: Prediction(**v) for k, v in body["predictions"].items()},
@@ -318,7 +322,7 @@ class RouteResult:
     """What ``route()`` did: the decision, the function's output, what was measured, and
     a handle to report the quality later (:meth:`send_quality`)."""
 
-    decision: Decision
+    decision: DecideResult
     result: Any
     latency_ms: float
     cost_usd: float | None
@@ -344,7 +348,7 @@ class RouteResult:
 class AsyncRouteResult:
     """:class:`RouteResult` of :class:`AsyncRouterClient` (``send_quality`` is awaited)."""
 
-    decision: Decision
+    decision: DecideResult
     result: Any
     latency_ms: float
     cost_usd: float | None
@@ -405,14 +409,14 @@ class _Api:
     def decide(self, query: str | None = None, *, embedding: list[float] | None = None,
                candidates: list[str] | None = None,
                preferences: Weights | Mapping[str, float] | None = None,
-               tags: Mapping[str, str] | None = None) -> _Call[Decision]:
+               tags: Mapping[str, str] | None = None) -> _Call[DecideResult]:
         if (query is None) == (embedding is None):
             raise ValueError("give exactly one of query (text) or embedding")
         q = {"text": query} if query is not None else {"embedding": list(embedding or [])}
         body = _drop_none({"query": q, "candidates": candidates,
                            "preferences": _weights(preferences),
                            "tags": None if tags is None else dict(tags)})
-        return _Call("POST", "/v1/decide", lambda r: Decision.from_json(r.json()), json=body)
+        return _Call("POST", "/v1/decide", lambda r: DecideResult.from_json(r.json()), json=body)
 
     def feedback(self, decision_id: str, *, quality: float | None = None,
                  cost_usd: float | None = None, latency_ms: float | None = None,
@@ -605,7 +609,7 @@ class RouterClient(_Base):
                candidates: list[str] | None = None,
                preferences: Weights | Mapping[str, float] | None = None,
                request_id: str | None = None,
-               tags: Mapping[str, str] | None = None) -> Decision:
+               tags: Mapping[str, str] | None = None) -> DecideResult:
         """Which model to call for this query (text, or an embedding of the service's
         ``dim``); ``candidates`` restricts the choice, ``preferences`` overrides the
         tenant's weights for this decision, ``tags`` (e.g. ``{"app": "support-bot"}``)
@@ -748,7 +752,7 @@ class AsyncRouterClient(_Base):
                      candidates: list[str] | None = None,
                      preferences: Weights | Mapping[str, float] | None = None,
                      request_id: str | None = None,
-                     tags: Mapping[str, str] | None = None) -> Decision:
+                     tags: Mapping[str, str] | None = None) -> DecideResult:
         return await self._send(self._api.decide(query, embedding=embedding,
                                                  candidates=candidates,
                                                  preferences=preferences, tags=tags),
@@ -818,3 +822,13 @@ class AsyncRouterClient(_Base):
 
     async def delete_model(self, name: str) -> None:
         await self._send(self._api.delete_model(name))
+
+
+def __getattr__(name: str) -> Any:
+    """The deprecated names (module attributes looked up lazily, PEP 562)."""
+    if name == "Decision":
+        warnings.warn("bandit_router_client.Decision is now DecideResult (one class named "
+                      "Decision is the learning library's); the old name will go",
+                      DeprecationWarning, stacklevel=2)
+        return DecideResult
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

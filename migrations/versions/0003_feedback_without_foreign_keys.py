@@ -22,7 +22,7 @@ def upgrade() -> None:
     # triggers took 40 of 68 ms for 3,333 rows (EXPLAIN ANALYZE on the test machine),
     # and one learner ran at 0.68 of its speed writing the rows with them
     # (benchmarks/results/learner_feedback_rows_fk.json). The keys guard nothing the
-    # writers do not check already: both writers (service/routing.py ``_store_many`` and
+    # writers do not check already: both writers (service/ingest.py ``store_many`` and
     # the learner) read the decision and compare its tenant before they insert, the
     # decision's own foreign key holds its tenant, and decisions and tenants are never
     # deleted. UNIQUE (decision_id, event_id) and the tenant index stay: the first makes

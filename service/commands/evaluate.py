@@ -62,12 +62,12 @@ def read_log_database(url: str, tenant: str | None, limit: int | None) -> Logged
     from sqlalchemy import select
 
     from service.db.engine import make_engine
-    from service.db.models import Decision, Feedback
+    from service.db.models import DecisionRow, Feedback
 
     engine = make_engine(url)
-    query = select(Decision).order_by(Decision.created_at, Decision.id)
+    query = select(DecisionRow).order_by(DecisionRow.created_at, DecisionRow.id)
     if tenant:
-        query = query.where(Decision.tenant_id == tenant)
+        query = query.where(DecisionRow.tenant_id == tenant)
     if limit:
         query = query.limit(limit)
     with engine.connect() as conn:

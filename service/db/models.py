@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "AdminKey", "Tenant", "Model", "Decision", "Feedback",
+__all__ = ["Base", "AdminKey", "Tenant", "Model", "DecisionRow", "Feedback",
            "PolicyCheckpoint", "PolicySnapshot", "utcnow", "as_utc"]
 
 # Named constraints so that alembic's batch mode (SQLite) can alter them.
@@ -99,7 +99,7 @@ class Model(Base):
                                                         nullable=True)
 
 
-class Decision(Base):
+class DecisionRow(Base):
     __tablename__ = "decisions"
     __table_args__ = (Index("ix_decisions_tenant_created", "tenant_id", "created_at"),)
 

@@ -65,11 +65,11 @@ def _stale(service: RoutingService, hours: float | None,
     """The age limit, its cutoff time, and the condition of a stale reservation."""
     hours = service.settings.reservation_stale_hours if hours is None else hours
     cutoff = m.utcnow() - timedelta(hours=hours)
-    costed = exists().where(and_(m.Feedback.decision_id == m.Decision.id,
+    costed = exists().where(and_(m.Feedback.decision_id == m.DecisionRow.id,
                                  m.Feedback.cost_usd.is_not(None)))
-    condition = and_(m.Decision.charged_usd > 0, m.Decision.created_at < cutoff, ~costed)
+    condition = and_(m.DecisionRow.charged_usd > 0, m.DecisionRow.created_at < cutoff, ~costed)
     if tenant_id is not None:
-        condition = and_(condition, m.Decision.tenant_id == tenant_id)
+        condition = and_(condition, m.DecisionRow.tenant_id == tenant_id)
     return hours, cutoff, condition
 
 
@@ -85,9 +85,9 @@ def list_reservations(_admin: AdminDep, service: ServiceDep,
     hours, cutoff, stale = _stale(service, older_than_hours, tenant_id)
     with Session(service.engine) as session:
         rows = session.execute(
-            select(m.Decision.tenant_id, func.count(), func.sum(m.Decision.charged_usd),
-                   func.min(m.Decision.created_at))
-            .where(stale).group_by(m.Decision.tenant_id)).all()
+            select(m.DecisionRow.tenant_id, func.count(), func.sum(m.DecisionRow.charged_usd),
+                   func.min(m.DecisionRow.created_at))
+            .where(stale).group_by(m.DecisionRow.tenant_id)).all()
     names = {t.id: t.name for t in list(service.tenants.values())}
     per_tenant = [TenantReservations(tenant_id=tid, name=names.get(tid, "?"), decisions=n,
                                      reserved_usd=float(total),
@@ -108,13 +108,13 @@ def release_reservations(body: ReleaseRequest, _admin: AdminDep,
     hours, _cutoff, stale = _stale(service, body.older_than_hours, tenant_id)
     # Under the feedback lock: this replica's feedback cannot reconcile one of these
     # decisions between the read and the update (its delta would be off by the release).
-    with service._feedback_lock, Session(service.engine) as session, session.begin():
-        rows = session.execute(select(m.Decision.id, m.Decision.tenant_id,
-                                      m.Decision.charged_usd, m.Decision.created_at)
+    with service.policies.apply_lock, Session(service.engine) as session, session.begin():
+        rows = session.execute(select(m.DecisionRow.id, m.DecisionRow.tenant_id,
+                                      m.DecisionRow.charged_usd, m.DecisionRow.created_at)
                                .where(stale)).all()
         for start in range(0, len(rows), 500):
-            session.execute(update(m.Decision)
-                            .where(m.Decision.id.in_([r.id for r in rows[start:start + 500]]))
+            session.execute(update(m.DecisionRow)
+                            .where(m.DecisionRow.id.in_([r.id for r in rows[start:start + 500]]))
                             .values(charged_usd=0.0))
     for row in rows:
         tenant = service.tenants.get(row.tenant_id)
@@ -122,6 +122,6 @@ def release_reservations(body: ReleaseRequest, _admin: AdminDep,
             tenant.ledger.adjust(-float(row.charged_usd), m.as_utc(row.created_at).timestamp())
     # The month's spend before today is summed once a day per tenant (sync_spend); a
     # release may have changed it: sum again at the next sync.
-    service._spend_before_today.clear()
+    service.spending.forget_earlier_days()
     return Released(older_than_hours=hours, decisions=len(rows),
                     released_usd=sum(float(r.charged_usd) for r in rows))

@@ -29,8 +29,9 @@ from pydantic import BaseModel
 
 from bandit import InvalidInputError, Policy
 from service.deps import AdminDep, ServiceDep
+from service.domain import POLICY_CLASSES, POLICY_KINDS
 from service.errors import Problem
-from service.routing import _POLICY_CLASSES, POLICY_KINDS, RoutingService
+from service.routing import RoutingService
 from service.state_file import FORMAT, VERSION, StateFile
 
 router = APIRouter(prefix="/v1/admin/state", tags=["admin"])
@@ -46,9 +47,10 @@ class Imported(BaseModel):
 @router.get("")
 def export_state(_admin: AdminDep, service: ServiceDep) -> dict[str, Any]:
     """Every policy's statistics, with the featurizer and dimension they were learned in."""
-    with service._feedback_lock, service._lock:
-        copies = {key: copy.deepcopy(p) for key, p in service._all_policies().items()}
-    return StateFile(service._featurizer_spec(), service.context_dim,
+    store = service.policies
+    with store.apply_lock, store.lock:
+        copies = {key: copy.deepcopy(p) for key, p in store.all_policies().items()}
+    return StateFile(service.contexts.spec(), service.context_dim,
                      {key: p.to_bytes(derived=False) for key, p in copies.items()}).to_json()
 
 
@@ -103,7 +105,7 @@ def import_state(_admin: AdminDep, service: ServiceDep,
         raise Problem(409, "distributed mode: the learners own the statistics; import a "
                       "state into an embedded deployment", slug="distributed-mode")
     state = StateFile.from_json(body)
-    spec = service._featurizer_spec()
+    spec = service.contexts.spec()
     if state.featurizer != spec:
         raise InvalidInputError("featurizer", f"must be this service's {spec!r} (set by "
                                 "BANDIT_ROUTER_FEATURIZER, DIM, FEATURIZER_SEED and "
@@ -111,7 +113,7 @@ def import_state(_admin: AdminDep, service: ServiceDep,
                                 "the service as the file was", state.featurizer)
     if state.context_dim != service.context_dim:
         raise InvalidInputError("context_dim", f"must be {service.context_dim} "
-                                f"({service._dim_source()})", state.context_dim)
+                                f"({service.contexts.dim_source()})", state.context_dim)
     load, skipped = _targets(service, list(state.policies))
     registry = set(service.models)
     policies: dict[str, Policy] = {}
@@ -119,7 +121,7 @@ def import_state(_admin: AdminDep, service: ServiceDep,
         source = key.split("<-")[-1]
         data = state.policies[source]
         try:
-            policy = Policy.from_bytes(data, as_class=_POLICY_CLASSES[kind],
+            policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind],
                                        epsilon=service.settings.epsilon,
                                        half_life_hours=service.settings.half_life_hours)
         except InvalidInputError as err:
@@ -134,10 +136,11 @@ def import_state(_admin: AdminDep, service: ServiceDep,
                                     f"models add); registered: {', '.join(sorted(registry))}",
                                     unknown)
         policies[key] = policy
-    with service._feedback_lock, service._lock:
+    store = service.policies
+    with store.apply_lock, store.lock:
         for key, policy in policies.items():
             scope, kind = load[key]
-            service._sync_arms(policy)
+            store.sync_arms(policy)
             if scope == "shared":
                 service.shared[kind] = policy
             else:

@@ -108,12 +108,7 @@ def rotate_key(tenant_id: str, _admin: AdminDep, service: ServiceDep) -> TenantC
     with Session(service.engine) as session, session.begin():
         session.execute(update(m.Tenant).where(m.Tenant.id == tenant.id)
                         .values(key_hash=digest, updated_at=m.utcnow()))
-    # RoutingService has no re-keying method (service/routing.py is another change's);
-    # the swap is done under its lock, exactly as create_tenant fills these maps.
-    with service._lock:
-        service._by_key.pop(tenant.key_hash, None)
-        tenant.key_hash = digest
-        service._by_key[digest] = tenant
+    service.registry.rekey(tenant, digest)
     return TenantCreated(id=tenant.id, name=tenant.name, api_key=key)
 
 

@@ -106,10 +106,10 @@ def _recent_decisions(session: Session, tenant_ids: list[str]) -> list[tuple[Any
     rows: list[tuple[Any, ...]] = []
     for tenant_id in tenant_ids:
         rows.extend(session.execute(
-            select(m.Decision.created_at, m.Decision.model, m.Decision.predictions,
-                   m.Decision.propensity)
-            .where(m.Decision.tenant_id == tenant_id)
-            .order_by(m.Decision.created_at.desc()).limit(RECENT)).all())
+            select(m.DecisionRow.created_at, m.DecisionRow.model, m.DecisionRow.predictions,
+                   m.DecisionRow.propensity)
+            .where(m.DecisionRow.tenant_id == tenant_id)
+            .order_by(m.DecisionRow.created_at.desc()).limit(RECENT)).all())
     rows.sort(key=lambda r: m.as_utc(r[0]), reverse=True)
     return rows[:RECENT]
 
@@ -121,9 +121,9 @@ def _gather(service: RoutingService) -> dict[str, Any]:
         trends = gather_trends(service, session, datetime.now(UTC))
         decisions = _recent_decisions(session, [t.id for t in tenants])
         feedback = session.execute(
-            select(m.Feedback.tenant_id, m.Decision.model, m.Feedback.quality,
+            select(m.Feedback.tenant_id, m.DecisionRow.model, m.Feedback.quality,
                    m.Feedback.cost_usd, m.Feedback.latency_ms)
-            .join(m.Decision, m.Decision.id == m.Feedback.decision_id)
+            .join(m.DecisionRow, m.DecisionRow.id == m.Feedback.decision_id)
             .order_by(m.Feedback.id.desc()).limit(RECENT)).all()
     by_id = {t.id: t for t in tenants}
     chosen: dict[str, int] = defaultdict(int)

@@ -58,23 +58,23 @@ def gather_trends(service: RoutingService, session: Session, now: datetime) -> T
     start = now.replace(minute=0, second=0, microsecond=0) - _HOUR * (HOURS - 1)
     day0 = now.replace(hour=0, minute=0, second=0, microsecond=0)
     trends = Trends(start, day0)
-    hour = _bucket(m.Decision.created_at, start, HOURS)
+    hour = _bucket(m.DecisionRow.created_at, start, HOURS)
     for model, i, n in session.execute(
-            select(m.Decision.model, hour, func.count())
-            .where(m.Decision.created_at >= start).group_by(m.Decision.model, hour)):
+            select(m.DecisionRow.model, hour, func.count())
+            .where(m.DecisionRow.created_at >= start).group_by(m.DecisionRow.model, hour)):
         trends.decisions.setdefault(model, [0] * HOURS)[int(i)] += int(n)
 
     fb_hour = _bucket(m.Feedback.created_at, start, HOURS)
     sums: dict[str, list[list[float]]] = defaultdict(lambda: [[0.0, 0] for _ in range(HOURS)])
     weights = {t.id: t.preferences for t in list(service.tenants.values())}
     for model, tenant_id, i, n, q, c, lat in session.execute(
-            select(m.Decision.model, m.Feedback.tenant_id, fb_hour, func.count(),
+            select(m.DecisionRow.model, m.Feedback.tenant_id, fb_hour, func.count(),
                    func.sum(func.coalesce(m.Feedback.quality, 0.0)),
                    func.sum(func.coalesce(m.Feedback.cost_usd, 0.0)),
                    func.sum(func.coalesce(m.Feedback.latency_ms, 0.0)))
-            .join(m.Decision, m.Decision.id == m.Feedback.decision_id)
+            .join(m.DecisionRow, m.DecisionRow.id == m.Feedback.decision_id)
             .where(m.Feedback.created_at >= start)
-            .group_by(m.Decision.model, m.Feedback.tenant_id, fb_hour)):
+            .group_by(m.DecisionRow.model, m.Feedback.tenant_id, fb_hour)):
         prefs = weights.get(tenant_id)
         if prefs is None:
             continue
@@ -86,12 +86,12 @@ def gather_trends(service: RoutingService, session: Session, now: datetime) -> T
                       for model, cells in sums.items()}
 
     hours_today = int((now - day0) / _HOUR) + 1
-    day_hour = _bucket(m.Decision.created_at, day0, hours_today)
+    day_hour = _bucket(m.DecisionRow.created_at, day0, hours_today)
     spent: dict[str, list[float]] = defaultdict(lambda: [0.0] * hours_today)
     for tenant_id, i, usd in session.execute(
-            select(m.Decision.tenant_id, day_hour, func.sum(m.Decision.charged_usd))
-            .where(m.Decision.created_at >= day0)
-            .group_by(m.Decision.tenant_id, day_hour)):
+            select(m.DecisionRow.tenant_id, day_hour, func.sum(m.DecisionRow.charged_usd))
+            .where(m.DecisionRow.created_at >= day0)
+            .group_by(m.DecisionRow.tenant_id, day_hour)):
         spent[tenant_id][int(i)] += float(usd or 0.0)
     for tenant_id, per_hour in spent.items():
         running, cumulative = 0.0, []

@@ -239,8 +239,8 @@ def test_kill_9_during_outage_keeps_every_acknowledged_decision_and_feedback(
         max_feedback = conn.execute("SELECT max(id) FROM feedback").fetchone()[0]
     service = RoutingService(make_settings(url, data_dir=tmp_path / "rebuild"),
                              make_engine(url), Metrics())
-    service._load_models()
-    rebuilt = service._rebuild_isolated(created["id"], upto=2**62)
+    service.registry.load_models()
+    rebuilt = service.policies.rebuild_isolated(created["id"], upto=2**62)
     service.engine.dispose()
 
     summary = {

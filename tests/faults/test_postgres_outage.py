@@ -204,7 +204,7 @@ def outage(private_postgres: PrivatePostgres,
         buffer_counts = _buffer_counts(app)
         # Statistics = every stored feedback row applied once: the live shared policies
         # (one tenant) against policies rebuilt from the stored rows, from the priors.
-        rebuilt = service._rebuild_isolated(created["id"], upto=2**62)
+        rebuilt = service.policies.rebuild_isolated(created["id"], upto=2**62)
         statistics = {kind: (_statistics(service.shared[kind]), _statistics(rebuilt[kind]))
                       for kind in ("linucb", "thompson")}
     # Read what is stored, with the service stopped (its shutdown drained the writer).

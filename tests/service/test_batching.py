@@ -45,14 +45,14 @@ def test_decide_many_equals_policy_decide_batch_row_by_row(new_database_url):
         assert results[3].field == "candidates"
         assert isinstance(results[5], InvalidInputError)
         # The groups, in order of first arrival: (default prefs, all), (subset), (override).
-        everything = service._candidates(None)
+        everything = service.decider.candidates(None)
         expected = {}
         for rows, prefs, names in (([0, 1], Preferences(), everything),
                                    ([2], Preferences(), models[:2]),
                                    ([4], override, everything)):
             # Every decide is priced from the registry: prompt tokens (or the
             # prior_input_tokens setting) and prior_output_tokens.
-            est = service.price_estimates(names, [requests[i].input_tokens for i in rows])
+            est = service.decider.price_estimates(names, [requests[i].input_tokens for i in rows])
             batch = twin.decide_batch(np.stack([xs[i] for i in rows]), prefs, names,
                                       cost_estimate=est)
             for r, i in enumerate(rows):

@@ -17,7 +17,7 @@ import pytest
 
 from service.client import (
     AsyncRouterClient,
-    Decision,
+    DecideResult,
     RetryPolicy,
     RouterClient,
     RouterError,
@@ -91,7 +91,7 @@ class FlakyTransport(httpx.BaseTransport):
 # ------------------------------------------------------------------ decide/feedback
 def test_decide_client_returns_typed_decision(client, models):
     decision = client.decide("Prove that sqrt(2) is irrational.", candidates=models)
-    assert isinstance(decision, Decision)
+    assert isinstance(decision, DecideResult)
     assert decision.model in models
     assert set(decision.predictions) == set(models)
     assert 0.0 < decision.propensity <= 1.0
@@ -177,7 +177,7 @@ def test_route_client_object_result_and_quality_function(client, models):
 
 
 def test_route_client_llm_error_posts_nothing(client, models):
-    decided: list[Decision] = []
+    decided: list[DecideResult] = []
     original = client.decide
 
     def spy(*args, **kwargs):
@@ -373,3 +373,15 @@ def test_get_preferences_admin_for_tenant_and_tenant_key_forbidden(admin, client
     with pytest.raises(RouterError) as caught:
         client.get_preferences(tenant.id)  # a tenant key on an admin endpoint
     assert caught.value.status == 403 and "admin key" in caught.value.detail
+
+
+def test_decision_old_client_name_warns_and_is_decide_result():
+    import bandit_router_client
+
+    import service.client
+
+    for module in (bandit_router_client, service.client):
+        with pytest.warns(DeprecationWarning, match="DecideResult"):
+            assert module.Decision is DecideResult
+    with pytest.raises(AttributeError, match="NoSuchName"):
+        bandit_router_client.NoSuchName  # noqa: B018

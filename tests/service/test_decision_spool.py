@@ -111,7 +111,7 @@ def test_decision_durability_write_through_answers_after_commit(
         r = decide(client, tenant)
         assert r.status_code == 200
         with Session(service.engine) as session:
-            row = session.get(m.Decision, r.json()["decision_id"])
+            row = session.get(m.DecisionRow, r.json()["decision_id"])
         assert (row is not None) is stored_at_answer
 
 

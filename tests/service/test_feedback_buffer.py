@@ -94,8 +94,8 @@ def wait_drained(client: TestClient, timeout: float = 20.0) -> None:
 
 def policy_bytes(client: TestClient) -> dict[str, bytes]:
     service = routing(client)
-    with service._lock:
-        return {k: p.to_bytes() for k, p in service._all_policies().items()}
+    with service.policies.lock:
+        return {k: p.to_bytes() for k, p in service.policies.all_policies().items()}
 
 
 def quality_count(client: TestClient) -> int:
@@ -225,7 +225,7 @@ def test_forged_and_unknown_feedback_dropped_at_drain(new_database_url, tmp_path
         service = routing(client)
         d = written_decision(client, owner, seed=1)
         snapshot = policy_bytes(client)
-        versions = service._versions()
+        versions = service.policies.versions()
         charged = client.get(f"/v1/decisions/{d['decision_id']}", headers=owner).json()
         owner_spend = service.tenants[owner["X-Tenant"]].ledger.snapshot()
         forger_spend = service.tenants[forger["X-Tenant"]].ledger.snapshot()
@@ -243,7 +243,7 @@ def test_forged_and_unknown_feedback_dropped_at_drain(new_database_url, tmp_path
         # Nothing stored, no statistic, no charge, no ledger changed.
         assert feedback_rows(client, d["decision_id"]) == []
         assert policy_bytes(client) == snapshot
-        assert service._versions() == versions
+        assert service.policies.versions() == versions
         assert client.get(f"/v1/decisions/{d['decision_id']}",
                           headers=owner).json() == charged
         assert service.tenants[owner["X-Tenant"]].ledger.snapshot() == owner_spend
@@ -294,7 +294,7 @@ def test_readyz_degraded_while_the_buffer_holds_feedback(new_database_url, tmp_p
         tenant = create_tenant(client)
         service = routing(client)
         d = written_decision(client, tenant, seed=0)
-        service._stop_feedback_buffer()  # hold the drain: the database is back first
+        service.sink.stop()  # hold the drain: the database is back first
         with database_down(service.engine):
             assert send(client, tenant, d["decision_id"], "r").json()["status"] == "buffered"
             during = client.get("/readyz")
@@ -311,7 +311,7 @@ def test_readyz_degraded_while_the_buffer_holds_feedback(new_database_url, tmp_p
         # database up.
         d2 = written_decision(client, tenant, seed=1)
         assert send(client, tenant, d2["decision_id"], "r").json()["status"] == "buffered"
-        assert service.drain_feedback(deadline=time.monotonic() + 10)
+        assert service.sink.drain(deadline=time.monotonic() + 10)
         assert client.get("/readyz").json() == {"status": "ready"}
         assert "bandit_router_feedback_buffer_depth 0.0" in client.get(
             "/metrics", headers=ADMIN).text

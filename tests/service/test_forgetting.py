@@ -65,13 +65,13 @@ def make_decisions(client: TestClient, tenant: dict[str, str], models: list[str]
     made = []
     with Session(routing.engine) as session, session.begin():
         for body, hours in zip(bodies, hours_ago, strict=True):
-            moved = session.execute(update(m.Decision)
-                                    .where(m.Decision.id == body["decision_id"])
+            moved = session.execute(update(m.DecisionRow)
+                                    .where(m.DecisionRow.id == body["decision_id"])
                                     .values(created_at=now - timedelta(hours=hours)))
             assert moved.rowcount == 1
         session.flush()
         for body in bodies:
-            row = session.get(m.Decision, body["decision_id"])
+            row = session.get(m.DecisionRow, body["decision_id"])
             assert row is not None
             made.append(Made(row.id, row.model, np.frombuffer(row.context, dtype="<f8"),
                              m.as_utc(row.created_at).timestamp()))
@@ -107,7 +107,7 @@ def shuffled(made: list[Made], seed: int) -> list[Made]:
 def reference(routing: RoutingService, kind: str, sent: list[Sent]) -> Policy:
     """The rule itself: a fresh policy of the service's fed every event in one batch,
     each weighted by its decision's age (``update_batch(times=...)``)."""
-    policy = routing._new_policy(kind)  # noqa: SLF001 - the service's own builder
+    policy = routing.policies.new_policy(kind)  # noqa: SLF001 - the service's own builder
     policy.update_batch([s.made.model for s in sent], np.stack([s.made.x for s in sent]),
                         [s.outcome for s in sent], times=[s.made.at for s in sent],
                         watch_drift=False)
@@ -215,7 +215,7 @@ def test_restart_after_crash_replay_equals_live_by_decision_time(new_database_ur
         # Late feedback (another event) about decisions from before the checkpoint.
         sent += send(c1, tenant, first[::3], seed=5, event_id="late")
         assert_no_drift(routing.shared)
-        with routing._lock:  # noqa: SLF001
+        with routing.policies.lock:  # noqa: SLF001
             live = {kind: copy.deepcopy(p) for kind, p in routing.shared.items()}
         # c1 never checkpoints again: for the database this is a process killed with -9.
         with forgetting_app(url) as c2:
@@ -247,11 +247,11 @@ def test_rebuild_isolated_tenant_equals_live_by_decision_time(new_database_url):
         sent += send(c1, tenant, shuffled(more, seed=4), seed=5)
         sent += send(c1, tenant, own[::3], seed=6, event_id="late")
         send(c1, other, make_decisions(c1, other, models, [1.0, 30.0], seed=150), seed=7)
-        with routing._lock:  # noqa: SLF001
+        with routing.policies.lock:  # noqa: SLF001
             live = {kind: copy.deepcopy(p) for kind, p in routing.isolated[tenant_id].items()}
         assert_no_drift(live)
-        with routing._feedback_lock:  # noqa: SLF001 - as _sync_isolation calls it
-            rebuilt = routing._rebuild_isolated(  # noqa: SLF001
+        with routing.policies.apply_lock:  # noqa: SLF001 - as tenant_changed calls it
+            rebuilt = routing.policies.rebuild_isolated(  # noqa: SLF001
                 tenant_id, routing.last_feedback_id)
         for kind, policy in live.items():
             assert rebuilt[kind].reference_time == policy.reference_time, kind
@@ -280,7 +280,7 @@ def test_apply_without_half_life_equals_plain_updates(new_database_url):
         made = make_decisions(client, tenant, models, hours, seed=0)
         sent = send(client, tenant, shuffled(made, seed=1), seed=2)
         for kind, policy in routing.shared.items():
-            plain = routing._new_policy(kind)  # noqa: SLF001
+            plain = routing.policies.new_policy(kind)  # noqa: SLF001
             for s in sent:
                 plain.update(s.made.model, s.made.x, s.outcome)
             assert policy.reference_time is None and plain.reference_time is None

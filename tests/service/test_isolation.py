@@ -86,7 +86,7 @@ def call(client: TestClient, method: str, path: str, body: dict | None,
 def policy_state(client: TestClient) -> dict[str, tuple]:
     service = client.app.state.routing
     out = {}
-    for key, policy in service._all_policies().items():
+    for key, policy in service.policies.all_policies().items():
         stats = policy._stats
         out[key] = (policy.version, tuple(policy.arms),
                     stats.matrices("a_data").tobytes(), stats.b_data.tobytes(),
@@ -113,7 +113,7 @@ def snapshot(client: TestClient, w: dict[str, Any]) -> dict[str, Any]:
         assert r.status_code == 200, r.text
         state[f"decision:{who}"] = r.json()
     with Session(service.engine) as session:
-        state["rows"] = (session.scalar(select(func.count()).select_from(m.Decision)),
+        state["rows"] = (session.scalar(select(func.count()).select_from(m.DecisionRow)),
                          session.scalar(select(func.count()).select_from(m.Feedback)),
                          session.scalar(select(func.count()).select_from(m.Tenant)))
     return state
@@ -193,7 +193,7 @@ def test_get_other_tenants_decision_is_404_like_unknown(client, world):
 def test_feedback_forged_for_other_tenants_decision_changes_nothing(client, world, event_id):
     service = client.app.state.routing
     x = np.full(8, 0.3)
-    predicted = {k: p.predict(x) for k, p in service._all_policies().items()}
+    predicted = {k: p.predict(x) for k, p in service.policies.all_policies().items()}
     before = snapshot(client, world)
     body: dict[str, Any] = {"decision_id": world["decision_a"], "quality": 0.0,
                             "cost_usd": 123.0, "latency_ms": 99999.0}
@@ -205,7 +205,7 @@ def test_feedback_forged_for_other_tenants_decision_changes_nothing(client, worl
     assert after == before
     # A's spend and feedback list are untouched; predictions identical to the bit.
     assert after["decision:a"]["charged_usd"] == before["decision:a"]["charged_usd"]
-    for key, policy in service._all_policies().items():
+    for key, policy in service.policies.all_policies().items():
         now = policy.predict(x)
         assert {a: p.as_dict() for a, p in now.items()} == \
             {a: p.as_dict() for a, p in predicted[key].items()}
@@ -228,8 +228,8 @@ def test_usage_counts_only_the_callers_decisions(client, world):
     service = client.app.state.routing
     service.writer.flush()
     with Session(service.engine) as session:
-        mine = session.scalar(select(func.count()).select_from(m.Decision)
-                              .where(m.Decision.tenant_id == world["b"]["X-Tenant"]))
+        mine = session.scalar(select(func.count()).select_from(m.DecisionRow)
+                              .where(m.DecisionRow.tenant_id == world["b"]["X-Tenant"]))
     usage = client.get("/v1/tenants/me/usage", headers=world["b"]).json()
     assert usage["tenant_id"] == world["b"]["X-Tenant"]
     assert usage["decisions_month"] == mine
@@ -262,7 +262,7 @@ def _poison_then_decide(client: TestClient) -> None:
     for p in victim.json()["predictions"].values():
         assert p["uncertainty"] is not None and np.isfinite(p["uncertainty"]), p
         assert p["score"] is None or np.isfinite(p["score"])
-    for policy in client.app.state.routing._all_policies().values():
+    for policy in client.app.state.routing.policies.all_policies().values():
         assert np.isfinite(policy._stats.sigma2).all()
 
 

@@ -63,26 +63,50 @@ def test_find_cycle_reports_a_circle_and_accepts_a_tree():
 def test_service_imports_have_no_cycle():
     graph = service_imports()
     assert "service.errors" in graph["service.app"]  # the parser sees imports
-    assert "service.distributed" in graph["service.app"]  # ... lazy ones too
+    assert "service.distributed" in graph["service.routing"]  # ... lazy ones too
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+#: The routing core (app.state.routing and its components): no HTTP in it.
+CORE = ("service.routing", "service.distributed", "service.components", "service.domain",
+        "service.registry", "service.policies", "service.guards", "service.decider",
+        "service.ingest", "service.history", "service.checkpoints", "service.local",
+        "service.spend", "service.features")
 
 
 def test_service_core_raises_domain_errors_not_problems():
     graph = service_imports()
     # The routing core raises service.exceptions; only the HTTP layer builds problems.
-    assert [m for m in ("service.routing", "service.distributed")
-            if "service.errors" in graph[m]] == []
-    assert "service.exceptions" in graph["service.routing"]
+    assert [m for m in CORE if "service.errors" in graph[m]] == []
+    assert [m for m in CORE if any(t.startswith("service.routes") for t in graph[m])] == []
+    assert {"service.registry", "service.decider", "service.ingest", "service.history",
+            "service.distributed"} <= {m for m in CORE if "service.exceptions" in graph[m]}
 
 
-#: Modules still over the limit: issue 15's split of the routing service is not done
-#: (service/routing.py). Listed so that no
-#: other module grows past it unnoticed, and so that this list can only shrink.
-NOT_SPLIT_YET = {"service.routing"}
+def test_service_core_points_one_way():
+    """The registry knows none of its listeners; the policy store knows no feedback sink
+    and no statistics source; the decider knows neither mode."""
+    graph = service_imports()
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    assert reaches("service.registry").isdisjoint(
+        {"service.policies", "service.guards", "service.decider", "service.ingest"})
+    assert reaches("service.policies").isdisjoint(
+        {"service.ingest", "service.checkpoints", "service.distributed", "service.decider"})
+    assert reaches("service.decider").isdisjoint(
+        {"service.ingest", "service.checkpoints", "service.distributed", "service.local"})
+    # A mode's components know nothing of the other mode's.
+    assert reaches("service.distributed").isdisjoint(
+        {"service.ingest", "service.checkpoints", "service.local"})
 
 
 def test_service_modules_are_small():
     sizes = {_module(p): len(p.read_text().splitlines()) for p in SERVICE.rglob("*.py")}
-    over = {m for m, n in sizes.items() if n > MAX_LINES}
-    assert over - NOT_SPLIT_YET == set(), {m: sizes[m] for m in over}
-    assert NOT_SPLIT_YET <= over  # split one? take it off the list
+    assert {m: n for m, n in sizes.items() if n > MAX_LINES} == {}

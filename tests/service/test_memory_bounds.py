@@ -80,7 +80,7 @@ def test_writer_statement_memory_bounded_for_every_batch_size(tmp_path):
     finally:
         writer.stop()
     with Session(engine) as session:
-        assert session.scalar(select(func.count()).select_from(m.Decision)) == written
+        assert session.scalar(select(func.count()).select_from(m.DecisionRow)) == written
     engine.dispose()
     # Unbounded shapes: the 128 most recent (73..200 rows), ~50 MB. Powers of two: 8
     # shapes (1..128 rows) plus the connection's page cache, a few MB.

@@ -44,7 +44,7 @@ def stored_context(client: TestClient, decision_id: str) -> np.ndarray:
     service = client.app.state.routing
     assert service.writer.flush(10)
     with Session(service.engine) as session:
-        blob = session.scalar(select(m.Decision.context).where(m.Decision.id == decision_id))
+        blob = session.scalar(select(m.DecisionRow.context).where(m.DecisionRow.id == decision_id))
     return np.frombuffer(blob, dtype=np.float64)
 
 

@@ -164,7 +164,7 @@ def test_restart_with_new_epsilon_keeps_statistics_uses_new_setting(new_database
     with TestClient(create_app(make_settings(url, epsilon=0.2))) as c2:
         for kind, policy in c2.app.state.routing.shared.items():
             assert policy.config.epsilon == 0.2, kind
-            assert type(policy) is type(c2.app.state.routing._new_policy(kind)), kind
+            assert type(policy) is type(c2.app.state.routing.policies.new_policy(kind)), kind
         after = predictions(c2, models)
         for kind in before:
             np.testing.assert_allclose(after[kind], before[kind], rtol=0, atol=1e-12)

@@ -129,8 +129,8 @@ def test_get_status_trends_last_24h_svg(new_database_url):
         service.writer.flush()
         # The last two decisions were made five hours ago.
         with Session(service.engine) as session, session.begin():
-            session.execute(update(dbm.Decision)
-                            .where(dbm.Decision.id.in_([d for d, _ in made[4:]]))
+            session.execute(update(dbm.DecisionRow)
+                            .where(dbm.DecisionRow.id.in_([d for d, _ in made[4:]]))
                             .values(created_at=now - timedelta(hours=5)))
         page = c.get("/", headers=basic(ADMIN_KEY)).text
     share = page.split("<svg id=trend-share")[1].split("</svg>")[0]

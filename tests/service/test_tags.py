@@ -26,11 +26,11 @@ def _decide(client, tenant, tags=None, seed=0, **extra):
     return client.post("/v1/decide", json=body, headers=tenant)
 
 
-def _stored(client, decision_id: str) -> m.Decision:
+def _stored(client, decision_id: str) -> m.DecisionRow:
     service = client.app.state.routing
     service.writer.flush(timeout=5.0)
     with Session(service.engine) as session:
-        row = session.get(m.Decision, decision_id)
+        row = session.get(m.DecisionRow, decision_id)
         assert row is not None
         session.expunge(row)
         return row

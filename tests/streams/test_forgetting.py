@@ -119,10 +119,10 @@ def test_route_forgetting_distributed_snapshot_equals_embedded_policy(
             late.close()
         assert stored_offsets(fresh_database_url, unique_group_id, topic) == stored
         deadline = time.monotonic() + 30
-        while routing.snapshot_offsets != stored:
-            assert time.monotonic() < deadline, (routing.snapshot_offsets, stored)
+        while routing.statistics.snapshot_offsets != stored:
+            assert time.monotonic() < deadline, (routing.statistics.snapshot_offsets, stored)
             time.sleep(0.2)
-        with routing._lock:  # noqa: SLF001 - the snapshot under test
+        with routing.policies.lock:  # noqa: SLF001 - the snapshot under test
             snapshot = dict(routing.shared)
 
         # The embedded mode's policy (the same builder, the same setting) fed every event
@@ -130,7 +130,7 @@ def test_route_forgetting_distributed_snapshot_equals_embedded_policy(
         reference_time = snapshot["linucb"].reference_time
         assert reference_time is not None
         assert reference_time >= max(created.values())
-        built = routing._new_policy("linucb")  # noqa: SLF001
+        built = routing.policies.new_policy("linucb")  # noqa: SLF001
         assert built.config.half_life_hours == HALF_LIFE
         # Drift detection stays off in distributed mode (it depends on event order).
         embedded = Policy.from_bytes(built.to_bytes(), drift_delta=None)
@@ -168,9 +168,9 @@ def test_route_forgetting_distributed_snapshot_equals_embedded_policy(
         assert later.reference_time == clock[0]
         np.testing.assert_allclose(later._stats.weight,  # noqa: SLF001
                                    first._stats.weight / 4.0, rtol=1e-12)  # noqa: SLF001
-        decider = routing._snapshot("linucb", later)  # noqa: SLF001
+        decider = routing.statistics.snapshot("linucb", later)  # noqa: SLF001
         np.testing.assert_array_equal(decider._stats.mu0,  # noqa: SLF001
-                                      routing._new_policy("linucb")._stats.mu0)  # noqa: SLF001
+                                      routing.policies.new_policy("linucb")._stats.mu0)  # noqa: SLF001
 
     # Another half-life on a learner or a decider is refused, naming the setting.
     other = Learner(replace(config, half_life_hours=None), fresh_database_url)

@@ -1,0 +1,467 @@
+"""Embedded mode's feedback sink: store each feedback once, then hand it to the policy
+store (tables ``feedback``; reconciles ``decisions.charged_usd``), with the outage buffer
+(:class:`service.spool.FeedbackSpool`) and its drain thread.
+
+The path of a feedback, top to bottom: :meth:`FeedbackIngest.submit` (buffered while the
+database is away or feedback already waits) -> :meth:`FeedbackIngest.store_many` in one
+transaction (dedupe by ``(decision_id, event_id)``, reconcile the charge, the guard's
+part) -> :meth:`service.policies.PolicyStore.apply` in order, under the store's
+``apply_lock`` (so ``last_feedback_id`` is exactly what the statistics include) -> the
+ledger and the metrics. The drain of the buffer goes through the same ``store_many``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import NamedTuple
+
+import numpy as np
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session
+
+from service.config import Settings
+from service.db import models as m
+from service.domain import FeedbackReceipt, TenantState, price_estimate, timestamp
+from service.exceptions import NotFoundError, UnavailableError
+from service.guards import GuardLesson, Guards
+from service.local import LocalCopy
+from service.metrics import Metrics
+from service.policies import PolicyStore
+from service.registry import Registry
+from service.spool import (
+    FeedbackSpool,
+    SpooledFeedback,
+    buffer_dir,
+    outage_serving,
+    spool_path,
+)
+from service.writer import DecisionWriter
+
+__all__ = ["FeedbackIngest", "Incoming", "Stored"]
+
+log = logging.getLogger("service.ingest")
+#: With a feedback buffer, feedback whose decision is still in the writer's queue waits
+#: this long for it (the writer hurries when asked), then is buffered: the writer holds
+#: the decision, typically because the database is away.
+_PENDING_WAIT_S = 1.0
+#: Buffered feedback stored per transaction by the drain.
+_DRAIN_BATCH = 200
+#: Transactions tried when another process stores one of a batch's rows first.
+_ATTEMPTS = 3
+
+
+class Incoming(NamedTuple):
+    """One feedback on its way to the database (direct, or from the buffer)."""
+
+    tenant: TenantState
+    decision_id: str
+    event: str
+    outcome: dict[str, float | None]
+    received: datetime
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What :meth:`FeedbackIngest.store_many` did with one feedback: ``applied``,
+    ``duplicate``, ``unknown-decision`` (or another tenant's: nothing stored) or
+    ``not-applied`` (stored, and applying it raised ``error``)."""
+
+    status: str
+    feedback_id: int | None = None
+    error: Exception | None = None
+
+
+class _Row(NamedTuple):
+    """A committed feedback row, to apply."""
+
+    index: int  # in the batch
+    feedback_id: int
+    model: str
+    context: bytes
+    cost_delta: float  # reported cost - the decision's charge
+    decided_at: float
+    price: float | None  # the decision's price estimate for its model
+    lesson: GuardLesson | None
+
+
+class _Uncertain(NamedTuple):
+    """A feedback whose commit failed with a connection error: maybe stored, certainly
+    not applied."""
+
+    cost_delta: float
+    decided_at: float
+
+
+@dataclass(eq=False)
+class FeedbackIngest:
+    settings: Settings
+    engine: Engine
+    registry: Registry
+    policies: PolicyStore
+    guards: Guards
+    writer: DecisionWriter
+    metrics: Metrics
+    local: LocalCopy
+    #: The outage buffer (from :meth:`start`; None without one).
+    spool: FeedbackSpool | None = None
+    _thread: threading.Thread | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _wake: threading.Event = field(default_factory=threading.Event)
+    #: (tenant, decision, event) -> feedback whose commit is in doubt.
+    _uncertain: dict[tuple[str, str, str], _Uncertain] = field(default_factory=dict)
+
+    # ================================================================= submit
+    def submit(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
+               event_id: str | None) -> FeedbackReceipt:
+        """Record feedback (exactly once per decision and event id), then learn from it.
+
+        While the database is unreachable the feedback is kept in the buffer and
+        answered ``buffered``; the drain stores and applies it when the database is
+        back."""
+        event = event_id or ""
+        spool, degraded = self.spool, self.local.degraded_since is not None
+        if spool is not None and (spool.depth() or degraded):
+            # Feedback already waits in the buffer: queue behind it, so that feedback is
+            # stored and applied in the order it was accepted. Degraded (started from
+            # the local copy): the policies are not the database's yet; the drain
+            # applies it after the reload.
+            return self._buffer(tenant, decision_id, event, outcome)
+        if degraded:
+            raise UnavailableError("the service started while the database was "
+                                   "unreachable and has no feedback buffer; retry later",
+                                   retry_after_s=5)
+        if self.writer.is_pending(decision_id) and (
+                (spool is not None and self.writer.spooling())
+                or not self.writer.wait_for(
+                    decision_id, timeout=10.0 if spool is None else _PENDING_WAIT_S)):
+            if spool is not None:
+                # The writer holds (or spooled) the decision: the database is away or far
+                # behind; the drain waits for it to be written.
+                return self._buffer(tenant, decision_id, event, outcome)
+            raise UnavailableError("the decision is not written yet; retry",
+                                   retry_after_s=1)
+        incoming = Incoming(tenant, decision_id, event, outcome, m.utcnow())
+        try:
+            stored = self.store_many([incoming])[0]
+        except (OperationalError, InterfaceError) as exc:
+            if spool is None:
+                raise  # 503 + Retry-After (service.errors)
+            log.warning("storing feedback for decision %s failed (%s: the database is "
+                        "unreachable); buffering it", decision_id, type(exc).__name__)
+            # Same received time: if the commit did land, the drain recognizes the row.
+            return self._buffer(tenant, decision_id, event, outcome, incoming.received)
+        if stored.status == "unknown-decision":
+            raise NotFoundError(f"decision {decision_id} does not exist",
+                                slug="decision-not-found")
+        if stored.error is not None:
+            raise stored.error
+        return FeedbackReceipt(stored.status, stored.feedback_id)
+
+    # ================================================================= store
+    def store_many(self, items: list[Incoming]) -> list[Stored]:
+        """Store feedback rows (and their decisions' reconciled charges) in one
+        transaction, then apply them in order: the one path of direct feedback (one
+        item) and of the buffer's drain (a batch). Raises the database's errors (then
+        nothing of the batch is known to be stored)."""
+        with self.policies.apply_lock:
+            for attempt in itertools.count(1):
+                try:
+                    results, rows = self._commit(items)
+                    break
+                except IntegrityError:
+                    # Another process stored one of them first: read again, and that
+                    # one is a duplicate now.
+                    if attempt == _ATTEMPTS:
+                        raise
+            self._apply(items, rows, results)
+        self._account(items, rows, results)
+        return results
+
+    def _commit(self, items: list[Incoming]) -> tuple[list[Stored], list[_Row]]:
+        """The transaction: per item its result (``duplicate``, ``unknown-decision``;
+        ``applied`` for now for the rows to apply) and the rows to apply."""
+        results = [Stored("applied")] * len(items)
+        rows: list[_Row] = []
+        pending: list[tuple[int, m.Feedback, m.DecisionRow, float, GuardLesson | None]] = []
+        with Session(self.engine) as session:
+            ids = sorted({it.decision_id for it in items})
+            decisions = {d.id: d for d in session.scalars(
+                select(m.DecisionRow).where(m.DecisionRow.id.in_(ids)))}
+            stored = {(d, e): (int(i), m.as_utc(at)) for d, e, i, at in session.execute(
+                select(m.Feedback.decision_id, m.Feedback.event_id, m.Feedback.id,
+                       m.Feedback.created_at).where(m.Feedback.decision_id.in_(ids)))}
+            for i, it in enumerate(items):
+                decision = decisions.get(it.decision_id)
+                if decision is None or decision.tenant_id != it.tenant.id:
+                    results[i] = Stored("unknown-decision")
+                    continue
+                key = (it.decision_id, it.event)
+                price = price_estimate(decision.model, decision.predictions)
+                if key in stored:
+                    fid, at = stored[key]
+                    uncertain = self._uncertain.get((it.tenant.id, *key))
+                    if uncertain is not None and at == it.received:
+                        # Ours: its commit was sent but its outcome never came back (the
+                        # connection died), so it was stored and not applied.
+                        rows.append(_Row(i, fid, decision.model, decision.context,
+                                         uncertain.cost_delta, uncertain.decided_at, price,
+                                         None))
+                    else:
+                        results[i] = Stored("duplicate", fid)
+                    continue
+                stored[key] = (0, it.received)  # a repeat later in this batch
+                fb = m.Feedback(decision_id=it.decision_id, tenant_id=it.tenant.id,
+                                event_id=it.event, quality=it.outcome.get("quality"),
+                                cost_usd=it.outcome.get("cost_usd"),
+                                latency_ms=it.outcome.get("latency_ms"),
+                                created_at=it.received)
+                session.add(fb)
+                delta = 0.0
+                if it.outcome.get("cost_usd") is not None:
+                    delta = float(it.outcome["cost_usd"]) - decision.charged_usd
+                    decision.charged_usd = float(it.outcome["cost_usd"])
+                pending.append((i, fb, decision, delta,
+                                self.guards.lesson(it.tenant, decision, it.outcome)))
+            if pending:
+                session.flush()
+                new = [_Row(i, int(fb.id), d.model, d.context, delta,
+                            timestamp(d.created_at),
+                            price_estimate(d.model, d.predictions), lesson)
+                       for i, fb, d, delta, lesson in pending]
+                try:
+                    session.commit()
+                except (OperationalError, InterfaceError):
+                    # Maybe committed, maybe not: remember what applying them would take;
+                    # the retry recognizes them by their time.
+                    for row in new:
+                        it = items[row.index]
+                        self._uncertain[(it.tenant.id, it.decision_id, it.event)] = \
+                            _Uncertain(row.cost_delta, row.decided_at)
+                    raise
+                rows.extend(new)
+        for it in items:
+            self._uncertain.pop((it.tenant.id, it.decision_id, it.event), None)
+        rows.sort()  # item order (a recovered row may come first)
+        return results, rows
+
+    def _apply(self, items: list[Incoming], rows: list[_Row], results: list[Stored]) -> None:
+        """Hand the committed rows to the policy store (``apply_lock`` held)."""
+        store = self.policies
+        for row in rows:
+            it = items[row.index]
+            try:
+                store.apply(it.tenant.id, row.model,
+                            np.frombuffer(row.context, dtype=np.float64), it.outcome,
+                            row.decided_at, row.price)
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                results[row.index] = Stored("not-applied", row.feedback_id, exc)
+            else:
+                results[row.index] = Stored("applied", row.feedback_id)
+            if row.lesson is not None:
+                self.guards.learn(it.tenant, row.lesson)
+            store.last_feedback_id = max(store.last_feedback_id, row.feedback_id)
+
+    def _account(self, items: list[Incoming], rows: list[_Row], results: list[Stored]) -> None:
+        """The ledgers and the metrics, after the locks."""
+        for row in rows:
+            it = items[row.index]
+            if row.cost_delta:
+                it.tenant.ledger.adjust(row.cost_delta, row.decided_at)
+            if results[row.index].status != "applied":
+                continue
+            self.metrics.feedback.labels("applied").inc()
+            if it.outcome.get("cost_usd"):
+                self.metrics.spend_reported.labels(it.tenant.id).inc(
+                    float(it.outcome["cost_usd"]))
+            self.metrics.reward.labels(it.tenant.id).inc(it.tenant.preferences.reward(
+                **{k: v for k, v in it.outcome.items() if v is not None}))
+        for result in results:
+            if result.status == "duplicate":
+                self.metrics.feedback.labels("duplicate").inc()
+
+    # ========================================================== outage buffer
+    def _buffer(self, tenant: TenantState, decision_id: str, event: str,
+                outcome: dict[str, float | None],
+                received: datetime | None = None) -> FeedbackReceipt:
+        """Keep the feedback in the buffer (committed to disk before the answer)."""
+        assert self.spool is not None
+        result = self.spool.add(tenant.id, decision_id, event, outcome,
+                                (received or m.utcnow()).isoformat())
+        self.metrics.feedback_buffer_depth.set(self.spool.depth())
+        self.metrics.feedback_buffer.labels(result).inc()
+        if result == "full":
+            raise UnavailableError(f"the database is unavailable and the feedback buffer "
+                                   f"is full ({self.spool.capacity} events); nothing was "
+                                   "stored, retry later", retry_after_s=5)
+        self.metrics.feedback.labels(result).inc()
+        self._wake.set()
+        return FeedbackReceipt(result, None)
+
+    def buffered(self) -> int:
+        """Feedback events accepted and not yet stored in the database."""
+        return self.spool.depth() if self.spool is not None else 0
+
+    def outage_serving(self) -> str:
+        return outage_serving(self.writer.spool, self.spool)
+
+    def degraded(self) -> dict[str, str]:
+        """The outage files still being written to the database (for ``/readyz``)."""
+        out: dict[str, str] = {}
+        spooled = self.writer.spool.depth() if self.writer.spool is not None else 0
+        if spooled:
+            out["decision_spool"] = (f"{spooled} decisions spooled while the database was "
+                                     "unreachable, being written")
+        if self.buffered():
+            out["feedback_buffer"] = (f"{self.buffered()} feedback events accepted while "
+                                      "the database was unreachable, being stored")
+        return out
+
+    def wake(self) -> None:
+        """The database is back: drain now."""
+        self._wake.set()
+
+    def start(self) -> None:
+        s = self.settings
+        if s.feedback_buffer_size <= 0:
+            return
+        self.spool = FeedbackSpool(spool_path(buffer_dir(s), s.resolved_database_url()),
+                                   s.feedback_buffer_size)
+        if self.spool.depth():
+            log.warning("%d feedback events buffered by a previous run; storing them",
+                        self.spool.depth())
+        self.metrics.feedback_buffer_depth.set(self.spool.depth())
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._drain_loop, name="feedback-drain",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(30)
+            self._thread = None
+
+    def close(self) -> None:
+        """After the writer stopped: a last drain (the database may be back), then close
+        the file (removed when empty; otherwise the next start drains it)."""
+        if self.spool is None:
+            return
+        if self.spool.depth():
+            try:
+                self.drain(deadline=time.monotonic() + 10.0)
+            except Exception as exc:  # noqa: BLE001 - the rows stay on disk
+                log.warning("final feedback drain failed (%s); %d events stay buffered",
+                            type(exc).__name__, self.spool.depth())
+        self.spool.close()
+
+    def _drain_loop(self) -> None:
+        delay = 0.25
+        while not self._stop.is_set():
+            try:
+                empty = self.drain()
+                delay = 0.25
+            except (OperationalError, InterfaceError) as exc:
+                log.warning("feedback buffer: %d events wait, the database is still "
+                            "unreachable (%s); retrying in %.2fs", self.buffered(),
+                            type(exc).__name__, delay)
+                self.local.wait_for_database(delay)
+                delay = min(delay * 2, self.settings.outage_retry_s)
+                continue
+            except Exception:
+                log.exception("draining the feedback buffer failed; retrying")
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.settings.outage_retry_s)
+                continue
+            if empty:
+                self._wake.wait(1.0)
+                self._wake.clear()
+            else:  # waiting for a decision the writer still holds
+                self._stop.wait(0.1)
+
+    def drain(self, deadline: float | None = None) -> bool:
+        """Store and apply buffered feedback, oldest first, a batch per transaction;
+        True once the buffer is empty.
+
+        Stops (False) at feedback whose decision the writer still holds (it waits for
+        it), at the deadline or when the drain is stopping; raises the database's
+        connection errors (the batch stays buffered)."""
+        spool = self.spool
+        if spool is None:
+            return True
+        if self.local.degraded_since is not None:
+            return False  # after the reload from the database
+        started, drained = time.perf_counter(), 0
+        while spool.depth():
+            if (self._stop.is_set() and deadline is None) or (
+                    deadline is not None and time.monotonic() > deadline):
+                return False
+            batch: list[SpooledFeedback] = []
+            blocked = False
+            for item in spool.head(_DRAIN_BATCH):
+                if self.writer.is_pending(item.decision_id) and not self.writer.wait_for(
+                        item.decision_id, timeout=_PENDING_WAIT_S):
+                    blocked = True  # its decision first; the ones before it now
+                    break
+                batch.append(item)
+            if batch:
+                self._drain_batch(batch)
+                spool.remove_through(batch[-1].seq)
+                self.metrics.feedback_buffer_depth.set(spool.depth())
+                drained += len(batch)
+            if blocked:
+                return False
+        if drained:
+            log.warning("feedback buffer empty: %d events stored in %.2f s", drained,
+                        time.perf_counter() - started)
+        return True
+
+    def _drop(self, item: SpooledFeedback, reason: str) -> None:
+        self.metrics.feedback_buffer.labels("dropped").inc()
+        log.warning("buffered feedback dropped: %s (decision %s, event %r, tenant %s)",
+                    reason, item.decision_id, item.event_id, item.tenant_id)
+
+    def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
+        known: list[tuple[SpooledFeedback, Incoming]] = []
+        for item in batch:
+            tenant = self.registry.tenants.get(item.tenant_id)
+            if tenant is None:
+                self._drop(item, "the tenant does not exist")
+                continue
+            known.append((item, Incoming(tenant, item.decision_id, item.event_id,
+                                         item.outcome,
+                                         datetime.fromisoformat(item.received_at))))
+        if not known:
+            return
+        try:
+            results = self.store_many([incoming for _, incoming in known])
+        except (OperationalError, InterfaceError):
+            raise  # the database is away: the batch stays buffered
+        except DBAPIError:
+            if len(known) == 1:
+                # Refused by the database (not an outage): logged, not retried forever
+                # (it would block every event behind it).
+                log.exception("buffered feedback for decision %s refused by the database",
+                              known[0][0].decision_id)
+                self.metrics.feedback_buffer.labels("dropped").inc()
+                return
+            for item, _ in known:  # find the one refused
+                self._drain_batch([item])
+            return
+        for (item, _), result in zip(known, results, strict=True):
+            if result.status == "unknown-decision":
+                # Unknown decision, or another tenant's: nothing stored or applied.
+                self._drop(item, "the decision does not exist or is another tenant's")
+            elif result.error is not None:
+                self.metrics.feedback_buffer.labels("dropped").inc()
+                log.error("buffered feedback for decision %s stored but not applied",
+                          item.decision_id, exc_info=result.error)
+            else:
+                self.metrics.feedback_buffer.labels(
+                    "drained" if result.status == "applied" else "duplicate").inc()
