@@ -72,7 +72,7 @@ def test_restart_other_featurizer_start_fresh(new_database_url):
 
 
 def _spec(c: TestClient) -> str:
-    return c.app.state.routing._featurizer_spec()
+    return c.app.state.routing.contexts.spec()
 
 
 def test_first_start_hashing_v2_restart_keeps_it(new_database_url):
@@ -217,7 +217,7 @@ def test_replay_minilm_default_dim_is_the_services(tmp_path):
 def test_hashing_version_resolution(overrides, stored, expected):
     from types import SimpleNamespace
 
-    from service.routing import RoutingService
+    from service.features import Contexts
 
-    state = SimpleNamespace(settings=Settings(**overrides), _stored_spec=stored)
-    assert RoutingService._hashing_version(state) == expected
+    state = SimpleNamespace(settings=Settings(**overrides), stored_spec=stored)
+    assert Contexts.hashing_version(state) == expected
