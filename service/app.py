@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service import gateway
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
 from service.deps import AuthenticateFirst
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     app.add_middleware(LimitsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     decide.install(app)
+    gateway.install(app)
     for module in (feedback, decisions, tenants, admin, admin_tenants, admin_keys,
                    admin_reservations, admin_state, health, status_page):
         app.include_router(module.router)

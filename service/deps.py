@@ -17,6 +17,8 @@ __all__ = ["ServiceDep", "SettingsDep", "MetricsDep", "TenantDep", "AdminDep",
            "AuthenticateFirst"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+#: Routes that check the key before reading the body themselves.
+_SELF_AUTHENTICATED = frozenset({"/v1/decide", "/v1/chat/completions"})
 
 # Every dependency is ``async def`` although none awaits: FastAPI runs a sync dependency
 # in the thread pool, a hop that costs more than the whole decision.
@@ -93,15 +95,17 @@ class AuthenticateFirst:
     its body is read (issue 14): without a valid key of the right kind the answer is
     401 / 403, never a 400 about a body nobody may send. ``/v1/admin/...`` takes the admin
     key, the rest of ``/v1/`` a tenant key; the route's dependency checks again (about a
-    microsecond). ``POST /v1/decide`` authenticates first itself
-    (service.routes.decide); ``OPTIONS`` is answered without a key (405, Allow)."""
+    microsecond). ``POST /v1/decide`` and ``POST /v1/chat/completions`` authenticate
+    first themselves (service.routes.decide, service.gateway: the latter answers in
+    OpenAI's error format); ``OPTIONS`` is answered without a key (405, Allow)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if (scope["type"] == "http" and path.startswith("/v1/") and path != "/v1/decide"
+        if (scope["type"] == "http" and path.startswith("/v1/")
+                and path not in _SELF_AUTHENTICATED
                 and scope["method"] != "OPTIONS"):
             header = next((v.decode("latin-1") for k, v in scope["headers"]
                            if k == b"authorization"), None)

@@ -96,6 +96,11 @@ class ModelState:
     enabled: bool
     prior_quality: float | None
     prior_cost_usd: float
+    #: Where POST /v1/chat/completions forwards its requests (service/gateway); the key is
+    #: the value of the environment variable ``api_key_env`` names, never stored.
+    base_url: str | None = None
+    upstream_model: str | None = None
+    api_key_env: str | None = None
 
 
 @dataclass
@@ -712,7 +717,8 @@ class RoutingService:
     def _model_state(self, row: m.Model) -> ModelState:
         return ModelState(row.name, row.input_price_per_mtok, row.output_price_per_mtok,
                           row.enabled, row.prior_quality,
-                          self.prior_cost(row.input_price_per_mtok, row.output_price_per_mtok))
+                          self.prior_cost(row.input_price_per_mtok, row.output_price_per_mtok),
+                          row.base_url, row.upstream_model, row.api_key_env)
 
     def _load_models(self) -> None:
         with Session(self.engine) as session:
@@ -735,7 +741,10 @@ class RoutingService:
         return model
 
     def create_model(self, name: str, input_price: float, output_price: float,
-                     enabled: bool, prior_quality: float | None) -> ModelState:
+                     enabled: bool, prior_quality: float | None,
+                     upstream: dict[str, str | None] | None = None) -> ModelState:
+        """Register a model; ``upstream`` may give its ``base_url``, ``upstream_model``
+        and ``api_key_env`` (service/gateway)."""
         # The arm's prior is checked before anything is written: a model the policies
         # would refuse must not reach the registry (it would break every decision).
         self._prior(ModelState(name, input_price, output_price, enabled, prior_quality,
@@ -743,7 +752,8 @@ class RoutingService:
         now = m.utcnow()
         row = m.Model(name=name, input_price_per_mtok=input_price,
                       output_price_per_mtok=output_price, enabled=enabled,
-                      prior_quality=prior_quality, created_at=now, updated_at=now)
+                      prior_quality=prior_quality, created_at=now, updated_at=now,
+                      **(upstream or {}))
         try:
             with Session(self.engine) as session, session.begin():
                 session.add(row)
