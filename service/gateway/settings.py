@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -66,6 +67,7 @@ class GatewaySettingsStore:
         self._engine = engine
         self._lock = threading.Lock()
         self._cache: dict[str, TenantGateway] = {}
+        self._stamps: dict[str, datetime] = {}  # tenant -> its row's updated_at
 
     @staticmethod
     def _state(row: m.GatewaySettings) -> TenantGateway:
@@ -75,10 +77,15 @@ class GatewaySettingsStore:
     def load(self) -> None:
         """(Re)load every tenant's settings (at start and periodically)."""
         with Session(self._engine) as session:
-            fresh = {r.tenant_id: self._state(r)
-                     for r in session.scalars(select(m.GatewaySettings))}
+            rows = [(r.tenant_id, self._state(r), m.as_utc(r.updated_at))
+                    for r in session.scalars(select(m.GatewaySettings))]
         with self._lock:
-            self._cache = fresh
+            # Newer wins: a put committed while this load was reading is kept.
+            cache, stamps = dict(self._cache), dict(self._stamps)
+            for tenant_id, state, at in rows:
+                if tenant_id not in stamps or at > stamps[tenant_id]:
+                    cache[tenant_id], stamps[tenant_id] = state, at
+            self._cache, self._stamps = cache, stamps
 
     def get(self, tenant_id: str) -> TenantGateway:
         return self._cache.get(tenant_id, DEFAULTS)
@@ -100,4 +107,5 @@ class GatewaySettingsStore:
             row.updated_at = m.utcnow()
             session.flush()
             state = self._cache[tenant_id] = self._state(row)
+            self._stamps[tenant_id] = m.as_utc(row.updated_at)
         return state

@@ -138,6 +138,7 @@ def test_upstream_that_keeps_failing_stops_being_chosen(router: Router) -> None:
     for _ in range(25):
         r = router.http.post("/v1/chat/completions", headers=auth,
                              json={"model": "auto:pair", "messages": MESSAGES})
+        assert "x-router-model" in r.headers, (r.status_code, r.text)
         model = r.headers["x-router-model"]
         chosen.append(model)
         if model == bad:
