@@ -219,6 +219,7 @@ def test_upstream_key_never_in_logs_or_answers(router: Router,
     assert [a.status_code for a in answers] == [200, 200, 502, 502, 200, 200, 200]
     assert router.http.get(f"/v1/admin/models/{name}", headers=ADMIN_HEADERS
                            ).json()["api_key_env"] == KEY_ENV
+    assert f"(key: ${KEY_ENV})" in answers[-1].text  # the status page: the name only
     assert router.upstream.calls(name)[-1].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
     for answer in answers:
         assert UPSTREAM_KEY not in answer.text
