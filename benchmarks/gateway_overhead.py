@@ -63,6 +63,25 @@ class Target:
     url: str  # .../v1/chat/completions
     headers: dict[str, str]
     model: str = MODEL  # what the requests ask for
+    #: The gateway's process: its CPU time per request is measured too (on a busy
+    #: machine a more stable figure than the latencies, which include waiting for a core).
+    pid: int | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, float]:
+    """One phase of :func:`open_loop`, with the gateway's CPU ms per request."""
+    before = cpu_seconds(target.pid) if target.pid else 0.0
+    out = asyncio.run(open_loop(target, stream, rate, seconds))
+    if target.pid:
+        time.sleep(0.5)  # the outcomes the router stores after its answers
+        out["cpu_ms_per_request"] = (cpu_seconds(target.pid) - before) * 1e3 / out["requests"]
+    return out
 
 
 @contextmanager
@@ -130,7 +149,7 @@ def router_process(upstream: str, folder: Path) -> Iterator[Target]:
             r.raise_for_status()
             key = r.json()["api_key"]
         yield Target("router", f"http://127.0.0.1:{port}/v1/chat/completions",
-                     {"Authorization": f"Bearer {key}"}, model="auto")
+                     {"Authorization": f"Bearer {key}"}, model="auto", pid=proc.pid)
     finally:
         proc.terminate()
         proc.wait(30)
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             for target in (targets if r % 2 == 0 else targets[::-1]):
                 for mode, stream in modes.items():
                     runs.setdefault(f"{target.name}/{mode}", []).append(
-                        asyncio.run(open_loop(target, stream, args.rate, seconds)))
+                        measured(target, stream, args.rate, seconds))
 
     def median(key: str, field: str) -> float:
         return float(np.median([run[field] for run in runs[key]]))
@@ -230,6 +249,10 @@ def main(argv: list[str] | None = None) -> None:
         target, mode = key.split("/")
         fields = ["p50_ms", "p99_ms"] + (["ttft_p50_ms", "ttft_p99_ms"] if modes[mode] else [])
         summary[key] = {f: median(key, f) for f in fields}
+        if "cpu_ms_per_request" in runs[key][0]:
+            summary[key]["cpu_ms_per_request"] = median(key, "cpu_ms_per_request")
+            print(f"{key}: gateway process CPU {summary[key]['cpu_ms_per_request']:.2f} ms "
+                  "per request")
         summary[key]["errors"] = sum(run["errors"] for run in runs[key])
         if target != "direct":
             summary[key] |= {f"added_{f}": added(target, mode, f) for f in fields}

@@ -25,7 +25,7 @@ log = logging.getLogger("service.gateway")
 
 #: The event id of the outcome the router posts for a forwarded call.
 EVENT_ID = "gateway"
-_BATCH = 200
+_BATCH = 1000
 
 _Item = tuple[TenantState, str, dict[str, float | None]]
 
@@ -33,8 +33,9 @@ _Item = tuple[TenantState, str, dict[str, float | None]]
 class FeedbackSender:
     """Queues outcomes and stores them in the background (one per app)."""
 
-    def __init__(self, service: RoutingService) -> None:
+    def __init__(self, service: RoutingService, settle_s: float = 0.05) -> None:
         self._service = service
+        self._settle_s = settle_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -50,6 +51,11 @@ class FeedbackSender:
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
+            # Let the decisions reach the database at the writer's own pace first: the
+            # feedback of a decision still queued makes the writer flush at once (one
+            # transaction per decision instead of one per batch); and the outcomes of
+            # this interval go to the worker thread in one hop.
+            await asyncio.sleep(self._settle_s)
             while len(batch) < _BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:

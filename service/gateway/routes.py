@@ -37,7 +37,10 @@ class Gateway:
         self.client = open_client(settings)
         self.timeout_s = settings.upstream_timeout_s
         self.settings = GatewaySettingsStore(service.engine)
-        self.feedback = FeedbackSender(service)
+        # Twice the writer's flush interval: most decisions are written before their
+        # outcome is stored (see FeedbackSender).
+        self.feedback = FeedbackSender(service, settle_s=2 * settings.decision_flush_interval_s
+                                       + 0.01)
 
     async def aclose(self) -> None:
         await self.feedback.aclose()
