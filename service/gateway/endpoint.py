@@ -43,6 +43,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from bandit import Preferences
+from bandit.base import MAX_COST_USD
 from bandit.pricing import request_cost
 from service.deps import tenant_for_authorization
 from service.gateway.chat import TAGS_HEADER, ChatRequest, message_text, parse_chat, tags_of_header
@@ -119,8 +120,10 @@ def _cost(model: ModelState, usage: Any) -> float | None:
     if not (isinstance(prompt, int) and isinstance(completion, int)) or min(
             prompt, completion) < 0:
         return None
-    return request_cost(model.input_price_per_mtok, model.output_price_per_mtok, prompt,
+    cost = request_cost(model.input_price_per_mtok, model.output_price_per_mtok, prompt,
                         completion)
+    # As POST /v1/feedback refuses it: beyond what the statistics accept, unknown.
+    return cost if cost <= MAX_COST_USD else None
 
 
 @dataclass
