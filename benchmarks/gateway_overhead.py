@@ -28,6 +28,7 @@ On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rou
 Run::
 
     python -m benchmarks.gateway_overhead             # writes results/gateway_overhead.json
+    python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
 """
 
@@ -271,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
                         "difference. LiteLLM publishes p50 2 ms / p99 13 ms added at "
                         "~1,170 req/s on 4 instances x 4 CPUs.")
     if not (args.quick or args.no_write):
-        path = write_results("gateway_overhead", {
+        name = "gateway_overhead" + ("" if args.rate == 100 else f"_{args.rate:.0f}rps")
+        path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
                          "router": "uvicorn, 1 worker, SQLite, model auto of 2"},

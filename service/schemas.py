@@ -408,13 +408,26 @@ class GatewaySettingsOut(BaseModel):
         "latency (post the quality with POST /v1/feedback)."))
 
 
+def _alias_map(schema: dict) -> None:
+    """JSON Schema of the aliases: pydantic says the name pattern as patternProperties
+    (which lets any other name through unchecked); the service refuses other names, so
+    the document says propertyNames and every value an alias."""
+    _drop_null(schema)
+    patterns = schema.pop("patternProperties", None)
+    if patterns:
+        ((pattern, value),) = patterns.items()
+        schema["additionalProperties"] = value
+        schema.setdefault("propertyNames", {})["pattern"] = pattern
+
+
 class GatewaySettingsUpdate(_Body):
     """Fields left out keep their value; ``aliases`` replaces the whole mapping;
     ``success_quality: null`` turns the reported quality off."""
 
     aliases: dict[AliasName, GatewayAlias] | None = Field(
-        None, max_length=100, json_schema_extra=_drop_null)
-    fallback_attempts: Annotated[int, Field(strict=True, ge=0, le=5)] | None = NOT_NULL
+        None, max_length=100, json_schema_extra=_alias_map)
+    fallback_attempts: Annotated[int, Field(strict=True, ge=0, le=5),
+                                 BeforeValidator(_whole_number)] | None = NOT_NULL
     success_quality: Fraction | None = None
 
     refuse_null = field_validator("aliases", "fallback_attempts",
