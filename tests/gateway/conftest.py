@@ -70,7 +70,7 @@ class Router:
 def router(new_database_url, monkeypatch_module) -> Iterator[Router]:  # noqa: F811
     monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
     settings = make_settings(new_database_url(), featurizer="hashing",
-                             upstream_timeout_s=TIMEOUT_S, registry_refresh_s=0.5)
+                             upstream_timeout_s=TIMEOUT_S)
     with running_upstream() as upstream, live_server(settings) as base, \
             httpx.Client(base_url=base, timeout=30) as http:
         yield Router(base, upstream, http)
