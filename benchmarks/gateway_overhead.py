@@ -8,8 +8,11 @@ measured in the same run with the same load generator:
 * ``litellm``: a real LiteLLM Proxy process (``tests/bandit_router_litellm/proxy.py``:
   offline, no database, one worker) with one deployment pointing at the fake; no
   plug-in (LiteLLM's own overhead);
-* (to add) ``router``: our ``POST /v1/chat/completions`` once it exists: one more entry
-  in ``targets`` in :func:`main`, same requests.
+* ``router``: our ``POST /v1/chat/completions`` (service/gateway), served as
+  ``bandit-router serve`` serves (uvicorn, uvloop, httptools, one worker, SQLite in a
+  temporary folder), ``model: "auto"`` among two models whose upstream is the fake: a
+  decision, the forwarded call and the outcome the router posts itself (stored in the
+  background) per request. ``--no-litellm`` leaves LiteLLM out.
 
 For each target and mode (``plain``, ``stream`` with ``include_usage``): an open loop at
 ``--rate`` requests/s for ``--seconds``, latency counted from each request's scheduled
@@ -25,6 +28,7 @@ On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rou
 Run::
 
     python -m benchmarks.gateway_overhead             # writes results/gateway_overhead.json
+    python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
 """
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -58,6 +63,26 @@ class Target:
     name: str
     url: str  # .../v1/chat/completions
     headers: dict[str, str]
+    model: str = MODEL  # what the requests ask for
+    #: The gateway's process: its CPU time per request is measured too (on a busy
+    #: machine a more stable figure than the latencies, which include waiting for a core).
+    pid: int | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, float]:
+    """One phase of :func:`open_loop`, with the gateway's CPU ms per request."""
+    before = cpu_seconds(target.pid) if target.pid else 0.0
+    out = asyncio.run(open_loop(target, stream, rate, seconds))
+    if target.pid:
+        time.sleep(0.5)  # the outcomes the router stores after its answers
+        out["cpu_ms_per_request"] = (cpu_seconds(target.pid) - before) * 1e3 / out["requests"]
+    return out
 
 
 @contextmanager
@@ -103,12 +128,40 @@ def litellm_proxy(upstream: str, folder: Path) -> Iterator[Target]:
                      {"Authorization": f"Bearer {MASTER_KEY}"})
 
 
+@contextmanager
+def router_process(upstream: str, folder: Path) -> Iterator[Target]:
+    """Our router in its own process, two models on the fake upstream, one tenant."""
+    from benchmarks.http_decide import ADMIN_KEY, ROUTER_APP, free_port, start_server
+
+    (folder / "router_app.py").write_text(ROUTER_APP)
+    port = free_port()
+    proc = start_server(folder, "router_app", port, {
+        "BANDIT_ROUTER_DATA_DIR": str(folder / "data"), "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY})
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for i, quality in enumerate((0.6, 0.8)):
+                http.post("/v1/admin/models", headers=admin, json={
+                    "name": f"model-{i}", "input_price_per_mtok": 0.1 * (i + 1),
+                    "output_price_per_mtok": 0.4 * (i + 1), "prior_quality": quality,
+                    "base_url": f"{upstream}/v1", "upstream_model": MODEL}
+                ).raise_for_status()
+            r = http.post("/v1/admin/tenants", headers=admin, json={"name": "bench"})
+            r.raise_for_status()
+            key = r.json()["api_key"]
+        yield Target("router", f"http://127.0.0.1:{port}/v1/chat/completions",
+                     {"Authorization": f"Bearer {key}"}, model="auto", pid=proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 async def open_loop(target: Target, stream: bool, rate: float, seconds: float
                     ) -> dict[str, float]:
     """``rate`` requests/s for ``seconds``; latency (and time to first token) from each
     request's scheduled time."""
     n = int(rate * seconds)
-    body = {"model": MODEL, "messages": MESSAGES}
+    body = {"model": target.model, "messages": MESSAGES}
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
     payload = json.dumps(body).encode()
@@ -159,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 s phases, 1 round, no results file")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--no-litellm", action="store_true",
+                        help="measure the direct path and our router only")
     args = parser.parse_args(argv)
     seconds = 3.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
@@ -166,16 +221,21 @@ def main(argv: list[str] | None = None) -> None:
 
     runs: dict[str, list[dict[str, float]]] = {}
     with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
-            litellm_proxy(upstream, Path(tmp)) as litellm:
-        targets = [Target("direct", f"{upstream}/v1/chat/completions", {}), litellm]
+            contextlib.ExitStack() as stack:
+        targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
+                   stack.enter_context(router_process(upstream, Path(tmp)))]
+        if not args.no_litellm:
+            (Path(tmp) / "litellm").mkdir()
+            targets.append(stack.enter_context(litellm_proxy(upstream, Path(tmp) / "litellm")))
         for target in targets:  # warm-up: connections, imports, caches
             for stream in modes.values():
                 asyncio.run(open_loop(target, stream, args.rate, 1.0))
         for r in range(rounds):
+            # A different order each round: the gateways alternate with the direct path.
             for target in (targets if r % 2 == 0 else targets[::-1]):
                 for mode, stream in modes.items():
                     runs.setdefault(f"{target.name}/{mode}", []).append(
-                        asyncio.run(open_loop(target, stream, args.rate, seconds)))
+                        measured(target, stream, args.rate, seconds))
 
     def median(key: str, field: str) -> float:
         return float(np.median([run[field] for run in runs[key]]))
@@ -190,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
         target, mode = key.split("/")
         fields = ["p50_ms", "p99_ms"] + (["ttft_p50_ms", "ttft_p99_ms"] if modes[mode] else [])
         summary[key] = {f: median(key, f) for f in fields}
+        if "cpu_ms_per_request" in runs[key][0]:
+            summary[key]["cpu_ms_per_request"] = median(key, "cpu_ms_per_request")
+            print(f"{key}: gateway process CPU {summary[key]['cpu_ms_per_request']:.2f} ms "
+                  "per request")
         summary[key]["errors"] = sum(run["errors"] for run in runs[key])
         if target != "direct":
             summary[key] |= {f"added_{f}": added(target, mode, f) for f in fields}
@@ -208,9 +272,11 @@ def main(argv: list[str] | None = None) -> None:
                         "difference. LiteLLM publishes p50 2 ms / p99 13 ms added at "
                         "~1,170 req/s on 4 instances x 4 CPUs.")
     if not (args.quick or args.no_write):
-        path = write_results("gateway_overhead", {
+        name = "gateway_overhead" + ("" if args.rate == 100 else f"_{args.rate:.0f}rps")
+        path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
-                         "rounds": rounds, "litellm_workers": 1},
+                         "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
+                         "router": "uvicorn, 1 worker, SQLite, model auto of 2"},
             "summary": summary, "rounds": runs}, packages=("litellm", "httpx", "uvicorn"))
         print(f"wrote {path}")
 

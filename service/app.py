@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service import gateway
 from service.config import Settings
 from service.db.engine import make_engine, upgrade
 from service.errors import document_problems, install_error_handlers
@@ -113,12 +114,13 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
     # the installed package (under /static-offline-docs), not from a CDN.
     app = FastAPIOffline(title="bandit-router", version="0.1.0", lifespan=lifespan,
                          description="Online contextual-bandit router for LLM requests.",
-                         routes=[decide.route()])
+                         routes=[decide.route(), gateway.route()])
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
     # Request id, limits, the key before the body, the 500 answered: one middleware.
     app.add_middleware(ServiceMiddleware)
+    app.include_router(gateway.router)
     for module in (feedback, decisions, tenants, admin, admin_tenants, admin_keys,
                    admin_reservations, admin_state, health, status_page):
         app.include_router(module.router)

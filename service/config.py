@@ -204,6 +204,17 @@ class Settings(BaseSettings):
                                           "about this many seconds of the replica's spend.")
     # Deciders re-check the learners' version this often even without a NOTIFY.
     snapshot_poll_interval_s: float = Field(1.0, gt=0.0)
+    # POST /v1/chat/completions (service/gateway): one pooled HTTP client for every
+    # upstream. The read timeout bounds the wait for each byte (a stream's next chunk),
+    # not the whole answer: a long generation that keeps streaming is not cut.
+    upstream_timeout_s: float = Field(60.0, gt=0.0, le=3600.0, description="Seconds an "
+                                      "upstream may stay silent (no byte) before the "
+                                      "request fails with 504 upstream_timeout.")
+    upstream_connect_timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="Seconds "
+                                              "to connect to an upstream.")
+    upstream_max_connections: int = Field(1000, ge=1, description="Connections the "
+                                          "gateway's pooled client keeps open at most "
+                                          "(all upstreams together).")
 
     @model_validator(mode="before")
     @classmethod

@@ -17,6 +17,8 @@ __all__ = ["ServiceDep", "SettingsDep", "MetricsDep", "TenantDep", "AdminDep",
            "authentication_problem"]
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
+#: Routes that check the key before reading the body themselves.
+_SELF_AUTHENTICATED = frozenset({"/v1/decide", "/v1/chat/completions"})
 
 # Every dependency is ``async def`` although none awaits: FastAPI runs a sync dependency
 # in the thread pool, a hop that costs more than the whole decision.
@@ -94,10 +96,12 @@ def authentication_problem(scope: Scope) -> Problem | None:
     without a valid key of the right kind gets 401 / 403 (this problem), never a 400
     about a body nobody may send. ``/v1/admin/...`` takes the admin key, the rest of
     ``/v1/`` a tenant key; the route's dependency checks again (about a microsecond).
-    ``POST /v1/decide`` authenticates first itself (service.routes.decide); ``OPTIONS``
-    is answered without a key (405, Allow)."""
+    ``POST /v1/decide`` and ``POST /v1/chat/completions`` authenticate first themselves
+    (service.routes.decide, service.gateway: the latter answers in OpenAI's error format);
+    ``OPTIONS`` is answered without a key (405, Allow)."""
     path = scope["path"]
-    if not path.startswith("/v1/") or path == "/v1/decide" or scope["method"] == "OPTIONS":
+    if (not path.startswith("/v1/") or path in _SELF_AUTHENTICATED
+            or scope["method"] == "OPTIONS"):
         return None
     header = next((v.decode("latin-1") for k, v in scope["headers"]
                    if k == b"authorization"), None)

@@ -35,6 +35,11 @@ class ModelState:
     enabled: bool
     prior_quality: float | None
     prior_cost_usd: float
+    #: Where POST /v1/chat/completions forwards its requests (service/gateway); the key is
+    #: the value of the environment variable ``api_key_env`` names, never stored.
+    base_url: str | None = None
+    upstream_model: str | None = None
+    api_key_env: str | None = None
 
 
 @dataclass

@@ -139,7 +139,8 @@ class Registry:
     def _model_state(self, row: m.Model) -> ModelState:
         return ModelState(row.name, row.input_price_per_mtok, row.output_price_per_mtok,
                           row.enabled, row.prior_quality,
-                          self.prior_cost(row.input_price_per_mtok, row.output_price_per_mtok))
+                          self.prior_cost(row.input_price_per_mtok, row.output_price_per_mtok),
+                          row.base_url, row.upstream_model, row.api_key_env)
 
     def list_models(self, include_deleted: bool = False) -> list[tuple[ModelState, bool]]:
         with Session(self.engine) as session:
@@ -156,7 +157,10 @@ class Registry:
         return model
 
     def create_model(self, name: str, input_price: float, output_price: float,
-                     enabled: bool, prior_quality: float | None) -> ModelState:
+                     enabled: bool, prior_quality: float | None,
+                     upstream: dict[str, str | None] | None = None) -> ModelState:
+        """Register a model; ``upstream`` may give its ``base_url``, ``upstream_model``
+        and ``api_key_env`` (service/gateway)."""
         # The arm's prior is checked before anything is written: a model the policies
         # would refuse must not reach the registry (it would break every decision).
         self.prior(ModelState(name, input_price, output_price, enabled, prior_quality,
@@ -164,7 +168,8 @@ class Registry:
         now = m.utcnow()
         row = m.Model(name=name, input_price_per_mtok=input_price,
                       output_price_per_mtok=output_price, enabled=enabled,
-                      prior_quality=prior_quality, created_at=now, updated_at=now)
+                      prior_quality=prior_quality, created_at=now, updated_at=now,
+                      **(upstream or {}))
         try:
             with Session(self.engine) as session, session.begin():
                 session.add(row)

@@ -268,9 +268,10 @@ class RoutingService:
         return self.registry.get_model(name)
 
     def create_model(self, name: str, input_price: float, output_price: float,
-                     enabled: bool, prior_quality: float | None) -> ModelState:
+                     enabled: bool, prior_quality: float | None,
+                     upstream: dict[str, str | None] | None = None) -> ModelState:
         return self.registry.create_model(name, input_price, output_price, enabled,
-                                          prior_quality)
+                                          prior_quality, upstream)
 
     def update_model(self, name: str, changes: dict[str, Any]) -> ModelState:
         return self.registry.update_model(name, changes)

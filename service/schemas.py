@@ -285,12 +285,29 @@ class TenantPreferencesUpdate(_Body):
                                   "max_exploration_loss", mode="before")(_refuse_null)
 
 
+#: An OpenAI-compatible API's base URL, as the OpenAI SDK takes it (".../v1").
+BaseUrl = Annotated[str, Field(min_length=8, max_length=2000, pattern=r"^https?://[^\s]+$",
+                               description="OpenAI-compatible base URL, e.g. "
+                               "https://api.openai.com/v1 (POST <base_url>/chat/completions)")]
+UpstreamModel = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL,
+                                     description="The model name the upstream knows "
+                                     "(default: the registered name)")]
+#: The NAME of an environment variable of the router's process; the key is never sent.
+EnvName = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                               description="Name of the environment variable holding the "
+                               "upstream's API key (the key itself is never stored)")]
+
+
 class ModelCreate(_Body):
     name: ModelName
     input_price_per_mtok: Price
     output_price_per_mtok: Price
     enabled: StrictBool = True
     prior_quality: Fraction | None = None
+    # Where POST /v1/chat/completions forwards (docs/api.md, "OpenAI-compatible endpoint").
+    base_url: BaseUrl | None = None
+    upstream_model: UpstreamModel | None = None
+    api_key_env: EnvName | None = None
 
 
 class ModelUpdate(_Body):
@@ -300,6 +317,10 @@ class ModelUpdate(_Body):
     output_price_per_mtok: Price | None = NOT_NULL
     enabled: StrictBool | None = NOT_NULL
     prior_quality: Fraction | None = None
+    # null clears (no upstream: the model is not a candidate of /v1/chat/completions).
+    base_url: BaseUrl | None = None
+    upstream_model: UpstreamModel | None = None
+    api_key_env: EnvName | None = None
 
     refuse_null = field_validator("input_price_per_mtok", "output_price_per_mtok", "enabled",
                                   mode="before")(_refuse_null)
@@ -313,6 +334,10 @@ class ModelOut(BaseModel):
     prior_quality: float | None
     prior_cost_usd: float
     deleted: bool
+    base_url: str | None = None
+    upstream_model: str | None = None
+    # The variable's name only: the key is never returned.
+    api_key_env: str | None = None
 
 
 class TenantCreate(_Body):
@@ -358,3 +383,52 @@ class UsageOut(BaseModel):
     decisions_today: int
     decisions_month: int
     model_share_month: dict[str, float]
+
+
+# ------------------------------------------------ POST /v1/chat/completions settings
+AliasName = Annotated[str, Field(min_length=1, max_length=64,
+                                 pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class GatewayAlias(_Body):
+    """``model: "auto:<name>"`` routes with these weights (left out or null: the
+    tenant's) among these candidates (left out or null: every model with an upstream)."""
+
+    weights: PreferenceWeights | None = None
+    candidates: list[ModelName] | None = Field(None, min_length=1, max_length=1000)
+
+
+class GatewaySettingsOut(BaseModel):
+    aliases: dict[str, GatewayAlias]
+    fallback_attempts: int = Field(description=(
+        "After an upstream failure, how many other models are tried (each its own "
+        "decision) before the error is answered."))
+    success_quality: float | None = Field(description=(
+        "Quality the router reports itself for a successful call; null: only cost and "
+        "latency (post the quality with POST /v1/feedback)."))
+
+
+def _alias_map(schema: dict) -> None:
+    """JSON Schema of the aliases: pydantic says the name pattern as patternProperties
+    (which lets any other name through unchecked); the service refuses other names, so
+    the document says propertyNames and every value an alias."""
+    _drop_null(schema)
+    patterns = schema.pop("patternProperties", None)
+    if patterns:
+        ((pattern, value),) = patterns.items()
+        schema["additionalProperties"] = value
+        schema.setdefault("propertyNames", {})["pattern"] = pattern
+
+
+class GatewaySettingsUpdate(_Body):
+    """Fields left out keep their value; ``aliases`` replaces the whole mapping;
+    ``success_quality: null`` turns the reported quality off."""
+
+    aliases: dict[AliasName, GatewayAlias] | None = Field(
+        None, max_length=100, json_schema_extra=_alias_map)
+    fallback_attempts: Annotated[int, Field(strict=True, ge=0, le=5),
+                                 BeforeValidator(_whole_number)] | None = NOT_NULL
+    success_quality: Fraction | None = None
+
+    refuse_null = field_validator("aliases", "fallback_attempts",
+                                  mode="before")(_refuse_null)

@@ -265,6 +265,11 @@ class Model:
     prior_quality: float | None
     prior_cost_usd: float
     deleted: bool = False
+    #: Where the router's POST /v1/chat/completions forwards this model's requests, and
+    #: the NAME of the environment variable (of the router) holding the upstream's key.
+    base_url: str | None = None
+    upstream_model: str | None = None
+    api_key_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -481,10 +486,14 @@ class _Api:
                      lambda r: TenantCreated(**r.json()), key=self._admin())
 
     def add_model(self, name: str, input_price_per_mtok: float, output_price_per_mtok: float,
-                  *, enabled: bool = True, prior_quality: float | None = None) -> _Call[Model]:
+                  *, enabled: bool = True, prior_quality: float | None = None,
+                  base_url: str | None = None, upstream_model: str | None = None,
+                  api_key_env: str | None = None) -> _Call[Model]:
         body = _drop_none({"name": name, "input_price_per_mtok": input_price_per_mtok,
                            "output_price_per_mtok": output_price_per_mtok,
-                           "enabled": enabled, "prior_quality": prior_quality})
+                           "enabled": enabled, "prior_quality": prior_quality,
+                           "base_url": base_url, "upstream_model": upstream_model,
+                           "api_key_env": api_key_env})
         return _Call("POST", "/v1/admin/models", lambda r: Model(**r.json()), json=body,
                      key=self._admin())
 
@@ -691,10 +700,13 @@ class RouterClient(_Base):
         return self._send(self._api.rotate_tenant_key(tenant_id))
 
     def add_model(self, name: str, input_price_per_mtok: float, output_price_per_mtok: float,
-                  *, enabled: bool = True, prior_quality: float | None = None) -> Model:
+                  *, enabled: bool = True, prior_quality: float | None = None,
+                  **upstream: str | None) -> Model:
+        """Register a model; ``upstream``: ``base_url``, ``upstream_model``, ``api_key_env``
+        (where the router's ``POST /v1/chat/completions`` forwards it)."""
         return self._send(self._api.add_model(name, input_price_per_mtok,
                                               output_price_per_mtok, enabled=enabled,
-                                              prior_quality=prior_quality))
+                                              prior_quality=prior_quality, **upstream))
 
     def list_models(self, include_deleted: bool = False) -> list[Model]:
         return self._send(self._api.list_models(include_deleted))
@@ -809,10 +821,11 @@ class AsyncRouterClient(_Base):
 
     async def add_model(self, name: str, input_price_per_mtok: float,
                         output_price_per_mtok: float, *, enabled: bool = True,
-                        prior_quality: float | None = None) -> Model:
+                        prior_quality: float | None = None,
+                        **upstream: str | None) -> Model:
         return await self._send(self._api.add_model(name, input_price_per_mtok,
                                                     output_price_per_mtok, enabled=enabled,
-                                                    prior_quality=prior_quality))
+                                                    prior_quality=prior_quality, **upstream))
 
     async def list_models(self, include_deleted: bool = False) -> list[Model]:
         return await self._send(self._api.list_models(include_deleted))

@@ -21,7 +21,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "AdminKey", "Tenant", "Model", "DecisionRow", "Feedback",
-           "PolicyCheckpoint", "PolicySnapshot", "utcnow", "as_utc"]
+           "GatewaySettings", "PolicyCheckpoint", "PolicySnapshot", "utcnow", "as_utc"]
 
 # Named constraints so that alembic's batch mode (SQLite) can alter them.
 NAMING = {
@@ -97,6 +97,12 @@ class Model(Base):
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
                                                         nullable=True)
+    # Where POST /v1/chat/completions forwards this model's requests (service/gateway):
+    # an OpenAI-compatible base URL (".../v1"), the model name the upstream knows, and the
+    # NAME of the environment variable holding its key (the key itself is never stored).
+    base_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    upstream_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    api_key_env: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class DecisionRow(Base):
@@ -149,6 +155,19 @@ class Feedback(Base):
     # The learners' consumer group that wrote the row (NULL: embedded mode): for that
     # group the row is the idempotency key (migration 0007, docs/streams.md).
     learner_group: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class GatewaySettings(Base):
+    """A tenant's settings of ``POST /v1/chat/completions`` (no row: the defaults)."""
+
+    __tablename__ = "gateway_settings"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    # alias name -> {"weights": {...} | None, "candidates": [...] | None}
+    aliases: Mapped[dict] = mapped_column(JSON, default=dict)
+    fallback_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    success_quality: Mapped[float | None] = mapped_column(Float, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class PolicyCheckpoint(Base):

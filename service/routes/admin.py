@@ -15,7 +15,8 @@ def _out(model: ModelState, deleted: bool = False) -> ModelOut:
     return ModelOut(name=model.name, input_price_per_mtok=model.input_price_per_mtok,
                     output_price_per_mtok=model.output_price_per_mtok, enabled=model.enabled,
                     prior_quality=model.prior_quality, prior_cost_usd=model.prior_cost_usd,
-                    deleted=deleted)
+                    deleted=deleted, base_url=model.base_url,
+                    upstream_model=model.upstream_model, api_key_env=model.api_key_env)
 
 
 @router.post("/tenants", status_code=status.HTTP_201_CREATED, response_model=TenantCreated)
@@ -30,7 +31,9 @@ def create_model(body: ModelCreate, _admin: AdminDep, service: ServiceDep) -> Mo
     """Register a model; it is a candidate (and explored) from the next decision."""
     return _out(service.create_model(body.name, body.input_price_per_mtok,
                                      body.output_price_per_mtok, body.enabled,
-                                     body.prior_quality))
+                                     body.prior_quality,
+                                     body.model_dump(include={"base_url", "upstream_model",
+                                                              "api_key_env"})))
 
 
 @router.get("/models", response_model=list[ModelOut])

@@ -38,10 +38,10 @@ from service.deps import tenant_for_authorization
 from service.errors import Problem
 from service.features import head_and_tail
 from service.metrics import Metrics
-from service.routing import RoutingService
+from service.routing import PendingDecision, RoutingService, TenantState
 from service.schemas import DecideRequest, DecideResponse
 
-__all__ = ["route", "add_openapi", "decide_body", "DecideEndpoint"]
+__all__ = ["route", "add_openapi", "decide_body", "decide_pending", "DecideEndpoint"]
 
 PATH = "/v1/decide"
 _JSON = (b"content-type", b"application/json")
@@ -50,46 +50,35 @@ _JSON = (b"content-type", b"application/json")
 _CONFIRM_S = 10.0
 
 
-async def decide_body(state: Any, authorization: str | None, raw: bytes) -> bytes:
-    """The JSON answer to one decide request (raises what the API turns into errors).
-
-    An async function: the work is in-memory numpy (a fraction of a millisecond),
-    cheaper on the event loop than a trip through the thread pool. The caller's key is
-    checked first (401 before the body is looked at); the body is validated with
-    pydantic-core's JSON parser in one step.
-    """
-    started = time.perf_counter()
+async def decide_pending(state: Any, tenant: TenantState, text: str | None,
+                         embedding: list[float] | None, tags: dict[str, str] | None,
+                         candidates: list[str] | None, override: Preferences | None,
+                         started: float) -> PendingDecision:
+    """Decide for one query and queue the decision for storage (waiting for it to be
+    durable when the writer must confirm): what ``POST /v1/decide`` and
+    ``POST /v1/chat/completions`` (service/gateway) share. ``started`` is the request's
+    ``perf_counter()`` (the backpressure wait is bounded from it)."""
     service: RoutingService = state.routing
     settings: Settings = state.settings
-    metrics: Metrics = state.metrics
-    tenant = tenant_for_authorization(authorization, service)
-    try:
-        body = DecideRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        # Same locations as FastAPI's own body validation: ("body", field, ...).
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
-                                      for e in exc.errors(include_url=False)]) from None
-    text = body.query.text
+    full_text = text
     if text is not None and len(text) > settings.featurize_chars:
         text = head_and_tail(text, settings.featurize_chars)
     if text is not None and settings.featurizer != "hashing":
         # A sentence-embedding model takes milliseconds: off the event loop.
-        x = await asyncio.to_thread(service.context_from, text, None, body.tags)
+        x = await asyncio.to_thread(service.context_from, text, None, tags)
     else:
-        x = service.context_from(text, body.query.embedding, body.tags)
-    override = None if body.preferences is None else Preferences(
-        body.preferences.quality, body.preferences.cost, body.preferences.latency)
+        x = service.context_from(text, embedding, tags)
     # Decided together with the other decides of this event-loop iteration (one policy
     # call for the batch; see service.batching).
     batcher: DecideBatcher | None = getattr(state, "decide_batcher", None)
     if batcher is None:
         batcher = state.decide_batcher = DecideBatcher(service)
     # The prompt's length prices the request on every candidate before the call.
-    tokens = None if body.query.text is None else prompt_tokens(body.query.text)
-    pending = await batcher.decide(tenant, x, body.candidates, override, tokens)
+    tokens = None if full_text is None else prompt_tokens(full_text)
+    pending = await batcher.decide(tenant, x, candidates, override, tokens)
     # Stored with the decision: its context already holds them (feedback and replays
     # learn from the stored context); kept to show and to audit.
-    pending.row["tags"] = body.tags or None
+    pending.row["tags"] = tags or None
     if not service.enqueue(pending):
         # Backpressure: the writer is behind. Wait a little for room, then refuse
         # loudly; a decision is never answered without being queued for storage.
@@ -110,6 +99,32 @@ async def decide_body(state: Any, authorization: str | None, raw: bytes) -> byte
                 service.abandon(pending)
             raise Problem(503, "the decision could not be stored or spooled in time; "
                           "retry shortly", slug="backpressure", headers={"Retry-After": "1"})
+    return pending
+
+
+async def decide_body(state: Any, authorization: str | None, raw: bytes) -> bytes:
+    """The JSON answer to one decide request (raises what the API turns into errors).
+
+    An async function: the work is in-memory numpy (a fraction of a millisecond),
+    cheaper on the event loop than a trip through the thread pool. The caller's key is
+    checked first (401 before the body is looked at); the body is validated with
+    pydantic-core's JSON parser in one step.
+    """
+    started = time.perf_counter()
+    service: RoutingService = state.routing
+    metrics: Metrics = state.metrics
+    tenant = tenant_for_authorization(authorization, service)
+    try:
+        body = DecideRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        # Same locations as FastAPI's own body validation: ("body", field, ...).
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])}
+                                      for e in exc.errors(include_url=False)]) from None
+    pending = await decide_pending(state, tenant, body.query.text, body.query.embedding,
+                                   body.tags, body.candidates,
+                                   None if body.preferences is None else Preferences(
+                                       body.preferences.quality, body.preferences.cost,
+                                       body.preferences.latency), started)
     metrics.decide_latency.observe(time.perf_counter() - started)
     # The body is built from floats and strings we control: no re-validation through the
     # response model (DecideResponse documents it); orjson, and the predictions encoded

@@ -150,6 +150,19 @@ def _gather(service: RoutingService) -> dict[str, Any]:
             "observed": observed, "trends": trends}
 
 
+def _upstream(state: Any) -> str:
+    """Where /v1/chat/completions forwards the model: its URL and the NAME of its key's
+    environment variable (never the key)."""
+    if state is None or not state.base_url:
+        return "-"
+    out = html.escape(state.base_url)
+    if state.upstream_model:
+        out += f" as {html.escape(state.upstream_model)}"
+    if state.api_key_env:
+        out += f" (key: ${html.escape(state.api_key_env)})"
+    return out
+
+
 def _models_table(service: RoutingService, data: dict[str, Any]) -> str:
     names = sorted(set(service.models) | set(data["chosen"]))
     total = max(data["decisions"], 1)
@@ -166,11 +179,12 @@ def _models_table(service: RoutingService, data: dict[str, Any]) -> str:
             f"<td>{_usd(_mean(pred.get('cost_usd', [])))}</td>"
             f"<td>{_num(_mean(seen.get('quality', [])))}</td>"
             f"<td>{_usd(_mean(seen.get('cost_usd', [])))}</td>"
-            f"<td>{_num(_mean(data['rewards'].get(name, [])))}</td></tr>")
+            f"<td>{_num(_mean(data['rewards'].get(name, [])))}</td>"
+            f"<td>{_upstream(state)}</td></tr>")
     head = ("<tr><th>model</th><th>state</th><th>share of recent decisions</th>"
             "<th>predicted quality</th><th>predicted cost</th><th>reported quality</th>"
-            "<th>reported cost</th><th>mean reward</th></tr>")
-    body = "".join(rows) or "<tr><td colspan=8>no models yet</td></tr>"
+            "<th>reported cost</th><th>mean reward</th><th>upstream</th></tr>")
+    body = "".join(rows) or "<tr><td colspan=9>no models yet</td></tr>"
     return f"<table id=models>{head}{body}</table>"
 
 

@@ -126,6 +126,9 @@ class FakeUpstream:
 
     models: dict[str, FakeModel] = field(default_factory=dict)
     requests: list[RecordedRequest] = field(default_factory=list)
+    #: How each stream ended, in order: (model, "completed" or "cancelled": the client
+    #: went away before the last chunk, which a gateway must pass on to its upstream).
+    stream_ends: list[tuple[str, str]] = field(default_factory=list)
     base_url: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -225,16 +228,22 @@ class FakeUpstream:
                 payload["usage"] = usage
             return f"data: {json.dumps(payload)}\n\n".encode()
 
-        await asyncio.sleep(model.latency_s)  # the time to the first token
-        for i, text in enumerate(model.chunks()):
-            if i and model.chunk_delay_s:
-                await asyncio.sleep(model.chunk_delay_s)
-            delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
-            yield chunk(delta)
-        yield chunk({}, finish="stop")
-        if include_usage:
-            yield chunk({}, usage=model.usage())
-        yield b"data: [DONE]\n\n"
+        end = "cancelled"
+        try:
+            await asyncio.sleep(model.latency_s)  # the time to the first token
+            for i, text in enumerate(model.chunks()):
+                if i and model.chunk_delay_s:
+                    await asyncio.sleep(model.chunk_delay_s)
+                delta = {"role": "assistant", "content": text} if i == 0 else {"content": text}
+                yield chunk(delta)
+            yield chunk({}, finish="stop")
+            if include_usage:
+                yield chunk({}, usage=model.usage())
+            yield b"data: [DONE]\n\n"
+            end = "completed"
+        finally:
+            with self._lock:
+                self.stream_ends.append((name, end))
 
 
 def _error(status: int, message: str, code: str | None = None,

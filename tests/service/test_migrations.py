@@ -8,7 +8,7 @@ from service.db.engine import downgrade, is_at_head, make_engine, upgrade
 from service.db.models import Base
 
 TABLES = {"admin_keys", "tenants", "models", "decisions", "feedback", "policy_checkpoints",
-          "policy_snapshots"}
+          "policy_snapshots", "gateway_settings"}
 
 
 def test_upgrade_schema_matches_models(new_database_url):
@@ -100,7 +100,7 @@ def test_downgrade_learner_writes_keeps_keys_in_learner_applied(new_database_url
                  {"d": "d2", "e": "", "now": now, "g": None}])
     finally:
         engine.dispose()
-    downgrade(url, "0005")
+    downgrade(url, "0006")
     engine = make_engine(url)
     try:
         assert "learner_group" not in {c["name"] for c in inspect(engine).get_columns(

@@ -66,7 +66,8 @@ def _curl(client: httpx.Client, command: str, variables: dict[str, str]) -> http
     headers = dict(h.split(": ", 1) for h in (args[i + 1] for i, a in enumerate(args)
                                               if a == "-H"))
     body = args[args.index("-d") + 1] if "-d" in args else None
-    return client.request("POST" if body else "GET", url.removeprefix("localhost:8000"),
+    method = args[args.index("-X") + 1] if "-X" in args else "POST" if body else "GET"
+    return client.request(method, url.removeprefix("localhost:8000"),
                           headers=headers, content=body)
 
 

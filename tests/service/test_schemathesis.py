@@ -159,11 +159,18 @@ def fuzz_one(client: TestClient, strategy: Any, where: str, headers: dict[str, s
 MODELS = [f"fz-{i}" for i in range(3)]
 
 
-def _known_models(case: Any) -> Any:
-    body = case.body
+def _known_candidates(body: Any) -> None:
     if isinstance(body, dict) and isinstance(body.get("candidates"), list):
         body["candidates"] = [MODELS[len(name) % len(MODELS)] if isinstance(name, str)
                               else name for name in body["candidates"]]
+
+
+def _known_models(case: Any) -> Any:
+    body = case.body
+    _known_candidates(body)
+    if isinstance(body, dict) and isinstance(body.get("aliases"), dict):
+        for alias in body["aliases"].values():  # PUT /v1/tenants/me/gateway
+            _known_candidates(alias)
     if isinstance(body, dict) and isinstance(body.get("baseline_model"), str):
         body["baseline_model"] = MODELS[len(body["baseline_model"]) % len(MODELS)]
     return case

@@ -1,0 +1,85 @@
+"""The outcome of each forwarded call, posted by the router itself.
+
+Off the request's path: the answer goes out first, the outcome is queued here and a
+background task stores batches of them through :meth:`RoutingService.feedback` in a
+worker thread (storing is a database transaction; the event loop never waits for it).
+
+The join with a later quality: every outcome is posted with ``event_id`` =
+:data:`EVENT_ID` (``"gateway"``). Feedback is exactly-once per (decision, event id), and
+each event is learned on its own (the fields it gives), so the client's later
+``POST /v1/feedback`` with the decision id and its own event id (or none) adds the
+quality without being refused as a duplicate of the router's cost and latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from service.routing import RoutingService, TenantState
+
+__all__ = ["FeedbackSender", "EVENT_ID"]
+
+log = logging.getLogger("service.gateway")
+
+#: The event id of the outcome the router posts for a forwarded call.
+EVENT_ID = "gateway"
+_BATCH = 1000
+
+_Item = tuple[TenantState, str, dict[str, float | None]]
+
+
+class FeedbackSender:
+    """Queues outcomes and stores them in the background (one per app)."""
+
+    def __init__(self, service: RoutingService, settle_s: float = 0.05) -> None:
+        self._service = service
+        self._settle_s = settle_s
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="gateway-feedback")
+
+    def report(self, tenant: TenantState, decision_id: str, *, quality: float | None,
+               cost_usd: float | None, latency_ms: float | None) -> None:
+        outcome = {"quality": quality, "cost_usd": cost_usd, "latency_ms": latency_ms}
+        if any(v is not None for v in outcome.values()):
+            self._queue.put_nowait((tenant, decision_id, outcome))
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            # Let the decisions reach the database at the writer's own pace first: the
+            # feedback of a decision still queued makes the writer flush at once (one
+            # transaction per decision instead of one per batch); and the outcomes of
+            # this interval go to the worker thread in one hop.
+            await asyncio.sleep(self._settle_s)
+            while len(batch) < _BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await asyncio.to_thread(self._post, batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    def _post(self, batch: list[_Item]) -> None:
+        for tenant, decision_id, outcome in batch:
+            try:
+                self._service.feedback(tenant, decision_id, outcome, EVENT_ID)
+            except Exception as exc:  # noqa: BLE001 - one lost outcome, not the loop
+                log.warning("the outcome of decision %s was not stored: %s", decision_id,
+                            exc)
+
+    async def aclose(self, timeout_s: float = 10.0) -> None:
+        """Store what is queued (bounded by ``timeout_s``), then stop."""
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        except TimeoutError:
+            log.warning("%d gateway outcomes not stored at shutdown", self._queue.qsize())
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task

@@ -1,0 +1,133 @@
+"""The calling tenant's settings of ``POST /v1/chat/completions``, and the lifespan of
+the gateway's state (its pooled HTTP client, settings cache and outcome sender)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+
+from bandit import InvalidInputError, Preferences
+from service.config import Settings
+from service.deps import ServiceDep, TenantDep
+from service.gateway.feedback import FeedbackSender
+from service.gateway.settings import Alias, GatewaySettingsStore, TenantGateway
+from service.gateway.upstream import open_client
+from service.routing import RoutingService
+from service.schemas import (
+    GatewayAlias,
+    GatewaySettingsOut,
+    GatewaySettingsUpdate,
+    PreferenceWeights,
+)
+
+__all__ = ["Gateway", "router"]
+
+log = logging.getLogger("service.gateway")
+
+
+class Gateway:
+    """The per-app state of the endpoint (``app.state.gateway``), built at start-up."""
+
+    def __init__(self, settings: Settings, service: RoutingService) -> None:
+        self.client = open_client(settings)
+        self.timeout_s = settings.upstream_timeout_s
+        self.settings = GatewaySettingsStore(service.engine)
+        # Twice the writer's flush interval: most decisions are written before their
+        # outcome is stored (see FeedbackSender).
+        self.feedback = FeedbackSender(service, settle_s=2 * settings.decision_flush_interval_s
+                                       + 0.01)
+
+    async def aclose(self) -> None:
+        await self.feedback.aclose()
+        await self.client.aclose()
+
+
+async def _reload(store: GatewaySettingsStore, interval_s: float) -> None:
+    # Changes made through another replica reach this one within an interval.
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(store.load)
+        except Exception:  # noqa: BLE001 - the cache stays; retried next interval
+            log.warning("reloading the gateway settings failed", exc_info=True)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    # Nested in the app's lifespan (FastAPI merges an included router's): the routing
+    # service exists already, and is stopped only after the queued outcomes are stored.
+    settings: Settings = app.state.settings
+    gateway = app.state.gateway = Gateway(settings, app.state.routing)
+    try:
+        await asyncio.to_thread(gateway.settings.load)
+    except Exception:  # noqa: BLE001 - a degraded start: defaults until the reload works
+        log.warning("the gateway settings could not be loaded; defaults until the next "
+                    "reload", exc_info=True)
+    gateway.feedback.start()
+    reload = asyncio.create_task(_reload(gateway.settings, settings.registry_refresh_s))
+    try:
+        yield
+    finally:
+        reload.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reload
+        await gateway.aclose()
+
+
+router = APIRouter(prefix="/v1/tenants/me", tags=["tenants"], lifespan=lifespan)
+
+
+def _out(state: TenantGateway) -> GatewaySettingsOut:
+    def alias(a: Alias) -> GatewayAlias:
+        w = a.weights
+        return GatewayAlias(weights=None if w is None else PreferenceWeights(
+            quality=w.quality, cost=w.cost, latency=w.latency),
+            candidates=None if a.candidates is None else list(a.candidates))
+    return GatewaySettingsOut(aliases={n: alias(a) for n, a in state.aliases.items()},
+                              fallback_attempts=state.fallback_attempts,
+                              success_quality=state.success_quality)
+
+
+async def _gateway(request: Request) -> Gateway:
+    return request.app.state.gateway  # type: ignore[no-any-return]
+
+
+GatewayDep = Annotated[Gateway, Depends(_gateway)]
+
+
+@router.get("/gateway", response_model=GatewaySettingsOut)
+async def get_gateway(tenant: TenantDep, gateway: GatewayDep) -> GatewaySettingsOut:
+    """This tenant's settings of ``POST /v1/chat/completions``."""
+    return _out(gateway.settings.get(tenant.id))
+
+
+@router.put("/gateway", response_model=GatewaySettingsOut)
+def put_gateway(body: GatewaySettingsUpdate, tenant: TenantDep, service: ServiceDep,
+                gateway: GatewayDep) -> GatewaySettingsOut:
+    """Change them; the next request uses them. Fields left out keep their value."""
+    changes = body.model_dump(exclude_unset=True, exclude={"aliases"})
+    if body.aliases is not None:
+        aliases = {}
+        for name, a in body.aliases.items():
+            weights = None
+            if a.weights is not None:
+                weights = Preferences(a.weights.quality, a.weights.cost, a.weights.latency)
+                try:
+                    weights.validated()
+                except InvalidInputError as err:
+                    raise InvalidInputError(f"aliases.{name}.weights", err.allowed,
+                                            a.weights.model_dump()) from None
+            for model in a.candidates or []:
+                if model not in service.models:
+                    raise InvalidInputError(f"aliases.{name}.candidates", "unknown model; "
+                                            "allowed: " + (", ".join(service.models)
+                                                           or "(none registered)"), model)
+            aliases[name] = Alias(weights, None if a.candidates is None
+                                  else tuple(dict.fromkeys(a.candidates)))
+        changes["aliases"] = aliases
+    return _out(gateway.settings.put(tenant.id, changes))
