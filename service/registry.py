@@ -70,6 +70,16 @@ class Registry:
         self._by_key: dict[str, TenantState] = {}
         self.admin_key_hashes: set[str] = set()
         self._listeners: list[RegistryListener] = []
+        # Local changes count up a generation and mark what they changed with it, so
+        # that a refresh whose read started before a change (its rows are older than
+        # this replica's cache) leaves that model or tenant alone (see refresh).
+        self._generation = 0
+        self._touched: dict[tuple[str, str], int] = {}
+
+    def _touch(self, kind: str, key: str) -> None:
+        """Mark a model or tenant changed here (call with the lock held)."""
+        self._generation += 1
+        self._touched[(kind, key)] = self._generation
 
     def subscribe(self, listener: RegistryListener) -> None:
         self._listeners.append(listener)
@@ -181,6 +191,7 @@ class Registry:
                                 field="name", reason="already used",
                                 allowed="a name never used before") from None
         with self.lock:
+            self._touch("model", name)
             self.models[name] = state
             for listener in self._listeners:
                 listener.model_added(state)
@@ -199,6 +210,7 @@ class Registry:
         with self.lock:
             # Learned statistics stay: a new price or prior only seeds arms added later
             # (for example a tenant switching to an isolated policy).
+            self._touch("model", name)
             self.models[name] = state
         return state
 
@@ -208,6 +220,7 @@ class Registry:
             session.execute(update(m.Model).where(m.Model.name == name)
                             .values(deleted_at=m.utcnow(), enabled=False))
         with self.lock:
+            self._touch("model", name)
             del self.models[name]
             for listener in self._listeners:
                 listener.model_removed(name)
@@ -263,6 +276,7 @@ class Registry:
     def rekey(self, tenant: TenantState, digest: str) -> None:
         """The tenant answers to the key with this digest, no longer to its old one."""
         with self.lock:
+            self._touch("tenant", tenant.id)
             if self._by_key.get(tenant.key_hash) is tenant:
                 del self._by_key[tenant.key_hash]
             tenant.key_hash = digest
@@ -295,6 +309,7 @@ class Registry:
         with Session(self.engine) as session, session.begin():
             session.execute(update(m.Tenant).where(m.Tenant.id == tenant.id).values(**values))
         with self.lock:
+            self._touch("tenant", tenant.id)
             if new_baseline:
                 tenant.baseline_model = values["baseline_model"]
                 tenant.guard_since = values["guard_since"]
@@ -315,7 +330,14 @@ class Registry:
 
     # ========================================================== other replicas
     def refresh(self) -> None:
-        """Pick up models, tenants and admin keys changed through another replica."""
+        """Pick up models, tenants and admin keys changed through another replica.
+
+        A model or tenant changed here after this refresh began reading keeps its cached
+        state: the rows read may predate that change (a model created here would be
+        dropped, a deleted one brought back, a new preference or a rotated key undone
+        until the next refresh)."""
+        with self.lock:
+            started = self._generation
         with Session(self.engine) as session:
             model_rows = list(session.scalars(select(m.Model)
                                               .where(m.Model.deleted_at.is_(None))
@@ -324,8 +346,13 @@ class Registry:
         self.reload_admin_keys()
         changed_guards: list[TenantState] = []
         with self.lock:
-            fresh = {r.name: self._model_state(r) for r in model_rows}
-            for name in [n for n in self.models if n not in fresh]:
+            def newer(kind: str, key: str) -> bool:
+                return self._touched.get((kind, key), 0) > started
+
+            fresh = {r.name: self._model_state(r) for r in model_rows
+                     if not newer("model", r.name)}
+            for name in [n for n in self.models
+                         if n not in fresh and not newer("model", n)]:
                 del self.models[name]
                 for listener in self._listeners:
                     listener.model_removed(name)
@@ -340,9 +367,10 @@ class Registry:
                     tenant = self._tenant_state(row)
                     self.tenants[tenant.id] = tenant
                     self._by_key[tenant.key_hash] = tenant
-                elif self._refresh_tenant(tenant, row):
+                elif not newer("tenant", row.id) and self._refresh_tenant(tenant, row):
                     changed_guards.append(tenant)
             tenants = [self.tenants[row.id] for row in tenant_rows]
+            self._touched = {k: g for k, g in self._touched.items() if g > started}
         for tenant in tenants:
             for listener in self._listeners:
                 listener.tenant_changed(tenant)

@@ -103,6 +103,38 @@ def test_refresh_publishes_changes_made_by_another_replica(registry):
     assert ("baseline", "m2") in seen.events and tenant.baseline_model == "m2"
 
 
+def test_refresh_that_read_before_a_local_change_keeps_it(registry, monkeypatch):
+    """A refresh reads the rows, then a model is created, another deleted and a
+    preference changed here before it takes the lock: its older rows undo none of it."""
+    registry.create_model("old", 1.0, 1.0, True, None)
+    tenant, _ = registry.create_tenant("t")
+    read, go = threading.Event(), threading.Event()
+    real = registry.reload_admin_keys
+
+    def between_read_and_lock() -> None:
+        read.set()
+        go.wait(30)
+        real()
+
+    monkeypatch.setattr(registry, "reload_admin_keys", between_read_and_lock)
+    seen = Recorder()
+    registry.subscribe(seen)
+    worker = threading.Thread(target=registry.refresh)
+    worker.start()
+    assert read.wait(30)
+    registry.create_model("new", 1.0, 1.0, True, None)
+    registry.delete_model("old")
+    registry.update_preferences(tenant, {"weights": {"quality": 1.0, "cost": 5.0,
+                                                     "latency": 0.0}})
+    go.set()
+    worker.join(30)
+    assert set(registry.models) == {"new"}
+    assert tenant.preferences.cost == 5.0
+    assert ("removed", "new") not in seen.events and ("added", "old") not in seen.events
+    registry.refresh()  # rows newer than the changes: the same state
+    assert set(registry.models) == {"new"} and tenant.preferences.cost == 5.0
+
+
 @pytest.fixture
 def service(database, tmp_path):
     url, engine = database
