@@ -267,6 +267,7 @@ class Decider:
             # writer thread then does not encode them again holding the GIL).
             "predictions_json": orjson.dumps(predictions),
             "predicted_cost_usd": cost, "charged_usd": cost, "over_budget": over_budget,
+            "price_usd": predictions[model].get("price_usd"),
             "created_at": datetime.fromtimestamp(now, UTC),
             # Set by the caller (decide_body) and _answer (guarded decisions).
             "tags": None, "guard": None,

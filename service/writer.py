@@ -126,7 +126,7 @@ class _RowInserter:
                 if name == "predictions" and "predictions_json" in row:
                     append(row["predictions_json"].decode())
                     continue
-                value = row[name]
+                value = row.get(name)  # a column a row does not name is NULL
                 append(value if process is None or value is None else process(value))
         sql = self._sql.get(len(chunk))
         if sql is None:

@@ -163,6 +163,10 @@ class DecisionRow(NamedTuple):
     scope: str
     context: bytes  # dim little-endian float64
     created_at: float  # seconds since the epoch: the event time forgetting runs on
+    #: The price estimate (USD) the decision used for its model (``decisions.price_usd``);
+    #: with a reported cost it teaches the model's price correction, as in embedded mode.
+    #: None for decisions made before estimates were recorded.
+    price_usd: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -643,14 +647,15 @@ class Learner:
     def _fetch_decisions(self, ids: set[str]) -> dict[str, DecisionRow]:
         """Step 2: the batch's decisions, ONE query. Binary results: the contexts arrive
         as raw bytes (text would hex-encode them, doubling the bytes and the work on
-        both sides) and ``created_at`` as seconds."""
+        both sides), ``created_at`` as seconds and the chosen model's price estimate
+        (``price_usd``, written by the API with the decision; migration 0008)."""
         if not ids:
             return {}
         conn = self._db()
         with conn.transaction(), conn.cursor(binary=True) as cur:
             rows = cur.execute(
                 "SELECT id, tenant_id, model, scope, context,"
-                " extract(epoch FROM created_at)::float8 FROM decisions"
+                " extract(epoch FROM created_at)::float8, price_usd FROM decisions"
                 " WHERE id = ANY(%b::varchar[])", (list(ids),)).fetchall()
         return {decision_id: DecisionRow(*columns) for decision_id, *columns in rows}
 
@@ -882,6 +887,8 @@ class Learner:
         # after a crash or on another learner must produce the same sums.
         times = (None if self.config.half_life_hours is None
                  else np.array([it.decision.created_at for it in applied]))
+        prices = np.array([nan if it.decision.price_usd is None else it.decision.price_usd
+                           for it in applied], dtype=np.float64)
         groups: dict[str, list[int] | None] = {SHARED_KEY: None}  # None: every event
         for i, it in enumerate(applied):
             extra = scope_key(it.decision.scope, it.decision.tenant_id)
@@ -899,10 +906,11 @@ class Learner:
                     # prior lives with the deciders (it is counted once, there).
                     policy.add_arm(arm)
             if rows is None:
-                policy.update_batch(sub, x, y, times=times)
+                policy.update_batch(sub, x, y, times=times, cost_estimates=prices)
             else:
                 policy.update_batch(sub, x[rows], y[rows],
-                                    times=None if times is None else times[rows])
+                                    times=None if times is None else times[rows],
+                                    cost_estimates=prices[rows])
         return list(groups)
 
     # ------------------------------------------------------------ kafka offsets

@@ -120,6 +120,9 @@ class DecisionRow(Base):
     context: Mapped[bytes] = mapped_column(LargeBinary)
     predictions: Mapped[dict] = mapped_column(JSON)
     predicted_cost_usd: Mapped[float] = mapped_column(Float)
+    # The chosen model's price estimate (declared prices x the request's tokens), which
+    # the learners' price correction divides the reported cost by; None when unknown.
+    price_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
     # What the decision counts against the budget: predicted cost until feedback
     # reports the real one.
     charged_usd: Mapped[float] = mapped_column(Float)

@@ -87,3 +87,27 @@ def test_feedback_one_token_count_without_cost_refused(client):
     assert "output_tokens" in str(body)
     stored = client.get(f"/v1/decisions/{decision['decision_id']}", headers=headers).json()
     assert stored["feedback"] == []
+
+
+def test_decision_row_stores_chosen_models_price_for_learners(client):
+    """The chosen model's price estimate is a column of its decision row (migration
+    0008), which the Kafka learners divide the reported cost by."""
+    from sqlalchemy import select
+
+    from service.db import models as m
+
+    headers = create_tenant(client, "pricing-row")
+    model = add_model(client, input_price=2.0, output_price=4.0)
+    r = client.post("/v1/decide", json={"query": {"text": "y" * 800},
+                                        "candidates": [model]}, headers=headers)
+    assert r.status_code == 200, r.text
+    decision = r.json()
+    # The decision is readable (written) once GET answers it.
+    assert client.get(f"/v1/decisions/{decision['decision_id']}",
+                      headers=headers).status_code == 200
+    engine = client.app.state.routing.engine
+    with engine.connect() as conn:
+        stored = conn.scalar(select(m.DecisionRow.price_usd)
+                             .where(m.DecisionRow.id == decision["decision_id"]))
+    assert stored == pytest.approx(_price(2.0, 4.0, 200, 300), rel=1e-9)
+    assert stored == pytest.approx(decision["predictions"][model]["price_usd"], rel=1e-12)

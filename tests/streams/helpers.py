@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import psycopg
 from kafka import KafkaProducer
+from psycopg.types.json import Json
 
 from bandit import Policy
 from streams.learner import libpq_url
@@ -32,6 +33,9 @@ class World:
     decisions: dict[str, tuple[str, str, str, np.ndarray]] = field(default_factory=dict)
     #: created_at of each stored decision (seconds): the event time of its feedback.
     created: dict[str, float] = field(default_factory=dict)
+    #: The price estimate (USD) a decision stored for its model (``price_usd``, and in
+    #: ``predictions`` as the API stores it).
+    prices: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.rng = np.random.default_rng(self.seed)
@@ -51,7 +55,7 @@ class World:
         return new
 
     def add_decisions(self, n: int, *, scope: str = "shared", age: timedelta | None = None,
-                      store: bool = True) -> list[str]:
+                      store: bool = True, priced: bool = False) -> list[str]:
         created = datetime.now(UTC) - (age or timedelta(0))
         rows = []
         for _ in range(n):
@@ -60,6 +64,8 @@ class World:
             model = MODELS[int(self.rng.integers(len(MODELS)))]
             x = self.rng.normal(size=self.dim)
             self.decisions[decision_id] = (tenant, model, scope, x)
+            if priced:
+                self.prices[decision_id] = float(self.rng.uniform(0.001, 0.008))
             rows.append((decision_id, tenant, model, scope, x))
         if store:
             self.store(rows, created)
@@ -71,9 +77,11 @@ class World:
             conn.cursor().executemany(
                 "INSERT INTO decisions (id, tenant_id, model, policy, policy_version, scope,"
                 " propensity, context, predictions, predicted_cost_usd, charged_usd,"
-                " over_budget, created_at) VALUES (%s, %s, %s, 'linucb', 0, %s, 1.0, %s,"
-                " '{}', 0, 0, false, %s)",
-                [(d, t, m, s, np.ascontiguousarray(x, dtype="<f8").tobytes(), created)
+                " over_budget, price_usd, created_at) VALUES (%s, %s, %s, 'linucb', 0, %s,"
+                " 1.0, %s, %s, 0, 0, false, %s, %s)",
+                [(d, t, m, s, np.ascontiguousarray(x, dtype="<f8").tobytes(),
+                  Json({m: {"price_usd": self.prices[d]}} if d in self.prices else {}),
+                  self.prices.get(d), created)
                  for d, t, m, s, x in rows])
         # PostgreSQL keeps microseconds, as datetime does: the learner reads this back.
         self.created.update({r[0]: created.timestamp() for r in rows})
@@ -164,7 +172,7 @@ def replay(world: World, events: list[FeedbackEvent], key: str = SHARED_KEY,
     ``created_at``), forgetting between them, as one embedded process would."""
     seen: set[tuple[str, str]] = set()
     policy = new_statistics(world.dim)
-    arms, xs, outcomes, decided = [], [], [], []
+    arms, xs, outcomes, decided, prices = [], [], [], [], []
     for event in events:
         ident = (event.decision_id, event.event_id)
         if ident in seen:
@@ -179,16 +187,18 @@ def replay(world: World, events: list[FeedbackEvent], key: str = SHARED_KEY,
         decided.append(event.decision_id)
         xs.append(x)
         outcomes.append(event.outcome())
+        prices.append(world.prices.get(event.decision_id, np.nan))
     if half_life_hours is not None:
         timed = new_statistics(world.dim, half_life_hours)
         for arm in policy.arms:
             timed.add_arm(arm)
         times = [world.created[d] for d in decided]
         for i in sorted(range(len(arms)), key=times.__getitem__):
-            timed.update(arms[i], xs[i], outcomes[i], now=times[i])
+            timed.update(arms[i], xs[i], outcomes[i], now=times[i],
+                         cost_estimate=None if np.isnan(prices[i]) else prices[i])
         return timed
     if arms:
-        policy.update_batch(arms, np.array(xs), outcomes)
+        policy.update_batch(arms, np.array(xs), outcomes, cost_estimates=np.array(prices))
     return policy
 
 

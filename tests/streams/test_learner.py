@@ -227,3 +227,30 @@ def test_apply_feedback_rows_toggled_each_event_once(
     # Rows off: a key per event; rows on: the row is the key, no learner_applied row.
     assert sorted(d for (d,) in keys) == sorted([*first, *third])
     assert sorted(d for (d,) in rows) == sorted(second)
+
+
+def test_apply_feedback_learns_price_correction_like_embedded(
+        world: World, kafka_bootstrap: str, make_topic: Callable[..., str],
+        unique_group_id: str, start_learner: Callable[..., Running]) -> None:
+    """A reported cost over the price estimate the decision used (its ``predictions``)
+    teaches the model's price correction, as the embedded mode's ``update(...,
+    cost_estimate=)`` does; decisions without an estimate teach none."""
+    topic = make_topic(partitions=3)
+    priced = world.add_decisions(120, priced=True)
+    plain = world.add_decisions(40)
+    events = [world.feedback(d) for d in [*priced, *plain]]
+    a = start_learner(topic, unique_group_id, max_poll_records=50)
+    b = start_learner(topic, unique_group_id, max_poll_records=50)
+    prod, ends = producer(kafka_bootstrap), Ends()
+    send_events(prod, topic, events, ends)
+    wait_caught_up(world.url, unique_group_id, topic, ends)
+    a.stop()
+    b.stop()
+    stats = load_statistics(world.url, unique_group_id, topic)
+    # Equal to a replay with the estimates, the price sums included.
+    assert_same_statistics(stats, replay(world, events))
+    # The ratio sums' weights count exactly the priced events of each model.
+    ratios = stats._stats.price_ratio  # noqa: SLF001 - the sums under test
+    for model in stats.arms:
+        n = sum(1 for d in priced if world.decisions[d][1] == model)
+        assert ratios[stats._index[model]][1] == pytest.approx(n), model  # noqa: SLF001
