@@ -323,16 +323,15 @@ def _output_of(result: Any) -> Any:
 
 
 @dataclass
-class RouteResult:
-    """What ``route()`` did: the decision, the function's output, what was measured, and
-    a handle to report the quality later (:meth:`send_quality`)."""
+class _Routed:
+    """What both clients' ``route()`` answer: the decision, the function's output and
+    what was measured."""
 
     decision: DecideResult
     result: Any
     latency_ms: float
     cost_usd: float | None
     feedback: FeedbackResult | None
-    _client: RouterClient = field(repr=False)
 
     @property
     def model(self) -> str:
@@ -343,35 +342,34 @@ class RouteResult:
         """``result["output"]`` / ``result.output`` when present, else the result itself."""
         return _output_of(self.result)
 
-    def send_quality(self, quality: float, *, event_id: str | None = None) -> FeedbackResult:
-        """Report the quality (0..1) once it is known, as a separate feedback event."""
-        return self._client.feedback(self.decision.decision_id, quality=quality,
-                                     event_id=event_id or f"quality-{uuid.uuid4()}")
+    @staticmethod
+    def _quality_event(event_id: str | None) -> str:
+        return event_id or f"quality-{uuid.uuid4()}"
 
 
 @dataclass
-class AsyncRouteResult:
+class RouteResult(_Routed):
+    """What ``route()`` did: the decision, the function's output, what was measured, and
+    a handle to report the quality later (:meth:`send_quality`)."""
+
+    _client: RouterClient = field(repr=False)
+
+    def send_quality(self, quality: float, *, event_id: str | None = None) -> FeedbackResult:
+        """Report the quality (0..1) once it is known, as a separate feedback event."""
+        return self._client.feedback(self.decision.decision_id, quality=quality,
+                                     event_id=self._quality_event(event_id))
+
+
+@dataclass
+class AsyncRouteResult(_Routed):
     """:class:`RouteResult` of :class:`AsyncRouterClient` (``send_quality`` is awaited)."""
 
-    decision: DecideResult
-    result: Any
-    latency_ms: float
-    cost_usd: float | None
-    feedback: FeedbackResult | None
     _client: AsyncRouterClient = field(repr=False)
-
-    @property
-    def model(self) -> str:
-        return self.decision.model
-
-    @property
-    def output(self) -> Any:
-        return _output_of(self.result)
 
     async def send_quality(self, quality: float, *,
                            event_id: str | None = None) -> FeedbackResult:
         return await self._client.feedback(self.decision.decision_id, quality=quality,
-                                           event_id=event_id or f"quality-{uuid.uuid4()}")
+                                           event_id=self._quality_event(event_id))
 
 
 # ===================================================================== requests
