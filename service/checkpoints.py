@@ -76,8 +76,9 @@ class Checkpoints:
         self._checkpointed_versions = None
 
     def _restore(self) -> bool:
-        """Restore the newest checkpoint; True when the stored statistics were set aside
-        because another featurizer learned them (``FEATURIZER_CHANGE=start-fresh``)."""
+        """Restore the newest checkpoint; True when a checkpoint is due now: the stored
+        statistics were set aside because another featurizer learned them
+        (``FEATURIZER_CHANGE=start-fresh``), or the database has none yet."""
         store, spec = self.policies, self.policies.contexts.spec()
         fresh = False
         with Session(self.engine) as session:
@@ -93,7 +94,12 @@ class Checkpoints:
                 store.last_feedback_id = int(checkpoint.last_feedback_id)
             # Checkpoints written before the spec was recorded have none: not checked.
             stored = snapshots.pop(FEATURIZER_KEY, b"").decode() or None
-            if store.contexts.adopt_stored_spec(stored):
+            # Every start on a fresh database records its spec at once (below), so
+            # statistics without one (a checkpoint without the spec, or decisions and no
+            # checkpoint) were learned before hashing had versions: version 1.
+            legacy = stored is None and (checkpoint is not None or session.scalar(
+                select(m.DecisionRow.id).limit(1)) is not None)
+            if store.contexts.adopt_stored_spec(stored, legacy=legacy):
                 spec = store.contexts.spec()
             changed = stored is not None and stored != spec
             if changed and self.settings.featurizer_change == "start-fresh":
@@ -107,6 +113,8 @@ class Checkpoints:
                     select(func.coalesce(func.max(m.Feedback.id), 0))))
         store.restore(snapshots, rebuild=True, fresh=fresh)
         self._checkpointed_versions = store.versions()
+        # A fresh database: checkpoint now, so the next start knows the featurizer.
+        fresh = fresh or (checkpoint is None and not legacy)
         if changed and not fresh:
             # After the restore: a changed dimension has said so first, more precisely.
             raise ContextSettingsError(

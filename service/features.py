@@ -101,6 +101,8 @@ class Contexts:
         self.featurizer: Any = None
         #: The newest checkpoint's featurizer spec (set by the checkpoints' restore).
         self.stored_spec: str | None = None
+        #: Statistics exist that name no spec: they predate versions (version 1).
+        self._legacy = False
 
     def hashing_version(self) -> int:
         """HASHING_VERSION, else the version the newest checkpoint's featurizer spec
@@ -108,15 +110,17 @@ class Contexts:
         do not record it (service/config.py)."""
         if self.settings.hashing_version is not None:
             return self.settings.hashing_version
-        if self.stored_spec is not None and self.stored_spec.startswith("hashing-v1:"):
+        if self._legacy or (self.stored_spec is not None
+                            and self.stored_spec.startswith("hashing-v1:")):
             return 1
         return 1 if self.settings.kafka_bootstrap else 2
 
-    def adopt_stored_spec(self, stored: str | None) -> bool:
+    def adopt_stored_spec(self, stored: str | None, *, legacy: bool = False) -> bool:
         """Record the newest checkpoint's spec; True when that changed the hashing
         version (HASHING_VERSION unset, the statistics learned with version 1: keep it),
-        the featurizer then rebuilt."""
-        before, self.stored_spec = self.hashing_version(), stored
+        the featurizer then rebuilt. ``legacy``: statistics exist but name no spec
+        (learned before hashing had versions, so with version 1)."""
+        before, self.stored_spec, self._legacy = self.hashing_version(), stored, legacy
         if self.hashing_version() == before:
             return False
         self.featurizer = None

@@ -102,6 +102,54 @@ def test_restart_v1_deployment_keeps_hashing_v1(new_database_url):
                                    rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("lost", ["spec", "checkpoints"])
+def test_restart_pre_version_deployment_keeps_hashing_v1(new_database_url, lost):
+    # Statistics learned before specs named a version (a checkpoint without the spec), or
+    # decisions with no checkpoint at all (killed before its first one): version 1
+    # learned them, so an upgrade without HASHING_VERSION stays on version 1 instead of
+    # mixing version 2 contexts into them.
+    from sqlalchemy import create_engine, delete
+
+    from service.checkpoints import FEATURIZER_KEY
+    from service.db import models as m
+
+    url = new_database_url()
+    _learn(make_settings(url, dim=64, hashing_version=1))
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        if lost == "spec":
+            conn.execute(delete(m.PolicySnapshot)
+                         .where(m.PolicySnapshot.key == FEATURIZER_KEY))
+        else:
+            conn.execute(delete(m.PolicySnapshot))
+            conn.execute(delete(m.PolicyCheckpoint))
+    engine.dispose()
+    with TestClient(create_app(make_settings(url, dim=64))) as c:
+        assert _spec(c).startswith("hashing-v1:")
+        # Replayed (no checkpoint) or restored: what was learned is there.
+        assert c.app.state.routing.shared["linucb"].observations("fc-m")["quality"] == 5
+    # That start recorded version 1: the next one keeps it too.
+    with TestClient(create_app(make_settings(url, dim=64))) as c:
+        assert _spec(c).startswith("hashing-v1:")
+
+
+def test_fresh_database_records_its_featurizer_at_first_start(new_database_url):
+    from sqlalchemy import create_engine, select
+
+    from service.checkpoints import FEATURIZER_KEY
+    from service.db import models as m
+
+    url = new_database_url()
+    with TestClient(create_app(make_settings(url, dim=64))) as c:
+        spec = _spec(c)
+        engine = create_engine(url)
+        with engine.connect() as conn:
+            stored = conn.scalars(select(m.PolicySnapshot.data)
+                                  .where(m.PolicySnapshot.key == FEATURIZER_KEY)).all()
+        engine.dispose()
+        assert [s.decode() for s in stored] == [spec]
+
+
 def test_restart_v1_deployment_explicit_v2_refused_naming_setting(new_database_url):
     url = new_database_url()
     _learn(make_settings(url, dim=64, hashing_version=1))
@@ -213,11 +261,16 @@ def test_replay_minilm_default_dim_is_the_services(tmp_path):
     # Distributed: the learners' statistics do not record the version; never guess 2.
     ({"kafka_bootstrap": "127.0.0.1:9092"}, None, 1),
     ({"kafka_bootstrap": "127.0.0.1:9092", "hashing_version": 2}, None, 2),
+    # Statistics that name no spec predate versions: version 1.
+    ({}, "legacy", 1),
+    ({"hashing_version": 2}, "legacy", 2),
 ])
 def test_hashing_version_resolution(overrides, stored, expected):
     from types import SimpleNamespace
 
     from service.features import Contexts
 
-    state = SimpleNamespace(settings=Settings(**overrides), stored_spec=stored)
+    legacy = stored == "legacy"
+    state = SimpleNamespace(settings=Settings(**overrides), _legacy=legacy,
+                            stored_spec=None if legacy else stored)
     assert Contexts.hashing_version(state) == expected
