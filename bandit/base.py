@@ -553,6 +553,15 @@ class PolicyConfig:
         directions must be learned) and buys exploration that the context does not
         repay: on the llmrouter replay even a full-information linear router on these
         features is within +-0.05 of the best single model (docs/results.md).
+    tag_dims
+        The last ``tag_dims`` coordinates of a context are the request tags' own block
+        (:func:`bandit.featurize.append_tag_block`); 0: no block, tags (if any) are in
+        the text's coordinates.
+    tag_ridge
+        Ridge of the tag block's coefficients relative to the intercept's (the text's is
+        ``context_ridge``). A tag recurs on every request of an app or task, so a weak
+        ridge lets each arm learn its effect from a few of them while the text's many
+        sparse directions stay heavily regularized.
     seed
         Seed of the policy's private random generator.
     """
@@ -577,6 +586,8 @@ class PolicyConfig:
     # Opt-in, measured in issue 13's second round: see docs/results.md.
     shared_ridge: float | None = None
     exploration: str = "context"
+    tag_dims: int = 0
+    tag_ridge: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -617,6 +628,11 @@ class PolicyConfig:
                 check_finite_number(f"context_ridges[{i}]", value, low=1e-6, high=1e6)
         if self.shared_ridge is not None:
             check_finite_number("shared_ridge", self.shared_ridge, low=1e-6, high=1e6)
+        if (isinstance(self.tag_dims, bool) or not isinstance(self.tag_dims, int)
+                or not 0 <= self.tag_dims < self.dim):
+            raise InvalidInputError("tag_dims", f"must be an integer in [0, {self.dim - 1}] "
+                                    "(the tag block's width, less than dim)", self.tag_dims)
+        check_finite_number("tag_ridge", self.tag_ridge, low=1e-6, high=1e6)
         if not isinstance(self.bounded_optimism, bool):
             raise InvalidInputError("bounded_optimism", "must be true or false",
                                     self.bounded_optimism)
@@ -647,7 +663,8 @@ class Policy(abc.ABC):
     def __init__(self, dim: int, **params: object) -> None:
         self.config = self.Config(dim=dim, **params).validated()  # type: ignore[arg-type]
         self._stats = ArmStatistics(dim, self.config.refresh_every,
-                                    self.config.context_ridge, self.config.context_ridges)
+                                    self.config.context_ridge, self.config.context_ridges,
+                                    self.config.tag_dims, self.config.tag_ridge)
         self._names: list[str] = []
         self._index: dict[str, int] = {}
         self._priors: dict[str, ArmPrior] = {}
