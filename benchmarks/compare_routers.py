@@ -70,7 +70,7 @@ from pathlib import Path
 import numpy as np
 
 from bandit import LinearThompson, LinUCB, Preferences
-from bandit.base import ArmPrior
+from bandit.base import ArmPrior, PolicyConfig
 from bandit.replay import routing_value
 from benchmarks.common import CACHE_DIR, RESULTS_DIR, data_root, print_table, write_results
 
@@ -110,8 +110,8 @@ MAIN_DEFAULTS = {"alpha": 0.3, "shared_ridge": None, "exploration": "context"}
 LINUCB_MEAN = {"shared_ridge": 1.0, "exploration": "mean"}
 #: Share of the stream, at its end, of the "last 20%" value window.
 TAIL = 0.2
-#: Our policies' ``tag_ridge`` on the ``hashing+tagblock`` contexts.
-TAG_RIDGE = 1.0
+#: Our policies' ``tag_ridge`` on the ``hashing+tagblock`` contexts (their default).
+TAG_RIDGE = PolicyConfig.tag_ridge
 
 
 # ----------------------------------------------------------------------------- data
