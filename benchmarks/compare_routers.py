@@ -1119,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
                 "eps_greedy_epsilon": EPS_GREEDY, "knn_k": args.knn_k,
                 "ours": "defaults of bandit.LinUCB / LinearThompson, with the price "
                         "estimate; ours-linucb-v1: " + repr(OLD_DEFAULTS),
-                "shuffles": args.shuffles,
+                "shuffles": args.shuffles, "tag_ridge_on_tagblock": TAG_RIDGE,
                 "elapsed_s": round(elapsed, 1)}
     payload = {"settings": settings, "datasets": datasets,
                "value": value_table(all_results), "goals": goals, "aiq": aiqs,
