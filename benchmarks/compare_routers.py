@@ -25,8 +25,11 @@ w x cost_usd, the same for everyone) and every seed:
   :class:`bandit.featurize.PrototypeMap` (``minilm-proto``: soft assignment to 64
   spherical k-means prototypes of the train prompts, fitted without outcomes; 64 dims),
   and, with ``--featurizers hashing+tags``, on the hashing features with each row's
-  ``cluster_id`` passed as a request tag (``{"task": cluster_id}``, hashed into the
-  context by :func:`bandit.featurize.with_tags`, as the service does with ``tags``).
+  ``cluster_id`` (llmrouter) or ``subject`` (mmlu) passed as a request tag, hashed into
+  the text's coordinates by :func:`bandit.featurize.with_tags` (the service's default),
+  or, with ``hashing+tagblock``, in their own block after them
+  (:func:`bandit.featurize.append_tag_block`, ``BANDIT_ROUTER_TAG_BLOCK``; our policies
+  get ``tag_dims`` and ``--tag-ridge``).
   They learn quality and cost heads from
   ``{"quality", "cost_usd"}`` and know each model's mean price as a prior (a router
   knows the price list);
