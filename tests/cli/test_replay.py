@@ -113,17 +113,23 @@ def test_warmstart_writes_policy_that_knows_the_models(log_file, tmp_path):
     assert bad.exit_code == 2 and "weight" in bad.output
 
 
-def test_replay_tags_carry_the_signal_the_prompt_lacks(tmp_path):
-    # One prompt for every row; only the tag says which model is good.
-    rng = np.random.default_rng(1)
+def _two_app_log(rows: int, seed: int) -> list[dict]:
+    """Log lines with one prompt for every row; only the tag says which model is good."""
+    rng = np.random.default_rng(seed)
     lines = []
-    for i in range(400):
+    for i in range(rows):
         app_name = "search" if rng.random() < 0.5 else "support"
         good = "solver" if app_name == "search" else "writer"
         outcomes = {m: {"quality": 0.9 if m == good else 0.2, "cost_usd": 0.001}
                     for m in ("solver", "writer")}
         lines.append({"id": f"q{i}", "prompt": "help me", "tags": {"app": app_name},
                       "outcomes": outcomes})
+    return lines
+
+
+def test_replay_tags_carry_the_signal_the_prompt_lacks(tmp_path):
+    # One prompt for every row; only the tag says which model is good.
+    lines = _two_app_log(400, seed=1)
     quality = {}
     for name, rows in (("tagged", lines),
                        ("untagged", [{k: v for k, v in r.items() if k != "tags"}
@@ -200,14 +206,7 @@ def test_replay_tag_block_learns_tags_in_fewer_rows(tmp_path):
     # As above on 80 rows: the tags' own block (--tag-block, BANDIT_ROUTER_TAG_BLOCK's
     # layout) learns each app's model within a few of its rows; hashed into the
     # text's coordinates under the context ridge, the tags have not paid off yet.
-    rng = np.random.default_rng(2)
-    lines = []
-    for i in range(80):
-        app_name = "search" if rng.random() < 0.5 else "support"
-        good = "solver" if app_name == "search" else "writer"
-        lines.append({"id": f"q{i}", "prompt": "help me", "tags": {"app": app_name},
-                      "outcomes": {m: {"quality": 0.9 if m == good else 0.2,
-                                       "cost_usd": 0.001} for m in ("solver", "writer")}})
+    lines = _two_app_log(80, seed=2)
     path = tmp_path / "tagged.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     runs = {}

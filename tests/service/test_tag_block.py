@@ -7,13 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
 
 from bandit.featurize import TAG_BLOCK_DIMS, tag_block
 from service.app import create_app
-from service.db import models as m
 from service.features import ContextSettingsError
-from tests.service.conftest import DIM, add_model, create_tenant, embedding, make_settings
+from tests.service.conftest import (
+    DIM,
+    add_model,
+    create_tenant,
+    embedding,
+    make_settings,
+    stored_decision,
+)
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +37,7 @@ def _decide(client, tenant, tags=None, seed=0, **extra):
 
 
 def _context(client, decision_id: str) -> np.ndarray:
-    service = client.app.state.routing
-    service.writer.flush(timeout=5.0)
-    with Session(service.engine) as session:
-        row = session.get(m.DecisionRow, decision_id)
-        assert row is not None
-        return np.frombuffer(row.context, dtype=np.float64).copy()
+    return np.frombuffer(stored_decision(client, decision_id).context, dtype=np.float64)
 
 
 def test_tag_block_appended_after_the_text_zeros_untagged(block_client):
