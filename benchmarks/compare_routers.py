@@ -115,6 +115,8 @@ LINUCB_MEAN = {"shared_ridge": 1.0, "exploration": "mean"}
 TAIL = 0.2
 #: Our policies' ``tag_ridge`` on the ``hashing+tagblock`` contexts (their default).
 TAG_RIDGE = PolicyConfig.tag_ridge
+#: ... and their ``tag_ridges`` (candidates of the quality head's model selection).
+TAG_RIDGES: tuple[float, ...] | None = PolicyConfig.tag_ridges
 
 
 # ----------------------------------------------------------------------------- data
@@ -441,7 +443,8 @@ def make_router(name: str, inputs: Inputs, ds: Dataset, seed: int) -> Router:
 
 def _ours(name: str, inputs: Inputs, ds: Dataset, seed: int, mean_cost: np.ndarray) -> Ours:
     # A tag block at the end of the contexts: the policy gives it its own ridge.
-    block = {"tag_dims": inputs.tag_dims, "tag_ridge": TAG_RIDGE} if inputs.tag_dims else {}
+    block = ({"tag_dims": inputs.tag_dims, "tag_ridge": TAG_RIDGE, "tag_ridges": TAG_RIDGES}
+             if inputs.tag_dims else {})
     if name == "ours-linucb":
         return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate, **block)
     if name == "ours-thompson":
@@ -997,7 +1000,7 @@ def _plain(obj: object) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ALPHA, TAG_RIDGE  # noqa: PLW0603 - read by the routers; one value per run
+    global ALPHA, TAG_RIDGE, TAG_RIDGES  # noqa: PLW0603 - read by the routers; one value per run
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_routers",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=None,
@@ -1027,6 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
                              "request tag, in the text's coordinates or in their own block)")
     parser.add_argument("--tag-ridge", type=float, default=TAG_RIDGE,
                         help="our policies' tag_ridge on hashing+tagblock")
+    parser.add_argument("--tag-ridges", default=None,
+                        help="our policies' tag_ridges on hashing+tagblock (comma-"
+                             "separated candidates, e.g. 1,1e6: tags per arm where they "
+                             "predict)")
     parser.add_argument("--peers-minilm", action="store_true",
                         help="also run the peers on MiniLM (slow: mabwiser ~1 min/pass)")
     parser.add_argument("--knn-k", type=int, default=KNN_K)
@@ -1038,6 +1045,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ALPHA = args.peer_alpha
     TAG_RIDGE = args.tag_ridge
+    TAG_RIDGES = (None if args.tag_ridges is None
+                  else tuple(float(v) for v in args.tag_ridges.split(",")))
     if args.quick:
         args.seeds, args.cost_weights, args.mmlu_cost_weights = 1, "0,100", "0,30"
         args.gsm8k_cost_weights, args.shuffles = "0,30", 1
@@ -1123,6 +1132,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ours": "defaults of bandit.LinUCB / LinearThompson, with the price "
                         "estimate; ours-linucb-v1: " + repr(OLD_DEFAULTS),
                 "shuffles": args.shuffles, "tag_ridge_on_tagblock": TAG_RIDGE,
+                "tag_ridges_on_tagblock": TAG_RIDGES,
                 "elapsed_s": round(elapsed, 1)}
     payload = {"settings": settings, "datasets": datasets,
                "value": value_table(all_results), "goals": goals, "aiq": aiqs,

@@ -191,3 +191,27 @@ def test_bad_tag_block_settings_are_refused_naming_the_field(params, field) -> N
     with pytest.raises(InvalidInputError) as err:
         LinUCB(8, **params)
     assert err.value.field == field
+
+
+def test_tag_ridges_select_the_tags_for_arms_they_predict() -> None:
+    # Candidates "no tags" (1e6, first: the choice before any data) and "tags at ridge
+    # 1": where the app decides the quality, the prequential error picks the tags.
+    x = make_featurizer("hashing", 16).transform_one("help me with this")
+    block = {app: append_tag_block(x, {"app": app}) for app in ("search", "support")}
+    policy = _two_app_policy(blocks=TAG_BLOCK_DIMS, tag_dims=TAG_BLOCK_DIMS,
+                             tag_ridges=(1e6, 1.0))
+    _learn_two_apps(policy, block, rounds=10)
+    assert policy._stats.selected().tolist() == [1, 1]
+    assert _learned_gap(policy, block) > 0.6
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"tag_ridges": (1.0, 1e6)}, "tag_ridges"),
+    ({"tag_dims": 2, "tag_ridges": ()}, "tag_ridges"),
+    ({"tag_dims": 2, "tag_ridges": (1.0,) * 5}, "tag_ridges"),
+    ({"tag_dims": 2, "tag_ridges": (1.0, -1.0)}, "tag_ridges[1]"),
+])
+def test_bad_tag_ridges_are_refused_naming_the_field(params, field) -> None:
+    with pytest.raises(InvalidInputError) as err:
+        LinUCB(8, **params)
+    assert err.value.field == field
