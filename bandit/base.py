@@ -553,6 +553,20 @@ class PolicyConfig:
         directions must be learned) and buys exploration that the context does not
         repay: on the llmrouter replay even a full-information linear router on these
         features is within +-0.05 of the best single model (docs/results.md).
+    tag_dims
+        The last ``tag_dims`` coordinates of a context are the request tags' own block
+        (:func:`bandit.featurize.append_tag_block`); 0: no block, tags (if any) are in
+        the text's coordinates.
+    tag_ridge
+        Ridge of the tag block's coefficients relative to the intercept's (the text's is
+        ``context_ridge``). A tag recurs on every request of an app or task, so a weak
+        ridge lets each arm learn its effect from a few of them while the text's many
+        sparse directions stay heavily regularized.
+    tag_ridges
+        Candidate tag ridges of the quality head (model selection, as
+        ``context_ridges``; every pair of a context ridge and a tag ridge is a
+        candidate): 1e6 is "no tags", so each arm uses the tags only where they have
+        shown they predict its quality. None: ``tag_ridge`` alone.
     seed
         Seed of the policy's private random generator.
     """
@@ -577,12 +591,19 @@ class PolicyConfig:
     # Opt-in, measured in issue 13's second round: see docs/results.md.
     shared_ridge: float | None = None
     exploration: str = "context"
+    tag_dims: int = 0
+    # Issue 13's tag sweep on the llmrouter replay (compare_routers --tag-ridge, 3
+    # shuffles, mean over 5 weights): 0.1 / 0.3 / 1 / 3 gave -0.007 / -0.012 / +0.000 /
+    # -0.017, within noise; 1 (a tag as free as the intercept) also won in file order.
+    tag_ridge: float = 1.0
+    tag_ridges: tuple[float, ...] | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
         # A restored configuration (JSON) holds a list: store the immutable tuple.
-        if isinstance(self.context_ridges, list):
-            object.__setattr__(self, "context_ridges", tuple(self.context_ridges))
+        for name in ("context_ridges", "tag_ridges"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     def validated(self) -> PolicyConfig:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
@@ -617,6 +638,19 @@ class PolicyConfig:
                 check_finite_number(f"context_ridges[{i}]", value, low=1e-6, high=1e6)
         if self.shared_ridge is not None:
             check_finite_number("shared_ridge", self.shared_ridge, low=1e-6, high=1e6)
+        if (isinstance(self.tag_dims, bool) or not isinstance(self.tag_dims, int)
+                or not 0 <= self.tag_dims < self.dim):
+            raise InvalidInputError("tag_dims", f"must be an integer in [0, {self.dim - 1}] "
+                                    "(the tag block's width, less than dim)", self.tag_dims)
+        check_finite_number("tag_ridge", self.tag_ridge, low=1e-6, high=1e6)
+        if self.tag_ridges is not None:
+            if (not isinstance(self.tag_ridges, tuple) or not 1 <= len(self.tag_ridges) <= 4
+                    or not self.tag_dims):
+                raise InvalidInputError("tag_ridges", "must be a list of 1 to 4 numbers in "
+                                        "[1e-06, 1e6] with tag_dims > 0, or None",
+                                        self.tag_ridges)
+            for i, value in enumerate(self.tag_ridges):
+                check_finite_number(f"tag_ridges[{i}]", value, low=1e-6, high=1e6)
         if not isinstance(self.bounded_optimism, bool):
             raise InvalidInputError("bounded_optimism", "must be true or false",
                                     self.bounded_optimism)
@@ -647,7 +681,9 @@ class Policy(abc.ABC):
     def __init__(self, dim: int, **params: object) -> None:
         self.config = self.Config(dim=dim, **params).validated()  # type: ignore[arg-type]
         self._stats = ArmStatistics(dim, self.config.refresh_every,
-                                    self.config.context_ridge, self.config.context_ridges)
+                                    self.config.context_ridge, self.config.context_ridges,
+                                    self.config.tag_dims, self.config.tag_ridge,
+                                    self.config.tag_ridges)
         self._names: list[str] = []
         self._index: dict[str, int] = {}
         self._priors: dict[str, ArmPrior] = {}

@@ -60,6 +60,11 @@ __all__ = [
     "check_tags",
     "tag_vector",
     "with_tags",
+    "TAG_BLOCK_DIMS",
+    "TAG_BLOCK_NNZ",
+    "TAG_BLOCK_SPEC",
+    "tag_block",
+    "append_tag_block",
 ]
 
 #: Names accepted by :func:`make_featurizer`.
@@ -981,3 +986,67 @@ def with_tags(x: np.ndarray, tags: Mapping[str, str] | None, *,
     if not tags:
         return x
     return np.asarray(x, dtype=np.float64) + weight * tag_vector(tags, x.shape[-1], seed)
+
+
+# --------------------------------------------------------------- the tag block
+#: Width of the tags' own block of coordinates, appended after the text's (a policy
+#: with ``tag_dims=TAG_BLOCK_DIMS`` gives it its own ridge, ``tag_ridge``).
+TAG_BLOCK_DIMS = 16
+#: Coordinates each ``key=value`` pair sets in the block: two, so that two pairs that
+#: collide on one coordinate still differ on the other.
+TAG_BLOCK_NNZ = 2
+#: Names the block layout; stored beside the statistics learned on it.
+TAG_BLOCK_SPEC = f"tagblock-v1:dims={TAG_BLOCK_DIMS},nnz={TAG_BLOCK_NNZ},seed=0"
+
+
+@lru_cache(maxsize=4096)
+def _tag_coordinates(pair: str, dims: int, seed: int) -> tuple[tuple[int, float], ...]:
+    """The ``TAG_BLOCK_NNZ`` distinct signed coordinates of one ``key=value``."""
+    h = int(_mix64(np.array([crc32(pair.encode("utf-8"))], dtype=np.uint64)
+                   ^ _namespace(seed, 4, 0))[0])
+    out: list[tuple[int, float]] = []
+    nnz = min(TAG_BLOCK_NNZ, dims)
+    while len(out) < nnz:
+        coord = (h >> 1) % dims
+        if all(coord != c for c, _ in out):
+            out.append((coord, 1.0 if h & 1 else -1.0))
+        h = int(_mix64(np.array([h], dtype=np.uint64))[0])
+    return tuple(out)
+
+
+def tag_block(tags: Mapping[str, str] | None, dims: int = TAG_BLOCK_DIMS,
+              seed: int = 0) -> np.ndarray:
+    """The tags' own block: ``dims`` coordinates, zeros for no tags, else unit norm.
+
+    Each ``key=value`` pair sets ``TAG_BLOCK_NNZ`` (2) coordinates picked by a stable
+    hash, with hashed signs (feature hashing, as the text's n-grams); the pairs are
+    summed and the block normalized. Unlike :func:`tag_vector` the block does not share
+    coordinates with the text, so a policy can give it its own, weaker ridge
+    (``tag_ridge``): a tag seen on every request of an app is learned in a few
+    observations while the text stays heavily regularized.
+
+    >>> b = tag_block({"task": "code"}, 8)
+    >>> int(np.count_nonzero(b)), float(np.round(b @ b, 12))
+    (2, 1.0)
+    >>> tag_block(None, 4).tolist()
+    [0.0, 0.0, 0.0, 0.0]
+    """
+    out = np.zeros(_check_int("dims", dims, 1))
+    for key in sorted(tags or ()):
+        for coord, sign in _tag_coordinates(f"{key}={tags[key]}", dims, seed):  # type: ignore[index]
+            out[coord] += sign
+    norm = np.linalg.norm(out)
+    return out / norm if norm > 0 else out
+
+
+def append_tag_block(x: np.ndarray, tags: Mapping[str, str] | None,
+                     dims: int = TAG_BLOCK_DIMS, seed: int = 0) -> np.ndarray:
+    """A context with the tags' block after the text's coordinates: ``[x, tag_block]``.
+
+    >>> x = np.array([0.6, 0.8])
+    >>> append_tag_block(x, None, 3).tolist()
+    [0.6, 0.8, 0.0, 0.0, 0.0]
+    >>> bool(np.array_equal(append_tag_block(x, {"app": "a"}, 3)[:2], x))
+    True
+    """
+    return np.concatenate([np.asarray(x, dtype=np.float64), tag_block(tags, dims, seed)])

@@ -78,20 +78,34 @@ class ArmStatistics:
 
     def __init__(self, dim: int, refresh_every: int = 1000,
                  context_ridge: float = 1.0,
-                 context_ridges: tuple[float, ...] | None = None) -> None:
+                 context_ridges: tuple[float, ...] | None = None,
+                 tag_dims: int = 0, tag_ridge: float = 1.0,
+                 tag_ridges: tuple[float, ...] | None = None) -> None:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
         d = self.n_features
+        text = dim - tag_dims
         # Ridge of the context coefficients relative to the intercept's: above 1 shrinks
         # an arm's context weights toward its mean, so that with little data an arm is
         # predicted by its mean (the best-mean arm wins early) instead of by a noisy fit.
-        self.ridge_diag = np.r_[np.full(dim, float(context_ridge)), 1.0]
-        # Quality-head model selection: one ridge diagonal per candidate (G, D).
-        grid = np.asarray(context_ridges or (), dtype=np.float64).reshape(-1)
-        self.sel_diag = np.concatenate([np.repeat(grid[:, None], dim, axis=1),
-                                        np.ones((grid.size, 1))], axis=1)
-        g = grid.size
+        # The last tag_dims coordinates (the request tags' block) have their own ridge:
+        # a tag recurs on many requests, so its coefficient is learned from few of them.
+        tags = np.full(tag_dims, float(tag_ridge))
+        self.ridge_diag = np.r_[np.full(text, float(context_ridge)), tags, 1.0]
+        # Quality-head model selection: one ridge diagonal per candidate (G, D); the
+        # candidates differ on the text's coordinates (context_ridges) and, with
+        # tag_ridges, on the tag block's (every pair of the two), else it keeps its ridge.
+        texts = tuple(context_ridges or ())
+        if tag_ridges:
+            pairs = [(c, t) for c in (texts or (float(context_ridge),)) for t in tag_ridges]
+        else:
+            pairs = [(c, float(tag_ridge)) for c in texts]
+        grid = np.asarray(pairs, dtype=np.float64).reshape(-1, 2)
+        self.sel_diag = np.concatenate([np.repeat(grid[:, :1], text, axis=1),
+                                        np.repeat(grid[:, 1:], tag_dims, axis=1),
+                                        np.ones((grid.shape[0], 1))], axis=1)
+        g = grid.shape[0]
         self.group = np.zeros((0, _H), dtype=bool)
         self.s_data = np.zeros((0, d, d))
         self.s_inv = np.zeros((0, d, d))

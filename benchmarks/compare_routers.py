@@ -25,8 +25,11 @@ w x cost_usd, the same for everyone) and every seed:
   :class:`bandit.featurize.PrototypeMap` (``minilm-proto``: soft assignment to 64
   spherical k-means prototypes of the train prompts, fitted without outcomes; 64 dims),
   and, with ``--featurizers hashing+tags``, on the hashing features with each row's
-  ``cluster_id`` passed as a request tag (``{"task": cluster_id}``, hashed into the
-  context by :func:`bandit.featurize.with_tags`, as the service does with ``tags``).
+  ``cluster_id`` (llmrouter) or ``subject`` (mmlu) passed as a request tag, hashed into
+  the text's coordinates by :func:`bandit.featurize.with_tags` (the service's default),
+  or, with ``hashing+tagblock``, in their own block after them
+  (:func:`bandit.featurize.append_tag_block`, ``BANDIT_ROUTER_TAG_BLOCK``; our policies
+  get ``tag_dims`` and ``--tag-ridge``).
   They learn quality and cost heads from
   ``{"quality", "cost_usd"}`` and know each model's mean price as a prior (a router
   knows the price list);
@@ -70,7 +73,7 @@ from pathlib import Path
 import numpy as np
 
 from bandit import LinearThompson, LinUCB, Preferences
-from bandit.base import ArmPrior
+from bandit.base import ArmPrior, PolicyConfig
 from bandit.replay import routing_value
 from benchmarks.common import CACHE_DIR, RESULTS_DIR, data_root, print_table, write_results
 
@@ -110,6 +113,10 @@ MAIN_DEFAULTS = {"alpha": 0.3, "shared_ridge": None, "exploration": "context"}
 LINUCB_MEAN = {"shared_ridge": 1.0, "exploration": "mean"}
 #: Share of the stream, at its end, of the "last 20%" value window.
 TAIL = 0.2
+#: Our policies' ``tag_ridge`` on the ``hashing+tagblock`` contexts (their default).
+TAG_RIDGE = PolicyConfig.tag_ridge
+#: ... and their ``tag_ridges`` (candidates of the quality head's model selection).
+TAG_RIDGES: tuple[float, ...] | None = PolicyConfig.tag_ridges
 
 
 # ----------------------------------------------------------------------------- data
@@ -173,16 +180,11 @@ def load_llmrouter(data_dir: Path | None, minilm: bool = True) -> Dataset:
                                            "tokens), benchmarks/convert_llmrouter.py",
                         "order": "file order: train rows, then test rows"})
     ds.features["hashing"] = _hashing(prompts)
-    tasks = [r.get("task") for r in records]
-    if any(tasks):
-        # The "with tags" scenario: each row's task cluster passed as a request tag
-        # (``tags={"task": cluster_id}``), hashed into the context as the service does;
-        # rows without one (the test split has no cluster_id) stay untagged.
-        from bandit.featurize import with_tags
-
-        ds.features["hashing+tags"] = np.stack([
-            with_tags(row, {"task": str(t)} if t else None)
-            for row, t in zip(ds.features["hashing"], tasks, strict=True)])
+    # The "with tags" scenario: each row's task cluster passed as a request tag
+    # (``tags={"task": cluster_id}``); rows without one (the test split has no
+    # cluster_id) stay untagged.
+    add_tag_features(ds, [{"task": str(r["task"])} if r.get("task") is not None else None
+                          for r in records])
     cache = CACHE_DIR / "llmrouter-minilm.npy"
     if minilm:
         if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == ds.n:
@@ -193,6 +195,22 @@ def load_llmrouter(data_dir: Path | None, minilm: bool = True) -> Dataset:
             print(f"no MiniLM cache at {cache} (python -m benchmarks.replay_llmrouter "
                   "--featurizers minilm writes it): hashing only", file=sys.stderr)
     return ds
+
+
+def add_tag_features(ds: Dataset, tags: Sequence[dict[str, str] | None]) -> None:
+    """The two ways a request's tags enter the hashing context, if any row has tags:
+    ``hashing+tags``, hashed into the text's coordinates (:func:`bandit.featurize.
+    with_tags`, tags-v1), and ``hashing+tagblock``, their own block appended
+    (:func:`bandit.featurize.append_tag_block`; the policy gets ``tag_dims``)."""
+    if not any(tags):
+        return
+    from bandit.featurize import append_tag_block, with_tags
+
+    x = ds.features["hashing"]
+    ds.features["hashing+tags"] = np.stack([with_tags(row, t)
+                                            for row, t in zip(x, tags, strict=True)])
+    ds.features["hashing+tagblock"] = np.stack([append_tag_block(row, t)
+                                                for row, t in zip(x, tags, strict=True)])
 
 
 def prototype_features(x: np.ndarray, fit_rows: int, k: int = PROTO_K,
@@ -224,6 +242,7 @@ def load_mmlu(path: Path, output_tokens: int = 256, test_share: float = 0.2) -> 
                                            "Mixtral $0.6/$0.6 per Mtok",
                         "order": "shuffled once (seed 0); last 20% = test"})
     ds.features["hashing"] = _hashing([r["prompt"] for r in rows])
+    add_tag_features(ds, [{"subject": r["subject"]} for r in rows])
     return ds
 
 
@@ -382,6 +401,15 @@ class Inputs:
     x: np.ndarray
     contexts: list[dict] | None = None
     shared: list[str] | None = None
+    # Width of the tag block at the end of x (our policies' ``tag_dims``); 0: none.
+    tag_dims: int = 0
+
+    @classmethod
+    def of(cls, ds: Dataset, feat: str) -> Inputs:
+        from bandit.featurize import TAG_BLOCK_DIMS
+
+        return cls(ds.features[feat], tag_dims=TAG_BLOCK_DIMS if feat.endswith("+tagblock")
+                   else 0)
 
     def river_contexts(self) -> list[dict]:
         if self.contexts is None:
@@ -400,24 +428,8 @@ class Inputs:
 def make_router(name: str, inputs: Inputs, ds: Dataset, seed: int) -> Router:
     k = len(ds.arms)
     mean_cost = ds.cost.mean(axis=0)
-    if name == "ours-linucb":
-        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate)
-    if name == "ours-thompson":
-        return Ours(LinearThompson, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate)
-    if name == "ours-linucb-shared":
-        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate,
-                    **SHARED)
-    if name == "ours-linucb-main":
-        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate,
-                    **MAIN_DEFAULTS)
-    if name == "ours-linucb-mean":
-        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate,
-                    **LINUCB_MEAN)
-    if name == "ours-linucb-v1":
-        # The defaults before issue 13: no price estimate, unbounded optimism, every
-        # arm alone, context coefficients as free as the intercept.
-        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, None,
-                    **OLD_DEFAULTS)
+    if name.startswith("ours-"):
+        return _ours(name, inputs, ds, seed, mean_cost)
     if name == "river-linucb":
         return River(inputs.river_contexts(), k, seed)
     if name == "mabwiser-linucb":
@@ -426,6 +438,31 @@ def make_router(name: str, inputs: Inputs, ds: Dataset, seed: int) -> Router:
         return VowpalWabbit(inputs.vw_shared(), k, seed)
     if name == "eps-greedy":
         return EpsGreedy(k, seed)
+    raise ValueError(f"unknown router {name!r}")
+
+
+def _ours(name: str, inputs: Inputs, ds: Dataset, seed: int, mean_cost: np.ndarray) -> Ours:
+    # A tag block at the end of the contexts: the policy gives it its own ridge.
+    block = ({"tag_dims": inputs.tag_dims, "tag_ridge": TAG_RIDGE, "tag_ridges": TAG_RIDGES}
+             if inputs.tag_dims else {})
+    if name == "ours-linucb":
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate, **block)
+    if name == "ours-thompson":
+        return Ours(LinearThompson, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate, **block)
+    if name == "ours-linucb-shared":
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate, **block,
+                    **SHARED)
+    if name == "ours-linucb-main":
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate, **block,
+                    **MAIN_DEFAULTS)
+    if name == "ours-linucb-mean":
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, ds.cost_estimate, **block,
+                    **LINUCB_MEAN)
+    if name == "ours-linucb-v1":
+        # The defaults before issue 13: no price estimate, unbounded optimism, every
+        # arm alone, context coefficients as free as the intercept.
+        return Ours(LinUCB, inputs.x, ds.arms, mean_cost, seed, None, **block,
+                    **OLD_DEFAULTS)
     raise ValueError(f"unknown router {name!r}")
 
 
@@ -685,7 +722,7 @@ def evaluate(ds: Dataset, weights: Sequence[float], seeds: int, online: Sequence
                               window_stats(ds, weight, ch, test), None, 1,
                               time.perf_counter() - t0))
         for feat in featurizers:
-            inputs = Inputs(ds.features[feat])
+            inputs = Inputs.of(ds, feat)
             for name in online:
                 if name in PEERS and feat not in peer_featurizers:
                     continue
@@ -704,7 +741,7 @@ def evaluate(ds: Dataset, weights: Sequence[float], seeds: int, online: Sequence
                     # is the unshuffled stream, reported apart).
                     perm = np.random.default_rng(s + 1).permutation(ds.n)
                     dsp = ds.permuted(perm)
-                    router = make_router(name, Inputs(dsp.features[feat]), dsp, s)
+                    router = make_router(name, Inputs.of(dsp, feat), dsp, s)
                     ch = run_online(router, dsp.quality, dsp.cost, np.full(ds.n, weight))
                     shuffled.append(stream_value(r[perm], ch))
                 res = Result(ds.name, name, None if name == "eps-greedy" else feat, weight,
@@ -963,7 +1000,7 @@ def _plain(obj: object) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ALPHA  # noqa: PLW0603 - read by the peer adapters; one value per run
+    global ALPHA, TAG_RIDGE, TAG_RIDGES  # noqa: PLW0603 - read by the routers; one value per run
     parser = argparse.ArgumentParser(prog="python -m benchmarks.compare_routers",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-root", type=Path, default=None,
@@ -987,9 +1024,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routers", default=",".join(ONLINE))
     parser.add_argument("--no-minilm", action="store_true")
     parser.add_argument("--featurizers", default=None,
-                        help="comma-separated subset of hashing,minilm,hashing+tags "
-                             "(default: all there but hashing+tags, the llmrouter "
-                             "scenario with each row's cluster_id as a request tag)")
+                        help="comma-separated subset of hashing,minilm,hashing+tags,"
+                             "hashing+tagblock (default: all there but the two tag "
+                             "scenarios: llmrouter's cluster_id, mmlu's subject as a "
+                             "request tag, in the text's coordinates or in their own block)")
+    parser.add_argument("--tag-ridge", type=float, default=TAG_RIDGE,
+                        help="our policies' tag_ridge on hashing+tagblock")
+    parser.add_argument("--tag-ridges", default=None,
+                        help="our policies' tag_ridges on hashing+tagblock (comma-"
+                             "separated candidates, e.g. 1,1e6: tags per arm where they "
+                             "predict)")
     parser.add_argument("--peers-minilm", action="store_true",
                         help="also run the peers on MiniLM (slow: mabwiser ~1 min/pass)")
     parser.add_argument("--knn-k", type=int, default=KNN_K)
@@ -1000,6 +1044,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     ALPHA = args.peer_alpha
+    TAG_RIDGE = args.tag_ridge
+    TAG_RIDGES = (None if args.tag_ridges is None
+                  else tuple(float(v) for v in args.tag_ridges.split(",")))
     if args.quick:
         args.seeds, args.cost_weights, args.mmlu_cost_weights = 1, "0,100", "0,30"
         args.gsm8k_cost_weights, args.shuffles = "0,30", 1
@@ -1047,7 +1094,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown dataset {name!r}")
         feats = [f for f in ds.features
                  if (f in args.featurizers.split(",") if args.featurizers is not None
-                     else not f.endswith("+tags"))]
+                     else "+" not in f)]
         if not feats:
             log(f"{ds.name}: none of the featurizers {args.featurizers}: skipped")
             continue
@@ -1084,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
                 "eps_greedy_epsilon": EPS_GREEDY, "knn_k": args.knn_k,
                 "ours": "defaults of bandit.LinUCB / LinearThompson, with the price "
                         "estimate; ours-linucb-v1: " + repr(OLD_DEFAULTS),
-                "shuffles": args.shuffles,
+                "shuffles": args.shuffles, "tag_ridge_on_tagblock": TAG_RIDGE,
+                "tag_ridges_on_tagblock": TAG_RIDGES,
                 "elapsed_s": round(elapsed, 1)}
     payload = {"settings": settings, "datasets": datasets,
                "value": value_table(all_results), "goals": goals, "aiq": aiqs,

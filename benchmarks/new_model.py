@@ -12,14 +12,19 @@ its task and never worse. On every other query it scores what the weakest model
 models ($0.2 / $0.2 per Mtok), so it is the best choice on its cluster at every cost
 weight, and one of the worst elsewhere.
 
-Reported per cost weight and order seed: the specialist's share of its cluster's
+Two contexts (``--featurizers``): ``hashing``, the text alone, and ``hashing+tagblock``,
+the text plus each row's ``cluster_id`` as a request tag in its own block
+(:func:`bandit.featurize.append_tag_block`; the policy has ``tag_dims`` and
+``tag_ridge``), what a gateway that knows the app or route of a request passes.
+
+Reported per context, cost weight and order seed: the specialist's share of its cluster's
 queries in windows of that cluster's queries after it was added (0-100, 100-200,
 200-300, 300-600), its share of the other clusters' queries, and the routing value
 (:func:`bandit.replay.routing_value`) of the whole run against the 10-model oracle.
 The goal (issue 13): >= 50% of the cluster's traffic within 300 of its queries, i.e. in
 the 200-300 window.
 
-    python -m benchmarks.new_model [--seeds 3] [--cost-weights 0,300]
+    python -m benchmarks.new_model [--seeds 3] [--cost-weights 0,300] [--shared-ridge 1]
 
 Writes ``benchmarks/results/new_model.json``.
 """
@@ -27,6 +32,7 @@ Writes ``benchmarks/results/new_model.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -37,7 +43,7 @@ from bandit import LinUCB, Preferences
 from bandit.base import ArmPrior
 from bandit.replay import routing_value
 from benchmarks.common import data_root, print_table, write_results
-from benchmarks.compare_routers import load_llmrouter
+from benchmarks.compare_routers import TAG_RIDGE, Inputs, load_llmrouter
 
 STRONG = ("llama-3.1-nemotron-51b-instruct", "llama-3.3-nemotron-super-49b-v1")
 WEAK = "llama3-chatqa-1.5-8b"
@@ -56,9 +62,9 @@ def clusters(root) -> np.ndarray:
 
 
 def run(quality: np.ndarray, cost: np.ndarray, x: np.ndarray, arms: list[str], add_at: int,
-        weight: float, seed: int) -> np.ndarray:
+        weight: float, seed: int, **config: object) -> np.ndarray:
     """One pass; the last arm exists from row ``add_at`` on. Returns the choices."""
-    policy = LinUCB(x.shape[1], seed=seed)
+    policy = LinUCB(x.shape[1], seed=seed, **config)
     k = len(arms)
     for j in range(k - 1):
         policy.add_arm(arms[j], ArmPrior(cost_usd=float(cost[:, j].mean())))
@@ -86,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-weights", default="0,300")
     parser.add_argument("--add-at", type=int, default=3000)
     parser.add_argument("--cluster", type=int, default=1)
+    parser.add_argument("--featurizers", default="hashing,hashing+tagblock")
+    parser.add_argument("--tag-ridge", type=float, default=TAG_RIDGE)
+    parser.add_argument("--shared-ridge", type=float, default=None,
+                        help="LinUCB's shared_ridge (default: its default, None)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     root = data_root()
@@ -98,40 +108,50 @@ def main(argv: list[str] | None = None) -> int:
     quality = np.column_stack([ds.quality, spec_q])
     cost = np.column_stack([ds.cost, ds.cost[:, idx[SMALL_PRICE_OF]]])
     arms = [*ds.arms, "specialist"]
-    x = ds.features["hashing"]
     rows, results = [], []
     started = time.perf_counter()
-    for w in [float(v) for v in args.cost_weights.split(",")]:
-        for seed in range(args.seeds):
-            perm = np.random.default_rng(seed).permutation(ds.n)
-            ch = run(quality[perm], cost[perm], x[perm], arms, args.add_at, w, seed)
-            after = np.arange(ds.n) >= args.add_at
-            mine = ch[after & target[perm]] == len(arms) - 1
-            shares = {f"{a}-{b}": round(float(mine[a:b].mean()), 3) if len(mine) > a
-                      else None for a, b in WINDOWS}
-            others = float((ch[after & ~target[perm]] == len(arms) - 1).mean())
-            r = (quality - w * cost)[perm]
-            value = routing_value(r[args.add_at:], ch[args.add_at:])["value"]
-            results.append({"cost_weight": w, "seed": seed, "cluster_share": shares,
-                            "other_share": round(others, 4),
-                            "cluster_queries_after_add": int(len(mine)),
-                            "value_after_add": value})
-            rows.append([f"{w:g}", str(seed), *(f"{v:.0%}" if v is not None else "-"
-                                                for v in shares.values()),
-                         f"{others:.1%}", f"{value:+.3f}"])
-            print(f"w={w:g} seed={seed}: {shares} other {others:.1%} value {value:+.3f}",
-                  file=sys.stderr, flush=True)
+    for feat, w, seed in itertools.product(args.featurizers.split(","),
+                                           [float(v) for v in args.cost_weights.split(",")],
+                                           range(args.seeds)):
+        inputs = Inputs.of(ds, feat)
+        config: dict[str, object] = {"shared_ridge": args.shared_ridge}
+        if inputs.tag_dims:
+            config.update(tag_dims=inputs.tag_dims, tag_ridge=args.tag_ridge)
+        perm = np.random.default_rng(seed).permutation(ds.n)
+        ch = run(quality[perm], cost[perm], inputs.x[perm], arms, args.add_at, w, seed,
+                 **config)
+        after = np.arange(ds.n) >= args.add_at
+        mine = ch[after & target[perm]] == len(arms) - 1
+        shares = {f"{a}-{b}": round(float(mine[a:b].mean()), 3) if len(mine) > a
+                  else None for a, b in WINDOWS}
+        others = float((ch[after & ~target[perm]] == len(arms) - 1).mean())
+        r = (quality - w * cost)[perm]
+        value = routing_value(r[args.add_at:], ch[args.add_at:])["value"]
+        results.append({"featurizer": feat, "cost_weight": w, "seed": seed,
+                        "cluster_share": shares,
+                        "other_share": round(others, 4),
+                        "cluster_queries_after_add": int(len(mine)),
+                        "value_after_add": value})
+        rows.append([feat, f"{w:g}", str(seed), *(f"{v:.0%}" if v is not None else "-"
+                                            for v in shares.values()),
+                     f"{others:.1%}", f"{value:+.3f}"])
+        print(f"{feat} w={w:g} seed={seed}: {shares} other {others:.1%} value {value:+.3f}",
+              file=sys.stderr, flush=True)
     print_table(f"specialist added at row {args.add_at}: its share of cluster "
                 f"{args.cluster}'s queries after it was added",
-                ["w", "seed", *(f"{a}-{b}" for a, b in WINDOWS), "other clusters",
+                ["context", "w", "seed", *(f"{a}-{b}" for a, b in WINDOWS), "other clusters",
                  "value after add"], rows)
-    met = [r["cluster_share"]["200-300"] is not None and r["cluster_share"]["200-300"] >= 0.5
-           for r in results]
+    met: dict[str, list[bool]] = {}
+    for r in results:
+        share = r["cluster_share"]["200-300"]
+        met.setdefault(r["featurizer"], []).append(share is not None and share >= 0.5)
     payload = {"settings": {"add_at": args.add_at, "cluster": args.cluster,
                             "seeds": args.seeds, "policy": "LinUCB defaults",
+                            "shared_ridge": args.shared_ridge, "tag_ridge": args.tag_ridge,
                             "construction": __doc__.split("\n\n")[1].replace("\n", " "),
                             "elapsed_s": round(time.perf_counter() - started, 1)},
-               "goal_met_runs": f"{sum(met)} of {len(met)}", "results": results}
+               "goal_met_runs": {f: f"{sum(m)} of {len(m)}" for f, m in met.items()},
+               "results": results}
     from pathlib import Path
 
     write_results("new_model", payload,

@@ -122,8 +122,9 @@ class Checkpoints:
                 f"settings give {spec!r} (BANDIT_ROUTER_FEATURIZER, "
                 "BANDIT_ROUTER_DIM, BANDIT_ROUTER_FEATURIZER_SEED, "
                 "BANDIT_ROUTER_HASHING_VERSION, "
-                "BANDIT_ROUTER_PROTOTYPE_MAP): restore the settings they were learned "
-                "with, or set BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh to start from "
+                "BANDIT_ROUTER_PROTOTYPE_MAP, BANDIT_ROUTER_TAG_BLOCK): restore the "
+                "settings they were learned with, or set "
+                "BANDIT_ROUTER_FEATURIZER_CHANGE=start-fresh to start from "
                 "the models' priors (what was learned stays in the database, unused)")
         return fresh
 

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         "existing deployment keeps 1), 2 for a first start; in distributed mode "
         "(KAFKA_BOOTSTRAP) 1, since the learners' statistics do not record it: set 2 "
         "on every replica together with a fresh LEARNER_GROUP.")
+    tag_block: bool = Field(
+        False, description="Request tags in their own block of 16 coordinates after "
+        "the text's (bandit.featurize.append_tag_block), with their own ridge "
+        "(tag_ridge 1 against the text's 100), instead of hashed into the text's "
+        "coordinates: the policies' dimension grows by 16. Opt-in: statistics learned "
+        "without it have another dimension and featurizer spec (FEATURIZER_CHANGE); "
+        "set it on every replica and learner at once, with a fresh LEARNER_GROUP.")
     featurizer_change: Literal["refuse", "start-fresh"] = Field(
         "refuse", description="When the stored statistics were learned with another "
         "featurizer (FEATURIZER, DIM, FEATURIZER_SEED or PROTOTYPE_MAP changed): refuse "

@@ -18,7 +18,13 @@ import numpy as np
 
 from bandit import InvalidInputError
 from bandit.base import MAX_ABS_CONTEXT
-from bandit.featurize import PrototypeMap, with_tags
+from bandit.featurize import (
+    TAG_BLOCK_DIMS,
+    TAG_BLOCK_SPEC,
+    PrototypeMap,
+    append_tag_block,
+    with_tags,
+)
 from service.config import Settings
 
 __all__ = ["ContextSettingsError", "load_prototype_map", "context_dim", "head_and_tail",
@@ -79,10 +85,12 @@ def load_prototype_map(settings: Settings) -> PrototypeMap | None:
 
 def context_dim(settings: Settings, prototype_map: PrototypeMap | None = None) -> int:
     """The policies' context dimension: the map's ``dim`` if there is one, else
-    ``settings.dim``. Loads the map named by the settings unless one is given."""
+    ``settings.dim``, plus the tag block's with ``TAG_BLOCK``. Loads the map named by the
+    settings unless one is given."""
     if prototype_map is None:
         prototype_map = load_prototype_map(settings)
-    return settings.dim if prototype_map is None else prototype_map.dim
+    text = settings.dim if prototype_map is None else prototype_map.dim
+    return text + (TAG_BLOCK_DIMS if settings.tag_block else 0)
 
 
 class Contexts:
@@ -96,8 +104,11 @@ class Contexts:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.prototype_map = load_prototype_map(settings)
-        #: The policies' context dimension (the map's dim, else BANDIT_ROUTER_DIM).
+        #: The policies' context dimension (the map's dim, else BANDIT_ROUTER_DIM; plus
+        #: the tag block's with TAG_BLOCK).
         self.dim = context_dim(settings, self.prototype_map)
+        #: Width of the tag block at the end of every context (0: no block).
+        self.tag_dims = TAG_BLOCK_DIMS if settings.tag_block else 0
         self.featurizer: Any = None
         #: The newest checkpoint's featurizer spec (set by the checkpoints' restore).
         self.stored_spec: str | None = None
@@ -141,16 +152,26 @@ class Contexts:
         return np.asarray(self.featurizer.transform_one(text), dtype=np.float64)
 
     def spec(self) -> str:
-        """What names the featurizer (stored with a checkpoint, checked at start)."""
-        return str(getattr(self.featurizer, "spec", type(self.featurizer).__name__))
+        """What names the featurizer (stored with a checkpoint, checked at start), and
+        the tag block when there is one."""
+        spec = str(getattr(self.featurizer, "spec", type(self.featurizer).__name__))
+        return f"{spec}|{TAG_BLOCK_SPEC}" if self.tag_dims else spec
+
+    def tag_settings(self) -> dict[str, int]:
+        """The policies' tag block setting (``tag_dims``; ``tag_ridge`` is the policy's
+        default)."""
+        return {"tag_dims": self.tag_dims}
 
     def dim_source(self) -> str:
         """Which settings make the context dimension (for the refusals' messages)."""
+        block = (f" plus BANDIT_ROUTER_TAG_BLOCK's {self.tag_dims}" if self.tag_dims
+                 else "; BANDIT_ROUTER_TAG_BLOCK is off")
         if self.prototype_map is None:
-            return "BANDIT_ROUTER_DIM; BANDIT_ROUTER_PROTOTYPE_MAP is unset"
+            return f"BANDIT_ROUTER_DIM{block}; BANDIT_ROUTER_PROTOTYPE_MAP is unset"
         return (f"the k={self.prototype_map.k} prototypes of BANDIT_ROUTER_PROTOTYPE_MAP="
                 f"{str(self.settings.prototype_map)!r}"
-                + (" plus BANDIT_ROUTER_DIM" if self.prototype_map.include_base else ""))
+                + (" plus BANDIT_ROUTER_DIM" if self.prototype_map.include_base else "")
+                + block)
 
     def stored(self, context: bytes, feedback_id: int) -> np.ndarray:
         """A stored decision's context, refused (at start-up) if another setting made it."""
@@ -165,9 +186,12 @@ class Contexts:
     def context_from(self, text: str | None, embedding: list[float] | None,
                      tags: dict[str, str] | None = None) -> np.ndarray:
         """The context of a query: its text's features or its embedding (through the
-        prototype map when one is configured), with the request's tags hashed into the
-        same coordinates (:func:`bandit.featurize.with_tags`; untagged: unchanged)."""
-        return with_tags(self._query_context(text, embedding), tags)
+        prototype map when one is configured), with the request's tags in their own block
+        after it with ``TAG_BLOCK`` (:func:`bandit.featurize.append_tag_block`; untagged:
+        zeros), else hashed into the same coordinates (:func:`bandit.featurize.with_tags`;
+        untagged: unchanged)."""
+        x = self._query_context(text, embedding)
+        return append_tag_block(x, tags, self.tag_dims) if self.tag_dims else with_tags(x, tags)
 
     def _query_context(self, text: str | None, embedding: list[float] | None) -> np.ndarray:
         if embedding is not None:

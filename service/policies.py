@@ -60,7 +60,8 @@ class PolicyStore:
         """A policy of ``kind`` with the settings' parameters and the registry's arms."""
         policy = POLICY_CLASSES[kind](self.contexts.dim, seed=self.settings.policy_seed,
                                       epsilon=self.settings.epsilon,
-                                      half_life_hours=self.settings.half_life_hours)
+                                      half_life_hours=self.settings.half_life_hours,
+                                      **self.contexts.tag_settings())
         for model in self.registry.models.values():
             policy.add_arm(model.name, self.registry.prior(model))
         return policy
@@ -112,14 +113,19 @@ class PolicyStore:
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
             # The reference time comes with the statistics (the newest decision time
             # applied, see apply): the replay continues from it, as the live process did.
-            policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind],
-                                       epsilon=self.settings.epsilon,
-                                       half_life_hours=self.settings.half_life_hours)
+            settings = {"epsilon": self.settings.epsilon,
+                        "half_life_hours": self.settings.half_life_hours}
+            policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind], **settings)
             if policy.dim != self.contexts.dim:
                 raise ContextSettingsError(
                     f"checkpoint {key} has dimension {policy.dim}, the settings say "
                     f"{self.contexts.dim} ({self.contexts.dim_source()}): restore the "
                     "settings it was learned with, or start on a fresh database")
+            if policy.config.tag_dims != self.contexts.tag_dims:
+                # Same dimension, other layout (a checkpoint without a featurizer spec):
+                # the sums stay, the tag block's ridge is this process's.
+                policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind], **settings,
+                                           **self.contexts.tag_settings())
             self.sync_arms(policy)
             return policy
 

@@ -37,7 +37,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from bandit import Policy, Preferences
 from bandit.base import check_finite_number
-from bandit.featurize import TAGS_SPEC
+from bandit.featurize import TAG_BLOCK_SPEC, TAGS_SPEC
 from service.budget import Ledger
 from service.components import Components, build_core
 from service.config import Settings
@@ -119,7 +119,8 @@ class RoutingService:
         # Replicas (and learners) must agree on this; the spec names the featurizer and
         # the map's digest, so a log search shows a replica with another file.
         log.info("contexts: %s, %d dimensions; request tags: %s",
-                 getattr(self.contexts.featurizer, "spec", "?"), self.context_dim, TAGS_SPEC)
+                 getattr(self.contexts.featurizer, "spec", "?"), self.context_dim,
+                 TAG_BLOCK_SPEC if self.contexts.tag_dims else TAGS_SPEC)
         self.writer.start()
         self.sink.start()
         self.statistics.start()

@@ -21,7 +21,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences
-from bandit.featurize import check_tags, with_tags
+from bandit.featurize import TAG_BLOCK_DIMS, append_tag_block, check_tags, with_tags
 from bandit.pricing import DEFAULT_OUTPUT_TOKENS, prompt_tokens, request_cost
 from bandit.replay import ReplayLog
 from bandit.replay import replay as run_replay
@@ -164,6 +164,9 @@ def replay(
     output_tokens: Annotated[int, typer.Option(
         help="Output tokens assumed when pricing a request before the call (logs with "
              "prices)", min=0)] = DEFAULT_OUTPUT_TOKENS,
+    tag_block: Annotated[bool, typer.Option(
+        help="Each row's tags in their own block after the text's coordinates, as "
+             "BANDIT_ROUTER_TAG_BLOCK does (default: hashed into them, its default)")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here")] = None,
 ) -> None:
     console = Console()
@@ -184,8 +187,9 @@ def replay(
                                         f"per log line ({len(prompts)})", x.shape)
         else:
             x, _spec = featurize_prompts(prompts, featurizer, dim)
-        x = with_log_tags(x, read_tags(data))
-        params: dict[str, Any] = {"seed": seed}
+        tag_dims = TAG_BLOCK_DIMS if tag_block else 0
+        x = with_log_tags(x, read_tags(data), tag_dims)
+        params: dict[str, Any] = {"seed": seed, "tag_dims": tag_dims}
         if policy == "linucb" and alpha is not None:
             params["alpha"] = alpha
         learner = POLICIES[policy](x.shape[1], **params)
@@ -200,6 +204,7 @@ def replay(
         raise typer.Exit(2) from None
     result = {"data": str(data), "policy": policy, "seed": seed,
               "featurizer": "embeddings" if embeddings else featurizer, "dim": int(x.shape[1]),
+              "tag_block": tag_block,
               "price_estimates": estimates is not None,
               "output_tokens_assumed": output_tokens if estimates is not None else None,
               **run.summary}
@@ -274,9 +279,14 @@ def read_tags(path: Path) -> list[dict[str, str]]:
     return tags
 
 
-def with_log_tags(x: np.ndarray, tags: list[dict[str, str]]) -> np.ndarray:
-    """The contexts with each row's tags hashed in, as the service does at decide
-    (untagged rows unchanged)."""
+def with_log_tags(x: np.ndarray, tags: list[dict[str, str]],
+                  tag_dims: int = 0) -> np.ndarray:
+    """The contexts with each row's tags, as the service adds them at decide: in a block
+    of ``tag_dims`` coordinates after the text's (``BANDIT_ROUTER_TAG_BLOCK``; untagged
+    rows get zeros), else hashed into the text's (untagged rows unchanged)."""
+    if tag_dims:
+        return np.stack([append_tag_block(row, t, tag_dims)
+                         for row, t in zip(x, tags, strict=True)])
     if not any(tags):
         return x
     return np.stack([with_tags(row, t) for row, t in zip(x, tags, strict=True)])

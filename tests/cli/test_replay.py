@@ -113,17 +113,23 @@ def test_warmstart_writes_policy_that_knows_the_models(log_file, tmp_path):
     assert bad.exit_code == 2 and "weight" in bad.output
 
 
-def test_replay_tags_carry_the_signal_the_prompt_lacks(tmp_path):
-    # One prompt for every row; only the tag says which model is good.
-    rng = np.random.default_rng(1)
+def _two_app_log(rows: int, seed: int) -> list[dict]:
+    """Log lines with one prompt for every row; only the tag says which model is good."""
+    rng = np.random.default_rng(seed)
     lines = []
-    for i in range(400):
+    for i in range(rows):
         app_name = "search" if rng.random() < 0.5 else "support"
         good = "solver" if app_name == "search" else "writer"
         outcomes = {m: {"quality": 0.9 if m == good else 0.2, "cost_usd": 0.001}
                     for m in ("solver", "writer")}
         lines.append({"id": f"q{i}", "prompt": "help me", "tags": {"app": app_name},
                       "outcomes": outcomes})
+    return lines
+
+
+def test_replay_tags_carry_the_signal_the_prompt_lacks(tmp_path):
+    # One prompt for every row; only the tag says which model is good.
+    lines = _two_app_log(400, seed=1)
     quality = {}
     for name, rows in (("tagged", lines),
                        ("untagged", [{k: v for k, v in r.items() if k != "tags"}
@@ -194,3 +200,23 @@ def test_replay_unknown_baseline_exit_2_names_option(priced_log):
     result = runner.invoke(app, ["replay", str(priced_log), "--baseline", "nobody"])
     assert result.exit_code == 2
     assert "--baseline" in result.output and "solver" in result.output
+
+
+def test_replay_tag_block_learns_tags_in_fewer_rows(tmp_path):
+    # As above on 80 rows: the tags' own block (--tag-block, BANDIT_ROUTER_TAG_BLOCK's
+    # layout) learns each app's model within a few of its rows; hashed into the
+    # text's coordinates under the context ridge, the tags have not paid off yet.
+    lines = _two_app_log(80, seed=2)
+    path = tmp_path / "tagged.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    runs = {}
+    for flag in ("--tag-block", "--no-tag-block"):
+        out = tmp_path / f"{flag}.json"
+        result = runner.invoke(app, ["replay", str(path), "--seed", "3", flag,
+                                     "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        runs[flag] = json.loads(out.read_text())
+    assert runs["--tag-block"]["tag_block"] and runs["--tag-block"]["dim"] == 64 + 16
+    assert runs["--no-tag-block"]["dim"] == 64
+    quality = {flag: r["last_20pct"]["policy"]["quality"] for flag, r in runs.items()}
+    assert quality["--tag-block"] > 0.85 and quality["--no-tag-block"] < 0.7, quality

@@ -101,6 +101,21 @@ def client(new_database_url: Callable[[], str]) -> Iterator[TestClient]:
 
 
 # ------------------------------------------------------------------------ helpers
+def stored_decision(client: TestClient, decision_id: str):
+    """The decision row as the database holds it (after the writer's flush)."""
+    from sqlalchemy.orm import Session
+
+    from service.db import models as m
+
+    service = client.app.state.routing
+    service.writer.flush(timeout=5.0)
+    with Session(service.engine) as session:
+        row = session.get(m.DecisionRow, decision_id)
+        assert row is not None
+        session.expunge(row)
+        return row
+
+
 def create_tenant(client: TestClient, name: str = "acme") -> dict[str, str]:
     """Create a tenant; returns its Authorization header (with the id under 'X-Tenant')."""
     r = client.post("/v1/admin/tenants", json={"name": name}, headers=ADMIN)

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sqlalchemy.orm import Session
 
 from bandit.featurize import tag_vector
 from service.client import RouterClient
-from service.db import models as m
-from tests.service.conftest import DIM, add_model, assert_problem, create_tenant, embedding
+from tests.service.conftest import (
+    DIM,
+    add_model,
+    assert_problem,
+    create_tenant,
+    embedding,
+    stored_decision,
+)
 from tests.service.live import live_server
 
 
@@ -24,16 +29,6 @@ def _decide(client, tenant, tags=None, seed=0, **extra):
     if tags is not None:
         body["tags"] = tags
     return client.post("/v1/decide", json=body, headers=tenant)
-
-
-def _stored(client, decision_id: str) -> m.DecisionRow:
-    service = client.app.state.routing
-    service.writer.flush(timeout=5.0)
-    with Session(service.engine) as session:
-        row = session.get(m.DecisionRow, decision_id)
-        assert row is not None
-        session.expunge(row)
-        return row
 
 
 @pytest.mark.parametrize(("tags", "says"), [
@@ -62,7 +57,8 @@ def test_decide_tags_stored_and_hashed_into_context(client, models):
     tags = {"app": "support-bot", "task": "code"}
     tagged = _decide(client, tenant, tags, seed=4).json()
     plain = _decide(client, tenant, seed=4).json()
-    row, plain_row = _stored(client, tagged["decision_id"]), _stored(client, plain["decision_id"])
+    row = stored_decision(client, tagged["decision_id"])
+    plain_row = stored_decision(client, plain["decision_id"])
     assert row.tags == tags and plain_row.tags is None
     x = np.frombuffer(plain_row.context, dtype=np.float64)
     # Untagged: exactly the embedding, as before tags existed.
