@@ -58,66 +58,86 @@ LEARNERS = ("linucb-default", "context-free-ts", "hybrid-ts-independent",
 DRAWS = ("independent", "conditional", "joint")
 
 
+class HybridRidge:
+    """The hybrid ridge model, quality - 0.5 = x.(beta + theta_a), updated one row at a
+    time.
+
+    With M_a = (Lambda + C_a)^-1 (C_a = sum of x x^T over model a's rows, Lambda = the
+    deviations' ridge: ``context_ridge`` on the context, 1 on the intercept) the shared
+    coefficients solve A0 beta = sum_a Lambda M_a b_a with A0 = shared_ridge I +
+    sum_a (Lambda - Lambda M_a Lambda), and model a predicts x.(M_a (b_a + Lambda beta)):
+    the joint ridge fit, with the deviations profiled out (O(K D^2) per row plus one
+    D x D inverse).
+    """
+
+    def __init__(self, dim: int, arms: int, shared_ridge: float = 1.0,
+                 context_ridge: float = 100.0) -> None:
+        d = dim + 1
+        self.lam = np.full(d, context_ridge)
+        self.lam[-1] = 1.0
+        self.m = np.broadcast_to(np.diag(1.0 / self.lam), (arms, d, d)).copy()
+        self.b = np.zeros((arms, d))
+        self._part = np.zeros((arms, d, d))  # each model's Lambda - Lambda M_a Lambda
+        self.a0 = np.diag(np.full(d, shared_ridge))
+        self.a0_inv = np.linalg.inv(self.a0)
+        self.beta = np.zeros(d)
+
+    def predict(self, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For one context with its bias (D,): each model's mean quality (K,), its own
+        deviation's variance x^T M_a x (K,) and g_a = Lambda M_a x (K, D), the loading of
+        the shared coefficients' error on model a's prediction. The posterior variance
+        of model a (noise 1) is x^T M_a x + g_a^T A0^-1 g_a."""
+        mx = self.m @ xb
+        mean = np.einsum("kij,kj->ki", self.m, self.b + self.lam * self.beta) @ xb + 0.5
+        return mean, np.maximum(mx @ xb, 0.0), self.lam * mx
+
+    def update(self, arm: int, xb: np.ndarray, quality: float) -> None:
+        v = self.m[arm] @ xb
+        self.m[arm] -= np.outer(v, v) / (1.0 + xb @ v)
+        self.b[arm] += xb * (quality - 0.5)
+        lam = self.lam
+        part = np.diag(lam) - lam[:, None] * self.m[arm] * lam[None, :]
+        self.a0 += part - self._part[arm]
+        self._part[arm] = part
+        self.a0_inv = np.linalg.inv(self.a0)
+        self.beta = self.a0_inv @ (lam * np.einsum("kij,kj->ki", self.m, self.b)).sum(axis=0)
+
+
 def hybrid_thompson_choices(x: np.ndarray, quality: np.ndarray, cost: np.ndarray,
                             estimate: np.ndarray, weight: float, seed: int, *,
                             draw: str = "joint", scale: float = 0.5,
-                            shared_ridge: float = 1.0, context_ridge: float = 100.0,
                             epsilon: float = 0.01) -> np.ndarray:
-    """One pass of Thompson sampling on the hybrid model (module docstring).
-
-    With M_a = (Lambda + C_a)^-1 (C_a = sum of x x^T over model a's rows, Lambda = the
-    deviations' ridge) the shared coefficients solve A0 beta = sum_a Lambda M_a b_a,
-    A0 = shared_ridge I + sum_a (Lambda - Lambda M_a Lambda); model a predicts
-    x.(M_a b_a + M_a Lambda beta), with variance sigma^2 (x^T M_a x + g_a^T A0^-1 g_a),
-    g_a = Lambda M_a x (the second term: the shared part's uncertainty in model a).
-    """
+    """One pass of Thompson sampling on :class:`HybridRidge` (``draw``: module
+    docstring); the noise is the running residual variance (prior 0.25, 10 rows), the
+    width ``scale`` x the posterior's."""
     if draw not in DRAWS:
         raise ValueError(f"draw: allowed {', '.join(DRAWS)}, got {draw!r}")
     rng = np.random.default_rng(seed)
     n, k = quality.shape
     xb = np.concatenate([x, np.ones((n, 1))], axis=1)
-    d = xb.shape[1]
-    lam = np.full(d, context_ridge)
-    lam[-1] = 1.0
-    m = np.broadcast_to(np.diag(1.0 / lam), (k, d, d)).copy()
-    b = np.zeros((k, d))
-    part = np.zeros((k, d, d))  # each model's Lambda - Lambda M_a Lambda in A0
-    a0 = np.diag(np.full(d, shared_ridge))
-    a0_inv, beta = np.linalg.inv(a0), np.zeros(d)
+    model = HybridRidge(x.shape[1], k)
     spent, estimated = np.ones(k), np.ones(k)
-    rss, dof = 2.5, 10.0  # residual variance, prior 0.25 worth 10 rows
+    rss, dof = 2.5, 10.0
     choices = np.empty(n, dtype=np.intp)
     for t in range(n):
-        xt = xb[t]
-        mx = m @ xt
-        g = lam * mx
-        mean = np.einsum("kij,kj->ki", m, b + lam * beta) @ xt + 0.5
-        sigma = np.sqrt(rss / dof)
-        own = np.sqrt(np.maximum(mx @ xt, 0.0))
+        mean, own, g = model.predict(xb[t])
+        width = scale * np.sqrt(rss / dof)
         if draw == "independent":
-            width = np.sqrt(own ** 2 + np.maximum(np.einsum("ki,ij,kj->k", g, a0_inv, g), 0))
-            sample = mean + scale * sigma * width * rng.standard_normal(k)
+            shared = np.maximum(np.einsum("ki,ij,kj->k", g, model.a0_inv, g), 0.0)
+            sample = mean + width * np.sqrt(own + shared) * rng.standard_normal(k)
         else:
-            sample = mean + scale * sigma * own * rng.standard_normal(k)
+            sample = mean + width * np.sqrt(own) * rng.standard_normal(k)
             if draw == "joint":
-                chol = np.linalg.cholesky(a0_inv)
-                sample += g @ (scale * sigma * (chol @ rng.standard_normal(d)))
+                chol = np.linalg.cholesky(model.a0_inv)
+                sample += g @ (width * (chol @ rng.standard_normal(xb.shape[1])))
         price = estimate[t] * spent / estimated
         arm = int(np.argmax(np.minimum(sample, 1.0) - weight * price))
         if rng.random() < epsilon:
             arm = int(rng.integers(k))
         choices[t] = arm
-        r = quality[t, arm]
-        rss += (r - mean[arm]) ** 2
+        rss += (quality[t, arm] - mean[arm]) ** 2
         dof += 1
-        v = mx[arm]
-        m[arm] -= np.outer(v, v) / (1.0 + xt @ v)
-        b[arm] += xt * (r - 0.5)
-        new = np.diag(lam) - lam[:, None] * m[arm] * lam[None, :]
-        a0 += new - part[arm]
-        part[arm] = new
-        a0_inv = np.linalg.inv(a0)
-        beta = a0_inv @ (lam * np.einsum("kij,kj->ki", m, b)).sum(axis=0)
+        model.update(arm, xb[t], quality[t, arm])
         spent[arm] += cost[t, arm] / max(estimate[t, arm], 1e-12)
         estimated[arm] += 1
     return choices
