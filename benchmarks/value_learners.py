@@ -1,0 +1,285 @@
+"""Which learning makes the contextual gain cheaper than its exploration? (issue 13)
+
+Routing value (:func:`bandit.replay.routing_value`) of a few one-pass learners, bandit
+feedback only, on the same shuffles as ``compare_routers`` (permutation seed s + 1),
+next to two references:
+
+* ``linucb-default``: the policy ``serve`` and ``replay`` run today (``compare_routers``'
+  ``ours-linucb``: LinUCB, alpha 0.3, context ridge 100, price estimate, bounded
+  optimism, every model alone).
+* ``context-free-ts``: ``benchmarks.value_bounds``' context-free Thompson sampler: what
+  finding the best model costs when the context is ignored.
+* ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
+  quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
+  model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
+  exactly by profiling the deviations out (the algebra of
+  ``bandit.stats.ArmStatistics.shared_offsets``); the price is known (the request's price
+  estimate times the model's observed / estimated ratio). The three variants differ only
+  in how a decision samples the posterior:
+
+  - ``independent``: each model's prediction drawn alone, with the shared part's
+    uncertainty in every model's width (what a per-arm Thompson sampler does);
+  - ``conditional``: beta at its mean, each model's deviation drawn (what
+    ``LinearThompson(shared_ridge=1)`` does);
+  - ``joint``: one draw of beta for all models, then each model's deviation given it
+    (the exact posterior sample of the hybrid model).
+
+* ``full-info-online``: the same ridge (100), greedy, one pass, but it sees *every*
+  model's outcome of every past row: no bandit can earn more on these features.
+
+Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
+``../shared/data``). Writes ``benchmarks/results/value_learners.json``.
+
+What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
+first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
+``context-free-ts`` -0.069 / -0.033 / -0.055; ``hybrid-ts-joint`` -0.046 / -0.070 /
+-0.038; ``hybrid-ts-conditional`` -0.057 / -0.120 / -0.055; ``hybrid-ts-independent``
+-0.086 / -0.140 / -0.146; ``full-info-online`` +0.027 / -0.011 / -0.011.
+
+* No bandit reaches 0. Even with every model's outcome of every past row the online
+  ridge earns +0.027 on LLMRouter (the cross-fitted ceiling of ``value_bounds`` is
+  +0.047), while finding the best of 9 models under bandit feedback costs about 0.07
+  (``context-free-ts``): the contextual gain on these features is smaller than the
+  price of identifying the models, whatever learns it.
+* The joint draw is what makes the hybrid model pay: drawing the shared coefficients
+  independently for every model adds noise common to all of them to each model's
+  sample, i.e. exploration that cannot change which model wins.
+* ``hybrid-ts-joint`` beats the default on LLMRouter and GSM8K but loses on MMLU (2
+  models: the default's near-greedy bonus finds the better one sooner at w = 10 and 30),
+  and it inherits the shared component's known weakness: once one model has most of a
+  topic, its failures elsewhere are learned as "that topic is hard" and the model best
+  there is hardly tried (tests/benchmarks/test_value_learners.py, a two-topic case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bandit.replay import routing_value
+from benchmarks.common import data_root, print_table, write_results
+from benchmarks.compare_routers import (
+    Dataset,
+    Inputs,
+    load_gsm8k,
+    load_llmrouter,
+    load_mmlu,
+    make_router,
+    run_online,
+)
+from benchmarks.value_bounds import WEIGHTS, thompson_choices
+
+LEARNERS = ("linucb-default", "context-free-ts", "hybrid-ts-independent",
+            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online")
+DRAWS = ("independent", "conditional", "joint")
+
+
+class HybridRidge:
+    """The hybrid ridge model, quality - 0.5 = x.(beta + theta_a), updated one row at a
+    time.
+
+    With M_a = (Lambda + C_a)^-1 (C_a = sum of x x^T over model a's rows, Lambda = the
+    deviations' ridge: ``context_ridge`` on the context, 1 on the intercept) the shared
+    coefficients solve A0 beta = sum_a Lambda M_a b_a with A0 = shared_ridge I +
+    sum_a (Lambda - Lambda M_a Lambda), and model a predicts x.(M_a (b_a + Lambda beta)):
+    the joint ridge fit, with the deviations profiled out (O(K D^2) per row plus one
+    D x D inverse).
+    """
+
+    def __init__(self, dim: int, arms: int, shared_ridge: float = 1.0,
+                 context_ridge: float = 100.0) -> None:
+        d = dim + 1
+        self.lam = np.full(d, context_ridge)
+        self.lam[-1] = 1.0
+        self.m = np.broadcast_to(np.diag(1.0 / self.lam), (arms, d, d)).copy()
+        self.b = np.zeros((arms, d))
+        self._part = np.zeros((arms, d, d))  # each model's Lambda - Lambda M_a Lambda
+        self.a0 = np.diag(np.full(d, shared_ridge))
+        self.a0_inv = np.linalg.inv(self.a0)
+        self.beta = np.zeros(d)
+
+    def predict(self, xb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For one context with its bias (D,): each model's mean quality (K,), its own
+        deviation's variance x^T M_a x (K,) and g_a = Lambda M_a x (K, D), the loading of
+        the shared coefficients' error on model a's prediction. The posterior variance
+        of model a (noise 1) is x^T M_a x + g_a^T A0^-1 g_a."""
+        mx = self.m @ xb
+        mean = np.einsum("kij,kj->ki", self.m, self.b + self.lam * self.beta) @ xb + 0.5
+        return mean, np.maximum(mx @ xb, 0.0), self.lam * mx
+
+    def update(self, arm: int, xb: np.ndarray, quality: float) -> None:
+        v = self.m[arm] @ xb
+        self.m[arm] -= np.outer(v, v) / (1.0 + xb @ v)
+        self.b[arm] += xb * (quality - 0.5)
+        lam = self.lam
+        part = np.diag(lam) - lam[:, None] * self.m[arm] * lam[None, :]
+        self.a0 += part - self._part[arm]
+        self._part[arm] = part
+        self.a0_inv = np.linalg.inv(self.a0)
+        self.beta = self.a0_inv @ (lam * np.einsum("kij,kj->ki", self.m, self.b)).sum(axis=0)
+
+
+def hybrid_thompson_choices(x: np.ndarray, quality: np.ndarray, cost: np.ndarray,
+                            estimate: np.ndarray, weight: float, seed: int, *,
+                            draw: str = "joint", scale: float = 0.5,
+                            epsilon: float = 0.01) -> np.ndarray:
+    """One pass of Thompson sampling on :class:`HybridRidge` (``draw``: module
+    docstring); the noise is the running residual variance (prior 0.25, 10 rows), the
+    width ``scale`` x the posterior's."""
+    if draw not in DRAWS:
+        raise ValueError(f"draw: allowed {', '.join(DRAWS)}, got {draw!r}")
+    rng = np.random.default_rng(seed)
+    n, k = quality.shape
+    xb = np.concatenate([x, np.ones((n, 1))], axis=1)
+    model = HybridRidge(x.shape[1], k)
+    spent, estimated = np.ones(k), np.ones(k)
+    rss, dof = 2.5, 10.0
+    choices = np.empty(n, dtype=np.intp)
+    for t in range(n):
+        mean, own, g = model.predict(xb[t])
+        width = scale * np.sqrt(rss / dof)
+        if draw == "independent":
+            shared = np.maximum(np.einsum("ki,ij,kj->k", g, model.a0_inv, g), 0.0)
+            sample = mean + width * np.sqrt(own + shared) * rng.standard_normal(k)
+        else:
+            sample = mean + width * np.sqrt(own) * rng.standard_normal(k)
+            if draw == "joint":
+                chol = np.linalg.cholesky(model.a0_inv)
+                sample += g @ (width * (chol @ rng.standard_normal(xb.shape[1])))
+        price = estimate[t] * spent / estimated
+        arm = int(np.argmax(np.minimum(sample, 1.0) - weight * price))
+        if rng.random() < epsilon:
+            arm = int(rng.integers(k))
+        choices[t] = arm
+        rss += (quality[t, arm] - mean[arm]) ** 2
+        dof += 1
+        model.update(arm, xb[t], quality[t, arm])
+        spent[arm] += cost[t, arm] / max(estimate[t, arm], 1e-12)
+        estimated[arm] += 1
+    return choices
+
+
+def full_information_choices(x: np.ndarray, quality: np.ndarray, cost: np.ndarray,
+                             estimate: np.ndarray, weight: float, ridge: float = 100.0,
+                             refit: int = 20) -> np.ndarray:
+    """Greedy one-pass ridge that sees every model's outcome of every past row
+    (refitted every ``refit`` rows); the cost is the price estimate times each model's
+    observed / estimated ratio so far."""
+    n, k = quality.shape
+    xb = np.concatenate([x, np.ones((n, 1))], axis=1)
+    lam = np.full(xb.shape[1], ridge)
+    lam[-1] = 1.0
+    gram, rhs = np.diag(lam), np.zeros((xb.shape[1], k))
+    theta = np.zeros_like(rhs)
+    spent, estimated = np.ones(k), np.ones(k)
+    choices = np.empty(n, dtype=np.intp)
+    for start in range(0, n, refit):
+        rows = slice(start, min(n, start + refit))
+        price = estimate[rows] * spent / estimated
+        choices[rows] = np.argmax(xb[rows] @ theta + 0.5 - weight * price, axis=1)
+        spent += (cost[rows] / np.maximum(estimate[rows], 1e-12)).sum(axis=0)
+        estimated += rows.stop - start
+        gram += xb[rows].T @ xb[rows]
+        rhs += xb[rows].T @ (quality[rows] - 0.5)
+        theta = np.linalg.solve(gram, rhs)
+    return choices
+
+
+def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarray:
+    x = ds.features["hashing"]
+    if learner == "linucb-default":
+        router = make_router("ours-linucb", Inputs(x), ds, seed)
+        return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
+    if learner == "context-free-ts":
+        return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
+    if learner == "full-info-online":
+        return full_information_choices(x, ds.quality, ds.cost, ds.cost_estimate,
+                                        weight)
+    if learner.startswith("hybrid-ts-"):
+        return hybrid_thompson_choices(x, ds.quality, ds.cost, ds.cost_estimate, weight,
+                                       seed, draw=learner.removeprefix("hybrid-ts-"))
+    raise ValueError(f"unknown learner {learner!r} ({', '.join(LEARNERS)})")
+
+
+_DATA: dict[str, Dataset] = {}
+
+
+def _load(name: str, mmlu_rows: int) -> Dataset:
+    if name not in _DATA:
+        root = data_root()
+        if name == "llmrouter":
+            _DATA[name] = load_llmrouter(root / "llmrouter", minilm=False)
+        elif name == "mmlu":
+            ds = load_mmlu(root / "routellm" / "mmlu.csv")
+            _DATA[name] = ds.head(mmlu_rows) if mmlu_rows else ds
+        elif name == "gsm8k":
+            _DATA[name] = load_gsm8k(root / "routellm" / "gsm8k_responses.csv")
+        else:
+            raise ValueError(f"--datasets: unknown data set {name!r} (llmrouter, mmlu, gsm8k)")
+    return _DATA[name]
+
+
+def _job(args: tuple[str, str, float, int, int]) -> float:
+    name, learner, weight, shuffle, mmlu_rows = args
+    ds = _load(name, mmlu_rows)
+    perm = np.random.default_rng(shuffle + 1).permutation(ds.n)
+    dsp = ds.permuted(perm)
+    ch = choices_of(learner, dsp, weight, shuffle)
+    return float(routing_value(dsp.rewards(weight), ch)["value"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.value_learners",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
+    parser.add_argument("--learners", default=",".join(LEARNERS))
+    parser.add_argument("--shuffles", type=int, default=3)
+    parser.add_argument("--mmlu-rows", type=int, default=3000,
+                        help="MMLU rows replayed (0: all 14,042; default 3,000)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    learners = args.learners.split(",")
+    for name in learners:
+        if name not in LEARNERS:
+            parser.error(f"--learners: unknown {name!r} (allowed: {', '.join(LEARNERS)})")
+    started = time.perf_counter()
+    rows, results = [], []
+    with multiprocessing.Pool(args.jobs) as pool:
+        for name in args.datasets.split(","):
+            weights = WEIGHTS[name]
+            for learner in learners:
+                jobs = [(name, learner, w, s, args.mmlu_rows)
+                        for w in weights for s in range(args.shuffles)]
+                values = np.array(pool.map(_job, jobs)).reshape(len(weights), args.shuffles)
+                per_weight = values.mean(axis=1)
+                results.append({"dataset": name, "learner": learner, "weights": list(weights),
+                                "values": [round(float(v), 4) for v in per_weight],
+                                "sd": [round(float(v), 4) for v in values.std(axis=1)],
+                                "mean": round(float(per_weight.mean()), 4)})
+                rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
+                             *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}"])
+                print(f"{name} {learner}: {per_weight.mean():+.3f} "
+                      f"({time.perf_counter() - started:.0f}s)", flush=True)
+    print_table("Routing value, one pass, mean over shuffles "
+                "(0 = best fixed model, 1 = per-query oracle)",
+                ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean"], rows,
+                caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
+                        "hashing v2, 64 dims")
+    path = write_results("value_learners", {
+        "what": "routing value of one-pass learners (bandit feedback) against the default "
+                "LinUCB, the context-free Thompson floor and a full-information online "
+                "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
+        "shuffles": args.shuffles, "mmlu_rows": args.mmlu_rows, "results": results,
+        "seconds": round(time.perf_counter() - started, 1)},
+        results_dir=None if args.out_dir is None else Path(args.out_dir))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""benchmarks/value_learners.py on generated data (no ../shared)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bandit.replay import routing_value
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+vl = importlib.import_module("benchmarks.value_learners")
+vb = importlib.import_module("benchmarks.value_bounds")
+
+
+def test_hybrid_ridge_is_the_joint_ridge_fit_and_its_posterior() -> None:
+    """The profiled-out updates equal one ridge regression on the stacked features
+    [x, x one-hot by model] with the same penalties, mean and covariance."""
+    rng = np.random.default_rng(0)
+    n, k, dim = 200, 3, 4
+    x = rng.standard_normal((n, dim))
+    xb = np.concatenate([x, np.ones((n, 1))], axis=1)
+    arms = rng.integers(0, k, n)
+    quality = rng.random(n)
+    model = vl.HybridRidge(dim, k, shared_ridge=2.0, context_ridge=7.0)
+    for t in range(n):
+        model.update(int(arms[t]), xb[t], float(quality[t]))
+    d = dim + 1
+    phi = np.zeros((n, (k + 1) * d))
+    phi[:, :d] = xb
+    for t in range(n):
+        phi[t, (arms[t] + 1) * d:(arms[t] + 2) * d] = xb[t]
+    arm_penalty = np.r_[np.full(dim, 7.0), 1.0]
+    penalty = np.r_[np.full(d, 2.0), np.tile(arm_penalty, k)]
+    gram = phi.T @ phi + np.diag(penalty)
+    coef = np.linalg.solve(gram, phi.T @ (quality - 0.5))
+    cov = np.linalg.inv(gram)
+    probe = np.r_[rng.standard_normal(dim), 1.0]
+    mean, own, g = model.predict(probe)
+    for a in range(k):
+        row = np.zeros((k + 1) * d)
+        row[:d] = probe
+        row[(a + 1) * d:(a + 2) * d] = probe
+        assert mean[a] == pytest.approx(row @ coef + 0.5, abs=1e-9)
+        assert own[a] + g[a] @ model.a0_inv @ g[a] == pytest.approx(row @ cov @ row, abs=1e-9)
+
+
+def _two_topics(n: int = 2000, seed: int = 0):
+    """Two topics (x[0] or x[1] set), three models: model 0 right on topic 0 only,
+    model 1 on topic 1 only, model 2 a little better than a coin everywhere. The best
+    fixed model earns ~0.55, routing by topic ~0.9."""
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, 2, n)
+    x = np.zeros((n, 4))
+    x[np.arange(n), topic] = 1.0
+    p = np.stack([np.where(topic == 0, 0.9, 0.2), np.where(topic == 1, 0.9, 0.2),
+                  np.full(n, 0.55)], axis=1)
+    quality = (rng.random((n, 3)) < p).astype(np.float64)
+    cost = np.full((n, 3), 1e-4)
+    return x, quality, cost
+
+
+@pytest.mark.parametrize("draw", vl.DRAWS)
+def test_hybrid_thompson_reads_the_topic_where_a_context_free_sampler_cannot(
+        draw: str) -> None:
+    x, quality, cost = _two_topics()
+    rewards = quality - 0.0 * cost
+    ours = routing_value(rewards, vl.hybrid_thompson_choices(x, quality, cost, cost, 0.0,
+                                                             seed=1, draw=draw))
+    blind = routing_value(rewards, vb.thompson_choices(quality, cost, cost, 0.0, seed=1))
+    # It learns the topics (a blind sampler cannot), but not all of them: once model 1
+    # has most of topic 1, the shared part takes its failures on topic 0 for "topic 0
+    # is hard", and model 0 is hardly tried there (value ~0.3-0.4 of the ~0.85 a
+    # topic router earns; the weakness reported in benchmarks/value_learners.py).
+    assert blind["value"] < 0.1
+    assert ours["value"] > blind["value"] + 0.2
+
+
+def test_full_information_online_routes_by_topic() -> None:
+    x, quality, cost = _two_topics()
+    value = routing_value(quality, vl.full_information_choices(x, quality, cost, cost, 0.0),
+                          groups=x[:, 0])
+    assert value["value"] > 0.9 * value["task_oracle_value"] > 0.5
+
+
+def test_full_information_online_learns_the_real_price_from_a_low_estimate() -> None:
+    """At w = 5000 the topic models' real price (0.5 of quality) makes the cheap model
+    best everywhere; their estimate is half the real price, which alone would route by
+    topic. Learning the observed / estimated ratio keeps the cheap model."""
+    x, quality, cost = _two_topics()
+    cost = cost * np.array([1.0, 1.0, 0.01])
+    estimate = cost * np.array([0.5, 0.5, 1.0])
+    rewards = quality - 5000.0 * cost
+    value = routing_value(rewards, vl.full_information_choices(x, quality, cost, estimate,
+                                                               5000.0))
+    assert value["best_model"] == 2
+    assert value["value"] > -0.02
+
+
+def test_unknown_draw_and_learner_are_refused() -> None:
+    x, quality, cost = _two_topics(50)
+    with pytest.raises(ValueError, match="draw: allowed independent, conditional, joint"):
+        vl.hybrid_thompson_choices(x, quality, cost, cost, 0.0, seed=0, draw="both")
+    with pytest.raises(SystemExit):
+        vl.main(["--learners", "nope"])
