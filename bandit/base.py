@@ -813,15 +813,21 @@ class Policy(abc.ABC):
         scores = self._score(a.utility_main, a.std_main, a.ceiling)
         choices = np.argmax(scores, axis=1)
         eps, cold_share = self.config.epsilon, a.cold_share
-        if eps > 0 or cold_share.any():
+        cold_any = bool(cold_share.any())
+        if n == 1 and not cold_any and eps > 0:
+            # One context, no cold arm to explore: the same draws on Python floats.
+            if self._rng.random() < eps:
+                choices[0] = self._rng.integers(0, k)
+        elif eps > 0 or cold_any:
             u = self._rng.random(n)
             uniform = u < eps
-            to_cold = ~uniform & (u < eps + (1 - eps) * cold_share)
             if uniform.any():
                 choices[uniform] = self._rng.integers(0, k, int(uniform.sum()))
-            for row in np.flatnonzero(to_cold):
-                cold_idx = np.flatnonzero(a.cold[row])
-                choices[row] = cold_idx[self._rng.integers(0, cold_idx.size)]
+            if cold_any:
+                to_cold = ~uniform & (u < eps + (1 - eps) * cold_share)
+                for row in np.flatnonzero(to_cold):
+                    cold_idx = np.flatnonzero(a.cold[row])
+                    choices[row] = cold_idx[self._rng.integers(0, cold_idx.size)]
         prop = (self._propensity(a, choices, scores) if propensities
                 else np.full(n, np.nan))
         explored = choices != np.argmax(a.utility, axis=1)

@@ -292,7 +292,7 @@ class ArmStatistics:
             _rank1(p, -1.0, gain, px)
             _rank1(self.s_data[k], 1.0, xw, x)
             if all(grp):
-                theta += err[:, None] * gain
+                _rank1(theta, 1.0, err, gain)
             else:
                 group = self.group[k]
                 theta[group] += err[group, None] * gain
@@ -320,7 +320,7 @@ class ArmStatistics:
         else:
             yo = np.where(observed, y, 0.0)
             wo = weight * observed
-        self.b_data[k] += yo[:, None] * xw
+        _rank1(self.b_data[k], 1.0, yo, xw)
         self.srr[k] += weight * (yo * yo)
         self.weight[k] += wo
         self.count[k] += observed
@@ -530,7 +530,7 @@ class ArmStatistics:
 
 
 def _rank1(a: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> None:
-    """``a += alpha * u v^T`` in place for a C-contiguous (D, D) ``a`` (BLAS dger on its
+    """``a += alpha * u v^T`` in place for a C-contiguous (M, D) ``a`` (BLAS dger on its
     Fortran-ordered transpose): no D x D temporary, ~3x faster than numpy's outer."""
     # f2py writes in place into an F-contiguous float64 array with overwrite_a
     # (tests/bandit/test_hot_path.py checks the update against the numpy form).
