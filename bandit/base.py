@@ -370,14 +370,6 @@ class BatchDecision:
     def chosen(self) -> list[str]:
         return [self.arms[i] for i in self.choices]
 
-    def _table(self, rows: slice, *extra: np.ndarray) -> np.ndarray:
-        """(rows, K, 6 + len(extra)): the fields of :class:`Prediction` in API units
-        (latency in ms), then the ``extra`` (n, K) columns."""
-        m = self.means[rows]
-        return np.stack((m[:, :, 0], m[:, :, 1], m[:, :, 2] * 1e3, self.utility[rows],
-                         self.uncertainty[rows], self.scores[rows],
-                         *(e[rows] for e in extra)), axis=2)
-
     def prediction_dicts(self, **extra: np.ndarray) -> list[dict[str, dict[str, float]]]:
         """Per row: arm -> ``decision(row).predictions[arm].as_dict()``, plus one entry
         per ``extra`` (n, K) array (the service adds ``price_usd``).
@@ -396,17 +388,32 @@ class BatchDecision:
             if np.shape(value) != self.utility.shape:
                 raise InvalidInputError(name, f"must have shape {self.utility.shape} "
                                         "(row per context, column per arm)", np.shape(value))
-        keys = (*Prediction._fields, *extra)
+        # Dict displays over tolist() rows: ~3x faster than dict(zip(keys, ...)) per arm.
+        means, utility = self.means.tolist(), self.utility.tolist()
+        std, scores = self.uncertainty.tolist(), self.scores.tolist()
+        extras = [(key, np.asarray(value, dtype=np.float64).tolist())
+                  for key, value in extra.items()]
         arms = self.arms
-        return [{name: dict(zip(keys, values, strict=True))
-                 for name, values in zip(arms, row, strict=True)}
-                for row in self._table(slice(None), *extra.values()).tolist()]
+        out = []
+        for r, (m, u, s, sc) in enumerate(zip(means, utility, std, scores, strict=True)):
+            row = {name: {"quality": m[j][0], "cost_usd": m[j][1],
+                          "latency_ms": m[j][2] * 1e3, "utility": u[j],
+                          "uncertainty": s[j], "score": sc[j]}
+                   for j, name in enumerate(arms)}
+            for key, values in extras:
+                for name, value in zip(arms, values[r], strict=True):
+                    row[name][key] = value
+            out.append(row)
+        return out
 
     def decision(self, row: int, policy: str = "") -> Decision:
         """One row as a :class:`Decision`."""
-        # One tolist() of the row's table; its rows go straight into Prediction (a
-        # named tuple) without a Python loop per arm.
-        rows = self._table(slice(row, row + 1))[0].tolist()
+        # tolist() converts a column in one C call; the tuples go straight into
+        # Prediction (a named tuple) without a Python loop per arm.
+        m = self.means[row]
+        rows = zip(m[:, 0].tolist(), m[:, 1].tolist(), (m[:, 2] * 1e3).tolist(),
+                   self.utility[row].tolist(), self.uncertainty[row].tolist(),
+                   self.scores[row].tolist(), strict=True)
         predictions = dict(zip(self.arms, map(_make_prediction, rows), strict=True))
         explored = bool(self.explored[row]) if self.explored.size else False
         return Decision(arm=self.arms[int(self.choices[row])],
