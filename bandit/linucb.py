@@ -76,6 +76,8 @@ class LinUCB(Policy):
         return np.minimum(utility + self.config.alpha * std, np.maximum(ceiling, utility))
 
     def _main_propensity(self, utility: np.ndarray, std: np.ndarray,
-                         choices: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
-        scores = self._score(utility, std, ceiling)
+                         choices: np.ndarray, ceiling: np.ndarray,
+                         scores: np.ndarray | None = None) -> np.ndarray:
+        if scores is None:  # deterministic: the same inputs give the same scores
+            scores = self._score(utility, std, ceiling)
         return (np.argmax(scores, axis=1) == choices).astype(np.float64)

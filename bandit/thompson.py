@@ -92,7 +92,9 @@ class LinearThompson(Policy):
         return utility + self.config.scale * std * noise
 
     def _main_propensity(self, utility: np.ndarray, std: np.ndarray,
-                         choices: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
+                         choices: np.ndarray, ceiling: np.ndarray,
+                         scores: np.ndarray | None = None) -> np.ndarray:
+        # ``scores`` (one draw of the samples) do not give the probability: unused.
         s = self.config.scale * std
         n, k = utility.shape
         rows = np.arange(n)

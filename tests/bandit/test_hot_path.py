@@ -1,0 +1,133 @@
+"""The single-context fast paths of deciding and learning (issue 19) against the general
+paths they short-cut: same numbers (to 1e-12), same errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bandit import (
+    ArmPrior,
+    DimensionError,
+    InvalidInputError,
+    LinearThompson,
+    LinUCB,
+    Preferences,
+)
+
+PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
+CONFIGS = [{}, {"context_ridges": (1.0, 100.0)}, {"exploration": "mean"},
+           {"shared_ridge": 1.0}]
+
+
+def trained(cls, d: int = 5, partial: bool = False, **params):
+    """A policy with a few hundred updates; ``partial`` outcomes split the head groups."""
+    rng = np.random.default_rng(11)
+    policy = cls(d, seed=2, **params)
+    for j in range(4):
+        policy.add_arm(f"m{j}", ArmPrior(quality=0.6, cost_usd=0.002) if j == 1 else None)
+    for t in range(240):
+        x = rng.standard_normal(d)
+        outcome = {"quality": float(rng.random()), "cost_usd": 0.001 * (1 + t % 4),
+                   "latency_ms": 300.0 + t}
+        if partial and t % 3 == 0:
+            del outcome["quality"]
+        policy.update(f"m{t % 4}", x, outcome)
+    return policy
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+@pytest.mark.parametrize("params", CONFIGS)
+@pytest.mark.parametrize("partial", [False, True])
+def test_single_context_predictions_match_the_batch_path(cls, params, partial):
+    policy = trained(cls, partial=partial, **params)
+    rows = np.random.default_rng(5).standard_normal((2, policy.dim))
+    both = policy.decide_batch(rows, PREFS, explore=False)
+    for r in range(2):
+        one = policy.decide_batch(rows[r], PREFS, explore=False)
+        np.testing.assert_allclose(one.means[0], both.means[r], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(one.utility[0], both.utility[r], rtol=0, atol=1e-12)
+    # Exploration widths: the (n, K*D) product of the batch path against the two gemv.
+    explore = policy._assess(rows, PREFS, None, True)
+    for r in range(2):
+        single = policy._assess(rows[r], PREFS, None, True)
+        np.testing.assert_allclose(single.std[0], explore.std[r], rtol=1e-12, atol=1e-12)
+    if partial and not params:
+        assert not policy._stats.group.all()  # the split-group branch was exercised
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_single_context_fast_path_refuses_what_validation_refuses(cls):
+    policy = trained(cls)
+    good = np.full(policy.dim, 0.1)
+    for bad in (np.r_[good[:-1], np.nan], np.r_[good[:-1], np.inf],
+                np.r_[good[:-1], -np.inf], np.r_[good[:-1], 1e4]):
+        with pytest.raises(InvalidInputError) as info:
+            policy.decide(bad)
+        assert info.value.field == "x"
+        with pytest.raises(InvalidInputError):
+            policy.update("m0", bad, {"quality": 1.0})
+    with pytest.raises(DimensionError):
+        policy.decide(good[:-1])
+    # Integers and float32 take the general path or the fast one: same decision.
+    ints = np.ones(policy.dim, dtype=np.int64)
+    a = policy.decide_batch(ints, PREFS, explore=False)
+    b = policy.decide_batch(ints.astype(np.float32), PREFS, explore=False)
+    np.testing.assert_array_equal(a.utility, b.utility)
+
+
+def test_inline_outcome_checks_refuse_what_full_checks_refuse():
+    policy = trained(LinUCB)
+    x = np.zeros(policy.dim)
+    for key, value in (("quality", 1.5), ("quality", float("nan")), ("cost_usd", -1.0),
+                       ("latency_ms", float("inf")), ("cost_usd", 1e5)):
+        with pytest.raises(InvalidInputError) as info:
+            policy.update("m0", x, {key: value})
+        assert info.value.field == key
+    before = policy._stats.theta.copy()
+    policy.update("m0", x + 1.0, {"quality": 1.0, "latency_ms": 2000.0})
+    assert policy._stats.count[0].tolist()[0] == 61  # 60 in training, then this one
+    assert not np.array_equal(before, policy._stats.theta)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_rank_one_updates_in_place_keep_the_inverse_exact(partial):
+    """The in-place (BLAS) rank-one steps keep A^-1 = (data + ridge)^-1 and the data
+    sums of every head equal to the sums of the outer products."""
+    policy = trained(LinUCB, partial=partial, refresh_every=100_000)
+    stats = policy._stats
+    inv_before = stats.s_inv
+    data = stats.matrices("a_data")
+    inv = stats.matrices("a_inv")
+    eye = np.diag(stats.ridge_diag)
+    for k in range(len(stats)):
+        for h in range(3):
+            expected = np.linalg.inv(data[k, h] + stats.lam[k, h] * eye)
+            np.testing.assert_allclose(inv[k, h], expected, rtol=0, atol=1e-9)
+    assert stats.s_inv is inv_before  # updated in place, not reallocated
+    # The data sums against a direct sum of outer products of the stream.
+    rng = np.random.default_rng(11)
+    xs = []
+    for t in range(240):
+        x = rng.standard_normal(policy.dim)
+        rng.random()
+        xs.append((t % 4, np.r_[x, 1.0], partial and t % 3 == 0))
+    for k in range(4):
+        rows = np.array([x for arm, x, _ in xs if arm == k])
+        np.testing.assert_allclose(data[k, 2], rows.T @ rows, rtol=1e-12, atol=1e-10)
+
+
+def test_prediction_dicts_equal_the_decisions_predictions():
+    policy = trained(LinearThompson)
+    xs = np.random.default_rng(3).standard_normal((3, policy.dim))
+    decided = policy.decide_batch(xs, PREFS)
+    price = np.arange(12, dtype=np.float64).reshape(3, 4)
+    rows = decided.prediction_dicts(price_usd=price)
+    for r, row in enumerate(rows):
+        assert row == {name: {**p.as_dict(), "price_usd": price[r, j]}
+                       for j, (name, p) in enumerate(decided.decision(r).predictions.items())}
+    assert decided.prediction_dicts()[0] == {
+        name: p.as_dict() for name, p in decided.decision(0).predictions.items()}
+    with pytest.raises(InvalidInputError) as info:
+        decided.prediction_dicts(price_usd=price[:2])
+    assert info.value.field == "price_usd"
