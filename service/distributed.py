@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psycopg
@@ -41,18 +41,19 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from bandit import Policy
+from bandit.featurize import PrototypeFeaturizer, SentenceEmbeddingFeaturizer, make_featurizer
 from service.components import Components, Core
 from service.config import Settings
 from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, TenantState
 from service.exceptions import UnavailableError
-from service.features import context_dim
+from service.features import Contexts
 from service.policies import PolicyStore
 from service.spool import outage_serving
 from service.writer import DecisionWriter
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
-from streams.stats import SHARED_KEY, check_stored, recast, sum_statistics
+from streams.stats import SHARED_KEY, check_featurizer, check_stored, recast, sum_statistics
 
 __all__ = ["distributed", "KafkaFeedback", "FollowedStatistics", "StatisticsFollower",
            "streams_config"]
@@ -60,18 +61,44 @@ __all__ = ["distributed", "KafkaFeedback", "FollowedStatistics", "StatisticsFoll
 log = logging.getLogger("service.distributed")
 
 
-def streams_config(settings: Settings, *, dim: int | None = None) -> StreamsConfig:
+class _Named(NamedTuple):
+    """What :class:`~bandit.featurize.PrototypeFeaturizer` reads of its base featurizer."""
+
+    spec: str
+    dim: int
+
+
+def featurizer_spec(contexts: Contexts) -> str:
+    """The spec of the featurizer ``contexts`` makes its vectors with, without building
+    a model (the learners record it with their statistics and never featurize)."""
+    settings = contexts.settings
+    base: Any
+    if settings.featurizer == "hashing":
+        base = make_featurizer("hashing", settings.dim, seed=settings.featurizer_seed,
+                               hashing_version=contexts.hashing_version())
+    else:
+        base = _Named(SentenceEmbeddingFeaturizer.spec_of(settings.dim,
+                                                          settings.featurizer_seed),
+                      settings.dim)
+    if contexts.prototype_map is not None:
+        return PrototypeFeaturizer(base, contexts.prototype_map).spec
+    return str(base.spec)
+
+
+def streams_config(settings: Settings, *, contexts: Contexts | None = None) -> StreamsConfig:
     """The pipeline configuration carried by the service settings.
 
     The statistics' dimension is the policies' context dimension: the prototype map's
-    ``dim`` when ``BANDIT_ROUTER_PROTOTYPE_MAP`` is set (loaded here unless ``dim`` is
-    given), else ``BANDIT_ROUTER_DIM``. A learner therefore needs the same map file as
-    the API replicas.
+    ``dim`` when ``BANDIT_ROUTER_PROTOTYPE_MAP`` is set (loaded here unless ``contexts``
+    is given), else ``BANDIT_ROUTER_DIM``. A learner therefore needs the same map file as
+    the API replicas. The featurizer's spec (:func:`featurizer_spec`) is stored with the
+    statistics and checked against them.
     """
     if not settings.kafka_bootstrap:
         raise ValueError("kafka_bootstrap is not set: distributed mode is off")
-    if dim is None:
-        dim = context_dim(settings)
+    if contexts is None:
+        contexts = Contexts(settings)
+    dim = contexts.dim
     return StreamsConfig(
         bootstrap=settings.kafka_bootstrap, feedback_topic=settings.feedback_topic,
         decisions_topic=settings.decisions_topic,
@@ -82,7 +109,8 @@ def streams_config(settings: Settings, *, dim: int | None = None) -> StreamsConf
         max_poll_records=settings.learner_max_poll_records,
         metrics_port=settings.learner_metrics_port,
         half_life_hours=settings.half_life_hours,
-        feedback_rows=settings.learner_feedback_rows).validated()
+        feedback_rows=settings.learner_feedback_rows,
+        featurizer=featurizer_spec(contexts)).validated()
 
 
 class StatisticsFollower:
@@ -137,7 +165,7 @@ class StatisticsFollower:
                 return self._redecay()
             # Statistics and version read in one statement: a consistent pair.
             blobs = conn.execute(
-                "SELECT p.partition, p.version, p.next_offset, s.key, s.data"
+                "SELECT p.partition, p.version, p.next_offset, s.key, s.data, s.featurizer"
                 " FROM learner_partitions p LEFT JOIN partition_statistics s"
                 " ON s.group_id = p.group_id AND s.topic = p.topic"
                 " AND s.partition = p.partition"
@@ -148,15 +176,17 @@ class StatisticsFollower:
                 conn.close()
         fresh: dict[int, dict[str, Policy]] = {}
         versions, offsets = {}, {}
-        for partition, version, offset, key, data in blobs:
+        for partition, version, offset, key, data, spec in blobs:
             fresh.setdefault(partition, {})
             versions[partition] = int(version)
             offsets[partition] = int(offset)
             if key is not None:
+                where = f"partition {partition} ({key})"
                 try:
+                    check_featurizer(spec, self.config.featurizer, where)
                     fresh[partition][key] = check_stored(
                         Policy.from_bytes(bytes(data)), self.config.dim,
-                        self.config.half_life_hours, f"partition {partition} ({key})")
+                        self.config.half_life_hours, where)
                 except ValueError as exc:
                     # Versions not recorded: every refresh tries (and reports) again.
                     self.error = str(exc)
@@ -225,7 +255,7 @@ def distributed(core: Core) -> Components:
     if core.engine.dialect.name != "postgresql":
         raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
                          "database_url; got " + core.engine.dialect.name)
-    config = streams_config(core.settings, dim=core.contexts.dim)
+    config = streams_config(core.settings, contexts=core.contexts)
     sink = KafkaFeedback(config, core.writer, core.metrics)
     return Components(sink=sink,
                       statistics=FollowedStatistics(core.settings, config, core.policies),
@@ -315,7 +345,13 @@ class KafkaFeedback:
             old, self.producer = self.producer, fresh
             log.warning("feedback producer replaced after a send failure")
             if old is not None:
-                old.close(timeout=1)
+                try:
+                    old.close(timeout=1)
+                except KafkaError as exc:
+                    # The old producer's buffered sends are the failed ones (their
+                    # requests got 503 already): a close that times out loses nothing.
+                    log.info("old feedback producer closed uncleanly: %s",
+                             type(exc).__name__)
         finally:
             with self._producer_lock:
                 self._producer_resetting = False

@@ -66,6 +66,7 @@ from streams.schemas import (
 from streams.stats import (
     SHARED_KEY,
     StatisticsMismatchError,
+    check_featurizer,
     check_stored,
     new_statistics,
     scope_key,
@@ -408,18 +409,21 @@ class Learner:
         self._running.set()
 
     def _check_stored_statistics(self) -> None:
-        """Refuse to start on statistics learned with another half-life or dimension (before
-        joining the group: a refusal inside the rebalance callback would only be logged)."""
+        """Refuse to start on statistics learned with another half-life, dimension or
+        featurizer (before joining the group: a refusal inside the rebalance callback
+        would only be logged)."""
         conn = self._db()
         with conn.transaction():
             row = conn.execute(
-                "SELECT partition, key, data FROM partition_statistics"
-                " WHERE group_id = %s AND topic = %s LIMIT 1",
+                "SELECT partition, key, data, featurizer FROM partition_statistics"
+                " WHERE group_id = %s AND topic = %s"
+                " ORDER BY featurizer IS NULL LIMIT 1",
                 (self.config.group_id, self.config.feedback_topic)).fetchone()
         if row is not None:
             where = f"partition {row[0]} ({row[1]}) of group {self.config.group_id!r}"
             check_stored(Policy.from_bytes(bytes(row[2])), self.config.dim,
                          self.config.half_life_hours, where)
+            check_featurizer(row[3], self.config.featurizer, where)
 
     def stop(self) -> None:
         """Ask the loop to stop after the current batch (safe from a signal handler)."""
@@ -543,12 +547,15 @@ class Learner:
                 "SELECT next_offset, version FROM learner_partitions"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchone()
             blobs = conn.execute(
-                "SELECT key, data FROM partition_statistics"
+                "SELECT key, data, featurizer FROM partition_statistics"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
+        for key, _data, spec in blobs:
+            check_featurizer(spec, self.config.featurizer,
+                             f"partition {tp.partition} ({key})")
         stats = {key: check_stored(Policy.from_bytes(bytes(data)), self.config.dim,
                                    self.config.half_life_hours,
                                    f"partition {tp.partition} ({key})")
-                 for key, data in blobs}
+                 for key, data, _spec in blobs}
         return _Partition(tp, int(version), int(offset), stats)
 
     def _db(self) -> psycopg.Connection:
@@ -764,11 +771,13 @@ class Learner:
             if changed:
                 conn.cursor().executemany(
                     "INSERT INTO partition_statistics (group_id, topic, partition, key,"
-                    " data) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic,"
-                    " partition, key) DO UPDATE SET data = EXCLUDED.data",
+                    " data, featurizer) VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (group_id, topic, partition, key) DO UPDATE SET"
+                    " data = EXCLUDED.data, featurizer = coalesce(EXCLUDED.featurizer,"
+                    " partition_statistics.featurizer)",
                     # Sums only: the readers recompute inverses exactly, half the bytes.
-                    [(*ident, key, state.stats[key].to_bytes(derived=False))
-                     for key in changed])
+                    [(*ident, key, state.stats[key].to_bytes(derived=False),
+                      self.config.featurizer) for key in changed])
             conn.execute(
                 "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
                 " updated_at = now() WHERE group_id = %s AND topic = %s"
@@ -994,6 +1003,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--database-url", required=True)
     for name in ("feedback_topic", "dead_letter_topic", "decisions_topic", "group_id"):
         option(name, str)
+    option("featurizer", str, "spec of the featurizer that made the contexts, stored "
+           "with the statistics and checked against them")
     for name in ("dim", "partitions", "max_poll_records", "metrics_port"):
         option(name, int)
     option("pending_timeout_s", float)
