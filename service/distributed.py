@@ -47,6 +47,7 @@ from service.config import Settings
 from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, TenantState
 from service.exceptions import UnavailableError
 from service.features import Contexts
+from service.guards import Guards
 from service.policies import PolicyStore
 from service.spool import outage_serving
 from service.writer import DecisionWriter
@@ -258,7 +259,8 @@ def distributed(core: Core) -> Components:
     config = streams_config(core.settings, contexts=core.contexts)
     sink = KafkaFeedback(config, core.writer, core.metrics)
     return Components(sink=sink,
-                      statistics=FollowedStatistics(core.settings, config, core.policies),
+                      statistics=FollowedStatistics(core.settings, config, core.policies,
+                                                    core.guards),
                       on_queued=sink.publish)
 
 
@@ -411,16 +413,32 @@ class KafkaFeedback:
 
 class FollowedStatistics:
     """The statistics source: the policy store is the registry's priors plus the sum of
-    the learners' partition statistics, swapped in whenever they change."""
+    the learners' partition statistics, swapped in whenever they change.
+
+    Guarded tenants' accounts (:class:`service.guards.Guards`) follow the learners too:
+    the learners write each guarded decision's outcome and reward into
+    ``decisions.guard`` (streams/learner.py), and after the statistics changed the
+    accounts are rebuilt from the decision log, at most every ``guard_refresh_s``, in a
+    thread of their own (a rebuild reads every guarded decision of the tenant's
+    account). The rebuild also counts the other replicas' decisions, which a replica's
+    own count misses; a decision of this replica still queued for the database when a
+    rebuild reads is missing from the account until the next rebuild.
+    """
 
     def __init__(self, settings: Settings, config: StreamsConfig,
-                 policies: PolicyStore) -> None:
+                 policies: PolicyStore, guards: Guards | None = None, *,
+                 guard_refresh_s: float = 2.0) -> None:
         self.policies = policies
         self.follower = StatisticsFollower(
             settings.resolved_database_url(), config, self._install,
             poll_interval_s=settings.snapshot_poll_interval_s)
         #: Per partition, the stored offset the current snapshot includes.
         self.snapshot_offsets: dict[int, int] = {}
+        self.guards = guards
+        self.guard_refresh_s = guard_refresh_s
+        self._guards_stale = threading.Event()
+        self._stop_guards = threading.Event()
+        self._guard_thread: threading.Thread | None = None
 
     def load(self) -> bool:
         """The registry's priors, until the first refresh (:meth:`start`)."""
@@ -433,9 +451,37 @@ class FollowedStatistics:
         except psycopg.Error:
             log.exception("initial statistics load failed; serving the priors for now")
         self.follower.start()
+        if self.guards is not None:
+            self._guard_thread = threading.Thread(target=self._follow_guards,
+                                                  name="guard-follower", daemon=True)
+            self._guard_thread.start()
 
     def stop(self) -> None:
         self.follower.stop()
+        self._stop_guards.set()
+        self._guards_stale.set()
+        if self._guard_thread is not None:
+            self._guard_thread.join(10)
+
+    def _follow_guards(self) -> None:
+        """Rebuild the guarded tenants' accounts once the learners wrote (the outcomes
+        they stored), at most every ``guard_refresh_s``."""
+        assert self.guards is not None
+        while not self._stop_guards.is_set():
+            self._guards_stale.wait()
+            if self._stop_guards.is_set():
+                return
+            self._guards_stale.clear()
+            with self.policies.lock:
+                guarded = [t for t in self.guards.registry.tenants.values()
+                           if t.baseline_model is not None]
+            try:
+                for tenant in guarded:
+                    self.guards.rebuild(tenant)
+            except Exception:
+                # The accounts in memory keep serving; the next write tries again.
+                log.exception("guard accounts not rebuilt")
+            self._stop_guards.wait(self.guard_refresh_s)
 
     def reloaded(self) -> None:
         """Never degraded: distributed mode does not start without the database."""
@@ -460,6 +506,7 @@ class FollowedStatistics:
                             for kind in POLICY_KINDS} for t in isolated_ids}
         store.install(new_shared, new_isolated)
         self.snapshot_offsets = offsets
+        self._guards_stale.set()
 
     def snapshot(self, kind: str, total: Policy | None) -> Policy:
         """The registry's priors of ``kind`` plus the learners' sums ``total``."""

@@ -53,9 +53,11 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from psycopg.types.json import Json
 
-from bandit import Policy
+from bandit import Policy, Preferences
 from bandit.base import MAX_ABS_CONTEXT
+from bandit.conservative import merge_outcome
 from streams.config import StreamsConfig
 from streams.schemas import (
     DeadLetter,
@@ -169,6 +171,9 @@ class DecisionRow(NamedTuple):
     #: with a reported cost it teaches the model's price correction, as in embedded mode.
     #: None for decisions made before estimates were recorded.
     price_usd: float | None
+    #: Whether the tenant's guard counted the decision (``decisions.guard`` is set): its
+    #: feedback then also updates the guard's part of it (:meth:`Learner._update_guards`).
+    guarded: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -663,7 +668,8 @@ class Learner:
         with conn.transaction(), conn.cursor(binary=True) as cur:
             rows = cur.execute(
                 "SELECT id, tenant_id, model, scope, context,"
-                " extract(epoch FROM created_at)::float8, price_usd FROM decisions"
+                " extract(epoch FROM created_at)::float8, price_usd, guard IS NOT NULL"
+                " FROM decisions"
                 " WHERE id = ANY(%b::varchar[])", (list(ids),)).fetchall()
         return {decision_id: DecisionRow(*columns) for decision_id, *columns in rows}
 
@@ -768,6 +774,7 @@ class Learner:
             if found is None or int(found[0]) != state.version:
                 raise _LostOwnership(state.tp)
             applied = self._record_applied(conn, candidates)
+            self._update_guards(conn, [it for it in applied if it.decision.guarded])
             changed = self._apply(state, applied)
             if changed:
                 conn.cursor().executemany(
@@ -866,6 +873,41 @@ class Learner:
         ordinal = dict(zip(zip(params["d"], params["e"], strict=True), params["n"],
                            strict=True))
         return sorted(ordinal[(d, e)] for d, e in rows)
+
+    def _update_guards(self, conn: psycopg.Connection, applied: list[_Apply]) -> None:
+        """The guard's part of each guarded decision (``decisions.guard``): the merged
+        outcome and its reward under the tenant's preferences, as the embedded ingest
+        stores it (:func:`bandit.conservative.merge_outcome`), for the fresh events, in
+        the partition's transaction (so exactly once). The API replicas rebuild their
+        guards' accounts from these (service/distributed.py). Only decisions of the
+        tenant's current account (its baseline, since ``guard_since``) change, as in
+        embedded mode."""
+        if not applied:
+            return
+        rows = conn.execute(
+            "SELECT d.id, d.model, d.guard, d.predictions, t.weight_quality, t.weight_cost,"
+            " t.weight_latency FROM decisions d JOIN tenants t ON t.id = d.tenant_id"
+            " WHERE d.id = ANY(%s) AND d.guard IS NOT NULL AND t.baseline_model IS NOT NULL"
+            " AND d.guard -> 'record' ->> 0 = t.baseline_model"
+            " AND (t.guard_since IS NULL OR d.created_at >= t.guard_since)"
+            " FOR UPDATE OF d", ([it.item.event.decision_id for it in applied],)).fetchall()
+        current = {r[0]: (r[1], r[2], r[3] or {}, Preferences(r[4], r[5], r[6]))
+                   for r in rows}
+        updated: dict[str, dict[str, object]] = {}
+        for it in applied:  # partition order: a later value of a field wins
+            event = it.item.event
+            found = current.get(event.decision_id)
+            if found is None:
+                continue
+            model, stored, predictions, prefs = found
+            stored = updated.get(event.decision_id, stored)
+            updated[event.decision_id] = merge_outcome(
+                stored, {"quality": event.quality, "cost_usd": event.cost_usd,
+                         "latency_ms": event.latency_ms},
+                predictions.get(model) or {}, prefs)
+        if updated:
+            conn.cursor().executemany("UPDATE decisions SET guard = %s WHERE id = %s",
+                                      [(Json(g), d) for d, g in updated.items()])
 
     def prune_applied(self) -> int:
         """Forget idempotency keys older than the retention window (safe: see the table)."""
