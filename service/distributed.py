@@ -184,10 +184,10 @@ class StatisticsFollower:
             if key is not None:
                 where = f"partition {partition} ({key})"
                 try:
-                    check_featurizer(spec, self.config.featurizer, where)
                     fresh[partition][key] = check_stored(
                         Policy.from_bytes(bytes(data)), self.config.dim,
                         self.config.half_life_hours, where)
+                    check_featurizer(spec, self.config.featurizer, where)
                 except ValueError as exc:
                     # Versions not recorded: every refresh tries (and reports) again.
                     self.error = str(exc)
@@ -347,16 +347,34 @@ class KafkaFeedback:
             old, self.producer = self.producer, fresh
             log.warning("feedback producer replaced after a send failure")
             if old is not None:
-                try:
-                    old.close(timeout=1)
-                except KafkaError as exc:
-                    # The old producer's buffered sends are the failed ones (their
-                    # requests got 503 already): a close that times out loses nothing.
-                    log.info("old feedback producer closed uncleanly: %s",
-                             type(exc).__name__)
+                self._retire_producer(old)
         finally:
             with self._producer_lock:
                 self._producer_resetting = False
+
+    @staticmethod
+    def _retire_producer(old: KafkaProducer) -> None:
+        """Close a producer whose sends failed, never raising in the reset thread.
+
+        Its unsent records are the failed sends (their requests were answered 503), but
+        kafka-python's ``close`` first flushes them and raises ``KafkaTimeoutError``
+        while the broker is away, leaving the producer open (its ``__del__`` then raises
+        again). There is no public way to drop them: abort them as ``close`` itself does
+        after its timeout (the sender's ``force_close``), then close.
+        """
+        try:
+            old.close(timeout=1)
+            return
+        except KafkaError as exc:
+            log.info("old feedback producer did not flush (%s): dropping its failed "
+                     "sends", type(exc).__name__)
+        sender = getattr(old, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        try:
+            old.close(timeout=1)
+        except KafkaError as exc:
+            log.warning("old feedback producer not closed: %s", type(exc).__name__)
 
     # ------------------------------------------------------------ feedback
     def submit(self, tenant: TenantState, decision_id: str,

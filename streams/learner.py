@@ -132,7 +132,7 @@ class LearnerMetrics:
                                    registry=self.registry)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     offset: int
     key: bytes | None
@@ -555,13 +555,14 @@ class Learner:
             blobs = conn.execute(
                 "SELECT key, data, featurizer FROM partition_statistics"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
-        for key, _data, spec in blobs:
-            check_featurizer(spec, self.config.featurizer,
-                             f"partition {tp.partition} ({key})")
         stats = {key: check_stored(Policy.from_bytes(bytes(data)), self.config.dim,
                                    self.config.half_life_hours,
                                    f"partition {tp.partition} ({key})")
                  for key, data, _spec in blobs}
+        # After the dimension: a changed dimension says so first, more precisely.
+        for key, _data, spec in blobs:
+            check_featurizer(spec, self.config.featurizer,
+                             f"partition {tp.partition} ({key})")
         return _Partition(tp, int(version), int(offset), stats)
 
     def _db(self) -> psycopg.Connection:
@@ -628,26 +629,30 @@ class Learner:
         """Step 1: decode the new records; the pending events join them as candidates."""
         batch = _Batch()
         timeout = self.config.pending_timeout_s
+        candidates = batch.candidates
         for tp, polled in records.items():
             state = self.partitions.get(tp)
             if state is None:
                 continue  # revoked while the batch was in flight
-            for record in polled:
-                if record.offset < state.next_offset or record.offset < state.stored_offset:
-                    continue  # delivered again after a seek
-                state.next_offset = record.offset + 1
-                batch.taken += 1
-                batch.touched.add(tp)
+            first = max(state.next_offset, state.stored_offset)
+            # Records come in offset order; those below are delivered again after a seek.
+            fresh = polled if not polled or polled[0].offset >= first else \
+                [r for r in polled if r.offset >= first]
+            if not fresh:
+                continue
+            state.next_offset = fresh[-1].offset + 1
+            batch.taken += len(fresh)
+            batch.touched.add(tp)
+            for record in fresh:
                 try:
                     event = decode_feedback(record.value)
                 except InvalidEventError as exc:
                     batch.dead.append(_Dead(_Origin(tp, record.offset, record.key,
                                                     record.value), exc.reason, str(exc)))
                     continue
-                sent = record.timestamp / 1e3 if record.timestamp and record.timestamp > 0 \
-                    else now
-                received = min(sent, now)
-                batch.candidates.append(_Candidate(state, _Pending(
+                stamp = record.timestamp
+                received = min(stamp / 1e3, now) if stamp and stamp > 0 else now
+                candidates.append(_Candidate(state, _Pending(
                     record.offset, record.key, record.value, event, received + timeout,
                     received)))
         for state in self.partitions.values():

@@ -120,7 +120,7 @@ def check_featurizer(stored: str | None, featurizer: str | None, where: str) -> 
     ...     check_featurizer("hashing-v2:dim=8", "hashing-v1:dim=8", "partition 0")
     ... except FeaturizerMismatchError as exc:
     ...     print(exc.field, "/", str(exc).split(": ", 1)[1][:40])
-    featurizer / is 'hashing-v1:dim=8' here, but the store
+    featurizer / is 'hashing-v1:dim=8' here, but the stor
     """
     if stored is not None and featurizer is not None and stored != featurizer:
         raise FeaturizerMismatchError(
