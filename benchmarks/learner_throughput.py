@@ -34,6 +34,9 @@ Run::
     # the cost of one of the learner's writes, one learner alternating without / with it:
     python -m benchmarks.learner_throughput --feedback-rows-ratio 4 --events 100000
     python -m benchmarks.learner_throughput --reconcile-ratio 2 --events 100000
+    # one learner of another commit against this tree's, alternating in the same run:
+    mkdir /tmp/base && git archive COMMIT | tar -x -C /tmp/base
+    python -m benchmarks.learner_throughput --events 100000 --against-tree /tmp/base 3
 """
 
 from __future__ import annotations
