@@ -58,7 +58,7 @@ from bandit.base import Policy, Preferences, check_finite_number
 from bandit.errors import InvalidInputError, UnknownArmError
 
 __all__ = ["MAX_LOSS_RANGE", "GuardConfig", "GuardRecord", "GuardState", "GuardedChoice",
-           "ConservativeGuard"]
+           "ConservativeGuard", "merge_outcome"]
 
 #: Allowed range of ``max_loss`` (a fraction of the baseline's cumulative reward).
 MAX_LOSS_RANGE = (0.0, 1.0)
@@ -346,3 +346,24 @@ class ConservativeGuard:
         state.residual_sq += new[2]  # type: ignore[operator]
         state.value_rounds += 1
         state.value += new[3]  # type: ignore[operator]
+
+
+def merge_outcome(stored: Mapping[str, object], outcome: Mapping[str, float | None],
+                  predicted: Mapping[str, float | None],
+                  preferences: Preferences) -> dict[str, object]:
+    """A decision's stored guard part (``{"record", "outcome", "reward"}``) after one more
+    feedback ``outcome``: the outcomes merged (a later value of a field wins), the reward
+    of the merged outcome under ``preferences``, with the fields no feedback has reported
+    taken as ``predicted``. The embedded ingest and the Kafka learners both store this.
+
+    >>> merge_outcome({"record": [], "outcome": {"quality": 0.5}}, {"cost_usd": 0.01},
+    ...               {"latency_ms": 900.0}, Preferences(1.0, 10.0, 0.0))
+    {'record': [], 'outcome': {'quality': 0.5, 'cost_usd': 0.01}, 'reward': 0.4}
+    """
+    before = stored.get("outcome") or {}
+    merged = {**before, **{k: v for k, v in outcome.items()  # type: ignore[dict-item]
+                           if v is not None}}
+    values = {key: merged.get(key, predicted.get(key)) or 0.0
+              for key in ("quality", "cost_usd", "latency_ms")}
+    return {"record": stored["record"], "outcome": merged,
+            "reward": preferences.reward(**values)}

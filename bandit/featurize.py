@@ -578,7 +578,17 @@ class SentenceEmbeddingFeaturizer:
     @property
     def spec(self) -> str:
         """A string that identifies the vectors this featurizer produces."""
-        return f"minilm-l6-v2:dim={self.dim},seed={self.seed}"
+        return self.spec_of(self.dim, self.seed)
+
+    @staticmethod
+    def spec_of(dim: int, seed: int = 0) -> str:
+        """The :attr:`spec` of this featurizer with ``dim`` and ``seed``, without loading
+        the model (a learner records it and never featurizes).
+
+        >>> SentenceEmbeddingFeaturizer.spec_of(64)
+        'minilm-l6-v2:dim=64,seed=0'
+        """
+        return f"minilm-l6-v2:dim={dim},seed={seed}"
 
     def __repr__(self) -> str:
         return (f"SentenceEmbeddingFeaturizer(dim={self.dim}, batch_size={self.batch_size}, "

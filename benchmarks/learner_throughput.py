@@ -34,6 +34,9 @@ Run::
     # the cost of one of the learner's writes, one learner alternating without / with it:
     python -m benchmarks.learner_throughput --feedback-rows-ratio 4 --events 100000
     python -m benchmarks.learner_throughput --reconcile-ratio 2 --events 100000
+    # one learner of another commit against this tree's, alternating in the same run:
+    mkdir /tmp/base && git archive COMMIT | tar -x -C /tmp/base
+    python -m benchmarks.learner_throughput --events 100000 --against-tree /tmp/base 3
 """
 
 from __future__ import annotations
@@ -202,9 +205,10 @@ def bare_consumer(bootstrap: str, topic: str, ends: dict[int, int],
 class LearnerProcess:
     def __init__(self, name: str, url: str, bootstrap: str, topic: str, group: str,
                  max_poll_records: int, log_dir: Path, *, reconcile_spend: bool = True,
-                 half_life_hours: float | None = None, feedback_rows: bool = True) -> None:
+                 half_life_hours: float | None = None, feedback_rows: bool = True,
+                 root: Path = ROOT) -> None:
         self.log = log_dir / f"{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+        env = {**os.environ, "PYTHONPATH": str(root), "OPENBLAS_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "streams.learner", "--bootstrap", bootstrap,
              "--database-url", url, "--feedback-topic", topic, "--group-id", group,
@@ -213,7 +217,7 @@ class LearnerProcess:
              *([] if reconcile_spend else ["--no-reconcile-spend"]),
              *([] if half_life_hours is None else ["--half-life-hours", str(half_life_hours)]),
              *([] if feedback_rows else ["--no-feedback-rows"])],
-            env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT)
+            env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT, cwd=root)
 
     def assignments(self) -> list[str]:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -235,7 +239,7 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
                events: int, partitions: int, max_poll_records: int, rng: np.random.Generator,
                log_dir: Path, *, reconcile_spend: bool = True,
                half_life_hours: float | None = None, spread_h: float = 0.0,
-               feedback_rows: bool = True, bare: bool = False) -> dict:
+               feedback_rows: bool = True, bare: bool = False, root: Path = ROOT) -> dict:
     topic = f"bench-feedback-{uuid.uuid4().hex[:8]}"
     group = f"bench-{uuid.uuid4().hex[:8]}"
     create_topic(admin, topic, partitions)
@@ -247,7 +251,8 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
     baseline = bare_consumer(bootstrap, topic, ends, max_poll_records) if bare else None
     learners = [LearnerProcess(f"learner-{i}", url, bootstrap, topic, group,
                                max_poll_records, log_dir, reconcile_spend=reconcile_spend,
-                               half_life_hours=half_life_hours, feedback_rows=feedback_rows)
+                               half_life_hours=half_life_hours, feedback_rows=feedback_rows,
+                               root=root)
                 for i in range(n_learners)]
     try:
         deadline = time.monotonic() + 120
@@ -279,7 +284,7 @@ def throughput(url: str, bootstrap: str, admin: KafkaAdminClient, n_learners: in
         applied_keys = conn.execute("SELECT count(*) FROM learner_applied WHERE group_id = %s",
                                     (group,)).fetchone()[0]
         feedback = conn.execute("SELECT count(*) FROM feedback").fetchone()[0]
-    return {"learners": n_learners, "reconcile_spend": reconcile_spend,
+    return {"learners": n_learners, "source": str(root), "reconcile_spend": reconcile_spend,
             "feedback_rows": feedback_rows,
             "half_life_hours": half_life_hours, "decision_spread_h": spread_h,
             "events_produced": events, "partitions": partitions,
@@ -440,6 +445,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="only compare one learner with and without forgetting "
                         "(--half-life-hours 168, decisions spread over a week), ROUNDS "
                         "alternating pairs; writes learner_forgetting.json")
+    parser.add_argument("--against-tree", nargs=2, metavar=("DIR", "ROUNDS"), default=None,
+                        help="only compare one learner run from another source tree DIR "
+                        "(e.g. an older commit: `git worktree add DIR COMMIT`) with one "
+                        "of this tree, ROUNDS alternating pairs (without = DIR, with = "
+                        "this tree); writes learner_against.json")
     args = parser.parse_args(argv)
     if not args.database_url or not args.bootstrap:
         parser.error("set BANDIT_TEST_DATABASE_URL and BANDIT_TEST_KAFKA_BOOTSTRAP (see "
@@ -455,7 +465,10 @@ def main(argv: list[str] | None = None) -> None:
                      "dim": DIM, "models": MODELS, "throughput": [], "visibility": None}
     # Decisions spread over a week, so that forgetting (half-life 168 h) has ages to weigh.
     week = {"spread_h": 168.0}
-    for label, rounds, result, without, with_ in (
+    other = [] if args.against_tree is None else [
+        (f"this tree vs {args.against_tree[0]}", int(args.against_tree[1]),
+         "learner_against.json", {"root": Path(args.against_tree[0]).resolve()}, {})]
+    for label, rounds, result, without, with_ in (*other,
             ("reconcile_spend", args.reconcile_ratio, "learner_reconcile.json",
              {"reconcile_spend": False}, {"reconcile_spend": True}),
             ("feedback_rows", args.feedback_rows_ratio, "learner_feedback_rows.json",

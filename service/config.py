@@ -68,8 +68,9 @@ class Settings(BaseSettings):
         "(bandit.featurize.HashingFeaturizer): 2 is ~2x faster than 1, with other "
         "vectors. Unset: the version the newest checkpoint was learned with (an "
         "existing deployment keeps 1), 2 for a first start; in distributed mode "
-        "(KAFKA_BOOTSTRAP) 1, since the learners' statistics do not record it: set 2 "
-        "on every replica together with a fresh LEARNER_GROUP.")
+        "(KAFKA_BOOTSTRAP) 1; the learners' statistics record it and every process "
+        "refuses another: set 2 on every replica and learner together with a fresh "
+        "LEARNER_GROUP.")
     tag_block: bool = Field(
         False, description="Request tags in their own block of 16 coordinates after "
         "the text's (bandit.featurize.append_tag_block), with their own ridge "

@@ -33,7 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import psycopg
@@ -41,18 +41,25 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from bandit import Policy
+from bandit.featurize import (
+    TAG_BLOCK_SPEC,
+    PrototypeFeaturizer,
+    SentenceEmbeddingFeaturizer,
+    make_featurizer,
+)
 from service.components import Components, Core
 from service.config import Settings
 from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, TenantState
 from service.exceptions import UnavailableError
-from service.features import context_dim
+from service.features import Contexts
+from service.guards import Guards
 from service.policies import PolicyStore
 from service.spool import outage_serving
 from service.writer import DecisionWriter
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
-from streams.stats import SHARED_KEY, check_stored, recast, sum_statistics
+from streams.stats import SHARED_KEY, check_featurizer, check_stored, recast, sum_statistics
 
 __all__ = ["distributed", "KafkaFeedback", "FollowedStatistics", "StatisticsFollower",
            "streams_config"]
@@ -60,18 +67,45 @@ __all__ = ["distributed", "KafkaFeedback", "FollowedStatistics", "StatisticsFoll
 log = logging.getLogger("service.distributed")
 
 
-def streams_config(settings: Settings, *, dim: int | None = None) -> StreamsConfig:
+class _Named(NamedTuple):
+    """What :class:`~bandit.featurize.PrototypeFeaturizer` reads of its base featurizer."""
+
+    spec: str
+    dim: int
+
+
+def featurizer_spec(contexts: Contexts) -> str:
+    """The spec of the featurizer ``contexts`` makes its vectors with, without building
+    a model (the learners record it with their statistics and never featurize)."""
+    settings = contexts.settings
+    base: Any
+    if settings.featurizer == "hashing":
+        base = make_featurizer("hashing", settings.dim, seed=settings.featurizer_seed,
+                               hashing_version=contexts.hashing_version())
+    else:
+        base = _Named(SentenceEmbeddingFeaturizer.spec_of(settings.dim,
+                                                          settings.featurizer_seed),
+                      settings.dim)
+    spec = str((base if contexts.prototype_map is None
+                else PrototypeFeaturizer(base, contexts.prototype_map)).spec)
+    # As Contexts.spec names it: the tag block's layout when there is one.
+    return f"{spec}|{TAG_BLOCK_SPEC}" if contexts.tag_dims else spec
+
+
+def streams_config(settings: Settings, *, contexts: Contexts | None = None) -> StreamsConfig:
     """The pipeline configuration carried by the service settings.
 
     The statistics' dimension is the policies' context dimension: the prototype map's
-    ``dim`` when ``BANDIT_ROUTER_PROTOTYPE_MAP`` is set (loaded here unless ``dim`` is
-    given), else ``BANDIT_ROUTER_DIM``. A learner therefore needs the same map file as
-    the API replicas.
+    ``dim`` when ``BANDIT_ROUTER_PROTOTYPE_MAP`` is set (loaded here unless ``contexts``
+    is given), else ``BANDIT_ROUTER_DIM``. A learner therefore needs the same map file as
+    the API replicas. The featurizer's spec (:func:`featurizer_spec`) is stored with the
+    statistics and checked against them.
     """
     if not settings.kafka_bootstrap:
         raise ValueError("kafka_bootstrap is not set: distributed mode is off")
-    if dim is None:
-        dim = context_dim(settings)
+    if contexts is None:
+        contexts = Contexts(settings)
+    dim = contexts.dim
     return StreamsConfig(
         bootstrap=settings.kafka_bootstrap, feedback_topic=settings.feedback_topic,
         decisions_topic=settings.decisions_topic,
@@ -82,7 +116,8 @@ def streams_config(settings: Settings, *, dim: int | None = None) -> StreamsConf
         max_poll_records=settings.learner_max_poll_records,
         metrics_port=settings.learner_metrics_port,
         half_life_hours=settings.half_life_hours,
-        feedback_rows=settings.learner_feedback_rows).validated()
+        feedback_rows=settings.learner_feedback_rows,
+        featurizer=featurizer_spec(contexts)).validated()
 
 
 class StatisticsFollower:
@@ -137,7 +172,7 @@ class StatisticsFollower:
                 return self._redecay()
             # Statistics and version read in one statement: a consistent pair.
             blobs = conn.execute(
-                "SELECT p.partition, p.version, p.next_offset, s.key, s.data"
+                "SELECT p.partition, p.version, p.next_offset, s.key, s.data, s.featurizer"
                 " FROM learner_partitions p LEFT JOIN partition_statistics s"
                 " ON s.group_id = p.group_id AND s.topic = p.topic"
                 " AND s.partition = p.partition"
@@ -148,15 +183,17 @@ class StatisticsFollower:
                 conn.close()
         fresh: dict[int, dict[str, Policy]] = {}
         versions, offsets = {}, {}
-        for partition, version, offset, key, data in blobs:
+        for partition, version, offset, key, data, spec in blobs:
             fresh.setdefault(partition, {})
             versions[partition] = int(version)
             offsets[partition] = int(offset)
             if key is not None:
+                where = f"partition {partition} ({key})"
                 try:
                     fresh[partition][key] = check_stored(
                         Policy.from_bytes(bytes(data)), self.config.dim,
-                        self.config.half_life_hours, f"partition {partition} ({key})")
+                        self.config.half_life_hours, where)
+                    check_featurizer(spec, self.config.featurizer, where)
                 except ValueError as exc:
                     # Versions not recorded: every refresh tries (and reports) again.
                     self.error = str(exc)
@@ -225,10 +262,11 @@ def distributed(core: Core) -> Components:
     if core.engine.dialect.name != "postgresql":
         raise ValueError("distributed mode (kafka_bootstrap set) needs a PostgreSQL "
                          "database_url; got " + core.engine.dialect.name)
-    config = streams_config(core.settings, dim=core.contexts.dim)
+    config = streams_config(core.settings, contexts=core.contexts)
     sink = KafkaFeedback(config, core.writer, core.metrics)
     return Components(sink=sink,
-                      statistics=FollowedStatistics(core.settings, config, core.policies),
+                      statistics=FollowedStatistics(core.settings, config, core.policies,
+                                                    core.guards),
                       on_queued=sink.publish)
 
 
@@ -315,10 +353,34 @@ class KafkaFeedback:
             old, self.producer = self.producer, fresh
             log.warning("feedback producer replaced after a send failure")
             if old is not None:
-                old.close(timeout=1)
+                self._retire_producer(old)
         finally:
             with self._producer_lock:
                 self._producer_resetting = False
+
+    @staticmethod
+    def _retire_producer(old: KafkaProducer) -> None:
+        """Close a producer whose sends failed, never raising in the reset thread.
+
+        Its unsent records are the failed sends (their requests were answered 503), but
+        kafka-python's ``close`` first flushes them and raises ``KafkaTimeoutError``
+        while the broker is away, leaving the producer open (its ``__del__`` then raises
+        again). There is no public way to drop them: abort them as ``close`` itself does
+        after its timeout (the sender's ``force_close``), then close.
+        """
+        try:
+            old.close(timeout=1)
+            return
+        except KafkaError as exc:
+            log.info("old feedback producer did not flush (%s): dropping its failed "
+                     "sends", type(exc).__name__)
+        sender = getattr(old, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+        try:
+            old.close(timeout=1)
+        except KafkaError as exc:
+            log.warning("old feedback producer not closed: %s", type(exc).__name__)
 
     # ------------------------------------------------------------ feedback
     def submit(self, tenant: TenantState, decision_id: str,
@@ -375,16 +437,32 @@ class KafkaFeedback:
 
 class FollowedStatistics:
     """The statistics source: the policy store is the registry's priors plus the sum of
-    the learners' partition statistics, swapped in whenever they change."""
+    the learners' partition statistics, swapped in whenever they change.
+
+    Guarded tenants' accounts (:class:`service.guards.Guards`) follow the learners too:
+    the learners write each guarded decision's outcome and reward into
+    ``decisions.guard`` (streams/learner.py), and after the statistics changed the
+    accounts are rebuilt from the decision log, at most every ``guard_refresh_s``, in a
+    thread of their own (a rebuild reads every guarded decision of the tenant's
+    account). The rebuild also counts the other replicas' decisions, which a replica's
+    own count misses; a decision of this replica still queued for the database when a
+    rebuild reads is missing from the account until the next rebuild.
+    """
 
     def __init__(self, settings: Settings, config: StreamsConfig,
-                 policies: PolicyStore) -> None:
+                 policies: PolicyStore, guards: Guards | None = None, *,
+                 guard_refresh_s: float = 2.0) -> None:
         self.policies = policies
         self.follower = StatisticsFollower(
             settings.resolved_database_url(), config, self._install,
             poll_interval_s=settings.snapshot_poll_interval_s)
         #: Per partition, the stored offset the current snapshot includes.
         self.snapshot_offsets: dict[int, int] = {}
+        self.guards = guards
+        self.guard_refresh_s = guard_refresh_s
+        self._guards_stale = threading.Event()
+        self._stop_guards = threading.Event()
+        self._guard_thread: threading.Thread | None = None
 
     def load(self) -> bool:
         """The registry's priors, until the first refresh (:meth:`start`)."""
@@ -397,9 +475,37 @@ class FollowedStatistics:
         except psycopg.Error:
             log.exception("initial statistics load failed; serving the priors for now")
         self.follower.start()
+        if self.guards is not None:
+            self._guard_thread = threading.Thread(target=self._follow_guards,
+                                                  name="guard-follower", daemon=True)
+            self._guard_thread.start()
 
     def stop(self) -> None:
         self.follower.stop()
+        self._stop_guards.set()
+        self._guards_stale.set()
+        if self._guard_thread is not None:
+            self._guard_thread.join(10)
+
+    def _follow_guards(self) -> None:
+        """Rebuild the guarded tenants' accounts once the learners wrote (the outcomes
+        they stored), at most every ``guard_refresh_s``."""
+        assert self.guards is not None
+        while not self._stop_guards.is_set():
+            self._guards_stale.wait()
+            if self._stop_guards.is_set():
+                return
+            self._guards_stale.clear()
+            with self.policies.lock:
+                guarded = [t for t in self.guards.registry.tenants.values()
+                           if t.baseline_model is not None]
+            try:
+                for tenant in guarded:
+                    self.guards.rebuild(tenant)
+            except Exception:
+                # The accounts in memory keep serving; the next write tries again.
+                log.exception("guard accounts not rebuilt")
+            self._stop_guards.wait(self.guard_refresh_s)
 
     def reloaded(self) -> None:
         """Never degraded: distributed mode does not start without the database."""
@@ -424,6 +530,7 @@ class FollowedStatistics:
                             for kind in POLICY_KINDS} for t in isolated_ids}
         store.install(new_shared, new_isolated)
         self.snapshot_offsets = offsets
+        self._guards_stale.set()
 
     def snapshot(self, kind: str, total: Policy | None) -> Policy:
         """The registry's priors of ``kind`` plus the learners' sums ``total``."""

@@ -117,8 +117,8 @@ class Contexts:
 
     def hashing_version(self) -> int:
         """HASHING_VERSION, else the version the newest checkpoint's featurizer spec
-        names, else the newest, except in distributed mode, whose learners' statistics
-        do not record it (service/config.py)."""
+        names, else the newest, except in distributed mode, which keeps 1 (the learners'
+        statistics record it and refuse another: service/config.py)."""
         if self.settings.hashing_version is not None:
             return self.settings.hashing_version
         if self._legacy or (self.stored_spec is not None

@@ -20,7 +20,13 @@ from sqlalchemy.orm import Session
 
 from bandit import Policy, Preferences
 from bandit.base import BatchDecision
-from bandit.conservative import ConservativeGuard, GuardConfig, GuardRecord, GuardState
+from bandit.conservative import (
+    ConservativeGuard,
+    GuardConfig,
+    GuardRecord,
+    GuardState,
+    merge_outcome,
+)
 from service.db import models as m
 from service.domain import ModelState, TenantState
 from service.metrics import Metrics
@@ -156,16 +162,11 @@ class Guards:
                 tenant.guard_since is not None
                 and m.as_utc(decision.created_at) < tenant.guard_since):
             return None
-        merged = {**(stored.get("outcome") or {}),
-                  **{k: v for k, v in outcome.items() if v is not None}}
         # Objectives the feedback has not reported are taken as predicted.
         predicted = (decision.predictions or {}).get(decision.model) or {}
-        values = {key: merged.get(key, predicted.get(key)) or 0.0
-                  for key in ("quality", "cost_usd", "latency_ms")}
-        reward = tenant.preferences.reward(**values)
-        previous = stored.get("reward")
-        decision.guard = {"record": stored["record"], "outcome": merged, "reward": reward}
-        return GuardLesson(guard, record, reward, previous)
+        decision.guard = merge_outcome(stored, outcome, predicted, tenant.preferences)
+        return GuardLesson(guard, record, float(decision.guard["reward"]),
+                           stored.get("reward"))
 
     def learn(self, tenant: TenantState, lesson: GuardLesson) -> None:
         with self.lock:

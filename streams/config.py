@@ -58,6 +58,11 @@ class StreamsConfig:
         time it entered the topic), in the partition's transaction, so that
         ``GET /v1/decisions/{id}`` shows it as in embedded mode (one multi-row INSERT
         per partition batch); off saves that write when nobody reads the history.
+    featurizer
+        The spec of the featurizer that made the decisions' contexts
+        (``bandit.featurize`` ``spec``, e.g. ``hashing-v1:dim=64,...``): the learners
+        store it with the statistics and refuse statistics of another one, as the API
+        replicas do. None: not recorded, not checked (tests, benchmarks).
 
     Examples
     --------
@@ -83,6 +88,7 @@ class StreamsConfig:
     reconcile_spend: bool = True
     half_life_hours: float | None = None
     feedback_rows: bool = True
+    featurizer: str | None = None
 
     def validated(self) -> StreamsConfig:
         if not isinstance(self.bootstrap, str) or not self.bootstrap.strip():
@@ -100,6 +106,10 @@ class StreamsConfig:
                 raise InvalidInputError(name, f"must be an integer >= {low}", value)
         check_finite_number("pending_timeout_s", self.pending_timeout_s, low=0.0)
         check_finite_number("retention_hours", self.retention_hours, low=1e-6)
+        if self.featurizer is not None and (not isinstance(self.featurizer, str)
+                                            or not 0 < len(self.featurizer) <= 500):
+            raise InvalidInputError("featurizer", "must be a featurizer spec of 1 to 500 "
+                                    "characters, or None", self.featurizer)
         if self.half_life_hours is not None:
             check_finite_number("half_life_hours", self.half_life_hours, low=1e-6)
         return self

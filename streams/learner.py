@@ -36,6 +36,7 @@ stored offset; on revocation they are dropped (everything applied is already wri
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import socket
@@ -52,9 +53,11 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from psycopg.types.json import Json
 
-from bandit import Policy
+from bandit import Policy, Preferences
 from bandit.base import MAX_ABS_CONTEXT
+from bandit.conservative import merge_outcome
 from streams.config import StreamsConfig
 from streams.schemas import (
     DeadLetter,
@@ -66,6 +69,7 @@ from streams.schemas import (
 from streams.stats import (
     SHARED_KEY,
     StatisticsMismatchError,
+    check_featurizer,
     check_stored,
     new_statistics,
     scope_key,
@@ -128,7 +132,7 @@ class LearnerMetrics:
                                    registry=self.registry)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     offset: int
     key: bytes | None
@@ -167,6 +171,9 @@ class DecisionRow(NamedTuple):
     #: with a reported cost it teaches the model's price correction, as in embedded mode.
     #: None for decisions made before estimates were recorded.
     price_usd: float | None
+    #: Whether the tenant's guard counted the decision (``decisions.guard`` is set): its
+    #: feedback then also updates the guard's part of it (:meth:`Learner._update_guards`).
+    guarded: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,18 +415,21 @@ class Learner:
         self._running.set()
 
     def _check_stored_statistics(self) -> None:
-        """Refuse to start on statistics learned with another half-life or dimension (before
-        joining the group: a refusal inside the rebalance callback would only be logged)."""
+        """Refuse to start on statistics learned with another half-life, dimension or
+        featurizer (before joining the group: a refusal inside the rebalance callback
+        would only be logged)."""
         conn = self._db()
         with conn.transaction():
             row = conn.execute(
-                "SELECT partition, key, data FROM partition_statistics"
-                " WHERE group_id = %s AND topic = %s LIMIT 1",
+                "SELECT partition, key, data, featurizer FROM partition_statistics"
+                " WHERE group_id = %s AND topic = %s"
+                " ORDER BY featurizer IS NULL LIMIT 1",
                 (self.config.group_id, self.config.feedback_topic)).fetchone()
         if row is not None:
             where = f"partition {row[0]} ({row[1]}) of group {self.config.group_id!r}"
             check_stored(Policy.from_bytes(bytes(row[2])), self.config.dim,
                          self.config.half_life_hours, where)
+            check_featurizer(row[3], self.config.featurizer, where)
 
     def stop(self) -> None:
         """Ask the loop to stop after the current batch (safe from a signal handler)."""
@@ -543,12 +553,16 @@ class Learner:
                 "SELECT next_offset, version FROM learner_partitions"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchone()
             blobs = conn.execute(
-                "SELECT key, data FROM partition_statistics"
+                "SELECT key, data, featurizer FROM partition_statistics"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
         stats = {key: check_stored(Policy.from_bytes(bytes(data)), self.config.dim,
                                    self.config.half_life_hours,
                                    f"partition {tp.partition} ({key})")
-                 for key, data in blobs}
+                 for key, data, _spec in blobs}
+        # After the dimension: a changed dimension says so first, more precisely.
+        for key, _data, spec in blobs:
+            check_featurizer(spec, self.config.featurizer,
+                             f"partition {tp.partition} ({key})")
         return _Partition(tp, int(version), int(offset), stats)
 
     def _db(self) -> psycopg.Connection:
@@ -615,26 +629,30 @@ class Learner:
         """Step 1: decode the new records; the pending events join them as candidates."""
         batch = _Batch()
         timeout = self.config.pending_timeout_s
+        candidates = batch.candidates
         for tp, polled in records.items():
             state = self.partitions.get(tp)
             if state is None:
                 continue  # revoked while the batch was in flight
-            for record in polled:
-                if record.offset < state.next_offset or record.offset < state.stored_offset:
-                    continue  # delivered again after a seek
-                state.next_offset = record.offset + 1
-                batch.taken += 1
-                batch.touched.add(tp)
+            first = max(state.next_offset, state.stored_offset)
+            # Records come in offset order; those below are delivered again after a seek.
+            fresh = polled if not polled or polled[0].offset >= first else \
+                [r for r in polled if r.offset >= first]
+            if not fresh:
+                continue
+            state.next_offset = fresh[-1].offset + 1
+            batch.taken += len(fresh)
+            batch.touched.add(tp)
+            for record in fresh:
                 try:
                     event = decode_feedback(record.value)
                 except InvalidEventError as exc:
                     batch.dead.append(_Dead(_Origin(tp, record.offset, record.key,
                                                     record.value), exc.reason, str(exc)))
                     continue
-                sent = record.timestamp / 1e3 if record.timestamp and record.timestamp > 0 \
-                    else now
-                received = min(sent, now)
-                batch.candidates.append(_Candidate(state, _Pending(
+                stamp = record.timestamp
+                received = min(stamp / 1e3, now) if stamp and stamp > 0 else now
+                candidates.append(_Candidate(state, _Pending(
                     record.offset, record.key, record.value, event, received + timeout,
                     received)))
         for state in self.partitions.values():
@@ -655,7 +673,8 @@ class Learner:
         with conn.transaction(), conn.cursor(binary=True) as cur:
             rows = cur.execute(
                 "SELECT id, tenant_id, model, scope, context,"
-                " extract(epoch FROM created_at)::float8, price_usd FROM decisions"
+                " extract(epoch FROM created_at)::float8, price_usd, guard IS NOT NULL"
+                " FROM decisions"
                 " WHERE id = ANY(%b::varchar[])", (list(ids),)).fetchall()
         return {decision_id: DecisionRow(*columns) for decision_id, *columns in rows}
 
@@ -760,15 +779,18 @@ class Learner:
             if found is None or int(found[0]) != state.version:
                 raise _LostOwnership(state.tp)
             applied = self._record_applied(conn, candidates)
+            self._update_guards(conn, [it for it in applied if it.decision.guarded])
             changed = self._apply(state, applied)
             if changed:
                 conn.cursor().executemany(
                     "INSERT INTO partition_statistics (group_id, topic, partition, key,"
-                    " data) VALUES (%s, %s, %s, %s, %s) ON CONFLICT (group_id, topic,"
-                    " partition, key) DO UPDATE SET data = EXCLUDED.data",
+                    " data, featurizer) VALUES (%s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (group_id, topic, partition, key) DO UPDATE SET"
+                    " data = EXCLUDED.data, featurizer = coalesce(EXCLUDED.featurizer,"
+                    " partition_statistics.featurizer)",
                     # Sums only: the readers recompute inverses exactly, half the bytes.
-                    [(*ident, key, state.stats[key].to_bytes(derived=False))
-                     for key in changed])
+                    [(*ident, key, state.stats[key].to_bytes(derived=False),
+                      self.config.featurizer) for key in changed])
             conn.execute(
                 "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
                 " updated_at = now() WHERE group_id = %s AND topic = %s"
@@ -853,9 +875,48 @@ class Learner:
         # Constant fragments chosen by the configuration; every value is a parameter.
         rows = conn.execute(f"WITH {ctes} {statement.select}",  # noqa: S608
                             params).fetchall()
+        if len(rows) == len(params["n"]):
+            # The events are distinct (_first_of_repeats) and the rows a subset of them:
+            # all fresh, the usual case, without mapping 20,000 keys back.
+            return sorted(params["n"])
         ordinal = dict(zip(zip(params["d"], params["e"], strict=True), params["n"],
                            strict=True))
         return sorted(ordinal[(d, e)] for d, e in rows)
+
+    def _update_guards(self, conn: psycopg.Connection, applied: list[_Apply]) -> None:
+        """The guard's part of each guarded decision (``decisions.guard``): the merged
+        outcome and its reward under the tenant's preferences, as the embedded ingest
+        stores it (:func:`bandit.conservative.merge_outcome`), for the fresh events, in
+        the partition's transaction (so exactly once). The API replicas rebuild their
+        guards' accounts from these (service/distributed.py). Only decisions of the
+        tenant's current account (its baseline, since ``guard_since``) change, as in
+        embedded mode."""
+        if not applied:
+            return
+        rows = conn.execute(
+            "SELECT d.id, d.model, d.guard, d.predictions, t.weight_quality, t.weight_cost,"
+            " t.weight_latency FROM decisions d JOIN tenants t ON t.id = d.tenant_id"
+            " WHERE d.id = ANY(%s) AND d.guard IS NOT NULL AND t.baseline_model IS NOT NULL"
+            " AND d.guard -> 'record' ->> 0 = t.baseline_model"
+            " AND (t.guard_since IS NULL OR d.created_at >= t.guard_since)"
+            " FOR UPDATE OF d", ([it.item.event.decision_id for it in applied],)).fetchall()
+        current = {r[0]: (r[1], r[2], r[3] or {}, Preferences(r[4], r[5], r[6]))
+                   for r in rows}
+        updated: dict[str, dict[str, object]] = {}
+        for it in applied:  # partition order: a later value of a field wins
+            event = it.item.event
+            found = current.get(event.decision_id)
+            if found is None:
+                continue
+            model, stored, predictions, prefs = found
+            stored = updated.get(event.decision_id, stored)
+            updated[event.decision_id] = merge_outcome(
+                stored, {"quality": event.quality, "cost_usd": event.cost_usd,
+                         "latency_ms": event.latency_ms},
+                predictions.get(model) or {}, prefs)
+        if updated:
+            conn.cursor().executemany("UPDATE decisions SET guard = %s WHERE id = %s",
+                                      [(Json(g), d) for d, g in updated.items()])
 
     def prune_applied(self) -> int:
         """Forget idempotency keys older than the retention window (safe: see the table)."""
@@ -977,6 +1038,17 @@ def _limit_blas_threads() -> None:
     threadpool_limits(1)
 
 
+def _tune_gc() -> None:
+    # A poll batch keeps ~10 small objects per event alive (decoded events, rows, their
+    # tuples) until it is written: with the default threshold (700) the cyclic collector
+    # ran hundreds of times per batch, rescanning them, and took 40% of the loop's time
+    # (py-spy, issue 17). Almost nothing here forms cycles (refcounting frees it), so
+    # collect young objects every 100,000 allocations, and never rescan what exists at
+    # start (modules, the consumer, the statistics) again.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m streams.learner``: a learner from command-line options (tests, ops).
 
@@ -994,6 +1066,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--database-url", required=True)
     for name in ("feedback_topic", "dead_letter_topic", "decisions_topic", "group_id"):
         option(name, str)
+    option("featurizer", str, "spec of the featurizer that made the contexts, stored "
+           "with the statistics and checked against them")
     for name in ("dim", "partitions", "max_poll_records", "metrics_port"):
         option(name, int)
     option("pending_timeout_s", float)
@@ -1024,6 +1098,7 @@ def run_until_signalled(learner: Learner, *, create_topics: bool = True) -> None
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     _limit_blas_threads()
+    _tune_gc()
     try:
         learner.start(create_topics=create_topics)
         learner.run()

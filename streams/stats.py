@@ -27,7 +27,8 @@ from bandit import LinUCB, Policy
 from bandit.errors import InvalidInputError
 
 __all__ = ["SHARED_KEY", "StatisticsMismatchError", "HalfLifeMismatchError",
-           "DimensionMismatchError", "check_dim", "check_half_life", "check_stored",
+           "DimensionMismatchError", "FeaturizerMismatchError", "check_dim",
+           "check_featurizer", "check_half_life", "check_stored",
            "new_statistics", "recast", "sum_statistics", "scope_key"]
 
 SHARED_KEY = "shared"
@@ -102,6 +103,34 @@ def check_dim(stats: Policy, dim: int, where: str) -> Policy:
             "on every learner and API replica, or start a fresh consumer group "
             "(BANDIT_ROUTER_LEARNER_GROUP) to learn with the new ones")
     return stats
+
+
+class FeaturizerMismatchError(StatisticsMismatchError):
+    """Stored statistics were learned from contexts of another featurizer."""
+
+
+def check_featurizer(stored: str | None, featurizer: str | None, where: str) -> None:
+    """Refuse statistics whose contexts another featurizer made (the same dimension
+    does not make the same vectors: hashing versions 1 and 2 differ everywhere).
+
+    ``None`` on either side is not checked: statistics written before the spec was
+    recorded, or a process that does not know its featurizer (tests, benchmarks).
+
+    >>> try:
+    ...     check_featurizer("hashing-v2:dim=8", "hashing-v1:dim=8", "partition 0")
+    ... except FeaturizerMismatchError as exc:
+    ...     print(exc.field, "/", str(exc).split(": ", 1)[1][:40])
+    featurizer / is 'hashing-v1:dim=8' here, but the stor
+    """
+    if stored is not None and featurizer is not None and stored != featurizer:
+        raise FeaturizerMismatchError(
+            "featurizer",
+            f"is {featurizer!r} here, but the stored statistics of {where} were learned "
+            f"from contexts of {stored!r}: set BANDIT_ROUTER_FEATURIZER, "
+            "BANDIT_ROUTER_FEATURIZER_SEED, BANDIT_ROUTER_HASHING_VERSION, BANDIT_ROUTER_DIM "
+            "and BANDIT_ROUTER_PROTOTYPE_MAP to the same values on every learner and API "
+            "replica, or start a fresh consumer group (BANDIT_ROUTER_LEARNER_GROUP) to "
+            "learn with the new ones")
 
 
 def check_stored(stats: Policy, dim: int, half_life_hours: float | None,

@@ -150,6 +150,10 @@ def broker_outage(private_postgres: PrivatePostgres) -> dict[str, Any]:
     return seen
 
 
+# The producer reset must not raise in its thread, nor leave a producer whose __del__
+# raises (kafka-python's close flushes the failed sends first: KafkaTimeoutError).
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning",
+                            "error::pytest.PytestUnraisableExceptionWarning")
 def test_broker_down_feedback_refused_with_503_decides_served(broker_outage):
     assert broker_outage["before"].status_code == 202
     assert broker_outage["before"].json()["status"] == "queued"
