@@ -2,7 +2,8 @@
 store (tables ``feedback``; reconciles ``decisions.charged_usd``), with the outage buffer
 (:class:`service.spool.FeedbackSpool`) and its drain thread.
 
-The path of a feedback, top to bottom: :meth:`FeedbackIngest.submit` (buffered while the
+The path of a feedback, top to bottom: :meth:`FeedbackIngest.submit` (or
+:meth:`~FeedbackIngest.submit_many` for a batch; buffered while the
 database is away or feedback already waits) -> :meth:`FeedbackIngest.store_many` in one
 transaction (dedupe by ``(decision_id, event_id)``, reconcile the charge, the guard's
 part) -> :meth:`service.policies.PolicyStore.apply` in order, under the store's
@@ -27,7 +28,13 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import models as m
-from service.domain import FeedbackReceipt, TenantState, price_estimate, timestamp
+from service.domain import (
+    FeedbackItem,
+    FeedbackReceipt,
+    TenantState,
+    price_estimate,
+    timestamp,
+)
 from service.exceptions import NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
 from service.local import LocalCopy
@@ -124,43 +131,72 @@ class FeedbackIngest:
         While the database is unreachable the feedback is kept in the buffer and
         answered ``buffered``; the drain stores and applies it when the database is
         back."""
-        event = event_id or ""
+        result = self.submit_many([FeedbackItem(tenant, decision_id, outcome, event_id)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def submit_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:
+        """:meth:`submit` for many feedback at once, the ones stored directly in one
+        transaction (the gateway's outcomes: one per forwarded call); per item its
+        receipt, or the error :meth:`submit` would raise for it."""
+        out: list[FeedbackReceipt | Exception | None] = [None] * len(items)
         spool, degraded = self.spool, self.local.degraded_since is not None
-        if spool is not None and (spool.depth() or degraded):
-            # Feedback already waits in the buffer: queue behind it, so that feedback is
-            # stored and applied in the order it was accepted. Degraded (started from
-            # the local copy): the policies are not the database's yet; the drain
-            # applies it after the reload.
-            return self._buffer(tenant, decision_id, event, outcome)
-        if degraded:
-            raise UnavailableError("the service started while the database was "
-                                   "unreachable and has no feedback buffer; retry later",
-                                   retry_after_s=5)
-        if self.writer.is_pending(decision_id) and (
-                (spool is not None and self.writer.spooling())
-                or not self.writer.wait_for(
-                    decision_id, timeout=10.0 if spool is None else _PENDING_WAIT_S)):
-            if spool is not None:
-                # The writer holds (or spooled) the decision: the database is away or far
-                # behind; the drain waits for it to be written.
-                return self._buffer(tenant, decision_id, event, outcome)
-            raise UnavailableError("the decision is not written yet; retry",
-                                   retry_after_s=1)
-        incoming = Incoming(tenant, decision_id, event, outcome, m.utcnow())
-        try:
-            stored = self.store_many([incoming])[0]
-        except (OperationalError, InterfaceError) as exc:
-            if spool is None:
-                raise  # 503 + Retry-After (service.errors)
-            log.warning("storing feedback for decision %s failed (%s: the database is "
-                        "unreachable); buffering it", decision_id, type(exc).__name__)
-            # Same received time: if the commit did land, the drain recognizes the row.
-            return self._buffer(tenant, decision_id, event, outcome, incoming.received)
+        # The wait for decisions the writer still holds is for the whole batch.
+        deadline = time.monotonic() + (10.0 if spool is None else _PENDING_WAIT_S)
+        direct: list[Incoming] = []
+        places: list[int] = []
+        for i, (tenant, decision_id, outcome, event_id) in enumerate(items):
+            event = event_id or ""
+            if spool is not None and (spool.depth() or degraded):
+                # Feedback already waits in the buffer: queue behind it, so that feedback
+                # is stored and applied in the order it was accepted. Degraded (started
+                # from the local copy): the policies are not the database's yet; the
+                # drain applies it after the reload.
+                out[i] = self._buffer_or_error(tenant, decision_id, event, outcome)
+                continue
+            if degraded:
+                out[i] = UnavailableError("the service started while the database was "
+                                          "unreachable and has no feedback buffer; retry "
+                                          "later", retry_after_s=5)
+                continue
+            if self.writer.is_pending(decision_id) and (
+                    (spool is not None and self.writer.spooling())
+                    or not self.writer.wait_for(
+                        decision_id, timeout=max(deadline - time.monotonic(), 0.0))):
+                # The writer holds (or spooled) the decision: the database is away or
+                # far behind; the drain waits for it to be written.
+                out[i] = self._buffer_or_error(tenant, decision_id, event, outcome) \
+                    if spool is not None else UnavailableError(
+                        "the decision is not written yet; retry", retry_after_s=1)
+                continue
+            direct.append(Incoming(tenant, decision_id, event, outcome, m.utcnow()))
+            places.append(i)
+        if direct:
+            try:
+                for i, stored in zip(places, self.store_many(direct), strict=True):
+                    out[i] = self._receipt(stored, items[i].decision_id)
+            except (OperationalError, InterfaceError) as exc:
+                for i, it in zip(places, direct, strict=True):
+                    if spool is None:
+                        out[i] = exc  # 503 + Retry-After (service.errors)
+                        continue
+                    log.warning("storing feedback for decision %s failed (%s: the "
+                                "database is unreachable); buffering it", it.decision_id,
+                                type(exc).__name__)
+                    # Same received time: if the commit did land, the drain recognizes
+                    # the row.
+                    out[i] = self._buffer_or_error(it.tenant, it.decision_id, it.event,
+                                                   it.outcome, it.received)
+        return [r for r in out if r is not None]
+
+    @staticmethod
+    def _receipt(stored: Stored, decision_id: str) -> FeedbackReceipt | Exception:
         if stored.status == "unknown-decision":
-            raise NotFoundError(f"decision {decision_id} does not exist",
-                                slug="decision-not-found")
+            return NotFoundError(f"decision {decision_id} does not exist",
+                                 slug="decision-not-found")
         if stored.error is not None:
-            raise stored.error
+            return stored.error
         return FeedbackReceipt(stored.status, stored.feedback_id)
 
     # ================================================================= store
@@ -286,6 +322,14 @@ class FeedbackIngest:
                 self.metrics.feedback.labels("duplicate").inc()
 
     # ========================================================== outage buffer
+    def _buffer_or_error(self, tenant: TenantState, decision_id: str, event: str,
+                         outcome: dict[str, float | None],
+                         received: datetime | None = None) -> FeedbackReceipt | Exception:
+        try:
+            return self._buffer(tenant, decision_id, event, outcome, received)
+        except UnavailableError as err:  # the buffer is full
+            return err
+
     def _buffer(self, tenant: TenantState, decision_id: str, event: str,
                 outcome: dict[str, float | None],
                 received: datetime | None = None) -> FeedbackReceipt:
