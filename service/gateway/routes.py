@@ -44,7 +44,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.feedback.aclose()
-        await self.client.aclose()
+        await self.client.close()
 
 
 async def _reload(store: GatewaySettingsStore, interval_s: float) -> None:
