@@ -47,7 +47,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -75,7 +77,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, float]:
+def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, Any]:
     """One phase of :func:`open_loop`, with the gateway's CPU ms per request."""
     before = cpu_seconds(target.pid) if target.pid else 0.0
     out = asyncio.run(open_loop(target, stream, rate, seconds))
@@ -157,7 +159,7 @@ def router_process(upstream: str, folder: Path) -> Iterator[Target]:
 
 
 async def open_loop(target: Target, stream: bool, rate: float, seconds: float
-                    ) -> dict[str, float]:
+                    ) -> dict[str, Any]:
     """``rate`` requests/s for ``seconds``; latency (and time to first token) from each
     request's scheduled time."""
     n = int(rate * seconds)
@@ -167,34 +169,39 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
     payload = json.dumps(body).encode()
     headers = {**target.headers, "content-type": "application/json"}
     latencies, ttfts = np.full(n, np.nan), np.full(n, np.nan)
-    errors = 0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+    errors: dict[str, int] = {}
+    # The load generator is aiohttp: httpx's own CPU per request (1-3 ms, see
+    # service/gateway/upstream.py) saturated the generator before the gateways at
+    # 1,000 req/s, and its 30 s pool timeout was the stream "errors" counted then.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=30.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         start = time.perf_counter() + 0.2
 
         async def one(j: int) -> None:
-            nonlocal errors
             scheduled = start + j / rate
             await asyncio.sleep(max(scheduled - time.perf_counter(), 0.0))
             try:
-                async with client.stream("POST", target.url, content=payload,
-                                         headers=headers) as response:
+                async with client.post(target.url, data=payload,
+                                       headers=headers) as response:
                     first = None
-                    async for line in response.aiter_lines():
-                        if first is None and '"content"' in line:
+                    async for line in response.content:
+                        if first is None and b'"content"' in line:
                             first = time.perf_counter()
-                    if response.status_code != 200:
-                        errors += 1
+                    if response.status != 200:
+                        key = f"status {response.status}"
+                        errors[key] = errors.get(key, 0) + 1
                         return
                 latencies[j] = time.perf_counter() - scheduled
                 if stream and first is not None:
                     ttfts[j] = first - scheduled
-            except httpx.HTTPError:
-                errors += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
         await asyncio.gather(*(one(j) for j in range(n)))
     ms = latencies[~np.isnan(latencies)] * 1e3
-    out = {"requests": n, "errors": errors,
+    out: dict[str, Any] = {"requests": n, "errors": sum(errors.values()),
+                           "errors_by_kind": errors,
            "p50_ms": float(np.percentile(ms, 50)) if ms.size else float("nan"),
            "p99_ms": float(np.percentile(ms, 99)) if ms.size else float("nan")}
     if stream:
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = 1 if args.quick else args.rounds
     modes = {"plain": False, "stream": True}
 
-    runs: dict[str, list[dict[str, float]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as stack:
         targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         return float(np.median([g[field] - d[field] for g, d in zip(
             runs[f"{gateway}/{mode}"], runs[f"direct/{mode}"], strict=True)]))
 
-    summary: dict[str, dict[str, float]] = {}
+    summary: dict[str, dict[str, Any]] = {}
     rows = []
     for key in runs:
         target, mode = key.split("/")
@@ -255,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{key}: gateway process CPU {summary[key]['cpu_ms_per_request']:.2f} ms "
                   "per request")
         summary[key]["errors"] = sum(run["errors"] for run in runs[key])
+        kinds: dict[str, int] = {}
+        for run in runs[key]:
+            for kind, count in run["errors_by_kind"].items():
+                kinds[kind] = kinds.get(kind, 0) + count
+        summary[key]["errors_by_kind"] = kinds
         if target != "direct":
             summary[key] |= {f"added_{f}": added(target, mode, f) for f in fields}
         s = summary[key]
@@ -277,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
                          "router": "uvicorn, 1 worker, SQLite, model auto of 2"},
-            "summary": summary, "rounds": runs}, packages=("litellm", "httpx", "uvicorn"))
+            "summary": summary, "rounds": runs}, packages=("litellm", "aiohttp", "uvicorn"))
         print(f"wrote {path}")
 
 
