@@ -47,7 +47,13 @@ from bandit import Preferences
 from bandit.base import MAX_COST_USD
 from bandit.pricing import request_cost
 from service.deps import tenant_for_authorization
-from service.gateway.chat import TAGS_HEADER, ChatRequest, message_text, parse_chat, tags_of_header
+from service.gateway.chat import (
+    TAGS_HEADER,
+    ChatRequest,
+    merged_tags,
+    parse_chat,
+    tags_of_header,
+)
 from service.gateway.errors import GatewayError, error_headers, from_exception, send_json
 from service.gateway.settings import TenantGateway
 from service.gateway.upstream import (
@@ -163,14 +169,6 @@ class _Exchange:
         settings: TenantGateway = self.gateway.settings.get(self.tenant.id)
         route = resolve(self.chat.model, self.service, settings)
         text = self.chat.text
-        if text is None:
-            if not route.fixed:
-                raise GatewayError(400, "messages: routing reads the last user message's "
-                                   "text, and this request has none", param="messages",
-                                   code="invalid_value")
-            # A named model needs no context to choose; the decision still logs one.
-            text = " ".join(message_text(m.get("content"))
-                            for m in self.chat.body["messages"]).strip() or "-"
         tried: list[str] = []
         failure: tuple[UpstreamFailure, list[tuple[bytes, bytes]]] | None = None
         for _ in range(1 if route.fixed else 1 + settings.fallback_attempts):
@@ -406,8 +404,9 @@ class ChatCompletionsEndpoint:
             raw = await _read_body(receive)
             if raw is None:
                 return  # the caller is gone: nothing decided
-            exchange = _Exchange(state, tenant, parse_chat(raw), tags_of_header(tags), send,
-                                 started)
+            chat = parse_chat(raw)
+            exchange = _Exchange(state, tenant, chat, merged_tags(chat, tags_of_header(tags)),
+                                 send, started)
             await _until_disconnect(receive, exchange.serve)
         except Exception as exc:
             err = from_exception(exc)

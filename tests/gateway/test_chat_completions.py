@@ -4,6 +4,7 @@ SQLite and PostgreSQL) in front of a fake OpenAI-compatible upstream."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
@@ -237,7 +238,8 @@ ADMIN_HEADERS = {"Authorization": "Bearer bra_test-admin-key-0123456789abcdefghi
     ({"model": "auto", "messages": []}, 400, "messages"),
     ({"model": "auto", "messages": [{"content": "hi"}]}, 400, "messages[0].role"),
     ({"model": "auto", "messages": MESSAGES, "stream": "yes"}, 400, "stream"),
-    ({"model": "auto", "messages": [{"role": "system", "content": "x"}]}, 400, "messages"),
+    ({"model": "auto", "messages": MESSAGES, "metadata": {"app": 3}}, 400, "metadata.app"),
+    ({"model": "auto", "messages": MESSAGES, "metadata": ["app"]}, 400, "metadata"),
     ({"model": "no-such-model", "messages": MESSAGES}, 404, "model"),
     ({"model": "auto:nope", "messages": MESSAGES}, 404, "model"),
 ])
@@ -277,3 +279,30 @@ def test_bad_key_and_bad_tags_and_bad_model_settings_are_refused(router: Router)
     r = router.http.put("/v1/tenants/me/gateway", headers={"Authorization": f"Bearer {key}"},
                         json={"fallback_attempts": 9})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "fallback_attempts"
+
+
+def test_system_prompt_metadata_and_header_become_the_decisions_tags(router: Router) -> None:
+    name = router.add_model()
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    assert router.http.put("/v1/tenants/me/gateway", json={"aliases": {
+        "one": {"candidates": [name]}}}, headers=auth).status_code == 200
+    r = router.http.post("/v1/chat/completions", headers={**auth, "x-router-tags":
+                                                          "task=code,app=header-wins"},
+                         json={"model": "auto:one", "messages": MESSAGES,
+                               "metadata": {"app": "faq", "team": "blue"}})
+    assert r.status_code == 200, r.text
+    decision = router.decision(key, r.headers["x-router-decision-id"])
+    digest = hashlib.blake2b(b"Be brief.", digest_size=6).hexdigest()
+    assert decision["tags"] == {"app": "header-wins", "team": "blue", "task": "code",
+                                "system_prompt": digest}
+    assert router.upstream.calls(name)[-1].body["metadata"] == {"app": "faq",
+                                                                "team": "blue"}
+    # Another system prompt, another tag; a conversation without user text is routed on
+    # the text it has.
+    r = router.http.post("/v1/chat/completions", headers=auth, json={
+        "model": "auto:one", "messages": [{"role": "system", "content": "Summarize."}]})
+    assert r.status_code == 200, r.text
+    decision = router.decision(key, r.headers["x-router-decision-id"])
+    assert decision["tags"] == {
+        "system_prompt": hashlib.blake2b(b"Summarize.", digest_size=6).hexdigest()}
