@@ -148,6 +148,8 @@ class _Attempt:
     usage: Any = None
     failed: bool = False
     succeeded: bool = False
+    #: The failure's kind (its code), for the metrics.
+    kind: str | None = None
 
 
 class _Exchange:
@@ -186,11 +188,13 @@ class _Exchange:
                 await self._forward(attempt)
                 return
             except UpstreamFailure as exc:
-                attempt.failed = True
+                attempt.failed, attempt.kind = True, exc.code
                 failure = (exc, attempt.headers)
                 log.info("decision %s: %s", decision_id, exc.message)
             finally:
                 self._report(attempt, settings)
+            if len(tried) < len(route.candidates) and len(tried) <= settings.fallback_attempts:
+                self.gateway.metrics.fallbacks.labels(name).inc()
         assert failure is not None
         exc, headers = failure
         await send_json(self.send, exc.status, exc.body(), [*headers, *error_headers(exc)])
@@ -198,6 +202,15 @@ class _Exchange:
     def _report(self, attempt: _Attempt, settings: TenantGateway) -> None:
         if attempt.latency_s is None and not attempt.failed:
             return  # never reached the upstream, or cancelled before the first byte
+        metrics = self.gateway.metrics
+        if attempt.failed:
+            metrics.upstream_errors.labels(attempt.name, attempt.kind or "upstream_error"
+                                           ).inc()
+        elif attempt.succeeded:
+            metrics.upstream_latency.labels(attempt.name).observe(
+                time.perf_counter() - attempt.started)
+            if self.chat.stream and attempt.latency_s is not None:
+                metrics.ttft.labels(attempt.name).observe(attempt.latency_s)
         model = self.service.models.get(attempt.name)
         cost = None
         if model is not None and attempt.usage is not None:
@@ -307,7 +320,7 @@ class _Exchange:
             # Mid-stream: the status is sent, so the error is an event (the OpenAI SDKs
             # raise on a chunk with "error"), and the outcome a failure.
             failure = failure_of_exception(attempt.name, exc, self.gateway.timeout_s)
-            attempt.failed = True
+            attempt.failed, attempt.kind = True, failure.code
             await send({"type": "http.response.body", "more_body": True,
                         "body": b"data: " + failure.body() + b"\n\n"})
 

@@ -83,6 +83,11 @@ def test_create_chat_completion_stream_passes_chunks_and_measures_ttft(
     # Latency of a stream = time to its first chunk: the 0.3 s, not the 0.45 s total.
     assert 300.0 <= fb["latency_ms"] < 440.0
     assert fb["cost_usd"] == pytest.approx(cost(1.0, 3.0, 9, 4), rel=1e-9)
+    # On /metrics: the time to the first chunk (0.3 s) and the whole call (0.45 s).
+    assert router.metric("bandit_router_gateway_ttft_seconds_count", model=name) == 1
+    assert 0.3 <= router.metric("bandit_router_gateway_ttft_seconds_sum", model=name) < 0.44
+    total = router.metric("bandit_router_gateway_upstream_latency_seconds_sum", model=name)
+    assert 0.45 <= total < 2.0
 
 
 def test_create_chat_completion_async_plain_and_stream(router: Router) -> None:
@@ -172,6 +177,10 @@ def test_fallback_tries_next_best_model_each_attempt_a_decision(router: Router) 
     assert decision["feedback"][0]["quality"] == 1.0  # the tenant's success quality
     failed = router.upstream.calls(bad)
     assert len(failed) == 1 and len(router.upstream.calls(good)) == 1
+    assert router.metric("bandit_router_gateway_fallbacks_total", model=bad) == 1
+    assert router.metric("bandit_router_gateway_upstream_errors_total", model=bad,
+                         kind="upstream_error") == 1
+    assert router.metric("bandit_router_gateway_fallbacks_total", model=good) == 0
 
 
 def test_upstream_timeout_gives_documented_504(router: Router) -> None:
@@ -186,6 +195,8 @@ def test_upstream_timeout_gives_documented_504(router: Router) -> None:
     decision_id = err.response.headers["x-router-decision-id"]
     (fb,) = router.decision(key, decision_id)["feedback"]
     assert fb["quality"] == 0.0 and fb["latency_ms"] >= TIMEOUT_S * 1000 * 0.9
+    assert router.metric("bandit_router_gateway_upstream_errors_total", model=name,
+                         kind="upstream_timeout") == 1
 
 
 def test_upstream_refused_and_rate_limited_map_to_errors(router: Router) -> None:
