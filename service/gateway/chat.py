@@ -95,6 +95,11 @@ def parse_chat(raw: bytes) -> ChatRequest:
     for i, msg in enumerate(messages):
         if not isinstance(msg.get("role"), str):
             raise _bad(f"messages[{i}].role", "required: a string such as 'user'")
+        content = msg.get("content")
+        if not (content is None or isinstance(content, str) or (isinstance(
+                content, list) and all(isinstance(part, dict) for part in content))):
+            raise _bad(f"messages[{i}].content", "must be a string, an array of content "
+                       "parts (objects) or null")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
