@@ -2,9 +2,8 @@
 store (tables ``feedback``; reconciles ``decisions.charged_usd``), with the outage buffer
 (:class:`service.spool.FeedbackSpool`) and its drain thread.
 
-The path of a feedback, top to bottom: :meth:`FeedbackIngest.submit` (or
-:meth:`~FeedbackIngest.submit_many` for a batch; buffered while the
-database is away or feedback already waits) -> :meth:`FeedbackIngest.store_many` in one
+The path of a feedback, top to bottom: :meth:`FeedbackIngest.submit` or ``submit_many``
+(buffered while the database is away or feedback already waits) -> ``store_many`` in one
 transaction (dedupe by ``(decision_id, event_id)``, reconcile the charge, the guard's
 part) -> :meth:`service.policies.PolicyStore.apply` in order, under the store's
 ``apply_lock`` (so ``last_feedback_id`` is exactly what the statistics include) -> the
@@ -137,15 +136,12 @@ class FeedbackIngest:
         return result
 
     def submit_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:
-        """:meth:`submit` for many feedback at once, the ones stored directly in one
-        transaction (the gateway's outcomes: one per forwarded call); per item its
-        receipt, or the error :meth:`submit` would raise for it."""
+        """:meth:`submit` for many (the gateway's outcomes), those stored directly in one
+        transaction; per item its receipt, or the error :meth:`submit` would raise."""
         out: list[FeedbackReceipt | Exception | None] = [None] * len(items)
         spool, degraded = self.spool, self.local.degraded_since is not None
-        # The wait for decisions the writer still holds is for the whole batch.
         deadline = time.monotonic() + (10.0 if spool is None else _PENDING_WAIT_S)
-        direct: list[Incoming] = []
-        places: list[int] = []
+        direct: list[tuple[int, Incoming]] = []
         for i, (tenant, decision_id, outcome, event_id) in enumerate(items):
             event = event_id or ""
             if spool is not None and (spool.depth() or degraded):
@@ -153,7 +149,7 @@ class FeedbackIngest:
                 # is stored and applied in the order it was accepted. Degraded (started
                 # from the local copy): the policies are not the database's yet; the
                 # drain applies it after the reload.
-                out[i] = self._buffer_or_error(tenant, decision_id, event, outcome)
+                out[i] = self._buffer(tenant, decision_id, event, outcome)
                 continue
             if degraded:
                 out[i] = UnavailableError("the service started while the database was "
@@ -166,27 +162,26 @@ class FeedbackIngest:
                         decision_id, timeout=max(deadline - time.monotonic(), 0.0))):
                 # The writer holds (or spooled) the decision: the database is away or
                 # far behind; the drain waits for it to be written.
-                out[i] = self._buffer_or_error(tenant, decision_id, event, outcome) \
+                out[i] = self._buffer(tenant, decision_id, event, outcome) \
                     if spool is not None else UnavailableError(
                         "the decision is not written yet; retry", retry_after_s=1)
                 continue
-            direct.append(Incoming(tenant, decision_id, event, outcome, m.utcnow()))
-            places.append(i)
+            direct.append((i, Incoming(tenant, decision_id, event, outcome, m.utcnow())))
         if direct:
             try:
-                for i, stored in zip(places, self.store_many(direct), strict=True):
-                    out[i] = self._receipt(stored, items[i].decision_id)
+                stored = self.store_many([it for _, it in direct])
+                for (i, it), result in zip(direct, stored, strict=True):
+                    out[i] = self._receipt(result, it.decision_id)
             except (OperationalError, InterfaceError) as exc:
-                for i, it in zip(places, direct, strict=True):
+                for i, it in direct:
                     if spool is None:
                         out[i] = exc  # 503 + Retry-After (service.errors)
                         continue
                     log.warning("storing feedback for decision %s failed (%s: the "
                                 "database is unreachable); buffering it", it.decision_id,
                                 type(exc).__name__)
-                    # Same received time: if the commit did land, the drain recognizes
-                    # the row.
-                    out[i] = self._buffer_or_error(it.tenant, it.decision_id, it.event,
+                    # Same received time: if the commit landed, the drain recognizes it.
+                    out[i] = self._buffer(it.tenant, it.decision_id, it.event,
                                                    it.outcome, it.received)
         return [r for r in out if r is not None]
 
@@ -322,27 +317,20 @@ class FeedbackIngest:
                 self.metrics.feedback.labels("duplicate").inc()
 
     # ========================================================== outage buffer
-    def _buffer_or_error(self, tenant: TenantState, decision_id: str, event: str,
-                         outcome: dict[str, float | None],
-                         received: datetime | None = None) -> FeedbackReceipt | Exception:
-        try:
-            return self._buffer(tenant, decision_id, event, outcome, received)
-        except UnavailableError as err:  # the buffer is full
-            return err
-
     def _buffer(self, tenant: TenantState, decision_id: str, event: str,
                 outcome: dict[str, float | None],
-                received: datetime | None = None) -> FeedbackReceipt:
-        """Keep the feedback in the buffer (committed to disk before the answer)."""
+                received: datetime | None = None) -> FeedbackReceipt | Exception:
+        """Keep the feedback in the buffer (committed to disk before the answer); the
+        error to answer when it is full."""
         assert self.spool is not None
         result = self.spool.add(tenant.id, decision_id, event, outcome,
                                 (received or m.utcnow()).isoformat())
         self.metrics.feedback_buffer_depth.set(self.spool.depth())
         self.metrics.feedback_buffer.labels(result).inc()
         if result == "full":
-            raise UnavailableError(f"the database is unavailable and the feedback buffer "
-                                   f"is full ({self.spool.capacity} events); nothing was "
-                                   "stored, retry later", retry_after_s=5)
+            return UnavailableError(f"the database is unavailable and the feedback buffer "
+                                    f"is full ({self.spool.capacity} events); nothing was "
+                                    "stored, retry later", retry_after_s=5)
         self.metrics.feedback.labels(result).inc()
         self._wake.set()
         return FeedbackReceipt(result, None)

@@ -11,8 +11,6 @@ and exits with code 1.
 
     export BANDIT_ROUTER_URL=http://127.0.0.1:8000 BANDIT_ROUTER_KEY=bra_...
     bandit-router models add small --input-price 0.15 --output-price 0.6
-    bandit-router models add gpt-4o-mini --input-price 0.15 --output-price 0.6 \\
-        --base-url https://api.openai.com/v1 --api-key-env OPENAI_API_KEY
     bandit-router tenants create acme              # prints the tenant's key, once
     bandit-router preferences set --tenant acme --cost 200 --budget-day 5
     bandit-router usage --tenant acme --json   # a tenant's id or its name
@@ -191,19 +189,14 @@ def _model_table(models: Any) -> Table:
     for m in models:
         state = "deleted" if m.deleted else "enabled" if m.enabled else "disabled"
         color = {"enabled": "green", "disabled": "yellow", "deleted": "red"}[state]
+        # The chat endpoint's upstream; the key's variable name, never a key.
+        upstream = f"{m.base_url} ({m.upstream_model or m.name})" if m.base_url else "-"
         table.add_row(m.name, f"{m.input_price_per_mtok:g}", f"{m.output_price_per_mtok:g}",
                       _money(m.prior_cost_usd),
                       "-" if m.prior_quality is None else f"{m.prior_quality:g}",
-                      _upstream(m), f"[{color}]{state}[/{color}]")
+                      upstream + (f" key ${m.api_key_env}" if m.api_key_env else ""),
+                      f"[{color}]{state}[/{color}]")
     return table
-
-
-def _upstream(m: Any) -> str:
-    """Where the chat endpoint forwards the model (the key's variable name, never a key)."""
-    if not m.base_url:
-        return "-"
-    out = f"{m.base_url} ({m.upstream_model or m.name})"
-    return out + (f" key ${m.api_key_env}" if m.api_key_env else "")
 
 
 InputPrice = Annotated[float, typer.Option("--input-price", min=0.0,
@@ -219,18 +212,15 @@ def models_add(name: Annotated[str, typer.Argument(help="Model name, as your gat
                    min=0.0, max=1.0, help="Expected quality 0..1 (lets a new model compete "
                    "in the greedy branch at once).")] = None,
                disabled: Annotated[bool, typer.Option(help="Register it disabled.")] = False,
-               base_url: Annotated[str | None, typer.Option(
-                   help="Its OpenAI-compatible API (e.g. https://api.openai.com/v1): where "
-                   "POST /v1/chat/completions forwards it.")] = None,
+               base_url: Annotated[str | None, typer.Option(help="Its OpenAI-compatible "
+                   "API, where POST /v1/chat/completions forwards it.")] = None,
                upstream_model: Annotated[str | None, typer.Option(
-                   help="The name the upstream knows it by (default: NAME).")] = None,
-               api_key_env: Annotated[str | None, typer.Option(
-                   help="The NAME of the router's environment variable holding the "
-                   "upstream's key (the key itself is never sent to or stored by the "
-                   "router's API).")] = None,
+                   help="Its name at the upstream (default: NAME).")] = None,
+               api_key_env: Annotated[str | None, typer.Option(help="The router's "
+                   "environment variable holding the upstream's key (its name).")] = None,
                url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
-    """Register a model; it is a candidate from the next decision (of the chat
-    endpoint's ``auto`` too once it has a --base-url)."""
+    """Register a model; it is a candidate from the next decision (with --base-url,
+    of the chat endpoint's ``auto`` too)."""
     with _client(url, key) as client:
         _emit(client.add_model(name, input_price, output_price, enabled=not disabled,
                                prior_quality=prior_quality, base_url=base_url,
