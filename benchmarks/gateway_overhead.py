@@ -29,9 +29,14 @@ Goal (issue 16, for our endpoint): p50 <= 1 ms and p99 <= 5 ms added at 1,000 re
 LiteLLM publishes p50 2 ms / p99 13 ms added at ~1,170 req/s on 4 instances x 4 CPUs.
 On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rounds).
 
+``--client-cost`` measures instead the CPU per call of the pooled client alone (httpx vs
+aiohttp, this process's ``process_time`` over the calls, at 4 and 50 in flight): why the
+gateway's upstream client is aiohttp (service/gateway/upstream.py).
+
 Run::
 
     python -m benchmarks.gateway_overhead             # writes results/gateway_overhead.json
+    python -m benchmarks.gateway_overhead --client-cost   # ..._client_cost.json
     python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
 """
@@ -215,6 +220,53 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
     return out
 
 
+async def client_cost(url: str, n: int, in_flight: int) -> dict[str, float]:
+    """CPU ms per call of each client (``n`` calls, ``in_flight`` at a time)."""
+    payload = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
+    headers = {"content-type": "application/json"}
+
+    async def drive(one: Any) -> float:
+        await asyncio.gather(*(one() for _ in range(in_flight)))  # warm: connections
+        gate = asyncio.Semaphore(in_flight)
+
+        async def gated() -> None:
+            async with gate:
+                await one()
+
+        before = time.process_time()
+        await asyncio.gather(*(gated() for _ in range(n)))
+        return (time.process_time() - before) * 1e3 / n
+
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(limits=limits, trust_env=False) as hx, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000)) as ah:
+        async def httpx_call() -> None:
+            (await hx.post(url, content=payload, headers=headers)).raise_for_status()
+
+        async def aiohttp_call() -> None:
+            async with ah.post(url, data=payload, headers=headers) as r:
+                await r.read()
+
+        return {"httpx": await drive(httpx_call), "aiohttp": await drive(aiohttp_call)}
+
+
+def main_client_cost(rounds: int) -> None:
+    runs: dict[str, list[float]] = {}
+    with fake_upstream_process() as upstream:
+        for _ in range(rounds):
+            for in_flight in (4, 50):
+                for name, ms in asyncio.run(client_cost(
+                        f"{upstream}/v1/chat/completions", 2000, in_flight)).items():
+                    runs.setdefault(f"{name}/{in_flight}", []).append(ms)
+    summary = {k: float(np.median(v)) for k, v in runs.items()}
+    print_table("CPU ms per call of the pooled client alone (fake upstream, 2,000 calls; "
+                f"median of {rounds} rounds)", ["client / in flight", "CPU ms per call"],
+                [[k, f"{v:.3f}"] for k, v in summary.items()])
+    path = write_results("gateway_client_cost", {"summary": summary, "rounds": runs},
+                         packages=("httpx", "httpcore", "aiohttp"))
+    print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
@@ -225,7 +277,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--no-litellm", action="store_true",
                         help="measure the direct path and our router only")
+    parser.add_argument("--client-cost", action="store_true",
+                        help="the CPU per call of httpx vs aiohttp alone (see above)")
     args = parser.parse_args(argv)
+    if args.client_cost:
+        main_client_cost(args.rounds)
+        return
     seconds = 3.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
     modes = {"plain": False, "stream": True}

@@ -8,10 +8,11 @@ answers ``POST <base_url>/chat/completions``.
 
 Why aiohttp and not httpx (which the rest of the project uses as a client): on this
 path the client's own CPU time is most of what the router adds to a call, and
-httpx 0.29 / httpcore 1.0 spend about 1.3 ms of CPU per request at 4 requests in
-flight and 2.5-3 ms at 50 (its pool scans every connection, probing idle sockets, for
-each request), against 0.2 ms for aiohttp's, on the same fake upstream
-(benchmarks/gateway_overhead.py's notes; issue 16's goal is 1 ms added in all).
+httpx 0.29 / httpcore 1.0 spend about 1.0 ms of CPU per request at 4 requests in
+flight and 3.6 ms at 50 (its pool scans every connection, probing idle sockets, for
+each request), against 0.17 ms for aiohttp's, on the same fake upstream
+(``python -m benchmarks.gateway_overhead --client-cost``; issue 16's goal is 1 ms added
+in all).
 
 The key: a model names the environment variable that holds it (``api_key_env``); it is
 read from the router's environment at each request (a rotated key is picked up without a
