@@ -17,7 +17,11 @@ measured in the same run with the same load generator:
 For each target and mode (``plain``, ``stream`` with ``include_usage``): an open loop at
 ``--rate`` requests/s for ``--seconds``, latency counted from each request's scheduled
 send time (no coordinated omission); for a stream, also the time to the first content
-chunk. ``--rounds`` rounds, targets alternating (in a different order each round);
+chunk. The load generator is aiohttp: an earlier httpx one spent 1-3 ms of CPU per
+request itself and saturated first (the 73 stream "errors" of that run, p99 50 s, were
+most likely its own 30 s timeouts; it did not record their kind). Errors are counted by
+kind (a status, or the exception's class). ``--rounds`` rounds, targets alternating (in
+a different order each round);
 each figure is the median over rounds, and "added" is the median over rounds of the
 round's (gateway - direct) difference.
 
@@ -25,9 +29,14 @@ Goal (issue 16, for our endpoint): p50 <= 1 ms and p99 <= 5 ms added at 1,000 re
 LiteLLM publishes p50 2 ms / p99 13 ms added at ~1,170 req/s on 4 instances x 4 CPUs.
 On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rounds).
 
+``--client-cost`` measures instead the CPU per call of the pooled client alone (httpx vs
+aiohttp, this process's ``process_time`` over the calls, at 4 and 50 in flight): why the
+gateway's upstream client is aiohttp (service/gateway/upstream.py).
+
 Run::
 
     python -m benchmarks.gateway_overhead             # writes results/gateway_overhead.json
+    python -m benchmarks.gateway_overhead --client-cost   # ..._client_cost.json
     python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
 """
@@ -47,7 +56,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import aiohttp
 import httpx
 import numpy as np
 
@@ -75,7 +86,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, float]:
+def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, Any]:
     """One phase of :func:`open_loop`, with the gateway's CPU ms per request."""
     before = cpu_seconds(target.pid) if target.pid else 0.0
     out = asyncio.run(open_loop(target, stream, rate, seconds))
@@ -157,7 +168,7 @@ def router_process(upstream: str, folder: Path) -> Iterator[Target]:
 
 
 async def open_loop(target: Target, stream: bool, rate: float, seconds: float
-                    ) -> dict[str, float]:
+                    ) -> dict[str, Any]:
     """``rate`` requests/s for ``seconds``; latency (and time to first token) from each
     request's scheduled time."""
     n = int(rate * seconds)
@@ -167,34 +178,39 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
     payload = json.dumps(body).encode()
     headers = {**target.headers, "content-type": "application/json"}
     latencies, ttfts = np.full(n, np.nan), np.full(n, np.nan)
-    errors = 0
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=30.0) as client:
+    errors: dict[str, int] = {}
+    # The load generator is aiohttp: httpx's own CPU per request (1-3 ms, see
+    # service/gateway/upstream.py) saturated the generator before the gateways at
+    # 1,000 req/s, and its 30 s pool timeout was the stream "errors" counted then.
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=30.0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as client:
         start = time.perf_counter() + 0.2
 
         async def one(j: int) -> None:
-            nonlocal errors
             scheduled = start + j / rate
             await asyncio.sleep(max(scheduled - time.perf_counter(), 0.0))
             try:
-                async with client.stream("POST", target.url, content=payload,
-                                         headers=headers) as response:
+                async with client.post(target.url, data=payload,
+                                       headers=headers) as response:
                     first = None
-                    async for line in response.aiter_lines():
-                        if first is None and '"content"' in line:
+                    async for line in response.content:
+                        if first is None and b'"content"' in line:
                             first = time.perf_counter()
-                    if response.status_code != 200:
-                        errors += 1
+                    if response.status != 200:
+                        key = f"status {response.status}"
+                        errors[key] = errors.get(key, 0) + 1
                         return
                 latencies[j] = time.perf_counter() - scheduled
                 if stream and first is not None:
                     ttfts[j] = first - scheduled
-            except httpx.HTTPError:
-                errors += 1
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
         await asyncio.gather(*(one(j) for j in range(n)))
     ms = latencies[~np.isnan(latencies)] * 1e3
-    out = {"requests": n, "errors": errors,
+    out: dict[str, Any] = {"requests": n, "errors": sum(errors.values()),
+                           "errors_by_kind": errors,
            "p50_ms": float(np.percentile(ms, 50)) if ms.size else float("nan"),
            "p99_ms": float(np.percentile(ms, 99)) if ms.size else float("nan")}
     if stream:
@@ -202,6 +218,53 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
         out |= {"ttft_p50_ms": float(np.percentile(t, 50)) if t.size else float("nan"),
                 "ttft_p99_ms": float(np.percentile(t, 99)) if t.size else float("nan")}
     return out
+
+
+async def client_cost(url: str, n: int, in_flight: int) -> dict[str, float]:
+    """CPU ms per call of each client (``n`` calls, ``in_flight`` at a time)."""
+    payload = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
+    headers = {"content-type": "application/json"}
+
+    async def drive(one: Any) -> float:
+        await asyncio.gather(*(one() for _ in range(in_flight)))  # warm: connections
+        gate = asyncio.Semaphore(in_flight)
+
+        async def gated() -> None:
+            async with gate:
+                await one()
+
+        before = time.process_time()
+        await asyncio.gather(*(gated() for _ in range(n)))
+        return (time.process_time() - before) * 1e3 / n
+
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(limits=limits, trust_env=False) as hx, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000)) as ah:
+        async def httpx_call() -> None:
+            (await hx.post(url, content=payload, headers=headers)).raise_for_status()
+
+        async def aiohttp_call() -> None:
+            async with ah.post(url, data=payload, headers=headers) as r:
+                await r.read()
+
+        return {"httpx": await drive(httpx_call), "aiohttp": await drive(aiohttp_call)}
+
+
+def main_client_cost(rounds: int) -> None:
+    runs: dict[str, list[float]] = {}
+    with fake_upstream_process() as upstream:
+        for _ in range(rounds):
+            for in_flight in (4, 50):
+                for name, ms in asyncio.run(client_cost(
+                        f"{upstream}/v1/chat/completions", 2000, in_flight)).items():
+                    runs.setdefault(f"{name}/{in_flight}", []).append(ms)
+    summary = {k: float(np.median(v)) for k, v in runs.items()}
+    print_table("CPU ms per call of the pooled client alone (fake upstream, 2,000 calls; "
+                f"median of {rounds} rounds)", ["client / in flight", "CPU ms per call"],
+                [[k, f"{v:.3f}"] for k, v in summary.items()])
+    path = write_results("gateway_client_cost", {"summary": summary, "rounds": runs},
+                         packages=("httpx", "httpcore", "aiohttp"))
+    print(f"wrote {path}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,12 +277,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--no-litellm", action="store_true",
                         help="measure the direct path and our router only")
+    parser.add_argument("--client-cost", action="store_true",
+                        help="the CPU per call of httpx vs aiohttp alone (see above)")
     args = parser.parse_args(argv)
+    if args.client_cost:
+        main_client_cost(args.rounds)
+        return
     seconds = 3.0 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
     modes = {"plain": False, "stream": True}
 
-    runs: dict[str, list[dict[str, float]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as stack:
         targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
@@ -244,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
         return float(np.median([g[field] - d[field] for g, d in zip(
             runs[f"{gateway}/{mode}"], runs[f"direct/{mode}"], strict=True)]))
 
-    summary: dict[str, dict[str, float]] = {}
+    summary: dict[str, dict[str, Any]] = {}
     rows = []
     for key in runs:
         target, mode = key.split("/")
@@ -255,6 +323,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{key}: gateway process CPU {summary[key]['cpu_ms_per_request']:.2f} ms "
                   "per request")
         summary[key]["errors"] = sum(run["errors"] for run in runs[key])
+        kinds: dict[str, int] = {}
+        for run in runs[key]:
+            for kind, count in run["errors_by_kind"].items():
+                kinds[kind] = kinds.get(kind, 0) + count
+        summary[key]["errors_by_kind"] = kinds
         if target != "direct":
             summary[key] |= {f"added_{f}": added(target, mode, f) for f in fields}
         s = summary[key]
@@ -277,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
                          "router": "uvicorn, 1 worker, SQLite, model auto of 2"},
-            "summary": summary, "rounds": runs}, packages=("litellm", "httpx", "uvicorn"))
+            "summary": summary, "rounds": runs}, packages=("litellm", "aiohttp", "uvicorn"))
         print(f"wrote {path}")
 
 

@@ -130,7 +130,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
         # FastAPI's documented way to extend the schema ("Extending OpenAPI"); the
         # document is cached in app.openapi_schema, so this runs once.
         if app.openapi_schema is None:
-            document_problems(decide.add_openapi(build_openapi(), settings))
+            # The chat endpoint's errors are OpenAI's: documented after the problems.
+            gateway.add_openapi(document_problems(decide.add_openapi(build_openapi(), settings)))
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

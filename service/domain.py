@@ -20,8 +20,8 @@ from service.budget import Ledger
 from service.db import models as m
 
 __all__ = ["POLICY_KINDS", "POLICY_CLASSES", "ModelState", "TenantState", "PendingDecision",
-           "DecideArgs", "FeedbackReceipt", "periods", "timestamp", "stored_outcome",
-           "price_estimate"]
+           "DecideArgs", "FeedbackItem", "FeedbackReceipt", "periods", "timestamp",
+           "stored_outcome", "price_estimate"]
 
 POLICY_KINDS = ("linucb", "thompson")
 POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
@@ -90,6 +90,15 @@ class DecideArgs(NamedTuple):
     #: The prompt's length in tokens when known (from the text); None: the
     #: ``prior_input_tokens`` setting.
     input_tokens: int | None = None
+
+
+class FeedbackItem(NamedTuple):
+    """One feedback handed to a sink in a batch (``RoutingService.feedback_many``)."""
+
+    tenant: TenantState
+    decision_id: str
+    outcome: dict[str, float | None]
+    event_id: str | None
 
 
 @dataclass(frozen=True)

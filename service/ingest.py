@@ -2,8 +2,8 @@
 store (tables ``feedback``; reconciles ``decisions.charged_usd``), with the outage buffer
 (:class:`service.spool.FeedbackSpool`) and its drain thread.
 
-The path of a feedback, top to bottom: :meth:`FeedbackIngest.submit` (buffered while the
-database is away or feedback already waits) -> :meth:`FeedbackIngest.store_many` in one
+The path of a feedback, top to bottom: :meth:`FeedbackIngest.submit` or ``submit_many``
+(buffered while the database is away or feedback already waits) -> ``store_many`` in one
 transaction (dedupe by ``(decision_id, event_id)``, reconcile the charge, the guard's
 part) -> :meth:`service.policies.PolicyStore.apply` in order, under the store's
 ``apply_lock`` (so ``last_feedback_id`` is exactly what the statistics include) -> the
@@ -27,7 +27,13 @@ from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import models as m
-from service.domain import FeedbackReceipt, TenantState, price_estimate, timestamp
+from service.domain import (
+    FeedbackItem,
+    FeedbackReceipt,
+    TenantState,
+    price_estimate,
+    timestamp,
+)
 from service.exceptions import NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
 from service.local import LocalCopy
@@ -124,43 +130,68 @@ class FeedbackIngest:
         While the database is unreachable the feedback is kept in the buffer and
         answered ``buffered``; the drain stores and applies it when the database is
         back."""
-        event = event_id or ""
+        result = self.submit_many([FeedbackItem(tenant, decision_id, outcome, event_id)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def submit_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:
+        """:meth:`submit` for many (the gateway's outcomes), those stored directly in one
+        transaction; per item its receipt, or the error :meth:`submit` would raise."""
+        out: list[FeedbackReceipt | Exception | None] = [None] * len(items)
         spool, degraded = self.spool, self.local.degraded_since is not None
-        if spool is not None and (spool.depth() or degraded):
-            # Feedback already waits in the buffer: queue behind it, so that feedback is
-            # stored and applied in the order it was accepted. Degraded (started from
-            # the local copy): the policies are not the database's yet; the drain
-            # applies it after the reload.
-            return self._buffer(tenant, decision_id, event, outcome)
-        if degraded:
-            raise UnavailableError("the service started while the database was "
-                                   "unreachable and has no feedback buffer; retry later",
-                                   retry_after_s=5)
-        if self.writer.is_pending(decision_id) and (
-                (spool is not None and self.writer.spooling())
-                or not self.writer.wait_for(
-                    decision_id, timeout=10.0 if spool is None else _PENDING_WAIT_S)):
-            if spool is not None:
-                # The writer holds (or spooled) the decision: the database is away or far
-                # behind; the drain waits for it to be written.
-                return self._buffer(tenant, decision_id, event, outcome)
-            raise UnavailableError("the decision is not written yet; retry",
-                                   retry_after_s=1)
-        incoming = Incoming(tenant, decision_id, event, outcome, m.utcnow())
-        try:
-            stored = self.store_many([incoming])[0]
-        except (OperationalError, InterfaceError) as exc:
-            if spool is None:
-                raise  # 503 + Retry-After (service.errors)
-            log.warning("storing feedback for decision %s failed (%s: the database is "
-                        "unreachable); buffering it", decision_id, type(exc).__name__)
-            # Same received time: if the commit did land, the drain recognizes the row.
-            return self._buffer(tenant, decision_id, event, outcome, incoming.received)
+        deadline = time.monotonic() + (10.0 if spool is None else _PENDING_WAIT_S)
+        direct: list[tuple[int, Incoming]] = []
+        for i, (tenant, decision_id, outcome, event_id) in enumerate(items):
+            event = event_id or ""
+            if spool is not None and (spool.depth() or degraded):
+                # Feedback already waits in the buffer: queue behind it, so that feedback
+                # is stored and applied in the order it was accepted. Degraded (started
+                # from the local copy): the policies are not the database's yet; the
+                # drain applies it after the reload.
+                out[i] = self._buffer(tenant, decision_id, event, outcome)
+                continue
+            if degraded:
+                out[i] = UnavailableError("the service started while the database was "
+                                          "unreachable and has no feedback buffer; retry "
+                                          "later", retry_after_s=5)
+                continue
+            if self.writer.is_pending(decision_id) and (
+                    (spool is not None and self.writer.spooling())
+                    or not self.writer.wait_for(
+                        decision_id, timeout=max(deadline - time.monotonic(), 0.0))):
+                # The writer holds (or spooled) the decision: the database is away or
+                # far behind; the drain waits for it to be written.
+                out[i] = self._buffer(tenant, decision_id, event, outcome) \
+                    if spool is not None else UnavailableError(
+                        "the decision is not written yet; retry", retry_after_s=1)
+                continue
+            direct.append((i, Incoming(tenant, decision_id, event, outcome, m.utcnow())))
+        if direct:
+            try:
+                stored = self.store_many([it for _, it in direct])
+                for (i, it), result in zip(direct, stored, strict=True):
+                    out[i] = self._receipt(result, it.decision_id)
+            except (OperationalError, InterfaceError) as exc:
+                for i, it in direct:
+                    if spool is None:
+                        out[i] = exc  # 503 + Retry-After (service.errors)
+                        continue
+                    log.warning("storing feedback for decision %s failed (%s: the "
+                                "database is unreachable); buffering it", it.decision_id,
+                                type(exc).__name__)
+                    # Same received time: if the commit landed, the drain recognizes it.
+                    out[i] = self._buffer(it.tenant, it.decision_id, it.event,
+                                                   it.outcome, it.received)
+        return [r for r in out if r is not None]
+
+    @staticmethod
+    def _receipt(stored: Stored, decision_id: str) -> FeedbackReceipt | Exception:
         if stored.status == "unknown-decision":
-            raise NotFoundError(f"decision {decision_id} does not exist",
-                                slug="decision-not-found")
+            return NotFoundError(f"decision {decision_id} does not exist",
+                                 slug="decision-not-found")
         if stored.error is not None:
-            raise stored.error
+            return stored.error
         return FeedbackReceipt(stored.status, stored.feedback_id)
 
     # ================================================================= store
@@ -288,17 +319,18 @@ class FeedbackIngest:
     # ========================================================== outage buffer
     def _buffer(self, tenant: TenantState, decision_id: str, event: str,
                 outcome: dict[str, float | None],
-                received: datetime | None = None) -> FeedbackReceipt:
-        """Keep the feedback in the buffer (committed to disk before the answer)."""
+                received: datetime | None = None) -> FeedbackReceipt | Exception:
+        """Keep the feedback in the buffer (committed to disk before the answer); the
+        error to answer when it is full."""
         assert self.spool is not None
         result = self.spool.add(tenant.id, decision_id, event, outcome,
                                 (received or m.utcnow()).isoformat())
         self.metrics.feedback_buffer_depth.set(self.spool.depth())
         self.metrics.feedback_buffer.labels(result).inc()
         if result == "full":
-            raise UnavailableError(f"the database is unavailable and the feedback buffer "
-                                   f"is full ({self.spool.capacity} events); nothing was "
-                                   "stored, retry later", retry_after_s=5)
+            return UnavailableError(f"the database is unavailable and the feedback buffer "
+                                    f"is full ({self.spool.capacity} events); nothing was "
+                                    "stored, retry later", retry_after_s=5)
         self.metrics.feedback.labels(result).inc()
         self._wake.set()
         return FeedbackReceipt(result, None)

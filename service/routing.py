@@ -35,7 +35,7 @@ import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from bandit import Policy, Preferences
+from bandit import InvalidInputError, Policy, Preferences
 from bandit.base import check_finite_number
 from bandit.featurize import TAG_BLOCK_SPEC, TAGS_SPEC
 from service.budget import Ledger
@@ -45,6 +45,7 @@ from service.db.engine import is_at_head
 from service.domain import (
     POLICY_KINDS,
     DecideArgs,
+    FeedbackItem,
     FeedbackReceipt,
     ModelState,
     PendingDecision,
@@ -55,9 +56,23 @@ from service.metrics import Metrics
 from service.spool import FeedbackSpool
 
 __all__ = ["RoutingService", "TenantState", "ModelState", "PendingDecision", "DecideArgs",
-           "FeedbackReceipt", "POLICY_KINDS"]
+           "FeedbackItem", "FeedbackReceipt", "POLICY_KINDS"]
 
 log = logging.getLogger("service.routing")
+
+
+def _check_outcome(outcome: dict[str, float | None]) -> None:
+    """The checks of a feedback's outcome both modes share."""
+    for key in ("cost_usd", "latency_ms"):
+        if outcome.get(key) is not None:
+            check_finite_number(key, outcome[key], low=0.0)
+
+
+def _submitted(sink: Any, item: FeedbackItem) -> FeedbackReceipt | Exception:
+    try:
+        return sink.submit(*item)  # type: ignore[no-any-return]
+    except Exception as exc:  # noqa: BLE001 - returned per item, as submit_many does
+        return exc
 
 
 class RoutingService:
@@ -333,10 +348,28 @@ class RoutingService:
     def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
                  event_id: str | None) -> FeedbackReceipt:
         """Hand one feedback to the sink, after the checks both modes share."""
-        for key in ("cost_usd", "latency_ms"):
-            if outcome.get(key) is not None:
-                check_finite_number(key, outcome[key], low=0.0)
+        _check_outcome(outcome)
         return self.sink.submit(tenant, decision_id, outcome, event_id)
+
+    def feedback_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:
+        """:meth:`feedback` for a batch (the gateway's outcomes); per item its receipt or
+        the error :meth:`feedback` would raise. A sink with ``submit_many`` (embedded
+        mode's) stores the batch in one transaction; another gets the items one by one."""
+        out: list[FeedbackReceipt | Exception | None] = [None] * len(items)
+        valid: list[int] = []
+        for i, item in enumerate(items):
+            try:
+                _check_outcome(item.outcome)
+                valid.append(i)
+            except InvalidInputError as err:
+                out[i] = err
+        batch = [items[i] for i in valid]
+        submit_many = getattr(self.sink, "submit_many", None)
+        results = submit_many(batch) if submit_many is not None else [
+            _submitted(self.sink, item) for item in batch]
+        for i, result in zip(valid, results, strict=True):
+            out[i] = result
+        return [r for r in out if r is not None]
 
     def feedback_buffered(self) -> int:
         """Feedback events accepted and not yet stored in the database."""

@@ -185,13 +185,16 @@ def tenants_rotate_key(tenant_id: Annotated[str, typer.Argument(help="Tenant id 
 def _model_table(models: Any) -> Table:
     models = models if isinstance(models, list) else [models]
     table = _table("models", ("name", "input $ per Mtok", "output $ per Mtok",
-                              "prior cost per request", "prior quality", "state"))
+                              "prior cost per request", "prior quality", "upstream", "state"))
     for m in models:
         state = "deleted" if m.deleted else "enabled" if m.enabled else "disabled"
         color = {"enabled": "green", "disabled": "yellow", "deleted": "red"}[state]
+        # The chat endpoint's upstream; the key's variable name, never a key.
+        upstream = f"{m.base_url} ({m.upstream_model or m.name})" if m.base_url else "-"
         table.add_row(m.name, f"{m.input_price_per_mtok:g}", f"{m.output_price_per_mtok:g}",
                       _money(m.prior_cost_usd),
                       "-" if m.prior_quality is None else f"{m.prior_quality:g}",
+                      upstream + (f" key ${m.api_key_env}" if m.api_key_env else ""),
                       f"[{color}]{state}[/{color}]")
     return table
 
@@ -209,11 +212,20 @@ def models_add(name: Annotated[str, typer.Argument(help="Model name, as your gat
                    min=0.0, max=1.0, help="Expected quality 0..1 (lets a new model compete "
                    "in the greedy branch at once).")] = None,
                disabled: Annotated[bool, typer.Option(help="Register it disabled.")] = False,
+               base_url: Annotated[str | None, typer.Option(help="Its OpenAI-compatible "
+                   "API, where POST /v1/chat/completions forwards it.")] = None,
+               upstream_model: Annotated[str | None, typer.Option(
+                   help="Its name at the upstream (default: NAME).")] = None,
+               api_key_env: Annotated[str | None, typer.Option(help="The router's "
+                   "environment variable holding the upstream's key (its name).")] = None,
                url: Url = DEFAULT_URL, key: Key = "", as_json: AsJson = False) -> None:
-    """Register a model; it is a candidate from the next decision."""
+    """Register a model; it is a candidate from the next decision (with --base-url,
+    of the chat endpoint's ``auto`` too)."""
     with _client(url, key) as client:
         _emit(client.add_model(name, input_price, output_price, enabled=not disabled,
-                               prior_quality=prior_quality), as_json, _model_table)
+                               prior_quality=prior_quality, base_url=base_url,
+                               upstream_model=upstream_model, api_key_env=api_key_env),
+              as_json, _model_table)
 
 
 @models_app.command("list")

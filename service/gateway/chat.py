@@ -3,13 +3,25 @@
 The body is forwarded as the client sent it (only ``model`` is replaced, and a stream
 asks for its usage), so only what routing needs is checked here: a JSON object, a string
 ``model``, a non-empty ``messages`` list of objects with a string ``role``, a boolean
-``stream``. The rest (parameters, tools, images) is the upstream's to judge; it answers
-400 for what it refuses, and that answer is passed on.
+``stream``, ``metadata`` as tags. The rest (parameters, tools, images) is the
+upstream's to judge; it answers 400 for what it refuses, and that answer is passed on.
+
+The context a decision is made on:
+
+* the text: the last user message with text (a conversation without one: all its
+  messages' text; none at all: ``"-"``);
+* the tags: the request's ``metadata`` (OpenAI's string-to-string map, checked as a
+  decide's ``tags``, 400 naming ``metadata``), the ``x-router-tags`` header's (which win
+  on a shared key), and ``system_prompt``: a 12-hex-digit digest of the first system (or
+  developer) message, so that the applications behind one tenant key, told apart by
+  their system prompts, are learned apart without sending the prompt's words as
+  features of every query.
 
 >>> chat = parse_chat(b'{"model": "auto", "messages": [{"role": "system", "content": "Be '
-...                   b'brief"}, {"role": "user", "content": "Hi"}]}')
->>> chat.model, chat.stream, chat.text
-('auto', False, 'Hi')
+...                   b'brief"}, {"role": "user", "content": "Hi"}], "metadata": {"app": '
+...                   b'"faq"}}')
+>>> chat.model, chat.stream, chat.text, chat.tags
+('auto', False, 'Hi', {'app': 'faq', 'system_prompt': '767a2abaf5ff'})
 >>> parse_chat(b'{"model": "auto", "messages": []}')
 Traceback (most recent call last):
 ...
@@ -18,19 +30,23 @@ service.gateway.errors.GatewayError: messages: must be a non-empty array of mess
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from bandit import InvalidInputError
-from bandit.featurize import check_tags
+from bandit.featurize import MAX_TAGS, check_tags
 from service.gateway.errors import GatewayError
 
-__all__ = ["ChatRequest", "parse_chat", "message_text", "tags_of_header", "TAGS_HEADER"]
+__all__ = ["ChatRequest", "parse_chat", "message_text", "routing_text", "tags_of_header",
+           "merged_tags", "TAGS_HEADER", "SYSTEM_TAG"]
 
 #: Request header with tags for the context: ``app=support-bot,task=code``.
 TAGS_HEADER = "x-router-tags"
+#: The tag holding the system prompt's digest.
+SYSTEM_TAG = "system_prompt"
 
 
 @dataclass(frozen=True)
@@ -40,8 +56,10 @@ class ChatRequest:
     stream: bool
     #: The client asked for the usage chunk (``stream_options.include_usage``).
     include_usage: bool
-    #: The text routed on: the last user message (None: no user text).
-    text: str | None
+    #: The text routed on (see the module docstring).
+    text: str
+    #: ``metadata`` and the system prompt's digest as tags (None: none).
+    tags: dict[str, str] | None = None
 
 
 def _bad(param: str, message: str) -> GatewayError:
@@ -77,6 +95,11 @@ def parse_chat(raw: bytes) -> ChatRequest:
     for i, msg in enumerate(messages):
         if not isinstance(msg.get("role"), str):
             raise _bad(f"messages[{i}].role", "required: a string such as 'user'")
+        content = msg.get("content")
+        if not (content is None or isinstance(content, str) or (isinstance(
+                content, list) and all(isinstance(part, dict) for part in content))):
+            raise _bad(f"messages[{i}].content", "must be a string, an array of content "
+                       "parts (objects) or null")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -86,12 +109,45 @@ def parse_chat(raw: bytes) -> ChatRequest:
     if options is not None and not isinstance(options, dict):
         raise _bad("stream_options", "must be an object")
     include_usage = bool((options or {}).get("include_usage"))
-    text = None
+    tags = _tags(body.get("metadata"), messages)
+    return ChatRequest(body, model, stream, include_usage, routing_text(messages), tags)
+
+
+def routing_text(messages: list[dict[str, Any]]) -> str:
+    """The text a decision is made on (see the module docstring)."""
     for msg in reversed(messages):
         if msg["role"] == "user":
-            text = message_text(msg.get("content")).strip() or None
+            text = message_text(msg.get("content")).strip()
+            if text:
+                return text
+    return " ".join(message_text(m.get("content")) for m in messages).strip() or "-"
+
+
+def _tags(metadata: Any, messages: list[dict[str, Any]]) -> dict[str, str] | None:
+    try:
+        tags = check_tags(metadata, "metadata")
+    except InvalidInputError as err:
+        raise GatewayError(400, str(err), param=err.field, code="invalid_value") from None
+    for msg in messages:
+        if msg["role"] in ("system", "developer"):
+            prompt = message_text(msg.get("content"))
+            if prompt and SYSTEM_TAG not in tags and len(tags) < MAX_TAGS:
+                tags[SYSTEM_TAG] = hashlib.blake2b(prompt.encode(), digest_size=6).hexdigest()
             break
-    return ChatRequest(body, model, stream, include_usage, text)
+    return tags or None
+
+
+def merged_tags(chat: ChatRequest, header: dict[str, str] | None) -> dict[str, str] | None:
+    """The request's tags with the header's (which win), checked together."""
+    if not header:
+        return chat.tags
+    if not chat.tags:
+        return header
+    try:
+        return check_tags({**chat.tags, **header}, TAGS_HEADER)
+    except InvalidInputError as err:
+        raise GatewayError(400, f"{err} (metadata and the {TAGS_HEADER} header together)",
+                           param=TAGS_HEADER, code="invalid_value") from None
 
 
 def tags_of_header(value: str | None) -> dict[str, str] | None:

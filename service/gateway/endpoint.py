@@ -33,12 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import httpx
+import aiohttp
 import orjson
 from starlette.types import Receive, Scope, Send
 
@@ -46,10 +47,17 @@ from bandit import Preferences
 from bandit.base import MAX_COST_USD
 from bandit.pricing import request_cost
 from service.deps import tenant_for_authorization
-from service.gateway.chat import TAGS_HEADER, ChatRequest, message_text, parse_chat, tags_of_header
+from service.gateway.chat import (
+    TAGS_HEADER,
+    ChatRequest,
+    merged_tags,
+    parse_chat,
+    tags_of_header,
+)
 from service.gateway.errors import GatewayError, error_headers, from_exception, send_json
 from service.gateway.settings import TenantGateway
 from service.gateway.upstream import (
+    CALL_ERRORS,
     CALLER_FAULTS,
     Target,
     UpstreamFailure,
@@ -67,6 +75,8 @@ log = logging.getLogger("service.gateway")
 PATH = "/v1/chat/completions"
 AUTO = "auto"
 _TAGS = TAGS_HEADER.encode()
+#: The end of a server-sent event: a blank line.
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"),
                 (b"cache-control", b"no-cache")]
 
@@ -138,6 +148,8 @@ class _Attempt:
     usage: Any = None
     failed: bool = False
     succeeded: bool = False
+    #: The failure's kind (its code), for the metrics.
+    kind: str | None = None
 
 
 class _Exchange:
@@ -159,14 +171,6 @@ class _Exchange:
         settings: TenantGateway = self.gateway.settings.get(self.tenant.id)
         route = resolve(self.chat.model, self.service, settings)
         text = self.chat.text
-        if text is None:
-            if not route.fixed:
-                raise GatewayError(400, "messages: routing reads the last user message's "
-                                   "text, and this request has none", param="messages",
-                                   code="invalid_value")
-            # A named model needs no context to choose; the decision still logs one.
-            text = " ".join(message_text(m.get("content"))
-                            for m in self.chat.body["messages"]).strip() or "-"
         tried: list[str] = []
         failure: tuple[UpstreamFailure, list[tuple[bytes, bytes]]] | None = None
         for _ in range(1 if route.fixed else 1 + settings.fallback_attempts):
@@ -184,11 +188,13 @@ class _Exchange:
                 await self._forward(attempt)
                 return
             except UpstreamFailure as exc:
-                attempt.failed = True
+                attempt.failed, attempt.kind = True, exc.code
                 failure = (exc, attempt.headers)
                 log.info("decision %s: %s", decision_id, exc.message)
             finally:
                 self._report(attempt, settings)
+            if len(tried) < len(route.candidates) and len(tried) <= settings.fallback_attempts:
+                self.gateway.metrics.fallbacks.labels(name).inc()
         assert failure is not None
         exc, headers = failure
         await send_json(self.send, exc.status, exc.body(), [*headers, *error_headers(exc)])
@@ -196,6 +202,15 @@ class _Exchange:
     def _report(self, attempt: _Attempt, settings: TenantGateway) -> None:
         if attempt.latency_s is None and not attempt.failed:
             return  # never reached the upstream, or cancelled before the first byte
+        metrics = self.gateway.metrics
+        if attempt.failed:
+            metrics.upstream_errors.labels(attempt.name, attempt.kind or "upstream_error"
+                                           ).inc()
+        elif attempt.succeeded:
+            metrics.upstream_latency.labels(attempt.name).observe(
+                time.perf_counter() - attempt.started)
+            if self.chat.stream and attempt.latency_s is not None:
+                metrics.ttft.labels(attempt.name).observe(attempt.latency_s)
         model = self.service.models.get(attempt.name)
         cost = None
         if model is not None and attempt.usage is not None:
@@ -220,34 +235,35 @@ class _Exchange:
             # Asked for, to price the call; the usage chunk is not passed on.
             body["stream_options"] = {**(body.get("stream_options") or {}),
                                       "include_usage": True}
-        request = self.gateway.client.build_request("POST", target.url,
-                                                    content=orjson.dumps(body),
-                                                    headers=target.headers)
         attempt.started = time.perf_counter()
         try:
-            response = await self.gateway.client.send(request, stream=self.chat.stream)
-        except httpx.HTTPError as exc:
-            attempt.latency_s = time.perf_counter() - attempt.started
-            raise failure_of_exception(attempt.name, exc, self.gateway.timeout_s) from None
+            response = await self.gateway.client.post(target.url, data=orjson.dumps(body),
+                                                      headers=target.headers)
+        except CALL_ERRORS as exc:
+            raise self._failed(attempt, exc) from None
+        ok = 200 <= response.status < 300
         answer = b""
         try:
-            if not 200 <= response.status_code < 300:
-                content = await response.aread()
-                if response.status_code in CALLER_FAULTS:
+            if not ok or not self.chat.stream:
+                try:
+                    content = await response.read()
+                except CALL_ERRORS as exc:
+                    raise self._failed(attempt, exc) from None
+            if not ok:
+                if response.status in CALLER_FAULTS:
                     # The request's fault, not the model's: passed on as it is, and no
                     # outcome is reported.
-                    await send_json(self.send, response.status_code, content,
-                                    attempt.headers)
+                    await send_json(self.send, response.status, content, attempt.headers)
                     return
                 attempt.latency_s = time.perf_counter() - attempt.started
-                raise failure_of_status(attempt.name, response.status_code, content,
+                raise failure_of_status(attempt.name, response.status, content,
                                         response.headers.get("retry-after"))
             if self.chat.stream:
                 await self._stream(attempt, target, response)
             else:
-                answer = await self._plain(attempt, response)
+                answer = self._plain(attempt, content)
         finally:
-            await response.aclose()
+            response.release()  # back to the pool; closed if not read to the end
         # The last send after the upstream response is closed: once the answer is
         # complete, nothing is awaited that a disconnect could cancel.
         if self.chat.stream:
@@ -255,10 +271,15 @@ class _Exchange:
         else:
             await send_json(self.send, 200, answer, attempt.headers)
 
-    async def _plain(self, attempt: _Attempt, response: httpx.Response) -> bytes:
+    def _failed(self, attempt: _Attempt, exc: BaseException) -> UpstreamFailure:
+        attempt.latency_s = time.perf_counter() - attempt.started
+        return failure_of_exception(attempt.name, exc, self.gateway.timeout_s)
+
+    @staticmethod
+    def _plain(attempt: _Attempt, content: bytes) -> bytes:
         attempt.latency_s = time.perf_counter() - attempt.started
         try:
-            data = orjson.loads(response.content)
+            data = orjson.loads(content)
             if not isinstance(data, dict):
                 raise TypeError
         except (orjson.JSONDecodeError, TypeError):
@@ -271,44 +292,58 @@ class _Exchange:
         return orjson.dumps(data)
 
     async def _stream(self, attempt: _Attempt, target: Target,
-                      response: httpx.Response) -> None:
+                      response: aiohttp.ClientResponse) -> None:
+        """Pass the events on as they complete (what arrived together, sent together);
+        an event's bytes unchanged unless ``model`` is renamed or the usage is taken."""
         send = self.send
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*_SSE_HEADERS, *attempt.headers]})
         self.answering = True
         rename = target.model != attempt.name
         strip_usage = not self.chat.include_usage
-        event: list[str] = []
-        drop = False
+        rest = b""
         try:
-            async for line in response.aiter_lines():
-                if not line:
-                    if event and not drop:
-                        await send({"type": "http.response.body", "more_body": True,
-                                    "body": ("\n".join(event) + "\n\n").encode()})
-                    event, drop = [], False
-                    continue
-                if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                    if attempt.latency_s is None:
-                        attempt.latency_s = time.perf_counter() - attempt.started
-                    if rename or '"usage"' in line:
-                        line, drop = self._chunk(attempt, line, rename, strip_usage)
-                event.append(line)
-            if event and not drop:
-                await send({"type": "http.response.body", "more_body": True,
-                            "body": ("\n".join(event) + "\n\n").encode()})
+            async for data in response.content.iter_any():
+                *events, rest = _EVENT_END.split(rest + data)
+                out = b"".join([self._event(attempt, e, rename, strip_usage)
+                                for e in events])
+                if out:
+                    await send({"type": "http.response.body", "body": out,
+                                "more_body": True})
+            if rest.strip():
+                out = self._event(attempt, rest.strip(b"\r\n"), rename, strip_usage)
+                if out:
+                    await send({"type": "http.response.body", "body": out,
+                                "more_body": True})
             attempt.succeeded = True
-        except httpx.HTTPError as exc:
+        except CALL_ERRORS as exc:
             # Mid-stream: the status is sent, so the error is an event (the OpenAI SDKs
             # raise on a chunk with "error"), and the outcome a failure.
             failure = failure_of_exception(attempt.name, exc, self.gateway.timeout_s)
-            attempt.failed = True
+            attempt.failed, attempt.kind = True, failure.code
             await send({"type": "http.response.body", "more_body": True,
                         "body": b"data: " + failure.body() + b"\n\n"})
 
+    @classmethod
+    def _event(cls, attempt: _Attempt, event: bytes, rename: bool, strip_usage: bool
+               ) -> bytes:
+        """One server-sent event, to send (b"": dropped)."""
+        if attempt.latency_s is None and b"data:" in event and b"[DONE]" not in event:
+            attempt.latency_s = time.perf_counter() - attempt.started
+        if rename or b'"usage"' in event:
+            lines = []
+            for line in event.splitlines():
+                if line.startswith(b"data:"):
+                    line, drop = cls._chunk(attempt, line, rename, strip_usage)
+                    if drop:
+                        return b""
+                lines.append(line)
+            event = b"\n".join(lines)
+        return event + b"\n\n"
+
     @staticmethod
-    def _chunk(attempt: _Attempt, line: str, rename: bool, strip_usage: bool
-               ) -> tuple[str, bool]:
+    def _chunk(attempt: _Attempt, line: bytes, rename: bool, strip_usage: bool
+               ) -> tuple[bytes, bool]:
         """One ``data:`` line with ``model`` renamed and the usage taken (and removed
         when the client did not ask for it); True: drop the event (the usage chunk)."""
         try:
@@ -325,7 +360,7 @@ class _Exchange:
             del chunk["usage"]
         if rename:
             chunk["model"] = attempt.name
-        return "data: " + orjson.dumps(chunk).decode(), False
+        return b"data: " + orjson.dumps(chunk), False
 
 
 async def _until_disconnect(receive: Receive, work: Callable[[], Awaitable[None]]) -> None:
@@ -382,8 +417,9 @@ class ChatCompletionsEndpoint:
             raw = await _read_body(receive)
             if raw is None:
                 return  # the caller is gone: nothing decided
-            exchange = _Exchange(state, tenant, parse_chat(raw), tags_of_header(tags), send,
-                                 started)
+            chat = parse_chat(raw)
+            exchange = _Exchange(state, tenant, chat, merged_tags(chat, tags_of_header(tags)),
+                                 send, started)
             await _until_disconnect(receive, exchange.serve)
         except Exception as exc:
             err = from_exception(exc)

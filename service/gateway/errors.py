@@ -21,10 +21,11 @@ from starlette.types import Send
 from bandit import InvalidInputError, RoutingError
 from service.errors import Problem, domain_problem
 
-__all__ = ["GatewayError", "STATUSES", "from_exception", "send_json", "error_headers"]
+__all__ = ["GatewayError", "STATUSES", "TYPES", "from_exception", "send_json",
+           "error_headers"]
 
 #: OpenAI's error ``type`` per status (what the SDKs map to exception classes).
-_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error",
           403: "permission_error", 404: "not_found_error", 409: "conflict_error",
           413: "invalid_request_error", 422: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 502: "upstream_error",
@@ -62,7 +63,7 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return orjson.dumps({"error": {"message": self.message,
-                                       "type": _TYPES.get(self.status, "server_error"),
+                                       "type": TYPES.get(self.status, "server_error"),
                                        "param": self.param, "code": self.code}})
 
 

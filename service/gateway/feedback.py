@@ -1,8 +1,12 @@
 """The outcome of each forwarded call, posted by the router itself.
 
 Off the request's path: the answer goes out first, the outcome is queued here and a
-background task stores batches of them through :meth:`RoutingService.feedback` in a
-worker thread (storing is a database transaction; the event loop never waits for it).
+background task hands batches of them to :meth:`RoutingService.feedback_many` in a
+worker thread: one database transaction per batch (embedded mode), not one per call,
+and the event loop never waits for it. At shutdown the queue is stored before the
+routing service stops (:meth:`FeedbackSender.aclose`). An outcome is stored at most
+once: feedback is exactly-once per (decision, event id), so a batch retried item by
+item after an error stores none twice.
 
 The join with a later quality: every outcome is posted with ``event_id`` =
 :data:`EVENT_ID` (``"gateway"``). Feedback is exactly-once per (decision, event id), and
@@ -17,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 
-from service.routing import RoutingService, TenantState
+from service.routing import FeedbackItem, RoutingService, TenantState
 
 __all__ = ["FeedbackSender", "EVENT_ID"]
 
@@ -38,6 +42,7 @@ class FeedbackSender:
         self._settle_s = settle_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._queued = 0  # reported, not yet handed to the routing service
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="gateway-feedback")
@@ -47,6 +52,11 @@ class FeedbackSender:
         outcome = {"quality": quality, "cost_usd": cost_usd, "latency_ms": latency_ms}
         if any(v is not None for v in outcome.values()):
             self._queue.put_nowait((tenant, decision_id, outcome))
+            self._queued += 1
+
+    def queued(self) -> int:
+        """Outcomes reported and not stored yet."""
+        return self._queued
 
     async def _run(self) -> None:
         while True:
@@ -61,16 +71,28 @@ class FeedbackSender:
             try:
                 await asyncio.to_thread(self._post, batch)
             finally:
+                self._queued -= len(batch)
                 for _ in batch:
                     self._queue.task_done()
 
     def _post(self, batch: list[_Item]) -> None:
-        for tenant, decision_id, outcome in batch:
-            try:
-                self._service.feedback(tenant, decision_id, outcome, EVENT_ID)
-            except Exception as exc:  # noqa: BLE001 - one lost outcome, not the loop
-                log.warning("the outcome of decision %s was not stored: %s", decision_id,
-                            exc)
+        items = [FeedbackItem(tenant, decision_id, outcome, EVENT_ID)
+                 for tenant, decision_id, outcome in batch]
+        try:
+            results: list[object] = list(self._service.feedback_many(items))
+        except Exception:  # noqa: BLE001 - e.g. a row the database refused: one by one
+            log.warning("storing %d gateway outcomes in one batch failed; storing them "
+                        "one by one", len(items), exc_info=True)
+            results = []
+            for item in items:
+                try:
+                    results.append(self._service.feedback(*item))
+                except Exception as exc:  # noqa: BLE001 - one lost outcome, not the rest
+                    results.append(exc)
+        for item, result in zip(items, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("the outcome of decision %s was not stored: %s",
+                            item.decision_id, result)
 
     async def aclose(self, timeout_s: float = 10.0) -> None:
         """Store what is queued (bounded by ``timeout_s``), then stop."""

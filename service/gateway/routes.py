@@ -15,6 +15,7 @@ from bandit import InvalidInputError, Preferences
 from service.config import Settings
 from service.deps import ServiceDep, TenantDep
 from service.gateway.feedback import FeedbackSender
+from service.gateway.metrics import GatewayMetrics
 from service.gateway.settings import Alias, GatewaySettingsStore, TenantGateway
 from service.gateway.upstream import open_client
 from service.routing import RoutingService
@@ -41,10 +42,11 @@ class Gateway:
         # outcome is stored (see FeedbackSender).
         self.feedback = FeedbackSender(service, settle_s=2 * settings.decision_flush_interval_s
                                        + 0.01)
+        self.metrics = GatewayMetrics(service.metrics.registry, self.feedback.queued)
 
     async def aclose(self) -> None:
         await self.feedback.aclose()
-        await self.client.aclose()
+        await self.client.close()
 
 
 async def _reload(store: GatewaySettingsStore, interval_s: float) -> None:

@@ -1,10 +1,18 @@
 """Calling a model's upstream: the pooled HTTP client, the target of a registered model,
 and what an upstream's failure means for the caller and for the learner.
 
-One ``httpx.AsyncClient`` per app (opened when the app starts, closed when it stops)
+One ``aiohttp.ClientSession`` per app (opened when the app starts, closed when it stops)
 serves every upstream: connections are kept alive per host and reused across requests.
 No provider SDK: any OpenAI-compatible API (OpenAI, vLLM, Ollama, LiteLLM, Together...)
 answers ``POST <base_url>/chat/completions``.
+
+Why aiohttp and not httpx (which the rest of the project uses as a client): on this
+path the client's own CPU time is most of what the router adds to a call, and
+httpx 0.29 / httpcore 1.0 spend about 1.0 ms of CPU per request at 4 requests in
+flight and 3.6 ms at 50 (its pool scans every connection, probing idle sockets, for
+each request), against 0.17 ms for aiohttp's, on the same fake upstream
+(``python -m benchmarks.gateway_overhead --client-cost``; issue 16's goal is 1 ms added
+in all).
 
 The key: a model names the environment variable that holds it (``api_key_env``); it is
 read from the router's environment at each request (a rotated key is picked up without a
@@ -15,10 +23,11 @@ not passed on either.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import NamedTuple
 
-import httpx
+import aiohttp
 import orjson
 
 from service.config import Settings
@@ -26,7 +35,7 @@ from service.gateway.errors import GatewayError
 from service.routing import ModelState
 
 __all__ = ["Target", "UpstreamFailure", "open_client", "target_of", "failure_of_status",
-           "failure_of_exception", "CALLER_FAULTS"]
+           "failure_of_exception", "CALLER_FAULTS", "CALL_ERRORS"]
 
 #: Upstream statuses that are the request's fault, not the model's: answered as the
 #: upstream sent them, no failure outcome, no fallback.
@@ -46,13 +55,19 @@ class UpstreamFailure(GatewayError):
     upstream_rate_limited, upstream_error."""
 
 
-def open_client(settings: Settings) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=settings.upstream_max_connections,
-                          max_keepalive_connections=settings.upstream_max_connections)
-    timeout = httpx.Timeout(settings.upstream_timeout_s,
-                            connect=settings.upstream_connect_timeout_s)
+def open_client(settings: Settings) -> aiohttp.ClientSession:
+    """The pooled client (in the event loop that serves the requests)."""
+    connector = aiohttp.TCPConnector(limit=settings.upstream_max_connections,
+                                     limit_per_host=0)
+    # sock_read: each byte (a stream's next chunk) within the timeout, not the whole
+    # answer; no bound on the wait for a free connection of the pool (the caller's
+    # disconnect ends it).
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=settings.upstream_timeout_s,
+                                    sock_connect=settings.upstream_connect_timeout_s)
     # trust_env=False: the upstreams are what the registry says, not a proxy variable's.
-    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+    # raise_for_status=False: an error status is read and mapped here.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
+                                 raise_for_status=False, auto_decompress=True)
 
 
 def target_of(model: ModelState) -> Target:
@@ -98,14 +113,19 @@ def failure_of_status(model: str, status: int, content: bytes,
                            f"{_upstream_message(content)}", code="upstream_error")
 
 
-def failure_of_exception(model: str, exc: httpx.HTTPError, timeout_s: float
+#: What a failed call to an upstream raises (besides a cancellation).
+CALL_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+
+
+def failure_of_exception(model: str, exc: BaseException, timeout_s: float
                          ) -> UpstreamFailure:
-    if isinstance(exc, httpx.TimeoutException):
-        what = "connect" if isinstance(exc, httpx.ConnectTimeout) else "answer"
+    """The failure a :data:`CALL_ERRORS` exception means."""
+    if isinstance(exc, asyncio.TimeoutError):
+        what = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "answer"
         return UpstreamFailure(504, f"the upstream of model {model!r} did not {what} in "
                                f"time ({timeout_s:g} s without a byte)",
                                code="upstream_timeout")
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamFailure(502, f"the upstream of model {model!r} is unreachable "
                                "(connection refused or failed)", code="upstream_unreachable")
     return UpstreamFailure(502, f"the connection to the upstream of model {model!r} "

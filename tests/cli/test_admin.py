@@ -254,3 +254,17 @@ def test_reservations_cli_list_and_release_by_tenant_name(env, base_url, tenant)
     assert out.startswith("released 2 reservation(s)")
     assert run_json(env, "reservations", "list", *age)["decisions"] == 0
     assert run_json(env, "usage", "--tenant", tenant["id"])["spend_usd_today"] == 0.0
+
+
+def test_add_model_cli_with_upstream_flags_shows_key_name_not_key(env):
+    name = f"up-{uuid.uuid4().hex[:6]}"
+    added = run_json(env, "models", "add", name, "--input-price", "1", "--output-price", "2",
+                     "--base-url", "http://127.0.0.1:9/v1", "--upstream-model", "vendor/x",
+                     "--api-key-env", "UPSTREAM_KEY_OF_TEST")
+    assert (added["base_url"], added["upstream_model"], added["api_key_env"]) == (
+        "http://127.0.0.1:9/v1", "vendor/x", "UPSTREAM_KEY_OF_TEST")
+    table = run(env, "models", "list").stdout
+    assert "vendor/x" in table and "$UPSTREAM_KEY_OF_TEST" in table
+    bad = run(env, "models", "add", f"up-{uuid.uuid4().hex[:6]}", "--input-price", "1",
+              "--output-price", "1", "--base-url", "ftp://x", code=1)
+    assert "base_url" in bad.stderr

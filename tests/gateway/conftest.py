@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.openai_upstream import FakeModel, FakeUpstream, running_upstream
 from tests.service.conftest import ADMIN, backend, make_settings, new_database_url  # noqa: F401 - fixtures
@@ -45,6 +46,15 @@ class Router:
         r = self.http.post("/v1/admin/models", json=body, headers=ADMIN)
         assert r.status_code == 201, r.text
         return name
+
+    def metric(self, sample: str, **labels: str) -> float:
+        """A sample of ``/metrics`` (0.0 when absent)."""
+        text = self.http.get("/metrics", headers=ADMIN).text
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        return 0.0
 
     def tenant(self) -> str:
         r = self.http.post("/v1/admin/tenants", json={"name": f"t-{uuid.uuid4().hex[:6]}"},

@@ -4,6 +4,7 @@ SQLite and PostgreSQL) in front of a fake OpenAI-compatible upstream."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
@@ -82,6 +83,11 @@ def test_create_chat_completion_stream_passes_chunks_and_measures_ttft(
     # Latency of a stream = time to its first chunk: the 0.3 s, not the 0.45 s total.
     assert 300.0 <= fb["latency_ms"] < 440.0
     assert fb["cost_usd"] == pytest.approx(cost(1.0, 3.0, 9, 4), rel=1e-9)
+    # On /metrics: the time to the first chunk (0.3 s) and the whole call (0.45 s).
+    assert router.metric("bandit_router_gateway_ttft_seconds_count", model=name) == 1
+    assert 0.3 <= router.metric("bandit_router_gateway_ttft_seconds_sum", model=name) < 0.44
+    total = router.metric("bandit_router_gateway_upstream_latency_seconds_sum", model=name)
+    assert 0.45 <= total < 2.0
 
 
 def test_create_chat_completion_async_plain_and_stream(router: Router) -> None:
@@ -171,6 +177,10 @@ def test_fallback_tries_next_best_model_each_attempt_a_decision(router: Router) 
     assert decision["feedback"][0]["quality"] == 1.0  # the tenant's success quality
     failed = router.upstream.calls(bad)
     assert len(failed) == 1 and len(router.upstream.calls(good)) == 1
+    assert router.metric("bandit_router_gateway_fallbacks_total", model=bad) == 1
+    assert router.metric("bandit_router_gateway_upstream_errors_total", model=bad,
+                         kind="upstream_error") == 1
+    assert router.metric("bandit_router_gateway_fallbacks_total", model=good) == 0
 
 
 def test_upstream_timeout_gives_documented_504(router: Router) -> None:
@@ -185,6 +195,8 @@ def test_upstream_timeout_gives_documented_504(router: Router) -> None:
     decision_id = err.response.headers["x-router-decision-id"]
     (fb,) = router.decision(key, decision_id)["feedback"]
     assert fb["quality"] == 0.0 and fb["latency_ms"] >= TIMEOUT_S * 1000 * 0.9
+    assert router.metric("bandit_router_gateway_upstream_errors_total", model=name,
+                         kind="upstream_timeout") == 1
 
 
 def test_upstream_refused_and_rate_limited_map_to_errors(router: Router) -> None:
@@ -237,7 +249,8 @@ ADMIN_HEADERS = {"Authorization": "Bearer bra_test-admin-key-0123456789abcdefghi
     ({"model": "auto", "messages": []}, 400, "messages"),
     ({"model": "auto", "messages": [{"content": "hi"}]}, 400, "messages[0].role"),
     ({"model": "auto", "messages": MESSAGES, "stream": "yes"}, 400, "stream"),
-    ({"model": "auto", "messages": [{"role": "system", "content": "x"}]}, 400, "messages"),
+    ({"model": "auto", "messages": MESSAGES, "metadata": {"app": 3}}, 400, "metadata.app"),
+    ({"model": "auto", "messages": MESSAGES, "metadata": ["app"]}, 400, "metadata"),
     ({"model": "no-such-model", "messages": MESSAGES}, 404, "model"),
     ({"model": "auto:nope", "messages": MESSAGES}, 404, "model"),
 ])
@@ -277,3 +290,30 @@ def test_bad_key_and_bad_tags_and_bad_model_settings_are_refused(router: Router)
     r = router.http.put("/v1/tenants/me/gateway", headers={"Authorization": f"Bearer {key}"},
                         json={"fallback_attempts": 9})
     assert r.status_code == 422 and r.json()["errors"][0]["field"] == "fallback_attempts"
+
+
+def test_system_prompt_metadata_and_header_become_the_decisions_tags(router: Router) -> None:
+    name = router.add_model()
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    assert router.http.put("/v1/tenants/me/gateway", json={"aliases": {
+        "one": {"candidates": [name]}}}, headers=auth).status_code == 200
+    r = router.http.post("/v1/chat/completions", headers={**auth, "x-router-tags":
+                                                          "task=code,app=header-wins"},
+                         json={"model": "auto:one", "messages": MESSAGES,
+                               "metadata": {"app": "faq", "team": "blue"}})
+    assert r.status_code == 200, r.text
+    decision = router.decision(key, r.headers["x-router-decision-id"])
+    digest = hashlib.blake2b(b"Be brief.", digest_size=6).hexdigest()
+    assert decision["tags"] == {"app": "header-wins", "team": "blue", "task": "code",
+                                "system_prompt": digest}
+    assert router.upstream.calls(name)[-1].body["metadata"] == {"app": "faq",
+                                                                "team": "blue"}
+    # Another system prompt, another tag; a conversation without user text is routed on
+    # the text it has.
+    r = router.http.post("/v1/chat/completions", headers=auth, json={
+        "model": "auto:one", "messages": [{"role": "system", "content": "Summarize."}]})
+    assert r.status_code == 200, r.text
+    decision = router.decision(key, r.headers["x-router-decision-id"])
+    assert decision["tags"] == {
+        "system_prompt": hashlib.blake2b(b"Summarize.", digest_size=6).hexdigest()}

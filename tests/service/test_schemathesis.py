@@ -23,6 +23,7 @@ from schemathesis import GenerationMode, checks
 from schemathesis.core.failures import FailureGroup
 
 from service.app import create_app
+from tests.fakes.openai_upstream import FakeModel, running_upstream
 from tests.service.conftest import ADMIN, PROBLEM_JSON, add_model, create_tenant, make_settings
 
 EXAMPLES = 25
@@ -100,6 +101,13 @@ def check_answer(response, where: str) -> str | None:
     status = response.status_code
     if status >= 500:
         return f"{where}: {status} {response.text[:200]}"
+    if status >= 400 and f" {CHAT} " in where:
+        # The OpenAI-compatible endpoint answers errors in OpenAI's shape.
+        body = response.json()
+        error = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(error, dict) or not error.get("message") or not error.get("type"):
+            return f"{where}: {status} not an OpenAI-style error {body}"
+        return None
     if status >= 400:
         if not response.headers.get("content-type", "").startswith(PROBLEM_JSON):
             return f"{where}: {status} not problem+json ({response.headers.get('content-type')})"
@@ -157,6 +165,7 @@ def fuzz_one(client: TestClient, strategy: Any, where: str, headers: dict[str, s
 
 
 MODELS = [f"fz-{i}" for i in range(3)]
+CHAT = "/v1/chat/completions"
 
 
 def _known_candidates(body: Any) -> None:
@@ -168,6 +177,11 @@ def _known_candidates(body: Any) -> None:
 def _known_models(case: Any) -> Any:
     body = case.body
     _known_candidates(body)
+    if case.operation.path == CHAT and isinstance(body, dict) and isinstance(
+            body.get("model"), str):
+        # "auto:fz" (the chat tenant's alias of MODELS: the fuzzed admin calls may add
+        # models whose upstream fails) or one of MODELS: routed and forwarded.
+        body["model"] = ["auto:fz", *MODELS][len(body["model"]) % (len(MODELS) + 1)]
     if isinstance(body, dict) and isinstance(body.get("aliases"), dict):
         for alias in body["aliases"].values():  # PUT /v1/tenants/me/gateway
             _known_candidates(alias)
@@ -182,10 +196,23 @@ def _with_body(case: Any, body: Any) -> Any:
 
 
 def test_fuzz_every_operation_no_5xx_and_problem_details(fuzz_client):
-    client = fuzz_client
+    # The models' upstream (POST /v1/chat/completions forwards there): a fake on loopback.
+    with running_upstream({name: FakeModel("fuzzed") for name in MODELS}) as upstream:
+        fuzz_every_operation(fuzz_client, f"{upstream.base_url}/v1")
+        # The chat endpoint is in the document, and its valid requests were forwarded.
+        assert any(call.path == CHAT for call in upstream.calls())
+
+
+def fuzz_every_operation(client: TestClient, upstream_url: str) -> None:
     for name in MODELS:
-        add_model(client, name)
+        add_model(client, name, base_url=upstream_url)
     tenant = {"Authorization": create_tenant(client, "fuzz")["Authorization"]}
+    # The chat endpoint's own tenant: the fuzzed /v1/tenants/me/* calls (a zero budget
+    # with "reject": 429) leave its valid requests to be forwarded.
+    chat = {"Authorization": create_tenant(client, "fuzz-chat")["Authorization"]}
+    r = client.put("/v1/tenants/me/gateway", headers=chat,
+                   json={"aliases": {"fz": {"candidates": MODELS}}})
+    assert r.status_code == 200, r.text
     doc = client.get("/openapi.json").json()
     schema = schemathesis.openapi.from_dict(doc)
     failures: list[str] = []
@@ -193,7 +220,8 @@ def test_fuzz_every_operation_no_5xx_and_problem_details(fuzz_client):
     for result in schema.get_all_operations():
         operation = result.ok()
         operations += 1
-        headers = ADMIN if operation.path.startswith("/v1/admin") else tenant
+        headers = ADMIN if operation.path.startswith("/v1/admin") else \
+            chat if operation.path == CHAT else tenant
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             where = f"{operation.method.upper()} {operation.path} [{mode.value}]"
 

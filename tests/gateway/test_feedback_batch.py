@@ -1,0 +1,101 @@
+"""The router's own outcomes are stored in batches (one transaction per batch), none lost
+at shutdown and none stored twice; on SQLite and on the real PostgreSQL of ``ops/``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from sqlalchemy import event
+
+from bandit import InvalidInputError
+from service.app import create_app
+from service.exceptions import NotFoundError
+from service.gateway.feedback import EVENT_ID
+from service.routing import FeedbackItem, FeedbackReceipt, RoutingService
+from tests.fakes.openai_upstream import running_upstream
+from tests.gateway.conftest import KEY_ENV, UPSTREAM_KEY
+from tests.service.conftest import ADMIN, add_model, create_tenant, decide, make_settings
+from tests.service.live import live_server
+
+
+def test_feedback_many_one_transaction_and_a_result_per_item(
+        new_database_url: Callable[[], str]) -> None:
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+        model = add_model(client)
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
+               for i in range(5)]
+        assert service.writer.flush()
+        commits: list[int] = []
+
+        def count(_conn: object) -> None:
+            commits.append(1)
+
+        event.listen(service.engine, "commit", count)
+        outcome = {"quality": None, "cost_usd": 0.001, "latency_ms": 12.0}
+        items = [FeedbackItem(tenant, d, outcome, EVENT_ID) for d in ids]
+        results = service.feedback_many([
+            *items,
+            FeedbackItem(tenant, ids[0], outcome, EVENT_ID),  # repeated in the batch
+            FeedbackItem(tenant, "no-such-decision", outcome, EVENT_ID),
+            FeedbackItem(tenant, ids[1], {**outcome, "cost_usd": -1.0}, "other")])
+        event.remove(service.engine, "commit", count)
+        assert len(commits) == 1  # the five outcomes in one transaction
+        assert [r.status for r in results[:6]] == ["applied"] * 5 + ["duplicate"]  # type: ignore[union-attr]
+        assert isinstance(results[6], NotFoundError)
+        assert isinstance(results[7], InvalidInputError) and results[7].field == "cost_usd"
+        # Again: every one is a duplicate, nothing is stored or learned twice.
+        applied = service.last_feedback_id
+        again = service.feedback_many(items)
+        assert all(isinstance(r, FeedbackReceipt) and r.status == "duplicate"
+                   for r in again), again
+        assert service.last_feedback_id == applied
+        for d in ids:
+            r = client.get(f"/v1/decisions/{d}", headers=headers)
+            assert [f["cost_usd"] for f in r.json()["feedback"]] == [0.001]
+
+
+def test_outcomes_queued_at_shutdown_are_stored_once(
+        new_database_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
+    # A slow decision writer: the outcomes wait (twice its interval) in the gateway's
+    # queue, and are still there when the service is told to stop.
+    settings = make_settings(new_database_url(), featurizer="hashing",
+                             decision_flush_interval_s=2.0)
+    apps: list[FastAPI] = []
+    n = 12
+    with running_upstream() as upstream:
+        with live_server(settings, prepare=apps.append) as base:
+            with httpx.Client(base_url=base, timeout=30) as http:
+                model = add_model(http, base_url=f"{upstream.base_url}/v1",  # type: ignore[arg-type]
+                                  api_key_env=KEY_ENV)
+                upstream.set(model)
+                r = http.post("/v1/admin/tenants", json={"name": "shutdown"}, headers=ADMIN)
+                key = r.json()["api_key"]
+            auth = {"Authorization": f"Bearer {key}"}
+
+            async def chats() -> list[str]:
+                async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+                    answers = await asyncio.gather(*(client.post(
+                        "/v1/chat/completions", headers=auth, json={
+                            "model": "auto", "stream": i % 2 == 1,
+                            "messages": [{"role": "user", "content": f"question {i}"}]})
+                        for i in range(n)))
+                assert all(a.status_code == 200 for a in answers), answers
+                return [a.headers["x-router-decision-id"] for a in answers]
+
+            ids = asyncio.run(chats())
+            # They are acknowledged and not stored yet: the shutdown must store them.
+            assert apps[0].state.gateway.feedback.queued() > 0
+        with live_server(settings) as base, httpx.Client(base_url=base, timeout=30) as http:
+            for d in ids:
+                r = http.get(f"/v1/decisions/{d}", headers=auth)
+                assert r.status_code == 200, r.text
+                assert [f["event_id"] for f in r.json()["feedback"]] == [EVENT_ID], d
