@@ -71,7 +71,7 @@ def test_service_imports_have_no_cycle():
 CORE = ("service.routing", "service.distributed", "service.components", "service.domain",
         "service.registry", "service.policies", "service.guards", "service.decider",
         "service.ingest", "service.history", "service.checkpoints", "service.local",
-        "service.spend", "service.features")
+        "service.spend", "service.features", "service.follower")
 
 
 def test_service_core_raises_domain_errors_not_problems():
