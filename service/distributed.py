@@ -41,7 +41,6 @@ from kafka.errors import KafkaError
 
 from bandit import Policy
 from bandit.featurize import (
-    TAG_BLOCK_SPEC,
     PrototypeFeaturizer,
     SentenceEmbeddingFeaturizer,
     make_featurizer,
@@ -85,10 +84,9 @@ def featurizer_spec(contexts: Contexts) -> str:
         base = _Named(SentenceEmbeddingFeaturizer.spec_of(settings.dim,
                                                           settings.featurizer_seed),
                       settings.dim)
-    spec = str((base if contexts.prototype_map is None
-                else PrototypeFeaturizer(base, contexts.prototype_map)).spec)
-    # As Contexts.spec names it: the tag block's layout when there is one.
-    return f"{spec}|{TAG_BLOCK_SPEC}" if contexts.tag_dims else spec
+    return contexts.with_tag_block(str(
+        (base if contexts.prototype_map is None
+         else PrototypeFeaturizer(base, contexts.prototype_map)).spec))
 
 
 def streams_config(settings: Settings, *, contexts: Contexts | None = None) -> StreamsConfig:

@@ -154,8 +154,12 @@ class Contexts:
     def spec(self) -> str:
         """What names the featurizer (stored with a checkpoint, checked at start), and
         the tag block when there is one."""
-        spec = str(getattr(self.featurizer, "spec", type(self.featurizer).__name__))
-        return f"{spec}|{TAG_BLOCK_SPEC}" if self.tag_dims else spec
+        return self.with_tag_block(
+            str(getattr(self.featurizer, "spec", type(self.featurizer).__name__)))
+
+    def with_tag_block(self, featurizer_spec: str) -> str:
+        """A featurizer's spec, with the tag block's layout when there is one."""
+        return f"{featurizer_spec}|{TAG_BLOCK_SPEC}" if self.tag_dims else featurizer_spec
 
     def tag_settings(self) -> dict[str, int]:
         """The policies' tag block setting (``tag_dims``; ``tag_ridge`` is the policy's
