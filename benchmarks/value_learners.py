@@ -60,6 +60,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
 from benchmarks.common import data_root, print_table, write_results
 from benchmarks.compare_routers import (
@@ -74,7 +75,7 @@ from benchmarks.compare_routers import (
 from benchmarks.value_bounds import WEIGHTS, thompson_choices
 
 LEARNERS = ("linucb-default", "context-free-ts", "hybrid-ts-independent",
-            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online")
+            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online", "hier-ts")
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -189,6 +190,32 @@ def full_information_choices(x: np.ndarray, quality: np.ndarray, cost: np.ndarra
     return choices
 
 
+def hierarchical_thompson_choices(quality: np.ndarray, cost: np.ndarray,
+                                  estimate: np.ndarray, weight: float,
+                                  seed: int) -> np.ndarray:
+    """``hier-ts``: ``context-free-ts`` with the prior across models of
+    :mod:`bandit.hierarchy` (each model's mean quality = a line in its log price learned
+    from every model's feedback + its own deviation); one joint posterior draw of every
+    model's mean per decision. The price feature is the model's mean price estimate."""
+    rng = np.random.default_rng(seed)
+    n, k = quality.shape
+    levels = ArmLevels()
+    price_feature = estimate.mean(axis=0)
+    sums, counts = np.zeros(k), np.zeros(k)
+    spent, estimated = np.ones(k), np.ones(k)
+    choices = np.empty(n, dtype=np.intp)
+    for t in range(n):
+        sample = levels.sample(rng, price_feature, sums, counts)
+        price = estimate[t] * spent / estimated
+        arm = int(np.argmax(np.minimum(sample, 1.0) - weight * price))
+        choices[t] = arm
+        sums[arm] += quality[t, arm]
+        counts[arm] += 1
+        spent[arm] += cost[t, arm] / max(estimate[t, arm], 1e-12)
+        estimated[arm] += 1
+    return choices
+
+
 def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarray:
     x = ds.features["hashing"]
     if learner == "linucb-default":
@@ -196,6 +223,9 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarra
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
+    if learner == "hier-ts":
+        return hierarchical_thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight,
+                                             seed)
     if learner == "full-info-online":
         return full_information_choices(x, ds.quality, ds.cost, ds.cost_estimate,
                                         weight)
@@ -226,9 +256,11 @@ def _load(name: str, mmlu_rows: int) -> Dataset:
 def _job(args: tuple[str, str, float, int, int]) -> float:
     name, learner, weight, shuffle, mmlu_rows = args
     ds = _load(name, mmlu_rows)
-    perm = np.random.default_rng(shuffle + 1).permutation(ds.n)
+    # shuffle -1: the file's own order (seed 0)
+    perm = (np.arange(ds.n) if shuffle < 0
+            else np.random.default_rng(shuffle + 1).permutation(ds.n))
     dsp = ds.permuted(perm)
-    ch = choices_of(learner, dsp, weight, shuffle)
+    ch = choices_of(learner, dsp, weight, max(shuffle, 0))
     return float(routing_value(dsp.rewards(weight), ch)["value"])
 
 
@@ -240,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffles", type=int, default=3)
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
+    parser.add_argument("--file-order", action="store_true",
+                        help="also replay each data set in its file order (reported apart)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
@@ -253,14 +287,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets.split(","):
             weights = WEIGHTS[name]
             for learner in learners:
+                first = -1 if args.file_order else 0
                 jobs = [(name, learner, w, s, args.mmlu_rows)
-                        for w in weights for s in range(args.shuffles)]
-                values = np.array(pool.map(_job, jobs)).reshape(len(weights), args.shuffles)
+                        for w in weights for s in range(first, args.shuffles)]
+                values = np.array(pool.map(_job, jobs)).reshape(len(weights), -1)
+                file_order, values = values[:, 0], values[:, -first:]
                 per_weight = values.mean(axis=1)
                 results.append({"dataset": name, "learner": learner, "weights": list(weights),
                                 "values": [round(float(v), 4) for v in per_weight],
                                 "sd": [round(float(v), 4) for v in values.std(axis=1)],
-                                "mean": round(float(per_weight.mean()), 4)})
+                                "mean": round(float(per_weight.mean()), 4),
+                                **({"file_order": [round(float(v), 4) for v in file_order],
+                                    "file_order_mean": round(float(file_order.mean()), 4)}
+                                   if args.file_order else {})})
                 rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
                              *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}"])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
