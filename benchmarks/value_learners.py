@@ -26,6 +26,14 @@ next to two references:
 
 * ``full-info-online``: the same ridge (100), greedy, one pass, but it sees *every*
   model's outcome of every past row: no bandit can earn more on these features.
+* ``hier-ts``: ``context-free-ts`` with a prior across models (:mod:`bandit.hierarchy`):
+  each model's mean quality is a line in its log price, learned from every model's
+  feedback, plus its own deviation; one joint posterior draw per decision.
+  ``--learners linucb-default,context-free-ts,hier-ts --shuffles 5 --file-order
+  --out-name value_learners_hierarchy``: shuffled mean -0.064 / -0.050 / -0.054 against
+  context-free-ts -0.068 / -0.035 / -0.051 (LLMRouter / MMLU / GSM8K): no gain; 85% of
+  the sampler's loss comes after its first 100 rows, where a prior on the levels no
+  longer matters (docs/results.md, "A prior across models").
 
 Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
 ``../shared/data``). Writes ``benchmarks/results/value_learners.json``.
@@ -275,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file-order", action="store_true",
                         help="also replay each data set in its file order (reported apart)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--out-name", default="value_learners",
+                        help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     learners = args.learners.split(",")
@@ -304,12 +314,16 @@ def main(argv: list[str] | None = None) -> int:
                              *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}"])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
+                if args.file_order:
+                    rows.append([name, f"{learner} (file order)",
+                                 *(f"{v:+.3f}" for v in file_order),
+                                 *[""] * (5 - len(weights)), f"{file_order.mean():+.3f}"])
     print_table("Routing value, one pass, mean over shuffles "
                 "(0 = best fixed model, 1 = per-query oracle)",
                 ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean"], rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims")
-    path = write_results("value_learners", {
+    path = write_results(args.out_name, {
         "what": "routing value of one-pass learners (bandit feedback) against the default "
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
