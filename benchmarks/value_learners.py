@@ -30,7 +30,7 @@ next to two references:
   each model's mean quality is a line in its log price, learned from every model's
   feedback, plus its own deviation; one joint posterior draw per decision.
   ``--learners linucb-default,context-free-ts,hier-ts --shuffles 5 --file-order
-  --out-name value_learners_hierarchy``: shuffled mean -0.064 / -0.050 / -0.054 against
+  --out-name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
   context-free-ts -0.068 / -0.035 / -0.051 (LLMRouter / MMLU / GSM8K): no gain; 85% of
   the sampler's loss comes after its first 100 rows, where a prior on the levels no
   longer matters (docs/results.md, "A prior across models").
@@ -198,32 +198,6 @@ def full_information_choices(x: np.ndarray, quality: np.ndarray, cost: np.ndarra
     return choices
 
 
-def hierarchical_thompson_choices(quality: np.ndarray, cost: np.ndarray,
-                                  estimate: np.ndarray, weight: float,
-                                  seed: int) -> np.ndarray:
-    """``hier-ts``: ``context-free-ts`` with the prior across models of
-    :mod:`bandit.hierarchy` (each model's mean quality = a line in its log price learned
-    from every model's feedback + its own deviation); one joint posterior draw of every
-    model's mean per decision. The price feature is the model's mean price estimate."""
-    rng = np.random.default_rng(seed)
-    n, k = quality.shape
-    levels = ArmLevels()
-    price_feature = estimate.mean(axis=0)
-    sums, counts = np.zeros(k), np.zeros(k)
-    spent, estimated = np.ones(k), np.ones(k)
-    choices = np.empty(n, dtype=np.intp)
-    for t in range(n):
-        sample = levels.sample(rng, price_feature, sums, counts)
-        price = estimate[t] * spent / estimated
-        arm = int(np.argmax(np.minimum(sample, 1.0) - weight * price))
-        choices[t] = arm
-        sums[arm] += quality[t, arm]
-        counts[arm] += 1
-        spent[arm] += cost[t, arm] / max(estimate[t, arm], 1e-12)
-        estimated[arm] += 1
-    return choices
-
-
 def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarray:
     x = ds.features["hashing"]
     if learner == "linucb-default":
@@ -232,8 +206,8 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarra
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
     if learner == "hier-ts":
-        return hierarchical_thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight,
-                                             seed)
+        return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed,
+                                levels=ArmLevels())
     if learner == "full-info-online":
         return full_information_choices(x, ds.quality, ds.cost, ds.cost_estimate,
                                         weight)

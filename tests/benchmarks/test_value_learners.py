@@ -108,3 +108,20 @@ def test_unknown_draw_and_learner_are_refused() -> None:
         vl.hybrid_thompson_choices(x, quality, cost, cost, 0.0, seed=0, draw="both")
     with pytest.raises(SystemExit):
         vl.main(["--learners", "nope"])
+
+
+def test_hier_ts_same_seed_same_choices_and_finds_the_best_model() -> None:
+    """hier-ts (context-free Thompson with the prior across models): deterministic per
+    seed, and on a price line (the dearest model best at w=0) most late pulls go to the
+    best model."""
+    rng = np.random.default_rng(5)
+    n, k = 1500, 4
+    price = np.geomspace(1e-4, 1e-2, k)
+    means = np.array([0.3, 0.45, 0.6, 0.75])
+    quality = (rng.random((n, k)) < means).astype(float)
+    cost = np.broadcast_to(price, (n, k)).copy()
+    a = vb.thompson_choices(quality, cost, cost, 0.0, 3, levels=vl.ArmLevels())
+    b = vb.thompson_choices(quality, cost, cost, 0.0, 3, levels=vl.ArmLevels())
+    np.testing.assert_array_equal(a, b)
+    assert (a[-500:] == k - 1).mean() > 0.8
+    assert "hier-ts" in vl.LEARNERS
