@@ -220,10 +220,24 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarra
 _DATA: dict[str, Dataset] = {}
 
 
+def model_subset(ds: Dataset, index: int) -> Dataset:
+    """Held-out check: a random half of the data set's models (ceil(K / 2), chosen by
+    seed 1000 + ``index``), every row; the learners see only these models."""
+    keep = np.sort(np.random.default_rng(1000 + index).choice(
+        len(ds.arms), (len(ds.arms) + 1) // 2, replace=False))
+    return Dataset(f"{ds.name}/half{index}", [ds.arms[j] for j in keep],
+                   ds.quality[:, keep], ds.cost[:, keep], ds.test_start, ds.features,
+                   {**ds.notes, "models": [ds.arms[j] for j in keep]},
+                   None if ds.estimate is None else ds.estimate[:, keep])
+
+
 def _load(name: str, mmlu_rows: int) -> Dataset:
     if name not in _DATA:
         root = data_root()
-        if name == "llmrouter":
+        base, _, half = name.partition("/half")
+        if half:
+            _DATA[name] = model_subset(_load(base, mmlu_rows), int(half))
+        elif name == "llmrouter":
             _DATA[name] = load_llmrouter(root / "llmrouter", minilm=False)
         elif name == "mmlu":
             ds = load_mmlu(root / "routellm" / "mmlu.csv")
@@ -254,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffles", type=int, default=3)
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
+    parser.add_argument("--model-subsets", type=int, default=0,
+                        help="also replay LLMRouter with N random halves of its models "
+                             "(held-out check: not one data set's price / quality line)")
     parser.add_argument("--file-order", action="store_true",
                         help="also replay each data set in its file order (reported apart)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
@@ -268,8 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows, results = [], []
     with multiprocessing.Pool(args.jobs) as pool:
-        for name in args.datasets.split(","):
-            weights = WEIGHTS[name]
+        names = [d for d in args.datasets.split(",") if d] + [f"llmrouter/half{i}"
+                                             for i in range(args.model_subsets)]
+        for name in names:
+            weights = WEIGHTS[name.partition("/")[0]]
             for learner in learners:
                 first = -1 if args.file_order else 0
                 jobs = [(name, learner, w, s, args.mmlu_rows)
@@ -278,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
                 file_order, values = values[:, 0], values[:, -first:]
                 per_weight = values.mean(axis=1)
                 results.append({"dataset": name, "learner": learner, "weights": list(weights),
+                                **({"models": _load(name, args.mmlu_rows).arms}
+                                   if "/half" in name else {}),
                                 "values": [round(float(v), 4) for v in per_weight],
                                 "sd": [round(float(v), 4) for v in values.std(axis=1)],
                                 "mean": round(float(per_weight.mean()), 4),

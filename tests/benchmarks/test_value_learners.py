@@ -125,3 +125,19 @@ def test_hier_ts_same_seed_same_choices_and_finds_the_best_model() -> None:
     np.testing.assert_array_equal(a, b)
     assert (a[-500:] == k - 1).mean() > 0.8
     assert "hier-ts" in vl.LEARNERS
+
+
+def test_model_subset_keeps_half_the_models_columns_aligned() -> None:
+    cr = importlib.import_module("benchmarks.compare_routers")
+    rng = np.random.default_rng(1)
+    arms = [f"m{j}" for j in range(9)]
+    quality, cost = rng.random((50, 9)), rng.random((50, 9))
+    ds = cr.Dataset("llmrouter", arms, quality, cost, 40, {"hashing": rng.random((50, 3))},
+                    {}, cost * 2)
+    half = vl.model_subset(ds, 0)
+    assert half.name == "llmrouter/half0" and len(half.arms) == 5
+    assert half.arms == vl.model_subset(ds, 0).arms != vl.model_subset(ds, 1).arms
+    cols = [arms.index(a) for a in half.arms]
+    np.testing.assert_array_equal(half.quality, quality[:, cols])
+    np.testing.assert_array_equal(half.cost, cost[:, cols])
+    np.testing.assert_array_equal(half.cost_estimate, 2 * cost[:, cols])
