@@ -614,6 +614,12 @@ class PolicyConfig:
         ``context_ridges``; every pair of a context ridge and a tag ridge is a
         candidate): 1e6 is "no tags", so each arm uses the tags only where they have
         shown they predict its quality. None: ``tag_ridge`` alone.
+    arm_prior
+        Where an arm added without a declared quality gets its quality prior:
+        ``"declared"`` (0.5, worth ``ridge`` observations) or ``"hierarchy"``, predicted
+        from its price and every existing arm's quality so far by a prior across arms
+        learned online (:mod:`bandit.hierarchy`; the slope of quality on log price is
+        learned, the prediction's own uncertainty sets the prior's strength).
     seed
         Seed of the policy's private random generator.
     """
@@ -644,6 +650,8 @@ class PolicyConfig:
     # -0.017, within noise; 1 (a tag as free as the intercept) also won in file order.
     tag_ridge: float = 1.0
     tag_ridges: tuple[float, ...] | None = None
+    # Issue 13 (docs/results.md, "A prior across models"): opt-in, no gain measured.
+    arm_prior: str = "declared"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -672,6 +680,8 @@ class PolicyConfig:
                                     self.refresh_every)
         check_finite_number("context_ridge", self.context_ridge, low=1e-6, high=1e6)
         check_finite_number("price_strength", self.price_strength, low=1e-6)
+        if self.arm_prior not in ("declared", "hierarchy"):
+            raise InvalidInputError("arm_prior", "allowed: declared, hierarchy", self.arm_prior)
         if self.exploration not in ("context", "mean"):
             raise InvalidInputError("exploration", "allowed: context, mean",
                                     self.exploration)
@@ -759,6 +769,9 @@ class Policy(abc.ABC):
         if name in self._index:
             raise InvalidInputError("arm", "already exists; names must be unique", name)
         prior = (prior or ArmPrior()).validated()
+        if (self.config.arm_prior == "hierarchy" and prior.quality is None
+                and self._stats.weight[:, 0].sum() > 0):
+            prior = self._learned_prior(prior)
         mu0, known = prior.head_means()
         lam = self.config.ridge * np.where(known, prior.strength, 1.0)
         self._stats.append(lam, mu0, prior_sigma(mu0, known))
@@ -767,6 +780,16 @@ class Policy(abc.ABC):
         self._priors[name] = prior
         self.drift_events.setdefault(name, 0)
         self.version += 1
+
+    def _learned_prior(self, prior: ArmPrior) -> ArmPrior:
+        """``arm_prior="hierarchy"``: the new arm's quality prior predicted from its
+        price and every arm's quality so far (:mod:`bandit.hierarchy`)."""
+        from bandit.hierarchy import ArmLevels, learned_prior
+
+        costs = [np.nan if self._priors[n].cost_usd is None else self._priors[n].cost_usd
+                 for n in self._names]
+        return learned_prior(ArmLevels(), np.array(costs), self._stats.b_data[:, 0, -1],
+                             self._stats.weight[:, 0], prior.cost_usd, self.config.ridge)
 
     def set_prior(self, name: str, prior: ArmPrior) -> None:
         """Replace an arm's prior (a new price, a new quality estimate) and keep its data.

@@ -25,6 +25,7 @@ The goal (issue 13): >= 50% of the cluster's traffic within 300 of its queries, 
 the 200-300 window.
 
     python -m benchmarks.new_model [--seeds 3] [--cost-weights 0,300] [--shared-ridge 1]
+        [--arm-prior hierarchy --out-name new_model_hierarchy]
 
 Writes ``benchmarks/results/new_model.json``.
 """
@@ -96,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag-ridge", type=float, default=TAG_RIDGE)
     parser.add_argument("--shared-ridge", type=float, default=None,
                         help="LinUCB's shared_ridge (default: its default, None)")
+    parser.add_argument("--arm-prior", default="declared", choices=("declared", "hierarchy"),
+                        help="PolicyConfig.arm_prior: where the specialist's quality prior "
+                             "comes from (hierarchy: predicted from its price and the "
+                             "other models' feedback, bandit.hierarchy)")
+    parser.add_argument("--out-name", default="new_model",
+                        help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     root = data_root()
@@ -114,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                                            [float(v) for v in args.cost_weights.split(",")],
                                            range(args.seeds)):
         inputs = Inputs.of(ds, feat)
-        config: dict[str, object] = {"shared_ridge": args.shared_ridge}
+        config: dict[str, object] = {"shared_ridge": args.shared_ridge,
+                                     "arm_prior": args.arm_prior}
         if inputs.tag_dims:
             config.update(tag_dims=inputs.tag_dims, tag_ridge=args.tag_ridge)
         perm = np.random.default_rng(seed).permutation(ds.n)
@@ -148,13 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"settings": {"add_at": args.add_at, "cluster": args.cluster,
                             "seeds": args.seeds, "policy": "LinUCB defaults",
                             "shared_ridge": args.shared_ridge, "tag_ridge": args.tag_ridge,
+                            "arm_prior": args.arm_prior,
                             "construction": __doc__.split("\n\n")[1].replace("\n", " "),
                             "elapsed_s": round(time.perf_counter() - started, 1)},
                "goal_met_runs": {f: f"{sum(m)} of {len(m)}" for f, m in met.items()},
                "results": results}
     from pathlib import Path
 
-    write_results("new_model", payload,
+    write_results(args.out_name, payload,
                   results_dir=None if args.out_dir is None else Path(args.out_dir))
     return 0
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
 from benchmarks.common import data_root, print_table, write_results
 from benchmarks.compare_routers import Dataset, _hashing, load_gsm8k, load_llmrouter, load_mmlu
@@ -86,17 +87,24 @@ def full_information_value(ds: Dataset, x: np.ndarray) -> dict[str, object]:
 
 
 def thompson_choices(quality: np.ndarray, cost: np.ndarray, estimate: np.ndarray,
-                     weight: float, seed: int) -> np.ndarray:
+                     weight: float, seed: int, levels: ArmLevels | None = None) -> np.ndarray:
     """One pass of a context-free Gaussian Thompson sampler (prior: one pseudo-observation
     at quality 0.5, noise variance 0.25, optimism capped at quality 1); the cost is the
-    price estimate times the observed / estimated ratio of the model's past calls."""
+    price estimate times the observed / estimated ratio of the model's past calls.
+    ``levels``: instead, the prior across models of :mod:`bandit.hierarchy` (features:
+    each model's mean price estimate), one joint draw of every model's level."""
     rng = np.random.default_rng(seed)
     n, k = quality.shape
-    sums, counts = np.full(k, 0.5), np.ones(k)
+    sums, counts = (np.full(k, 0.5), np.ones(k)) if levels is None else (np.zeros(k),
+                                                                          np.zeros(k))
+    price_feature = estimate.mean(axis=0)
     spent, estimated = np.ones(k), np.ones(k)
     choices = np.empty(n, dtype=np.intp)
     for t in range(n):
-        sample = sums / counts + np.sqrt(0.25 / counts) * rng.standard_normal(k)
+        if levels is None:
+            sample = sums / counts + np.sqrt(0.25 / counts) * rng.standard_normal(k)
+        else:
+            sample = levels.sample(rng, price_feature, sums, counts)
         price = estimate[t] * spent / estimated
         arm = int(np.argmax(np.minimum(sample, 1.0) - weight * price))
         choices[t] = arm

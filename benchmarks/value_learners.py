@@ -26,6 +26,14 @@ next to two references:
 
 * ``full-info-online``: the same ridge (100), greedy, one pass, but it sees *every*
   model's outcome of every past row: no bandit can earn more on these features.
+* ``hier-ts``: ``context-free-ts`` with a prior across models (:mod:`bandit.hierarchy`):
+  each model's mean quality is a line in its log price, learned from every model's
+  feedback, plus its own deviation; one joint posterior draw per decision.
+  ``--learners linucb-default,context-free-ts,hier-ts --shuffles 5 --file-order
+  --out-name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
+  context-free-ts -0.068 / -0.035 / -0.051 (LLMRouter / MMLU / GSM8K): no gain; 85% of
+  the sampler's loss comes after its first 100 rows, where a prior on the levels no
+  longer matters (docs/results.md, "A prior across models").
 
 Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
 ``../shared/data``). Writes ``benchmarks/results/value_learners.json``.
@@ -60,6 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
 from benchmarks.common import data_root, print_table, write_results
 from benchmarks.compare_routers import (
@@ -74,7 +83,7 @@ from benchmarks.compare_routers import (
 from benchmarks.value_bounds import WEIGHTS, thompson_choices
 
 LEARNERS = ("linucb-default", "context-free-ts", "hybrid-ts-independent",
-            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online")
+            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online", "hier-ts")
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -196,6 +205,9 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarra
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
+    if learner == "hier-ts":
+        return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed,
+                                levels=ArmLevels())
     if learner == "full-info-online":
         return full_information_choices(x, ds.quality, ds.cost, ds.cost_estimate,
                                         weight)
@@ -208,10 +220,24 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarra
 _DATA: dict[str, Dataset] = {}
 
 
+def model_subset(ds: Dataset, index: int) -> Dataset:
+    """Held-out check: a random half of the data set's models (ceil(K / 2), chosen by
+    seed 1000 + ``index``), every row; the learners see only these models."""
+    keep = np.sort(np.random.default_rng(1000 + index).choice(
+        len(ds.arms), (len(ds.arms) + 1) // 2, replace=False))
+    return Dataset(f"{ds.name}/half{index}", [ds.arms[j] for j in keep],
+                   ds.quality[:, keep], ds.cost[:, keep], ds.test_start, ds.features,
+                   {**ds.notes, "models": [ds.arms[j] for j in keep]},
+                   None if ds.estimate is None else ds.estimate[:, keep])
+
+
 def _load(name: str, mmlu_rows: int) -> Dataset:
     if name not in _DATA:
         root = data_root()
-        if name == "llmrouter":
+        base, _, half = name.partition("/half")
+        if half:
+            _DATA[name] = model_subset(_load(base, mmlu_rows), int(half))
+        elif name == "llmrouter":
             _DATA[name] = load_llmrouter(root / "llmrouter", minilm=False)
         elif name == "mmlu":
             ds = load_mmlu(root / "routellm" / "mmlu.csv")
@@ -226,9 +252,11 @@ def _load(name: str, mmlu_rows: int) -> Dataset:
 def _job(args: tuple[str, str, float, int, int]) -> float:
     name, learner, weight, shuffle, mmlu_rows = args
     ds = _load(name, mmlu_rows)
-    perm = np.random.default_rng(shuffle + 1).permutation(ds.n)
+    # shuffle -1: the file's own order (seed 0)
+    perm = (np.arange(ds.n) if shuffle < 0
+            else np.random.default_rng(shuffle + 1).permutation(ds.n))
     dsp = ds.permuted(perm)
-    ch = choices_of(learner, dsp, weight, shuffle)
+    ch = choices_of(learner, dsp, weight, max(shuffle, 0))
     return float(routing_value(dsp.rewards(weight), ch)["value"])
 
 
@@ -240,7 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shuffles", type=int, default=3)
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
+    parser.add_argument("--model-subsets", type=int, default=0,
+                        help="also replay LLMRouter with N random halves of its models "
+                             "(held-out check: not one data set's price / quality line)")
+    parser.add_argument("--file-order", action="store_true",
+                        help="also replay each data set in its file order (reported apart)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--out-name", default="value_learners",
+                        help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     learners = args.learners.split(",")
@@ -250,27 +285,40 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows, results = [], []
     with multiprocessing.Pool(args.jobs) as pool:
-        for name in args.datasets.split(","):
-            weights = WEIGHTS[name]
+        names = [d for d in args.datasets.split(",") if d] + [f"llmrouter/half{i}"
+                                             for i in range(args.model_subsets)]
+        for name in names:
+            weights = WEIGHTS[name.partition("/")[0]]
             for learner in learners:
+                first = -1 if args.file_order else 0
                 jobs = [(name, learner, w, s, args.mmlu_rows)
-                        for w in weights for s in range(args.shuffles)]
-                values = np.array(pool.map(_job, jobs)).reshape(len(weights), args.shuffles)
+                        for w in weights for s in range(first, args.shuffles)]
+                values = np.array(pool.map(_job, jobs)).reshape(len(weights), -1)
+                file_order, values = values[:, 0], values[:, -first:]
                 per_weight = values.mean(axis=1)
                 results.append({"dataset": name, "learner": learner, "weights": list(weights),
+                                **({"models": _load(name, args.mmlu_rows).arms}
+                                   if "/half" in name else {}),
                                 "values": [round(float(v), 4) for v in per_weight],
                                 "sd": [round(float(v), 4) for v in values.std(axis=1)],
-                                "mean": round(float(per_weight.mean()), 4)})
+                                "mean": round(float(per_weight.mean()), 4),
+                                **({"file_order": [round(float(v), 4) for v in file_order],
+                                    "file_order_mean": round(float(file_order.mean()), 4)}
+                                   if args.file_order else {})})
                 rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
                              *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}"])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
+                if args.file_order:
+                    rows.append([name, f"{learner} (file order)",
+                                 *(f"{v:+.3f}" for v in file_order),
+                                 *[""] * (5 - len(weights)), f"{file_order.mean():+.3f}"])
     print_table("Routing value, one pass, mean over shuffles "
                 "(0 = best fixed model, 1 = per-query oracle)",
                 ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean"], rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims")
-    path = write_results("value_learners", {
+    path = write_results(args.out_name, {
         "what": "routing value of one-pass learners (bandit feedback) against the default "
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",

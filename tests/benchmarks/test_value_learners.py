@@ -108,3 +108,36 @@ def test_unknown_draw_and_learner_are_refused() -> None:
         vl.hybrid_thompson_choices(x, quality, cost, cost, 0.0, seed=0, draw="both")
     with pytest.raises(SystemExit):
         vl.main(["--learners", "nope"])
+
+
+def test_hier_ts_same_seed_same_choices_and_finds_the_best_model() -> None:
+    """hier-ts (context-free Thompson with the prior across models): deterministic per
+    seed, and on a price line (the dearest model best at w=0) most late pulls go to the
+    best model."""
+    rng = np.random.default_rng(5)
+    n, k = 1500, 4
+    price = np.geomspace(1e-4, 1e-2, k)
+    means = np.array([0.3, 0.45, 0.6, 0.75])
+    quality = (rng.random((n, k)) < means).astype(float)
+    cost = np.broadcast_to(price, (n, k)).copy()
+    a = vb.thompson_choices(quality, cost, cost, 0.0, 3, levels=vl.ArmLevels())
+    b = vb.thompson_choices(quality, cost, cost, 0.0, 3, levels=vl.ArmLevels())
+    np.testing.assert_array_equal(a, b)
+    assert (a[-500:] == k - 1).mean() > 0.8
+    assert "hier-ts" in vl.LEARNERS
+
+
+def test_model_subset_keeps_half_the_models_columns_aligned() -> None:
+    cr = importlib.import_module("benchmarks.compare_routers")
+    rng = np.random.default_rng(1)
+    arms = [f"m{j}" for j in range(9)]
+    quality, cost = rng.random((50, 9)), rng.random((50, 9))
+    ds = cr.Dataset("llmrouter", arms, quality, cost, 40, {"hashing": rng.random((50, 3))},
+                    {}, cost * 2)
+    half = vl.model_subset(ds, 0)
+    assert half.name == "llmrouter/half0" and len(half.arms) == 5
+    assert half.arms == vl.model_subset(ds, 0).arms != vl.model_subset(ds, 1).arms
+    cols = [arms.index(a) for a in half.arms]
+    np.testing.assert_array_equal(half.quality, quality[:, cols])
+    np.testing.assert_array_equal(half.cost, cost[:, cols])
+    np.testing.assert_array_equal(half.cost_estimate, 2 * cost[:, cols])
