@@ -51,11 +51,12 @@ from service.domain import POLICY_CLASSES, POLICY_KINDS, FeedbackReceipt, Tenant
 from service.exceptions import UnavailableError
 from service.features import Contexts
 from service.follower import StatisticsFollower
-from service.guards import Guards
+from service.guards import GuardFollower, Guards
 from service.policies import PolicyStore
 from service.spool import outage_serving
 from service.writer import DecisionWriter
 from streams.config import StreamsConfig
+from streams.learner import libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
 from streams.stats import SHARED_KEY, recast
 
@@ -305,9 +306,10 @@ class FollowedStatistics:
     Guarded tenants' accounts (:class:`service.guards.Guards`) follow the learners too:
     the learners write each guarded decision's outcome and reward into
     ``decisions.guard`` (streams/learner.py), and after the statistics changed the
-    accounts are rebuilt from the decision log, at most every ``guard_refresh_s``, in a
-    thread of their own (a rebuild reads every guarded decision of the tenant's
-    account). The rebuild also counts the other replicas' decisions, which a replica's
+    accounts are brought up to date from the decision log, at most every
+    ``guard_refresh_s``, in a thread of their own (:class:`service.guards.GuardFollower`:
+    only the changes since the last refresh, equal to a full rebuild). The accounts
+    also count the other replicas' decisions, which a replica's
     own count misses; a decision of this replica still queued for the database when a
     rebuild reads is missing from the account until the next rebuild.
     """
@@ -322,6 +324,8 @@ class FollowedStatistics:
         #: Per partition, the stored offset the current snapshot includes.
         self.snapshot_offsets: dict[int, int] = {}
         self.guards = guards
+        self.guard_follower = None if guards is None else GuardFollower(
+            guards, libpq_url(settings.resolved_database_url()))
         self.guard_refresh_s = guard_refresh_s
         self._guards_stale = threading.Event()
         self._stop_guards = threading.Event()
@@ -363,8 +367,7 @@ class FollowedStatistics:
                 guarded = [t for t in self.guards.registry.tenants.values()
                            if t.baseline_model is not None]
             try:
-                for tenant in guarded:
-                    self.guards.rebuild(tenant)
+                self.guard_follower.refresh(guarded)
             except Exception:
                 # The accounts in memory keep serving; the next write tries again.
                 log.exception("guard accounts not rebuilt")

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import numpy as np
+import psycopg
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -32,7 +36,7 @@ from service.domain import ModelState, TenantState
 from service.metrics import Metrics
 from service.registry import Registry
 
-__all__ = ["Guards", "GuardLesson"]
+__all__ = ["Guards", "GuardFollower", "GuardLesson", "account"]
 
 
 class GuardLesson(NamedTuple):
@@ -116,21 +120,14 @@ class Guards:
         restart (or a crash) loses nothing that was stored."""
         state = GuardState()
         if tenant.baseline_model is not None:
-            guard = ConservativeGuard(GuardConfig(tenant.baseline_model,
-                                                  tenant.max_exploration_loss))
             q = (select(m.DecisionRow.guard)
                  .where(m.DecisionRow.tenant_id == tenant.id, m.DecisionRow.guard.is_not(None))
                  .execution_options(yield_per=batch))
             if tenant.guard_since is not None:
                 q = q.where(m.DecisionRow.created_at >= tenant.guard_since)
             with Session(self.engine) as session:
-                for (stored,) in session.execute(q):
-                    record = GuardRecord.from_list(stored["record"])
-                    if record.baseline != tenant.baseline_model:
-                        continue
-                    guard.count(state, record)
-                    if stored.get("reward") is not None:
-                        guard.observe(state, record, float(stored["reward"]))
+                state = account(tenant.baseline_model,
+                                (stored for (stored,) in session.execute(q)))
         with self.lock:
             tenant.guard_state = state
 
@@ -189,3 +186,149 @@ class Guards:
                     math.sqrt(state.plays + 1) - math.sqrt(state.plays)),
                 "allowance": guard.allowance(state, 0.0),
                 "value_vs_baseline": state.value, "value_rounds": state.value_rounds}
+
+
+# ---------------------------------------------------------------------- accounts
+def _add_decision(state: GuardState, guard: ConservativeGuard, record: GuardRecord,
+                  reward: float | None, sign: int = 1) -> None:
+    """Add (``sign=-1``: take out) one guarded decision with its reward (None: no
+    outcome yet) to ``state``: what a full rebuild adds for its row."""
+    if sign > 0:
+        guard.count(state, record)
+        if reward is not None:
+            guard.observe(state, record, reward)
+        return
+    part = GuardState()
+    _add_decision(part, guard, record, reward)
+    for name, value in part.to_dict().items():
+        setattr(state, name, getattr(state, name) - value)
+
+
+def account(baseline: str, stored: Iterable[Mapping[str, Any] | None]) -> GuardState:
+    """A guard account from decisions' stored guard parts (``decisions.guard``): those
+    recorded against ``baseline``. A null part (an unguarded decision, which the ORM
+    writes as JSON null) is skipped."""
+    state = GuardState()
+    guard = ConservativeGuard(GuardConfig(baseline))  # counting needs no bound
+    for part in stored:
+        if not part:
+            continue
+        record = GuardRecord.from_list(part["record"])
+        if record.baseline == baseline:
+            reward = part.get("reward")
+            _add_decision(state, guard, record, None if reward is None else float(reward))
+    return state
+
+
+class _Account(NamedTuple):
+    basis: tuple[str | None, datetime | None]  # (baseline_model, guard_since)
+    state: GuardState
+
+
+# The changes past a watermark (migration 0010's trigger writes them).
+_CHANGES = ("SELECT id, xid::text::int8, tenant_id, decision_at, record, counted_before,"
+            " reward_before, counted_after, reward_after FROM guard_changes"
+            " WHERE xid >= %s::text::xid8")
+
+
+class GuardFollower:
+    """Guarded tenants' accounts kept equal to a full rebuild from the decision log
+    (:meth:`Guards.rebuild`) by reading only what changed (distributed mode, PostgreSQL).
+
+    Migration 0010's trigger logs every change of ``decisions.guard`` in
+    ``guard_changes`` (a decision written, its outcome updated by a learner, a
+    decision deleted), stamped with the writing transaction's id. A refresh reads, in
+    one REPEATABLE READ snapshot, the changes stamped at or after the ``xmin`` of the
+    previous refresh's snapshot (every transaction below it had ended then, so none of
+    them can commit a change later), skips the ones it already applied (by id), and
+    adds each to its tenant's account as the row's part after minus its part before.
+    A tenant seen for the first time, or whose baseline or ``guard_since`` changed, is
+    rebuilt in full in the same snapshot; so is every tenant every ``full_every_s``
+    (rounding never accumulates; changes older than ``keep_s`` are pruned then).
+    """
+
+    def __init__(self, guards: Guards, database_url: str, *, full_every_s: float = 600.0,
+                 keep_s: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.guards = guards
+        self.url = database_url
+        self.full_every_s = full_every_s
+        self.keep_s = keep_s
+        self.clock = clock
+        self._low: int | None = None  # the watermark: xmin of the last refresh
+        self._seen: dict[int, int] = {}  # change id -> xid, for xids >= the watermark
+        self._accounts: dict[str, _Account] = {}
+        self._last_full = -math.inf
+        self.full_rebuilds = 0  # tenants rebuilt from the whole decision log
+        self.changes_applied = 0
+
+    def refresh(self, tenants: list[TenantState]) -> None:
+        """Bring the ``tenants``' accounts (the guarded ones) up to date and install them
+        (``tenant.guard_state``); the others are forgotten."""
+        full = self._low is None or self.clock() - self._last_full >= self.full_every_s
+        basis = {t.id: (t.baseline_model, t.guard_since) for t in tenants}
+        with psycopg.connect(self.url, autocommit=False) as conn:
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():
+                low = int(conn.execute(
+                    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::int8"
+                ).fetchone()[0])
+                again = set(basis) if full else {
+                    tid for tid, b in basis.items()
+                    if tid not in self._accounts or self._accounts[tid].basis != b}
+                since = low if full else self._low
+                for row in conn.execute(_CHANGES, (str(since),)):
+                    self._change(row, basis, again)
+                for tid in again:
+                    self._accounts[tid] = _Account(basis[tid], self._full(conn, basis[tid],
+                                                                          tid))
+            if full:
+                with conn.transaction():
+                    conn.execute("DELETE FROM guard_changes WHERE at < now()"
+                                 " - make_interval(secs => %s)", (self.keep_s,))
+                self._last_full = self.clock()
+        self._low = low
+        self._seen = {i: x for i, x in self._seen.items() if x >= low}
+        self._accounts = {tid: a for tid, a in self._accounts.items() if tid in basis}
+        with self.guards.lock:
+            for tenant in tenants:
+                tenant.guard_state = GuardState.from_dict(
+                    self._accounts[tenant.id].state.to_dict())
+
+    def _change(self, row: tuple[Any, ...], basis: dict[str, tuple[str | None, Any]],
+                again: set[str]) -> None:
+        change_id, xid, tenant_id, decision_at, stored, *parts = row
+        if change_id in self._seen:
+            return
+        self._seen[change_id] = xid
+        if tenant_id not in basis or tenant_id in again:
+            return  # not followed, or rebuilt in full from this very snapshot
+        baseline, since = basis[tenant_id]
+        record = GuardRecord.from_list(stored)
+        if record.baseline != baseline or (since is not None and decision_at < since):
+            return
+        counted_before, reward_before, counted_after, reward_after = parts
+        state = self._accounts[tenant_id].state
+        guard = ConservativeGuard(GuardConfig(baseline))
+        if counted_before and counted_after and reward_after is not None:
+            # A learner's update of the outcome: the live path's replacement.
+            if reward_after != reward_before:
+                guard.observe(state, record, reward_after, reward_before)
+        else:
+            if counted_before:
+                _add_decision(state, guard, record, reward_before, -1)
+            if counted_after:
+                _add_decision(state, guard, record, reward_after)
+        self.changes_applied += 1
+
+    def _full(self, conn: psycopg.Connection, basis: tuple[str | None, Any],
+              tenant_id: str) -> GuardState:
+        baseline, since = basis
+        self.full_rebuilds += 1
+        if baseline is None:
+            return GuardState()
+        rows = conn.execute(
+            "SELECT guard FROM decisions WHERE tenant_id = %s"
+            " AND json_typeof(guard) = 'object'"
+            " AND (%s::timestamptz IS NULL OR created_at >= %s::timestamptz)",
+            (tenant_id, since, since))
+        return account(baseline, (stored for (stored,) in rows))

@@ -40,6 +40,7 @@ import gc
 import logging
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -53,6 +54,8 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, Topic
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
 from psycopg.types.json import Json
 
 from bandit import Policy, Preferences
@@ -254,6 +257,71 @@ def _contexts_ok(contexts: list[bytes], dim: int) -> np.ndarray:
         return (np.abs(x) <= MAX_CONTEXT_ABS).all(axis=1)  # False for NaN and inf
 
 
+class _Float8s(list):  # type: ignore[type-arg]
+    """Floats sent as ONE binary ``float8[]`` parameter, packed by numpy (psycopg's
+    generic list dumper dumps each element in Python: 6.5 us per event for the write
+    statement's arrays, 0.9 us packed; issue 17)."""
+
+
+class _Int8s(list):  # type: ignore[type-arg]
+    """Integers sent as one binary ``int8[]`` parameter (see :class:`_Float8s`)."""
+
+
+class _Texts(list):  # type: ignore[type-arg]
+    """Strings sent as one binary ``varchar[]`` parameter (see :class:`_Float8s`)."""
+
+
+def _array_header(element_oid: int, n: int) -> bytes:
+    # PostgreSQL's binary array: ndim 1, no null bitmap, element type, length, lbound 1.
+    return struct.pack(">iiIii", 1, 0, element_oid, n, 1)
+
+
+def _packed_numbers(values: list[Any], element_oid: int, big_endian: str) -> bytes:
+    items = np.empty(len(values), dtype=[("size", ">i4"), ("value", big_endian)])
+    items["size"] = 8
+    items["value"] = values
+    return _array_header(element_oid, len(values)) + items.tobytes()
+
+
+class _Float8sDumper(Dumper):
+    format = Format.BINARY
+    oid = 1022  # float8[]
+
+    def dump(self, obj: list[float]) -> bytes:
+        return _packed_numbers(obj, 701, ">f8")  # a missing value is NaN, never NULL
+
+
+class _Int8sDumper(Dumper):
+    format = Format.BINARY
+    oid = 1016  # int8[]
+
+    def dump(self, obj: list[int]) -> bytes:
+        return _packed_numbers(obj, 20, ">i8")
+
+
+class _TextsDumper(Dumper):
+    format = Format.BINARY
+    oid = 1015  # varchar[]
+
+    def dump(self, obj: list[str]) -> bytes:
+        parts = [_array_header(1043, len(obj))]
+        for text in obj:
+            data = text.encode()
+            parts.append(len(data).to_bytes(4, "big"))
+            parts.append(data)
+        return b"".join(parts)
+
+
+def _connect(url: str) -> psycopg.Connection:
+    """A connection that sends :class:`_Float8s`, :class:`_Int8s` and :class:`_Texts`
+    as packed binary arrays."""
+    conn = psycopg.connect(url, autocommit=False)
+    for kind, dumper in ((_Float8s, _Float8sDumper), (_Int8s, _Int8sDumper),
+                         (_Texts, _TextsDumper)):
+        conn.adapters.register_dumper(kind, dumper)
+    return conn
+
+
 # The events of one partition batch as arrays, ``n`` their 1-based ordinal.
 _EVENTS = ("b AS (SELECT * FROM unnest(%(d)b::varchar[], %(t)b::varchar[],"
            " %(e)b::varchar[], %(q)b::float8[], %(c)b::float8[], %(l)b::float8[],"
@@ -313,13 +381,13 @@ def _event_arrays(group_id: str, candidates: list[_Apply]) -> dict[str, Any]:
     nan = float("nan")
     events = [c.item.event for c in candidates]
     return {
-        "g": group_id, "d": [e.decision_id for e in events],
-        "t": [e.tenant_id for e in events], "e": [e.event_id for e in events],
-        "q": [nan if e.quality is None else e.quality for e in events],
-        "c": [nan if e.cost_usd is None else e.cost_usd for e in events],
-        "l": [nan if e.latency_ms is None else e.latency_ms for e in events],
-        "r": [c.item.received_at for c in candidates],
-        "n": list(range(1, len(candidates) + 1))}
+        "g": group_id, "d": _Texts(e.decision_id for e in events),
+        "t": _Texts(e.tenant_id for e in events), "e": _Texts(e.event_id for e in events),
+        "q": _Float8s(nan if e.quality is None else e.quality for e in events),
+        "c": _Float8s(nan if e.cost_usd is None else e.cost_usd for e in events),
+        "l": _Float8s(nan if e.latency_ms is None else e.latency_ms for e in events),
+        "r": _Float8s(c.item.received_at for c in candidates),
+        "n": _Int8s(range(1, len(candidates) + 1))}
 
 
 def _first_of_repeats(items: list[_Apply]) -> list[_Apply]:
@@ -337,7 +405,8 @@ def _first_of_repeats(items: list[_Apply]) -> list[_Apply]:
 
 def _subset(params: dict[str, Any], ordinals: list[int]) -> dict[str, Any]:
     """``params`` restricted to the events ``ordinals`` (which keep their ordinals)."""
-    return {k: v if k == "g" else [v[n - 1] for n in ordinals] for k, v in params.items()}
+    return {k: v if k == "g" else type(v)(v[n - 1] for n in ordinals)
+            for k, v in params.items()}
 
 
 class _LostOwnership(Exception):
@@ -399,7 +468,7 @@ class Learner:
     def start(self, *, create_topics: bool = True) -> None:
         if create_topics:
             ensure_topics(self.config)
-        self._conn = psycopg.connect(self.database_url, autocommit=False)
+        self._conn = _connect(self.database_url)
         self._check_stored_statistics()
         self.producer = KafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
                                       linger_ms=5, client_id=f"{self.client_id}-dlq")
@@ -567,13 +636,13 @@ class Learner:
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, autocommit=False)
+            self._conn = _connect(self.database_url)
         return self._conn
 
     def _wdb(self) -> psycopg.Connection:
         """The writer thread's connection (a psycopg connection serves one thread)."""
         if self._wconn is None or self._wconn.closed:
-            self._wconn = psycopg.connect(self.database_url, autocommit=False)
+            self._wconn = _connect(self.database_url)
         return self._wconn
 
     # ------------------------------------------------------------ processing
@@ -675,7 +744,7 @@ class Learner:
                 "SELECT id, tenant_id, model, scope, context,"
                 " extract(epoch FROM created_at)::float8, price_usd, guard IS NOT NULL"
                 " FROM decisions"
-                " WHERE id = ANY(%b::varchar[])", (list(ids),)).fetchall()
+                " WHERE id = ANY(%b::varchar[])", (_Texts(ids),)).fetchall()
         return {decision_id: DecisionRow(*columns) for decision_id, *columns in rows}
 
     def _classify(self, batch: _Batch, decisions: dict[str, DecisionRow],

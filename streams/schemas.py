@@ -172,6 +172,10 @@ def _parse_id(data: dict, name: str, *, empty: bool = False) -> str:
         low = 0 if empty else 1
         raise InvalidEventError(name, f"must be a string of {low}..{_ID_MAX} characters",
                                 value)
+    if "\0" in value:
+        # PostgreSQL refuses NUL in text: the batch's decisions query would fail on every
+        # retry, a poison record that stopped the learner (issue 17).
+        raise InvalidEventError(name, "must not contain NUL (\\u0000) characters", value)
     return value
 
 
@@ -225,7 +229,8 @@ def _well_formed_feedback(data: dict) -> FeedbackEvent | None:
     tenant_id = data.get("tenant_id")
     if not (type(event_id) is str and type(decision_id) is str and type(tenant_id) is str
             and decision_id and tenant_id and len(event_id) <= _ID_MAX
-            and len(decision_id) <= _ID_MAX and len(tenant_id) <= _ID_MAX):
+            and len(decision_id) <= _ID_MAX and len(tenant_id) <= _ID_MAX
+            and "\0" not in event_id and "\0" not in decision_id and "\0" not in tenant_id):
         return None
     quality, cost, latency = data.get("quality"), data.get("cost_usd"), data.get("latency_ms")
     if quality is None and cost is None and latency is None:

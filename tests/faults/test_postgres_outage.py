@@ -56,6 +56,9 @@ class Observed:
     feedback_bodies: dict[int, Any] = field(default_factory=dict)
     feedback_headers: dict[int, dict[str, str]] = field(default_factory=dict)
     feedback_answers: Counter = field(default_factory=Counter)  # (phase, body status)
+    #: When each feedback answered "buffered" during the outage was sent (monotonic).
+    buffered_sent: list[float] = field(default_factory=list)
+    outage_started: float | None = None
     readyz: list[tuple[str, int, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     recovered_after_s: float | None = None
@@ -100,7 +103,7 @@ def _feedback_loop(base: str, tenant: dict[str, str], obs: Observed, todo: queue
             except queue.Empty:
                 continue
             time.sleep(max(0.0, made + FEEDBACK_DELAY_S - time.monotonic()))
-            phase = obs.phase
+            phase, sent = obs.phase, time.monotonic()
             try:
                 f = http.post("/v1/feedback", headers=tenant, json={
                     "decision_id": decision, "event_id": event,
@@ -114,6 +117,8 @@ def _feedback_loop(base: str, tenant: dict[str, str], obs: Observed, todo: queue
                 if f.status_code == 202:
                     obs.feedback_ok.add((decision, event))
                     obs.feedback_answers[(phase, f.json()["status"])] += 1
+                    if phase == "outage" and f.json()["status"] == "buffered":
+                        obs.buffered_sent.append(sent)
                 else:
                     obs.feedback_bodies.setdefault(f.status_code, f.text[:300])
                     obs.feedback_headers.setdefault(f.status_code, dict(f.headers))
@@ -167,7 +172,8 @@ def outage(private_postgres: PrivatePostgres,
         obs.readyz.append(("warmup", *_readyz(http)))
         pg.stop()
         obs.phase = "outage"
-        outage_end = time.monotonic() + OUTAGE_S
+        obs.outage_started = time.monotonic()
+        outage_end = obs.outage_started + OUTAGE_S
         while time.monotonic() < outage_end:
             obs.readyz.append(("outage", *_readyz(http)))
             time.sleep(1.0)
@@ -284,7 +290,15 @@ def test_postgres_outage_feedback_buffered(outage):
     answers = {status: n for (phase, status), n in obs.feedback_answers.items()
                if phase == "outage"}
     assert answers == {"buffered": during[202]}, answers
-    assert during[202] >= 0.5 * OUTAGE_S * RATE_PER_THREAD, during
+    # Accepted throughout the outage, not only at its start: every tenth of it has
+    # feedback sent in it and buffered. (Asserted on time, not on a count: the clients'
+    # rate follows the machine's load, 523 of a nominal 1,200 on a busy host.)
+    assert obs.outage_started is not None
+    slices = 10
+    width = OUTAGE_S / slices
+    covered = {min(int((t - obs.outage_started) / width), slices - 1)
+               for t in obs.buffered_sent}
+    assert covered == set(range(slices)), (sorted(covered), during)
 
 
 def test_postgres_outage_buffer_drained_once_after_recovery(outage):

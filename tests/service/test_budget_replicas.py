@@ -293,13 +293,15 @@ def test_budget_pool_concurrent_leases_never_exceed_budget(pg_url):
     components = [BudgetLeases(url, interval_s=3600.0) for _ in range(2)]
     day = period_keys(time.time())[0]
 
-    # Both start together: on a busy machine one thread could otherwise lease the whole
-    # budget before the other ran at all, and nothing would be concurrent.
-    start = threading.Barrier(2)
+    # The two lease in rounds, each round's two leases at once (they race for the pool's
+    # row lock). Started together only, one thread could lease the whole budget (23
+    # leases) before the other's first one on a busy machine: a correct zero slice for
+    # the late one, but no concurrency tested (and `all(h > 0)` failed, issue 17).
+    rounds = threading.Barrier(2)
 
     def lease_many(i: int) -> None:
-        start.wait(30)
         for _ in range(30):
+            rounds.wait(30)
             components[i]._lease(tenant, ledgers[i], "day", day, 1.0, 0.05, 0.01, 0.05)
 
     threads = [threading.Thread(target=lease_many, args=(i,)) for i in range(2)]

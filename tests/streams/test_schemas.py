@@ -52,6 +52,10 @@ def test_roundtrip_feedback_event_exact() -> None:
     (_feedback(schema_version=2), "schema_version", "invalid-event"),
     (_feedback(decision_id=...), "decision_id", "invalid-event"),
     (_feedback(decision_id=7), "decision_id", "invalid-event"),
+    # PostgreSQL refuses NUL in text: as a poison record it stopped the learner.
+    (_feedback(decision_id="d\0"), "decision_id", "invalid-event"),
+    (_feedback(event_id="\0"), "event_id", "invalid-event"),
+    (_feedback(tenant_id="t\0x"), "tenant_id", "invalid-event"),
     (_feedback(extra=1), "extra", "invalid-event"),
     (_feedback(quality=1.5), "quality", "out-of-range"),
     (_feedback(cost_usd=-0.1), "cost_usd", "out-of-range"),
