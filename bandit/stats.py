@@ -39,6 +39,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg.blas import dger as _dger
 
+from bandit import _policy_kernel as _kernel
+
 __all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "prior_sigma"]
 
 _H = 3  # heads: quality, cost (USD), latency (s)
@@ -86,6 +88,9 @@ class ArmStatistics:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
+        #: One context's prediction and the usual update through the compiled kernels
+        #: (bandit/_policy_kernel.py); False: the numpy reference (the tests compare).
+        self.compiled = True
         d = self.n_features
         text = dim - tag_dims
         # Ridge of the context coefficients relative to the intercept's: above 1 shrinks
@@ -290,6 +295,17 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
+        if self.compiled and all(obs) and all(grp) and not self.selecting:
+            # The usual case in one compiled call (bandit/_policy_kernel.py): the same
+            # steps as below, which stay the reference for it.
+            residual = _kernel.update_grouped(
+                k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
+                self.srr, self.weight, self.count, self.lam, self.mu0, self.sigma0,
+                self.sigma2, _NU0)
+            self.updates[k] += 1
+            if self.updates[k] >= self.refresh_every:
+                self.refresh([k])
+            return residual
         touched = any(o and g for o, g in zip(obs, grp, strict=True))
         if touched and not all(o or not g for o, g in zip(obs, grp, strict=True)):
             self._split(k, ~observed)  # the group's unreported heads split off
@@ -490,10 +506,16 @@ class ArmStatistics:
         """
         k, h, d = self.theta.shape
         n = xb.shape[0]
-        means = (xb @ self.theta.reshape(k * h, d).T).reshape(n, k, h)
-        if arms is not None:
-            means = means[:, arms]
-        utility = means @ w
+        if n == 1 and self.compiled:
+            means, utility = np.empty((1, k, h)), np.empty((1, k))
+            _kernel.predict_one(self.theta, xb[0], w, means[0], utility[0])
+            if arms is not None:
+                means, utility = means[:, arms], utility[:, arms]
+        else:
+            means = (xb @ self.theta.reshape(k * h, d).T).reshape(n, k, h)
+            if arms is not None:
+                means = means[:, arms]
+            utility = means @ w
         if c is None:
             return means, utility, np.zeros_like(utility)
         c_sel = None
@@ -509,7 +531,17 @@ class ArmStatistics:
             c_group = (c * self.group).sum(axis=1)  # (K,)
             # (arm, head) pairs outside the groups that the preferences weigh.
             own_k, own_h = np.nonzero(~self.group & (c > 0))
-        if n == 1:
+        if n == 1 and self.compiled:
+            x = xb[0]
+            var = np.zeros(k)
+            _kernel.add_quadratic_forms(self.s_inv, x, c_group, var)
+            if c_sel is not None:
+                _kernel.add_quadratic_forms(self.q_inv, x, np.ascontiguousarray(c_sel), var)
+            if own_k.size:
+                q = (self.a_inv[own_k, own_h] @ x) @ x
+                np.add.at(var, own_k, q * c[own_k, own_h])
+            var = var[None, :]
+        elif n == 1:
             x = xb[0]
             # x^T A_k^-1 x for every arm: two matrix-vector products on the stacked
             # inverses viewed as one (K*D, D) matrix (BLAS gemv, no per-arm loop).
