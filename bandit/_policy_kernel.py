@@ -34,15 +34,15 @@ _FAST = {"reassoc", "contract"}
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _quadratic(p: np.ndarray, x: np.ndarray) -> float:
-    """``x^T P x`` for P (D, D), row by row. Reading only the upper triangle of the
-    symmetric P would halve the memory, but its rows of varying length do not vectorize:
-    3-8x slower here at d=64 and d=384 (measured)."""
+    """``x^T P x`` for P (D, D) (float64, or float32 summed in float64), row by row.
+    Reading only the upper triangle of the symmetric P would halve the memory, but its
+    rows of varying length do not vectorize: 3-8x slower here at d=64 and d=384."""
     d = x.shape[0]
     total = 0.0
     for i in range(d):
         acc = 0.0
         for j in range(d):
-            acc += p[i, j] * x[j]
+            acc += np.float64(p[i, j]) * x[j]
         total += acc * x[i]
     return total
 
@@ -78,14 +78,16 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
                    s_inv: np.ndarray, s_data: np.ndarray, theta: np.ndarray,
                    b_data: np.ndarray, srr: np.ndarray, wsum: np.ndarray,
                    count: np.ndarray, lam: np.ndarray, mu0: np.ndarray,
-                   sigma0: np.ndarray, sigma2: np.ndarray, nu0: float) -> float:
+                   sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
+                   inv32: np.ndarray) -> float:
     """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
     all are reported (y (H,) finite), in place; returns the quality residual before it.
 
     The same steps as the numpy path of ``ArmStatistics.update``: gain
     ``g = w A^-1 x / (1 + w x^T A^-1 x)``, ``A^-1 -= g (A^-1 x)^T``, ``A += w x x^T``,
     ``theta_h += (y_h - theta_h . x) g``, ``b_h += w y_h x``, then the sums and each head's
-    noise ``sigma^2`` from them (``ArmStatistics._update_sigma2``).
+    noise ``sigma^2`` from them (``ArmStatistics._update_sigma2``). ``inv32``: the float32
+    copy of every arm's inverse (K, D, D), kept equal to it; empty when there is none.
     """
     p = s_inv[k]
     a = s_data[k]
@@ -115,6 +117,9 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
         for j in range(d):
             p[i, j] -= gi * px[j]
             a[i, j] += wxi * x[j]
+        if inv32.shape[0]:
+            for j in range(d):
+                inv32[k, i, j] = p[i, j]
         for h in range(heads):
             th[h, i] += err[h] * gi
             b[h, i] += y[h] * wxi

@@ -10,7 +10,7 @@ from scipy.special import ndtr
 
 from bandit import ArmPrior, LinearThompson, LinUCB, Preferences
 from bandit._policy_kernel import normal_cdf, thompson_propensities
-from bandit.stats import ArmStatistics
+from bandit.stats import FLOAT32_INVERSE_DIM, ArmStatistics
 from bandit.thompson import _PRUNE_SIGMAS
 
 PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
@@ -124,3 +124,34 @@ def ndtr_inverse_nodes(nodes: int) -> np.ndarray:
     from scipy.special import ndtri
 
     return ndtri((np.arange(nodes) + 0.5) / nodes)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
+    d = FLOAT32_INVERSE_DIM  # D = d + 1 features: the float32 copy is used
+    compiled, reference = pair(cls, d, refresh_every=5)
+    rng = np.random.default_rng(4)
+    for t in range(40):
+        x = rng.standard_normal(d) / np.sqrt(d)
+        got = compiled.decide_batch(x, PREFS, explore=True)
+        want = reference.decide_batch(x, PREFS, explore=True)
+        # Stored in float32, summed in float64: the width within 1e-6 of float64's.
+        np.testing.assert_allclose(got.uncertainty, want.uncertainty, rtol=1e-6)
+        np.testing.assert_allclose(got.utility, want.utility, rtol=1e-9, atol=1e-9)
+        y = outcome(rng, t, partial=False)
+        if t % 5 == 4:
+            del y["quality"]  # m4's heads split: its updates take the numpy path
+        compiled.update(f"m{t % 5}", x, y)
+        reference.update(f"m{t % 5}", x, y)
+    stats = compiled._stats
+    copy = stats._inv32
+    assert copy is not None and copy[0] is stats.s_inv  # the decides read the copy
+    compiled.decide(x, PREFS)  # brings the arms a refresh or numpy update made stale
+    k = int(np.argmin(stats.updates[:4]))  # an arm of the kernel this update won't refresh
+    compiled.update(f"m{k}", x, {"quality": 0.5, "cost_usd": 0.001, "latency_ms": 100.0})
+    assert not copy[2][k]  # the kernel wrote the copy: not stale, and equal
+    np.testing.assert_allclose(copy[1][k], stats.s_inv[k], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(stats._s_inv32(), stats.s_inv, rtol=1e-6, atol=1e-12)
+    compiled.add_arm("new")  # a new s_inv array: a new copy
+    assert compiled.decide(x, PREFS).predictions["new"].uncertainty > 0
+    assert stats._inv32[0] is stats.s_inv
