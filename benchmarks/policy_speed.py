@@ -409,10 +409,10 @@ def startup_costs() -> dict[str, float]:
     decide + update of LinUCB and LinearThompson: compiled kernels from a warm cache,
     from an empty cache (compiled on the spot), the numpy reference; and the embedded
     service's start-up for comparison."""
-    def seconds(code: str, env: dict[str, str]) -> list[float]:
+    def seconds(code: str, env: dict[str, str], repeats: int = 3) -> list[float]:
         runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                check=True, env={**os.environ, **env}).stdout.split()
-                for _ in range(3)]
+                for _ in range(repeats)]
         return [statistics.median(float(r[i]) for r in runs) for i in range(len(runs[0]))]
 
     out: dict[str, float] = {}
@@ -421,8 +421,8 @@ def startup_costs() -> dict[str, float]:
         seconds(warm, {})  # fills the cache if it is empty
         out["import_s"], out["first_calls_warm_cache_s"] = seconds(warm, {})
         cold = []
-        for i in range(3):  # an empty cache each time
-            cold.append(seconds(warm, {"NUMBA_CACHE_DIR": f"{tmp}/cache{i}"})[1])
+        for i in range(3):  # an empty cache each time: one process per directory
+            cold.append(seconds(warm, {"NUMBA_CACHE_DIR": f"{tmp}/cache{i}"}, 1)[1])
         out["first_calls_cold_cache_s"] = statistics.median(cold)
         out["first_calls_numpy_s"] = seconds(_FIRST_CALLS.replace("COMPILED", "False"),
                                              {})[1]
