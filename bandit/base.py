@@ -389,21 +389,30 @@ class BatchDecision:
                 raise InvalidInputError(name, f"must have shape {self.utility.shape} "
                                         "(row per context, column per arm)", np.shape(value))
         # Dict displays over tolist() rows: ~3x faster than dict(zip(keys, ...)) per arm.
+        # The first extra (the service's price_usd) goes into the display too: setting it
+        # afterwards, arm by arm, cost the service's decide ~5 us per 16 arms.
         means, utility = self.means.tolist(), self.utility.tolist()
         std, scores = self.uncertainty.tolist(), self.scores.tolist()
         extras = [(key, np.asarray(value, dtype=np.float64).tolist())
                   for key, value in extra.items()]
         arms = self.arms
+        # Without extras a placeholder column fills the display's last key, removed once.
+        key0, first = extras[0] if extras else (None, [[None] * len(arms)] * len(means))
         out = []
-        for r, (m, u, s, sc) in enumerate(zip(means, utility, std, scores, strict=True)):
+        for r, (m, u, s, sc, e) in enumerate(zip(means, utility, std, scores, first,
+                                                 strict=True)):
             row = {name: {"quality": m[j][0], "cost_usd": m[j][1],
                           "latency_ms": m[j][2] * 1e3, "utility": u[j],
-                          "uncertainty": s[j], "score": sc[j]}
+                          "uncertainty": s[j], "score": sc[j], key0: e[j]}
                    for j, name in enumerate(arms)}
-            for key, values in extras:
+            for key, values in extras[1:]:
                 for name, value in zip(arms, values[r], strict=True):
                     row[name][key] = value
             out.append(row)
+        if key0 is None:
+            for row in out:
+                for cells in row.values():
+                    del cells[None]
         return out
 
     def decision(self, row: int, policy: str = "") -> Decision:

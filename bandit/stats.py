@@ -39,13 +39,21 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg.blas import dger as _dger
 
-__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "prior_sigma"]
+from bandit import _policy_kernel as _kernel
+
+__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FLOAT32_INVERSE_DIM", "prior_sigma"]
 
 _H = 3  # heads: quality, cost (USD), latency (s)
 _NONE = np.zeros(0, dtype=np.intp)
 
 #: Batches of at least this many contexts compute the exploration width in float32.
 FLOAT32_WIDTH_BATCH = 128
+#: From this many features (dim + 1) on, a single context's exploration width reads a
+#: float32 copy of the shared inverses (summing in float64): at d=384 the 16 inverses
+#: are 19 MB of float64 and the width is bound by memory (630 -> 266 us measured, std
+#: relative error 3e-9); at d=64 they fit the cache and float32 gains nothing.
+FLOAT32_INVERSE_DIM = 257
+_NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
 
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
@@ -86,6 +94,9 @@ class ArmStatistics:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
+        #: One context's prediction and the usual update through the compiled kernels
+        #: (bandit/_policy_kernel.py); False: the numpy reference (the tests compare).
+        self.compiled = True
         d = self.n_features
         text = dim - tag_dims
         # Ridge of the context coefficients relative to the intercept's: above 1 shrinks
@@ -110,6 +121,11 @@ class ArmStatistics:
         g = grid.shape[0]
         self.group = np.zeros((0, _H), dtype=bool)
         self._grouped: tuple[np.ndarray, bool] | None = None  # see _all_grouped
+        # The float32 copy of s_inv (see FLOAT32_INVERSE_DIM): (the s_inv it copies, the
+        # copy, arms whose copy is stale). The update kernel writes both; a refresh or a
+        # numpy update marks the arm stale; a new s_inv array (arms added or removed, a
+        # restore) makes a new copy.
+        self._inv32: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.s_data = np.zeros((0, d, d))
         self.s_inv = np.zeros((0, d, d))
         self.a_data = np.zeros((0, _H, d, d))
@@ -233,6 +249,7 @@ class ArmStatistics:
             if group.any():
                 lam = self.lam[k, np.argmax(group)]
                 self.s_inv[k] = _spd_inverse(self.s_data[k] + lam * eye)
+                self._stale32(k)
             if own.size:
                 a = self.a_data[k, own] + self.lam[k, own, None, None] * eye
                 self.a_inv[k, own] = _spd_inverse(a)
@@ -290,6 +307,19 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
+        if self.compiled and all(obs) and all(grp) and not self.selecting:
+            # The usual case in one compiled call (bandit/_policy_kernel.py): the same
+            # steps as below, which stay the reference for it.
+            copy = self._inv32
+            residual = _kernel.update_grouped(
+                k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
+                self.srr, self.weight, self.count, self.lam, self.mu0, self.sigma0,
+                self.sigma2, _NU0,
+                copy[1] if copy is not None and copy[0] is self.s_inv else _NO_COPY)
+            self.updates[k] += 1
+            if self.updates[k] >= self.refresh_every:
+                self.refresh([k])
+            return residual
         touched = any(o and g for o, g in zip(obs, grp, strict=True))
         if touched and not all(o or not g for o, g in zip(obs, grp, strict=True)):
             self._split(k, ~observed)  # the group's unreported heads split off
@@ -304,6 +334,7 @@ class ArmStatistics:
             px = p @ x
             gain = (weight / (1.0 + weight * float(px @ x))) * px
             _rank1(p, -1.0, gain, px)
+            self._stale32(k)
             _rank1(self.s_data[k], 1.0, xw, x)
             if all(grp):
                 _rank1(theta, 1.0, err, gain)
@@ -468,6 +499,24 @@ class ArmStatistics:
         out[self.group[k]] = (self.s_data if name == "a_data" else self.s_inv)[k]
         return out
 
+    def _stale32(self, k: int) -> None:
+        copy = self._inv32
+        if copy is not None and copy[0] is self.s_inv:
+            copy[2][k] = True
+
+    def _s_inv32(self) -> np.ndarray:
+        """The float32 copy of ``s_inv``, current (see FLOAT32_INVERSE_DIM)."""
+        copy = self._inv32
+        if copy is None or copy[0] is not self.s_inv:
+            copy = self._inv32 = (self.s_inv, self.s_inv.astype(np.float32),
+                                  np.zeros(len(self), dtype=bool))
+        stale = copy[2]
+        if stale.any():
+            idx = np.flatnonzero(stale)
+            copy[1][idx] = copy[0][idx]
+            stale[:] = False
+        return copy[1]
+
     def _all_grouped(self) -> bool:
         """Whether every head of every arm is in its arm's shared group (cached: the
         groups change only on a split, a merge, a restore or a change of arms)."""
@@ -490,10 +539,16 @@ class ArmStatistics:
         """
         k, h, d = self.theta.shape
         n = xb.shape[0]
-        means = (xb @ self.theta.reshape(k * h, d).T).reshape(n, k, h)
-        if arms is not None:
-            means = means[:, arms]
-        utility = means @ w
+        if n == 1 and self.compiled:
+            means, utility = np.empty((1, k, h)), np.empty((1, k))
+            _kernel.predict_one(self.theta, xb[0], w, means[0], utility[0])
+            if arms is not None:
+                means, utility = means[:, arms], utility[:, arms]
+        else:
+            means = (xb @ self.theta.reshape(k * h, d).T).reshape(n, k, h)
+            if arms is not None:
+                means = means[:, arms]
+            utility = means @ w
         if c is None:
             return means, utility, np.zeros_like(utility)
         c_sel = None
@@ -509,7 +564,18 @@ class ArmStatistics:
             c_group = (c * self.group).sum(axis=1)  # (K,)
             # (arm, head) pairs outside the groups that the preferences weigh.
             own_k, own_h = np.nonzero(~self.group & (c > 0))
-        if n == 1:
+        if n == 1 and self.compiled:
+            x = xb[0]
+            var = np.zeros(k)
+            _kernel.add_quadratic_forms(
+                self._s_inv32() if d >= FLOAT32_INVERSE_DIM else self.s_inv, x, c_group, var)
+            if c_sel is not None:
+                _kernel.add_quadratic_forms(self.q_inv, x, np.ascontiguousarray(c_sel), var)
+            if own_k.size:
+                q = (self.a_inv[own_k, own_h] @ x) @ x
+                np.add.at(var, own_k, q * c[own_k, own_h])
+            var = var[None, :]
+        elif n == 1:
             x = xb[0]
             # x^T A_k^-1 x for every arm: two matrix-vector products on the stacked
             # inverses viewed as one (K*D, D) matrix (BLAS gemv, no per-arm loop).

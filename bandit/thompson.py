@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr, ndtri
 
+from bandit._policy_kernel import thompson_propensities
 from bandit.base import Policy, PolicyConfig, check_finite_number
 from bandit.errors import InvalidInputError
 
@@ -103,6 +104,11 @@ class LinearThompson(Policy):
             noise = self._mc_rng.standard_normal((n, m, k))
             draws = utility[:, None, :] + s[:, None, :] * noise
             return (np.argmax(draws, axis=2) == choices[:, None]).mean(axis=1)
+        if self._stats.compiled:
+            # One compiled loop over rows, nodes and competitors (bandit/_policy_kernel.py):
+            # no (n, nodes, m) temporaries. The numpy code below is its reference.
+            return thompson_propensities(utility, s, choices, self._quantiles,
+                                         _PRUNE_SIGMAS)
         # u: (n, nodes) points of the chosen arm's sampled utility. An arm out of the
         # main branch (utility -inf: cold, quality unknown) has main propensity 0.
         mu_j = utility[rows, choices]

@@ -18,6 +18,11 @@ that background load hits everyone alike; N calls chosen so that one measurement
 
 And our batched path: ``decide_batch`` of 256 contexts at d=64 -> decisions per second.
 
+The rows "numpy reference" are our policies with the compiled kernels off
+(``bandit/_policy_kernel.py``): what the kernels save, in the same run. The start-up
+table times fresh processes: the import, the first decide + update with numba's cache
+warm and empty, and the embedded service's start-up for scale.
+
 Peers, in their ordinary Python API (input conversion done once, outside the timing,
 which favours them):
 
@@ -44,9 +49,12 @@ import bisect
 import contextlib
 import gc
 import itertools
+import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,7 +70,7 @@ BATCH = 256
 BATCH_DIM = 64
 ALPHA = 1.0
 PREFS = Preferences(quality=1.0, cost=50.0, latency=0.1)
-PACKAGES = ("numpy", "scipy", "river", "mabwiser", "vowpalwabbit", "rich")
+PACKAGES = ("numpy", "scipy", "numba", "river", "mabwiser", "vowpalwabbit", "rich")
 
 # Goals on decide+update at d=64 (peer time / our time) and on the batched path.
 GOALS = {"vw": 3.0, "river": 10.0, "mabwiser": 10.0}
@@ -125,7 +133,7 @@ class Ours(Adapter):
     head) under quality-only preferences: the peers' single-scalar setting."""
 
     def __init__(self, cls: type, stream: Stream, key: str, label: str,
-                 quality_only: bool = False) -> None:
+                 quality_only: bool = False, compiled: bool = True) -> None:
         self.key, self.label = key, label
         heads = "1 head (quality)" if quality_only else "3 heads (quality, cost, latency)"
         self.update_includes = (f"{heads} Sherman-Morrison, sigma^2, ADWIN drift check, "
@@ -134,6 +142,8 @@ class Ours(Adapter):
         self.prefs = Preferences(quality=1.0) if quality_only else PREFS
         self.s = stream
         self.policy = cls(stream.x.shape[1], seed=0)  # defaults: epsilon 0.01, drift on
+        # False: the numpy reference of the compiled kernels (bandit/_policy_kernel.py).
+        self.policy._stats.compiled = compiled
         self.names = [f"model-{k}" for k in range(K_ARMS)]
         for name in self.names:
             self.policy.add_arm(name)
@@ -284,7 +294,11 @@ def measure_dim(dim: int, peers: Sequence[str], target_s: float, repeats: int,
     adapters: list[Adapter] = [Ours(LinUCB, stream, "linucb", "ours LinUCB"),
                                Ours(LinearThompson, stream, "thompson", "ours LinearThompson"),
                                Ours(LinUCB, stream, "linucb-1head", "ours LinUCB, quality only",
-                                    quality_only=True)]
+                                    quality_only=True),
+                               Ours(LinUCB, stream, "linucb-numpy",
+                                    "ours LinUCB, numpy reference", compiled=False),
+                               Ours(LinearThompson, stream, "thompson-numpy",
+                                    "ours LinearThompson, numpy reference", compiled=False)]
     builders = {"river": River, "mabwiser": MabWiser, "vw": VowpalWabbit}
     adapters += [builders[p](stream) for p in peers]
     runners = []
@@ -315,11 +329,12 @@ def measure_dim(dim: int, peers: Sequence[str], target_s: float, repeats: int,
 
 def measure_batch(target_s: float, repeats: int) -> list[dict[str, object]]:
     stream = Stream.make(BATCH_DIM, seed=1)
-    configs = [("linucb", LinUCB, True), ("thompson", LinearThompson, True),
-               ("thompson", LinearThompson, False)]
+    configs = [("linucb", LinUCB, True, True), ("thompson", LinearThompson, True, True),
+               ("thompson", LinearThompson, False, True),
+               ("thompson-numpy", LinearThompson, True, False)]
     out = []
-    for key, cls, with_prop in configs:
-        adapter = Ours(cls, stream, key, key)
+    for key, cls, with_prop, compiled in configs:
+        adapter = Ours(cls, stream, key, key, compiled=compiled)
         adapter.warm_up(K_ARMS * 30)
         policy = adapter.policy
         batches = [stream.x[i:i + BATCH] for i in range(0, STREAM - BATCH + 1, BATCH)]
@@ -352,6 +367,68 @@ def measure_batch(target_s: float, repeats: int) -> list[dict[str, object]]:
                     "median_ms_per_batch": med * 1e3,
                     "decisions_per_s": BATCH / med,
                     "samples_decisions_per_s": [BATCH / s for s in samples]})
+    return out
+
+
+# One fresh process: import the library, build a 16-arm policy, then its first decide and
+# update (where the compiled kernels are loaded from numba's cache, or compiled).
+_FIRST_CALLS = """
+import time
+t0 = time.perf_counter()
+import numpy as np
+from bandit import LinearThompson, LinUCB
+t1 = time.perf_counter()
+x = np.full(64, 0.1)
+for cls in (LinUCB, LinearThompson):
+    p = cls(64, seed=0, drift_delta=None)
+    for k in range(16):
+        p.add_arm(f"m{k}")
+    p._stats.compiled = COMPILED
+    p.decide(x)
+    p.update("m0", x, {"quality": 1.0, "cost_usd": 0.001, "latency_ms": 900.0})
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
+"""
+
+# The embedded service's start-up, for scale: import, app, lifespan (registry, writer,
+# featurizer warm-up) with a fresh data directory and no database.
+_SERVICE_START = """
+import os, time
+t0 = time.perf_counter()
+from starlette.testclient import TestClient
+from service.app import create_app
+from service.config import Settings
+with TestClient(create_app(Settings())) as client:
+    client.get("/readyz")
+print(time.perf_counter() - t0)
+"""
+
+
+def startup_costs() -> dict[str, float]:
+    """Seconds (median of 3 fresh processes) to import the library and to make the first
+    decide + update of LinUCB and LinearThompson: compiled kernels from a warm cache,
+    from an empty cache (compiled on the spot), the numpy reference; and the embedded
+    service's start-up for comparison."""
+    def seconds(code: str, env: dict[str, str], repeats: int = 3) -> list[float]:
+        runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True, env={**os.environ, **env}).stdout.split()
+                for _ in range(repeats)]
+        return [statistics.median(float(r[i]) for r in runs) for i in range(len(runs[0]))]
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = _FIRST_CALLS.replace("COMPILED", "True")
+        seconds(warm, {})  # fills the cache if it is empty
+        out["import_s"], out["first_calls_warm_cache_s"] = seconds(warm, {})
+        cold = []
+        for i in range(3):  # an empty cache each time: one process per directory
+            cold.append(seconds(warm, {"NUMBA_CACHE_DIR": f"{tmp}/cache{i}"}, 1)[1])
+        out["first_calls_cold_cache_s"] = statistics.median(cold)
+        out["first_calls_numpy_s"] = seconds(_FIRST_CALLS.replace("COMPILED", "False"),
+                                             {})[1]
+        out["embedded_service_start_s"] = seconds(_SERVICE_START, {
+            "BANDIT_ROUTER_DATA_DIR": tmp, "BANDIT_ROUTER_DATABASE_URL": "",
+            "BANDIT_ROUTER_DIM": "64"})[0]
     return out
 
 
@@ -419,7 +496,7 @@ def report(results: list[dict[str, object]], batch: list[dict[str, object]],
                 goals.append({"goal": f"{ours_key} decide+update d=64 >= {goal:g}x faster "
                                       f"than {peer}", "value": round(ratio, 2),
                               "met": bool(ratio >= goal)})
-    for b in batch:
+    for b in (b for b in batch if not str(b["policy"]).endswith("-numpy")):
         name = b["policy"] + ("" if b["propensities"] else " (no propensities)")
         goals.append({"goal": f"{name} decide_batch({BATCH}) d={BATCH_DIM} >= "
                               f"{BATCH_GOAL:,.0f} decisions/s",
@@ -485,7 +562,12 @@ def main(argv: list[str] | None = None) -> int:
             results += measure_dim(dim, peers, target, repeats, max_n, log)
         log("measuring decide_batch ...")
         batch = measure_batch(target, repeats)
+    log("measuring start-up ...")
+    startup = startup_costs()
     summary = report(results, batch, dims)
+    print_table("Start-up, seconds (median of 3 fresh processes): first decide + update "
+                "of LinUCB and LinearThompson at d=64",
+                ["what", "s"], [[k, f"{v:.3f}"] for k, v in startup.items()])
     print("Numbers depend on the machine and its load; see the JSON for both.")
     if not args.quick or args.write:
         path = write_results("policy_speed", {
@@ -497,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                          "notes": "peer inputs (dicts for river, text lines for VW) are "
                                   "built before timing; our policies are timed on numpy "
                                   "vectors, with their input validation included"},
-            "per_call": results, "batched": batch, **summary}, packages=PACKAGES)
+            "per_call": results, "batched": batch, "startup": startup, **summary},
+            packages=PACKAGES)
         print(f"wrote {path}")
     return 0
 

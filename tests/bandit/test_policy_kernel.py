@@ -1,0 +1,157 @@
+"""The compiled kernels of the single-context hot path (bandit/_policy_kernel.py) against
+the numpy reference they replace: same statistics, predictions and propensities to 1e-9
+over random streams, and the same decisions from the same seed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import ndtr
+
+from bandit import ArmPrior, LinearThompson, LinUCB, Preferences
+from bandit._policy_kernel import normal_cdf, thompson_propensities
+from bandit.stats import FLOAT32_INVERSE_DIM, ArmStatistics
+from bandit.thompson import _PRUNE_SIGMAS
+
+PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
+CONFIGS = [{}, {"context_ridges": (1.0, 100.0)}, {"half_life_hours": 1.0},
+           {"refresh_every": 7}]
+
+
+def pair(cls, d: int, **params):
+    """The same policy twice, one with the compiled kernels and one on numpy alone."""
+    policies = []
+    for compiled in (True, False):
+        policy = cls(d, seed=3, epsilon=0.05, drift_delta=None, **params)
+        for j in range(5):
+            policy.add_arm(f"m{j}", ArmPrior(quality=0.7, cost_usd=0.001) if j == 2 else None)
+        policy._stats.compiled = compiled
+        policies.append(policy)
+    return policies
+
+
+def outcome(rng: np.random.Generator, t: int, partial: bool) -> dict[str, float]:
+    out = {"quality": float(rng.random()), "cost_usd": 0.001 * (1 + t % 5),
+           "latency_ms": 200.0 + 10 * (t % 7)}
+    if partial and t % 4 == 0:
+        del out["quality"]  # splits the arm's head group: the numpy path for that arm
+    return out
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+@pytest.mark.parametrize("params", CONFIGS)
+@pytest.mark.parametrize("partial", [False, True])
+def test_compiled_stream_matches_numpy_reference(cls, params, partial):
+    compiled, reference = pair(cls, 6, **params)
+    rng = np.random.default_rng(17)
+    for t in range(300):
+        x = rng.standard_normal(6) / 2
+        got = compiled.decide(x, PREFS)
+        want = reference.decide(x, PREFS)
+        assert got.arm == want.arm  # same seed, same decisions
+        assert got.propensity == pytest.approx(want.propensity, abs=1e-9)
+        for name, p in want.predictions.items():
+            np.testing.assert_allclose(tuple(got.predictions[name]), tuple(p),
+                                       rtol=1e-9, atol=1e-9)
+        y = outcome(rng, t, partial)
+        now = 60.0 * t
+        compiled.update(got.arm, x, y, now=now)
+        reference.update(want.arm, x, y, now=now)
+    for name in ArmStatistics.ARRAYS:
+        np.testing.assert_allclose(getattr(compiled._stats, name),
+                                   getattr(reference._stats, name), rtol=1e-9, atol=1e-9,
+                                   err_msg=name)
+    assert compiled.version == reference.version
+
+
+def test_update_kernel_changes_only_the_chosen_arm():
+    compiled, _ = pair(LinUCB, 4)
+    compiled.update("m0", np.ones(4) / 2, {"quality": 1.0, "cost_usd": 0.0, "latency_ms": 1.0})
+    before = {name: getattr(compiled._stats, name).copy() for name in ArmStatistics.ARRAYS}
+    compiled.update("m3", np.full(4, 0.3), {"quality": 0.2, "cost_usd": 0.01,
+                                             "latency_ms": 900.0})
+    for name in ArmStatistics.ARRAYS:
+        after = getattr(compiled._stats, name)
+        np.testing.assert_array_equal(after[:3], before[name][:3], err_msg=name)
+        if name in ("s_inv", "s_data", "theta", "b_data", "srr", "weight", "count"):
+            assert not np.array_equal(after[3], before[name][3]), name
+
+
+def test_kernel_normal_cdf_matches_scipy():
+    z = np.linspace(-12.0, 12.0, 400_001)
+    np.testing.assert_allclose(normal_cdf(z), ndtr(z), rtol=0, atol=1e-10)
+
+
+def test_batched_thompson_propensities_match_numpy_with_cold_and_flat_arms():
+    compiled, reference = pair(LinearThompson, 5, cold_start_pulls=3)
+    rng = np.random.default_rng(8)
+    for t in range(40):  # m4 stays cold (never updated): the cold-start branch
+        x, y = rng.standard_normal(5) / 2, outcome(rng, t, False)
+        for policy in (compiled, reference):
+            policy.update(f"m{t % 4}", x, y)
+    rows = rng.standard_normal((300, 5)) / 2
+    got = compiled.decide_batch(rows, PREFS)
+    want = reference.decide_batch(rows, PREFS)
+    np.testing.assert_array_equal(got.choices, want.choices)
+    np.testing.assert_allclose(got.propensities, want.propensities, rtol=0, atol=1e-9)
+    names, p_got = compiled.probabilities(rows[:50], PREFS)
+    _, p_want = reference.probabilities(rows[:50], PREFS)
+    np.testing.assert_allclose(p_got, p_want, rtol=0, atol=1e-9)
+    # The midpoint rule on 64 nodes errs by ~1e-3 (LinearThompsonConfig).
+    np.testing.assert_allclose(p_got.sum(axis=1), 1.0, atol=2e-3)
+
+
+def test_thompson_kernel_step_functions_and_unreachable_arms():
+    utility = np.array([[0.5, 0.5, 0.2, -np.inf], [0.1, 0.3, 0.3, 0.0]])
+    s = np.array([[0.0, 0.0, 0.1, 0.1], [0.2, 0.0, 0.1, 0.3]])
+    quantiles = ndtr_inverse_nodes(64)
+    for j in range(4):
+        choices = np.array([j, j])
+        got = thompson_propensities(utility, s, choices, quantiles, _PRUNE_SIGMAS)
+        ref = LinearThompson(1, scale=1.0, propensity_nodes=64)
+        ref._stats.compiled = False
+        want = ref._main_propensity(utility, s, choices, np.full_like(utility, np.inf))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+    # A tie of two flat arms is a coin flip, times the third arm staying below 0.5
+    # (3 standard deviations); an unreachable chosen arm never wins.
+    got = thompson_propensities(utility, s, np.array([0, 1]), quantiles, _PRUNE_SIGMAS)
+    assert got[0] == pytest.approx(0.5 * ndtr(3.0), abs=1e-9)
+    assert thompson_propensities(utility, s, np.array([3, 3]), quantiles,
+                                 _PRUNE_SIGMAS)[0] == 0.0
+
+
+def ndtr_inverse_nodes(nodes: int) -> np.ndarray:
+    from scipy.special import ndtri
+
+    return ndtri((np.arange(nodes) + 0.5) / nodes)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
+    d = FLOAT32_INVERSE_DIM  # D = d + 1 features: the float32 copy is used
+    compiled, reference = pair(cls, d, refresh_every=5)
+    rng = np.random.default_rng(4)
+    for t in range(40):
+        x = rng.standard_normal(d) / np.sqrt(d)
+        got = compiled.decide_batch(x, PREFS, explore=True)
+        want = reference.decide_batch(x, PREFS, explore=True)
+        # Stored in float32, summed in float64: the width within 1e-6 of float64's.
+        np.testing.assert_allclose(got.uncertainty, want.uncertainty, rtol=1e-6)
+        np.testing.assert_allclose(got.utility, want.utility, rtol=1e-9, atol=1e-9)
+        y = outcome(rng, t, partial=False)
+        if t % 5 == 4:
+            del y["quality"]  # m4's heads split: its updates take the numpy path
+        compiled.update(f"m{t % 5}", x, y)
+        reference.update(f"m{t % 5}", x, y)
+    stats = compiled._stats
+    copy = stats._inv32
+    assert copy is not None and copy[0] is stats.s_inv  # the decides read the copy
+    compiled.decide(x, PREFS)  # brings the arms a refresh or numpy update made stale
+    k = int(np.argmin(stats.updates[:4]))  # an arm of the kernel this update won't refresh
+    compiled.update(f"m{k}", x, {"quality": 0.5, "cost_usd": 0.001, "latency_ms": 100.0})
+    assert not copy[2][k]  # the kernel wrote the copy: not stale, and equal
+    np.testing.assert_allclose(copy[1][k], stats.s_inv[k], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(stats._s_inv32(), stats.s_inv, rtol=1e-6, atol=1e-12)
+    compiled.add_arm("new")  # a new s_inv array: a new copy
+    assert compiled.decide(x, PREFS).predictions["new"].uncertainty > 0
+    assert stats._inv32[0] is stats.s_inv
