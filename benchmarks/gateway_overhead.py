@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,15 +140,24 @@ def litellm_proxy(upstream: str, folder: Path) -> Iterator[Target]:
                      {"Authorization": f"Bearer {MASTER_KEY}"})
 
 
+#: The router's app module with the phase timers of benchmarks/gateway_phases.py.
+PHASES_APP = ("import benchmarks.gateway_phases as phases\n{app}"
+              "app = phases.wrap_app(app)\n")
+
+
 @contextmanager
-def router_process(upstream: str, folder: Path) -> Iterator[Target]:
-    """Our router in its own process, two models on the fake upstream, one tenant."""
+def router_process(upstream: str, folder: Path, phases: Path | None = None
+                   ) -> Iterator[Target]:
+    """Our router in its own process, two models on the fake upstream, one tenant;
+    with ``phases``, timed by phase (written there on SIGUSR1)."""
     from benchmarks.http_decide import ADMIN_KEY, ROUTER_APP, free_port, start_server
 
-    (folder / "router_app.py").write_text(ROUTER_APP)
+    (folder / "router_app.py").write_text(
+        ROUTER_APP if phases is None else PHASES_APP.format(app=ROUTER_APP))
     port = free_port()
     proc = start_server(folder, "router_app", port, {
-        "BANDIT_ROUTER_DATA_DIR": str(folder / "data"), "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY})
+        "BANDIT_ROUTER_DATA_DIR": str(folder / "data"), "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_PHASES_OUT": str(phases or "")})
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
@@ -267,6 +277,69 @@ def main_client_cost(rounds: int) -> None:
     print(f"wrote {path}")
 
 
+def phases_of(target: Target, out: Path) -> dict[str, dict[str, float]]:
+    """What the router's phase timers measured since the last call."""
+    assert target.pid is not None
+    out.unlink(missing_ok=True)
+    os.kill(target.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not out.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the router wrote no phase timings")
+        time.sleep(0.05)
+    return json.loads(out.read_text())
+
+
+def main_phases(rate: float, seconds: float, rounds: int, write: bool) -> None:
+    """Time the phases of a request inside the router (see benchmarks/gateway_phases.py),
+    plain and stream, beside the direct path's latency in the same run."""
+    runs: dict[str, list[Any]] = {}
+    with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "phases.json"
+        with router_process(upstream, Path(tmp), phases=out) as router:
+            direct = Target("direct", f"{upstream}/v1/chat/completions", {})
+            for target in (router, direct):  # warm-up
+                asyncio.run(open_loop(target, False, rate, 1.0))
+            for _ in range(rounds):
+                for mode, stream in (("plain", False), ("stream", True)):
+                    runs.setdefault(f"direct/{mode}", []).append(
+                        asyncio.run(open_loop(direct, stream, rate, seconds)))
+                    phases_of(router, out)  # clears what the direct phase saw
+                    runs.setdefault(f"router/{mode}", []).append(
+                        measured(router, stream, rate, seconds))
+                    runs.setdefault(f"phases/{mode}", []).append(phases_of(router, out))
+    summary: dict[str, Any] = {}
+    for mode in ("plain", "stream"):
+        phases = runs[f"phases/{mode}"]
+        summary[mode] = {
+            "direct_p50_ms": float(np.median([r["p50_ms"] for r in runs[f"direct/{mode}"]])),
+            "router_p50_ms": float(np.median([r["p50_ms"] for r in runs[f"router/{mode}"]])),
+            "router_p99_ms": float(np.median([r["p99_ms"] for r in runs[f"router/{mode}"]])),
+            "cpu_ms_per_request": float(np.median([r["cpu_ms_per_request"]
+                                                   for r in runs[f"router/{mode}"]])),
+            "phases": {name: {field: float(np.median([p[name][field] for p in phases
+                                                      if name in p]))
+                              for field in phases[0][name]}
+                       for name in phases[0]}}
+        s = summary[mode]
+        print_table(f"Phases of one request inside the router, {mode}, {rate:.0f} req/s "
+                    f"(medians of {rounds} round(s) of {seconds:.0f} s)",
+                    ["phase", "n", "wall p50 ms", "wall p99 ms", "wall mean ms",
+                     "thread CPU mean ms"],
+                    [[name, int(p["n"]), f"{p['wall_p50_ms']:.3f}", f"{p['wall_p99_ms']:.3f}",
+                      f"{p['wall_mean_ms']:.3f}", f"{p['cpu_mean_ms']:.3f}"]
+                     for name, p in s["phases"].items()],
+                    caption=f"direct p50 {s['direct_p50_ms']:.2f} ms; router p50 "
+                            f"{s['router_p50_ms']:.2f} / p99 {s['router_p99_ms']:.2f} ms; "
+                            f"router process CPU {s['cpu_ms_per_request']:.2f} ms per "
+                            "request. bg_*: per batch, in background threads.")
+    if write:
+        path = write_results("gateway_phases", {
+            "settings": {"rate_rps": rate, "seconds_per_phase": seconds, "rounds": rounds},
+            "summary": summary, "rounds": runs}, packages=("aiohttp", "uvicorn"))
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
@@ -279,7 +352,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure the direct path and our router only")
     parser.add_argument("--client-cost", action="store_true",
                         help="the CPU per call of httpx vs aiohttp alone (see above)")
+    parser.add_argument("--phases", action="store_true",
+                        help="time the phases of a request inside the router instead "
+                             "(benchmarks/gateway_phases.py; gateway_phases.json)")
     args = parser.parse_args(argv)
+    if args.phases:
+        main_phases(args.rate, 3.0 if args.quick else args.seconds,
+                    1 if args.quick else args.rounds, not (args.quick or args.no_write))
+        return
     if args.client_cost:
         main_client_cost(args.rounds)
         return
