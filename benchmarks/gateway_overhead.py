@@ -29,6 +29,10 @@ Goal (issue 16, for our endpoint): p50 <= 1 ms and p99 <= 5 ms added at 1,000 re
 LiteLLM publishes p50 2 ms / p99 13 ms added at ~1,170 req/s on 4 instances x 4 CPUs.
 On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rounds).
 
+``--phases`` times the phases of one request inside the router instead
+(benchmarks/gateway_phases.py, ``gateway_phases.json``); ``--store-cost`` the CPU per
+outcome the router stores, by batch size (``gateway_store_cost.json``).
+
 ``--client-cost`` measures instead the CPU per call of the pooled client alone (httpx vs
 aiohttp, this process's ``process_time`` over the calls, at 4 and 50 in flight): why the
 gateway's upstream client is aiohttp (service/gateway/upstream.py).
@@ -39,6 +43,8 @@ Run::
     python -m benchmarks.gateway_overhead --client-cost   # ..._client_cost.json
     python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
+    python -m benchmarks.gateway_overhead --phases    # ..._phases.json
+    python -m benchmarks.gateway_overhead --store-cost    # ..._store_cost.json
 """
 
 from __future__ import annotations
@@ -260,6 +266,54 @@ async def client_cost(url: str, n: int, in_flight: int) -> dict[str, float]:
         return {"httpx": await drive(httpx_call), "aiohttp": await drive(aiohttp_call)}
 
 
+def store_cost(batches: tuple[int, ...], per_size: int, rounds: int
+               ) -> dict[str, list[float]]:
+    """CPU ms per outcome the router stores (``feedback_many``, embedded SQLite in a
+    temporary folder), by batch size; this process's ``process_time``, steadier than
+    wall time on a shared machine."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.gateway.feedback import EVENT_ID
+    from service.routing import FeedbackItem
+    from tests.service.conftest import add_model, create_tenant, decide, make_settings
+
+    runs: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, \
+            TestClient(create_app(make_settings(f"sqlite:///{tmp}/store.db"))) as client:
+        service = client.app.state.routing  # type: ignore[attr-defined]
+        models = [add_model(client) for _ in range(2)]
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        n = 20 + rounds * len(batches) * per_size
+        ids = [decide(client, headers, models, seed=i).json()["decision_id"]
+               for i in range(n)]
+        assert service.writer.flush()
+        outcome = {"quality": None, "cost_usd": 1e-4, "latency_ms": 3.0}
+        items = iter([FeedbackItem(tenant, d, outcome, EVENT_ID) for d in ids])
+        service.feedback_many([next(items) for _ in range(20)])  # warm-up
+        for _ in range(rounds):
+            for size in batches:
+                before = time.process_time()
+                for _ in range(per_size // size):
+                    service.feedback_many([next(items) for _ in range(size)])
+                runs.setdefault(str(size), []).append(
+                    (time.process_time() - before) * 1e3 / (per_size // size * size))
+    return runs
+
+
+def main_store_cost(rounds: int) -> None:
+    runs = store_cost((1, 5, 25, 100), 300, rounds)
+    summary = {k: float(np.median(v)) for k, v in runs.items()}
+    print_table(f"CPU ms per stored outcome by batch size (SQLite; median of {rounds} "
+                "rounds of 300 outcomes)", ["batch size", "CPU ms per outcome"],
+                [[k, f"{v:.3f}"] for k, v in summary.items()],
+                caption="why service/gateway/feedback.py waits for a batch")
+    path = write_results("gateway_store_cost", {"summary": summary, "rounds": runs},
+                         packages=("sqlalchemy",))
+    print(f"wrote {path}")
+
+
 def main_client_cost(rounds: int) -> None:
     runs: dict[str, list[float]] = {}
     with fake_upstream_process() as upstream:
@@ -355,7 +409,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phases", action="store_true",
                         help="time the phases of a request inside the router instead "
                              "(benchmarks/gateway_phases.py; gateway_phases.json)")
+    parser.add_argument("--store-cost", action="store_true",
+                        help="the CPU per outcome the router stores, by batch size "
+                             "(gateway_store_cost.json)")
     args = parser.parse_args(argv)
+    if args.store_cost:
+        main_store_cost(args.rounds)
+        return
     if args.phases:
         main_phases(args.rate, 3.0 if args.quick else args.seconds,
                     1 if args.quick else args.rounds, not (args.quick or args.no_write))

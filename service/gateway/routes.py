@@ -38,10 +38,10 @@ class Gateway:
         self.client = open_client(settings)
         self.timeout_s = settings.upstream_timeout_s
         self.settings = GatewaySettingsStore(service.engine)
-        # Twice the writer's flush interval: most decisions are written before their
-        # outcome is stored (see FeedbackSender).
-        self.feedback = FeedbackSender(service, settle_s=2 * settings.decision_flush_interval_s
-                                       + 0.01)
+        # At least twice the writer's flush interval: most decisions are written before
+        # their outcome is stored (see FeedbackSender).
+        self.feedback = FeedbackSender(service, max_wait_s=max(
+            0.25, 2 * settings.decision_flush_interval_s + 0.01))
         self.metrics = GatewayMetrics(service.metrics.registry, self.feedback.queued)
 
     async def aclose(self) -> None:
