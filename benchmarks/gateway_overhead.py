@@ -152,18 +152,20 @@ PHASES_APP = ("import benchmarks.gateway_phases as phases\n{app}"
 
 
 @contextmanager
-def router_process(upstream: str, folder: Path, phases: Path | None = None
-                   ) -> Iterator[Target]:
+def router_process(upstream: str, folder: Path, phases: Path | None = None,
+                   source: Path = REPO_ROOT, name: str = "router") -> Iterator[Target]:
     """Our router in its own process, two models on the fake upstream, one tenant;
-    with ``phases``, timed by phase (written there on SIGUSR1)."""
+    with ``phases``, timed by phase (written there on SIGUSR1); the router's packages
+    imported from ``source`` (another checkout: the baseline of a before/after run)."""
     from benchmarks.http_decide import ADMIN_KEY, ROUTER_APP, free_port, start_server
 
+    folder.mkdir(exist_ok=True)
     (folder / "router_app.py").write_text(
         ROUTER_APP if phases is None else PHASES_APP.format(app=ROUTER_APP))
     port = free_port()
     proc = start_server(folder, "router_app", port, {
         "BANDIT_ROUTER_DATA_DIR": str(folder / "data"), "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY,
-        "GATEWAY_PHASES_OUT": str(phases or "")})
+        "GATEWAY_PHASES_OUT": str(phases or "")}, source=source)
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
@@ -176,7 +178,7 @@ def router_process(upstream: str, folder: Path, phases: Path | None = None
             r = http.post("/v1/admin/tenants", headers=admin, json={"name": "bench"})
             r.raise_for_status()
             key = r.json()["api_key"]
-        yield Target("router", f"http://127.0.0.1:{port}/v1/chat/completions",
+        yield Target(name, f"http://127.0.0.1:{port}/v1/chat/completions",
                      {"Authorization": f"Bearer {key}"}, model="auto", pid=proc.pid)
     finally:
         proc.terminate()
@@ -406,6 +408,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure the direct path and our router only")
     parser.add_argument("--client-cost", action="store_true",
                         help="the CPU per call of httpx vs aiohttp alone (see above)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also measure the router of this checkout (e.g. main's: "
+                             "git archive main | tar -x -C DIR) as target 'baseline'")
     parser.add_argument("--phases", action="store_true",
                         help="time the phases of a request inside the router instead "
                              "(benchmarks/gateway_phases.py; gateway_phases.json)")
@@ -431,7 +436,11 @@ def main(argv: list[str] | None = None) -> None:
     with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as stack:
         targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
-                   stack.enter_context(router_process(upstream, Path(tmp)))]
+                   stack.enter_context(router_process(upstream, Path(tmp) / "router"))]
+        if args.baseline is not None:
+            targets.append(stack.enter_context(router_process(
+                upstream, Path(tmp) / "baseline", source=args.baseline.resolve(),
+                name="baseline")))
         if not args.no_litellm:
             (Path(tmp) / "litellm").mkdir()
             targets.append(stack.enter_context(litellm_proxy(upstream, Path(tmp) / "litellm")))
@@ -488,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
         name = "gateway_overhead" + ("" if args.rate == 100 else f"_{args.rate:.0f}rps")
         path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
+                         "baseline": None if args.baseline is None else str(args.baseline),
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
                          "router": "uvicorn, 1 worker, SQLite, model auto of 2"},
             "summary": summary, "rounds": runs}, packages=("litellm", "aiohttp", "uvicorn"))
