@@ -45,6 +45,7 @@ Run::
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
     python -m benchmarks.gateway_overhead --phases    # ..._phases.json
     python -m benchmarks.gateway_overhead --store-cost    # ..._store_cost.json
+    python -m benchmarks.gateway_overhead --wrk       # ..._wrk.json (Debian package wrk)
 """
 
 from __future__ import annotations
@@ -304,6 +305,55 @@ def store_cost(batches: tuple[int, ...], per_size: int, rounds: int
     return runs
 
 
+#: wrk's script: every request the same chat body (``wrk.format`` builds it once).
+WRK_CHAT = """
+local req = wrk.format("POST", nil, {{["Content-Type"] = "application/json"{auth}}},
+                       [[{body}]])
+request = function() return req end
+"""
+
+
+def main_wrk(seconds: float, rounds: int, connections: int, write: bool) -> None:
+    """Cross-check with ``wrk`` (closed loop, one thread, ``connections`` connections,
+    plain): the most each target serves, and its latencies there; the router's CPU."""
+    from benchmarks.http_decide_text import wrk_round
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
+            router_process(upstream, Path(tmp) / "router") as router:
+        direct = Target("direct", f"{upstream}/v1/chat/completions", {})
+        for r in range(rounds + 1):  # round 0: warm-up, not kept
+            for target in (direct, router) if r % 2 else (router, direct):
+                auth = "".join(f', ["{k}"] = "{v}"' for k, v in target.headers.items())
+                script = Path(tmp) / f"{target.name}.lua"
+                script.write_text(WRK_CHAT.format(auth=auth, body=json.dumps(
+                    {"model": target.model, "messages": MESSAGES})))
+                port = int(target.url.split(":")[2].split("/")[0])
+                before = cpu_seconds(target.pid) if target.pid else 0.0
+                out = wrk_round(port, script, connections, seconds,
+                                path="/v1/chat/completions")
+                if target.pid:
+                    served = out["throughput_rps"] * seconds
+                    out["cpu_ms_per_request"] = (cpu_seconds(target.pid) - before) * 1e3 \
+                        / served
+                if r:
+                    runs.setdefault(target.name, []).append(out)
+    summary = {name: {k: float(np.median([run[k] for run in rs]))
+                      for k in rs[0] if k != "error_lines"} for name, rs in runs.items()}
+    print_table(f"wrk -t1 -c{connections} closed loop, plain chat (medians of {rounds} "
+                f"round(s) of {seconds:.0f} s)",
+                ["target", "req/s", "p50 ms", "p99 ms", "errors", "router CPU ms/req"],
+                [[name, f"{s['throughput_rps']:.0f}", f"{s['p50_ms']:.2f}",
+                  f"{s['p99_ms']:.2f}", f"{s['errors']:.0f}",
+                  f"{s['cpu_ms_per_request']:.2f}" if "cpu_ms_per_request" in s else ""]
+                 for name, s in summary.items()])
+    if write:
+        path = write_results("gateway_overhead_wrk", {
+            "settings": {"connections": connections, "seconds": seconds, "rounds": rounds},
+            "summary": summary, "rounds": runs}, packages=("aiohttp", "uvicorn"))
+        print(f"wrote {path}")
+
+
 def main_store_cost(rounds: int) -> None:
     runs = store_cost((1, 5, 25, 100), 300, rounds)
     summary = {k: float(np.median(v)) for k, v in runs.items()}
@@ -417,7 +467,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store-cost", action="store_true",
                         help="the CPU per outcome the router stores, by batch size "
                              "(gateway_store_cost.json)")
+    parser.add_argument("--wrk", action="store_true",
+                        help="cross-check with wrk, closed loop (gateway_overhead_wrk.json)")
     args = parser.parse_args(argv)
+    if args.wrk:
+        main_wrk(3.0 if args.quick else args.seconds, 1 if args.quick else args.rounds, 8,
+                 not (args.quick or args.no_write))
+        return
     if args.store_cost:
         main_store_cost(args.rounds)
         return
