@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -269,11 +270,12 @@ async def client_cost(url: str, n: int, in_flight: int) -> dict[str, float]:
         return {"httpx": await drive(httpx_call), "aiohttp": await drive(aiohttp_call)}
 
 
-def store_cost(batches: tuple[int, ...], per_size: int, rounds: int
-               ) -> dict[str, list[float]]:
-    """CPU ms per outcome the router stores (``feedback_many``, embedded SQLite in a
-    temporary folder), by batch size; this process's ``process_time``, steadier than
-    wall time on a shared machine."""
+@contextmanager
+def outcomes_to_store(n: int) -> Iterator[tuple[Any, Iterator[Any]]]:
+    """A router app (embedded SQLite in a temporary folder) with ``n`` decisions written,
+    and outcomes as the gateway posts them (``FeedbackItem``), without end: after the
+    ``n`` decisions, the same decisions again with another event id (each outcome is
+    stored and learned, none is a duplicate)."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -281,19 +283,26 @@ def store_cost(batches: tuple[int, ...], per_size: int, rounds: int
     from service.routing import FeedbackItem
     from tests.service.conftest import add_model, create_tenant, decide, make_settings
 
-    runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp, \
             TestClient(create_app(make_settings(f"sqlite:///{tmp}/store.db"))) as client:
         service = client.app.state.routing  # type: ignore[attr-defined]
         models = [add_model(client) for _ in range(2)]
         headers = create_tenant(client)
         tenant = service.tenants[headers["X-Tenant"]]
-        n = 20 + rounds * len(batches) * per_size
         ids = [decide(client, headers, models, seed=i).json()["decision_id"]
                for i in range(n)]
         assert service.writer.flush()
         outcome = {"quality": None, "cost_usd": 1e-4, "latency_ms": 3.0}
-        items = iter([FeedbackItem(tenant, d, outcome, EVENT_ID) for d in ids])
+        yield service, (FeedbackItem(tenant, ids[i % n], outcome, f"{EVENT_ID}-{i // n}")
+                        for i in itertools.count())
+
+
+def store_cost(batches: tuple[int, ...], per_size: int, rounds: int
+               ) -> dict[str, list[float]]:
+    """CPU ms per outcome the router stores (``feedback_many``), by batch size; this
+    process's ``process_time``, steadier than wall time on a shared machine."""
+    runs: dict[str, list[float]] = {}
+    with outcomes_to_store(1000) as (service, items):
         service.feedback_many([next(items) for _ in range(20)])  # warm-up
         for _ in range(rounds):
             for size in batches:
@@ -303,6 +312,71 @@ def store_cost(batches: tuple[int, ...], per_size: int, rounds: int
                 runs.setdefault(str(size), []).append(
                     (time.process_time() - before) * 1e3 / (per_size // size * size))
     return runs
+
+
+def loop_lag(rounds: int, seconds: float = 2.0) -> dict[str, list[dict[str, float]]]:
+    """How late the event loop wakes (a 2 ms timer, again and again) while another thread
+    stores outcomes in batches of 25 without pause, by ``sys.setswitchinterval``; and with
+    the thread idle, the machine's own lateness. A thread running Python code keeps the
+    GIL up to the interval each time the loop wants it back: the mechanism of the
+    router's latency tail while outcomes are stored."""
+    import threading
+
+    runs: dict[str, list[dict[str, float]]] = {}
+    default = sys.getswitchinterval()
+    variants = (("idle thread, 5 ms", 0.005, False), ("storing, 5 ms", 0.005, True),
+                ("storing, 1 ms", 0.001, True))
+    with outcomes_to_store(1000) as (service, items):
+        for _ in range(rounds):
+            for name, interval, busy in variants:
+                stop = threading.Event()
+
+                def store(stop: threading.Event = stop) -> None:
+                    while not stop.is_set():
+                        service.feedback_many([next(items) for _ in range(25)])
+
+                async def probe() -> list[float]:
+                    late, end = [], time.perf_counter() + seconds
+                    while time.perf_counter() < end:
+                        t = time.perf_counter()
+                        await asyncio.sleep(0.002)
+                        late.append((time.perf_counter() - t - 0.002) * 1e3)
+                    return late
+
+                sys.setswitchinterval(interval)
+                thread = threading.Thread(target=store if busy else stop.wait)
+                thread.start()
+                try:
+                    late = asyncio.run(probe())
+                finally:
+                    stop.set()
+                    thread.join()
+                    sys.setswitchinterval(default)
+                runs.setdefault(name, []).append(
+                    {"p50_ms": float(np.percentile(late, 50)),
+                     "p99_ms": float(np.percentile(late, 99)), "wakeups": len(late)})
+    return runs
+
+
+def main_store_cost(rounds: int) -> None:
+    runs = store_cost((1, 5, 25, 100), 300, rounds)
+    summary = {k: float(np.median(v)) for k, v in runs.items()}
+    print_table(f"CPU ms per stored outcome by batch size (SQLite; median of {rounds} "
+                "rounds of 300 outcomes)", ["batch size", "CPU ms per outcome"],
+                [[k, f"{v:.3f}"] for k, v in summary.items()],
+                caption="why service/gateway/feedback.py waits for a batch")
+    lag = loop_lag(rounds)
+    lag_summary = {k: {f: float(np.median([r[f] for r in v])) for f in ("p50_ms", "p99_ms")}
+                   for k, v in lag.items()}
+    print_table(f"Event-loop lateness while outcomes are stored (median of {rounds} rounds "
+                "of 2 s)", ["thread / switch interval", "p50 ms", "p99 ms"],
+                [[k, f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}"]
+                 for k, v in lag_summary.items()],
+                caption="the tail the storing thread adds to every request it overlaps")
+    path = write_results("gateway_store_cost", {
+        "summary": summary, "rounds": runs, "loop_lag": lag_summary, "loop_lag_rounds": lag},
+        packages=("sqlalchemy",))
+    print(f"wrote {path}")
 
 
 #: wrk's script: every request the same chat body (``wrk.format`` builds it once).
@@ -352,18 +426,6 @@ def main_wrk(seconds: float, rounds: int, connections: int, write: bool) -> None
             "settings": {"connections": connections, "seconds": seconds, "rounds": rounds},
             "summary": summary, "rounds": runs}, packages=("aiohttp", "uvicorn"))
         print(f"wrote {path}")
-
-
-def main_store_cost(rounds: int) -> None:
-    runs = store_cost((1, 5, 25, 100), 300, rounds)
-    summary = {k: float(np.median(v)) for k, v in runs.items()}
-    print_table(f"CPU ms per stored outcome by batch size (SQLite; median of {rounds} "
-                "rounds of 300 outcomes)", ["batch size", "CPU ms per outcome"],
-                [[k, f"{v:.3f}"] for k, v in summary.items()],
-                caption="why service/gateway/feedback.py waits for a batch")
-    path = write_results("gateway_store_cost", {"summary": summary, "rounds": runs},
-                         packages=("sqlalchemy",))
-    print(f"wrote {path}")
 
 
 def main_client_cost(rounds: int) -> None:

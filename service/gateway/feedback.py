@@ -5,8 +5,8 @@ background task hands batches of them to :meth:`RoutingService.feedback_many` in
 worker thread: one database transaction per batch (embedded mode), not one per call,
 and the event loop never waits for it. A batch is sent once :data:`BATCH_TARGET`
 outcomes are queued or the first of them has waited ``max_wait_s``, whichever comes
-first: storing costs 1.5 ms of CPU for an outcome alone, 0.6 ms each in batches of 5,
-0.3-0.4 ms in batches of 25 to 100 (SQLite; ``python -m benchmarks.gateway_overhead
+first: storing costs 1.5-2 ms of CPU for an outcome alone, 0.6-0.8 ms each in batches
+of 5, 0.3-0.4 ms in batches of 25 to 100 (SQLite; ``python -m benchmarks.gateway_overhead
 --store-cost``: the ORM transaction is shared by the batch), and that CPU is taken from
 the requests being served (the storing thread holds the GIL while it runs Python code),
 so at low rates waiting longer for a bigger batch is cheaper for everyone; at high rates
