@@ -387,17 +387,23 @@ request = function() return req end
 """
 
 
-def main_wrk(seconds: float, rounds: int, connections: int, write: bool) -> None:
+def main_wrk(seconds: float, rounds: int, connections: int, write: bool,
+             baseline: Path | None) -> None:
     """Cross-check with ``wrk`` (closed loop, one thread, ``connections`` connections,
     plain): the most each target serves, and its latencies there; the router's CPU."""
     from benchmarks.http_decide_text import wrk_round
 
     runs: dict[str, list[dict[str, Any]]] = {}
     with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
-            router_process(upstream, Path(tmp) / "router") as router:
-        direct = Target("direct", f"{upstream}/v1/chat/completions", {})
+            contextlib.ExitStack() as stack:
+        targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
+                   stack.enter_context(router_process(upstream, Path(tmp) / "router"))]
+        if baseline is not None:
+            targets.append(stack.enter_context(router_process(
+                upstream, Path(tmp) / "baseline", source=baseline.resolve(),
+                name="baseline")))
         for r in range(rounds + 1):  # round 0: warm-up, not kept
-            for target in (direct, router) if r % 2 else (router, direct):
+            for target in targets if r % 2 else targets[::-1]:
                 auth = "".join(f', ["{k}"] = "{v}"' for k, v in target.headers.items())
                 script = Path(tmp) / f"{target.name}.lua"
                 script.write_text(WRK_CHAT.format(auth=auth, body=json.dumps(
@@ -534,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.wrk:
         main_wrk(3.0 if args.quick else args.seconds, 1 if args.quick else args.rounds, 8,
-                 not (args.quick or args.no_write))
+                 not (args.quick or args.no_write), args.baseline)
         return
     if args.store_cost:
         main_store_cost(args.rounds)
