@@ -48,7 +48,7 @@ _Item = tuple[TenantState, str, dict[str, float | None]]
 class FeedbackSender:
     """Queues outcomes and stores them in the background (one per app)."""
 
-    def __init__(self, service: RoutingService, max_wait_s: float = 0.25) -> None:
+    def __init__(self, service: RoutingService, max_wait_s: float = 0.1) -> None:
         self._service = service
         self._max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
