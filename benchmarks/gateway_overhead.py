@@ -29,6 +29,10 @@ Goal (issue 16, for our endpoint): p50 <= 1 ms and p99 <= 5 ms added at 1,000 re
 LiteLLM publishes p50 2 ms / p99 13 ms added at ~1,170 req/s on 4 instances x 4 CPUs.
 On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rounds).
 
+``--phases`` times the phases of one request inside the router instead
+(benchmarks/gateway_phases.py, ``gateway_phases.json``); ``--store-cost`` the CPU per
+outcome the router stores, by batch size (``gateway_store_cost.json``).
+
 ``--client-cost`` measures instead the CPU per call of the pooled client alone (httpx vs
 aiohttp, this process's ``process_time`` over the calls, at 4 and 50 in flight): why the
 gateway's upstream client is aiohttp (service/gateway/upstream.py).
@@ -39,6 +43,9 @@ Run::
     python -m benchmarks.gateway_overhead --client-cost   # ..._client_cost.json
     python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
+    python -m benchmarks.gateway_overhead --phases    # ..._phases.json
+    python -m benchmarks.gateway_overhead --store-cost    # ..._store_cost.json
+    python -m benchmarks.gateway_overhead --wrk       # ..._wrk.json (Debian package wrk)
 """
 
 from __future__ import annotations
@@ -46,8 +53,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,15 +148,26 @@ def litellm_proxy(upstream: str, folder: Path) -> Iterator[Target]:
                      {"Authorization": f"Bearer {MASTER_KEY}"})
 
 
+#: The router's app module with the phase timers of benchmarks/gateway_phases.py.
+PHASES_APP = ("import benchmarks.gateway_phases as phases\n{app}"
+              "app = phases.wrap_app(app)\n")
+
+
 @contextmanager
-def router_process(upstream: str, folder: Path) -> Iterator[Target]:
-    """Our router in its own process, two models on the fake upstream, one tenant."""
+def router_process(upstream: str, folder: Path, phases: Path | None = None,
+                   source: Path = REPO_ROOT, name: str = "router") -> Iterator[Target]:
+    """Our router in its own process, two models on the fake upstream, one tenant;
+    with ``phases``, timed by phase (written there on SIGUSR1); the router's packages
+    imported from ``source`` (another checkout: the baseline of a before/after run)."""
     from benchmarks.http_decide import ADMIN_KEY, ROUTER_APP, free_port, start_server
 
-    (folder / "router_app.py").write_text(ROUTER_APP)
+    folder.mkdir(exist_ok=True)
+    (folder / "router_app.py").write_text(
+        ROUTER_APP if phases is None else PHASES_APP.format(app=ROUTER_APP))
     port = free_port()
     proc = start_server(folder, "router_app", port, {
-        "BANDIT_ROUTER_DATA_DIR": str(folder / "data"), "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY})
+        "BANDIT_ROUTER_DATA_DIR": str(folder / "data"), "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY,
+        "GATEWAY_PHASES_OUT": str(phases or "")}, source=source)
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
@@ -160,7 +180,7 @@ def router_process(upstream: str, folder: Path) -> Iterator[Target]:
             r = http.post("/v1/admin/tenants", headers=admin, json={"name": "bench"})
             r.raise_for_status()
             key = r.json()["api_key"]
-        yield Target("router", f"http://127.0.0.1:{port}/v1/chat/completions",
+        yield Target(name, f"http://127.0.0.1:{port}/v1/chat/completions",
                      {"Authorization": f"Bearer {key}"}, model="auto", pid=proc.pid)
     finally:
         proc.terminate()
@@ -250,6 +270,170 @@ async def client_cost(url: str, n: int, in_flight: int) -> dict[str, float]:
         return {"httpx": await drive(httpx_call), "aiohttp": await drive(aiohttp_call)}
 
 
+@contextmanager
+def outcomes_to_store(n: int) -> Iterator[tuple[Any, Iterator[Any]]]:
+    """A router app (embedded SQLite in a temporary folder) with ``n`` decisions written,
+    and outcomes as the gateway posts them (``FeedbackItem``), without end: after the
+    ``n`` decisions, the same decisions again with another event id (each outcome is
+    stored and learned, none is a duplicate)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.gateway.feedback import EVENT_ID
+    from service.routing import FeedbackItem
+    from tests.service.conftest import add_model, create_tenant, decide, make_settings
+
+    with tempfile.TemporaryDirectory() as tmp, \
+            TestClient(create_app(make_settings(f"sqlite:///{tmp}/store.db"))) as client:
+        service = client.app.state.routing  # type: ignore[attr-defined]
+        models = [add_model(client) for _ in range(2)]
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        ids = [decide(client, headers, models, seed=i).json()["decision_id"]
+               for i in range(n)]
+        assert service.writer.flush()
+        outcome = {"quality": None, "cost_usd": 1e-4, "latency_ms": 3.0}
+        yield service, (FeedbackItem(tenant, ids[i % n], outcome, f"{EVENT_ID}-{i // n}")
+                        for i in itertools.count())
+
+
+def store_cost(batches: tuple[int, ...], per_size: int, rounds: int
+               ) -> dict[str, list[float]]:
+    """CPU ms per outcome the router stores (``feedback_many``), by batch size; this
+    process's ``process_time``, steadier than wall time on a shared machine."""
+    runs: dict[str, list[float]] = {}
+    with outcomes_to_store(1000) as (service, items):
+        service.feedback_many([next(items) for _ in range(20)])  # warm-up
+        for _ in range(rounds):
+            for size in batches:
+                before = time.process_time()
+                for _ in range(per_size // size):
+                    service.feedback_many([next(items) for _ in range(size)])
+                runs.setdefault(str(size), []).append(
+                    (time.process_time() - before) * 1e3 / (per_size // size * size))
+    return runs
+
+
+def loop_lag(rounds: int, seconds: float = 2.0) -> dict[str, list[dict[str, float]]]:
+    """How late the event loop wakes (a 2 ms timer, again and again) while another thread
+    stores outcomes in batches of 25 without pause, by ``sys.setswitchinterval``; and with
+    the thread idle, the machine's own lateness. A thread running Python code keeps the
+    GIL up to the interval each time the loop wants it back: the mechanism of the
+    router's latency tail while outcomes are stored."""
+    import threading
+
+    runs: dict[str, list[dict[str, float]]] = {}
+    default = sys.getswitchinterval()
+    variants = (("idle thread, 5 ms", 0.005, False), ("storing, 5 ms", 0.005, True),
+                ("storing, 1 ms", 0.001, True))
+    with outcomes_to_store(1000) as (service, items):
+        for _ in range(rounds):
+            for name, interval, busy in variants:
+                stop = threading.Event()
+
+                def store(stop: threading.Event = stop) -> None:
+                    while not stop.is_set():
+                        service.feedback_many([next(items) for _ in range(25)])
+
+                async def probe() -> list[float]:
+                    late, end = [], time.perf_counter() + seconds
+                    while time.perf_counter() < end:
+                        t = time.perf_counter()
+                        await asyncio.sleep(0.002)
+                        late.append((time.perf_counter() - t - 0.002) * 1e3)
+                    return late
+
+                sys.setswitchinterval(interval)
+                thread = threading.Thread(target=store if busy else stop.wait)
+                thread.start()
+                try:
+                    late = asyncio.run(probe())
+                finally:
+                    stop.set()
+                    thread.join()
+                    sys.setswitchinterval(default)
+                runs.setdefault(name, []).append(
+                    {"p50_ms": float(np.percentile(late, 50)),
+                     "p99_ms": float(np.percentile(late, 99)), "wakeups": len(late)})
+    return runs
+
+
+def main_store_cost(rounds: int) -> None:
+    runs = store_cost((1, 5, 25, 100), 300, rounds)
+    summary = {k: float(np.median(v)) for k, v in runs.items()}
+    print_table(f"CPU ms per stored outcome by batch size (SQLite; median of {rounds} "
+                "rounds of 300 outcomes)", ["batch size", "CPU ms per outcome"],
+                [[k, f"{v:.3f}"] for k, v in summary.items()],
+                caption="why service/gateway/feedback.py waits for a batch")
+    lag = loop_lag(rounds)
+    lag_summary = {k: {f: float(np.median([r[f] for r in v])) for f in ("p50_ms", "p99_ms")}
+                   for k, v in lag.items()}
+    print_table(f"Event-loop lateness while outcomes are stored (median of {rounds} rounds "
+                "of 2 s)", ["thread / switch interval", "p50 ms", "p99 ms"],
+                [[k, f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}"]
+                 for k, v in lag_summary.items()],
+                caption="the tail the storing thread adds to every request it overlaps")
+    path = write_results("gateway_store_cost", {
+        "summary": summary, "rounds": runs, "loop_lag": lag_summary, "loop_lag_rounds": lag},
+        packages=("sqlalchemy",))
+    print(f"wrote {path}")
+
+
+#: wrk's script: every request the same chat body (``wrk.format`` builds it once).
+WRK_CHAT = """
+local req = wrk.format("POST", nil, {{["Content-Type"] = "application/json"{auth}}},
+                       [[{body}]])
+request = function() return req end
+"""
+
+
+def main_wrk(seconds: float, rounds: int, connections: int, write: bool,
+             baseline: Path | None) -> None:
+    """Cross-check with ``wrk`` (closed loop, one thread, ``connections`` connections,
+    plain): the most each target serves, and its latencies there; the router's CPU."""
+    from benchmarks.http_decide_text import wrk_round
+
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
+            contextlib.ExitStack() as stack:
+        targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
+                   stack.enter_context(router_process(upstream, Path(tmp) / "router"))]
+        if baseline is not None:
+            targets.append(stack.enter_context(router_process(
+                upstream, Path(tmp) / "baseline", source=baseline.resolve(),
+                name="baseline")))
+        for r in range(rounds + 1):  # round 0: warm-up, not kept
+            for target in targets if r % 2 else targets[::-1]:
+                auth = "".join(f', ["{k}"] = "{v}"' for k, v in target.headers.items())
+                script = Path(tmp) / f"{target.name}.lua"
+                script.write_text(WRK_CHAT.format(auth=auth, body=json.dumps(
+                    {"model": target.model, "messages": MESSAGES})))
+                port = int(target.url.split(":")[2].split("/")[0])
+                before = cpu_seconds(target.pid) if target.pid else 0.0
+                out = wrk_round(port, script, connections, seconds,
+                                path="/v1/chat/completions")
+                if target.pid:
+                    served = out["throughput_rps"] * seconds
+                    out["cpu_ms_per_request"] = (cpu_seconds(target.pid) - before) * 1e3 \
+                        / served
+                if r:
+                    runs.setdefault(target.name, []).append(out)
+    summary = {name: {k: float(np.median([run[k] for run in rs]))
+                      for k in rs[0] if k != "error_lines"} for name, rs in runs.items()}
+    print_table(f"wrk -t1 -c{connections} closed loop, plain chat (medians of {rounds} "
+                f"round(s) of {seconds:.0f} s)",
+                ["target", "req/s", "p50 ms", "p99 ms", "errors", "router CPU ms/req"],
+                [[name, f"{s['throughput_rps']:.0f}", f"{s['p50_ms']:.2f}",
+                  f"{s['p99_ms']:.2f}", f"{s['errors']:.0f}",
+                  f"{s['cpu_ms_per_request']:.2f}" if "cpu_ms_per_request" in s else ""]
+                 for name, s in summary.items()])
+    if write:
+        path = write_results("gateway_overhead_wrk", {
+            "settings": {"connections": connections, "seconds": seconds, "rounds": rounds},
+            "summary": summary, "rounds": runs}, packages=("aiohttp", "uvicorn"))
+        print(f"wrote {path}")
+
+
 def main_client_cost(rounds: int) -> None:
     runs: dict[str, list[float]] = {}
     with fake_upstream_process() as upstream:
@@ -267,6 +451,69 @@ def main_client_cost(rounds: int) -> None:
     print(f"wrote {path}")
 
 
+def phases_of(target: Target, out: Path) -> dict[str, dict[str, float]]:
+    """What the router's phase timers measured since the last call."""
+    assert target.pid is not None
+    out.unlink(missing_ok=True)
+    os.kill(target.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not out.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the router wrote no phase timings")
+        time.sleep(0.05)
+    return json.loads(out.read_text())
+
+
+def main_phases(rate: float, seconds: float, rounds: int, write: bool) -> None:
+    """Time the phases of a request inside the router (see benchmarks/gateway_phases.py),
+    plain and stream, beside the direct path's latency in the same run."""
+    runs: dict[str, list[Any]] = {}
+    with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "phases.json"
+        with router_process(upstream, Path(tmp), phases=out) as router:
+            direct = Target("direct", f"{upstream}/v1/chat/completions", {})
+            for target in (router, direct):  # warm-up
+                asyncio.run(open_loop(target, False, rate, 1.0))
+            for _ in range(rounds):
+                for mode, stream in (("plain", False), ("stream", True)):
+                    runs.setdefault(f"direct/{mode}", []).append(
+                        asyncio.run(open_loop(direct, stream, rate, seconds)))
+                    phases_of(router, out)  # clears what the direct phase saw
+                    runs.setdefault(f"router/{mode}", []).append(
+                        measured(router, stream, rate, seconds))
+                    runs.setdefault(f"phases/{mode}", []).append(phases_of(router, out))
+    summary: dict[str, Any] = {}
+    for mode in ("plain", "stream"):
+        phases = runs[f"phases/{mode}"]
+        summary[mode] = {
+            "direct_p50_ms": float(np.median([r["p50_ms"] for r in runs[f"direct/{mode}"]])),
+            "router_p50_ms": float(np.median([r["p50_ms"] for r in runs[f"router/{mode}"]])),
+            "router_p99_ms": float(np.median([r["p99_ms"] for r in runs[f"router/{mode}"]])),
+            "cpu_ms_per_request": float(np.median([r["cpu_ms_per_request"]
+                                                   for r in runs[f"router/{mode}"]])),
+            "phases": {name: {field: float(np.median([p[name][field] for p in phases
+                                                      if name in p]))
+                              for field in phases[0][name]}
+                       for name in phases[0]}}
+        s = summary[mode]
+        print_table(f"Phases of one request inside the router, {mode}, {rate:.0f} req/s "
+                    f"(medians of {rounds} round(s) of {seconds:.0f} s)",
+                    ["phase", "n", "wall p50 ms", "wall p99 ms", "wall mean ms",
+                     "thread CPU mean ms"],
+                    [[name, int(p["n"]), f"{p['wall_p50_ms']:.3f}", f"{p['wall_p99_ms']:.3f}",
+                      f"{p['wall_mean_ms']:.3f}", f"{p['cpu_mean_ms']:.3f}"]
+                     for name, p in s["phases"].items()],
+                    caption=f"direct p50 {s['direct_p50_ms']:.2f} ms; router p50 "
+                            f"{s['router_p50_ms']:.2f} / p99 {s['router_p99_ms']:.2f} ms; "
+                            f"router process CPU {s['cpu_ms_per_request']:.2f} ms per "
+                            "request. bg_*: per batch, in background threads.")
+    if write:
+        path = write_results("gateway_phases", {
+            "settings": {"rate_rps": rate, "seconds_per_phase": seconds, "rounds": rounds},
+            "summary": summary, "rounds": runs}, packages=("aiohttp", "uvicorn"))
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=100.0, help="requests per second")
@@ -279,7 +526,29 @@ def main(argv: list[str] | None = None) -> None:
                         help="measure the direct path and our router only")
     parser.add_argument("--client-cost", action="store_true",
                         help="the CPU per call of httpx vs aiohttp alone (see above)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also measure the router of this checkout (e.g. main's: "
+                             "git archive main | tar -x -C DIR) as target 'baseline'")
+    parser.add_argument("--phases", action="store_true",
+                        help="time the phases of a request inside the router instead "
+                             "(benchmarks/gateway_phases.py; gateway_phases.json)")
+    parser.add_argument("--store-cost", action="store_true",
+                        help="the CPU per outcome the router stores, by batch size "
+                             "(gateway_store_cost.json)")
+    parser.add_argument("--wrk", action="store_true",
+                        help="cross-check with wrk, closed loop (gateway_overhead_wrk.json)")
     args = parser.parse_args(argv)
+    if args.wrk:
+        main_wrk(3.0 if args.quick else args.seconds, 1 if args.quick else args.rounds, 8,
+                 not (args.quick or args.no_write), args.baseline)
+        return
+    if args.store_cost:
+        main_store_cost(args.rounds)
+        return
+    if args.phases:
+        main_phases(args.rate, 3.0 if args.quick else args.seconds,
+                    1 if args.quick else args.rounds, not (args.quick or args.no_write))
+        return
     if args.client_cost:
         main_client_cost(args.rounds)
         return
@@ -291,7 +560,11 @@ def main(argv: list[str] | None = None) -> None:
     with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as stack:
         targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
-                   stack.enter_context(router_process(upstream, Path(tmp)))]
+                   stack.enter_context(router_process(upstream, Path(tmp) / "router"))]
+        if args.baseline is not None:
+            targets.append(stack.enter_context(router_process(
+                upstream, Path(tmp) / "baseline", source=args.baseline.resolve(),
+                name="baseline")))
         if not args.no_litellm:
             (Path(tmp) / "litellm").mkdir()
             targets.append(stack.enter_context(litellm_proxy(upstream, Path(tmp) / "litellm")))
@@ -348,6 +621,7 @@ def main(argv: list[str] | None = None) -> None:
         name = "gateway_overhead" + ("" if args.rate == 100 else f"_{args.rate:.0f}rps")
         path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
+                         "baseline": None if args.baseline is None else str(args.baseline),
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
                          "router": "uvicorn, 1 worker, SQLite, model auto of 2"},
             "summary": summary, "rounds": runs}, packages=("litellm", "aiohttp", "uvicorn"))

@@ -114,10 +114,11 @@ def raw_request(body: str, key: str | None) -> bytes:
             ).encode() + data
 
 
-def wrk_round(port: int, script: Path, connections: int, seconds: float) -> dict[str, Any]:
+def wrk_round(port: int, script: Path, connections: int, seconds: float,
+              path: str = "/v1/decide") -> dict[str, Any]:
     """One closed-loop run of ``wrk`` (one thread): req/s, p50, p99, errors."""
     done = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", "--latency",
-                           "-s", str(script), f"http://127.0.0.1:{port}/v1/decide"],
+                           "-s", str(script), f"http://127.0.0.1:{port}{path}"],
                           capture_output=True, text=True, timeout=seconds + 60, check=True)
     out: dict[str, Any] = {"errors": 0.0}
     for line in done.stdout.splitlines():

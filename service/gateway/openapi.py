@@ -90,9 +90,14 @@ _OPERATION = {
     "responses": {
         "200": {"description": "The upstream's answer", "headers": _ROUTED, "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletion"}},
+            # For text/event-stream the schema is one event's (OpenAPI 3.2's itemSchema,
+            # as schemathesis reads it): its fields, the data a chunk's JSON or [DONE].
             "text/event-stream": {"schema": {
-                "type": "string", "description": "stream: true: the upstream's "
-                "chat.completion.chunk events, then data: [DONE]"}}}},
+                "type": "object", "description": "stream: true: the upstream's "
+                "chat.completion.chunk events (data: the chunk's JSON), then data: [DONE]",
+                "properties": {"data": {"type": "string"}, "event": {"type": "string"},
+                               "id": {"type": "string"}, "retry": {"type": "integer"}},
+                "required": ["data"]}}}},
         **{str(status): {"description": why, "content": _ERROR}
            for status, why in sorted(STATUSES.items())}},
 }

@@ -65,9 +65,12 @@ def open_client(settings: Settings) -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=settings.upstream_timeout_s,
                                     sock_connect=settings.upstream_connect_timeout_s)
     # trust_env=False: the upstreams are what the registry says, not a proxy variable's.
-    # raise_for_status=False: an error status is read and mapped here.
+    # raise_for_status=False: an error status is read and mapped here. No cookie jar:
+    # the pool is shared by every tenant, and a cookie an upstream sets for one tenant's
+    # call must not ride along on the next tenant's.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False,
-                                 raise_for_status=False, auto_decompress=True)
+                                 raise_for_status=False, auto_decompress=True,
+                                 cookie_jar=aiohttp.DummyCookieJar())
 
 
 def target_of(model: ModelState) -> Target:

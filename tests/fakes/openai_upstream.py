@@ -90,6 +90,8 @@ class FakeModel:
     retry_after_s: int | None = None
     hang: bool = False
     fail_times: int | None = None
+    #: A ``Set-Cookie`` header on a plain answer (a provider's load-balancer cookie).
+    set_cookie: str | None = None
 
     def chunks(self) -> list[str]:
         words = self.content.split(" ")
@@ -205,7 +207,8 @@ class FakeUpstream:
             "model": body["model"], "system_fingerprint": "fp_fake",
             "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
                          "message": {"role": "assistant", "content": model.content}}],
-            "usage": model.usage()})
+            "usage": model.usage()},
+            headers={"set-cookie": model.set_cookie} if model.set_cookie else None)
 
     async def _hang(self) -> None:
         # Until the server stops: the caller's timeout is what ends the request. Polling

@@ -62,6 +62,19 @@ def test_create_chat_completion_auto_passes_answer_and_posts_outcome(router: Rou
             ] == [None, 0.8]
 
 
+def test_upstream_cookie_is_not_sent_on_later_calls(router: Router) -> None:
+    # The pooled client serves every tenant: an upstream's cookie must not ride along.
+    # By host name: a cookie jar would ignore the cookies of an IP address.
+    name = router.add_model(answer=FakeModel("Cookie.", set_cookie="lb=tenant-a; Path=/"),
+                            base_url=router.upstream.base_url.replace("127.0.0.1",
+                                                                      "localhost") + "/v1")
+    for _ in range(2):
+        assert sdk(router, router.tenant()).chat.completions.create(
+            model=name, messages=MESSAGES).choices[0].message.content == "Cookie."
+    first, second = router.upstream.calls(name)[-2:]
+    assert "cookie" not in first.headers and "cookie" not in second.headers
+
+
 def test_create_chat_completion_stream_passes_chunks_and_measures_ttft(
         router: Router) -> None:
     name = router.add_model(input_price=1.0, output_price=3.0, answer=FakeModel(

@@ -4,6 +4,7 @@ at shutdown and none stored twice; on SQLite and on the real PostgreSQL of ``ops
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import httpx
@@ -15,8 +16,8 @@ from sqlalchemy import event
 from bandit import InvalidInputError
 from service.app import create_app
 from service.exceptions import NotFoundError
-from service.gateway.feedback import EVENT_ID
-from service.routing import FeedbackItem, FeedbackReceipt, RoutingService
+from service.gateway.feedback import BATCH_TARGET, EVENT_ID, FeedbackSender
+from service.routing import FeedbackItem, FeedbackReceipt, RoutingService, TenantState
 from tests.fakes.openai_upstream import running_upstream
 from tests.gateway.conftest import KEY_ENV, UPSTREAM_KEY
 from tests.service.conftest import ADMIN, add_model, create_tenant, decide, make_settings
@@ -99,3 +100,74 @@ def test_outcomes_queued_at_shutdown_are_stored_once(
                 r = http.get(f"/v1/decisions/{d}", headers=auth)
                 assert r.status_code == 200, r.text
                 assert [f["event_id"] for f in r.json()["feedback"]] == [EVENT_ID], d
+
+
+def _decided(client: TestClient, n: int
+             ) -> tuple[RoutingService, TenantState, dict[str, str], list[str]]:
+    service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+    model = add_model(client)
+    headers = create_tenant(client)
+    ids = [decide(client, headers, [model], seed=i).json()["decision_id"] for i in range(n)]
+    assert service.writer.flush()
+    return service, service.tenants[headers["X-Tenant"]], headers, ids
+
+
+async def _until_stored(sender: FeedbackSender, within_s: float) -> float:
+    started = time.perf_counter()
+    while sender.queued() and time.perf_counter() - started < within_s:
+        await asyncio.sleep(0.01)
+    return time.perf_counter() - started
+
+
+def test_store_outcomes_batch_sent_when_target_is_queued_not_after_max_wait(
+        new_database_url: Callable[[], str]) -> None:
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service, tenant, headers, ids = _decided(client, BATCH_TARGET + 3)
+        commits: list[int] = []
+        event.listen(service.engine, "commit", lambda _conn: commits.append(1))
+
+        async def run() -> tuple[int, int]:
+            # A max wait far beyond the test's patience: only the target sends the batch.
+            sender = FeedbackSender(service, max_wait_s=600.0)
+            sender.start()
+            for d in ids[:BATCH_TARGET]:
+                sender.report(tenant, d, quality=None, cost_usd=1e-4, latency_ms=3.0)
+            await _until_stored(sender, 20.0)
+            left = sender.queued()
+            # Fewer than the target: they wait (and the shutdown stores them).
+            for d in ids[BATCH_TARGET:]:
+                sender.report(tenant, d, quality=None, cost_usd=1e-4, latency_ms=3.0)
+            await asyncio.sleep(0.3)
+            waiting = sender.queued()
+            await sender.aclose()
+            return left, waiting
+
+        left, waiting = asyncio.run(run())
+        assert (left, waiting) == (0, 3)
+        assert len(commits) == 2  # the full batch, then the 3 stored at shutdown
+        for d in ids:
+            r = client.get(f"/v1/decisions/{d}", headers=headers)
+            assert [f["event_id"] for f in r.json()["feedback"]] == [EVENT_ID], d
+
+
+def test_store_outcomes_fewer_than_target_sent_after_max_wait(
+        new_database_url: Callable[[], str]) -> None:
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service, tenant, headers, ids = _decided(client, 3)
+
+        async def run() -> tuple[int, int]:
+            sender = FeedbackSender(service, max_wait_s=0.5)
+            sender.start()
+            for d in ids:
+                sender.report(tenant, d, quality=None, cost_usd=1e-4, latency_ms=3.0)
+            await asyncio.sleep(0.1)
+            waiting = sender.queued()  # for more, up to max_wait_s
+            await _until_stored(sender, 20.0)
+            left = sender.queued()
+            await sender.aclose()
+            return waiting, left
+
+        assert asyncio.run(run()) == (3, 0)
+        for d in ids:
+            r = client.get(f"/v1/decisions/{d}", headers=headers)
+            assert [f["cost_usd"] for f in r.json()["feedback"]] == [1e-4], d
