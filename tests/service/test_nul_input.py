@@ -90,3 +90,23 @@ def test_decide_control_characters_in_tag_values_stored_with_the_batch(client, t
 def test_nul_in_a_model_or_tenant_reference_404(client, method, path, body):
     r = client.request(method, path, headers=ADMIN, json=body)
     assert_problem(r, 404, detail_contains="does not exist")
+
+
+# A lone UTF-16 surrogate (JSON "\ud800") is no Unicode text: PostgreSQL's json input
+# refuses it and psycopg cannot encode it. Refused at parsing, before anything is stored.
+@pytest.mark.parametrize("body", [
+    '{"query": {"text": "a\\ud800b"}}',
+    '{"query": {"text": "x"}, "tags": {"app": "a\\udc00"}}',
+])
+def test_decide_lone_surrogate_400(client, tenant, body):
+    r = client.post("/v1/decide", content=body.encode(),
+                    headers={**tenant, "content-type": "application/json"})
+    assert_problem(r, 400, field="body", detail_contains="not valid JSON")
+
+
+def test_create_tenant_lone_surrogate_in_name_422(client):
+    before = client.get("/v1/admin/tenants", headers=ADMIN).json()
+    r = client.post("/v1/admin/tenants", content=b'{"name": "a\\ud800b"}',
+                    headers={**ADMIN, "content-type": "application/json"})
+    assert_problem(r, 422, field="name")
+    assert client.get("/v1/admin/tenants", headers=ADMIN).json() == before
