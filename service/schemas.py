@@ -285,8 +285,11 @@ class TenantPreferencesUpdate(_Body):
                                   "max_exploration_loss", mode="before")(_refuse_null)
 
 
-#: An OpenAI-compatible API's base URL, as the OpenAI SDK takes it (".../v1").
-BaseUrl = Annotated[str, Field(min_length=8, max_length=2000, pattern=r"^https?://[^\s]+$",
+#: An OpenAI-compatible API's base URL, as the OpenAI SDK takes it (".../v1"). No space
+#: and no control character: it is stored as text (PostgreSQL answered 500 for a NUL) and
+#: no HTTP client would call it.
+BaseUrl = Annotated[str, Field(min_length=8, max_length=2000,
+                               pattern=r"^https?://[^\s\x00-\x1f\x7f-\x9f]+$",
                                description="OpenAI-compatible base URL, e.g. "
                                "https://api.openai.com/v1 (POST <base_url>/chat/completions)")]
 UpstreamModel = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL,

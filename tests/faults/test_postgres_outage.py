@@ -58,6 +58,8 @@ class Observed:
     feedback_answers: Counter = field(default_factory=Counter)  # (phase, body status)
     #: When each feedback answered "buffered" during the outage was sent (monotonic).
     buffered_sent: list[float] = field(default_factory=list)
+    #: When each decide answered 200 during the outage was sent (monotonic).
+    decided_sent: list[float] = field(default_factory=list)
     outage_started: float | None = None
     readyz: list[tuple[str, int, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -86,6 +88,8 @@ def _decide_loop(base: str, tenant: dict[str, str], seed: int, obs: Observed,
                 decision = r.json()["decision_id"]
                 with obs.lock:
                     obs.decisions_ok.add(decision)
+                    if phase == "outage":
+                        obs.decided_sent.append(started)
                 if i % 2 == 0:
                     todo.put((time.monotonic(), decision, f"e{seed}-{i}"))
             i += 1
@@ -122,6 +126,18 @@ def _feedback_loop(base: str, tenant: dict[str, str], obs: Observed, todo: queue
                 else:
                     obs.feedback_bodies.setdefault(f.status_code, f.text[:300])
                     obs.feedback_headers.setdefault(f.status_code, dict(f.headers))
+
+
+def _outage_tenths(obs: Observed, sent: list[float]) -> set[int]:
+    """Which tenths of the outage have a request in ``sent`` (send times) in them.
+
+    Promises "throughout the outage" are asserted on time, not on a count: the clients'
+    rate follows the machine's load (523 feedback of a nominal 1,200 on a busy host), so
+    a count proves nothing more and fails on a slow host; every tenth answered also
+    catches a stall of a few seconds that a total would hide."""
+    assert obs.outage_started is not None
+    width = OUTAGE_S / 10
+    return {min(int((t - obs.outage_started) / width), 9) for t in sent}
 
 
 def _readyz(http: httpx.Client) -> tuple[int, Any]:
@@ -245,10 +261,11 @@ def test_postgres_outage_decisions_served_from_memory(outage):
               if phase == "outage" and ep == "decide"}
     assert obs.errors == []
     # At 80 decides/s the writer's queue (10,000 rows) outlasts a 30 s outage: every
-    # decide is answered from memory.
-    assert during.get(200, 0) >= 0.8 * 2 * RATE_PER_THREAD * OUTAGE_S * 0.5, during
-    assert set(during) <= {200, 503}, during
-    assert during.get(503, 0) == 0, during
+    # decide is answered from memory, none refused...
+    assert set(during) == {200}, during
+    # ... throughout the outage: every tenth of it has decides sent in it and answered.
+    covered = _outage_tenths(obs, obs.decided_sent)
+    assert covered == set(range(10)), (sorted(covered), during)
 
 
 def test_postgres_outage_every_accepted_decision_and_feedback_stored(outage):
@@ -291,14 +308,9 @@ def test_postgres_outage_feedback_buffered(outage):
                if phase == "outage"}
     assert answers == {"buffered": during[202]}, answers
     # Accepted throughout the outage, not only at its start: every tenth of it has
-    # feedback sent in it and buffered. (Asserted on time, not on a count: the clients'
-    # rate follows the machine's load, 523 of a nominal 1,200 on a busy host.)
-    assert obs.outage_started is not None
-    slices = 10
-    width = OUTAGE_S / slices
-    covered = {min(int((t - obs.outage_started) / width), slices - 1)
-               for t in obs.buffered_sent}
-    assert covered == set(range(slices)), (sorted(covered), during)
+    # feedback sent in it and buffered (_outage_tenths: on time, not on a count).
+    covered = _outage_tenths(obs, obs.buffered_sent)
+    assert covered == set(range(10)), (sorted(covered), during)
 
 
 def test_postgres_outage_buffer_drained_once_after_recovery(outage):
