@@ -60,11 +60,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bandit import SelectiveThompson
 from bandit.replay import routing_value
 from benchmarks.common import data_root, print_table, write_results
 from benchmarks.compare_routers import (
     Dataset,
     Inputs,
+    Ours,
     load_gsm8k,
     load_llmrouter,
     load_mmlu,
@@ -73,8 +75,12 @@ from benchmarks.compare_routers import (
 )
 from benchmarks.value_bounds import WEIGHTS, thompson_choices
 
-LEARNERS = ("linucb-default", "context-free-ts", "hybrid-ts-independent",
+LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "hybrid-ts-independent",
             "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online")
+#: A data set name with this suffix replays its request tags too, in their own block
+#: after the text's coordinates (``hashing+tagblock``; LLMRouter: the task cluster,
+#: MMLU: the subject; GSM8K has none).
+TAGS = "+tags"
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -189,10 +195,16 @@ def full_information_choices(x: np.ndarray, quality: np.ndarray, cost: np.ndarra
     return choices
 
 
-def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarray:
-    x = ds.features["hashing"]
+def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
+               feature: str = "hashing") -> np.ndarray:
+    x = ds.features[feature]
     if learner == "linucb-default":
-        router = make_router("ours-linucb", Inputs(x), ds, seed)
+        router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
+        return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
+    if learner == "select-ts":
+        inputs = Inputs.of(ds, feature)
+        router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
+                      ds.cost_estimate, tag_dims=inputs.tag_dims)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
@@ -224,20 +236,29 @@ def _load(name: str, mmlu_rows: int) -> Dataset:
 
 
 def _job(args: tuple[str, str, float, int, int]) -> float:
+    """Routing value of one pass; ``shuffle`` -1 is the file order (seed 0)."""
     name, learner, weight, shuffle, mmlu_rows = args
-    ds = _load(name, mmlu_rows)
-    perm = np.random.default_rng(shuffle + 1).permutation(ds.n)
-    dsp = ds.permuted(perm)
-    ch = choices_of(learner, dsp, weight, shuffle)
-    return float(routing_value(dsp.rewards(weight), ch)["value"])
+    base = name.removesuffix(TAGS)
+    ds = _load(base, mmlu_rows)
+    if shuffle >= 0:
+        ds = ds.permuted(np.random.default_rng(shuffle + 1).permutation(ds.n))
+    feature = "hashing+tagblock" if name.endswith(TAGS) else "hashing"
+    if feature not in ds.features:
+        raise ValueError(f"--datasets: {base} has no request tags ({name!r})")
+    ch = choices_of(learner, ds, weight, max(shuffle, 0), feature)
+    return float(routing_value(ds.rewards(weight), ch)["value"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.value_learners",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
+    parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k",
+                        help="comma-separated; a name ending in +tags (llmrouter+tags, "
+                             "mmlu+tags) replays the request tags in their own block")
     parser.add_argument("--learners", default=",".join(LEARNERS))
     parser.add_argument("--shuffles", type=int, default=3)
+    parser.add_argument("--file-order", action="store_true",
+                        help="also one pass in file order (seed 0), reported apart")
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
@@ -249,32 +270,44 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--learners: unknown {name!r} (allowed: {', '.join(LEARNERS)})")
     started = time.perf_counter()
     rows, results = [], []
+    orders = list(range(args.shuffles)) + ([-1] if args.file_order else [])
     with multiprocessing.Pool(args.jobs) as pool:
         for name in args.datasets.split(","):
-            weights = WEIGHTS[name]
+            weights = WEIGHTS[name.removesuffix(TAGS)]
             for learner in learners:
                 jobs = [(name, learner, w, s, args.mmlu_rows)
-                        for w in weights for s in range(args.shuffles)]
-                values = np.array(pool.map(_job, jobs)).reshape(len(weights), args.shuffles)
-                per_weight = values.mean(axis=1)
-                results.append({"dataset": name, "learner": learner, "weights": list(weights),
-                                "values": [round(float(v), 4) for v in per_weight],
-                                "sd": [round(float(v), 4) for v in values.std(axis=1)],
-                                "mean": round(float(per_weight.mean()), 4)})
+                        for w in weights for s in orders]
+                values = np.array(pool.map(_job, jobs)).reshape(len(weights), len(orders))
+                shuffled = values[:, :args.shuffles]
+                per_weight = shuffled.mean(axis=1)
+                result = {"dataset": name, "learner": learner, "weights": list(weights),
+                          "values": [round(float(v), 4) for v in per_weight],
+                          "sd": [round(float(v), 4) for v in shuffled.std(axis=1)],
+                          "mean": round(float(per_weight.mean()), 4),
+                          "min": round(float(per_weight.min()), 4)}
+                file_order = ""
+                if args.file_order:
+                    result["file_order"] = [round(float(v), 4) for v in values[:, -1]]
+                    result["file_order_mean"] = round(float(values[:, -1].mean()), 4)
+                    file_order = f"{values[:, -1].mean():+.3f}"
+                results.append(result)
                 rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
-                             *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}"])
+                             *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}",
+                             file_order])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
     print_table("Routing value, one pass, mean over shuffles "
                 "(0 = best fixed model, 1 = per-query oracle)",
-                ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean"], rows,
+                ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean", "file order"],
+                rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims")
     path = write_results("value_learners", {
         "what": "routing value of one-pass learners (bandit feedback) against the default "
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
-        "shuffles": args.shuffles, "mmlu_rows": args.mmlu_rows, "results": results,
+        "shuffles": args.shuffles, "file_order": args.file_order,
+        "mmlu_rows": args.mmlu_rows, "results": results,
         "seconds": round(time.perf_counter() - started, 1)},
         results_dir=None if args.out_dir is None else Path(args.out_dir))
     print(f"wrote {path}")
