@@ -16,9 +16,12 @@ wide width of 64 barely-learned text directions.
 
 Why Thompson and not LinUCB: LinUCB's bonus at alpha 0.3 sometimes settles on a bad model
 for the whole stream at cost weight 0 (docs/results.md, "Routing value"), while Thompson
-keeps sampling where models cannot be told apart. ``epsilon`` keeps every propensity
-above ``epsilon / K``, so the decisions it logs can still evaluate other policies
-(:mod:`bandit.ope`).
+keeps sampling where models cannot be told apart, and its propensities are those of
+the posterior draw, not 0 or 1, so the decisions it logs can evaluate other policies
+(:mod:`bandit.ope`). No uniform share by default (``epsilon`` 0, as LinearThompson):
+on the RouteLLM MMLU replay at cost weight 100, ``epsilon`` 0.01 alone cost 0.15 of the
+headroom (one random GPT-4 call in 200 at ~100x Mixtral's price; docs/results.md). Set
+``epsilon`` where off-policy evaluation needs a floor (every propensity >= epsilon / K).
 """
 
 from __future__ import annotations
@@ -43,8 +46,6 @@ class SelectiveThompsonConfig(LinearThompsonConfig):
     without and with the tags. Every pair of the two is a model; each arm uses the one
     of lowest prequential error. Explicit candidates are kept as given.
     """
-
-    epsilon: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()

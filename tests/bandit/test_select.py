@@ -25,7 +25,6 @@ def test_config_defaults_nested_models():
     assert tagged.tag_ridges == (MEAN_ONLY_RIDGE, 3.0)
     explicit = SelectiveThompson(4, context_ridges=(MEAN_ONLY_RIDGE, 10.0, 1.0)).config
     assert explicit.context_ridges == (MEAN_ONLY_RIDGE, 10.0, 1.0)
-    assert SelectiveThompson(4).config.epsilon == 0.01
     # Restored from a JSON header (lists), the candidates are tuples again.
     restored = SelectiveThompson(4, context_ridges=[MEAN_ONLY_RIDGE, 5.0]).config
     assert restored.context_ridges == (MEAN_ONLY_RIDGE, 5.0)
@@ -108,7 +107,7 @@ def test_select_ignores_context_without_signal():
     assert (choices[-300:] == 0).mean() > 0.9
     # The same stream, every arm on its text model from the start (plain Thompson at the
     # same ridge): the prediction of a moves with a context that carries nothing.
-    plain = LinearThompson(dim, seed=4, drift_delta=None, epsilon=0.01)
+    plain = LinearThompson(dim, seed=4, drift_delta=None)
     plain.add_arm("a")
     plain.add_arm("b")
     _play(plain, x, quality, seed=5)
@@ -117,10 +116,10 @@ def test_select_ignores_context_without_signal():
 
 
 def test_propensity_floor_keeps_every_arm_reachable():
-    """Once one arm dominates, every arm still has at least epsilon / K probability: the
-    logged decisions can evaluate other policies (bandit.ope)."""
+    """With ``epsilon`` set, once one arm dominates every arm still has at least
+    epsilon / K probability: the logged decisions can evaluate other policies."""
     rng = np.random.default_rng(6)
-    policy = SelectiveThompson(3, seed=7, drift_delta=None)
+    policy = SelectiveThompson(3, seed=7, drift_delta=None, epsilon=0.01)
     for name in ("a", "b", "c"):
         policy.add_arm(name)
     for _ in range(300):
