@@ -9,6 +9,10 @@ next to two references:
   optimism, every model alone).
 * ``context-free-ts``: ``benchmarks.value_bounds``' context-free Thompson sampler: what
   finding the best model costs when the context is ignored.
+* ``select-ts``: :class:`bandit.SelectiveThompson`, the library policy (policy kind
+  ``select``): Thompson sampling on each model's best-predicting nested model (its mean
+  alone, + tags, + text; by prequential error), with the same price estimate and
+  bounded optimism as ``linucb-default``.
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
@@ -28,7 +32,9 @@ next to two references:
   model's outcome of every past row: no bandit can earn more on these features.
 
 Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
-``../shared/data``). Writes ``benchmarks/results/value_learners.json``.
+``../shared/data``). Writes ``benchmarks/results/value_learners.json`` (``--name``).
+Data set names ending in ``+tags`` (``llmrouter+tags``, ``mmlu+tags``) replay the
+request tags in their own block; ``--file-order`` adds one pass in file order.
 
 What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
 first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
@@ -263,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--name", default="value_learners",
+                        help="results file name (default value_learners)")
     args = parser.parse_args(argv)
     learners = args.learners.split(",")
     for name in learners:
@@ -302,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims")
-    path = write_results("value_learners", {
+    path = write_results(args.name, {
         "what": "routing value of one-pass learners (bandit feedback) against the default "
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
