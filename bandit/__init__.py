@@ -31,6 +31,7 @@ from bandit.featurize import (
     make_featurizer,
 )
 from bandit.linucb import LinUCB, LinUCBConfig
+from bandit.select import SelectiveThompson, SelectiveThompsonConfig
 from bandit.thompson import LinearThompson, LinearThompsonConfig
 
 __all__ = [
@@ -53,6 +54,8 @@ __all__ = [
     "PrototypeFeaturizer",
     "PrototypeMap",
     "RoutingError",
+    "SelectiveThompson",
+    "SelectiveThompsonConfig",
     "SentenceEmbeddingFeaturizer",
     "UnknownArmError",
     "make_featurizer",

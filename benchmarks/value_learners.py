@@ -9,6 +9,10 @@ next to two references:
   optimism, every model alone).
 * ``context-free-ts``: ``benchmarks.value_bounds``' context-free Thompson sampler: what
   finding the best model costs when the context is ignored.
+* ``select-ts``: :class:`bandit.SelectiveThompson`, the library policy (policy kind
+  ``select``): Thompson sampling on each model's best-predicting nested model (its mean
+  alone, + tags, + text; by prequential error), with the same price estimate and
+  bounded optimism as ``linucb-default``.
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
@@ -30,13 +34,15 @@ next to two references:
   each model's mean quality is a line in its log price, learned from every model's
   feedback, plus its own deviation; one joint posterior draw per decision.
   ``--learners linucb-default,context-free-ts,hier-ts --shuffles 5 --file-order
-  --out-name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
+  --name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
   context-free-ts -0.068 / -0.035 / -0.051 (LLMRouter / MMLU / GSM8K): no gain; 85% of
   the sampler's loss comes after its first 100 rows, where a prior on the levels no
   longer matters (docs/results.md, "A prior across models").
 
 Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
-``../shared/data``). Writes ``benchmarks/results/value_learners.json``.
+``../shared/data``). Writes ``benchmarks/results/value_learners.json`` (``--name``).
+Data set names ending in ``+tags`` (``llmrouter+tags``, ``mmlu+tags``) replay the
+request tags in their own block; ``--file-order`` adds one pass in file order.
 
 What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
 first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
@@ -68,12 +74,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bandit import SelectiveThompson
 from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
 from benchmarks.common import data_root, print_table, write_results
 from benchmarks.compare_routers import (
     Dataset,
     Inputs,
+    Ours,
     load_gsm8k,
     load_llmrouter,
     load_mmlu,
@@ -82,8 +90,12 @@ from benchmarks.compare_routers import (
 )
 from benchmarks.value_bounds import WEIGHTS, thompson_choices
 
-LEARNERS = ("linucb-default", "context-free-ts", "hybrid-ts-independent",
+LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "hybrid-ts-independent",
             "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online", "hier-ts")
+#: A data set name with this suffix replays its request tags too, in their own block
+#: after the text's coordinates (``hashing+tagblock``; LLMRouter: the task cluster,
+#: MMLU: the subject; GSM8K has none).
+TAGS = "+tags"
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -198,10 +210,16 @@ def full_information_choices(x: np.ndarray, quality: np.ndarray, cost: np.ndarra
     return choices
 
 
-def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarray:
-    x = ds.features["hashing"]
+def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
+               feature: str = "hashing") -> np.ndarray:
+    x = ds.features[feature]
     if learner == "linucb-default":
-        router = make_router("ours-linucb", Inputs(x), ds, seed)
+        router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
+        return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
+    if learner == "select-ts":
+        inputs = Inputs.of(ds, feature)
+        router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
+                      ds.cost_estimate, tag_dims=inputs.tag_dims)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
@@ -217,9 +235,6 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int) -> np.ndarra
     raise ValueError(f"unknown learner {learner!r} ({', '.join(LEARNERS)})")
 
 
-_DATA: dict[str, Dataset] = {}
-
-
 def model_subset(ds: Dataset, index: int) -> Dataset:
     """Held-out check: a random half of the data set's models (ceil(K / 2), chosen by
     seed 1000 + ``index``), every row; the learners see only these models."""
@@ -229,6 +244,9 @@ def model_subset(ds: Dataset, index: int) -> Dataset:
                    ds.quality[:, keep], ds.cost[:, keep], ds.test_start, ds.features,
                    {**ds.notes, "models": [ds.arms[j] for j in keep]},
                    None if ds.estimate is None else ds.estimate[:, keep])
+
+
+_DATA: dict[str, Dataset] = {}
 
 
 def _load(name: str, mmlu_rows: int) -> Dataset:
@@ -250,33 +268,38 @@ def _load(name: str, mmlu_rows: int) -> Dataset:
 
 
 def _job(args: tuple[str, str, float, int, int]) -> float:
+    """Routing value of one pass; ``shuffle`` -1 is the file order (seed 0)."""
     name, learner, weight, shuffle, mmlu_rows = args
-    ds = _load(name, mmlu_rows)
-    # shuffle -1: the file's own order (seed 0)
-    perm = (np.arange(ds.n) if shuffle < 0
-            else np.random.default_rng(shuffle + 1).permutation(ds.n))
-    dsp = ds.permuted(perm)
-    ch = choices_of(learner, dsp, weight, max(shuffle, 0))
-    return float(routing_value(dsp.rewards(weight), ch)["value"])
+    base = name.removesuffix(TAGS)
+    ds = _load(base, mmlu_rows)
+    if shuffle >= 0:
+        ds = ds.permuted(np.random.default_rng(shuffle + 1).permutation(ds.n))
+    feature = "hashing+tagblock" if name.endswith(TAGS) else "hashing"
+    if feature not in ds.features:
+        raise ValueError(f"--datasets: {base} has no request tags ({name!r})")
+    ch = choices_of(learner, ds, weight, max(shuffle, 0), feature)
+    return float(routing_value(ds.rewards(weight), ch)["value"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.value_learners",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
+    parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k",
+                        help="comma-separated; a name ending in +tags (llmrouter+tags, "
+                             "mmlu+tags) replays the request tags in their own block")
     parser.add_argument("--learners", default=",".join(LEARNERS))
     parser.add_argument("--shuffles", type=int, default=3)
+    parser.add_argument("--file-order", action="store_true",
+                        help="also one pass in file order (seed 0), reported apart")
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
+    parser.add_argument("--out-dir", default=None)
     parser.add_argument("--model-subsets", type=int, default=0,
                         help="also replay LLMRouter with N random halves of its models "
                              "(held-out check: not one data set's price / quality line)")
-    parser.add_argument("--file-order", action="store_true",
-                        help="also replay each data set in its file order (reported apart)")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    parser.add_argument("--out-name", default="value_learners",
-                        help="results file name (benchmarks/results/NAME.json)")
-    parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--name", "--out-name", default="value_learners",
+                        help="results file name (default value_learners)")
     args = parser.parse_args(argv)
     learners = args.learners.split(",")
     for name in learners:
@@ -284,45 +307,48 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--learners: unknown {name!r} (allowed: {', '.join(LEARNERS)})")
     started = time.perf_counter()
     rows, results = [], []
+    orders = list(range(args.shuffles)) + ([-1] if args.file_order else [])
     with multiprocessing.Pool(args.jobs) as pool:
-        names = [d for d in args.datasets.split(",") if d] + [f"llmrouter/half{i}"
-                                             for i in range(args.model_subsets)]
+        names = [d for d in args.datasets.split(",") if d] + [
+            f"llmrouter/half{i}" for i in range(args.model_subsets)]
         for name in names:
-            weights = WEIGHTS[name.partition("/")[0]]
+            weights = WEIGHTS[name.removesuffix(TAGS).partition("/")[0]]
             for learner in learners:
-                first = -1 if args.file_order else 0
                 jobs = [(name, learner, w, s, args.mmlu_rows)
-                        for w in weights for s in range(first, args.shuffles)]
-                values = np.array(pool.map(_job, jobs)).reshape(len(weights), -1)
-                file_order, values = values[:, 0], values[:, -first:]
-                per_weight = values.mean(axis=1)
-                results.append({"dataset": name, "learner": learner, "weights": list(weights),
-                                **({"models": _load(name, args.mmlu_rows).arms}
-                                   if "/half" in name else {}),
-                                "values": [round(float(v), 4) for v in per_weight],
-                                "sd": [round(float(v), 4) for v in values.std(axis=1)],
-                                "mean": round(float(per_weight.mean()), 4),
-                                **({"file_order": [round(float(v), 4) for v in file_order],
-                                    "file_order_mean": round(float(file_order.mean()), 4)}
-                                   if args.file_order else {})})
+                        for w in weights for s in orders]
+                values = np.array(pool.map(_job, jobs)).reshape(len(weights), len(orders))
+                shuffled = values[:, :args.shuffles]
+                per_weight = shuffled.mean(axis=1)
+                result = {"dataset": name, "learner": learner, "weights": list(weights),
+                          "values": [round(float(v), 4) for v in per_weight],
+                          "sd": [round(float(v), 4) for v in shuffled.std(axis=1)],
+                          **({"models": _load(name, args.mmlu_rows).arms}
+                             if "/half" in name else {}),
+                          "mean": round(float(per_weight.mean()), 4),
+                          "min": round(float(per_weight.min()), 4)}
+                file_order = ""
+                if args.file_order:
+                    result["file_order"] = [round(float(v), 4) for v in values[:, -1]]
+                    result["file_order_mean"] = round(float(values[:, -1].mean()), 4)
+                    file_order = f"{values[:, -1].mean():+.3f}"
+                results.append(result)
                 rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
-                             *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}"])
+                             *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}",
+                             file_order])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
-                if args.file_order:
-                    rows.append([name, f"{learner} (file order)",
-                                 *(f"{v:+.3f}" for v in file_order),
-                                 *[""] * (5 - len(weights)), f"{file_order.mean():+.3f}"])
     print_table("Routing value, one pass, mean over shuffles "
                 "(0 = best fixed model, 1 = per-query oracle)",
-                ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean"], rows,
+                ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean", "file order"],
+                rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims")
-    path = write_results(args.out_name, {
+    path = write_results(args.name, {
         "what": "routing value of one-pass learners (bandit feedback) against the default "
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
-        "shuffles": args.shuffles, "mmlu_rows": args.mmlu_rows, "results": results,
+        "shuffles": args.shuffles, "file_order": args.file_order,
+        "mmlu_rows": args.mmlu_rows, "results": results,
         "seconds": round(time.perf_counter() - started, 1)},
         results_dir=None if args.out_dir is None else Path(args.out_dir))
     print(f"wrote {path}")

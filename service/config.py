@@ -30,6 +30,10 @@ _STREAMS = StreamsConfig(bootstrap="")
 #: all-MiniLM-L6-v2's embedding size (bandit.featurize.MINILM_DIM; not imported from
 #: there, so that reading the settings never imports the featurizers' module).
 MINILM_DIM = 384
+#: The policy ``serve`` gives a new tenant and ``replay`` runs: the one switch for the
+#: routing default (``select`` earned more than ``linucb`` on every replay data set of
+#: issue 13: docs/results.md, "Context admitted only where it pays").
+DEFAULT_POLICY = "linucb"
 _DEFAULT_DIM = {"hashing": 64, "minilm": MINILM_DIM}
 
 
@@ -89,7 +93,10 @@ class Settings(BaseSettings):
                                        "query's embedding, dim long) to its prototypes, "
                                        "and the policies' dimension the map's. Same file "
                                        "on every API replica and learner.")
-    default_policy: Literal["linucb", "thompson"] = "linucb"
+    default_policy: Literal["linucb", "thompson", "select"] = Field(
+        DEFAULT_POLICY, description="Policy of a new tenant: linucb, thompson or select "
+        "(SelectiveThompson: each model's context admitted only where it has predicted "
+        "its quality, docs/policies.md).")
     policy_seed: int | None = Field(None, description="Seed of the policies' random "
                                     "generators; None draws one from the OS.")
     epsilon: float = Field(0.01, ge=0.0, le=1.0)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bandit import LinearThompson, LinUCB, Policy, Preferences
+from bandit import LinearThompson, LinUCB, Policy, Preferences, SelectiveThompson
 from bandit.conservative import GuardState
 from service.budget import Ledger
 from service.db import models as m
@@ -23,8 +23,9 @@ __all__ = ["POLICY_KINDS", "POLICY_CLASSES", "ModelState", "TenantState", "Pendi
            "DecideArgs", "FeedbackItem", "FeedbackReceipt", "periods", "timestamp",
            "stored_outcome", "price_estimate"]
 
-POLICY_KINDS = ("linucb", "thompson")
-POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson}
+POLICY_KINDS = ("linucb", "thompson", "select")
+POLICY_CLASSES: dict[str, type[Policy]] = {"linucb": LinUCB, "thompson": LinearThompson,
+                                           "select": SelectiveThompson}
 
 
 @dataclass

@@ -43,7 +43,7 @@ ModelName = Annotated[str, Field(min_length=1, max_length=200,
 #: cannot hold NUL (it answered 500), and the others make logs and lookups ambiguous.
 NO_CONTROL = r"^[^\x00-\x1f\x7f-\x9f]*$"
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL)]
-PolicyKind = Literal["linucb", "thompson"]
+PolicyKind = Literal["linucb", "thompson", "select"]
 Scope = Literal["shared", "isolated"]
 OnExhausted = Literal["cheapest", "reject"]
 

@@ -22,10 +22,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences
+from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences, SelectiveThompson
 from bandit.ope import LoggedDecisions, evaluate_log
 
-POLICIES = {"linucb": LinUCB, "thompson": LinearThompson}
+POLICIES = {"linucb": LinUCB, "thompson": LinearThompson, "select": SelectiveThompson}
 
 
 def read_log_file(path: Path) -> LoggedDecisions:
@@ -100,7 +100,7 @@ def evaluate(
     )] = None,
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's decisions")] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many decisions")] = None,
-    policy: Annotated[str, typer.Option(help="Candidate: linucb or thompson")] = "linucb",
+    policy: Annotated[str, typer.Option(help="Candidate: linucb, thompson or select")] = "linucb",
     preferences: Annotated[str, typer.Option(
         help="Candidate's weights quality=1,cost=W[,latency=V]")] = "quality=1",
     alpha: Annotated[float, typer.Option(help="LinUCB bonus width")] = 0.3,

@@ -20,15 +20,15 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences
+from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences, SelectiveThompson
 from bandit.featurize import TAG_BLOCK_DIMS, append_tag_block, check_tags, with_tags
 from bandit.pricing import DEFAULT_OUTPUT_TOKENS, prompt_tokens, request_cost
 from bandit.replay import ReplayLog
 from bandit.replay import replay as run_replay
-from service.config import Settings, default_dim
+from service.config import DEFAULT_POLICY, Settings, default_dim
 from service.features import head_and_tail
 
-POLICIES = {"linucb": LinUCB, "thompson": LinearThompson}
+POLICIES = {"linucb": LinUCB, "thompson": LinearThompson, "select": SelectiveThompson}
 
 
 _PRICE_KEYS = ("input_price_per_mtok", "output_price_per_mtok")
@@ -144,7 +144,7 @@ def _prices(raw: Any, line: int) -> dict[str, tuple[float, float]] | None:
 def replay(
     data: Annotated[Path, typer.Argument(help="Replay log (JSON lines), see docs.",
                                          exists=True, dir_okay=False)],
-    policy: Annotated[str, typer.Option(help="linucb or thompson")] = "linucb",
+    policy: Annotated[str, typer.Option(help="linucb, thompson or select")] = DEFAULT_POLICY,
     preferences: Annotated[str, typer.Option(
         help="Weights: quality=1,cost=W[,latency=V] (cost per USD, latency per second)"
     )] = "quality=1,cost=0",

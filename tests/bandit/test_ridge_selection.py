@@ -5,9 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bandit import InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
+from bandit import (
+    InvalidInputError,
+    LinearThompson,
+    LinUCB,
+    Policy,
+    Preferences,
+    SelectiveThompson,
+)
 
-POLICIES = [LinUCB, LinearThompson]
+POLICIES = [LinUCB, LinearThompson, SelectiveThompson]
 GRID = (1e6, 100.0, 1.0)
 
 
@@ -115,7 +122,9 @@ def test_selection_round_trip_and_restore_without_selection(cls):
         b = policy.decide_batch(ctx, prefs, explore=False)
         np.testing.assert_allclose(a.means, b.means, atol=1e-9)
     # Restored without selection: the sums stay, the quality head is the plain ridge fit.
-    plain = Policy.from_bytes(policy.to_bytes(), context_ridges=None)
+    # (SelectiveThompson fills None with its nested models: restore as plain Thompson.)
+    plain_class = {"as_class": LinearThompson} if cls is SelectiveThompson else {}
+    plain = Policy.from_bytes(policy.to_bytes(), context_ridges=None, **plain_class)
     assert plain._stats.sel_err.shape == (2, 0)
     np.testing.assert_allclose(plain._stats.b_data, policy._stats.b_data)
     # And back with other candidates: their errors start afresh.

@@ -81,6 +81,27 @@ def test_hybrid_thompson_reads_the_topic_where_a_context_free_sampler_cannot(
     assert ours["value"] > blind["value"] + 0.2
 
 
+def test_select_ts_reads_the_topic_and_the_tag_block_only_where_it_has_them() -> None:
+    """select-ts (bandit.SelectiveThompson) on the two topics: in the text's
+    coordinates, and as a request tag in its own block (text all zeros)."""
+    from bandit.featurize import TAG_BLOCK_DIMS, append_tag_block
+    from benchmarks.compare_routers import Dataset
+
+    x, quality, cost = _two_topics()
+    tagged = np.stack([append_tag_block(np.zeros(4), {"topic": str(int(row[1]))})
+                       for row in x])
+    ds = Dataset("two-topics", ["m0", "m1", "m2"], quality, cost, len(x),
+                 features={"hashing": x, "hashing+tagblock": tagged})
+    blind = routing_value(quality, vb.thompson_choices(quality, cost, cost, 0.0, seed=1))
+    assert tagged.shape[1] == 4 + TAG_BLOCK_DIMS
+    for feature in ("hashing", "hashing+tagblock"):
+        value = routing_value(quality, vl.choices_of("select-ts", ds, 0.0, 1, feature),
+                              groups=x[:, 0])
+        # Well above the blind sampler (~0), within reach of the topic router (~0.85).
+        assert value["value"] > blind["value"] + 0.4, feature
+        assert value["value"] > 0.7 * value["task_oracle_value"], feature
+
+
 def test_full_information_online_routes_by_topic() -> None:
     x, quality, cost = _two_topics()
     value = routing_value(quality, vl.full_information_choices(x, quality, cost, cost, 0.0),

@@ -30,7 +30,7 @@ def log_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("policy", ["linucb", "thompson"])
+@pytest.mark.parametrize("policy", ["linucb", "thompson", "select"])
 def test_replay_prompts_writes_json(log_file, tmp_path, policy):
     out = tmp_path / "out.json"
     result = runner.invoke(app, ["replay", str(log_file), "--policy", policy,

@@ -318,6 +318,18 @@ def test_put_preferences_applies_to_next_decision(client, models):
         assert p["utility"] == pytest.approx(p["quality"] - 1000.0 * p["cost_usd"], abs=1e-9)
 
 
+def test_put_preferences_select_policy_decides_with_it(client, models):
+    tenant = create_tenant(client)
+    r = client.put("/v1/tenants/me/preferences", json={"policy": "select"}, headers=tenant)
+    assert r.status_code == 200 and r.json()["policy"] == "select"
+    body = decide(client, tenant, models).json()
+    assert body["policy"] == "select"
+    assert 0.0 < body["propensity"] <= 1.0
+    r = client.put("/v1/tenants/me/preferences", json={"policy": "selective"}, headers=tenant)
+    assert r.status_code == 422
+    assert "policy" in r.text and "select" in r.text
+
+
 def test_put_preferences_bad_values_422(client):
     tenant = create_tenant(client)
     for body, field in (({"policy": "greedy"}, "policy"), ({"scope": "team"}, "scope"),

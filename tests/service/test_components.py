@@ -12,7 +12,7 @@ import pytest
 
 from service.db import models as m
 from service.db.engine import make_engine, upgrade
-from service.domain import ModelState, TenantState
+from service.domain import POLICY_KINDS, ModelState, TenantState
 from service.exceptions import ConflictError, NotFoundError
 from service.ingest import FeedbackIngest, Incoming
 from service.metrics import Metrics
@@ -155,7 +155,8 @@ def test_policy_store_follows_the_registry(service):
     assert all("a" in p.arms for p in service.policies.all_policies().values())
     tenant, _ = service.create_tenant("iso")
     service.update_preferences(tenant, {"scope": "isolated"})
-    assert set(service.policies.isolated[tenant.id]) == {"linucb", "thompson"}
+    assert set(service.policies.isolated[tenant.id]) == {"linucb", "thompson", "select"}
+    assert set(POLICY_KINDS) == {"linucb", "thompson", "select"}
     service.delete_model("a")
     assert all("a" not in p.arms for p in service.policies.all_policies().values())
     service.update_preferences(tenant, {"scope": "shared"})

@@ -77,7 +77,7 @@ def test_import_warm_start_changes_first_decisions(tmp_path, warm_file):
         key = _setup(base)
         before = _right(base, key)
         out = _cli(base, "state", "import", str(warm_file)).stdout
-        assert "loaded shared:linucb, shared:thompson" in out
+        assert "loaded shared:linucb, shared:select, shared:thompson" in out
         after = _right(base, key)
         # Thompson (the other kind) got the same statistics.
         with RouterClient(base, key) as router:
@@ -97,7 +97,7 @@ def test_imported_state_survives_restart_and_exports(tmp_path, warm_file):
     with _service(tmp_path, "b.db", **settings) as base:  # restarted on the same database
         assert _right(base, key) == 20
         out = _cli(base, "state", "export", str(exported)).stdout
-        assert "2 policies" in out
+        assert "3 policies" in out  # one shared policy per kind
     with _service(tmp_path, "c.db", **settings) as base:  # another deployment
         key = _setup(base)
         assert _right(base, key) == 10
