@@ -1,8 +1,8 @@
 """The policy store: the policies in memory and the one rule that teaches them.
 
-One shared policy per kind (``linucb``, ``thompson``), learning from every tenant's
-feedback, and a pair per ``isolated`` tenant, learning from its own; feedback updates
-both kinds so that switching kind is instant. The store listens to the registry
+One shared policy per kind (``linucb``, ``thompson``, ``select``), learning from every
+tenant's feedback, and one of each per ``isolated`` tenant, learning from its own;
+feedback updates every kind so that switching kind is instant. The store listens to the registry
 (:class:`~service.registry.RegistryListener`): a model added or removed there is an arm
 added or removed here, a tenant turning isolated gets its pair rebuilt from its own
 feedback history. Where the statistics come from is plugged in by the composition: the
@@ -100,12 +100,22 @@ class PolicyStore:
 
     def restore(self, snapshots: dict[str, bytes], *, rebuild: bool,
                 fresh: bool = False) -> None:
-        """Policies from a checkpoint's snapshots; an isolated tenant without one is
+        """Policies from a checkpoint's snapshots; an isolated tenant without any is
         rebuilt from its feedback up to the checkpoint (``rebuild``, needs the database)
-        or starts from the priors (also when ``fresh``: the statistics were set aside)."""
+        or starts from the priors (also when ``fresh``: the statistics were set aside).
+        A kind the checkpoint lacks beside others of its scope starts from their sums."""
 
         def restored(key: str, kind: str) -> Policy:
             data = snapshots.get(key)
+            if data is None:
+                # A kind this checkpoint lacks (written before the kind existed: an
+                # upgrade) starts from a sibling's sums, which are the same (apply feeds
+                # every kind), not from the priors: what was learned carries over. A
+                # `select` seeded so has no prequential errors yet, so its arms start on
+                # their learned means (ties go to the mean alone).
+                prefix = key.removesuffix(kind)
+                data = next((snapshots[prefix + k] for k in POLICY_KINDS
+                             if prefix + k in snapshots), None)
             if data is None:
                 return self.new_policy(kind)
             # Statistics from the checkpoint, settings from this process: a restart with
@@ -134,7 +144,7 @@ class PolicyStore:
         for t in self.registry.tenants.values():
             if t.scope != "isolated":
                 continue
-            if not rebuild or fresh or all(f"tenant:{t.id}:{kind}" in snapshots
+            if not rebuild or fresh or any(f"tenant:{t.id}:{kind}" in snapshots
                                            for kind in POLICY_KINDS):
                 self.isolated[t.id] = {kind: restored(f"tenant:{t.id}:{kind}", kind)
                                        for kind in POLICY_KINDS}

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, delete, func, select
+from sqlalchemy.orm import Session
 
-from bandit import Policy, Preferences
+from bandit import Policy, Preferences, SelectiveThompson
 from service.app import create_app
+from service.db import models as dbm
 from tests.service.conftest import ADMIN, DIM, add_model, create_tenant, decide, make_settings
 
 PROBES = np.random.default_rng(99).standard_normal((5, DIM))
@@ -168,3 +171,51 @@ def test_restart_with_new_epsilon_keeps_statistics_uses_new_setting(new_database
         after = predictions(c2, models)
         for kind in before:
             np.testing.assert_allclose(after[kind], before[kind], rtol=0, atol=1e-12)
+
+
+def test_restart_upgrade_seeds_missing_kind_from_stored_sums(new_database_url):
+    """A checkpoint written before the ``select`` kind existed (main with linucb as the
+    default stored shared:linucb, shared:thompson and an isolated tenant's pair): after
+    the upgrade, ``select`` (now the default) starts from their sums, its arms on their
+    learned means, not from the priors."""
+    url = new_database_url()
+    with TestClient(create_app(make_settings(url))) as c1:
+        models = [add_model(c1, f"model-{i}", 0.5 * (i + 1), 2.0 * (i + 1)) for i in range(3)]
+        tenant = create_tenant(c1)
+        r = c1.put("/v1/tenants/me/preferences", json={"scope": "isolated"}, headers=tenant)
+        assert r.status_code == 200
+        for i, name in enumerate(models):  # every arm learns, whatever a policy would pick
+            for seed in range(5):
+                d = decide(c1, tenant, [name], seed=seed).json()
+                r = c1.post("/v1/feedback", json={"decision_id": d["decision_id"],
+                                                  "quality": 0.2 + 0.3 * i}, headers=tenant)
+                assert r.status_code == 202
+        assert c1.app.state.routing.checkpoint(force=True)
+        learned = {"shared": c1.app.state.routing.shared["linucb"],
+                   "isolated": c1.app.state.routing.isolated[tenant["X-Tenant"]]["linucb"]}
+    engine = create_engine(url)
+    with Session(engine) as session, session.begin():
+        newest = session.scalar(select(func.max(dbm.PolicyCheckpoint.id)))
+        kinds = session.scalars(select(dbm.PolicySnapshot.key).where(
+            dbm.PolicySnapshot.checkpoint_id == newest,
+            dbm.PolicySnapshot.key.endswith(":select"))).all()
+        assert sorted(kinds) == ["shared:select", f"tenant:{tenant['X-Tenant']}:select"]
+        # Every checkpoint kept becomes one written before the kind existed.
+        session.execute(delete(dbm.PolicySnapshot).where(
+            dbm.PolicySnapshot.key.endswith(":select")))
+    engine.dispose()
+    with TestClient(create_app(make_settings(url))) as c2:
+        service = c2.app.state.routing
+        seeded = {"shared": service.shared["select"],
+                  "isolated": service.isolated[tenant["X-Tenant"]]["select"]}
+        for scope, policy in seeded.items():
+            assert isinstance(policy, SelectiveThompson), scope
+            for name in models:
+                assert policy.observations(name) == learned[scope].observations(name)
+                assert policy.observations(name)["quality"] == 5, scope
+            # On its means alone (no prequential errors yet): at every context, each
+            # arm's 5 outcomes of 0.2 + 0.3 i with the declared prior 0.5 worth 1.
+            for x in PROBES:
+                got = [policy.predict(x, PREFS, models)[n].quality for n in models]
+                np.testing.assert_allclose(got, [(0.5 + 5 * (0.2 + 0.3 * i)) / 6
+                                                 for i in range(3)], rtol=0, atol=1e-6)
