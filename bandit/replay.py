@@ -273,6 +273,10 @@ def cumulative_regret(log: ReplayLog, preferences: Preferences,
     return np.cumsum(r.max(axis=1) - r[np.arange(len(ch)), ch])
 
 
+#: Rows per prequential block of :func:`warm_start` for a policy that selects models.
+WARM_START_BLOCK = 32
+
+
 def warm_start(policy: Policy, x: np.ndarray, log: ReplayLog, *, weight: float = 1.0,
                prior_cost_from_log: bool = True) -> Policy:
     """Fit every arm's heads on a labelled log with every model's outcome (full
@@ -291,12 +295,21 @@ def warm_start(policy: Policy, x: np.ndarray, log: ReplayLog, *, weight: float =
             prior = ArmPrior(cost_usd=float(log.outcomes[:, j, 1].mean())
                              if prior_cost_from_log else None)
             policy.add_arm(name, prior)
+    # A policy that selects among nested models (``context_ridges``, ``tag_ridges``)
+    # scores each by its prequential error. In one batch every candidate would predict
+    # the whole log from the prior alone (equal errors: the mean would win); in blocks
+    # each is scored on rows it has not learned yet, so the warm start carries which
+    # model predicts each arm. The sums are the same either way.
+    selects = policy.config.context_ridges is not None or policy.config.tag_ridges is not None
+    block = WARM_START_BLOCK if selects else max(n, 1)
     for j, name in enumerate(log.arms):
         outcomes = [{"quality": float(q), "cost_usd": float(c),
                      **({} if np.isnan(lat) else {"latency_ms": float(lat)})}
                     for q, c, lat in log.outcomes[:, j]]
-        # A labelled log is not a stream in time: it never feeds the drift detector
-        # (a detection would throw most of it away; see Policy.update_batch).
-        policy.update_batch([name] * n, x, outcomes, now=0.0, weight=weight,
-                            watch_drift=False)
+        for start in range(0, max(n, 1), block):
+            rows = outcomes[start:start + block]
+            # A labelled log is not a stream in time: it never feeds the drift detector
+            # (a detection would throw most of it away; see Policy.update_batch).
+            policy.update_batch([name] * len(rows), x[start:start + block], rows, now=0.0,
+                                weight=weight, watch_drift=False)
     return policy

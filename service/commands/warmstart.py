@@ -17,6 +17,7 @@ from bandit import InvalidInputError
 from bandit.featurize import HASHING_VERSIONS
 from bandit.replay import ReplayLog, warm_start
 from service.commands.replay import POLICIES, featurize_prompts, read_log
+from service.config import DEFAULT_POLICY
 from service.state_file import StateFile
 
 
@@ -25,7 +26,9 @@ def warmstart(
                                          exists=True, dir_okay=False)],
     out: Annotated[Path, typer.Option(help="Where to write the state file (JSON; "
                                       "bandit-router state import loads it)")],
-    policy: Annotated[str, typer.Option(help="linucb or thompson")] = "linucb",
+    policy: Annotated[str, typer.Option(
+        help="linucb, thompson or select (the service's default: its file also carries "
+             "which of each model's nested models predicts it)")] = DEFAULT_POLICY,
     weight: Annotated[float, typer.Option(
         help="How much one labelled row counts, in (0, 1]: below 1 lets live feedback "
              "take over sooner")] = 0.25,
