@@ -33,7 +33,7 @@ MINILM_DIM = 384
 #: The policy ``serve`` gives a new tenant and ``replay`` runs: the one switch for the
 #: routing default (``select`` earned more than ``linucb`` on every replay data set of
 #: issue 13: docs/results.md, "Context admitted only where it pays").
-DEFAULT_POLICY = "linucb"
+DEFAULT_POLICY = "select"
 _DEFAULT_DIM = {"hashing": 64, "minilm": MINILM_DIM}
 
 

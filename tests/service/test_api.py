@@ -124,7 +124,7 @@ def test_decide_returns_decision(client, models):
     assert set(body["predictions"]) == set(models)
     for p in body["predictions"].values():
         assert {"quality", "cost_usd", "latency_ms", "score", "uncertainty"} <= set(p)
-    assert body["policy"] == "linucb" and body["scope"] == "shared"
+    assert body["policy"] == "select" and body["scope"] == "shared"
     assert isinstance(body["policy_version"], int)
 
 
@@ -305,7 +305,7 @@ def test_put_preferences_applies_to_next_decision(client, models):
     r = client.get("/v1/tenants/me/preferences", headers=tenant)
     assert r.status_code == 200
     assert r.json()["weights"] == {"quality": 1.0, "cost": 0.0, "latency": 0.0}
-    assert r.json()["policy"] == "linucb" and r.json()["scope"] == "shared"
+    assert r.json()["policy"] == "select" and r.json()["scope"] == "shared"
     r = client.put("/v1/tenants/me/preferences", json={
         "weights": {"quality": 1.0, "cost": 1000.0, "latency": 0.0}, "policy": "thompson"},
         headers=tenant)

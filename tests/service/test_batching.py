@@ -31,7 +31,9 @@ def test_decide_many_equals_policy_decide_batch_row_by_row(new_database_url):
         service = client.app.state.routing
         a = service.tenant_for_key(create_tenant(client, "a")["Authorization"][7:])
         b = service.tenant_for_key(create_tenant(client, "b")["Authorization"][7:])
-        twin = Policy.from_bytes(service.shared["linucb"].to_bytes())
+        # The tenants' policy (the default), random stream included.
+        assert a.policy == b.policy
+        twin = Policy.from_bytes(service.shared[a.policy].to_bytes())
         xs = [np.asarray(embedding(seed)) for seed in range(6)]
         override = Preferences(1.0, 10.0, 0.0)
         requests = [DecideArgs(a, xs[0], None, None), DecideArgs(b, xs[1], None, None),

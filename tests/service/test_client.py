@@ -95,7 +95,7 @@ def test_decide_client_returns_typed_decision(client, models):
     assert decision.model in models
     assert set(decision.predictions) == set(models)
     assert 0.0 < decision.propensity <= 1.0
-    assert decision.policy == "linucb" and decision.scope == "shared"
+    assert decision.policy == "select" and decision.scope == "shared"
     uuid.UUID(decision.decision_id)
 
 

@@ -6,17 +6,28 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import numpy as np
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer
 
+from bandit import Preferences, SelectiveThompson
 from service.app import create_app
+from service.config import DEFAULT_POLICY
 from service.db.engine import upgrade
+from service.domain import POLICY_KINDS
 from streams.config import StreamsConfig
 from streams.learner import Learner, libpq_url
 from streams.schemas import decode_decision
-from tests.service.conftest import ADMIN, ADMIN_KEY, add_model, create_tenant, decide
+from tests.service.conftest import (
+    ADMIN,
+    ADMIN_KEY,
+    add_model,
+    create_tenant,
+    decide,
+    embedding,
+)
 from tests.streams.helpers import DIM
 from tests.streams.test_learner import Running
 
@@ -67,13 +78,25 @@ def test_route_feedback_through_kafka_visible_to_both_replicas(
                 while True:
                     seen = [{m: app.app.state.routing.shared[kind].observations(m)["quality"]
                              for m in models}
-                            for app in (a, b) for kind in ("linucb", "thompson")]
+                            for app in (a, b) for kind in POLICY_KINDS]
                     if all(s == {m: expected.get(m, 0) for m in models} for s in seen):
                         break
                     assert time.monotonic() < deadline, (seen, dict(expected))
                     time.sleep(0.2)
             finally:
                 running.stop()
+            # The default kind decided. Rebuilt from the learners' sums (no prequential
+            # errors), select has every model on its mean (docs/streams.md, "Deciders").
+            assert {d["policy"] for d in decided} == {DEFAULT_POLICY} == {"select"}
+            probes = [np.asarray(embedding(seed)) for seed in (101, 102)]
+            for app in (a, b):
+                policy = app.app.state.routing.shared["select"]
+                assert isinstance(policy, SelectiveThompson)
+                first, second = (policy.predict(x, Preferences(), models) for x in probes)
+                for m in models:
+                    assert first[m].quality == pytest.approx(second[m].quality, abs=1e-6)
+                    if expected.get(m):  # learned: toward the 0.9 every outcome reported
+                        assert first[m].quality > 0.6, (m, first[m].quality)
             assert learner.metrics.events.labels("duplicate")._value.get() == 1
 
     consumer = KafkaConsumer(decisions_topic, bootstrap_servers=kafka_bootstrap,
