@@ -26,6 +26,7 @@ pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
 import openai  # noqa: E402
 
 from service.client import RouterClient  # noqa: E402
+from service.config import DEFAULT_POLICY  # noqa: E402
 from tests.bandit_router_litellm.proxy import MASTER_KEY, litellm_cli, running_proxy  # noqa: E402
 from tests.fakes.openai_upstream import FakeModel, running_upstream  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
@@ -205,6 +206,16 @@ def test_proxy_failing_deployment_stops_being_chosen(client, tenant, upstream, s
     """
     questions = ["Summarise this contract for me.", "Translate 'good morning' to French.",
                  "Write a haiku about the sea."]
+    # LinUCB: its tie goes to flaky, so the failures must teach it (select, the default,
+    # may draw strong from the start and never need to learn flaky fails).
+    tenant.put_preferences(policy="linucb")
+    try:
+        _learn_flaky_fails(client, tenant, upstream, seen, questions)
+    finally:
+        tenant.put_preferences(policy=DEFAULT_POLICY)
+
+
+def _learn_flaky_fails(client, tenant, upstream, seen, questions: list[str]) -> None:
     decisions = []
     for i in range(30):
         try:
