@@ -99,7 +99,17 @@ class Settings(BaseSettings):
         "its quality, docs/policies.md).")
     policy_seed: int | None = Field(None, description="Seed of the policies' random "
                                     "generators; None draws one from the OS.")
-    epsilon: float = Field(0.01, ge=0.0, le=1.0)
+    epsilon: float | None = Field(
+        None, ge=0.0, le=1.0, description="Share of uniform exploration (every logged "
+        "propensity >= epsilon / K, for off-policy evaluation). Unset: each policy's own "
+        "default (linucb 0.01; thompson and select 0, whose sampled propensities are "
+        "positive anyway: a uniform share cost select 0.02-0.15 of routing value, "
+        "docs/results.md).")
+
+    def policy_epsilon(self, kind_class: type) -> float:
+        """The uniform share a policy of ``kind_class`` explores with: the setting, or
+        the class's own default when unset."""
+        return kind_class.Config.epsilon if self.epsilon is None else self.epsilon
     half_life_hours: float | None = Field(None, gt=0.0, description="Forgetting: an "
                                           "observation's weight halves every this many "
                                           "hours (docs/policies.md); unset keeps "

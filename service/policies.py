@@ -59,7 +59,8 @@ class PolicyStore:
     def new_policy(self, kind: str) -> Policy:
         """A policy of ``kind`` with the settings' parameters and the registry's arms."""
         policy = POLICY_CLASSES[kind](self.contexts.dim, seed=self.settings.policy_seed,
-                                      epsilon=self.settings.epsilon,
+                                      epsilon=self.settings.policy_epsilon(
+                                          POLICY_CLASSES[kind]),
                                       half_life_hours=self.settings.half_life_hours,
                                       **self.contexts.tag_settings())
         for model in self.registry.models.values():
@@ -123,7 +124,7 @@ class PolicyStore:
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
             # The reference time comes with the statistics (the newest decision time
             # applied, see apply): the replay continues from it, as the live process did.
-            settings = {"epsilon": self.settings.epsilon,
+            settings = {"epsilon": self.settings.policy_epsilon(POLICY_CLASSES[kind]),
                         "half_life_hours": self.settings.half_life_hours}
             policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind], **settings)
             if policy.dim != self.contexts.dim:

@@ -47,6 +47,9 @@ def test_restart_after_shutdown_decides_identically(new_database_url):
     with TestClient(create_app(make_settings(url))) as c1:
         models = [add_model(c1, f"model-{i}", 0.5 * (i + 1), 2.0 * (i + 1)) for i in range(3)]
         tenant = create_tenant(c1)
+        # LinUCB's argmax is deterministic: the tenant's next decisions are predictable.
+        r = c1.put("/v1/tenants/me/preferences", json={"policy": "linucb"}, headers=tenant)
+        assert r.status_code == 200, r.text
         train(c1, tenant, models, 30)
         before = predictions(c1, models)
         # What the shared LinUCB policy would decide next, from a copy of its state.
@@ -173,6 +176,25 @@ def test_restart_with_new_epsilon_keeps_statistics_uses_new_setting(new_database
         after = predictions(c2, models)
         for kind in before:
             np.testing.assert_allclose(after[kind], before[kind], rtol=0, atol=1e-12)
+
+
+def test_unset_epsilon_gives_each_kind_its_own_default_and_restart_keeps_it(new_database_url):
+    """EPSILON unset: linucb keeps its 1% uniform share, thompson and select sample with
+    none (the share measured against select's routing value); a restart restores the
+    statistics with the same shares, not the checkpoint's."""
+    url = new_database_url()
+    expected = {"linucb": 0.01, "thompson": 0.0, "select": 0.0}
+    for round_ in range(2):
+        with TestClient(create_app(make_settings(url, epsilon=None))) as c:
+            if round_ == 0:
+                models = [add_model(c, f"model-{i}", 0.5 * (i + 1), 2.0 * (i + 1))
+                          for i in range(3)]
+                train(c, create_tenant(c), models, 10)
+            shared = c.app.state.routing.shared
+            assert {kind: p.config.epsilon for kind, p in shared.items()} == expected
+            fresh = {kind: c.app.state.routing.policies.new_policy(kind).config.epsilon
+                     for kind in shared}
+            assert fresh == expected
 
 
 def test_restart_upgrade_seeds_missing_kind_from_stored_sums(new_database_url):
