@@ -37,11 +37,13 @@ their errors are sums like the others (replicas merge, forgetting discounts them
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg import solve_triangular as _solve_triangular
 from scipy.linalg.blas import dger as _dger
 
 from bandit import _policy_kernel as _kernel
 
-__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FLOAT32_INVERSE_DIM", "prior_sigma"]
+__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FLOAT32_INVERSE_DIM", "prior_sigma",
+           "sequential_errors"]
 
 _H = 3  # heads: quality, cost (USD), latency (s)
 _NONE = np.zeros(0, dtype=np.intp)
@@ -97,6 +99,11 @@ class ArmStatistics:
         #: One context's prediction and the usual update through the compiled kernels
         #: (bandit/_policy_kernel.py); False: the numpy reference (the tests compare).
         self.compiled = True
+        #: :meth:`update_many` scores the candidates' prequential errors event by event
+        #: (:func:`sequential_errors`: the same sums as one :meth:`update` per row, in
+        #: any batching); False: every row of a batch against the coefficients before
+        #: the batch. The distributed learners set it (streams/stats.py).
+        self.exact_prequential = False
         d = self.n_features
         text = dim - tag_dims
         # Ridge of the context coefficients relative to the intercept's: above 1 shrinks
@@ -384,9 +391,13 @@ class ArmStatistics:
         if self.selecting and observed[:, 0].any():
             # Every candidate's error on the batch, predicted before the batch is learned.
             q = observed[:, 0]
-            e = y[q, 0, None] - x[q] @ self.sel_theta[k].T  # (n, G)
             wq = weight[q] if np.ndim(weight) else weight
-            self.sel_err[k] += (np.reshape(wq, (-1, 1)) * e * e).sum(axis=0)
+            if self.exact_prequential:
+                self.sel_err[k] += sequential_errors(self.sel_inv[k], self.sel_theta[k],
+                                                     x[q], y[q, 0], wq)
+            else:
+                e = y[q, 0, None] - x[q] @ self.sel_theta[k].T  # (n, G)
+                self.sel_err[k] += (np.reshape(wq, (-1, 1)) * e * e).sum(axis=0)
         if np.ndim(weight):  # one weight per row: sum_i w_i x_i x_i^T = (w x)^T x
             w: np.ndarray | float = np.asarray(weight, dtype=np.float64).reshape(-1, 1)
             xw, wsum = x * w, 1.0
@@ -609,12 +620,63 @@ class ArmStatistics:
         return means, utility, np.sqrt(np.maximum(var, 0.0))
 
 
+def sequential_errors(inv: np.ndarray, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
+                      weight: float | np.ndarray = 1.0, block: int = 64) -> np.ndarray:
+    """Prequential squared errors of G ridge fits over a batch, as if learned row by row.
+
+    ``inv`` (G,D,D) and ``theta`` (G,D) are the fits' current inverses and coefficients
+    (:class:`ArmStatistics`' ``sel_inv[k]`` / ``sel_theta[k]``), ``x`` (n,D) and ``y``
+    (n,) the batch in order, ``weight`` one number or (n,). Returns (G,) the sums of
+    ``w_i e_i^2`` with ``e_i`` each row's error against the fit of every row before it:
+    what n calls of :meth:`ArmStatistics.update` add to ``sel_err`` (to rounding), at
+    the cost of a few matrix products per ``block`` rows instead of n rank-one steps.
+
+    The errors are the innovations of the batch: with P = A^-1, the residuals
+    r = y - X theta have covariance S = X P X^T + W^-1 (in noise units), and with
+    S = C C^T (Cholesky), the sequential errors are diag(C) * C^-1 r. Between blocks
+    the fit moves as n rank-one steps would: theta += V^T z, P -= V^T V with
+    V = C^-1 X P, z = C^-1 r (block Woodbury).
+    """
+    g = theta.shape[0]
+    total = np.zeros(g)
+    w = np.broadcast_to(np.asarray(weight, dtype=np.float64), y.shape)
+    keep = w > 0  # a weightless row teaches nothing and scores nothing
+    if not keep.all():
+        x, y, w = x[keep], y[keep], w[keep]
+    n = y.shape[0]
+    if n > block:  # the fits move between blocks: on copies, the caller's stay
+        inv, theta = inv.copy(), theta.copy()
+    for start in range(0, n, block):
+        xb, yb, wb = x[start:start + block], y[start:start + block], w[start:start + block]
+        m = yb.shape[0]
+        xp = xb @ inv  # (G,m,D): X P (P symmetric)
+        s = xp @ xb.T  # (G,m,m)
+        s[:, np.arange(m), np.arange(m)] += 1.0 / wb
+        c = np.linalg.cholesky(s)
+        r = yb - theta @ xb.T  # (G,m)
+        last = start + block >= n
+        for j in range(g):
+            rhs = r[j, :, None] if last else np.column_stack([r[j], xp[j]])
+            sol = _solve_lower(c[j], rhs)
+            e = np.diagonal(c[j]) * sol[:, 0]
+            total[j] += float(wb @ (e * e))
+            if not last:
+                z, v = sol[:, 0], sol[:, 1:]
+                theta[j] += v.T @ z
+                inv[j] -= v.T @ v
+    return total
+
+
 def _rank1(a: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> None:
     """``a += alpha * u v^T`` in place for a C-contiguous (M, D) ``a`` (BLAS dger on its
     Fortran-ordered transpose): no D x D temporary, ~3x faster than numpy's outer."""
     # f2py writes in place into an F-contiguous float64 array with overwrite_a
     # (tests/bandit/test_hot_path.py checks the update against the numpy form).
     _dger(alpha, v, u, a=a.T, overwrite_a=1)
+
+
+def _solve_lower(c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    return _solve_triangular(c, rhs, lower=True, check_finite=False)
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:

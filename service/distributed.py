@@ -58,7 +58,7 @@ from service.writer import DecisionWriter
 from streams.config import StreamsConfig
 from streams.learner import libpq_url
 from streams.schemas import DecisionEvent, FeedbackEvent, encode_decision, encode_feedback
-from streams.stats import SHARED_KEY, recast
+from streams.stats import SHARED_KEY, candidate_settings, recast
 
 __all__ = ["distributed", "KafkaFeedback", "FollowedStatistics", "StatisticsFollower",
            "streams_config"]
@@ -115,7 +115,7 @@ def streams_config(settings: Settings, *, contexts: Contexts | None = None) -> S
         metrics_port=settings.learner_metrics_port,
         half_life_hours=settings.half_life_hours,
         feedback_rows=settings.learner_feedback_rows,
-        featurizer=featurizer_spec(contexts)).validated()
+        featurizer=featurizer_spec(contexts), tag_dims=contexts.tag_dims).validated()
 
 
 
@@ -404,7 +404,10 @@ class FollowedStatistics:
         with store.lock:
             policy = store.new_policy(kind)
         if total is not None and total.arms:
-            policy.merge(recast(total, POLICY_CLASSES[kind]))
+            # With the policy's own candidates: ``select`` keeps the learners'
+            # prequential errors (the same candidates), the others have none.
+            policy.merge(recast(total, POLICY_CLASSES[kind],
+                                **candidate_settings(policy.config)))
             with store.lock:
                 store.sync_arms(policy)  # arms the registry deleted (or never had) go
         return policy

@@ -14,7 +14,7 @@ import psycopg
 from bandit import Policy
 from streams.config import StreamsConfig
 from streams.learner import NOTIFY_CHANNEL, libpq_url
-from streams.stats import check_featurizer, check_stored, sum_statistics
+from streams.stats import check_featurizer, load_statistics, sum_statistics
 
 __all__ = ["StatisticsFollower"]
 
@@ -91,9 +91,9 @@ class StatisticsFollower:
             if key is not None:
                 where = f"partition {partition} ({key})"
                 try:
-                    fresh[partition][key] = check_stored(
-                        Policy.from_bytes(bytes(data)), self.config.dim,
-                        self.config.half_life_hours, where)
+                    fresh[partition][key] = load_statistics(
+                        bytes(data), self.config.dim, self.config.half_life_hours, where,
+                        self.config.tag_dims)
                     check_featurizer(spec, self.config.featurizer, where)
                 except ValueError as exc:
                     # Versions not recorded: every refresh tries (and reports) again.
@@ -118,7 +118,8 @@ class StatisticsFollower:
         now = self.clock()
         keys = {k for part in self._parts.values() for k in part}
         totals = {key: sum_statistics((p[key] for p in self._parts.values() if key in p),
-                                      self.config.dim, self.config.half_life_hours, now)
+                                      self.config.dim, self.config.half_life_hours, now,
+                                      self.config.tag_dims)
                   for key in keys}
         self.on_change(totals, dict(self.offsets))
         self._published_at = now

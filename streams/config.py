@@ -63,6 +63,10 @@ class StreamsConfig:
         (``bandit.featurize`` ``spec``, e.g. ``hashing-v1:dim=64,...``): the learners
         store it with the statistics and refuse statistics of another one, as the API
         replicas do. None: not recorded, not checked (tests, benchmarks).
+    tag_dims
+        Width of the contexts' request-tag block (``BANDIT_ROUTER_TAG_BLOCK``; 0: none):
+        the statistics score the default policy's candidate models (with and without
+        the tags) as the API replicas' ``select`` does, so it must match theirs.
 
     Examples
     --------
@@ -89,6 +93,7 @@ class StreamsConfig:
     half_life_hours: float | None = None
     feedback_rows: bool = True
     featurizer: str | None = None
+    tag_dims: int = 0
 
     def validated(self) -> StreamsConfig:
         if not isinstance(self.bootstrap, str) or not self.bootstrap.strip():
@@ -112,4 +117,8 @@ class StreamsConfig:
                                     "characters, or None", self.featurizer)
         if self.half_life_hours is not None:
             check_finite_number("half_life_hours", self.half_life_hours, low=1e-6)
+        if (isinstance(self.tag_dims, bool) or not isinstance(self.tag_dims, int)
+                or not 0 <= self.tag_dims < self.dim):
+            raise InvalidInputError("tag_dims", f"must be an integer in [0, {self.dim - 1}]"
+                                    " (the tag block's width, less than dim)", self.tag_dims)
         return self

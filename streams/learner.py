@@ -74,6 +74,7 @@ from streams.stats import (
     StatisticsMismatchError,
     check_featurizer,
     check_stored,
+    load_statistics,
     new_statistics,
     scope_key,
 )
@@ -624,9 +625,10 @@ class Learner:
             blobs = conn.execute(
                 "SELECT key, data, featurizer FROM partition_statistics"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
-        stats = {key: check_stored(Policy.from_bytes(bytes(data)), self.config.dim,
-                                   self.config.half_life_hours,
-                                   f"partition {tp.partition} ({key})")
+        stats = {key: load_statistics(bytes(data), self.config.dim,
+                                      self.config.half_life_hours,
+                                      f"partition {tp.partition} ({key})",
+                                      self.config.tag_dims)
                  for key, data, _spec in blobs}
         # After the dimension: a changed dimension says so first, more precisely.
         for key, _data, spec in blobs:
@@ -1027,7 +1029,8 @@ class Learner:
         for key, rows in groups.items():
             policy = state.stats.get(key)
             if policy is None:
-                policy = state.stats[key] = new_statistics(dim, self.config.half_life_hours)
+                policy = state.stats[key] = new_statistics(dim, self.config.half_life_hours,
+                                                           self.config.tag_dims)
             sub = arms if rows is None else [arms[i] for i in rows]
             known = set(policy.arms)
             for arm in dict.fromkeys(sub):  # first-seen order
@@ -1137,7 +1140,7 @@ def main(argv: list[str] | None = None) -> None:
         option(name, str)
     option("featurizer", str, "spec of the featurizer that made the contexts, stored "
            "with the statistics and checked against them")
-    for name in ("dim", "partitions", "max_poll_records", "metrics_port"):
+    for name in ("dim", "tag_dims", "partitions", "max_poll_records", "metrics_port"):
         option(name, int)
     option("pending_timeout_s", float)
     option("half_life_hours", float, "forgetting by event time (same as the API "

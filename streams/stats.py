@@ -17,19 +17,36 @@ applied which partition in which order (see docs/streams.md).
 
 The scoring rule is not part of the sums, so one set of statistics serves every policy
 kind: :func:`recast` turns the LinUCB carrier into any registered policy class.
+
+What the default policy (``select``, :mod:`bandit.select`) needs beyond the sums is
+each arm's prequential (predict-then-update) squared error of every candidate model:
+which of the arm's nested models has predicted its quality best so far. The carrier
+scores the same candidates as the deciders' ``select`` (:func:`carrier_settings`): each
+event is predicted by every candidate fitted on the partition's statistics before it,
+event by event within a batch (:func:`bandit.stats.sequential_errors`, exact in any
+batching), and the errors are sums stored with the others, so a redelivered event that
+is skipped adds none and the deciders add the partitions' errors as they add the sums.
+A partition predicts from its own share of the events only: see docs/streams.md.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
+
 from bandit import LinUCB, Policy
 from bandit.errors import InvalidInputError
+from bandit.select import SelectiveThompsonConfig
 
 __all__ = ["SHARED_KEY", "StatisticsMismatchError", "HalfLifeMismatchError",
-           "DimensionMismatchError", "FeaturizerMismatchError", "check_dim",
-           "check_featurizer", "check_half_life", "check_stored",
-           "new_statistics", "recast", "sum_statistics", "scope_key"]
+           "DimensionMismatchError", "FeaturizerMismatchError", "as_carrier",
+           "candidate_settings", "carrier_settings", "check_dim", "check_featurizer",
+           "check_half_life", "check_stored", "load_statistics", "new_statistics", "recast",
+           "sum_statistics", "scope_key"]
+
+#: The settings that make a policy's model-selection candidates.
+_CANDIDATES = ("context_ridge", "context_ridges", "tag_dims", "tag_ridge", "tag_ridges")
 
 SHARED_KEY = "shared"
 
@@ -47,18 +64,66 @@ def scope_key(scope: str, tenant_id: str) -> str | None:
     return f"tenant:{tenant_id}" if scope == "isolated" else None
 
 
-def new_statistics(dim: int, half_life_hours: float | None = None) -> Policy:
+def carrier_settings(tag_dims: int = 0) -> dict[str, object]:
+    """The candidate models the carriers score: those of the deciders' ``select``
+    (:class:`~bandit.select.SelectiveThompsonConfig`'s defaults for this tag block).
+
+    >>> carrier_settings()["context_ridges"]
+    (1000000.0, 100.0)
+    """
+    return candidate_settings(SelectiveThompsonConfig(dim=tag_dims + 1, tag_dims=tag_dims))
+
+
+def candidate_settings(config: object) -> dict[str, object]:
+    """A policy configuration's model-selection settings (as keyword arguments)."""
+    return {name: getattr(config, name) for name in _CANDIDATES}
+
+
+def new_statistics(dim: int, half_life_hours: float | None = None,
+                   tag_dims: int = 0) -> Policy:
     """An empty statistics carrier: no arms yet, no drift detector.
 
     With ``half_life_hours`` the sums forget by event time (``update_batch(...,
     times=...)``); ``decay_interval_s=0`` keeps the reference time at the latest event,
-    so every stored weight is at most 1.
+    so every stored weight is at most 1. It scores the candidates of ``select``
+    (:func:`carrier_settings`; ``tag_dims``: the contexts' tag block) event by event.
 
     >>> new_statistics(4).arms
     []
     """
-    return LinUCB(dim, drift_delta=None, half_life_hours=half_life_hours,
-                  decay_interval_s=0.0, seed=0)
+    return _exact(LinUCB(dim, drift_delta=None, half_life_hours=half_life_hours,
+                         decay_interval_s=0.0, seed=0, **carrier_settings(tag_dims)))
+
+
+def _exact(policy: Policy) -> Policy:
+    # Private, by design: the carrier's batches score like one update per event.
+    policy._stats.exact_prequential = True  # noqa: SLF001
+    return policy
+
+
+def _same_candidates(a: Policy, b: Policy) -> bool:
+    da, db = a._stats.sel_diag, b._stats.sel_diag  # noqa: SLF001
+    return da.shape == db.shape and bool(np.array_equal(da, db))
+
+
+def as_carrier(stats: Policy, tag_dims: int = 0) -> Policy:
+    """``stats`` as a carrier of this process's candidates (:func:`new_statistics`).
+
+    Statistics stored before the carriers scored candidates (or with other ones) keep
+    their sums; their prequential errors start at zero, as a fresh ``select`` restored
+    from a sibling kind's sums does.
+    """
+    settings = carrier_settings(tag_dims)
+    if candidate_settings(stats.config) == settings and isinstance(stats, LinUCB):
+        return _exact(stats)
+    return _exact(recast(stats, LinUCB, **settings))
+
+
+def load_statistics(data: bytes, dim: int, half_life_hours: float | None, where: str,
+                    tag_dims: int = 0) -> Policy:
+    """Stored partition statistics, checked (:func:`check_stored`), as a carrier."""
+    stats = check_stored(Policy.from_bytes(data), dim, half_life_hours, where)
+    return as_carrier(stats, tag_dims)
 
 
 def check_half_life(stats: Policy, half_life_hours: float | None, where: str) -> Policy:
@@ -143,6 +208,9 @@ def check_stored(stats: Policy, dim: int, half_life_hours: float | None,
 def recast(stats: Policy, cls: type[Policy], **config: object) -> Policy:
     """The same data sums and arms as ``stats``, as a ``cls`` policy with ``config``.
 
+    The model-selection candidates are ``cls``'s defaults unless ``config`` names them;
+    the prequential errors are kept only when the candidates are the same.
+
     Goes through the public serialization (``Policy.from_bytes(..., as_class=cls)``):
     the sums are class-independent.
 
@@ -153,21 +221,30 @@ def recast(stats: Policy, cls: type[Policy], **config: object) -> Policy:
     >>> type(t).__name__, t.observations("a")["quality"]
     ('LinearThompson', 1)
     """
-    return Policy.from_bytes(stats.to_bytes(derived=False), as_class=cls, **config)
+    # The class's own candidates unless given (the contexts' layout, tag_dims, stays).
+    own = candidate_settings(cls.Config(dim=stats.dim, tag_dims=stats.config.tag_dims))
+    out = Policy.from_bytes(stats.to_bytes(derived=False), as_class=cls,
+                            **{**own, **config})
+    if out._stats.selecting and not _same_candidates(out, stats):  # noqa: SLF001
+        # Errors of other candidates say nothing about these: they start afresh.
+        out._stats.sel_err[:] = 0.0  # noqa: SLF001
+        out._stats.refresh()  # noqa: SLF001
+    return out
 
 
 def sum_statistics(parts: Iterable[Policy], dim: int, half_life_hours: float | None = None,
-                   now: float | None = None) -> Policy:
-    """The sum of several partitions' statistics (one carrier).
+                   now: float | None = None, tag_dims: int = 0) -> Policy:
+    """The sum of several partitions' statistics (one carrier, :func:`as_carrier`):
+    data sums and the candidates' prequential errors alike.
 
     With forgetting, every partition is decayed to the latest reference time among them
     (:meth:`bandit.Policy.merge`), then the sum to ``now`` if that is later: a stream
     that went idle keeps forgetting. The result's reference time is
     ``max(now, latest partition reference)``, the same whichever order ``parts`` come in.
     """
-    total = new_statistics(dim, half_life_hours)
+    total = new_statistics(dim, half_life_hours, tag_dims)
     for part in parts:
-        total.merge(part)
+        total.merge(as_carrier(part, tag_dims))
     if now is not None:
         total.decay(now)
     return total
