@@ -20,10 +20,12 @@ from tests.streams.helpers import (
     Ends,
     World,
     assert_feedback_rows,
+    assert_same_selection,
     assert_same_statistics,
     load_statistics,
     producer,
     replay,
+    replay_partitions,
     send_events,
     send_raw,
     wait_caught_up,
@@ -112,8 +114,9 @@ def test_apply_feedback_two_learners_equal_replay(world: World, kafka_bootstrap:
     owned = a.learner.metrics.events.labels("applied")._value.get() + \
         b.learner.metrics.events.labels("applied")._value.get()
     assert owned == 1200
-    assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
-                           replay(world, events))
+    total = load_statistics(world.url, unique_group_id, topic)
+    assert_same_statistics(total, replay(world, events))
+    assert_same_selection(total, replay_partitions(world, ends))
     assert_feedback_rows(world.url, events)
     # Each decision is charged the real cost of its last applied feedback (the second
     # event; the repeats of first events changed nothing), as in embedded mode.
