@@ -10,6 +10,7 @@ tenants (``TenantState.guard_state``) and are changed under the state lock.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import psycopg
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 from sqlalchemy.orm import Session
 
 from bandit import Policy, Preferences
@@ -36,7 +37,16 @@ from service.domain import ModelState, TenantState
 from service.metrics import Metrics
 from service.registry import Registry
 
-__all__ = ["Guards", "GuardFollower", "GuardLesson", "account"]
+__all__ = ["Guards", "GuardFollower", "GuardLesson", "account", "CHANGES_KEEP_S"]
+
+log = logging.getLogger("service.guards")
+
+#: ``guard_changes`` rows (PostgreSQL, migration 0010) are kept this long: the replicas'
+#: followers read them within seconds and rebuild in full every ``PRUNE_EVERY_S``.
+CHANGES_KEEP_S = 3600.0
+#: How often the log is pruned (by every replica's follower, and by the guards of any
+#: process that makes guarded decisions: embedded mode has no follower).
+PRUNE_EVERY_S = 600.0
 
 
 class GuardLesson(NamedTuple):
@@ -57,6 +67,12 @@ class Guards:
         self.lock = lock
         self._guards: dict[tuple[str, float], ConservativeGuard] = {}
         registry.subscribe(self)
+        #: Pruning of ``guard_changes`` (:meth:`prune_changes`): on PostgreSQL only.
+        self.keep_s = CHANGES_KEEP_S
+        self.prune_every_s = PRUNE_EVERY_S
+        self.clock: Callable[[], float] = time.monotonic
+        self._last_prune = -math.inf
+        self._pruning = threading.Lock()
 
     def guard_for(self, tenant: TenantState) -> ConservativeGuard | None:
         """The tenant's guard, or None: no baseline, or the baseline is not a model."""
@@ -108,6 +124,38 @@ class Guards:
         is never answered after all)."""
         with self.lock:
             ConservativeGuard.count(tenant.guard_state, record, sign)
+        self._maybe_prune()
+
+    def _maybe_prune(self) -> None:
+        """Prune ``guard_changes`` in the background at most every ``prune_every_s``.
+
+        Migration 0010's trigger logs every guarded decision's changes whatever the
+        mode; distributed mode's followers read and prune the log, but an embedded
+        process has none, so without this the log would grow forever (one or two rows
+        per guarded decision). Driven by the guarded decisions themselves: no decision,
+        no new rows, nothing to prune."""
+        if self.engine.dialect.name != "postgresql":
+            return  # SQLite: no trigger, no log
+        now = self.clock()
+        if now - self._last_prune < self.prune_every_s or not self._pruning.acquire(
+                blocking=False):
+            return
+        self._last_prune = now
+        threading.Thread(target=self._prune_in_background, name="guard-changes-prune",
+                         daemon=True).start()
+
+    def _prune_in_background(self) -> None:
+        try:
+            self.prune_changes()
+        except Exception:  # noqa: BLE001 - the next guarded decision tries again later
+            log.exception("guard_changes not pruned")
+        finally:
+            self._pruning.release()
+
+    def prune_changes(self) -> int:
+        """Delete the ``guard_changes`` rows older than ``keep_s``; returns how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(_PRUNE, {"keep": float(self.keep_s)}).rowcount
 
     # ------------------------------------------------------------------ rebuilding
     def load(self) -> None:
@@ -225,6 +273,8 @@ class _Account(NamedTuple):
     state: GuardState
 
 
+_PRUNE = text("DELETE FROM guard_changes WHERE at < now() - make_interval(secs => :keep)")
+
 # The changes past a watermark (migration 0010's trigger writes them).
 _CHANGES = ("SELECT id, xid::text::int8, tenant_id, decision_at, record, counted_before,"
             " reward_before, counted_after, reward_after FROM guard_changes"
@@ -247,8 +297,9 @@ class GuardFollower:
     (rounding never accumulates; changes older than ``keep_s`` are pruned then).
     """
 
-    def __init__(self, guards: Guards, database_url: str, *, full_every_s: float = 600.0,
-                 keep_s: float = 3600.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, guards: Guards, database_url: str, *,
+                 full_every_s: float = PRUNE_EVERY_S, keep_s: float = CHANGES_KEEP_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.guards = guards
         self.url = database_url
         self.full_every_s = full_every_s
