@@ -18,8 +18,8 @@ come from ``BANDIT_TEST_DATABASE_URL`` / ``BANDIT_TEST_KAFKA_BOOTSTRAP`` or the 
    cancels in the ratios).
 2. Visibility. One learner, caught up; probes are produced at ``--rate`` events/s for
    ``--seconds``; a :class:`service.distributed.StatisticsFollower` (what every API
-   replica runs) rebuilds the decision snapshot (priors + recast + merge, both policy
-   kinds) on each NOTIFY. A probe is visible when the snapshot includes its partition
+   replica runs) rebuilds the decision snapshot (priors + recast + merge, every policy
+   kind) on each NOTIFY. A probe is visible when the snapshot includes its partition
    offset; latency = visible time - send time. p50 / p99 reported.
 
 Goals (issue 17): one learner >= 0.5 of the bare consumer's rate, two learners >= 1.7x
@@ -58,12 +58,12 @@ import numpy as np
 import psycopg
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 
-from bandit import ArmPrior, LinearThompson, LinUCB
+from bandit import ArmPrior, LinearThompson, LinUCB, SelectiveThompson
 from service.db.engine import upgrade
 from streams.config import StreamsConfig
 from streams.learner import DEFAULT_CONSUMER_SETTINGS, libpq_url
 from streams.schemas import FeedbackEvent, encode_feedback
-from streams.stats import recast
+from streams.stats import candidate_settings, recast
 from streams.topics import create_topic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,7 +312,7 @@ def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
                            dim=DIM).validated()
     models = [f"model-{i:02d}" for i in range(MODELS)]
     bases = {}
-    for cls in (LinUCB, LinearThompson):
+    for cls in (LinUCB, LinearThompson, SelectiveThompson):
         base = cls(DIM, seed=0)
         for m in models:
             base.add_arm(m, ArmPrior(quality=0.5, cost_usd=0.001))
@@ -321,12 +321,12 @@ def visibility(url: str, bootstrap: str, admin: KafkaAdminClient, rate: float,
     rebuild_s: list[float] = []
 
     def on_change(totals: dict, offsets: dict[int, int]) -> None:
-        # The decider's rebuild: priors + the recast sum, for both policy kinds.
+        # The decider's rebuild: priors + the recast sum, for every policy kind.
         t = time.perf_counter()
         total = totals.get("shared")
         if total is not None:
             for cls, base in bases.items():
-                base.clone().merge(recast(total, cls))
+                base.clone().merge(recast(total, cls, **candidate_settings(base.config)))
         rebuild_s.append(time.perf_counter() - t)
         seen.append((time.time(), dict(offsets)))
 
