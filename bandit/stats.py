@@ -393,8 +393,13 @@ class ArmStatistics:
             q = observed[:, 0]
             wq = weight[q] if np.ndim(weight) else weight
             if self.exact_prequential:
-                self.sel_err[k] += sequential_errors(self.sel_inv[k], self.sel_theta[k],
-                                                     x[q], y[q, 0], wq)
+                group = self.group[k]
+                a0 = self.s_data[k] if group[0] else self.a_data[k, 0]
+                ridges = self.lam[k, 0] * self.sel_diag  # (G,D): each candidate's
+                a = np.broadcast_to(a0, (len(ridges), *a0.shape)).copy()
+                a[:, np.arange(self.n_features), np.arange(self.n_features)] += ridges
+                self.sel_err[k] += sequential_errors(a, self._b_total(k)[0], x[q], y[q, 0],
+                                                     wq)
             else:
                 e = y[q, 0, None] - x[q] @ self.sel_theta[k].T  # (n, G)
                 self.sel_err[k] += (np.reshape(wq, (-1, 1)) * e * e).sum(axis=0)
@@ -620,50 +625,49 @@ class ArmStatistics:
         return means, utility, np.sqrt(np.maximum(var, 0.0))
 
 
-def sequential_errors(inv: np.ndarray, theta: np.ndarray, x: np.ndarray, y: np.ndarray,
-                      weight: float | np.ndarray = 1.0, block: int = 64) -> np.ndarray:
+def sequential_errors(a: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray,
+                      weight: float | np.ndarray = 1.0, block: int = 128) -> np.ndarray:
     """Prequential squared errors of G ridge fits over a batch, as if learned row by row.
 
-    ``inv`` (G,D,D) and ``theta`` (G,D) are the fits' current inverses and coefficients
-    (:class:`ArmStatistics`' ``sel_inv[k]`` / ``sel_theta[k]``), ``x`` (n,D) and ``y``
-    (n,) the batch in order, ``weight`` one number or (n,). Returns (G,) the sums of
-    ``w_i e_i^2`` with ``e_i`` each row's error against the fit of every row before it:
-    what n calls of :meth:`ArmStatistics.update` add to ``sel_err`` (to rounding), at
-    the cost of a few matrix products per ``block`` rows instead of n rank-one steps.
+    ``a`` (G,D,D) are the fits' matrices (data plus each candidate's ridge) and ``b``
+    (D,) their common target vector (``A_g theta_g = b``), before the batch; ``x``
+    (n,D) and ``y`` (n,) the batch in order, ``weight`` one number or (n,). Returns
+    (G,) the sums of ``w_i e_i^2`` with ``e_i`` each row's error against the fit of
+    every row before it: what n calls of :meth:`ArmStatistics.update` add to
+    ``sel_err`` (to rounding), in a few matrix products per ``block`` rows instead of
+    n rank-one steps.
 
-    The errors are the innovations of the batch: with P = A^-1, the residuals
-    r = y - X theta have covariance S = X P X^T + W^-1 (in noise units), and with
-    S = C C^T (Cholesky), the sequential errors are diag(C) * C^-1 r. Between blocks
-    the fit moves as n rank-one steps would: theta += V^T z, P -= V^T V with
-    V = C^-1 X P, z = C^-1 r (block Woodbury).
+    The errors are the innovations of each block: with A = L L^T and W = L^-1 X^T, the
+    block's residuals r = y - X theta have covariance S = W^T W + W^-1 (in noise
+    units), and with S = C C^T the sequential errors are diag(C) * C^-1 r. Then the
+    block is added to A and b (shared by the candidates) and the next block starts from
+    the new fits.
     """
-    g = theta.shape[0]
+    g = a.shape[0]
     total = np.zeros(g)
     w = np.broadcast_to(np.asarray(weight, dtype=np.float64), y.shape)
     keep = w > 0  # a weightless row teaches nothing and scores nothing
     if not keep.all():
         x, y, w = x[keep], y[keep], w[keep]
     n = y.shape[0]
-    if n > block:  # the fits move between blocks: on copies, the caller's stay
-        inv, theta = inv.copy(), theta.copy()
+    a, b = a.copy(), b.copy()
     for start in range(0, n, block):
         xb, yb, wb = x[start:start + block], y[start:start + block], w[start:start + block]
         m = yb.shape[0]
-        xp = xb @ inv  # (G,m,D): X P (P symmetric)
-        s = xp @ xb.T  # (G,m,m)
-        s[:, np.arange(m), np.arange(m)] += 1.0 / wb
-        c = np.linalg.cholesky(s)
-        r = yb - theta @ xb.T  # (G,m)
-        last = start + block >= n
+        chol = np.linalg.cholesky(a)  # (G,D,D)
         for j in range(g):
-            rhs = r[j, :, None] if last else np.column_stack([r[j], xp[j]])
-            sol = _solve_lower(c[j], rhs)
-            e = np.diagonal(c[j]) * sol[:, 0]
+            lo = chol[j]
+            theta = _solve_upper(lo.T, _solve_lower(lo, b))
+            wt = _solve_lower(lo, xb.T)  # (D,m)
+            s = wt.T @ wt
+            s[np.diag_indices(m)] += 1.0 / wb
+            c = np.linalg.cholesky(s)
+            e = np.diagonal(c) * _solve_lower(c, yb - xb @ theta)
             total[j] += float(wb @ (e * e))
-            if not last:
-                z, v = sol[:, 0], sol[:, 1:]
-                theta[j] += v.T @ z
-                inv[j] -= v.T @ v
+        if start + block < n:
+            xw = xb * wb[:, None]
+            a += xw.T @ xb
+            b += xw.T @ yb
     return total
 
 
@@ -677,6 +681,10 @@ def _rank1(a: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> None:
 
 def _solve_lower(c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     return _solve_triangular(c, rhs, lower=True, check_finite=False)
+
+
+def _solve_upper(c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    return _solve_triangular(c, rhs, lower=False, check_finite=False)
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:

@@ -100,15 +100,19 @@ def test_sequential_errors_equal_one_update_per_row(n: int) -> None:
     y = np.column_stack([rng.uniform(size=n), np.full((n, 2), np.nan)])
     w = rng.uniform(0.0, 1.0, size=n)
     w[::5] = 0.0  # forgotten rows weigh nothing
-    before = (batch.sel_inv[0].copy(), batch.sel_theta[0].copy())
-    got = sequential_errors(batch.sel_inv[0], batch.sel_theta[0], x, y[:, 0], w, block=16)
+    # The candidates' matrices and common target before the batch (no data yet).
+    a = np.stack([np.diag(r) for r in batch.sel_diag])  # lambda = 1
+    b = np.zeros(d)
+    b[-1] = 0.5  # the prior mean on the bias
+    before = (a.copy(), b.copy())
+    got = sequential_errors(a, b, x, y[:, 0], w, block=16)
     for i in range(n):
         if w[i] > 0:
             one.update(0, x[i], y[i], float(w[i]))
     np.testing.assert_allclose(got, one.sel_err[0], rtol=1e-10, atol=1e-14)
-    # The caller's fits are not moved.
-    np.testing.assert_array_equal(batch.sel_inv[0], before[0])
-    np.testing.assert_array_equal(batch.sel_theta[0], before[1])
+    # The caller's arrays are not moved.
+    np.testing.assert_array_equal(a, before[0])
+    np.testing.assert_array_equal(b, before[1])
 
 
 def test_one_partition_selects_like_embedded_select() -> None:
