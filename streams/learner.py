@@ -1007,20 +1007,25 @@ class Learner:
         dim = self.config.dim
         x = np.frombuffer(b"".join(it.decision.context for it in applied),
                           dtype="<f8").reshape(len(applied), dim)
-        # An (n, 3) array: bandit validates it in one vectorized pass.
-        nan = np.nan
-        y = np.array([(nan if e.quality is None else e.quality,
-                       nan if e.cost_usd is None else e.cost_usd,
-                       nan if e.latency_ms is None else e.latency_ms)
-                      for e in (it.item.event for it in applied)], dtype=np.float64)
+        # An (n, 3) array: bandit validates it in one vectorized pass. One column at a
+        # time with fromiter: a tenth of np.array's time on a list of tuples.
+        nan, n = np.nan, len(applied)
+        events = [it.item.event for it in applied]
+        y = np.empty((n, 3))
+        y[:, 0] = np.fromiter((nan if e.quality is None else e.quality for e in events),
+                              np.float64, n)
+        y[:, 1] = np.fromiter((nan if e.cost_usd is None else e.cost_usd for e in events),
+                              np.float64, n)
+        y[:, 2] = np.fromiter((nan if e.latency_ms is None else e.latency_ms
+                               for e in events), np.float64, n)
         arms = [it.decision.model for it in applied]
         # Forgetting runs on event time, the decision's created_at (stored by the API,
         # the same on every re-read), never on the wall clock at apply time: a replay
         # after a crash or on another learner must produce the same sums.
         times = (None if self.config.half_life_hours is None
                  else np.array([it.decision.created_at for it in applied]))
-        prices = np.array([nan if it.decision.price_usd is None else it.decision.price_usd
-                           for it in applied], dtype=np.float64)
+        prices = np.fromiter((nan if it.decision.price_usd is None else it.decision.price_usd
+                              for it in applied), np.float64, n)
         groups: dict[str, list[int] | None] = {SHARED_KEY: None}  # None: every event
         for i, it in enumerate(applied):
             extra = scope_key(it.decision.scope, it.decision.tenant_id)
