@@ -37,7 +37,8 @@ their errors are sums like the others (replicas merge, forgetting discounts them
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import solve_triangular as _solve_triangular
+from scipy.linalg import blas as _blas
+from scipy.linalg import lapack as _lapack
 from scipy.linalg.blas import dger as _dger
 
 from bandit import _policy_kernel as _kernel
@@ -637,11 +638,12 @@ def sequential_errors(a: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray
     ``sel_err`` (to rounding), in a few matrix products per ``block`` rows instead of
     n rank-one steps.
 
-    The errors are the innovations of each block: with A = L L^T and W = L^-1 X^T, the
-    block's residuals r = y - X theta have covariance S = W^T W + W^-1 (in noise
+    The errors are the innovations of each block: with A = L L^T and V = L^-1 X^T, the
+    block's residuals r = y - X theta have covariance S = V^T V + diag(1/w) (in noise
     units), and with S = C C^T the sequential errors are diag(C) * C^-1 r. Then the
     block is added to A and b (shared by the candidates) and the next block starts from
-    the new fits.
+    the new fits. O(d^2) per row and candidate, as a rank-one step; LAPACK directly
+    (no checks or copies of scipy's wrappers), S from its lower triangle (dsyrk).
     """
     g = a.shape[0]
     total = np.zeros(g)
@@ -654,15 +656,15 @@ def sequential_errors(a: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray
     for start in range(0, n, block):
         xb, yb, wb = x[start:start + block], y[start:start + block], w[start:start + block]
         m = yb.shape[0]
-        chol = np.linalg.cholesky(a)  # (G,D,D)
+        rhs = np.column_stack([xb.T, b])  # (D, m+1): L^-1 of both at once
         for j in range(g):
-            lo = chol[j]
-            theta = _solve_upper(lo.T, _solve_lower(lo, b))
-            wt = _solve_lower(lo, xb.T)  # (D,m)
-            s = wt.T @ wt
+            lo = _cholesky(a[j])
+            z = _solve_lower(lo, rhs)
+            wt, u = z[:, :m], z[:, m]  # V = L^-1 X^T; X theta = V^T L^-1 b
+            s = _blas.dsyrk(1.0, wt, trans=1, lower=1)  # V^T V, lower triangle
             s[np.diag_indices(m)] += 1.0 / wb
-            c = np.linalg.cholesky(s)
-            e = np.diagonal(c) * _solve_lower(c, yb - xb @ theta)
+            c = _cholesky(s)
+            e = np.diagonal(c) * _solve_lower(c, yb - wt.T @ u)
             total[j] += float(wb @ (e * e))
         if start + block < n:
             xw = xb * wb[:, None]
@@ -679,12 +681,22 @@ def _rank1(a: np.ndarray, alpha: float, u: np.ndarray, v: np.ndarray) -> None:
     _dger(alpha, v, u, a=a.T, overwrite_a=1)
 
 
+def _cholesky(a: np.ndarray) -> np.ndarray:
+    """Lower Cholesky factor of a symmetric positive definite matrix (LAPACK dpotrf,
+    reading the lower triangle; the upper one is left as it was, unread below)."""
+    factor, info = _lapack.dpotrf(a, lower=1, clean=0)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"matrix not positive definite (dpotrf info {info})")
+    return factor
+
+
 def _solve_lower(c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    return _solve_triangular(c, rhs, lower=True, check_finite=False)
-
-
-def _solve_upper(c: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    return _solve_triangular(c, rhs, lower=False, check_finite=False)
+    """``c^-1 rhs`` for a lower triangular ``c`` (LAPACK dtrtrs: no checks, no copies
+    beyond the result)."""
+    out, info = _lapack.dtrtrs(c, rhs, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"singular triangular factor (dtrtrs info {info})")
+    return out
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:

@@ -111,8 +111,8 @@ class Ends(dict):
     last batch + 1, not the end: ``KafkaConsumer.end_offsets`` cannot be used here.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
         #: (partition, offset, event) of every event sent through :func:`send_events`.
         self.placed: list[tuple[int, int, FeedbackEvent]] = []
 
