@@ -79,7 +79,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
                    b_data: np.ndarray, srr: np.ndarray, wsum: np.ndarray,
                    count: np.ndarray, lam: np.ndarray, mu0: np.ndarray,
                    sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
-                   inv32: np.ndarray) -> float:
+                   inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
+                   sel_err: np.ndarray, q_inv: np.ndarray) -> float:
     """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
     all are reported (y (H,) finite), in place; returns the quality residual before it.
 
@@ -88,6 +89,12 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
     ``theta_h += (y_h - theta_h . x) g``, ``b_h += w y_h x``, then the sums and each head's
     noise ``sigma^2`` from them (``ArmStatistics._update_sigma2``). ``inv32``: the float32
     copy of every arm's inverse (K, D, D), kept equal to it; empty when there is none.
+
+    With quality model selection (``sel_inv`` (K, G, D, D) not empty; the numpy path's
+    candidates step): each candidate's prequential error on this observation before it
+    is learned, one Sherman-Morrison step per candidate, then the quality head takes the
+    candidate of lowest error (the first on ties, as ``np.argmin``): its coefficients
+    into ``theta[k, 0]`` and its inverse into ``q_inv[k]``.
     """
     p = s_inv[k]
     a = s_data[k]
@@ -123,6 +130,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
         for h in range(heads):
             th[h, i] += err[h] * gi
             b[h, i] += y[h] * wxi
+    if sel_inv.shape[0]:
+        _update_candidates(k, x, y[0], weight, px, sel_inv, sel_theta, sel_err, th, q_inv)
     for h in range(heads):
         srr[k, h] += weight * y[h] * y[h]
         wsum[k, h] += weight
@@ -135,6 +144,40 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
         rss = max(srr[k, h] + lam_mu0 * (mu0[k, h] - th[h, d - 1]) - bt, 0.0)
         sigma2[k, h] = (nu0 * sigma0[k, h] ** 2 + rss) / (nu0 + wsum[k, h])
     return err[0]
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
+                       sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
+                       th: np.ndarray, q_inv: np.ndarray) -> None:
+    """The candidates step of :func:`update_grouped` (``px``: scratch, a D-vector)."""
+    d = x.shape[0]
+    best, best_err = 0, np.inf
+    for g in range(sel_inv.shape[1]):
+        p = sel_inv[k, g]
+        tg = sel_theta[k, g]
+        e = y0
+        for j in range(d):
+            e -= tg[j] * x[j]
+        sel_err[k, g] += weight * e * e
+        for i in range(d):
+            acc = 0.0
+            for j in range(d):
+                acc += p[i, j] * x[j]
+            px[i] = acc
+        xpx = 0.0
+        for i in range(d):
+            xpx += px[i] * x[i]
+        scale = weight / (1.0 + weight * xpx)
+        for i in range(d):
+            gi = scale * px[i]
+            for j in range(d):
+                p[i, j] -= gi * px[j]
+            tg[i] += e * gi
+        if sel_err[k, g] < best_err:
+            best, best_err = g, sel_err[k, g]
+    th[0, :] = sel_theta[k, best]
+    q_inv[k] = sel_inv[k, best]
 
 
 # The normal CDF of the propensity integral from a table: cubic Hermite interpolation of

@@ -54,6 +54,9 @@ FLOAT32_WIDTH_BATCH = 128
 #: relative error 3e-9); at d=64 they fit the cache and float32 gains nothing.
 FLOAT32_INVERSE_DIM = 257
 _NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
+# sel_inv, sel_theta, sel_err, q_inv of the update kernel without model selection.
+_NO_SELECTION = (np.zeros((0, 0, 0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)),
+                 np.zeros((0, 0, 0)))
 
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
@@ -307,15 +310,18 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
-        if self.compiled and all(obs) and all(grp) and not self.selecting:
-            # The usual case in one compiled call (bandit/_policy_kernel.py): the same
-            # steps as below, which stay the reference for it.
+        if self.compiled and all(obs) and all(grp):
+            # The usual case in one compiled call (bandit/_policy_kernel.py), with the
+            # quality candidates' step when selecting: the same steps as below, which
+            # stay the reference for it.
             copy = self._inv32
+            sel = ((self.sel_inv, self.sel_theta, self.sel_err, self.q_inv)
+                   if self.selecting else _NO_SELECTION)
             residual = _kernel.update_grouped(
                 k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
                 self.srr, self.weight, self.count, self.lam, self.mu0, self.sigma0,
                 self.sigma2, _NU0,
-                copy[1] if copy is not None and copy[0] is self.s_inv else _NO_COPY)
+                copy[1] if copy is not None and copy[0] is self.s_inv else _NO_COPY, *sel)
             self.updates[k] += 1
             if self.updates[k] >= self.refresh_every:
                 self.refresh([k])

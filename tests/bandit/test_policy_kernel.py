@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from bandit import ArmPrior, LinearThompson, LinUCB, Preferences
+from bandit import ArmPrior, LinearThompson, LinUCB, Preferences, SelectiveThompson
 from bandit._policy_kernel import normal_cdf, thompson_propensities
 from bandit.stats import FLOAT32_INVERSE_DIM, ArmStatistics
 from bandit.thompson import _PRUNE_SIGMAS
 
 PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
 CONFIGS = [{}, {"context_ridges": (1.0, 100.0)}, {"half_life_hours": 1.0},
-           {"refresh_every": 7}]
+           {"refresh_every": 7}, {"tag_dims": 2, "context_ridges": (1e6, 1.0)}]
 
 
 def pair(cls, d: int, **params):
@@ -38,7 +38,7 @@ def outcome(rng: np.random.Generator, t: int, partial: bool) -> dict[str, float]
     return out
 
 
-@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
 @pytest.mark.parametrize("params", CONFIGS)
 @pytest.mark.parametrize("partial", [False, True])
 def test_compiled_stream_matches_numpy_reference(cls, params, partial):
