@@ -25,7 +25,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["predict_one", "add_quadratic_forms", "update_grouped", "thompson_propensities"]
+__all__ = ["copy_bounded", "predict_one", "predict_width_one", "add_quadratic_forms",
+           "update_grouped", "thompson_propensities"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
 # infinity) would change what the numpy reference does with them.
@@ -61,6 +62,41 @@ def predict_one(theta: np.ndarray, x: np.ndarray, w: np.ndarray, means: np.ndarr
             means[k, h] = acc
             u += acc * w[h]
         utility[k] = u
+
+
+@njit(cache=True, nogil=True)
+def copy_bounded(x: np.ndarray, out: np.ndarray, bound: float) -> bool:
+    """Copy x (D-1,) into out[:-1] and set the bias out[-1] = 1; whether every value is
+    within +-bound (NaN is not)."""
+    ok = True
+    for j in range(x.shape[0]):
+        v = x[j]
+        out[j] = v
+        if not -bound <= v <= bound:
+            ok = False
+    out[x.shape[0]] = 1.0
+    return ok
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def predict_width_one(theta: np.ndarray, x: np.ndarray, w: np.ndarray, c: np.ndarray,
+                      inv: np.ndarray, q_inv: np.ndarray, selecting: bool,
+                      means: np.ndarray, utility: np.ndarray, std: np.ndarray) -> None:
+    """:func:`predict_one` and the utility's std (K,) in one pass over the arms, when
+    every head of every arm shares its arm's inverse ``inv`` (K, D, D): ``std[k]^2 =
+    sum_h c[k, h] x^T inv[k] x``, except with quality model selection (``selecting``),
+    where the quality head's term reads its selected candidate's ``q_inv[k]``. A sum of
+    weights 0 skips its inverse (not read)."""
+    predict_one(theta, x, w, means, utility)
+    for k in range(theta.shape[0]):
+        first = 1 if selecting else 0
+        scale = 0.0
+        for h in range(first, c.shape[1]):
+            scale += c[k, h]
+        var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
+        if selecting and c[k, 0] != 0.0:
+            var += c[k, 0] * _quadratic(q_inv[k], x)
+        std[k] = math.sqrt(var) if var > 0.0 else 0.0
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)

@@ -27,6 +27,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from bandit._policy_kernel import copy_bounded
 from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
 from bandit.stats import ArmStatistics, prior_sigma
 
@@ -78,6 +79,7 @@ _OUTCOME_KEYS = {
 
 # Upper bound of each head's outcome, in the units of the wire (latency in ms).
 _OUTCOME_HIGH = (1.0, MAX_COST_USD, MAX_LATENCY_MS)
+_F64 = np.dtype(np.float64)
 
 
 def check_finite_number(name: str, value: object, *, low: float | None = None,
@@ -239,7 +241,8 @@ def parse_outcome(outcome: Mapping[str, object]) -> np.ndarray:
     """
     if not isinstance(outcome, Mapping):
         raise InvalidInputError("outcome", "must be a mapping of objective to value", outcome)
-    values = np.full(len(OBJECTIVES), np.nan)
+    # A list, then one array: item assignment into a numpy array costs more per value.
+    values = [math.nan, math.nan, math.nan]
     for key, raw in outcome.items():
         if raw is None:
             continue
@@ -258,10 +261,10 @@ def parse_outcome(outcome: Mapping[str, object]) -> np.ndarray:
         else:
             # Latency arrives in milliseconds under both names; the head learns seconds.
             values[2] = check_finite_number(key, raw, low=0.0, high=MAX_LATENCY_MS) / 1e3
-    if np.isnan(values).all():
+    if all(math.isnan(v) for v in values):
         raise InvalidInputError("outcome", "needs at least one of quality, cost_usd, "
                                 "latency_ms", dict(outcome))
-    return values
+    return np.array(values)
 
 
 def parse_outcome_array(outcomes: np.ndarray) -> np.ndarray:
@@ -1032,14 +1035,12 @@ class Policy(abc.ABC):
 
     def _features(self, x: object) -> np.ndarray:
         """The validated context(s) with the bias feature appended, (n, D)."""
-        if type(x) is np.ndarray and x.shape == (self.config.dim,) and x.dtype.kind == "f":
-            # One context, the hot path: one copy into the bias-extended row, one bound
-            # check (NaN and infinities fail it too); anything off takes the full
-            # validation, which says what is wrong.
+        if type(x) is np.ndarray and x.shape == (self.config.dim,) and x.dtype == _F64:
+            # One context, the hot path: one copy into the bias-extended row and one bound
+            # check (NaN and infinities fail it too), in one compiled call; anything off
+            # takes the full validation, which says what is wrong.
             xb = np.empty((1, self.config.dim + 1))
-            xb[0, :-1] = x
-            xb[0, -1] = 1.0
-            if -MAX_ABS_CONTEXT <= xb.min() and xb.max() <= MAX_ABS_CONTEXT:
+            if copy_bounded(x, xb[0], MAX_ABS_CONTEXT):
                 return xb
         arr = as_context_matrix(x, self.config.dim)
         return np.concatenate([arr, np.ones((arr.shape[0], 1))], axis=1)

@@ -545,6 +545,16 @@ class ArmStatistics:
         """
         k, h, d = self.theta.shape
         n = xb.shape[0]
+        if n == 1 and self.compiled and c is not None and self._all_grouped():
+            # The usual case of one context in one compiled call: means, utility, std.
+            means, utility, std = np.empty((1, k, h)), np.empty((1, k)), np.empty((1, k))
+            _kernel.predict_width_one(
+                self.theta, xb[0], w, c,
+                self._s_inv32() if d >= FLOAT32_INVERSE_DIM else self.s_inv,
+                self.q_inv, self.selecting, means[0], utility[0], std[0])
+            if arms is not None:
+                means, utility, std = means[:, arms], utility[:, arms], std[:, arms]
+            return means, utility, std
         if n == 1 and self.compiled:
             means, utility = np.empty((1, k, h)), np.empty((1, k))
             _kernel.predict_one(self.theta, xb[0], w, means[0], utility[0])
