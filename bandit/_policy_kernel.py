@@ -25,8 +25,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["copy_bounded", "predict_one", "predict_width_one", "add_quadratic_forms",
-           "update_grouped", "thompson_propensities"]
+__all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width_one",
+           "add_quadratic_forms", "update_grouped", "thompson_propensities"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
 # infinity) would change what the numpy reference does with them.
@@ -76,6 +76,24 @@ def copy_bounded(x: np.ndarray, out: np.ndarray, bound: float) -> bool:
             ok = False
     out[x.shape[0]] = 1.0
     return ok
+
+
+@njit(cache=True, nogil=True)
+def _quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float,
+                     out: np.ndarray) -> None:
+    for r in range(utility.shape[0]):
+        for j in range(utility.shape[1]):
+            gap = 1.0 - means[r, j, 0]
+            out[r, j] = utility[r, j] + w0 * (0.0 if gap < 0.0 else gap)  # NaN stays, as np.maximum
+
+
+def quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float) -> np.ndarray:
+    """``utility + w0 * max(1 - quality, 0)`` (n, K) for means (n, K, H): each arm's
+    utility with perfect quality, in one call (the same operations, the same result as
+    numpy's four)."""
+    out = np.empty_like(utility)
+    _quality_ceiling(utility, means, w0, out)
+    return out
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)

@@ -9,7 +9,7 @@ import pytest
 from scipy.special import ndtr
 
 from bandit import ArmPrior, LinearThompson, LinUCB, Preferences, SelectiveThompson
-from bandit._policy_kernel import normal_cdf, thompson_propensities
+from bandit._policy_kernel import normal_cdf, quality_ceiling, thompson_propensities
 from bandit.stats import FLOAT32_INVERSE_DIM, ArmStatistics
 from bandit.thompson import _PRUNE_SIGMAS
 
@@ -155,3 +155,15 @@ def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
     compiled.add_arm("new")  # a new s_inv array: a new copy
     assert compiled.decide(x, PREFS).predictions["new"].uncertainty > 0
     assert stats._inv32[0] is stats.s_inv
+
+
+def test_quality_ceiling_matches_numpy_bit_for_bit():
+    rng = np.random.default_rng(5)
+    utility = rng.standard_normal((7, 4))
+    means = rng.uniform(-0.5, 1.5, (7, 4, 3))  # quality above 1 adds nothing
+    means[2, 1, 0] = np.nan
+    want = utility + 2.5 * np.maximum(1.0 - means[:, :, 0], 0.0)
+    np.testing.assert_array_equal(quality_ceiling(utility, means, 2.5), want)
+    # A column selection (not contiguous) gives the same.
+    np.testing.assert_array_equal(quality_ceiling(utility[:, ::2], means[:, ::2], 2.5),
+                                  want[:, ::2])
