@@ -66,15 +66,17 @@ def predict_one(theta: np.ndarray, x: np.ndarray, w: np.ndarray, means: np.ndarr
 
 @njit(cache=True, nogil=True)
 def copy_bounded(x: np.ndarray, out: np.ndarray, bound: float) -> bool:
-    """Copy x (D-1,) into out[:-1] and set the bias out[-1] = 1; whether every value is
-    within +-bound (NaN is not)."""
+    """Copy the contexts x (n, D-1) into out[:, :-1] and set the bias out[:, -1] = 1;
+    whether every value is within +-bound (NaN is not)."""
     ok = True
-    for j in range(x.shape[0]):
-        v = x[j]
-        out[j] = v
-        if not -bound <= v <= bound:
-            ok = False
-    out[x.shape[0]] = 1.0
+    n, d = x.shape
+    for r in range(n):
+        for j in range(d):
+            v = x[r, j]
+            out[r, j] = v
+            if not -bound <= v <= bound:
+                ok = False
+        out[r, d] = 1.0
     return ok
 
 
@@ -260,7 +262,12 @@ def _ndtr(z: float, phi: np.ndarray, dphi: np.ndarray) -> float:
         return 0.0
     if z >= _Z_MAX:
         return 1.0
-    t = (z + _Z_MAX) * 128.0
+    return _hermite((z + _Z_MAX) * 128.0, phi, dphi)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hermite(t: float, phi: np.ndarray, dphi: np.ndarray) -> float:
+    """The table's interpolant at position t in [0, 2 * _Z_MAX * 128) (in steps)."""
     i = int(t)
     f = t - i
     f2 = f * f
@@ -309,8 +316,8 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
                            dphi: np.ndarray, out: np.ndarray) -> None:
     n, k_arms = utility.shape
     nodes = quantiles.shape[0]
-    mu_c = np.empty(k_arms)
-    inv_c = np.empty(k_arms)
+    prod = np.empty(nodes)  # the integrand at each node, one competitor at a time
+    table_end = 2.0 * _Z_MAX * 128.0
     for r in range(n):
         j = choices[r]
         mu_j = utility[r, j]
@@ -319,35 +326,48 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
             continue
         s_j = s[r, j]
         low = mu_j + s_j * quantiles[0]
-        # The competitors of this row: every other arm that can reach the lowest node
-        # (the numpy reference's pruning) and whose CDF is not 1 there already (then it
-        # is 1 at every node: the nodes only rise).
-        m = 0
+        prod[:] = 1.0
+        # Nodes below ``bottom`` are negligible already (the integrand rises with the
+        # node, and every further factor is <= 1): neither they nor, once all are, the
+        # remaining competitors are computed.
+        bottom = 0
         for i in range(k_arms):
+            # The competitors of this row: every other arm that can reach the lowest node
+            # (the numpy reference's pruning) and whose CDF is not 1 there already (then
+            # it is 1 at every node: the nodes only rise).
             if i == j or utility[r, i] + prune_sigmas * s[r, i] < low:
                 continue
-            if s[r, i] > 0.0 and (low - utility[r, i]) / s[r, i] >= _Z_MAX:
-                continue
-            mu_c[m] = utility[r, i]
-            inv_c[m] = 1.0 / s[r, i] if s[r, i] > 0.0 else 0.0
-            m += 1
-        # From the highest node down: the integrand only falls, so once it is
-        # negligible every lower node's is too.
-        total = 0.0
-        for q in range(nodes - 1, -1, -1):
-            u = mu_j + s_j * quantiles[q]
-            prod = 1.0
-            for c in range(m):
-                diff = u - mu_c[c]
-                if inv_c[c] > 0.0:
-                    prod *= _ndtr(diff * inv_c[c], phi, dphi)
-                elif diff < 0.0:
-                    prod = 0.0
-                elif diff == 0.0:
-                    prod *= 0.5
-                if prod < _NEGLIGIBLE:
-                    break
-            if prod < _NEGLIGIBLE:
+            s_i = s[r, i]
+            if s_i > 0.0:
+                if (low - utility[r, i]) / s_i >= _Z_MAX:
+                    continue
+                # The table position of z = (u_q - mu_i) / s_i, linear in the node's
+                # quantile: one multiply-add per node (the loop over nodes vectorizes).
+                inv = 128.0 / s_i
+                t0 = (mu_j - utility[r, i]) * inv + _Z_MAX * 128.0
+                t1 = s_j * inv
+                for q in range(bottom, nodes):
+                    t = t0 + t1 * quantiles[q]
+                    if t <= 0.0:
+                        prod[q] = 0.0
+                    elif t < table_end:
+                        prod[q] *= _hermite(t, phi, dphi)
+            else:
+                # An arm with no spread is a step function.
+                for q in range(bottom, nodes):
+                    diff = mu_j + s_j * quantiles[q] - utility[r, i]
+                    if diff < 0.0:
+                        prod[q] = 0.0
+                    elif diff == 0.0:
+                        prod[q] *= 0.5
+            while bottom < nodes and prod[bottom] < _NEGLIGIBLE:
+                bottom += 1
+            if bottom == nodes:
                 break
-            total += prod
+        # From the highest node down, up to the first negligible one (as the reference).
+        total = 0.0
+        for q in range(nodes - 1, bottom - 1, -1):
+            if prod[q] < _NEGLIGIBLE:
+                break
+            total += prod[q]
         out[r] = total / nodes

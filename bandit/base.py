@@ -1037,12 +1037,15 @@ class Policy(abc.ABC):
 
     def _features(self, x: object) -> np.ndarray:
         """The validated context(s) with the bias feature appended, (n, D)."""
-        if type(x) is np.ndarray and x.shape == (self.config.dim,) and x.dtype == _F64:
-            # One context, the hot path: one copy into the bias-extended row and one bound
-            # check (NaN and infinities fail it too), in one compiled call; anything off
-            # takes the full validation, which says what is wrong.
-            xb = np.empty((1, self.config.dim + 1))
-            if copy_bounded(x, xb[0], MAX_ABS_CONTEXT):
+        dim = self.config.dim
+        if type(x) is np.ndarray and x.dtype == _F64 and x.shape[-1:] == (dim,) and (
+                x.ndim == 1 or (x.ndim == 2 and x.shape[0] > 0)):
+            # The hot path (one context, or a batch): one copy into the bias-extended
+            # rows and one bound check (NaN and infinities fail it too), in one compiled
+            # call; anything off takes the full validation, which says what is wrong.
+            rows = x[None] if x.ndim == 1 else x
+            xb = np.empty((rows.shape[0], dim + 1))
+            if copy_bounded(rows, xb, MAX_ABS_CONTEXT):
                 return xb
         arr = as_context_matrix(x, self.config.dim)
         return np.concatenate([arr, np.ones((arr.shape[0], 1))], axis=1)
