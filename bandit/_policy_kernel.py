@@ -129,6 +129,21 @@ def add_quadratic_forms(inv: np.ndarray, x: np.ndarray, scale: np.ndarray,
             var[k] += scale[k] * _quadratic(inv[k], x)
 
 
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _gain(p: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray) -> float:
+    """``px = P x`` (in place) and the Sherman-Morrison scale ``w / (1 + w x^T P x)``."""
+    d = x.shape[0]
+    for i in range(d):
+        acc = 0.0
+        for j in range(d):
+            acc += p[i, j] * x[j]
+        px[i] = acc
+    xpx = 0.0
+    for i in range(d):
+        xpx += px[i] * x[i]
+    return weight / (1.0 + weight * xpx)
+
+
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
                    s_inv: np.ndarray, s_data: np.ndarray, theta: np.ndarray,
@@ -159,15 +174,7 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
     d = x.shape[0]
     heads = y.shape[0]
     px = np.empty(d)
-    for i in range(d):
-        acc = 0.0
-        for j in range(d):
-            acc += p[i, j] * x[j]
-        px[i] = acc
-    xpx = 0.0
-    for i in range(d):
-        xpx += px[i] * x[i]
-    scale = weight / (1.0 + weight * xpx)
+    scale = _gain(p, x, weight, px)
     err = np.empty(heads)
     for h in range(heads):
         acc = 0.0
@@ -216,15 +223,7 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
         for j in range(d):
             e -= tg[j] * x[j]
         sel_err[k, g] += weight * e * e
-        for i in range(d):
-            acc = 0.0
-            for j in range(d):
-                acc += p[i, j] * x[j]
-            px[i] = acc
-        xpx = 0.0
-        for i in range(d):
-            xpx += px[i] * x[i]
-        scale = weight / (1.0 + weight * xpx)
+        scale = _gain(p, x, weight, px)
         for i in range(d):
             gi = scale * px[i]
             for j in range(d):
