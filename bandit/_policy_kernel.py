@@ -151,7 +151,7 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
                    count: np.ndarray, lam: np.ndarray, mu0: np.ndarray,
                    sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
                    inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
-                   sel_err: np.ndarray, q_inv: np.ndarray) -> float:
+                   sel_err: np.ndarray, q_inv: np.ndarray, q_inv32: np.ndarray) -> float:
     """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
     all are reported (y (H,) finite), in place; returns the quality residual before it.
 
@@ -165,7 +165,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
     candidates step): each candidate's prequential error on this observation before it
     is learned, one Sherman-Morrison step per candidate, then the quality head takes the
     candidate of lowest error (the first on ties, as ``np.argmin``): its coefficients
-    into ``theta[k, 0]`` and its inverse into ``q_inv[k]``.
+    into ``theta[k, 0]`` and its inverse into ``q_inv[k]`` (and its float32 copy
+    ``q_inv32``, when not empty).
     """
     p = s_inv[k]
     a = s_data[k]
@@ -194,7 +195,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
             th[h, i] += err[h] * gi
             b[h, i] += y[h] * wxi
     if sel_inv.shape[0]:
-        _update_candidates(k, x, y[0], weight, px, sel_inv, sel_theta, sel_err, th, q_inv)
+        _update_candidates(k, x, y[0], weight, px, sel_inv, sel_theta, sel_err, th, q_inv,
+                           q_inv32)
     for h in range(heads):
         srr[k, h] += weight * y[h] * y[h]
         wsum[k, h] += weight
@@ -212,7 +214,7 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
                        sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
-                       th: np.ndarray, q_inv: np.ndarray) -> None:
+                       th: np.ndarray, q_inv: np.ndarray, q_inv32: np.ndarray) -> None:
     """The candidates step of :func:`update_grouped` (``px``: scratch, a D-vector)."""
     d = x.shape[0]
     best, best_err = 0, np.inf
@@ -233,6 +235,10 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
             best, best_err = g, sel_err[k, g]
     th[0, :] = sel_theta[k, best]
     q_inv[k] = sel_inv[k, best]
+    if q_inv32.shape[0]:
+        for i in range(d):
+            for j in range(d):
+                q_inv32[k, i, j] = q_inv[k, i, j]
 
 
 # The normal CDF of the propensity integral from a table: cubic Hermite interpolation of

@@ -126,7 +126,7 @@ def ndtr_inverse_nodes(nodes: int) -> np.ndarray:
     return ndtri((np.arange(nodes) + 0.5) / nodes)
 
 
-@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
 def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
     d = FLOAT32_INVERSE_DIM  # D = d + 1 features: the float32 copy is used
     compiled, reference = pair(cls, d, refresh_every=5)
@@ -144,17 +144,25 @@ def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
         compiled.update(f"m{t % 5}", x, y)
         reference.update(f"m{t % 5}", x, y)
     stats = compiled._stats
-    copy = stats._inv32
-    assert copy is not None and copy[0] is stats.s_inv  # the decides read the copy
+    copy = stats._copies32["s_inv"]
+    assert copy[0] is stats.s_inv  # the decides read the copy
     compiled.decide(x, PREFS)  # brings the arms a refresh or numpy update made stale
+    if stats.selecting:  # (arm m2's split heads keep its decides off the q_inv copy)
+        stats._copy32("q_inv")
     k = int(np.argmin(stats.updates[:4]))  # an arm of the kernel this update won't refresh
     compiled.update(f"m{k}", x, {"quality": 0.5, "cost_usd": 0.001, "latency_ms": 100.0})
     assert not copy[2][k]  # the kernel wrote the copy: not stale, and equal
     np.testing.assert_allclose(copy[1][k], stats.s_inv[k], rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(stats._s_inv32(), stats.s_inv, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(stats._copy32("s_inv"), stats.s_inv, rtol=1e-6, atol=1e-12)
+    if stats.selecting:  # the selected candidates' inverses have theirs
+        q = stats._copies32["q_inv"]
+        assert q[0] is stats.q_inv and not q[2][k]
+        np.testing.assert_allclose(q[1][k], stats.q_inv[k], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(stats._copy32("q_inv"), stats.q_inv, rtol=1e-6,
+                                   atol=1e-12)
     compiled.add_arm("new")  # a new s_inv array: a new copy
     assert compiled.decide(x, PREFS).predictions["new"].uncertainty > 0
-    assert stats._inv32[0] is stats.s_inv
+    assert stats._copies32["s_inv"][0] is stats.s_inv
 
 
 def test_quality_ceiling_matches_numpy_bit_for_bit():
@@ -167,3 +175,25 @@ def test_quality_ceiling_matches_numpy_bit_for_bit():
     # A column selection (not contiguous) gives the same.
     np.testing.assert_array_equal(quality_ceiling(utility[:, ::2], means[:, ::2], 2.5),
                                   want[:, ::2])
+
+
+def test_large_dimension_selected_inverses_width_from_float32_copy():
+    d = FLOAT32_INVERSE_DIM
+    policies = []
+    for compiled in (True, False):
+        policy = SelectiveThompson(d, seed=3, drift_delta=None, refresh_every=4)
+        for j in range(3):
+            policy.add_arm(f"m{j}")  # no priors: every head grouped, the fused kernel
+        policy._stats.compiled = compiled
+        policies.append(policy)
+    rng = np.random.default_rng(8)
+    for t in range(12):
+        x = rng.standard_normal(d) / np.sqrt(d)
+        got, want = (p.decide_batch(x, PREFS) for p in policies)
+        np.testing.assert_allclose(got.uncertainty, want.uncertainty, rtol=1e-6)
+        y = outcome(rng, t, partial=False)
+        for p in policies:
+            p.update(f"m{t % 3}", x, y)
+    stats = policies[0]._stats
+    assert stats._copies32["q_inv"][0] is stats.q_inv  # the decides read the copy
+    np.testing.assert_allclose(stats._copy32("q_inv"), stats.q_inv, rtol=1e-6, atol=1e-12)
