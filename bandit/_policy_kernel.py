@@ -25,7 +25,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width_one",
+__all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width",
            "add_quadratic_forms", "update_grouped", "thompson_propensities"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
@@ -99,24 +99,36 @@ def quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float) -> np.nda
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def predict_width_one(theta: np.ndarray, x: np.ndarray, w: np.ndarray, c: np.ndarray,
-                      inv: np.ndarray, q_inv: np.ndarray, selecting: bool,
-                      means: np.ndarray, utility: np.ndarray, std: np.ndarray) -> None:
-    """:func:`predict_one` and the utility's std (K,) in one pass over the arms, when
-    every head of every arm shares its arm's inverse ``inv`` (K, D, D): ``std[k]^2 =
-    sum_h c[k, h] x^T inv[k] x``, except with quality model selection (``selecting``),
-    where the quality head's term reads its selected candidate's ``q_inv[k]``. A sum of
-    weights 0 skips its inverse (not read)."""
-    predict_one(theta, x, w, means, utility)
-    for k in range(theta.shape[0]):
-        first = 1 if selecting else 0
+def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarray,
+                  inv: np.ndarray, q_inv: np.ndarray, selecting: bool, means: np.ndarray,
+                  utility: np.ndarray, std: np.ndarray) -> None:
+    """Head means (n, K, H), utility (n, K) and the utility's std (n, K) of a few contexts
+    xb (n, D), when every head of every arm shares its arm's inverse ``inv`` (K, D, D):
+    ``std[r, k]^2 = sum_h c[k, h] x_r^T inv[k] x_r``, except with quality model selection
+    (``selecting``), where the quality head's term reads its selected candidate's
+    ``q_inv[k]``. A sum of weights 0 skips its inverse (not read). Arm by arm, so each
+    arm's inverses are read from memory once for all the rows."""
+    k_arms, heads, d = theta.shape
+    n = xb.shape[0]
+    first = 1 if selecting else 0
+    for k in range(k_arms):
         scale = 0.0
-        for h in range(first, c.shape[1]):
+        for h in range(first, heads):
             scale += c[k, h]
-        var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
-        if selecting and c[k, 0] != 0.0:
-            var += c[k, 0] * _quadratic(q_inv[k], x)
-        std[k] = math.sqrt(var) if var > 0.0 else 0.0
+        for r in range(n):
+            x = xb[r]
+            u = 0.0
+            for h in range(heads):
+                acc = 0.0
+                for j in range(d):
+                    acc += theta[k, h, j] * x[j]
+                means[r, k, h] = acc
+                u += acc * w[h]
+            utility[r, k] = u
+            var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
+            if selecting and c[k, 0] != 0.0:
+                var += c[k, 0] * _quadratic(q_inv[k], x)
+            std[r, k] = math.sqrt(var) if var > 0.0 else 0.0
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)

@@ -41,13 +41,18 @@ from scipy.linalg.blas import dger as _dger
 
 from bandit import _policy_kernel as _kernel
 
-__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FLOAT32_INVERSE_DIM", "prior_sigma"]
+__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FUSED_BATCH", "FLOAT32_INVERSE_DIM",
+           "prior_sigma"]
 
 _H = 3  # heads: quality, cost (USD), latency (s)
 _NONE = np.zeros(0, dtype=np.intp)
 
 #: Batches of at least this many contexts compute the exploration width in float32.
 FLOAT32_WIDTH_BATCH = 128
+#: Batches up to this many contexts are predicted by one compiled call, arm by arm
+#: (bandit/_policy_kernel.py predict_width): up to it, building the combined (K, D, D)
+#: matrices of the batch path cost more than the rows' quadratic forms.
+FUSED_BATCH = 4
 #: From this many features (dim + 1) on, a single context's exploration width reads a
 #: float32 copy of the shared inverses (summing in float64): at d=384 the 16 inverses
 #: are 19 MB of float64 and the width is bound by memory (630 -> 266 us measured, std
@@ -551,14 +556,16 @@ class ArmStatistics:
         """
         k, h, d = self.theta.shape
         n = xb.shape[0]
-        if n == 1 and self.compiled and c is not None and self._all_grouped():
-            # The usual case of one context in one compiled call: means, utility, std.
-            means, utility, std = np.empty((1, k, h)), np.empty((1, k)), np.empty((1, k))
-            _kernel.predict_width_one(
-                self.theta, xb[0], w, c,
+        if (n <= FUSED_BATCH and self.compiled and c is not None
+                and self._all_grouped()):
+            # The usual case of a few contexts (one decide, or the service's decides
+            # gathered in one event-loop turn) in one compiled call: means, utility, std.
+            means, utility, std = np.empty((n, k, h)), np.empty((n, k)), np.empty((n, k))
+            _kernel.predict_width(
+                self.theta, xb, w, c,
                 self._copy32("s_inv") if d >= FLOAT32_INVERSE_DIM else self.s_inv,
                 self._copy32("q_inv") if d >= FLOAT32_INVERSE_DIM and self.selecting
-                else self.q_inv, self.selecting, means[0], utility[0], std[0])
+                else self.q_inv, self.selecting, means, utility, std)
             if arms is not None:
                 means, utility, std = means[:, arms], utility[:, arms], std[:, arms]
             return means, utility, std

@@ -10,7 +10,7 @@ from scipy.special import ndtr
 
 from bandit import ArmPrior, LinearThompson, LinUCB, Preferences, SelectiveThompson
 from bandit._policy_kernel import normal_cdf, quality_ceiling, thompson_propensities
-from bandit.stats import FLOAT32_INVERSE_DIM, ArmStatistics
+from bandit.stats import FLOAT32_INVERSE_DIM, FUSED_BATCH, ArmStatistics
 from bandit.thompson import _PRUNE_SIGMAS
 
 PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
@@ -197,3 +197,23 @@ def test_large_dimension_selected_inverses_width_from_float32_copy():
     stats = policies[0]._stats
     assert stats._copies32["q_inv"][0] is stats.q_inv  # the decides read the copy
     np.testing.assert_allclose(stats._copy32("q_inv"), stats.q_inv, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [LinearThompson, SelectiveThompson])
+def test_small_batch_fused_kernel_matches_numpy_batch_path(cls):
+    compiled, reference = pair(cls, 6)
+    for policy in (compiled, reference):  # every head grouped: the fused kernel's case
+        policy.remove_arm("m2")
+    rng = np.random.default_rng(23)
+    for t in range(60):
+        x = rng.standard_normal(6) / 2
+        y = outcome(rng, t, partial=False)
+        for policy in (compiled, reference):
+            policy.update(f"m{t % 4 if t % 4 != 2 else 4}", x, y)
+    for n in range(1, FUSED_BATCH + 2):  # the last one takes the batch path in both
+        rows = rng.standard_normal((n, 6)) / 2
+        got, want = (p.decide_batch(rows, PREFS) for p in (compiled, reference))
+        np.testing.assert_array_equal(got.choices, want.choices)
+        for name in ("means", "utility", "uncertainty", "propensities"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-9,
+                                       atol=1e-9, err_msg=name)
