@@ -25,7 +25,8 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["predict_one", "add_quadratic_forms", "update_grouped", "thompson_propensities"]
+__all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width",
+           "add_quadratic_forms", "update_grouped", "thompson_propensities"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
 # infinity) would change what the numpy reference does with them.
@@ -63,6 +64,73 @@ def predict_one(theta: np.ndarray, x: np.ndarray, w: np.ndarray, means: np.ndarr
         utility[k] = u
 
 
+@njit(cache=True, nogil=True)
+def copy_bounded(x: np.ndarray, out: np.ndarray, bound: float) -> bool:
+    """Copy the contexts x (n, D-1) into out[:, :-1] and set the bias out[:, -1] = 1;
+    whether every value is within +-bound (NaN is not)."""
+    ok = True
+    n, d = x.shape
+    for r in range(n):
+        for j in range(d):
+            v = x[r, j]
+            out[r, j] = v
+            if not -bound <= v <= bound:
+                ok = False
+        out[r, d] = 1.0
+    return ok
+
+
+@njit(cache=True, nogil=True)
+def _quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float,
+                     out: np.ndarray) -> None:
+    for r in range(utility.shape[0]):
+        for j in range(utility.shape[1]):
+            gap = 1.0 - means[r, j, 0]
+            out[r, j] = utility[r, j] + w0 * (0.0 if gap < 0.0 else gap)  # NaN stays, as np.maximum
+
+
+def quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float) -> np.ndarray:
+    """``utility + w0 * max(1 - quality, 0)`` (n, K) for means (n, K, H): each arm's
+    utility with perfect quality, in one call (the same operations, the same result as
+    numpy's four)."""
+    out = np.empty_like(utility)
+    _quality_ceiling(utility, means, w0, out)
+    return out
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarray,
+                  inv: np.ndarray, q_inv: np.ndarray, selecting: bool, means: np.ndarray,
+                  utility: np.ndarray, std: np.ndarray) -> None:
+    """Head means (n, K, H), utility (n, K) and the utility's std (n, K) of a few contexts
+    xb (n, D), when every head of every arm shares its arm's inverse ``inv`` (K, D, D):
+    ``std[r, k]^2 = sum_h c[k, h] x_r^T inv[k] x_r``, except with quality model selection
+    (``selecting``), where the quality head's term reads its selected candidate's
+    ``q_inv[k]``. A sum of weights 0 skips its inverse (not read). Arm by arm, so each
+    arm's inverses are read from memory once for all the rows."""
+    k_arms, heads, d = theta.shape
+    n = xb.shape[0]
+    first = 1 if selecting else 0
+    for k in range(k_arms):
+        scale = 0.0
+        for h in range(first, heads):
+            scale += c[k, h]
+        for r in range(n):
+            x = xb[r]
+            u = 0.0
+            for h in range(heads):
+                acc = 0.0
+                for j in range(d):
+                    acc += theta[k, h, j] * x[j]
+                means[r, k, h] = acc
+                u += acc * w[h]
+            utility[r, k] = u
+            var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
+            if selecting and c[k, 0] != 0.0:
+                var += c[k, 0] * _quadratic(q_inv[k], x)
+            std[r, k] = math.sqrt(var) if var > 0.0 else 0.0
+
+
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def add_quadratic_forms(inv: np.ndarray, x: np.ndarray, scale: np.ndarray,
                         var: np.ndarray) -> None:
@@ -73,29 +141,10 @@ def add_quadratic_forms(inv: np.ndarray, x: np.ndarray, scale: np.ndarray,
             var[k] += scale[k] * _quadratic(inv[k], x)
 
 
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
-                   s_inv: np.ndarray, s_data: np.ndarray, theta: np.ndarray,
-                   b_data: np.ndarray, srr: np.ndarray, wsum: np.ndarray,
-                   count: np.ndarray, lam: np.ndarray, mu0: np.ndarray,
-                   sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
-                   inv32: np.ndarray) -> float:
-    """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
-    all are reported (y (H,) finite), in place; returns the quality residual before it.
-
-    The same steps as the numpy path of ``ArmStatistics.update``: gain
-    ``g = w A^-1 x / (1 + w x^T A^-1 x)``, ``A^-1 -= g (A^-1 x)^T``, ``A += w x x^T``,
-    ``theta_h += (y_h - theta_h . x) g``, ``b_h += w y_h x``, then the sums and each head's
-    noise ``sigma^2`` from them (``ArmStatistics._update_sigma2``). ``inv32``: the float32
-    copy of every arm's inverse (K, D, D), kept equal to it; empty when there is none.
-    """
-    p = s_inv[k]
-    a = s_data[k]
-    th = theta[k]
-    b = b_data[k]
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _gain(p: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray) -> float:
+    """``px = P x`` (in place) and the Sherman-Morrison scale ``w / (1 + w x^T P x)``."""
     d = x.shape[0]
-    heads = y.shape[0]
-    px = np.empty(d)
     for i in range(d):
         acc = 0.0
         for j in range(d):
@@ -104,7 +153,41 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
     xpx = 0.0
     for i in range(d):
         xpx += px[i] * x[i]
-    scale = weight / (1.0 + weight * xpx)
+    return weight / (1.0 + weight * xpx)
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
+                   s_inv: np.ndarray, s_data: np.ndarray, theta: np.ndarray,
+                   b_data: np.ndarray, srr: np.ndarray, wsum: np.ndarray,
+                   count: np.ndarray, lam: np.ndarray, mu0: np.ndarray,
+                   sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
+                   inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
+                   sel_err: np.ndarray, q_inv: np.ndarray, q_inv32: np.ndarray) -> float:
+    """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
+    all are reported (y (H,) finite), in place; returns the quality residual before it.
+
+    The same steps as the numpy path of ``ArmStatistics.update``: gain
+    ``g = w A^-1 x / (1 + w x^T A^-1 x)``, ``A^-1 -= g (A^-1 x)^T``, ``A += w x x^T``,
+    ``theta_h += (y_h - theta_h . x) g``, ``b_h += w y_h x``, then the sums and each head's
+    noise ``sigma^2`` from them (``ArmStatistics._update_sigma2``). ``inv32``: the float32
+    copy of every arm's inverse (K, D, D), kept equal to it; empty when there is none.
+
+    With quality model selection (``sel_inv`` (K, G, D, D) not empty; the numpy path's
+    candidates step): each candidate's prequential error on this observation before it
+    is learned, one Sherman-Morrison step per candidate, then the quality head takes the
+    candidate of lowest error (the first on ties, as ``np.argmin``): its coefficients
+    into ``theta[k, 0]`` and its inverse into ``q_inv[k]`` (and its float32 copy
+    ``q_inv32``, when not empty).
+    """
+    p = s_inv[k]
+    a = s_data[k]
+    th = theta[k]
+    b = b_data[k]
+    d = x.shape[0]
+    heads = y.shape[0]
+    px = np.empty(d)
+    scale = _gain(p, x, weight, px)
     err = np.empty(heads)
     for h in range(heads):
         acc = 0.0
@@ -123,6 +206,9 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
         for h in range(heads):
             th[h, i] += err[h] * gi
             b[h, i] += y[h] * wxi
+    if sel_inv.shape[0]:
+        _update_candidates(k, x, y[0], weight, px, sel_inv, sel_theta, sel_err, th, q_inv,
+                           q_inv32)
     for h in range(heads):
         srr[k, h] += weight * y[h] * y[h]
         wsum[k, h] += weight
@@ -135,6 +221,36 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
         rss = max(srr[k, h] + lam_mu0 * (mu0[k, h] - th[h, d - 1]) - bt, 0.0)
         sigma2[k, h] = (nu0 * sigma0[k, h] ** 2 + rss) / (nu0 + wsum[k, h])
     return err[0]
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
+                       sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
+                       th: np.ndarray, q_inv: np.ndarray, q_inv32: np.ndarray) -> None:
+    """The candidates step of :func:`update_grouped` (``px``: scratch, a D-vector)."""
+    d = x.shape[0]
+    best, best_err = 0, np.inf
+    for g in range(sel_inv.shape[1]):
+        p = sel_inv[k, g]
+        tg = sel_theta[k, g]
+        e = y0
+        for j in range(d):
+            e -= tg[j] * x[j]
+        sel_err[k, g] += weight * e * e
+        scale = _gain(p, x, weight, px)
+        for i in range(d):
+            gi = scale * px[i]
+            for j in range(d):
+                p[i, j] -= gi * px[j]
+            tg[i] += e * gi
+        if sel_err[k, g] < best_err:
+            best, best_err = g, sel_err[k, g]
+    th[0, :] = sel_theta[k, best]
+    q_inv[k] = sel_inv[k, best]
+    if q_inv32.shape[0]:
+        for i in range(d):
+            for j in range(d):
+                q_inv32[k, i, j] = q_inv[k, i, j]
 
 
 # The normal CDF of the propensity integral from a table: cubic Hermite interpolation of
@@ -163,7 +279,12 @@ def _ndtr(z: float, phi: np.ndarray, dphi: np.ndarray) -> float:
         return 0.0
     if z >= _Z_MAX:
         return 1.0
-    t = (z + _Z_MAX) * 128.0
+    return _hermite((z + _Z_MAX) * 128.0, phi, dphi)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hermite(t: float, phi: np.ndarray, dphi: np.ndarray) -> float:
+    """The table's interpolant at position t in [0, 2 * _Z_MAX * 128) (in steps)."""
     i = int(t)
     f = t - i
     f2 = f * f
@@ -212,8 +333,8 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
                            dphi: np.ndarray, out: np.ndarray) -> None:
     n, k_arms = utility.shape
     nodes = quantiles.shape[0]
-    mu_c = np.empty(k_arms)
-    inv_c = np.empty(k_arms)
+    prod = np.empty(nodes)  # the integrand at each node, one competitor at a time
+    table_end = 2.0 * _Z_MAX * 128.0
     for r in range(n):
         j = choices[r]
         mu_j = utility[r, j]
@@ -222,35 +343,48 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
             continue
         s_j = s[r, j]
         low = mu_j + s_j * quantiles[0]
-        # The competitors of this row: every other arm that can reach the lowest node
-        # (the numpy reference's pruning) and whose CDF is not 1 there already (then it
-        # is 1 at every node: the nodes only rise).
-        m = 0
+        prod[:] = 1.0
+        # Nodes below ``bottom`` are negligible already (the integrand rises with the
+        # node, and every further factor is <= 1): neither they nor, once all are, the
+        # remaining competitors are computed.
+        bottom = 0
         for i in range(k_arms):
+            # The competitors of this row: every other arm that can reach the lowest node
+            # (the numpy reference's pruning) and whose CDF is not 1 there already (then
+            # it is 1 at every node: the nodes only rise).
             if i == j or utility[r, i] + prune_sigmas * s[r, i] < low:
                 continue
-            if s[r, i] > 0.0 and (low - utility[r, i]) / s[r, i] >= _Z_MAX:
-                continue
-            mu_c[m] = utility[r, i]
-            inv_c[m] = 1.0 / s[r, i] if s[r, i] > 0.0 else 0.0
-            m += 1
-        # From the highest node down: the integrand only falls, so once it is
-        # negligible every lower node's is too.
-        total = 0.0
-        for q in range(nodes - 1, -1, -1):
-            u = mu_j + s_j * quantiles[q]
-            prod = 1.0
-            for c in range(m):
-                diff = u - mu_c[c]
-                if inv_c[c] > 0.0:
-                    prod *= _ndtr(diff * inv_c[c], phi, dphi)
-                elif diff < 0.0:
-                    prod = 0.0
-                elif diff == 0.0:
-                    prod *= 0.5
-                if prod < _NEGLIGIBLE:
-                    break
-            if prod < _NEGLIGIBLE:
+            s_i = s[r, i]
+            if s_i > 0.0:
+                if (low - utility[r, i]) / s_i >= _Z_MAX:
+                    continue
+                # The table position of z = (u_q - mu_i) / s_i, linear in the node's
+                # quantile: one multiply-add per node (the loop over nodes vectorizes).
+                inv = 128.0 / s_i
+                t0 = (mu_j - utility[r, i]) * inv + _Z_MAX * 128.0
+                t1 = s_j * inv
+                for q in range(bottom, nodes):
+                    t = t0 + t1 * quantiles[q]
+                    if t <= 0.0:
+                        prod[q] = 0.0
+                    elif t < table_end:
+                        prod[q] *= _hermite(t, phi, dphi)
+            else:
+                # An arm with no spread is a step function.
+                for q in range(bottom, nodes):
+                    diff = mu_j + s_j * quantiles[q] - utility[r, i]
+                    if diff < 0.0:
+                        prod[q] = 0.0
+                    elif diff == 0.0:
+                        prod[q] *= 0.5
+            while bottom < nodes and prod[bottom] < _NEGLIGIBLE:
+                bottom += 1
+            if bottom == nodes:
                 break
-            total += prod
+        # From the highest node down, up to the first negligible one (as the reference).
+        total = 0.0
+        for q in range(nodes - 1, bottom - 1, -1):
+            if prod[q] < _NEGLIGIBLE:
+                break
+            total += prod[q]
         out[r] = total / nodes

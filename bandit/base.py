@@ -27,6 +27,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from bandit._policy_kernel import copy_bounded, quality_ceiling
 from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
 from bandit.stats import ArmStatistics, prior_sigma
 
@@ -78,6 +79,7 @@ _OUTCOME_KEYS = {
 
 # Upper bound of each head's outcome, in the units of the wire (latency in ms).
 _OUTCOME_HIGH = (1.0, MAX_COST_USD, MAX_LATENCY_MS)
+_F64 = np.dtype(np.float64)
 
 
 def check_finite_number(name: str, value: object, *, low: float | None = None,
@@ -239,7 +241,8 @@ def parse_outcome(outcome: Mapping[str, object]) -> np.ndarray:
     """
     if not isinstance(outcome, Mapping):
         raise InvalidInputError("outcome", "must be a mapping of objective to value", outcome)
-    values = np.full(len(OBJECTIVES), np.nan)
+    # A list, then one array: item assignment into a numpy array costs more per value.
+    values = [math.nan, math.nan, math.nan]
     for key, raw in outcome.items():
         if raw is None:
             continue
@@ -258,10 +261,10 @@ def parse_outcome(outcome: Mapping[str, object]) -> np.ndarray:
         else:
             # Latency arrives in milliseconds under both names; the head learns seconds.
             values[2] = check_finite_number(key, raw, low=0.0, high=MAX_LATENCY_MS) / 1e3
-    if np.isnan(values).all():
+    if all(math.isnan(v) for v in values):
         raise InvalidInputError("outcome", "needs at least one of quality, cost_usd, "
                                 "latency_ms", dict(outcome))
-    return values
+    return np.array(values)
 
 
 def parse_outcome_array(outcomes: np.ndarray) -> np.ndarray:
@@ -536,6 +539,7 @@ class _Assessment(NamedTuple):
     std_main: np.ndarray  # 0 for cold arms while warm ones exist
     cold: np.ndarray  # (n, K) cold arms the cold-start share may explore in each row
     cold_share: np.ndarray  # (n,) share of that row's decisions given to them
+    any_cold: bool  # whether any row's cold_share is > 0
     ceiling: np.ndarray  # utility with perfect quality: what no optimism may exceed
 
 
@@ -887,8 +891,7 @@ class Policy(abc.ABC):
                                  a.utility, np.zeros(n, dtype=bool))
         scores = self._score(a.utility_main, a.std_main, a.ceiling)
         choices = np.argmax(scores, axis=1)
-        eps, cold_share = self.config.epsilon, a.cold_share
-        cold_any = bool(cold_share.any())
+        eps, cold_share, cold_any = self.config.epsilon, a.cold_share, a.any_cold
         if n == 1 and not cold_any and eps > 0:
             # One context, no cold arm to explore: the same draws on Python floats.
             if self._rng.random() < eps:
@@ -976,11 +979,12 @@ class Policy(abc.ABC):
             utility = means @ w
         n, k = utility.shape
         # Perfect quality at the predicted cost and latency: the most an arm can earn.
-        ceiling = utility + w[0] * np.maximum(1.0 - means[:, :, 0], 0.0)
+        ceiling = quality_ceiling(utility, means, float(w[0]))
         cold_arm = self._stats.count[idx, 0] < self.config.cold_start_pulls
-        n_cold = int(cold_arm.sum())
+        n_cold = int(np.count_nonzero(cold_arm))
         cold = np.zeros((n, k), dtype=bool)
         cold_share = np.zeros(n)
+        any_cold = False
         utility_main, std_main = utility, std
         if explore and 0 < n_cold < k:
             cold[:] = cold_arm
@@ -988,6 +992,7 @@ class Policy(abc.ABC):
                 best_warm = np.where(cold_arm, -np.inf, utility).max(axis=1)
                 cold &= ceiling >= best_warm[:, None]
             cold_share = np.where(cold.any(axis=1), self.config.cold_start_share, 0.0)
+            any_cold = bool(cold_share.any())
             if self.config.shared_ridge is None:
                 # While warm arms exist, cold ones get no bonus in the main branch: their
                 # exploration is the bounded cold-start share, not an unbounded optimism
@@ -1007,7 +1012,7 @@ class Policy(abc.ABC):
         if not self.config.bounded_optimism:
             ceiling = np.full_like(utility, np.inf)
         return _Assessment(names, means, utility, std, utility_main, std_main, cold,
-                           cold_share, ceiling)
+                           cold_share, any_cold, ceiling)
 
     def _propensity(self, a: _Assessment, choices: np.ndarray,
                     scores: np.ndarray | None = None) -> np.ndarray:
@@ -1017,7 +1022,7 @@ class Policy(abc.ABC):
         eps = self.config.epsilon
         p_main = self._main_propensity(a.utility_main, a.std_main, choices, a.ceiling,
                                        scores)
-        if not a.cold_share.any():  # no cold-start share: the main branch and epsilon
+        if not a.any_cold:  # no cold-start share: the main branch and epsilon
             return eps / k + (1 - eps) * p_main
         rows = np.arange(len(choices))
         n_cold = np.maximum(a.cold.sum(axis=1), 1)
@@ -1032,14 +1037,15 @@ class Policy(abc.ABC):
 
     def _features(self, x: object) -> np.ndarray:
         """The validated context(s) with the bias feature appended, (n, D)."""
-        if type(x) is np.ndarray and x.shape == (self.config.dim,) and x.dtype.kind == "f":
-            # One context, the hot path: one copy into the bias-extended row, one bound
-            # check (NaN and infinities fail it too); anything off takes the full
-            # validation, which says what is wrong.
-            xb = np.empty((1, self.config.dim + 1))
-            xb[0, :-1] = x
-            xb[0, -1] = 1.0
-            if -MAX_ABS_CONTEXT <= xb.min() and xb.max() <= MAX_ABS_CONTEXT:
+        dim = self.config.dim
+        if type(x) is np.ndarray and x.dtype == _F64 and x.shape[-1:] == (dim,) and (
+                x.ndim == 1 or (x.ndim == 2 and x.shape[0] > 0)):
+            # The hot path (one context, or a batch): one copy into the bias-extended
+            # rows and one bound check (NaN and infinities fail it too), in one compiled
+            # call; anything off takes the full validation, which says what is wrong.
+            rows = x[None] if x.ndim == 1 else x
+            xb = np.empty((rows.shape[0], dim + 1))
+            if copy_bounded(rows, xb, MAX_ABS_CONTEXT):
                 return xb
         arr = as_context_matrix(x, self.config.dim)
         return np.concatenate([arr, np.ones((arr.shape[0], 1))], axis=1)

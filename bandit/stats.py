@@ -43,20 +43,27 @@ from scipy.linalg.blas import dger as _dger
 
 from bandit import _policy_kernel as _kernel
 
-__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FLOAT32_INVERSE_DIM", "prior_sigma",
-           "sequential_errors"]
+__all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FUSED_BATCH", "FLOAT32_INVERSE_DIM",
+           "prior_sigma", "sequential_errors"]
 
 _H = 3  # heads: quality, cost (USD), latency (s)
 _NONE = np.zeros(0, dtype=np.intp)
 
 #: Batches of at least this many contexts compute the exploration width in float32.
 FLOAT32_WIDTH_BATCH = 128
+#: Batches up to this many contexts are predicted by one compiled call, arm by arm
+#: (bandit/_policy_kernel.py predict_width): up to it, building the combined (K, D, D)
+#: matrices of the batch path cost more than the rows' quadratic forms.
+FUSED_BATCH = 4
 #: From this many features (dim + 1) on, a single context's exploration width reads a
 #: float32 copy of the shared inverses (summing in float64): at d=384 the 16 inverses
 #: are 19 MB of float64 and the width is bound by memory (630 -> 266 us measured, std
 #: relative error 3e-9); at d=64 they fit the cache and float32 gains nothing.
 FLOAT32_INVERSE_DIM = 257
 _NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
+# sel_inv, sel_theta, sel_err, q_inv, its copy, of the update kernel without selection.
+_NO_SELECTION = (np.zeros((0, 0, 0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)),
+                 np.zeros((0, 0, 0)), _NO_COPY)
 
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
@@ -129,11 +136,11 @@ class ArmStatistics:
         g = grid.shape[0]
         self.group = np.zeros((0, _H), dtype=bool)
         self._grouped: tuple[np.ndarray, bool] | None = None  # see _all_grouped
-        # The float32 copy of s_inv (see FLOAT32_INVERSE_DIM): (the s_inv it copies, the
-        # copy, arms whose copy is stale). The update kernel writes both; a refresh or a
-        # numpy update marks the arm stale; a new s_inv array (arms added or removed, a
-        # restore) makes a new copy.
-        self._inv32: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        # The float32 copies of s_inv and q_inv (see FLOAT32_INVERSE_DIM), by name: (the
+        # array it copies, the copy, arms whose copy is stale). The update kernel writes
+        # both; a refresh or a numpy update marks the arm stale; a new array (arms added
+        # or removed, a restore) makes a new copy.
+        self._copies32: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.s_data = np.zeros((0, d, d))
         self.s_inv = np.zeros((0, d, d))
         self.a_data = np.zeros((0, _H, d, d))
@@ -257,7 +264,7 @@ class ArmStatistics:
             if group.any():
                 lam = self.lam[k, np.argmax(group)]
                 self.s_inv[k] = _spd_inverse(self.s_data[k] + lam * eye)
-                self._stale32(k)
+                self._stale32(k, "s_inv")
             if own.size:
                 a = self.a_data[k, own] + self.lam[k, own, None, None] * eye
                 self.a_inv[k, own] = _spd_inverse(a)
@@ -281,6 +288,7 @@ class ArmStatistics:
         g = int(np.argmin(self.sel_err[k]))
         self.theta[k, 0] = self.sel_theta[k, g]
         self.q_inv[k] = self.sel_inv[k, g]
+        self._stale32(k, "q_inv")
 
     def _b_total(self, k: int) -> np.ndarray:
         b = self.b_data[k].copy()
@@ -315,15 +323,16 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
-        if self.compiled and all(obs) and all(grp) and not self.selecting:
-            # The usual case in one compiled call (bandit/_policy_kernel.py): the same
-            # steps as below, which stay the reference for it.
-            copy = self._inv32
+        if self.compiled and all(obs) and all(grp):
+            # The usual case in one compiled call (bandit/_policy_kernel.py), with the
+            # quality candidates' step when selecting: the same steps as below, which
+            # stay the reference for it.
+            sel = ((self.sel_inv, self.sel_theta, self.sel_err, self.q_inv,
+                    self._kept32("q_inv")) if self.selecting else _NO_SELECTION)
             residual = _kernel.update_grouped(
                 k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
                 self.srr, self.weight, self.count, self.lam, self.mu0, self.sigma0,
-                self.sigma2, _NU0,
-                copy[1] if copy is not None and copy[0] is self.s_inv else _NO_COPY)
+                self.sigma2, _NU0, self._kept32("s_inv"), *sel)
             self.updates[k] += 1
             if self.updates[k] >= self.refresh_every:
                 self.refresh([k])
@@ -342,7 +351,7 @@ class ArmStatistics:
             px = p @ x
             gain = (weight / (1.0 + weight * float(px @ x))) * px
             _rank1(p, -1.0, gain, px)
-            self._stale32(k)
+            self._stale32(k, "s_inv")
             _rank1(self.s_data[k], 1.0, xw, x)
             if all(grp):
                 _rank1(theta, 1.0, err, gain)
@@ -516,17 +525,24 @@ class ArmStatistics:
         out[self.group[k]] = (self.s_data if name == "a_data" else self.s_inv)[k]
         return out
 
-    def _stale32(self, k: int) -> None:
-        copy = self._inv32
-        if copy is not None and copy[0] is self.s_inv:
+    def _stale32(self, k: int, name: str) -> None:
+        copy = self._copies32.get(name)
+        if copy is not None and copy[0] is getattr(self, name):
             copy[2][k] = True
 
-    def _s_inv32(self) -> np.ndarray:
-        """The float32 copy of ``s_inv``, current (see FLOAT32_INVERSE_DIM)."""
-        copy = self._inv32
-        if copy is None or copy[0] is not self.s_inv:
-            copy = self._inv32 = (self.s_inv, self.s_inv.astype(np.float32),
-                                  np.zeros(len(self), dtype=bool))
+    def _kept32(self, name: str) -> np.ndarray:
+        """The float32 copy of ``name`` for the update kernel to keep equal; empty when
+        there is none (or it copies an array replaced since)."""
+        copy = self._copies32.get(name)
+        return copy[1] if copy is not None and copy[0] is getattr(self, name) else _NO_COPY
+
+    def _copy32(self, name: str) -> np.ndarray:
+        """The float32 copy of ``s_inv`` or ``q_inv``, current (see FLOAT32_INVERSE_DIM)."""
+        source = getattr(self, name)
+        copy = self._copies32.get(name)
+        if copy is None or copy[0] is not source:
+            copy = self._copies32[name] = (source, source.astype(np.float32),
+                                           np.zeros(len(self), dtype=bool))
         stale = copy[2]
         if stale.any():
             idx = np.flatnonzero(stale)
@@ -556,6 +572,19 @@ class ArmStatistics:
         """
         k, h, d = self.theta.shape
         n = xb.shape[0]
+        if (n <= FUSED_BATCH and self.compiled and c is not None
+                and self._all_grouped()):
+            # The usual case of a few contexts (one decide, or the service's decides
+            # gathered in one event-loop turn) in one compiled call: means, utility, std.
+            means, utility, std = np.empty((n, k, h)), np.empty((n, k)), np.empty((n, k))
+            _kernel.predict_width(
+                self.theta, xb, w, c,
+                self._copy32("s_inv") if d >= FLOAT32_INVERSE_DIM else self.s_inv,
+                self._copy32("q_inv") if d >= FLOAT32_INVERSE_DIM and self.selecting
+                else self.q_inv, self.selecting, means, utility, std)
+            if arms is not None:
+                means, utility, std = means[:, arms], utility[:, arms], std[:, arms]
+            return means, utility, std
         if n == 1 and self.compiled:
             means, utility = np.empty((1, k, h)), np.empty((1, k))
             _kernel.predict_one(self.theta, xb[0], w, means[0], utility[0])
@@ -585,7 +614,8 @@ class ArmStatistics:
             x = xb[0]
             var = np.zeros(k)
             _kernel.add_quadratic_forms(
-                self._s_inv32() if d >= FLOAT32_INVERSE_DIM else self.s_inv, x, c_group, var)
+                self._copy32("s_inv") if d >= FLOAT32_INVERSE_DIM else self.s_inv, x,
+                c_group, var)
             if c_sel is not None:
                 _kernel.add_quadratic_forms(self.q_inv, x, np.ascontiguousarray(c_sel), var)
             if own_k.size:

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bandit import LinearThompson, LinUCB, Preferences
+from bandit import LinearThompson, LinUCB, Preferences, SelectiveThompson
 from benchmarks.common import print_table, write_results
 
 K_ARMS = 16
@@ -75,6 +75,8 @@ PACKAGES = ("numpy", "scipy", "numba", "river", "mabwiser", "vowpalwabbit", "ric
 # Goals on decide+update at d=64 (peer time / our time) and on the batched path.
 GOALS = {"vw": 3.0, "river": 10.0, "mabwiser": 10.0}
 BATCH_GOAL = 200_000.0
+# Our policies with goals: LinUCB, LinearThompson, and SelectiveThompson (the default).
+OURS = ("linucb", "thompson", "select")
 
 
 # --------------------------------------------------------------------------- stream
@@ -293,12 +295,17 @@ def measure_dim(dim: int, peers: Sequence[str], target_s: float, repeats: int,
     stream = Stream.make(dim)
     adapters: list[Adapter] = [Ours(LinUCB, stream, "linucb", "ours LinUCB"),
                                Ours(LinearThompson, stream, "thompson", "ours LinearThompson"),
+                               Ours(SelectiveThompson, stream, "select",
+                                    "ours SelectiveThompson (default)"),
                                Ours(LinUCB, stream, "linucb-1head", "ours LinUCB, quality only",
                                     quality_only=True),
                                Ours(LinUCB, stream, "linucb-numpy",
                                     "ours LinUCB, numpy reference", compiled=False),
                                Ours(LinearThompson, stream, "thompson-numpy",
-                                    "ours LinearThompson, numpy reference", compiled=False)]
+                                    "ours LinearThompson, numpy reference", compiled=False),
+                               Ours(SelectiveThompson, stream, "select-numpy",
+                                    "ours SelectiveThompson, numpy reference",
+                                    compiled=False)]
     builders = {"river": River, "mabwiser": MabWiser, "vw": VowpalWabbit}
     adapters += [builders[p](stream) for p in peers]
     runners = []
@@ -331,6 +338,7 @@ def measure_batch(target_s: float, repeats: int) -> list[dict[str, object]]:
     stream = Stream.make(BATCH_DIM, seed=1)
     configs = [("linucb", LinUCB, True, True), ("thompson", LinearThompson, True, True),
                ("thompson", LinearThompson, False, True),
+               ("select", SelectiveThompson, True, True),
                ("thompson-numpy", LinearThompson, True, False)]
     out = []
     for key, cls, with_prop, compiled in configs:
@@ -376,10 +384,10 @@ _FIRST_CALLS = """
 import time
 t0 = time.perf_counter()
 import numpy as np
-from bandit import LinearThompson, LinUCB
+from bandit import LinearThompson, LinUCB, SelectiveThompson
 t1 = time.perf_counter()
 x = np.full(64, 0.1)
-for cls in (LinUCB, LinearThompson):
+for cls in (LinUCB, LinearThompson, SelectiveThompson):
     p = cls(64, seed=0, drift_delta=None)
     for k in range(16):
         p.add_arm(f"m{k}")
@@ -469,24 +477,25 @@ def report(results: list[dict[str, object]], batch: list[dict[str, object]],
     rows = []
     for dim in dims:
         here = [r for r in results if r["dim"] == dim]
-        ours = [next(r for r in here if r["policy"] == key) for key in ("linucb", "thompson")]
+        ours = [next(r for r in here if r["policy"] == key) for key in OURS]
         for r in here:
             cells: list[object] = [f"{r['label']} (d={dim})"]
             cells += [_us(r[op]["median_us"]) for op in ops]  # type: ignore[index]
             for mine in ours:
-                cells.append("" if str(r["policy"]).startswith(("linucb", "thompson")) else _ratio(
+                cells.append("" if str(r["policy"]).startswith(OURS) else _ratio(
                     r["decide+update"]["median_us"],  # type: ignore[index]
                     mine["decide+update"]["median_us"]))  # type: ignore[index]
             rows.append(cells)
     print_table(f"Per-call time, µs (median of repeats; K={K_ARMS} arms). Ratios: peer "
                 "decide+update time / ours",
-                ["policy", "decide", "update", "decide+update", "÷ LinUCB", "÷ Thompson"],
+                ["policy", "decide", "update", "decide+update", "÷ LinUCB", "÷ Thompson",
+                 "÷ Select"],
                 rows)
 
     goals = []
     for dim in (d for d in dims if d == 64):
         here = {r["policy"]: r for r in results if r["dim"] == dim}
-        for ours_key in ("linucb", "thompson"):
+        for ours_key in OURS:
             ours_t = here[ours_key]["decide+update"]["median_us"]  # type: ignore[index]
             for peer, goal in GOALS.items():
                 if peer not in here:
@@ -566,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     startup = startup_costs()
     summary = report(results, batch, dims)
     print_table("Start-up, seconds (median of 3 fresh processes): first decide + update "
-                "of LinUCB and LinearThompson at d=64",
+                "of LinUCB, LinearThompson and SelectiveThompson at d=64",
                 ["what", "s"], [[k, f"{v:.3f}"] for k, v in startup.items()])
     print("Numbers depend on the machine and its load; see the JSON for both.")
     if not args.quick or args.write:

@@ -67,8 +67,22 @@ def test_single_context_fast_path_refuses_what_validation_refuses(cls):
         assert info.value.field == "x"
         with pytest.raises(InvalidInputError):
             policy.update("m0", bad, {"quality": 1.0})
+        # The same value in any row of a batch (the batch fast path).
+        batch = np.stack([good, good, bad])
+        with pytest.raises(InvalidInputError) as info:
+            policy.decide_batch(batch)
+        assert info.value.field == "x"
+        with pytest.raises(InvalidInputError):
+            policy.update_batch(["m0"] * 3, batch, [{"quality": 1.0}] * 3)
     with pytest.raises(DimensionError):
         policy.decide(good[:-1])
+    with pytest.raises(InvalidInputError):
+        policy.decide_batch(np.zeros((0, policy.dim)))
+    # A strided batch (a column slice) takes the fast path too: same rows, same numbers.
+    wide = np.full((2, 2 * policy.dim), 0.1)
+    np.testing.assert_array_equal(
+        policy.decide_batch(wide[:, ::2], PREFS, explore=False).utility,
+        policy.decide_batch(np.full((2, policy.dim), 0.1), PREFS, explore=False).utility)
     # Integers and float32 take the general path or the fast one: same decision.
     ints = np.ones(policy.dim, dtype=np.int64)
     a = policy.decide_batch(ints, PREFS, explore=False)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from bandit import ArmPrior, LinearThompson, LinUCB, Preferences
-from bandit._policy_kernel import normal_cdf, thompson_propensities
-from bandit.stats import FLOAT32_INVERSE_DIM, ArmStatistics
+from bandit import ArmPrior, LinearThompson, LinUCB, Preferences, SelectiveThompson
+from bandit._policy_kernel import normal_cdf, quality_ceiling, thompson_propensities
+from bandit.stats import FLOAT32_INVERSE_DIM, FUSED_BATCH, ArmStatistics
 from bandit.thompson import _PRUNE_SIGMAS
 
 PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
 CONFIGS = [{}, {"context_ridges": (1.0, 100.0)}, {"half_life_hours": 1.0},
-           {"refresh_every": 7}]
+           {"refresh_every": 7}, {"tag_dims": 2, "context_ridges": (1e6, 1.0)}]
 
 
 def pair(cls, d: int, **params):
@@ -38,7 +38,7 @@ def outcome(rng: np.random.Generator, t: int, partial: bool) -> dict[str, float]
     return out
 
 
-@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
 @pytest.mark.parametrize("params", CONFIGS)
 @pytest.mark.parametrize("partial", [False, True])
 def test_compiled_stream_matches_numpy_reference(cls, params, partial):
@@ -126,7 +126,7 @@ def ndtr_inverse_nodes(nodes: int) -> np.ndarray:
     return ndtri((np.arange(nodes) + 0.5) / nodes)
 
 
-@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
 def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
     d = FLOAT32_INVERSE_DIM  # D = d + 1 features: the float32 copy is used
     compiled, reference = pair(cls, d, refresh_every=5)
@@ -144,14 +144,76 @@ def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
         compiled.update(f"m{t % 5}", x, y)
         reference.update(f"m{t % 5}", x, y)
     stats = compiled._stats
-    copy = stats._inv32
-    assert copy is not None and copy[0] is stats.s_inv  # the decides read the copy
+    copy = stats._copies32["s_inv"]
+    assert copy[0] is stats.s_inv  # the decides read the copy
     compiled.decide(x, PREFS)  # brings the arms a refresh or numpy update made stale
+    if stats.selecting:  # (arm m2's split heads keep its decides off the q_inv copy)
+        stats._copy32("q_inv")
     k = int(np.argmin(stats.updates[:4]))  # an arm of the kernel this update won't refresh
     compiled.update(f"m{k}", x, {"quality": 0.5, "cost_usd": 0.001, "latency_ms": 100.0})
     assert not copy[2][k]  # the kernel wrote the copy: not stale, and equal
     np.testing.assert_allclose(copy[1][k], stats.s_inv[k], rtol=1e-6, atol=1e-12)
-    np.testing.assert_allclose(stats._s_inv32(), stats.s_inv, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(stats._copy32("s_inv"), stats.s_inv, rtol=1e-6, atol=1e-12)
+    if stats.selecting:  # the selected candidates' inverses have theirs
+        q = stats._copies32["q_inv"]
+        assert q[0] is stats.q_inv and not q[2][k]
+        np.testing.assert_allclose(q[1][k], stats.q_inv[k], rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(stats._copy32("q_inv"), stats.q_inv, rtol=1e-6,
+                                   atol=1e-12)
     compiled.add_arm("new")  # a new s_inv array: a new copy
     assert compiled.decide(x, PREFS).predictions["new"].uncertainty > 0
-    assert stats._inv32[0] is stats.s_inv
+    assert stats._copies32["s_inv"][0] is stats.s_inv
+
+
+def test_quality_ceiling_matches_numpy_bit_for_bit():
+    rng = np.random.default_rng(5)
+    utility = rng.standard_normal((7, 4))
+    means = rng.uniform(-0.5, 1.5, (7, 4, 3))  # quality above 1 adds nothing
+    means[2, 1, 0] = np.nan
+    want = utility + 2.5 * np.maximum(1.0 - means[:, :, 0], 0.0)
+    np.testing.assert_array_equal(quality_ceiling(utility, means, 2.5), want)
+    # A column selection (not contiguous) gives the same.
+    np.testing.assert_array_equal(quality_ceiling(utility[:, ::2], means[:, ::2], 2.5),
+                                  want[:, ::2])
+
+
+def test_large_dimension_selected_inverses_width_from_float32_copy():
+    d = FLOAT32_INVERSE_DIM
+    policies = []
+    for compiled in (True, False):
+        policy = SelectiveThompson(d, seed=3, drift_delta=None, refresh_every=4)
+        for j in range(3):
+            policy.add_arm(f"m{j}")  # no priors: every head grouped, the fused kernel
+        policy._stats.compiled = compiled
+        policies.append(policy)
+    rng = np.random.default_rng(8)
+    for t in range(12):
+        x = rng.standard_normal(d) / np.sqrt(d)
+        got, want = (p.decide_batch(x, PREFS) for p in policies)
+        np.testing.assert_allclose(got.uncertainty, want.uncertainty, rtol=1e-6)
+        y = outcome(rng, t, partial=False)
+        for p in policies:
+            p.update(f"m{t % 3}", x, y)
+    stats = policies[0]._stats
+    assert stats._copies32["q_inv"][0] is stats.q_inv  # the decides read the copy
+    np.testing.assert_allclose(stats._copy32("q_inv"), stats.q_inv, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [LinearThompson, SelectiveThompson])
+def test_small_batch_fused_kernel_matches_numpy_batch_path(cls):
+    compiled, reference = pair(cls, 6)
+    for policy in (compiled, reference):  # every head grouped: the fused kernel's case
+        policy.remove_arm("m2")
+    rng = np.random.default_rng(23)
+    for t in range(60):
+        x = rng.standard_normal(6) / 2
+        y = outcome(rng, t, partial=False)
+        for policy in (compiled, reference):
+            policy.update(f"m{t % 4 if t % 4 != 2 else 4}", x, y)
+    for n in range(1, FUSED_BATCH + 2):  # the last one takes the batch path in both
+        rows = rng.standard_normal((n, 6)) / 2
+        got, want = (p.decide_batch(rows, PREFS) for p in (compiled, reference))
+        np.testing.assert_array_equal(got.choices, want.choices)
+        for name in ("means", "utility", "uncertainty", "propensities"):
+            np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=1e-9,
+                                       atol=1e-9, err_msg=name)
