@@ -26,8 +26,12 @@ headroom (one random GPT-4 call in 200 at ~100x Mixtral's price; docs/results.md
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from bandit.base import check_finite_number
 from bandit.thompson import LinearThompson, LinearThompsonConfig
 
 __all__ = ["SelectiveThompson", "SelectiveThompsonConfig", "MEAN_ONLY_RIDGE"]
@@ -45,7 +49,21 @@ class SelectiveThompsonConfig(LinearThompsonConfig):
     the contexts carry a tag block (``tag_dims`` > 0), becomes (1e6, ``tag_ridge``):
     without and with the tags. Every pair of the two is a model; each arm uses the one
     of lowest prequential error. Explicit candidates are kept as given.
+
+    ``level_horizon`` (observations; None: off): a quality level shared by every arm,
+    for streams whose difficulty drifts (module docstring, "Drift"). Each arm learns
+    its quality minus the level, and the level moves by 1 / ``level_horizon`` of each
+    outcome's residual against the arm's prediction (an exponentially weighted mean
+    over about that many outcomes of any arm).
     """
+
+    level_horizon: float | None = None
+
+    def validated(self) -> SelectiveThompsonConfig:
+        super().validated()
+        if self.level_horizon is not None:
+            check_finite_number("level_horizon", self.level_horizon, low=1.0)
+        return self
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,3 +96,11 @@ class SelectiveThompson(LinearThompson):
 
     name = "select"
     Config = SelectiveThompsonConfig
+
+    def _watch_drift(self, arm: str, residuals: Sequence[float]) -> None:
+        super()._watch_drift(arm, residuals)
+        horizon = self.config.level_horizon
+        if horizon is not None and len(residuals):
+            # n residuals against the same level: n steps of the exponential mean.
+            share = 1.0 - (1.0 - 1.0 / horizon) ** len(residuals)
+            self._level += share * float(np.mean(residuals))
