@@ -1098,7 +1098,8 @@ class Policy(abc.ABC):
             raise InvalidInputError("x", "update() takes one context; use update_batch()",
                                     f"{xb.shape[0]} rows")
         y = parse_outcome(outcome)
-        y[0] -= self._level
+        if self._level:
+            y[0] -= self._level
         weight = 1.0
         if time is not None:
             if now is not None:

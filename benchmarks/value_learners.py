@@ -13,6 +13,10 @@ next to two references:
   ``select``): Thompson sampling on each model's best-predicting nested model (its mean
   alone, + tags, + text; by prequential error), with the same price estimate and
   bounded optimism as ``linucb-default``.
+* ``select-level-ts``: ``select-ts`` with ``level_horizon`` 100 (a quality level shared
+  by the models that follows the stream's difficulty; docs/results.md, "A level that
+  follows the stream's difficulty"): ``--learners select-ts,select-level-ts
+  --shuffles 5 --file-order --name value_shift``.
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
