@@ -763,6 +763,10 @@ class Policy(abc.ABC):
         self.drift_events: dict[str, int] = {}
         #: Bumped by every change of the statistics or the arms.
         self.version = 0
+        # Quality level shared by every arm (SelectiveThompson's level_horizon): the arms
+        # learn quality minus it and predict it plus their own. 0 (and unmoved) in the
+        # other policies; kept through serialization so restored predictions agree.
+        self._level = 0.0
         # (version, (K, D) shared quality offsets): recomputed once per change, lazily.
         self._shared: tuple[int, np.ndarray] | None = None
 
@@ -960,6 +964,9 @@ class Policy(abc.ABC):
         mean_only = c is not None and self.config.exploration == "mean"
         means, utility, std = self._stats.predict(xb, None if every_arm else idx,
                                                   None if mean_only else c, w)
+        if self._level:
+            means[:, :, 0] += self._level
+            utility = utility + w[0] * self._level
         if mean_only:
             assert c is not None
             # The uncertainty of each arm's mean utility alone, sigma_h^2 / (n_h +
@@ -1097,6 +1104,8 @@ class Policy(abc.ABC):
             raise InvalidInputError("x", "update() takes one context; use update_batch()",
                                     f"{xb.shape[0]} rows")
         y = parse_outcome(outcome)
+        if self._level:
+            y[0] -= self._level
         weight = 1.0
         if time is not None:
             if now is not None:
@@ -1161,6 +1170,9 @@ class Policy(abc.ABC):
         ks = np.array([self._arm_index(a) for a in arms], dtype=np.intp)
         y = (parse_outcome_array(outcomes) if isinstance(outcomes, np.ndarray)
              else np.stack([parse_outcome(o) for o in outcomes]))
+        if self._level:
+            y = y.copy()
+            y[:, 0] -= self._level
         weights: float | np.ndarray = float(weight)
         if times is not None:
             if now is not None:
@@ -1292,6 +1304,13 @@ class Policy(abc.ABC):
             self._t_ref = t
         elif self._t_ref is None:
             self._t_ref = other._t_ref
+        if self._level != other._level:
+            # The sums were learned against different levels: their quality-weighted mean.
+            mine, theirs_w = float(self._stats.weight[:, 0].sum()), float(
+                factor_other * theirs.weight[:, 0].sum())
+            total = mine + theirs_w
+            if total > 0:
+                self._level = (mine * self._level + theirs_w * other._level) / total
         for j, name in enumerate(other._names):
             if name not in self._index:
                 row = theirs.take(j)
@@ -1335,6 +1354,7 @@ class Policy(abc.ABC):
             "version": self.version,
             "drift_events": self.drift_events,
             "derived": derived,
+            "level": self._level,
         }
         raw_header = json.dumps(header).encode()
         names = ArmStatistics.ARRAYS if derived else ArmStatistics.SUMS
@@ -1408,6 +1428,7 @@ class Policy(abc.ABC):
             policy._rng.bit_generator.state = header["rng"]
         policy.version = header["version"]
         policy.drift_events = dict(header["drift_events"])
+        policy._level = float(header.get("level", 0.0))
         return policy
 
     def __repr__(self) -> str:

@@ -13,6 +13,10 @@ next to two references:
   ``select``): Thompson sampling on each model's best-predicting nested model (its mean
   alone, + tags, + text; by prequential error), with the same price estimate and
   bounded optimism as ``linucb-default``.
+* ``select-level-ts``: ``select-ts`` with ``level_horizon`` 100 (a quality level shared
+  by the models that follows the stream's difficulty; docs/results.md, "A level that
+  follows the stream's difficulty"): ``--learners select-ts,select-level-ts
+  --shuffles 5 --file-order --name value_shift``.
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
@@ -91,7 +95,11 @@ from benchmarks.compare_routers import (
 from benchmarks.value_bounds import WEIGHTS, thompson_choices
 
 LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "hybrid-ts-independent",
-            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online", "hier-ts")
+            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online", "hier-ts",
+            "select-level-ts")
+#: ``select-level-ts``: ``select-ts`` with a quality level shared by the models that
+#: follows the stream's difficulty (``level_horizon``, in observations).
+LEVEL_HORIZON = 100.0
 #: A data set name with this suffix replays its request tags too, in their own block
 #: after the text's coordinates (``hashing+tagblock``; LLMRouter: the task cluster,
 #: MMLU: the subject; GSM8K has none).
@@ -216,10 +224,11 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
     if learner == "linucb-default":
         router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
-    if learner == "select-ts":
+    if learner in ("select-ts", "select-level-ts"):
         inputs = Inputs.of(ds, feature)
+        level = LEVEL_HORIZON if learner == "select-level-ts" else None
         router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
-                      ds.cost_estimate, tag_dims=inputs.tag_dims)
+                      ds.cost_estimate, tag_dims=inputs.tag_dims, level_horizon=level)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
