@@ -20,6 +20,11 @@ Per request:
    registry's prices, and the tenant's ``success_quality`` if set; a failure (timeout,
    5xx, 429, refused connection) is quality 0. With ``fallback_attempts`` the next best
    of the remaining candidates is tried, each attempt its own decision.
+6. Every call's success or failure also feeds the upstream's availability
+   (:mod:`bandit.availability`): a model whose upstream is drawn down (Thompson sampling
+   on its recent success rate) is left out of the candidates of ``"auto"`` decisions,
+   so a model that keeps failing stops being chosen even when no quality is reported
+   for the successes of the others.
 
 A client that disconnects cancels the work at once (a task watches for the ASGI
 ``http.disconnect``), which closes the upstream request. Errors are OpenAI-style
@@ -177,6 +182,9 @@ class _Exchange:
             candidates = [c for c in route.candidates if c not in tried]
             if not candidates:
                 break
+            if not route.fixed:
+                # Upstreams drawn down (failing) are left out; all stay if all are.
+                candidates = self.gateway.availability.admitted(candidates)
             pending = await decide_pending(self.state, self.tenant, text, None, self.tags,
                                            candidates, route.override, self.started)
             name, decision_id = pending.response["model"], pending.response["decision_id"]
@@ -203,6 +211,8 @@ class _Exchange:
         if attempt.latency_s is None and not attempt.failed:
             return  # never reached the upstream, or cancelled before the first byte
         metrics = self.gateway.metrics
+        if attempt.failed or attempt.succeeded:
+            self.gateway.availability.record(attempt.name, failed=attempt.failed)
         if attempt.failed:
             metrics.upstream_errors.labels(attempt.name, attempt.kind or "upstream_error"
                                            ).inc()

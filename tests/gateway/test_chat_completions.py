@@ -153,11 +153,6 @@ def test_upstream_that_keeps_failing_stops_being_chosen(router: Router) -> None:
     auth = {"Authorization": f"Bearer {key}"}
     assert router.http.put("/v1/tenants/me/gateway", json={"aliases": {
         "pair": {"candidates": [bad, good]}}}, headers=auth).status_code == 200
-    # LinUCB: its exploration of a model known to fail is EPSILON's share alone. Thompson
-    # (select, the default) keeps drawing it while "good" reports no quality (no
-    # success_quality here) and its prior stays wide.
-    assert router.http.put("/v1/tenants/me/preferences", json={"policy": "linucb"},
-                           headers=auth).status_code == 200
     chosen = []
     for _ in range(25):
         r = router.http.post("/v1/chat/completions", headers=auth,
