@@ -73,6 +73,8 @@ class UpstreamAvailability:
         self._lock = threading.Lock()
         # upstream -> [successes, failures, time of the last update]
         self._evidence: dict[str, list[float]] = {}
+        # Upstreams with failures not yet faded: the only ones a draw can leave out.
+        self._failing: set[str] = set()
 
     def _aged(self, key: str, now: float) -> list[float] | None:
         e = self._evidence.get(key)
@@ -90,7 +92,11 @@ class UpstreamAvailability:
             e = self._aged(key, now)
             if e is None:
                 e = self._evidence[key] = [0.0, 0.0, now]
-            e[1 if failed else 0] += 1.0
+            if failed:
+                e[1] += 1.0
+                self._failing.add(key)
+            else:
+                e[0] += 1.0
 
     def success_rate(self, key: str) -> float:
         """The posterior mean chance that a call to ``key`` succeeds."""
@@ -100,13 +106,16 @@ class UpstreamAvailability:
 
     def admitted(self, keys: Sequence[str]) -> list[str]:
         """The ``keys`` drawn up (p ~ Beta(1/2 + s, f) >= 1/2); all of them if none is."""
+        if self._failing.isdisjoint(keys):
+            return list(keys)  # the usual case: no failure to weigh
         now = self._clock()
         out = []
         with self._lock:
             for key in keys:
-                e = self._aged(key, now)
-                # Failures faded to nothing: no evidence against it.
-                if e is None or e[1] < 1e-3 or self._rng.betavariate(
-                        _PRIOR_S + e[0], e[1]) >= 0.5:
+                e = self._aged(key, now) if key in self._failing else None
+                if e is not None and e[1] < 1e-3:
+                    self._failing.discard(key)  # its failures faded to nothing
+                    e = None
+                if e is None or self._rng.betavariate(_PRIOR_S + e[0], e[1]) >= 0.5:
                     out.append(key)
         return out or list(keys)
