@@ -522,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="3 s phases, 1 round, no results file")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", default=None,
+                        help="results file name (default gateway_overhead[_<rate>rps])")
     parser.add_argument("--no-litellm", action="store_true",
                         help="measure the direct path and our router only")
     parser.add_argument("--client-cost", action="store_true",
@@ -618,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
                         "difference. LiteLLM publishes p50 2 ms / p99 13 ms added at "
                         "~1,170 req/s on 4 instances x 4 CPUs.")
     if not (args.quick or args.no_write):
-        name = "gateway_overhead" + ("" if args.rate == 100 else f"_{args.rate:.0f}rps")
+        name = args.out or ("gateway_overhead"
+                            + ("" if args.rate == 100 else f"_{args.rate:.0f}rps"))
         path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
                          "baseline": None if args.baseline is None else str(args.baseline),

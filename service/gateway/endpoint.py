@@ -20,6 +20,11 @@ Per request:
    registry's prices, and the tenant's ``success_quality`` if set; a failure (timeout,
    5xx, 429, refused connection) is quality 0. With ``fallback_attempts`` the next best
    of the remaining candidates is tried, each attempt its own decision.
+6. Every call's success or failure also feeds the upstream's availability
+   (:mod:`bandit.availability`): a model whose upstream is drawn down (Thompson sampling
+   on its recent success rate) is left out of the candidates of ``"auto"`` decisions,
+   so a model that keeps failing stops being chosen even when no quality is reported
+   for the successes of the others.
 
 A client that disconnects cancels the work at once (a task watches for the ASGI
 ``http.disconnect``), which closes the upstream request. Errors are OpenAI-style
@@ -45,7 +50,6 @@ from starlette.types import Receive, Scope, Send
 
 from bandit import Preferences
 from bandit.base import MAX_COST_USD
-from bandit.pricing import request_cost
 from service.deps import tenant_for_authorization
 from service.gateway.chat import (
     TAGS_HEADER,
@@ -127,11 +131,13 @@ def _cost(model: ModelState, usage: Any) -> float | None:
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if not (isinstance(prompt, int) and isinstance(completion, int)) or min(
+    if not (type(prompt) is int and type(completion) is int) or min(  # not bools
             prompt, completion) < 0:
         return None
-    cost = request_cost(model.input_price_per_mtok, model.output_price_per_mtok, prompt,
-                        completion)
+    # bandit.pricing.request_cost's formula, without its checks (9 us a call): the
+    # counts are checked above, the prices were when the model was registered.
+    cost = round((model.input_price_per_mtok * prompt
+                  + model.output_price_per_mtok * completion) / 1e6, 15)
     # As POST /v1/feedback refuses it: beyond what the statistics accept, unknown.
     return cost if cost <= MAX_COST_USD else None
 
@@ -177,6 +183,9 @@ class _Exchange:
             candidates = [c for c in route.candidates if c not in tried]
             if not candidates:
                 break
+            if not route.fixed:
+                # Upstreams drawn down (failing) are left out; all stay if all are.
+                candidates = self.gateway.availability.admitted(candidates)
             pending = await decide_pending(self.state, self.tenant, text, None, self.tags,
                                            candidates, route.override, self.started)
             name, decision_id = pending.response["model"], pending.response["decision_id"]
@@ -203,20 +212,21 @@ class _Exchange:
         if attempt.latency_s is None and not attempt.failed:
             return  # never reached the upstream, or cancelled before the first byte
         metrics = self.gateway.metrics
+        if attempt.failed or attempt.succeeded:
+            self.gateway.availability.record(attempt.name, failed=attempt.failed)
         if attempt.failed:
             metrics.upstream_errors.labels(attempt.name, attempt.kind or "upstream_error"
                                            ).inc()
         elif attempt.succeeded:
-            metrics.upstream_latency.labels(attempt.name).observe(
-                time.perf_counter() - attempt.started)
+            metrics.latency_of(attempt.name).observe(time.perf_counter() - attempt.started)
             if self.chat.stream and attempt.latency_s is not None:
-                metrics.ttft.labels(attempt.name).observe(attempt.latency_s)
+                metrics.ttft_of(attempt.name).observe(attempt.latency_s)
         model = self.service.models.get(attempt.name)
         cost = None
         if model is not None and attempt.usage is not None:
             try:
                 cost = _cost(model, attempt.usage)
-            except ValueError:  # an absurd usage: the cost stays unknown
+            except OverflowError:  # an absurd usage (10**400 tokens): the cost is unknown
                 cost = None
         quality = (0.0 if attempt.failed else
                    settings.success_quality if attempt.succeeded else None)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -42,3 +43,20 @@ class GatewayMetrics:
             "bandit_router_gateway_outcomes_queued", "Outcomes of forwarded calls "
             "answered and not yet stored", registry=registry)
         self.outcomes_queued.set_function(queued)
+        # Each model's children, looked up once (labels() costs more than observe()).
+        self._latency: dict[str, Any] = {}
+        self._ttft: dict[str, Any] = {}
+
+    def latency_of(self, model: str) -> Any:
+        """``upstream_latency``'s child of ``model``."""
+        child = self._latency.get(model)
+        if child is None:
+            child = self._latency[model] = self.upstream_latency.labels(model)
+        return child
+
+    def ttft_of(self, model: str) -> Any:
+        """``ttft``'s child of ``model``."""
+        child = self._ttft.get(model)
+        if child is None:
+            child = self._ttft[model] = self.ttft.labels(model)
+        return child

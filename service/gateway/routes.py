@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from bandit import InvalidInputError, Preferences
+from bandit.availability import UpstreamAvailability
 from service.config import Settings
 from service.deps import ServiceDep, TenantDep
 from service.gateway.feedback import FeedbackSender
@@ -46,6 +47,9 @@ class Gateway:
         self.feedback = FeedbackSender(service, max_wait_s=max(
             0.1, 2 * settings.decision_flush_interval_s + 0.01))
         self.metrics = GatewayMetrics(service.metrics.registry, self.feedback.queued)
+        # Which upstreams are failing, from every forwarded call (bandit/availability.py):
+        # a model drawn down is left out of the decision's candidates.
+        self.availability = UpstreamAvailability(seed=settings.policy_seed)
 
     async def aclose(self) -> None:
         await self.feedback.aclose()

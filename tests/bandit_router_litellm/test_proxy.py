@@ -26,7 +26,6 @@ pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
 import openai  # noqa: E402
 
 from service.client import RouterClient  # noqa: E402
-from service.config import DEFAULT_POLICY  # noqa: E402
 from tests.bandit_router_litellm.proxy import MASTER_KEY, litellm_cli, running_proxy  # noqa: E402
 from tests.fakes.openai_upstream import FakeModel, running_upstream  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
@@ -79,7 +78,9 @@ def router(tmp_path_factory):
         with RouterClient(base, ADMIN_KEY) as admin:
             tenant = admin.create_tenant(f"litellm-{uuid.uuid4().hex[:6]}")
             for name, (inp, out) in PRICES.items():
-                admin.add_model(f"openai/{name}", inp * 1e6, out * 1e6)
+                # flaky is believed better than strong before any feedback.
+                admin.add_model(f"openai/{name}", inp * 1e6, out * 1e6,
+                                prior_quality=0.9 if name == "flaky" else None)
         yield base, tenant.api_key
 
 
@@ -198,21 +199,16 @@ def test_proxy_other_groups_are_not_routed(client, seen):
 
 
 def test_proxy_failing_deployment_stops_being_chosen(client, tenant, upstream, seen):
-    """flaky answers 503 every time; strong succeeds. Without the failure outcomes the
-    learner could not tell them apart (and ties go to the first candidate, flaky).
+    """flaky answers 503 every time; strong succeeds. flaky is believed better before
+    any feedback (prior quality 0.9): the failures must teach the default policy, and the
+    plug-in's availability leaves a deployment drawn down out of the candidates.
 
     Three questions asked in turn: a handful of request kinds, as real traffic repeats
     them (each new kind of query is a new context a contextual policy explores anew).
     """
     questions = ["Summarise this contract for me.", "Translate 'good morning' to French.",
                  "Write a haiku about the sea."]
-    # LinUCB: its tie goes to flaky, so the failures must teach it (select, the default,
-    # may draw strong from the start and never need to learn flaky fails).
-    tenant.put_preferences(policy="linucb")
-    try:
-        _learn_flaky_fails(client, tenant, upstream, seen, questions)
-    finally:
-        tenant.put_preferences(policy=DEFAULT_POLICY)
+    _learn_flaky_fails(client, tenant, upstream, seen, questions)
 
 
 def _learn_flaky_fails(client, tenant, upstream, seen, questions: list[str]) -> None:

@@ -153,11 +153,6 @@ def test_upstream_that_keeps_failing_stops_being_chosen(router: Router) -> None:
     auth = {"Authorization": f"Bearer {key}"}
     assert router.http.put("/v1/tenants/me/gateway", json={"aliases": {
         "pair": {"candidates": [bad, good]}}}, headers=auth).status_code == 200
-    # LinUCB: its exploration of a model known to fail is EPSILON's share alone. Thompson
-    # (select, the default) keeps drawing it while "good" reports no quality (no
-    # success_quality here) and its prior stays wide.
-    assert router.http.put("/v1/tenants/me/preferences", json={"policy": "linucb"},
-                           headers=auth).status_code == 200
     chosen = []
     for _ in range(25):
         r = router.http.post("/v1/chat/completions", headers=auth,
@@ -176,6 +171,21 @@ def test_upstream_that_keeps_failing_stops_being_chosen(router: Router) -> None:
             router.decision(key, r.headers["x-router-decision-id"])
     assert chosen[0] == bad
     assert chosen[-15:].count(bad) <= 1, chosen  # only the policy's bounded exploration
+
+
+def test_failing_upstream_is_still_called_when_no_other_is_left(router: Router) -> None:
+    # Availability leaves a failing model out of a decision only in favour of others:
+    # alone in its alias, or named by the client, every request still reaches it.
+    bad = router.add_model(answer=FakeModel(status=503))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    assert router.http.put("/v1/tenants/me/gateway", json={"aliases": {
+        "solo": {"candidates": [bad]}}}, headers=auth).status_code == 200
+    for model in ["auto:solo"] * 6 + [bad] * 3:
+        r = router.http.post("/v1/chat/completions", headers=auth,
+                             json={"model": model, "messages": MESSAGES})
+        assert r.status_code == 502 and r.headers["x-router-model"] == bad, r.text
+    assert len(router.upstream.calls(bad)) == 9
 
 
 def test_fallback_tries_next_best_model_each_attempt_a_decision(router: Router) -> None:
