@@ -13,6 +13,10 @@ next to two references:
   ``select``): Thompson sampling on each model's best-predicting nested model (its mean
   alone, + tags, + text; by prequential error), with the same price estimate and
   bounded optimism as ``linucb-default``.
+* ``select-ts-cold-first``: ``select-ts`` with ``cold_start_share`` 1 (``COLD_FIRST``):
+  each model's first 10 calls before the main branch, not 10% of the decisions while
+  the first warm model takes the rest (docs/results.md, "Where the exploration is
+  spent").
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
@@ -90,12 +94,17 @@ from benchmarks.compare_routers import (
 )
 from benchmarks.value_bounds import WEIGHTS, thompson_choices
 
-LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "hybrid-ts-independent",
+LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "select-ts-cold-first",
+            "hybrid-ts-independent",
             "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online", "hier-ts")
 #: A data set name with this suffix replays its request tags too, in their own block
 #: after the text's coordinates (``hashing+tagblock``; LLMRouter: the task cluster,
 #: MMLU: the subject; GSM8K has none).
 TAGS = "+tags"
+#: ``select-ts-cold-first``: every model that could pay for itself (bounded optimism) is
+#: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
+#: over, instead of a 10% share of decisions while the first warm model takes the rest.
+COLD_FIRST = {"cold_start_share": 1.0}
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -216,10 +225,11 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
     if learner == "linucb-default":
         router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
-    if learner == "select-ts":
+    if learner in ("select-ts", "select-ts-cold-first"):
         inputs = Inputs.of(ds, feature)
         router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
-                      ds.cost_estimate, tag_dims=inputs.tag_dims)
+                      ds.cost_estimate, tag_dims=inputs.tag_dims,
+                      **(COLD_FIRST if learner.endswith("cold-first") else {}))
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)

@@ -162,3 +162,19 @@ def test_model_subset_keeps_half_the_models_columns_aligned() -> None:
     np.testing.assert_array_equal(half.quality, quality[:, cols])
     np.testing.assert_array_equal(half.cost, cost[:, cols])
     np.testing.assert_array_equal(half.cost_estimate, 2 * cost[:, cols])
+
+
+def test_loss_decomposition_adds_up_to_the_routing_value() -> None:
+    """Every row's loss lands in one (model, window) cell: the cells sum to -value, the
+    best model's cells are 0, and the pulls count every row once."""
+    es = importlib.import_module("benchmarks.exploration_spend")
+    rng = np.random.default_rng(3)
+    rewards = rng.random((500, 4)) + np.array([0.3, 0.0, 0.1, 0.0])
+    choices = rng.integers(0, 4, 500)
+    d = es.loss_decomposition(rewards, choices, ((0, 50), (50, 200), (200, None)))
+    assert d["best_model"] == 0
+    assert np.sum(d["loss"]) == pytest.approx(-routing_value(rewards, choices)["value"],
+                                              abs=1e-3)
+    assert d["loss"][0] == [0.0, 0.0, 0.0]
+    assert np.sum(d["pulls"]) == 500
+    assert [sum(col) for col in zip(*d["pulls"], strict=True)] == [50, 150, 300]
