@@ -26,6 +26,7 @@ the 200-300 window.
 
     python -m benchmarks.new_model [--policy select] [--seeds 3] [--cost-weights 0,300]
         [--shared-ridge 1] [--arm-prior hierarchy --out-name new_model_hierarchy]
+        [--cold-start-share 1 --out-name new_model_select_cold_first]
 
 ``--policy`` is the policy kind replayed: ``select`` (the default policy of ``serve`` and
 ``replay``, :class:`bandit.SelectiveThompson`) or ``linucb`` (the previous default).
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag-ridge", type=float, default=TAG_RIDGE)
     parser.add_argument("--shared-ridge", type=float, default=None,
                         help="the policy's shared_ridge (default: its default, None)")
+    parser.add_argument("--cold-start-share", type=float, default=None,
+                        help="the policy's cold_start_share (default: its default, 0.1; "
+                             "1: a new model's first 10 calls come before the main branch)")
     parser.add_argument("--arm-prior", default="declared", choices=("declared", "hierarchy"),
                         help="PolicyConfig.arm_prior: where the specialist's quality prior "
                              "comes from (hierarchy: predicted from its price and the "
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = Inputs.of(ds, feat)
         config: dict[str, object] = {"shared_ridge": args.shared_ridge,
                                      "arm_prior": args.arm_prior}
+        if args.cold_start_share is not None:
+            config["cold_start_share"] = args.cold_start_share
         if inputs.tag_dims:
             config.update(tag_dims=inputs.tag_dims, tag_ridge=args.tag_ridge)
         perm = np.random.default_rng(seed).permutation(ds.n)
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                             "policy": f"{args.policy} defaults",
                             "shared_ridge": args.shared_ridge, "tag_ridge": args.tag_ridge,
                             "arm_prior": args.arm_prior,
+                            "cold_start_share": args.cold_start_share,
                             "construction": __doc__.split("\n\n")[1].replace("\n", " "),
                             "elapsed_s": round(time.perf_counter() - started, 1)},
                "goal_met_runs": {f: f"{sum(m)} of {len(m)}" for f, m in met.items()},
