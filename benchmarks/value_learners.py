@@ -46,7 +46,8 @@ next to two references:
 Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
 ``../shared/data``). Writes ``benchmarks/results/value_learners.json`` (``--name``).
 Data set names ending in ``+tags`` (``llmrouter+tags``, ``mmlu+tags``) replay the
-request tags in their own block; ``--file-order`` adds one pass in file order.
+request tags in their own block; ``--file-order`` adds one pass in file order
+(``--shuffles 0 --file-order``: that pass alone).
 
 What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
 first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
@@ -298,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated; a name ending in +tags (llmrouter+tags, "
                              "mmlu+tags) replays the request tags in their own block")
     parser.add_argument("--learners", default=",".join(LEARNERS))
-    parser.add_argument("--shuffles", type=int, default=3)
+    parser.add_argument("--shuffles", type=int, default=3,
+                        help="shuffled passes (default 3; 0 with --file-order: the file "
+                             "order alone)")
     parser.add_argument("--file-order", action="store_true",
                         help="also one pass in file order (seed 0), reported apart")
     parser.add_argument("--mmlu-rows", type=int, default=3000,
@@ -311,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", "--out-name", default="value_learners",
                         help="results file name (default value_learners)")
     args = parser.parse_args(argv)
+    if args.shuffles < 0 or (args.shuffles == 0 and not args.file_order):
+        parser.error(f"--shuffles: allowed 1 or more, or 0 with --file-order (the file "
+                     f"order alone), got {args.shuffles}")
     learners = args.learners.split(",")
     for name in learners:
         if name not in LEARNERS:
@@ -327,28 +333,34 @@ def main(argv: list[str] | None = None) -> int:
                 jobs = [(name, learner, w, s, args.mmlu_rows)
                         for w in weights for s in orders]
                 values = np.array(pool.map(_job, jobs)).reshape(len(weights), len(orders))
-                shuffled = values[:, :args.shuffles]
-                per_weight = shuffled.mean(axis=1)
                 result = {"dataset": name, "learner": learner, "weights": list(weights),
-                          "values": [round(float(v), 4) for v in per_weight],
-                          "sd": [round(float(v), 4) for v in shuffled.std(axis=1)],
                           **({"models": _load(name, args.mmlu_rows).arms}
-                             if "/half" in name else {}),
-                          "mean": round(float(per_weight.mean()), 4),
-                          "min": round(float(per_weight.min()), 4)}
+                             if "/half" in name else {})}
                 file_order = ""
+                if args.shuffles:
+                    shuffled = values[:, :args.shuffles]
+                    per_weight = shuffled.mean(axis=1)
+                    result.update({
+                        "values": [round(float(v), 4) for v in per_weight],
+                        "sd": [round(float(v), 4) for v in shuffled.std(axis=1)],
+                        "mean": round(float(per_weight.mean()), 4),
+                        "min": round(float(per_weight.min()), 4)})
+                else:  # the file order alone: its pass is the table's row
+                    per_weight = values[:, -1]
                 if args.file_order:
                     result["file_order"] = [round(float(v), 4) for v in values[:, -1]]
                     result["file_order_mean"] = round(float(values[:, -1].mean()), 4)
-                    file_order = f"{values[:, -1].mean():+.3f}"
+                    file_order = f"{values[:, -1].mean():+.3f}" if args.shuffles else ""
                 results.append(result)
                 rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
                              *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}",
                              file_order])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
-    print_table("Routing value, one pass, mean over shuffles "
-                "(0 = best fixed model, 1 = per-query oracle)",
+    print_table("Routing value, one pass, "
+                + (f"mean over {args.shuffles} shuffles" if args.shuffles
+                   else "file order only")
+                + " (0 = best fixed model, 1 = per-query oracle)",
                 ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean", "file order"],
                 rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
