@@ -7,6 +7,7 @@ points the benchmarks at another copy.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
@@ -26,6 +27,7 @@ __all__ = [
     "code_version",
     "machine_info",
     "write_results",
+    "add_output_options",
     "print_table",
 ]
 
@@ -114,6 +116,19 @@ def write_results(name: str, payload: Mapping[str, object],
                 **payload}
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def add_output_options(parser: argparse.ArgumentParser, name: str | None,
+                       name_help: str | None = None) -> None:
+    """``--out-dir DIR`` and ``--out-name NAME``: where :func:`write_results` writes
+    (``DIR/NAME.json``; default ``benchmarks/results/<name>.json``). ``--name`` is kept,
+    hidden, as an older spelling of ``--out-name`` (commands in earlier results)."""
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="results directory (default benchmarks/results)")
+    parser.add_argument("--out-name", default=name,
+                        help=name_help or f"results file name (default {name})")
+    parser.add_argument("--name", dest="out_name", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],

@@ -25,7 +25,7 @@ import numpy as np
 
 from bandit import SelectiveThompson
 from bandit.replay import routing_value
-from benchmarks.common import print_table, write_results
+from benchmarks.common import add_output_options, print_table, write_results
 from benchmarks.compare_routers import Inputs, Ours, run_online
 from benchmarks.value_bounds import WEIGHTS
 from benchmarks.value_learners import COLD_FIRST, _load
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--learners", default="select-ts,select-ts-cold-first")
     parser.add_argument("--shuffles", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--name", default="exploration_spend")
+    add_output_options(parser, "exploration_spend")
     args = parser.parse_args(argv)
     learners = args.learners.split(",")
     for learner in learners:
@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
                  "draws > ceiling"], rows,
                 caption="best / next 2 / rest: models ranked by mean reward at that weight; "
                         "a negative loss is a gain; draws > ceiling per run")
-    path = write_results(args.name, {
+    path = write_results(args.out_name, {
         "what": "loss against the best fixed model by chosen model and window of rows "
                 "(headroom units, cells add up to -value), mean over shuffles",
         "shuffles": args.shuffles, "results": results,
-        "seconds": round(time.perf_counter() - started, 1)})
+        "seconds": round(time.perf_counter() - started, 1)}, results_dir=args.out_dir)
     print(f"wrote {path}")
     return 0
 

@@ -47,7 +47,7 @@ import numpy as np
 from bandit import LinUCB, Preferences, SelectiveThompson
 from bandit.base import ArmPrior
 from bandit.replay import routing_value
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import add_output_options, data_root, print_table, write_results
 from benchmarks.compare_routers import TAG_RIDGE, Inputs, load_llmrouter
 
 STRONG = ("llama-3.1-nemotron-51b-instruct", "llama-3.3-nemotron-super-49b-v1")
@@ -113,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="PolicyConfig.arm_prior: where the specialist's quality prior "
                              "comes from (hierarchy: predicted from its price and the "
                              "other models' feedback, bandit.hierarchy)")
-    parser.add_argument("--out-name", default=None,
-                        help="results file name (benchmarks/results/NAME.json; default "
-                             "new_model_select for select, new_model for linucb)")
-    parser.add_argument("--out-dir", default=None)
+    add_output_options(parser, None, "results file name (default new_model_select for "
+                                     "select, new_model for linucb)")
     args = parser.parse_args(argv)
     root = data_root()
     ds = load_llmrouter(root / "llmrouter", minilm=False)
@@ -178,12 +176,10 @@ def main(argv: list[str] | None = None) -> int:
                             "elapsed_s": round(time.perf_counter() - started, 1)},
                "goal_met_runs": {f: f"{sum(m)} of {len(m)}" for f, m in met.items()},
                "results": results}
-    from pathlib import Path
-
     out_name = args.out_name or ("new_model" if args.policy == "linucb"
                                  else f"new_model_{args.policy}")
     write_results(out_name, payload,
-                  results_dir=None if args.out_dir is None else Path(args.out_dir))
+                  results_dir=args.out_dir)
     return 0
 
 

@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import add_output_options, data_root, print_table, write_results
 from benchmarks.compare_routers import Dataset, _hashing, load_gsm8k, load_llmrouter, load_mmlu
 
 WEIGHTS = {"llmrouter": (0.0, 100.0, 300.0, 1000.0, 3000.0),
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
     parser.add_argument("--dims", default="64,256,1024",
                         help="hashing dimensions compared on LLMRouter (default 64,256,1024)")
-    parser.add_argument("--out-dir", default=None)
+    add_output_options(parser, "value_bounds")
     args = parser.parse_args(argv)
     root = data_root()
     started = time.perf_counter()
@@ -185,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                 [[name, ref, *(f"{v:+.3f}" for v in vals), *[""] * (width - len(vals)),
                   f"{np.mean(vals):+.3f}"] for name, ref, vals in rows],
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100")
-    path = write_results("value_bounds", {
+    path = write_results(args.out_name, {
         "what": "full-information ceiling per featurizer (5-fold cross-fitted ridge, best "
                 "of ridges 1/10/100), context-free Thompson one-pass floor (mean of 5 "
                 "shuffles), task oracle",
         "results": results, "seconds": round(time.perf_counter() - started, 1)},
-        results_dir=None if args.out_dir is None else Path(args.out_dir))
+        results_dir=args.out_dir)
     print(f"wrote {path}")
     return 0
 

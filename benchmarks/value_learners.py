@@ -38,13 +38,14 @@ next to two references:
   each model's mean quality is a line in its log price, learned from every model's
   feedback, plus its own deviation; one joint posterior draw per decision.
   ``--learners linucb-default,context-free-ts,hier-ts --shuffles 5 --file-order
-  --name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
+  --out-name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
   context-free-ts -0.068 / -0.035 / -0.051 (LLMRouter / MMLU / GSM8K): no gain; 85% of
   the sampler's loss comes after its first 100 rows, where a prior on the levels no
   longer matters (docs/results.md, "A prior across models").
 
 Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
-``../shared/data``). Writes ``benchmarks/results/value_learners.json`` (``--name``).
+``../shared/data``). Writes ``benchmarks/results/value_learners.json`` (``--out-dir``,
+``--out-name``).
 Data set names ending in ``+tags`` (``llmrouter+tags``, ``mmlu+tags``) replay the
 request tags in their own block; ``--file-order`` adds one pass in file order
 (``--shuffles 0 --file-order``: that pass alone).
@@ -75,14 +76,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bandit import SelectiveThompson
 from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import add_output_options, data_root, print_table, write_results
 from benchmarks.compare_routers import (
     Dataset,
     Inputs,
@@ -307,12 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    parser.add_argument("--out-dir", default=None)
     parser.add_argument("--model-subsets", type=int, default=0,
                         help="also replay LLMRouter with N random halves of its models "
                              "(held-out check: not one data set's price / quality line)")
-    parser.add_argument("--name", "--out-name", default="value_learners",
-                        help="results file name (default value_learners)")
+    add_output_options(parser, "value_learners")
     args = parser.parse_args(argv)
     if args.shuffles < 0 or (args.shuffles == 0 and not args.file_order):
         parser.error(f"--shuffles: allowed 1 or more, or 0 with --file-order (the file "
@@ -365,14 +363,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims")
-    path = write_results(args.name, {
+    path = write_results(args.out_name, {
         "what": "routing value of one-pass learners (bandit feedback) against the default "
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
         "shuffles": args.shuffles, "file_order": args.file_order,
         "mmlu_rows": args.mmlu_rows, "results": results,
         "seconds": round(time.perf_counter() - started, 1)},
-        results_dir=None if args.out_dir is None else Path(args.out_dir))
+        results_dir=args.out_dir)
     print(f"wrote {path}")
     return 0
 
