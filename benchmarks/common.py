@@ -17,6 +17,10 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -29,6 +33,8 @@ __all__ = [
     "write_results",
     "add_output_options",
     "print_table",
+    "VALUE_WEIGHTS",
+    "shuffle_order",
 ]
 
 #: Environment variable naming the data root (the directory that holds ``llmrouter/``).
@@ -38,6 +44,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 #: Derived files (converted logs); gitignored.
 CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
+#: The cost weights w (reward = quality - w x cost in USD) at which the routing-value
+#: benchmarks (value_bounds, value_ceiling, value_learners, exploration_spend) measure
+#: each data set.
+VALUE_WEIGHTS: dict[str, tuple[float, ...]] = {
+    "llmrouter": (0.0, 100.0, 300.0, 1000.0, 3000.0),
+    "mmlu": (0.0, 10.0, 30.0, 100.0), "gsm8k": (0.0, 10.0, 30.0, 100.0)}
 
 
 def data_root() -> Path:
@@ -116,6 +128,20 @@ def write_results(name: str, payload: Mapping[str, object],
                 **payload}
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def shuffle_order(n: int, shuffle: int) -> np.ndarray:
+    """The row order of shuffle ``shuffle`` (0, 1, ...) of ``n`` rows: the permutation of
+    seed ``shuffle + 1`` (the router of that pass takes seed ``shuffle``), the same in
+    every benchmark that replays shuffles; the file order is the unshuffled stream.
+
+    >>> import numpy as np
+    >>> shuffle_order(5, 0).tolist() == np.random.default_rng(1).permutation(5).tolist()
+    True
+    """
+    import numpy as np
+
+    return np.random.default_rng(shuffle + 1).permutation(n)
 
 
 def add_output_options(parser: argparse.ArgumentParser, name: str | None,

@@ -25,9 +25,14 @@ import numpy as np
 
 from bandit import SelectiveThompson
 from bandit.replay import routing_value
-from benchmarks.common import add_output_options, print_table, write_results
+from benchmarks.common import (
+    VALUE_WEIGHTS,
+    add_output_options,
+    print_table,
+    shuffle_order,
+    write_results,
+)
 from benchmarks.compare_routers import Inputs, Ours, run_online
-from benchmarks.value_bounds import WEIGHTS
 from benchmarks.value_learners import COLD_FIRST, _load
 
 #: Row windows of the decomposition: the start, the cold start, warm-up, the rest.
@@ -89,7 +94,7 @@ def _job(args: tuple[str, str, float, int]) -> dict:
     name, learner, weight, shuffle = args
     ds = _load(name, 3000)
     if shuffle >= 0:
-        ds = ds.permuted(np.random.default_rng(shuffle + 1).permutation(ds.n))
+        ds = ds.permuted(shuffle_order(ds.n, shuffle))
     router = Ours(_CountingSelect, ds.features["hashing"], ds.arms, ds.cost.mean(axis=0),
                   max(shuffle, 0), ds.cost_estimate,
                   tag_dims=Inputs.of(ds, "hashing").tag_dims, **LEARNERS[learner])
@@ -120,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets.split(","):
             arms = _load(name, 3000).arms
             for learner in learners:
-                for weight in WEIGHTS[name]:
+                for weight in VALUE_WEIGHTS[name]:
                     runs = pool.map(_job, [(name, learner, weight, s)
                                            for s in range(args.shuffles)])
                     loss = np.mean([r["loss"] for r in runs], axis=0)  # (K, windows)

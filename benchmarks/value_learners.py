@@ -82,7 +82,14 @@ import numpy as np
 from bandit import SelectiveThompson
 from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
-from benchmarks.common import add_output_options, data_root, print_table, write_results
+from benchmarks.common import (
+    VALUE_WEIGHTS,
+    add_output_options,
+    data_root,
+    print_table,
+    shuffle_order,
+    write_results,
+)
 from benchmarks.compare_routers import (
     Dataset,
     Inputs,
@@ -93,7 +100,7 @@ from benchmarks.compare_routers import (
     make_router,
     run_online,
 )
-from benchmarks.value_bounds import WEIGHTS, thompson_choices
+from benchmarks.value_bounds import thompson_choices
 
 LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "select-ts-cold-first",
             "hybrid-ts-independent",
@@ -284,7 +291,7 @@ def _job(args: tuple[str, str, float, int, int]) -> float:
     base = name.removesuffix(TAGS)
     ds = _load(base, mmlu_rows)
     if shuffle >= 0:
-        ds = ds.permuted(np.random.default_rng(shuffle + 1).permutation(ds.n))
+        ds = ds.permuted(shuffle_order(ds.n, shuffle))
     feature = "hashing+tagblock" if name.endswith(TAGS) else "hashing"
     if feature not in ds.features:
         raise ValueError(f"--datasets: {base} has no request tags ({name!r})")
@@ -326,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [d for d in args.datasets.split(",") if d] + [
             f"llmrouter/half{i}" for i in range(args.model_subsets)]
         for name in names:
-            weights = WEIGHTS[name.removesuffix(TAGS).partition("/")[0]]
+            weights = VALUE_WEIGHTS[name.removesuffix(TAGS).partition("/")[0]]
             for learner in learners:
                 jobs = [(name, learner, w, s, args.mmlu_rows)
                         for w in weights for s in orders]
