@@ -7,6 +7,7 @@ points the benchmarks at another copy.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
@@ -16,6 +17,10 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DATA_ENV_VAR",
@@ -26,7 +31,10 @@ __all__ = [
     "code_version",
     "machine_info",
     "write_results",
+    "add_output_options",
     "print_table",
+    "VALUE_WEIGHTS",
+    "shuffle_order",
 ]
 
 #: Environment variable naming the data root (the directory that holds ``llmrouter/``).
@@ -36,6 +44,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 #: Derived files (converted logs); gitignored.
 CACHE_DIR = REPO_ROOT / "benchmarks" / ".cache"
+#: The cost weights w (reward = quality - w x cost in USD) at which the routing-value
+#: benchmarks (value_bounds, value_ceiling, value_learners, exploration_spend) measure
+#: each data set.
+VALUE_WEIGHTS: dict[str, tuple[float, ...]] = {
+    "llmrouter": (0.0, 100.0, 300.0, 1000.0, 3000.0),
+    "mmlu": (0.0, 10.0, 30.0, 100.0), "gsm8k": (0.0, 10.0, 30.0, 100.0)}
 
 
 def data_root() -> Path:
@@ -114,6 +128,33 @@ def write_results(name: str, payload: Mapping[str, object],
                 **payload}
     path.write_text(json.dumps(document, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def shuffle_order(n: int, shuffle: int) -> np.ndarray:
+    """The row order of shuffle ``shuffle`` (0, 1, ...) of ``n`` rows: the permutation of
+    seed ``shuffle + 1`` (the router of that pass takes seed ``shuffle``), the same in
+    every benchmark that replays shuffles; the file order is the unshuffled stream.
+
+    >>> import numpy as np
+    >>> shuffle_order(5, 0).tolist() == np.random.default_rng(1).permutation(5).tolist()
+    True
+    """
+    import numpy as np
+
+    return np.random.default_rng(shuffle + 1).permutation(n)
+
+
+def add_output_options(parser: argparse.ArgumentParser, name: str | None,
+                       name_help: str | None = None) -> None:
+    """``--out-dir DIR`` and ``--out-name NAME``: where :func:`write_results` writes
+    (``DIR/NAME.json``; default ``benchmarks/results/<name>.json``). ``--name`` is kept,
+    hidden, as an older spelling of ``--out-name`` (commands in earlier results)."""
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="results directory (default benchmarks/results)")
+    parser.add_argument("--out-name", default=name,
+                        help=name_help or f"results file name (default {name})")
+    parser.add_argument("--name", dest="out_name", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],

@@ -75,7 +75,14 @@ import numpy as np
 from bandit import LinearThompson, LinUCB, Preferences
 from bandit.base import ArmPrior, PolicyConfig
 from bandit.replay import routing_value
-from benchmarks.common import CACHE_DIR, RESULTS_DIR, data_root, print_table, write_results
+from benchmarks.common import (
+    CACHE_DIR,
+    RESULTS_DIR,
+    data_root,
+    print_table,
+    shuffle_order,
+    write_results,
+)
 
 __all__ = ["Dataset", "aiq", "knn_choices", "knn_scores", "run_online", "make_router",
            "load_llmrouter", "load_mmlu", "main", "quality_at_cost"]
@@ -739,7 +746,7 @@ def evaluate(ds: Dataset, weights: Sequence[float], seeds: int, online: Sequence
                 for s in range(shuffles):
                     # Shuffle s: permutation seed s + 1, router seed s (the file order
                     # is the unshuffled stream, reported apart).
-                    perm = np.random.default_rng(s + 1).permutation(ds.n)
+                    perm = shuffle_order(ds.n, s)
                     dsp = ds.permuted(perm)
                     router = make_router(name, Inputs.of(dsp, feat), dsp, s)
                     ch = run_online(router, dsp.quality, dsp.cost, np.full(ds.n, weight))

@@ -24,10 +24,14 @@ queries in windows of that cluster's queries after it was added (0-100, 100-200,
 The goal (issue 13): >= 50% of the cluster's traffic within 300 of its queries, i.e. in
 the 200-300 window.
 
-    python -m benchmarks.new_model [--seeds 3] [--cost-weights 0,300] [--shared-ridge 1]
-        [--arm-prior hierarchy --out-name new_model_hierarchy]
+    python -m benchmarks.new_model [--policy select] [--seeds 3] [--cost-weights 0,300]
+        [--shared-ridge 1] [--arm-prior hierarchy --out-name new_model_hierarchy]
+        [--cold-start-share 1 --out-name new_model_select_cold_first]
 
-Writes ``benchmarks/results/new_model.json``.
+``--policy`` is the policy kind replayed: ``select`` (the default policy of ``serve`` and
+``replay``, :class:`bandit.SelectiveThompson`) or ``linucb`` (the previous default).
+Writes ``benchmarks/results/new_model_select.json`` (``select``) or ``new_model.json``
+(``linucb``), or ``--out-name``.
 """
 
 from __future__ import annotations
@@ -40,16 +44,17 @@ import time
 
 import numpy as np
 
-from bandit import LinUCB, Preferences
+from bandit import LinUCB, Preferences, SelectiveThompson
 from bandit.base import ArmPrior
 from bandit.replay import routing_value
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import add_output_options, data_root, print_table, write_results
 from benchmarks.compare_routers import TAG_RIDGE, Inputs, load_llmrouter
 
 STRONG = ("llama-3.1-nemotron-51b-instruct", "llama-3.3-nemotron-super-49b-v1")
 WEAK = "llama3-chatqa-1.5-8b"
 SMALL_PRICE_OF = "llama-3.1-8b-instruct"  # $0.2 / $0.2 per Mtok
 WINDOWS = ((0, 100), (100, 200), (200, 300), (300, 600))
+POLICIES = {"select": SelectiveThompson, "linucb": LinUCB}
 
 
 def clusters(root) -> np.ndarray:
@@ -63,9 +68,11 @@ def clusters(root) -> np.ndarray:
 
 
 def run(quality: np.ndarray, cost: np.ndarray, x: np.ndarray, arms: list[str], add_at: int,
-        weight: float, seed: int, **config: object) -> np.ndarray:
-    """One pass; the last arm exists from row ``add_at`` on. Returns the choices."""
-    policy = LinUCB(x.shape[1], seed=seed, **config)
+        weight: float, seed: int, policy_kind: str = "select",
+        **config: object) -> np.ndarray:
+    """One pass of ``policy_kind`` (``POLICIES``); the last arm exists from row
+    ``add_at`` on. Returns the choices."""
+    policy = POLICIES[policy_kind](x.shape[1], seed=seed, **config)
     k = len(arms)
     for j in range(k - 1):
         policy.add_arm(arms[j], ArmPrior(cost_usd=float(cost[:, j].mean())))
@@ -89,6 +96,8 @@ def run(quality: np.ndarray, cost: np.ndarray, x: np.ndarray, arms: list[str], a
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.new_model",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--policy", default="select", choices=tuple(POLICIES),
+                        help="policy kind replayed (default select, the default policy)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--cost-weights", default="0,300")
     parser.add_argument("--add-at", type=int, default=3000)
@@ -96,14 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--featurizers", default="hashing,hashing+tagblock")
     parser.add_argument("--tag-ridge", type=float, default=TAG_RIDGE)
     parser.add_argument("--shared-ridge", type=float, default=None,
-                        help="LinUCB's shared_ridge (default: its default, None)")
+                        help="the policy's shared_ridge (default: its default, None)")
+    parser.add_argument("--cold-start-share", type=float, default=None,
+                        help="the policy's cold_start_share (default: its default, 0.1; "
+                             "1: a new model's first 10 calls come before the main branch)")
     parser.add_argument("--arm-prior", default="declared", choices=("declared", "hierarchy"),
                         help="PolicyConfig.arm_prior: where the specialist's quality prior "
                              "comes from (hierarchy: predicted from its price and the "
                              "other models' feedback, bandit.hierarchy)")
-    parser.add_argument("--out-name", default="new_model",
-                        help="results file name (benchmarks/results/NAME.json)")
-    parser.add_argument("--out-dir", default=None)
+    add_output_options(parser, None, "results file name (default new_model_select for "
+                                     "select, new_model for linucb)")
     args = parser.parse_args(argv)
     root = data_root()
     ds = load_llmrouter(root / "llmrouter", minilm=False)
@@ -123,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         inputs = Inputs.of(ds, feat)
         config: dict[str, object] = {"shared_ridge": args.shared_ridge,
                                      "arm_prior": args.arm_prior}
+        if args.cold_start_share is not None:
+            config["cold_start_share"] = args.cold_start_share
         if inputs.tag_dims:
             config.update(tag_dims=inputs.tag_dims, tag_ridge=args.tag_ridge)
         perm = np.random.default_rng(seed).permutation(ds.n)
         ch = run(quality[perm], cost[perm], inputs.x[perm], arms, args.add_at, w, seed,
-                 **config)
+                 args.policy, **config)
         after = np.arange(ds.n) >= args.add_at
         mine = ch[after & target[perm]] == len(arms) - 1
         shares = {f"{a}-{b}": round(float(mine[a:b].mean()), 3) if len(mine) > a
@@ -154,17 +167,19 @@ def main(argv: list[str] | None = None) -> int:
         share = r["cluster_share"]["200-300"]
         met.setdefault(r["featurizer"], []).append(share is not None and share >= 0.5)
     payload = {"settings": {"add_at": args.add_at, "cluster": args.cluster,
-                            "seeds": args.seeds, "policy": "LinUCB defaults",
+                            "seeds": args.seeds,
+                            "policy": f"{args.policy} defaults",
                             "shared_ridge": args.shared_ridge, "tag_ridge": args.tag_ridge,
                             "arm_prior": args.arm_prior,
+                            "cold_start_share": args.cold_start_share,
                             "construction": __doc__.split("\n\n")[1].replace("\n", " "),
                             "elapsed_s": round(time.perf_counter() - started, 1)},
                "goal_met_runs": {f: f"{sum(m)} of {len(m)}" for f, m in met.items()},
                "results": results}
-    from pathlib import Path
-
-    write_results(args.out_name, payload,
-                  results_dir=None if args.out_dir is None else Path(args.out_dir))
+    out_name = args.out_name or ("new_model" if args.policy == "linucb"
+                                 else f"new_model_{args.policy}")
+    write_results(out_name, payload,
+                  results_dir=args.out_dir)
     return 0
 
 

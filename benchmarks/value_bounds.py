@@ -28,17 +28,21 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import (
+    VALUE_WEIGHTS,
+    add_output_options,
+    data_root,
+    print_table,
+    shuffle_order,
+    write_results,
+)
 from benchmarks.compare_routers import Dataset, _hashing, load_gsm8k, load_llmrouter, load_mmlu
 
-WEIGHTS = {"llmrouter": (0.0, 100.0, 300.0, 1000.0, 3000.0),
-           "mmlu": (0.0, 10.0, 30.0, 100.0), "gsm8k": (0.0, 10.0, 30.0, 100.0)}
 RIDGES = (1.0, 10.0, 100.0)
 FOLDS = 5
 SHUFFLES = 5
@@ -79,7 +83,7 @@ def full_information_value(ds: Dataset, x: np.ndarray) -> dict[str, object]:
     for ridge in RIDGES:
         pred = cross_fitted_quality(x, ds.quality, ridge)
         values = [routing_value(ds.rewards(w), np.argmax(pred - w * cost, axis=1))["value"]
-                  for w in WEIGHTS[ds.name]]
+                  for w in VALUE_WEIGHTS[ds.name]]
         if not best or np.mean(values) > np.mean(best["values"]):
             best = {"ridge": ridge, "values": [round(v, 4) for v in values],
                     "mean": round(float(np.mean(values)), 4)}
@@ -117,10 +121,10 @@ def thompson_choices(quality: np.ndarray, cost: np.ndarray, estimate: np.ndarray
 
 def exploration_floor(ds: Dataset) -> list[float]:
     out = []
-    for w in WEIGHTS[ds.name]:
+    for w in VALUE_WEIGHTS[ds.name]:
         values = []
         for s in range(SHUFFLES):
-            perm = np.random.default_rng(s + 1).permutation(ds.n)
+            perm = shuffle_order(ds.n, s)
             ch = thompson_choices(ds.quality[perm], ds.cost[perm], ds.cost_estimate[perm], w, s)
             values.append(routing_value(ds.rewards(w)[perm], ch)["value"])
         out.append(round(float(np.mean(values)), 4))
@@ -133,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
     parser.add_argument("--dims", default="64,256,1024",
                         help="hashing dimensions compared on LLMRouter (default 64,256,1024)")
-    parser.add_argument("--out-dir", default=None)
+    add_output_options(parser, "value_bounds")
     args = parser.parse_args(argv)
     root = data_root()
     started = time.perf_counter()
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             features, tasks = {"hashing-64": ds.features["hashing"]}, None
         else:
             parser.error(f"--datasets: unknown data set {name!r} (llmrouter, mmlu, gsm8k)")
-        weights = WEIGHTS[name]
+        weights = VALUE_WEIGHTS[name]
         entry: dict[str, object] = {"dataset": name, "rows": ds.n, "models": len(ds.arms),
                                     "weights": list(weights), "full_information": {}}
         for feat, x in features.items():
@@ -179,18 +183,18 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, "task oracle (best model per task, hindsight)", task_values))
         results.append(entry)
         print(f"{name}: done ({time.perf_counter() - started:.0f}s)", flush=True)
-    width = max(len(WEIGHTS[n]) for n in args.datasets.split(","))
+    width = max(len(VALUE_WEIGHTS[n]) for n in args.datasets.split(","))
     print_table("Routing value within reach (0 = best fixed model, 1 = per-query oracle)",
                 ["data", "reference", *(f"w{i}" for i in range(width)), "mean"],
                 [[name, ref, *(f"{v:+.3f}" for v in vals), *[""] * (width - len(vals)),
                   f"{np.mean(vals):+.3f}"] for name, ref, vals in rows],
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100")
-    path = write_results("value_bounds", {
+    path = write_results(args.out_name, {
         "what": "full-information ceiling per featurizer (5-fold cross-fitted ridge, best "
                 "of ridges 1/10/100), context-free Thompson one-pass floor (mean of 5 "
                 "shuffles), task oracle",
         "results": results, "seconds": round(time.perf_counter() - started, 1)},
-        results_dir=None if args.out_dir is None else Path(args.out_dir))
+        results_dir=args.out_dir)
     print(f"wrote {path}")
     return 0
 

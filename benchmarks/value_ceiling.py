@@ -20,11 +20,16 @@ import argparse
 import numpy as np
 
 from bandit.replay import routing_value
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import (
+    VALUE_WEIGHTS,
+    data_root,
+    print_table,
+    shuffle_order,
+    write_results,
+)
 from benchmarks.compare_routers import load_llmrouter
 
 RIDGES = (1.0, 10.0, 100.0, 1000.0)
-WEIGHTS = (0.0, 100.0, 300.0, 1000.0, 3000.0)
 
 
 def ceiling(x: np.ndarray, rewards: np.ndarray, ridge: float, shuffles: int,
@@ -34,7 +39,7 @@ def ceiling(x: np.ndarray, rewards: np.ndarray, ridge: float, shuffles: int,
     penalty = ridge * np.diag(np.r_[np.ones(x.shape[1]), 0.0]) + 1e-9 * np.eye(xb.shape[1])
     out = []
     for s in range(shuffles):
-        perm = np.random.default_rng(s + 1).permutation(len(x))
+        perm = shuffle_order(len(x), s)
         cut = int(round(len(x) * train_share))
         train, test = perm[:cut], perm[cut:]
         theta = np.linalg.solve(xb[train].T @ xb[train] + penalty,
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for feat in ("hashing", "hashing+tags"):
         if feat not in ds.features:
             continue
-        for w in WEIGHTS:
+        for w in VALUE_WEIGHTS["llmrouter"]:
             r = ds.rewards(w)
             cells = []
             for ridge in RIDGES:

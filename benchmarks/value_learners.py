@@ -16,7 +16,11 @@ next to two references:
 * ``select-level-ts``: ``select-ts`` with ``level_horizon`` 100 (a quality level shared
   by the models that follows the stream's difficulty; docs/results.md, "A level that
   follows the stream's difficulty"): ``--learners select-ts,select-level-ts
-  --shuffles 5 --file-order --name value_shift``.
+  --shuffles 5 --file-order --out-name value_shift``.
+* ``select-ts-cold-first``: ``select-ts`` with ``cold_start_share`` 1 (``COLD_FIRST``):
+  each model's first 10 calls before the main branch, not 10% of the decisions while
+  the first warm model takes the rest (docs/results.md, "Where the exploration is
+  spent").
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
@@ -38,15 +42,17 @@ next to two references:
   each model's mean quality is a line in its log price, learned from every model's
   feedback, plus its own deviation; one joint posterior draw per decision.
   ``--learners linucb-default,context-free-ts,hier-ts --shuffles 5 --file-order
-  --name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
+  --out-name value_learners_hierarchy``: shuffled mean -0.065 / -0.050 / -0.054 against
   context-free-ts -0.068 / -0.035 / -0.051 (LLMRouter / MMLU / GSM8K): no gain; 85% of
   the sampler's loss comes after its first 100 rows, where a prior on the levels no
   longer matters (docs/results.md, "A prior across models").
 
 Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; reads
-``../shared/data``). Writes ``benchmarks/results/value_learners.json`` (``--name``).
+``../shared/data``). Writes ``benchmarks/results/value_learners.json`` (``--out-dir``,
+``--out-name``).
 Data set names ending in ``+tags`` (``llmrouter+tags``, ``mmlu+tags``) replay the
-request tags in their own block; ``--file-order`` adds one pass in file order.
+request tags in their own block; ``--file-order`` adds one pass in file order
+(``--shuffles 0 --file-order``: that pass alone).
 
 What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
 first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
@@ -74,14 +80,20 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import time
-from pathlib import Path
 
 import numpy as np
 
 from bandit import SelectiveThompson
 from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
-from benchmarks.common import data_root, print_table, write_results
+from benchmarks.common import (
+    VALUE_WEIGHTS,
+    add_output_options,
+    data_root,
+    print_table,
+    shuffle_order,
+    write_results,
+)
 from benchmarks.compare_routers import (
     Dataset,
     Inputs,
@@ -92,11 +104,11 @@ from benchmarks.compare_routers import (
     make_router,
     run_online,
 )
-from benchmarks.value_bounds import WEIGHTS, thompson_choices
+from benchmarks.value_bounds import thompson_choices
 
-LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "hybrid-ts-independent",
-            "hybrid-ts-conditional", "hybrid-ts-joint", "full-info-online", "hier-ts",
-            "select-level-ts")
+LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "select-ts-cold-first",
+            "hybrid-ts-independent", "hybrid-ts-conditional", "hybrid-ts-joint",
+            "full-info-online", "hier-ts", "select-level-ts")
 #: ``select-level-ts``: ``select-ts`` with a quality level shared by the models that
 #: follows the stream's difficulty (``level_horizon``, in observations).
 LEVEL_HORIZON = 100.0
@@ -104,6 +116,10 @@ LEVEL_HORIZON = 100.0
 #: after the text's coordinates (``hashing+tagblock``; LLMRouter: the task cluster,
 #: MMLU: the subject; GSM8K has none).
 TAGS = "+tags"
+#: ``select-ts-cold-first``: every model that could pay for itself (bounded optimism) is
+#: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
+#: over, instead of a 10% share of decisions while the first warm model takes the rest.
+COLD_FIRST = {"cold_start_share": 1.0}
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -224,11 +240,12 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
     if learner == "linucb-default":
         router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
-    if learner in ("select-ts", "select-level-ts"):
+    if learner in ("select-ts", "select-level-ts", "select-ts-cold-first"):
         inputs = Inputs.of(ds, feature)
         level = LEVEL_HORIZON if learner == "select-level-ts" else None
         router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
-                      ds.cost_estimate, tag_dims=inputs.tag_dims, level_horizon=level)
+                      ds.cost_estimate, tag_dims=inputs.tag_dims, level_horizon=level,
+                      **(COLD_FIRST if learner.endswith("cold-first") else {}))
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
@@ -282,7 +299,7 @@ def _job(args: tuple[str, str, float, int, int]) -> float:
     base = name.removesuffix(TAGS)
     ds = _load(base, mmlu_rows)
     if shuffle >= 0:
-        ds = ds.permuted(np.random.default_rng(shuffle + 1).permutation(ds.n))
+        ds = ds.permuted(shuffle_order(ds.n, shuffle))
     feature = "hashing+tagblock" if name.endswith(TAGS) else "hashing"
     if feature not in ds.features:
         raise ValueError(f"--datasets: {base} has no request tags ({name!r})")
@@ -297,19 +314,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated; a name ending in +tags (llmrouter+tags, "
                              "mmlu+tags) replays the request tags in their own block")
     parser.add_argument("--learners", default=",".join(LEARNERS))
-    parser.add_argument("--shuffles", type=int, default=3)
+    parser.add_argument("--shuffles", type=int, default=3,
+                        help="shuffled passes (default 3; 0 with --file-order: the file "
+                             "order alone)")
     parser.add_argument("--file-order", action="store_true",
                         help="also one pass in file order (seed 0), reported apart")
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
-    parser.add_argument("--out-dir", default=None)
     parser.add_argument("--model-subsets", type=int, default=0,
                         help="also replay LLMRouter with N random halves of its models "
                              "(held-out check: not one data set's price / quality line)")
-    parser.add_argument("--name", "--out-name", default="value_learners",
-                        help="results file name (default value_learners)")
+    add_output_options(parser, "value_learners")
     args = parser.parse_args(argv)
+    if args.shuffles < 0 or (args.shuffles == 0 and not args.file_order):
+        parser.error(f"--shuffles: allowed 1 or more, or 0 with --file-order (the file "
+                     f"order alone), got {args.shuffles}")
     learners = args.learners.split(",")
     for name in learners:
         if name not in LEARNERS:
@@ -321,45 +341,51 @@ def main(argv: list[str] | None = None) -> int:
         names = [d for d in args.datasets.split(",") if d] + [
             f"llmrouter/half{i}" for i in range(args.model_subsets)]
         for name in names:
-            weights = WEIGHTS[name.removesuffix(TAGS).partition("/")[0]]
+            weights = VALUE_WEIGHTS[name.removesuffix(TAGS).partition("/")[0]]
             for learner in learners:
                 jobs = [(name, learner, w, s, args.mmlu_rows)
                         for w in weights for s in orders]
                 values = np.array(pool.map(_job, jobs)).reshape(len(weights), len(orders))
-                shuffled = values[:, :args.shuffles]
-                per_weight = shuffled.mean(axis=1)
                 result = {"dataset": name, "learner": learner, "weights": list(weights),
-                          "values": [round(float(v), 4) for v in per_weight],
-                          "sd": [round(float(v), 4) for v in shuffled.std(axis=1)],
                           **({"models": _load(name, args.mmlu_rows).arms}
-                             if "/half" in name else {}),
-                          "mean": round(float(per_weight.mean()), 4),
-                          "min": round(float(per_weight.min()), 4)}
+                             if "/half" in name else {})}
                 file_order = ""
+                if args.shuffles:
+                    shuffled = values[:, :args.shuffles]
+                    per_weight = shuffled.mean(axis=1)
+                    result.update({
+                        "values": [round(float(v), 4) for v in per_weight],
+                        "sd": [round(float(v), 4) for v in shuffled.std(axis=1)],
+                        "mean": round(float(per_weight.mean()), 4),
+                        "min": round(float(per_weight.min()), 4)})
+                else:  # the file order alone: its pass is the table's row
+                    per_weight = values[:, -1]
                 if args.file_order:
                     result["file_order"] = [round(float(v), 4) for v in values[:, -1]]
                     result["file_order_mean"] = round(float(values[:, -1].mean()), 4)
-                    file_order = f"{values[:, -1].mean():+.3f}"
+                    file_order = f"{values[:, -1].mean():+.3f}" if args.shuffles else ""
                 results.append(result)
                 rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
                              *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}",
                              file_order])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
-    print_table("Routing value, one pass, mean over shuffles "
-                "(0 = best fixed model, 1 = per-query oracle)",
+    print_table("Routing value, one pass, "
+                + (f"mean over {args.shuffles} shuffles" if args.shuffles
+                   else "file order only")
+                + " (0 = best fixed model, 1 = per-query oracle)",
                 ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean", "file order"],
                 rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims")
-    path = write_results(args.name, {
+    path = write_results(args.out_name, {
         "what": "routing value of one-pass learners (bandit feedback) against the default "
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
         "shuffles": args.shuffles, "file_order": args.file_order,
         "mmlu_rows": args.mmlu_rows, "results": results,
         "seconds": round(time.perf_counter() - started, 1)},
-        results_dir=None if args.out_dir is None else Path(args.out_dir))
+        results_dir=args.out_dir)
     print(f"wrote {path}")
     return 0
 

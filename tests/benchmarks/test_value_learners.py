@@ -162,3 +162,92 @@ def test_model_subset_keeps_half_the_models_columns_aligned() -> None:
     np.testing.assert_array_equal(half.quality, quality[:, cols])
     np.testing.assert_array_equal(half.cost, cost[:, cols])
     np.testing.assert_array_equal(half.cost_estimate, 2 * cost[:, cols])
+
+
+def test_loss_decomposition_adds_up_to_the_routing_value() -> None:
+    """Every row's loss lands in one (model, window) cell: the cells sum to -value, the
+    best model's cells are 0, and the pulls count every row once."""
+    es = importlib.import_module("benchmarks.exploration_spend")
+    rng = np.random.default_rng(3)
+    rewards = rng.random((500, 4)) + np.array([0.3, 0.0, 0.1, 0.0])
+    choices = rng.integers(0, 4, 500)
+    d = es.loss_decomposition(rewards, choices, ((0, 50), (50, 200), (200, None)))
+    assert d["best_model"] == 0
+    assert np.sum(d["loss"]) == pytest.approx(-routing_value(rewards, choices)["value"],
+                                              abs=1e-3)
+    assert d["loss"][0] == [0.0, 0.0, 0.0]
+    assert np.sum(d["pulls"]) == 500
+    assert [sum(col) for col in zip(*d["pulls"], strict=True)] == [50, 150, 300]
+
+
+def _gsm8k_root(root: Path, n: int = 40, seed: int = 0) -> Path:
+    """A data root holding a generated ``routellm/gsm8k_responses.csv`` (RouteLLM's
+    columns: each model's correctness and response), for the command line."""
+    import csv
+
+    rng = np.random.default_rng(seed)
+    gpt4, mixtral = "gpt-4-1106-preview", "mistralai/Mixtral-8x7B-Instruct-v0.1"
+    (root / "routellm").mkdir(parents=True)
+    with (root / "routellm" / "gsm8k_responses.csv").open("w", newline="") as handle:
+        out = csv.writer(handle)
+        out.writerow(["prompt", mixtral, gpt4, f"{mixtral}_response", f"{gpt4}_response"])
+        for i in range(n):
+            out.writerow([f"question {i} about {rng.integers(5)} eggs",
+                          str(rng.random() < 0.5), str(rng.random() < 0.9),
+                          "m" * int(rng.integers(10, 200)), "g" * int(rng.integers(10, 200))])
+    return root
+
+
+def test_zero_shuffles_run_the_file_order_alone_or_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``--shuffles 0`` with ``--file-order`` reports the file-order pass alone (no NaN
+    from a mean over no shuffles); without it there is nothing to run: refused, exit 2,
+    naming the option and its allowed values."""
+    import json
+
+    monkeypatch.setenv("BANDIT_ROUTER_DATA", str(_gsm8k_root(tmp_path / "data")))
+    common = ["--datasets", "gsm8k", "--learners", "context-free-ts", "--jobs", "1",
+              "--out-dir", str(tmp_path), "--out-name", "zero"]
+    assert vl.main([*common, "--shuffles", "0", "--file-order"]) == 0
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower() and "file order only" in printed
+    result = json.loads((tmp_path / "zero.json").read_text())["results"][0]
+    assert "mean" not in result and len(result["file_order"]) == 4
+    assert all(np.isfinite(result["file_order"]))
+    assert result["file_order_mean"] == pytest.approx(np.mean(result["file_order"]),
+                                                      abs=1e-4)
+    for bad in (["--shuffles", "0"], ["--shuffles", "-1", "--file-order"]):
+        (tmp_path / "zero.json").unlink(missing_ok=True)
+        with pytest.raises(SystemExit) as refused:
+            vl.main([*common, *bad])
+        assert refused.value.code == 2
+        assert "--shuffles: allowed 1 or more, or 0 with --file-order" in \
+            capsys.readouterr().err
+        assert not (tmp_path / "zero.json").exists()
+
+
+@pytest.mark.parametrize("module", ["value_learners", "exploration_spend", "new_model",
+                                    "value_bounds"])
+def test_benchmarks_spell_the_results_file_out_dir_and_out_name(
+        module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """One spelling across the benchmarks (``--out-dir``, ``--out-name``); the older
+    ``--name`` still parses but is not offered."""
+    with pytest.raises(SystemExit) as shown:
+        importlib.import_module(f"benchmarks.{module}").main(["--help"])
+    assert shown.value.code == 0
+    usage = capsys.readouterr().out
+    assert "--out-dir" in usage and "--out-name" in usage
+    assert "--name" not in usage.replace("--out-name", "")
+
+
+@pytest.mark.parametrize("spelling", ["--out-name", "--name"])
+def test_out_name_names_the_results_file_of_value_learners_and_exploration_spend(
+        spelling: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BANDIT_ROUTER_DATA", str(_gsm8k_root(tmp_path / "data")))
+    es = importlib.import_module("benchmarks.exploration_spend")
+    common = ["--datasets", "gsm8k", "--shuffles", "1", "--jobs", "1",
+              "--out-dir", str(tmp_path)]
+    assert vl.main([*common, "--learners", "context-free-ts", spelling, "vl_x"]) == 0
+    assert es.main([*common, "--learners", "select-ts", spelling, "es_x"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["es_x.json", "vl_x.json"]

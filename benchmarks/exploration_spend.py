@@ -1,0 +1,171 @@
+"""Where the default policy's loss against the best fixed model is spent (issue 13).
+
+For one online pass (bandit feedback, the same shuffles as ``value_learners``: permutation
+seed s + 1) the loss against the best single model in hindsight, R_fixed - R_router,
+is split by the model the router chose and by the window of rows it chose it in
+(:func:`loss_decomposition`); every cell is in units of the headroom n (R_oracle -
+R_fixed), so the cells add up to minus the routing value. Next to it, how often the
+chosen model's Thompson draw was above its ceiling (its utility with perfect quality at
+its known price): what bounding the draws to the quality range [0, 1] could change.
+
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.exploration_spend [--shuffles 3]
+        [--learners select-ts,select-ts-cold-first]
+
+Writes ``benchmarks/results/exploration_spend.json``. What it found is in
+docs/results.md ("Where the exploration is spent").
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import time
+
+import numpy as np
+
+from bandit import SelectiveThompson
+from bandit.replay import routing_value
+from benchmarks.common import (
+    VALUE_WEIGHTS,
+    add_output_options,
+    print_table,
+    shuffle_order,
+    write_results,
+)
+from benchmarks.compare_routers import Inputs, Ours, run_online
+from benchmarks.value_learners import COLD_FIRST, _load
+
+#: Row windows of the decomposition: the start, the cold start, warm-up, the rest.
+WINDOWS = ((0, 100), (100, 300), (300, 1000), (1000, 3000), (3000, None))
+LEARNERS = {"select-ts": {}, "select-ts-cold-first": COLD_FIRST}
+
+
+def loss_decomposition(rewards: np.ndarray, choices: np.ndarray,
+                       windows: tuple[tuple[int, int | None], ...] = WINDOWS) -> dict:
+    """Split R_fixed - R_router by chosen model and window of rows.
+
+    ``loss[j][w]`` = sum over the rows of window w where model j was chosen of
+    (reward of the best fixed model - reward of j), over n (R_oracle - R_fixed);
+    ``pulls[j][w]`` the number of such rows. The cells add up to -value (NaN without
+    headroom). A negative cell is a gain: model j beat the best model on those rows.
+
+    >>> r = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    >>> d = loss_decomposition(r, np.array([1, 1, 0, 0]), ((0, 2), (2, None)))
+    >>> d["value"], d["best_model"], d["loss"], d["pulls"]
+    (0.0, 0, [[0.0, 0.0], [0.0, 0.0]], [[0, 2], [2, 0]])
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    ch = np.asarray(choices, dtype=np.intp)
+    summary = routing_value(r, ch)
+    n, k = r.shape
+    best = int(summary["best_model"])
+    room = n * (summary["oracle_reward"] - summary["fixed_reward"])
+    regret = r[:, best] - r[np.arange(n), ch]
+    loss = [[0.0] * len(windows) for _ in range(k)]
+    pulls = [[0] * len(windows) for _ in range(k)]
+    for w, (start, stop) in enumerate(windows):
+        rows = slice(start, stop)
+        for j in range(k):
+            mine = ch[rows] == j
+            pulls[j][w] = int(mine.sum())
+            loss[j][w] = round(float(regret[rows][mine].sum() / room), 4) if room > 0 \
+                else float("nan")
+    return {"value": summary["value"], "best_model": best, "loss": loss, "pulls": pulls,
+            "mean_reward": [round(float(v), 4) for v in r.mean(axis=0)]}
+
+
+class _CountingSelect(SelectiveThompson):
+    """The default policy, counting decisions whose chosen draw is above its ceiling."""
+
+    name = ""  # not registered: the real ``select`` stays the registry's
+
+    above_ceiling = 0
+
+    def _score(self, utility: np.ndarray, std: np.ndarray,
+               ceiling: np.ndarray) -> np.ndarray:
+        scores = super()._score(utility, std, ceiling)
+        best = np.argmax(scores, axis=1)
+        rows = np.arange(len(best))
+        self.above_ceiling += int((scores[rows, best] > ceiling[rows, best]).sum())
+        return scores
+
+
+def _job(args: tuple[str, str, float, int]) -> dict:
+    name, learner, weight, shuffle = args
+    ds = _load(name, 3000)
+    if shuffle >= 0:
+        ds = ds.permuted(shuffle_order(ds.n, shuffle))
+    router = Ours(_CountingSelect, ds.features["hashing"], ds.arms, ds.cost.mean(axis=0),
+                  max(shuffle, 0), ds.cost_estimate,
+                  tag_dims=Inputs.of(ds, "hashing").tag_dims, **LEARNERS[learner])
+    choices = run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
+    out = loss_decomposition(ds.rewards(weight), choices)
+    out["above_ceiling"] = router.policy.above_ceiling
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.exploration_spend",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k")
+    parser.add_argument("--learners", default="select-ts,select-ts-cold-first")
+    parser.add_argument("--shuffles", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=2)
+    add_output_options(parser, "exploration_spend")
+    args = parser.parse_args(argv)
+    learners = args.learners.split(",")
+    for learner in learners:
+        if learner not in LEARNERS:
+            parser.error(f"--learners: unknown {learner!r} (allowed: "
+                         f"{', '.join(LEARNERS)})")
+    started = time.perf_counter()
+    results, rows = [], []
+    labels = [f"{a}-{'end' if b is None else b}" for a, b in WINDOWS]
+    with multiprocessing.Pool(args.jobs) as pool:
+        for name in args.datasets.split(","):
+            arms = _load(name, 3000).arms
+            for learner in learners:
+                for weight in VALUE_WEIGHTS[name]:
+                    runs = pool.map(_job, [(name, learner, weight, s)
+                                           for s in range(args.shuffles)])
+                    loss = np.mean([r["loss"] for r in runs], axis=0)  # (K, windows)
+                    pulls = np.mean([r["pulls"] for r in runs], axis=0)
+                    gap = np.mean([max(r["mean_reward"]) - np.array(r["mean_reward"])
+                                   for r in runs], axis=0)
+                    order = np.argsort(gap)
+                    results.append({
+                        "dataset": name, "learner": learner, "weight": weight,
+                        "value": round(float(np.mean([r["value"] for r in runs])), 4),
+                        "windows": labels,
+                        "loss_by_window": [round(float(v), 4) for v in loss.sum(axis=0)],
+                        "arms": [{"arm": arms[j], "gap": round(float(gap[j]), 4),
+                                  "pulls": [round(float(v), 1) for v in pulls[j]],
+                                  "loss": [round(float(v), 4) for v in loss[j]]}
+                                 for j in order],
+                        "above_ceiling_per_run": float(np.mean(
+                            [r["above_ceiling"] for r in runs]))})
+                    rows.append([name, learner, f"{weight:g}", f"{results[-1]['value']:+.3f}",
+                                 *(f"{v:+.3f}" for v in loss.sum(axis=0)),
+                                 f"{loss[order[0]].sum():+.3f}",
+                                 f"{loss[order[1:3]].sum():+.3f}",
+                                 f"{loss[order[3:]].sum():+.3f}",
+                                 f"{results[-1]['above_ceiling_per_run']:g}"])
+                    print(f"{name} {learner} w={weight:g}: {results[-1]['value']:+.3f} "
+                          f"({time.perf_counter() - started:.0f}s)", flush=True)
+    print_table("Loss against the best fixed model, in headroom units (mean over "
+                "shuffles): by window of rows and by the chosen model's rank",
+                ["data", "learner", "w", "value", *labels, "best", "next 2", "rest",
+                 "draws > ceiling"], rows,
+                caption="best / next 2 / rest: models ranked by mean reward at that weight; "
+                        "a negative loss is a gain; draws > ceiling per run")
+    path = write_results(args.out_name, {
+        "what": "loss against the best fixed model by chosen model and window of rows "
+                "(headroom units, cells add up to -value), mean over shuffles",
+        "shuffles": args.shuffles, "results": results,
+        "seconds": round(time.perf_counter() - started, 1)}, results_dir=args.out_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
