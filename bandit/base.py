@@ -93,20 +93,19 @@ def check_finite_number(name: str, value: object, *, low: float | None = None,
     ...
     bandit.errors.InvalidInputError: cost: must be a finite number >= 0.0 (got -1)
     """
+    if not isinstance(value, bool) and isinstance(value, (int, float, np.floating,
+                                                           np.integer)):
+        number = float(value)
+        if math.isfinite(number) and (low is None or number >= low) and (
+                high is None or number <= high):
+            return number  # the message is built only for an error (hot path)
     bounds = []
     if low is not None:
         bounds.append(f">= {low}")
     if high is not None:
         bounds.append(f"<= {high}")
     allowed = "must be a finite number" + (" " + " and ".join(bounds) if bounds else "")
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise InvalidInputError(name, allowed, value)
-    number = float(value)
-    if not math.isfinite(number):
-        raise InvalidInputError(name, allowed, value)
-    if (low is not None and number < low) or (high is not None and number > high):
-        raise InvalidInputError(name, allowed, value)
-    return number
+    raise InvalidInputError(name, allowed, value)
 
 
 class Preferences(NamedTuple):
