@@ -529,9 +529,14 @@ class PriceList:
     def estimate(self, tokens: Sequence[float]) -> CostEstimate:
         """The (n, K) estimate for prompts of ``tokens`` tokens (one count per request)."""
         t = np.array(tokens, dtype=np.float64).reshape(-1)
-        arr = (t[:, None] * self.input_per_mtok + self.fixed) / 1e6
-        if not (t.size and t.min() >= 0.0 and t.max() <= self.max_tokens):
-            arr = _cost_estimates(arr, self.names, t.shape[0])  # raises what it finds
+        counts = t.tolist()
+        if len(counts) == 1:  # the usual decide: scalar arithmetic, the same numbers
+            arr = ((counts[0] * self.input_per_mtok + self.fixed) / 1e6)[None]
+        else:
+            arr = (t[:, None] * self.input_per_mtok + self.fixed) / 1e6
+        most = self.max_tokens
+        if not (counts and all(0.0 <= c <= most for c in counts)):  # NaN fails too
+            arr = _cost_estimates(arr, self.names, len(counts))  # raises what it finds
         arr.setflags(write=False)
         return CostEstimate(self.names, arr)
 
@@ -926,9 +931,10 @@ class Policy(abc.ABC):
             The expected cost of this request on each candidate, USD, from the declared
             prices (input price x prompt tokens + output price x expected output
             tokens): a mapping arm -> USD covering the candidates, or one number per
-            candidate in order. The predicted cost is then this estimate times the
-            arm's learned correction (see ``price_strength``) and carries no
-            uncertainty: no exploration is spent learning prices.
+            candidate in order (or a :class:`CostEstimate` from a :class:`PriceList`:
+            prices checked once, not on every call). The predicted cost is then this
+            estimate times the arm's learned correction (see ``price_strength``) and
+            carries no uncertainty: no exploration is spent learning prices.
         """
         batch = self.decide_batch(x, preferences, candidates, explore=explore,
                                   cost_estimate=cost_estimate)

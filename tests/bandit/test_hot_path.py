@@ -170,6 +170,8 @@ def test_price_list_estimate_decides_like_the_raw_estimate(cls):
     estimate = prices.estimate(tokens)
     raw = _raw_estimate(p_in, p_out, 300, tokens)
     assert estimate.names == names and np.array_equal(estimate.array, raw)
+    for t in tokens:  # one request (the service's usual call) takes a shorter way
+        assert np.array_equal(prices.estimate([t]).array, _raw_estimate(p_in, p_out, 300, [t]))
     xs = np.random.default_rng(4).standard_normal((4, 5))
     a = trained(cls).decide_batch(xs, PREFS, names, cost_estimate=estimate)
     b = trained(cls).decide_batch(xs, PREFS, names, cost_estimate=raw)
