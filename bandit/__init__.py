@@ -15,11 +15,13 @@ from bandit.base import (
     OBJECTIVES,
     ArmPrior,
     BatchDecision,
+    CostEstimate,
     Decision,
     Policy,
     PolicyConfig,
     Prediction,
     Preferences,
+    PriceList,
 )
 from bandit.errors import DimensionError, InvalidInputError, RoutingError, UnknownArmError
 from bandit.featurize import (
@@ -38,6 +40,7 @@ __all__ = [
     "OBJECTIVES",
     "ArmPrior",
     "BatchDecision",
+    "CostEstimate",
     "Decision",
     "DimensionError",
     "Featurizer",
@@ -51,6 +54,7 @@ __all__ = [
     "PolicyConfig",
     "Prediction",
     "Preferences",
+    "PriceList",
     "PrototypeFeaturizer",
     "PrototypeMap",
     "RoutingError",

@@ -42,6 +42,8 @@ __all__ = [
     "Prediction",
     "Decision",
     "BatchDecision",
+    "CostEstimate",
+    "PriceList",
     "parse_outcome",
     "parse_outcome_array",
     "check_finite_number",
@@ -481,8 +483,69 @@ def check_names(names: Sequence[str] | None, known: Sequence[str],
     return names
 
 
+class CostEstimate(NamedTuple):
+    """An (n, K) price estimate already checked for ``names`` (read-only array, USD): what
+    :meth:`PriceList.estimate` returns. Passed as ``cost_estimate`` for the same
+    candidates, in the same order, it is used as is; otherwise it is checked again."""
+
+    names: list[str]
+    array: np.ndarray
+
+
+class PriceList:
+    """The candidates' prices, read once: the estimated cost (USD) of a request with
+    ``t`` prompt tokens on candidate ``k`` is ``(t * input_per_mtok[k] + output_tokens *
+    output_per_mtok[k]) / 1e6`` (prices per million tokens, ``output_tokens`` expected).
+
+    :meth:`estimate` checks only the token counts, against the largest count whose every
+    estimate stays within ``MAX_COST_USD``; estimates near or past that bound, odd token
+    counts or odd prices get the full check of any ``cost_estimate`` (and its error).
+    Build a new one when a price changes.
+    """
+
+    __slots__ = ("names", "input_per_mtok", "fixed", "max_tokens")
+
+    def __init__(self, names: Sequence[str], input_per_mtok: Sequence[float],
+                 output_per_mtok: Sequence[float], output_tokens: float) -> None:
+        self.names = list(names)
+        self.input_per_mtok = np.array(input_per_mtok, dtype=np.float64)
+        self.fixed = output_tokens * np.array(output_per_mtok, dtype=np.float64)
+        shape = (len(self.names),)
+        if self.input_per_mtok.shape != shape or self.fixed.shape != shape:
+            raise InvalidInputError("cost_estimate", "needs one price per candidate "
+                                    f"({len(self.names)})", self.input_per_mtok.shape)
+        self.input_per_mtok.setflags(write=False)
+        self.fixed.setflags(write=False)
+        with np.errstate(all="ignore"):
+            room = np.where(self.input_per_mtok > 0,
+                            (MAX_COST_USD * 1e6 - self.fixed) / self.input_per_mtok, np.inf)
+            sane = (np.isfinite(self.input_per_mtok).all() and np.isfinite(self.fixed).all()
+                    and (self.input_per_mtok >= 0).all() and (self.fixed >= 0).all())
+        # A little short of the bound: rounding there is left to the full check.
+        self.max_tokens = (float(room.min()) * (1 - 1e-9) if sane and room.size
+                           else math.inf if sane else -1.0)
+
+    def estimate(self, tokens: Sequence[float]) -> CostEstimate:
+        """The (n, K) estimate for prompts of ``tokens`` tokens (one count per request)."""
+        t = np.array(tokens, dtype=np.float64).reshape(-1)
+        counts = t.tolist()
+        if len(counts) == 1:  # the usual decide: scalar arithmetic, the same numbers
+            arr = ((counts[0] * self.input_per_mtok + self.fixed) / 1e6)[None]
+        else:
+            arr = (t[:, None] * self.input_per_mtok + self.fixed) / 1e6
+        most = self.max_tokens
+        if not (counts and all(0.0 <= c <= most for c in counts)):  # NaN fails too
+            arr = _cost_estimates(arr, self.names, len(counts))  # raises what it finds
+        arr.setflags(write=False)
+        return CostEstimate(self.names, arr)
+
+
 def _cost_estimates(value: object, names: list[str], n: int) -> np.ndarray:
     """Validate a per-request price estimate and return it as an (n, K) array, USD."""
+    if isinstance(value, CostEstimate):
+        if value.names == names and value.array.shape == (n, len(names)):
+            return value.array  # checked by PriceList.estimate
+        value = value.array
     if isinstance(value, Mapping):
         missing = [a for a in names if a not in value]
         if missing:
@@ -768,6 +831,8 @@ class Policy(abc.ABC):
         self._level = 0.0
         # (version, (K, D) shared quality offsets): recomputed once per change, lazily.
         self._shared: tuple[int, np.ndarray] | None = None
+        # (version, statistics, (K,) price correction): likewise.
+        self._factor: tuple[int, ArmStatistics, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ arms
     @property
@@ -865,9 +930,10 @@ class Policy(abc.ABC):
             The expected cost of this request on each candidate, USD, from the declared
             prices (input price x prompt tokens + output price x expected output
             tokens): a mapping arm -> USD covering the candidates, or one number per
-            candidate in order. The predicted cost is then this estimate times the
-            arm's learned correction (see ``price_strength``) and carries no
-            uncertainty: no exploration is spent learning prices.
+            candidate in order (or a :class:`CostEstimate` from a :class:`PriceList`:
+            prices checked once, not on every call). The predicted cost is then this
+            estimate times the arm's learned correction (see ``price_strength``) and
+            carries no uncertainty: no exploration is spent learning prices.
         """
         batch = self.decide_batch(x, preferences, candidates, explore=explore,
                                   cost_estimate=cost_estimate)
@@ -980,7 +1046,7 @@ class Policy(abc.ABC):
             if estimate is None:
                 utility = means @ w
         if estimate is not None:
-            factor = self._stats.cost_factor(self.config.price_strength)[idx]
+            factor = self._cost_factor()[idx]
             means[:, :, 1] = estimate * factor
             utility = means @ w
         n, k = utility.shape
@@ -1040,6 +1106,14 @@ class Policy(abc.ABC):
         """Predicted outcome of every candidate for one context, without choosing."""
         batch = self.decide_batch(x, preferences, candidates, explore=False)
         return batch.decision(0).predictions
+
+    def _cost_factor(self) -> np.ndarray:
+        """(K,) correction of the price estimates learned from feedback, once per change."""
+        cached = self._factor
+        if cached is None or cached[0] != self.version or cached[1] is not self._stats:
+            cached = self._factor = (self.version, self._stats,
+                                     self._stats.cost_factor(self.config.price_strength))
+        return cached[2]
 
     def _features(self, x: object) -> np.ndarray:
         """The validated context(s) with the bias feature appended, (n, D)."""

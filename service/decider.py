@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import orjson
 
-from bandit import InvalidInputError, Policy, Preferences
+from bandit import CostEstimate, InvalidInputError, Policy, Preferences, PriceList
 from bandit.base import BatchDecision
 from bandit.conservative import GuardRecord
 from service.config import Settings
@@ -36,6 +36,9 @@ from service.registry import Registry
 from service.writer import DecisionWriter
 
 __all__ = ["Decider", "prediction_dicts"]
+
+#: Candidate lists whose prices the decider keeps (beyond, it starts over).
+_PRICE_LISTS = 256
 
 
 class _Group(NamedTuple):
@@ -55,7 +58,7 @@ class _Batch(NamedTuple):
     group: _Group
     decided: BatchDecision
     version: int
-    prices: np.ndarray  # (n, K) price estimates
+    prices: CostEstimate  # (n, K) price estimates
     guarded: dict[int, GuardRecord]  # row -> the guard's record
 
 
@@ -83,6 +86,9 @@ class Decider:
     #: Called with each decision row queued for the writer (the decisions topic).
     on_queued: Callable[[dict[str, Any]], None] | None = None
     _decision_counters: dict[tuple[str, str], Any] = field(default_factory=dict)
+    #: Candidates -> their prices, for the registry's ``models_version`` below.
+    _prices: dict[tuple[str, ...], PriceList] = field(default_factory=dict)
+    _prices_version: int = -1
 
     def candidates(self, requested: list[str] | None) -> list[str]:
         models = self.registry.models
@@ -106,19 +112,36 @@ class Decider:
         return names
 
     def price_estimates(self, names: list[str], input_tokens: Sequence[int | None]
-                        ) -> np.ndarray:
+                        ) -> CostEstimate:
         """(n, K) expected USD cost of each request on each model before the call: the
         registry's prices x (the prompt's tokens, else ``prior_input_tokens``) and
         ``prior_output_tokens`` expected output tokens. The policy predicts cost as this
         times a correction learned from feedback, so it spends no exploration on prices.
+
+        The candidates' prices are read and checked once per change of the registry's
+        models (:class:`bandit.PriceList`), not on every decide.
         """
         s = self.settings
-        models = [self.registry.models[n] for n in names]
-        p_in = np.array([mo.input_price_per_mtok for mo in models])
-        p_out = np.array([mo.output_price_per_mtok for mo in models])
-        t_in = np.array([s.prior_input_tokens if t is None else t for t in input_tokens],
-                        dtype=np.float64)
-        return (t_in[:, None] * p_in + s.prior_output_tokens * p_out) / 1e6
+        prior = s.prior_input_tokens
+        return self._price_list(names).estimate(
+            [prior if t is None else t for t in input_tokens])
+
+    def _price_list(self, names: list[str]) -> PriceList:
+        """The candidates' :class:`bandit.PriceList`, cached per ``models_version``."""
+        version = self.registry.models_version  # read first: a later change rebuilds
+        if version != self._prices_version:
+            self._prices.clear()
+            self._prices_version = version
+        key = tuple(names)
+        prices = self._prices.get(key)
+        if prices is None:
+            if len(self._prices) >= _PRICE_LISTS:  # many distinct candidate lists
+                self._prices.clear()
+            models = [self.registry.models[n] for n in names]
+            prices = self._prices[key] = PriceList(
+                names, [mo.input_price_per_mtok for mo in models],
+                [mo.output_price_per_mtok for mo in models], self.settings.prior_output_tokens)
+        return prices
 
     # ================================================================== decide
     def decide(self, tenant: TenantState, x: np.ndarray, candidates: list[str] | None,
@@ -183,9 +206,9 @@ class Decider:
                       out: list[PendingDecision | Exception | None]) -> _Batch | None:
         """One policy call for the group, its tenants' guards applied (state lock held)."""
         xs = np.stack([requests[i].x for i in group.requests])
-        prices = self.price_estimates(group.candidates,
-                                      [requests[i].input_tokens for i in group.requests])
         try:
+            prices = self.price_estimates(group.candidates,
+                                          [requests[i].input_tokens for i in group.requests])
             decided = group.policy.decide_batch(xs, group.preferences, group.candidates,
                                                 cost_estimate=prices)
         except Exception as exc:
@@ -205,7 +228,7 @@ class Decider:
         explored = (decided.explored.tolist() if decided.explored.size
                     else [False] * len(group.requests))
         for r, (i, predictions) in enumerate(zip(group.requests,
-                                                 prediction_dicts(decided, batch.prices),
+                                                 prediction_dicts(decided, batch.prices.array),
                                                  strict=True)):
             tenant = requests[i].tenant
             try:

@@ -66,6 +66,8 @@ class Registry:
         self.lock = lock
         self.leases = leases
         self.models: dict[str, ModelState] = {}
+        #: Bumped by every change of ``models`` (what caches of prices key on).
+        self.models_version = 0
         self.tenants: dict[str, TenantState] = {}
         self._by_key: dict[str, TenantState] = {}
         self.admin_key_hashes: set[str] = set()
@@ -99,6 +101,7 @@ class Registry:
             rows = session.scalars(select(m.Model).where(m.Model.deleted_at.is_(None))
                                    .order_by(m.Model.id))
             self.models = {r.name: self._model_state(r) for r in rows}
+            self.models_version += 1
 
     # ------------------------------------------------------------------ admin keys
     def _ensure_admin_key(self) -> str | None:
@@ -193,6 +196,7 @@ class Registry:
         with self.lock:
             self._touch("model", name)
             self.models[name] = state
+            self.models_version += 1
             for listener in self._listeners:
                 listener.model_added(state)
         return state
@@ -212,6 +216,7 @@ class Registry:
             # (for example a tenant switching to an isolated policy).
             self._touch("model", name)
             self.models[name] = state
+            self.models_version += 1
         return state
 
     def delete_model(self, name: str) -> None:
@@ -222,6 +227,7 @@ class Registry:
         with self.lock:
             self._touch("model", name)
             del self.models[name]
+            self.models_version += 1
             for listener in self._listeners:
                 listener.model_removed(name)
 
@@ -351,6 +357,7 @@ class Registry:
 
             fresh = {r.name: self._model_state(r) for r in model_rows
                      if not newer("model", r.name)}
+            self.models_version += 1
             for name in [n for n in self.models
                          if n not in fresh and not newer("model", n)]:
                 del self.models[name]
@@ -424,6 +431,7 @@ class Registry:
         if self.settings.admin_key is not None:
             self.admin_key_hashes.add(hash_key(self.settings.admin_key.get_secret_value()))
         self.models = {row["name"]: ModelState(**row) for row in registry["models"]}
+        self.models_version += 1
         tenants = [TenantState(id=t["id"], name=t["name"], key_hash=t["key_hash"],
                                preferences=Preferences(*t["weights"]), policy=t["policy"],
                                scope=t["scope"], on_budget_exhausted=t["on_budget_exhausted"],

@@ -145,3 +145,93 @@ def test_prediction_dicts_equal_the_decisions_predictions():
     with pytest.raises(InvalidInputError) as info:
         decided.prediction_dicts(price_usd=price[:2])
     assert info.value.field == "price_usd"
+
+
+# ------------------------------------------------- prices checked once (PriceList)
+def _raw_estimate(p_in, p_out, out_tokens, tokens):
+    """What the service computed per call before PriceList: the formula, unchecked."""
+    t = np.array(tokens, dtype=np.float64)
+    return (t[:, None] * np.array(p_in) + out_tokens * np.array(p_out)) / 1e6
+
+
+def _error(call):
+    with pytest.raises(InvalidInputError) as info:
+        call()
+    return type(info.value), info.value.field, info.value.allowed, repr(info.value.value)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_price_list_estimate_decides_like_the_raw_estimate(cls):
+    from bandit import PriceList
+
+    names, p_in, p_out = ["m0", "m2", "m3"], [0.5, 3.0, 1e5], [1.5, 15.0, 2.0]
+    prices = PriceList(names, p_in, p_out, 300)
+    tokens = [100, 0, 2500, 40_000]
+    estimate = prices.estimate(tokens)
+    raw = _raw_estimate(p_in, p_out, 300, tokens)
+    assert estimate.names == names and np.array_equal(estimate.array, raw)
+    for t in tokens:  # one request (the service's usual call) takes a shorter way
+        assert np.array_equal(prices.estimate([t]).array, _raw_estimate(p_in, p_out, 300, [t]))
+    xs = np.random.default_rng(4).standard_normal((4, 5))
+    a = trained(cls).decide_batch(xs, PREFS, names, cost_estimate=estimate)
+    b = trained(cls).decide_batch(xs, PREFS, names, cost_estimate=raw)
+    assert a.choices.tolist() == b.choices.tolist()
+    np.testing.assert_array_equal(a.means, b.means)
+    np.testing.assert_array_equal(a.propensities, b.propensities)
+
+
+@pytest.mark.parametrize(("p_in", "p_out", "tokens"), [
+    ([1.0, 1e5, 2.0], [1.0, 1.0, 1.0], [10, 100_001]),  # past MAX_COST_USD on m2
+    ([1.0, 1e5, 2.0], [1.0, 1.0, 1.0], [100_000, 10]),  # exactly on the bound: fine
+    ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [-5]),
+    ([1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [float("nan")]),
+    ([1.0, float("inf"), 3.0], [1.0, 1.0, 1.0], [10]),
+    ([1.0, 2.0, 3.0], [1.0, -1.0, 3.0], [10]),
+    ([1.0, 2.0, 3.0], [1.0, 2.0, 4e10], [0]),
+])
+def test_price_list_checks_exactly_as_a_raw_estimate(p_in, p_out, tokens):
+    """Only token counts are checked per call, yet what passes and every error (field,
+    message, value) are those of the same numbers passed as a plain array."""
+    from bandit import PriceList
+
+    names, policy = ["m0", "m1", "m2"], trained(LinUCB)
+    xs = np.zeros((len(tokens), 5))
+    raw = _raw_estimate(p_in, p_out, 300, tokens)
+    try:
+        expected = policy.decide_batch(xs, PREFS, names, cost_estimate=raw)
+    except InvalidInputError:
+        assert _error(lambda: PriceList(names, p_in, p_out, 300).estimate(tokens)) == \
+            _error(lambda: policy.decide_batch(xs, PREFS, names, cost_estimate=raw))
+    else:
+        estimate = PriceList(names, p_in, p_out, 300).estimate(tokens)
+        assert np.array_equal(estimate.array, raw)
+        got = policy.decide_batch(xs, PREFS, names, cost_estimate=estimate)
+        np.testing.assert_array_equal(got.means, expected.means)
+
+
+def test_cost_estimate_for_other_candidates_is_checked_again():
+    from bandit import CostEstimate, PriceList
+
+    policy = trained(LinUCB)
+    estimate = PriceList(["m0", "m1"], [1.0, 2.0], [1.0, 1.0], 300).estimate([10])
+    with pytest.raises(InvalidInputError, match="one value per candidate"):
+        policy.decide_batch(np.zeros(5), PREFS, ["m0", "m1", "m2"], cost_estimate=estimate)
+    forged = CostEstimate(["m0", "m1"], np.array([[0.1, -1.0]]))
+    assert _error(lambda: policy.decide_batch(np.zeros(5), PREFS, ["m1", "m0"],
+                                              cost_estimate=forged))[1] == "cost_estimate.m0"
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_cost_factor_follows_every_update(cls):
+    """The price correction is cached per policy version: cost feedback moves the very
+    next decision's predicted cost."""
+    policy = trained(cls)
+    names, x = policy.arms, np.zeros(5)
+    estimate = np.full(len(names), 0.01)
+    for _ in range(3):
+        got = policy.decide_batch(x, PREFS, names, cost_estimate=estimate)
+        fresh = estimate * policy._stats.cost_factor(policy.config.price_strength)
+        np.testing.assert_allclose(got.means[0, :, 1], fresh, rtol=1e-12)
+        policy.update("m1", x, {"quality": 0.5, "cost_usd": 0.05, "latency_ms": 100.0},
+                      cost_estimate=0.01)
+    assert policy.decide_batch(x, PREFS, names, cost_estimate=estimate).means[0, 1, 1] > 0.01

@@ -58,7 +58,7 @@ def test_decide_many_equals_policy_decide_batch_row_by_row(new_database_url):
             batch = twin.decide_batch(np.stack([xs[i] for i in rows]), prefs, names,
                                       cost_estimate=est)
             for r, i in enumerate(rows):
-                expected[i] = (batch.decision(r), dict(zip(names, est[r].tolist(),
+                expected[i] = (batch.decision(r), dict(zip(names, est.array[r].tolist(),
                                                            strict=True)))
         for i, (decision, prices) in expected.items():
             response = results[i].response

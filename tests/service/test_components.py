@@ -135,6 +135,27 @@ def test_refresh_that_read_before_a_local_change_keeps_it(registry, monkeypatch)
     assert set(registry.models) == {"new"} and tenant.preferences.cost == 5.0
 
 
+def test_decider_prices_follow_another_replicas_price_change(database, tmp_path):
+    url, engine = database
+    routing = RoutingService(make_settings(url, data_dir=tmp_path), engine, Metrics())
+    routing.start()
+    try:
+        routing.registry.create_model("p1", 1.0, 2.0, True, None)
+        decider, s = routing.decider, routing.settings
+        before = decider.price_estimates(["p1"], [None]).array
+        assert before[0, 0] == (s.prior_input_tokens * 1.0 + s.prior_output_tokens * 2.0) / 1e6
+        other = Registry(routing.registry.settings, engine, threading.RLock())
+        other.load()
+        other.update_model("p1", {"input_price_per_mtok": 5.0})
+        routing.registry.refresh()
+        after = decider.price_estimates(["p1"], [None, 10]).array
+        out = s.prior_output_tokens * 2.0
+        assert after[:, 0].tolist() == [(s.prior_input_tokens * 5.0 + out) / 1e6,
+                                        (10 * 5.0 + out) / 1e6]
+    finally:
+        routing.stop()
+
+
 @pytest.fixture
 def service(database, tmp_path):
     url, engine = database

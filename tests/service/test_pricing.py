@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service.conftest import add_model, assert_problem, create_tenant, decide
+from tests.service.conftest import ADMIN, add_model, assert_problem, create_tenant, decide
 
 
 def _price(p_in: float, p_out: float, t_in: int, t_out: int) -> float:
@@ -34,6 +34,42 @@ def test_decide_embedding_prices_with_prior_input_tokens(client):
     assert r.status_code == 200, r.text
     assert r.json()["predictions"][model]["price_usd"] == pytest.approx(
         _price(2.0, 4.0, 500, 300), rel=1e-9)
+
+
+def test_price_change_applies_to_the_very_next_decide(client):
+    """The decider reads each candidate list's prices once per registry change: a new
+    price (or a deleted model) is what the very next decide sees."""
+    headers = create_tenant(client, "pricing-change")
+    model = add_model(client, input_price=2.0, output_price=4.0)
+    other = add_model(client, input_price=1.0, output_price=1.0)
+    for _ in range(2):  # the prices are cached by now
+        preds = decide(client, headers, candidates=[model, other]).json()["predictions"]
+        assert preds[model]["price_usd"] == pytest.approx(_price(2.0, 4.0, 500, 300), rel=1e-9)
+    for p_in, p_out in ((7.0, 4.0), (7.0, 9.0), (0.0, 0.0)):
+        r = client.patch(f"/v1/admin/models/{model}", headers=ADMIN,
+                         json={"input_price_per_mtok": p_in, "output_price_per_mtok": p_out})
+        assert r.status_code == 200, r.text
+        preds = decide(client, headers, candidates=[model, other]).json()["predictions"]
+        assert preds[model]["price_usd"] == pytest.approx(_price(p_in, p_out, 500, 300),
+                                                          rel=1e-9, abs=1e-15)
+        assert preds[other]["price_usd"] == pytest.approx(_price(1.0, 1.0, 500, 300), rel=1e-9)
+    assert client.delete(f"/v1/admin/models/{other}", headers=ADMIN).status_code == 204
+    assert_problem(decide(client, headers, candidates=[model, other]), 422, "candidates",
+                   "unknown model")
+
+
+def test_decide_priced_past_the_cost_bound_names_the_model(client):
+    """A prompt long enough to price a dear model past MAX_COST_USD (10,000 USD) is
+    refused with the candidate named, whether or not its prices are cached."""
+    headers = create_tenant(client, "pricing-bound")
+    dear = add_model(client, input_price=1e5, output_price=1.0)
+    cheap = add_model(client, input_price=1.0, output_price=1.0)
+    ok = client.post("/v1/decide", json={"query": {"text": "x" * 400},
+                                         "candidates": [cheap, dear]}, headers=headers)
+    assert ok.status_code == 200, ok.text
+    r = client.post("/v1/decide", json={"query": {"text": "x" * 400_008},
+                                        "candidates": [cheap, dear]}, headers=headers)
+    assert_problem(r, 422, f"cost_estimate.{dear}", "10000")
 
 
 def _feedback_then_stored(client, tenant: str, **feedback: object) -> dict:
