@@ -48,6 +48,8 @@ def loss_decomposition(rewards: np.ndarray, choices: np.ndarray,
     (reward of the best fixed model - reward of j), over n (R_oracle - R_fixed);
     ``pulls[j][w]`` the number of such rows. The cells add up to -value (NaN without
     headroom). A negative cell is a gain: model j beat the best model on those rows.
+    ``justified[j]``: :func:`justified_pulls` of model j on these rewards;
+    ``justified_loss`` what those pulls cost at the models' mean gaps (headroom units).
 
     >>> r = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     >>> d = loss_decomposition(r, np.array([1, 1, 0, 0]), ((0, 2), (2, None)))
@@ -70,8 +72,41 @@ def loss_decomposition(rewards: np.ndarray, choices: np.ndarray,
             pulls[j][w] = int(mine.sum())
             loss[j][w] = round(float(regret[rows][mine].sum() / room), 4) if room > 0 \
                 else float("nan")
+    justified = justified_pulls(r)
+    gaps = r.mean(axis=0).max() - r.mean(axis=0)
     return {"value": summary["value"], "best_model": best, "loss": loss, "pulls": pulls,
-            "mean_reward": [round(float(v), 4) for v in r.mean(axis=0)]}
+            "mean_reward": [round(float(v), 4) for v in r.mean(axis=0)],
+            "justified": [round(float(v), 1) for v in justified],
+            "justified_loss": round(float(justified @ gaps / room), 4) if room > 0
+            else float("nan")}
+
+
+def justified_pulls(rewards: np.ndarray) -> np.ndarray:
+    """(K,) pulls of each model that any consistent bandit must spend on n rows.
+
+    The Lai-Robbins lower bound for Gaussian rewards of unknown variance (Honda and
+    Takemura 2014, Burnetas and Katehakis 1996): a policy whose regret grows slower
+    than any power of n pulls a model with gap D = mu* - mu_j and reward variance
+    s_j^2 at least 2 ln n / ln(1 + D^2 / s_j^2) times (~ 2 s_j^2 ln n / D^2 for a
+    small gap), capped at n (a gap too small to find in n rows is not looked for).
+    Asymptotic, so a reference, not a bound at this n. 0 for the best model.
+
+    >>> r = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    >>> justified_pulls(r).round(2).tolist()
+    [0.0, 4.0]
+    >>> rng = np.random.default_rng(0)
+    >>> q = (rng.random((10000, 3)) < [0.6, 0.5, 0.2]).astype(float)
+    >>> justified_pulls(q).round(-1).tolist()  # ~ 2 * 0.25 ln n / 0.1^2 = 460, 2 ln n / ln 2 = 27
+    [0.0, 520.0, 30.0]
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    n = r.shape[0]
+    mean = r.mean(axis=0)
+    gap = mean.max() - mean
+    var = np.maximum(r.var(axis=0), 1e-12)
+    with np.errstate(divide="ignore"):
+        pulls = 2.0 * np.log(n) / np.log1p(gap * gap / var)
+    return np.where(gap > 0, np.minimum(pulls, n), 0.0)
 
 
 class _CountingSelect(SelectiveThompson):
@@ -130,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                            for s in range(args.shuffles)])
                     loss = np.mean([r["loss"] for r in runs], axis=0)  # (K, windows)
                     pulls = np.mean([r["pulls"] for r in runs], axis=0)
+                    justified = np.mean([r["justified"] for r in runs], axis=0)
                     gap = np.mean([max(r["mean_reward"]) - np.array(r["mean_reward"])
                                    for r in runs], axis=0)
                     order = np.argsort(gap)
@@ -138,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                         "value": round(float(np.mean([r["value"] for r in runs])), 4),
                         "windows": labels,
                         "loss_by_window": [round(float(v), 4) for v in loss.sum(axis=0)],
+                        "justified_loss": round(float(np.mean(
+                            [r["justified_loss"] for r in runs])), 4),
                         "arms": [{"arm": arms[j], "gap": round(float(gap[j]), 4),
+                                  "justified_pulls": round(float(justified[j]), 1),
                                   "pulls": [round(float(v), 1) for v in pulls[j]],
                                   "loss": [round(float(v), 4) for v in loss[j]]}
                                  for j in order],
@@ -149,15 +188,20 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{loss[order[0]].sum():+.3f}",
                                  f"{loss[order[1:3]].sum():+.3f}",
                                  f"{loss[order[3:]].sum():+.3f}",
-                                 f"{results[-1]['above_ceiling_per_run']:g}"])
+                                 f"{results[-1]['above_ceiling_per_run']:g}",
+                                 f"{pulls[order[1:]].sum():.0f}",
+                                 f"{justified[order[1:]].sum():.0f}",
+                                 f"{results[-1]['justified_loss']:.3f}"])
                     print(f"{name} {learner} w={weight:g}: {results[-1]['value']:+.3f} "
                           f"({time.perf_counter() - started:.0f}s)", flush=True)
     print_table("Loss against the best fixed model, in headroom units (mean over "
                 "shuffles): by window of rows and by the chosen model's rank",
                 ["data", "learner", "w", "value", *labels, "best", "next 2", "rest",
-                 "draws > ceiling"], rows,
+                 "draws > ceiling", "pulls of others", "justified", "justified loss"], rows,
                 caption="best / next 2 / rest: models ranked by mean reward at that weight; "
-                        "a negative loss is a gain; draws > ceiling per run")
+                        "a negative loss is a gain; draws > ceiling per run; justified: "
+                        "the Lai-Robbins pulls of the other models (justified_pulls) and "
+                        "what they cost")
     path = write_results(args.out_name, {
         "what": "loss against the best fixed model by chosen model and window of rows "
                 "(headroom units, cells add up to -value), mean over shuffles",

@@ -180,6 +180,31 @@ def test_loss_decomposition_adds_up_to_the_routing_value() -> None:
     assert [sum(col) for col in zip(*d["pulls"], strict=True)] == [50, 150, 300]
 
 
+
+def test_justified_pulls_follow_the_lai_robbins_bound() -> None:
+    """Gaussian rewards of known gaps and variances: each model's justified pulls are
+    2 ln n / ln(1 + gap^2 / var) (~ 2 var ln n / gap^2), more for a closer or noisier
+    model, none for the best, capped at n; their cost is reported in headroom units."""
+    es = importlib.import_module("benchmarks.exploration_spend")
+    rng = np.random.default_rng(5)
+    n = 20000
+    means, sds = np.array([0.6, 0.5, 0.5, 0.2, 0.599]), np.array([0.3, 0.3, 0.6, 0.3, 0.3])
+    z = rng.standard_normal((n, 5))
+    rewards = means + sds * (z - z.mean(axis=0)) / z.std(axis=0)  # these exact moments
+    pulls = es.justified_pulls(rewards)
+    gap = means.max() - means
+    expected = 2 * np.log(n) / np.log1p(gap[1:4] ** 2 / sds[1:4] ** 2)
+    assert pulls[0] == 0.0
+    assert pulls[1:4] == pytest.approx(expected)
+    assert pulls[1] == pytest.approx(2 * 0.09 * np.log(n) / 0.01, rel=0.1)
+    assert pulls[2] > 3 * pulls[1] > 3 * pulls[3]  # noisier, then farther
+    assert pulls[4] == n  # a gap of 0.001 in noise 0.3: not findable in n rows
+    d = es.loss_decomposition(rewards, np.zeros(n, dtype=int))
+    assert d["justified"] == pytest.approx(pulls.tolist(), abs=0.05)
+    room = n * (rewards.max(axis=1).mean() - rewards[:, 0].mean())
+    assert d["justified_loss"] == pytest.approx(pulls @ gap / room, abs=1e-4)
+
+
 def _gsm8k_root(root: Path, n: int = 40, seed: int = 0) -> Path:
     """A data root holding a generated ``routellm/gsm8k_responses.csv`` (RouteLLM's
     columns: each model's correctness and response), for the command line."""
