@@ -6,7 +6,11 @@ is split by the model the router chose and by the window of rows it chose it in
 (:func:`loss_decomposition`); every cell is in units of the headroom n (R_oracle -
 R_fixed), so the cells add up to minus the routing value. Next to it, how often the
 chosen model's Thompson draw was above its ceiling (its utility with perfect quality at
-its known price): what bounding the draws to the quality range [0, 1] could change.
+its known price): what bounding the draws to the quality range [0, 1] could change. And
+what the exploration is worth: the pulls of every other model that the Lai-Robbins bound
+says any consistent bandit spends (:func:`justified_pulls`), and the value of a
+context-free sampler with and without an oracle of each query's difficulty
+(:func:`known_difficulty_floor`).
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.exploration_spend [--shuffles 3]
         [--learners select-ts,select-ts-cold-first]
@@ -32,7 +36,8 @@ from benchmarks.common import (
     shuffle_order,
     write_results,
 )
-from benchmarks.compare_routers import Inputs, Ours, run_online
+from benchmarks.compare_routers import Dataset, Inputs, Ours, run_online
+from benchmarks.value_bounds import thompson_choices
 from benchmarks.value_learners import COLD_FIRST, _load
 
 #: Row windows of the decomposition: the start, the cold start, warm-up, the rest.
@@ -109,6 +114,23 @@ def justified_pulls(rewards: np.ndarray) -> np.ndarray:
     return np.where(gap > 0, np.minimum(pulls, n), 0.0)
 
 
+def known_difficulty_floor(ds: Dataset, weight: float, seed: int) -> tuple[float, float]:
+    """Routing value of the context-free Thompson sampler (``value_bounds``' exploration
+    floor, each model's noise estimated from its outcomes) learning from the models'
+    qualities, and learning from the qualities minus each query's mean quality over all
+    models plus the overall mean (an oracle of the query's difficulty: the same
+    per-query differences between models, less noise per call). The second is about
+    the most a shared difficulty component could save on finding the best model; both
+    are scored on the true rewards."""
+    level = ds.quality.mean(axis=1, keepdims=True)
+    out = []
+    for quality in (ds.quality, ds.quality - level + level.mean()):
+        ch = thompson_choices(quality, ds.cost, ds.cost_estimate, weight, seed,
+                              estimate_noise=True)
+        out.append(float(routing_value(ds.rewards(weight), ch)["value"]))
+    return out[0], out[1]
+
+
 class _CountingSelect(SelectiveThompson):
     """The default policy, counting decisions whose chosen draw is above its ceiling."""
 
@@ -136,6 +158,8 @@ def _job(args: tuple[str, str, float, int]) -> dict:
     choices = run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     out = loss_decomposition(ds.rewards(weight), choices)
     out["above_ceiling"] = router.policy.above_ceiling
+    out["context_free"], out["known_difficulty"] = known_difficulty_floor(ds, weight,
+                                                                          shuffle)
     return out
 
 
@@ -181,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
                                   "pulls": [round(float(v), 1) for v in pulls[j]],
                                   "loss": [round(float(v), 4) for v in loss[j]]}
                                  for j in order],
+                        "context_free_value": round(float(np.mean(
+                            [r["context_free"] for r in runs])), 4),
+                        "known_difficulty_value": round(float(np.mean(
+                            [r["known_difficulty"] for r in runs])), 4),
                         "above_ceiling_per_run": float(np.mean(
                             [r["above_ceiling"] for r in runs]))})
                     rows.append([name, learner, f"{weight:g}", f"{results[-1]['value']:+.3f}",
@@ -191,17 +219,22 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{results[-1]['above_ceiling_per_run']:g}",
                                  f"{pulls[order[1:]].sum():.0f}",
                                  f"{justified[order[1:]].sum():.0f}",
-                                 f"{results[-1]['justified_loss']:.3f}"])
+                                 f"{results[-1]['justified_loss']:.3f}",
+                                 f"{results[-1]['context_free_value']:+.3f}",
+                                 f"{results[-1]['known_difficulty_value']:+.3f}"])
                     print(f"{name} {learner} w={weight:g}: {results[-1]['value']:+.3f} "
                           f"({time.perf_counter() - started:.0f}s)", flush=True)
     print_table("Loss against the best fixed model, in headroom units (mean over "
                 "shuffles): by window of rows and by the chosen model's rank",
                 ["data", "learner", "w", "value", *labels, "best", "next 2", "rest",
-                 "draws > ceiling", "pulls of others", "justified", "justified loss"], rows,
+                 "draws > ceiling", "pulls of others", "justified", "justified loss", "context-free",
+                 "known difficulty"], rows,
                 caption="best / next 2 / rest: models ranked by mean reward at that weight; "
                         "a negative loss is a gain; draws > ceiling per run; justified: "
                         "the Lai-Robbins pulls of the other models (justified_pulls) and "
-                        "what they cost")
+                        "what they cost; context-free / known difficulty: value of a "
+                        "context-free Thompson sampler, learning from quality / from quality "
+                        "minus each query's mean over the models (known_difficulty_floor)")
     path = write_results(args.out_name, {
         "what": "loss against the best fixed model by chosen model and window of rows "
                 "(headroom units, cells add up to -value), mean over shuffles",

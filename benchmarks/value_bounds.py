@@ -91,28 +91,36 @@ def full_information_value(ds: Dataset, x: np.ndarray) -> dict[str, object]:
 
 
 def thompson_choices(quality: np.ndarray, cost: np.ndarray, estimate: np.ndarray,
-                     weight: float, seed: int, levels: ArmLevels | None = None) -> np.ndarray:
+                     weight: float, seed: int, levels: ArmLevels | None = None,
+                     estimate_noise: bool = False) -> np.ndarray:
     """One pass of a context-free Gaussian Thompson sampler (prior: one pseudo-observation
     at quality 0.5, noise variance 0.25, optimism capped at quality 1); the cost is the
     price estimate times the observed / estimated ratio of the model's past calls.
     ``levels``: instead, the prior across models of :mod:`bandit.hierarchy` (features:
-    each model's mean price estimate), one joint draw of every model's level."""
+    each model's mean price estimate), one joint draw of every model's level.
+    ``estimate_noise``: each model's noise variance is estimated from its outcomes (the
+    prior 0.25 worth 2 of them, as :mod:`bandit.stats` does) instead of fixed at 0.25."""
     rng = np.random.default_rng(seed)
     n, k = quality.shape
     sums, counts = (np.full(k, 0.5), np.ones(k)) if levels is None else (np.zeros(k),
                                                                           np.zeros(k))
+    squares = np.full(k, 0.25)  # sum of squares of the prior pseudo-observation
     price_feature = estimate.mean(axis=0)
     spent, estimated = np.ones(k), np.ones(k)
     choices = np.empty(n, dtype=np.intp)
     for t in range(n):
         if levels is None:
-            sample = sums / counts + np.sqrt(0.25 / counts) * rng.standard_normal(k)
+            noise = 0.25
+            if estimate_noise:  # residual sum of squares about the mean, prior worth 2
+                noise = (0.5 + squares - sums * sums / counts) / (counts + 1.0)
+            sample = sums / counts + np.sqrt(noise / counts) * rng.standard_normal(k)
         else:
             sample = levels.sample(rng, price_feature, sums, counts)
         price = estimate[t] * spent / estimated
         arm = int(np.argmax(np.minimum(sample, 1.0) - weight * price))
         choices[t] = arm
         sums[arm] += quality[t, arm]
+        squares[arm] += quality[t, arm] ** 2
         counts[arm] += 1
         spent[arm] += cost[t, arm] / max(estimate[t, arm], 1e-12)
         estimated[arm] += 1
