@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table("Loss against the best fixed model, in headroom units (mean over "
                 "shuffles): by window of rows and by the chosen model's rank",
                 ["data", "learner", "w", "value", *labels, "best", "next 2", "rest",
-                 "draws > ceiling", "pulls of others", "justified", "justified loss", "context-free",
-                 "known difficulty"], rows,
+                 "draws > ceiling", "pulls of others", "justified", "justified loss",
+                 "context-free", "known difficulty"], rows,
                 caption="best / next 2 / rest: models ranked by mean reward at that weight; "
                         "a negative loss is a gain; draws > ceiling per run; justified: "
                         "the Lai-Robbins pulls of the other models (justified_pulls) and "
