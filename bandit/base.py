@@ -1422,6 +1422,7 @@ class Policy(abc.ABC):
 
     def _load_extra_state(self, state: dict | None) -> None:
         """Restore :meth:`_extra_state` (None: a policy saved without it)."""
+        del state  # the base policy keeps no such state
 
     def clone(self) -> Policy:
         """A fresh policy with the same configuration and arms (priors), and no data."""

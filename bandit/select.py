@@ -239,7 +239,8 @@ class SharedDifficulty:
         self.arms: dict[str, np.ndarray] = {}
         #: prequential squared errors: no difficulty, then each candidate
         self.err = np.zeros(1 + g)
-        self._fits: np.ndarray | None = None  # (G, D), once per change of the sums
+        self._fits: np.ndarray | None = None  # (G, D)
+        self._fitted_at = 0.0  # outcome weight when the fits were last solved
 
     def coefficients(self) -> np.ndarray:
         """The shift's coefficients (D,), bias last: the best candidate's, or zeros."""
@@ -249,8 +250,11 @@ class SharedDifficulty:
         return self.fits()[best - 1]
 
     def fits(self) -> np.ndarray:
-        """Every candidate's ridge fit (G, D), centred on the mean context."""
-        if self._fits is None:
+        """Every candidate's ridge fit (G, D), centred on the mean context; solved
+        again once the outcomes have grown by 1% (or by one) since the last solve."""
+        total = self.xx[-1, -1]
+        if self._fits is None or total >= max(self._fitted_at * 1.01, self._fitted_at + 1):
+            self._fitted_at = total
             within, rhs = self.xx.copy(), self.xy.copy()
             for row in self.arms.values():
                 n, sy, sx = row[0], row[1], row[2:]
@@ -261,7 +265,6 @@ class SharedDifficulty:
             fits = np.linalg.solve(within[None] + self.ridges[:, :, None] * np.eye(d),
                                    np.broadcast_to(rhs, self.ridges.shape)[..., None])[..., 0]
             fits[:, -1] = 0.0
-            total = self.xx[-1, -1]
             if total > 0:  # centre: the mean context's shift is 0
                 fits[:, -1] = -(fits @ self.xx[-1]) / total
             self._fits = fits
@@ -288,7 +291,6 @@ class SharedDifficulty:
             row[2:] += wi * x
             self.xx += wi * np.outer(x, x)
             self.xy += (wi * q) * x
-        self._fits = None
 
     def add(self, other: SharedDifficulty) -> None:
         """Add another replica's sums (merge)."""
@@ -302,11 +304,16 @@ class SharedDifficulty:
 
     def to_json(self) -> dict:
         return {"xx": self.xx.tolist(), "xy": self.xy.tolist(), "err": self.err.tolist(),
-                "arms": {n: r.tolist() for n, r in self.arms.items()}}
+                "arms": {n: r.tolist() for n, r in self.arms.items()},
+                "fits": None if self._fits is None else self._fits.tolist(),
+                "fitted_at": self._fitted_at}
 
     def load(self, state: dict) -> None:
         self.xx = np.asarray(state["xx"], dtype=np.float64).reshape(self.xx.shape)
         self.xy = np.asarray(state["xy"], dtype=np.float64).reshape(self.xy.shape)
         self.err = np.asarray(state["err"], dtype=np.float64).reshape(self.err.shape)
         self.arms = {n: np.asarray(r, dtype=np.float64) for n, r in state["arms"].items()}
-        self._fits = None
+        fits = state["fits"]
+        self._fits = None if fits is None else np.asarray(
+            fits, dtype=np.float64).reshape(self.ridges.shape)
+        self._fitted_at = float(state["fitted_at"])

@@ -537,13 +537,16 @@ class ArmStatistics:
         b_total = b.copy()
         b_total[:, -1] += lam_mu0
         if self.selecting:
-            self.sel_theta[:] = np.einsum("kgij,kj->kgi", self.sel_inv, b_total)
+            self.sel_theta[:] = (self.sel_inv @ b_total[:, None, :, None])[..., 0]
             self.theta[:, 0] = self.sel_theta[np.arange(len(self)), self.selected()]
         else:
             inv = np.where(in_group[:, None, None], self.s_inv, self.a_inv[:, 0])
-            self.theta[:, 0] = np.einsum("kij,kj->ki", inv, b_total)
-        for k in range(len(self)):
-            self._update_sigma2(k)
+            self.theta[:, 0] = (inv @ b_total[:, :, None])[..., 0]
+        # The quality head's noise, as _update_sigma2 for every arm at once.
+        theta = self.theta[:, 0]
+        rss = np.maximum(self.srr[:, 0] + lam_mu0 * (self.mu0[:, 0] - theta[:, -1])
+                         - np.vecdot(b, theta), 0.0)
+        self.sigma2[:, 0] = (_NU0 * self.sigma0[:, 0] ** 2 + rss) / (_NU0 + self.weight[:, 0])
 
     def matrices_of(self, k: int, name: str) -> np.ndarray:
         """One arm's (H,D,D) ``a_data`` or ``a_inv`` with every head's own matrix."""
