@@ -40,6 +40,28 @@ so it takes a shift as its own; and a level keeps the arms' order as it was lear
 a played model that gets worse relative to the others (a new task) is read as a harder
 stream, not as a reason to try the others (a generated stream of that kind: the best
 model's share of the last 1,000 rows 0.49 with the level, 0.93 without).
+
+Difficulty (``shared_difficulty``, opt-in). Context that predicts how hard a query is
+for every model is admitted for each arm on its own, and then biases the comparison.
+A model whose text model predicts its quality well sends the queries it predicts hard
+to the others, and a model kept on its mean learns that mean on those hard queries:
+on the RouteLLM MMLU replay GPT-4's mean was 0.719 on the 231 queries it was called on
+against 0.804 over all rows, and it lost the rest of the stream. With
+``shared_difficulty`` the policy learns a difficulty x.beta from every arm's outcomes
+(:class:`SharedDifficulty`: a ridge fit with a free mean per arm, so which arm was called
+on which queries does not bias it; the hybrid linear model of Li et al. 2010 with the
+arms' deviations profiled in turn), and every arm learns, and selects its candidate
+models on, its quality minus x.beta: a block of context is admitted for an arm only
+where it predicts that arm's quality relative to the shared prediction (the difference
+criterion), and an arm on its mean compares its mean net of the queries' difficulty.
+The arms' sums are moved exactly onto each new beta (b -= A delta), so they always hold
+deviations from the current one. Thompson draws from each arm's deviation posterior plus
+x.beta, whose uncertainty is the same for every arm at a context and so is left out of
+the draw (it cannot change the argmax). The shift is used only once one of its ridge
+candidates has predicted outcomes' deviations from their arm's mean better than none.
+It keeps one D x D sum and one row per arm beside the arms' statistics; the distributed
+learners do not carry it yet (the deciders would need those sums in the partition blob
+and the shift applied before the arms' update).
 """
 
 from __future__ import annotations
