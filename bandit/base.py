@@ -1029,9 +1029,10 @@ class Policy(abc.ABC):
         mean_only = c is not None and self.config.exploration == "mean"
         means, utility, std = self._stats.predict(xb, None if every_arm else idx,
                                                   None if mean_only else c, w)
-        if self._level:
-            means[:, :, 0] += self._level
-            utility = utility + w[0] * self._level
+        if self._level or self._shifting:
+            shift = self._quality_shift(xb)  # (n,): the part of quality every arm shares
+            means[:, :, 0] += shift[:, None]
+            utility = utility + w[0] * shift[:, None]
         if mean_only:
             assert c is not None
             # The uncertainty of each arm's mean utility alone, sigma_h^2 / (n_h +
@@ -1177,8 +1178,6 @@ class Policy(abc.ABC):
             raise InvalidInputError("x", "update() takes one context; use update_batch()",
                                     f"{xb.shape[0]} rows")
         y = parse_outcome(outcome)
-        if self._level:
-            y[0] -= self._level
         weight = 1.0
         if time is not None:
             if now is not None:
@@ -1187,6 +1186,8 @@ class Policy(abc.ABC):
             weight = float(self._age_weights(t, t))
         else:
             self._maybe_decay(now)
+        if self._level or self._shifting:
+            y = self._arm_targets([arm], xb, y[None], weight)[0]
         residual = self._stats.update(k, xb[0], y, weight)
         if cost_estimate is not None:
             ratio = _price_ratios([cost_estimate], y[1:2])
@@ -1243,9 +1244,6 @@ class Policy(abc.ABC):
         ks = np.array([self._arm_index(a) for a in arms], dtype=np.intp)
         y = (parse_outcome_array(outcomes) if isinstance(outcomes, np.ndarray)
              else np.stack([parse_outcome(o) for o in outcomes]))
-        if self._level:
-            y = y.copy()
-            y[:, 0] -= self._level
         weights: float | np.ndarray = float(weight)
         if times is not None:
             if now is not None:
@@ -1258,6 +1256,8 @@ class Policy(abc.ABC):
                 weights = float(weight) * self._age_weights(float(t.max()), t)
         else:
             self._maybe_decay(now)
+        if self._level or self._shifting:
+            y = self._arm_targets(arms, xb, y, weights)
         ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         for k in np.unique(ks):
             rows = ks == k
@@ -1275,6 +1275,22 @@ class Policy(abc.ABC):
             if watch_drift:
                 self._watch_drift(name, residuals.tolist())
         self.version += 1
+
+    # Quality shared by every arm (SelectiveThompson): the arms learn quality minus it.
+    _shifting = False
+
+    def _quality_shift(self, xb: np.ndarray) -> np.ndarray:
+        """The quality (n,) every arm shares at contexts ``xb`` (n, D), added to each
+        arm's prediction: the level (0 unless SelectiveThompson's level_horizon)."""
+        return np.full(xb.shape[0], self._level)
+
+    def _arm_targets(self, arms: Sequence[str], xb: np.ndarray, y: np.ndarray,
+                     weights: float | np.ndarray) -> np.ndarray:
+        """What the arms learn from outcomes y (n, H): quality minus the shared part
+        (a copy; a subclass that learns the shared part from them does it here)."""
+        y = y.copy()
+        y[:, 0] -= self._quality_shift(xb)
+        return y
 
     def _watch_drift(self, arm: str, residuals: Sequence[float]) -> None:
         if self.config.drift_delta is None:
@@ -1400,6 +1416,14 @@ class Policy(abc.ABC):
         self.version += 1
         return self
 
+    def _extra_state(self) -> dict | None:
+        """JSON state a subclass keeps beside the arms' sums (None: none)."""
+        return None
+
+    def _load_extra_state(self, state: dict | None) -> None:
+        """Restore :meth:`_extra_state` (None: a policy saved without it)."""
+        del state  # the base policy keeps no such state
+
     def clone(self) -> Policy:
         """A fresh policy with the same configuration and arms (priors), and no data."""
         fresh = type(self)(**{k: v for k, v in asdict(self.config).items()})
@@ -1429,6 +1453,9 @@ class Policy(abc.ABC):
             "derived": derived,
             "level": self._level,
         }
+        extra = self._extra_state()
+        if extra is not None:
+            header["extra"] = extra
         raw_header = json.dumps(header).encode()
         names = ArmStatistics.ARRAYS if derived else ArmStatistics.SUMS
         buffer = io.BytesIO()
@@ -1502,6 +1529,7 @@ class Policy(abc.ABC):
         policy.version = header["version"]
         policy.drift_events = dict(header["drift_events"])
         policy._level = float(header.get("level", 0.0))
+        policy._load_extra_state(header.get("extra"))
         return policy
 
     def __repr__(self) -> str:

@@ -40,6 +40,28 @@ so it takes a shift as its own; and a level keeps the arms' order as it was lear
 a played model that gets worse relative to the others (a new task) is read as a harder
 stream, not as a reason to try the others (a generated stream of that kind: the best
 model's share of the last 1,000 rows 0.49 with the level, 0.93 without).
+
+Difficulty (``shared_difficulty``, opt-in). Context that predicts how hard a query is
+for every model is admitted for each arm on its own, and then biases the comparison.
+A model whose text model predicts its quality well sends the queries it predicts hard
+to the others, and a model kept on its mean learns that mean on those hard queries:
+on the RouteLLM MMLU replay GPT-4's mean was 0.719 on the 231 queries it was called on
+against 0.804 over all rows, and it lost the rest of the stream. With
+``shared_difficulty`` the policy learns a difficulty x.beta from every arm's outcomes
+(:class:`SharedDifficulty`: a ridge fit with a free mean per arm, so which arm was called
+on which queries does not bias it; the hybrid linear model of Li et al. 2010 with the
+arms' deviations profiled in turn), and every arm learns, and selects its candidate
+models on, its quality minus x.beta: a block of context is admitted for an arm only
+where it predicts that arm's quality relative to the shared prediction (the difference
+criterion), and an arm on its mean compares its mean net of the queries' difficulty.
+The arms' sums are moved exactly onto each new beta (b -= A delta), so they always hold
+deviations from the current one. Thompson draws from each arm's deviation posterior plus
+x.beta, whose uncertainty is the same for every arm at a context and so is left out of
+the draw (it cannot change the argmax). The shift is used only once one of its ridge
+candidates has predicted outcomes' deviations from their arm's mean better than none.
+It keeps one D x D sum and one row per arm beside the arms' statistics; the distributed
+learners do not carry it yet (the deciders would need those sums in the partition blob
+and the shift applied before the arms' update).
 """
 
 from __future__ import annotations
@@ -49,10 +71,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bandit.base import check_finite_number
+from bandit.base import Policy, check_finite_number
+from bandit.errors import InvalidInputError
 from bandit.thompson import LinearThompson, LinearThompsonConfig
 
-__all__ = ["SelectiveThompson", "SelectiveThompsonConfig", "MEAN_ONLY_RIDGE"]
+__all__ = ["SelectiveThompson", "SelectiveThompsonConfig", "MEAN_ONLY_RIDGE",
+           "SharedDifficulty"]
 
 #: A context ridge this strong leaves a model its intercept alone (the arm's mean).
 MEAN_ONLY_RIDGE = 1e6
@@ -73,14 +97,22 @@ class SelectiveThompsonConfig(LinearThompsonConfig):
     its quality minus the level, and the level moves by 1 / ``level_horizon`` of each
     outcome's residual against the arm's prediction (an exponentially weighted mean
     over about that many outcomes of any arm).
+
+    ``shared_difficulty`` (default False): a query difficulty shared by every arm,
+    learned from every arm's outcomes (module docstring, "Difficulty"). Each arm learns,
+    and selects its candidates on, its quality minus the shared prediction.
     """
 
     level_horizon: float | None = None
+    shared_difficulty: bool = False
 
     def validated(self) -> SelectiveThompsonConfig:
         super().validated()
         if self.level_horizon is not None:
             check_finite_number("level_horizon", self.level_horizon, low=1.0)
+        if not isinstance(self.shared_difficulty, bool):
+            raise InvalidInputError("shared_difficulty", "must be true or false",
+                                    self.shared_difficulty)
         return self
 
     def __post_init__(self) -> None:
@@ -115,6 +147,80 @@ class SelectiveThompson(LinearThompson):
     name = "select"
     Config = SelectiveThompsonConfig
 
+    def __init__(self, dim: int, **params: object) -> None:
+        super().__init__(dim, **params)
+        self._difficulty: SharedDifficulty | None = None
+        #: The difficulty coefficients the arms' quality sums are relative to (D,).
+        self._applied = np.zeros(self._stats.n_features)
+        if self.config.shared_difficulty:
+            # Candidates: the text at the intercept's ridge and at the arms' context
+            # ridge; the tags at their own ridge. (The bias's is immaterial: centred on
+            # each arm's mean, its row of the fit is 0.)
+            diag = self._stats.ridge_diag
+            text = dim - self.config.tag_dims
+            grid = []
+            for c in sorted({1.0, float(self.config.context_ridge)}):
+                row = diag.copy()
+                row[:text] = c
+                grid.append(self.config.ridge * row)
+            self._difficulty = SharedDifficulty(np.array(grid))
+            self._shifting = True
+
+    def _quality_shift(self, xb: np.ndarray) -> np.ndarray:
+        shift = super()._quality_shift(xb)
+        if self._difficulty is not None:
+            shift += xb @ self._applied
+        return shift
+
+    def _arm_targets(self, arms: Sequence[str], xb: np.ndarray, y: np.ndarray,
+                     weights: float | np.ndarray) -> np.ndarray:
+        targets = super()._arm_targets(arms, xb, y, weights)  # before the shift learns
+        if self._difficulty is not None:
+            self._difficulty.observe(arms, xb, y[:, 0], weights)
+        return targets
+
+    def update(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        super().update(*args, **kwargs)  # type: ignore[arg-type]
+        self._apply_difficulty()
+
+    def update_batch(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        super().update_batch(*args, **kwargs)  # type: ignore[arg-type]
+        self._apply_difficulty()
+
+    def _apply_difficulty(self, beta: np.ndarray | None = None) -> None:
+        """Move every arm's quality sums onto the current difficulty coefficients
+        (exactly: :meth:`~bandit.stats.ArmStatistics.shift_quality`), so each arm's
+        fit and candidate errors are of its deviation from the shared prediction."""
+        if self._difficulty is None:
+            return
+        if beta is None:
+            beta = self._difficulty.coefficients()
+        delta = beta - self._applied
+        if delta.any():
+            self._stats.shift_quality(delta)
+            self._applied = beta.copy()
+
+    def merge(self, other: Policy) -> Policy:
+        if self._difficulty is None or not isinstance(other, SelectiveThompson) or (
+                other._difficulty is None):
+            return super().merge(other)
+        # Both replicas' sums relative to the other's coefficients, then added.
+        self._apply_difficulty(other._applied)
+        super().merge(other)
+        self._difficulty.add(other._difficulty)
+        self._apply_difficulty()
+        return self
+
+    def _extra_state(self) -> dict | None:
+        return None if self._difficulty is None else {
+            "difficulty": self._difficulty.to_json(), "applied": self._applied.tolist()}
+
+    def _load_extra_state(self, state: dict | None) -> None:
+        if self._difficulty is not None and state and "difficulty" in state:
+            self._difficulty.load(state["difficulty"])
+            self._applied = np.asarray(state["applied"], dtype=np.float64).reshape(
+                self._applied.shape)
+
     def _watch_drift(self, arm: str, residuals: Sequence[float]) -> None:
         super()._watch_drift(arm, residuals)
         horizon = self.config.level_horizon
@@ -122,3 +228,114 @@ class SelectiveThompson(LinearThompson):
             # n residuals against the same level: n steps of the exponential mean.
             share = 1.0 - (1.0 - 1.0 / horizon) ** len(residuals)
             self._level += share * float(np.mean(residuals))
+
+
+class SharedDifficulty:
+    """A query's difficulty, x.beta, learned from every arm's outcomes with a free mean
+    per arm (module docstring, "Difficulty").
+
+    The joint ridge fit of quality_i = alpha_k(i) + x_i.beta with unpenalized per-arm
+    offsets alpha_k: profiling them out (Frisch-Waugh) leaves beta fit on each arm's
+    outcomes centred on that arm's means, so the mix of arms called on hard or easy
+    queries does not bias beta, and every statistic is a sum (replicas add them):
+
+        (Lambda + sum_i x_i x_i^T - sum_k s_k s_k^T / n_k) beta
+            = sum_i x_i q_i - sum_k s_k y_k / n_k
+
+    with s_k = sum of x, y_k = sum of quality, n_k = weight over arm k's outcomes.
+    Lambda is a candidate ridge on the context coefficients (the bias has none: the
+    arms' means are theirs): ``ridges`` (G, D) diagonals. Each candidate, and "no
+    difficulty", is scored by the prequential squared error of each outcome's
+    deviation from its arm's mean so far (predicted before the outcome is learned);
+    the shift is the candidate of lowest error, and 0 while none has beaten "no
+    difficulty" (the policy is then plain ``select``). The shift is centred on the mean
+    context seen (bias coefficient), so an arm's prior mean stays a mean quality.
+    """
+
+    def __init__(self, ridges: np.ndarray) -> None:
+        g, d = ridges.shape
+        self.ridges = ridges
+        self.xx = np.zeros((d, d))
+        self.xy = np.zeros(d)
+        #: per arm name: [n, sum of quality, sum of x (D)]
+        self.arms: dict[str, np.ndarray] = {}
+        #: prequential squared errors: no difficulty, then each candidate
+        self.err = np.zeros(1 + g)
+        self._fits: np.ndarray | None = None  # (G, D)
+        self._fitted_at = 0.0  # outcome weight when the fits were last solved
+
+    def coefficients(self) -> np.ndarray:
+        """The shift's coefficients (D,), bias last: the best candidate's, or zeros."""
+        best = int(np.argmin(self.err))
+        if best == 0:
+            return np.zeros(self.xx.shape[0])
+        return self.fits()[best - 1]
+
+    def fits(self) -> np.ndarray:
+        """Every candidate's ridge fit (G, D), centred on the mean context; solved
+        again once the outcomes have grown by 1% (or by one) since the last solve."""
+        total = self.xx[-1, -1]
+        if self._fits is None or total >= max(self._fitted_at * 1.01, self._fitted_at + 1):
+            self._fitted_at = total
+            within, rhs = self.xx.copy(), self.xy.copy()
+            for row in self.arms.values():
+                n, sy, sx = row[0], row[1], row[2:]
+                if n > 0:
+                    within -= np.outer(sx, sx) / n
+                    rhs -= sx * (sy / n)
+            d = within.shape[0]
+            fits = np.linalg.solve(within[None] + self.ridges[:, :, None] * np.eye(d),
+                                   np.broadcast_to(rhs, self.ridges.shape)[..., None])[..., 0]
+            fits[:, -1] = 0.0
+            if total > 0:  # centre: the mean context's shift is 0
+                fits[:, -1] = -(fits @ self.xx[-1]) / total
+            self._fits = fits
+        return self._fits
+
+    def observe(self, arms: Sequence[str], xb: np.ndarray, quality: np.ndarray,
+                weights: float | np.ndarray) -> None:
+        """Score the candidates on outcomes (predicted before each is learned), then
+        learn them."""
+        w = np.broadcast_to(np.asarray(weights, dtype=np.float64), quality.shape)
+        fits = self.fits()
+        for name, x, q, wi in zip(arms, xb, quality, w, strict=True):
+            if q != q:  # quality not reported
+                continue
+            row = self.arms.get(name)
+            if row is None:
+                row = self.arms[name] = np.zeros(2 + x.shape[0])
+            if row[0] > 0:
+                r = q - row[1] / row[0]
+                e = np.r_[0.0, fits @ (x - row[2:] / row[0])] - r
+                self.err += wi * e * e
+            row[0] += wi
+            row[1] += wi * q
+            row[2:] += wi * x
+            self.xx += wi * np.outer(x, x)
+            self.xy += (wi * q) * x
+
+    def add(self, other: SharedDifficulty) -> None:
+        """Add another replica's sums (merge)."""
+        self.xx += other.xx
+        self.xy += other.xy
+        self.err += other.err
+        for name, row in other.arms.items():
+            mine = self.arms.get(name)
+            self.arms[name] = row.copy() if mine is None else mine + row
+        self._fits = None
+
+    def to_json(self) -> dict:
+        return {"xx": self.xx.tolist(), "xy": self.xy.tolist(), "err": self.err.tolist(),
+                "arms": {n: r.tolist() for n, r in self.arms.items()},
+                "fits": None if self._fits is None else self._fits.tolist(),
+                "fitted_at": self._fitted_at}
+
+    def load(self, state: dict) -> None:
+        self.xx = np.asarray(state["xx"], dtype=np.float64).reshape(self.xx.shape)
+        self.xy = np.asarray(state["xy"], dtype=np.float64).reshape(self.xy.shape)
+        self.err = np.asarray(state["err"], dtype=np.float64).reshape(self.err.shape)
+        self.arms = {n: np.asarray(r, dtype=np.float64) for n, r in state["arms"].items()}
+        fits = state["fits"]
+        self._fits = None if fits is None else np.asarray(
+            fits, dtype=np.float64).reshape(self.ridges.shape)
+        self._fitted_at = float(state["fitted_at"])

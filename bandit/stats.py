@@ -519,6 +519,35 @@ class ArmStatistics:
         beta = np.linalg.solve(m0, rd * (lam0 @ dev))
         return lam0[:, None] * (inv @ (rd * beta))
 
+    def shift_quality(self, delta: np.ndarray) -> None:
+        """Make every arm's quality targets y - x.delta instead of y, exactly, from the
+        sums: b -= A delta and sum r^2 -= 2 delta.b - delta.A.delta, with A the quality
+        head's data matrix (decayed like b, so any forgetting stays consistent). The
+        coefficients follow (one matrix-vector product per candidate ridge); the
+        inverses and the prequential errors are unchanged."""
+        if not len(self) or not delta.any():
+            return
+        in_group = self.group[:, 0]
+        a = np.where(in_group[:, None, None], self.s_data, self.a_data[:, 0])
+        ad = a @ delta  # (K, D)
+        b = self.b_data[:, 0]
+        self.srr[:, 0] += ad @ delta - 2.0 * (b @ delta)
+        b -= ad
+        lam_mu0 = self.lam[:, 0] * self.mu0[:, 0]
+        b_total = b.copy()
+        b_total[:, -1] += lam_mu0
+        if self.selecting:
+            self.sel_theta[:] = (self.sel_inv @ b_total[:, None, :, None])[..., 0]
+            self.theta[:, 0] = self.sel_theta[np.arange(len(self)), self.selected()]
+        else:
+            inv = np.where(in_group[:, None, None], self.s_inv, self.a_inv[:, 0])
+            self.theta[:, 0] = (inv @ b_total[:, :, None])[..., 0]
+        # The quality head's noise, as _update_sigma2 for every arm at once.
+        theta = self.theta[:, 0]
+        rss = np.maximum(self.srr[:, 0] + lam_mu0 * (self.mu0[:, 0] - theta[:, -1])
+                         - np.vecdot(b, theta), 0.0)
+        self.sigma2[:, 0] = (_NU0 * self.sigma0[:, 0] ** 2 + rss) / (_NU0 + self.weight[:, 0])
+
     def matrices_of(self, k: int, name: str) -> np.ndarray:
         """One arm's (H,D,D) ``a_data`` or ``a_inv`` with every head's own matrix."""
         out = getattr(self, name)[k].copy()

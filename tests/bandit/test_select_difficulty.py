@@ -1,0 +1,214 @@
+"""SelectiveThompson's shared query difficulty (``shared_difficulty``): the selection
+bias of a model learned on the queries another model sent it (issue 13, docs/results.md
+"A difficulty shared by every model")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bandit import ArmPrior, InvalidInputError, Policy, Preferences, SelectiveThompson
+from bandit.select import SharedDifficulty
+from bandit.stats import ArmStatistics
+
+DIM = 32
+COST_WEIGHT = 0.06  # quality points per USD: half the strong model's edge
+
+
+def _stream(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A difficulty every model shares (spread over 16 of 32 directions, as hashed text
+    spreads it), strong = weak + 0.12 on every query. At the cost weight the strong
+    model (1 USD) is worth calling on every query."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, DIM)) / np.sqrt(DIM)
+    hard = x[:, :16].sum(axis=1) * np.sqrt(DIM / 16)
+    weak = np.clip(0.62 - 0.3 * hard, 0.02, 0.98)
+    p = np.stack([np.clip(weak + 0.12, 0.0, 1.0), weak], axis=1)
+    return x, (rng.random((n, 2)) < p).astype(float), p
+
+
+def _route(seed: int, difficulty: bool, warm: int = 1000,
+           n: int = 1500) -> tuple[np.ndarray, Policy]:
+    """The weak model alone for ``warm`` queries (it learns how hard a query is: its
+    text model is admitted), then both for ``n`` (the strong one added). Returns the
+    choices of the second phase (0 = strong) and the policy."""
+    x, q, _ = _stream(seed, warm + n)
+    policy = SelectiveThompson(DIM, seed=seed, shared_difficulty=difficulty)
+    policy.add_arm("strong", ArmPrior(cost_usd=1.0))
+    policy.add_arm("weak", ArmPrior(cost_usd=0.0))
+    prefs = Preferences(cost=COST_WEIGHT)
+    choices = []
+    for t in range(warm + n):
+        decision = policy.decide(x[t], prefs, candidates=["weak"] if t < warm else None)
+        k = policy.arms.index(decision.arm)
+        policy.update(decision.arm, x[t], {"quality": q[t, k], "cost_usd": 1.0 - k})
+        if t >= warm:
+            choices.append(k)
+    return np.array(choices), policy
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_difficulty_removes_selection_bias(seed):
+    """Once the strong model joins, the weak model's text model sends it the queries
+    it predicts hard; the strong model's mean, learned on them, sits far below its
+    quality (0.74 at the mean query) and it stops being called (select: under 20% of
+    the last 500). With the shared difficulty the strong model learns quality minus
+    the difficulty the weak model's outcomes taught: predicted at its quality, it
+    takes the stream."""
+    plain, plain_policy = _route(seed, False)
+    fixed, fixed_policy = _route(seed, True)
+    x0 = np.zeros(DIM)
+    assert (plain[-500:] == 0).mean() < 0.2
+    assert plain_policy.predict(x0)["strong"].quality < 0.62
+    assert (fixed[-500:] == 0).mean() > 0.9
+    assert fixed_policy.predict(x0)["strong"].quality == pytest.approx(0.74, abs=0.05)
+
+
+def test_difficulty_is_not_biased_by_which_arm_saw_which_queries():
+    """Arm a sees only hard queries, b only easy ones, a 0.3 better: pooling them (one
+    mean) would read a's edge as a slope; the fit with a mean per arm recovers the
+    common slope."""
+    rng = np.random.default_rng(0)
+    beta = np.array([-0.4, 0.2, 0.0])
+    ridges = np.array([[1.0, 1.0, 1.0, 1.0]])
+    shared = SharedDifficulty(ridges)
+    xs, ys = [], []
+    for arm, centre, offset in (("a", 1.0, 0.8), ("b", -1.0, 0.5)):
+        x = rng.standard_normal((4000, 3)) * 0.5
+        x[:, 0] += centre
+        y = offset + x @ beta + 0.05 * rng.standard_normal(4000)
+        shared.observe([arm] * 4000, np.c_[x, np.ones(4000)], y, 1.0)
+        xs.append(np.c_[x, np.ones(4000)])
+        ys.append(y)
+    fit = shared.fits()[0]
+    assert fit[:3] == pytest.approx(beta, abs=0.02)
+    # Centred: the mean context (0 here, the arms' centres cancel) has shift ~0.
+    assert fit[-1] == pytest.approx(0.0, abs=0.03)
+    pooled = np.linalg.lstsq(np.vstack(xs), np.concatenate(ys), rcond=None)[0]
+    assert abs(pooled[0] - beta[0]) > 0.1  # one mean for both: a's edge read as slope
+    # Its candidates beat "no difficulty" prequentially, so the shift is used.
+    assert shared.err[1] < shared.err[0]
+    assert shared.coefficients() == pytest.approx(fit)
+
+
+def test_difficulty_unused_until_it_pays():
+    """Quality that does not depend on the context: "no difficulty" keeps the lowest
+    prequential error and the policy's arms learn plain quality."""
+    rng = np.random.default_rng(1)
+    policy = SelectiveThompson(4, seed=1, shared_difficulty=True, drift_delta=None)
+    policy.add_arm("a")
+    policy.add_arm("b")
+    for t in range(400):
+        policy.update("ab"[t % 2], rng.standard_normal(4),
+                      {"quality": float(rng.random() < 0.5)})
+    assert policy._difficulty.err[0] < policy._difficulty.err[1:].min()
+    assert not policy._applied.any()
+
+
+def _stats_fed(x: np.ndarray, y: np.ndarray) -> ArmStatistics:
+    stats = ArmStatistics(x.shape[1] - 1, context_ridge=100.0, context_ridges=(1e6, 100.0))
+    lam, mu0, sigma0 = np.ones(3), np.array([0.5, 0.0, 0.0]), np.array([0.5, 1e-3, 1.0])
+    for _ in range(2):
+        stats.append(lam, mu0, sigma0)
+    for i in range(len(x)):
+        stats.update(i % 2, x[i], y[i])
+    return stats
+
+
+def test_shift_quality_is_exact_from_the_sums():
+    """Moving the sums by delta equals having learned y - x.delta from the start (the
+    candidates' prequential errors aside: they are scored as they came)."""
+    rng = np.random.default_rng(2)
+    x = np.c_[rng.standard_normal((300, 4)), np.ones(300)]
+    y = np.c_[rng.random(300), rng.random(300), rng.random(300)]
+    delta = np.array([0.3, -0.1, 0.05, 0.2, -0.07])
+    moved = _stats_fed(x, y)
+    moved.shift_quality(delta)
+    shifted = y.copy()
+    shifted[:, 0] -= x @ delta
+    direct = _stats_fed(x, shifted)
+    direct.sel_err[:] = moved.sel_err
+    direct.refresh()
+    for name in ("b_data", "srr", "theta", "sel_theta", "sigma2"):
+        assert getattr(moved, name) == pytest.approx(getattr(direct, name), abs=1e-9), name
+
+
+def _fed(seed: int = 3, n: int = 300) -> SelectiveThompson:
+    policy = SelectiveThompson(DIM, seed=seed, shared_difficulty=True, drift_delta=None,
+                               epsilon=0.05)
+    policy.add_arm("strong")
+    policy.add_arm("weak")
+    x, q, _ = _stream(seed, n)
+    for t in range(n):
+        k = t % 3 == 0
+        policy.update(policy.arms[k], x[t], {"quality": q[t, int(k)]})
+    return policy
+
+
+def test_difficulty_same_seed_same_decisions():
+    one, two = _fed(), _fed()
+    assert one._applied.any()
+    x, q, _ = _stream(11, 100)
+    for t in range(100):
+        d1, d2 = one.decide(x[t]), two.decide(x[t])
+        assert (d1.arm, d1.propensity) == (d2.arm, d2.propensity)
+        for p in (one, two):
+            p.update(d1.arm, x[t], {"quality": q[t, p.arms.index(d1.arm)]})
+    assert np.array_equal(one._applied, two._applied)
+
+
+def test_predictions_add_the_shared_difficulty():
+    policy = _fed()
+    x = _stream(12, 1)[0][0]
+    xb = np.r_[x, 1.0]
+    predicted = policy.predict(x)
+    for k, name in enumerate(policy.arms):
+        own = float(policy._stats.theta[k, 0] @ xb)
+        assert predicted[name].quality == pytest.approx(own + xb @ policy._applied,
+                                                        abs=1e-12)
+
+
+@pytest.mark.parametrize("derived", [True, False])
+def test_difficulty_restore_round_trip_identical_decisions(derived):
+    policy = _fed()
+    restored = Policy.from_bytes(policy.to_bytes(derived=derived))
+    assert restored.config.shared_difficulty is True
+    assert np.array_equal(restored._applied, policy._applied)
+    assert np.array_equal(restored._difficulty.err, policy._difficulty.err)
+    x, q, _ = _stream(13, 50)
+    for t in range(50):
+        d1, d2 = policy.decide(x[t]), restored.decide(x[t])
+        assert d1.arm == d2.arm
+        assert d1.propensity == pytest.approx(d2.propensity, abs=1e-9)
+        assert d1.scores == pytest.approx(d2.scores, abs=1e-9)
+        for p in (policy, restored):
+            p.update(d1.arm, x[t], {"quality": q[t, p.arms.index(d1.arm)]})
+    assert restored._applied == pytest.approx(policy._applied, abs=1e-9)
+
+
+def test_difficulty_merge_adds_sums_and_rebases_arms():
+    """After a merge the difficulty's sums are both replicas', and every arm's quality
+    sums are of quality minus the merged coefficients, exactly."""
+    left, right = _fed(seed=3, n=300), _fed(seed=6, n=200)
+    assert not np.array_equal(left._applied, right._applied)
+    xx = left._difficulty.xx + right._difficulty.xx
+    raw = {}
+    for policy in (left, right):  # each arm's sum of x * quality, before any shift
+        for k, _ in enumerate(policy.arms):
+            a = policy._stats.s_data[k]
+            b = policy._stats.b_data[k, 0] + a @ policy._applied
+            raw[k] = raw.get(k, 0.0) + b
+    left.merge(right)
+    assert left._difficulty.xx == pytest.approx(xx, abs=1e-9)
+    assert np.array_equal(left._applied, left._difficulty.coefficients())
+    for k, _ in enumerate(left.arms):
+        expected = raw[k] - left._stats.s_data[k] @ left._applied
+        assert left._stats.b_data[k, 0] == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, 0.0])
+def test_bad_shared_difficulty_raises_naming_field(value):
+    with pytest.raises(InvalidInputError) as err:
+        SelectiveThompson(DIM, shared_difficulty=value)
+    assert err.value.field == "shared_difficulty"
+    assert "shared_difficulty" in str(err.value)
