@@ -27,6 +27,7 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from bandit import _policy_kernel as _kernel
 from bandit._policy_kernel import copy_bounded, quality_ceiling
 from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
 from bandit.stats import ArmStatistics, prior_sigma
@@ -82,6 +83,8 @@ _OUTCOME_KEYS = {
 # Upper bound of each head's outcome, in the units of the wire (latency in ms).
 _OUTCOME_HIGH = (1.0, MAX_COST_USD, MAX_LATENCY_MS)
 _F64 = np.dtype(np.float64)
+_NO_ROWS = np.zeros((0, 0))  # no cost estimate, or no noise, for the fused decide
+_NO_FACTOR = np.zeros(0)
 
 
 def check_finite_number(name: str, value: object, *, low: float | None = None,
@@ -833,6 +836,7 @@ class Policy(abc.ABC):
         self._shared: tuple[int, np.ndarray] | None = None
         # (version, statistics, (K,) price correction): likewise.
         self._factor: tuple[int, ArmStatistics, np.ndarray] | None = None
+        self._all_arms = np.zeros(0, dtype=np.intp)  # see _arm_range
 
     # ------------------------------------------------------------------ arms
     @property
@@ -952,6 +956,11 @@ class Policy(abc.ABC):
         (Thompson sampling), for replays that do not need them. ``cost_estimate`` as
         for :meth:`decide`, or an (n, K) array (row per context, column per candidate).
         """
+        if explore and self._stats.compiled:
+            fused = self._decide_fused(x, preferences, candidates, propensities,
+                                       cost_estimate)
+            if fused is not None:
+                return fused
         a = self._assess(x, preferences, candidates, explore, cost_estimate)
         n, k = a.utility.shape
         if not explore:
@@ -985,6 +994,75 @@ class Policy(abc.ABC):
             scores = np.where(np.isfinite(scores), scores, a.utility)
         return BatchDecision(a.names, choices, prop, a.means, a.utility, a.std, scores,
                              explored)
+
+    def _fused_rule(self) -> tuple[int, float, np.ndarray, float] | None:
+        """The main branch as the compiled decide computes it (``_policy_kernel.RULE_*``,
+        its parameter, Thompson's quadrature nodes and pruning), or None: the numpy path. A subclass
+        whose ``_score`` or ``_main_propensity`` differs from its rule's returns None."""
+        return None
+
+    def _decide_fused(self, x: object, preferences: Preferences | None,
+                      candidates: Sequence[str] | None, propensities: bool,
+                      cost_estimate: object) -> BatchDecision | None:
+        """:meth:`decide_batch` with exploration in one compiled call
+        (``_policy_kernel.decide_rows``), or None when the case is not the kernel's
+        (then nothing was drawn from the random stream): a rule the policy has
+        (:meth:`_fused_rule`), every head in its arm's shared group, no shared
+        component, ``exploration="model"``, and no cold candidate among warm ones (the
+        cold-start share). The same validation, draws and results as the numpy path."""
+        rule = self._fused_rule()
+        cfg, stats = self.config, self._stats
+        if (rule is None or cfg.shared_ridge is not None or cfg.exploration == "mean"
+                or not stats._all_grouped()):
+            return None
+        xb = self._features(x)
+        w = (preferences or Preferences()).validated().head_weights()
+        names = check_names(candidates, self._names, index=self._index)
+        if len(names) == len(self._names) and names == self._names:
+            arms = self._arm_range()
+        else:
+            arms = np.fromiter((self._index[n] for n in names), dtype=np.intp,
+                               count=len(names))
+        n, m = xb.shape[0], len(names)
+        if cfg.cold_start_pulls > 0:
+            n_cold = int(np.count_nonzero(stats.count[arms, 0] < cfg.cold_start_pulls))
+            if 0 < n_cold < m:
+                return None
+        estimate, factor = _NO_ROWS, _NO_FACTOR
+        if cost_estimate is not None:
+            estimate = _cost_estimates(cost_estimate, names, n)
+            factor = self._cost_factor()
+        kind, param, quantiles, prune = rule
+        # The draws of the numpy path, in its order: Thompson's noise, then epsilon's.
+        noise = (self._rng.standard_normal((n, m)) if kind == _kernel.RULE_THOMPSON
+                 else _NO_ROWS)
+        forced = np.full(n, -1, dtype=np.intp)
+        eps = cfg.epsilon
+        if eps > 0 and n == 1:
+            if self._rng.random() < eps:
+                forced[0] = self._rng.integers(0, m)
+        elif eps > 0:
+            uniform = self._rng.random(n) < eps
+            if uniform.any():
+                forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
+        inv, q_inv = stats.width_inverses()
+        means = np.empty((n, m, stats.theta.shape[1]))
+        utility, std, scores = np.empty((n, m)), np.empty((n, m)), np.empty((n, m))
+        choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
+        explored = np.empty(n, dtype=bool)
+        _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, stats.selecting,
+                            arms, self._level, estimate, factor, cfg.bounded_optimism,
+                            kind, param, noise, forced, eps, quantiles, prune,
+                            propensities, *_kernel.PHI_TABLE, means, utility, std, scores,
+                            choices, prop, explored)
+        return BatchDecision(names, choices, prop, means, utility, std, scores, explored)
+
+    def _arm_range(self) -> np.ndarray:
+        """0..K-1 (intp), kept while the arms stay."""
+        cached = self._all_arms
+        if cached.shape[0] != len(self._names):
+            cached = self._all_arms = np.arange(len(self._names), dtype=np.intp)
+        return cached
 
     def probabilities(self, x: object, preferences: Preferences | None = None,
                       candidates: Sequence[str] | None = None, *,
