@@ -403,9 +403,8 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
                 rule: int, param: float, noise: np.ndarray, forced: np.ndarray,
                 epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
                 want_propensity: bool, phi: np.ndarray, dphi: np.ndarray,
-                means: np.ndarray, utility: np.ndarray, std: np.ndarray,
-                scores: np.ndarray, choices: np.ndarray, propensity: np.ndarray,
-                explored: np.ndarray) -> None:
+                means: np.ndarray, table: np.ndarray, choices: np.ndarray,
+                propensity: np.ndarray, explored: np.ndarray) -> None:
     """A whole decide of the contexts xb (n, D) over the candidates ``arms`` (m,) in one
     call, when no candidate is cold among warm ones and every head shares its arm's
     inverse: the numpy path of ``Policy.decide_batch`` from the predictions to the
@@ -420,6 +419,10 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
     (n, m) drawn by the caller), the choice (``forced[r]`` >= 0: the caller's uniform
     draw, else the score's argmax), whether it differs from the utility's argmax, and
     ``epsilon / m + (1 - epsilon) * p_main`` (NaN unless ``want_propensity``).
+
+    Outputs: ``means`` (n, m, H) in head units; ``table`` (n, m, 6) per candidate
+    quality, cost, latency in ms, utility, std and score (``Prediction``'s fields);
+    ``choices``, ``propensity``, ``explored`` (n,).
     """
     n = xb.shape[0]
     m = arms.shape[0]
@@ -442,16 +445,17 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
                 elif h == 1 and priced:
                     acc = estimate[r, j] * factor[k]
                 means[r, j, h] = acc
+                table[r, j, h] = acc * 1e3 if h == 2 else acc
                 u += acc * w[h]
                 if h >= first and not (h == 1 and priced):
                     scale += w[h] * w[h] * sigma2[k, h]
-            utility[r, j] = u
+            table[r, j, 3] = u
             var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
             c0 = w[0] * w[0] * sigma2[k, 0]
             if selecting and c0 != 0.0:
                 var += c0 * _quadratic(q_inv[k], x)
             sd = math.sqrt(var) if var > 0.0 else 0.0
-            std[r, j] = sd
+            table[r, j, 4] = sd
             if rule == RULE_UCB:
                 gap = 1.0 - means[r, j, 0]
                 ceiling = u + w[0] * (0.0 if gap < 0.0 else gap) if bounded else np.inf
@@ -460,10 +464,10 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
                 sc = top if top < cap else cap
             else:
                 sc = u + param * sd * noise[r, j]
-            scores[r, j] = sc
-            if sc > scores[r, best_s]:
+            table[r, j, 5] = sc
+            if sc > table[r, best_s, 5]:
                 best_s = j
-            if u > utility[r, best_u]:
+            if u > table[r, best_u, 3]:
                 best_u = j
         c = forced[r] if forced[r] >= 0 else best_s
         choices[r] = c
@@ -476,9 +480,12 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
         else:
             s = np.empty((1, m))
             for j in range(m):
-                s[0, j] = param * std[r, j]
+                s[0, j] = param * table[r, j, 4]
             one = np.empty(1)
-            _thompson_propensities(utility[r:r + 1], s, choices[r:r + 1], quantiles,
+            ur = np.empty((1, m))
+            for j in range(m):
+                ur[0, j] = table[r, j, 3]
+            _thompson_propensities(ur, s, choices[r:r + 1], quantiles,
                                    prune_sigmas, phi, dphi, one)
             p_main = one[0]
         propensity[r] = epsilon / m + (1.0 - epsilon) * p_main

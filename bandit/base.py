@@ -85,6 +85,8 @@ _OUTCOME_HIGH = (1.0, MAX_COST_USD, MAX_LATENCY_MS)
 _F64 = np.dtype(np.float64)
 _NO_ROWS = np.zeros((0, 0))  # no cost estimate, or no noise, for the fused decide
 _NO_FACTOR = np.zeros(0)
+_FREE = np.full(1, -1, dtype=np.intp)  # one row, no uniform draw
+_FREE.setflags(write=False)
 
 
 def check_finite_number(name: str, value: object, *, low: float | None = None,
@@ -370,6 +372,11 @@ class BatchDecision:
     uncertainty: np.ndarray
     scores: np.ndarray
     explored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: (n, K, 6) the same predictions in :class:`Prediction`'s order and units (latency
+    #: in ms), when the decide computed them in one piece (the compiled decide):
+    #: ``utility``, ``uncertainty`` and ``scores`` are then its columns 3-5. None: built
+    #: from the arrays above.
+    table: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.choices.shape[0])
@@ -426,6 +433,12 @@ class BatchDecision:
         """One row as a :class:`Decision`."""
         # tolist() converts a column in one C call; the tuples go straight into
         # Prediction (a named tuple) without a Python loop per arm.
+        if self.table is not None:
+            rows = self.table[row].tolist()
+            predictions = dict(zip(self.arms, map(_make_prediction, rows), strict=True))
+            explored = bool(self.explored[row])
+            return Decision(self.arms[int(self.choices[row])],
+                            float(self.propensities[row]), predictions, explored, policy)
         m = self.means[row]
         rows = zip(m[:, 0].tolist(), m[:, 1].tolist(), (m[:, 2] * 1e3).tolist(),
                    self.utility[row].tolist(), self.uncertainty[row].tolist(),
@@ -837,6 +850,7 @@ class Policy(abc.ABC):
         # (version, statistics, (K,) price correction): likewise.
         self._factor: tuple[int, ArmStatistics, np.ndarray] | None = None
         self._all_arms = np.zeros(0, dtype=np.intp)  # see _arm_range
+        self._cold: tuple[int, object, np.ndarray, int] = (-1, None, _FREE, 0)
 
     # ------------------------------------------------------------------ arms
     @property
@@ -1024,10 +1038,11 @@ class Policy(abc.ABC):
             arms = np.fromiter((self._index[n] for n in names), dtype=np.intp,
                                count=len(names))
         n, m = xb.shape[0], len(names)
-        if cfg.cold_start_pulls > 0:
-            n_cold = int(np.count_nonzero(stats.count[arms, 0] < cfg.cold_start_pulls))
-            if 0 < n_cold < m:
-                return None
+        cold, n_cold = self._cold_arms()
+        if n_cold and arms is not self._all_arms:
+            n_cold = int(np.count_nonzero(cold[arms]))
+        if 0 < n_cold < m:
+            return None
         estimate, factor = _NO_ROWS, _NO_FACTOR
         if cost_estimate is not None:
             estimate = _cost_estimates(cost_estimate, names, n)
@@ -1036,26 +1051,36 @@ class Policy(abc.ABC):
         # The draws of the numpy path, in its order: Thompson's noise, then epsilon's.
         noise = (self._rng.standard_normal((n, m)) if kind == _kernel.RULE_THOMPSON
                  else _NO_ROWS)
-        forced = np.full(n, -1, dtype=np.intp)
+        forced = _FREE if n == 1 else np.full(n, -1, dtype=np.intp)
         eps = cfg.epsilon
         if eps > 0 and n == 1:
             if self._rng.random() < eps:
-                forced[0] = self._rng.integers(0, m)
+                forced = np.array([self._rng.integers(0, m)], dtype=np.intp)
         elif eps > 0:
             uniform = self._rng.random(n) < eps
             if uniform.any():
                 forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
         inv, q_inv = stats.width_inverses()
-        means = np.empty((n, m, stats.theta.shape[1]))
-        utility, std, scores = np.empty((n, m)), np.empty((n, m)), np.empty((n, m))
+        means, table = np.empty((n, m, 3)), np.empty((n, m, 6))
         choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
         explored = np.empty(n, dtype=bool)
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, stats.selecting,
                             arms, self._level, estimate, factor, cfg.bounded_optimism,
                             kind, param, noise, forced, eps, quantiles, prune,
-                            propensities, *_kernel.PHI_TABLE, means, utility, std, scores,
-                            choices, prop, explored)
-        return BatchDecision(names, choices, prop, means, utility, std, scores, explored)
+                            propensities, *_kernel.PHI_TABLE, means, table, choices, prop,
+                            explored)
+        return BatchDecision(names, choices, prop, means, table[:, :, 3], table[:, :, 4],
+                             table[:, :, 5], explored, table)
+
+    def _cold_arms(self) -> tuple[np.ndarray, int]:
+        """Which arms (K,) have fewer than ``cold_start_pulls`` quality observations, and
+        how many, kept until the next change."""
+        cached = self._cold
+        if cached[0] != self.version or cached[1] is not self._stats:
+            cold = self._stats.count[:, 0] < self.config.cold_start_pulls
+            cached = self._cold = (self.version, self._stats, cold,
+                                   int(np.count_nonzero(cold)))
+        return cached[2], cached[3]
 
     def _arm_range(self) -> np.ndarray:
         """0..K-1 (intp), kept while the arms stay."""
