@@ -30,7 +30,7 @@ import numpy as np
 from bandit import _policy_kernel as _kernel
 from bandit._policy_kernel import copy_bounded, quality_ceiling
 from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
-from bandit.stats import ArmStatistics, prior_sigma
+from bandit.stats import FUSED_BATCH, ArmStatistics, prior_sigma
 
 __all__ = [
     "OBJECTIVES",
@@ -1022,14 +1022,18 @@ class Policy(abc.ABC):
         (``_policy_kernel.decide_rows``), or None when the case is not the kernel's
         (then nothing was drawn from the random stream): a rule the policy has
         (:meth:`_fused_rule`), every head in its arm's shared group, no shared
-        component, ``exploration="model"``, and no cold candidate among warm ones (the
-        cold-start share). The same validation, draws and results as the numpy path."""
+        component, ``exploration="model"``, at most ``FUSED_BATCH`` contexts, and no cold
+        candidate among warm ones (the cold-start share). The same validation, draws
+        and results as the numpy path."""
         rule = self._fused_rule()
         cfg, stats = self.config, self._stats
         if (rule is None or cfg.shared_ridge is not None or cfg.exploration == "mean"
-                or not stats._all_grouped()):
+                or not stats._all_grouped()
+                or (type(x) is np.ndarray and x.ndim == 2 and x.shape[0] > FUSED_BATCH)):
             return None
         xb = self._features(x)
+        if xb.shape[0] > FUSED_BATCH:
+            return None  # a batch: the stacked path (one GEMM, float32 widths) is faster
         w = (preferences or Preferences()).validated().head_weights()
         names = check_names(candidates, self._names, index=self._index)
         if len(names) == len(self._names) and names == self._names:
