@@ -26,7 +26,8 @@ import numpy as np
 from numba import njit
 
 __all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width",
-           "add_quadratic_forms", "update_grouped", "thompson_propensities"]
+           "add_quadratic_forms", "update_grouped", "thompson_propensities",
+           "decide_rows", "RULE_UCB", "RULE_THOMPSON", "PHI_TABLE"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
 # infinity) would change what the numpy reference does with them.
@@ -388,3 +389,107 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
                 break
             total += prod[q]
         out[r] = total / nodes
+
+
+# Rules of the main branch :func:`decide_rows` computes (the policies' ``_score``).
+RULE_UCB = 0  # LinUCB: min(u + alpha * std, max(ceiling, u))
+RULE_THOMPSON = 1  # LinearThompson: u + scale * std * noise
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
+                inv: np.ndarray, q_inv: np.ndarray, selecting: bool, arms: np.ndarray,
+                level: float, estimate: np.ndarray, factor: np.ndarray, bounded: bool,
+                rule: int, param: float, noise: np.ndarray, forced: np.ndarray,
+                epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
+                want_propensity: bool, phi: np.ndarray, dphi: np.ndarray,
+                means: np.ndarray, table: np.ndarray, choices: np.ndarray,
+                propensity: np.ndarray, explored: np.ndarray) -> None:
+    """A whole decide of the contexts xb (n, D) over the candidates ``arms`` (m,) in one
+    call, when no candidate is cold among warm ones and every head shares its arm's
+    inverse: the numpy path of ``Policy.decide_batch`` from the predictions to the
+    propensities, the same operations in the same order (sums reassociated).
+
+    Per row and candidate: head means (``level`` added to quality), utility, its std
+    (``w_h^2 sigma2_h`` per head over the shared inverse ``inv``, the quality head over
+    its selected candidate's ``q_inv`` when ``selecting``; the cost head's term left out
+    when ``estimate`` (n, m) is not empty: the predicted cost is then the estimate times
+    ``factor`` (K,)), the quality ceiling (+inf unless ``bounded``), the main branch's
+    score (``rule``, ``param``: alpha or scale; Thompson's standard normal ``noise``
+    (n, m) drawn by the caller), the choice (``forced[r]`` >= 0: the caller's uniform
+    draw, else the score's argmax), whether it differs from the utility's argmax, and
+    ``epsilon / m + (1 - epsilon) * p_main`` (NaN unless ``want_propensity``).
+
+    Outputs: ``means`` (n, m, H) in head units; ``table`` (n, m, 6) per candidate
+    quality, cost, latency in ms, utility, std and score (``Prediction``'s fields);
+    ``choices``, ``propensity``, ``explored`` (n,).
+    """
+    n = xb.shape[0]
+    m = arms.shape[0]
+    heads = theta.shape[1]
+    first = 1 if selecting else 0
+    priced = estimate.shape[0] > 0
+    for r in range(n):
+        x = xb[r]
+        best_u, best_s = 0, 0
+        for j in range(m):
+            k = arms[j]
+            u = 0.0
+            scale = 0.0
+            for h in range(heads):
+                acc = 0.0
+                for i in range(x.shape[0]):
+                    acc += theta[k, h, i] * x[i]
+                if h == 0:
+                    acc += level
+                elif h == 1 and priced:
+                    acc = estimate[r, j] * factor[k]
+                means[r, j, h] = acc
+                table[r, j, h] = acc * 1e3 if h == 2 else acc
+                u += acc * w[h]
+                if h >= first and not (h == 1 and priced):
+                    scale += w[h] * w[h] * sigma2[k, h]
+            table[r, j, 3] = u
+            var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
+            c0 = w[0] * w[0] * sigma2[k, 0]
+            if selecting and c0 != 0.0:
+                var += c0 * _quadratic(q_inv[k], x)
+            sd = math.sqrt(var) if var > 0.0 else 0.0
+            table[r, j, 4] = sd
+            if rule == RULE_UCB:
+                gap = 1.0 - means[r, j, 0]
+                ceiling = u + w[0] * (0.0 if gap < 0.0 else gap) if bounded else np.inf
+                top = u + param * sd
+                cap = ceiling if ceiling > u else u
+                sc = top if top < cap else cap
+            else:
+                sc = u + param * sd * noise[r, j]
+            table[r, j, 5] = sc
+            if sc > table[r, best_s, 5]:
+                best_s = j
+            if u > table[r, best_u, 3]:
+                best_u = j
+        c = forced[r] if forced[r] >= 0 else best_s
+        choices[r] = c
+        explored[r] = c != best_u
+        if not want_propensity:
+            propensity[r] = np.nan
+            continue
+        if rule == RULE_UCB:
+            p_main = 1.0 if c == best_s else 0.0
+        else:
+            s = np.empty((1, m))
+            for j in range(m):
+                s[0, j] = param * table[r, j, 4]
+            one = np.empty(1)
+            ur = np.empty((1, m))
+            for j in range(m):
+                ur[0, j] = table[r, j, 3]
+            _thompson_propensities(ur, s, choices[r:r + 1], quantiles,
+                                   prune_sigmas, phi, dphi, one)
+            p_main = one[0]
+        propensity[r] = epsilon / m + (1.0 - epsilon) * p_main
+
+
+#: The normal CDF table :func:`decide_rows` takes (``phi``, ``dphi``).
+PHI_TABLE = (_PHI, _DPHI)

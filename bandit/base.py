@@ -27,9 +27,10 @@ from typing import ClassVar, NamedTuple
 
 import numpy as np
 
+from bandit import _policy_kernel as _kernel
 from bandit._policy_kernel import copy_bounded, quality_ceiling
 from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
-from bandit.stats import ArmStatistics, prior_sigma
+from bandit.stats import FUSED_BATCH, ArmStatistics, prior_sigma
 
 __all__ = [
     "OBJECTIVES",
@@ -82,6 +83,10 @@ _OUTCOME_KEYS = {
 # Upper bound of each head's outcome, in the units of the wire (latency in ms).
 _OUTCOME_HIGH = (1.0, MAX_COST_USD, MAX_LATENCY_MS)
 _F64 = np.dtype(np.float64)
+_NO_ROWS = np.zeros((0, 0))  # no cost estimate, or no noise, for the fused decide
+_NO_FACTOR = np.zeros(0)
+_FREE = np.full(1, -1, dtype=np.intp)  # one row, no uniform draw
+_FREE.setflags(write=False)
 
 
 def check_finite_number(name: str, value: object, *, low: float | None = None,
@@ -367,6 +372,11 @@ class BatchDecision:
     uncertainty: np.ndarray
     scores: np.ndarray
     explored: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    #: (n, K, 6) the same predictions in :class:`Prediction`'s order and units (latency
+    #: in ms), when the decide computed them in one piece (the compiled decide):
+    #: ``utility``, ``uncertainty`` and ``scores`` are then its columns 3-5. None: built
+    #: from the arrays above.
+    table: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.choices.shape[0])
@@ -423,6 +433,12 @@ class BatchDecision:
         """One row as a :class:`Decision`."""
         # tolist() converts a column in one C call; the tuples go straight into
         # Prediction (a named tuple) without a Python loop per arm.
+        if self.table is not None:
+            rows = self.table[row].tolist()
+            predictions = dict(zip(self.arms, map(_make_prediction, rows), strict=True))
+            explored = bool(self.explored[row])
+            return Decision(self.arms[int(self.choices[row])],
+                            float(self.propensities[row]), predictions, explored, policy)
         m = self.means[row]
         rows = zip(m[:, 0].tolist(), m[:, 1].tolist(), (m[:, 2] * 1e3).tolist(),
                    self.utility[row].tolist(), self.uncertainty[row].tolist(),
@@ -833,6 +849,8 @@ class Policy(abc.ABC):
         self._shared: tuple[int, np.ndarray] | None = None
         # (version, statistics, (K,) price correction): likewise.
         self._factor: tuple[int, ArmStatistics, np.ndarray] | None = None
+        self._all_arms = np.zeros(0, dtype=np.intp)  # see _arm_range
+        self._cold: tuple[int, object, np.ndarray, int] = (-1, None, _FREE, 0)
 
     # ------------------------------------------------------------------ arms
     @property
@@ -952,6 +970,11 @@ class Policy(abc.ABC):
         (Thompson sampling), for replays that do not need them. ``cost_estimate`` as
         for :meth:`decide`, or an (n, K) array (row per context, column per candidate).
         """
+        if explore and self._stats.compiled:
+            fused = self._decide_fused(x, preferences, candidates, propensities,
+                                       cost_estimate)
+            if fused is not None:
+                return fused
         a = self._assess(x, preferences, candidates, explore, cost_estimate)
         n, k = a.utility.shape
         if not explore:
@@ -985,6 +1008,90 @@ class Policy(abc.ABC):
             scores = np.where(np.isfinite(scores), scores, a.utility)
         return BatchDecision(a.names, choices, prop, a.means, a.utility, a.std, scores,
                              explored)
+
+    def _fused_rule(self) -> tuple[int, float, np.ndarray, float] | None:
+        """The main branch as the compiled decide computes it (``_policy_kernel.RULE_*``,
+        its parameter, Thompson's quadrature nodes and pruning), or None: the numpy path. A subclass
+        whose ``_score`` or ``_main_propensity`` differs from its rule's returns None."""
+        return None
+
+    def _decide_fused(self, x: object, preferences: Preferences | None,
+                      candidates: Sequence[str] | None, propensities: bool,
+                      cost_estimate: object) -> BatchDecision | None:
+        """:meth:`decide_batch` with exploration in one compiled call
+        (``_policy_kernel.decide_rows``), or None when the case is not the kernel's
+        (then nothing was drawn from the random stream): a rule the policy has
+        (:meth:`_fused_rule`), every head in its arm's shared group, no shared
+        component, ``exploration="model"``, at most ``FUSED_BATCH`` contexts, and no cold
+        candidate among warm ones (the cold-start share). The same validation, draws
+        and results as the numpy path."""
+        rule = self._fused_rule()
+        cfg, stats = self.config, self._stats
+        if (rule is None or cfg.shared_ridge is not None or cfg.exploration == "mean"
+                or not stats._all_grouped()
+                or (type(x) is np.ndarray and x.ndim == 2 and x.shape[0] > FUSED_BATCH)):
+            return None
+        xb = self._features(x)
+        if xb.shape[0] > FUSED_BATCH:
+            return None  # a batch: the stacked path (one GEMM, float32 widths) is faster
+        w = (preferences or Preferences()).validated().head_weights()
+        names = check_names(candidates, self._names, index=self._index)
+        if len(names) == len(self._names) and names == self._names:
+            arms = self._arm_range()
+        else:
+            arms = np.fromiter((self._index[n] for n in names), dtype=np.intp,
+                               count=len(names))
+        n, m = xb.shape[0], len(names)
+        cold, n_cold = self._cold_arms()
+        if n_cold and arms is not self._all_arms:
+            n_cold = int(np.count_nonzero(cold[arms]))
+        if 0 < n_cold < m:
+            return None
+        estimate, factor = _NO_ROWS, _NO_FACTOR
+        if cost_estimate is not None:
+            estimate = _cost_estimates(cost_estimate, names, n)
+            factor = self._cost_factor()
+        kind, param, quantiles, prune = rule
+        # The draws of the numpy path, in its order: Thompson's noise, then epsilon's.
+        noise = (self._rng.standard_normal((n, m)) if kind == _kernel.RULE_THOMPSON
+                 else _NO_ROWS)
+        forced = _FREE if n == 1 else np.full(n, -1, dtype=np.intp)
+        eps = cfg.epsilon
+        if eps > 0 and n == 1:
+            if self._rng.random() < eps:
+                forced = np.array([self._rng.integers(0, m)], dtype=np.intp)
+        elif eps > 0:
+            uniform = self._rng.random(n) < eps
+            if uniform.any():
+                forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
+        inv, q_inv = stats.width_inverses()
+        means, table = np.empty((n, m, 3)), np.empty((n, m, 6))
+        choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
+        explored = np.empty(n, dtype=bool)
+        _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, stats.selecting,
+                            arms, self._level, estimate, factor, cfg.bounded_optimism,
+                            kind, param, noise, forced, eps, quantiles, prune,
+                            propensities, *_kernel.PHI_TABLE, means, table, choices, prop,
+                            explored)
+        return BatchDecision(names, choices, prop, means, table[:, :, 3], table[:, :, 4],
+                             table[:, :, 5], explored, table)
+
+    def _cold_arms(self) -> tuple[np.ndarray, int]:
+        """Which arms (K,) have fewer than ``cold_start_pulls`` quality observations, and
+        how many, kept until the next change."""
+        cached = self._cold
+        if cached[0] != self.version or cached[1] is not self._stats:
+            cold = self._stats.count[:, 0] < self.config.cold_start_pulls
+            cached = self._cold = (self.version, self._stats, cold,
+                                   int(np.count_nonzero(cold)))
+        return cached[2], cached[3]
+
+    def _arm_range(self) -> np.ndarray:
+        """0..K-1 (intp), kept while the arms stay."""
+        cached = self._all_arms
+        if cached.shape[0] != len(self._names):
+            cached = self._all_arms = np.arange(len(self._names), dtype=np.intp)
+        return cached
 
     def probabilities(self, x: object, preferences: Preferences | None = None,
                       candidates: Sequence[str] | None = None, *,

@@ -6,9 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bandit._policy_kernel import RULE_UCB
 from bandit.base import Policy, PolicyConfig, check_finite_number
 
 __all__ = ["LinUCB", "LinUCBConfig"]
+
+_NO_NODES = np.zeros(0)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,12 @@ class LinUCB(Policy):
 
     def __init__(self, dim: int, alpha: float = 0.3, **params: object) -> None:
         super().__init__(dim, alpha=alpha, **params)
+
+    def _fused_rule(self) -> tuple[int, float, np.ndarray, float] | None:
+        cls = type(self)
+        if cls._score is LinUCB._score and cls._main_propensity is LinUCB._main_propensity:
+            return RULE_UCB, float(self.config.alpha), _NO_NODES, 0.0
+        return None
 
     def _score(self, utility: np.ndarray, std: np.ndarray,
                ceiling: np.ndarray) -> np.ndarray:

@@ -589,6 +589,15 @@ class ArmStatistics:
         return cached[1]
 
     # ------------------------------------------------------------ prediction
+    def width_inverses(self) -> tuple[np.ndarray, np.ndarray]:
+        """The shared inverses (K, D, D) and the quality head's selected ones that the
+        compiled kernels read for the exploration width: their float32 copies from
+        ``FLOAT32_INVERSE_DIM`` features on (q_inv's only when selecting)."""
+        if self.n_features < FLOAT32_INVERSE_DIM:
+            return self.s_inv, self.q_inv
+        return self._copy32("s_inv"), (self._copy32("q_inv") if self.selecting
+                                       else self.q_inv)
+
     def predict(self, xb: np.ndarray, arms: np.ndarray | None, c: np.ndarray | None,
                 w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Head means (n,K,H), utility (n,K) and utility std (n,K) for contexts xb (n,D).
@@ -606,11 +615,8 @@ class ArmStatistics:
             # The usual case of a few contexts (one decide, or the service's decides
             # gathered in one event-loop turn) in one compiled call: means, utility, std.
             means, utility, std = np.empty((n, k, h)), np.empty((n, k)), np.empty((n, k))
-            _kernel.predict_width(
-                self.theta, xb, w, c,
-                self._copy32("s_inv") if d >= FLOAT32_INVERSE_DIM else self.s_inv,
-                self._copy32("q_inv") if d >= FLOAT32_INVERSE_DIM and self.selecting
-                else self.q_inv, self.selecting, means, utility, std)
+            _kernel.predict_width(self.theta, xb, w, c, *self.width_inverses(),
+                                  self.selecting, means, utility, std)
             if arms is not None:
                 means, utility, std = means[:, arms], utility[:, arms], std[:, arms]
             return means, utility, std

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import ndtr, ndtri
 
-from bandit._policy_kernel import thompson_propensities
+from bandit._policy_kernel import RULE_THOMPSON, thompson_propensities
 from bandit.base import Policy, PolicyConfig, check_finite_number
 from bandit.errors import InvalidInputError
 
@@ -84,6 +84,13 @@ class LinearThompson(Policy):
         # must not shift the policy's choices (same seed -> same decisions either way).
         seed = self.config.seed
         self._mc_rng = np.random.default_rng(None if seed is None else [seed, 1])
+
+    def _fused_rule(self) -> tuple[int, float, np.ndarray, float] | None:
+        cls = type(self)
+        if (self.config.propensity_samples == 0 and cls._score is LinearThompson._score
+                and cls._main_propensity is LinearThompson._main_propensity):
+            return RULE_THOMPSON, float(self.config.scale), self._quantiles, _PRUNE_SIGMAS
+        return None
 
     def _score(self, utility: np.ndarray, std: np.ndarray,
                ceiling: np.ndarray) -> np.ndarray:
