@@ -495,6 +495,7 @@ class Learner:
             ensure_topics(self.config)
         self._conn = _connect(self.database_url)
         self._check_stored_statistics()
+        self._warm_up()
         self.producer = KafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
                                       linger_ms=5, client_id=f"{self.client_id}-dlq")
         self.consumer = KafkaConsumer(
@@ -524,6 +525,20 @@ class Learner:
             check_stored(Policy.from_bytes(bytes(row[2])), self.config.dim,
                          self.config.half_life_hours, where)
             check_featurizer(row[3], self.config.featurizer, where)
+
+    def _warm_up(self) -> None:
+        """One throwaway statistics update before joining the group: the compiled
+        kernels (numba, loaded from its cache or compiled) and the lazy imports of the
+        update path are ready before the first batch (they took ~0.5 s of it, py-spy,
+        issue 17), so a learner that takes over partitions does not stall them."""
+        stats = new_statistics(self.config.dim, self.config.half_life_hours,
+                               self.config.tag_dims)
+        stats.add_arm("warm-up")
+        x = np.zeros((2, self.config.dim))
+        stats.update_batch(["warm-up"] * 2, x, np.array([[0.5, 0.001, 100.0]] * 2),
+                           times=None if self.config.half_life_hours is None
+                           else np.zeros(2), cost_estimates=np.full(2, 0.001))
+        stats.to_bytes(derived=False)
 
     def stop(self) -> None:
         """Ask the loop to stop after the current batch (safe from a signal handler)."""
