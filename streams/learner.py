@@ -529,7 +529,7 @@ class Learner:
     def _warm_up(self) -> None:
         """One throwaway statistics update before joining the group: the compiled
         kernels (numba, loaded from its cache or compiled) and the lazy imports of the
-        update path are ready before the first batch (they took ~0.5 s of it, py-spy,
+        update path are ready before the first batch (0.2-0.4 s of it, measured alone;
         issue 17), so a learner that takes over partitions does not stall them."""
         stats = new_statistics(self.config.dim, self.config.half_life_hours,
                                self.config.tag_dims)

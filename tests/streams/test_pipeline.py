@@ -40,15 +40,21 @@ from tests.streams.test_learner import Running, start_learner  # noqa: F401 - fi
 pytestmark = pytest.mark.integration
 
 
+def _first_events(url: str, bootstrap: str, topic: str, n: int) -> tuple:
+    """A world with ``n`` decisions and one feedback event each, sent to ``topic``."""
+    world = World(url, seed=int(time.time()))
+    world.add_tenants(2)
+    first = [world.feedback(d) for d in world.add_decisions(n)]
+    prod, ends = producer(bootstrap), Ends()
+    send_events(prod, topic, first, ends)
+    return world, first, prod, ends
+
+
 def test_repeats_of_committed_batches_applied_once(
         db: str, kafka_bootstrap: str, make_topic: Callable[..., str],  # noqa: F811
         unique_group_id: str, start_learner: Callable[..., Running]) -> None:  # noqa: F811
-    world = World(db, seed=int(time.time()))
-    world.add_tenants(2)
     topic = make_topic(partitions=1)
-    first = [world.feedback(d) for d in world.add_decisions(120)]
-    prod, ends = producer(kafka_bootstrap), Ends()
-    send_events(prod, topic, first, ends)
+    world, first, prod, ends = _first_events(db, kafka_bootstrap, topic, 120)
     earlier = start_learner(topic, unique_group_id, max_poll_records=15)
     wait_caught_up(world.url, unique_group_id, topic, ends)
     # Then, with no learner running, a backlog of new events with a repeat of a first,
@@ -86,12 +92,8 @@ def _writer_waiting(url: str) -> bool:
 def test_kill_9_inside_the_write_with_next_batch_prepared(
         db: str, kafka_bootstrap: str, make_topic: Callable[..., str],  # noqa: F811
         unique_group_id: str, tmp_path: Path) -> None:
-    world = World(db, seed=int(time.time()))
-    world.add_tenants(2)
     topic = make_topic(partitions=1)
-    first = [world.feedback(d) for d in world.add_decisions(60)]
-    prod, ends = producer(kafka_bootstrap), Ends()
-    send_events(prod, topic, first, ends)
+    world, first, prod, ends = _first_events(db, kafka_bootstrap, topic, 60)
     log = tmp_path / "learner.log"
     proc = _spawn(db, kafka_bootstrap, topic, unique_group_id, log)
     try:
