@@ -384,17 +384,21 @@ def paired_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
     """One learner run with ``without`` then with ``with_`` (keyword arguments of
     :func:`throughput`: one of the learner's writes, or forgetting), alternating on the
     same machine: the cost, as a ratio of the medians (the machine's load, which swings
-    absolute rates, cancels)."""
+    absolute rates, cancels). The order flips every round (without, with, with,
+    without, ...): a host that slows down over the run favours neither side."""
     rows = []
-    for _ in range(rounds):
-        for name, settings in (("without", without), ("with", with_)):
+    sides = {"without": [], "with": []}
+    for round_ in range(rounds):
+        order = (("without", without), ("with", with_))
+        for name, settings in order if round_ % 2 == 0 else order[::-1]:
             url = make_database(args.database_url)
             try:
                 row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
                                  args.max_poll_records, rng, log_dir, **settings)
             finally:
                 drop_database(args.database_url, url)
-            rows.append(row)
+            rows.append({**row, "side": name})
+            sides[name].append(row)
             bare = row["bare_consumer"]
             print(f"{label} {name:7}: {row['events_per_s']:>10,.0f} events/s "
                   f"(feedback rows {row['feedback_rows_total']:,}; CPU us/event: learner "
@@ -403,21 +407,18 @@ def paired_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
                   + ("" if bare is None else f"; bare consumer {bare['events_per_s']:,.0f} "
                      f"events/s ({bare['cpu_us_per_event']} us/event), learner/bare "
                      f"{row['events_per_s'] / bare['events_per_s']:.3f}"), flush=True)
-    # rows alternate: without, with, without, with, ...
-    rate = {name: float(np.median([r["events_per_s"] for r in rows[i::2]]))
-            for i, name in enumerate(("without", "with"))}
+    rate = {name: float(np.median([r["events_per_s"] for r in runs]))
+            for name, runs in sides.items()}
     ratio = rate["with"] / rate["without"]
-    pairs = [b["events_per_s"] / a["events_per_s"] for a, b in zip(rows[::2], rows[1::2],
-                                                                 strict=True)]
+    pairs = [b["events_per_s"] / a["events_per_s"]
+             for a, b in zip(sides["without"], sides["with"], strict=True)]
     print(f"median events/s: without {rate['without']:,.0f}, with {rate['with']:,.0f}: "
           f"ratio {ratio:.2f} (per pair {', '.join(f'{r:.2f}' for r in pairs)}; "
           f"load average {os.getloadavg()[0]:.1f})")
     to_bare = {name: [r["events_per_s"] / r["bare_consumer"]["events_per_s"]
-                      for r in rows[i::2] if r["bare_consumer"]]
-               for i, name in enumerate(("without", "with"))}
-    cpu = {name: {k: float(np.median([r["cpu_us_per_event"][k] for r in rows[i::2]]))
-                  for k in ("learners", "postgres")}
-           for i, name in enumerate(("without", "with"))}
+                      for r in runs if r["bare_consumer"]] for name, runs in sides.items()}
+    cpu = {name: {k: float(np.median([r["cpu_us_per_event"][k] for r in runs]))
+                  for k in ("learners", "postgres")} for name, runs in sides.items()}
     if to_bare["with"]:
         print("median learner/bare consumer: " + ", ".join(
             f"{name} {np.median(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})"
