@@ -384,35 +384,58 @@ def paired_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
     """One learner run with ``without`` then with ``with_`` (keyword arguments of
     :func:`throughput`: one of the learner's writes, or forgetting), alternating on the
     same machine: the cost, as a ratio of the medians (the machine's load, which swings
-    absolute rates, cancels)."""
+    absolute rates, cancels). The order flips every round (without, with, with,
+    without, ...): a host that slows down over the run favours neither side."""
     rows = []
-    for _ in range(rounds):
-        for name, settings in (("without", without), ("with", with_)):
+    sides = {"without": [], "with": []}
+    for round_ in range(rounds):
+        order = (("without", without), ("with", with_))
+        for name, settings in order if round_ % 2 == 0 else order[::-1]:
             url = make_database(args.database_url)
             try:
                 row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
                                  args.max_poll_records, rng, log_dir, **settings)
             finally:
                 drop_database(args.database_url, url)
-            rows.append(row)
+            rows.append({**row, "side": name})
+            sides[name].append(row)
+            bare = row["bare_consumer"]
             print(f"{label} {name:7}: {row['events_per_s']:>10,.0f} events/s "
-                  f"(feedback rows {row['feedback_rows_total']:,})", flush=True)
-    # rows alternate: without, with, without, with, ...
-    rate = {name: float(np.median([r["events_per_s"] for r in rows[i::2]]))
-            for i, name in enumerate(("without", "with"))}
+                  f"(feedback rows {row['feedback_rows_total']:,}; CPU us/event: learner "
+                  f"{row['cpu_us_per_event']['learners']}, its PostgreSQL "
+                  f"{row['cpu_us_per_event']['postgres']})"
+                  + ("" if bare is None else f"; bare consumer {bare['events_per_s']:,.0f} "
+                     f"events/s ({bare['cpu_us_per_event']} us/event), learner/bare "
+                     f"{row['events_per_s'] / bare['events_per_s']:.3f}"), flush=True)
+    rate = {name: float(np.median([r["events_per_s"] for r in runs]))
+            for name, runs in sides.items()}
     ratio = rate["with"] / rate["without"]
-    pairs = [b["events_per_s"] / a["events_per_s"] for a, b in zip(rows[::2], rows[1::2],
-                                                                 strict=True)]
+    pairs = [b["events_per_s"] / a["events_per_s"]
+             for a, b in zip(sides["without"], sides["with"], strict=True)]
     print(f"median events/s: without {rate['without']:,.0f}, with {rate['with']:,.0f}: "
           f"ratio {ratio:.2f} (per pair {', '.join(f'{r:.2f}' for r in pairs)}; "
           f"load average {os.getloadavg()[0]:.1f})")
+    to_bare = {name: [r["events_per_s"] / r["bare_consumer"]["events_per_s"]
+                      for r in runs if r["bare_consumer"]] for name, runs in sides.items()}
+    cpu = {name: {k: float(np.median([r["cpu_us_per_event"][k] for r in runs]))
+                  for k in ("learners", "postgres")} for name, runs in sides.items()}
+    if to_bare["with"]:
+        print("median learner/bare consumer: " + ", ".join(
+            f"{name} {np.median(v):.3f} ({', '.join(f'{x:.3f}' for x in v)})"
+            for name, v in to_bare.items()))
+    print("median CPU us/event (learner, its PostgreSQL): " + ", ".join(
+        f"{name} {c['learners']:.1f}, {c['postgres']:.1f}" for name, c in cpu.items()))
     if not args.quick:
         out = RESULT.with_name(result)
         out.write_text(json.dumps({
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "flag": label,
             "load_average": os.getloadavg(), "events": args.events, "runs": rows,
             "median_events_per_s": rate, "ratio_with_to_without": round(ratio, 3),
-            "pair_ratios": [round(r, 3) for r in pairs]}, indent=2) + "\n")
+            "pair_ratios": [round(r, 3) for r in pairs],
+            "median_to_bare": {k: round(float(np.median(v)), 3) if v else None
+                               for k, v in to_bare.items()},
+            "to_bare": {k: [round(x, 3) for x in v] for k, v in to_bare.items()},
+            "median_cpu_us_per_event": cpu}, indent=2) + "\n")
         print(f"wrote {out.relative_to(ROOT)}")
 
 
@@ -449,7 +472,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only compare one learner run from another source tree DIR "
                         "(e.g. an older commit: `git worktree add DIR COMMIT`) with one "
                         "of this tree, ROUNDS alternating pairs (without = DIR, with = "
-                        "this tree); writes learner_against.json")
+                        "this tree), each after its own bare consumer; writes "
+                        "learner_against.json (or --out)")
+    parser.add_argument("--out", default=None, metavar="NAME",
+                        help="file name in benchmarks/results/ for --against-tree")
     args = parser.parse_args(argv)
     if not args.database_url or not args.bootstrap:
         parser.error("set BANDIT_TEST_DATABASE_URL and BANDIT_TEST_KAFKA_BOOTSTRAP (see "
@@ -467,7 +493,8 @@ def main(argv: list[str] | None = None) -> None:
     week = {"spread_h": 168.0}
     other = [] if args.against_tree is None else [
         (f"this tree vs {args.against_tree[0]}", int(args.against_tree[1]),
-         "learner_against.json", {"root": Path(args.against_tree[0]).resolve()}, {})]
+         args.out or "learner_against.json",
+         {"root": Path(args.against_tree[0]).resolve(), "bare": True}, {"bare": True})]
     for label, rounds, result, without, with_ in (*other,
             ("reconcile_spend", args.reconcile_ratio, "learner_reconcile.json",
              {"reconcile_spend": False}, {"reconcile_spend": True}),

@@ -8,22 +8,31 @@ Per poll batch:
    pending (decision not written yet, retried until ``pending_timeout_s`` after the
    record's timestamp);
 4. produce the dead letters and wait for their acknowledgement;
-5. for each partition, ONE PostgreSQL transaction: lock the partition's row and check
-   its version (fencing a zombie owner), record the events as applied by the group
-   with ``ON CONFLICT DO NOTHING RETURNING`` (a repeat is skipped): their ``feedback``
-   rows (the history ``GET /v1/decisions/{id}`` shows), which name the group and are
-   its key, or ``learner_applied`` keys when rows are off or another group wrote the row
-   first; apply the new ones to the partition's statistics (``update_batch``), upsert
-   the statistics, store the next offset, bump the version and ``NOTIFY``;
+5. for each partition, apply the events to its in-memory statistics (``update_batch``,
+   each (decision_id, event_id) once, repeats of the previous write dropped) and
+   serialize the changed keys; then ONE PostgreSQL transaction: lock the partition's row
+   and check its version (fencing a zombie owner), record the events as applied by the
+   group with ``ON CONFLICT DO NOTHING RETURNING`` (a repeat is skipped): their
+   ``feedback`` rows (the history ``GET /v1/decisions/{id}`` shows), which name the
+   group and are its key, or ``learner_applied`` keys when rows are off or another
+   group wrote the row first; upsert the statistics, store the next offset, bump the
+   version and ``NOTIFY``. When the database finds a repeat the loop could not see (an
+   event applied in an earlier batch), the transaction reads the statistics back (the
+   row lock holds them at the previous batch), applies only the fresh events to them
+   and writes those; the loop takes them over;
 6. commit the Kafka offsets (for lag monitoring only: the database offset is the truth).
 
-Pipelining: step 5 of a batch runs in a writer thread, on its own connection, while the
-loop polls and prepares (steps 1-4) the next batch: the database's work and the
-learner's overlap. The loop waits for it before it hands over the next batch, so the
-partitions' transactions stay in order; the offset each one stores is fixed when its
-batch is prepared; a partition is never revoked while its write is in flight; a
-partition the writer could not write is reloaded by the loop (a fresh state object: the
-prepared next batch's part of it is dropped and re-read).
+Pipelining: the transactions of step 5 run in a writer thread, on its own connection,
+while the loop polls and prepares (steps 1-4 and the statistics of step 5) the next
+batch: the database's work and the learner's overlap, and the writer holds the GIL only
+to build the statements' arrays. The loop waits for it before it hands over the next
+batch, so the partitions' transactions stay in order; the offset and the statistics
+each one stores are fixed when its batch is prepared, and written in one transaction,
+so a kill at any point leaves the stored offset and statistics of the same batch; a
+partition is never revoked while its write is in flight; a partition the writer could
+not write is reloaded by the loop (a fresh state object: the prepared next batch's part
+of it is dropped and re-read); one whose statistics the writer corrected has the
+prepared next batch applied to them again.
 
 The stored offset never passes a pending event: it is the smallest pending offset, so
 a crash re-reads from there, and the events after it that were applied are skipped by
@@ -156,6 +165,10 @@ class _Partition:
     stats: dict[str, Policy]
     next_offset: int = -1  # the offset after the last record taken from a poll
     pending: list[_Pending] = field(default_factory=list)
+    #: (decision_id, event_id) of the events the last prepared write carries: the next
+    #: batch drops their repeats before applying (that write may not have committed yet,
+    #: so the database cannot tell; once it commits every one of them is applied).
+    recent: set[tuple[str, str]] = field(default_factory=set)
 
     def offset_to_store(self) -> int:
         if self.pending:
@@ -219,19 +232,30 @@ class _Checked(NamedTuple):
 
 
 class _Write(NamedTuple):
-    """One partition's part of step 5."""
+    """One partition's part of step 5, prepared by the loop: the events (each once, and
+    not a repeat of the previous write), the statistics they were applied to and the
+    offset, both fixed when the batch was prepared."""
 
     state: _Partition
     items: list[_Apply]
-    offset: int  # the offset to store, fixed when the batch was prepared
+    offset: int
+    #: The partition's statistics blobs (key, sums) after the batch, for the keys it
+    #: changed, assuming every item is fresh (the writer checks that in its transaction).
+    blobs: list[tuple[str, bytes]]
+    #: Repeats dropped before the write (inside the batch, or of the previous write).
+    repeats: int = 0
 
 
 @dataclass
 class _Written:
-    """What the writer thread hands back: partitions to reload, the error to raise."""
+    """What the writer thread hands back: partitions to reload, the error to raise, and
+    the statistics of partitions whose batch held repeats the loop could not see (the
+    writer applied only the fresh events, to the statistics it read back in the
+    transaction; the loop takes them over)."""
 
     reload: list[TopicPartition] = field(default_factory=list)
     error: Exception | None = None
+    corrected: list[tuple[_Partition, dict[str, Policy]]] = field(default_factory=list)
 
 
 @dataclass
@@ -471,6 +495,7 @@ class Learner:
             ensure_topics(self.config)
         self._conn = _connect(self.database_url)
         self._check_stored_statistics()
+        self._warm_up()
         self.producer = KafkaProducer(bootstrap_servers=self.config.bootstrap, acks="all",
                                       linger_ms=5, client_id=f"{self.client_id}-dlq")
         self.consumer = KafkaConsumer(
@@ -500,6 +525,20 @@ class Learner:
             check_stored(Policy.from_bytes(bytes(row[2])), self.config.dim,
                          self.config.half_life_hours, where)
             check_featurizer(row[3], self.config.featurizer, where)
+
+    def _warm_up(self) -> None:
+        """One throwaway statistics update before joining the group: the compiled
+        kernels (numba, loaded from its cache or compiled) and the lazy imports of the
+        update path are ready before the first batch (0.2-0.4 s of it, measured alone;
+        issue 17), so a learner that takes over partitions does not stall them."""
+        stats = new_statistics(self.config.dim, self.config.half_life_hours,
+                               self.config.tag_dims)
+        stats.add_arm("warm-up")
+        x = np.zeros((2, self.config.dim))
+        stats.update_batch(["warm-up"] * 2, x, np.array([[0.5, 0.001, 100.0]] * 2),
+                           times=None if self.config.half_life_hours is None
+                           else np.zeros(2), cost_estimates=np.full(2, 0.001))
+        stats.to_bytes(derived=False)
 
     def stop(self) -> None:
         """Ask the loop to stop after the current batch (safe from a signal handler)."""
@@ -622,9 +661,17 @@ class Learner:
             offset, version = conn.execute(
                 "SELECT next_offset, version FROM learner_partitions"
                 " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchone()
-            blobs = conn.execute(
-                "SELECT key, data, featurizer FROM partition_statistics"
-                " WHERE group_id = %s AND topic = %s AND partition = %s", ident).fetchall()
+            stats = self._stored_statistics(conn, tp)
+        return _Partition(tp, int(version), int(offset), stats)
+
+    def _stored_statistics(self, conn: psycopg.Connection,
+                           tp: TopicPartition) -> dict[str, Policy]:
+        """The partition's statistics as stored, checked against this learner's
+        settings."""
+        blobs = conn.execute(
+            "SELECT key, data, featurizer FROM partition_statistics"
+            " WHERE group_id = %s AND topic = %s AND partition = %s",
+            (self.config.group_id, tp.topic, tp.partition)).fetchall()
         stats = {key: load_statistics(bytes(data), self.config.dim,
                                       self.config.half_life_hours,
                                       f"partition {tp.partition} ({key})",
@@ -634,7 +681,7 @@ class Learner:
         for key, _data, spec in blobs:
             check_featurizer(spec, self.config.featurizer,
                              f"partition {tp.partition} ({key})")
-        return _Partition(tp, int(version), int(offset), stats)
+        return stats
 
     def _db(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
@@ -653,22 +700,41 @@ class Learner:
         batch runs in the writer thread while the next batch is polled and prepared."""
         now = self.clock()
         batch = self._take(records, now)                          # 1: decode, pending
-        writes = self._prepare(batch, now) if batch.touched else []  # 2-4
-        self._finish_writes()                 # the previous batch's step 5, then its 6
+        writes = self._prepare(batch, now) if batch.touched else []  # 2-4, statistics
+        writes = self._finish_writes(writes)  # the previous batch's step 5, then its 6
         self._submit(writes)                                      # 5
         return batch.taken
 
     def _prepare(self, batch: _Batch, now: float) -> list[_Write]:
-        """Steps 2-4: join the decisions, classify, dead-letter; returns each touched
-        partition's write, its offset fixed now (the next batch moves the state)."""
+        """Steps 2-4: join the decisions, classify, dead-letter; then each touched
+        partition's write: its events applied to the in-memory statistics (the writer
+        only writes), the offset fixed now (the next batch moves the state)."""
         decisions = self._fetch_decisions(                        # 2
             {c.item.event.decision_id for c in batch.candidates})
         apply = self._classify(batch, decisions, now)             # 3
         self._send_dead_letters(batch.dead, now)                  # 4
         self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
-        return [_Write(state, apply.get(tp, []), state.offset_to_store())
-                for tp in sorted(batch.touched, key=lambda t: t.partition)
-                if (state := self.partitions.get(tp)) is not None]
+        writes = []
+        for tp in sorted(batch.touched, key=lambda t: t.partition):
+            state = self.partitions.get(tp)
+            if state is None:
+                continue
+            polled = apply.get(tp, [])
+            items = _first_of_repeats(polled)
+            if state.recent:
+                items = [it for it in items if (it.item.event.decision_id,
+                                                it.item.event.event_id) not in state.recent]
+            state.recent = {(it.item.event.decision_id, it.item.event.event_id)
+                            for it in items}
+            writes.append(_Write(state, items, state.offset_to_store(),
+                                 self._blobs(state.stats, items), len(polled) - len(items)))
+        return writes
+
+    def _blobs(self, stats: dict[str, Policy], items: list[_Apply]) -> list[tuple[str, bytes]]:
+        """Apply ``items`` to ``stats``; the changed keys' blobs (sums only: the readers
+        recompute inverses exactly, half the bytes)."""
+        return [(key, stats[key].to_bytes(derived=False))
+                for key in self._apply(stats, items)]
 
     def _submit(self, writes: list[_Write]) -> None:
         """Step 5: hand the writes that still matter to the writer thread (a partition
@@ -681,20 +747,32 @@ class Learner:
             self._inflight = self._writer.submit(self._write_partitions, writes)
             self.batches += 1
 
-    def _finish_writes(self, *, closing: bool = False) -> None:
+    def _finish_writes(self, prepared: list[_Write] | None = None, *,
+                       closing: bool = False) -> list[_Write]:
         """Wait for the batch in the writer thread; reload the partitions it could not
         write (another learner wrote them, or the database failed), raise its error, or
-        commit the Kafka offsets (step 6)."""
+        commit the Kafka offsets (step 6). A partition whose statistics the writer
+        corrected (repeats of events applied before) takes them over, and its
+        ``prepared`` write (the next batch) is applied to them again; returns the
+        prepared writes."""
+        prepared = prepared or []
         future, self._inflight = self._inflight, None
         if future is None:
-            return
+            return prepared
         done = future.result()
         if not closing:
+            for state, stats in done.corrected:
+                if self.partitions.get(state.tp) is not state:
+                    continue  # dropped or reloaded meanwhile: the database has them
+                state.stats = stats
+                prepared = [w._replace(blobs=self._blobs(stats, w.items))
+                            if w.state is state else w for w in prepared]
             for tp in done.reload:
                 self._reload(tp)
         if done.error is not None:
             raise done.error
         self._commit_kafka()
+        return prepared
 
     def _take(self, records: dict[TopicPartition, list[Any]], now: float) -> _Batch:
         """Step 1: decode the new records; the pending events join them as candidates."""
@@ -824,7 +902,9 @@ class Learner:
                 # One NOTIFY per batch, with its last transaction: the deciders then
                 # reload every partition of the batch at once instead of chasing them
                 # one by one (their version poll covers a batch that fails half-way).
-                self._write_partition(w.state, w.items, w.offset, notify=i == len(writes) - 1)
+                corrected = self._write_partition(w, notify=i == len(writes) - 1)
+                if corrected is not None:
+                    done.corrected.append((w.state, corrected))
             except _LostOwnership:
                 log.warning("partition %d was written by another learner: reloading it",
                             w.state.tp.partition)
@@ -837,44 +917,53 @@ class Learner:
                 break
         return done
 
-    def _write_partition(self, state: _Partition, items: list[_Apply], offset: int, *,
-                         notify: bool = True) -> None:
-        """One transaction: fence, dedupe, apply, store statistics + ``offset``, notify."""
+    def _write_partition(self, w: _Write, *,
+                         notify: bool = True) -> dict[str, Policy] | None:
+        """One transaction: fence, dedupe, store the statistics + the offset, notify.
+
+        The loop applied every event of the write to its statistics. When the database
+        says some were applied before (a repeat of an earlier batch: after a restart, a
+        re-sent event), the statistics are read back in the transaction (the partition's
+        row lock holds them at the previous batch), the fresh events applied to them and
+        those written; they are returned for the loop to take over. Otherwise None."""
+        state, items = w.state, w.items
         conn = self._wdb()
         ident = (self.config.group_id, state.tp.topic, state.tp.partition)
-        candidates = _first_of_repeats(items)
+        corrected = None
         with conn.transaction():
             found = conn.execute(
                 "SELECT version FROM learner_partitions WHERE group_id = %s"
                 " AND topic = %s AND partition = %s FOR UPDATE", ident).fetchone()
             if found is None or int(found[0]) != state.version:
                 raise _LostOwnership(state.tp)
-            applied = self._record_applied(conn, candidates)
+            applied = self._record_applied(conn, items)
             self._update_guards(conn, [it for it in applied if it.decision.guarded])
-            changed = self._apply(state, applied)
-            if changed:
+            blobs = w.blobs
+            if len(applied) < len(items):
+                corrected = self._stored_statistics(conn, state.tp)
+                blobs = self._blobs(corrected, applied)
+            if blobs:
                 conn.cursor().executemany(
                     "INSERT INTO partition_statistics (group_id, topic, partition, key,"
                     " data, featurizer) VALUES (%s, %s, %s, %s, %s, %s)"
                     " ON CONFLICT (group_id, topic, partition, key) DO UPDATE SET"
                     " data = EXCLUDED.data, featurizer = coalesce(EXCLUDED.featurizer,"
                     " partition_statistics.featurizer)",
-                    # Sums only: the readers recompute inverses exactly, half the bytes.
-                    [(*ident, key, state.stats[key].to_bytes(derived=False),
-                      self.config.featurizer) for key in changed])
+                    [(*ident, key, data, self.config.featurizer) for key, data in blobs])
             conn.execute(
                 "UPDATE learner_partitions SET next_offset = %s, version = version + 1,"
                 " updated_at = now() WHERE group_id = %s AND topic = %s"
-                " AND partition = %s", (offset, *ident))
+                " AND partition = %s", (w.offset, *ident))
             if notify:
                 conn.execute("SELECT pg_notify(%s, %s)",
                              (NOTIFY_CHANNEL, f"{state.tp.partition}:{state.version + 1}"))
         state.version += 1
-        state.stored_offset = offset
+        state.stored_offset = w.offset
         self.metrics.events.labels("applied").inc(len(applied))
-        n_dup = len(items) - len(applied)
+        n_dup = w.repeats + len(items) - len(applied)
         if n_dup:
             self.metrics.events.labels("duplicate").inc(n_dup)
+        return corrected
 
     def _reload(self, tp: TopicPartition) -> None:
         if tp in self.partitions:
@@ -999,8 +1088,8 @@ class Learner:
                 (self.config.group_id, self.config.retention_hours * 3600.0))
         return cur.rowcount
 
-    def _apply(self, state: _Partition, applied: list[_Apply]) -> list[str]:
-        """Add the events to the partition's statistics, one ``update_batch`` (one array
+    def _apply(self, stats: dict[str, Policy], applied: list[_Apply]) -> list[str]:
+        """Add the events to a partition's statistics, one ``update_batch`` (one array
         operation per arm) per statistics key; returns the keys changed."""
         if not applied:
             return []
@@ -1032,9 +1121,9 @@ class Learner:
             if extra is not None:
                 groups.setdefault(extra, []).append(i)  # type: ignore[union-attr]
         for key, rows in groups.items():
-            policy = state.stats.get(key)
+            policy = stats.get(key)
             if policy is None:
-                policy = state.stats[key] = new_statistics(dim, self.config.half_life_hours,
+                policy = stats[key] = new_statistics(dim, self.config.half_life_hours,
                                                            self.config.tag_dims)
             sub = arms if rows is None else [arms[i] for i in rows]
             known = set(policy.arms)
