@@ -254,7 +254,12 @@ class BanditRouter(CustomLogger):
         cost = kwargs.get("response_cost")
         # A failed call's cost is unknown to LiteLLM (its response_cost is None or 0).
         cost_usd = float(cost) if not failed and isinstance(cost, int | float) else None
-        quality = self.settings.failure_quality if failed else self.settings.success_quality
+        s = self.settings
+        # Both sides or neither (as the gateway, service/gateway/endpoint.py _quality):
+        # failures heard always and successes only when a client rates them would drag
+        # a deployment that fails now and then towards the failure quality.
+        quality = (s.success_quality if not failed else
+                   None if s.success_quality is None else s.failure_quality)
         latency_ms = _latency_ms(start_time, end_time)
         if quality is None and cost_usd is None and latency_ms is None:
             return

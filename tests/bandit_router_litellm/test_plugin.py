@@ -208,6 +208,18 @@ def test_failure_callback_posts_failure_quality(router, tenant):
     assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (0.0, None, 1500.0)
 
 
+def test_failure_callback_without_success_quality_posts_no_quality(router, tenant):
+    base, key, models = router
+    plugin = BanditRouter(PluginSettings(url=base, api_key=key, timeout_s=20.0,
+                                         success_quality=None))
+    decision = _run(plugin, _context(models)).signals[SIGNAL]
+    _callback(plugin, "async_log_failure_event",
+              _kwargs(decision, decision["model"], "call-5", cost=None), 0.5)
+    [fb] = tenant.decision(decision["decision_id"])["feedback"]
+    # Both sides or neither: with no quality for a success, none for a failure.
+    assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (None, None, 500.0)
+
+
 def test_callback_for_a_fallback_model_posts_nothing(router, tenant):
     base, key, models = router
     plugin = _plugin(base, key)
