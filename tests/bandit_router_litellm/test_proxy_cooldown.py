@@ -9,25 +9,25 @@ deployments left after routing-plugin filtering".
 
 from __future__ import annotations
 
-import time
 import uuid
 
 import pytest
 
-pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
-                                      "(pip install -e '.[litellm]')")
+from tests.bandit_router_litellm.proxy import (
+    MASTER_KEY,
+    decision_with_feedback,
+    require_proxy,
+    running_proxy,
+)
+
+require_proxy()
 
 import openai  # noqa: E402
 
 from service.client import RouterClient  # noqa: E402
-from tests.bandit_router_litellm.proxy import MASTER_KEY, litellm_cli, running_proxy  # noqa: E402
 from tests.fakes.openai_upstream import FakeModel, running_upstream  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
 from tests.service.live import live_server  # noqa: E402
-
-if litellm_cli() is None:
-    pytest.skip("the litellm command is not installed (pip install -e '.[litellm]')",
-                allow_module_level=True)
 
 GROUP = "bandit-router/cool"
 LIMITED, STEADY = "openai/limited", "openai/steady"
@@ -72,15 +72,6 @@ def _ask(client: openai.OpenAI, i: int):
         model=GROUP, messages=[{"role": "user", "content": f"Question number {i}?"}])
 
 
-def _decision(tenant: RouterClient, decision_id: str, timeout_s: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        decision = tenant.decision(decision_id)
-        if decision["feedback"] or time.monotonic() > deadline:
-            return decision
-        time.sleep(0.1)
-
-
 def test_proxy_deployment_in_cooldown_is_not_chosen(setup):
     client, tenant, upstream = setup
     # 1. Until the router picks limited: its 429 puts it in LiteLLM's cooldown.
@@ -89,7 +80,7 @@ def test_proxy_deployment_in_cooldown_is_not_chosen(setup):
             raw = _ask(client, i)
         except openai.RateLimitError as exc:
             decision_id = exc.response.headers["x-bandit-router-decision-id"]
-            assert _decision(tenant, decision_id)["model"] == LIMITED
+            assert decision_with_feedback(tenant, decision_id)["model"] == LIMITED
             break
         assert raw.headers["x-bandit-router-model"] == STEADY
     else:
@@ -101,7 +92,7 @@ def test_proxy_deployment_in_cooldown_is_not_chosen(setup):
         raw = _ask(client, 100 + i)  # an error here is the bug: "No deployments left"
         assert raw.parse().choices[0].message.content == ANSWERS["steady"].content
         assert raw.headers["x-bandit-router-model"] == STEADY
-        decision = _decision(tenant, raw.headers["x-bandit-router-decision-id"])
+        decision = decision_with_feedback(tenant, raw.headers["x-bandit-router-decision-id"])
         assert set(decision["predictions"]) == {STEADY}  # limited was not a candidate
         assert decision["feedback"][0]["quality"] == 1.0
     assert len(upstream.calls("limited")) == limited_calls
