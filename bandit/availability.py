@@ -1,10 +1,13 @@
 """Which upstreams are failing: each one's success rate, learned from every call.
 
 A gateway always knows whether a forwarded call succeeded, even when nobody reports its
-quality. The learner only hears the failures (quality 0); a success without a quality
-leaves its quality head where it was. So a model that never answers can keep a wide
-posterior on its competitor's side and still be drawn (Thompson sampling draws every
-arm whose posterior is wide), and each draw is a failed request for a user.
+quality. Quality and availability are kept apart: the quality statistics hold the
+ratings of answers (a failure is quality 0 there only when the tenant reports a quality
+for every success too; failures heard always and successes only when rated would drag
+a rarely failing model's quality towards 0), and this class holds whether answers come.
+Without it, a model that never answers would keep its prior quality, or, with failures
+reported as 0, a wide posterior on its competitor's side, and still be drawn (Thompson
+sampling draws every arm whose posterior is wide): each draw a failed request for a user.
 
 :class:`UpstreamAvailability` keeps, per upstream, the successes s and failures f of
 its calls, each weighted by its age (half-life ``half_life_s``: an outage ends, and the

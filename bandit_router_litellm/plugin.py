@@ -6,7 +6,8 @@ One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
 1. ``router_settings.plugins`` (LiteLLM's routing-plugin pipeline, documented for the
    proxy since v1.94): before LiteLLM picks a deployment, :meth:`BanditRouter.run` asks
    the router (``POST /v1/decide``) with the last user message as the query and the
-   group's deployments (their ``litellm_params.model``) as the candidates, then narrows
+   group's deployments LiteLLM would call now (their ``litellm_params.model``; none in
+   cooldown or paused: :meth:`BanditRouter._callable`) as the candidates, then narrows
    LiteLLM's ``candidate_models`` to the chosen one. The decision rides along in the
    request's metadata (``routing_plugin_signals["bandit_router"]``, LiteLLM's documented
    channel for plug-in signals).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import weakref
 from collections.abc import Mapping
 from datetime import datetime
@@ -106,11 +108,18 @@ class BanditRouter(CustomLogger):
         Read from the environment (:meth:`PluginSettings.from_env`) on first use when
         not given, so that importing this module (LiteLLM does it while loading its
         config) needs neither the variables nor a network.
+    litellm_router : litellm.Router, optional
+        The Router whose cooldowns the decisions respect; in the proxy, found without
+        being given (the proxy's ``llm_router``). An SDK user passes the Router it
+        builds with ``plugins=[plugin]`` (``plugin.litellm_router = router``).
     """
 
-    def __init__(self, settings: PluginSettings | None = None) -> None:
+    def __init__(self, settings: PluginSettings | None = None, *,
+                 litellm_router: Any | None = None) -> None:
         super().__init__()
         self._settings = settings
+        #: The Router whose cooldowns the decisions respect (see the class docstring).
+        self.litellm_router = litellm_router
         self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
                                                   AsyncRouterClient] = weakref.WeakKeyDictionary()
 
@@ -152,7 +161,12 @@ class BanditRouter(CustomLogger):
         if query is None:
             log.info("bandit-router: no user text in the request to %s; LiteLLM picks", group)
             return context
-        candidates = list(dict.fromkeys(context.candidate_models))
+        candidates = await self._callable(str(group), list(dict.fromkeys(
+            context.candidate_models)))
+        if not candidates:
+            log.info("bandit-router: every deployment of %s is in cooldown; LiteLLM "
+                     "answers", group)
+            return context
         try:
             decision = await self._client().decide(query, candidates=candidates)
         except RouterError as exc:
@@ -169,6 +183,41 @@ class BanditRouter(CustomLogger):
                                    "propensity": decision.propensity,
                                    "explored": decision.explored}
         return context
+
+    def _router(self) -> Any | None:
+        if self.litellm_router is not None:
+            return self.litellm_router
+        # Inside the proxy: its Router, as LiteLLM's own integrations reach it (``from
+        # litellm.proxy.proxy_server import llm_router``); looked up, never imported, so
+        # that an SDK user without the proxy loaded pays nothing.
+        proxy = sys.modules.get("litellm.proxy.proxy_server")
+        return getattr(proxy, "llm_router", None)
+
+    async def _callable(self, group: str, candidates: list[str]) -> list[str]:
+        """The ``candidates`` LiteLLM would call now: those with a deployment in ``group``
+        neither in cooldown nor paused (the filters LiteLLM applies after the plug-ins).
+
+        Deciding among the others would end the request with LiteLLM's "No deployments
+        left after routing-plugin filtering". Without a Router to ask (an SDK user who
+        did not pass one), or when asking fails, all of them.
+        """
+        router = self._router()
+        if router is None:
+            return candidates
+        try:
+            deployments = router.get_model_list(model_name=group) or []
+            ids = [d["model_info"]["id"] for d in deployments]
+            cooling = {model_id for model_id, _ in
+                       await router.cooldown_cache.async_get_active_cooldowns(
+                           model_ids=ids, parent_otel_span=None)}
+            usable = {d["litellm_params"]["model"] for d in deployments
+                      if d["model_info"]["id"] not in cooling
+                      and d["model_info"].get("blocked") is not True}
+        except Exception as exc:  # noqa: BLE001 - LiteLLM's internals moved: decide as before
+            log.warning("bandit-router: LiteLLM's cooldowns of %s unknown (%r); deciding "
+                        "among all its deployments", group, exc)
+            return candidates
+        return [c for c in candidates if c in usable]
 
     async def async_post_call_response_headers_hook(
             self, data: dict[str, Any], user_api_key_dict: Any, response: Any,
@@ -205,7 +254,12 @@ class BanditRouter(CustomLogger):
         cost = kwargs.get("response_cost")
         # A failed call's cost is unknown to LiteLLM (its response_cost is None or 0).
         cost_usd = float(cost) if not failed and isinstance(cost, int | float) else None
-        quality = self.settings.failure_quality if failed else self.settings.success_quality
+        s = self.settings
+        # Both sides or neither (as the gateway, service/gateway/endpoint.py _quality):
+        # failures heard always and successes only when a client rates them would drag
+        # a deployment that fails now and then towards the failure quality.
+        quality = (s.success_quality if not failed else
+                   None if s.success_quality is None else s.failure_quality)
         latency_ms = _latency_ms(start_time, end_time)
         if quality is None and cost_usd is None and latency_ms is None:
             return

@@ -53,7 +53,9 @@ class PluginSettings:
         The quality reported for a call that succeeded (LiteLLM cannot judge an answer);
         None reports only cost and latency, for teams that post quality later themselves.
     failure_quality : float
-        The quality reported for a call that failed (5xx, 429, timeout, refused).
+        The quality reported for a call that failed (5xx, 429, timeout, refused), when
+        ``success_quality`` is set; with it None, a failure reports no quality either
+        (both sides or neither: see :meth:`BanditRouter._feedback`).
     """
 
     url: str

@@ -17,9 +17,10 @@ Per request:
    passed on event by event as it arrives.
 5. The outcome is posted by the router (:mod:`service.gateway.feedback`): latency (for a
    stream, the time to its first chunk), the cost of the upstream's ``usage`` at the
-   registry's prices, and the tenant's ``success_quality`` if set; a failure (timeout,
-   5xx, 429, refused connection) is quality 0. With ``fallback_attempts`` the next best
-   of the remaining candidates is tried, each attempt its own decision.
+   registry's prices, and, when the tenant set ``success_quality``, that quality for a
+   success and 0 for a failure (timeout, 5xx, 429, refused connection); without it no
+   quality either way (:func:`_quality` says why). With ``fallback_attempts`` the next
+   best of the remaining candidates is tried, each attempt its own decision.
 6. Every call's success or failure also feeds the upstream's availability
    (:mod:`bandit.availability`): a model whose upstream is drawn down (Thompson sampling
    on its recent success rate) is left out of the candidates of ``"auto"`` decisions,
@@ -158,6 +159,23 @@ class _Attempt:
     kind: str | None = None
 
 
+def _quality(attempt: _Attempt, settings: TenantGateway) -> float | None:
+    """The quality the router reports for a call: both sides or neither.
+
+    A failure is quality 0 only when a success is reported too (``success_quality``
+    set). Otherwise the learner would hear every failure and only the successes a client
+    rates later, and a model that fails 2% of its calls would look worse than it is
+    (its mean heard quality pulled towards 0 by the unrated successes it never hears
+    of). Without ``success_quality`` a failure goes to the upstream's availability only
+    (``UpstreamAvailability``), and the quality statistics hold what clients rate.
+    """
+    if attempt.succeeded:
+        return settings.success_quality
+    if attempt.failed and settings.success_quality is not None:
+        return 0.0
+    return None
+
+
 class _Exchange:
     """One request to the endpoint: the state it needs and whether the answer started."""
 
@@ -228,8 +246,7 @@ class _Exchange:
                 cost = _cost(model, attempt.usage)
             except OverflowError:  # an absurd usage (10**400 tokens): the cost is unknown
                 cost = None
-        quality = (0.0 if attempt.failed else
-                   settings.success_quality if attempt.succeeded else None)
+        quality = _quality(attempt, settings)
         latency_ms = None if attempt.latency_s is None else attempt.latency_s * 1e3
         self.gateway.feedback.report(self.tenant, attempt.decision_id, quality=quality,
                                      cost_usd=cost, latency_ms=latency_ms)

@@ -5,9 +5,11 @@
 * ``fallback_attempts``: after an upstream failure, how many more models (the next best
   of the remaining candidates, each its own decision) are tried before the error is
   answered; 0 (the default) answers the first failure;
-* ``success_quality``: the quality the router reports itself for a successful call;
-  None (the default) reports only cost and latency, the quality coming later from
-  ``POST /v1/feedback``.
+* ``success_quality``: the quality the router reports itself for a successful call
+  (and then 0 for a failed one); None (the default) reports only cost and latency
+  either way, the quality coming later from ``POST /v1/feedback`` and a failure
+  counting against the upstream's availability only (see
+  ``service.gateway.endpoint._quality``).
 
 Read on every request, so cached in memory (:class:`GatewaySettingsStore`): loaded at
 start, written through on a change, reloaded periodically (other replicas' changes).

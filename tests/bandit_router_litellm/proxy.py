@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from tests.fakes.openai_upstream import free_port
 
-__all__ = ["litellm_cli", "running_proxy", "MASTER_KEY"]
+__all__ = ["litellm_cli", "running_proxy", "require_proxy", "decision_with_feedback",
+           "MASTER_KEY"]
 
 MASTER_KEY = "sk-litellm-test-master"  # noqa: S105 - a throwaway key of a test proxy
 START_TIMEOUT_S = 180.0  # ~30 s on an idle 2-core machine; much more under load
@@ -34,6 +36,26 @@ def litellm_cli() -> str | None:
     """The ``litellm`` command of this interpreter's environment, if installed."""
     beside = Path(sys.executable).with_name("litellm")
     return str(beside) if beside.exists() else shutil.which("litellm")
+
+
+def require_proxy() -> None:
+    """Skip the calling test module (saying why) without the ``[litellm]`` extra."""
+    pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
+                                          "(pip install -e '.[litellm]')")
+    if litellm_cli() is None:
+        pytest.skip("the litellm command is not installed (pip install -e '.[litellm]')",
+                    allow_module_level=True)
+
+
+def decision_with_feedback(tenant: Any, decision_id: str, timeout_s: float = 30.0) -> dict:
+    """The decision (``tenant``: a RouterClient) once LiteLLM's callback has posted its
+    feedback (or after ``timeout_s``, without)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        decision = tenant.decision(decision_id)
+        if decision["feedback"] or time.monotonic() > deadline:
+            return decision
+        time.sleep(0.1)
 
 
 @contextmanager

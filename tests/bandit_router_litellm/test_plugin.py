@@ -124,6 +124,62 @@ def test_run_fails_open_on_unregistered_deployment(router, caplog):
     assert key not in caplog.text
 
 
+def _litellm_router(models: list[str]):
+    """A real LiteLLM Router with one deployment of GROUP per model (never called)."""
+    import litellm
+
+    return litellm.Router(model_list=[
+        {"model_name": GROUP, "litellm_params": {
+            "model": m, "api_base": refused_base_url() + "/v1", "api_key": "sk-unused"}}
+        for m in models])
+
+
+def _cool_down(litellm_router, model: str) -> None:
+    """Put ``model``'s deployment in cooldown the way LiteLLM does after a 429."""
+    import litellm
+    from litellm.router_utils.cooldown_handlers import set_cooldown_deployments
+
+    [deployment] = [d for d in litellm_router.get_model_list(model_name=GROUP)
+                    if d["litellm_params"]["model"] == model]
+
+    async def go() -> bool:  # LiteLLM schedules its cooldown callback on the loop
+        cooled = set_cooldown_deployments(
+            litellm_router, original_exception=litellm.RateLimitError(
+                "rate limited", llm_provider="openai", model=model),
+            exception_status=429, deployment=deployment["model_info"]["id"],
+            time_to_cooldown=60.0, requested_model_group=GROUP)
+        await asyncio.sleep(0)
+        return cooled
+    assert asyncio.run(go())
+
+
+def test_run_decides_only_among_deployments_litellm_would_call(router, tenant):
+    base, key, models = router
+    litellm_router = _litellm_router(models)
+    _cool_down(litellm_router, models[0])
+    plugin = BanditRouter(PluginSettings(url=base, api_key=key, timeout_s=20.0),
+                          litellm_router=litellm_router)
+    for _ in range(6):
+        context = _run(plugin, _context(models))
+        assert context.candidate_models == [models[1]]
+        decision = tenant.decision(context.signals[SIGNAL]["decision_id"])
+        # The router was asked about the callable deployment only.
+        assert set(decision["predictions"]) == {models[1]}
+
+
+def test_run_with_every_deployment_in_cooldown_leaves_litellm_to_answer(router, caplog):
+    base, key, models = router
+    litellm_router = _litellm_router(models)
+    for m in models:
+        _cool_down(litellm_router, m)
+    plugin = BanditRouter(PluginSettings(url=base, api_key=key, timeout_s=20.0),
+                          litellm_router=litellm_router)
+    with caplog.at_level(logging.INFO, logger="bandit_router_litellm"):
+        context = _run(plugin, _context(models))
+    assert context.candidate_models == models and SIGNAL not in context.signals
+    assert "every deployment of bandit-router/auto is in cooldown" in caplog.text
+
+
 def _kwargs(decision: dict, model: str, call_id: str, cost: float | None = 0.0125) -> dict:
     return {"litellm_call_id": call_id, "response_cost": cost, "model": model,
             "litellm_params": {"model": model, "metadata": {
@@ -150,6 +206,18 @@ def test_failure_callback_posts_failure_quality(router, tenant):
               _kwargs(decision, decision["model"], "call-2", cost=None), 1.5)
     [fb] = tenant.decision(decision["decision_id"])["feedback"]
     assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (0.0, None, 1500.0)
+
+
+def test_failure_callback_without_success_quality_posts_no_quality(router, tenant):
+    base, key, models = router
+    plugin = BanditRouter(PluginSettings(url=base, api_key=key, timeout_s=20.0,
+                                         success_quality=None))
+    decision = _run(plugin, _context(models)).signals[SIGNAL]
+    _callback(plugin, "async_log_failure_event",
+              _kwargs(decision, decision["model"], "call-5", cost=None), 0.5)
+    [fb] = tenant.decision(decision["decision_id"])["feedback"]
+    # Both sides or neither: with no quality for a success, none for a failure.
+    assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (None, None, 500.0)
 
 
 def test_callback_for_a_fallback_model_posts_nothing(router, tenant):

@@ -20,20 +20,21 @@ import uuid
 
 import pytest
 
-pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
-                                      "(pip install -e '.[litellm]')")
+from tests.bandit_router_litellm.proxy import (
+    MASTER_KEY,
+    decision_with_feedback,
+    require_proxy,
+    running_proxy,
+)
+
+require_proxy()
 
 import openai  # noqa: E402
 
 from service.client import RouterClient  # noqa: E402
-from tests.bandit_router_litellm.proxy import MASTER_KEY, litellm_cli, running_proxy  # noqa: E402
 from tests.fakes.openai_upstream import FakeModel, running_upstream  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
 from tests.service.live import live_server  # noqa: E402
-
-if litellm_cli() is None:
-    pytest.skip("the litellm command is not installed (pip install -e '.[litellm]')",
-                allow_module_level=True)
 
 UPSTREAM_KEY = "sk-upstream-fake-0123456789"
 # Prices LiteLLM computes response_cost with (USD per token), per upstream model.
@@ -140,16 +141,6 @@ def _ask(client, seen, group: str, text: str, **extra):
     return raw
 
 
-def _feedback(tenant, decision_id: str, timeout_s: float = 30.0) -> dict:
-    """The decision with its feedback, once LiteLLM's callback has posted it."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        decision = tenant.decision(decision_id)
-        if decision["feedback"] or time.monotonic() > deadline:
-            return decision
-        time.sleep(0.1)
-
-
 def _expected_cost(name: str) -> float:
     usage = ANSWERS[name].usage()
     return usage["prompt_tokens"] * PRICES[name][0] + usage["completion_tokens"] * PRICES[name][1]
@@ -168,7 +159,7 @@ def test_proxy_plain_routes_and_posts_cost_and_latency(client, tenant, upstream,
     assert upstream.calls(name)[-1].body["messages"][-1]["content"] == (
         "What is the capital of France?")
 
-    decision = _feedback(tenant, raw.headers["x-bandit-router-decision-id"])
+    decision = decision_with_feedback(tenant, raw.headers["x-bandit-router-decision-id"])
     assert decision["model"] == chosen
     [fb] = decision["feedback"]
     assert fb["quality"] == 1.0
@@ -187,7 +178,7 @@ def test_proxy_stream_passes_chunks_and_posts_feedback(client, tenant, seen):
     assert text == ANSWERS[name].content
     assert chunks[-1].usage.completion_tokens == ANSWERS[name].usage()["completion_tokens"]
 
-    [fb] = _feedback(tenant, raw.headers["x-bandit-router-decision-id"])["feedback"]
+    [fb] = decision_with_feedback(tenant, raw.headers["x-bandit-router-decision-id"])["feedback"]
     assert fb["cost_usd"] == pytest.approx(_expected_cost(name), rel=1e-6)
     assert fb["latency_ms"] >= 50.0
 
@@ -221,7 +212,7 @@ def _learn_flaky_fails(client, tenant, upstream, seen, questions: list[str]) -> 
             seen.append(str(dict(exc.response.headers)) + exc.response.text)
             decision_id = exc.response.headers["x-bandit-router-decision-id"]
         # Learn from this call before the next one decides (feedback is asynchronous).
-        decisions.append(_feedback(tenant, decision_id))
+        decisions.append(decision_with_feedback(tenant, decision_id))
         assert decisions[-1]["feedback"], "no feedback was posted"
     chosen = [d["model"] for d in decisions]
     trace = " ".join(c[7] for c in chosen)
@@ -247,7 +238,7 @@ def test_proxy_upstream_error_reaches_client_and_learner(client, tenant, seen):
     seen.append(str(dict(response.headers)) + response.text)
     assert caught.value.status_code == 500
     assert "injected failure of broken" in caught.value.message  # LiteLLM passes it on
-    decision = _feedback(tenant, response.headers["x-bandit-router-decision-id"])
+    decision = decision_with_feedback(tenant, response.headers["x-bandit-router-decision-id"])
     assert decision["model"] == "openai/broken"
     [fb] = decision["feedback"]
     assert fb["quality"] == 0.0
@@ -263,7 +254,8 @@ def test_proxy_upstream_timeout_is_408_and_a_failure(client, tenant, seen):
     response = caught.value.response
     seen.append(str(dict(response.headers)) + response.text)
     assert caught.value.status_code == 408  # LiteLLM's documented mapping of its Timeout
-    [fb] = _feedback(tenant, response.headers["x-bandit-router-decision-id"])["feedback"]
+    decision_id = response.headers["x-bandit-router-decision-id"]
+    [fb] = decision_with_feedback(tenant, decision_id)["feedback"]
     assert fb["quality"] == 0.0
     assert fb["latency_ms"] >= 900.0  # the deployment's 1 s timeout
 

@@ -165,7 +165,9 @@ def test_upstream_that_keeps_failing_stops_being_chosen(router: Router) -> None:
             assert r.json()["error"]["code"] == "upstream_error"
             assert "503" in r.json()["error"]["message"]
             fb = router.decision(key, r.headers["x-router-decision-id"])["feedback"]
-            assert fb[0]["quality"] == 0.0  # the failure outcome
+            # No success_quality: the failure counts against the upstream's
+            # availability, not as a quality (tests/gateway/test_quality_bias.py).
+            assert fb[0]["quality"] is None and fb[0]["latency_ms"] is not None
         else:
             assert r.status_code == 200, r.text
             router.decision(key, r.headers["x-router-decision-id"])
@@ -214,6 +216,9 @@ def test_fallback_tries_next_best_model_each_attempt_a_decision(router: Router) 
 def test_upstream_timeout_gives_documented_504(router: Router) -> None:
     name = router.add_model(answer=FakeModel(hang=True))
     key = router.tenant()
+    # With a success quality the router reports failures as quality 0 too.
+    assert router.http.put("/v1/tenants/me/gateway", json={"success_quality": 1.0},
+                           headers={"Authorization": f"Bearer {key}"}).status_code == 200
     with pytest.raises(openai.APIStatusError) as info:
         sdk(router, key).chat.completions.create(model=name, messages=MESSAGES)
     err = info.value
