@@ -1022,13 +1022,14 @@ class Policy(abc.ABC):
         (``_policy_kernel.decide_rows``), or None when the case is not the kernel's
         (then nothing was drawn from the random stream): a rule the policy has
         (:meth:`_fused_rule`), every head in its arm's shared group, no shared
-        component, ``exploration="model"``, at most ``FUSED_BATCH`` contexts, and no cold
+        component, no per-context quality shift (the kernel adds the scalar level only),
+        ``exploration="model"``, at most ``FUSED_BATCH`` contexts, and no cold
         candidate among warm ones (the cold-start share). The same validation, draws
         and results as the numpy path."""
         rule = self._fused_rule()
         cfg, stats = self.config, self._stats
         if (rule is None or cfg.shared_ridge is not None or cfg.exploration == "mean"
-                or not stats._all_grouped()
+                or self._shifting or not stats._all_grouped()
                 or (type(x) is np.ndarray and x.ndim == 2 and x.shape[0] > FUSED_BATCH)):
             return None
         xb = self._features(x)

@@ -42,6 +42,17 @@ def outcome(rng: np.random.Generator, t: int, partial: bool) -> dict[str, float]
 @pytest.mark.parametrize("params", CONFIGS)
 @pytest.mark.parametrize("partial", [False, True])
 def test_compiled_stream_matches_numpy_reference(cls, params, partial):
+    compare_stream(cls, params, partial)
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_compiled_stream_matches_numpy_with_shared_difficulty(partial):
+    # The difficulty shifts every arm's prediction by x.beta: a compiled decide that
+    # read the level alone would rank the arms on the wrong scale.
+    compare_stream(SelectiveThompson, {"shared_difficulty": True}, partial)
+
+
+def compare_stream(cls, params, partial):
     compiled, reference = pair(cls, 6, **params)
     rng = np.random.default_rng(17)
     for t in range(300):
