@@ -196,6 +196,7 @@ class BanditRouter(CustomLogger):
     async def _callable(self, group: str, candidates: list[str]) -> list[str]:
         """The ``candidates`` LiteLLM would call now: those with a deployment in ``group``
         neither in cooldown nor paused (the filters LiteLLM applies after the plug-ins).
+        A candidate the Router does not list for ``group`` stays: its state is unknown.
 
         Deciding among the others would end the request with LiteLLM's "No deployments
         left after routing-plugin filtering". Without a Router to ask (an SDK user who
@@ -210,6 +211,7 @@ class BanditRouter(CustomLogger):
             cooling = {model_id for model_id, _ in
                        await router.cooldown_cache.async_get_active_cooldowns(
                            model_ids=ids, parent_otel_span=None)}
+            known = {d["litellm_params"]["model"] for d in deployments}
             usable = {d["litellm_params"]["model"] for d in deployments
                       if d["model_info"]["id"] not in cooling
                       and d["model_info"].get("blocked") is not True}
@@ -217,7 +219,13 @@ class BanditRouter(CustomLogger):
             log.warning("bandit-router: LiteLLM's cooldowns of %s unknown (%r); deciding "
                         "among all its deployments", group, exc)
             return candidates
-        return [c for c in candidates if c in usable]
+        unknown = [c for c in candidates if c not in known]
+        if unknown:
+            # An alias, a wildcard route or a LiteLLM whose model list differs: their
+            # state is unknown, so they stay (LiteLLM filters them after us if it must).
+            log.warning("bandit-router: %s not among the deployments LiteLLM lists for %s; "
+                        "their cooldowns unknown", unknown, group)
+        return [c for c in candidates if c in usable or c not in known]
 
     async def async_post_call_response_headers_hook(
             self, data: dict[str, Any], user_api_key_dict: Any, response: Any,

@@ -180,6 +180,21 @@ def test_run_with_every_deployment_in_cooldown_leaves_litellm_to_answer(router, 
     assert "every deployment of bandit-router/auto is in cooldown" in caplog.text
 
 
+def test_run_keeps_candidates_the_litellm_router_does_not_list(router, caplog):
+    """Deployments the Router does not list for the group (an alias, a wildcard route,
+    another LiteLLM version's model list) are not taken for cooling down: the router
+    still decides among them, with a warning naming them."""
+    base, key, models = router
+    litellm_router = _litellm_router(["openai/listed-elsewhere"])
+    plugin = BanditRouter(PluginSettings(url=base, api_key=key, timeout_s=20.0),
+                          litellm_router=litellm_router)
+    with caplog.at_level(logging.WARNING, logger="bandit_router_litellm"):
+        context = _run(plugin, _context(models))
+    assert context.candidate_models[0] in models and len(context.candidate_models) == 1
+    assert SIGNAL in context.signals
+    assert "not among the deployments LiteLLM lists" in caplog.text
+
+
 def _kwargs(decision: dict, model: str, call_id: str, cost: float | None = 0.0125) -> dict:
     return {"litellm_call_id": call_id, "response_cost": cost, "model": model,
             "litellm_params": {"model": model, "metadata": {
