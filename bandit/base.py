@@ -1364,9 +1364,11 @@ class Policy(abc.ABC):
                 weights = float(weight) * self._age_weights(float(t.max()), t)
         else:
             self._maybe_decay(now)
+        # Validated before the shared level or difficulty learns from these outcomes:
+        # a refused update teaches nothing (the targets shift quality only, not cost).
+        ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         if self._level or self._shifting:
             y = self._arm_targets(arms, xb, y, weights)
-        ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         for k in np.unique(ks):
             rows = ks == k
             name = self._names[k]

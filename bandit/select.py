@@ -100,7 +100,8 @@ class SelectiveThompsonConfig(LinearThompsonConfig):
 
     ``shared_difficulty`` (default False): a query difficulty shared by every arm,
     learned from every arm's outcomes (module docstring, "Difficulty"). Each arm learns,
-    and selects its candidates on, its quality minus the shared prediction.
+    and selects its candidates on, its quality minus the shared prediction. Its sums do
+    not decay: refused with ``half_life_hours``; drift scaling decays the arms only.
     """
 
     level_horizon: float | None = None
@@ -112,6 +113,12 @@ class SelectiveThompsonConfig(LinearThompsonConfig):
             check_finite_number("level_horizon", self.level_horizon, low=1.0)
         if not isinstance(self.shared_difficulty, bool):
             raise InvalidInputError("shared_difficulty", "must be true or false",
+                                    self.shared_difficulty)
+        if self.shared_difficulty and self.half_life_hours is not None:
+            # The difficulty's sums never decay: with forgetting arms it would go stale.
+            raise InvalidInputError("shared_difficulty",
+                                    "cannot be combined with half_life_hours (the shared "
+                                    "difficulty does not forget yet); allowed: false",
                                     self.shared_difficulty)
         return self
 

@@ -212,3 +212,26 @@ def test_bad_shared_difficulty_raises_naming_field(value):
         SelectiveThompson(DIM, shared_difficulty=value)
     assert err.value.field == "shared_difficulty"
     assert "shared_difficulty" in str(err.value)
+
+
+def test_shared_difficulty_with_forgetting_is_refused_naming_both():
+    # The difficulty's sums never decay; forgetting arms would leave it stale.
+    with pytest.raises(InvalidInputError) as err:
+        SelectiveThompson(DIM, shared_difficulty=True, half_life_hours=2.0)
+    assert err.value.field == "shared_difficulty"
+    assert "half_life_hours" in str(err.value)
+    SelectiveThompson(DIM, shared_difficulty=False, half_life_hours=2.0)  # each alone: fine
+    SelectiveThompson(DIM, shared_difficulty=True)
+
+
+@pytest.mark.parametrize("estimates", [[-0.01, 0.01], [float("inf"), 0.01], [0.01]])
+def test_refused_batch_update_teaches_the_difficulty_nothing(estimates):
+    # A batch refused for its cost estimates leaves every sum as it was, the shared
+    # difficulty's included: a caller's retry counts those outcomes once.
+    policy = _fed()
+    before = policy.to_bytes()
+    x, q, _ = _stream(9, 2)
+    outcomes = [{"quality": float(q[t, 0]), "cost_usd": 0.01} for t in range(2)]
+    with pytest.raises(InvalidInputError):
+        policy.update_batch(["strong", "weak"], x, outcomes, cost_estimates=estimates)
+    assert policy.to_bytes() == before
