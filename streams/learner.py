@@ -590,7 +590,10 @@ class Learner:
             self.close()
 
     def step(self, timeout_ms: int = 500) -> int:
-        """Poll once and process the batch; returns the number of records taken."""
+        """Poll once and process the batch; returns the number of records taken.
+
+        An exception other than a failed poll is fatal: this learner raises it again on
+        every later call (``run()`` exits); start a new one."""
         assert self.consumer is not None
         try:
             records = self.consumer.poll(timeout_ms=timeout_ms)
@@ -770,6 +773,11 @@ class Learner:
             for tp in done.reload:
                 self._reload(tp)
         if done.error is not None:
+            # Fatal: partitions after the failed one, and the batch prepared meanwhile,
+            # are applied in memory but not stored. Every later step() raises it again
+            # rather than write statistics ahead of their rows; a new learner resumes
+            # from the offsets in PostgreSQL.
+            self._fatal = done.error
             raise done.error
         self._commit_kafka()
         return prepared
