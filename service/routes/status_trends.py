@@ -50,8 +50,10 @@ class Trends:
 
 
 def _bucket(column: Any, start: datetime, n: int) -> Any:
-    """The hour index 0..n-1 of ``column`` (rows from ``start`` on), as SQL."""
-    return case(*[(column < start + _HOUR * (i + 1), i) for i in range(n - 1)], else_=n - 1)
+    """The hour index 0..n-1 of ``column`` (rows from ``start`` on), as SQL. At least
+    one WHEN even for n == 1 (today's first hour): ``CASE ELSE 0 END`` is not SQL."""
+    return case(*[(column < start + _HOUR * (i + 1), i) for i in range(max(n - 1, 1))],
+                else_=n - 1)
 
 
 def gather_trends(service: RoutingService, session: Session, now: datetime) -> Trends:

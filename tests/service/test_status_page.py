@@ -154,6 +154,37 @@ def test_get_status_trends_last_24h_svg(new_database_url):
     assert "<script" not in page
 
 
+@pytest.mark.parametrize("minute", [0, 15, 59])
+def test_status_trends_in_the_first_hour_of_a_utc_day(new_database_url, minute):
+    """From 00:00 to 00:59 UTC today has one hour: the spend buckets once. (The status
+    page answered 503 for that whole hour: its SQL was ``CASE ELSE 0 END``.)"""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from service.db import models as dbm
+    from service.routes.status_trends import gather_trends
+
+    with TestClient(create_app(make_settings(new_database_url(), epsilon=0.0))) as c:
+        name = add_model(c, "first-hour", 1.0, 2.0)
+        tenant = create_tenant(c, "early")
+        body = decide(c, tenant, [name], seed=0).json()
+        c.post("/v1/feedback", json={"decision_id": body["decision_id"], "quality": 0.5,
+                                     "cost_usd": 0.02}, headers=tenant)
+        service = c.app.state.routing
+        service.writer.flush()
+        now = datetime.now(UTC).replace(hour=0, minute=minute, second=30) - timedelta(days=1)
+        with Session(service.engine) as session, session.begin():
+            session.execute(update(dbm.DecisionRow)
+                            .where(dbm.DecisionRow.id == body["decision_id"])
+                            .values(created_at=now - timedelta(seconds=20)))
+        with Session(service.engine) as session:
+            trends = gather_trends(service, session, now)
+        assert trends.spend[tenant["X-Tenant"]] == [pytest.approx(0.02, abs=1e-9)]
+        assert c.get("/", headers=basic(ADMIN_KEY)).status_code == 200
+
+
 # ------------------------------------------------------------------ real browser
 def _playwright():
     try:
