@@ -1294,13 +1294,13 @@ class Policy(abc.ABC):
             weight = float(self._age_weights(t, t))
         else:
             self._maybe_decay(now)
+        # Validated before anything learns: a refused update teaches nothing.
+        ratio = None if cost_estimate is None else _price_ratios([cost_estimate], y[1:2])
         if self._level or self._shifting:
             y = self._arm_targets([arm], xb, y[None], weight)[0]
         residual = self._stats.update(k, xb[0], y, weight)
-        if cost_estimate is not None:
-            ratio = _price_ratios([cost_estimate], y[1:2])
-            if not np.isnan(ratio[0]):
-                self._stats.add_price_ratios(k, ratio, weight)
+        if ratio is not None and not np.isnan(ratio[0]):
+            self._stats.add_price_ratios(k, ratio, weight)
         if residual is not None:
             self._watch_drift(arm, [residual])
         self.version += 1
@@ -1364,8 +1364,8 @@ class Policy(abc.ABC):
                 weights = float(weight) * self._age_weights(float(t.max()), t)
         else:
             self._maybe_decay(now)
-        # Validated before the shared level or difficulty learns from these outcomes:
-        # a refused update teaches nothing (the targets shift quality only, not cost).
+        # Validated before anything learns: a refused update teaches nothing (the
+        # targets shift quality only, not cost).
         ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         if self._level or self._shifting:
             y = self._arm_targets(arms, xb, y, weights)

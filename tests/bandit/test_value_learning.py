@@ -47,6 +47,20 @@ def test_decide_cost_estimate_bad_value_rejected_nothing_changes(bad):
     assert policy.to_bytes() == before
 
 
+@pytest.mark.parametrize("cls", POLICIES)
+@pytest.mark.parametrize("bad", [-0.01, float("inf"), 1e9])
+def test_update_cost_estimate_bad_value_rejected_nothing_learned(cls, bad):
+    # A refused update teaches nothing: the arm's sums stay as they were, so the
+    # caller's retry with a good estimate counts the outcome once.
+    policy = _trained(cls)
+    before = policy.to_bytes()
+    with pytest.raises(InvalidInputError) as err:
+        policy.update("small", [0.1, 0.2, 0.3], {"quality": 0.5, "cost_usd": 0.002},
+                      cost_estimate=bad)
+    assert err.value.field.startswith("cost_estimate")
+    assert policy.to_bytes() == before
+
+
 def test_decide_cost_estimate_mapping_needs_every_candidate():
     policy = _trained(LinUCB)
     with pytest.raises(InvalidInputError) as err:
