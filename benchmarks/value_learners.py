@@ -298,7 +298,8 @@ def _load(name: str, mmlu_rows: int) -> Dataset:
 
 
 def _job(args: tuple[str, str, float, int, int]) -> float:
-    """Routing value of one pass; ``shuffle`` -1 is the file order (seed 0)."""
+    """Routing value of one pass; a negative ``shuffle`` is the file order, with the
+    policy's seed -1 - ``shuffle`` (-1: seed 0)."""
     name, learner, weight, shuffle, mmlu_rows = args
     base = name.removesuffix(TAGS)
     ds = _load(base, mmlu_rows)
@@ -307,7 +308,8 @@ def _job(args: tuple[str, str, float, int, int]) -> float:
     feature = "hashing+tagblock" if name.endswith(TAGS) else "hashing"
     if feature not in ds.features:
         raise ValueError(f"--datasets: {base} has no request tags ({name!r})")
-    ch = choices_of(learner, ds, weight, max(shuffle, 0), feature)
+    ch = choices_of(learner, ds, weight, shuffle if shuffle >= 0 else -1 - shuffle,
+                    feature)
     return float(routing_value(ds.rewards(weight), ch)["value"])
 
 
@@ -323,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
                              "order alone)")
     parser.add_argument("--file-order", action="store_true",
                         help="also one pass in file order (seed 0), reported apart")
+    parser.add_argument("--file-order-seeds", type=int, default=1,
+                        help="with --file-order: replay the file order with this many "
+                             "policy seeds (0, 1, ...) and report their mean per weight "
+                             "(default 1: seed 0 alone; one seed's pass varies by about "
+                             "0.05-0.13 of the headroom with the seed)")
     parser.add_argument("--mmlu-rows", type=int, default=3000,
                         help="MMLU rows replayed (0: all 14,042; default 3,000)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes")
@@ -334,13 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.shuffles < 0 or (args.shuffles == 0 and not args.file_order):
         parser.error(f"--shuffles: allowed 1 or more, or 0 with --file-order (the file "
                      f"order alone), got {args.shuffles}")
+    if args.file_order_seeds < 1:
+        parser.error(f"--file-order-seeds: allowed 1 or more, got {args.file_order_seeds}")
     learners = args.learners.split(",")
     for name in learners:
         if name not in LEARNERS:
             parser.error(f"--learners: unknown {name!r} (allowed: {', '.join(LEARNERS)})")
     started = time.perf_counter()
     rows, results = [], []
-    orders = list(range(args.shuffles)) + ([-1] if args.file_order else [])
+    seeds = args.file_order_seeds if args.file_order else 0
+    orders = list(range(args.shuffles)) + [-1 - s for s in range(seeds)]
     with multiprocessing.Pool(args.jobs) as pool:
         names = [d for d in args.datasets.split(",") if d] + [
             f"llmrouter/half{i}" for i in range(args.model_subsets)]
@@ -350,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 jobs = [(name, learner, w, s, args.mmlu_rows)
                         for w in weights for s in orders]
                 values = np.array(pool.map(_job, jobs)).reshape(len(weights), len(orders))
+                in_file = values[:, args.shuffles:]  # the file order, one column per seed
                 result = {"dataset": name, "learner": learner, "weights": list(weights),
                           **({"models": _load(name, args.mmlu_rows).arms}
                              if "/half" in name else {})}
@@ -362,12 +373,16 @@ def main(argv: list[str] | None = None) -> int:
                         "sd": [round(float(v), 4) for v in shuffled.std(axis=1)],
                         "mean": round(float(per_weight.mean()), 4),
                         "min": round(float(per_weight.min()), 4)})
-                else:  # the file order alone: its pass is the table's row
-                    per_weight = values[:, -1]
+                else:  # the file order alone: its passes are the table's row
+                    per_weight = in_file.mean(axis=1)
                 if args.file_order:
-                    result["file_order"] = [round(float(v), 4) for v in values[:, -1]]
-                    result["file_order_mean"] = round(float(values[:, -1].mean()), 4)
-                    file_order = f"{values[:, -1].mean():+.3f}" if args.shuffles else ""
+                    result["file_order"] = [round(float(v), 4) for v in in_file.mean(axis=1)]
+                    result["file_order_mean"] = round(float(in_file.mean()), 4)
+                    if seeds > 1:
+                        result["file_order_seeds"] = seeds
+                        result["file_order_sd"] = [round(float(v), 4)
+                                                   for v in in_file.std(axis=1)]
+                    file_order = f"{in_file.mean():+.3f}" if args.shuffles else ""
                 results.append(result)
                 rows.append([name, learner, *(f"{v:+.3f}" for v in per_weight),
                              *[""] * (5 - len(weights)), f"{per_weight.mean():+.3f}",
@@ -377,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table("Routing value, one pass, "
                 + (f"mean over {args.shuffles} shuffles" if args.shuffles
                    else "file order only")
+                + (f", file order: mean over {seeds} policy seeds" if seeds > 1 else "")
                 + " (0 = best fixed model, 1 = per-query oracle)",
                 ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean", "file order"],
                 rows,
@@ -387,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 "LinUCB, the context-free Thompson floor and a full-information online "
                 "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
         "shuffles": args.shuffles, "file_order": args.file_order,
+        "file_order_seeds": seeds,
         "mmlu_rows": args.mmlu_rows, "results": results,
         "seconds": round(time.perf_counter() - started, 1)},
         results_dir=args.out_dir)
