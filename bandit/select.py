@@ -56,27 +56,34 @@ where it predicts that arm's quality relative to the shared prediction (the diff
 criterion), and an arm on its mean compares its mean net of the queries' difficulty.
 The arms' sums are moved exactly onto each new beta (b -= A delta), so they always hold
 deviations from the current one. Thompson draws from each arm's deviation posterior plus
-x.beta, whose uncertainty is the same for every arm at a context and so is left out of
-the draw (it cannot change the argmax). The shift is used only once one of its ridge
-candidates has predicted outcomes' deviations from their arm's mean better than none.
-It keeps one D x D sum and one row per arm beside the arms' statistics; the distributed
-learners do not carry it yet (the deciders would need those sums in the partition blob
-and the shift applied before the arms' update).
+x.beta, conditional on beta at its fit. (The exact joint draw, one beta for every arm,
+moves arm k's sample by (Lambda_k A_k^-1 x).delta; measured on the LLMRouter replay,
+that part's spread between the arms was 0.004-0.02 against arms' widths of 0.05-0.13,
+and over 6 policy seeds it earned nothing: left out.) The shift is used only once one
+of its ridge candidates has predicted outcomes' deviations from their arm's mean better
+than none. Its sums are the arms' own quality sums (:class:`ArmSums`: sum x x^T is the
+sum of the arms' quality matrices, sum x q is b + A beta), so it forgets exactly as they
+do (``half_life_hours``, drift scaling, a removed arm) and merges with them; beside the
+arms it keeps only its candidates' scores and the coefficients applied. The distributed
+learners do not carry it yet (the shift must be applied, and the scores kept, in the
+partition's state before the arms' update).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from bandit.base import Policy, check_finite_number
 from bandit.errors import InvalidInputError
+from bandit.stats import ArmStatistics
 from bandit.thompson import LinearThompson, LinearThompsonConfig
 
 __all__ = ["SelectiveThompson", "SelectiveThompsonConfig", "MEAN_ONLY_RIDGE",
-           "SharedDifficulty"]
+           "ArmSums", "SharedDifficulty"]
 
 #: A context ridge this strong leaves a model its intercept alone (the arm's mean).
 MEAN_ONLY_RIDGE = 1e6
@@ -100,8 +107,8 @@ class SelectiveThompsonConfig(LinearThompsonConfig):
 
     ``shared_difficulty`` (default False): a query difficulty shared by every arm,
     learned from every arm's outcomes (module docstring, "Difficulty"). Each arm learns,
-    and selects its candidates on, its quality minus the shared prediction. Its sums do
-    not decay: refused with ``half_life_hours``; drift scaling decays the arms only.
+    and selects its candidates on, its quality minus the shared prediction. Its sums are
+    the arms': it forgets as they do (``half_life_hours``, drift scaling).
     """
 
     level_horizon: float | None = None
@@ -113,12 +120,6 @@ class SelectiveThompsonConfig(LinearThompsonConfig):
             check_finite_number("level_horizon", self.level_horizon, low=1.0)
         if not isinstance(self.shared_difficulty, bool):
             raise InvalidInputError("shared_difficulty", "must be true or false",
-                                    self.shared_difficulty)
-        if self.shared_difficulty and self.half_life_hours is not None:
-            # The difficulty's sums never decay: with forgetting arms it would go stale.
-            raise InvalidInputError("shared_difficulty",
-                                    "cannot be combined with half_life_hours (the shared "
-                                    "difficulty does not forget yet); allowed: false",
                                     self.shared_difficulty)
         return self
 
@@ -183,7 +184,8 @@ class SelectiveThompson(LinearThompson):
                      weights: float | np.ndarray) -> np.ndarray:
         targets = super()._arm_targets(arms, xb, y, weights)  # before the shift learns
         if self._difficulty is not None:
-            self._difficulty.observe(arms, xb, y[:, 0], weights)
+            self._difficulty.observe(ArmSums.of(self._stats, self._applied),
+                                     [self._index[a] for a in arms], xb, y[:, 0], weights)
         return targets
 
     def update(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
@@ -201,7 +203,7 @@ class SelectiveThompson(LinearThompson):
         if self._difficulty is None:
             return
         if beta is None:
-            beta = self._difficulty.coefficients()
+            beta = self._difficulty.coefficients(ArmSums.of(self._stats, self._applied))
         delta = beta - self._applied
         if delta.any():
             self._stats.shift_quality(delta)
@@ -237,6 +239,28 @@ class SelectiveThompson(LinearThompson):
             self._level += share * float(np.mean(residuals))
 
 
+class ArmSums(NamedTuple):
+    """What :class:`SharedDifficulty` fits, summed over each arm's quality outcomes:
+    ``xx`` (D, D) sum of x x^T and ``xy`` (D,) sum of x * quality over every arm; per
+    arm ``n`` (K,) the weight, ``sy`` (K,) the quality and ``sx`` (K, D) x."""
+
+    xx: np.ndarray
+    xy: np.ndarray
+    n: np.ndarray
+    sy: np.ndarray
+    sx: np.ndarray
+
+    @classmethod
+    def of(cls, stats: ArmStatistics, applied: np.ndarray) -> ArmSums:
+        """The sums read off the arms' quality-head statistics, whose targets are
+        quality - x.``applied`` (b = sum x q - A applied): whatever the arms forget
+        (half-life, drift scaling, a removed arm), the difficulty forgets with them."""
+        a = np.where(stats.group[:, 0, None, None], stats.s_data, stats.a_data[:, 0])
+        b = stats.b_data[:, 0] + a @ applied  # (K, D): sum of x * quality per arm
+        return cls(a.sum(axis=0), b.sum(axis=0), a[:, -1, -1].copy(), b[:, -1].copy(),
+                   a[:, :, -1].copy())
+
+
 class SharedDifficulty:
     """A query's difficulty, x.beta, learned from every arm's outcomes with a free mean
     per arm (module docstring, "Difficulty").
@@ -244,105 +268,107 @@ class SharedDifficulty:
     The joint ridge fit of quality_i = alpha_k(i) + x_i.beta with unpenalized per-arm
     offsets alpha_k: profiling them out (Frisch-Waugh) leaves beta fit on each arm's
     outcomes centred on that arm's means, so the mix of arms called on hard or easy
-    queries does not bias beta, and every statistic is a sum (replicas add them):
+    queries does not bias beta, and every statistic is a sum:
 
         (Lambda + sum_i x_i x_i^T - sum_k s_k s_k^T / n_k) beta
             = sum_i x_i q_i - sum_k s_k y_k / n_k
 
     with s_k = sum of x, y_k = sum of quality, n_k = weight over arm k's outcomes.
-    Lambda is a candidate ridge on the context coefficients (the bias has none: the
-    arms' means are theirs): ``ridges`` (G, D) diagonals. Each candidate, and "no
-    difficulty", is scored by the prequential squared error of each outcome's
-    deviation from its arm's mean so far (predicted before the outcome is learned);
-    the shift is the candidate of lowest error, and 0 while none has beaten "no
-    difficulty" (the policy is then plain ``select``). The shift is centred on the mean
-    context seen (bias coefficient), so an arm's prior mean stays a mean quality.
+    Those sums are the arms' own (:class:`ArmSums`, read off their statistics), so the
+    difficulty decays, merges and drops an arm exactly as the arms do; it keeps only
+    the candidates' scores. Lambda is a candidate ridge on the context coefficients
+    (the bias has none: the arms' means are theirs): ``ridges`` (G, D) diagonals. Each
+    candidate, and "no difficulty", is scored by the prequential squared error of each
+    outcome's deviation from its arm's mean so far (predicted before the outcome is
+    learned); the shift is the candidate of lowest error, and 0 while none has beaten
+    "no difficulty" (the policy is then plain ``select``). The scores forget with the
+    arms: when the arms' total weight has shrunk, by the share it shrank. The shift is
+    centred on the mean context seen (bias coefficient), so an arm's prior mean stays a
+    mean quality.
     """
 
     def __init__(self, ridges: np.ndarray) -> None:
         g, d = ridges.shape
         self.ridges = ridges
-        self.xx = np.zeros((d, d))
-        self.xy = np.zeros(d)
-        #: per arm name: [n, sum of quality, sum of x (D)]
-        self.arms: dict[str, np.ndarray] = {}
         #: prequential squared errors: no difficulty, then each candidate
         self.err = np.zeros(1 + g)
         self._fits: np.ndarray | None = None  # (G, D)
-        self._fitted_at = 0.0  # outcome weight when the fits were last solved
+        self.seen = 0.0  # outcome weight scored so far (never decayed)
+        self._solved_at = 0.0  # ``seen`` when the fits were last solved
+        self._weight = 0.0  # the arms' total weight once they learn what was scored
 
-    def coefficients(self) -> np.ndarray:
+    def coefficients(self, sums: ArmSums) -> np.ndarray:
         """The shift's coefficients (D,), bias last: the best candidate's, or zeros."""
         best = int(np.argmin(self.err))
         if best == 0:
-            return np.zeros(self.xx.shape[0])
-        return self.fits()[best - 1]
+            return np.zeros(self.ridges.shape[1])
+        return self.fits(sums)[best - 1]
 
-    def fits(self) -> np.ndarray:
+    def fits(self, sums: ArmSums) -> np.ndarray:
         """Every candidate's ridge fit (G, D), centred on the mean context; solved
-        again once the outcomes have grown by 1% (or by one) since the last solve."""
-        total = self.xx[-1, -1]
-        if self._fits is None or total >= max(self._fitted_at * 1.01, self._fitted_at + 1):
-            self._fitted_at = total
-            within, rhs = self.xx.copy(), self.xy.copy()
-            for row in self.arms.values():
-                n, sy, sx = row[0], row[1], row[2:]
-                if n > 0:
-                    within -= np.outer(sx, sx) / n
-                    rhs -= sx * (sy / n)
+        again once 1% of the arms' weight (or one outcome) is new since the last
+        solve, or the arms forgot."""
+        total = float(sums.n.sum())
+        if self._fits is None or self.seen - self._solved_at >= max(0.01 * total, 1.0):
+            self._solved_at = self.seen
+            within, rhs = sums.xx.copy(), sums.xy.copy()
+            has = sums.n > 0
+            n, sx = sums.n[has], sums.sx[has]
+            within -= (sx / n[:, None]).T @ sx
+            rhs -= sx.T @ (sums.sy[has] / n)
             d = within.shape[0]
             fits = np.linalg.solve(within[None] + self.ridges[:, :, None] * np.eye(d),
                                    np.broadcast_to(rhs, self.ridges.shape)[..., None])[..., 0]
             fits[:, -1] = 0.0
             if total > 0:  # centre: the mean context's shift is 0
-                fits[:, -1] = -(fits @ self.xx[-1]) / total
+                fits[:, -1] = -(fits @ sums.xx[-1]) / total
             self._fits = fits
         return self._fits
 
-    def observe(self, arms: Sequence[str], xb: np.ndarray, quality: np.ndarray,
-                weights: float | np.ndarray) -> None:
-        """Score the candidates on outcomes (predicted before each is learned), then
-        learn them."""
+    def observe(self, sums: ArmSums, arms: Sequence[int], xb: np.ndarray,
+                quality: np.ndarray, weights: float | np.ndarray) -> None:
+        """Score the candidates on outcomes of arms (indices into ``sums``), each
+        predicted before it is learned (the arms learn them next)."""
+        total = float(sums.n.sum())
+        if total < self._weight * (1.0 - 1e-9):  # the arms forgot: so do the scores
+            self.err *= total / self._weight
+            self._fits = None
         w = np.broadcast_to(np.asarray(weights, dtype=np.float64), quality.shape)
-        fits = self.fits()
-        for name, x, q, wi in zip(arms, xb, quality, w, strict=True):
+        fits = self.fits(sums)
+        n, sy, sx = sums.n.copy(), sums.sy.copy(), sums.sx.copy()
+        for k, x, q, wi in zip(arms, xb, quality, w, strict=True):
             if q != q:  # quality not reported
                 continue
-            row = self.arms.get(name)
-            if row is None:
-                row = self.arms[name] = np.zeros(2 + x.shape[0])
-            if row[0] > 0:
-                r = q - row[1] / row[0]
-                e = np.r_[0.0, fits @ (x - row[2:] / row[0])] - r
+            if n[k] > 0:
+                r = q - sy[k] / n[k]
+                e = np.r_[0.0, fits @ (x - sx[k] / n[k])] - r
                 self.err += wi * e * e
-            row[0] += wi
-            row[1] += wi * q
-            row[2:] += wi * x
-            self.xx += wi * np.outer(x, x)
-            self.xy += (wi * q) * x
+            n[k] += wi
+            sy[k] += wi * q
+            sx[k] += wi * x
+            self.seen += wi
+            total += wi
+        self._weight = total
 
     def add(self, other: SharedDifficulty) -> None:
-        """Add another replica's sums (merge)."""
-        self.xx += other.xx
-        self.xy += other.xy
+        """Add another replica's scores (merge; the arms add their sums)."""
         self.err += other.err
-        for name, row in other.arms.items():
-            mine = self.arms.get(name)
-            self.arms[name] = row.copy() if mine is None else mine + row
+        self.seen += other.seen
+        self._weight += other._weight
         self._fits = None
 
     def to_json(self) -> dict:
-        return {"xx": self.xx.tolist(), "xy": self.xy.tolist(), "err": self.err.tolist(),
-                "arms": {n: r.tolist() for n, r in self.arms.items()},
+        return {"err": self.err.tolist(),
                 "fits": None if self._fits is None else self._fits.tolist(),
-                "fitted_at": self._fitted_at}
+                "seen": self.seen, "solved_at": self._solved_at, "weight": self._weight}
 
     def load(self, state: dict) -> None:
-        self.xx = np.asarray(state["xx"], dtype=np.float64).reshape(self.xx.shape)
-        self.xy = np.asarray(state["xy"], dtype=np.float64).reshape(self.xy.shape)
+        """Restore :meth:`to_json` (a state saved before the sums were the arms' has
+        no ``seen``: its fits are solved again on first use)."""
         self.err = np.asarray(state["err"], dtype=np.float64).reshape(self.err.shape)
-        self.arms = {n: np.asarray(r, dtype=np.float64) for n, r in state["arms"].items()}
-        fits = state["fits"]
-        self._fits = None if fits is None else np.asarray(
+        fits = state.get("fits")
+        self._fits = None if fits is None or "seen" not in state else np.asarray(
             fits, dtype=np.float64).reshape(self.ridges.shape)
-        self._fitted_at = float(state["fitted_at"])
+        self.seen = float(state.get("seen", 0.0))
+        self._solved_at = float(state.get("solved_at", 0.0))
+        self._weight = float(state.get("weight", 0.0))

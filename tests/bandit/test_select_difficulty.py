@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bandit import ArmPrior, InvalidInputError, Policy, Preferences, SelectiveThompson
-from bandit.select import SharedDifficulty
+from bandit.select import ArmSums, SharedDifficulty
 from bandit.stats import ArmStatistics
 
 DIM = 32
@@ -64,6 +64,17 @@ def test_difficulty_removes_selection_bias(seed):
     assert fixed_policy.predict(x0)["strong"].quality == pytest.approx(0.74, abs=0.05)
 
 
+def _sums(xs: list[np.ndarray], ys: list[np.ndarray], arms: int = 2) -> ArmSums:
+    """The sums of arms 0, 1, ... fed xs[k], ys[k] (the later ones none yet)."""
+    d = 4
+    rows = [(x, y) for x, y in zip(xs, ys, strict=True)]
+    rows += [(np.zeros((0, d)), np.zeros(0))] * (arms - len(rows))
+    return ArmSums(sum(x.T @ x for x, _ in rows), sum(x.T @ y for x, y in rows),
+                   np.array([float(len(y)) for _, y in rows]),
+                   np.array([y.sum() for _, y in rows]),
+                   np.array([x.sum(axis=0) for x, _ in rows]))
+
+
 def test_difficulty_is_not_biased_by_which_arm_saw_which_queries():
     """Arm a sees only hard queries, b only easy ones, a 0.3 better: pooling them (one
     mean) would read a's edge as a slope; the fit with a mean per arm recovers the
@@ -73,14 +84,15 @@ def test_difficulty_is_not_biased_by_which_arm_saw_which_queries():
     ridges = np.array([[1.0, 1.0, 1.0, 1.0]])
     shared = SharedDifficulty(ridges)
     xs, ys = [], []
-    for arm, centre, offset in (("a", 1.0, 0.8), ("b", -1.0, 0.5)):
+    for k, (centre, offset) in enumerate(((1.0, 0.8), (-1.0, 0.5))):
         x = rng.standard_normal((4000, 3)) * 0.5
         x[:, 0] += centre
         y = offset + x @ beta + 0.05 * rng.standard_normal(4000)
-        shared.observe([arm] * 4000, np.c_[x, np.ones(4000)], y, 1.0)
+        shared.observe(_sums(xs, ys), [k] * 4000, np.c_[x, np.ones(4000)], y, 1.0)
         xs.append(np.c_[x, np.ones(4000)])
         ys.append(y)
-    fit = shared.fits()[0]
+    sums = _sums(xs, ys)
+    fit = shared.fits(sums)[0]
     assert fit[:3] == pytest.approx(beta, abs=0.02)
     # Centred: the mean context (0 here, the arms' centres cancel) has shift ~0.
     assert fit[-1] == pytest.approx(0.0, abs=0.03)
@@ -88,7 +100,7 @@ def test_difficulty_is_not_biased_by_which_arm_saw_which_queries():
     assert abs(pooled[0] - beta[0]) > 0.1  # one mean for both: a's edge read as slope
     # Its candidates beat "no difficulty" prequentially, so the shift is used.
     assert shared.err[1] < shared.err[0]
-    assert shared.coefficients() == pytest.approx(fit)
+    assert shared.coefficients(sums) == pytest.approx(fit)
 
 
 def test_difficulty_unused_until_it_pays():
@@ -191,7 +203,9 @@ def test_difficulty_merge_adds_sums_and_rebases_arms():
     sums are of quality minus the merged coefficients, exactly."""
     left, right = _fed(seed=3, n=300), _fed(seed=6, n=200)
     assert not np.array_equal(left._applied, right._applied)
-    xx = left._difficulty.xx + right._difficulty.xx
+    xx = (ArmSums.of(left._stats, left._applied).xx
+          + ArmSums.of(right._stats, right._applied).xx)
+    err = left._difficulty.err + right._difficulty.err
     raw = {}
     for policy in (left, right):  # each arm's sum of x * quality, before any shift
         for k, _ in enumerate(policy.arms):
@@ -199,8 +213,10 @@ def test_difficulty_merge_adds_sums_and_rebases_arms():
             b = policy._stats.b_data[k, 0] + a @ policy._applied
             raw[k] = raw.get(k, 0.0) + b
     left.merge(right)
-    assert left._difficulty.xx == pytest.approx(xx, abs=1e-9)
-    assert np.array_equal(left._applied, left._difficulty.coefficients())
+    assert ArmSums.of(left._stats, left._applied).xx == pytest.approx(xx, abs=1e-9)
+    assert left._difficulty.err == pytest.approx(err, abs=1e-12)
+    assert np.array_equal(left._applied, left._difficulty.coefficients(
+        ArmSums.of(left._stats, left._applied)))
     for k, _ in enumerate(left.arms):
         expected = raw[k] - left._stats.s_data[k] @ left._applied
         assert left._stats.b_data[k, 0] == pytest.approx(expected, abs=1e-9)
@@ -214,14 +230,56 @@ def test_bad_shared_difficulty_raises_naming_field(value):
     assert "shared_difficulty" in str(err.value)
 
 
-def test_shared_difficulty_with_forgetting_is_refused_naming_both():
-    # The difficulty's sums never decay; forgetting arms would leave it stale.
-    with pytest.raises(InvalidInputError) as err:
-        SelectiveThompson(DIM, shared_difficulty=True, half_life_hours=2.0)
-    assert err.value.field == "shared_difficulty"
-    assert "half_life_hours" in str(err.value)
-    SelectiveThompson(DIM, shared_difficulty=False, half_life_hours=2.0)  # each alone: fine
-    SelectiveThompson(DIM, shared_difficulty=True)
+def _slope_stream(policy: SelectiveThompson, slope: float, hours: tuple[float, float],
+                  seed: int, n: int = 1500) -> None:
+    """Both arms' quality 0.45 + slope * x0 (+ noise), arm a 0.1 better, outcomes spread
+    over ``hours`` (their time stamps)."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.0, 1.0, (n, 4))
+    q = np.clip(0.45 + slope * x[:, 0] + 0.03 * rng.standard_normal(n), 0.0, 0.9)
+    for t, when in enumerate(np.linspace(*hours, n) * 3600.0):
+        arm = "ab"[t % 2]
+        policy.update(arm, x[t], {"quality": float(q[t] + 0.1 * (arm == "a"))},
+                      now=float(when))
+
+
+@pytest.mark.parametrize("half_life", [None, 1.0])
+def test_difficulty_forgets_with_the_arms(half_life):
+    """The shared slope flips after 10 hours. With half_life_hours 1 the difficulty's
+    sums are the arms' decayed ones: it follows the new slope (-0.3). Without
+    forgetting it is the mean of both periods (~0)."""
+    policy = SelectiveThompson(4, seed=0, shared_difficulty=True, drift_delta=None,
+                               half_life_hours=half_life)
+    policy.add_arm("a")
+    policy.add_arm("b")
+    _slope_stream(policy, 0.3, (0.0, 10.0), seed=1)
+    assert policy._applied[0] == pytest.approx(0.3, abs=0.03)
+    _slope_stream(policy, -0.3, (10.0, 20.0), seed=2)
+    if half_life is None:
+        assert abs(policy._applied[0]) < 0.05
+    else:
+        assert policy._applied[0] == pytest.approx(-0.3, abs=0.03)
+        # The arms' sums are the difficulty's: about 1 / ln 2 hours of outcomes.
+        sums = ArmSums.of(policy._stats, policy._applied)
+        assert sums.n.sum() == pytest.approx(float(policy._stats.weight[:, 0].sum()))
+        assert sums.n.sum() < 0.2 * policy._difficulty.seen
+
+
+def test_difficulty_scores_decay_by_the_share_the_arms_forgot():
+    """The candidates' prequential scores forget with the arms: a decay to a quarter
+    of the weight scales them by a quarter (then the next outcome's error is added)."""
+    policy = SelectiveThompson(4, seed=0, shared_difficulty=True, drift_delta=None,
+                               half_life_hours=1.0)
+    policy.add_arm("a")
+    policy.add_arm("b")
+    _slope_stream(policy, 0.3, (0.0, 0.0), seed=1, n=200)
+    before = policy._difficulty.err.copy()
+    policy.decay(7200.0)  # two half-lives
+    x = np.zeros(4)
+    policy.update("a", x, {"quality": float(policy.predict(x)["a"].quality)}, now=7200.0)
+    # The outcome is the arm's own prediction: its error against every candidate is the
+    # deviation of that prediction from the arm's mean, the same small number.
+    assert policy._difficulty.err == pytest.approx(0.25 * before, rel=0.02)
 
 
 @pytest.mark.parametrize("estimates", [[-0.01, 0.01], [float("inf"), 0.01], [0.01]])
