@@ -58,7 +58,7 @@ The arms' sums are moved exactly onto each new beta (b -= A delta), so they alwa
 deviations from the current one. Thompson draws from each arm's deviation posterior plus
 x.beta, conditional on beta at its fit. (The exact joint draw, one beta for every arm,
 moves arm k's sample by (Lambda_k A_k^-1 x).delta; measured on the LLMRouter replay,
-that part's spread between the arms was 0.004-0.02 against arms' widths of 0.05-0.13,
+that part's spread between the arms was 0.002-0.012 against arms' widths of 0.04-0.13,
 and over 6 policy seeds it earned nothing: left out.) The shift is used only once one
 of its ridge candidates has predicted outcomes' deviations from their arm's mean better
 than none. Its sums are the arms' own quality sums (:class:`ArmSums`: sum x x^T is the
