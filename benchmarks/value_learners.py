@@ -55,7 +55,10 @@ Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; re
 ``--out-name``).
 Data set names ending in ``+tags`` (``llmrouter+tags``, ``mmlu+tags``) replay the
 request tags in their own block; ``--file-order`` adds one pass in file order
-(``--shuffles 0 --file-order``: that pass alone).
+(``--shuffles 0 --file-order``: that pass alone), ``--file-order-seeds N`` N passes in
+file order with policy seeds 0..N-1, reported as their mean (one seed's pass moves by
+0.05-0.15 of the headroom with the seed on LLMRouter: docs/results.md, "The "new
+losses" were one seed's draw").
 
 What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
 first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
