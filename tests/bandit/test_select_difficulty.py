@@ -293,3 +293,21 @@ def test_refused_batch_update_teaches_the_difficulty_nothing(estimates):
     with pytest.raises(InvalidInputError):
         policy.update_batch(["strong", "weak"], x, outcomes, cost_estimates=estimates)
     assert policy.to_bytes() == before
+
+
+def test_difficulty_state_saved_with_its_own_sums_loads():
+    """A state saved before the sums were the arms' (its own xx, xy and rows) loads:
+    the scores are kept and the fit is solved again from the arms' sums."""
+    policy = _fed()
+    sums = ArmSums.of(policy._stats, policy._applied)
+    state = policy._difficulty.to_json()
+    old = {"xx": sums.xx.tolist(), "xy": sums.xy.tolist(), "err": state["err"],
+           "arms": {}, "fits": state["fits"], "fitted_at": 300.0}
+    loaded = SharedDifficulty(policy._difficulty.ridges)
+    loaded.load(old)
+    assert np.array_equal(loaded.err, policy._difficulty.err)
+    fresh = SharedDifficulty(policy._difficulty.ridges)
+    fresh.err = policy._difficulty.err.copy()
+    assert loaded._fits is None
+    assert loaded.coefficients(sums) == pytest.approx(fresh.coefficients(sums), abs=1e-12)
+    assert loaded.coefficients(sums).any()
