@@ -342,6 +342,63 @@ class Decision:
         return {name: p.score for name, p in self.predictions.items()}
 
 
+_PREDICTIONS = Decision.__dict__["predictions"]  # the slot (a member descriptor)
+
+
+class _TableDecision(Decision):
+    """A :class:`Decision` of the compiled decide whose ``predictions`` are built from
+    its table row when first read: the same dict of the same Predictions, equal to the
+    Decision built at once, but a caller that reads only ``arm`` and ``propensity``
+    (a replay, the learner) no longer pays for 16 Prediction objects (5-10 µs)."""
+
+    __slots__ = ("_arms", "_table")
+
+    def __init__(self, arm: str, propensity: float,
+                 predictions: dict[str, Prediction] | None = None, explored: bool = False,
+                 policy: str = "", arms: list[str] | None = None,
+                 table: np.ndarray | None = None) -> None:
+        # Decision's fields (dataclasses.replace passes predictions), or the table row
+        # (K, 6) of the candidates ``arms`` to build them from. Frozen: the slots are set
+        # through object's setattr, as the dataclass does.
+        setter = object.__setattr__
+        setter(self, "arm", arm)
+        setter(self, "propensity", propensity)
+        setter(self, "explored", explored)
+        setter(self, "policy", policy)
+        setter(self, "_arms", arms)
+        setter(self, "_table", table)
+        _PREDICTIONS.__set__(self, predictions)  # None: built when first read
+
+    @property
+    def predictions(self) -> dict[str, Prediction]:  # type: ignore[override]
+        value = _PREDICTIONS.__get__(self)
+        if value is None:
+            # tolist() converts the (K, 6) row in one C call; the tuples go straight into
+            # Prediction (a named tuple) without a Python loop per arm.
+            value = dict(zip(self._arms, map(_make_prediction, self._table.tolist()),
+                             strict=True))
+            _PREDICTIONS.__set__(self, value)
+        return value
+
+    @predictions.setter
+    def predictions(self, value: dict[str, Prediction]) -> None:  # pickle, replace
+        _PREDICTIONS.__set__(self, value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return ((self.arm, self.propensity, self.predictions, self.explored, self.policy)
+                == (other.arm, other.propensity, other.predictions, other.explored,
+                    other.policy))
+
+    __hash__ = Decision.__hash__
+
+    def __repr__(self) -> str:
+        return (f"Decision(arm={self.arm!r}, propensity={self.propensity!r}, "
+                f"predictions={self.predictions!r}, explored={self.explored!r}, "
+                f"policy={self.policy!r})")
+
+
 @dataclass(frozen=True, slots=True)
 class BatchDecision:
     """Decisions for many contexts at once (arrays, row per context).
@@ -431,14 +488,14 @@ class BatchDecision:
 
     def decision(self, row: int, policy: str = "") -> Decision:
         """One row as a :class:`Decision`."""
+        if self.table is not None:
+            # The predictions are built when first read (_TableDecision).
+            return _TableDecision(self.arms[int(self.choices[row])],
+                                  float(self.propensities[row]), None,
+                                  bool(self.explored[row]), policy, self.arms,
+                                  self.table[row])
         # tolist() converts a column in one C call; the tuples go straight into
         # Prediction (a named tuple) without a Python loop per arm.
-        if self.table is not None:
-            rows = self.table[row].tolist()
-            predictions = dict(zip(self.arms, map(_make_prediction, rows), strict=True))
-            explored = bool(self.explored[row])
-            return Decision(self.arms[int(self.choices[row])],
-                            float(self.propensities[row]), predictions, explored, policy)
         m = self.means[row]
         rows = zip(m[:, 0].tolist(), m[:, 1].tolist(), (m[:, 2] * 1e3).tolist(),
                    self.utility[row].tolist(), self.uncertainty[row].tolist(),
