@@ -462,24 +462,31 @@ class BatchDecision:
         # Dict displays over tolist() rows: ~3x faster than dict(zip(keys, ...)) per arm.
         # The first extra (the service's price_usd) goes into the display too: setting it
         # afterwards, arm by arm, cost the service's decide ~5 us per 16 arms.
-        means, utility = self.means.tolist(), self.utility.tolist()
-        std, scores = self.uncertainty.tolist(), self.scores.tolist()
         extras = [(key, np.asarray(value, dtype=np.float64).tolist())
                   for key, value in extra.items()]
         arms = self.arms
         # Without extras a placeholder column fills the display's last key, removed once.
-        key0, first = extras[0] if extras else (None, [[None] * len(arms)] * len(means))
-        out = []
-        for r, (m, u, s, sc, e) in enumerate(zip(means, utility, std, scores, first,
-                                                 strict=True)):
-            row = {name: {"quality": m[j][0], "cost_usd": m[j][1],
-                          "latency_ms": m[j][2] * 1e3, "utility": u[j],
-                          "uncertainty": s[j], "score": sc[j], key0: e[j]}
-                   for j, name in enumerate(arms)}
-            for key, values in extras[1:]:
-                for name, value in zip(arms, values[r], strict=True):
+        key0, first = extras[0] if extras else (None, [[None] * len(arms)] * len(self))
+        if self.table is not None:
+            # The compiled decide's table holds the six numbers of every arm in order
+            # (latency already in ms, the same product): one tolist() for all of them.
+            out = [{name: {"quality": c[0], "cost_usd": c[1], "latency_ms": c[2],
+                           "utility": c[3], "uncertainty": c[4], "score": c[5], key0: e[j]}
+                    for j, (name, c) in enumerate(zip(arms, t, strict=True))}
+                   for t, e in zip(self.table.tolist(), first, strict=True)]
+        else:
+            means, utility = self.means.tolist(), self.utility.tolist()
+            std, scores = self.uncertainty.tolist(), self.scores.tolist()
+            out = [{name: {"quality": m[j][0], "cost_usd": m[j][1],
+                           "latency_ms": m[j][2] * 1e3, "utility": u[j],
+                           "uncertainty": s[j], "score": sc[j], key0: e[j]}
+                    for j, name in enumerate(arms)}
+                   for m, u, s, sc, e in zip(means, utility, std, scores, first,
+                                             strict=True)]
+        for key, values in extras[1:]:
+            for row, cells in zip(out, values, strict=True):
+                for name, value in zip(arms, cells, strict=True):
                     row[name][key] = value
-            out.append(row)
         if key0 is None:
             for row in out:
                 for cells in row.values():

@@ -103,3 +103,20 @@ def test_compiled_decision_builds_the_same_predictions_when_read():
     assert dataclasses.asdict(got)["predictions"] == dataclasses.asdict(plain)["predictions"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         got.arm = "m1"  # type: ignore[misc]
+
+
+def test_prediction_dicts_from_the_compiled_table_equal_those_from_the_arrays():
+    compiled, _ = select_pair(6)
+    rng = np.random.default_rng(4)
+    for t in range(30):
+        x = rng.standard_normal(6) / 2
+        compiled.update(f"m{t % 3}", x, {"quality": float(rng.random()), "cost_usd": 0.001,
+                                         "latency_ms": 200.0 + t})
+    batch = compiled.decide_batch(rng.standard_normal((3, 6)) / 2, PREFS)
+    assert batch.table is not None  # the compiled decide's
+    arrays = dataclasses.replace(batch, table=None)
+    prices, other = rng.random((3, 3)), rng.random((3, 3))
+    assert (batch.prediction_dicts(price_usd=prices, other=other)
+            == arrays.prediction_dicts(price_usd=prices, other=other))
+    assert batch.prediction_dicts() == arrays.prediction_dicts()
+    assert batch.prediction_dicts()[2]["m1"] == batch.decision(2).predictions["m1"].as_dict()
