@@ -101,14 +101,15 @@ def quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float) -> np.nda
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarray,
-                  inv: np.ndarray, q_inv: np.ndarray, selecting: bool, means: np.ndarray,
-                  utility: np.ndarray, std: np.ndarray) -> None:
+                  inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
+                  means: np.ndarray, utility: np.ndarray, std: np.ndarray) -> None:
     """Head means (n, K, H), utility (n, K) and the utility's std (n, K) of a few contexts
     xb (n, D), when every head of every arm shares its arm's inverse ``inv`` (K, D, D):
     ``std[r, k]^2 = sum_h c[k, h] x_r^T inv[k] x_r``, except with quality model selection
     (``selecting``), where the quality head's term reads its selected candidate's
-    ``q_inv[k]``. A sum of weights 0 skips its inverse (not read). Arm by arm, so each
-    arm's inverses are read from memory once for all the rows."""
+    ``q_inv[k, q_sel[k]]`` (``ArmStatistics.width_inverses``). A sum of weights 0 skips
+    its inverse (not read). Arm by arm, so each arm's inverses are read from memory once
+    for all the rows."""
     k_arms, heads, d = theta.shape
     n = xb.shape[0]
     first = 1 if selecting else 0
@@ -128,7 +129,7 @@ def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarra
             utility[r, k] = u
             var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
             if selecting and c[k, 0] != 0.0:
-                var += c[k, 0] * _quadratic(q_inv[k], x)
+                var += c[k, 0] * _quadratic(q_inv[k, q_sel[k]], x)
             std[r, k] = math.sqrt(var) if var > 0.0 else 0.0
 
 
@@ -164,7 +165,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
                    count: np.ndarray, lam: np.ndarray, mu0: np.ndarray,
                    sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
                    inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
-                   sel_err: np.ndarray, q_inv: np.ndarray, q_inv32: np.ndarray) -> float:
+                   sel_err: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
+                   q_inv32: np.ndarray) -> float:
     """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
     all are reported (y (H,) finite), in place; returns the quality residual before it.
 
@@ -178,8 +180,9 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
     candidates step): each candidate's prequential error on this observation before it
     is learned, one Sherman-Morrison step per candidate, then the quality head takes the
     candidate of lowest error (the first on ties, as ``np.argmin``): its coefficients
-    into ``theta[k, 0]`` and its inverse into ``q_inv[k]`` (and its float32 copy
-    ``q_inv32``, when not empty).
+    into ``theta[k, 0]``, its index into ``sel[k]``, and its inverse, not copied, is
+    marked for ``ArmStatistics.q_inv`` to copy when read (``q_stale[k]``); its float32
+    copy ``q_inv32[k]`` (when not empty) is written in the candidate's own step.
     """
     p = s_inv[k]
     a = s_data[k]
@@ -208,8 +211,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
             th[h, i] += err[h] * gi
             b[h, i] += y[h] * wxi
     if sel_inv.shape[0]:
-        _update_candidates(k, x, y[0], weight, px, sel_inv, sel_theta, sel_err, th, q_inv,
-                           q_inv32)
+        _update_candidates(k, x, y[0], weight, px, sel_inv, sel_theta, sel_err, th, sel,
+                           q_stale, q_inv32)
     for h in range(heads):
         srr[k, h] += weight * y[h] * y[h]
         wsum[k, h] += weight
@@ -227,31 +230,43 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
                        sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
-                       th: np.ndarray, q_inv: np.ndarray, q_inv32: np.ndarray) -> None:
-    """The candidates step of :func:`update_grouped` (``px``: scratch, a D-vector)."""
+                       th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
+                       q_inv32: np.ndarray) -> None:
+    """The candidates step of :func:`update_grouped` (``px``: scratch, a D-vector).
+
+    The errors first (each candidate's own, before its step, so the same numbers as
+    error-then-step per candidate), hence the selection before the steps: the selected
+    candidate's float32 copy is written row by row in its step, not by a second pass."""
     d = x.shape[0]
+    n_cand = sel_inv.shape[1]
+    errs = np.empty(n_cand)
     best, best_err = 0, np.inf
-    for g in range(sel_inv.shape[1]):
-        p = sel_inv[k, g]
+    for g in range(n_cand):
         tg = sel_theta[k, g]
         e = y0
         for j in range(d):
             e -= tg[j] * x[j]
+        errs[g] = e
         sel_err[k, g] += weight * e * e
+        if sel_err[k, g] < best_err:
+            best, best_err = g, sel_err[k, g]
+    copy = q_inv32.shape[0] > 0
+    for g in range(n_cand):
+        p = sel_inv[k, g]
+        tg = sel_theta[k, g]
+        e = errs[g]
         scale = _gain(p, x, weight, px)
         for i in range(d):
             gi = scale * px[i]
             for j in range(d):
                 p[i, j] -= gi * px[j]
+            if copy and g == best:
+                for j in range(d):
+                    q_inv32[k, i, j] = p[i, j]
             tg[i] += e * gi
-        if sel_err[k, g] < best_err:
-            best, best_err = g, sel_err[k, g]
     th[0, :] = sel_theta[k, best]
-    q_inv[k] = sel_inv[k, best]
-    if q_inv32.shape[0]:
-        for i in range(d):
-            for j in range(d):
-                q_inv32[k, i, j] = q_inv[k, i, j]
+    sel[k] = best
+    q_stale[k] = True
 
 
 # The normal CDF of the propensity integral from a table: cubic Hermite interpolation of
@@ -398,7 +413,8 @@ RULE_THOMPSON = 1  # LinearThompson: u + scale * std * noise
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
-                inv: np.ndarray, q_inv: np.ndarray, selecting: bool, arms: np.ndarray,
+                inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
+                arms: np.ndarray,
                 level: float, estimate: np.ndarray, factor: np.ndarray, bounded: bool,
                 rule: int, param: float, noise: np.ndarray, forced: np.ndarray,
                 epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
@@ -412,7 +428,8 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
 
     Per row and candidate: head means (``level`` added to quality), utility, its std
     (``w_h^2 sigma2_h`` per head over the shared inverse ``inv``, the quality head over
-    its selected candidate's ``q_inv`` when ``selecting``; the cost head's term left out
+    its selected candidate's ``q_inv[k, q_sel[k]]`` when ``selecting``; the cost head's
+    term left out
     when ``estimate`` (n, m) is not empty: the predicted cost is then the estimate times
     ``factor`` (K,)), the quality ceiling (+inf unless ``bounded``), the main branch's
     score (``rule``, ``param``: alpha or scale; Thompson's standard normal ``noise``
@@ -453,7 +470,7 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
             var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
             c0 = w[0] * w[0] * sigma2[k, 0]
             if selecting and c0 != 0.0:
-                var += c0 * _quadratic(q_inv[k], x)
+                var += c0 * _quadratic(q_inv[k, q_sel[k]], x)
             sd = math.sqrt(var) if var > 0.0 else 0.0
             table[r, j, 4] = sd
             if rule == RULE_UCB:

@@ -342,6 +342,63 @@ class Decision:
         return {name: p.score for name, p in self.predictions.items()}
 
 
+_PREDICTIONS = Decision.__dict__["predictions"]  # the slot (a member descriptor)
+
+
+class _TableDecision(Decision):
+    """A :class:`Decision` of the compiled decide whose ``predictions`` are built from
+    its table row when first read: the same dict of the same Predictions, equal to the
+    Decision built at once, but a caller that reads only ``arm`` and ``propensity``
+    (a replay, the learner) no longer pays for 16 Prediction objects (5-10 µs)."""
+
+    __slots__ = ("_arms", "_table")
+
+    def __init__(self, arm: str, propensity: float,
+                 predictions: dict[str, Prediction] | None = None, explored: bool = False,
+                 policy: str = "", arms: list[str] | None = None,
+                 table: np.ndarray | None = None) -> None:
+        # Decision's fields (dataclasses.replace passes predictions), or the table row
+        # (K, 6) of the candidates ``arms`` to build them from. Frozen: the slots are set
+        # through object's setattr, as the dataclass does.
+        setter = object.__setattr__
+        setter(self, "arm", arm)
+        setter(self, "propensity", propensity)
+        setter(self, "explored", explored)
+        setter(self, "policy", policy)
+        setter(self, "_arms", arms)
+        setter(self, "_table", table)
+        _PREDICTIONS.__set__(self, predictions)  # None: built when first read
+
+    @property
+    def predictions(self) -> dict[str, Prediction]:  # type: ignore[override]
+        value = _PREDICTIONS.__get__(self)
+        if value is None:
+            # tolist() converts the (K, 6) row in one C call; the tuples go straight into
+            # Prediction (a named tuple) without a Python loop per arm.
+            value = dict(zip(self._arms, map(_make_prediction, self._table.tolist()),
+                             strict=True))
+            _PREDICTIONS.__set__(self, value)
+        return value
+
+    @predictions.setter
+    def predictions(self, value: dict[str, Prediction]) -> None:  # pickle, replace
+        _PREDICTIONS.__set__(self, value)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Decision):
+            return NotImplemented
+        return ((self.arm, self.propensity, self.predictions, self.explored, self.policy)
+                == (other.arm, other.propensity, other.predictions, other.explored,
+                    other.policy))
+
+    __hash__ = Decision.__hash__
+
+    def __repr__(self) -> str:
+        return (f"Decision(arm={self.arm!r}, propensity={self.propensity!r}, "
+                f"predictions={self.predictions!r}, explored={self.explored!r}, "
+                f"policy={self.policy!r})")
+
+
 @dataclass(frozen=True, slots=True)
 class BatchDecision:
     """Decisions for many contexts at once (arrays, row per context).
@@ -405,24 +462,31 @@ class BatchDecision:
         # Dict displays over tolist() rows: ~3x faster than dict(zip(keys, ...)) per arm.
         # The first extra (the service's price_usd) goes into the display too: setting it
         # afterwards, arm by arm, cost the service's decide ~5 us per 16 arms.
-        means, utility = self.means.tolist(), self.utility.tolist()
-        std, scores = self.uncertainty.tolist(), self.scores.tolist()
         extras = [(key, np.asarray(value, dtype=np.float64).tolist())
                   for key, value in extra.items()]
         arms = self.arms
         # Without extras a placeholder column fills the display's last key, removed once.
-        key0, first = extras[0] if extras else (None, [[None] * len(arms)] * len(means))
-        out = []
-        for r, (m, u, s, sc, e) in enumerate(zip(means, utility, std, scores, first,
-                                                 strict=True)):
-            row = {name: {"quality": m[j][0], "cost_usd": m[j][1],
-                          "latency_ms": m[j][2] * 1e3, "utility": u[j],
-                          "uncertainty": s[j], "score": sc[j], key0: e[j]}
-                   for j, name in enumerate(arms)}
-            for key, values in extras[1:]:
-                for name, value in zip(arms, values[r], strict=True):
+        key0, first = extras[0] if extras else (None, [[None] * len(arms)] * len(self))
+        if self.table is not None:
+            # The compiled decide's table holds the six numbers of every arm in order
+            # (latency already in ms, the same product): one tolist() for all of them.
+            out = [{name: {"quality": c[0], "cost_usd": c[1], "latency_ms": c[2],
+                           "utility": c[3], "uncertainty": c[4], "score": c[5], key0: e[j]}
+                    for j, (name, c) in enumerate(zip(arms, t, strict=True))}
+                   for t, e in zip(self.table.tolist(), first, strict=True)]
+        else:
+            means, utility = self.means.tolist(), self.utility.tolist()
+            std, scores = self.uncertainty.tolist(), self.scores.tolist()
+            out = [{name: {"quality": m[j][0], "cost_usd": m[j][1],
+                           "latency_ms": m[j][2] * 1e3, "utility": u[j],
+                           "uncertainty": s[j], "score": sc[j], key0: e[j]}
+                    for j, name in enumerate(arms)}
+                   for m, u, s, sc, e in zip(means, utility, std, scores, first,
+                                             strict=True)]
+        for key, values in extras[1:]:
+            for row, cells in zip(out, values, strict=True):
+                for name, value in zip(arms, cells, strict=True):
                     row[name][key] = value
-            out.append(row)
         if key0 is None:
             for row in out:
                 for cells in row.values():
@@ -431,14 +495,14 @@ class BatchDecision:
 
     def decision(self, row: int, policy: str = "") -> Decision:
         """One row as a :class:`Decision`."""
+        if self.table is not None:
+            # The predictions are built when first read (_TableDecision).
+            return _TableDecision(self.arms[int(self.choices[row])],
+                                  float(self.propensities[row]), None,
+                                  bool(self.explored[row]), policy, self.arms,
+                                  self.table[row])
         # tolist() converts a column in one C call; the tuples go straight into
         # Prediction (a named tuple) without a Python loop per arm.
-        if self.table is not None:
-            rows = self.table[row].tolist()
-            predictions = dict(zip(self.arms, map(_make_prediction, rows), strict=True))
-            explored = bool(self.explored[row])
-            return Decision(self.arms[int(self.choices[row])],
-                            float(self.propensities[row]), predictions, explored, policy)
         m = self.means[row]
         rows = zip(m[:, 0].tolist(), m[:, 1].tolist(), (m[:, 2] * 1e3).tolist(),
                    self.utility[row].tolist(), self.uncertainty[row].tolist(),
@@ -1065,13 +1129,13 @@ class Policy(abc.ABC):
             uniform = self._rng.random(n) < eps
             if uniform.any():
                 forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
-        inv, q_inv = stats.width_inverses()
+        inv, q_inv, q_sel = stats.width_inverses()
         means, table = np.empty((n, m, 3)), np.empty((n, m, 6))
         choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
         explored = np.empty(n, dtype=bool)
-        _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, stats.selecting,
-                            arms, self._level, estimate, factor, cfg.bounded_optimism,
-                            kind, param, noise, forced, eps, quantiles, prune,
+        _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
+                            stats.selecting, arms, self._level, estimate, factor,
+                            cfg.bounded_optimism, kind, param, noise, forced, eps, quantiles, prune,
                             propensities, *_kernel.PHI_TABLE, means, table, choices, prop,
                             explored)
         return BatchDecision(names, choices, prop, means, table[:, :, 3], table[:, :, 4],

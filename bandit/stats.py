@@ -61,9 +61,10 @@ FUSED_BATCH = 4
 #: relative error 3e-9); at d=64 they fit the cache and float32 gains nothing.
 FLOAT32_INVERSE_DIM = 257
 _NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
-# sel_inv, sel_theta, sel_err, q_inv, its copy, of the update kernel without selection.
+# sel_inv, sel_theta, sel_err, the selected index, its stale flags, the float32 copy,
+# of the update kernel without selection.
 _NO_SELECTION = (np.zeros((0, 0, 0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)),
-                 np.zeros((0, 0, 0)), _NO_COPY)
+                 np.zeros(0, dtype=np.intp), np.zeros(0, dtype=bool), _NO_COPY)
 
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
@@ -141,6 +142,7 @@ class ArmStatistics:
         # both; a refresh or a numpy update marks the arm stale; a new array (arms added
         # or removed, a restore) makes a new copy.
         self._copies32: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._first = np.zeros(0, dtype=np.intp)  # index 0 of every arm (width_inverses)
         self.s_data = np.zeros((0, d, d))
         self.s_inv = np.zeros((0, d, d))
         self.a_data = np.zeros((0, _H, d, d))
@@ -159,11 +161,37 @@ class ArmStatistics:
         # sum of weights) per arm; the cost correction learned on top of declared prices.
         self.price_ratio = np.zeros((0, 2))
         # Per candidate ridge: prequential squared error of the quality head (a sum),
-        # inverse and coefficients; q_inv is the selected candidate's inverse (derived).
+        # inverse and coefficients; q_inv is the selected candidate's inverse (derived,
+        # copied when read: see the q_inv property).
         self.sel_err = np.zeros((0, g))
         self.sel_inv = np.zeros((0, g, d, d))
         self.sel_theta = np.zeros((0, g, d))
         self.q_inv = np.zeros((0, d, d))
+
+    @property
+    def q_inv(self) -> np.ndarray:
+        """The quality head's inverse of every arm (K, D, D): its selected candidate's,
+        ``sel_inv[k, g]``. Copied from ``sel_inv`` when read, for the arms whose
+        selection or candidates changed since: the update kernel and the compiled
+        decides read the candidate's own inverse through the selected index (see
+        :meth:`width_inverses`), so an update no longer copies a D x D matrix that only
+        the numpy paths read (at d=384, 1.2 MB per update)."""
+        stale = self._q_stale
+        if stale.any():
+            idx = np.flatnonzero(stale)
+            self._q_inv[idx] = self.sel_inv[idx, self._sel[idx]]
+            stale[:] = False
+        return self._q_inv
+
+    @q_inv.setter
+    def q_inv(self, value: np.ndarray) -> None:
+        # A whole array (arms added or removed, a restore): current, of the candidates
+        # the errors select.
+        k, g = value.shape[0], self.sel_diag.shape[0]
+        self._q_inv = value
+        self._q_stale = np.zeros(k, dtype=bool)
+        self._sel = (np.argmin(self.sel_err, axis=1).astype(np.intp)
+                     if g and self.sel_err.shape == (k, g) else np.zeros(k, dtype=np.intp))
 
     @property
     def selecting(self) -> bool:
@@ -223,6 +251,7 @@ class ArmStatistics:
         self.refresh()
 
     def delete(self, index: int) -> None:
+        self.q_inv  # noqa: B018 (copies the stale arms' while sel_inv still has them)
         for name in self.ARRAYS:
             setattr(self, name, np.delete(getattr(self, name), index, axis=0))
 
@@ -231,6 +260,7 @@ class ArmStatistics:
         return {name: getattr(self, name)[index].copy() for name in self.ARRAYS}
 
     def put(self, row: dict[str, np.ndarray]) -> None:
+        self.q_inv  # noqa: B018 (copies the stale arms' while sel_inv still has them)
         for name in self.ARRAYS:
             value = np.asarray(row[name])[None]
             setattr(self, name, np.concatenate([getattr(self, name), value]))
@@ -287,7 +317,8 @@ class ArmStatistics:
         """Make arm k's quality head its candidate with the lowest prequential error."""
         g = int(np.argmin(self.sel_err[k]))
         self.theta[k, 0] = self.sel_theta[k, g]
-        self.q_inv[k] = self.sel_inv[k, g]
+        self._sel[k] = g
+        self._q_stale[k] = True
         self._stale32(k, "q_inv")
 
     def _b_total(self, k: int) -> np.ndarray:
@@ -327,7 +358,7 @@ class ArmStatistics:
             # The usual case in one compiled call (bandit/_policy_kernel.py), with the
             # quality candidates' step when selecting: the same steps as below, which
             # stay the reference for it.
-            sel = ((self.sel_inv, self.sel_theta, self.sel_err, self.q_inv,
+            sel = ((self.sel_inv, self.sel_theta, self.sel_err, self._sel, self._q_stale,
                     self._kept32("q_inv")) if self.selecting else _NO_SELECTION)
             residual = _kernel.update_grouped(
                 k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
@@ -554,28 +585,35 @@ class ArmStatistics:
         out[self.group[k]] = (self.s_data if name == "a_data" else self.s_inv)[k]
         return out
 
+    def _source(self, name: str) -> np.ndarray:
+        """The array the float32 copy ``name`` copies (q_inv's without updating it)."""
+        return self._q_inv if name == "q_inv" else getattr(self, name)
+
     def _stale32(self, k: int, name: str) -> None:
         copy = self._copies32.get(name)
-        if copy is not None and copy[0] is getattr(self, name):
+        if copy is not None and copy[0] is self._source(name):
             copy[2][k] = True
 
     def _kept32(self, name: str) -> np.ndarray:
         """The float32 copy of ``name`` for the update kernel to keep equal; empty when
         there is none (or it copies an array replaced since)."""
         copy = self._copies32.get(name)
-        return copy[1] if copy is not None and copy[0] is getattr(self, name) else _NO_COPY
+        return copy[1] if copy is not None and copy[0] is self._source(name) else _NO_COPY
 
     def _copy32(self, name: str) -> np.ndarray:
-        """The float32 copy of ``s_inv`` or ``q_inv``, current (see FLOAT32_INVERSE_DIM)."""
-        source = getattr(self, name)
+        """The float32 copy of ``s_inv`` or ``q_inv``, current (see FLOAT32_INVERSE_DIM);
+        q_inv's stale arms are copied from their selected candidates' inverses."""
+        source = self._source(name)
         copy = self._copies32.get(name)
         if copy is None or copy[0] is not source:
-            copy = self._copies32[name] = (source, source.astype(np.float32),
+            current = self.q_inv if name == "q_inv" else source
+            copy = self._copies32[name] = (source, current.astype(np.float32),
                                            np.zeros(len(self), dtype=bool))
         stale = copy[2]
         if stale.any():
             idx = np.flatnonzero(stale)
-            copy[1][idx] = copy[0][idx]
+            copy[1][idx] = (self.sel_inv[idx, self._sel[idx]] if name == "q_inv"
+                            else source[idx])
             stale[:] = False
         return copy[1]
 
@@ -589,14 +627,20 @@ class ArmStatistics:
         return cached[1]
 
     # ------------------------------------------------------------ prediction
-    def width_inverses(self) -> tuple[np.ndarray, np.ndarray]:
-        """The shared inverses (K, D, D) and the quality head's selected ones that the
-        compiled kernels read for the exploration width: their float32 copies from
-        ``FLOAT32_INVERSE_DIM`` features on (q_inv's only when selecting)."""
-        if self.n_features < FLOAT32_INVERSE_DIM:
-            return self.s_inv, self.q_inv
-        return self._copy32("s_inv"), (self._copy32("q_inv") if self.selecting
-                                       else self.q_inv)
+    def width_inverses(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The shared inverses (K, D, D) that the compiled kernels read for the
+        exploration width, and the quality head's as (K, G, D, D) with the index (K,) of
+        each arm's selected one: the candidates' own inverses (no copy), or from
+        ``FLOAT32_INVERSE_DIM`` features on the float32 copies of both (q_inv's only when
+        selecting; then G = 1)."""
+        if self.n_features < FLOAT32_INVERSE_DIM or not self.selecting:
+            inv = (self.s_inv if self.n_features < FLOAT32_INVERSE_DIM
+                   else self._copy32("s_inv"))
+            return inv, self.sel_inv, self._sel
+        k = len(self)
+        if self._first.shape[0] != k:
+            self._first = np.zeros(k, dtype=np.intp)
+        return self._copy32("s_inv"), self._copy32("q_inv")[:, None], self._first
 
     def predict(self, xb: np.ndarray, arms: np.ndarray | None, c: np.ndarray | None,
                 w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

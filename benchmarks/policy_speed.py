@@ -40,6 +40,8 @@ Run::
 
     python -m benchmarks.policy_speed            # full run, writes results/policy_speed.json
     python -m benchmarks.policy_speed --quick    # smoke run, writes nothing by default
+    python -m benchmarks.policy_speed --against-tree /tmp/base 3 --dims 64,384 --peers vw
+        # this tree against a checkout of the base (git archive), fresh processes
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import bisect
 import contextlib
 import gc
 import itertools
+import json
 import os
 import random
 import statistics
@@ -58,6 +61,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -291,7 +295,10 @@ class Runner:
 
 
 def measure_dim(dim: int, peers: Sequence[str], target_s: float, repeats: int,
-                max_n: int, log: Callable[[str], None]) -> list[dict[str, object]]:
+                max_n: int, log: Callable[[str], None],
+                ours: Sequence[str] | None = None) -> list[dict[str, object]]:
+    """Every adapter's three operations at dimension ``dim``; ``ours`` (keys) keeps only
+    those of our policies (None: all)."""
     stream = Stream.make(dim)
     adapters: list[Adapter] = [Ours(LinUCB, stream, "linucb", "ours LinUCB"),
                                Ours(LinearThompson, stream, "thompson", "ours LinearThompson"),
@@ -306,6 +313,8 @@ def measure_dim(dim: int, peers: Sequence[str], target_s: float, repeats: int,
                                Ours(SelectiveThompson, stream, "select-numpy",
                                     "ours SelectiveThompson, numpy reference",
                                     compiled=False)]
+    if ours is not None:
+        adapters = [a for a in adapters if a.key in ours]
     builders = {"river": River, "mabwiser": MabWiser, "vw": VowpalWabbit}
     adapters += [builders[p](stream) for p in peers]
     runners = []
@@ -458,6 +467,87 @@ def blas_threads(n: int) -> Iterator[str]:
         yield str(n)
 
 
+# ------------------------------------------------------------------ against a tree
+# One round of one tree in a fresh process: this file's adapters and timing, the tree's
+# bandit package (first on the path), our three policies and the peers in that process.
+_ROUND = """
+import importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])
+spec = importlib.util.spec_from_file_location("policy_speed_round", sys.argv[2])
+bench = sys.modules["policy_speed_round"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+import bandit
+dims, peers = json.loads(sys.argv[3]), json.loads(sys.argv[4])
+out = {"bandit": bandit.__file__, "per_call": []}
+with bench.blas_threads(1):
+    for dim in dims:
+        out["per_call"] += bench.measure_dim(dim, peers, float(sys.argv[5]), 1, 200_000,
+                                             lambda msg: None, bench.OURS)
+print(json.dumps(out))
+"""
+
+
+def against_tree(root: Path, rounds: int, dims: Sequence[int], peers: Sequence[str],
+                 target_s: float, log: Callable[[str], None]) -> dict[str, object]:
+    """This tree against another checkout of the project (``git archive`` of the base):
+    ``rounds`` rounds, each one fresh process per tree in alternating order, every
+    process timing our three policies and the peers once (so each ratio to a peer is
+    taken within one process). Per (tree, dim, policy, operation): the median over the
+    rounds; and the median over rounds of each round's base / this ratio."""
+    here = Path(__file__).resolve().parents[1]
+    trees = {"this": here, "base": root.resolve()}
+    samples: dict[str, list[dict]] = {"this": [], "base": []}
+    for r in range(rounds):
+        for name in (("this", "base") if r % 2 == 0 else ("base", "this")):
+            log(f"round {r + 1}/{rounds}: {name} ({trees[name]}) ...")
+            env = {**os.environ, "OPENBLAS_NUM_THREADS": "1",
+                   "PYTHONPATH": str(trees[name])}
+            done = subprocess.run(  # noqa: S603 - our own interpreter and code
+                [sys.executable, "-c", _ROUND, str(trees[name]), __file__,
+                 json.dumps(list(dims)), json.dumps(list(peers)), str(target_s)],
+                capture_output=True, text=True, check=False, env=env, cwd=trees[name])
+            if done.returncode:
+                raise RuntimeError(f"{name}: round failed:\n{done.stderr[-3000:]}")
+            run = json.loads(done.stdout.strip().splitlines()[-1])
+            if Path(run["bandit"]).resolve().parents[1] != trees[name]:
+                raise RuntimeError(f"{name}: imported bandit from {run['bandit']}")
+            samples[name].append({(e["dim"], e["policy"]): e for e in run["per_call"]})
+    rows = []
+    keys = sorted(samples["this"][0], key=lambda k: (k[0], k[1] not in OURS, k[1]))
+    for dim, policy in keys:
+        for op in ("decide", "update", "decide+update"):
+            t = {n: [s[(dim, policy)][op]["median_us"] for s in samples[n]] for n in trees}
+            row = {"dim": dim, "policy": policy, "op": op,
+                   "this_us": statistics.median(t["this"]),
+                   "base_us": statistics.median(t["base"]),
+                   "base_over_this": statistics.median(
+                       b / a for a, b in zip(t["this"], t["base"], strict=True)),
+                   "this_samples_us": t["this"], "base_samples_us": t["base"]}
+            for peer in peers:
+                if (dim, peer) in samples["this"][0] and policy in OURS:
+                    for n in trees:
+                        row[f"{peer}_over_{n}"] = statistics.median(
+                            s[(dim, peer)][op]["median_us"] / s[(dim, policy)][op]["median_us"]
+                            for s in samples[n])
+            rows.append(row)
+    return {"base": str(root), "rounds": rounds, "rows": rows}
+
+
+def print_against(result: dict[str, object], peers: Sequence[str]) -> None:
+    columns = ["d", "policy", "operation", "this µs", "base µs", "base/this"]
+    columns += [f"{p}/this, {p}/base" for p in peers]
+    table = []
+    for row in result["rows"]:  # type: ignore[union-attr]
+        cells = [row["dim"], row["policy"], row["op"], _us(row["this_us"]),
+                 _us(row["base_us"]), f"{row['base_over_this']:.2f}"]
+        cells += [f"{row[f'{p}_over_this']:.2f}x, {row[f'{p}_over_base']:.2f}x"
+                  if f"{p}_over_this" in row else "-" for p in peers]
+        table.append(cells)
+    print_table(f"This tree against {result['base']}: median of {result['rounds']} rounds "
+                "(fresh processes, alternating order); ratios per round, then the median",
+                columns, table)
+
+
 # --------------------------------------------------------------------------- report
 def _us(value: float | None) -> str:
     if value is None:
@@ -543,6 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="BLAS threads for every library in the run (default 1: one "
                              "request per worker; 0 leaves the BLAS default)")
+    parser.add_argument("--against-tree", nargs=2, metavar=("DIR", "ROUNDS"), default=None,
+                        help="time our three policies (and the peers) in this tree and in "
+                             "the checkout DIR, ROUNDS rounds of fresh processes in "
+                             "alternating order; writes results/policy_speed_against_tree"
+                             ".json (nothing else is measured)")
     parser.add_argument("--write", action="store_true",
                         help="write results/policy_speed.json even with --quick")
     args = parser.parse_args(argv)
@@ -564,6 +659,17 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     started = time.time()
+    if args.against_tree is not None:
+        rounds = int(args.against_tree[1])
+        result = against_tree(Path(args.against_tree[0]), rounds, dims, peers, target, log)
+        print_against(result, peers)
+        path = write_results("policy_speed_against_tree", {
+            "settings": {"arms": K_ARMS, "dims": dims, "target_seconds": target,
+                         "blas_threads": 1,
+                         "wall_seconds": round(time.time() - started, 1)},
+            **result}, packages=PACKAGES)
+        print(f"wrote {path}")
+        return 0
     results = []
     with blas_threads(args.blas_threads) as blas_note:
         for dim in dims:
