@@ -198,9 +198,9 @@ class _Decisions:
         self.tenant = tenants
         self.model = np.array(models, dtype=object)
         #: The extra statistics key each decision's feedback also feeds (None: none).
-        self.extra = np.array([scope_key(sc, t) for sc, t in zip(scopes, tenants,
-                                                                 strict=True)],
-                              dtype=object)
+        self.extra = np.full(n, None, dtype=object)
+        for i in np.flatnonzero(np.array(scopes, dtype=object) != "shared").tolist():
+            self.extra[i] = scope_key(scopes[i], tenants[i])
         #: When the decision was made (seconds since the epoch): the event time
         #: forgetting runs on; the chosen model's price estimate (``price_usd``, NaN
         #: for decisions made before estimates were recorded), which with a reported
@@ -243,13 +243,6 @@ class _Dead(NamedTuple):
     detail: str
 
 
-class _Candidate(NamedTuple):
-    """An event of step 1 (new or pending) to classify, with its partition."""
-
-    state: _Partition
-    item: _Pending
-
-
 class _Apply(NamedTuple):
     """An event to apply, with its decision: row ``row`` of ``decisions`` (the events of
     one write all come from one batch's)."""
@@ -288,11 +281,13 @@ class _Written:
 
 @dataclass
 class _Batch:
-    """Step 1's result: the events to classify (new records and pending events)."""
+    """Step 1's result: the events to classify (new records, then pending events), by
+    partition, in partition order."""
 
     taken: int = 0
     touched: set[TopicPartition] = field(default_factory=set)
-    candidates: list[_Candidate] = field(default_factory=list)
+    candidates: dict[TopicPartition, tuple[_Partition, list[_Pending]]] = field(
+        default_factory=dict)
     dead: list[_Dead] = field(default_factory=list)
 
 
@@ -731,7 +726,8 @@ class Learner:
         partition's write: its events applied to the in-memory statistics (the writer
         only writes), the offset fixed now (the next batch moves the state)."""
         decisions = self._fetch_decisions(                        # 2
-            {c.item.event.decision_id for c in batch.candidates}, now)
+            {p.event.decision_id for _, items in batch.candidates.values() for p in items},
+            now)
         apply = self._classify(batch, decisions, now)             # 3
         self._send_dead_letters(batch.dead, now)                  # 4
         self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
@@ -804,7 +800,6 @@ class Learner:
         """Step 1: decode the new records; the pending events join them as candidates."""
         batch = _Batch()
         timeout = self.config.pending_timeout_s
-        candidates = batch.candidates
         for tp, polled in records.items():
             state = self.partitions.get(tp)
             if state is None:
@@ -818,6 +813,7 @@ class Learner:
             state.next_offset = fresh[-1].offset + 1
             batch.taken += len(fresh)
             batch.touched.add(tp)
+            candidates = batch.candidates.setdefault(tp, (state, []))[1]
             for record in fresh:
                 try:
                     event = decode_feedback(record.value)
@@ -827,13 +823,12 @@ class Learner:
                     continue
                 stamp = record.timestamp
                 received = min(stamp / 1e3, now) if stamp and stamp > 0 else now
-                candidates.append(_Candidate(state, _Pending(
-                    record.offset, record.key, record.value, event, received + timeout,
-                    received)))
+                candidates.append(_Pending(record.offset, record.key, record.value, event,
+                                           received + timeout, received))
         for state in self.partitions.values():
             if state.pending:
                 batch.touched.add(state.tp)
-                batch.candidates.extend(_Candidate(state, p) for p in state.pending)
+                batch.candidates.setdefault(state.tp, (state, []))[1].extend(state.pending)
                 state.pending = []
         return batch
 
@@ -869,20 +864,19 @@ class Learner:
         index, tenant, problem = decisions.index, decisions.tenant, decisions.problem
         ok = _Decisions.OK
         apply: dict[TopicPartition, list[_Apply]] = {}
-        for state, item in batch.candidates:
-            i = index.get(item.event.decision_id)
-            if i is not None and tenant[i] == item.event.tenant_id and problem[i] == ok:
-                found = apply.get(state.tp)
-                if found is None:
-                    found = apply[state.tp] = []
-                found.append(_Apply(item, decisions, i))
-                continue
-            if i is None and now < item.deadline:
-                state.pending.append(item)
-                continue
-            reason, detail = self._why(item, decisions, i)
-            batch.dead.append(_Dead(_Origin(state.tp, item.offset, item.key, item.value),
-                                    reason, detail))
+        for tp, (state, items) in batch.candidates.items():
+            found = apply[tp] = []
+            for item in items:
+                event = item.event
+                i = index.get(event.decision_id)
+                if i is not None and tenant[i] == event.tenant_id and problem[i] == ok:
+                    found.append(_Apply(item, decisions, i))
+                elif i is None and now < item.deadline:
+                    state.pending.append(item)
+                else:
+                    reason, detail = self._why(item, decisions, i)
+                    batch.dead.append(_Dead(_Origin(tp, item.offset, item.key, item.value),
+                                            reason, detail))
         return apply
 
     def _why(self, item: _Pending, decisions: _Decisions, i: int | None) -> tuple[str, str]:
