@@ -1612,8 +1612,10 @@ class Policy(abc.ABC):
         ``derived=False`` leaves out what :meth:`from_bytes` can recompute exactly from
         the sums (inverses, coefficients, noise): about half the size, for statistics
         written often (the distributed learners). Drift detectors are not serialized:
-        after a restore they start watching afresh.
+        after a restore they start watching afresh. Statistics that keep their sums only
+        (``sums_only``: their derived arrays are stale) are always written without them.
         """
+        derived = derived and not self._stats.sums_only
         header = {
             "format": _FORMAT,
             "policy": self.name,

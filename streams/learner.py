@@ -86,6 +86,7 @@ from streams.stats import (
     load_statistics,
     new_statistics,
     scope_key,
+    sums_only,
 )
 from streams.topics import ensure_topics
 
@@ -176,21 +177,54 @@ class _Partition:
         return self.next_offset if self.next_offset >= 0 else self.stored_offset
 
 
-class DecisionRow(NamedTuple):
-    """What the learner reads of a decision (``decisions`` table)."""
+class _Decisions:
+    """Step 2's result: the batch's decisions (``decisions`` table), as columns, one
+    entry per decision found; ``index`` maps a decision id to its row. One query
+    returns each column as one array (no Python row objects: building them was half
+    the query's time, issue 17)."""
 
-    tenant_id: str
-    model: str
-    scope: str
-    context: bytes  # dim little-endian float64
-    created_at: float  # seconds since the epoch: the event time forgetting runs on
-    #: The price estimate (USD) the decision used for its model (``decisions.price_usd``);
-    #: with a reported cost it teaches the model's price correction, as in embedded mode.
-    #: None for decisions made before estimates were recorded.
-    price_usd: float | None
-    #: Whether the tenant's guard counted the decision (``decisions.guard`` is set): its
-    #: feedback then also updates the guard's part of it (:meth:`Learner._update_guards`).
-    guarded: bool
+    __slots__ = ("index", "tenant", "model", "extra", "x", "created", "price", "guarded",
+                 "problem", "widths")
+
+    #: ``problem`` codes: the decision can be learned from, or why not (step 3).
+    OK, EXPIRED, WIDTH, VALUES = range(4)
+
+    def __init__(self, ids: list[str], tenants: list[str], models: list[str],
+                 scopes: list[str], contexts: bytes, widths: list[int],
+                 created: list[float], prices: list[float], guarded: list[bool], *,
+                 dim: int, horizon: float) -> None:
+        n = len(ids)
+        self.index = dict(zip(ids, range(n), strict=True))
+        self.tenant = tenants
+        self.model = np.array(models, dtype=object)
+        #: The extra statistics key each decision's feedback also feeds (None: none).
+        self.extra = np.full(n, None, dtype=object)
+        for i in np.flatnonzero(np.array(scopes, dtype=object) != "shared").tolist():
+            self.extra[i] = scope_key(scopes[i], tenants[i])
+        #: When the decision was made (seconds since the epoch): the event time
+        #: forgetting runs on; the chosen model's price estimate (``price_usd``, NaN
+        #: for decisions made before estimates were recorded), which with a reported
+        #: cost teaches the model's price correction, as in embedded mode.
+        self.created = np.array(created, dtype=np.float64)
+        self.price = np.array(prices, dtype=np.float64)
+        #: Whether the tenant's guard counted the decision (``decisions.guard`` is
+        #: set): its feedback also updates the guard's part (:meth:`Learner._update_guards`).
+        self.guarded = guarded
+        width = np.array(widths, dtype=np.int64).reshape(-1)
+        fits = width == 8 * dim
+        if fits.all():
+            self.x = np.frombuffer(contexts, dtype="<f8").reshape(n, dim)
+        else:  # a context of another dimension: the others still apply
+            self.x = np.zeros((n, dim))
+            ends = np.cumsum(width)
+            for i in np.flatnonzero(fits):
+                self.x[i] = np.frombuffer(contexts[ends[i] - width[i]:ends[i]], "<f8")
+        with np.errstate(invalid="ignore"):
+            # A huge (finite) embedding would overflow the shared sums to inf/NaN.
+            values = (np.abs(self.x) <= MAX_CONTEXT_ABS).all(axis=1)  # False for NaN
+        self.problem = np.select([self.created < horizon, ~fits, ~values],
+                                 [self.EXPIRED, self.WIDTH, self.VALUES], self.OK).tolist()
+        self.widths = width
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,26 +243,13 @@ class _Dead(NamedTuple):
     detail: str
 
 
-class _Candidate(NamedTuple):
-    """An event of step 1 (new or pending) to classify, with its partition."""
-
-    state: _Partition
-    item: _Pending
-
-
 class _Apply(NamedTuple):
-    """An event to apply, with its decision."""
+    """An event to apply, with its decision: row ``row`` of ``decisions`` (the events of
+    one write all come from one batch's)."""
 
     item: _Pending
-    decision: DecisionRow
-
-
-class _Checked(NamedTuple):
-    """An event whose decision passed step 3's row checks (its context is checked next,
-    for the whole batch at once)."""
-
-    state: _Partition
-    apply: _Apply
+    decisions: _Decisions
+    row: int
 
 
 class _Write(NamedTuple):
@@ -260,26 +281,18 @@ class _Written:
 
 @dataclass
 class _Batch:
-    """Step 1's result: the events to classify (new records and pending events)."""
+    """Step 1's result: the events to classify (new records, then pending events), by
+    partition, in partition order."""
 
     taken: int = 0
     touched: set[TopicPartition] = field(default_factory=set)
-    candidates: list[_Candidate] = field(default_factory=list)
+    candidates: dict[TopicPartition, tuple[_Partition, list[_Pending]]] = field(
+        default_factory=dict)
     dead: list[_Dead] = field(default_factory=list)
 
 
 #: Largest absolute context value the learner applies: bandit's own bound.
 MAX_CONTEXT_ABS = MAX_ABS_CONTEXT
-
-
-def _contexts_ok(contexts: list[bytes], dim: int) -> np.ndarray:
-    """Per context (each ``dim`` float64): finite and within ``MAX_CONTEXT_ABS``, checked
-    for the whole batch in one array operation."""
-    if not contexts:
-        return np.zeros(0, dtype=bool)
-    x = np.frombuffer(b"".join(contexts), dtype="<f8").reshape(len(contexts), dim)
-    with np.errstate(invalid="ignore"):
-        return (np.abs(x) <= MAX_CONTEXT_ABS).all(axis=1)  # False for NaN and inf
 
 
 class _Float8s(list):  # type: ignore[type-arg]
@@ -675,10 +688,10 @@ class Learner:
             "SELECT key, data, featurizer FROM partition_statistics"
             " WHERE group_id = %s AND topic = %s AND partition = %s",
             (self.config.group_id, tp.topic, tp.partition)).fetchall()
-        stats = {key: load_statistics(bytes(data), self.config.dim,
-                                      self.config.half_life_hours,
-                                      f"partition {tp.partition} ({key})",
-                                      self.config.tag_dims)
+        stats = {key: sums_only(load_statistics(bytes(data), self.config.dim,
+                                                self.config.half_life_hours,
+                                                f"partition {tp.partition} ({key})",
+                                                self.config.tag_dims))
                  for key, data, _spec in blobs}
         # After the dimension: a changed dimension says so first, more precisely.
         for key, _data, spec in blobs:
@@ -713,7 +726,8 @@ class Learner:
         partition's write: its events applied to the in-memory statistics (the writer
         only writes), the offset fixed now (the next batch moves the state)."""
         decisions = self._fetch_decisions(                        # 2
-            {c.item.event.decision_id for c in batch.candidates})
+            {p.event.decision_id for _, items in batch.candidates.values() for p in items},
+            now)
         apply = self._classify(batch, decisions, now)             # 3
         self._send_dead_letters(batch.dead, now)                  # 4
         self.metrics.pending.set(sum(len(s.pending) for s in self.partitions.values()))
@@ -786,7 +800,6 @@ class Learner:
         """Step 1: decode the new records; the pending events join them as candidates."""
         batch = _Batch()
         timeout = self.config.pending_timeout_s
-        candidates = batch.candidates
         for tp, polled in records.items():
             state = self.partitions.get(tp)
             if state is None:
@@ -800,6 +813,7 @@ class Learner:
             state.next_offset = fresh[-1].offset + 1
             batch.taken += len(fresh)
             batch.touched.add(tp)
+            candidates = batch.candidates.setdefault(tp, (state, []))[1]
             for record in fresh:
                 try:
                     event = decode_feedback(record.value)
@@ -809,76 +823,81 @@ class Learner:
                     continue
                 stamp = record.timestamp
                 received = min(stamp / 1e3, now) if stamp and stamp > 0 else now
-                candidates.append(_Candidate(state, _Pending(
-                    record.offset, record.key, record.value, event, received + timeout,
-                    received)))
+                candidates.append(_Pending(record.offset, record.key, record.value, event,
+                                           received + timeout, received))
         for state in self.partitions.values():
             if state.pending:
                 batch.touched.add(state.tp)
-                batch.candidates.extend(_Candidate(state, p) for p in state.pending)
+                batch.candidates.setdefault(state.tp, (state, []))[1].extend(state.pending)
                 state.pending = []
         return batch
 
-    def _fetch_decisions(self, ids: set[str]) -> dict[str, DecisionRow]:
-        """Step 2: the batch's decisions, ONE query. Binary results: the contexts arrive
-        as raw bytes (text would hex-encode them, doubling the bytes and the work on
-        both sides), ``created_at`` as seconds and the chosen model's price estimate
-        (``price_usd``, written by the API with the decision; migration 0008)."""
+    def _fetch_decisions(self, ids: set[str], now: float) -> _Decisions:
+        """Step 2: the batch's decisions, ONE query, each column as one array (built in
+        C by psycopg's array loaders, no row objects). Binary results: the contexts
+        arrive as raw bytes, concatenated (text would hex-encode them, doubling the
+        bytes and the work on both sides), ``created_at`` as seconds and the chosen
+        model's price estimate (``price_usd``, written by the API with the decision;
+        migration 0008). The aggregates of one query see the rows in the same order."""
+        dim = self.config.dim
+        horizon = now - self.config.retention_hours * 3600.0
         if not ids:
-            return {}
+            return _Decisions([], [], [], [], b"", [], [], [], [], dim=dim, horizon=horizon)
         conn = self._db()
         with conn.transaction(), conn.cursor(binary=True) as cur:
-            rows = cur.execute(
-                "SELECT id, tenant_id, model, scope, context,"
-                " extract(epoch FROM created_at)::float8, price_usd, guard IS NOT NULL"
-                " FROM decisions"
-                " WHERE id = ANY(%b::varchar[])", (_Texts(ids),)).fetchall()
-        return {decision_id: DecisionRow(*columns) for decision_id, *columns in rows}
+            row = cur.execute(
+                "SELECT array_agg(id), array_agg(tenant_id), array_agg(model),"
+                " array_agg(scope), string_agg(context, ''::bytea),"
+                " array_agg(octet_length(context)),"
+                " array_agg(extract(epoch FROM created_at)::float8),"
+                " array_agg(coalesce(price_usd, 'NaN'::float8)),"
+                " array_agg(guard IS NOT NULL)"
+                " FROM decisions WHERE id = ANY(%b::varchar[])", (_Texts(ids),)).fetchone()
+        if row is None or row[0] is None:  # none of them (yet)
+            return _Decisions([], [], [], [], b"", [], [], [], [], dim=dim, horizon=horizon)
+        return _Decisions(*row, dim=dim, horizon=horizon)
 
-    def _classify(self, batch: _Batch, decisions: dict[str, DecisionRow],
+    def _classify(self, batch: _Batch, decisions: _Decisions,
                   now: float) -> dict[TopicPartition, list[_Apply]]:
-        """Step 3: apply, dead-letter (into ``batch.dead``) or keep pending."""
-        horizon = now - self.config.retention_hours * 3600.0
-        width = 8 * self.config.dim
-        checked: list[_Checked] = []
-        for state, item in batch.candidates:
-            row = decisions.get(item.event.decision_id)
-            reason = detail = None
-            if row is None:
-                if now < item.deadline:
-                    state.pending.append(item)
-                    continue
-                reason, detail = "unknown-decision", (
-                    f"decision_id: no decision {item.event.decision_id!r} after "
-                    f"{self.config.pending_timeout_s:g} s")
-            elif row.tenant_id != item.event.tenant_id:
-                reason, detail = ("tenant-mismatch",
-                                  "tenant_id: the decision belongs to another tenant")
-            elif row.created_at < horizon:
-                reason, detail = "decision-expired", (
-                    "decision_id: the decision is older than the retention window "
-                    f"({self.config.retention_hours:g} h)")
-            elif len(row.context) != width:
-                reason, detail = "invalid-event", (
-                    f"context: the decision's context has {len(row.context) // 8} "
-                    f"dimensions, the learner {self.config.dim}")
-            if reason is None:
-                checked.append(_Checked(state, _Apply(item, row)))
-            else:
-                batch.dead.append(_Dead(_Origin(state.tp, item.offset, item.key, item.value),
-                                        reason, detail))
+        """Step 3: apply, dead-letter (into ``batch.dead``) or keep pending. The
+        decisions' own checks (age, context) were made for all of them at once."""
+        index, tenant, problem = decisions.index, decisions.tenant, decisions.problem
+        ok = _Decisions.OK
         apply: dict[TopicPartition, list[_Apply]] = {}
-        for (state, it), ok in zip(checked, _contexts_ok(
-                [c.apply.decision.context for c in checked], self.config.dim), strict=True):
-            if ok:
-                apply.setdefault(state.tp, []).append(it)
-            else:
-                # A huge (finite) embedding would overflow the shared sums to inf/NaN.
-                batch.dead.append(_Dead(
-                    _Origin(state.tp, it.item.offset, it.item.key, it.item.value),
-                    "invalid-event", "context: the decision's context has values outside "
-                    f"+-{MAX_CONTEXT_ABS:g} or not finite"))
+        for tp, (state, items) in batch.candidates.items():
+            found = apply[tp] = []
+            for item in items:
+                event = item.event
+                i = index.get(event.decision_id)
+                if i is not None and tenant[i] == event.tenant_id and problem[i] == ok:
+                    found.append(_Apply(item, decisions, i))
+                elif i is None and now < item.deadline:
+                    state.pending.append(item)
+                else:
+                    reason, detail = self._why(item, decisions, i)
+                    batch.dead.append(_Dead(_Origin(tp, item.offset, item.key, item.value),
+                                            reason, detail))
         return apply
+
+    def _why(self, item: _Pending, decisions: _Decisions, i: int | None) -> tuple[str, str]:
+        """Why an event cannot be applied: its dead letter's reason and detail."""
+        if i is None:
+            return "unknown-decision", (
+                f"decision_id: no decision {item.event.decision_id!r} after "
+                f"{self.config.pending_timeout_s:g} s")
+        if decisions.tenant[i] != item.event.tenant_id:
+            return "tenant-mismatch", "tenant_id: the decision belongs to another tenant"
+        problem = decisions.problem[i]
+        if problem == _Decisions.EXPIRED:
+            return "decision-expired", (
+                "decision_id: the decision is older than the retention window "
+                f"({self.config.retention_hours:g} h)")
+        if problem == _Decisions.WIDTH:
+            return "invalid-event", (
+                f"context: the decision's context has {int(decisions.widths[i]) // 8} "
+                f"dimensions, the learner {self.config.dim}")
+        return "invalid-event", ("context: the decision's context has values outside "
+                                 f"+-{MAX_CONTEXT_ABS:g} or not finite")
 
     def _send_dead_letters(self, dead: list[_Dead], now: float) -> None:
         """Step 4: produce the dead letters and wait for their acknowledgement."""
@@ -945,7 +964,8 @@ class Learner:
             if found is None or int(found[0]) != state.version:
                 raise _LostOwnership(state.tp)
             applied = self._record_applied(conn, items)
-            self._update_guards(conn, [it for it in applied if it.decision.guarded])
+            self._update_guards(conn, [it for it in applied
+                                       if it.decisions.guarded[it.row]])
             blobs = w.blobs
             if len(applied) < len(items):
                 corrected = self._stored_statistics(conn, state.tp)
@@ -1041,15 +1061,20 @@ class Learner:
         if spend and self.config.reconcile_spend:
             ctes += ", " + statement.spend
         # Constant fragments chosen by the configuration; every value is a parameter.
-        rows = conn.execute(f"WITH {ctes} {statement.select}",  # noqa: S608
-                            params).fetchall()
-        if len(rows) == len(params["n"]):
-            # The events are distinct (_first_of_repeats) and the rows a subset of them:
-            # all fresh, the usual case, without mapping 20,000 keys back.
+        # The events are distinct (_first_of_repeats) and the fresh ones a subset of
+        # them: their count tells whether all are fresh, the usual case, and only
+        # otherwise are their keys sent back (20,000 rows made into Python objects
+        # while the loop waited for the GIL; issue 17).
+        count, ds, es = conn.execute(
+            f"WITH {ctes}, fresh (d, e) AS ({statement.select}) SELECT count(*),"  # noqa: S608
+            " CASE WHEN count(*) < %(k)s THEN array_agg(d) END,"
+            " CASE WHEN count(*) < %(k)s THEN array_agg(e) END FROM fresh",
+            {**params, "k": len(params["n"])}).fetchone()
+        if count == len(params["n"]):
             return sorted(params["n"])
         ordinal = dict(zip(zip(params["d"], params["e"], strict=True), params["n"],
                            strict=True))
-        return sorted(ordinal[(d, e)] for d, e in rows)
+        return sorted(ordinal[key] for key in zip(ds or [], es or [], strict=True))
 
     def _update_guards(self, conn: psycopg.Connection, applied: list[_Apply]) -> None:
         """The guard's part of each guarded decision (``decisions.guard``): the merged
@@ -1102,11 +1127,15 @@ class Learner:
         if not applied:
             return []
         dim = self.config.dim
-        x = np.frombuffer(b"".join(it.decision.context for it in applied),
-                          dtype="<f8").reshape(len(applied), dim)
+        source = applied[0].decisions
+        if any(it.decisions is not source for it in applied):
+            raise AssertionError("a write's events come from one batch's decisions")
+        n = len(applied)
+        at = np.fromiter((it.row for it in applied), np.intp, n)
+        x = source.x[at]
         # An (n, 3) array: bandit validates it in one vectorized pass. One column at a
         # time with fromiter: a tenth of np.array's time on a list of tuples.
-        nan, n = np.nan, len(applied)
+        nan = np.nan
         events = [it.item.event for it in applied]
         y = np.empty((n, 3))
         y[:, 0] = np.fromiter((nan if e.quality is None else e.quality for e in events),
@@ -1115,24 +1144,21 @@ class Learner:
                               np.float64, n)
         y[:, 2] = np.fromiter((nan if e.latency_ms is None else e.latency_ms
                                for e in events), np.float64, n)
-        arms = [it.decision.model for it in applied]
+        arms = source.model[at].tolist()
         # Forgetting runs on event time, the decision's created_at (stored by the API,
         # the same on every re-read), never on the wall clock at apply time: a replay
         # after a crash or on another learner must produce the same sums.
-        times = (None if self.config.half_life_hours is None
-                 else np.array([it.decision.created_at for it in applied]))
-        prices = np.fromiter((nan if it.decision.price_usd is None else it.decision.price_usd
-                              for it in applied), np.float64, n)
+        times = None if self.config.half_life_hours is None else source.created[at]
+        prices = source.price[at]
         groups: dict[str, list[int] | None] = {SHARED_KEY: None}  # None: every event
-        for i, it in enumerate(applied):
-            extra = scope_key(it.decision.scope, it.decision.tenant_id)
-            if extra is not None:
-                groups.setdefault(extra, []).append(i)  # type: ignore[union-attr]
+        extra = source.extra[at]
+        for i in np.flatnonzero(extra != None).tolist():  # noqa: E711 - elementwise
+            groups.setdefault(extra[i], []).append(i)  # type: ignore[union-attr]
         for key, rows in groups.items():
             policy = stats.get(key)
             if policy is None:
-                policy = stats[key] = new_statistics(dim, self.config.half_life_hours,
-                                                           self.config.tag_dims)
+                policy = stats[key] = sums_only(new_statistics(
+                    dim, self.config.half_life_hours, self.config.tag_dims))
             sub = arms if rows is None else [arms[i] for i in rows]
             known = set(policy.arms)
             for arm in dict.fromkeys(sub):  # first-seen order

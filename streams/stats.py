@@ -43,7 +43,7 @@ __all__ = ["SHARED_KEY", "StatisticsMismatchError", "HalfLifeMismatchError",
            "DimensionMismatchError", "FeaturizerMismatchError", "as_carrier",
            "candidate_settings", "carrier_settings", "check_dim", "check_featurizer",
            "check_half_life", "check_stored", "load_statistics", "new_statistics", "recast",
-           "sum_statistics", "scope_key"]
+           "sum_statistics", "scope_key", "sums_only"]
 
 #: The settings that make a policy's model-selection candidates.
 _CANDIDATES = ("context_ridge", "context_ridges", "tag_dims", "tag_ridge", "tag_ridges")
@@ -98,6 +98,16 @@ def new_statistics(dim: int, half_life_hours: float | None = None,
 def _exact(policy: Policy) -> Policy:
     # Private, by design: the carrier's batches score like one update per event.
     policy._stats.exact_prequential = True  # noqa: SLF001
+    return policy
+
+
+def sums_only(policy: Policy) -> Policy:
+    """``policy`` set to keep its sums only (``ArmStatistics.sums_only``): a learner's
+    partition statistics are added to and stored (``to_bytes(derived=False)``), never
+    predicted from, so their inverses are not recomputed after every batch. The
+    readers restore them with :meth:`bandit.Policy.from_bytes`, which recomputes them
+    from the sums."""
+    policy._stats.sums_only = True  # noqa: SLF001
     return policy
 
 

@@ -257,3 +257,47 @@ def test_apply_feedback_learns_price_correction_like_embedded(
     for model in stats.arms:
         n = sum(1 for d in priced if world.decisions[d][1] == model)
         assert ratios[stats._index[model]][1] == pytest.approx(n), model  # noqa: SLF001
+
+
+def test_bad_contexts_dead_lettered_the_batch_applied(
+        world: World, kafka_bootstrap: str, make_topic: Callable[..., str],
+        unique_group_id: str, start_learner: Callable[..., Running]) -> None:
+    """Decisions whose context has another dimension or values past the bound, among
+    good ones of the same batch (one query returns them all): their feedback is
+    dead-lettered with the reason and the field, the rest applied as a replay."""
+    import numpy as np
+
+    topic, dead_topic = make_topic(partitions=2), make_topic(partitions=1)
+    good = world.add_decisions(30)
+    tenant = world.tenants[0]
+    short, huge = "short-context-decision", "huge-context-decision"
+    bad_x = {short: world.rng.normal(size=world.dim - 3),
+             huge: np.r_[world.rng.normal(size=world.dim - 1), 1e6]}
+    for d, x in bad_x.items():
+        world.decisions[d] = (tenant, "model-0", "shared", x)
+    world.store([(d, tenant, "model-0", "shared", x) for d, x in bad_x.items()])
+    events = [world.feedback(d) for d in good]
+    bad = {d: world.feedback(d) for d in bad_x}
+    prod, ends = producer(kafka_bootstrap), Ends()
+    send_events(prod, topic, [*events[:15], *bad.values(), *events[15:]], ends)
+    learner = start_learner(topic, unique_group_id, dead_topic=dead_topic)
+    wait_caught_up(world.url, unique_group_id, topic, ends, timeout_s=30)
+    learner.stop()
+    assert_same_statistics(load_statistics(world.url, unique_group_id, topic),
+                           replay(world, events))
+    assert_feedback_rows(world.url, events)
+    consumer = KafkaConsumer(dead_topic, bootstrap_servers=kafka_bootstrap,
+                             auto_offset_reset="earliest", consumer_timeout_ms=3000)
+    letters = {decode_dead_letter(r.value).original: decode_dead_letter(r.value)
+               for r in consumer}
+    consumer.close()
+    from streams.schemas import encode_feedback
+
+    assert len(letters) == 2
+    too_few = letters[encode_feedback(bad[short])]
+    assert too_few.reason == "invalid-event"
+    assert too_few.detail == (f"context: the decision's context has {world.dim - 3} "
+                              f"dimensions, the learner {world.dim}")
+    too_big = letters[encode_feedback(bad[huge])]
+    assert too_big.reason == "invalid-event"
+    assert too_big.detail.startswith("context: the decision's context has values outside")

@@ -12,6 +12,7 @@ from streams.stats import (
     new_statistics,
     recast,
     sum_statistics,
+    sums_only,
 )
 from tests.streams.helpers import DIM, MODELS, assert_same_statistics
 
@@ -151,3 +152,28 @@ def test_check_half_life_mismatch_names_setting() -> None:
         assert "BANDIT_ROUTER_HALF_LIFE_HOURS" in message and "--half-life-hours" in message
     with pytest.raises(HalfLifeMismatchError):
         check_half_life(new_statistics(DIM), 24.0, "partition 0")
+
+
+@pytest.mark.parametrize("half_life", [None, HALF_LIFE])
+def test_sums_only_carrier_stores_the_same_statistics(half_life: float | None) -> None:
+    """A learner's carrier skips the inverses after each batch (``sums_only``); what it
+    stores, read back, is what a carrier that kept them stores: sums, the candidates'
+    errors and, recomputed on reading, the coefficients."""
+    arms, x, y, times = _events(3, n=400)
+    full, lean = new_statistics(DIM, half_life), sums_only(new_statistics(DIM, half_life))
+    for name in MODELS:
+        full.add_arm(name)
+        lean.add_arm(name)
+    for chunk in np.array_split(np.arange(len(arms)), 5):  # in order: the errors' order
+        for policy in (full, lean):
+            policy.update_batch([arms[i] for i in chunk], x[chunk], y[chunk],
+                                times=None if half_life is None else times[chunk])
+    stale = lean._stats.theta  # noqa: SLF001 - the skipped work is the point
+    assert not np.allclose(stale, full._stats.theta)  # noqa: SLF001
+    for derived in (False, True):  # a sums-only carrier never writes stale inverses
+        a = Policy.from_bytes(full.to_bytes(derived=False))
+        b = Policy.from_bytes(lean.to_bytes(derived=derived))
+        assert_same_statistics(b, a, tol=0.0)
+        for name in ("sel_err", "theta", "sigma2", "q_inv", "updates"):
+            np.testing.assert_array_equal(getattr(b._stats, name),  # noqa: SLF001
+                                          getattr(a._stats, name), err_msg=name)  # noqa: SLF001
