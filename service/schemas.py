@@ -409,6 +409,9 @@ class GatewaySettingsOut(BaseModel):
     success_quality: float | None = Field(description=(
         "Quality the router reports itself for a successful call; null: only cost and "
         "latency (post the quality with POST /v1/feedback)."))
+    quality_wait_seconds: float = Field(description=(
+        "How long a successful call's success_quality waits for the client's own quality "
+        "(POST /v1/feedback), which replaces it; learned when the wait is over."))
 
 
 def _alias_map(schema: dict) -> None:
@@ -432,6 +435,8 @@ class GatewaySettingsUpdate(_Body):
     fallback_attempts: Annotated[int, Field(strict=True, ge=0, le=5),
                                  BeforeValidator(_whole_number)] | None = NOT_NULL
     success_quality: Fraction | None = None
+    quality_wait_seconds: Annotated[float, Field(strict=True, ge=0.0, le=86_400.0,
+                                                 allow_inf_nan=False)] | None = NOT_NULL
 
-    refuse_null = field_validator("aliases", "fallback_attempts",
+    refuse_null = field_validator("aliases", "fallback_attempts", "quality_wait_seconds",
                                   mode="before")(_refuse_null)
