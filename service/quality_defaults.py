@@ -127,16 +127,17 @@ class QualityDefaults:
         ready = or_(and_(_T.state == "pending", _T.due_at <= now),
                     and_(_T.state == "applying", _T.changed_at <= now - timedelta(
                         seconds=LEASE_S)))
-        with Session(self._engine) as session, session.begin():
+        with Session(self._engine) as session:
             ids = list(session.scalars(select(_T.decision_id).where(ready)
                                        .order_by(_T.due_at).limit(limit)))
             if not ids:
-                return []
+                return []  # rolled back: no commit for a round with nothing due
             # The WHERE again: another replica may have claimed some meanwhile.
             rows = session.execute(
                 update(_T).where(_T.decision_id.in_(ids), ready)
                 .values(state="applying", changed_at=now)
                 .returning(_T.tenant_id, _T.decision_id, _T.quality)).all()
+            session.commit()
         return [Due(t, d, float(q)) for t, d, q in rows]
 
     def applied(self, decision_ids: Sequence[str]) -> None:
