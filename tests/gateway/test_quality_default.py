@@ -158,3 +158,30 @@ def test_wait_setting_refuses_bad_values(live: Live) -> None:
         assert "quality_wait_seconds" in r.text
     r = router.http.get("/v1/tenants/me/gateway", headers=auth)
     assert r.json()["quality_wait_seconds"] == 300.0
+
+
+def test_pending_default_survives_a_restart(new_database_url, monkeypatch) -> None:
+    """The default waits in the database, not in the process: a restart during the wait
+    still learns it once the wait is over (and only once)."""
+    monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
+    settings = make_settings(new_database_url(), featurizer="hashing",
+                             upstream_timeout_s=TIMEOUT_S)
+    with running_upstream() as upstream:
+        apps: list[FastAPI] = []
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            router = Router(base, upstream, http)
+            model = router.add_model(answer=FakeModel("before the restart"))
+            key, _ = _tenant(router, quality_wait_seconds=5.0)
+            decision_id = _call(router, key, model)
+            _rows(router, key, decision_id, 1)  # stored with its record
+        # Stopped within the wait: nothing of the default was learned.
+        assert {p.observations(model)["quality"]
+                for p in apps[0].state.routing.shared.values()} == {0}
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            again = Live(Router(base, upstream, http), apps[1])
+            assert _rows(again.router, key, decision_id, 2)["gateway-default"][
+                "quality"] == 0.7
+            _after_wait(again, model, 1)
+            assert again.learned(model) == {1}
