@@ -189,14 +189,16 @@ class DefaultApplier:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        pruned = loop.time()
+        pruned, delay = loop.time(), self._interval_s
         while True:
             try:
                 await asyncio.to_thread(self.apply_due)
                 if loop.time() - pruned >= self._prune_every_s:
                     pruned = loop.time()
                     await asyncio.to_thread(self._defaults.prune)
-            except Exception:  # noqa: BLE001 - the rows stay; retried next round
-                log.warning("applying the default qualities failed; retrying",
-                            exc_info=True)
-            await asyncio.sleep(self._interval_s)
+                delay = self._interval_s
+            except Exception as exc:  # noqa: BLE001 - the rows stay; retried later
+                log.warning("applying the default qualities failed (%s: %s); retrying "
+                            "in %.1f s", type(exc).__name__, exc, delay)
+                delay = min(delay * 2, 30.0)  # the database is away: no log flood
+            await asyncio.sleep(delay)
