@@ -198,7 +198,7 @@ class DefaultApplier:
                     await asyncio.to_thread(self._defaults.prune)
                 delay = self._interval_s
             except Exception as exc:  # noqa: BLE001 - the rows stay; retried later
+                delay = min(delay * 2, 30.0)  # the database is away: no log flood
                 log.warning("applying the default qualities failed (%s: %s); retrying "
                             "in %.1f s", type(exc).__name__, exc, delay)
-                delay = min(delay * 2, 30.0)  # the database is away: no log flood
             await asyncio.sleep(delay)
