@@ -95,13 +95,25 @@ class QualityDefaults:
     """The ``quality_defaults`` table's steps (one per app, ``RoutingService.quality_defaults``).
 
     ``claims(tenant_id)`` says whether a tenant's qualities are claimed at all: only
-    tenants with ``success_quality`` set have defaults (the others' feedback never
-    touches the table)."""
+    tenants with ``success_quality`` set, or whose client posted a ``default_quality``
+    (``enable`` marks them), have defaults; the others' feedback never touches the
+    table. ``wait_s(tenant_id)`` is the tenant's ``quality_wait_seconds``."""
 
-    def __init__(self, engine: Engine, claims: Callable[[str], bool]) -> None:
+    def __init__(self, engine: Engine, claims: Callable[[str], bool],
+                 wait_s: Callable[[str], float], enable: Callable[[str], object]) -> None:
         self._engine = engine
-        self._claims = claims
+        self._claims, self._wait_s, self._enable = claims, wait_s, enable
         self._insert = _insert(engine)
+
+    def provisional(self, tenant_id: str, decision_id: str, quality: float) -> None:
+        """A client's ``default_quality`` (the LiteLLM plug-in's success quality): recorded
+        as the gateway records its own, due after the tenant's wait. The first one turns
+        the tenant's claims on (``enable``, stored: every replica's within its settings
+        reload)."""
+        if not self._claims(tenant_id):
+            self._enable(tenant_id)
+        due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
+        self.record([Recorded(tenant_id, decision_id, quality, due)])
 
     # ------------------------------------------------------------ the gateway
     def record(self, rows: Sequence[Recorded]) -> None:

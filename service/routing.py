@@ -52,7 +52,7 @@ from service.domain import (
     TenantState,
 )
 from service.embedded import embedded
-from service.exceptions import NotFoundError
+from service.exceptions import NotFoundError, UnavailableError
 from service.metrics import Metrics
 from service.quality_defaults import ROUTER_EVENTS, QualityDefaults
 from service.spool import FeedbackSpool
@@ -370,6 +370,14 @@ class RoutingService:
             if claim is not None:
                 defaults.release(claim)  # type: ignore[union-attr]
             raise
+
+    def provisional_quality(self, tenant: TenantState, decision_id: str,
+                            quality: float) -> None:
+        """A client's ``default_quality`` for a call (:meth:`QualityDefaults.provisional`)."""
+        if self.quality_defaults is None:
+            raise UnavailableError("default qualities need the gateway's state, which is "
+                                   "not started", retry_after_s=5)
+        self.quality_defaults.provisional(tenant.id, decision_id, quality)
 
     def feedback_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:
         """:meth:`feedback` for a batch (the gateway's outcomes); per item its receipt or

@@ -194,7 +194,8 @@ TokenCount = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS),
 class FeedbackRequest(_Body):
     model_config = ConfigDict(json_schema_extra={
         "anyOf": [*_any_of(("quality", {"type": "number"}), ("cost_usd", {"type": "number"}),
-                           ("latency_ms", {"type": "number"}))["anyOf"],
+                           ("latency_ms", {"type": "number"}),
+                           ("default_quality", {"type": "number"}))["anyOf"],
                   {"required": ["input_tokens", "output_tokens"]}],
         # The service prices a call from both counts: one alone is refused.
         "dependentRequired": {"input_tokens": ["output_tokens"],
@@ -202,6 +203,9 @@ class FeedbackRequest(_Body):
 
     decision_id: UUID
     quality: Fraction | None = None
+    # A gateway's quality for a successful call, provisional: learned after the tenant's
+    # quality_wait_seconds unless a quality of the client's replaces it (docs/api.md).
+    default_quality: Fraction | None = None
     # Bounded like bandit's statistics (bandit.base.MAX_COST_USD / MAX_LATENCY_MS):
     # feedback is stored before it is applied, so what bandit would refuse must be
     # refused here, not stored and then failing at every replay.
@@ -222,9 +226,12 @@ class FeedbackRequest(_Body):
     def _some_outcome(self) -> FeedbackRequest:
         tokens = self.input_tokens is not None or self.output_tokens is not None
         if (self.quality is None and self.cost_usd is None and self.latency_ms is None
-                and not tokens):
-            raise ValueError("give at least one of quality, cost_usd, latency_ms, or "
-                             "input_tokens and output_tokens")
+                and self.default_quality is None and not tokens):
+            raise ValueError("give at least one of quality, cost_usd, latency_ms, "
+                             "default_quality, or input_tokens and output_tokens")
+        if self.quality is not None and self.default_quality is not None:
+            raise ValueError("give quality (yours) or default_quality (a gateway's "
+                             "provisional one), not both")
         if tokens:
             for name in ("input_tokens", "output_tokens"):
                 if getattr(self, name) is None:
@@ -234,7 +241,9 @@ class FeedbackRequest(_Body):
 
 
 class FeedbackResponse(BaseModel):
-    status: Literal["applied", "duplicate", "buffered"] = Field(description=(
+    status: Literal["applied", "duplicate", "buffered", "pending"] = Field(description=(
+        "pending: only a default_quality was given; it is learned after the tenant's "
+        "quality_wait_seconds unless a quality replaces it. "
         "applied: stored and learned from. duplicate: this (decision_id, event_id) was "
         "received before; nothing changed. buffered: the database is unreachable; the "
         "feedback is kept in the service's bounded on-disk buffer and stored and applied "

@@ -23,6 +23,10 @@ def upgrade() -> None:
     with op.batch_alter_table("gateway_settings", schema=None) as batch_op:
         batch_op.add_column(sa.Column("quality_wait_seconds", sa.Float(), nullable=False,
                                       server_default="300"))
+        # A client (the LiteLLM plug-in) posts default qualities itself
+        # (POST /v1/feedback default_quality): its qualities are checked against them.
+        batch_op.add_column(sa.Column("records_defaults", sa.Boolean(), nullable=False,
+                                      server_default=sa.false()))
     # One row per gateway call the router reported a quality for (tenants with
     # success_quality): "pending" (the default, learned at due_at unless replaced),
     # "replaced" (by the client's quality, event_id), "applying"/"applied" (the default
@@ -48,4 +52,5 @@ def downgrade() -> None:
     op.drop_index("ix_quality_defaults_state_due", table_name="quality_defaults")
     op.drop_table("quality_defaults")
     with op.batch_alter_table("gateway_settings", schema=None) as batch_op:
+        batch_op.drop_column("records_defaults")
         batch_op.drop_column("quality_wait_seconds")

@@ -173,6 +173,8 @@ class GatewaySettings(Base):
     success_quality: Mapped[float | None] = mapped_column(Float, nullable=True)
     # How long a success's default quality waits for the client's (service/quality_defaults.py).
     quality_wait_seconds: Mapped[float] = mapped_column(Float, default=300.0)
+    # A client posted a default_quality (POST /v1/feedback): claims on without success_quality.
+    records_defaults: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

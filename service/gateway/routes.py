@@ -53,10 +53,16 @@ class Gateway:
         self.availability = UpstreamAvailability(seed=settings.policy_seed)
         # A success's success_quality is provisional: the client's own quality replaces
         # it (service/quality_defaults.py); the claims are made in RoutingService.feedback.
-        self.defaults = QualityDefaults(service.engine, lambda tenant_id: (
-            self.settings.get(tenant_id).success_quality is not None))
+        self.defaults = QualityDefaults(
+            service.engine, self._claims,
+            lambda tenant_id: self.settings.get(tenant_id).quality_wait_seconds,
+            lambda tenant_id: self.settings.put(tenant_id, {"records_defaults": True}))
         service.quality_defaults = self.defaults
         self.applier = DefaultApplier(service, self.defaults)
+
+    def _claims(self, tenant_id: str) -> bool:
+        s = self.settings.get(tenant_id)
+        return s.success_quality is not None or s.records_defaults
 
     async def aclose(self) -> None:
         await self.feedback.aclose()

@@ -60,6 +60,9 @@ class TenantGateway:
     fallback_attempts: int = 0
     success_quality: float | None = None
     quality_wait_seconds: float = 300.0
+    #: A client (the LiteLLM plug-in) posted a ``default_quality``: the tenant's later
+    #: qualities are checked against defaults even without ``success_quality``.
+    records_defaults: bool = False
 
 
 DEFAULTS = TenantGateway()
@@ -78,7 +81,7 @@ class GatewaySettingsStore:
     def _state(row: m.GatewaySettings) -> TenantGateway:
         return TenantGateway({name: Alias.from_dict(a) for name, a in (row.aliases or {}).items()},
                              int(row.fallback_attempts), row.success_quality,
-                             float(row.quality_wait_seconds))
+                             float(row.quality_wait_seconds), bool(row.records_defaults))
 
     def load(self) -> None:
         """(Re)load every tenant's settings (at start and periodically)."""
@@ -104,11 +107,13 @@ class GatewaySettingsStore:
             if row is None:
                 row = m.GatewaySettings(tenant_id=tenant_id, aliases={}, fallback_attempts=0,
                                         success_quality=None,
-                                        quality_wait_seconds=DEFAULTS.quality_wait_seconds)
+                                        quality_wait_seconds=DEFAULTS.quality_wait_seconds,
+                                        records_defaults=False)
                 session.add(row)
             if "aliases" in changes:
                 row.aliases = {n: a.as_dict() for n, a in changes["aliases"].items()}
-            for key in ("fallback_attempts", "success_quality", "quality_wait_seconds"):
+            for key in ("fallback_attempts", "success_quality", "quality_wait_seconds",
+                        "records_defaults"):
                 if key in changes:
                     setattr(row, key, changes[key])
             row.updated_at = m.utcnow()
