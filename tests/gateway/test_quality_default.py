@@ -185,3 +185,19 @@ def test_pending_default_survives_a_restart(new_database_url, monkeypatch) -> No
                 "quality"] == 0.7
             _after_wait(again, model, 1)
             assert again.learned(model) == {1}
+
+
+def test_default_quality_of_a_client_gateway_refuses_bad_input(live: Live) -> None:
+    router = live.router
+    model = router.add_model(answer=FakeModel("own gateway"))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    decision_id = _call(router, key, model)
+    for body, field in (({"default_quality": 1.5}, "default_quality"),
+                        ({"default_quality": 0.5, "quality": 0.5}, "not both")):
+        r = router.http.post("/v1/feedback", headers=auth,
+                             json={"decision_id": decision_id, **body})
+        assert r.status_code == 422 and field in r.text, (body, r.text)
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "default_quality": 0.5})
+    assert r.status_code == 202 and r.json()["status"] == "pending", r.text
