@@ -199,7 +199,11 @@ class FeedbackRequest(_Body):
                   {"required": ["input_tokens", "output_tokens"]}],
         # The service prices a call from both counts: one alone is refused.
         "dependentRequired": {"input_tokens": ["output_tokens"],
-                              "output_tokens": ["input_tokens"]}})
+                              "output_tokens": ["input_tokens"]},
+        # Yours or a gateway's default, not both (a null counts as not given).
+        "not": {"required": ["quality", "default_quality"],
+                "properties": {"quality": {"type": "number"},
+                               "default_quality": {"type": "number"}}}})
 
     decision_id: UUID
     quality: Fraction | None = None
