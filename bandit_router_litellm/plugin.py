@@ -15,10 +15,13 @@ One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
    :meth:`BanditRouter.async_log_success_event` /
    :meth:`BanditRouter.async_log_failure_event` post the outcome (``POST /v1/feedback``)
    with that decision id: LiteLLM's ``response_cost``, the call's latency, and a quality
-   (``success_quality``, ``failure_quality`` for an error). The feedback's ``event_id``
-   is LiteLLM's call id, so a repeated callback is applied once. The same callback adds
-   the headers ``x-bandit-router-decision-id`` and ``x-bandit-router-model`` to the
-   proxy's answer, so a client can report the quality later (``POST /v1/feedback``).
+   (``failure_quality`` for an error; ``success_quality`` for a success, posted as
+   ``default_quality``: learned after the tenant's ``quality_wait_seconds`` unless the
+   client's own quality replaces it, as the router's gateway does). The feedback's
+   ``event_id`` is LiteLLM's call id, so a repeated callback is applied once. The same
+   callback adds the headers ``x-bandit-router-decision-id`` and
+   ``x-bandit-router-model`` to the proxy's answer, so a client can report the quality
+   later (``POST /v1/feedback``).
 
 Failing open: the router is an optimisation in front of traffic that must flow. When it
 cannot decide (unreachable, slower than ``timeout_s``, an error such as a deployment not
@@ -266,16 +269,19 @@ class BanditRouter(CustomLogger):
         # Both sides or neither (as the gateway, service/gateway/endpoint.py _quality):
         # failures heard always and successes only when a client rates them would drag
         # a deployment that fails now and then towards the failure quality.
-        quality = (s.success_quality if not failed else
-                   None if s.success_quality is None else s.failure_quality)
+        # A success's quality is a default: learned after the tenant's
+        # quality_wait_seconds unless the client rates the call (service/quality_defaults.py).
+        default = s.success_quality if not failed else None
+        quality = None if s.success_quality is None or not failed else s.failure_quality
         latency_ms = _latency_ms(start_time, end_time)
-        if quality is None and cost_usd is None and latency_ms is None:
+        if default is None and quality is None and cost_usd is None and latency_ms is None:
             return
         call_id = kwargs.get("litellm_call_id")
         try:
             await self._client().feedback(
                 decision["decision_id"], quality=quality, cost_usd=cost_usd,
-                latency_ms=latency_ms, event_id=f"litellm-{call_id}" if call_id else None)
+                latency_ms=latency_ms, event_id=f"litellm-{call_id}" if call_id else None,
+                default_quality=default)
         except (RouterError, httpx.HTTPError) as exc:
             log.warning("bandit-router: feedback for decision %s not posted (%s)",
                         decision["decision_id"], exc)

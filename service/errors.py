@@ -244,6 +244,8 @@ def _statuses(path: str, method: str, operation: dict[str, Any]) -> set[int]:
         codes.add(404)  # the named model, tenant or decision does not exist
     if (method, path) == ("post", "/v1/admin/models"):
         codes.add(409)  # the name is (or was) used
+    if (method, path) == ("post", "/v1/feedback"):
+        codes.add(409)  # a second quality for a gateway call (service/quality_defaults.py)
     if path.startswith("/v1/admin/tenants/{"):
         codes.add(409)  # a tenant named by a name that two tenants share
     if path.startswith("/v1/admin/reservations"):

@@ -52,7 +52,9 @@ from service.domain import (
     TenantState,
 )
 from service.embedded import embedded
+from service.exceptions import NotFoundError, UnavailableError
 from service.metrics import Metrics
+from service.quality_defaults import ROUTER_EVENTS, QualityDefaults
 from service.spool import FeedbackSpool
 
 __all__ = ["RoutingService", "TenantState", "ModelState", "PendingDecision", "DecideArgs",
@@ -101,6 +103,9 @@ class RoutingService:
         self.migrate: Any = None
         self._reload_thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        #: Set by the gateway: a client's quality replaces a call's default quality
+        #: (service/quality_defaults.py). None: no defaults to claim.
+        self.quality_defaults: QualityDefaults | None = None
 
     # ================================================================= start / stop
     def start(self) -> str | None:
@@ -347,9 +352,32 @@ class RoutingService:
     # ================================================================= feedback
     def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
                  event_id: str | None) -> FeedbackReceipt:
-        """Hand one feedback to the sink, after the checks both modes share."""
+        """Hand one feedback to the sink, after the checks both modes share.
+
+        A client's quality first claims the call's default quality, if the gateway
+        reported one (:meth:`QualityDefaults.claim`: replaced, or refused with 409 when
+        it would count a second quality); undone when the sink refuses the feedback."""
         _check_outcome(outcome)
-        return self.sink.submit(tenant, decision_id, outcome, event_id)
+        defaults, claim = self.quality_defaults, None
+        if (defaults is not None and outcome.get("quality") is not None
+                and event_id not in ROUTER_EVENTS):
+            claim = defaults.claim(tenant.id, decision_id, event_id or "")
+        try:
+            return self.sink.submit(tenant, decision_id, outcome, event_id)
+        except (NotFoundError, InvalidInputError):
+            # Refused: nothing stored (other errors may follow a stored row whose answer
+            # was lost: the claim stays, and the client's retry finds it its own).
+            if claim is not None:
+                defaults.release(claim)  # type: ignore[union-attr]
+            raise
+
+    def provisional_quality(self, tenant: TenantState, decision_id: str,
+                            quality: float) -> None:
+        """A client's ``default_quality`` for a call (:meth:`QualityDefaults.provisional`)."""
+        if self.quality_defaults is None:
+            raise UnavailableError("default qualities need the gateway's state, which is "
+                                   "not started", retry_after_s=5)
+        self.quality_defaults.provisional(tenant.id, decision_id, quality)
 
     def feedback_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:
         """:meth:`feedback` for a batch (the gateway's outcomes); per item its receipt or

@@ -194,14 +194,22 @@ TokenCount = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS),
 class FeedbackRequest(_Body):
     model_config = ConfigDict(json_schema_extra={
         "anyOf": [*_any_of(("quality", {"type": "number"}), ("cost_usd", {"type": "number"}),
-                           ("latency_ms", {"type": "number"}))["anyOf"],
+                           ("latency_ms", {"type": "number"}),
+                           ("default_quality", {"type": "number"}))["anyOf"],
                   {"required": ["input_tokens", "output_tokens"]}],
         # The service prices a call from both counts: one alone is refused.
         "dependentRequired": {"input_tokens": ["output_tokens"],
-                              "output_tokens": ["input_tokens"]}})
+                              "output_tokens": ["input_tokens"]},
+        # Yours or a gateway's default, not both (a null counts as not given).
+        "not": {"required": ["quality", "default_quality"],
+                "properties": {"quality": {"type": "number"},
+                               "default_quality": {"type": "number"}}}})
 
     decision_id: UUID
     quality: Fraction | None = None
+    # A gateway's quality for a successful call, provisional: learned after the tenant's
+    # quality_wait_seconds unless a quality of the client's replaces it (docs/api.md).
+    default_quality: Fraction | None = None
     # Bounded like bandit's statistics (bandit.base.MAX_COST_USD / MAX_LATENCY_MS):
     # feedback is stored before it is applied, so what bandit would refuse must be
     # refused here, not stored and then failing at every replay.
@@ -222,9 +230,12 @@ class FeedbackRequest(_Body):
     def _some_outcome(self) -> FeedbackRequest:
         tokens = self.input_tokens is not None or self.output_tokens is not None
         if (self.quality is None and self.cost_usd is None and self.latency_ms is None
-                and not tokens):
-            raise ValueError("give at least one of quality, cost_usd, latency_ms, or "
-                             "input_tokens and output_tokens")
+                and self.default_quality is None and not tokens):
+            raise ValueError("give at least one of quality, cost_usd, latency_ms, "
+                             "default_quality, or input_tokens and output_tokens")
+        if self.quality is not None and self.default_quality is not None:
+            raise ValueError("give quality (yours) or default_quality (a gateway's "
+                             "provisional one), not both")
         if tokens:
             for name in ("input_tokens", "output_tokens"):
                 if getattr(self, name) is None:
@@ -234,7 +245,9 @@ class FeedbackRequest(_Body):
 
 
 class FeedbackResponse(BaseModel):
-    status: Literal["applied", "duplicate", "buffered"] = Field(description=(
+    status: Literal["applied", "duplicate", "buffered", "pending"] = Field(description=(
+        "pending: only a default_quality was given; it is learned after the tenant's "
+        "quality_wait_seconds unless a quality replaces it. "
         "applied: stored and learned from. duplicate: this (decision_id, event_id) was "
         "received before; nothing changed. buffered: the database is unreachable; the "
         "feedback is kept in the service's bounded on-disk buffer and stored and applied "
@@ -409,6 +422,9 @@ class GatewaySettingsOut(BaseModel):
     success_quality: float | None = Field(description=(
         "Quality the router reports itself for a successful call; null: only cost and "
         "latency (post the quality with POST /v1/feedback)."))
+    quality_wait_seconds: float = Field(description=(
+        "How long a successful call's success_quality waits for the client's own quality "
+        "(POST /v1/feedback), which replaces it; learned when the wait is over."))
 
 
 def _alias_map(schema: dict) -> None:
@@ -432,6 +448,8 @@ class GatewaySettingsUpdate(_Body):
     fallback_attempts: Annotated[int, Field(strict=True, ge=0, le=5),
                                  BeforeValidator(_whole_number)] | None = NOT_NULL
     success_quality: Fraction | None = None
+    quality_wait_seconds: Annotated[float, Field(strict=True, ge=0.0, le=86_400.0,
+                                                 allow_inf_nan=False)] | None = NOT_NULL
 
-    refuse_null = field_validator("aliases", "fallback_attempts",
+    refuse_null = field_validator("aliases", "fallback_attempts", "quality_wait_seconds",
                                   mode="before")(_refuse_null)

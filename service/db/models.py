@@ -21,7 +21,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "AdminKey", "Tenant", "Model", "DecisionRow", "Feedback",
-           "GatewaySettings", "PolicyCheckpoint", "PolicySnapshot", "utcnow", "as_utc"]
+           "GatewaySettings", "QualityDefault", "PolicyCheckpoint", "PolicySnapshot",
+           "utcnow", "as_utc"]
 
 # Named constraints so that alembic's batch mode (SQLite) can alter them.
 NAMING = {
@@ -170,7 +171,31 @@ class GatewaySettings(Base):
     aliases: Mapped[dict] = mapped_column(JSON, default=dict)
     fallback_attempts: Mapped[int] = mapped_column(Integer, default=0)
     success_quality: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # How long a success's default quality waits for the client's (service/quality_defaults.py).
+    quality_wait_seconds: Mapped[float] = mapped_column(Float, default=300.0)
+    # A client posted a default_quality (POST /v1/feedback): claims on without success_quality.
+    records_defaults: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class QualityDefault(Base):
+    """A gateway call's quality reported by the router (migration 0011): a success's
+    default, provisional until the client's quality replaces it or ``due_at`` passes; a
+    failure's 0 (``final``). See :mod:`service.quality_defaults`."""
+
+    __tablename__ = "quality_defaults"
+    __table_args__ = (Index("ix_quality_defaults_state_due", "state", "due_at"),
+                      Index("ix_quality_defaults_changed_at", "changed_at"))
+
+    decision_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    # pending | replaced | applying | applied | final
+    state: Mapped[str] = mapped_column(String(16))
+    quality: Mapped[float | None] = mapped_column(Float, nullable=True)
+    due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The client's event that replaced the default (state "replaced").
+    event_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class PolicyCheckpoint(Base):

@@ -17,8 +17,10 @@ Per request:
    passed on event by event as it arrives.
 5. The outcome is posted by the router (:mod:`service.gateway.feedback`): latency (for a
    stream, the time to its first chunk), the cost of the upstream's ``usage`` at the
-   registry's prices, and, when the tenant set ``success_quality``, that quality for a
-   success and 0 for a failure (timeout, 5xx, 429, refused connection); without it no
+   registry's prices, and, when the tenant set ``success_quality``, 0 for a failure
+   (timeout, 5xx, 429, refused connection) and that quality for a success, provisional:
+   learned after the tenant's ``quality_wait_seconds`` unless the client's own quality
+   (``POST /v1/feedback``) replaces it (:mod:`service.quality_defaults`); without it no
    quality either way (:func:`_quality` says why). With ``fallback_attempts`` the next
    best of the remaining candidates is tried, each attempt its own decision.
 6. Every call's success or failure also feeds the upstream's availability
@@ -43,6 +45,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -51,6 +54,7 @@ from starlette.types import Receive, Scope, Send
 
 from bandit import Preferences
 from bandit.base import MAX_COST_USD
+from service.db import models as m
 from service.deps import tenant_for_authorization
 from service.gateway.chat import (
     TAGS_HEADER,
@@ -70,6 +74,7 @@ from service.gateway.upstream import (
     failure_of_status,
     target_of,
 )
+from service.quality_defaults import Recorded
 from service.routes.decide import decide_pending
 from service.routing import ModelState, RoutingService, TenantState
 
@@ -176,6 +181,17 @@ def _quality(attempt: _Attempt, settings: TenantGateway) -> float | None:
     return None
 
 
+def _default(tenant: TenantState, attempt: _Attempt, settings: TenantGateway,
+             quality: float | None) -> Recorded | None:
+    """What is recorded of the router's quality (:mod:`service.quality_defaults`): a
+    success's is provisional (due after the tenant's wait), a failure's 0 final."""
+    if quality is None:
+        return None
+    due = (m.utcnow() + timedelta(seconds=settings.quality_wait_seconds)
+           if attempt.succeeded else None)
+    return Recorded(tenant.id, attempt.decision_id, quality, due)
+
+
 class _Exchange:
     """One request to the endpoint: the state it needs and whether the answer started."""
 
@@ -247,9 +263,12 @@ class _Exchange:
             except OverflowError:  # an absurd usage (10**400 tokens): the cost is unknown
                 cost = None
         quality = _quality(attempt, settings)
+        default = _default(self.tenant, attempt, settings, quality)
         latency_ms = None if attempt.latency_s is None else attempt.latency_s * 1e3
-        self.gateway.feedback.report(self.tenant, attempt.decision_id, quality=quality,
-                                     cost_usd=cost, latency_ms=latency_ms)
+        self.gateway.feedback.report(
+            self.tenant, attempt.decision_id,
+            quality=None if attempt.succeeded else quality,  # a success's: its default
+            cost_usd=cost, latency_ms=latency_ms, default=default)
 
     async def _forward(self, attempt: _Attempt) -> None:
         model = self.service.models.get(attempt.name)

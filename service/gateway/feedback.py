@@ -22,6 +22,13 @@ The join with a later quality: every outcome is posted with ``event_id`` =
 each event is learned on its own (the fields it gives), so the client's later
 ``POST /v1/feedback`` with the decision id and its own event id (or none) adds the
 quality without being refused as a duplicate of the router's cost and latency.
+
+The tenant's ``success_quality`` is not in that outcome: it is recorded as the call's
+provisional default (:mod:`service.quality_defaults`) in the same batch, before the
+outcomes are stored, and learned only if the client's quality does not come within the
+tenant's ``quality_wait_seconds`` (:class:`DefaultApplier`, its own event
+:data:`~service.quality_defaults.DEFAULT_EVENT`). A failure's quality 0 is in the
+outcome and recorded as final.
 """
 
 from __future__ import annotations
@@ -30,9 +37,11 @@ import asyncio
 import contextlib
 import logging
 
+from service.exceptions import NotFoundError
+from service.quality_defaults import DEFAULT_EVENT, QualityDefaults, Recorded
 from service.routing import FeedbackItem, RoutingService, TenantState
 
-__all__ = ["FeedbackSender", "EVENT_ID"]
+__all__ = ["FeedbackSender", "DefaultApplier", "EVENT_ID"]
 
 log = logging.getLogger("service.gateway")
 
@@ -42,7 +51,7 @@ EVENT_ID = "gateway"
 BATCH_TARGET = 100
 _BATCH = 1000
 
-_Item = tuple[TenantState, str, dict[str, float | None]]
+_Item = tuple[TenantState, str, dict[str, float | None], Recorded | None]
 
 
 class FeedbackSender:
@@ -61,10 +70,13 @@ class FeedbackSender:
         self._task = asyncio.create_task(self._run(), name="gateway-feedback")
 
     def report(self, tenant: TenantState, decision_id: str, *, quality: float | None,
-               cost_usd: float | None, latency_ms: float | None) -> None:
+               cost_usd: float | None, latency_ms: float | None,
+               default: Recorded | None = None) -> None:
+        """Queue a call's outcome and, with ``success_quality``, its :class:`Recorded`
+        default quality."""
         outcome = {"quality": quality, "cost_usd": cost_usd, "latency_ms": latency_ms}
-        if any(v is not None for v in outcome.values()):
-            self._queue.put_nowait((tenant, decision_id, outcome))
+        if default is not None or any(v is not None for v in outcome.values()):
+            self._queue.put_nowait((tenant, decision_id, outcome, default))
             self._queued += 1
             if self._queue.qsize() >= BATCH_TARGET:
                 self._full.set()
@@ -94,8 +106,17 @@ class FeedbackSender:
                     self._queue.task_done()
 
     def _post(self, batch: list[_Item]) -> None:
+        defaults = self._service.quality_defaults
+        recorded = [d for *_, d in batch if d is not None]
+        if defaults is not None and recorded:
+            try:
+                defaults.record(recorded)
+            except Exception:  # noqa: BLE001 - the outcomes are still stored
+                log.warning("the default qualities of %d gateway calls were not recorded "
+                            "(never learned)", len(recorded), exc_info=True)
         items = [FeedbackItem(tenant, decision_id, outcome, EVENT_ID)
-                 for tenant, decision_id, outcome in batch]
+                 for tenant, decision_id, outcome, _ in batch
+                 if any(v is not None for v in outcome.values())]
         try:
             results: list[object] = list(self._service.feedback_many(items))
         except Exception:  # noqa: BLE001 - e.g. a row the database refused: one by one
@@ -125,3 +146,59 @@ class FeedbackSender:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+
+
+class DefaultApplier:
+    """Learns the default qualities whose wait is over (one task per app): every
+    ``interval_s`` it claims them (:meth:`QualityDefaults.take_due`), posts each as the
+    feedback event :data:`DEFAULT_EVENT` through the routing service's sink, and marks
+    them applied. One that could not be posted stays claimed and is posted again after
+    the lease (a duplicate then, if it was stored after all)."""
+
+    def __init__(self, service: RoutingService, defaults: QualityDefaults,
+                 interval_s: float = 0.5, prune_every_s: float = 600.0) -> None:
+        self._service, self._defaults = service, defaults
+        self._interval_s, self._prune_every_s = interval_s, prune_every_s
+
+    def apply_due(self) -> int:
+        """One round (in a worker thread); how many defaults were posted."""
+        due = self._defaults.take_due()
+        if not due:
+            return 0
+        tenants = self._service.tenants
+        items, known = [], []
+        for d in due:
+            tenant = tenants.get(d.tenant_id)
+            if tenant is None:  # the tenant is gone: nothing to learn for it
+                known.append(d.decision_id)
+                continue
+            items.append(FeedbackItem(tenant, d.decision_id, {"quality": d.quality},
+                                      DEFAULT_EVENT))
+        done = list(known)
+        for item, result in zip(items, self._service.feedback_many(items), strict=True):
+            if isinstance(result, NotFoundError):
+                log.warning("the default quality of decision %s was not learned: %s",
+                            item.decision_id, result)
+            elif isinstance(result, Exception):
+                log.warning("the default quality of decision %s was not stored (%s); "
+                            "retried", item.decision_id, result)
+                continue
+            done.append(item.decision_id)
+        self._defaults.applied(done)
+        return len(items)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        pruned, delay = loop.time(), self._interval_s
+        while True:
+            try:
+                await asyncio.to_thread(self.apply_due)
+                if loop.time() - pruned >= self._prune_every_s:
+                    pruned = loop.time()
+                    await asyncio.to_thread(self._defaults.prune)
+                delay = self._interval_s
+            except Exception as exc:  # noqa: BLE001 - the rows stay; retried later
+                delay = min(delay * 2, 30.0)  # the database is away: no log flood
+                log.warning("applying the default qualities failed (%s: %s); retrying "
+                            "in %.1f s", type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)

@@ -15,10 +15,11 @@ from bandit import InvalidInputError, Preferences
 from bandit.availability import UpstreamAvailability
 from service.config import Settings
 from service.deps import ServiceDep, TenantDep
-from service.gateway.feedback import FeedbackSender
+from service.gateway.feedback import DefaultApplier, FeedbackSender
 from service.gateway.metrics import GatewayMetrics
 from service.gateway.settings import Alias, GatewaySettingsStore, TenantGateway
 from service.gateway.upstream import open_client
+from service.quality_defaults import QualityDefaults
 from service.routing import RoutingService
 from service.schemas import (
     GatewayAlias,
@@ -50,6 +51,18 @@ class Gateway:
         # Which upstreams are failing, from every forwarded call (bandit/availability.py):
         # a model drawn down is left out of the decision's candidates.
         self.availability = UpstreamAvailability(seed=settings.policy_seed)
+        # A success's success_quality is provisional: the client's own quality replaces
+        # it (service/quality_defaults.py); the claims are made in RoutingService.feedback.
+        self.defaults = QualityDefaults(
+            service.engine, self._claims,
+            lambda tenant_id: self.settings.get(tenant_id).quality_wait_seconds,
+            lambda tenant_id: self.settings.put(tenant_id, {"records_defaults": True}))
+        service.quality_defaults = self.defaults
+        self.applier = DefaultApplier(service, self.defaults)
+
+    def _claims(self, tenant_id: str) -> bool:
+        s = self.settings.get(tenant_id)
+        return s.success_quality is not None or s.records_defaults
 
     async def aclose(self) -> None:
         await self.feedback.aclose()
@@ -78,13 +91,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("the gateway settings could not be loaded; defaults until the next "
                     "reload", exc_info=True)
     gateway.feedback.start()
-    reload = asyncio.create_task(_reload(gateway.settings, settings.registry_refresh_s))
+    tasks = [asyncio.create_task(_reload(gateway.settings, settings.registry_refresh_s)),
+             asyncio.create_task(gateway.applier.run(), name="gateway-defaults")]
     try:
         yield
     finally:
-        reload.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reload
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await gateway.aclose()
 
 
@@ -99,7 +114,8 @@ def _out(state: TenantGateway) -> GatewaySettingsOut:
             candidates=None if a.candidates is None else list(a.candidates))
     return GatewaySettingsOut(aliases={n: alias(a) for n, a in state.aliases.items()},
                               fallback_attempts=state.fallback_attempts,
-                              success_quality=state.success_quality)
+                              success_quality=state.success_quality,
+                              quality_wait_seconds=state.quality_wait_seconds)
 
 
 async def _gateway(request: Request) -> Gateway:

@@ -9,7 +9,9 @@
   (and then 0 for a failed one); None (the default) reports only cost and latency
   either way, the quality coming later from ``POST /v1/feedback`` and a failure
   counting against the upstream's availability only (see
-  ``service.gateway.endpoint._quality``).
+  ``service.gateway.endpoint._quality``);
+* ``quality_wait_seconds`` (default 300): how long a success's ``success_quality``
+  waits for the client's own quality, which replaces it (:mod:`service.quality_defaults`).
 
 Read on every request, so cached in memory (:class:`GatewaySettingsStore`): loaded at
 start, written through on a change, reloaded periodically (other replicas' changes).
@@ -57,6 +59,10 @@ class TenantGateway:
     aliases: dict[str, Alias] = field(default_factory=dict)
     fallback_attempts: int = 0
     success_quality: float | None = None
+    quality_wait_seconds: float = 300.0
+    #: A client (the LiteLLM plug-in) posted a ``default_quality``: the tenant's later
+    #: qualities are checked against defaults even without ``success_quality``.
+    records_defaults: bool = False
 
 
 DEFAULTS = TenantGateway()
@@ -74,7 +80,8 @@ class GatewaySettingsStore:
     @staticmethod
     def _state(row: m.GatewaySettings) -> TenantGateway:
         return TenantGateway({name: Alias.from_dict(a) for name, a in (row.aliases or {}).items()},
-                             int(row.fallback_attempts), row.success_quality)
+                             int(row.fallback_attempts), row.success_quality,
+                             float(row.quality_wait_seconds), bool(row.records_defaults))
 
     def load(self) -> None:
         """(Re)load every tenant's settings (at start and periodically)."""
@@ -99,11 +106,14 @@ class GatewaySettingsStore:
             row = session.get(m.GatewaySettings, tenant_id)
             if row is None:
                 row = m.GatewaySettings(tenant_id=tenant_id, aliases={}, fallback_attempts=0,
-                                        success_quality=None)
+                                        success_quality=None,
+                                        quality_wait_seconds=DEFAULTS.quality_wait_seconds,
+                                        records_defaults=False)
                 session.add(row)
             if "aliases" in changes:
                 row.aliases = {n: a.as_dict() for n, a in changes["aliases"].items()}
-            for key in ("fallback_attempts", "success_quality"):
+            for key in ("fallback_attempts", "success_quality", "quality_wait_seconds",
+                        "records_defaults"):
                 if key in changes:
                     setattr(row, key, changes[key])
             row.updated_at = m.utcnow()

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from bandit import InvalidInputError
 from bandit.base import MAX_COST_USD
 from service.deps import MetricsDep, ServiceDep, TenantDep
+from service.domain import FeedbackReceipt
 from service.schemas import FeedbackRequest, FeedbackResponse
 
 router = APIRouter(prefix="/v1", tags=["routing"])
@@ -26,7 +27,13 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
     While the database is unreachable the feedback is kept in a bounded buffer on the
     service's disk and answered ``buffered`` (stored and applied once the database is
     back; an unknown decision or another tenant's is then dropped, never applied). A full
-    buffer is a 503 with ``Retry-After``."""
+    buffer is a 503 with ``Retry-After``.
+
+    A quality for a call the gateway forwarded with the tenant's ``success_quality`` set
+    replaces that default within ``quality_wait_seconds``; after it, a second quality
+    and one for a failed call are refused with 409 (docs/api.md). ``default_quality``
+    (a gateway's, e.g. the LiteLLM plug-in's) is such a default, answered ``pending``
+    when nothing else is given."""
     started = time.perf_counter()
     cost = body.cost_usd
     if cost is None and body.input_tokens is not None and body.output_tokens is not None:
@@ -36,9 +43,13 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
         if cost > MAX_COST_USD:
             raise InvalidInputError("input_tokens", "with output_tokens, prices to more "
                                     f"than {MAX_COST_USD:g} USD; check the counts", cost)
-    result = service.feedback(tenant, str(body.decision_id),
-                              {"quality": body.quality, "cost_usd": cost,
-                               "latency_ms": body.latency_ms}, body.event_id)
+    decision_id = str(body.decision_id)
+    outcome = {"quality": body.quality, "cost_usd": cost, "latency_ms": body.latency_ms}
+    # Stored first (an unknown decision is refused there), then the default recorded.
+    result = FeedbackReceipt("pending", None) if all(v is None for v in outcome.values()) \
+        else service.feedback(tenant, decision_id, outcome, body.event_id)
+    if body.default_quality is not None:
+        service.provisional_quality(tenant, decision_id, body.default_quality)
     metrics.feedback_latency.observe(time.perf_counter() - started)
     if result.status == "queued":
         # Distributed mode: on the feedback topic (acks=all); the learner applies it and

@@ -47,15 +47,28 @@ def require_proxy() -> None:
                     allow_module_level=True)
 
 
-def decision_with_feedback(tenant: Any, decision_id: str, timeout_s: float = 30.0) -> dict:
+def decision_with_feedback(tenant: Any, decision_id: str, timeout_s: float = 30.0, *,
+                           rated: bool = False) -> dict:
     """The decision (``tenant``: a RouterClient) once LiteLLM's callback has posted its
-    feedback (or after ``timeout_s``, without)."""
+    feedback (or after ``timeout_s``, without); ``rated``: once a row has a quality (a
+    success's is the plug-in's default, learned after the tenant's wait: see
+    :func:`learn_defaults_at_once`)."""
     deadline = time.monotonic() + timeout_s
     while True:
         decision = tenant.decision(decision_id)
-        if decision["feedback"] or time.monotonic() > deadline:
+        fb = decision["feedback"]
+        if (any(f["quality"] is not None for f in fb) if rated else fb) \
+                or time.monotonic() > deadline:
             return decision
         time.sleep(0.1)
+
+
+def learn_defaults_at_once(base_url: str, key: str) -> None:
+    """The tenant's ``quality_wait_seconds`` to 0: the plug-in's success quality (a
+    default a client's quality would replace) is learned within the applier's round."""
+    r = httpx.put(f"{base_url}/v1/tenants/me/gateway", json={"quality_wait_seconds": 0},
+                  headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200, r.text
 
 
 @contextmanager

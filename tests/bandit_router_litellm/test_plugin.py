@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import datetime, timedelta
 
+import httpx
 import pytest
 
 pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
@@ -23,7 +25,7 @@ from litellm.types.router import RoutingContext  # noqa: E402
 from bandit_router_litellm import BanditRouter, PluginSettings  # noqa: E402
 from bandit_router_litellm.plugin import SIGNAL  # noqa: E402
 from bandit_router_litellm.settings import ENV_API_KEY, ENV_URL  # noqa: E402
-from service.client import RouterClient  # noqa: E402
+from service.client import RouterClient, RouterError  # noqa: E402
 from tests.fakes.openai_upstream import refused_base_url  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
 from tests.service.live import live_server  # noqa: E402
@@ -42,6 +44,11 @@ def router(tmp_path_factory):
             models = [admin.add_model(f"openai/m{i}-{uuid.uuid4().hex[:4]}", 1.0, 2.0).name
                       for i in range(2)]
         yield base, key, models
+
+
+def tenant_key(base: str) -> str:
+    with RouterClient(base, ADMIN_KEY) as admin:
+        return admin.create_tenant(f"p-{uuid.uuid4().hex[:6]}").api_key
 
 
 @pytest.fixture
@@ -209,8 +216,38 @@ def test_success_callback_posts_cost_latency_quality_once(router, tenant):
     _callback(plugin, "async_log_success_event", kwargs, 0.25)
     _callback(plugin, "async_log_success_event", kwargs, 0.25)  # LiteLLM repeating itself
     [fb] = tenant.decision(decision["decision_id"])["feedback"]
-    assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (1.0, 0.0125, 250.0)
+    # The success quality (1.0) is a default, learned after the tenant's wait (below).
+    assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (None, 0.0125, 250.0)
     assert fb["event_id"] == "litellm-call-1"
+
+
+def test_success_quality_is_replaced_by_the_clients_and_learned_without_it(router):
+    """The plug-in's success quality is provisional (POST /v1/feedback
+    default_quality): a client's quality within the tenant's quality_wait_seconds
+    replaces it; without one it is learned once the wait is over. Before, both were
+    learned: the call counted twice, once with the made-up 1.0."""
+    base, _, models = router
+    key = tenant_key(base)  # its own tenant: the wait is a tenant setting
+    r = httpx.put(f"{base}/v1/tenants/me/gateway", json={"quality_wait_seconds": 1.0},
+                  headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    plugin = _plugin(base, key)
+    ids = []
+    for call in ("rated", "unrated"):
+        decision = _run(plugin, _context(models)).signals[SIGNAL]
+        _callback(plugin, "async_log_success_event",
+                  _kwargs(decision, decision["model"].removeprefix("openai/"), call), 0.1)
+        ids.append(decision["decision_id"])
+    with RouterClient(base, key) as client:
+        assert client.feedback(ids[0], quality=0.3, event_id="user").status == "applied"
+        time.sleep(2.5)  # the wait (1 s) and the applier's rounds (0.5 s)
+        rows = [{f["event_id"]: f["quality"] for f in client.decision(d)["feedback"]}
+                for d in ids]
+        assert rows == [{"litellm-rated": None, "user": 0.3},
+                        {"litellm-unrated": None, "gateway-default": 1.0}], rows
+        with pytest.raises(RouterError) as info:  # the default was learned: too late
+            client.feedback(ids[1], quality=0.2, event_id="late")
+        assert info.value.status == 409
 
 
 def test_failure_callback_posts_failure_quality(router, tenant):

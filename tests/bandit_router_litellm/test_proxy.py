@@ -23,6 +23,7 @@ import pytest
 from tests.bandit_router_litellm.proxy import (
     MASTER_KEY,
     decision_with_feedback,
+    learn_defaults_at_once,
     require_proxy,
     running_proxy,
 )
@@ -82,6 +83,7 @@ def router(tmp_path_factory):
                 # flaky is believed better than strong before any feedback.
                 admin.add_model(f"openai/{name}", inp * 1e6, out * 1e6,
                                 prior_quality=0.9 if name == "flaky" else None)
+        learn_defaults_at_once(base, tenant.api_key)
         yield base, tenant.api_key
 
 
@@ -159,10 +161,14 @@ def test_proxy_plain_routes_and_posts_cost_and_latency(client, tenant, upstream,
     assert upstream.calls(name)[-1].body["messages"][-1]["content"] == (
         "What is the capital of France?")
 
-    decision = decision_with_feedback(tenant, raw.headers["x-bandit-router-decision-id"])
+    decision = decision_with_feedback(tenant, raw.headers["x-bandit-router-decision-id"],
+                                      rated=True)
     assert decision["model"] == chosen
-    [fb] = decision["feedback"]
-    assert fb["quality"] == 1.0
+    rows = {f["event_id"]: f for f in decision["feedback"]}
+    # The success quality: a default (its own event), the cost and latency at once.
+    assert rows.pop("gateway-default")["quality"] == 1.0
+    [fb] = rows.values()
+    assert fb["quality"] is None
     assert fb["cost_usd"] == pytest.approx(_expected_cost(name), rel=1e-6)
     # The fake waits 50 ms before answering; the client saw the whole round trip.
     assert 50.0 <= fb["latency_ms"] <= wall_ms
@@ -212,7 +218,7 @@ def _learn_flaky_fails(client, tenant, upstream, seen, questions: list[str]) -> 
             seen.append(str(dict(exc.response.headers)) + exc.response.text)
             decision_id = exc.response.headers["x-bandit-router-decision-id"]
         # Learn from this call before the next one decides (feedback is asynchronous).
-        decisions.append(decision_with_feedback(tenant, decision_id))
+        decisions.append(decision_with_feedback(tenant, decision_id, rated=True))
         assert decisions[-1]["feedback"], "no feedback was posted"
     chosen = [d["model"] for d in decisions]
     trace = " ".join(c[7] for c in chosen)

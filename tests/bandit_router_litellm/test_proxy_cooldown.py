@@ -16,6 +16,7 @@ import pytest
 from tests.bandit_router_litellm.proxy import (
     MASTER_KEY,
     decision_with_feedback,
+    learn_defaults_at_once,
     require_proxy,
     running_proxy,
 )
@@ -49,6 +50,7 @@ def setup(tmp_path_factory):
             # limited is believed better before any feedback: chosen first.
             admin.add_model(LIMITED, 1.0, 2.0, prior_quality=0.9)
             admin.add_model(STEADY, 1.0, 2.0)
+        learn_defaults_at_once(base, key)
         config = {
             "model_list": [{"model_name": GROUP, "litellm_params": {
                 "model": f"openai/{name}", "api_base": upstream.base_url + "/v1",
@@ -92,7 +94,9 @@ def test_proxy_deployment_in_cooldown_is_not_chosen(setup):
         raw = _ask(client, 100 + i)  # an error here is the bug: "No deployments left"
         assert raw.parse().choices[0].message.content == ANSWERS["steady"].content
         assert raw.headers["x-bandit-router-model"] == STEADY
-        decision = decision_with_feedback(tenant, raw.headers["x-bandit-router-decision-id"])
+        decision = decision_with_feedback(tenant, raw.headers["x-bandit-router-decision-id"],
+                                          rated=True)
         assert set(decision["predictions"]) == {STEADY}  # limited was not a candidate
-        assert decision["feedback"][0]["quality"] == 1.0
+        assert [f["quality"] for f in decision["feedback"]
+                if f["quality"] is not None] == [1.0]
     assert len(upstream.calls("limited")) == limited_calls

@@ -197,14 +197,16 @@ def test_fallback_tries_next_best_model_each_attempt_a_decision(router: Router) 
     auth = {"Authorization": f"Bearer {key}"}
     r = router.http.put("/v1/tenants/me/gateway", headers=auth, json={
         "aliases": {"pair": {"candidates": [bad, good]}}, "fallback_attempts": 1,
-        "success_quality": 1.0})
+        "success_quality": 1.0, "quality_wait_seconds": 0})
     assert r.status_code == 200 and r.json()["fallback_attempts"] == 1, r.text
     reply = sdk(router, key).chat.completions.with_raw_response.create(
         model="auto:pair", messages=MESSAGES)
     assert reply.parse().choices[0].message.content == "from the fallback"
     assert reply.headers["x-router-model"] == good
-    decision = router.decision(key, reply.headers["x-router-decision-id"])
-    assert decision["feedback"][0]["quality"] == 1.0  # the tenant's success quality
+    # The tenant's success quality: its own event, learned once the wait (0) is over.
+    decision = router.decision(key, reply.headers["x-router-decision-id"], feedback=2)
+    fb = {f["event_id"]: f for f in decision["feedback"]}
+    assert fb["gateway-default"]["quality"] == 1.0 and fb["gateway"]["quality"] is None
     failed = router.upstream.calls(bad)
     assert len(failed) == 1 and len(router.upstream.calls(good)) == 1
     assert router.metric("bandit_router_gateway_fallbacks_total", model=bad) == 1

@@ -8,7 +8,7 @@ from service.db.engine import downgrade, is_at_head, make_engine, upgrade
 from service.db.models import Base
 
 TABLES = {"admin_keys", "tenants", "models", "decisions", "feedback", "policy_checkpoints",
-          "policy_snapshots", "gateway_settings"}
+          "policy_snapshots", "gateway_settings", "quality_defaults"}
 
 
 def test_upgrade_schema_matches_models(new_database_url):

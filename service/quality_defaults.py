@@ -1,0 +1,225 @@
+"""A gateway call's default quality, provisional: the client's own quality replaces it.
+
+A tenant that sets ``success_quality`` (``/v1/tenants/me/gateway``) has the router report
+that quality for each successful call it forwards (and 0 for a failed one). A client
+may still rate the answer later with ``POST /v1/feedback``; learning both would teach
+the model twice for one call, once with a made-up quality. So the default is learned
+only if no quality of the client's came within the tenant's ``quality_wait_seconds``
+(default 300); one that came replaces it. The decision is made in the database, one
+row per call in ``quality_defaults`` (migration 0011), so that every replica, embedded
+and distributed mode alike, and a restart see the same answer:
+
+* the gateway records ``pending`` (the default, due at the call's time + the wait) or,
+  for a failed call, ``final`` (its quality 0 is reported at once with the cost and
+  latency: the router knows the call failed);
+* a client's quality claims the row before it goes to the feedback sink: ``pending`` ->
+  ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
+  a ``replaced`` marker, which the gateway's record keeps;
+* at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
+  default as a feedback event of its own (:data:`DEFAULT_EVENT`) through the same sink
+  as any feedback (so the learned statistics and their replay are those of ordinary
+  feedback rows, exactly once per (decision, event) in both modes), then ``applied``.
+  A row left ``applying`` (a crash, the database away) is posted again after
+  :data:`LEASE_S`; the event's id makes the repeat a duplicate;
+* a quality that comes after the default was applied, a second quality (another event
+  id) after a first replaced the default, and a quality for a failed call are refused
+  with 409 (``quality-already-reported``): learned, they would count twice.
+
+Rows that are done are kept :data:`RETENTION_S` (a day), then pruned; a quality posted
+later than that counts in addition to the default, as it would without this table.
+Each step is one statement on one row (or a batch of rows), atomic on SQLite and
+PostgreSQL alike (``INSERT .. ON CONFLICT``, ``UPDATE .. WHERE state = ..``), so two
+replicas never both apply a default nor both replace it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from sqlalchemy import Engine, and_, delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from service.db import models as m
+from service.exceptions import ConflictError
+
+__all__ = ["QualityDefaults", "Claim", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
+           "LEASE_S", "RETENTION_S"]
+
+log = logging.getLogger("service.quality_defaults")
+
+#: The event id of a default quality, learned once its wait is over.
+DEFAULT_EVENT = "gateway-default"
+#: The router's own events (the call's outcome, its default quality): never a claim.
+ROUTER_EVENTS = frozenset({"gateway", DEFAULT_EVENT})
+#: A default claimed for applying and not marked applied after this long is posted again.
+LEASE_S = 10.0
+#: Rows that are done are pruned after this long.
+RETENTION_S = 86_400.0
+_T = m.QualityDefault
+
+
+class Recorded(NamedTuple):
+    """What the gateway records of one call: the default quality of a success, due at
+    ``due_at``; or (``due_at`` None) the 0 of a failure, reported at once."""
+
+    tenant_id: str
+    decision_id: str
+    quality: float
+    due_at: datetime | None
+
+
+class Due(NamedTuple):
+    tenant_id: str
+    decision_id: str
+    quality: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A client's quality took the decision's row (to undo if the sink refuses it)."""
+
+    decision_id: str
+    event_id: str
+
+
+def _insert(engine: Engine) -> Callable[[Any], Any]:
+    return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+
+
+class QualityDefaults:
+    """The ``quality_defaults`` table's steps (one per app, ``RoutingService.quality_defaults``).
+
+    ``claims(tenant_id)`` says whether a tenant's qualities are claimed at all: only
+    tenants with ``success_quality`` set, or whose client posted a ``default_quality``
+    (``enable`` marks them), have defaults; the others' feedback never touches the
+    table. ``wait_s(tenant_id)`` is the tenant's ``quality_wait_seconds``."""
+
+    def __init__(self, engine: Engine, claims: Callable[[str], bool],
+                 wait_s: Callable[[str], float], enable: Callable[[str], object]) -> None:
+        self._engine = engine
+        self._claims, self._wait_s, self._enable = claims, wait_s, enable
+        self._insert = _insert(engine)
+
+    def provisional(self, tenant_id: str, decision_id: str, quality: float) -> None:
+        """A client's ``default_quality`` (the LiteLLM plug-in's success quality): recorded
+        as the gateway records its own, due after the tenant's wait. The first one turns
+        the tenant's claims on (``enable``, stored: every replica's within its settings
+        reload)."""
+        if not self._claims(tenant_id):
+            self._enable(tenant_id)
+        due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
+        self.record([Recorded(tenant_id, decision_id, quality, due)])
+
+    # ------------------------------------------------------------ the gateway
+    def record(self, rows: Sequence[Recorded]) -> None:
+        """Record calls' defaults (one transaction). A client's quality that came first
+        left a ``replaced`` marker: it stays (its default is never applied)."""
+        if not rows:
+            return
+        now = m.utcnow()
+        stmt = self._insert(_T).values([
+            {"decision_id": r.decision_id, "tenant_id": r.tenant_id, "quality": r.quality,
+             "state": "final" if r.due_at is None else "pending", "due_at": r.due_at,
+             "event_id": None, "changed_at": now} for r in rows])
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["decision_id"], set_={"quality": stmt.excluded.quality},
+            where=_T.tenant_id == stmt.excluded.tenant_id)
+        with Session(self._engine) as session, session.begin():
+            session.execute(stmt)
+
+    def take_due(self, limit: int = 500) -> list[Due]:
+        """Claim the defaults whose wait is over (and those claimed more than
+        :data:`LEASE_S` ago and not applied) for posting."""
+        now = m.utcnow()
+        ready = or_(and_(_T.state == "pending", _T.due_at <= now),
+                    and_(_T.state == "applying", _T.changed_at <= now - timedelta(
+                        seconds=LEASE_S)))
+        with Session(self._engine) as session:
+            ids = list(session.scalars(select(_T.decision_id).where(ready)
+                                       .order_by(_T.due_at).limit(limit)))
+            if not ids:
+                return []  # rolled back: no commit for a round with nothing due
+            # The WHERE again: another replica may have claimed some meanwhile.
+            rows = session.execute(
+                update(_T).where(_T.decision_id.in_(ids), ready)
+                .values(state="applying", changed_at=now)
+                .returning(_T.tenant_id, _T.decision_id, _T.quality)).all()
+            session.commit()
+        return [Due(t, d, float(q)) for t, d, q in rows]
+
+    def applied(self, decision_ids: Sequence[str]) -> None:
+        if decision_ids:
+            with Session(self._engine) as session, session.begin():
+                session.execute(update(_T).where(_T.decision_id.in_(decision_ids),
+                                                 _T.state == "applying")
+                                .values(state="applied", changed_at=m.utcnow()))
+
+    def prune(self) -> int:
+        """Delete the rows done more than :data:`RETENTION_S` ago; how many."""
+        before = m.utcnow() - timedelta(seconds=RETENTION_S)
+        with Session(self._engine) as session, session.begin():
+            result = session.execute(delete(_T).where(
+                _T.state.in_(("replaced", "applied", "final")), _T.changed_at < before))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------ a client's quality
+    def claim(self, tenant_id: str, decision_id: str, event_id: str) -> Claim | None:
+        """Take the decision's row for a client's quality (``event_id``; "" for none)
+        before it is submitted; raises :class:`ConflictError` when learning it would
+        count a second quality for the call. None: nothing claimed (the tenant has no
+        defaults, or the decision is another tenant's: the sink answers that)."""
+        if not self._claims(tenant_id):
+            return None
+        now = m.utcnow()
+        stmt = self._insert(_T).values(
+            decision_id=decision_id, tenant_id=tenant_id, state="replaced", quality=None,
+            due_at=None, event_id=event_id, changed_at=now)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["decision_id"],
+            set_={"state": "replaced", "event_id": event_id, "changed_at": now},
+            where=and_(_T.state == "pending", _T.tenant_id == tenant_id))
+        with Session(self._engine) as session, session.begin():
+            session.execute(stmt)
+            row = session.execute(select(_T.tenant_id, _T.state, _T.quality, _T.event_id)
+                                  .where(_T.decision_id == decision_id)).one()
+        owner, state, quality, taken_by = row
+        if owner != tenant_id:
+            return None
+        if state == "replaced":
+            if taken_by == event_id or quality is None:
+                # This event's claim (or its retry); or no default known (yet): the
+                # marker only keeps a later default out, not other events.
+                return Claim(decision_id, event_id)
+            raise _refused(decision_id, f"the router's default quality {quality:g} was "
+                           f"already replaced by the quality of event "
+                           f"{taken_by or '(none)'!r}; a second quality would count twice")
+        if state == "final":
+            raise _refused(decision_id, f"the call failed and the router reported its "
+                           f"quality ({quality:g}) itself")
+        raise _refused(decision_id, f"the router's default quality {quality:g} was "
+                       "learned when the tenant's quality_wait_seconds was over; a later "
+                       "quality would count twice")
+
+    def release(self, claim: Claim) -> None:
+        """The sink refused the claimed quality (nothing stored): the default is
+        pending again (or the marker goes)."""
+        with Session(self._engine) as session, session.begin():
+            mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
+                        _T.event_id == claim.event_id)
+            session.execute(delete(_T).where(mine, _T.quality.is_(None)))
+            session.execute(update(_T).where(mine).values(
+                state="pending", event_id=None, changed_at=m.utcnow()))
+
+
+def _refused(decision_id: str, why: str) -> ConflictError:
+    return ConflictError(
+        f"decision {decision_id}: quality refused: {why}. Post cost_usd/latency_ms "
+        "without a quality, or rate within quality_wait_seconds "
+        "(PUT /v1/tenants/me/gateway)", field="quality", reason="already reported",
+        allowed="one quality per gateway call: the client's within the tenant's "
+        "quality_wait_seconds, else the router's default", slug="quality-already-reported")

@@ -1,0 +1,203 @@
+"""A tenant's ``success_quality`` is a default: the client's own quality replaces it.
+
+The openai SDK calls the real service (SQLite and PostgreSQL) in front of the fake
+upstream; the client rates with ``POST /v1/feedback``. What is checked is what the
+learner learned (the quality observations of the model in every policy) and the
+feedback rows (what a replay learns). Before service/quality_defaults.py, a rated call
+was learned twice: the router's 0.7 at once, and the client's quality in addition.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+
+from tests.fakes.openai_upstream import FakeModel, running_upstream
+from tests.gateway.conftest import KEY_ENV, TIMEOUT_S, UPSTREAM_KEY, Router
+from tests.service.conftest import make_settings
+from tests.service.live import live_server
+
+MESSAGES = [{"role": "user", "content": "Summarize the bandit problem."}]
+#: The tenants' quality_wait_seconds here (the applier looks every 0.5 s).
+WAIT_S = 1.0
+
+
+@dataclass
+class Live:
+    router: Router
+    app: FastAPI
+
+    def learned(self, model: str) -> set[int]:
+        """The model's quality observations in each in-process policy."""
+        routing = self.app.state.routing
+        return {p.observations(model)["quality"] for p in routing.shared.values()}
+
+
+@pytest.fixture(scope="module")
+def live(new_database_url, monkeypatch_module) -> Iterator[Live]:
+    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
+    settings = make_settings(new_database_url(), featurizer="hashing",
+                             upstream_timeout_s=TIMEOUT_S)
+    apps: list[FastAPI] = []
+    with running_upstream() as upstream, live_server(settings, prepare=apps.append) as base, \
+            httpx.Client(base_url=base, timeout=30) as http:
+        yield Live(Router(base, upstream, http), apps[0])
+
+
+def _tenant(router: Router, **gateway: object) -> tuple[str, dict[str, str]]:
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    r = router.http.put("/v1/tenants/me/gateway", headers=auth,
+                        json={"success_quality": 0.7, "quality_wait_seconds": WAIT_S,
+                              **gateway})
+    assert r.status_code == 200, r.text
+    return key, auth
+
+
+def _call(router: Router, key: str, model: str) -> str:
+    client = openai.OpenAI(base_url=f"{router.base_url}/v1", api_key=key, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=MESSAGES)
+    assert raw.parse().choices[0].message.content
+    return raw.headers["x-router-decision-id"]
+
+
+def _rows(router: Router, key: str, decision_id: str, n: int) -> dict[str, dict]:
+    fb = router.decision(key, decision_id, feedback=n)["feedback"]
+    return {f["event_id"]: f for f in fb}
+
+
+def _after_wait(live: Live, model: str, want: int) -> None:
+    deadline = time.monotonic() + WAIT_S + 10.0
+    while live.learned(model) != {want} and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(WAIT_S + 1.0)  # a default that should not come has had its chance
+
+
+def test_client_quality_replaces_the_default(live: Live) -> None:
+    router = live.router
+    model = router.add_model(answer=FakeModel("replaced"))
+    key, auth = _tenant(router)
+    decision_id = _call(router, key, model)
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "quality": 0.2, "event_id": "rating"})
+    assert r.status_code == 202, r.text
+    _after_wait(live, model, 1)
+    assert live.learned(model) == {1}  # once, not twice
+    rows = _rows(router, key, decision_id, 2)
+    assert set(rows) == {"gateway", "rating"}, rows
+    assert rows["gateway"]["quality"] is None and rows["gateway"]["latency_ms"] is not None
+    assert rows["rating"]["quality"] == 0.2
+    # The same event again: the documented duplicate; another event: refused.
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "quality": 0.2, "event_id": "rating"})
+    assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "quality": 0.9, "event_id": "second"})
+    assert r.status_code == 409, r.text
+    assert r.json()["type"].endswith("quality-already-reported")
+    assert "replaced by the quality of event 'rating'" in r.json()["detail"]
+    # Cost and latency without a quality are still taken.
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "latency_ms": 12.0, "event_id": "later"})
+    assert r.status_code == 202, r.text
+    assert live.learned(model) == {1}
+
+
+def test_default_learned_when_no_quality_comes_then_a_late_one_is_refused(
+        live: Live) -> None:
+    router = live.router
+    model = router.add_model(answer=FakeModel("defaulted"))
+    key, auth = _tenant(router)
+    decision_id = _call(router, key, model)
+    assert _rows(router, key, decision_id, 1)["gateway"]["quality"] is None
+    assert live.learned(model) == {0}  # provisional: not learned yet
+    rows = _rows(router, key, decision_id, 2)
+    assert rows["gateway-default"]["quality"] == 0.7
+    assert live.learned(model) == {1}
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "quality": 0.1})
+    assert r.status_code == 409, r.text
+    assert "quality_wait_seconds" in r.json()["detail"]
+    assert r.json()["errors"][0]["field"] == "quality"
+    time.sleep(0.6)
+    assert live.learned(model) == {1}
+    assert len(router.decision(key, decision_id)["feedback"]) == 2
+
+
+def test_failed_call_keeps_its_zero_and_refuses_a_rating(live: Live) -> None:
+    router = live.router
+    model = router.add_model(answer=FakeModel("down"))
+    key, auth = _tenant(router)
+    router.upstream.set(model, status=503)
+    r = router.http.post("/v1/chat/completions", headers=auth,
+                         json={"model": model, "messages": MESSAGES})
+    assert r.status_code == 502, r.text
+    decision_id = r.headers["x-router-decision-id"]
+    assert _rows(router, key, decision_id, 1)["gateway"]["quality"] == 0.0
+    # Recorded before the outcome is stored (service/gateway/feedback.py).
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "quality": 0.9, "event_id": "x"})
+    assert r.status_code == 409, r.text
+    assert "the call failed" in r.json()["detail"]
+
+
+def test_wait_setting_refuses_bad_values(live: Live) -> None:
+    router = live.router
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    for bad in (-1, 86_401, None, "5"):
+        r = router.http.put("/v1/tenants/me/gateway", headers=auth,
+                            json={"quality_wait_seconds": bad})
+        assert r.status_code == 422, (bad, r.text)
+        assert "quality_wait_seconds" in r.text
+    r = router.http.get("/v1/tenants/me/gateway", headers=auth)
+    assert r.json()["quality_wait_seconds"] == 300.0
+
+
+def test_pending_default_survives_a_restart(new_database_url, monkeypatch) -> None:
+    """The default waits in the database, not in the process: a restart during the wait
+    still learns it once the wait is over (and only once)."""
+    monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
+    settings = make_settings(new_database_url(), featurizer="hashing",
+                             upstream_timeout_s=TIMEOUT_S)
+    with running_upstream() as upstream:
+        apps: list[FastAPI] = []
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            router = Router(base, upstream, http)
+            model = router.add_model(answer=FakeModel("before the restart"))
+            key, _ = _tenant(router, quality_wait_seconds=5.0)
+            decision_id = _call(router, key, model)
+            _rows(router, key, decision_id, 1)  # stored with its record
+        # Stopped within the wait: nothing of the default was learned.
+        assert {p.observations(model)["quality"]
+                for p in apps[0].state.routing.shared.values()} == {0}
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            again = Live(Router(base, upstream, http), apps[1])
+            assert _rows(again.router, key, decision_id, 2)["gateway-default"][
+                "quality"] == 0.7
+            _after_wait(again, model, 1)
+            assert again.learned(model) == {1}
+
+
+def test_default_quality_of_a_client_gateway_refuses_bad_input(live: Live) -> None:
+    router = live.router
+    model = router.add_model(answer=FakeModel("own gateway"))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    decision_id = _call(router, key, model)
+    for body, field in (({"default_quality": 1.5}, "default_quality"),
+                        ({"default_quality": 0.5, "quality": 0.5}, "not both")):
+        r = router.http.post("/v1/feedback", headers=auth,
+                             json={"decision_id": decision_id, **body})
+        assert r.status_code == 422 and field in r.text, (body, r.text)
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "default_quality": 0.5})
+    assert r.status_code == 202 and r.json()["status"] == "pending", r.text
