@@ -389,6 +389,18 @@ def _job(args: tuple[str, str, float, int, int]) -> float:
     return float(routing_value(ds.rewards(weight), ch)["value"])
 
 
+def _write(args: argparse.Namespace, results: list[dict], started: float, *,
+           complete: bool) -> object:
+    return write_results(args.out_name, {
+        "what": "routing value of one-pass learners (bandit feedback) against the default "
+                "LinUCB, the context-free Thompson floor and a full-information online "
+                "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
+        "shuffles": args.shuffles, "file_order": args.file_order,
+        "mmlu_rows": args.mmlu_rows, "complete": complete, "results": results,
+        "seconds": round(time.perf_counter() - started, 1)},
+        results_dir=args.out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.value_learners",
                                      description=__doc__.split("\n\n")[0])
@@ -469,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                              file_order])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
+                _write(args, results, started, complete=False)  # a long run's rows so far
     print_table("Routing value, one pass, "
                 + (f"mean over {args.shuffles} shuffles" if args.shuffles
                    else "file order only")
@@ -478,14 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
                         "hashing v2, 64 dims; +minilm: all-MiniLM-L6-v2, 384 dims; +proto: "
                         "its 64-prototype map")
-    path = write_results(args.out_name, {
-        "what": "routing value of one-pass learners (bandit feedback) against the default "
-                "LinUCB, the context-free Thompson floor and a full-information online "
-                "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
-        "shuffles": args.shuffles, "file_order": args.file_order,
-        "mmlu_rows": args.mmlu_rows, "results": results,
-        "seconds": round(time.perf_counter() - started, 1)},
-        results_dir=args.out_dir)
+    path = _write(args, results, started, complete=True)
     print(f"wrote {path}")
     return 0
 
