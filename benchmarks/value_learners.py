@@ -55,7 +55,15 @@ Run ``python -m benchmarks.value_learners`` (about 8 minutes on 2 busy cores; re
 ``--out-name``).
 Data set names ending in ``+tags`` (``llmrouter+tags``, ``mmlu+tags``) replay the
 request tags in their own block; ``--file-order`` adds one pass in file order
-(``--shuffles 0 --file-order``: that pass alone).
+(``--shuffles 0 --file-order``: that pass alone). ``+minilm`` (``llmrouter+minilm``,
+``mmlu+minilm+tags``...) replays the all-MiniLM-L6-v2 embeddings instead of hashing
+(384 dims, ``bandit.featurize``'s featurizer, what ``serve`` with ``featurizer: minilm``
+builds), ``+proto`` those embeddings through ``fit-prototypes``' default map (64
+prototypes); ``--embed`` computes and caches them (the ``[embed]`` extra; minutes).
+What MiniLM gives (5 shuffles, mean over the weights, LLMRouter / MMLU / GSM8K):
+``select-ts`` -0.032 / -0.010 / -0.032 against hashing's -0.042 / -0.013 / -0.030, while
+``full-info-online`` rises from +0.029 / -0.010 / -0.015 to +0.098 / -0.001 / -0.015
+(docs/results.md, "MiniLM context").
 
 What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
 first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
