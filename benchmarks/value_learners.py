@@ -133,7 +133,7 @@ TAGS = "+tags"
 #: all-MiniLM-L6-v2 embeddings (384 dims, what ``serve`` with ``featurizer: minilm``
 #: builds) instead of the hashing features; ``+proto``: those embeddings through the
 #: prototype map ``bandit-router fit-prototypes`` makes by default (64 spherical k-means
-#: prototypes of the first 80% of the prompts, no outcomes; temperature 0.05).
+#: prototypes of the train split's prompts, no outcomes; temperature 0.05).
 CONTEXTS = ("+minilm", "+proto")
 #: ``select-ts-cold-first``: every model that could pay for itself (bounded optimism) is
 #: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
