@@ -168,6 +168,9 @@ def replay(
     tag_block: Annotated[bool, typer.Option(
         help="Each row's tags in their own block after the text's coordinates, as "
              "BANDIT_ROUTER_TAG_BLOCK does (default: hashed into them, its default)")] = False,
+    prototype_map: Annotated[Path | None, typer.Option(
+        help="Prototype map (bandit-router fit-prototypes) applied to every context, as "
+             "BANDIT_ROUTER_PROTOTYPE_MAP does", exists=True, dir_okay=False)] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here")] = None,
 ) -> None:
     console = Console()
@@ -188,6 +191,8 @@ def replay(
                                         f"per log line ({len(prompts)})", x.shape)
         else:
             x, _spec = featurize_prompts(prompts, featurizer, dim)
+        if prototype_map is not None:
+            x = apply_prototype_map(prototype_map, x)
         tag_dims = TAG_BLOCK_DIMS if tag_block else 0
         x = with_log_tags(x, read_tags(data), tag_dims)
         params: dict[str, Any] = {"seed": seed, "tag_dims": tag_dims}
@@ -206,6 +211,7 @@ def replay(
     result = {"data": str(data), "policy": policy, "seed": seed,
               "featurizer": "embeddings" if embeddings else featurizer, "dim": int(x.shape[1]),
               "tag_block": tag_block,
+              "prototype_map": None if prototype_map is None else str(prototype_map),
               "price_estimates": estimates is not None,
               "output_tokens_assumed": output_tokens if estimates is not None else None,
               **run.summary}
@@ -236,6 +242,23 @@ def render_value(summary: dict) -> Table:
         table.add_row(name, *(f"{w['value'][key]:+.4f}" for w in windows.values()))
     table.add_row("best single model", *(w["value"]["best_model"] for w in windows.values()))
     return table
+
+
+def apply_prototype_map(path: Path, x: np.ndarray) -> np.ndarray:
+    """The contexts through the map in ``path``; a file that is no map, or a map fitted
+    on vectors of another width, is refused naming ``--prototype-map``."""
+    from bandit.featurize import PrototypeMap
+
+    try:
+        pmap = PrototypeMap.load(str(path))
+    except (OSError, ValueError, KeyError, TypeError, InvalidInputError) as exc:
+        raise InvalidInputError("--prototype-map", "must be a map written by "
+                                "bandit-router fit-prototypes", f"{path} ({exc})") from None
+    if pmap.base_dim != x.shape[1]:
+        raise InvalidInputError("--prototype-map", f"was fitted on {pmap.base_dim}-dim "
+                                f"vectors, the contexts have {x.shape[1]} (fit it with the "
+                                "same --featurizer and --dim)", str(path))
+    return pmap.transform(x)
 
 
 def check_featurizer(name: str) -> str:
