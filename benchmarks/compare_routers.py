@@ -141,6 +141,8 @@ class Dataset:
     # (n, K) USD a router can know before the call: declared price x (prompt tokens +
     # expected output tokens). None: the realized cost is exactly that estimate.
     estimate: np.ndarray | None = None
+    # Each row's prompt (what a featurizer reads), when the loader keeps them.
+    prompts: list[str] | None = None
 
     @property
     def n(self) -> int:
@@ -154,14 +156,16 @@ class Dataset:
         """The same rows in another order (the test split is then only a window)."""
         return Dataset(self.name, self.arms, self.quality[perm], self.cost[perm],
                        self.test_start, {k: v[perm] for k, v in self.features.items()},
-                       self.notes, None if self.estimate is None else self.estimate[perm])
+                       self.notes, None if self.estimate is None else self.estimate[perm],
+                       None if self.prompts is None else [self.prompts[i] for i in perm])
 
     def head(self, rows: int) -> Dataset:
         """The first ``rows`` rows, the last 20% of them as the test split."""
         return Dataset(self.name, self.arms, self.quality[:rows], self.cost[:rows],
                        int(round(rows * 0.8)), {k: v[:rows] for k, v in self.features.items()},
                        {**self.notes, "rows_used": f"first {rows} rows"},
-                       None if self.estimate is None else self.estimate[:rows])
+                       None if self.estimate is None else self.estimate[:rows],
+                       None if self.prompts is None else self.prompts[:rows])
 
     def rewards(self, weight: float | np.ndarray) -> np.ndarray:
         w = np.asarray(weight, dtype=np.float64)
@@ -185,7 +189,8 @@ def load_llmrouter(data_dir: Path | None, minilm: bool = True) -> Dataset:
                  log.outcomes[:, :, 1].copy(), test_start,
                  notes={"cost_assumption": "price x (ceil(len(prompt)/4) + 256 output "
                                            "tokens), benchmarks/convert_llmrouter.py",
-                        "order": "file order: train rows, then test rows"})
+                        "order": "file order: train rows, then test rows"},
+                 prompts=prompts)
     ds.features["hashing"] = _hashing(prompts)
     # The "with tags" scenario: each row's task cluster passed as a request tag
     # (``tags={"task": cluster_id}``); rows without one (the test split has no
@@ -247,8 +252,9 @@ def load_mmlu(path: Path, output_tokens: int = 256, test_share: float = 0.2) -> 
                  notes={"cost_assumption": f"in-price x ceil(len(prompt)/4) + out-price x "
                                            f"{output_tokens} output tokens; GPT-4 $10/$30, "
                                            "Mixtral $0.6/$0.6 per Mtok",
-                        "order": "shuffled once (seed 0); last 20% = test"})
-    ds.features["hashing"] = _hashing([r["prompt"] for r in rows])
+                        "order": "shuffled once (seed 0); last 20% = test"},
+                 prompts=[r["prompt"] for r in rows])
+    ds.features["hashing"] = _hashing(ds.prompts)
     add_tag_features(ds, [{"subject": r["subject"]} for r in rows])
     return ds
 
@@ -275,8 +281,8 @@ def load_gsm8k(path: Path, output_tokens: int = 256, test_share: float = 0.2) ->
                                            "response; the routers' estimate assumes "
                                            f"{output_tokens} output tokens",
                         "order": "file order; last 20% = test"},
-                 estimate=estimate)
-    ds.features["hashing"] = _hashing([r["prompt"] for r in rows])
+                 estimate=estimate, prompts=[r["prompt"] for r in rows])
+    ds.features["hashing"] = _hashing(ds.prompts)
     return ds
 
 

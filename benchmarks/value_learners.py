@@ -58,7 +58,15 @@ request tags in their own block; ``--file-order`` adds one pass in file order
 (``--shuffles 0 --file-order``: that pass alone), ``--file-order-seeds N`` N passes in
 file order with policy seeds 0..N-1, reported as their mean (one seed's pass moves by
 0.05-0.15 of the headroom with the seed on LLMRouter: docs/results.md, "The "new
-losses" were one seed's draw").
+losses" were one seed's draw"). ``+minilm`` (``llmrouter+minilm``,
+``mmlu+minilm+tags``...) replays the all-MiniLM-L6-v2 embeddings instead of hashing
+(384 dims, ``bandit.featurize``'s featurizer, what ``serve`` with ``featurizer: minilm``
+builds), ``+proto`` those embeddings through ``fit-prototypes``' default map (64
+prototypes); ``--embed`` computes and caches them (the ``[embed]`` extra; minutes).
+What MiniLM gives (5 shuffles, mean over the weights, LLMRouter / MMLU / GSM8K):
+``select-ts`` -0.032 / -0.010 / -0.032 against hashing's -0.042 / -0.013 / -0.030, while
+``full-info-online`` rises from +0.029 / -0.010 / -0.015 to +0.098 / -0.001 / -0.015
+(docs/results.md, "MiniLM context").
 
 What it found (3 shuffles, hashing v2 64 dims, mean over the weights; LLMRouter / MMLU
 first 3,000 rows / GSM8K): ``linucb-default`` -0.095 / -0.049 / -0.139;
@@ -93,6 +101,7 @@ from bandit import SelectiveThompson
 from bandit.hierarchy import ArmLevels
 from bandit.replay import routing_value
 from benchmarks.common import (
+    CACHE_DIR,
     VALUE_WEIGHTS,
     add_output_options,
     data_root,
@@ -108,6 +117,7 @@ from benchmarks.compare_routers import (
     load_llmrouter,
     load_mmlu,
     make_router,
+    prototype_features,
     run_online,
 )
 from benchmarks.value_bounds import thompson_choices
@@ -122,6 +132,12 @@ LEVEL_HORIZON = 100.0
 #: after the text's coordinates (``hashing+tagblock``; LLMRouter: the task cluster,
 #: MMLU: the subject; GSM8K has none).
 TAGS = "+tags"
+#: A data set name with this suffix (before any ``+tags``) replays the queries'
+#: all-MiniLM-L6-v2 embeddings (384 dims, what ``serve`` with ``featurizer: minilm``
+#: builds) instead of the hashing features; ``+proto``: those embeddings through the
+#: prototype map ``bandit-router fit-prototypes`` makes by default (64 spherical k-means
+#: prototypes of the train split's prompts, no outcomes; temperature 0.05).
+CONTEXTS = ("+minilm", "+proto")
 #: ``select-ts-cold-first``: every model that could pay for itself (bounded optimism) is
 #: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
 #: over, instead of a 10% share of decisions while the first warm model takes the rest.
@@ -276,52 +292,140 @@ def model_subset(ds: Dataset, index: int) -> Dataset:
     return Dataset(f"{ds.name}/half{index}", [ds.arms[j] for j in keep],
                    ds.quality[:, keep], ds.cost[:, keep], ds.test_start, ds.features,
                    {**ds.notes, "models": [ds.arms[j] for j in keep]},
-                   None if ds.estimate is None else ds.estimate[:, keep])
+                   None if ds.estimate is None else ds.estimate[:, keep], ds.prompts)
 
 
 _DATA: dict[str, Dataset] = {}
 
 
+class MissingEmbeddings(Exception):
+    """A ``+minilm`` / ``+proto`` data set whose embeddings are not cached yet."""
+
+
+def split_name(name: str) -> tuple[str, str, bool]:
+    """``llmrouter+minilm+tags`` -> (``llmrouter``, ``+minilm``, True): the data set,
+    its text context (one of :data:`CONTEXTS`, "" for hashing) and whether the tags are
+    replayed.
+
+    >>> split_name("mmlu+proto"), split_name("llmrouter/half0+tags")
+    (('mmlu', '+proto', False), ('llmrouter/half0', '', True))
+    """
+    rest, tags = name.removesuffix(TAGS), name.endswith(TAGS)
+    for suffix in CONTEXTS:
+        if rest.endswith(suffix):
+            return rest.removesuffix(suffix), suffix, tags
+    return rest, "", tags
+
+
+def embeddings_key(base: str, mmlu_rows: int) -> str:
+    """The cache file's stem: ``benchmarks/.cache/<key>-minilm.npy``."""
+    return f"mmlu-first{mmlu_rows}" if base == "mmlu" and mmlu_rows else base
+
+
+def embed(base: str, mmlu_rows: int) -> np.ndarray:
+    """MiniLM embeddings of the data set's prompts, computed (minutes) and cached by
+    ``benchmarks.replay_llmrouter.featurize`` (``bandit.featurize``'s MiniLM featurizer,
+    384 dims, seed 0: the vectors ``serve`` with ``featurizer: minilm`` builds)."""
+    from benchmarks.replay_llmrouter import featurize
+
+    ds = _load(base, mmlu_rows)
+    x = featurize("minilm", ds.prompts, embeddings_key(base, mmlu_rows))
+    if x is None:
+        raise MissingEmbeddings("--embed: needs the [embed] extra: pip install torch==2.13.0 "
+                                "then pip install -e '.[embed]'")
+    return x
+
+
+def _embeddings(ds: Dataset, base: str, mmlu_rows: int) -> np.ndarray:
+    path = CACHE_DIR / f"{embeddings_key(base, mmlu_rows)}-minilm.npy"
+    if path.exists():
+        x = np.load(path)
+        if x.shape[0] == ds.n:
+            return np.asarray(x, dtype=np.float64)
+    rows = f" --mmlu-rows {mmlu_rows}" if base == "mmlu" else ""
+    raise MissingEmbeddings(
+        f"--datasets: no MiniLM embeddings of {base}'s {ds.n} prompts at {path}; "
+        f"`HF_HUB_OFFLINE=1 python -m benchmarks.value_learners --embed --datasets "
+        f"{base}{rows}` writes them (needs the [embed] extra, minutes on a CPU)")
+
+
 def _load(name: str, mmlu_rows: int) -> Dataset:
+    """The data set ``name`` without its ``+tags`` (:func:`split_name`); a ``+minilm`` /
+    ``+proto`` one holds that context as ``text`` (and ``text+tagblock``)."""
     if name not in _DATA:
         root = data_root()
-        base, _, half = name.partition("/half")
-        if half:
-            _DATA[name] = model_subset(_load(base, mmlu_rows), int(half))
-        elif name == "llmrouter":
+        base, context, _ = split_name(name)
+        if context:
+            ds = _load(base, mmlu_rows)
+            x = _embeddings(ds, base.partition("/half")[0], mmlu_rows)
+            if context == "+proto":
+                x = prototype_features(x, ds.test_start)
+            features = {**ds.features, "text": x}
+            if "hashing+tagblock" in ds.features:  # the same tag block after the text
+                features["text+tagblock"] = np.hstack(
+                    [x, ds.features["hashing+tagblock"][:, ds.features["hashing"].shape[1]:]])
+            _DATA[name] = Dataset(ds.name + context, ds.arms, ds.quality, ds.cost,
+                                  ds.test_start, features, ds.notes, ds.estimate, ds.prompts)
+        elif "/half" in base:
+            parent, _, half = base.partition("/half")
+            _DATA[name] = model_subset(_load(parent, mmlu_rows), int(half))
+        elif base == "llmrouter":
             _DATA[name] = load_llmrouter(root / "llmrouter", minilm=False)
-        elif name == "mmlu":
+        elif base == "mmlu":
             ds = load_mmlu(root / "routellm" / "mmlu.csv")
             _DATA[name] = ds.head(mmlu_rows) if mmlu_rows else ds
-        elif name == "gsm8k":
+        elif base == "gsm8k":
             _DATA[name] = load_gsm8k(root / "routellm" / "gsm8k_responses.csv")
         else:
-            raise ValueError(f"--datasets: unknown data set {name!r} (llmrouter, mmlu, gsm8k)")
+            raise ValueError(f"--datasets: unknown data set {name!r} (llmrouter, mmlu, "
+                             f"gsm8k, each optionally with one of "
+                             f"{', '.join(CONTEXTS)} and then {TAGS})")
     return _DATA[name]
+
+
+def feature_of(name: str) -> str:
+    """Which of the loaded data set's contexts the name replays."""
+    _, context, tags = split_name(name)
+    text = "text" if context else "hashing"
+    return f"{text}+tagblock" if tags else text
 
 
 def _job(args: tuple[str, str, float, int, int]) -> float:
     """Routing value of one pass; a negative ``shuffle`` is the file order, with the
     policy's seed -1 - ``shuffle`` (-1: seed 0)."""
     name, learner, weight, shuffle, mmlu_rows = args
-    base = name.removesuffix(TAGS)
-    ds = _load(base, mmlu_rows)
+    ds = _load(name.removesuffix(TAGS), mmlu_rows)
     if shuffle >= 0:
         ds = ds.permuted(shuffle_order(ds.n, shuffle))
-    feature = "hashing+tagblock" if name.endswith(TAGS) else "hashing"
-    if feature not in ds.features:
-        raise ValueError(f"--datasets: {base} has no request tags ({name!r})")
     ch = choices_of(learner, ds, weight, shuffle if shuffle >= 0 else -1 - shuffle,
-                    feature)
+                    feature_of(name))
     return float(routing_value(ds.rewards(weight), ch)["value"])
+
+
+def _write(args: argparse.Namespace, results: list[dict], started: float, *,
+           complete: bool) -> object:
+    return write_results(args.out_name, {
+        "what": "routing value of one-pass learners (bandit feedback) against the default "
+                "LinUCB, the context-free Thompson floor and a full-information online "
+                "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
+        "shuffles": args.shuffles, "file_order": args.file_order,
+        "file_order_seeds": args.file_order_seeds if args.file_order else 0,
+        "mmlu_rows": args.mmlu_rows, "complete": complete, "results": results,
+        "seconds": round(time.perf_counter() - started, 1)},
+        results_dir=args.out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.value_learners",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="llmrouter,mmlu,gsm8k",
-                        help="comma-separated; a name ending in +tags (llmrouter+tags, "
-                             "mmlu+tags) replays the request tags in their own block")
+                        help="comma-separated; +minilm (MiniLM embeddings, 384 dims) or "
+                             "+proto (their 64-prototype map) replays that context instead "
+                             "of hashing; a name ending in +tags (llmrouter+tags, "
+                             "mmlu+minilm+tags) replays the request tags in their own block")
+    parser.add_argument("--embed", action="store_true",
+                        help="compute and cache the MiniLM embeddings of the --datasets' "
+                             "prompts (the [embed] extra; minutes), then exit")
     parser.add_argument("--learners", default=",".join(LEARNERS))
     parser.add_argument("--shuffles", type=int, default=3,
                         help="shuffled passes (default 3; 0 with --file-order: the file "
@@ -351,14 +455,26 @@ def main(argv: list[str] | None = None) -> int:
         if name not in LEARNERS:
             parser.error(f"--learners: unknown {name!r} (allowed: {', '.join(LEARNERS)})")
     started = time.perf_counter()
+    names = [d for d in args.datasets.split(",") if d] + [
+        f"llmrouter/half{i}" for i in range(args.model_subsets)]
+    try:
+        if args.embed:
+            for base in dict.fromkeys(split_name(name)[0] for name in names):
+                x = embed(base, args.mmlu_rows)
+                print(f"{base}: {x.shape[0]} x {x.shape[1]} MiniLM embeddings cached")
+            return 0
+        for name in names:  # before the workers fork: they share what is loaded
+            if feature_of(name) not in _load(name.removesuffix(TAGS), args.mmlu_rows).features:
+                raise ValueError(f"--datasets: {split_name(name)[0]} has no request tags "
+                                 f"({name!r})")
+    except (MissingEmbeddings, ValueError) as err:
+        parser.error(str(err))
     rows, results = [], []
     seeds = args.file_order_seeds if args.file_order else 0
     orders = list(range(args.shuffles)) + [-1 - s for s in range(seeds)]
     with multiprocessing.Pool(args.jobs) as pool:
-        names = [d for d in args.datasets.split(",") if d] + [
-            f"llmrouter/half{i}" for i in range(args.model_subsets)]
         for name in names:
-            weights = VALUE_WEIGHTS[name.removesuffix(TAGS).partition("/")[0]]
+            weights = VALUE_WEIGHTS[split_name(name)[0].partition("/")[0]]
             for learner in learners:
                 jobs = [(name, learner, w, s, args.mmlu_rows)
                         for w in weights for s in orders]
@@ -392,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
                              file_order])
                 print(f"{name} {learner}: {per_weight.mean():+.3f} "
                       f"({time.perf_counter() - started:.0f}s)", flush=True)
+                _write(args, results, started, complete=False)  # a long run's rows so far
     print_table("Routing value, one pass, "
                 + (f"mean over {args.shuffles} shuffles" if args.shuffles
                    else "file order only")
@@ -400,16 +517,9 @@ def main(argv: list[str] | None = None) -> int:
                 ["data", "learner", "w0", "w1", "w2", "w3", "w4", "mean", "file order"],
                 rows,
                 caption="weights: llmrouter 0/100/300/1000/3000, mmlu and gsm8k 0/10/30/100; "
-                        "hashing v2, 64 dims")
-    path = write_results(args.out_name, {
-        "what": "routing value of one-pass learners (bandit feedback) against the default "
-                "LinUCB, the context-free Thompson floor and a full-information online "
-                "ridge; mean over shuffles (permutation seed s + 1) per cost weight",
-        "shuffles": args.shuffles, "file_order": args.file_order,
-        "file_order_seeds": seeds,
-        "mmlu_rows": args.mmlu_rows, "results": results,
-        "seconds": round(time.perf_counter() - started, 1)},
-        results_dir=args.out_dir)
+                        "hashing v2, 64 dims; +minilm: all-MiniLM-L6-v2, 384 dims; +proto: "
+                        "its 64-prototype map")
+    path = _write(args, results, started, complete=True)
     print(f"wrote {path}")
     return 0
 

