@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bandit import InvalidInputError, LinearThompson, LinUCB, Preferences, SelectiveThompson
@@ -129,7 +130,7 @@ def evaluate(
         with console.status(f"evaluating {policy} on {len(logged.arms)} decisions"):
             result = evaluate_log(candidate, logged, prefs, learn=True, clip=clip)
     except InvalidInputError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(2) from None
     rewards = logged.rewards(prefs)
     logged_mean = float(np.nanmean(rewards))

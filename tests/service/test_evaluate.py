@@ -94,6 +94,8 @@ def test_evaluate_log_file_estimate_near_truth(tmp_path):
     [
         ([], "exactly one of --log and --database-url"),
         (["--policy", "greedy"], "--policy"),
+        # the value as typed, brackets included (rich took "[bold]" for markup and ate it)
+        (["--policy", "[bold]greedy"], "[bold]greedy"),
         (["--preferences", "speed=1"], "preferences"),
     ],
 )
