@@ -116,21 +116,25 @@ class QualityDefaults:
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
     # ------------------------------------------------------------ the gateway
-    def record(self, rows: Sequence[Recorded]) -> None:
+    def record(self, rows: Sequence[Recorded]) -> set[str]:
         """Record calls' defaults (one transaction). A client's quality that came first
-        left a ``replaced`` marker: it stays (its default is never applied)."""
+        left a ``replaced`` marker: it stays (its default is never applied; its due time
+        is kept, so that a claim released later makes it due). Returns the decisions so
+        replaced: their quality (a failure's 0) must not be reported too."""
         if not rows:
-            return
+            return set()
         now = m.utcnow()
         stmt = self._insert(_T).values([
             {"decision_id": r.decision_id, "tenant_id": r.tenant_id, "quality": r.quality,
              "state": "final" if r.due_at is None else "pending", "due_at": r.due_at,
              "event_id": None, "changed_at": now} for r in rows])
         stmt = stmt.on_conflict_do_update(
-            index_elements=["decision_id"], set_={"quality": stmt.excluded.quality},
-            where=_T.tenant_id == stmt.excluded.tenant_id)
+            index_elements=["decision_id"],
+            set_={"quality": stmt.excluded.quality, "due_at": stmt.excluded.due_at},
+            where=_T.tenant_id == stmt.excluded.tenant_id).returning(_T.decision_id, _T.state)
         with Session(self._engine) as session, session.begin():
-            session.execute(stmt)
+            done = session.execute(stmt).all()
+        return {d for d, state in done if state == "replaced"}
 
     def take_due(self, limit: int = 500) -> list[Due]:
         """Claim the defaults whose wait is over (and those claimed more than
@@ -173,7 +177,7 @@ class QualityDefaults:
         before it is submitted; raises :class:`ConflictError` when learning it would
         count a second quality for the call. None: nothing claimed (the tenant has no
         defaults, or the decision is another tenant's: the sink answers that)."""
-        if not self._claims(tenant_id):
+        if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id):
             return None
         now = m.utcnow()
         stmt = self._insert(_T).values(
@@ -204,6 +208,14 @@ class QualityDefaults:
         raise _refused(decision_id, f"the router's default quality {quality:g} was "
                        "learned when the tenant's quality_wait_seconds was over; a later "
                        "quality would count twice")
+
+    def _recorded(self, tenant_id: str, decision_id: str) -> bool:
+        """Whether the decision has a row of the tenant's: claimed even when this
+        replica's settings (``claims``) are not reloaded yet. One primary-key lookup per
+        client quality of a tenant without defaults."""
+        with Session(self._engine) as session:
+            return session.scalar(select(_T.tenant_id).where(
+                _T.decision_id == decision_id)) == tenant_id
 
     def release(self, claim: Claim) -> None:
         """The sink refused the claimed quality (nothing stored): the default is

@@ -108,14 +108,20 @@ class FeedbackSender:
     def _post(self, batch: list[_Item]) -> None:
         defaults = self._service.quality_defaults
         recorded = [d for *_, d in batch if d is not None]
+        replaced: set[str] = set()
         if defaults is not None and recorded:
             try:
-                defaults.record(recorded)
+                # A client's quality already stored (a failure's, within the batch's
+                # wait): the router's 0 is not reported in addition.
+                replaced = defaults.record(recorded)
             except Exception:  # noqa: BLE001 - the outcomes are still stored
                 log.warning("the default qualities of %d gateway calls were not recorded "
                             "(never learned)", len(recorded), exc_info=True)
+        outcomes = [(tenant, decision_id, {**outcome, "quality": None}
+                     if decision_id in replaced else outcome)
+                    for tenant, decision_id, outcome, _ in batch]
         items = [FeedbackItem(tenant, decision_id, outcome, EVENT_ID)
-                 for tenant, decision_id, outcome, _ in batch
+                 for tenant, decision_id, outcome in outcomes
                  if any(v is not None for v in outcome.values())]
         try:
             results: list[object] = list(self._service.feedback_many(items))
