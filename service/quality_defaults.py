@@ -96,8 +96,9 @@ class QualityDefaults:
 
     ``claims(tenant_id)`` says whether a tenant's qualities are claimed at all: only
     tenants with ``success_quality`` set, or whose client posted a ``default_quality``
-    (``enable`` marks them), have defaults; the others' feedback never touches the
-    table. ``wait_s(tenant_id)`` is the tenant's ``quality_wait_seconds``."""
+    (``enable`` marks them), have defaults; the others' qualities only look the decision
+    up (a replica whose cached settings are behind still claims a recorded default).
+    ``wait_s(tenant_id)`` is the tenant's ``quality_wait_seconds``."""
 
     def __init__(self, engine: Engine, claims: Callable[[str], bool],
                  wait_s: Callable[[str], float], enable: Callable[[str], object]) -> None:
