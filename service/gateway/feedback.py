@@ -28,7 +28,8 @@ provisional default (:mod:`service.quality_defaults`) in the same batch, before 
 outcomes are stored, and learned only if the client's quality does not come within the
 tenant's ``quality_wait_seconds`` (:class:`DefaultApplier`, its own event
 :data:`~service.quality_defaults.DEFAULT_EVENT`). A failure's quality 0 is in the
-outcome and recorded as final.
+outcome and recorded as final, unless a client's quality for the call came first (it
+was stored; the 0 is then left out of the outcome, not learned in addition).
 """
 
 from __future__ import annotations
