@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, and_, delete, or_, select, update
+from sqlalchemy import Engine, and_, case, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.db import models as m
@@ -213,20 +214,25 @@ class QualityDefaults:
     def _recorded(self, tenant_id: str, decision_id: str) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this
         replica's settings (``claims``) are not reloaded yet. One primary-key lookup per
-        client quality of a tenant without defaults."""
-        with Session(self._engine) as session:
-            return session.scalar(select(_T.tenant_id).where(
-                _T.decision_id == decision_id)) == tenant_id
+        client quality of a tenant without defaults. The database away: False, so that
+        such a tenant's feedback is buffered as before (service/spool.py)."""
+        try:
+            with Session(self._engine) as session:
+                return session.scalar(select(_T.tenant_id).where(
+                    _T.decision_id == decision_id)) == tenant_id
+        except DBAPIError:
+            return False
 
     def release(self, claim: Claim) -> None:
         """The sink refused the claimed quality (nothing stored): the default is
-        pending again (or the marker goes)."""
+        pending again, a failure's 0 final (or the marker goes)."""
         with Session(self._engine) as session, session.begin():
             mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
                         _T.event_id == claim.event_id)
             session.execute(delete(_T).where(mine, _T.quality.is_(None)))
             session.execute(update(_T).where(mine).values(
-                state="pending", event_id=None, changed_at=m.utcnow()))
+                state=case((_T.due_at.is_(None), "final"), else_="pending"),
+                event_id=None, changed_at=m.utcnow()))
 
 
 def _refused(decision_id: str, why: str) -> ConflictError:

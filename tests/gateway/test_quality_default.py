@@ -240,6 +240,12 @@ def test_released_claim_leaves_the_default_due(live: Live) -> None:
     defaults.release(claim)
     row = _row(live, decision_id)
     assert row.state == "pending" and row.due_at is not None
+    # A failure's 0 (no due time) is final again, never a pending default with none.
+    _, failed = _decide(live, key, router.add_model(answer=FakeModel("f")))
+    claim = defaults.claim(tenant.id, failed, "rating")
+    defaults.record([Recorded(tenant.id, failed, 0.0, None)])
+    defaults.release(claim)
+    assert _row(live, failed).state == "final"
 
 
 def test_failed_call_rated_before_its_record_reports_no_second_quality(
