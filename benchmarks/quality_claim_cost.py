@@ -6,7 +6,10 @@ each of its qualities claim the call's row in ``quality_defaults`` first
 that against a tenant without it, in the same run: the real app (embedded mode,
 SQLite on disk, in-process ASGI client), the same number of decisions each, feedback
 posted in alternating rounds (claims, then none, then claims...), the median time per
-request of each round, and their ratio per pair of rounds.
+request of each round, and their ratio per pair of rounds. A third arm, the tenant
+without defaults with its decision lookup turned off (what a replica did before it
+looked up a recorded default its cached settings do not know of, issue 16), measures
+that lookup: ``ratio_lookup_median``, without / without-lookup.
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.quality_claim_cost --rounds 6 --per-round 100
 """
@@ -74,30 +77,44 @@ def main() -> None:
                 client.post("/v1/admin/models", json={
                     "name": f"m{i}", "input_price_per_mtok": 1.0,
                     "output_price_per_mtok": 2.0}, headers=ADMIN)
+            defaults = client.app.state.gateway.defaults  # type: ignore[attr-defined]
             tenants = {claims: _tenant(client, claims) for claims in (True, False)}
+            tenants[None] = tenants[False]  # None: without, the lookup off
             n = args.rounds * args.per_round
             ids = {c: _decisions(client, auth, n) for c, auth in tenants.items()}
-            medians: dict[bool, list[float]] = {True: [], False: []}
+            medians: dict[bool | None, list[float]] = {True: [], False: [], None: []}
             for k in range(args.rounds):
-                order = (True, False) if k % 2 == 0 else (False, True)
+                order = (True, False, None) if k % 2 == 0 else (None, False, True)
                 for c in order:
+                    if c is None:
+                        defaults._recorded = lambda *_: False
                     chunk = ids[c][k * args.per_round:(k + 1) * args.per_round]
                     medians[c].append(_round(client, tenants[c], chunk))
+                    vars(defaults).pop("_recorded", None)
     ratios = [a / b for a, b in zip(medians[True], medians[False], strict=True)]
+    lookup = [a / b for a, b in zip(medians[False], medians[None], strict=True)]
     payload = {"rounds": args.rounds, "per_round": args.per_round,
                "median_ms_with_claims": medians[True],
                "median_ms_without": medians[False], "ratio_per_pair": ratios,
-               "ratio_median": statistics.median(ratios)}
+               "ratio_median": statistics.median(ratios),
+               "median_ms_without_lookup": medians[None], "ratio_lookup_per_pair": lookup,
+               "ratio_lookup_median": statistics.median(lookup)}
     path = write_results(args.out_name, payload, results_dir=args.out_dir)
-    print_table("POST /v1/feedback with a quality, median ms per request",
-                ["", "with the claim", "without", "ratio"],
-                [[f"pair {i + 1}", f"{a:.2f}", f"{b:.2f}", f"{r:.2f}"]
-                 for i, (a, b, r) in enumerate(zip(medians[True], medians[False], ratios,
-                                                   strict=True))]
-                + [["median", f"{statistics.median(medians[True]):.2f}",
-                    f"{statistics.median(medians[False]):.2f}",
+    _table("POST /v1/feedback with a quality, median ms per request", "with the claim",
+           "without", medians[True], medians[False], ratios, None)
+    _table("the decision lookup of a tenant without defaults, median ms per request",
+           "without", "lookup off", medians[False], medians[None], lookup,
+           f"written to {path}")
+
+
+def _table(title: str, first: str, second: str, a: list[float], b: list[float],
+           ratios: list[float], caption: str | None) -> None:
+    print_table(title, ["", first, second, "ratio"],
+                [[f"pair {i + 1}", f"{x:.2f}", f"{y:.2f}", f"{r:.2f}"]
+                 for i, (x, y, r) in enumerate(zip(a, b, ratios, strict=True))]
+                + [["median", f"{statistics.median(a):.2f}", f"{statistics.median(b):.2f}",
                     f"{statistics.median(ratios):.2f}"]],
-                caption=f"written to {path}")
+                caption=caption)
 
 
 if __name__ == "__main__":

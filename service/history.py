@@ -57,6 +57,11 @@ class DecisionLog:
                                 slug="decision-not-found")
         return decision
 
+    def check_decision(self, tenant: TenantState, decision_id: str) -> None:
+        """404 unless the decision is the tenant's (as :meth:`get_decision`)."""
+        with Session(self.engine) as session:
+            self._tenant_decision(session, tenant, decision_id)
+
     def get_decision(self, tenant: TenantState, decision_id: str) -> dict[str, Any]:
         """One of the tenant's decisions with its feedback; another tenant's is a 404
         exactly like a decision that does not exist."""

@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, and_, delete, or_, select, update
+from sqlalchemy import Engine, and_, case, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from service.db import models as m
@@ -96,8 +97,9 @@ class QualityDefaults:
 
     ``claims(tenant_id)`` says whether a tenant's qualities are claimed at all: only
     tenants with ``success_quality`` set, or whose client posted a ``default_quality``
-    (``enable`` marks them), have defaults; the others' feedback never touches the
-    table. ``wait_s(tenant_id)`` is the tenant's ``quality_wait_seconds``."""
+    (``enable`` marks them), have defaults; the others' qualities only look the decision
+    up (a replica whose cached settings are behind still claims a recorded default).
+    ``wait_s(tenant_id)`` is the tenant's ``quality_wait_seconds``."""
 
     def __init__(self, engine: Engine, claims: Callable[[str], bool],
                  wait_s: Callable[[str], float], enable: Callable[[str], object]) -> None:
@@ -116,21 +118,25 @@ class QualityDefaults:
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
     # ------------------------------------------------------------ the gateway
-    def record(self, rows: Sequence[Recorded]) -> None:
+    def record(self, rows: Sequence[Recorded]) -> set[str]:
         """Record calls' defaults (one transaction). A client's quality that came first
-        left a ``replaced`` marker: it stays (its default is never applied)."""
+        left a ``replaced`` marker: it stays (its default is never applied; its due time
+        is kept, so that a claim released later makes it due). Returns the decisions so
+        replaced: their quality (a failure's 0) must not be reported too."""
         if not rows:
-            return
+            return set()
         now = m.utcnow()
         stmt = self._insert(_T).values([
             {"decision_id": r.decision_id, "tenant_id": r.tenant_id, "quality": r.quality,
              "state": "final" if r.due_at is None else "pending", "due_at": r.due_at,
              "event_id": None, "changed_at": now} for r in rows])
         stmt = stmt.on_conflict_do_update(
-            index_elements=["decision_id"], set_={"quality": stmt.excluded.quality},
-            where=_T.tenant_id == stmt.excluded.tenant_id)
+            index_elements=["decision_id"],
+            set_={"quality": stmt.excluded.quality, "due_at": stmt.excluded.due_at},
+            where=_T.tenant_id == stmt.excluded.tenant_id).returning(_T.decision_id, _T.state)
         with Session(self._engine) as session, session.begin():
-            session.execute(stmt)
+            done = session.execute(stmt).all()
+        return {d for d, state in done if state == "replaced"}
 
     def take_due(self, limit: int = 500) -> list[Due]:
         """Claim the defaults whose wait is over (and those claimed more than
@@ -173,7 +179,7 @@ class QualityDefaults:
         before it is submitted; raises :class:`ConflictError` when learning it would
         count a second quality for the call. None: nothing claimed (the tenant has no
         defaults, or the decision is another tenant's: the sink answers that)."""
-        if not self._claims(tenant_id):
+        if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id):
             return None
         now = m.utcnow()
         stmt = self._insert(_T).values(
@@ -205,15 +211,28 @@ class QualityDefaults:
                        "learned when the tenant's quality_wait_seconds was over; a later "
                        "quality would count twice")
 
+    def _recorded(self, tenant_id: str, decision_id: str) -> bool:
+        """Whether the decision has a row of the tenant's: claimed even when this
+        replica's settings (``claims``) are not reloaded yet. One primary-key lookup per
+        client quality of a tenant without defaults. The database away: False, so that
+        such a tenant's feedback is buffered as before (service/spool.py)."""
+        try:
+            with Session(self._engine) as session:
+                return session.scalar(select(_T.tenant_id).where(
+                    _T.decision_id == decision_id)) == tenant_id
+        except DBAPIError:
+            return False
+
     def release(self, claim: Claim) -> None:
         """The sink refused the claimed quality (nothing stored): the default is
-        pending again (or the marker goes)."""
+        pending again, a failure's 0 final (or the marker goes)."""
         with Session(self._engine) as session, session.begin():
             mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
                         _T.event_id == claim.event_id)
             session.execute(delete(_T).where(mine, _T.quality.is_(None)))
             session.execute(update(_T).where(mine).values(
-                state="pending", event_id=None, changed_at=m.utcnow()))
+                state=case((_T.due_at.is_(None), "final"), else_="pending"),
+                event_id=None, changed_at=m.utcnow()))
 
 
 def _refused(decision_id: str, why: str) -> ConflictError:

@@ -373,10 +373,12 @@ class RoutingService:
 
     def provisional_quality(self, tenant: TenantState, decision_id: str,
                             quality: float) -> None:
-        """A client's ``default_quality`` for a call (:meth:`QualityDefaults.provisional`)."""
+        """A client's ``default_quality`` for a call (:meth:`QualityDefaults.provisional`);
+        404 for an unknown decision or another tenant's, as the sink answers."""
         if self.quality_defaults is None:
             raise UnavailableError("default qualities need the gateway's state, which is "
                                    "not started", retry_after_s=5)
+        self.history.check_decision(tenant, decision_id)
         self.quality_defaults.provisional(tenant.id, decision_id, quality)
 
     def feedback_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:

@@ -28,7 +28,8 @@ provisional default (:mod:`service.quality_defaults`) in the same batch, before 
 outcomes are stored, and learned only if the client's quality does not come within the
 tenant's ``quality_wait_seconds`` (:class:`DefaultApplier`, its own event
 :data:`~service.quality_defaults.DEFAULT_EVENT`). A failure's quality 0 is in the
-outcome and recorded as final.
+outcome and recorded as final, unless a client's quality for the call came first (it
+was stored; the 0 is then left out of the outcome, not learned in addition).
 """
 
 from __future__ import annotations
@@ -108,14 +109,20 @@ class FeedbackSender:
     def _post(self, batch: list[_Item]) -> None:
         defaults = self._service.quality_defaults
         recorded = [d for *_, d in batch if d is not None]
+        replaced: set[str] = set()
         if defaults is not None and recorded:
             try:
-                defaults.record(recorded)
+                # A client's quality already stored (a failure's, within the batch's
+                # wait): the router's 0 is not reported in addition.
+                replaced = defaults.record(recorded)
             except Exception:  # noqa: BLE001 - the outcomes are still stored
                 log.warning("the default qualities of %d gateway calls were not recorded "
                             "(never learned)", len(recorded), exc_info=True)
+        outcomes = [(tenant, decision_id, {**outcome, "quality": None}
+                     if decision_id in replaced else outcome)
+                    for tenant, decision_id, outcome, _ in batch]
         items = [FeedbackItem(tenant, decision_id, outcome, EVENT_ID)
-                 for tenant, decision_id, outcome, _ in batch
+                 for tenant, decision_id, outcome in outcomes
                  if any(v is not None for v in outcome.values())]
         try:
             results: list[object] = list(self._service.feedback_many(items))

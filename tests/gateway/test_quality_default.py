@@ -12,12 +12,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.orm import Session
 
+from service.db import models as m
+from service.exceptions import ConflictError
+from service.gateway.feedback import FeedbackSender
+from service.quality_defaults import QualityDefaults, Recorded
+from service.routing import TenantState
 from tests.fakes.openai_upstream import FakeModel, running_upstream
 from tests.gateway.conftest import KEY_ENV, TIMEOUT_S, UPSTREAM_KEY, Router
 from tests.service.conftest import make_settings
@@ -201,3 +208,97 @@ def test_default_quality_of_a_client_gateway_refuses_bad_input(live: Live) -> No
     r = router.http.post("/v1/feedback", headers=auth, json={
         "decision_id": decision_id, "default_quality": 0.5})
     assert r.status_code == 202 and r.json()["status"] == "pending", r.text
+
+
+def _decide(live: Live, key: str, model: str) -> tuple[TenantState, str]:
+    """A decision of the tenant's made without the gateway (no outcome of the router's)."""
+    r = live.router.http.post("/v1/decide", headers={"Authorization": f"Bearer {key}"},
+                              json={"query": {"text": "summarize"}, "candidates": [model]})
+    assert r.status_code == 200, r.text
+    return live.app.state.routing.tenant_for_key(key), r.json()["decision_id"]
+
+
+def _row(live: Live, decision_id: str) -> m.QualityDefault:
+    with Session(live.app.state.routing.engine) as session:
+        row = session.get(m.QualityDefault, decision_id)
+    assert row is not None
+    return row
+
+
+def test_released_claim_leaves_the_default_due(live: Live) -> None:
+    """A client's quality came first (a marker), the gateway recorded its default, then
+    the sink refused the quality: the default is pending again, with its due time (it
+    was stuck pending with none, never applied nor pruned)."""
+    router = live.router
+    key, _ = _tenant(router)
+    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("m")))
+    defaults = live.app.state.gateway.defaults
+    claim = defaults.claim(tenant.id, decision_id, "rating")
+    assert claim is not None
+    due = m.utcnow() + timedelta(hours=1)
+    assert defaults.record([Recorded(tenant.id, decision_id, 0.7, due)]) == {decision_id}
+    defaults.release(claim)
+    row = _row(live, decision_id)
+    assert row.state == "pending" and row.due_at is not None
+    # A failure's 0 (no due time) is final again, never a pending default with none.
+    _, failed = _decide(live, key, router.add_model(answer=FakeModel("f")))
+    claim = defaults.claim(tenant.id, failed, "rating")
+    defaults.record([Recorded(tenant.id, failed, 0.0, None)])
+    defaults.release(claim)
+    assert _row(live, failed).state == "final"
+
+
+def test_failed_call_rated_before_its_record_reports_no_second_quality(
+        live: Live) -> None:
+    """The client's quality for a failed call came before the gateway's batch recorded
+    the failure: stored (it came first); the router's 0 is then not reported too."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("late record"))
+    key, auth = _tenant(router)
+    tenant, decision_id = _decide(live, key, model)
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "quality": 0.9, "event_id": "x"})
+    assert r.status_code == 202, r.text
+    FeedbackSender(live.app.state.routing)._post([(
+        tenant, decision_id, {"quality": 0.0, "cost_usd": None, "latency_ms": 5.0},
+        Recorded(tenant.id, decision_id, 0.0, None))])
+    rows = _rows(router, key, decision_id, 2)
+    assert rows["x"]["quality"] == 0.9
+    assert rows["gateway"]["quality"] is None and rows["gateway"]["latency_ms"] == 5.0
+    assert live.learned(model) == {1}
+
+
+def test_default_quality_for_another_tenants_decision_is_not_found(live: Live) -> None:
+    router = live.router
+    model = router.add_model(answer=FakeModel("owner"))
+    key, auth = _tenant(router)
+    decision_id = _call(router, key, model)
+    other = {"Authorization": f"Bearer {router.tenant()}"}
+    r = router.http.post("/v1/feedback", headers=other, json={
+        "decision_id": decision_id, "default_quality": 0.1})
+    assert r.status_code == 404, r.text
+    # The owner's own claim still works.
+    r = router.http.post("/v1/feedback", headers=auth, json={
+        "decision_id": decision_id, "quality": 0.3, "event_id": "own"})
+    assert r.status_code == 202, r.text
+    assert _row(live, decision_id).state == "replaced"
+
+
+def test_claimed_on_a_replica_whose_settings_are_not_reloaded(live: Live) -> None:
+    """Another replica recorded the tenant's default; this one's cached settings say
+    the tenant has no defaults: the client's quality still claims the row."""
+    router = live.router
+    key, _ = _tenant(router)
+    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("r2")))
+    routing = live.app.state.routing
+    stale = QualityDefaults(routing.engine, lambda _: False, lambda _: WAIT_S, print)
+    stale.record([Recorded(tenant.id, decision_id, 0.7, m.utcnow() + timedelta(hours=1))])
+    assert stale.claim(tenant.id, decision_id, "rating") is not None
+    assert _row(live, decision_id).state == "replaced"
+    with pytest.raises(ConflictError):
+        stale.claim(tenant.id, decision_id, "second")
+    # A decision without a row (never a default): nothing claimed, no row made.
+    _, plain = _decide(live, router.tenant(), router.add_model(answer=FakeModel("r3")))
+    assert stale.claim(tenant.id, plain, "rating") is None
+    with Session(routing.engine) as session:
+        assert session.get(m.QualityDefault, plain) is None
