@@ -184,8 +184,11 @@ class SelectiveThompson(LinearThompson):
                      weights: float | np.ndarray) -> np.ndarray:
         targets = super()._arm_targets(arms, xb, y, weights)  # before the shift learns
         if self._difficulty is not None:
+            # The arms' sums are of quality minus the level (each outcome's at its time;
+            # ArmSums adds the difficulty back): score the outcomes on the same scale.
             self._difficulty.observe(ArmSums.of(self._stats, self._applied),
-                                     [self._index[a] for a in arms], xb, y[:, 0], weights)
+                                     [self._index[a] for a in arms], xb,
+                                     y[:, 0] - self._level, weights)
         return targets
 
     def update(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
@@ -255,10 +258,17 @@ class ArmSums(NamedTuple):
         """The sums read off the arms' quality-head statistics, whose targets are
         quality - x.``applied`` (b = sum x q - A applied): whatever the arms forget
         (half-life, drift scaling, a removed arm), the difficulty forgets with them."""
-        a = np.where(stats.group[:, 0, None, None], stats.s_data, stats.a_data[:, 0])
-        b = stats.b_data[:, 0] + a @ applied  # (K, D): sum of x * quality per arm
-        return cls(a.sum(axis=0), b.sum(axis=0), a[:, -1, -1].copy(), b[:, -1].copy(),
-                   a[:, :, -1].copy())
+        # Each arm's quality data matrix A_k is s_data[k] (head in the group) or
+        # a_data[k, 0]; summed slice by slice and read by its bias column (A_k is
+        # symmetric), never stacked into a (K, D, D) copy: this runs twice per update.
+        group = stats.group[:, 0]
+        xx = np.zeros((applied.shape[0],) * 2)
+        for k, shared in enumerate(group):
+            xx += stats.s_data[k] if shared else stats.a_data[k, 0]
+        sx = np.where(group[:, None], stats.s_data[:, :, -1], stats.a_data[:, 0, :, -1])
+        b = stats.b_data[:, 0]  # (K, D): sum of x * (quality - x.applied) per arm
+        return cls(xx, b.sum(axis=0) + xx @ applied, sx[:, -1].copy(),
+                   b[:, -1] + sx @ applied, sx)
 
 
 class SharedDifficulty:
