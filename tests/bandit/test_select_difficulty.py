@@ -10,6 +10,7 @@ import pytest
 from bandit import ArmPrior, InvalidInputError, Policy, Preferences, SelectiveThompson
 from bandit.select import ArmSums, SharedDifficulty
 from bandit.stats import ArmStatistics
+from benchmarks.difficulty_update_speed import stacked_arm_sums
 
 DIM = 32
 COST_WEIGHT = 0.06  # quality points per USD: half the strong model's edge
@@ -313,15 +314,9 @@ def test_difficulty_state_saved_with_its_own_sums_loads():
     assert loaded.coefficients(sums).any()
 
 
-def _stacked_sums(stats: ArmStatistics, applied: np.ndarray) -> ArmSums:
-    """ArmSums.of as first written: every arm's data matrix stacked (K, D, D)."""
-    a = np.where(stats.group[:, 0, None, None], stats.s_data, stats.a_data[:, 0])
-    b = stats.b_data[:, 0] + a @ applied
-    return ArmSums(a.sum(axis=0), b.sum(axis=0), a[:, -1, -1], b[:, -1], a[:, :, -1])
-
-
 def test_arm_sums_read_slice_by_slice_match_the_stacked_sums():
-    """The sums summed arm by arm equal the stacked formula to rounding, with one arm's
+    """The sums summed arm by arm equal the stacked (K, D, D) formula they replaced
+    (benchmarks/difficulty_update_speed.py times both) to rounding, with one arm's
     quality head out of the group (its own a_data) and the difficulty applied."""
     policy = _fed()
     policy._stats._split(1, np.array([True, False, False]))
@@ -331,7 +326,7 @@ def test_arm_sums_read_slice_by_slice_match_the_stacked_sums():
     assert not policy._stats.group[1, 0] and policy._stats.group[0, 0]
     assert policy._applied.any()
     got = ArmSums.of(policy._stats, policy._applied)
-    want = _stacked_sums(policy._stats, policy._applied)
+    want = stacked_arm_sums(ArmSums, policy._stats, policy._applied)
     for name, value in want._asdict().items():
         assert getattr(got, name) == pytest.approx(value, abs=1e-9), name
 
