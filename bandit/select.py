@@ -63,7 +63,8 @@ and over 6 policy seeds it earned nothing: left out.) The shift is used only onc
 of its ridge candidates has predicted outcomes' deviations from their arm's mean better
 than none. Its sums are the arms' own quality sums (:class:`ArmSums`: sum x x^T is the
 sum of the arms' quality matrices, sum x q is b + A beta), so it forgets exactly as they
-do (``half_life_hours``, drift scaling, a removed arm) and merges with them; beside the
+do (``half_life_hours``, drift scaling, a removed arm) and merges with them (with a
+level, they and the candidates' scores are of quality minus the level); beside the
 arms it keeps only its candidates' scores and the coefficients applied. The distributed
 learners do not carry it yet (the shift must be applied, and the scores kept, in the
 partition's state before the arms' update).
