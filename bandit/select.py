@@ -72,9 +72,8 @@ partition's state before the arms' update).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
@@ -243,16 +242,35 @@ class SelectiveThompson(LinearThompson):
             self._level += share * float(np.mean(residuals))
 
 
-class ArmSums(NamedTuple):
+class ArmSums:
     """What :class:`SharedDifficulty` fits, summed over each arm's quality outcomes:
     ``xx`` (D, D) sum of x x^T and ``xy`` (D,) sum of x * quality over every arm; per
-    arm ``n`` (K,) the weight, ``sy`` (K,) the quality and ``sx`` (K, D) x."""
+    arm ``n`` (K,) the weight, ``sy`` (K,) the quality and ``sx`` (K, D) x.
 
-    xx: np.ndarray
-    xy: np.ndarray
-    n: np.ndarray
-    sy: np.ndarray
-    sx: np.ndarray
+    From :meth:`of`, ``xx`` and ``xy`` (O(K D^2): every arm's D x D matrix read) are
+    summed on first use only, which is when the fits are solved again: read them before
+    the statistics change."""
+
+    def __init__(self, xx: np.ndarray | None, xy: np.ndarray | None, n: np.ndarray,
+                 sy: np.ndarray, sx: np.ndarray) -> None:
+        self._totals: tuple[np.ndarray, np.ndarray] | None = (
+            None if xx is None or xy is None else (xx, xy))
+        self._read: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+        self.n, self.sy, self.sx = n, sy, sx
+
+    @property
+    def xx(self) -> np.ndarray:
+        return self._summed()[0]
+
+    @property
+    def xy(self) -> np.ndarray:
+        return self._summed()[1]
+
+    def _summed(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._totals is None:
+            assert self._read is not None
+            self._totals = self._read()
+        return self._totals
 
     @classmethod
     def of(cls, stats: ArmStatistics, applied: np.ndarray) -> ArmSums:
@@ -260,16 +278,21 @@ class ArmSums(NamedTuple):
         quality - x.``applied`` (b = sum x q - A applied): whatever the arms forget
         (half-life, drift scaling, a removed arm), the difficulty forgets with them."""
         # Each arm's quality data matrix A_k is s_data[k] (head in the group) or
-        # a_data[k, 0]; summed slice by slice and read by its bias column (A_k is
-        # symmetric), never stacked into a (K, D, D) copy: this runs twice per update.
+        # a_data[k, 0]: read by its bias column (A_k is symmetric) and, for the totals,
+        # summed slice by slice, never stacked into a (K, D, D) copy.
         group = stats.group[:, 0]
-        xx = np.zeros((applied.shape[0],) * 2)
-        for k, shared in enumerate(group):
-            xx += stats.s_data[k] if shared else stats.a_data[k, 0]
         sx = np.where(group[:, None], stats.s_data[:, :, -1], stats.a_data[:, 0, :, -1])
         b = stats.b_data[:, 0]  # (K, D): sum of x * (quality - x.applied) per arm
-        return cls(xx, b.sum(axis=0) + xx @ applied, sx[:, -1].copy(),
-                   b[:, -1] + sx @ applied, sx)
+        sums = cls(None, None, sx[:, -1].copy(), b[:, -1] + sx @ applied, sx)
+
+        def totals() -> tuple[np.ndarray, np.ndarray]:
+            xx = np.zeros((applied.shape[0],) * 2)
+            for k, shared in enumerate(group):
+                xx += stats.s_data[k] if shared else stats.a_data[k, 0]
+            return xx, b.sum(axis=0) + xx @ applied
+
+        sums._read = totals
+        return sums
 
 
 class SharedDifficulty:

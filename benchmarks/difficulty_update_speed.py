@@ -3,8 +3,9 @@ read off the arms arm by arm (``ArmSums.of``, now) against the formula it replac
 which stacked every arm's data matrix into a (K, D, D) copy twice per update (issue 13).
 
 One policy per d (K arms, warmed up with K*20 outcomes), both formulas timed on it in
-alternating rounds (ABBA), the median of the rounds per formula. Synthetic contexts and
-outcomes: a speed measurement, no data needed.
+alternating rounds (ABBA), the median of the rounds per formula; in the same rounds, the
+same policy without a shared difficulty (what the difficulty costs). Synthetic contexts
+and outcomes: a speed measurement, no data needed.
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python -m benchmarks.difficulty_update_speed
 """
@@ -30,6 +31,7 @@ def stacked_arm_sums(cls: type[ArmSums], stats: ArmStatistics,
     return cls(a.sum(axis=0), b.sum(axis=0), a[:, -1, -1], b[:, -1], a[:, :, -1])
 
 
+NONE = "no difficulty"
 FORMULAS = {"stacked (before)": classmethod(stacked_arm_sums),
             "arm by arm (now)": ArmSums.__dict__["of"]}
 
@@ -53,11 +55,13 @@ def _time_updates(policy: SelectiveThompson, x: np.ndarray, q: np.ndarray,
 def measure(d: int, k: int, n: int, rounds: int, seed: int = 0) -> dict[str, object]:
     warm = 20 * k
     x, q = _stream(d, warm + 2 * rounds * n, seed)
-    policy = SelectiveThompson(d, seed=seed, shared_difficulty=True, drift_delta=None)
-    for j in range(k):
-        policy.add_arm(f"m{j}")
-    _time_updates(policy, x, q, 0, warm)
-    times: dict[str, list[float]] = {name: [] for name in FORMULAS}
+    policy, plain = (SelectiveThompson(d, seed=seed, shared_difficulty=shared,
+                                       drift_delta=None) for shared in (True, False))
+    for p in (policy, plain):
+        for j in range(k):
+            p.add_arm(f"m{j}")
+        _time_updates(p, x, q, 0, warm)
+    times: dict[str, list[float]] = {name: [] for name in (*FORMULAS, NONE)}
     start = warm
     try:
         for r in range(rounds):
@@ -66,6 +70,7 @@ def measure(d: int, k: int, n: int, rounds: int, seed: int = 0) -> dict[str, obj
                 ArmSums.of = FORMULAS[name]
                 times[name].append(_time_updates(policy, x, q, start, n))
                 start += n
+            times[NONE].append(_time_updates(plain, x, q, start - n, n))
     finally:
         ArmSums.of = FORMULAS["arm by arm (now)"]
     medians = {name: float(np.median(v)) for name, v in times.items()}
@@ -80,16 +85,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 384])
     parser.add_argument("--arms", type=int, default=16)
-    parser.add_argument("--updates", type=int, default=100, help="updates per round")
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--updates", type=int, default=200, help="updates per round")
+    parser.add_argument("--rounds", type=int, default=10)
     add_output_options(parser, "difficulty_update_speed")
     args = parser.parse_args()
     rows = [measure(d, args.arms, args.updates, args.rounds) for d in args.dims]
     print_table(f"update with shared_difficulty, K={args.arms} (median ms per update)",
-                ["d", "stacked (before)", "arm by arm (now)", "before / now"],
+                ["d", "stacked (before)", "arm by arm (now)", "before / now", NONE],
                 [[r["d"], f"{r['ms_per_update']['stacked (before)']:.3f}",
-                  f"{r['ms_per_update']['arm by arm (now)']:.3f}", f"{r['speedup']:.2f}"]
-                 for r in rows])
+                  f"{r['ms_per_update']['arm by arm (now)']:.3f}", f"{r['speedup']:.2f}",
+                  f"{r['ms_per_update'][NONE]:.3f}"] for r in rows])
     path = write_results(args.out_name, {"results": rows}, results_dir=args.out_dir)
     print(path)
 
