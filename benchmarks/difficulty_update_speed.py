@@ -1,6 +1,7 @@
 """Time per ``SelectiveThompson(shared_difficulty=True).update``: the difficulty's sums
-read off the arms arm by arm (``ArmSums.of``, now) against the formula it replaced,
-which stacked every arm's data matrix into a (K, D, D) copy twice per update (issue 13).
+read off the arms as now (``ArmSums.of``: the per-arm sums, and the D x D totals summed
+arm by arm only when a fit is solved again) against the formula it replaced, which
+stacked every arm's data matrix into a (K, D, D) copy twice per update (issue 13).
 
 One policy per d (K arms, warmed up with K*20 outcomes), both formulas timed on it in
 alternating rounds (ABBA), the median of the rounds per formula; in the same rounds, the
