@@ -63,7 +63,8 @@ and over 6 policy seeds it earned nothing: left out.) The shift is used only onc
 of its ridge candidates has predicted outcomes' deviations from their arm's mean better
 than none. Its sums are the arms' own quality sums (:class:`ArmSums`: sum x x^T is the
 sum of the arms' quality matrices, sum x q is b + A beta), so it forgets exactly as they
-do (``half_life_hours``, drift scaling, a removed arm) and merges with them; beside the
+do (``half_life_hours``, drift scaling, a removed arm) and merges with them (with a
+level, they and the candidates' scores are of quality minus the level); beside the
 arms it keeps only its candidates' scores and the coefficients applied. The distributed
 learners do not carry it yet (the shift must be applied, and the scores kept, in the
 partition's state before the arms' update).
@@ -71,9 +72,8 @@ partition's state before the arms' update).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
@@ -184,8 +184,11 @@ class SelectiveThompson(LinearThompson):
                      weights: float | np.ndarray) -> np.ndarray:
         targets = super()._arm_targets(arms, xb, y, weights)  # before the shift learns
         if self._difficulty is not None:
+            # The arms' sums are of quality minus the level (each outcome's at its time;
+            # ArmSums adds the difficulty back): score the outcomes on the same scale.
             self._difficulty.observe(ArmSums.of(self._stats, self._applied),
-                                     [self._index[a] for a in arms], xb, y[:, 0], weights)
+                                     [self._index[a] for a in arms], xb,
+                                     y[:, 0] - self._level, weights)
         return targets
 
     def update(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
@@ -239,26 +242,57 @@ class SelectiveThompson(LinearThompson):
             self._level += share * float(np.mean(residuals))
 
 
-class ArmSums(NamedTuple):
+class ArmSums:
     """What :class:`SharedDifficulty` fits, summed over each arm's quality outcomes:
     ``xx`` (D, D) sum of x x^T and ``xy`` (D,) sum of x * quality over every arm; per
-    arm ``n`` (K,) the weight, ``sy`` (K,) the quality and ``sx`` (K, D) x."""
+    arm ``n`` (K,) the weight, ``sy`` (K,) the quality and ``sx`` (K, D) x.
 
-    xx: np.ndarray
-    xy: np.ndarray
-    n: np.ndarray
-    sy: np.ndarray
-    sx: np.ndarray
+    From :meth:`of`, ``xx`` and ``xy`` (O(K D^2): every arm's D x D matrix read) are
+    summed on first use only, which is when the fits are solved again: read them before
+    the statistics change."""
+
+    def __init__(self, xx: np.ndarray | None, xy: np.ndarray | None, n: np.ndarray,
+                 sy: np.ndarray, sx: np.ndarray) -> None:
+        self._totals: tuple[np.ndarray, np.ndarray] | None = (
+            None if xx is None or xy is None else (xx, xy))
+        self._read: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+        self.n, self.sy, self.sx = n, sy, sx
+
+    @property
+    def xx(self) -> np.ndarray:
+        return self._summed()[0]
+
+    @property
+    def xy(self) -> np.ndarray:
+        return self._summed()[1]
+
+    def _summed(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._totals is None:
+            assert self._read is not None
+            self._totals = self._read()
+        return self._totals
 
     @classmethod
     def of(cls, stats: ArmStatistics, applied: np.ndarray) -> ArmSums:
         """The sums read off the arms' quality-head statistics, whose targets are
         quality - x.``applied`` (b = sum x q - A applied): whatever the arms forget
         (half-life, drift scaling, a removed arm), the difficulty forgets with them."""
-        a = np.where(stats.group[:, 0, None, None], stats.s_data, stats.a_data[:, 0])
-        b = stats.b_data[:, 0] + a @ applied  # (K, D): sum of x * quality per arm
-        return cls(a.sum(axis=0), b.sum(axis=0), a[:, -1, -1].copy(), b[:, -1].copy(),
-                   a[:, :, -1].copy())
+        # Each arm's quality data matrix A_k is s_data[k] (head in the group) or
+        # a_data[k, 0]: read by its bias column (A_k is symmetric) and, for the totals,
+        # summed slice by slice, never stacked into a (K, D, D) copy.
+        group = stats.group[:, 0]
+        sx = np.where(group[:, None], stats.s_data[:, :, -1], stats.a_data[:, 0, :, -1])
+        b = stats.b_data[:, 0]  # (K, D): sum of x * (quality - x.applied) per arm
+        sums = cls(None, None, sx[:, -1].copy(), b[:, -1] + sx @ applied, sx)
+
+        def totals() -> tuple[np.ndarray, np.ndarray]:
+            xx = np.zeros((applied.shape[0],) * 2)
+            for k, shared in enumerate(group):
+                xx += stats.s_data[k] if shared else stats.a_data[k, 0]
+            return xx, b.sum(axis=0) + xx @ applied
+
+        sums._read = totals
+        return sums
 
 
 class SharedDifficulty:

@@ -567,8 +567,9 @@ class ArmStatistics:
         if not len(self) or not delta.any():
             return
         in_group = self.group[:, 0]
-        a = np.where(in_group[:, None, None], self.s_data, self.a_data[:, 0])
-        ad = a @ delta  # (K, D)
+        # A delta arm by arm: no (K, D, D) stack of the quality matrices.
+        ad = np.stack([(self.s_data[k] if shared else self.a_data[k, 0]) @ delta
+                       for k, shared in enumerate(in_group)])  # (K, D)
         b = self.b_data[:, 0]
         self.srr[:, 0] += ad @ delta - 2.0 * (b @ delta)
         b -= ad

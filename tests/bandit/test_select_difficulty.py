@@ -10,6 +10,7 @@ import pytest
 from bandit import ArmPrior, InvalidInputError, Policy, Preferences, SelectiveThompson
 from bandit.select import ArmSums, SharedDifficulty
 from bandit.stats import ArmStatistics
+from benchmarks.difficulty_update_speed import stacked_arm_sums
 
 DIM = 32
 COST_WEIGHT = 0.06  # quality points per USD: half the strong model's edge
@@ -311,3 +312,42 @@ def test_difficulty_state_saved_with_its_own_sums_loads():
     assert loaded._fits is None
     assert loaded.coefficients(sums) == pytest.approx(fresh.coefficients(sums), abs=1e-12)
     assert loaded.coefficients(sums).any()
+
+
+def test_arm_sums_read_slice_by_slice_match_the_stacked_sums():
+    """The sums summed arm by arm equal the stacked (K, D, D) formula they replaced
+    (benchmarks/difficulty_update_speed.py times both) to rounding, with one arm's
+    quality head out of the group (its own a_data) and the difficulty applied."""
+    policy = _fed()
+    policy._stats._split(1, np.array([True, False, False]))
+    x, q, _ = _stream(5, 60)
+    for t in range(60):
+        policy.update(policy.arms[t % 2], x[t], {"quality": q[t, t % 2]})
+    assert not policy._stats.group[1, 0] and policy._stats.group[0, 0]
+    assert policy._applied.any()
+    got = ArmSums.of(policy._stats, policy._applied)
+    want = stacked_arm_sums(ArmSums, policy._stats, policy._applied)
+    for name in ("xx", "xy", "n", "sy", "sx"):
+        assert getattr(got, name) == pytest.approx(getattr(want, name), abs=1e-9), name
+
+
+def test_a_level_moves_the_difficulty_scores_by_nothing():
+    """Quality 0.5 higher on every outcome, learned against a level 0.5 higher (held
+    still: horizon 1e12), leaves the arms' sums, and so the candidates' scores, as
+    they were: the scores are of quality minus the level, as the sums are."""
+    x, q, _ = _stream(3, 300)
+    policies = []
+    for level in (0.0, 0.5):
+        policy = SelectiveThompson(DIM, seed=3, shared_difficulty=True, drift_delta=None,
+                                   level_horizon=1e12)
+        policy.add_arm("strong")
+        policy.add_arm("weak")
+        policy._level = level
+        for t in range(300):
+            k = int(t % 3 == 0)
+            policy.update(policy.arms[k], x[t], {"quality": level + 0.5 * q[t, k]})
+        policies.append(policy)
+    low, high = policies
+    assert high._level == pytest.approx(0.5, abs=1e-9)
+    assert high._difficulty.err == pytest.approx(low._difficulty.err, rel=1e-6)
+    assert high._applied == pytest.approx(low._applied, abs=1e-6)
