@@ -27,9 +27,14 @@ the 200-300 window.
     python -m benchmarks.new_model [--policy select] [--seeds 3] [--cost-weights 0,300]
         [--shared-ridge 1] [--arm-prior hierarchy --out-name new_model_hierarchy]
         [--cold-start-share 1 --out-name new_model_select_cold_first]
+        [--shared-difficulty both --out-name new_model_difficulty]
 
 ``--policy`` is the policy kind replayed: ``select`` (the default policy of ``serve`` and
 ``replay``, :class:`bandit.SelectiveThompson`) or ``linucb`` (the previous default).
+``--shared-difficulty`` (``select`` only): ``off`` (the default), ``on``
+(``SelectiveThompson(shared_difficulty=True)``: every model, the specialist from its
+first call, learns its quality net of a query difficulty shared by all of them) or
+``both`` (each run without and then with it, in the same process).
 Writes ``benchmarks/results/new_model_select.json`` (``select``) or ``new_model.json``
 (``linucb``), or ``--out-name``.
 """
@@ -93,6 +98,19 @@ def run(quality: np.ndarray, cost: np.ndarray, x: np.ndarray, arms: list[str], a
     return choices
 
 
+def span_pulls(choices: np.ndarray, target: np.ndarray, add_at: int, n: int,
+               specialist: int) -> dict[str, int]:
+    """The specialist's calls from ``add_at`` up to its cluster's ``n``-th
+    query after it: on its cluster and on the others in the same rows."""
+    rows = np.arange(len(choices)) >= add_at
+    own = np.flatnonzero(rows & target)
+    if len(own) > n:
+        rows &= np.arange(len(choices)) < own[n]
+    spec = choices == specialist
+    return {"own_cluster": int((spec & rows & target).sum()),
+            "other_clusters": int((spec & rows & ~target).sum())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.new_model",
                                      description=__doc__.split("\n\n")[0])
@@ -113,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="PolicyConfig.arm_prior: where the specialist's quality prior "
                              "comes from (hierarchy: predicted from its price and the "
                              "other models' feedback, bandit.hierarchy)")
+    parser.add_argument("--shared-difficulty", default="off", choices=("off", "on", "both"),
+                        help="select's shared_difficulty: off (default), on, or both "
+                             "(each run without, then with)")
     add_output_options(parser, None, "results file name (default new_model_select for "
                                      "select, new_model for linucb)")
     args = parser.parse_args(argv)
+    if args.shared_difficulty != "off" and args.policy != "select":
+        parser.error("--shared-difficulty: only with --policy select")
+    difficulty = {"off": [False], "on": [True], "both": [False, True]}[args.shared_difficulty]
     root = data_root()
     ds = load_llmrouter(root / "llmrouter", minilm=False)
     cl = clusters(root)
@@ -128,14 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     arms = [*ds.arms, "specialist"]
     rows, results = [], []
     started = time.perf_counter()
-    for feat, w, seed in itertools.product(args.featurizers.split(","),
-                                           [float(v) for v in args.cost_weights.split(",")],
-                                           range(args.seeds)):
+    for feat, w, seed, diff in itertools.product(
+            args.featurizers.split(","), [float(v) for v in args.cost_weights.split(",")],
+            range(args.seeds), difficulty):
+        label = f"{feat}+difficulty" if diff else feat
         inputs = Inputs.of(ds, feat)
         config: dict[str, object] = {"shared_ridge": args.shared_ridge,
                                      "arm_prior": args.arm_prior}
         if args.cold_start_share is not None:
             config["cold_start_share"] = args.cold_start_share
+        if diff:
+            config["shared_difficulty"] = True
         if inputs.tag_dims:
             config.update(tag_dims=inputs.tag_dims, tag_ridge=args.tag_ridge)
         perm = np.random.default_rng(seed).permutation(ds.n)
@@ -148,15 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         others = float((ch[after & ~target[perm]] == len(arms) - 1).mean())
         r = (quality - w * cost)[perm]
         value = routing_value(r[args.add_at:], ch[args.add_at:])["value"]
-        results.append({"featurizer": feat, "cost_weight": w, "seed": seed,
+        results.append({"featurizer": label, "cost_weight": w, "seed": seed,
                         "cluster_share": shares,
+                        "specialist_pulls_first_300": span_pulls(
+                            ch, target[perm], args.add_at, 300, len(arms) - 1),
                         "other_share": round(others, 4),
                         "cluster_queries_after_add": int(len(mine)),
                         "value_after_add": value})
-        rows.append([feat, f"{w:g}", str(seed), *(f"{v:.0%}" if v is not None else "-"
+        rows.append([label, f"{w:g}", str(seed), *(f"{v:.0%}" if v is not None else "-"
                                             for v in shares.values()),
                      f"{others:.1%}", f"{value:+.3f}"])
-        print(f"{feat} w={w:g} seed={seed}: {shares} other {others:.1%} value {value:+.3f}",
+        print(f"{label} w={w:g} seed={seed}: {shares} other {others:.1%} value {value:+.3f}",
               file=sys.stderr, flush=True)
     print_table(f"specialist added at row {args.add_at}: its share of cluster "
                 f"{args.cluster}'s queries after it was added",
@@ -172,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                             "shared_ridge": args.shared_ridge, "tag_ridge": args.tag_ridge,
                             "arm_prior": args.arm_prior,
                             "cold_start_share": args.cold_start_share,
+                            "shared_difficulty": args.shared_difficulty,
                             "construction": __doc__.split("\n\n")[1].replace("\n", " "),
                             "elapsed_s": round(time.perf_counter() - started, 1)},
                "goal_met_runs": {f: f"{sum(m)} of {len(m)}" for f, m in met.items()},
