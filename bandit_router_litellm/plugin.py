@@ -271,6 +271,7 @@ class BanditRouter(CustomLogger):
         # a deployment that fails now and then towards the failure quality.
         # A success's quality is a default: learned after the tenant's
         # quality_wait_seconds unless the client rates the call (service/quality_defaults.py).
+        # A failure's is final (``failed``): a later quality of the client's is a 409.
         default = s.success_quality if not failed else None
         quality = None if s.success_quality is None or not failed else s.failure_quality
         latency_ms = _latency_ms(start_time, end_time)
@@ -281,7 +282,7 @@ class BanditRouter(CustomLogger):
             await self._client().feedback(
                 decision["decision_id"], quality=quality, cost_usd=cost_usd,
                 latency_ms=latency_ms, event_id=f"litellm-{call_id}" if call_id else None,
-                default_quality=default)
+                default_quality=default, failed=quality is not None)
         except (RouterError, httpx.HTTPError) as exc:
             log.warning("bandit-router: feedback for decision %s not posted (%s)",
                         decision["decision_id"], exc)
