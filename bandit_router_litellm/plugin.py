@@ -16,9 +16,9 @@ One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
    :meth:`BanditRouter.async_log_failure_event` post the outcome (``POST /v1/feedback``)
    with that decision id: LiteLLM's ``response_cost``, the call's latency, and a quality
    (``failure_quality`` for an error, posted ``failed``: final, a later quality of the
-  client's is refused, as the router's gateway does; ``success_quality`` for a success, posted as
-   ``default_quality``: learned after the tenant's ``quality_wait_seconds`` unless the
-   client's own quality replaces it, as the router's gateway does). The feedback's
+   client's is refused; ``success_quality`` for a success, posted as ``default_quality``:
+   learned after the tenant's ``quality_wait_seconds`` unless the client's own quality
+   replaces it; both as the router's gateway does). The feedback's
    ``event_id`` is LiteLLM's call id, so a repeated callback is applied once. The same
    callback adds the headers ``x-bandit-router-decision-id`` and
    ``x-bandit-router-model`` to the proxy's answer, so a client can report the quality
