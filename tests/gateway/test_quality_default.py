@@ -314,16 +314,11 @@ def test_failure_of_a_client_gateway_is_final(live: Live) -> None:
     key = router.tenant()
     auth = {"Authorization": f"Bearer {key}"}
     _, decision_id = _decide(live, key, model)
-    r = router.http.post("/v1/feedback", headers=auth, json={
-        "decision_id": decision_id, "quality": 0.0, "latency_ms": 9.0, "failed": True,
-        "event_id": "litellm-1"})
-    assert r.status_code == 202 and r.json()["status"] == "applied", r.text
-    r = router.http.post("/v1/feedback", headers=auth, json={  # its retry: a duplicate
-        "decision_id": decision_id, "quality": 0.0, "latency_ms": 9.0, "failed": True,
-        "event_id": "litellm-1"})
-    assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
-    r = router.http.post("/v1/feedback", headers=auth, json={
-        "decision_id": decision_id, "quality": 0.9, "event_id": "user"})
+    failure = {"quality": 0.0, "latency_ms": 9.0, "failed": True, "event_id": "litellm-1"}
+    for status in ("applied", "duplicate"):  # the callback, then its retry
+        r = _post(router, auth, decision_id, **failure)
+        assert r.status_code == 202 and r.json()["status"] == status, r.text
+    r = _post(router, auth, decision_id, quality=0.9, event_id="user")
     assert r.status_code == 409 and "the call failed" in r.json()["detail"], r.text
     assert _rows(router, key, decision_id, 1)["litellm-1"]["quality"] == 0.0
     assert live.learned(model) == {1}
@@ -338,13 +333,10 @@ def test_failure_of_a_client_gateway_after_the_clients_quality(live: Live) -> No
     model = router.add_model(answer=FakeModel("plug-in late failure"))
     key, auth = _tenant(router)
     _, decision_id = _decide(live, key, model)
-    r = router.http.post("/v1/feedback", headers=auth, json={
-        "decision_id": decision_id, "quality": 0.9, "event_id": "user"})
-    assert r.status_code == 202, r.text
-    r = router.http.post("/v1/feedback", headers=auth, json={
-        "decision_id": decision_id, "quality": 0.0, "latency_ms": 4.0, "failed": True,
-        "event_id": "litellm-2"})
-    assert r.status_code == 202, r.text
+    for body in ({"quality": 0.9, "event_id": "user"},
+                 {"quality": 0.0, "latency_ms": 4.0, "failed": True, "event_id": "litellm-2"}):
+        r = _post(router, auth, decision_id, **body)
+        assert r.status_code == 202, r.text
     rows = _rows(router, key, decision_id, 2)
     assert rows["user"]["quality"] == 0.9
     assert rows["litellm-2"]["quality"] is None and rows["litellm-2"]["latency_ms"] == 4.0
@@ -361,10 +353,14 @@ def test_failed_refuses_bad_combinations(live: Live) -> None:
                  {"failed": True, "default_quality": 0.5},
                  {"failed": True, "quality": 0.0, "default_quality": 0.5},
                  {"failed": "yes", "quality": 0.0}):
-        r = router.http.post("/v1/feedback", headers=auth,
-                             json={"decision_id": decision_id, **body})
+        r = _post(router, auth, decision_id, **body)
         assert r.status_code == 422 and "failed" in r.text, (body, r.text)
     # Nothing was recorded: an ordinary quality is still learned.
-    r = router.http.post("/v1/feedback", headers=auth, json={
-        "decision_id": decision_id, "quality": 0.4, "event_id": "user"})
+    r = _post(router, auth, decision_id, quality=0.4, event_id="user")
     assert r.status_code == 202 and r.json()["status"] == "applied", r.text
+
+
+def _post(router: Router, auth: dict[str, str], decision_id: str,
+          **body: object) -> httpx.Response:
+    return router.http.post("/v1/feedback", headers=auth,
+                            json={"decision_id": decision_id, **body})
