@@ -15,9 +15,10 @@ One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
    :meth:`BanditRouter.async_log_success_event` /
    :meth:`BanditRouter.async_log_failure_event` post the outcome (``POST /v1/feedback``)
    with that decision id: LiteLLM's ``response_cost``, the call's latency, and a quality
-   (``failure_quality`` for an error; ``success_quality`` for a success, posted as
-   ``default_quality``: learned after the tenant's ``quality_wait_seconds`` unless the
-   client's own quality replaces it, as the router's gateway does). The feedback's
+   (``failure_quality`` for an error, posted ``failed``: final, a later quality of the
+   client's is refused; ``success_quality`` for a success, posted as ``default_quality``:
+   learned after the tenant's ``quality_wait_seconds`` unless the client's own quality
+   replaces it; both as the router's gateway does). The feedback's
    ``event_id`` is LiteLLM's call id, so a repeated callback is applied once. The same
    callback adds the headers ``x-bandit-router-decision-id`` and
    ``x-bandit-router-model`` to the proxy's answer, so a client can report the quality
@@ -271,6 +272,7 @@ class BanditRouter(CustomLogger):
         # a deployment that fails now and then towards the failure quality.
         # A success's quality is a default: learned after the tenant's
         # quality_wait_seconds unless the client rates the call (service/quality_defaults.py).
+        # A failure's is final (``failed``): a later quality of the client's is a 409.
         default = s.success_quality if not failed else None
         quality = None if s.success_quality is None or not failed else s.failure_quality
         latency_ms = _latency_ms(start_time, end_time)
@@ -281,7 +283,7 @@ class BanditRouter(CustomLogger):
             await self._client().feedback(
                 decision["decision_id"], quality=quality, cost_usd=cost_usd,
                 latency_ms=latency_ms, event_id=f"litellm-{call_id}" if call_id else None,
-                default_quality=default)
+                default_quality=default, failed=quality is not None)
         except (RouterError, httpx.HTTPError) as exc:
             log.warning("bandit-router: feedback for decision %s not posted (%s)",
                         decision["decision_id"], exc)

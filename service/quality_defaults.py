@@ -117,6 +117,15 @@ class QualityDefaults:
         due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
+    def final(self, tenant_id: str, decision_id: str, quality: float) -> bool:
+        """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
+        recorded ``final`` as the gateway records its own failure (a later quality is
+        refused); turns the tenant's claims on as :meth:`provisional` does. True: a
+        quality of the client's came first (its marker): this one must not be stored."""
+        if not self._claims(tenant_id):
+            self._enable(tenant_id)
+        return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
+
     # ------------------------------------------------------------ the gateway
     def record(self, rows: Sequence[Recorded]) -> set[str]:
         """Record calls' defaults (one transaction). A client's quality that came first

@@ -351,13 +351,20 @@ class RoutingService:
 
     # ================================================================= feedback
     def feedback(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
-                 event_id: str | None) -> FeedbackReceipt:
+                 event_id: str | None, *, final: bool = False) -> FeedbackReceipt:
         """Hand one feedback to the sink, after the checks both modes share.
 
         A client's quality first claims the call's default quality, if the gateway
         reported one (:meth:`QualityDefaults.claim`: replaced, or refused with 409 when
-        it would count a second quality); undone when the sink refuses the feedback."""
+        it would count a second quality); undone when the sink refuses the feedback.
+        ``final``: the quality is a gateway's for a failed call (the LiteLLM plug-in's),
+        recorded as the router's gateway records its own (:meth:`_final_quality`)."""
         _check_outcome(outcome)
+        if final:
+            outcome = self._final_quality(tenant, decision_id, outcome)
+            if all(v is None for v in outcome.values()):
+                return FeedbackReceipt("duplicate", event_id)  # the client's came first
+            return self.sink.submit(tenant, decision_id, outcome, event_id)
         defaults, claim = self.quality_defaults, None
         if (defaults is not None and outcome.get("quality") is not None
                 and event_id not in ROUTER_EVENTS):
@@ -371,15 +378,30 @@ class RoutingService:
                 defaults.release(claim)  # type: ignore[union-attr]
             raise
 
-    def provisional_quality(self, tenant: TenantState, decision_id: str,
-                            quality: float) -> None:
-        """A client's ``default_quality`` for a call (:meth:`QualityDefaults.provisional`);
-        404 for an unknown decision or another tenant's, as the sink answers."""
+    def _final_quality(self, tenant: TenantState, decision_id: str,
+                       outcome: dict[str, float | None]) -> dict[str, float | None]:
+        """A failed call's quality from a client's gateway: its row recorded ``final``
+        (a later quality is refused with 409), as the gateway's own failure. A quality of
+        the client's that came first wins: the outcome is returned without this one."""
+        quality = outcome["quality"]
+        assert quality is not None  # FeedbackRequest: failed needs quality
+        replaced = self._defaults(tenant, decision_id).final(tenant.id, decision_id, quality)
+        return {**outcome, "quality": None} if replaced else outcome
+
+    def _defaults(self, tenant: TenantState, decision_id: str) -> QualityDefaults:
+        """The gateway's quality defaults, after the decision is checked (404 for an
+        unknown decision or another tenant's, as the sink answers)."""
         if self.quality_defaults is None:
             raise UnavailableError("default qualities need the gateway's state, which is "
                                    "not started", retry_after_s=5)
         self.history.check_decision(tenant, decision_id)
-        self.quality_defaults.provisional(tenant.id, decision_id, quality)
+        return self.quality_defaults
+
+    def provisional_quality(self, tenant: TenantState, decision_id: str,
+                            quality: float) -> None:
+        """A client's ``default_quality`` for a call (:meth:`QualityDefaults.provisional`);
+        404 for an unknown decision or another tenant's, as the sink answers."""
+        self._defaults(tenant, decision_id).provisional(tenant.id, decision_id, quality)
 
     def feedback_many(self, items: list[FeedbackItem]) -> list[FeedbackReceipt | Exception]:
         """:meth:`feedback` for a batch (the gateway's outcomes); per item its receipt or

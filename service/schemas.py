@@ -203,13 +203,21 @@ class FeedbackRequest(_Body):
         # Yours or a gateway's default, not both (a null counts as not given).
         "not": {"required": ["quality", "default_quality"],
                 "properties": {"quality": {"type": "number"},
-                               "default_quality": {"type": "number"}}}})
+                               "default_quality": {"type": "number"}}},
+        # failed (a gateway's failed call): with its quality, without a default_quality.
+        "if": {"required": ["failed"], "properties": {"failed": {"const": True}}},
+        "then": {"required": ["quality"],
+                 "properties": {"quality": {"type": "number"},
+                                "default_quality": {"type": "null"}}}})
 
     decision_id: UUID
     quality: Fraction | None = None
     # A gateway's quality for a successful call, provisional: learned after the tenant's
     # quality_wait_seconds unless a quality of the client's replaces it (docs/api.md).
     default_quality: Fraction | None = None
+    # A gateway's quality for a FAILED call (with quality): learned at once and final, as
+    # the router's gateway reports a failure: a later quality for the call is a 409.
+    failed: Annotated[bool, Field(strict=True)] = False
     # Bounded like bandit's statistics (bandit.base.MAX_COST_USD / MAX_LATENCY_MS):
     # feedback is stored before it is applied, so what bandit would refuse must be
     # refused here, not stored and then failing at every replay.
@@ -233,6 +241,9 @@ class FeedbackRequest(_Body):
                 and self.default_quality is None and not tokens):
             raise ValueError("give at least one of quality, cost_usd, latency_ms, "
                              "default_quality, or input_tokens and output_tokens")
+        if self.failed and (self.quality is None or self.default_quality is not None):
+            raise ValueError("failed (a gateway's report of a failed call) needs quality "
+                             "(its final quality, e.g. 0) and no default_quality")
         if self.quality is not None and self.default_quality is not None:
             raise ValueError("give quality (yours) or default_quality (a gateway's "
                              "provisional one), not both")

@@ -424,10 +424,12 @@ class _Api:
     def feedback(self, decision_id: str, *, quality: float | None = None,
                  cost_usd: float | None = None, latency_ms: float | None = None,
                  event_id: str | None = None,
-                 default_quality: float | None = None) -> _Call[FeedbackResult]:
+                 default_quality: float | None = None,
+                 failed: bool = False) -> _Call[FeedbackResult]:
         body = _drop_none({"decision_id": decision_id, "quality": quality,
                            "cost_usd": cost_usd, "latency_ms": latency_ms,
-                           "event_id": event_id, "default_quality": default_quality})
+                           "event_id": event_id, "default_quality": default_quality,
+                           "failed": failed or None})
         return _Call("POST", "/v1/feedback", lambda r: FeedbackResult(
             r.json()["status"], r.json()["decision_id"], r.json().get("event_id")),
             json=body, idempotent=event_id is not None)
@@ -628,14 +630,17 @@ class RouterClient(_Base):
     def feedback(self, decision_id: str, *, quality: float | None = None,
                  cost_usd: float | None = None, latency_ms: float | None = None,
                  event_id: str | None = None,
-                 default_quality: float | None = None) -> FeedbackResult:
+                 default_quality: float | None = None,
+                 failed: bool = False) -> FeedbackResult:
         """Report an outcome (any of quality 0..1, cost in USD, latency in ms). With an
         ``event_id`` a repeat is a no-op (``duplicate``) and the call is retried safely.
         ``default_quality`` (a gateway's, instead of ``quality``) is learned after the
-        tenant's ``quality_wait_seconds`` unless a quality replaces it."""
+        tenant's ``quality_wait_seconds`` unless a quality replaces it. ``failed`` (a
+        gateway's, with ``quality``): the call failed; its quality is final (a later
+        quality for the decision is refused with 409)."""
         return self._send(self._api.feedback(decision_id, quality=quality, cost_usd=cost_usd,
                                              latency_ms=latency_ms, event_id=event_id,
-                                             default_quality=default_quality))
+                                             default_quality=default_quality, failed=failed))
 
     def decision(self, decision_id: str) -> dict[str, Any]:
         """One of the tenant's decisions with its feedback (raw JSON)."""
@@ -776,11 +781,13 @@ class AsyncRouterClient(_Base):
     async def feedback(self, decision_id: str, *, quality: float | None = None,
                        cost_usd: float | None = None, latency_ms: float | None = None,
                        event_id: str | None = None,
-                       default_quality: float | None = None) -> FeedbackResult:
+                       default_quality: float | None = None,
+                       failed: bool = False) -> FeedbackResult:
         return await self._send(self._api.feedback(decision_id, quality=quality,
                                                    cost_usd=cost_usd, latency_ms=latency_ms,
                                                    event_id=event_id,
-                                                   default_quality=default_quality))
+                                                   default_quality=default_quality,
+                                                   failed=failed))
 
     async def decision(self, decision_id: str) -> dict[str, Any]:
         return await self._send(self._api.decision(decision_id))

@@ -33,7 +33,8 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
     replaces that default within ``quality_wait_seconds``; after it, a second quality
     and one for a failed call are refused with 409 (docs/api.md). ``default_quality``
     (a gateway's, e.g. the LiteLLM plug-in's) is such a default, answered ``pending``
-    when nothing else is given."""
+    when nothing else is given. ``failed`` marks ``quality`` as a gateway's for a failed
+    call: learned at once and final, so a later quality for the call is refused (409)."""
     started = time.perf_counter()
     cost = body.cost_usd
     if cost is None and body.input_tokens is not None and body.output_tokens is not None:
@@ -47,7 +48,7 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
     outcome = {"quality": body.quality, "cost_usd": cost, "latency_ms": body.latency_ms}
     # Stored first (an unknown decision is refused there), then the default recorded.
     result = FeedbackReceipt("pending", None) if all(v is None for v in outcome.values()) \
-        else service.feedback(tenant, decision_id, outcome, body.event_id)
+        else service.feedback(tenant, decision_id, outcome, body.event_id, final=body.failed)
     if body.default_quality is not None:
         service.provisional_quality(tenant, decision_id, body.default_quality)
     metrics.feedback_latency.observe(time.perf_counter() - started)

@@ -258,6 +258,12 @@ def test_failure_callback_posts_failure_quality(router, tenant):
               _kwargs(decision, decision["model"], "call-2", cost=None), 1.5)
     [fb] = tenant.decision(decision["decision_id"])["feedback"]
     assert (fb["quality"], fb["cost_usd"], fb["latency_ms"]) == (0.0, None, 1500.0)
+    # Final, as the router's gateway reports a failure: a client's later rating of the
+    # failed call would count a second quality (409).
+    with pytest.raises(RouterError) as info:
+        tenant.feedback(decision["decision_id"], quality=0.9, event_id="user")
+    assert info.value.status == 409
+    assert len(tenant.decision(decision["decision_id"])["feedback"]) == 1
 
 
 def test_failure_callback_without_success_quality_posts_no_quality(router, tenant):

@@ -32,7 +32,7 @@ require_proxy()
 
 import openai  # noqa: E402
 
-from service.client import RouterClient  # noqa: E402
+from service.client import RouterClient, RouterError  # noqa: E402
 from tests.fakes.openai_upstream import FakeModel, running_upstream  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
 from tests.service.live import live_server  # noqa: E402
@@ -264,6 +264,10 @@ def test_proxy_upstream_timeout_is_408_and_a_failure(client, tenant, seen):
     [fb] = decision_with_feedback(tenant, decision_id)["feedback"]
     assert fb["quality"] == 0.0
     assert fb["latency_ms"] >= 900.0  # the deployment's 1 s timeout
+    # Final, as the router's gateway's failure: a later rating would count twice (409).
+    with pytest.raises(RouterError) as refused:
+        tenant.feedback(decision_id, quality=0.9, event_id="user")
+    assert refused.value.status == 409
 
 
 def test_proxy_tenant_key_appears_nowhere(proxy, router, upstream, seen):

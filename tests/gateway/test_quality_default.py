@@ -302,3 +302,65 @@ def test_claimed_on_a_replica_whose_settings_are_not_reloaded(live: Live) -> Non
     assert stale.claim(tenant.id, plain, "rating") is None
     with Session(routing.engine) as session:
         assert session.get(m.QualityDefault, plain) is None
+
+
+def test_failure_of_a_client_gateway_is_final(live: Live) -> None:
+    """A client's gateway (the LiteLLM plug-in) posts a failed call's quality with
+    ``failed``: learned at once and final, as the router's gateway's own failure: a later
+    quality for the call is a 409. The tenant sets no success_quality (the plug-in's
+    tenant). Before, the failure's 0 was an ordinary quality: a rating was learned too."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("plug-in failure"))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    _, decision_id = _decide(live, key, model)
+    failure = {"quality": 0.0, "latency_ms": 9.0, "failed": True, "event_id": "litellm-1"}
+    for status in ("applied", "duplicate"):  # the callback, then its retry
+        r = _post(router, auth, decision_id, **failure)
+        assert r.status_code == 202 and r.json()["status"] == status, r.text
+    r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    assert r.status_code == 409 and "the call failed" in r.json()["detail"], r.text
+    assert _rows(router, key, decision_id, 1)["litellm-1"]["quality"] == 0.0
+    assert live.learned(model) == {1}
+    assert _row(live, decision_id).state == "final"
+
+
+def test_failure_of_a_client_gateway_after_the_clients_quality(live: Live) -> None:
+    """The client rated the call before the plug-in's failure came: the client's stays,
+    the failure's 0 is not stored too (its latency is), as for the gateway's batch. The
+    tenant's claims are on (a default_quality or failure of the plug-in's before)."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("plug-in late failure"))
+    key, auth = _tenant(router)
+    _, decision_id = _decide(live, key, model)
+    for body in ({"quality": 0.9, "event_id": "user"},
+                 {"quality": 0.0, "latency_ms": 4.0, "failed": True, "event_id": "litellm-2"}):
+        r = _post(router, auth, decision_id, **body)
+        assert r.status_code == 202, r.text
+    rows = _rows(router, key, decision_id, 2)
+    assert rows["user"]["quality"] == 0.9
+    assert rows["litellm-2"]["quality"] is None and rows["litellm-2"]["latency_ms"] == 4.0
+    assert live.learned(model) == {1}
+
+
+def test_failed_refuses_bad_combinations(live: Live) -> None:
+    router = live.router
+    model = router.add_model(answer=FakeModel("failed bad input"))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    _, decision_id = _decide(live, key, model)
+    for body in ({"failed": True, "latency_ms": 1.0},
+                 {"failed": True, "default_quality": 0.5},
+                 {"failed": True, "quality": 0.0, "default_quality": 0.5},
+                 {"failed": "yes", "quality": 0.0}):
+        r = _post(router, auth, decision_id, **body)
+        assert r.status_code == 422 and "failed" in r.text, (body, r.text)
+    # Nothing was recorded: an ordinary quality is still learned.
+    r = _post(router, auth, decision_id, quality=0.4, event_id="user")
+    assert r.status_code == 202 and r.json()["status"] == "applied", r.text
+
+
+def _post(router: Router, auth: dict[str, str], decision_id: str,
+          **body: object) -> httpx.Response:
+    return router.http.post("/v1/feedback", headers=auth,
+                            json={"decision_id": decision_id, **body})
