@@ -112,8 +112,7 @@ class QualityDefaults:
         as the gateway records its own, due after the tenant's wait. The first one turns
         the tenant's claims on (``enable``, stored: every replica's within its settings
         reload)."""
-        if not self._claims(tenant_id):
-            self._enable(tenant_id)
+        self._claims_on(tenant_id)
         due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
@@ -122,11 +121,15 @@ class QualityDefaults:
         recorded ``final`` as the gateway records its own failure (a later quality is
         refused); turns the tenant's claims on as :meth:`provisional` does. True: a
         quality of the client's came first (its marker): this one must not be stored."""
-        if not self._claims(tenant_id):
-            self._enable(tenant_id)
+        self._claims_on(tenant_id)
         return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
 
     # ------------------------------------------------------------ the gateway
+    def _claims_on(self, tenant_id: str) -> None:
+        """Turn the tenant's claims on (stored) if this replica does not claim yet."""
+        if not self._claims(tenant_id):
+            self._enable(tenant_id)
+
     def record(self, rows: Sequence[Recorded]) -> set[str]:
         """Record calls' defaults (one transaction). A client's quality that came first
         left a ``replaced`` marker: it stays (its default is never applied; its due time
