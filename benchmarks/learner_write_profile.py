@@ -54,8 +54,12 @@ def label(query: Any) -> str:
     text = " ".join(str(query).split())
     for key, name in (("INTO feedback", "feedback rows + spend"),
                       ("INTO learner_applied", "learner_applied keys"),
-                      ("FOR UPDATE", "lock partition"), ("partition_statistics", "statistics"),
+                      ("FOR UPDATE", "lock partition"),
+                      ("INTO partition_statistics", "statistics upsert"),
                       ("UPDATE learner_partitions", "offset"), ("pg_notify", "notify"),
+                      ("INTO learner_partitions", "load partitions (at start)"),
+                      ("SELECT next_offset", "load partitions (at start)"),
+                      ("FROM partition_statistics", "load partitions (at start)"),
                       ("FROM decisions WHERE id = ANY", "decisions join (loop)"),
                       ("UPDATE decisions SET guard", "guards")):
         if key in text:
@@ -157,7 +161,8 @@ def run(args: argparse.Namespace) -> dict:
             write_wall += time.perf_counter() - wall
             events += len(items)
             batches += 1
-        named = sum(v[0] for k, v in totals.items() if k != "decisions join (loop)")
+        named = sum(v[0] for k, v in totals.items()
+                    if k not in ("decisions join (loop)", "load partitions (at start)"))
         totals["begin, round trips"] = [write_cpu - named, 0.0]
         table = {k: {"cpu_us_per_event": round(1e6 * v[0] / events, 2),
                      "wall_us_per_event": round(1e6 * v[1] / events, 2)}
