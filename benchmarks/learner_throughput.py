@@ -71,13 +71,21 @@ RESULT = ROOT / "benchmarks" / "results" / "learner_throughput.json"
 DIM, MODELS, TENANTS = 64, 16, 4
 
 
-def make_database(admin_url: str) -> str:
+def make_database(admin_url: str, root: Path = ROOT) -> str:
+    """A fresh database with the schema of the source tree ``root`` (its migrations:
+    a learner of another tree is measured on its own schema)."""
     name = f"bench_learner_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(libpq_url(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     base, _, _ = admin_url.rpartition("/")
     url = f"{base}/{name}"
-    upgrade(url)
+    if Path(root).resolve() == ROOT:
+        upgrade(url)
+    else:
+        subprocess.run(  # noqa: S603 - our own interpreter, the other tree's migrations
+            [sys.executable, "-c", "import sys; from service.db.engine import upgrade;"
+             " upgrade(sys.argv[1])", url], cwd=root, check=True,
+            env={**os.environ, "PYTHONPATH": str(root)})
     return url
 
 
@@ -391,7 +399,7 @@ def paired_ratio(args: argparse.Namespace, admin: KafkaAdminClient,
     for round_ in range(rounds):
         order = (("without", without), ("with", with_))
         for name, settings in order if round_ % 2 == 0 else order[::-1]:
-            url = make_database(args.database_url)
+            url = make_database(args.database_url, settings.get("root", ROOT))
             try:
                 row = throughput(url, args.bootstrap, admin, 1, args.events, args.partitions,
                                  args.max_poll_records, rng, log_dir, **settings)

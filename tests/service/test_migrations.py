@@ -115,3 +115,37 @@ def test_downgrade_learner_writes_keeps_keys_in_learner_applied(new_database_url
         assert is_at_head(engine)
     finally:
         engine.dispose()
+
+
+def test_upgrade_statistics_lz4_downgrade_back_to_external(new_database_url):
+    # 0012: the learners rewrite each partition's statistics (~2.2 MB at d=64) every
+    # batch; lz4 costs PostgreSQL less CPU than writing them uncompressed (0002).
+    import pytest
+    from sqlalchemy import text
+
+    url = new_database_url()
+    upgrade(url)
+    engine = make_engine(url)
+
+    def storage() -> tuple[str, str]:
+        with engine.connect() as conn:
+            row = conn.execute(text(
+                "SELECT attstorage, attcompression FROM pg_attribute WHERE attrelid ="
+                " 'partition_statistics'::regclass AND attname = 'data'")).one()
+        return str(row[0]), str(row[1])
+
+    try:
+        if engine.dialect.name != "postgresql":
+            pytest.skip("a PostgreSQL storage option (SQLite has no TOAST)")
+        with engine.connect() as conn:
+            lz4 = conn.execute(text("SELECT 'lz4' = ANY(enumvals) FROM pg_settings"
+                                    " WHERE name = 'default_toast_compression'")).scalar()
+        if not lz4:
+            pytest.skip("this PostgreSQL has no lz4 (0012 keeps 0002's storage)")
+        assert storage() == ("x", "l")  # extended (compressed), lz4
+        downgrade(url, "0011")
+        assert storage() == ("e", "")  # external, uncompressed, as 0002 left it
+        upgrade(url)
+        assert storage() == ("x", "l")
+    finally:
+        engine.dispose()

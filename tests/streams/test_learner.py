@@ -232,6 +232,44 @@ def test_apply_feedback_rows_toggled_each_event_once(
     assert sorted(d for (d,) in rows) == sorted(second)
 
 
+def test_reconcile_spend_cost_equal_to_charge_writes_no_row_version(
+        world: World, kafka_bootstrap: str, make_topic: Callable[..., str],
+        unique_group_id: str, start_learner: Callable[..., Running]) -> None:
+    """A reported cost equal to the decision's charge (a gateway that charged the real
+    cost, a re-sent event) leaves the decision's row as it was (no new row version:
+    its ``xmin`` stays); a different cost is written, as before."""
+    from dataclasses import replace
+
+    topic = make_topic(partitions=2)
+    same, other = world.add_decisions(20), world.add_decisions(20)
+    events = [world.feedback(d) for d in [*same, *other]]
+    with world.conn() as conn:
+        conn.cursor().executemany("UPDATE decisions SET charged_usd = %s WHERE id = %s",
+                                  [(e.cost_usd, e.decision_id) for e in events[:20]])
+        before = dict(conn.execute("SELECT id, xmin::text FROM decisions WHERE id = ANY(%s)",
+                                   (same + other,)).fetchall())
+    # A second event of each "same" decision repeats its cost: nothing to write either.
+    events += [replace(e, event_id=e.event_id + "-again") for e in events[:20]]
+    r = start_learner(topic, unique_group_id)
+    prod, ends = producer(kafka_bootstrap), Ends()
+    send_events(prod, topic, events, ends)
+    wait_caught_up(world.url, unique_group_id, topic, ends)
+    r.stop()
+    with world.conn() as conn:
+        after = {d: (x, c) for d, x, c in conn.execute(
+            "SELECT id, xmin::text, charged_usd FROM decisions WHERE id = ANY(%s)",
+            (same + other,)).fetchall()}
+        rows = conn.execute("SELECT count(*) FROM feedback WHERE decision_id = ANY(%s)",
+                            (same + other,)).fetchone()[0]
+    assert rows == 60  # every event applied
+    cost = {e.decision_id: e.cost_usd for e in events[20:40]}
+    cost.update({e.decision_id: e.cost_usd for e in events[:20]})
+    assert {d: c for d, (_x, c) in after.items()} == {
+        d: pytest.approx(cost[d], abs=1e-15) for d in same + other}
+    assert [d for d in same if after[d][0] != before[d]] == []
+    assert [d for d in other if after[d][0] == before[d]] == []
+
+
 def test_apply_feedback_learns_price_correction_like_embedded(
         world: World, kafka_bootstrap: str, make_topic: Callable[..., str],
         unique_group_id: str, start_learner: Callable[..., Running]) -> None:
