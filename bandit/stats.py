@@ -722,21 +722,6 @@ class ArmStatistics:
                 q = (self.a_inv[own_k, own_h] @ x) @ x
                 np.add.at(var, own_k, q * c[own_k, own_h])
             var = var[None, :]
-        elif n < FLOAT32_WIDTH_BATCH:
-            # A few contexts (the service's decides gathered in one event-loop turn):
-            # x^T A^-1 x per inverse with one GEMM on the stacked inverses viewed as one
-            # (K*D, D) matrix, weighted afterwards. Combining the weighted inverses first
-            # (below) costs three (K, D, D) temporaries per call: ~1.5 ms against ~0.2 ms
-            # for 2-16 contexts at d=64, K=16 on this machine.
-            xt = xb.T
-            var = _quadratic_forms(self.s_inv, xt)
-            var *= c_group[:, None]
-            if c_sel is not None:
-                var += c_sel[:, None] * _quadratic_forms(self.q_inv, xt)
-            if own_k.size:
-                q = _quadratic_forms(self.a_inv[own_k, own_h], xt)
-                np.add.at(var, own_k, q * c[own_k, own_h, None])
-            var = var.T
         else:
             # One combined matrix sum_h c_h A_h^-1 per arm, then one quadratic form per
             # context and arm, as a single (n, D) x (D, K*D) product.
@@ -757,13 +742,6 @@ class ArmStatistics:
         if arms is not None:
             var = var[:, arms]
         return means, utility, np.sqrt(np.maximum(var, 0.0))
-
-
-def _quadratic_forms(inv: np.ndarray, xt: np.ndarray) -> np.ndarray:
-    """``x^T M_k x`` for every matrix M_k of ``inv`` (P, D, D) and every column x of
-    ``xt`` (D, n): (P, n), one (P*D, D) x (D, n) product."""
-    p, d, _ = inv.shape
-    return np.einsum("pdn,dn->pn", (inv.reshape(p * d, d) @ xt).reshape(p, d, -1), xt)
 
 
 def sequential_errors(a: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray,

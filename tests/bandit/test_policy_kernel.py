@@ -274,7 +274,7 @@ def test_fused_decide_matches_numpy_with_candidates_prices_and_batches(cls, para
 @pytest.mark.parametrize("cls", [LinUCB, SelectiveThompson])
 @pytest.mark.parametrize("partial", [False, True])
 def test_few_contexts_width_matches_one_context_at_a_time(cls, partial):
-    """The exploration width of 2..127 contexts (one GEMM per stack of inverses) equals
+    """The exploration width of 2..127 contexts (the combined-matrix batch path) equals
     the one-context numpy path's, row by row: with a selected quality head, and with
     heads split from their groups (``partial``)."""
     _, reference = pair(cls, 6)
