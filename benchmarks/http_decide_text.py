@@ -24,8 +24,10 @@ hashing featurizer, the default way users call us. Three servers, in the same ru
 
 ``--profile FILE`` instead samples the ``router`` server with py-spy (``pip install
 py-spy``) under the closed-loop load for ``--seconds``, writes the raw stacks to FILE and
-prints where the event-loop thread spends its time (inclusive share per frame): what is
-left per request once the text is cheap.
+prints where the event-loop thread spends its time (inclusive share per frame), then the
+same samples by component (:data:`COMPONENTS`) in µs per request (the share of every
+thread's samples times the server's CPU time per request while sampled): what is left
+per request once the text is cheap.
 
 Goals (issue 19): router >= 60% of the bare endpoint's throughput with a 500-character
 text; p99 <= 5 ms at half load; no errors.
