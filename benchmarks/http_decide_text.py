@@ -24,8 +24,10 @@ hashing featurizer, the default way users call us. Three servers, in the same ru
 
 ``--profile FILE`` instead samples the ``router`` server with py-spy (``pip install
 py-spy``) under the closed-loop load for ``--seconds``, writes the raw stacks to FILE and
-prints where the event-loop thread spends its time (inclusive share per frame): what is
-left per request once the text is cheap.
+prints where the event-loop thread spends its time (inclusive share per frame), then the
+same samples by component (:data:`COMPONENTS`) in µs per request (the share of every
+thread's samples times the server's CPU time per request while sampled): what is left
+per request once the text is cheap.
 
 Goals (issue 19): router >= 60% of the bare endpoint's throughput with a 500-character
 text; p99 <= 5 ms at half load; no errors.
@@ -144,6 +146,27 @@ def _ms(value: str) -> float:
     raise ValueError(value)
 
 
+#: Where an event-loop sample goes: the first component (in this order) with a frame in
+#: the sample's stack, so a sample inside the decide is the decide's, not the middleware's.
+COMPONENTS = (
+    ("policy: Policy.decide_batch (predict, score, propensities)", "Policy.decide_batch"),
+    ("decider: prediction dicts", "prediction_dicts"),
+    ("decider: reservation and row (predictions' orjson, id, time)", "Decider._reserve"),
+    ("decider: the rest (groups, candidates, prices, guard)", "Decider.decide_many"),
+    ("featurizing the text", "RoutingService.context_from"),
+    ("route: pydantic body validation", "model_validate_json"),
+    ("route: tenant for the key", "tenant_for_authorization"),
+    ("route: enqueue for the writer, prompt tokens, batcher", "decide_pending"),
+    ("route: the answer's orjson, the rest", "decide_body"),
+    ("uvicorn: writing the response (two transport.write)", "RequestResponseCycle.send"),
+    ("uvicorn: parsing the request (httptools callbacks)", "HttpToolsProtocol"),
+    ("service middleware, Starlette routing and exception layers", "ServiceMiddleware"),
+    ("FastAPI's own layers (telemetry check, body limit)", "FastAPI.__call__"),
+    ("uvicorn: the request task, proxy headers", "run_asgi"),
+    ("event loop, other", None),
+)
+
+
 def profile(port: int, pid: int, requests: list[bytes], connections: int, seconds: float,
             out: Path, gil: bool = False) -> None:
     """py-spy the server ``pid`` under closed-loop load; print its main thread's frames
@@ -159,10 +182,11 @@ def profile(port: int, pid: int, requests: list[bytes], connections: int, second
                             "--output", str(out), "--nonblocking", "--threads",
                             *(["--gil"] if gil else [])],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    load = asyncio.run(closed_loop(port, requests, connections, seconds + 1.0))
+    load = asyncio.run(closed_loop(port, requests, connections, seconds + 1.0, pid=pid))
     if spy.wait(60) != 0:
         raise RuntimeError(spy.stderr.read().decode()[-2000:])
     threads: collections.Counter[str] = collections.Counter()
+    components: collections.Counter[str] = collections.Counter()
     frames: collections.Counter[tuple[str, str]] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
     with out.open(encoding="utf-8") as fh:
@@ -174,6 +198,10 @@ def profile(port: int, pid: int, requests: list[bytes], connections: int, second
             # "function (file.py:line)" -> "function (file.py)", counted once per stack.
             for call in {re.sub(r":\d+\)$", ")", c) for c in calls}:
                 frames[(thread, call)] += int(count)
+            if "MainThread" in thread:
+                components[next((name for name, key in COMPONENTS[:-1]
+                                 if any(key in c for c in calls)), COMPONENTS[-1][0])
+                           ] += int(count)
     main_thread, total = next((t, n) for t, n in threads.most_common() if "MainThread" in t)
     rows = [[call, f"{100 * n / total:.1f}"] for (t, call), n in frames.most_common()
             if t == main_thread and n >= 0.02 * total and "(asyncio/" not in call
@@ -183,7 +211,18 @@ def profile(port: int, pid: int, requests: list[bytes], connections: int, second
                 caption="other threads' samples: " + ", ".join(
                     f"{t.split(': ')[-1]} {n}" for t, n in threads.most_common()
                     if t != main_thread) + f"; stacks in {out}")
+    # µs per request: a share of every thread's samples times the server's CPU time per
+    # request while sampled (the samples exclude idle time; GIL waits are counted).
     everything = sum(leaves.values())
+    us = load["server_cpu_us_per_request"]
+    shares = [(name, components[name]) for name, _ in COMPONENTS]
+    shares.append(("other threads (decision writer, ...)", everything - total))
+    print_table("where a request's time goes: event-loop thread by component (first "
+                "match, in this order), then the other threads",
+                ["component", "% of samples", "µs per request"],
+                [[name, f"{100 * n / everything:.1f}", f"{us * n / everything:.0f}"]
+                 for name, n in shares],
+                caption=f"the server's CPU per request while sampled: {us:.0f} µs")
     print_table(f"self time, every thread ({everything} samples"
                 + (", GIL holder only)" if gil else ")"), ["function", "%"],
                 [[call, f"{100 * n / everything:.1f}"] for call, n in leaves.most_common(30)])

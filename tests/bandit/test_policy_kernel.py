@@ -269,3 +269,27 @@ def test_fused_decide_matches_numpy_with_candidates_prices_and_batches(cls, para
             np.testing.assert_allclose(getattr(got, field), getattr(want, field),
                                        rtol=1e-9, atol=1e-9, err_msg=field)
     assert sum(r is not None for r in fused) > 200  # the kernel decided (not a fallback)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, SelectiveThompson])
+@pytest.mark.parametrize("partial", [False, True])
+def test_few_contexts_width_matches_one_context_at_a_time(cls, partial):
+    """The exploration width of 2..127 contexts (the combined-matrix batch path) equals
+    the one-context numpy path's, row by row: with a selected quality head, and with
+    heads split from their groups (``partial``)."""
+    _, reference = pair(cls, 6)
+    rng = np.random.default_rng(29)
+    for t in range(80):
+        x = rng.standard_normal(6) / 2
+        reference.update(f"m{t % 5}", x, outcome(rng, t, partial))
+    stats = reference._stats
+    assert partial != stats._all_grouped()
+    c = PREFS.validated().head_weights() ** 2 * stats.sigma2
+    w = PREFS.validated().head_weights()
+    for n in (2, FUSED_BATCH + 1, 127):
+        xb = rng.standard_normal((n, stats.n_features)) / 2
+        means, utility, std = stats.predict(xb, None, c, w)
+        rows = [stats.predict(xb[i:i + 1], None, c, w) for i in range(n)]
+        np.testing.assert_allclose(std, np.vstack([r[2] for r in rows]), rtol=1e-12)
+        np.testing.assert_allclose(utility, np.vstack([r[1] for r in rows]), rtol=1e-12)
+        assert std.shape == (n, 5) and (std > 0).all()
