@@ -154,7 +154,7 @@ class FeedbackIngest:
             if degraded:
                 out[i] = UnavailableError("the service started while the database was "
                                           "unreachable and has no feedback buffer; retry "
-                                          "later", retry_after_s=5)
+                                          "later", retry_after_s=5, unsent=True)
                 continue
             if self.writer.is_pending(decision_id) and (
                     (spool is not None and self.writer.spooling())
@@ -164,7 +164,8 @@ class FeedbackIngest:
                 # far behind; the drain waits for it to be written.
                 out[i] = self._buffer(tenant, decision_id, event, outcome) \
                     if spool is not None else UnavailableError(
-                        "the decision is not written yet; retry", retry_after_s=1)
+                        "the decision is not written yet; retry", retry_after_s=1,
+                        unsent=True)
                 continue
             direct.append((i, Incoming(tenant, decision_id, event, outcome, m.utcnow())))
         if direct:
@@ -330,7 +331,7 @@ class FeedbackIngest:
         if result == "full":
             return UnavailableError(f"the database is unavailable and the feedback buffer "
                                     f"is full ({self.spool.capacity} events); nothing was "
-                                    "stored, retry later", retry_after_s=5)
+                                    "stored, retry later", retry_after_s=5, unsent=True)
         self.metrics.feedback.labels(result).inc()
         self._wake.set()
         return FeedbackReceipt(result, None)

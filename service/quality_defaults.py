@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
+__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
            "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
@@ -88,6 +88,15 @@ class Claim:
     event_id: str
 
 
+class Final(NamedTuple):
+    """What :meth:`QualityDefaults.final` did: ``replaced``, a quality of the client's
+    came first (its marker): the failure's must not be stored; ``new``, the row is this
+    call's (:meth:`QualityDefaults.unfinal` undoes it)."""
+
+    replaced: bool
+    new: bool
+
+
 def _insert(engine: Engine) -> Callable[[Any], Any]:
     return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
@@ -116,13 +125,29 @@ class QualityDefaults:
         due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
-    def final(self, tenant_id: str, decision_id: str, quality: float) -> bool:
+    def final(self, tenant_id: str, decision_id: str, quality: float) -> Final:
         """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
         recorded ``final`` as the gateway records its own failure (a later quality is
-        refused); turns the tenant's claims on as :meth:`provisional` does. True: a
-        quality of the client's came first (its marker): this one must not be stored."""
+        refused); turns the tenant's claims on as :meth:`provisional` does."""
         self._claims_on(tenant_id)
-        return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
+        stmt = self._insert(_T).values(
+            decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
+            due_at=None, event_id=None, changed_at=m.utcnow())
+        stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
+            _T.decision_id)
+        with Session(self._engine) as session, session.begin():
+            if session.execute(stmt).first() is not None:
+                return Final(replaced=False, new=True)
+        # A row was there: a client's marker, or this failure's own (a retry).
+        return Final(bool(self.record([Recorded(tenant_id, decision_id, quality, None)])),
+                     new=False)
+
+    def unfinal(self, decision_id: str) -> None:
+        """Undo :meth:`final`'s new row: the sink refused the failure's quality (nothing
+        stored), so a later quality of the client's is no longer refused for it."""
+        with Session(self._engine) as session, session.begin():
+            session.execute(delete(_T).where(_T.decision_id == decision_id,
+                                             _T.state == "final"))
 
     # ------------------------------------------------------------ the gateway
     def _claims_on(self, tenant_id: str) -> None:
