@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import NamedTuple
 
@@ -34,11 +34,12 @@ from service.domain import (
     price_estimate,
     timestamp,
 )
-from service.exceptions import NotFoundError, UnavailableError
+from service.exceptions import ConflictError, NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
+from service.quality_defaults import ROUTER_EVENTS, Claim, QualityDefaults
 from service.registry import Registry
 from service.spool import (
     FeedbackSpool,
@@ -116,6 +117,10 @@ class FeedbackIngest:
     local: LocalCopy
     #: The outage buffer (from :meth:`start`; None without one).
     spool: FeedbackSpool | None = None
+    #: The gateway's quality defaults (service/quality_defaults.py; set by the gateway):
+    #: a buffered quality claims its call's default when it is drained, as it would have
+    #: before being stored had the database been there.
+    defaults: QualityDefaults | None = None
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
@@ -460,13 +465,37 @@ class FeedbackIngest:
         log.warning("buffered feedback dropped: %s (decision %s, event %r, tenant %s)",
                     reason, item.decision_id, item.event_id, item.tenant_id)
 
+    def _claim(self, item: SpooledFeedback) -> Claim | None:
+        """A buffered quality's claim of its call's default (:meth:`QualityDefaults.claim`;
+        raises its ConflictError). While the database was away its lookup counted as "no
+        default" (and a tenant whose claims are on was answered 503, never buffered): the
+        check is made now. A claim made before buffering is this event's: taken again."""
+        if (self.defaults is None or item.outcome.get("quality") is None
+                or item.event_id in ROUTER_EVENTS):
+            return None
+        return self.defaults.claim(item.tenant_id, item.decision_id, item.event_id)
+
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
         known: list[tuple[SpooledFeedback, Incoming]] = []
+        claims: dict[int, Claim] = {}
         for item in batch:
             tenant = self.registry.tenants.get(item.tenant_id)
             if tenant is None:
                 self._drop(item, "the tenant does not exist")
                 continue
+            try:
+                claim = self._claim(item)
+            except ConflictError as exc:  # the default was learned, or a second quality
+                # Refused as it would have been before buffering; cost and latency kept.
+                item = replace(item, outcome={**item.outcome, "quality": None})
+                if all(v is None for v in item.outcome.values()):
+                    self._drop(item, exc.detail)
+                    continue
+                log.warning("buffered quality for decision %s not learned (its cost and "
+                            "latency are): %s", item.decision_id, exc.detail)
+                claim = None
+            if claim is not None:
+                claims[item.seq] = claim
             known.append((item, Incoming(tenant, item.decision_id, item.event_id,
                                          item.outcome,
                                          datetime.fromisoformat(item.received_at))))
@@ -491,6 +520,8 @@ class FeedbackIngest:
             if result.status == "unknown-decision":
                 # Unknown decision, or another tenant's: nothing stored or applied.
                 self._drop(item, "the decision does not exist or is another tenant's")
+                if item.seq in claims:
+                    self.defaults.release(claims[item.seq])  # type: ignore[union-attr]
             elif result.error is not None:
                 self.metrics.feedback_buffer.labels("dropped").inc()
                 log.error("buffered feedback for decision %s stored but not applied",
