@@ -14,7 +14,11 @@ and distributed mode alike, and a restart see the same answer:
   latency: the router knows the call failed);
 * a client's quality claims the row before it goes to the feedback sink: ``pending`` ->
   ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
-  a ``replaced`` marker, which the gateway's record keeps;
+  a ``replaced`` marker, which the gateway's record keeps. The claim is given back
+  (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
+  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it. A
+  quality buffered while the database was away claims when it is drained
+  (service/ingest.py);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
   default as a feedback event of its own (:data:`DEFAULT_EVENT`) through the same sink
   as any feedback (so the learned statistics and their replay are those of ordinary
