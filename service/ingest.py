@@ -473,7 +473,8 @@ class FeedbackIngest:
         if (self.defaults is None or item.outcome.get("quality") is None
                 or item.event_id in ROUTER_EVENTS):
             return None
-        return self.defaults.claim(item.tenant_id, item.decision_id, item.event_id)
+        return self.defaults.claim(item.tenant_id, item.decision_id, item.event_id,
+                                   buffered=True)
 
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
         known: list[tuple[SpooledFeedback, Incoming]] = []

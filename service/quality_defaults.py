@@ -215,12 +215,16 @@ class QualityDefaults:
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------ a client's quality
-    def claim(self, tenant_id: str, decision_id: str, event_id: str) -> Claim | None:
+    def claim(self, tenant_id: str, decision_id: str, event_id: str, *,
+              buffered: bool = False) -> Claim | None:
         """Take the decision's row for a client's quality (``event_id``; "" for none)
         before it is submitted; raises :class:`ConflictError` when learning it would
         count a second quality for the call. None: nothing claimed (the tenant has no
-        defaults, or the decision is another tenant's: the sink answers that)."""
-        if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id):
+        defaults, or the decision is another tenant's: the sink answers that).
+        ``buffered``: a quality drained from the outage buffer, whose lookup raises the
+        database's errors (the drain stops there) rather than count as "no row"."""
+        if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id,
+                                                              strict=buffered):
             return None
         now = m.utcnow()
         stmt = self._insert(_T).values(
@@ -252,16 +256,19 @@ class QualityDefaults:
                        "learned when the tenant's quality_wait_seconds was over; a later "
                        "quality would count twice")
 
-    def _recorded(self, tenant_id: str, decision_id: str) -> bool:
+    def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this
         replica's settings (``claims``) are not reloaded yet. One primary-key lookup per
-        client quality of a tenant without defaults. The database away: False, so that
-        such a tenant's feedback is buffered as before (service/spool.py)."""
+        client quality of a tenant without defaults. The database away: False (unless
+        ``strict``), so that such a tenant's feedback is buffered as before
+        (service/spool.py); the drain checks it again."""
         try:
             with Session(self._engine) as session:
                 return session.scalar(select(_T.tenant_id).where(
                     _T.decision_id == decision_id)) == tenant_id
         except DBAPIError:
+            if strict:
+                raise
             return False
 
     def release(self, claim: Claim) -> None:

@@ -12,22 +12,18 @@ never sent (learned neither), and a LiteLLM plug-in's failure (``failed``) left 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import httpx
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from sqlalchemy.orm import Session
 
-from service.config import Settings
 from service.db import models as m
-from service.distributed import streams_config
 from streams.topics import ensure_topics
-from tests.faults.conftest import PrivatePostgres, free_port, serve
-from tests.faults.test_broker_outage import RECOVERY_S, PrivateBroker
-from tests.service.conftest import ADMIN, ADMIN_KEY, DIM, embedding
+from tests.faults.conftest import PrivatePostgres
+from tests.faults.test_broker_outage import RECOVERY_S, served
+from tests.service.conftest import embedding
 
 
 def _until_accepted(post: Any) -> httpx.Response:
@@ -42,75 +38,50 @@ def _until_accepted(post: Any) -> httpx.Response:
 
 @pytest.fixture(scope="module")
 def outage(private_postgres: PrivatePostgres) -> dict[str, Any]:
-    broker = PrivateBroker(free_port())
-    broker.start()
-    settings = Settings(database_url=private_postgres.url, admin_key=ADMIN_KEY, dim=DIM,
-                        policy_seed=7, checkpoint_interval_s=3600.0,
-                        kafka_bootstrap=broker.bootstrap, topic_partitions=2)
-    config = streams_config(settings)
     seen: dict[str, Any] = {}
-    try:
-        ensure_topics(config)
-        with serve(settings) as (base, app), httpx.Client(base_url=base, timeout=30) as http:
-            assert http.post("/v1/admin/models", headers=ADMIN, json={
-                "name": "qc-m1", "input_price_per_mtok": 1.0,
-                "output_price_per_mtok": 2.0}).status_code == 201
-            key = http.post("/v1/admin/tenants", headers=ADMIN,
-                            json={"name": "qc"}).json()["api_key"]
-            auth = {"Authorization": f"Bearer {key}"}
+    with served(private_postgres, "qc") as s:
+        http, auth = s.http, s.tenant
 
-            def post(decision: str, **body: object) -> httpx.Response:
-                return http.post("/v1/feedback", headers=auth,
-                                 json={"decision_id": decision, **body})
+        def post(decision: str, **body: object) -> httpx.Response:
+            return http.post("/v1/feedback", headers=auth,
+                             json={"decision_id": decision, **body})
 
-            ids = {}
-            for i, name in enumerate(("maybe", "unsent", "failed")):
-                r = http.post("/v1/decide", headers=auth,
-                              json={"query": {"embedding": embedding(i)}})
-                ids[name] = r.json()["decision_id"]
-            # A gateway's defaults (the LiteLLM plug-in's success), due after 300 s.
-            for name in ("maybe", "unsent"):
-                r = post(ids[name], default_quality=0.7)
-                assert r.status_code == 202 and r.json()["status"] == "pending", r.text
-            r = post(ids["maybe"], latency_ms=5.0, event_id="warm")  # the producer's metadata
-            assert r.status_code == 202, r.text
-            broker.stop()
-            # In the producer's buffer when the acknowledgement timed out: maybe sent.
-            seen["maybe"] = post(ids["maybe"], quality=0.2, event_id="rating")
-            # The producer is being rebuilt: refused before sending.
-            seen["unsent"] = post(ids["unsent"], quality=0.3, event_id="rating")
-            seen["failed"] = post(ids["failed"], quality=0.0, latency_ms=7.0, failed=True,
-                                  event_id="litellm-1")
-            with Session(app.state.routing.engine) as session:
-                seen["rows"] = {name: (None if row is None else (row.state, row.event_id))
-                                for name, row in ((n, session.get(m.QualityDefault, d))
-                                                  for n, d in ids.items())}
-            broker.start()  # a new, empty broker on the same port: topics again
-            ensure_topics(config)
-            # The client rates again with a new event: its first one was never sent.
-            seen["unsent_again"] = _until_accepted(
-                lambda: post(ids["unsent"], quality=0.4, event_id="rating-2"))
-            # The client rates the failed call before the plug-in's retry comes.
-            seen["failed_rated"] = post(ids["failed"], quality=0.9, event_id="user")
-            seen["failed_retry"] = post(ids["failed"], quality=0.0, latency_ms=7.0,
-                                        failed=True, event_id="litellm-1")
-            # The maybe-sent rating's retry finds its claim its own.
-            seen["maybe_retry"] = post(ids["maybe"], quality=0.2, event_id="rating")
-        consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap,
-                                 enable_auto_commit=False, consumer_timeout_ms=5000,
-                                 auto_offset_reset="earliest")
-        try:
-            parts = [TopicPartition(config.feedback_topic, p)
-                     for p in range(config.partitions)]
-            consumer.assign(parts)
-            consumer.seek_to_beginning(*parts)
-            seen["events"] = {(e["decision_id"], e["event_id"]): e.get("quality")
-                              for e in (json.loads(rec.value) for rec in consumer)}
-        finally:
-            consumer.close()
-        seen["ids"] = ids
-    finally:
-        broker.stop()
+        ids = {}
+        for i, name in enumerate(("maybe", "unsent", "failed")):
+            r = http.post("/v1/decide", headers=auth,
+                          json={"query": {"embedding": embedding(i)}})
+            ids[name] = r.json()["decision_id"]
+        # A gateway's defaults (the LiteLLM plug-in's success), due after 300 s.
+        for name in ("maybe", "unsent"):
+            r = post(ids[name], default_quality=0.7)
+            assert r.status_code == 202 and r.json()["status"] == "pending", r.text
+        r = post(ids["maybe"], latency_ms=5.0, event_id="warm")  # the producer's metadata
+        assert r.status_code == 202, r.text
+        s.broker.stop()
+        # In the producer's buffer when the acknowledgement timed out: maybe sent.
+        seen["maybe"] = post(ids["maybe"], quality=0.2, event_id="rating")
+        # The producer is being rebuilt: refused before sending.
+        seen["unsent"] = post(ids["unsent"], quality=0.3, event_id="rating")
+        seen["failed"] = post(ids["failed"], quality=0.0, latency_ms=7.0, failed=True,
+                              event_id="litellm-1")
+        with Session(s.app.state.routing.engine) as session:
+            seen["rows"] = {name: (None if row is None else (row.state, row.event_id))
+                            for name, row in ((n, session.get(m.QualityDefault, d))
+                                              for n, d in ids.items())}
+        s.broker.start()  # a new, empty broker on the same port: topics again
+        ensure_topics(s.config)
+        # The client rates again with a new event: its first one was never sent.
+        seen["unsent_again"] = _until_accepted(
+            lambda: post(ids["unsent"], quality=0.4, event_id="rating-2"))
+        # The client rates the failed call before the plug-in's retry comes.
+        seen["failed_rated"] = post(ids["failed"], quality=0.9, event_id="user")
+        seen["failed_retry"] = post(ids["failed"], quality=0.0, latency_ms=7.0,
+                                    failed=True, event_id="litellm-1")
+        # The maybe-sent rating's retry finds its claim its own.
+        seen["maybe_retry"] = post(ids["maybe"], quality=0.2, event_id="rating")
+        seen["events"] = {(e["decision_id"], e["event_id"]): e.get("quality")
+                          for e in s.events()}
+    seen["ids"] = ids
     return seen
 
 
