@@ -22,10 +22,9 @@ One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
    ``event_id`` is LiteLLM's call id, so a repeated callback is applied once. The same
    callback adds the headers ``x-bandit-router-decision-id`` and
    ``x-bandit-router-model`` to the proxy's answer, so a client can report the quality
-   later (``POST /v1/feedback``). The post runs in a task of its own, so the callback
-   returns at once; a 503 or 429 of the router (its database or broker away) or a
-   connection failure is retried with backoff, :data:`FEEDBACK_RETRY`'s attempts at
-   most (the event id makes a repeat a duplicate).
+   later (``POST /v1/feedback``). A 503 or 429 of the router (its database or broker
+   away) or a transport failure is retried with backoff (:data:`FEEDBACK_RETRY`) in a
+   task of its own: the callback returns after the first attempt.
 
 Failing open: the router is an optimisation in front of traffic that must flow. When it
 cannot decide (unreachable, slower than ``timeout_s``, an error such as a deployment not
@@ -59,14 +58,17 @@ log = logging.getLogger("bandit_router_litellm")
 SIGNAL = "bandit_router"  # key of the decision in routing_plugin_signals
 DECISION_HEADER = "x-bandit-router-decision-id"
 MODEL_HEADER = "x-bandit-router-model"
-#: A feedback post's attempts (the first included): a 503/429 or a connection failure is
-#: retried after 0.5 s, 1 s, 2 s, 4 s (full jitter, never less than the router's
-#: Retry-After, up to 30 s), about 8-30 s in all, then dropped with a warning.
-FEEDBACK_RETRY = RetryPolicy(max_attempts=5, backoff_s=0.5, max_backoff_s=4.0,
+#: The retries of a feedback post the router answered 503 or 429 (its database or broker
+#: away), or that did not reach it: 4 more attempts, after 0.5 s, 1 s, 2 s, 4 s (full
+#: jitter, never sooner than the router's Retry-After, at most 30 s), then dropped with a
+#: warning. The event id makes a repeat a duplicate.
+FEEDBACK_RETRY = RetryPolicy(max_attempts=4, backoff_s=0.5, max_backoff_s=4.0,
                              max_retry_wait_s=30.0)
-#: Feedback posts in flight at most (a router away for long: later ones are dropped with
-#: a warning rather than piling up in the proxy's memory).
+#: Feedback posts retrying at most (a router away for long: later ones are dropped with a
+#: warning rather than piling up in the proxy's memory).
 MAX_POSTING = 10_000
+#: The first attempt's answers that are retried (0: no answer, a transport error).
+_RETRIED = frozenset({0, 429, 503})
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str | None:
@@ -301,22 +303,40 @@ class BanditRouter(CustomLogger):
         if default is None and quality is None and cost_usd is None and latency_ms is None:
             return
         call_id = kwargs.get("litellm_call_id")
-        if len(self._posting) >= MAX_POSTING:
-            log.warning("bandit-router: %d feedback posts waiting for the router; feedback "
-                        "for decision %s dropped", len(self._posting), decision["decision_id"])
+        decision_id = str(decision["decision_id"])
+        feedback = {"quality": quality, "cost_usd": cost_usd, "latency_ms": latency_ms,
+                    "event_id": f"litellm-{call_id}" if call_id else None,
+                    "default_quality": default, "failed": quality is not None}
+        try:
+            await self._client().feedback(decision_id, **feedback)
             return
-        # In a task of its own: its retries never hold LiteLLM's callback (its logging
-        # worker gives a callback 20 s, then cancels it).
-        task = asyncio.get_running_loop().create_task(self._post(
-            str(decision["decision_id"]), quality=quality, cost_usd=cost_usd,
-            latency_ms=latency_ms, event_id=f"litellm-{call_id}" if call_id else None,
-            default_quality=default, failed=quality is not None))
+        except (RouterError, httpx.HTTPError) as exc:
+            if not (isinstance(exc, RouterError) and exc.status in _RETRIED
+                    and feedback["event_id"] is not None):  # a repeat must be a duplicate
+                log.warning("bandit-router: feedback for decision %s not posted (%s)",
+                            decision_id, exc)
+                return
+            first = exc
+        if len(self._posting) >= MAX_POSTING:
+            log.warning("bandit-router: feedback for decision %s not posted (%s) and not "
+                        "retried: %d posts wait for the router already", decision_id, first,
+                        len(self._posting))
+            return
+        # The retries in a task of their own: they never hold LiteLLM's callback (its
+        # logging worker gives a callback 20 s, then cancels it).
+        task = asyncio.get_running_loop().create_task(
+            self._retry(decision_id, first.retry_after, feedback))
         self._posting.add(task)
         task.add_done_callback(self._posting.discard)
 
-    async def _post(self, decision_id: str, **feedback: Any) -> None:
+    async def _retry(self, decision_id: str, retry_after: float | None,
+                     feedback: dict[str, Any]) -> None:
+        """Post again after the first attempt's 503/429 (or connection failure):
+        ``FEEDBACK_RETRY``'s backoff, never sooner than the router's Retry-After."""
+        await asyncio.sleep(FEEDBACK_RETRY.wait(1, None if retry_after is None
+                                                else str(retry_after)) or 0.0)
         try:
             await self._client(feedback=True).feedback(decision_id, **feedback)
         except (RouterError, httpx.HTTPError) as exc:
-            log.warning("bandit-router: feedback for decision %s not posted (%s)",
-                        decision_id, exc)
+            log.warning("bandit-router: feedback for decision %s not posted after %d "
+                        "attempts (%s)", decision_id, FEEDBACK_RETRY.max_attempts + 1, exc)
