@@ -16,7 +16,7 @@ import itertools
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import NamedTuple
 
@@ -34,17 +34,18 @@ from service.domain import (
     price_estimate,
     timestamp,
 )
-from service.exceptions import ConflictError, NotFoundError, UnavailableError
+from service.exceptions import NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
-from service.quality_defaults import ROUTER_EVENTS, Claim, QualityDefaults
+from service.quality_defaults import QualityDefaults
 from service.registry import Registry
 from service.spool import (
     FeedbackSpool,
     SpooledFeedback,
     buffer_dir,
+    outage_files,
     outage_serving,
     spool_path,
 )
@@ -117,9 +118,7 @@ class FeedbackIngest:
     local: LocalCopy
     #: The outage buffer (from :meth:`start`; None without one).
     spool: FeedbackSpool | None = None
-    #: The gateway's quality defaults (service/quality_defaults.py; set by the gateway):
-    #: a buffered quality claims its call's default when it is drained, as it would have
-    #: before being stored had the database been there.
+    #: The gateway's (service/quality_defaults.py): a buffered quality claims when drained.
     defaults: QualityDefaults | None = None
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -349,16 +348,7 @@ class FeedbackIngest:
         return outage_serving(self.writer.spool, self.spool)
 
     def degraded(self) -> dict[str, str]:
-        """The outage files still being written to the database (for ``/readyz``)."""
-        out: dict[str, str] = {}
-        spooled = self.writer.spool.depth() if self.writer.spool is not None else 0
-        if spooled:
-            out["decision_spool"] = (f"{spooled} decisions spooled while the database was "
-                                     "unreachable, being written")
-        if self.buffered():
-            out["feedback_buffer"] = (f"{self.buffered()} feedback events accepted while "
-                                      "the database was unreachable, being stored")
-        return out
+        return outage_files(self.writer.spool, self.spool)
 
     def wake(self) -> None:
         """The database is back: drain now."""
@@ -465,40 +455,19 @@ class FeedbackIngest:
         log.warning("buffered feedback dropped: %s (decision %s, event %r, tenant %s)",
                     reason, item.decision_id, item.event_id, item.tenant_id)
 
-    def _claim(self, item: SpooledFeedback) -> Claim | None:
-        """A buffered quality's claim of its call's default (:meth:`QualityDefaults.claim`;
-        raises its ConflictError). While the database was away its lookup counted as "no
-        default" (and a tenant whose claims are on was answered 503, never buffered): the
-        check is made now. A claim made before buffering is this event's: taken again."""
-        if (self.defaults is None or item.outcome.get("quality") is None
-                or item.event_id in ROUTER_EVENTS):
-            return None
-        return self.defaults.claim(item.tenant_id, item.decision_id, item.event_id,
-                                   buffered=True)
-
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
         known: list[tuple[SpooledFeedback, Incoming]] = []
-        claims: dict[int, Claim] = {}
         for item in batch:
             tenant = self.registry.tenants.get(item.tenant_id)
             if tenant is None:
                 self._drop(item, "the tenant does not exist")
                 continue
-            try:
-                claim = self._claim(item)
-            except ConflictError as exc:  # the default was learned, or a second quality
-                # Refused as it would have been before buffering; cost and latency kept.
-                item = replace(item, outcome={**item.outcome, "quality": None})
-                if all(v is None for v in item.outcome.values()):
-                    self._drop(item, exc.detail)
-                    continue
-                log.warning("buffered quality for decision %s not learned (its cost and "
-                            "latency are): %s", item.decision_id, exc.detail)
-                claim = None
-            if claim is not None:
-                claims[item.seq] = claim
-            known.append((item, Incoming(tenant, item.decision_id, item.event_id,
-                                         item.outcome,
+            outcome = item.outcome if self.defaults is None else self.defaults.drained(
+                item.tenant_id, item.decision_id, item.event_id, item.outcome)
+            if outcome is None:
+                self._drop(item, "a second quality for a gateway call")
+                continue
+            known.append((item, Incoming(tenant, item.decision_id, item.event_id, outcome,
                                          datetime.fromisoformat(item.received_at))))
         if not known:
             return
@@ -521,8 +490,6 @@ class FeedbackIngest:
             if result.status == "unknown-decision":
                 # Unknown decision, or another tenant's: nothing stored or applied.
                 self._drop(item, "the decision does not exist or is another tenant's")
-                if item.seq in claims:
-                    self.defaults.release(claims[item.seq])  # type: ignore[union-attr]
             elif result.error is not None:
                 self.metrics.feedback_buffer.labels("dropped").inc()
                 log.error("buffered feedback for decision %s stored but not applied",

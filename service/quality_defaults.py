@@ -256,6 +256,24 @@ class QualityDefaults:
                        "learned when the tenant's quality_wait_seconds was over; a later "
                        "quality would count twice")
 
+    def drained(self, tenant_id: str, decision_id: str, event_id: str,
+                outcome: dict[str, float | None]) -> dict[str, float | None] | None:
+        """A feedback drained from the outage buffer (service/ingest.py), whose quality
+        claims now as it would have before being buffered had the database been there
+        (its lookup then counted as "no row"; a claim made before is this event's, taken
+        again). The outcome to store: refused, without its quality (None: nothing left).
+        The database's errors are raised (the drain stops there)."""
+        if outcome.get("quality") is None or event_id in ROUTER_EVENTS:
+            return outcome
+        try:
+            self.claim(tenant_id, decision_id, event_id, buffered=True)
+            return outcome
+        except ConflictError as exc:
+            log.warning("buffered quality for decision %s not learned: %s", decision_id,
+                        exc.detail)
+            rest = {**outcome, "quality": None}
+            return None if all(v is None for v in rest.values()) else rest
+
     def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this
         replica's settings (``claims``) are not reloaded yet. One primary-key lookup per
