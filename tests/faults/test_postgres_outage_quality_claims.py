@@ -21,7 +21,8 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.quality_defaults import QualityDefaults, Recorded
 from tests.faults.conftest import PrivatePostgres, serve
-from tests.service.conftest import ADMIN, embedding, make_settings
+from tests.faults.test_postgres_outage import buffered_settings
+from tests.service.conftest import ADMIN, embedding
 
 DUE_S = 25.0  # the default's wait: over after the outage and the drain
 
@@ -30,8 +31,7 @@ DUE_S = 25.0  # the default's wait: over after the outage and the drain
 def outage(private_postgres: PrivatePostgres,
            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pg = private_postgres
-    settings = make_settings(pg.url, registry_refresh_s=3600.0,
-                             feedback_buffer_dir=tmp_path_factory.mktemp("feedback-buffer"))
+    settings = buffered_settings(pg, tmp_path_factory)
     seen: dict[str, Any] = {}
     with serve(settings) as (base, app), httpx.Client(base_url=base, timeout=30) as http:
         assert http.post("/v1/admin/models", headers=ADMIN, json={
