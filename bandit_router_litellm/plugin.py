@@ -22,7 +22,9 @@ One object, named twice in the proxy's ``config.yaml`` (docs/litellm.md):
    ``event_id`` is LiteLLM's call id, so a repeated callback is applied once. The same
    callback adds the headers ``x-bandit-router-decision-id`` and
    ``x-bandit-router-model`` to the proxy's answer, so a client can report the quality
-   later (``POST /v1/feedback``).
+   later (``POST /v1/feedback``). A 503 or 429 of the router (its database or broker
+   away) or a transport failure is retried with backoff (:data:`FEEDBACK_RETRY`) in a
+   task of its own: the callback returns after the first attempt.
 
 Failing open: the router is an optimisation in front of traffic that must flow. When it
 cannot decide (unreachable, slower than ``timeout_s``, an error such as a deployment not
@@ -48,13 +50,25 @@ from litellm.types.router import RoutingContext
 from bandit_router_litellm._client import AsyncRouterClient, RetryPolicy, RouterError
 from bandit_router_litellm.settings import PluginSettings
 
-__all__ = ["BanditRouter", "SIGNAL", "DECISION_HEADER", "MODEL_HEADER", "last_user_text"]
+__all__ = ["BanditRouter", "SIGNAL", "DECISION_HEADER", "MODEL_HEADER", "FEEDBACK_RETRY",
+           "MAX_POSTING", "last_user_text"]
 
 log = logging.getLogger("bandit_router_litellm")
 
 SIGNAL = "bandit_router"  # key of the decision in routing_plugin_signals
 DECISION_HEADER = "x-bandit-router-decision-id"
 MODEL_HEADER = "x-bandit-router-model"
+#: The retries of a feedback post the router answered 503 or 429 (its database or broker
+#: away), or that did not reach it: 4 more attempts, after 0.5 s, 1 s, 2 s, 4 s (full
+#: jitter, never sooner than the router's Retry-After, at most 30 s), then dropped with a
+#: warning. The event id makes a repeat a duplicate.
+FEEDBACK_RETRY = RetryPolicy(max_attempts=4, backoff_s=0.5, max_backoff_s=4.0,
+                             max_retry_wait_s=30.0)
+#: Feedback posts retrying at most (a router away for long: later ones are dropped with a
+#: warning rather than piling up in the proxy's memory).
+MAX_POSTING = 10_000
+#: The first attempt's answers that are retried (0: no answer, a transport error).
+_RETRIED = frozenset({0, 429, 503})
 
 
 def last_user_text(messages: list[dict[str, Any]]) -> str | None:
@@ -124,8 +138,10 @@ class BanditRouter(CustomLogger):
         self._settings = settings
         #: The Router whose cooldowns the decisions respect (see the class docstring).
         self.litellm_router = litellm_router
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
-                                                  AsyncRouterClient] = weakref.WeakKeyDictionary()
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[AsyncRouterClient, AsyncRouterClient]] = \
+            weakref.WeakKeyDictionary()
+        self._posting: set[asyncio.Task[None]] = set()
 
     @property
     def settings(self) -> PluginSettings:
@@ -133,25 +149,33 @@ class BanditRouter(CustomLogger):
             self._settings = PluginSettings.from_env(os.environ)
         return self._settings
 
-    def _client(self) -> AsyncRouterClient:
+    def _client(self, *, feedback: bool = False) -> AsyncRouterClient:
+        """The running loop's client for decisions, or (``feedback``) for feedback."""
         # An httpx.AsyncClient belongs to the event loop it first ran on; LiteLLM may run
-        # callbacks on another loop than requests, so keep one client per loop.
+        # callbacks on another loop than requests, so keep the clients per loop.
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None:
+        clients = self._clients.get(loop)
+        if clients is None:
             s = self.settings
-            # One attempt, bounded by timeout_s: a decision that waits for a retry is a
-            # request that waits; failing open is the better answer.
-            client = AsyncRouterClient(s.url, s.api_key, timeout=s.timeout_s,
-                                       retry=RetryPolicy(max_attempts=1))
-            self._clients[loop] = client
-        return client
+            # Decisions: one attempt, bounded by timeout_s: a decision that waits for a
+            # retry is a request that waits; failing open is the better answer. Feedback
+            # is off the request's path: retried (FEEDBACK_RETRY).
+            clients = (AsyncRouterClient(s.url, s.api_key, timeout=s.timeout_s,
+                                         retry=RetryPolicy(max_attempts=1)),
+                       AsyncRouterClient(s.url, s.api_key, timeout=s.timeout_s,
+                                         retry=FEEDBACK_RETRY))
+            self._clients[loop] = clients
+        return clients[feedback]
 
     async def aclose(self) -> None:
-        """Close the HTTP client of the running event loop (LiteLLM never calls this; a
-        test or an embedding application may)."""
-        client = self._clients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
+        """Wait for the running event loop's feedback posts (bounded by their attempts),
+        then close its HTTP clients (LiteLLM never calls this; a test or an embedding
+        application may)."""
+        loop = asyncio.get_running_loop()
+        posting = [t for t in self._posting if t.get_loop() is loop]
+        if posting:
+            await asyncio.gather(*posting, return_exceptions=True)
+        for client in self._clients.pop(loop, ()):
             await client.aclose()
 
     # ------------------------------------------------------------ the decision
@@ -279,11 +303,40 @@ class BanditRouter(CustomLogger):
         if default is None and quality is None and cost_usd is None and latency_ms is None:
             return
         call_id = kwargs.get("litellm_call_id")
+        decision_id = str(decision["decision_id"])
+        feedback = {"quality": quality, "cost_usd": cost_usd, "latency_ms": latency_ms,
+                    "event_id": f"litellm-{call_id}" if call_id else None,
+                    "default_quality": default, "failed": quality is not None}
         try:
-            await self._client().feedback(
-                decision["decision_id"], quality=quality, cost_usd=cost_usd,
-                latency_ms=latency_ms, event_id=f"litellm-{call_id}" if call_id else None,
-                default_quality=default, failed=quality is not None)
+            await self._client().feedback(decision_id, **feedback)
+            return
         except (RouterError, httpx.HTTPError) as exc:
-            log.warning("bandit-router: feedback for decision %s not posted (%s)",
-                        decision["decision_id"], exc)
+            if not (isinstance(exc, RouterError) and exc.status in _RETRIED
+                    and feedback["event_id"] is not None):  # a repeat must be a duplicate
+                log.warning("bandit-router: feedback for decision %s not posted (%s)",
+                            decision_id, exc)
+                return
+            first = exc
+        if len(self._posting) >= MAX_POSTING:
+            log.warning("bandit-router: feedback for decision %s not posted (%s) and not "
+                        "retried: %d posts wait for the router already", decision_id, first,
+                        len(self._posting))
+            return
+        # The retries in a task of their own: they never hold LiteLLM's callback (its
+        # logging worker gives a callback 20 s, then cancels it).
+        task = asyncio.get_running_loop().create_task(
+            self._retry(decision_id, first.retry_after, feedback))
+        self._posting.add(task)
+        task.add_done_callback(self._posting.discard)
+
+    async def _retry(self, decision_id: str, retry_after: float | None,
+                     feedback: dict[str, Any]) -> None:
+        """Post again after the first attempt's 503/429 (or connection failure):
+        ``FEEDBACK_RETRY``'s backoff, never sooner than the router's Retry-After."""
+        await asyncio.sleep(FEEDBACK_RETRY.wait(1, None if retry_after is None
+                                                else str(retry_after)) or 0.0)
+        try:
+            await self._client(feedback=True).feedback(decision_id, **feedback)
+        except (RouterError, httpx.HTTPError) as exc:
+            log.warning("bandit-router: feedback for decision %s not posted after %d "
+                        "attempts (%s)", decision_id, FEEDBACK_RETRY.max_attempts + 1, exc)

@@ -255,19 +255,26 @@ class KafkaFeedback:
         producer = self.producer
         if self._producer_resetting:
             # A send already failed and the producer is being rebuilt: answer at once
-            # rather than after another 10 s send timeout.
+            # rather than after another 10 s send timeout. Nothing was sent.
             raise UnavailableError("the feedback topic is unavailable (broker "
-                                   "unreachable); retry", retry_after_s=1)
+                                   "unreachable); retry", retry_after_s=1, unsent=True)
+        # Refused by the producer (no producer, no metadata within max_block_ms, buffer
+        # full, closed): the event is certainly not on the topic (``unsent``, so a claim
+        # made for it may be released). Once it is in the producer's buffer, a failure
+        # or a timeout waiting for the broker's acknowledgement may follow a write.
+        unsent = True
         try:
             if producer is None:
                 raise KafkaError("no producer")
-            producer.send(self.streams.feedback_topic, key=decision_id.encode(),
-                          value=encode_feedback(event)).get(timeout=10)
+            future = producer.send(self.streams.feedback_topic, key=decision_id.encode(),
+                                   value=encode_feedback(event))
+            unsent = False
+            future.get(timeout=10)
         except KafkaError as exc:
             self._reset_producer()
             raise UnavailableError(f"the feedback topic is unavailable "
                                    f"({type(exc).__name__}); retry",
-                                   retry_after_s=1) from None
+                                   retry_after_s=1, unsent=unsent) from None
         self.metrics.feedback.labels("queued").inc()
         return FeedbackReceipt("queued", None)
 

@@ -64,11 +64,17 @@ class BudgetExhaustedError(ServiceError):
 class UnavailableError(ServiceError):
     """A part the call needs is away or behind (database, broker, buffer, writer) or
     missing (no model registered): nothing was accepted; retry after ``retry_after_s``
-    (None: not before an operator acts)."""
+    (None: not before an operator acts).
+
+    ``unsent``: the refused item certainly went nowhere (the buffer was full, the
+    producer refused it before sending), so what was done for it may be undone. False
+    (the default): it may have gone (e.g. the broker's acknowledgement never came:
+    the event may be on the topic), so only a retry of the same item is safe."""
 
     default_slug = "unavailable"
 
     def __init__(self, detail: str, *, retry_after_s: int | None,
-                 slug: str | None = None) -> None:
+                 slug: str | None = None, unsent: bool = False) -> None:
         super().__init__(detail, slug=slug)
         self.retry_after_s = retry_after_s
+        self.unsent = unsent

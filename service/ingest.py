@@ -39,11 +39,13 @@ from service.guards import GuardLesson, Guards
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
+from service.quality_defaults import QualityDefaults
 from service.registry import Registry
 from service.spool import (
     FeedbackSpool,
     SpooledFeedback,
     buffer_dir,
+    outage_files,
     outage_serving,
     spool_path,
 )
@@ -116,6 +118,8 @@ class FeedbackIngest:
     local: LocalCopy
     #: The outage buffer (from :meth:`start`; None without one).
     spool: FeedbackSpool | None = None
+    #: The gateway's (service/quality_defaults.py): a buffered quality claims when drained.
+    defaults: QualityDefaults | None = None
     _thread: threading.Thread | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _wake: threading.Event = field(default_factory=threading.Event)
@@ -154,7 +158,7 @@ class FeedbackIngest:
             if degraded:
                 out[i] = UnavailableError("the service started while the database was "
                                           "unreachable and has no feedback buffer; retry "
-                                          "later", retry_after_s=5)
+                                          "later", retry_after_s=5, unsent=True)
                 continue
             if self.writer.is_pending(decision_id) and (
                     (spool is not None and self.writer.spooling())
@@ -164,7 +168,8 @@ class FeedbackIngest:
                 # far behind; the drain waits for it to be written.
                 out[i] = self._buffer(tenant, decision_id, event, outcome) \
                     if spool is not None else UnavailableError(
-                        "the decision is not written yet; retry", retry_after_s=1)
+                        "the decision is not written yet; retry", retry_after_s=1,
+                        unsent=True)
                 continue
             direct.append((i, Incoming(tenant, decision_id, event, outcome, m.utcnow())))
         if direct:
@@ -330,7 +335,7 @@ class FeedbackIngest:
         if result == "full":
             return UnavailableError(f"the database is unavailable and the feedback buffer "
                                     f"is full ({self.spool.capacity} events); nothing was "
-                                    "stored, retry later", retry_after_s=5)
+                                    "stored, retry later", retry_after_s=5, unsent=True)
         self.metrics.feedback.labels(result).inc()
         self._wake.set()
         return FeedbackReceipt(result, None)
@@ -343,16 +348,7 @@ class FeedbackIngest:
         return outage_serving(self.writer.spool, self.spool)
 
     def degraded(self) -> dict[str, str]:
-        """The outage files still being written to the database (for ``/readyz``)."""
-        out: dict[str, str] = {}
-        spooled = self.writer.spool.depth() if self.writer.spool is not None else 0
-        if spooled:
-            out["decision_spool"] = (f"{spooled} decisions spooled while the database was "
-                                     "unreachable, being written")
-        if self.buffered():
-            out["feedback_buffer"] = (f"{self.buffered()} feedback events accepted while "
-                                      "the database was unreachable, being stored")
-        return out
+        return outage_files(self.writer.spool, self.spool)
 
     def wake(self) -> None:
         """The database is back: drain now."""
@@ -466,8 +462,12 @@ class FeedbackIngest:
             if tenant is None:
                 self._drop(item, "the tenant does not exist")
                 continue
-            known.append((item, Incoming(tenant, item.decision_id, item.event_id,
-                                         item.outcome,
+            outcome = item.outcome if self.defaults is None else self.defaults.drained(
+                item.tenant_id, item.decision_id, item.event_id, item.outcome)
+            if outcome is None:
+                self._drop(item, "a second quality for a gateway call")
+                continue
+            known.append((item, Incoming(tenant, item.decision_id, item.event_id, outcome,
                                          datetime.fromisoformat(item.received_at))))
         if not known:
             return

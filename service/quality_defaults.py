@@ -14,7 +14,11 @@ and distributed mode alike, and a restart see the same answer:
   latency: the router knows the call failed);
 * a client's quality claims the row before it goes to the feedback sink: ``pending`` ->
   ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
-  a ``replaced`` marker, which the gateway's record keeps;
+  a ``replaced`` marker, which the gateway's record keeps. The claim is given back
+  (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
+  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it. A
+  quality buffered while the database was away claims when it is drained
+  (service/ingest.py);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
   default as a feedback event of its own (:data:`DEFAULT_EVENT`) through the same sink
   as any feedback (so the learned statistics and their replay are those of ordinary
@@ -48,7 +52,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
+__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
            "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
@@ -88,6 +92,15 @@ class Claim:
     event_id: str
 
 
+class Final(NamedTuple):
+    """What :meth:`QualityDefaults.final` did: ``replaced``, a quality of the client's
+    came first (its marker): the failure's must not be stored; ``new``, the row is this
+    call's (:meth:`QualityDefaults.unfinal` undoes it)."""
+
+    replaced: bool
+    new: bool
+
+
 def _insert(engine: Engine) -> Callable[[Any], Any]:
     return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
@@ -116,13 +129,29 @@ class QualityDefaults:
         due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
-    def final(self, tenant_id: str, decision_id: str, quality: float) -> bool:
+    def final(self, tenant_id: str, decision_id: str, quality: float) -> Final:
         """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
         recorded ``final`` as the gateway records its own failure (a later quality is
-        refused); turns the tenant's claims on as :meth:`provisional` does. True: a
-        quality of the client's came first (its marker): this one must not be stored."""
+        refused); turns the tenant's claims on as :meth:`provisional` does."""
         self._claims_on(tenant_id)
-        return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
+        stmt = self._insert(_T).values(
+            decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
+            due_at=None, event_id=None, changed_at=m.utcnow())
+        stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
+            _T.decision_id)
+        with Session(self._engine) as session, session.begin():
+            if session.execute(stmt).first() is not None:
+                return Final(replaced=False, new=True)
+        # A row was there: a client's marker, or this failure's own (a retry).
+        return Final(bool(self.record([Recorded(tenant_id, decision_id, quality, None)])),
+                     new=False)
+
+    def unfinal(self, decision_id: str) -> None:
+        """Undo :meth:`final`'s new row: the sink refused the failure's quality (nothing
+        stored), so a later quality of the client's is no longer refused for it."""
+        with Session(self._engine) as session, session.begin():
+            session.execute(delete(_T).where(_T.decision_id == decision_id,
+                                             _T.state == "final"))
 
     # ------------------------------------------------------------ the gateway
     def _claims_on(self, tenant_id: str) -> None:
@@ -186,12 +215,16 @@ class QualityDefaults:
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------ a client's quality
-    def claim(self, tenant_id: str, decision_id: str, event_id: str) -> Claim | None:
+    def claim(self, tenant_id: str, decision_id: str, event_id: str, *,
+              buffered: bool = False) -> Claim | None:
         """Take the decision's row for a client's quality (``event_id``; "" for none)
         before it is submitted; raises :class:`ConflictError` when learning it would
         count a second quality for the call. None: nothing claimed (the tenant has no
-        defaults, or the decision is another tenant's: the sink answers that)."""
-        if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id):
+        defaults, or the decision is another tenant's: the sink answers that).
+        ``buffered``: a quality drained from the outage buffer, whose lookup raises the
+        database's errors (the drain stops there) rather than count as "no row"."""
+        if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id,
+                                                              strict=buffered):
             return None
         now = m.utcnow()
         stmt = self._insert(_T).values(
@@ -223,16 +256,37 @@ class QualityDefaults:
                        "learned when the tenant's quality_wait_seconds was over; a later "
                        "quality would count twice")
 
-    def _recorded(self, tenant_id: str, decision_id: str) -> bool:
+    def drained(self, tenant_id: str, decision_id: str, event_id: str,
+                outcome: dict[str, float | None]) -> dict[str, float | None] | None:
+        """A feedback drained from the outage buffer (service/ingest.py), whose quality
+        claims now as it would have before being buffered had the database been there
+        (its lookup then counted as "no row"; a claim made before is this event's, taken
+        again). The outcome to store: refused, without its quality (None: nothing left).
+        The database's errors are raised (the drain stops there)."""
+        if outcome.get("quality") is None or event_id in ROUTER_EVENTS:
+            return outcome
+        try:
+            self.claim(tenant_id, decision_id, event_id, buffered=True)
+            return outcome
+        except ConflictError as exc:
+            log.warning("buffered quality for decision %s not learned: %s", decision_id,
+                        exc.detail)
+            rest = {**outcome, "quality": None}
+            return None if all(v is None for v in rest.values()) else rest
+
+    def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this
         replica's settings (``claims``) are not reloaded yet. One primary-key lookup per
-        client quality of a tenant without defaults. The database away: False, so that
-        such a tenant's feedback is buffered as before (service/spool.py)."""
+        client quality of a tenant without defaults. The database away: False (unless
+        ``strict``), so that such a tenant's feedback is buffered as before
+        (service/spool.py); the drain checks it again."""
         try:
             with Session(self._engine) as session:
                 return session.scalar(select(_T.tenant_id).where(
                     _T.decision_id == decision_id)) == tenant_id
         except DBAPIError:
+            if strict:
+                raise
             return False
 
     def release(self, claim: Claim) -> None:

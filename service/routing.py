@@ -29,6 +29,8 @@ import importlib
 import logging
 import threading
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,16 @@ def _check_outcome(outcome: dict[str, float | None]) -> None:
     for key in ("cost_usd", "latency_ms"):
         if outcome.get(key) is not None:
             check_finite_number(key, outcome[key], low=0.0)
+
+
+def _undo(undo: Callable[[], None], decision_id: str) -> None:
+    """Release a claim (or a failure's row) whose feedback the sink refused; the database
+    away, it stays (the safe side: a retry of the same event finds it its own)."""
+    try:
+        undo()
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("the quality claim of decision %s not released (%s)", decision_id,
+                    type(exc).__name__)
 
 
 def _submitted(sink: Any, item: FeedbackItem) -> FeedbackReceipt | Exception:
@@ -356,37 +368,36 @@ class RoutingService:
 
         A client's quality first claims the call's default quality, if the gateway
         reported one (:meth:`QualityDefaults.claim`: replaced, or refused with 409 when
-        it would count a second quality); undone when the sink refuses the feedback.
-        ``final``: the quality is a gateway's for a failed call (the LiteLLM plug-in's),
-        recorded as the router's gateway records its own (:meth:`_final_quality`)."""
+        it would count a second quality). ``final``: the quality is a gateway's for a
+        failed call (the LiteLLM plug-in's), recorded as the router's gateway records its
+        own (:meth:`QualityDefaults.final`). Either is undone when the sink refuses the
+        feedback with nothing stored (a refusal, or a 503 ``unsent``); after another error
+        the event may have been stored (or be on the topic) with its answer lost, so it
+        stays, and the caller's retry of the same event finds it its own."""
         _check_outcome(outcome)
+        defaults, undo = self.quality_defaults, None
         if final:
-            outcome = self._final_quality(tenant, decision_id, outcome)
-            if all(v is None for v in outcome.values()):
-                return FeedbackReceipt("duplicate", event_id)  # the client's came first
-            return self.sink.submit(tenant, decision_id, outcome, event_id)
-        defaults, claim = self.quality_defaults, None
-        if (defaults is not None and outcome.get("quality") is not None
+            quality = outcome["quality"]
+            assert quality is not None  # FeedbackRequest: failed needs quality
+            defaults = self._defaults(tenant, decision_id)
+            done = defaults.final(tenant.id, decision_id, quality)
+            if done.replaced:  # the client's came first: the failure's is not stored
+                outcome = {**outcome, "quality": None}
+                if all(v is None for v in outcome.values()):
+                    return FeedbackReceipt("duplicate", event_id)
+            elif done.new:
+                undo = partial(defaults.unfinal, decision_id)
+        elif (defaults is not None and outcome.get("quality") is not None
                 and event_id not in ROUTER_EVENTS):
             claim = defaults.claim(tenant.id, decision_id, event_id or "")
+            if claim is not None:
+                undo = partial(defaults.release, claim)
         try:
             return self.sink.submit(tenant, decision_id, outcome, event_id)
-        except (NotFoundError, InvalidInputError):
-            # Refused: nothing stored (other errors may follow a stored row whose answer
-            # was lost: the claim stays, and the client's retry finds it its own).
-            if claim is not None:
-                defaults.release(claim)  # type: ignore[union-attr]
+        except (NotFoundError, InvalidInputError, UnavailableError) as exc:
+            if undo is not None and (not isinstance(exc, UnavailableError) or exc.unsent):
+                _undo(undo, decision_id)
             raise
-
-    def _final_quality(self, tenant: TenantState, decision_id: str,
-                       outcome: dict[str, float | None]) -> dict[str, float | None]:
-        """A failed call's quality from a client's gateway: its row recorded ``final``
-        (a later quality is refused with 409), as the gateway's own failure. A quality of
-        the client's that came first wins: the outcome is returned without this one."""
-        quality = outcome["quality"]
-        assert quality is not None  # FeedbackRequest: failed needs quality
-        replaced = self._defaults(tenant, decision_id).final(tenant.id, decision_id, quality)
-        return {**outcome, "quality": None} if replaced else outcome
 
     def _defaults(self, tenant: TenantState, decision_id: str) -> QualityDefaults:
         """The gateway's quality defaults, after the decision is checked (404 for an

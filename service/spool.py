@@ -44,7 +44,7 @@ import orjson
 from sqlalchemy.engine import make_url
 
 __all__ = ["FeedbackSpool", "SpooledFeedback", "DecisionSpool", "LocalState", "spool_path",
-           "outage_serving", "buffer_dir"]
+           "outage_serving", "outage_files", "buffer_dir"]
 
 log = logging.getLogger("service.spool")
 
@@ -356,3 +356,18 @@ def outage_serving(decisions: DecisionSpool | None, feedback: FeedbackSpool | No
         return f"{served}; feedback refused with 503 + Retry-After"
     return (f"{served}; feedback buffered ({feedback.depth()} of "
             f"{feedback.capacity}; 503 + Retry-After when full)")
+
+
+def outage_files(decisions: DecisionSpool | None,
+                 feedback: FeedbackSpool | None) -> dict[str, str]:
+    """The outage files still being written to the database (for ``/readyz``)."""
+    out: dict[str, str] = {}
+    spooled = decisions.depth() if decisions is not None else 0
+    if spooled:
+        out["decision_spool"] = (f"{spooled} decisions spooled while the database was "
+                                 "unreachable, being written")
+    buffered = feedback.depth() if feedback is not None else 0
+    if buffered:
+        out["feedback_buffer"] = (f"{buffered} feedback events accepted while the "
+                                  "database was unreachable, being stored")
+    return out

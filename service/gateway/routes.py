@@ -58,6 +58,8 @@ class Gateway:
             lambda tenant_id: self.settings.get(tenant_id).quality_wait_seconds,
             lambda tenant_id: self.settings.put(tenant_id, {"records_defaults": True}))
         service.quality_defaults = self.defaults
+        if hasattr(service.sink, "defaults"):  # embedded mode's: buffered qualities claim
+            service.sink.defaults = self.defaults
         self.applier = DefaultApplier(service, self.defaults)
 
     def _claims(self, tenant_id: str) -> bool:

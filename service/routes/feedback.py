@@ -26,8 +26,9 @@ def feedback(body: FeedbackRequest, tenant: TenantDep, service: ServiceDep,
 
     While the database is unreachable the feedback is kept in a bounded buffer on the
     service's disk and answered ``buffered`` (stored and applied once the database is
-    back; an unknown decision or another tenant's is then dropped, never applied). A full
-    buffer is a 503 with ``Retry-After``.
+    back; an unknown decision or another tenant's is then dropped, never applied, and a
+    quality that would be a gateway call's second loses its quality). A full buffer is a
+    503 with ``Retry-After``.
 
     A quality for a call the gateway forwarded with the tenant's ``success_quality`` set
     replaces that default within ``quality_wait_seconds``; after it, a second quality

@@ -26,6 +26,7 @@ from bandit_router_litellm import BanditRouter, PluginSettings  # noqa: E402
 from bandit_router_litellm.plugin import SIGNAL  # noqa: E402
 from bandit_router_litellm.settings import ENV_API_KEY, ENV_URL  # noqa: E402
 from service.client import RouterClient, RouterError  # noqa: E402
+from service.exceptions import UnavailableError  # noqa: E402
 from tests.fakes.openai_upstream import refused_base_url  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
 from tests.service.live import live_server  # noqa: E402
@@ -264,6 +265,51 @@ def test_failure_callback_posts_failure_quality(router, tenant):
         tenant.feedback(decision["decision_id"], quality=0.9, event_id="user")
     assert info.value.status == 409
     assert len(tenant.decision(decision["decision_id"])["feedback"]) == 1
+
+
+def test_feedback_refused_with_503_is_retried_off_the_callback(tmp_path, monkeypatch):
+    """The router answers the failure's feedback 503 twice (its broker away: sent
+    nothing, Retry-After 1): the callback returns after its first attempt, and a task
+    retries until the feedback is taken; the failure's 0 is then final. Before, the
+    plug-in posted once and logged the 503: the failure was never learned."""
+    apps: list = []
+    with live_server(make_settings(f"sqlite:///{tmp_path / 'router.db'}",
+                                   featurizer="hashing"), prepare=apps.append) as base:
+        with RouterClient(base, ADMIN_KEY) as admin:
+            key = admin.create_tenant("retry").api_key
+            models = [admin.add_model(f"openai/r{i}-{uuid.uuid4().hex[:4]}", 1.0, 2.0).name
+                      for i in range(2)]
+        sink = apps[0].state.routing.sink
+        refused, submit = [], sink.submit
+
+        def flaky(*args):
+            if len(refused) < 2:
+                refused.append(args[1])
+                raise UnavailableError("the feedback topic is unavailable (broker "
+                                       "unreachable); retry", retry_after_s=1, unsent=True)
+            return submit(*args)
+        monkeypatch.setattr(sink, "submit", flaky)
+        plugin = _plugin(base, key)
+        decision = _run(plugin, _context(models)).signals[SIGNAL]
+        kwargs = _kwargs(decision, decision["model"], "call-r", cost=None)
+        start = datetime(2026, 1, 1, 12, 0, 0)
+
+        async def go() -> int:
+            try:
+                await plugin.async_log_failure_event(kwargs, None, start,
+                                                     start + timedelta(seconds=2))
+                return len(refused)  # the callback did not wait for the retries
+            finally:
+                await plugin.aclose()  # waits for the post's retries
+        assert asyncio.run(go()) == 1
+        assert refused == [decision["decision_id"]] * 2
+        with RouterClient(base, key) as tenant:
+            [fb] = tenant.decision(decision["decision_id"])["feedback"]
+            assert (fb["event_id"], fb["quality"], fb["latency_ms"]) == (
+                "litellm-call-r", 0.0, 2000.0)
+            with pytest.raises(RouterError) as info:
+                tenant.feedback(decision["decision_id"], quality=0.9, event_id="user")
+            assert info.value.status == 409
 
 
 def test_failure_callback_without_success_quality_posts_no_quality(router, tenant):

@@ -33,6 +33,7 @@ require_proxy()
 import openai  # noqa: E402
 
 from service.client import RouterClient, RouterError  # noqa: E402
+from service.exceptions import UnavailableError  # noqa: E402
 from tests.fakes.openai_upstream import FakeModel, running_upstream  # noqa: E402
 from tests.service.conftest import ADMIN_KEY, make_settings  # noqa: E402
 from tests.service.live import live_server  # noqa: E402
@@ -73,10 +74,12 @@ def upstream():
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory):
-    """The service's base URL and a tenant key; the deployments registered as models."""
+def router_app(tmp_path_factory):
+    """The service's base URL, a tenant key and its app; the deployments registered as
+    models."""
     url = f"sqlite:///{tmp_path_factory.mktemp('router') / 'router.db'}"
-    with live_server(make_settings(url, featurizer="hashing")) as base:
+    apps: list = []
+    with live_server(make_settings(url, featurizer="hashing"), prepare=apps.append) as base:
         with RouterClient(base, ADMIN_KEY) as admin:
             tenant = admin.create_tenant(f"litellm-{uuid.uuid4().hex[:6]}")
             for name, (inp, out) in PRICES.items():
@@ -84,7 +87,13 @@ def router(tmp_path_factory):
                 admin.add_model(f"openai/{name}", inp * 1e6, out * 1e6,
                                 prior_quality=0.9 if name == "flaky" else None)
         learn_defaults_at_once(base, tenant.api_key)
-        yield base, tenant.api_key
+        yield base, tenant.api_key, apps[0]
+
+
+@pytest.fixture(scope="module")
+def router(router_app):
+    """The service's base URL and a tenant key."""
+    return router_app[:2]
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +277,35 @@ def test_proxy_upstream_timeout_is_408_and_a_failure(client, tenant, seen):
     with pytest.raises(RouterError) as refused:
         tenant.feedback(decision_id, quality=0.9, event_id="user")
     assert refused.value.status == 409
+
+
+def test_proxy_failure_refused_by_the_router_is_retried(client, tenant, seen, router_app,
+                                                        monkeypatch):
+    """The router answers the plug-in's failure report 503 twice (as while its broker is
+    away: nothing sent, Retry-After 1): the plug-in retries it off LiteLLM's callback
+    until it is taken, and the failure's 0 is final. Before, it posted once: the failure
+    was never learned."""
+    sink = router_app[2].state.routing.sink
+    refused, submit = [], sink.submit
+
+    def flaky(*args):
+        if len(refused) < 2 and str(args[3]).startswith("litellm-"):
+            refused.append(args[1])
+            raise UnavailableError("the feedback topic is unavailable (broker "
+                                   "unreachable); retry", retry_after_s=1, unsent=True)
+        return submit(*args)
+    monkeypatch.setattr(sink, "submit", flaky)
+    with pytest.raises(openai.InternalServerError) as caught:
+        _ask(client, seen, "bandit-router/broken", "This fails, and so does its report.")
+    response = caught.value.response
+    seen.append(str(dict(response.headers)) + response.text)
+    decision_id = response.headers["x-bandit-router-decision-id"]
+    [fb] = decision_with_feedback(tenant, decision_id)["feedback"]
+    assert refused == [decision_id] * 2
+    assert fb["quality"] == 0.0 and fb["event_id"].startswith("litellm-")
+    with pytest.raises(RouterError) as later:
+        tenant.feedback(decision_id, quality=0.9, event_id="user")
+    assert later.value.status == 409
 
 
 def test_proxy_tenant_key_appears_nowhere(proxy, router, upstream, seen):

@@ -18,15 +18,20 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from kafka import KafkaConsumer, TopicPartition
 
 from service.config import Settings
 from service.distributed import streams_config
+from streams.config import StreamsConfig
 from streams.topics import ensure_topics
 from tests.faults.conftest import ROOT, PrivatePostgres, free_port, serve
 from tests.service.conftest import ADMIN, ADMIN_KEY, DIM, embedding
@@ -81,69 +86,92 @@ def _feedback(http: httpx.Client, tenant: dict[str, str], decision: str, event: 
         "decision_id": decision, "event_id": event, "quality": 0.8})
 
 
-@pytest.fixture(scope="module")
-def broker_outage(private_postgres: PrivatePostgres) -> dict[str, Any]:
-    """The scenario, once: feedback before, during and after a broker restart."""
+@dataclass
+class Served:
+    """A distributed-mode replica on a private broker: one model, one tenant."""
+
+    broker: PrivateBroker
+    config: StreamsConfig
+    app: FastAPI
+    http: httpx.Client
+    tenant: dict[str, str]  # the tenant's Authorization header
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event on the feedback topic."""
+        consumer = KafkaConsumer(bootstrap_servers=self.broker.bootstrap,
+                                 enable_auto_commit=False, consumer_timeout_ms=5000,
+                                 auto_offset_reset="earliest")
+        try:
+            parts = [TopicPartition(self.config.feedback_topic, p)
+                     for p in range(self.config.partitions)]
+            consumer.assign(parts)
+            consumer.seek_to_beginning(*parts)
+            return [json.loads(rec.value) for rec in consumer]
+        finally:
+            consumer.close()
+
+
+@contextmanager
+def served(private_postgres: PrivatePostgres, name: str) -> Iterator[Served]:
+    """The service in distributed mode on a private broker (stopped on exit), with a
+    model ``<name>-m1`` and a tenant ``name``."""
     broker = PrivateBroker(free_port())
     broker.start()
     settings = Settings(database_url=private_postgres.url, admin_key=ADMIN_KEY, dim=DIM,
                         policy_seed=7, checkpoint_interval_s=3600.0,
                         kafka_bootstrap=broker.bootstrap, topic_partitions=2)
     config = streams_config(settings)
-    seen: dict[str, Any] = {}
     try:
         ensure_topics(config)
-        with serve(settings) as (base, _app), httpx.Client(base_url=base, timeout=30) as http:
+        with serve(settings) as (base, app), httpx.Client(base_url=base, timeout=30) as http:
             assert http.post("/v1/admin/models", headers=ADMIN, json={
-                "name": "bk-m1", "input_price_per_mtok": 1.0,
+                "name": f"{name}-m1", "input_price_per_mtok": 1.0,
                 "output_price_per_mtok": 2.0}).status_code == 201
             key = http.post("/v1/admin/tenants", headers=ADMIN,
-                            json={"name": "bk"}).json()["api_key"]
-            tenant = {"Authorization": f"Bearer {key}"}
-
-            def decide() -> httpx.Response:
-                return http.post("/v1/decide", headers=tenant,
-                                 json={"query": {"embedding": embedding(3)}})
-
-            first = decide().json()["decision_id"]
-            seen["before"] = _feedback(http, tenant, first, "before")
-            broker.stop()
-            seen["decide_during"] = decide()
-            during = seen["decide_during"].json()["decision_id"]
-            started = time.monotonic()
-            seen["during"] = _feedback(http, tenant, during, "during")
-            seen["refused_after_s"] = time.monotonic() - started
-            # The producer is being rebuilt: /readyz says so, and a retry is refused at
-            # once (no second send timeout) until the broker is back.
-            seen["readyz_during"] = http.get("/readyz")
-            seen["again_during"] = _feedback(http, tenant, during, "during")
-            broker.start()  # a new, empty broker on the same port: topics again
-            ensure_topics(config)
-            # The caller retries the refused event, as Retry-After says, until accepted.
-            deadline = time.monotonic() + RECOVERY_S
-            retries = []
-            while True:
-                r = _feedback(http, tenant, during, "during")
-                retries.append(r)
-                if r.status_code == 202 or time.monotonic() > deadline:
-                    break
-                time.sleep(int(r.headers.get("retry-after", "1")))
-            seen["retries"] = retries
-            seen["decide_after"] = decide()
-        consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap,
-                                 enable_auto_commit=False, consumer_timeout_ms=5000,
-                                 auto_offset_reset="earliest")
-        try:
-            parts = [TopicPartition(config.feedback_topic, p)
-                     for p in range(config.partitions)]
-            consumer.assign(parts)
-            consumer.seek_to_beginning(*parts)
-            seen["events"] = [json.loads(rec.value) for rec in consumer]
-        finally:
-            consumer.close()
-        seen["during_id"] = during
+                            json={"name": name}).json()["api_key"]
+            yield Served(broker, config, app, http, {"Authorization": f"Bearer {key}"})
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def broker_outage(private_postgres: PrivatePostgres) -> dict[str, Any]:
+    """The scenario, once: feedback before, during and after a broker restart."""
+    seen: dict[str, Any] = {}
+    with served(private_postgres, "bk") as s:
+        broker, config, http, tenant = s.broker, s.config, s.http, s.tenant
+
+        def decide() -> httpx.Response:
+            return http.post("/v1/decide", headers=tenant,
+                             json={"query": {"embedding": embedding(3)}})
+
+        first = decide().json()["decision_id"]
+        seen["before"] = _feedback(http, tenant, first, "before")
+        broker.stop()
+        seen["decide_during"] = decide()
+        during = seen["decide_during"].json()["decision_id"]
+        started = time.monotonic()
+        seen["during"] = _feedback(http, tenant, during, "during")
+        seen["refused_after_s"] = time.monotonic() - started
+        # The producer is being rebuilt: /readyz says so, and a retry is refused at
+        # once (no second send timeout) until the broker is back.
+        seen["readyz_during"] = http.get("/readyz")
+        seen["again_during"] = _feedback(http, tenant, during, "during")
+        broker.start()  # a new, empty broker on the same port: topics again
+        ensure_topics(config)
+        # The caller retries the refused event, as Retry-After says, until accepted.
+        deadline = time.monotonic() + RECOVERY_S
+        retries = []
+        while True:
+            r = _feedback(http, tenant, during, "during")
+            retries.append(r)
+            if r.status_code == 202 or time.monotonic() > deadline:
+                break
+            time.sleep(int(r.headers.get("retry-after", "1")))
+        seen["retries"] = retries
+        seen["decide_after"] = decide()
+        seen["events"] = s.events()
+        seen["during_id"] = during
     print(f"\nbroker outage: during -> {seen['during'].status_code} after "
           f"{seen['refused_after_s']:.1f} s; retries after restart: "
           f"{[r.status_code for r in seen['retries']]}")

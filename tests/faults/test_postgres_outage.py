@@ -160,12 +160,17 @@ def _buffer_counts(app: Any) -> dict[str, float]:
             for r in ("buffered", "full", "drained", "duplicate", "dropped")}
 
 
+def buffered_settings(pg: PrivatePostgres, tmp_path_factory: pytest.TempPathFactory):
+    """The service on the private cluster, with a feedback buffer of its own."""
+    return make_settings(pg.url, registry_refresh_s=3600.0,
+                         feedback_buffer_dir=tmp_path_factory.mktemp("feedback-buffer"))
+
+
 @pytest.fixture(scope="module")
 def outage(private_postgres: PrivatePostgres,
            tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     pg = private_postgres
-    settings = make_settings(pg.url, registry_refresh_s=3600.0,
-                             feedback_buffer_dir=tmp_path_factory.mktemp("feedback-buffer"))
+    settings = buffered_settings(pg, tmp_path_factory)
     obs = Observed()
     stop = threading.Event()
     with serve(settings) as (base, app), httpx.Client(base_url=base, timeout=15.0) as http:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import openai
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 from sqlalchemy.orm import Session
 
 from service.db import models as m
-from service.exceptions import ConflictError
+from service.exceptions import ConflictError, UnavailableError
 from service.gateway.feedback import FeedbackSender
 from service.quality_defaults import QualityDefaults, Recorded
 from service.routing import TenantState
@@ -341,6 +342,48 @@ def test_failure_of_a_client_gateway_after_the_clients_quality(live: Live) -> No
     assert rows["user"]["quality"] == 0.9
     assert rows["litellm-2"]["quality"] is None and rows["litellm-2"]["latency_ms"] == 4.0
     assert live.learned(model) == {1}
+
+
+@pytest.mark.parametrize("unsent", [True, False])
+def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch,
+                                     unsent: bool) -> None:
+    """The sink answers a client gateway's failure with 503. Certainly not stored
+    (``unsent``: e.g. the outage buffer full): its ``final`` row is undone, so the
+    client's rating is taken. Maybe stored: the row stays (the client's rating is
+    refused) and the gateway's retry of the same event is a duplicate. Before, the row
+    stayed final either way: the 0 never learned, the rating refused."""
+    router = live.router
+    model = router.add_model(answer=FakeModel(f"sink refusal {unsent}"))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    _, decision_id = _decide(live, key, model)
+    sink = live.app.state.routing.sink
+    failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True, "event_id": "litellm-3"}
+    with monkeypatch.context() as patch:
+        patch.setattr(sink, "submit", _refusing(sink.submit, unsent))
+        r = _post(router, auth, decision_id, **failure)
+    assert r.status_code == 503, r.text
+    rating = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    assert rating.status_code == (202 if unsent else 409), rating.text
+    retry = _post(router, auth, decision_id, **failure)
+    assert retry.status_code == 202, retry.text
+    rows = _rows(router, key, decision_id, 2 if unsent else 1)
+    if unsent:  # the client's came first now: the retry's 0 is not stored
+        assert rows["user"]["quality"] == 0.9 and rows["litellm-3"]["quality"] is None
+    else:
+        assert retry.json()["status"] == "duplicate" and rows["litellm-3"]["quality"] == 0.0
+    assert live.learned(model) == {1}
+
+
+def _refusing(submit: Any, unsent: bool) -> Any:
+    """A sink's ``submit`` that stores when not ``unsent`` and answers 503 either way."""
+    def refuse(*args: Any) -> Any:
+        if not unsent:
+            submit(*args)
+        err = UnavailableError("the sink refused it; retry", retry_after_s=1)
+        err.unsent = unsent
+        raise err
+    return refuse
 
 
 def test_failed_refuses_bad_combinations(live: Live) -> None:
