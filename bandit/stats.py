@@ -321,6 +321,14 @@ class ArmStatistics:
                 self._select(k)
             self._update_sigma2(k)
 
+    def set_tag_ridge(self, rows: np.ndarray, tag_dims: int, ridge: float) -> None:
+        """Give the quality candidates ``rows`` (a mask over ``sel_diag``) the ridge
+        ``ridge`` on the last ``tag_dims`` context coordinates (a learned tag prior:
+        bandit/tagprior.py) and recompute every arm from its sums. The prequential
+        errors stay: they score each candidate's predictions as they were made."""
+        self.sel_diag[rows, self.dim - tag_dims:self.dim] = ridge
+        self.refresh()
+
     def _select(self, k: int) -> None:
         """Make arm k's quality head its candidate with the lowest prequential error."""
         g = int(np.argmin(self.sel_err[k]))
