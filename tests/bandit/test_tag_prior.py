@@ -49,7 +49,7 @@ def test_learned_tag_prior_is_weak_where_tags_matter_and_routes_each_tag() -> No
     tags = rng.choice(list(best), 600).tolist()
     policy = _policy(tag_prior="learned")
     _run(policy, tags, lambda arm, tag: 0.9 if best[tag] == arm else 0.2, seed=1)
-    assert policy.tag_ridge <= 1.0
+    assert policy.tag_ridge <= 0.5  # weaker than the fixed default, 1
     for tag, arm in best.items():
         assert policy.decide(_context(rng, tag), explore=False).arm == arm
 
