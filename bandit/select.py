@@ -91,8 +91,12 @@ MEAN_ONLY_RIDGE = 1e6
 #: ``tag_prior``: the with-tags candidate's ridge fixed (``tag_ridge``) or learned.
 TAG_PRIORS = ("fixed", "learned")
 #: The learned tag ridge is estimated again once the arms' quality weight has moved
-#: by this factor (either way: forgetting shrinks it) since the last estimate.
+#: by this factor (either way: forgetting shrinks it) since the last estimate, and
+#: given to the candidates once it is this factor or more from the ridge they have:
+#: each change recomputes two D x D inverses per arm (~190 ms for 9 arms at D = 81 on
+#: a loaded host; changed at every estimate it cost 1.6x the policy's time per row).
 _TAG_PRIOR_STEP = np.log(1.1)
+_TAG_PRIOR_MOVE = np.log(2.0)
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,8 @@ class SelectiveThompson(LinearThompson):
     def _learn_tag_prior(self, ridge: float | None = None) -> None:
         """Estimate the tag ridge again (:func:`bandit.tagprior.learned_tag_ridge`)
         once the arms' quality weight has moved by 10%, and give it to the with-tags
-        candidates (each arm recomputed from its sums when it changes)."""
+        candidates once it is twice or half the ridge they have (each arm's recomputed
+        from its sums); ``ridge``: give them that one (a restore)."""
         if self._tag_rows is None:
             return
         if ridge is None:
@@ -222,6 +227,8 @@ class SelectiveThompson(LinearThompson):
             if ridge is None:
                 return
             self._tag_weight = total
+            if abs(np.log(ridge / self._tag_ridge)) < _TAG_PRIOR_MOVE:
+                return
         if ridge != self._tag_ridge:
             self._stats.set_tag_ridge(self._tag_rows, self.config.tag_dims, ridge)
             self._tag_ridge = ridge
@@ -276,8 +283,11 @@ class SelectiveThompson(LinearThompson):
             super().merge(other)
             self._difficulty.add(other._difficulty)
             self._apply_difficulty()
-        self._tag_weight = 0.0  # the tag prior of the merged sums: estimated again
-        self._learn_tag_prior()
+        if self._tag_rows is not None:  # the merged sums' tag prior, whatever it was
+            self._tag_weight = float(self._stats.weight[:, 0].sum())
+            ridge = learned_tag_ridge(self._stats, self.config.tag_dims, self.config.ridge)
+            if ridge is not None:
+                self._learn_tag_prior(ridge)
         return self
 
     def _extra_state(self) -> dict | None:
