@@ -313,12 +313,29 @@ class ArmStatistics:
                 self.theta[k, own] = np.einsum("hij,hj->hi", self.a_inv[k, own], b[own])
             self.updates[k] = 0
             if self.selecting:
-                a0 = self.s_data[k] if group[0] else self.a_data[k, 0]
-                lam0 = self.lam[k, 0]
-                self.sel_inv[k] = _spd_inverse(
-                    a0 + lam0 * self.sel_diag[:, :, None] * np.eye(self.n_features))
-                self.sel_theta[k] = self.sel_inv[k] @ b[0]
-                self._select(k)
+                self._refresh_candidates(k, slice(None), b[0])
+            self._update_sigma2(k)
+
+    def _refresh_candidates(self, k: int, rows: slice | np.ndarray, b: np.ndarray) -> None:
+        """Arm k's quality candidates ``rows``, inverses and coefficients, exactly from
+        the sums (``b`` its quality target vector with the prior), then its selection."""
+        a0 = self.s_data[k] if self.group[k, 0] else self.a_data[k, 0]
+        self.sel_inv[k, rows] = _spd_inverse(
+            a0 + self.lam[k, 0] * self.sel_diag[rows, :, None] * np.eye(self.n_features))
+        self.sel_theta[k, rows] = self.sel_inv[k, rows] @ b
+        self._select(k)
+
+    def set_tag_ridge(self, rows: np.ndarray, tag_dims: int, ridge: float) -> None:
+        """Give the quality candidates ``rows`` (a mask over ``sel_diag``) the ridge
+        ``ridge`` on the last ``tag_dims`` context coordinates (a learned tag prior:
+        bandit/tagprior.py) and recompute those candidates of every arm from its sums
+        (the other candidates and heads are unchanged). The prequential errors stay:
+        they score each candidate's predictions as they were made."""
+        self.sel_diag[rows, self.dim - tag_dims:self.dim] = ridge
+        if self.sums_only:
+            return
+        for k in range(len(self)):
+            self._refresh_candidates(k, rows, self._b_total(k)[0])
             self._update_sigma2(k)
 
     def _select(self, k: int) -> None:

@@ -20,6 +20,12 @@ next to two references:
 * ``select-diff-ts``: ``select-ts`` with ``shared_difficulty`` (a query difficulty
   learned from every model's outcomes; each model learns, and admits context on, its
   quality minus it; docs/results.md, "A difficulty shared by every model").
+* ``select-tagprior-ts``: ``select-ts`` with ``tag_prior="learned"``: the tag block's
+  ridge estimated from every model's outcomes by empirical Bayes (:mod:`bandit.tagprior`)
+  instead of the fixed 1 (docs/results.md, "A tag prior learned from the data").
+  ``select-diff-tagprior-ts``: both that and ``shared_difficulty`` (the arms' sums then
+  hold deviations from the shared prediction, so the estimate is of how much the
+  models' *differences* vary between tag values).
 * ``select-ts-cold-first``: ``select-ts`` with ``cold_start_share`` 1 (``COLD_FIRST``):
   each model's first 10 calls before the main branch, not 10% of the decisions while
   the first warm model takes the rest (docs/results.md, "Where the exploration is
@@ -124,7 +130,8 @@ from benchmarks.value_bounds import thompson_choices
 
 LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "select-ts-cold-first",
             "hybrid-ts-independent", "hybrid-ts-conditional", "hybrid-ts-joint",
-            "full-info-online", "hier-ts", "select-level-ts", "select-diff-ts")
+            "full-info-online", "hier-ts", "select-level-ts", "select-diff-ts",
+            "select-tagprior-ts", "select-diff-tagprior-ts")
 #: ``select-level-ts``: ``select-ts`` with a quality level shared by the models that
 #: follows the stream's difficulty (``level_horizon``, in observations).
 LEVEL_HORIZON = 100.0
@@ -262,12 +269,14 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
     if learner == "linucb-default":
         router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
-    if learner in ("select-ts", "select-level-ts", "select-ts-cold-first", "select-diff-ts"):
+    if learner in ("select-ts", "select-level-ts", "select-ts-cold-first", "select-diff-ts",
+                   "select-tagprior-ts", "select-diff-tagprior-ts"):
         inputs = Inputs.of(ds, feature)
         level = LEVEL_HORIZON if learner == "select-level-ts" else None
         router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
                       ds.cost_estimate, tag_dims=inputs.tag_dims, level_horizon=level,
-                      shared_difficulty=learner == "select-diff-ts",
+                      shared_difficulty=learner.startswith("select-diff"),
+                      tag_prior="learned" if "tagprior" in learner else "fixed",
                       **(COLD_FIRST if learner.endswith("cold-first") else {}))
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
