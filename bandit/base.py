@@ -1132,7 +1132,8 @@ class Policy(abc.ABC):
         cold, n_cold = self._cold_arms()
         if n_cold and arms is not self._all_arms:
             n_cold = int(np.count_nonzero(cold[arms]))
-        if 0 < n_cold < m or self._cold_by_direction(xb, arms, cold).any():
+        if 0 < n_cold < m or (cfg.cold_start_by != "arm"
+                              and self._cold_by_direction(xb, arms, cold) is not None):
             return None
         estimate, factor = _NO_ROWS, _NO_FACTOR
         if cost_estimate is not None:
@@ -1203,19 +1204,19 @@ class Policy(abc.ABC):
                             np.inf)
 
     def _cold_by_direction(self, xb: np.ndarray, arms: np.ndarray | slice,
-                           cold_arm: np.ndarray) -> np.ndarray:
+                           cold_arm: np.ndarray) -> np.ndarray | None:
         """(n, k) arms cold for each context (``cold_start_by``): cold in total
         (``cold_arm``, (K,)), or with fewer than ``cold_start_pulls`` observations
-        along its block while another candidate has that many there. All False
-        where no arm is cold by direction alone (every untagged context)."""
+        along its block while another candidate has that many there; rows with
+        none such are all False. None when no row has one (every untagged context)."""
         block = self._cold_block()
-        n, k = xb.shape[0], len(cold_arm[arms])
         if block is None or not xb[:, block].any():
-            return np.zeros((n, k), dtype=bool)
+            return None
         short = self._direction_counts(xb, arms, block) < self.config.cold_start_pulls
         short |= cold_arm[arms]
         n_short = short.sum(axis=1)
-        return short & ((n_short > 0) & (n_short < k))[:, None]
+        short &= ((n_short > 0) & (n_short < short.shape[1]))[:, None]
+        return short if short.any() else None
 
     def _arm_range(self) -> np.ndarray:
         """0..K-1 (intp), kept while the arms stay."""
@@ -1298,14 +1299,15 @@ class Policy(abc.ABC):
         any_cold = False
         utility_main, std_main = utility, std
         by_direction = (self._cold_by_direction(xb, idx, self._cold_arms()[0])
-                        if explore else cold)
-        if explore and (0 < n_cold < k or by_direction.any()):
+                        if explore and self.config.cold_start_by != "arm" else None)
+        if explore and (0 < n_cold < k or by_direction is not None):
             if 0 < n_cold < k:
                 cold[:] = cold_arm
-            # Rows with an arm cold along the request's tags (cold_start_by) use their
-            # own mask: those arms' cold starts are spread over the tag values.
-            rows = by_direction.any(axis=1)
-            cold[rows] = by_direction[rows]
+            if by_direction is not None:
+                # Rows with an arm cold along the request's tags (cold_start_by) use
+                # their own mask: that arm's cold start is spread over the tag values.
+                rows = by_direction.any(axis=1)
+                cold[rows] = by_direction[rows]
             if self.config.bounded_optimism:
                 best_warm = np.where(cold, -np.inf, utility).max(axis=1)
                 cold &= ceiling >= best_warm[:, None]

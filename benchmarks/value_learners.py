@@ -124,7 +124,8 @@ from benchmarks.value_bounds import thompson_choices
 
 LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "select-ts-cold-first",
             "hybrid-ts-independent", "hybrid-ts-conditional", "hybrid-ts-joint",
-            "full-info-online", "hier-ts", "select-level-ts", "select-diff-ts")
+            "full-info-online", "hier-ts", "select-level-ts", "select-diff-ts",
+            "select-ts-arm-cold")
 #: ``select-level-ts``: ``select-ts`` with a quality level shared by the models that
 #: follows the stream's difficulty (``level_horizon``, in observations).
 LEVEL_HORIZON = 100.0
@@ -142,6 +143,10 @@ CONTEXTS = ("+minilm", "+proto")
 #: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
 #: over, instead of a 10% share of decisions while the first warm model takes the rest.
 COLD_FIRST = {"cold_start_share": 1.0}
+#: ``select-ts-arm-cold``: ``select-ts`` with each model's cold start counted in total
+#: only (``cold_start_by="arm"``, the policy before the per-tag cold start): the same
+#: as ``select-ts`` on untagged data sets.
+ARM_COLD = {"cold_start_by": "arm"}
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -262,13 +267,15 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
     if learner == "linucb-default":
         router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
-    if learner in ("select-ts", "select-level-ts", "select-ts-cold-first", "select-diff-ts"):
+    if learner in ("select-ts", "select-level-ts", "select-ts-cold-first", "select-diff-ts",
+                   "select-ts-arm-cold"):
         inputs = Inputs.of(ds, feature)
         level = LEVEL_HORIZON if learner == "select-level-ts" else None
         router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
                       ds.cost_estimate, tag_dims=inputs.tag_dims, level_horizon=level,
                       shared_difficulty=learner == "select-diff-ts",
-                      **(COLD_FIRST if learner.endswith("cold-first") else {}))
+                      **(COLD_FIRST if learner.endswith("cold-first") else {}),
+                      **(ARM_COLD if learner.endswith("arm-cold") else {}))
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
