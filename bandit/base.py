@@ -934,9 +934,9 @@ class Policy(abc.ABC):
         self._factor: tuple[int, ArmStatistics, np.ndarray] | None = None
         self._all_arms = np.zeros(0, dtype=np.intp)  # see _arm_range
         self._cold: tuple[int, object, np.ndarray, int] = (-1, None, _FREE, 0)
-        # (version, statistics, (K, b, b) data matrices on the cold-start block): see
-        # _direction_counts.
-        self._block_data: tuple[int, object, np.ndarray] | None = None
+        # (statistics, (K,) quality weights when read, (K, b, b) inverses on the
+        # cold-start block): see _direction_counts.
+        self._block_data: tuple[object, np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ arms
     @property
@@ -1188,20 +1188,29 @@ class Policy(abc.ABC):
         block and r = ``ridge`` (n for n observations of t alone; what it shares with
         other observed directions does not count); +inf where the block is zero."""
         stats = self._stats
+        weight = stats.weight[:, 0]
         cached = self._block_data
-        if cached is None or cached[0] != self.version or cached[1] is not stats:
-            group = stats.group[:, 0]
-            data = np.where(group[:, None, None], stats.s_data[:, block, block],
-                            stats.a_data[:, 0, block, block])
+        if cached is None or cached[0] is not stats or cached[1].shape != weight.shape:
+            cached = self._block_data = (stats, np.full(weight.shape, np.nan),
+                                         np.empty((weight.shape[0],) + (block.stop
+                                                  - block.start,) * 2))
+        # An arm's data matrix changes with its quality weight (an outcome, forgetting,
+        # a merge): only those arms' inverses are taken again.
+        changed = np.flatnonzero(weight != cached[1])
+        if changed.size:
+            group = stats.group[changed, 0]
+            data = np.where(group[:, None, None], stats.s_data[changed, block, block],
+                            stats.a_data[changed, 0, block, block])
             r = self.config.ridge
-            inv = np.linalg.inv(data + r * np.eye(data.shape[1]))
-            cached = self._block_data = (self.version, stats, inv)
+            cached[2][changed] = np.linalg.inv(data + r * np.eye(data.shape[1]))
+            cached[1][changed] = weight[changed]
         t = xb[:, block]
-        norm2 = np.einsum("nb,nb->n", t, t)
-        width = np.einsum("nb,kbc,nc->nk", t, cached[2][arms], t)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(norm2[:, None] > 0, norm2[:, None] / width - self.config.ridge,
-                            np.inf)
+        inv = cached[2] if isinstance(arms, slice) else cached[2][arms]
+        width = ((t @ inv) * t).sum(axis=2).T  # (n, k): u^T (A + r I)^-1 u |t|^2
+        norm2 = (t * t).sum(axis=1)[:, None]
+        counts = norm2 / np.maximum(width, 1e-300) - self.config.ridge
+        counts[norm2[:, 0] == 0] = np.inf
+        return counts
 
     def _cold_by_direction(self, xb: np.ndarray, arms: np.ndarray | slice,
                            cold_arm: np.ndarray) -> np.ndarray | None:
