@@ -1221,7 +1221,8 @@ class Policy(abc.ABC):
         block = self._cold_block()
         if block is None or not xb[:, block].any():
             return None
-        short = self._direction_counts(xb, arms, block) < self.config.cold_start_pulls
+        # (less a rounding margin: 10 observations of t count 10 +- 1e-15)
+        short = self._direction_counts(xb, arms, block) < self.config.cold_start_pulls - 1e-6
         short |= cold_arm[arms]
         n_short = short.sum(axis=1)
         short &= ((n_short > 0) & (n_short < short.shape[1]))[:, None]
