@@ -24,6 +24,9 @@ next to two references:
   each model's first 10 calls before the main branch, not 10% of the decisions while
   the first warm model takes the rest (docs/results.md, "Where the exploration is
   spent").
+* ``select-ts-arm-cold``: ``select-ts`` with ``cold_start_by="arm"`` (``ARM_COLD``): each
+  model's cold start counted in total only, not also per tag value (the policy before
+  the per-tag count; the same decisions as ``select-ts`` on untagged data sets).
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
