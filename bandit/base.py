@@ -88,7 +88,7 @@ _NO_FACTOR = np.zeros(0)
 _FREE = np.full(1, -1, dtype=np.intp)  # one row, no uniform draw
 _FREE.setflags(write=False)
 #: PolicyConfig.cold_start_by: where an arm's cold start is counted.
-COLD_START_BY = ("arm", "tags", "context")
+COLD_START_BY = ("arm", "tags", "new-on-tags", "context")
 
 
 def check_finite_number(name: str, value: object, *, low: float | None = None,
@@ -1182,7 +1182,7 @@ class Policy(abc.ABC):
     def _cold_block(self) -> slice | None:
         """The context coordinates ``cold_start_by`` counts along, or None (the total)."""
         by, dim = self.config.cold_start_by, self.config.dim
-        if by == "tags" and self.config.tag_dims:
+        if by in ("tags", "new-on-tags") and self.config.tag_dims:
             return slice(dim - self.config.tag_dims, dim)
         return slice(0, dim) if by == "context" else None
 
@@ -1227,7 +1227,13 @@ class Policy(abc.ABC):
         if block is None or not xb[:, block].any():
             return None
         # (less a rounding margin: 10 observations of t count 10 +- 1e-15)
-        short = self._direction_counts(xb, arms, block) < self.config.cold_start_pulls - 1e-6
+        counts = self._direction_counts(xb, arms, block)
+        short = counts < self.config.cold_start_pulls - 1e-6
+        if self.config.cold_start_by == "new-on-tags":
+            # Only an arm newer than the tag: fewer observations in total than another
+            # candidate has along the request's tags.
+            seen = np.where(np.isfinite(counts), counts, 0.0).max(axis=1)
+            short &= self._stats.weight[arms, 0][None, :] < seen[:, None]
         short |= cold_arm[arms]
         n_short = short.sum(axis=1)
         short &= ((n_short > 0) & (n_short < short.shape[1]))[:, None]

@@ -130,7 +130,7 @@ from benchmarks.value_bounds import thompson_choices
 LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "select-ts-cold-first",
             "hybrid-ts-independent", "hybrid-ts-conditional", "hybrid-ts-joint",
             "full-info-online", "hier-ts", "select-level-ts", "select-diff-ts",
-            "select-ts-tag-cold")
+            "select-ts-tag-cold", "select-ts-new-tag-cold")
 #: ``select-level-ts``: ``select-ts`` with a quality level shared by the models that
 #: follows the stream's difficulty (``level_horizon``, in observations).
 LEVEL_HORIZON = 100.0
@@ -151,6 +151,9 @@ COLD_FIRST = {"cold_start_share": 1.0}
 #: ``select-ts-tag-cold``: ``select-ts`` with each model's cold start counted per tag
 #: value too (``cold_start_by="tags"``): the same as ``select-ts`` on untagged data sets.
 TAG_COLD = {"cold_start_by": "tags"}
+#: ``select-ts-new-tag-cold``: per tag value for a model newer than the tag only
+#: (``cold_start_by="new-on-tags"``).
+NEW_TAG_COLD = {"cold_start_by": "new-on-tags"}
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -272,14 +275,15 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
         router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner in ("select-ts", "select-level-ts", "select-ts-cold-first", "select-diff-ts",
-                   "select-ts-tag-cold"):
+                   "select-ts-tag-cold", "select-ts-new-tag-cold"):
         inputs = Inputs.of(ds, feature)
         level = LEVEL_HORIZON if learner == "select-level-ts" else None
         router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
                       ds.cost_estimate, tag_dims=inputs.tag_dims, level_horizon=level,
                       shared_difficulty=learner == "select-diff-ts",
                       **(COLD_FIRST if learner.endswith("cold-first") else {}),
-                      **(TAG_COLD if learner.endswith("tag-cold") else {}))
+                      **(TAG_COLD if learner == "select-ts-tag-cold" else {}),
+                      **(NEW_TAG_COLD if learner == "select-ts-new-tag-cold" else {}))
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)
