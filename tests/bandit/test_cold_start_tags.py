@@ -63,6 +63,19 @@ def test_new_model_best_for_one_tag_wins_that_tags_traffic():
     assert sum(s >= 0.5 for s in by_arm) <= 1, by_arm
 
 
+def test_new_on_tags_spreads_a_new_models_cold_start_only():
+    # The same stream: the new model (10 observations in total) is newer than its app.
+    assert min(specialist_share(seed, cold_start_by="new-on-tags") for seed in range(3)) >= 0.5
+    # An old model that has seen more in total than anyone has of a tag is not cold on
+    # it, though it has fewer than 10 observations there.
+    policy, rng = warmed(cold_start_by="new-on-tags")
+    for _ in range(300):
+        policy.update("new", context(rng, 0), {"quality": 0.1}, now=12_000.0)
+    assert new_share(policy, context(rng, 3)) < 0.01
+    fresh, rng = warmed(cold_start_by="new-on-tags")
+    assert 0.07 < new_share(fresh, context(rng, 3)) < 0.13
+
+
 def warmed(seed: int = 0, **config: object) -> tuple[SelectiveThompson, np.random.Generator]:
     """Three warm models and a new one with 10 calls on app 0 only (warm in total)."""
     rng = np.random.default_rng(seed)
@@ -151,4 +164,4 @@ def test_cold_start_by_bad_value_names_the_field():
     with pytest.raises(InvalidInputError) as err:
         SelectiveThompson(4, cold_start_by="tag")
     assert err.value.field == "cold_start_by"
-    assert "arm, tags, context" in str(err.value)
+    assert "arm, tags, new-on-tags, context" in str(err.value)
