@@ -726,7 +726,11 @@ class PolicyConfig:
         has a cold start on every tag value, which cost routing value on the tagged
         replays (docs/results.md, "New model mid-stream"). Untagged requests (a zero
         block) and policies without a tag block are counted by the total alone.
-        ``"context"``: the same along the whole context's direction (the text too).
+        ``"new-on-tags"``: as ``"tags"``, but only for an arm newer than the request's
+        tags: fewer observations in total than another candidate has along them (a
+        model added mid-stream, not the models there from the start on a tag they have
+        not yet been called on). ``"context"``: as ``"tags"`` along the whole context's
+        direction (the text too).
         The counts are read off the arms' sums: they forget, merge and serialize with
         them.
     refresh_every
