@@ -38,8 +38,9 @@ first call, learns its quality net of a query difficulty shared by all of them) 
 ``both`` (each run without and then with it, in the same process).
 ``--cold-start-by`` (comma-separated; default the policy's default): the policy's
 ``cold_start_by``, each value a run on the same order: ``arm`` (a new model's cold start
-counted in total: the default), ``tags`` (also per tag value) or ``context`` (also along
-the whole context's direction).
+counted in total: the default), ``tags`` (also per tag value), ``new-on-tags`` (per tag
+value for a model newer than the tag only) or ``context`` (also along the whole
+context's direction).
 Writes ``benchmarks/results/new_model_select.json`` (``select``) or ``new_model.json``
 (``linucb``), or ``--out-name``.
 """

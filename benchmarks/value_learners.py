@@ -29,6 +29,8 @@ next to two references:
   as ``select-ts`` on untagged data sets; docs/results.md, "New model mid-stream").
   ``value_cold_start.json`` was written while ``"tags"`` was the default, under the
   names ``select-ts`` (per tag) and ``select-ts-arm-cold`` (in total).
+* ``select-ts-new-tag-cold``: the same with ``cold_start_by="new-on-tags"``
+  (``NEW_TAG_COLD``): per tag value only for a model newer than the tag.
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
