@@ -87,6 +87,8 @@ _NO_ROWS = np.zeros((0, 0))  # no cost estimate, or no noise, for the fused deci
 _NO_FACTOR = np.zeros(0)
 _FREE = np.full(1, -1, dtype=np.intp)  # one row, no uniform draw
 _FREE.setflags(write=False)
+#: PolicyConfig.cold_start_by: where an arm's cold start is counted.
+COLD_START_BY = ("arm", "tags", "new-on-tags", "context")
 
 
 def check_finite_number(name: str, value: object, *, low: float | None = None,
@@ -712,6 +714,25 @@ class PolicyConfig:
     cold_start_share
         While some candidates are warm, cold arms are explored in at most this share of
         decisions (uniformly among them); otherwise they are scored on their prior mean.
+    cold_start_by
+        Where the cold start is counted. ``"arm"`` (the default): the arm's total
+        quality observations. ``"tags"`` (opt-in): besides its total, an arm is cold for
+        a request whose tag block (``tag_dims``) carries fewer than ``cold_start_pulls``
+        of its quality observations along that block's direction (its posterior
+        precision there, in observations: what it learned from other tags that share
+        hashed coordinates does not count), while another candidate is warm there: a
+        model added mid-stream gets its cold-start calls on every tag value it is asked
+        about, not on whichever requests come first. Not the default: every arm then
+        has a cold start on every tag value, which cost routing value on the tagged
+        replays (docs/results.md, "New model mid-stream"). Untagged requests (a zero
+        block) and policies without a tag block are counted by the total alone.
+        ``"new-on-tags"``: as ``"tags"``, but only for an arm newer than the request's
+        tags: fewer observations in total than another candidate has along them (a
+        model added mid-stream, not the models there from the start on a tag they have
+        not yet been called on). ``"context"``: as ``"tags"`` along the whole context's
+        direction (the text too).
+        The counts are read off the arms' sums: they forget, merge and serialize with
+        them.
     refresh_every
         Recompute an arm's inverse exactly from its sums after this many rank-one updates.
     context_ridge
@@ -788,6 +809,10 @@ class PolicyConfig:
     drift_keep: float = 0.1
     cold_start_pulls: int = 10
     cold_start_share: float = 0.1
+    # Issue 13's new-model round (docs/results.md, "New model mid-stream"): "tags" met
+    # the new-model goal in 6 of 6 runs (4 of 6 with "arm") but cost 0.02-0.05 of the
+    # shuffled routing value on the tagged LLMRouter and MMLU replays.
+    cold_start_by: str = "arm"
     refresh_every: int = 1000
     # From the issue-13 sweep on the llmrouter replay (benchmarks/results/
     # value_sweep.json): a context ridge of 100 beat 1 at every weight tried; 1,000
@@ -830,6 +855,9 @@ class PolicyConfig:
             raise InvalidInputError("cold_start_pulls", "must be an integer >= 0",
                                     self.cold_start_pulls)
         check_finite_number("cold_start_share", self.cold_start_share, low=0.0, high=1.0)
+        if self.cold_start_by not in COLD_START_BY:
+            raise InvalidInputError("cold_start_by", "allowed: " + ", ".join(COLD_START_BY),
+                                    self.cold_start_by)
         if not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise InvalidInputError("refresh_every", "must be an integer >= 1",
                                     self.refresh_every)
@@ -915,6 +943,9 @@ class Policy(abc.ABC):
         self._factor: tuple[int, ArmStatistics, np.ndarray] | None = None
         self._all_arms = np.zeros(0, dtype=np.intp)  # see _arm_range
         self._cold: tuple[int, object, np.ndarray, int] = (-1, None, _FREE, 0)
+        # (statistics, (K,) quality weights when read, (K, b, b) inverses on the
+        # cold-start block): see _direction_counts.
+        self._block_data: tuple[object, np.ndarray, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ arms
     @property
@@ -1110,7 +1141,8 @@ class Policy(abc.ABC):
         cold, n_cold = self._cold_arms()
         if n_cold and arms is not self._all_arms:
             n_cold = int(np.count_nonzero(cold[arms]))
-        if 0 < n_cold < m:
+        if 0 < n_cold < m or (cfg.cold_start_by != "arm"
+                              and self._cold_by_direction(xb, arms, cold) is not None):
             return None
         estimate, factor = _NO_ROWS, _NO_FACTOR
         if cost_estimate is not None:
@@ -1150,6 +1182,66 @@ class Policy(abc.ABC):
             cached = self._cold = (self.version, self._stats, cold,
                                    int(np.count_nonzero(cold)))
         return cached[2], cached[3]
+
+    def _cold_block(self) -> slice | None:
+        """The context coordinates ``cold_start_by`` counts along, or None (the total)."""
+        by, dim = self.config.cold_start_by, self.config.dim
+        if by in ("tags", "new-on-tags") and self.config.tag_dims:
+            return slice(dim - self.config.tag_dims, dim)
+        return slice(0, dim) if by == "context" else None
+
+    def _direction_counts(self, xb: np.ndarray, arms: np.ndarray | slice,
+                          block: slice) -> np.ndarray:
+        """(n, k) each arm's quality observations along each context's ``block``, t:
+        1 / u^T (A + r I)^-1 u - r with u = t / |t|, A the arm's data matrix on the
+        block and r = ``ridge`` (n for n observations of t alone; what it shares with
+        other observed directions does not count); +inf where the block is zero."""
+        stats = self._stats
+        weight = stats.weight[:, 0]
+        cached = self._block_data
+        if cached is None or cached[0] is not stats or cached[1].shape != weight.shape:
+            cached = self._block_data = (stats, np.full(weight.shape, np.nan),
+                                         np.empty((weight.shape[0],) + (block.stop
+                                                  - block.start,) * 2))
+        # An arm's data matrix changes with its quality weight (an outcome, forgetting,
+        # a merge): only those arms' inverses are taken again.
+        changed = np.flatnonzero(weight != cached[1])
+        if changed.size:
+            group = stats.group[changed, 0]
+            data = np.where(group[:, None, None], stats.s_data[changed, block, block],
+                            stats.a_data[changed, 0, block, block])
+            r = self.config.ridge
+            cached[2][changed] = np.linalg.inv(data + r * np.eye(data.shape[1]))
+            cached[1][changed] = weight[changed]
+        t = xb[:, block]
+        inv = cached[2] if isinstance(arms, slice) else cached[2][arms]
+        width = ((t @ inv) * t).sum(axis=2).T  # (n, k): u^T (A + r I)^-1 u |t|^2
+        norm2 = (t * t).sum(axis=1)[:, None]
+        counts = norm2 / np.maximum(width, 1e-300) - self.config.ridge
+        counts[norm2[:, 0] == 0] = np.inf
+        return counts
+
+    def _cold_by_direction(self, xb: np.ndarray, arms: np.ndarray | slice,
+                           cold_arm: np.ndarray) -> np.ndarray | None:
+        """(n, k) arms cold for each context (``cold_start_by``): cold in total
+        (``cold_arm``, (K,)), or with fewer than ``cold_start_pulls`` observations
+        along its block while another candidate has that many there; rows with
+        none such are all False. None when no row has one (every untagged context)."""
+        block = self._cold_block()
+        if block is None or not xb[:, block].any():
+            return None
+        # (less a rounding margin: 10 observations of t count 10 +- 1e-15)
+        counts = self._direction_counts(xb, arms, block)
+        short = counts < self.config.cold_start_pulls - 1e-6
+        if self.config.cold_start_by == "new-on-tags":
+            # Only an arm newer than the tag: fewer observations in total than another
+            # candidate has along the request's tags.
+            seen = np.where(np.isfinite(counts), counts, 0.0).max(axis=1)
+            short &= self._stats.weight[arms, 0][None, :] < seen[:, None]
+        short |= cold_arm[arms]
+        n_short = short.sum(axis=1)
+        short &= ((n_short > 0) & (n_short < short.shape[1]))[:, None]
+        return short if short.any() else None
 
     def _arm_range(self) -> np.ndarray:
         """0..K-1 (intp), kept while the arms stay."""
@@ -1231,13 +1323,22 @@ class Policy(abc.ABC):
         cold_share = np.zeros(n)
         any_cold = False
         utility_main, std_main = utility, std
-        if explore and 0 < n_cold < k:
-            cold[:] = cold_arm
+        by_direction = (self._cold_by_direction(xb, idx, self._cold_arms()[0])
+                        if explore and self.config.cold_start_by != "arm" else None)
+        if explore and (0 < n_cold < k or by_direction is not None):
+            if 0 < n_cold < k:
+                cold[:] = cold_arm
+            if by_direction is not None:
+                # Rows with an arm cold along the request's tags (cold_start_by) use
+                # their own mask: that arm's cold start is spread over the tag values.
+                rows = by_direction.any(axis=1)
+                cold[rows] = by_direction[rows]
             if self.config.bounded_optimism:
-                best_warm = np.where(cold_arm, -np.inf, utility).max(axis=1)
+                best_warm = np.where(cold, -np.inf, utility).max(axis=1)
                 cold &= ceiling >= best_warm[:, None]
             cold_share = np.where(cold.any(axis=1), self.config.cold_start_share, 0.0)
             any_cold = bool(cold_share.any())
+        if explore and 0 < n_cold < k:
             if self.config.shared_ridge is None:
                 # While warm arms exist, cold ones get no bonus in the main branch: their
                 # exploration is the bounded cold-start share, not an unbounded optimism

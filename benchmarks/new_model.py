@@ -28,6 +28,7 @@ the 200-300 window.
         [--shared-ridge 1] [--arm-prior hierarchy --out-name new_model_hierarchy]
         [--cold-start-share 1 --out-name new_model_select_cold_first]
         [--shared-difficulty both --out-name new_model_difficulty]
+        [--cold-start-by arm,tags,context --out-name new_model_cold_start]
 
 ``--policy`` is the policy kind replayed: ``select`` (the default policy of ``serve`` and
 ``replay``, :class:`bandit.SelectiveThompson`) or ``linucb`` (the previous default).
@@ -35,6 +36,11 @@ the 200-300 window.
 (``SelectiveThompson(shared_difficulty=True)``: every model, the specialist from its
 first call, learns its quality net of a query difficulty shared by all of them) or
 ``both`` (each run without and then with it, in the same process).
+``--cold-start-by`` (comma-separated; default the policy's default): the policy's
+``cold_start_by``, each value a run on the same order: ``arm`` (a new model's cold start
+counted in total: the default), ``tags`` (also per tag value), ``new-on-tags`` (per tag
+value for a model newer than the tag only) or ``context`` (also along the whole
+context's direction).
 Writes ``benchmarks/results/new_model_select.json`` (``select``) or ``new_model.json``
 (``linucb``), or ``--out-name``.
 """
@@ -134,12 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shared-difficulty", default="off", choices=("off", "on", "both"),
                         help="select's shared_difficulty: off (default), on, or both "
                              "(each run without, then with)")
+    parser.add_argument("--cold-start-by", default=None,
+                        help="comma-separated values of the policy's cold_start_by "
+                             "(arm, tags, context), each a run (default: its default)")
     add_output_options(parser, None, "results file name (default new_model_select for "
                                      "select, new_model for linucb)")
     args = parser.parse_args(argv)
     if args.shared_difficulty != "off" and args.policy != "select":
         parser.error("--shared-difficulty: only with --policy select")
     difficulty = {"off": [False], "on": [True], "both": [False, True]}[args.shared_difficulty]
+    cold_by = [None] if args.cold_start_by is None else args.cold_start_by.split(",")
     root = data_root()
     ds = load_llmrouter(root / "llmrouter", minilm=False)
     cl = clusters(root)
@@ -152,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     arms = [*ds.arms, "specialist"]
     rows, results = [], []
     started = time.perf_counter()
-    for feat, w, seed, diff in itertools.product(
+    for feat, w, seed, diff, by in itertools.product(
             args.featurizers.split(","), [float(v) for v in args.cost_weights.split(",")],
-            range(args.seeds), difficulty):
-        label = f"{feat}+difficulty" if diff else feat
+            range(args.seeds), difficulty, cold_by):
+        label = (f"{feat}+difficulty" if diff else feat) + (f" by={by}" if by else "")
         inputs = Inputs.of(ds, feat)
         config: dict[str, object] = {"shared_ridge": args.shared_ridge,
                                      "arm_prior": args.arm_prior}
@@ -163,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             config["cold_start_share"] = args.cold_start_share
         if diff:
             config["shared_difficulty"] = True
+        if by is not None:
+            config["cold_start_by"] = by
         if inputs.tag_dims:
             config.update(tag_dims=inputs.tag_dims, tag_ridge=args.tag_ridge)
         perm = np.random.default_rng(seed).permutation(ds.n)
@@ -202,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                             "arm_prior": args.arm_prior,
                             "cold_start_share": args.cold_start_share,
                             "shared_difficulty": args.shared_difficulty,
+                            "cold_start_by": args.cold_start_by,
                             "construction": __doc__.split("\n\n")[1].replace("\n", " "),
                             "elapsed_s": round(time.perf_counter() - started, 1)},
                "goal_met_runs": {f: f"{sum(m)} of {len(m)}" for f, m in met.items()},

@@ -1,0 +1,167 @@
+"""A model added mid-stream gets its cold start on every tag value it is asked about
+(``cold_start_by="tags"``, opt-in), not on whichever requests come first."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bandit import InvalidInputError, Policy, Preferences, SelectiveThompson
+from bandit.featurize import tag_block
+
+TEXT, TAGS = 4, 16
+APPS = 8  # tag values; the specialist is best on the last one
+ADD_AT = 300
+PREFS = Preferences(quality=1.0, cost=0.0)
+
+
+def context(rng: np.random.Generator, app: int | None) -> np.ndarray:
+    tags = None if app is None else {"app": str(app)}
+    return np.r_[0.1 * rng.standard_normal(TEXT), tag_block(tags, TAGS)]
+
+
+def quality(arm: str, app: int) -> float:
+    """Three general models; ``new`` is useless except on the last app, where it is
+    the best by far."""
+    if arm == "new":
+        return 0.85 if app == APPS - 1 else 0.1
+    return {"a": 0.7, "b": 0.5, "c": 0.4}[arm]
+
+
+def specialist_share(seed: int, **config: object) -> float:
+    """The new model's share of its app's requests 200-300 after it was added."""
+    rng = np.random.default_rng(seed)
+    policy = SelectiveThompson(TEXT + TAGS, seed=seed, tag_dims=TAGS, **config)
+    for arm in ("a", "b", "c"):
+        policy.add_arm(arm)
+    own, picks = 0, []
+    t = 0
+    while own < 300:
+        if t == ADD_AT:
+            policy.add_arm("new")
+        app = int(rng.integers(APPS))
+        x = context(rng, app)
+        arm = policy.decide(x, PREFS).arm
+        q = float(np.clip(quality(arm, app) + 0.1 * rng.standard_normal(), 0.0, 1.0))
+        policy.update(arm, x, {"quality": q})
+        if t >= ADD_AT and app == APPS - 1:
+            own += 1
+            if own > 200:
+                picks.append(arm == "new")
+        t += 1
+    return float(np.mean(picks))
+
+
+def test_new_model_best_for_one_tag_wins_that_tags_traffic():
+    # Counted in total, the new model's 10 cold-start calls land ~1 on its own app; it
+    # learns its (low) mean elsewhere and is seldom tried there again.
+    by_tags = [specialist_share(seed, cold_start_by="tags") for seed in range(3)]
+    assert min(by_tags) >= 0.5, by_tags
+    by_arm = [specialist_share(seed) for seed in range(3)]  # the default: "arm"
+    assert sum(s >= 0.5 for s in by_arm) <= 1, by_arm
+
+
+def test_new_on_tags_spreads_a_new_models_cold_start_only():
+    # The same stream: the new model (10 observations in total) is newer than its app.
+    assert min(specialist_share(seed, cold_start_by="new-on-tags") for seed in range(3)) >= 0.5
+    # An old model that has seen more in total than anyone has of a tag is not cold on
+    # it, though it has fewer than 10 observations there.
+    policy, rng = warmed(cold_start_by="new-on-tags")
+    for _ in range(300):
+        policy.update("new", context(rng, 0), {"quality": 0.1}, now=12_000.0)
+    assert new_share(policy, context(rng, 3)) < 0.01
+    fresh, rng = warmed(cold_start_by="new-on-tags")
+    assert 0.07 < new_share(fresh, context(rng, 3)) < 0.13
+
+
+def warmed(seed: int = 0, **config: object) -> tuple[SelectiveThompson, np.random.Generator]:
+    """Three warm models and a new one with 10 calls on app 0 only (warm in total)."""
+    rng = np.random.default_rng(seed)
+    config.setdefault("cold_start_by", "tags")
+    policy = SelectiveThompson(TEXT + TAGS, seed=seed, tag_dims=TAGS, drift_delta=None,
+                               **config)
+    for arm in ("a", "b", "c"):
+        policy.add_arm(arm)
+    for t in range(200):
+        app = t % APPS
+        for arm in ("a", "b", "c"):
+            policy.update(arm, context(rng, app), {"quality": quality(arm, app)},
+                          now=60.0 * t)
+    policy.add_arm("new")
+    for _ in range(10):
+        policy.update("new", context(rng, 0), {"quality": 0.1}, now=12_000.0)
+    return policy, rng
+
+
+def new_share(policy: Policy, x: np.ndarray) -> float:
+    batch = policy.decide_batch(np.repeat(x[None], 4000, axis=0), PREFS)
+    return float(np.mean(batch.choices == batch.arms.index("new")))
+
+
+def test_warm_model_keeps_its_cold_start_share_on_other_tags_only():
+    policy, rng = warmed()
+    # Warm on app 0 (and in total): the main branch alone, where it scored 0.1.
+    assert new_share(policy, context(rng, 0)) < 0.01
+    # Cold on app 3: the cold-start share (10%).
+    assert 0.07 < new_share(policy, context(rng, 3)) < 0.13
+    arm = SelectiveThompson(TEXT + TAGS, seed=0, tag_dims=TAGS, cold_start_by="arm")
+    for name in policy.arms:  # the same sums, counted in total: warm everywhere
+        arm.add_arm(name)
+    arm._stats = policy._stats
+    assert new_share(arm, context(rng, 3)) < 0.01
+
+
+def test_untagged_requests_decide_exactly_as_counted_in_total():
+    tagged, _ = warmed(seed=4)
+    total, _ = warmed(seed=4, cold_start_by="arm")
+    x = np.hstack([0.1 * np.random.default_rng(5).standard_normal((64, TEXT)),
+                   np.zeros((64, TAGS))])
+    tagged.add_arm("newer")  # cold in total: the usual cold start on untagged requests
+    total.add_arm("newer")
+    a, b = tagged.decide_batch(x, PREFS), total.decide_batch(x, PREFS)
+    np.testing.assert_array_equal(a.choices, b.choices)
+    np.testing.assert_array_equal(a.propensities, b.propensities)
+
+
+def test_counts_survive_round_trip_merge_and_forgetting():
+    policy, rng = warmed()
+    x = context(rng, 3)
+    restored = Policy.from_bytes(policy.to_bytes())
+    assert new_share(restored, x) == pytest.approx(new_share(policy, x), abs=0.03)
+    lean = Policy.from_bytes(policy.to_bytes(derived=False))
+    assert 0.07 < new_share(lean, x) < 0.13
+    # A state saved before cold_start_by existed loads with the default: as it was.
+    data = policy.to_bytes()
+    size = int.from_bytes(data[6:10], "big")
+    header = json.loads(data[10:10 + size])
+    del header["config"]["cold_start_by"]
+    raw = json.dumps(header).encode()
+    old = Policy.from_bytes(data[:6] + len(raw).to_bytes(4, "big") + raw + data[10 + size:])
+    assert old.config.cold_start_by == "arm"
+    assert new_share(old, x) < 0.01
+    # Merge: a replica that called the new model 10 times on app 3 makes it warm there.
+    other = SelectiveThompson(TEXT + TAGS, seed=1, tag_dims=TAGS, drift_delta=None)
+    other.add_arm("new")
+    for _ in range(10):
+        other.update("new", x, {"quality": 0.1}, now=12_000.0)
+    policy.merge(other)
+    assert new_share(policy, x) < 0.01
+    # Forgetting: its data on app 3 decays below 10 observations: cold there again.
+    fading, _ = warmed(half_life_hours=1.0, decay_interval_s=0.0)
+    for _ in range(12):
+        fading.update("new", x, {"quality": 0.1}, now=12_000.0)
+    assert new_share(fading, x) < 0.01
+    later = 12_000.0 + 3 * 3600.0  # 3 half-lives: 1.5 of its 12 observations left
+    for _ in range(12):  # the others are warm there again (their old data faded too)
+        for arm in ("a", "b", "c"):
+            fading.update(arm, x, {"quality": quality(arm, 3)}, now=later)
+    assert 0.07 < new_share(fading, x) < 0.13
+
+
+def test_cold_start_by_bad_value_names_the_field():
+    with pytest.raises(InvalidInputError) as err:
+        SelectiveThompson(4, cold_start_by="tag")
+    assert err.value.field == "cold_start_by"
+    assert "arm, tags, new-on-tags, context" in str(err.value)
