@@ -6,6 +6,7 @@ total (``"arm"``)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -165,7 +166,7 @@ def test_counts_survive_round_trip_merge_and_forgetting():
     assert 0.07 < new_share(fading, x) < 0.13
 
 
-def edited_state(policy: Policy, edit) -> Policy:
+def edited_state(policy: Policy, edit: Callable[[dict], object]) -> Policy:
     """``policy`` saved, its JSON header changed by ``edit``, and restored."""
     data = policy.to_bytes()
     size = int.from_bytes(data[6:10], "big")
