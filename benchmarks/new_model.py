@@ -37,10 +37,11 @@ the 200-300 window.
 first call, learns its quality net of a query difficulty shared by all of them) or
 ``both`` (each run without and then with it, in the same process).
 ``--cold-start-by`` (comma-separated; default the policy's default): the policy's
-``cold_start_by``, each value a run on the same order: ``arm`` (a new model's cold start
-counted in total: the default), ``tags`` (also per tag value), ``new-on-tags`` (per tag
-value for a model newer than the tag only) or ``context`` (also along the whole
-context's direction).
+``cold_start_by``, each value a run on the same order: ``added-on-tags`` (the default:
+per tag value for a model added after the policy started learning, the specialist
+here), ``arm`` (a new model's cold start counted in total), ``tags`` (also per tag value,
+for every model), ``new-on-tags`` (per tag value for a model newer than the tag only) or
+``context`` (also along the whole context's direction).
 Writes ``benchmarks/results/new_model_select.json`` (``select``) or ``new_model.json``
 (``linucb``), or ``--out-name``.
 """
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(each run without, then with)")
     parser.add_argument("--cold-start-by", default=None,
                         help="comma-separated values of the policy's cold_start_by "
-                             "(arm, tags, context), each a run (default: its default)")
+                             "(added-on-tags, arm, tags, new-on-tags, context), each a "
+                             "run (default: its default)")
     add_output_options(parser, None, "results file name (default new_model_select for "
                                      "select, new_model for linucb)")
     args = parser.parse_args(argv)

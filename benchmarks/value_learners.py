@@ -30,13 +30,18 @@ next to two references:
   each model's first 10 calls before the main branch, not 10% of the decisions while
   the first warm model takes the rest (docs/results.md, "Where the exploration is
   spent").
-* ``select-ts-tag-cold``: ``select-ts`` with ``cold_start_by="tags"`` (``TAG_COLD``): each
+* ``select-ts``'s ``cold_start_by`` is the default, ``"added-on-tags"``: per tag value
+  for a model added mid-stream only, so on these replays (every model there from the
+  start) the same decisions as ``"arm"``. ``select-ts-arm-cold``: ``cold_start_by="arm"``
+  (``COLD_BY``), to check that: ``--learners select-ts,select-ts-arm-cold --datasets
+  llmrouter+tags,mmlu+tags --shuffles 2 --out-name value_added_cold``.
+* ``select-ts-tag-cold``: ``select-ts`` with ``cold_start_by="tags"`` (``COLD_BY``): each
   model's cold start counted per tag value too, not in total only (the same decisions
   as ``select-ts`` on untagged data sets; docs/results.md, "New model mid-stream").
   ``value_cold_start.json`` was written while ``"tags"`` was the default, under the
   names ``select-ts`` (per tag) and ``select-ts-arm-cold`` (in total).
 * ``select-ts-new-tag-cold``: the same with ``cold_start_by="new-on-tags"``
-  (``NEW_TAG_COLD``): per tag value only for a model newer than the tag.
+  (``COLD_BY``): per tag value only for a model newer than the tag.
 * ``hybrid-ts-*``: Thompson sampling on the hybrid linear model of Li et al. (2010),
   quality - 0.5 = x.(beta + theta_a): beta shared by every model (ridge 1), theta_a the
   model's deviation (ridge 100 on the context coefficients, 1 on the intercept), solved
@@ -139,7 +144,7 @@ LEARNERS = ("linucb-default", "context-free-ts", "select-ts", "select-ts-cold-fi
             "hybrid-ts-independent", "hybrid-ts-conditional", "hybrid-ts-joint",
             "full-info-online", "hier-ts", "select-level-ts", "select-diff-ts",
             "select-tagprior-ts", "select-diff-tagprior-ts", "select-ts-tag-cold",
-            "select-ts-new-tag-cold")
+            "select-ts-new-tag-cold", "select-ts-arm-cold")
 #: ``select-level-ts``: ``select-ts`` with a quality level shared by the models that
 #: follows the stream's difficulty (``level_horizon``, in observations).
 LEVEL_HORIZON = 100.0
@@ -157,12 +162,12 @@ CONTEXTS = ("+minilm", "+proto")
 #: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
 #: over, instead of a 10% share of decisions while the first warm model takes the rest.
 COLD_FIRST = {"cold_start_share": 1.0}
-#: ``select-ts-tag-cold``: ``select-ts`` with each model's cold start counted per tag
-#: value too (``cold_start_by="tags"``): the same as ``select-ts`` on untagged data sets.
-TAG_COLD = {"cold_start_by": "tags"}
-#: ``select-ts-new-tag-cold``: per tag value for a model newer than the tag only
-#: (``cold_start_by="new-on-tags"``).
-NEW_TAG_COLD = {"cold_start_by": "new-on-tags"}
+#: ``select-ts`` with another ``cold_start_by``: ``-tag-cold``, each model's cold start
+#: counted per tag value too (the same as ``select-ts`` on untagged data sets);
+#: ``-new-tag-cold``, per tag value for a model newer than the tag only; ``-arm-cold``,
+#: in total only.
+COLD_BY = {"select-ts-tag-cold": "tags", "select-ts-new-tag-cold": "new-on-tags",
+           "select-ts-arm-cold": "arm"}
 DRAWS = ("independent", "conditional", "joint")
 
 
@@ -284,8 +289,7 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
         router = make_router("ours-linucb", Inputs.of(ds, feature), ds, seed)
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner in ("select-ts", "select-level-ts", "select-ts-cold-first", "select-diff-ts",
-                   "select-tagprior-ts", "select-diff-tagprior-ts", "select-ts-tag-cold",
-                   "select-ts-new-tag-cold"):
+                   "select-tagprior-ts", "select-diff-tagprior-ts", *COLD_BY):
         inputs = Inputs.of(ds, feature)
         level = LEVEL_HORIZON if learner == "select-level-ts" else None
         router = Ours(SelectiveThompson, x, ds.arms, ds.cost.mean(axis=0), seed,
@@ -293,8 +297,8 @@ def choices_of(learner: str, ds: Dataset, weight: float, seed: int,
                       shared_difficulty=learner.startswith("select-diff"),
                       tag_prior="learned" if "tagprior" in learner else "fixed",
                       **(COLD_FIRST if learner.endswith("cold-first") else {}),
-                      **(TAG_COLD if learner == "select-ts-tag-cold" else {}),
-                      **(NEW_TAG_COLD if learner == "select-ts-new-tag-cold" else {}))
+                      **({"cold_start_by": COLD_BY[learner]} if learner in COLD_BY
+                         else {}))
         return run_online(router, ds.quality, ds.cost, np.full(ds.n, weight))
     if learner == "context-free-ts":
         return thompson_choices(ds.quality, ds.cost, ds.cost_estimate, weight, seed)

@@ -1169,8 +1169,10 @@ class Learner:
             for arm in dict.fromkeys(sub):  # first-seen order
                 if arm not in known:
                     # An arm is known to the statistics from its first feedback on; its
-                    # prior lives with the deciders (it is counted once, there).
-                    policy.add_arm(arm)
+                    # prior lives with the deciders (it is counted once, there), and so
+                    # does whether it was added late (the registry's order, not this
+                    # partition's first feedback).
+                    policy.add_arm(arm, late=False)
             if rows is None:
                 policy.update_batch(sub, x, y, times=times, cost_estimates=prices)
             else:

@@ -1,9 +1,12 @@
 """A model added mid-stream gets its cold start on every tag value it is asked about
-(``cold_start_by="tags"``, opt-in), not on whichever requests come first."""
+(``cold_start_by="added-on-tags"``, the default, or ``"tags"`` for every model), not on
+whichever requests come first; the models there from the start decide as counted in
+total (``"arm"``)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -59,8 +62,14 @@ def test_new_model_best_for_one_tag_wins_that_tags_traffic():
     # learns its (low) mean elsewhere and is seldom tried there again.
     by_tags = [specialist_share(seed, cold_start_by="tags") for seed in range(3)]
     assert min(by_tags) >= 0.5, by_tags
-    by_arm = [specialist_share(seed) for seed in range(3)]  # the default: "arm"
+    by_arm = [specialist_share(seed, cold_start_by="arm") for seed in range(3)]
     assert sum(s >= 0.5 for s in by_arm) <= 1, by_arm
+
+
+def test_default_config_spreads_a_late_models_cold_start_over_the_tags():
+    # "added-on-tags", the default: the new model was added after the others learned.
+    by_default = [specialist_share(seed) for seed in range(3)]
+    assert min(by_default) >= 0.5, by_default
 
 
 def test_new_on_tags_spreads_a_new_models_cold_start_only():
@@ -132,14 +141,11 @@ def test_counts_survive_round_trip_merge_and_forgetting():
     assert new_share(restored, x) == pytest.approx(new_share(policy, x), abs=0.03)
     lean = Policy.from_bytes(policy.to_bytes(derived=False))
     assert 0.07 < new_share(lean, x) < 0.13
-    # A state saved before cold_start_by existed loads with the default: as it was.
-    data = policy.to_bytes()
-    size = int.from_bytes(data[6:10], "big")
-    header = json.loads(data[10:10 + size])
-    del header["config"]["cold_start_by"]
-    raw = json.dumps(header).encode()
-    old = Policy.from_bytes(data[:6] + len(raw).to_bytes(4, "big") + raw + data[10 + size:])
-    assert old.config.cold_start_by == "arm"
+    # A state saved before cold_start_by (and the late flag) existed loads with the
+    # default and no arm added late: it decides as it did ("arm").
+    old = edited_state(policy, lambda header: (header["config"].pop("cold_start_by"),
+                                               header.pop("late")))
+    assert old.config.cold_start_by == "added-on-tags" and old.late_arms == []
     assert new_share(old, x) < 0.01
     # Merge: a replica that called the new model 10 times on app 3 makes it warm there.
     other = SelectiveThompson(TEXT + TAGS, seed=1, tag_dims=TAGS, drift_delta=None)
@@ -160,8 +166,83 @@ def test_counts_survive_round_trip_merge_and_forgetting():
     assert 0.07 < new_share(fading, x) < 0.13
 
 
+def edited_state(policy: Policy, edit: Callable[[dict], object]) -> Policy:
+    """``policy`` saved, its JSON header changed by ``edit``, and restored."""
+    data = policy.to_bytes()
+    size = int.from_bytes(data[6:10], "big")
+    header = json.loads(data[10:10 + size])
+    edit(header)
+    raw = json.dumps(header).encode()
+    return Policy.from_bytes(data[:6] + len(raw).to_bytes(4, "big") + raw + data[10 + size:])
+
+
 def test_cold_start_by_bad_value_names_the_field():
     with pytest.raises(InvalidInputError) as err:
         SelectiveThompson(4, cold_start_by="tag")
     assert err.value.field == "cold_start_by"
-    assert "arm, tags, new-on-tags, context" in str(err.value)
+    assert "added-on-tags, arm, tags, new-on-tags, context" in str(err.value)
+
+
+def from_the_start_stream(seed: int, **config: object) -> tuple[list, list]:
+    """Every model there from the start, tagged requests, the policy learning from its
+    own choices: (choices, propensities) of every decision."""
+    rng = np.random.default_rng(seed)
+    policy = SelectiveThompson(TEXT + TAGS, seed=seed, tag_dims=TAGS, **config)
+    for arm in ("a", "b", "c", "new"):
+        policy.add_arm(arm)
+    choices, props = [], []
+    for t in range(600):
+        app = None if t % 5 == 0 else int(rng.integers(APPS))
+        x = context(rng, app)
+        d = policy.decide(x, PREFS)
+        choices.append(d.arm)
+        props.append(d.propensity)
+        q = quality(d.arm, app if app is not None else 0)
+        policy.update(d.arm, x, {"quality": float(np.clip(q + 0.1 * rng.standard_normal(),
+                                                           0.0, 1.0))})
+    assert policy.late_arms == []
+    return choices, props
+
+
+def test_policy_with_every_arm_from_the_start_decides_exactly_as_counted_in_total():
+    for seed in range(2):
+        added, arm = (from_the_start_stream(seed, cold_start_by=by)
+                      for by in ("added-on-tags", "arm"))
+        assert added[0] == arm[0]
+        np.testing.assert_allclose(added[1], arm[1], rtol=0, atol=1e-10)
+        # ... where counting per tag for every model ("tags") does change them.
+        assert from_the_start_stream(seed, cold_start_by="tags")[0] != arm[0]
+    assert SelectiveThompson(4).config.cold_start_by == "added-on-tags"
+
+
+def test_added_late_flag_follows_the_arm():
+    policy = SelectiveThompson(TEXT + TAGS, seed=0, tag_dims=TAGS)
+    policy.add_arm("a")
+    policy.add_arm("b")  # no quality observation yet: from the start
+    assert policy.late_arms == []
+    policy.update("a", context(np.random.default_rng(0), 1), {"quality": 0.5})
+    policy.add_arm("c")
+    policy.add_arm("d", late=False)  # said so (the learners' carriers)
+    assert policy.late_arms == ["c"]
+    # Serialized (with and without derived arrays) and cloned.
+    for copy in (Policy.from_bytes(policy.to_bytes()),
+                 Policy.from_bytes(policy.to_bytes(derived=False)), policy.clone()):
+        assert copy.late_arms == ["c"]
+    # Removed and re-added while the others have data: late again; "b" removed and
+    # re-added is now late too (it joins a policy that has learned).
+    policy.remove_arm("c")
+    assert policy.late_arms == []
+    policy.add_arm("c")
+    policy.remove_arm("b")
+    policy.add_arm("b")
+    assert policy.late_arms == ["c", "b"]
+    # Merge: late in either replica is late in the result (also an arm copied over).
+    mine = SelectiveThompson(TEXT + TAGS, seed=1, tag_dims=TAGS)
+    for arm in ("a", "b", "d"):
+        mine.add_arm(arm)
+    mine.merge(policy)
+    assert sorted(mine.late_arms) == ["b", "c"]
+    mine.set_late("b", False)
+    assert mine.late_arms == ["c"]
+    with pytest.raises(InvalidInputError):
+        mine.set_late("zzz")
