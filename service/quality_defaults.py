@@ -129,14 +129,17 @@ class QualityDefaults:
         due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
-    def final(self, tenant_id: str, decision_id: str, quality: float) -> Final:
+    def final(self, tenant_id: str, decision_id: str, quality: float,
+              event_id: str | None = None) -> Final:
         """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
         recorded ``final`` as the gateway records its own failure (a later quality is
-        refused); turns the tenant's claims on as :meth:`provisional` does."""
+        refused); turns the tenant's claims on as :meth:`provisional` does. The row keeps
+        the failure's ``event_id``: the same event drained from the outage buffer (or
+        retried) is its own, not a second quality (:meth:`claim`)."""
         self._claims_on(tenant_id)
         stmt = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
-            due_at=None, event_id=None, changed_at=m.utcnow())
+            due_at=None, event_id=event_id or None, changed_at=m.utcnow())
         stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
             _T.decision_id)
         with Session(self._engine) as session, session.begin():
@@ -250,6 +253,8 @@ class QualityDefaults:
                            f"already replaced by the quality of event "
                            f"{taken_by or '(none)'!r}; a second quality would count twice")
         if state == "final":
+            if event_id and taken_by == event_id:
+                return None  # the failure's own quality (:meth:`final`): nothing to claim
             raise _refused(decision_id, f"the call failed and the router reported its "
                            f"quality ({quality:g}) itself")
         raise _refused(decision_id, f"the router's default quality {quality:g} was "

@@ -380,7 +380,7 @@ class RoutingService:
             quality = outcome["quality"]
             assert quality is not None  # FeedbackRequest: failed needs quality
             defaults = self._defaults(tenant, decision_id)
-            done = defaults.final(tenant.id, decision_id, quality)
+            done = defaults.final(tenant.id, decision_id, quality, event_id)
             if done.replaced:  # the client's came first: the failure's is not stored
                 outcome = {**outcome, "quality": None}
                 if all(v is None for v in outcome.values()):

@@ -386,6 +386,26 @@ def _refusing(submit: Any, unsent: bool) -> Any:
     return refuse
 
 
+def test_buffered_failure_keeps_its_zero(live: Live) -> None:
+    """A client gateway's failure recorded ``final`` whose feedback the sink buffered
+    (the database away): drained, it is the failure's own quality, stored with its 0;
+    another event's quality is still refused. Before, the drain took the failure's 0 for
+    a second quality and stripped it: no quality learned, later ratings refused."""
+    router = live.router
+    key = router.tenant()
+    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("buffered")))
+    r = _post(router, {"Authorization": f"Bearer {key}"}, decision_id, quality=0.0,
+              latency_ms=3.0, failed=True, event_id="litellm-1")
+    assert r.status_code == 202, r.text
+    # The same event as the drain hands it over had the sink buffered it.
+    defaults = live.app.state.gateway.defaults
+    outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
+    assert defaults.drained(tenant.id, decision_id, "litellm-1", outcome) == outcome
+    assert defaults.drained(tenant.id, decision_id, "user", {**outcome, "quality": 0.9}) \
+        == {**outcome, "quality": None}
+    assert _row(live, decision_id).state == "final"
+
+
 def test_failed_refuses_bad_combinations(live: Live) -> None:
     router = live.router
     model = router.add_model(answer=FakeModel("failed bad input"))
