@@ -26,6 +26,7 @@ from service.exceptions import ConflictError, UnavailableError
 from service.gateway.feedback import FeedbackSender
 from service.quality_defaults import QualityDefaults, Recorded
 from service.routing import TenantState
+from service.spool import FeedbackSpool, buffer_dir, spool_path
 from tests.fakes.openai_upstream import FakeModel, running_upstream
 from tests.gateway.conftest import KEY_ENV, TIMEOUT_S, UPSTREAM_KEY, Router
 from tests.service.conftest import make_settings
@@ -193,6 +194,39 @@ def test_pending_default_survives_a_restart(new_database_url, monkeypatch) -> No
                 "quality"] == 0.7
             _after_wait(again, model, 1)
             assert again.learned(model) == {1}
+
+
+def test_quality_buffered_by_a_previous_run_claims_when_drained(
+        new_database_url, monkeypatch, tmp_path) -> None:
+    """A client's rating the previous run buffered (the database away) and did not
+    drain: the restart drains it before serving, and it claims then as it would have
+    when posted: the call failed (the plug-in's final 0), so its quality is not stored.
+    Before, the drain ran before the gateway wired its defaults: stored unclaimed."""
+    monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
+    settings = make_settings(new_database_url(), featurizer="hashing",
+                             upstream_timeout_s=TIMEOUT_S, feedback_buffer_dir=tmp_path)
+    apps: list[FastAPI] = []
+    with running_upstream() as upstream:
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            live = Live(Router(base, upstream, http), apps[0])
+            key = live.router.tenant()
+            tenant, decision_id = _decide(live, key, live.router.add_model(
+                answer=FakeModel("restart drain")))
+            r = _post(live.router, {"Authorization": f"Bearer {key}"}, decision_id,
+                      quality=0.0, latency_ms=2.0, failed=True, event_id="litellm-1")
+            assert r.status_code == 202, r.text
+        spool = FeedbackSpool(spool_path(buffer_dir(settings),
+                                         settings.resolved_database_url()), 10)
+        assert spool.add(tenant.id, decision_id, "user", {
+            "quality": 0.9, "cost_usd": None, "latency_ms": 7.0},
+            m.utcnow().isoformat()) == "buffered"
+        spool.close()
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            rows = _rows(Router(base, upstream, http), key, decision_id, 2)
+    assert rows["user"]["quality"] is None and rows["user"]["latency_ms"] == 7.0
+    assert rows["litellm-1"]["quality"] == 0.0
 
 
 def test_default_quality_of_a_client_gateway_refuses_bad_input(live: Live) -> None:
