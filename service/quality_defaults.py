@@ -16,7 +16,8 @@ and distributed mode alike, and a restart see the same answer:
   ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
   a ``replaced`` marker, which the gateway's record keeps. The claim is given back
   (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
-  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it. A
+  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it (a
+  failure's ``final`` row stays either way: the retry of its event stores the 0). A
   quality buffered while the database was away claims when it is drained
   (service/ingest.py);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
@@ -52,7 +53,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
+__all__ = ["QualityDefaults", "Claim", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
            "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
@@ -92,15 +93,6 @@ class Claim:
     event_id: str
 
 
-class Final(NamedTuple):
-    """What :meth:`QualityDefaults.final` did: ``replaced``, a quality of the client's
-    came first (its marker): the failure's must not be stored; ``new``, the row is this
-    call's (:meth:`QualityDefaults.unfinal` undoes it)."""
-
-    replaced: bool
-    new: bool
-
-
 def _insert(engine: Engine) -> Callable[[Any], Any]:
     return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
@@ -130,12 +122,13 @@ class QualityDefaults:
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
     def final(self, tenant_id: str, decision_id: str, quality: float,
-              event_id: str | None = None) -> Final:
+              event_id: str | None = None) -> bool:
         """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
         recorded ``final`` as the gateway records its own failure (a later quality is
         refused); turns the tenant's claims on as :meth:`provisional` does. The row keeps
         the failure's ``event_id``: the same event drained from the outage buffer (or
-        retried) is its own, not a second quality (:meth:`claim`)."""
+        retried) is its own, not a second quality (:meth:`claim`). True: a quality of
+        the client's came first (its marker), the failure's must not be stored."""
         self._claims_on(tenant_id)
         stmt = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
@@ -144,17 +137,9 @@ class QualityDefaults:
             _T.decision_id)
         with Session(self._engine) as session, session.begin():
             if session.execute(stmt).first() is not None:
-                return Final(replaced=False, new=True)
+                return False
         # A row was there: a client's marker, or this failure's own (a retry).
-        return Final(bool(self.record([Recorded(tenant_id, decision_id, quality, None)])),
-                     new=False)
-
-    def unfinal(self, decision_id: str) -> None:
-        """Undo :meth:`final`'s new row: the sink refused the failure's quality (nothing
-        stored), so a later quality of the client's is no longer refused for it."""
-        with Session(self._engine) as session, session.begin():
-            session.execute(delete(_T).where(_T.decision_id == decision_id,
-                                             _T.state == "final"))
+        return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
 
     # ------------------------------------------------------------ the gateway
     def _claims_on(self, tenant_id: str) -> None:
