@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, and_, case, delete, or_, select, update
+from sqlalchemy import Engine, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -281,14 +281,15 @@ class QualityDefaults:
 
     def release(self, claim: Claim) -> None:
         """The sink refused the claimed quality (nothing stored): the default is
-        pending again, a failure's 0 final (or the marker goes)."""
+        pending again; the marker goes, also one a failure's 0 found (that 0 was not
+        stored: final, neither quality would be learned; the client's retry is taken)."""
         with Session(self._engine) as session, session.begin():
             mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
                         _T.event_id == claim.event_id)
-            session.execute(delete(_T).where(mine, _T.quality.is_(None)))
+            session.execute(delete(_T).where(mine, or_(_T.quality.is_(None),
+                                                       _T.due_at.is_(None))))
             session.execute(update(_T).where(mine).values(
-                state=case((_T.due_at.is_(None), "final"), else_="pending"),
-                event_id=None, changed_at=m.utcnow()))
+                state="pending", event_id=None, changed_at=m.utcnow()))
 
 
 def _refused(decision_id: str, why: str) -> ConflictError:

@@ -275,12 +275,29 @@ def test_released_claim_leaves_the_default_due(live: Live) -> None:
     defaults.release(claim)
     row = _row(live, decision_id)
     assert row.state == "pending" and row.due_at is not None
-    # A failure's 0 (no due time) is final again, never a pending default with none.
-    _, failed = _decide(live, key, router.add_model(answer=FakeModel("f")))
-    claim = defaults.claim(tenant.id, failed, "rating")
-    defaults.record([Recorded(tenant.id, failed, 0.0, None)])
-    defaults.release(claim)
-    assert _row(live, failed).state == "final"
+
+
+def test_released_claim_of_a_failed_call_takes_the_clients_retry(live: Live) -> None:
+    """A client's rating claimed first, the plug-in's failure then came (its 0 not
+    stored: the rating came first), then the sink refused the rating with nothing sent:
+    the client's retry of its rating is taken. Before, the release made the row final:
+    the retry was refused (409) and neither quality was learned."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("released failure"))
+    key, auth = _tenant(router)
+    tenant, decision_id = _decide(live, key, model)
+    defaults = live.app.state.gateway.defaults
+    claim = defaults.claim(tenant.id, decision_id, "user")
+    assert claim is not None
+    r = _post(router, auth, decision_id, quality=0.0, latency_ms=4.0, failed=True,
+              event_id="litellm-4")
+    assert r.status_code == 202, r.text
+    defaults.release(claim)  # the sink refused the rating: nothing stored
+    r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    assert r.status_code == 202 and r.json()["status"] == "applied", r.text
+    rows = _rows(router, key, decision_id, 2)
+    assert rows["user"]["quality"] == 0.9 and rows["litellm-4"]["quality"] is None
+    assert live.learned(model) == {1}
 
 
 def test_failed_call_rated_before_its_record_reports_no_second_quality(
