@@ -172,7 +172,8 @@ class BanditRouter(CustomLogger):
         then close its HTTP clients (LiteLLM never calls this; a test or an embedding
         application may)."""
         loop = asyncio.get_running_loop()
-        posting = [t for t in self._posting if t.get_loop() is loop]
+        # A copy: a post ending on another loop's thread discards itself meanwhile.
+        posting = [t for t in list(self._posting) if t.get_loop() is loop]
         if posting:
             await asyncio.gather(*posting, return_exceptions=True)
         for client in self._clients.pop(loop, ()):
@@ -317,24 +318,26 @@ class BanditRouter(CustomLogger):
                             decision_id, exc)
                 return
             first = exc
-        if len(self._posting) >= MAX_POSTING:
+        wait = FEEDBACK_RETRY.wait(1, None if first.retry_after is None
+                                   else str(first.retry_after))
+        if wait is None or len(self._posting) >= MAX_POSTING:
+            why = (f"the router asks for {first.retry_after:g} s, more than "
+                   f"{FEEDBACK_RETRY.max_retry_wait_s:g} s" if wait is None else
+                   f"{len(self._posting)} posts wait for the router already")
             log.warning("bandit-router: feedback for decision %s not posted (%s) and not "
-                        "retried: %d posts wait for the router already", decision_id, first,
-                        len(self._posting))
+                        "retried: %s", decision_id, first, why)
             return
         # The retries in a task of their own: they never hold LiteLLM's callback (its
         # logging worker gives a callback 20 s, then cancels it).
         task = asyncio.get_running_loop().create_task(
-            self._retry(decision_id, first.retry_after, feedback))
+            self._retry(decision_id, wait, feedback))
         self._posting.add(task)
         task.add_done_callback(self._posting.discard)
 
-    async def _retry(self, decision_id: str, retry_after: float | None,
-                     feedback: dict[str, Any]) -> None:
-        """Post again after the first attempt's 503/429 (or connection failure):
-        ``FEEDBACK_RETRY``'s backoff, never sooner than the router's Retry-After."""
-        await asyncio.sleep(FEEDBACK_RETRY.wait(1, None if retry_after is None
-                                                else str(retry_after)) or 0.0)
+    async def _retry(self, decision_id: str, wait: float, feedback: dict[str, Any]) -> None:
+        """Post again ``wait`` seconds after the first attempt's 503/429 (or connection
+        failure): ``FEEDBACK_RETRY``'s backoff, never sooner than the router's Retry-After."""
+        await asyncio.sleep(wait)
         try:
             await self._client(feedback=True).feedback(decision_id, **feedback)
         except (RouterError, httpx.HTTPError) as exc:
