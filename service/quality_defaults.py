@@ -251,10 +251,16 @@ class QualityDefaults:
         """A feedback drained from the outage buffer (service/ingest.py), whose quality
         claims now as it would have before being buffered had the database been there
         (its lookup then counted as "no row"; a claim made before is this event's, taken
-        again). The outcome to store: refused, without its quality (None: nothing left).
-        The database's errors are raised (the drain stops there)."""
+        again; the drain has waited for its decision to be written). The outcome to
+        store: refused, without its quality (None: nothing left). The database's errors
+        are raised (the drain stops there)."""
         if outcome.get("quality") is None or event_id in ROUTER_EVENTS:
             return outcome
+        with Session(self._engine) as session:
+            owner = session.scalar(select(m.DecisionRow.tenant_id).where(
+                m.DecisionRow.id == decision_id))
+        if owner != tenant_id:
+            return outcome  # unknown or another tenant's: dropped by the store, no marker
         try:
             self.claim(tenant_id, decision_id, event_id, buffered=True)
             return outcome

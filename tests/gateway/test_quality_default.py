@@ -455,6 +455,23 @@ def test_buffered_failure_keeps_its_zero(live: Live) -> None:
     assert _row(live, decision_id).state == "final"
 
 
+def test_buffered_quality_for_an_unknown_decision_leaves_no_marker(live: Live) -> None:
+    """A buffered quality whose decision does not exist, or is another tenant's: the
+    drain drops it (the store answers unknown-decision) and leaves no marker. Before,
+    its claim left a ``replaced`` row of the wrong tenant, which kept the real owner's
+    default from ever being recorded."""
+    router = live.router
+    key, _ = _tenant(router)
+    tenant = live.app.state.routing.tenant_for_key(key)
+    _, others = _decide(live, router.tenant(), router.add_model(answer=FakeModel("other")))
+    defaults = live.app.state.gateway.defaults
+    outcome = {"quality": 0.5, "cost_usd": None, "latency_ms": None}
+    for decision_id in (others, "00000000-0000-0000-0000-000000000000"):
+        assert defaults.drained(tenant.id, decision_id, "x", outcome) == outcome
+        with Session(live.app.state.routing.engine) as session:
+            assert session.get(m.QualityDefault, decision_id) is None
+
+
 def test_failed_refuses_bad_combinations(live: Live) -> None:
     router = live.router
     model = router.add_model(answer=FakeModel("failed bad input"))
