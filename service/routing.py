@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from bandit import InvalidInputError, Policy, Preferences
 from bandit.base import check_finite_number
@@ -73,11 +73,11 @@ def _check_outcome(outcome: dict[str, float | None]) -> None:
 
 
 def _undo(undo: Callable[[], None], decision_id: str) -> None:
-    """Release a claim (or a failure's row) whose feedback the sink refused; the database
-    away, it stays (the safe side: a retry of the same event finds it its own)."""
+    """Release a claim whose feedback the sink refused; after a database error (away, or
+    refusing) it stays (the safe side: a retry of the same event finds it its own)."""
     try:
         undo()
-    except (OperationalError, InterfaceError) as exc:
+    except DBAPIError as exc:  # the sink's 503 (or 404/422) is the answer, not a 500
         log.warning("the quality claim of decision %s not released (%s)", decision_id,
                     type(exc).__name__)
 

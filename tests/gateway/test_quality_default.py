@@ -19,6 +19,8 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import event
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
 from service.db import models as m
@@ -422,6 +424,32 @@ def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch
     assert list(_rows(router, key, decision_id, 1)) == ["litellm-3"]
     assert _rows(router, key, decision_id, 1)["litellm-3"]["quality"] == 0.0
     assert live.learned(model) == {1}
+
+
+def test_refused_quality_whose_release_fails_keeps_the_sinks_answer(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sink refused a claimed quality with nothing sent, and giving the claim back
+    failed with a database error other than a lost connection: the answer is still the
+    sink's 503 (the claim stays, as when the database is away). Before, a 500."""
+    router = live.router
+    key, auth = _tenant(router)
+    _, decision_id = _decide(live, key, router.add_model(answer=FakeModel("release fails")))
+    routing = live.app.state.routing
+
+    def refuse_release(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if "quality_defaults" in statement and not statement.lstrip().startswith(
+                ("INSERT", "SELECT")):
+            raise DatabaseError(statement, parameters, Exception("refused"))
+
+    event.listen(routing.engine, "before_cursor_execute", refuse_release)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(routing.sink, "submit", _refusing(routing.sink.submit, True))
+            r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    finally:
+        event.remove(routing.engine, "before_cursor_execute", refuse_release)
+    assert r.status_code == 503, r.text
+    assert _row(live, decision_id).state == "replaced"
 
 
 def _refusing(submit: Any, unsent: bool) -> Any:
