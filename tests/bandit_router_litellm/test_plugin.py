@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import httpx
@@ -25,7 +26,8 @@ pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
 from litellm.types.router import RoutingContext  # noqa: E402
 
 from bandit_router_litellm import BanditRouter, PluginSettings  # noqa: E402
-from bandit_router_litellm.plugin import SIGNAL  # noqa: E402
+from bandit_router_litellm import plugin as plugin_module  # noqa: E402
+from bandit_router_litellm.plugin import FEEDBACK_RETRY, SIGNAL  # noqa: E402
 from bandit_router_litellm.settings import ENV_API_KEY, ENV_URL  # noqa: E402
 from service.client import RouterClient, RouterError  # noqa: E402
 from service.exceptions import UnavailableError  # noqa: E402
@@ -339,6 +341,16 @@ def test_feedback_whose_retry_after_is_too_long_is_dropped(tmp_path, monkeypatch
             assert _failure_callback(plugin, kwargs, refused) == 1
         assert refused == [decision["decision_id"]]
         assert "not posted" in caplog.text and "3600" in caplog.text
+
+
+def test_feedback_retries_wait_as_documented():
+    """docs/litellm.md: 4 more attempts, 0.5 s, 1 s, 2 s, 4 s apart (the full jitter's
+    ceilings): the task's first wait, then its client's. Before: 0.5, 0.5, 1, 2 s."""
+    first = replace(FEEDBACK_RETRY, jitter=False).wait(1, None)
+    task = replace(plugin_module._TASK_RETRY, jitter=False)
+    assert [first, *(task.wait(n, None) for n in range(1, task.max_attempts))] == [
+        0.5, 1.0, 2.0, 4.0]
+    assert task.max_attempts == FEEDBACK_RETRY.max_attempts == 4  # 5 attempts in all
 
 
 def test_failure_callback_without_success_quality_posts_no_quality(router, tenant):
