@@ -40,6 +40,7 @@ import os
 import sys
 import weakref
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -64,6 +65,10 @@ MODEL_HEADER = "x-bandit-router-model"
 #: warning. The event id makes a repeat a duplicate.
 FEEDBACK_RETRY = RetryPolicy(max_attempts=4, backoff_s=0.5, max_backoff_s=4.0,
                              max_retry_wait_s=30.0)
+#: The retrying task's client: the task waits FEEDBACK_RETRY's first wait, then its
+#: client's n-th retry waits FEEDBACK_RETRY's (n+1)-th (0.5 s, then 1, 2, 4 s; before,
+#: the client started over at 0.5 s: 0.5, 0.5, 1, 2 s).
+_TASK_RETRY = replace(FEEDBACK_RETRY, backoff_s=2 * FEEDBACK_RETRY.backoff_s)
 #: Feedback posts retrying at most (a router away for long: later ones are dropped with a
 #: warning rather than piling up in the proxy's memory).
 MAX_POSTING = 10_000
@@ -163,7 +168,7 @@ class BanditRouter(CustomLogger):
             clients = (AsyncRouterClient(s.url, s.api_key, timeout=s.timeout_s,
                                          retry=RetryPolicy(max_attempts=1)),
                        AsyncRouterClient(s.url, s.api_key, timeout=s.timeout_s,
-                                         retry=FEEDBACK_RETRY))
+                                         retry=_TASK_RETRY))
             self._clients[loop] = clients
         return clients[feedback]
 
@@ -172,7 +177,8 @@ class BanditRouter(CustomLogger):
         then close its HTTP clients (LiteLLM never calls this; a test or an embedding
         application may)."""
         loop = asyncio.get_running_loop()
-        posting = [t for t in self._posting if t.get_loop() is loop]
+        # A copy: a post ending on another loop's thread discards itself meanwhile.
+        posting = [t for t in list(self._posting) if t.get_loop() is loop]
         if posting:
             await asyncio.gather(*posting, return_exceptions=True)
         for client in self._clients.pop(loop, ()):
@@ -317,24 +323,26 @@ class BanditRouter(CustomLogger):
                             decision_id, exc)
                 return
             first = exc
-        if len(self._posting) >= MAX_POSTING:
+        wait = FEEDBACK_RETRY.wait(1, None if first.retry_after is None
+                                   else str(first.retry_after))
+        if wait is None or len(self._posting) >= MAX_POSTING:
+            why = (f"the router asks for {first.retry_after:g} s, more than "
+                   f"{FEEDBACK_RETRY.max_retry_wait_s:g} s" if wait is None else
+                   f"{len(self._posting)} posts wait for the router already")
             log.warning("bandit-router: feedback for decision %s not posted (%s) and not "
-                        "retried: %d posts wait for the router already", decision_id, first,
-                        len(self._posting))
+                        "retried: %s", decision_id, first, why)
             return
         # The retries in a task of their own: they never hold LiteLLM's callback (its
         # logging worker gives a callback 20 s, then cancels it).
         task = asyncio.get_running_loop().create_task(
-            self._retry(decision_id, first.retry_after, feedback))
+            self._retry(decision_id, wait, feedback))
         self._posting.add(task)
         task.add_done_callback(self._posting.discard)
 
-    async def _retry(self, decision_id: str, retry_after: float | None,
-                     feedback: dict[str, Any]) -> None:
-        """Post again after the first attempt's 503/429 (or connection failure):
-        ``FEEDBACK_RETRY``'s backoff, never sooner than the router's Retry-After."""
-        await asyncio.sleep(FEEDBACK_RETRY.wait(1, None if retry_after is None
-                                                else str(retry_after)) or 0.0)
+    async def _retry(self, decision_id: str, wait: float, feedback: dict[str, Any]) -> None:
+        """Post again ``wait`` seconds after the first attempt's 503/429 (or connection
+        failure): ``FEEDBACK_RETRY``'s backoff, never sooner than the router's Retry-After."""
+        await asyncio.sleep(wait)
         try:
             await self._client(feedback=True).feedback(decision_id, **feedback)
         except (RouterError, httpx.HTTPError) as exc:

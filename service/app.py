@@ -81,6 +81,8 @@ def create_app(settings: Settings | None = None, *, freeze_gc: bool = False) -> 
                 # Run by start(); with the database unreachable, retried by the reload
                 # after a degraded start from the local state.
                 service.migrate = functools.partial(upgrade, url)
+        # Before the start: embedded mode's buffer drain claims with them.
+        app.state.gateway_settings = gateway.wire_defaults(service)
         generated = await asyncio.to_thread(service.start)
         if generated is not None:
             # Shown once: only its SHA-256 digest is stored.

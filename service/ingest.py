@@ -326,16 +326,17 @@ class FeedbackIngest:
                 outcome: dict[str, float | None],
                 received: datetime | None = None) -> FeedbackReceipt | Exception:
         """Keep the feedback in the buffer (committed to disk before the answer); the
-        error to answer when it is full."""
+        error to answer when it is full, ``unsent`` unless ``received`` (a failed commit's)."""
         assert self.spool is not None
         result = self.spool.add(tenant.id, decision_id, event, outcome,
                                 (received or m.utcnow()).isoformat())
         self.metrics.feedback_buffer_depth.set(self.spool.depth())
         self.metrics.feedback_buffer.labels(result).inc()
         if result == "full":
+            sent = "it may have been stored" if received else "nothing was stored"
             return UnavailableError(f"the database is unavailable and the feedback buffer "
-                                    f"is full ({self.spool.capacity} events); nothing was "
-                                    "stored, retry later", retry_after_s=5, unsent=True)
+                                    f"is full ({self.spool.capacity} events); {sent}, retry "
+                                    "later", retry_after_s=5, unsent=received is None)
         self.metrics.feedback.labels(result).inc()
         self._wake.set()
         return FeedbackReceipt(result, None)

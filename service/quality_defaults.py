@@ -16,7 +16,8 @@ and distributed mode alike, and a restart see the same answer:
   ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
   a ``replaced`` marker, which the gateway's record keeps. The claim is given back
   (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
-  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it. A
+  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it (a
+  failure's ``final`` row stays either way: the retry of its event stores the 0). A
   quality buffered while the database was away claims when it is drained
   (service/ingest.py);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, and_, case, delete, or_, select, update
+from sqlalchemy import Engine, and_, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -52,7 +53,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
+__all__ = ["QualityDefaults", "Claim", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
            "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
@@ -92,15 +93,6 @@ class Claim:
     event_id: str
 
 
-class Final(NamedTuple):
-    """What :meth:`QualityDefaults.final` did: ``replaced``, a quality of the client's
-    came first (its marker): the failure's must not be stored; ``new``, the row is this
-    call's (:meth:`QualityDefaults.unfinal` undoes it)."""
-
-    replaced: bool
-    new: bool
-
-
 def _insert(engine: Engine) -> Callable[[Any], Any]:
     return postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
 
@@ -129,29 +121,25 @@ class QualityDefaults:
         due = m.utcnow() + timedelta(seconds=self._wait_s(tenant_id))
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
-    def final(self, tenant_id: str, decision_id: str, quality: float) -> Final:
+    def final(self, tenant_id: str, decision_id: str, quality: float,
+              event_id: str | None = None) -> bool:
         """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
         recorded ``final`` as the gateway records its own failure (a later quality is
-        refused); turns the tenant's claims on as :meth:`provisional` does."""
+        refused); turns the tenant's claims on as :meth:`provisional` does. The row keeps
+        the failure's ``event_id``: the same event drained from the outage buffer (or
+        retried) is its own, not a second quality (:meth:`claim`). True: a quality of
+        the client's came first (its marker), the failure's must not be stored."""
         self._claims_on(tenant_id)
         stmt = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
-            due_at=None, event_id=None, changed_at=m.utcnow())
+            due_at=None, event_id=event_id or None, changed_at=m.utcnow())
         stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
             _T.decision_id)
         with Session(self._engine) as session, session.begin():
             if session.execute(stmt).first() is not None:
-                return Final(replaced=False, new=True)
+                return False
         # A row was there: a client's marker, or this failure's own (a retry).
-        return Final(bool(self.record([Recorded(tenant_id, decision_id, quality, None)])),
-                     new=False)
-
-    def unfinal(self, decision_id: str) -> None:
-        """Undo :meth:`final`'s new row: the sink refused the failure's quality (nothing
-        stored), so a later quality of the client's is no longer refused for it."""
-        with Session(self._engine) as session, session.begin():
-            session.execute(delete(_T).where(_T.decision_id == decision_id,
-                                             _T.state == "final"))
+        return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
 
     # ------------------------------------------------------------ the gateway
     def _claims_on(self, tenant_id: str) -> None:
@@ -250,6 +238,8 @@ class QualityDefaults:
                            f"already replaced by the quality of event "
                            f"{taken_by or '(none)'!r}; a second quality would count twice")
         if state == "final":
+            if event_id and taken_by == event_id:
+                return None  # the failure's own quality (:meth:`final`): nothing to claim
             raise _refused(decision_id, f"the call failed and the router reported its "
                            f"quality ({quality:g}) itself")
         raise _refused(decision_id, f"the router's default quality {quality:g} was "
@@ -261,10 +251,16 @@ class QualityDefaults:
         """A feedback drained from the outage buffer (service/ingest.py), whose quality
         claims now as it would have before being buffered had the database been there
         (its lookup then counted as "no row"; a claim made before is this event's, taken
-        again). The outcome to store: refused, without its quality (None: nothing left).
-        The database's errors are raised (the drain stops there)."""
+        again; the drain has waited for its decision to be written). The outcome to
+        store: refused, without its quality (None: nothing left). The database's errors
+        are raised (the drain stops there)."""
         if outcome.get("quality") is None or event_id in ROUTER_EVENTS:
             return outcome
+        with Session(self._engine) as session:
+            owner = session.scalar(select(m.DecisionRow.tenant_id).where(
+                m.DecisionRow.id == decision_id))
+        if owner != tenant_id:
+            return outcome  # unknown or another tenant's: dropped by the store, no marker
         try:
             self.claim(tenant_id, decision_id, event_id, buffered=True)
             return outcome
@@ -291,14 +287,15 @@ class QualityDefaults:
 
     def release(self, claim: Claim) -> None:
         """The sink refused the claimed quality (nothing stored): the default is
-        pending again, a failure's 0 final (or the marker goes)."""
+        pending again; the marker goes, also one a failure's 0 found (that 0 was not
+        stored: final, neither quality would be learned; the client's retry is taken)."""
         with Session(self._engine) as session, session.begin():
             mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
                         _T.event_id == claim.event_id)
-            session.execute(delete(_T).where(mine, _T.quality.is_(None)))
+            session.execute(delete(_T).where(mine, or_(_T.quality.is_(None),
+                                                       _T.due_at.is_(None))))
             session.execute(update(_T).where(mine).values(
-                state=case((_T.due_at.is_(None), "final"), else_="pending"),
-                event_id=None, changed_at=m.utcnow()))
+                state="pending", event_id=None, changed_at=m.utcnow()))
 
 
 def _refused(decision_id: str, why: str) -> ConflictError:

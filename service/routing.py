@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from bandit import InvalidInputError, Policy, Preferences
 from bandit.base import check_finite_number
@@ -73,11 +73,11 @@ def _check_outcome(outcome: dict[str, float | None]) -> None:
 
 
 def _undo(undo: Callable[[], None], decision_id: str) -> None:
-    """Release a claim (or a failure's row) whose feedback the sink refused; the database
-    away, it stays (the safe side: a retry of the same event finds it its own)."""
+    """Release a claim whose feedback the sink refused; after a database error (away, or
+    refusing) it stays (the safe side: a retry of the same event finds it its own)."""
     try:
         undo()
-    except (OperationalError, InterfaceError) as exc:
+    except DBAPIError as exc:  # the sink's 503 (or 404/422) is the answer, not a 500
         log.warning("the quality claim of decision %s not released (%s)", decision_id,
                     type(exc).__name__)
 
@@ -370,23 +370,24 @@ class RoutingService:
         reported one (:meth:`QualityDefaults.claim`: replaced, or refused with 409 when
         it would count a second quality). ``final``: the quality is a gateway's for a
         failed call (the LiteLLM plug-in's), recorded as the router's gateway records its
-        own (:meth:`QualityDefaults.final`). Either is undone when the sink refuses the
-        feedback with nothing stored (a refusal, or a 503 ``unsent``); after another error
-        the event may have been stored (or be on the topic) with its answer lost, so it
-        stays, and the caller's retry of the same event finds it its own."""
+        own (:meth:`QualityDefaults.final`). A claim is released when the sink refuses
+        the feedback with nothing stored (a refusal, or a 503 ``unsent``); after another
+        error the event may have been stored (or be on the topic) with its answer lost,
+        so it stays, and the caller's retry of the same event finds it its own. A
+        failure's ``final`` row always stays (the failure is known; the caller's retry
+        of the same event stores its 0): undoing it raced that retry, sent while the
+        first attempt still waited for the sink."""
         _check_outcome(outcome)
         defaults, undo = self.quality_defaults, None
         if final:
             quality = outcome["quality"]
             assert quality is not None  # FeedbackRequest: failed needs quality
             defaults = self._defaults(tenant, decision_id)
-            done = defaults.final(tenant.id, decision_id, quality)
-            if done.replaced:  # the client's came first: the failure's is not stored
+            if defaults.final(tenant.id, decision_id, quality, event_id):
+                # The client's came first: the failure's is not stored.
                 outcome = {**outcome, "quality": None}
                 if all(v is None for v in outcome.values()):
                     return FeedbackReceipt("duplicate", event_id)
-            elif done.new:
-                undo = partial(defaults.unfinal, decision_id)
         elif (defaults is not None and outcome.get("quality") is not None
                 and event_id not in ROUTER_EVENTS):
             claim = defaults.claim(tenant.id, decision_id, event_id or "")

@@ -15,11 +15,15 @@ branch_labels = None
 depends_on = None
 
 
-def _has_lz4() -> bool:
-    # PostgreSQL 14+ built with lz4 (Debian's is) lists it; older servers have no row.
-    return bool(op.get_bind().exec_driver_sql(
-        "SELECT coalesce((SELECT 'lz4' = ANY(enumvals) FROM pg_settings"
-        " WHERE name = 'default_toast_compression'), false)").scalar())
+def _if_lz4(alter: str) -> None:
+    """``ALTER TABLE partition_statistics`` + ``alter`` when the server has lz4 (PostgreSQL
+    14+ built with it, as Debian's is, lists it; older servers have no row), decided by the
+    server: in the statement, so that ``alembic upgrade --sql`` writes it out too."""
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    op.execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_settings WHERE name ="  # noqa: S608
+               " 'default_toast_compression' AND 'lz4' = ANY(enumvals)) THEN EXECUTE"
+               f" 'ALTER TABLE partition_statistics {alter}'; END IF; END $$")
 
 
 def upgrade() -> None:
@@ -32,12 +36,9 @@ def upgrade() -> None:
     # (benchmarks/learner_write_profile.py; docs/streams.md "Measured"). Rows keep the
     # form they were written in until rewritten (readers take either); a server without
     # lz4 keeps 0002's storage.
-    if op.get_bind().dialect.name == "postgresql" and _has_lz4():
-        op.execute("ALTER TABLE partition_statistics ALTER COLUMN data SET STORAGE EXTENDED,"
-                   " ALTER COLUMN data SET COMPRESSION lz4")
+    _if_lz4("ALTER COLUMN data SET STORAGE EXTENDED, ALTER COLUMN data SET COMPRESSION lz4")
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql" and _has_lz4():
-        op.execute("ALTER TABLE partition_statistics ALTER COLUMN data SET STORAGE EXTERNAL,"
-                   " ALTER COLUMN data SET COMPRESSION default")
+    _if_lz4("ALTER COLUMN data SET STORAGE EXTERNAL,"
+            " ALTER COLUMN data SET COMPRESSION default")

@@ -22,9 +22,9 @@ from starlette.routing import Route
 
 from service.gateway.endpoint import PATH, ChatCompletionsEndpoint
 from service.gateway.openapi import add_openapi
-from service.gateway.routes import router
+from service.gateway.routes import router, wire_defaults
 
-__all__ = ["route", "router", "add_openapi"]
+__all__ = ["route", "router", "add_openapi", "wire_defaults"]
 
 
 def route() -> Route:

@@ -28,7 +28,7 @@ from service.schemas import (
     PreferenceWeights,
 )
 
-__all__ = ["Gateway", "router"]
+__all__ = ["Gateway", "router", "wire_defaults"]
 
 log = logging.getLogger("service.gateway")
 
@@ -36,10 +36,11 @@ log = logging.getLogger("service.gateway")
 class Gateway:
     """The per-app state of the endpoint (``app.state.gateway``), built at start-up."""
 
-    def __init__(self, settings: Settings, service: RoutingService) -> None:
+    def __init__(self, settings: Settings, service: RoutingService,
+                 store: GatewaySettingsStore) -> None:
         self.client = open_client(settings)
         self.timeout_s = settings.upstream_timeout_s
-        self.settings = GatewaySettingsStore(service.engine)
+        self.settings = store
         # At least twice the writer's flush interval: most decisions are written before
         # their outcome is stored (see FeedbackSender). Not longer: a bigger batch costs
         # less CPU per outcome but holds the GIL longer; with 0.25 s (~25 outcomes at
@@ -51,24 +52,35 @@ class Gateway:
         # Which upstreams are failing, from every forwarded call (bandit/availability.py):
         # a model drawn down is left out of the decision's candidates.
         self.availability = UpstreamAvailability(seed=settings.policy_seed)
-        # A success's success_quality is provisional: the client's own quality replaces
-        # it (service/quality_defaults.py); the claims are made in RoutingService.feedback.
-        self.defaults = QualityDefaults(
-            service.engine, self._claims,
-            lambda tenant_id: self.settings.get(tenant_id).quality_wait_seconds,
-            lambda tenant_id: self.settings.put(tenant_id, {"records_defaults": True}))
-        service.quality_defaults = self.defaults
-        if hasattr(service.sink, "defaults"):  # embedded mode's: buffered qualities claim
-            service.sink.defaults = self.defaults
+        assert service.quality_defaults is not None  # wire_defaults, before the start
+        self.defaults = service.quality_defaults
         self.applier = DefaultApplier(service, self.defaults)
-
-    def _claims(self, tenant_id: str) -> bool:
-        s = self.settings.get(tenant_id)
-        return s.success_quality is not None or s.records_defaults
 
     async def aclose(self) -> None:
         await self.feedback.aclose()
         await self.client.close()
+
+
+def wire_defaults(service: RoutingService) -> GatewaySettingsStore:
+    """The gateway's settings cache, and its quality defaults wired into the service
+    before it starts. A success's success_quality is provisional: the client's own
+    quality replaces it (service/quality_defaults.py); the claims are made in
+    RoutingService.feedback, and by embedded mode's buffer drain, which starts with the
+    service (a previous run's buffer first: before, it was drained unclaimed). Until
+    the cache is loaded (the gateway's lifespan) a quality claims a recorded row only."""
+    store = GatewaySettingsStore(service.engine)
+
+    def claims(tenant_id: str) -> bool:
+        s = store.get(tenant_id)
+        return s.success_quality is not None or s.records_defaults
+
+    defaults = QualityDefaults(
+        service.engine, claims, lambda tenant_id: store.get(tenant_id).quality_wait_seconds,
+        lambda tenant_id: store.put(tenant_id, {"records_defaults": True}))
+    service.quality_defaults = defaults
+    if hasattr(service.sink, "defaults"):  # embedded mode's: buffered qualities claim
+        service.sink.defaults = defaults
+    return store
 
 
 async def _reload(store: GatewaySettingsStore, interval_s: float) -> None:
@@ -86,7 +98,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # Nested in the app's lifespan (FastAPI merges an included router's): the routing
     # service exists already, and is stopped only after the queued outcomes are stored.
     settings: Settings = app.state.settings
-    gateway = app.state.gateway = Gateway(settings, app.state.routing)
+    gateway = app.state.gateway = Gateway(settings, app.state.routing,
+                                          app.state.gateway_settings)
     try:
         await asyncio.to_thread(gateway.settings.load)
     except Exception:  # noqa: BLE001 - a degraded start: defaults until the reload works

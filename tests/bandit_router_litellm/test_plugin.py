@@ -12,6 +12,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import httpx
@@ -23,7 +26,8 @@ pytest.importorskip("litellm", reason="the [litellm] extra is not installed "
 from litellm.types.router import RoutingContext  # noqa: E402
 
 from bandit_router_litellm import BanditRouter, PluginSettings  # noqa: E402
-from bandit_router_litellm.plugin import SIGNAL  # noqa: E402
+from bandit_router_litellm import plugin as plugin_module  # noqa: E402
+from bandit_router_litellm.plugin import FEEDBACK_RETRY, SIGNAL  # noqa: E402
 from bandit_router_litellm.settings import ENV_API_KEY, ENV_URL  # noqa: E402
 from service.client import RouterClient, RouterError  # noqa: E402
 from service.exceptions import UnavailableError  # noqa: E402
@@ -267,11 +271,11 @@ def test_failure_callback_posts_failure_quality(router, tenant):
     assert len(tenant.decision(decision["decision_id"])["feedback"]) == 1
 
 
-def test_feedback_refused_with_503_is_retried_off_the_callback(tmp_path, monkeypatch):
-    """The router answers the failure's feedback 503 twice (its broker away: sent
-    nothing, Retry-After 1): the callback returns after its first attempt, and a task
-    retries until the feedback is taken; the failure's 0 is then final. Before, the
-    plug-in posted once and logged the 503: the failure was never learned."""
+@contextmanager
+def _refusing_router(tmp_path, monkeypatch, times: int,
+                     retry_after_s: int) -> Iterator[tuple[BanditRouter, dict, list[str]]]:
+    """A router whose sink answers the first ``times`` feedbacks 503 (its broker away:
+    sent nothing, ``Retry-After``); the plug-in, the decision it got, the refused."""
     apps: list = []
     with live_server(make_settings(f"sqlite:///{tmp_path / 'router.db'}",
                                    featurizer="hashing"), prepare=apps.append) as base:
@@ -280,36 +284,73 @@ def test_feedback_refused_with_503_is_retried_off_the_callback(tmp_path, monkeyp
             models = [admin.add_model(f"openai/r{i}-{uuid.uuid4().hex[:4]}", 1.0, 2.0).name
                       for i in range(2)]
         sink = apps[0].state.routing.sink
-        refused, submit = [], sink.submit
+        refused: list[str] = []
+        submit = sink.submit
 
         def flaky(*args):
-            if len(refused) < 2:
+            if len(refused) < times:
                 refused.append(args[1])
                 raise UnavailableError("the feedback topic is unavailable (broker "
-                                       "unreachable); retry", retry_after_s=1, unsent=True)
+                                       "unreachable); retry", retry_after_s=retry_after_s,
+                                       unsent=True)
             return submit(*args)
         monkeypatch.setattr(sink, "submit", flaky)
         plugin = _plugin(base, key)
-        decision = _run(plugin, _context(models)).signals[SIGNAL]
-        kwargs = _kwargs(decision, decision["model"], "call-r", cost=None)
-        start = datetime(2026, 1, 1, 12, 0, 0)
+        yield plugin, _run(plugin, _context(models)).signals[SIGNAL], refused
 
-        async def go() -> int:
-            try:
-                await plugin.async_log_failure_event(kwargs, None, start,
-                                                     start + timedelta(seconds=2))
-                return len(refused)  # the callback did not wait for the retries
-            finally:
-                await plugin.aclose()  # waits for the post's retries
-        assert asyncio.run(go()) == 1
+
+def _failure_callback(plugin: BanditRouter, kwargs: dict, refused: list[str]) -> int:
+    """The failure callback, then the wait for its retries; how many feedbacks were
+    refused when the callback returned."""
+    start = datetime(2026, 1, 1, 12, 0, 0)
+
+    async def go() -> int:
+        try:
+            await plugin.async_log_failure_event(kwargs, None, start,
+                                                 start + timedelta(seconds=2))
+            return len(refused)  # the callback did not wait for the retries
+        finally:
+            await plugin.aclose()  # waits for the post's retries
+    return asyncio.run(go())
+
+
+def test_feedback_refused_with_503_is_retried_off_the_callback(tmp_path, monkeypatch):
+    """The router answers the failure's feedback 503 twice (its broker away: sent
+    nothing, Retry-After 1): the callback returns after its first attempt, and a task
+    retries until the feedback is taken; the failure's 0 is then final. Before, the
+    plug-in posted once and logged the 503: the failure was never learned."""
+    with _refusing_router(tmp_path, monkeypatch, 2, 1) as (plugin, decision, refused):
+        kwargs = _kwargs(decision, decision["model"], "call-r", cost=None)
+        assert _failure_callback(plugin, kwargs, refused) == 1
         assert refused == [decision["decision_id"]] * 2
-        with RouterClient(base, key) as tenant:
+        with RouterClient(plugin.settings.url, plugin.settings.api_key) as tenant:
             [fb] = tenant.decision(decision["decision_id"])["feedback"]
             assert (fb["event_id"], fb["quality"], fb["latency_ms"]) == (
                 "litellm-call-r", 0.0, 2000.0)
             with pytest.raises(RouterError) as info:
                 tenant.feedback(decision["decision_id"], quality=0.9, event_id="user")
             assert info.value.status == 409
+
+
+def test_feedback_whose_retry_after_is_too_long_is_dropped(tmp_path, monkeypatch, caplog):
+    """The router answers 503 with a Retry-After longer than FEEDBACK_RETRY waits: the
+    feedback is dropped with a warning, not retried. Before, it was retried at once."""
+    with _refusing_router(tmp_path, monkeypatch, 5, 3600) as (plugin, decision, refused):
+        kwargs = _kwargs(decision, decision["model"], "call-long", cost=None)
+        with caplog.at_level(logging.WARNING, logger="bandit_router_litellm"):
+            assert _failure_callback(plugin, kwargs, refused) == 1
+        assert refused == [decision["decision_id"]]
+        assert "not posted" in caplog.text and "3600" in caplog.text
+
+
+def test_feedback_retries_wait_as_documented():
+    """docs/litellm.md: 4 more attempts, 0.5 s, 1 s, 2 s, 4 s apart (the full jitter's
+    ceilings): the task's first wait, then its client's. Before: 0.5, 0.5, 1, 2 s."""
+    first = replace(FEEDBACK_RETRY, jitter=False).wait(1, None)
+    task = replace(plugin_module._TASK_RETRY, jitter=False)
+    assert [first, *(task.wait(n, None) for n in range(1, task.max_attempts))] == [
+        0.5, 1.0, 2.0, 4.0]
+    assert task.max_attempts == FEEDBACK_RETRY.max_attempts == 4  # 5 attempts in all
 
 
 def test_failure_callback_without_success_quality_posts_no_quality(router, tenant):

@@ -19,6 +19,8 @@ import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import event
+from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session
 
 from service.db import models as m
@@ -26,6 +28,7 @@ from service.exceptions import ConflictError, UnavailableError
 from service.gateway.feedback import FeedbackSender
 from service.quality_defaults import QualityDefaults, Recorded
 from service.routing import TenantState
+from service.spool import FeedbackSpool, buffer_dir, spool_path
 from tests.fakes.openai_upstream import FakeModel, running_upstream
 from tests.gateway.conftest import KEY_ENV, TIMEOUT_S, UPSTREAM_KEY, Router
 from tests.service.conftest import make_settings
@@ -195,6 +198,39 @@ def test_pending_default_survives_a_restart(new_database_url, monkeypatch) -> No
             assert again.learned(model) == {1}
 
 
+def test_quality_buffered_by_a_previous_run_claims_when_drained(
+        new_database_url, monkeypatch, tmp_path) -> None:
+    """A client's rating the previous run buffered (the database away) and did not
+    drain: the restart drains it before serving, and it claims then as it would have
+    when posted: the call failed (the plug-in's final 0), so its quality is not stored.
+    Before, the drain ran before the gateway wired its defaults: stored unclaimed."""
+    monkeypatch.setenv(KEY_ENV, UPSTREAM_KEY)
+    settings = make_settings(new_database_url(), featurizer="hashing",
+                             upstream_timeout_s=TIMEOUT_S, feedback_buffer_dir=tmp_path)
+    apps: list[FastAPI] = []
+    with running_upstream() as upstream:
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            live = Live(Router(base, upstream, http), apps[0])
+            key = live.router.tenant()
+            tenant, decision_id = _decide(live, key, live.router.add_model(
+                answer=FakeModel("restart drain")))
+            r = _post(live.router, {"Authorization": f"Bearer {key}"}, decision_id,
+                      quality=0.0, latency_ms=2.0, failed=True, event_id="litellm-1")
+            assert r.status_code == 202, r.text
+        spool = FeedbackSpool(spool_path(buffer_dir(settings),
+                                         settings.resolved_database_url()), 10)
+        assert spool.add(tenant.id, decision_id, "user", {
+            "quality": 0.9, "cost_usd": None, "latency_ms": 7.0},
+            m.utcnow().isoformat()) == "buffered"
+        spool.close()
+        with live_server(settings, prepare=apps.append) as base, \
+                httpx.Client(base_url=base, timeout=30) as http:
+            rows = _rows(Router(base, upstream, http), key, decision_id, 2)
+    assert rows["user"]["quality"] is None and rows["user"]["latency_ms"] == 7.0
+    assert rows["litellm-1"]["quality"] == 0.0
+
+
 def test_default_quality_of_a_client_gateway_refuses_bad_input(live: Live) -> None:
     router = live.router
     model = router.add_model(answer=FakeModel("own gateway"))
@@ -241,12 +277,29 @@ def test_released_claim_leaves_the_default_due(live: Live) -> None:
     defaults.release(claim)
     row = _row(live, decision_id)
     assert row.state == "pending" and row.due_at is not None
-    # A failure's 0 (no due time) is final again, never a pending default with none.
-    _, failed = _decide(live, key, router.add_model(answer=FakeModel("f")))
-    claim = defaults.claim(tenant.id, failed, "rating")
-    defaults.record([Recorded(tenant.id, failed, 0.0, None)])
-    defaults.release(claim)
-    assert _row(live, failed).state == "final"
+
+
+def test_released_claim_of_a_failed_call_takes_the_clients_retry(live: Live) -> None:
+    """A client's rating claimed first, the plug-in's failure then came (its 0 not
+    stored: the rating came first), then the sink refused the rating with nothing sent:
+    the client's retry of its rating is taken. Before, the release made the row final:
+    the retry was refused (409) and neither quality was learned."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("released failure"))
+    key, auth = _tenant(router)
+    tenant, decision_id = _decide(live, key, model)
+    defaults = live.app.state.gateway.defaults
+    claim = defaults.claim(tenant.id, decision_id, "user")
+    assert claim is not None
+    r = _post(router, auth, decision_id, quality=0.0, latency_ms=4.0, failed=True,
+              event_id="litellm-4")
+    assert r.status_code == 202, r.text
+    defaults.release(claim)  # the sink refused the rating: nothing stored
+    r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    assert r.status_code == 202 and r.json()["status"] == "applied", r.text
+    rows = _rows(router, key, decision_id, 2)
+    assert rows["user"]["quality"] == 0.9 and rows["litellm-4"]["quality"] is None
+    assert live.learned(model) == {1}
 
 
 def test_failed_call_rated_before_its_record_reports_no_second_quality(
@@ -347,11 +400,11 @@ def test_failure_of_a_client_gateway_after_the_clients_quality(live: Live) -> No
 @pytest.mark.parametrize("unsent", [True, False])
 def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch,
                                      unsent: bool) -> None:
-    """The sink answers a client gateway's failure with 503. Certainly not stored
-    (``unsent``: e.g. the outage buffer full): its ``final`` row is undone, so the
-    client's rating is taken. Maybe stored: the row stays (the client's rating is
-    refused) and the gateway's retry of the same event is a duplicate. Before, the row
-    stayed final either way: the 0 never learned, the rating refused."""
+    """The sink answers a client gateway's failure with 503, certainly not stored
+    (``unsent``: e.g. the outage buffer full) or maybe stored: its ``final`` row stays
+    either way (the client's rating is refused) and the gateway's retry of the same
+    event stores its 0 (a duplicate if the first was stored). Before, an unsent 503
+    deleted the row: a retry of the same event still in flight raced that delete."""
     router = live.router
     model = router.add_model(answer=FakeModel(f"sink refusal {unsent}"))
     key = router.tenant()
@@ -364,15 +417,39 @@ def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch
         r = _post(router, auth, decision_id, **failure)
     assert r.status_code == 503, r.text
     rating = _post(router, auth, decision_id, quality=0.9, event_id="user")
-    assert rating.status_code == (202 if unsent else 409), rating.text
+    assert rating.status_code == 409, rating.text
     retry = _post(router, auth, decision_id, **failure)
     assert retry.status_code == 202, retry.text
-    rows = _rows(router, key, decision_id, 2 if unsent else 1)
-    if unsent:  # the client's came first now: the retry's 0 is not stored
-        assert rows["user"]["quality"] == 0.9 and rows["litellm-3"]["quality"] is None
-    else:
-        assert retry.json()["status"] == "duplicate" and rows["litellm-3"]["quality"] == 0.0
+    assert retry.json()["status"] == ("applied" if unsent else "duplicate")
+    assert list(_rows(router, key, decision_id, 1)) == ["litellm-3"]
+    assert _rows(router, key, decision_id, 1)["litellm-3"]["quality"] == 0.0
     assert live.learned(model) == {1}
+
+
+def test_refused_quality_whose_release_fails_keeps_the_sinks_answer(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sink refused a claimed quality with nothing sent, and giving the claim back
+    failed with a database error other than a lost connection: the answer is still the
+    sink's 503 (the claim stays, as when the database is away). Before, a 500."""
+    router = live.router
+    key, auth = _tenant(router)
+    _, decision_id = _decide(live, key, router.add_model(answer=FakeModel("release fails")))
+    routing = live.app.state.routing
+
+    def refuse_release(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if "quality_defaults" in statement and not statement.lstrip().startswith(
+                ("INSERT", "SELECT")):
+            raise DatabaseError(statement, parameters, Exception("refused"))
+
+    event.listen(routing.engine, "before_cursor_execute", refuse_release)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(routing.sink, "submit", _refusing(routing.sink.submit, True))
+            r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    finally:
+        event.remove(routing.engine, "before_cursor_execute", refuse_release)
+    assert r.status_code == 503, r.text
+    assert _row(live, decision_id).state == "replaced"
 
 
 def _refusing(submit: Any, unsent: bool) -> Any:
@@ -384,6 +461,43 @@ def _refusing(submit: Any, unsent: bool) -> Any:
         err.unsent = unsent
         raise err
     return refuse
+
+
+def test_buffered_failure_keeps_its_zero(live: Live) -> None:
+    """A client gateway's failure recorded ``final`` whose feedback the sink buffered
+    (the database away): drained, it is the failure's own quality, stored with its 0;
+    another event's quality is still refused. Before, the drain took the failure's 0 for
+    a second quality and stripped it: no quality learned, later ratings refused."""
+    router = live.router
+    key = router.tenant()
+    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("buffered")))
+    r = _post(router, {"Authorization": f"Bearer {key}"}, decision_id, quality=0.0,
+              latency_ms=3.0, failed=True, event_id="litellm-1")
+    assert r.status_code == 202, r.text
+    # The same event as the drain hands it over had the sink buffered it.
+    defaults = live.app.state.gateway.defaults
+    outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
+    assert defaults.drained(tenant.id, decision_id, "litellm-1", outcome) == outcome
+    assert defaults.drained(tenant.id, decision_id, "user", {**outcome, "quality": 0.9}) \
+        == {**outcome, "quality": None}
+    assert _row(live, decision_id).state == "final"
+
+
+def test_buffered_quality_for_an_unknown_decision_leaves_no_marker(live: Live) -> None:
+    """A buffered quality whose decision does not exist, or is another tenant's: the
+    drain drops it (the store answers unknown-decision) and leaves no marker. Before,
+    its claim left a ``replaced`` row of the wrong tenant, which kept the real owner's
+    default from ever being recorded."""
+    router = live.router
+    key, _ = _tenant(router)
+    tenant = live.app.state.routing.tenant_for_key(key)
+    _, others = _decide(live, router.tenant(), router.add_model(answer=FakeModel("other")))
+    defaults = live.app.state.gateway.defaults
+    outcome = {"quality": 0.5, "cost_usd": None, "latency_ms": None}
+    for decision_id in (others, "00000000-0000-0000-0000-000000000000"):
+        assert defaults.drained(tenant.id, decision_id, "x", outcome) == outcome
+        with Session(live.app.state.routing.engine) as session:
+            assert session.get(m.QualityDefault, decision_id) is None
 
 
 def test_failed_refuses_bad_combinations(live: Live) -> None:

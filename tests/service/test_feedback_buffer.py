@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from bandit import Policy
 from service.app import create_app
 from service.db import models as m
+from service.exceptions import UnavailableError
 from service.routing import RoutingService
 from tests.service.conftest import (
     ADMIN,
@@ -319,6 +320,25 @@ def test_readyz_degraded_while_the_buffer_holds_feedback(new_database_url, tmp_p
         assert [r["event_id"] for r in feedback_rows(client, d2["decision_id"])] == ["r"]
 
 
+def lose_the_answer_of_a_feedback_commit(monkeypatch: pytest.MonkeyPatch,
+                                         meanwhile: Any = None) -> list[bool]:
+    """The first commit of a feedback row reaches the database, then its connection dies
+    before the answer (``meanwhile`` runs then); the list says it happened."""
+    real_commit = Session.commit
+    lost: list[bool] = []
+
+    def commit_then_lose_the_answer(self: Session) -> None:
+        real_commit(self)
+        if not lost and any(isinstance(o, m.Feedback) for o in self.identity_map.values()):
+            lost.append(True)
+            if meanwhile is not None:
+                meanwhile()
+            raise OperationalError("COMMIT", {}, ConnectionResetError("connection lost"))
+
+    monkeypatch.setattr(Session, "commit", commit_then_lose_the_answer)
+    return lost
+
+
 def test_commit_whose_outcome_was_lost_is_applied_once(new_database_url, tmp_path,
                                                        monkeypatch):
     """The commit reaches the database but the connection dies before its answer: the
@@ -332,16 +352,7 @@ def test_commit_whose_outcome_was_lost_is_applied_once(new_database_url, tmp_pat
         before = quality_count(client)
         ledger = service.tenants[tenant["X-Tenant"]].ledger
         spend_before = ledger.snapshot()[0]
-        real_commit = Session.commit
-        lost: list[bool] = []
-
-        def commit_then_lose_the_answer(self: Session) -> None:
-            real_commit(self)
-            if not lost and any(isinstance(o, m.Feedback) for o in self.identity_map.values()):
-                lost.append(True)
-                raise OperationalError("COMMIT", {}, ConnectionResetError("connection lost"))
-
-        monkeypatch.setattr(Session, "commit", commit_then_lose_the_answer)
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
         r = send(client, tenant, d["decision_id"], "lost", quality=0.5, cost_usd=0.25)
         monkeypatch.undo()
         assert lost and r.status_code == 202 and r.json()["status"] == "buffered", r.text
@@ -351,6 +362,32 @@ def test_commit_whose_outcome_was_lost_is_applied_once(new_database_url, tmp_pat
         assert buffer_counter(client, "drained") == 1
         predicted = d["predictions"][d["model"]]["cost_usd"]
         assert ledger.snapshot()[0] - spend_before == pytest.approx(0.25 - predicted)
+
+
+def test_full_buffer_after_a_commit_that_may_have_landed_is_not_unsent(
+        new_database_url, tmp_path, monkeypatch):
+    """The commit's answer was lost and the buffer filled meanwhile (another request):
+    the 503 must not say ``unsent``, the row may be stored (a quality's claim is kept,
+    service/routing.py). Before, every full-buffer 503 said ``unsent``."""
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=1) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        service = routing(client)
+        d, other = (written_decision(client, tenant, seed=i)["decision_id"] for i in (0, 1))
+
+        def fill_the_buffer() -> None:
+            assert service.sink.spool.add(tenant["X-Tenant"], other, "filler", {
+                "quality": 0.1, "cost_usd": None, "latency_ms": None},
+                m.utcnow().isoformat()) == "buffered"
+
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch, fill_the_buffer)
+        with pytest.raises(UnavailableError, match="buffer is full") as refused:
+            service.feedback(service.tenants[tenant["X-Tenant"]], d,
+                             {"quality": 0.5, "cost_usd": None, "latency_ms": None}, "lost")
+        monkeypatch.undo()
+        assert lost and refused.value.unsent is False
+        wait_drained(client)
+        assert [f["event_id"] for f in feedback_rows(client, d)] == ["lost"]
 
 
 def test_without_a_buffer_feedback_is_refused_with_503(new_database_url, tmp_path):

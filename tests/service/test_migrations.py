@@ -149,3 +149,18 @@ def test_upgrade_statistics_lz4_downgrade_back_to_external(new_database_url):
         assert storage() == ("x", "l")
     finally:
         engine.dispose()
+
+
+def test_statistics_lz4_offline_sql(capsys):
+    """``alembic upgrade 0011:0012 --sql`` (a script for a DBA, no connection): the lz4
+    check is the server's, in the script. Before, 0012 queried the connection, which
+    offline mode has not (AttributeError: exec_driver_sql)."""
+    from alembic import command
+
+    from service.db.engine import alembic_config
+
+    cfg = alembic_config("postgresql+psycopg://nobody@127.0.0.1:9/none")
+    for run, revisions in ((command.upgrade, "0011:0012"), (command.downgrade, "0012:0011")):
+        run(cfg, revisions, sql=True)
+        script = capsys.readouterr().out
+        assert "'lz4' = ANY(enumvals)" in script and "COMPRESSION" in script, script
