@@ -1041,6 +1041,9 @@ class Policy(abc.ABC):
         self._detectors.pop(name, None)
         self.drift_events.pop(name, None)
         self._index = {n: i for i, n in enumerate(self._names)}
+        # The later arms shift down one slot: the per-arm inverses cached by
+        # _direction_counts (rebuilt only when K changes) would belong to other arms.
+        self._block_data = None
         self.version += 1
 
     def _arm_index(self, name: str, field_name: str = "arm") -> int:
