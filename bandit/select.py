@@ -80,7 +80,7 @@ import numpy as np
 from bandit.base import Policy, check_finite_number
 from bandit.errors import InvalidInputError
 from bandit.stats import ArmStatistics
-from bandit.tagprior import learned_tag_ridge
+from bandit.tagprior import MIN_WEIGHT, learned_tag_ridge
 from bandit.thompson import LinearThompson, LinearThompsonConfig
 
 __all__ = ["SelectiveThompson", "SelectiveThompsonConfig", "MEAN_ONLY_RIDGE",
@@ -224,10 +224,11 @@ class SelectiveThompson(LinearThompson):
                 return
             ridge = learned_tag_ridge(self._stats, self.config.tag_dims,
                                       self.config.ridge)
-            if ridge is None:
-                return
-            self._tag_weight = total
-            if abs(np.log(ridge / self._tag_ridge)) < _TAG_PRIOR_MOVE:
+            if total >= MIN_WEIGHT:
+                # Kept even when the estimate finds nothing (untagged traffic, one tag
+                # value): else it would be taken again on every update.
+                self._tag_weight = total
+            if ridge is None or abs(np.log(ridge / self._tag_ridge)) < _TAG_PRIOR_MOVE:
                 return
         if ridge != self._tag_ridge:
             self._stats.set_tag_ridge(self._tag_rows, self.config.tag_dims, ridge)
