@@ -124,8 +124,7 @@ class PolicyStore:
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
             # The reference time comes with the statistics (the newest decision time
             # applied, see apply): the replay continues from it, as the live process did.
-            settings = {"epsilon": self.settings.policy_epsilon(POLICY_CLASSES[kind]),
-                        "half_life_hours": self.settings.half_life_hours}
+            settings = self.settings.restored_settings(POLICY_CLASSES[kind])
             policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind], **settings)
             if policy.dim != self.contexts.dim:
                 raise ContextSettingsError(

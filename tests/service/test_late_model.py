@@ -65,3 +65,24 @@ def test_distributed_snapshot_keeps_the_installed_policys_late_models():
         assert FollowedStatistics.snapshot(followed, kind, total).late_arms == []
         snap = FollowedStatistics.snapshot(followed, kind, total, ["c", "gone"])
         assert snap.late_arms == ["c"] and snap.observations("c")["quality"] == 1
+
+
+def test_checkpoint_written_before_the_default_restores_with_it():
+    # main's checkpoints store cold_start_by="arm" explicitly: the restart takes this
+    # process's default, as it does for epsilon and forgetting.
+    from service.policies import PolicyStore
+
+    registry = SimpleNamespace(lock=threading.RLock(), models={"a": SimpleNamespace(name="a")},
+                               tenants={},
+                               subscribe=lambda store: None)
+    contexts = SimpleNamespace(dim=4, tag_dims=0, tag_settings=dict)
+    store = PolicyStore(make_settings("sqlite://"), registry, SimpleNamespace(), contexts)
+    old = {}
+    for kind in POLICY_KINDS:
+        policy = POLICY_CLASSES[kind](4, cold_start_by="arm")
+        policy.add_arm("a")
+        policy.update("a", [1.0, 0.0, 0.0, 0.0], {"quality": 0.5})
+        old[f"shared:{kind}"] = policy.to_bytes()
+    store.restore(old, rebuild=False)
+    assert {p.config.cold_start_by for p in store.shared.values()} == {"added-on-tags"}
+    assert {p.observations("a")["quality"] for p in store.shared.values()} == {1}
