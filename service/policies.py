@@ -64,7 +64,7 @@ class PolicyStore:
                                       half_life_hours=self.settings.half_life_hours,
                                       **self.contexts.tag_settings())
         for model in self.registry.models.values():
-            policy.add_arm(model.name, self.registry.prior(model))
+            policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
         return policy
 
     def sync_arms(self, policy: Policy) -> None:
@@ -75,7 +75,7 @@ class PolicyStore:
                 policy.remove_arm(name)
         for model in models.values():
             if model.name not in policy.arms:
-                policy.add_arm(model.name, self.registry.prior(model))
+                policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
 
     def all_policies(self) -> dict[str, Policy]:
         """Every policy by its checkpoint key (``shared:<kind>``,
@@ -167,7 +167,7 @@ class PolicyStore:
     def model_added(self, model: ModelState) -> None:
         for policy in self.all_policies().values():
             if model.name not in policy.arms:
-                policy.add_arm(model.name, self.registry.prior(model))
+                policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
 
     def model_removed(self, name: str) -> None:
         for policy in self.all_policies().values():
