@@ -280,3 +280,33 @@ def test_removing_an_arm_does_not_shift_another_arms_tag_counts():
     expected = {"late": True, "c": False, "d": False, "e": False}
     assert cold(Policy.from_bytes(policy.to_bytes())) == expected  # a fresh cache
     assert cold(policy) == expected
+
+
+def test_late_arm_is_not_cold_on_a_tag_value_no_candidate_is_warm_on():
+    def x(app: int) -> np.ndarray:
+        return np.r_[np.zeros(TEXT), tag_block({"app": str(app)}, TAGS)]
+
+    masks = {}
+    for by in ("tags", "added-on-tags"):
+        policy = SelectiveThompson(TEXT + TAGS, seed=0, tag_dims=TAGS, cold_start_by=by,
+                                   drift_delta=None)
+        policy.add_arm("a")
+        policy.add_arm("b")
+        for _ in range(30):
+            policy.update("a", x(1), {"quality": 0.5})
+            policy.update("b", x(1), {"quality": 0.5})
+        policy.add_arm("new")
+        for _ in range(10):  # warm in total and on app 1, never seen app 2 or 999
+            policy.update("new", x(1), {"quality": 0.5})
+        policy.update("a", x(2), {"quality": 0.5})
+        for _ in range(10):
+            policy.update("b", x(2), {"quality": 0.5})
+        for app in (2, 999):
+            xb = policy._features(x(app))
+            mask = policy._cold_by_direction(xb, policy._arm_range(), policy._cold_arms()[0])
+            masks[by, app] = None if mask is None else mask[0].tolist()
+    # App 2: "b" is warm there, "new" (late) is cold, "a" (1 call) only with "tags".
+    assert masks["tags", 2] == [True, False, True]
+    assert masks["added-on-tags", 2] == [False, False, True]
+    # App 999: nobody is warm there, so nobody's cold start is counted on it.
+    assert masks["tags", 999] is None and masks["added-on-tags", 999] is None
