@@ -167,3 +167,24 @@ def test_learned_tag_prior_is_estimated_again_only_when_the_weight_moves_by_10pc
     # 50 -> 1000 in steps of at least 10%: log(20) / log(1.1) ~ 31 estimates.
     assert 25 <= len(taken) <= 33
     assert all(b / a >= 1.1 - 1e-9 for a, b in zip(taken, taken[1:], strict=False))
+
+
+def test_learned_state_restored_with_a_fixed_tag_prior_is_recomputed() -> None:
+    """``from_bytes(..., tag_prior="fixed")`` of a learned state: its stored inverses
+    were taken under the learned ridge; restored, it predicts as the same sums
+    recomputed under the configured one."""
+    from bandit import Policy
+
+    policy = _policy(tag_prior="learned")
+    _run(policy, [str(i % 3) for i in range(600)],
+         lambda arm, tag: 0.2 + 0.3 * int(tag) * (arm == "b"), seed=0)
+    assert policy.tag_ridge != policy.config.tag_ridge
+    stored = Policy.from_bytes(policy.to_bytes(), tag_prior="fixed")
+    recomputed = Policy.from_bytes(policy.to_bytes(derived=False), tag_prior="fixed")
+    rng = np.random.default_rng(1)
+    for tag in ("0", "1", "2", "new"):
+        x = _context(rng, tag)
+        got, want = stored.predict(x), recomputed.predict(x)
+        for arm in ("a", "b"):
+            assert got[arm].quality == pytest.approx(want[arm].quality, abs=1e-9)
+            assert got[arm].uncertainty == pytest.approx(want[arm].uncertainty, abs=1e-9)
