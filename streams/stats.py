@@ -79,6 +79,11 @@ def candidate_settings(config: object) -> dict[str, object]:
     return {name: getattr(config, name) for name in _CANDIDATES}
 
 
+# Carriers never decide: "arm", which every version reads (the previous one rejects
+# "added-on-tags", so its learners and deciders could not read a rolling upgrade's sums).
+_CARRIER_COLD = "arm"
+
+
 def new_statistics(dim: int, half_life_hours: float | None = None,
                    tag_dims: int = 0) -> Policy:
     """An empty statistics carrier: no arms yet, no drift detector.
@@ -94,11 +99,6 @@ def new_statistics(dim: int, half_life_hours: float | None = None,
     return _exact(LinUCB(dim, drift_delta=None, half_life_hours=half_life_hours,
                          decay_interval_s=0.0, seed=0, cold_start_by=_CARRIER_COLD,
                          **carrier_settings(tag_dims)))
-
-
-# Carriers never decide: "arm", which every version reads (the previous one rejects
-# "added-on-tags", so its learners and deciders could not read a rolling upgrade's sums).
-_CARRIER_COLD = "arm"
 
 
 def _exact(policy: Policy) -> Policy:
