@@ -1041,6 +1041,9 @@ class Policy(abc.ABC):
         self._detectors.pop(name, None)
         self.drift_events.pop(name, None)
         self._index = {n: i for i, n in enumerate(self._names)}
+        # The later arms shift down one slot: the per-arm inverses cached by
+        # _direction_counts (rebuilt only when K changes) would belong to other arms.
+        self._block_data = None
         self.version += 1
 
     def _arm_index(self, name: str, field_name: str = "arm") -> int:
@@ -1273,9 +1276,11 @@ class Policy(abc.ABC):
             seen = np.where(np.isfinite(counts), counts, 0.0).max(axis=1)
             short &= self._stats.weight[arms, 0][None, :] < seen[:, None]
         elif added:
+            # As "tags" for the late arms: short only where another candidate is warm
+            # along the tags (a tag value nobody has been called on is no one's cold start).
             late = np.fromiter((n in self._late for n in self._names), dtype=bool,
                                count=len(self._names))
-            short &= late[arms][None, :]
+            short &= late[arms][None, :] & ~short.all(axis=1, keepdims=True)
         short |= cold_arm[arms]
         n_short = short.sum(axis=1)
         short &= ((n_short > 0) & (n_short < short.shape[1]))[:, None]

@@ -80,7 +80,7 @@ import numpy as np
 from bandit.base import Policy, check_finite_number
 from bandit.errors import InvalidInputError
 from bandit.stats import ArmStatistics
-from bandit.tagprior import learned_tag_ridge
+from bandit.tagprior import MIN_WEIGHT, learned_tag_ridge
 from bandit.thompson import LinearThompson, LinearThompsonConfig
 
 __all__ = ["SelectiveThompson", "SelectiveThompsonConfig", "MEAN_ONLY_RIDGE",
@@ -202,8 +202,12 @@ class SelectiveThompson(LinearThompson):
         self._tag_ridge = float(self.config.tag_ridge)
         self._tag_weight = 0.0
         if self.config.tag_prior == "learned" and self.config.tag_dims:
-            self._tag_rows = self._stats.sel_diag[:, dim - 1] != MEAN_ONLY_RIDGE
+            self._tag_rows = self._with_tag_rows()
             self._tag_ridge = float(self._stats.sel_diag[self._tag_rows, dim - 1][0])
+
+    def _with_tag_rows(self) -> np.ndarray:
+        """The quality candidates with a tag ridge (a mask over ``sel_diag``'s rows)."""
+        return self._stats.sel_diag[:, self.config.dim - 1] != MEAN_ONLY_RIDGE
 
     @property
     def tag_ridge(self) -> float:
@@ -224,10 +228,11 @@ class SelectiveThompson(LinearThompson):
                 return
             ridge = learned_tag_ridge(self._stats, self.config.tag_dims,
                                       self.config.ridge)
-            if ridge is None:
-                return
-            self._tag_weight = total
-            if abs(np.log(ridge / self._tag_ridge)) < _TAG_PRIOR_MOVE:
+            if total >= MIN_WEIGHT:
+                # Kept even when the estimate finds nothing (untagged traffic, one tag
+                # value): else it would be taken again on every update.
+                self._tag_weight = total
+            if ridge is None or abs(np.log(ridge / self._tag_ridge)) < _TAG_PRIOR_MOVE:
                 return
         if ridge != self._tag_ridge:
             self._stats.set_tag_ridge(self._tag_rows, self.config.tag_dims, ridge)
@@ -308,6 +313,12 @@ class SelectiveThompson(LinearThompson):
             # The restored candidates' inverses are recomputed under the learned ridge.
             self._learn_tag_prior(float(state["tag_ridge"]))
             self._tag_weight = float(state["tag_weight"])
+        elif (state and "tag_ridge" in state and self.config.tag_dims
+              and float(state["tag_ridge"]) != self._tag_ridge):
+            # A learned state restored with tag_prior="fixed": its stored inverses were
+            # taken under the learned ridge, the candidates now have the configured one.
+            self._stats.set_tag_ridge(self._with_tag_rows(), self.config.tag_dims,
+                                      self._tag_ridge)
 
     def _watch_drift(self, arm: str, residuals: Sequence[float]) -> None:
         super()._watch_drift(arm, residuals)

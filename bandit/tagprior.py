@@ -21,8 +21,13 @@ s^2 (I + kappa X X^T)), kappa = tau^2 / s^2, has (Woodbury, the determinant lemm
 with m = n - 1 (the mean's degree of freedom spent). s^2 at its maximum leaves
 -m/2 log Q_k(kappa) - 1/2 sum_j log(1 + kappa d_j) per model; the shared kappa
 maximizes their sum over a grid (:data:`RIDGES`). Everything is a sum the statistics
-already keep, so the estimate forgets, merges and restores with them (recomputed, never
-stored apart), and is the same for the same data: decisions stay reproducible per seed.
+already keep, so the estimate forgets and merges with them (a merge estimates it again
+on the merged sums). The ridge *in use* is not a function of the current sums alone:
+the policy estimates again only after 10% more quality weight and switches only when
+the estimate is 2x or more from the ridge in use (hysteresis), so it depends on the
+history that led to the sums; it is stored with the state (``to_bytes``) and restored
+as it was. The same events in the same order give the same ridge: decisions stay
+reproducible per seed.
 
 Many small groups whose quality differences are mostly noise (MMLU's subjects) give a
 small kappa (a strong ridge: the block moves a prediction, and widens the exploration

@@ -4,9 +4,11 @@
 models, every context tagged with one of 8 apps), one event of the online loop
 (``decide`` + ``update`` of the chosen model) per call, with ``cold_start_by="arm"``
 (the cold start counted in total: the policy before the per-tag count) and ``"tags"``
-(the default: each decision on a tagged request also reads each model's observations
-along the request's tags, an inverse of each model's 16 x 16 tag block once per change
-of the statistics). Untagged contexts (``benchmarks/policy_speed.py``) skip the count.
+(every model counted per tag: each decision on a tagged request also reads each
+model's observations along the request's tags, an inverse of each model's 16 x 16 tag
+block once per change of the statistics; the default, ``"added-on-tags"``, pays that
+only once a model was added late, and is ``"arm"`` until then). Untagged contexts
+(``benchmarks/policy_speed.py``) skip the count.
 Rounds alternate between the two; medians of the rounds and their ratio.
 
     python -m benchmarks.cold_start_speed [--rounds 7] [--calls 2000] [--arms 10]

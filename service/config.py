@@ -110,6 +110,15 @@ class Settings(BaseSettings):
         """The uniform share a policy of ``kind_class`` explores with: the setting, or
         the class's own default when unset."""
         return kind_class.Config.epsilon if self.epsilon is None else self.epsilon
+
+    def restored_settings(self, kind_class: type) -> dict:
+        """The settings a restored (or imported) policy of ``kind_class`` takes from this
+        process, not from its state: exploration, forgetting, and the cold start (a
+        checkpoint written before ``cold_start_by="added-on-tags"`` stores ``"arm"``,
+        which would keep an upgraded deployment off the new default)."""
+        return {"epsilon": self.policy_epsilon(kind_class),
+                "half_life_hours": self.half_life_hours,
+                "cold_start_by": kind_class.Config.cold_start_by}
     half_life_hours: float | None = Field(None, gt=0.0, description="Forgetting: an "
                                           "observation's weight halves every this many "
                                           "hours (docs/policies.md); unset keeps "

@@ -396,23 +396,17 @@ class FollowedStatistics:
         """Build base (priors) + sums for every policy, then swap them in at once."""
         store = self.policies
         shared = totals.get(SHARED_KEY)
+        new_shared = {kind: self.snapshot(kind, shared) for kind in POLICY_KINDS}
         with store.lock:
-            installed = {k: p.late_arms for k, p in store.all_policies().items()}
             isolated_ids = list(store.isolated)
-        new_shared = {kind: self.snapshot(kind, shared, installed.get(f"shared:{kind}"))
-                      for kind in POLICY_KINDS}
-        new_isolated = {t: {kind: self.snapshot(kind, totals.get(f"tenant:{t}"),
-                                                installed.get(f"tenant:{t}:{kind}"))
+        new_isolated = {t: {kind: self.snapshot(kind, totals.get(f"tenant:{t}"))
                             for kind in POLICY_KINDS} for t in isolated_ids}
         store.install(new_shared, new_isolated)
         self.snapshot_offsets = offsets
         self._guards_stale.set()
 
-    def snapshot(self, kind: str, total: Policy | None,
-                 late: list[str] | None = None) -> Policy:
-        """The registry's priors of ``kind`` plus the learners' sums ``total``; the
-        models in ``late`` (the installed policy's: added to it while it was learning,
-        :meth:`PolicyStore.model_added`) stay marked as added late."""
+    def snapshot(self, kind: str, total: Policy | None) -> Policy:
+        """The registry's priors of ``kind`` plus the learners' sums ``total``."""
         store = self.policies
         with store.lock:
             policy = store.new_policy(kind)
@@ -423,7 +417,4 @@ class FollowedStatistics:
                                 **candidate_settings(policy.config)))
             with store.lock:
                 store.sync_arms(policy)  # arms the registry deleted (or never had) go
-        for name in late or ():
-            if name in policy.arms:
-                policy.set_late(name)
         return policy

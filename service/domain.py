@@ -41,6 +41,8 @@ class ModelState:
     base_url: str | None = None
     upstream_model: str | None = None
     api_key_env: str | None = None
+    #: Registered after the first decision: added late to every policy (cold_start_by).
+    added_late: bool = False
 
 
 @dataclass

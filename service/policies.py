@@ -64,7 +64,7 @@ class PolicyStore:
                                       half_life_hours=self.settings.half_life_hours,
                                       **self.contexts.tag_settings())
         for model in self.registry.models.values():
-            policy.add_arm(model.name, self.registry.prior(model))
+            policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
         return policy
 
     def sync_arms(self, policy: Policy) -> None:
@@ -75,7 +75,7 @@ class PolicyStore:
                 policy.remove_arm(name)
         for model in models.values():
             if model.name not in policy.arms:
-                policy.add_arm(model.name, self.registry.prior(model))
+                policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
 
     def all_policies(self) -> dict[str, Policy]:
         """Every policy by its checkpoint key (``shared:<kind>``,
@@ -124,8 +124,7 @@ class PolicyStore:
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
             # The reference time comes with the statistics (the newest decision time
             # applied, see apply): the replay continues from it, as the live process did.
-            settings = {"epsilon": self.settings.policy_epsilon(POLICY_CLASSES[kind]),
-                        "half_life_hours": self.settings.half_life_hours}
+            settings = self.settings.restored_settings(POLICY_CLASSES[kind])
             policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind], **settings)
             if policy.dim != self.contexts.dim:
                 raise ContextSettingsError(
@@ -168,7 +167,7 @@ class PolicyStore:
     def model_added(self, model: ModelState) -> None:
         for policy in self.all_policies().values():
             if model.name not in policy.arms:
-                policy.add_arm(model.name, self.registry.prior(model))
+                policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
 
     def model_removed(self, name: str) -> None:
         for policy in self.all_policies().values():

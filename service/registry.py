@@ -153,7 +153,8 @@ class Registry:
         return ModelState(row.name, row.input_price_per_mtok, row.output_price_per_mtok,
                           row.enabled, row.prior_quality,
                           self.prior_cost(row.input_price_per_mtok, row.output_price_per_mtok),
-                          row.base_url, row.upstream_model, row.api_key_env)
+                          row.base_url, row.upstream_model, row.api_key_env,
+                          bool(row.added_late))
 
     def list_models(self, include_deleted: bool = False) -> list[tuple[ModelState, bool]]:
         with Session(self.engine) as session:
@@ -185,6 +186,9 @@ class Registry:
                       **(upstream or {}))
         try:
             with Session(self.engine) as session, session.begin():
+                # Late if anything was decided before it (in this transaction: a
+                # restart or another replica reads the same answer from the row).
+                row.added_late = session.scalar(select(m.DecisionRow.id).limit(1)) is not None
                 session.add(row)
                 session.flush()
                 state = self._model_state(row)

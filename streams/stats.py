@@ -79,6 +79,11 @@ def candidate_settings(config: object) -> dict[str, object]:
     return {name: getattr(config, name) for name in _CANDIDATES}
 
 
+# Carriers never decide: "arm", which every version reads (the previous one rejects
+# "added-on-tags", so its learners and deciders could not read a rolling upgrade's sums).
+_CARRIER_COLD = "arm"
+
+
 def new_statistics(dim: int, half_life_hours: float | None = None,
                    tag_dims: int = 0) -> Policy:
     """An empty statistics carrier: no arms yet, no drift detector.
@@ -92,7 +97,8 @@ def new_statistics(dim: int, half_life_hours: float | None = None,
     []
     """
     return _exact(LinUCB(dim, drift_delta=None, half_life_hours=half_life_hours,
-                         decay_interval_s=0.0, seed=0, **carrier_settings(tag_dims)))
+                         decay_interval_s=0.0, seed=0, cold_start_by=_CARRIER_COLD,
+                         **carrier_settings(tag_dims)))
 
 
 def _exact(policy: Policy) -> Policy:
@@ -124,9 +130,10 @@ def as_carrier(stats: Policy, tag_dims: int = 0) -> Policy:
     from a sibling kind's sums does.
     """
     settings = carrier_settings(tag_dims)
-    if candidate_settings(stats.config) == settings and isinstance(stats, LinUCB):
+    if (candidate_settings(stats.config) == settings and isinstance(stats, LinUCB)
+            and stats.config.cold_start_by == _CARRIER_COLD):
         return _exact(stats)
-    return _exact(recast(stats, LinUCB, **settings))
+    return _exact(recast(stats, LinUCB, cold_start_by=_CARRIER_COLD, **settings))
 
 
 def load_statistics(data: bytes, dim: int, half_life_hours: float | None, where: str,

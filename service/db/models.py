@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     String,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -104,6 +105,10 @@ class Model(Base):
     base_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     upstream_model: Mapped[str | None] = mapped_column(String(200), nullable=True)
     api_key_env: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    # Registered after the first decision (a model added mid-stream): its policies count
+    # its cold start per tag value (cold_start_by="added-on-tags"). Set once.
+    added_late: Mapped[bool] = mapped_column(Boolean, default=False,
+                                             server_default=false())
 
 
 class DecisionRow(Base):

@@ -122,9 +122,8 @@ def import_state(_admin: AdminDep, service: ServiceDep,
         data = state.policies[source]
         try:
             policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind],
-                                       epsilon=service.settings.policy_epsilon(
-                                           POLICY_CLASSES[kind]),
-                                       half_life_hours=service.settings.half_life_hours)
+                                       **service.settings.restored_settings(
+                                           POLICY_CLASSES[kind]))
         except InvalidInputError as err:
             raise InvalidInputError(f"policies.{source}", f"does not restore: {err}") from None
         if policy.dim != service.context_dim:

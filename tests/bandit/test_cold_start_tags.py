@@ -246,3 +246,67 @@ def test_added_late_flag_follows_the_arm():
     assert mine.late_arms == ["c"]
     with pytest.raises(InvalidInputError):
         mine.set_late("zzz")
+
+
+def test_removing_an_arm_does_not_shift_another_arms_tag_counts():
+    def x(app: int) -> np.ndarray:
+        return np.r_[np.zeros(TEXT), tag_block({"app": str(app)}, TAGS)]
+
+    policy = SelectiveThompson(TEXT + TAGS, seed=0, tag_dims=TAGS, drift_delta=None)
+    for arm in ("a", "b"):
+        policy.add_arm(arm)
+    for _ in range(20):
+        policy.update("a", x(2), {"quality": 0.5})
+        policy.update("b", x(2), {"quality": 0.5})
+    policy.add_arm("late", late=True)
+    policy.add_arm("c", late=False)
+    for _ in range(20):
+        policy.update("late", x(1), {"quality": 0.5})
+        policy.update("c", x(2), {"quality": 0.5})
+    xb = policy._features(x(2))
+
+    def cold(p: Policy) -> object:
+        mask = p._cold_by_direction(xb, p._arm_range(), p._cold_arms()[0])
+        return None if mask is None else dict(zip(p.arms, mask[0].tolist(), strict=True))
+
+    assert cold(policy) == {"a": False, "b": False, "late": True, "c": False}
+    # Same number of arms after each swap: "late" moves to slot 0 and must keep its
+    # own (empty) count on app 2, not "a"'s or "b"'s.
+    for gone, new in (("a", "d"), ("b", "e")):
+        policy.remove_arm(gone)
+        policy.add_arm(new, late=False)
+        for _ in range(20):
+            policy.update(new, x(2), {"quality": 0.5})
+    expected = {"late": True, "c": False, "d": False, "e": False}
+    assert cold(Policy.from_bytes(policy.to_bytes())) == expected  # a fresh cache
+    assert cold(policy) == expected
+
+
+def test_late_arm_is_not_cold_on_a_tag_value_no_candidate_is_warm_on():
+    def x(app: int) -> np.ndarray:
+        return np.r_[np.zeros(TEXT), tag_block({"app": str(app)}, TAGS)]
+
+    masks = {}
+    for by in ("tags", "added-on-tags"):
+        policy = SelectiveThompson(TEXT + TAGS, seed=0, tag_dims=TAGS, cold_start_by=by,
+                                   drift_delta=None)
+        policy.add_arm("a")
+        policy.add_arm("b")
+        for _ in range(30):
+            policy.update("a", x(1), {"quality": 0.5})
+            policy.update("b", x(1), {"quality": 0.5})
+        policy.add_arm("new")
+        for _ in range(10):  # warm in total and on app 1, never seen app 2 or 999
+            policy.update("new", x(1), {"quality": 0.5})
+        policy.update("a", x(2), {"quality": 0.5})
+        for _ in range(10):
+            policy.update("b", x(2), {"quality": 0.5})
+        for app in (2, 999):
+            xb = policy._features(x(app))
+            mask = policy._cold_by_direction(xb, policy._arm_range(), policy._cold_arms()[0])
+            masks[by, app] = None if mask is None else mask[0].tolist()
+    # App 2: "b" is warm there, "new" (late) is cold, "a" (1 call) only with "tags".
+    assert masks["tags", 2] == [True, False, True]
+    assert masks["added-on-tags", 2] == [False, False, True]
+    # App 999: nobody is warm there, so nobody's cold start is counted on it.
+    assert masks["tags", 999] is None and masks["added-on-tags", 999] is None

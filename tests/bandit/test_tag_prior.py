@@ -139,3 +139,52 @@ def test_bad_tag_prior_settings_are_refused_naming_the_field(params, field) -> N
         SelectiveThompson(TEXT + TAG_BLOCK_DIMS, tag_dims=TAG_BLOCK_DIMS, **params)
     assert err.value.field == field
     assert "allowed" in str(err.value) or "must" in str(err.value)
+
+
+@pytest.mark.parametrize("tag", [None, "one"])
+def test_learned_tag_prior_is_estimated_again_only_when_the_weight_moves_by_10pct(
+        tag, monkeypatch) -> None:
+    """Untagged traffic or a single tag value: the estimate finds nothing, and is still
+    taken only every 10% of quality weight (docs/policies.md), not on every update."""
+    import bandit.select
+
+    calls = []
+
+    def counting(stats, *args):
+        calls.append(float(stats.weight[:, 0].sum()))
+        return learned_tag_ridge(stats, *args)
+
+    monkeypatch.setattr(bandit.select, "learned_tag_ridge", counting)
+    policy = _policy(tag_prior="learned")
+    rng = np.random.default_rng(0)
+    for t in range(1000):
+        x = _context(rng, "one")
+        if tag is None:
+            x[TEXT:] = 0.0
+        policy.update("ab"[t % 2], x, {"quality": float(rng.random())})
+    assert policy.tag_ridge == policy.config.tag_ridge
+    taken = [w for w in calls if w >= 50.0]
+    # 50 -> 1000 in steps of at least 10%: log(20) / log(1.1) ~ 31 estimates.
+    assert 25 <= len(taken) <= 33
+    assert all(b / a >= 1.1 - 1e-9 for a, b in zip(taken, taken[1:], strict=False))
+
+
+def test_learned_state_restored_with_a_fixed_tag_prior_is_recomputed() -> None:
+    """``from_bytes(..., tag_prior="fixed")`` of a learned state: its stored inverses
+    were taken under the learned ridge; restored, it predicts as the same sums
+    recomputed under the configured one."""
+    from bandit import Policy
+
+    policy = _policy(tag_prior="learned")
+    _run(policy, [str(i % 3) for i in range(600)],
+         lambda arm, tag: 0.2 + 0.3 * int(tag) * (arm == "b"), seed=0)
+    assert policy.tag_ridge != policy.config.tag_ridge
+    stored = Policy.from_bytes(policy.to_bytes(), tag_prior="fixed")
+    recomputed = Policy.from_bytes(policy.to_bytes(derived=False), tag_prior="fixed")
+    rng = np.random.default_rng(1)
+    for tag in ("0", "1", "2", "new"):
+        x = _context(rng, tag)
+        got, want = stored.predict(x), recomputed.predict(x)
+        for arm in ("a", "b"):
+            assert got[arm].quality == pytest.approx(want[arm].quality, abs=1e-9)
+            assert got[arm].uncertainty == pytest.approx(want[arm].uncertainty, abs=1e-9)

@@ -8,18 +8,24 @@ import threading
 from types import SimpleNamespace
 
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 
-from bandit import Policy
+from bandit import ArmPrior
 from service.app import create_app
+from service.db.engine import make_engine
 from service.distributed import FollowedStatistics
-from service.domain import POLICY_CLASSES, POLICY_KINDS
+from service.domain import POLICY_CLASSES, POLICY_KINDS, ModelState
 from streams.stats import new_statistics
 from tests.service.conftest import add_model, create_tenant, make_settings
 
 
+def late_arms_by_key(client: TestClient) -> dict[str, tuple[str, ...]]:
+    return {key: tuple(p.late_arms)
+            for key, p in client.app.state.routing.policies.all_policies().items()}
+
+
 def late_arms(client: TestClient) -> set[tuple[str, ...]]:
-    return {tuple(p.late_arms) for p in client.app.state.routing.policies.all_policies()
-            .values()}
+    return set(late_arms_by_key(client).values())
 
 
 def test_model_registered_while_learning_is_late_and_stays_so(new_database_url):
@@ -37,24 +43,40 @@ def test_model_registered_while_learning_is_late_and_stays_so(new_database_url):
         c.app.state.routing.writer.flush(timeout=5.0)
         add_model(c, "late-c")
         assert late_arms(c) == {("late-c",)}
+        # A tenant turning isolated: its policies are rebuilt from the registry and its
+        # feedback (every model added before any data), and still know.
+        r = c.put("/v1/tenants/me/preferences", json={"scope": "isolated"}, headers=tenant)
+        assert r.status_code == 200, r.text
+        assert late_arms(c) == {("late-c",)} and len(late_arms_by_key(c)) == 2 * len(POLICY_KINDS)
     # A restart (the checkpoint, then the feedback after it) keeps it.
     with TestClient(create_app(settings)) as c:
         assert late_arms(c) == {("late-c",)}
+    # So does one without any checkpoint (replayed from the feedback onto new policies).
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM policy_snapshots"))
+            conn.execute(text("DELETE FROM policy_checkpoints"))
+    finally:
+        engine.dispose()
+    with TestClient(create_app(settings)) as c:
+        assert late_arms(c) == {("late-c",)} and len(late_arms_by_key(c)) == 2 * len(POLICY_KINDS)
 
 
-def test_distributed_snapshot_keeps_the_installed_policys_late_models():
-    # The decider's snapshot is the registry's priors (no arm late) plus the learners'
-    # sums, which never mark an arm late (an arm joins them at its first feedback):
-    # the late models come from the policy it replaces (model_added marked them).
-    store = SimpleNamespace(lock=threading.Lock(), sync_arms=lambda policy: None)
+def test_distributed_snapshot_has_the_registrys_late_models():
+    # The decider's snapshot is the registry's models plus the learners' sums, which
+    # never mark an arm late (an arm joins them at its first feedback): whether a model
+    # was added late is the registry's (models.added_late), so a restarted replica or
+    # a snapshot built while a model is registered has it too.
+    from service.policies import PolicyStore
 
-    def new_policy(kind: str) -> Policy:
-        policy = POLICY_CLASSES[kind](4)
-        for arm in ("a", "b", "c"):
-            policy.add_arm(arm)
-        return policy
-
-    store.new_policy = new_policy
+    models = {name: ModelState(name, 1.0, 1.0, True, None, 0.001, added_late=name == "c")
+              for name in ("a", "b", "c")}
+    registry = SimpleNamespace(lock=threading.RLock(), models=models, tenants={},
+                               subscribe=lambda store: None,
+                               prior=lambda model: ArmPrior(cost_usd=model.prior_cost_usd))
+    contexts = SimpleNamespace(dim=4, tag_dims=0, tag_settings=dict)
+    store = PolicyStore(make_settings("sqlite://"), registry, SimpleNamespace(), contexts)
     total = new_statistics(4)
     total.add_arm("a", late=False)
     total.update("a", [1.0, 0.0, 0.0, 0.0], {"quality": 0.5})
@@ -62,6 +84,26 @@ def test_distributed_snapshot_keeps_the_installed_policys_late_models():
     total.update("c", [1.0, 0.0, 0.0, 0.0], {"quality": 0.5})
     followed = SimpleNamespace(policies=store)
     for kind in POLICY_KINDS:
-        assert FollowedStatistics.snapshot(followed, kind, total).late_arms == []
-        snap = FollowedStatistics.snapshot(followed, kind, total, ["c", "gone"])
+        snap = FollowedStatistics.snapshot(followed, kind, total)
         assert snap.late_arms == ["c"] and snap.observations("c")["quality"] == 1
+
+
+def test_checkpoint_written_before_the_default_restores_with_it():
+    # main's checkpoints store cold_start_by="arm" explicitly: the restart takes this
+    # process's default, as it does for epsilon and forgetting.
+    from service.policies import PolicyStore
+
+    registry = SimpleNamespace(lock=threading.RLock(), models={"a": SimpleNamespace(name="a")},
+                               tenants={},
+                               subscribe=lambda store: None)
+    contexts = SimpleNamespace(dim=4, tag_dims=0, tag_settings=dict)
+    store = PolicyStore(make_settings("sqlite://"), registry, SimpleNamespace(), contexts)
+    old = {}
+    for kind in POLICY_KINDS:
+        policy = POLICY_CLASSES[kind](4, cold_start_by="arm")
+        policy.add_arm("a")
+        policy.update("a", [1.0, 0.0, 0.0, 0.0], {"quality": 0.5})
+        old[f"shared:{kind}"] = policy.to_bytes()
+    store.restore(old, rebuild=False)
+    assert {p.config.cold_start_by for p in store.shared.values()} == {"added-on-tags"}
+    assert {p.observations("a")["quality"] for p in store.shared.values()} == {1}

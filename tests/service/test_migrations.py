@@ -164,3 +164,35 @@ def test_statistics_lz4_offline_sql(capsys):
         run(cfg, revisions, sql=True)
         script = capsys.readouterr().out
         assert "'lz4' = ANY(enumvals)" in script and "COMPRESSION" in script, script
+
+
+def test_upgrade_model_added_late_defaults_false_offline_too(new_database_url, capsys):
+    # 0013: models.added_late (a model registered after the first decision); models
+    # registered before it count as from the start.
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.db.engine import alembic_config
+
+    url = new_database_url()
+    upgrade(url, "0012")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO models (name, input_price_per_mtok, output_price_per_mtok,"
+                " enabled, created_at, updated_at) VALUES ('old', 1, 2, true, :t, :t)"),
+                {"t": "2026-12-01 00:00:00+00:00"})
+        upgrade(url)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT added_late FROM models")).scalar() in (False, 0)
+        downgrade(url, "0012")
+        assert "added_late" not in {c["name"] for c in inspect(engine).get_columns("models")}
+        upgrade(url)
+        assert is_at_head(engine)
+    finally:
+        engine.dispose()
+    # Offline (`alembic upgrade --sql`): no reflection, one ALTER.
+    capsys.readouterr()
+    command.upgrade(alembic_config(url), "0012:0013", sql=True)
+    assert "ALTER TABLE models ADD COLUMN added_late BOOLEAN" in capsys.readouterr().out

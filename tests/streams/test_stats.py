@@ -177,3 +177,18 @@ def test_sums_only_carrier_stores_the_same_statistics(half_life: float | None) -
         for name in ("sel_err", "theta", "sigma2", "q_inv", "updates"):
             np.testing.assert_array_equal(getattr(b._stats, name),  # noqa: SLF001
                                           getattr(a._stats, name), err_msg=name)  # noqa: SLF001
+
+
+def test_carriers_store_the_cold_start_every_version_reads():
+    # The previous version refuses cold_start_by="added-on-tags" (this one's default):
+    # the partition statistics of a rolling upgrade must stay readable by its learners
+    # and deciders. Carriers never decide, so "arm" loses nothing.
+    from streams.stats import as_carrier
+
+    stats = new_statistics(DIM, HALF_LIFE)
+    stats.add_arm(MODELS[0])
+    stats.update(MODELS[0], np.ones(DIM), {"quality": 0.5}, time=0.0)
+    assert Policy.from_bytes(stats.to_bytes(derived=False)).config.cold_start_by == "arm"
+    stored = Policy.from_bytes(stats.to_bytes(derived=False), cold_start_by="added-on-tags")
+    assert as_carrier(stored).config.cold_start_by == "arm"
+    assert as_carrier(stored).observations(MODELS[0])["quality"] == 1
