@@ -1161,12 +1161,12 @@ class Policy(abc.ABC):
             uniform = self._rng.random(n) < eps
             if uniform.any():
                 forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
-        inv, q_inv, q_sel = stats.width_inverses()
+        inv, q_inv, q_sel, sel, same = stats.width_inverses()
         means, table = np.empty((n, m, 3)), np.empty((n, m, 6))
         choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
         explored = np.empty(n, dtype=bool)
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
-                            stats.selecting, arms, self._level, estimate, factor,
+                            stats.selecting, sel, same, arms, self._level, estimate, factor,
                             cfg.bounded_optimism, kind, param, noise, forced, eps, quantiles, prune,
                             propensities, *_kernel.PHI_TABLE, means, table, choices, prop,
                             explored)
