@@ -189,7 +189,7 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
     marked for ``ArmStatistics.q_inv`` to copy when read (``q_stale[k]``); its float32
     copy ``q_inv32[k]`` (when not empty) is written in the candidate's own step.
     ``same``: the candidate with the shared group's ridge (-1: none), whose inverse is
-    the same matrix as ``s_inv[k]``: written row by row in its step, not stepped again.
+    the same matrix as ``s_inv[k]``: copied from it after its step, not stepped again.
     """
     p = s_inv[k]
     a = s_data[k]
@@ -205,13 +205,6 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
         for j in range(d):
             acc += th[h, j] * x[j]
         err[h] = y[h] - acc
-    n_cand = sel_inv.shape[1] if sel_inv.shape[0] else 0
-    errs = np.empty(n_cand)
-    best = _candidate_errors(k, x, y[0], weight, sel_theta, sel_err, errs) if n_cand else 0
-    # Candidate ``same`` has the shared group's ridge: the same matrix as p and the same
-    # step, so its rows are p's after the step and its gain is p's.
-    mirror = 0 <= same < n_cand
-    copy32 = q_inv32.shape[0] > 0 and mirror and best == same
     for i in range(d):
         gi = scale * px[i]
         wxi = weight * x[i]
@@ -221,19 +214,12 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
         if inv32.shape[0]:
             for j in range(d):
                 inv32[k, i, j] = p[i, j]
-        if mirror:
-            for j in range(d):
-                sel_inv[k, same, i, j] = p[i, j]
-            if copy32:
-                for j in range(d):
-                    q_inv32[k, i, j] = p[i, j]
-            sel_theta[k, same, i] += errs[same] * gi
         for h in range(heads):
             th[h, i] += err[h] * gi
             b[h, i] += y[h] * wxi
-    if n_cand:
-        _update_candidates(k, x, weight, errs, best, same, sel_inv, sel_theta, th, sel,
-                           q_stale, q_inv32)
+    if sel_inv.shape[0]:
+        _update_candidates(k, x, y[0], weight, px, scale, p, same, sel_inv, sel_theta,
+                           sel_err, th, sel, q_stale, q_inv32)
     for h in range(heads):
         srr[k, h] += weight * y[h] * y[h]
         wsum[k, h] += weight
@@ -249,14 +235,26 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _candidate_errors(k: int, x: np.ndarray, y0: float, weight: float,
-                      sel_theta: np.ndarray, sel_err: np.ndarray, errs: np.ndarray) -> int:
-    """Each quality candidate's prequential error on this observation, before any step
-    (``errs``, and added to ``sel_err``), and the candidate of lowest error since (the
-    first on ties, as ``np.argmin``)."""
+def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
+                       scale0: float, shared: np.ndarray, same: int,
+                       sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
+                       th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
+                       q_inv32: np.ndarray) -> None:
+    """The candidates step of :func:`update_grouped`, after the shared inverse's step
+    (``shared``, now updated; ``px`` its A^-1 x before the step and ``scale0`` its
+    gain's scale).
+
+    The errors first (each candidate's own, before its step, so the same numbers as
+    error-then-step per candidate), hence the selection before the steps: the selected
+    candidate's float32 copy is written row by row in its step, not by a second pass.
+    Candidate ``same`` has the shared group's ridge, hence the same matrix as ``shared``
+    and the same step: its gain is the shared one's and its inverse is copied from it."""
     d = x.shape[0]
+    pc = np.empty(d)  # the other candidates' A^-1 x
+    n_cand = sel_inv.shape[1]
+    errs = np.empty(n_cand)
     best, best_err = 0, np.inf
-    for g in range(errs.shape[0]):
+    for g in range(n_cand):
         tg = sel_theta[k, g]
         e = y0
         for j in range(d):
@@ -265,27 +263,20 @@ def _candidate_errors(k: int, x: np.ndarray, y0: float, weight: float,
         sel_err[k, g] += weight * e * e
         if sel_err[k, g] < best_err:
             best, best_err = g, sel_err[k, g]
-    return best
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _update_candidates(k: int, x: np.ndarray, weight: float, errs: np.ndarray, best: int,
-                       same: int, sel_inv: np.ndarray, sel_theta: np.ndarray,
-                       th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
-                       q_inv32: np.ndarray) -> None:
-    """The candidates' steps of :func:`update_grouped` after their errors ``errs`` and
-    selection ``best`` (:func:`_candidate_errors`), but candidate ``same``'s (done with
-    the shared inverse's): one Sherman-Morrison step each, the selected candidate's
-    float32 copy written row by row in its step, not by a second pass."""
-    d = x.shape[0]
-    pc = np.empty(d)
     copy = q_inv32.shape[0] > 0
-    for g in range(errs.shape[0]):
-        if g == same:
-            continue
+    for g in range(n_cand):
         p = sel_inv[k, g]
         tg = sel_theta[k, g]
         e = errs[g]
+        if g == same:
+            for i in range(d):
+                for j in range(d):
+                    p[i, j] = shared[i, j]
+                if copy and g == best:
+                    for j in range(d):
+                        q_inv32[k, i, j] = p[i, j]
+                tg[i] += e * (scale0 * px[i])
+            continue
         scale = _gain(p, x, weight, pc)
         for i in range(d):
             gi = scale * pc[i]
