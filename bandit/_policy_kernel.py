@@ -102,21 +102,26 @@ def quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float) -> np.nda
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarray,
                   inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
+                  sel: np.ndarray, same: int,
                   means: np.ndarray, utility: np.ndarray, std: np.ndarray) -> None:
     """Head means (n, K, H), utility (n, K) and the utility's std (n, K) of a few contexts
     xb (n, D), when every head of every arm shares its arm's inverse ``inv`` (K, D, D):
     ``std[r, k]^2 = sum_h c[k, h] x_r^T inv[k] x_r``, except with quality model selection
     (``selecting``), where the quality head's term reads its selected candidate's
-    ``q_inv[k, q_sel[k]]`` (``ArmStatistics.width_inverses``). A sum of weights 0 skips
-    its inverse (not read). Arm by arm, so each arm's inverses are read from memory once
-    for all the rows."""
+    ``q_inv[k, q_sel[k]]`` (``ArmStatistics.width_inverses``), unless that candidate
+    ``sel[k]`` is ``same``, the one whose inverse is ``inv[k]`` (then one quadratic form
+    serves every head). A sum of weights 0 skips its inverse (not read). Arm by arm, so
+    each arm's inverses are read from memory once for all the rows."""
     k_arms, heads, d = theta.shape
     n = xb.shape[0]
     first = 1 if selecting else 0
     for k in range(k_arms):
+        fold = selecting and sel[k] == same
         scale = 0.0
         for h in range(first, heads):
             scale += c[k, h]
+        if fold:
+            scale += c[k, 0]
         for r in range(n):
             x = xb[r]
             u = 0.0
@@ -128,7 +133,7 @@ def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarra
                 u += acc * w[h]
             utility[r, k] = u
             var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
-            if selecting and c[k, 0] != 0.0:
+            if selecting and not fold and c[k, 0] != 0.0:
                 var += c[k, 0] * _quadratic(q_inv[k, q_sel[k]], x)
             std[r, k] = math.sqrt(var) if var > 0.0 else 0.0
 
@@ -166,7 +171,7 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
                    sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
                    inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
                    sel_err: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
-                   q_inv32: np.ndarray) -> float:
+                   q_inv32: np.ndarray, same: int) -> float:
     """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
     all are reported (y (H,) finite), in place; returns the quality residual before it.
 
@@ -183,6 +188,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
     into ``theta[k, 0]``, its index into ``sel[k]``, and its inverse, not copied, is
     marked for ``ArmStatistics.q_inv`` to copy when read (``q_stale[k]``); its float32
     copy ``q_inv32[k]`` (when not empty) is written in the candidate's own step.
+    ``same``: the candidate with the shared group's ridge (-1: none), whose inverse is
+    the same matrix as ``s_inv[k]``: copied from it after its step, not stepped again.
     """
     p = s_inv[k]
     a = s_data[k]
@@ -211,8 +218,8 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
             th[h, i] += err[h] * gi
             b[h, i] += y[h] * wxi
     if sel_inv.shape[0]:
-        _update_candidates(k, x, y[0], weight, px, sel_inv, sel_theta, sel_err, th, sel,
-                           q_stale, q_inv32)
+        _update_candidates(k, x, y[0], weight, px, scale, p, same, sel_inv, sel_theta,
+                           sel_err, th, sel, q_stale, q_inv32)
     for h in range(heads):
         srr[k, h] += weight * y[h] * y[h]
         wsum[k, h] += weight
@@ -229,15 +236,21 @@ def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
+                       scale0: float, shared: np.ndarray, same: int,
                        sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
                        th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
                        q_inv32: np.ndarray) -> None:
-    """The candidates step of :func:`update_grouped` (``px``: scratch, a D-vector).
+    """The candidates step of :func:`update_grouped`, after the shared inverse's step
+    (``shared``, now updated; ``px`` its A^-1 x before the step and ``scale0`` its
+    gain's scale).
 
     The errors first (each candidate's own, before its step, so the same numbers as
     error-then-step per candidate), hence the selection before the steps: the selected
-    candidate's float32 copy is written row by row in its step, not by a second pass."""
+    candidate's float32 copy is written row by row in its step, not by a second pass.
+    Candidate ``same`` has the shared group's ridge, hence the same matrix as ``shared``
+    and the same step: its gain is the shared one's and its inverse is copied from it."""
     d = x.shape[0]
+    pc = np.empty(d)  # the other candidates' A^-1 x
     n_cand = sel_inv.shape[1]
     errs = np.empty(n_cand)
     best, best_err = 0, np.inf
@@ -255,11 +268,20 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
         p = sel_inv[k, g]
         tg = sel_theta[k, g]
         e = errs[g]
-        scale = _gain(p, x, weight, px)
+        if g == same:
+            for i in range(d):
+                for j in range(d):
+                    p[i, j] = shared[i, j]
+                if copy and g == best:
+                    for j in range(d):
+                        q_inv32[k, i, j] = p[i, j]
+                tg[i] += e * (scale0 * px[i])
+            continue
+        scale = _gain(p, x, weight, pc)
         for i in range(d):
-            gi = scale * px[i]
+            gi = scale * pc[i]
             for j in range(d):
-                p[i, j] -= gi * px[j]
+                p[i, j] -= gi * pc[j]
             if copy and g == best:
                 for j in range(d):
                     q_inv32[k, i, j] = p[i, j]
@@ -414,7 +436,7 @@ RULE_THOMPSON = 1  # LinearThompson: u + scale * std * noise
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
                 inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
-                arms: np.ndarray,
+                sel: np.ndarray, same: int, arms: np.ndarray,
                 level: float, estimate: np.ndarray, factor: np.ndarray, bounded: bool,
                 rule: int, param: float, noise: np.ndarray, forced: np.ndarray,
                 epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
@@ -428,7 +450,8 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
 
     Per row and candidate: head means (``level`` added to quality), utility, its std
     (``w_h^2 sigma2_h`` per head over the shared inverse ``inv``, the quality head over
-    its selected candidate's ``q_inv[k, q_sel[k]]`` when ``selecting``; the cost head's
+    its selected candidate's ``q_inv[k, q_sel[k]]`` when ``selecting``, or over ``inv``
+    when that candidate ``sel[k]`` is ``same`` (:func:`predict_width`); the cost head's
     term left out
     when ``estimate`` (n, m) is not empty: the predicted cost is then the estimate times
     ``factor`` (K,)), the quality ceiling (+inf unless ``bounded``), the main branch's
@@ -467,9 +490,12 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
                 if h >= first and not (h == 1 and priced):
                     scale += w[h] * w[h] * sigma2[k, h]
             table[r, j, 3] = u
-            var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
             c0 = w[0] * w[0] * sigma2[k, 0]
-            if selecting and c0 != 0.0:
+            fold = selecting and sel[k] == same
+            if fold:
+                scale += c0
+            var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
+            if selecting and not fold and c0 != 0.0:
                 var += c0 * _quadratic(q_inv[k, q_sel[k]], x)
             sd = math.sqrt(var) if var > 0.0 else 0.0
             table[r, j, 4] = sd

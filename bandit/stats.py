@@ -62,9 +62,9 @@ FUSED_BATCH = 4
 FLOAT32_INVERSE_DIM = 257
 _NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
 # sel_inv, sel_theta, sel_err, the selected index, its stale flags, the float32 copy,
-# of the update kernel without selection.
+# the shared candidate, of the update kernel without selection.
 _NO_SELECTION = (np.zeros((0, 0, 0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)),
-                 np.zeros(0, dtype=np.intp), np.zeros(0, dtype=bool), _NO_COPY)
+                 np.zeros(0, dtype=np.intp), np.zeros(0, dtype=bool), _NO_COPY, -1)
 
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
@@ -148,6 +148,7 @@ class ArmStatistics:
         # or removed, a restore) makes a new copy.
         self._copies32: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._first = np.zeros(0, dtype=np.intp)  # index 0 of every arm (width_inverses)
+        self._same: int | None = None  # see shared_candidate
         self.s_data = np.zeros((0, d, d))
         self.s_inv = np.zeros((0, d, d))
         self.a_data = np.zeros((0, _H, d, d))
@@ -202,6 +203,19 @@ class ArmStatistics:
     def selecting(self) -> bool:
         """Whether the quality head is chosen among candidate context ridges."""
         return self.sel_diag.shape[0] > 0
+
+    @property
+    def shared_candidate(self) -> int:
+        """The quality candidate whose ridge is the shared group's (``ridge_diag``; by
+        default the text at ``context_ridge``), or -1: while the quality head is in its
+        arm's group, that candidate's inverse is the same matrix as ``s_inv`` (the same
+        sums, ridge and steps), so the compiled update copies it and the compiled
+        decides read ``s_inv`` for it. Kept until :meth:`set_tag_ridge` changes the
+        candidates' ridges."""
+        if self._same is None:
+            same = np.flatnonzero((self.sel_diag == self.ridge_diag).all(axis=1))
+            self._same = int(same[0]) if same.size else -1
+        return self._same
 
     def selected(self) -> np.ndarray:
         """Index (K,) of each arm's candidate ridge: the lowest prequential error so far
@@ -332,6 +346,7 @@ class ArmStatistics:
         (the other candidates and heads are unchanged). The prequential errors stay:
         they score each candidate's predictions as they were made."""
         self.sel_diag[rows, self.dim - tag_dims:self.dim] = ridge
+        self._same = None
         if self.sums_only:
             return
         for k in range(len(self)):
@@ -384,7 +399,8 @@ class ArmStatistics:
             # quality candidates' step when selecting: the same steps as below, which
             # stay the reference for it.
             sel = ((self.sel_inv, self.sel_theta, self.sel_err, self._sel, self._q_stale,
-                    self._kept32("q_inv")) if self.selecting else _NO_SELECTION)
+                    self._kept32("q_inv"), self.shared_candidate) if self.selecting
+                   else _NO_SELECTION)
             residual = _kernel.update_grouped(
                 k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
                 self.srr, self.weight, self.count, self.lam, self.mu0, self.sigma0,
@@ -653,20 +669,24 @@ class ArmStatistics:
         return cached[1]
 
     # ------------------------------------------------------------ prediction
-    def width_inverses(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def width_inverses(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                      int]:
         """The shared inverses (K, D, D) that the compiled kernels read for the
         exploration width, and the quality head's as (K, G, D, D) with the index (K,) of
         each arm's selected one: the candidates' own inverses (no copy), or from
         ``FLOAT32_INVERSE_DIM`` features on the float32 copies of both (q_inv's only when
-        selecting; then G = 1)."""
+        selecting; then G = 1); then each arm's selected candidate (K,) and
+        :attr:`shared_candidate` (an arm that selected it reads the shared inverse)."""
+        same = self.shared_candidate if self.selecting else -1
         if self.n_features < FLOAT32_INVERSE_DIM or not self.selecting:
             inv = (self.s_inv if self.n_features < FLOAT32_INVERSE_DIM
                    else self._copy32("s_inv"))
-            return inv, self.sel_inv, self._sel
+            return inv, self.sel_inv, self._sel, self._sel, same
         k = len(self)
         if self._first.shape[0] != k:
             self._first = np.zeros(k, dtype=np.intp)
-        return self._copy32("s_inv"), self._copy32("q_inv")[:, None], self._first
+        return (self._copy32("s_inv"), self._copy32("q_inv")[:, None], self._first,
+                self._sel, same)
 
     def predict(self, xb: np.ndarray, arms: np.ndarray | None, c: np.ndarray | None,
                 w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -685,8 +705,9 @@ class ArmStatistics:
             # The usual case of a few contexts (one decide, or the service's decides
             # gathered in one event-loop turn) in one compiled call: means, utility, std.
             means, utility, std = np.empty((n, k, h)), np.empty((n, k)), np.empty((n, k))
-            _kernel.predict_width(self.theta, xb, w, c, *self.width_inverses(),
-                                  self.selecting, means, utility, std)
+            inv, q_inv, q_sel, sel, same = self.width_inverses()
+            _kernel.predict_width(self.theta, xb, w, c, inv, q_inv, q_sel, self.selecting,
+                                  sel, same, means, utility, std)
             if arms is not None:
                 means, utility, std = means[:, arms], utility[:, arms], std[:, arms]
             return means, utility, std

@@ -293,3 +293,47 @@ def test_few_contexts_width_matches_one_context_at_a_time(cls, partial):
         np.testing.assert_allclose(std, np.vstack([r[2] for r in rows]), rtol=1e-12)
         np.testing.assert_allclose(utility, np.vstack([r[1] for r in rows]), rtol=1e-12)
         assert std.shape == (n, 5) and (std > 0).all()
+
+
+def test_shared_ridge_candidate_follows_a_changed_tag_ridge():
+    """The quality candidate with the shared group's ridge reads and copies the shared
+    inverse in the compiled kernels (``ArmStatistics.shared_candidate``); once a learned
+    tag prior gives the with-tags candidates another ridge it is no longer that matrix,
+    and the kernels must stop using it for it: predictions and sums stay the numpy
+    reference's."""
+    policies = []
+    for compiled in (True, False):
+        policy = SelectiveThompson(6, seed=5, drift_delta=None, tag_dims=2,
+                                   tag_prior="learned")
+        for j in range(3):
+            policy.add_arm(f"m{j}")
+        policy._stats.compiled = compiled
+        policies.append(policy)
+    stats = policies[0]._stats
+    assert stats.shared_candidate >= 0  # (100 on the text, tag_ridge on the tags)
+    rng = np.random.default_rng(4)
+
+    def stream(steps: int) -> None:
+        for _ in range(steps):
+            x = rng.standard_normal(6) / 2
+            x[4:] = np.eye(2)[rng.integers(2)]
+            got, want = (p.decide_batch(x, PREFS) for p in policies)
+            np.testing.assert_array_equal(got.choices, want.choices)
+            np.testing.assert_allclose(got.uncertainty, want.uncertainty, rtol=1e-9,
+                                       atol=1e-12)
+            arm = f"m{int(rng.integers(3))}"
+            y = {"quality": float(np.clip(0.5 + 0.4 * x[0] + 0.3 * x[4], 0, 1)),
+                 "cost_usd": 0.001, "latency_ms": 300.0}
+            for p in policies:
+                p.update(arm, x, y)
+
+    stream(60)
+    assert (stats.selected() == stats.shared_candidate).any()  # the case is exercised
+    for p in policies:
+        p._learn_tag_prior(10.0)  # as a restore of a learned tag ridge does
+    assert stats.shared_candidate == -1
+    stream(60)
+    for name in ("sel_inv", "sel_theta", "theta", "sigma2"):
+        np.testing.assert_allclose(getattr(policies[0]._stats, name),
+                                   getattr(policies[1]._stats, name), rtol=1e-9,
+                                   atol=1e-12, err_msg=name)
