@@ -16,8 +16,9 @@ and distributed mode alike, and a restart see the same answer:
   ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
   a ``replaced`` marker, which the gateway's record keeps. The claim is given back
   (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
-  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it (a
-  failure's ``final`` row stays either way: the retry of its event stores the 0). A
+  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it. A
+  failure's ``final`` row refused so goes too (:meth:`QualityDefaults.unfinal`: the
+  client's rating is then taken), unless a retry of its event came meanwhile. A
   quality buffered while the database was away claims when it is drained
   (service/ingest.py);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
@@ -53,7 +54,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
+__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
            "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
@@ -77,6 +78,13 @@ class Recorded(NamedTuple):
     decision_id: str
     quality: float
     due_at: datetime | None
+
+
+class Final(NamedTuple):
+    """What :meth:`QualityDefaults.final` did."""
+
+    replaced: bool  # a client's quality came first: the failure's is not stored
+    stamp: datetime | None  # the row it wrote (``changed_at``), for :meth:`unfinal`
 
 
 class Due(NamedTuple):
@@ -122,24 +130,44 @@ class QualityDefaults:
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
     def final(self, tenant_id: str, decision_id: str, quality: float,
-              event_id: str | None = None) -> bool:
+              event_id: str | None = None) -> Final:
         """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
         recorded ``final`` as the gateway records its own failure (a later quality is
         refused); turns the tenant's claims on as :meth:`provisional` does. The row keeps
         the failure's ``event_id``: the same event drained from the outage buffer (or
-        retried) is its own, not a second quality (:meth:`claim`). True: a quality of
-        the client's came first (its marker), the failure's must not be stored."""
+        retried) is its own, not a second quality (:meth:`claim`). ``replaced``: a
+        quality of the client's came first (its marker), the failure's must not be
+        stored. ``stamp``: this call wrote the row (its ``changed_at``); should the sink
+        refuse the 0 with nothing sent, :meth:`unfinal` removes it. A retry of the same
+        event that finds the row stamps it anew (so that the first attempt's undo keeps
+        it) and gets no stamp: an earlier attempt may have stored the 0."""
         self._claims_on(tenant_id)
+        now = m.utcnow()
         stmt = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
-            due_at=None, event_id=event_id or None, changed_at=m.utcnow())
+            due_at=None, event_id=event_id or None, changed_at=now)
         stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
             _T.decision_id)
         with Session(self._engine) as session, session.begin():
             if session.execute(stmt).first() is not None:
-                return False
+                return Final(False, now)
         # A row was there: a client's marker, or this failure's own (a retry).
-        return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
+        if self.record([Recorded(tenant_id, decision_id, quality, None)]):
+            return Final(True, None)
+        with Session(self._engine) as session, session.begin():
+            session.execute(update(_T).where(
+                _T.decision_id == decision_id, _T.tenant_id == tenant_id,
+                _T.state == "final", _T.event_id == (event_id or None))
+                .values(changed_at=now))
+        return Final(False, None)
+
+    def unfinal(self, decision_id: str, stamp: datetime) -> None:
+        """The sink refused the failure's quality with nothing sent (:meth:`final`'s
+        ``stamp``): its ``final`` row goes, so that the client's rating is taken, unless
+        a retry of the same event stamped it since (that retry may store the 0)."""
+        with Session(self._engine) as session, session.begin():
+            session.execute(delete(_T).where(_T.decision_id == decision_id,
+                                             _T.state == "final", _T.changed_at == stamp))
 
     # ------------------------------------------------------------ the gateway
     def _claims_on(self, tenant_id: str) -> None:

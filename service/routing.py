@@ -374,20 +374,23 @@ class RoutingService:
         the feedback with nothing stored (a refusal, or a 503 ``unsent``); after another
         error the event may have been stored (or be on the topic) with its answer lost,
         so it stays, and the caller's retry of the same event finds it its own. A
-        failure's ``final`` row always stays (the failure is known; the caller's retry
-        of the same event stores its 0): undoing it raced that retry, sent while the
-        first attempt still waited for the sink."""
+        failure's ``final`` row written by this call goes the same way (its 0 was not
+        stored: the client's rating is taken), by its stamp: a retry of the same event
+        sent meanwhile stamped it anew, and it stays for that retry."""
         _check_outcome(outcome)
         defaults, undo = self.quality_defaults, None
         if final:
             quality = outcome["quality"]
             assert quality is not None  # FeedbackRequest: failed needs quality
             defaults = self._defaults(tenant, decision_id)
-            if defaults.final(tenant.id, decision_id, quality, event_id):
+            replaced, stamp = defaults.final(tenant.id, decision_id, quality, event_id)
+            if replaced:
                 # The client's came first: the failure's is not stored.
                 outcome = {**outcome, "quality": None}
                 if all(v is None for v in outcome.values()):
                     return FeedbackReceipt("duplicate", event_id)
+            elif stamp is not None:
+                undo = partial(defaults.unfinal, decision_id, stamp)
         elif (defaults is not None and outcome.get("quality") is not None
                 and event_id not in ROUTER_EVENTS):
             claim = defaults.claim(tenant.id, decision_id, event_id or "")

@@ -400,11 +400,12 @@ def test_failure_of_a_client_gateway_after_the_clients_quality(live: Live) -> No
 @pytest.mark.parametrize("unsent", [True, False])
 def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch,
                                      unsent: bool) -> None:
-    """The sink answers a client gateway's failure with 503, certainly not stored
-    (``unsent``: e.g. the outage buffer full) or maybe stored: its ``final`` row stays
-    either way (the client's rating is refused) and the gateway's retry of the same
-    event stores its 0 (a duplicate if the first was stored). Before, an unsent 503
-    deleted the row: a retry of the same event still in flight raced that delete."""
+    """The sink answers a client gateway's failure with 503. Certainly not stored
+    (``unsent``: e.g. the outage buffer full, on every attempt of the plug-in): its
+    ``final`` row goes, the client's rating is taken (and the failure's retry stores its
+    latency only). Maybe stored: the row stays, the rating is refused and the retry of
+    the same event is a duplicate. Before, an unsent failure kept its row: the rating
+    got a false 409 and no quality was learned."""
     router = live.router
     model = router.add_model(answer=FakeModel(f"sink refusal {unsent}"))
     key = router.tenant()
@@ -414,15 +415,55 @@ def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch
     failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True, "event_id": "litellm-3"}
     with monkeypatch.context() as patch:
         patch.setattr(sink, "submit", _refusing(sink.submit, unsent))
-        r = _post(router, auth, decision_id, **failure)
-    assert r.status_code == 503, r.text
+        for _ in range(2):  # the plug-in's attempts
+            r = _post(router, auth, decision_id, **failure)
+            assert r.status_code == 503, r.text
     rating = _post(router, auth, decision_id, quality=0.9, event_id="user")
-    assert rating.status_code == 409, rating.text
+    assert rating.status_code == (202 if unsent else 409), rating.text
     retry = _post(router, auth, decision_id, **failure)
     assert retry.status_code == 202, retry.text
     assert retry.json()["status"] == ("applied" if unsent else "duplicate")
-    assert list(_rows(router, key, decision_id, 1)) == ["litellm-3"]
-    assert _rows(router, key, decision_id, 1)["litellm-3"]["quality"] == 0.0
+    rows = _rows(router, key, decision_id, 2 if unsent else 1)
+    if unsent:
+        assert rows["user"]["quality"] == 0.9
+        assert rows["litellm-3"]["quality"] is None
+    else:
+        assert list(rows) == ["litellm-3"] and rows["litellm-3"]["quality"] == 0.0
+    assert live.learned(model) == {1}
+
+
+def test_unsent_failure_keeps_the_row_of_its_concurrent_retry(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure's first attempt waits for the sink while the plug-in's retry of the same
+    event is stored; then the first is refused with nothing sent: its undo must keep the
+    row (the retry's 0 is stored), so the client's rating is still refused."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("concurrent retry"))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    tenant, decision_id = _decide(live, key, model)
+    routing = live.app.state.routing
+    outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
+    real_submit, retried = routing.sink.submit, []
+
+    def retry_then_refuse(*args: Any) -> Any:
+        if retried:  # the retry's own submit
+            return real_submit(*args)
+        retried.append(None)
+        retried.append(routing.feedback(tenant, decision_id, outcome, "litellm-4",
+                                        final=True))
+        err = UnavailableError("the sink refused it; retry", retry_after_s=1)
+        err.unsent = True
+        raise err
+
+    with monkeypatch.context() as patch:
+        patch.setattr(routing.sink, "submit", retry_then_refuse)
+        with pytest.raises(UnavailableError):
+            routing.feedback(tenant, decision_id, outcome, "litellm-4", final=True)
+    assert retried[1].status == "applied"
+    assert _row(live, decision_id).state == "final"
+    rating = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    assert rating.status_code == 409, rating.text
     assert live.learned(model) == {1}
 
 
