@@ -135,7 +135,8 @@ class QualityDefaults:
         recorded ``final`` as the gateway records its own failure (a later quality is
         refused); turns the tenant's claims on as :meth:`provisional` does. The row keeps
         the failure's ``event_id``: the same event drained from the outage buffer (or
-        retried) is its own, not a second quality (:meth:`claim`). ``replaced``: a
+        retried) is its own, not a second quality (:meth:`claim`); "" for none, as a
+        claim's. ``replaced``: a
         quality of the client's came first (its marker), the failure's must not be
         stored. ``stamp``: this call wrote the row (its ``changed_at``); should the sink
         refuse the 0 with nothing sent, :meth:`unfinal` removes it. A retry of the same
@@ -145,7 +146,7 @@ class QualityDefaults:
         now = m.utcnow()
         stmt = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
-            due_at=None, event_id=event_id or None, changed_at=now)
+            due_at=None, event_id=event_id or "", changed_at=now)
         stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
             _T.decision_id)
         with Session(self._engine) as session, session.begin():
@@ -157,7 +158,7 @@ class QualityDefaults:
         with Session(self._engine) as session, session.begin():
             session.execute(update(_T).where(
                 _T.decision_id == decision_id, _T.tenant_id == tenant_id,
-                _T.state == "final", _T.event_id == (event_id or None))
+                _T.state == "final", _T.event_id == (event_id or ""))
                 .values(changed_at=now))
         return Final(False, None)
 
@@ -266,8 +267,10 @@ class QualityDefaults:
                            f"already replaced by the quality of event "
                            f"{taken_by or '(none)'!r}; a second quality would count twice")
         if state == "final":
-            if event_id and taken_by == event_id:
-                return None  # the failure's own quality (:meth:`final`): nothing to claim
+            if taken_by == event_id:
+                # The failure's own quality (:meth:`final`; "" for none, as the drain's
+                # and a client's): nothing to claim.
+                return None
             raise _refused(decision_id, f"the call failed and the router reported its "
                            f"quality ({quality:g}) itself")
         raise _refused(decision_id, f"the router's default quality {quality:g} was "

@@ -504,24 +504,34 @@ def _refusing(submit: Any, unsent: bool) -> Any:
     return refuse
 
 
-def test_buffered_failure_keeps_its_zero(live: Live) -> None:
+@pytest.mark.parametrize("event", ["litellm-1", None])
+def test_buffered_failure_keeps_its_zero(live: Live, event: str | None) -> None:
     """A client gateway's failure recorded ``final`` whose feedback the sink buffered
     (the database away): drained, it is the failure's own quality, stored with its 0;
     another event's quality is still refused. Before, the drain took the failure's 0 for
-    a second quality and stripped it: no quality learned, later ratings refused."""
+    a second quality and stripped it: no quality learned, later ratings refused. Without
+    an event id (LiteLLM had no call id) the same, and a client's rating without one is
+    the failure's duplicate: before, the row kept None and the drain claimed with ""."""
     router = live.router
     key = router.tenant()
-    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("buffered")))
-    r = _post(router, {"Authorization": f"Bearer {key}"}, decision_id, quality=0.0,
-              latency_ms=3.0, failed=True, event_id="litellm-1")
+    auth = {"Authorization": f"Bearer {key}"}
+    model = router.add_model(answer=FakeModel(f"buffered {event}"))
+    tenant, decision_id = _decide(live, key, model)
+    failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True}
+    r = _post(router, auth, decision_id, **failure,
+              **({} if event is None else {"event_id": event}))
     assert r.status_code == 202, r.text
     # The same event as the drain hands it over had the sink buffered it.
     defaults = live.app.state.gateway.defaults
     outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
-    assert defaults.drained(tenant.id, decision_id, "litellm-1", outcome) == outcome
+    assert defaults.drained(tenant.id, decision_id, event or "", outcome) == outcome
     assert defaults.drained(tenant.id, decision_id, "user", {**outcome, "quality": 0.9}) \
         == {**outcome, "quality": None}
     assert _row(live, decision_id).state == "final"
+    if event is None:
+        r = _post(router, auth, decision_id, quality=0.9)
+        assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+        assert live.learned(model) == {1}
 
 
 def test_buffered_quality_for_an_unknown_decision_leaves_no_marker(live: Live) -> None:
