@@ -304,7 +304,8 @@ class RoutingService:
                      enabled: bool, prior_quality: float | None,
                      upstream: dict[str, str | None] | None = None) -> ModelState:
         return self.registry.create_model(name, input_price, output_price, enabled,
-                                          prior_quality, upstream)
+                                          prior_quality, upstream,
+                                          late=self.policies.learning())
 
     def update_model(self, name: str, changes: dict[str, Any]) -> ModelState:
         return self.registry.update_model(name, changes)
