@@ -16,7 +16,9 @@ and distributed mode alike, and a restart see the same answer:
   ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
   a ``replaced`` marker, which the gateway's record keeps. The claim is given back
   (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
-  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it. A
+  (a 404/422, or a 503 ``unsent``), by the stamp (``changed_at``) the claim wrote: a
+  retry of the same event stamps it anew and keeps it (a retry never gives it back: an
+  earlier attempt may have been sent); one that may have reached the topic keeps it. A
   failure's ``final`` row refused so goes too (:meth:`QualityDefaults.unfinal`: the
   client's rating is then taken), unless a retry of its event came meanwhile. A
   quality buffered while the database was away claims when it is drained
@@ -99,6 +101,9 @@ class Claim:
 
     decision_id: str
     event_id: str
+    #: The ``changed_at`` this claim wrote; None when it found the row its event's already
+    #: (a retry: an earlier attempt may have been sent, it is not undone).
+    stamp: datetime | None
 
 
 def _insert(engine: Engine) -> Callable[[Any], Any]:
@@ -156,10 +161,7 @@ class QualityDefaults:
         if self.record([Recorded(tenant_id, decision_id, quality, None)]):
             return Final(True, None)
         with Session(self._engine) as session, session.begin():
-            session.execute(update(_T).where(
-                _T.decision_id == decision_id, _T.tenant_id == tenant_id,
-                _T.state == "final", _T.event_id == (event_id or ""))
-                .values(changed_at=now))
+            _restamp(session, tenant_id, decision_id, "final", event_id or "", now)
         return Final(False, None)
 
     def unfinal(self, decision_id: str, stamp: datetime) -> None:
@@ -252,7 +254,11 @@ class QualityDefaults:
             set_={"state": "replaced", "event_id": event_id, "changed_at": now},
             where=and_(_T.state == "pending", _T.tenant_id == tenant_id))
         with Session(self._engine) as session, session.begin():
-            session.execute(stmt)
+            # A retry of this event's claim stamps it anew, so that the earlier
+            # attempt's release (answered after the retry was sent) keeps it.
+            took = session.execute(stmt.returning(_T.decision_id)).first() is not None
+            if not took:
+                _restamp(session, tenant_id, decision_id, "replaced", event_id, now)
             row = session.execute(select(_T.tenant_id, _T.state, _T.quality, _T.event_id)
                                   .where(_T.decision_id == decision_id)).one()
         owner, state, quality, taken_by = row
@@ -262,7 +268,7 @@ class QualityDefaults:
             if taken_by == event_id or quality is None:
                 # This event's claim (or its retry); or no default known (yet): the
                 # marker only keeps a later default out, not other events.
-                return Claim(decision_id, event_id)
+                return Claim(decision_id, event_id, now if took else None)
             raise _refused(decision_id, f"the router's default quality {quality:g} was "
                            f"already replaced by the quality of event "
                            f"{taken_by or '(none)'!r}; a second quality would count twice")
@@ -319,14 +325,25 @@ class QualityDefaults:
     def release(self, claim: Claim) -> None:
         """The sink refused the claimed quality (nothing stored): the default is
         pending again; the marker goes, also one a failure's 0 found (that 0 was not
-        stored: final, neither quality would be learned; the client's retry is taken)."""
+        stored: final, neither quality would be learned; the client's retry is taken).
+        Only while the row has the claim's stamp: a retry of the event since keeps it."""
         with Session(self._engine) as session, session.begin():
             mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
-                        _T.event_id == claim.event_id)
+                        _T.event_id == claim.event_id, _T.changed_at == claim.stamp)
             session.execute(delete(_T).where(mine, or_(_T.quality.is_(None),
                                                        _T.due_at.is_(None))))
             session.execute(update(_T).where(mine).values(
                 state="pending", event_id=None, changed_at=m.utcnow()))
+
+
+def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, event_id: str,
+             now: datetime) -> bool:
+    """A retry of the event that holds the row (``state``) stamps it anew: an earlier
+    attempt's undo (by its stamp) then keeps it. Whether it held the row."""
+    result = session.execute(update(_T).where(
+        _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == state,
+        _T.event_id == event_id).values(changed_at=now))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _refused(decision_id: str, why: str) -> ConflictError:

@@ -374,7 +374,9 @@ class RoutingService:
         own (:meth:`QualityDefaults.final`). A claim is released when the sink refuses
         the feedback with nothing stored (a refusal, or a 503 ``unsent``); after another
         error the event may have been stored (or be on the topic) with its answer lost,
-        so it stays, and the caller's retry of the same event finds it its own. A
+        so it stays, and the caller's retry of the same event finds it its own (and
+        stamps it anew, so that the first attempt's release keeps it; the retry itself
+        never releases it: an earlier attempt may have been sent). A
         failure's ``final`` row written by this call goes the same way (its 0 was not
         stored: the client's rating is taken), by its stamp: a retry of the same event
         sent meanwhile stamped it anew, and it stays for that retry."""
@@ -395,7 +397,7 @@ class RoutingService:
         elif (defaults is not None and outcome.get("quality") is not None
                 and event_id not in ROUTER_EVENTS):
             claim = defaults.claim(tenant.id, decision_id, event_id or "")
-            if claim is not None:
+            if claim is not None and claim.stamp is not None:
                 undo = partial(defaults.release, claim)
         try:
             return self.sink.submit(tenant, decision_id, outcome, event_id)

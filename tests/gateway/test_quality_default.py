@@ -432,38 +432,68 @@ def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch
     assert live.learned(model) == {1}
 
 
-def test_unsent_failure_keeps_the_row_of_its_concurrent_retry(
-        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failure's first attempt waits for the sink while the plug-in's retry of the same
-    event is stored; then the first is refused with nothing sent: its undo must keep the
-    row (the retry's 0 is stored), so the client's rating is still refused."""
-    router = live.router
-    model = router.add_model(answer=FakeModel("concurrent retry"))
-    key = router.tenant()
-    auth = {"Authorization": f"Bearer {key}"}
-    tenant, decision_id = _decide(live, key, model)
+def _first_attempt_refused_after_its_retry(live: Live, tenant: TenantState,
+                                           decision_id: str, outcome: dict[str, Any],
+                                           event_id: str, **kwargs: Any) -> Any:
+    """A feedback's first attempt waits for the sink while the caller's retry of the
+    same event is stored; then the first is refused with nothing sent. The retry's
+    receipt."""
     routing = live.app.state.routing
-    outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
     real_submit, retried = routing.sink.submit, []
 
     def retry_then_refuse(*args: Any) -> Any:
         if retried:  # the retry's own submit
             return real_submit(*args)
         retried.append(None)
-        retried.append(routing.feedback(tenant, decision_id, outcome, "litellm-4",
-                                        final=True))
+        retried.append(routing.feedback(tenant, decision_id, outcome, event_id, **kwargs))
         err = UnavailableError("the sink refused it; retry", retry_after_s=1)
         err.unsent = True
         raise err
 
-    with monkeypatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch:
         patch.setattr(routing.sink, "submit", retry_then_refuse)
         with pytest.raises(UnavailableError):
-            routing.feedback(tenant, decision_id, outcome, "litellm-4", final=True)
-    assert retried[1].status == "applied"
+            routing.feedback(tenant, decision_id, outcome, event_id, **kwargs)
+    return retried[1]
+
+
+def test_unsent_failure_keeps_the_row_of_its_concurrent_retry(live: Live) -> None:
+    """The first attempt of a failure is refused with nothing sent after its retry was
+    stored: its undo must keep the row (the retry's 0 is stored), so the client's rating
+    is still refused."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("concurrent retry"))
+    key = router.tenant()
+    tenant, decision_id = _decide(live, key, model)
+    outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
+    retry = _first_attempt_refused_after_its_retry(live, tenant, decision_id, outcome,
+                                                   "litellm-4", final=True)
+    assert retry.status == "applied"
     assert _row(live, decision_id).state == "final"
-    rating = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    rating = _post(router, {"Authorization": f"Bearer {key}"}, decision_id, quality=0.9,
+                   event_id="user")
     assert rating.status_code == 409, rating.text
+    assert live.learned(model) == {1}
+
+
+def test_unsent_rating_keeps_the_claim_of_its_concurrent_retry(live: Live) -> None:
+    """A client's rating claims the call's default; its first attempt is refused with
+    nothing sent after its retry was stored: the claim stays (the retry's stamp), and
+    the default is never learned in addition. Before, the first attempt's release
+    gave the claim back (docs/api.md said not to retry while waiting)."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("concurrent rating"))
+    key, _ = _tenant(router)
+    tenant, decision_id = _decide(live, key, model)
+    defaults = live.app.state.gateway.defaults
+    due = m.utcnow() + timedelta(hours=1)
+    assert defaults.record([Recorded(tenant.id, decision_id, 0.7, due)]) == set()
+    outcome = {"quality": 0.9, "cost_usd": None, "latency_ms": None}
+    retry = _first_attempt_refused_after_its_retry(live, tenant, decision_id, outcome,
+                                                   "user")
+    assert retry.status == "applied"
+    row = _row(live, decision_id)
+    assert (row.state, row.event_id) == ("replaced", "user")
     assert live.learned(model) == {1}
 
 
