@@ -104,6 +104,7 @@ class _Uncertain(NamedTuple):
 
     cost_delta: float
     decided_at: float
+    received: datetime  # the row's ``created_at`` if it was stored (a retry has its own)
 
 
 @dataclass(eq=False)
@@ -242,7 +243,7 @@ class FeedbackIngest:
                 if key in stored:
                     fid, at = stored[key]
                     uncertain = self._uncertain.get((it.tenant.id, *key))
-                    if uncertain is not None and at == it.received:
+                    if uncertain is not None and at == uncertain.received:
                         # Ours: its commit was sent but its outcome never came back (the
                         # connection died), so it was stored and not applied.
                         rows.append(_Row(i, fid, decision.model, decision.context,
@@ -274,11 +275,12 @@ class FeedbackIngest:
                     session.commit()
                 except (OperationalError, InterfaceError):
                     # Maybe committed, maybe not: remember what applying them would take;
-                    # the retry recognizes them by their time.
+                    # the retry (the buffer's, or the client's after a 503) recognizes
+                    # them by this attempt's time.
                     for row in new:
                         it = items[row.index]
                         self._uncertain[(it.tenant.id, it.decision_id, it.event)] = \
-                            _Uncertain(row.cost_delta, row.decided_at)
+                            _Uncertain(row.cost_delta, row.decided_at, it.received)
                     raise
                 rows.extend(new)
         for it in items:

@@ -85,6 +85,14 @@ class PolicyStore:
             out.update({f"tenant:{tenant_id}:{k}": p for k, p in pair.items()})
         return out
 
+    def learning(self) -> bool:
+        """Whether any policy has a quality observation: a model registered now is added
+        late, as the library's ``add_arm`` decides (distributed mode: the snapshots carry
+        the learners' sums)."""
+        with self.lock:
+            return any(p.observations(arm)["quality"] > 0
+                       for p in self.all_policies().values() for arm in p.arms)
+
     def versions(self) -> tuple[int, ...]:
         return tuple(p.version for _, p in sorted(self.all_policies().items()))
 

@@ -16,8 +16,11 @@ and distributed mode alike, and a restart see the same answer:
   ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
   a ``replaced`` marker, which the gateway's record keeps. The claim is given back
   (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
-  (a 404/422, or a 503 ``unsent``); one that may have reached the topic keeps it (a
-  failure's ``final`` row stays either way: the retry of its event stores the 0). A
+  (a 404/422, or a 503 ``unsent``), by the stamp (``changed_at``) the claim wrote: a
+  retry of the same event stamps it anew and keeps it (a retry never gives it back: an
+  earlier attempt may have been sent); one that may have reached the topic keeps it. A
+  failure's ``final`` row refused so goes too (:meth:`QualityDefaults.unfinal`: the
+  client's rating is then taken), unless a retry of its event came meanwhile. A
   quality buffered while the database was away claims when it is drained
   (service/ingest.py);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
@@ -53,7 +56,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
+__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
            "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
@@ -79,6 +82,13 @@ class Recorded(NamedTuple):
     due_at: datetime | None
 
 
+class Final(NamedTuple):
+    """What :meth:`QualityDefaults.final` did."""
+
+    replaced: bool  # a client's quality came first: the failure's is not stored
+    stamp: datetime | None  # the row it wrote (``changed_at``), for :meth:`unfinal`
+
+
 class Due(NamedTuple):
     tenant_id: str
     decision_id: str
@@ -91,6 +101,9 @@ class Claim:
 
     decision_id: str
     event_id: str
+    #: The ``changed_at`` this claim wrote; None when it found the row its event's already
+    #: (a retry: an earlier attempt may have been sent, it is not undone).
+    stamp: datetime | None
 
 
 def _insert(engine: Engine) -> Callable[[Any], Any]:
@@ -122,24 +135,42 @@ class QualityDefaults:
         self.record([Recorded(tenant_id, decision_id, quality, due)])
 
     def final(self, tenant_id: str, decision_id: str, quality: float,
-              event_id: str | None = None) -> bool:
+              event_id: str | None = None) -> Final:
         """A client's quality for a failed call (``failed``, the LiteLLM plug-in's):
         recorded ``final`` as the gateway records its own failure (a later quality is
         refused); turns the tenant's claims on as :meth:`provisional` does. The row keeps
         the failure's ``event_id``: the same event drained from the outage buffer (or
-        retried) is its own, not a second quality (:meth:`claim`). True: a quality of
-        the client's came first (its marker), the failure's must not be stored."""
+        retried) is its own, not a second quality (:meth:`claim`); "" for none, as a
+        claim's. ``replaced``: a
+        quality of the client's came first (its marker), the failure's must not be
+        stored. ``stamp``: this call wrote the row (its ``changed_at``); should the sink
+        refuse the 0 with nothing sent, :meth:`unfinal` removes it. A retry of the same
+        event that finds the row stamps it anew (so that the first attempt's undo keeps
+        it) and gets no stamp: an earlier attempt may have stored the 0."""
         self._claims_on(tenant_id)
+        now = m.utcnow()
         stmt = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
-            due_at=None, event_id=event_id or None, changed_at=m.utcnow())
+            due_at=None, event_id=event_id or "", changed_at=now)
         stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
             _T.decision_id)
         with Session(self._engine) as session, session.begin():
             if session.execute(stmt).first() is not None:
-                return False
+                return Final(False, now)
         # A row was there: a client's marker, or this failure's own (a retry).
-        return bool(self.record([Recorded(tenant_id, decision_id, quality, None)]))
+        if self.record([Recorded(tenant_id, decision_id, quality, None)]):
+            return Final(True, None)
+        with Session(self._engine) as session, session.begin():
+            _restamp(session, tenant_id, decision_id, "final", event_id or "", now)
+        return Final(False, None)
+
+    def unfinal(self, decision_id: str, stamp: datetime) -> None:
+        """The sink refused the failure's quality with nothing sent (:meth:`final`'s
+        ``stamp``): its ``final`` row goes, so that the client's rating is taken, unless
+        a retry of the same event stamped it since (that retry may store the 0)."""
+        with Session(self._engine) as session, session.begin():
+            session.execute(delete(_T).where(_T.decision_id == decision_id,
+                                             _T.state == "final", _T.changed_at == stamp))
 
     # ------------------------------------------------------------ the gateway
     def _claims_on(self, tenant_id: str) -> None:
@@ -223,7 +254,11 @@ class QualityDefaults:
             set_={"state": "replaced", "event_id": event_id, "changed_at": now},
             where=and_(_T.state == "pending", _T.tenant_id == tenant_id))
         with Session(self._engine) as session, session.begin():
-            session.execute(stmt)
+            # A retry of this event's claim stamps it anew, so that the earlier
+            # attempt's release (answered after the retry was sent) keeps it.
+            took = session.execute(stmt.returning(_T.decision_id)).first() is not None
+            if not took:
+                _restamp(session, tenant_id, decision_id, "replaced", event_id, now)
             row = session.execute(select(_T.tenant_id, _T.state, _T.quality, _T.event_id)
                                   .where(_T.decision_id == decision_id)).one()
         owner, state, quality, taken_by = row
@@ -233,13 +268,15 @@ class QualityDefaults:
             if taken_by == event_id or quality is None:
                 # This event's claim (or its retry); or no default known (yet): the
                 # marker only keeps a later default out, not other events.
-                return Claim(decision_id, event_id)
+                return Claim(decision_id, event_id, now if took else None)
             raise _refused(decision_id, f"the router's default quality {quality:g} was "
                            f"already replaced by the quality of event "
                            f"{taken_by or '(none)'!r}; a second quality would count twice")
         if state == "final":
-            if event_id and taken_by == event_id:
-                return None  # the failure's own quality (:meth:`final`): nothing to claim
+            if taken_by == event_id:
+                # The failure's own quality (:meth:`final`; "" for none, as the drain's
+                # and a client's): nothing to claim.
+                return None
             raise _refused(decision_id, f"the call failed and the router reported its "
                            f"quality ({quality:g}) itself")
         raise _refused(decision_id, f"the router's default quality {quality:g} was "
@@ -288,14 +325,25 @@ class QualityDefaults:
     def release(self, claim: Claim) -> None:
         """The sink refused the claimed quality (nothing stored): the default is
         pending again; the marker goes, also one a failure's 0 found (that 0 was not
-        stored: final, neither quality would be learned; the client's retry is taken)."""
+        stored: final, neither quality would be learned; the client's retry is taken).
+        Only while the row has the claim's stamp: a retry of the event since keeps it."""
         with Session(self._engine) as session, session.begin():
             mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
-                        _T.event_id == claim.event_id)
+                        _T.event_id == claim.event_id, _T.changed_at == claim.stamp)
             session.execute(delete(_T).where(mine, or_(_T.quality.is_(None),
                                                        _T.due_at.is_(None))))
             session.execute(update(_T).where(mine).values(
                 state="pending", event_id=None, changed_at=m.utcnow()))
+
+
+def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, event_id: str,
+             now: datetime) -> bool:
+    """A retry of the event that holds the row (``state``) stamps it anew: an earlier
+    attempt's undo (by its stamp) then keeps it. Whether it held the row."""
+    result = session.execute(update(_T).where(
+        _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == state,
+        _T.event_id == event_id).values(changed_at=now))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _refused(decision_id: str, why: str) -> ConflictError:

@@ -172,9 +172,12 @@ class Registry:
 
     def create_model(self, name: str, input_price: float, output_price: float,
                      enabled: bool, prior_quality: float | None,
-                     upstream: dict[str, str | None] | None = None) -> ModelState:
+                     upstream: dict[str, str | None] | None = None, *,
+                     late: bool = False) -> ModelState:
         """Register a model; ``upstream`` may give its ``base_url``, ``upstream_model``
-        and ``api_key_env`` (service/gateway)."""
+        and ``api_key_env`` (service/gateway). ``late``: the policies have started
+        learning (:meth:`PolicyStore.learning`), stored with the model
+        (``models.added_late``: a restart or another replica reads the same answer)."""
         # The arm's prior is checked before anything is written: a model the policies
         # would refuse must not reach the registry (it would break every decision).
         self.prior(ModelState(name, input_price, output_price, enabled, prior_quality,
@@ -183,12 +186,9 @@ class Registry:
         row = m.Model(name=name, input_price_per_mtok=input_price,
                       output_price_per_mtok=output_price, enabled=enabled,
                       prior_quality=prior_quality, created_at=now, updated_at=now,
-                      **(upstream or {}))
+                      added_late=late, **(upstream or {}))
         try:
             with Session(self.engine) as session, session.begin():
-                # Late if anything was decided before it (in this transaction: a
-                # restart or another replica reads the same answer from the row).
-                row.added_late = session.scalar(select(m.DecisionRow.id).limit(1)) is not None
                 session.add(row)
                 session.flush()
                 state = self._model_state(row)

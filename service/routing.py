@@ -304,7 +304,8 @@ class RoutingService:
                      enabled: bool, prior_quality: float | None,
                      upstream: dict[str, str | None] | None = None) -> ModelState:
         return self.registry.create_model(name, input_price, output_price, enabled,
-                                          prior_quality, upstream)
+                                          prior_quality, upstream,
+                                          late=self.policies.learning())
 
     def update_model(self, name: str, changes: dict[str, Any]) -> ModelState:
         return self.registry.update_model(name, changes)
@@ -373,25 +374,30 @@ class RoutingService:
         own (:meth:`QualityDefaults.final`). A claim is released when the sink refuses
         the feedback with nothing stored (a refusal, or a 503 ``unsent``); after another
         error the event may have been stored (or be on the topic) with its answer lost,
-        so it stays, and the caller's retry of the same event finds it its own. A
-        failure's ``final`` row always stays (the failure is known; the caller's retry
-        of the same event stores its 0): undoing it raced that retry, sent while the
-        first attempt still waited for the sink."""
+        so it stays, and the caller's retry of the same event finds it its own (and
+        stamps it anew, so that the first attempt's release keeps it; the retry itself
+        never releases it: an earlier attempt may have been sent). A
+        failure's ``final`` row written by this call goes the same way (its 0 was not
+        stored: the client's rating is taken), by its stamp: a retry of the same event
+        sent meanwhile stamped it anew, and it stays for that retry."""
         _check_outcome(outcome)
         defaults, undo = self.quality_defaults, None
         if final:
             quality = outcome["quality"]
             assert quality is not None  # FeedbackRequest: failed needs quality
             defaults = self._defaults(tenant, decision_id)
-            if defaults.final(tenant.id, decision_id, quality, event_id):
+            replaced, stamp = defaults.final(tenant.id, decision_id, quality, event_id)
+            if replaced:
                 # The client's came first: the failure's is not stored.
                 outcome = {**outcome, "quality": None}
                 if all(v is None for v in outcome.values()):
                     return FeedbackReceipt("duplicate", event_id)
+            elif stamp is not None:
+                undo = partial(defaults.unfinal, decision_id, stamp)
         elif (defaults is not None and outcome.get("quality") is not None
                 and event_id not in ROUTER_EVENTS):
             claim = defaults.claim(tenant.id, decision_id, event_id or "")
-            if claim is not None:
+            if claim is not None and claim.stamp is not None:
                 undo = partial(defaults.release, claim)
         try:
             return self.sink.submit(tenant, decision_id, outcome, event_id)

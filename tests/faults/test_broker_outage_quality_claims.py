@@ -6,10 +6,10 @@ test_broker_outage.py's :class:`PrivateBroker`) and the private PostgreSQL clust
 
 Before the ``unsent`` distinction every 503 of the sink kept the claim: a client's quality
 refused while the broker was away left the call's default replaced by a quality that was
-never sent (learned neither). A LiteLLM plug-in's failure (``failed``) keeps its
-``final`` row (with its event id) either way: the plug-in's retry of the event stores
-the 0, and the client's rating is refused (409) as for any failed call (deleting the row
-raced a retry of the same event still in flight).
+never sent (learned neither). A LiteLLM plug-in's failure (``failed``) refused before
+sending gives its ``final`` row back the same way: its 0 was never sent, so the client's
+rating is taken (before, it was refused with 409 and nothing was learned); the plug-in's
+retry of the event then sends its latency only.
 """
 
 from __future__ import annotations
@@ -94,20 +94,20 @@ def test_refused_before_sending_releases_the_claim(outage: dict[str, Any]) -> No
     rows = outage["rows"]
     assert rows["unsent"] == ("pending", None)  # the default waits again
     assert rows["maybe"] == ("replaced", "rating")  # may be on the topic: kept
-    assert rows["failed"] == ("final", "litellm-1")  # kept for the retry of its event
+    assert rows["failed"] is None  # its 0 never sent: the row went
     r = outage["unsent_again"]
     assert r.status_code == 202 and r.json()["status"] == "queued", r.text
 
 
-def test_unsent_failure_stays_final_for_its_retry(outage: dict[str, Any]) -> None:
+def test_unsent_failure_leaves_the_quality_to_the_client(outage: dict[str, Any]) -> None:
     r = outage["failed_rated"]
-    assert r.status_code == 409, r.text
-    # The plug-in's retry of the same event: its own final row, its 0 sent.
+    assert r.status_code == 202 and r.json()["status"] == "queued", r.text
+    # The plug-in's retry of the same event: the client's quality came first.
     r = outage["failed_retry"]
     assert r.status_code == 202 and r.json()["status"] == "queued", r.text
     ids, events = outage["ids"], outage["events"]
-    assert (ids["failed"], "user") not in events
-    assert events[(ids["failed"], "litellm-1")] == 0.0
+    assert events[(ids["failed"], "user")] == 0.9
+    assert events[(ids["failed"], "litellm-1")] is None
     assert events[(ids["unsent"], "rating-2")] == 0.4
     assert (ids["unsent"], "rating") not in events
 

@@ -400,11 +400,12 @@ def test_failure_of_a_client_gateway_after_the_clients_quality(live: Live) -> No
 @pytest.mark.parametrize("unsent", [True, False])
 def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch,
                                      unsent: bool) -> None:
-    """The sink answers a client gateway's failure with 503, certainly not stored
-    (``unsent``: e.g. the outage buffer full) or maybe stored: its ``final`` row stays
-    either way (the client's rating is refused) and the gateway's retry of the same
-    event stores its 0 (a duplicate if the first was stored). Before, an unsent 503
-    deleted the row: a retry of the same event still in flight raced that delete."""
+    """The sink answers a client gateway's failure with 503. Certainly not stored
+    (``unsent``: e.g. the outage buffer full, on every attempt of the plug-in): its
+    ``final`` row goes, the client's rating is taken (and the failure's retry stores its
+    latency only). Maybe stored: the row stays, the rating is refused and the retry of
+    the same event is a duplicate. Before, an unsent failure kept its row: the rating
+    got a false 409 and no quality was learned."""
     router = live.router
     model = router.add_model(answer=FakeModel(f"sink refusal {unsent}"))
     key = router.tenant()
@@ -414,15 +415,85 @@ def test_failure_refused_by_the_sink(live: Live, monkeypatch: pytest.MonkeyPatch
     failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True, "event_id": "litellm-3"}
     with monkeypatch.context() as patch:
         patch.setattr(sink, "submit", _refusing(sink.submit, unsent))
-        r = _post(router, auth, decision_id, **failure)
-    assert r.status_code == 503, r.text
+        for _ in range(2):  # the plug-in's attempts
+            r = _post(router, auth, decision_id, **failure)
+            assert r.status_code == 503, r.text
     rating = _post(router, auth, decision_id, quality=0.9, event_id="user")
-    assert rating.status_code == 409, rating.text
+    assert rating.status_code == (202 if unsent else 409), rating.text
     retry = _post(router, auth, decision_id, **failure)
     assert retry.status_code == 202, retry.text
     assert retry.json()["status"] == ("applied" if unsent else "duplicate")
-    assert list(_rows(router, key, decision_id, 1)) == ["litellm-3"]
-    assert _rows(router, key, decision_id, 1)["litellm-3"]["quality"] == 0.0
+    rows = _rows(router, key, decision_id, 2 if unsent else 1)
+    if unsent:
+        assert rows["user"]["quality"] == 0.9
+        assert rows["litellm-3"]["quality"] is None
+    else:
+        assert list(rows) == ["litellm-3"] and rows["litellm-3"]["quality"] == 0.0
+    assert live.learned(model) == {1}
+
+
+def _first_attempt_refused_after_its_retry(live: Live, tenant: TenantState,
+                                           decision_id: str, outcome: dict[str, Any],
+                                           event_id: str, **kwargs: Any) -> Any:
+    """A feedback's first attempt waits for the sink while the caller's retry of the
+    same event is stored; then the first is refused with nothing sent. The retry's
+    receipt."""
+    routing = live.app.state.routing
+    real_submit, retried = routing.sink.submit, []
+
+    def retry_then_refuse(*args: Any) -> Any:
+        if retried:  # the retry's own submit
+            return real_submit(*args)
+        retried.append(None)
+        retried.append(routing.feedback(tenant, decision_id, outcome, event_id, **kwargs))
+        err = UnavailableError("the sink refused it; retry", retry_after_s=1)
+        err.unsent = True
+        raise err
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routing.sink, "submit", retry_then_refuse)
+        with pytest.raises(UnavailableError):
+            routing.feedback(tenant, decision_id, outcome, event_id, **kwargs)
+    return retried[1]
+
+
+def test_unsent_failure_keeps_the_row_of_its_concurrent_retry(live: Live) -> None:
+    """The first attempt of a failure is refused with nothing sent after its retry was
+    stored: its undo must keep the row (the retry's 0 is stored), so the client's rating
+    is still refused."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("concurrent retry"))
+    key = router.tenant()
+    tenant, decision_id = _decide(live, key, model)
+    outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
+    retry = _first_attempt_refused_after_its_retry(live, tenant, decision_id, outcome,
+                                                   "litellm-4", final=True)
+    assert retry.status == "applied"
+    assert _row(live, decision_id).state == "final"
+    rating = _post(router, {"Authorization": f"Bearer {key}"}, decision_id, quality=0.9,
+                   event_id="user")
+    assert rating.status_code == 409, rating.text
+    assert live.learned(model) == {1}
+
+
+def test_unsent_rating_keeps_the_claim_of_its_concurrent_retry(live: Live) -> None:
+    """A client's rating claims the call's default; its first attempt is refused with
+    nothing sent after its retry was stored: the claim stays (the retry's stamp), and
+    the default is never learned in addition. Before, the first attempt's release
+    gave the claim back (docs/api.md said not to retry while waiting)."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("concurrent rating"))
+    key, _ = _tenant(router)
+    tenant, decision_id = _decide(live, key, model)
+    defaults = live.app.state.gateway.defaults
+    due = m.utcnow() + timedelta(hours=1)
+    assert defaults.record([Recorded(tenant.id, decision_id, 0.7, due)]) == set()
+    outcome = {"quality": 0.9, "cost_usd": None, "latency_ms": None}
+    retry = _first_attempt_refused_after_its_retry(live, tenant, decision_id, outcome,
+                                                   "user")
+    assert retry.status == "applied"
+    row = _row(live, decision_id)
+    assert (row.state, row.event_id) == ("replaced", "user")
     assert live.learned(model) == {1}
 
 
@@ -463,24 +534,34 @@ def _refusing(submit: Any, unsent: bool) -> Any:
     return refuse
 
 
-def test_buffered_failure_keeps_its_zero(live: Live) -> None:
+@pytest.mark.parametrize("event", ["litellm-1", None])
+def test_buffered_failure_keeps_its_zero(live: Live, event: str | None) -> None:
     """A client gateway's failure recorded ``final`` whose feedback the sink buffered
     (the database away): drained, it is the failure's own quality, stored with its 0;
     another event's quality is still refused. Before, the drain took the failure's 0 for
-    a second quality and stripped it: no quality learned, later ratings refused."""
+    a second quality and stripped it: no quality learned, later ratings refused. Without
+    an event id (LiteLLM had no call id) the same, and a client's rating without one is
+    the failure's duplicate: before, the row kept None and the drain claimed with ""."""
     router = live.router
     key = router.tenant()
-    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("buffered")))
-    r = _post(router, {"Authorization": f"Bearer {key}"}, decision_id, quality=0.0,
-              latency_ms=3.0, failed=True, event_id="litellm-1")
+    auth = {"Authorization": f"Bearer {key}"}
+    model = router.add_model(answer=FakeModel(f"buffered {event}"))
+    tenant, decision_id = _decide(live, key, model)
+    failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True}
+    r = _post(router, auth, decision_id, **failure,
+              **({} if event is None else {"event_id": event}))
     assert r.status_code == 202, r.text
     # The same event as the drain hands it over had the sink buffered it.
     defaults = live.app.state.gateway.defaults
     outcome = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
-    assert defaults.drained(tenant.id, decision_id, "litellm-1", outcome) == outcome
+    assert defaults.drained(tenant.id, decision_id, event or "", outcome) == outcome
     assert defaults.drained(tenant.id, decision_id, "user", {**outcome, "quality": 0.9}) \
         == {**outcome, "quality": None}
     assert _row(live, decision_id).state == "final"
+    if event is None:
+        r = _post(router, auth, decision_id, quality=0.9)
+        assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+        assert live.learned(model) == {1}
 
 
 def test_buffered_quality_for_an_unknown_decision_leaves_no_marker(live: Live) -> None:

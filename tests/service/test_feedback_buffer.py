@@ -380,6 +380,7 @@ def test_full_buffer_after_a_commit_that_may_have_landed_is_not_unsent(
                 "quality": 0.1, "cost_usd": None, "latency_ms": None},
                 m.utcnow().isoformat()) == "buffered"
 
+        before = quality_count(client)
         lost = lose_the_answer_of_a_feedback_commit(monkeypatch, fill_the_buffer)
         with pytest.raises(UnavailableError, match="buffer is full") as refused:
             service.feedback(service.tenants[tenant["X-Tenant"]], d,
@@ -388,6 +389,36 @@ def test_full_buffer_after_a_commit_that_may_have_landed_is_not_unsent(
         assert lost and refused.value.unsent is False
         wait_drained(client)
         assert [f["event_id"] for f in feedback_rows(client, d)] == ["lost"]
+        assert quality_count(client) == before + 1  # the filler
+        # The client retries the 503 (a new received time): the stored row is applied
+        # now, once (before, the retry took it for a duplicate and nothing learned it).
+        assert send(client, tenant, d, "lost", quality=0.5).json()["status"] == "applied"
+        assert [f["event_id"] for f in feedback_rows(client, d)] == ["lost"]
+        assert quality_count(client) == before + 2
+        assert send(client, tenant, d, "lost", quality=0.5).json()["status"] == "duplicate"
+        assert quality_count(client) == before + 2
+
+
+def test_without_a_buffer_the_retry_of_a_lost_commit_is_applied_once(
+        new_database_url, tmp_path, monkeypatch):
+    """No buffer: the commit's answer is lost, the client gets 503 and retries; the
+    stored row is applied once, by the retry."""
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        d = written_decision(client, tenant, seed=0)["decision_id"]
+        before = quality_count(client)
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        r = send(client, tenant, d, "lost", quality=0.5)
+        monkeypatch.undo()
+        assert lost and r.status_code == 503, r.text
+        assert quality_count(client) == before
+        r = send(client, tenant, d, "lost", quality=0.5)
+        assert r.json()["status"] == "applied", r.text
+        assert [f["event_id"] for f in feedback_rows(client, d)] == ["lost"]
+        assert quality_count(client) == before + 1
+        assert send(client, tenant, d, "lost", quality=0.5).json()["status"] == "duplicate"
+        assert quality_count(client) == before + 1
 
 
 def test_without_a_buffer_feedback_is_refused_with_503(new_database_url, tmp_path):

@@ -63,6 +63,29 @@ def test_model_registered_while_learning_is_late_and_stays_so(new_database_url):
         assert late_arms(c) == {("late-c",)} and len(late_arms_by_key(c)) == 2 * len(POLICY_KINDS)
 
 
+def test_late_means_learned_not_decided(new_database_url):
+    """A model is late when the policies have a quality observation, as the library's
+    ``add_arm`` decides. Before, any decision row made it late: one decide without
+    feedback made every later model late (and one registered while the first
+    decisions waited for the writer was not)."""
+    with TestClient(create_app(make_settings(new_database_url(), dim=64))) as c:
+        add_model(c, "first")
+        tenant = create_tenant(c)
+        d = c.post("/v1/decide", json={"query": {"text": "a question"}},
+                   headers=tenant).json()
+        assert c.app.state.routing.writer.flush(timeout=5.0)
+        add_model(c, "decided-only")  # a decision, no feedback: not late
+        assert late_arms(c) == {()}
+        r = c.post("/v1/feedback", json={"decision_id": d["decision_id"], "quality": 0.9},
+                   headers=tenant)
+        assert r.status_code < 300, r.text
+        add_model(c, "learned")
+        assert late_arms(c) == {("learned",)}
+        registry = c.app.state.routing.registry
+        assert {n: s.added_late for n, s in registry.models.items()} == {
+            "first": False, "decided-only": False, "learned": True}
+
+
 def test_distributed_snapshot_has_the_registrys_late_models():
     # The decider's snapshot is the registry's models plus the learners' sums, which
     # never mark an arm late (an arm joins them at its first feedback): whether a model
@@ -83,9 +106,13 @@ def test_distributed_snapshot_has_the_registrys_late_models():
     total.add_arm("c", late=False)  # first feedback in a later batch: not "late"
     total.update("c", [1.0, 0.0, 0.0, 0.0], {"quality": 0.5})
     followed = SimpleNamespace(policies=store)
+    assert not store.learning()
+    snaps = {}
     for kind in POLICY_KINDS:
-        snap = FollowedStatistics.snapshot(followed, kind, total)
+        snap = snaps[kind] = FollowedStatistics.snapshot(followed, kind, total)
         assert snap.late_arms == ["c"] and snap.observations("c")["quality"] == 1
+    store.install(snaps, {})
+    assert store.learning()  # a model registered now is late (the learners' sums)
 
 
 def test_checkpoint_written_before_the_default_restores_with_it():
