@@ -295,53 +295,60 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
 # Phi on a grid of step 1/128 over [-_Z_MAX, _Z_MAX] (values and derivatives exact, from
 # scipy), error below 2e-11 (h^4 / 384 times the largest fourth derivative; the tests
 # check 1e-10 against scipy's ndtr): several times cheaper than libm's erfc, which was
-# most of a batch's propensities. Beyond the grid Phi is 0 or 1 within 1e-17.
+# most of a batch's propensities. Beyond the grid Phi is 0 or 1 within 1e-17. Each
+# interval's cubic is stored as its 4 power coefficients in one row (Horner's rule: one
+# 32-byte row read per value instead of 4 reads from 2 arrays, and 6 operations instead
+# of ~15): 2x faster on a batch's propensities, the same cubic within 4e-16.
 _Z_MAX = 8.5
 _Z_STEP = 1.0 / 128.0
 
 
-def _phi_table() -> tuple[np.ndarray, np.ndarray]:
+def _phi_table() -> np.ndarray:
+    """(nodes, 4): on [z_i, z_i + step) at fraction f, Phi = c0 + f (c1 + f (c2 + f c3))
+    (the Hermite cubic of Phi and step x density at both ends)."""
     from scipy.special import ndtr
 
     z = np.arange(-_Z_MAX, _Z_MAX + 2 * _Z_STEP, _Z_STEP)
-    return ndtr(z), _Z_STEP * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    phi, dphi = ndtr(z), _Z_STEP * np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    coef = np.zeros((z.shape[0], 4))
+    coef[:, 0], coef[:, 1] = phi, dphi
+    coef[:-1, 2] = 3.0 * (phi[1:] - phi[:-1]) - 2.0 * dphi[:-1] - dphi[1:]
+    coef[:-1, 3] = 2.0 * (phi[:-1] - phi[1:]) + dphi[:-1] + dphi[1:]
+    return coef
 
 
-_PHI, _DPHI = _phi_table()
+_PHI = _phi_table()
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _ndtr(z: float, phi: np.ndarray, dphi: np.ndarray) -> float:
-    """Phi(z) by cubic Hermite interpolation of the table (``dphi``: step x density)."""
+def _ndtr(z: float, phi: np.ndarray) -> float:
+    """Phi(z) by cubic Hermite interpolation of the table."""
     if z <= -_Z_MAX:
         return 0.0
     if z >= _Z_MAX:
         return 1.0
-    return _hermite((z + _Z_MAX) * 128.0, phi, dphi)
+    return _hermite((z + _Z_MAX) * 128.0, phi)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _hermite(t: float, phi: np.ndarray, dphi: np.ndarray) -> float:
+def _hermite(t: float, phi: np.ndarray) -> float:
     """The table's interpolant at position t in [0, 2 * _Z_MAX * 128) (in steps)."""
     i = int(t)
     f = t - i
-    f2 = f * f
-    f3 = f2 * f
-    return ((2.0 * f3 - 3.0 * f2 + 1.0) * phi[i] + (f3 - 2.0 * f2 + f) * dphi[i]
-            + (3.0 * f2 - 2.0 * f3) * phi[i + 1] + (f3 - f2) * dphi[i + 1])
+    return phi[i, 0] + f * (phi[i, 1] + f * (phi[i, 2] + f * phi[i, 3]))
 
 
 def normal_cdf(z: np.ndarray) -> np.ndarray:
     """The kernel's normal CDF on an array (for the tests)."""
-    return _normal_cdf(np.ascontiguousarray(z, dtype=np.float64).ravel(), _PHI,
-                       _DPHI).reshape(np.shape(z))
+    return _normal_cdf(np.ascontiguousarray(z, dtype=np.float64).ravel(),
+                       _PHI).reshape(np.shape(z))
 
 
 @njit(cache=True, nogil=True)
-def _normal_cdf(z: np.ndarray, phi: np.ndarray, dphi: np.ndarray) -> np.ndarray:
+def _normal_cdf(z: np.ndarray, phi: np.ndarray) -> np.ndarray:
     out = np.empty_like(z)
     for i in range(z.shape[0]):
-        out[i] = _ndtr(z[i], phi, dphi)
+        out[i] = _ndtr(z[i], phi)
     return out
 
 
@@ -361,14 +368,14 @@ def thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarra
     out = np.empty(utility.shape[0])
     _thompson_propensities(np.ascontiguousarray(utility), np.ascontiguousarray(s),
                            np.ascontiguousarray(choices, dtype=np.intp), quantiles,
-                           prune_sigmas, _PHI, _DPHI, out)
+                           prune_sigmas, _PHI, out)
     return out
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarray,
                            quantiles: np.ndarray, prune_sigmas: float, phi: np.ndarray,
-                           dphi: np.ndarray, out: np.ndarray) -> None:
+                           out: np.ndarray) -> None:
     n, k_arms = utility.shape
     nodes = quantiles.shape[0]
     prod = np.empty(nodes)  # the integrand at each node, one competitor at a time
@@ -401,12 +408,18 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
                 inv = 128.0 / s_i
                 t0 = (mu_j - utility[r, i]) * inv + _Z_MAX * 128.0
                 t1 = s_j * inv
-                for q in range(bottom, nodes):
-                    t = t0 + t1 * quantiles[q]
-                    if t <= 0.0:
-                        prod[q] = 0.0
-                    elif t < table_end:
-                        prod[q] *= _hermite(t, phi, dphi)
+                # t rises with the node (t1 >= 0): the nodes below the table (Phi 0),
+                # those above it (Phi 1: left as they are), and between them the table,
+                # in a loop without branches.
+                lo = bottom
+                while lo < nodes and t0 + t1 * quantiles[lo] <= 0.0:
+                    prod[lo] = 0.0
+                    lo += 1
+                hi = nodes
+                while hi > lo and t0 + t1 * quantiles[hi - 1] >= table_end:
+                    hi -= 1
+                for q in range(lo, hi):
+                    prod[q] *= _hermite(t0 + t1 * quantiles[q], phi)
             else:
                 # An arm with no spread is a step function.
                 for q in range(bottom, nodes):
@@ -440,7 +453,7 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
                 level: float, estimate: np.ndarray, factor: np.ndarray, bounded: bool,
                 rule: int, param: float, noise: np.ndarray, forced: np.ndarray,
                 epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
-                want_propensity: bool, phi: np.ndarray, dphi: np.ndarray,
+                want_propensity: bool, phi: np.ndarray,
                 means: np.ndarray, table: np.ndarray, choices: np.ndarray,
                 propensity: np.ndarray, explored: np.ndarray) -> None:
     """A whole decide of the contexts xb (n, D) over the candidates ``arms`` (m,) in one
@@ -529,10 +542,10 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
             for j in range(m):
                 ur[0, j] = table[r, j, 3]
             _thompson_propensities(ur, s, choices[r:r + 1], quantiles,
-                                   prune_sigmas, phi, dphi, one)
+                                   prune_sigmas, phi, one)
             p_main = one[0]
         propensity[r] = epsilon / m + (1.0 - epsilon) * p_main
 
 
-#: The normal CDF table :func:`decide_rows` takes (``phi``, ``dphi``).
-PHI_TABLE = (_PHI, _DPHI)
+#: The normal CDF table :func:`decide_rows` takes (``phi``).
+PHI_TABLE = _PHI

@@ -1221,7 +1221,7 @@ class Policy(abc.ABC):
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
                             stats.selecting, sel, same, arms, self._level, estimate, factor,
                             cfg.bounded_optimism, kind, param, noise, forced, eps, quantiles, prune,
-                            propensities, *_kernel.PHI_TABLE, means, table, choices, prop,
+                            propensities, _kernel.PHI_TABLE, means, table, choices, prop,
                             explored)
         return names, choices, prop, means, table, explored
 
