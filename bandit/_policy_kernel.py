@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width",
-           "add_quadratic_forms", "update_grouped", "thompson_propensities",
+           "add_quadratic_forms", "width_matrix", "update_grouped", "thompson_propensities",
            "decide_rows", "RULE_UCB", "RULE_THOMPSON", "PHI_TABLE"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
@@ -146,6 +146,34 @@ def add_quadratic_forms(inv: np.ndarray, x: np.ndarray, scale: np.ndarray,
     for k in range(inv.shape[0]):
         if scale[k] != 0.0:
             var[k] += scale[k] * _quadratic(inv[k], x)
+
+
+@njit(cache=True, nogil=True)
+def width_matrix(inv: np.ndarray, c: np.ndarray, sel_inv: np.ndarray, sel: np.ndarray,
+                 c_sel: np.ndarray, out: np.ndarray) -> None:
+    """The batch path's combined matrices, side by side: ``out[i, k D + j] = c[k]
+    inv[k, i, j] + c_sel[k] sel_inv[k, sel[k], i, j]`` (D, K D), the second term only
+    when ``sel_inv`` is not empty (the quality head's selected candidate, read in place:
+    no copy into ``q_inv``); ``out`` float64, or float32 (rounded once at the end).
+
+    The numpy reference's operations exactly (each product rounded, then the sum: no
+    fast-math, so no fused multiply-add), written once into the layout of its
+    ``(xb @ m)`` product, with no (K, D, D) temporaries."""
+    k_arms, d, _ = inv.shape
+    selecting = sel_inv.shape[0] > 0
+    for k in range(k_arms):
+        a = c[k]
+        col = k * d
+        if selecting:
+            b = c_sel[k]
+            q = sel_inv[k, sel[k]]
+            for i in range(d):
+                for j in range(d):
+                    out[i, col + j] = a * inv[k, i, j] + b * q[i, j]
+        else:
+            for i in range(d):
+                for j in range(d):
+                    out[i, col + j] = a * inv[k, i, j]
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
