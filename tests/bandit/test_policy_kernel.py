@@ -9,8 +9,9 @@ import pytest
 from scipy.special import ndtr
 
 from bandit import ArmPrior, LinearThompson, LinUCB, Preferences, PriceList, SelectiveThompson
-from bandit._policy_kernel import normal_cdf, quality_ceiling, thompson_propensities
-from bandit.stats import FLOAT32_INVERSE_DIM, FUSED_BATCH, ArmStatistics
+from bandit._policy_kernel import (normal_cdf, quality_ceiling, thompson_propensities,
+                                   width_matrix)
+from bandit.stats import FLOAT32_INVERSE_DIM, FLOAT32_WIDTH_BATCH, FUSED_BATCH, ArmStatistics
 from bandit.thompson import _PRUNE_SIGMAS
 
 PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
@@ -186,6 +187,53 @@ def test_quality_ceiling_matches_numpy_bit_for_bit():
     # A column selection (not contiguous) gives the same.
     np.testing.assert_array_equal(quality_ceiling(utility[:, ::2], means[:, ::2], 2.5),
                                   want[:, ::2])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("selecting", [False, True])
+def test_width_matrix_matches_numpy_bit_for_bit(dtype, selecting):
+    rng = np.random.default_rng(31)
+    k, g, d = 4, 3, 7
+    inv = rng.standard_normal((k, d, d))
+    sel_inv = rng.standard_normal((k, g, d, d))
+    sel = np.array([2, 0, 1, 2], dtype=np.intp)
+    c, c_sel = rng.random(k), rng.random((k, 3))[:, 0]  # a strided column, as predict's
+    want = c[:, None, None] * inv
+    if selecting:
+        want += c_sel[:, None, None] * sel_inv[np.arange(k), sel]
+    want = want.transpose(1, 0, 2).reshape(d, k * d).astype(dtype)
+    got = np.empty((d, k * d), dtype=dtype)
+    width_matrix(inv, c, sel_inv if selecting else np.zeros((0, 0, 0, 0)), sel, c_sel, got)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("cls", [LinearThompson, SelectiveThompson])
+@pytest.mark.parametrize("partial", [False, True])
+def test_batch_path_widths_match_numpy_bit_for_bit(cls, partial):
+    """The batch path (more than FUSED_BATCH contexts) builds its combined matrices in
+    one compiled pass (``width_matrix``) unless a head outside its arm's group weighs
+    in (then in numpy; with selection the split quality head reads its candidate's
+    inverse: still compiled): on the same statistics, the same widths to the bit, float64 and float32 (from
+    FLOAT32_WIDTH_BATCH rows)."""
+    policy, _ = pair(cls, 6)
+    policy.remove_arm("m2")  # no prior: every head grouped unless ``partial``
+    rng = np.random.default_rng(29)
+    for t in range(80):
+        policy.update(f"m{t % 4 if t % 4 != 2 else 4}", rng.standard_normal(6) / 2,
+                      outcome(rng, t, partial))
+    stats = policy._stats
+    assert stats._all_grouped() is not partial
+    w = PREFS.head_weights()
+    c = (w * w) * stats.sigma2
+    for n in (FUSED_BATCH + 1, FLOAT32_WIDTH_BATCH):
+        xb = policy._features(rng.standard_normal((n, 6)) / 2)
+        got = stats.predict(xb, None, c, w)
+        stats.compiled = False
+        want = stats.predict(xb, None, c, w)
+        stats.compiled = True
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert (got[2] > 0).all()
 
 
 def test_large_dimension_selected_inverses_width_from_float32_copy():
