@@ -42,6 +42,8 @@ Run::
     python -m benchmarks.policy_speed --quick    # smoke run, writes nothing by default
     python -m benchmarks.policy_speed --against-tree /tmp/base 3 --dims 64,384 --peers vw
         # this tree against a checkout of the base (git archive), fresh processes
+    python -m benchmarks.policy_speed --against-tree /tmp/base 7 --batch
+        # the same for the batched decide_batch table
 """
 
 from __future__ import annotations
@@ -480,6 +482,8 @@ import bandit
 dims, peers = json.loads(sys.argv[3]), json.loads(sys.argv[4])
 out = {"bandit": bandit.__file__, "per_call": []}
 with bench.blas_threads(1):
+    if sys.argv[6] == "batch":
+        out["batched"] = bench.measure_batch(float(sys.argv[5]), 1)
     for dim in dims:
         out["per_call"] += bench.measure_dim(dim, peers, float(sys.argv[5]), 1, 200_000,
                                              lambda msg: None, bench.OURS)
@@ -488,12 +492,14 @@ print(json.dumps(out))
 
 
 def against_tree(root: Path, rounds: int, dims: Sequence[int], peers: Sequence[str],
-                 target_s: float, log: Callable[[str], None]) -> dict[str, object]:
+                 target_s: float, log: Callable[[str], None],
+                 batch: bool = False) -> dict[str, object]:
     """This tree against another checkout of the project (``git archive`` of the base):
     ``rounds`` rounds, each one fresh process per tree in alternating order, every
     process timing our three policies and the peers once (so each ratio to a peer is
     taken within one process). Per (tree, dim, policy, operation): the median over the
-    rounds; and the median over rounds of each round's base / this ratio."""
+    rounds; and the median over rounds of each round's base / this ratio. ``batch``:
+    the batched ``decide_batch`` rows instead (``dims`` and ``peers`` empty)."""
     here = Path(__file__).resolve().parents[1]
     trees = {"this": here, "base": root.resolve()}
     samples: dict[str, list[dict]] = {"this": [], "base": []}
@@ -504,14 +510,23 @@ def against_tree(root: Path, rounds: int, dims: Sequence[int], peers: Sequence[s
                    "PYTHONPATH": str(trees[name])}
             done = subprocess.run(  # noqa: S603 - our own interpreter and code
                 [sys.executable, "-c", _ROUND, str(trees[name]), __file__,
-                 json.dumps(list(dims)), json.dumps(list(peers)), str(target_s)],
+                 json.dumps(list(dims)), json.dumps(list(peers)), str(target_s),
+                 "batch" if batch else "per-call"],
                 capture_output=True, text=True, check=False, env=env, cwd=trees[name])
             if done.returncode:
                 raise RuntimeError(f"{name}: round failed:\n{done.stderr[-3000:]}")
             run = json.loads(done.stdout.strip().splitlines()[-1])
             if Path(run["bandit"]).resolve().parents[1] != trees[name]:
                 raise RuntimeError(f"{name}: imported bandit from {run['bandit']}")
-            samples[name].append({(e["dim"], e["policy"]): e for e in run["per_call"]})
+            samples[name].append({(e["dim"], e["policy"]): e for e in run["per_call"]}
+                                 if not batch else
+                                 {(e["policy"], e["propensities"]): e for e in run["batched"]})
+    if batch:
+        return {"base": str(root), "rounds": rounds, "batched": [
+            _batch_row(policy, prop, [s[(policy, prop)]["decisions_per_s"]
+                                      for s in samples["this"]],
+                       [s[(policy, prop)]["decisions_per_s"] for s in samples["base"]])
+            for policy, prop in samples["this"][0]]}
     rows = []
     keys = sorted(samples["this"][0], key=lambda k: (k[0], k[1] not in OURS, k[1]))
     for dim, policy in keys:
@@ -533,7 +548,27 @@ def against_tree(root: Path, rounds: int, dims: Sequence[int], peers: Sequence[s
     return {"base": str(root), "rounds": rounds, "rows": rows}
 
 
+def _batch_row(policy: str, propensities: bool, this: list[float],
+               base: list[float]) -> dict[str, object]:
+    """One batched configuration over the rounds: medians and the median per-round ratio."""
+    return {"policy": policy, "propensities": propensities,
+            "this_decisions_per_s": statistics.median(this),
+            "base_decisions_per_s": statistics.median(base),
+            "this_over_base": statistics.median(a / b for a, b in zip(this, base, strict=True)),
+            "this_samples": this, "base_samples": base}
+
+
 def print_against(result: dict[str, object], peers: Sequence[str]) -> None:
+    if "batched" in result:
+        print_table(f"decide_batch({BATCH}) d={BATCH_DIM} K={K_ARMS}, decisions/s: this "
+                    f"tree against {result['base']}, median of {result['rounds']} rounds "
+                    "(fresh processes, alternating order)",
+                    ["policy", "propensities", "this", "base", "this/base"],
+                    [[r["policy"], "yes" if r["propensities"] else "no",
+                      f"{r['this_decisions_per_s']:,.0f}",
+                      f"{r['base_decisions_per_s']:,.0f}", f"{r['this_over_base']:.2f}"]
+                     for r in result["batched"]])  # type: ignore[union-attr]
+        return
     columns = ["d", "policy", "operation", "this µs", "base µs", "base/this"]
     columns += [f"{p}/this, {p}/base" for p in peers]
     table = []
@@ -638,6 +673,10 @@ def main(argv: list[str] | None = None) -> int:
                              "the checkout DIR, ROUNDS rounds of fresh processes in "
                              "alternating order; writes results/policy_speed_against_tree"
                              ".json (nothing else is measured)")
+    parser.add_argument("--batch", action="store_true",
+                        help="with --against-tree: time decide_batch (the batched table) "
+                             "instead of the per-call operations; writes results/"
+                             "policy_speed_batch_against_tree.json")
     parser.add_argument("--write", action="store_true",
                         help="write results/policy_speed.json even with --quick")
     args = parser.parse_args(argv)
@@ -661,9 +700,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     if args.against_tree is not None:
         rounds = int(args.against_tree[1])
-        result = against_tree(Path(args.against_tree[0]), rounds, dims, peers, target, log)
+        if args.batch:
+            dims, peers = [], []
+        result = against_tree(Path(args.against_tree[0]), rounds, dims, peers, target, log,
+                              batch=args.batch)
         print_against(result, peers)
-        path = write_results("policy_speed_against_tree", {
+        path = write_results("policy_speed_batch_against_tree" if args.batch
+                             else "policy_speed_against_tree", {
             "settings": {"arms": K_ARMS, "dims": dims, "target_seconds": target,
                          "blas_threads": 1,
                          "wall_seconds": round(time.time() - started, 1)},
