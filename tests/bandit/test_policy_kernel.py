@@ -9,8 +9,7 @@ import pytest
 from scipy.special import ndtr
 
 from bandit import ArmPrior, LinearThompson, LinUCB, Preferences, PriceList, SelectiveThompson
-from bandit._policy_kernel import (normal_cdf, quality_ceiling, thompson_propensities,
-                                   width_matrix)
+from bandit._policy_kernel import normal_cdf, quality_ceiling, thompson_propensities, width_matrix
 from bandit.stats import FLOAT32_INVERSE_DIM, FLOAT32_WIDTH_BATCH, FUSED_BATCH, ArmStatistics
 from bandit.thompson import _PRUNE_SIGMAS
 
@@ -213,8 +212,8 @@ def test_batch_path_widths_match_numpy_bit_for_bit(cls, partial):
     """The batch path (more than FUSED_BATCH contexts) builds its combined matrices in
     one compiled pass (``width_matrix``) unless a head outside its arm's group weighs
     in (then in numpy; with selection the split quality head reads its candidate's
-    inverse: still compiled): on the same statistics, the same widths to the bit, float64 and float32 (from
-    FLOAT32_WIDTH_BATCH rows)."""
+    inverse: still compiled): on the same statistics, the same widths to the bit,
+    float64 and float32 (from FLOAT32_WIDTH_BATCH rows)."""
     policy, _ = pair(cls, 6)
     policy.remove_arm("m2")  # no prior: every head grouped unless ``partial``
     rng = np.random.default_rng(29)
