@@ -664,3 +664,33 @@ def test_failure_retry_interleaved_with_its_first_attempts_undo(live: Live,
     with pytest.raises(ConflictError):
         defaults.claim(tenant.id, decision_id, "user")
     assert defaults.claim(tenant.id, decision_id, "litellm-1", buffered=True) is None
+
+
+def test_failure_of_a_call_whose_default_waits_takes_its_place(live: Live) -> None:
+    """A default still waits (``pending``) when the client's gateway reports the call
+    failed: the failure's 0 takes the row (``final``, its event's), a rating is then a
+    409; once the default was learned, the failure's 0 is a 409 itself. Before, the
+    pending row kept its state with no due time: a rating claimed it and was learned
+    besides the 0, and a failure after the learned default stored a second quality."""
+    router = live.router
+    tenant, decision_id = _decide(live, router.tenant(), router.add_model(
+        answer=FakeModel("failure of a waiting default")))
+    defaults = QualityDefaults(live.app.state.routing.engine, lambda _: True,
+                               lambda _: WAIT_S, print)
+    defaults.record([Recorded(tenant.id, decision_id, 0.7, m.utcnow() + timedelta(hours=1))])
+    took = defaults.final(tenant.id, decision_id, 0.0, "litellm-5")
+    assert took.stamp is not None and not took.replaced
+    row = _row(live, decision_id)
+    assert (row.state, row.event_id, row.quality, row.due_at) == (
+        "final", "litellm-5", 0.0, None)
+    with pytest.raises(ConflictError, match="the call failed"):
+        defaults.claim(tenant.id, decision_id, "user")
+    other, learned = _decide(live, router.tenant(), router.add_model(
+        answer=FakeModel("failure after a learned default")))
+    with Session(live.app.state.routing.engine) as session, session.begin():
+        session.add(m.QualityDefault(decision_id=learned, tenant_id=other.id, quality=0.7,
+                                     state="applied", due_at=None, event_id=None,
+                                     changed_at=m.utcnow()))
+    with pytest.raises(ConflictError, match="quality_wait_seconds was over"):
+        defaults.final(other.id, learned, 0.0, "litellm-6")
+    assert _row(live, learned).state == "applied"
