@@ -32,6 +32,7 @@ from service.domain import (
     FeedbackReceipt,
     TenantState,
     price_estimate,
+    stored_outcome,
     timestamp,
 )
 from service.exceptions import NotFoundError, UnavailableError
@@ -96,6 +97,7 @@ class _Row(NamedTuple):
     decided_at: float
     price: float | None  # the decision's price estimate for its model
     lesson: GuardLesson | None
+    outcome: dict[str, float | None]  # the stored row's (what a replay learns)
 
 
 class _Uncertain(NamedTuple):
@@ -230,9 +232,12 @@ class FeedbackIngest:
             ids = sorted({it.decision_id for it in items})
             decisions = {d.id: d for d in session.scalars(
                 select(m.DecisionRow).where(m.DecisionRow.id.in_(ids)))}
-            stored = {(d, e): (int(i), m.as_utc(at)) for d, e, i, at in session.execute(
-                select(m.Feedback.decision_id, m.Feedback.event_id, m.Feedback.id,
-                       m.Feedback.created_at).where(m.Feedback.decision_id.in_(ids)))}
+            stored = {(fb.decision_id, fb.event_id): (
+                int(fb.id), m.as_utc(fb.created_at), stored_outcome(fb))
+                for fb in session.execute(select(
+                    m.Feedback.decision_id, m.Feedback.event_id, m.Feedback.id,
+                    m.Feedback.created_at, m.Feedback.quality, m.Feedback.cost_usd,
+                    m.Feedback.latency_ms).where(m.Feedback.decision_id.in_(ids)))}
             for i, it in enumerate(items):
                 decision = decisions.get(it.decision_id)
                 if decision is None or decision.tenant_id != it.tenant.id:
@@ -241,18 +246,19 @@ class FeedbackIngest:
                 key = (it.decision_id, it.event)
                 price = price_estimate(decision.model, decision.predictions)
                 if key in stored:
-                    fid, at = stored[key]
+                    fid, at, outcome = stored[key]
                     uncertain = self._uncertain.get((it.tenant.id, *key))
                     if uncertain is not None and at == uncertain.received:
                         # Ours: its commit was sent but its outcome never came back (the
-                        # connection died), so it was stored and not applied.
+                        # connection died), so it was stored and not applied: with
+                        # the stored row's outcome (the first attempt's), as a replay.
                         rows.append(_Row(i, fid, decision.model, decision.context,
                                          uncertain.cost_delta, uncertain.decided_at, price,
-                                         None))
+                                         None, outcome))
                     else:
                         results[i] = Stored("duplicate", fid)
                     continue
-                stored[key] = (0, it.received)  # a repeat later in this batch
+                stored[key] = (0, it.received, it.outcome)  # a repeat later in this batch
                 fb = m.Feedback(decision_id=it.decision_id, tenant_id=it.tenant.id,
                                 event_id=it.event, quality=it.outcome.get("quality"),
                                 cost_usd=it.outcome.get("cost_usd"),
@@ -269,7 +275,8 @@ class FeedbackIngest:
                 session.flush()
                 new = [_Row(i, int(fb.id), d.model, d.context, delta,
                             timestamp(d.created_at),
-                            price_estimate(d.model, d.predictions), lesson)
+                            price_estimate(d.model, d.predictions), lesson,
+                            items[i].outcome)
                        for i, fb, d, delta, lesson in pending]
                 try:
                     session.commit()
@@ -295,7 +302,7 @@ class FeedbackIngest:
             it = items[row.index]
             try:
                 store.apply(it.tenant.id, row.model,
-                            np.frombuffer(row.context, dtype=np.float64), it.outcome,
+                            np.frombuffer(row.context, dtype=np.float64), row.outcome,
                             row.decided_at, row.price)
             except Exception as exc:  # noqa: BLE001 - reported per item
                 results[row.index] = Stored("not-applied", row.feedback_id, exc)
@@ -314,11 +321,11 @@ class FeedbackIngest:
             if results[row.index].status != "applied":
                 continue
             self.metrics.feedback.labels("applied").inc()
-            if it.outcome.get("cost_usd"):
+            if row.outcome.get("cost_usd"):
                 self.metrics.spend_reported.labels(it.tenant.id).inc(
-                    float(it.outcome["cost_usd"]))
+                    float(row.outcome["cost_usd"]))
             self.metrics.reward.labels(it.tenant.id).inc(it.tenant.preferences.reward(
-                **{k: v for k, v in it.outcome.items() if v is not None}))
+                **{k: v for k, v in row.outcome.items() if v is not None}))
         for result in results:
             if result.status == "duplicate":
                 self.metrics.feedback.labels("duplicate").inc()

@@ -146,23 +146,41 @@ class QualityDefaults:
         stored. ``stamp``: this call wrote the row (its ``changed_at``); should the sink
         refuse the 0 with nothing sent, :meth:`unfinal` removes it. A retry of the same
         event that finds the row stamps it anew (so that the first attempt's undo keeps
-        it) and gets no stamp: an earlier attempt may have stored the 0."""
+        it) and gets no stamp: an earlier attempt may have stored the 0. A default not
+        learned yet (``pending``) gives way to the failure's 0; a row of another event's
+        failure, or a default learned already, raises :class:`ConflictError` (the claim's
+        409): the call has its quality."""
         self._claims_on(tenant_id)
-        now = m.utcnow()
-        stmt = self._insert(_T).values(
+        now, event = m.utcnow(), event_id or ""
+        insert = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
-            due_at=None, event_id=event_id or "", changed_at=now)
-        stmt = stmt.on_conflict_do_nothing(index_elements=["decision_id"]).returning(
-            _T.decision_id)
+            due_at=None, event_id=event, changed_at=now).on_conflict_do_nothing(
+            index_elements=["decision_id"]).returning(_T.decision_id)
+        row = and_(_T.decision_id == decision_id, _T.tenant_id == tenant_id)
+        # One transaction, each step one statement: an earlier attempt's unfinal may
+        # delete the row between two of them; then the insert is tried again.
         with Session(self._engine) as session, session.begin():
-            if session.execute(stmt).first() is not None:
-                return Final(False, now)
-        # A row was there: a client's marker, or this failure's own (a retry).
-        if self.record([Recorded(tenant_id, decision_id, quality, None)]):
-            return Final(True, None)
-        with Session(self._engine) as session, session.begin():
-            _restamp(session, tenant_id, decision_id, "final", event_id or "", now)
-        return Final(False, None)
+            while True:
+                if session.execute(insert).first() is not None:
+                    return Final(False, now)
+                if _restamp(session, tenant_id, decision_id, "final", event, now):
+                    return Final(False, None)  # this failure's own row (a retry)
+                if session.execute(update(_T).where(row, _T.state == "replaced").values(
+                        quality=quality, due_at=None).returning(_T.decision_id)).first():
+                    return Final(True, None)  # the client's quality came first
+                # A default not learned yet: the failure's 0 takes its place.
+                if session.execute(update(_T).where(row, _T.state == "pending").values(
+                        state="final", quality=quality, due_at=None, event_id=event,
+                        changed_at=now).returning(_T.decision_id)).first():
+                    return Final(False, now)
+                found = session.execute(select(_T.tenant_id, _T.state, _T.quality,
+                                               _T.event_id).where(
+                    _T.decision_id == decision_id)).first()
+                if found is None:
+                    continue  # deleted meanwhile (an earlier attempt's unfinal)
+                if found.tenant_id != tenant_id:
+                    return Final(False, None)  # another tenant's: the sink answers that
+                raise _refusal(decision_id, found.state, found.quality, found.event_id)
 
     def unfinal(self, decision_id: str, stamp: datetime) -> None:
         """The sink refused the failure's quality with nothing sent (:meth:`final`'s
@@ -264,24 +282,15 @@ class QualityDefaults:
         owner, state, quality, taken_by = row
         if owner != tenant_id:
             return None
-        if state == "replaced":
-            if taken_by == event_id or quality is None:
-                # This event's claim (or its retry); or no default known (yet): the
-                # marker only keeps a later default out, not other events.
-                return Claim(decision_id, event_id, now if took else None)
-            raise _refused(decision_id, f"the router's default quality {quality:g} was "
-                           f"already replaced by the quality of event "
-                           f"{taken_by or '(none)'!r}; a second quality would count twice")
-        if state == "final":
-            if taken_by == event_id:
-                # The failure's own quality (:meth:`final`; "" for none, as the drain's
-                # and a client's): nothing to claim.
-                return None
-            raise _refused(decision_id, f"the call failed and the router reported its "
-                           f"quality ({quality:g}) itself")
-        raise _refused(decision_id, f"the router's default quality {quality:g} was "
-                       "learned when the tenant's quality_wait_seconds was over; a later "
-                       "quality would count twice")
+        if state == "replaced" and (taken_by == event_id or quality is None):
+            # This event's claim (or its retry); or no default known (yet): the marker
+            # only keeps a later default out, not other events.
+            return Claim(decision_id, event_id, now if took else None)
+        if state == "final" and taken_by == event_id:
+            # The failure's own quality (:meth:`final`; "" for none, as the drain's and a
+            # client's): nothing to claim.
+            return None
+        raise _refusal(decision_id, state, quality, taken_by)
 
     def drained(self, tenant_id: str, decision_id: str, event_id: str,
                 outcome: dict[str, float | None]) -> dict[str, float | None] | None:
@@ -344,6 +353,21 @@ def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, eve
         _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == state,
         _T.event_id == event_id).values(changed_at=now))
     return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _refusal(decision_id: str, state: str, quality: float | None,
+             taken_by: str | None) -> ConflictError:
+    """The 409 for a second quality of a call whose row is in ``state``."""
+    if state == "replaced":
+        why = (f"the router's default quality {quality:g} was already replaced by the "
+               f"quality of event {taken_by or '(none)'!r}; a second quality would count "
+               "twice")
+    elif state == "final":
+        why = f"the call failed and the router reported its quality ({quality:g}) itself"
+    else:
+        why = (f"the router's default quality {quality:g} was learned when the tenant's "
+               "quality_wait_seconds was over; a later quality would count twice")
+    return _refused(decision_id, why)
 
 
 def _refused(decision_id: str, why: str) -> ConflictError:

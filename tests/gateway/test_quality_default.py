@@ -9,6 +9,7 @@ was learned twice: the router's 0.7 at once, and the client's quality in additio
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -602,3 +603,94 @@ def _post(router: Router, auth: dict[str, str], decision_id: str,
           **body: object) -> httpx.Response:
     return router.http.post("/v1/feedback", headers=auth,
                             json={"decision_id": decision_id, **body})
+
+
+def test_second_failure_of_another_event_is_refused(live: Live) -> None:
+    """Two failures with different event ids for one call: the second is a 409 (the
+    claim path's), not a second 0. Before, both were stored and learned."""
+    router = live.router
+    model = router.add_model(answer=FakeModel("two failures"))
+    key = router.tenant()
+    auth = {"Authorization": f"Bearer {key}"}
+    _, decision_id = _decide(live, key, model)
+    r = _post(router, auth, decision_id, quality=0.0, failed=True, event_id="fail-a")
+    assert r.status_code == 202, r.text
+    r = _post(router, auth, decision_id, quality=0.0, failed=True, event_id="fail-b")
+    assert r.status_code == 409 and "the call failed" in r.json()["detail"], r.text
+    assert list(_rows(router, key, decision_id, 1)) == ["fail-a"]
+    assert live.learned(model) == {1}
+
+
+@pytest.mark.parametrize("nth", [1, 2])
+def test_failure_retry_interleaved_with_its_first_attempts_undo(live: Live,
+                                                                nth: int) -> None:
+    """Attempt A of a failure wrote the ``final`` row, then is refused unsent: its
+    ``unfinal`` runs (another connection) at the ``nth`` statement of retry B's
+    ``final`` after its insert. B's row must stay, its own event's: B stores the 0, a
+    rating is then refused, B's drain finds its own row. Before, B ran three
+    transactions: between them the row was deleted (B's 0 then stored with no undo, the
+    rating learned too) or re-made with no event (B's own drain refused its 0)."""
+    router = live.router
+    tenant, decision_id = _decide(live, router.tenant(), router.add_model(
+        answer=FakeModel(f"interleaved failure {nth}")))
+    engine = live.app.state.routing.engine
+    defaults = QualityDefaults(engine, lambda _: True, lambda _: WAIT_S, print)
+    first = defaults.final(tenant.id, decision_id, 0.0, "litellm-1")
+    assert first.stamp is not None
+    seen: list[str] = []
+    undo = threading.Thread(target=defaults.unfinal, args=(decision_id, first.stamp))
+
+    def interleave(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "quality_defaults" not in statement or undo.ident is not None:
+            return
+        seen.append(statement)
+        if len(seen) == nth + 1:
+            undo.start()
+            # SQLite holds B's write lock: A's delete waits for B's commit.
+            undo.join(timeout=1.0 if engine.dialect.name == "sqlite" else 30.0)
+
+    event.listen(engine, "before_cursor_execute", interleave)
+    try:
+        second = defaults.final(tenant.id, decision_id, 0.0, "litellm-1")
+    finally:
+        event.remove(engine, "before_cursor_execute", interleave)
+        if undo.ident is not None:  # (B's fixed final may end before an nth statement)
+            undo.join(timeout=30.0)
+    assert not second.replaced
+    row = _row(live, decision_id)
+    assert (row.state, row.event_id, row.quality) == ("final", "litellm-1", 0.0)
+    if second.stamp is not None:  # B wrote the row anew: its own undo takes it
+        assert m.as_utc(row.changed_at) == second.stamp
+    with pytest.raises(ConflictError):
+        defaults.claim(tenant.id, decision_id, "user")
+    assert defaults.claim(tenant.id, decision_id, "litellm-1", buffered=True) is None
+
+
+def test_failure_of_a_call_whose_default_waits_takes_its_place(live: Live) -> None:
+    """A default still waits (``pending``) when the client's gateway reports the call
+    failed: the failure's 0 takes the row (``final``, its event's), a rating is then a
+    409; once the default was learned, the failure's 0 is a 409 itself. Before, the
+    pending row kept its state with no due time: a rating claimed it and was learned
+    besides the 0, and a failure after the learned default stored a second quality."""
+    router = live.router
+    tenant, decision_id = _decide(live, router.tenant(), router.add_model(
+        answer=FakeModel("failure of a waiting default")))
+    defaults = QualityDefaults(live.app.state.routing.engine, lambda _: True,
+                               lambda _: WAIT_S, print)
+    defaults.record([Recorded(tenant.id, decision_id, 0.7, m.utcnow() + timedelta(hours=1))])
+    took = defaults.final(tenant.id, decision_id, 0.0, "litellm-5")
+    assert took.stamp is not None and not took.replaced
+    row = _row(live, decision_id)
+    assert (row.state, row.event_id, row.quality, row.due_at) == (
+        "final", "litellm-5", 0.0, None)
+    with pytest.raises(ConflictError, match="the call failed"):
+        defaults.claim(tenant.id, decision_id, "user")
+    other, learned = _decide(live, router.tenant(), router.add_model(
+        answer=FakeModel("failure after a learned default")))
+    with Session(live.app.state.routing.engine) as session, session.begin():
+        session.add(m.QualityDefault(decision_id=learned, tenant_id=other.id, quality=0.7,
+                                     state="applied", due_at=None, event_id=None,
+                                     changed_at=m.utcnow()))
+    with pytest.raises(ConflictError, match="quality_wait_seconds was over"):
+        defaults.final(other.id, learned, 0.0, "litellm-6")
+    assert _row(live, learned).state == "applied"

@@ -35,6 +35,7 @@ from bandit import Policy
 from service.app import create_app
 from service.db import models as m
 from service.exceptions import UnavailableError
+from service.policies import PolicyStore
 from service.routing import RoutingService
 from tests.service.conftest import (
     ADMIN,
@@ -419,6 +420,36 @@ def test_without_a_buffer_the_retry_of_a_lost_commit_is_applied_once(
         assert quality_count(client) == before + 1
         assert send(client, tenant, d, "lost", quality=0.5).json()["status"] == "duplicate"
         assert quality_count(client) == before + 1
+
+
+def test_retry_of_a_lost_commit_learns_the_stored_outcome(new_database_url, tmp_path,
+                                                          monkeypatch):
+    """The commit's answer is lost (first attempt: quality 0.1); the client's retry of
+    the same event says 0.9. The row keeps the first attempt's outcome, so the policies
+    must learn 0.1, what a replay of the rows learns. Before, the retry's body was
+    learned: live statistics differed from a replay."""
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        d = written_decision(client, tenant, seed=0)["decision_id"]
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        r = send(client, tenant, d, "lost", quality=0.1)
+        monkeypatch.undo()
+        assert lost and r.status_code == 503, r.text
+        learned: list[dict[str, float | None]] = []
+        real_apply = PolicyStore.apply
+
+        def spy(self: PolicyStore, tenant_id: str, model: str, x: Any,
+                outcome: dict[str, float | None], *args: Any) -> None:
+            learned.append(outcome)
+            real_apply(self, tenant_id, model, x, outcome, *args)
+
+        monkeypatch.setattr(PolicyStore, "apply", spy)
+        r = send(client, tenant, d, "lost", quality=0.9)
+        assert r.json()["status"] == "applied", r.text
+        rows = feedback_rows(client, d)
+        assert [(f["event_id"], f["quality"]) for f in rows] == [("lost", 0.1)]
+        assert [o["quality"] for o in learned] == [0.1]
 
 
 def test_without_a_buffer_feedback_is_refused_with_503(new_database_url, tmp_path):
