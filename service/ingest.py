@@ -18,7 +18,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import Engine, select
@@ -37,6 +36,9 @@ from service.domain import (
 )
 from service.exceptions import NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
+from service.ingest_rows import Incoming, Stored
+from service.ingest_rows import Row as _Row
+from service.ingest_rows import Uncertain as _Uncertain
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
@@ -63,50 +65,6 @@ _PENDING_WAIT_S = 1.0
 _DRAIN_BATCH = 200
 #: Transactions tried when another process stores one of a batch's rows first.
 _ATTEMPTS = 3
-
-
-class Incoming(NamedTuple):
-    """One feedback on its way to the database (direct, or from the buffer)."""
-
-    tenant: TenantState
-    decision_id: str
-    event: str
-    outcome: dict[str, float | None]
-    received: datetime
-
-
-@dataclass(frozen=True)
-class Stored:
-    """What :meth:`FeedbackIngest.store_many` did with one feedback: ``applied``,
-    ``duplicate``, ``unknown-decision`` (or another tenant's: nothing stored) or
-    ``not-applied`` (stored, and applying it raised ``error``)."""
-
-    status: str
-    feedback_id: int | None = None
-    error: Exception | None = None
-
-
-class _Row(NamedTuple):
-    """A committed feedback row, to apply."""
-
-    index: int  # in the batch
-    feedback_id: int
-    model: str
-    context: bytes
-    cost_delta: float  # reported cost - the decision's charge
-    decided_at: float
-    price: float | None  # the decision's price estimate for its model
-    lesson: GuardLesson | None
-    outcome: dict[str, float | None]  # the stored row's (what a replay learns)
-
-
-class _Uncertain(NamedTuple):
-    """A feedback whose commit failed with a connection error: maybe stored, certainly
-    not applied."""
-
-    cost_delta: float
-    decided_at: float
-    received: datetime  # the row's ``created_at`` if it was stored (a retry has its own)
 
 
 @dataclass(eq=False)
