@@ -35,9 +35,11 @@ and distributed mode alike, and a restart see the same answer:
 
 Rows that are done are kept :data:`RETENTION_S` (a day), then pruned; a quality posted
 later than that counts in addition to the default, as it would without this table.
-Each step is one statement on one row (or a batch of rows), atomic on SQLite and
-PostgreSQL alike (``INSERT .. ON CONFLICT``, ``UPDATE .. WHERE state = ..``), so two
-replicas never both apply a default nor both replace it.
+Each change of a row is one statement on it (or on a batch of rows), atomic on SQLite
+and PostgreSQL alike (``INSERT .. ON CONFLICT``, ``UPDATE .. WHERE state = ..``), so two
+replicas never both apply a default nor both replace it; :meth:`QualityDefaults.final`
+runs its steps in one transaction and takes them again when the row changed between two
+of them (a failure's 0 takes the place of a waiting default, given back by ``unfinal``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class Final(NamedTuple):
 
     replaced: bool  # a client's quality came first: the failure's is not stored
     stamp: datetime | None  # the row it wrote (``changed_at``), for :meth:`unfinal`
+    #: The waiting default it took the place of (quality, due time), for :meth:`unfinal`.
+    took: tuple[float, datetime | None] | None = None
 
 
 class Due(NamedTuple):
@@ -168,27 +172,43 @@ class QualityDefaults:
                 if session.execute(update(_T).where(row, _T.state == "replaced").values(
                         quality=quality, due_at=None).returning(_T.decision_id)).first():
                     return Final(True, None)  # the client's quality came first
-                # A default not learned yet: the failure's 0 takes its place.
-                if session.execute(update(_T).where(row, _T.state == "pending").values(
+                # A default not learned yet: the failure's 0 takes its place (the row
+                # locked, so that its default can be given back by unfinal).
+                waiting = session.execute(select(_T.quality, _T.due_at).where(
+                    row, _T.state == "pending").with_for_update()).first()
+                if waiting is not None:
+                    session.execute(update(_T).where(row).values(
                         state="final", quality=quality, due_at=None, event_id=event,
-                        changed_at=now).returning(_T.decision_id)).first():
-                    return Final(False, now)
+                        changed_at=now))
+                    return Final(False, now, (float(waiting.quality), waiting.due_at))
                 found = session.execute(select(_T.tenant_id, _T.state, _T.quality,
                                                _T.event_id).where(
                     _T.decision_id == decision_id)).first()
-                if found is None:
-                    continue  # deleted meanwhile (an earlier attempt's unfinal)
+                if found is None or (found.tenant_id == tenant_id
+                                     and found.state in ("pending", "replaced")):
+                    # Deleted meanwhile (an earlier attempt's unfinal), or changed
+                    # between two of the steps above (PostgreSQL: each statement sees
+                    # what was committed when it started): the steps again.
+                    continue
                 if found.tenant_id != tenant_id:
                     return Final(False, None)  # another tenant's: the sink answers that
                 raise _refusal(decision_id, found.state, found.quality, found.event_id)
 
-    def unfinal(self, decision_id: str, stamp: datetime) -> None:
+    def unfinal(self, decision_id: str, stamp: datetime,
+                took: tuple[float, datetime | None] | None = None) -> None:
         """The sink refused the failure's quality with nothing sent (:meth:`final`'s
         ``stamp``): its ``final`` row goes, so that the client's rating is taken, unless
-        a retry of the same event stamped it since (that retry may store the 0)."""
+        a retry of the same event stamped it since (that retry may store the 0). A
+        default it took the place of (``took``) is waiting again, as a released claim's."""
+        mine = and_(_T.decision_id == decision_id, _T.state == "final",
+                    _T.changed_at == stamp)
         with Session(self._engine) as session, session.begin():
-            session.execute(delete(_T).where(_T.decision_id == decision_id,
-                                             _T.state == "final", _T.changed_at == stamp))
+            if took is None:
+                session.execute(delete(_T).where(mine))
+            else:
+                session.execute(update(_T).where(mine).values(
+                    state="pending", quality=took[0], due_at=took[1], event_id=None,
+                    changed_at=m.utcnow()))
 
     # ------------------------------------------------------------ the gateway
     def _claims_on(self, tenant_id: str) -> None:

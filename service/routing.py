@@ -386,14 +386,14 @@ class RoutingService:
             quality = outcome["quality"]
             assert quality is not None  # FeedbackRequest: failed needs quality
             defaults = self._defaults(tenant, decision_id)
-            replaced, stamp = defaults.final(tenant.id, decision_id, quality, event_id)
+            replaced, stamp, took = defaults.final(tenant.id, decision_id, quality, event_id)
             if replaced:
                 # The client's came first: the failure's is not stored.
                 outcome = {**outcome, "quality": None}
                 if all(v is None for v in outcome.values()):
                     return FeedbackReceipt("duplicate", event_id)
             elif stamp is not None:
-                undo = partial(defaults.unfinal, decision_id, stamp)
+                undo = partial(defaults.unfinal, decision_id, stamp, took)
         elif (defaults is not None and outcome.get("quality") is not None
                 and event_id not in ROUTER_EVENTS):
             claim = defaults.claim(tenant.id, decision_id, event_id or "")

@@ -694,3 +694,69 @@ def test_failure_of_a_call_whose_default_waits_takes_its_place(live: Live) -> No
     with pytest.raises(ConflictError, match="quality_wait_seconds was over"):
         defaults.final(other.id, learned, 0.0, "litellm-6")
     assert _row(live, learned).state == "applied"
+
+
+def test_failure_refused_unsent_gives_the_waiting_default_back(live: Live) -> None:
+    """A failure's 0 took the place of a waiting default, then the sink refused it with
+    nothing sent: the default waits again (its quality and due time), as a released
+    claim's does. Before, ``unfinal`` deleted the row: the call's default was gone."""
+    router = live.router
+    tenant, decision_id = _decide(live, router.tenant(), router.add_model(
+        answer=FakeModel("failure undone over a waiting default")))
+    defaults = QualityDefaults(live.app.state.routing.engine, lambda _: True,
+                               lambda _: WAIT_S, print)
+    due = m.utcnow() + timedelta(hours=1)
+    defaults.record([Recorded(tenant.id, decision_id, 0.7, due)])
+    took = defaults.final(tenant.id, decision_id, 0.0, "litellm-7")
+    assert took.stamp is not None and took.took is not None
+    defaults.unfinal(decision_id, took.stamp, took.took)
+    row = _row(live, decision_id)
+    assert (row.state, row.quality, row.event_id) == ("pending", 0.7, None)
+    assert m.as_utc(row.due_at) == due
+
+
+def test_failure_whose_row_a_rating_claims_between_its_steps_is_replaced(live: Live) -> None:
+    """A default waits; a failure's ``final`` finds no row of its own and no client
+    marker; a rating claims the row before ``final`` looks for a waiting default. On
+    PostgreSQL (each statement sees what was committed when it starts) the failure must
+    find the client's marker (replaced: its 0 is not stored, its cost and latency are),
+    not a 409; on SQLite the failure holds the write lock and takes the default first."""
+    router = live.router
+    tenant, decision_id = _decide(live, router.tenant(), router.add_model(
+        answer=FakeModel("rating between a failure's steps")))
+    engine = live.app.state.routing.engine
+    defaults = QualityDefaults(engine, lambda _: True, lambda _: WAIT_S, print)
+    defaults.record([Recorded(tenant.id, decision_id, 0.7, m.utcnow() + timedelta(hours=1))])
+    seen: list[str] = []
+    errors: list[Exception] = []
+
+    def rate() -> None:
+        try:
+            defaults.claim(tenant.id, decision_id, "user")
+        except ConflictError as exc:
+            errors.append(exc)
+
+    rating = threading.Thread(target=rate)
+
+    def interleave(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "quality_defaults" not in statement or rating.ident is not None:
+            return
+        seen.append(statement)
+        if len(seen) == 4:  # insert, own row, client marker: then the waiting default
+            rating.start()
+            rating.join(timeout=1.0 if engine.dialect.name == "sqlite" else 30.0)
+
+    event.listen(engine, "before_cursor_execute", interleave)
+    try:
+        failure = defaults.final(tenant.id, decision_id, 0.0, "litellm-8")
+    finally:
+        event.remove(engine, "before_cursor_execute", interleave)
+        if rating.ident is not None:
+            rating.join(timeout=30.0)
+    row = _row(live, decision_id)
+    if engine.dialect.name == "sqlite":
+        assert failure.stamp is not None and len(errors) == 1
+        assert (row.state, row.event_id) == ("final", "litellm-8")
+    else:
+        assert failure.replaced and not errors
+        assert (row.state, row.event_id) == ("replaced", "user")
