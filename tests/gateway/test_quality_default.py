@@ -621,6 +621,29 @@ def test_second_failure_of_another_event_is_refused(live: Live) -> None:
     assert live.learned(model) == {1}
 
 
+def _interleaved(engine: Any, other: threading.Thread, nth: int, call: Any) -> Any:
+    """``call()``, with ``other`` run (another connection) just before the ``nth``
+    statement of ``call`` on ``quality_defaults``. SQLite holds the caller's write lock:
+    there ``other`` waits for its commit (joined after ``call``)."""
+    seen: list[str] = []
+
+    def interleave(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if "quality_defaults" not in statement or other.ident is not None:
+            return
+        seen.append(statement)
+        if len(seen) == nth:
+            other.start()
+            other.join(timeout=1.0 if engine.dialect.name == "sqlite" else 30.0)
+
+    event.listen(engine, "before_cursor_execute", interleave)
+    try:
+        return call()
+    finally:
+        event.remove(engine, "before_cursor_execute", interleave)
+        if other.ident is not None:  # (the call may end before its nth statement)
+            other.join(timeout=30.0)
+
+
 @pytest.mark.parametrize("nth", [1, 2])
 def test_failure_retry_interleaved_with_its_first_attempts_undo(live: Live,
                                                                 nth: int) -> None:
@@ -637,25 +660,9 @@ def test_failure_retry_interleaved_with_its_first_attempts_undo(live: Live,
     defaults = QualityDefaults(engine, lambda _: True, lambda _: WAIT_S, print)
     first = defaults.final(tenant.id, decision_id, 0.0, "litellm-1")
     assert first.stamp is not None
-    seen: list[str] = []
     undo = threading.Thread(target=defaults.unfinal, args=(decision_id, first.stamp))
-
-    def interleave(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "quality_defaults" not in statement or undo.ident is not None:
-            return
-        seen.append(statement)
-        if len(seen) == nth + 1:
-            undo.start()
-            # SQLite holds B's write lock: A's delete waits for B's commit.
-            undo.join(timeout=1.0 if engine.dialect.name == "sqlite" else 30.0)
-
-    event.listen(engine, "before_cursor_execute", interleave)
-    try:
-        second = defaults.final(tenant.id, decision_id, 0.0, "litellm-1")
-    finally:
-        event.remove(engine, "before_cursor_execute", interleave)
-        if undo.ident is not None:  # (B's fixed final may end before an nth statement)
-            undo.join(timeout=30.0)
+    second = _interleaved(engine, undo, nth + 1,
+                          lambda: defaults.final(tenant.id, decision_id, 0.0, "litellm-1"))
     assert not second.replaced
     row = _row(live, decision_id)
     assert (row.state, row.event_id, row.quality) == ("final", "litellm-1", 0.0)
@@ -727,7 +734,6 @@ def test_failure_whose_row_a_rating_claims_between_its_steps_is_replaced(live: L
     engine = live.app.state.routing.engine
     defaults = QualityDefaults(engine, lambda _: True, lambda _: WAIT_S, print)
     defaults.record([Recorded(tenant.id, decision_id, 0.7, m.utcnow() + timedelta(hours=1))])
-    seen: list[str] = []
     errors: list[Exception] = []
 
     def rate() -> None:
@@ -737,22 +743,9 @@ def test_failure_whose_row_a_rating_claims_between_its_steps_is_replaced(live: L
             errors.append(exc)
 
     rating = threading.Thread(target=rate)
-
-    def interleave(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        if "quality_defaults" not in statement or rating.ident is not None:
-            return
-        seen.append(statement)
-        if len(seen) == 4:  # insert, own row, client marker: then the waiting default
-            rating.start()
-            rating.join(timeout=1.0 if engine.dialect.name == "sqlite" else 30.0)
-
-    event.listen(engine, "before_cursor_execute", interleave)
-    try:
-        failure = defaults.final(tenant.id, decision_id, 0.0, "litellm-8")
-    finally:
-        event.remove(engine, "before_cursor_execute", interleave)
-        if rating.ident is not None:
-            rating.join(timeout=30.0)
+    # insert, own row, client marker: then (4th) the waiting default
+    failure = _interleaved(engine, rating, 4,
+                           lambda: defaults.final(tenant.id, decision_id, 0.0, "litellm-8"))
     row = _row(live, decision_id)
     if engine.dialect.name == "sqlite":
         assert failure.stamp is not None and len(errors) == 1
