@@ -62,6 +62,8 @@ class PolicyStore:
                                       epsilon=self.settings.policy_epsilon(
                                           POLICY_CLASSES[kind]),
                                       half_life_hours=self.settings.half_life_hours,
+                                      cold_start_by=self.settings.policy_cold_start_by(
+                                          POLICY_CLASSES[kind]),
                                       **self.contexts.tag_settings())
         for model in self.registry.models.values():
             policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)

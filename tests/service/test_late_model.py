@@ -5,8 +5,11 @@ the same ``add_arm`` as the library; models there before any feedback are not.""
 from __future__ import annotations
 
 import threading
+import typing
 from types import SimpleNamespace
 
+import pydantic
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
@@ -134,3 +137,31 @@ def test_checkpoint_written_before_the_default_restores_with_it():
     store.restore(old, rebuild=False)
     assert {p.config.cold_start_by for p in store.shared.values()} == {"added-on-tags"}
     assert {p.observations("a")["quality"] for p in store.shared.values()} == {1}
+
+
+def test_cold_start_by_setting_applies_to_new_and_restored_policies():
+    # BANDIT_ROUTER_COLD_START_BY: a deployment chooses "arm" back (before, only the
+    # class default: new policies, checkpoints and snapshots all took "added-on-tags").
+    from service.policies import PolicyStore
+
+    registry = SimpleNamespace(lock=threading.RLock(), models={}, tenants={},
+                               subscribe=lambda store: None)
+    contexts = SimpleNamespace(dim=4, tag_dims=0, tag_settings=dict)
+    store = PolicyStore(make_settings("sqlite://", cold_start_by="arm"), registry,
+                        SimpleNamespace(), contexts)
+    assert {store.new_policy(kind).config.cold_start_by for kind in POLICY_KINDS} == {"arm"}
+    saved = {f"shared:{kind}": POLICY_CLASSES[kind](4).to_bytes() for kind in POLICY_KINDS}
+    store.restore(saved, rebuild=False)
+    assert {p.config.cold_start_by for p in store.shared.values()} == {"arm"}
+
+
+def test_cold_start_by_setting_refuses_an_unknown_value_naming_the_choices():
+    from bandit.base import COLD_START_BY
+    from service.config import Settings
+
+    with pytest.raises(pydantic.ValidationError) as err:
+        make_settings("sqlite://", cold_start_by="per-tag")
+    assert "cold_start_by" in str(err.value) and "'added-on-tags'" in str(err.value)
+    # The setting's choices are the library's.
+    choices = typing.get_args(Settings.model_fields["cold_start_by"].annotation)[0]
+    assert typing.get_args(choices) == COLD_START_BY
