@@ -106,31 +106,24 @@ class Settings(BaseSettings):
         "positive anyway: a uniform share cost select 0.02-0.15 of routing value, "
         "docs/results.md).")
 
-    def policy_epsilon(self, kind_class: type) -> float:
-        """The uniform share a policy of ``kind_class`` explores with: the setting, or
-        the class's own default when unset."""
-        return kind_class.Config.epsilon if self.epsilon is None else self.epsilon
-
     cold_start_by: Literal["added-on-tags", "arm", "tags", "new-on-tags", "context"] | None = (
         Field(None, description="Where a model's cold start is counted (PolicyConfig."
               "cold_start_by, docs/policies.md): unset, each policy's default "
               "(added-on-tags: per tag value for a model added after learning started); "
               "arm: by the model's total only, as before added-on-tags."))
 
-    def policy_cold_start_by(self, kind_class: type) -> str:
-        """The cold start a policy of ``kind_class`` counts by: the setting, or the
-        class's own default when unset."""
-        return (kind_class.Config.cold_start_by if self.cold_start_by is None
-                else self.cold_start_by)
-
-    def restored_settings(self, kind_class: type) -> dict:
-        """The settings a restored (or imported) policy of ``kind_class`` takes from this
-        process, not from its state: exploration, forgetting, and the cold start (a
+    def policy_settings(self, kind_class: type) -> dict:
+        """The settings every policy of ``kind_class`` takes from this process, built,
+        restored or imported alike (a state's own are not kept): exploration (unset: the
+        class's default), forgetting, and the cold start (unset: the class's default; a
         checkpoint written before ``cold_start_by="added-on-tags"`` stores ``"arm"``,
         which would keep an upgraded deployment off the new default)."""
-        return {"epsilon": self.policy_epsilon(kind_class),
+        config = kind_class.Config
+        return {"epsilon": config.epsilon if self.epsilon is None else self.epsilon,
                 "half_life_hours": self.half_life_hours,
-                "cold_start_by": self.policy_cold_start_by(kind_class)}
+                "cold_start_by": (config.cold_start_by if self.cold_start_by is None
+                                  else self.cold_start_by)}
+
     half_life_hours: float | None = Field(None, gt=0.0, description="Forgetting: an "
                                           "observation's weight halves every this many "
                                           "hours (docs/policies.md); unset keeps "

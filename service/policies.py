@@ -58,13 +58,9 @@ class PolicyStore:
     # ------------------------------------------------------------------ building
     def new_policy(self, kind: str) -> Policy:
         """A policy of ``kind`` with the settings' parameters and the registry's arms."""
-        policy = POLICY_CLASSES[kind](self.contexts.dim, seed=self.settings.policy_seed,
-                                      epsilon=self.settings.policy_epsilon(
-                                          POLICY_CLASSES[kind]),
-                                      half_life_hours=self.settings.half_life_hours,
-                                      cold_start_by=self.settings.policy_cold_start_by(
-                                          POLICY_CLASSES[kind]),
-                                      **self.contexts.tag_settings())
+        cls = POLICY_CLASSES[kind]
+        policy = cls(self.contexts.dim, seed=self.settings.policy_seed,
+                     **self.settings.policy_settings(cls), **self.contexts.tag_settings())
         for model in self.registry.models.values():
             policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
         return policy
@@ -134,7 +130,7 @@ class PolicyStore:
             # another HALF_LIFE_HOURS forgets at the new rate from the checkpoint on).
             # The reference time comes with the statistics (the newest decision time
             # applied, see apply): the replay continues from it, as the live process did.
-            settings = self.settings.restored_settings(POLICY_CLASSES[kind])
+            settings = self.settings.policy_settings(POLICY_CLASSES[kind])
             policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind], **settings)
             if policy.dim != self.contexts.dim:
                 raise ContextSettingsError(

@@ -122,7 +122,7 @@ def import_state(_admin: AdminDep, service: ServiceDep,
         data = state.policies[source]
         try:
             policy = Policy.from_bytes(data, as_class=POLICY_CLASSES[kind],
-                                       **service.settings.restored_settings(
+                                       **service.settings.policy_settings(
                                            POLICY_CLASSES[kind]))
         except InvalidInputError as err:
             raise InvalidInputError(f"policies.{source}", f"does not restore: {err}") from None
