@@ -58,15 +58,17 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
-           "LEASE_S", "RETENTION_S"]
+__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT",
+           "OUTCOME_EVENT", "ROUTER_EVENTS", "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
 
 #: The event id of a default quality, learned once its wait is over.
 DEFAULT_EVENT = "gateway-default"
+#: The event id of the outcome the gateway posts for a forwarded call (a failure's 0).
+OUTCOME_EVENT = "gateway"
 #: The router's own events (the call's outcome, its default quality): never a claim.
-ROUTER_EVENTS = frozenset({"gateway", DEFAULT_EVENT})
+ROUTER_EVENTS = frozenset({OUTCOME_EVENT, DEFAULT_EVENT})
 #: A default claimed for applying and not marked applied after this long is posted again.
 LEASE_S = 10.0
 #: Rows that are done are pruned after this long.
@@ -219,22 +221,37 @@ class QualityDefaults:
     def record(self, rows: Sequence[Recorded]) -> set[str]:
         """Record calls' defaults (one transaction). A client's quality that came first
         left a ``replaced`` marker: it stays (its default is never applied; its due time
-        is kept, so that a claim released later makes it due). Returns the decisions so
-        replaced: their quality (a failure's 0) must not be reported too."""
+        is kept, so that a claim released later makes it due). A row whose quality is
+        reported already (a client gateway's failure, ``final``; a default learned) is
+        left as it is: neither its quality nor its due time changes. Returns the
+        decisions so replaced or left: their quality (a failure's 0) must not be
+        reported too. A failure's own row keeps :data:`OUTCOME_EVENT` (the event its 0
+        is posted with), so that it is told from a client's."""
         if not rows:
             return set()
         now = m.utcnow()
         stmt = self._insert(_T).values([
             {"decision_id": r.decision_id, "tenant_id": r.tenant_id, "quality": r.quality,
              "state": "final" if r.due_at is None else "pending", "due_at": r.due_at,
-             "event_id": None, "changed_at": now} for r in rows])
+             "event_id": OUTCOME_EVENT if r.due_at is None else None,
+             "changed_at": now} for r in rows])
         stmt = stmt.on_conflict_do_update(
             index_elements=["decision_id"],
             set_={"quality": stmt.excluded.quality, "due_at": stmt.excluded.due_at},
-            where=_T.tenant_id == stmt.excluded.tenant_id).returning(_T.decision_id, _T.state)
+            where=and_(_T.tenant_id == stmt.excluded.tenant_id,
+                       _T.state.in_(("pending", "replaced")))).returning(_T.decision_id,
+                                                                          _T.state)
         with Session(self._engine) as session, session.begin():
-            done = session.execute(stmt).all()
-        return {d for d, state in done if state == "replaced"}
+            done = dict(session.execute(stmt).all())
+            tenants = {r.decision_id: r.tenant_id for r in rows if r.decision_id not in done}
+            left = [(d, state) for d, owner, state in session.execute(
+                select(_T.decision_id, _T.tenant_id, _T.state).where(
+                    _T.decision_id.in_(list(tenants)))) if owner == tenants[d]] \
+                if tenants else []
+        for decision_id, state in left:
+            log.info("the gateway's quality for decision %s not recorded: its quality is "
+                     "reported already (%s)", decision_id, state)
+        return {d for d, state in done.items() if state == "replaced"} | {d for d, _ in left}
 
     def take_due(self, limit: int = 500) -> list[Due]:
         """Claim the defaults whose wait is over (and those claimed more than
@@ -279,7 +296,9 @@ class QualityDefaults:
         count a second quality for the call. None: nothing claimed (the tenant has no
         defaults, or the decision is another tenant's: the sink answers that).
         ``buffered``: a quality drained from the outage buffer, whose lookup raises the
-        database's errors (the drain stops there) rather than count as "no row"."""
+        database's errors (the drain stops there) rather than count as "no row", and
+        whose claim found its event's marker is stamped too (its release undoes it:
+        the drain alone stores the item)."""
         if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id,
                                                               strict=buffered):
             return None
@@ -296,7 +315,9 @@ class QualityDefaults:
             # attempt's release (answered after the retry was sent) keeps it.
             took = session.execute(stmt.returning(_T.decision_id)).first() is not None
             if not took:
-                _restamp(session, tenant_id, decision_id, "replaced", event_id, now)
+                # The drain's own claim (taken again) is its to release: stamped.
+                took = _restamp(session, tenant_id, decision_id, "replaced", event_id,
+                                now) and buffered
             row = session.execute(select(_T.tenant_id, _T.state, _T.quality, _T.event_id)
                                   .where(_T.decision_id == decision_id)).one()
         owner, state, quality, taken_by = row
@@ -319,22 +340,52 @@ class QualityDefaults:
         (its lookup then counted as "no row"; a claim made before is this event's, taken
         again; the drain has waited for its decision to be written). The outcome to
         store: refused, without its quality (None: nothing left). The database's errors
-        are raised (the drain stops there)."""
+        are raised (the drain stops there). :meth:`take_drained` also gives the claim."""
+        return self.take_drained(tenant_id, decision_id, event_id, outcome)[0]
+
+    def take_drained(self, tenant_id: str, decision_id: str, event_id: str,
+                     outcome: dict[str, float | None]) -> tuple[dict[str, float | None]
+                                                                | None, Claim | None]:
+        """:meth:`drained`, and the claim it made (stamped, also when it took its
+        event's row again), for :meth:`release` should the database refuse the item:
+        the drain drops it, and the default is due again.
+
+        A ``final`` row written before this version (its event id NULL: the gateway's
+        own failure before it kept :data:`OUTCOME_EVENT`, a client gateway's before it
+        kept the failure's event, migration 0014 tells the gateway's) is taken by the
+        first drained quality equal to its own (that failure's 0, buffered before the
+        upgrade): its event is stored on the row, so that any other is refused."""
         if outcome.get("quality") is None or event_id in ROUTER_EVENTS:
-            return outcome
+            return outcome, None
         with Session(self._engine) as session:
             owner = session.scalar(select(m.DecisionRow.tenant_id).where(
                 m.DecisionRow.id == decision_id))
         if owner != tenant_id:
-            return outcome  # unknown or another tenant's: dropped by the store, no marker
+            return outcome, None  # unknown or another tenant's: dropped by the store
         try:
-            self.claim(tenant_id, decision_id, event_id, buffered=True)
-            return outcome
+            return outcome, self.claim(tenant_id, decision_id, event_id, buffered=True)
         except ConflictError as exc:
+            if self._adopt(tenant_id, decision_id, event_id, outcome["quality"]):
+                return outcome, None
             log.warning("buffered quality for decision %s not learned: %s", decision_id,
                         exc.detail)
             rest = {**outcome, "quality": None}
-            return None if all(v is None for v in rest.values()) else rest
+            return (None if all(v is None for v in rest.values()) else rest), None
+
+    def _adopt(self, tenant_id: str, decision_id: str, event_id: str,
+               quality: float | None) -> bool:
+        """A pre-upgrade ``final`` row (event id NULL) of ``quality`` takes ``event_id``
+        (:meth:`take_drained`); whether it did."""
+        with Session(self._engine) as session, session.begin():
+            result = session.execute(update(_T).where(
+                _T.decision_id == decision_id, _T.tenant_id == tenant_id,
+                _T.state == "final", _T.event_id.is_(None), _T.quality == quality)
+                .values(event_id=event_id, changed_at=m.utcnow()))
+        if result.rowcount:  # type: ignore[attr-defined]
+            log.warning("buffered failure of decision %s (event %r) taken as the failure "
+                        "of its final row written before the upgrade", decision_id,
+                        event_id)
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this

@@ -176,8 +176,9 @@ class Registry:
                      late: bool = False) -> ModelState:
         """Register a model; ``upstream`` may give its ``base_url``, ``upstream_model``
         and ``api_key_env`` (service/gateway). ``late``: the policies have started
-        learning (:meth:`PolicyStore.learning`), stored with the model
-        (``models.added_late``: a restart or another replica reads the same answer)."""
+        learning (:meth:`PolicyStore.learning`), or any quality is stored (read in the
+        insert's transaction); stored with the model (``models.added_late``: a restart
+        or another replica reads the same answer)."""
         # The arm's prior is checked before anything is written: a model the policies
         # would refuse must not reach the registry (it would break every decision).
         self.prior(ModelState(name, input_price, output_price, enabled, prior_quality,
@@ -189,6 +190,11 @@ class Registry:
                       added_late=late, **(upstream or {}))
         try:
             with Session(self.engine) as session, session.begin():
+                # Late too when a quality is stored that the policies have not learned
+                # yet (being applied, another replica's, a learner's not in the
+                # snapshot yet), read in the insert's transaction.
+                row.added_late = late or session.scalar(select(m.Feedback.id).where(
+                    m.Feedback.quality.is_not(None)).limit(1)) is not None
                 session.add(row)
                 session.flush()
                 state = self._model_state(row)

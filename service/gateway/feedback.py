@@ -39,7 +39,7 @@ import contextlib
 import logging
 
 from service.exceptions import NotFoundError
-from service.quality_defaults import DEFAULT_EVENT, QualityDefaults, Recorded
+from service.quality_defaults import DEFAULT_EVENT, OUTCOME_EVENT, QualityDefaults, Recorded
 from service.routing import FeedbackItem, RoutingService, TenantState
 
 __all__ = ["FeedbackSender", "DefaultApplier", "EVENT_ID"]
@@ -47,7 +47,7 @@ __all__ = ["FeedbackSender", "DefaultApplier", "EVENT_ID"]
 log = logging.getLogger("service.gateway")
 
 #: The event id of the outcome the router posts for a forwarded call.
-EVENT_ID = "gateway"
+EVENT_ID = OUTCOME_EVENT
 #: A batch is sent when this many outcomes are queued (or after ``max_wait_s``).
 BATCH_TARGET = 100
 _BATCH = 1000
