@@ -22,7 +22,7 @@ and distributed mode alike, and a restart see the same answer:
   failure's ``final`` row refused so goes too (:meth:`QualityDefaults.unfinal`: the
   client's rating is then taken), unless a retry of its event came meanwhile. A
   quality buffered while the database was away claims when it is drained
-  (service/ingest.py);
+  (service/ingest.py; a claim the database then refuses to store is given back);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
   default as a feedback event of its own (:data:`DEFAULT_EVENT`) through the same sink
   as any feedback (so the learned statistics and their replay are those of ordinary

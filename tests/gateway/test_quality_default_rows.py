@@ -2,7 +2,7 @@
 failure's ``final`` row is never rewritten by the router's own default, one written
 before the upgrade still takes its buffered failure's 0, and a drained quality the
 database refuses gives its claim back. SQLite and PostgreSQL (the ``live`` service of
-tests/gateway/test_quality_default.py)."""
+tests/gateway/conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,15 +18,8 @@ from service.gateway.feedback import FeedbackSender
 from service.quality_defaults import Recorded
 from service.spool import SpooledFeedback
 from tests.fakes.openai_upstream import FakeModel
-from tests.gateway.test_quality_default import (  # noqa: F401 - live: the fixture
-    Live,
-    _decide,
-    _post,
-    _row,
-    _rows,
-    _tenant,
-    live,
-)
+from tests.gateway.conftest import Live
+from tests.gateway.test_quality_default import _decide, _post, _row, _rows, _tenant
 
 OUTCOME = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
 
