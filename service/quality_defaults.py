@@ -194,6 +194,9 @@ class QualityDefaults:
                     continue
                 if found.tenant_id != tenant_id:
                     return Final(False, None)  # another tenant's: the sink answers that
+                if found.state == "final" and _adopt(session, tenant_id, decision_id,
+                                                     event, quality):
+                    return Final(False, None)  # a retry of a pre-upgrade failure
                 raise _refusal(decision_id, found.state, found.quality, found.event_id)
 
     def unfinal(self, decision_id: str, stamp: datetime,
@@ -365,27 +368,15 @@ class QualityDefaults:
         try:
             return outcome, self.claim(tenant_id, decision_id, event_id, buffered=True)
         except ConflictError as exc:
-            if self._adopt(tenant_id, decision_id, event_id, outcome["quality"]):
+            with Session(self._engine) as session, session.begin():
+                adopted = _adopt(session, tenant_id, decision_id, event_id,
+                                 outcome["quality"])
+            if adopted:
                 return outcome, None
             log.warning("buffered quality for decision %s not learned: %s", decision_id,
                         exc.detail)
             rest = {**outcome, "quality": None}
             return (None if all(v is None for v in rest.values()) else rest), None
-
-    def _adopt(self, tenant_id: str, decision_id: str, event_id: str,
-               quality: float | None) -> bool:
-        """A pre-upgrade ``final`` row (event id NULL) of ``quality`` takes ``event_id``
-        (:meth:`take_drained`); whether it did."""
-        with Session(self._engine) as session, session.begin():
-            result = session.execute(update(_T).where(
-                _T.decision_id == decision_id, _T.tenant_id == tenant_id,
-                _T.state == "final", _T.event_id.is_(None), _T.quality == quality)
-                .values(event_id=event_id, changed_at=m.utcnow()))
-        if result.rowcount:  # type: ignore[attr-defined]
-            log.warning("buffered failure of decision %s (event %r) taken as the failure "
-                        "of its final row written before the upgrade", decision_id,
-                        event_id)
-        return bool(result.rowcount)  # type: ignore[attr-defined]
 
     def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this
@@ -423,6 +414,21 @@ def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, eve
     result = session.execute(update(_T).where(
         _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == state,
         _T.event_id == event_id).values(changed_at=now))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _adopt(session: Session, tenant_id: str, decision_id: str, event_id: str,
+           quality: float | None) -> bool:
+    """A ``final`` row written before the upgrade (event id NULL) of ``quality`` takes
+    ``event_id``, that failure's (:meth:`QualityDefaults.take_drained`, a retry's
+    :meth:`QualityDefaults.final`); whether it did."""
+    result = session.execute(update(_T).where(
+        _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == "final",
+        _T.event_id.is_(None), _T.quality == quality).values(event_id=event_id,
+                                                            changed_at=m.utcnow()))
+    if result.rowcount:  # type: ignore[attr-defined]
+        log.warning("failure of decision %s (event %r) taken as that of its final row "
+                    "written before the upgrade", decision_id, event_id)
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 

@@ -73,6 +73,28 @@ def test_pre_upgrade_failure_row_takes_its_buffered_zero(live: Live, event: str)
     assert defaults.drained(tenant.id, decision_id, "user", OUTCOME) == {
         **OUTCOME, "quality": None}
     assert defaults.drained(tenant.id, decision_id, event, OUTCOME) == OUTCOME
+    # The plug-in's retry of the same failure is its duplicate, not a 409.
+    r = _post(router, auth, decision_id, quality=0.0, latency_ms=3.0, failed=True,
+              **({"event_id": event} if event else {}))
+    assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+
+
+def test_pre_upgrade_failure_row_takes_its_retry(live: Live) -> None:
+    """A client gateway's failure recorded before the upgrade (event id NULL), retried
+    after it (the same ``failed`` report): the retry's duplicate, the row takes its
+    event, and another failure is refused. Before, the retry was a 409."""
+    router = live.router
+    key, auth = _tenant(router)
+    _, decision_id = _decide(live, key, router.add_model(answer=FakeModel("retried")))
+    failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True, "event_id": "litellm-9"}
+    r = _post(router, auth, decision_id, **failure)
+    assert r.status_code == 202, r.text
+    _pre_upgrade(live, decision_id)
+    r = _post(router, auth, decision_id, **failure)
+    assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+    assert _row(live, decision_id).event_id == "litellm-9"
+    r = _post(router, auth, decision_id, **{**failure, "event_id": "litellm-10"})
+    assert r.status_code == 409, r.text
 
 
 def test_gateways_own_failure_row_refuses_a_buffered_rating(live: Live) -> None:
