@@ -42,7 +42,7 @@ from service.ingest_rows import Uncertain as _Uncertain
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
-from service.quality_defaults import Claim, QualityDefaults
+from service.quality_defaults import QualityDefaults, Undo
 from service.registry import Registry
 from service.spool import (
     FeedbackSpool,
@@ -424,20 +424,20 @@ class FeedbackIngest:
                     reason, item.decision_id, item.event_id, item.tenant_id)
 
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
-        known: list[tuple[SpooledFeedback, Incoming, Claim | None]] = []
+        known: list[tuple[SpooledFeedback, Incoming, Undo | None]] = []
         for item in batch:
             tenant = self.registry.tenants.get(item.tenant_id)
             if tenant is None:
                 self._drop(item, "the tenant does not exist")
                 continue
-            outcome, claim = (item.outcome, None) if self.defaults is None else \
+            outcome, undo = (item.outcome, None) if self.defaults is None else \
                 self.defaults.take_drained(item.tenant_id, item.decision_id, item.event_id,
                                            item.outcome)
             if outcome is None:
                 self._drop(item, "a second quality for a gateway call")
                 continue
             known.append((item, Incoming(tenant, item.decision_id, item.event_id, outcome,
-                                         datetime.fromisoformat(item.received_at)), claim))
+                                         datetime.fromisoformat(item.received_at)), undo))
         if not known:
             return
         try:
@@ -447,15 +447,15 @@ class FeedbackIngest:
         except DBAPIError:
             if len(known) == 1:
                 # Refused by the database (not an outage): logged, not retried forever
-                # (it would block every event behind it); its quality's claim given
-                # back (the call's default is due again).
-                item, _, claim = known[0]
+                # (it would block every event behind it); what its quality took of
+                # the call's row given back (the default due again, a failure's row).
+                item, _, undo = known[0]
                 log.exception("buffered feedback for decision %s refused by the database"
                               "%s", item.decision_id,
-                              "; its quality claim released" if claim else "")
+                              "; its claim on the call's quality given back" if undo else "")
                 self.metrics.feedback_buffer.labels("dropped").inc()
-                if claim is not None and self.defaults is not None:
-                    self.defaults.release(claim)
+                if undo is not None:
+                    undo()
                 return
             for item, _, _ in known:  # find the one refused
                 self._drain_batch([item])

@@ -48,6 +48,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NamedTuple
 
 from sqlalchemy import Engine, and_, delete, or_, select, update
@@ -58,7 +59,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT",
+__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "Undo", "DEFAULT_EVENT",
            "OUTCOME_EVENT", "ROUTER_EVENTS", "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
@@ -74,6 +75,8 @@ LEASE_S = 10.0
 #: Rows that are done are pruned after this long.
 RETENTION_S = 86_400.0
 _T = m.QualityDefault
+#: What undoes a drained quality's step (:meth:`QualityDefaults.take_drained`).
+Undo = Callable[[], None]
 
 
 class Recorded(NamedTuple):
@@ -195,7 +198,7 @@ class QualityDefaults:
                 if found.tenant_id != tenant_id:
                     return Final(False, None)  # another tenant's: the sink answers that
                 if found.state == "final" and _adopt(session, tenant_id, decision_id,
-                                                     event, quality):
+                                                     event, quality, now):
                     return Final(False, None)  # a retry of a pre-upgrade failure
                 raise _refusal(decision_id, found.state, found.quality, found.event_id)
 
@@ -348,10 +351,11 @@ class QualityDefaults:
 
     def take_drained(self, tenant_id: str, decision_id: str, event_id: str,
                      outcome: dict[str, float | None]) -> tuple[dict[str, float | None]
-                                                                | None, Claim | None]:
-        """:meth:`drained`, and the claim it made (stamped, also when it took its
-        event's row again), for :meth:`release` should the database refuse the item:
-        the drain drops it, and the default is due again.
+                                                                | None, Undo | None]:
+        """:meth:`drained`, and how to undo what it took should the database refuse the
+        item (the drain drops it): its claim (stamped, also when it took its event's
+        row again) is released, the default due again; the ``final`` row of the
+        failure it is (stamped anew) goes, as :meth:`unfinal` does.
 
         A ``final`` row written before this version (its event id NULL: the gateway's
         own failure before it kept :data:`OUTCOME_EVENT`, a client gateway's before it
@@ -365,18 +369,24 @@ class QualityDefaults:
                 m.DecisionRow.id == decision_id))
         if owner != tenant_id:
             return outcome, None  # unknown or another tenant's: dropped by the store
+        now = m.utcnow()
         try:
-            return outcome, self.claim(tenant_id, decision_id, event_id, buffered=True)
+            claim = self.claim(tenant_id, decision_id, event_id, buffered=True)
         except ConflictError as exc:
             with Session(self._engine) as session, session.begin():
                 adopted = _adopt(session, tenant_id, decision_id, event_id,
-                                 outcome["quality"])
+                                 outcome["quality"], now)
             if adopted:
-                return outcome, None
+                return outcome, partial(self.unfinal, decision_id, now)
             log.warning("buffered quality for decision %s not learned: %s", decision_id,
                         exc.detail)
             rest = {**outcome, "quality": None}
             return (None if all(v is None for v in rest.values()) else rest), None
+        if claim is not None:
+            return outcome, None if claim.stamp is None else partial(self.release, claim)
+        with Session(self._engine) as session, session.begin():
+            own = _restamp(session, tenant_id, decision_id, "final", event_id, now)
+        return outcome, partial(self.unfinal, decision_id, now) if own else None
 
     def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this
@@ -418,14 +428,14 @@ def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, eve
 
 
 def _adopt(session: Session, tenant_id: str, decision_id: str, event_id: str,
-           quality: float | None) -> bool:
+           quality: float | None, now: datetime) -> bool:
     """A ``final`` row written before the upgrade (event id NULL) of ``quality`` takes
     ``event_id``, that failure's (:meth:`QualityDefaults.take_drained`, a retry's
     :meth:`QualityDefaults.final`); whether it did."""
     result = session.execute(update(_T).where(
         _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == "final",
         _T.event_id.is_(None), _T.quality == quality).values(event_id=event_id,
-                                                            changed_at=m.utcnow()))
+                                                            changed_at=now))
     if result.rowcount:  # type: ignore[attr-defined]
         log.warning("failure of decision %s (event %r) taken as that of its final row "
                     "written before the upgrade", decision_id, event_id)

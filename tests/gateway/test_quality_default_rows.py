@@ -131,6 +131,17 @@ def test_drained_quality_refused_by_the_database_releases_its_claim(
     defaults.record([Recorded(tenant.id, decision_id, 0.7, due)])
     if claimed_before:
         assert defaults.claim(tenant.id, decision_id, "rating") is not None
+    _drain_refused(live, monkeypatch, error, SpooledFeedback(
+        1, tenant.id, decision_id, "rating", {**OUTCOME, "quality": 0.2},
+        m.utcnow().isoformat()))
+    row = _row(live, decision_id)
+    assert (row.state, row.event_id, row.quality) == ("pending", None, 0.7)
+    assert row.due_at is not None and abs((m.as_utc(row.due_at) - due).total_seconds()) < 1
+
+
+def _drain_refused(live: Live, monkeypatch: pytest.MonkeyPatch, error: type,
+                   item: SpooledFeedback) -> None:
+    """The drain of ``item``, whose row the database refuses with ``error``."""
     # The drain waits for the decision's row (ingest.drain): written first here.
     assert live.app.state.routing.writer.flush(timeout=5.0)
     ingest = live.app.state.routing.sink
@@ -138,9 +149,30 @@ def test_drained_quality_refused_by_the_database_releases_its_claim(
     def refuse(items: object) -> None:
         raise error("INSERT INTO feedback", {}, Exception("refused"))
 
-    monkeypatch.setattr(ingest, "store_many", refuse)
-    ingest._drain_batch([SpooledFeedback(1, tenant.id, decision_id, "rating", {
-        **OUTCOME, "quality": 0.2}, m.utcnow().isoformat())])
-    row = _row(live, decision_id)
-    assert (row.state, row.event_id, row.quality) == ("pending", None, 0.7)
-    assert row.due_at is not None and abs((m.as_utc(row.due_at) - due).total_seconds()) < 1
+    with monkeypatch.context() as mp:
+        mp.setattr(ingest, "store_many", refuse)
+        ingest._drain_batch([item])
+
+
+@pytest.mark.parametrize("pre_upgrade", [False, True])
+def test_drained_failure_refused_by_the_database_gives_its_row_back(
+        live: Live, monkeypatch: pytest.MonkeyPatch, pre_upgrade: bool) -> None:
+    """A client gateway's failure recorded ``final`` and buffered, whose row the
+    database then refuses: dropped, its 0 was never stored, so its ``final`` row goes
+    (as after an unsent refusal) and the client's rating is taken. ``pre_upgrade``: a
+    row without its event id (taken by the drain first). Before, the row stayed: no
+    quality ever learned for the call, the rating refused."""
+    router = live.router
+    key, auth = _tenant(router)
+    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("gone")))
+    r = _post(router, auth, decision_id, quality=0.0, latency_ms=3.0, failed=True,
+              event_id="litellm-11")
+    assert r.status_code == 202, r.text
+    if pre_upgrade:
+        _pre_upgrade(live, decision_id)
+    _drain_refused(live, monkeypatch, IntegrityError, SpooledFeedback(
+        1, tenant.id, decision_id, "litellm-11", OUTCOME, m.utcnow().isoformat()))
+    with Session(live.app.state.routing.engine) as session:
+        assert session.get(m.QualityDefault, decision_id) is None
+    r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    assert r.status_code == 202 and r.json()["status"] == "applied", r.text
