@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.gateway.feedback import FeedbackSender
 from service.quality_defaults import Recorded
+from service.routing import TenantState
 from service.spool import SpooledFeedback
 from tests.fakes.openai_upstream import FakeModel
 from tests.gateway.conftest import Live
@@ -24,25 +25,32 @@ from tests.gateway.test_quality_default import _decide, _post, _row, _rows, _ten
 OUTCOME = {"quality": 0.0, "cost_usd": None, "latency_ms": 3.0}
 
 
+def _failed(live: Live, event: str) -> tuple[dict[str, str], TenantState, str]:
+    """A decision of a tenant with defaults whose call a client gateway reports failed
+    (``event``; "" for none): its auth header, the tenant and the decision."""
+    key, auth = _tenant(live.router)
+    tenant, decision_id = _decide(live, key, live.router.add_model(
+        answer=FakeModel(f"failed {event}")))
+    r = _post(live.router, auth, decision_id, quality=0.0, latency_ms=3.0, failed=True,
+              **({"event_id": event} if event else {}))
+    assert r.status_code == 202, r.text
+    return auth, tenant, decision_id
+
+
 def test_record_leaves_a_client_gateways_failure(live: Live) -> None:
     """The router's default for a success recorded over a client gateway's ``final``
     row (the LiteLLM plug-in's failure): the row keeps its 0 and no due time, record()
     says so (the router reports no quality for the call), and a rating's 409 names
     the failure. Before, the row took the default's 0.7 and due time (the 409 said the
     default was learned; an unsent refusal's unfinal then dropped the default too)."""
-    router = live.router
-    key, auth = _tenant(router)
-    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("kept")))
-    r = _post(router, auth, decision_id, quality=0.0, latency_ms=2.0, failed=True,
-              event_id="litellm-7")
-    assert r.status_code == 202, r.text
+    auth, tenant, decision_id = _failed(live, "litellm-7")
     due = m.utcnow() + timedelta(hours=1)
     defaults = live.app.state.gateway.defaults
     assert defaults.record([Recorded(tenant.id, decision_id, 0.7, due)]) == {decision_id}
     row = _row(live, decision_id)
     assert (row.state, row.quality, row.due_at, row.event_id) == (
         "final", 0.0, None, "litellm-7")
-    r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    r = _post(live.router, auth, decision_id, quality=0.9, event_id="user")
     assert r.status_code == 409 and "the call failed" in r.json()["detail"], r.text
 
 
@@ -59,12 +67,7 @@ def test_pre_upgrade_failure_row_takes_its_buffered_zero(live: Live, event: str)
     whose feedback was buffered: drained after it, its 0 is stored (the row takes its
     event); another event's quality is then refused. Before, the drain took the 0 for
     a second quality and stripped it: the failure was never learned."""
-    router = live.router
-    key, auth = _tenant(router)
-    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel(event)))
-    r = _post(router, auth, decision_id, quality=0.0, latency_ms=3.0, failed=True,
-              **({"event_id": event} if event else {}))
-    assert r.status_code == 202, r.text
+    auth, tenant, decision_id = _failed(live, event)
     _pre_upgrade(live, decision_id)
     assert live.app.state.routing.writer.flush(timeout=5.0)
     defaults = live.app.state.gateway.defaults
@@ -74,7 +77,7 @@ def test_pre_upgrade_failure_row_takes_its_buffered_zero(live: Live, event: str)
         **OUTCOME, "quality": None}
     assert defaults.drained(tenant.id, decision_id, event, OUTCOME) == OUTCOME
     # The plug-in's retry of the same failure is its duplicate, not a 409.
-    r = _post(router, auth, decision_id, quality=0.0, latency_ms=3.0, failed=True,
+    r = _post(live.router, auth, decision_id, quality=0.0, latency_ms=3.0, failed=True,
               **({"event_id": event} if event else {}))
     assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
 
@@ -83,17 +86,13 @@ def test_pre_upgrade_failure_row_takes_its_retry(live: Live) -> None:
     """A client gateway's failure recorded before the upgrade (event id NULL), retried
     after it (the same ``failed`` report): the retry's duplicate, the row takes its
     event, and another failure is refused. Before, the retry was a 409."""
-    router = live.router
-    key, auth = _tenant(router)
-    _, decision_id = _decide(live, key, router.add_model(answer=FakeModel("retried")))
-    failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True, "event_id": "litellm-9"}
-    r = _post(router, auth, decision_id, **failure)
-    assert r.status_code == 202, r.text
+    auth, _, decision_id = _failed(live, "litellm-9")
     _pre_upgrade(live, decision_id)
-    r = _post(router, auth, decision_id, **failure)
+    failure = {"quality": 0.0, "latency_ms": 3.0, "failed": True, "event_id": "litellm-9"}
+    r = _post(live.router, auth, decision_id, **failure)
     assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
     assert _row(live, decision_id).event_id == "litellm-9"
-    r = _post(router, auth, decision_id, **{**failure, "event_id": "litellm-10"})
+    r = _post(live.router, auth, decision_id, **{**failure, "event_id": "litellm-10"})
     assert r.status_code == 409, r.text
 
 
@@ -162,17 +161,12 @@ def test_drained_failure_refused_by_the_database_gives_its_row_back(
     (as after an unsent refusal) and the client's rating is taken. ``pre_upgrade``: a
     row without its event id (taken by the drain first). Before, the row stayed: no
     quality ever learned for the call, the rating refused."""
-    router = live.router
-    key, auth = _tenant(router)
-    tenant, decision_id = _decide(live, key, router.add_model(answer=FakeModel("gone")))
-    r = _post(router, auth, decision_id, quality=0.0, latency_ms=3.0, failed=True,
-              event_id="litellm-11")
-    assert r.status_code == 202, r.text
+    auth, tenant, decision_id = _failed(live, "litellm-11")
     if pre_upgrade:
         _pre_upgrade(live, decision_id)
     _drain_refused(live, monkeypatch, IntegrityError, SpooledFeedback(
         1, tenant.id, decision_id, "litellm-11", OUTCOME, m.utcnow().isoformat()))
     with Session(live.app.state.routing.engine) as session:
         assert session.get(m.QualityDefault, decision_id) is None
-    r = _post(router, auth, decision_id, quality=0.9, event_id="user")
+    r = _post(live.router, auth, decision_id, quality=0.9, event_id="user")
     assert r.status_code == 202 and r.json()["status"] == "applied", r.text
