@@ -100,17 +100,20 @@ def test_drained_gateway_failure_keeps_out_its_zero_when_rated_first(live: Live)
         "replaced", "user")
 
 
-@pytest.mark.parametrize("recorded", [True, False])
+@pytest.mark.parametrize("row", ["live", "pre-upgrade", "none"])
 def test_drained_gateway_failure_refused_by_the_database_gives_its_row_back(
-        live: Live, monkeypatch: pytest.MonkeyPatch, recorded: bool) -> None:
+        live: Live, monkeypatch: pytest.MonkeyPatch, row: str) -> None:
     """The gateway's buffered failure refused by the database (dropped: its 0 never
-    stored): its final row goes, and the client's rating is taken. ``recorded``: the
-    row was written live (record() before the outage), else by the drain. Before, a
-    row written live stayed: no quality ever learned, every rating refused."""
-    key, auth, tenant, decision_id = _call(live, f"refused {recorded}")
-    if recorded:
+    stored): its final row goes, and the client's rating is taken. ``row``: written
+    live (record() before the outage), so before the upgrade (no event id; taken by
+    the drain as the gateway's), or none (written by the drain). Before, a row written
+    live or before the upgrade stayed: no quality ever learned, every rating refused."""
+    key, auth, tenant, decision_id = _call(live, f"refused {row}")
+    if row != "none":
         live.app.state.gateway.defaults.record([Recorded(tenant.id, decision_id, 0.0,
                                                          None)])
+    if row == "pre-upgrade":
+        _pre_upgrade(live, decision_id)
     _drain_refused(live, monkeypatch, IntegrityError, _gateway_item(tenant.id, decision_id))
     with Session(live.app.state.routing.engine) as session:
         assert session.get(m.QualityDefault, decision_id) is None
