@@ -117,7 +117,9 @@ class FeedbackSender:
                 replaced = defaults.record(recorded)
             except Exception:  # noqa: BLE001 - the outcomes are still stored
                 log.warning("the default qualities of %d gateway calls were not recorded "
-                            "(never learned)", len(recorded), exc_info=True)
+                            "(a success's never learned; a failure's recorded if its "
+                            "outcome is buffered, when drained)", len(recorded),
+                            exc_info=True)
         outcomes = [(tenant, decision_id, {**outcome, "quality": None}
                      if decision_id in replaced else outcome)
                     for tenant, decision_id, outcome, _ in batch]

@@ -171,7 +171,7 @@ def test_model_registered_while_a_stored_quality_is_not_learned_yet_is_late(
         new_database_url):
     """A quality is stored (another replica's, a learner's not in this replica's snapshot
     yet, or this one's between its commit and its apply) but no policy here has learned
-    it: a model registered now is late too, read in the registration's transaction.
+    it: a model registered now is late too (the stored quality read before its insert).
     Before, only ``learning()`` was asked, just before the insert: not late."""
     with TestClient(create_app(make_settings(new_database_url(), dim=64))) as c:
         add_model(c, "first")
