@@ -687,6 +687,29 @@ class _Assessment(NamedTuple):
     ceiling: np.ndarray  # utility with perfect quality: what no optimism may exceed
 
 
+class _FusedPlan(NamedTuple):
+    """What the compiled decide reads that changes only with the policy's state, built
+    once per state (``key``: the version, the statistics and the config objects) and
+    kept until the next change: per decide it was ~10 µs of Python (the rule, the
+    eligibility checks, the arm range, the cold arms, the inverses' lookup)."""
+
+    key: tuple[int, object, object]
+    # None: the compiled decide does not apply (a rule the kernel lacks, a shared
+    # component, a quality shift, split heads, "mean" exploration; see _decide_fused).
+    rule: tuple[int, float, np.ndarray, float] | None
+    names: list[str]  # every arm, in order: never handed out (copied)
+    arms: np.ndarray  # 0..K-1
+    cold: np.ndarray  # (K,) arms cold in total
+    n_cold: int
+    by_direction: bool  # whether cold_start_by must look at each context's block
+    inverses: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
+    # One decide's outputs that the Decision does not keep (it keeps its table row).
+    means: np.ndarray  # (1, K, 3)
+    choices: np.ndarray  # (1,)
+    prop: np.ndarray  # (1,)
+    explored: np.ndarray  # (1,)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """Settings shared by every linear policy (immutable, validated once).
@@ -955,6 +978,7 @@ class Policy(abc.ABC):
         # (statistics, (K,) quality weights when read, (K, b, b) inverses on the
         # cold-start block): see _direction_counts.
         self._block_data: tuple[object, np.ndarray, np.ndarray] | None = None
+        self._plan: _FusedPlan | None = None  # see _fused_plan
 
     # ------------------------------------------------------------------ arms
     @property
@@ -1085,14 +1109,12 @@ class Policy(abc.ABC):
             carries no uncertainty: no exploration is spent learning prices.
         """
         if explore and self._stats.compiled:
-            rows = self._decide_fused(x, preferences, candidates, True, cost_estimate)
+            rows = self._decide_fused(x, preferences, candidates, True, cost_estimate,
+                                      one=True)
             if rows is not None:
                 # The compiled decide's row as a Decision, as BatchDecision.decision
                 # builds it, without the BatchDecision (~3 µs of a ~35 µs decide).
                 names, choices, prop, _, table, explored = rows
-                if choices.shape[0] != 1:
-                    raise InvalidInputError("x", "decide() takes one context; use "
-                                            "decide_batch()", f"{choices.shape[0]} rows")
                 return _TableDecision(names[int(choices[0])], float(prop[0]), None,
                                       bool(explored[0]), self.name, names, table[0])
         batch = self.decide_batch(x, preferences, candidates, explore=explore,
@@ -1159,11 +1181,37 @@ class Policy(abc.ABC):
         whose ``_score`` or ``_main_propensity`` differs from its rule's returns None."""
         return None
 
+    def _fused_plan(self) -> _FusedPlan:
+        """The current state's :class:`_FusedPlan`, built again after any change (every
+        change of the statistics, the arms or their priors bumps ``version``; a restore
+        or a merge of statistics brings new objects)."""
+        plan = self._plan
+        key = (self.version, self._stats, self.config)
+        if plan is not None and plan.key[0] == key[0] and plan.key[1] is key[1] \
+                and plan.key[2] is key[2]:
+            return plan
+        cfg, stats = self.config, self._stats
+        rule = self._fused_rule()
+        if (cfg.shared_ridge is not None or cfg.exploration == "mean" or self._shifting
+                or not stats._all_grouped() or not self._names):
+            rule = None
+        cold, n_cold = self._cold_arms()
+        block = self._cold_block()
+        by_direction = block is not None and not (cfg.cold_start_by == "added-on-tags"
+                                                  and not self._late)
+        k = len(self._names)
+        plan = self._plan = _FusedPlan(
+            key, rule, list(self._names), self._arm_range(), cold, n_cold, by_direction,
+            stats.width_inverses() if rule is not None else (),
+            np.empty((1, k, 3)), np.empty(1, dtype=np.intp), np.empty(1),
+            np.empty(1, dtype=bool))
+        return plan
+
     def _decide_fused(self, x: object, preferences: Preferences | None,
                       candidates: Sequence[str] | None, propensities: bool,
-                      cost_estimate: object) -> tuple[list[str], np.ndarray, np.ndarray,
-                                                      np.ndarray, np.ndarray,
-                                                      np.ndarray] | None:
+                      cost_estimate: object, one: bool = False,
+                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                 np.ndarray, np.ndarray] | None:
         """:meth:`decide_batch` with exploration in one compiled call
         (``_policy_kernel.decide_rows``): the candidates' names, choices, propensities,
         means (n, m, 3), the table (n, m, 6) and whether each row explored; or None
@@ -1173,35 +1221,45 @@ class Policy(abc.ABC):
         component, no per-context quality shift (the kernel adds the scalar level only),
         ``exploration="model"``, at most ``FUSED_BATCH`` contexts, and no cold
         candidate among warm ones (the cold-start share). The same validation, draws
-        and results as the numpy path."""
-        rule = self._fused_rule()
-        cfg, stats = self.config, self._stats
-        if (rule is None or cfg.shared_ridge is not None or cfg.exploration == "mean"
-                or self._shifting or not stats._all_grouped()
-                or (type(x) is np.ndarray and x.ndim == 2 and x.shape[0] > FUSED_BATCH)):
+        and results as the numpy path.
+
+        ``one``: :meth:`decide`'s call, one context (else an error before any draw);
+        the names, means, choices, propensities and explored flags are then the plan's
+        own (the caller reads them at once), only the table is new."""
+        plan = self._fused_plan()
+        if plan.rule is None or (type(x) is np.ndarray and x.ndim == 2
+                                 and x.shape[0] > FUSED_BATCH and not one):
             return None
         xb = self._features(x)
-        if xb.shape[0] > FUSED_BATCH:
+        n = xb.shape[0]
+        if one and n != 1:
+            raise InvalidInputError("x", "decide() takes one context; use decide_batch()",
+                                    f"{n} rows")
+        if n > FUSED_BATCH:
             return None  # a batch: the stacked path (one GEMM, float32 widths) is faster
         w = (preferences or Preferences()).validated().head_weights()
-        names = check_names(candidates, self._names, index=self._index)
-        if len(names) == len(self._names) and names == self._names:
-            arms = self._arm_range()
+        cfg, stats = self.config, self._stats
+        if candidates is None:
+            names, arms, n_cold = plan.names, plan.arms, plan.n_cold
+            if not one:
+                names = list(names)
         else:
-            arms = np.fromiter((self._index[n] for n in names), dtype=np.intp,
-                               count=len(names))
-        n, m = xb.shape[0], len(names)
-        cold, n_cold = self._cold_arms()
-        if n_cold and arms is not self._all_arms:
-            n_cold = int(np.count_nonzero(cold[arms]))
-        if 0 < n_cold < m or (cfg.cold_start_by != "arm"
-                              and self._cold_by_direction(xb, arms, cold) is not None):
+            names = check_names(candidates, self._names, index=self._index)
+            if len(names) == len(self._names) and names == self._names:
+                arms, n_cold = plan.arms, plan.n_cold
+            else:
+                arms = np.fromiter((self._index[n] for n in names), dtype=np.intp,
+                                   count=len(names))
+                n_cold = int(np.count_nonzero(plan.cold[arms])) if plan.n_cold else 0
+        m = len(names)
+        if 0 < n_cold < m or (plan.by_direction and self._cold_by_direction(
+                xb, arms, plan.cold) is not None):
             return None
         estimate, factor = _NO_ROWS, _NO_FACTOR
         if cost_estimate is not None:
             estimate = _cost_estimates(cost_estimate, names, n)
             factor = self._cost_factor()
-        kind, param, quantiles, prune = rule
+        kind, param, quantiles, prune = plan.rule
         # The draws of the numpy path, in its order: Thompson's noise, then epsilon's.
         noise = (self._rng.standard_normal((n, m)) if kind == _kernel.RULE_THOMPSON
                  else _NO_ROWS)
@@ -1214,10 +1272,15 @@ class Policy(abc.ABC):
             uniform = self._rng.random(n) < eps
             if uniform.any():
                 forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
-        inv, q_inv, q_sel, sel, same = stats.width_inverses()
-        means, table = np.empty((n, m, 3)), np.empty((n, m, 6))
-        choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
-        explored = np.empty(n, dtype=bool)
+        inv, q_inv, q_sel, sel, same = plan.inverses
+        table = np.empty((n, m, 6))
+        if one and m == plan.means.shape[1]:
+            means, choices, prop, explored = (plan.means, plan.choices, plan.prop,
+                                              plan.explored)
+        else:
+            means = np.empty((n, m, 3))
+            choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
+            explored = np.empty(n, dtype=bool)
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
                             stats.selecting, sel, same, arms, self._level, estimate, factor,
                             cfg.bounded_optimism, kind, param, noise, forced, eps, quantiles, prune,
