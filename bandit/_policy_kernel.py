@@ -37,13 +37,27 @@ _FAST = {"reassoc", "contract"}
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def _quadratic(p: np.ndarray, x: np.ndarray) -> float:
     """``x^T P x`` for a symmetric P (D, D) (float64, or float32 summed in float64), from
-    its lower triangle: ``sum_i x_i (P_ii x_i + 2 sum_{j<i} P_ij x_j)``. Half the reads
+    its lower triangle: ``sum_i x_i (P_ii x_i + 2 sum_{j<i} P_ij x_j)``, half the reads
     and multiply-adds of the full form (the quadratic forms are most of a decide: 16 of
-    65 x 65 at d=64); each row's loop starts at 0, so it vectorizes (one starting at
-    i + 1 does not: 3x slower here). Rows of P are read in order, as the full form."""
+    65 x 65 at d=64). Two rows at a time share each x_j read and the loop's overhead
+    (the rows are short): 1.6x the full form's speed at d=64, 1.4x at d=384; one row at
+    a time 1.35x. Each row's loop starts at 0, so it vectorizes (one starting at i + 1
+    does not: 3x slower here)."""
     d = x.shape[0]
     total = 0.0
-    for i in range(d):
+    i = 0
+    while i + 1 < d:
+        a0 = 0.0
+        a1 = 0.0
+        for j in range(i):
+            xj = x[j]
+            a0 += np.float64(p[i, j]) * xj
+            a1 += np.float64(p[i + 1, j]) * xj
+        a1 += np.float64(p[i + 1, i]) * x[i]
+        total += ((2.0 * a0 + np.float64(p[i, i]) * x[i]) * x[i]
+                  + (2.0 * a1 + np.float64(p[i + 1, i + 1]) * x[i + 1]) * x[i + 1])
+        i += 2
+    if i < d:  # an odd D: the last row
         acc = 0.0
         for j in range(i):
             acc += np.float64(p[i, j]) * x[j]
