@@ -727,11 +727,6 @@ class _FusedPlan(NamedTuple):
     by_direction: bool  # whether cold_start_by must look at each context's block
     inverses: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
     selecting: bool
-    # One decide's outputs that the Decision does not keep (it keeps its table row).
-    means: np.ndarray  # (1, K, 3)
-    choices: np.ndarray  # (1,)
-    prop: np.ndarray  # (1,)
-    explored: np.ndarray  # (1,)
 
 
 @dataclass(frozen=True)
@@ -1222,13 +1217,10 @@ class Policy(abc.ABC):
         block = self._cold_block()
         by_direction = block is not None and not (cfg.cold_start_by == "added-on-tags"
                                                   and not self._late)
-        k = len(self._names)
         plan = self._plan = _FusedPlan(
             self.version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
             n_cold, by_direction, stats.width_inverses() if rule is not None else (),
-            stats.selecting,
-            np.empty((1, k, 3)), np.empty(1, dtype=np.intp), np.empty(1),
-            np.empty(1, dtype=bool))
+            stats.selecting)
         return plan
 
     def _decide_fused(self, x: object, preferences: Preferences | None,
@@ -1248,8 +1240,7 @@ class Policy(abc.ABC):
         and results as the numpy path.
 
         ``one``: :meth:`decide`'s call, one context (else an error before any draw);
-        the names, means, choices, propensities and explored flags are then the plan's
-        own (the caller reads them at once), only the table is new."""
+        the names are then the plan's own list (the caller does not hand it out)."""
         plan = self._fused_plan()
         if plan.rule is None or (type(x) is np.ndarray and x.ndim == 2
                                  and x.shape[0] > FUSED_BATCH and not one):
@@ -1297,14 +1288,11 @@ class Policy(abc.ABC):
             if uniform.any():
                 forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
         inv, q_inv, q_sel, sel, same = plan.inverses
-        table = np.empty((n, m, 6))
-        if one and m == plan.means.shape[1]:
-            means, choices, prop, explored = (plan.means, plan.choices, plan.prop,
-                                              plan.explored)
-        else:
-            means = np.empty((n, m, 3))
-            choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
-            explored = np.empty(n, dtype=bool)
+        # New outputs on every call, even those decide() reads at once: buffers kept in
+        # the plan would be shared by concurrent decides (the kernel releases the GIL).
+        means, table = np.empty((n, m, 3)), np.empty((n, m, 6))
+        choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
+        explored = np.empty(n, dtype=bool)
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
                             plan.selecting, sel, same, arms, self._level, estimate, factor,
                             cfg.bounded_optimism, kind, param, noise, forced, eps, quantiles, prune,
