@@ -12,7 +12,9 @@ from bandit import (
     InvalidInputError,
     LinearThompson,
     LinUCB,
+    Policy,
     Preferences,
+    SelectiveThompson,
 )
 
 PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
@@ -235,3 +237,72 @@ def test_cost_factor_follows_every_update(cls):
         policy.update("m1", x, {"quality": 0.5, "cost_usd": 0.05, "latency_ms": 100.0},
                       cost_estimate=0.01)
     assert policy.decide_batch(x, PREFS, names, cost_estimate=estimate).means[0, 1, 1] > 0.01
+
+
+def _warm_pair(cls, d: int = 6) -> tuple[Policy, Policy]:
+    """The same policy twice, the compiled decide's (fused) and the numpy path's, every
+    arm warm (past cold_start_pulls: the fused decide applies)."""
+    rng = np.random.default_rng(3)
+    pair = []
+    for compiled in (True, False):
+        policy = cls(d, seed=7, epsilon=0.05)
+        policy._stats.compiled = compiled
+        for j in range(4):
+            policy.add_arm(f"m{j}")
+        pair.append(policy)
+    for t in range(80):
+        x, q = rng.standard_normal(d), float(rng.random())
+        for policy in pair:
+            policy.update(f"m{t % 4}", x, {"quality": q, "cost_usd": 0.001 * (1 + t % 4),
+                                            "latency_ms": 400.0 + 10 * (t % 7)})
+    return pair[0], pair[1]
+
+
+def _assert_same_decisions(fused: Policy, reference: Policy, prefs=PREFS, n: int = 12,
+                           seed: int = 0) -> None:
+    plan = fused._fused_plan()
+    assert plan.rule is not None and plan.n_cold == 0  # the fused decide is the one tested
+    rows = np.random.default_rng(seed).standard_normal((n, fused.dim))
+    for x in rows:
+        a, b = fused.decide(x, prefs), reference.decide(x, prefs)
+        assert (a.arm, a.explored) == (b.arm, b.explored)
+        assert a.propensity == pytest.approx(b.propensity, rel=0, abs=1e-9)
+        assert list(a.predictions) == list(b.predictions)
+        for name, p in a.predictions.items():
+            np.testing.assert_allclose(p, b.predictions[name], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
+def test_fused_plan_follows_every_change_of_state(cls):
+    """The compiled decide keeps its per-state plan (arms, rule, cold arms, inverses)
+    between decides: after an update, a merge, a prior's change, an arm removed and
+    another added, a restore and a change of preferences, it decides as the numpy path
+    that keeps nothing."""
+    fused, reference = _warm_pair(cls)
+    _assert_same_decisions(fused, reference)
+    x = np.full(fused.dim, 0.3)
+    for policy in (fused, reference):  # one outcome that moves m2 far up
+        for _ in range(30):
+            policy.update("m2", x, {"quality": 1.0, "cost_usd": 0.0001, "latency_ms": 50.0})
+    _assert_same_decisions(fused, reference, seed=1)
+    others = _warm_pair(cls)
+    for policy, other in zip((fused, reference), others, strict=True):
+        policy.merge(other)
+    _assert_same_decisions(fused, reference, seed=2)
+    for policy in (fused, reference):
+        policy.set_prior("m1", ArmPrior(quality=0.9, cost_usd=1e-4))  # groups kept
+    _assert_same_decisions(fused, reference, seed=3)
+    for policy in (fused, reference):
+        policy.remove_arm("m0")
+        policy.add_arm("m9", ArmPrior(quality=0.5))
+        for t in range(12):  # warm: the fused decide applies again
+            policy.update("m9", np.full(policy.dim, 0.1 * (t % 3)), {
+                "quality": 0.2, "cost_usd": 0.002, "latency_ms": 900.0})
+    _assert_same_decisions(fused, reference, seed=4)
+    assert "m0" not in fused._fused_plan().names
+    fused, reference = (Policy.from_bytes(p.to_bytes()) for p in (fused, reference))
+    reference._stats.compiled = False
+    _assert_same_decisions(fused, reference, seed=5)
+    _assert_same_decisions(fused, reference, prefs=Preferences(quality=1.0, cost=500.0),
+                           seed=6)
+    _assert_same_decisions(fused, reference, prefs=Preferences(1, 0, 2), seed=7)
