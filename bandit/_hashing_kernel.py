@@ -168,6 +168,13 @@ def _add_family(hashes, n_buckets, projection, log1p, out):
     if hashes.size == 0:
         return
     keys, weights = _distinct(hashes, log1p)
+    _project_dense(keys, weights, n_buckets, projection, out)
+
+
+@njit(cache=True, nogil=True)
+def _project_dense(keys, weights, n_buckets, projection, out):
+    """Version 1's projection of the distinct mixed hashes ``keys`` with their unit
+    norm ``weights`` (``_distinct``'s result), added to ``out``."""
     dim = out.size
     # A power of two (the default) takes the remainder with a mask: the same bucket,
     # without a 64-bit division per n-gram.

@@ -318,9 +318,10 @@ class HashingFeaturizer:
         self._word_salt_array = np.array(list(self._word_salts.values()), dtype=np.uint64)
         # Imported here, not at the top: numba's import (~0.5 s) is paid by processes
         # that featurize text, not by every `import bandit`.
-        from bandit import _hashing_kernel
+        from bandit import _hashing_kernel, _hashing_onepass
 
-        self._kernel = _hashing_kernel.featurize_one
+        # The one-pass kernel: _hashing_kernel.featurize_one's vectors, bit for bit.
+        self._kernel = _hashing_onepass.featurize_one
         self._classes = _hashing_kernel.char_classes()
         self._crc32 = _hashing_kernel.crc32_table()
 

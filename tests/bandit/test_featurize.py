@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from bandit.errors import InvalidInputError
 from bandit.featurize import (
     FEATURIZERS,
+    HASHING_VERSIONS,
     Featurizer,
     HashingFeaturizer,
     SentenceEmbeddingFeaturizer,
@@ -259,6 +260,55 @@ V1 = HashingFeaturizer(dim=64, seed=0, version=1)
 def test_transform_one_v1_kernel_equals_reference_any_text(text: str) -> None:
     np.testing.assert_allclose(V1.transform_one(text), V1._reference_transform([text])[0],
                                rtol=0, atol=1e-12)
+
+
+# ------------------------------ hashing: one-pass kernel = earlier kernel, bit for bit
+# transform_one runs bandit/_hashing_onepass.py; the vectors stored statistics were
+# learned on came from bandit/_hashing_kernel.py. Not close: the same bits.
+def _previous(config: dict) -> HashingFeaturizer:
+    """A featurizer that runs the earlier kernel (``_hashing_kernel.featurize_one``)."""
+    from bandit import _hashing_kernel
+
+    f = HashingFeaturizer(**config)
+    f._kernel = _hashing_kernel.featurize_one
+    return f
+
+
+def _bits(X: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(X).view(np.uint64)
+
+
+def _edge_texts() -> list[str]:
+    rng = np.random.default_rng(7)
+    mixed = "".join(rng.choice(list(SPECIALS + " abc"), size=20_000))
+    return ["", " ", "\t\n \u3000\x85 ", " " * 5_000, "x", "😀", "😀" * 4_000,
+            "İstanbul ΣΑΣ. ὈΔΥΣΣΕΎΣ ß", "fix this \ud800 bug \udfff", "\ud83d\ude00",
+            "Écris un poème 数据库索引是如何工作的？ emoji 😀🚀 한국어 العربية עברית",
+            "a" * 12_000, "ab " * 6_000, " ".join(VOCABULARY) * 80, mixed,
+            "  lead and trail  ", "tabs\tand\nnewlines\r\n", "_" * 70, "1 2 3 ١٢٣"]
+
+
+@pytest.mark.parametrize("config", KERNEL_CONFIGS, ids=lambda c: ",".join(map(str, c)) or "default")
+def test_transform_texts_onepass_equals_previous_kernel_bits(config: dict) -> None:
+    texts = (PROMPTS + [a for pair in PAIRS for a in pair] + _random_texts(11, 300)
+             + _edge_texts())
+    new, old = HashingFeaturizer(**config), _previous(config)
+    np.testing.assert_array_equal(_bits(new.transform(texts)), _bits(old.transform(texts)))
+
+
+ONEPASS_PAIRS = [(HashingFeaturizer(version=v), _previous({"version": v}))
+                 for v in HASHING_VERSIONS]
+# Any code point, unpaired surrogates included (JSON can carry them).
+ONEPASS_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=600)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(ONEPASS_TEXT, st.lists(st.sampled_from(VOCABULARY + list(SPECIALS)),
+                                        max_size=200).map(" ".join)))
+def test_transform_one_onepass_equals_previous_kernel_bits_any_text(text: str) -> None:
+    for new, old in ONEPASS_PAIRS:
+        np.testing.assert_array_equal(_bits(new.transform_one(text)),
+                                      _bits(old.transform_one(text)))
 
 
 def test_char_classes_match_python_definitions() -> None:
