@@ -34,6 +34,7 @@ from numba.extending import intrinsic
 from bandit._hashing_kernel import _LOG1P, _SPACE, _WORD, _mix64, _project_dense
 
 _U64 = np.uint64
+_U32 = np.uint32
 _PHI = _U64(0x9E3779B97F4A7C15)
 
 
@@ -76,7 +77,8 @@ def _count_ngrams(units, count, low, high, salts):
     """The distinct salted polynomial hashes of the n-grams of ``units[:count]``, n in
     low..high, in order of first occurrence in the earlier kernel's order (n by n, left
     to right), and how often each occurs: ``_hashing_kernel._ngram_hashes`` followed by
-    the counting half of ``_distinct``, without the array of all the hashes."""
+    the counting half of ``_distinct``, without the array of all the hashes. Returns
+    the table and the slots of the distinct keys in that order."""
     total = 0
     for n in range(low, high + 1):
         total += max(count - n + 1, 0)
@@ -105,25 +107,21 @@ def _count_ngrams(units, count, low, high, salts):
         else:
             for i in range(last):
                 h[i] = h[i] * _PHI + units[i + n - 1]
-    keys = np.empty(m, dtype=np.uint64)
-    counts = np.empty(m, dtype=np.uint64)
-    for i in range(m):
-        keys[i] = table[first[i], 0]
-        counts[i] = table[first[i], 1]
-    return keys, counts
+    return table, first[:m]
 
 
 @njit(cache=True, nogil=True)
-def _weights(keys, counts, log1p):
+def _weights(table, first, log1p):
     """``_hashing_kernel._distinct``'s second half, the same operations in the same
-    order: mix the keys, ``log1p(count)`` weights scaled to unit norm."""
-    m = keys.size
+    order: the keys at the slots ``first`` of ``table`` mixed, ``log1p(count)``
+    weights scaled to unit norm."""
+    m = first.size
     mixed = np.empty(m, dtype=np.uint64)
     weights = np.empty(m)
     total = 0.0
     for i in range(m):
-        mixed[i] = _mix64(keys[i])
-        c = counts[i]
+        mixed[i] = _mix64(table[first[i], 0])
+        c = table[first[i], 1]
         w = log1p[c] if c < log1p.size else np.log1p(c)
         weights[i] = w
         total += w * w
@@ -173,8 +171,7 @@ def _add(units, count, low, high, salts, n_buckets, projection, nnz, out):
     """One family's n-grams of ``units[:count]`` into ``out`` (nothing for no n-grams)."""
     if count - low + 1 <= 0:
         return
-    keys, counts = _count_ngrams(units, count, low, high, salts)
-    mixed, weights = _weights(keys, counts, _LOG1P)
+    mixed, weights = _weights(*_count_ngrams(units, count, low, high, salts), _LOG1P)
     if nnz:
         _add_sparse(mixed, weights, nnz, out)
     else:
@@ -215,33 +212,35 @@ def featurize_one(raw, classes, projection, n_buckets, nnz, chars, char_salts, w
     codes[0] = 32
     n = 1
     nw = 0
-    gap = False
-    in_word = False
-    crc = np.uint32(0xFFFFFFFF)
+    gap = 0
+    in_word = 0
+    crc = _U32(0xFFFFFFFF)
+    # No branch on the text: a word's end or a whitespace run is as unpredictable as
+    # the text, so each character writes unconditionally and advances counters.
     for i in range(raw.size):
         cp = raw[i]
         cls = classes[cp]
-        space = (cls & _SPACE) != 0
+        space = np.int64(cls & _SPACE)
+        word = np.int64((cls & _WORD) >> 1)
         # Whitespace runs become one space, written only before the next non-space
         # (none at the ends): the reference's " ".join(text.split()), padded.
         codes[n] = 32
-        n += np.int64(gap and not space)
+        n += gap & (1 - space)
         codes[n] = cp
-        n += np.int64(not space)
-        gap = space and n > 1
-        # Words are runs of \w characters; whitespace is never one (char_classes).
-        if cls & _WORD:
-            if not in_word:
-                crc = np.uint32(0xFFFFFFFF)
-                in_word = True
-            crc = _crc_code_point(crc, np.uint32(cp), crc_table)
-        elif in_word:
-            word_crcs[nw] = crc ^ np.uint32(0xFFFFFFFF)
-            nw += 1
-            in_word = False
-    if in_word:
-        word_crcs[nw] = crc ^ np.uint32(0xFFFFFFFF)
-        nw += 1
+        n += 1 - space
+        gap = space & np.int64(n > 1)
+        # Words are runs of \w characters (never whitespace: char_classes). The CRC-32
+        # so far is stored at every character and counted when a word has just ended;
+        # it then goes on from its state inside a word, afresh outside one.
+        word_crcs[nw] = crc ^ _U32(0xFFFFFFFF)
+        nw += in_word & (1 - word)
+        # 32 ones inside a word (numba widens uint32 arithmetic: no ~ or 0 - 1 here).
+        inside = _U32(0xFFFFFFFF) * _U32(in_word)
+        crc = _crc_code_point((crc & inside) | (_U32(0xFFFFFFFF) ^ inside), _U32(cp),
+                              crc_table)
+        in_word = word
+    word_crcs[nw] = crc ^ _U32(0xFFFFFFFF)
+    nw += in_word
     if n > 1:
         codes[n] = 32
         n += 1
