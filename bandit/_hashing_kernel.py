@@ -1,4 +1,9 @@
-"""The compiled kernel of :class:`bandit.featurize.HashingFeaturizer` (numba).
+"""The first compiled kernel of :class:`bandit.featurize.HashingFeaturizer` (numba).
+
+Since featurize9 the featurizer runs :mod:`bandit._hashing_onepass`, which gives this
+kernel's vectors bit for bit in less time; this one stays as that specification (the
+tests compare the bits) and as the benchmark's baseline, and lends the one-pass kernel
+its tables and helpers.
 
 It computes, for one text, exactly what the numpy reference in ``bandit.featurize``
 computes (``HashingFeaturizer._hashed`` and the projection): the same n-grams, the same
@@ -69,25 +74,35 @@ def _mix64(h):
     return h ^ (h >> _U64(31))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _crc_byte(c, byte, table):
+    return table[(c ^ byte) & np.uint32(0xFF)] ^ (c >> np.uint32(8))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def crc_code_point(c, cp, table):
+    """zlib's CRC-32 state ``c`` extended by the UTF-8 bytes of code point ``cp``."""
+    if cp < 0x80:
+        return _crc_byte(c, cp, table)
+    if cp < 0x800:
+        tail, lead = 1, np.uint32(0xC0) | (cp >> np.uint32(6))
+    elif cp < 0x10000:
+        tail, lead = 2, np.uint32(0xE0) | (cp >> np.uint32(12))
+    else:
+        tail, lead = 3, np.uint32(0xF0) | (cp >> np.uint32(18))
+    c = _crc_byte(c, lead, table)
+    for k in range(tail - 1, -1, -1):
+        c = _crc_byte(c, np.uint32(0x80) | ((cp >> np.uint32(6 * k)) & np.uint32(0x3F)),
+                      table)
+    return c
+
+
 @njit(cache=True, nogil=True)
 def _crc32_utf8(codes, start, end, table):
     """zlib.crc32 of the UTF-8 encoding of code points ``codes[start:end]``."""
     c = np.uint32(0xFFFFFFFF)
     for i in range(start, end):
-        cp = np.uint32(codes[i])
-        if cp < 0x80:
-            c = table[(c ^ cp) & 0xFF] ^ (c >> np.uint32(8))
-            continue
-        if cp < 0x800:
-            tail, lead = 1, np.uint32(0xC0) | (cp >> np.uint32(6))
-        elif cp < 0x10000:
-            tail, lead = 2, np.uint32(0xE0) | (cp >> np.uint32(12))
-        else:
-            tail, lead = 3, np.uint32(0xF0) | (cp >> np.uint32(18))
-        c = table[(c ^ lead) & 0xFF] ^ (c >> np.uint32(8))
-        for k in range(tail - 1, -1, -1):
-            byte = np.uint32(0x80) | ((cp >> np.uint32(6 * k)) & np.uint32(0x3F))
-            c = table[(c ^ byte) & 0xFF] ^ (c >> np.uint32(8))
+        c = crc_code_point(c, np.uint32(codes[i]), table)
     return c ^ np.uint32(0xFFFFFFFF)
 
 
@@ -146,19 +161,27 @@ def _distinct(hashes, log1p):
                 break
             s = (s + _U64(1)) & _U64(size - 1)
     keys = np.empty(m, dtype=np.uint64)
-    weights = np.empty(m)
-    total = 0.0
+    ordered = np.empty(m, dtype=np.int32)
     for i in range(m):
-        slot = first[i]
-        keys[i] = _mix64(table[slot])
-        c = counts[slot]
+        keys[i] = _mix64(table[first[i]])
+        ordered[i] = counts[first[i]]
+    return keys, unit_weights(ordered, log1p)
+
+
+@njit(cache=True, nogil=True)
+def unit_weights(counts, log1p):
+    """The sublinear weights ``log1p(count)``, scaled to unit norm (summed in order)."""
+    weights = np.empty(counts.size)
+    total = 0.0
+    for i in range(counts.size):
+        c = counts[i]
         w = log1p[c] if c < log1p.size else np.log1p(c)
         weights[i] = w
         total += w * w
     scale = 1.0 / np.sqrt(total)
-    for i in range(m):
+    for i in range(counts.size):
         weights[i] *= scale
-    return keys, weights
+    return weights
 
 
 @njit(cache=True, nogil=True)
@@ -168,11 +191,11 @@ def _add_family(hashes, n_buckets, projection, log1p, out):
     if hashes.size == 0:
         return
     keys, weights = _distinct(hashes, log1p)
-    _project_dense(keys, weights, n_buckets, projection, out)
+    project_dense(keys, weights, n_buckets, projection, out)
 
 
 @njit(cache=True, nogil=True)
-def _project_dense(keys, weights, n_buckets, projection, out):
+def project_dense(keys, weights, n_buckets, projection, out):
     """Version 1's projection of the distinct mixed hashes ``keys`` with their unit
     norm ``weights`` (``_distinct``'s result), added to ``out``."""
     dim = out.size
@@ -278,6 +301,12 @@ def featurize_one(raw, classes, projection, n_buckets, nnz, chars, char_salts, w
                     i += 1
             _add(_ngram_hashes(word_crcs, nw, words[0], words[1], word_salts),
                  n_buckets, projection, nnz, out)
+    normalize(out)
+
+
+@njit(cache=True, nogil=True)
+def normalize(out):
+    """Scale ``out`` to unit norm in place (left as it is when zero)."""
     total = 0.0
     for k in range(out.size):
         total += out[k] * out[k]

@@ -31,7 +31,16 @@ from llvmlite import ir
 from numba import njit
 from numba.extending import intrinsic
 
-from bandit._hashing_kernel import _LOG1P, _SPACE, _WORD, _mix64, _project_dense
+from bandit._hashing_kernel import (
+    _LOG1P,
+    _SPACE,
+    _WORD,
+    _mix64,
+    crc_code_point,
+    normalize,
+    project_dense,
+    unit_weights,
+)
 
 _U64 = np.uint64
 _U32 = np.uint32
@@ -115,20 +124,12 @@ def _weights(table, first, log1p):
     """``_hashing_kernel._distinct``'s second half, the same operations in the same
     order: the keys at the slots ``first`` of ``table`` mixed, ``log1p(count)``
     weights scaled to unit norm."""
-    m = first.size
-    mixed = np.empty(m, dtype=np.uint64)
-    weights = np.empty(m)
-    total = 0.0
-    for i in range(m):
+    mixed = np.empty(first.size, dtype=np.uint64)
+    counts = np.empty(first.size, dtype=np.uint64)
+    for i in range(first.size):
         mixed[i] = _mix64(table[first[i], 0])
-        c = table[first[i], 1]
-        w = log1p[c] if c < log1p.size else np.log1p(c)
-        weights[i] = w
-        total += w * w
-    scale = 1.0 / np.sqrt(total)
-    for i in range(m):
-        weights[i] *= scale
-    return mixed, weights
+        counts[i] = table[first[i], 1]
+    return mixed, unit_weights(counts, log1p)
 
 
 @njit(cache=True, nogil=True)
@@ -175,30 +176,7 @@ def _add(units, count, low, high, salts, n_buckets, projection, nnz, out):
     if nnz:
         _add_sparse(mixed, weights, nnz, out)
     else:
-        _project_dense(mixed, weights, n_buckets, projection, out)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _crc_byte(c, byte, table):
-    return table[(c ^ byte) & np.uint32(0xFF)] ^ (c >> np.uint32(8))
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _crc_code_point(c, cp, table):
-    """zlib's CRC-32 state ``c`` extended by the UTF-8 bytes of code point ``cp``."""
-    if cp < 0x80:
-        return _crc_byte(c, cp, table)
-    if cp < 0x800:
-        tail, lead = 1, np.uint32(0xC0) | (cp >> np.uint32(6))
-    elif cp < 0x10000:
-        tail, lead = 2, np.uint32(0xE0) | (cp >> np.uint32(12))
-    else:
-        tail, lead = 3, np.uint32(0xF0) | (cp >> np.uint32(18))
-    c = _crc_byte(c, lead, table)
-    for k in range(tail - 1, -1, -1):
-        c = _crc_byte(c, np.uint32(0x80) | ((cp >> np.uint32(6 * k)) & np.uint32(0x3F)),
-                      table)
-    return c
+        project_dense(mixed, weights, n_buckets, projection, out)
 
 
 @njit(cache=True, nogil=True)
@@ -236,7 +214,7 @@ def featurize_one(raw, classes, projection, n_buckets, nnz, chars, char_salts, w
         nw += in_word & (1 - word)
         # 32 ones inside a word (numba widens uint32 arithmetic: no ~ or 0 - 1 here).
         inside = _U32(0xFFFFFFFF) * _U32(in_word)
-        crc = _crc_code_point((crc & inside) | (_U32(0xFFFFFFFF) ^ inside), _U32(cp),
+        crc = crc_code_point((crc & inside) | (_U32(0xFFFFFFFF) ^ inside), _U32(cp),
                               crc_table)
         in_word = word
     word_crcs[nw] = crc ^ _U32(0xFFFFFFFF)
@@ -249,10 +227,4 @@ def featurize_one(raw, classes, projection, n_buckets, nnz, chars, char_salts, w
         if words[1] > 0:
             _add(word_crcs, nw, words[0], words[1], word_salts, n_buckets, projection,
                  nnz, out)
-    total = 0.0
-    for k in range(out.size):
-        total += out[k] * out[k]
-    if total > 0.0:
-        scale = 1.0 / np.sqrt(total)
-        for k in range(out.size):
-            out[k] *= scale
+    normalize(out)

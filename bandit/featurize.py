@@ -3,7 +3,7 @@
 Two implementations of one small :class:`Featurizer` protocol:
 
 * :class:`HashingFeaturizer`, the default: no model, tens of thousands of short texts
-  per second (one compiled call per text, ``bandit/_hashing_kernel.py``, numba). Signed
+  per second (one compiled call per text, ``bandit/_hashing_onepass.py``, numba). Signed
   feature hashing of word and character n-grams, sublinear term frequency, a fixed
   seeded random projection to ``dim`` dimensions, L2 normalization.
 * :class:`SentenceEmbeddingFeaturizer`, optional: all-MiniLM-L6-v2 (384 dimensions),
@@ -246,14 +246,16 @@ class HashingFeaturizer:
     Immutable after construction, so one instance can serve many threads (the kernel
     releases the GIL).
 
-    The work per text is one call of a numba kernel; the numpy implementation stays as
-    the specification (``_reference_transform``): the kernel's vectors equal it to 1e-12
-    for both versions (tests), so statistics learned before the kernel stay valid.
-    Version 1 costs ~35 µs per 1,000 characters on one core, most of it reading one
-    512-byte row of the projection per distinct n-gram; version 2 is bounded by the
-    hashing (``benchmarks/featurize_speed.py`` has both). The first instance in a process
-    imports numba and loads the compiled kernel from numba's cache (about a second; the
-    first run on a machine compiles it, a few seconds more).
+    The work per text is one call of a numba kernel, the one-pass kernel
+    (``bandit/_hashing_onepass.py``), whose vectors are those of the earlier kernel
+    (``bandit/_hashing_kernel.py``) bit for bit (tests); the numpy implementation stays
+    as the specification (``_reference_transform``): the kernels' vectors equal it to
+    1e-12 for both versions (tests), so statistics learned before the kernels stay valid.
+    Version 1 reads one 512-byte row of the projection per distinct n-gram; version 2 is
+    bounded by counting the distinct n-grams (``benchmarks/featurize_speed.py`` times
+    all of them). The first instance in a process imports numba and loads the compiled
+    kernel from numba's cache (about a second; the first run on a machine compiles it,
+    a few seconds more).
 
     Examples
     --------
