@@ -1,5 +1,6 @@
 """The one-pass kernel of :class:`bandit.featurize.HashingFeaturizer` (numba): the
-vectors of :mod:`bandit._hashing_kernel`, bit for bit, in about a third of the time.
+vectors of :mod:`bandit._hashing_kernel`, bit for bit, 1.5-1.8x faster
+(``benchmarks/featurize_speed.py``; docs/results.md, "Featurizing text").
 
 :func:`featurize_one` takes the arguments of ``_hashing_kernel.featurize_one`` and
 writes the identical vector (every bit: the same n-grams, hashes, weights and the same
@@ -9,12 +10,13 @@ specification and as the benchmark's baseline (``benchmarks/featurize_speed.py``
 Where the earlier kernel's time went, per 2,000 characters (~6,000 character n-grams,
 ~3,000 distinct), and what this one does instead:
 
-* adding each distinct n-gram's 4 signed weights branched on the sign bit: a
-  mispredicted branch every other time (~60% of the time). Here the sign multiplies
+* adding each distinct n-gram's 4 signed weights branched on the sign (a hash bit): a
+  mispredicted branch about every other addition. Here the sign multiplies
   (``w * ±1.0`` is exact, and ``x + (-w)`` is ``x - w`` in IEEE arithmetic);
 * counting distinct n-grams branched on "new or seen" (as unpredictable) and kept keys
-  and counts in two arrays. Here a slot is (key, count) in one cache line and the
-  first-seen list grows without a branch;
+  and counts in two arrays. Here a slot is (key, count), 16 bytes together, the probe
+  test is one branch taken only on a collision (:func:`_insert`) and the first-seen
+  list grows without a branch;
 * the n-gram hashes went through an array between hashing and counting, and the text
   was scanned twice (collapsing whitespace, then finding words). Here each n-gram is
   counted as it is hashed, and one scan collapses whitespace and computes each word's
