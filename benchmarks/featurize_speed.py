@@ -6,8 +6,8 @@ featurizes one text per call, as the service does per request, at 64, 500, 2,000
 10,000 characters. Six implementations, measured in the same run:
 
 * ``onepass``: ``transform_one`` of version 2 (the default: a sparse projection), which
-  runs the one-pass kernel (``bandit/_hashing_onepass.py``);
-* ``kernel``: the same with the earlier kernel (``bandit/_hashing_kernel.py``), whose
+  runs the one-pass kernel (``_hashing_kernel.featurize_onepass``);
+* ``kernel``: the same with the earlier kernel (``_hashing_kernel.featurize_one``), whose
   vectors the one-pass kernel gives bit for bit;
 * ``onepass_v1`` and ``kernel_v1``: the same two for version 1 (the 8 MiB Gaussian
   projection), the vectors of deployments that learned before version 2;
