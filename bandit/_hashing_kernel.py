@@ -496,8 +496,8 @@ def _add_onepass(units, count, low, high, salts, n_buckets, projection, nnz, out
 
 
 @njit(cache=True, nogil=True)
-def featurize_onepass(raw, classes, projection, n_buckets, nnz, chars, char_salts, words,
-                  word_salts, crc_table, out):
+def featurize_onepass(raw, classes, projection, n_buckets, nnz, chars, char_salts,
+                      words, word_salts, crc_table, out):
     """Write the unit vector of one (already lowercased) text into ``out``: the
     arguments and the result of :func:`featurize_one`, bit for bit."""
     out[:] = 0.0
