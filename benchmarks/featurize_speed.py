@@ -34,10 +34,17 @@ Also measured, each in a fresh process (median of 3): the start-up cost of the k
 ``import bandit``, the first ``HashingFeaturizer()`` (imports numba, builds the tables)
 and its first call (loads the compiled kernel from numba's cache, or compiles it).
 
+``--long`` instead times only the two v2 kernels, called directly (the featurizer
+sends texts over ``HashingFeaturizer.ONEPASS_MAX_CHARS`` characters to the earlier
+kernel), on texts of 10k to 1M characters: real prompts (pieces of the corpus, repeated
+as needed) and repetitive texts (one prompt repeated: few distinct n-grams), 8 different
+texts per length, cycled.
+
 Run::
 
     python -m benchmarks.featurize_speed           # writes results/featurize_speed.json
     python -m benchmarks.featurize_speed --quick   # smoke run, writes nothing
+    python -m benchmarks.featurize_speed --long --results-name featurize_speed_long
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ from bandit.featurize import HashingFeaturizer
 from benchmarks.common import REPO_ROOT, data_root, print_table, write_results
 
 LENGTHS = (64, 500, 2_000, 10_000)
+LONG_LENGTHS = (10_000, 30_000, 50_000, 100_000, 300_000, 1_000_000)
 POOL = 64
 GOAL_US_PER_1000_CHARS = 20.0
 
@@ -169,6 +177,71 @@ def startup(runs: int) -> dict[str, float]:
     return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
 
 
+def long_texts(text: str, pool: int = 8) -> dict[str, dict[int, list[str]]]:
+    """Per kind and length in LONG_LENGTHS, ``pool`` different texts (one text timed
+    over and over would let the branch predictor learn it): "real", pieces of the
+    corpus (repeated to the length) from spread-out offsets; "repetitive", one prompt of
+    the corpus repeated to the length, a different prompt for each text."""
+    real = text * (2 * LONG_LENGTHS[-1] // len(text) + 1)
+    prompts = [p for p in text.split("\n\n") if len(p.strip()) > 20]
+    chosen = [prompts[i] + " " for i in np.linspace(0, len(prompts) - 1, pool).astype(int)]
+    out: dict[str, dict[int, list[str]]] = {"real": {}, "repetitive": {}}
+    for n in LONG_LENGTHS:
+        starts = np.linspace(0, len(real) - n - 1, pool).astype(int)
+        out["real"][n] = [real[s:s + n] for s in starts]
+        out["repetitive"][n] = [(p * (n // len(p) + 1))[:n] for p in chosen]
+    return out
+
+
+def run_long(args: argparse.Namespace, clock: Callable[[], float]) -> None:
+    """The one-pass and the earlier v2 kernel on long texts, each called directly."""
+    from bandit import _hashing_kernel
+
+    rounds, seconds = (1, 0.05) if args.quick else (args.rounds, args.target_seconds)
+    text, source = corpus()
+    texts = long_texts(text)
+    impls = {}
+    for name, kernel in (("onepass", _hashing_kernel.featurize_onepass),
+                         ("kernel", _hashing_kernel.featurize_one)):
+        featurizer = HashingFeaturizer()
+        featurizer._kernel = featurizer._long_kernel = kernel  # no dispatch on length
+        impls[name] = featurizer.transform_one
+    cases = [(kind, n) for kind in texts for n in LONG_LENGTHS]
+    per_round = {name: {case: [] for case in cases} for name in impls}
+    for r in range(rounds):
+        names = list(impls) if r % 2 == 0 else list(reversed(impls))
+        for kind, n in cases:
+            for name in names:
+                per_round[name][kind, n].append(
+                    time_per_call(impls[name], texts[kind][n], seconds, clock) * 1e3)
+    median = {name: {case: statistics.median(v) for case, v in by_case.items()}
+              for name, by_case in per_round.items()}
+    rows = [[kind, f"{n:,}", f"{median['kernel'][kind, n]:.1f}",
+             f"{median['onepass'][kind, n]:.1f}",
+             f"{median['kernel'][kind, n] / median['onepass'][kind, n]:.2f}x"]
+            for kind, n in cases]
+    print_table(f"v2 kernels on long texts, ms ({args.clock} time) per call (median of "
+                f"{rounds} round(s); real texts: {source})",
+                ["text", "characters", "earlier kernel ms", "one-pass ms",
+                 "one-pass speed-up"], rows)
+    if not args.quick:
+        key = "{}_{}".format
+        path = write_results(args.results_name, {
+            "settings": {"dim": 64, "lengths": LONG_LENGTHS, "rounds": rounds,
+                         "seconds_per_measurement": seconds, "clock": args.clock,
+                         "texts": source, "texts_per_case": 8,
+                         "repetitive": "one prompt of the corpus, repeated"},
+            "ms_per_call": {name: {key(*case): v for case, v in by_case.items()}
+                            for name, by_case in median.items()},
+            "ms_per_call_per_round": {name: {key(*case): v for case, v in by_case.items()}
+                                      for name, by_case in per_round.items()},
+            "speedup_onepass_over_kernel": {
+                key(*case): median["kernel"][case] / median["onepass"][case]
+                for case in cases},
+        }, packages=("numpy", "numba", "llvmlite"))
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -182,8 +255,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="1 round of 0.05 s, 1 start-up run, no results file")
     parser.add_argument("--results-name", default="featurize_speed", metavar="NAME",
                         help="write results/NAME.json (default: %(default)s)")
+    parser.add_argument("--long", action="store_true",
+                        help="only the two v2 kernels on 10k-1M-character texts")
     args = parser.parse_args(argv)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.long:
+        run_long(args, clock)
+        return
     rounds, seconds = (1, 0.05) if args.quick else (args.rounds, args.target_seconds)
 
     text, source = corpus()

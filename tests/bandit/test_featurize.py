@@ -319,7 +319,7 @@ def _recording(kernel, calls: list):
 
 
 def test_transform_one_over_threshold_runs_earlier_kernel_same_bits() -> None:
-    # Over ~100k characters the one-pass kernel is slower and takes up to 5x the memory.
+    # Over 50k characters the one-pass kernel is no faster (slower from ~100k).
     from bandit import _hashing_kernel
 
     f = HashingFeaturizer()
