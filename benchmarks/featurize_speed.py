@@ -1,13 +1,16 @@
-"""Text featurizing time per call: the compiled kernel (versions 2 and 1) against the
-numpy reference.
+"""Text featurizing time per call: the one-pass kernel and the earlier compiled kernel
+(versions 2 and 1) against the numpy reference.
 
 The hashing featurizer (:class:`bandit.featurize.HashingFeaturizer`, dim 64, defaults)
 featurizes one text per call, as the service does per request, at 64, 500, 2,000 and
-10,000 characters. Four implementations, measured in the same run:
+10,000 characters. Six implementations, measured in the same run:
 
-* ``kernel``: ``transform_one`` of version 2 (the default: a sparse projection);
-* ``kernel_v1``: ``transform_one`` of version 1 (the 8 MiB Gaussian projection), the
-  vectors of deployments that learned before version 2;
+* ``onepass``: ``transform_one`` of version 2 (the default: a sparse projection), which
+  runs the one-pass kernel (``_hashing_kernel.featurize_onepass``);
+* ``kernel``: the same with the earlier kernel (``_hashing_kernel.featurize_one``), whose
+  vectors the one-pass kernel gives bit for bit;
+* ``onepass_v1`` and ``kernel_v1``: the same two for version 1 (the 8 MiB Gaussian
+  projection), the vectors of deployments that learned before version 2;
 * ``reference``: version 1's ``_reference_transform([text])``, the numpy implementation
   that was ``transform_one`` before the kernel (the same vectors to 1e-12);
 * ``sklearn``: scikit-learn's ``HashingVectorizer`` (character 3-5-grams in word
@@ -31,10 +34,17 @@ Also measured, each in a fresh process (median of 3): the start-up cost of the k
 ``import bandit``, the first ``HashingFeaturizer()`` (imports numba, builds the tables)
 and its first call (loads the compiled kernel from numba's cache, or compiles it).
 
+``--long`` instead times only the two v2 kernels, called directly (the featurizer
+sends texts over ``HashingFeaturizer.ONEPASS_MAX_CHARS`` characters to the earlier
+kernel), on texts of 10k to 1M characters: real prompts (pieces of the corpus, repeated
+as needed) and repetitive texts (one prompt repeated: few distinct n-grams), 8 different
+texts per length, cycled.
+
 Run::
 
     python -m benchmarks.featurize_speed           # writes results/featurize_speed.json
     python -m benchmarks.featurize_speed --quick   # smoke run, writes nothing
+    python -m benchmarks.featurize_speed --long --results-name featurize_speed_long
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from bandit.featurize import HashingFeaturizer
 from benchmarks.common import REPO_ROOT, data_root, print_table, write_results
 
 LENGTHS = (64, 500, 2_000, 10_000)
+LONG_LENGTHS = (10_000, 30_000, 50_000, 100_000, 300_000, 1_000_000)
 POOL = 64
 GOAL_US_PER_1000_CHARS = 20.0
 
@@ -91,11 +102,22 @@ def pools(text: str) -> dict[int, list[str]]:
     return out
 
 
+def earlier_kernel(version: int) -> HashingFeaturizer:
+    """A featurizer running the kernel before the one-pass one (the same vectors)."""
+    from bandit import _hashing_kernel
+
+    featurizer = HashingFeaturizer(version=version)
+    featurizer._kernel = _hashing_kernel.featurize_one
+    return featurizer
+
+
 def implementations() -> dict[str, Callable[[str], object]]:
     v1 = HashingFeaturizer(version=1)
     impls: dict[str, Callable[[str], object]] = {
-        "kernel": HashingFeaturizer().transform_one,
-        "kernel_v1": v1.transform_one,
+        "onepass": HashingFeaturizer().transform_one,
+        "kernel": earlier_kernel(2).transform_one,
+        "onepass_v1": v1.transform_one,
+        "kernel_v1": earlier_kernel(1).transform_one,
         "reference": lambda text: v1._reference_transform([text])[0],
     }
     try:
@@ -155,6 +177,71 @@ def startup(runs: int) -> dict[str, float]:
     return {key: statistics.median(s[key] for s in samples) for key in samples[0]}
 
 
+def long_texts(text: str, pool: int = 8) -> dict[str, dict[int, list[str]]]:
+    """Per kind and length in LONG_LENGTHS, ``pool`` different texts (one text timed
+    over and over would let the branch predictor learn it): "real", pieces of the
+    corpus (repeated to the length) from spread-out offsets; "repetitive", one prompt of
+    the corpus repeated to the length, a different prompt for each text."""
+    real = text * (2 * LONG_LENGTHS[-1] // len(text) + 1)
+    prompts = [p for p in text.split("\n\n") if len(p.strip()) > 20]
+    chosen = [prompts[i] + " " for i in np.linspace(0, len(prompts) - 1, pool).astype(int)]
+    out: dict[str, dict[int, list[str]]] = {"real": {}, "repetitive": {}}
+    for n in LONG_LENGTHS:
+        starts = np.linspace(0, len(real) - n - 1, pool).astype(int)
+        out["real"][n] = [real[s:s + n] for s in starts]
+        out["repetitive"][n] = [(p * (n // len(p) + 1))[:n] for p in chosen]
+    return out
+
+
+def run_long(args: argparse.Namespace, clock: Callable[[], float]) -> None:
+    """The one-pass and the earlier v2 kernel on long texts, each called directly."""
+    from bandit import _hashing_kernel
+
+    rounds, seconds = (1, 0.05) if args.quick else (args.rounds, args.target_seconds)
+    text, source = corpus()
+    texts = long_texts(text)
+    impls = {}
+    for name, kernel in (("onepass", _hashing_kernel.featurize_onepass),
+                         ("kernel", _hashing_kernel.featurize_one)):
+        featurizer = HashingFeaturizer()
+        featurizer._kernel = featurizer._long_kernel = kernel  # no dispatch on length
+        impls[name] = featurizer.transform_one
+    cases = [(kind, n) for kind in texts for n in LONG_LENGTHS]
+    per_round = {name: {case: [] for case in cases} for name in impls}
+    for r in range(rounds):
+        names = list(impls) if r % 2 == 0 else list(reversed(impls))
+        for kind, n in cases:
+            for name in names:
+                per_round[name][kind, n].append(
+                    time_per_call(impls[name], texts[kind][n], seconds, clock) * 1e3)
+    median = {name: {case: statistics.median(v) for case, v in by_case.items()}
+              for name, by_case in per_round.items()}
+    rows = [[kind, f"{n:,}", f"{median['kernel'][kind, n]:.1f}",
+             f"{median['onepass'][kind, n]:.1f}",
+             f"{median['kernel'][kind, n] / median['onepass'][kind, n]:.2f}x"]
+            for kind, n in cases]
+    print_table(f"v2 kernels on long texts, ms ({args.clock} time) per call (median of "
+                f"{rounds} round(s); real texts: {source})",
+                ["text", "characters", "earlier kernel ms", "one-pass ms",
+                 "one-pass speed-up"], rows)
+    if not args.quick:
+        key = "{}_{}".format
+        path = write_results(args.results_name, {
+            "settings": {"dim": 64, "lengths": LONG_LENGTHS, "rounds": rounds,
+                         "seconds_per_measurement": seconds, "clock": args.clock,
+                         "texts": source, "texts_per_case": 8,
+                         "repetitive": "one prompt of the corpus, repeated"},
+            "ms_per_call": {name: {key(*case): v for case, v in by_case.items()}
+                            for name, by_case in median.items()},
+            "ms_per_call_per_round": {name: {key(*case): v for case, v in by_case.items()}
+                                      for name, by_case in per_round.items()},
+            "speedup_onepass_over_kernel": {
+                key(*case): median["kernel"][case] / median["onepass"][case]
+                for case in cases},
+        }, packages=("numpy", "numba", "llvmlite"))
+        print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -166,8 +253,15 @@ def main(argv: list[str] | None = None) -> None:
                              "wall clock; wall: time.perf_counter")
     parser.add_argument("--quick", action="store_true",
                         help="1 round of 0.05 s, 1 start-up run, no results file")
+    parser.add_argument("--results-name", default="featurize_speed", metavar="NAME",
+                        help="write results/NAME.json (default: %(default)s)")
+    parser.add_argument("--long", action="store_true",
+                        help="only the two v2 kernels on 10k-1M-character texts")
     args = parser.parse_args(argv)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.long:
+        run_long(args, clock)
+        return
     rounds, seconds = (1, 0.05) if args.quick else (args.rounds, args.target_seconds)
 
     text, source = corpus()
@@ -188,18 +282,20 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for length in LENGTHS:
-        kernel, v1 = median["kernel"][length], median["kernel_v1"][length]
+        onepass, kernel = median["onepass"][length], median["kernel"][length]
+        onepass_v1, v1 = median["onepass_v1"][length], median["kernel_v1"][length]
         reference = median["reference"][length]
         sk = median.get("sklearn", {}).get(length)
-        rows.append([f"{length:,}", f"{reference:.1f}", f"{v1:.1f}", f"{kernel:.1f}",
-                     f"{v1 / kernel:.1f}x", f"{kernel / length * 1000:.1f}",
-                     "" if sk is None else f"{sk:.1f}"])
-    long_rate = median["kernel"][2_000] / 2
+        rows.append([f"{length:,}", f"{reference:.1f}", f"{v1:.1f}", f"{onepass_v1:.1f}",
+                     f"{kernel:.1f}", f"{onepass:.1f}", f"{kernel / onepass:.2f}x",
+                     f"{onepass / length * 1000:.1f}", "" if sk is None else f"{sk:.1f}"])
+    long_rate = median["onepass"][2_000] / 2
     print_table(f"HashingFeaturizer (dim 64) per text, µs ({args.clock} time) per call "
                 f"(median of {rounds} "
                 f"round(s); texts: {source})",
-                ["characters", "v1 reference µs", "v1 kernel µs", "v2 kernel µs",
-                 "v2 speed-up over v1", "v2 µs/1k chars", "sklearn µs"], rows,
+                ["characters", "v1 reference µs", "v1 kernel µs", "v1 one-pass µs",
+                 "v2 kernel µs", "v2 one-pass µs", "v2 one-pass speed-up",
+                 "v2 one-pass µs/1k chars", "sklearn µs"], rows,
                 caption=f"goal <= {GOAL_US_PER_1000_CHARS:g} µs per 1,000 characters: "
                         f"{long_rate:.1f} at 2,000 characters. Start-up (fresh process, "
                         f"median): import bandit {start['import_bandit_s']:.2f} s, first "
@@ -209,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
                         + "; ".join(f"{v} {d['corr_with_exact_cosine']:.3f}, "
                                     f"{d['rms_difference']:.3f}" for v, d in fid.items()))
     if not args.quick:
-        path = write_results("featurize_speed", {
+        path = write_results(args.results_name, {
             "settings": {"dim": 64, "lengths": LENGTHS, "texts_per_length": POOL,
                          "rounds": rounds, "seconds_per_measurement": seconds,
                          "clock": args.clock,
@@ -218,15 +314,17 @@ def main(argv: list[str] | None = None) -> None:
                             for name, by_len in median.items()},
             "us_per_call_per_round": {name: {str(n): v for n, v in by_len.items()}
                                       for name, by_len in per_round.items()},
-            "speedup_reference_over_kernel": {
-                str(n): median["reference"][n] / median["kernel"][n] for n in LENGTHS},
-            "speedup_v1_over_v2": {
-                str(n): median["kernel_v1"][n] / median["kernel"][n] for n in LENGTHS},
-            "kernel_us_per_1000_chars": {
-                str(n): median["kernel"][n] / n * 1000 for n in LENGTHS},
+            "speedup_reference_over_onepass": {
+                str(n): median["reference"][n] / median["onepass"][n] for n in LENGTHS},
+            "speedup_onepass_over_kernel": {
+                str(n): median["kernel"][n] / median["onepass"][n] for n in LENGTHS},
+            "speedup_onepass_v1_over_kernel_v1": {
+                str(n): median["kernel_v1"][n] / median["onepass_v1"][n] for n in LENGTHS},
+            "onepass_us_per_1000_chars": {
+                str(n): median["onepass"][n] / n * 1000 for n in LENGTHS},
             "startup_s": start,
             "fidelity": fid,
-            "goals": {"kernel_le_20us_per_1000_chars_at_2000":
+            "goals": {"onepass_le_20us_per_1000_chars_at_2000":
                       long_rate <= GOAL_US_PER_1000_CHARS},
         }, packages=("numpy", "numba", "llvmlite", "scikit-learn"))
         print(f"wrote {path}")

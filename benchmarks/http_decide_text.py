@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="only py-spy the router under load (see the module doc)")
     parser.add_argument("--gil", action="store_true",
                         help="with --profile: sample only the thread holding the GIL")
+    parser.add_argument("--results-name", default="http_decide_text", metavar="NAME",
+                        help="write results/NAME.json (default: %(default)s)")
     args = parser.parse_args(argv)
     seconds, rounds = (2.0, 1) if args.quick else (args.seconds, args.rounds)
     generators = ["asyncio"] + (["wrk"] if shutil.which("wrk") else [])
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
                 + "; CPU ratio bare / router: " + ", ".join(
                     f"{n} {v:.2f}" for n, v in cpu_ratios.items()))
     if not args.quick:
-        path = write_results("http_decide_text", {
+        path = write_results(args.results_name, {
             "settings": {"dim": DIM, "models": N_MODELS, "connections": args.connections,
                          "baseline": None if args.baseline is None else str(args.baseline),
                          "seconds_per_phase": seconds, "rounds": rounds,

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from bandit.errors import InvalidInputError
 from bandit.featurize import (
     FEATURIZERS,
+    HASHING_VERSIONS,
     Featurizer,
     HashingFeaturizer,
     SentenceEmbeddingFeaturizer,
@@ -259,6 +260,136 @@ V1 = HashingFeaturizer(dim=64, seed=0, version=1)
 def test_transform_one_v1_kernel_equals_reference_any_text(text: str) -> None:
     np.testing.assert_allclose(V1.transform_one(text), V1._reference_transform([text])[0],
                                rtol=0, atol=1e-12)
+
+
+# ------------------------------ hashing: one-pass kernel = earlier kernel, bit for bit
+# transform_one runs _hashing_kernel.featurize_onepass; the vectors stored statistics
+# were learned on came from _hashing_kernel.featurize_one. Not close: the same bits.
+def _previous(config: dict) -> HashingFeaturizer:
+    """A featurizer that runs the earlier kernel (``_hashing_kernel.featurize_one``)."""
+    from bandit import _hashing_kernel
+
+    f = HashingFeaturizer(**config)
+    f._kernel = _hashing_kernel.featurize_one
+    return f
+
+
+def _bits(X: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(X).view(np.uint64)
+
+
+def _edge_texts() -> list[str]:
+    rng = np.random.default_rng(7)
+    mixed = "".join(rng.choice(list(SPECIALS + " abc"), size=20_000))
+    return ["", " ", "\t\n \u3000\x85 ", " " * 5_000, "x", "😀", "😀" * 4_000,
+            "İstanbul ΣΑΣ. ὈΔΥΣΣΕΎΣ ß", "fix this \ud800 bug \udfff", "\ud83d\ude00",
+            "Écris un poème 数据库索引是如何工作的？ emoji 😀🚀 한국어 العربية עברית",
+            "a" * 12_000, "ab " * 6_000, " ".join(VOCABULARY) * 80, mixed,
+            "  lead and trail  ", "tabs\tand\nnewlines\r\n", "_" * 70, "1 2 3 ١٢٣"]
+
+
+@pytest.mark.parametrize("config", KERNEL_CONFIGS, ids=lambda c: ",".join(map(str, c)) or "default")
+def test_transform_texts_onepass_equals_previous_kernel_bits(config: dict) -> None:
+    texts = (PROMPTS + [a for pair in PAIRS for a in pair] + _random_texts(11, 300)
+             + _edge_texts())
+    new, old = HashingFeaturizer(**config), _previous(config)
+    np.testing.assert_array_equal(_bits(new.transform(texts)), _bits(old.transform(texts)))
+
+
+ONEPASS_PAIRS = [(HashingFeaturizer(version=v), _previous({"version": v}))
+                 for v in HASHING_VERSIONS]
+# Any code point, unpaired surrogates included (JSON can carry them).
+ONEPASS_TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=600)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(ONEPASS_TEXT, st.lists(st.sampled_from(VOCABULARY + list(SPECIALS)),
+                                        max_size=200).map(" ".join)))
+def test_transform_one_onepass_equals_previous_kernel_bits_any_text(text: str) -> None:
+    for new, old in ONEPASS_PAIRS:
+        np.testing.assert_array_equal(_bits(new.transform_one(text)),
+                                      _bits(old.transform_one(text)))
+
+
+def _recording(kernel, calls: list):
+    def run(raw, *args):
+        calls.append((kernel, raw.size))
+        return kernel(raw, *args)
+    return run
+
+
+def test_transform_one_over_threshold_runs_earlier_kernel_same_bits() -> None:
+    # Over 50k characters the one-pass kernel is no faster (slower from ~100k).
+    from bandit import _hashing_kernel
+
+    f = HashingFeaturizer()
+    assert (f._kernel, f._long_kernel) == (_hashing_kernel.featurize_onepass,
+                                          _hashing_kernel.featurize_one)
+    calls: list = []
+    f._kernel, f._long_kernel = _recording(f._kernel, calls), _recording(f._long_kernel, calls)
+    words = " ".join(VOCABULARY * (f.ONEPASS_MAX_CHARS // len(" ".join(VOCABULARY)) + 1))
+    at, over = words[:f.ONEPASS_MAX_CHARS], words[:f.ONEPASS_MAX_CHARS + 1]
+    new = np.stack([f.transform_one(at), f.transform_one(over)])
+    assert calls == [(_hashing_kernel.featurize_onepass, f.ONEPASS_MAX_CHARS),
+                     (_hashing_kernel.featurize_one, f.ONEPASS_MAX_CHARS + 1)]
+    np.testing.assert_array_equal(_bits(new), _bits(_previous({}).transform([at, over])))
+
+
+def _jitted_reach(function) -> dict:
+    """Every numba function and intrinsic that ``function`` calls, directly or not:
+    {name: the file that defines it}."""
+    from numba.core.dispatcher import Dispatcher
+    from numba.core.extending import _Intrinsic
+
+    seen: dict = {}
+    todo = [function]
+    while todo:
+        f = todo.pop()
+        python = f.py_func if isinstance(f, Dispatcher) else f._defn
+        if python.__qualname__ in seen:
+            continue
+        seen[python.__qualname__] = python.__code__.co_filename
+        if isinstance(f, Dispatcher):
+            todo += [g for name in python.__code__.co_names
+                     if isinstance(g := python.__globals__.get(name), Dispatcher | _Intrinsic)]
+    return seen
+
+
+def test_hashing_kernels_and_their_jitted_helpers_share_one_file() -> None:
+    # numba's cache=True checks only the file of the function it compiled: a helper
+    # edited in another file would leave the kernel's cached machine code stale.
+    f = HashingFeaturizer()
+    for kernel in (f._kernel, f._long_kernel):
+        reach = _jitted_reach(kernel)
+        assert {"_mix64", "crc_code_point", "normalize"} <= reach.keys()
+        assert set(reach.values()) == {kernel.py_func.__code__.co_filename}, reach
+
+
+def test_hashing_featurizer_onepass_not_compiling_falls_back_with_warning(monkeypatch) -> None:
+    # The one-pass kernel's inline assembly (_opaque) is the part an LLVM could reject.
+    from numba import njit
+    from numba.extending import intrinsic
+
+    from bandit import _hashing_kernel
+
+    @intrinsic
+    def rejected(typingctx, x):
+        def codegen(context, builder, signature, args):
+            raise RuntimeError("inline assembly rejected")
+        return x(x), codegen
+
+    @njit
+    def broken(raw, classes, projection, n_buckets, nnz, chars, char_salts, words,
+               word_salts, crc_table, out):
+        out[0] = rejected(raw.size)
+
+    monkeypatch.setattr(_hashing_kernel, "featurize_onepass", broken)
+    with pytest.warns(RuntimeWarning, match="one-pass hashing kernel did not compile.*"
+                                            "inline assembly rejected"):
+        f = HashingFeaturizer()
+    assert f._kernel is _hashing_kernel.featurize_one
+    np.testing.assert_array_equal(_bits(f.transform(PROMPTS)),
+                                  _bits(_previous({}).transform(PROMPTS)))
 
 
 def test_char_classes_match_python_definitions() -> None:
