@@ -1585,6 +1585,8 @@ class Policy(abc.ABC):
             raise InvalidInputError("x", "update() takes one context; use update_batch()",
                                     f"{xb.shape[0]} rows")
         y = parse_outcome(outcome)
+        # Validated before anything learns or decays: a refused update teaches nothing.
+        ratio = None if cost_estimate is None else _price_ratios([cost_estimate], y[1:2])
         weight = 1.0
         if time is not None:
             if now is not None:
@@ -1593,8 +1595,6 @@ class Policy(abc.ABC):
             weight = float(self._age_weights(t, t))
         else:
             self._maybe_decay(now)
-        # Validated before anything learns: a refused update teaches nothing.
-        ratio = None if cost_estimate is None else _price_ratios([cost_estimate], y[1:2])
         if self._level or self._shifting:
             y = self._arm_targets([arm], xb, y[None], weight)[0]
         residual = self._stats.update(k, xb[0], y, weight)
@@ -1651,6 +1651,9 @@ class Policy(abc.ABC):
         ks = np.array([self._arm_index(a) for a in arms], dtype=np.intp)
         y = (parse_outcome_array(outcomes) if isinstance(outcomes, np.ndarray)
              else np.stack([parse_outcome(o) for o in outcomes]))
+        # Validated before anything learns or decays: a refused update teaches nothing
+        # (the targets shift quality only, not cost).
+        ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         weights: float | np.ndarray = float(weight)
         if times is not None:
             if now is not None:
@@ -1663,9 +1666,6 @@ class Policy(abc.ABC):
                 weights = float(weight) * self._age_weights(float(t.max()), t)
         else:
             self._maybe_decay(now)
-        # Validated before anything learns: a refused update teaches nothing (the
-        # targets shift quality only, not cost).
-        ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         if self._level or self._shifting:
             y = self._arm_targets(arms, xb, y, weights)
         for k in np.unique(ks):
@@ -1735,6 +1735,7 @@ class Policy(abc.ABC):
         if elapsed >= max(self.config.decay_interval_s, 1e-12):
             self._stats.scale(0.5 ** (elapsed / 3600.0 / half_life))
             self._t_ref = now
+            self.version += 1  # the plan's inverses and the price factor are stale
 
     def _age_weights(self, latest: float, times: float | np.ndarray) -> float | np.ndarray:
         """Move the reference time to the ``latest`` event time (as :meth:`update` does
