@@ -1202,11 +1202,15 @@ class Policy(abc.ABC):
 
     def _fused_plan(self) -> _FusedPlan:
         """The current state's :class:`_FusedPlan`, built again after any change (every
-        change of the statistics, the arms or their priors bumps ``version``; a restore
-        or a merge of statistics brings new objects)."""
+        change of the statistics, the arms or their priors bumps ``version``, a merge and
+        a decay included: a merge changes the statistics object in place; the statistics
+        and config objects are compared too, should either be replaced). The version is
+        read before the state: a change made while the plan is built (another thread)
+        leaves it stamped older, so the next decide builds it again."""
+        version = self.version
         plan = self._plan
         cfg, stats = self.config, self._stats
-        if (plan is not None and plan.version == self.version and plan.stats is stats
+        if (plan is not None and plan.version == version and plan.stats is stats
                 and plan.config is cfg):
             return plan
         rule = self._fused_rule()
@@ -1218,7 +1222,7 @@ class Policy(abc.ABC):
         by_direction = block is not None and not (cfg.cold_start_by == "added-on-tags"
                                                   and not self._late)
         plan = self._plan = _FusedPlan(
-            self.version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
+            version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
             n_cold, by_direction, stats.width_inverses() if rule is not None else (),
             stats.selecting)
         return plan
@@ -1303,11 +1307,11 @@ class Policy(abc.ABC):
     def _cold_arms(self) -> tuple[np.ndarray, int]:
         """Which arms (K,) have fewer than ``cold_start_pulls`` quality observations, and
         how many, kept until the next change."""
+        version, stats = self.version, self._stats  # the version first (_fused_plan)
         cached = self._cold
-        if cached[0] != self.version or cached[1] is not self._stats:
-            cold = self._stats.count[:, 0] < self.config.cold_start_pulls
-            cached = self._cold = (self.version, self._stats, cold,
-                                   int(np.count_nonzero(cold)))
+        if cached[0] != version or cached[1] is not stats:
+            cold = stats.count[:, 0] < self.config.cold_start_pulls
+            cached = self._cold = (version, stats, cold, int(np.count_nonzero(cold)))
         return cached[2], cached[3]
 
     def _cold_block(self) -> slice | None:

@@ -326,3 +326,23 @@ def test_fused_plan_follows_every_change_of_state(cls, d):
     for policy in (fused, reference):
         policy.update("m0", np.full(d, 0.3), outcome, now=36000.0, cost_estimate=0.001)
     _assert_same_decisions(fused, reference, seed=10)
+
+
+def test_fused_plan_built_during_a_change_is_not_kept():
+    """A change of state (another thread's add_arm) while a decide builds its plan: the
+    plan carries the version read before the state, so the next decide builds it again
+    instead of keeping cold flags and names of two different states."""
+    fused, _ = _warm_pair(LinUCB)
+    build_cold_block = fused._cold_block
+
+    def interleaved():
+        del fused._cold_block  # once
+        fused.add_arm("m9", late=False)  # between the plan's reads of the state
+        return build_cold_block()
+
+    fused._cold_block = interleaved
+    fused.decide(np.full(fused.dim, 0.3), PREFS)
+    plan = fused._fused_plan()
+    assert plan.names == fused.arms
+    assert plan.cold.tolist() == [False] * 4 + [True] and plan.n_cold == 1
+
