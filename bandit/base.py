@@ -1136,11 +1136,15 @@ class Policy(abc.ABC):
                 names, choices, prop, _, table, explored = rows
                 return _TableDecision(names[int(choices[0])], float(prop[0]), None,
                                       bool(explored[0]), self.name, names, table[0])
+        if type(x) is not np.ndarray or x.ndim != 1:
+            # Refused before decide_batch draws, as the compiled path refuses: a refused
+            # decide leaves the random stream where it was on both paths.
+            n = self._features(x).shape[0]
+            if n != 1:
+                raise InvalidInputError("x", "decide() takes one context; use "
+                                        "decide_batch()", f"{n} rows")
         batch = self.decide_batch(x, preferences, candidates, explore=explore,
                                   cost_estimate=cost_estimate)
-        if len(batch) != 1:
-            raise InvalidInputError("x", "decide() takes one context; use decide_batch()",
-                                    f"{len(batch)} rows")
         return batch.decision(0, policy=self.name)
 
     def decide_batch(self, x: object, preferences: Preferences | None = None,

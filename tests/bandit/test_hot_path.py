@@ -346,3 +346,17 @@ def test_fused_plan_built_during_a_change_is_not_kept():
     assert plan.names == fused.arms
     assert plan.cold.tolist() == [False] * 4 + [True] and plan.n_cold == 1
 
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_refused_decide_draws_nothing_on_either_path(cls):
+    """decide() with two contexts is refused before any draw on the compiled path and on
+    the numpy path alike: the same seed decides the same afterwards."""
+    fused, reference = _warm_pair(cls)
+    two = np.random.default_rng(1).standard_normal((2, fused.dim))
+    for policy in (fused, reference):
+        with pytest.raises(InvalidInputError, match="one context"):
+            policy.decide(two, PREFS)
+        with pytest.raises(InvalidInputError, match="one context"):
+            policy.decide(two.tolist(), PREFS)
+    _assert_same_decisions(fused, reference, n=20)
+
