@@ -1033,6 +1033,7 @@ class Policy(abc.ABC):
         if late if late is not None else bool(self._stats.count[:, 0].any()):
             self._late.add(name)
         self.drift_events.setdefault(name, 0)
+        self._plan = None  # it holds the statistics' replaced arrays
         self.version += 1
 
     @property
@@ -1087,6 +1088,7 @@ class Policy(abc.ABC):
         # The later arms shift down one slot: the per-arm inverses cached by
         # _direction_counts (rebuilt only when K changes) would belong to other arms.
         self._block_data = None
+        self._plan = None  # it holds the statistics' replaced arrays
         self.version += 1
 
     def _arm_index(self, name: str, field_name: str = "arm") -> int:
@@ -1829,6 +1831,7 @@ class Policy(abc.ABC):
                 self._names.append(name)
                 self._priors[name] = other._priors[name]
                 self.drift_events.setdefault(name, 0)
+                self._plan = None  # it holds the statistics' replaced arrays
             else:
                 self._stats.add(self._index[name], theirs, j, factor_other)
         # Late in either replica is late: a model added mid-stream on one of them.

@@ -360,3 +360,17 @@ def test_refused_decide_draws_nothing_on_either_path(cls):
             policy.decide(two.tolist(), PREFS)
     _assert_same_decisions(fused, reference, n=20)
 
+
+def test_arm_changes_release_the_plan():
+    """add_arm, remove_arm and a merge that adds arms replace the statistics' arrays: the
+    plan (which holds the old ones) is dropped at once, not at the next decide."""
+    fused, _ = _warm_pair(LinUCB)
+    other, _ = _warm_pair(LinUCB)
+    other.add_arm("m8")
+    changes = [lambda: fused.add_arm("m9"), lambda: fused.remove_arm("m9"),
+               lambda: fused.merge(other)]
+    for change in changes:
+        fused.decide(np.full(fused.dim, 0.3), PREFS)
+        assert fused._plan is not None
+        change()
+        assert fused._plan is None
