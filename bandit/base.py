@@ -1033,6 +1033,7 @@ class Policy(abc.ABC):
         if late if late is not None else bool(self._stats.count[:, 0].any()):
             self._late.add(name)
         self.drift_events.setdefault(name, 0)
+        self._plan = None  # it holds the statistics' replaced arrays
         self.version += 1
 
     @property
@@ -1087,6 +1088,7 @@ class Policy(abc.ABC):
         # The later arms shift down one slot: the per-arm inverses cached by
         # _direction_counts (rebuilt only when K changes) would belong to other arms.
         self._block_data = None
+        self._plan = None  # it holds the statistics' replaced arrays
         self.version += 1
 
     def _arm_index(self, name: str, field_name: str = "arm") -> int:
@@ -1136,11 +1138,15 @@ class Policy(abc.ABC):
                 names, choices, prop, _, table, explored = rows
                 return _TableDecision(names[int(choices[0])], float(prop[0]), None,
                                       bool(explored[0]), self.name, names, table[0])
+        if type(x) is not np.ndarray or x.ndim != 1:
+            # Refused before decide_batch draws, as the compiled path refuses: a refused
+            # decide leaves the random stream where it was on both paths.
+            n = self._features(x).shape[0]
+            if n != 1:
+                raise InvalidInputError("x", "decide() takes one context; use "
+                                        "decide_batch()", f"{n} rows")
         batch = self.decide_batch(x, preferences, candidates, explore=explore,
                                   cost_estimate=cost_estimate)
-        if len(batch) != 1:
-            raise InvalidInputError("x", "decide() takes one context; use decide_batch()",
-                                    f"{len(batch)} rows")
         return batch.decision(0, policy=self.name)
 
     def decide_batch(self, x: object, preferences: Preferences | None = None,
@@ -1202,11 +1208,15 @@ class Policy(abc.ABC):
 
     def _fused_plan(self) -> _FusedPlan:
         """The current state's :class:`_FusedPlan`, built again after any change (every
-        change of the statistics, the arms or their priors bumps ``version``; a restore
-        or a merge of statistics brings new objects)."""
+        change of the statistics, the arms or their priors bumps ``version``, a merge and
+        a decay included: a merge changes the statistics object in place; the statistics
+        and config objects are compared too, should either be replaced). The version is
+        read before the state: a change made while the plan is built (another thread)
+        leaves it stamped older, so the next decide builds it again."""
+        version = self.version
         plan = self._plan
         cfg, stats = self.config, self._stats
-        if (plan is not None and plan.version == self.version and plan.stats is stats
+        if (plan is not None and plan.version == version and plan.stats is stats
                 and plan.config is cfg):
             return plan
         rule = self._fused_rule()
@@ -1218,7 +1228,7 @@ class Policy(abc.ABC):
         by_direction = block is not None and not (cfg.cold_start_by == "added-on-tags"
                                                   and not self._late)
         plan = self._plan = _FusedPlan(
-            self.version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
+            version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
             n_cold, by_direction, stats.width_inverses() if rule is not None else (),
             stats.selecting)
         return plan
@@ -1303,11 +1313,11 @@ class Policy(abc.ABC):
     def _cold_arms(self) -> tuple[np.ndarray, int]:
         """Which arms (K,) have fewer than ``cold_start_pulls`` quality observations, and
         how many, kept until the next change."""
+        version, stats = self.version, self._stats  # the version first (_fused_plan)
         cached = self._cold
-        if cached[0] != self.version or cached[1] is not self._stats:
-            cold = self._stats.count[:, 0] < self.config.cold_start_pulls
-            cached = self._cold = (self.version, self._stats, cold,
-                                   int(np.count_nonzero(cold)))
+        if cached[0] != version or cached[1] is not stats:
+            cold = stats.count[:, 0] < self.config.cold_start_pulls
+            cached = self._cold = (version, stats, cold, int(np.count_nonzero(cold)))
         return cached[2], cached[3]
 
     def _cold_block(self) -> slice | None:
@@ -1585,6 +1595,8 @@ class Policy(abc.ABC):
             raise InvalidInputError("x", "update() takes one context; use update_batch()",
                                     f"{xb.shape[0]} rows")
         y = parse_outcome(outcome)
+        # Validated before anything learns or decays: a refused update teaches nothing.
+        ratio = None if cost_estimate is None else _price_ratios([cost_estimate], y[1:2])
         weight = 1.0
         if time is not None:
             if now is not None:
@@ -1593,8 +1605,6 @@ class Policy(abc.ABC):
             weight = float(self._age_weights(t, t))
         else:
             self._maybe_decay(now)
-        # Validated before anything learns: a refused update teaches nothing.
-        ratio = None if cost_estimate is None else _price_ratios([cost_estimate], y[1:2])
         if self._level or self._shifting:
             y = self._arm_targets([arm], xb, y[None], weight)[0]
         residual = self._stats.update(k, xb[0], y, weight)
@@ -1651,6 +1661,9 @@ class Policy(abc.ABC):
         ks = np.array([self._arm_index(a) for a in arms], dtype=np.intp)
         y = (parse_outcome_array(outcomes) if isinstance(outcomes, np.ndarray)
              else np.stack([parse_outcome(o) for o in outcomes]))
+        # Validated before anything learns or decays: a refused update teaches nothing
+        # (the targets shift quality only, not cost).
+        ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         weights: float | np.ndarray = float(weight)
         if times is not None:
             if now is not None:
@@ -1663,9 +1676,6 @@ class Policy(abc.ABC):
                 weights = float(weight) * self._age_weights(float(t.max()), t)
         else:
             self._maybe_decay(now)
-        # Validated before anything learns: a refused update teaches nothing (the
-        # targets shift quality only, not cost).
-        ratios = None if cost_estimates is None else _price_ratios(cost_estimates, y[:, 1])
         if self._level or self._shifting:
             y = self._arm_targets(arms, xb, y, weights)
         for k in np.unique(ks):
@@ -1735,6 +1745,7 @@ class Policy(abc.ABC):
         if elapsed >= max(self.config.decay_interval_s, 1e-12):
             self._stats.scale(0.5 ** (elapsed / 3600.0 / half_life))
             self._t_ref = now
+            self.version += 1  # the plan's inverses and the price factor are stale
 
     def _age_weights(self, latest: float, times: float | np.ndarray) -> float | np.ndarray:
         """Move the reference time to the ``latest`` event time (as :meth:`update` does
@@ -1820,6 +1831,7 @@ class Policy(abc.ABC):
                 self._names.append(name)
                 self._priors[name] = other._priors[name]
                 self.drift_events.setdefault(name, 0)
+                self._plan = None  # it holds the statistics' replaced arrays
             else:
                 self._stats.add(self._index[name], theirs, j, factor_other)
         # Late in either replica is late: a model added mid-stream on one of them.

@@ -16,6 +16,7 @@ from bandit import (
     Preferences,
     SelectiveThompson,
 )
+from bandit.stats import FLOAT32_INVERSE_DIM
 
 PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
 CONFIGS = [{}, {"context_ridges": (1.0, 100.0)}, {"exploration": "mean"},
@@ -239,13 +240,13 @@ def test_cost_factor_follows_every_update(cls):
     assert policy.decide_batch(x, PREFS, names, cost_estimate=estimate).means[0, 1, 1] > 0.01
 
 
-def _warm_pair(cls, d: int = 6) -> tuple[Policy, Policy]:
+def _warm_pair(cls, d: int = 6, **params) -> tuple[Policy, Policy]:
     """The same policy twice, the compiled decide's (fused) and the numpy path's, every
-    arm warm (past cold_start_pulls: the fused decide applies)."""
+    arm warm (past cold_start_pulls: the fused decide applies); updates at time 0."""
     rng = np.random.default_rng(3)
     pair = []
     for compiled in (True, False):
-        policy = cls(d, seed=7, epsilon=0.05)
+        policy = cls(d, seed=7, epsilon=0.05, **params)
         policy._stats.compiled = compiled
         for j in range(4):
             policy.add_arm(f"m{j}")
@@ -254,38 +255,42 @@ def _warm_pair(cls, d: int = 6) -> tuple[Policy, Policy]:
         x, q = rng.standard_normal(d), float(rng.random())
         for policy in pair:
             policy.update(f"m{t % 4}", x, {"quality": q, "cost_usd": 0.001 * (1 + t % 4),
-                                            "latency_ms": 400.0 + 10 * (t % 7)})
+                                            "latency_ms": 400.0 + 10 * (t % 7)}, now=0.0)
     return pair[0], pair[1]
 
 
 def _assert_same_decisions(fused: Policy, reference: Policy, prefs=PREFS, n: int = 12,
                            seed: int = 0) -> None:
+    # From FLOAT32_INVERSE_DIM features on, the widths use float32 copies of the inverses
+    # (relative error ~3e-9); a stale copy is off by far more (3.7x after a decay).
+    tol = 1e-9 if fused.dim + 1 < FLOAT32_INVERSE_DIM else 1e-7
     plan = fused._fused_plan()
     assert plan.rule is not None and plan.n_cold == 0  # the fused decide is the one tested
     rows = np.random.default_rng(seed).standard_normal((n, fused.dim))
     for x in rows:
         a, b = fused.decide(x, prefs), reference.decide(x, prefs)
         assert (a.arm, a.explored) == (b.arm, b.explored)
-        assert a.propensity == pytest.approx(b.propensity, rel=0, abs=1e-9)
+        assert a.propensity == pytest.approx(b.propensity, rel=0, abs=tol)
         assert list(a.predictions) == list(b.predictions)
         for name, p in a.predictions.items():
-            np.testing.assert_allclose(p, b.predictions[name], rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(p, b.predictions[name], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("d", [6, 260])  # 260: the plan's float32 inverse copies
 @pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
-def test_fused_plan_follows_every_change_of_state(cls):
+def test_fused_plan_follows_every_change_of_state(cls, d):
     """The compiled decide keeps its per-state plan (arms, rule, cold arms, inverses)
     between decides: after an update, a merge, a prior's change, an arm removed and
-    another added, a restore and a change of preferences, it decides as the numpy path
-    that keeps nothing."""
-    fused, reference = _warm_pair(cls)
+    another added, a restore, a change of preferences, a refused update and a decay, it
+    decides as the numpy path that keeps nothing."""
+    fused, reference = _warm_pair(cls, d)
     _assert_same_decisions(fused, reference)
     x = np.full(fused.dim, 0.3)
     for policy in (fused, reference):  # one outcome that moves m2 far up
         for _ in range(30):
             policy.update("m2", x, {"quality": 1.0, "cost_usd": 0.0001, "latency_ms": 50.0})
     _assert_same_decisions(fused, reference, seed=1)
-    others = _warm_pair(cls)
+    others = _warm_pair(cls, d)
     for policy, other in zip((fused, reference), others, strict=True):
         policy.merge(other)
     _assert_same_decisions(fused, reference, seed=2)
@@ -306,3 +311,66 @@ def test_fused_plan_follows_every_change_of_state(cls):
     _assert_same_decisions(fused, reference, prefs=Preferences(quality=1.0, cost=500.0),
                            seed=6)
     _assert_same_decisions(fused, reference, prefs=Preferences(1, 0, 2), seed=7)
+    # Forgetting: an update ten half-lives later refused for its cost_estimate teaches
+    # nothing (no decay either); the next accepted one decays, and the plan follows both.
+    fused, reference = _warm_pair(cls, d, half_life_hours=1.0, decay_interval_s=0.0)
+    _assert_same_decisions(fused, reference, seed=8)
+    weights = fused._stats.weight.copy()
+    outcome = {"quality": 0.5, "cost_usd": 0.001, "latency_ms": 300.0}
+    for policy in (fused, reference):
+        with pytest.raises(InvalidInputError, match="cost_estimate"):
+            policy.update("m0", np.full(d, 0.3), outcome,
+                          now=36000.0, cost_estimate=-1.0)
+    np.testing.assert_array_equal(fused._stats.weight, weights)
+    _assert_same_decisions(fused, reference, seed=9)
+    for policy in (fused, reference):
+        policy.update("m0", np.full(d, 0.3), outcome, now=36000.0, cost_estimate=0.001)
+    _assert_same_decisions(fused, reference, seed=10)
+
+
+def test_fused_plan_built_during_a_change_is_not_kept():
+    """A change of state (another thread's add_arm) while a decide builds its plan: the
+    plan carries the version read before the state, so the next decide builds it again
+    instead of keeping cold flags and names of two different states."""
+    fused, _ = _warm_pair(LinUCB)
+    build_cold_block = fused._cold_block
+
+    def interleaved():
+        del fused._cold_block  # once
+        fused.add_arm("m9", late=False)  # between the plan's reads of the state
+        return build_cold_block()
+
+    fused._cold_block = interleaved
+    fused.decide(np.full(fused.dim, 0.3), PREFS)
+    plan = fused._fused_plan()
+    assert plan.names == fused.arms
+    assert plan.cold.tolist() == [False] * 4 + [True] and plan.n_cold == 1
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson])
+def test_refused_decide_draws_nothing_on_either_path(cls):
+    """decide() with two contexts is refused before any draw on the compiled path and on
+    the numpy path alike: the same seed decides the same afterwards."""
+    fused, reference = _warm_pair(cls)
+    two = np.random.default_rng(1).standard_normal((2, fused.dim))
+    for policy in (fused, reference):
+        with pytest.raises(InvalidInputError, match="one context"):
+            policy.decide(two, PREFS)
+        with pytest.raises(InvalidInputError, match="one context"):
+            policy.decide(two.tolist(), PREFS)
+    _assert_same_decisions(fused, reference, n=20)
+
+
+def test_arm_changes_release_the_plan():
+    """add_arm, remove_arm and a merge that adds arms replace the statistics' arrays: the
+    plan (which holds the old ones) is dropped at once, not at the next decide."""
+    fused, _ = _warm_pair(LinUCB)
+    other, _ = _warm_pair(LinUCB)
+    other.add_arm("m8")
+    changes = [lambda: fused.add_arm("m9"), lambda: fused.remove_arm("m9"),
+               lambda: fused.merge(other)]
+    for change in changes:
+        fused.decide(np.full(fused.dim, 0.3), PREFS)
+        assert fused._plan is not None
+        change()
+        assert fused._plan is None
