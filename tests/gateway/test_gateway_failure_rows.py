@@ -121,6 +121,24 @@ def test_drained_gateway_failure_refused_by_the_database_gives_its_row_back(
     assert r.status_code == 202 and r.json()["status"] == "applied", r.text
 
 
+def test_refused_batch_gives_back_the_default_a_drained_failure_took(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of two drained items the database refuses, the first the gateway's
+    failure over a client gateway's waiting default (its record() failed in an outage):
+    stored item by item, each refused, the default is waiting again. Before, the
+    retry took the failure's row again (its own now) and its undo deleted the row:
+    the call's default was lost."""
+    _, auth, tenant, decision_id = _call(live, "refused batch")
+    r = _post(live.router, auth, decision_id, default_quality=0.8)
+    assert r.status_code == 202, r.text
+    _, _, other, other_id = _call(live, "refused batch other")
+    _drain_refused(live, monkeypatch, IntegrityError, _gateway_item(tenant.id, decision_id),
+                   _gateway_item(other.id, other_id))
+    row = _row(live, decision_id)
+    assert (row.state, row.quality, row.event_id) == ("pending", 0.8, None)
+    assert row.due_at is not None
+
+
 def test_gateway_failure_over_a_client_default_is_final(live: Live) -> None:
     """The router's failure recorded over a client gateway's waiting default (its
     ``default_quality``): the row is final, the gateway's, and a later rating is
