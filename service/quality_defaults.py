@@ -11,8 +11,11 @@ and distributed mode alike, and a restart see the same answer:
 
 * the gateway records ``pending`` (the default, due at the call's time + the wait) or,
   for a failed call, ``final`` (its quality 0 is reported at once with the cost and
-  latency: the router knows the call failed; recorded when its outcome is drained if
-  the database was away);
+  latency: the router knows the call failed). A failure whose record failed (the
+  database away, a transient error) has its outcome held and recorded again before it
+  is posted (service/gateway/feedback.py; bounded: past that, the outage buffer's
+  drain records it, while one stored at once, distributed mode's, leaves a later
+  rating to be learned with the 0);
 * a client's quality claims the row before it goes to the feedback sink: ``pending`` ->
   ``replaced`` (its event id kept); one that comes first leaves a ``replaced`` marker,
   which the gateway's record keeps. The claim is given back (``release``) when the sink
