@@ -35,7 +35,9 @@ here, not posted, and its record tried again in each later round (at least every
 :data:`HELD_RETRY_S`) before it is posted: posted without it (distributed mode sends it
 straight to the topic; embedded mode, the database back, stores it) nothing would keep
 a later rating out, and both would be learned. At most :data:`HELD_MAX` are held; past
-that, and at shutdown, the outcomes are posted without their record as before (the
+that, at shutdown (after one more try), and when the database refused the record (an
+integrity or data error, not an outage: trying again would not help), the outcomes
+are posted without their record as before (the
 outage buffer's drain then records a buffered one; one stored at once is learned with
 a later rating). Held outcomes are lost if the process dies.
 """
@@ -45,6 +47,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.exceptions import NotFoundError
 from service.quality_defaults import DEFAULT_EVENT, OUTCOME_EVENT, QualityDefaults, Recorded
@@ -141,9 +145,12 @@ class FeedbackSender:
                 # A client's quality already stored (a failure's, within the batch's
                 # wait): the router's 0 is not reported in addition.
                 replaced = defaults.record(recorded)
-            except Exception:  # noqa: BLE001 - the outcomes are still stored
+            except Exception as exc:  # noqa: BLE001 - the outcomes are still stored
                 failures = [i for i in batch if i[3] is not None and i[3].due_at is None]
-                hold = hold and len(failures) <= HELD_MAX
+                # Refused by the database (not an outage): trying again would not help.
+                refused = isinstance(exc, DBAPIError) and not isinstance(
+                    exc, (OperationalError, InterfaceError))
+                hold = hold and not refused and len(failures) <= HELD_MAX
                 log.warning("the default qualities of %d gateway calls were not recorded "
                             "(a success's never learned; %d failures' %s)", len(recorded),
                             len(failures), "outcomes held, recorded in the next round"

@@ -10,6 +10,7 @@ import asyncio
 import time
 
 import pytest
+from sqlalchemy.exc import IntegrityError
 
 from service.gateway import feedback
 from service.gateway.feedback import FeedbackSender
@@ -20,13 +21,14 @@ from tests.gateway.test_quality_default import _post, _row, _rows
 from tests.gateway.test_quality_default_rows import OUTCOME
 
 
-def _record_fails_once(monkeypatch: pytest.MonkeyPatch, defaults: QualityDefaults) -> None:
+def _record_fails_once(monkeypatch: pytest.MonkeyPatch, defaults: QualityDefaults,
+                       error: Exception | None = None) -> None:
     record, calls = defaults.record, []
 
     def flaky(rows: list[Recorded]) -> set[str]:
         calls.append(1)
         if len(calls) == 1:
-            raise ConnectionError("the database is away")
+            raise error or ConnectionError("the database is away")
         return record(rows)
 
     monkeypatch.setattr(defaults, "record", flaky)
@@ -85,15 +87,22 @@ def test_held_failure_rated_meanwhile_keeps_its_zero_out(
     assert rows["user"]["quality"] == 0.9
 
 
-def test_held_failures_past_the_bound_are_posted_as_before(
-        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
-    """More failures than HELD_MAX whose record() failed: posted at once, unrecorded
-    (as before this hold), so that an outage never keeps them unbounded in memory."""
-    key, _, tenant, decision_id = _call(live, "held past the bound")
-    _record_fails_once(monkeypatch, live.app.state.gateway.defaults)
-    monkeypatch.setattr(feedback, "HELD_MAX", 0)
+@pytest.mark.parametrize("why", ["bound", "refused"])
+def test_failures_past_the_bound_or_refused_are_posted_as_before(
+        live: Live, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
+    """More failures than HELD_MAX whose record() failed, or a record the database
+    refused (an integrity error: trying again would not help): posted at once,
+    unrecorded (as before this hold), so that an outage never keeps them unbounded in
+    memory nor a refused row holds them for ever."""
+    key, _, tenant, decision_id = _call(live, f"held past the bound {why}")
+    if why == "bound":
+        _record_fails_once(monkeypatch, live.app.state.gateway.defaults)
+        monkeypatch.setattr(feedback, "HELD_MAX", 0)
+    else:
+        _record_fails_once(monkeypatch, live.app.state.gateway.defaults, IntegrityError(
+            "INSERT INTO quality_defaults", {}, Exception("refused")))
     sender = FeedbackSender(live.app.state.routing)
     sender._post([(tenant, decision_id, dict(OUTCOME),
                    Recorded(tenant.id, decision_id, 0.0, None))])
-    assert sender.queued() == 0 and not sender._held
+    assert not sender._held
     assert _rows(live.router, key, decision_id, 1)[OUTCOME_EVENT]["quality"] == 0.0
