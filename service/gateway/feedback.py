@@ -34,12 +34,12 @@ record fails (the database away, or a transient error), a failure's outcome is h
 here, not posted, and its record tried again in each later round (at least every
 :data:`HELD_RETRY_S`) before it is posted: posted without it (distributed mode sends it
 straight to the topic; embedded mode, the database back, stores it) nothing would keep
-a later rating out, and both would be learned. At most :data:`HELD_MAX` are held; past
-that, at shutdown (after one more try), and when the database refused the record (an
-integrity or data error, not an outage: trying again would not help), the outcomes
-are posted without their record as before (the
-outage buffer's drain then records a buffered one; one stored at once is learned with
-a later rating). Held outcomes are lost if the process dies.
+a later rating out, and both would be learned. At most :data:`HELD_MAX` are held, for
+at most :data:`HELD_MAX_S`; past that, at shutdown (after one more try), and when the
+database refused the record (an integrity or data error, not an outage: trying again
+would not help), the outcomes are posted without their record as before (the outage
+buffer's drain then records a buffered one; one stored at once is learned with a later
+rating). Held outcomes (at most HELD_MAX_S of failures) are lost if the process dies.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
@@ -67,6 +68,9 @@ _BATCH = 1000
 HELD_MAX = 1000
 #: Failures' outcomes held are tried again after this long without a batch.
 HELD_RETRY_S = 1.0
+#: ... and for at most this long: then posted as before (into the outage buffer while the
+#: database is away, whose drain records them; not only in this process's memory).
+HELD_MAX_S = 10.0
 
 _Item = tuple[TenantState, str, dict[str, float | None], Recorded | None]
 
@@ -83,6 +87,7 @@ class FeedbackSender:
         self._task: asyncio.Task[None] | None = None
         self._queued = 0  # reported, not yet handed to the routing service
         self._held: list[_Item] = []  # failures whose record() failed (the docstring)
+        self._held_since: float | None = None  # when the oldest held one was first held
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="gateway-feedback")
@@ -150,7 +155,9 @@ class FeedbackSender:
                 # Refused by the database (not an outage): trying again would not help.
                 refused = isinstance(exc, DBAPIError) and not isinstance(
                     exc, (OperationalError, InterfaceError))
-                hold = hold and not refused and len(failures) <= HELD_MAX
+                now = time.monotonic()
+                hold = (hold and not refused and len(failures) <= HELD_MAX
+                        and now - (self._held_since or now) < HELD_MAX_S)
                 log.warning("the default qualities of %d gateway calls were not recorded "
                             "(a success's never learned; %d failures' %s)", len(recorded),
                             len(failures), "outcomes held, recorded in the next round"
@@ -158,7 +165,10 @@ class FeedbackSender:
                             "drained", exc_info=True)
                 if hold:
                     self._held = failures
+                    self._held_since = self._held_since or now
                     batch = [i for i in batch if i[3] is None or i[3].due_at is not None]
+        if not self._held:
+            self._held_since = None
         outcomes = [(tenant, decision_id, {**outcome, "quality": None}
                      if decision_id in replaced else outcome)
                     for tenant, decision_id, outcome, _ in batch]

@@ -87,17 +87,18 @@ def test_held_failure_rated_meanwhile_keeps_its_zero_out(
     assert rows["user"]["quality"] == 0.9
 
 
-@pytest.mark.parametrize("why", ["bound", "refused"])
+@pytest.mark.parametrize("why", ["bound", "age", "refused"])
 def test_failures_past_the_bound_or_refused_are_posted_as_before(
         live: Live, monkeypatch: pytest.MonkeyPatch, why: str) -> None:
-    """More failures than HELD_MAX whose record() failed, or a record the database
-    refused (an integrity error: trying again would not help): posted at once,
+    """More failures than HELD_MAX whose record() failed, held longer than HELD_MAX_S
+    (an outage: posted into the outage buffer, not kept only in memory), or a record the
+    database refused (an integrity error: trying again would not help): posted at once,
     unrecorded (as before this hold), so that an outage never keeps them unbounded in
     memory nor a refused row holds them for ever."""
     key, _, tenant, decision_id = _call(live, f"held past the bound {why}")
-    if why == "bound":
+    if why in ("bound", "age"):
         _record_fails_once(monkeypatch, live.app.state.gateway.defaults)
-        monkeypatch.setattr(feedback, "HELD_MAX", 0)
+        monkeypatch.setattr(feedback, "HELD_MAX" if why == "bound" else "HELD_MAX_S", 0)
     else:
         _record_fails_once(monkeypatch, live.app.state.gateway.defaults, IntegrityError(
             "INSERT INTO quality_defaults", {}, Exception("refused")))
