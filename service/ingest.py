@@ -42,7 +42,7 @@ from service.ingest_rows import Uncertain as _Uncertain
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
-from service.quality_defaults import QualityDefaults
+from service.quality_defaults import QualityDefaults, Undo
 from service.registry import Registry
 from service.spool import (
     FeedbackSpool,
@@ -424,37 +424,43 @@ class FeedbackIngest:
                     reason, item.decision_id, item.event_id, item.tenant_id)
 
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
-        known: list[tuple[SpooledFeedback, Incoming]] = []
+        known: list[tuple[SpooledFeedback, Incoming, Undo | None]] = []
         for item in batch:
             tenant = self.registry.tenants.get(item.tenant_id)
             if tenant is None:
                 self._drop(item, "the tenant does not exist")
                 continue
-            outcome = item.outcome if self.defaults is None else self.defaults.drained(
-                item.tenant_id, item.decision_id, item.event_id, item.outcome)
+            outcome, undo = (item.outcome, None) if self.defaults is None else \
+                self.defaults.take_drained(item.tenant_id, item.decision_id, item.event_id,
+                                           item.outcome)
             if outcome is None:
                 self._drop(item, "a second quality for a gateway call")
                 continue
             known.append((item, Incoming(tenant, item.decision_id, item.event_id, outcome,
-                                         datetime.fromisoformat(item.received_at))))
+                                         datetime.fromisoformat(item.received_at)), undo))
         if not known:
             return
         try:
-            results = self.store_many([incoming for _, incoming in known])
+            results = self.store_many([incoming for _, incoming, _ in known])
         except (OperationalError, InterfaceError):
             raise  # the database is away: the batch stays buffered
         except DBAPIError:
             if len(known) == 1:
                 # Refused by the database (not an outage): logged, not retried forever
-                # (it would block every event behind it).
-                log.exception("buffered feedback for decision %s refused by the database",
-                              known[0][0].decision_id)
+                # (it would block every event behind it); what its quality took of
+                # the call's row given back (the default due again, a failure's row).
+                item, _, undo = known[0]
+                log.exception("buffered feedback for decision %s refused by the database"
+                              "%s", item.decision_id,
+                              "; its claim on the call's quality given back" if undo else "")
                 self.metrics.feedback_buffer.labels("dropped").inc()
+                if undo is not None:
+                    undo()
                 return
-            for item, _ in known:  # find the one refused
+            for item, _, _ in known:  # find the one refused
                 self._drain_batch([item])
             return
-        for (item, _), result in zip(known, results, strict=True):
+        for (item, _, _), result in zip(known, results, strict=True):
             if result.status == "unknown-decision":
                 # Unknown decision, or another tenant's: nothing stored or applied.
                 self._drop(item, "the decision does not exist or is another tenant's")

@@ -11,35 +11,34 @@ and distributed mode alike, and a restart see the same answer:
 
 * the gateway records ``pending`` (the default, due at the call's time + the wait) or,
   for a failed call, ``final`` (its quality 0 is reported at once with the cost and
-  latency: the router knows the call failed);
+  latency: the router knows the call failed; recorded when its outcome is drained if
+  the database was away);
 * a client's quality claims the row before it goes to the feedback sink: ``pending`` ->
-  ``replaced`` (its event id kept). A quality that comes first finds no row and leaves
-  a ``replaced`` marker, which the gateway's record keeps. The claim is given back
-  (:meth:`QualityDefaults.release`) when the sink refuses the quality with nothing sent
-  (a 404/422, or a 503 ``unsent``), by the stamp (``changed_at``) the claim wrote: a
-  retry of the same event stamps it anew and keeps it (a retry never gives it back: an
-  earlier attempt may have been sent); one that may have reached the topic keeps it. A
-  failure's ``final`` row refused so goes too (:meth:`QualityDefaults.unfinal`: the
-  client's rating is then taken), unless a retry of its event came meanwhile. A
-  quality buffered while the database was away claims when it is drained
-  (service/ingest.py);
+  ``replaced`` (its event id kept); one that comes first leaves a ``replaced`` marker,
+  which the gateway's record keeps. The claim is given back (``release``) when the sink
+  refuses the quality with nothing sent (a 404/422, a 503 ``unsent``), by the stamp
+  (``changed_at``) the claim wrote: a retry of the same event stamps it anew and keeps
+  it (a retry never gives it back: an earlier attempt may have been sent). A failure's
+  ``final`` row refused so goes too (``unfinal``: the client's rating is then taken).
+  A quality buffered while the database was away claims when it is drained
+  (service/ingest.py; given back if the database then refuses to store it);
 * at ``due_at`` the gateway's applier claims ``pending`` -> ``applying``, posts the
   default as a feedback event of its own (:data:`DEFAULT_EVENT`) through the same sink
   as any feedback (so the learned statistics and their replay are those of ordinary
   feedback rows, exactly once per (decision, event) in both modes), then ``applied``.
   A row left ``applying`` (a crash, the database away) is posted again after
-  :data:`LEASE_S`; the event's id makes the repeat a duplicate;
+  :data:`LEASE_S` (a duplicate then);
 * a quality that comes after the default was applied, a second quality (another event
   id) after a first replaced the default, and a quality for a failed call are refused
   with 409 (``quality-already-reported``): learned, they would count twice.
 
-Rows that are done are kept :data:`RETENTION_S` (a day), then pruned; a quality posted
-later than that counts in addition to the default, as it would without this table.
-Each change of a row is one statement on it (or on a batch of rows), atomic on SQLite
-and PostgreSQL alike (``INSERT .. ON CONFLICT``, ``UPDATE .. WHERE state = ..``), so two
-replicas never both apply a default nor both replace it; :meth:`QualityDefaults.final`
-runs its steps in one transaction and takes them again when the row changed between two
-of them (a failure's 0 takes the place of a waiting default, given back by ``unfinal``).
+Done rows are kept :data:`RETENTION_S` (a day), then pruned (a later quality counts in
+addition to the default, as without this table). Each change of a row is one statement
+on it (or on a batch of rows), atomic on SQLite and PostgreSQL alike (``INSERT .. ON
+CONFLICT``, ``UPDATE .. WHERE state = ..``), so two replicas never both apply a default
+nor both replace it; :meth:`QualityDefaults.final` runs its steps in one transaction
+and takes them again when the row changed between two of them (a failure's 0 takes the
+place of a waiting default, given back by ``unfinal``).
 """
 
 from __future__ import annotations
@@ -48,9 +47,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, NamedTuple
 
-from sqlalchemy import Engine, and_, delete, or_, select, update
+from sqlalchemy import Engine, and_, case, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -58,20 +58,24 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 
-__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "DEFAULT_EVENT", "ROUTER_EVENTS",
-           "LEASE_S", "RETENTION_S"]
+__all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "Undo", "DEFAULT_EVENT",
+           "OUTCOME_EVENT", "ROUTER_EVENTS", "LEASE_S", "RETENTION_S"]
 
 log = logging.getLogger("service.quality_defaults")
 
 #: The event id of a default quality, learned once its wait is over.
 DEFAULT_EVENT = "gateway-default"
+#: The event id of the outcome the gateway posts for a forwarded call (a failure's 0).
+OUTCOME_EVENT = "gateway"
 #: The router's own events (the call's outcome, its default quality): never a claim.
-ROUTER_EVENTS = frozenset({"gateway", DEFAULT_EVENT})
+ROUTER_EVENTS = frozenset({OUTCOME_EVENT, DEFAULT_EVENT})
 #: A default claimed for applying and not marked applied after this long is posted again.
 LEASE_S = 10.0
 #: Rows that are done are pruned after this long.
 RETENTION_S = 86_400.0
 _T = m.QualityDefault
+#: What undoes a drained quality's step (:meth:`QualityDefaults.take_drained`).
+Undo = Callable[[], None]
 
 
 class Recorded(NamedTuple):
@@ -145,17 +149,19 @@ class QualityDefaults:
         refused); turns the tenant's claims on as :meth:`provisional` does. The row keeps
         the failure's ``event_id``: the same event drained from the outage buffer (or
         retried) is its own, not a second quality (:meth:`claim`); "" for none, as a
-        claim's. ``replaced``: a
-        quality of the client's came first (its marker), the failure's must not be
-        stored. ``stamp``: this call wrote the row (its ``changed_at``); should the sink
-        refuse the 0 with nothing sent, :meth:`unfinal` removes it. A retry of the same
-        event that finds the row stamps it anew (so that the first attempt's undo keeps
-        it) and gets no stamp: an earlier attempt may have stored the 0. A default not
-        learned yet (``pending``) gives way to the failure's 0; a row of another event's
-        failure, or a default learned already, raises :class:`ConflictError` (the claim's
-        409): the call has its quality."""
+        claim's. ``replaced``: a quality of the client's came first (its marker), the
+        failure's must not be stored. ``stamp``: this call wrote the row (``changed_at``);
+        should the sink refuse the 0 with nothing sent, :meth:`unfinal` removes it. A
+        retry of the same event that finds the row stamps it anew (the first attempt's
+        undo keeps it) and gets no stamp: an earlier attempt may have stored the 0. A
+        default not learned yet (``pending``) gives way to the failure's 0; a row of
+        another event's failure, or a default learned already, raises
+        :class:`ConflictError` (the claim's 409): the call has its quality."""
         self._claims_on(tenant_id)
-        now, event = m.utcnow(), event_id or ""
+        return self._final(tenant_id, decision_id, quality, event_id or "")
+
+    def _final(self, tenant_id: str, decision_id: str, quality: float, event: str) -> Final:
+        now = m.utcnow()
         insert = self._insert(_T).values(
             decision_id=decision_id, tenant_id=tenant_id, quality=quality, state="final",
             due_at=None, event_id=event, changed_at=now).on_conflict_do_nothing(
@@ -192,6 +198,9 @@ class QualityDefaults:
                     continue
                 if found.tenant_id != tenant_id:
                     return Final(False, None)  # another tenant's: the sink answers that
+                if found.state == "final" and _adopt(session, tenant_id, decision_id,
+                                                     event, quality, now):
+                    return Final(False, None)  # a retry of a pre-upgrade failure
                 raise _refusal(decision_id, found.state, found.quality, found.event_id)
 
     def unfinal(self, decision_id: str, stamp: datetime,
@@ -219,22 +228,40 @@ class QualityDefaults:
     def record(self, rows: Sequence[Recorded]) -> set[str]:
         """Record calls' defaults (one transaction). A client's quality that came first
         left a ``replaced`` marker: it stays (its default is never applied; its due time
-        is kept, so that a claim released later makes it due). Returns the decisions so
-        replaced: their quality (a failure's 0) must not be reported too."""
+        is kept, so that a claim released later makes it due). A row whose quality is
+        reported already (a client gateway's failure, ``final``; a default learned) is
+        left as it is. Returns the decisions so replaced or left: their quality (a
+        failure's 0) must not be reported too. A failure's own row keeps
+        :data:`OUTCOME_EVENT` (its 0's event), so that it is told from a client's; it
+        takes the place of a default still waiting (a client gateway's), as in final()."""
         if not rows:
             return set()
         now = m.utcnow()
         stmt = self._insert(_T).values([
             {"decision_id": r.decision_id, "tenant_id": r.tenant_id, "quality": r.quality,
              "state": "final" if r.due_at is None else "pending", "due_at": r.due_at,
-             "event_id": None, "changed_at": now} for r in rows])
+             "event_id": OUTCOME_EVENT if r.due_at is None else None,
+             "changed_at": now} for r in rows])
+        failure = and_(stmt.excluded.due_at.is_(None), _T.state == "pending")
         stmt = stmt.on_conflict_do_update(
             index_elements=["decision_id"],
-            set_={"quality": stmt.excluded.quality, "due_at": stmt.excluded.due_at},
-            where=_T.tenant_id == stmt.excluded.tenant_id).returning(_T.decision_id, _T.state)
+            set_={"quality": stmt.excluded.quality, "due_at": stmt.excluded.due_at,
+                  "state": case((failure, "final"), else_=_T.state),
+                  "event_id": case((failure, OUTCOME_EVENT), else_=_T.event_id)},
+            where=and_(_T.tenant_id == stmt.excluded.tenant_id,
+                       _T.state.in_(("pending", "replaced")))).returning(_T.decision_id,
+                                                                          _T.state)
         with Session(self._engine) as session, session.begin():
-            done = session.execute(stmt).all()
-        return {d for d, state in done if state == "replaced"}
+            done = dict(session.execute(stmt).all())
+            tenants = {r.decision_id: r.tenant_id for r in rows if r.decision_id not in done}
+            left = [(d, state) for d, owner, state in session.execute(
+                select(_T.decision_id, _T.tenant_id, _T.state).where(
+                    _T.decision_id.in_(list(tenants)))) if owner == tenants[d]] \
+                if tenants else []
+        for decision_id, state in left:
+            log.info("the gateway's quality for decision %s not recorded: its quality is "
+                     "reported already (%s)", decision_id, state)
+        return {d for d, state in done.items() if state == "replaced"} | {d for d, _ in left}
 
     def take_due(self, limit: int = 500) -> list[Due]:
         """Claim the defaults whose wait is over (and those claimed more than
@@ -278,8 +305,9 @@ class QualityDefaults:
         before it is submitted; raises :class:`ConflictError` when learning it would
         count a second quality for the call. None: nothing claimed (the tenant has no
         defaults, or the decision is another tenant's: the sink answers that).
-        ``buffered``: a quality drained from the outage buffer, whose lookup raises the
-        database's errors (the drain stops there) rather than count as "no row"."""
+        ``buffered``: a drained quality, whose lookup raises the database's errors (the
+        drain stops there), and whose claim found its event's marker is stamped too
+        (its release undoes it: the drain alone stores the item)."""
         if not self._claims(tenant_id) and not self._recorded(tenant_id, decision_id,
                                                               strict=buffered):
             return None
@@ -296,7 +324,9 @@ class QualityDefaults:
             # attempt's release (answered after the retry was sent) keeps it.
             took = session.execute(stmt.returning(_T.decision_id)).first() is not None
             if not took:
-                _restamp(session, tenant_id, decision_id, "replaced", event_id, now)
+                # The drain's own claim (taken again) is its to release: stamped.
+                took = _restamp(session, tenant_id, decision_id, "replaced", event_id,
+                                now) and buffered
             row = session.execute(select(_T.tenant_id, _T.state, _T.quality, _T.event_id)
                                   .where(_T.decision_id == decision_id)).one()
         owner, state, quality, taken_by = row
@@ -315,32 +345,80 @@ class QualityDefaults:
     def drained(self, tenant_id: str, decision_id: str, event_id: str,
                 outcome: dict[str, float | None]) -> dict[str, float | None] | None:
         """A feedback drained from the outage buffer (service/ingest.py), whose quality
-        claims now as it would have before being buffered had the database been there
-        (its lookup then counted as "no row"; a claim made before is this event's, taken
-        again; the drain has waited for its decision to be written). The outcome to
-        store: refused, without its quality (None: nothing left). The database's errors
-        are raised (the drain stops there)."""
-        if outcome.get("quality") is None or event_id in ROUTER_EVENTS:
-            return outcome
+        claims now as it would have had the database been there (a claim made before is
+        this event's, taken again; the drain has waited for its decision). The outcome
+        to store: refused, without its quality (None: nothing left). The database's
+        errors are raised (the drain stops there)."""
+        return self.take_drained(tenant_id, decision_id, event_id, outcome)[0]
+
+    def take_drained(self, tenant_id: str, decision_id: str, event_id: str,
+                     outcome: dict[str, float | None]) -> tuple[dict[str, float | None]
+                                                                | None, Undo | None]:
+        """:meth:`drained`, and how to undo what it took should the database refuse the
+        item (the drain drops it): its claim (stamped, also when it took its event's
+        row again) is released, the default due again; the ``final`` row of the
+        failure it is (stamped anew, or recorded now) goes, as :meth:`unfinal` does.
+
+        The gateway's own failure (:data:`OUTCOME_EVENT`) records its ``final`` row as
+        record() would have (that failed if the database was away). A ``final`` row
+        written before this version (event id NULL) is the gateway's outcome's if one
+        is drained or stored for the call (migration 0014 marks those stored then);
+        else it is taken by the first drained quality equal to its own (a client
+        gateway's failure buffered before the upgrade): its event is stored on it."""
+        quality, now = outcome.get("quality"), m.utcnow()
+        own = False
+        if event_id == OUTCOME_EVENT:  # the gateway's own outcome
+            with Session(self._engine) as session, session.begin():
+                # A final row without an event id (left unmarked by migration 0014: its
+                # outcome buffered then; or an older replica's) is its failure's.
+                session.execute(update(_T).where(
+                    _T.decision_id == decision_id, _T.tenant_id == tenant_id,
+                    _T.state == "final", _T.event_id.is_(None)).values(
+                    event_id=OUTCOME_EVENT))
+                own = quality is not None and _restamp(session, tenant_id, decision_id,
+                                                       "final", OUTCOME_EVENT, now)
+        if own:
+            return outcome, partial(self.unfinal, decision_id, now)
+        if quality is None or event_id == DEFAULT_EVENT:
+            return outcome, None
         with Session(self._engine) as session:
             owner = session.scalar(select(m.DecisionRow.tenant_id).where(
                 m.DecisionRow.id == decision_id))
         if owner != tenant_id:
-            return outcome  # unknown or another tenant's: dropped by the store, no marker
+            return outcome, None  # unknown or another tenant's: dropped by the store
+        if event_id == OUTCOME_EVENT:
+            # A failure whose record() failed (the database away): recorded now as
+            # record() would have; a quality that came first (or reported) keeps it out.
+            try:
+                final = self._final(tenant_id, decision_id, quality, OUTCOME_EVENT)
+            except ConflictError as exc:
+                log.warning("gateway failure %s: 0 not learned: %s", decision_id,
+                            exc.detail)
+                final = Final(True, None)
+            if final.replaced:
+                return _without_quality(outcome), None
+            return outcome, None if final.stamp is None else partial(
+                self.unfinal, decision_id, final.stamp, final.took)
         try:
-            self.claim(tenant_id, decision_id, event_id, buffered=True)
-            return outcome
+            claim = self.claim(tenant_id, decision_id, event_id, buffered=True)
         except ConflictError as exc:
+            with Session(self._engine) as session, session.begin():
+                adopted = _adopt(session, tenant_id, decision_id, event_id, quality, now)
+            if adopted:  # undone as the final row it now is
+                return outcome, partial(self.unfinal, decision_id, now)
             log.warning("buffered quality for decision %s not learned: %s", decision_id,
                         exc.detail)
-            rest = {**outcome, "quality": None}
-            return None if all(v is None for v in rest.values()) else rest
+            return _without_quality(outcome), None
+        if claim is not None:
+            return outcome, None if claim.stamp is None else partial(self.release, claim)
+        with Session(self._engine) as session, session.begin():
+            own = _restamp(session, tenant_id, decision_id, "final", event_id, now)
+        return outcome, partial(self.unfinal, decision_id, now) if own else None
 
     def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
         """Whether the decision has a row of the tenant's: claimed even when this
-        replica's settings (``claims``) are not reloaded yet. One primary-key lookup per
-        client quality of a tenant without defaults. The database away: False (unless
-        ``strict``), so that such a tenant's feedback is buffered as before
+        replica's settings (``claims``) are not reloaded yet. The database away: False
+        (unless ``strict``), so that such a tenant's feedback is buffered as before
         (service/spool.py); the drain checks it again."""
         try:
             with Session(self._engine) as session:
@@ -352,10 +430,9 @@ class QualityDefaults:
             return False
 
     def release(self, claim: Claim) -> None:
-        """The sink refused the claimed quality (nothing stored): the default is
-        pending again; the marker goes, also one a failure's 0 found (that 0 was not
-        stored: final, neither quality would be learned; the client's retry is taken).
-        Only while the row has the claim's stamp: a retry of the event since keeps it."""
+        """The sink refused the claimed quality (nothing stored): the default is pending
+        again; the marker goes, also one a failure's 0 found (that 0 was not stored; the
+        client's retry is taken). Only while the row has the claim's stamp."""
         with Session(self._engine) as session, session.begin():
             mine = and_(_T.decision_id == claim.decision_id, _T.state == "replaced",
                         _T.event_id == claim.event_id, _T.changed_at == claim.stamp)
@@ -365,6 +442,11 @@ class QualityDefaults:
                 state="pending", event_id=None, changed_at=m.utcnow()))
 
 
+def _without_quality(outcome: dict[str, float | None]) -> dict[str, float | None] | None:
+    rest = {**outcome, "quality": None}
+    return None if all(v is None for v in rest.values()) else rest
+
+
 def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, event_id: str,
              now: datetime) -> bool:
     """A retry of the event that holds the row (``state``) stamps it anew: an earlier
@@ -372,6 +454,25 @@ def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, eve
     result = session.execute(update(_T).where(
         _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == state,
         _T.event_id == event_id).values(changed_at=now))
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _adopt(session: Session, tenant_id: str, decision_id: str, event_id: str,
+           quality: float | None, now: datetime) -> bool:
+    """A ``final`` row written before the upgrade (event id NULL) of ``quality`` takes
+    ``event_id``, that failure's (:meth:`QualityDefaults.take_drained`, a retry's
+    :meth:`QualityDefaults.final`); whether it did."""
+    # Not a row whose call the gateway forwarded (its outcome stored: the gateway's own
+    # failure, left unmarked by migration 0014 or written by an older replica since).
+    gateways = select(m.Feedback.id).where(m.Feedback.decision_id == decision_id,
+                                           m.Feedback.event_id == OUTCOME_EVENT).exists()
+    result = session.execute(update(_T).where(
+        _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == "final",
+        _T.event_id.is_(None), _T.quality == quality, ~gateways).values(
+        event_id=event_id, changed_at=now))
+    if result.rowcount:  # type: ignore[attr-defined]
+        log.warning("failure of decision %s (event %r) taken as that of its final row "
+                    "written before the upgrade", decision_id, event_id)
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 

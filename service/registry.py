@@ -176,8 +176,10 @@ class Registry:
                      late: bool = False) -> ModelState:
         """Register a model; ``upstream`` may give its ``base_url``, ``upstream_model``
         and ``api_key_env`` (service/gateway). ``late``: the policies have started
-        learning (:meth:`PolicyStore.learning`), stored with the model
-        (``models.added_late``: a restart or another replica reads the same answer)."""
+        learning (:meth:`PolicyStore.learning`), or any quality is stored (read just
+        before the insert, no lock: a first quality committed between the read and the
+        model's commit is not seen); stored with the model (``models.added_late``: a
+        restart or another replica reads the same answer)."""
         # The arm's prior is checked before anything is written: a model the policies
         # would refuse must not reach the registry (it would break every decision).
         self.prior(ModelState(name, input_price, output_price, enabled, prior_quality,
@@ -189,6 +191,13 @@ class Registry:
                       added_late=late, **(upstream or {}))
         try:
             with Session(self.engine) as session, session.begin():
+                # Late too when a quality is stored that the policies have not learned
+                # yet (being applied, another replica's, a learner's not in the
+                # snapshot yet). Not a snapshot of the insert: PostgreSQL (read
+                # committed) reads what was committed when the SELECT began, SQLite's
+                # driver begins the transaction at the insert, after it.
+                row.added_late = late or session.scalar(select(m.Feedback.id).where(
+                    m.Feedback.quality.is_not(None)).limit(1)) is not None
                 session.add(row)
                 session.flush()
                 state = self._model_state(row)

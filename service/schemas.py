@@ -21,6 +21,7 @@ from bandit.base import MAX_COST_USD, MAX_LATENCY_MS, MAX_WEIGHT
 from bandit.conservative import MAX_LOSS_RANGE
 from bandit.errors import InvalidInputError
 from bandit.featurize import check_tags
+from service.quality_defaults import ROUTER_EVENTS
 
 #: Largest token count of one call that feedback accepts (far above any context window).
 MAX_TOKENS = 100_000_000
@@ -233,6 +234,19 @@ class FeedbackRequest(_Body):
 
     refuse_null = field_validator("input_tokens", "output_tokens",
                                   mode="before")(_refuse_null)
+
+    @field_validator("event_id")
+    @classmethod
+    def _not_the_routers(cls, value: str | None) -> str | None:
+        """The router's own event ids (its outcome, its default) would be taken for its
+        own quality (service/quality_defaults.py), not checked as a client's."""
+        if value in ROUTER_EVENTS:
+            reserved = ", ".join(sorted(ROUTER_EVENTS))
+            raise PydanticCustomError("reserved_event_id", "{message}", {
+                "message": f"event_id {value!r} is reserved for the router's own "
+                           f"feedback ({reserved})",
+                "allowed": f"any other id (not {reserved})"})
+        return value
 
     @model_validator(mode="after")
     def _some_outcome(self) -> FeedbackRequest:

@@ -39,7 +39,7 @@ import contextlib
 import logging
 
 from service.exceptions import NotFoundError
-from service.quality_defaults import DEFAULT_EVENT, QualityDefaults, Recorded
+from service.quality_defaults import DEFAULT_EVENT, OUTCOME_EVENT, QualityDefaults, Recorded
 from service.routing import FeedbackItem, RoutingService, TenantState
 
 __all__ = ["FeedbackSender", "DefaultApplier", "EVENT_ID"]
@@ -47,7 +47,7 @@ __all__ = ["FeedbackSender", "DefaultApplier", "EVENT_ID"]
 log = logging.getLogger("service.gateway")
 
 #: The event id of the outcome the router posts for a forwarded call.
-EVENT_ID = "gateway"
+EVENT_ID = OUTCOME_EVENT
 #: A batch is sent when this many outcomes are queued (or after ``max_wait_s``).
 BATCH_TARGET = 100
 _BATCH = 1000
@@ -117,7 +117,9 @@ class FeedbackSender:
                 replaced = defaults.record(recorded)
             except Exception:  # noqa: BLE001 - the outcomes are still stored
                 log.warning("the default qualities of %d gateway calls were not recorded "
-                            "(never learned)", len(recorded), exc_info=True)
+                            "(a success's never learned; a failure's recorded if its "
+                            "outcome is buffered, when drained)", len(recorded),
+                            exc_info=True)
         outcomes = [(tenant, decision_id, {**outcome, "quality": None}
                      if decision_id in replaced else outcome)
                     for tenant, decision_id, outcome, _ in batch]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.openai_upstream import FakeModel, FakeUpstream, running_upstream
@@ -77,16 +78,36 @@ class Router:
 
 
 @pytest.fixture(scope="module")
-def router(new_database_url, monkeypatch_module) -> Iterator[Router]:  # noqa: F811
-    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
-    settings = make_settings(new_database_url(), featurizer="hashing",
-                             upstream_timeout_s=TIMEOUT_S)
-    with running_upstream() as upstream, live_server(settings) as base, \
-            httpx.Client(base_url=base, timeout=30) as http:
-        yield Router(base, upstream, http)
+def router(live: Live) -> Router:
+    return live.router
 
 
 @pytest.fixture(scope="module")
 def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
     with pytest.MonkeyPatch.context() as mp:
         yield mp
+
+
+@dataclass
+class Live:
+    """The real service in front of the fake upstream, with its app (its state)."""
+
+    router: Router
+    app: FastAPI
+
+    def learned(self, model: str) -> set[int]:
+        """The model's quality observations in each in-process policy."""
+        routing = self.app.state.routing
+        return {p.observations(model)["quality"] for p in routing.shared.values()}
+
+
+@pytest.fixture(scope="module")
+def live(new_database_url, monkeypatch_module) -> Iterator[Live]:  # noqa: F811
+    """One service per module (hashing featurizer, the short upstream timeout)."""
+    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
+    settings = make_settings(new_database_url(), featurizer="hashing",
+                             upstream_timeout_s=TIMEOUT_S)
+    apps: list[FastAPI] = []
+    with running_upstream() as upstream, live_server(settings, prepare=apps.append) as base, \
+            httpx.Client(base_url=base, timeout=30) as http:
+        yield Live(Router(base, upstream, http), apps[0])

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -31,35 +29,13 @@ from service.quality_defaults import QualityDefaults, Recorded
 from service.routing import TenantState
 from service.spool import FeedbackSpool, buffer_dir, spool_path
 from tests.fakes.openai_upstream import FakeModel, running_upstream
-from tests.gateway.conftest import KEY_ENV, TIMEOUT_S, UPSTREAM_KEY, Router
+from tests.gateway.conftest import KEY_ENV, TIMEOUT_S, UPSTREAM_KEY, Live, Router
 from tests.service.conftest import make_settings
 from tests.service.live import live_server
 
 MESSAGES = [{"role": "user", "content": "Summarize the bandit problem."}]
 #: The tenants' quality_wait_seconds here (the applier looks every 0.5 s).
 WAIT_S = 1.0
-
-
-@dataclass
-class Live:
-    router: Router
-    app: FastAPI
-
-    def learned(self, model: str) -> set[int]:
-        """The model's quality observations in each in-process policy."""
-        routing = self.app.state.routing
-        return {p.observations(model)["quality"] for p in routing.shared.values()}
-
-
-@pytest.fixture(scope="module")
-def live(new_database_url, monkeypatch_module) -> Iterator[Live]:
-    monkeypatch_module.setenv(KEY_ENV, UPSTREAM_KEY)
-    settings = make_settings(new_database_url(), featurizer="hashing",
-                             upstream_timeout_s=TIMEOUT_S)
-    apps: list[FastAPI] = []
-    with running_upstream() as upstream, live_server(settings, prepare=apps.append) as base, \
-            httpx.Client(base_url=base, timeout=30) as http:
-        yield Live(Router(base, upstream, http), apps[0])
 
 
 def _tenant(router: Router, **gateway: object) -> tuple[str, dict[str, str]]:

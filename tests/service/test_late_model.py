@@ -165,3 +165,24 @@ def test_cold_start_by_setting_refuses_an_unknown_value_naming_the_choices():
     # The setting's choices are the library's.
     choices = typing.get_args(Settings.model_fields["cold_start_by"].annotation)[0]
     assert typing.get_args(choices) == COLD_START_BY
+
+
+def test_model_registered_while_a_stored_quality_is_not_learned_yet_is_late(
+        new_database_url):
+    """A quality is stored (another replica's, a learner's not in this replica's snapshot
+    yet, or this one's between its commit and its apply) but no policy here has learned
+    it: a model registered now is late too (the stored quality read before its insert).
+    Before, only ``learning()`` was asked, just before the insert: not late."""
+    with TestClient(create_app(make_settings(new_database_url(), dim=64))) as c:
+        add_model(c, "first")
+        routing = c.app.state.routing
+        engine = routing.engine
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO feedback (decision_id, tenant_id, event_id, quality,"
+                " created_at) VALUES ('elsewhere', 't', '', 0.9, :t)"),
+                {"t": "2026-12-04 00:00:00+00:00"})
+        assert not routing.policies.learning()
+        add_model(c, "meanwhile")
+        assert routing.registry.models["meanwhile"].added_late
+        assert late_arms(c) == {("meanwhile",)}

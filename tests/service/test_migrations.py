@@ -196,3 +196,38 @@ def test_upgrade_model_added_late_defaults_false_offline_too(new_database_url, c
     capsys.readouterr()
     command.upgrade(alembic_config(url), "0012:0013", sql=True)
     assert "ALTER TABLE models ADD COLUMN added_late BOOLEAN" in capsys.readouterr().out
+
+
+def test_upgrade_marks_the_gateways_own_failure_rows(new_database_url):
+    # 0014: a final row written before it has a NULL event id; the gateway's own (its
+    # outcome stored with event "gateway") are marked so, a client gateway's stays NULL
+    # (the drain takes it as the buffered failure's own: tests/gateway).
+    from sqlalchemy import text
+
+    url = new_database_url()
+    upgrade(url, "0013")
+    engine = make_engine(url)
+    t = "2026-12-01 00:00:00+00:00"
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO quality_defaults (decision_id, tenant_id, state, quality,"
+                " event_id, changed_at) VALUES (:d, 't', :s, 0, NULL, :t)"),
+                [{"d": "own", "s": "final", "t": t}, {"d": "plugin", "s": "final", "t": t},
+                 {"d": "waiting", "s": "pending", "t": t}])
+            conn.execute(text(
+                "INSERT INTO feedback (decision_id, tenant_id, event_id, quality,"
+                " created_at) VALUES (:d, 't', 'gateway', 0, :t)"),
+                [{"d": "own", "t": t}, {"d": "waiting", "t": t}])
+        upgrade(url)
+
+        def events() -> dict[str, str | None]:
+            with engine.connect() as conn:
+                return dict(conn.execute(text(  # type: ignore[arg-type]
+                    "SELECT decision_id, event_id FROM quality_defaults")).all())
+
+        assert events() == {"own": "gateway", "plugin": None, "waiting": None}
+        downgrade(url, "0013")
+        assert events() == {"own": None, "plugin": None, "waiting": None}
+    finally:
+        engine.dispose()
