@@ -438,6 +438,14 @@ class FeedbackIngest:
                 continue
             known.append((item, Incoming(tenant, item.decision_id, item.event_id, outcome,
                                          datetime.fromisoformat(item.received_at)), undo))
+        self._store_known(known)
+
+    def _store_known(self, known: list[tuple[SpooledFeedback, Incoming, Undo | None]]
+                     ) -> None:
+        """Store drained items whose claims are taken (``_drain_batch``); a batch the
+        database refuses is stored item by item with the claims (and undos) of the
+        first pass: taken again, a failure's row would be its own (a retry) and its undo
+        would lose the default it took."""
         if not known:
             return
         try:
@@ -457,8 +465,8 @@ class FeedbackIngest:
                 if undo is not None:
                     undo()
                 return
-            for item, _, _ in known:  # find the one refused
-                self._drain_batch([item])
+            for k in known:  # find the one refused
+                self._store_known([k])
             return
         for (item, _, _), result in zip(known, results, strict=True):
             if result.status == "unknown-decision":

@@ -11,8 +11,11 @@ and distributed mode alike, and a restart see the same answer:
 
 * the gateway records ``pending`` (the default, due at the call's time + the wait) or,
   for a failed call, ``final`` (its quality 0 is reported at once with the cost and
-  latency: the router knows the call failed; recorded when its outcome is drained if
-  the database was away);
+  latency: the router knows the call failed). A failure whose record failed (the
+  database away, a transient error) has its outcome held and recorded again before it
+  is posted (service/gateway/feedback.py; bounded: past that, the outage buffer's
+  drain records it, while one stored at once, distributed mode's, leaves a later
+  rating to be learned with the 0);
 * a client's quality claims the row before it goes to the feedback sink: ``pending`` ->
   ``replaced`` (its event id kept); one that comes first leaves a ``replaced`` marker,
   which the gateway's record keeps. The claim is given back (``release``) when the sink
@@ -57,6 +60,7 @@ from sqlalchemy.orm import Session
 
 from service.db import models as m
 from service.exceptions import ConflictError
+from service.quality_refusals import refusal
 
 __all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "Undo", "DEFAULT_EVENT",
            "OUTCOME_EVENT", "ROUTER_EVENTS", "LEASE_S", "RETENTION_S"]
@@ -201,7 +205,7 @@ class QualityDefaults:
                 if found.state == "final" and _adopt(session, tenant_id, decision_id,
                                                      event, quality, now):
                     return Final(False, None)  # a retry of a pre-upgrade failure
-                raise _refusal(decision_id, found.state, found.quality, found.event_id)
+                raise refusal(decision_id, found.state, found.quality, found.event_id)
 
     def unfinal(self, decision_id: str, stamp: datetime,
                 took: tuple[float, datetime | None] | None = None) -> None:
@@ -340,7 +344,7 @@ class QualityDefaults:
             # The failure's own quality (:meth:`final`; "" for none, as the drain's and a
             # client's): nothing to claim.
             return None
-        raise _refusal(decision_id, state, quality, taken_by)
+        raise refusal(decision_id, state, quality, taken_by)
 
     def drained(self, tenant_id: str, decision_id: str, event_id: str,
                 outcome: dict[str, float | None]) -> dict[str, float | None] | None:
@@ -367,16 +371,17 @@ class QualityDefaults:
         gateway's failure buffered before the upgrade): its event is stored on it."""
         quality, now = outcome.get("quality"), m.utcnow()
         own = False
-        if event_id == OUTCOME_EVENT:  # the gateway's own outcome
+        if event_id == OUTCOME_EVENT and quality is not None:  # the gateway's failure
             with Session(self._engine) as session, session.begin():
                 # A final row without an event id (left unmarked by migration 0014: its
-                # outcome buffered then; or an older replica's) is its failure's.
+                # outcome buffered then; or an older replica's) is its failure's. Not
+                # for a success's outcome (no quality): such a row is a client's.
                 session.execute(update(_T).where(
                     _T.decision_id == decision_id, _T.tenant_id == tenant_id,
                     _T.state == "final", _T.event_id.is_(None)).values(
                     event_id=OUTCOME_EVENT))
-                own = quality is not None and _restamp(session, tenant_id, decision_id,
-                                                       "final", OUTCOME_EVENT, now)
+                own = _restamp(session, tenant_id, decision_id, "final", OUTCOME_EVENT,
+                               now)
         if own:
             return outcome, partial(self.unfinal, decision_id, now)
         if quality is None or event_id == DEFAULT_EVENT:
@@ -462,10 +467,12 @@ def _adopt(session: Session, tenant_id: str, decision_id: str, event_id: str,
     """A ``final`` row written before the upgrade (event id NULL) of ``quality`` takes
     ``event_id``, that failure's (:meth:`QualityDefaults.take_drained`, a retry's
     :meth:`QualityDefaults.final`); whether it did."""
-    # Not a row whose call the gateway forwarded (its outcome stored: the gateway's own
-    # failure, left unmarked by migration 0014 or written by an older replica since).
+    # Not a row whose call the gateway reported failed (its outcome's 0 stored: the
+    # gateway's own failure, left unmarked by migration 0014 or written by an older
+    # replica since); a success's outcome (no quality) leaves a client's row its own.
     gateways = select(m.Feedback.id).where(m.Feedback.decision_id == decision_id,
-                                           m.Feedback.event_id == OUTCOME_EVENT).exists()
+                                           m.Feedback.event_id == OUTCOME_EVENT,
+                                           m.Feedback.quality.is_not(None)).exists()
     result = session.execute(update(_T).where(
         _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == "final",
         _T.event_id.is_(None), _T.quality == quality, ~gateways).values(
@@ -474,27 +481,3 @@ def _adopt(session: Session, tenant_id: str, decision_id: str, event_id: str,
         log.warning("failure of decision %s (event %r) taken as that of its final row "
                     "written before the upgrade", decision_id, event_id)
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def _refusal(decision_id: str, state: str, quality: float | None,
-             taken_by: str | None) -> ConflictError:
-    """The 409 for a second quality of a call whose row is in ``state``."""
-    if state == "replaced":
-        why = (f"the router's default quality {quality:g} was already replaced by the "
-               f"quality of event {taken_by or '(none)'!r}; a second quality would count "
-               "twice")
-    elif state == "final":
-        why = f"the call failed and the router reported its quality ({quality:g}) itself"
-    else:
-        why = (f"the router's default quality {quality:g} was learned when the tenant's "
-               "quality_wait_seconds was over; a later quality would count twice")
-    return _refused(decision_id, why)
-
-
-def _refused(decision_id: str, why: str) -> ConflictError:
-    return ConflictError(
-        f"decision {decision_id}: quality refused: {why}. Post cost_usd/latency_ms "
-        "without a quality, or rate within quality_wait_seconds "
-        "(PUT /v1/tenants/me/gateway)", field="quality", reason="already reported",
-        allowed="one quality per gateway call: the client's within the tenant's "
-        "quality_wait_seconds, else the router's default", slug="quality-already-reported")

@@ -29,7 +29,17 @@ outcomes are stored, and learned only if the client's quality does not come with
 tenant's ``quality_wait_seconds`` (:class:`DefaultApplier`, its own event
 :data:`~service.quality_defaults.DEFAULT_EVENT`). A failure's quality 0 is in the
 outcome and recorded as final, unless a client's quality for the call came first (it
-was stored; the 0 is then left out of the outcome, not learned in addition).
+was stored; the 0 is then left out of the outcome, not learned in addition). When that
+record fails (the database away, or a transient error), a failure's outcome is held
+here, not posted, and its record tried again in each later round (at least every
+:data:`HELD_RETRY_S`) before it is posted: posted without it (distributed mode sends it
+straight to the topic; embedded mode, the database back, stores it) nothing would keep
+a later rating out, and both would be learned. At most :data:`HELD_MAX` are held, for
+at most :data:`HELD_MAX_S`; past that, at shutdown (after one more try), and when the
+database refused the record (an integrity or data error, not an outage: trying again
+would not help), the outcomes are posted without their record as before (the outage
+buffer's drain then records a buffered one; one stored at once is learned with a later
+rating). Held outcomes (at most HELD_MAX_S of failures) are lost if the process dies.
 """
 
 from __future__ import annotations
@@ -37,6 +47,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.exceptions import NotFoundError
 from service.quality_defaults import DEFAULT_EVENT, OUTCOME_EVENT, QualityDefaults, Recorded
@@ -51,6 +64,13 @@ EVENT_ID = OUTCOME_EVENT
 #: A batch is sent when this many outcomes are queued (or after ``max_wait_s``).
 BATCH_TARGET = 100
 _BATCH = 1000
+#: At most this many failures' outcomes wait for their record (the module docstring).
+HELD_MAX = 1000
+#: Failures' outcomes held are tried again after this long without a batch.
+HELD_RETRY_S = 1.0
+#: ... and for at most this long: then posted as before (into the outage buffer while the
+#: database is away, whose drain records them; not only in this process's memory).
+HELD_MAX_S = 10.0
 
 _Item = tuple[TenantState, str, dict[str, float | None], Recorded | None]
 
@@ -66,6 +86,8 @@ class FeedbackSender:
         self._closing = False  # no more waiting for a batch: store what is queued
         self._task: asyncio.Task[None] | None = None
         self._queued = 0  # reported, not yet handed to the routing service
+        self._held: list[_Item] = []  # failures whose record() failed (the docstring)
+        self._held_since: float | None = None  # when the oldest held one was first held
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="gateway-feedback")
@@ -88,25 +110,38 @@ class FeedbackSender:
 
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
+            if not self._held:
+                batch = [await self._queue.get()]
+            elif self._closing:
+                batch = []  # the held ones posted (the module docstring)
+            else:
+                try:
+                    batch = [await asyncio.wait_for(self._queue.get(), HELD_RETRY_S)]
+                except TimeoutError:
+                    batch = []  # a round for the held ones alone
             # Wait for a batch (see the module docstring). Meanwhile the decisions reach
             # the database at the writer's own pace (max_wait_s is above its flush
             # interval): the feedback of a decision still queued would make the writer
             # flush at once, one transaction per decision instead of one per batch.
-            if self._queue.qsize() + 1 < BATCH_TARGET and not self._closing:
+            if batch and self._queue.qsize() + 1 < BATCH_TARGET and not self._closing:
                 self._full.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._full.wait(), self._max_wait_s)
             while len(batch) < _BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            held = len(self._held)
             try:
-                await asyncio.to_thread(self._post, batch)
+                await asyncio.to_thread(self._post, batch, not self._closing)
             finally:
-                self._queued -= len(batch)
-                for _ in batch:
+                done = len(batch) + held - len(self._held)  # held ones stay queued
+                self._queued -= done
+                for _ in range(done):
                     self._queue.task_done()
 
-    def _post(self, batch: list[_Item]) -> None:
+    def _post(self, batch: list[_Item], hold: bool = True) -> None:
+        """Store a batch (and the outcomes held before it); ``hold``: a failure's whose
+        record() fails is held for the next round (the module docstring)."""
+        batch, self._held = self._held + batch, []
         defaults = self._service.quality_defaults
         recorded = [d for *_, d in batch if d is not None]
         replaced: set[str] = set()
@@ -115,11 +150,25 @@ class FeedbackSender:
                 # A client's quality already stored (a failure's, within the batch's
                 # wait): the router's 0 is not reported in addition.
                 replaced = defaults.record(recorded)
-            except Exception:  # noqa: BLE001 - the outcomes are still stored
+            except Exception as exc:  # noqa: BLE001 - the outcomes are still stored
+                failures = [i for i in batch if i[3] is not None and i[3].due_at is None]
+                # Refused by the database (not an outage): trying again would not help.
+                refused = isinstance(exc, DBAPIError) and not isinstance(
+                    exc, (OperationalError, InterfaceError))
+                now = time.monotonic()
+                hold = (hold and not refused and len(failures) <= HELD_MAX
+                        and now - (self._held_since or now) < HELD_MAX_S)
                 log.warning("the default qualities of %d gateway calls were not recorded "
-                            "(a success's never learned; a failure's recorded if its "
-                            "outcome is buffered, when drained)", len(recorded),
-                            exc_info=True)
+                            "(a success's never learned; %d failures' %s)", len(recorded),
+                            len(failures), "outcomes held, recorded in the next round"
+                            if hold else "recorded if their outcome is buffered, when "
+                            "drained", exc_info=True)
+                if hold:
+                    self._held = failures
+                    self._held_since = self._held_since or now
+                    batch = [i for i in batch if i[3] is None or i[3].due_at is not None]
+        if not self._held:
+            self._held_since = None
         outcomes = [(tenant, decision_id, {**outcome, "quality": None}
                      if decision_id in replaced else outcome)
                     for tenant, decision_id, outcome, _ in batch]
@@ -151,7 +200,7 @@ class FeedbackSender:
         try:
             await asyncio.wait_for(self._queue.join(), timeout_s)
         except TimeoutError:
-            log.warning("%d gateway outcomes not stored at shutdown", self._queue.qsize())
+            log.warning("%d gateway outcomes not stored at shutdown", self._queued)
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

@@ -6,6 +6,8 @@ service of tests/gateway/conftest.py)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -119,6 +121,54 @@ def test_drained_gateway_failure_refused_by_the_database_gives_its_row_back(
         assert session.get(m.QualityDefault, decision_id) is None
     r = _post(live.router, auth, decision_id, quality=0.9, event_id="user")
     assert r.status_code == 202 and r.json()["status"] == "applied", r.text
+
+
+def test_refused_batch_gives_back_the_default_a_drained_failure_took(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of two drained items the database refuses, the first the gateway's
+    failure over a client gateway's waiting default (its record() failed in an outage):
+    stored item by item, each refused, the default is waiting again. Before, the
+    retry took the failure's row again (its own now) and its undo deleted the row:
+    the call's default was lost."""
+    _, auth, tenant, decision_id = _call(live, "refused batch")
+    r = _post(live.router, auth, decision_id, default_quality=0.8)
+    assert r.status_code == 202, r.text
+    _, _, other, other_id = _call(live, "refused batch other")
+    _drain_refused(live, monkeypatch, IntegrityError, _gateway_item(tenant.id, decision_id),
+                   _gateway_item(other.id, other_id))
+    row = _row(live, decision_id)
+    assert (row.state, row.quality, row.event_id) == ("pending", 0.8, None)
+    assert row.due_at is not None
+
+
+@pytest.mark.parametrize("outcome", ["stored", "drained"])
+def test_gateway_success_leaves_a_clients_pre_upgrade_failure_its_own(
+        live: Live, outcome: str) -> None:
+    """A client gateway's ``failed`` (recorded before the upgrade: no event id) for a
+    call the router forwarded successfully: the router's outcome (no quality), stored
+    or drained from the outage buffer, does not make the row the router's, and the
+    client's retry is its duplicate. Before, the drain marked the row the router's and
+    a stored success outcome kept the retry from adopting it: a 409."""
+    key, auth, tenant, decision_id = _call(live, f"success then failed {outcome}")
+    success = {"quality": None, "cost_usd": None, "latency_ms": 3.0}
+    due = m.utcnow() + timedelta(hours=1)
+    if outcome == "stored":
+        FeedbackSender(live.app.state.routing)._post([(
+            tenant, decision_id, dict(success), Recorded(tenant.id, decision_id, 0.7, due))])
+    else:
+        live.app.state.gateway.defaults.record([Recorded(tenant.id, decision_id, 0.7, due)])
+    r = _post(live.router, auth, decision_id, quality=0.0, failed=True, event_id="lite-3")
+    assert r.status_code == 202, r.text
+    _pre_upgrade(live, decision_id)
+    if outcome == "drained":
+        live.app.state.routing.sink._drain_batch([SpooledFeedback(
+            1, tenant.id, decision_id, OUTCOME_EVENT, dict(success),
+            m.utcnow().isoformat())])
+    assert _row(live, decision_id).event_id is None
+    r = _post(live.router, auth, decision_id, quality=0.0, failed=True, event_id="lite-3")
+    assert r.status_code == 202 and r.json()["status"] == "duplicate", r.text
+    assert _row(live, decision_id).event_id == "lite-3"
+    assert _rows(live.router, key, decision_id, 2)["lite-3"]["quality"] == 0.0
 
 
 def test_gateway_failure_over_a_client_default_is_final(live: Live) -> None:

@@ -139,8 +139,9 @@ def test_drained_quality_refused_by_the_database_releases_its_claim(
 
 
 def _drain_refused(live: Live, monkeypatch: pytest.MonkeyPatch, error: type,
-                   item: SpooledFeedback) -> None:
-    """The drain of ``item``, whose row the database refuses with ``error``."""
+                   *items: SpooledFeedback) -> None:
+    """The drain of ``items`` (one batch), whose rows the database refuses with
+    ``error``."""
     # The drain waits for the decision's row (ingest.drain): written first here.
     assert live.app.state.routing.writer.flush(timeout=5.0)
     ingest = live.app.state.routing.sink
@@ -150,7 +151,7 @@ def _drain_refused(live: Live, monkeypatch: pytest.MonkeyPatch, error: type,
 
     with monkeypatch.context() as mp:
         mp.setattr(ingest, "store_many", refuse)
-        ingest._drain_batch([item])
+        ingest._drain_batch(list(items))
 
 
 @pytest.mark.parametrize("pre_upgrade", [False, True])
