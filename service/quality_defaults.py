@@ -252,9 +252,12 @@ class QualityDefaults:
             set_={"quality": stmt.excluded.quality, "due_at": stmt.excluded.due_at,
                   "state": case((failure, "final"), else_=_T.state),
                   "event_id": case((failure, OUTCOME_EVENT), else_=_T.event_id)},
-            where=and_(_T.tenant_id == stmt.excluded.tenant_id,
-                       _T.state.in_(("pending", "replaced")))).returning(_T.decision_id,
-                                                                          _T.state)
+            # A failure's own row (a retry of a record whose commit's answer was lost)
+            # is its own: the 0 is still to be reported.
+            where=and_(_T.tenant_id == stmt.excluded.tenant_id, or_(
+                _T.state.in_(("pending", "replaced")),
+                and_(_T.state == "final", _T.event_id == OUTCOME_EVENT,
+                     stmt.excluded.due_at.is_(None))))).returning(_T.decision_id, _T.state)
         with Session(self._engine) as session, session.begin():
             done = dict(session.execute(stmt).all())
             tenants = {r.decision_id: r.tenant_id for r in rows if r.decision_id not in done}

@@ -10,7 +10,7 @@ import asyncio
 import time
 
 import pytest
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service.gateway import feedback
 from service.gateway.feedback import FeedbackSender
@@ -107,3 +107,32 @@ def test_failures_past_the_bound_or_refused_are_posted_as_before(
                    Recorded(tenant.id, decision_id, 0.0, None))])
     assert not sender._held
     assert _rows(live.router, key, decision_id, 1)[OUTCOME_EVENT]["quality"] == 0.0
+
+
+def test_failure_whose_record_committed_unanswered_keeps_its_zero(
+        live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
+    """record() committed but its answer was lost (the connection dropped at COMMIT):
+    the outcome is held and the retry meets the failure's own final row, which is its
+    own: the 0 is stored and a later rating refused. Before, the retry took the row for
+    a reported quality and stripped the 0: the call learned no quality at all."""
+    key, auth, tenant, decision_id = _call(live, "commit unanswered")
+    defaults = live.app.state.gateway.defaults
+    record, calls = defaults.record, []
+
+    def unanswered(rows: list[Recorded]) -> set[str]:
+        calls.append(1)
+        done = record(rows)
+        if len(calls) == 1:
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+        return done
+
+    monkeypatch.setattr(defaults, "record", unanswered)
+    sender = FeedbackSender(live.app.state.routing)
+    sender._post([(tenant, decision_id, dict(OUTCOME),
+                   Recorded(tenant.id, decision_id, 0.0, None))])
+    assert sender._held
+    sender._post([])
+    assert not sender._held
+    assert _rows(live.router, key, decision_id, 1)[OUTCOME_EVENT]["quality"] == 0.0
+    r = _post(live.router, auth, decision_id, quality=0.9, event_id="user")
+    assert r.status_code == 409, r.text
