@@ -425,14 +425,18 @@ class FeedbackIngest:
 
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
         known: list[tuple[SpooledFeedback, Incoming, Undo | None]] = []
+        live: list[tuple[SpooledFeedback, TenantState]] = []
         for item in batch:
             tenant = self.registry.tenants.get(item.tenant_id)
             if tenant is None:
                 self._drop(item, "the tenant does not exist")
-                continue
-            outcome, undo = (item.outcome, None) if self.defaults is None else \
-                self.defaults.take_drained(item.tenant_id, item.decision_id, item.event_id,
-                                           item.outcome)
+            else:
+                live.append((item, tenant))
+        taken = [(item.outcome, None) for item, _ in live] if self.defaults is None else \
+            self.defaults.take_drained_many([(item.tenant_id, item.decision_id,
+                                              item.event_id, item.outcome)
+                                             for item, _ in live])
+        for (item, tenant), (outcome, undo) in zip(live, taken, strict=True):
             if outcome is None:
                 self._drop(item, "a second quality for a gateway call")
                 continue

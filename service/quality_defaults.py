@@ -358,6 +358,31 @@ class QualityDefaults:
         errors are raised (the drain stops there)."""
         return self.take_drained(tenant_id, decision_id, event_id, outcome)[0]
 
+    def take_drained_many(self, items: Sequence[tuple[str, str, str,
+                                                      dict[str, float | None]]]
+                          ) -> list[tuple[dict[str, float | None] | None, Undo | None]]:
+        """:meth:`take_drained` for a drain's batch of (tenant, decision, event, outcome),
+        in order. A client's quality whose tenant has no defaults (``claims``) and whose
+        decision has no row of the tenant's has nothing to claim: those are looked up
+        together, one query for the batch, not two or three per item (the drain must
+        outpace the feedback arriving behind it). A decision that another item of the
+        batch takes item by item (a claim, the gateway's failure) is taken item by item
+        for all of its items, in order: that item may write the row the others must see."""
+        unclaimed = [i for i, (tenant, _, event, outcome) in enumerate(items)
+                     if outcome.get("quality") is not None and event not in ROUTER_EVENTS
+                     and not self._claims(tenant)]
+        free: set[int] = set()
+        if unclaimed:
+            one_by_one = {items[i][1] for i in set(range(len(items))) - set(unclaimed)}
+            ids = list({items[i][1] for i in unclaimed} - one_by_one)
+            with Session(self._engine) as session:
+                owners = dict(session.execute(select(_T.decision_id, _T.tenant_id).where(
+                    _T.decision_id.in_(ids))).all()) if ids else {}
+            free = {i for i in unclaimed if items[i][1] not in one_by_one
+                    and owners.get(items[i][1]) != items[i][0]}
+        return [(item[3], None) if i in free else self.take_drained(*item)
+                for i, item in enumerate(items)]
+
     def take_drained(self, tenant_id: str, decision_id: str, event_id: str,
                      outcome: dict[str, float | None]) -> tuple[dict[str, float | None]
                                                                 | None, Undo | None]:
