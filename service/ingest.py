@@ -425,24 +425,27 @@ class FeedbackIngest:
 
     def _drain_batch(self, batch: list[SpooledFeedback]) -> None:
         known: list[tuple[SpooledFeedback, Incoming, Undo | None]] = []
+        # Dropped items are counted once the batch is stored: an outage meanwhile
+        # leaves the batch buffered, to be drained (and counted) again.
+        dropped: list[tuple[SpooledFeedback, str]] = []
         live: list[tuple[SpooledFeedback, TenantState]] = []
         for item in batch:
             tenant = self.registry.tenants.get(item.tenant_id)
             if tenant is None:
-                self._drop(item, "the tenant does not exist")
+                dropped.append((item, "the tenant does not exist"))
             else:
                 live.append((item, tenant))
         taken = [(item.outcome, None) for item, _ in live] if self.defaults is None else \
-            self.defaults.take_drained_many([(item.tenant_id, item.decision_id,
-                                              item.event_id, item.outcome)
-                                             for item, _ in live])
+            self.defaults.take_drained_many([item for item, _ in live])
         for (item, tenant), (outcome, undo) in zip(live, taken, strict=True):
             if outcome is None:
-                self._drop(item, "a second quality for a gateway call")
+                dropped.append((item, "a second quality for a gateway call"))
                 continue
             known.append((item, Incoming(tenant, item.decision_id, item.event_id, outcome,
                                          datetime.fromisoformat(item.received_at)), undo))
         self._store_known(known)
+        for item, reason in dropped:
+            self._drop(item, reason)
 
     def _store_known(self, known: list[tuple[SpooledFeedback, Incoming, Undo | None]]
                      ) -> None:

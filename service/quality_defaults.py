@@ -61,6 +61,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 from service.quality_refusals import refusal
+from service.spool import SpooledFeedback
 
 __all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "Undo", "DEFAULT_EVENT",
            "OUTCOME_EVENT", "ROUTER_EVENTS", "LEASE_S", "RETENTION_S"]
@@ -358,29 +359,34 @@ class QualityDefaults:
         errors are raised (the drain stops there)."""
         return self.take_drained(tenant_id, decision_id, event_id, outcome)[0]
 
-    def take_drained_many(self, items: Sequence[tuple[str, str, str,
-                                                      dict[str, float | None]]]
+    def take_drained_many(self, items: Sequence[SpooledFeedback]
                           ) -> list[tuple[dict[str, float | None] | None, Undo | None]]:
-        """:meth:`take_drained` for a drain's batch of (tenant, decision, event, outcome),
-        in order. A client's quality whose tenant has no defaults (``claims``) and whose
-        decision has no row of the tenant's has nothing to claim: those are looked up
-        together, one query for the batch, not two or three per item (the drain must
-        outpace the feedback arriving behind it). A decision that another item of the
-        batch takes item by item (a claim, the gateway's failure) is taken item by item
-        for all of its items, in order: that item may write the row the others must see."""
-        unclaimed = [i for i, (tenant, _, event, outcome) in enumerate(items)
-                     if outcome.get("quality") is not None and event not in ROUTER_EVENTS
-                     and not self._claims(tenant)]
-        free: set[int] = set()
+        """:meth:`take_drained` for a drain's batch, in order. A client's quality whose
+        tenant has no defaults (``claims``) and whose decision has no row of the
+        tenant's has nothing to claim: those are looked up together, one query for the
+        batch, not two or three per item (the drain must outpace the feedback arriving
+        behind it). A decision for which another item of the batch may write a row (the
+        gateway's failure, a claim of a tenant with defaults) is taken item by item for
+        all of its items, in order: the others must see that row."""
+        def writes(item: SpooledFeedback) -> bool:
+            return item.outcome.get("quality") is not None and (
+                item.event_id == OUTCOME_EVENT
+                or (item.event_id not in ROUTER_EVENTS and self._claims(item.tenant_id)))
+
+        one_by_one = {item.decision_id for item in items if writes(item)}
+        unclaimed = {i for i, item in enumerate(items)
+                     if item.outcome.get("quality") is not None
+                     and item.event_id not in ROUTER_EVENTS
+                     and item.decision_id not in one_by_one}
+        owners: dict[str, str] = {}
         if unclaimed:
-            one_by_one = {items[i][1] for i in set(range(len(items))) - set(unclaimed)}
-            ids = list({items[i][1] for i in unclaimed} - one_by_one)
             with Session(self._engine) as session:
                 owners = dict(session.execute(select(_T.decision_id, _T.tenant_id).where(
-                    _T.decision_id.in_(ids))).all()) if ids else {}
-            free = {i for i in unclaimed if items[i][1] not in one_by_one
-                    and owners.get(items[i][1]) != items[i][0]}
-        return [(item[3], None) if i in free else self.take_drained(*item)
+                    _T.decision_id.in_({items[i].decision_id for i in unclaimed}))).all())
+        return [(item.outcome, None)
+                if i in unclaimed and owners.get(item.decision_id) != item.tenant_id
+                else self.take_drained(item.tenant_id, item.decision_id, item.event_id,
+                                       item.outcome)
                 for i, item in enumerate(items)]
 
     def take_drained(self, tenant_id: str, decision_id: str, event_id: str,
