@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="2 s phases, 1 round, no results file")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--results-name", default="http_decide", metavar="NAME",
+                        help="write results/NAME.json (default: %(default)s)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="another source tree (a checkout of the router's packages) "
                              "served as a third server, alternating with the two others: "
@@ -440,7 +442,7 @@ def main(argv: list[str] | None = None) -> None:
                         + ", ".join(f"{r['p99_ms']:.1f}" for r in runs["router_half_load"])
                         + f" ms; errors (all rounds): {errors}; goals: {results['goals']}")
     if not (args.quick or args.no_write):
-        path = write_results("http_decide", results,
+        path = write_results(args.results_name, results,
                              packages=("fastapi", "uvicorn", "uvloop", "httptools",
                                        "starlette", "pydantic", "numpy", "sqlalchemy",
                                        "orjson"))

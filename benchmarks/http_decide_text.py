@@ -29,6 +29,14 @@ same samples by component (:data:`COMPONENTS`) in µs per request (the share of 
 thread's samples times the server's CPU time per request while sampled): what is left
 per request once the text is cheap.
 
+``--write-cost`` instead measures uvicorn's response writes (``RequestResponseCycle.send``,
+headers and body) in ``bare`` and ``router`` under the closed-loop load: CPU time of the
+calling thread (``time.thread_time``, which counts the system call's kernel work, on
+loopback the client's receive path too) against wall time per call. py-spy counts a
+sample of a thread that is runnable but not running as busy, and a write that wakes the
+client is often preempted by it on a busy machine: the profile's share of the writes is
+larger than their CPU time (:data:`WRITE_COST_PATCH`).
+
 Goals (issue 19): router >= 60% of the bare endpoint's throughput with a 500-character
 text; p99 <= 5 ms at half load; no errors.
 
@@ -37,6 +45,7 @@ Run::
     python -m benchmarks.http_decide_text          # writes results/http_decide_text.json
     python -m benchmarks.http_decide_text --quick  # short smoke run, writes nothing
     python -m benchmarks.http_decide_text --profile /tmp/router.txt --seconds 20
+    python -m benchmarks.http_decide_text --write-cost --rounds 3 --seconds 5
 """
 
 from __future__ import annotations
@@ -146,6 +155,68 @@ def _ms(value: str) -> float:
     raise ValueError(value)
 
 
+#: Prepended to the server modules by ``--write-cost``: times every call of uvicorn's
+#: ``RequestResponseCycle.send`` by message kind (calls, CPU s, wall s) and dumps the sums
+#: to ``$WRITE_STATS`` every 100 responses (uvicorn ends on a signal: no atexit).
+WRITE_COST_PATCH = """
+import json as _json, os as _os, time as _time
+from uvicorn.protocols.http import httptools_impl as _impl
+_send = _impl.RequestResponseCycle.send
+_sums = {"headers": [0, 0.0, 0.0], "body": [0, 0.0, 0.0]}
+async def _timed_send(self, message):
+    kind = "headers" if message["type"] == "http.response.start" else "body"
+    cpu, wall = _time.thread_time(), _time.perf_counter()
+    await _send(self, message)
+    entry = _sums[kind]
+    entry[0] += 1
+    entry[1] += _time.thread_time() - cpu
+    entry[2] += _time.perf_counter() - wall
+    if kind == "body" and entry[0] % 100 == 0:
+        with open(_os.environ["WRITE_STATS"], "w") as fh:
+            _json.dump(_sums, fh)
+_impl.RequestResponseCycle.send = _timed_send
+"""
+
+
+def _write_sums(path: Path) -> dict[str, list[float]]:
+    if not path.is_file():  # fewer than 100 responses so far
+        return {"headers": [0, 0.0, 0.0], "body": [0, 0.0, 0.0]}
+    return json.loads(path.read_text())
+
+
+def write_cost(servers: dict[str, tuple[subprocess.Popen, int]], requests: dict[str, list[bytes]],
+               stats: dict[str, Path], connections: int, seconds: float,
+               rounds: int) -> dict[str, Any]:
+    """``--write-cost``: per server, µs of CPU and of wall time per header write and per
+    body write during ``rounds`` closed-loop runs (alternating), with the server's CPU
+    per request; printed and returned."""
+    out: dict[str, Any] = {}
+    for r in range(rounds):
+        for name in list(servers)[::1 if r % 2 == 0 else -1]:
+            proc, port = servers[name]
+            before = _write_sums(stats[name])
+            load = asyncio.run(closed_loop(port, requests[name], connections, seconds,
+                                           pid=proc.pid))
+            after = _write_sums(stats[name])
+            run = {"server_cpu_us_per_request": load["server_cpu_us_per_request"],
+                   "throughput_rps": load["throughput_rps"]}
+            for kind in ("headers", "body"):
+                n = after[kind][0] - before[kind][0]
+                run[f"{kind}_cpu_us"] = 1e6 * (after[kind][1] - before[kind][1]) / n
+                run[f"{kind}_wall_us"] = 1e6 * (after[kind][2] - before[kind][2]) / n
+            out.setdefault(name, []).append(run)
+    keys = ("headers_cpu_us", "headers_wall_us", "body_cpu_us", "body_wall_us",
+            "server_cpu_us_per_request")
+    medians = {name: {k: float(np.median([run[k] for run in runs])) for k in keys}
+               for name, runs in out.items()}
+    print_table(f"uvicorn's response writes under closed-loop load (medians of {rounds} "
+                "round(s), µs per call)",
+                ["server", "headers CPU", "headers wall", "body CPU", "body wall",
+                 "server CPU per request"],
+                [[name, *(f"{m[k]:.1f}" for k in keys)] for name, m in medians.items()])
+    return {"medians": medians, "rounds": out}
+
+
 #: Where an event-loop sample goes: the first component (in this order) with a frame in
 #: the sample's stack, so a sample inside the decide is the decide's, not the middleware's.
 COMPONENTS = (
@@ -242,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="only py-spy the router under load (see the module doc)")
     parser.add_argument("--gil", action="store_true",
                         help="with --profile: sample only the thread holding the GIL")
+    parser.add_argument("--write-cost", action="store_true",
+                        help="only time uvicorn's response writes in bare and router "
+                             "(see the module doc); writes results/NAME.json")
     parser.add_argument("--results-name", default="http_decide_text", metavar="NAME",
                         help="write results/NAME.json (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -251,14 +325,18 @@ def main(argv: list[str] | None = None) -> None:
         print("wrk not installed (apt-get install wrk): asyncio load generator only")
 
     names = NAMES + (("baseline",) if args.baseline is not None else ())
+    if args.write_cost:
+        names = ("bare", "router")
     runs: dict[str, list[dict[str, float]]] = {
         f"{name}_{gen}": [] for gen in generators for name in names}
     runs["router_half_load"] = []
     texts = query_texts(args.text_chars, 256)
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
-        (tmpdir / "bare_app.py").write_text(BARE_APP)
-        (tmpdir / "router_app.py").write_text(ROUTER_APP)
+        patch = WRITE_COST_PATCH if args.write_cost else ""
+        (tmpdir / "bare_app.py").write_text(patch + BARE_APP)
+        (tmpdir / "router_app.py").write_text(patch + ROUTER_APP)
+        stats = {name: tmpdir / f"write_cost_{name}.json" for name in names}
         servers = {}
         try:
             for name in names:
@@ -266,6 +344,7 @@ def main(argv: list[str] | None = None) -> None:
                     "BANDIT_ROUTER_DATA_DIR": str(tmpdir / f"data_{name}"),
                     "BANDIT_ROUTER_ADMIN_KEY": ADMIN_KEY, "BANDIT_ROUTER_DIM": str(DIM),
                     "BANDIT_ROUTER_DATABASE_URL": "", **EXTRA_ENV[name]}
+                env["WRITE_STATS"] = str(stats[name])
                 port = free_port()
                 source = args.baseline if name == "baseline" else REPO_ROOT
                 servers[name] = (start_server(tmpdir, "bare_app" if name == "bare"
@@ -287,6 +366,12 @@ def main(argv: list[str] | None = None) -> None:
                 proc, port = servers["router"]
                 profile(port, proc.pid, reqs["router"], args.connections, seconds,
                         args.profile, gil=args.gil)
+                return
+            if args.write_cost:
+                result = write_cost({name: servers[name] for name in names}, reqs, stats,
+                                    args.connections, seconds, rounds)
+                if not args.quick:
+                    print(f"wrote {write_results(args.results_name, result)}")
                 return
             for r in range(rounds):
                 for name in names[r % len(names):] + names[:r % len(names)]:
