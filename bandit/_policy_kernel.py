@@ -499,6 +499,30 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
         out[r] = total / nodes
 
 
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _dots(th: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """``out[h] = th[h] . x`` for th (H, D): the policies' three heads in one pass over x
+    (each x_i read once for the three; three loops of 65 cost ~0.4 µs more per decide
+    at d=64, K=16: decide10's timing)."""
+    d = x.shape[0]
+    if th.shape[0] == 3:
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        for i in range(d):
+            xi = x[i]
+            a0 += th[0, i] * xi
+            a1 += th[1, i] * xi
+            a2 += th[2, i] * xi
+        out[0], out[1], out[2] = a0, a1, a2
+        return
+    for h in range(th.shape[0]):
+        acc = 0.0
+        for i in range(d):
+            acc += th[h, i] * x[i]
+        out[h] = acc
+
+
 # Rules of the main branch :func:`decide_rows` computes (the policies' ``_score``).
 RULE_UCB = 0  # LinUCB: min(u + alpha * std, max(ceiling, u))
 RULE_THOMPSON = 1  # LinearThompson: u + scale * std * noise
@@ -540,6 +564,7 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
     heads = theta.shape[1]
     first = 1 if selecting else 0
     priced = estimate.shape[0] > 0
+    dots = np.empty(heads)
     for r in range(n):
         x = xb[r]
         best_u, best_s = 0, 0
@@ -547,10 +572,9 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
             k = arms[j]
             u = 0.0
             scale = 0.0
+            _dots(theta[k], x, dots)
             for h in range(heads):
-                acc = 0.0
-                for i in range(x.shape[0]):
-                    acc += theta[k, h, i] * x[i]
+                acc = dots[h]
                 if h == 0:
                     acc += level
                 elif h == 1 and priced:
