@@ -41,11 +41,11 @@ def _quadratic(p: np.ndarray, x: np.ndarray) -> float:
     and multiply-adds of the full form (the quadratic forms are most of a decide: 16 of
     65 x 65 at d=64). Four rows at a time share each x_j read and the loop's overhead
     (the rows are short): 16 forms at D=65 6.9 -> 6.0-6.3 µs against two rows at a time
-    (two runs), 258-286 -> 225-231 µs at D=385 (decide10's timing, /tmp script); two
-    rows were 1.3-1.8x faster than the full form at D=65, one row ~1.2x slower than
-    two. Each row's loop starts at 0, so it vectorizes (one starting at i + 1 does not:
-    3x slower here); the small triangle of the four rows among themselves is summed
-    apart."""
+    (two runs), 258-286 -> 225-231 µs at D=385 (a one-off timing, docs/results.md
+    "Decide alone"); two rows were 1.3-1.8x faster than the full form at D=65, one row
+    ~1.2x slower than two. Each row's loop starts at 0, so it vectorizes (one starting
+    at i + 1 does not: 3x slower here); the small triangle of the four rows among
+    themselves is summed apart."""
     d = x.shape[0]
     total = 0.0
     i = 0

@@ -57,60 +57,57 @@ def _best_us(fns: dict[str, Callable[[], None]], calls: int,
     return best
 
 
+def _parts(cls: type, stream: object, key: str) -> dict[str, Callable[[], object]]:
+    """The timed parts of one policy, warmed up as ``policy_speed`` does."""
+    from bandit import _policy_kernel as kernel
+    from benchmarks.policy_speed import K_ARMS, Ours
+
+    ours = Ours(cls, stream, key, key)
+    ours.warm_up(K_ARMS * 30)
+    policy, prefs, x = ours.policy, ours.prefs, stream.x[7]
+    # One real call's kernel and arguments (whatever the tree's kernel is named; only
+    # the outermost one is replaced: a compiled caller must still see the kernel).
+    name = next(n for n in ("decide_one", "decide_rows") if hasattr(kernel, n))
+    original, captured = getattr(kernel, name), []
+
+    def capture(*args: object) -> object:
+        captured.append(args)
+        return original(*args)
+
+    setattr(kernel, name, capture)
+    try:
+        policy.decide(x, prefs)
+    finally:
+        setattr(kernel, name, original)
+    args = captured[0]
+    rng = np.random.Generator(type(policy._rng.bit_generator)())
+    eps = policy.config.epsilon
+    thompson = key != "linucb"
+
+    def draws() -> None:
+        if thompson:
+            rng.standard_normal((1, K_ARMS))
+        rng.random() < eps  # noqa: B015 - the draw is what is timed
+
+    return {
+        "policy.decide": lambda: policy.decide(x, prefs),
+        "_decide_fused": lambda: policy._decide_fused(x, prefs, None, True, None, one=True),
+        "compiled kernel": lambda: original(*args),
+        "context check and copy": lambda: policy._features(x),
+        "preferences": prefs._weights,
+        "random draws": draws,
+    }
+
+
 def profile(dim: int, calls: int, repeats: int) -> dict[str, dict[str, float]]:
     """The per-part table of the tree on ``sys.path`` (µs per call)."""
     from bandit import LinearThompson, LinUCB, SelectiveThompson
-    from bandit import _policy_kernel as kernel
-    from benchmarks.policy_speed import K_ARMS, Ours, Stream
+    from benchmarks.policy_speed import Stream
 
     classes = {"linucb": LinUCB, "thompson": LinearThompson, "select": SelectiveThompson}
     stream = Stream.make(dim)
-    out = {}
-    for key, cls in classes.items():
-        ours = Ours(cls, stream, key, key)
-        ours.warm_up(K_ARMS * 30)
-        policy, prefs, x = ours.policy, ours.prefs, stream.x[7]
-        # One real call's kernel and arguments (whatever the tree's kernel is named; only
-        # the outermost one is replaced: a compiled caller must still see the kernel).
-        captured: dict[str, object] = {}
-        names = [n for n in ("decide_one", "decide_rows") if hasattr(kernel, n)][:1]
-        originals = {n: getattr(kernel, n) for n in names}
-
-        def capture(name: str) -> Callable[..., object]:
-            def call(*args: object) -> object:
-                captured.setdefault("fn", originals[name])
-                captured.setdefault("args", args)
-                return originals[name](*args)
-            return call
-
-        for n in names:
-            setattr(kernel, n, capture(n))
-        try:
-            policy.decide(x, prefs)
-        finally:
-            for n, fn in originals.items():
-                setattr(kernel, n, fn)
-        fn, args = captured["fn"], captured["args"]
-        rng = np.random.Generator(type(policy._rng.bit_generator)())
-        eps = policy.config.epsilon
-        thompson = key != "linucb"
-
-        def draws() -> None:
-            if thompson:
-                rng.standard_normal((1, K_ARMS))
-            rng.random() < eps  # noqa: B015 - the draw is what is timed
-
-        fns = {
-            "policy.decide": lambda: policy.decide(x, prefs),
-            "_decide_fused": lambda: policy._decide_fused(x, prefs, None, True, None,
-                                                          one=True),
-            "compiled kernel": lambda: fn(*args),
-            "context check and copy": lambda: policy._features(x),
-            "preferences": prefs._weights,
-            "random draws": draws,
-        }
-        out[key] = _best_us(fns, calls, repeats)
-    return out
+    return {key: _best_us(_parts(cls, stream, key), calls, repeats)
+            for key, cls in classes.items()}
 
 
 def _run_tree(tree: Path, dim: int, calls: int, repeats: int) -> dict:
