@@ -27,7 +27,7 @@ from numba import njit
 
 __all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width",
            "add_quadratic_forms", "width_matrix", "update_grouped", "thompson_propensities",
-           "decide_rows", "RULE_UCB", "RULE_THOMPSON", "PHI_TABLE"]
+           "decide_rows", "decide_one", "RULE_UCB", "RULE_THOMPSON", "PHI_TABLE"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
 # infinity) would change what the numpy reference does with them.
@@ -39,30 +39,43 @@ def _quadratic(p: np.ndarray, x: np.ndarray) -> float:
     """``x^T P x`` for a symmetric P (D, D) (float64, or float32 summed in float64), from
     its lower triangle: ``sum_i x_i (P_ii x_i + 2 sum_{j<i} P_ij x_j)``, half the reads
     and multiply-adds of the full form (the quadratic forms are most of a decide: 16 of
-    65 x 65 at d=64). Two rows at a time share each x_j read and the loop's overhead
-    (the rows are short): 16 forms 1.3-1.8x faster than the full form at D=65 (two
-    runs), 1.5x at D=385 on the float32 copies; one row at a time ~1.2x slower than two.
-    Each row's loop starts at 0, so it vectorizes (one starting at i + 1 does not: 3x
-    slower here)."""
+    65 x 65 at d=64). Four rows at a time share each x_j read and the loop's overhead
+    (the rows are short): 16 forms at D=65 6.9 -> 6.0-6.3 µs against two rows at a time
+    (two runs), 258-286 -> 225-231 µs at D=385 (a one-off timing, docs/results.md
+    "Decide alone"); two rows were 1.3-1.8x faster than the full form at D=65, one row
+    ~1.2x slower than two. Each row's loop starts at 0, so it vectorizes (one starting
+    at i + 1 does not: 3x slower here); the small triangle of the four rows among
+    themselves is summed apart."""
     d = x.shape[0]
     total = 0.0
     i = 0
-    while i + 1 < d:
+    while i + 3 < d:
         a0 = 0.0
         a1 = 0.0
+        a2 = 0.0
+        a3 = 0.0
         for j in range(i):
             xj = x[j]
             a0 += np.float64(p[i, j]) * xj
             a1 += np.float64(p[i + 1, j]) * xj
-        a1 += np.float64(p[i + 1, i]) * x[i]
-        total += ((2.0 * a0 + np.float64(p[i, i]) * x[i]) * x[i]
-                  + (2.0 * a1 + np.float64(p[i + 1, i + 1]) * x[i + 1]) * x[i + 1])
-        i += 2
-    if i < d:  # an odd D: the last row
+            a2 += np.float64(p[i + 2, j]) * xj
+            a3 += np.float64(p[i + 3, j]) * xj
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        a1 += np.float64(p[i + 1, i]) * x0
+        a2 += np.float64(p[i + 2, i]) * x0 + np.float64(p[i + 2, i + 1]) * x1
+        a3 += (np.float64(p[i + 3, i]) * x0 + np.float64(p[i + 3, i + 1]) * x1
+               + np.float64(p[i + 3, i + 2]) * x2)
+        total += ((2.0 * a0 + np.float64(p[i, i]) * x0) * x0
+                  + (2.0 * a1 + np.float64(p[i + 1, i + 1]) * x1) * x1
+                  + (2.0 * a2 + np.float64(p[i + 2, i + 2]) * x2) * x2
+                  + (2.0 * a3 + np.float64(p[i + 3, i + 3]) * x3) * x3)
+        i += 4
+    while i < d:  # the last D mod 4 rows
         acc = 0.0
         for j in range(i):
             acc += np.float64(p[i, j]) * x[j]
         total += (2.0 * acc + np.float64(p[i, i]) * x[i]) * x[i]
+        i += 1
     return total
 
 
@@ -486,6 +499,30 @@ def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarr
         out[r] = total / nodes
 
 
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _dots(th: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """``out[h] = th[h] . x`` for th (H, D): the policies' three heads in one pass over x
+    (each x_i read once for the three; three loops of 65 cost ~0.4 µs more per decide
+    at d=64, K=16: decide10's timing)."""
+    d = x.shape[0]
+    if th.shape[0] == 3:
+        a0 = 0.0
+        a1 = 0.0
+        a2 = 0.0
+        for i in range(d):
+            xi = x[i]
+            a0 += th[0, i] * xi
+            a1 += th[1, i] * xi
+            a2 += th[2, i] * xi
+        out[0], out[1], out[2] = a0, a1, a2
+        return
+    for h in range(th.shape[0]):
+        acc = 0.0
+        for i in range(d):
+            acc += th[h, i] * x[i]
+        out[h] = acc
+
+
 # Rules of the main branch :func:`decide_rows` computes (the policies' ``_score``).
 RULE_UCB = 0  # LinUCB: min(u + alpha * std, max(ceiling, u))
 RULE_THOMPSON = 1  # LinearThompson: u + scale * std * noise
@@ -527,6 +564,7 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
     heads = theta.shape[1]
     first = 1 if selecting else 0
     priced = estimate.shape[0] > 0
+    dots = np.empty(heads)
     for r in range(n):
         x = xb[r]
         best_u, best_s = 0, 0
@@ -534,10 +572,9 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
             k = arms[j]
             u = 0.0
             scale = 0.0
+            _dots(theta[k], x, dots)
             for h in range(heads):
-                acc = 0.0
-                for i in range(x.shape[0]):
-                    acc += theta[k, h, i] * x[i]
+                acc = dots[h]
                 if h == 0:
                     acc += level
                 elif h == 1 and priced:
@@ -590,6 +627,35 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
                                    prune_sigmas, phi, one)
             p_main = one[0]
         propensity[r] = epsilon / m + (1.0 - epsilon) * p_main
+
+
+@njit(cache=True, nogil=True)
+def decide_one(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
+               inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
+               sel: np.ndarray, same: int, arms: np.ndarray, level: float,
+               estimate: np.ndarray, factor: np.ndarray, bounded: bool, rule: int,
+               param: float, noise: np.ndarray, forced: int, epsilon: float,
+               quantiles: np.ndarray, prune_sigmas: float,
+               ) -> tuple[int, float, bool, np.ndarray]:
+    """:func:`decide_rows` of one context xb (1, D) with propensity (``Policy.decide``):
+    the choice, its propensity, whether it explored, and the table row (m, 6); ``forced``
+    the uniform draw's candidate or -1. Its outputs are allocated here and the normal
+    CDF table is the module's: 9 arrays fewer to pass from Python than to decide_rows,
+    none to allocate there (each array argument costs ~0.1 µs to unbox, each np.empty
+    ~0.2 µs: ~2 µs of a ~20 µs decide), and scalars back instead of 1-element arrays."""
+    m = arms.shape[0]
+    means = np.empty((1, m, theta.shape[1]))
+    table = np.empty((1, m, 6))
+    choices = np.empty(1, dtype=np.intp)
+    propensity = np.empty(1)
+    explored = np.empty(1, dtype=np.bool_)
+    row = np.empty(1, dtype=np.intp)
+    row[0] = forced
+    decide_rows(theta, xb, w, sigma2, inv, q_inv, q_sel, selecting, sel, same, arms,
+                level, estimate, factor, bounded, rule, param, noise, row, epsilon,
+                quantiles, prune_sigmas, True, _PHI, means, table, choices, propensity,
+                explored)
+    return choices[0], propensity[0], explored[0], table[0]
 
 
 #: The normal CDF table :func:`decide_rows` takes (``phi``).

@@ -1135,9 +1135,9 @@ class Policy(abc.ABC):
             if rows is not None:
                 # The compiled decide's row as a Decision, as BatchDecision.decision
                 # builds it, without the BatchDecision (~3 µs of a ~35 µs decide).
-                names, choices, prop, _, table, explored = rows
-                return _TableDecision(names[int(choices[0])], float(prop[0]), None,
-                                      bool(explored[0]), self.name, names, table[0])
+                names, choice, prop, explored, row = rows
+                return _TableDecision(names[choice], prop, None, explored, self.name,
+                                      names, row)
         if type(x) is not np.ndarray or x.ndim != 1:
             # Refused before decide_batch draws, as the compiled path refuses: a refused
             # decide leaves the random stream where it was on both paths.
@@ -1249,8 +1249,10 @@ class Policy(abc.ABC):
         candidate among warm ones (the cold-start share). The same validation, draws
         and results as the numpy path.
 
-        ``one``: :meth:`decide`'s call, one context (else an error before any draw);
-        the names are then the plan's own list (the caller does not hand it out)."""
+        ``one``: :meth:`decide`'s call, one context (else an error before any draw),
+        with propensity: ``(names, choice, propensity, explored, table row (m, 6))``
+        from ``_policy_kernel.decide_one`` (Python scalars), the names the plan's own
+        list (the caller does not hand it out)."""
         plan = self._fused_plan()
         if plan.rule is None or (type(x) is np.ndarray and x.ndim == 2
                                  and x.shape[0] > FUSED_BATCH and not one):
@@ -1288,16 +1290,25 @@ class Policy(abc.ABC):
         # The draws of the numpy path, in its order: Thompson's noise, then epsilon's.
         noise = (self._rng.standard_normal((n, m)) if kind == _kernel.RULE_THOMPSON
                  else _NO_ROWS)
-        forced = _FREE if n == 1 else np.full(n, -1, dtype=np.intp)
         eps = cfg.epsilon
-        if eps > 0 and n == 1:
-            if self._rng.random() < eps:
-                forced = np.array([self._rng.integers(0, m)], dtype=np.intp)
-        elif eps > 0:
+        if n == 1:
+            pick = (int(self._rng.integers(0, m)) if eps > 0 and self._rng.random() < eps
+                    else -1)
+            forced = _FREE if pick < 0 else np.array([pick], dtype=np.intp)
+        else:
+            forced = np.full(n, -1, dtype=np.intp)
+        if eps > 0 and n > 1:
             uniform = self._rng.random(n) < eps
             if uniform.any():
                 forced[uniform] = self._rng.integers(0, m, int(uniform.sum()))
         inv, q_inv, q_sel, sel, same = plan.inverses
+        if one:
+            # Its outputs allocated in the kernel (new on every call, as below).
+            choice, prop, explored, row = _kernel.decide_one(
+                stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting, sel,
+                same, arms, self._level, estimate, factor, cfg.bounded_optimism, kind,
+                param, noise, pick, eps, quantiles, prune)
+            return names, choice, prop, explored, row
         # New outputs on every call, even those decide() reads at once: buffers kept in
         # the plan would be shared by concurrent decides (the kernel releases the GIL).
         means, table = np.empty((n, m, 3)), np.empty((n, m, 6))

@@ -60,6 +60,7 @@ def compare_stream(cls, params, partial):
         got = compiled.decide(x, PREFS)
         want = reference.decide(x, PREFS)
         assert got.arm == want.arm  # same seed, same decisions
+        assert type(got.explored) is bool and type(got.propensity) is float  # JSON
         assert got.propensity == pytest.approx(want.propensity, abs=1e-9)
         for name, p in want.predictions.items():
             np.testing.assert_allclose(tuple(got.predictions[name]), tuple(p),
@@ -384,3 +385,19 @@ def test_shared_ridge_candidate_follows_a_changed_tag_ridge():
         np.testing.assert_allclose(getattr(policies[0]._stats, name),
                                    getattr(policies[1]._stats, name), rtol=1e-9,
                                    atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_quadratic_form_from_the_lower_triangle_matches_the_full_form(dtype):
+    """The widths' ``x^T P x`` read four rows of P's lower triangle at a time: every
+    remainder of D mod 4 (and D < 4), float64 and the float32 copies, against numpy's
+    full form."""
+    from bandit._policy_kernel import _quadratic
+
+    rng = np.random.default_rng(3)
+    for d in range(1, 14):
+        a = rng.standard_normal((d, d))
+        p = np.linalg.inv(a @ a.T + d * np.eye(d)).astype(dtype)
+        x = rng.standard_normal(d)
+        want = x @ p.astype(np.float64) @ x
+        assert _quadratic(p, x) == pytest.approx(want, rel=1e-12, abs=0), d
