@@ -237,7 +237,7 @@ class _Exchange:
             finally:
                 self._report(attempt, settings)
             if len(tried) < len(route.candidates) and len(tried) <= settings.fallback_attempts:
-                self.gateway.metrics.fallbacks.labels(name).inc()
+                self.gateway.metrics.fallbacks_of(name).inc()
         assert failure is not None
         exc, headers = failure
         await send_json(self.send, exc.status, exc.body(), [*headers, *error_headers(exc)])
@@ -249,8 +249,7 @@ class _Exchange:
         if attempt.failed or attempt.succeeded:
             self.gateway.availability.record(attempt.name, failed=attempt.failed)
         if attempt.failed:
-            metrics.upstream_errors.labels(attempt.name, attempt.kind or "upstream_error"
-                                           ).inc()
+            metrics.errors_of(attempt.name, attempt.kind or "upstream_error").inc()
         elif attempt.succeeded:
             metrics.latency_of(attempt.name).observe(time.perf_counter() - attempt.started)
             if self.chat.stream and attempt.latency_s is not None:
