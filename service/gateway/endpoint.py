@@ -237,7 +237,7 @@ class _Exchange:
             finally:
                 self._report(attempt, settings)
             if len(tried) < len(route.candidates) and len(tried) <= settings.fallback_attempts:
-                self.gateway.metrics.fallbacks.labels(name).inc()
+                self.gateway.metrics.fallbacks_of(name).inc()
         assert failure is not None
         exc, headers = failure
         await send_json(self.send, exc.status, exc.body(), [*headers, *error_headers(exc)])
@@ -249,8 +249,7 @@ class _Exchange:
         if attempt.failed or attempt.succeeded:
             self.gateway.availability.record(attempt.name, failed=attempt.failed)
         if attempt.failed:
-            metrics.upstream_errors.labels(attempt.name, attempt.kind or "upstream_error"
-                                           ).inc()
+            metrics.errors_of(attempt.name, attempt.kind or "upstream_error").inc()
         elif attempt.succeeded:
             metrics.latency_of(attempt.name).observe(time.perf_counter() - attempt.started)
             if self.chat.stream and attempt.latency_s is not None:
@@ -350,7 +349,10 @@ class _Exchange:
         rest = b""
         try:
             async for data in response.content.iter_any():
-                *events, rest = _EVENT_END.split(rest + data)
+                data = rest + data
+                # Without a CR only "\n\n" ends an event: bytes.split, 4x the regex's pace.
+                *events, rest = data.split(b"\n\n") if b"\r" not in data else \
+                    _EVENT_END.split(data)
                 out = b"".join([self._event(attempt, e, rename, strip_usage)
                                 for e in events])
                 if out:
@@ -392,8 +394,11 @@ class _Exchange:
                ) -> tuple[bytes, bool]:
         """One ``data:`` line with ``model`` renamed and the usage taken (and removed
         when the client did not ask for it); True: drop the event (the usage chunk)."""
+        payload = line[5:]
+        if not payload.lstrip().startswith(b"{"):
+            return line, False  # not an object ("[DONE]"): no failed parse to pay for
         try:
-            chunk = orjson.loads(line[5:])
+            chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
             return line, False
         if not isinstance(chunk, dict):

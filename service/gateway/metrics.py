@@ -43,20 +43,28 @@ class GatewayMetrics:
             "bandit_router_gateway_outcomes_queued", "Outcomes of forwarded calls "
             "answered and not yet stored", registry=registry)
         self.outcomes_queued.set_function(queued)
-        # Each model's children, looked up once (labels() costs more than observe()).
-        self._latency: dict[str, Any] = {}
-        self._ttft: dict[str, Any] = {}
+        # Each label set's child, looked up once (labels() costs more than observe()).
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, family: Any, *labels: str) -> Any:
+        key = (family, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
 
     def latency_of(self, model: str) -> Any:
         """``upstream_latency``'s child of ``model``."""
-        child = self._latency.get(model)
-        if child is None:
-            child = self._latency[model] = self.upstream_latency.labels(model)
-        return child
+        return self._child(self.upstream_latency, model)
 
     def ttft_of(self, model: str) -> Any:
         """``ttft``'s child of ``model``."""
-        child = self._ttft.get(model)
-        if child is None:
-            child = self._ttft[model] = self.ttft.labels(model)
-        return child
+        return self._child(self.ttft, model)
+
+    def errors_of(self, model: str, kind: str) -> Any:
+        """``upstream_errors``' child of ``model`` and ``kind``."""
+        return self._child(self.upstream_errors, model, kind)
+
+    def fallbacks_of(self, model: str) -> Any:
+        """``fallbacks``' child of ``model``."""
+        return self._child(self.fallbacks, model)
