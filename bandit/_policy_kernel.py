@@ -640,7 +640,7 @@ def decide_one(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndar
     """:func:`decide_rows` of one context xb (1, D) with propensity (``Policy.decide``):
     the choice, its propensity, whether it explored, and the table row (m, 6); ``forced``
     the uniform draw's candidate or -1. Its outputs are allocated here and the normal
-    CDF table is the module's: 9 arrays fewer to pass from Python than to decide_rows,
+    CDF table is the module's: 7 arrays fewer to pass from Python than to decide_rows,
     none to allocate there (each array argument costs ~0.1 µs to unbox, each np.empty
     ~0.2 µs: ~2 µs of a ~20 µs decide), and scalars back instead of 1-element arrays."""
     m = arms.shape[0]

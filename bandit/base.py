@@ -1236,8 +1236,9 @@ class Policy(abc.ABC):
     def _decide_fused(self, x: object, preferences: Preferences | None,
                       candidates: Sequence[str] | None, propensities: bool,
                       cost_estimate: object, one: bool = False,
-                      ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
-                                 np.ndarray, np.ndarray] | None:
+                      ) -> (tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                  np.ndarray, np.ndarray]
+                            | tuple[list[str], int, float, bool, np.ndarray] | None):
         """:meth:`decide_batch` with exploration in one compiled call
         (``_policy_kernel.decide_rows``): the candidates' names, choices, propensities,
         means (n, m, 3), the table (n, m, 6) and whether each row explored; or None
@@ -1294,7 +1295,7 @@ class Policy(abc.ABC):
         if n == 1:
             pick = (int(self._rng.integers(0, m)) if eps > 0 and self._rng.random() < eps
                     else -1)
-            forced = _FREE if pick < 0 else np.array([pick], dtype=np.intp)
+            forced = _FREE if pick < 0 or one else np.array([pick], dtype=np.intp)
         else:
             forced = np.full(n, -1, dtype=np.intp)
         if eps > 0 and n > 1:

@@ -13,7 +13,7 @@ by default), best of ``--repeats`` (5), the parts interleaved within each repeat
 * ``context check and copy``: ``Policy._features``;
 * ``preferences``: ``Preferences._weights`` (its check and the head weights);
 * ``random draws``: what the decide draws from the policy's generator (Thompson's 16
-  normals, then epsilon's uniform), on a copy of the generator.
+  normals, then epsilon's uniform), on a new generator of the same kind.
 
 ``--against-tree DIR``: the same table for the checkout DIR (``git archive`` of the
 base) in a fresh process, in alternating order with this tree's (``--rounds``), medians.

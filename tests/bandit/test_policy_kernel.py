@@ -391,7 +391,7 @@ def test_shared_ridge_candidate_follows_a_changed_tag_ridge():
 def test_quadratic_form_from_the_lower_triangle_matches_the_full_form(dtype):
     """The widths' ``x^T P x`` read four rows of P's lower triangle at a time: every
     remainder of D mod 4 (and D < 4), float64 and the float32 copies, against numpy's
-    full form."""
+    full form; the strict upper triangle is NaN, so a read of it shows."""
     from bandit._policy_kernel import _quadratic
 
     rng = np.random.default_rng(3)
@@ -400,4 +400,5 @@ def test_quadratic_form_from_the_lower_triangle_matches_the_full_form(dtype):
         p = np.linalg.inv(a @ a.T + d * np.eye(d)).astype(dtype)
         x = rng.standard_normal(d)
         want = x @ p.astype(np.float64) @ x
+        p[np.triu_indices(d, 1)] = np.nan
         assert _quadratic(p, x) == pytest.approx(want, rel=1e-12, abs=0), d
