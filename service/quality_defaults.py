@@ -61,6 +61,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 from service.quality_refusals import refusal
+from service.quality_rows import OUTCOME_EVENT, adopt, restamp, without_quality
 from service.spool import SpooledFeedback
 
 __all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "Undo", "DEFAULT_EVENT",
@@ -70,8 +71,6 @@ log = logging.getLogger("service.quality_defaults")
 
 #: The event id of a default quality, learned once its wait is over.
 DEFAULT_EVENT = "gateway-default"
-#: The event id of the outcome the gateway posts for a forwarded call (a failure's 0).
-OUTCOME_EVENT = "gateway"
 #: The router's own events (the call's outcome, its default quality): never a claim.
 ROUTER_EVENTS = frozenset({OUTCOME_EVENT, DEFAULT_EVENT})
 #: A default claimed for applying and not marked applied after this long is posted again.
@@ -178,7 +177,7 @@ class QualityDefaults:
             while True:
                 if session.execute(insert).first() is not None:
                     return Final(False, now)
-                if _restamp(session, tenant_id, decision_id, "final", event, now):
+                if restamp(session, tenant_id, decision_id, "final", event, now):
                     return Final(False, None)  # this failure's own row (a retry)
                 if session.execute(update(_T).where(row, _T.state == "replaced").values(
                         quality=quality, due_at=None).returning(_T.decision_id)).first():
@@ -203,7 +202,7 @@ class QualityDefaults:
                     continue
                 if found.tenant_id != tenant_id:
                     return Final(False, None)  # another tenant's: the sink answers that
-                if found.state == "final" and _adopt(session, tenant_id, decision_id,
+                if found.state == "final" and adopt(session, tenant_id, decision_id,
                                                      event, quality, now):
                     return Final(False, None)  # a retry of a pre-upgrade failure
                 raise refusal(decision_id, found.state, found.quality, found.event_id)
@@ -333,7 +332,7 @@ class QualityDefaults:
             took = session.execute(stmt.returning(_T.decision_id)).first() is not None
             if not took:
                 # The drain's own claim (taken again) is its to release: stamped.
-                took = _restamp(session, tenant_id, decision_id, "replaced", event_id,
+                took = restamp(session, tenant_id, decision_id, "replaced", event_id,
                                 now) and buffered
             row = session.execute(select(_T.tenant_id, _T.state, _T.quality, _T.event_id)
                                   .where(_T.decision_id == decision_id)).one()
@@ -414,7 +413,7 @@ class QualityDefaults:
                     _T.decision_id == decision_id, _T.tenant_id == tenant_id,
                     _T.state == "final", _T.event_id.is_(None)).values(
                     event_id=OUTCOME_EVENT))
-                own = _restamp(session, tenant_id, decision_id, "final", OUTCOME_EVENT,
+                own = restamp(session, tenant_id, decision_id, "final", OUTCOME_EVENT,
                                now)
         if own:
             return outcome, partial(self.unfinal, decision_id, now)
@@ -435,23 +434,23 @@ class QualityDefaults:
                             exc.detail)
                 final = Final(True, None)
             if final.replaced:
-                return _without_quality(outcome), None
+                return without_quality(outcome), None
             return outcome, None if final.stamp is None else partial(
                 self.unfinal, decision_id, final.stamp, final.took)
         try:
             claim = self.claim(tenant_id, decision_id, event_id, buffered=True)
         except ConflictError as exc:
             with Session(self._engine) as session, session.begin():
-                adopted = _adopt(session, tenant_id, decision_id, event_id, quality, now)
+                adopted = adopt(session, tenant_id, decision_id, event_id, quality, now)
             if adopted:  # undone as the final row it now is
                 return outcome, partial(self.unfinal, decision_id, now)
             log.warning("buffered quality for decision %s not learned: %s", decision_id,
                         exc.detail)
-            return _without_quality(outcome), None
+            return without_quality(outcome), None
         if claim is not None:
             return outcome, None if claim.stamp is None else partial(self.release, claim)
         with Session(self._engine) as session, session.begin():
-            own = _restamp(session, tenant_id, decision_id, "final", event_id, now)
+            own = restamp(session, tenant_id, decision_id, "final", event_id, now)
         return outcome, partial(self.unfinal, decision_id, now) if own else None
 
     def _recorded(self, tenant_id: str, decision_id: str, *, strict: bool = False) -> bool:
@@ -479,39 +478,3 @@ class QualityDefaults:
                                                        _T.due_at.is_(None))))
             session.execute(update(_T).where(mine).values(
                 state="pending", event_id=None, changed_at=m.utcnow()))
-
-
-def _without_quality(outcome: dict[str, float | None]) -> dict[str, float | None] | None:
-    rest = {**outcome, "quality": None}
-    return None if all(v is None for v in rest.values()) else rest
-
-
-def _restamp(session: Session, tenant_id: str, decision_id: str, state: str, event_id: str,
-             now: datetime) -> bool:
-    """A retry of the event that holds the row (``state``) stamps it anew: an earlier
-    attempt's undo (by its stamp) then keeps it. Whether it held the row."""
-    result = session.execute(update(_T).where(
-        _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == state,
-        _T.event_id == event_id).values(changed_at=now))
-    return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def _adopt(session: Session, tenant_id: str, decision_id: str, event_id: str,
-           quality: float | None, now: datetime) -> bool:
-    """A ``final`` row written before the upgrade (event id NULL) of ``quality`` takes
-    ``event_id``, that failure's (:meth:`QualityDefaults.take_drained`, a retry's
-    :meth:`QualityDefaults.final`); whether it did."""
-    # Not a row whose call the gateway reported failed (its outcome's 0 stored: the
-    # gateway's own failure, left unmarked by migration 0014 or written by an older
-    # replica since); a success's outcome (no quality) leaves a client's row its own.
-    gateways = select(m.Feedback.id).where(m.Feedback.decision_id == decision_id,
-                                           m.Feedback.event_id == OUTCOME_EVENT,
-                                           m.Feedback.quality.is_not(None)).exists()
-    result = session.execute(update(_T).where(
-        _T.decision_id == decision_id, _T.tenant_id == tenant_id, _T.state == "final",
-        _T.event_id.is_(None), _T.quality == quality, ~gateways).values(
-        event_id=event_id, changed_at=now))
-    if result.rowcount:  # type: ignore[attr-defined]
-        log.warning("failure of decision %s (event %r) taken as that of its final row "
-                    "written before the upgrade", decision_id, event_id)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
