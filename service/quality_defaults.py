@@ -61,15 +61,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.exceptions import ConflictError
 from service.quality_refusals import refusal
-from service.quality_rows import (
-    DEFAULT_EVENT,
-    OUTCOME_EVENT,
-    ROUTER_EVENTS,
-    adopt,
-    rated,
-    restamp,
-    without_quality,
-)
+from service.quality_rows import OUTCOME_EVENT, adopt, restamp, without_quality
 from service.spool import SpooledFeedback
 
 __all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "Undo", "DEFAULT_EVENT",
@@ -77,6 +69,10 @@ __all__ = ["QualityDefaults", "Claim", "Final", "Recorded", "Due", "Undo", "DEFA
 
 log = logging.getLogger("service.quality_defaults")
 
+#: The event id of a default quality, learned once its wait is over.
+DEFAULT_EVENT = "gateway-default"
+#: The router's own events (the call's outcome, its default quality): never a claim.
+ROUTER_EVENTS = frozenset({OUTCOME_EVENT, DEFAULT_EVENT})
 #: A default claimed for applying and not marked applied after this long is posted again.
 LEASE_S = 10.0
 #: Rows that are done are pruned after this long.
@@ -269,10 +265,8 @@ class QualityDefaults:
                 select(_T.decision_id, _T.tenant_id, _T.state).where(
                     _T.decision_id.in_(list(tenants)))) if owner == tenants[d]] \
                 if tenants else []
-            left += [(d, "rated") for d in rated(session, [
-                r.decision_id for r in rows if r.due_at is None and r.decision_id in done])]
         for decision_id, state in left:
-            log.info("the gateway's quality for decision %s not reported: its quality is "
+            log.info("the gateway's quality for decision %s not recorded: its quality is "
                      "reported already (%s)", decision_id, state)
         return {d for d, state in done.items() if state == "replaced"} | {d for d, _ in left}
 
@@ -388,21 +382,11 @@ class QualityDefaults:
             with Session(self._engine) as session:
                 owners = dict(session.execute(select(_T.decision_id, _T.tenant_id).where(
                     _T.decision_id.in_({items[i].decision_id for i in unclaimed}))).all())
-        taken: list[tuple[dict[str, float | None] | None, Undo | None]] = []
-        kept: set[str] = set()  # calls whose client quality this batch stores
-        for i, item in enumerate(items):
-            if i in unclaimed and owners.get(item.decision_id) != item.tenant_id:
-                taken.append((item.outcome, None))
-            elif item.event_id == OUTCOME_EVENT and item.decision_id in kept:
-                taken.append((without_quality(item.outcome), None))  # rated first
-            else:
-                taken.append(self.take_drained(item.tenant_id, item.decision_id,
-                                               item.event_id, item.outcome))
-            outcome = taken[-1][0]
-            if item.event_id not in ROUTER_EVENTS and outcome is not None \
-                    and outcome.get("quality") is not None:
-                kept.add(item.decision_id)
-        return taken
+        return [(item.outcome, None)
+                if i in unclaimed and owners.get(item.decision_id) != item.tenant_id
+                else self.take_drained(item.tenant_id, item.decision_id, item.event_id,
+                                       item.outcome)
+                for i, item in enumerate(items)]
 
     def take_drained(self, tenant_id: str, decision_id: str, event_id: str,
                      outcome: dict[str, float | None]) -> tuple[dict[str, float | None]
@@ -443,9 +427,6 @@ class QualityDefaults:
         if event_id == OUTCOME_EVENT:
             # A failure whose record() failed (the database away): recorded now as
             # record() would have; a quality that came first (or reported) keeps it out.
-            with Session(self._engine) as session:
-                if rated(session, [decision_id]):
-                    return without_quality(outcome), None
             try:
                 final = self._final(tenant_id, decision_id, quality, OUTCOME_EVENT)
             except ConflictError as exc:

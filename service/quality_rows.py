@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select, update
@@ -12,17 +11,12 @@ from sqlalchemy.orm import Session
 
 from service.db import models as m
 
-__all__ = ["DEFAULT_EVENT", "OUTCOME_EVENT", "ROUTER_EVENTS", "adopt", "rated", "restamp",
-           "without_quality"]
+__all__ = ["OUTCOME_EVENT", "adopt", "restamp", "without_quality"]
 
 log = logging.getLogger("service.quality_defaults")
 
 #: The event id of the outcome the gateway posts for a forwarded call (a failure's 0).
 OUTCOME_EVENT = "gateway"
-#: The event id of a default quality, learned once its wait is over.
-DEFAULT_EVENT = "gateway-default"
-#: The router's own events (the call's outcome, its default quality): never a claim.
-ROUTER_EVENTS = frozenset({OUTCOME_EVENT, DEFAULT_EVENT})
 _T = m.QualityDefault
 
 
@@ -61,13 +55,3 @@ def adopt(session: Session, tenant_id: str, decision_id: str, event_id: str,
         log.warning("failure of decision %s (event %r) taken as that of its final row "
                     "written before the upgrade", decision_id, event_id)
     return bool(result.rowcount)  # type: ignore[attr-defined]
-
-
-def rated(session: Session, decision_ids: Sequence[str]) -> set[str]:
-    """The calls among ``decision_ids`` with a quality of the client's stored (an event
-    not the router's): a failure's 0 recorded after it (held while the database was
-    away, or drained) is left out, as after a claim's marker, which a tenant without
-    defaults does not leave."""
-    return set(session.scalars(select(m.Feedback.decision_id).where(
-        m.Feedback.decision_id.in_(list(decision_ids)), m.Feedback.quality.is_not(None),
-        m.Feedback.event_id.not_in(ROUTER_EVENTS)))) if decision_ids else set()

@@ -98,11 +98,11 @@ def test_create_chat_completion_stream_passes_chunks_and_measures_ttft(
     # still told from the second's 0.8 s: at 0.05 s apart, CI's load once gave 495 ms).
     assert 300.0 <= fb["latency_ms"] < 800.0
     assert fb["cost_usd"] == pytest.approx(cost(1.0, 3.0, 9, 4), rel=1e-9)
-    # On /metrics: the time to the first chunk (0.3 s) and the whole call (0.45 s).
+    # On /metrics: the time to the first chunk (0.3 s) and the whole call (1.8 s).
     assert router.metric("bandit_router_gateway_ttft_seconds_count", model=name) == 1
-    assert 0.3 <= router.metric("bandit_router_gateway_ttft_seconds_sum", model=name) < 0.44
+    assert 0.3 <= router.metric("bandit_router_gateway_ttft_seconds_sum", model=name) < 0.8
     total = router.metric("bandit_router_gateway_upstream_latency_seconds_sum", model=name)
-    assert 0.45 <= total < 2.0
+    assert 1.8 <= total < 4.0
 
 
 def test_create_chat_completion_async_plain_and_stream(router: Router) -> None:

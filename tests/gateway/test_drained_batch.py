@@ -2,8 +2,7 @@
 take_drained_many``, service/ingest.py ``_drain_batch``): the qualities of tenants
 without defaults are looked up in one query for the batch, and still answer as the
 item-by-item steps do when a row of the tenant's exists or another item of the batch
-writes one; a gateway failure's 0 recorded after the client's rating of the call (held,
-buffered) is left out for a tenant without defaults too. SQLite and PostgreSQL (the ``live`` service of tests/gateway/conftest.py)."""
+writes one. SQLite and PostgreSQL (the ``live`` service of tests/gateway/conftest.py)."""
 
 from __future__ import annotations
 
@@ -95,49 +94,3 @@ def test_batch_ratings_after_success_outcomes_are_looked_up_together(live: Live)
         event.remove(engine, "before_cursor_execute", count)
     assert taken == [(item.outcome, None) for item in items]
     assert len(statements) == 1, statements
-
-
-def _outcomes(live: Live, key: str, decision_id: str) -> dict[str, float | None]:
-    """Each stored feedback's quality by event, the gateway's and the client's."""
-    return {event: f["quality"] for event, f in _rows(live.router, key, decision_id,
-                                                      2).items()}
-
-
-def test_drained_gateway_failure_after_a_rating_in_its_batch_leaves_out_its_zero(
-        live: Live) -> None:
-    """A tenant without defaults rated a call while the gateway held the call's failure
-    (its record() failed: the database away), so the rating was buffered before the
-    failure's outcome. Drained in one batch, the rating is stored and the failure's 0
-    left out (its latency kept), as a claim's marker leaves it out for a tenant with
-    defaults. Before, both were learned: a second quality for the call."""
-    key, tenant_id, decision_id = _plain_call(live, "rating then failure, one batch")
-    live.app.state.routing.sink._drain_batch([
-        _item(1, tenant_id, decision_id, "user", RATING),
-        _item(2, tenant_id, decision_id, OUTCOME_EVENT, OUTCOME)])
-    assert _outcomes(live, key, decision_id) == {"user": 0.9, OUTCOME_EVENT: None}
-
-
-def test_drained_gateway_failure_after_a_stored_rating_leaves_out_its_zero(
-        live: Live) -> None:
-    """As above, the rating drained (stored) in an earlier batch than the failure's
-    outcome: the stored rating keeps the 0 out. Before, both were learned."""
-    key, tenant_id, decision_id = _plain_call(live, "rating then failure, two batches")
-    sink = live.app.state.routing.sink
-    sink._drain_batch([_item(1, tenant_id, decision_id, "user", RATING)])
-    sink._drain_batch([_item(2, tenant_id, decision_id, OUTCOME_EVENT, OUTCOME)])
-    assert _outcomes(live, key, decision_id) == {"user": 0.9, OUTCOME_EVENT: None}
-
-
-def test_record_of_a_held_failure_after_a_stored_rating_reports_no_zero(
-        live: Live) -> None:
-    """The gateway's failure held while its record() failed, recorded once the database
-    is back, after the client's rating of the call was stored (a tenant without
-    defaults: no marker): record() names the call, so that its 0 is not reported.
-    Before, it did not: the rating and the 0 were both learned."""
-    key, tenant_id, decision_id = _plain_call(live, "held failure after a rating")
-    r = live.router.http.post("/v1/feedback", headers={"Authorization": f"Bearer {key}"},
-                              json={"decision_id": decision_id, "quality": 0.9,
-                                    "event_id": "user"})
-    assert r.status_code == 202 and r.json()["status"] == "applied", r.text
-    assert live.app.state.gateway.defaults.record(
-        [Recorded(tenant_id, decision_id, 0.0, None)]) == {decision_id}
