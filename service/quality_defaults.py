@@ -203,7 +203,7 @@ class QualityDefaults:
                 if found.tenant_id != tenant_id:
                     return Final(False, None)  # another tenant's: the sink answers that
                 if found.state == "final" and adopt(session, tenant_id, decision_id,
-                                                     event, quality, now):
+                                                    event, quality, now):
                     return Final(False, None)  # a retry of a pre-upgrade failure
                 raise refusal(decision_id, found.state, found.quality, found.event_id)
 
@@ -333,7 +333,7 @@ class QualityDefaults:
             if not took:
                 # The drain's own claim (taken again) is its to release: stamped.
                 took = restamp(session, tenant_id, decision_id, "replaced", event_id,
-                                now) and buffered
+                               now) and buffered
             row = session.execute(select(_T.tenant_id, _T.state, _T.quality, _T.event_id)
                                   .where(_T.decision_id == decision_id)).one()
         owner, state, quality, taken_by = row
@@ -414,7 +414,7 @@ class QualityDefaults:
                     _T.state == "final", _T.event_id.is_(None)).values(
                     event_id=OUTCOME_EVENT))
                 own = restamp(session, tenant_id, decision_id, "final", OUTCOME_EVENT,
-                               now)
+                              now)
         if own:
             return outcome, partial(self.unfinal, decision_id, now)
         if quality is None or event_id == DEFAULT_EVENT:
