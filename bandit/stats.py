@@ -394,25 +394,29 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
-        if self.compiled and all(obs) and all(grp):
-            # The usual case in one compiled call (bandit/_policy_kernel.py), with the
-            # quality candidates' step when selecting: the same steps as below, which
-            # stay the reference for it.
+        if (not all(obs) and any(o and g for o, g in zip(obs, grp, strict=True))
+                and not all(o or not g for o, g in zip(obs, grp, strict=True))):
+            # The group is reported in part: its unreported heads split off (once per
+            # head and arm; then the group is reported whole or not at all).
+            self._split(k, ~observed)
+            grp = self.group[k].tolist()
+        if self.compiled:
+            # One compiled call (bandit/_policy_kernel.py) for the steps below, which
+            # stay the reference for it: the group's step, the own heads', the quality
+            # candidates' when selecting and quality is reported, the sums.
             sel = ((self.sel_inv, self.sel_theta, self.sel_err, self._sel, self._q_stale,
                     self._kept32("q_inv"), self.shared_candidate) if self.selecting
                    else _NO_SELECTION)
-            residual = _kernel.update_grouped(
-                k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
-                self.srr, self.weight, self.count, self.lam, self.mu0, self.sigma0,
-                self.sigma2, _NU0, self._kept32("s_inv"), *sel)
+            residual = _kernel.update_arm(
+                k, x, y, float(weight), self.group, self.s_inv, self.s_data, self.a_inv,
+                self.a_data, self.theta, self.b_data, self.srr, self.weight, self.count,
+                self.lam, self.mu0, self.sigma0, self.sigma2, _NU0, self._kept32("s_inv"),
+                *sel)
             self.updates[k] += 1
             if self.updates[k] >= self.refresh_every:
                 self.refresh([k])
-            return residual
+            return residual if obs[0] else None
         touched = any(o and g for o, g in zip(obs, grp, strict=True))
-        if touched and not all(o or not g for o, g in zip(obs, grp, strict=True)):
-            self._split(k, ~observed)  # the group's unreported heads split off
-            grp = self.group[k].tolist()
         theta = self.theta[k]  # (H,D) view
         err = y - theta @ x  # (H,) NaN where not observed
         # Weighted Sherman-Morrison: A + w x x^T, gain = w A^-1 x / (1 + w x^T A^-1 x).
