@@ -36,6 +36,8 @@ their errors are sums like the others (replicas merge, forgetting discounts them
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 from scipy.linalg import blas as _blas
 from scipy.linalg import lapack as _lapack
@@ -394,12 +396,13 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
-        if (not all(obs) and any(o and g for o, g in zip(obs, grp, strict=True))
-                and not all(o or not g for o, g in zip(obs, grp, strict=True))):
-            # The group is reported in part: its unreported heads split off (once per
-            # head and arm; then the group is reported whole or not at all).
-            self._split(k, ~observed)
-            grp = self.group[k].tolist()
+        if obs != grp and not all(obs):
+            reported = list(map(operator.and_, obs, grp))  # the group's reported heads
+            if any(reported) and reported != grp:
+                # The group is reported in part: its unreported heads split off (once
+                # per head and arm; then the group is reported whole or not at all).
+                self._split(k, ~observed)
+                grp = self.group[k].tolist()
         if self.compiled:
             # One compiled call (bandit/_policy_kernel.py) for the steps below, which
             # stay the reference for it: the group's step, the own heads', the quality
@@ -416,7 +419,7 @@ class ArmStatistics:
             if self.updates[k] >= self.refresh_every:
                 self.refresh([k])
             return residual if obs[0] else None
-        touched = any(o and g for o, g in zip(obs, grp, strict=True))
+        touched = any(map(operator.and_, obs, grp))
         theta = self.theta[k]  # (H,D) view
         err = y - theta @ x  # (H,) NaN where not observed
         # Weighted Sherman-Morrison: A + w x x^T, gain = w A^-1 x / (1 + w x^T A^-1 x).
