@@ -223,12 +223,13 @@ def _gain(p: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray) -> float:
 
 @njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
 def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray,
-          scale: float, th: np.ndarray, err: np.ndarray, heads: np.ndarray,
+          scale: float, th: np.ndarray, err: np.ndarray, heads: np.ndarray, only: int,
           inv32: np.ndarray, k32: int) -> None:
     """One Sherman-Morrison step of an inverse ``p`` and its data matrix ``a`` (gain
     ``scale * px`` from :func:`_gain`), and of the coefficients ``th[h]`` of the heads
-    that read them (``heads`` (H,) mask); ``inv32[k32]`` (D, D), the inverse's float32
-    copy, written row by row (none when ``k32`` < 0)."""
+    that read them (``heads`` (H,) mask, or head ``only`` alone when >= 0);
+    ``inv32[k32]`` (D, D), the inverse's float32 copy, written row by row (none when
+    ``k32`` < 0)."""
     d = x.shape[0]
     copy = k32 >= 0
     for i in range(d):
@@ -240,9 +241,12 @@ def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.nda
         if copy:
             for j in range(d):
                 inv32[k32, i, j] = p[i, j]
-        for h in range(heads.shape[0]):
-            if heads[h]:
-                th[h, i] += err[h] * gi
+        if only >= 0:
+            th[only, i] += err[only] * gi
+        else:
+            for h in range(heads.shape[0]):
+                if heads[h]:
+                    th[h, i] += err[h] * gi
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
@@ -285,36 +289,33 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
     d = x.shape[0]
     heads = y.shape[0]
     err = np.empty(heads)
-    reported = np.empty(heads, dtype=np.bool_)
     touched = False
     for h in range(heads):
-        reported[h] = y[h] == y[h]
-        touched = touched or (reported[h] and grp[h])
+        touched = touched or (y[h] == y[h] and grp[h])
         acc = 0.0
         for j in range(d):
             acc += th[h, j] * x[j]
         err[h] = y[h] - acc
-    px = np.empty((heads + 1, d))  # row 0 the shared inverse's A^-1 x, row 1 + h head h's
-    scales = np.zeros(heads + 1)
+    # A^-1 x of the shared inverse (row 0) and of the heads' own (row 1, head 0's last)
+    px = np.empty((2, d))
+    scale_group = 0.0
+    scale_own = 0.0
     if touched:
-        scales[0] = _gain(s_inv[k], x, weight, px[0])
-        _step(s_inv[k], s_data[k], x, weight, px[0], scales[0], th, err, grp, inv32,
-              k if inv32.shape[0] else -1)
-    own = np.zeros(heads, dtype=np.bool_)
-    for h in range(heads):
-        if reported[h] and not grp[h]:
-            own[h] = True
-            scales[h + 1] = _gain(a_inv[k, h], x, weight, px[h + 1])
-            _step(a_inv[k, h], a_data[k, h], x, weight, px[h + 1], scales[h + 1], th,
-                  err, own, inv32, -1)
-            own[h] = False
-    if sel_inv.shape[0] and reported[0]:
-        row = 0 if grp[0] else 1
-        _update_candidates(k, x, y[0], weight, px[row], scales[row],
+        scale_group = _gain(s_inv[k], x, weight, px[0])
+        _step(s_inv[k], s_data[k], x, weight, px[0], scale_group, th, err, grp, -1,
+              inv32, k if inv32.shape[0] else -1)
+    for h in range(heads - 1, -1, -1):
+        if y[h] == y[h] and not grp[h]:
+            scale_own = _gain(a_inv[k, h], x, weight, px[1])
+            _step(a_inv[k, h], a_data[k, h], x, weight, px[1], scale_own, th, err, grp,
+                  h, inv32, -1)
+    if sel_inv.shape[0] and y[0] == y[0]:
+        _update_candidates(k, x, y[0], weight, px[0] if grp[0] else px[1],
+                           scale_group if grp[0] else scale_own,
                            s_inv[k] if grp[0] else a_inv[k, 0], same, sel_inv, sel_theta,
                            sel_err, th, sel, q_stale, q_inv32)
     for h in range(heads):
-        if reported[h]:
+        if y[h] == y[h]:
             wy = weight * y[h]
             for j in range(d):
                 b[h, j] += wy * x[j]
