@@ -107,7 +107,7 @@ class ArmStatistics:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
-        #: One context's prediction and the usual update through the compiled kernels
+        #: One context's prediction and every update through the compiled kernels
         #: (bandit/_policy_kernel.py); False: the numpy reference (the tests compare).
         self.compiled = True
         #: :meth:`update_many` scores the candidates' prequential errors event by event
