@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bandit import ArmPrior, LinearThompson, LinUCB, Preferences, SelectiveThompson
+from bandit import LinearThompson, LinUCB, SelectiveThompson
 from bandit.stats import FLOAT32_INVERSE_DIM
+from tests.bandit.test_policy_kernel import PREFS, pair
 
-PREFS = Preferences(quality=1.0, cost=20.0, latency=0.1)
 FULL = ("quality", "cost_usd", "latency_ms")
 # The pieces a gateway reports: the whole outcome, the rating alone (later), cost and
 # latency when the response ends, latency alone (a failure without usage).
@@ -22,18 +22,6 @@ PIECES = (FULL, ("quality",), ("cost_usd", "latency_ms"), ("latency_ms",))
 COMPARED = ("group", "s_data", "s_inv", "a_data", "a_inv", "b_data", "srr", "weight",
             "count", "theta", "sigma2", "sel_err", "sel_inv", "sel_theta", "q_inv",
             "updates")
-
-
-def pair(cls, d: int, **params):
-    """The same policy twice: compiled update and decide, and numpy alone."""
-    policies = []
-    for compiled in (True, False):
-        policy = cls(d, seed=5, epsilon=0.05, drift_delta=None, **params)
-        for j in range(4):
-            policy.add_arm(f"m{j}", ArmPrior(quality=0.6, cost_usd=0.002) if j == 1 else None)
-        policy._stats.compiled = compiled
-        policies.append(policy)
-    return policies
 
 
 def piece(rng: np.random.Generator, t: int, pieces: tuple) -> dict[str, float]:
