@@ -12,7 +12,9 @@ fresh policy warmed up with ``--warmup`` updates of that shape (the splits done)
 * ``no quality``: cost and latency (the gateway's first piece);
 * ``quality only``: the rating alone (the gateway's second piece);
 * ``latency only``: a failure without usage;
-* ``cost+lat / quality``: the gateway's stream, the two pieces alternating per call.
+* ``cost+lat / quality``: the gateway's stream, the two pieces alternating per call;
+
+and µs per ``policy.decide`` after the full and the gateway's stream (``decide after``).
 
 LinUCB, LinearThompson and SelectiveThompson (quality model selection: the candidates'
 step on each reported quality). µs per update from ``time.process_time`` over
@@ -47,13 +49,19 @@ SHAPES = {
     "latency only": ({"latency_ms": 3.0},),
     "cost+lat / quality": (_COST_LATENCY, _QUALITY),
 }
+# The table's rows: µs per update by shape, then per decide (the compiled decide needs
+# every arm's heads grouped: after pieces, the numpy path; issue 19's decide, not here).
+ROWS = (*SHAPES, "decide after full", "decide after cost+lat / quality")
 
 
 def profile(dim: int, updates: int, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """µs per update of the tree on ``sys.path``: {policy: {shape: µs}}."""
+    """µs per update of the tree on ``sys.path`` and per decide after the updates:
+    {policy: {row: µs}} (``ROWS``)."""
     import numpy as np
 
-    from bandit import LinearThompson, LinUCB, SelectiveThompson
+    from bandit import LinearThompson, LinUCB, Preferences, SelectiveThompson
+
+    prefs = Preferences(quality=1.0, cost=20.0, latency=0.1)
 
     classes = {"linucb": LinUCB, "thompson": LinearThompson, "select": SelectiveThompson}
     rng = np.random.default_rng(0)
@@ -78,6 +86,14 @@ def profile(dim: int, updates: int, repeats: int, warmup: int) -> dict[str, dict
                                   now=0.0)
                 best = min(best, (time.process_time() - t0) / updates * 1e6)
             out[key][shape] = best
+            if f"decide after {shape}" in ROWS:
+                best = float("inf")
+                for _ in range(repeats):
+                    t0 = time.process_time()
+                    for x in xs[:updates]:
+                        policy.decide(x, prefs)
+                    best = min(best, (time.process_time() - t0) / updates * 1e6)
+                out[key][f"decide after {shape}"] = best
     return out
 
 
@@ -93,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trees, samples, load = alternate_trees(ROOT, args, __file__,
                                            [args.dim, args.updates, args.repeats, args.warmup])
-    med = {t: {p: {s: statistics.median(run[p][s] for run in samples[t]) for s in SHAPES}
+    med = {t: {p: {s: statistics.median(run[p][s] for run in samples[t]) for s in ROWS}
                for p in POLICIES} for t in trees}
     headers = ["outcome"]
     for p in POLICIES:
@@ -101,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if "base" in trees:
             headers.append(f"{p} base/this")
     rows = []
-    for s in SHAPES:
+    for s in ROWS:
         row = [s]
         for p in POLICIES:
             row += [f"{med[t][p][s]:.1f}" for t in trees]
             if "base" in trees:
                 row.append(f"{med['base'][p][s] / med['this'][p][s]:.2f}x")
         rows.append(row)
-    print_table(f"update by outcome shape, d={args.dim}, K={K_ARMS} (µs per update, best of "
-                f"{args.repeats} x {args.updates:,}, median over rounds)", headers, rows)
+    print_table(f"update by outcome shape, d={args.dim}, K={K_ARMS} (µs per update or decide, "
+                f"best of {args.repeats} x {args.updates:,}, median over rounds)", headers, rows)
     print(f"load average (1 min) during the run: {min(load):.1f}-{max(load):.1f}")
     write_results(args.out, {
         "dim": args.dim, "arms": K_ARMS, "updates": args.updates, "repeats": args.repeats,
