@@ -1,8 +1,8 @@
 """Compiled kernels of the linear policies' single-context hot path (numba).
 
 :meth:`bandit.stats.ArmStatistics.predict` for one context and
-:meth:`bandit.stats.ArmStatistics.update` in the usual case (every head of the arm in its
-shared group, every objective reported, no quality model selection) each cost a dozen
+:meth:`bandit.stats.ArmStatistics.update` (any objectives reported: the whole outcome or
+a piece of it; the split of a head group stays numpy) each cost a dozen
 numpy calls on arrays of a few hundred numbers; numpy's ~1 µs per call, not the
 arithmetic, was the floor. Each kernel here is one call, in place on the stacked arrays,
 with no temporary larger than a D-vector. The numpy code stays the reference: the tests
@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit
 
 __all__ = ["copy_bounded", "quality_ceiling", "predict_one", "predict_width",
-           "add_quadratic_forms", "width_matrix", "update_grouped", "thompson_propensities",
+           "add_quadratic_forms", "width_matrix", "update_arm", "thompson_propensities",
            "decide_rows", "decide_one", "RULE_UCB", "RULE_THOMPSON", "PHI_TABLE"]
 
 # Reassociation lets the dot products vectorize; the other fast-math flags (no NaN, no
@@ -221,67 +221,107 @@ def _gain(p: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray) -> float:
     return weight / (1.0 + weight * xpx)
 
 
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def update_grouped(k: int, x: np.ndarray, y: np.ndarray, weight: float,
-                   s_inv: np.ndarray, s_data: np.ndarray, theta: np.ndarray,
-                   b_data: np.ndarray, srr: np.ndarray, wsum: np.ndarray,
-                   count: np.ndarray, lam: np.ndarray, mu0: np.ndarray,
-                   sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
-                   inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
-                   sel_err: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
-                   q_inv32: np.ndarray, same: int) -> float:
-    """Arm k's weighted Sherman-Morrison step when all its H heads share one inverse and
-    all are reported (y (H,) finite), in place; returns the quality residual before it.
-
-    The same steps as the numpy path of ``ArmStatistics.update``: gain
-    ``g = w A^-1 x / (1 + w x^T A^-1 x)``, ``A^-1 -= g (A^-1 x)^T``, ``A += w x x^T``,
-    ``theta_h += (y_h - theta_h . x) g``, ``b_h += w y_h x``, then the sums and each head's
-    noise ``sigma^2`` from them (``ArmStatistics._update_sigma2``). ``inv32``: the float32
-    copy of every arm's inverse (K, D, D), kept equal to it; empty when there is none.
-
-    With quality model selection (``sel_inv`` (K, G, D, D) not empty; the numpy path's
-    candidates step): each candidate's prequential error on this observation before it
-    is learned, one Sherman-Morrison step per candidate, then the quality head takes the
-    candidate of lowest error (the first on ties, as ``np.argmin``): its coefficients
-    into ``theta[k, 0]``, its index into ``sel[k]``, and its inverse, not copied, is
-    marked for ``ArmStatistics.q_inv`` to copy when read (``q_stale[k]``); its float32
-    copy ``q_inv32[k]`` (when not empty) is written in the candidate's own step.
-    ``same``: the candidate with the shared group's ridge (-1: none), whose inverse is
-    the same matrix as ``s_inv[k]``: copied from it after its step, not stepped again.
-    """
-    p = s_inv[k]
-    a = s_data[k]
-    th = theta[k]
-    b = b_data[k]
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray,
+          scale: float, th: np.ndarray, err: np.ndarray, heads: np.ndarray, only: int,
+          inv32: np.ndarray, k32: int) -> None:
+    """One Sherman-Morrison step of an inverse ``p`` and its data matrix ``a`` (gain
+    ``scale * px`` from :func:`_gain`), and of the coefficients ``th[h]`` of the heads
+    that read them (``heads`` (H,) mask, or head ``only`` alone when >= 0);
+    ``inv32[k32]`` (D, D), the inverse's float32 copy, written row by row (none when
+    ``k32`` < 0)."""
     d = x.shape[0]
-    heads = y.shape[0]
-    px = np.empty(d)
-    scale = _gain(p, x, weight, px)
-    err = np.empty(heads)
-    for h in range(heads):
-        acc = 0.0
-        for j in range(d):
-            acc += th[h, j] * x[j]
-        err[h] = y[h] - acc
+    copy = k32 >= 0
     for i in range(d):
         gi = scale * px[i]
         wxi = weight * x[i]
         for j in range(d):
             p[i, j] -= gi * px[j]
             a[i, j] += wxi * x[j]
-        if inv32.shape[0]:
+        if copy:
             for j in range(d):
-                inv32[k, i, j] = p[i, j]
-        for h in range(heads):
-            th[h, i] += err[h] * gi
-            b[h, i] += y[h] * wxi
-    if sel_inv.shape[0]:
-        _update_candidates(k, x, y[0], weight, px, scale, p, same, sel_inv, sel_theta,
+                inv32[k32, i, j] = p[i, j]
+        if only >= 0:
+            th[only, i] += err[only] * gi
+        else:
+            for h in range(heads.shape[0]):
+                if heads[h]:
+                    th[h, i] += err[h] * gi
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.ndarray,
+               s_inv: np.ndarray, s_data: np.ndarray, a_inv: np.ndarray,
+               a_data: np.ndarray, theta: np.ndarray, b_data: np.ndarray,
+               srr: np.ndarray, wsum: np.ndarray, count: np.ndarray, lam: np.ndarray,
+               mu0: np.ndarray, sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
+               inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
+               sel_err: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
+               q_inv32: np.ndarray, same: int) -> float:
+    """Arm k's weighted Sherman-Morrison step for the heads reported in ``y`` (H,) (NaN:
+    not reported), in place; returns the quality residual before it (NaN when quality
+    is not reported).
+
+    The same steps as the numpy path of ``ArmStatistics.update``, after its split:
+    ``group[k]`` (H,) are the heads sharing ``s_inv[k]`` / ``s_data[k]``, all reported
+    or none (the caller splits the unreported ones off first); the others have their own
+    ``a_inv[k, h]`` / ``a_data[k, h]`` and are stepped one by one when reported. Each
+    step: gain ``g = w A^-1 x / (1 + w x^T A^-1 x)``, ``A^-1 -= g (A^-1 x)^T``,
+    ``A += w x x^T``, ``theta_h += (y_h - theta_h . x) g``; then for every reported
+    head ``b_h += w y_h x`` and the sums, and every head's noise ``sigma^2`` from them
+    (``ArmStatistics._update_sigma2``). ``inv32``: the float32 copy of every arm's
+    shared inverse (K, D, D), kept equal to it; empty when there is none.
+
+    With quality model selection (``sel_inv`` (K, G, D, D) not empty) and quality
+    reported: the numpy path's candidates step (:func:`_update_candidates`), after the
+    quality head's own step (shared or its own inverse: the candidate ``same``, with the
+    group's ridge, has the same matrix as either, since the split copies the shared
+    one). Each candidate's prequential error on this observation before it is learned,
+    one step per candidate, then the quality head takes the candidate of lowest error
+    (the first on ties, as ``np.argmin``): its coefficients into ``theta[k, 0]``, its
+    index into ``sel[k]``, and its inverse, not copied, is marked for
+    ``ArmStatistics.q_inv`` to copy when read (``q_stale[k]``); its float32 copy
+    ``q_inv32[k]`` (when not empty) is written in the candidate's own step.
+    """
+    th = theta[k]
+    b = b_data[k]
+    grp = group[k]
+    d = x.shape[0]
+    heads = y.shape[0]
+    err = np.empty(heads)
+    touched = False
+    for h in range(heads):
+        touched = touched or (y[h] == y[h] and grp[h])
+        acc = 0.0
+        for j in range(d):
+            acc += th[h, j] * x[j]
+        err[h] = y[h] - acc
+    # A^-1 x of the shared inverse (row 0) and of the heads' own (row 1, head 0's last)
+    px = np.empty((2, d))
+    scale_group = 0.0
+    scale_own = 0.0
+    if touched:
+        scale_group = _gain(s_inv[k], x, weight, px[0])
+        _step(s_inv[k], s_data[k], x, weight, px[0], scale_group, th, err, grp, -1,
+              inv32, k if inv32.shape[0] else -1)
+    for h in range(heads - 1, -1, -1):
+        if y[h] == y[h] and not grp[h]:
+            scale_own = _gain(a_inv[k, h], x, weight, px[1])
+            _step(a_inv[k, h], a_data[k, h], x, weight, px[1], scale_own, th, err, grp,
+                  h, inv32, -1)
+    if sel_inv.shape[0] and y[0] == y[0]:
+        _update_candidates(k, x, y[0], weight, px[0] if grp[0] else px[1],
+                           scale_group if grp[0] else scale_own,
+                           s_inv[k] if grp[0] else a_inv[k, 0], same, sel_inv, sel_theta,
                            sel_err, th, sel, q_stale, q_inv32)
     for h in range(heads):
-        srr[k, h] += weight * y[h] * y[h]
-        wsum[k, h] += weight
-        count[k, h] += 1
+        if y[h] == y[h]:
+            wy = weight * y[h]
+            for j in range(d):
+                b[h, j] += wy * x[j]
+            srr[k, h] += wy * y[h]
+            wsum[k, h] += weight
+            count[k, h] += 1
         # Penalized residual sum of squares from the sums (ArmStatistics._update_sigma2).
         lam_mu0 = lam[k, h] * mu0[k, h]
         bt = 0.0
@@ -298,7 +338,7 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
                        sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
                        th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
                        q_inv32: np.ndarray) -> None:
-    """The candidates step of :func:`update_grouped`, after the shared inverse's step
+    """The candidates step of :func:`update_arm`, after the shared inverse's step
     (``shared``, now updated; ``px`` its A^-1 x before the step and ``scale0`` its
     gain's scale).
 

@@ -36,6 +36,8 @@ their errors are sums like the others (replicas merge, forgetting discounts them
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 from scipy.linalg import blas as _blas
 from scipy.linalg import lapack as _lapack
@@ -105,7 +107,7 @@ class ArmStatistics:
         self.dim = dim
         self.n_features = dim + 1
         self.refresh_every = refresh_every
-        #: One context's prediction and the usual update through the compiled kernels
+        #: One context's prediction and every update through the compiled kernels
         #: (bandit/_policy_kernel.py); False: the numpy reference (the tests compare).
         self.compiled = True
         #: :meth:`update_many` scores the candidates' prequential errors event by event
@@ -394,25 +396,30 @@ class ArmStatistics:
         if not any(obs):
             return None
         grp = self.group[k].tolist()
-        if self.compiled and all(obs) and all(grp):
-            # The usual case in one compiled call (bandit/_policy_kernel.py), with the
-            # quality candidates' step when selecting: the same steps as below, which
-            # stay the reference for it.
+        if obs != grp and not all(obs):
+            reported = list(map(operator.and_, obs, grp))  # the group's reported heads
+            if any(reported) and reported != grp:
+                # The group is reported in part: its unreported heads split off (once
+                # per head and arm; then the group is reported whole or not at all).
+                self._split(k, ~observed)
+                grp = self.group[k].tolist()
+        if self.compiled:
+            # One compiled call (bandit/_policy_kernel.py) for the steps below, which
+            # stay the reference for it: the group's step, the own heads', the quality
+            # candidates' when selecting and quality is reported, the sums.
             sel = ((self.sel_inv, self.sel_theta, self.sel_err, self._sel, self._q_stale,
                     self._kept32("q_inv"), self.shared_candidate) if self.selecting
                    else _NO_SELECTION)
-            residual = _kernel.update_grouped(
-                k, x, y, float(weight), self.s_inv, self.s_data, self.theta, self.b_data,
-                self.srr, self.weight, self.count, self.lam, self.mu0, self.sigma0,
-                self.sigma2, _NU0, self._kept32("s_inv"), *sel)
+            residual = _kernel.update_arm(
+                k, x, y, float(weight), self.group, self.s_inv, self.s_data, self.a_inv,
+                self.a_data, self.theta, self.b_data, self.srr, self.weight, self.count,
+                self.lam, self.mu0, self.sigma0, self.sigma2, _NU0, self._kept32("s_inv"),
+                *sel)
             self.updates[k] += 1
             if self.updates[k] >= self.refresh_every:
                 self.refresh([k])
-            return residual
-        touched = any(o and g for o, g in zip(obs, grp, strict=True))
-        if touched and not all(o or not g for o, g in zip(obs, grp, strict=True)):
-            self._split(k, ~observed)  # the group's unreported heads split off
-            grp = self.group[k].tolist()
+            return residual if obs[0] else None
+        touched = any(map(operator.and_, obs, grp))
         theta = self.theta[k]  # (H,D) view
         err = y - theta @ x  # (H,) NaN where not observed
         # Weighted Sherman-Morrison: A + w x x^T, gain = w A^-1 x / (1 + w x^T A^-1 x).

@@ -169,3 +169,56 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obje
     for row in rows:
         table.add_row(*("" if cell is None else str(cell) for cell in row))
     Console(width=max(120, len(columns) * 14)).print(table)
+
+
+def profile_in_tree(tree: Path, script: str, args: Sequence[object]) -> object:
+    """``profile(*args)`` of the benchmark module ``script`` (a file path), run in a
+    fresh process importing ``bandit`` from the checkout ``tree`` (a baseline of
+    ``--against-tree``); its JSON answer. Fails if ``bandit`` came from elsewhere."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
+            "import importlib.util as u; "
+            "spec = u.spec_from_file_location('profiled', sys.argv[2]); "
+            "m = u.module_from_spec(spec); spec.loader.exec_module(m); "
+            "import bandit; "
+            "print(json.dumps({'bandit': bandit.__file__, "
+            "'table': m.profile(*json.loads(sys.argv[3]))}))")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    done = subprocess.run(  # noqa: S603 - our own interpreter and code
+        [sys.executable, "-c", code, str(tree), script, json.dumps(list(args))],
+        capture_output=True, text=True, check=False, env=env, cwd=tree)
+    if done.returncode:
+        raise RuntimeError(f"{tree}: failed:\n{done.stderr[-3000:]}")
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    if Path(run["bandit"]).resolve().parents[1] != tree.resolve():
+        raise RuntimeError(f"{tree}: imported bandit from {run['bandit']}")
+    return run["table"]
+
+
+def add_tree_options(parser: argparse.ArgumentParser, out: str) -> None:
+    """``--against-tree DIR`` (a baseline checkout, e.g. ``git archive main``), its
+    ``--rounds`` and ``--out NAME`` (``results/<NAME>.json``) of
+    :func:`alternate_trees`'s benchmarks."""
+    parser.add_argument("--against-tree", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="fresh processes per tree with --against-tree (default 3)")
+    parser.add_argument("--out", default=out, help="results/<OUT>.json")
+
+
+def alternate_trees(root: Path, args: argparse.Namespace, script: str,
+                    profile_args: Sequence[object]
+                    ) -> tuple[dict[str, Path], dict[str, list], list[float]]:
+    """:func:`profile_in_tree` for this tree (``root``) and, with ``--against-tree``
+    (:func:`add_tree_options`), the base, ``--rounds`` times in alternating order (one
+    round with a single tree): the trees by name ("this", "base"), the samples by tree
+    and the 1-minute load average before and after each run."""
+    trees = {"this": root}
+    if args.against_tree is not None:
+        trees["base"] = args.against_tree
+    samples: dict[str, list] = {t: [] for t in trees}
+    load = [os.getloadavg()[0]]
+    for r in range(args.rounds if len(trees) > 1 else 1):
+        for t in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            print(f"round {r + 1}: {t} ...", file=sys.stderr)
+            samples[t].append(profile_in_tree(trees[t], script, profile_args))
+            load.append(os.getloadavg()[0])
+    return trees, samples, load

@@ -27,11 +27,7 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -110,49 +106,17 @@ def profile(dim: int, calls: int, repeats: int) -> dict[str, dict[str, float]]:
             for key, cls in classes.items()}
 
 
-def _run_tree(tree: Path, dim: int, calls: int, repeats: int) -> dict:
-    """One fresh process importing ``bandit`` from ``tree``."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); "
-            "import importlib.util as u; "
-            "spec = u.spec_from_file_location('decide_alone', sys.argv[2]); "
-            "m = u.module_from_spec(spec); spec.loader.exec_module(m); "
-            "import bandit; "
-            "print(json.dumps({'bandit': bandit.__file__, "
-            "'table': m.profile(int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))}))")
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
-    done = subprocess.run(  # noqa: S603 - our own interpreter and code
-        [sys.executable, "-c", code, str(tree), __file__, str(dim), str(calls),
-         str(repeats)], capture_output=True, text=True, check=False, env=env, cwd=tree)
-    if done.returncode:
-        raise RuntimeError(f"{tree}: failed:\n{done.stderr[-3000:]}")
-    run = json.loads(done.stdout.strip().splitlines()[-1])
-    if Path(run["bandit"]).resolve().parents[1] != tree.resolve():
-        raise RuntimeError(f"{tree}: imported bandit from {run['bandit']}")
-    return run["table"]
-
-
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import print_table, write_results
+    from benchmarks.common import add_tree_options, alternate_trees, print_table, write_results
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--against-tree", type=Path, default=None, metavar="DIR")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="fresh processes per tree with --against-tree (default 3)")
-    parser.add_argument("--out", default="decide_alone", help="results/<OUT>.json")
+    add_tree_options(parser, "decide_alone")
     args = parser.parse_args(argv)
-    trees = {"this": ROOT}
-    if args.against_tree is not None:
-        trees["base"] = args.against_tree
-    samples: dict[str, list[dict]] = {t: [] for t in trees}
-    load = [os.getloadavg()[0]]
-    for r in range(args.rounds if args.against_tree else 1):
-        for t in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
-            print(f"round {r + 1}: {t} ...", file=sys.stderr)
-            samples[t].append(_run_tree(trees[t], args.dim, args.calls, args.repeats))
-            load.append(os.getloadavg()[0])
+    trees, samples, load = alternate_trees(ROOT, args, __file__,
+                                           [args.dim, args.calls, args.repeats])
     med = {t: {p: {part: statistics.median(s[p][part] for s in samples[t])
                    for part in PARTS} for p in POLICIES} for t in trees}
     headers = ["part"]
