@@ -338,14 +338,15 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
                        sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
                        th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
                        q_inv32: np.ndarray) -> None:
-    """The candidates step of :func:`update_arm`, after the shared inverse's step
-    (``shared``, now updated; ``px`` its A^-1 x before the step and ``scale0`` its
-    gain's scale).
+    """The candidates step of :func:`update_arm`, after the step of the inverse the
+    quality head reads (``shared``: its group's, or its own ``a_inv[k, 0]`` when split
+    off; now updated; ``px`` its A^-1 x before the step and ``scale0`` its gain's
+    scale).
 
     The errors first (each candidate's own, before its step, so the same numbers as
     error-then-step per candidate), hence the selection before the steps: the selected
     candidate's float32 copy is written row by row in its step, not by a second pass.
-    Candidate ``same`` has the shared group's ridge, hence the same matrix as ``shared``
+    Candidate ``same`` has the quality head's ridge, hence the same matrix as ``shared``
     and the same step: its gain is the shared one's and its inverse is copied from it."""
     d = x.shape[0]
     pc = np.empty(d)  # the other candidates' A^-1 x

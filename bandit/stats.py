@@ -209,10 +209,11 @@ class ArmStatistics:
     @property
     def shared_candidate(self) -> int:
         """The quality candidate whose ridge is the shared group's (``ridge_diag``; by
-        default the text at ``context_ridge``), or -1: while the quality head is in its
-        arm's group, that candidate's inverse is the same matrix as ``s_inv`` (the same
-        sums, ridge and steps), so the compiled update copies it and the compiled
-        decides read ``s_inv`` for it. Kept until :meth:`set_tag_ridge` changes the
+        default the text at ``context_ridge``), or -1: that candidate's inverse is the same
+        matrix as the quality head's (``s_inv`` while the head is in its arm's group,
+        its own ``a_inv`` once split off: the same sums, ridge and steps), so the
+        compiled update copies it from there and the compiled decides read ``s_inv``
+        for it. Kept until :meth:`set_tag_ridge` changes the
         candidates' ridges."""
         if self._same is None:
             same = np.flatnonzero((self.sel_diag == self.ridge_diag).all(axis=1))
@@ -387,9 +388,11 @@ class ArmStatistics:
         Returns the quality residual before the update (None if quality was missing),
         which the drift detector watches.
 
-        In place on arm k's slices of the stacked arrays: the rank-one changes of its
-        inverse and data matrices go through BLAS ``dger`` (no D x D temporary), and
-        the control flow runs on Python bools (numpy's any() on 3 values is slower).
+        In place on arm k's slices of the stacked arrays, in one compiled call
+        (``_policy_kernel.update_arm``) unless ``compiled`` is False; the numpy steps
+        below are the reference (the rank-one changes of the inverses and data
+        matrices through BLAS ``dger``, no D x D temporary). The control flow runs on
+        Python bools (numpy's any() on 3 values is slower).
         """
         observed = y == y  # not NaN
         obs = observed.tolist()

@@ -23,10 +23,12 @@ CONFIGS = [{}, {"context_ridges": (1.0, 100.0)}, {"exploration": "mean"},
            {"shared_ridge": 1.0}]
 
 
-def trained(cls, d: int = 5, partial: bool = False, **params):
-    """A policy with a few hundred updates; ``partial`` outcomes split the head groups."""
+def trained(cls, d: int = 5, partial: bool = False, compiled: bool = True, **params):
+    """A policy with a few hundred updates; ``partial`` outcomes split the head groups;
+    ``compiled`` False: the numpy reference's updates."""
     rng = np.random.default_rng(11)
     policy = cls(d, seed=2, **params)
+    policy._stats.compiled = compiled
     for j in range(4):
         policy.add_arm(f"m{j}", ArmPrior(quality=0.6, cost_usd=0.002) if j == 1 else None)
     for t in range(240):
@@ -107,11 +109,13 @@ def test_inline_outcome_checks_refuse_what_full_checks_refuse():
     assert not np.array_equal(before, policy._stats.theta)
 
 
+@pytest.mark.parametrize("compiled", [True, False])
 @pytest.mark.parametrize("partial", [False, True])
-def test_rank_one_updates_in_place_keep_the_inverse_exact(partial):
-    """The in-place (BLAS) rank-one steps keep A^-1 = (data + ridge)^-1 and the data
-    sums of every head equal to the sums of the outer products."""
-    policy = trained(LinUCB, partial=partial, refresh_every=100_000)
+def test_rank_one_updates_in_place_keep_the_inverse_exact(partial, compiled):
+    """The in-place rank-one steps (the compiled kernel's, and the numpy reference's
+    BLAS ``dger``) keep A^-1 = (data + ridge)^-1 and the data sums of every head equal
+    to the sums of the outer products."""
+    policy = trained(LinUCB, partial=partial, compiled=compiled, refresh_every=100_000)
     stats = policy._stats
     inv_before = stats.s_inv
     data = stats.matrices("a_data")

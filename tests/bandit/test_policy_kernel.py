@@ -34,7 +34,7 @@ def outcome(rng: np.random.Generator, t: int, partial: bool) -> dict[str, float]
     out = {"quality": float(rng.random()), "cost_usd": 0.001 * (1 + t % 5),
            "latency_ms": 200.0 + 10 * (t % 7)}
     if partial and t % 4 == 0:
-        del out["quality"]  # splits the arm's head group: the numpy path for that arm
+        del out["quality"]  # splits the arm's head group (then its own heads' steps too)
     return out
 
 
@@ -152,13 +152,13 @@ def test_large_dimension_width_from_float32_copy_tracks_float64(cls):
         np.testing.assert_allclose(got.utility, want.utility, rtol=1e-9, atol=1e-9)
         y = outcome(rng, t, partial=False)
         if t % 5 == 4:
-            del y["quality"]  # m4's heads split: its updates take the numpy path
+            del y["quality"]  # m4's heads split: its own heads' steps too
         compiled.update(f"m{t % 5}", x, y)
         reference.update(f"m{t % 5}", x, y)
     stats = compiled._stats
     copy = stats._copies32["s_inv"]
     assert copy[0] is stats.s_inv  # the decides read the copy
-    compiled.decide(x, PREFS)  # brings the arms a refresh or numpy update made stale
+    compiled.decide(x, PREFS)  # brings the arms a refresh made stale
     if stats.selecting:  # (arm m2's split heads keep its decides off the q_inv copy)
         stats._copy32("q_inv")
     k = int(np.argmin(stats.updates[:4]))  # an arm of the kernel this update won't refresh
