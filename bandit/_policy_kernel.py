@@ -572,23 +572,26 @@ RULE_THOMPSON = 1  # LinearThompson: u + scale * std * noise
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
                 inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
-                sel: np.ndarray, same: int, arms: np.ndarray,
-                level: float, estimate: np.ndarray, factor: np.ndarray, bounded: bool,
-                rule: int, param: float, noise: np.ndarray, forced: np.ndarray,
+                sel: np.ndarray, same: int, group: np.ndarray, a_inv: np.ndarray,
+                arms: np.ndarray, level: float, estimate: np.ndarray, factor: np.ndarray,
+                bounded: bool, rule: int, param: float, noise: np.ndarray, forced: np.ndarray,
                 epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
                 want_propensity: bool, phi: np.ndarray,
                 means: np.ndarray, table: np.ndarray, choices: np.ndarray,
                 propensity: np.ndarray, explored: np.ndarray) -> None:
     """A whole decide of the contexts xb (n, D) over the candidates ``arms`` (m,) in one
-    call, when no candidate is cold among warm ones and every head shares its arm's
-    inverse: the numpy path of ``Policy.decide_batch`` from the predictions to the
-    propensities, the same operations in the same order (sums reassociated).
+    call, when no candidate is cold among warm ones: the numpy path of
+    ``Policy.decide_batch`` from the predictions to the propensities, the same
+    operations in the same order (sums reassociated).
 
     Per row and candidate: head means (``level`` added to quality), utility, its std
     (``w_h^2 sigma2_h`` per head over the shared inverse ``inv``, the quality head over
     its selected candidate's ``q_inv[k, q_sel[k]]`` when ``selecting``, or over ``inv``
-    when that candidate ``sel[k]`` is ``same`` (:func:`predict_width`); the cost head's
-    term left out
+    when that candidate ``sel[k]`` is ``same`` and the head is in its arm's group
+    (:func:`predict_width`); a head split off its arm's group (``group[k, h]`` False,
+    when ``group`` (K, H) is not empty: outcomes reported in pieces) over its own
+    ``a_inv[k, h]`` (K, H, D, D), unless it is the selected quality head; the cost
+    head's term left out
     when ``estimate`` (n, m) is not empty: the predicted cost is then the estimate times
     ``factor`` (K,)), the quality ceiling (+inf unless ``bounded``), the main branch's
     score (``rule``, ``param``: alpha or scale; Thompson's standard normal ``noise``
@@ -605,6 +608,7 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
     heads = theta.shape[1]
     first = 1 if selecting else 0
     priced = estimate.shape[0] > 0
+    split = group.shape[0] > 0
     dots = np.empty(heads)
     for r in range(n):
         x = xb[r]
@@ -613,6 +617,7 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
             k = arms[j]
             u = 0.0
             scale = 0.0
+            own = 0.0  # the terms of heads split off their arm's group
             _dots(theta[k], x, dots)
             for h in range(heads):
                 acc = dots[h]
@@ -624,13 +629,19 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
                 table[r, j, h] = acc * 1e3 if h == 2 else acc
                 u += acc * w[h]
                 if h >= first and not (h == 1 and priced):
-                    scale += w[h] * w[h] * sigma2[k, h]
+                    ch = w[h] * w[h] * sigma2[k, h]
+                    if split and not group[k, h]:
+                        if ch != 0.0:
+                            own += ch * _quadratic(a_inv[k, h], x)
+                    else:
+                        scale += ch
             table[r, j, 3] = u
             c0 = w[0] * w[0] * sigma2[k, 0]
-            fold = selecting and sel[k] == same
+            fold = selecting and sel[k] == same and not (split and not group[k, 0])
             if fold:
                 scale += c0
             var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
+            var += own
             if selecting and not fold and c0 != 0.0:
                 var += c0 * _quadratic(q_inv[k, q_sel[k]], x)
             sd = math.sqrt(var) if var > 0.0 else 0.0
@@ -673,10 +684,10 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
 @njit(cache=True, nogil=True)
 def decide_one(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
                inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
-               sel: np.ndarray, same: int, arms: np.ndarray, level: float,
-               estimate: np.ndarray, factor: np.ndarray, bounded: bool, rule: int,
-               param: float, noise: np.ndarray, forced: int, epsilon: float,
-               quantiles: np.ndarray, prune_sigmas: float,
+               sel: np.ndarray, same: int, group: np.ndarray, a_inv: np.ndarray,
+               arms: np.ndarray, level: float, estimate: np.ndarray, factor: np.ndarray,
+               bounded: bool, rule: int, param: float, noise: np.ndarray, forced: int,
+               epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
                ) -> tuple[int, float, bool, np.ndarray]:
     """:func:`decide_rows` of one context xb (1, D) with propensity (``Policy.decide``):
     the choice, its propensity, whether it explored, and the table row (m, 6); ``forced``
@@ -692,8 +703,8 @@ def decide_one(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndar
     explored = np.empty(1, dtype=np.bool_)
     row = np.empty(1, dtype=np.intp)
     row[0] = forced
-    decide_rows(theta, xb, w, sigma2, inv, q_inv, q_sel, selecting, sel, same, arms,
-                level, estimate, factor, bounded, rule, param, noise, row, epsilon,
+    decide_rows(theta, xb, w, sigma2, inv, q_inv, q_sel, selecting, sel, same, group,
+                a_inv, arms, level, estimate, factor, bounded, rule, param, noise, row, epsilon,
                 quantiles, prune_sigmas, True, _PHI, means, table, choices, propensity,
                 explored)
     return choices[0], propensity[0], explored[0], table[0]

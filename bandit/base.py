@@ -87,6 +87,9 @@ _NO_ROWS = np.zeros((0, 0))  # no cost estimate, or no noise, for the fused deci
 _NO_FACTOR = np.zeros(0)
 _FREE = np.full(1, -1, dtype=np.intp)  # one row, no uniform draw
 _FREE.setflags(write=False)
+# The fused decide's head groups when every head of every arm is in its arm's group (the
+# kernel then reads no own inverse): an empty (0, H) mask.
+_ALL_GROUPED = np.zeros((0, 3), dtype=bool)
 #: PolicyConfig.cold_start_by: where an arm's cold start is counted.
 COLD_START_BY = ("added-on-tags", "arm", "tags", "new-on-tags", "context")
 
@@ -718,7 +721,7 @@ class _FusedPlan(NamedTuple):
     stats: object
     config: object
     # None: the compiled decide does not apply (a rule the kernel lacks, a shared
-    # component, a quality shift, split heads, "mean" exploration; see _decide_fused).
+    # component, a quality shift, "mean" exploration; see _decide_fused).
     rule: tuple[int, float, np.ndarray, float] | None
     names: list[str]  # every arm, in order; never changed (a batch gets a copy)
     arms: np.ndarray  # 0..K-1
@@ -727,6 +730,10 @@ class _FusedPlan(NamedTuple):
     by_direction: bool  # whether cold_start_by must look at each context's block
     inverses: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
     selecting: bool
+    # The head groups (K, H) when some head is split off its arm's group (outcomes
+    # reported in pieces), else _ALL_GROUPED; and the heads' own inverses (K, H, D, D).
+    group: np.ndarray
+    a_inv: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -1221,7 +1228,7 @@ class Policy(abc.ABC):
             return plan
         rule = self._fused_rule()
         if (cfg.shared_ridge is not None or cfg.exploration == "mean" or self._shifting
-                or not stats._all_grouped() or not self._names):
+                or not self._names):
             rule = None
         cold, n_cold = self._cold_arms()
         block = self._cold_block()
@@ -1230,7 +1237,8 @@ class Policy(abc.ABC):
         plan = self._plan = _FusedPlan(
             version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
             n_cold, by_direction, stats.width_inverses() if rule is not None else (),
-            stats.selecting)
+            stats.selecting, _ALL_GROUPED if stats._all_grouped() else stats.group,
+            stats.a_inv)
         return plan
 
     def _decide_fused(self, x: object, preferences: Preferences | None,
@@ -1244,9 +1252,9 @@ class Policy(abc.ABC):
         means (n, m, 3), the table (n, m, 6) and whether each row explored; or None
         when the case is not the kernel's (then nothing was drawn from the random
         stream): a rule the policy has
-        (:meth:`_fused_rule`), every head in its arm's shared group, no shared
+        (:meth:`_fused_rule`), no shared
         component, no per-context quality shift (the kernel adds the scalar level only),
-        ``exploration="model"``, at most ``FUSED_BATCH`` contexts, and no cold
+        ``exploration="context"``, at most ``FUSED_BATCH`` contexts, and no cold
         candidate among warm ones (the cold-start share). The same validation, draws
         and results as the numpy path.
 
@@ -1307,8 +1315,8 @@ class Policy(abc.ABC):
             # Its outputs allocated in the kernel (new on every call, as below).
             choice, prop, explored, row = _kernel.decide_one(
                 stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting, sel,
-                same, arms, self._level, estimate, factor, cfg.bounded_optimism, kind,
-                param, noise, pick, eps, quantiles, prune)
+                same, plan.group, plan.a_inv, arms, self._level, estimate, factor,
+                cfg.bounded_optimism, kind, param, noise, pick, eps, quantiles, prune)
             return names, choice, prop, explored, row
         # New outputs on every call, even those decide() reads at once: buffers kept in
         # the plan would be shared by concurrent decides (the kernel releases the GIL).
@@ -1316,10 +1324,10 @@ class Policy(abc.ABC):
         choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
         explored = np.empty(n, dtype=bool)
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
-                            plan.selecting, sel, same, arms, self._level, estimate, factor,
-                            cfg.bounded_optimism, kind, param, noise, forced, eps, quantiles, prune,
-                            propensities, _kernel.PHI_TABLE, means, table, choices, prop,
-                            explored)
+                            plan.selecting, sel, same, plan.group, plan.a_inv, arms,
+                            self._level, estimate, factor, cfg.bounded_optimism, kind,
+                            param, noise, forced, eps, quantiles, prune, propensities,
+                            _kernel.PHI_TABLE, means, table, choices, prop, explored)
         return names, choices, prop, means, table, explored
 
     def _cold_arms(self) -> tuple[np.ndarray, int]:

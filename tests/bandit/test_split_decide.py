@@ -1,0 +1,118 @@
+"""The compiled decide of arms whose heads are split off their group (outcomes reported in
+pieces: a gateway reports cost and latency when the response ends and the quality later)
+against the numpy path: the same choices, propensities and predictions (widths
+included), and the generator in the same state after them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bandit import LinearThompson, LinUCB, Preferences, PriceList, SelectiveThompson
+from bandit.base import _ALL_GROUPED
+from bandit.stats import FLOAT32_INVERSE_DIM
+from tests.bandit.test_partial_update import FULL, piece
+from tests.bandit.test_policy_kernel import PREFS, pair
+
+GATEWAY = (("cost_usd", "latency_ms"), ("quality",))  # each call: two pieces
+MIXED = (FULL, ("quality",), ("cost_usd", "latency_ms"), ("latency_ms",))
+POLICIES = [(LinUCB, {}), (LinearThompson, {}), (SelectiveThompson, {}),
+            (LinUCB, {"context_ridges": (1.0, 100.0)}),
+            (LinearThompson, {"half_life_hours": 1.0, "decay_interval_s": 0.0})]
+
+
+def fed(cls, params: dict, d: int, pieces: tuple, n: int = 200):
+    """``pair`` fed the same stream of outcome pieces (every arm warm)."""
+    compiled, reference = pair(cls, d, **params)
+    rng = np.random.default_rng(41)
+    for t in range(n):
+        x = rng.standard_normal(d) / np.sqrt(d)
+        y = piece(rng, t, pieces)
+        for policy in (compiled, reference):
+            policy.update(f"m{t % 5}", x, y, time=float(t))
+    return compiled, reference, rng
+
+
+def assert_same(compiled, reference, rng, rows: int = 16, prefs=PREFS, **kwargs) -> None:
+    tol = 1e-9 if compiled.dim + 1 < FLOAT32_INVERSE_DIM else 1e-6
+    for x in rng.standard_normal((rows, compiled.dim)) / np.sqrt(compiled.dim):
+        a = compiled.decide(x, prefs, **kwargs)
+        b = reference.decide(x, prefs, **kwargs)
+        assert (a.arm, a.explored) == (b.arm, b.explored)
+        assert a.propensity == pytest.approx(b.propensity, rel=0, abs=tol)
+        assert list(a.predictions) == list(b.predictions)
+        for name, p in a.predictions.items():  # the width ("uncertainty") included
+            np.testing.assert_allclose(p, b.predictions[name], rtol=tol, atol=tol)
+    # The same draws in the same order: the generators are in the same state.
+    assert compiled._rng.random() == reference._rng.random()
+
+
+def assert_fused_split(policy) -> None:
+    """The compiled decide applies, and some head is split off its group."""
+    plan = policy._fused_plan()
+    assert plan.rule is not None and plan.n_cold == 0
+    assert plan.group is not _ALL_GROUPED and not plan.group.all()
+
+
+@pytest.mark.parametrize("cls,params", POLICIES)
+@pytest.mark.parametrize("pieces", [GATEWAY, MIXED], ids=["gateway", "mixed"])
+def test_split_heads_decide_compiled_as_numpy(cls, params, pieces):
+    compiled, reference, rng = fed(cls, params, 6, pieces)
+    assert_fused_split(compiled)
+    calls = []
+    kernel = compiled._decide_fused
+    compiled._decide_fused = lambda *a, **k: calls.append(kernel(*a, **k)) or calls[-1]
+    assert_same(compiled, reference, rng)
+    assert_same(compiled, reference, rng, prefs=Preferences(quality=1.0, cost=0.0,
+                                                            latency=3.0))
+    assert len(calls) == 32 and all(c is not None for c in calls)  # all compiled
+
+
+@pytest.mark.parametrize("cls", [LinUCB, SelectiveThompson])
+def test_split_heads_with_candidates_prices_and_batches(cls):
+    """Candidate subsets, cost estimates (the cost head's width left out) and a few
+    contexts at once (``decide_rows``) on split heads."""
+    compiled, reference, rng = fed(cls, {}, 6, GATEWAY)
+    assert_fused_split(compiled)
+    names = [f"m{j}" for j in range(5)]
+    prices = PriceList(names, [1.0, 2.0, 0.5, 3.0, 1.5], [2.0, 4.0, 1.0, 6.0, 3.0], 100.0)
+    for t in range(24):
+        n = 1 + t % 3
+        rows = rng.standard_normal((n, 6)) / 2
+        candidates = None if t % 2 else sorted(rng.choice(names, 2 + t % 4, replace=False))
+        estimate = prices.estimate([300.0] * n) if t % 3 == 0 and candidates is None else None
+        got = compiled.decide_batch(rows, PREFS, candidates, cost_estimate=estimate)
+        want = reference.decide_batch(rows, PREFS, candidates, cost_estimate=estimate)
+        np.testing.assert_array_equal(got.choices, want.choices)
+        for field in ("propensities", "means", "utility", "uncertainty", "scores"):
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field),
+                                       rtol=1e-9, atol=1e-9, err_msg=field)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, SelectiveThompson])
+def test_split_heads_large_dimension(cls):
+    """From FLOAT32_INVERSE_DIM features the group's (and the selected quality
+    candidate's) inverse is read from its float32 copy; a split head's own in float64,
+    as the numpy path reads it."""
+    d = FLOAT32_INVERSE_DIM
+    compiled, reference, rng = fed(cls, {}, d, GATEWAY, n=160)
+    assert_fused_split(compiled)
+    assert_same(compiled, reference, rng, rows=6)
+
+
+def test_plan_follows_the_first_split():
+    """A plan built while every head is grouped is replaced when a piece splits one."""
+    compiled, reference, rng = fed(LinUCB, {}, 6, (FULL,), n=60)
+    for policy in (compiled, reference):
+        policy.remove_arm("m2")  # its prior split it from the start
+    assert compiled._fused_plan().group is _ALL_GROUPED
+    assert_same(compiled, reference, rng, rows=4)
+    x = rng.standard_normal(6) / 2
+    for policy in (compiled, reference):
+        policy.update("m1", x, {"cost_usd": 0.003, "latency_ms": 250.0})
+    assert_fused_split(compiled)
+    assert not compiled._fused_plan().group[1, 0]
+    for _ in range(20):  # the split quality head learns apart: its width moves
+        for policy in (compiled, reference):
+            policy.update("m1", x, {"quality": 0.9})
+    assert_same(compiled, reference, rng, rows=8)
