@@ -1313,10 +1313,16 @@ class Policy(abc.ABC):
         inv, q_inv, q_sel, sel, same = plan.inverses
         if one:
             # Its outputs allocated in the kernel (new on every call, as below).
-            choice, prop, explored, row = _kernel.decide_one(
-                stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting, sel,
-                same, plan.group, plan.a_inv, arms, self._level, estimate, factor,
-                cfg.bounded_optimism, kind, param, noise, pick, eps, quantiles, prune)
+            if plan.group is _ALL_GROUPED:
+                choice, prop, explored, row = _kernel.decide_one(
+                    stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting,
+                    sel, same, arms, self._level, estimate, factor, cfg.bounded_optimism,
+                    kind, param, noise, pick, eps, quantiles, prune)
+            else:
+                choice, prop, explored, row = _kernel.decide_one_split(
+                    stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting,
+                    sel, same, plan.group, plan.a_inv, arms, self._level, estimate, factor,
+                    cfg.bounded_optimism, kind, param, noise, pick, eps, quantiles, prune)
             return names, choice, prop, explored, row
         # New outputs on every call, even those decide() reads at once: buffers kept in
         # the plan would be shared by concurrent decides (the kernel releases the GIL).
