@@ -133,24 +133,29 @@ def quality_ceiling(utility: np.ndarray, means: np.ndarray, w0: float) -> np.nda
 @njit(cache=True, nogil=True, fastmath=_FAST)
 def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarray,
                   inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
-                  sel: np.ndarray, same: int,
+                  sel: np.ndarray, same: int, group: np.ndarray, a_inv: np.ndarray,
                   means: np.ndarray, utility: np.ndarray, std: np.ndarray) -> None:
     """Head means (n, K, H), utility (n, K) and the utility's std (n, K) of a few contexts
-    xb (n, D), when every head of every arm shares its arm's inverse ``inv`` (K, D, D):
-    ``std[r, k]^2 = sum_h c[k, h] x_r^T inv[k] x_r``, except with quality model selection
-    (``selecting``), where the quality head's term reads its selected candidate's
-    ``q_inv[k, q_sel[k]]`` (``ArmStatistics.width_inverses``), unless that candidate
-    ``sel[k]`` is ``same``, the one whose inverse is ``inv[k]`` (then one quadratic form
-    serves every head). A sum of weights 0 skips its inverse (not read). Arm by arm, so
-    each arm's inverses are read from memory once for all the rows."""
+    xb (n, D): ``std[r, k]^2 = sum_h c[k, h] x_r^T inv[k] x_r`` over the arm's shared
+    inverse ``inv`` (K, D, D), except with quality model selection (``selecting``), where
+    the quality head's term reads its selected candidate's ``q_inv[k, q_sel[k]]``
+    (``ArmStatistics.width_inverses``), unless that candidate ``sel[k]`` is ``same``, the
+    one whose inverse is ``inv[k]``, and the head is in its arm's group (then one
+    quadratic form serves every head); and a head split off its arm's group
+    (``group[k, h]`` False, when ``group`` (K, H) is not empty), other than a selected
+    quality head, reads its own ``a_inv[k, h]``. A sum of weights 0 skips its inverse
+    (not read). Arm by arm, so each arm's inverses are read from memory once for all
+    the rows."""
     k_arms, heads, d = theta.shape
     n = xb.shape[0]
     first = 1 if selecting else 0
+    split = group.shape[0] > 0
     for k in range(k_arms):
-        fold = selecting and sel[k] == same
+        fold = selecting and sel[k] == same and not (split and not group[k, 0])
         scale = 0.0
         for h in range(first, heads):
-            scale += c[k, h]
+            if not (split and not group[k, h]):
+                scale += c[k, h]
         if fold:
             scale += c[k, 0]
         for r in range(n):
@@ -164,6 +169,10 @@ def predict_width(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, c: np.ndarra
                 u += acc * w[h]
             utility[r, k] = u
             var = scale * _quadratic(inv[k], x) if scale != 0.0 else 0.0
+            if split:
+                for h in range(first, heads):
+                    if not group[k, h] and c[k, h] != 0.0:
+                        var += c[k, h] * _quadratic(a_inv[k, h], x)
             if selecting and not fold and c[k, 0] != 0.0:
                 var += c[k, 0] * _quadratic(q_inv[k, q_sel[k]], x)
             std[r, k] = math.sqrt(var) if var > 0.0 else 0.0

@@ -30,7 +30,7 @@ import numpy as np
 from bandit import _policy_kernel as _kernel
 from bandit._policy_kernel import copy_bounded, quality_ceiling
 from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
-from bandit.stats import FUSED_BATCH, ArmStatistics, prior_sigma
+from bandit.stats import ALL_GROUPED, FUSED_BATCH, ArmStatistics, prior_sigma
 
 __all__ = [
     "OBJECTIVES",
@@ -87,9 +87,6 @@ _NO_ROWS = np.zeros((0, 0))  # no cost estimate, or no noise, for the fused deci
 _NO_FACTOR = np.zeros(0)
 _FREE = np.full(1, -1, dtype=np.intp)  # one row, no uniform draw
 _FREE.setflags(write=False)
-# The fused decide's head groups when every head of every arm is in its arm's group (the
-# kernel then reads no own inverse): an empty (0, H) mask.
-_ALL_GROUPED = np.zeros((0, 3), dtype=bool)
 #: PolicyConfig.cold_start_by: where an arm's cold start is counted.
 COLD_START_BY = ("added-on-tags", "arm", "tags", "new-on-tags", "context")
 
@@ -731,7 +728,7 @@ class _FusedPlan(NamedTuple):
     inverses: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
     selecting: bool
     # The head groups (K, H) when some head is split off its arm's group (outcomes
-    # reported in pieces), else _ALL_GROUPED; and the heads' own inverses (K, H, D, D).
+    # reported in pieces), else ALL_GROUPED; and the heads' own inverses (K, H, D, D).
     group: np.ndarray
     a_inv: np.ndarray
 
@@ -1237,7 +1234,7 @@ class Policy(abc.ABC):
         plan = self._plan = _FusedPlan(
             version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
             n_cold, by_direction, stats.width_inverses() if rule is not None else (),
-            stats.selecting, _ALL_GROUPED if stats._all_grouped() else stats.group,
+            stats.selecting, ALL_GROUPED if stats._all_grouped() else stats.group,
             stats.a_inv)
         return plan
 
@@ -1313,7 +1310,7 @@ class Policy(abc.ABC):
         inv, q_inv, q_sel, sel, same = plan.inverses
         if one:
             # Its outputs allocated in the kernel (new on every call, as below).
-            if plan.group is _ALL_GROUPED:
+            if plan.group is ALL_GROUPED:
                 choice, prop, explored, row = _kernel.decide_one(
                     stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting,
                     sel, same, arms, self._level, estimate, factor, cfg.bounded_optimism,

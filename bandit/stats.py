@@ -50,6 +50,9 @@ __all__ = ["ArmStatistics", "FLOAT32_WIDTH_BATCH", "FUSED_BATCH", "FLOAT32_INVER
 
 _H = 3  # heads: quality, cost (USD), latency (s)
 _NONE = np.zeros(0, dtype=np.intp)
+#: The head groups the compiled kernels take when every head of every arm is in its arm's
+#: group (then they read no head's own inverse): an empty (0, H) mask.
+ALL_GROUPED = np.zeros((0, _H), dtype=bool)
 
 #: Batches of at least this many contexts compute the exploration width in float32.
 FLOAT32_WIDTH_BATCH = 128
@@ -710,14 +713,14 @@ class ArmStatistics:
         """
         k, h, d = self.theta.shape
         n = xb.shape[0]
-        if (n <= FUSED_BATCH and self.compiled and c is not None
-                and self._all_grouped()):
+        if n <= FUSED_BATCH and self.compiled and c is not None:
             # The usual case of a few contexts (one decide, or the service's decides
             # gathered in one event-loop turn) in one compiled call: means, utility, std.
             means, utility, std = np.empty((n, k, h)), np.empty((n, k)), np.empty((n, k))
             inv, q_inv, q_sel, sel, same = self.width_inverses()
             _kernel.predict_width(self.theta, xb, w, c, inv, q_inv, q_sel, self.selecting,
-                                  sel, same, means, utility, std)
+                                  sel, same, ALL_GROUPED if self._all_grouped() else self.group,
+                                  self.a_inv, means, utility, std)
             if arms is not None:
                 means, utility, std = means[:, arms], utility[:, arms], std[:, arms]
             return means, utility, std

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from bandit import LinearThompson, LinUCB, Preferences, PriceList, SelectiveThompson
-from bandit.base import _ALL_GROUPED
-from bandit.stats import FLOAT32_INVERSE_DIM
+from bandit.stats import ALL_GROUPED, FLOAT32_INVERSE_DIM, FUSED_BATCH
 from tests.bandit.test_partial_update import FULL, piece
 from tests.bandit.test_policy_kernel import PREFS, pair
 
@@ -51,7 +50,7 @@ def assert_fused_split(policy) -> None:
     """The compiled decide applies, and some head is split off its group."""
     plan = policy._fused_plan()
     assert plan.rule is not None and plan.n_cold == 0
-    assert plan.group is not _ALL_GROUPED and not plan.group.all()
+    assert plan.group is not ALL_GROUPED and not plan.group.all()
 
 
 @pytest.mark.parametrize("cls,params", POLICIES)
@@ -105,7 +104,7 @@ def test_plan_follows_the_first_split():
     compiled, reference, rng = fed(LinUCB, {}, 6, (FULL,), n=60)
     for policy in (compiled, reference):
         policy.remove_arm("m2")  # its prior split it from the start
-    assert compiled._fused_plan().group is _ALL_GROUPED
+    assert compiled._fused_plan().group is ALL_GROUPED
     assert_same(compiled, reference, rng, rows=4)
     x = rng.standard_normal(6) / 2
     for policy in (compiled, reference):
@@ -116,3 +115,33 @@ def test_plan_follows_the_first_split():
         for policy in (compiled, reference):
             policy.update("m1", x, {"quality": 0.9})
     assert_same(compiled, reference, rng, rows=8)
+
+
+@pytest.mark.parametrize("cls,params", POLICIES)
+def test_split_heads_predict_compiled_as_numpy(cls, params):
+    """``ArmStatistics.predict`` of up to FUSED_BATCH contexts (``predict_width``: the
+    decides the compiled decide does not take, e.g. with a cold arm among warm ones)."""
+    compiled, _, rng = fed(cls, params, 6, MIXED)
+    stats = compiled._stats
+    assert not stats.group.all()
+    w = PREFS.validated().head_weights()
+    c = w * w * stats.sigma2
+    for n in (1, 2, FUSED_BATCH):
+        xb = compiled._features(rng.standard_normal((n, 6)) / 2)
+        got = stats.predict(xb, None, c, w)
+        stats.compiled = False
+        want = stats.predict(xb, None, c, w)
+        stats.compiled = True
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+        assert (got[2] > 0).all()
+
+
+def test_split_heads_with_a_cold_arm():
+    """A model added among warm split arms: its cold-start share takes the numpy
+    decide, whose widths come from ``predict_width``; the same decisions as numpy."""
+    compiled, reference, rng = fed(SelectiveThompson, {}, 6, GATEWAY)
+    for policy in (compiled, reference):
+        policy.add_arm("new")
+    assert compiled._fused_plan().n_cold == 1
+    assert_same(compiled, reference, rng, rows=24)
