@@ -691,23 +691,23 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
         propensity[r] = epsilon / m + (1.0 - epsilon) * p_main
 
 
-@njit(cache=True, nogil=True)
-def decide_one_split(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
-                     inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray,
-                     selecting: bool, sel: np.ndarray, same: int, group: np.ndarray,
-                     a_inv: np.ndarray, arms: np.ndarray, level: float,
-                     estimate: np.ndarray, factor: np.ndarray, bounded: bool, rule: int,
-                     param: float, noise: np.ndarray, forced: int, epsilon: float,
-                     quantiles: np.ndarray, prune_sigmas: float,
-                     ) -> tuple[int, float, bool, np.ndarray]:
-    """:func:`decide_rows` of one context xb (1, D) with propensity (``Policy.decide``)
-    when some head is split off its arm's group (``group``, ``a_inv``: see
-    :func:`decide_rows`): the choice, its propensity, whether it explored, and the table
-    row (m, 6); ``forced`` the uniform draw's candidate or -1. Its outputs are allocated
-    here and the normal CDF table is the module's: 7 arrays fewer to pass from Python
-    than to decide_rows, none to allocate there (each array argument costs ~0.1 µs to
-    unbox, each np.empty ~0.2 µs: ~2 µs of a ~20 µs decide), and scalars back instead of
-    1-element arrays."""
+@njit(cache=True, nogil=True, inline="always")
+def _decide_one(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
+                inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray, selecting: bool,
+                sel: np.ndarray, same: int, group: np.ndarray, a_inv: np.ndarray,
+                arms: np.ndarray, level: float, estimate: np.ndarray, factor: np.ndarray,
+                bounded: bool, rule: int, param: float, noise: np.ndarray, forced: int,
+                epsilon: float, quantiles: np.ndarray, prune_sigmas: float,
+                ) -> tuple[int, float, bool, np.ndarray]:
+    """:func:`decide_rows` of one context xb (1, D) with propensity (``Policy.decide``):
+    the choice, its propensity, whether it explored, and the table row (m, 6); ``forced``
+    the uniform draw's candidate or -1. Its outputs are allocated here and the normal
+    CDF table is the module's: 7 arrays fewer to pass from Python than to decide_rows,
+    none to allocate there (each array argument costs ~0.1 µs to unbox, each np.empty
+    ~0.2 µs: ~2 µs of a ~20 µs decide), and scalars back instead of 1-element arrays.
+    Inlined into :func:`decide_one` and :func:`decide_one_split` (numba IR), so each
+    calls :func:`decide_rows` directly: one more level of compiled calls would link and
+    optimize decide_rows once more when the cache is cold (seconds)."""
     m = arms.shape[0]
     means = np.empty((1, m, theta.shape[1]))
     table = np.empty((1, m, 6))
@@ -723,10 +723,20 @@ def decide_one_split(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: n
     return choices[0], propensity[0], explored[0], table[0]
 
 
-# Every head in its arm's group: :func:`decide_one` passes these (compile-time constants:
-# two array arguments fewer to unbox per call, ~0.3 µs of a ~12 µs decide).
-_GROUPED = np.zeros((0, 3), dtype=np.bool_)
-_NO_OWN = np.zeros((0, 3, 1, 1))
+@njit(cache=True, nogil=True)
+def decide_one_split(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndarray,
+                     inv: np.ndarray, q_inv: np.ndarray, q_sel: np.ndarray,
+                     selecting: bool, sel: np.ndarray, same: int, group: np.ndarray,
+                     a_inv: np.ndarray, arms: np.ndarray, level: float,
+                     estimate: np.ndarray, factor: np.ndarray, bounded: bool, rule: int,
+                     param: float, noise: np.ndarray, forced: int, epsilon: float,
+                     quantiles: np.ndarray, prune_sigmas: float,
+                     ) -> tuple[int, float, bool, np.ndarray]:
+    """:func:`_decide_one` when some head is split off its arm's group (``group``,
+    ``a_inv``: see :func:`decide_rows`)."""
+    return _decide_one(theta, xb, w, sigma2, inv, q_inv, q_sel, selecting, sel, same,
+                       group, a_inv, arms, level, estimate, factor, bounded, rule, param,
+                       noise, forced, epsilon, quantiles, prune_sigmas)
 
 
 @njit(cache=True, nogil=True)
@@ -737,10 +747,14 @@ def decide_one(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.ndar
                param: float, noise: np.ndarray, forced: int, epsilon: float,
                quantiles: np.ndarray, prune_sigmas: float,
                ) -> tuple[int, float, bool, np.ndarray]:
-    """:func:`decide_one_split` when every head of every arm is in its arm's group."""
-    return decide_one_split(theta, xb, w, sigma2, inv, q_inv, q_sel, selecting, sel, same,
-                            _GROUPED, _NO_OWN, arms, level, estimate, factor, bounded,
-                            rule, param, noise, forced, epsilon, quantiles, prune_sigmas)
+    """:func:`_decide_one` when every head of every arm is in its arm's group: the empty
+    head groups and own inverses are made here, two array arguments fewer to unbox per
+    call (~0.3 µs of a ~12 µs decide). Not module constants: numba types those as
+    read-only arrays, which would compile :func:`decide_rows` a second time."""
+    return _decide_one(theta, xb, w, sigma2, inv, q_inv, q_sel, selecting, sel, same,
+                       np.empty((0, 3), dtype=np.bool_), np.empty((0, 3, 1, 1)), arms,
+                       level, estimate, factor, bounded, rule, param, noise, forced,
+                       epsilon, quantiles, prune_sigmas)
 
 
 #: The normal CDF table :func:`decide_rows` takes (``phi``).

@@ -1310,7 +1310,7 @@ class Policy(abc.ABC):
         inv, q_inv, q_sel, sel, same = plan.inverses
         if one:
             # Its outputs allocated in the kernel (new on every call, as below).
-            if plan.group is ALL_GROUPED:
+            if not plan.group.shape[0]:  # ALL_GROUPED (or a copy of it: deepcopy)
                 choice, prop, explored, row = _kernel.decide_one(
                     stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting,
                     sel, same, arms, self._level, estimate, factor, cfg.bounded_optimism,
