@@ -394,7 +394,19 @@ def _insert(table, mask, bits, first, m, key):
     table[s, 0] = key
     table[s, 1] = c + _U64(1)
     first[m] = s
-    return m + np.int64(c == 0)
+    return m + _U64(c == 0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _insert_at(table, mask, s, first, m, key):
+    c = table[s, 1]
+    while _opaque((table[s, 0] ^ key) & (_U64(0) - _U64(c != 0))) != _U64(0):
+        s = (s + _U64(1)) & mask
+        c = table[s, 1]
+    table[s, 0] = key
+    table[s, 1] = c + _U64(1)
+    first[m] = s
+    return m + _U64(c == 0)
 
 
 @njit(cache=True, nogil=True)
@@ -415,23 +427,24 @@ def _count_ngrams(units, count, low, high, salts):
     table = np.zeros((size, 2), dtype=np.uint64)
     mask = _U64(size - 1)
     first = np.empty(total + 1, dtype=np.int64)
-    m = 0
+    m = _U64(0)
     h = units[:count].copy()  # h[i]: the n-gram at i, extended by one unit per n
+    keys = np.empty(count, dtype=np.uint64)
+    slots = np.empty(count, dtype=np.uint64)
+    shift = _U64(64 - bits)
     for n in range(1, min(high, count) + 1):
-        salt = salts[n - low] if n >= low else _U64(0)
-        if n == 1:
-            if n >= low:
-                for i in range(count):
-                    m = _insert(table, mask, bits, first, m, h[i] ^ salt)
-            continue
         last = count - n + 1
+        if n > 1:
+            for i in range(last):
+                h[i] = h[i] * _PHI + units[i + n - 1]
         if n >= low:
+            salt = salts[n - low]
             for i in range(last):
-                h[i] = h[i] * _PHI + units[i + n - 1]
-                m = _insert(table, mask, bits, first, m, h[i] ^ salt)
-        else:
+                k = h[i] ^ salt
+                keys[i] = k
+                slots[i] = (k * _PHI) >> shift
             for i in range(last):
-                h[i] = h[i] * _PHI + units[i + n - 1]
+                m = _insert_at(table, mask, slots[i], first, m, keys[i])
     return table, first[:m]
 
 
@@ -488,11 +501,56 @@ def _add_onepass(units, count, low, high, salts, n_buckets, projection, nnz, out
     """One family's n-grams of ``units[:count]`` into ``out`` (nothing for no n-grams)."""
     if count - low + 1 <= 0:
         return
-    mixed, weights = _weights(*_count_ngrams(units, count, low, high, salts), _LOG1P)
+    table, first = _count_ngrams(units, count, low, high, salts)
+    if nnz == 4:
+        _add_sparse4(table, first, out)
+        return
+    mixed, weights = _weights(table, first, _LOG1P)
     if nnz:
         _add_sparse(mixed, weights, nnz, out)
     else:
         project_dense(mixed, weights, n_buckets, projection, out)
+
+
+@njit(cache=True, nogil=True)
+def _add_sparse4(table, first, out):
+    m = first.size
+    keys = np.empty(m, dtype=np.uint64)
+    weights = np.empty(m)
+    total = 0.0
+    for i in range(m):
+        s = first[i]
+        keys[i] = table[s, 0]
+        c = table[s, 1]
+        w = _LOG1P[c] if c < _LOG1P.size else np.log1p(c)
+        weights[i] = w
+        total += w * w
+    scale = 1.0 / np.sqrt(total)
+    factor = 1.0 / np.sqrt(4)
+    dim = _U64(out.size)
+    index = np.empty((4, m), dtype=np.int64)
+    value = np.empty((4, m))
+    for i in range(m):
+        h = _mix64(keys[i])
+        w = (weights[i] * scale) * factor
+        h2 = _mix64(h + _PHI)
+        b0 = h & _U64(0xFFFFFFFF)
+        b1 = h >> _U64(32)
+        b2 = h2 & _U64(0xFFFFFFFF)
+        b3 = h2 >> _U64(32)
+        index[0, i] = np.int64(((b0 >> _U64(1)) * dim) >> _U64(31))
+        index[1, i] = np.int64(((b1 >> _U64(1)) * dim) >> _U64(31))
+        index[2, i] = np.int64(((b2 >> _U64(1)) * dim) >> _U64(31))
+        index[3, i] = np.int64(((b3 >> _U64(1)) * dim) >> _U64(31))
+        value[0, i] = w * (1.0 - 2.0 * np.float64(b0 & _U64(1)))
+        value[1, i] = w * (1.0 - 2.0 * np.float64(b1 & _U64(1)))
+        value[2, i] = w * (1.0 - 2.0 * np.float64(b2 & _U64(1)))
+        value[3, i] = w * (1.0 - 2.0 * np.float64(b3 & _U64(1)))
+    for i in range(m):
+        out[index[0, i]] += value[0, i]
+        out[index[1, i]] += value[1, i]
+        out[index[2, i]] += value[2, i]
+        out[index[3, i]] += value[3, i]
 
 
 @njit(cache=True, nogil=True)
