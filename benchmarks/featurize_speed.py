@@ -34,6 +34,16 @@ Also measured, each in a fresh process (median of 3): the start-up cost of the k
 ``import bandit``, the first ``HashingFeaturizer()`` (imports numba, builds the tables)
 and its first call (loads the compiled kernel from numba's cache, or compiles it).
 
+``--against-tree DIR`` (a baseline checkout, e.g. ``git archive main``) adds the
+``base`` row: DIR's one-pass kernel (its ``bandit/_hashing_kernel.py``) run by this
+tree's ``HashingFeaturizer`` (the Python around the kernel is this tree's), timed in the
+same rounds, in the alternating order; its vectors are checked to be this tree's, bit for
+bit. The kernel file is copied to a temporary directory and compiled there, in this
+process, under a module name of its own: numba's cached machine code calls the jitted
+helpers by symbol names made from the module's name, so DIR's own cache (compiled as
+``bandit._hashing_kernel``), loaded next to this tree's kernel, ran this tree's helpers
+(measured: the "base" then timed as this tree).
+
 ``--long`` instead times only the two v2 kernels, called directly (the featurizer
 sends texts over ``HashingFeaturizer.ONEPASS_MAX_CHARS`` characters to the earlier
 kernel), on texts of 10k to 1M characters: real prompts (pieces of the corpus, repeated
@@ -45,17 +55,24 @@ Run::
     python -m benchmarks.featurize_speed           # writes results/featurize_speed.json
     python -m benchmarks.featurize_speed --quick   # smoke run, writes nothing
     python -m benchmarks.featurize_speed --long --results-name featurize_speed_long
+    python -m benchmarks.featurize_speed --against-tree /tmp/base --results-name NAME
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import importlib.util
 import json
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -111,7 +128,42 @@ def earlier_kernel(version: int) -> HashingFeaturizer:
     return featurizer
 
 
-def implementations() -> dict[str, Callable[[str], object]]:
+def tree_kernel(tree: Path, name: str = "_base_hashing_kernel") -> ModuleType:
+    """``tree``'s ``bandit/_hashing_kernel.py`` as the module ``name`` (not ``bandit``'s),
+    compiled from a copy in a temporary directory (numba's cache beside it, removed at
+    exit): the kernels of a baseline checkout, in this process."""
+    source = tree / "bandit" / "_hashing_kernel.py"
+    if not source.is_file():
+        raise SystemExit(f"--against-tree: no kernel at {source}")
+    directory = Path(tempfile.mkdtemp(prefix="featurize_base_"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    path = directory / f"{name}.py"
+    shutil.copyfile(source, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # numba's compiled code refers to its module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def base_featurizer(tree: Path) -> HashingFeaturizer:
+    """This tree's default featurizer running ``tree``'s one-pass kernel and tables."""
+    base = tree_kernel(tree)
+    featurizer = HashingFeaturizer()
+    featurizer._kernel = base.featurize_onepass
+    featurizer._long_kernel = base.featurize_one
+    featurizer._classes, featurizer._crc32 = base.char_classes(), base.crc32_table()
+    return featurizer
+
+
+def same_bits(a: HashingFeaturizer, b: HashingFeaturizer, texts: list[str]) -> bool:
+    """Whether ``a`` and ``b`` give every text the same vector, bit for bit."""
+    return all(np.array_equal(a.transform_one(t).view(np.uint64),
+                              b.transform_one(t).view(np.uint64)) for t in texts)
+
+
+def implementations(against: Path | None = None) -> dict[str, Callable[[str], object]]:
     v1 = HashingFeaturizer(version=1)
     impls: dict[str, Callable[[str], object]] = {
         "onepass": HashingFeaturizer().transform_one,
@@ -128,6 +180,8 @@ def implementations() -> dict[str, Callable[[str], object]]:
         vectorizer = HashingVectorizer(analyzer="char_wb", ngram_range=(3, 5),
                                        n_features=2**14, alternate_sign=True)
         impls["sklearn"] = lambda text: vectorizer.transform([text])
+    if against is not None:
+        impls["base"] = base_featurizer(against).transform_one
     return impls
 
 
@@ -257,6 +311,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="write results/NAME.json (default: %(default)s)")
     parser.add_argument("--long", action="store_true",
                         help="only the two v2 kernels on 10k-1M-character texts")
+    parser.add_argument("--against-tree", type=Path, default=None, metavar="DIR",
+                        help="also time DIR's one-pass kernel (a baseline checkout) in "
+                             "the same rounds: the base row")
     args = parser.parse_args(argv)
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     if args.long:
@@ -266,7 +323,13 @@ def main(argv: list[str] | None = None) -> None:
 
     text, source = corpus()
     texts = pools(text)
-    impls = implementations()
+    impls = implementations(args.against_tree)
+    base_same_bits = None
+    if args.against_tree is not None:
+        base_same_bits = same_bits(HashingFeaturizer(), base_featurizer(args.against_tree),
+                                   [t for pool in texts.values() for t in pool])
+        if not base_same_bits:
+            print("warning: the base tree's kernel gives other vectors", file=sys.stderr)
     per_round: dict[str, dict[int, list[float]]] = {
         name: {n: [] for n in LENGTHS} for name in impls}
     for r in range(rounds):
@@ -304,6 +367,26 @@ def main(argv: list[str] | None = None) -> None:
                         "(correlation with the exact hashed cosine, RMS difference): "
                         + "; ".join(f"{v} {d['corr_with_exact_cosine']:.3f}, "
                                     f"{d['rms_difference']:.3f}" for v, d in fid.items()))
+    against = {}
+    if "base" in median:
+        # Per round, base / this (the two timed next to each other), then the median.
+        paired = {n: statistics.median(b / t for b, t in zip(per_round["base"][n],
+                                                             per_round["onepass"][n],
+                                                             strict=True))
+                  for n in LENGTHS}
+        print_table(f"v2 one-pass: this tree against {args.against_tree}, µs ({args.clock} "
+                    f"time) per call of transform_one (median of {rounds} round(s))",
+                    ["characters", "base µs", "this µs", "speed-up (paired rounds)",
+                     "base µs/1k chars", "this µs/1k chars"],
+                    [[f"{n:,}", f"{median['base'][n]:.1f}", f"{median['onepass'][n]:.1f}",
+                      f"{paired[n]:.2f}x", f"{median['base'][n] / n * 1000:.1f}",
+                      f"{median['onepass'][n] / n * 1000:.1f}"] for n in LENGTHS],
+                    caption=f"the same vectors bit for bit: {base_same_bits}")
+        against = {"against_tree": {
+            "tree": str(args.against_tree), "same_bits": base_same_bits,
+            "speedup_onepass_over_base_paired_rounds": {str(n): v for n, v in paired.items()},
+            "base_us_per_1000_chars": {str(n): median["base"][n] / n * 1000
+                                       for n in LENGTHS}}}
     if not args.quick:
         path = write_results(args.results_name, {
             "settings": {"dim": 64, "lengths": LENGTHS, "texts_per_length": POOL,
@@ -326,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
             "fidelity": fid,
             "goals": {"onepass_le_20us_per_1000_chars_at_2000":
                       long_rate <= GOAL_US_PER_1000_CHARS},
+            **against,
         }, packages=("numpy", "numba", "llvmlite", "scikit-learn"))
         print(f"wrote {path}")
 

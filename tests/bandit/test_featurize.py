@@ -335,6 +335,46 @@ def test_transform_one_over_threshold_runs_earlier_kernel_same_bits() -> None:
     np.testing.assert_array_equal(_bits(new), _bits(_previous({}).transform([at, over])))
 
 
+def test_count_ngrams_probe_wraps_at_table_end_same_keys_counts_order() -> None:
+    # Three keys whose home slot is the table's last: the probes wrap to slots 0 and 1.
+    # The counts, first-seen order and weights must be those of the earlier kernel's
+    # _distinct (which probes its own table).
+    from bandit import _hashing_kernel as K
+
+    phi, units_n = np.uint64(0x9E3779B97F4A7C15), 6  # 6 keys: a table of 16 slots
+    candidates = np.arange(1, 10_000, dtype=np.uint64)
+    a, b, c = candidates[(candidates * phi) >> np.uint64(60) == 15][:3]
+    units = np.array([a, b, a, c, b, a], dtype=np.uint64)
+    salts = np.zeros(1, dtype=np.uint64)
+    table, first = K._count_ngrams(units, units_n, 1, 1, salts)
+    assert table.shape[0] == 16 and sorted(first.tolist()) == [0, 1, 15]
+    assert table[first, 1].tolist() == [3, 2, 1]
+    new_keys, new_weights = K._weights(table, first, K._LOG1P)
+    old_keys, old_weights = K._distinct(K._ngram_hashes(units, units_n, 1, 1, salts),
+                                        K._LOG1P)
+    np.testing.assert_array_equal(new_keys, old_keys)
+    np.testing.assert_array_equal(_bits(new_weights), _bits(old_weights))
+
+
+@pytest.mark.parametrize("dim", [1, 7, 64, 384])
+def test_add_counted_sparse4_equals_weights_then_add_sparse_bits(dim: int) -> None:
+    # Version 2's adds in three loops (weights, vectorized coordinates, additions) give
+    # the bits of the one loop they replace, counts of 64 and more (np.log1p, not the
+    # table) included.
+    from bandit import _hashing_kernel as K
+
+    rng = np.random.default_rng(5)
+    units = np.concatenate([rng.integers(0, 40, size=3_000),
+                            np.full(500, 7)]).astype(np.uint64)
+    salts = np.arange(1, 4, dtype=np.uint64)
+    table, first = K._count_ngrams(units, units.size, 1, 3, salts)
+    assert table[first, 1].max() >= 64
+    new, old = np.full(dim, 0.25), np.full(dim, 0.25)
+    K._add_counted_sparse4(table, first, new)
+    K._add_sparse(*K._weights(table, first, K._LOG1P), 4, old)
+    np.testing.assert_array_equal(_bits(new), _bits(old))
+
+
 def _jitted_reach(function) -> dict:
     """Every numba function and intrinsic that ``function`` calls, directly or not:
     {name: the file that defines it}."""
