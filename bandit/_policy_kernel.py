@@ -492,79 +492,71 @@ def thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarra
 def _thompson_propensities(utility: np.ndarray, s: np.ndarray, choices: np.ndarray,
                            quantiles: np.ndarray, prune_sigmas: float, phi: np.ndarray,
                            out: np.ndarray) -> None:
-    prod = np.empty(quantiles.shape[0])
-    for r in range(utility.shape[0]):
-        out[r] = _propensity(utility[r], s[r], choices[r], quantiles, prune_sigmas, phi,
-                             prod)
-
-
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _propensity(mu: np.ndarray, s: np.ndarray, j: int, quantiles: np.ndarray,
-                prune_sigmas: float, phi: np.ndarray, prod: np.ndarray) -> float:
-    """One row of :func:`thompson_propensities`: arm j's, from the candidates' utility
-    ``mu`` (m,) and sample std ``s`` (m,); ``prod`` (nodes,) is scratch (the integrand
-    at each node, one competitor at a time), so that a decide's rows share one."""
-    k_arms = mu.shape[0]
+    n, k_arms = utility.shape
     nodes = quantiles.shape[0]
+    prod = np.empty(nodes)  # the integrand at each node, one competitor at a time
     table_end = 2.0 * _Z_MAX * 128.0
-    mu_j = mu[j]
-    if not math.isfinite(mu_j):
-        return 0.0
-    s_j = s[j]
-    low = mu_j + s_j * quantiles[0]
-    prod[:] = 1.0
-    # Nodes below ``bottom`` are negligible already (the integrand rises with the
-    # node, and every further factor is <= 1): neither they nor, once all are, the
-    # remaining competitors are computed.
-    bottom = 0
-    for i in range(k_arms):
-        # The competitors of this row: every other arm that can reach the lowest node
-        # (the numpy reference's pruning) and whose CDF is not 1 there already (then
-        # it is 1 at every node: the nodes only rise).
-        if i == j or mu[i] + prune_sigmas * s[i] < low:
+    for r in range(n):
+        j = choices[r]
+        mu_j = utility[r, j]
+        if not math.isfinite(mu_j):
+            out[r] = 0.0
             continue
-        s_i = s[i]
-        if s_i > 0.0:
-            if (low - mu[i]) / s_i >= _Z_MAX:
+        s_j = s[r, j]
+        low = mu_j + s_j * quantiles[0]
+        prod[:] = 1.0
+        # Nodes below ``bottom`` are negligible already (the integrand rises with the
+        # node, and every further factor is <= 1): neither they nor, once all are, the
+        # remaining competitors are computed.
+        bottom = 0
+        for i in range(k_arms):
+            # The competitors of this row: every other arm that can reach the lowest node
+            # (the numpy reference's pruning) and whose CDF is not 1 there already (then
+            # it is 1 at every node: the nodes only rise).
+            if i == j or utility[r, i] + prune_sigmas * s[r, i] < low:
                 continue
-            # The table position of z = (u_q - mu_i) / s_i, linear in the node's
-            # quantile: one multiply-add per node. (The loop stays scalar: LLVM does
-            # not gather the table rows on this CPU, znver4; ~2 ns per node and
-            # competitor, ~390 of them per decide in benchmarks/decide_alone.py.)
-            inv = 128.0 / s_i
-            t0 = (mu_j - mu[i]) * inv + _Z_MAX * 128.0
-            t1 = s_j * inv
-            # t rises with the node (t1 >= 0): the nodes below the table (Phi 0),
-            # those above it (Phi 1: left as they are), and between them the table,
-            # in a loop without branches.
-            lo = bottom
-            while lo < nodes and t0 + t1 * quantiles[lo] <= 0.0:
-                prod[lo] = 0.0
-                lo += 1
-            hi = nodes
-            while hi > lo and t0 + t1 * quantiles[hi - 1] >= table_end:
-                hi -= 1
-            for q in range(lo, hi):
-                prod[q] *= _hermite(t0 + t1 * quantiles[q], phi)
-        else:
-            # An arm with no spread is a step function.
-            for q in range(bottom, nodes):
-                diff = mu_j + s_j * quantiles[q] - mu[i]
-                if diff < 0.0:
-                    prod[q] = 0.0
-                elif diff == 0.0:
-                    prod[q] *= 0.5
-        while bottom < nodes and prod[bottom] < _NEGLIGIBLE:
-            bottom += 1
-        if bottom == nodes:
-            break
-    # From the highest node down, up to the first negligible one (as the reference).
-    total = 0.0
-    for q in range(nodes - 1, bottom - 1, -1):
-        if prod[q] < _NEGLIGIBLE:
-            break
-        total += prod[q]
-    return total / nodes
+            s_i = s[r, i]
+            if s_i > 0.0:
+                if (low - utility[r, i]) / s_i >= _Z_MAX:
+                    continue
+                # The table position of z = (u_q - mu_i) / s_i, linear in the node's
+                # quantile: one multiply-add per node. (The loop stays scalar: LLVM
+                # does not gather the table rows on this CPU, znver4; ~2 ns per node
+                # and competitor, ~390 of them per decide in benchmarks/decide_alone.)
+                inv = 128.0 / s_i
+                t0 = (mu_j - utility[r, i]) * inv + _Z_MAX * 128.0
+                t1 = s_j * inv
+                # t rises with the node (t1 >= 0): the nodes below the table (Phi 0),
+                # those above it (Phi 1: left as they are), and between them the table,
+                # in a loop without branches.
+                lo = bottom
+                while lo < nodes and t0 + t1 * quantiles[lo] <= 0.0:
+                    prod[lo] = 0.0
+                    lo += 1
+                hi = nodes
+                while hi > lo and t0 + t1 * quantiles[hi - 1] >= table_end:
+                    hi -= 1
+                for q in range(lo, hi):
+                    prod[q] *= _hermite(t0 + t1 * quantiles[q], phi)
+            else:
+                # An arm with no spread is a step function.
+                for q in range(bottom, nodes):
+                    diff = mu_j + s_j * quantiles[q] - utility[r, i]
+                    if diff < 0.0:
+                        prod[q] = 0.0
+                    elif diff == 0.0:
+                        prod[q] *= 0.5
+            while bottom < nodes and prod[bottom] < _NEGLIGIBLE:
+                bottom += 1
+            if bottom == nodes:
+                break
+        # From the highest node down, up to the first negligible one (as the reference).
+        total = 0.0
+        for q in range(nodes - 1, bottom - 1, -1):
+            if prod[q] < _NEGLIGIBLE:
+                break
+            total += prod[q]
+        out[r] = total / nodes
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
@@ -684,15 +676,16 @@ def decide_rows(theta: np.ndarray, xb: np.ndarray, w: np.ndarray, sigma2: np.nda
         if rule == RULE_UCB:
             p_main = 1.0 if c == best_s else 0.0
         else:
-            # The row's utility and sample std (m,) and the integral's scratch, in one
-            # allocation (there were four).
-            work = np.empty(2 * m + quantiles.shape[0])
-            u_row, s_row = work[:m], work[m:2 * m]
+            s = np.empty((1, m))
             for j in range(m):
-                u_row[j] = table[r, j, 3]
-                s_row[j] = param * table[r, j, 4]
-            p_main = _propensity(u_row, s_row, c, quantiles, prune_sigmas, phi,
-                                 work[2 * m:])
+                s[0, j] = param * table[r, j, 4]
+            one = np.empty(1)
+            ur = np.empty((1, m))
+            for j in range(m):
+                ur[0, j] = table[r, j, 3]
+            _thompson_propensities(ur, s, choices[r:r + 1], quantiles,
+                                   prune_sigmas, phi, one)
+            p_main = one[0]
         propensity[r] = epsilon / m + (1.0 - epsilon) * p_main
 
 

@@ -103,6 +103,8 @@ def _noise_row(m: int) -> np.ndarray:
         pass
     buf = _SCRATCH.noise[m] = np.empty((1, m))
     return buf
+
+
 #: PolicyConfig.cold_start_by: where an arm's cold start is counted.
 COLD_START_BY = ("added-on-tags", "arm", "tags", "new-on-tags", "context")
 
@@ -1309,7 +1311,8 @@ class Policy(abc.ABC):
             noise = _NO_ROWS
         elif n == 1:
             # Into this thread's buffer: the same draws as into a new array, without
-            # the allocation (~0.15 µs of the call; the kernel reads it and keeps none).
+            # the allocation (0.79 -> 0.61 µs, the buffer's lookup ~0.05; the kernel
+            # reads it and keeps none).
             noise = self._rng.standard_normal(out=_noise_row(m))
         else:
             noise = self._rng.standard_normal((n, m))
