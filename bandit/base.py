@@ -19,6 +19,7 @@ import functools
 import io
 import json
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from typing import ClassVar, NamedTuple
 import numpy as np
 
 from bandit import _policy_kernel as _kernel
-from bandit._policy_kernel import copy_bounded, quality_ceiling
+from bandit._policy_kernel import copy_bounded, copy_bounded_row, quality_ceiling
 from bandit.errors import DimensionError, InvalidInputError, UnknownArmError
 from bandit.stats import ALL_GROUPED, FUSED_BATCH, ArmStatistics, prior_sigma
 
@@ -87,6 +88,23 @@ _NO_ROWS = np.zeros((0, 0))  # no cost estimate, or no noise, for the fused deci
 _NO_FACTOR = np.zeros(0)
 _FREE = np.full(1, -1, dtype=np.intp)  # one row, no uniform draw
 _FREE.setflags(write=False)
+# Per thread, not per policy: the compiled decide releases the GIL while it reads the
+# noise, so another thread's decide must not write the same buffer meanwhile.
+_SCRATCH = threading.local()
+
+
+def _noise_row(m: int) -> np.ndarray:
+    """This thread's (1, m) buffer for one decide's Thompson noise."""
+    try:
+        return _SCRATCH.noise[m]
+    except AttributeError:
+        _SCRATCH.noise = {}
+    except KeyError:
+        pass
+    buf = _SCRATCH.noise[m] = np.empty((1, m))
+    return buf
+
+
 #: PolicyConfig.cold_start_by: where an arm's cold start is counted.
 COLD_START_BY = ("added-on-tags", "arm", "tags", "new-on-tags", "context")
 
@@ -1294,8 +1312,15 @@ class Policy(abc.ABC):
             factor = self._cost_factor()
         kind, param, quantiles, prune = plan.rule
         # The draws of the numpy path, in its order: Thompson's noise, then epsilon's.
-        noise = (self._rng.standard_normal((n, m)) if kind == _kernel.RULE_THOMPSON
-                 else _NO_ROWS)
+        if kind != _kernel.RULE_THOMPSON:
+            noise = _NO_ROWS
+        elif n == 1:
+            # Into this thread's buffer: the same draws as into a new array, without
+            # the allocation (0.79 -> 0.61 µs, the buffer's lookup ~0.05; the kernel
+            # reads it and keeps none).
+            noise = self._rng.standard_normal(out=_noise_row(m))
+        else:
+            noise = self._rng.standard_normal((n, m))
         eps = cfg.epsilon
         if n == 1:
             pick = (int(self._rng.integers(0, m)) if eps > 0 and self._rng.random() < eps
@@ -1559,15 +1584,18 @@ class Policy(abc.ABC):
     def _features(self, x: object) -> np.ndarray:
         """The validated context(s) with the bias feature appended, (n, D)."""
         dim = self.config.dim
-        if type(x) is np.ndarray and x.dtype == _F64 and x.shape[-1:] == (dim,) and (
-                x.ndim == 1 or (x.ndim == 2 and x.shape[0] > 0)):
+        if type(x) is np.ndarray and x.dtype == _F64:
             # The hot path (one context, or a batch): one copy into the bias-extended
             # rows and one bound check (NaN and infinities fail it too), in one compiled
             # call; anything off takes the full validation, which says what is wrong.
-            rows = x[None] if x.ndim == 1 else x
-            xb = np.empty((rows.shape[0], dim + 1))
-            if copy_bounded(rows, xb, MAX_ABS_CONTEXT):
-                return xb
+            if x.shape == (dim,):
+                xb = np.empty((1, dim + 1))
+                if copy_bounded_row(x, xb, MAX_ABS_CONTEXT):
+                    return xb
+            elif x.ndim == 2 and x.shape[0] > 0 and x.shape[1] == dim:
+                xb = np.empty((x.shape[0], dim + 1))
+                if copy_bounded(x, xb, MAX_ABS_CONTEXT):
+                    return xb
         arr = as_context_matrix(x, self.config.dim)
         return np.concatenate([arr, np.ones((arr.shape[0], 1))], axis=1)
 
