@@ -89,6 +89,7 @@ class Decider:
     #: Called with each decision row queued for the writer (the decisions topic).
     on_queued: Callable[[dict[str, Any]], None] | None = None
     _decision_counters: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _explored_counters: dict[str, Any] = field(default_factory=dict)
     #: Candidates -> their prices, for the registry's ``models_version`` below.
     _prices: dict[tuple[str, ...], PriceList] = field(default_factory=dict)
     _prices_version: int = -1
@@ -367,4 +368,8 @@ class Decider:
             child = self._decision_counters[key] = self.metrics.decisions.labels(*key)
         child.inc()
         if explored:
-            self.metrics.explored.labels(tenant.id).inc()
+            child = self._explored_counters.get(tenant.id)
+            if child is None:
+                child = self._explored_counters[tenant.id] = self.metrics.explored.labels(
+                    tenant.id)
+            child.inc()
