@@ -1,6 +1,7 @@
-"""The decision writer's own INSERT on SQLite (service/writer.py, ``_RowInserter``) stores
-what SQLAlchemy's ``insert(DecisionRow)`` stores, column by column, whatever the rows
-share (one time object for a decide batch, formatted once) or leave out.
+"""The decision writer's own INSERT on SQLite (service/decision_insert.py,
+``RowInserter``) stores what SQLAlchemy's ``insert(DecisionRow)`` stores, column by
+column, whatever the rows share (one time object for a decide batch, formatted once) or
+leave out.
 
 One known difference, older than this test: a JSON column's None (``tags``, ``guard``)
 is SQL NULL from the writer and the JSON text ``null`` from SQLAlchemy's insert; both
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 from service.db import models as m
 from service.db.engine import make_engine, upgrade
 from service.db.models import DecisionRow
-from service.writer import _RowInserter
+from service.decision_insert import RowInserter
 
 
 def _database(path) -> tuple[str, object, str]:
@@ -71,7 +72,7 @@ def test_writer_insert_stores_what_sqlalchemy_insert_stores(tmp_path):
     _, fast_engine, tenant_id = _database(fast_path)
     _, reference_engine, _ = _database(reference_path)
     rows = _rows(tenant_id)
-    inserter = _RowInserter(fast_engine)
+    inserter = RowInserter(fast_engine)
     assert inserter.fast
     inserter.write(rows)
     inserter.close()
