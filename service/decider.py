@@ -39,6 +39,9 @@ __all__ = ["Decider", "prediction_dicts"]
 
 #: Candidate lists whose prices the decider keeps (beyond, it starts over).
 _PRICE_LISTS = 256
+#: Prices kept in cached estimates, all candidate lists together (8 MB; beyond, the
+#: estimates start over).
+_ESTIMATE_CELLS = 1 << 20
 
 
 class _Group(NamedTuple):
@@ -86,9 +89,14 @@ class Decider:
     #: Called with each decision row queued for the writer (the decisions topic).
     on_queued: Callable[[dict[str, Any]], None] | None = None
     _decision_counters: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _explored_counters: dict[str, Any] = field(default_factory=dict)
     #: Candidates -> their prices, for the registry's ``models_version`` below.
     _prices: dict[tuple[str, ...], PriceList] = field(default_factory=dict)
     _prices_version: int = -1
+    #: (candidates, token counts) -> their estimate, for the same ``models_version``.
+    _estimates: dict[tuple[tuple[str, ...], tuple[float, ...]], CostEstimate] = field(
+        default_factory=dict)
+    _estimate_cells: int = 0
 
     def candidates(self, requested: list[str] | None) -> list[str]:
         models = self.registry.models
@@ -119,18 +127,34 @@ class Decider:
         times a correction learned from feedback, so it spends no exploration on prices.
 
         The candidates' prices are read and checked once per change of the registry's
-        models (:class:`bandit.PriceList`), not on every decide.
+        models (:class:`bandit.PriceList`), not on every decide, and so is the estimate
+        for the same token counts.
         """
-        s = self.settings
-        prior = s.prior_input_tokens
-        return self._price_list(names).estimate(
-            [prior if t is None else t for t in input_tokens])
+        prior = self.settings.prior_input_tokens
+        tokens = tuple([prior if t is None else t for t in input_tokens])
+        prices = self._price_list(names)  # first: a change of the models clears both
+        key = (tuple(names), tokens)
+        estimate = self._estimates.get(key)
+        if estimate is None:
+            # The same prompt lengths on the same candidates cost the same until a price
+            # changes: requests with an embedding (no prompt: prior_input_tokens) or
+            # prompts of a common length are priced once. The array is read-only.
+            estimate = prices.estimate(tokens)
+            cells = estimate.array.size
+            if self._estimate_cells + cells > _ESTIMATE_CELLS:
+                self._estimates.clear()
+                self._estimate_cells = 0
+            self._estimates[key] = estimate
+            self._estimate_cells += cells
+        return estimate
 
     def _price_list(self, names: list[str]) -> PriceList:
         """The candidates' :class:`bandit.PriceList`, cached per ``models_version``."""
         version = self.registry.models_version  # read first: a later change rebuilds
         if version != self._prices_version:
             self._prices.clear()
+            self._estimates.clear()
+            self._estimate_cells = 0
             self._prices_version = version
         key = tuple(names)
         prices = self._prices.get(key)
@@ -172,9 +196,11 @@ class Decider:
         with self.policies.lock:
             groups = self._groups(requests, out, now)
             batches = [self._decide_group(requests, group, out) for group in groups]
+        # One time object for the whole batch: the writer formats it once for its rows.
+        created_at = datetime.fromtimestamp(now, UTC)
         for batch in batches:
             if batch is not None:
-                self._answer(requests, batch, out, now)
+                self._answer(requests, batch, out, now, created_at)
         return out  # type: ignore[return-value]
 
     def _groups(self, requests: Sequence[DecideArgs],
@@ -182,23 +208,34 @@ class Decider:
         """The requests grouped by policy, paced preferences and candidates (under the
         state lock); a request that cannot be decided gets its exception in ``out``."""
         groups: dict[tuple[Any, ...], _Group] = {}
+        # Requests of one tenant with the same override and candidates are paced and
+        # checked once per batch: nothing that decides their preferences and candidates
+        # (the tenant's settings and ledger, the registry) changes while the batch is
+        # grouped (the reservations come after, in _answer). A request that fails is not
+        # remembered: each gets its own exception.
+        asked: dict[tuple[Any, ...], _Group] = {}
         for i, request in enumerate(requests):
             tenant = request.tenant
-            try:
-                # Checked once per distinct weights (the library caches them).
-                base = (request.override or tenant.preferences).validated()
-                prefs = base._replace(cost=tenant.ledger.paced_cost_weight(
-                    base.quality, base.cost, now=now))
-                names = self.candidates(request.candidates)
-            except Exception as exc:  # this request only
-                out[i] = exc
-                continue
-            policy = self.policies.policy_for(tenant)
-            key = (id(policy), prefs, tuple(names))
-            group = groups.get(key)
+            wanted = request.candidates
+            ask = (id(tenant), request.override, None if wanted is None else tuple(wanted))
+            group = asked.get(ask)
             if group is None:
-                group = groups[key] = _Group(policy, prefs, names, tenant.policy,
-                                             tenant.scope, [])
+                try:
+                    # Checked once per distinct weights (the library caches them).
+                    base = (request.override or tenant.preferences).validated()
+                    cost = tenant.ledger.paced_cost_weight(base.quality, base.cost, now=now)
+                    prefs = base if cost == base.cost else base._replace(cost=cost)
+                    names = self.candidates(wanted)
+                except Exception as exc:  # this request only
+                    out[i] = exc
+                    continue
+                policy = self.policies.policy_for(tenant)
+                key = (id(policy), prefs, tuple(names))
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = _Group(policy, prefs, names, tenant.policy,
+                                                 tenant.scope, [])
+                asked[ask] = group
             group.requests.append(i)
         return list(groups.values())
 
@@ -220,7 +257,8 @@ class Decider:
         return _Batch(group, decided, int(group.policy.version), prices, guarded)
 
     def _answer(self, requests: Sequence[DecideArgs], batch: _Batch,
-                out: list[PendingDecision | Exception | None], now: float) -> None:
+                out: list[PendingDecision | Exception | None], now: float,
+                created_at: datetime) -> None:
         """Each row's predictions and reservation (after the state lock)."""
         group, decided = batch.group, batch.decided
         arms = decided.arms
@@ -234,7 +272,8 @@ class Decider:
             try:
                 pending = out[i] = self._reserve(
                     tenant, requests[i].x, group.candidates, predictions, arms[choices[r]],
-                    props[r], bool(explored[r]), group.kind, group.scope, batch.version, now)
+                    props[r], bool(explored[r]), group.kind, group.scope, batch.version, now,
+                    created_at)
             except Exception as exc:  # 429: budget spent and "reject"
                 out[i] = exc
                 continue
@@ -249,7 +288,7 @@ class Decider:
     def _reserve(self, tenant: TenantState, x: np.ndarray, names: list[str],
                  predictions: dict[str, dict[str, float]], model: str, propensity: float,
                  explored: bool, kind: str, scope: str, version: int,
-                 now: float) -> PendingDecision:
+                 now: float, created_at: datetime) -> PendingDecision:
         """Reserve the chosen model's predicted cost (or fall back to the cheapest) and
         build the decision row and response."""
         cost = max(predictions[model]["cost_usd"], 0.0)
@@ -284,7 +323,7 @@ class Decider:
             "predictions_json": orjson.dumps(predictions),
             "predicted_cost_usd": cost, "charged_usd": cost, "over_budget": over_budget,
             "price_usd": predictions[model].get("price_usd"),
-            "created_at": datetime.fromtimestamp(now, UTC),
+            "created_at": created_at,  # datetime.fromtimestamp(now, UTC)
             # Set by the caller (decide_body) and _answer (guarded decisions).
             "tags": None, "guard": None,
         }
@@ -329,4 +368,8 @@ class Decider:
             child = self._decision_counters[key] = self.metrics.decisions.labels(*key)
         child.inc()
         if explored:
-            self.metrics.explored.labels(tenant.id).inc()
+            child = self._explored_counters.get(tenant.id)
+            if child is None:
+                child = self._explored_counters[tenant.id] = self.metrics.explored.labels(
+                    tenant.id)
+            child.inc()

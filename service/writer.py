@@ -35,10 +35,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from service.db.models import DecisionRow
+from service.decision_insert import RowInserter
 from service.spool import DecisionSpool
 
 __all__ = ["DecisionWriter", "QueueFull"]
@@ -48,90 +49,6 @@ log = logging.getLogger("service.writer")
 
 class QueueFull(Exception):
     """The decision queue stayed full for the whole wait."""
-
-
-class _RowInserter:
-    """One multi-row ``INSERT INTO decisions (...) VALUES (...), (...)`` per batch
-    (SQLite), through ``exec_driver_sql`` with the values converted by the columns' own bind
-    processors (exactly what ``insert(DecisionRow)`` would store).
-
-    ``conn.execute(insert(DecisionRow), rows)`` spent more time in SQLAlchemy's per-row
-    parameter processing than SQLite spent inserting, all of it holding the GIL that the
-    event loop needs; and SQLite's executemany releases and re-takes the GIL around every
-    row. A row may carry ``predictions_json`` (the predictions already encoded, as the
-    API encoded them for the response): then they are not encoded a second time.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._conn: Connection | None = None
-        dialect = engine.dialect
-        self._placeholder = {"qmark": "?", "format": "%s",
-                             "pyformat": "%s"}.get(dialect.paramstyle)
-        # SQLite only: PostgreSQL needs casts (JSON) that only the compiler renders, and
-        # does the inserting in its own process anyway.
-        self.fast = dialect.name == "sqlite" and self._placeholder is not None
-        table = DecisionRow.__table__
-        quote = dialect.identifier_preparer.quote
-        self._columns = [(c.name, c.type.dialect_impl(dialect).bind_processor(dialect))
-                         for c in table.columns]
-        # Built from the table's metadata only (no value is ever formatted into it).
-        self._head = (f"INSERT INTO {quote(table.name)} "  # noqa: S608
-                      f"({', '.join(quote(name) for name, _ in self._columns)}) VALUES ")
-        self._values = "(" + ", ".join([self._placeholder or "?"] * len(self._columns)) + ")"
-        # SQLite's default limit is 32766 variables per statement.
-        self._max_rows = max(1, 30_000 // len(self._columns))
-        self._sql: dict[int, str] = {}
-
-    def write(self, rows: list[dict[str, Any]]) -> None:
-        """Insert ``rows`` (all or none); raises SQLAlchemy's exceptions."""
-        if not self.fast:
-            with self._engine.begin() as conn:
-                conn.execute(insert(DecisionRow), [{k: v for k, v in row.items()
-                                                 if k != "predictions_json"} for row in rows])
-            return
-        # SQLite: a connection of the writer's own in autocommit mode. One multi-row
-        # INSERT is atomic by itself, so a batch is one statement: no BEGIN and COMMIT,
-        # each of which releases the GIL and then waits up to the switch interval (5 ms)
-        # to take it back from a busy event loop.
-        if self._conn is None:
-            self._conn = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        conn = self._conn
-        try:
-            chunks = range(0, len(rows), self._max_rows)
-            if len(chunks) > 1:
-                conn.exec_driver_sql("BEGIN")
-            for start in chunks:
-                conn.exec_driver_sql(*self._statement(rows[start:start + self._max_rows]))
-            if len(chunks) > 1:
-                conn.exec_driver_sql("COMMIT")
-            conn.commit()  # ends SQLAlchemy's own bookkeeping; nothing is sent
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            try:
-                conn.close()
-            except Exception:  # already broken: the pool discards it
-                log.debug("closing the writer's connection failed", exc_info=True)
-
-    def _statement(self, chunk: list[dict[str, Any]]) -> tuple[str, tuple[Any, ...]]:
-        params: list[Any] = []
-        append = params.append
-        for row in chunk:
-            for name, process in self._columns:
-                if name == "predictions" and "predictions_json" in row:
-                    append(row["predictions_json"].decode())
-                    continue
-                value = row.get(name)  # a column a row does not name is NULL
-                append(value if process is None or value is None else process(value))
-        sql = self._sql.get(len(chunk))
-        if sql is None:
-            sql = self._sql[len(chunk)] = self._head + ", ".join([self._values] * len(chunk))
-        return sql, tuple(params)
 
 
 class DecisionWriter:
@@ -159,7 +76,7 @@ class DecisionWriter:
         self._in_flight: list[dict[str, Any]] = []  # taken from the queue, not committed
         self._cond = threading.Condition(self._lock)  # rows written (wait_for, flush)
         self._thread: threading.Thread | None = None
-        self._insert = _RowInserter(engine)
+        self._insert = RowInserter(engine)
         self.flushed = 0
         self.failed = 0  # rows the database refused (logged one by one)
         self.spool = spool

@@ -74,6 +74,46 @@ def test_decide_many_equals_policy_decide_batch_row_by_row(new_database_url):
         assert service.writer.depth() == 0
 
 
+def test_decide_many_paces_once_per_tenant_ask_and_fails_each_request_alone(
+        new_database_url, monkeypatch):
+    """Requests of one tenant with the same override and candidates are paced and
+    checked once per batch (nothing they depend on changes while a batch is grouped);
+    one that fails is not remembered: each gets its own exception."""
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        models = [add_model(client, f"p-{i}", prior_quality=0.5) for i in range(2)]
+        service = client.app.state.routing
+        a = service.tenant_for_key(create_tenant(client, "a")["Authorization"][7:])
+        b = service.tenant_for_key(create_tenant(client, "b")["Authorization"][7:])
+        paced: list[str] = []
+        for tenant in (a, b):
+            real = tenant.ledger.paced_cost_weight
+
+            def counted(*args, _real=real, _id=tenant.id, **kwargs):
+                paced.append(_id)
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(tenant.ledger, "paced_cost_weight", counted)
+        xs = [np.asarray(embedding(seed)) for seed in range(8)]
+        requests = [DecideArgs(a, xs[0], None, None),
+                    DecideArgs(a, xs[1], None, Preferences(0.0, 0.0, 0.0)),  # bad weights
+                    DecideArgs(b, xs[2], None, None),
+                    DecideArgs(a, xs[3], None, None),
+                    DecideArgs(a, xs[4], None, Preferences(0.0, 0.0, 0.0)),
+                    DecideArgs(a, xs[5], models[:1], None),
+                    DecideArgs(a, xs[6], list(models[:1]), None),
+                    DecideArgs(a, xs[7], None, Preferences(1.0, 2.0, 0.0))]
+        results = service.decide_many(requests)
+
+        assert sorted(paced) == sorted([a.id, b.id, a.id, a.id])
+        assert isinstance(results[1], InvalidInputError)
+        assert isinstance(results[4], InvalidInputError)
+        assert results[1] is not results[4]
+        assert results[1].field == results[4].field == "preferences"
+        assert [results[i].response["model"] for i in (5, 6)] == [models[0]] * 2
+        assert all(not isinstance(results[i], Exception) for i in (0, 2, 3, 5, 6, 7))
+        assert len({results[i].row["id"] for i in (0, 2, 3, 5, 6, 7)}) == 6
+
+
 @pytest.mark.parametrize("n", [24])
 def test_concurrent_decides_are_batched_answered_and_stored(new_database_url, n):
     with TestClient(create_app(make_settings(new_database_url()))) as client:

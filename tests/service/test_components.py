@@ -10,6 +10,7 @@ from datetime import timedelta
 import numpy as np
 import pytest
 
+from service import decider as decider_module
 from service.db import models as m
 from service.db.engine import make_engine, upgrade
 from service.domain import POLICY_KINDS, ModelState, TenantState
@@ -152,6 +153,60 @@ def test_decider_prices_follow_another_replicas_price_change(database, tmp_path)
         out = s.prior_output_tokens * 2.0
         assert after[:, 0].tolist() == [(s.prior_input_tokens * 5.0 + out) / 1e6,
                                         (10 * 5.0 + out) / 1e6]
+    finally:
+        routing.stop()
+
+
+def test_decider_estimate_of_the_same_prompts_follows_a_price_change(database, tmp_path):
+    """The estimate for the same candidates and token counts is kept (service.decider):
+    a change of the models' prices (here, or another replica's seen by a refresh) is
+    priced at once."""
+    url, engine = database
+    routing = RoutingService(make_settings(url, data_dir=tmp_path), engine, Metrics())
+    routing.start()
+    try:
+        routing.registry.create_model("p1", 1.0, 2.0, True, None)
+        decider, s = routing.decider, routing.settings
+        out = s.prior_output_tokens * 2.0
+        first = decider.price_estimates(["p1"], [None, 10])
+        assert first.array[:, 0].tolist() == [(s.prior_input_tokens * 1.0 + out) / 1e6,
+                                              (10 * 1.0 + out) / 1e6]
+        assert decider.price_estimates(["p1"], [None, 10]) is first  # kept
+        routing.registry.update_model("p1", {"input_price_per_mtok": 5.0})
+        assert decider.price_estimates(["p1"], [None, 10]).array[:, 0].tolist() == [
+            (s.prior_input_tokens * 5.0 + out) / 1e6, (10 * 5.0 + out) / 1e6]
+        other = Registry(routing.registry.settings, engine, threading.RLock())
+        other.load()
+        other.update_model("p1", {"input_price_per_mtok": 7.0})
+        routing.registry.refresh()
+        assert decider.price_estimates(["p1"], [None, 10]).array[:, 0].tolist() == [
+            (s.prior_input_tokens * 7.0 + out) / 1e6, (10 * 7.0 + out) / 1e6]
+        # The same tokens on other candidates: their own estimate.
+        routing.registry.create_model("p2", 3.0, 0.0, True, None)
+        both = decider.price_estimates(["p2", "p1"], [10])
+        assert both.names == ["p2", "p1"]
+        assert both.array.tolist() == [[30.0 / 1e6, (70.0 + out) / 1e6]]
+    finally:
+        routing.stop()
+
+
+def test_decider_estimates_kept_are_bounded(database, tmp_path, monkeypatch):
+    url, engine = database
+    routing = RoutingService(make_settings(url, data_dir=tmp_path), engine, Metrics())
+    routing.start()
+    try:
+        routing.registry.create_model("p1", 1.0, 2.0, True, None)
+        routing.registry.create_model("p2", 1.0, 2.0, True, None)
+        monkeypatch.setattr(decider_module, "_ESTIMATE_CELLS", 5)
+        decider = routing.decider
+        for tokens in range(12):
+            estimate = decider.price_estimates(["p1", "p2"], [tokens])
+            out = 2.0 * routing.settings.prior_output_tokens
+            assert estimate.array.tolist() == [[(tokens + out) / 1e6] * 2]
+            assert decider._estimate_cells <= 5
+            assert sum(e.array.size for e in decider._estimates.values()) \
+                == decider._estimate_cells
+        assert len(decider._estimates) == 2
     finally:
         routing.stop()
 

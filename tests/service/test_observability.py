@@ -171,3 +171,15 @@ def test_get_metrics_public_when_configured(tmp_path):
         r = c.get("/metrics")
         assert r.status_code == 200, r.text
         assert "bandit_router_decide_latency_seconds" in r.text
+
+
+def test_get_metrics_explored_counts_each_explored_decision(client, models):
+    tenant = create_tenant(client, "explorer")
+    tid = tenant["X-Tenant"]
+    explored = sum(bool(decide(client, tenant, models).json()["explored"]) for _ in range(40))
+    text = client.get("/metrics", headers=ADMIN).text
+    name = "bandit_router_explored_decisions_total"
+    if explored:
+        assert sample(text, name, tenant=tid) == explored
+    else:
+        assert f'{name}{{tenant="{tid}"}}' not in text
