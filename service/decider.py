@@ -39,9 +39,9 @@ __all__ = ["Decider", "prediction_dicts"]
 
 #: Candidate lists whose prices the decider keeps (beyond, it starts over).
 _PRICE_LISTS = 256
-#: Prices kept in cached estimates, all candidate lists together (8 MB; beyond, the
-#: estimates start over).
-_ESTIMATE_CELLS = 1 << 20
+#: Estimates the decider keeps, all candidate lists and prompt lengths together (each
+#: ~0.6-0.9 KB with its keys; beyond, they start over).
+_ESTIMATES = 4096
 
 
 class _Group(NamedTuple):
@@ -96,7 +96,6 @@ class Decider:
     #: (candidates, token counts) -> their estimate, for the same ``models_version``.
     _estimates: dict[tuple[tuple[str, ...], tuple[float, ...]], CostEstimate] = field(
         default_factory=dict)
-    _estimate_cells: int = 0
 
     def candidates(self, requested: list[str] | None) -> list[str]:
         models = self.registry.models
@@ -140,12 +139,9 @@ class Decider:
             # changes: requests with an embedding (no prompt: prior_input_tokens) or
             # prompts of a common length are priced once. The array is read-only.
             estimate = prices.estimate(tokens)
-            cells = estimate.array.size
-            if self._estimate_cells + cells > _ESTIMATE_CELLS:
+            if len(self._estimates) >= _ESTIMATES:
                 self._estimates.clear()
-                self._estimate_cells = 0
             self._estimates[key] = estimate
-            self._estimate_cells += cells
         return estimate
 
     def _price_list(self, names: list[str]) -> PriceList:
@@ -154,7 +150,6 @@ class Decider:
         if version != self._prices_version:
             self._prices.clear()
             self._estimates.clear()
-            self._estimate_cells = 0
             self._prices_version = version
         key = tuple(names)
         prices = self._prices.get(key)
@@ -217,12 +212,20 @@ class Decider:
         for i, request in enumerate(requests):
             tenant = request.tenant
             wanted = request.candidates
-            ask = (id(tenant), request.override, None if wanted is None else tuple(wanted))
-            group = asked.get(ask)
+            # An override by identity: equal preferences of other types (True for 1.0)
+            # are each validated.
+            override = request.override
+            try:
+                ask = (id(tenant), None if override is None else id(override),
+                       None if wanted is None else tuple(wanted))
+                group = asked.get(ask)  # unhashable candidates: this request's error
+            except Exception as exc:  # this request only
+                out[i] = exc
+                continue
             if group is None:
                 try:
                     # Checked once per distinct weights (the library caches them).
-                    base = (request.override or tenant.preferences).validated()
+                    base = (override or tenant.preferences).validated()
                     cost = tenant.ledger.paced_cost_weight(base.quality, base.cost, now=now)
                     prefs = base if cost == base.cost else base._replace(cost=cost)
                     names = self.candidates(wanted)

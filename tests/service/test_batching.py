@@ -114,6 +114,27 @@ def test_decide_many_paces_once_per_tenant_ask_and_fails_each_request_alone(
         assert len({results[i].row["id"] for i in (0, 2, 3, 5, 6, 7)}) == 6
 
 
+def test_decide_many_checks_every_override_and_candidate_list_alone(new_database_url):
+    """The batch's once-per-ask grouping keys an override by identity and fails an
+    unusable candidate list alone: an override equal to a valid one but of another type
+    (True for 1.0) is still refused, and unhashable candidates fail only their request."""
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        models = [add_model(client, f"p-{i}", prior_quality=0.5) for i in range(2)]
+        service = client.app.state.routing
+        a = service.tenant_for_key(create_tenant(client, "a")["Authorization"][7:])
+        xs = [np.asarray(embedding(seed)) for seed in range(4)]
+        requests = [DecideArgs(a, xs[0], None, Preferences(1.0, 0.0, 0.0)),
+                    DecideArgs(a, xs[1], None, Preferences(True, 0.0, 0.0)),
+                    DecideArgs(a, xs[2], [[models[0]]], None),  # type: ignore[list-item]
+                    DecideArgs(a, xs[3], models[:1], None)]
+        results = service.decide_many(requests)
+        assert not isinstance(results[0], Exception)
+        assert isinstance(results[1], InvalidInputError)
+        assert results[1].field == "preferences.quality"
+        assert isinstance(results[2], Exception)
+        assert results[3].response["model"] == models[0]
+
+
 @pytest.mark.parametrize("n", [24])
 def test_concurrent_decides_are_batched_answered_and_stored(new_database_url, n):
     with TestClient(create_app(make_settings(new_database_url()))) as client:
