@@ -1660,12 +1660,16 @@ class Policy(abc.ABC):
             self._maybe_decay(now)
         if self._level or self._shifting:
             y = self._arm_targets([arm], xb, y[None], weight)[0]
-        residual = self._stats.update(k, xb[0], y, weight)
-        if ratio is not None and not np.isnan(ratio[0]):
-            self._stats.add_price_ratios(k, ratio, weight)
-        if residual is not None:
-            self._watch_drift(arm, [residual])
-        self.version += 1
+        try:
+            residual = self._stats.update(k, xb[0], y, weight)
+            if ratio is not None and not np.isnan(ratio[0]):
+                self._stats.add_price_ratios(k, ratio, weight)
+            if residual is not None:
+                self._watch_drift(arm, [residual])
+        finally:
+            # Even after an error: the statistics may have changed (a head group split),
+            # and the compiled decide's plan must be built again.
+            self.version += 1
 
     def update_batch(self, arms: Sequence[str], x: object,
                      outcomes: Sequence[Mapping[str, object]] | np.ndarray, *,
@@ -1731,22 +1735,24 @@ class Policy(abc.ABC):
             self._maybe_decay(now)
         if self._level or self._shifting:
             y = self._arm_targets(arms, xb, y, weights)
-        for k in np.unique(ks):
-            rows = ks == k
-            name = self._names[k]
-            q = ~np.isnan(y[rows, 0])
-            residuals = (y[rows, 0] - xb[rows] @ self._stats.theta[k, 0])[q]
-            w_rows = weights if np.ndim(weights) == 0 else weights[rows]
-            self._stats.update_many(int(k), xb[rows], y[rows], w_rows)
-            if ratios is not None:
-                known = ~np.isnan(ratios[rows])
-                if known.any():
-                    self._stats.add_price_ratios(
-                        int(k), ratios[rows][known],
-                        w_rows if np.ndim(w_rows) == 0 else w_rows[known])
-            if watch_drift:
-                self._watch_drift(name, residuals.tolist())
-        self.version += 1
+        try:
+            for k in np.unique(ks):
+                rows = ks == k
+                name = self._names[k]
+                q = ~np.isnan(y[rows, 0])
+                residuals = (y[rows, 0] - xb[rows] @ self._stats.theta[k, 0])[q]
+                w_rows = weights if np.ndim(weights) == 0 else weights[rows]
+                self._stats.update_many(int(k), xb[rows], y[rows], w_rows)
+                if ratios is not None:
+                    known = ~np.isnan(ratios[rows])
+                    if known.any():
+                        self._stats.add_price_ratios(
+                            int(k), ratios[rows][known],
+                            w_rows if np.ndim(w_rows) == 0 else w_rows[known])
+                if watch_drift:
+                    self._watch_drift(name, residuals.tolist())
+        finally:
+            self.version += 1  # as in update(): the plan follows whatever changed
 
     # Quality shared by every arm (SelectiveThompson): the arms learn quality minus it.
     _shifting = False

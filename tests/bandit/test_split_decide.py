@@ -145,3 +145,29 @@ def test_split_heads_with_a_cold_arm():
         policy.add_arm("new")
     assert compiled._fused_plan().n_cold == 1
     assert_same(compiled, reference, rng, rows=24)
+
+
+@pytest.mark.parametrize("batch", [False, True])
+def test_plan_follows_a_split_whose_update_raised(batch, monkeypatch):
+    """An update that splits a head group and then fails (here in the drift watch) still
+    makes the compiled decide build its plan again: it reads the split head's own
+    inverse, as the numpy path does."""
+    compiled, reference, rng = fed(LinUCB, {}, 6, (FULL,), n=60)
+    for policy in (compiled, reference):
+        policy.remove_arm("m2")
+    assert compiled._fused_plan().group is ALL_GROUPED
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("drift watch failed")
+
+    x = rng.standard_normal(6) / 2
+    for policy in (compiled, reference):
+        monkeypatch.setattr(policy, "_watch_drift", fail)
+        with pytest.raises(RuntimeError):
+            if batch:
+                policy.update_batch(["m1"], x[None], [{"quality": 0.9}])
+            else:
+                policy.update("m1", x, {"quality": 0.9})
+    assert not compiled._stats.group[compiled._index["m1"], 1:].any()  # cost, latency split
+    assert_fused_split(compiled)
+    assert_same(compiled, reference, rng, rows=8)
