@@ -746,9 +746,9 @@ class _FusedPlan(NamedTuple):
     inverses: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
     selecting: bool
     # The head groups (K, H) when some head is split off its arm's group (outcomes
-    # reported in pieces), else ALL_GROUPED; and the heads' own inverses (K, H, D, D).
+    # reported in pieces; the kernel then reads their own inverses, stats.a_inv), else
+    # ALL_GROUPED.
     group: np.ndarray
-    a_inv: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -1252,8 +1252,7 @@ class Policy(abc.ABC):
         plan = self._plan = _FusedPlan(
             version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
             n_cold, by_direction, stats.width_inverses() if rule is not None else (),
-            stats.selecting, ALL_GROUPED if stats._all_grouped() else stats.group,
-            stats.a_inv)
+            stats.selecting, ALL_GROUPED if stats._all_grouped() else stats.group)
         return plan
 
     def _decide_fused(self, x: object, preferences: Preferences | None,
@@ -1345,7 +1344,7 @@ class Policy(abc.ABC):
             else:
                 choice, prop, explored, row = _kernel.decide_one_split(
                     stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting,
-                    sel, same, plan.group, plan.a_inv, arms, self._level, estimate, factor,
+                    sel, same, plan.group, stats.a_inv, arms, self._level, estimate, factor,
                     cfg.bounded_optimism, kind, param, noise, pick, eps, quantiles, prune)
             return names, choice, prop, explored, row
         # New outputs on every call, even those decide() reads at once: buffers kept in
@@ -1354,7 +1353,7 @@ class Policy(abc.ABC):
         choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
         explored = np.empty(n, dtype=bool)
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
-                            plan.selecting, sel, same, plan.group, plan.a_inv, arms,
+                            plan.selecting, sel, same, plan.group, stats.a_inv, arms,
                             self._level, estimate, factor, cfg.bounded_optimism, kind,
                             param, noise, forced, eps, quantiles, prune, propensities,
                             _kernel.PHI_TABLE, means, table, choices, prop, explored)

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -222,3 +223,11 @@ def alternate_trees(root: Path, args: argparse.Namespace, script: str,
             samples[t].append(profile_in_tree(trees[t], script, profile_args))
             load.append(os.getloadavg()[0])
     return trees, samples, load
+
+
+def median_over_rounds(samples: Mapping[str, list], policies: Sequence[str],
+                       keys: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """The median over :func:`alternate_trees`'s rounds of each tree's
+    ``sample[policy][key]``: ``{tree: {policy: {key: median}}}``."""
+    return {t: {p: {k: statistics.median(run[p][k] for run in runs) for k in keys}
+                for p in policies} for t, runs in samples.items()}

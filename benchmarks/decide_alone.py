@@ -27,7 +27,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -107,7 +106,13 @@ def profile(dim: int, calls: int, repeats: int) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import add_tree_options, alternate_trees, print_table, write_results
+    from benchmarks.common import (
+        add_tree_options,
+        alternate_trees,
+        median_over_rounds,
+        print_table,
+        write_results,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=64)
@@ -117,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trees, samples, load = alternate_trees(ROOT, args, __file__,
                                            [args.dim, args.calls, args.repeats])
-    med = {t: {p: {part: statistics.median(s[p][part] for s in samples[t])
-                   for part in PARTS} for p in POLICIES} for t in trees}
+    med = median_over_rounds(samples, POLICIES, PARTS)
     headers = ["part"]
     for p in POLICIES:
         headers += [f"{p} {t}" for t in trees]

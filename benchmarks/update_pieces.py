@@ -31,7 +31,6 @@ Run::
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -98,7 +97,13 @@ def profile(dim: int, updates: int, repeats: int, warmup: int) -> dict[str, dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.common import add_tree_options, alternate_trees, print_table, write_results
+    from benchmarks.common import (
+        add_tree_options,
+        alternate_trees,
+        median_over_rounds,
+        print_table,
+        write_results,
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=64)
@@ -109,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trees, samples, load = alternate_trees(ROOT, args, __file__,
                                            [args.dim, args.updates, args.repeats, args.warmup])
-    med = {t: {p: {s: statistics.median(run[p][s] for run in samples[t]) for s in ROWS}
-               for p in POLICIES} for t in trees}
+    med = median_over_rounds(samples, POLICIES, ROWS)
     headers = ["outcome"]
     for p in POLICIES:
         headers += [f"{p} {t}" for t in trees]

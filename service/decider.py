@@ -131,8 +131,9 @@ class Decider:
         """
         prior = self.settings.prior_input_tokens
         tokens = tuple([prior if t is None else t for t in input_tokens])
-        prices = self._price_list(names)  # first: a change of the models clears both
-        key = (tuple(names), tokens)
+        candidates = tuple(names)
+        prices = self._price_list(candidates)  # first: a change of the models clears both
+        key = (candidates, tokens)
         estimate = self._estimates.get(key)
         if estimate is None:
             # The same prompt lengths on the same candidates cost the same until a price
@@ -144,21 +145,20 @@ class Decider:
             self._estimates[key] = estimate
         return estimate
 
-    def _price_list(self, names: list[str]) -> PriceList:
+    def _price_list(self, names: tuple[str, ...]) -> PriceList:
         """The candidates' :class:`bandit.PriceList`, cached per ``models_version``."""
         version = self.registry.models_version  # read first: a later change rebuilds
         if version != self._prices_version:
             self._prices.clear()
             self._estimates.clear()
             self._prices_version = version
-        key = tuple(names)
-        prices = self._prices.get(key)
+        prices = self._prices.get(names)
         if prices is None:
             if len(self._prices) >= _PRICE_LISTS:  # many distinct candidate lists
                 self._prices.clear()
             models = [self.registry.models[n] for n in names]
-            prices = self._prices[key] = PriceList(
-                names, [mo.input_price_per_mtok for mo in models],
+            prices = self._prices[names] = PriceList(
+                list(names), [mo.input_price_per_mtok for mo in models],
                 [mo.output_price_per_mtok for mo in models], self.settings.prior_output_tokens)
         return prices
 

@@ -367,16 +367,17 @@ class QualityDefaults:
         behind it). A decision for which another item of the batch may write a row (the
         gateway's failure, a claim of a tenant with defaults) is taken item by item for
         all of its items, in order: the others must see that row."""
+        def client_quality(item: SpooledFeedback) -> bool:
+            return (item.outcome.get("quality") is not None
+                    and item.event_id not in ROUTER_EVENTS)
+
         def writes(item: SpooledFeedback) -> bool:
-            return item.outcome.get("quality") is not None and (
-                item.event_id == OUTCOME_EVENT
-                or (item.event_id not in ROUTER_EVENTS and self._claims(item.tenant_id)))
+            return ((item.event_id == OUTCOME_EVENT and item.outcome.get("quality") is not None)
+                    or (client_quality(item) and self._claims(item.tenant_id)))
 
         one_by_one = {item.decision_id for item in items if writes(item)}
         unclaimed = {i for i, item in enumerate(items)
-                     if item.outcome.get("quality") is not None
-                     and item.event_id not in ROUTER_EVENTS
-                     and item.decision_id not in one_by_one}
+                     if client_quality(item) and item.decision_id not in one_by_one}
         owners: dict[str, str] = {}
         if unclaimed:
             with Session(self._engine) as session:

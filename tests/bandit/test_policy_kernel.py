@@ -30,6 +30,16 @@ def pair(cls, d: int, **params):
     return policies
 
 
+def predict_both(stats: ArmStatistics, xb: np.ndarray, c: np.ndarray, w: np.ndarray):
+    """``stats.predict`` compiled, then on numpy alone (the reference)."""
+    got = stats.predict(xb, None, c, w)
+    stats.compiled = False
+    try:
+        return got, stats.predict(xb, None, c, w)
+    finally:
+        stats.compiled = True
+
+
 def outcome(rng: np.random.Generator, t: int, partial: bool) -> dict[str, float]:
     out = {"quality": float(rng.random()), "cost_usd": 0.001 * (1 + t % 5),
            "latency_ms": 200.0 + 10 * (t % 7)}
@@ -227,10 +237,7 @@ def test_batch_path_widths_match_numpy_bit_for_bit(cls, partial):
     c = (w * w) * stats.sigma2
     for n in (FUSED_BATCH + 1, FLOAT32_WIDTH_BATCH):
         xb = policy._features(rng.standard_normal((n, 6)) / 2)
-        got = stats.predict(xb, None, c, w)
-        stats.compiled = False
-        want = stats.predict(xb, None, c, w)
-        stats.compiled = True
+        got, want = predict_both(stats, xb, c, w)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
         assert (got[2] > 0).all()

@@ -11,7 +11,7 @@ import pytest
 from bandit import LinearThompson, LinUCB, Preferences, PriceList, SelectiveThompson
 from bandit.stats import ALL_GROUPED, FLOAT32_INVERSE_DIM, FUSED_BATCH
 from tests.bandit.test_partial_update import FULL, piece
-from tests.bandit.test_policy_kernel import PREFS, pair
+from tests.bandit.test_policy_kernel import PREFS, pair, predict_both
 
 GATEWAY = (("cost_usd", "latency_ms"), ("quality",))  # each call: two pieces
 MIXED = (FULL, ("quality",), ("cost_usd", "latency_ms"), ("latency_ms",))
@@ -128,10 +128,7 @@ def test_split_heads_predict_compiled_as_numpy(cls, params):
     c = w * w * stats.sigma2
     for n in (1, 2, FUSED_BATCH):
         xb = compiled._features(rng.standard_normal((n, 6)) / 2)
-        got = stats.predict(xb, None, c, w)
-        stats.compiled = False
-        want = stats.predict(xb, None, c, w)
-        stats.compiled = True
+        got, want = predict_both(stats, xb, c, w)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
         assert (got[2] > 0).all()

@@ -136,79 +136,6 @@ def test_refresh_that_read_before_a_local_change_keeps_it(registry, monkeypatch)
     assert set(registry.models) == {"new"} and tenant.preferences.cost == 5.0
 
 
-def test_decider_prices_follow_another_replicas_price_change(database, tmp_path):
-    url, engine = database
-    routing = RoutingService(make_settings(url, data_dir=tmp_path), engine, Metrics())
-    routing.start()
-    try:
-        routing.registry.create_model("p1", 1.0, 2.0, True, None)
-        decider, s = routing.decider, routing.settings
-        before = decider.price_estimates(["p1"], [None]).array
-        assert before[0, 0] == (s.prior_input_tokens * 1.0 + s.prior_output_tokens * 2.0) / 1e6
-        other = Registry(routing.registry.settings, engine, threading.RLock())
-        other.load()
-        other.update_model("p1", {"input_price_per_mtok": 5.0})
-        routing.registry.refresh()
-        after = decider.price_estimates(["p1"], [None, 10]).array
-        out = s.prior_output_tokens * 2.0
-        assert after[:, 0].tolist() == [(s.prior_input_tokens * 5.0 + out) / 1e6,
-                                        (10 * 5.0 + out) / 1e6]
-    finally:
-        routing.stop()
-
-
-def test_decider_estimate_of_the_same_prompts_follows_a_price_change(database, tmp_path):
-    """The estimate for the same candidates and token counts is kept (service.decider):
-    a change of the models' prices (here, or another replica's seen by a refresh) is
-    priced at once."""
-    url, engine = database
-    routing = RoutingService(make_settings(url, data_dir=tmp_path), engine, Metrics())
-    routing.start()
-    try:
-        routing.registry.create_model("p1", 1.0, 2.0, True, None)
-        decider, s = routing.decider, routing.settings
-        out = s.prior_output_tokens * 2.0
-        first = decider.price_estimates(["p1"], [None, 10])
-        assert first.array[:, 0].tolist() == [(s.prior_input_tokens * 1.0 + out) / 1e6,
-                                              (10 * 1.0 + out) / 1e6]
-        assert decider.price_estimates(["p1"], [None, 10]) is first  # kept
-        routing.registry.update_model("p1", {"input_price_per_mtok": 5.0})
-        assert decider.price_estimates(["p1"], [None, 10]).array[:, 0].tolist() == [
-            (s.prior_input_tokens * 5.0 + out) / 1e6, (10 * 5.0 + out) / 1e6]
-        other = Registry(routing.registry.settings, engine, threading.RLock())
-        other.load()
-        other.update_model("p1", {"input_price_per_mtok": 7.0})
-        routing.registry.refresh()
-        assert decider.price_estimates(["p1"], [None, 10]).array[:, 0].tolist() == [
-            (s.prior_input_tokens * 7.0 + out) / 1e6, (10 * 7.0 + out) / 1e6]
-        # The same tokens on other candidates: their own estimate.
-        routing.registry.create_model("p2", 3.0, 0.0, True, None)
-        both = decider.price_estimates(["p2", "p1"], [10])
-        assert both.names == ["p2", "p1"]
-        assert both.array.tolist() == [[30.0 / 1e6, (70.0 + out) / 1e6]]
-    finally:
-        routing.stop()
-
-
-def test_decider_estimates_kept_are_bounded(database, tmp_path, monkeypatch):
-    url, engine = database
-    routing = RoutingService(make_settings(url, data_dir=tmp_path), engine, Metrics())
-    routing.start()
-    try:
-        routing.registry.create_model("p1", 1.0, 2.0, True, None)
-        routing.registry.create_model("p2", 1.0, 2.0, True, None)
-        monkeypatch.setattr(decider_module, "_ESTIMATES", 5)
-        decider = routing.decider
-        for tokens in range(12):
-            estimate = decider.price_estimates(["p1", "p2"], [tokens])
-            out = 2.0 * routing.settings.prior_output_tokens
-            assert estimate.array.tolist() == [[(tokens + out) / 1e6] * 2]
-            assert len(decider._estimates) <= 5
-        assert len(decider._estimates) == 2  # 12 = 5 + 5 + 2
-    finally:
-        routing.stop()
-
-
 @pytest.fixture
 def service(database, tmp_path):
     url, engine = database
@@ -216,6 +143,66 @@ def service(database, tmp_path):
     routing.start()
     yield routing
     routing.stop()
+
+
+def test_decider_prices_follow_another_replicas_price_change(service, database):
+    _, engine = database
+    routing = service
+    routing.registry.create_model("p1", 1.0, 2.0, True, None)
+    decider, s = routing.decider, routing.settings
+    before = decider.price_estimates(["p1"], [None]).array
+    assert before[0, 0] == (s.prior_input_tokens * 1.0 + s.prior_output_tokens * 2.0) / 1e6
+    other = Registry(routing.registry.settings, engine, threading.RLock())
+    other.load()
+    other.update_model("p1", {"input_price_per_mtok": 5.0})
+    routing.registry.refresh()
+    after = decider.price_estimates(["p1"], [None, 10]).array
+    out = s.prior_output_tokens * 2.0
+    assert after[:, 0].tolist() == [(s.prior_input_tokens * 5.0 + out) / 1e6,
+                                    (10 * 5.0 + out) / 1e6]
+
+
+def test_decider_estimate_of_the_same_prompts_follows_a_price_change(service, database):
+    """The estimate for the same candidates and token counts is kept (service.decider):
+    a change of the models' prices (here, or another replica's seen by a refresh) is
+    priced at once."""
+    _, engine = database
+    routing = service
+    routing.registry.create_model("p1", 1.0, 2.0, True, None)
+    decider, s = routing.decider, routing.settings
+    out = s.prior_output_tokens * 2.0
+    first = decider.price_estimates(["p1"], [None, 10])
+    assert first.array[:, 0].tolist() == [(s.prior_input_tokens * 1.0 + out) / 1e6,
+                                          (10 * 1.0 + out) / 1e6]
+    assert decider.price_estimates(["p1"], [None, 10]) is first  # kept
+    routing.registry.update_model("p1", {"input_price_per_mtok": 5.0})
+    assert decider.price_estimates(["p1"], [None, 10]).array[:, 0].tolist() == [
+        (s.prior_input_tokens * 5.0 + out) / 1e6, (10 * 5.0 + out) / 1e6]
+    other = Registry(routing.registry.settings, engine, threading.RLock())
+    other.load()
+    other.update_model("p1", {"input_price_per_mtok": 7.0})
+    routing.registry.refresh()
+    assert decider.price_estimates(["p1"], [None, 10]).array[:, 0].tolist() == [
+        (s.prior_input_tokens * 7.0 + out) / 1e6, (10 * 7.0 + out) / 1e6]
+    # The same tokens on other candidates: their own estimate.
+    routing.registry.create_model("p2", 3.0, 0.0, True, None)
+    both = decider.price_estimates(["p2", "p1"], [10])
+    assert both.names == ["p2", "p1"]
+    assert both.array.tolist() == [[30.0 / 1e6, (70.0 + out) / 1e6]]
+
+
+def test_decider_estimates_kept_are_bounded(service, monkeypatch):
+    routing = service
+    routing.registry.create_model("p1", 1.0, 2.0, True, None)
+    routing.registry.create_model("p2", 1.0, 2.0, True, None)
+    monkeypatch.setattr(decider_module, "_ESTIMATES", 5)
+    decider = routing.decider
+    for tokens in range(12):
+        estimate = decider.price_estimates(["p1", "p2"], [tokens])
+        out = 2.0 * routing.settings.prior_output_tokens
+        assert estimate.array.tolist() == [[(tokens + out) / 1e6] * 2]
+        assert len(decider._estimates) <= 5
+    assert len(decider._estimates) == 2  # 12 = 5 + 5 + 2
 
 
 def test_embedded_mode_plugs_ingest_and_checkpoints(service):
