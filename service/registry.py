@@ -370,9 +370,12 @@ class Registry:
 
             fresh = {r.name: self._model_state(r) for r in model_rows
                      if not newer("model", r.name)}
-            self.models_version += 1
-            for name in [n for n in self.models
-                         if n not in fresh and not newer("model", n)]:
+            gone = [n for n in self.models if n not in fresh and not newer("model", n)]
+            if gone or any(self.models.get(n) != s for n, s in fresh.items()):
+                # Only a change: the decider's price caches key on the version, and
+                # a refresh runs every few seconds whether anything changed or not.
+                self.models_version += 1
+            for name in gone:
                 del self.models[name]
                 for listener in self._listeners:
                     listener.model_removed(name)

@@ -104,6 +104,30 @@ def test_refresh_publishes_changes_made_by_another_replica(registry):
     assert ("baseline", "m2") in seen.events and tenant.baseline_model == "m2"
 
 
+def test_refresh_bumps_models_version_only_when_models_changed(registry):
+    """The decider's price caches key on ``models_version``: a refresh that finds the
+    models as they were (every few seconds) keeps it; a change through another replica
+    (a price, a new model, a deletion) bumps it."""
+    registry.create_model("m1", 1.0, 1.0, True, None)
+    other = Registry(registry.settings, registry.engine, threading.RLock())
+    other.load()
+    registry.refresh()
+    version = registry.models_version
+    registry.refresh()
+    registry.refresh()
+    assert registry.models_version == version
+    other.update_model("m1", {"input_price_per_mtok": 2.0})
+    registry.refresh()
+    assert registry.models_version > version
+    assert registry.models["m1"].input_price_per_mtok == 2.0
+    for change in (lambda: other.create_model("m2", 1.0, 1.0, True, None),
+                   lambda: other.delete_model("m2")):
+        version = registry.models_version
+        change()
+        registry.refresh()
+        assert registry.models_version > version
+
+
 def test_refresh_that_read_before_a_local_change_keeps_it(registry, monkeypatch):
     """A refresh reads the rows, then a model is created, another deleted and a
     preference changed here before it takes the lock: its older rows undo none of it."""
