@@ -202,8 +202,10 @@ async def closed_loop(port: int, requests: list[bytes], connections: int,
 
 
 async def open_loop(port: int, requests: list[bytes], rate: float, seconds: float,
-                    connections: int) -> dict[str, float]:
-    """Send at ``rate`` requests/s; latency from each request's scheduled time."""
+                    connections: int, pid: int | None = None) -> dict[str, float]:
+    """Send at ``rate`` requests/s; latency from each request's scheduled time. With the
+    server's ``pid`` also its CPU time per request at that rate."""
+    cpu0 = server_cpu_s(pid) if pid is not None else 0.0
     n = int(rate * seconds)
     start = time.perf_counter() + 0.2
     latencies: list[float] = []
@@ -238,10 +240,13 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
     # How late the load generator itself sent (its process competes for the same cores):
     # a part of every latency above that the server did not cause.
     late_ms = np.array(late) * 1e3
-    return {"rate_rps": rate, "requests": len(latencies), "errors": errors,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
-            "client_late_p99_ms": float(np.percentile(late_ms, 99))}
+    out = {"rate_rps": rate, "requests": len(latencies), "errors": errors,
+           "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+           "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
+           "client_late_p99_ms": float(np.percentile(late_ms, 99))}
+    if pid is not None:
+        out["server_cpu_us_per_request"] = (server_cpu_s(pid) - cpu0) / len(latencies) * 1e6
+    return out
 
 
 def _median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
@@ -402,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
                 shift = r % len(half_names)
                 for name in half_names[shift:] + half_names[:shift]:
                     runs[f"{name}_half_load"].append(asyncio.run(open_loop(
-                        servers[name][1], reqs[name], half, seconds, args.connections)))
+                        servers[name][1], reqs[name], half, seconds, args.connections,
+                        pid=servers[name][0].pid)))
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -426,6 +432,13 @@ def main(argv: list[str] | None = None) -> None:
         name: float(np.median([r["server_cpu_us_per_request"] for r in runs[f"{name}_max"]]))
         for name in names}
     results["cpu_ratio_to_bare"] = {name: cpu["bare"] / cpu[name] for name in names[1:]}
+    # At half load too: the decision writer's batches are smaller there than at the
+    # maximum (its cost per row depends on them).
+    cpu_half = results["server_cpu_us_per_request_half_load"] = {
+        name: float(np.median([r["server_cpu_us_per_request"]
+                               for r in runs[f"{name}_half_load"]])) for name in half_names}
+    print("server CPU per request at half load (median of the rounds), µs: " + ", ".join(
+        f"{name} {v:.0f}" for name, v in cpu_half.items()))
     print("server CPU per request (median of the rounds), µs: " + ", ".join(
         f"{name} {cpu[name]:.0f}" for name in names) + "; bare / router = " + ", ".join(
         f"{name} {v:.2f}" for name, v in results["cpu_ratio_to_bare"].items()))

@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
                 shift = r % len(half_names)
                 for name in half_names[shift:] + half_names[:shift]:
                     runs[f"{name}_half_load"].append(asyncio.run(open_loop(
-                        servers[name][1], reqs[name], half, seconds, args.connections)))
+                        servers[name][1], reqs[name], half, seconds, args.connections,
+                        pid=servers[name][0].pid)))
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -421,6 +422,11 @@ def main(argv: list[str] | None = None) -> None:
     cpu = {name: float(np.median([r["server_cpu_us_per_request"]
                                   for r in runs[f"{name}_asyncio"]])) for name in names}
     cpu_ratios = {name: cpu["bare"] / cpu[name] for name in names if name != "bare"}
+    # At half load too: the decision writer's batches are smaller there than at the
+    # maximum (its cost per row depends on them).
+    cpu_half = {name: float(np.median([r["server_cpu_us_per_request"]
+                                       for r in runs[f"{name}_half_load"]]))
+                for name in half_names}
     half_load = medians["router_half_load"]
     for name in half_names:
         run = medians[f"{name}_half_load"]
@@ -442,7 +448,9 @@ def main(argv: list[str] | None = None) -> None:
                 + f" ms; errors (all rounds): {errors:.0f}; goals: {goals}; server CPU µs per "
                 "request (asyncio, median): " + ", ".join(f"{n} {v:.0f}" for n, v in cpu.items())
                 + "; CPU ratio bare / router: " + ", ".join(
-                    f"{n} {v:.2f}" for n, v in cpu_ratios.items()))
+                    f"{n} {v:.2f}" for n, v in cpu_ratios.items())
+                + "; server CPU µs per request at half load (median): " + ", ".join(
+                    f"{n} {v:.0f}" for n, v in cpu_half.items()))
     if not args.quick:
         path = write_results(args.results_name, {
             "settings": {"dim": DIM, "models": N_MODELS, "connections": args.connections,
@@ -452,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
                          "uvicorn": " ".join(UVICORN_ARGS)},
             **medians, "ratio_to_bare": ratios, "ratio_to_bare_per_round": per_round,
             "server_cpu_us_per_request": cpu, "cpu_ratio_to_bare": cpu_ratios,
+            "server_cpu_us_per_request_half_load": cpu_half,
             "rounds": runs, "goals": goals,
         }, packages=("fastapi", "uvicorn", "uvloop", "httptools", "starlette", "pydantic",
                      "numpy", "numba", "orjson"))
