@@ -17,21 +17,9 @@ log = logging.getLogger("service.writer")
 
 
 class RowInserter:
-    """One multi-row INSERT per batch (SQLite), through ``exec_driver_sql`` with the
-    values converted by the columns' own bind processors (exactly what
-    ``insert(DecisionRow)`` would store).
-
-    The statement's shape is a power of two rows, ``INSERT INTO decisions (...) SELECT
-    column1, ... FROM (VALUES (..., 1), (..., 1), (NULL, ..., NULL)) WHERE column17 IS
-    NOT NULL``: a batch of n rows fills the next power of two with rows of NULLs that
-    the last column (1 for a row, NULL for a filler) leaves out. Every row count being a
-    distinct SQL text, Python's sqlite3 would keep a prepared statement per batch size
-    (~2.8 KB per row; tests/service/test_memory_bounds.py): the shapes stay
-    log2(batch size) + 1. Before, a batch was written in parts of 2**k rows, one
-    autocommit statement each: 3 statements for 7 rows, each a transaction that wrote
-    the indexes' last pages to the WAL again and a trip of the writer through the GIL;
-    in one statement a row costs ~30% less of the writer's CPU at half load's batch
-    sizes (docs/results.md).
+    """One multi-row ``INSERT INTO decisions (...) VALUES (...), (...)`` per batch
+    (SQLite), through ``exec_driver_sql`` with the values converted by the columns' own bind
+    processors (exactly what ``insert(DecisionRow)`` would store).
 
     ``conn.execute(insert(DecisionRow), rows)`` spent more time in SQLAlchemy's per-row
     parameter processing than SQLite spent inserting, all of it holding the GIL that the
@@ -60,17 +48,10 @@ class RowInserter:
         self._at = (names.index("predictions"), names.index("created_at"))
         # Built from the table's metadata only (no value is ever formatted into it).
         self._head = (f"INSERT INTO {quote(table.name)} "  # noqa: S608
-                      f"({', '.join(quote(name) for name, _ in self._columns)}) ")
-        # VALUES names its columns column1, column2, ...; the last one marks a row.
-        width = len(self._columns) + 1
-        self._select = (f"SELECT {', '.join(f'column{i}' for i in range(1, width))} "  # noqa: S608
-                        "FROM (VALUES ")
-        self._where = f") WHERE column{width} IS NOT NULL"
-        self._values = "(" + ", ".join([self._placeholder or "?"] * width) + ")"
-        self._filler = (None,) * width
-        # SQLite's default limit is 32766 variables per statement: the largest power of
-        # two of rows under it (1024 rows of 17 values).
-        self._max_rows = 1 << ((30_000 // width).bit_length() - 1)
+                      f"({', '.join(quote(name) for name, _ in self._columns)}) VALUES ")
+        self._values = "(" + ", ".join([self._placeholder or "?"] * len(self._columns)) + ")"
+        # SQLite's default limit is 32766 variables per statement.
+        self._max_rows = max(1, 30_000 // len(self._columns))
         self._sql: dict[int, str] = {}
 
     def write(self, rows: list[dict[str, Any]]) -> None:
@@ -133,11 +114,7 @@ class RowInserter:
                     last = (values[at_t], format_time(values[at_t]))
                 values[at_t] = last[1]
             params.extend(values)
-            params.append(1)
-        size = 1 << (len(chunk) - 1).bit_length()  # the power of two it fills
-        params.extend(self._filler * (size - len(chunk)))
-        sql = self._sql.get(size)
+        sql = self._sql.get(len(chunk))
         if sql is None:
-            sql = self._sql[size] = (self._head + self._select
-                                     + ", ".join([self._values] * size) + self._where)
+            sql = self._sql[len(chunk)] = self._head + ", ".join([self._values] * len(chunk))
         return sql, tuple(params)

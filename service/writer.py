@@ -318,16 +318,39 @@ class DecisionWriter:
             self._on_flush(len(rows))
 
     def _write_batch(self, batch: list[dict[str, Any]]) -> None:
-        """Write ``batch`` as one statement (on SQLite in the shape of a power of two
-        rows: :class:`~service.decision_insert.RowInserter`)."""
-        if not self._write(batch):
-            # The database is away: the batch goes to the spool (the queue follows it
-            # there: the loop is now spooling).
-            done = self._to_spool(batch)
-            with self._lock:
-                self._in_flight = []
-            if done < len(batch):
-                self._write_retrying(batch[done:])
+        """Write ``batch`` as statements of bounded shapes (SQLite): all of it when it
+        holds ``batch_size`` rows, else in parts of 2**k rows, largest first (a batch of
+        24 is one INSERT of 16 rows and one of 8).
+
+        Every row count is a distinct SQL text, and Python's sqlite3 keeps the last 128
+        prepared statements of each connection (``cached_statements``). A prepared k-row
+        INSERT into ``decisions`` holds about 2.8 KB per row (13 columns, two indexes, a
+        foreign key), so batches of every size up to 500 filled that cache with up to
+        ~180 MB that was never freed: the resident memory grew in steps under load, each
+        stall (a checkpoint, a busy machine) leaving larger batches, new shapes, behind
+        (docs/reliability.md, load). Powers of two bound the shapes to
+        log2(batch_size) + 2, about 3 MB of prepared statements. Each part is its own
+        autocommit statement (atomic, retried alone): nothing changes for a row.
+        """
+        if not self._insert.fast or len(batch) >= self._batch_size:
+            parts = [batch]
+        else:
+            parts, start = [], 0
+            while start < len(batch):
+                size = 1 << ((len(batch) - start).bit_length() - 1)
+                parts.append(batch[start:start + size])
+                start += size
+        for i, part in enumerate(parts):
+            if not self._write(part):
+                # The database is away: this part and the ones after it go to the spool
+                # (the queue follows them there: the loop is now spooling).
+                rest = [row for later in parts[i:] for row in later]
+                done = self._to_spool(rest)
+                with self._lock:
+                    self._in_flight = []
+                if done < len(rest):
+                    self._write_retrying(rest[done:])
+                return
 
     def _write(self, batch: list[dict[str, Any]]) -> bool:
         """Write ``batch``; False (nothing written) when the database cannot be reached
@@ -369,7 +392,7 @@ class DecisionWriter:
 
     def _done_in_flight(self, batch: list[dict[str, Any]]) -> None:
         with self._lock:
-            self._in_flight = self._in_flight[len(batch):]
+            self._in_flight = self._in_flight[len(batch):]  # the parts still to write
         self._written(batch)
 
     def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:

@@ -92,38 +92,3 @@ def test_writer_insert_stores_what_sqlalchemy_insert_stores(tmp_path):
     assert len({row[names.index("created_at")] for row in fast}) == 3
     fast_engine.dispose()
     reference_engine.dispose()
-
-
-def test_write_batch_of_any_size_as_one_statement(tmp_path):
-    """A batch of 7 rows is one INSERT (in the shape of 8 rows, the last one a filler
-    that is not stored), not three (4 + 2 + 1 rows): on SQLite each statement is a
-    transaction of its own (its index pages written to the WAL again) and a trip of the
-    writer thread through the GIL that the event loop waits on."""
-    from sqlalchemy import event, func, select
-
-    from service.writer import DecisionWriter
-
-    _, engine, tenant_id = _database(tmp_path / "one.db")
-    inserts: list[str] = []
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def _count(conn, cursor, statement, parameters, context, executemany) -> None:
-        if statement.startswith("INSERT INTO"):
-            inserts.append(statement)
-
-    writer = DecisionWriter(engine, queue_size=100, batch_size=500, flush_interval_s=5.0)
-    rows = [{**_rows(tenant_id)[0], "id": str(uuid.UUID(int=100 + i)), "model": f"m-{i}"}
-            for i in range(7)]
-    for row in rows:
-        assert writer.submit(row)
-    writer.start()
-    try:
-        assert writer.flush(30)
-    finally:
-        writer.stop()
-    assert len(inserts) == 1, f"{len(inserts)} INSERT statements for one batch of 7 rows"
-    with Session(engine) as session:
-        stored = session.scalars(select(DecisionRow.model).order_by(DecisionRow.id)).all()
-        assert stored == [f"m-{i}" for i in range(7)]
-        assert session.scalar(select(func.count()).select_from(DecisionRow)) == 7
-    engine.dispose()
