@@ -19,6 +19,9 @@ The load generator is one process speaking raw HTTP/1.1 over keep-alive connecti
 2. Latency at half of the router's (median) maximum throughput: open loop, requests
    scheduled at a fixed rate; latency counted from the scheduled send time (no
    coordinated omission); ``--rounds`` rounds, the round with the median p99 reported.
+   The bare endpoint (and the baseline) at the same rate, alternating: bare's p99 is
+   what the machine and the load generator alone leave of the goal; each round also
+   reports the load generator's own lateness (p99 of send time - scheduled time).
    Errors are counted over every round of every phase.
 
 Goals (issue 4): router >= 70% of the bare endpoint's throughput; p99 <= 5 ms at half of
@@ -199,8 +202,10 @@ async def closed_loop(port: int, requests: list[bytes], connections: int,
 
 
 async def open_loop(port: int, requests: list[bytes], rate: float, seconds: float,
-                    connections: int) -> dict[str, float]:
-    """Send at ``rate`` requests/s; latency from each request's scheduled time."""
+                    connections: int, pid: int | None = None) -> dict[str, float]:
+    """Send at ``rate`` requests/s; latency from each request's scheduled time. With the
+    server's ``pid`` also its CPU time per request at that rate."""
+    cpu0 = server_cpu_s(pid) if pid is not None else 0.0
     n = int(rate * seconds)
     start = time.perf_counter() + 0.2
     latencies: list[float] = []
@@ -221,17 +226,27 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            sent = time.perf_counter()
             writer.write(requests[j % len(requests)])
             status = await _read_response(reader)
             latencies.append(time.perf_counter() - scheduled)
+            late.append(sent - scheduled)
             errors += status != 200
         writer.close()
 
+    late: list[float] = []
     await asyncio.gather(*(worker() for _ in range(connections)))
     lat = np.array(latencies) * 1e3
-    return {"rate_rps": rate, "requests": len(latencies), "errors": errors,
-            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
-            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max())}
+    # How late the load generator itself sent (its process competes for the same cores):
+    # a part of every latency above that the server did not cause.
+    late_ms = np.array(late) * 1e3
+    out = {"rate_rps": rate, "requests": len(latencies), "errors": errors,
+           "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
+           "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
+           "client_late_p99_ms": float(np.percentile(late_ms, 99))}
+    if pid is not None:
+        out["server_cpu_us_per_request"] = (server_cpu_s(pid) - cpu0) / len(latencies) * 1e6
+    return out
 
 
 def _median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
@@ -348,7 +363,11 @@ def main(argv: list[str] | None = None) -> None:
                                                "uvicorn": " ".join(UVICORN_ARGS)}}
     names = ["bare", "router"] + (["baseline"] if args.baseline is not None else [])
     runs: dict[str, list[dict[str, float]]] = {f"{n}_max": [] for n in names}
-    runs["router_half_load"] = []
+    # At half of the router's maximum: the router, and at the same rate the bare endpoint
+    # (what the machine and the load generator leave of the 5 ms) and the baseline.
+    half_names = ["router", "bare"] + (["baseline"] if args.baseline is not None else [])
+    for name in half_names:
+        runs[f"{name}_half_load"] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmpdir = Path(tmp)
         (tmpdir / "bare_app.py").write_text(BARE_APP)
@@ -384,9 +403,12 @@ def main(argv: list[str] | None = None) -> None:
                         servers[name][1], reqs[name], args.connections, seconds,
                         pid=servers[name][0].pid)))
             half = _median_run(runs["router_max"], "throughput_rps")["throughput_rps"] / 2
-            for _ in range(rounds):
-                runs["router_half_load"].append(asyncio.run(open_loop(
-                    servers["router"][1], reqs["router"], half, seconds, args.connections)))
+            for r in range(rounds):
+                shift = r % len(half_names)
+                for name in half_names[shift:] + half_names[:shift]:
+                    runs[f"{name}_half_load"].append(asyncio.run(open_loop(
+                        servers[name][1], reqs[name], half, seconds, args.connections,
+                        pid=servers[name][0].pid)))
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -395,6 +417,8 @@ def main(argv: list[str] | None = None) -> None:
     bare = results["bare_max"] = _median_run(runs["bare_max"], "throughput_rps")
     ours = results["router_max"] = _median_run(runs["router_max"], "throughput_rps")
     half_load = results["router_half_load"] = _median_run(runs["router_half_load"], "p99_ms")
+    for name in half_names[1:]:
+        results[f"{name}_half_load"] = _median_run(runs[f"{name}_half_load"], "p99_ms")
     results["rounds"] = runs
     ratio = ours["throughput_rps"] / bare["throughput_rps"]
     results["ratio_to_bare"] = ratio
@@ -408,6 +432,13 @@ def main(argv: list[str] | None = None) -> None:
         name: float(np.median([r["server_cpu_us_per_request"] for r in runs[f"{name}_max"]]))
         for name in names}
     results["cpu_ratio_to_bare"] = {name: cpu["bare"] / cpu[name] for name in names[1:]}
+    # At half load too: the decision writer's batches are smaller there than at the
+    # maximum (its cost per row depends on them).
+    cpu_half = results["server_cpu_us_per_request_half_load"] = {
+        name: float(np.median([r["server_cpu_us_per_request"]
+                               for r in runs[f"{name}_half_load"]])) for name in half_names}
+    print("server CPU per request at half load (median of the rounds), µs: " + ", ".join(
+        f"{name} {v:.0f}" for name, v in cpu_half.items()))
     print("server CPU per request (median of the rounds), µs: " + ", ".join(
         f"{name} {cpu[name]:.0f}" for name in names) + "; bare / router = " + ", ".join(
         f"{name} {v:.2f}" for name, v in results["cpu_ratio_to_bare"].items()))
@@ -433,13 +464,16 @@ def main(argv: list[str] | None = None) -> None:
                   f"{bare['p50_ms']:.2f}", f"{bare['p99_ms']:.2f}", bare["errors"]],
                  ["router decide, max", f"{ours['throughput_rps']:.0f}",
                   f"{ours['p50_ms']:.2f}", f"{ours['p99_ms']:.2f}", ours["errors"]],
-                 [f"router at {half_load['rate_rps']:.0f} req/s (half)", "",
-                  f"{half_load['p50_ms']:.2f}", f"{half_load['p99_ms']:.2f}",
-                  half_load["errors"]]],
+                 *[[f"{name} at {half_load['rate_rps']:.0f} req/s (router's half)", "",
+                    f"{results[f'{name}_half_load']['p50_ms']:.2f}",
+                    f"{results[f'{name}_half_load']['p99_ms']:.2f}",
+                    results[f"{name}_half_load"]["errors"]] for name in half_names]],
                 caption=f"router / bare throughput = {ratio:.2f} (per round: "
                         + ", ".join(f"{x:.2f}" for x in results["ratio_to_bare_per_round"])
-                        + "); half-load p99 per round: "
-                        + ", ".join(f"{r['p99_ms']:.1f}" for r in runs["router_half_load"])
+                        + "); half-load p99 per round (load generator's own lateness p99): "
+                        + "; ".join(f"{name} " + ", ".join(
+                            f"{r['p99_ms']:.1f} ({r['client_late_p99_ms']:.1f})"
+                            for r in runs[f"{name}_half_load"]) for name in half_names)
                         + f" ms; errors (all rounds): {errors}; goals: {results['goals']}")
     if not (args.quick or args.no_write):
         path = write_results(args.results_name, results,
