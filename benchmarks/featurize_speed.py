@@ -3,7 +3,7 @@
 
 The hashing featurizer (:class:`bandit.featurize.HashingFeaturizer`, dim 64, defaults)
 featurizes one text per call, as the service does per request, at 64, 500, 2,000 and
-10,000 characters. Six implementations, measured in the same run:
+10,000 characters. Seven implementations, measured in the same run:
 
 * ``onepass``: ``transform_one`` of version 2 (the default: a sparse projection), which
   runs the one-pass kernel (``_hashing_kernel.featurize_onepass``);
@@ -11,6 +11,11 @@ featurizes one text per call, as the service does per request, at 64, 500, 2,000
   vectors the one-pass kernel gives bit for bit;
 * ``onepass_v1`` and ``kernel_v1``: the same two for version 1 (the 8 MiB Gaussian
   projection), the vectors of deployments that learned before version 2;
+* ``v3``: ``transform_one`` of version 3 (opt-in: no list of distinct n-grams, its
+  ``log1p(count)`` weights by increments from a keyless counter table, 2 coordinates per
+  occurrence; ``_hashing_kernel.featurize_v3``); other vectors, so the table also
+  compares v3's cosines with v2's (Spearman and Pearson over random pairs, on generated
+  texts and on the prompts, with v1 against v2 beside them for scale);
 * ``reference``: version 1's ``_reference_transform([text])``, the numpy implementation
   that was ``transform_one`` before the kernel (the same vectors to 1e-12);
 * ``sklearn``: scikit-learn's ``HashingVectorizer`` (character 3-5-grams in word
