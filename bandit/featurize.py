@@ -267,7 +267,7 @@ class HashingFeaturizer:
       for 4). Each family's projected vector, not its weights, is scaled to unit norm
       before the two are summed (no sum of squared weights to keep per occurrence).
 
-    Both preserve inner products in expectation with about the same variance; the
+    All three preserve inner products in expectation with about the same variance; the
     vectors differ, so ``spec`` names the version and statistics learned with one are
     never used with the other (the service refuses a mismatched checkpoint).
 

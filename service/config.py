@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     hashing_version: int | None = Field(
         None, ge=1, le=3, description="Version of the hashing featurizer's vectors "
         "(bandit.featurize.HashingFeaturizer): 2 is ~2x faster than 1, with other "
-        "vectors; 3 (opt-in) ~1.5x faster than 2, with other vectors again (its routing "
+        "vectors; 3 (opt-in) ~1.6x faster than 2, with other vectors again (its routing "
         "value measured ~0.015 below 2's on one of three data sets). Unset: the "
         "version the newest checkpoint was learned with (an existing deployment keeps "
         "1, or 3 once it has learned with 3), 2 for a first start; in distributed mode "

@@ -139,7 +139,8 @@ class Contexts:
 
     def adopt_stored_spec(self, stored: str | None, *, legacy: bool = False) -> bool:
         """Record the newest checkpoint's spec; True when that changed the hashing
-        version (HASHING_VERSION unset, the statistics learned with version 1: keep it),
+        version (HASHING_VERSION unset, the statistics learned with another version than
+        the default, 1 or 3: keep it),
         the featurizer then rebuilt. ``legacy``: statistics exist but name no spec
         (learned before hashing had versions, so with version 1)."""
         before, self.stored_spec, self._legacy = self.hashing_version(), stored, legacy
