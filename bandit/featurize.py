@@ -49,6 +49,8 @@ __all__ = [
     "HashingFeaturizer",
     "HASHING_VERSIONS",
     "HASHING_V2_NNZ",
+    "HASHING_V3_NNZ",
+    "HASHING_DEFAULT_VERSION",
     "SentenceEmbeddingFeaturizer",
     "CacheInfo",
     "PrototypeMap",
@@ -223,9 +225,21 @@ def _namespace(seed: int, family: int, n: int) -> np.uint64:
 
 
 #: Versions of :class:`HashingFeaturizer`'s vectors (its ``version`` parameter).
-HASHING_VERSIONS: tuple[int, ...] = (1, 2)
+HASHING_VERSIONS: tuple[int, ...] = (1, 2, 3)
+#: The version a new featurizer gets when none is named (:func:`make_featurizer`, the
+#: service's first start).
+HASHING_DEFAULT_VERSION = 2
 #: Coordinates each n-gram adds to in version 2 (a sparse random projection).
 HASHING_V2_NNZ = 4
+#: Coordinates each n-gram occurrence adds to in version 3 (the two halves of one hash).
+HASHING_V3_NNZ = 2
+#: Version 3's weight increments (as ``bandit._hashing_kernel._V3_DELTA``): the
+#: occurrence after ``c`` earlier ones in its counter adds ``log1p(c + 1) - log1p(c)``;
+#: a counter stops at 255.
+_V3_DELTA = np.log1p(np.arange(1, 257, dtype=np.float64)) - np.log1p(
+    np.arange(0, 256, dtype=np.float64))
+_V3_DELTA[255] = 0.0
+_V3_SLOTS_PER_NGRAM = 4
 
 
 class HashingFeaturizer:
@@ -243,8 +257,17 @@ class HashingFeaturizer:
     * version 1: hash each n-gram to one of ``n_buckets`` buckets with a sign; project
       the bucket vector with a fixed seeded Gaussian matrix (``n_buckets`` x ``dim``,
       N(0, 1/dim), built once). Kept, vector for vector, for statistics learned on it.
+    * version 3 (opt-in, issue 19; faster): the same n-grams and ``log1p(count)``
+      weights, computed without listing the distinct n-grams: the occurrence of an
+      n-gram after ``c`` earlier ones adds ``log1p(c + 1) - log1p(c)``, which sums to
+      ``log1p(count)``, with ``c`` read from a keyless table of uint8 counters indexed
+      by the n-gram's hash (4 slots per n-gram; two n-grams sharing a slot share a
+      count; a counter stops at 255). Each occurrence adds to ``HASHING_V3_NNZ`` (2)
+      coordinates, the two 32-bit halves of its one 64-bit hash (version 2 mixes twice
+      for 4). Each family's projected vector, not its weights, is scaled to unit norm
+      before the two are summed (no sum of squared weights to keep per occurrence).
 
-    Both preserve inner products in expectation with about the same variance; the
+    All three preserve inner products in expectation with about the same variance; the
     vectors differ, so ``spec`` names the version and statistics learned with one are
     never used with the other (the service refuses a mismatched checkpoint).
 
@@ -272,7 +295,7 @@ class HashingFeaturizer:
     lowercase
         Lowercase the text first.
     version
-        1 or 2 (:data:`HASHING_VERSIONS`): which projection (above).
+        1, 2 or 3 (:data:`HASHING_VERSIONS`): which projection and weighting (above).
 
     Notes
     -----
@@ -320,7 +343,7 @@ class HashingFeaturizer:
     def __init__(self, dim: int = 64, *, n_buckets: int | None = None, seed: int = 0,
                  ngram_range_chars: tuple[int, int] | None = (3, 5),
                  word_ngrams: tuple[int, int] | None = (1, 2),
-                 lowercase: bool = True, version: int = 2) -> None:
+                 lowercase: bool = True, version: int = HASHING_DEFAULT_VERSION) -> None:
         self.dim = _check_int("dim", dim, 1)
         # Every change that changes vectors is a new version, never an edit of one.
         if isinstance(version, bool) or version not in HASHING_VERSIONS:
@@ -331,9 +354,9 @@ class HashingFeaturizer:
             self.n_buckets = _check_int("n_buckets", 2**14 if n_buckets is None else n_buckets,
                                         1, 2**31)
         elif n_buckets is not None:
-            raise InvalidInputError("n_buckets", "must be None with version 2 (it hashes "
-                                    "straight to dim coordinates; buckets are version 1's)",
-                                    n_buckets)
+            raise InvalidInputError("n_buckets", f"must be None with version {self.version} "
+                                    "(it hashes straight to dim coordinates; buckets are "
+                                    "version 1's)", n_buckets)
         else:
             self.n_buckets = 0
         self.seed = _check_int("seed", seed, 0, 2**48)
@@ -348,7 +371,7 @@ class HashingFeaturizer:
         # Version 2 has no matrix; the kernel takes an empty one.
         self._projection = (_gaussian_projection(self.seed, self.n_buckets, self.dim)
                             if self.version == 1 else np.empty((0, self.dim)))
-        self._nnz = 0 if self.version == 1 else HASHING_V2_NNZ
+        self._nnz = {1: 0, 2: HASHING_V2_NNZ, 3: HASHING_V3_NNZ}[self.version]
         self._char_salts = {} if self.ngram_range_chars is None else {
             n: _namespace(self.seed, 1, n)
             for n in range(self.ngram_range_chars[0], self.ngram_range_chars[1] + 1)}
@@ -365,8 +388,11 @@ class HashingFeaturizer:
         from bandit import _hashing_kernel
 
         # The one-pass kernel: _hashing_kernel.featurize_one's vectors, bit for bit.
-        self._long_kernel = _hashing_kernel.featurize_one
-        self._kernel = _compiled_or(_hashing_kernel.featurize_onepass, self._long_kernel)
+        if self.version == 3:  # one kernel for every length, no inline assembly
+            self._kernel = self._long_kernel = _hashing_kernel.featurize_v3
+        else:
+            self._long_kernel = _hashing_kernel.featurize_one
+            self._kernel = _compiled_or(_hashing_kernel.featurize_onepass, self._long_kernel)
         self._classes = _hashing_kernel.char_classes()
         self._crc32 = _hashing_kernel.crc32_table()
 
@@ -427,6 +453,8 @@ class HashingFeaturizer:
     # baseline. It is the implementation that the stored statistics were learned with
     # up to this version; it is not on the request path.
     def _reference_transform(self, texts: Sequence[str]) -> np.ndarray:
+        if self.version == 3:
+            return self._reference_v3(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         for i, text in enumerate(texts):
             unique, weights = self._hashed(text)
@@ -447,6 +475,45 @@ class HashingFeaturizer:
                 coords = ((bits >> _U64(1)) * _U64(self.dim)) >> _U64(31)
                 sign = 1.0 - 2.0 * (bits & _U64(1)).astype(np.float64)
                 np.add.at(out[i], coords.astype(np.intp), sign * weights / np.sqrt(self._nnz))
+        return _l2_normalize_rows(out)
+
+    def _reference_v3(self, texts: Sequence[str]) -> np.ndarray:
+        """Version 3's vectors (the class docstring), in numpy."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float64)
+        for i, text in enumerate(texts):
+            if self.lowercase:
+                text = text.lower()
+            text = " ".join(text.split())
+            if not text:
+                continue
+            families = []
+            if self.ngram_range_chars is not None:
+                families.append(self._char_hashes(text, mixed=False))
+            if self.word_ngrams is not None:
+                families.append(self._word_hashes(text, mixed=False))
+            for keys in families:  # unmixed keys, n by n, left to right
+                if keys.size == 0:
+                    continue
+                bits = max(int(_V3_SLOTS_PER_NGRAM * keys.size - 1).bit_length(), 0)
+                slots = (keys * _POLY) >> _U64(64 - bits)
+                # c: how many earlier occurrences share the slot (a stable sort keeps
+                # them in order), at most 255.
+                order = np.argsort(slots, kind="stable")
+                ordered = slots[order]
+                starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+                lengths = np.diff(np.r_[starts, ordered.size])
+                rank = np.empty(keys.size, dtype=np.int64)
+                rank[order] = np.arange(keys.size) - np.repeat(starts, lengths)
+                delta = _V3_DELTA[np.minimum(rank, 255)]
+                mixed = _mix64(keys)
+                acc = np.zeros(self.dim)
+                for half in (mixed & _U64(0xFFFFFFFF), mixed >> _U64(32)):
+                    coords = ((half >> _U64(1)) * _U64(self.dim)) >> _U64(31)
+                    sign = 1.0 - 2.0 * (half & _U64(1)).astype(np.float64)
+                    np.add.at(acc, coords.astype(np.intp), sign * delta)
+                norm = np.linalg.norm(acc)
+                if norm > 0:
+                    out[i] += acc / norm
         return _l2_normalize_rows(out)
 
     def _hashed(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -477,7 +544,7 @@ class HashingFeaturizer:
             return np.empty(0, dtype=np.uint64), np.empty(0)
         return np.concatenate(hashes), np.concatenate(weights)
 
-    def _char_hashes(self, text: str) -> np.ndarray:
+    def _char_hashes(self, text: str, mixed: bool = True) -> np.ndarray:
         # UTF-32 gives one integer per code point, so n-grams are n characters (not
         # bytes) long for any script; spaces pad the ends to mark word edges.
         codes = np.frombuffer((" " + text + " ").encode("utf-32-le"),
@@ -491,10 +558,11 @@ class HashingFeaturizer:
             if n > 1:
                 h = h[:-1] * _POLY + codes[n - 1:]
             if n >= low:
-                parts.append(_mix64(h ^ self._char_salts[n]))
+                key = h ^ self._char_salts[n]
+                parts.append(_mix64(key) if mixed else key)
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
-    def _word_hashes(self, text: str) -> np.ndarray:
+    def _word_hashes(self, text: str, mixed: bool = True) -> np.ndarray:
         words = _WORD_RE.findall(text)
         if not words:
             return np.empty(0, dtype=np.uint64)
@@ -508,7 +576,8 @@ class HashingFeaturizer:
             if n > 1:
                 h = h[:-1] * _POLY + codes[n - 1:]
             if n >= low:
-                parts.append(_mix64(h ^ self._word_salts[n]))
+                key = h ^ self._word_salts[n]
+                parts.append(_mix64(key) if mixed else key)
         return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint64)
 
 
@@ -927,7 +996,8 @@ def make_featurizer(name: str, dim: int, seed: int = 0, *,
                     hashing_version: int | None = None) -> Featurizer:
     """Build a featurizer by name: ``"hashing"`` (default) or ``"minilm"``.
 
-    ``hashing_version``: the hashing featurizer's ``version`` (None: the newest).
+    ``hashing_version``: the hashing featurizer's ``version`` (None:
+    :data:`HASHING_DEFAULT_VERSION`).
 
     >>> make_featurizer("hashing", dim=8)
     HashingFeaturizer(dim=8, seed=0, ngram_range_chars=(3, 5), word_ngrams=(1, 2), \
@@ -940,7 +1010,7 @@ lowercase=True, version=2)
     bandit.errors.InvalidInputError: featurizer: must be one of hashing, minilm (got 'bert')
     """
     if name == "hashing":
-        return HashingFeaturizer(dim, seed=seed, version=(HASHING_VERSIONS[-1]
+        return HashingFeaturizer(dim, seed=seed, version=(HASHING_DEFAULT_VERSION
                                                           if hashing_version is None
                                                           else hashing_version))
     if name == "minilm":

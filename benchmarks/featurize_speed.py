@@ -3,7 +3,7 @@
 
 The hashing featurizer (:class:`bandit.featurize.HashingFeaturizer`, dim 64, defaults)
 featurizes one text per call, as the service does per request, at 64, 500, 2,000 and
-10,000 characters. Six implementations, measured in the same run:
+10,000 characters. Seven implementations, measured in the same run:
 
 * ``onepass``: ``transform_one`` of version 2 (the default: a sparse projection), which
   runs the one-pass kernel (``_hashing_kernel.featurize_onepass``);
@@ -11,6 +11,11 @@ featurizes one text per call, as the service does per request, at 64, 500, 2,000
   vectors the one-pass kernel gives bit for bit;
 * ``onepass_v1`` and ``kernel_v1``: the same two for version 1 (the 8 MiB Gaussian
   projection), the vectors of deployments that learned before version 2;
+* ``v3``: ``transform_one`` of version 3 (opt-in: no list of distinct n-grams, its
+  ``log1p(count)`` weights by increments from a keyless counter table, 2 coordinates per
+  occurrence; ``_hashing_kernel.featurize_v3``); other vectors, so the table also
+  compares v3's cosines with v2's (Spearman and Pearson over random pairs, on generated
+  texts and on the prompts, with v1 against v2 beside them for scale);
 * ``reference``: version 1's ``_reference_transform([text])``, the numpy implementation
   that was ``transform_one`` before the kernel (the same vectors to 1e-12);
 * ``sklearn``: scikit-learn's ``HashingVectorizer`` (character 3-5-grams in word
@@ -166,7 +171,8 @@ def same_bits(a: HashingFeaturizer, b: HashingFeaturizer, texts: list[str]) -> b
 def implementations(against: Path | None = None) -> dict[str, Callable[[str], object]]:
     v1 = HashingFeaturizer(version=1)
     impls: dict[str, Callable[[str], object]] = {
-        "onepass": HashingFeaturizer().transform_one,
+        "onepass": HashingFeaturizer(version=2).transform_one,
+        "v3": HashingFeaturizer(version=3).transform_one,
         "kernel": earlier_kernel(2).transform_one,
         "onepass_v1": v1.transform_one,
         "kernel_v1": earlier_kernel(1).transform_one,
@@ -204,7 +210,8 @@ def time_per_call(fn: Callable[[str], object], texts: list[str], seconds: float,
 def fidelity(text: str, n_texts: int = 600, n_pairs: int = 3000) -> dict[str, dict]:
     """Per version: how well its cosines follow the exact hashed-space cosine."""
     texts = [piece for piece in text.split("\n\n") if piece.strip()][:n_texts]
-    v1, v2 = HashingFeaturizer(version=1), HashingFeaturizer()
+    v1, v2 = HashingFeaturizer(version=1), HashingFeaturizer(version=2)
+    v3 = HashingFeaturizer(version=3)
     hashed = []
     for t in texts:  # the distinct n-grams' hashes and weights, shared by both versions
         h, w = v1._hashed(t)
@@ -213,11 +220,60 @@ def fidelity(text: str, n_texts: int = 600, n_pairs: int = 3000) -> dict[str, di
     exact = np.array([sum(v * hashed[j].get(k, 0.0) for k, v in hashed[i].items())
                       for i, j in pairs])
     out = {}
-    for name, f in (("v1", v1), ("v2", v2)):
+    for name, f in (("v1", v1), ("v2", v2), ("v3", v3)):
         x = f.transform(texts)
         cos = np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]])
         out[name] = {"corr_with_exact_cosine": float(np.corrcoef(exact, cos)[0, 1]),
                      "rms_difference": float(np.sqrt(np.mean((cos - exact) ** 2)))}
+    return out
+
+
+def generated_texts(n: int = 400, seed: int = 0) -> list[str]:
+    """Prompt-like texts with a known structure and no routing data: each draws its
+    words from one or two of 8 topics' vocabularies (made-up words, 40 per topic) and
+    a shared vocabulary of function words, 5 to 400 words long; one in four repeats a
+    boilerplate sentence 3 to 30 times (what sublinear weights are for)."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+
+    def word() -> str:
+        return "".join(rng.choice(letters, size=rng.integers(2, 10)))
+
+    topics = [[word() for _ in range(40)] for _ in range(8)]
+    common = "the a of to and in is for on with that this please".split()
+    boilerplate = [" ".join(word() for _ in range(12)) + "." for _ in range(4)]
+    texts = []
+    for _ in range(n):
+        chosen = rng.choice(8, size=rng.integers(1, 3), replace=False)
+        length = int(rng.integers(5, 401))
+        vocab = [w for t in chosen for w in topics[t]]
+        words = [rng.choice(common) if rng.random() < 0.4 else rng.choice(vocab)
+                 for _ in range(length)]
+        text = " ".join(words)
+        if rng.random() < 0.25:
+            text += " " + " ".join([boilerplate[rng.integers(4)]] * int(rng.integers(3, 31)))
+        texts.append(text)
+    return texts
+
+
+def structure_agreement(texts: list[str], n_pairs: int = 5000) -> dict[str, float]:
+    """How v3's similarity structure follows v2's on ``texts``: over random pairs, the
+    Spearman (rank) and Pearson correlation of the two versions' cosines and their mean
+    absolute difference; beside them the same for v1 against v2, two projections of
+    the same weighted n-grams (what two random projections to 64 dimensions agree)."""
+    x = {v: HashingFeaturizer(version=v).transform(texts) for v in (1, 2, 3)}
+    pairs = np.random.default_rng(1).integers(0, len(texts), size=(n_pairs, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    cos = {v: np.einsum("ij,ij->i", m[pairs[:, 0]], m[pairs[:, 1]]) for v, m in x.items()}
+
+    def ranks(v: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(v)).astype(np.float64)
+
+    out: dict[str, float] = {"pairs": int(len(pairs))}
+    for v in (3, 1):
+        out[f"spearman_v{v}_v2"] = float(np.corrcoef(ranks(cos[2]), ranks(cos[v]))[0, 1])
+        out[f"pearson_v{v}_v2"] = float(np.corrcoef(cos[2], cos[v])[0, 1])
+        out[f"mean_abs_difference_v{v}_v2"] = float(np.mean(np.abs(cos[v] - cos[2])))
     return out
 
 
@@ -342,6 +398,9 @@ def main(argv: list[str] | None = None) -> None:
               for name, by_len in per_round.items()}
     start = startup(1 if args.quick else 3)
     fid = fidelity(text)
+    structure = {"generated": structure_agreement(generated_texts()),
+                 "corpus": structure_agreement(
+                     [p for p in text.split("\n\n") if p.strip()][:600])}
 
     rows = []
     for length in LENGTHS:
@@ -351,16 +410,34 @@ def main(argv: list[str] | None = None) -> None:
         sk = median.get("sklearn", {}).get(length)
         rows.append([f"{length:,}", f"{reference:.1f}", f"{v1:.1f}", f"{onepass_v1:.1f}",
                      f"{kernel:.1f}", f"{onepass:.1f}", f"{kernel / onepass:.2f}x",
-                     f"{onepass / length * 1000:.1f}", "" if sk is None else f"{sk:.1f}"])
+                     f"{onepass / length * 1000:.1f}", f"{median['v3'][length]:.1f}",
+                     f"{median['v3'][length] / length * 1000:.1f}",
+                     "" if sk is None else f"{sk:.1f}"])
     long_rate = median["onepass"][2_000] / 2
+    v3_rate = median["v3"][2_000] / 2
+    # Per round, v2 / v3 (timed next to each other), then the median.
+    v3_paired = {n: statistics.median(b / t for b, t in zip(per_round["onepass"][n],
+                                                            per_round["v3"][n], strict=True))
+                 for n in LENGTHS}
     print_table(f"HashingFeaturizer (dim 64) per text, µs ({args.clock} time) per call "
                 f"(median of {rounds} "
                 f"round(s); texts: {source})",
                 ["characters", "v1 reference µs", "v1 kernel µs", "v1 one-pass µs",
                  "v2 kernel µs", "v2 one-pass µs", "v2 one-pass speed-up",
-                 "v2 one-pass µs/1k chars", "sklearn µs"], rows,
+                 "v2 one-pass µs/1k chars", "v3 µs", "v3 µs/1k chars", "sklearn µs"], rows,
                 caption=f"goal <= {GOAL_US_PER_1000_CHARS:g} µs per 1,000 characters: "
-                        f"{long_rate:.1f} at 2,000 characters. Start-up (fresh process, "
+                        f"v2 {long_rate:.1f}, v3 {v3_rate:.1f} at 2,000 characters (v3 "
+                        f"speed-up over v2, paired rounds: "
+                        + ", ".join(f"{v:.2f}x at {n:,}" for n, v in v3_paired.items())
+                        + "). Cosines against v2's (Spearman, Pearson, mean |diff|; v3, "
+                          "then v1 for scale): "
+                        + "; ".join(f"{k} v3 {d['spearman_v3_v2']:.3f}, "
+                                    f"{d['pearson_v3_v2']:.3f}, "
+                                    f"{d['mean_abs_difference_v3_v2']:.3f}, v1 "
+                                    f"{d['spearman_v1_v2']:.3f}, {d['pearson_v1_v2']:.3f}, "
+                                    f"{d['mean_abs_difference_v1_v2']:.3f}"
+                                    for k, d in structure.items())
+                        + f". Start-up (fresh process, "
                         f"median): import bandit {start['import_bandit_s']:.2f} s, first "
                         f"HashingFeaturizer() {start['construct_s']:.2f} s (numba import, "
                         f"tables), first call {start['first_call_s']:.2f} s. Fidelity "
@@ -405,10 +482,14 @@ def main(argv: list[str] | None = None) -> None:
                 str(n): median["kernel_v1"][n] / median["onepass_v1"][n] for n in LENGTHS},
             "onepass_us_per_1000_chars": {
                 str(n): median["onepass"][n] / n * 1000 for n in LENGTHS},
+            "v3_us_per_1000_chars": {str(n): median["v3"][n] / n * 1000 for n in LENGTHS},
+            "speedup_v3_over_v2_paired_rounds": {str(n): v for n, v in v3_paired.items()},
+            "v3_structure_against_v2": structure,
             "startup_s": start,
             "fidelity": fid,
             "goals": {"onepass_le_20us_per_1000_chars_at_2000":
-                      long_rate <= GOAL_US_PER_1000_CHARS},
+                      long_rate <= GOAL_US_PER_1000_CHARS,
+                      "v3_le_20us_per_1000_chars_at_2000": v3_rate <= GOAL_US_PER_1000_CHARS},
             **against,
         }, packages=("numpy", "numba", "llvmlite", "scikit-learn"))
         print(f"wrote {path}")

@@ -157,7 +157,10 @@ TAGS = "+tags"
 #: builds) instead of the hashing features; ``+proto``: those embeddings through the
 #: prototype map ``bandit-router fit-prototypes`` makes by default (64 spherical k-means
 #: prototypes of the train split's prompts, no outcomes; temperature 0.05).
-CONTEXTS = ("+minilm", "+proto")
+#: ``+hashing-v1`` / ``+hashing-v2`` / ``+hashing-v3``: the hashing featurizer's vectors
+#: of that version (64 dims, seed 0), whatever the default version (issue 19: v3 against
+#: v2, the same runs and seeds).
+CONTEXTS = ("+minilm", "+proto", "+hashing-v1", "+hashing-v2", "+hashing-v3")
 #: ``select-ts-cold-first``: every model that could pay for itself (bounded optimism) is
 #: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
 #: over, instead of a 10% share of decisions while the first warm model takes the rest.
@@ -387,7 +390,14 @@ def _load(name: str, mmlu_rows: int) -> Dataset:
         base, context, _ = split_name(name)
         if context:
             ds = _load(base, mmlu_rows)
-            x = _embeddings(ds, base.partition("/half")[0], mmlu_rows)
+            if context.startswith("+hashing-v"):
+                from bandit.featurize import make_featurizer
+
+                assert ds.prompts is not None
+                x = make_featurizer("hashing", 64, seed=0, hashing_version=int(
+                    context.removeprefix("+hashing-v"))).transform(list(ds.prompts))
+            else:
+                x = _embeddings(ds, base.partition("/half")[0], mmlu_rows)
             if context == "+proto":
                 x = prototype_features(x, ds.test_start)
             features = {**ds.features, "text": x}

@@ -117,18 +117,30 @@ class Contexts:
 
     def hashing_version(self) -> int:
         """HASHING_VERSION, else the version the newest checkpoint's featurizer spec
-        names, else the newest, except in distributed mode, which keeps 1 (the learners'
-        statistics record it and refuse another: service/config.py)."""
+        names, else ``HASHING_DEFAULT_VERSION`` (2; version 3 is opt-in), except in
+        distributed mode, which keeps 1 (the learners' statistics record it and refuse
+        another: service/config.py)."""
         if self.settings.hashing_version is not None:
             return self.settings.hashing_version
+        from bandit.featurize import HASHING_DEFAULT_VERSION, HASHING_VERSIONS
+
         if self._legacy or (self.stored_spec is not None
                             and self.stored_spec.startswith("hashing-v1:")):
             return 1
-        return 1 if self.settings.kafka_bootstrap else 2
+        if self.settings.kafka_bootstrap:
+            return 1
+        # Statistics learned with a later version keep it (HASHING_DEFAULT_VERSION is
+        # only for fresh state).
+        for version in HASHING_VERSIONS:
+            if self.stored_spec is not None and self.stored_spec.startswith(
+                    f"hashing-v{version}:"):
+                return version
+        return HASHING_DEFAULT_VERSION
 
     def adopt_stored_spec(self, stored: str | None, *, legacy: bool = False) -> bool:
         """Record the newest checkpoint's spec; True when that changed the hashing
-        version (HASHING_VERSION unset, the statistics learned with version 1: keep it),
+        version (HASHING_VERSION unset, the statistics learned with another version than
+        the default, 1 or 3: keep it),
         the featurizer then rebuilt. ``legacy``: statistics exist but name no spec
         (learned before hashing had versions, so with version 1)."""
         before, self.stored_spec, self._legacy = self.hashing_version(), stored, legacy

@@ -83,6 +83,20 @@ def test_first_start_hashing_v2_restart_keeps_it(new_database_url):
         assert c.app.state.routing.shared["linucb"].observations("fc-m")["quality"] == 5
 
 
+def test_hashing_v3_opt_in_restart_keeps_it_and_fresh_start_gets_v2(new_database_url):
+    url = new_database_url()
+    _learn(make_settings(url, dim=64, hashing_version=3))
+    with TestClient(create_app(make_settings(url, dim=64))) as c:
+        assert _spec(c).startswith("hashing-v3:")
+        assert c.app.state.routing.shared["linucb"].observations("fc-m")["quality"] == 5
+        from bandit.featurize import HashingFeaturizer
+
+        np.testing.assert_allclose(c.app.state.routing.featurize("more"),
+                                   HashingFeaturizer(dim=64, version=3).transform_one("more"))
+    with TestClient(create_app(make_settings(new_database_url(), dim=64))) as c:
+        assert _spec(c).startswith("hashing-v2:")
+
+
 def test_restart_v1_deployment_keeps_hashing_v1(new_database_url):
     # A deployment that learned with version 1 (before version 2 existed) and upgrades
     # without setting HASHING_VERSION keeps version 1: its statistics stay valid.
@@ -159,9 +173,11 @@ def test_restart_v1_deployment_explicit_v2_refused_naming_setting(new_database_u
     assert "hashing-v1:" in str(refused.value) and "hashing-v2:" in str(refused.value)
 
 
-def test_settings_hashing_version_bad_value_refused():
+@pytest.mark.parametrize("bad", [0, 4])
+def test_settings_hashing_version_bad_value_refused(bad):
     with pytest.raises(ValidationError, match="hashing_version"):
-        Settings(hashing_version=3)
+        Settings(hashing_version=bad)
+    assert Settings(hashing_version=3).hashing_version == 3  # opt-in
 
 
 def test_settings_minilm_dim_default_and_cap():
@@ -257,6 +273,13 @@ def test_replay_minilm_default_dim_is_the_services(tmp_path):
     ({}, None, 2),  # a first start
     ({}, "hashing-v1:dim=64,n_buckets=16384,seed=0,chars=3-5,words=1-2,lowercase=1", 1),
     ({}, "hashing-v2:dim=64,nnz=4,seed=0,chars=3-5,words=1-2,lowercase=1", 2),
+    # Version 3 is opt-in; statistics learned with it keep it.
+    ({}, "hashing-v3:dim=64,nnz=2,seed=0,chars=3-5,words=1-2,lowercase=1", 3),
+    ({"hashing_version": 3}, None, 3),
+    ({"hashing_version": 2}, "hashing-v3:dim=64,nnz=2,seed=0,chars=3-5,words=1-2,lowercase=1",
+     2),
+    ({"kafka_bootstrap": "127.0.0.1:9092"},
+     "hashing-v3:dim=64,nnz=2,seed=0,chars=3-5,words=1-2,lowercase=1", 1),
     ({"hashing_version": 1}, None, 1),
     # Distributed: the learners' statistics do not record the version; never guess 2.
     ({"kafka_bootstrap": "127.0.0.1:9092"}, None, 1),
