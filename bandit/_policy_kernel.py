@@ -282,7 +282,8 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
                a_data: np.ndarray, theta: np.ndarray, b_data: np.ndarray,
                srr: np.ndarray, wsum: np.ndarray, count: np.ndarray, lam: np.ndarray,
                mu0: np.ndarray, sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
-               inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
+               inv32: np.ndarray, a_inv32: np.ndarray, sel_inv: np.ndarray,
+               sel_theta: np.ndarray,
                sel_err: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
                q_inv32: np.ndarray, same: int) -> float:
     """Arm k's weighted Sherman-Morrison step for the heads reported in ``y`` (H,) (NaN:
@@ -297,7 +298,9 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
     ``A += w x x^T``, ``theta_h += (y_h - theta_h . x) g``; then for every reported
     head ``b_h += w y_h x`` and the sums, and every head's noise ``sigma^2`` from them
     (``ArmStatistics._update_sigma2``). ``inv32``: the float32 copy of every arm's
-    shared inverse (K, D, D), kept equal to it; empty when there is none.
+    shared inverse (K, D, D), kept equal to it; ``a_inv32``: the float32 copy of the
+    heads' own inverses (K, H, D, D), each reported own head's kept equal to it; either
+    empty when there is none.
 
     With quality model selection (``sel_inv`` (K, G, D, D) not empty) and quality
     reported: the numpy path's candidates step (:func:`_update_candidates`), after the
@@ -331,11 +334,12 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
         scale_group = _gain(s_inv[k], x, weight, px[0])
         _step(s_inv[k], s_data[k], x, weight, px[0], scale_group, th, err, grp, -1,
               inv32, k if inv32.shape[0] else -1)
+    own32 = a_inv32.shape[0] > 0
     for h in range(heads - 1, -1, -1):
         if y[h] == y[h] and not grp[h]:
             scale_own = _gain(a_inv[k, h], x, weight, px[1])
             _step(a_inv[k, h], a_data[k, h], x, weight, px[1], scale_own, th, err, grp,
-                  h, inv32, -1)
+                  h, a_inv32[k] if own32 else inv32, h if own32 else -1)
     if sel_inv.shape[0] and y[0] == y[0]:
         _update_candidates(k, x, y[0], weight, px[0] if grp[0] else px[1],
                            scale_group if grp[0] else scale_own,
