@@ -255,19 +255,26 @@ def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.nda
     """One Sherman-Morrison step of an inverse ``p`` and its data matrix ``a`` (gain
     ``scale * px`` from :func:`_gain`), and of the coefficients ``th[h]`` of the heads
     that read them (``heads`` (H,) mask, or head ``only`` alone when >= 0);
-    ``inv32[k32]`` (D, D), the inverse's float32 copy, written row by row (none when
-    ``k32`` < 0)."""
+    ``inv32[k32]`` (D, D), the inverse's float32 copy, written in the same loop as the
+    step, from the value stored (none when ``k32`` < 0): a second loop over each row
+    cost select's update at d=384 ~25 µs more of ~300 (a one-off ablation,
+    docs/results.md "select's update at d=384"); the same numbers bit for bit."""
     d = x.shape[0]
     copy = k32 >= 0
     for i in range(d):
         gi = scale * px[i]
         wxi = weight * x[i]
-        for j in range(d):
-            p[i, j] -= gi * px[j]
-            a[i, j] += wxi * x[j]
         if copy:
+            row32 = inv32[k32, i]
             for j in range(d):
-                inv32[k32, i, j] = p[i, j]
+                v = p[i, j] - gi * px[j]
+                p[i, j] = v
+                row32[j] = v
+                a[i, j] += wxi * x[j]
+        else:
+            for j in range(d):
+                p[i, j] -= gi * px[j]
+                a[i, j] += wxi * x[j]
         if only >= 0:
             th[only, i] += err[only] * gi
         else:
@@ -400,21 +407,29 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
         e = errs[g]
         if g == same:
             for i in range(d):
-                for j in range(d):
-                    p[i, j] = shared[i, j]
                 if copy and g == best:
+                    row32 = q_inv32[k, i]
                     for j in range(d):
-                        q_inv32[k, i, j] = p[i, j]
+                        v = shared[i, j]
+                        p[i, j] = v
+                        row32[j] = v
+                else:
+                    for j in range(d):
+                        p[i, j] = shared[i, j]
                 tg[i] += e * (scale0 * px[i])
             continue
         scale = _gain(p, x, weight, pc)
         for i in range(d):
             gi = scale * pc[i]
-            for j in range(d):
-                p[i, j] -= gi * pc[j]
             if copy and g == best:
+                row32 = q_inv32[k, i]
                 for j in range(d):
-                    q_inv32[k, i, j] = p[i, j]
+                    v = p[i, j] - gi * pc[j]
+                    p[i, j] = v
+                    row32[j] = v
+            else:
+                for j in range(d):
+                    p[i, j] -= gi * pc[j]
             tg[i] += e * gi
     th[0, :] = sel_theta[k, best]
     sel[k] = best
