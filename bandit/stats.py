@@ -280,12 +280,14 @@ class ArmStatistics:
         self.sel_inv = np.zeros((k, self.sel_diag.shape[0], d, d))
         self.sel_theta = np.zeros((k, self.sel_diag.shape[0], d))
         self.q_inv = np.zeros((k, d, d))
+        self._drop_dead_copies()
         self.refresh()
 
     def delete(self, index: int) -> None:
         self.q_inv  # noqa: B018 (copies the stale arms' while sel_inv still has them)
         for name in self.ARRAYS:
             setattr(self, name, np.delete(getattr(self, name), index, axis=0))
+        self._drop_dead_copies()
 
     def take(self, index: int) -> dict[str, np.ndarray]:
         """Copies of one arm's arrays (for moving an arm between policies)."""
@@ -296,6 +298,7 @@ class ArmStatistics:
         for name in self.ARRAYS:
             value = np.asarray(row[name])[None]
             setattr(self, name, np.concatenate([getattr(self, name), value]))
+        self._drop_dead_copies()
 
     # ---------------------------------------------------------------- group
     def _split(self, k: int, heads: np.ndarray) -> None:
@@ -649,6 +652,14 @@ class ArmStatistics:
         out = getattr(self, name)[k].copy()
         out[self.group[k]] = (self.s_data if name == "a_data" else self.s_inv)[k]
         return out
+
+    def _drop_dead_copies(self) -> None:
+        """Forget the float32 copies of arrays replaced since (arms added or removed, a
+        restore): a copy keeps its source alive (a_inv's and its copy: 85 MB at d=384,
+        K=16), and a_inv's is made again only when a decide reads a split head."""
+        for name, copy in list(self._copies32.items()):
+            if copy[0] is not self._source(name):
+                del self._copies32[name]
 
     def _source(self, name: str) -> np.ndarray:
         """The array the float32 copy ``name`` copies (q_inv's without updating it)."""

@@ -100,7 +100,8 @@ def test_split_heads_with_candidates_prices_and_batches(cls):
 def test_split_heads_large_dimension(cls):
     """From FLOAT32_INVERSE_DIM features the group's, the selected quality candidate's
     and a split head's own inverse are read from their float32 copies: the decide
-    within 1e-6 of the float64 numpy path's."""
+    within 1e-6 of the float64 numpy path's (that the copies are what is read:
+    test_split_heads_decide_reads_float32_copies)."""
     d = FLOAT32_INVERSE_DIM
     compiled, reference, rng = fed(cls, {}, d, GATEWAY, n=160)
     assert_fused_split(compiled)
@@ -186,7 +187,7 @@ def test_split_heads_float32_copy_kept_current(cls):
     d = 260
     params = {"half_life_hours": 1.0, "decay_interval_s": 0.0, "refresh_every": 9}
     compiled, _, rng = fed(cls, params, d, (FULL,), n=40)
-    compiled.remove_arm("m2")  # its prior split it from the start
+    compiled.remove_arm("m2")  # an arm fewer (its copies follow)
     compiled.update("m0", rng.standard_normal(d) / 16, {"quality": 0.8}, time=50.0)
     assert_reads_float32_copies(compiled, rng)  # m0's cost and latency split: a copy
     # m1 splits after the copy was made: its heads' copies are stale, then copied.
@@ -218,11 +219,29 @@ def test_split_heads_float32_copy_kept_current(cls):
     assert_reads_float32_copies(restored, rng)
 
 
+@pytest.mark.parametrize("change", ["remove", "add"])
+def test_float32_copies_of_replaced_arrays_are_dropped(change):
+    """Arms removed or added replace the statistics' arrays: the float32 copies of the
+    old ones (a_inv's: 85 MB at d=384, K=16, with the old a_inv it keeps alive) go at
+    once, not at the next decide that reads a split head (maybe never)."""
+    compiled, _, rng = fed(LinUCB, {}, 260, GATEWAY, n=30)
+    assert_reads_float32_copies(compiled, rng)
+    stats = compiled._stats
+    assert "a_inv" in stats._copies32
+    if change == "remove":
+        compiled.remove_arm("m0")
+    else:
+        compiled.add_arm("m9")
+    assert all(entry[0] is stats._source(name) for name, entry in stats._copies32.items())
+    assert "a_inv" not in stats._copies32
+    assert_reads_float32_copies(compiled, rng)
+
+
 def test_plan_follows_the_first_split():
     """A plan built while every head is grouped is replaced when a piece splits one."""
     compiled, reference, rng = fed(LinUCB, {}, 6, (FULL,), n=60)
     for policy in (compiled, reference):
-        policy.remove_arm("m2")  # its prior split it from the start
+        policy.remove_arm("m2")  # an arm fewer
     assert compiled._fused_plan().group is ALL_GROUPED
     assert_same(compiled, reference, rng, rows=4)
     x = rng.standard_normal(6) / 2
