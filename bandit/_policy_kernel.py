@@ -255,19 +255,26 @@ def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.nda
     """One Sherman-Morrison step of an inverse ``p`` and its data matrix ``a`` (gain
     ``scale * px`` from :func:`_gain`), and of the coefficients ``th[h]`` of the heads
     that read them (``heads`` (H,) mask, or head ``only`` alone when >= 0);
-    ``inv32[k32]`` (D, D), the inverse's float32 copy, written row by row (none when
-    ``k32`` < 0)."""
+    ``inv32[k32]`` (D, D), the inverse's float32 copy, written in the same loop as the
+    step, from the value stored (none when ``k32`` < 0): a second loop over each row
+    cost select's update at d=384 ~25 µs more of ~300 (a one-off ablation,
+    docs/results.md "select's update at d=384"); the same numbers bit for bit."""
     d = x.shape[0]
     copy = k32 >= 0
     for i in range(d):
         gi = scale * px[i]
         wxi = weight * x[i]
-        for j in range(d):
-            p[i, j] -= gi * px[j]
-            a[i, j] += wxi * x[j]
         if copy:
+            row32 = inv32[k32, i]
             for j in range(d):
-                inv32[k32, i, j] = p[i, j]
+                v = p[i, j] - gi * px[j]
+                p[i, j] = v
+                row32[j] = v
+                a[i, j] += wxi * x[j]
+        else:
+            for j in range(d):
+                p[i, j] -= gi * px[j]
+                a[i, j] += wxi * x[j]
         if only >= 0:
             th[only, i] += err[only] * gi
         else:
@@ -282,7 +289,8 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
                a_data: np.ndarray, theta: np.ndarray, b_data: np.ndarray,
                srr: np.ndarray, wsum: np.ndarray, count: np.ndarray, lam: np.ndarray,
                mu0: np.ndarray, sigma0: np.ndarray, sigma2: np.ndarray, nu0: float,
-               inv32: np.ndarray, sel_inv: np.ndarray, sel_theta: np.ndarray,
+               inv32: np.ndarray, a_inv32: np.ndarray, sel_inv: np.ndarray,
+               sel_theta: np.ndarray,
                sel_err: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
                q_inv32: np.ndarray, same: int) -> float:
     """Arm k's weighted Sherman-Morrison step for the heads reported in ``y`` (H,) (NaN:
@@ -297,7 +305,9 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
     ``A += w x x^T``, ``theta_h += (y_h - theta_h . x) g``; then for every reported
     head ``b_h += w y_h x`` and the sums, and every head's noise ``sigma^2`` from them
     (``ArmStatistics._update_sigma2``). ``inv32``: the float32 copy of every arm's
-    shared inverse (K, D, D), kept equal to it; empty when there is none.
+    shared inverse (K, D, D), kept equal to it; ``a_inv32``: the float32 copy of the
+    heads' own inverses (K, H, D, D), each reported own head's kept equal to it; either
+    empty when there is none.
 
     With quality model selection (``sel_inv`` (K, G, D, D) not empty) and quality
     reported: the numpy path's candidates step (:func:`_update_candidates`), after the
@@ -331,11 +341,12 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
         scale_group = _gain(s_inv[k], x, weight, px[0])
         _step(s_inv[k], s_data[k], x, weight, px[0], scale_group, th, err, grp, -1,
               inv32, k if inv32.shape[0] else -1)
+    own32 = a_inv32.shape[0] > 0
     for h in range(heads - 1, -1, -1):
         if y[h] == y[h] and not grp[h]:
             scale_own = _gain(a_inv[k, h], x, weight, px[1])
             _step(a_inv[k, h], a_data[k, h], x, weight, px[1], scale_own, th, err, grp,
-                  h, inv32, -1)
+                  h, a_inv32[k] if own32 else inv32, h if own32 else -1)
     if sel_inv.shape[0] and y[0] == y[0]:
         _update_candidates(k, x, y[0], weight, px[0] if grp[0] else px[1],
                            scale_group if grp[0] else scale_own,
@@ -396,21 +407,29 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
         e = errs[g]
         if g == same:
             for i in range(d):
-                for j in range(d):
-                    p[i, j] = shared[i, j]
                 if copy and g == best:
+                    row32 = q_inv32[k, i]
                     for j in range(d):
-                        q_inv32[k, i, j] = p[i, j]
+                        v = shared[i, j]
+                        p[i, j] = v
+                        row32[j] = v
+                else:
+                    for j in range(d):
+                        p[i, j] = shared[i, j]
                 tg[i] += e * (scale0 * px[i])
             continue
         scale = _gain(p, x, weight, pc)
         for i in range(d):
             gi = scale * pc[i]
-            for j in range(d):
-                p[i, j] -= gi * pc[j]
             if copy and g == best:
+                row32 = q_inv32[k, i]
                 for j in range(d):
-                    q_inv32[k, i, j] = p[i, j]
+                    v = p[i, j] - gi * pc[j]
+                    p[i, j] = v
+                    row32[j] = v
+            else:
+                for j in range(d):
+                    p[i, j] -= gi * pc[j]
             tg[i] += e * gi
     th[0, :] = sel_theta[k, best]
     sel[k] = best

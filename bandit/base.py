@@ -746,9 +746,11 @@ class _FusedPlan(NamedTuple):
     inverses: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
     selecting: bool
     # The head groups (K, H) when some head is split off its arm's group (outcomes
-    # reported in pieces; the kernel then reads their own inverses, stats.a_inv), else
-    # ALL_GROUPED.
+    # reported in pieces), else ALL_GROUPED.
     group: np.ndarray
+    # The split heads' own inverses the kernel reads (K, H, D, D): stats.a_inv, or from
+    # FLOAT32_INVERSE_DIM features its float32 copy (ArmStatistics.own_inverses).
+    own_inverses: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -1252,7 +1254,8 @@ class Policy(abc.ABC):
         plan = self._plan = _FusedPlan(
             version, stats, cfg, rule, list(self._names), self._arm_range(), cold,
             n_cold, by_direction, stats.width_inverses() if rule is not None else (),
-            stats.selecting, ALL_GROUPED if stats._all_grouped() else stats.group)
+            stats.selecting, ALL_GROUPED if stats._all_grouped() else stats.group,
+            stats.own_inverses() if rule is not None else stats.a_inv)
         return plan
 
     def _decide_fused(self, x: object, preferences: Preferences | None,
@@ -1344,8 +1347,9 @@ class Policy(abc.ABC):
             else:
                 choice, prop, explored, row = _kernel.decide_one_split(
                     stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel, plan.selecting,
-                    sel, same, plan.group, stats.a_inv, arms, self._level, estimate, factor,
-                    cfg.bounded_optimism, kind, param, noise, pick, eps, quantiles, prune)
+                    sel, same, plan.group, plan.own_inverses, arms, self._level, estimate,
+                    factor, cfg.bounded_optimism, kind, param, noise, pick, eps, quantiles,
+                    prune)
             return names, choice, prop, explored, row
         # New outputs on every call, even those decide() reads at once: buffers kept in
         # the plan would be shared by concurrent decides (the kernel releases the GIL).
@@ -1353,7 +1357,7 @@ class Policy(abc.ABC):
         choices, prop = np.empty(n, dtype=np.intp), np.empty(n)
         explored = np.empty(n, dtype=bool)
         _kernel.decide_rows(stats.theta, xb, w, stats.sigma2, inv, q_inv, q_sel,
-                            plan.selecting, sel, same, plan.group, stats.a_inv, arms,
+                            plan.selecting, sel, same, plan.group, plan.own_inverses, arms,
                             self._level, estimate, factor, cfg.bounded_optimism, kind,
                             param, noise, forced, eps, quantiles, prune, propensities,
                             _kernel.PHI_TABLE, means, table, choices, prop, explored)

@@ -63,9 +63,12 @@ FUSED_BATCH = 4
 #: From this many features (dim + 1) on, a single context's exploration width reads a
 #: float32 copy of the shared inverses (summing in float64): at d=384 the 16 inverses
 #: are 19 MB of float64 and the width is bound by memory (630 -> 266 us measured, std
-#: relative error 3e-9); at d=64 they fit the cache and float32 gains nothing.
+#: relative error 3e-9); at d=64 they fit the cache and float32 gains nothing. The same
+#: for the selected quality candidates' inverses and for the own inverses of heads split
+#: off their group (outcomes reported in pieces).
 FLOAT32_INVERSE_DIM = 257
 _NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
+_NO_OWN_COPY = np.zeros((0, 0, 0, 0), dtype=np.float32)  # of a_inv (K, H, D, D)
 # sel_inv, sel_theta, sel_err, the selected index, its stale flags, the float32 copy,
 # the shared candidate, of the update kernel without selection.
 _NO_SELECTION = (np.zeros((0, 0, 0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)),
@@ -147,10 +150,14 @@ class ArmStatistics:
         g = grid.shape[0]
         self.group = np.zeros((0, _H), dtype=bool)
         self._grouped: tuple[np.ndarray, bool] | None = None  # see _all_grouped
-        # The float32 copies of s_inv and q_inv (see FLOAT32_INVERSE_DIM), by name: (the
-        # array it copies, the copy, arms whose copy is stale). The update kernel writes
-        # both; a refresh or a numpy update marks the arm stale; a new array (arms added
-        # or removed, a restore) makes a new copy.
+        # The float32 copies of s_inv, q_inv and a_inv (see FLOAT32_INVERSE_DIM), by
+        # name: (the array it copies, the copy, the arms (K,), or for a_inv the arms'
+        # heads (K, H), whose copy is stale). The update kernel writes the copies of
+        # what it steps; a refresh, a numpy update or a split (a_inv: the heads that
+        # leave take the group's inverse) marks them stale; a new array (arms added or
+        # removed, a restore) makes a new copy. a_inv's copy is made the first time a
+        # decide reads a split head (then kept); its entries of heads in their group are
+        # stale like a_inv's own (never read).
         self._copies32: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self._first = np.zeros(0, dtype=np.intp)  # index 0 of every arm (width_inverses)
         self._same: int | None = None  # see shared_candidate
@@ -273,12 +280,14 @@ class ArmStatistics:
         self.sel_inv = np.zeros((k, self.sel_diag.shape[0], d, d))
         self.sel_theta = np.zeros((k, self.sel_diag.shape[0], d))
         self.q_inv = np.zeros((k, d, d))
+        self._drop_dead_copies()
         self.refresh()
 
     def delete(self, index: int) -> None:
         self.q_inv  # noqa: B018 (copies the stale arms' while sel_inv still has them)
         for name in self.ARRAYS:
             setattr(self, name, np.delete(getattr(self, name), index, axis=0))
+        self._drop_dead_copies()
 
     def take(self, index: int) -> dict[str, np.ndarray]:
         """Copies of one arm's arrays (for moving an arm between policies)."""
@@ -289,6 +298,7 @@ class ArmStatistics:
         for name in self.ARRAYS:
             value = np.asarray(row[name])[None]
             setattr(self, name, np.concatenate([getattr(self, name), value]))
+        self._drop_dead_copies()
 
     # ---------------------------------------------------------------- group
     def _split(self, k: int, heads: np.ndarray) -> None:
@@ -297,6 +307,7 @@ class ArmStatistics:
         if leaving.any():
             self.a_data[k, leaving] = self.s_data[k]
             self.a_inv[k, leaving] = self.s_inv[k]
+            self._stale32(k, "a_inv", leaving)
             self.group[k, leaving] = False
             self._grouped = None
 
@@ -326,6 +337,7 @@ class ArmStatistics:
             if own.size:
                 a = self.a_data[k, own] + self.lam[k, own, None, None] * eye
                 self.a_inv[k, own] = _spd_inverse(a)
+                self._stale32(k, "a_inv", own)
             b = self._b_total(k)
             if group.any():
                 self.theta[k, group] = b[group] @ self.s_inv[k]  # A^-1 is symmetric
@@ -420,7 +432,7 @@ class ArmStatistics:
                 k, x, y, float(weight), self.group, self.s_inv, self.s_data, self.a_inv,
                 self.a_data, self.theta, self.b_data, self.srr, self.weight, self.count,
                 self.lam, self.mu0, self.sigma0, self.sigma2, _NU0, self._kept32("s_inv"),
-                *sel)
+                self._kept32("a_inv"), *sel)
             self.updates[k] += 1
             if self.updates[k] >= self.refresh_every:
                 self.refresh([k])
@@ -449,6 +461,7 @@ class ArmStatistics:
             px = p @ x
             gain = (weight / (1.0 + weight * float(px @ x))) * px
             _rank1(p, -1.0, gain, px)
+            self._stale32(k, "a_inv", h)
             _rank1(self.a_data[k, h], 1.0, xw, x)
             theta[h] += err[h] * gain
         if obs[0] and self.selecting:
@@ -640,37 +653,64 @@ class ArmStatistics:
         out[self.group[k]] = (self.s_data if name == "a_data" else self.s_inv)[k]
         return out
 
+    def _drop_dead_copies(self) -> None:
+        """Forget the float32 copies of arrays replaced since (arms added or removed, a
+        restore): a copy keeps its source alive (a_inv's and its copy: 85 MB at d=384,
+        K=16), and a_inv's is made again only when a decide reads a split head."""
+        for name, copy in list(self._copies32.items()):
+            if copy[0] is not self._source(name):
+                del self._copies32[name]
+
     def _source(self, name: str) -> np.ndarray:
         """The array the float32 copy ``name`` copies (q_inv's without updating it)."""
         return self._q_inv if name == "q_inv" else getattr(self, name)
 
-    def _stale32(self, k: int, name: str) -> None:
+    def _stale32(self, k: int, name: str, heads: object = None) -> None:
+        """Mark arm k's float32 copy of ``name`` stale (of a_inv: its ``heads``, an
+        index or a mask over the heads)."""
         copy = self._copies32.get(name)
         if copy is not None and copy[0] is self._source(name):
-            copy[2][k] = True
+            copy[2][k if heads is None else (k, heads)] = True
 
     def _kept32(self, name: str) -> np.ndarray:
         """The float32 copy of ``name`` for the update kernel to keep equal; empty when
         there is none (or it copies an array replaced since)."""
         copy = self._copies32.get(name)
-        return copy[1] if copy is not None and copy[0] is self._source(name) else _NO_COPY
+        if copy is not None and copy[0] is self._source(name):
+            return copy[1]
+        return _NO_OWN_COPY if name == "a_inv" else _NO_COPY
 
     def _copy32(self, name: str) -> np.ndarray:
-        """The float32 copy of ``s_inv`` or ``q_inv``, current (see FLOAT32_INVERSE_DIM);
-        q_inv's stale arms are copied from their selected candidates' inverses."""
+        """The float32 copy of ``s_inv``, ``q_inv`` or ``a_inv``, current (see
+        FLOAT32_INVERSE_DIM); q_inv's stale arms are copied from their selected
+        candidates' inverses."""
         source = self._source(name)
         copy = self._copies32.get(name)
         if copy is None or copy[0] is not source:
             current = self.q_inv if name == "q_inv" else source
             copy = self._copies32[name] = (source, current.astype(np.float32),
-                                           np.zeros(len(self), dtype=bool))
+                                           np.zeros(source.shape[:-2], dtype=bool))
         stale = copy[2]
         if stale.any():
-            idx = np.flatnonzero(stale)
-            copy[1][idx] = (self.sel_inv[idx, self._sel[idx]] if name == "q_inv"
-                            else source[idx])
+            if name == "q_inv":
+                idx = np.flatnonzero(stale)
+                copy[1][idx] = self.sel_inv[idx, self._sel[idx]]
+            else:
+                idx = np.nonzero(stale)  # arms, or (arms, heads) of a_inv
+                copy[1][idx] = source[idx]
             stale[:] = False
         return copy[1]
+
+    def own_inverses(self) -> np.ndarray:
+        """The heads' own inverses (K, H, D, D) that the compiled kernels read for a head
+        split off its arm's group: ``a_inv``, or from ``FLOAT32_INVERSE_DIM`` features
+        its float32 copy, current (made when first read; then the update kernel keeps
+        it). ``a_inv`` (not read) when every head is grouped, or with quality model
+        selection when only quality heads are split (they read their candidates')."""
+        if (self.n_features < FLOAT32_INVERSE_DIM or self._all_grouped()
+                or (self.selecting and self.group[:, 1:].all())):
+            return self.a_inv
+        return self._copy32("a_inv")
 
     def _all_grouped(self) -> bool:
         """Whether every head of every arm is in its arm's shared group (cached: the
@@ -720,7 +760,7 @@ class ArmStatistics:
             inv, q_inv, q_sel, sel, same = self.width_inverses()
             _kernel.predict_width(self.theta, xb, w, c, inv, q_inv, q_sel, self.selecting,
                                   sel, same, ALL_GROUPED if self._all_grouped() else self.group,
-                                  self.a_inv, means, utility, std)
+                                  self.own_inverses(), means, utility, std)
             if arms is not None:
                 means, utility, std = means[:, arms], utility[:, arms], std[:, arms]
             return means, utility, std
