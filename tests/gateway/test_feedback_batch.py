@@ -171,3 +171,44 @@ def test_store_outcomes_fewer_than_target_sent_after_max_wait(
         for d in ids:
             r = client.get(f"/v1/decisions/{d}", headers=headers)
             assert [f["cost_usd"] for f in r.json()["feedback"]] == [1e-4], d
+
+
+def test_feedback_many_stores_a_batch_in_a_few_statements(
+        new_database_url: Callable[[], str]) -> None:
+    """A batch of outcomes is a few statements, not one per row (the ORM's unit of work
+    updated each decision's charge on its own: CPU the storing thread takes from the
+    requests, GIL held); the rows are those stored one by one."""
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+        model = add_model(client)
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        n = 40
+        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
+               for i in range(n)]
+        assert service.writer.flush()
+        statements: list[str] = []
+
+        def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+            statements.append(statement.split(None, 1)[0].upper())
+
+        event.listen(service.engine, "before_cursor_execute", count)
+        items = [FeedbackItem(tenant, d, {"quality": None, "cost_usd": 0.001 * (i + 1),
+                                          "latency_ms": 12.0}, EVENT_ID)
+                 for i, d in enumerate(ids)]
+        # A second event of the first decision in the same batch: its charge is the
+        # later cost, the ledger adjusted by the difference.
+        items.append(FeedbackItem(tenant, ids[0], {"cost_usd": 0.5}, "client"))
+        results = service.feedback_many(items)
+        event.remove(service.engine, "before_cursor_execute", count)
+        assert all(isinstance(r, FeedbackReceipt) and r.status == "applied"
+                   for r in results), results
+        data = [s for s in statements if s in {"SELECT", "INSERT", "UPDATE"}]
+        assert len(data) <= 5, statements  # decisions, feedback, insert, charges
+        ids_stored = [r.feedback_id for r in results]  # type: ignore[union-attr]
+        assert ids_stored == sorted(ids_stored) and len(set(ids_stored)) == n + 1
+        for i, d in enumerate(ids):
+            body = client.get(f"/v1/decisions/{d}", headers=headers).json()
+            want = [0.001 * (i + 1), 0.5] if i == 0 else [0.001 * (i + 1)]
+            assert [f["cost_usd"] for f in body["feedback"]] == want
+            assert body["charged_usd"] == want[-1]
