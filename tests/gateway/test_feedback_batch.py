@@ -212,3 +212,38 @@ def test_feedback_many_stores_a_batch_in_a_few_statements(
             want = [0.001 * (i + 1), 0.5] if i == 0 else [0.001 * (i + 1)]
             assert [f["cost_usd"] for f in body["feedback"]] == want
             assert body["charged_usd"] == want[-1]
+
+
+def test_applying_a_batch_gives_the_event_loop_turns(
+        new_database_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread storing a batch pauses (a real sleep, so that a thread waiting for the
+    GIL gets it) after every ``_YIELD_EVERY`` rows applied, not once at the end: the
+    event loop waits for one chunk, not the whole batch (service/ingest.py)."""
+    import threading
+
+    import service.ingest as ingest
+
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+        model = add_model(client)
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
+               for i in range(25)]
+        assert service.writer.flush()
+        me, pauses = threading.get_ident(), []
+        real_sleep = time.sleep
+
+        def sleep(seconds: float) -> None:
+            if threading.get_ident() == me:
+                pauses.append(seconds)
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
+        results = service.feedback_many([FeedbackItem(
+            tenant, d, {"cost_usd": 0.001, "latency_ms": 5.0}, EVENT_ID) for d in ids])
+        monkeypatch.undo()
+        assert all(isinstance(r, FeedbackReceipt) and r.status == "applied"
+                   for r in results), results
+        assert ingest._YIELD_EVERY == 10 and ingest._YIELD_S > 0
+        assert pauses == [ingest._YIELD_S] * 2  # after rows 10 and 20 of 25
