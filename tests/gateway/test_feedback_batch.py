@@ -247,3 +247,54 @@ def test_applying_a_batch_gives_the_event_loop_turns(
                    for r in results), results
         assert ingest._YIELD_EVERY == 10 and ingest._YIELD_S > 0
         assert pauses == [ingest._YIELD_S] * 2  # after rows 10 and 20 of 25
+
+
+def test_a_batch_learns_what_its_stored_rows_learn_one_by_one(
+        new_database_url: Callable[[], str]) -> None:
+    """Each policy (every kind) after a batch of outcomes (successes, failures' 0, a
+    client's quality, a duplicate, the same decision twice) holds the statistics of its
+    state before the batch updated with the stored rows one by one in id order (what a
+    restart's replay does), to 1e-9: the batch path stores what it learns, in order."""
+    import numpy as np
+
+    from bandit import Policy
+    from bandit.stats import ArmStatistics
+    from service.domain import price_estimate, stored_outcome, timestamp
+
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+        models = [add_model(client) for _ in range(2)]
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        ids = [decide(client, headers, models, seed=i).json()["decision_id"]
+               for i in range(30)]
+        assert service.writer.flush()
+        reference = {k: Policy.from_bytes(b) for k, b in service.policies.blobs().items()}
+        first = service.last_feedback_id
+        items = [FeedbackItem(tenant, d, {"quality": 0.0 if i % 4 == 0 else None,
+                                          "cost_usd": 1e-4 * (i + 1),
+                                          "latency_ms": 10.0 + i}, EVENT_ID)
+                 for i, d in enumerate(ids)]
+        items += [FeedbackItem(tenant, ids[1], {"quality": 0.8}, "client"),
+                  FeedbackItem(tenant, ids[2], {"cost_usd": 0.5}, EVENT_ID),  # duplicate
+                  FeedbackItem(tenant, ids[3], {"cost_usd": 2e-3, "quality": 0.4}, "c")]
+        results = service.feedback_many(items)
+        assert [getattr(r, "status", r) for r in results] == (
+            ["applied"] * 31 + ["duplicate", "applied"])
+        rows = service.history.feedback_rows(first, 1000)
+        assert len(rows) == 32
+        for fb, model, context, decided_at, predictions in rows:
+            x = service.contexts.stored(context, fb.id)
+            for policy in reference.values():
+                policy.update(model, x, stored_outcome(fb), time=timestamp(decided_at),
+                              cost_estimate=price_estimate(model, predictions))
+        live = service.policies.all_policies()
+        assert set(live) == set(reference)
+        for key, policy in reference.items():
+            for name in ArmStatistics.ARRAYS:
+                want, got = getattr(policy._stats, name), getattr(live[key]._stats, name)
+                if want is None:
+                    assert got is None, (key, name)
+                    continue
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-9,
+                                           err_msg=f"{key} {name}")
