@@ -16,13 +16,11 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, Engine, bindparam, insert, select, update
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
 from service.config import Settings
@@ -31,15 +29,16 @@ from service.domain import (
     FeedbackItem,
     FeedbackReceipt,
     TenantState,
-    price_estimate,
     stored_outcome,
     timestamp,
 )
 from service.exceptions import NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
+from service.ingest_rows import Decision as _Decision
 from service.ingest_rows import Incoming, Stored
 from service.ingest_rows import Row as _Row
 from service.ingest_rows import Uncertain as _Uncertain
+from service.ingest_rows import update_decisions as _update_decisions
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
@@ -66,61 +65,11 @@ _PENDING_WAIT_S = 1.0
 _DRAIN_BATCH = 200
 #: Transactions tried when another process stores one of a batch's rows first.
 _ATTEMPTS = 3
-#: Applying a batch (a gateway batch: ~0.1 ms of CPU per row, three policies learning
-#: it, the GIL held), the storing thread sleeps ``_YIELD_S`` after every ``_YIELD_EVERY``
-#: rows: an event loop waiting for the GIL takes it then, instead of after the
-#: interpreter's switch interval (5 ms) each time it wakes. ``sleep(0)`` is not enough:
-#: the thread takes the GIL back before the waiting one runs. Measured (a thread storing
-#: batches of 100 back to back; the loop's 1 ms timers late p99 11-14 ms without, 6-7.5
-#: with; loaded machine); ``python -m benchmarks.gateway_overhead --store-cost`` shows it
-#: ("storing, 5 ms" beside "storing, 5 ms, no pauses").
+#: The storing thread sleeps _YIELD_S after each _YIELD_EVERY rows applied (0.1 ms of CPU
+#: each, GIL held): the event loop gets the GIL then, not after the 5 ms switch interval
+#: (sleep(0) is not enough). ``benchmarks.gateway_overhead --store-cost``'s loop lag.
 _YIELD_EVERY = 10
 _YIELD_S = 1e-4
-
-
-class _Decision:
-    """The columns of a decision that storing its feedback reads, and the two it may
-    change (the charge reconciled with a reported cost, the guard's part): what
-    :meth:`FeedbackIngest._commit` reads instead of an ORM object (and hands to
-    :meth:`Guards.lesson`, which reads and sets the same attributes)."""
-
-    __slots__ = ("id", "tenant_id", "model", "context", "predictions", "charged_usd",
-                 "created_at", "guard", "_loaded")
-
-    def __init__(self, id: str, tenant_id: str, model: str, context: bytes,  # noqa: A002
-                 predictions: dict[str, Any] | None, charged_usd: float,
-                 created_at: datetime, guard: dict[str, Any] | None) -> None:
-        self.id, self.tenant_id, self.model, self.context = id, tenant_id, model, context
-        self.predictions, self.charged_usd = predictions, charged_usd
-        self.created_at, self.guard = created_at, guard
-        self._loaded = (charged_usd, guard)
-
-    def price(self) -> float | None:
-        return price_estimate(self.model, self.predictions)
-
-    def changes(self) -> dict[str, object]:
-        """The changed columns (as the ORM's unit of work compares: by value)."""
-        out: dict[str, object] = {}
-        if self.charged_usd != self._loaded[0]:
-            out["charged_usd"] = self.charged_usd
-        if self.guard != self._loaded[1]:
-            out["guard"] = self.guard
-        return out
-
-
-def _update_decisions(conn: Connection, decisions: Iterable[_Decision]) -> None:
-    """One executemany per set of changed columns (a column not changed is not written:
-    a NULL guard would come back as JSON ``null``)."""
-    table = m.DecisionRow.__table__
-    by_columns: dict[tuple[str, ...], list[dict[str, object]]] = {}
-    for d in decisions:
-        changes = d.changes()
-        if changes:
-            by_columns.setdefault(tuple(changes), []).append(
-                {"b_id": d.id, **{f"b_{k}": v for k, v in changes.items()}})
-    for columns, params in by_columns.items():
-        conn.execute(update(table).where(table.c.id == bindparam("b_id")).values(
-            {c: bindparam(f"b_{c}") for c in columns}), params)
 
 
 @dataclass(eq=False)
@@ -240,22 +189,17 @@ class FeedbackIngest:
         """The transaction: per item its result (``duplicate``, ``unknown-decision``;
         ``applied`` for now for the rows to apply) and the rows to apply.
 
-        Core statements, not ORM objects: the decisions' columns read in one query, the
-        new rows inserted in one (their ids returned in the items' order), the
-        decisions whose charge or guard part changed updated in one executemany. The
-        ORM's unit of work (an object per row, an INSERT each) was half the CPU of a
-        gateway batch, taken from the requests (the storing thread holds the GIL)."""
+        Core statements (the ORM's unit of work, an object and an INSERT per row, was
+        half of a gateway batch's CPU): one SELECT of the decisions' columns, one INSERT
+        .. RETURNING, one UPDATE executemany per set of changed decision columns."""
         results = [Stored("applied")] * len(items)
         rows: list[_Row] = []
         pending: list[tuple[int, _Decision, float, GuardLesson | None]] = []
         values: list[dict[str, object]] = []
-        fb_t, d_t = m.Feedback.__table__, m.DecisionRow.__table__
+        fb_t = m.Feedback.__table__
         with self.engine.connect() as conn:
             ids = sorted({it.decision_id for it in items})
-            decisions = {r.id: _Decision(*r) for r in conn.execute(select(
-                d_t.c.id, d_t.c.tenant_id, d_t.c.model, d_t.c.context, d_t.c.predictions,
-                d_t.c.charged_usd, d_t.c.created_at, d_t.c.guard).where(
-                d_t.c.id.in_(ids)))}
+            decisions = _Decision.load(conn, ids)
             stored = {(fb.decision_id, fb.event_id): (
                 int(fb.id), m.as_utc(fb.created_at), stored_outcome(fb))
                 for fb in conn.execute(select(
@@ -282,11 +226,7 @@ class FeedbackIngest:
                         results[i] = Stored("duplicate", fid)
                     continue
                 stored[key] = (0, it.received, it.outcome)  # a repeat later in this batch
-                values.append({"decision_id": it.decision_id, "tenant_id": it.tenant.id,
-                               "event_id": it.event, "quality": it.outcome.get("quality"),
-                               "cost_usd": it.outcome.get("cost_usd"),
-                               "latency_ms": it.outcome.get("latency_ms"),
-                               "created_at": it.received, "learner_group": None})
+                values.append(it.row())
                 delta = 0.0
                 if it.outcome.get("cost_usd") is not None:
                     delta = float(it.outcome["cost_usd"]) - decision.charged_usd
