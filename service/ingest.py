@@ -234,8 +234,8 @@ class FeedbackIngest:
                 pending.append((i, decision, delta,
                                 self.guards.lesson(it.tenant, decision, it.outcome)))
             if pending:
-                # RETURNING in any order (in the items' order SQLAlchemy would insert
-                # row by row on SQLite): matched by the unique (decision, event).
+                # One statement, RETURNING in any order (asked for the items' order,
+                # SQLAlchemy inserts row by row on SQLite): ids by (decision, event).
                 got = {(r.decision_id, r.event_id): int(r.id) for r in conn.execute(
                     insert(fb_t).returning(fb_t.c.id, fb_t.c.decision_id, fb_t.c.event_id),
                     values)}
