@@ -298,3 +298,32 @@ def test_a_batch_learns_what_its_stored_rows_learn_one_by_one(
                     continue
                 np.testing.assert_allclose(got, want, rtol=0, atol=1e-9,
                                            err_msg=f"{key} {name}")
+
+
+def test_decisions_updated_in_the_order_of_their_ids() -> None:
+    """Two processes storing feedback of the same decisions lock their rows in one order
+    (the ORM's: by id) whatever order the decisions were read in, also across runs of
+    different changed columns; otherwise PostgreSQL can deadlock them."""
+    from datetime import UTC, datetime
+
+    from service.ingest_rows import Decision, update_decisions
+
+    decisions = []
+    for n, changed in enumerate(["charge", "guard", "charge", "both", "none", "charge"]):
+        d = Decision(f"d{n}", "t", "m", b"", None, 0.0, datetime.now(UTC), None)
+        if changed in ("charge", "both"):
+            d.charged_usd = 0.5
+        if changed in ("guard", "both"):
+            d.guard = {"n": 1}
+        decisions.append(d)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+
+        def execute(self, _statement: object, params: list[dict[str, object]]) -> None:
+            self.ids.extend(str(p["b_id"]) for p in params)
+
+    conn = Recorder()
+    update_decisions(conn, reversed(decisions))  # type: ignore[arg-type]
+    assert conn.ids == ["d0", "d1", "d2", "d3", "d5"]

@@ -331,9 +331,10 @@ def lose_the_answer_of_a_feedback_commit(monkeypatch: pytest.MonkeyPatch,
     lost: list[bool] = []
 
     def execute(self: Connection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_execute(self, statement, *args, **kwargs)
         if isinstance(statement, Insert) and statement.table.name == "feedback":
-            self.info["inserted-feedback"] = True
-        return real_execute(self, statement, *args, **kwargs)
+            self.info["inserted-feedback"] = True  # (after it: a failed one stores nothing)
+        return result
 
     def commit_then_lose_the_answer(self: Connection) -> None:
         real_commit(self)
