@@ -319,13 +319,17 @@ def loop_lag(rounds: int, seconds: float = 2.0) -> dict[str, list[dict[str, floa
     stores outcomes in batches of 25 without pause, by ``sys.setswitchinterval``; and with
     the thread idle, the machine's own lateness. A thread running Python code keeps the
     GIL up to the interval each time the loop wants it back: the mechanism of the
-    router's latency tail while outcomes are stored."""
+    router's latency tail while outcomes are stored. The last variant turns off the
+    storing thread's pauses between chunks of rows applied (``service.ingest._YIELD_S``)."""
     import threading
+
+    import service.ingest as ingest
 
     runs: dict[str, list[dict[str, float]]] = {}
     default = sys.getswitchinterval()
     variants = (("idle thread, 5 ms", 0.005, False), ("storing, 5 ms", 0.005, True),
-                ("storing, 1 ms", 0.001, True))
+                ("storing, 1 ms", 0.001, True), ("storing, 5 ms, no pauses", 0.005, True))
+    pause = ingest._YIELD_EVERY
     with outcomes_to_store(1000) as (service, items):
         for _ in range(rounds):
             for name, interval, busy in variants:
@@ -344,6 +348,7 @@ def loop_lag(rounds: int, seconds: float = 2.0) -> dict[str, list[dict[str, floa
                     return late
 
                 sys.setswitchinterval(interval)
+                ingest._YIELD_EVERY = 10**9 if name.endswith("no pauses") else pause
                 thread = threading.Thread(target=store if busy else stop.wait)
                 thread.start()
                 try:
@@ -352,6 +357,7 @@ def loop_lag(rounds: int, seconds: float = 2.0) -> dict[str, list[dict[str, floa
                     stop.set()
                     thread.join()
                     sys.setswitchinterval(default)
+                    ingest._YIELD_EVERY = pause
                 runs.setdefault(name, []).append(
                     {"p50_ms": float(np.percentile(late, 50)),
                      "p99_ms": float(np.percentile(late, 99)), "wakeups": len(late)})

@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.orm import Session
 
 from service.config import Settings
 from service.db import models as m
@@ -30,15 +29,16 @@ from service.domain import (
     FeedbackItem,
     FeedbackReceipt,
     TenantState,
-    price_estimate,
     stored_outcome,
     timestamp,
 )
 from service.exceptions import NotFoundError, UnavailableError
 from service.guards import GuardLesson, Guards
+from service.ingest_rows import Decision as _Decision
 from service.ingest_rows import Incoming, Stored
 from service.ingest_rows import Row as _Row
 from service.ingest_rows import Uncertain as _Uncertain
+from service.ingest_rows import update_decisions as _update_decisions
 from service.local import LocalCopy
 from service.metrics import Metrics
 from service.policies import PolicyStore
@@ -65,6 +65,14 @@ _PENDING_WAIT_S = 1.0
 _DRAIN_BATCH = 200
 #: Transactions tried when another process stores one of a batch's rows first.
 _ATTEMPTS = 3
+#: The storing thread sleeps _YIELD_S after each _YIELD_EVERY rows applied (0.1 ms of CPU
+#: each, GIL held): the event loop gets the GIL then, not after the 5 ms switch interval
+#: (sleep(0) is not enough). ``benchmarks.gateway_overhead --store-cost``'s loop lag.
+#: The pauses are taken with ``apply_lock`` held (never the state lock: decides go on):
+#: a batch of 100 holds it ~30% longer while another thread wants the GIL, which
+#: checkpoints and other feedback writers wait for (a review measured 145 against 108 ms).
+_YIELD_EVERY = 10
+_YIELD_S = 1e-4
 
 
 @dataclass(eq=False)
@@ -182,27 +190,31 @@ class FeedbackIngest:
 
     def _commit(self, items: list[Incoming]) -> tuple[list[Stored], list[_Row]]:
         """The transaction: per item its result (``duplicate``, ``unknown-decision``;
-        ``applied`` for now for the rows to apply) and the rows to apply."""
+        ``applied`` for now for the rows to apply) and the rows to apply.
+
+        Core statements (the ORM's unit of work, an object and an INSERT per row, was
+        half of a gateway batch's CPU): one SELECT of the decisions' columns, one INSERT
+        .. RETURNING, one UPDATE executemany per set of changed decision columns."""
         results = [Stored("applied")] * len(items)
         rows: list[_Row] = []
-        pending: list[tuple[int, m.Feedback, m.DecisionRow, float, GuardLesson | None]] = []
-        with Session(self.engine) as session:
+        pending: list[tuple[int, _Decision, float, GuardLesson | None]] = []
+        values: list[dict[str, object]] = []
+        fb_t = m.Feedback.__table__
+        with self.engine.connect() as conn:
             ids = sorted({it.decision_id for it in items})
-            decisions = {d.id: d for d in session.scalars(
-                select(m.DecisionRow).where(m.DecisionRow.id.in_(ids)))}
+            decisions = _Decision.load(conn, ids)
             stored = {(fb.decision_id, fb.event_id): (
                 int(fb.id), m.as_utc(fb.created_at), stored_outcome(fb))
-                for fb in session.execute(select(
-                    m.Feedback.decision_id, m.Feedback.event_id, m.Feedback.id,
-                    m.Feedback.created_at, m.Feedback.quality, m.Feedback.cost_usd,
-                    m.Feedback.latency_ms).where(m.Feedback.decision_id.in_(ids)))}
+                for fb in conn.execute(select(
+                    fb_t.c.decision_id, fb_t.c.event_id, fb_t.c.id, fb_t.c.created_at,
+                    fb_t.c.quality, fb_t.c.cost_usd, fb_t.c.latency_ms).where(
+                    fb_t.c.decision_id.in_(ids)))}
             for i, it in enumerate(items):
                 decision = decisions.get(it.decision_id)
                 if decision is None or decision.tenant_id != it.tenant.id:
                     results[i] = Stored("unknown-decision")
                     continue
                 key = (it.decision_id, it.event)
-                price = price_estimate(decision.model, decision.predictions)
                 if key in stored:
                     fid, at, outcome = stored[key]
                     uncertain = self._uncertain.get((it.tenant.id, *key))
@@ -211,33 +223,34 @@ class FeedbackIngest:
                         # connection died), so it was stored and not applied: with
                         # the stored row's outcome (the first attempt's), as a replay.
                         rows.append(_Row(i, fid, decision.model, decision.context,
-                                         uncertain.cost_delta, uncertain.decided_at, price,
-                                         None, outcome))
+                                         uncertain.cost_delta, uncertain.decided_at,
+                                         decision.price(), None, outcome))
                     else:
                         results[i] = Stored("duplicate", fid)
                     continue
                 stored[key] = (0, it.received, it.outcome)  # a repeat later in this batch
-                fb = m.Feedback(decision_id=it.decision_id, tenant_id=it.tenant.id,
-                                event_id=it.event, quality=it.outcome.get("quality"),
-                                cost_usd=it.outcome.get("cost_usd"),
-                                latency_ms=it.outcome.get("latency_ms"),
-                                created_at=it.received)
-                session.add(fb)
+                values.append(it.row())
                 delta = 0.0
                 if it.outcome.get("cost_usd") is not None:
                     delta = float(it.outcome["cost_usd"]) - decision.charged_usd
                     decision.charged_usd = float(it.outcome["cost_usd"])
-                pending.append((i, fb, decision, delta,
+                pending.append((i, decision, delta,
                                 self.guards.lesson(it.tenant, decision, it.outcome)))
             if pending:
-                session.flush()
-                new = [_Row(i, int(fb.id), d.model, d.context, delta,
-                            timestamp(d.created_at),
-                            price_estimate(d.model, d.predictions), lesson,
-                            items[i].outcome)
-                       for i, fb, d, delta, lesson in pending]
+                # One batched INSERT .. RETURNING, its rows in any order (asked for the
+                # parameters' order, SQLAlchemy would insert row by row on SQLite): the
+                # ids matched by (decision, event).
+                got = {(r.decision_id, r.event_id): int(r.id) for r in conn.execute(
+                    insert(fb_t).returning(fb_t.c.id, fb_t.c.decision_id, fb_t.c.event_id),
+                    values)}
+                new_ids = [got[(items[i].decision_id, items[i].event)]
+                           for i, *_ in pending]
+                _update_decisions(conn, decisions.values())
+                new = [_Row(i, fid, d.model, d.context, delta, timestamp(d.created_at),
+                            d.price(), lesson, items[i].outcome)
+                       for (i, d, delta, lesson), fid in zip(pending, new_ids, strict=True)]
                 try:
-                    session.commit()
+                    conn.commit()
                 except (OperationalError, InterfaceError):
                     # Maybe committed, maybe not: remember what applying them would take;
                     # the retry (the buffer's, or the client's after a 503) recognizes
@@ -256,7 +269,9 @@ class FeedbackIngest:
     def _apply(self, items: list[Incoming], rows: list[_Row], results: list[Stored]) -> None:
         """Hand the committed rows to the policy store (``apply_lock`` held)."""
         store = self.policies
-        for row in rows:
+        for n, row in enumerate(rows):
+            if n and not n % _YIELD_EVERY:
+                time.sleep(_YIELD_S)  # the event loop's turn (the constants' comment)
             it = items[row.index]
             try:
                 store.apply(it.tenant.id, row.model,

@@ -1,16 +1,20 @@
 """The records :mod:`service.ingest` passes between its steps: a feedback on its way in,
-what became of it, a committed row to apply, a commit in doubt."""
+its decision's columns, what became of it, a committed row to apply, a commit in doubt."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from service.domain import TenantState
+from sqlalchemy import Connection, bindparam, select, update
+
+from service.db import models as m
+from service.domain import TenantState, price_estimate
 from service.guards import GuardLesson
 
-__all__ = ["Incoming", "Row", "Stored", "Uncertain"]
+__all__ = ["Decision", "Incoming", "Row", "Stored", "Uncertain", "update_decisions"]
 
 
 class Incoming(NamedTuple):
@@ -21,6 +25,14 @@ class Incoming(NamedTuple):
     event: str
     outcome: dict[str, float | None]
     received: datetime
+
+    def row(self) -> dict[str, object]:
+        """Its ``feedback`` row's columns (embedded mode: no learners' group)."""
+        return {"decision_id": self.decision_id, "tenant_id": self.tenant.id,
+                "event_id": self.event, "quality": self.outcome.get("quality"),
+                "cost_usd": self.outcome.get("cost_usd"),
+                "latency_ms": self.outcome.get("latency_ms"), "created_at": self.received,
+                "learner_group": None}
 
 
 @dataclass(frozen=True)
@@ -55,3 +67,61 @@ class Uncertain(NamedTuple):
     cost_delta: float
     decided_at: float
     received: datetime  # the row's ``created_at`` if it was stored (a retry has its own)
+
+
+class Decision:
+    """The columns of a decision that storing its feedback reads, and the two it may
+    change (the charge reconciled with a reported cost, the guard's part): what
+    :meth:`FeedbackIngest._commit` reads instead of an ORM object (and hands to
+    :meth:`Guards.lesson`, which reads and sets the same attributes)."""
+
+    __slots__ = ("id", "tenant_id", "model", "context", "predictions", "charged_usd",
+                 "created_at", "guard", "_loaded")
+
+    def __init__(self, id: str, tenant_id: str, model: str, context: bytes,  # noqa: A002
+                 predictions: dict[str, Any] | None, charged_usd: float,
+                 created_at: datetime, guard: dict[str, Any] | None) -> None:
+        self.id, self.tenant_id, self.model, self.context = id, tenant_id, model, context
+        self.predictions, self.charged_usd = predictions, charged_usd
+        self.created_at, self.guard = created_at, guard
+        self._loaded = (charged_usd, guard)
+
+    @classmethod
+    def load(cls, conn: Connection, ids: list[str]) -> dict[str, Decision]:
+        """The decisions of these ids (those that exist), by id."""
+        t = m.DecisionRow.__table__
+        return {r.id: cls(*r) for r in conn.execute(select(
+            t.c.id, t.c.tenant_id, t.c.model, t.c.context, t.c.predictions, t.c.charged_usd,
+            t.c.created_at, t.c.guard).where(t.c.id.in_(ids)))}
+
+    def price(self) -> float | None:
+        return price_estimate(self.model, self.predictions)
+
+    def changes(self) -> dict[str, object]:
+        """The changed columns (as the ORM's unit of work compares: by value)."""
+        out: dict[str, object] = {}
+        if self.charged_usd != self._loaded[0]:
+            out["charged_usd"] = self.charged_usd
+        if self.guard != self._loaded[1]:
+            out["guard"] = self.guard
+        return out
+
+
+def update_decisions(conn: Connection, decisions: Iterable[Decision]) -> None:
+    """The changed decisions' UPDATEs in the order of their ids, as the ORM sent them (two
+    processes that update the same decisions lock their rows in the same order: no
+    deadlock on PostgreSQL), one executemany per run of decisions with the same changed
+    columns (a column not changed is not written: a NULL guard would come back as JSON
+    ``null``)."""
+    table = m.DecisionRow.__table__
+    runs: list[tuple[tuple[str, ...], list[dict[str, object]]]] = []
+    for d in sorted(decisions, key=lambda d: d.id):
+        changes = d.changes()
+        if changes:
+            columns = tuple(changes)
+            if not runs or runs[-1][0] != columns:
+                runs.append((columns, []))
+            runs[-1][1].append({"b_id": d.id, **{f"b_{k}": v for k, v in changes.items()}})
+    for columns, params in runs:
+        conn.execute(update(table).where(table.c.id == bindparam("b_id")).values(
+            {c: bindparam(f"b_{c}") for c in columns}), params)

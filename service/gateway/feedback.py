@@ -5,12 +5,14 @@ background task hands batches of them to :meth:`RoutingService.feedback_many` in
 worker thread: one database transaction per batch (embedded mode), not one per call,
 and the event loop never waits for it. A batch is sent once :data:`BATCH_TARGET`
 outcomes are queued or the first of them has waited ``max_wait_s``, whichever comes
-first: storing costs 1.5-2 ms of CPU for an outcome alone, 0.6-0.8 ms each in batches
-of 5, 0.3-0.4 ms in batches of 25 to 100 (SQLite; ``python -m benchmarks.gateway_overhead
---store-cost``: the ORM transaction is shared by the batch), and that CPU is taken from
-the requests being served (the storing thread holds the GIL while it runs Python code),
-so at low rates waiting longer for a bigger batch is cheaper for everyone; at high rates
-the target fills first.
+first: storing and learning costs ~0.8 ms of CPU for an outcome alone, ~0.3 ms each in
+batches of 5, 0.16-0.19 ms in batches of 25 to 100 (SQLite; ``python -m
+benchmarks.gateway_overhead --store-cost``, 2026-12-05, loaded machine; main before the
+Core statements of service/ingest.py: 1.2, 0.46, 0.20-0.25 ms: the transaction's
+statements are shared by the batch), and that CPU is taken from the requests being
+served (the storing thread holds the GIL while it runs Python code, pausing between
+chunks of rows), so at low rates waiting longer for a bigger batch is cheaper for
+everyone; at high rates the target fills first.
 
 At shutdown the queue is stored before the routing service stops
 (:meth:`FeedbackSender.aclose`). An outcome is stored at most once: feedback is

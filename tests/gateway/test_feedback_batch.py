@@ -171,3 +171,159 @@ def test_store_outcomes_fewer_than_target_sent_after_max_wait(
         for d in ids:
             r = client.get(f"/v1/decisions/{d}", headers=headers)
             assert [f["cost_usd"] for f in r.json()["feedback"]] == [1e-4], d
+
+
+def test_feedback_many_stores_a_batch_in_a_few_statements(
+        new_database_url: Callable[[], str]) -> None:
+    """A batch of outcomes is a few statements, not one per row (the ORM's unit of work
+    updated each decision's charge on its own: CPU the storing thread takes from the
+    requests, GIL held); the rows are those stored one by one."""
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+        model = add_model(client)
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        n = 40
+        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
+               for i in range(n)]
+        assert service.writer.flush()
+        statements: list[str] = []
+
+        def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+            statements.append(statement.split(None, 1)[0].upper())
+
+        event.listen(service.engine, "before_cursor_execute", count)
+        items = [FeedbackItem(tenant, d, {"quality": None, "cost_usd": 0.001 * (i + 1),
+                                          "latency_ms": 12.0}, EVENT_ID)
+                 for i, d in enumerate(ids)]
+        # A second event of the first decision in the same batch: its charge is the
+        # later cost, the ledger adjusted by the difference.
+        items.append(FeedbackItem(tenant, ids[0], {"cost_usd": 0.5}, "client"))
+        results = service.feedback_many(items)
+        event.remove(service.engine, "before_cursor_execute", count)
+        assert all(isinstance(r, FeedbackReceipt) and r.status == "applied"
+                   for r in results), results
+        data = [s for s in statements if s in {"SELECT", "INSERT", "UPDATE"}]
+        assert len(data) <= 5, statements  # decisions, feedback, insert, charges
+        ids_stored = [r.feedback_id for r in results]  # type: ignore[union-attr]
+        assert ids_stored == sorted(ids_stored) and len(set(ids_stored)) == n + 1
+        for i, d in enumerate(ids):
+            body = client.get(f"/v1/decisions/{d}", headers=headers).json()
+            want = [0.001 * (i + 1), 0.5] if i == 0 else [0.001 * (i + 1)]
+            assert [f["cost_usd"] for f in body["feedback"]] == want
+            assert body["charged_usd"] == want[-1]
+
+
+def test_applying_a_batch_gives_the_event_loop_turns(
+        new_database_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread storing a batch pauses (a real sleep, so that a thread waiting for the
+    GIL gets it) after every ``_YIELD_EVERY`` rows applied, not once at the end: the
+    event loop waits for one chunk, not the whole batch (service/ingest.py)."""
+    import threading
+
+    import service.ingest as ingest
+
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+        model = add_model(client)
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
+               for i in range(25)]
+        assert service.writer.flush()
+        me, pauses = threading.get_ident(), []
+        real_sleep = time.sleep
+
+        def sleep(seconds: float) -> None:
+            if threading.get_ident() == me:
+                pauses.append(seconds)
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
+        results = service.feedback_many([FeedbackItem(
+            tenant, d, {"cost_usd": 0.001, "latency_ms": 5.0}, EVENT_ID) for d in ids])
+        monkeypatch.undo()
+        assert all(isinstance(r, FeedbackReceipt) and r.status == "applied"
+                   for r in results), results
+        assert ingest._YIELD_EVERY == 10 and ingest._YIELD_S > 0
+        assert pauses == [ingest._YIELD_S] * 2  # after rows 10 and 20 of 25
+
+
+def test_a_batch_learns_what_its_stored_rows_learn_one_by_one(
+        new_database_url: Callable[[], str]) -> None:
+    """Each policy (every kind) after a batch of outcomes (successes, failures' 0, a
+    client's quality, a duplicate, the same decision twice) holds the statistics of its
+    state before the batch updated with the stored rows one by one in id order (what a
+    restart's replay does), to 1e-9: the batch path stores what it learns, in order."""
+    import numpy as np
+
+    from bandit import Policy
+    from bandit.stats import ArmStatistics
+    from service.domain import price_estimate, stored_outcome, timestamp
+
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
+        models = [add_model(client) for _ in range(2)]
+        headers = create_tenant(client)
+        tenant = service.tenants[headers["X-Tenant"]]
+        ids = [decide(client, headers, models, seed=i).json()["decision_id"]
+               for i in range(30)]
+        assert service.writer.flush()
+        reference = {k: Policy.from_bytes(b) for k, b in service.policies.blobs().items()}
+        first = service.last_feedback_id
+        items = [FeedbackItem(tenant, d, {"quality": 0.0 if i % 4 == 0 else None,
+                                          "cost_usd": 1e-4 * (i + 1),
+                                          "latency_ms": 10.0 + i}, EVENT_ID)
+                 for i, d in enumerate(ids)]
+        items += [FeedbackItem(tenant, ids[1], {"quality": 0.8}, "client"),
+                  FeedbackItem(tenant, ids[2], {"cost_usd": 0.5}, EVENT_ID),  # duplicate
+                  FeedbackItem(tenant, ids[3], {"cost_usd": 2e-3, "quality": 0.4}, "c")]
+        results = service.feedback_many(items)
+        assert [getattr(r, "status", r) for r in results] == (
+            ["applied"] * 31 + ["duplicate", "applied"])
+        rows = service.history.feedback_rows(first, 1000)
+        assert len(rows) == 32
+        for fb, model, context, decided_at, predictions in rows:
+            x = service.contexts.stored(context, fb.id)
+            for policy in reference.values():
+                policy.update(model, x, stored_outcome(fb), time=timestamp(decided_at),
+                              cost_estimate=price_estimate(model, predictions))
+        live = service.policies.all_policies()
+        assert set(live) == set(reference)
+        for key, policy in reference.items():
+            for name in ArmStatistics.ARRAYS:
+                want, got = getattr(policy._stats, name), getattr(live[key]._stats, name)
+                if want is None:
+                    assert got is None, (key, name)
+                    continue
+                np.testing.assert_allclose(got, want, rtol=0, atol=1e-9,
+                                           err_msg=f"{key} {name}")
+
+
+def test_decisions_updated_in_the_order_of_their_ids() -> None:
+    """Two processes storing feedback of the same decisions lock their rows in one order
+    (the ORM's: by id) whatever order the decisions were read in, also across runs of
+    different changed columns; otherwise PostgreSQL can deadlock them."""
+    from datetime import UTC, datetime
+
+    from service.ingest_rows import Decision, update_decisions
+
+    decisions = []
+    for n, changed in enumerate(["charge", "guard", "charge", "both", "none", "charge"]):
+        d = Decision(f"d{n}", "t", "m", b"", None, 0.0, datetime.now(UTC), None)
+        if changed in ("charge", "both"):
+            d.charged_usd = 0.5
+        if changed in ("guard", "both"):
+            d.guard = {"n": 1}
+        decisions.append(d)
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.ids: list[str] = []
+
+        def execute(self, _statement: object, params: list[dict[str, object]]) -> None:
+            self.ids.extend(str(p["b_id"]) for p in params)
+
+    conn = Recorder()
+    update_decisions(conn, reversed(decisions))  # type: ignore[arg-type]
+    assert conn.ids == ["d0", "d1", "d2", "d3", "d5"]

@@ -26,7 +26,7 @@ import numpy as np
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, event, select
+from sqlalchemy import Connection, Engine, Insert, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -324,19 +324,28 @@ def test_readyz_degraded_while_the_buffer_holds_feedback(new_database_url, tmp_p
 def lose_the_answer_of_a_feedback_commit(monkeypatch: pytest.MonkeyPatch,
                                          meanwhile: Any = None) -> list[bool]:
     """The first commit of a feedback row reaches the database, then its connection dies
-    before the answer (``meanwhile`` runs then); the list says it happened."""
-    real_commit = Session.commit
+    before the answer (``meanwhile`` runs then); the list says it happened. (The ingest
+    stores with Core statements on a Connection: its INSERT into ``feedback`` marks the
+    connection, whose commit then loses its answer.)"""
+    real_execute, real_commit = Connection.execute, Connection.commit
     lost: list[bool] = []
 
-    def commit_then_lose_the_answer(self: Session) -> None:
+    def execute(self: Connection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_execute(self, statement, *args, **kwargs)
+        if isinstance(statement, Insert) and statement.table.name == "feedback":
+            self.info["inserted-feedback"] = True  # (after it: a failed one stores nothing)
+        return result
+
+    def commit_then_lose_the_answer(self: Connection) -> None:
         real_commit(self)
-        if not lost and any(isinstance(o, m.Feedback) for o in self.identity_map.values()):
+        if self.info.pop("inserted-feedback", False) and not lost:
             lost.append(True)
             if meanwhile is not None:
                 meanwhile()
             raise OperationalError("COMMIT", {}, ConnectionResetError("connection lost"))
 
-    monkeypatch.setattr(Session, "commit", commit_then_lose_the_answer)
+    monkeypatch.setattr(Connection, "execute", execute)
+    monkeypatch.setattr(Connection, "commit", commit_then_lose_the_answer)
     return lost
 
 
