@@ -67,10 +67,8 @@ _DRAIN_BATCH = 200
 _ATTEMPTS = 3
 #: The storing thread sleeps _YIELD_S after each _YIELD_EVERY rows applied (0.1 ms of CPU
 #: each, GIL held): the event loop gets the GIL then, not after the 5 ms switch interval
-#: (sleep(0) is not enough). ``benchmarks.gateway_overhead --store-cost``'s loop lag.
-#: The pauses are taken with ``apply_lock`` held (never the state lock: decides go on):
-#: a batch of 100 holds it ~30% longer while another thread wants the GIL, which
-#: checkpoints and other feedback writers wait for (a review measured 145 against 108 ms).
+#: (sleep(0) is not enough; ``gateway_overhead --store-cost``'s loop lag). Taken with
+#: ``apply_lock`` held, not the state lock: checkpoints wait ~30% longer for a batch.
 _YIELD_EVERY = 10
 _YIELD_S = 1e-4
 
