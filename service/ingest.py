@@ -65,10 +65,9 @@ _PENDING_WAIT_S = 1.0
 _DRAIN_BATCH = 200
 #: Transactions tried when another process stores one of a batch's rows first.
 _ATTEMPTS = 3
-#: The storing thread sleeps _YIELD_S after each _YIELD_EVERY rows applied (0.1 ms of CPU
-#: each, GIL held): the event loop gets the GIL then, not after the 5 ms switch interval
-#: (sleep(0) is not enough; ``gateway_overhead --store-cost``'s loop lag). Taken with
-#: ``apply_lock`` held, not the state lock: checkpoints wait ~30% longer for a batch.
+#: Sleep _YIELD_S per _YIELD_EVERY rows applied (~0.1 ms of CPU each, GIL held): the event
+#: loop's turn, not after the 5 ms switch interval (sleep(0) is not; ``gateway_overhead
+#: --store-cost``). Under ``apply_lock`` only: checkpoints wait ~30% longer for a batch.
 _YIELD_EVERY = 10
 _YIELD_S = 1e-4
 
@@ -190,9 +189,8 @@ class FeedbackIngest:
         """The transaction: per item its result (``duplicate``, ``unknown-decision``;
         ``applied`` for now for the rows to apply) and the rows to apply.
 
-        Core statements (the ORM's unit of work, an object and an INSERT per row, was
-        half of a gateway batch's CPU): one SELECT of the decisions' columns, one INSERT
-        .. RETURNING, one UPDATE executemany per set of changed decision columns."""
+        Core statements (the ORM's unit of work, an object and an INSERT per row, was half
+        a gateway batch's CPU): a SELECT of the decisions, an INSERT, batched UPDATEs."""
         results = [Stored("applied")] * len(items)
         rows: list[_Row] = []
         pending: list[tuple[int, _Decision, float, GuardLesson | None]] = []
