@@ -581,12 +581,12 @@ def _add_counted_sparse4(table, first, out):
         out[index[3, i]] += value[3, i]
 
 
-@njit(cache=True, nogil=True)
-def featurize_onepass(raw, classes, projection, n_buckets, nnz, chars, char_salts,
-                      words, word_salts, crc_table, out):
-    """Write the unit vector of one (already lowercased) text into ``out``: the
-    arguments and the result of :func:`featurize_one`, bit for bit."""
-    out[:] = 0.0
+@njit(cache=True, nogil=True, inline="always")
+def _scan(raw, classes, crc_table):
+    """One pass over a (lowercased) text's code points: ``codes`` (its characters with
+    whitespace runs made one space, a space before; ``n`` of them) and ``word_crcs``
+    (the CRC-32 of each word's UTF-8, ``nw`` of them), what both one-pass kernels hash.
+    The caller adds the closing space when ``n > 1``."""
     codes = np.empty(raw.size + 2, dtype=np.uint64)
     word_crcs = np.empty(raw.size // 2 + 1, dtype=np.uint64)
     codes[0] = 32
@@ -621,6 +621,16 @@ def featurize_onepass(raw, classes, projection, n_buckets, nnz, chars, char_salt
         in_word = word
     word_crcs[nw] = crc ^ _U32(0xFFFFFFFF)
     nw += in_word
+    return codes, n, word_crcs, nw
+
+
+@njit(cache=True, nogil=True)
+def featurize_onepass(raw, classes, projection, n_buckets, nnz, chars, char_salts,
+                      words, word_salts, crc_table, out):
+    """Write the unit vector of one (already lowercased) text into ``out``: the
+    arguments and the result of :func:`featurize_one`, bit for bit."""
+    out[:] = 0.0
+    codes, n, word_crcs, nw = _scan(raw, classes, crc_table)
     if n > 1:
         codes[n] = 32
         n += 1
@@ -718,37 +728,11 @@ def featurize_v3(raw, classes, projection, n_buckets, nnz, chars, char_salts, wo
                  word_salts, crc_table, out):
     """Write version 3's unit vector of one (already lowercased) text into ``out``:
     the arguments of :func:`featurize_onepass` (``projection``, ``n_buckets`` and
-    ``nnz`` unused), the same scan (whitespace, the words' CRC-32) and the same n-gram
+    ``nnz`` unused), the same scan (:func:`_scan`) and the same n-gram
     keys; each family by :func:`_add_damped` into its own vector, scaled to unit norm,
     the two summed and scaled to unit norm."""
     out[:] = 0.0
-    codes = np.empty(raw.size + 2, dtype=np.uint64)
-    word_crcs = np.empty(raw.size // 2 + 1, dtype=np.uint64)
-    codes[0] = 32
-    n = 1
-    nw = 0
-    gap = 0
-    in_word = 0
-    crc = _U32(0xFFFFFFFF)
-    # featurize_onepass's scan, as it is there (see its comments).
-    for i in range(raw.size):
-        cp = raw[i]
-        cls = classes[cp]
-        space = np.int64(cls & _SPACE)
-        word = np.int64((cls & _WORD) >> 1)
-        codes[n] = 32
-        n += gap & (1 - space)
-        codes[n] = cp
-        n += 1 - space
-        gap = space & np.int64(n > 1)
-        word_crcs[nw] = crc ^ _U32(0xFFFFFFFF)
-        nw += in_word & (1 - word)
-        inside = _U32(0xFFFFFFFF) * _U32(in_word)
-        crc = crc_code_point((crc & inside) | (_U32(0xFFFFFFFF) ^ inside), _U32(cp),
-                              crc_table)
-        in_word = word
-    word_crcs[nw] = crc ^ _U32(0xFFFFFFFF)
-    nw += in_word
+    codes, n, word_crcs, nw = _scan(raw, classes, crc_table)
     if n > 1:
         codes[n] = 32
         n += 1
