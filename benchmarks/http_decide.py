@@ -49,6 +49,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -201,21 +202,18 @@ async def closed_loop(port: int, requests: list[bytes], connections: int,
     return out
 
 
-async def open_loop(port: int, requests: list[bytes], rate: float, seconds: float,
-                    connections: int, pid: int | None = None) -> dict[str, float]:
-    """Send at ``rate`` requests/s; latency from each request's scheduled time. With the
-    server's ``pid`` also its CPU time per request at that rate."""
-    cpu0 = server_cpu_s(pid) if pid is not None else 0.0
+async def open_loop_times(port: int, requests: list[bytes], rate: float, seconds: float,
+                          connections: int) -> list[tuple[float, float, float, int]]:
+    """Send at ``rate`` requests/s over ``connections`` connections: (scheduled, sent,
+    answered, status) per request (``perf_counter`` times)."""
     n = int(rate * seconds)
     start = time.perf_counter() + 0.2
-    latencies: list[float] = []
-    errors = 0
+    out: list[tuple[float, float, float, int]] = []
     queue: asyncio.Queue[int] = asyncio.Queue()
     for j in range(n):
         queue.put_nowait(j)
 
     async def worker() -> None:
-        nonlocal errors
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         while True:
             try:
@@ -229,24 +227,44 @@ async def open_loop(port: int, requests: list[bytes], rate: float, seconds: floa
             sent = time.perf_counter()
             writer.write(requests[j % len(requests)])
             status = await _read_response(reader)
-            latencies.append(time.perf_counter() - scheduled)
-            late.append(sent - scheduled)
-            errors += status != 200
+            out.append((scheduled, sent, time.perf_counter(), status))
         writer.close()
 
-    late: list[float] = []
     await asyncio.gather(*(worker() for _ in range(connections)))
-    lat = np.array(latencies) * 1e3
+    return out
+
+
+async def open_loop(port: int, requests: list[bytes], rate: float, seconds: float,
+                    connections: int, pid: int | None = None) -> dict[str, float]:
+    """Send at ``rate`` requests/s; latency from each request's scheduled time. With the
+    server's ``pid`` also its CPU time per request at that rate."""
+    cpu0 = server_cpu_s(pid) if pid is not None else 0.0
+    times = await open_loop_times(port, requests, rate, seconds, connections)
+    lat = np.array([done - scheduled for scheduled, _, done, _ in times]) * 1e3
     # How late the load generator itself sent (its process competes for the same cores):
     # a part of every latency above that the server did not cause.
-    late_ms = np.array(late) * 1e3
-    out = {"rate_rps": rate, "requests": len(latencies), "errors": errors,
+    late_ms = np.array([sent - scheduled for scheduled, sent, _, _ in times]) * 1e3
+    out = {"rate_rps": rate, "requests": len(times),
+           "errors": sum(status != 200 for *_, status in times),
            "p50_ms": float(np.percentile(lat, 50)), "p90_ms": float(np.percentile(lat, 90)),
            "p99_ms": float(np.percentile(lat, 99)), "max_ms": float(lat.max()),
            "client_late_p99_ms": float(np.percentile(late_ms, 99))}
     if pid is not None:
-        out["server_cpu_us_per_request"] = (server_cpu_s(pid) - cpu0) / len(latencies) * 1e6
+        out["server_cpu_us_per_request"] = (server_cpu_s(pid) - cpu0) / len(times) * 1e6
     return out
+
+
+def half_load_rounds(runs: dict[str, list[dict[str, float]]], names: list[str],
+                     servers: dict[str, Any], reqs: dict[str, list[bytes]], rate: float,
+                     seconds: float, connections: int, rounds: int) -> None:
+    """``rounds`` open-loop rounds at ``rate`` of each server in ``names`` (the order
+    shifted each round), into ``runs[name + "_half_load"]``."""
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            runs[f"{name}_half_load"].append(asyncio.run(open_loop(
+                servers[name][1], reqs[name], rate, seconds, connections,
+                pid=servers[name][0].pid)))
 
 
 def _median_run(runs: list[dict[str, float]], key: str) -> dict[str, float]:
@@ -403,12 +421,8 @@ def main(argv: list[str] | None = None) -> None:
                         servers[name][1], reqs[name], args.connections, seconds,
                         pid=servers[name][0].pid)))
             half = _median_run(runs["router_max"], "throughput_rps")["throughput_rps"] / 2
-            for r in range(rounds):
-                shift = r % len(half_names)
-                for name in half_names[shift:] + half_names[:shift]:
-                    runs[f"{name}_half_load"].append(asyncio.run(open_loop(
-                        servers[name][1], reqs[name], half, seconds, args.connections,
-                        pid=servers[name][0].pid)))
+            half_load_rounds(runs, half_names, servers, reqs, half, seconds,
+                             args.connections, rounds)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()

@@ -78,7 +78,7 @@ from benchmarks.http_decide import (
     _median_run,
     closed_loop,
     free_port,
-    open_loop,
+    half_load_rounds,
     setup_router,
     start_server,
 )
@@ -389,12 +389,8 @@ def main(argv: list[str] | None = None) -> None:
                         runs[f"{name}_wrk"].append(wrk_round(
                             port, scripts[name], args.connections, seconds))
             half = _median_run(runs["router_asyncio"], "throughput_rps")["throughput_rps"] / 2
-            for r in range(rounds):
-                shift = r % len(half_names)
-                for name in half_names[shift:] + half_names[:shift]:
-                    runs[f"{name}_half_load"].append(asyncio.run(open_loop(
-                        servers[name][1], reqs[name], half, seconds, args.connections,
-                        pid=servers[name][0].pid)))
+            half_load_rounds(runs, half_names, servers, reqs, half, seconds,
+                             args.connections, rounds)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()

@@ -41,10 +41,10 @@ from benchmarks.http_decide import (
     ADMIN_KEY,
     DIM,
     ROUTER_APP,
-    _read_response,
     build_requests,
     closed_loop,
     free_port,
+    open_loop_times,
     setup_router,
     start_server,
 )
@@ -115,38 +115,6 @@ def _take_events(path: Path) -> list[list[Any]]:
             raise RuntimeError("the server did not write its events")
         time.sleep(0.02)
     return json.loads(path.read_text())
-
-
-async def open_loop_times(port: int, requests: list[bytes], rate: float, seconds: float,
-                          connections: int) -> list[tuple[float, float, float, int]]:
-    """:func:`benchmarks.http_decide.open_loop`, keeping (scheduled, sent, answered,
-    status) per request."""
-    n = int(rate * seconds)
-    start = time.perf_counter() + 0.2
-    out: list[tuple[float, float, float, int]] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for j in range(n):
-        queue.put_nowait(j)
-
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        while True:
-            try:
-                j = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            scheduled = start + j / rate
-            delay = scheduled - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            sent = time.perf_counter()
-            writer.write(requests[j % len(requests)])
-            status = await _read_response(reader)
-            out.append((scheduled, sent, time.perf_counter(), status))
-        writer.close()
-
-    await asyncio.gather(*(worker() for _ in range(connections)))
-    return out
 
 
 def analyse(times: list[tuple[float, float, float, int]], events: list[list[Any]]
