@@ -124,13 +124,10 @@ class Contexts:
             return self.settings.hashing_version
         from bandit.featurize import HASHING_DEFAULT_VERSION, HASHING_VERSIONS
 
-        if self._legacy or (self.stored_spec is not None
-                            and self.stored_spec.startswith("hashing-v1:")):
+        if self._legacy or self.settings.kafka_bootstrap:
             return 1
-        if self.settings.kafka_bootstrap:
-            return 1
-        # Statistics learned with a later version keep it (HASHING_DEFAULT_VERSION is
-        # only for fresh state).
+        # Statistics learned with any version keep it (HASHING_DEFAULT_VERSION is only
+        # for fresh state).
         for version in HASHING_VERSIONS:
             if self.stored_spec is not None and self.stored_spec.startswith(
                     f"hashing-v{version}:"):

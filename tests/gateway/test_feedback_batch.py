@@ -27,13 +27,7 @@ from tests.service.live import live_server
 def test_feedback_many_one_transaction_and_a_result_per_item(
         new_database_url: Callable[[], str]) -> None:
     with TestClient(create_app(make_settings(new_database_url()))) as client:
-        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
-        model = add_model(client)
-        headers = create_tenant(client)
-        tenant = service.tenants[headers["X-Tenant"]]
-        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
-               for i in range(5)]
-        assert service.writer.flush()
+        service, tenant, headers, ids = _decided(client, 5)
         commits: list[int] = []
 
         def count(_conn: object) -> None:
@@ -102,12 +96,14 @@ def test_outcomes_queued_at_shutdown_are_stored_once(
                 assert [f["event_id"] for f in r.json()["feedback"]] == [EVENT_ID], d
 
 
-def _decided(client: TestClient, n: int
+def _decided(client: TestClient, n: int, models: int = 1
              ) -> tuple[RoutingService, TenantState, dict[str, str], list[str]]:
+    """The app's routing service, a new tenant (and its headers) and the ids of its ``n``
+    decisions over ``models`` new models, stored."""
     service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
-    model = add_model(client)
+    names = [add_model(client) for _ in range(models)]
     headers = create_tenant(client)
-    ids = [decide(client, headers, [model], seed=i).json()["decision_id"] for i in range(n)]
+    ids = [decide(client, headers, names, seed=i).json()["decision_id"] for i in range(n)]
     assert service.writer.flush()
     return service, service.tenants[headers["X-Tenant"]], headers, ids
 
@@ -179,14 +175,8 @@ def test_feedback_many_stores_a_batch_in_a_few_statements(
     updated each decision's charge on its own: CPU the storing thread takes from the
     requests, GIL held); the rows are those stored one by one."""
     with TestClient(create_app(make_settings(new_database_url()))) as client:
-        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
-        model = add_model(client)
-        headers = create_tenant(client)
-        tenant = service.tenants[headers["X-Tenant"]]
         n = 40
-        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
-               for i in range(n)]
-        assert service.writer.flush()
+        service, tenant, headers, ids = _decided(client, n)
         statements: list[str] = []
 
         def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
@@ -224,13 +214,7 @@ def test_applying_a_batch_gives_the_event_loop_turns(
     import service.ingest as ingest
 
     with TestClient(create_app(make_settings(new_database_url()))) as client:
-        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
-        model = add_model(client)
-        headers = create_tenant(client)
-        tenant = service.tenants[headers["X-Tenant"]]
-        ids = [decide(client, headers, [model], seed=i).json()["decision_id"]
-               for i in range(25)]
-        assert service.writer.flush()
+        service, tenant, _, ids = _decided(client, 25)
         me, pauses = threading.get_ident(), []
         real_sleep = time.sleep
 
@@ -262,13 +246,7 @@ def test_a_batch_learns_what_its_stored_rows_learn_one_by_one(
     from service.domain import price_estimate, stored_outcome, timestamp
 
     with TestClient(create_app(make_settings(new_database_url()))) as client:
-        service: RoutingService = client.app.state.routing  # type: ignore[attr-defined]
-        models = [add_model(client) for _ in range(2)]
-        headers = create_tenant(client)
-        tenant = service.tenants[headers["X-Tenant"]]
-        ids = [decide(client, headers, models, seed=i).json()["decision_id"]
-               for i in range(30)]
-        assert service.writer.flush()
+        service, tenant, _, ids = _decided(client, 30, models=2)
         reference = {k: Policy.from_bytes(b) for k, b in service.policies.blobs().items()}
         first = service.last_feedback_id
         items = [FeedbackItem(tenant, d, {"quality": 0.0 if i % 4 == 0 else None,
