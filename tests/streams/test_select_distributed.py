@@ -61,7 +61,9 @@ def test_route_select_distributed_snapshot_selects_like_embedded(
         routing = client.app.state.routing
         for name in MODELS:
             add_model(client, name)
-        world = World(fresh_database_url, seed=int(time.time()))
+        # A fixed seed: the not-vacuous check below is a property of the data, true for
+        # 298 of seeds 0-299 (83 and 182 give every model's selection the context).
+        world = World(fresh_database_url, seed=7)
         world.add_tenants(2)
         ids = world.add_decisions(900)
         rng = np.random.default_rng(world.seed)
