@@ -157,10 +157,10 @@ TAGS = "+tags"
 #: builds) instead of the hashing features; ``+proto``: those embeddings through the
 #: prototype map ``bandit-router fit-prototypes`` makes by default (64 spherical k-means
 #: prototypes of the train split's prompts, no outcomes; temperature 0.05).
-#: ``+hashing-v1`` / ``+hashing-v2`` / ``+hashing-v3``: the hashing featurizer's vectors
-#: of that version (64 dims, seed 0), whatever the default version (issue 19: v3 against
-#: v2, the same runs and seeds).
-CONTEXTS = ("+minilm", "+proto", "+hashing-v1", "+hashing-v2", "+hashing-v3")
+#: ``+hashing-v1`` ... ``+hashing-v4``: the hashing featurizer's vectors of that version
+#: (64 dims, seed 0), whatever the default version (issue 19: v3 and v4 against v2, the
+#: same runs and seeds).
+CONTEXTS = ("+minilm", "+proto", "+hashing-v1", "+hashing-v2", "+hashing-v3", "+hashing-v4")
 #: ``select-ts-cold-first``: every model that could pay for itself (bounded optimism) is
 #: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
 #: over, instead of a 10% share of decisions while the first warm model takes the rest.
