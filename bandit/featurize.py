@@ -51,6 +51,7 @@ __all__ = [
     "HASHING_V2_NNZ",
     "HASHING_V3_NNZ",
     "HASHING_V4_NNZ",
+    "HASHING_V4_MAX_DIM",
     "HASHING_DEFAULT_VERSION",
     "SentenceEmbeddingFeaturizer",
     "CacheInfo",

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from bandit.errors import InvalidInputError
 from bandit.featurize import (
     FEATURIZERS,
+    HASHING_V4_MAX_DIM,
     HASHING_VERSIONS,
     Featurizer,
     HashingFeaturizer,
@@ -843,7 +844,9 @@ def test_v3_kernel_and_its_jitted_helpers_share_one_file() -> None:
 
 
 # ------------------------------------------------------------------- version 4
-V4_CONFIGS = [{**config, "version": 4} for config in V3_CONFIGS]
+# The packed coordinates' full range too: an odd dim above 2**14 and the largest allowed.
+V4_CONFIGS = [{**config, "version": 4} for config in V3_CONFIGS] + [
+    {"dim": 20_001, "version": 4}, {"dim": HASHING_V4_MAX_DIM, "seed": 5, "version": 4}]
 
 
 @functools.cache
