@@ -738,10 +738,14 @@ V3_CONFIGS = [
     {"ngram_range_chars": None, "version": 3},
     {"word_ngrams": None, "lowercase": False, "version": 3},
 ]
+# The packed coordinates' full range too: an odd dim above 2**14 and the largest allowed.
+V4_CONFIGS = [{**config, "version": 4} for config in V3_CONFIGS] + [
+    {"dim": 20_001, "version": 4}, {"dim": HASHING_V4_MAX_DIM, "seed": 5, "version": 4}]
 
 
-@pytest.mark.parametrize("config", V3_CONFIGS, ids=lambda c: ",".join(map(str, c)))
-def test_transform_texts_v3_kernel_equals_reference(config: dict) -> None:
+@pytest.mark.parametrize("config", V3_CONFIGS + V4_CONFIGS,
+                         ids=lambda c: ",".join(map(str, c)))
+def test_transform_texts_damped_kernel_equals_reference(config: dict) -> None:
     # Long repetitive texts: counters that saturate at 255 ("a" * 10_000) and shared slots.
     texts = PROMPTS + [a for pair in PAIRS for a in pair] + _random_texts(5, 300) + [
         "", " ", "\u3000", "İstanbul", "a" * 10_000, "ab " * 3_000,
@@ -756,19 +760,23 @@ def _v3() -> HashingFeaturizer:
     return HashingFeaturizer(dim=64, seed=0, version=3)
 
 
+@pytest.mark.parametrize("version", [3, 4])
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=300), st.lists(st.sampled_from(VOCABULARY),
                                                  max_size=400).map(" ".join)))
-def test_transform_one_v3_kernel_equals_reference_any_text(text: str) -> None:
-    np.testing.assert_allclose(_v3().transform_one(text), _v3()._reference_transform([text])[0],
+def test_transform_one_damped_kernel_equals_reference_any_text(version: int, text: str) -> None:
+    f = _v3() if version == 3 else _v4()
+    np.testing.assert_allclose(f.transform_one(text), f._reference_transform([text])[0],
                                rtol=0, atol=1e-12)
 
 
-def test_transform_one_v3_weights_are_log1p_of_counts_capped_at_255() -> None:
+@pytest.mark.parametrize("version", [3, 4])
+def test_transform_one_damped_weights_are_log1p_of_counts_capped_at_255(version: int) -> None:
     # Words only, 1024 dims: "a" repeated c1 times and "b" c2 times is log1p(c1) times
     # a's vector plus log1p(c2) times b's, version 2's sublinear weights (the
     # increments add up to them); a count stops at 255.
-    f = HashingFeaturizer(dim=1024, ngram_range_chars=None, word_ngrams=(1, 1), version=3)
+    f = HashingFeaturizer(dim=1024, ngram_range_chars=None, word_ngrams=(1, 1),
+                          version=version)
     a, b = f.transform_one("a"), f.transform_one("b")
     for c1, c2 in ((1, 1), (3, 1), (7, 2), (300, 5)):
         expected = np.log1p(min(c1, 255)) * a + np.log1p(c2) * b
@@ -844,33 +852,11 @@ def test_v3_kernel_and_its_jitted_helpers_share_one_file() -> None:
 
 
 # ------------------------------------------------------------------- version 4
-# The packed coordinates' full range too: an odd dim above 2**14 and the largest allowed.
-V4_CONFIGS = [{**config, "version": 4} for config in V3_CONFIGS] + [
-    {"dim": 20_001, "version": 4}, {"dim": HASHING_V4_MAX_DIM, "seed": 5, "version": 4}]
 
 
 @functools.cache
 def _v4() -> HashingFeaturizer:
     return HashingFeaturizer(dim=64, seed=0, version=4)
-
-
-@pytest.mark.parametrize("config", V4_CONFIGS, ids=lambda c: ",".join(map(str, c)))
-def test_transform_texts_v4_kernel_equals_reference(config: dict) -> None:
-    # Long repetitive texts: counters that saturate at 255 ("a" * 10_000) and shared slots.
-    texts = PROMPTS + [a for pair in PAIRS for a in pair] + _random_texts(5, 300) + [
-        "", " ", "\u3000", "İstanbul", "a" * 10_000, "ab " * 3_000,
-        " ".join(VOCABULARY) * 20]
-    f = HashingFeaturizer(**config)
-    np.testing.assert_allclose(f.transform(texts), f._reference_transform(texts),
-                               rtol=0, atol=1e-12)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.one_of(st.text(max_size=300), st.lists(st.sampled_from(VOCABULARY),
-                                                 max_size=400).map(" ".join)))
-def test_transform_one_v4_kernel_equals_reference_any_text(text: str) -> None:
-    np.testing.assert_allclose(_v4().transform_one(text), _v4()._reference_transform([text])[0],
-                               rtol=0, atol=1e-12)
 
 
 def _slots_shared(f: HashingFeaturizer, text: str) -> bool:
@@ -904,18 +890,6 @@ def test_transform_texts_v4_is_v2_where_no_counter_slot_is_shared() -> None:
     assert shared
     cosines = np.einsum("ij,ij->i", _v4().transform(shared), v2.transform(shared))
     assert cosines.min() > 0.9, cosines.min()
-
-
-def test_transform_one_v4_weights_are_log1p_of_counts_capped_at_255() -> None:
-    # Words only, 1024 dims: "a" repeated c1 times and "b" c2 times is log1p(c1) times
-    # a's vector plus log1p(c2) times b's, version 2's sublinear weights; a count stops
-    # at 255.
-    f = HashingFeaturizer(dim=1024, ngram_range_chars=None, word_ngrams=(1, 1), version=4)
-    a, b = f.transform_one("a"), f.transform_one("b")
-    for c1, c2 in ((1, 1), (3, 1), (7, 2), (300, 5)):
-        expected = np.log1p(min(c1, 255)) * a + np.log1p(c2) * b
-        np.testing.assert_allclose(f.transform_one("a " * c1 + "b " * c2),
-                                   expected / np.linalg.norm(expected), rtol=0, atol=1e-12)
 
 
 def test_transform_texts_v4_pinned_values() -> None:
