@@ -76,12 +76,25 @@ counting both families' n-grams ~22 µs (memset of the table included), the scan
 
 Version 3
 ---------
-:func:`featurize_v3` (opt-in, issue 19, third round: ~1.6x faster than the one-pass
-kernel at 500-2,000 characters) gives other vectors, by design: the same scan and
-n-gram keys, but no list of distinct n-grams. The ``log1p(count)`` weights come as
-increments, each occurrence's read from a keyless uint8 counter table
+:func:`featurize_damped` with ``nnz`` 2 (opt-in, issue 19, third round: ~1.6x faster
+than the one-pass kernel at 500-2,000 characters) gives other vectors, by design: the
+same scan and n-gram keys, but no list of distinct n-grams. The ``log1p(count)`` weights
+come as increments, each occurrence's read from a keyless uint8 counter table
 (:func:`_add_damped`), and each occurrence adds to 2 coordinates. Its specification is
 ``HashingFeaturizer._reference_v3`` (tests: to 1e-12).
+
+Version 4
+---------
+:func:`featurize_damped` with ``nnz`` 4 (opt-in, issue 19, fourth round): version 3's
+counting and increments with version 2's 4 coordinates and signs per n-gram (each
+occurrence adds to all 4) and version 2's normalization (each family by 1/sqrt of its
+sum of squared ``log1p(count)`` weights, summed as squared increments): the cosines
+follow version 2's (Spearman ~0.995, ``benchmarks/hashing_fidelity.py``) where version
+3's did not (~0.72: its 2 coordinates are half of version 2's projection). The 4
+additions per occurrence, with v3's layout, cost what the counting saved; here the sign
+is folded into the coordinate (a ``2 * dim`` accumulator: positives, then negatives) and
+the 4 coordinates are packed in one uint64, so an addition is one load of ``acc``, an
+addition and a store. Its specification is ``HashingFeaturizer._reference_v3`` too.
 """
 
 from __future__ import annotations
@@ -654,21 +667,45 @@ _V3_DELTA[255] = 0.0
 V3_SLOTS_PER_NGRAM = 4
 
 
+#: Version 4's increments of the squared weight: the occurrence after ``c`` earlier ones
+#: in its counter adds ``log1p(c + 1)^2 - log1p(c)^2`` to its family's sum of squared
+#: weights, which sums to version 2's ``sum(log1p(count)^2)`` without a list of the
+#: distinct n-grams (0 at 255, where the counter and the weight stop).
+_V4_DELTA_SQUARED = np.log1p(np.arange(1, 257, dtype=np.float64)) ** 2 - np.log1p(
+    np.arange(0, 256, dtype=np.float64)) ** 2
+_V4_DELTA_SQUARED[255] = 0.0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _folded(bits, dim):
+    """Version 4's coordinate of 32 hash ``bits`` in a ``2 * dim`` accumulator: version
+    2's coordinate (the multiply-shift), plus ``dim`` for a negative sign (bit 0)."""
+    return (((bits >> _U64(1)) * dim) >> _U64(31)) + (bits & _U64(1)) * dim
+
+
 @njit(cache=True, nogil=True)
-def _add_damped(units, count, low, high, salts, acc):
-    """Version 3, one family: every occurrence of an n-gram of ``units[:count]`` (n in
-    low..high, n by n, left to right) adds ``±delta`` to the 2 coordinates its mixed
-    hash picks (the low and the high 32 bits: bit 0 the sign, the multiply-shift the
-    coordinate), ``delta = _V3_DELTA[c]`` with ``c`` the count so far of its slot in a
-    keyless counter table (uint8, Fibonacci hashing of the unmixed key, at least
-    ``V3_SLOTS_PER_NGRAM`` slots per n-gram): no keys stored, no probing, no list of
-    distinct n-grams. Two n-grams in one slot share a count (their weights sum to
-    log1p of their summed counts)."""
+def _add_damped(units, count, low, high, salts, acc, nnz):
+    """Versions 3 (``nnz`` 2) and 4 (``nnz`` 4), one family: every occurrence of an
+    n-gram of ``units[:count]`` (n in low..high, n by n, left to right) adds
+    ``delta = _V3_DELTA[c]`` to the coordinates its mixed hash picks, ``c`` the count so
+    far of its slot in a keyless counter table (uint8, Fibonacci hashing of the unmixed
+    key, at least ``V3_SLOTS_PER_NGRAM`` slots per n-gram): no keys stored, no probing,
+    no list of distinct n-grams. Two n-grams in one slot share a count (their weights
+    sum to log1p of their summed counts).
+
+    Version 3: 2 coordinates, the low and the high 32 bits of ``mix64(key)`` (bit 0 the
+    sign, the multiply-shift the coordinate), ``±delta`` into ``acc`` (``dim`` long);
+    returns 0.0. Version 4: version 2's 4 coordinates and signs (those 2, then the two
+    halves of ``mix64(mix64(key) + 2^64/phi)``), each occurrence's ``delta`` added to
+    ``acc`` (``2 * dim`` long: the positive entries, then the negative ones, so no sign
+    is loaded or multiplied; the 4 coordinates packed 16 bits each, one load); returns
+    the family's sum of squared weights, version 2's normalizer, as the sum of the
+    occurrences' ``_V4_DELTA_SQUARED[c]``."""
     total = 0
     for n in range(low, high + 1):
         total += max(count - n + 1, 0)
     if total == 0:
-        return
+        return 0.0
     size = 1
     bits = 0
     while size < V3_SLOTS_PER_NGRAM * total:
@@ -676,39 +713,69 @@ def _add_damped(units, count, low, high, salts, acc):
         bits += 1
     counters = np.zeros(size, dtype=np.uint8)
     shift = _U64(64 - bits)
-    dim = _U64(acc.size)
+    v4 = nnz == 4
+    dim = _U64(acc.size // 2 if v4 else acc.size)
     h = units[:count].copy()  # h[i]: the n-gram at i, extended by one unit per n
     slots = np.empty(count, dtype=np.uint64)
-    index0 = np.empty(count, dtype=np.int64)
-    index1 = np.empty(count, dtype=np.int64)
-    sign0 = np.empty(count)
-    sign1 = np.empty(count)
+    per3 = 0 if v4 else count  # version 3's arrays
+    index0 = np.empty(per3, dtype=np.int64)
+    index1 = np.empty(per3, dtype=np.int64)
+    sign0 = np.empty(per3)
+    sign1 = np.empty(per3)
+    packed = np.empty(count if v4 else 0, dtype=np.uint64)  # version 4's coordinates
+    squares = 0.0
     for n in range(1, min(high, count) + 1):
         last = count - n + 1
         if n > 1:
             for i in range(last):
                 h[i] = h[i] * _PHI + units[i + n - 1]
-        if n >= low:
-            salt = salts[n - low]
-            # Independent work per n-gram (vectorized): slot, coordinates, signs.
+        if n < low:
+            continue
+        salt = salts[n - low]
+        if v4:
+            # Independent work per n-gram (vectorized): slot, the 4 folded coordinates.
             for i in range(last):
                 k = h[i] ^ salt
                 slots[i] = (k * _PHI) >> shift
                 m = _mix64(k)
-                b0 = m & _U64(0xFFFFFFFF)
-                b1 = m >> _U64(32)
-                index0[i] = np.int64(((b0 >> _U64(1)) * dim) >> _U64(31))
-                index1[i] = np.int64(((b1 >> _U64(1)) * dim) >> _U64(31))
-                sign0[i] = 1.0 - 2.0 * np.float64(b0 & _U64(1))
-                sign1[i] = 1.0 - 2.0 * np.float64(b1 & _U64(1))
-            # In order: the counts and the additions.
+                m2 = _mix64(m + _PHI)
+                packed[i] = (_folded(m & _U64(0xFFFFFFFF), dim)
+                             | (_folded(m >> _U64(32), dim) << _U64(16))
+                             | (_folded(m2 & _U64(0xFFFFFFFF), dim) << _U64(32))
+                             | (_folded(m2 >> _U64(32), dim) << _U64(48)))
+            # In order: the counts, the squared weights' sum and the additions.
             for i in range(last):
                 s = slots[i]
                 c = counters[s]
                 counters[s] = c + np.uint8(c != np.uint8(255))
                 d = _V3_DELTA[c]
-                acc[index0[i]] += d * sign0[i]
-                acc[index1[i]] += d * sign1[i]
+                squares += _V4_DELTA_SQUARED[c]
+                p = packed[i]
+                acc[np.int64(p & _U64(0xFFFF))] += d
+                acc[np.int64((p >> _U64(16)) & _U64(0xFFFF))] += d
+                acc[np.int64((p >> _U64(32)) & _U64(0xFFFF))] += d
+                acc[np.int64(p >> _U64(48))] += d
+            continue
+        # Independent work per n-gram (vectorized): slot, coordinates, signs.
+        for i in range(last):
+            k = h[i] ^ salt
+            slots[i] = (k * _PHI) >> shift
+            m = _mix64(k)
+            b0 = m & _U64(0xFFFFFFFF)
+            b1 = m >> _U64(32)
+            index0[i] = np.int64(((b0 >> _U64(1)) * dim) >> _U64(31))
+            index1[i] = np.int64(((b1 >> _U64(1)) * dim) >> _U64(31))
+            sign0[i] = 1.0 - 2.0 * np.float64(b0 & _U64(1))
+            sign1[i] = 1.0 - 2.0 * np.float64(b1 & _U64(1))
+        # In order: the counts and the additions.
+        for i in range(last):
+            s = slots[i]
+            c = counters[s]
+            counters[s] = c + np.uint8(c != np.uint8(255))
+            d = _V3_DELTA[c]
+            acc[index0[i]] += d * sign0[i]
+            acc[index1[i]] += d * sign1[i]
+    return squares
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -724,25 +791,42 @@ def _add_unit(acc, out):
 
 
 @njit(cache=True, nogil=True)
-def featurize_v3(raw, classes, projection, n_buckets, nnz, chars, char_salts, words,
-                 word_salts, crc_table, out):
-    """Write version 3's unit vector of one (already lowercased) text into ``out``:
-    the arguments of :func:`featurize_onepass` (``projection``, ``n_buckets`` and
-    ``nnz`` unused), the same scan (:func:`_scan`) and the same n-gram
-    keys; each family by :func:`_add_damped` into its own vector, scaled to unit norm,
-    the two summed and scaled to unit norm."""
+def featurize_damped(raw, classes, projection, n_buckets, nnz, chars, char_salts, words,
+                     word_salts, crc_table, out):
+    """Write version 3's (``nnz`` 2) or version 4's (``nnz`` 4) unit vector of one
+    (already lowercased) text into ``out``: the arguments of :func:`featurize_onepass`
+    (``projection`` and ``n_buckets`` unused), the same scan (:func:`_scan`) and the same
+    n-gram keys; each family by :func:`_add_damped` into its own vector, scaled to unit
+    norm (version 3) or by 1/sqrt of its sum of squared weights (version 4, version 2's
+    normalization), the two summed and scaled to unit norm."""
     out[:] = 0.0
     codes, n, word_crcs, nw = _scan(raw, classes, crc_table)
     if n > 1:
         codes[n] = 32
         n += 1
-        acc = np.empty(out.size)
-        if chars[1] > 0:
+        v4 = nnz == 4
+        acc = np.empty(2 * out.size if v4 else out.size)
+        for family in range(2):
+            if family == 0 and chars[1] <= 0 or family == 1 and words[1] <= 0:
+                continue
             acc[:] = 0.0
-            _add_damped(codes, n, chars[0], chars[1], char_salts, acc)
-            _add_unit(acc, out)
-        if words[1] > 0:
-            acc[:] = 0.0
-            _add_damped(word_crcs, nw, words[0], words[1], word_salts, acc)
-            _add_unit(acc, out)
+            if family == 0:
+                squares = _add_damped(codes, n, chars[0], chars[1], char_salts, acc, nnz)
+            else:
+                squares = _add_damped(word_crcs, nw, words[0], words[1], word_salts, acc,
+                                      nnz)
+            if v4:
+                _add_folded(acc, squares, out)
+            else:
+                _add_unit(acc, out)
     normalize(out)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_folded(acc, squares, out):
+    """Version 4: ``out += (positives - negatives) / sqrt(squares)`` (nothing for 0)."""
+    if squares > 0.0:
+        dim = out.size
+        scale = 1.0 / np.sqrt(squares)
+        for k in range(dim):
+            out[k] += (acc[k] - acc[k + dim]) * scale

@@ -50,6 +50,8 @@ __all__ = [
     "HASHING_VERSIONS",
     "HASHING_V2_NNZ",
     "HASHING_V3_NNZ",
+    "HASHING_V4_NNZ",
+    "HASHING_V4_MAX_DIM",
     "HASHING_DEFAULT_VERSION",
     "SentenceEmbeddingFeaturizer",
     "CacheInfo",
@@ -225,7 +227,7 @@ def _namespace(seed: int, family: int, n: int) -> np.uint64:
 
 
 #: Versions of :class:`HashingFeaturizer`'s vectors (its ``version`` parameter).
-HASHING_VERSIONS: tuple[int, ...] = (1, 2, 3)
+HASHING_VERSIONS: tuple[int, ...] = (1, 2, 3, 4)
 #: The version a new featurizer gets when none is named (:func:`make_featurizer`, the
 #: service's first start).
 HASHING_DEFAULT_VERSION = 2
@@ -240,6 +242,15 @@ _V3_DELTA = np.log1p(np.arange(1, 257, dtype=np.float64)) - np.log1p(
     np.arange(0, 256, dtype=np.float64))
 _V3_DELTA[255] = 0.0
 _V3_SLOTS_PER_NGRAM = 4
+#: Coordinates each n-gram occurrence adds to in version 4 (version 2's 4).
+HASHING_V4_NNZ = 4
+#: Version 4's increments of the squared weight (as
+#: ``bandit._hashing_kernel._V4_DELTA_SQUARED``): they sum to ``log1p(count)^2``.
+_V4_DELTA_SQUARED = np.log1p(np.arange(1, 257, dtype=np.float64)) ** 2 - np.log1p(
+    np.arange(0, 256, dtype=np.float64)) ** 2
+_V4_DELTA_SQUARED[255] = 0.0
+#: Largest ``dim`` of version 4 (its kernel packs 4 coordinates of ``2 * dim`` in 16 bits).
+HASHING_V4_MAX_DIM = 2**15
 
 
 class HashingFeaturizer:
@@ -266,8 +277,17 @@ class HashingFeaturizer:
       coordinates, the two 32-bit halves of its one 64-bit hash (version 2 mixes twice
       for 4). Each family's projected vector, not its weights, is scaled to unit norm
       before the two are summed (no sum of squared weights to keep per occurrence).
+    * version 4 (opt-in, issue 19; faster than 2, nearly its vectors): version 3's
+      counting and increments, with version 2's projection and normalization: each
+      occurrence adds its increment to version 2's ``HASHING_V4_NNZ`` (4) coordinates
+      with version 2's signs, and each family is scaled by 1/sqrt of its sum of squared
+      ``log1p(count)`` weights (summed as squared increments,
+      ``log1p(c + 1)^2 - log1p(c)^2``). With exact counts this is version 2's vector
+      (to rounding); the counter table's shared slots are the only difference (cosines
+      against version 2's: Spearman ~0.995, ``benchmarks/hashing_fidelity.py``).
+      ``dim`` at most ``HASHING_V4_MAX_DIM`` (32,768).
 
-    All three preserve inner products in expectation with about the same variance; the
+    All four preserve inner products in expectation with about the same variance; the
     vectors differ, so ``spec`` names the version and statistics learned with one are
     never used with the other (the service refuses a mismatched checkpoint).
 
@@ -295,7 +315,7 @@ class HashingFeaturizer:
     lowercase
         Lowercase the text first.
     version
-        1, 2 or 3 (:data:`HASHING_VERSIONS`): which projection and weighting (above).
+        1, 2, 3 or 4 (:data:`HASHING_VERSIONS`): which projection and weighting (above).
 
     Notes
     -----
@@ -350,6 +370,9 @@ class HashingFeaturizer:
             raise InvalidInputError("version", "must be one of "
                                     + ", ".join(map(str, HASHING_VERSIONS)), version)
         self.version = int(version)
+        if self.version == 4 and self.dim > HASHING_V4_MAX_DIM:
+            raise InvalidInputError("dim", f"must be at most {HASHING_V4_MAX_DIM} with "
+                                    "version 4", self.dim)
         if self.version == 1:
             self.n_buckets = _check_int("n_buckets", 2**14 if n_buckets is None else n_buckets,
                                         1, 2**31)
@@ -371,7 +394,8 @@ class HashingFeaturizer:
         # Version 2 has no matrix; the kernel takes an empty one.
         self._projection = (_gaussian_projection(self.seed, self.n_buckets, self.dim)
                             if self.version == 1 else np.empty((0, self.dim)))
-        self._nnz = {1: 0, 2: HASHING_V2_NNZ, 3: HASHING_V3_NNZ}[self.version]
+        self._nnz = {1: 0, 2: HASHING_V2_NNZ, 3: HASHING_V3_NNZ,
+                     4: HASHING_V4_NNZ}[self.version]
         self._char_salts = {} if self.ngram_range_chars is None else {
             n: _namespace(self.seed, 1, n)
             for n in range(self.ngram_range_chars[0], self.ngram_range_chars[1] + 1)}
@@ -388,8 +412,8 @@ class HashingFeaturizer:
         from bandit import _hashing_kernel
 
         # The one-pass kernel: _hashing_kernel.featurize_one's vectors, bit for bit.
-        if self.version == 3:  # one kernel for every length, no inline assembly
-            self._kernel = self._long_kernel = _hashing_kernel.featurize_v3
+        if self.version in (3, 4):  # one kernel for every length, no inline assembly
+            self._kernel = self._long_kernel = _hashing_kernel.featurize_damped
         else:
             self._long_kernel = _hashing_kernel.featurize_one
             self._kernel = _compiled_or(_hashing_kernel.featurize_onepass, self._long_kernel)
@@ -453,7 +477,7 @@ class HashingFeaturizer:
     # baseline. It is the implementation that the stored statistics were learned with
     # up to this version; it is not on the request path.
     def _reference_transform(self, texts: Sequence[str]) -> np.ndarray:
-        if self.version == 3:
+        if self.version in (3, 4):
             return self._reference_v3(texts)
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         for i, text in enumerate(texts):
@@ -478,7 +502,7 @@ class HashingFeaturizer:
         return _l2_normalize_rows(out)
 
     def _reference_v3(self, texts: Sequence[str]) -> np.ndarray:
-        """Version 3's vectors (the class docstring), in numpy."""
+        """Version 3's and version 4's vectors (the class docstring), in numpy."""
         out = np.zeros((len(texts), self.dim), dtype=np.float64)
         for i, text in enumerate(texts):
             if self.lowercase:
@@ -507,11 +531,18 @@ class HashingFeaturizer:
                 delta = _V3_DELTA[np.minimum(rank, 255)]
                 mixed = _mix64(keys)
                 acc = np.zeros(self.dim)
-                for half in (mixed & _U64(0xFFFFFFFF), mixed >> _U64(32)):
+                halves = [mixed & _U64(0xFFFFFFFF), mixed >> _U64(32)]
+                if self.version == 4:  # version 2's third and fourth coordinates
+                    second = _mix64(mixed + _POLY)
+                    halves += [second & _U64(0xFFFFFFFF), second >> _U64(32)]
+                for half in halves:
                     coords = ((half >> _U64(1)) * _U64(self.dim)) >> _U64(31)
                     sign = 1.0 - 2.0 * (half & _U64(1)).astype(np.float64)
                     np.add.at(acc, coords.astype(np.intp), sign * delta)
-                norm = np.linalg.norm(acc)
+                if self.version == 4:  # version 2's normalizer: sqrt(sum log1p(count)^2)
+                    norm = np.sqrt(_V4_DELTA_SQUARED[np.minimum(rank, 255)].sum())
+                else:
+                    norm = np.linalg.norm(acc)
                 if norm > 0:
                     out[i] += acc / norm
         return _l2_normalize_rows(out)

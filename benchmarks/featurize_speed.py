@@ -3,7 +3,7 @@
 
 The hashing featurizer (:class:`bandit.featurize.HashingFeaturizer`, dim 64, defaults)
 featurizes one text per call, as the service does per request, at 64, 500, 2,000 and
-10,000 characters. Seven implementations, measured in the same run:
+10,000 characters. Eight implementations, measured in the same run:
 
 * ``onepass``: ``transform_one`` of version 2 (the default: a sparse projection), which
   runs the one-pass kernel (``_hashing_kernel.featurize_onepass``);
@@ -13,9 +13,12 @@ featurizes one text per call, as the service does per request, at 64, 500, 2,000
   projection), the vectors of deployments that learned before version 2;
 * ``v3``: ``transform_one`` of version 3 (opt-in: no list of distinct n-grams, its
   ``log1p(count)`` weights by increments from a keyless counter table, 2 coordinates per
-  occurrence; ``_hashing_kernel.featurize_v3``); other vectors, so the table also
+  occurrence; ``_hashing_kernel.featurize_damped``); other vectors, so the table also
   compares v3's cosines with v2's (Spearman and Pearson over random pairs, on generated
   texts and on the prompts, with v1 against v2 beside them for scale);
+* ``v4``: ``transform_one`` of version 4 (opt-in: version 3's counting with version 2's
+  4 coordinates and normalization, nearly version 2's vectors; the same kernel,
+  ``_hashing_kernel.featurize_damped``), compared with v2 as v3 is;
 * ``reference``: version 1's ``_reference_transform([text])``, the numpy implementation
   that was ``transform_one`` before the kernel (the same vectors to 1e-12);
 * ``sklearn``: scikit-learn's ``HashingVectorizer`` (character 3-5-grams in word
@@ -173,6 +176,7 @@ def implementations(against: Path | None = None) -> dict[str, Callable[[str], ob
     impls: dict[str, Callable[[str], object]] = {
         "onepass": HashingFeaturizer(version=2).transform_one,
         "v3": HashingFeaturizer(version=3).transform_one,
+        "v4": HashingFeaturizer(version=4).transform_one,
         "kernel": earlier_kernel(2).transform_one,
         "onepass_v1": v1.transform_one,
         "kernel_v1": earlier_kernel(1).transform_one,
@@ -211,7 +215,7 @@ def fidelity(text: str, n_texts: int = 600, n_pairs: int = 3000) -> dict[str, di
     """Per version: how well its cosines follow the exact hashed-space cosine."""
     texts = [piece for piece in text.split("\n\n") if piece.strip()][:n_texts]
     v1, v2 = HashingFeaturizer(version=1), HashingFeaturizer(version=2)
-    v3 = HashingFeaturizer(version=3)
+    v3, v4 = HashingFeaturizer(version=3), HashingFeaturizer(version=4)
     hashed = []
     for t in texts:  # the distinct n-grams' hashes and weights, shared by both versions
         h, w = v1._hashed(t)
@@ -220,7 +224,7 @@ def fidelity(text: str, n_texts: int = 600, n_pairs: int = 3000) -> dict[str, di
     exact = np.array([sum(v * hashed[j].get(k, 0.0) for k, v in hashed[i].items())
                       for i, j in pairs])
     out = {}
-    for name, f in (("v1", v1), ("v2", v2), ("v3", v3)):
+    for name, f in (("v1", v1), ("v2", v2), ("v3", v3), ("v4", v4)):
         x = f.transform(texts)
         cos = np.einsum("ij,ij->i", x[pairs[:, 0]], x[pairs[:, 1]])
         out[name] = {"corr_with_exact_cosine": float(np.corrcoef(exact, cos)[0, 1]),
@@ -261,7 +265,7 @@ def structure_agreement(texts: list[str], n_pairs: int = 5000) -> dict[str, floa
     Spearman (rank) and Pearson correlation of the two versions' cosines and their mean
     absolute difference; beside them the same for v1 against v2, two projections of
     the same weighted n-grams (what two random projections to 64 dimensions agree)."""
-    x = {v: HashingFeaturizer(version=v).transform(texts) for v in (1, 2, 3)}
+    x = {v: HashingFeaturizer(version=v).transform(texts) for v in (1, 2, 3, 4)}
     pairs = np.random.default_rng(1).integers(0, len(texts), size=(n_pairs, 2))
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     cos = {v: np.einsum("ij,ij->i", m[pairs[:, 0]], m[pairs[:, 1]]) for v, m in x.items()}
@@ -270,7 +274,7 @@ def structure_agreement(texts: list[str], n_pairs: int = 5000) -> dict[str, floa
         return np.argsort(np.argsort(v)).astype(np.float64)
 
     out: dict[str, float] = {"pairs": int(len(pairs))}
-    for v in (3, 1):
+    for v in (3, 4, 1):
         out[f"spearman_v{v}_v2"] = float(np.corrcoef(ranks(cos[2]), ranks(cos[v]))[0, 1])
         out[f"pearson_v{v}_v2"] = float(np.corrcoef(cos[2], cos[v])[0, 1])
         out[f"mean_abs_difference_v{v}_v2"] = float(np.mean(np.abs(cos[v] - cos[2])))
@@ -412,28 +416,39 @@ def main(argv: list[str] | None = None) -> None:
                      f"{kernel:.1f}", f"{onepass:.1f}", f"{kernel / onepass:.2f}x",
                      f"{onepass / length * 1000:.1f}", f"{median['v3'][length]:.1f}",
                      f"{median['v3'][length] / length * 1000:.1f}",
+                     f"{median['v4'][length]:.1f}",
+                     f"{median['v4'][length] / length * 1000:.1f}",
                      "" if sk is None else f"{sk:.1f}"])
     long_rate = median["onepass"][2_000] / 2
     v3_rate = median["v3"][2_000] / 2
+    v4_rate = median["v4"][2_000] / 2
     # Per round, v2 / v3 (timed next to each other), then the median.
     v3_paired = {n: statistics.median(b / t for b, t in zip(per_round["onepass"][n],
                                                             per_round["v3"][n], strict=True))
+                 for n in LENGTHS}
+    v4_paired = {n: statistics.median(b / t for b, t in zip(per_round["onepass"][n],
+                                                            per_round["v4"][n], strict=True))
                  for n in LENGTHS}
     print_table(f"HashingFeaturizer (dim 64) per text, µs ({args.clock} time) per call "
                 f"(median of {rounds} "
                 f"round(s); texts: {source})",
                 ["characters", "v1 reference µs", "v1 kernel µs", "v1 one-pass µs",
                  "v2 kernel µs", "v2 one-pass µs", "v2 one-pass speed-up",
-                 "v2 one-pass µs/1k chars", "v3 µs", "v3 µs/1k chars", "sklearn µs"], rows,
+                 "v2 one-pass µs/1k chars", "v3 µs", "v3 µs/1k chars", "v4 µs",
+                 "v4 µs/1k chars", "sklearn µs"], rows,
                 caption=f"goal <= {GOAL_US_PER_1000_CHARS:g} µs per 1,000 characters: "
-                        f"v2 {long_rate:.1f}, v3 {v3_rate:.1f} at 2,000 characters (v3 "
-                        f"speed-up over v2, paired rounds: "
+                        f"v2 {long_rate:.1f}, v3 {v3_rate:.1f}, v4 {v4_rate:.1f} at 2,000 "
+                        f"characters (speed-up over v2, paired rounds: v3 "
                         + ", ".join(f"{v:.2f}x at {n:,}" for n, v in v3_paired.items())
+                        + "; v4 "
+                        + ", ".join(f"{v:.2f}x at {n:,}" for n, v in v4_paired.items())
                         + "). Cosines against v2's (Spearman, Pearson, mean |diff|; v3, "
-                          "then v1 for scale): "
+                          "v4, then v1 for scale): "
                         + "; ".join(f"{k} v3 {d['spearman_v3_v2']:.3f}, "
                                     f"{d['pearson_v3_v2']:.3f}, "
-                                    f"{d['mean_abs_difference_v3_v2']:.3f}, v1 "
+                                    f"{d['mean_abs_difference_v3_v2']:.3f}, v4 "
+                                    f"{d['spearman_v4_v2']:.3f}, {d['pearson_v4_v2']:.3f}, "
+                                    f"{d['mean_abs_difference_v4_v2']:.3f}, v1 "
                                     f"{d['spearman_v1_v2']:.3f}, {d['pearson_v1_v2']:.3f}, "
                                     f"{d['mean_abs_difference_v1_v2']:.3f}"
                                     for k, d in structure.items())
@@ -484,12 +499,15 @@ def main(argv: list[str] | None = None) -> None:
                 str(n): median["onepass"][n] / n * 1000 for n in LENGTHS},
             "v3_us_per_1000_chars": {str(n): median["v3"][n] / n * 1000 for n in LENGTHS},
             "speedup_v3_over_v2_paired_rounds": {str(n): v for n, v in v3_paired.items()},
+            "v4_us_per_1000_chars": {str(n): median["v4"][n] / n * 1000 for n in LENGTHS},
+            "speedup_v4_over_v2_paired_rounds": {str(n): v for n, v in v4_paired.items()},
             "v3_structure_against_v2": structure,
             "startup_s": start,
             "fidelity": fid,
             "goals": {"onepass_le_20us_per_1000_chars_at_2000":
                       long_rate <= GOAL_US_PER_1000_CHARS,
-                      "v3_le_20us_per_1000_chars_at_2000": v3_rate <= GOAL_US_PER_1000_CHARS},
+                      "v3_le_20us_per_1000_chars_at_2000": v3_rate <= GOAL_US_PER_1000_CHARS,
+                      "v4_le_20us_per_1000_chars_at_2000": v4_rate <= GOAL_US_PER_1000_CHARS},
             **against,
         }, packages=("numpy", "numba", "llvmlite", "scikit-learn"))
         print(f"wrote {path}")

@@ -157,10 +157,13 @@ TAGS = "+tags"
 #: builds) instead of the hashing features; ``+proto``: those embeddings through the
 #: prototype map ``bandit-router fit-prototypes`` makes by default (64 spherical k-means
 #: prototypes of the train split's prompts, no outcomes; temperature 0.05).
-#: ``+hashing-v1`` / ``+hashing-v2`` / ``+hashing-v3``: the hashing featurizer's vectors
-#: of that version (64 dims, seed 0), whatever the default version (issue 19: v3 against
-#: v2, the same runs and seeds).
-CONTEXTS = ("+minilm", "+proto", "+hashing-v1", "+hashing-v2", "+hashing-v3")
+#: ``+hashing-v1`` ... ``+hashing-v4``: the hashing featurizer's vectors of that version
+#: (64 dims, seed 0), whatever the default version (issue 19: v3 and v4 against v2, the
+#: same runs and seeds). ``+hashing-v2-seed1`` ... ``-seed3``: version 2 with another
+#: hashing seed (the spread an arbitrary seed gives: what a change of vectors that keeps
+#: their meaning moves a run by).
+CONTEXTS = ("+minilm", "+proto", "+hashing-v1", "+hashing-v2", "+hashing-v3", "+hashing-v4",
+            "+hashing-v2-seed1", "+hashing-v2-seed2", "+hashing-v2-seed3")
 #: ``select-ts-cold-first``: every model that could pay for itself (bounded optimism) is
 #: called for its first ``cold_start_pulls`` (10) decisions before the main branch takes
 #: over, instead of a 10% share of decisions while the first warm model takes the rest.
@@ -394,8 +397,9 @@ def _load(name: str, mmlu_rows: int) -> Dataset:
                 from bandit.featurize import make_featurizer
 
                 assert ds.prompts is not None
-                x = make_featurizer("hashing", 64, seed=0, hashing_version=int(
-                    context.removeprefix("+hashing-v"))).transform(list(ds.prompts))
+                version, _, seed = context.removeprefix("+hashing-v").partition("-seed")
+                x = make_featurizer("hashing", 64, seed=int(seed or 0),
+                                    hashing_version=int(version)).transform(list(ds.prompts))
             else:
                 x = _embeddings(ds, base.partition("/half")[0], mmlu_rows)
             if context == "+proto":

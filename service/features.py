@@ -117,7 +117,7 @@ class Contexts:
 
     def hashing_version(self) -> int:
         """HASHING_VERSION, else the version the newest checkpoint's featurizer spec
-        names, else ``HASHING_DEFAULT_VERSION`` (2; version 3 is opt-in), except in
+        names, else ``HASHING_DEFAULT_VERSION`` (2; versions 3 and 4 are opt-in), except in
         distributed mode, which keeps 1 (the learners' statistics record it and refuse
         another: service/config.py)."""
         if self.settings.hashing_version is not None:
@@ -137,7 +137,7 @@ class Contexts:
     def adopt_stored_spec(self, stored: str | None, *, legacy: bool = False) -> bool:
         """Record the newest checkpoint's spec; True when that changed the hashing
         version (HASHING_VERSION unset, the statistics learned with another version than
-        the default, 1 or 3: keep it),
+        the default, 1, 3 or 4: keep it),
         the featurizer then rebuilt. ``legacy``: statistics exist but name no spec
         (learned before hashing had versions, so with version 1)."""
         before, self.stored_spec, self._legacy = self.hashing_version(), stored, legacy

@@ -78,8 +78,8 @@ def fit_prototypes(
     seed: Annotated[int, typer.Option(help="Seed of the k-means++ initialization")] = 0,
     hashing_version: Annotated[int, typer.Option(
         help="Hashing featurizer version: the service's (BANDIT_ROUTER_HASHING_VERSION; "
-             "1 for a deployment that learned with version 1, 3 for one that opted "
-             "in to version 3)")] = 2,
+             "1 for a deployment that learned with version 1, 3 or 4 for one that "
+             "opted in to it)")] = 2,
     fmt: Annotated[str, typer.Option("--format", help="auto, jsonl or text")] = "auto",
 ) -> None:
     """Fit the prototypes (spherical k-means, no outcomes needed) and write the map."""

@@ -42,8 +42,8 @@ def warmstart(
     seed: Annotated[int, typer.Option(help="Seed of the policy")] = 0,
     hashing_version: Annotated[int, typer.Option(
         help="Hashing featurizer version: the service's (BANDIT_ROUTER_HASHING_VERSION; "
-             "1 for a deployment that learned with version 1, 3 for one that opted "
-             "in to version 3)")] = 2,
+             "1 for a deployment that learned with version 1, 3 or 4 for one that "
+             "opted in to it)")] = 2,
 ) -> None:
     console = Console()
     try:

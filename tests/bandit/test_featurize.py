@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from bandit.errors import InvalidInputError
 from bandit.featurize import (
     FEATURIZERS,
+    HASHING_V4_MAX_DIM,
     HASHING_VERSIONS,
     Featurizer,
     HashingFeaturizer,
@@ -537,7 +538,7 @@ def test_init_bad_dim_raises_invalid_input(dim: object) -> None:
     ("ngram_range_chars", 3),
     ("word_ngrams", (1, 2.0)),
     ("lowercase", "yes"),
-    ("version", 4),
+    ("version", 5),
     ("version", True),
     ("version", "2"),
     ("n_buckets", 1024),  # version 2 (the default) has no buckets
@@ -737,10 +738,14 @@ V3_CONFIGS = [
     {"ngram_range_chars": None, "version": 3},
     {"word_ngrams": None, "lowercase": False, "version": 3},
 ]
+# The packed coordinates' full range too: an odd dim above 2**14 and the largest allowed.
+V4_CONFIGS = [{**config, "version": 4} for config in V3_CONFIGS] + [
+    {"dim": 20_001, "version": 4}, {"dim": HASHING_V4_MAX_DIM, "seed": 5, "version": 4}]
 
 
-@pytest.mark.parametrize("config", V3_CONFIGS, ids=lambda c: ",".join(map(str, c)))
-def test_transform_texts_v3_kernel_equals_reference(config: dict) -> None:
+@pytest.mark.parametrize("config", V3_CONFIGS + V4_CONFIGS,
+                         ids=lambda c: ",".join(map(str, c)))
+def test_transform_texts_damped_kernel_equals_reference(config: dict) -> None:
     # Long repetitive texts: counters that saturate at 255 ("a" * 10_000) and shared slots.
     texts = PROMPTS + [a for pair in PAIRS for a in pair] + _random_texts(5, 300) + [
         "", " ", "\u3000", "İstanbul", "a" * 10_000, "ab " * 3_000,
@@ -755,19 +760,23 @@ def _v3() -> HashingFeaturizer:
     return HashingFeaturizer(dim=64, seed=0, version=3)
 
 
+@pytest.mark.parametrize("version", [3, 4])
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=300), st.lists(st.sampled_from(VOCABULARY),
                                                  max_size=400).map(" ".join)))
-def test_transform_one_v3_kernel_equals_reference_any_text(text: str) -> None:
-    np.testing.assert_allclose(_v3().transform_one(text), _v3()._reference_transform([text])[0],
+def test_transform_one_damped_kernel_equals_reference_any_text(version: int, text: str) -> None:
+    f = _v3() if version == 3 else _v4()
+    np.testing.assert_allclose(f.transform_one(text), f._reference_transform([text])[0],
                                rtol=0, atol=1e-12)
 
 
-def test_transform_one_v3_weights_are_log1p_of_counts_capped_at_255() -> None:
+@pytest.mark.parametrize("version", [3, 4])
+def test_transform_one_damped_weights_are_log1p_of_counts_capped_at_255(version: int) -> None:
     # Words only, 1024 dims: "a" repeated c1 times and "b" c2 times is log1p(c1) times
     # a's vector plus log1p(c2) times b's, version 2's sublinear weights (the
     # increments add up to them); a count stops at 255.
-    f = HashingFeaturizer(dim=1024, ngram_range_chars=None, word_ngrams=(1, 1), version=3)
+    f = HashingFeaturizer(dim=1024, ngram_range_chars=None, word_ngrams=(1, 1),
+                          version=version)
     a, b = f.transform_one("a"), f.transform_one("b")
     for c1, c2 in ((1, 1), (3, 1), (7, 2), (300, 5)):
         expected = np.log1p(min(c1, 255)) * a + np.log1p(c2) * b
@@ -785,7 +794,7 @@ def test_transform_texts_v3_pinned_values() -> None:
 def test_v3_spec_names_version_and_default_stays_2() -> None:
     v3 = HashingFeaturizer(version=3)
     assert v3.spec == "hashing-v3:dim=64,nnz=2,seed=0,chars=3-5,words=1-2,lowercase=1"
-    assert HASHING_VERSIONS == (1, 2, 3)
+    assert HASHING_VERSIONS == (1, 2, 3, 4)
     # Opt-in: its routing value measured below version 2's on one data set (issue 19).
     assert HashingFeaturizer().version == 2
     assert make_featurizer("hashing", dim=64).spec.startswith("hashing-v2:")
@@ -802,8 +811,8 @@ def test_init_v3_refuses_n_buckets_and_unknown_version_names_allowed() -> None:
     assert info.value.field == "n_buckets"
     assert "must be None with version 3" in info.value.allowed
     with pytest.raises(InvalidInputError) as info:
-        HashingFeaturizer(dim=8, version=4)
-    assert info.value.field == "version" and "must be one of 1, 2, 3" in info.value.allowed
+        HashingFeaturizer(dim=8, version=5)
+    assert info.value.field == "version" and "must be one of 1, 2, 3, 4" in info.value.allowed
 
 
 def test_transform_texts_v3_similar_closer_than_unrelated() -> None:
@@ -817,11 +826,12 @@ def test_transform_one_v3_empty_gives_zeros_short_gives_unit_vector() -> None:
         assert abs(np.linalg.norm(_v3().transform_one(text)) - 1.0) < 1e-12
 
 
-def test_transform_texts_v3_same_across_processes() -> None:
+@pytest.mark.parametrize("version", [3, 4])
+def test_transform_texts_v3_v4_same_across_processes(version: int) -> None:
     code = ("import json, sys\n"
             "from bandit.featurize import HashingFeaturizer\n"
             "texts = json.loads(sys.stdin.read())\n"
-            "print(HashingFeaturizer(dim=64, seed=0, version=3)"
+            f"print(HashingFeaturizer(dim=64, seed=0, version={version})"
             ".transform(texts).tobytes().hex())\n")
     env = {**os.environ, "PYTHONHASHSEED": "7",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -830,7 +840,8 @@ def test_transform_texts_v3_same_across_processes() -> None:
                           check=False)
     assert done.returncode == 0, done.stderr
     theirs = np.frombuffer(bytes.fromhex(done.stdout.strip()), dtype=np.float64)
-    np.testing.assert_array_equal(theirs.reshape(len(PROMPTS), 64), _v3().transform(PROMPTS))
+    np.testing.assert_array_equal(theirs.reshape(len(PROMPTS), 64),
+                                  HashingFeaturizer(version=version).transform(PROMPTS))
 
 
 def test_v3_kernel_and_its_jitted_helpers_share_one_file() -> None:
@@ -838,3 +849,93 @@ def test_v3_kernel_and_its_jitted_helpers_share_one_file() -> None:
     assert _v3()._kernel is _v3()._long_kernel
     assert {"_mix64", "crc_code_point", "normalize", "_add_damped"} <= reach.keys()
     assert set(reach.values()) == {_v3()._kernel.py_func.__code__.co_filename}, reach
+
+
+# ------------------------------------------------------------------- version 4
+
+
+@functools.cache
+def _v4() -> HashingFeaturizer:
+    return HashingFeaturizer(dim=64, seed=0, version=4)
+
+
+def _slots_shared(f: HashingFeaturizer, text: str) -> bool:
+    """Whether two distinct n-grams of one family of ``text`` share a counter slot in
+    version 4's table (the reference's slots)."""
+    from bandit.featurize import _POLY, _U64, _V3_SLOTS_PER_NGRAM
+
+    text = " ".join(text.lower().split())
+    for keys in (f._char_hashes(text, mixed=False), f._word_hashes(text, mixed=False)):
+        if keys.size == 0:
+            continue
+        bits = max(int(_V3_SLOTS_PER_NGRAM * keys.size - 1).bit_length(), 0)
+        slots = (keys * _POLY) >> _U64(64 - bits)
+        if np.unique(slots).size != np.unique(keys).size:
+            return True
+    return False
+
+
+def test_transform_texts_v4_is_v2_where_no_counter_slot_is_shared() -> None:
+    # Version 4 is version 2's vector computed from increments: the same coordinates,
+    # signs, log1p(count) weights and per-family normalization. Only two n-grams that
+    # share a counter slot (their counts summed) and counts over 255 make it differ.
+    v2 = HashingFeaturizer(dim=64, version=2)
+    texts = PROMPTS + [a for pair in PAIRS for a in pair] + _random_texts(6, 200) + [
+        "a " * 255, "the cat sat on the mat. " * 12]
+    exact = [t for t in texts if not _slots_shared(_v4(), t)]
+    assert len(exact) >= 20 and any(len(t) > 200 for t in exact)
+    np.testing.assert_allclose(_v4().transform(exact), v2.transform(exact), rtol=0, atol=1e-12)
+    # ... and where slots are shared, still nearly version 2's vector.
+    shared = [t for t in texts if _slots_shared(_v4(), t)]
+    assert shared
+    cosines = np.einsum("ij,ij->i", _v4().transform(shared), v2.transform(shared))
+    assert cosines.min() > 0.9, cosines.min()
+
+
+def test_transform_texts_v4_pinned_values() -> None:
+    x = HashingFeaturizer(dim=8, version=4).transform_one(PROMPTS[0])
+    expected = [-0.10549981, -0.51772550, -0.23926239, 0.15135299,
+                -0.35133163, 0.09335755, -0.62213048, 0.34853981]
+    np.testing.assert_allclose(x, expected, atol=1e-8)
+
+
+def test_v4_spec_names_version_and_default_stays_2() -> None:
+    v4 = HashingFeaturizer(version=4)
+    assert v4.spec == "hashing-v4:dim=64,nnz=4,seed=0,chars=3-5,words=1-2,lowercase=1"
+    assert HashingFeaturizer().version == 2
+    assert make_featurizer("hashing", dim=64, hashing_version=4).spec == v4.spec
+    assert "version=4" in repr(v4)
+    # Other vectors than versions 2's and 3's (statistics never mix: the specs differ).
+    for other in (2, 3):
+        assert not np.array_equal(v4.transform(PROMPTS),
+                                  HashingFeaturizer(version=other).transform(PROMPTS))
+
+
+def test_init_v4_refuses_n_buckets_and_more_than_32768_dims() -> None:
+    with pytest.raises(InvalidInputError) as info:
+        HashingFeaturizer(dim=8, n_buckets=1024, version=4)
+    assert info.value.field == "n_buckets"
+    assert "must be None with version 4" in info.value.allowed
+    with pytest.raises(InvalidInputError) as info:
+        HashingFeaturizer(dim=32_769, version=4)
+    assert info.value.field == "dim" and "at most 32768 with version 4" in info.value.allowed
+    x = HashingFeaturizer(dim=32_768, version=4).transform_one(PROMPTS[1])
+    assert abs(np.linalg.norm(x) - 1.0) < 1e-12
+
+
+def test_transform_texts_v4_similar_closer_than_unrelated() -> None:
+    _check_similar_closer(_similarities(_v4()), 0.3)
+
+
+def test_transform_one_v4_empty_gives_zeros_short_gives_unit_vector() -> None:
+    for text in ("", " ", "\n\t  \r\n"):
+        assert _v4().transform_one(text).tolist() == [0.0] * 64
+    for text in ("x", "😀", "fix this \ud800 bug"):
+        assert abs(np.linalg.norm(_v4().transform_one(text)) - 1.0) < 1e-12
+
+
+def test_v4_kernel_and_its_jitted_helpers_share_one_file() -> None:
+    reach = _jitted_reach(_v4()._kernel)
+    assert _v4()._kernel is _v4()._long_kernel is _v3()._kernel
+    assert {"_mix64", "crc_code_point", "normalize", "_add_damped"} <= reach.keys()
+    assert set(reach.values()) == {_v4()._kernel.py_func.__code__.co_filename}, reach

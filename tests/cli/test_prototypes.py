@@ -63,10 +63,10 @@ def test_fit_prototypes_text_lines_include_base(tmp_path):
     assert loaded.spec == PrototypeMap.fit(x, 3, include_base=True).spec
 
 
-@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("version", [1, 3, 4])
 def test_fit_prototypes_hashing_version_fits_that_versions_vectors(jsonl_file, tmp_path,
                                                                    version):
-    # A deployment that learned with version 1 (or opted in to 3) fits its map on that
+    # A deployment that learned with version 1 (or opted in to 3 or 4) fits its map on that
     # version's vectors.
     out = tmp_path / "map.json"
     result = runner.invoke(app, ["fit-prototypes", str(jsonl_file), "--out", str(out),
@@ -92,7 +92,7 @@ def test_fit_prototypes_hashing_version_fits_that_versions_vectors(jsonl_file, t
         (["--dim", "0"], "--dim"),
         (["--mix", "1.5"], "--mix"),
         (["--format", "csv"], "--format"),
-        (["--hashing-version", "4"], "--hashing-version"),
+        (["--hashing-version", "5"], "--hashing-version"),
     ],
 )
 def test_fit_prototypes_bad_option_exit_2_names_it(jsonl_file, tmp_path, args, message):

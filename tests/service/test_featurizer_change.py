@@ -83,16 +83,19 @@ def test_first_start_hashing_v2_restart_keeps_it(new_database_url):
         assert c.app.state.routing.shared["linucb"].observations("fc-m")["quality"] == 5
 
 
-def test_hashing_v3_opt_in_restart_keeps_it_and_fresh_start_gets_v2(new_database_url):
+@pytest.mark.parametrize("version", [3, 4])
+def test_hashing_v3_opt_in_restart_keeps_it_and_fresh_start_gets_v2(new_database_url,
+                                                                    version):
     url = new_database_url()
-    _learn(make_settings(url, dim=64, hashing_version=3))
+    _learn(make_settings(url, dim=64, hashing_version=version))
     with TestClient(create_app(make_settings(url, dim=64))) as c:
-        assert _spec(c).startswith("hashing-v3:")
+        assert _spec(c).startswith(f"hashing-v{version}:")
         assert c.app.state.routing.shared["linucb"].observations("fc-m")["quality"] == 5
         from bandit.featurize import HashingFeaturizer
 
-        np.testing.assert_allclose(c.app.state.routing.featurize("more"),
-                                   HashingFeaturizer(dim=64, version=3).transform_one("more"))
+        np.testing.assert_allclose(
+            c.app.state.routing.featurize("more"),
+            HashingFeaturizer(dim=64, version=version).transform_one("more"))
     with TestClient(create_app(make_settings(new_database_url(), dim=64))) as c:
         assert _spec(c).startswith("hashing-v2:")
 
@@ -173,11 +176,12 @@ def test_restart_v1_deployment_explicit_v2_refused_naming_setting(new_database_u
     assert "hashing-v1:" in str(refused.value) and "hashing-v2:" in str(refused.value)
 
 
-@pytest.mark.parametrize("bad", [0, 4])
+@pytest.mark.parametrize("bad", [0, 5])
 def test_settings_hashing_version_bad_value_refused(bad):
     with pytest.raises(ValidationError, match="hashing_version"):
         Settings(hashing_version=bad)
     assert Settings(hashing_version=3).hashing_version == 3  # opt-in
+    assert Settings(hashing_version=4).hashing_version == 4  # opt-in
 
 
 def test_settings_minilm_dim_default_and_cap():
@@ -276,6 +280,11 @@ def test_replay_minilm_default_dim_is_the_services(tmp_path):
     # Version 3 is opt-in; statistics learned with it keep it.
     ({}, "hashing-v3:dim=64,nnz=2,seed=0,chars=3-5,words=1-2,lowercase=1", 3),
     ({"hashing_version": 3}, None, 3),
+    # So is version 4.
+    ({}, "hashing-v4:dim=64,nnz=4,seed=0,chars=3-5,words=1-2,lowercase=1", 4),
+    ({"hashing_version": 4}, None, 4),
+    ({"hashing_version": 2}, "hashing-v4:dim=64,nnz=4,seed=0,chars=3-5,words=1-2,lowercase=1",
+     2),
     ({"hashing_version": 2}, "hashing-v3:dim=64,nnz=2,seed=0,chars=3-5,words=1-2,lowercase=1",
      2),
     ({"kafka_bootstrap": "127.0.0.1:9092"},
