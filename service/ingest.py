@@ -18,10 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import numpy as np
-from prometheus_client import Counter
 from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 
@@ -285,30 +283,18 @@ class FeedbackIngest:
 
     def _account(self, items: list[Incoming], rows: list[_Row], results: list[Stored]) -> None:
         """The ledgers and the metrics, after the locks."""
-        # Each metric's child looked up once per batch and tenant: labels() validates and
-        # locks on every call (a few us, twice per outcome of a gateway batch).
-        spend: dict[str, Counter] = {}
-        reward: dict[str, Any] = {}  # _RewardSummary children
-        applied: Counter | None = None
         for row in rows:
             it = items[row.index]
             if row.cost_delta:
                 it.tenant.ledger.adjust(row.cost_delta, row.decided_at)
             if results[row.index].status != "applied":
                 continue
-            if applied is None:
-                applied = self.metrics.feedback.labels("applied")
-            applied.inc()
-            tid = it.tenant.id
+            metrics = self.metrics  # children cached: labels() validates and locks
+            metrics.child(metrics.feedback, "applied").inc()
             if row.outcome.get("cost_usd"):
-                spent = spend.get(tid)
-                if spent is None:
-                    spent = spend[tid] = self.metrics.spend_reported.labels(tid)
-                spent.inc(float(row.outcome["cost_usd"]))
-            rewarded = reward.get(tid)
-            if rewarded is None:
-                rewarded = reward[tid] = self.metrics.reward.labels(tid)
-            rewarded.inc(it.tenant.preferences.reward(
+                metrics.child(metrics.spend_reported, it.tenant.id).inc(
+                    float(row.outcome["cost_usd"]))
+            metrics.child(metrics.reward, it.tenant.id).inc(it.tenant.preferences.reward(
                 **{k: v for k, v in row.outcome.items() if v is not None}))
         for result in results:
             if result.status == "duplicate":
