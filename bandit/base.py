@@ -712,11 +712,16 @@ def _price_ratio(estimate: object, cost: float) -> float:
     A float estimate in range is divided here: the array version's numpy calls on
     one-element arrays (and its ``errstate`` context) cost ~20 us (0.1 here), most of
     what ``update()`` cost, paid for every policy kind the service keeps learning. Any
-    other estimate takes the array version. A float division is IEEE's, as numpy's, and
-    overflows to inf as numpy's.
+    other estimate takes the array version. A float division is IEEE's, as numpy's; one
+    that overflows (a denormal estimate) takes the array version too, for numpy's
+    overflow warning.
     """
     if type(estimate) is float and (estimate != estimate or 0.0 <= estimate <= MAX_COST_USD):
-        return cost / estimate if estimate > 0.0 else math.nan
+        if not estimate > 0.0:
+            return math.nan
+        ratio = cost / estimate
+        if ratio != math.inf:
+            return ratio
     return float(_price_ratios([estimate], np.array([cost]))[0])
 
 

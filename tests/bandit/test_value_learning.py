@@ -3,6 +3,8 @@ checkpoint format (issue 13)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -215,15 +217,20 @@ _ESTIMATES = [0.0, -0.0, 5e-324, 1e-300, 0.001, 0.3, 1e4, float("nan")]
 _COSTS = [0.0, 1e-9, 0.002, 1e4, float("nan")]
 
 
-# The array version warns of the overflow (5e-324); the one-outcome path does not.
-@pytest.mark.filterwarnings("ignore:overflow encountered in divide")
 def test_price_ratio_of_one_outcome_is_the_array_versions_number():
     from bandit.base import _price_ratio, _price_ratios
 
     for est in _ESTIMATES:
         for cost in _COSTS:
-            want = _price_ratios([est], np.array([cost]))[0]
-            got = _price_ratio(est, cost)
+            # The same warnings too (5e-324: numpy's overflow warning).
+            with warnings.catch_warnings(record=True) as want_warned:
+                warnings.simplefilter("always")
+                want = _price_ratios([est], np.array([cost]))[0]
+            with warnings.catch_warnings(record=True) as got_warned:
+                warnings.simplefilter("always")
+                got = _price_ratio(est, cost)
+            assert [str(w.message) for w in got_warned] == \
+                [str(w.message) for w in want_warned], (est, cost)
             assert type(got) is float
             # Bit for bit, NaN where the array version's is (5e-324 overflows to inf).
             assert np.array([got]).tobytes() == np.array([want]).tobytes(), (est, cost)
