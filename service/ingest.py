@@ -289,11 +289,12 @@ class FeedbackIngest:
                 it.tenant.ledger.adjust(row.cost_delta, row.decided_at)
             if results[row.index].status != "applied":
                 continue
-            self.metrics.feedback.labels("applied").inc()
+            metrics = self.metrics  # children cached: labels() validates and locks
+            metrics.child(metrics.feedback, "applied").inc()
             if row.outcome.get("cost_usd"):
-                self.metrics.spend_reported.labels(it.tenant.id).inc(
+                metrics.child(metrics.spend_reported, it.tenant.id).inc(
                     float(row.outcome["cost_usd"]))
-            self.metrics.reward.labels(it.tenant.id).inc(it.tenant.preferences.reward(
+            metrics.child(metrics.reward, it.tenant.id).inc(it.tenant.preferences.reward(
                 **{k: v for k, v in row.outcome.items() if v is not None}))
         for result in results:
             if result.status == "duplicate":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary
 
@@ -25,6 +26,7 @@ class _RewardSummary:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.decisions = Counter("bandit_router_decisions_total", "Decisions made",
                                  ["model", "tenant"], registry=self.registry)
         self.explored = Counter("bandit_router_explored_decisions_total",
@@ -85,3 +87,13 @@ class Metrics:
             ["tenant"], registry=self.registry)
         self.checkpoints = Counter("bandit_router_checkpoints_total",
                                    "Policy checkpoints written", registry=self.registry)
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """``metric.labels(*values)``, looked up once: ``labels()`` validates and takes a
+        lock on every call (a few us, paid twice per outcome the gateway stores). No
+        child is ever removed from these metrics, so a kept one stays the live one."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child

@@ -3,10 +3,20 @@ checkpoint format (issue 13)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
-from bandit import ArmPrior, InvalidInputError, LinearThompson, LinUCB, Policy, Preferences
+from bandit import (
+    ArmPrior,
+    InvalidInputError,
+    LinearThompson,
+    LinUCB,
+    Policy,
+    Preferences,
+    SelectiveThompson,
+)
 from bandit.replay import routing_value
 
 POLICIES = [LinUCB, LinearThompson]
@@ -201,3 +211,53 @@ def test_routing_value_fixed_oracle_baseline_and_tasks():
     assert np.isnan(routing_value(np.ones((3, 2)), np.zeros(3, dtype=int))["value"])
     with pytest.raises(InvalidInputError):
         routing_value(r, np.zeros(3, dtype=int))
+
+
+_ESTIMATES = [0.0, -0.0, 5e-324, 1e-300, 0.001, 0.3, 1e4, float("nan")]
+_COSTS = [0.0, 1e-9, 0.002, 1e4, float("nan")]
+
+
+def test_price_ratio_of_one_outcome_is_the_array_versions_number():
+    from bandit.base import _price_ratio, _price_ratios
+
+    for est in _ESTIMATES:
+        for cost in _COSTS:
+            # The same warnings too (5e-324: numpy's overflow warning).
+            with warnings.catch_warnings(record=True) as want_warned:
+                warnings.simplefilter("always")
+                want = _price_ratios([est], np.array([cost]))[0]
+            with warnings.catch_warnings(record=True) as got_warned:
+                warnings.simplefilter("always")
+                got = _price_ratio(est, cost)
+            assert [str(w.message) for w in got_warned] == \
+                [str(w.message) for w in want_warned], (est, cost)
+            assert type(got) is float
+            # Bit for bit, NaN where the array version's is (5e-324 overflows to inf).
+            assert np.array([got]).tobytes() == np.array([want]).tobytes(), (est, cost)
+    for bad in (-1.0, 1e4 + 1, float("inf"), -float("inf"), "0.1x", [0.1, 0.2]):
+        with pytest.raises((InvalidInputError, ValueError)) as want_err:
+            _price_ratios([bad], np.array([0.002]))
+        with pytest.raises(want_err.type) as got_err:
+            _price_ratio(bad, 0.002)
+        assert str(got_err.value) == str(want_err.value)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide")
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
+def test_update_float_estimate_learns_as_the_array_path(cls):
+    # A numpy float64 estimate takes the array version; a float the one-outcome path.
+    fast, slow = (cls(2, seed=0, drift_delta=None) for _ in range(2))
+    for p in (fast, slow):
+        p.add_arm("m", ArmPrior(cost_usd=0.001))
+    rng = np.random.default_rng(1)
+    for est in _ESTIMATES * 3:
+        x, cost = rng.standard_normal(2) / 2, float(rng.uniform(0, 0.01))
+        fast.update("m", x, {"quality": 0.5, "cost_usd": cost}, cost_estimate=est)
+        slow.update("m", x, {"quality": 0.5, "cost_usd": cost},
+                    cost_estimate=np.float64(est))
+    assert fast._stats.price_ratio.tobytes() == slow._stats.price_ratio.tobytes()
+    assert fast._stats.price_ratio[0, 1] > 0  # some ratios were learned
+    before = fast._stats.price_ratio.copy()
+    with pytest.raises(InvalidInputError, match="cost_estimate"):
+        fast.update("m", [0.1, 0.2], {"quality": 0.5, "cost_usd": 0.002}, cost_estimate=-1.0)
+    assert fast._stats.price_ratio.tobytes() == before.tobytes()  # nothing learned

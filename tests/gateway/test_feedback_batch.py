@@ -305,3 +305,37 @@ def test_decisions_updated_in_the_order_of_their_ids() -> None:
     conn = Recorder()
     update_decisions(conn, reversed(decisions))  # type: ignore[arg-type]
     assert conn.ids == ["d0", "d1", "d2", "d3", "d5"]
+
+
+def test_decisions_read_with_the_predictions_the_column_reads(
+        new_database_url: Callable[[], str]) -> None:
+    """Storing feedback reads its decisions' predictions (orjson, service.ingest_rows)
+    as the JSON column itself reads them, also a row written by the standard library's
+    json.dumps with NaN and infinities (SQLite: PostgreSQL refuses them)."""
+    import json
+
+    from sqlalchemy import select, text
+
+    from service.db import models as m
+    from service.ingest_rows import Decision
+
+    with TestClient(create_app(make_settings(new_database_url()))) as client:
+        service, _tenant, _, ids = _decided(client, 4, models=2)
+        t = m.DecisionRow.__table__
+        with service.engine.begin() as conn:
+            if conn.dialect.name == "sqlite":
+                odd = {"m": {"quality": float("nan"), "score": -float("inf"),
+                             "price_usd": 1e-5, "cost_usd": 0.1 + 0.2}}
+                conn.execute(text("UPDATE decisions SET predictions = :p WHERE id = :i"),
+                             {"p": json.dumps(odd), "i": ids[0]})
+        with service.engine.connect() as conn:
+            want = dict(conn.execute(select(t.c.id, t.c.predictions).where(
+                t.c.id.in_(ids))).all())
+            got = Decision.load(conn, ids)
+        assert set(got) == set(ids)
+        # repr: NaN equal to NaN, and every float to the bit.
+        assert {i: repr(d.predictions) for i, d in got.items()} == {
+            i: repr(p) for i, p in want.items()}
+        assert len(got[ids[1]].predictions) == 2  # both models' predictions
+        if service.engine.dialect.name == "sqlite":
+            assert "nan" in repr(got[ids[0]].predictions)  # the odd row was read

@@ -183,3 +183,33 @@ def test_get_metrics_explored_counts_each_explored_decision(client, models):
         assert sample(text, name, tenant=tid) == explored
     else:
         assert f'{name}{{tenant="{tid}"}}' not in text
+
+
+def test_feedback_batch_counted_per_tenant(client, models):
+    """A batch of outcomes of two tenants (service.ingest's _account looks each metric's
+    child up once per batch): every applied outcome counted, its spend and reward on its
+    own tenant."""
+    from service.routing import FeedbackItem
+
+    service = client.app.state.routing
+    tenants = [create_tenant(client, name) for name in ("batch-a", "batch-b")]
+    items = []
+    for n, tenant in enumerate(tenants):
+        state = service.tenants[tenant["X-Tenant"]]
+        for i in range(3 + n):
+            decision_id = decide(client, tenant, models).json()["decision_id"]
+            items.append(FeedbackItem(state, decision_id, {
+                "quality": 0.5, "cost_usd": 0.125 * (i + 1) if i else None}, "gateway"))
+    assert service.writer.flush()
+    text = client.get("/metrics", headers=ADMIN).text
+    # Absent until some feedback was applied (this test alone: none yet).
+    before = (sample(text, "bandit_router_feedback_total", status="applied")
+              if 'bandit_router_feedback_total{status="applied"}' in text else 0.0)
+    assert [r.status for r in service.feedback_many(items)] == ["applied"] * 7
+    text = client.get("/metrics", headers=ADMIN).text
+    assert sample(text, "bandit_router_feedback_total", status="applied") == before + 7
+    for n, tenant in enumerate(tenants):
+        tid = tenant["X-Tenant"]
+        assert sample(text, "bandit_router_spend_usd_total", tenant=tid) == pytest.approx(
+            sum(0.125 * (i + 1) for i in range(1, 3 + n)), abs=1e-12)
+        assert sample(text, "bandit_router_reward_count", tenant=tid) == 3 + n
