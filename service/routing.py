@@ -146,6 +146,7 @@ class RoutingService:
         # back by that much). A background import was no better: the drain waited
         # for it, slowed down by the requests being served meanwhile.
         importlib.import_module("river.drift")
+        self.policies.warm_kernels()
         if self.leases is not None:
             self.leases.start(self._budgeted_ledgers)
         # Replicas (and learners) must agree on this; the spec names the featurizer and
