@@ -252,7 +252,7 @@ def _gain(p: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray) -> float:
 @njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
 def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray,
           scale: float, th: np.ndarray, err: np.ndarray, heads: np.ndarray, only: int,
-          inv32: np.ndarray, k32: int, data: bool) -> None:
+          inv32: np.ndarray, k32: int, data: bool, q32: np.ndarray, kq: int) -> None:
     """One Sherman-Morrison step of an inverse ``p`` and its data matrix ``a`` (gain
     ``scale * px`` from :func:`_gain`), and of the coefficients ``th[h]`` of the heads
     that read them (``heads`` (H,) mask, or head ``only`` alone when >= 0);
@@ -261,7 +261,9 @@ def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.nda
     cost select's update at d=384 ~25 µs more of ~300 (a one-off ablation,
     docs/results.md "select's update at d=384"); the same numbers bit for bit. The
     data matrix's step ``a += w x x^T`` is left out when ``data`` is False (deferred:
-    :func:`defer_data`).
+    :func:`defer_data`). ``q32[kq]`` (when ``kq`` >= 0) is a second float32 copy
+    written from the same values (the selected quality candidate's, when it is the
+    group's: :func:`_update_candidates`), from each row's copy while it is in cache.
     """
     d = x.shape[0]
     copy = k32 >= 0
@@ -288,6 +290,14 @@ def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.nda
         else:
             for j in range(d):
                 p[i, j] -= gi * px[j]
+        if kq >= 0:
+            rowq = q32[kq, i]
+            if copy:
+                for j in range(d):
+                    rowq[j] = row32[j]
+            else:
+                for j in range(d):
+                    rowq[j] = p[i, j]
         if only >= 0:
             th[only, i] += err[only] * gi
         else:
@@ -362,11 +372,18 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
     px = np.empty((2, d))
     scale_group = 0.0
     scale_own = 0.0
+    # The quality candidates' errors, each before its step (none depends on the heads'
+    # steps), and the one selected: its float32 copy, when it is the group's candidate,
+    # is written by the group's step.
+    choosing = sel_inv.shape[0] > 0 and y[0] == y[0]
+    errs = np.empty(sel_inv.shape[1])
+    best = _candidate_errors(k, x, y[0], weight, sel_theta, sel_err, errs) if choosing else -1
+    kq = k if choosing and grp[0] and best == same and q_inv32.shape[0] else -1
     if touched:
         scale_group = _gain(s_inv[k], x, weight, px[0])
         defer = pend_x.shape[0] > 0
         _step(s_inv[k], s_data[k], x, weight, px[0], scale_group, th, err, grp, -1,
-              inv32, k if inv32.shape[0] else -1, not defer)
+              inv32, k if inv32.shape[0] else -1, not defer, q_inv32, kq)
         if defer:
             defer_data(k, x, weight, s_data, pend_x, pend_w, pend_n)
     own32 = a_inv32.shape[0] > 0
@@ -374,12 +391,12 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
         if y[h] == y[h] and not grp[h]:
             scale_own = _gain(a_inv[k, h], x, weight, px[1])
             _step(a_inv[k, h], a_data[k, h], x, weight, px[1], scale_own, th, err, grp,
-                  h, a_inv32[k] if own32 else inv32, h if own32 else -1, True)
-    if sel_inv.shape[0] and y[0] == y[0]:
-        _update_candidates(k, x, y[0], weight, px[0] if grp[0] else px[1],
+                  h, a_inv32[k] if own32 else inv32, h if own32 else -1, True, q_inv32, -1)
+    if choosing:
+        _update_candidates(k, x, weight, px[0] if grp[0] else px[1],
                            scale_group if grp[0] else scale_own,
                            s_inv[k] if grp[0] else a_inv[k, 0], grp[0], same, sel_inv,
-                           sel_theta, sel_err, th, sel, q_stale, same_stale, q_inv32)
+                           sel_theta, errs, best, th, sel, q_stale, same_stale, q_inv32)
     for h in range(heads):
         if y[h] == y[h]:
             wy = weight * y[h]
@@ -438,35 +455,15 @@ def flush_all(s_data: np.ndarray, pend_x: np.ndarray, pend_w: np.ndarray,
             pend_n[k] = 0
 
 
-@njit(cache=True, nogil=True, fastmath=_FAST)
-def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
-                       scale0: float, shared: np.ndarray, grouped: bool, same: int,
-                       sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
-                       th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
-                       same_stale: np.ndarray, q_inv32: np.ndarray) -> None:
-    """The candidates step of :func:`update_arm`, after the step of the inverse the
-    quality head reads (``shared``: its group's, or its own ``a_inv[k, 0]`` when split
-    off; now updated; ``px`` its A^-1 x before the step and ``scale0`` its gain's
-    scale).
-
-    The errors first (each candidate's own, before its step, so the same numbers as
-    error-then-step per candidate), hence the selection before the steps: the selected
-    candidate's float32 copy is written row by row in its step, not by a second pass.
-    Candidate ``same`` has the quality head's ridge, hence the same matrix as ``shared``
-    and the same step: its gain is the shared one's and its inverse is copied from it,
-    unless ``shared`` is the group's ``s_inv[k]`` (``grouped``): then it is not copied
-    at all (``same_stale[k]`` set; ``ArmStatistics.sel_inv`` copies it when read, and
-    the compiled decides read ``s_inv`` for it: an arm that selected it folds its
-    quality term into the group's), nor its float32 copy written into ``q_inv32[k]``
-    when selected (read only for a candidate other than ``same``, or for a quality head
-    split off its group: a split copies ``sel_inv`` first and marks that copy stale).
-    At d=384 the copy was ~46 µs of select's ~320 µs update (docs/results.md)."""
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _candidate_errors(k: int, x: np.ndarray, y0: float, weight: float,
+                      sel_theta: np.ndarray, sel_err: np.ndarray, errs: np.ndarray) -> int:
+    """Each quality candidate's error ``errs`` (G,) on this observation before its step,
+    added (weighted, squared) to ``sel_err[k]``; the candidate of lowest error sum then
+    (the first on ties, as ``np.argmin``)."""
     d = x.shape[0]
-    pc = np.empty(d)  # the other candidates' A^-1 x
-    n_cand = sel_inv.shape[1]
-    errs = np.empty(n_cand)
     best, best_err = 0, np.inf
-    for g in range(n_cand):
+    for g in range(errs.shape[0]):
         tg = sel_theta[k, g]
         e = y0
         for j in range(d):
@@ -475,6 +472,35 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
         sel_err[k, g] += weight * e * e
         if sel_err[k, g] < best_err:
             best, best_err = g, sel_err[k, g]
+    return best
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _update_candidates(k: int, x: np.ndarray, weight: float, px: np.ndarray,
+                       scale0: float, shared: np.ndarray, grouped: bool, same: int,
+                       sel_inv: np.ndarray, sel_theta: np.ndarray, errs: np.ndarray,
+                       best: int, th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
+                       same_stale: np.ndarray, q_inv32: np.ndarray) -> None:
+    """The candidates step of :func:`update_arm`, after the step of the inverse the
+    quality head reads (``shared``: its group's, or its own ``a_inv[k, 0]`` when split
+    off; now updated; ``px`` its A^-1 x before the step and ``scale0`` its gain's
+    scale).
+
+    The errors ``errs`` and the selection ``best`` come first (:func:`_candidate_errors`,
+    in :func:`update_arm`: each candidate's own, before its step, so the same numbers as
+    error-then-step per candidate): the selected candidate's float32 copy is written
+    row by row in its step, not by a second pass.
+    Candidate ``same`` has the quality head's ridge, hence the same matrix as ``shared``
+    and the same step: its gain is the shared one's and its inverse is copied from it,
+    unless ``shared`` is the group's ``s_inv[k]`` (``grouped``): then it is not copied
+    at all (``same_stale[k]`` set; ``ArmStatistics.sel_inv`` copies it when read, and
+    the compiled decides read ``s_inv`` for it: an arm that selected it folds its
+    quality term into the group's); when selected, its float32 copy ``q_inv32[k]`` was
+    written by the group's step. At d=384 the copy was ~46 µs of select's ~320 µs
+    update (docs/results.md)."""
+    d = x.shape[0]
+    pc = np.empty(d)  # the other candidates' A^-1 x
+    n_cand = sel_inv.shape[1]
     copy = q_inv32.shape[0] > 0
     for g in range(n_cand):
         p = sel_inv[k, g]
