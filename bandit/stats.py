@@ -260,7 +260,9 @@ class ArmStatistics:
         update kernel did not write them for that candidate)."""
         same = self.shared_candidate
         for k in arms:
-            self._sel_inv[k, same] = self.s_inv[k] if self.group[k, 0] else self.a_inv[k, 0]
+            if same >= 0:  # (none once a new tag ridge changed it: recomputed then)
+                self._sel_inv[k, same] = (self.s_inv[k] if self.group[k, 0]
+                                          else self.a_inv[k, 0])
             self._same_stale[k] = False
             self._stale32(k, "q_inv")
 
