@@ -12,6 +12,10 @@ The statistics are this tree's (``ArmStatistics``), fed ``16 x 30`` whole outcom
 (every head grouped), or with ``--pieces`` the gateway's two pieces (cost+latency, then
 quality: heads split, own inverses stepped). Each kernel keeps the float32 copies the
 tree keeps (the other tree's kernel without the split heads' copy, if it has none).
+A kernel that defers the shared data matrices' steps (``pend_x``) is timed with the
+round's deferred steps added at its end (``s_data`` read); one that does not store the
+shared quality candidate (``same_stale``) leaves it to be copied when read (not timed:
+only the numpy paths read it).
 
 Run::
 
