@@ -256,15 +256,14 @@ class ArmStatistics:
 
     def _fresh_same(self, arms: np.ndarray | list[int]) -> None:
         """Store the shared candidate's inverse of ``arms`` (whose flag is set), copied
-        from the quality head's inverse, and mark their quality float32 copies stale (the
-        update kernel did not write them for that candidate)."""
+        from the quality head's inverse (its float32 copy, when selected, the update
+        kernel wrote from the same values: not stale)."""
         same = self.shared_candidate
         for k in arms:
             if same >= 0:  # (none once a new tag ridge changed it: recomputed then)
                 self._sel_inv[k, same] = (self.s_inv[k] if self.group[k, 0]
                                           else self.a_inv[k, 0])
             self._same_stale[k] = False
-            self._stale32(k, "q_inv")
 
     @property
     def q_inv(self) -> np.ndarray:
