@@ -37,6 +37,7 @@ their errors are sums like the others (replicas merge, forgetting discounts them
 from __future__ import annotations
 
 import operator
+import threading
 
 import numpy as np
 from scipy.linalg import blas as _blas
@@ -78,6 +79,9 @@ _NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
 _NO_OWN_COPY = np.zeros((0, 0, 0, 0), dtype=np.float32)  # of a_inv (K, H, D, D)
 # pend_x, pend_w, pend_n of the update kernel that does not defer the data steps
 _NO_DEFER = (np.zeros((0, 0, 0)), np.zeros((0, 0)), np.zeros(0, dtype=np.int64))
+#: Reading ``s_data`` adds the deferred steps: two readers at once (each only reading,
+#: which was safe before the steps were deferred) must not both add them.
+_FLUSH_LOCK = threading.Lock()
 # sel_inv, sel_theta, sel_err, the selected index, its stale flags, the shared
 # candidate's stale flags, the float32 copy, the shared candidate, of the update kernel
 # without selection.
@@ -208,7 +212,9 @@ class ArmStatistics:
         merges, forgetting, serialization, the numpy paths)."""
         pend = self._pend
         if pend is not None and pend[2].any():
-            _kernel.flush_all(self._s_data, *pend)
+            with _FLUSH_LOCK:
+                if pend[2].any():  # not added by another reader meanwhile
+                    _kernel.flush_all(self._s_data, *pend)
         return self._s_data
 
     @s_data.setter

@@ -12,6 +12,8 @@ and decisions to it bit for bit, right after updates whose steps are still defer
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -176,3 +178,36 @@ def test_shared_candidate_stored_before_a_new_tag_ridge():
         policy._stats.set_tag_ridge(rows, 2, 30.0)
     np.testing.assert_allclose(lazy._stats.sel_inv, plain._stats.sel_inv, rtol=1e-9,
                                atol=1e-12)
+
+
+def test_two_threads_reading_s_data_add_the_deferred_steps_once():
+    # Reading s_data adds the deferred steps (a nogil kernel): two readers at once
+    # added them twice before the lock (a review's reproducer: trial 1 differed).
+    d = 300
+    pair = []
+    for _ in range(2):
+        p = LinUCB(d, seed=0, drift_delta=None)
+        for j in range(8):
+            p.add_arm(f"m{j}")
+        pair.append(p)
+    shared, alone = pair
+    rng = np.random.default_rng(0)
+    for _trial in range(10):
+        for t in range(8 * 31):
+            x = rng.standard_normal(d) / np.sqrt(d)
+            y = {"quality": float(rng.random()), "cost_usd": 1e-3, "latency_ms": 100.0}
+            shared.update(f"m{t % 8}", x, y)
+            alone.update(f"m{t % 8}", x, y)
+        assert shared._stats._pend[2].any()  # noqa: SLF001 - steps are waiting
+        go = threading.Barrier(2)
+
+        def read(go: threading.Barrier = go) -> None:
+            go.wait()
+            shared._stats.s_data  # noqa: B018, SLF001 - the read adds them
+
+        threads = [threading.Thread(target=read) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        np.testing.assert_array_equal(shared._stats.s_data, alone._stats.s_data)  # noqa: SLF001
