@@ -27,6 +27,7 @@ from numba import njit
 
 __all__ = ["copy_bounded", "copy_bounded_row", "quality_ceiling", "predict_one",
            "predict_width", "add_quadratic_forms", "width_matrix", "update_arm",
+           "flush_data", "defer_data", "flush_all",
            "thompson_propensities", "decide_rows", "decide_one", "decide_one_split",
            "RULE_UCB", "RULE_THOMPSON", "PHI_TABLE"]
 
@@ -251,14 +252,19 @@ def _gain(p: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray) -> float:
 @njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
 def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.ndarray,
           scale: float, th: np.ndarray, err: np.ndarray, heads: np.ndarray, only: int,
-          inv32: np.ndarray, k32: int) -> None:
+          inv32: np.ndarray, k32: int, data: bool, q32: np.ndarray, kq: int) -> None:
     """One Sherman-Morrison step of an inverse ``p`` and its data matrix ``a`` (gain
     ``scale * px`` from :func:`_gain`), and of the coefficients ``th[h]`` of the heads
     that read them (``heads`` (H,) mask, or head ``only`` alone when >= 0);
     ``inv32[k32]`` (D, D), the inverse's float32 copy, written in the same loop as the
     step, from the value stored (none when ``k32`` < 0): a second loop over each row
     cost select's update at d=384 ~25 µs more of ~300 (a one-off ablation,
-    docs/results.md "select's update at d=384"); the same numbers bit for bit."""
+    docs/results.md "select's update at d=384"); the same numbers bit for bit. The
+    data matrix's step ``a += w x x^T`` is left out when ``data`` is False (deferred:
+    :func:`defer_data`). ``q32[kq]`` (when ``kq`` >= 0) is a second float32 copy
+    written from the same values (the selected quality candidate's, when it is the
+    group's: :func:`_update_candidates`), from each row's copy while it is in cache.
+    """
     d = x.shape[0]
     copy = k32 >= 0
     for i in range(d):
@@ -266,15 +272,32 @@ def _step(p: np.ndarray, a: np.ndarray, x: np.ndarray, weight: float, px: np.nda
         wxi = weight * x[i]
         if copy:
             row32 = inv32[k32, i]
+            if data:
+                for j in range(d):
+                    v = p[i, j] - gi * px[j]
+                    p[i, j] = v
+                    row32[j] = v
+                    a[i, j] += wxi * x[j]
+            else:
+                for j in range(d):
+                    v = p[i, j] - gi * px[j]
+                    p[i, j] = v
+                    row32[j] = v
+        elif data:
             for j in range(d):
-                v = p[i, j] - gi * px[j]
-                p[i, j] = v
-                row32[j] = v
+                p[i, j] -= gi * px[j]
                 a[i, j] += wxi * x[j]
         else:
             for j in range(d):
                 p[i, j] -= gi * px[j]
-                a[i, j] += wxi * x[j]
+        if kq >= 0:
+            rowq = q32[kq, i]
+            if copy:
+                for j in range(d):
+                    rowq[j] = row32[j]
+            else:
+                for j in range(d):
+                    rowq[j] = p[i, j]
         if only >= 0:
             th[only, i] += err[only] * gi
         else:
@@ -292,7 +315,8 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
                inv32: np.ndarray, a_inv32: np.ndarray, sel_inv: np.ndarray,
                sel_theta: np.ndarray,
                sel_err: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
-               q_inv32: np.ndarray, same: int) -> float:
+               same_stale: np.ndarray, q_inv32: np.ndarray, same: int,
+               pend_x: np.ndarray, pend_w: np.ndarray, pend_n: np.ndarray) -> float:
     """Arm k's weighted Sherman-Morrison step for the heads reported in ``y`` (H,) (NaN:
     not reported), in place; returns the quality residual before it (NaN when quality
     is not reported).
@@ -318,7 +342,18 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
     (the first on ties, as ``np.argmin``): its coefficients into ``theta[k, 0]``, its
     index into ``sel[k]``, and its inverse, not copied, is marked for
     ``ArmStatistics.q_inv`` to copy when read (``q_stale[k]``); its float32 copy
-    ``q_inv32[k]`` (when not empty) is written in the candidate's own step.
+    ``q_inv32[k]`` (when not empty) is written in the candidate's own step. The
+    candidate ``same`` is not stored while the quality head is in its arm's group: its
+    inverse is ``s_inv[k]`` (``same_stale[k]`` set: ``ArmStatistics.sel_inv`` copies it
+    when read; see :func:`_update_candidates`).
+
+    With ``pend_x`` (K, M, D) not empty, the group's data matrix step ``s_data[k] +=
+    w x x^T`` is deferred: x and w are kept in arm k's rows of ``pend_x`` / ``pend_w``
+    (``pend_n[k]`` of them), and added M at a time (:func:`flush_data`, the same sums
+    in the same order, so the same numbers bit for bit): ``s_data`` is read only by
+    refreshes, merges, forgetting, serialization and the numpy paths, which flush first
+    (``ArmStatistics.s_data``). Each rank-one step read and wrote the whole D x D
+    matrix (at d=384 ~60 µs, bound by memory); M of them at once read it once.
     """
     th = theta[k]
     b = b_data[k]
@@ -337,21 +372,31 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
     px = np.empty((2, d))
     scale_group = 0.0
     scale_own = 0.0
+    # The quality candidates' errors, each before its step (none depends on the heads'
+    # steps), and the one selected: its float32 copy, when it is the group's candidate,
+    # is written by the group's step.
+    choosing = sel_inv.shape[0] > 0 and y[0] == y[0]
+    errs = np.empty(sel_inv.shape[1])
+    best = _candidate_errors(k, x, y[0], weight, sel_theta, sel_err, errs) if choosing else -1
+    kq = k if choosing and grp[0] and best == same and q_inv32.shape[0] else -1
     if touched:
         scale_group = _gain(s_inv[k], x, weight, px[0])
+        defer = pend_x.shape[0] > 0
         _step(s_inv[k], s_data[k], x, weight, px[0], scale_group, th, err, grp, -1,
-              inv32, k if inv32.shape[0] else -1)
+              inv32, k if inv32.shape[0] else -1, not defer, q_inv32, kq)
+        if defer:
+            defer_data(k, x, weight, s_data, pend_x, pend_w, pend_n)
     own32 = a_inv32.shape[0] > 0
     for h in range(heads - 1, -1, -1):
         if y[h] == y[h] and not grp[h]:
             scale_own = _gain(a_inv[k, h], x, weight, px[1])
             _step(a_inv[k, h], a_data[k, h], x, weight, px[1], scale_own, th, err, grp,
-                  h, a_inv32[k] if own32 else inv32, h if own32 else -1)
-    if sel_inv.shape[0] and y[0] == y[0]:
-        _update_candidates(k, x, y[0], weight, px[0] if grp[0] else px[1],
+                  h, a_inv32[k] if own32 else inv32, h if own32 else -1, True, q_inv32, -1)
+    if choosing:
+        _update_candidates(k, x, weight, px[0] if grp[0] else px[1],
                            scale_group if grp[0] else scale_own,
-                           s_inv[k] if grp[0] else a_inv[k, 0], same, sel_inv, sel_theta,
-                           sel_err, th, sel, q_stale, q_inv32)
+                           s_inv[k] if grp[0] else a_inv[k, 0], grp[0], same, sel_inv,
+                           sel_theta, errs, best, th, sel, q_stale, same_stale, q_inv32)
     for h in range(heads):
         if y[h] == y[h]:
             wy = weight * y[h]
@@ -371,27 +416,54 @@ def update_arm(k: int, x: np.ndarray, y: np.ndarray, weight: float, group: np.nd
 
 
 @njit(cache=True, nogil=True, fastmath=_FAST)
-def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.ndarray,
-                       scale0: float, shared: np.ndarray, same: int,
-                       sel_inv: np.ndarray, sel_theta: np.ndarray, sel_err: np.ndarray,
-                       th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
-                       q_inv32: np.ndarray) -> None:
-    """The candidates step of :func:`update_arm`, after the step of the inverse the
-    quality head reads (``shared``: its group's, or its own ``a_inv[k, 0]`` when split
-    off; now updated; ``px`` its A^-1 x before the step and ``scale0`` its gain's
-    scale).
+def flush_data(a: np.ndarray, xs: np.ndarray, ws: np.ndarray, n: int) -> None:
+    """``a += sum_r ws[r] xs[r] xs[r]^T`` over the first n rows: for each entry the
+    rank-one steps' terms ``(w_r x_ri) x_rj`` added in the rows' order, as n calls of
+    :func:`_step` would add them (the same numbers bit for bit), one row of ``a`` at a
+    time (it stays in cache for the n terms: ``a`` is read once, not n times)."""
+    d = a.shape[0]
+    for i in range(d):
+        row = a[i]
+        for r in range(n):
+            c = ws[r] * xs[r, i]
+            xr = xs[r]
+            for j in range(d):
+                row[j] += c * xr[j]
 
-    The errors first (each candidate's own, before its step, so the same numbers as
-    error-then-step per candidate), hence the selection before the steps: the selected
-    candidate's float32 copy is written row by row in its step, not by a second pass.
-    Candidate ``same`` has the quality head's ridge, hence the same matrix as ``shared``
-    and the same step: its gain is the shared one's and its inverse is copied from it."""
+
+@njit(cache=True, nogil=True)
+def defer_data(k: int, x: np.ndarray, weight: float, s_data: np.ndarray,
+               pend_x: np.ndarray, pend_w: np.ndarray, pend_n: np.ndarray) -> None:
+    """Keep arm k's data step ``s_data[k] += w x x^T`` for later (:func:`update_arm`);
+    its M kept steps are added first when its rows are full."""
+    n = pend_n[k]
+    if n == pend_x.shape[1]:
+        flush_data(s_data[k], pend_x[k], pend_w[k], n)
+        n = 0
+    pend_x[k, n] = x
+    pend_w[k, n] = weight
+    pend_n[k] = n + 1
+
+
+@njit(cache=True, nogil=True)
+def flush_all(s_data: np.ndarray, pend_x: np.ndarray, pend_w: np.ndarray,
+              pend_n: np.ndarray) -> None:
+    """Add every arm's kept data steps (:func:`defer_data`) and empty its rows."""
+    for k in range(pend_n.shape[0]):
+        if pend_n[k]:
+            flush_data(s_data[k], pend_x[k], pend_w[k], pend_n[k])
+            pend_n[k] = 0
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST, inline="always")
+def _candidate_errors(k: int, x: np.ndarray, y0: float, weight: float,
+                      sel_theta: np.ndarray, sel_err: np.ndarray, errs: np.ndarray) -> int:
+    """Each quality candidate's error ``errs`` (G,) on this observation before its step,
+    added (weighted, squared) to ``sel_err[k]``; the candidate of lowest error sum then
+    (the first on ties, as ``np.argmin``)."""
     d = x.shape[0]
-    pc = np.empty(d)  # the other candidates' A^-1 x
-    n_cand = sel_inv.shape[1]
-    errs = np.empty(n_cand)
     best, best_err = 0, np.inf
-    for g in range(n_cand):
+    for g in range(errs.shape[0]):
         tg = sel_theta[k, g]
         e = y0
         for j in range(d):
@@ -400,12 +472,46 @@ def _update_candidates(k: int, x: np.ndarray, y0: float, weight: float, px: np.n
         sel_err[k, g] += weight * e * e
         if sel_err[k, g] < best_err:
             best, best_err = g, sel_err[k, g]
+    return best
+
+
+@njit(cache=True, nogil=True, fastmath=_FAST)
+def _update_candidates(k: int, x: np.ndarray, weight: float, px: np.ndarray,
+                       scale0: float, shared: np.ndarray, grouped: bool, same: int,
+                       sel_inv: np.ndarray, sel_theta: np.ndarray, errs: np.ndarray,
+                       best: int, th: np.ndarray, sel: np.ndarray, q_stale: np.ndarray,
+                       same_stale: np.ndarray, q_inv32: np.ndarray) -> None:
+    """The candidates step of :func:`update_arm`, after the step of the inverse the
+    quality head reads (``shared``: its group's, or its own ``a_inv[k, 0]`` when split
+    off; now updated; ``px`` its A^-1 x before the step and ``scale0`` its gain's
+    scale).
+
+    The errors ``errs`` and the selection ``best`` come first (:func:`_candidate_errors`,
+    in :func:`update_arm`: each candidate's own, before its step, so the same numbers as
+    error-then-step per candidate): the selected candidate's float32 copy is written
+    row by row in its step, not by a second pass.
+    Candidate ``same`` has the quality head's ridge, hence the same matrix as ``shared``
+    and the same step: its gain is the shared one's and its inverse is copied from it,
+    unless ``shared`` is the group's ``s_inv[k]`` (``grouped``): then it is not copied
+    at all (``same_stale[k]`` set; ``ArmStatistics.sel_inv`` copies it when read, and
+    the compiled decides read ``s_inv`` for it: an arm that selected it folds its
+    quality term into the group's); when selected, its float32 copy ``q_inv32[k]`` was
+    written by the group's step. At d=384 the copy was ~46 µs of select's ~320 µs
+    update (docs/results.md)."""
+    d = x.shape[0]
+    pc = np.empty(d)  # the other candidates' A^-1 x
+    n_cand = sel_inv.shape[1]
     copy = q_inv32.shape[0] > 0
     for g in range(n_cand):
         p = sel_inv[k, g]
         tg = sel_theta[k, g]
         e = errs[g]
         if g == same:
+            same_stale[k] = grouped
+            if grouped:
+                for i in range(d):
+                    tg[i] += e * (scale0 * px[i])
+                continue
             for i in range(d):
                 if copy and g == best:
                     row32 = q_inv32[k, i]

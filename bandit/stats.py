@@ -37,6 +37,7 @@ their errors are sums like the others (replicas merge, forgetting discounts them
 from __future__ import annotations
 
 import operator
+import threading
 
 import numpy as np
 from scipy.linalg import blas as _blas
@@ -67,12 +68,26 @@ FUSED_BATCH = 4
 #: for the selected quality candidates' inverses and for the own inverses of heads split
 #: off their group (outcomes reported in pieces).
 FLOAT32_INVERSE_DIM = 257
+#: From this many features on, the update kernel defers the shared data matrices'
+#: rank-one steps ``s_data[k] += w x x^T``, ``DEFER_ROWS`` per arm, and adds them at
+#: once (``_policy_kernel.defer_data``; the same numbers): at d=384 each step read and
+#: wrote 1.2 MB (~60 µs of an update bound by memory); at d=64 the matrices fit the
+#: cache and the steps cost little.
+DEFER_DIM = 257
+DEFER_ROWS = 32
 _NO_COPY = np.zeros((0, 0, 0), dtype=np.float32)
 _NO_OWN_COPY = np.zeros((0, 0, 0, 0), dtype=np.float32)  # of a_inv (K, H, D, D)
-# sel_inv, sel_theta, sel_err, the selected index, its stale flags, the float32 copy,
-# the shared candidate, of the update kernel without selection.
+# pend_x, pend_w, pend_n of the update kernel that does not defer the data steps
+_NO_DEFER = (np.zeros((0, 0, 0)), np.zeros((0, 0)), np.zeros(0, dtype=np.int64))
+#: Reading ``s_data`` adds the deferred steps: two readers at once (each only reading,
+#: which was safe before the steps were deferred) must not both add them.
+_FLUSH_LOCK = threading.Lock()
+# sel_inv, sel_theta, sel_err, the selected index, its stale flags, the shared
+# candidate's stale flags, the float32 copy, the shared candidate, of the update kernel
+# without selection.
 _NO_SELECTION = (np.zeros((0, 0, 0, 0)), np.zeros((0, 0, 0)), np.zeros((0, 0)),
-                 np.zeros(0, dtype=np.intp), np.zeros(0, dtype=bool), _NO_COPY, -1)
+                 np.zeros(0, dtype=np.intp), np.zeros(0, dtype=bool),
+                 np.zeros(0, dtype=bool), _NO_COPY, -1)
 
 # Prior noise scale per head, in head units, worth NU0 observations: quality is a score
 # in [0, 1] (std at most 0.5); cost and latency default to half the prior mean when the
@@ -126,6 +141,9 @@ class ArmStatistics:
         #: store sums and never predict (the distributed learners' carriers,
         #: streams/stats.py): the inverses were a fifth of their update's time.
         self.sums_only = False
+        #: Data steps the update kernel defers per arm (0: none; see DEFER_DIM).
+        self.defer_rows = DEFER_ROWS if self.n_features >= DEFER_DIM else 0
+        self._pend: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         d = self.n_features
         text = dim - tag_dims
         # Ridge of the context coefficients relative to the intercept's: above 1 shrinks
@@ -185,6 +203,73 @@ class ArmStatistics:
         self.sel_inv = np.zeros((0, g, d, d))
         self.sel_theta = np.zeros((0, g, d))
         self.q_inv = np.zeros((0, d, d))
+
+    @property
+    def s_data(self) -> np.ndarray:
+        """The shared groups' data matrices (K, D, D), every deferred step added: the
+        update kernel keeps up to ``defer_rows`` rank-one steps of each arm aside
+        (``_pend``) and adds them when they are full or here, when read (refreshes,
+        merges, forgetting, serialization, the numpy paths)."""
+        pend = self._pend
+        if pend is not None and pend[2].any():
+            with _FLUSH_LOCK:
+                if pend[2].any():  # not added by another reader meanwhile
+                    _kernel.flush_all(self._s_data, *pend)
+        return self._s_data
+
+    @s_data.setter
+    def s_data(self, value: np.ndarray) -> None:
+        # A whole array (arms added or removed, a restore): its own sums, none deferred
+        # (the getter that read the previous array added its deferred steps).
+        self._s_data = value
+        self._pend = None
+
+    def _deferred(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The update kernel's rows of deferred data steps (``pend_x`` (K, M, D),
+        ``pend_w`` (K, M), ``pend_n`` (K,)), made for the current arms."""
+        m = self.defer_rows
+        if not m:
+            if self._pend is not None:
+                self.s_data  # noqa: B018 (adds what was deferred)
+                self._pend = None
+            return _NO_DEFER
+        pend = self._pend
+        k = self._s_data.shape[0]
+        if pend is None or pend[0].shape[:2] != (k, m):
+            self.s_data  # noqa: B018 (adds what was deferred)
+            pend = self._pend = (np.zeros((k, m, self.n_features)), np.zeros((k, m)),
+                                 np.zeros(k, dtype=np.int64))
+        return pend
+
+    @property
+    def sel_inv(self) -> np.ndarray:
+        """The quality candidates' inverses (K, G, D, D). The candidate with the
+        group's ridge (:attr:`shared_candidate`) has the same matrix as the group's
+        ``s_inv[k]`` while the quality head is in its arm's group, so the update kernel
+        does not store it there (``_same_stale[k]``): it is copied from ``s_inv`` when
+        read here (at d=384 the copy was ~46 µs of select's update). The compiled
+        decides and update read ``_sel_inv`` directly: an arm that selected that
+        candidate reads ``s_inv`` for it."""
+        if self._same_stale.any():
+            self._fresh_same(np.flatnonzero(self._same_stale))
+        return self._sel_inv
+
+    @sel_inv.setter
+    def sel_inv(self, value: np.ndarray) -> None:
+        # A whole array (arms added or removed, a restore): every candidate stored.
+        self._sel_inv = value
+        self._same_stale = np.zeros(value.shape[0], dtype=bool)
+
+    def _fresh_same(self, arms: np.ndarray | list[int]) -> None:
+        """Store the shared candidate's inverse of ``arms`` (whose flag is set), copied
+        from the quality head's inverse (its float32 copy, when selected, the update
+        kernel wrote from the same values: not stale)."""
+        same = self.shared_candidate
+        for k in arms:
+            if same >= 0:  # (none once a new tag ridge changed it: recomputed then)
+                self._sel_inv[k, same] = (self.s_inv[k] if self.group[k, 0]
+                                          else self.a_inv[k, 0])
+            self._same_stale[k] = False
 
     @property
     def q_inv(self) -> np.ndarray:
@@ -284,6 +369,7 @@ class ArmStatistics:
         self.refresh()
 
     def delete(self, index: int) -> None:
+        self.sel_inv  # noqa: B018 (stores the shared candidates' while the arms are as they were)
         self.q_inv  # noqa: B018 (copies the stale arms' while sel_inv still has them)
         for name in self.ARRAYS:
             setattr(self, name, np.delete(getattr(self, name), index, axis=0))
@@ -294,6 +380,7 @@ class ArmStatistics:
         return {name: getattr(self, name)[index].copy() for name in self.ARRAYS}
 
     def put(self, row: dict[str, np.ndarray]) -> None:
+        self.sel_inv  # noqa: B018 (stores the shared candidates' while the arms are as they were)
         self.q_inv  # noqa: B018 (copies the stale arms' while sel_inv still has them)
         for name in self.ARRAYS:
             value = np.asarray(row[name])[None]
@@ -305,6 +392,8 @@ class ArmStatistics:
         """Move ``heads`` (a mask) out of arm k's group; they keep the shared state."""
         leaving = self.group[k] & heads
         if leaving.any():
+            if leaving[0] and self._same_stale[k]:
+                self._fresh_same([k])  # the compiled decides read it once split
             self.a_data[k, leaving] = self.s_data[k]
             self.a_inv[k, leaving] = self.s_inv[k]
             self._stale32(k, "a_inv", leaving)
@@ -352,9 +441,11 @@ class ArmStatistics:
         """Arm k's quality candidates ``rows``, inverses and coefficients, exactly from
         the sums (``b`` its quality target vector with the prior), then its selection."""
         a0 = self.s_data[k] if self.group[k, 0] else self.a_data[k, 0]
-        self.sel_inv[k, rows] = _spd_inverse(
+        if self._same_stale[k]:  # ``rows`` may leave it out
+            self._fresh_same([k])
+        self._sel_inv[k, rows] = _spd_inverse(
             a0 + self.lam[k, 0] * self.sel_diag[rows, :, None] * np.eye(self.n_features))
-        self.sel_theta[k, rows] = self.sel_inv[k, rows] @ b
+        self.sel_theta[k, rows] = self._sel_inv[k, rows] @ b
         self._select(k)
 
     def set_tag_ridge(self, rows: np.ndarray, tag_dims: int, ridge: float) -> None:
@@ -363,6 +454,7 @@ class ArmStatistics:
         bandit/tagprior.py) and recompute those candidates of every arm from its sums
         (the other candidates and heads are unchanged). The prequential errors stay:
         they score each candidate's predictions as they were made."""
+        self.sel_inv  # noqa: B018 (stores the shared candidate's before it may change)
         self.sel_diag[rows, self.dim - tag_dims:self.dim] = ridge
         self._same = None
         if self.sums_only:
@@ -425,18 +517,20 @@ class ArmStatistics:
             # One compiled call (bandit/_policy_kernel.py) for the steps below, which
             # stay the reference for it: the group's step, the own heads', the quality
             # candidates' when selecting and quality is reported, the sums.
-            sel = ((self.sel_inv, self.sel_theta, self.sel_err, self._sel, self._q_stale,
-                    self._kept32("q_inv"), self.shared_candidate) if self.selecting
-                   else _NO_SELECTION)
+            sel = ((self._sel_inv, self.sel_theta, self.sel_err, self._sel, self._q_stale,
+                    self._same_stale, self._kept32("q_inv"), self.shared_candidate)
+                   if self.selecting else _NO_SELECTION)
             residual = _kernel.update_arm(
-                k, x, y, float(weight), self.group, self.s_inv, self.s_data, self.a_inv,
+                k, x, y, float(weight), self.group, self.s_inv, self._s_data, self.a_inv,
                 self.a_data, self.theta, self.b_data, self.srr, self.weight, self.count,
                 self.lam, self.mu0, self.sigma0, self.sigma2, _NU0, self._kept32("s_inv"),
-                self._kept32("a_inv"), *sel)
+                self._kept32("a_inv"), *sel, *self._deferred())
             self.updates[k] += 1
             if self.updates[k] >= self.refresh_every:
                 self.refresh([k])
             return residual if obs[0] else None
+        if self._same_stale[k]:  # before the group's step
+            self._fresh_same([k])
         touched = any(map(operator.and_, obs, grp))
         theta = self.theta[k]  # (H,D) view
         err = y - theta @ x  # (H,) NaN where not observed
@@ -734,7 +828,9 @@ class ArmStatistics:
         if self.n_features < FLOAT32_INVERSE_DIM or not self.selecting:
             inv = (self.s_inv if self.n_features < FLOAT32_INVERSE_DIM
                    else self._copy32("s_inv"))
-            return inv, self.sel_inv, self._sel, self._sel, same
+            # (an arm whose shared candidate is not stored selected it with its quality
+            # head in the group: the kernels fold it into ``inv``, and never read it)
+            return inv, self._sel_inv, self._sel, self._sel, same
         k = len(self)
         if self._first.shape[0] != k:
             self._first = np.zeros(k, dtype=np.intp)

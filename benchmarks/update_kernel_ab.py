@@ -12,6 +12,10 @@ The statistics are this tree's (``ArmStatistics``), fed ``16 x 30`` whole outcom
 (every head grouped), or with ``--pieces`` the gateway's two pieces (cost+latency, then
 quality: heads split, own inverses stepped). Each kernel keeps the float32 copies the
 tree keeps (the other tree's kernel without the split heads' copy, if it has none).
+A kernel that defers the shared data matrices' steps (``pend_x``) is timed with the
+round's deferred steps added at its end (``s_data`` read); one that does not store the
+shared quality candidate (``same_stale``) leaves it to be copied when read (not timed:
+only the numpy paths read it).
 
 Run::
 
@@ -49,18 +53,35 @@ def load_kernel(tree: Path):
 
 def updater(kernel, stats):
     """One compiled update of arm k on ``stats`` through ``kernel``."""
-    own = "a_inv32" in inspect.signature(kernel.update_arm.py_func).parameters
+    params = inspect.signature(kernel.update_arm.py_func).parameters
+    own = "a_inv32" in params
+    # A kernel with ``same_stale`` does not store the shared quality candidate (its
+    # flags); a kernel without it copies it (then its flags are left unset: stored).
+    lazy = "same_stale" in params
+    # A kernel with ``pend_x`` defers the shared data matrices' steps (its rows); the
+    # matrices are passed as stored (the property adds the deferred steps when read).
+    defer = "pend_x" in params
+
+    # The data matrices as stored, for both kernels (this tree's property would add the
+    # deferred steps at every call); each round ends by adding them (timed: run()).
+    data = getattr(stats, "_s_data", stats.s_data)
 
     def update(k: int, x: np.ndarray, y: np.ndarray) -> None:
         s = stats
-        sel = ((s.sel_inv, s.sel_theta, s.sel_err, s._sel, s._q_stale, s._kept32("q_inv"),
-                s.shared_candidate) if s.selecting else _NO_SELECTION)
-        args = [k, x, y, 1.0, s.group, s.s_inv, s.s_data, s.a_inv, s.a_data, s.theta,
+        if not s.selecting:
+            sel = _NO_SELECTION if lazy else _NO_SELECTION[:5] + _NO_SELECTION[6:]
+        else:
+            # The stored array as the kernels read it (not the property, which copies
+            # the shared candidate when its flag is set).
+            sel = ((s._sel_inv, s.sel_theta, s.sel_err, s._sel, s._q_stale)
+                   + ((s._same_stale,) if lazy else ())
+                   + (s._kept32("q_inv"), s.shared_candidate))
+        args = [k, x, y, 1.0, s.group, s.s_inv, data, s.a_inv, s.a_data, s.theta,
                 s.b_data, s.srr, s.weight, s.count, s.lam, s.mu0, s.sigma0, s.sigma2, _NU0,
                 s._kept32("s_inv")]
         if own:
             args.append(s._kept32("a_inv"))
-        kernel.update_arm(*args, *sel)
+        kernel.update_arm(*args, *sel, *(s._deferred() if defer else ()))
 
     return update
 
@@ -97,6 +118,7 @@ def run(dim: int, updates: int, rounds: int, pieces: bool, base_kernel) -> dict:
                 for i in range(updates):
                     # (the pieces alternate per arm's call, so heads stay as split)
                     update(int(arms[r * updates + i]), xs[i % 64], ys[i % len(ys)])
+                stats.s_data  # noqa: B018 (this tree: the round's deferred steps added)
                 samples[tree].append((time.process_time() - t0) / updates * 1e6)
         out[name] = {
             "this_us": statistics.median(samples["this"]),
