@@ -58,20 +58,23 @@ class PolicyStore:
     # ------------------------------------------------------------------ building
     def new_policy(self, kind: str) -> Policy:
         """A policy of ``kind`` with the settings' parameters and the registry's arms."""
-        cls = POLICY_CLASSES[kind]
-        policy = cls(self.contexts.dim, seed=self.settings.policy_seed,
-                     **self.settings.policy_settings(cls), **self.contexts.tag_settings())
+        policy = self._empty_policy(kind, self.settings.policy_seed)
         for model in self.registry.models.values():
             policy.add_arm(model.name, self.registry.prior(model), late=model.added_late)
         return policy
+
+    def _empty_policy(self, kind: str, seed: int) -> Policy:
+        cls = POLICY_CLASSES[kind]
+        return cls(self.contexts.dim, seed=seed, **self.settings.policy_settings(cls),
+                   **self.contexts.tag_settings())
 
     def warm_kernels(self) -> None:
         """Compile (or load from numba's cache) what the hot path calls, at start rather
         than in the first requests: a throwaway policy of each kind, this process's
         settings and dim, two arms, learns one outcome each, then decides one context
         and a batch of two with a price estimate, as the decider calls it. On a fresh
-        install the first single and first batched decide otherwise compile for ~2 s
-        and ~1 s while requests wait; with the cache filled this takes milliseconds.
+        install the first decide otherwise waited ~3 s and the first feedback ~6.5 s
+        (docs/operations.md); with the cache filled this takes milliseconds.
         The store's own policies are not touched (a decide draws from their seeds)."""
         arms = ["warm-a", "warm-b"]
         prices = PriceList(arms, [1.0, 2.0], [1.0, 2.0], 100.0)
@@ -80,9 +83,7 @@ class PolicyStore:
         # arrays: another compiled signature) or still in memory.
         contexts = [x[0], np.frombuffer(x[0].tobytes())]
         for kind in POLICY_KINDS:
-            cls = POLICY_CLASSES[kind]
-            policy = cls(self.contexts.dim, seed=0, **self.settings.policy_settings(cls),
-                         **self.contexts.tag_settings())
+            policy = self._empty_policy(kind, 0)
             for arm, context in zip(arms, contexts, strict=True):
                 policy.add_arm(arm)
                 policy.update(arm, context, {"quality": 0.5, "cost_usd": 0.001,
