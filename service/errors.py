@@ -57,7 +57,9 @@ _SLUGS = {
 _TYPES = {"float_type": "a JSON number (not a boolean, not a string)",
           "int_type": "a JSON integer (not a boolean, not a string)",
           "bool_type": "true or false (not 0/1, not a string)",
-          "string_type": "a JSON string"}
+          "string_type": "a JSON string",
+          "uuid_parsing": "a UUID (a decision_id as POST /v1/decide answered it)",
+          "uuid_type": "a UUID (a decision_id as POST /v1/decide answered it)"}
 log = logging.getLogger("service.errors")
 
 
