@@ -48,3 +48,25 @@ def test_feedback_with_a_malformed_decision_id_says_what_is_allowed(client):
     body = assert_problem(r, 422, field="decision_id")
     allowed = body["errors"][0]["allowed"]
     assert allowed is not None and "UUID" in allowed, body
+
+
+@pytest.mark.parametrize(("body", "field", "allowed_names"), [
+    # docs/api.md: "`failed` needs `quality` and refuses `default_quality` (422 naming
+    # `failed`)"; it was named "body", with no allowed values.
+    ({"failed": True}, "failed", "quality"),
+    ({"failed": True, "quality": 0.0, "default_quality": 0.5}, "failed", "default_quality"),
+    ({"quality": 0.5, "default_quality": 0.5}, "default_quality", "quality"),
+    ({"input_tokens": 10}, "output_tokens", "input_tokens"),
+    ({}, "body", "cost_usd"),
+])
+def test_feedback_that_breaks_a_rule_between_fields_names_the_field_and_what_is_allowed(
+        client, body, field, allowed_names):
+    tenant = create_tenant(client, f"rules-{field}-{len(body)}")
+    name = add_model(client)
+    decision_id = decide(client, tenant, [name]).json()["decision_id"]
+    r = client.post("/v1/feedback", json={"decision_id": decision_id, **body}, headers=tenant)
+    problem = assert_problem(r, 422, field=field)
+    error = problem["errors"][0]
+    assert error["field"] == field, problem
+    assert error["allowed"] is not None and allowed_names in error["allowed"], problem
+    assert not error["message"].startswith("Value error"), problem
