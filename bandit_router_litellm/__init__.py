@@ -1,7 +1,7 @@
 """bandit-router inside a LiteLLM Proxy: routes a model group's requests by the router's
 learned decision, and learns from LiteLLM's success and failure callbacks.
 
-Install with ``pip install "bandit-router[litellm]"`` and name :data:`router` twice in
+Install with ``pip install -e ".[litellm]"`` from a checkout and name :data:`router` twice in
 the proxy's ``config.yaml`` (docs/litellm.md has the whole snippet)::
 
     router_settings:

@@ -57,7 +57,9 @@ _SLUGS = {
 _TYPES = {"float_type": "a JSON number (not a boolean, not a string)",
           "int_type": "a JSON integer (not a boolean, not a string)",
           "bool_type": "true or false (not 0/1, not a string)",
-          "string_type": "a JSON string"}
+          "string_type": "a JSON string",
+          "uuid_parsing": "a UUID (a decision_id as POST /v1/decide answered it)",
+          "uuid_type": "a UUID (a decision_id as POST /v1/decide answered it)"}
 log = logging.getLogger("service.errors")
 
 
@@ -156,8 +158,11 @@ def validation_problem(exc: RequestValidationError) -> Problem:
         return Problem(400, "the request body is not valid JSON",
                        errors=[{"field": "body", "message": "invalid JSON",
                                 "allowed": "a JSON object"}])
-    errors = [{"field": _field(tuple(e.get("loc", ()))), "message": str(e.get("msg", "")),
-               "allowed": _allowed(e)} for e in raw]
+    # A rule between fields (a model validator, located at the whole body) names in its
+    # context the field it blames.
+    errors = [{"field": str((e.get("ctx") or {}).get("field")
+                            or _field(tuple(e.get("loc", ())))),
+               "message": str(e.get("msg", "")), "allowed": _allowed(e)} for e in raw]
     detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
     return Problem(422, detail, errors=errors)
 

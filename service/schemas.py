@@ -251,22 +251,36 @@ class FeedbackRequest(_Body):
     @model_validator(mode="after")
     def _some_outcome(self) -> FeedbackRequest:
         tokens = self.input_tokens is not None or self.output_tokens is not None
+        # The failed rule first: {"failed": true} alone is told what failed needs.
+        if self.failed and (self.quality is None or self.default_quality is not None):
+            raise _rule("failed", "failed (a gateway's report of a failed call) needs "
+                        "quality (its final quality, e.g. 0) and no default_quality",
+                        "failed: true with a quality and without default_quality")
         if (self.quality is None and self.cost_usd is None and self.latency_ms is None
                 and self.default_quality is None and not tokens):
-            raise ValueError("give at least one of quality, cost_usd, latency_ms, "
-                             "default_quality, or input_tokens and output_tokens")
-        if self.failed and (self.quality is None or self.default_quality is not None):
-            raise ValueError("failed (a gateway's report of a failed call) needs quality "
-                             "(its final quality, e.g. 0) and no default_quality")
+            raise _rule("body", "give at least one of quality, cost_usd, latency_ms, "
+                        "default_quality, or input_tokens and output_tokens",
+                        "at least one of quality, cost_usd, latency_ms, default_quality, "
+                        "or input_tokens and output_tokens")
         if self.quality is not None and self.default_quality is not None:
-            raise ValueError("give quality (yours) or default_quality (a gateway's "
-                             "provisional one), not both")
+            raise _rule("default_quality", "give quality (yours) or default_quality (a "
+                        "gateway's provisional one), not both",
+                        "quality or default_quality, not both")
         if tokens:
             for name in ("input_tokens", "output_tokens"):
                 if getattr(self, name) is None:
-                    raise ValueError(f"{name} is needed with the other token count "
-                                     "(the service prices both)")
+                    raise _rule(name, f"{name} is needed with the other token count "
+                                "(the service prices both)",
+                                "input_tokens and output_tokens together")
         return self
+
+
+def _rule(field: str, message: str, allowed: str) -> PydanticCustomError:
+    """A rule between a body's fields, refused naming the field it blames and what is
+    allowed (service.errors reads both from the context; a model validator's own
+    location is the whole body)."""
+    return PydanticCustomError("invalid_combination", "{message}",
+                               {"message": message, "field": field, "allowed": allowed})
 
 
 class FeedbackResponse(BaseModel):

@@ -42,18 +42,20 @@ def list_models(_admin: AdminDep, service: ServiceDep,
     return [_out(s, deleted) for s, deleted in service.list_models(include_deleted)]
 
 
-@router.get("/models/{name}", response_model=ModelOut)
+# ``:path``: a name may hold a slash (the pattern allows it, and LiteLLM's deployments are
+# named ``openai/gpt-4o-mini``, docs/litellm.md); no route lies below a model's.
+@router.get("/models/{name:path}", response_model=ModelOut)
 def get_model(name: str, _admin: AdminDep, service: ServiceDep) -> ModelOut:
     return _out(service.get_model(name))
 
 
-@router.patch("/models/{name}", response_model=ModelOut)
+@router.patch("/models/{name:path}", response_model=ModelOut)
 def update_model(name: str, body: ModelUpdate, _admin: AdminDep,
                  service: ServiceDep) -> ModelOut:
     return _out(service.update_model(name, body.model_dump(exclude_unset=True)))
 
 
-@router.delete("/models/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/models/{name:path}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_model(name: str, _admin: AdminDep, service: ServiceDep) -> Response:
     """Remove a model from routing; its decisions and feedback stay in the database."""
     service.delete_model(name)
