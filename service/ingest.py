@@ -249,7 +249,8 @@ class FeedbackIngest:
                             _Uncertain(row.cost_delta, row.decided_at, it.received, it.tenant)
                     raise
                 rows.extend(new)
-        settled = {r.index: r.feedback_id for r in rows if items[r.index].outcome is IN_DOUBT}
+        settled = {r.index: r.feedback_id for r in rows
+                   if items[r.index].outcome is IN_DOUBT} if self._uncertain else {}
         for i, it in enumerate(items):
             key = (it.tenant.id, it.decision_id, it.event)
             u = self._uncertain.pop(key, None)
