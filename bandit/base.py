@@ -1987,7 +1987,9 @@ class Policy(abc.ABC):
 
         ``as_class`` restores the statistics into another policy class (LinUCB sums as a
         LinearThompson: they are the same sums); ``config`` overrides settings of the
-        restored policy (``epsilon=0.05``); ``dim`` cannot change.
+        restored policy (``epsilon=0.05``); ``dim`` cannot change. An arm's price-ratio
+        sums that are not finite (learned before :data:`MIN_PRICE_ESTIMATE_USD`) are
+        dropped: its cost correction starts again from its declared price.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:6]) != _MAGIC:
             raise InvalidInputError("data", "is not a serialized policy (bad magic)")
@@ -2020,6 +2022,10 @@ class Policy(abc.ABC):
         if "price_ratio" not in arrays.files:
             # Format 1 predates price corrections: no ratio was ever observed.
             policy._stats.price_ratio = np.zeros((len(header["arms"]), 2))
+        ratios = policy._stats.price_ratio
+        # An inf (or NaN) sum, learned before MIN_PRICE_ESTIMATE_USD from a denormal
+        # estimate, is dropped: that arm's correction starts again from its price.
+        ratios[~np.isfinite(ratios).all(axis=1)] = 0.0
         policy._names = list(header["arms"])
         policy._index = {n: i for i, n in enumerate(policy._names)}
         policy._priors = {n: ArmPrior(*p) for n, p in zip(policy._names, header["priors"],

@@ -305,3 +305,18 @@ def test_price_ratio_floor_is_the_same_on_both_paths():
         assert np.array([got]).tobytes() == np.array([want]).tobytes(), est
         assert np.isnan(got) == (est < MIN_PRICE_ESTIMATE_USD)
         assert np.isnan(got) or np.isfinite(got)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
+def test_inf_price_ratio_of_an_earlier_checkpoint_dropped_on_load(cls):
+    """A checkpoint written before MIN_PRICE_ESTIMATE_USD may hold an inf ratio sum (a
+    denormal estimate): restored, that arm's price sums start afresh (its correction the
+    declared price again, as a replay under the rule learns); the others stay."""
+    policy = _trained(cls)
+    policy._stats.price_ratio[0] = [np.inf, 41.0]
+    kept = policy._stats.price_ratio[1].copy()
+    restored = Policy.from_bytes(policy.to_bytes())
+    assert restored._stats.price_ratio[0].tolist() == [0.0, 0.0]
+    np.testing.assert_array_equal(restored._stats.price_ratio[1], kept)
+    factor = restored._cost_factor()
+    assert np.isfinite(factor).all() and factor[0] == 1.0
