@@ -158,7 +158,8 @@ class FeedbackIngest:
         nothing of the batch is known to be stored). Commits in doubt settled first."""
         with self.policies.apply_lock:
             settle = in_doubt(self._uncertain, items) if self._uncertain else []
-            items = settle + items
+            if settle:
+                items = settle + items
             for attempt in itertools.count(1):
                 try:
                     results, rows = self._commit(items)
@@ -170,7 +171,7 @@ class FeedbackIngest:
                         raise
             self._apply(items, rows, results)
         self._account(items, rows, results)
-        return results[len(settle):]
+        return results[len(settle):] if settle else results
 
     def _commit(self, items: list[Incoming]) -> tuple[list[Stored], list[_Row]]:
         """The transaction: per item its result (``duplicate``, ``unknown-decision``;
@@ -249,13 +250,13 @@ class FeedbackIngest:
                             _Uncertain(row.cost_delta, row.decided_at, it.received, it.tenant)
                     raise
                 rows.extend(new)
-        settled = {r.index: r.feedback_id for r in rows
-                   if items[r.index].outcome is IN_DOUBT} if self._uncertain else {}
-        for i, it in enumerate(items):
-            key = (it.tenant.id, it.decision_id, it.event)
-            u = self._uncertain.pop(key, None)
-            if i in settled:  # applied below: its retry answers ``applied``
-                self._uncertain[key] = u._replace(applied=settled[i])
+        if self._uncertain:  # settled ones are applied below: their retries ``applied``
+            settled = {r.index: r.feedback_id for r in rows if items[r.index].outcome is IN_DOUBT}
+            for i, it in enumerate(items):
+                key = (it.tenant.id, it.decision_id, it.event)
+                u = self._uncertain.pop(key, None)
+                if i in settled:
+                    self._uncertain[key] = u._replace(applied=settled[i])
         rows.sort()  # item order (a recovered row may come first)
         return results, rows
 
