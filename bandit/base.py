@@ -39,6 +39,7 @@ __all__ = [
     "MAX_COST_USD",
     "MAX_LATENCY_MS",
     "MAX_WEIGHT",
+    "MIN_PRICE_ESTIMATE_USD",
     "Preferences",
     "ArmPrior",
     "Prediction",
@@ -67,6 +68,13 @@ MAX_ABS_CONTEXT = 1e3
 MAX_COST_USD = 1e4
 #: Largest latency of one request, milliseconds.
 MAX_LATENCY_MS = 1e8
+#: Smallest price estimate (USD) a price ratio is learned from. A request priced below
+#: it is a free model's (a price of ~0 per Mtok, or a denormal): its cost over that
+#: estimate would be inf or ~1e12+ and would stay in the arm's ratio sums for good
+#: (an inf or huge cost correction). The cheapest priced request in practice (one
+#: token at 0.01 USD per Mtok) costs 1e-8 USD; with this floor a learned ratio is at
+#: most MAX_COST_USD / 1e-10 = 1e14 (finite).
+MIN_PRICE_ESTIMATE_USD = 1e-10
 #: Largest preference weight (its square scales a variance: 1e200 would overflow).
 MAX_WEIGHT = 1e6
 
@@ -692,8 +700,10 @@ def _cost_estimates(value: object, names: list[str], n: int) -> np.ndarray:
 
 
 def _price_ratios(estimates: object, costs: np.ndarray) -> np.ndarray:
-    """Observed cost over the price estimate per row, NaN where either is missing or the
-    estimate is 0 (a free model has no ratio to learn)."""
+    """Observed cost over the price estimate per row, NaN (not learned) where either is
+    missing or the estimate is below :data:`MIN_PRICE_ESTIMATE_USD` (0, a denormal, a
+    price of ~0 per Mtok: a free model has no ratio to learn). Every ratio returned is
+    finite."""
     est = np.asarray(estimates, dtype=np.float64).reshape(-1)
     if est.shape != costs.shape:
         raise InvalidInputError("cost_estimate", "must be one number (USD) per outcome",
@@ -701,8 +711,8 @@ def _price_ratios(estimates: object, costs: np.ndarray) -> np.ndarray:
     if not (np.isnan(est) | ((est >= 0) & (est <= MAX_COST_USD))).all():
         raise InvalidInputError("cost_estimate", "must be finite numbers >= 0.0 and <= "
                                 f"{MAX_COST_USD} (NaN = unknown)", "out of range")
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(est > 0, costs / est, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return np.where(est >= MIN_PRICE_ESTIMATE_USD, costs / est, np.nan)
 
 
 def _price_ratio(estimate: object, cost: float) -> float:
@@ -712,16 +722,13 @@ def _price_ratio(estimate: object, cost: float) -> float:
     A float estimate in range is divided here: the array version's numpy calls on
     one-element arrays (and its ``errstate`` context) cost ~20 us (0.1 here), most of
     what ``update()`` cost, paid for every policy kind the service keeps learning. Any
-    other estimate takes the array version. A float division is IEEE's, as numpy's; one
-    that overflows (a denormal estimate) takes the array version too, for numpy's
-    overflow warning.
+    other estimate takes the array version. A float division is IEEE's, as numpy's (it
+    cannot overflow: the estimate is at least :data:`MIN_PRICE_ESTIMATE_USD`).
     """
     if type(estimate) is float and (estimate != estimate or 0.0 <= estimate <= MAX_COST_USD):
-        if not estimate > 0.0:
+        if not estimate >= MIN_PRICE_ESTIMATE_USD:
             return math.nan
-        ratio = cost / estimate
-        if ratio != math.inf:
-            return ratio
+        return cost / estimate
     return float(_price_ratios([estimate], np.array([cost]))[0])
 
 
@@ -1648,7 +1655,8 @@ class Policy(abc.ABC):
         ``now`` (seconds, any fixed origin) drives forgetting; default the wall clock.
 
         ``cost_estimate`` (USD) is the price estimate the decision used for this arm;
-        with a ``cost_usd`` outcome it teaches the arm's price correction.
+        with a ``cost_usd`` outcome it teaches the arm's price correction (not an
+        estimate below :data:`MIN_PRICE_ESTIMATE_USD`: a free model's, no ratio).
 
         ``time`` (seconds; instead of ``now``) is the outcome's event time, as one row
         of :meth:`update_batch`'s ``times``: with forgetting, the outcome weighs
@@ -1979,7 +1987,9 @@ class Policy(abc.ABC):
 
         ``as_class`` restores the statistics into another policy class (LinUCB sums as a
         LinearThompson: they are the same sums); ``config`` overrides settings of the
-        restored policy (``epsilon=0.05``); ``dim`` cannot change.
+        restored policy (``epsilon=0.05``); ``dim`` cannot change. An arm's price-ratio
+        sums that are not finite (learned before :data:`MIN_PRICE_ESTIMATE_USD`) are
+        dropped: its cost correction starts again from its declared price.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:6]) != _MAGIC:
             raise InvalidInputError("data", "is not a serialized policy (bad magic)")
@@ -2012,6 +2022,10 @@ class Policy(abc.ABC):
         if "price_ratio" not in arrays.files:
             # Format 1 predates price corrections: no ratio was ever observed.
             policy._stats.price_ratio = np.zeros((len(header["arms"]), 2))
+        ratios = policy._stats.price_ratio
+        # An inf (or NaN) sum, learned before MIN_PRICE_ESTIMATE_USD from a denormal
+        # estimate, is dropped: that arm's correction starts again from its price.
+        ratios[~np.isfinite(ratios).all(axis=1)] = 0.0
         policy._names = list(header["arms"])
         policy._index = {n: i for i, n in enumerate(policy._names)}
         policy._priors = {n: ArmPrior(*p) for n, p in zip(policy._names, header["priors"],

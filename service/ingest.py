@@ -25,17 +25,11 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 
 from service.config import Settings
 from service.db import models as m
-from service.domain import (
-    FeedbackItem,
-    FeedbackReceipt,
-    TenantState,
-    stored_outcome,
-    timestamp,
-)
-from service.exceptions import NotFoundError, UnavailableError
+from service.domain import FeedbackItem, FeedbackReceipt, TenantState, stored_outcome, timestamp
+from service.exceptions import UnavailableError
 from service.guards import GuardLesson, Guards
+from service.ingest_rows import IN_DOUBT, Incoming, Stored, in_doubt, receipt
 from service.ingest_rows import Decision as _Decision
-from service.ingest_rows import Incoming, Stored
 from service.ingest_rows import Row as _Row
 from service.ingest_rows import Uncertain as _Uncertain
 from service.ingest_rows import update_decisions as _update_decisions
@@ -142,7 +136,7 @@ class FeedbackIngest:
             try:
                 stored = self.store_many([it for _, it in direct])
                 for (i, it), result in zip(direct, stored, strict=True):
-                    out[i] = self._receipt(result, it.decision_id)
+                    out[i] = receipt(result, it.decision_id)
             except (OperationalError, InterfaceError) as exc:
                 for i, it in direct:
                     if spool is None:
@@ -156,22 +150,16 @@ class FeedbackIngest:
                                                    it.outcome, it.received)
         return [r for r in out if r is not None]
 
-    @staticmethod
-    def _receipt(stored: Stored, decision_id: str) -> FeedbackReceipt | Exception:
-        if stored.status == "unknown-decision":
-            return NotFoundError(f"decision {decision_id} does not exist",
-                                 slug="decision-not-found")
-        if stored.error is not None:
-            return stored.error
-        return FeedbackReceipt(stored.status, stored.feedback_id)
-
     # ================================================================= store
     def store_many(self, items: list[Incoming]) -> list[Stored]:
         """Store feedback rows (and their decisions' reconciled charges) in one
         transaction, then apply them in order: the one path of direct feedback (one
         item) and of the buffer's drain (a batch). Raises the database's errors (then
-        nothing of the batch is known to be stored)."""
+        nothing of the batch is known to be stored). Commits in doubt settled first."""
         with self.policies.apply_lock:
+            settle = in_doubt(self._uncertain, items) if self._uncertain else []
+            if settle:
+                items = settle + items
             for attempt in itertools.count(1):
                 try:
                     results, rows = self._commit(items)
@@ -183,7 +171,7 @@ class FeedbackIngest:
                         raise
             self._apply(items, rows, results)
         self._account(items, rows, results)
-        return results
+        return results[len(settle):] if settle else results
 
     def _commit(self, items: list[Incoming]) -> tuple[list[Stored], list[_Row]]:
         """The transaction: per item its result (``duplicate``, ``unknown-decision``;
@@ -216,14 +204,19 @@ class FeedbackIngest:
                     uncertain = self._uncertain.get((it.tenant.id, *key))
                     if uncertain is not None and at == uncertain.received:
                         # Ours: its commit was sent but its outcome never came back (the
-                        # connection died), so it was stored and not applied: with
-                        # the stored row's outcome (the first attempt's), as a replay.
+                        # connection died), so it was stored and not applied (unless
+                        # settled since): the stored row's outcome (the first attempt's).
+                        if uncertain.applied is not None:
+                            results[i] = Stored("applied", fid)
+                            continue
                         rows.append(_Row(i, fid, decision.model, decision.context,
                                          uncertain.cost_delta, uncertain.decided_at,
                                          decision.price(), None, outcome))
                     else:
                         results[i] = Stored("duplicate", fid)
                     continue
+                if it.outcome is IN_DOUBT:
+                    continue  # its commit did not land: the retry stores it
                 stored[key] = (0, it.received, it.outcome)  # a repeat later in this batch
                 values.append(it.row())
                 delta = 0.0
@@ -254,11 +247,16 @@ class FeedbackIngest:
                     for row in new:
                         it = items[row.index]
                         self._uncertain[(it.tenant.id, it.decision_id, it.event)] = \
-                            _Uncertain(row.cost_delta, row.decided_at, it.received)
+                            _Uncertain(row.cost_delta, row.decided_at, it.received, it.tenant)
                     raise
                 rows.extend(new)
-        for it in items:
-            self._uncertain.pop((it.tenant.id, it.decision_id, it.event), None)
+        if self._uncertain:  # settled ones are applied below: their retries ``applied``
+            settled = {r.index: r.feedback_id for r in rows if items[r.index].outcome is IN_DOUBT}
+            for i, it in enumerate(items):
+                key = (it.tenant.id, it.decision_id, it.event)
+                u = self._uncertain.pop(key, None)
+                if i in settled:
+                    self._uncertain[key] = u._replace(applied=settled[i])
         rows.sort()  # item order (a recovered row may come first)
         return results, rows
 

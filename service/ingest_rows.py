@@ -13,10 +13,12 @@ import orjson
 from sqlalchemy import Connection, Text, bindparam, select, type_coerce, update
 
 from service.db import models as m
-from service.domain import TenantState, price_estimate
+from service.domain import FeedbackReceipt, TenantState, price_estimate
+from service.exceptions import NotFoundError
 from service.guards import GuardLesson
 
-__all__ = ["Decision", "Incoming", "Row", "Stored", "Uncertain", "update_decisions"]
+__all__ = ["IN_DOUBT", "Decision", "Incoming", "Row", "Stored", "Uncertain", "in_doubt",
+           "receipt", "update_decisions"]
 
 
 class Incoming(NamedTuple):
@@ -48,6 +50,16 @@ class Stored:
     error: Exception | None = None
 
 
+def receipt(stored: Stored, decision_id: str) -> FeedbackReceipt | Exception:
+    """What :meth:`FeedbackIngest.submit` answers for one stored feedback."""
+    if stored.status == "unknown-decision":
+        return NotFoundError(f"decision {decision_id} does not exist",
+                             slug="decision-not-found")
+    if stored.error is not None:
+        return stored.error
+    return FeedbackReceipt(stored.status, stored.feedback_id)
+
+
 class Row(NamedTuple):
     """A committed feedback row, to apply."""
 
@@ -63,12 +75,31 @@ class Row(NamedTuple):
 
 
 class Uncertain(NamedTuple):
-    """A feedback whose commit failed with a connection error: maybe stored, certainly
-    not applied."""
+    """A feedback whose commit failed with a connection error: maybe stored, not applied
+    (``applied``: its row's id once a later batch found it stored and applied it)."""
 
     cost_delta: float
     decided_at: float
     received: datetime  # the row's ``created_at`` if it was stored (a retry has its own)
+    tenant: TenantState
+    applied: int | None = None
+
+
+#: The outcome of an :class:`Incoming` that settles a commit in doubt (no feedback of
+#: its own: its stored row is applied if it landed, nothing is inserted if not).
+IN_DOUBT: dict[str, float | None] = {}
+
+
+def in_doubt(uncertain: dict[tuple[str, str, str], Uncertain],
+             items: list[Incoming]) -> list[Incoming]:
+    """The commits in doubt no item of this batch retries, to settle before it: a row that
+    landed is applied before any later row is, so ``last_feedback_id`` (what a checkpoint
+    records and the restart's replay starts after) never passes a stored row the
+    statistics lack (rel14: before, a later feedback, a checkpoint and a restart lost
+    it for good)."""
+    keys = {(it.tenant.id, it.decision_id, it.event) for it in items}
+    return [Incoming(u.tenant, key[1], key[2], IN_DOUBT, u.received)
+            for key, u in uncertain.items() if u.applied is None and key not in keys]
 
 
 class Decision:

@@ -211,3 +211,70 @@ def test_two_threads_reading_s_data_add_the_deferred_steps_once():
         for thread in threads:
             thread.join()
         np.testing.assert_array_equal(shared._stats.s_data, alone._stats.s_data)  # noqa: SLF001
+
+
+@pytest.mark.parametrize("cls", [SelectiveThompson, LinUCB])
+def test_saved_merged_copied_installed_state_at_d257_has_every_deferred_step(cls):
+    """At d=257 (DEFER_DIM: the steps deferred by default, not forced) the state a user
+    keeps right after updates whose steps are still deferred: a checkpoint (deepcopy
+    under the locks, then to_bytes), a restore, a state export (derived=False), a merge,
+    a distributed snapshot (recast + merge into the registry's priors), decide_batch:
+    each equals the same policy that applied every step at once, bit for bit, and the
+    restored / copied policy keeps learning as the plain one does."""
+    import copy
+
+    from streams.stats import recast
+
+    rng = np.random.default_rng(11)
+    d = 257
+    lazy, plain = twins(cls, d=d, rows=32, half_life_hours=1.0)
+    assert lazy._stats.defer_rows == 32  # the default at this d
+
+    def feed_timed(policies: list[Policy], n: int, t0: float) -> None:
+        for t in range(n):
+            x = rng.standard_normal(d) / np.sqrt(d)
+            y = {"quality": float(rng.random()), "cost_usd": 1e-3, "latency_ms": 100.0 + t}
+            arm = policies[0].arms[int(rng.integers(3))]
+            for policy in policies:
+                policy.update(arm, x, y, time=t0 + 60.0 * t, cost_estimate=5e-4)
+
+    feed_timed([lazy, plain], 20, 0.0)
+    assert pending(lazy) > 0
+    # A checkpoint: deepcopy (under the locks), serialized later; the live one goes on.
+    saved = copy.deepcopy(lazy)
+    feed_timed([lazy, plain], 3, 1200.0)
+    assert pending(saved) > 0
+    restored = Policy.from_bytes(saved.to_bytes())
+    assert pending(lazy) > 0
+    assert lazy.to_bytes(derived=False) == plain.to_bytes(derived=False)  # state export
+    assert_bitwise(lazy, plain, "after an export")
+    # The restored checkpoint learns the rows after it as the plain policy did.
+    twin = Policy.from_bytes(saved.to_bytes())
+    twin._stats.defer_rows = 0
+    assert restored.to_bytes() == twin.to_bytes()
+    feed_timed([restored, twin], 30, 1400.0)
+    assert pending(restored) > 0
+    assert_bitwise(restored, twin, "a restored checkpoint after more updates")
+    # decide_batch right after deferred steps: the same rows.
+    feed_timed([lazy, plain], 5, 3400.0)
+    assert pending(lazy) > 0
+    x = rng.standard_normal((4, d)) / np.sqrt(d)
+    a, b = lazy.decide_batch(x), plain.decide_batch(x)
+    np.testing.assert_array_equal(a.choices, b.choices)
+    np.testing.assert_array_equal(a.means, b.means)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    # A merge of two replicas, each with deferred steps.
+    other_lazy, other_plain = twins(cls, d=d, rows=32, half_life_hours=1.0)
+    feed_timed([other_lazy, other_plain], 9, 3000.0)
+    feed_timed([lazy, plain], 4, 3800.0)
+    assert pending(lazy) > 0 and pending(other_lazy) > 0
+    merged_lazy = copy.deepcopy(lazy).merge(copy.deepcopy(other_lazy))
+    merged_plain = copy.deepcopy(plain).merge(copy.deepcopy(other_plain))
+    assert_bitwise(merged_lazy, merged_plain, "after a merge")
+    # A distributed snapshot: the learners' sums recast and merged into fresh priors.
+    assert pending(lazy) > 0
+    installed = [twins(cls, d=d, rows=m, half_life_hours=1.0)[0] for m in (32, 0)]
+    for fresh, total in zip(installed, (lazy, plain), strict=True):
+        fresh.merge(recast(total, cls))
+    assert_bitwise(installed[0], installed[1], "after a snapshot install")
+    assert_bitwise(lazy, plain, "at the end")

@@ -261,3 +261,62 @@ def test_update_float_estimate_learns_as_the_array_path(cls):
     with pytest.raises(InvalidInputError, match="cost_estimate"):
         fast.update("m", [0.1, 0.2], {"quality": 0.5, "cost_usd": 0.002}, cost_estimate=-1.0)
     assert fast._stats.price_ratio.tobytes() == before.tobytes()  # nothing learned
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
+@pytest.mark.parametrize("tiny", [5e-324, 1e-300, 1e-15, 1e-12])
+def test_tiny_price_estimate_teaches_no_ratio(cls, tiny):
+    """A positive but tiny estimate (a denormal; a price of ~1e-12 USD per Mtok) is a
+    free model's: no ratio learned, by update() or update_batch(), so no inf or huge
+    ratio stays in the arm's sums and its cost correction stays finite."""
+    from bandit.base import MIN_PRICE_ESTIMATE_USD
+
+    assert tiny < MIN_PRICE_ESTIMATE_USD
+    one, many = (cls(2, seed=0, drift_delta=None) for _ in range(2))
+    for p in (one, many):
+        p.add_arm("free", ArmPrior(cost_usd=0.001))
+        p.add_arm("paid", ArmPrior(cost_usd=0.001))
+    x = np.array([[0.1, 0.2], [0.3, -0.1]])
+    y = {"quality": 0.5, "cost_usd": 0.002}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow either
+        for row in x:
+            one.update("free", row, y, cost_estimate=tiny)
+            one.update("paid", row, y, cost_estimate=0.001)
+        many.update_batch(["free", "paid", "free", "paid"], np.repeat(x, 2, axis=0),
+                          [y] * 4, cost_estimates=[tiny, 0.001, tiny, 0.001])
+    for p in (one, many):
+        assert p._stats.price_ratio[0].tolist() == [0.0, 0.0]  # nothing learned
+        assert p._stats.price_ratio[1].tolist() == pytest.approx([4.0, 2.0])
+        factor = p._cost_factor()
+        assert np.isfinite(factor).all() and factor[0] == 1.0
+        d = p.decide_batch(x, Preferences(cost=10.0), cost_estimate=[tiny, 0.001])
+        assert np.isfinite(d.means).all() and np.isfinite(d.utility).all()
+
+
+def test_price_ratio_floor_is_the_same_on_both_paths():
+    """At and around the floor the one-outcome and the array versions agree."""
+    from bandit.base import MIN_PRICE_ESTIMATE_USD, _price_ratio, _price_ratios
+
+    for est in (MIN_PRICE_ESTIMATE_USD, np.nextafter(MIN_PRICE_ESTIMATE_USD, 0.0),
+                2 * MIN_PRICE_ESTIMATE_USD):
+        want = _price_ratios([est], np.array([1e4]))[0]
+        got = _price_ratio(float(est), 1e4)
+        assert np.array([got]).tobytes() == np.array([want]).tobytes(), est
+        assert np.isnan(got) == (est < MIN_PRICE_ESTIMATE_USD)
+        assert np.isnan(got) or np.isfinite(got)
+
+
+@pytest.mark.parametrize("cls", [LinUCB, LinearThompson, SelectiveThompson])
+def test_inf_price_ratio_of_an_earlier_checkpoint_dropped_on_load(cls):
+    """A checkpoint written before MIN_PRICE_ESTIMATE_USD may hold an inf ratio sum (a
+    denormal estimate): restored, that arm's price sums start afresh (its correction the
+    declared price again, as a replay under the rule learns); the others stay."""
+    policy = _trained(cls)
+    policy._stats.price_ratio[0] = [np.inf, 41.0]
+    kept = policy._stats.price_ratio[1].copy()
+    restored = Policy.from_bytes(policy.to_bytes())
+    assert restored._stats.price_ratio[0].tolist() == [0.0, 0.0]
+    np.testing.assert_array_equal(restored._stats.price_ratio[1], kept)
+    factor = restored._cost_factor()
+    assert np.isfinite(factor).all() and factor[0] == 1.0

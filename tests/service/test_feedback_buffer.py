@@ -399,9 +399,13 @@ def test_full_buffer_after_a_commit_that_may_have_landed_is_not_unsent(
         assert lost and refused.value.unsent is False
         wait_drained(client)
         assert [f["event_id"] for f in feedback_rows(client, d)] == ["lost"]
-        assert quality_count(client) == before + 1  # the filler
-        # The client retries the 503 (a new received time): the stored row is applied
-        # now, once (before, the retry took it for a duplicate and nothing learned it).
+        # The filler, and the stored row first: the drain's batch settles the commit in
+        # doubt before it applies a later row (rel14: before, only the filler, and a
+        # checkpoint then a restart lost the stored row for good).
+        assert quality_count(client) == before + 2
+        # The client retries the 503 (a new received time): the stored row was applied
+        # once (before rel14 by this retry; before that, the retry took it for a
+        # duplicate and nothing learned it); the retry answers ``applied``.
         assert send(client, tenant, d, "lost", quality=0.5).json()["status"] == "applied"
         assert [f["event_id"] for f in feedback_rows(client, d)] == ["lost"]
         assert quality_count(client) == before + 2
@@ -429,6 +433,31 @@ def test_without_a_buffer_the_retry_of_a_lost_commit_is_applied_once(
         assert quality_count(client) == before + 1
         assert send(client, tenant, d, "lost", quality=0.5).json()["status"] == "duplicate"
         assert quality_count(client) == before + 1
+
+
+def test_lost_commit_then_later_feedback_then_restart_learns_every_stored_row(
+        new_database_url, tmp_path, monkeypatch):
+    """The commit's answer is lost (503: stored, not applied) and the client does not
+    retry; a later feedback is applied and the shutdown checkpoints. Every stored row
+    must be in the statistics, live and after the restart, once. Before (rel14), the
+    later row moved ``last_feedback_id`` past the stored one: the checkpoint lacked it
+    and the restart's replay started after it (lost for good; a retry a duplicate)."""
+    url = new_database_url()
+    with app_client(url, tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        a, b = (written_decision(client, tenant, seed=i)["decision_id"] for i in (0, 1))
+        before = quality_count(client)
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        r = send(client, tenant, a, "lost", quality=0.5)
+        monkeypatch.undo()
+        assert lost and r.status_code == 503, r.text
+        assert send(client, tenant, b, "later", quality=0.7).json()["status"] == "applied"
+        assert quality_count(client) == before + 2  # the stored row first, then the later
+    with app_client(url, tmp_path, feedback_buffer_size=0) as client:
+        assert quality_count(client) == before + 2
+        assert send(client, tenant, a, "lost", quality=0.5).json()["status"] == "duplicate"
+        assert quality_count(client) == before + 2
 
 
 def test_retry_of_a_lost_commit_learns_the_stored_outcome(new_database_url, tmp_path,

@@ -147,3 +147,26 @@ def test_decision_row_stores_chosen_models_price_for_learners(client):
                              .where(m.DecisionRow.id == decision["decision_id"]))
     assert stored == pytest.approx(_price(2.0, 4.0, 200, 300), rel=1e-9)
     assert stored == pytest.approx(decision["predictions"][model]["price_usd"], rel=1e-12)
+
+
+def test_model_priced_about_zero_learns_no_price_ratio(client):
+    """A model whose price is ~0 per Mtok prices a request at ~1e-15 USD: a reported cost
+    over that estimate teaches no ratio (was ~1e13, kept in the arm's sums for good),
+    and the next decide predicts its cost from the declared price, finite."""
+    import math
+
+    headers = create_tenant(client, "pricing-about-zero")
+    model = add_model(client, input_price=1e-12, output_price=1e-12)
+    decision = decide(client, headers, candidates=[model]).json()
+    assert 0 < decision["predictions"][model]["price_usd"] < 1e-10
+    r = client.post("/v1/feedback", json={"decision_id": decision["decision_id"],
+                                          "quality": 1.0, "cost_usd": 0.01}, headers=headers)
+    assert r.status_code == 202 and r.json()["status"] == "applied", r.text
+    service = client.app.state.routing
+    for kind, policy in service.shared.items():
+        k = policy.arms.index(model)
+        assert policy._stats.price_ratio[k].tolist() == [0.0, 0.0], kind
+        assert policy.observations(model)["quality"] == 1, kind  # the rest was learned
+    again = decide(client, headers, candidates=[model]).json()["predictions"][model]
+    assert math.isfinite(again["cost_usd"])
+    assert again["cost_usd"] == pytest.approx(again["price_usd"], rel=1e-9)
