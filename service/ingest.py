@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from operator import attrgetter
 
 import numpy as np
 from sqlalchemy import Engine, insert, select
@@ -28,7 +29,7 @@ from service.db import models as m
 from service.domain import FeedbackItem, FeedbackReceipt, TenantState, stored_outcome, timestamp
 from service.exceptions import UnavailableError
 from service.guards import GuardLesson, Guards
-from service.ingest_rows import IN_DOUBT, Incoming, Stored, in_doubt, receipt
+from service.ingest_rows import IN_DOUBT, RECOVERED, Incoming, Stored, in_doubt, receipt, settled
 from service.ingest_rows import Decision as _Decision
 from service.ingest_rows import Row as _Row
 from service.ingest_rows import Uncertain as _Uncertain
@@ -85,6 +86,9 @@ class FeedbackIngest:
     _wake: threading.Event = field(default_factory=threading.Event)
     #: (tenant, decision, event) -> feedback whose commit is in doubt.
     _uncertain: dict[tuple[str, str, str], _Uncertain] = field(default_factory=dict)
+    #: Of those, the ones a later batch found stored and applied -> the first attempt's
+    #: time (a retry answers ``applied``); the oldest forgotten beyond SETTLED_KEPT.
+    _settled: dict[tuple[str, str, str], datetime] = field(default_factory=dict)
 
     # ================================================================= submit
     def submit(self, tenant: TenantState, decision_id: str, outcome: dict[str, float | None],
@@ -204,16 +208,15 @@ class FeedbackIngest:
                     uncertain = self._uncertain.get((it.tenant.id, *key))
                     if uncertain is not None and at == uncertain.received:
                         # Ours: its commit was sent but its outcome never came back (the
-                        # connection died), so it was stored and not applied (unless
-                        # settled since): the stored row's outcome (the first attempt's).
-                        if uncertain.applied is not None:
-                            results[i] = Stored("applied", fid)
-                            continue
+                        # connection died), so it was stored and not applied: with the
+                        # stored row's outcome (the first attempt's), as a replay; once.
                         rows.append(_Row(i, fid, decision.model, decision.context,
                                          uncertain.cost_delta, uncertain.decided_at,
                                          decision.price(), None, outcome))
-                    else:
-                        results[i] = Stored("duplicate", fid)
+                        stored[key] = (fid, RECOVERED, outcome)  # a repeat: duplicate
+                    else:  # a retry of one settled by an earlier batch: its answer
+                        results[i] = Stored("applied" if at == self._settled.get(
+                            (it.tenant.id, *key)) else "duplicate", fid)
                     continue
                 if it.outcome is IN_DOUBT:
                     continue  # its commit did not land: the retry stores it
@@ -250,14 +253,11 @@ class FeedbackIngest:
                             _Uncertain(row.cost_delta, row.decided_at, it.received, it.tenant)
                     raise
                 rows.extend(new)
-        if self._uncertain:  # settled ones are applied below: their retries ``applied``
-            settled = {r.index: r.feedback_id for r in rows if items[r.index].outcome is IN_DOUBT}
-            for i, it in enumerate(items):
-                key = (it.tenant.id, it.decision_id, it.event)
-                u = self._uncertain.pop(key, None)
-                if i in settled:
-                    self._uncertain[key] = u._replace(applied=settled[i])
-        rows.sort()  # item order (a recovered row may come first)
+        if self._uncertain or self._settled:
+            settled(self._uncertain, self._settled, items, rows)
+        # In id order, as a replay applies them (a recovered row, or one a retry
+        # recovers behind a new row of its batch, is older than the batch's new rows).
+        rows.sort(key=attrgetter("feedback_id"))
         return results, rows
 
     def _apply(self, items: list[Incoming], rows: list[_Row], results: list[Stored]) -> None:

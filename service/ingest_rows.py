@@ -17,8 +17,8 @@ from service.domain import FeedbackReceipt, TenantState, price_estimate
 from service.exceptions import NotFoundError
 from service.guards import GuardLesson
 
-__all__ = ["IN_DOUBT", "Decision", "Incoming", "Row", "Stored", "Uncertain", "in_doubt",
-           "receipt", "update_decisions"]
+__all__ = ["IN_DOUBT", "RECOVERED", "SETTLED_KEPT", "Decision", "Incoming", "Row", "Stored",
+           "Uncertain", "in_doubt", "receipt", "settled", "update_decisions"]
 
 
 class Incoming(NamedTuple):
@@ -75,14 +75,13 @@ class Row(NamedTuple):
 
 
 class Uncertain(NamedTuple):
-    """A feedback whose commit failed with a connection error: maybe stored, not applied
-    (``applied``: its row's id once a later batch found it stored and applied it)."""
+    """A feedback whose commit failed with a connection error: maybe stored, certainly
+    not applied."""
 
     cost_delta: float
     decided_at: float
     received: datetime  # the row's ``created_at`` if it was stored (a retry has its own)
     tenant: TenantState
-    applied: int | None = None
 
 
 #: The outcome of an :class:`Incoming` that settles a commit in doubt (no feedback of
@@ -99,7 +98,33 @@ def in_doubt(uncertain: dict[tuple[str, str, str], Uncertain],
     it for good)."""
     keys = {(it.tenant.id, it.decision_id, it.event) for it in items}
     return [Incoming(u.tenant, key[1], key[2], IN_DOUBT, u.received)
-            for key, u in uncertain.items() if u.applied is None and key not in keys]
+            for key, u in uncertain.items() if key not in keys]
+
+
+#: The time of a row recovered earlier in the same batch: equal to no attempt's time, so a
+#: repeat of its key in that batch is a duplicate (not recovered, nor learned, twice).
+RECOVERED = object()
+
+#: How many settled commits keep their "applied" answer for a retry that may never come
+#: (the gateway does not retry); a retry of an older one answers ``duplicate``.
+SETTLED_KEPT = 10_000
+
+
+def settled(uncertain: dict[tuple[str, str, str], Uncertain],
+            settled_at: dict[tuple[str, str, str], datetime], items: list[Incoming],
+            rows: list[Row]) -> None:
+    """After a batch's commit: its items are no longer in doubt (nor settled: a retry is
+    answered); a commit in doubt it found stored (and applies) is remembered as settled,
+    a bounded number of them."""
+    found = {r.index for r in rows if items[r.index].outcome is IN_DOUBT}
+    for i, it in enumerate(items):
+        key = (it.tenant.id, it.decision_id, it.event)
+        u = uncertain.pop(key, None)
+        settled_at.pop(key, None)
+        if i in found and u is not None:
+            settled_at[key] = u.received
+            if len(settled_at) > SETTLED_KEPT:
+                del settled_at[next(iter(settled_at))]
 
 
 class Decision:

@@ -1,0 +1,167 @@
+"""Commits in doubt (stored, their answer lost) settled by later batches: the review of
+rel14's reproducers, as tests. Each failed on rel14 before its fix: the settled entry kept
+for good (and scanned on every batch), the same event twice in one batch learned twice,
+a retry behind a later row applied after it (a replay applies in id order)."""
+from __future__ import annotations
+
+from datetime import datetime
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, Insert
+from sqlalchemy.exc import OperationalError
+
+from service import ingest_rows
+from service.db import models as m
+from service.ingest import Incoming
+from service.ingest_rows import IN_DOUBT, Uncertain, settled
+from tests.service.conftest import add_model, create_tenant
+from tests.service.test_feedback_buffer import (
+    app_client,
+    lose_the_answer_of_a_feedback_commit,
+    quality_count,
+    routing,
+    send,
+    written_decision,
+)
+
+
+def fail_commit_without_landing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The commit of a feedback row raises a connection error and does NOT land."""
+    real_execute = Connection.execute
+    lost: list[bool] = []
+
+    def execute(self: Connection, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        result = real_execute(self, statement, *args, **kwargs)
+        if isinstance(statement, Insert) and statement.table.name == "feedback":
+            self.info["inserted-feedback"] = True
+        return result
+
+    real_commit = Connection.commit
+
+    def commit(self: Connection) -> None:
+        if self.info.pop("inserted-feedback", False) and not lost:
+            lost.append(True)
+            self.rollback()
+            raise OperationalError("COMMIT", {}, ConnectionResetError("lost"))
+        real_commit(self)
+
+    monkeypatch.setattr(Connection, "execute", execute)
+    monkeypatch.setattr(Connection, "commit", commit)
+    return lost
+
+
+def test_a_settled_commit_is_no_longer_in_doubt_and_its_retry_answers_applied(
+        new_database_url, tmp_path, monkeypatch):
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        ds = [written_decision(client, tenant, seed=i)["decision_id"] for i in range(6)]
+        before = quality_count(client)
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        assert send(client, tenant, ds[0], "lost", quality=0.5).status_code == 503
+        monkeypatch.undo()
+        assert lost
+        for i, d in enumerate(ds[1:]):
+            assert send(client, tenant, d, f"later{i}", quality=0.7).json()["status"] == "applied"
+        sink = routing(client).sink
+        assert not sink._uncertain  # settled by the first later batch: nothing to scan
+        assert len(sink._settled) == 1
+        assert quality_count(client) == before + 6
+        assert send(client, tenant, ds[0], "lost", quality=0.5).json()["status"] == "applied"
+        assert not sink._settled  # answered
+        assert send(client, tenant, ds[0], "lost", quality=0.5).json()["status"] == "duplicate"
+        assert quality_count(client) == before + 6
+
+
+def test_settled_commits_kept_for_their_retries_are_bounded(monkeypatch):
+    monkeypatch.setattr(ingest_rows, "SETTLED_KEPT", 2)
+    tenant = SimpleNamespace(id="t")
+    uncertain = {("t", f"d{i}", "e"): Uncertain(0.0, 0.0, datetime(2026, 1, 1, 0, 0, i),
+                                                 tenant) for i in range(3)}
+    kept: dict = {}
+    items = [Incoming(tenant, f"d{i}", "e", IN_DOUBT, uncertain[("t", f"d{i}", "e")].received)
+             for i in range(3)]
+    rows = [SimpleNamespace(index=i, feedback_id=10 + i) for i in range(3)]
+    settled(uncertain, kept, items, rows)  # type: ignore[arg-type]
+    assert not uncertain
+    assert list(kept) == [("t", "d1", "e"), ("t", "d2", "e")]  # the oldest forgotten
+
+
+def test_two_in_doubt_then_later_then_retries(new_database_url, tmp_path, monkeypatch):
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        a, b, c, e = (written_decision(client, tenant, seed=i)["decision_id"] for i in range(4))
+        before = quality_count(client)
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
+        monkeypatch.undo()
+        nl = fail_commit_without_landing(monkeypatch)
+        assert send(client, tenant, b, "x", quality=0.5).status_code == 503
+        monkeypatch.undo()
+        lost2 = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        assert send(client, tenant, e, "x", quality=0.5).status_code == 503
+        monkeypatch.undo()
+        assert lost and nl and lost2
+        assert quality_count(client) == before
+        assert send(client, tenant, c, "later", quality=0.7).json()["status"] == "applied"
+        assert quality_count(client) == before + 3  # a, e settled; b did not land
+        assert routing(client).policies.last_feedback_id >= 1
+        for d in (a, e):
+            assert send(client, tenant, d, "x", quality=0.5).json()["status"] == "applied"
+        assert send(client, tenant, b, "x", quality=0.5).json()["status"] == "applied"
+        assert quality_count(client) == before + 4
+        for d in (a, b, e):
+            assert send(client, tenant, d, "x", quality=0.5).json()["status"] == "duplicate"
+        assert quality_count(client) == before + 4
+        assert not routing(client).sink._uncertain and not routing(client).sink._settled
+
+
+def test_same_key_twice_in_one_batch_after_a_lost_commit(new_database_url, tmp_path,
+                                                         monkeypatch):
+    """Direct store_many (a batch holding the same event twice): applied twice?"""
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        a = written_decision(client, tenant, seed=0)["decision_id"]
+        before = quality_count(client)
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
+        monkeypatch.undo()
+        assert lost
+        service = routing(client)
+        t = service.tenants[tenant["X-Tenant"]]
+        out = {"quality": 0.5, "cost_usd": None, "latency_ms": None}
+        res = service.sink.store_many([Incoming(t, a, "x", out, m.utcnow()),
+                                       Incoming(t, a, "x", out, m.utcnow())])
+        assert [r.status for r in res] == ["applied", "duplicate"]
+        assert quality_count(client) == before + 1
+
+
+def test_retry_in_a_batch_behind_a_later_row_order(new_database_url, tmp_path, monkeypatch):
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        a, b = (written_decision(client, tenant, seed=i)["decision_id"] for i in range(2))
+        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
+        monkeypatch.undo()
+        assert lost
+        service = routing(client)
+        sink = service.sink
+        order: list[int] = []
+        real = type(sink)._apply
+
+        def spy(self, items, rows, results):  # type: ignore[no-untyped-def]
+            order.extend(r.feedback_id for r in rows)
+            return real(self, items, rows, results)
+
+        monkeypatch.setattr(type(sink), "_apply", spy)
+        t = service.tenants[tenant["X-Tenant"]]
+        out = {"quality": 0.5, "cost_usd": None, "latency_ms": None}
+        res = sink.store_many([Incoming(t, b, "new", out, m.utcnow()),
+                               Incoming(t, a, "x", out, m.utcnow())])
+        assert [r.status for r in res] == ["applied", "applied"]
+        assert len(order) == 2 and order == sorted(order)  # a replay's order
