@@ -311,7 +311,8 @@ def test_price_ratio_floor_is_the_same_on_both_paths():
 def test_inf_price_ratio_of_an_earlier_checkpoint_dropped_on_load(cls):
     """A checkpoint written before MIN_PRICE_ESTIMATE_USD may hold an inf ratio sum (a
     denormal estimate): restored, that arm's price sums start afresh (its correction the
-    declared price again, as a replay under the rule learns); the others stay."""
+    declared price again; a replay under the rule would keep the arm's finite ratios,
+    which a sum no longer tells apart); the other arms' stay."""
     policy = _trained(cls)
     policy._stats.price_ratio[0] = [np.inf, 41.0]
     kept = policy._stats.price_ratio[1].copy()
