@@ -253,8 +253,8 @@ class FeedbackRequest(_Body):
         tokens = self.input_tokens is not None or self.output_tokens is not None
         # The failed rule first: {"failed": true} alone is told what failed needs.
         if self.failed and (self.quality is None or self.default_quality is not None):
-            raise _rule("failed", "failed (a gateway's report of a failed call) needs "
-                        "quality (its final quality, e.g. 0) and no default_quality",
+            raise _rule("failed", "a gateway's report of a failed call needs quality "
+                        "(its final quality, e.g. 0) and no default_quality",
                         "failed: true with a quality and without default_quality")
         if (self.quality is None and self.cost_usd is None and self.latency_ms is None
                 and self.default_quality is None and not tokens):

@@ -505,11 +505,12 @@ class _Api:
 
     def update_model(self, name: str, **changes: Any) -> _Call[Model]:
         """``changes``: input_price_per_mtok, output_price_per_mtok, enabled, prior_quality."""
-        return _Call("PATCH", f"/v1/admin/models/{name}", lambda r: Model(**r.json()),
-                     json=changes, key=self._admin(), idempotent=True)
+        return _Call("PATCH", f"/v1/admin/models/{quote(name, safe='')}",
+                     lambda r: Model(**r.json()), json=changes, key=self._admin(),
+                     idempotent=True)
 
     def delete_model(self, name: str) -> _Call[None]:
-        return _Call("DELETE", f"/v1/admin/models/{name}", lambda r: None,
+        return _Call("DELETE", f"/v1/admin/models/{quote(name, safe='')}", lambda r: None,
                      key=self._admin(), idempotent=True)
 
 

@@ -385,3 +385,19 @@ def test_decision_old_client_name_warns_and_is_decide_result():
             assert module.Decision is DecideResult
     with pytest.raises(AttributeError, match="NoSuchName"):
         bandit_router_client.NoSuchName  # noqa: B018
+
+
+def test_model_names_with_dot_segments_reach_their_own_model(admin):
+    """A name may hold ``/`` and ``.`` (docs/litellm.md's ``openai/gpt-4o-mini``): the
+    client quotes it, so ``a/../b`` is not sent as ``b`` (httpx collapses dot segments
+    of an unquoted path: disabling ``a/../b`` disabled ``b``)."""
+    suffix = uuid.uuid4().hex[:6]
+    dotted, plain = f"a{suffix}/../b{suffix}", f"b{suffix}"
+    admin.add_model(plain, 0.1, 0.4)
+    admin.add_model(dotted, 0.1, 0.4)
+    assert admin.update_model(dotted, enabled=False).name == dotted
+    listed = {m.name: m.enabled for m in admin.list_models()}
+    assert listed[dotted] is False and listed[plain] is True
+    admin.delete_model(dotted)
+    assert plain in {m.name for m in admin.list_models()}
+    assert dotted not in {m.name for m in admin.list_models()}
