@@ -89,29 +89,87 @@ class Target:
     pid: int | None = None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process so far (Linux /proc); of its thread ``tid``
+    alone when given (``tid == pid``: the main thread, the router's event loop)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, Any]:
-    """One phase of :func:`open_loop`, with the gateway's CPU ms per request."""
-    before = cpu_seconds(target.pid) if target.pid else 0.0
-    out = asyncio.run(open_loop(target, stream, rate, seconds))
+def cpu_snapshot(target: Target, upstream_pid: int | None) -> dict[str, float]:
+    """The CPU seconds so far of each process of a phase: the gateway (its main thread,
+    the event loop, and all its threads), the upstream, and this process (the load
+    generator: ``process_time``, every thread of it)."""
+    out = {"wall": time.perf_counter(), "loadgen": time.process_time()}
     if target.pid:
-        time.sleep(0.5)  # the outcomes the router stores after its answers
-        out["cpu_ms_per_request"] = (cpu_seconds(target.pid) - before) * 1e3 / out["requests"]
+        out |= {"router_loop": cpu_seconds(target.pid, target.pid),
+                "router": cpu_seconds(target.pid)}
+    if upstream_pid:
+        out["upstream"] = cpu_seconds(upstream_pid)
     return out
 
 
+def cpu_shares(before: dict[str, float], ended: dict[str, float], after: dict[str, float],
+               requests: int) -> dict[str, float]:
+    """CPU ms per request of each process, their shares of the machine's cores, and the
+    gateway's event-loop busy fraction, between two :func:`cpu_snapshot`s.
+
+    ``ended`` is taken when the open loop ends, ``after`` once the gateway has stored the
+    outcomes of the last answers: per-request figures count up to ``after``; the shares
+    and the busy fraction (CPU seconds of the event loop's thread over the wall time of
+    the phase: with the GIL, a thread waiting for it does not count) up to ``ended``."""
+    wall = ended["wall"] - before["wall"]
+    cores = os.cpu_count() or 1
+    out: dict[str, float] = {"wall_s": wall}
+    for name in ("router", "router_loop", "upstream", "loadgen"):
+        if name in before:
+            out[f"{name}_cpu_ms_per_request"] = (after[name] - before[name]) * 1e3 / requests
+            out[f"{name}_share_of_cores"] = (ended[name] - before[name]) / (wall * cores)
+    if "router" in before:
+        out["router_threads_cpu_ms_per_request"] = (out["router_cpu_ms_per_request"]
+                                                    - out["router_loop_cpu_ms_per_request"])
+        out["router_loop_busy"] = (ended["router_loop"] - before["router_loop"]) / wall
+    return out
+
+
+def measured(target: Target, stream: bool, rate: float, seconds: float,
+             upstream_pid: int | None = None) -> dict[str, Any]:
+    """One phase of :func:`open_loop`, with the CPU ms per request of each process
+    (:func:`cpu_shares`; the gateway's also as ``cpu_ms_per_request``)."""
+    before = cpu_snapshot(target, upstream_pid)
+    out = asyncio.run(open_loop(target, stream, rate, seconds))
+    ended = cpu_snapshot(target, upstream_pid)
+    if target.pid:
+        time.sleep(0.5)  # the outcomes the router stores after its answers
+    out["cpu"] = cpu_shares(before, ended, cpu_snapshot(target, upstream_pid),
+                            out["requests"])
+    if target.pid:
+        out["cpu_ms_per_request"] = out["cpu"]["router_cpu_ms_per_request"]
+    return out
+
+
+#: The benchmark upstreams (``--upstream``): the fake of the tests (uvicorn + Starlette,
+#: records every request; the default and the reference) and benchmarks/lean_upstream.py
+#: (an asyncio protocol answering canned bytes: less of the two cores for the harness).
+UPSTREAMS = {"fake": "tests.fakes.openai_upstream", "lean": "benchmarks.lean_upstream"}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    base: str  # http://127.0.0.1:<port>
+    pid: int
+    kind: str
+
+
 @contextmanager
-def fake_upstream_process() -> Iterator[str]:
+def upstream_process(kind: str = "fake") -> Iterator[Upstream]:
+    """The upstream ``kind`` of :data:`UPSTREAMS` in its own process."""
     from tests.fakes.openai_upstream import free_port
 
     port = free_port()
     proc = subprocess.Popen(  # noqa: S603 - this interpreter, fixed arguments
-        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port),
+        [sys.executable, "-m", UPSTREAMS[kind], "--port", str(port),
          "--model", f"{MODEL}={ANSWER}"], cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -128,10 +186,17 @@ def fake_upstream_process() -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise
             time.sleep(0.1)
-        yield base
+        yield Upstream(base, proc.pid, kind)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def fake_upstream_process() -> Iterator[str]:
+    """The fake upstream in its own process; yields its base URL."""
+    with upstream_process("fake") as upstream:
+        yield upstream.base
 
 
 @contextmanager
@@ -530,6 +595,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", default=None,
                         help="results file name (default gateway_overhead[_<rate>rps])")
+    parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="fake",
+                        help="the upstream of every target: the tests' fake (default) or "
+                             "benchmarks/lean_upstream.py (canned bytes, less CPU)")
     parser.add_argument("--no-litellm", action="store_true",
                         help="measure the direct path and our router only")
     parser.add_argument("--client-cost", action="store_true",
@@ -565,8 +633,11 @@ def main(argv: list[str] | None = None) -> None:
     modes = {"plain": False, "stream": True}
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
+    load_at_start = uptime()
+    print(f"load average at start: {load_at_start}")
+    with upstream_process(args.upstream) as up, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as stack:
+        upstream = up.base
         targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
                    stack.enter_context(router_process(upstream, Path(tmp) / "router"))]
         if args.baseline is not None:
@@ -584,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
             for target in (targets if r % 2 == 0 else targets[::-1]):
                 for mode, stream in modes.items():
                     runs.setdefault(f"{target.name}/{mode}", []).append(
-                        measured(target, stream, args.rate, seconds))
+                        measured(target, stream, args.rate, seconds, up.pid))
 
     def median(key: str, field: str) -> float:
         return float(np.median([run[field] for run in runs[key]]))
@@ -603,6 +674,9 @@ def main(argv: list[str] | None = None) -> None:
             summary[key]["cpu_ms_per_request"] = median(key, "cpu_ms_per_request")
             print(f"{key}: gateway process CPU {summary[key]['cpu_ms_per_request']:.2f} ms "
                   "per request")
+        summary[key]["cpu"] = {f: float(np.median([run["cpu"][f] for run in runs[key]]))
+                               for f in runs[key][0]["cpu"]}
+        summary[key]["cpu"] |= harness_shares(runs[key])
         summary[key]["errors"] = sum(run["errors"] for run in runs[key])
         kinds: dict[str, int] = {}
         for run in runs[key]:
@@ -618,7 +692,26 @@ def main(argv: list[str] | None = None) -> None:
                      f"{s['added_p99_ms']:.2f}" if "added_p99_ms" in s else "",
                      f"{s['added_ttft_p50_ms']:.2f}" if "added_ttft_p50_ms" in s else "",
                      s["errors"]])
-    print_table(f"Gateway overhead at {args.rate:.0f} req/s (loopback, fake upstream; "
+    print_table(f"CPU per request by process at {args.rate:.0f} req/s ({args.upstream} "
+                f"upstream; medians of {rounds} round(s); {os.cpu_count()} cores)",
+                ["target/mode", "router ms/req", "its loop", "its threads", "loop busy",
+                 "upstream ms/req", "loadgen ms/req", "harness share", "all share"],
+                [[key, *(f"{s['cpu'][f]:.3f}" if f in s["cpu"] else "" for f in (
+                    "router_cpu_ms_per_request", "router_loop_cpu_ms_per_request",
+                    "router_threads_cpu_ms_per_request")),
+                  f"{s['cpu']['router_loop_busy']:.2f}" if "router_loop_busy" in s["cpu"]
+                  else "",
+                  f"{s['cpu']['upstream_cpu_ms_per_request']:.3f}",
+                  f"{s['cpu']['loadgen_cpu_ms_per_request']:.3f}",
+                  f"{s['cpu']['harness_share_of_cores']:.2f}",
+                  f"{s['cpu']['all_share_of_cores']:.2f}"] for key, s in summary.items()],
+                caption="ms of CPU per request (user + system) of each process; 'its "
+                        "loop': the router's main thread (the event loop), 'its threads': "
+                        "the others (storing, learning); loop busy: the loop thread's CPU "
+                        "seconds per second of the phase; shares: CPU seconds per second "
+                        "of the phase over the cores, harness = upstream + load generator, "
+                        "all = harness + the gateway measured (LiteLLM's is not counted).")
+    print_table(f"Gateway overhead at {args.rate:.0f} req/s (loopback, {args.upstream} upstream; "
                 f"medians of {rounds} round(s) of {seconds:.0f} s)",
                 ["target/mode", "p50 ms", "p99 ms", "TTFT p50", "added p50", "added p99",
                  "added TTFT p50", "errors"], rows,
@@ -630,11 +723,30 @@ def main(argv: list[str] | None = None) -> None:
                             + ("" if args.rate == 100 else f"_{args.rate:.0f}rps"))
         path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
+                         "upstream": args.upstream, "load_at_start": load_at_start,
+                         "load_at_end": uptime(),
                          "baseline": None if args.baseline is None else str(args.baseline),
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
                          "router": "uvicorn, 1 worker, SQLite, model auto of 2"},
             "summary": summary, "rounds": runs}, packages=("litellm", "aiohttp", "uvicorn"))
         print(f"wrote {path}")
+
+
+def uptime() -> str:
+    """The machine's load averages (1, 5, 15 min) when the results are written."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def harness_shares(phases: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over rounds of the harness's share of the cores (upstream + load
+    generator) and of everything measured (+ the gateway when it is ours)."""
+    def share(run: dict[str, Any], names: tuple[str, ...]) -> float:
+        return sum(run["cpu"].get(f"{n}_share_of_cores", 0.0) for n in names)
+
+    return {"harness_share_of_cores": float(np.median(
+                [share(r, ("upstream", "loadgen")) for r in phases])),
+            "all_share_of_cores": float(np.median(
+                [share(r, ("upstream", "loadgen", "router")) for r in phases]))}
 
 
 if __name__ == "__main__":
