@@ -134,11 +134,12 @@ def cpu_shares(before: dict[str, float], ended: dict[str, float], after: dict[st
 
 
 def measured(target: Target, stream: bool, rate: float, seconds: float,
-             upstream_pid: int | None = None) -> dict[str, Any]:
-    """One phase of :func:`open_loop`, with the CPU ms per request of each process
-    (:func:`cpu_shares`; the gateway's also as ``cpu_ms_per_request``)."""
+             upstream_pid: int | None = None, loadgen: str = "aiohttp") -> dict[str, Any]:
+    """One phase of :func:`open_loop` (or another of :data:`LOADGENS`), with the CPU ms
+    per request of each process (:func:`cpu_shares`; the gateway's also as
+    ``cpu_ms_per_request``)."""
     before = cpu_snapshot(target, upstream_pid)
-    out = asyncio.run(open_loop(target, stream, rate, seconds))
+    out = asyncio.run(LOADGENS[loadgen](target, stream, rate, seconds))
     ended = cpu_snapshot(target, upstream_pid)
     if target.pid:
         time.sleep(0.5)  # the outcomes the router stores after its answers
@@ -293,6 +294,105 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
         await asyncio.gather(*(one(j) for j in range(n)))
+    return _latency_summary(n, latencies, ttfts, errors, stream)
+
+
+class _Raw:
+    """One keep-alive HTTP/1.1 connection of :func:`open_loop_raw`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def exchange(self, request: bytes) -> tuple[int, float | None, bool]:
+        """Send ``request``, read the whole answer: (status, when the first chunk with
+        a ``"content"`` arrived or None, whether the connection can be used again)."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, chunked, again = 0, False, True
+        for line in head.lower().split(b"\r\n")[1:]:
+            if line.startswith(b"content-length:"):
+                length = int(line[15:])
+            elif line.startswith(b"transfer-encoding:") and b"chunked" in line:
+                chunked = True
+            elif line.startswith(b"connection:") and b"close" in line:
+                again = False
+        first = None
+        if not chunked:
+            body = await self.reader.readexactly(length)
+            if b'"content"' in body:
+                first = time.perf_counter()
+            return status, first, again
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return status, first, again
+            if first is None and b'"content"' in data:
+                first = time.perf_counter()
+
+
+async def open_loop_raw(target: Target, stream: bool, rate: float, seconds: float
+                        ) -> dict[str, Any]:
+    """:func:`open_loop`'s measurement with a leaner sender (``--loadgen raw``): raw
+    asyncio streams, the request's bytes encoded once, a pool of keep-alive connections
+    that grows as needed (no limit, as aiohttp's ``limit=0``); the same latency from each
+    scheduled send, time to the first chunk with content for a stream, 30 s to read an
+    answer, errors by kind (a status, or the exception's class)."""
+    n = int(rate * seconds)
+    body = {"model": target.model, "messages": MESSAGES}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    payload = json.dumps(body).encode()
+    host_port, _, path = target.url.removeprefix("http://").partition("/")
+    host, _, port = host_port.partition(":")
+    request = (f"POST /{path} HTTP/1.1\r\nhost: {host_port}\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
+               + f"content-type: application/json\r\ncontent-length: {len(payload)}"
+               "\r\n\r\n").encode() + payload
+    latencies, ttfts = np.full(n, np.nan), np.full(n, np.nan)
+    errors: dict[str, int] = {}
+    idle: list[_Raw] = []
+    opened: list[_Raw] = []
+    start = time.perf_counter() + 0.2
+
+    async def one(j: int) -> None:
+        scheduled = start + j / rate
+        await asyncio.sleep(max(scheduled - time.perf_counter(), 0.0))
+        conn = None
+        try:
+            if idle:
+                conn = idle.pop()
+            else:
+                conn = _Raw(*await asyncio.open_connection(host, int(port)))
+                opened.append(conn)
+            async with asyncio.timeout(30.0):
+                status, first, again = await conn.exchange(request)
+            if again:
+                idle.append(conn)
+            else:
+                conn.writer.close()
+            if status != 200:
+                key = f"status {status}"
+                errors[key] = errors.get(key, 0) + 1
+                return
+            latencies[j] = time.perf_counter() - scheduled
+            if stream and first is not None:
+                ttfts[j] = first - scheduled
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                TimeoutError, ValueError) as exc:
+            if conn is not None:
+                conn.writer.close()
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    await asyncio.gather(*(one(j) for j in range(n)))
+    for conn in opened:
+        conn.writer.close()
+    return _latency_summary(n, latencies, ttfts, errors, stream)
+
+
+def _latency_summary(n: int, latencies: np.ndarray, ttfts: np.ndarray,
+                     errors: dict[str, int], stream: bool) -> dict[str, Any]:
     ms = latencies[~np.isnan(latencies)] * 1e3
     out: dict[str, Any] = {"requests": n, "errors": sum(errors.values()),
                            "errors_by_kind": errors,
@@ -303,6 +403,10 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
         out |= {"ttft_p50_ms": float(np.percentile(t, 50)) if t.size else float("nan"),
                 "ttft_p99_ms": float(np.percentile(t, 99)) if t.size else float("nan")}
     return out
+
+
+#: The load generators (``--loadgen``): aiohttp (the default) or raw asyncio streams.
+LOADGENS = {"aiohttp": open_loop, "raw": open_loop_raw}
 
 
 async def client_cost(url: str, n: int, in_flight: int) -> dict[str, float]:
@@ -598,6 +702,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="fake",
                         help="the upstream of every target: the tests' fake (default) or "
                              "benchmarks/lean_upstream.py (canned bytes, less CPU)")
+    parser.add_argument("--loadgen", choices=("aiohttp", "raw"), default="aiohttp",
+                        help="the open-loop sender: aiohttp (default) or raw asyncio "
+                             "streams with pre-encoded requests (less CPU)")
     parser.add_argument("--no-litellm", action="store_true",
                         help="measure the direct path and our router only")
     parser.add_argument("--client-cost", action="store_true",
@@ -649,13 +756,14 @@ def main(argv: list[str] | None = None) -> None:
             targets.append(stack.enter_context(litellm_proxy(upstream, Path(tmp) / "litellm")))
         for target in targets:  # warm-up: connections, imports, caches
             for stream in modes.values():
-                asyncio.run(open_loop(target, stream, args.rate, 1.0))
+                asyncio.run(LOADGENS[args.loadgen](target, stream, args.rate, 1.0))
         for r in range(rounds):
             # A different order each round: the gateways alternate with the direct path.
             for target in (targets if r % 2 == 0 else targets[::-1]):
                 for mode, stream in modes.items():
                     runs.setdefault(f"{target.name}/{mode}", []).append(
-                        measured(target, stream, args.rate, seconds, up.pid))
+                        measured(target, stream, args.rate, seconds, up.pid,
+                                 args.loadgen))
 
     def median(key: str, field: str) -> float:
         return float(np.median([run[field] for run in runs[key]]))
@@ -693,7 +801,8 @@ def main(argv: list[str] | None = None) -> None:
                      f"{s['added_ttft_p50_ms']:.2f}" if "added_ttft_p50_ms" in s else "",
                      s["errors"]])
     print_table(f"CPU per request by process at {args.rate:.0f} req/s ({args.upstream} "
-                f"upstream; medians of {rounds} round(s); {os.cpu_count()} cores)",
+                f"upstream, {args.loadgen} load generator; medians of {rounds} round(s); "
+                f"{os.cpu_count()} cores)",
                 ["target/mode", "router ms/req", "its loop", "its threads", "loop busy",
                  "upstream ms/req", "loadgen ms/req", "harness share", "all share"],
                 [[key, *(f"{s['cpu'][f]:.3f}" if f in s["cpu"] else "" for f in (
@@ -711,7 +820,8 @@ def main(argv: list[str] | None = None) -> None:
                         "seconds per second of the phase; shares: CPU seconds per second "
                         "of the phase over the cores, harness = upstream + load generator, "
                         "all = harness + the gateway measured (LiteLLM's is not counted).")
-    print_table(f"Gateway overhead at {args.rate:.0f} req/s (loopback, {args.upstream} upstream; "
+    print_table(f"Gateway overhead at {args.rate:.0f} req/s (loopback, {args.upstream} "
+                f"upstream, {args.loadgen} load generator; "
                 f"medians of {rounds} round(s) of {seconds:.0f} s)",
                 ["target/mode", "p50 ms", "p99 ms", "TTFT p50", "added p50", "added p99",
                  "added TTFT p50", "errors"], rows,
@@ -723,7 +833,8 @@ def main(argv: list[str] | None = None) -> None:
                             + ("" if args.rate == 100 else f"_{args.rate:.0f}rps"))
         path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
-                         "upstream": args.upstream, "load_at_start": load_at_start,
+                         "upstream": args.upstream, "loadgen": args.loadgen,
+                         "load_at_start": load_at_start,
                          "load_at_end": uptime(),
                          "baseline": None if args.baseline is None else str(args.baseline),
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,

@@ -4,6 +4,7 @@ keep-alive connections; and through our router (the gateway benchmark's other ta
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import sys
@@ -84,3 +85,22 @@ def test_router_forwards_to_the_lean_upstream(upstreams, tmp_path) -> None:
     for name in ("upstream", "loadgen"):
         assert cpu[f"{name}_cpu_ms_per_request"] >= 0
         assert 0 <= cpu[f"{name}_share_of_cores"] < 1
+
+
+@pytest.mark.parametrize("loadgen", ["aiohttp", "raw"])
+@pytest.mark.parametrize("kind", ["fake", "lean"])
+def test_load_generators_measure_the_same(upstreams, loadgen, kind) -> None:
+    """Both senders: every request answered, a TTFT per stream, errors by status."""
+    upstream = dict(zip(("fake", "lean"), upstreams, strict=True))[kind]
+    url = f"{upstream.base}/v1/chat/completions"
+    send = go.LOADGENS[loadgen]
+    for stream in (False, True):
+        out = asyncio.run(send(go.Target("direct", url, {}), stream, 200.0, 0.5))
+        assert (out["requests"], out["errors"]) == (100, 0), out["errors_by_kind"]
+        assert 0 < out["p50_ms"] <= out["p99_ms"] < 1e3
+        if stream:
+            assert 0 < out["ttft_p50_ms"] <= out["p50_ms"] + 1e-9
+        else:
+            assert "ttft_p50_ms" not in out
+    out = asyncio.run(send(go.Target("direct", url, {}, model="unknown"), True, 200.0, 0.2))
+    assert out["errors_by_kind"] == {"status 404": 40}
