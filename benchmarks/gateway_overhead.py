@@ -25,6 +25,20 @@ a different order each round);
 each figure is the median over rounds, and "added" is the median over rounds of the
 round's (gateway - direct) difference.
 
+Each phase also records the CPU of each process per request (``cpu`` in the results):
+the gateway's (its main thread, the event loop, apart from its other threads: storing,
+learning; from ``/proc/PID/task/PID/stat``), the upstream's, the load generator's own
+(``process_time``), the gateway loop's busy fraction (its CPU seconds per second of the
+phase) and the harness's share of the machine's cores (upstream + load generator).
+
+The harness (issue 16, fourteenth round): on a 2-core machine the upstream and the load
+generator take cores the router would use. ``--upstream lean`` serves canned bytes from
+benchmarks/lean_upstream.py instead of the tests' fake (the same answers but the ids;
+used for the direct and the gateway targets alike), ``--loadgen raw`` sends with raw
+asyncio streams and pre-encoded requests instead of aiohttp (the same measurement). A
+deployment's upstream runs on another machine; the defaults (the fake, aiohttp) stay the
+reference figures, the lean options are reported beside them.
+
 Goal (issue 16, for our endpoint): p50 <= 1 ms and p99 <= 5 ms added at 1,000 req/s.
 LiteLLM publishes p50 2 ms / p99 13 ms added at ~1,170 req/s on 4 instances x 4 CPUs.
 On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rounds).
@@ -42,6 +56,7 @@ Run::
     python -m benchmarks.gateway_overhead             # writes results/gateway_overhead.json
     python -m benchmarks.gateway_overhead --client-cost   # ..._client_cost.json
     python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
+    python -m benchmarks.gateway_overhead --rate 1000 --upstream lean --loadgen raw
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
     python -m benchmarks.gateway_overhead --phases    # ..._phases.json
     python -m benchmarks.gateway_overhead --store-cost    # ..._store_cost.json
