@@ -653,6 +653,13 @@ class ArmStatistics:
     def add_price_ratios(self, k: int, ratios: np.ndarray,
                          weights: float | np.ndarray = 1.0) -> None:
         """Record observed cost / price estimate of arm k (one ratio or many)."""
+        if type(ratios) is float and type(weights) is float:
+            # One outcome (update()'s): the same sums without numpy calls on one-element
+            # arrays (~6 us, paid per policy kind learning). "0.0 +": the dot product's
+            # sum starts at 0.0, so a -0.0 product adds as +0.0 there too.
+            self.price_ratio[k, 0] += 0.0 + weights * ratios
+            self.price_ratio[k, 1] += weights
+            return
         r = np.asarray(ratios, dtype=np.float64).reshape(-1)
         w = np.broadcast_to(np.asarray(weights, dtype=np.float64), r.shape)
         self.price_ratio[k, 0] += float(w @ r)

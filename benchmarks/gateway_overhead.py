@@ -25,6 +25,20 @@ a different order each round);
 each figure is the median over rounds, and "added" is the median over rounds of the
 round's (gateway - direct) difference.
 
+Each phase also records the CPU of each process per request (``cpu`` in the results):
+the gateway's (its main thread, the event loop, apart from its other threads: storing,
+learning; from ``/proc/PID/task/PID/stat``), the upstream's, the load generator's own
+(``process_time``), the gateway loop's busy fraction (its CPU seconds per second of the
+phase) and the harness's share of the machine's cores (upstream + load generator).
+
+The harness (issue 16, fourteenth round): on a 2-core machine the upstream and the load
+generator take cores the router would use. ``--upstream lean`` serves canned bytes from
+benchmarks/lean_upstream.py instead of the tests' fake (the same answers but the ids;
+used for the direct and the gateway targets alike), ``--loadgen raw`` sends with raw
+asyncio streams and pre-encoded requests instead of aiohttp (the same measurement). A
+deployment's upstream runs on another machine; the defaults (the fake, aiohttp) stay the
+reference figures, the lean options are reported beside them.
+
 Goal (issue 16, for our endpoint): p50 <= 1 ms and p99 <= 5 ms added at 1,000 req/s.
 LiteLLM publishes p50 2 ms / p99 13 ms added at ~1,170 req/s on 4 instances x 4 CPUs.
 On this shared 2-core machine, keep runs short (defaults: 100 req/s, 10 s, 3 rounds).
@@ -42,6 +56,7 @@ Run::
     python -m benchmarks.gateway_overhead             # writes results/gateway_overhead.json
     python -m benchmarks.gateway_overhead --client-cost   # ..._client_cost.json
     python -m benchmarks.gateway_overhead --rate 1000 --seconds 3   # ..._1000rps.json
+    python -m benchmarks.gateway_overhead --rate 1000 --upstream lean --loadgen raw
     python -m benchmarks.gateway_overhead --quick     # 3 s phases, 1 round, writes nothing
     python -m benchmarks.gateway_overhead --phases    # ..._phases.json
     python -m benchmarks.gateway_overhead --store-cost    # ..._store_cost.json
@@ -89,29 +104,88 @@ class Target:
     pid: int | None = None
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU time of a process so far (Linux /proc); of its thread ``tid``
+    alone when given (``tid == pid``: the main thread, the router's event loop)."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def measured(target: Target, stream: bool, rate: float, seconds: float) -> dict[str, Any]:
-    """One phase of :func:`open_loop`, with the gateway's CPU ms per request."""
-    before = cpu_seconds(target.pid) if target.pid else 0.0
-    out = asyncio.run(open_loop(target, stream, rate, seconds))
+def cpu_snapshot(target: Target, upstream_pid: int | None) -> dict[str, float]:
+    """The CPU seconds so far of each process of a phase: the gateway (its main thread,
+    the event loop, and all its threads), the upstream, and this process (the load
+    generator: ``process_time``, every thread of it)."""
+    out = {"wall": time.perf_counter(), "loadgen": time.process_time()}
     if target.pid:
-        time.sleep(0.5)  # the outcomes the router stores after its answers
-        out["cpu_ms_per_request"] = (cpu_seconds(target.pid) - before) * 1e3 / out["requests"]
+        out |= {"router_loop": cpu_seconds(target.pid, target.pid),
+                "router": cpu_seconds(target.pid)}
+    if upstream_pid:
+        out["upstream"] = cpu_seconds(upstream_pid)
     return out
 
 
+def cpu_shares(before: dict[str, float], ended: dict[str, float], after: dict[str, float],
+               requests: int) -> dict[str, float]:
+    """CPU ms per request of each process, their shares of the machine's cores, and the
+    gateway's event-loop busy fraction, between two :func:`cpu_snapshot`s.
+
+    ``ended`` is taken when the open loop ends, ``after`` once the gateway has stored the
+    outcomes of the last answers: per-request figures count up to ``after``; the shares
+    and the busy fraction (CPU seconds of the event loop's thread over the wall time of
+    the phase: with the GIL, a thread waiting for it does not count) up to ``ended``."""
+    wall = ended["wall"] - before["wall"]
+    cores = os.cpu_count() or 1
+    out: dict[str, float] = {"wall_s": wall}
+    for name in ("router", "router_loop", "upstream", "loadgen"):
+        if name in before:
+            out[f"{name}_cpu_ms_per_request"] = (after[name] - before[name]) * 1e3 / requests
+            out[f"{name}_share_of_cores"] = (ended[name] - before[name]) / (wall * cores)
+    if "router" in before:
+        out["router_threads_cpu_ms_per_request"] = (out["router_cpu_ms_per_request"]
+                                                    - out["router_loop_cpu_ms_per_request"])
+        out["router_loop_busy"] = (ended["router_loop"] - before["router_loop"]) / wall
+    return out
+
+
+def measured(target: Target, stream: bool, rate: float, seconds: float,
+             upstream_pid: int | None = None, loadgen: str = "aiohttp") -> dict[str, Any]:
+    """One phase of :func:`open_loop` (or another of :data:`LOADGENS`), with the CPU ms
+    per request of each process (:func:`cpu_shares`; the gateway's also as
+    ``cpu_ms_per_request``)."""
+    before = cpu_snapshot(target, upstream_pid)
+    out = asyncio.run(LOADGENS[loadgen](target, stream, rate, seconds))
+    ended = cpu_snapshot(target, upstream_pid)
+    if target.pid:
+        time.sleep(0.5)  # the outcomes the router stores after its answers
+    out["cpu"] = cpu_shares(before, ended, cpu_snapshot(target, upstream_pid),
+                            out["requests"])
+    if target.pid:
+        out["cpu_ms_per_request"] = out["cpu"]["router_cpu_ms_per_request"]
+    return out
+
+
+#: The benchmark upstreams (``--upstream``): the fake of the tests (uvicorn + Starlette,
+#: records every request; the default and the reference) and benchmarks/lean_upstream.py
+#: (an asyncio protocol answering canned bytes: less of the two cores for the harness).
+UPSTREAMS = {"fake": "tests.fakes.openai_upstream", "lean": "benchmarks.lean_upstream"}
+
+
+@dataclass(frozen=True)
+class Upstream:
+    base: str  # http://127.0.0.1:<port>
+    pid: int
+    kind: str
+
+
 @contextmanager
-def fake_upstream_process() -> Iterator[str]:
+def upstream_process(kind: str = "fake") -> Iterator[Upstream]:
+    """The upstream ``kind`` of :data:`UPSTREAMS` in its own process."""
     from tests.fakes.openai_upstream import free_port
 
     port = free_port()
     proc = subprocess.Popen(  # noqa: S603 - this interpreter, fixed arguments
-        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port),
+        [sys.executable, "-m", UPSTREAMS[kind], "--port", str(port),
          "--model", f"{MODEL}={ANSWER}"], cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -128,10 +202,17 @@ def fake_upstream_process() -> Iterator[str]:
                 if time.monotonic() > deadline:
                     raise
             time.sleep(0.1)
-        yield base
+        yield Upstream(base, proc.pid, kind)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def fake_upstream_process() -> Iterator[str]:
+    """The fake upstream in its own process; yields its base URL."""
+    with upstream_process("fake") as upstream:
+        yield upstream.base
 
 
 @contextmanager
@@ -228,6 +309,105 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
         await asyncio.gather(*(one(j) for j in range(n)))
+    return _latency_summary(n, latencies, ttfts, errors, stream)
+
+
+class _Raw:
+    """One keep-alive HTTP/1.1 connection of :func:`open_loop_raw`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def exchange(self, request: bytes) -> tuple[int, float | None, bool]:
+        """Send ``request``, read the whole answer: (status, when the first chunk with
+        a ``"content"`` arrived or None, whether the connection can be used again)."""
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length, chunked, again = 0, False, True
+        for line in head.lower().split(b"\r\n")[1:]:
+            if line.startswith(b"content-length:"):
+                length = int(line[15:])
+            elif line.startswith(b"transfer-encoding:") and b"chunked" in line:
+                chunked = True
+            elif line.startswith(b"connection:") and b"close" in line:
+                again = False
+        first = None
+        if not chunked:
+            body = await self.reader.readexactly(length)
+            if b'"content"' in body:
+                first = time.perf_counter()
+            return status, first, again
+        while True:
+            size = int((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            data = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return status, first, again
+            if first is None and b'"content"' in data:
+                first = time.perf_counter()
+
+
+async def open_loop_raw(target: Target, stream: bool, rate: float, seconds: float
+                        ) -> dict[str, Any]:
+    """:func:`open_loop`'s measurement with a leaner sender (``--loadgen raw``): raw
+    asyncio streams, the request's bytes encoded once, a pool of keep-alive connections
+    that grows as needed (no limit, as aiohttp's ``limit=0``); the same latency from each
+    scheduled send, time to the first chunk with content for a stream, 30 s to read an
+    answer, errors by kind (a status, or the exception's class)."""
+    n = int(rate * seconds)
+    body = {"model": target.model, "messages": MESSAGES}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    payload = json.dumps(body).encode()
+    host_port, _, path = target.url.removeprefix("http://").partition("/")
+    host, _, port = host_port.partition(":")
+    request = (f"POST /{path} HTTP/1.1\r\nhost: {host_port}\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
+               + f"content-type: application/json\r\ncontent-length: {len(payload)}"
+               "\r\n\r\n").encode() + payload
+    latencies, ttfts = np.full(n, np.nan), np.full(n, np.nan)
+    errors: dict[str, int] = {}
+    idle: list[_Raw] = []
+    opened: list[_Raw] = []
+    start = time.perf_counter() + 0.2
+
+    async def one(j: int) -> None:
+        scheduled = start + j / rate
+        await asyncio.sleep(max(scheduled - time.perf_counter(), 0.0))
+        conn = None
+        try:
+            if idle:
+                conn = idle.pop()
+            else:
+                conn = _Raw(*await asyncio.open_connection(host, int(port)))
+                opened.append(conn)
+            async with asyncio.timeout(30.0):
+                status, first, again = await conn.exchange(request)
+            if again:
+                idle.append(conn)
+            else:
+                conn.writer.close()
+            if status != 200:
+                key = f"status {status}"
+                errors[key] = errors.get(key, 0) + 1
+                return
+            latencies[j] = time.perf_counter() - scheduled
+            if stream and first is not None:
+                ttfts[j] = first - scheduled
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                TimeoutError, ValueError) as exc:
+            if conn is not None:
+                conn.writer.close()
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+
+    await asyncio.gather(*(one(j) for j in range(n)))
+    for conn in opened:
+        conn.writer.close()
+    return _latency_summary(n, latencies, ttfts, errors, stream)
+
+
+def _latency_summary(n: int, latencies: np.ndarray, ttfts: np.ndarray,
+                     errors: dict[str, int], stream: bool) -> dict[str, Any]:
     ms = latencies[~np.isnan(latencies)] * 1e3
     out: dict[str, Any] = {"requests": n, "errors": sum(errors.values()),
                            "errors_by_kind": errors,
@@ -238,6 +418,10 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
         out |= {"ttft_p50_ms": float(np.percentile(t, 50)) if t.size else float("nan"),
                 "ttft_p99_ms": float(np.percentile(t, 99)) if t.size else float("nan")}
     return out
+
+
+#: The load generators (``--loadgen``): aiohttp (the default) or raw asyncio streams.
+LOADGENS = {"aiohttp": open_loop, "raw": open_loop_raw}
 
 
 async def client_cost(url: str, n: int, in_flight: int) -> dict[str, float]:
@@ -530,6 +714,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", default=None,
                         help="results file name (default gateway_overhead[_<rate>rps])")
+    parser.add_argument("--upstream", choices=sorted(UPSTREAMS), default="fake",
+                        help="the upstream of every target: the tests' fake (default) or "
+                             "benchmarks/lean_upstream.py (canned bytes, less CPU)")
+    parser.add_argument("--loadgen", choices=("aiohttp", "raw"), default="aiohttp",
+                        help="the open-loop sender: aiohttp (default) or raw asyncio "
+                             "streams with pre-encoded requests (less CPU)")
     parser.add_argument("--no-litellm", action="store_true",
                         help="measure the direct path and our router only")
     parser.add_argument("--client-cost", action="store_true",
@@ -565,8 +755,11 @@ def main(argv: list[str] | None = None) -> None:
     modes = {"plain": False, "stream": True}
 
     runs: dict[str, list[dict[str, Any]]] = {}
-    with fake_upstream_process() as upstream, tempfile.TemporaryDirectory() as tmp, \
+    load_at_start = uptime()
+    print(f"load average at start: {load_at_start}")
+    with upstream_process(args.upstream) as up, tempfile.TemporaryDirectory() as tmp, \
             contextlib.ExitStack() as stack:
+        upstream = up.base
         targets = [Target("direct", f"{upstream}/v1/chat/completions", {}),
                    stack.enter_context(router_process(upstream, Path(tmp) / "router"))]
         if args.baseline is not None:
@@ -578,13 +771,14 @@ def main(argv: list[str] | None = None) -> None:
             targets.append(stack.enter_context(litellm_proxy(upstream, Path(tmp) / "litellm")))
         for target in targets:  # warm-up: connections, imports, caches
             for stream in modes.values():
-                asyncio.run(open_loop(target, stream, args.rate, 1.0))
+                asyncio.run(LOADGENS[args.loadgen](target, stream, args.rate, 1.0))
         for r in range(rounds):
             # A different order each round: the gateways alternate with the direct path.
             for target in (targets if r % 2 == 0 else targets[::-1]):
                 for mode, stream in modes.items():
                     runs.setdefault(f"{target.name}/{mode}", []).append(
-                        measured(target, stream, args.rate, seconds))
+                        measured(target, stream, args.rate, seconds, up.pid,
+                                 args.loadgen))
 
     def median(key: str, field: str) -> float:
         return float(np.median([run[field] for run in runs[key]]))
@@ -603,6 +797,9 @@ def main(argv: list[str] | None = None) -> None:
             summary[key]["cpu_ms_per_request"] = median(key, "cpu_ms_per_request")
             print(f"{key}: gateway process CPU {summary[key]['cpu_ms_per_request']:.2f} ms "
                   "per request")
+        summary[key]["cpu"] = {f: float(np.median([run["cpu"][f] for run in runs[key]]))
+                               for f in runs[key][0]["cpu"]}
+        summary[key]["cpu"] |= harness_shares(runs[key])
         summary[key]["errors"] = sum(run["errors"] for run in runs[key])
         kinds: dict[str, int] = {}
         for run in runs[key]:
@@ -618,7 +815,28 @@ def main(argv: list[str] | None = None) -> None:
                      f"{s['added_p99_ms']:.2f}" if "added_p99_ms" in s else "",
                      f"{s['added_ttft_p50_ms']:.2f}" if "added_ttft_p50_ms" in s else "",
                      s["errors"]])
-    print_table(f"Gateway overhead at {args.rate:.0f} req/s (loopback, fake upstream; "
+    print_table(f"CPU per request by process at {args.rate:.0f} req/s ({args.upstream} "
+                f"upstream, {args.loadgen} load generator; medians of {rounds} round(s); "
+                f"{os.cpu_count()} cores)",
+                ["target/mode", "router ms/req", "its loop", "its threads", "loop busy",
+                 "upstream ms/req", "loadgen ms/req", "harness share", "all share"],
+                [[key, *(f"{s['cpu'][f]:.3f}" if f in s["cpu"] else "" for f in (
+                    "router_cpu_ms_per_request", "router_loop_cpu_ms_per_request",
+                    "router_threads_cpu_ms_per_request")),
+                  f"{s['cpu']['router_loop_busy']:.2f}" if "router_loop_busy" in s["cpu"]
+                  else "",
+                  f"{s['cpu']['upstream_cpu_ms_per_request']:.3f}",
+                  f"{s['cpu']['loadgen_cpu_ms_per_request']:.3f}",
+                  f"{s['cpu']['harness_share_of_cores']:.2f}",
+                  f"{s['cpu']['all_share_of_cores']:.2f}"] for key, s in summary.items()],
+                caption="ms of CPU per request (user + system) of each process; 'its "
+                        "loop': the router's main thread (the event loop), 'its threads': "
+                        "the others (storing, learning); loop busy: the loop thread's CPU "
+                        "seconds per second of the phase; shares: CPU seconds per second "
+                        "of the phase over the cores, harness = upstream + load generator, "
+                        "all = harness + the gateway measured (LiteLLM's is not counted).")
+    print_table(f"Gateway overhead at {args.rate:.0f} req/s (loopback, {args.upstream} "
+                f"upstream, {args.loadgen} load generator; "
                 f"medians of {rounds} round(s) of {seconds:.0f} s)",
                 ["target/mode", "p50 ms", "p99 ms", "TTFT p50", "added p50", "added p99",
                  "added TTFT p50", "errors"], rows,
@@ -630,11 +848,31 @@ def main(argv: list[str] | None = None) -> None:
                             + ("" if args.rate == 100 else f"_{args.rate:.0f}rps"))
         path = write_results(name, {
             "settings": {"rate_rps": args.rate, "seconds_per_phase": seconds,
+                         "upstream": args.upstream, "loadgen": args.loadgen,
+                         "load_at_start": load_at_start,
+                         "load_at_end": uptime(),
                          "baseline": None if args.baseline is None else str(args.baseline),
                          "rounds": rounds, "litellm_workers": 1 if not args.no_litellm else 0,
                          "router": "uvicorn, 1 worker, SQLite, model auto of 2"},
             "summary": summary, "rounds": runs}, packages=("litellm", "aiohttp", "uvicorn"))
         print(f"wrote {path}")
+
+
+def uptime() -> str:
+    """The machine's load averages (1, 5, 15 min) when the results are written."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def harness_shares(phases: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over rounds of the harness's share of the cores (upstream + load
+    generator) and of everything measured (+ the gateway when it is ours)."""
+    def share(run: dict[str, Any], names: tuple[str, ...]) -> float:
+        return sum(run["cpu"].get(f"{n}_share_of_cores", 0.0) for n in names)
+
+    return {"harness_share_of_cores": float(np.median(
+                [share(r, ("upstream", "loadgen")) for r in phases])),
+            "all_share_of_cores": float(np.median(
+                [share(r, ("upstream", "loadgen", "router")) for r in phases]))}
 
 
 if __name__ == "__main__":
