@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
-from typing import Any
+
+from tests.fakes.openai_upstream import sse_chunk
 
 #: The fake's answer shapes (tests/fakes/openai_upstream.py ``_chat`` and ``_stream``).
 COMPLETION_ID = "chatcmpl-lean0000000000000000000000000000"
@@ -60,16 +62,7 @@ def answers(name: str, content: str) -> dict[tuple[bool, bool], bytes]:
     out = {(False, False): _response("200 OK", b"application/json", plain)}
     out[(False, True)] = out[(False, False)]
 
-    def chunk(delta: dict[str, Any], finish: str | None = None,
-              usage: dict[str, int] | None = None) -> bytes:
-        payload: dict[str, Any] = {
-            "id": COMPLETION_ID, "object": "chat.completion.chunk", "created": CREATED,
-            "model": name, "system_fingerprint": "fp_fake",
-            "choices": [] if usage else [{"index": 0, "delta": delta,
-                                          "finish_reason": finish, "logprobs": None}]}
-        if usage is not None:
-            payload["usage"] = usage
-        return f"data: {json.dumps(payload)}\n\n".encode()
+    chunk = functools.partial(sse_chunk, COMPLETION_ID, CREATED, name)
 
     words = content.split(" ")
     texts = [words[0]] + [" " + w for w in words[1:]]

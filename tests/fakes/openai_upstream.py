@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import socket
 import threading
@@ -218,18 +219,7 @@ class FakeUpstream:
 
     async def _stream(self, completion_id: str, name: str, model: FakeModel,
                       include_usage: bool) -> AsyncIterator[bytes]:
-        created = int(time.time())
-
-        def chunk(delta: dict[str, Any], finish: str | None = None,
-                  usage: dict[str, int] | None = None) -> bytes:
-            payload: dict[str, Any] = {
-                "id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": name, "system_fingerprint": "fp_fake",
-                "choices": [] if usage else [{"index": 0, "delta": delta,
-                                              "finish_reason": finish, "logprobs": None}]}
-            if usage is not None:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload)}\n\n".encode()
+        chunk = functools.partial(sse_chunk, completion_id, int(time.time()), name)
 
         end = "cancelled"
         try:
@@ -247,6 +237,19 @@ class FakeUpstream:
         finally:
             with self._lock:
                 self.stream_ends.append((name, end))
+
+
+def sse_chunk(completion_id: str, created: int, name: str, delta: dict[str, Any],
+              finish: str | None = None, usage: dict[str, int] | None = None) -> bytes:
+    """One server-sent event of a streamed answer (the usage chunk: empty ``choices``)."""
+    payload: dict[str, Any] = {
+        "id": completion_id, "object": "chat.completion.chunk", "created": created,
+        "model": name, "system_fingerprint": "fp_fake",
+        "choices": [] if usage else [{"index": 0, "delta": delta,
+                                      "finish_reason": finish, "logprobs": None}]}
+    if usage is not None:
+        payload["usage"] = usage
+    return f"data: {json.dumps(payload)}\n\n".encode()
 
 
 def _error(status: int, message: str, code: str | None = None,
