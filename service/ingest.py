@@ -220,7 +220,7 @@ class FeedbackIngest:
                     continue
                 if it.outcome is IN_DOUBT:
                     continue  # its commit did not land: the retry stores it
-                stored[key] = (0, it.received, it.outcome)  # a repeat later in this batch
+                stored[key] = (0, RECOVERED, it.outcome)  # a repeat later: a duplicate
                 values.append(it.row())
                 delta = 0.0
                 if it.outcome.get("cost_usd") is not None:

@@ -101,8 +101,9 @@ def in_doubt(uncertain: dict[tuple[str, str, str], Uncertain],
             for key, u in uncertain.items() if key not in keys]
 
 
-#: The time of a row recovered earlier in the same batch: equal to no attempt's time, so a
-#: repeat of its key in that batch is a duplicate (not recovered, nor learned, twice).
+#: The time of a row stored or recovered earlier in the same batch: equal to no attempt's
+#: time, so a repeat of its key in that batch is a duplicate (not recovered, nor learned,
+#: twice; a buffered retry keeps its failed attempt's time, which the in-doubt entry has).
 RECOVERED = object()
 
 #: How many settled commits keep their "applied" answer for a retry that may never come
