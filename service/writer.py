@@ -46,6 +46,16 @@ __all__ = ["DecisionWriter", "QueueFull"]
 
 log = logging.getLogger("service.writer")
 
+#: A decision row's columns that feedback never changes: a stored row equal on these is
+#: the same decision (written by a try whose answer was lost).
+_SAME_DECISION = ("id", "tenant_id", "model", "policy", "policy_version", "scope",
+                  "propensity", "context", "predicted_cost_usd")
+
+
+def _plain(value: Any) -> Any:
+    """A driver's binary (memoryview) as bytes, to compare with a row's."""
+    return bytes(value) if isinstance(value, memoryview) else value
+
 
 class QueueFull(Exception):
     """The decision queue stayed full for the whole wait."""
@@ -79,6 +89,7 @@ class DecisionWriter:
         self._insert = RowInserter(engine)
         self.flushed = 0
         self.failed = 0  # rows the database refused (logged one by one)
+        self.already_stored = 0  # rows a retry found stored (an answer lost), not failed
         self.spool = spool
         self.write_through = write_through
         # While spooling, the database is retried with backoff up to this (seconds).
@@ -396,10 +407,34 @@ class DecisionWriter:
         self._written(batch)
 
     def _write_one_by_one(self, batch: list[dict[str, Any]]) -> None:
+        stored = self._stored_alike(batch)
         for row in batch:
+            if row["id"] in stored:
+                # An earlier try's commit landed but its answer was lost (a retry after
+                # a connection error): the row is there, not refused.
+                self.already_stored += 1
+                log.warning("decision %s was already stored (a commit whose answer was "
+                            "lost); not written again", row["id"])
+                continue
             try:
                 self._insert.write([row])
             except DBAPIError:
                 self.failed += 1
                 log.exception("decision %s refused by the database; it is not stored",
                               row["id"])
+
+    def _stored_alike(self, batch: list[dict[str, Any]]) -> set[str]:
+        """The ids of ``batch`` stored already with the same decision (the columns no
+        feedback changes); a stored id with other content stays a refusal."""
+        columns = [getattr(DecisionRow, name) for name in _SAME_DECISION]
+        try:
+            with self._engine.connect() as conn:
+                found = conn.execute(select(*columns).where(
+                    DecisionRow.id.in_([row["id"] for row in batch]))).all()
+        except DBAPIError:
+            log.warning("could not look for decisions already stored", exc_info=True)
+            return set()
+        by_id = {row["id"]: row for row in batch}
+        return {values[0] for values in found
+                if tuple(_plain(v) for v in values)
+                == tuple(_plain(by_id[values[0]].get(name)) for name in _SAME_DECISION)}

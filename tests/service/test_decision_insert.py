@@ -15,12 +15,14 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 from sqlalchemy import insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from service.db import models as m
 from service.db.engine import make_engine, upgrade
 from service.db.models import DecisionRow
 from service.decision_insert import RowInserter
+from service.writer import DecisionWriter
 
 
 def _database(path) -> tuple[str, object, str]:
@@ -92,3 +94,44 @@ def test_writer_insert_stores_what_sqlalchemy_insert_stores(tmp_path):
     assert len({row[names.index("created_at")] for row in fast}) == 3
     fast_engine.dispose()
     reference_engine.dispose()
+
+
+def test_writer_retry_after_a_lost_answer_tells_stored_from_refused(tmp_path, monkeypatch,
+                                                                    caplog):
+    """Without a spool: a batch's INSERT reaches the database, then the connection dies
+    before the answer. The retry meets its own rows (IntegrityError): they are stored,
+    not "refused, not stored" nor counted as failed. A row whose id is stored with other
+    content is still a refusal."""
+    _, engine, tenant_id = _database(tmp_path / "lost.db")
+    rows = _rows(tenant_id)[:4]
+    other = dict(rows[3], id=str(uuid.UUID(int=99)))
+    clash = dict(other, model="m-other")  # other's id, another decision
+    real_write = RowInserter.write
+    lost: list[bool] = []
+
+    def write_then_lose_the_answer(self: RowInserter, batch: list[dict[str, object]]) -> None:
+        real_write(self, batch)
+        if not lost:
+            lost.append(True)
+            raise OperationalError("INSERT", {}, ConnectionResetError("connection lost"))
+
+    monkeypatch.setattr(RowInserter, "write", write_then_lose_the_answer)
+    writer = DecisionWriter(engine, queue_size=100, batch_size=64, spool=None)
+    writer.start()
+    try:
+        for row in rows:
+            assert writer.submit(row)
+        assert writer.flush(10.0)
+        assert lost
+        assert writer.failed == 0
+        assert writer.already_stored == len(rows)
+        assert "refused" not in caplog.text
+        assert len(_stored(tmp_path / "lost.db")) == len(rows)
+        RowInserter(engine).write([other])  # stored by someone else, then a clash
+        assert writer.submit(clash) and writer.flush(10.0)
+        assert writer.failed == 1
+        assert writer.already_stored == len(rows)
+        assert f"decision {clash['id']} refused" in caplog.text
+    finally:
+        writer.stop()
+        engine.dispose()
