@@ -212,7 +212,7 @@ class FeedbackIngest:
                         # stored row's outcome (the first attempt's), as a replay; once.
                         rows.append(_Row(i, fid, decision.model, decision.context,
                                          uncertain.cost_delta, uncertain.decided_at,
-                                         decision.price(), None, outcome))
+                                         decision.price(), uncertain.lesson, outcome))
                         stored[key] = (fid, RECOVERED, outcome)  # a repeat: duplicate
                     else:  # a retry of one settled by an earlier batch: its answer
                         results[i] = Stored("applied" if at == self._settled.get(
@@ -250,7 +250,8 @@ class FeedbackIngest:
                     for row in new:
                         it = items[row.index]
                         self._uncertain[(it.tenant.id, it.decision_id, it.event)] = \
-                            _Uncertain(row.cost_delta, row.decided_at, it.received, it.tenant)
+                            _Uncertain(row.cost_delta, row.decided_at, it.received,
+                                       it.tenant, row.lesson)
                     raise
                 rows.extend(new)
         if self._uncertain or self._settled:

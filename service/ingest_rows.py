@@ -82,6 +82,9 @@ class Uncertain(NamedTuple):
     decided_at: float
     received: datetime  # the row's ``created_at`` if it was stored (a retry has its own)
     tenant: TenantState
+    # What the guard learns if it was stored (its decision's guard part was updated in
+    # the same transaction): learned once, when the row is recovered or settled.
+    lesson: GuardLesson | None = None
 
 
 #: The outcome of an :class:`Incoming` that settles a commit in doubt (no feedback of

@@ -16,7 +16,7 @@ from service import ingest_rows
 from service.db import models as m
 from service.ingest import Incoming
 from service.ingest_rows import IN_DOUBT, Uncertain, settled
-from tests.service.conftest import add_model, create_tenant
+from tests.service.conftest import ADMIN, add_model, create_tenant
 from tests.service.test_feedback_buffer import (
     app_client,
     lose_the_answer_of_a_feedback_commit,
@@ -188,3 +188,36 @@ def test_a_retry_that_stores_anew_and_its_repeat_in_one_batch_are_learned_once(
                                Incoming(t, a, "x", out, m.utcnow())])  # a later duplicate
         assert [r.status for r in res] == ["applied", "duplicate"]
         assert quality_count(client) == before + 1
+
+
+def test_a_guarded_commit_in_doubt_recovered_or_settled_teaches_its_guard_once(
+        new_database_url, tmp_path, monkeypatch):
+    """A guarded tenant's feedback whose commit landed and whose answer was lost: the row
+    recovered by the client's retry, and the row settled by a later batch, each teach the
+    guard their lesson once, so the live account equals the one rebuilt from the stored
+    decisions (the account without the fault). Before, both were applied without it."""
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "guarded-a", 1.0, 2.0)
+        add_model(client, "guarded-b", 0.1, 0.2)
+        tenant = create_tenant(client)
+        r = client.put("/v1/admin/tenants/" + tenant["X-Tenant"] + "/preferences",
+                       json={"baseline_model": "guarded-a", "max_exploration_loss": 0.05},
+                       headers=ADMIN)
+        assert r.status_code == 200, r.text
+        ds = [written_decision(client, tenant, seed=i)["decision_id"] for i in range(4)]
+        service = routing(client)
+        state = service.tenants[tenant["X-Tenant"]]
+        assert state.guard_state.rounds == 4
+        for d, event in ((ds[0], "retried"), (ds[1], "settled")):
+            lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
+            assert send(client, tenant, d, event, quality=0.4).status_code == 503
+            monkeypatch.undo()
+            assert lost
+        # The client's retry recovers its row; the later feedback settles the other.
+        assert send(client, tenant, ds[0], "retried", quality=0.4).json()["status"] == "applied"
+        assert send(client, tenant, ds[2], "later", quality=0.9).json()["status"] == "applied"
+        assert not service.sink._uncertain
+        live = state.guard_state.to_dict()
+        assert live["value_rounds"] == 3
+        service.guards.rebuild(state)
+        assert state.guard_state.to_dict() == pytest.approx(live)
