@@ -17,8 +17,8 @@ from service.domain import FeedbackReceipt, TenantState, price_estimate
 from service.exceptions import NotFoundError
 from service.guards import GuardLesson
 
-__all__ = ["IN_DOUBT", "RECOVERED", "SETTLED_KEPT", "Decision", "Incoming", "Row", "Stored",
-           "Uncertain", "in_doubt", "receipt", "settled", "update_decisions"]
+__all__ = ["IN_DOUBT", "IN_DOUBT_S", "RECOVERED", "SETTLED_KEPT", "Decision", "Incoming", "Row",
+           "Stored", "Uncertain", "in_doubt", "receipt", "settled", "update_decisions"]
 
 
 class Incoming(NamedTuple):
@@ -109,6 +109,10 @@ def in_doubt(uncertain: dict[tuple[str, str, str], Uncertain],
 #: twice; a buffered retry keeps its failed attempt's time, which the in-doubt entry has).
 RECOVERED = object()
 
+#: How long a commit in doubt that later batches did not find stored stays in doubt
+#: (seconds from its attempt); then it is taken as not landed (its retry stores it anew).
+IN_DOUBT_S = 60.0
+
 #: How many settled commits keep their "applied" answer for a retry that may never come
 #: (the gateway does not retry); a retry of an older one answers ``duplicate``.
 SETTLED_KEPT = 10_000
@@ -121,14 +125,21 @@ def settled(uncertain: dict[tuple[str, str, str], Uncertain],
     answered); a commit in doubt it found stored (and applies) is remembered as settled,
     a bounded number of them."""
     found = {r.index for r in rows if items[r.index].outcome is IN_DOUBT}
+    now = m.utcnow()
     for i, it in enumerate(items):
         key = (it.tenant.id, it.decision_id, it.event)
         u = uncertain.pop(key, None)
         settled_at.pop(key, None)
-        if i in found and u is not None:
+        if u is None:
+            continue
+        if i in found:
             settled_at[key] = u.received
             if len(settled_at) > SETTLED_KEPT:
                 del settled_at[next(iter(settled_at))]
+        elif it.outcome is IN_DOUBT and (now - m.as_utc(u.received)).total_seconds() < IN_DOUBT_S:
+            # Not seen stored (yet): PostgreSQL may make a COMMIT whose connection died
+            # visible after this batch's read; looked for again by the next batches.
+            uncertain[key] = u
 
 
 class Decision:

@@ -4,7 +4,7 @@ for good (and scanned on every batch), the same event twice in one batch learned
 a retry behind a later row applied after it (a replay applies in id order)."""
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -221,3 +221,44 @@ def test_a_guarded_commit_in_doubt_recovered_or_settled_teaches_its_guard_once(
         assert live["value_rounds"] == 3
         service.guards.rebuild(state)
         assert state.guard_state.to_dict() == pytest.approx(live)
+
+
+def test_a_commit_made_visible_after_the_next_batch_read_is_still_settled(
+        new_database_url, tmp_path, monkeypatch):
+    """PostgreSQL may make a COMMIT whose connection died visible after the next batch's
+    read: a commit in doubt not found stored stays in doubt (IN_DOUBT_S) and a later batch
+    that finds it applies it. Was: dropped at the first read, the row then stored and never
+    learned (a later row's id passed it). Simulated: the commit does not land; the row
+    appears afterwards (inserted as the lost COMMIT would have)."""
+    with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
+        add_model(client, "small", 0.2, 0.8)
+        tenant = create_tenant(client)
+        a, b, c = (written_decision(client, tenant, seed=i)["decision_id"] for i in range(3))
+        before = quality_count(client)
+        not_landed = fail_commit_without_landing(monkeypatch)
+        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
+        monkeypatch.undo()
+        assert not_landed
+        sink = routing(client).sink
+        assert send(client, tenant, b, "later", quality=0.7).json()["status"] == "applied"
+        (key, u), = sink._uncertain.items()  # not found: still in doubt
+        with sink.engine.begin() as conn:  # the lost COMMIT, visible only now
+            conn.execute(m.Feedback.__table__.insert(),
+                         Incoming(u.tenant, a, "x", {"quality": 0.5}, u.received).row())
+        assert send(client, tenant, c, "later", quality=0.7).json()["status"] == "applied"
+        assert not sink._uncertain and key in sink._settled
+        assert quality_count(client) == before + 3  # a's row learned, once
+        assert send(client, tenant, a, "x", quality=0.5).json()["status"] == "applied"
+        assert quality_count(client) == before + 3
+
+
+def test_a_commit_in_doubt_not_found_for_in_doubt_s_is_taken_as_not_landed(monkeypatch):
+    tenant = SimpleNamespace(id="t")
+    now = m.utcnow()
+    recent = Uncertain(0.0, 0.0, now, tenant)
+    old = Uncertain(0.0, 0.0, now - timedelta(seconds=ingest_rows.IN_DOUBT_S + 1), tenant)
+    uncertain = {("t", "recent", "e"): recent, ("t", "old", "e"): old}
+    items = [Incoming(tenant, d, "e", IN_DOUBT, u.received)
+             for d, u in (("recent", recent), ("old", old))]
+    settled(uncertain, {}, items, [])  # type: ignore[arg-type]
+    assert list(uncertain) == [("t", "recent", "e")]
