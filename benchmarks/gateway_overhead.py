@@ -273,13 +273,8 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
     """``rate`` requests/s for ``seconds``; latency (and time to first token) from each
     request's scheduled time."""
     n = int(rate * seconds)
-    body = {"model": target.model, "messages": MESSAGES}
-    if stream:
-        body |= {"stream": True, "stream_options": {"include_usage": True}}
-    payload = json.dumps(body).encode()
+    payload, tally = _payload(target, stream), _Tally(n, stream)
     headers = {**target.headers, "content-type": "application/json"}
-    latencies, ttfts = np.full(n, np.nan), np.full(n, np.nan)
-    errors: dict[str, int] = {}
     # The load generator is aiohttp: httpx's own CPU per request (1-3 ms, see
     # service/gateway/upstream.py) saturated the generator before the gateways at
     # 1,000 req/s, and its 30 s pool timeout was the stream "errors" counted then.
@@ -298,18 +293,13 @@ async def open_loop(target: Target, stream: bool, rate: float, seconds: float
                     async for line in response.content:
                         if first is None and b'"content"' in line:
                             first = time.perf_counter()
-                    if response.status != 200:
-                        key = f"status {response.status}"
-                        errors[key] = errors.get(key, 0) + 1
-                        return
-                latencies[j] = time.perf_counter() - scheduled
-                if stream and first is not None:
-                    ttfts[j] = first - scheduled
+                # After the response is released, as before: the same latency.
+                tally.answered(j, response.status, scheduled, first)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                tally.error(type(exc).__name__)
 
         await asyncio.gather(*(one(j) for j in range(n)))
-    return _latency_summary(n, latencies, ttfts, errors, stream)
+    return tally.summary()
 
 
 class _Raw:
@@ -355,18 +345,13 @@ async def open_loop_raw(target: Target, stream: bool, rate: float, seconds: floa
     scheduled send, time to the first chunk with content for a stream, 30 s to read an
     answer, errors by kind (a status, or the exception's class)."""
     n = int(rate * seconds)
-    body = {"model": target.model, "messages": MESSAGES}
-    if stream:
-        body |= {"stream": True, "stream_options": {"include_usage": True}}
-    payload = json.dumps(body).encode()
+    payload, tally = _payload(target, stream), _Tally(n, stream)
     host_port, _, path = target.url.removeprefix("http://").partition("/")
     host, _, port = host_port.partition(":")
     request = (f"POST /{path} HTTP/1.1\r\nhost: {host_port}\r\n"
                + "".join(f"{k}: {v}\r\n" for k, v in target.headers.items())
                + f"content-type: application/json\r\ncontent-length: {len(payload)}"
                "\r\n\r\n").encode() + payload
-    latencies, ttfts = np.full(n, np.nan), np.full(n, np.nan)
-    errors: dict[str, int] = {}
     idle: list[_Raw] = []
     opened: list[_Raw] = []
     start = time.perf_counter() + 0.2
@@ -387,37 +372,59 @@ async def open_loop_raw(target: Target, stream: bool, rate: float, seconds: floa
                 idle.append(conn)
             else:
                 conn.writer.close()
-            if status != 200:
-                key = f"status {status}"
-                errors[key] = errors.get(key, 0) + 1
-                return
-            latencies[j] = time.perf_counter() - scheduled
-            if stream and first is not None:
-                ttfts[j] = first - scheduled
+            tally.answered(j, status, scheduled, first)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                 TimeoutError, ValueError) as exc:
             if conn is not None:
                 conn.writer.close()
-            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            tally.error(type(exc).__name__)
 
     await asyncio.gather(*(one(j) for j in range(n)))
     for conn in opened:
         conn.writer.close()
-    return _latency_summary(n, latencies, ttfts, errors, stream)
+    return tally.summary()
 
 
-def _latency_summary(n: int, latencies: np.ndarray, ttfts: np.ndarray,
-                     errors: dict[str, int], stream: bool) -> dict[str, Any]:
-    ms = latencies[~np.isnan(latencies)] * 1e3
-    out: dict[str, Any] = {"requests": n, "errors": sum(errors.values()),
-                           "errors_by_kind": errors,
-           "p50_ms": float(np.percentile(ms, 50)) if ms.size else float("nan"),
-           "p99_ms": float(np.percentile(ms, 99)) if ms.size else float("nan")}
+def _payload(target: Target, stream: bool) -> bytes:
+    """The chat request both load generators send (a stream asks for its usage)."""
+    body = {"model": target.model, "messages": MESSAGES}
     if stream:
-        t = ttfts[~np.isnan(ttfts)] * 1e3
-        out |= {"ttft_p50_ms": float(np.percentile(t, 50)) if t.size else float("nan"),
-                "ttft_p99_ms": float(np.percentile(t, 99)) if t.size else float("nan")}
-    return out
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return json.dumps(body).encode()
+
+
+class _Tally:
+    """What both load generators record: latency (and time to the first content chunk
+    of a stream) from each request's scheduled time, errors by kind."""
+
+    def __init__(self, n: int, stream: bool) -> None:
+        self.n, self.stream = n, stream
+        self.latencies, self.ttfts = np.full(n, np.nan), np.full(n, np.nan)
+        self.errors: dict[str, int] = {}
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def answered(self, j: int, status: int, scheduled: float, first: float | None) -> None:
+        if status != 200:
+            self.error(f"status {status}")
+            return
+        self.latencies[j] = time.perf_counter() - scheduled
+        if self.stream and first is not None:
+            self.ttfts[j] = first - scheduled
+
+    def summary(self) -> dict[str, Any]:
+        ms = self.latencies[~np.isnan(self.latencies)] * 1e3
+        out: dict[str, Any] = {
+            "requests": self.n, "errors": sum(self.errors.values()),
+            "errors_by_kind": self.errors,
+            "p50_ms": float(np.percentile(ms, 50)) if ms.size else float("nan"),
+            "p99_ms": float(np.percentile(ms, 99)) if ms.size else float("nan")}
+        if self.stream:
+            t = self.ttfts[~np.isnan(self.ttfts)] * 1e3
+            out |= {"ttft_p50_ms": float(np.percentile(t, 50)) if t.size else float("nan"),
+                    "ttft_p99_ms": float(np.percentile(t, 99)) if t.size else float("nan")}
+        return out
 
 
 #: The load generators (``--loadgen``): aiohttp (the default) or raw asyncio streams.

@@ -1,54 +1,51 @@
 """CPU ms per gateway outcome stored (``gateway_overhead.store_cost``: ``feedback_many``
 in batches of 1, 25 and 100, SQLite) of this tree against another, alternating rounds,
-each tree in its own process (its own ``service`` package); medians. Round 0 of each is
-a warm-up (numba's cache), not counted.
+each tree in its own process (:func:`benchmarks.common.alternate_trees`); medians.
 
 Run::
 
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.store_cost_ab --against-tree DIR --rounds 9
+    # writes benchmarks/results/store_cost_ab.json (--out NAME)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
+import statistics
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("import json; from benchmarks.gateway_overhead import store_cost; "
-        "print(json.dumps(store_cost((1, 25, 100), 300, 1)))")
+BATCHES = (1, 25, 100)
 
 
-def one_round(tree: Path) -> dict[str, list[float]]:
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
-    out = subprocess.run([sys.executable, "-c", CODE], cwd=tree, capture_output=True,
-                         text=True, check=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def profile(per_size: int) -> dict[str, float]:
+    """CPU ms per stored outcome by batch size, of the tree on ``sys.path``."""
+    from benchmarks.gateway_overhead import store_cost
+
+    return {size: statistics.median(values)
+            for size, values in store_cost(BATCHES, per_size, 1).items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.common import add_tree_options, alternate_trees, print_table, write_results
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--against-tree", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--rounds", type=int, default=9)
-    args = parser.parse_args()
-    trees = {"other": args.against_tree.resolve(), "this": ROOT}
-    runs: dict[str, dict[str, list[float]]] = {name: {} for name in trees}
-    for r in range(args.rounds + 1):
-        order = list(trees.items()) if r % 2 else list(reversed(trees.items()))
-        for name, tree in order:
-            result = one_round(tree)
-            if r:
-                for size, values in result.items():
-                    runs[name].setdefault(size, []).extend(values)
-    for size in runs["other"]:
-        other, this = np.median(runs["other"][size]), np.median(runs["this"][size])
-        print(f"batch {size:>3}: other {other:.3f} ms/outcome, this {this:.3f} ms/outcome, "
-              f"ratio {this / other:.3f}")
+    parser.add_argument("--per-size", type=int, default=300, help="outcomes per batch size")
+    add_tree_options(parser, "store_cost_ab")
+    args = parser.parse_args(argv)
+    trees, samples, load = alternate_trees(ROOT, args, __file__, [args.per_size])
+    med = {t: {str(size): statistics.median(run[str(size)] for run in runs)
+               for size in BATCHES} for t, runs in samples.items()}
+    rows = [[size, *(f"{med[t][str(size)]:.3f}" for t in trees)]
+            + ([f"{med['this'][str(size)] / med['base'][str(size)]:.3f}"] if "base" in med else [])
+            for size in BATCHES]
+    print_table("CPU ms per stored gateway outcome (medians of the rounds)",
+                ["batch", *trees, *(["this / base"] if "base" in med else [])], rows,
+                caption=f"load (1 min) {min(load):.1f}-{max(load):.1f}")
+    write_results(args.out, {
+        "per_size": args.per_size, "rounds": len(samples["this"]),
+        "trees": {t: str(p) for t, p in trees.items()}, "load_1min": load,
+        "median_ms_per_outcome": med, "samples_ms_per_outcome": samples})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Connection, Insert
 from sqlalchemy.exc import OperationalError
 
@@ -52,6 +53,18 @@ def fail_commit_without_landing(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     return lost
 
 
+def commit_in_doubt(client: TestClient, monkeypatch: pytest.MonkeyPatch,
+                    tenant: dict[str, str], decision_id: str, event: str,
+                    quality: float = 0.5, landed: bool = True) -> None:
+    """Send a feedback whose commit fails with a connection error (503), after landing
+    (its answer lost) or not; the fault undone, and checked to have fired."""
+    fault = (lose_the_answer_of_a_feedback_commit if landed
+             else fail_commit_without_landing)(monkeypatch)
+    assert send(client, tenant, decision_id, event, quality=quality).status_code == 503
+    monkeypatch.undo()
+    assert fault
+
+
 def test_a_settled_commit_is_no_longer_in_doubt_and_its_retry_answers_applied(
         new_database_url, tmp_path, monkeypatch):
     with app_client(new_database_url(), tmp_path, feedback_buffer_size=0) as client:
@@ -59,10 +72,7 @@ def test_a_settled_commit_is_no_longer_in_doubt_and_its_retry_answers_applied(
         tenant = create_tenant(client)
         ds = [written_decision(client, tenant, seed=i)["decision_id"] for i in range(6)]
         before = quality_count(client)
-        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
-        assert send(client, tenant, ds[0], "lost", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        assert lost
+        commit_in_doubt(client, monkeypatch, tenant, ds[0], "lost")
         for i, d in enumerate(ds[1:]):
             assert send(client, tenant, d, f"later{i}", quality=0.7).json()["status"] == "applied"
         sink = routing(client).sink
@@ -95,16 +105,9 @@ def test_two_in_doubt_then_later_then_retries(new_database_url, tmp_path, monkey
         tenant = create_tenant(client)
         a, b, c, e = (written_decision(client, tenant, seed=i)["decision_id"] for i in range(4))
         before = quality_count(client)
-        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
-        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        nl = fail_commit_without_landing(monkeypatch)
-        assert send(client, tenant, b, "x", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        lost2 = lose_the_answer_of_a_feedback_commit(monkeypatch)
-        assert send(client, tenant, e, "x", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        assert lost and nl and lost2
+        commit_in_doubt(client, monkeypatch, tenant, a, "x")
+        commit_in_doubt(client, monkeypatch, tenant, b, "x", landed=False)
+        commit_in_doubt(client, monkeypatch, tenant, e, "x")
         assert quality_count(client) == before
         assert send(client, tenant, c, "later", quality=0.7).json()["status"] == "applied"
         assert quality_count(client) == before + 3  # a, e settled; b did not land
@@ -126,10 +129,7 @@ def test_same_key_twice_in_one_batch_after_a_lost_commit(new_database_url, tmp_p
         tenant = create_tenant(client)
         a = written_decision(client, tenant, seed=0)["decision_id"]
         before = quality_count(client)
-        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
-        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        assert lost
+        commit_in_doubt(client, monkeypatch, tenant, a, "x")
         service = routing(client)
         t = service.tenants[tenant["X-Tenant"]]
         out = {"quality": 0.5, "cost_usd": None, "latency_ms": None}
@@ -144,10 +144,7 @@ def test_retry_in_a_batch_behind_a_later_row_order(new_database_url, tmp_path, m
         add_model(client, "small", 0.2, 0.8)
         tenant = create_tenant(client)
         a, b = (written_decision(client, tenant, seed=i)["decision_id"] for i in range(2))
-        lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
-        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        assert lost
+        commit_in_doubt(client, monkeypatch, tenant, a, "x")
         service = routing(client)
         sink = service.sink
         order: list[int] = []
@@ -176,10 +173,7 @@ def test_a_retry_that_stores_anew_and_its_repeat_in_one_batch_are_learned_once(
         tenant = create_tenant(client)
         a = written_decision(client, tenant, seed=0)["decision_id"]
         before = quality_count(client)
-        not_landed = fail_commit_without_landing(monkeypatch)
-        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        assert not_landed
+        commit_in_doubt(client, monkeypatch, tenant, a, "x", landed=False)
         sink = routing(client).sink
         t = routing(client).tenants[tenant["X-Tenant"]]
         (_, u), = sink._uncertain.items()
@@ -209,10 +203,7 @@ def test_a_guarded_commit_in_doubt_recovered_or_settled_teaches_its_guard_once(
         state = service.tenants[tenant["X-Tenant"]]
         assert state.guard_state.rounds == 4
         for d, event in ((ds[0], "retried"), (ds[1], "settled")):
-            lost = lose_the_answer_of_a_feedback_commit(monkeypatch)
-            assert send(client, tenant, d, event, quality=0.4).status_code == 503
-            monkeypatch.undo()
-            assert lost
+            commit_in_doubt(client, monkeypatch, tenant, d, event, quality=0.4)
         # The client's retry recovers its row; the later feedback settles the other.
         assert send(client, tenant, ds[0], "retried", quality=0.4).json()["status"] == "applied"
         assert send(client, tenant, ds[2], "later", quality=0.9).json()["status"] == "applied"
@@ -235,10 +226,7 @@ def test_a_commit_made_visible_after_the_next_batch_read_is_still_settled(
         tenant = create_tenant(client)
         a, b, c = (written_decision(client, tenant, seed=i)["decision_id"] for i in range(3))
         before = quality_count(client)
-        not_landed = fail_commit_without_landing(monkeypatch)
-        assert send(client, tenant, a, "x", quality=0.5).status_code == 503
-        monkeypatch.undo()
-        assert not_landed
+        commit_in_doubt(client, monkeypatch, tenant, a, "x", landed=False)
         sink = routing(client).sink
         assert send(client, tenant, b, "later", quality=0.7).json()["status"] == "applied"
         (key, u), = sink._uncertain.items()  # not found: still in doubt
